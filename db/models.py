@@ -1,0 +1,150 @@
+"""The store's tables, one per concept.
+
+Every write a task makes is keyed by its unit (unique constraints below), so a task
+that Celery delivers twice finds its rows already there instead of adding more.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class CampaignRow(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)  # the campaign file it came from
+    digest: Mapped[str] = mapped_column(String(64))  # hash of the validated spec
+    spec: Mapped[dict[str, Any]]
+    classes: Mapped[list[Any]]  # class names, in label-index order
+    state: Mapped[str] = mapped_column(String(16), default="RUNNING")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    units: Mapped[list[UnitRow]] = relationship(back_populates="campaign")
+
+
+class UnitRow(Base):
+    __tablename__ = "units"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    family: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[int] = mapped_column(Integer)
+    fold: Mapped[int | None] = mapped_column(Integer)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)  # order in the plan
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    campaign: Mapped[CampaignRow] = relationship(back_populates="units")
+    params: Mapped[list[UnitParamRow]] = relationship(
+        cascade="all, delete-orphan", order_by="UnitParamRow.name"
+    )
+
+    __table_args__ = (Index("ix_units_campaign_state", "campaign_id", "state"),)
+
+
+class UnitParamRow(Base):
+    __tablename__ = "unit_params"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[Any] = mapped_column(JSON)
+
+    __table_args__ = (UniqueConstraint("unit_id", "name"),)
+
+
+class MetricRow(Base):
+    """Per-epoch (or per-step) numbers: ``train_loss``, ``val_acc``, ..."""
+
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (UniqueConstraint("unit_id", "name", "step"),)
+
+
+class ResultRow(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"), unique=True)
+    train_acc: Mapped[float | None] = mapped_column(Float)
+    val_acc: Mapped[float | None] = mapped_column(Float)
+    test_acc: Mapped[float | None] = mapped_column(Float)
+    val_confusion: Mapped[list[Any] | None]
+    test_confusion: Mapped[list[Any] | None]
+    fit_seconds: Mapped[float] = mapped_column(Float)
+    extra: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PredictionRow(Base):
+    """One sample's prediction by one unit; ``label`` is the truth (-1 when unknown)."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
+    split: Mapped[str] = mapped_column(String(8))  # "val" or "test"
+    image_id: Mapped[str] = mapped_column(String(255))
+    label: Mapped[int] = mapped_column(Integer)
+    pred: Mapped[int] = mapped_column(Integer)
+    probs: Mapped[list[Any] | None]
+
+    __table_args__ = (UniqueConstraint("unit_id", "split", "image_id"),)
+
+
+class ArtifactRow(Base):
+    """A file orchard wrote (shard, manifest, model, report), with its checksum."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(1000), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    campaign_id: Mapped[str | None] = mapped_column(ForeignKey("campaigns.id", ondelete="SET NULL"))
+    unit_key: Mapped[str | None] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,10 @@
+"""orchard's scheduler: campaign files in, Celery canvas out; the API and the CLI.
+
+from scheduler import submit
+run = submit("campaigns/quick.toml")
+run.wait(progress=True)
+"""
+
+from scheduler.api import CampaignRun, submit
+
+__all__ = ["CampaignRun", "submit"]

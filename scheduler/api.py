@@ -1,0 +1,195 @@
+"""The Python API: submit a campaign file, follow it, wait for it.
+
+from scheduler import submit
+run = submit("campaigns/quick.toml", broker="redis://:pw@head:6379/0",
+             database="postgresql+psycopg://orchard@head/orchard")
+status = run.wait(progress=True)
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from db.store import Artifact, Campaign, Store, Unit
+from scheduler.canvas import advance
+from shared.artifacts import atomic_write_text
+from shared.errors import OrchardError
+from shared.manifest import build_manifest, manifest_path
+from shared.plan import TERMINAL, plan_units
+from shared.preprocess import shard_ranges
+from shared.settings import Settings, load_settings
+from shared.spec import load_campaign
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignStatus:
+    campaign: Campaign
+    units: list[Unit]
+
+    @property
+    def finished(self) -> bool:
+        return self.campaign.state != "RUNNING"
+
+    def counts(self) -> Counter[str]:
+        return Counter(u.state for u in self.units)
+
+    def by_family(self) -> dict[str, Counter[str]]:
+        out: dict[str, Counter[str]] = {}
+        for unit in self.units:
+            out.setdefault(unit.family, Counter())[unit.state] += 1
+        return out
+
+
+class CampaignRun:
+    """A handle on a submitted campaign; everything it reports comes from the store."""
+
+    def __init__(self, campaign_id: str, store: Store, settings: Settings) -> None:
+        self.id = campaign_id
+        self.store = store
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return f"CampaignRun({self.id!r})"
+
+    def status(self) -> CampaignStatus:
+        return CampaignStatus(self.store.get_campaign(self.id), self.store.units(self.id))
+
+    def report_path(self) -> Path | None:
+        """The HTML report, once the report task wrote it."""
+        for artifact in self.store.artifacts(self.id, kind="report"):
+            if artifact.path.endswith("report.html"):
+                return self.settings.artifacts / artifact.path
+        return None
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        progress: bool = False,
+        poll: float = 0.5,
+        check: Callable[[], None] | None = None,
+    ) -> CampaignStatus:
+        """Block until the campaign is finished; ``check`` may raise to stop waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        display = _Progress() if progress else None
+        try:
+            while True:
+                status = self.status()
+                if display is not None:
+                    display.update(status)
+                if status.finished:
+                    return status
+                if check is not None:
+                    check()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OrchardError(
+                        f"campaign {self.id} not finished after {timeout:.0f} s: "
+                        f"{dict(status.counts())}"
+                    )
+                time.sleep(poll)
+        finally:
+            if display is not None:
+                display.close()
+
+
+def new_campaign_id(name: str) -> str:
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def submit(
+    path: str | Path,
+    *,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> CampaignRun:
+    """Validate a campaign file, record its units and enqueue the first stage."""
+    from workers.app import check_broker_reachable, make_app
+
+    settings = settings or load_settings()
+    if broker:
+        settings = replace(settings, broker_url=broker)
+    if database:
+        settings = replace(settings, database_url=database)
+    if artifacts:
+        settings = replace(settings, artifacts=Path(artifacts).resolve())
+
+    campaign = load_campaign(path)
+    app = make_app(settings, with_tasks=False)
+    check_broker_reachable(app)
+    store = Store(settings.database_url)
+    store.upgrade()
+
+    campaign_id = new_campaign_id(campaign.name)
+    manifest = build_manifest(campaign, settings.artifacts)
+    written = atomic_write_text(
+        manifest_path(settings.artifacts / "campaigns" / campaign_id), manifest.to_json()
+    )
+    units = plan_units(
+        campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
+    )
+    store.create_campaign(
+        campaign_id,
+        name=campaign.name,
+        source=str(Path(path).resolve()),
+        digest=campaign.digest(),
+        spec=campaign.model_dump(mode="json"),
+        classes=manifest.classes,
+        units=units,
+        artifacts=[
+            Artifact(
+                written.path.relative_to(settings.artifacts).as_posix(),
+                "manifest",
+                written.sha256,
+                written.size,
+                campaign_id,
+            )
+        ],
+    )
+    advance(store, app, campaign_id)
+    return CampaignRun(campaign_id, store, settings)
+
+
+class _Progress:
+    """A live bar per family (done / total units), drawn with rich."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+        self._progress.start()
+
+    def update(self, status: CampaignStatus) -> None:
+        for family, counts in status.by_family().items():
+            total = sum(counts.values())
+            done = sum(n for state, n in counts.items() if state in TERMINAL)
+            detail = ", ".join(
+                f"{n} {state.lower()}" for state, n in sorted(counts.items()) if state != "SUCCESS"
+            )
+            if family not in self._tasks:
+                self._tasks[family] = self._progress.add_task(family, total=total, detail="")
+            self._progress.update(self._tasks[family], completed=done, detail=detail)
+
+    def close(self) -> None:
+        self._progress.stop()

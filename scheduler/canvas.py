@@ -1,0 +1,44 @@
+"""Turning ready units into a Celery canvas and sending it.
+
+Each stage of a campaign is a ``group`` of unit signatures (ids only, routed to the
+family's queue). The next stage is opened by whichever task finishes the current
+one: :func:`advance` reads every unit's state from the store, asks
+``shared.plan.next_actions`` what may run, claims those units (PENDING -> QUEUED, a
+conditional update that only one caller wins) and sends only what it claimed.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, group
+
+from db.store import Store
+from shared.plan import TERMINAL, UnitState, next_actions
+
+
+def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
+    """Enqueue every unit of the campaign that is ready; returns the keys sent."""
+    sent: list[str] = []
+    while True:
+        units = store.units(campaign_id)
+        actions = next_actions(UnitState(u.key, u.stage, u.state) for u in units)
+        if actions.fail:
+            # failing units can open the next stage (the report): look again
+            store.fail_units(actions.fail)
+            continue
+        claimed = store.claim_for_queue(actions.enqueue)
+        by_key = {u.key: u for u in units}
+        signatures = [
+            app.signature(
+                by_key[key].task,
+                kwargs={"campaign_id": campaign_id, "unit_key": key},
+                queue=by_key[key].queue,
+                immutable=True,
+            )
+            for key in claimed
+        ]
+        if signatures:
+            group(signatures).apply_async()
+        sent.extend(claimed)
+        if all(u.state in TERMINAL for u in units):
+            store.complete_campaign(campaign_id)
+        return sent

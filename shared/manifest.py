@@ -1,0 +1,149 @@
+"""The campaign manifest: every image once, with its split, label and CV fold.
+
+Written by the scheduler at submit time as one JSON artifact; every task reads it,
+so workers agree on image order, folds and shard boundaries without talking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from shared.errors import OrchardError
+
+TEST_SPLIT = "test"
+NO_FOLD = -1
+
+
+class ManifestError(OrchardError, ValueError):
+    """The dataset cannot be split as the campaign asks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    image_id: str
+    label: str | None
+    split: str
+    path: str
+    fold: int  # NO_FOLD for the test split and unlabelled images
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    classes: tuple[str, ...]
+    entries: tuple[Entry, ...]
+    fingerprint: str
+    cache_key: str
+    size: int
+    shard_size: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["classes"] = tuple(data["classes"])
+        data["entries"] = tuple(Entry(**e) for e in data["entries"])
+        return cls(**data)
+
+    def label_index(self, indices: np.ndarray) -> np.ndarray:
+        """Class indices for ``indices`` (-1 where unlabelled)."""
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lookup.get(self.entries[i].label, -1) for i in indices], dtype=np.int64)
+
+    def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, validation, test) manifest indices for one cross-validation fold."""
+        folds = np.array([e.fold for e in self.entries])
+        test = np.array([e.split == TEST_SPLIT for e in self.entries])
+        if not (folds == fold).any():
+            raise ManifestError(f"fold {fold} has no images")
+        train = np.flatnonzero((folds != NO_FOLD) & (folds != fold))
+        val = np.flatnonzero(folds == fold)
+        return train, val, np.flatnonzero(test)
+
+
+def assign_folds(labels: list[str | None], splits: list[str], k: int, seed: int) -> list[int]:
+    """Stratified k folds over the labelled, non-test images; deterministic in ``seed``."""
+    pool = [
+        i
+        for i, (lab, sp) in enumerate(zip(labels, splits, strict=True))
+        if lab is not None and sp != TEST_SPLIT
+    ]
+    counts = Counter(labels[i] for i in pool)
+    if not pool:
+        raise ManifestError("dataset: no labelled training images")
+    smallest, n = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    if n < k:
+        raise ManifestError(
+            f"dataset: class {smallest!r} has {n} labelled training images, fewer than folds = {k}"
+        )
+    folds = [NO_FOLD] * len(labels)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    pool_labels = [labels[i] for i in pool]
+    for fold, (_, val) in enumerate(splitter.split(np.zeros(len(pool)), pool_labels)):
+        for j in val:
+            folds[pool[j]] = fold
+    return folds
+
+
+def manifest_path(campaign_dir: Path) -> Path:
+    return campaign_dir / "manifest.json"
+
+
+def open_campaign_dataset(spec, artifacts: Path):  # noqa: ANN001 - DatasetSpec union
+    """The dataset a campaign names; a synthetic one is generated first if needed."""
+    from shared.datasets import AicupDataset, ImageFolderDataset
+    from shared.spec import params_hash
+    from shared.synthetic import generate_synthetic
+
+    if spec.kind == "synthetic":
+        options = spec.model_dump(exclude={"kind", "root"})
+        root = spec.root or artifacts / "datasets" / f"synthetic-{params_hash(options)}"
+        generate_synthetic(
+            root,
+            seed=spec.seed,
+            train_per_class=spec.train_per_class,
+            test_per_class=spec.test_per_class,
+            size=(spec.width, spec.height),
+            label_noise=spec.label_noise,
+            test_labels=spec.test_labels,
+        )
+        return AicupDataset(root)
+    if spec.kind == "aicup":
+        splits = None
+        if spec.splits is not None:
+            splits = {name: (files.csv, files.images) for name, files in spec.splits.items()}
+        return AicupDataset(spec.root, splits=splits, classes=spec.classes)
+    return ImageFolderDataset(spec.root)
+
+
+def build_manifest(campaign, artifacts: Path) -> Manifest:  # noqa: ANN001 - spec.Campaign
+    """Open the campaign's dataset, assign folds and key the preprocessing cache."""
+    from shared.preprocess import cache_key, dataset_fingerprint
+
+    dataset = open_campaign_dataset(campaign.dataset, artifacts)
+    samples = dataset.samples()
+    if not samples:
+        raise ManifestError(f"dataset {getattr(campaign.dataset, 'root', '')}: no images")
+    folds = assign_folds(
+        [s.label for s in samples], [s.split for s in samples], campaign.folds, campaign.seed
+    )
+    fingerprint = dataset_fingerprint([(s.split, s.image_id, s.path) for s in samples])
+    size, shard_size = campaign.preprocessing.size, campaign.preprocessing.shard_size
+    return Manifest(
+        classes=tuple(dataset.classes),
+        entries=tuple(
+            Entry(s.image_id, s.label, s.split, str(s.path), fold)
+            for s, fold in zip(samples, folds, strict=True)
+        ),
+        fingerprint=fingerprint,
+        cache_key=cache_key(fingerprint, size, shard_size),
+        size=size,
+        shard_size=shard_size,
+    )

@@ -1,0 +1,323 @@
+"""Campaign files: TOML validated by frozen pydantic models.
+
+A campaign names a dataset, how to preprocess it, and which model families to run.
+In a model section (``[cnn]``, ``[svm]``, ``[rf]``) any parameter may be a list: each
+list is a sweep dimension and the family runs the cartesian product of them, once
+per cross-validation fold it asks for::
+
+    [svm]
+    n_components = [50, 100, 200]   # 3 x 2 = 6 grid points
+    C = [1.0, 1.5]
+
+Every mistake in a file becomes one :class:`CampaignError` line naming the file,
+the section and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+
+from shared.errors import OrchardError
+from shared.variants import check_variant
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+
+
+class CampaignError(OrchardError, ValueError):
+    """A campaign file that cannot be run; the message is one line."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------- parameters of one unit
+
+
+def _variant(value: str) -> str:
+    check_variant(value)
+    return value
+
+
+#: A feature variant derived from the preprocessing cache (see ``shared.variants``).
+Variant = Annotated[str, AfterValidator(_variant)]
+
+
+class CnnParams(_Frozen):
+    """One CNN training run; the architecture is the study's table, scaled by ``width``."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    width: float = Field(1.0, gt=0, le=4)
+    image_size: int = Field(224, ge=32, multiple_of=32)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    augment: bool = True
+
+
+class SvmParams(_Frozen):
+    """PCA + RBF SVC at one grid point."""
+
+    variant: Variant = "polar192"
+    n_components: int = Field(200, ge=1)
+    whiten: bool = False
+    C: float = Field(1.5, gt=0)
+    gamma: float | Literal["scale", "auto"] = "scale"
+
+    @field_validator("gamma")
+    @classmethod
+    def _positive_gamma(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("gamma must be > 0, 'scale' or 'auto'")
+        return v
+
+
+class RfParams(_Frozen):
+    """One random forest: sklearn's RandomForestClassifier with ``oob_score``."""
+
+    variant: Variant = "resize128"
+    n_estimators: int = Field(100, ge=1)
+    max_depth: int | None = Field(None, ge=1)
+    min_samples_leaf: int = Field(1, ge=1)
+    min_samples_split: int = Field(2, ge=2)
+    max_features: float | Literal["sqrt", "log2"] = "sqrt"
+
+
+# ---------------------------------------------------------------- sweep sections
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type[_Frozen]:
+    """A section model whose fields are those of ``params``, each a non-empty tuple.
+
+    A scalar in the file becomes a one-element tuple, so every field is a sweep
+    dimension and errors point at ``field`` or ``field[i]``.
+    """
+    fields: dict[str, Any] = {
+        "enabled": (bool, True),
+        "folds": (int, Field(default_folds, ge=1)),
+    }
+    for field_name, info in params.model_fields.items():
+        item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        sweep = Annotated[tuple[item, ...], BeforeValidator(_as_list), Field(min_length=1)]
+        fields[field_name] = (sweep, (info.default,))
+    section = create_model(name, __base__=_Frozen, **fields)
+    section.params_model = params  # type: ignore[attr-defined]
+    return section
+
+
+CnnSection = _sweep_section("CnnSection", CnnParams, default_folds=5)
+SvmSection = _sweep_section("SvmSection", SvmParams, default_folds=1)
+RfSection = _sweep_section("RfSection", RfParams, default_folds=1)
+
+FAMILIES: dict[str, type[_Frozen]] = {"cnn": CnnParams, "svm": SvmParams, "rf": RfParams}
+
+
+def sweep_points(section: _Frozen) -> list[dict[str, Any]]:
+    """The cartesian product of a section's sweep dimensions, in file order."""
+    params_model = type(section).params_model  # type: ignore[attr-defined]
+    names = list(params_model.model_fields)
+    values = [getattr(section, n) for n in names]
+    points = []
+    for combo in itertools.product(*values):
+        # re-validate each point: cross-field rules live on the params model
+        points.append(params_model(**dict(zip(names, combo, strict=True))).model_dump())
+    return points
+
+
+# ---------------------------------------------------------------- dataset, preprocessing, blend
+
+
+class SplitFiles(_Frozen):
+    csv: str
+    images: str
+
+
+class AicupDataset(_Frozen):
+    kind: Literal["aicup"]
+    root: Path
+    classes: tuple[str, ...] = ("A", "B", "C")
+    splits: dict[str, SplitFiles] | None = None
+
+
+class ImageFolderDataset(_Frozen):
+    kind: Literal["imagefolder"]
+    root: Path
+
+
+class SyntheticDataset(_Frozen):
+    """Generated mango photos in the aicup layout (see ``shared.synthetic``)."""
+
+    kind: Literal["synthetic"]
+    root: Path | None = None  # default: <artifacts>/datasets/synthetic-<params hash>
+    seed: int = 0
+    train_per_class: int = Field(40, ge=1)
+    test_per_class: int = Field(10, ge=0)
+    width: int = Field(320, ge=32)
+    height: int = Field(240, ge=32)
+    label_noise: float = Field(0.1, ge=0, le=1)
+    test_labels: bool = True
+
+
+DatasetSpec = Annotated[
+    AicupDataset | ImageFolderDataset | SyntheticDataset, Field(discriminator="kind")
+]
+
+
+class PreprocessingSpec(_Frozen):
+    size: int = Field(256, ge=32, le=1024)
+    shard_size: int = Field(256, ge=1)
+
+
+class BlendSpec(_Frozen):
+    method: Literal["vote"] = "vote"
+    families: tuple[Literal["cnn", "svm", "rf"], ...] = ("cnn",)
+
+
+class ReportSpec(_Frozen):
+    title: str | None = None
+
+
+class Campaign(_Frozen):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    seed: int = 0
+    folds: int = Field(5, ge=2, le=50)
+    dataset: DatasetSpec
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    cnn: CnnSection | None = None  # type: ignore[valid-type]
+    svm: SvmSection | None = None  # type: ignore[valid-type]
+    rf: RfSection | None = None  # type: ignore[valid-type]
+    blend: BlendSpec = BlendSpec()
+    report: ReportSpec = ReportSpec()
+
+    def families(self) -> Iterator[tuple[str, Any]]:
+        """(family, section) for each enabled model section, in a fixed order."""
+        for family in FAMILIES:
+            section = getattr(self, family)
+            if section is not None and section.enabled:
+                yield family, section
+
+    def digest(self) -> str:
+        """A hash of the whole validated campaign (not of the file's formatting)."""
+        return params_hash(self.model_dump(mode="json"))
+
+
+def params_hash(params: dict[str, Any], length: int = 12) -> str:
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    """Read and validate a campaign file; relative dataset roots are relative to the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CampaignError(f"{path}: no such campaign file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CampaignError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignError(f"{path}: invalid TOML: {exc}") from None
+    return parse_campaign(raw, source=str(path), base_dir=path.parent)
+
+
+def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = None) -> Campaign:
+    try:
+        campaign = Campaign.model_validate(raw)
+    except ValidationError as exc:
+        raise CampaignError(f"{source}: {format_validation_error(exc, raw)}") from None
+    for family, section in campaign.families():
+        try:
+            sweep_points(section)
+        except ValidationError as exc:
+            raise CampaignError(
+                f"{source}: {format_validation_error(exc, raw.get(family, {}), section=family)}"
+            ) from None
+        if section.folds > campaign.folds:
+            raise CampaignError(
+                f"{source}: [{family}] folds: {section.folds} is more than the campaign's "
+                f"folds = {campaign.folds}"
+            )
+    root = getattr(campaign.dataset, "root", None)
+    if root is not None and not root.is_absolute() and base_dir is not None:
+        dataset = campaign.dataset.model_copy(update={"root": (base_dir / root).resolve()})
+        campaign = campaign.model_copy(update={"dataset": dataset})
+    return campaign
+
+
+def format_validation_error(
+    exc: ValidationError, raw: dict[str, Any], section: str | None = None
+) -> str:
+    """Pydantic's errors as ``[section] field: message (got value)``, joined on one line."""
+    messages: dict[str, list[str]] = {}
+    for err in exc.errors():
+        loc = list(err["loc"])
+        if section is not None:
+            loc.insert(0, section)
+        where = _describe_loc(loc, raw if section is None else {section: raw})
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required but missing"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        messages.setdefault(where, [])
+        if msg not in messages[where]:
+            messages[where].append(msg)
+    return "; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in messages.items())
+
+
+_TABLES = {"dataset", "preprocessing", "cnn", "svm", "rf", "blend", "report"}
+
+
+def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
+    if not loc:
+        return "campaign"
+    head, rest = loc[0], loc[1:]
+    if head not in _TABLES or not rest:
+        return f"[{head}]" if head in _TABLES else str(head)
+    section_raw = raw.get(head, {}) if isinstance(raw.get(head), dict) else {}
+    if head == "dataset" and rest and rest[0] == section_raw.get("kind") and len(rest) > 1:
+        rest = rest[1:]  # pydantic puts the discriminator's tag in the path
+    field = str(rest[0])
+    where = f"[{head}] {field}"
+    if len(rest) > 1 and isinstance(rest[1], int) and isinstance(section_raw.get(field), list):
+        where += f"[{rest[1]}]"
+    elif len(rest) > 1 and isinstance(rest[1], str) and head == "dataset":
+        where += f".{rest[1]}"
+    return where
+
+
+_SAFE = re.compile(NAME_PATTERN)
+
+
+def is_safe_name(name: str) -> bool:
+    return bool(_SAFE.match(name))

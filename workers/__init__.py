@@ -1,0 +1,1 @@
+"""orchard's Celery side: the app, its configuration, and thin task wrappers."""

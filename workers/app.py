@@ -1,0 +1,42 @@
+"""The Celery app. Task modules import it and stay small."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings, load_settings
+from workers.config import celery_config
+
+TASK_MODULES = [
+    "workers.tasks.preprocess",
+    "workers.tasks.cnn",
+    "workers.tasks.classic",
+    "workers.tasks.report",
+]
+
+
+def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
+    """An app for ``settings``; a producer (the scheduler) needs no task modules."""
+    celery = Celery("orchard", include=TASK_MODULES if with_tasks else [])
+    celery.config_from_object(celery_config(settings))
+    return celery
+
+
+app = make_app(load_settings())
+
+
+def check_broker_reachable(celery: Celery) -> None:
+    """Fail within seconds, naming the broker (password masked), if it is unreachable."""
+    from kombu.exceptions import OperationalError
+
+    from shared.errors import OrchardError
+    from shared.settings import mask_url
+
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
+    except (OperationalError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OrchardError(
+            f"broker {mask_url(celery.conf.broker_url)} unreachable: {reason}"
+        ) from None

@@ -1,0 +1,46 @@
+"""Loading a campaign's cached images in a worker, checked against the store."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from db.store import Store
+from shared.manifest import Manifest
+from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
+from shared.settings import Settings
+from shared.variants import derive
+
+# A CPU worker runs many grid points over the same images in a row: keep the last
+# variant it derived instead of reading every shard again for each point.
+_last: tuple[tuple[str, str], np.ndarray] | None = None
+
+
+def cache_dir_rel(manifest: Manifest) -> str:
+    return f"cache/{manifest.cache_key}"
+
+
+def shard_rel(manifest: Manifest, index: int) -> str:
+    return f"{cache_dir_rel(manifest)}/{shard_name(index)}"
+
+
+def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: str) -> np.ndarray:
+    """Every manifest image as ``variant`` (n, H, W, 3) uint8, in manifest order."""
+    global _last
+    key = (manifest.cache_key, variant)
+    if _last is not None and _last[0] == key:
+        return _last[1]
+    parts = []
+    for index, _ in enumerate(shard_ranges(len(manifest.entries), manifest.shard_size)):
+        rel = shard_rel(manifest, index)
+        record = store.find_artifact(rel)
+        if record is None:
+            raise PreprocessError(f"{settings.artifacts / rel}: shard not recorded in the store")
+        parts.append(derive(load_shard(settings.artifacts / rel, record.sha256), variant))
+    images = np.concatenate(parts) if parts else np.empty((0, 1, 1, 3), np.uint8)
+    if len(images) != len(manifest.entries):
+        raise PreprocessError(
+            f"cache {cache_dir_rel(manifest)}: {len(images)} images for "
+            f"{len(manifest.entries)} manifest entries"
+        )
+    _last = (key, images)
+    return images

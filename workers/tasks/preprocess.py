@@ -1,0 +1,38 @@
+"""orchard.preprocess_shard: decode a range of the manifest once into a uint8 shard."""
+
+from __future__ import annotations
+
+import time
+
+from db.store import Artifact, Outcome
+from shared.artifacts import sha256_file
+from shared.preprocess import preprocess_images, write_shard
+from workers.data import shard_rel
+from workers.tasks.base import UnitContext, unit_task
+
+
+@unit_task("orchard.preprocess_shard")
+def preprocess_shard(ctx: UnitContext) -> Outcome:
+    started = time.perf_counter()
+    manifest = ctx.manifest()
+    params = ctx.unit.params
+    rel = shard_rel(manifest, params["shard"])
+    path = ctx.settings.artifacts / rel
+    known = ctx.store.find_artifact(rel)
+    # The cache is keyed by content: a shard another campaign wrote is reused when
+    # its bytes still match the checksum recorded for them.
+    if known is not None and path.exists() and sha256_file(path) == known.sha256:
+        return Outcome(
+            fit_seconds=time.perf_counter() - started,
+            extra={"images": params["stop"] - params["start"], "reused": True},
+        )
+    entries = manifest.entries[params["start"] : params["stop"]]
+    images = preprocess_images([e.path for e in entries], manifest.size)
+    written = write_shard(path, images)
+    return Outcome(
+        fit_seconds=time.perf_counter() - started,
+        extra={"images": len(entries), "reused": False},
+        artifacts=[
+            Artifact(rel, "shard", written.sha256, written.size, ctx.campaign.id, ctx.unit.key)
+        ],
+    )
