@@ -23,11 +23,16 @@ if threads := os.environ.get("ORCHARD_TORCH_THREADS"):
     torch.set_num_threads(int(threads))
 
 
+def cnn_variant(cache_size: int) -> str:
+    """The study's centre crop, 224 of a 256 resize; the same 7/8 of any cache size."""
+    return f"crop{cache_size * 7 // 8}"
+
+
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
     manifest = ctx.manifest()
     params = ctx.unit.params
-    images = load_variant(ctx.store, ctx.settings, manifest, "crop224")
+    images = load_variant(ctx.store, ctx.settings, manifest, cnn_variant(manifest.size))
     train, val, test = manifest.fold_indices(ctx.unit.fold)
     labels = manifest.label_index
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))

@@ -1,0 +1,95 @@
+"""Fixtures shared by the whole suite: real services, throwaway databases, tiny campaigns."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN = os.environ.get("ORCHARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("ORCHARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+# Importing workers.app builds the Celery app from the environment; keep anything it
+# creates out of the checkout.
+os.environ.setdefault("ORCHARD_HOME", tempfile.mkdtemp(prefix="orchard-test-home-"))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"orchard_test_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each store test runs on SQLite and on the real PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return request.getfixturevalue(name)
+
+
+TINY_CAMPAIGN = """
+name = "{name}"
+seed = 1
+folds = 5
+
+[dataset]
+kind = "synthetic"
+root = "{root}"
+seed = 3
+train_per_class = 10
+test_per_class = 4
+width = 96
+height = 72
+
+[preprocessing]
+size = 64
+shard_size = 16
+
+[cnn]
+folds = 5
+epochs = 2
+batch_size = 16
+width = 0.125
+image_size = 32
+
+[svm]
+variant = "polar32"
+n_components = [4, 8]
+C = 1.0
+
+[rf]
+variant = "resize16"
+n_estimators = [10]
+
+[blend]
+families = ["cnn"]
+"""
+
+
+@pytest.fixture
+def tiny_campaign(tmp_path: Path) -> Path:
+    """A campaign with every family, small enough to run in seconds on a CPU."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_CAMPAIGN.format(name="tiny", root=tmp_path / "data"))
+    return path

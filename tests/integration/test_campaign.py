@@ -1,0 +1,134 @@
+"""A tiny campaign through real `celery worker` processes, on the real Redis and on
+kombu's filesystem broker, into real SQLite and PostgreSQL stores.
+
+No eager mode and no mocks: the workers are subprocesses started exactly as
+`orchard worker` starts them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from scheduler.api import CampaignRun, submit
+from scheduler.demo import Workers
+from shared.settings import Settings, load_settings
+from tests.conftest import REDIS_URL, REPO
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def running_workers(settings: Settings, tag: str) -> Iterator[Workers]:
+    workers = Workers(
+        settings,
+        [
+            (f"gpu-{tag}", ["--queues", "gpu", "--name", f"gpu-{tag}@%h"]),
+            (f"cpu-{tag}", ["--queues", "cpu,preprocess,report", "--concurrency", "2",
+                             "--name", f"cpu-{tag}@%h"]),
+        ],
+    )
+    try:
+        yield workers
+    finally:
+        workers.stop()
+
+
+def assert_campaign_complete(run: CampaignRun, store: Store) -> None:
+    status = run.status()
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    units = status.units
+    assert {u.state for u in units} == {"SUCCESS"}
+    # exactly once: one result row per unit, no more
+    assert store.count_rows(run.id)["results"] == len(units)
+    families = {u.family for u in units}
+    assert families == {"preprocess", "cnn", "svm", "rf", "report"}
+    # the CNN folds ran on the gpu worker, everything else on the cpu worker
+    assert {u.worker.split("@")[0].split("-")[0] for u in units if u.family == "cnn"} == {"gpu"}
+    assert {u.worker.split("@")[0].split("-")[0] for u in units if u.family != "cnn"} == {"cpu"}
+    report = run.report_path()
+    assert report is not None and report.exists()
+    markdown = report.with_suffix(".md").read_text()
+    for family in ("cnn", "svm", "rf"):
+        assert f"\n| {family} | `{run.id}/{family}/" in markdown
+    assert "| CNN 5-fold vote | vote | 5 |" in markdown
+    assert store.count_rows(run.id)["metrics"] >= 5 * 2  # per-epoch metrics of every fold
+
+
+def settings_for(tmp_path: Path, broker: str, database: str) -> Settings:
+    return Settings(
+        home=tmp_path / "home",
+        broker_url=broker,
+        database_url=database,
+        artifacts=tmp_path / "artifacts",
+    )
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_campaign_on_redis(
+    database: str, tmp_path: Path, tiny_campaign: Path, monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    # a key prefix of our own: other users of this Redis never see our queues
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", f"orchard-test-{secrets.token_hex(4)}:")
+    url = request.getfixturevalue("sqlite_url" if database == "sqlite" else "postgres_url")
+    settings = settings_for(tmp_path, REDIS_URL, url)
+    with running_workers(settings, "redis") as workers:
+        run = submit(tiny_campaign, settings=settings)
+        run.wait(timeout=300, check=workers.check)
+    assert_campaign_complete(run, Store(url))
+
+
+def test_campaign_on_filesystem_broker_reuses_the_cache(
+    tmp_path: Path, tiny_campaign: Path, sqlite_url: str
+) -> None:
+    settings = settings_for(tmp_path, f"filesystem://{tmp_path / 'broker'}", sqlite_url)
+    store = Store(sqlite_url)
+    with running_workers(settings, "fs") as workers:
+        first = submit(tiny_campaign, settings=settings)
+        first.wait(timeout=300, check=workers.check)
+        second = submit(tiny_campaign, settings=settings)
+        second.wait(timeout=300, check=workers.check)
+    assert_campaign_complete(first, store)
+    assert_campaign_complete(second, store)
+    # the second campaign found every shard the first one decoded
+    shard_results = {
+        key: result
+        for run in (first, second)
+        for key, result in store.results(run.id).items()
+        if "/preprocess/" in key
+    }
+    assert all(not r.extra["reused"] for k, r in shard_results.items() if k.startswith(first.id))
+    assert all(r.extra["reused"] for k, r in shard_results.items() if k.startswith(second.id))
+
+
+def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) -> None:
+    """`orchard demo` with nothing configured: filesystem broker, SQLite, own workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    env["ORCHARD_HOME"] = str(tmp_path / "demo-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "demo", "--campaign", str(tiny_campaign),
+         "--timeout", "300"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "filesystem://" in done.stdout
+    report_line = next(line for line in done.stdout.splitlines() if line.startswith("report:"))
+    report = Path(report_line.split(":", 1)[1].strip())
+    assert report.exists() and report.is_relative_to(tmp_path / "demo-home")
+    demo_settings = load_settings({"ORCHARD_HOME": env["ORCHARD_HOME"]})
+    store = Store(demo_settings.database_url)
+    (campaign,) = store.list_campaigns()
+    assert campaign.state == "DONE"
+    # the demo stopped its workers: nothing of ours is left running
+    leftover = subprocess.run(["pgrep", "-f", f"demo-gpu-.*{env['ORCHARD_HOME']}"],
+                              capture_output=True)
+    assert leftover.returncode != 0

@@ -1,0 +1,226 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from shared.datasets import (
+    AicupDataset,
+    DatasetError,
+    ImageFolderDataset,
+    Sample,
+    open_dataset,
+)
+
+
+def write_image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((8, 8, 3), 128, np.uint8))
+    return path
+
+
+def make_aicup(
+    root: Path,
+    split: str,
+    rows: list[str],
+    header: str | None = "image_id,label",
+    encoding: str = "utf-8",
+) -> Path:
+    """Write ``root/<split>.csv`` and an image for every id it lists."""
+    for row in rows:
+        image_id = row.split(",")[0]
+        if image_id and "/" not in image_id and ".." not in image_id:
+            write_image(root / split / image_id)
+    lines = ([header] if header else []) + rows
+    csv_path = root / f"{split}.csv"
+    csv_path.write_text("\n".join(lines) + "\n", encoding=encoding)
+    return csv_path
+
+
+def assert_one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# --- aicup ---------------------------------------------------------------------------------
+
+
+def test_aicup_with_header(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "train", ["00002.jpg,B", "00001.jpg,A", "00003.jpg,C"])
+    ds = AicupDataset(tmp_path)
+    assert ds.classes == ("A", "B", "C")
+    samples = ds.samples()
+    assert [(s.image_id, s.label, s.split) for s in samples] == [
+        ("00001.jpg", "A", "train"),
+        ("00002.jpg", "B", "train"),
+        ("00003.jpg", "C", "train"),
+    ]
+    assert samples[0].path == (tmp_path / "train" / "00001.jpg").resolve()
+    assert all(s.path.is_absolute() for s in samples)
+
+
+def test_aicup_without_header_and_with_bom(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "train", ["a.jpg,A", "b.jpg,B"], header=None)
+    make_aicup(tmp_path, "dev", ["c.jpg,C"], header="IMAGE_ID,Label", encoding="utf-8-sig")
+    assert (tmp_path / "dev.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    samples = AicupDataset(tmp_path).samples()
+    assert [(s.image_id, s.label, s.split) for s in samples] == [
+        ("a.jpg", "A", "train"),
+        ("b.jpg", "B", "train"),
+        ("c.jpg", "C", "dev"),
+    ]
+
+
+def test_aicup_empty_labels_and_extra_columns(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "train", ["1.jpg,A,0.9,extra", "2.jpg,B,"])
+    make_aicup(tmp_path, "test", ["3.jpg,", "4.jpg"])
+    samples = AicupDataset(tmp_path).samples()
+    assert [(s.image_id, s.label, s.split) for s in samples] == [
+        ("1.jpg", "A", "train"),
+        ("2.jpg", "B", "train"),
+        ("3.jpg", None, "test"),
+        ("4.jpg", None, "test"),
+    ]
+
+
+def test_aicup_split_order_and_custom_mapping(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "test", ["t.jpg,A"])
+    make_aicup(tmp_path, "train", ["z.jpg,A"])
+    make_aicup(tmp_path, "dev", ["a.jpg,B"])
+    ds = AicupDataset(tmp_path)
+    assert [s.split for s in ds.samples()] == ["train", "dev", "test"]
+    assert ds.samples() == AicupDataset(tmp_path).samples()
+
+    only = AicupDataset(tmp_path, splits={"train": ("dev.csv", "dev")}, classes=("A", "B"))
+    assert [(s.image_id, s.split) for s in only.samples()] == [("a.jpg", "train")]
+    assert only.classes == ("A", "B")
+
+
+def test_aicup_missing_csvs(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path)
+    assert_one_line_error(excinfo, "train.csv")
+    make_aicup(tmp_path, "train", ["1.jpg,A"])
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path, splits={"train": ("train.csv", "train"), "dev": ("dev.csv", "d")})
+    assert_one_line_error(excinfo, "dev.csv")
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragments"),
+    [
+        (["1.jpg,A", "2.jpg,D"], ["train.csv:3", "'D'"]),
+        (["1.jpg,A", "1.jpg,B"], ["train.csv:3", "duplicate", "1.jpg"]),
+        (["../x.jpg,A"], ["train.csv:2", "../x.jpg"]),
+        (["sub/x.jpg,A"], ["train.csv:2", "sub/x.jpg"]),
+    ],
+)
+def test_aicup_bad_rows(tmp_path: Path, rows: list[str], fragments: list[str]) -> None:
+    make_aicup(tmp_path, "train", rows)
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path)
+    assert_one_line_error(excinfo, str(tmp_path), *fragments)
+
+
+def test_aicup_duplicate_across_splits(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "train", ["1.jpg,A"])
+    make_aicup(tmp_path, "test", ["1.jpg,"])
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path)
+    assert_one_line_error(excinfo, "test.csv:2", "duplicate")
+
+
+def test_aicup_missing_image(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "train", ["1.jpg,A", "2.jpg,B"])
+    (tmp_path / "train" / "2.jpg").unlink()
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path)
+    assert_one_line_error(excinfo, "train.csv:3", str(tmp_path / "train" / "2.jpg"))
+
+
+# --- imagefolder ---------------------------------------------------------------------------
+
+
+def test_imagefolder_flat(tmp_path: Path) -> None:
+    for name in ["B/x.png", "A/2.jpg", "A/1.JPEG", "A/sub/3.webp", "C/y.bmp"]:
+        write_image(tmp_path / name)
+    (tmp_path / "A" / "notes.txt").write_text("not an image")
+    (tmp_path / "README.md").write_text("ignored")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ("A", "B", "C")
+    assert [(s.image_id, s.label, s.split) for s in ds.samples()] == [
+        ("A/1.JPEG", "A", "train"),
+        ("A/2.jpg", "A", "train"),
+        ("A/sub/3.webp", "A", "train"),
+        ("B/x.png", "B", "train"),
+        ("C/y.bmp", "C", "train"),
+    ]
+    assert ds.samples()[0].path == (tmp_path / "A" / "1.JPEG").resolve()
+
+
+def test_imagefolder_splits_with_four_classes(tmp_path: Path) -> None:
+    for name in [
+        "train/ripe/1.jpg",
+        "train/unripe/1.jpg",
+        "train/bruised/1.jpg",
+        "test/rotten/1.jpg",
+        "test/ripe/2.jpg",
+        "val/ripe/3.jpg",
+    ]:
+        write_image(tmp_path / name)
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ("bruised", "ripe", "rotten", "unripe")
+    assert [(s.split, s.image_id) for s in ds.samples()] == [
+        ("train", "bruised/1.jpg"),
+        ("train", "ripe/1.jpg"),
+        ("train", "unripe/1.jpg"),
+        ("dev", "ripe/3.jpg"),
+        ("test", "ripe/2.jpg"),
+        ("test", "rotten/1.jpg"),
+    ]
+
+
+def test_imagefolder_dev_folder_and_order_is_deterministic(tmp_path: Path) -> None:
+    for name in ["train/A/b.jpg", "train/A/a.jpg", "dev/B/c.png"]:
+        write_image(tmp_path / name)
+    first = ImageFolderDataset(tmp_path).samples()
+    assert [(s.split, s.image_id) for s in first] == [
+        ("train", "A/a.jpg"),
+        ("train", "A/b.jpg"),
+        ("dev", "B/c.png"),
+    ]
+    assert ImageFolderDataset(tmp_path).samples() == first
+    assert isinstance(first[0], Sample)
+
+
+def test_imagefolder_empty(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as excinfo:
+        ImageFolderDataset(tmp_path)
+    assert_one_line_error(excinfo, str(tmp_path))
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "x.txt").write_text("no images")
+    with pytest.raises(DatasetError):
+        ImageFolderDataset(tmp_path)
+
+
+# --- open_dataset --------------------------------------------------------------------------
+
+
+def test_open_dataset_dispatch(tmp_path: Path) -> None:
+    make_aicup(tmp_path / "cup", "train", ["1.jpg,A"])
+    write_image(tmp_path / "folder" / "X" / "1.jpg")
+    cup = open_dataset("aicup", tmp_path / "cup", classes=("A", "B"))
+    assert isinstance(cup, AicupDataset)
+    assert cup.classes == ("A", "B")
+    folder = open_dataset("imagefolder", tmp_path / "folder")
+    assert isinstance(folder, ImageFolderDataset)
+    assert folder.classes == ("X",)
+
+
+def test_open_dataset_unknown_kind(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as excinfo:
+        open_dataset("coco", tmp_path)
+    assert_one_line_error(excinfo, "coco")
+    assert isinstance(excinfo.value, ValueError)

@@ -1,0 +1,220 @@
+"""Stratified folds, the manifest's JSON form and its index helpers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.manifest import (
+    NO_FOLD,
+    TEST_SPLIT,
+    Entry,
+    Manifest,
+    ManifestError,
+    assign_folds,
+    build_manifest,
+)
+from shared.spec import parse_campaign
+
+
+def _labels(per_class: dict[str, int]) -> list[str]:
+    # interleaved, so stratification has to do the work
+    out: list[str] = []
+    remaining = dict(per_class)
+    while any(remaining.values()):
+        for cls in sorted(remaining):
+            if remaining[cls]:
+                out.append(cls)
+                remaining[cls] -= 1
+    return out
+
+
+# ---------------------------------------------------------------- assign_folds
+
+
+def test_folds_are_stratified():
+    labels = _labels({"A": 13, "B": 10, "C": 7})
+    folds = assign_folds(labels, ["train"] * len(labels), k=5, seed=0)
+    assert set(folds) == set(range(5))
+    for cls in "ABC":
+        sizes = Counter(f for f, lab in zip(folds, labels, strict=True) if lab == cls)
+        assert set(sizes) == set(range(5)), cls  # every fold has every class
+        assert max(sizes.values()) - min(sizes.values()) <= 1, (cls, sizes)
+
+
+def test_folds_are_deterministic_in_seed():
+    labels = _labels({"A": 10, "B": 10, "C": 10})
+    splits = ["train"] * len(labels)
+    assert assign_folds(labels, splits, 5, seed=3) == assign_folds(labels, splits, 5, seed=3)
+    assert assign_folds(labels, splits, 5, seed=3) != assign_folds(labels, splits, 5, seed=4)
+
+
+def test_test_split_and_unlabelled_get_no_fold():
+    labels: list[str | None] = _labels({"A": 4, "B": 4}) + ["A", "B", None, None]
+    splits = ["train"] * 8 + [TEST_SPLIT, TEST_SPLIT, "train", "dev"]
+    folds = assign_folds(labels, splits, k=2, seed=0)
+    assert folds[8:] == [NO_FOLD] * 4
+    assert all(f in (0, 1) for f in folds[:8])
+
+
+def test_dev_split_images_join_the_pool():
+    labels = _labels({"A": 4, "B": 4})
+    splits = ["train"] * 4 + ["dev"] * 4
+    folds = assign_folds(labels, splits, k=2, seed=0)
+    assert NO_FOLD not in folds
+
+
+def test_too_few_images_in_a_class_names_it():
+    labels = _labels({"A": 5, "B": 5, "C": 2})
+    with pytest.raises(ManifestError, match="'C'") as info:
+        assign_folds(labels, ["train"] * len(labels), k=3, seed=0)
+    assert "\n" not in str(info.value)
+    assert "folds = 3" in str(info.value)
+
+
+def test_test_images_do_not_count_towards_class_minimum():
+    labels = ["A", "A", "B", "B", "B", "B"]
+    splits = ["train", TEST_SPLIT, "train", "train", "train", "train"]
+    with pytest.raises(ManifestError, match="'A'"):
+        assign_folds(labels, splits, k=2, seed=0)
+
+
+def test_no_labelled_training_images():
+    with pytest.raises(ManifestError):
+        assign_folds([None, "A"], ["train", TEST_SPLIT], k=2, seed=0)
+
+
+# ---------------------------------------------------------------- Manifest
+
+
+def _manifest() -> Manifest:
+    labels: list[str | None] = _labels({"A": 4, "B": 4})
+    entries = [(f"{i:03d}.jpg", lab, "train") for i, lab in enumerate(labels)]
+    entries += [("100.jpg", None, "train"), ("101.jpg", "A", TEST_SPLIT)]
+    entries += [("102.jpg", None, TEST_SPLIT)]
+    folds = assign_folds([e[1] for e in entries], [e[2] for e in entries], k=2, seed=0)
+    return Manifest(
+        classes=("A", "B"),
+        entries=tuple(
+            Entry(image_id, label, split, f"/data/{image_id}", fold)
+            for (image_id, label, split), fold in zip(entries, folds, strict=True)
+        ),
+        fingerprint="f" * 64,
+        cache_key="c" * 20,
+        size=64,
+        shard_size=4,
+    )
+
+
+def test_manifest_json_round_trip():
+    manifest = _manifest()
+    again = Manifest.from_json(manifest.to_json())
+    assert again == manifest
+    assert isinstance(again.classes, tuple)
+    assert isinstance(again.entries[0], Entry)
+
+
+def test_fold_indices_partition_the_labelled_pool():
+    manifest = _manifest()
+    pool = {i for i, e in enumerate(manifest.entries) if e.fold != NO_FOLD}
+    assert pool == set(range(8))
+    test_idx = {i for i, e in enumerate(manifest.entries) if e.split == TEST_SPLIT}
+    vals = []
+    for fold in (0, 1):
+        train, val, test = manifest.fold_indices(fold)
+        assert not set(train) & set(val)
+        assert set(train) | set(val) == pool
+        assert set(test) == test_idx
+        assert not set(test) & (set(train) | set(val))
+        assert all(manifest.entries[i].fold == fold for i in val)
+        vals.append(set(val))
+    assert vals[0] | vals[1] == pool
+    assert not vals[0] & vals[1]
+
+
+def test_fold_indices_unknown_fold():
+    with pytest.raises(ManifestError, match="fold 7"):
+        _manifest().fold_indices(7)
+
+
+def test_label_index_maps_none_to_minus_one():
+    manifest = _manifest()
+    indices = np.arange(len(manifest.entries))
+    labels = manifest.label_index(indices)
+    assert labels.dtype == np.int64
+    expected = [{"A": 0, "B": 1, None: -1}[e.label] for e in manifest.entries]
+    assert labels.tolist() == expected
+    assert -1 in labels.tolist()
+
+
+# ---------------------------------------------------------------- build_manifest
+
+
+def _synthetic_campaign(root: Path, **dataset):
+    spec = {
+        "kind": "synthetic",
+        "root": str(root),
+        "train_per_class": 4,
+        "test_per_class": 2,
+        "width": 64,
+        "height": 48,
+        **dataset,
+    }
+    return parse_campaign({"name": "tiny", "folds": 2, "dataset": spec}, source="<test>")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("manifest")
+    campaign = _synthetic_campaign(tmp / "data", label_noise=0.0)
+    return build_manifest(campaign, tmp / "artifacts"), tmp
+
+
+def test_build_manifest_on_synthetic(built):
+    manifest, _ = built
+    assert manifest.classes == ("A", "B", "C")
+    assert len(manifest.entries) == 3 * 4 + 3 * 2
+    train = [e for e in manifest.entries if e.split == "train"]
+    test = [e for e in manifest.entries if e.split == TEST_SPLIT]
+    assert len(train) == 12 and len(test) == 6
+    assert all(e.fold == NO_FOLD for e in test)
+    assert Counter(e.fold for e in train) == {0: 6, 1: 6}
+    for fold in (0, 1):
+        assert {e.label for e in train if e.fold == fold} == {"A", "B", "C"}
+    assert all(Path(e.path).is_file() for e in manifest.entries)
+    assert manifest.size == 256 and manifest.shard_size == 256
+
+
+def test_build_manifest_is_deterministic(built):
+    manifest, tmp = built
+    again = build_manifest(_synthetic_campaign(tmp / "data", label_noise=0.0), tmp / "artifacts")
+    assert again == manifest
+
+
+def test_relabelling_keeps_fingerprint_and_cache_key(built, tmp_path):
+    manifest, tmp = built
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for path in (tmp / "data").rglob("*"):
+        target = copy / path.relative_to(tmp / "data")
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    csv = copy / "train.csv"
+    lines = csv.read_text().splitlines()
+    swap = {"A": "B", "B": "C", "C": "A"}
+    lines = [lines[0]] + [f"{line.split(',')[0]},{swap[line.split(',')[1]]}" for line in lines[1:]]
+    csv.write_text("\n".join(lines) + "\n")
+    campaign = parse_campaign(
+        {"name": "tiny", "folds": 2, "dataset": {"kind": "aicup", "root": str(copy)}},
+        source="<test>",
+    )
+    relabelled = build_manifest(campaign, tmp_path / "artifacts")
+    assert [e.label for e in relabelled.entries] != [e.label for e in manifest.entries]
+    assert relabelled.fingerprint == manifest.fingerprint
+    assert relabelled.cache_key == manifest.cache_key

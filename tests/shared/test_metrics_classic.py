@@ -1,0 +1,174 @@
+"""Accuracy, confusion matrices, majority vote, and the SVM / RF fits on tiny images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.classic import fit_rf_point, fit_svm_point, flatten
+from shared.metrics import accuracy, confusion_matrix, majority_vote
+from shared.spec import RfParams, SvmParams
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_accuracy_ignores_unlabelled():
+    assert accuracy([0, 1, -1, 2], [0, 2, 1, 2]) == pytest.approx(2 / 3)
+    assert accuracy([-1, -1, 0], [2, 2, 0]) == 1.0
+
+
+def test_accuracy_none_without_labels():
+    assert accuracy([-1, -1], [0, 1]) is None
+    assert accuracy([], []) is None
+
+
+def test_confusion_matrix_rows_true_cols_pred():
+    matrix = confusion_matrix([0, 0, 1, 2, -1], [1, 1, 1, 0, 2], n_classes=3)
+    assert matrix == [[0, 2, 0], [0, 1, 0], [1, 0, 0]]
+    assert all(isinstance(v, int) for row in matrix for v in row)
+
+
+def test_confusion_matrix_length_mismatch():
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1], [0], n_classes=2)
+
+
+def test_majority_vote_basic():
+    predictions = np.array([[0, 1, 2, 2], [0, 1, 1, 2], [1, 1, 2, 0]])
+    assert majority_vote(predictions, 3).tolist() == [0, 1, 2, 2]
+
+
+def test_majority_vote_tie_goes_to_lowest_class():
+    predictions = np.array([[2, 1, 0], [1, 2, 2], [0, 0, 1]])  # one vote each everywhere
+    assert majority_vote(predictions, 3).tolist() == [0, 0, 0]
+    assert majority_vote(np.array([[2, 1], [1, 2]]), 3).tolist() == [1, 1]
+
+
+def test_majority_vote_single_member_is_identity():
+    assert majority_vote(np.array([[2, 0, 1]]), 3).tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "predictions",
+    [np.array([0, 1, 2]), np.zeros((0, 3), np.int64), np.zeros((2, 2, 2), np.int64)],
+    ids=["1d", "no-members", "3d"],
+)
+def test_majority_vote_shape_errors(predictions):
+    with pytest.raises(ValueError, match="members, samples"):
+        majority_vote(predictions, 3)
+
+
+# ---------------------------------------------------------------- classical fits
+
+COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+
+
+def _images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), per_class)
+    noise = rng.normal(0, 25, (len(y), 8, 8, 3))
+    x = np.clip(COLOURS[y][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+@pytest.fixture(scope="module")
+def data():
+    train_x, train_y = _images(20, seed=0)
+    val_x, val_y = _images(6, seed=1)
+    test_x, _ = _images(4, seed=2)
+    return train_x, train_y, val_x, val_y, test_x
+
+
+def test_flatten_is_a_view():
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    flat = flatten(x)
+    assert flat.shape == (4, 192)
+    assert flat.dtype == np.uint8
+    assert np.shares_memory(flat, x)
+
+
+def test_svm_fits_separable_colours(data):
+    train_x, train_y, val_x, val_y, test_x = data
+    params = SvmParams(n_components=10, C=1.0).model_dump()
+    out = fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
+    assert out.train_acc > 0.8
+    assert out.val_acc > 0.8
+    assert out.val_pred.shape == (len(val_x),)
+    assert out.test_pred.shape == (len(test_x),)
+    assert set(out.test_pred.tolist()) <= {0, 1, 2}
+    assert 0 < out.extra["explained_variance"] <= 1
+    assert out.extra["support_vectors"] >= 3
+    assert out.seconds >= 0
+
+
+def test_svm_is_deterministic_in_seed(data):
+    params = SvmParams(n_components=5, whiten=True, C=10.0).model_dump()
+    a = fit_svm_point(*data, params, seed=1)
+    b = fit_svm_point(*data, params, seed=1)
+    np.testing.assert_array_equal(a.val_pred, b.val_pred)
+    assert a.extra == b.extra
+
+
+def test_svm_too_many_components(data):
+    train_x, train_y, val_x, val_y, test_x = data
+    params = SvmParams(n_components=61).model_dump()
+    with pytest.raises(ValueError, match=r"n_components=61 exceeds .* 60 training images"):
+        fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
+
+
+def test_svm_components_limited_by_features(data):
+    _, _, val_x, val_y, test_x = data
+    train_x, train_y = _images(80, seed=5)  # 240 images, 192 features
+    params = SvmParams(n_components=193).model_dump()
+    with pytest.raises(ValueError, match="at most 192"):
+        fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
+
+
+def test_svm_with_empty_test_set(data):
+    train_x, train_y, val_x, val_y, test_x = data
+    params = SvmParams(n_components=10).model_dump()
+    out = fit_svm_point(train_x, train_y, val_x, val_y, test_x[:0], params, seed=0)
+    assert out.test_pred.shape == (0,)
+    assert out.val_acc > 0.8
+
+
+def test_rf_fits_separable_colours(data):
+    train_x, train_y, val_x, val_y, test_x = data
+    params = RfParams(n_estimators=25).model_dump()
+    out = fit_rf_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
+    assert out.train_acc > 0.8
+    assert out.val_acc > 0.8
+    assert out.val_pred.shape == (len(val_x),)
+    assert out.test_pred.shape == (len(test_x),)
+    assert out.val_probs.shape == (len(val_x), 3)
+    assert out.test_probs.shape == (len(test_x), 3)
+    np.testing.assert_allclose(out.val_probs.sum(1), 1.0)
+    np.testing.assert_array_equal(out.val_pred, out.val_probs.argmax(1))
+    assert 0.0 <= out.extra["oob_score"] <= 1.0
+
+
+def test_rf_is_deterministic_in_seed(data):
+    params = RfParams(n_estimators=10, max_features=0.5).model_dump()
+    a = fit_rf_point(*data, params, seed=4)
+    b = fit_rf_point(*data, params, seed=4)
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    assert a.extra == b.extra
+
+
+def test_rf_with_empty_test_set(data):
+    train_x, train_y, val_x, val_y, test_x = data
+    params = RfParams(n_estimators=10).model_dump()
+    out = fit_rf_point(train_x, train_y, val_x, val_y, test_x[:0], params, seed=0)
+    assert out.test_pred.shape == (0,)
+    assert out.test_probs is None
+    assert out.val_pred.shape == (len(val_x),)
+
+
+def test_rf_labels_are_original_class_values():
+    train_x, train_y = _images(10, seed=0)
+    shifted = train_y + 5  # classes 5, 6, 7
+    params = RfParams(n_estimators=10).model_dump()
+    out = fit_rf_point(train_x, shifted, train_x[:3], shifted[:3], train_x[:2], params, seed=0)
+    assert set(out.val_pred.tolist()) <= {5, 6, 7}
+    assert out.val_acc > 0.5
