@@ -87,10 +87,13 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 
-def _store():
+def _store(*, check: bool = True):  # noqa: ANN202
     from db.store import Store
 
-    return Store(load_settings().database_url)
+    store = Store(load_settings().database_url)
+    if check:
+        store.check_schema()
+    return store
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -121,7 +124,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _store()
     console = Console()
     if args.campaign is None:
-        console.print(_campaigns_table(store))
+        campaigns = store.list_campaigns()
+        if not campaigns:
+            print(f"no campaigns in {mask_url(store.url)}")
+            return 0
+        console.print(_campaigns_table(store, campaigns))
         return 0
     if not args.watch:
         console.print(_units_table(store, args.campaign))
@@ -136,13 +143,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _campaigns_table(store):  # noqa: ANN001, ANN202
+def _campaigns_table(store, campaigns):  # noqa: ANN001, ANN202
     from rich.table import Table
 
     table = Table(title=f"campaigns in {mask_url(store.url)}")
     for column in ("id", "state", "created", "units ok/total"):
         table.add_column(column)
-    for campaign in store.list_campaigns():
+    for campaign in campaigns:
         units = store.units(campaign.id)
         ok = sum(u.state == "SUCCESS" for u in units)
         table.add_row(
@@ -206,7 +213,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise OrchardError(f"--queues: unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
     argv = worker_argv(queues, concurrency=args.concurrency, name=args.name, loglevel=args.loglevel)
     settings = load_settings()
-    _store().check_schema()  # fail now, not on the first task
+    _store()  # fail now, naming the database, not on the first task
     from workers.app import app, check_broker_reachable
 
     check_broker_reachable(app)
@@ -257,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    store = _store()
+    store = _store(check=False)
     store.upgrade()
     print(f"store {mask_url(store.url)} is at the newest schema")
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.errors import OrchardError
+
 SPLITS = ("train", "dev", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_AICUP_SPLITS: Mapping[str, tuple[str, str]] = {
@@ -21,7 +23,7 @@ DEFAULT_AICUP_SPLITS: Mapping[str, tuple[str, str]] = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(OrchardError, ValueError):
     """Bad dataset input. str(err) is ONE line naming the file/folder and what is wrong."""
 
     def __init__(self, message: str) -> None:

@@ -34,6 +34,8 @@ def majority_vote(predictions: np.ndarray, n_classes: int) -> np.ndarray:
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or predictions.shape[0] == 0:
         raise ValueError(f"expected (members, samples) predictions, got {predictions.shape}")
+    if predictions.size and (predictions.min() < 0 or predictions.max() >= n_classes):
+        raise ValueError(f"predictions must be class indices in [0, {n_classes})")
     votes = np.zeros((n_classes, predictions.shape[1]), dtype=np.int64)
     for member in predictions:
         np.add.at(votes, (member, np.arange(predictions.shape[1])), 1)

@@ -68,7 +68,7 @@ def load_shard(path: Path, sha256: str | None = None) -> np.ndarray:
         raise PreprocessError(f"{path}: shard checksum mismatch (truncated or altered)")
     try:
         return np.load(io.BytesIO(blob), allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError) as exc:
         raise PreprocessError(f"{path}: not a readable shard ({exc})") from None
 
 

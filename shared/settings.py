@@ -15,7 +15,6 @@ store, and an artifact folder. A cluster sets the three URLs/paths to shared ser
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +50,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
 
 
-_USERINFO = re.compile(r"^(?P<user>[^:@]*)(?::[^@]*)?@")
-
-
 def mask_url(url: str) -> str:
     """``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``; safe to print."""
     try:
@@ -62,8 +58,6 @@ def mask_url(url: str) -> str:
         return "<unparseable url>"
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    userinfo, _, host = parts.netloc.rpartition("@")  # host keeps its [IPv6] brackets
+    user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -32,7 +32,6 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
-    field_validator,
 )
 
 from shared.errors import OrchardError
@@ -82,14 +81,7 @@ class SvmParams(_Frozen):
     n_components: int = Field(200, ge=1)
     whiten: bool = False
     C: float = Field(1.5, gt=0)
-    gamma: float | Literal["scale", "auto"] = "scale"
-
-    @field_validator("gamma")
-    @classmethod
-    def _positive_gamma(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and v <= 0:
-            raise ValueError("gamma must be > 0, 'scale' or 'auto'")
-        return v
+    gamma: Annotated[float, Field(gt=0)] | Literal["scale", "auto"] = "scale"
 
 
 class RfParams(_Frozen):

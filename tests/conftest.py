@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN = os.environ.get("ORCHARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN = os.environ.get(
+    "ORCHARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("ORCHARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 # Importing workers.app builds the Celery app from the environment; keep anything it

@@ -50,7 +50,9 @@ def outcome(val_acc: float = 0.5) -> Outcome:
         val_acc=val_acc,
         test_acc=None,
         extra={"note": "x"},
-        predictions={"val": [Prediction("a.jpg", 0, 1, [0.2, 0.7, 0.1]), Prediction("b.jpg", 2, 2)]},
+        predictions={
+            "val": [Prediction("a.jpg", 0, 1, [0.2, 0.7, 0.1]), Prediction("b.jpg", 2, 2)]
+        },
         artifacts=[Artifact("models/m.pt", "model", "0" * 64, 10, "t-1", None)],
     )
 
@@ -59,8 +61,15 @@ def test_migrations_create_every_table_and_round_trip(store_url: str) -> None:
     store = make_store(store_url)
     store.check_schema()
     tables = set(inspect(store.engine).get_table_names())
-    assert {"campaigns", "units", "unit_params", "metrics", "results", "predictions",
-            "artifacts"} <= tables
+    assert {
+        "campaigns",
+        "units",
+        "unit_params",
+        "metrics",
+        "results",
+        "predictions",
+        "artifacts",
+    } <= tables
     migrate.downgrade(store.engine, "base")
     assert "units" not in inspect(store.engine).get_table_names()
     store.upgrade()

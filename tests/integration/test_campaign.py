@@ -32,8 +32,17 @@ def running_workers(settings: Settings, tag: str) -> Iterator[Workers]:
         settings,
         [
             (f"gpu-{tag}", ["--queues", "gpu", "--name", f"gpu-{tag}@%h"]),
-            (f"cpu-{tag}", ["--queues", "cpu,preprocess,report", "--concurrency", "2",
-                             "--name", f"cpu-{tag}@%h"]),
+            (
+                f"cpu-{tag}",
+                [
+                    "--queues",
+                    "cpu,preprocess,report",
+                    "--concurrency",
+                    "2",
+                    "--name",
+                    f"cpu-{tag}@%h",
+                ],
+            ),
         ],
     )
     try:
@@ -74,7 +83,10 @@ def settings_for(tmp_path: Path, broker: str, database: str) -> Settings:
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_campaign_on_redis(
-    database: str, tmp_path: Path, tiny_campaign: Path, monkeypatch: pytest.MonkeyPatch,
+    database: str,
+    tmp_path: Path,
+    tiny_campaign: Path,
+    monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
     # a key prefix of our own: other users of this Redis never see our queues
@@ -115,9 +127,21 @@ def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
     env["ORCHARD_HOME"] = str(tmp_path / "demo-home")
     done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "demo", "--campaign", str(tiny_campaign),
-         "--timeout", "300"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "demo",
+            "--campaign",
+            str(tiny_campaign),
+            "--timeout",
+            "300",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "filesystem://" in done.stdout
@@ -129,6 +153,7 @@ def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) 
     (campaign,) = store.list_campaigns()
     assert campaign.state == "DONE"
     # the demo stopped its workers: nothing of ours is left running
-    leftover = subprocess.run(["pgrep", "-f", f"demo-gpu-.*{env['ORCHARD_HOME']}"],
-                              capture_output=True)
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"demo-gpu-.*{env['ORCHARD_HOME']}"], capture_output=True
+    )
     assert leftover.returncode != 0

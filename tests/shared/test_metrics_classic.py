@@ -172,3 +172,17 @@ def test_rf_labels_are_original_class_values():
     out = fit_rf_point(train_x, shifted, train_x[:3], shifted[:3], train_x[:2], params, seed=0)
     assert set(out.val_pred.tolist()) <= {5, 6, 7}
     assert out.val_acc > 0.5
+
+
+def test_majority_vote_rejects_non_class_predictions():
+    with pytest.raises(ValueError, match="class indices"):
+        majority_vote(np.array([[0, -1], [1, 1]]), 3)
+
+
+def test_gamma_sweep_error_names_the_element(tmp_path):
+    from shared.spec import CampaignError, load_campaign
+
+    path = tmp_path / "c.toml"
+    path.write_text('name = "c"\n[dataset]\nkind = "synthetic"\n[svm]\ngamma = ["scale", -1.0]\n')
+    with pytest.raises(CampaignError, match=r"\[svm\] gamma\[1\]"):
+        load_campaign(path)

@@ -158,8 +158,7 @@ def test_nothing_of_stage_one_before_all_shards_terminal():
     last_shard = _keys(units, "preprocess")[-1]
     for in_flight in (PENDING, QUEUED, RUNNING):
         states = [
-            UnitState(s.key, s.stage, in_flight if s.key == last_shard else s.state)
-            for s in states
+            UnitState(s.key, s.stage, in_flight if s.key == last_shard else s.state) for s in states
         ]
         actions = next_actions(states)
         expected = [last_shard] if in_flight == PENDING else []

@@ -180,11 +180,6 @@ def test_campaign_error_is_a_value_error():
     assert issubclass(CampaignError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: spec._describe_loc puts unknown key names verbatim in the message; "
-    'a quoted TOML key containing "\\n" makes CampaignError span two lines',
-)
 @pytest.mark.parametrize("where", ["top", "cnn"])
 def test_unknown_key_with_newline_stays_one_line(tmp_path, where):
     if where == "top":
@@ -246,8 +241,10 @@ def test_params_hash_is_stable_and_order_independent():
 
 def test_campaign_digest_ignores_file_formatting(tmp_path):
     a = load_campaign(_write(tmp_path, BASE, "a.toml"))
-    reordered = "# a comment\n" + BASE.replace("[rf]\nn_estimators = 10\n", "") + (
-        "[rf]\nn_estimators = [10]\n"
+    reordered = (
+        "# a comment\n"
+        + BASE.replace("[rf]\nn_estimators = 10\n", "")
+        + ("[rf]\nn_estimators = [10]\n")
     )
     b = load_campaign(_write(tmp_path, reordered, "b.toml"))
     assert isinstance(a, Campaign)

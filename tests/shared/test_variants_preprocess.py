@@ -232,11 +232,6 @@ def test_load_shard_truncated_without_checksum(tmp_path, keep):
     assert str(info.value).startswith(f"{written.path}: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: preprocess.load_shard catches only ValueError from np.load; "
-    "a zero-byte shard raises EOFError instead of PreprocessError",
-)
 def test_load_shard_zero_bytes_without_checksum(tmp_path):
     path = tmp_path / "s.npy"
     path.write_bytes(b"")

@@ -1,0 +1,92 @@
+"""The `orchard` command as a user meets it: one clear line on bad input, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scheduler.cli import worker_argv
+from tests.conftest import REPO
+
+
+def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_submit_bad_campaign_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[dataset]\nkind = "synthetic"\n[cnn]\nlr = "fast"\n')
+    done = orchard("submit", str(bad))
+    assert_one_line_error(done, str(bad), "[cnn] lr")
+
+
+def test_submit_missing_file(tmp_path: Path) -> None:
+    assert_one_line_error(orchard("submit", str(tmp_path / "nope.toml")), "nope.toml")
+
+
+def test_unreachable_broker_fails_fast_and_masks_the_password(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = orchard(
+        "submit",
+        str(REPO / "campaigns" / "quick.toml"),
+        env={
+            "ORCHARD_HOME": str(tmp_path),
+            "ORCHARD_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0",
+        },
+    )
+    assert time.monotonic() - started < 30
+    assert_one_line_error(done, "redis://:***@127.0.0.1:1/0", "unreachable")
+    assert "hunter2" not in done.stderr + done.stdout
+    assert not (tmp_path / "orchard.db").exists()  # nothing half-written
+
+
+def test_status_on_an_empty_database_says_what_to_do(tmp_path: Path) -> None:
+    done = orchard("status", env={"ORCHARD_HOME": str(tmp_path)})
+    assert_one_line_error(done, "orchard db upgrade")
+    assert orchard("db", "upgrade", env={"ORCHARD_HOME": str(tmp_path)}).returncode == 0
+    listed = orchard("status", env={"ORCHARD_HOME": str(tmp_path)})
+    assert listed.returncode == 0 and "no campaigns in sqlite" in listed.stdout
+
+
+def test_unknown_queue_is_refused(tmp_path: Path) -> None:
+    done = orchard("worker", "--queues", "gpu,bogus", env={"ORCHARD_HOME": str(tmp_path)})
+    assert_one_line_error(done, "bogus")
+
+
+def test_unknown_campaign_is_named(tmp_path: Path) -> None:
+    env = {"ORCHARD_HOME": str(tmp_path)}
+    orchard("db", "upgrade", env=env)
+    assert_one_line_error(orchard("report", "nope-1", env=env), "nope-1")
+
+
+@pytest.mark.parametrize(
+    ("queues", "pool", "concurrency"),
+    [(["gpu"], "solo", "1"), (["cpu", "preprocess"], "prefork", "3")],
+)
+def test_gpu_workers_never_fork(queues: list[str], pool: str, concurrency: str) -> None:
+    argv = worker_argv(queues, concurrency=3, name=None, loglevel="INFO")
+    assert argv[argv.index("--pool") + 1] == pool
+    assert argv[argv.index("--concurrency") + 1] == concurrency
+    assert argv[argv.index("--queues") + 1] == ",".join(queues)
+    assert "--task-events" in argv

@@ -1,0 +1,159 @@
+"""shared/ stays free of the queue and the database; settings and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.artifacts import atomic_write, atomic_write_text, sha256_file
+from shared.settings import load_settings, mask_url
+
+REPO = Path(__file__).resolve().parents[2]
+FORBIDDEN = ("celery", "kombu", "redis", "sqlalchemy")
+
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+import shared
+names = sorted(m.name for m in pkgutil.walk_packages(shared.__path__, "shared."))
+for name in names:
+    importlib.import_module(name)
+forbidden = %r
+bad = sorted(m for m in sys.modules if m.split(".")[0] in forbidden)
+print(json.dumps({"modules": names, "bad": bad}))
+"""
+
+
+def test_shared_imports_no_queue_or_database_library():
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL % (FORBIDDEN,)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {f"shared.{p.stem}" for p in (REPO / "shared").glob("*.py") if p.stem != "__init__"}
+    assert expected <= set(report["modules"])  # every module really was imported
+    assert report["bad"] == []
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_defaults_under_orchard_home(tmp_path):
+    settings = load_settings({"ORCHARD_HOME": str(tmp_path)})
+    assert settings.home == tmp_path.resolve()
+    assert settings.broker_url == f"filesystem://{tmp_path.resolve() / 'broker'}"
+    assert settings.broker_is_filesystem
+    assert settings.broker_folder == tmp_path.resolve() / "broker"
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'orchard.db'}"
+    assert settings.artifacts == tmp_path.resolve() / "artifacts"
+
+
+def test_settings_default_home_is_dot_orchard_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({})
+    assert settings.home == tmp_path.resolve() / ".orchard"
+    assert settings.database_url.startswith("sqlite:////")  # absolute sqlite path
+    assert settings.artifacts == settings.home / "artifacts"
+
+
+def test_settings_ignores_process_environment_when_env_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", "postgresql://u:pw@h/db")
+    settings = load_settings({"ORCHARD_HOME": str(tmp_path)})
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_settings_explicit_urls(tmp_path):
+    env = {
+        "ORCHARD_HOME": str(tmp_path),
+        "ORCHARD_BROKER_URL": "redis://:secret@h:6379/0",
+        "ORCHARD_DATABASE_URL": "postgresql://u:pw@h/db",
+        "ORCHARD_ARTIFACTS": str(tmp_path / "elsewhere"),
+    }
+    settings = load_settings(env)
+    assert settings.broker_url == "redis://:secret@h:6379/0"
+    assert not settings.broker_is_filesystem
+    assert settings.database_url == "postgresql://u:pw@h/db"
+    assert settings.artifacts == (tmp_path / "elsewhere").resolve()
+
+
+def test_settings_empty_filesystem_broker_means_home_broker(tmp_path):
+    settings = load_settings({"ORCHARD_HOME": str(tmp_path), "ORCHARD_BROKER_URL": "filesystem://"})
+    assert settings.broker_folder == tmp_path.resolve() / "broker"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql+psycopg://u:pw@h:5432/db?sslmode=require",
+            "postgresql+psycopg://u:***@h:5432/db?sslmode=require",
+        ),
+    ],
+)
+def test_mask_url_hides_password(url, masked):
+    assert mask_url(url) == masked
+    assert "secret" not in mask_url(url) and ":pw@" not in mask_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/0",
+        "postgresql://u@h/db",
+        "sqlite:////tmp/orchard.db",
+        "filesystem:///tmp/broker",
+    ],
+)
+def test_mask_url_leaves_passwordless_urls_alone(url):
+    assert mask_url(url) == url
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_leaves_no_temp_file_when_writer_raises(tmp_path):
+    target = tmp_path / "out" / "a.bin"
+
+    def writer(fh):
+        fh.write(b"partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(target, writer)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_keeps_old_file_when_writer_raises(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old")
+
+    def writer(fh):
+        fh.write(b"new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, writer)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_reports_sha_and_size(tmp_path):
+    written = atomic_write_text(tmp_path / "b.txt", "héllo")
+    assert written.path.read_text(encoding="utf-8") == "héllo"
+    assert written.size == len("héllo".encode())
+    assert written.sha256 == sha256_file(written.path)
+    assert (written.path.stat().st_mode & 0o777) == 0o644
+
+
+def test_mask_url_keeps_ipv6_brackets():
+    assert mask_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"

@@ -1,0 +1,71 @@
+"""The reviewed Celery configuration, and the message every task accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shared.plan import TASKS
+from shared.settings import Settings
+from workers.config import DEFAULT_VISIBILITY_TIMEOUT, celery_config
+
+
+def settings(tmp_path: Path, broker: str) -> Settings:
+    return Settings(tmp_path, broker, "sqlite://", tmp_path / "artifacts")
+
+
+def test_json_only_late_acks_prefetch_one_events_on(tmp_path: Path) -> None:
+    config = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))
+    assert config["task_serializer"] == "json"
+    assert config["accept_content"] == ["json"]
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["worker_send_task_events"] is True
+    assert config["task_send_sent_event"] is True
+    assert config["result_backend"] is None
+    assert config["broker_transport_options"]["visibility_timeout"] == DEFAULT_VISIBILITY_TIMEOUT
+    assert DEFAULT_VISIBILITY_TIMEOUT >= 6 * 3600  # longer than a full-size CNN fold
+
+
+def test_every_task_is_routed_to_its_queue(tmp_path: Path) -> None:
+    routes = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))["task_routes"]
+    assert routes["orchard.train_cnn_fold"] == {"queue": "gpu"}
+    assert routes["orchard.fit_svm"] == {"queue": "cpu"}
+    assert routes["orchard.fit_rf"] == {"queue": "cpu"}
+    assert routes["orchard.preprocess_shard"] == {"queue": "preprocess"}
+    assert routes["orchard.report"] == {"queue": "report"}
+    assert len(routes) == len(TASKS)
+
+
+def test_filesystem_broker_folders(tmp_path: Path) -> None:
+    config = celery_config(settings(tmp_path, f"filesystem://{tmp_path / 'b'}"))
+    options = config["broker_transport_options"]
+    assert options["data_folder_in"] == options["data_folder_out"] == str(tmp_path / "b" / "queue")
+    assert (tmp_path / "b" / "control").is_dir()
+
+
+def test_redis_key_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", "team-a:")
+    config = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))
+    assert config["broker_transport_options"]["global_keyprefix"] == "team-a:"
+
+
+def test_registered_task_names() -> None:
+    from workers.app import app
+
+    app.loader.import_default_modules()
+    assert {name for name, _ in TASKS.values()} <= set(app.tasks)
+
+
+def test_unit_message_takes_ids_only() -> None:
+    from workers.tasks.base import UnitMessage
+
+    ok = UnitMessage(campaign_id="quick-20261127-1", unit_key="quick-20261127-1/report")
+    assert ok.unit_key.endswith("/report")
+    with pytest.raises(ValidationError):
+        UnitMessage(campaign_id="quick", unit_key="k", images=[[0, 1]])  # no payloads
+    with pytest.raises(ValidationError):
+        UnitMessage(campaign_id="../etc", unit_key="k")
