@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 @contextmanager
 def running_workers(settings: Settings, tag: str) -> Iterator[Workers]:
+    # workers refuse to start on a store without the schema, as `orchard worker` does
+    Store(settings.database_url).upgrade()
     workers = Workers(
         settings,
         [

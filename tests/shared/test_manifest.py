@@ -218,3 +218,25 @@ def test_relabelling_keeps_fingerprint_and_cache_key(built, tmp_path):
     assert [e.label for e in relabelled.entries] != [e.label for e in manifest.entries]
     assert relabelled.fingerprint == manifest.fingerprint
     assert relabelled.cache_key == manifest.cache_key
+
+
+def test_build_manifest_on_imagefolder_with_four_classes(tmp_path):
+    import cv2
+    import numpy as np
+
+    for split, count in (("train", 3), ("test", 1)):
+        for i, name in enumerate(["apple", "kiwi", "mango", "pear"]):
+            folder = tmp_path / "flowers" / split / name
+            folder.mkdir(parents=True)
+            for j in range(count):
+                image = np.full((20, 24, 3), 40 * i + j, dtype=np.uint8)
+                cv2.imwrite(str(folder / f"{j}.png"), image)
+    campaign = parse_campaign(
+        {"name": "fruit", "folds": 3, "dataset": {"kind": "imagefolder", "root": "flowers"}},
+        source="<test>",
+        base_dir=tmp_path,
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    assert manifest.classes == ("apple", "kiwi", "mango", "pear")
+    assert Counter(e.split for e in manifest.entries) == {"train": 12, "test": 4}
+    assert Counter(e.fold for e in manifest.entries if e.split == "train") == {0: 4, 1: 4, 2: 4}
