@@ -8,7 +8,6 @@ report whether they won.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -278,15 +277,6 @@ class Store:
                 select(CampaignRow).order_by(CampaignRow.created_at.desc()).limit(limit)
             )
             return [_campaign(r) for r in rows]
-
-    def set_campaign_state(self, campaign_id: str, state: str) -> None:
-        with self._transaction() as s:
-            finished = utcnow() if state in ("DONE", "FAILED", "CANCELLED") else None
-            s.execute(
-                update(CampaignRow)
-                .where(CampaignRow.id == campaign_id)
-                .values(state=state, finished_at=finished)
-            )
 
     def complete_campaign(self, campaign_id: str) -> str | None:
         """Close a RUNNING campaign whose units are all terminal: DONE, or PARTIAL when
@@ -601,18 +591,6 @@ def _result(key: str, row: ResultRow) -> Result:
         fit_seconds=row.fit_seconds,
         extra=row.extra,
     )
-
-
-def retry_store(call: Any, *, attempts: int = 5, base_delay: float = 0.5) -> Any:
-    """Run ``call()``; while the store is unreachable, wait (0.5 s, 1 s, 2 s, ...) and retry."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except StoreError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(base_delay * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 __all__ = [

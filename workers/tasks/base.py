@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
@@ -62,6 +63,28 @@ def worker_store() -> Store:
     return _store(os.getpid())
 
 
+@dataclass(frozen=True)
+class FoldData:
+    """Manifest indices of one fold's splits, and every cached image as one variant."""
+
+    manifest: Manifest
+    images: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def split(self) -> tuple[np.ndarray, ...]:
+        """(train images, train labels, val images, val labels, test images)."""
+        labels = self.manifest.label_index
+        return (
+            self.images[self.train],
+            labels(self.train),
+            self.images[self.val],
+            labels(self.val),
+            self.images[self.test],
+        )
+
+
 @dataclass
 class UnitContext:
     campaign: Campaign
@@ -79,6 +102,15 @@ class UnitContext:
 
     def manifest(self) -> Manifest:
         return load_manifest(self.store, self.settings, self.campaign.id)
+
+    def fold_data(self, variant: str) -> FoldData:
+        """This unit's fold of the cached images, as ``variant``, with labels."""
+        from workers.data import load_variant
+
+        manifest = self.manifest()
+        images = load_variant(self.store, self.settings, manifest, variant)
+        train, val, test = manifest.fold_indices(self.unit.fold)
+        return FoldData(manifest, images, train, val, test)
 
     def relative(self, path: Path) -> str:
         """Artifact paths are stored relative to the artifact root, so hosts may mount it

@@ -6,30 +6,18 @@ from collections.abc import Callable
 
 from db.store import Outcome
 from shared.classic import FitOutcome, fit_rf_point, fit_svm_point
-from workers.data import load_variant
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, unit_task
 
 
 def _fit(ctx: UnitContext, fit: Callable[..., FitOutcome]) -> Outcome:
-    manifest = ctx.manifest()
     params = ctx.unit.params
-    images = load_variant(ctx.store, ctx.settings, manifest, params["variant"])
-    train, val, test = manifest.fold_indices(ctx.unit.fold)
-    labels = manifest.label_index
-    result = fit(
-        images[train],
-        labels(train),
-        images[val],
-        labels(val),
-        images[test],
-        params,
-        seed=ctx.seed + ctx.unit.fold,
-    )
+    data = ctx.fold_data(params["variant"])
+    result = fit(*data.split(), params, seed=ctx.seed + ctx.unit.fold)
     return model_outcome(
-        manifest,
-        val_idx=val,
-        test_idx=test,
+        data.manifest,
+        val_idx=data.val,
+        test_idx=data.test,
         val_pred=result.val_pred,
         test_pred=result.test_pred,
         val_probs=result.val_probs,

@@ -15,7 +15,6 @@ import torch
 from db.store import Artifact, Outcome
 from shared.artifacts import atomic_write_bytes
 from shared.cnn import EpochStats, pick_device, train_fold
-from workers.data import load_variant
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
@@ -30,11 +29,9 @@ def cnn_variant(cache_size: int) -> str:
 
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
-    manifest = ctx.manifest()
     params = ctx.unit.params
-    images = load_variant(ctx.store, ctx.settings, manifest, cnn_variant(manifest.size))
-    train, val, test = manifest.fold_indices(ctx.unit.fold)
-    labels = manifest.label_index
+    data = ctx.fold_data(cnn_variant(ctx.manifest().size))
+    manifest = data.manifest
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
 
     def on_epoch(stats: EpochStats) -> None:
@@ -60,11 +57,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         )
 
     result = train_fold(
-        images[train],
-        labels(train),
-        images[val],
-        labels(val),
-        images[test],
+        *data.split(),
         params,
         num_classes=len(manifest.classes),
         seed=ctx.seed + ctx.unit.fold,
@@ -88,8 +81,8 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
     written = atomic_write_bytes(model_path, buffer.getvalue())
     return model_outcome(
         manifest,
-        val_idx=val,
-        test_idx=test,
+        val_idx=data.val,
+        test_idx=data.test,
         val_pred=result.val_probs.argmax(1),
         test_pred=result.test_probs.argmax(1),
         val_probs=result.val_probs,
