@@ -124,11 +124,11 @@ def submit(
     campaign = load_campaign(path)
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
+    manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
     store = Store(settings.database_url)
     store.upgrade()
 
     campaign_id = new_campaign_id(campaign.name)
-    manifest = build_manifest(campaign, settings.artifacts)
     written = atomic_write_text(
         manifest_path(settings.artifacts / "campaigns" / campaign_id), manifest.to_json()
     )

@@ -90,3 +90,25 @@ def test_gpu_workers_never_fork(queues: list[str], pool: str, concurrency: str) 
     assert argv[argv.index("--concurrency") + 1] == concurrency
     assert argv[argv.index("--queues") + 1] == ",".join(queues)
     assert "--task-events" in argv
+
+
+def test_bad_dataset_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "mango"
+    (data / "train").mkdir(parents=True)
+    (data / "train.csv").write_text("image_id,label\n00001.jpg,A\n")  # the image is missing
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(f'name = "c"\n[dataset]\nkind = "aicup"\nroot = "{data}"\n')
+    done = orchard("submit", str(campaign), env={"ORCHARD_HOME": str(tmp_path / "home")})
+    assert_one_line_error(done, "train.csv", "00001.jpg")
+    assert not (tmp_path / "home" / "artifacts" / "campaigns").exists()
+    assert not (tmp_path / "home" / "orchard.db").exists()
+
+
+def test_too_many_folds_for_the_smallest_class(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        'name = "c"\nfolds = 5\n[dataset]\nkind = "synthetic"\ntrain_per_class = 3\n'
+        "test_per_class = 1\nwidth = 64\nheight = 48\nlabel_noise = 0.0\n"
+    )
+    done = orchard("submit", str(campaign), env={"ORCHARD_HOME": str(tmp_path / "home")})
+    assert_one_line_error(done, "fewer than folds = 5")
