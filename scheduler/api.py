@@ -67,6 +67,16 @@ class CampaignRun:
                 return self.settings.artifacts / artifact.path
         return None
 
+    def epochs(self, status: CampaignStatus) -> dict[str, str]:
+        """unit key -> "epoch i/n" for each running CNN fold that has reported one."""
+        out = {}
+        for unit in status.units:
+            if unit.state == "RUNNING" and unit.family == "cnn":
+                steps = self.store.metrics(unit.key).get("val_acc")
+                if steps:
+                    out[unit.key] = f"f{unit.fold} epoch {steps[-1][0] + 1}/{unit.params['epochs']}"
+        return out
+
     def wait(
         self,
         timeout: float | None = None,
@@ -82,7 +92,7 @@ class CampaignRun:
             while True:
                 status = self.status()
                 if display is not None:
-                    display.update(status)
+                    display.update(status, self.epochs(status))
                 if status.finished:
                     return status
                 if check is not None:
@@ -180,16 +190,17 @@ class _Progress:
         self._tasks: dict[str, int] = {}
         self._progress.start()
 
-    def update(self, status: CampaignStatus) -> None:
+    def update(self, status: CampaignStatus, epochs: dict[str, str]) -> None:
         for family, counts in status.by_family().items():
             total = sum(counts.values())
             done = sum(n for state, n in counts.items() if state in TERMINAL)
-            detail = ", ".join(
+            notes = [
                 f"{n} {state.lower()}" for state, n in sorted(counts.items()) if state != "SUCCESS"
-            )
+            ]
+            notes += [e for key, e in epochs.items() if key.split("/")[1] == family]
             if family not in self._tasks:
                 self._tasks[family] = self._progress.add_task(family, total=total, detail="")
-            self._progress.update(self._tasks[family], completed=done, detail=detail)
+            self._progress.update(self._tasks[family], completed=done, detail=", ".join(notes))
 
     def close(self) -> None:
         self._progress.stop()

@@ -56,6 +56,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         folder = settings.broker_folder
         for sub in ("queue", "control", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        # the folder travels in the transport options; a host name keeps kombu quiet
+        config["broker_url"] = "filesystem://localhost/"
         transport = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
