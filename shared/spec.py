@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,10 +305,3 @@ def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
     elif len(rest) > 1 and isinstance(rest[1], str) and head == "dataset":
         where += f".{rest[1]}"
     return where
-
-
-_SAFE = re.compile(NAME_PATTERN)
-
-
-def is_safe_name(name: str) -> bool:
-    return bool(_SAFE.match(name))
