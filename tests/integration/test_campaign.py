@@ -93,7 +93,9 @@ def test_campaign_on_redis(
     request: pytest.FixtureRequest,
 ) -> None:
     # a key prefix of our own: other users of this Redis never see our queues
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", f"orchard-test-{secrets.token_hex(4)}:")
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    request.addfinalizer(lambda: drop_redis_keys(prefix))
     url = request.getfixturevalue("sqlite_url" if database == "sqlite" else "postgres_url")
     settings = settings_for(tmp_path, REDIS_URL, url)
     store = Store(url)
@@ -103,6 +105,15 @@ def test_campaign_on_redis(
         assert_campaign_complete(run, store)
         redeliver_finished_units(run, settings, workers)
     assert_campaign_complete(run, store)  # still exactly one result per unit
+
+
+def drop_redis_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
 
 
 def redeliver_finished_units(run: CampaignRun, settings: Settings, workers: Workers) -> None:
