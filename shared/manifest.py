@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from shared.datasets import AicupDataset, Dataset, ImageFolderDataset
 from shared.errors import OrchardError
+from shared.preprocess import cache_key, dataset_fingerprint
+from shared.spec import Campaign, DatasetSpec, params_hash
+from shared.synthetic import generate_synthetic
 
 TEST_SPLIT = "test"
 NO_FOLD = -1
@@ -96,12 +100,8 @@ def manifest_path(campaign_dir: Path) -> Path:
     return campaign_dir / "manifest.json"
 
 
-def open_campaign_dataset(spec, artifacts: Path):  # noqa: ANN001 - DatasetSpec union
+def open_campaign_dataset(spec: DatasetSpec, artifacts: Path) -> Dataset:
     """The dataset a campaign names; a synthetic one is generated first if needed."""
-    from shared.datasets import AicupDataset, ImageFolderDataset
-    from shared.spec import params_hash
-    from shared.synthetic import generate_synthetic
-
     if spec.kind == "synthetic":
         options = spec.model_dump(exclude={"kind", "root"})
         root = spec.root or artifacts / "datasets" / f"synthetic-{params_hash(options)}"
@@ -123,10 +123,8 @@ def open_campaign_dataset(spec, artifacts: Path):  # noqa: ANN001 - DatasetSpec 
     return ImageFolderDataset(spec.root)
 
 
-def build_manifest(campaign, artifacts: Path) -> Manifest:  # noqa: ANN001 - spec.Campaign
+def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
     """Open the campaign's dataset, assign folds and key the preprocessing cache."""
-    from shared.preprocess import cache_key, dataset_fingerprint
-
     dataset = open_campaign_dataset(campaign.dataset, artifacts)
     samples = dataset.samples()
     if not samples:

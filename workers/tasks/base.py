@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from db.store import Campaign, Outcome, Store, Unit
 from scheduler.canvas import advance
-from shared.manifest import Manifest
+from shared.artifacts import sha256_file
+from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings
 from workers.app import app
+from workers.data import load_variant
 
 log = get_task_logger("orchard")
 
@@ -91,6 +93,7 @@ class UnitContext:
     unit: Unit
     store: Store
     settings: Settings
+    _manifest: Manifest | None = field(default=None, repr=False)
 
     @property
     def campaign_dir(self) -> Path:
@@ -101,12 +104,13 @@ class UnitContext:
         return int(self.campaign.spec.get("seed", 0))
 
     def manifest(self) -> Manifest:
-        return load_manifest(self.store, self.settings, self.campaign.id)
+        # once per task: each load asks the store for the manifest's checksum
+        if self._manifest is None:
+            self._manifest = load_manifest(self.store, self.settings, self.campaign.id)
+        return self._manifest
 
     def fold_data(self, variant: str) -> FoldData:
         """This unit's fold of the cached images, as ``variant``, with labels."""
-        from workers.data import load_variant
-
         manifest = self.manifest()
         images = load_variant(self.store, self.settings, manifest, variant)
         train, val, test = manifest.fold_indices(self.unit.fold)
@@ -119,22 +123,18 @@ class UnitContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _manifest(path: Path, sha256: str) -> Manifest:
-    from shared.artifacts import sha256_file
-
+def _read_manifest(path: Path, sha256: str) -> Manifest:
     if sha256_file(path) != sha256:
         raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
     return Manifest.from_json(path.read_text(encoding="utf-8"))
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
-    from shared.manifest import manifest_path
-
     path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
     record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
     if record is None:
         raise PreprocessError(f"{path}: manifest not recorded in the store")
-    return _manifest(path, record.sha256)
+    return _read_manifest(path, record.sha256)
 
 
 def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
