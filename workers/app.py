@@ -10,7 +10,8 @@ from workers.config import celery_config
 TASK_MODULES = [
     "workers.tasks.preprocess",
     "workers.tasks.cnn",
-    "workers.tasks.classic",
+    "workers.tasks.svm",
+    "workers.tasks.rf",
     "workers.tasks.report",
 ]
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.classic import fit_rf_point, fit_svm_point, flatten
+from shared.classic import flatten
+from shared.forest import fit_rf_point
 from shared.metrics import accuracy, confusion_matrix, majority_vote
 from shared.spec import RfParams, SvmParams
+from shared.svm import fit_svm_point
 
 # ---------------------------------------------------------------- metrics
 

@@ -1,16 +1,16 @@
-"""orchard.fit_svm and orchard.fit_rf: one grid / sweep point on one fold each."""
+"""What the classical tasks (``workers.tasks.svm``, ``workers.tasks.rf``) share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from db.store import Outcome
-from shared.classic import FitOutcome, fit_rf_point, fit_svm_point
+from shared.classic import FitOutcome
 from workers.outcomes import model_outcome
-from workers.tasks.base import UnitContext, unit_task
+from workers.tasks.base import UnitContext
 
 
-def _fit(ctx: UnitContext, fit: Callable[..., FitOutcome]) -> Outcome:
+def fit_classic(ctx: UnitContext, fit: Callable[..., FitOutcome]) -> Outcome:
     params = ctx.unit.params
     data = ctx.fold_data(params["variant"])
     result = fit(*data.split(), params, seed=ctx.seed + ctx.unit.fold)
@@ -26,13 +26,3 @@ def _fit(ctx: UnitContext, fit: Callable[..., FitOutcome]) -> Outcome:
         seconds=result.seconds,
         extra=result.extra,
     )
-
-
-@unit_task("orchard.fit_svm")
-def fit_svm(ctx: UnitContext) -> Outcome:
-    return _fit(ctx, fit_svm_point)
-
-
-@unit_task("orchard.fit_rf")
-def fit_rf(ctx: UnitContext) -> Outcome:
-    return _fit(ctx, fit_rf_point)
