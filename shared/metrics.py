@@ -1,4 +1,4 @@
-"""Accuracy, confusion matrices and the uniform blend (majority vote)."""
+"""Accuracy, confusion matrices and the blends: majority vote and probability averaging."""
 
 from __future__ import annotations
 
@@ -25,18 +25,48 @@ def confusion_matrix(
     return matrix.tolist()
 
 
-def majority_vote(predictions: np.ndarray, n_classes: int) -> np.ndarray:
+def majority_vote(
+    predictions: np.ndarray, n_classes: int, tie_break: np.ndarray | None = None
+) -> np.ndarray:
     """Uniform blending: each member (row) votes, the most voted class wins.
 
-    ``predictions`` is (members, samples) of class indices. A tie goes to the lowest
-    class index among the tied, so the blend is deterministic.
+    ``predictions`` is (members, samples) of class indices. A tie goes to the class
+    ``tie_break`` predicts for that sample when it is among the tied (a blend of two
+    families ties often, and the better family is a fairer referee than class order),
+    otherwise to the lowest tied class index, so the blend is deterministic.
     """
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or predictions.shape[0] == 0:
         raise ValueError(f"expected (members, samples) predictions, got {predictions.shape}")
     if predictions.size and (predictions.min() < 0 or predictions.max() >= n_classes):
         raise ValueError(f"predictions must be class indices in [0, {n_classes})")
+    samples = np.arange(predictions.shape[1])
     votes = np.zeros((n_classes, predictions.shape[1]), dtype=np.int64)
     for member in predictions:
-        np.add.at(votes, (member, np.arange(predictions.shape[1])), 1)
-    return votes.argmax(0)  # argmax returns the first maximum: the lowest tied class
+        np.add.at(votes, (member, samples), 1)
+    winners = votes.argmax(0)  # argmax returns the first maximum: the lowest tied class
+    if tie_break is not None and predictions.shape[1]:
+        tie_break = np.asarray(tie_break)
+        if tie_break.shape != (predictions.shape[1],):
+            raise ValueError(f"tie_break must have one class per sample, got {tie_break.shape}")
+        top = votes.max(0)
+        tied = (votes == top).sum(0) > 1
+        referee_tied = votes[tie_break, samples] == top
+        winners = np.where(tied & referee_tied, tie_break, winners)
+    return winners
+
+
+def mean_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Probability averaging: the class with the highest mean probability over members.
+
+    ``probabilities`` is (members, samples, classes); ties go to the lowest class index.
+    Returns (samples,) class indices.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim != 3 or probabilities.shape[0] == 0:
+        raise ValueError(
+            f"expected (members, samples, classes) probabilities, got {probabilities.shape}"
+        )
+    if probabilities.shape[1] == 0:
+        return np.empty(0, dtype=np.int64)
+    return probabilities.mean(0).argmax(1)

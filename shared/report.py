@@ -1,52 +1,79 @@
-"""Campaign reports: a Markdown page, a self-contained HTML page, a JSON dump and figures.
+"""Campaign reports in the study's shapes: Markdown, one self-contained HTML page, JSON.
 
-The scheduler gathers a :class:`ReportData` (one row per model family, the blends,
-the confusion matrices and every unit) and calls :func:`write_report`, which writes
+The report task gathers a :class:`ReportData` from the store and calls
+:func:`write_report`, which writes into one folder
 
-* ``confusion-<slug>.png`` for each confusion matrix (heatmaps like the study's Fig. 18-20),
-* ``report.md`` (GitHub-flavoured Markdown tables, figures linked by file name),
-* ``report.html`` (one HTML5 page, no external resources: the figures are embedded
-  as ``data:`` URIs),
-* ``report.json`` (``dataclasses.asdict`` of the data, sorted keys),
+* the figures, PNG via matplotlib's Agg canvas: ``confusion-<slug>.png`` (Fig. 18-20),
+  ``curve-<slug>.png`` (learning curves, Fig. 2-7), ``sweep-<slug>.png`` (a metric
+  against a swept parameter, Fig. 12-17), ``lime-<slug>.png`` (section 1.5) and
+  ``timeline.png`` (units across workers),
+* ``submission.csv`` when the test set is unlabelled (``image_id,label``),
+* ``report.md`` (GitHub-flavoured Markdown, figures linked by file name),
+* ``report.html`` (one HTML5 page with no external resources: figures are ``data:`` URIs),
+* ``report.json`` (``dataclasses.asdict`` of the data, sorted keys, images left out),
 
 each through :mod:`shared.artifacts`, so a reader never sees half a file.
 
-Accuracies are fractions in ``[0, 1]`` and are shown as percentages with three
-decimals, as in the study (``0.84125`` -> ``84.125%``).
+Both pages are rendered from one list of blocks (:func:`document`), so they always
+have the same sections. Accuracies are fractions in ``[0, 1]`` shown as percentages
+with three decimals, as in the study (``0.84125`` -> ``84.125%``). Nothing here knows
+which parameters a family has: the tables show whichever ones vary across its points.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "FAILED_STATES",
+    "SECTION_HEADINGS",
     "BlendRow",
     "Confusion",
+    "CurveFigure",
+    "Experiment",
     "FamilyRow",
+    "LimeItem",
+    "LimeSection",
+    "PointRow",
     "ReportData",
     "ReportFiles",
+    "SkippedInput",
+    "Submission",
+    "SweepPlot",
+    "TimelineBar",
     "UnitSummary",
     "confusion_png",
+    "curve_png",
+    "document",
     "figure_name",
+    "lime_png",
+    "param_label",
+    "param_value",
     "render_html",
     "render_json",
     "render_markdown",
+    "submission_csv",
+    "swept_params",
+    "sweep_png",
+    "timeline_png",
     "validate_slug",
     "write_report",
 ]
@@ -54,8 +81,27 @@ __all__ = [
 #: Unit states listed under "Failed units" (and highlighted in the HTML).
 FAILED_STATES: frozenset[str] = frozenset({"FAILED", "FAILURE", "ERROR"})
 
+#: The report's ``##`` sections, in order. "Failed units" appears only when a unit failed.
+SECTION_HEADINGS: tuple[str, ...] = (
+    "Model families",
+    "Experiments",
+    "Learning curves",
+    "Sweep plots",
+    "Blending",
+    "Confusion matrices",
+    "Explanations (LIME)",
+    "Efficiency",
+    "Submission",
+    "Skipped inputs",
+    "Units",
+    "Failed units",
+)
+
 #: Errors are cut to this many characters in the units table.
 ERROR_CELL_CHARS = 120
+
+SUBMISSION_FILE = "submission.csv"
+TIMELINE_FILE = "timeline.png"
 
 _SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _DASH = "—"
@@ -67,12 +113,12 @@ _DASH = "—"
 @dataclass(frozen=True, slots=True)
 class UnitSummary:
     key: str  # e.g. "quick-1a2b3c/cnn/5f3e2a1b9c0d/f2"
-    family: str  # "cnn" | "svm" | "rf" (later maybe others)
+    family: str  # "cnn" | "svm" | "rf" | "rf_shard" | ...
     fold: int | None
     params: dict[str, Any]
     state: str  # "SUCCESS", "FAILED", "PENDING", ...
     worker: str | None
-    seconds: float | None  # fit/train wall time
+    seconds: float | None  # fit/train time the unit reported
     train_acc: float | None
     val_acc: float | None
     test_acc: float | None
@@ -81,7 +127,7 @@ class UnitSummary:
 
 @dataclass(frozen=True, slots=True)
 class FamilyRow:
-    """One row per model family: its best unit (by val_acc)."""
+    """One row per model family: its best point (by mean validation accuracy)."""
 
     family: str
     best_key: str
@@ -95,14 +141,64 @@ class FamilyRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PointRow:
+    """One sweep point of a family: its folds' results, averaged."""
+
+    key: str  # the units' common key prefix, "<campaign>/<family>/<params hash>"
+    params: dict[str, Any]
+    units: int
+    succeeded: int
+    train_acc: float | None
+    val_acc: float | None  # mean over the folds
+    val_spread: float | None  # standard deviation over the folds; None with one fold
+    test_acc: float | None
+    seconds: float | None  # mean fit time of one fold
+    extras: dict[str, float | None] = field(default_factory=dict)  # mean numeric extras
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """A family's table over its sweep points, like the study's tables."""
+
+    family: str
+    title: str
+    points: list[PointRow]
+    best_key: str | None  # the bold row
+    note: str | None = None  # Markdown quoted under the table (e.g. why OOB is inflated)
+
+
+@dataclass(frozen=True, slots=True)
+class CurveFigure:
+    """Learning curves: one line per series (a fold, or a point), accuracy and loss."""
+
+    slug: str
+    title: str
+    # series label -> metric name (train_acc, val_acc, train_loss, val_loss) -> (epoch, value)
+    series: dict[str, dict[str, list[tuple[int, float]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlot:
+    """Metrics of a family's points against one swept parameter."""
+
+    slug: str
+    family: str
+    param: str
+    xs: list[Any]  # the parameter's value at each point
+    series: dict[str, list[float | None]]  # metric label -> its value at each point
+
+
+@dataclass(frozen=True, slots=True)
 class BlendRow:
-    """A blend of several units, e.g. "CNN 5-fold vote"."""
+    """A blend of several models, e.g. "CNN 5-fold vote"."""
 
     name: str
-    family: str
-    method: str  # "vote"
+    family: str  # a family, or several joined by "+"
+    method: str  # "vote" | "mean"
     members: int
     test_acc: float | None
+    val_acc: float | None = None  # on out-of-fold validation predictions
+    note: str = ""  # why an accuracy is missing, how ties are broken, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +206,55 @@ class Confusion:
     title: str  # e.g. "CNN 5-fold vote (test)", "SVM best point (test)"
     matrix: list[list[int]]  # rows = true class, columns = predicted class
     split: str  # "test" or "val"
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineBar:
+    """One unit's run on a worker, in seconds since the campaign's first unit started."""
+
+    key: str
+    family: str
+    worker: str
+    start: float
+    end: float
+    state: str
+    seconds: float | None = None  # the fit time the unit reported, if it finished
+
+
+@dataclass(frozen=True, slots=True)
+class LimeItem:
+    image_id: str
+    true_label: str | None
+    explained: str  # the class whose evidence is shown
+    probability: float  # the model's probability for it
+    image: Any = field(repr=False)  # (H, W, 3) uint8; left out of report.json
+    overlay: Any = field(repr=False)  # (H, W, 3) uint8 with the helpful segments in green
+
+
+@dataclass(frozen=True, slots=True)
+class LimeSection:
+    slug: str
+    unit_key: str  # the model explained
+    num_samples: int
+    items: list[LimeItem]
+    note: str = ""  # why there is nothing to show, or what went wrong
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedInput:
+    image_id: str
+    path: str
+    reason: str
+    split: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """``submission.csv``: the best blend's test predictions as class names."""
+
+    blend: str
+    rows: list[tuple[str, str]]  # (image_id, class name)
+    missing: int = 0  # test images with no prediction (skipped as bad input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +267,16 @@ class ReportData:
     blends: list[BlendRow]
     confusions: dict[str, Confusion]  # keyed by a file-name slug, e.g. "cnn", "svm", "rf"
     units: list[UnitSummary]
+    experiments: list[Experiment] = field(default_factory=list)
+    curves: list[CurveFigure] = field(default_factory=list)
+    sweeps: list[SweepPlot] = field(default_factory=list)
+    best_blend: str | None = None  # the name of the most accurate blend
+    timeline: list[TimelineBar] = field(default_factory=list)
+    lime: LimeSection | None = None
+    lime_note: str = ""  # why there is no LIME section (disabled, no CNN, ...)
+    skipped: list[SkippedInput] = field(default_factory=list)
+    submission: Submission | None = None
+    test_labelled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +284,8 @@ class ReportFiles:
     markdown: WrittenFile
     html: WrittenFile
     json: WrittenFile
-    figures: dict[str, WrittenFile]  # slug -> confusion-<slug>.png
+    figures: dict[str, WrittenFile]  # file name -> figure
+    submission: WrittenFile | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -138,23 +294,30 @@ class ReportFiles:
 def validate_slug(slug: str) -> str:
     """Return ``slug`` if it is a safe file-name part (``^[a-z0-9][a-z0-9_-]*$``)."""
     if not isinstance(slug, str) or not _SLUG_RE.fullmatch(slug):
-        raise ValueError(f"invalid confusion slug {slug!r}: must match {_SLUG_RE.pattern}")
+        raise ValueError(f"invalid figure slug {slug!r}: must match {_SLUG_RE.pattern}")
     return slug
 
 
-def figure_name(slug: str) -> str:
-    """The file name of the confusion figure for ``slug``: ``confusion-<slug>.png``."""
-    return f"confusion-{validate_slug(slug)}.png"
+def figure_name(slug: str, kind: str = "confusion") -> str:
+    """The file name of a figure: ``<kind>-<slug>.png``."""
+    return f"{kind}-{validate_slug(slug)}.png"
 
 
-def _is_failed(unit: UnitSummary) -> bool:
-    return unit.state.upper() in FAILED_STATES
+def _is_failed(state: str) -> bool:
+    return state.upper() in FAILED_STATES
 
 
 def _fmt_pct(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return _DASH
     return f"{value * 100:.3f}%"
+
+
+def _fmt_pct_spread(value: float | None, spread: float | None) -> str:
+    text = _fmt_pct(value)
+    if text != _DASH and spread is not None and math.isfinite(spread):
+        text += f" ± {spread * 100:.3f}"
+    return text
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -172,6 +335,8 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, str):
@@ -203,7 +368,100 @@ def _validate_matrix(matrix: Sequence[Sequence[int]], n_classes: int) -> None:
         )
 
 
-# --------------------------------------------------------------------------- figure
+def _family_title(family: str) -> str:
+    return {"cnn": "CNN", "svm": "SVM", "rf": "RF"}.get(family, family.upper())
+
+
+# --------------------------------------------------------------------------- parameters
+
+#: How the study names the parameters it swept; any other shows its own name.
+PARAM_LABELS: dict[str, str] = {
+    "norm_order": "Order",
+    "activation": "Activation function",
+    "pool": "Pooling",
+    "optimizer": "Optimizer",
+    "dropout": "Dropout",
+    "stride": "Stride",
+    "dense": "Dense layers",
+    "lr": "Learning rate",
+    "n_components": "n_component",
+    "variant": "method",
+    "augment": "method",
+    "pca_components": "n_components",
+    "select_scaling": "scaling",
+}
+_VALUE_NAMES: dict[str, dict[Any, str]] = {
+    "norm_order": {"act_bn": "R → B", "bn_act": "B → R"},
+    "activation": {"prelu": "PReLU", "relu": "ReLU", "leakyrelu": "LeakyReLU"},
+    "pool": {"max": "MaxPool2d", "conv": "Conv2d with stride=2"},
+    "optimizer": {"sgd": "SGD", "adam": "Adam"},
+    "augment": {"none": "", "flip": "flip", "rotate": "rotate", "rotate_flip": "rotate, flip"},
+}
+_VARIANT_WORDS = {"polar": "polarized", "polarcrop": "polarized, cropped", "crop": "crop"}
+_METHOD_PARAMS = ("variant", "augment")  # shown together as one "method" column
+
+
+def param_label(name: str) -> str:
+    """The column header of a parameter, as the study writes it."""
+    return PARAM_LABELS.get(name, name)
+
+
+def param_value(name: str, value: Any) -> str:
+    """A parameter's value as the study writes it (``act_bn`` -> ``R → B``)."""
+    names = _VALUE_NAMES.get(name)
+    if names is not None and isinstance(value, str) and value in names:
+        return names[value]
+    if name == "variant" and isinstance(value, str):
+        match = re.fullmatch(r"([a-z]+?)(\d+)", value)
+        if match:
+            word, size = match.groups()
+            return f"{_VARIANT_WORDS.get(word, word)} {size}"
+        return {"polarized": "polarized", "original": "original"}.get(value, value)
+    if value is None:
+        return "None"
+    return _fmt_value(value)
+
+
+def _method(params: Mapping[str, Any]) -> str:
+    parts = [param_value(n, params[n]) for n in _METHOD_PARAMS if n in params]
+    return " ".join(p for p in parts if p) or _DASH
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def swept_params(points: Sequence[PointRow]) -> list[str]:
+    """The parameters whose value differs between ``points``, in parameter order."""
+    names: list[str] = []
+    for point in points:
+        names += [n for n in point.params if n not in names]
+    return [n for n in names if len({_key(p.params.get(n, "\0absent")) for p in points}) > 1]
+
+
+def _param_columns(swept: Sequence[str]) -> list[str]:
+    """Swept parameters as columns; variant and augment merge into one "method"."""
+    columns: list[str] = []
+    for name in swept:
+        column = "method" if name in _METHOD_PARAMS else name
+        if column not in columns:
+            columns.append(column)
+    return columns
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
@@ -217,8 +475,7 @@ def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
     n = len(classes)
     _validate_matrix(matrix, n)
 
-    fig = Figure(figsize=(4, 4), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(4, 4)
     ax = fig.add_subplot()
     vmax = max([1, *(v for row in matrix for v in row)])
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax, interpolation="nearest")
@@ -250,18 +507,657 @@ def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
                 fontsize=fontsize,
                 color="white" if value > threshold else "black",
             )
+    return _png(fig)
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+
+def curve_png(curve: CurveFigure) -> bytes:
+    """Accuracy (left) and loss (right) per epoch: solid validation, dashed training."""
+    fig = _figure(9, 3.4)
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(curve.series))]
+    for color, (label, metrics) in zip(colors, curve.series.items(), strict=True):
+        for ax, kind in ((acc_ax, "acc"), (loss_ax, "loss")):
+            for split, style in (("train", "--"), ("val", "-")):
+                points = metrics.get(f"{split}_{kind}") or []
+                if not points:
+                    continue
+                xs = [step + 1 for step, _ in points]  # epochs counted from 1, as plotted
+                ys = [value for _, value in points]
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=color,
+                    linewidth=1.4,
+                    label=label if (split == "val" or "val_" + kind not in metrics) else None,
+                )
+    acc_ax.set_title("Accuracy")
+    loss_ax.set_title("Loss")
+    for ax in (acc_ax, loss_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = acc_ax.get_legend_handles_labels()
+    if handles:
+        acc_ax.legend(handles, labels, fontsize=7, loc="lower right")
+    fig.suptitle(f"{curve.title}  (solid: validation, dashed: training)", fontsize=10)
+    return _png(fig)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sweep_png(plot: SweepPlot) -> bytes:
+    """Each metric against the swept parameter: every point, and the mean per value."""
+    fig = _figure(5.2, 3.6)
+    ax = fig.add_subplot()
+    numeric = all(_is_number(x) for x in plot.xs)
+    if numeric:
+        order = sorted(set(plot.xs))
+        positions = {x: x for x in order}
+        if min(order) > 0 and max(order) / min(order) >= 50:
+            ax.set_xscale("log")
+    else:
+        labels = list(dict.fromkeys(param_value(plot.param, x) for x in plot.xs))
+        positions = {label: i for i, label in enumerate(labels)}
+        order = labels
+    for i, (metric, values) in enumerate(plot.series.items()):
+        color = f"C{i % 10}"
+        pairs = [
+            (x if numeric else param_value(plot.param, x), v)
+            for x, v in zip(plot.xs, values, strict=True)
+            if v is not None and math.isfinite(v)
+        ]
+        if not pairs:
+            continue
+        ax.scatter(
+            [positions[x] for x, _ in pairs], [v for _, v in pairs], s=14, color=color, alpha=0.5
+        )
+        means = [
+            (x, mean(v for px, v in pairs if px == x))
+            for x in order
+            if any(px == x for px, _ in pairs)
+        ]
+        ax.plot(
+            [positions[x] for x, _ in means],
+            [v for _, v in means],
+            "-o",
+            color=color,
+            label=metric,
+            markersize=4,
+        )
+    if not numeric:
+        ax.set_xticks(list(positions.values()), labels=list(positions), rotation=20, ha="right")
+    ax.set_xlabel(param_label(plot.param))
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{_family_title(plot.family)}: score against {plot.param}", fontsize=10)
+    return _png(fig)
+
+
+def _lanes(bars: Sequence[TimelineBar]) -> list[tuple[str, int]]:
+    """(worker, lane) per bar: overlapping units of one worker go on separate lanes."""
+    ends: dict[str, list[float]] = {}
+    out: list[tuple[str, int]] = [("", 0)] * len(bars)
+    for i in sorted(range(len(bars)), key=lambda i: (bars[i].worker, bars[i].start)):
+        bar = bars[i]
+        lanes = ends.setdefault(bar.worker, [])
+        lane = next((j for j, end in enumerate(lanes) if end <= bar.start), len(lanes))
+        if lane == len(lanes):
+            lanes.append(bar.end)
+        else:
+            lanes[lane] = bar.end
+        out[i] = (bar.worker, lane)
+    return out
+
+
+def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
+    """A Gantt chart: a row per worker (and per concurrent slot), a bar per unit."""
+    lanes = _lanes(bars)
+    rows = sorted(set(lanes))
+    fig = _figure(9, 1.4 + 0.32 * max(len(rows), 1))
+    ax = fig.add_subplot()
+    families = list(dict.fromkeys(b.family for b in bars))
+    color = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    y = {row: i for i, row in enumerate(rows)}
+    for bar, lane in zip(bars, lanes, strict=True):
+        failed = _is_failed(bar.state)
+        ax.barh(
+            y[lane],
+            max(bar.end - bar.start, 1e-3),
+            left=bar.start,
+            height=0.8,
+            color=color[bar.family],
+            edgecolor="red" if failed else "black",
+            linewidth=1.2 if failed else 0.3,
+            hatch="//" if failed else None,
+        )
+    ax.set_yticks(
+        list(y.values()),
+        labels=[w if lane == 0 else f"{w} #{lane + 1}" for w, lane in rows],
+        fontsize=7,
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first unit started")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [
+        ax.bar(0, 0, color=color[f], label=f) for f in families
+    ]  # zero-size proxies for the legend
+    if handles:
+        ax.legend(fontsize=7, loc="upper right", ncols=min(len(families), 5))
+    ax.set_title("Units across workers (red outline: failed)", fontsize=10)
+    return _png(fig)
+
+
+def lime_png(section: LimeSection) -> bytes:
+    """Each explained image (top) and its LIME explanation with green evidence (bottom)."""
+    n = len(section.items)
+    fig = _figure(max(2.2 * n, 3), 4.6)
+    axes = fig.subplots(2, n, squeeze=False)
+    for j, item in enumerate(section.items):
+        top, bottom = axes[0][j], axes[1][j]
+        top.imshow(item.image, interpolation="nearest")
+        bottom.imshow(item.overlay, interpolation="nearest")
+        truth = f"true {item.true_label}, " if item.true_label is not None else ""
+        top.set_title(f"{item.image_id}\n{truth}explained {item.explained}", fontsize=7)
+        bottom.set_title(f"p({item.explained}) = {item.probability:.2f}", fontsize=7)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("LIME: green segments speak for the explained class", fontsize=9)
+    return _png(fig)
+
+
+def _figure_renderers(data: ReportData) -> dict[str, tuple[str, Callable[[], bytes]]]:
+    """file name -> (caption, render); validates every slug before anything is drawn."""
+    out: dict[str, tuple[str, Callable[[], bytes]]] = {}
+
+    def add(name: str, caption: str, render: Callable[[], bytes]) -> None:
+        if name in out:
+            raise ValueError(f"two figures would both be written to {name}")
+        out[name] = (caption, render)
+
+    for slug, confusion in data.confusions.items():
+        add(
+            figure_name(slug),
+            confusion.title,
+            lambda c=confusion: confusion_png(c, data.classes),
+        )
+    for curve in data.curves:
+        add(figure_name(curve.slug, "curve"), curve.title, lambda c=curve: curve_png(c))
+    for plot in data.sweeps:
+        caption = f"{_family_title(plot.family)}: {', '.join(plot.series)} against {plot.param}"
+        add(figure_name(plot.slug, "sweep"), caption, lambda p=plot: sweep_png(p))
+    if data.lime is not None and data.lime.items:
+        add(
+            figure_name(data.lime.slug, "lime"),
+            f"LIME explanations of {data.lime.unit_key}",
+            lambda s=data.lime: lime_png(s),
+        )
+    if data.timeline:
+        add(TIMELINE_FILE, "Units across workers", lambda: timeline_png(data.timeline))
+    return out
+
+
+# --------------------------------------------------------------------------- document
+# Both pages are rendered from these blocks; inline text is a tuple of plain strings,
+# Code and Strong pieces.
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Strong:
+    text: str
+
+
+Inline = str | Code | Strong
+
+
+@dataclass(frozen=True, slots=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Para:
+    parts: tuple[Inline, ...]
+    empty: bool = False  # a placeholder ("No blends.")
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    header: tuple[str, ...]
+    rows: list[list[str]]
+    right: frozenset[int] = frozenset()
+    row_classes: list[str] | None = None  # "best" rows are bold, "failed" red
+    code_cols: frozenset[int] = frozenset()
+    titles: dict[int, list[str]] | None = None  # HTML tooltips per column
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    names: list[str]  # figure file names; captions come from the renderers
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    markdown: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bullets:
+    items: list[tuple[Inline, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorList:
+    items: list[tuple[tuple[Inline, ...], str]]  # (what failed, its error text)
+
+
+Block = Heading | Para | Table | Figures | Quote | Bullets | ErrorList
+
+
+def _empty(text: str) -> Para:
+    return Para((text,), empty=True)
+
+
+_FAMILY_HEADER = (
+    "Family",
+    "Best unit",
+    "Params",
+    "Units (ok/total)",
+    "Train acc",
+    "Val acc",
+    "Test acc",
+    "Fit time",
+)
+_BLEND_HEADER = ("Blend", "Method", "Members", "Test acc", "OOF val acc", "Note")
+_UNIT_HEADER = (
+    "Key",
+    "Family",
+    "Fold",
+    "State",
+    "Worker",
+    "Time",
+    "Train acc",
+    "Val acc",
+    "Test acc",
+    "Error",
+)
+
+#: Labels of known numeric result extras; any other numeric extra shows its own name.
+EXTRA_LABELS: dict[str, str] = {
+    "oob_score": "oob_score_",
+    "oob_grouped": "Grouped OOB",
+    "epochs": "Epochs",
+    "resumed_from_epoch": "Resumed from epoch",
+}
+
+
+def _extra_label(name: str) -> str:
+    if name in EXTRA_LABELS:
+        return EXTRA_LABELS[name]
+    return name.replace("_", " ").capitalize()
+
+
+def _fmt_extra(name: str, value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return _DASH
+    if name.endswith("seconds") or name.endswith("_time"):
+        return _fmt_duration(value)
+    if name.startswith("oob") or name.endswith("_acc") or name.endswith("_score"):
+        return f"{value:.4f}"  # the study prints oob_score_ as a fraction
+    return f"{value:g}"
+
+
+def _experiment_blocks(exp: Experiment) -> list[Block]:
+    blocks: list[Block] = [Heading(3, exp.title)]
+    if not exp.points:
+        return [*blocks, _empty("No points.")]
+    swept = swept_params(exp.points)
+    columns = _param_columns(swept)
+    fixed = {n: v for n, v in exp.points[0].params.items() if n not in swept}
+    folds = max(p.units for p in exp.points)
+    extras = list(dict.fromkeys(n for p in exp.points for n in p.extras))
+    # nothing swept: the parameters are all in the "Fixed" line below the table
+    header = [param_label(c) for c in columns] if columns else ["Point"]
+    header += ["Folds", "Train acc", "Valid acc", "Test acc"]
+    header += ["Training time / fold" if folds > 1 else "Training time"]
+    header += [_extra_label(n) for n in extras]
+    n_params = max(len(columns), 1)
+    rows, classes = [], []
+    for point in exp.points:
+        if columns:
+            cells = [
+                _method(point.params) if c == "method" else param_value(c, point.params.get(c))
+                for c in columns
+            ]
+        else:
+            cells = [point.key.rsplit("/", 1)[-1]]
+        ok = (
+            f"{point.succeeded}"
+            if point.succeeded == point.units
+            else (f"{point.succeeded}/{point.units}")
+        )
+        cells += [
+            ok,
+            _fmt_pct(point.train_acc),
+            _fmt_pct_spread(point.val_acc, point.val_spread),
+            _fmt_pct(point.test_acc),
+            _fmt_duration(point.seconds),
+        ]
+        cells += [_fmt_extra(n, point.extras.get(n)) for n in extras]
+        rows.append(cells)
+        if point.key == exp.best_key:
+            classes.append("best")
+        elif point.succeeded < point.units:
+            classes.append("failed" if point.succeeded == 0 else "partial")
+        else:
+            classes.append("")
+    right = frozenset(range(n_params, len(header)))
+    blocks.append(Table(tuple(header), rows, right, row_classes=classes))
+    notes: list[Inline] = []
+    if fixed:
+        notes += ["Fixed: ", Code(_fmt_params(fixed)), ". "]
+    if folds > 1:
+        notes.append("Valid acc is the mean over folds ± its standard deviation. ")
+    if "norm_order" in swept:
+        notes.append("B = BatchNorm, R = the activation. ")
+    if exp.best_key:
+        notes.append("Bold: the best point by validation accuracy.")
+    if notes:
+        blocks.append(Para(tuple(notes)))
+    if exp.note:
+        blocks.append(Quote(exp.note))
+    return blocks
+
+
+def _efficiency_blocks(data: ReportData) -> list[Block]:
+    bars = data.timeline
+    if not bars:
+        return [_empty("No unit has run yet.")]
+    span = max(b.end for b in bars) - min(b.start for b in bars)
+    busy = sum(b.end - b.start for b in bars)
+    blocks: list[Block] = [
+        Para(
+            (
+                f"Campaign wall time {_fmt_duration(span)} (first unit started to last "
+                f"finished); units ran for {_fmt_duration(busy)} in all",
+                f", {busy / span:.1f}x in parallel." if span > 0 else ".",
+            )
+        ),
+        Heading(3, "Per family"),
+    ]
+    rows = []
+    for family in dict.fromkeys(b.family for b in bars):
+        mine = [b for b in bars if b.family == family]
+        fit = [b.seconds for b in mine if b.seconds is not None]
+        rows.append(
+            [
+                family,
+                str(len(mine)),
+                _fmt_duration(sum(fit)) if fit else _DASH,
+                _fmt_duration(mean(fit)) if fit else _DASH,
+                _fmt_duration(sum(b.end - b.start for b in mine)),
+                _fmt_duration(max(b.end for b in mine) - min(b.start for b in mine)),
+            ]
+        )
+    blocks.append(
+        Table(
+            ("Family", "Units", "Fit time (sum)", "Fit time (mean)", "Wall time (sum)", "Span"),
+            rows,
+            frozenset(range(1, 6)),
+        )
+    )
+    blocks.append(Heading(3, "Per worker"))
+    rows = []
+    for worker in sorted({b.worker for b in bars}):
+        mine = [b for b in bars if b.worker == worker]
+        rows.append(
+            [
+                worker,
+                str(len(mine)),
+                ", ".join(dict.fromkeys(b.family for b in mine)),
+                _fmt_duration(sum(b.end - b.start for b in mine)),
+                _fmt_duration(min(b.start for b in mine)),
+                _fmt_duration(max(b.end for b in mine)),
+            ]
+        )
+    blocks.append(
+        Table(
+            ("Worker", "Units", "Families", "Busy", "First start", "Last finish"),
+            rows,
+            frozenset({1, 3, 4, 5}),
+            code_cols=frozenset({0}),
+        )
+    )
+    blocks += [Heading(3, "Timeline"), Figures([TIMELINE_FILE])]
+    return blocks
+
+
+def _blend_blocks(data: ReportData) -> list[Block]:
+    if not data.blends:
+        return [_empty("No blends.")]
+    rows = [
+        [
+            b.name,
+            b.method,
+            str(b.members),
+            _fmt_pct(b.test_acc) if b.test_acc is not None else ("n/a" if b.note else _DASH),
+            _fmt_pct(b.val_acc) if b.val_acc is not None else ("n/a" if b.note else _DASH),
+            b.note or _DASH,
+        ]
+        for b in data.blends
+    ]
+    classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
+    blocks: list[Block] = [Table(_BLEND_HEADER, rows, frozenset({2, 3, 4}), row_classes=classes)]
+    if data.best_blend:
+        by = "test" if data.test_labelled else "out-of-fold validation"
+        blocks.append(Para(("Best blend by ", by, " accuracy: ", Strong(data.best_blend), ".")))
+    return blocks
+
+
+def _lime_blocks(data: ReportData) -> list[Block]:
+    lime = data.lime
+    if lime is None:
+        return [_empty(data.lime_note or "No CNN was explained.")]
+    if not lime.items:
+        return [_empty(lime.note or "Nothing to explain.")]
+    blocks: list[Block] = [
+        Para(
+            (
+                "LIME on ",
+                Code(lime.unit_key),
+                f" ({lime.num_samples} perturbed samples per image). The parts coloured "
+                "green are the segments that pushed the model towards the explained class.",
+                f" {lime.note}" if lime.note else "",
+            )
+        ),
+        Figures([figure_name(lime.slug, "lime")]),
+        Table(
+            ("Image", "True class", "Explained class", "Probability"),
+            [
+                [i.image_id, i.true_label or _DASH, i.explained, f"{i.probability:.3f}"]
+                for i in lime.items
+            ],
+            frozenset({3}),
+            code_cols=frozenset({0}),
+        ),
+    ]
+    return blocks
+
+
+def _submission_blocks(data: ReportData) -> list[Block]:
+    sub = data.submission
+    if sub is None:
+        if data.test_labelled:
+            return [_empty("Not written: the test set is labelled (see the blends' test acc).")]
+        return [_empty("Not written: no blend predicted the test set.")]
+    counts = {c: 0 for c in data.classes}
+    for _, label in sub.rows:
+        counts[label] = counts.get(label, 0) + 1
+    parts: list[Inline] = [
+        Code(SUBMISSION_FILE),
+        f": {len(sub.rows)} test images (header ",
+        Code("image_id,label"),
+        "), predicted by the best blend, ",
+        Strong(sub.blend),
+        ". Per class: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + ".",
+    ]
+    if sub.missing:
+        parts.append(f" {sub.missing} test images have no prediction (skipped inputs).")
+    return [Para(tuple(parts))]
+
+
+def _unit_cells(unit: UnitSummary) -> list[str]:
+    return [
+        unit.key,
+        unit.family,
+        _fmt_opt(unit.fold),
+        unit.state,
+        _fmt_opt(unit.worker),
+        _fmt_duration(unit.seconds),
+        _fmt_pct(unit.train_acc),
+        _fmt_pct(unit.val_acc),
+        _fmt_pct(unit.test_acc),
+        _truncate(unit.error),
+    ]
+
+
+def document(data: ReportData) -> tuple[str, list[Block]]:
+    """The report's title and blocks; :data:`SECTION_HEADINGS` are its ``##`` headings."""
+    failed = [u for u in data.units if _is_failed(u.state)]
+    title = f"orchard report — {data.campaign_name}"
+    meta: list[tuple[Inline, ...]] = [
+        ("Campaign: ", Code(data.campaign_id)),
+        (f"Created: {data.created_at}",),
+        (f"Classes: {', '.join(data.classes) or _DASH}",),
+        (f"Units: {len(data.units)} ({len(failed)} failed)",),
+    ]
+    if data.best_blend:
+        best = next(b for b in data.blends if b.name == data.best_blend)
+        acc = best.test_acc if data.test_labelled else best.val_acc
+        split = "test" if data.test_labelled else "OOF val"
+        meta.append(("Best blend: ", Strong(data.best_blend), f" ({split} acc {_fmt_pct(acc)})"))
+    blocks: list[Block] = [Bullets(meta), Heading(2, "Model families")]
+
+    if data.families:
+        blocks.append(
+            Table(
+                _FAMILY_HEADER,
+                [
+                    [
+                        r.family,
+                        r.best_key or _DASH,
+                        _fmt_params(r.params),
+                        f"{r.succeeded}/{r.units}",
+                        _fmt_pct(r.train_acc),
+                        _fmt_pct(r.val_acc),
+                        _fmt_pct(r.test_acc),
+                        _fmt_duration(r.fit_seconds),
+                    ]
+                    for r in data.families
+                ],
+                frozenset({3, 4, 5, 6, 7}),
+                row_classes=["partial" if r.succeeded < r.units else "" for r in data.families],
+                code_cols=frozenset({1}),
+            )
+        )
+    else:
+        blocks.append(_empty("No model families."))
+
+    blocks.append(Heading(2, "Experiments"))
+    if data.experiments:
+        for exp in data.experiments:
+            blocks += _experiment_blocks(exp)
+    else:
+        blocks.append(_empty("No experiments."))
+
+    blocks.append(Heading(2, "Learning curves"))
+    if data.curves:
+        blocks.append(Figures([figure_name(c.slug, "curve") for c in data.curves]))
+    else:
+        blocks.append(_empty("No per-epoch metrics recorded."))
+
+    blocks.append(Heading(2, "Sweep plots"))
+    if data.sweeps:
+        blocks.append(Figures([figure_name(s.slug, "sweep") for s in data.sweeps]))
+    else:
+        blocks.append(_empty("No swept parameters."))
+
+    blocks += [Heading(2, "Blending"), *_blend_blocks(data)]
+
+    blocks.append(Heading(2, "Confusion matrices"))
+    if data.confusions:
+        blocks.append(Para(("Rows: true class; columns: predicted class.",)))
+        blocks.append(Figures([figure_name(slug) for slug in data.confusions]))
+    else:
+        blocks.append(_empty("No confusion matrices."))
+
+    blocks += [Heading(2, "Explanations (LIME)"), *_lime_blocks(data)]
+    blocks += [Heading(2, "Efficiency"), *_efficiency_blocks(data)]
+    blocks += [Heading(2, "Submission"), *_submission_blocks(data)]
+
+    blocks.append(Heading(2, "Skipped inputs"))
+    if data.skipped:
+        blocks.append(
+            Table(
+                ("Image", "Split", "Path", "Reason"),
+                [[s.image_id, s.split or _DASH, s.path, s.reason] for s in data.skipped],
+                code_cols=frozenset({0, 2}),
+            )
+        )
+    else:
+        blocks.append(_empty("No input was skipped."))
+
+    blocks.append(Heading(2, "Units"))
+    if data.units:
+        blocks.append(
+            Table(
+                _UNIT_HEADER,
+                [_unit_cells(u) for u in data.units],
+                frozenset({2, 5, 6, 7, 8}),
+                row_classes=["failed" if _is_failed(u.state) else "" for u in data.units],
+                code_cols=frozenset({0}),
+                titles={9: [u.error or "" for u in data.units]},
+            )
+        )
+    else:
+        blocks.append(_empty("No units."))
+
+    if failed:
+        blocks += [
+            Heading(2, "Failed units"),
+            ErrorList(
+                [
+                    (
+                        (
+                            Code(u.key),
+                            f" ({u.state}{f' on {u.worker}' if u.worker else ''})",
+                        ),
+                        u.error or "(no error recorded)",
+                    )
+                    for u in failed
+                ]
+            ),
+        ]
+    return title, blocks
 
 
 # --------------------------------------------------------------------------- markdown
 
 
 def _md_text(text: str) -> str:
-    """Plain text on one Markdown line: ``\\`` and ``<`` escaped (no raw HTML)."""
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
+    """Plain text on one Markdown line: ``\\``, ``<`` and ``*`` escaped (no raw HTML)."""
+    text = " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
+    return text.replace("*", "\\*")
 
 
 def _md_cell(text: str) -> str:
@@ -286,142 +1182,72 @@ def _md_code(text: str, table: bool = True) -> str:
     return f"{fence} {text} {fence}" if len(fence) > 1 else f"`{text}`"
 
 
-def _md_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    right: set[int],
-    code_cols: frozenset[int] = frozenset(),
-) -> list[str]:
-    """``rows`` hold plain text; cells are escaped here (``code_cols`` as code spans)."""
+def _md_inline(parts: Sequence[Inline]) -> str:
+    out = []
+    for part in parts:
+        if isinstance(part, Code):
+            out.append(_md_code(part.text, table=False))
+        elif isinstance(part, Strong):
+            out.append(f"**{_md_text(part.text)}**")
+        else:
+            lead = " " if part[:1].isspace() else ""
+            trail = " " if part[-1:].isspace() and part.strip() else ""
+            out.append(lead + _md_text(part) + trail)
+    return "".join(out)
 
-    def cell(i: int, text: str) -> str:
+
+def _md_table(table: Table) -> list[str]:
+    def cell(r: int, i: int, text: str) -> str:
         if not text or text == _DASH:
             return _DASH
-        return _md_code(text) if i in code_cols else _md_cell(text)
+        body = _md_code(text) if i in table.code_cols else _md_cell(text)
+        best = table.row_classes is not None and table.row_classes[r] == "best"
+        return f"**{body}**" if best else body
 
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
-    lines.append("|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|")
-    lines.extend("| " + " | ".join(cell(i, c) for i, c in enumerate(row)) + " |" for row in rows)
+    lines = ["| " + " | ".join(_md_cell(h) for h in table.header) + " |"]
+    lines.append(
+        "|"
+        + "|".join("---:" if i in table.right else "---" for i in range(len(table.header)))
+        + "|"
+    )
+    lines.extend(
+        "| " + " | ".join(cell(r, i, c) for i, c in enumerate(row)) + " |"
+        for r, row in enumerate(table.rows)
+    )
     return lines
 
 
-_FAMILY_HEADER = (
-    "Family",
-    "Best unit",
-    "Params",
-    "Units (ok/total)",
-    "Train acc",
-    "Val acc",
-    "Test acc",
-    "Fit time",
-)
-_FAMILY_RIGHT = {3, 4, 5, 6, 7}
-_BLEND_HEADER = ("Blend", "Method", "Members", "Test acc")
-_BLEND_RIGHT = {2, 3}
-_UNIT_HEADER = (
-    "Key",
-    "Family",
-    "Fold",
-    "State",
-    "Worker",
-    "Time",
-    "Train acc",
-    "Val acc",
-    "Test acc",
-    "Error",
-)
-_UNIT_RIGHT = {2, 5, 6, 7, 8}
-
-
-def _family_cells(row: FamilyRow) -> list[str]:
-    return [
-        row.family,
-        row.best_key or _DASH,
-        _fmt_params(row.params),
-        f"{row.succeeded}/{row.units}",
-        _fmt_pct(row.train_acc),
-        _fmt_pct(row.val_acc),
-        _fmt_pct(row.test_acc),
-        _fmt_duration(row.fit_seconds),
-    ]
-
-
-def _blend_cells(row: BlendRow) -> list[str]:
-    return [row.name, row.method, str(row.members), _fmt_pct(row.test_acc)]
-
-
-def _unit_cells(unit: UnitSummary) -> list[str]:
-    return [
-        unit.key,
-        unit.family,
-        _fmt_opt(unit.fold),
-        unit.state,
-        _fmt_opt(unit.worker),
-        _fmt_duration(unit.seconds),
-        _fmt_pct(unit.train_acc),
-        _fmt_pct(unit.val_acc),
-        _fmt_pct(unit.test_acc),
-        _truncate(unit.error),
-    ]
-
-
-def render_markdown(data: ReportData, figure_names: Mapping[str, str]) -> str:
-    """The report as GitHub-flavoured Markdown.
-
-    ``figure_names`` maps each confusion slug to the figure's file name (relative to
-    the Markdown file); a slug missing from it links ``confusion-<slug>.png``.
-    """
-    out: list[str] = [
-        f"# orchard report — {_md_text(data.campaign_name)}",
-        "",
-        f"- Campaign: {_md_code(data.campaign_id)}",
-        f"- Created: {_md_text(data.created_at)}",
-        f"- Classes: {_md_text(', '.join(data.classes)) or _DASH}",
-        f"- Units: {len(data.units)} ({sum(_is_failed(u) for u in data.units)} failed)",
-        "",
-        "## Model families",
-        "",
-    ]
-    if data.families:
-        rows = [_family_cells(r) for r in data.families]
-        out += _md_table(_FAMILY_HEADER, rows, _FAMILY_RIGHT, code_cols=frozenset({1}))
-    else:
-        out.append("_No model families._")
-
-    out += ["", "## Blending", ""]
-    if data.blends:
-        out += _md_table(_BLEND_HEADER, [_blend_cells(b) for b in data.blends], _BLEND_RIGHT)
-    else:
-        out.append("_No blends._")
-
-    out += ["", "## Confusion matrices", ""]
-    if data.confusions:
-        for slug, confusion in data.confusions.items():
-            name = figure_names.get(slug) or figure_name(slug)
-            alt = " ".join(confusion.title.split()).replace("[", "\\[").replace("]", "\\]")
-            out += [f"![{alt}]({name})", ""]
-        out.pop()
-    else:
-        out.append("_No confusion matrices._")
-
-    out += ["", "## Units", ""]
-    if data.units:
-        rows = [_unit_cells(u) for u in data.units]
-        out += _md_table(_UNIT_HEADER, rows, _UNIT_RIGHT, code_cols=frozenset({0}))
-    else:
-        out.append("_No units._")
-
-    failed = [u for u in data.units if _is_failed(u)]
-    if failed:
-        out += ["", "## Failed units", ""]
-        for unit in failed:
-            where = f" on {_md_text(unit.worker)}" if unit.worker else ""
-            out.append(f"- {_md_code(unit.key, table=False)} ({_md_text(unit.state)}{where})")
-            error = (unit.error or "(no error recorded)").rstrip()
-            fence = _md_fence(error)
-            lines = [f"  {line}".rstrip() for line in error.splitlines()]
-            out += ["", f"  {fence}text", *lines, f"  {fence}", ""]
-        out.pop()
+def render_markdown(data: ReportData, captions: Mapping[str, str] | None = None) -> str:
+    """The report as GitHub-flavoured Markdown; figures are linked by file name."""
+    if captions is None:
+        captions = {name: caption for name, (caption, _) in _figure_renderers(data).items()}
+    title, blocks = document(data)
+    out: list[str] = [f"# {_md_text(title)}"]
+    for block in blocks:
+        out.append("")
+        if isinstance(block, Heading):
+            out.append(f"{'#' * block.level} {_md_text(block.text)}")
+        elif isinstance(block, Para):
+            text = _md_inline(block.parts)
+            out.append(f"_{text}_" if block.empty else text)
+        elif isinstance(block, Table):
+            out += _md_table(block)
+        elif isinstance(block, Figures):
+            for name in block.names:
+                alt = " ".join(captions.get(name, name).split())
+                alt = alt.replace("[", "\\[").replace("]", "\\]")
+                out += [f"![{alt}]({name})", ""]
+            out.pop()
+        elif isinstance(block, Quote):
+            out += [f"> {line}".rstrip() for line in block.markdown.strip().splitlines()]
+        elif isinstance(block, Bullets):
+            out += [f"- {_md_inline(item)}" for item in block.items]
+        elif isinstance(block, ErrorList):
+            for what, error in block.items:
+                fence = _md_fence(error)
+                lines = [f"  {line}".rstrip() for line in error.rstrip().splitlines()]
+                out += [f"- {_md_inline(what)}", "", f"  {fence}text", *lines, f"  {fence}", ""]
+            out.pop()
     return "\n".join(out) + "\n"
 
 
@@ -435,14 +1261,13 @@ body {
 }
 h1 { font-size: 1.6rem; border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; }
 h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; }
-dl.meta { display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; }
-dl.meta dt { font-weight: 600; }
-dl.meta dd { margin: 0; }
+h3 { font-size: 1.05rem; margin-top: 1.2rem; }
 table { border-collapse: collapse; margin: .5rem 0 1rem; font-size: .9rem; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fafbfc; }
+tr.best td { font-weight: 700; }
 tr.failed, tbody tr.failed:nth-child(even) { background: #ffebe9; }
 tr.failed td { color: #82071e; }
 tr.partial, tbody tr.partial:nth-child(even) { background: #fff8c5; }
@@ -450,9 +1275,11 @@ code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospac
 code { font-size: .85em; }
 pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: .5rem; overflow-x: auto;
       white-space: pre-wrap; }
+blockquote { border-left: 4px solid #d0d7de; margin: .5rem 0; padding: .1rem 1rem;
+             color: #424a53; }
 .figures { display: flex; flex-wrap: wrap; gap: 1rem; }
 figure { margin: 0; border: 1px solid #d0d7de; padding: .5rem; }
-figure img { display: block; width: 400px; height: auto; }
+figure img { display: block; max-width: 100%; height: auto; }
 figcaption { font-size: .85rem; text-align: center; margin-top: .3rem; }
 .empty { color: #656d76; font-style: italic; }
 """.strip()
@@ -462,48 +1289,66 @@ def _h(text: Any) -> str:
     return escape(str(text), quote=True)
 
 
-def _html_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    right: set[int],
-    row_classes: Sequence[str] | None = None,
-    code_cols: frozenset[int] = frozenset(),
-    title_cols: Mapping[int, Sequence[str]] | None = None,
-) -> list[str]:
-    """``rows`` hold plain text; everything is escaped here."""
+def _html_inline(parts: Sequence[Inline]) -> str:
+    out = []
+    for part in parts:
+        if isinstance(part, Code):
+            out.append(f"<code>{_h(part.text)}</code>")
+        elif isinstance(part, Strong):
+            out.append(f"<strong>{_h(part.text)}</strong>")
+        else:
+            out.append(_h(part))
+    return "".join(out)
 
+
+def _html_markdown(text: str) -> str:
+    """The little Markdown a note uses: paragraphs, ``code`` and **bold**, all escaped."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    out = []
+    for paragraph in paragraphs:
+        html = _h(" ".join(paragraph.split()))
+        html = re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
+        html = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", html)
+        out.append(f"<p>{html}</p>")
+    return "".join(out)
+
+
+def _html_table(table: Table) -> list[str]:
     def cls(i: int) -> str:
-        return ' class="num"' if i in right else ""
+        return ' class="num"' if i in table.right else ""
 
     out = ["<table>", "<thead><tr>"]
-    out.append("".join(f"<th{cls(i)}>{_h(h)}</th>" for i, h in enumerate(header)))
+    out.append("".join(f"<th{cls(i)}>{_h(h)}</th>" for i, h in enumerate(table.header)))
     out += ["</tr></thead>", "<tbody>"]
-    for r, row in enumerate(rows):
-        rc = row_classes[r] if row_classes else ""
+    for r, row in enumerate(table.rows):
+        rc = table.row_classes[r] if table.row_classes else ""
         cells = []
         for i, text in enumerate(row):
-            body = f"<code>{_h(text)}</code>" if i in code_cols and text != _DASH else _h(text)
+            code = i in table.code_cols and text != _DASH
+            body = f"<code>{_h(text)}</code>" if code else _h(text)
             title = ""
-            if title_cols and i in title_cols and title_cols[i][r]:
-                title = f' title="{_h(title_cols[i][r])}"'
+            if table.titles and i in table.titles and table.titles[i][r]:
+                title = f' title="{_h(table.titles[i][r])}"'
             cells.append(f"<td{cls(i)}{title}>{body}</td>")
-        out.append(
-            f'<tr class="{rc}">' + "".join(cells) + "</tr>"
-            if rc
-            else "<tr>" + "".join(cells) + "</tr>"
-        )
+        opening = f'<tr class="{rc}">' if rc else "<tr>"
+        out.append(opening + "".join(cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     return out
 
 
-def render_html(data: ReportData, figures: Mapping[str, bytes]) -> str:
+def render_html(
+    data: ReportData,
+    figures: Mapping[str, bytes],
+    captions: Mapping[str, str] | None = None,
+) -> str:
     """The report as one self-contained HTML5 page.
 
-    ``figures`` maps each confusion slug to its PNG bytes, embedded as ``data:`` URIs;
-    a confusion without a figure gets a placeholder. No external resources are used.
+    ``figures`` maps figure file names to PNG bytes, embedded as ``data:`` URIs; a
+    figure that is missing gets a placeholder. No external resources are used.
     """
-    title = f"orchard report — {data.campaign_name}"
-    failed = [u for u in data.units if _is_failed(u)]
+    if captions is None:
+        captions = {name: caption for name, (caption, _) in _figure_renderers(data).items()}
+    title, blocks = document(data)
     out: list[str] = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -515,78 +1360,48 @@ def render_html(data: ReportData, figures: Mapping[str, bytes]) -> str:
         "</head>",
         "<body>",
         f"<h1>{_h(title)}</h1>",
-        '<dl class="meta">',
-        f"<dt>Campaign</dt><dd><code>{_h(data.campaign_id)}</code></dd>",
-        f"<dt>Created</dt><dd>{_h(data.created_at)}</dd>",
-        f"<dt>Classes</dt><dd>{_h(', '.join(data.classes)) or _DASH}</dd>",
-        f"<dt>Units</dt><dd>{len(data.units)} ({len(failed)} failed)</dd>",
-        "</dl>",
-        "<h2>Model families</h2>",
     ]
-    if data.families:
-        out += _html_table(
-            _FAMILY_HEADER,
-            [_family_cells(r) for r in data.families],
-            _FAMILY_RIGHT,
-            row_classes=["partial" if r.succeeded < r.units else "" for r in data.families],
-            code_cols=frozenset({1}),
-        )
-    else:
-        out.append('<p class="empty">No model families.</p>')
-
-    out.append("<h2>Blending</h2>")
-    if data.blends:
-        out += _html_table(_BLEND_HEADER, [_blend_cells(b) for b in data.blends], _BLEND_RIGHT)
-    else:
-        out.append('<p class="empty">No blends.</p>')
-
-    out.append("<h2>Confusion matrices</h2>")
-    if data.confusions:
-        out.append('<div class="figures">')
-        for slug, confusion in data.confusions.items():
-            png = figures.get(slug)
-            if png is None:
-                body = '<p class="empty">Figure not rendered.</p>'
-            else:
-                b64 = base64.b64encode(png).decode("ascii")
-                body = f'<img alt="{_h(confusion.title)}" src="data:image/png;base64,{b64}">'
-            out.append(
-                f'<figure id="confusion-{_h(slug)}">{body}'
-                f"<figcaption>{_h(confusion.title)}</figcaption></figure>"
-            )
-        out.append("</div>")
-    else:
-        out.append('<p class="empty">No confusion matrices.</p>')
-
-    out.append("<h2>Units</h2>")
-    if data.units:
-        out += _html_table(
-            _UNIT_HEADER,
-            [_unit_cells(u) for u in data.units],
-            _UNIT_RIGHT,
-            row_classes=["failed" if _is_failed(u) else "" for u in data.units],
-            code_cols=frozenset({0}),
-            title_cols={9: [u.error or "" for u in data.units]},
-        )
-    else:
-        out.append('<p class="empty">No units.</p>')
-
-    if failed:
-        out += ["<h2>Failed units</h2>", "<ul>"]
-        for unit in failed:
-            where = f" on {_h(unit.worker)}" if unit.worker else ""
-            error = unit.error or "(no error recorded)"
-            out.append(
-                f"<li><code>{_h(unit.key)}</code> ({_h(unit.state)}{where})"
-                f"<pre>{_h(error.rstrip())}</pre></li>"
-            )
-        out.append("</ul>")
-
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level}>{_h(block.text)}</h{block.level}>")
+        elif isinstance(block, Para):
+            cls = ' class="empty"' if block.empty else ""
+            out.append(f"<p{cls}>{_html_inline(block.parts)}</p>")
+        elif isinstance(block, Table):
+            out += _html_table(block)
+        elif isinstance(block, Figures):
+            out.append('<div class="figures">')
+            for name in block.names:
+                caption = captions.get(name, name)
+                png = figures.get(name)
+                if png is None:
+                    body = '<p class="empty">Figure not rendered.</p>'
+                else:
+                    b64 = base64.b64encode(png).decode("ascii")
+                    body = f'<img alt="{_h(caption)}" src="data:image/png;base64,{b64}">'
+                stem = name.removesuffix(".png")
+                out.append(
+                    f'<figure id="{_h(stem)}">{body}<figcaption>{_h(caption)}</figcaption></figure>'
+                )
+            out.append("</div>")
+        elif isinstance(block, Quote):
+            out.append(f"<blockquote>{_html_markdown(block.markdown)}</blockquote>")
+        elif isinstance(block, Bullets):
+            out.append("<ul>")
+            out += [f"<li>{_html_inline(item)}</li>" for item in block.items]
+            out.append("</ul>")
+        elif isinstance(block, ErrorList):
+            out.append("<ul>")
+            out += [
+                f"<li>{_html_inline(what)}<pre>{_h(error.rstrip())}</pre></li>"
+                for what, error in block.items
+            ]
+            out.append("</ul>")
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------------- json
+# --------------------------------------------------------------------------- json, csv
 
 
 def _jsonable(value: Any) -> Any:
@@ -604,7 +1419,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     item = getattr(value, "item", None)  # numpy scalar
-    if callable(item):
+    if callable(item) and getattr(value, "ndim", 0) == 0:
         try:
             return _jsonable(item())
         except (TypeError, ValueError):
@@ -616,24 +1431,53 @@ def _jsonable(value: Any) -> Any:
 
 
 def render_json(data: ReportData) -> str:
-    """``dataclasses.asdict(data)`` as JSON (sorted keys, indent 2, strictly valid JSON)."""
-    return json.dumps(_jsonable(dataclasses.asdict(data)), sort_keys=True, indent=2) + "\n"
+    """``dataclasses.asdict(data)`` as JSON (sorted keys, indent 2, strictly valid JSON).
+
+    LIME's images are figures, not data: each becomes its shape.
+    """
+    raw = dataclasses.asdict(data)
+    if raw.get("lime"):
+        for item in raw["lime"]["items"]:
+            for name in ("image", "overlay"):
+                item[name] = list(getattr(item[name], "shape", ()))
+    return json.dumps(_jsonable(raw), sort_keys=True, indent=2) + "\n"
+
+
+def submission_csv(submission: Submission) -> str:
+    """``image_id,label`` and one row per test image, as the competition expects."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_id", "label"])
+    writer.writerows(submission.rows)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- write
 
 
 def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
-    """Write the figures, ``report.md``, ``report.html`` and ``report.json`` into ``out_dir``.
+    """Write the figures, ``submission.csv``, ``report.md``, ``report.html`` and
+    ``report.json`` into ``out_dir``.
 
-    Every slug is validated before anything is written (``ValueError`` otherwise).
+    Every slug is validated and every figure drawn before anything is written
+    (``ValueError`` otherwise), so a bad input leaves no half report behind.
     """
     out_dir = Path(out_dir)
-    names = {slug: figure_name(slug) for slug in data.confusions}
-    pngs = {slug: confusion_png(c, data.classes) for slug, c in data.confusions.items()}
+    renderers = _figure_renderers(data)
+    captions = {name: caption for name, (caption, _) in renderers.items()}
+    pngs = {name: render() for name, (_, render) in renderers.items()}
+    markdown_text = render_markdown(data, captions)
+    html_text = render_html(data, pngs, captions)
+    json_text = render_json(data)
 
-    figures = {slug: atomic_write_bytes(out_dir / names[slug], png) for slug, png in pngs.items()}
-    markdown = atomic_write_text(out_dir / "report.md", render_markdown(data, names))
-    html = atomic_write_text(out_dir / "report.html", render_html(data, pngs))
-    json_file = atomic_write_text(out_dir / "report.json", render_json(data))
-    return ReportFiles(markdown=markdown, html=html, json=json_file, figures=figures)
+    figures = {name: atomic_write_bytes(out_dir / name, png) for name, png in pngs.items()}
+    submission = None
+    if data.submission is not None:
+        submission = atomic_write_text(out_dir / SUBMISSION_FILE, submission_csv(data.submission))
+    return ReportFiles(
+        markdown=atomic_write_text(out_dir / "report.md", markdown_text),
+        html=atomic_write_text(out_dir / "report.html", html_text),
+        json=atomic_write_text(out_dir / "report.json", json_text),
+        figures=figures,
+        submission=submission,
+    )

@@ -7,18 +7,33 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from shared.metrics import majority_vote, mean_probabilities
 from shared.report import (
+    SECTION_HEADINGS,
     BlendRow,
     Confusion,
+    CurveFigure,
+    Experiment,
     FamilyRow,
+    LimeItem,
+    LimeSection,
+    PointRow,
     ReportData,
+    SkippedInput,
+    Submission,
+    SweepPlot,
+    TimelineBar,
     UnitSummary,
     confusion_png,
+    param_value,
     render_html,
     render_markdown,
+    swept_params,
+    timeline_png,
     write_report,
 )
 
@@ -26,6 +41,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("extra", "class_i", "class_ii")
 BAD_ERROR = "ValueError: bad | value <script>alert('x')</script> " + "x" * 200
 CID = "quick-1a2b3c"
+OOB_NOTE = "`oob_score_` is inflated by augmented **siblings**."
 
 
 def _unit(key: str, family: str, fold: int | None, state: str = "SUCCESS", **kw) -> UnitSummary:
@@ -42,21 +58,58 @@ def _unit(key: str, family: str, fold: int | None, state: str = "SUCCESS", **kw)
     return UnitSummary(key=key, family=family, fold=fold, state=state, **defaults)
 
 
+def _point(key: str, params: dict, val: float | None, **kw) -> PointRow:
+    defaults = dict(
+        units=1,
+        succeeded=1,
+        train_acc=0.95,
+        val_acc=val,
+        val_spread=None,
+        test_acc=None if val is None else val - 0.05,
+        seconds=3.0,
+        extras={},
+    )
+    defaults.update(kw)
+    return PointRow(key=key, params=params, **defaults)
+
+
+def _curve(slope: float) -> dict[str, list[tuple[int, float]]]:
+    return {
+        "train_acc": [(e, 0.5 + slope * e) for e in range(4)],
+        "val_acc": [(e, 0.45 + slope * e) for e in range(4)],
+        "train_loss": [(e, 1.0 - 0.2 * e) for e in range(4)],
+        "val_loss": [(e, 1.1 - 0.15 * e) for e in range(4)],
+    }
+
+
+def _lime_item(label: str) -> LimeItem:
+    image = np.full((16, 16, 3), 120, dtype=np.uint8)
+    overlay = image.copy()
+    overlay[4:12, 4:12] = (60, 200, 60)
+    return LimeItem(f"t-{label}.jpg", label, label, 0.9, image, overlay)
+
+
 @pytest.fixture
 def data() -> ReportData:
+    cnn_params = [
+        {"lr": 0.02, "norm_order": order, "activation": "prelu", "epochs": 3}
+        for order in ("act_bn", "bn_act")
+    ]
     units = [
-        _unit(f"{CID}/cnn/5f3e2a1b9c0d/f{i}", "cnn", i, params={"lr": 0.001}) for i in range(5)
+        _unit(f"{CID}/cnn/p{j}/f{i}", "cnn", i, params=cnn_params[j])
+        for j in range(2)
+        for i in range(3)
     ]
     units += [
-        _unit(f"{CID}/svm/aa{i}", "svm", None, params={"C": 10.0 * (i + 1), "gamma": 0.01})
+        _unit(f"{CID}/svm/aa{i}/f0", "svm", 0, params={"C": 10.0 * (i + 1), "gamma": 0.01})
         for i in range(2)
     ]
     units += [
-        _unit(f"{CID}/rf/bb0", "rf", None, params={"n_estimators": 200, "max_depth": 8}),
+        _unit(f"{CID}/rf/bb0/f0", "rf", 0, params={"n_estimators": 200, "max_depth": 8}),
         _unit(
-            f"{CID}/rf/bb1",
+            f"{CID}/rf/bb1/f0",
             "rf",
-            None,
+            0,
             state="FAILED",
             params={"n_estimators": 400, "max_depth": None},
             seconds=None,
@@ -67,16 +120,98 @@ def data() -> ReportData:
         ),
     ]
     families = [
-        FamilyRow("cnn", units[0].key, {"lr": 0.001}, 5, 5, 0.95, 0.9, 0.84125, 245.0),
-        FamilyRow("svm", units[6].key, {"C": 20.0, "gamma": 0.01}, 2, 2, 0.9, 0.8, 0.79, 3.5),
-        FamilyRow("rf", units[7].key, {"n_estimators": 200}, 2, 1, 1.0, 0.75, 0.7125, 12.34),
+        FamilyRow("cnn", units[0].key, cnn_params[0], 6, 6, 0.95, 0.9, 0.84125, 245.0),
+        FamilyRow("svm", units[7].key, {"C": 20.0, "gamma": 0.01}, 2, 2, 0.9, 0.8, 0.79, 3.5),
+        FamilyRow("rf", units[8].key, {"n_estimators": 200}, 2, 1, 1.0, 0.75, 0.7125, 12.34),
     ]
-    blends = [BlendRow("CNN 5-fold vote", "cnn", "vote", 5, 0.86)]
+    experiments = [
+        Experiment(
+            "cnn",
+            "CNN (2 points, 3 folds each)",
+            [
+                _point(
+                    f"{CID}/cnn/p0",
+                    cnn_params[0],
+                    0.84125,
+                    units=3,
+                    succeeded=3,
+                    val_spread=0.01,
+                    extras={"epochs": 3.0},
+                ),
+                _point(
+                    f"{CID}/cnn/p1",
+                    cnn_params[1],
+                    0.83125,
+                    units=3,
+                    succeeded=3,
+                    val_spread=0.02,
+                    extras={"epochs": 3.0},
+                ),
+            ],
+            best_key=f"{CID}/cnn/p0",
+        ),
+        Experiment(
+            "svm",
+            "SVM (2 points, 1 fold each)",
+            [
+                _point(f"{CID}/svm/aa0", {"n_components": 100, "C": 10.0, "gamma": 0.01}, 0.69),
+                _point(f"{CID}/svm/aa1", {"n_components": 100, "C": 20.0, "gamma": 0.01}, 0.6975),
+            ],
+            best_key=f"{CID}/svm/aa1",
+        ),
+        Experiment(
+            "rf",
+            "RF (2 points, 1 fold each)",
+            [
+                _point(
+                    f"{CID}/rf/bb0",
+                    {"variant": "resize128", "augment": "rotate_flip", "n_estimators": 200},
+                    0.61,
+                    extras={"oob_score": 0.8065, "oob_grouped": 0.6012, "train_seconds": 240.0},
+                ),
+                _point(
+                    f"{CID}/rf/bb1",
+                    {"variant": "resize128", "augment": "none", "n_estimators": 400},
+                    None,
+                    succeeded=0,
+                    train_acc=None,
+                    test_acc=None,
+                    seconds=None,
+                ),
+            ],
+            best_key=f"{CID}/rf/bb0",
+            note=OOB_NOTE,
+        ),
+    ]
+    blends = [
+        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86),
+        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87),
+        BlendRow(
+            "SVM best point (mean)", "svm", "mean", 1, None, None, "n/a: SVM predicts labels only"
+        ),
+        BlendRow("CNN + SVM vote", "cnn+svm", "vote", 2, 0.85, 0.8, "ties go to CNN"),
+    ]
     confusions = {
-        "cnn": Confusion("CNN 5-fold vote (test)", [[30, 2, 1], [3, 25, 4], [0, 5, 30]], "test"),
+        "cnn": Confusion("CNN 3-fold vote (test)", [[30, 2, 1], [3, 25, 4], [0, 5, 30]], "test"),
         "svm": Confusion("SVM best point (test)", [[28, 4, 1], [5, 22, 5], [1, 6, 28]], "test"),
         "rf": Confusion("RF best point (val)", [[0, 0, 0], [0, 0, 0], [0, 0, 0]], "val"),
     }
+    timeline = [
+        TimelineBar(f"{CID}/preprocess/s00000", "preprocess", "cpu@h", 0.0, 2.0, "SUCCESS", 1.5),
+        *(
+            TimelineBar(
+                u.key,
+                u.family,
+                "gpu@h" if u.family == "cnn" else "cpu@h",
+                2.0 + i,
+                4.0 + i,
+                u.state,
+                u.seconds,
+            )
+            for i, u in enumerate(units)
+        ),
+        TimelineBar(f"{CID}/rf_shard/cc0/f0", "rf_shard", "cpu@h", 3.0, 5.0, "SUCCESS", 2.0),
+    ]
     return ReportData(
         campaign_id=CID,
         campaign_name="Quick | test",
@@ -86,79 +221,239 @@ def data() -> ReportData:
         blends=blends,
         confusions=confusions,
         units=units,
+        experiments=experiments,
+        curves=[
+            CurveFigure(
+                "cnn-p0",
+                "CNN order=R → B (best point)",
+                {f"fold {i}": _curve(0.05 + 0.01 * i) for i in range(3)},
+            ),
+            CurveFigure(
+                "cnn-norm_order-val",
+                "CNN: validation by norm_order",
+                {"R → B": _curve(0.06), "B → R": _curve(0.04)},
+            ),
+        ],
+        sweeps=[
+            SweepPlot("svm-c", "svm", "C", [10.0, 20.0], {"val acc": [0.69, 0.6975]}),
+            SweepPlot(
+                "rf-augment",
+                "rf",
+                "augment",
+                ["rotate_flip"],
+                {"val acc": [0.61], "oob_score": [0.8065]},
+            ),
+        ],
+        best_blend="CNN 3-fold mean",
+        timeline=timeline,
+        lime=LimeSection("cnn", f"{CID}/cnn/p0/f1", 30, [_lime_item(c) for c in CLASSES]),
+        skipped=[SkippedInput("bad.jpg", "/data/test/bad.jpg", "truncated JPEG", "test")],
+        submission=Submission("CNN 3-fold mean", [("t1.jpg", "extra"), ("t2.jpg", "class_ii")], 1),
+        test_labelled=True,
     )
 
 
 def _section(md: str, heading: str) -> str:
-    start = md.index(f"## {heading}\n")
+    start = md.index(f"\n## {heading}\n")
     nxt = md.find("\n## ", start + 1)
     return md[start : nxt if nxt != -1 else len(md)]
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
+
+
+EXPECTED_FILES = {
+    "report.md",
+    "report.html",
+    "report.json",
+    "submission.csv",
+    "timeline.png",
+    "lime-cnn.png",
+    "curve-cnn-p0.png",
+    "curve-cnn-norm_order-val.png",
+    "sweep-svm-c.png",
+    "sweep-rf-augment.png",
+} | {f"confusion-{s}.png" for s in ("cnn", "svm", "rf")}
 
 
 def test_write_report_creates_all_files(data: ReportData, tmp_path: Path) -> None:
     out = tmp_path / "report"
     files = write_report(data, out)
-    expected = {"report.md", "report.html", "report.json"} | {
-        f"confusion-{s}.png" for s in ("cnn", "svm", "rf")
-    }
-    assert {p.name for p in out.iterdir()} == expected  # no temp files left behind
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES  # no temp files left behind
     assert files.markdown.path == out / "report.md"
     assert files.html.path == out / "report.html"
     assert files.json.path == out / "report.json"
-    assert set(files.figures) == {"cnn", "svm", "rf"}
+    assert set(files.figures) == {n for n in EXPECTED_FILES if n.endswith(".png")}
     for written in [files.markdown, files.html, files.json, *files.figures.values()]:
         assert written.path.is_file()
         assert written.size == written.path.stat().st_size > 0
-    assert files.figures["cnn"].path.read_bytes().startswith(PNG_SIGNATURE)
+        assert len(written.sha256) == 64
+    for written in files.figures.values():
+        assert written.path.read_bytes().startswith(PNG_SIGNATURE)
+    assert files.submission is not None
+    assert files.submission.path.read_text() == "image_id,label\nt1.jpg,extra\nt2.jpg,class_ii\n"
 
 
-def test_markdown_tables(data: ReportData) -> None:
-    md = render_markdown(data, {s: f"confusion-{s}.png" for s in data.confusions})
+def test_sections_in_order(data: ReportData) -> None:
+    md = render_markdown(data)
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings == list(SECTION_HEADINGS)
+    ok = dataclasses.replace(data, units=[u for u in data.units if u.state == "SUCCESS"])
+    assert re.findall(r"^## (.+)$", render_markdown(ok), flags=re.M) == list(SECTION_HEADINGS[:-1])
+
+
+def test_family_and_unit_tables(data: ReportData) -> None:
+    md = render_markdown(data)
     assert md.startswith("# orchard report — Quick | test\n")
     assert CID in md
-
     fam = _section(md, "Model families")
     assert (
         "| Family | Best unit | Params | Units (ok/total) | Train acc | Val acc | Test acc" in fam
     )
-    rows = [line for line in fam.splitlines() if line.startswith("| ") and "Family" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["cnn", "svm", "rf"]
-    assert "84.125%" in rows[0] and "95.000%" in rows[0]
-    assert "4 min 05 s" in rows[0]
-    assert "1/2" in rows[2]
+    assert f"\n| cnn | `{CID}/cnn/" in fam
+    rows = _table_rows(fam)[1:]
+    assert [r[0] for r in rows] == ["cnn", "svm", "rf"]
+    assert "84.125%" in rows[0] and "95.000%" in rows[0] and "4 min 05 s" in rows[0]
+    assert rows[2][3] == "1/2"
     assert "C=20, gamma=0.01" in rows[1]
     pcts = re.findall(r"\d+\.\d+%", fam)
     assert pcts and all(re.fullmatch(r"\d{1,3}\.\d{3}%", p) for p in pcts)
 
-    blend = _section(md, "Blending")
-    assert "| CNN 5-fold vote | vote | 5 | 86.000% |" in blend
-
-    conf = _section(md, "Confusion matrices")
-    assert "![CNN 5-fold vote (test)](confusion-cnn.png)" in conf
-    assert conf.count("![") == 3
-
     units = _section(md, "Units")
-    assert units.count(f"`{CID}/") == 9
+    assert units.count(f"`{CID}/") == 10
     failed_row = next(line for line in units.splitlines() if "rf/bb1" in line)
     assert "bad \\| value" in failed_row
     assert "\\<script>" in failed_row  # no raw HTML in the Markdown table
     assert "x" * 200 not in failed_row  # truncated
-    # every table row has the header's number of cells (escaped pipes don't split cells)
-    for line in units.splitlines():
+    for line in units.splitlines():  # escaped pipes don't split cells
         if line.startswith("|"):
             assert len(re.split(r"(?<!\\)\|", line)) == 12
 
 
+def test_experiment_tables_show_swept_params_like_the_study(data: ReportData) -> None:
+    exp = _section(render_markdown(data), "Experiments")
+    cnn = exp[exp.index("### CNN") : exp.index("### SVM")]
+    header, best, other = _table_rows(cnn)
+    # only the swept parameter gets a column, labelled and valued as the study does
+    assert header[:2] == ["Order", "Folds"]
+    assert header[2:5] == ["Train acc", "Valid acc", "Test acc"]
+    assert "Training time / fold" in header and "Epochs" in header
+    assert best[0] == "**R → B**" and other[0] == "B → R"
+    assert best[3] == "**84.125% ± 1.000**" and other[3] == "83.125% ± 2.000"
+    assert "Fixed: `activation=prelu, epochs=3, lr=0.02`" in cnn
+    assert "B = BatchNorm, R = the activation" in cnn
+
+    svm = exp[exp.index("### SVM") : exp.index("### RF")]
+    header, first, best = _table_rows(svm)
+    assert header[0] == "C" and "n_component" not in header  # n_components is not swept
+    assert first[0] == "10" and best[0] == "**20**" and best[3] == "**69.750%**"
+
+    rf = exp[exp.index("### RF") :]
+    header, best, failed = _table_rows(rf)
+    assert header[:2] == ["method", "n_estimators"]
+    assert "oob_score_" in header and "Grouped OOB" in header and "Train seconds" in header
+    assert best[0] == "**resize 128 rotate, flip**" and failed[0] == "resize 128"
+    assert "**0.8065**" in best and "**0.6012**" in best and "**4 min 00 s**" in best
+    assert failed[2] == "0/1"  # the failed point is marked
+    assert "> `oob_score_` is inflated by augmented **siblings**." in rf
+
+
+def test_single_point_family_gets_a_one_row_table(data: ReportData) -> None:
+    single = Experiment("svm", "SVM (1 point)", [_point("c/svm/x", {"C": 1.5}, 0.7)], "c/svm/x")
+    md = render_markdown(dataclasses.replace(data, experiments=[single]))
+    rows = _table_rows(_section(md, "Experiments"))
+    assert rows[0][0] == "Point" and rows[1][0] == "**x**"
+    assert "Fixed: `C=1.5`" in _section(md, "Experiments")
+
+
+def test_param_labels_and_values() -> None:
+    assert param_value("norm_order", "bn_act") == "B → R"
+    assert param_value("activation", "leakyrelu") == "LeakyReLU"
+    assert param_value("pool", "conv") == "Conv2d with stride=2"
+    assert param_value("optimizer", "adam") == "Adam"
+    assert param_value("variant", "polar192") == "polarized 192"
+    assert param_value("gamma", "scale") == "scale"
+    assert param_value("max_depth", None) == "None"
+    points = [
+        _point("a", {"C": 1.0, "g": "scale"}, 0.5),
+        _point("b", {"C": 2.0, "g": "scale"}, 0.6),
+    ]
+    assert swept_params(points) == ["C"]
+
+
+def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
+    blend = _section(render_markdown(data), "Blending")
+    assert "| Blend | Method | Members | Test acc | OOF val acc | Note |" in blend
+    assert "| CNN 3-fold vote | vote | 3 | 86.000% |" in blend
+    assert "| **CNN 3-fold mean** | **mean** | **3** | **87.000%** |" in blend
+    assert (
+        "| SVM best point (mean) | mean | 1 | n/a | n/a | n/a: SVM predicts labels only |" in blend
+    )
+    assert "| CNN + SVM vote | vote | 2 | 85.000% | 80.000% | ties go to CNN |" in blend
+    assert "Best blend by test accuracy: **CNN 3-fold mean**." in blend
+
+
+def test_figure_sections_link_their_pngs(data: ReportData) -> None:
+    md = render_markdown(data)
+    curves = _section(md, "Learning curves")
+    assert "(curve-cnn-p0.png)" in curves and "(curve-cnn-norm_order-val.png)" in curves
+    sweeps = _section(md, "Sweep plots")
+    assert "(sweep-svm-c.png)" in sweeps and "(sweep-rf-augment.png)" in sweeps
+    conf = _section(md, "Confusion matrices")
+    assert "![CNN 3-fold vote (test)](confusion-cnn.png)" in conf
+    assert conf.count("![") == 3
+    lime = _section(md, "Explanations (LIME)")
+    assert "(lime-cnn.png)" in lime and f"`{CID}/cnn/p0/f1`" in lime and "green" in lime
+    assert len(_table_rows(lime)) == 1 + 3  # header, one image per class
+
+
+def test_efficiency_section_and_timeline(data: ReportData) -> None:
+    eff = _section(render_markdown(data), "Efficiency")
+    assert "Campaign wall time" in eff and "in parallel" in eff
+    fams = eff[eff.index("### Per family") : eff.index("### Per worker")]
+    assert [r[0] for r in _table_rows(fams)[1:]] == ["preprocess", "cnn", "svm", "rf", "rf_shard"]
+    cnn = next(r for r in _table_rows(fams) if r[0] == "cnn")
+    assert cnn[1] == "6" and cnn[2] == "1 min 14 s" and cnn[3] == "12.3 s"
+    workers = eff[eff.index("### Per worker") :]
+    assert [r[0] for r in _table_rows(workers)[1:]] == ["`cpu@h`", "`gpu@h`"]
+    assert "(timeline.png)" in eff
+    png = timeline_png(data.timeline)
+    assert png.startswith(PNG_SIGNATURE)
+    img = mpimg.imread(io.BytesIO(png), format="png")
+    assert img.std() > 0
+
+
+def test_submission_and_skipped_inputs_sections(data: ReportData) -> None:
+    md = render_markdown(data)
+    sub = _section(md, "Submission")
+    assert "`submission.csv`: 2 test images" in sub and "**CNN 3-fold mean**" in sub
+    assert "1 test images have no prediction" in sub
+    skipped = _section(md, "Skipped inputs")
+    assert "| `bad.jpg` | test | `/data/test/bad.jpg` | truncated JPEG |" in skipped
+    none = dataclasses.replace(data, skipped=[], submission=None)
+    md = render_markdown(none)
+    assert "No input was skipped." in _section(md, "Skipped inputs")
+    assert "the test set is labelled" in _section(md, "Submission")
+
+
 def test_failed_units_section(data: ReportData) -> None:
-    md = render_markdown(data, {})
-    failed = _section(md, "Failed units")
+    failed = _section(render_markdown(data), "Failed units")
     assert f"{CID}/rf/bb1" in failed
     assert "FAILED" in failed
     assert "alert('x')" in failed
     assert f"{CID}/rf/bb0" not in failed
 
-    ok = dataclasses.replace(data, units=[u for u in data.units if u.state == "SUCCESS"])
-    assert "## Failed units" not in render_markdown(ok, {})
+
+def test_empty_report_says_so() -> None:
+    empty = ReportData(
+        CID, "empty", "2024-05-01", CLASSES, [], [], {}, [], lime_note="LIME is off."
+    )
+    md = render_markdown(empty)
+    assert "_No model families._" in md and "_No blends._" in md and "_LIME is off._" in md
+    assert "_No unit has run yet._" in md
+    assert "data:image" not in render_html(empty, {})
 
 
 def test_html_self_contained_and_escaped(data: ReportData, tmp_path: Path) -> None:
@@ -173,29 +468,30 @@ def test_html_self_contained_and_escaped(data: ReportData, tmp_path: Path) -> No
     assert "<style>" in html
 
     srcs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(srcs) == 3
-    png = base64.b64decode(srcs[0])
-    assert png.startswith(PNG_SIGNATURE)
-    assert png == files.figures["cnn"].path.read_bytes()
+    assert len(srcs) == len([n for n in EXPECTED_FILES if n.endswith(".png")])
+    pngs = {base64.b64decode(s) for s in srcs}
+    assert {f.path.read_bytes() for f in files.figures.values()} == pngs
 
-    for heading in ("Model families", "Blending", "Confusion matrices", "Units", "Failed units"):
+    for heading in SECTION_HEADINGS:
         assert f"<h2>{heading}</h2>" in html
     assert "84.125%" in html
-    assert 'class="failed"' in html
+    assert 'class="failed"' in html and 'class="best"' in html
     assert "Quick | test" in html
+    assert "<blockquote><p><code>oob_score_</code> is inflated by augmented " in html
 
 
 def test_html_without_figure_uses_placeholder(data: ReportData) -> None:
     html = render_html(data, {})
     assert "data:image/png" not in html
-    assert html.count("Figure not rendered.") == 3
+    assert html.count("Figure not rendered.") == len(
+        [n for n in EXPECTED_FILES if n.endswith(".png")]
+    )
 
 
 def test_confusion_png_deterministic_and_decodable(data: ReportData) -> None:
     conf = data.confusions["cnn"]
     a = confusion_png(conf, CLASSES)
-    b = confusion_png(conf, CLASSES)
-    assert a == b
+    assert a == confusion_png(conf, CLASSES)
     assert a.startswith(PNG_SIGNATURE)
     img = mpimg.imread(io.BytesIO(a), format="png")
     h, w = img.shape[:2]
@@ -213,12 +509,15 @@ def test_report_json_round_trips(data: ReportData, tmp_path: Path) -> None:
     files = write_report(data, tmp_path)
     loaded = json.loads(files.json.path.read_text(encoding="utf-8"))
     assert loaded["campaign_id"] == CID
-    assert len(loaded["families"]) == 3
     assert [f["family"] for f in loaded["families"]] == ["cnn", "svm", "rf"]
     assert loaded["classes"] == list(CLASSES)
     assert loaded["confusions"]["cnn"]["matrix"][0] == [30, 2, 1]
-    assert len(loaded["units"]) == 9
+    assert len(loaded["units"]) == 10
     assert loaded["units"][-1]["error"] == BAD_ERROR
+    assert loaded["best_blend"] == "CNN 3-fold mean"
+    assert loaded["experiments"][2]["points"][0]["extras"]["oob_score"] == 0.8065
+    assert loaded["lime"]["items"][0]["overlay"] == [16, 16, 3]  # images stay out of the JSON
+    assert loaded["submission"]["rows"][0] == ["t1.jpg", "extra"]
     assert list(loaded) == sorted(loaded)
 
 
@@ -228,3 +527,31 @@ def test_invalid_slug_raises(data: ReportData, tmp_path: Path, slug: str) -> Non
     with pytest.raises(ValueError):
         write_report(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written before validation
+
+
+# --------------------------------------------------------------------------- blend metrics
+
+
+def test_mean_probabilities_averages_members() -> None:
+    probs = np.array(
+        [
+            [[0.6, 0.4, 0.0], [0.1, 0.2, 0.7]],
+            [[0.1, 0.9, 0.0], [0.2, 0.5, 0.3]],
+        ]
+    )
+    # sample 0: vote would tie (0 vs 1); the mean says 1. sample 1: mean [.15, .35, .5] -> 2
+    assert mean_probabilities(probs).tolist() == [1, 2]
+    assert mean_probabilities(np.zeros((2, 0, 3))).tolist() == []
+    with pytest.raises(ValueError):
+        mean_probabilities(np.zeros((2, 3)))
+
+
+def test_majority_vote_tie_break_by_a_referee() -> None:
+    preds = np.array([[0, 1, 2], [2, 1, 0]])
+    assert majority_vote(preds, 3).tolist() == [0, 1, 0]  # ties to the lowest class
+    assert majority_vote(preds, 3, tie_break=np.array([2, 1, 2])).tolist() == [2, 1, 2]
+    # a referee outside the tie does not win it
+    three = np.array([[0], [0], [1], [1], [2]])
+    assert majority_vote(three, 3, tie_break=np.array([2])).tolist() == [0]
+    with pytest.raises(ValueError):
+        majority_vote(preds, 3, tie_break=np.array([0]))

@@ -1,13 +1,25 @@
-"""The report task's reading of the store: best point per family, the vote, confusions."""
+"""The report task's reading of the store: best points, tables, blends, curves, timeline,
+submission and the LIME glue, on a real SQLite store."""
 
 from __future__ import annotations
 
-import pytest
+import io
+from pathlib import Path
 
-from db.store import Outcome, Prediction, Store
+import numpy as np
+import pytest
+import torch
+
+from db.store import Artifact, Outcome, Prediction, Store
+from shared.artifacts import atomic_write_bytes
+from shared.cnn import build_model
+from shared.manifest import NO_FOLD, Entry, Manifest
 from shared.plan import plan_units
-from shared.spec import parse_campaign
-from workers.tasks.report import build_report_data
+from shared.preprocess import shard_name, write_shard
+from shared.report import render_markdown, write_report
+from shared.settings import Settings
+from shared.spec import CnnParams, parse_campaign
+from workers.tasks.report import Predicted, blend_members, build_report_data
 
 SPEC = {
     "name": "r",
@@ -17,27 +29,41 @@ SPEC = {
     "svm": {"C": 1.0},
 }
 TEST_IDS = ["t1.jpg", "t2.jpg", "t3.jpg", "t4.jpg"]
+VAL_IDS = {0: ["v0.jpg"], 1: ["v1.jpg"], 2: ["v2.jpg"]}
 
 
-@pytest.fixture
-def store(sqlite_url: str) -> Store:
-    store = Store(sqlite_url)
+def make_store(url: str, spec: dict, campaign_id: str = "r-1") -> Store:
+    store = Store(url)
     store.upgrade()
-    campaign = parse_campaign(SPEC, source="test")
+    campaign = parse_campaign(spec, source="test")
     store.create_campaign(
-        "r-1",
-        name="r",
+        campaign_id,
+        name=spec["name"],
         source="r.toml",
         digest=campaign.digest(),
         spec=campaign.model_dump(mode="json"),
         classes=["A", "B", "C"],
-        units=plan_units("r-1", campaign, [(0, 4)]),
+        units=plan_units(campaign_id, campaign, [(0, 4)]),
     )
     return store
 
 
+@pytest.fixture
+def store(sqlite_url: str) -> Store:
+    return make_store(sqlite_url, SPEC)
+
+
 def finish(
-    store: Store, key: str, val_acc: float, test_preds: list[int], labels: list[int]
+    store: Store,
+    key: str,
+    val_acc: float,
+    test_preds: list[int],
+    labels: list[int],
+    *,
+    probs: list[list[float]] | None = None,
+    fold: int = 0,
+    extra: dict | None = None,
+    artifacts: list[Artifact] | None = None,
 ) -> None:
     store.start_unit(key, worker="w@h", task_id=None)
     store.finish_unit(
@@ -46,33 +72,39 @@ def finish(
             fit_seconds=2.0,
             train_acc=1.0,
             val_acc=val_acc,
+            test_acc=None,
             val_confusion=[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+            extra=extra or {},
             predictions={
                 "test": [
-                    Prediction(i, lab, p)
-                    for i, lab, p in zip(TEST_IDS, labels, test_preds, strict=True)
-                ]
+                    Prediction(i, lab, p, None if probs is None else probs[j])
+                    for j, (i, lab, p) in enumerate(zip(TEST_IDS, labels, test_preds, strict=True))
+                ],
+                "val": [Prediction(VAL_IDS[fold][0], fold, test_preds[0])],
             },
+            artifacts=artifacts or [],
         ),
     )
 
 
+def cnn_points(store: Store) -> tuple[list, str, str]:
+    cnn = [u for u in store.units("r-1") if u.family == "cnn"]
+    order = list(dict.fromkeys(u.params_hash for u in cnn))
+    return cnn, order[0], order[1]
+
+
 def test_vote_of_the_best_point(store: Store) -> None:
-    units = {u.key: u for u in store.units("r-1")}
-    cnn = [u for u in units.values() if u.family == "cnn"]
-    first, second = sorted(
-        {u.params_hash for u in cnn}, key=lambda h: [u.params_hash for u in cnn].index(h)
-    )
+    cnn, first, second = cnn_points(store)
     labels = [0, 1, 2, 1]
     # point 1: mean val 0.5; point 2: mean val 0.8 -> the blend uses point 2's three folds
     for u in cnn:
         if u.params_hash == first:
-            finish(store, u.key, 0.5, [0, 0, 0, 0], labels)
+            finish(store, u.key, 0.5, [0, 0, 0, 0], labels, fold=u.fold)
     votes = {0: [0, 1, 2, 0], 1: [0, 1, 1, 0], 2: [1, 1, 2, 2]}  # column votes -> [0, 1, 2, 0]
     for u in cnn:
         if u.params_hash == second:
-            finish(store, u.key, 0.8, votes[u.fold], labels)
-    (svm,) = [u for u in units.values() if u.family == "svm"]
+            finish(store, u.key, 0.8, votes[u.fold], labels, fold=u.fold)
+    (svm,) = [u for u in store.units("r-1") if u.family == "svm"]
     store.start_unit(svm.key, worker="w@h", task_id=None)
     store.fail_unit(svm.key, "ValueError: n_components too large")
 
@@ -82,20 +114,227 @@ def test_vote_of_the_best_point(store: Store) -> None:
     assert rows["cnn"].params["lr"] == 0.02 and rows["cnn"].val_acc == pytest.approx(0.8)
     assert rows["cnn"].succeeded == 6 and rows["cnn"].units == 6
     assert rows["svm"].succeeded == 0 and rows["svm"].best_key == ""
-    (blend,) = data.blends
-    assert blend.members == 3 and blend.method == "vote"
-    assert blend.test_acc == pytest.approx(3 / 4)  # [0, 1, 2, 0] against [0, 1, 2, 1]
+    blends = {b.name: b for b in data.blends}
+    assert set(blends) == {"CNN 3-fold vote", "CNN 3-fold mean"}  # [blend] method = "both"
+    vote = blends["CNN 3-fold vote"]
+    assert vote.members == 3 and vote.method == "vote"
+    assert vote.test_acc == pytest.approx(3 / 4)  # [0, 1, 2, 0] against [0, 1, 2, 1]
+    # these folds recorded labels only: no probabilities to average
+    assert blends["CNN 3-fold mean"].test_acc is None
+    assert "n/a" in blends["CNN 3-fold mean"].note
+    assert data.best_blend == "CNN 3-fold vote" and data.test_labelled
     assert data.confusions["cnn"].matrix == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     assert "svm" not in data.confusions
+    assert data.submission is None  # labelled test set: nothing to submit
     failed = [u for u in data.units if u.state == "FAILED"]
     assert [u.error for u in failed] == ["ValueError: n_components too large"]
 
+    # the experiment tables: one row per point, lr swept, the best point marked
+    exp = {e.family: e for e in data.experiments}
+    assert [p.params["lr"] for p in exp["cnn"].points] == [0.01, 0.02]
+    assert exp["cnn"].best_key == f"r-1/cnn/{second}"
+    assert exp["cnn"].points[1].val_acc == pytest.approx(0.8)
+    assert exp["cnn"].points[1].val_spread == pytest.approx(0.0)
+    assert exp["svm"].points[0].succeeded == 0 and exp["svm"].best_key is None
+    (sweep,) = data.sweeps
+    assert sweep.param == "lr" and sweep.xs == [0.01, 0.02]
+    assert sweep.series["val acc"] == pytest.approx([0.5, 0.8])
 
-def test_without_test_labels_the_confusion_pools_validation(store: Store) -> None:
+    # the timeline: every unit that ran, on its worker; the failed one marked
+    assert len(data.timeline) == 7
+    assert {b.worker for b in data.timeline} == {"w@h"}
+    assert all(b.end >= b.start >= 0 for b in data.timeline)
+    assert [b.state for b in data.timeline if b.family == "svm"] == ["FAILED"]
+
+    md = render_markdown(data)
+    assert "| CNN 3-fold vote | vote | 3 |" not in md  # the best blend is bold
+    assert "| **CNN 3-fold vote** | **vote** | **3** | **75.000%**" in md
+
+
+def test_without_test_labels_pools_validation_and_writes_a_submission(
+    store: Store, tmp_path: Path
+) -> None:
     for u in store.units("r-1"):
         if u.family in ("cnn", "svm"):
-            finish(store, u.key, 0.6, [0, 1, 2, 0], [-1, -1, -1, -1])
+            finish(store, u.key, 0.6, [0, 1, 2, 0], [-1, -1, -1, -1], fold=u.fold)
     data = build_report_data(store, "r-1")
-    assert data.blends[0].test_acc is None
+    assert all(b.test_acc is None for b in data.blends)
+    assert not data.test_labelled
     cnn = data.confusions["cnn"]
     assert cnn.split == "val" and cnn.matrix == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
+    # out-of-fold: the three folds each predicted class 0 for their one val image
+    vote = next(b for b in data.blends if b.name == "CNN 3-fold vote")
+    assert vote.val_acc == pytest.approx(1 / 3)
+    assert data.best_blend is not None
+    assert data.submission is not None
+    assert data.submission.rows == [
+        ("t1.jpg", "A"),
+        ("t2.jpg", "B"),
+        ("t3.jpg", "C"),
+        ("t4.jpg", "A"),
+    ]
+
+    files = write_report(data, tmp_path / "report")
+    assert files.submission is not None
+    lines = files.submission.path.read_text().splitlines()
+    assert lines[0] == "image_id,label" and lines[1:] == [
+        "t1.jpg,A",
+        "t2.jpg,B",
+        "t3.jpg,C",
+        "t4.jpg,A",
+    ]
+
+
+def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
+    spec = {
+        "name": "x",
+        "folds": 2,
+        "dataset": {"kind": "synthetic"},
+        "cnn": {"folds": 2},
+        "svm": {},
+        "rf": {},
+        "blend": {"families": ["cnn", "svm", "rf"]},
+    }
+    store = make_store(sqlite_url, spec, "x-1")
+    labels = [0, 1, 2, 1]
+    units = {
+        u.family: [x for x in store.units("x-1") if x.family == u.family]
+        for u in store.units("x-1")
+    }
+    # the CNN folds disagree on t4; their probabilities settle it for class 1
+    cnn_probs = {
+        0: [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.45, 0.4, 0.15]],
+        1: [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.2, 0.2, 0.6], [0.05, 0.9, 0.05]],
+    }
+    for u in units["cnn"]:
+        preds = np.argmax(cnn_probs[u.fold], axis=1).tolist()
+        finish(store, u.key, 0.9, preds, labels, probs=cnn_probs[u.fold], fold=u.fold)
+    (svm,) = units["svm"]
+    finish(store, svm.key, 0.7, [2, 1, 2, 2], labels)  # labels only
+    (rf,) = units["rf"]
+    rf_probs = [[0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]]
+    finish(store, rf.key, 0.6, [0, 1, 2, 1], labels, probs=rf_probs, extra={"oob_score": 0.81})
+
+    data = build_report_data(store, "x-1")
+    blends = {b.name: b for b in data.blends}
+    # vote of two folds ties on t4 (0 vs 1) -> lowest class 0; the mean says 1
+    assert blends["CNN 2-fold vote"].test_acc == pytest.approx(3 / 4)
+    assert blends["CNN 2-fold mean"].test_acc == pytest.approx(1.0)
+    assert blends["SVM best point (mean)"].test_acc is None
+    assert blends["SVM best point (mean)"].note == "n/a: SVM predicts labels only"
+    assert blends["RF best point"].test_acc == pytest.approx(1.0)
+    cross = blends["CNN + SVM + RF vote"]
+    # per image: CNN vote [0,1,2,0], SVM [2,1,2,2], RF [0,1,2,1] -> t1: 0, t4: three-way tie
+    # broken by the CNN (best validation accuracy): 0 -> 3/4
+    assert cross.members == 3 and cross.test_acc == pytest.approx(3 / 4)
+    assert "ties go to CNN" in cross.note
+    assert blends["CNN + SVM + RF mean"].test_acc is None
+    assert data.best_blend == "CNN 2-fold mean"  # the first of the most accurate
+    assert data.experiments[2].note and "oob" in data.experiments[2].note.lower()
+    assert data.experiments[2].points[0].extras["oob_score"] == pytest.approx(0.81)
+
+
+def test_blend_members_tie_break_and_alignment() -> None:
+    a = Predicted(["x", "y", "z"], np.array([0, 1, 2]), np.array([0, 1, 2]), None)
+    b = Predicted(["z", "y"], np.array([2, 1]), np.array([1, 0]), None)
+    vote, averaged = blend_members([a, b], 3, tie_break=1)
+    assert vote.ids == ["y", "z"]  # only the images both predicted
+    assert vote.preds.tolist() == [0, 1]  # every tie goes to member 1
+    assert averaged is None
+
+
+def test_learning_curves_from_per_epoch_metrics(store: Store) -> None:
+    cnn, first, second = cnn_points(store)
+    for u in cnn:
+        val = 0.5 if u.params_hash == first else 0.8
+        for epoch in range(3):
+            store.record_metrics(
+                u.key,
+                epoch,
+                {
+                    "train_loss": 1.0 / (epoch + 1),
+                    "train_acc": 0.5 + 0.1 * epoch,
+                    "val_loss": 1.1 / (epoch + 1),
+                    "val_acc": val - 0.1 * (2 - epoch),
+                    "epoch_seconds": 0.5,
+                },
+            )
+        finish(store, u.key, val, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+    data = build_report_data(store, "r-1")
+    titles = [c.title for c in data.curves]
+    assert len(data.curves) == 3, titles  # best point, best with lr=0.01, lr comparison
+    best = data.curves[0]
+    assert "best point" in best.title
+    assert sorted(best.series) == ["fold 0", "fold 1", "fold 2"]
+    assert best.series["fold 0"]["val_acc"] == [
+        (0, pytest.approx(0.6)),
+        (1, pytest.approx(0.7)),
+        (2, pytest.approx(0.8)),
+    ]
+    comparison = data.curves[-1]
+    assert set(comparison.series) == {"0.02", "0.01"}
+    assert set(comparison.series["0.01"]) == {"val_acc", "val_loss"}
+
+
+# --------------------------------------------------------------------------- LIME glue
+
+
+def test_lime_explains_the_best_cnn_fold(sqlite_url: str, tmp_path: Path) -> None:
+    spec = {
+        "name": "l",
+        "folds": 2,
+        "dataset": {"kind": "synthetic"},
+        "cnn": {"folds": 2, "image_size": 32, "width": 0.125},
+        "report": {"lime_samples": 20, "lime_per_class": 1},
+    }
+    store = make_store(sqlite_url, spec, "l-1")
+    settings = Settings(
+        home=tmp_path, broker_url="memory://", database_url=sqlite_url, artifacts=tmp_path / "art"
+    )
+    # the image cache: 6 test images at 64 px in one shard, recorded like preprocessing does
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)
+    cache_key = "k" * 16
+    rel = f"cache/{cache_key}/{shard_name(0)}"
+    shard = write_shard(settings.artifacts / rel, images)
+    store.record_artifact(Artifact(rel, "shard", shard.sha256, shard.size, "l-1"))
+    entries = tuple(
+        Entry(f"t{i}.jpg", "ABC"[i % 3], "test", f"/data/t{i}.jpg", NO_FOLD) for i in range(6)
+    )
+    manifest = Manifest(("A", "B", "C"), entries, "fp", cache_key, 64, 16)
+
+    torch.manual_seed(0)
+    params = CnnParams(image_size=32, width=0.125).model_dump()
+    model = build_model(params, 3)
+    units = [u for u in store.units("l-1") if u.family == "cnn"]
+    for u in units:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "params": params}, buffer)
+        path = Path("campaigns/l-1/models") / f"cnn-{u.fold}.pt"
+        written = atomic_write_bytes(settings.artifacts / path, buffer.getvalue())
+        artifact = Artifact(path.as_posix(), "model", written.sha256, written.size, "l-1", u.key)
+        finish(
+            store,
+            u.key,
+            0.5 + 0.1 * u.fold,
+            [0, 1, 2, 0],
+            [0, 1, 2, 1],
+            fold=u.fold,
+            artifacts=[artifact],
+        )
+
+    data = build_report_data(store, "l-1", manifest=manifest, settings=settings)
+    lime = data.lime
+    assert lime is not None, data.lime_note
+    assert lime.note == "" and lime.num_samples == 20
+    assert lime.unit_key == units[1].key  # the fold with the better validation accuracy
+    assert len(lime.items) == 3  # one per class
+    assert [i.true_label for i in lime.items] == ["A", "B", "C"]
+    for item in lime.items:
+        assert item.overlay.shape == item.image.shape == (32, 32, 3)
+        assert 0.0 <= item.probability <= 1.0
+    files = write_report(data, tmp_path / "report")
+    assert "lime-cnn.png" in files.figures
+
+    off = build_report_data(store, "l-1")  # no manifest or settings: said, not crashed
+    assert off.lime is None and "model files" in off.lime_note

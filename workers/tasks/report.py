@@ -1,41 +1,98 @@
-"""orchard.report: read the store, blend, and write the campaign's report.
+"""orchard.report: read the store, blend, explain, and write the campaign's report.
 
-Reads nothing but the store: every unit's state and result, and the test
-predictions of each family's best point, which it blends by uniform vote (the
-study's "five models vote for the final answer").
+Everything comes from the store (units, results, predictions, per-epoch metrics,
+artifacts) plus the manifest, the preprocessing cache and the best CNN's model file
+for LIME. Per family it picks the best point (highest mean validation accuracy),
+blends its folds by uniform vote (the study's "five models vote for the final
+answer") and by probability averaging, votes the families of ``[blend] families``
+together, and keeps the most accurate blend; with an unlabelled test set that
+blend's predictions become ``submission.csv``. The layout lives in
+:mod:`shared.report`; this module only gathers the numbers.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
-from statistics import mean
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
 
 import numpy as np
 
-from db.store import Artifact, Outcome, Result, Store, Unit
-from shared.metrics import accuracy, confusion_matrix, majority_vote
-from shared.plan import TRAIN
+from db.store import Artifact, Outcome, Prediction, Result, Store, Unit
+from shared.errors import OrchardError
+from shared.manifest import TEST_SPLIT, Manifest
+from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
 from shared.report import (
     BlendRow,
     Confusion,
+    CurveFigure,
+    Experiment,
     FamilyRow,
+    LimeItem,
+    LimeSection,
+    PointRow,
     ReportData,
+    SkippedInput,
+    Submission,
+    SweepPlot,
+    TimelineBar,
     UnitSummary,
+    param_value,
+    swept_params,
     write_report,
 )
-from workers.tasks.base import UnitContext, unit_task
+from shared.settings import Settings
+from workers.tasks.base import UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
+#: Families that are parts of another unit's model (tree shards merged into their
+#: forest): listed with the units and on the timeline, never as a model of their own.
+PART_FAMILIES = frozenset({"rf_shard"})
+NOT_MODELS = frozenset({"preprocess", "report"}) | PART_FAMILIES
+#: Learning-curve figures per family: the best point, then one per swept value.
+MAX_CURVES = 8
+CURVE_METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
+
+OOB_NOTE_FALLBACK = (
+    "`oob_score_` is measured on the training samples each tree did not draw. With "
+    "augmented copies (flips, rotations) in the training set, a sample's siblings are "
+    "usually in the tree's bootstrap, so its OOB prediction is nearly a training "
+    "prediction: the score is inflated, as in the study's `resize 128, rotate, flip` "
+    "row (OOB 0.8065, test 0.61). The grouped OOB score counts a sample as out of bag "
+    "only when all its siblings are too; trust it, and the validation accuracy, instead."
+)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
+def _oob_note() -> str:
+    try:
+        from shared import forest
+    except Exception:  # a broken optional import must not cost the report
+        return OOB_NOTE_FALLBACK
+    return getattr(forest, "OOB_NOTE", None) or OOB_NOTE_FALLBACK
+
+
+def _title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family.upper())
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and np.isfinite(v)]
     return mean(present) if present else None
 
 
+def _slug(*parts: str) -> str:
+    text = "-".join(parts).lower()
+    return re.sub(r"[^a-z0-9_-]+", "-", text).strip("-_") or "x"
+
+
 def best_point(units: list[Unit], results: dict[str, Result]) -> list[Unit]:
-    """The folds of the parameter point with the highest mean validation accuracy."""
+    """The succeeded folds of the point with the highest mean validation accuracy."""
     points: dict[str, list[Unit]] = defaultdict(list)
     for unit in units:
         if unit.key in results:
@@ -51,51 +108,447 @@ def best_point(units: list[Unit], results: dict[str, Result]) -> list[Unit]:
     return max(points.values(), key=score)
 
 
-def vote(store: Store, members: list[Unit], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, blended predictions) on the test split, aligned by image id."""
-    per_member = [store.predictions(u.key, "test") for u in members]
-    ids = [p.image_id for p in per_member[0]]
-    for predictions in per_member[1:]:
-        if [p.image_id for p in predictions] != ids:
-            raise ValueError("blend members predicted different test images")
-    labels = np.array([p.label for p in per_member[0]], dtype=np.int64)
-    stacked = np.array([[p.pred for p in predictions] for predictions in per_member])
-    if stacked.shape[1] == 0:
-        return labels, np.empty(0, dtype=np.int64)
-    return labels, majority_vote(stacked, n_classes)
+# --------------------------------------------------------------------------- blends
 
 
-def build_report_data(store: Store, campaign_id: str) -> ReportData:
-    campaign = store.get_campaign(campaign_id)
-    n_classes = len(campaign.classes)
-    units = [u for u in store.units(campaign_id) if u.stage == TRAIN]
-    results = store.results(campaign_id)
-    blend_families = set(campaign.spec.get("blend", {}).get("families", ["cnn"]))
+@dataclass
+class Predicted:
+    """One model's (or blend's) predictions on a split, aligned by image id."""
 
-    summaries = []
-    for u in units:
-        r = results.get(u.key)
-        summaries.append(
-            UnitSummary(
-                key=u.key,
-                family=u.family,
-                fold=u.fold,
-                params=u.params,
-                state=u.state,
-                worker=u.worker,
-                seconds=r.fit_seconds if r else None,
-                train_acc=r.train_acc if r else None,
-                val_acc=r.val_acc if r else None,
-                test_acc=r.test_acc if r else None,
-                error=u.error,
-            )
+    ids: list[str]
+    labels: np.ndarray
+    preds: np.ndarray
+    probs: np.ndarray | None  # (samples, classes), None when a member had none
+
+    def take(self, ids: Sequence[str]) -> Predicted:
+        index = {image_id: i for i, image_id in enumerate(self.ids)}
+        rows = np.array([index[i] for i in ids], dtype=np.int64)
+        return Predicted(
+            list(ids),
+            self.labels[rows],
+            self.preds[rows],
+            None if self.probs is None else self.probs[rows],
         )
 
-    families, blends, confusions = [], [], {}
-    for family in dict.fromkeys(u.family for u in units):
+
+def _predicted(rows: Sequence[Prediction]) -> Predicted:
+    probs = None
+    if rows and all(p.probs is not None for p in rows):
+        probs = np.array([p.probs for p in rows], dtype=np.float64)
+    return Predicted(
+        [p.image_id for p in rows],
+        np.array([p.label for p in rows], dtype=np.int64),
+        np.array([p.pred for p in rows], dtype=np.int64),
+        probs,
+    )
+
+
+def _common(members: Sequence[Predicted]) -> list[str]:
+    ids = set(members[0].ids)
+    for member in members[1:]:
+        ids &= set(member.ids)
+    return sorted(ids)
+
+
+def blend_members(
+    members: Sequence[Predicted], n_classes: int, tie_break: int | None = None
+) -> tuple[Predicted, Predicted | None]:
+    """(vote, probability mean) of ``members`` over the images they all predicted.
+
+    The mean is None when a member has no probabilities (an SVM predicts labels only).
+    ``tie_break`` names the member whose prediction settles a tied vote.
+    """
+    ids = _common(members)
+    aligned = [m.take(ids) for m in members]
+    labels = aligned[0].labels
+    if not ids:
+        empty = np.empty(0, dtype=np.int64)
+        return Predicted([], empty, empty, None), None
+    stacked = np.stack([m.preds for m in aligned])
+    referee = None if tie_break is None else aligned[tie_break].preds
+    vote = Predicted(ids, labels, majority_vote(stacked, n_classes, referee), None)
+    if any(m.probs is None for m in aligned):
+        return vote, None
+    probs = np.stack([m.probs for m in aligned])  # type: ignore[misc]
+    averaged = Predicted(ids, labels, mean_probabilities(probs), probs.mean(0))
+    return vote, averaged
+
+
+def _pooled(store: Store, units: Sequence[Unit], split: str) -> Predicted:
+    """Each unit's predictions on ``split``, pooled (first unit wins a repeated image)."""
+    rows: dict[str, Prediction] = {}
+    for unit in units:
+        for p in store.predictions(unit.key, split):
+            rows.setdefault(p.image_id, p)
+    return _predicted([rows[k] for k in sorted(rows)])
+
+
+@dataclass
+class FamilyBlend:
+    family: str
+    members: int
+    test_vote: Predicted
+    test_mean: Predicted | None
+    oof: Predicted  # pooled out-of-fold validation predictions
+    val_acc: float | None  # the best point's mean validation accuracy
+
+
+def family_blend(
+    store: Store, best: Sequence[Unit], n_classes: int, val: float | None
+) -> FamilyBlend:
+    per_member = [_predicted(store.predictions(u.key, "test")) for u in best]
+    vote, averaged = blend_members(per_member, n_classes)
+    return FamilyBlend(best[0].family, len(best), vote, averaged, _pooled(store, best, "val"), val)
+
+
+def _acc(p: Predicted | None) -> float | None:
+    return None if p is None or not len(p.ids) else accuracy(p.labels, p.preds)
+
+
+# --------------------------------------------------------------------------- tables, plots
+
+
+def point_rows(
+    campaign_id: str, family: str, units: list[Unit], results: dict[str, Result]
+) -> list[PointRow]:
+    points: dict[str, list[Unit]] = defaultdict(list)
+    for unit in units:
+        points[unit.params_hash].append(unit)
+    rows = []
+    for phash, folds in points.items():
+        done = [results[u.key] for u in folds if u.key in results]
+        vals = [r.val_acc for r in done if r.val_acc is not None and np.isfinite(r.val_acc)]
+        extras: dict[str, list[float]] = defaultdict(list)
+        for r in done:
+            for name, value in (r.extra or {}).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    extras[name].append(float(value))
+        rows.append(
+            PointRow(
+                key=f"{campaign_id}/{family}/{phash}",
+                params=dict(folds[0].params),
+                units=len(folds),
+                succeeded=len(done),
+                train_acc=_mean([r.train_acc for r in done]),
+                val_acc=_mean(vals),
+                val_spread=stdev(vals) if len(vals) > 1 else None,
+                test_acc=_mean([r.test_acc for r in done]),
+                seconds=_mean([r.fit_seconds for r in done]),
+                extras={name: _mean(values) for name, values in extras.items()},
+            )
+        )
+    return rows
+
+
+def sweep_plots(family: str, points: list[PointRow]) -> list[SweepPlot]:
+    plots = []
+    scored = [p for p in points if p.succeeded]
+    extra_scores = [n for n in dict.fromkeys(n for p in scored for n in p.extras) if "oob" in n]
+    for param in swept_params(points):
+        series: dict[str, list[float | None]] = {"val acc": [p.val_acc for p in scored]}
+        for name in extra_scores:
+            series[name] = [p.extras.get(name) for p in scored]
+        if scored:
+            plots.append(
+                SweepPlot(
+                    slug=_slug(family, param),
+                    family=family,
+                    param=param,
+                    xs=[p.params.get(param) for p in scored],
+                    series=series,
+                )
+            )
+    return plots
+
+
+def _value_key(value: Any) -> str:
+    return repr(value)
+
+
+def _curve_points(points: list[PointRow], best_key: str) -> list[tuple[PointRow, str]]:
+    """(point, why) to draw: the best point, then the best point of each swept value."""
+    scored = [p for p in points if p.val_acc is not None]
+    chosen: dict[str, tuple[PointRow, str]] = {}
+    for p in scored:
+        if p.key == best_key:
+            chosen[p.key] = (p, "best point")
+    swept = swept_params(points)
+    for param in swept:
+        values = dict.fromkeys(_value_key(p.params.get(param)) for p in scored)
+        for value in values:
+            having = [p for p in scored if _value_key(p.params.get(param)) == value]
+            top = max(having, key=lambda p: p.val_acc or -1.0)
+            if top.key not in chosen:
+                chosen[top.key] = (
+                    top,
+                    f"best with {param} = {param_value(param, top.params[param])}",
+                )
+    return list(chosen.values())[:MAX_CURVES]
+
+
+def _describe(point: PointRow, swept: Sequence[str]) -> str:
+    return ", ".join(f"{n}={param_value(n, point.params.get(n))}" for n in swept)
+
+
+def _mean_curve(
+    per_fold: Sequence[dict[str, list[tuple[int, float]]]], name: str
+) -> list[tuple[int, float]]:
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for metrics in per_fold:
+        for step, value in metrics.get(name, []):
+            if np.isfinite(value):
+                by_step[step].append(value)
+    return [(step, mean(values)) for step, values in sorted(by_step.items())]
+
+
+def learning_curves(
+    store: Store,
+    campaign_id: str,
+    family: str,
+    units: list[Unit],
+    points: list[PointRow],
+    best_key: str,
+) -> list[CurveFigure]:
+    """Per-fold curves of the chosen points (Fig. 2-5), and per swept parameter the
+    validation curves of its values side by side (Fig. 6-7)."""
+    chosen = _curve_points(points, best_key)
+    if not chosen:
+        return []
+    folds_of = {
+        p.key: [u for u in units if f"{campaign_id}/{family}/{u.params_hash}" == p.key]
+        for p, _ in chosen
+    }
+    keys = [u.key for folds in folds_of.values() for u in folds]
+    metrics = store.campaign_metrics(campaign_id, keys)
+    if not any(name in metrics.get(k, {}) for k in keys for name in CURVE_METRICS):
+        return []
+    swept = swept_params(points)
+    title = _title(family)
+    curves = []
+    for point, why in chosen:
+        series = {
+            f"fold {u.fold}": {n: metrics[u.key][n] for n in CURVE_METRICS if n in metrics[u.key]}
+            for u in folds_of[point.key]
+            if u.key in metrics
+        }
+        if series:
+            curves.append(
+                CurveFigure(
+                    slug=_slug(family, point.key.rsplit("/", 1)[-1][:8]),
+                    title=f"{title} {_describe(point, swept)} ({why})"
+                    if swept
+                    else f"{title}, the only point",
+                    series=series,
+                )
+            )
+    for param in swept:
+        series = {}
+        for point, _ in chosen:
+            label = param_value(param, point.params.get(param))
+            if label in series:
+                continue
+            per_fold = [metrics.get(u.key, {}) for u in folds_of[point.key]]
+            lines = {n: _mean_curve(per_fold, n) for n in ("val_acc", "val_loss")}
+            if any(lines.values()):
+                series[label] = lines
+        if len(series) > 1:
+            curves.append(
+                CurveFigure(
+                    slug=_slug(family, param, "val"),
+                    title=f"{title}: validation (mean over folds) by {param}",
+                    series=series,
+                )
+            )
+    return curves
+
+
+# --------------------------------------------------------------------------- timeline
+
+
+def timeline(units: Sequence[Unit], results: dict[str, Result]) -> list[TimelineBar]:
+    ran = [
+        u
+        for u in units
+        if u.family != "report" and u.started_at is not None and u.finished_at is not None
+    ]
+    if not ran:
+        return []
+    t0: datetime = min(u.started_at for u in ran)  # type: ignore[type-var]
+    return [
+        TimelineBar(
+            key=u.key,
+            family=u.family,
+            worker=u.worker or "?",
+            start=(u.started_at - t0).total_seconds(),  # type: ignore[operator]
+            end=max((u.finished_at - t0).total_seconds(), (u.started_at - t0).total_seconds()),  # type: ignore[operator]
+            state=u.state,
+            seconds=results[u.key].fit_seconds if u.key in results else None,
+        )
+        for u in ran
+    ]
+
+
+# --------------------------------------------------------------------------- LIME
+
+
+def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
+    out = []
+    for entry in getattr(manifest, "skipped", None) or ():
+        get = entry.get if isinstance(entry, dict) else lambda k, e=entry: getattr(e, k, None)
+        path = str(get("path") or "")
+        out.append(
+            SkippedInput(
+                image_id=str(get("image_id") or Path(path).name or "?"),
+                path=path,
+                reason=str(get("reason") or "unreadable"),
+                split=get("split"),
+            )
+        )
+    return out
+
+
+def explain_cnn(
+    store: Store,
+    settings: Settings,
+    manifest: Manifest,
+    best: Sequence[Unit],
+    results: dict[str, Result],
+    *,
+    per_class: int,
+    num_samples: int,
+    seed: int,
+) -> LimeSection:
+    """LIME on the best fold of the best CNN point, ``per_class`` test images per class.
+
+    With test labels it explains images the model got right (the study's "parts that
+    are helpful to the model for correct predictions"), most confident first; without,
+    the images it predicted most confidently per class.
+    """
+    import torch
+
+    from shared.artifacts import sha256_file
+    from shared.cnn import build_model, normalise, resize_batch
+    from shared.explain import explain_images
+    from workers.data import load_variant
+    from workers.tasks.cnn import cnn_variant
+
+    fold = max(best, key=lambda u: results[u.key].val_acc or -1.0)
+    models = [a for a in store.artifacts(fold.campaign_id, kind="model") if a.unit_key == fold.key]
+    if not models:
+        return LimeSection(
+            "cnn", fold.key, num_samples, [], f"no model file recorded for {fold.key}"
+        )
+    path = settings.artifacts / models[0].path
+    if sha256_file(path) != models[0].sha256:
+        return LimeSection("cnn", fold.key, num_samples, [], f"{path}: checksum mismatch")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    classes = list(manifest.classes)
+    model = build_model(checkpoint["params"], len(classes))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+
+    test = np.array([i for i, e in enumerate(manifest.entries) if e.split == TEST_SPLIT])
+    if not len(test):
+        return LimeSection("cnn", fold.key, num_samples, [], "no test images to explain")
+    images = load_variant(store, settings, manifest, cnn_variant(manifest.size))[test]
+    images = resize_batch(images, int(checkpoint["params"]["image_size"]))
+
+    @torch.no_grad()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+        return torch.softmax(model(normalise(x)).float(), dim=1).numpy()
+
+    probs = np.concatenate([predict(images[s : s + 256]) for s in range(0, len(images), 256)])
+    labels = manifest.label_index(test)
+    labelled = bool((labels >= 0).any())
+    picked: list[tuple[int, int]] = []  # (row in test, class explained)
+    for c in range(len(classes)):
+        if labelled:
+            rows = np.flatnonzero(labels == c)
+            right = rows[probs[rows].argmax(1) == c]
+            rows = right if len(right) else rows
+        else:
+            rows = np.flatnonzero(probs.argmax(1) == c)
+        rows = rows[np.argsort(-probs[rows, c], kind="stable")][:per_class]
+        picked += [(int(r), c) for r in rows]
+    if not picked:
+        return LimeSection("cnn", fold.key, num_samples, [], "no test image to explain")
+    explanations = explain_images(
+        images[[r for r, _ in picked]],
+        predict,
+        labels=[c for _, c in picked],
+        num_samples=num_samples,
+        seed=seed,
+    )
+    items = [
+        LimeItem(
+            image_id=manifest.entries[test[r]].image_id,
+            true_label=classes[labels[r]] if labels[r] >= 0 else None,
+            explained=classes[c],
+            probability=float(e.probabilities[c]),
+            image=e.image,
+            overlay=e.overlay,
+        )
+        for (r, c), e in zip(picked, explanations, strict=True)
+    ]
+    return LimeSection("cnn", fold.key, num_samples, items)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report_data(
+    store: Store,
+    campaign_id: str,
+    *,
+    manifest: Manifest | None = None,
+    settings: Settings | None = None,
+) -> ReportData:
+    """Everything the report shows. LIME needs ``manifest`` and ``settings`` (the
+    model file and the image cache); without them the section says so."""
+    campaign = store.get_campaign(campaign_id)
+    classes = campaign.classes
+    n_classes = len(classes)
+    all_units = store.units(campaign_id)
+    units = [u for u in all_units if u.family not in ("preprocess", "report")]
+    results = store.results(campaign_id)
+    spec = campaign.spec
+    blend_spec = spec.get("blend") or {}
+    report_spec = spec.get("report") or {}
+    method = blend_spec.get("method", "both")
+    methods = ("vote", "mean") if method == "both" else (method,)
+    cross_families = list(blend_spec.get("families", ["cnn"]))
+
+    summaries = [
+        UnitSummary(
+            key=u.key,
+            family=u.family,
+            fold=u.fold,
+            params=u.params,
+            state=u.state,
+            worker=u.worker,
+            seconds=results[u.key].fit_seconds if u.key in results else None,
+            train_acc=results[u.key].train_acc if u.key in results else None,
+            val_acc=results[u.key].val_acc if u.key in results else None,
+            test_acc=results[u.key].test_acc if u.key in results else None,
+            error=u.error,
+        )
+        for u in units
+    ]
+
+    families: list[FamilyRow] = []
+    experiments: list[Experiment] = []
+    sweeps: list[SweepPlot] = []
+    curves: list[CurveFigure] = []
+    fam_blends: dict[str, FamilyBlend] = {}
+    best_units: dict[str, list[Unit]] = {}
+    for family in dict.fromkeys(u.family for u in units if u.family not in NOT_MODELS):
         mine = [u for u in units if u.family == family]
         best = best_point(mine, results)
-        title = FAMILY_TITLES.get(family, family.upper())
+        best_units[family] = best
+        points = point_rows(campaign_id, family, mine, results)
+        best_key = f"{campaign_id}/{family}/{best[0].params_hash}" if best else None
+        best_row = next((p for p in points if p.key == best_key), None)
         families.append(
             FamilyRow(
                 family=family,
@@ -103,63 +556,232 @@ def build_report_data(store: Store, campaign_id: str) -> ReportData:
                 params=best[0].params if best else {},
                 units=len(mine),
                 succeeded=sum(u.key in results for u in mine),
-                train_acc=_mean([results[u.key].train_acc for u in best]),
-                val_acc=_mean([results[u.key].val_acc for u in best]),
-                test_acc=_mean([results[u.key].test_acc for u in best]),
+                train_acc=best_row.train_acc if best_row else None,
+                val_acc=best_row.val_acc if best_row else None,
+                test_acc=best_row.test_acc if best_row else None,
                 fit_seconds=sum(results[u.key].fit_seconds for u in mine if u.key in results),
             )
         )
-        if not best:
-            continue
-        labels, blended = vote(store, best, n_classes)
-        test_labelled = bool((labels >= 0).any())
-        what = f"{len(best)}-fold vote" if len(best) > 1 else "best point"
-        if family in blend_families:
-            blends.append(
-                BlendRow(
-                    name=f"{title} {what}",
-                    family=family,
-                    method="vote",
-                    members=len(best),
-                    test_acc=accuracy(labels, blended),
-                )
+        folds = max(
+            len([u for u in mine if u.params_hash == h]) for h in {u.params_hash for u in mine}
+        )
+        experiments.append(
+            Experiment(
+                family=family,
+                title=f"{_title(family)} ({len(points)} point{'s' * (len(points) != 1)}, "
+                f"{folds} fold{'s' * (folds != 1)} each)",
+                points=points,
+                best_key=best_key,
+                note=_oob_note() if family == "rf" else None,
             )
-        if test_labelled:
-            matrix = confusion_matrix(labels, blended, n_classes)
+        )
+        sweeps += sweep_plots(family, points)
+        if best_key:
+            curves += learning_curves(store, campaign_id, family, mine, points, best_key)
+            fam_blends[family] = family_blend(
+                store, best, n_classes, best_row.val_acc if best_row else None
+            )
+
+    # -- blends: per family (vote, mean), then across families
+    blends: list[BlendRow] = []
+    predicted: dict[str, Predicted] = {}  # blend name -> its test predictions
+    oof: dict[str, Predicted] = {}
+    for family, fb in fam_blends.items():
+        title = _title(family)
+        what = f"{fb.members}-fold" if fb.members > 1 else "best point"
+        for m in methods:
+            name = (
+                f"{title} {what} {m}"
+                if fb.members > 1
+                else f"{title} best point" + ("" if m == "vote" else " (mean)")
+            )
+            test = fb.test_vote if m == "vote" else fb.test_mean
+            val = fb.oof if m == "vote" or fb.oof.probs is not None else None
+            note = ""
+            if test is None:
+                note = f"n/a: {title} predicts labels only"
+            blends.append(BlendRow(name, family, m, fb.members, _acc(test), _acc(val), note))
+            if test is not None:
+                predicted[name] = test
+            if val is not None:
+                oof[name] = val
+
+    if len(cross_families) > 1:
+        ran = [f for f in cross_families if f in fam_blends]
+        joined = "+".join(cross_families)
+        label = " + ".join(_title(f) for f in cross_families)
+        if len(ran) < 2:
+            missing = ", ".join(_title(f) for f in cross_families if f not in fam_blends)
+            for m in methods:
+                blends.append(
+                    BlendRow(
+                        f"{label} {m}",
+                        joined,
+                        m,
+                        len(ran),
+                        None,
+                        None,
+                        f"n/a: {missing} did not succeed",
+                    )
+                )
+        else:
+            members = [fam_blends[f] for f in ran]
+            referee = max(range(len(members)), key=lambda i: members[i].val_acc or -1.0)
+            tests = [fb.test_mean if fb.test_mean is not None else fb.test_vote for fb in members]
+            vote_members = [fb.test_vote for fb in members]
+            test_vote, _ = blend_members(vote_members, n_classes, referee)
+            oof_vote, oof_mean = blend_members([fb.oof for fb in members], n_classes, referee)
+            mean_ok = all(fb.test_mean is not None for fb in members)
+            test_mean = blend_members(tests, n_classes)[1] if mean_ok else None
+            tie = f"ties go to {_title(ran[referee])}"
+            for m in methods:
+                name = f"{label} {m}"
+                if m == "vote":
+                    test, val, note = test_vote, oof_vote, tie
+                else:
+                    test, val = test_mean, oof_mean
+                    no_probs = [_title(fb.family) for fb in members if fb.test_mean is None]
+                    note = f"n/a: {', '.join(no_probs)} predicts labels only" if no_probs else ""
+                blends.append(BlendRow(name, joined, m, len(ran), _acc(test), _acc(val), note))
+                if test is not None:
+                    predicted[name] = test
+                if val is not None:
+                    oof[name] = val
+
+    by_test = any(b.test_acc is not None for b in blends)
+    scored = [b for b in blends if (b.test_acc if by_test else b.val_acc) is not None]
+    best_blend = (
+        max(scored, key=lambda b: (b.test_acc if by_test else b.val_acc) or 0.0).name
+        if scored
+        else None
+    )
+
+    # -- confusion matrices
+    confusions: dict[str, Confusion] = {}
+    for family, fb in fam_blends.items():
+        title = _title(family)
+        what = f"{fb.members}-fold vote" if fb.members > 1 else "best point"
+        if by_test and len(fb.test_vote.ids):
+            matrix = confusion_matrix(fb.test_vote.labels, fb.test_vote.preds, n_classes)
             confusions[family] = Confusion(f"{title} {what} (test)", matrix, "test")
         else:
-            # no test labels: pool the out-of-fold validation predictions instead
-            matrix = np.sum([results[u.key].val_confusion for u in best], axis=0).tolist()
-            confusions[family] = Confusion(f"{title} best point (validation)", matrix, "val")
+            best = best_units[family]
+            matrices = [results[u.key].val_confusion for u in best if results[u.key].val_confusion]
+            if matrices:
+                matrix = np.sum(matrices, axis=0).tolist()
+                confusions[family] = Confusion(f"{title} best point (validation)", matrix, "val")
+    if best_blend and "+" in next(b.family for b in blends if b.name == best_blend):
+        chosen = predicted.get(best_blend) if by_test else oof.get(best_blend)
+        if chosen is not None and len(chosen.ids):
+            split = "test" if by_test else "val"
+            matrix = confusion_matrix(chosen.labels, chosen.preds, n_classes)
+            confusions["blend"] = Confusion(f"{best_blend} ({split})", matrix, split)
+
+    # -- submission: the best blend's test predictions, when there are no test labels
+    submission = None
+    if not by_test and best_blend and best_blend in predicted and predicted[best_blend].ids:
+        chosen = predicted[best_blend]
+        pred_of = dict(zip(chosen.ids, chosen.preds.tolist(), strict=True))
+        if manifest is not None:
+            order = [e.image_id for e in manifest.entries if e.split == TEST_SPLIT]
+        else:
+            order = chosen.ids
+        rows = [(i, classes[pred_of[i]]) for i in order if i in pred_of]
+        submission = Submission(best_blend, rows, missing=len(order) - len(rows))
+
+    # -- LIME
+    lime, lime_note = None, ""
+    cnn_best = best_units.get("cnn") or []
+    if not report_spec.get("lime", True):
+        lime_note = "LIME is off ([report] lime = false)."
+    elif "cnn" not in best_units:
+        lime_note = "No CNN in this campaign."
+    elif not cnn_best:
+        lime_note = "No CNN fold succeeded."
+    elif int(report_spec.get("lime_per_class", 1)) < 1:
+        lime_note = "LIME is off ([report] lime_per_class = 0)."
+    elif manifest is None or settings is None:
+        lime_note = "LIME needs the model files and the image cache (run by the report task)."
+    else:
+        try:
+            lime = explain_cnn(
+                store,
+                settings,
+                manifest,
+                cnn_best,
+                results,
+                per_class=int(report_spec.get("lime_per_class", 1)),
+                num_samples=int(report_spec.get("lime_samples", 1000)),
+                seed=int(spec.get("seed", 0)),
+            )
+        except Exception as exc:
+            # an explanation is a figure, not a result: the report goes on without it
+            log.warning("%s: LIME failed: %s", campaign_id, exc)
+            lime = LimeSection(
+                "cnn", cnn_best[0].key, 0, [], f"LIME failed: {type(exc).__name__}: {exc}"
+            )
 
     return ReportData(
         campaign_id=campaign.id,
-        campaign_name=campaign.spec.get("report", {}).get("title") or campaign.name,
+        campaign_name=report_spec.get("title") or campaign.name,
         created_at=campaign.created_at.isoformat(timespec="seconds"),
-        classes=campaign.classes,
+        classes=classes,
         families=families,
         blends=blends,
         confusions=confusions,
         units=summaries,
+        experiments=experiments,
+        curves=curves,
+        sweeps=sweeps,
+        best_blend=best_blend,
+        timeline=timeline(all_units, results),
+        lime=lime,
+        lime_note=lime_note,
+        skipped=_skipped(manifest),
+        submission=submission,
+        test_labelled=by_test,
     )
+
+
+def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
+    try:
+        return ctx.manifest()
+    except OrchardError as exc:  # the tables need only the store: report without it
+        log.warning("%s: report without the manifest: %s", ctx.campaign.id, exc)
+        return None
 
 
 @unit_task("orchard.report")
 def report(ctx: UnitContext) -> Outcome:
     started = time.perf_counter()
-    data = build_report_data(ctx.store, ctx.campaign.id)
+    data = build_report_data(
+        ctx.store, ctx.campaign.id, manifest=_manifest_or_none(ctx), settings=ctx.settings
+    )
     files = write_report(data, ctx.campaign_dir / "report")
-    written = [files.markdown, files.html, files.json, *files.figures.values()]
+    written: list[tuple[Any, str]] = [
+        (f, "report") for f in (files.markdown, files.html, files.json, *files.figures.values())
+    ]
+    if files.submission is not None:
+        written.append((files.submission, "submission"))
     return Outcome(
         fit_seconds=time.perf_counter() - started,
         extra={
             "report": ctx.relative(files.html.path),
             "blends": {b.name: b.test_acc for b in data.blends},
+            "best_blend": data.best_blend,
+            "submission": ctx.relative(files.submission.path) if files.submission else None,
         },
         artifacts=[
-            Artifact(
-                ctx.relative(f.path), "report", f.sha256, f.size, ctx.campaign.id, ctx.unit.key
-            )
-            for f in written
+            Artifact(ctx.relative(f.path), kind, f.sha256, f.size, ctx.campaign.id, ctx.unit.key)
+            for f, kind in written
         ],
     )
+
+
+__all__ = [
+    "best_point",
+    "blend_members",
+    "build_report_data",
+    "explain_cnn",
+    "report",
+]
