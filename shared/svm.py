@@ -1,8 +1,22 @@
-"""PCA + RBF SVM at one grid point (the study's section 2)."""
+"""PCA + RBF SVM (the study's section 2): the PCA basis, one grid point, the best point.
+
+A grid sweeps ``n_components x whiten x C x gamma``. Principal components are nested:
+the first k components of a PCA fitted with K >= k components are the components of
+PCA(k) (exactly so for a full SVD; a randomized SVD with more components is, if anything,
+closer to it). So a campaign fits one basis per (variant, fold, whiten) with the largest
+k of its grid, projects every image once onto it (:class:`PcaProjection`), and each grid
+point only slices columns and fits its SVC. Plain functions; no queue, no database.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import time
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,6 +24,241 @@ from sklearn.decomposition import PCA
 from sklearn.svm import SVC
 
 from shared.classic import FitOutcome, accuracy_of, flatten
+
+#: uint8 pixels become float32 features in [0, 1]
+PIXEL_SCALE = np.float32(1 / 255)
+#: rows projected at a time: the float copy of a chunk, not of the whole set
+_CHUNK = 512
+
+
+def pixel_features(x: np.ndarray) -> np.ndarray:
+    """(n, ...) images or features -> (n, d) float32; uint8 pixels are scaled to [0, 1]."""
+    flat = flatten(np.asarray(x))
+    if flat.dtype == np.uint8:
+        return flat.astype(np.float32) * PIXEL_SCALE
+    return flat.astype(np.float32, copy=False)
+
+
+def component_limit(n_train: int, n_features: int) -> int:
+    """The most principal components ``n_train`` samples of ``n_features`` allow."""
+    return min(n_train, n_features)
+
+
+def check_n_components(n_components: int, n_train: int, n_features: int) -> None:
+    """One clear line instead of sklearn's traceback when the data cannot give ``k``."""
+    limit = component_limit(n_train, n_features)
+    if not 1 <= n_components <= limit:
+        raise ValueError(
+            f"n_components={n_components} exceeds what {n_train} training images allow "
+            f"(at most {limit})"
+            if n_components > limit
+            else f"n_components={n_components} must be at least 1"
+        )
+
+
+def check_gamma(gamma: Any) -> float | str:
+    """SVC's gamma: ``"scale"``, ``"auto"`` or a number > 0 (a numeric string is read)."""
+    if gamma in ("scale", "auto"):
+        return gamma
+    try:
+        value = float(gamma)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"gamma={gamma!r}: expected 'scale', 'auto' or a number > 0")
+    return value
+
+
+# ---------------------------------------------------------------- the PCA basis
+
+
+@dataclass(frozen=True, eq=False)
+class PcaBasis:
+    """A fitted PCA: ``project(x, k)`` equals sklearn's ``PCA(k, whiten).transform(x)``."""
+
+    mean: np.ndarray  # (d,) float32
+    components: np.ndarray  # (K, d) float32, rows ordered by explained variance
+    explained_variance: np.ndarray  # (K,)
+    explained_variance_ratio: np.ndarray  # (K,)
+    whiten: bool
+    n_train: int
+
+    @property
+    def n_components(self) -> int:
+        return len(self.components)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.mean)
+
+    def project(self, x: np.ndarray, k: int | None = None) -> np.ndarray:
+        """(n, ...) images -> (n, k) float32 on the first ``k`` components (default all)."""
+        k = self.n_components if k is None else k
+        if not 1 <= k <= self.n_components:
+            check_n_components(k, self.n_train, self.n_features)
+            raise ValueError(f"n_components={k}: this basis has {self.n_components}")
+        components = self.components[:k]
+        scale = whitening_scale(self.explained_variance[:k]) if self.whiten else None
+        out = np.empty((len(x), k), dtype=np.float32)
+        for start in range(0, len(x), _CHUNK):
+            chunk = pixel_features(x[start : start + _CHUNK]) - self.mean
+            out[start : start + len(chunk)] = chunk @ components.T
+        if scale is not None:
+            out /= scale
+        return out
+
+    def to_bytes(self) -> bytes:
+        return _npz_bytes(
+            mean=self.mean,
+            components=self.components,
+            explained_variance=self.explained_variance,
+            explained_variance_ratio=self.explained_variance_ratio,
+            whiten=np.array(self.whiten),
+            n_train=np.array(self.n_train),
+        )
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> PcaBasis:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return cls(
+                mean=npz["mean"],
+                components=npz["components"],
+                explained_variance=npz["explained_variance"],
+                explained_variance_ratio=npz["explained_variance_ratio"],
+                whiten=bool(npz["whiten"]),
+                n_train=int(npz["n_train"]),
+            )
+
+
+def whitening_scale(explained_variance: np.ndarray) -> np.ndarray:
+    """sqrt(variance) per component, clipped as sklearn does so null components stay finite."""
+    scale = np.sqrt(explained_variance).astype(np.float32)
+    return np.maximum(scale, np.finfo(np.float32).eps)
+
+
+def fit_pca_basis(
+    x: np.ndarray, k: int, whiten: bool, seed: int, *, svd_solver: str = "randomized"
+) -> PcaBasis:
+    """Fit PCA(k) on the training images ``x`` (uint8 pixels or float features)."""
+    features = pixel_features(x)
+    check_n_components(k, *features.shape)
+    pca = PCA(n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed)
+    pca.fit(features)
+    return PcaBasis(
+        mean=pca.mean_.astype(np.float32),
+        components=pca.components_.astype(np.float32),
+        explained_variance=pca.explained_variance_.astype(np.float64),
+        explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
+        whiten=bool(whiten),
+        n_train=len(features),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class PcaProjection:
+    """Every image of a campaign projected once on a K-component basis (float32).
+
+    ``features(k)`` is the first k columns: the projection on PCA(k), whitened when the
+    basis was (whitening divides each column by its own sqrt(variance), so slicing
+    commutes with it). This, not the basis, is the stored artifact: n x K floats are
+    small where K x d components of a 192 x 192 x 3 image are not.
+    """
+
+    z: np.ndarray  # (n_images, K) float32
+    explained_variance_ratio: np.ndarray  # (K,)
+    whiten: bool
+    n_train: int
+    n_features: int
+
+    @property
+    def n_components(self) -> int:
+        return self.z.shape[1]
+
+    def features(self, k: int) -> np.ndarray:
+        if not 1 <= k <= self.n_components:
+            check_n_components(k, self.n_train, self.n_features)
+            raise ValueError(f"n_components={k}: this projection has {self.n_components}")
+        return self.z[:, :k]
+
+    def explained(self, k: int) -> float:
+        """The fraction of the training variance the first ``k`` components explain."""
+        return float(self.explained_variance_ratio[:k].sum())
+
+    def to_bytes(self) -> bytes:
+        return _npz_bytes(
+            z=self.z.astype(np.float32, copy=False),
+            explained_variance_ratio=self.explained_variance_ratio,
+            whiten=np.array(self.whiten),
+            n_train=np.array(self.n_train),
+            n_features=np.array(self.n_features),
+        )
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> PcaProjection:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return cls(
+                z=npz["z"],
+                explained_variance_ratio=npz["explained_variance_ratio"],
+                whiten=bool(npz["whiten"]),
+                n_train=int(npz["n_train"]),
+                n_features=int(npz["n_features"]),
+            )
+
+
+def project_all(basis: PcaBasis, images: np.ndarray) -> PcaProjection:
+    return PcaProjection(
+        z=basis.project(images),
+        explained_variance_ratio=basis.explained_variance_ratio,
+        whiten=basis.whiten,
+        n_train=basis.n_train,
+        n_features=basis.n_features,
+    )
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An ``.npz`` that ``np.load`` reads, with the same bytes for the same arrays.
+
+    ``np.savez`` stamps each member with the current time; a fixed stamp means two
+    workers that fit the same basis write identical files (and checksums).
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- one grid point
+
+
+def fit_svc(
+    z_train: np.ndarray,
+    train_y: np.ndarray,
+    z_val: np.ndarray,
+    val_y: np.ndarray,
+    z_test: np.ndarray,
+    *,
+    C: float,
+    gamma: float | str,
+    seed: int,
+) -> FitOutcome:
+    """An RBF SVC on PCA features: train and validation accuracy, predictions."""
+    started = time.perf_counter()
+    svc = SVC(kernel="rbf", C=C, gamma=check_gamma(gamma), random_state=seed)
+    svc.fit(z_train, train_y)
+    empty = np.empty(0, dtype=np.int64)
+    val_pred = svc.predict(z_val) if len(z_val) else empty
+    test_pred = svc.predict(z_test) if len(z_test) else empty
+    return FitOutcome(
+        train_acc=accuracy_of(train_y, svc.predict(z_train)),
+        val_acc=accuracy_of(val_y, val_pred),
+        val_pred=val_pred,
+        test_pred=test_pred,
+        seconds=time.perf_counter() - started,
+        extra={"support_vectors": int(svc.n_support_.sum())},
+    )
 
 
 def fit_svm_point(
@@ -22,41 +271,76 @@ def fit_svm_point(
     *,
     seed: int,
 ) -> FitOutcome:
-    """PCA(n_components, whiten) then SVC(kernel='rbf', C, gamma) on pixel features."""
+    """PCA(n_components, whiten) then SVC(kernel='rbf', C, gamma), fitted from scratch.
+
+    The campaign task shares one basis across grid points instead (``workers.tasks.svm``);
+    this is the same computation for a single point.
+    """
     started = time.perf_counter()
-    n_components = params["n_components"]
-    limit = min(len(train_x), flatten(train_x[:1]).shape[1])
-    if n_components > limit:
-        raise ValueError(
-            f"n_components={n_components} exceeds what {len(train_x)} training images allow "
-            f"(at most {limit})"
-        )
-    scale = np.float32(1 / 255)
-    pca = PCA(
-        n_components=n_components,
-        whiten=params["whiten"],
-        svd_solver="randomized",
-        random_state=seed,
+    k = params["n_components"]
+    gamma = check_gamma(params["gamma"])
+    basis = fit_pca_basis(train_x, k, params["whiten"], seed)
+    out = fit_svc(
+        basis.project(train_x),
+        train_y,
+        basis.project(val_x),
+        val_y,
+        basis.project(test_x),
+        C=params["C"],
+        gamma=gamma,
+        seed=seed,
     )
-    z_train = pca.fit_transform(flatten(train_x).astype(np.float32) * scale)
+    out.seconds = time.perf_counter() - started
+    out.extra["explained_variance"] = float(basis.explained_variance_ratio.sum())
+    return out
 
-    def project(x: np.ndarray) -> np.ndarray:
-        if len(x) == 0:
-            return np.empty((0, n_components), dtype=np.float32)
-        return pca.transform(flatten(x).astype(np.float32) * scale)
 
-    svc = SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], random_state=seed)
-    svc.fit(z_train, train_y)
-    val_pred = svc.predict(project(val_x)) if len(val_x) else np.empty(0, dtype=np.int64)
-    test_pred = svc.predict(project(test_x)) if len(test_x) else np.empty(0, dtype=np.int64)
-    return FitOutcome(
-        train_acc=accuracy_of(train_y, svc.predict(z_train)),
-        val_acc=accuracy_of(val_y, val_pred),
-        val_pred=val_pred,
-        test_pred=test_pred,
-        seconds=time.perf_counter() - started,
-        extra={
-            "explained_variance": float(pca.explained_variance_ratio_.sum()),
-            "support_vectors": int(svc.n_support_.sum()),
-        },
-    )
+# ---------------------------------------------------------------- choosing the best point
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One parameter point of a grid, averaged over its folds (a GridSearchCV row)."""
+
+    params: dict[str, Any]
+    mean_val_acc: float | None
+    mean_train_acc: float | None
+    folds: int
+
+
+def _mean(values: list[float]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None
+
+
+def grid_table(rows: Iterable[Mapping[str, Any]]) -> list[GridPoint]:
+    """Per-fold rows -> one :class:`GridPoint` per parameter point, in first-seen order.
+
+    Each row is a mapping with ``params`` (the point's parameters, without the fold),
+    ``val_acc`` and optionally ``train_acc``; a missing or NaN accuracy (a fold with no
+    validation images, a failed unit) is left out of the mean.
+    """
+    points: dict[str, tuple[dict[str, Any], list[float], list[float]]] = {}
+    for row in rows:
+        params = dict(row["params"])
+        key = json.dumps(params, sort_keys=True, default=str)
+        _, vals, trains = points.setdefault(key, (params, [], []))
+        vals.append(row.get("val_acc"))
+        trains.append(row.get("train_acc"))
+    return [
+        GridPoint(params, _mean(vals), _mean(trains), len(vals))
+        for params, vals, trains in points.values()
+    ]
+
+
+def best_point(rows: Iterable[Mapping[str, Any]]) -> GridPoint | None:
+    """GridSearchCV's choice: the highest mean validation accuracy across folds.
+
+    Ties go to the first point in the rows' order (plan order is file order: the
+    cartesian product of the sweep lists as written), as GridSearchCV's ``best_index_``
+    goes to the first of its ParameterGrid. Points without any validation accuracy
+    never win; None when no point has one.
+    """
+    scored = [p for p in grid_table(rows) if p.mean_val_acc is not None]
+    # max() keeps the first of equal scores
+    return max(scored, key=lambda p: p.mean_val_acc) if scored else None

@@ -1,33 +1,60 @@
 """Feature variants derived from the 256x256 preprocessing cache.
 
-| name          | what                                                           |
-|---------------|----------------------------------------------------------------|
-| ``full``      | the cached image itself                                        |
-| ``crop<N>``   | centre crop N x N (``crop224``: the CNN input, as in the study) |
-| ``resize<N>`` | the whole image resized to N x N (``resize128``: the RF input)  |
-| ``polar<N>``  | resized to N, then a polar warp around the centre with the      |
-|               | radius running down the rows, so the centred fruit fills the   |
-|               | upper half (the study's SVM input, ``polar192``)               |
-| ``polarcrop<N>`` | the upper half of ``polar<N>`` (the study's "cropped")     |
+| name             | what                                                           |
+|------------------|----------------------------------------------------------------|
+| ``full``         | the cached image itself                                        |
+| ``crop<N>``      | centre crop N x N (``crop224``: the CNN input, as in the study) |
+| ``resize<N>``    | the whole image resized to N x N (``resize128``: the RF input)  |
+| ``polar<N>``     | resized to N, then a polar warp around the centre with the      |
+|                  | radius running down the rows: the centred fruit fills the upper |
+|                  | half, the corners of the photo the lower half                  |
+| ``polarcrop<N>`` | the upper half of ``polar<N>``, N/2 x N                         |
+
+The study's SVM section (2.3) names its three inputs; they are aliases here:
+
+| alias       | same as        | the study's                                        |
+|-------------|----------------|----------------------------------------------------|
+| ``original``  | ``resize192``    | "Original": the photo resized to 192 x 192         |
+| ``polarized`` | ``polar192``     | "Polarized" (its best SVM input)                   |
+| ``cropped``   | ``polarcrop192`` | "Cropped": 96 x 192 x 3, the half with the fruit   |
+
+"Cropped" keeps the upper half. The study says the mangoes "were mostly transformed to
+the upper half in the polarized image ... Hence, we cropped the lower-half image" to a
+96 x 192 x 3 array: "cropped" there means cut away. Keeping the lower half would keep the
+photo's corners (hands, other fruit, baskets) and drop the fruit being graded.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import cv2
 import numpy as np
 
+#: the study's names for its SVM inputs (section 2.3), at its 192 x 192 setting
+ALIASES: dict[str, str] = {
+    "original": "resize192",
+    "polarized": "polar192",
+    "cropped": "polarcrop192",
+}
+
 _VARIANT = re.compile(r"^(full|crop(\d+)|resize(\d+)|polar(\d+)|polarcrop(\d+))$")
+
+
+def canonical_variant(name: str) -> str:
+    """The parametrised name behind ``name`` (an alias such as ``cropped``, or itself)."""
+    return ALIASES.get(name, name)
 
 
 def check_variant(name: str, cache_size: int | None = None) -> None:
     """Raise ValueError unless ``name`` is a known variant (that fits ``cache_size``)."""
+    name = canonical_variant(name)
     match = _VARIANT.match(name)
     if not match:
         raise ValueError(
-            f"unknown variant {name!r} (expected full, crop<N>, resize<N>, polar<N> "
-            "or polarcrop<N>)"
+            f"unknown variant {name!r} (expected full, crop<N>, resize<N>, polar<N>, "
+            f"polarcrop<N> or one of {', '.join(ALIASES)})"
         )
     side = next((int(g) for g in match.groups()[1:] if g), None)
     if side is not None and not 8 <= side <= 1024:
@@ -38,6 +65,7 @@ def check_variant(name: str, cache_size: int | None = None) -> None:
 
 def variant_shape(name: str, cache_size: int) -> tuple[int, int, int]:
     check_variant(name, cache_size)
+    name = canonical_variant(name)
     if name == "full":
         return (cache_size, cache_size, 3)
     side = int(re.sub(r"\D", "", name))
@@ -52,6 +80,7 @@ def derive(images: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"expected (n, S, S, 3) images, got {images.shape}")
     cache_size = images.shape[1]
     shape = variant_shape(name, cache_size)
+    name = canonical_variant(name)
     if name == "full":
         return images
     out = np.empty((len(images), *shape), dtype=np.uint8)
@@ -72,12 +101,22 @@ def _derive_one(image: np.ndarray, name: str, side: int) -> np.ndarray:
 
 
 def polar_warp(image: np.ndarray) -> np.ndarray:
-    """Polar warp around the image centre: rows = radius (0 at top), columns = angle."""
+    """Polar warp around the image centre: rows = radius (0 at top), columns = angle.
+
+    The radius runs to the corners, as skimage's ``warp_polar`` (the study's package) does
+    by default, so no pixel of the photo is lost and a centred fruit lands in the upper
+    half. Samples beyond the photo's edge (towards the sides, at large radii) are black.
+    """
     side = image.shape[0]
-    centre = (side / 2, side / 2)
+    centre = ((side - 1) / 2, (side - 1) / 2)  # the centre between the middle pixels
     # warpPolar puts the angle on rows and the radius on columns; transpose so the
-    # centre of the photo (where the fruit is) lands in the top rows.
+    # centre of the photo (where the fruit is) lands in the top rows. Without
+    # WARP_FILL_OUTLIERS the samples outside the photo would be left uninitialised.
     warped = cv2.warpPolar(
-        image, (side, side), centre, side / 2, cv2.INTER_LINEAR + cv2.WARP_POLAR_LINEAR
+        image,
+        (side, side),
+        centre,
+        side / math.sqrt(2),
+        cv2.INTER_LINEAR + cv2.WARP_POLAR_LINEAR + cv2.WARP_FILL_OUTLIERS,
     )
     return np.ascontiguousarray(warped.transpose(1, 0, 2))

@@ -18,7 +18,7 @@ from shared.preprocess import (
     shard_ranges,
     write_shard,
 )
-from shared.variants import check_variant, derive, polar_warp, variant_shape
+from shared.variants import ALIASES, check_variant, derive, polar_warp, variant_shape
 
 CACHE = 64
 
@@ -115,6 +115,61 @@ def test_polar192_variant_centre_is_bright_top_dark_bottom():
     assert polar[-40:].mean() < 15
     crop = derive(images, "polarcrop192")[0]
     np.testing.assert_array_equal(crop, polar[:96])
+
+
+@pytest.mark.parametrize(
+    ("alias", "name", "shape"),
+    [
+        ("original", "resize192", (192, 192, 3)),
+        ("polarized", "polar192", (192, 192, 3)),
+        ("cropped", "polarcrop192", (96, 192, 3)),  # the study's 96 x 192 x 3
+    ],
+)
+def test_study_names_are_aliases(alias, name, shape):
+    assert ALIASES[alias] == name
+    check_variant(alias, 64)
+    assert variant_shape(alias, 256) == shape
+    images = _random_cache(2)
+    np.testing.assert_array_equal(derive(images, alias), derive(images, name))
+
+
+def test_aliases_are_valid_in_a_campaign():
+    from shared.spec import parse_campaign
+
+    campaign = parse_campaign(
+        {
+            "name": "v",
+            "dataset": {"kind": "synthetic"},
+            "svm": {"variant": ["original", "polarized", "cropped", "polarcrop64"]},
+        },
+        source="v.toml",
+    )
+    assert campaign.svm.variant == ("original", "polarized", "cropped", "polarcrop64")
+
+
+def test_cropped_keeps_the_fruit_not_the_corners():
+    # a centred fruit on a background whose corners are different (hands, baskets)
+    image = np.full((256, 256, 3), 60, np.uint8)
+    image[:40, :40] = image[-40:, -40:] = image[:40, -40:] = image[-40:, :40] = 250
+    cv2.circle(image, (128, 128), 60, (200, 150, 30), -1)
+    cropped = derive(image[None], "cropped")[0]
+    assert cropped.shape == (96, 192, 3)
+    fruit = np.array([200, 150, 30])
+    share = (np.abs(cropped.astype(int) - fruit).sum(-1) < 30).mean()
+    assert share > 0.6  # mostly fruit
+    assert (cropped == 250).all(-1).mean() < 0.01  # none of the corners
+
+
+def test_polar_warp_keeps_the_corners_and_fills_outside_black():
+    image = np.full((64, 64, 3), 200, np.uint8)
+    image[0, 0] = image[-1, -1] = 255
+    warped = polar_warp(image)
+    # the radius reaches the corners: nothing of the photo is lost
+    assert (warped == 255).all(-1).any()
+    # beyond the edges (large radius, angles towards the sides) samples are black,
+    # not uninitialised memory: the same input always gives the same output
+    assert (warped[-1] == 0).all(-1).any()
+    np.testing.assert_array_equal(polar_warp(image), warped)
 
 
 # ---------------------------------------------------------------- decode_resize
