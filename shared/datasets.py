@@ -2,11 +2,19 @@
 
 Both yield the same ``Sample`` records in a deterministic order (split, then image id), so
 everything downstream is independent of where the photos came from.
+
+What is wrong with the dataset's *description* (a CSV that cannot be read, an unknown
+label, a duplicate id, a path that leaves the dataset root, an empty class folder) stops
+with one :class:`DatasetError` line. What is wrong with a single image is not the
+adapter's call: an image listed but absent is reported by :meth:`missing`, one present
+but not listed by :meth:`unlisted`, and the manifest decides (see ``shared.manifest``).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,8 @@ DEFAULT_AICUP_SPLITS: Mapping[str, tuple[str, str]] = {
     "dev": ("dev.csv", "dev"),
     "test": ("test.csv", "test"),
 }
+# A first row whose first cell is one of these is a header, not an image.
+HEADER_NAMES = frozenset({"image_id", "image", "image_name", "id", "file", "filename", "name"})
 
 
 class DatasetError(OrchardError, ValueError):
@@ -38,14 +48,65 @@ class Sample:
     path: Path
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An image left out of a campaign, and why; listed in the manifest and the report."""
+
+    image_id: str
+    split: str
+    path: str
+    reason: str
+
+
 class Dataset(Protocol):
     classes: tuple[str, ...]
 
     def samples(self) -> list[Sample]: ...
 
+    def missing(self) -> list[Skipped]: ...
+
+    def unlisted(self) -> list[Skipped]: ...
+
 
 def _sorted(samples: list[Sample]) -> list[Sample]:
     return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.image_id))
+
+
+def _inside(root: Path, path: Path, what: str) -> None:
+    """Stop unless ``path``, symlinks followed, is inside ``root`` (already resolved)."""
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        link = " (a symlink)" if path.is_symlink() else ""
+        raise DatasetError(
+            f"{path}{link}: {what} resolves to {target}, outside the dataset root {root}"
+        )
+
+
+def _read_text(path: Path) -> str:
+    """A CSV's text: UTF-8 with or without a BOM, or UTF-16 with its BOM (Excel's
+    "Unicode text"); anything else stops rather than guessing at file names."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
+    encoding = "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte "
+            f"0x{raw[exc.start]:02x} at offset {exc.start}); save the CSV as UTF-8"
+        ) from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
 
 
 class AicupDataset:
@@ -67,49 +128,88 @@ class AicupDataset:
         if splits is None:
             splits = DEFAULT_AICUP_SPLITS
         self._samples: list[Sample] = []
+        self._missing: list[Skipped] = []
         seen: dict[str, str] = {}  # image_id -> "csv:line" where first listed
+        listed: dict[Path, tuple[str, set[str], list[str]]] = {}  # folder -> split, ids, csvs
         for split, (csv_rel, images_rel) in splits.items():
             if split not in SPLITS:
                 raise DatasetError(f"{self.root}: unknown split {split!r} (expected {SPLITS})")
-            csv_path = self.root / csv_rel
+            csv_path, images = self.root / csv_rel, self.root / images_rel
+            _inside(self.root, csv_path, f"the {split} CSV")
+            _inside(self.root, images, f"the {split} image folder")
             if not csv_path.is_file():
                 if required or split == "train":
                     raise DatasetError(f"{csv_path}: CSV file for split {split!r} not found")
                 continue
-            self._read_csv(csv_path, self.root / images_rel, split, seen)
+            if not images.is_dir():
+                raise DatasetError(f"{images}: image folder for split {split!r} not found")
+            _, ids, csvs = listed.setdefault(images, (split, set(), []))
+            csvs.append(csv_path.name)
+            self._read_csv(csv_path, images, split, seen, ids)
         self._samples = _sorted(self._samples)
+        self._unlisted = [
+            Skipped(p.name, split, str(p), f"not listed in {' or '.join(csvs)}")
+            for folder, (split, ids, csvs) in listed.items()
+            for p in _image_files(folder)
+            if p.name not in ids
+        ]
 
-    def _read_csv(self, csv_path: Path, images: Path, split: str, seen: dict[str, str]) -> None:
-        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
-            for index, row in enumerate(reader):
-                where = f"{csv_path}:{reader.line_num}"
-                cells = [cell.strip() for cell in row]
-                if not any(cells):
+    def _read_csv(
+        self, csv_path: Path, images: Path, split: str, seen: dict[str, str], ids: set[str]
+    ) -> None:
+        reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
+        rows, header_possible = iter(reader), True
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise DatasetError(f"{csv_path}:{reader.line_num}: not a CSV row ({exc})") from None
+            where = f"{csv_path}:{reader.line_num}"
+            cells = [cell.strip() for cell in row]
+            if not any(cells):
+                continue
+            if header_possible:
+                header_possible = False
+                if cells[0].lower() in HEADER_NAMES:
                     continue
-                if index == 0 and cells[0].lower() == "image_id":
-                    continue
-                image_id = cells[0]
-                label = cells[1] if len(cells) > 1 and cells[1] else None
-                if not image_id or "/" in image_id or "\\" in image_id or ".." in image_id:
-                    raise DatasetError(f"{where}: invalid image id {image_id!r}")
-                if label is not None and label not in self.classes:
-                    raise DatasetError(
-                        f"{where}: unknown label {label!r} (expected one of {self.classes})"
-                    )
-                if image_id in seen:
-                    raise DatasetError(
-                        f"{where}: duplicate image id {image_id!r} (first at {seen[image_id]})"
-                    )
-                seen[image_id] = where
-                path = images / image_id
-                if not path.is_file():
-                    raise DatasetError(f"{where}: image {image_id!r} not found at {path}")
-                self._samples.append(Sample(image_id, label, split, path))
+            image_id = cells[0]
+            label = cells[1] if len(cells) > 1 and cells[1] else None
+            if not image_id or any(c in image_id for c in "/\\\0") or ".." in image_id:
+                raise DatasetError(
+                    f"{where}: invalid image id {image_id!r} (a file name in {images}, no folders)"
+                )
+            if label is not None and label not in self.classes:
+                raise DatasetError(
+                    f"{where}: unknown label {label!r} (expected one of {self.classes})"
+                )
+            if image_id in seen:
+                raise DatasetError(
+                    f"{where}: duplicate image id {image_id!r} (first at {seen[image_id]})"
+                )
+            seen[image_id] = where
+            ids.add(image_id)
+            path = images / image_id
+            if not path.is_file():
+                self._missing.append(
+                    Skipped(image_id, split, str(path), f"listed in {where} but not found")
+                )
+                continue
+            _inside(self.root, path, f"image {image_id!r} ({where})")
+            self._samples.append(Sample(image_id, label, split, path))
 
     def samples(self) -> list[Sample]:
-        """All samples, ordered by split (train, dev, test) then image id."""
+        """All samples whose file exists, ordered by split (train, dev, test) then image id."""
         return list(self._samples)
+
+    def missing(self) -> list[Skipped]:
+        """Images a CSV lists that are not in their folder."""
+        return list(self._missing)
+
+    def unlisted(self) -> list[Skipped]:
+        """Image files in a split's folder that its CSV does not list (left out)."""
+        return list(self._unlisted)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -140,17 +240,28 @@ class ImageFolderDataset:
         samples = []
         for split, dirs in class_dirs.items():
             for class_dir in dirs:
-                for path in class_dir.rglob("*"):
+                _inside(self.root, class_dir, f"class folder {class_dir.name!r}")
+                found = 0
+                for path in sorted(class_dir.rglob("*")):
                     if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                        _inside(self.root, path, "image")
                         image_id = path.relative_to(folders[split]).as_posix()
                         samples.append(Sample(image_id, class_dir.name, split, path))
-        if not samples:
-            raise DatasetError(f"{self.root}: no image files found in class folders")
+                        found += 1
+                if not found:
+                    # a class with no example is a failed copy, not a class to learn
+                    raise DatasetError(f"{class_dir}: empty class folder (no image files)")
         self._samples = _sorted(samples)
 
     def samples(self) -> list[Sample]:
         """All samples, ordered by split (train, dev, test) then image id."""
         return list(self._samples)
+
+    def missing(self) -> list[Skipped]:
+        return []  # every sample is a file that was found
+
+    def unlisted(self) -> list[Skipped]:
+        return []  # every image file in a class folder is listed by being there
 
 
 def open_dataset(kind: str, root: Path, **options: Any) -> Dataset:

@@ -2,21 +2,40 @@
 
 Written by the scheduler at submit time as one JSON artifact; every task reads it,
 so workers agree on image order, folds and shard boundaries without talking.
+
+Bad images are found here, at submit, from each file's header (no pixel is decoded):
+a minority is skipped and listed in ``Manifest.skipped`` (the report shows them), so
+folds are drawn over good images only and every later stage agrees on the same set;
+more than ``[preprocessing] max_bad_fraction`` of them stops the campaign.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from shared.datasets import AicupDataset, Dataset, ImageFolderDataset
+from shared.datasets import (
+    SPLITS,
+    AicupDataset,
+    Dataset,
+    ImageFolderDataset,
+    Sample,
+    Skipped,
+)
 from shared.errors import OrchardError
-from shared.preprocess import cache_key, dataset_fingerprint
+from shared.preprocess import (
+    MAX_PIXELS,
+    PreprocessError,
+    cache_key,
+    check_image,
+    fingerprint_digests,
+)
 from shared.spec import Campaign, DatasetSpec, params_hash
 from shared.synthetic import generate_synthetic
 
@@ -45,6 +64,8 @@ class Manifest:
     cache_key: str
     size: int
     shard_size: int
+    max_pixels: int = MAX_PIXELS
+    skipped: tuple[Skipped, ...] = ()  # left out, with the reason, in (split, id) order
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -54,6 +75,7 @@ class Manifest:
         data = json.loads(text)
         data["classes"] = tuple(data["classes"])
         data["entries"] = tuple(Entry(**e) for e in data["entries"])
+        data["skipped"] = tuple(Skipped(**s) for s in data.get("skipped", ()))
         return cls(**data)
 
     def label_index(self, indices: np.ndarray) -> np.ndarray:
@@ -72,16 +94,26 @@ class Manifest:
         return train, val, np.flatnonzero(test)
 
 
-def assign_folds(labels: list[str | None], splits: list[str], k: int, seed: int) -> list[int]:
-    """Stratified k folds over the labelled, non-test images; deterministic in ``seed``."""
+def assign_folds(
+    labels: list[str | None],
+    splits: list[str],
+    k: int,
+    seed: int,
+    classes: Sequence[str] = (),
+) -> list[int]:
+    """Stratified k folds over the labelled, non-test images; deterministic in ``seed``.
+
+    Every class in ``classes`` (and every label seen) needs at least ``k`` such images.
+    """
     pool = [
         i
         for i, (lab, sp) in enumerate(zip(labels, splits, strict=True))
         if lab is not None and sp != TEST_SPLIT
     ]
-    counts = Counter(labels[i] for i in pool)
     if not pool:
         raise ManifestError("dataset: no labelled training images")
+    counts = Counter({c: 0 for c in classes})
+    counts.update(labels[i] for i in pool)
     smallest, n = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
     if n < k:
         raise ManifestError(
@@ -123,17 +155,56 @@ def open_campaign_dataset(spec: DatasetSpec, artifacts: Path) -> Dataset:
     return ImageFolderDataset(spec.root)
 
 
+def _check_images(
+    samples: list[Sample], max_pixels: int
+) -> tuple[list[tuple[Sample, str]], list[Skipped]]:
+    """(sample, sha256) of every usable image, and the unusable ones with the reason."""
+    good, bad = [], []
+    for sample in samples:
+        try:
+            _, sha256 = check_image(sample.path, max_pixels)
+        except PreprocessError as exc:
+            reason = str(exc).removeprefix(f"{sample.path}: ")
+            bad.append(Skipped(sample.image_id, sample.split, str(sample.path), reason))
+        else:
+            good.append((sample, sha256))
+    return good, bad
+
+
+def _order(skipped: Skipped) -> tuple[int, str]:
+    return SPLITS.index(skipped.split), skipped.image_id
+
+
 def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
-    """Open the campaign's dataset, assign folds and key the preprocessing cache."""
+    """Open the campaign's dataset, leave out bad images, assign folds, key the cache."""
     dataset = open_campaign_dataset(campaign.dataset, artifacts)
-    samples = dataset.samples()
-    if not samples:
-        raise ManifestError(f"dataset {getattr(campaign.dataset, 'root', '')}: no images")
-    folds = assign_folds(
-        [s.label for s in samples], [s.split for s in samples], campaign.folds, campaign.seed
-    )
-    fingerprint = dataset_fingerprint([(s.split, s.image_id, s.path) for s in samples])
-    size, shard_size = campaign.preprocessing.size, campaign.preprocessing.shard_size
+    where = f"dataset {getattr(dataset, 'root', '')}"
+    spec = campaign.preprocessing
+    good, bad = _check_images(dataset.samples(), spec.max_pixels)
+    bad = sorted(bad + dataset.missing(), key=_order)
+    listed = len(good) + len(bad)
+    if not listed:
+        raise ManifestError(f"{where}: no images")
+    if len(bad) > spec.max_bad_fraction * listed:
+        shown = "; ".join(f"{s.path}: {s.reason}" for s in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ManifestError(
+            f"{where}: {len(bad)} of {listed} images are unusable, more than "
+            f"[preprocessing] max_bad_fraction = {spec.max_bad_fraction}: {shown}{more}"
+        )
+    samples = [sample for sample, _ in good]
+    try:
+        folds = assign_folds(
+            [s.label for s in samples],
+            [s.split for s in samples],
+            campaign.folds,
+            campaign.seed,
+            classes=dataset.classes,
+        )
+    except ManifestError as exc:
+        note = f" (after skipping {len(bad)} unusable images)" if bad else ""
+        raise ManifestError(f"{where}: {str(exc).removeprefix('dataset: ')}{note}") from None
+    fingerprint = fingerprint_digests([(s.split, s.image_id, sha) for s, sha in good])
     return Manifest(
         classes=tuple(dataset.classes),
         entries=tuple(
@@ -141,7 +212,9 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
             for s, fold in zip(samples, folds, strict=True)
         ),
         fingerprint=fingerprint,
-        cache_key=cache_key(fingerprint, size, shard_size),
-        size=size,
-        shard_size=shard_size,
+        cache_key=cache_key(fingerprint, spec.size, spec.shard_size),
+        size=spec.size,
+        shard_size=spec.shard_size,
+        max_pixels=spec.max_pixels,
+        skipped=tuple(sorted(bad + dataset.unlisted(), key=_order)),
     )

@@ -228,6 +228,19 @@ def _photo(rng: np.random.Generator, g: _Grid, grade: str) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def synthetic_photo(
+    seed: int, index: int, size: tuple[int, int] = (320, 240), grade: str = "A"
+) -> np.ndarray:
+    """Photo ``index`` of a dataset generated with ``seed``, as BGR uint8 (height, width, 3).
+
+    The same pixels :func:`generate_synthetic` encodes; tests and benchmarks use it for
+    photo-like images of any size.
+    """
+    if grade not in GRADES:
+        raise ValueError(f"grade must be one of {GRADES}, got {grade!r}")
+    return _photo(np.random.default_rng((seed, 1, index)), _Grid.get(*size), grade)
+
+
 def _noisy_label(rng: np.random.Generator, grade: str, label_noise: float) -> str:
     if rng.random() >= label_noise:
         return grade

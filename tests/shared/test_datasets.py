@@ -27,6 +27,7 @@ def make_aicup(
     encoding: str = "utf-8",
 ) -> Path:
     """Write ``root/<split>.csv`` and an image for every id it lists."""
+    (root / split).mkdir(parents=True, exist_ok=True)
     for row in rows:
         image_id = row.split(",")[0]
         if image_id and "/" not in image_id and ".." not in image_id:
@@ -132,12 +133,17 @@ def test_aicup_duplicate_across_splits(tmp_path: Path) -> None:
     assert_one_line_error(excinfo, "test.csv:2", "duplicate")
 
 
-def test_aicup_missing_image(tmp_path: Path) -> None:
+def test_aicup_missing_image_is_reported_not_sampled(tmp_path: Path) -> None:
+    # the manifest decides whether a missing image is skipped or stops the campaign
     make_aicup(tmp_path, "train", ["1.jpg,A", "2.jpg,B"])
     (tmp_path / "train" / "2.jpg").unlink()
-    with pytest.raises(DatasetError) as excinfo:
-        AicupDataset(tmp_path)
-    assert_one_line_error(excinfo, "train.csv:3", str(tmp_path / "train" / "2.jpg"))
+    ds = AicupDataset(tmp_path)
+    assert [s.image_id for s in ds.samples()] == ["1.jpg"]
+    [missing] = ds.missing()
+    assert (missing.image_id, missing.split) == ("2.jpg", "train")
+    assert missing.path == str(tmp_path / "train" / "2.jpg")
+    assert "train.csv:3" in missing.reason and "not found" in missing.reason
+    assert ds.unlisted() == []
 
 
 # --- imagefolder ---------------------------------------------------------------------------
@@ -224,3 +230,15 @@ def test_open_dataset_unknown_kind(tmp_path: Path) -> None:
         open_dataset("coco", tmp_path)
     assert_one_line_error(excinfo, "coco")
     assert isinstance(excinfo.value, ValueError)
+
+
+def test_aicup_unlisted_files_consider_every_csv_sharing_the_folder(tmp_path: Path) -> None:
+    make_aicup(tmp_path, "all", ["1.jpg,A", "2.jpg,B"])
+    write_image(tmp_path / "all" / "3.jpg")
+    (tmp_path / "train.csv").write_text("1.jpg,A\n")
+    (tmp_path / "dev.csv").write_text("2.jpg,B\n")
+    ds = AicupDataset(tmp_path, splits={"train": ("train.csv", "all"), "dev": ("dev.csv", "all")})
+    assert [(s.image_id, s.split) for s in ds.samples()] == [("1.jpg", "train"), ("2.jpg", "dev")]
+    assert [(s.image_id, s.reason) for s in ds.unlisted()] == [
+        ("3.jpg", "not listed in train.csv or dev.csv")
+    ]

@@ -82,6 +82,13 @@ def test_test_images_do_not_count_towards_class_minimum():
         assign_folds(labels, splits, k=2, seed=0)
 
 
+def test_a_declared_class_without_training_images_is_named():
+    labels = _labels({"A": 4, "B": 4})
+    assign_folds(labels, ["train"] * 8, k=2, seed=0)  # C is not declared: fine
+    with pytest.raises(ManifestError, match="class 'C' has 0 labelled training images"):
+        assign_folds(labels, ["train"] * 8, k=2, seed=0, classes=("A", "B", "C"))
+
+
 def test_no_labelled_training_images():
     with pytest.raises(ManifestError):
         assign_folds([None, "A"], ["train", TEST_SPLIT], k=2, seed=0)

@@ -27,7 +27,9 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
             extra={"images": params["stop"] - params["start"], "reused": True},
         )
     entries = manifest.entries[params["start"] : params["stop"]]
-    images = preprocess_images([e.path for e in entries], manifest.size)
+    # Images were header-checked at submit; one that still fails to decode fails the
+    # shard with one line naming it, and nothing is written (shards are written atomically).
+    images = preprocess_images([e.path for e in entries], manifest.size, manifest.max_pixels)
     written = write_shard(path, images)
     return Outcome(
         fit_seconds=time.perf_counter() - started,

@@ -1,0 +1,133 @@
+"""Bad input as `orchard submit` and `orchard worker` meet it: one line, exit 2, nothing written.
+
+Services that do not answer are closed ports on this machine (port 1), with a password
+in the URL that must never be printed. Each command must end on its own: the
+subprocess timeout is the bound, not a measured time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.conftest import REPO
+
+DEAD_REDIS = "redis://:hunter2@127.0.0.1:1/0"
+DEAD_POSTGRES = "postgresql+psycopg://orchard:hunter2@127.0.0.1:1/orchard"
+TINY = 'name = "c"\nfolds = 2\n[dataset]\nkind = "{kind}"\n{dataset}\n[preprocessing]\nsize = 32\n'
+
+
+def orchard(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        cwd=REPO,
+        env={**environ, "ORCHARD_HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "hunter2" not in done.stdout + done.stderr
+    return lines[0]
+
+
+def make_aicup(root: Path, per_class: int = 4) -> Path:
+    (root / "train").mkdir(parents=True)
+    rows = ["image_id,label"]
+    for i in range(3 * per_class):
+        image = np.full((20, 24, 3), 20 * i, np.uint8)
+        assert cv2.imwrite(str(root / "train" / f"{i:03d}.jpg"), image)
+        rows.append(f"{i:03d}.jpg,{'ABC'[i % 3]}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_campaign(tmp_path: Path, root: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(TINY.format(kind="aicup", dataset=f'root = "{root}"'))
+    return path
+
+
+def test_worker_with_unreachable_broker(tmp_path: Path) -> None:
+    assert orchard("db", "upgrade", home=tmp_path).returncode == 0
+    done = orchard("worker", "--queues", "cpu", home=tmp_path, ORCHARD_BROKER_URL=DEAD_REDIS)
+    assert_one_line_error(done, "broker redis://:***@127.0.0.1:1/0", "unreachable")
+
+
+def test_worker_with_unreachable_database(tmp_path: Path) -> None:
+    done = orchard("worker", "--queues", "cpu", home=tmp_path, ORCHARD_DATABASE_URL=DEAD_POSTGRES)
+    assert_one_line_error(
+        done, "database postgresql+psycopg://orchard:***@127.0.0.1:1/orchard", "unreachable"
+    )
+
+
+def test_submit_with_unreachable_database_fails_before_reading_the_dataset(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(TINY.format(kind="synthetic", dataset="train_per_class = 3"))
+    done = orchard("submit", str(campaign), home=tmp_path, ORCHARD_DATABASE_URL=DEAD_POSTGRES)
+    assert_one_line_error(done, "postgresql+psycopg://orchard:***@127.0.0.1:1/orchard")
+    assert not (tmp_path / "artifacts").exists()  # no dataset generated, no manifest
+
+
+def run_in_process(monkeypatch, capsys, *args: str, home: Path) -> tuple[int, str, str]:
+    """`orchard ...` in this process (faster than a subprocess where the CLI's
+    own argument and error handling is what is under test)."""
+    from scheduler.cli import main
+
+    for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_with_a_bad_csv_row_writes_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = make_aicup(tmp_path / "data")
+    with open(root / "train.csv", "a") as fh:
+        fh.write("007.jpg,Z\n")
+    home = tmp_path / "home"
+    code, _, err = run_in_process(
+        monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=home
+    )
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert f"{root / 'train.csv'}:14" in line and "unknown label 'Z'" in line
+    assert not (home / "artifacts" / "campaigns").exists()
+    assert not (home / "orchard.db").exists()
+
+
+def test_submit_skips_a_bad_image_with_a_warning(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = make_aicup(tmp_path / "data", per_class=4)
+    (root / "train" / "005.jpg").write_bytes(b"")  # 1 of 12: skipped
+    cv2.imwrite(str(root / "train" / "stray.jpg"), np.zeros((8, 8, 3), np.uint8))  # unlisted
+    home = tmp_path / "home"
+    code, out, err = run_in_process(
+        monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=home
+    )
+    assert code == 0, err
+    campaign_id = out.strip().splitlines()[-1]
+    warnings = [line for line in err.splitlines() if "warning: skipped" in line]
+    assert len(warnings) == 2, err
+    assert f"{root / 'train' / '005.jpg'}: empty file" in warnings[0]
+    assert f"{root / 'train' / 'stray.jpg'}: not listed in train.csv" in warnings[1]
+    manifest = json.loads(
+        (home / "artifacts" / "campaigns" / campaign_id / "manifest.json").read_text()
+    )
+    assert [s["image_id"] for s in manifest["skipped"]] == ["005.jpg", "stray.jpg"]
+    assert len(manifest["entries"]) == 11
