@@ -1,15 +1,436 @@
-"""Random forests at one sweep point (the study's section 3)."""
+"""Random forests at one sweep point (the study's section 3), whole or as tree shards.
+
+A forest is sklearn's ``RandomForestClassifier`` on the raw pixel rows of a feature
+variant (``resize128``, ``polar192``, ...). Options, all from :class:`shared.spec.RfParams`:
+
+- ``augment``: add flipped and/or rotated copies of every *training* image (never of
+  validation or test images): ``flip`` 2x, ``rotate`` 4x, ``rotate_flip`` 8x rows;
+- ``select_scaling``: keep the pixels whose impurity importance in a helper forest is at
+  least ``scaling * median`` (``SelectFromModel``, the study's 3.5.1);
+- ``pca_components``: PCA before the forest (the study's 3.5.2);
+- ``tree_shards``: train the trees as several independent forests (different seeds,
+  possibly on different workers) and merge them into one (:func:`merge_models`).
+
+Besides sklearn's out-of-bag score every fit reports ``oob_grouped``, an OOB score that
+does not count votes from trees trained on an augmented sibling of the row; see
+:data:`OOB_NOTE` for why the plain score is inflated on augmented sets.
+
+Memory: sklearn's tree builder works on float32 and converts any other input to a
+float32 copy, so the training matrix is built once as float32, with augmented copies
+written straight into it from the uint8 images (no uint8 or float64 copy of the
+augmented set); sklearn then uses it without copying. That float32 matrix (4 bytes per
+pixel per row) is the unavoidable peak; validation, test and OOB predictions go through
+in chunks of rows.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.feature_selection import SelectFromModel
+from sklearn.pipeline import Pipeline
 
+from shared.artifacts import WrittenFile, atomic_write, sha256_file
 from shared.classic import FitOutcome, accuracy_of, flatten
+from shared.errors import OrchardError
+
+OOB_NOTE = """\
+**Why the OOB score of an augmented training set is inflated.** A random forest's
+out-of-bag (OOB) score judges each training row only by the trees whose bootstrap
+sample left that row out, which is an honest estimate when rows are independent.
+Augmentation breaks that: with `rotate_flip` every photo becomes 8 rows (4 rotations
+x 2 flips), and a tree that never saw a row has almost surely seen some of its 7
+siblings (a row misses a bootstrap sample with probability about 1/e = 0.37, all 8
+copies of a photo only with about e^-8 = 0.0003). Its "out-of-bag" vote is then a vote
+on a photo it was trained on, which is why the study's `oob_score_` jumped to 0.81 on
+the 8x set while test accuracy stayed at 0.61: test photos have no siblings in the
+training set. `oob_grouped` lets a row be judged only by trees that saw none of the
+copies of its photo. Such trees are rare under sklearn's row bootstrap, so
+`oob_grouped` is computed over the rows that got at least one such vote
+(`oob_grouped_coverage` is their share) and needs many trees to cover most photos;
+without augmentation it equals the plain OOB score."""
+
+#: augment -> rows per training image
+AUGMENT_COPIES = {"none": 1, "flip": 2, "rotate": 4, "rotate_flip": 8}
+
+#: rows per prediction chunk are chosen so one float32 chunk stays under this size
+CHUNK_BYTES = 64 << 20
+
+
+class ForestError(OrchardError):
+    """A forest shard that cannot be used (missing, altered, inconsistent)."""
+
+
+# ---------------------------------------------------------------- training rows
+
+
+def _hflip(images: np.ndarray) -> np.ndarray:
+    return images[:, :, ::-1]
+
+
+def _rotation(k: int) -> Callable[[np.ndarray], np.ndarray]:
+    def rotate(images: np.ndarray) -> np.ndarray:
+        return np.rot90(images, k=k, axes=(1, 2))
+
+    return rotate
+
+
+def _views(augment: str) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """The image transforms of one augmentation, identity first (each returns a view)."""
+    rotations = [_rotation(k) for k in range(4)]
+    if augment == "none":
+        return rotations[:1]
+    if augment == "flip":
+        return [rotations[0], _hflip]
+    if augment == "rotate":
+        return rotations
+    if augment == "rotate_flip":
+        return rotations + [lambda x, r=r: r(_hflip(x)) for r in rotations]
+    raise ValueError(f"unknown augment {augment!r} (expected one of {', '.join(AUGMENT_COPIES)})")
+
+
+def augmented_rows(
+    images: np.ndarray, augment: str, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, source): ``images`` and their augmented copies as feature rows of ``dtype``.
+
+    Copy ``j`` of image ``i`` is row ``j * n + i`` (copy 0 is the image itself), and
+    ``source[row]`` is ``i``. Each copy is written straight from a view of the uint8
+    images into the output, so no intermediate of the augmented set is made.
+    """
+    views = _views(augment)
+    n, *shape = images.shape
+    if augment in ("rotate", "rotate_flip") and shape[0] != shape[1]:
+        raise ValueError(
+            f"augment {augment!r} needs square images, the variant gives {shape[0]}x{shape[1]}"
+        )
+    rows = np.empty((n * len(views), int(np.prod(shape))), dtype=dtype)
+    for j, view in enumerate(views):
+        rows[j * n : (j + 1) * n].reshape(images.shape)[...] = view(images)
+    return rows, np.tile(np.arange(n), len(views))
+
+
+@dataclass
+class TrainingRows:
+    """The rows a forest is trained on, and which training image each came from."""
+
+    x: np.ndarray  # (rows, pixel features) float32
+    y: np.ndarray  # (rows,)
+    source: np.ndarray  # (rows,) index of the training image the row was made from
+    n_images: int
+
+
+def training_rows(train_x: np.ndarray, train_y: np.ndarray, augment: str) -> TrainingRows:
+    x, source = augmented_rows(train_x, augment)
+    return TrainingRows(x, np.asarray(train_y)[source], source, len(train_x))
+
+
+# ---------------------------------------------------------------- fitting
+
+
+@dataclass
+class ForestModel:
+    """A fitted forest with its feature transform and each tree's bootstrap sample.
+
+    ``in_bag[t]`` is ``np.packbits`` of tree ``t``'s in-bag mask over the training rows,
+    kept so that the OOB score of a merged forest can be computed from the shards.
+    """
+
+    forest: RandomForestClassifier
+    transform: Pipeline | None
+    in_bag: np.ndarray  # (trees, ceil(n_rows / 8)) uint8
+    n_rows: int
+    pixel_features: int
+    kept_features: int
+
+    @property
+    def trees(self) -> int:
+        return len(self.forest.estimators_)
+
+
+def _transform(params: dict[str, Any], train: TrainingRows, seed: int) -> Pipeline | None:
+    steps: list[tuple[str, Any]] = []
+    scaling = params.get("select_scaling")
+    if scaling is not None:
+        helper = RandomForestClassifier(
+            n_estimators=params.get("select_estimators", 400),
+            max_depth=64,
+            n_jobs=1,
+            random_state=seed,
+        )
+        steps.append(("select", SelectFromModel(helper, threshold=f"{scaling}*median")))
+    components = params.get("pca_components")
+    if components is not None:
+        limit = min(train.x.shape)
+        if components > limit:
+            raise ValueError(
+                f"pca_components={components} exceeds what {len(train.x)} training rows of "
+                f"{train.x.shape[1]} features allow (at most {limit})"
+            )
+        pca = PCA(n_components=components, svd_solver="randomized", random_state=seed)
+        steps.append(("pca", pca))
+    return Pipeline(steps) if steps else None
+
+
+def fit_model(
+    train: TrainingRows,
+    params: dict[str, Any],
+    *,
+    seed: int,
+    n_estimators: int,
+    forest_seed: int | None = None,
+) -> tuple[ForestModel, np.ndarray]:
+    """Fit the transform (if any, seeded by ``seed``) and a forest (by ``forest_seed``,
+    default ``seed``); returns the model and the rows the forest was fitted on.
+
+    Tree shards of one unit share ``seed``, so they fit the same transform. Nothing in
+    the model depends on the clock, so the same fit pickles to the same bytes (a shard
+    task run twice writes the same file).
+    """
+    transform = _transform(params, train, seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "No features were selected", UserWarning)
+        x = train.x if transform is None else transform.fit_transform(train.x, train.y)
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"select_scaling={params.get('select_scaling')} keeps no features: lower it"
+        )
+    forest = RandomForestClassifier(
+        n_estimators=n_estimators,
+        max_depth=params["max_depth"],
+        min_samples_leaf=params["min_samples_leaf"],
+        min_samples_split=params["min_samples_split"],
+        max_features=params["max_features"],
+        bootstrap=True,
+        oob_score=False,  # computed by oob_scores(), which also works on merged forests
+        n_jobs=1,  # parallelism comes from running many units at once
+        random_state=seed if forest_seed is None else forest_seed,
+    )
+    forest.fit(x, train.y)
+    in_bag = np.zeros((n_estimators, len(x)), dtype=bool)
+    for t, samples in enumerate(forest.estimators_samples_):
+        in_bag[t, samples] = True
+    model = ForestModel(
+        forest=forest,
+        transform=transform,
+        in_bag=np.packbits(in_bag, axis=1),
+        n_rows=len(x),
+        pixel_features=train.x.shape[1],
+        kept_features=x.shape[1],
+    )
+    return model, x
+
+
+def shard_trees(n_estimators: int, shards: int) -> list[int]:
+    """How many of ``n_estimators`` trees each of ``shards`` shards trains."""
+    if not 1 <= shards <= n_estimators:
+        raise ValueError(f"tree_shards={shards} must be between 1 and n_estimators={n_estimators}")
+    return [n_estimators // shards + (k < n_estimators % shards) for k in range(shards)]
+
+
+def shard_seed(seed: int, shard: int, shards: int) -> int:
+    """Shard ``shard``'s random_state; one shard keeps ``seed`` (the unsharded forest)."""
+    if shards == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+def fit_shard(
+    train_x: np.ndarray, train_y: np.ndarray, params: dict[str, Any], *, seed: int, shard: int
+) -> ForestModel:
+    """Shard ``shard`` of ``params["tree_shards"]``: its share of the trees, its own seed."""
+    shards = params.get("tree_shards", 1)
+    n_trees = shard_trees(params["n_estimators"], shards)[shard]
+    train = training_rows(train_x, train_y, params.get("augment", "none"))
+    model, _ = fit_model(
+        train,
+        params,
+        seed=seed,
+        n_estimators=n_trees,
+        forest_seed=shard_seed(seed, shard, shards),
+    )
+    return model
+
+
+def _transform_arrays(transform: Pipeline | None) -> list[np.ndarray]:
+    if transform is None:
+        return []
+    arrays = []
+    for _, step in transform.steps:
+        if isinstance(step, SelectFromModel):
+            arrays.append(step.get_support())
+        elif isinstance(step, PCA):
+            arrays += [step.mean_, step.components_]
+    return arrays
+
+
+def merge_models(models: Sequence[ForestModel]) -> ForestModel:
+    """One forest holding every shard's trees, in shard order.
+
+    The shards must have been trained on the same rows with the same transform (they
+    are: the transform's fit is seeded by the unit, not the shard), or the merged trees
+    would vote on different features.
+    """
+    if not models:
+        raise ForestError("no forest shards to merge")
+    first = models[0]
+    for k, model in enumerate(models[1:], start=1):
+        if model.n_rows != first.n_rows or not np.array_equal(
+            model.forest.classes_, first.forest.classes_
+        ):
+            raise ForestError(f"tree shard {k} was trained on other rows than shard 0")
+        mine, theirs = _transform_arrays(model.transform), _transform_arrays(first.transform)
+        if len(mine) != len(theirs) or not all(
+            a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5)
+            for a, b in zip(mine, theirs, strict=True)
+        ):
+            raise ForestError(f"tree shard {k} used another feature transform than shard 0")
+    forest = copy.copy(first.forest)  # fitted attributes (classes_, n_features_in_, ...)
+    forest.estimators_ = [tree for model in models for tree in model.forest.estimators_]
+    forest.n_estimators = len(forest.estimators_)
+    return ForestModel(
+        forest=forest,
+        transform=first.transform,
+        in_bag=np.concatenate([model.in_bag for model in models]),
+        n_rows=first.n_rows,
+        pixel_features=first.pixel_features,
+        kept_features=first.kept_features,
+    )
+
+
+def save_model(model: ForestModel, path: Path) -> WrittenFile:
+    """Write ``model`` atomically; the same fit always gives the same bytes."""
+    return atomic_write(path, lambda fh: joblib.dump(model, fh))
+
+
+def load_model(path: Path, sha256: str) -> ForestModel:
+    if not path.exists():
+        raise ForestError(f"{path}: forest shard missing")
+    if sha256_file(path) != sha256:
+        raise ForestError(f"{path}: forest shard checksum mismatch (truncated or altered)")
+    model = joblib.load(path)
+    if not isinstance(model, ForestModel):
+        raise ForestError(f"{path}: not a forest shard")
+    return model
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _chunk_rows(features: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(features, 1)))
+
+
+def predict_proba(model: ForestModel, images: np.ndarray) -> np.ndarray | None:
+    """Class probabilities for uint8 images, converted to float32 a chunk at a time."""
+    if len(images) == 0:
+        return None
+    step = _chunk_rows(model.pixel_features)
+    parts = []
+    for start in range(0, len(images), step):
+        rows = flatten(images[start : start + step]).astype(np.float32)
+        if model.transform is not None:
+            rows = model.transform.transform(rows)
+        parts.append(model.forest.predict_proba(rows))
+    return np.concatenate(parts)
+
+
+def oob_scores(
+    model: ForestModel, x: np.ndarray, y: np.ndarray, source: np.ndarray, n_images: int
+) -> dict[str, float | None]:
+    """sklearn's OOB score and the grouped one (see :data:`OOB_NOTE`), from ``in_bag``.
+
+    ``oob_score`` follows sklearn exactly (a row no tree left out counts as a vote for
+    the first class); ``oob_grouped`` only scores rows that got a vote.
+    """
+    forest = model.forest
+    y_index = np.searchsorted(forest.classes_, y)
+    n, n_classes = len(y), len(forest.classes_)
+    plain, plain_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
+    grouped, grouped_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
+    step = _chunk_rows(x.shape[1])
+    for tree, packed in zip(forest.estimators_, model.in_bag, strict=True):
+        in_bag = np.unpackbits(packed, count=n).astype(bool)
+        touched = np.zeros(n_images, dtype=bool)  # images with any copy in this tree's sample
+        touched[source[in_bag]] = True
+        out_of_bag = np.flatnonzero(~in_bag)
+        for start in range(0, len(out_of_bag), step):
+            rows = out_of_bag[start : start + step]
+            probs = tree.predict_proba(x[rows], check_input=False)
+            plain[rows] += probs
+            plain_votes[rows] += 1
+            alone = ~touched[source[rows]]
+            grouped[rows[alone]] += probs[alone]
+            grouped_votes[rows[alone]] += 1
+    plain /= np.maximum(plain_votes, 1)[:, None]
+    covered = grouped_votes > 0
+    return {
+        "oob_score": accuracy_of(y_index, plain.argmax(1)) if n else None,
+        "oob_grouped": (
+            accuracy_of(y_index[covered], grouped[covered].argmax(1)) if covered.any() else None
+        ),
+        "oob_grouped_coverage": float(covered.mean()) if n else None,
+    }
+
+
+def score_model(
+    model: ForestModel,
+    train: TrainingRows,
+    x: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    test_x: np.ndarray,
+    *,
+    started: float,
+    train_seconds: float,
+) -> FitOutcome:
+    """Accuracy on the training images (copy 0 of each), validation and test, and OOB.
+
+    ``x`` is ``train.x`` after the model's transform; ``train_seconds`` is the time spent
+    fitting the transform and the trees (the study's "training time").
+    """
+    forest = model.forest
+    val_probs = predict_proba(model, val_x)
+    test_probs = predict_proba(model, test_x)
+
+    def labels(probs: np.ndarray | None) -> np.ndarray:
+        if probs is None:
+            return np.empty(0, dtype=np.int64)
+        return forest.classes_[probs.argmax(1)]
+
+    originals = x[: train.n_images]
+    step = _chunk_rows(x.shape[1])
+    train_pred = np.concatenate(
+        [forest.predict(originals[s : s + step]) for s in range(0, len(originals), step)]
+        or [np.empty(0, dtype=train.y.dtype)]
+    )
+    return FitOutcome(
+        train_acc=accuracy_of(train.y[: train.n_images], train_pred),
+        val_acc=accuracy_of(val_y, labels(val_probs)),
+        val_pred=labels(val_probs),
+        test_pred=labels(test_probs),
+        seconds=time.perf_counter() - started,
+        val_probs=val_probs,
+        test_probs=test_probs,
+        extra={
+            **oob_scores(model, x, train.y, train.source, train.n_images),
+            "train_seconds": train_seconds,
+            "train_rows": len(x),
+            "pixel_features": model.pixel_features,
+            "kept_features": model.kept_features,
+            "trees": model.trees,
+        },
+    )
 
 
 def fit_rf_point(
@@ -22,38 +443,44 @@ def fit_rf_point(
     *,
     seed: int,
 ) -> FitOutcome:
-    """RandomForestClassifier on raw uint8 pixels, with ``oob_score_``."""
+    """One whole forest at one sweep point: fit, then OOB, validation and test scores."""
     started = time.perf_counter()
-    forest = RandomForestClassifier(
-        n_estimators=params["n_estimators"],
-        max_depth=params["max_depth"],
-        min_samples_leaf=params["min_samples_leaf"],
-        min_samples_split=params["min_samples_split"],
-        max_features=params["max_features"],
-        oob_score=True,
-        bootstrap=True,
-        n_jobs=1,  # parallelism comes from running many units at once
-        random_state=seed,
+    train = training_rows(train_x, train_y, params.get("augment", "none"))
+    fitting = time.perf_counter()
+    model, x = fit_model(train, params, seed=seed, n_estimators=params["n_estimators"])
+    train_seconds = time.perf_counter() - fitting
+    return score_model(
+        model, train, x, val_x, val_y, test_x, started=started, train_seconds=train_seconds
     )
-    with warnings.catch_warnings():
-        # few trees leave some samples never out of bag; oob_score_ is still reported
-        warnings.simplefilter("ignore", UserWarning)
-        forest.fit(flatten(train_x), train_y)
-    val_probs = forest.predict_proba(flatten(val_x)) if len(val_x) else None
-    test_probs = forest.predict_proba(flatten(test_x)) if len(test_x) else None
 
-    def labels(probs: np.ndarray | None) -> np.ndarray:
-        if probs is None:
-            return np.empty(0, dtype=np.int64)
-        return forest.classes_[probs.argmax(1)]
 
-    return FitOutcome(
-        train_acc=accuracy_of(train_y, forest.predict(flatten(train_x))),
-        val_acc=accuracy_of(val_y, labels(val_probs)),
-        val_pred=labels(val_probs),
-        test_pred=labels(test_probs),
-        seconds=time.perf_counter() - started,
-        val_probs=val_probs,
-        test_probs=test_probs,
-        extra={"oob_score": float(forest.oob_score_)},
+def merge_rf_point(
+    models: Sequence[ForestModel],
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    test_x: np.ndarray,
+    params: dict[str, Any],
+    *,
+    shard_seconds: Sequence[float] = (),
+) -> FitOutcome:
+    """Merge tree shards of one sweep point and score the merged forest like a whole one.
+
+    ``shard_seconds`` are the shards' training times: ``train_seconds`` is their sum
+    (the work done), ``train_wall_seconds`` their maximum (the time with one worker each).
+    """
+    started = time.perf_counter()
+    model = merge_models(models)
+    train = training_rows(train_x, train_y, params.get("augment", "none"))
+    if len(train.x) != model.n_rows:
+        raise ForestError(
+            f"the tree shards were trained on {model.n_rows} rows, this fold has {len(train.x)}"
+        )
+    x = train.x if model.transform is None else model.transform.transform(train.x)
+    outcome = score_model(
+        model, train, x, val_x, val_y, test_x, started=started, train_seconds=sum(shard_seconds)
     )
+    outcome.extra["shards"] = len(models)
+    outcome.extra["train_wall_seconds"] = max(shard_seconds, default=0.0)
+    return outcome

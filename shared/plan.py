@@ -2,33 +2,57 @@
 
 A unit is one task's worth of work with a deterministic key
 ``<campaign>/<family>/<params hash>/f<fold>``: a re-delivered task finds its unit by
-key and can never create a second result. Units run in three stages: preprocessing
-shards, then every model unit, then the report. The store, not a chord counter,
-decides when a stage is complete (see ``next_actions``), so at-least-once delivery
-cannot fire the report early or twice.
+key and can never create a second result. Units run in stages: preprocessing shards,
+then every model unit, then the merges of tree-sharded forests, then the report. The
+store, not a chord counter, decides when a stage is complete (see ``next_actions``),
+so at-least-once delivery cannot fire the report early or twice.
+
+A random forest with ``tree_shards = k > 1`` is k ``rf_shard`` units in the model stage
+(keys ``<rf unit key>/t<i>``, each training its share of the trees) and the ``rf`` unit
+itself in the merge stage, which merges their trees into one forest and records the
+result like an unsharded forest.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from shared.spec import Campaign, params_hash, sweep_points
+from shared.variants import variant_shape
 
-PREPROCESS, TRAIN, REPORT = 0, 1, 2
+PREPROCESS, TRAIN, MERGE, REPORT = 0, 1, 2, 3
 
 #: family -> (Celery task name, queue)
 TASKS: dict[str, tuple[str, str]] = {
     "preprocess": ("orchard.preprocess_shard", "preprocess"),
     "cnn": ("orchard.train_cnn_fold", "gpu"),
     "svm": ("orchard.fit_svm", "cpu"),
-    "rf": ("orchard.fit_rf", "cpu"),
+    "rf": ("orchard.fit_rf", "cpu"),  # merges the tree shards when it has any
+    "rf_shard": ("orchard.fit_rf_shard", "cpu"),
     "report": ("orchard.report", "report"),
 }
 
 PENDING, QUEUED, RUNNING, SUCCESS, FAILED = "PENDING", "QUEUED", "RUNNING", "SUCCESS", "FAILED"
-TERMINAL = frozenset({SUCCESS, FAILED})
+CANCELLED = "CANCELLED"  # `orchard cancel`: will not run unless the campaign is resumed
+TERMINAL = frozenset({SUCCESS, FAILED, CANCELLED})
+
+#: families whose units make a part of another unit's model, not a model result
+PART_FAMILIES = frozenset({"rf_shard"})
+
+_PART_SUFFIX = re.compile(r"/t\d+$")
+
+
+def is_model_unit(family: str, stage: int) -> bool:
+    """Whether a unit's result is a model result (what the report compares)."""
+    return stage in (TRAIN, MERGE) and family not in PART_FAMILIES
+
+
+def tree_shard_keys(key: str, shards: int) -> list[str]:
+    """The keys of the tree-shard units of the ``rf`` unit ``key``."""
+    return [f"{key}/t{k}" for k in range(shards)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +81,9 @@ def unit_key(campaign_id: str, family: str, phash: str, fold: int | None) -> str
 def plan_units(
     campaign_id: str, campaign: Campaign, shards: list[tuple[int, int]]
 ) -> list[UnitPlan]:
-    """Every unit of a campaign, longest-running families first within a stage."""
+    """Every unit of a campaign, in stage order, longest-running families first within one."""
     units: list[UnitPlan] = []
+    merges: list[UnitPlan] = []
     for index, (start, stop) in enumerate(shards):
         params = {"shard": index, "start": start, "stop": stop}
         units.append(
@@ -74,17 +99,21 @@ def plan_units(
     for family, section in campaign.families():
         for params in sweep_points(section):
             phash = params_hash({"family": family, **params})
+            shards = params.get("tree_shards", 1) if family == "rf" else 1
             for fold in range(section.folds):
-                units.append(
-                    UnitPlan(
-                        key=unit_key(campaign_id, family, phash, fold),
-                        family=family,
-                        stage=TRAIN,
-                        fold=fold,
-                        params=params,
-                        params_hash=phash,
-                    )
-                )
+                key = unit_key(campaign_id, family, phash, fold)
+                whole = UnitPlan(key, family, TRAIN, fold, params, phash)
+                if shards == 1:
+                    units.append(whole)
+                    continue
+                for shard, shard_key in enumerate(tree_shard_keys(key, shards)):
+                    # a hash of its own: shards of one point differ (in their trees), and
+                    # whatever matches units by (family, hash, fold) must tell them apart
+                    part = {**params, "shard": shard}
+                    part_hash = params_hash({"family": "rf_shard", **part})
+                    units.append(UnitPlan(shard_key, "rf_shard", TRAIN, fold, part, part_hash))
+                merges.append(UnitPlan(key, family, MERGE, fold, params, phash))
+    units.extend(merges)
     units.append(
         UnitPlan(
             key=f"{campaign_id}/report",
@@ -95,7 +124,37 @@ def plan_units(
             params_hash=params_hash({}),
         )
     )
-    return units
+    return longest_first(units, campaign.preprocessing.size)
+
+
+def estimated_cost(family: str, params: dict[str, Any], cache_size: int) -> float:
+    """A unit's rough relative run time (operations per training image); 0 if unknown.
+
+    Only the order it gives matters: a stage is sent longest first, so a big forest or
+    a CNN fold starts at once and the short units fill the other workers around it,
+    and the makespan approaches the critical path instead of ending on a long unit
+    that happened to be sent last (bench/scheduling.py measures both).
+    """
+    if family == "cnn":
+        return params["epochs"] * params["image_size"] ** 2 * (64 * params["width"]) ** 2
+    try:
+        height, width, channels = variant_shape(params["variant"], cache_size)
+        features = height * width * channels
+    except (KeyError, ValueError):
+        features = cache_size * cache_size * 3
+    if family in ("rf", "rf_shard"):
+        trees = params.get("n_estimators", 100)
+        if family == "rf_shard":
+            trees /= params.get("tree_shards", 1)
+        return trees * features**0.5 * 16  # sqrt(features) tried per split, ~log2(n) levels
+    if family == "svm":
+        return features * params.get("n_components", 1)  # the PCA projection dominates
+    return 0.0
+
+
+def longest_first(units: list[UnitPlan], cache_size: int) -> list[UnitPlan]:
+    """Stages in order; within one, the costliest units first (ties keep file order)."""
+    return sorted(units, key=lambda u: (u.stage, -estimated_cost(u.family, u.params, cache_size)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +175,8 @@ def next_actions(units: Iterable[UnitState]) -> Actions:
 
     A stage opens when every unit of the stages before it is terminal. Model units
     need every preprocessing shard: if one failed for good they fail too, naming it.
-    The report runs once everything else is terminal, whatever failed.
+    Likewise a merge unit fails, naming it, if one of its tree shards failed. The
+    report runs once everything else is terminal, whatever failed.
     """
     units = list(units)
     by_stage: dict[int, list[UnitState]] = {}
@@ -129,11 +189,18 @@ def next_actions(units: Iterable[UnitState]) -> Actions:
         if any(u.state not in TERMINAL for u in earlier):
             break
         failed_shards = [u.key for u in earlier if u.stage == PREPROCESS and u.state == FAILED]
+        lost_parts: dict[str, list[UnitState]] = {}  # merge key -> its unfinished shards
+        for u in earlier:
+            if u.stage == TRAIN and u.state != SUCCESS and _PART_SUFFIX.search(u.key):
+                lost_parts.setdefault(_PART_SUFFIX.sub("", u.key), []).append(u)
         for unit in by_stage[stage]:
             if unit.state != PENDING:
                 continue
             if stage == TRAIN and failed_shards:
                 fail.append((unit.key, f"preprocessing failed: {failed_shards[0]}"))
+            elif stage == MERGE and unit.key in lost_parts:
+                part = lost_parts[unit.key][0]
+                fail.append((unit.key, f"tree shard {part.state.lower()}: {part.key}"))
             else:
                 enqueue.append(unit.key)
     return Actions(enqueue=enqueue, fail=fail)

@@ -1,4 +1,4 @@
-"""Accuracy, confusion matrices, majority vote, and the SVM / RF fits on tiny images."""
+"""Accuracy, confusion matrices, majority vote, and the SVM fit on tiny images (RF: test_forest)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from shared.classic import flatten
-from shared.forest import fit_rf_point
 from shared.metrics import accuracy, confusion_matrix, majority_vote
-from shared.spec import RfParams, SvmParams
+from shared.spec import SvmParams
 from shared.svm import fit_svm_point
 
 # ---------------------------------------------------------------- metrics
@@ -133,47 +132,6 @@ def test_svm_with_empty_test_set(data):
     out = fit_svm_point(train_x, train_y, val_x, val_y, test_x[:0], params, seed=0)
     assert out.test_pred.shape == (0,)
     assert out.val_acc > 0.8
-
-
-def test_rf_fits_separable_colours(data):
-    train_x, train_y, val_x, val_y, test_x = data
-    params = RfParams(n_estimators=25).model_dump()
-    out = fit_rf_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
-    assert out.train_acc > 0.8
-    assert out.val_acc > 0.8
-    assert out.val_pred.shape == (len(val_x),)
-    assert out.test_pred.shape == (len(test_x),)
-    assert out.val_probs.shape == (len(val_x), 3)
-    assert out.test_probs.shape == (len(test_x), 3)
-    np.testing.assert_allclose(out.val_probs.sum(1), 1.0)
-    np.testing.assert_array_equal(out.val_pred, out.val_probs.argmax(1))
-    assert 0.0 <= out.extra["oob_score"] <= 1.0
-
-
-def test_rf_is_deterministic_in_seed(data):
-    params = RfParams(n_estimators=10, max_features=0.5).model_dump()
-    a = fit_rf_point(*data, params, seed=4)
-    b = fit_rf_point(*data, params, seed=4)
-    np.testing.assert_array_equal(a.val_probs, b.val_probs)
-    assert a.extra == b.extra
-
-
-def test_rf_with_empty_test_set(data):
-    train_x, train_y, val_x, val_y, test_x = data
-    params = RfParams(n_estimators=10).model_dump()
-    out = fit_rf_point(train_x, train_y, val_x, val_y, test_x[:0], params, seed=0)
-    assert out.test_pred.shape == (0,)
-    assert out.test_probs is None
-    assert out.val_pred.shape == (len(val_x),)
-
-
-def test_rf_labels_are_original_class_values():
-    train_x, train_y = _images(10, seed=0)
-    shifted = train_y + 5  # classes 5, 6, 7
-    params = RfParams(n_estimators=10).model_dump()
-    out = fit_rf_point(train_x, shifted, train_x[:3], shifted[:3], train_x[:2], params, seed=0)
-    assert set(out.val_pred.tolist()) <= {5, 6, 7}
-    assert out.val_acc > 0.5
 
 
 def test_majority_vote_rejects_non_class_predictions():

@@ -8,6 +8,7 @@ import pytest
 
 from shared.plan import (
     FAILED,
+    MERGE,
     PENDING,
     PREPROCESS,
     QUEUED,
@@ -17,10 +18,12 @@ from shared.plan import (
     TRAIN,
     UnitPlan,
     UnitState,
+    is_model_unit,
     next_actions,
     plan_units,
+    tree_shard_keys,
 )
-from shared.spec import parse_campaign
+from shared.spec import CampaignError, parse_campaign
 
 SHARDS = [(0, 64), (64, 128), (128, 150)]
 
@@ -240,3 +243,138 @@ def test_campaign_without_shards_goes_straight_to_models():
     units = plan_units("t-0001", _campaign(), [])
     actions = next_actions(_states(units))
     assert actions.enqueue == _keys(units, *MODEL)
+
+
+# ---------------------------------------------------------------- tree-sharded forests
+
+
+def _sharded(shards: int = 2, **sections) -> list[UnitPlan]:
+    return _units(rf={"n_estimators": [100, 300], "tree_shards": shards}, **sections)
+
+
+def test_unsharded_forest_has_no_merge_stage():
+    units = _units()
+    assert MERGE not in {u.stage for u in units}
+    assert not [u for u in units if u.family == "rf_shard"]
+    assert {u.stage for u in units if u.family == "rf"} == {TRAIN}
+
+
+def test_sharded_forest_is_shard_units_then_a_merge_unit():
+    units = _sharded(shards=3)
+    rf = [u for u in units if u.family == "rf"]
+    parts = [u for u in units if u.family == "rf_shard"]
+    assert Counter(u.family for u in units) == {
+        "preprocess": 3,
+        "cnn": 5,
+        "svm": 4,
+        "rf_shard": 6,
+        "rf": 2,
+        "report": 1,
+    }
+    assert all(u.stage == MERGE for u in rf)
+    assert all(u.stage == TRAIN and u.task == "orchard.fit_rf_shard" for u in parts)
+    assert {(u.task, u.queue) for u in parts} == {("orchard.fit_rf_shard", "cpu")}
+    for merge in rf:
+        mine = [u for u in parts if u.key.startswith(merge.key + "/")]
+        assert [u.key for u in mine] == tree_shard_keys(merge.key, 3)
+        assert [u.key for u in mine] == [f"{merge.key}/t{k}" for k in range(3)]
+        assert [u.params["shard"] for u in mine] == [0, 1, 2]
+        # the key carries the point's hash; each shard has a hash of its own
+        assert all(f"/rf/{merge.params_hash}/" in u.key for u in mine)
+        assert len({u.params_hash for u in mine} | {merge.params_hash}) == 4
+        assert all({**u.params, "shard": None} == {**merge.params, "shard": None} for u in mine)
+        assert merge.key.count("/") == 3 and "/rf/" in merge.key
+    stages = [u.stage for u in units]
+    assert stages == sorted(stages)
+
+
+def test_model_units_are_what_the_report_compares():
+    units = _sharded()
+    model = [u.key for u in units if is_model_unit(u.family, u.stage)]
+    assert model == _keys(units, "cnn", "svm", "rf")
+    assert not any(is_model_unit(u.family, u.stage) for u in units if u.family == "rf_shard")
+
+
+def test_merge_waits_for_every_training_unit():
+    units = _sharded()
+    states = _states(units, preprocess=SUCCESS, cnn=RUNNING, svm=SUCCESS, rf_shard=SUCCESS)
+    assert next_actions(states).enqueue == []
+    states = _states(units, preprocess=SUCCESS, cnn=SUCCESS, svm=SUCCESS, rf_shard=SUCCESS)
+    actions = next_actions(states)
+    assert actions.enqueue == _keys(units, "rf")
+    assert actions.fail == []
+
+
+def test_shards_are_enqueued_with_the_other_model_units():
+    units = _sharded()
+    actions = next_actions(_states(units, preprocess=SUCCESS))
+    assert actions.enqueue == _keys(units, "cnn", "svm", "rf_shard")
+
+
+def test_failed_tree_shard_fails_its_merge_naming_it():
+    units = _sharded()
+    merges = _keys(units, "rf")
+    bad = f"{merges[1]}/t1"
+    states = [
+        UnitState(s.key, s.stage, FAILED if s.key == bad else s.state)
+        for s in _states(units, preprocess=SUCCESS, cnn=SUCCESS, svm=SUCCESS, rf_shard=SUCCESS)
+    ]
+    actions = next_actions(states)
+    assert actions.enqueue == [merges[0]]
+    assert actions.fail == [(merges[1], f"tree shard failed: {bad}")]
+
+
+def test_report_waits_for_merges_and_runs_after_failed_ones():
+    units = _sharded()
+    done = {"preprocess": SUCCESS, "cnn": SUCCESS, "svm": SUCCESS, "rf_shard": SUCCESS}
+    assert next_actions(_states(units, **done, rf=RUNNING)).enqueue == []
+    assert next_actions(_states(units, **done, rf=SUCCESS)).enqueue == ["t-0001/report"]
+    assert next_actions(_states(units, **done, rf=FAILED)).enqueue == ["t-0001/report"]
+
+
+def test_failed_preprocessing_reaches_merges_through_their_shards():
+    units = _sharded()
+    bad_shard = _keys(units, "preprocess")[0]
+    states = [
+        UnitState(s.key, s.stage, FAILED if s.key == bad_shard else s.state)
+        for s in _states(units, preprocess=SUCCESS)
+    ]
+    first = next_actions(states)
+    assert [k for k, _ in first.fail] == _keys(units, "cnn", "svm", "rf_shard")
+    failed = dict(first.fail)
+    states = [UnitState(s.key, s.stage, FAILED if s.key in failed else s.state) for s in states]
+    second = next_actions(states)
+    assert [k for k, _ in second.fail] == _keys(units, "rf")
+    assert all(reason.startswith("tree shard failed: ") for _, reason in second.fail)
+
+
+def test_tree_shards_beyond_trees_is_a_campaign_error():
+    with pytest.raises(CampaignError, match=r"\[rf\].*tree_shards \(4\) must not exceed"):
+        _units(rf={"n_estimators": [10, 3], "tree_shards": 4})
+
+
+def test_model_units_are_sent_longest_first(tmp_path):
+    """A big forest listed last is sent first: it must not start after the short ones."""
+    from shared.plan import TRAIN, estimated_cost, plan_units
+    from shared.spec import load_campaign
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'name = "c"\n[dataset]\nkind = "synthetic"\n[preprocessing]\nsize = 64\n'
+        '[rf]\nvariant = "resize16"\nn_estimators = [5, 10, 500]\n'
+        '[svm]\nvariant = "polar32"\nn_components = [4, 8]\n'
+    )
+    units = plan_units("c-1", load_campaign(path), [(0, 10)])
+    model = [u for u in units if u.stage == TRAIN]
+    costs = [estimated_cost(u.family, u.params, 64) for u in model]
+    assert costs == sorted(costs, reverse=True)
+    assert model[0].family == "rf" and model[0].params["n_estimators"] == 500
+    # within one sweep, more trees or more components cost more
+    assert estimated_cost("rf", {"variant": "resize16", "n_estimators": 10}, 64) > estimated_cost(
+        "rf", {"variant": "resize16", "n_estimators": 5}, 64
+    )
+    assert estimated_cost("svm", {"variant": "polar32", "n_components": 8}, 64) > estimated_cost(
+        "svm", {"variant": "polar32", "n_components": 4}, 64
+    )
+    # stages stay in order around it
+    assert [u.stage for u in units] == sorted(u.stage for u in units)
