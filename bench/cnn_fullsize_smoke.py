@@ -6,7 +6,12 @@ the study's optimiser for a few epochs, printing the device, the parameter count
 seconds and images per second per epoch, and validation accuracy. Run it on a GPU
 machine to see the real architecture run where it is meant to:
 
-    python bench/cnn_fullsize_smoke.py --per-class 100 --epochs 3
+    python bench/cnn_fullsize_smoke.py --per-class 100 --epochs 3 [--compile]
+
+It goes through ``train_fold``, so on CUDA it exercises the production path: the
+batched study augmentations on the device, bf16 autocast, channels-last and, with
+``--compile``, ``torch.compile`` (the first epoch then includes compilation).
+For a throughput comparison use ``bench/train_throughput.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shared.cnn import MangoCNN, pick_device, train_fold  # noqa: E402
+from shared.cnn import KNOB_DEFAULTS, MangoCNN, pick_device, train_fold  # noqa: E402
 from shared.datasets import AicupDataset  # noqa: E402
 from shared.manifest import assign_folds  # noqa: E402
 from shared.preprocess import preprocess_images  # noqa: E402
@@ -38,6 +43,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -57,6 +64,8 @@ def main() -> int:
     train, val = np.flatnonzero((folds >= 0) & (folds != 0)), np.flatnonzero(folds == 0)
     test = np.flatnonzero(folds < 0)
     params = {
+        **KNOB_DEFAULTS,
+        "compile": args.compile,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": 0.01,
@@ -65,7 +74,7 @@ def main() -> int:
         "width": args.width,
         "image_size": args.image_size,
         "dropout": 0.5,
-        "augment": True,
+        "augment": not args.no_augment,
     }
     n_params = sum(
         p.numel() for p in MangoCNN(3, image_size=args.image_size, width=args.width).parameters()

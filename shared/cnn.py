@@ -1,50 +1,143 @@
-"""The study's CNN and its training loop for one cross-validation fold.
+"""The study's CNN, its variants, and the training loop for one cross-validation fold.
 
 Architecture (the study's table, section 1.3), per block twice
 ``Conv2d(3x3, stride 1, pad 1) -> PReLU(c) -> BatchNorm2d(c)`` then ``MaxPool2d(2)``,
 blocks of 32, 64, 128, 256, 512 channels; then dense 512*7*7 -> 512 -> 256 -> 64 with
 ``Linear -> PReLU() -> BatchNorm1d -> Dropout`` and a final ``Linear(64, classes)``.
-``width`` scales every channel and hidden size, ``image_size`` the input, so a CPU
-demo can train the same design small. Defaults are the study's at 224x224.
+
+The variants the study compared (section 1.3.1) are data, not classes: one builder
+reads ``norm_order``, ``activation``, ``pool``, ``stride`` and ``dense`` from the
+params, as timm builds its model variants from configs. ``width`` scales every
+channel and hidden size, ``image_size`` the input, so a CPU demo can train the same
+design small. Defaults are the study's at 224x224.
 
 Training data arrive as the uint8 ``crop224`` cache (centre crop of a 256 resize, as
-in the study). The whole set is moved to the device once; batches are cast,
-augmented and normalised there.
+in the study). The whole set is moved to the device once; batches are gathered,
+augmented (``shared.augment``) and normalised there. On CUDA the step runs in bf16
+autocast with channels-last tensors, cuDNN autotuning, a fused optimiser and
+optionally ``torch.compile``; loss and accuracy stay on the device until the end of
+an epoch, so no step waits for the host. On the CPU everything is fp32 and eager, and
+a fixed seed gives the same weights every time, also across a checkpoint and resume.
+
+This module imports neither pydantic nor OpenCV at import time, so the throughput
+benchmark can load it on a bare GPU image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shared.augment import constant, random_augment
 
 STUDY_MEAN = (0.485, 0.456, 0.406)
 STUDY_STD = (0.229, 0.256, 0.225)  # sic: the study's value for green
 BLOCK_CHANNELS = (32, 64, 128, 256, 512)
 DENSE_FEATURES = (512, 256, 64)
 
+#: The knobs of section 1.3.1 and their study defaults; ``shared.spec.CnnParams``
+#: declares the same (a test checks they agree). Params dicts may omit any of them.
+KNOB_DEFAULTS: dict[str, Any] = {
+    "norm_order": "act_bn",  # the study's R -> B: activation, then BatchNorm
+    "activation": "prelu",
+    "pool": "max",
+    "optimizer": "sgd",
+    "stride": 1,
+    "dense": "512,256,64",
+    "compile": False,
+}
+NORM_ORDERS = ("act_bn", "bn_act")
+ACTIVATIONS = ("prelu", "relu", "leakyrelu")
+POOLS = ("max", "conv")
+OPTIMIZERS = ("sgd", "adam")
+CHECKPOINT_FORMAT = 1
+
+
+def knob(params: dict[str, Any], name: str) -> Any:
+    return params.get(name, KNOB_DEFAULTS[name])
+
+
+def parse_dense(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"512,256,64"`` -> (512, 256, 64); the hidden widths of the dense head."""
+    if isinstance(text, str):
+        try:
+            widths = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ValueError(f"dense must be comma-separated integers, got {text!r}") from None
+    else:
+        widths = tuple(int(w) for w in text)
+    if not widths or any(w < 1 for w in widths):
+        raise ValueError(f"dense must list at least one positive width, got {text!r}")
+    return widths
+
 
 def _scaled(n: int, width: float) -> int:
     return max(1, round(n * width))
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def activation_layer(kind: str, channels: int | None) -> nn.Module:
+    """``channels`` None: one shared PReLU slope, as the study's dense layers have."""
+    if kind == "prelu":
+        return nn.PReLU(channels) if channels is not None else nn.PReLU()
+    if kind == "relu":
+        return nn.ReLU()
+    return nn.LeakyReLU(0.01)
+
+
+def _act_norm(kind: str, order: str, act_channels: int | None, norm: nn.Module) -> list:
+    act = activation_layer(kind, act_channels)
+    return [act, norm] if order == "act_bn" else [norm, act]
+
+
+def conv_block(
+    in_channels: int,
+    out_channels: int,
+    *,
+    stride: int = 1,
+    norm_order: str = "act_bn",
+    activation: str = "prelu",
+    pool: str = "max",
+) -> nn.Sequential:
+    """Two ``Conv2d(3x3, pad 1)`` with activation and BatchNorm, then a 2x downsampling.
+
+    Only the first conv takes ``stride``. ``MaxPool2d(2, ceil_mode=True)`` is the
+    table's ``MaxPool2d(2)`` on every even map (all of them at stride 1), and keeps
+    an odd map's last row instead of dropping it, so strided variants (the study
+    tried 3, 5, 7) still end on at least 1x1; ``pool = "conv"`` is the study's
+    alternative, a 3x3 stride-2 conv, which halves a map the same way.
+    """
     layers: list[nn.Module] = []
-    for cin in (in_channels, out_channels):
-        layers += [
-            nn.Conv2d(cin, out_channels, 3, 1, 1),
-            nn.PReLU(out_channels),
-            nn.BatchNorm2d(out_channels),  # after the activation: the study's R -> B order
-        ]
-    layers.append(nn.MaxPool2d(2))
+    for cin, conv_stride in ((in_channels, stride), (out_channels, 1)):
+        layers.append(nn.Conv2d(cin, out_channels, 3, conv_stride, 1))
+        layers += _act_norm(activation, norm_order, out_channels, nn.BatchNorm2d(out_channels))
+    if pool == "max":
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+    else:
+        layers.append(nn.Conv2d(out_channels, out_channels, 3, 2, 1))
     return nn.Sequential(*layers)
+
+
+def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)) -> int:
+    """Side of the last feature map: the arithmetic of :func:`conv_block`'s layers."""
+    side = image_size
+    for _ in range(blocks):
+        side = (side - 1) // stride + 1  # Conv2d(3, stride, pad 1)
+        side = (side + 1) // 2  # MaxPool2d(2, ceil_mode=True) or Conv2d(3, 2, pad 1)
+    return side
 
 
 class MangoCNN(nn.Module):
@@ -55,24 +148,49 @@ class MangoCNN(nn.Module):
         image_size: int = 224,
         width: float = 1.0,
         dropout: float = 0.5,
+        norm_order: str = "act_bn",
+        activation: str = "prelu",
+        pool: str = "max",
+        stride: int = 1,
+        dense: str | Sequence[int] = DENSE_FEATURES,
     ) -> None:
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        if stride < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}")
+        _choice("norm_order", norm_order, NORM_ORDERS)
+        _choice("activation", activation, ACTIVATIONS)
+        _choice("pool", pool, POOLS)
+        side = feature_side(image_size, stride)
+        if side < 1:
+            raise ValueError(
+                f"stride {stride} shrinks a {image_size}x{image_size} image to nothing "
+                f"in {len(BLOCK_CHANNELS)} blocks"
+            )
         channels = [_scaled(c, width) for c in BLOCK_CHANNELS]
         self.features = nn.Sequential(
             *(
-                conv_block(cin, cout)
+                conv_block(
+                    cin,
+                    cout,
+                    stride=stride,
+                    norm_order=norm_order,
+                    activation=activation,
+                    pool=pool,
+                )
                 for cin, cout in zip([3, *channels[:-1]], channels, strict=True)
             )
         )
-        side = image_size // 32  # five 2x2 max-pools: 224 -> 7
-        hidden = [_scaled(n, width) for n in DENSE_FEATURES]
-        dense: list[nn.Module] = [nn.Flatten()]
+        self.feature_side = side
+        hidden = [_scaled(n, width) for n in parse_dense(dense)]
+        layers: list[nn.Module] = [nn.Flatten()]
         for fin, fout in zip([channels[-1] * side * side, *hidden[:-1]], hidden, strict=True):
-            dense += [nn.Linear(fin, fout), nn.PReLU(), nn.BatchNorm1d(fout), nn.Dropout(dropout)]
-        dense.append(nn.Linear(hidden[-1], num_classes))
-        self.classifier = nn.Sequential(*dense)
+            layers.append(nn.Linear(fin, fout))
+            layers += _act_norm(activation, norm_order, None, nn.BatchNorm1d(fout))
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(hidden[-1], num_classes))
+        self.classifier = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))  # (B, classes) logits
@@ -84,7 +202,47 @@ def build_model(params: dict[str, Any], num_classes: int) -> MangoCNN:
         image_size=params["image_size"],
         width=params["width"],
         dropout=params["dropout"],
+        norm_order=knob(params, "norm_order"),
+        activation=knob(params, "activation"),
+        pool=knob(params, "pool"),
+        stride=knob(params, "stride"),
+        dense=knob(params, "dense"),
     )
+
+
+def make_optimizer(
+    model: nn.Module, params: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the study's) or Adam; one fused kernel per step on CUDA."""
+    kind = _choice("optimizer", knob(params, "optimizer"), OPTIMIZERS)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if kind == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"], **fused
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=params["lr"],
+        momentum=params["momentum"],
+        weight_decay=params["weight_decay"],
+        **fused,
+    )
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device, *, compile: bool = False, mode: str | None = None
+) -> nn.Module:
+    """The module to train with: channels-last (and compiled, if asked) on CUDA.
+
+    Returns ``model`` itself on the CPU. The compiled wrapper shares ``model``'s
+    parameters, so the optimiser, checkpoints and evaluation use ``model``. ``mode``
+    is ``torch.compile``'s (None: its default, the quickest to compile).
+    """
+    if device.type != "cuda":
+        return model
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest conv
+    model.to(memory_format=torch.channels_last)
+    return torch.compile(model, mode=mode) if compile else model
 
 
 # ---------------------------------------------------------------- data on the device
@@ -94,6 +252,8 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     """(n, H, W, 3) uint8 -> (n, size, size, 3) uint8; a no-op at the cached size."""
     if images.shape[1] == size and images.shape[2] == size:
         return images
+    import cv2  # only when resizing: keeps the module importable without OpenCV
+
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         out[i] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
@@ -108,18 +268,35 @@ def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def normalise(batch: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(STUDY_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(STUDY_STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    """uint8 in [0, 255] or float in [0, 1] -> the study's Normalize, float32."""
+    mean = constant(STUDY_MEAN, batch.device).view(1, 3, 1, 1)
+    std = constant(STUDY_STD, batch.device).view(1, 3, 1, 1)
+    x = batch.float() if batch.is_floating_point() else batch.float() / 255.0
+    return (x - mean) / std
 
 
-def random_flips(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Independent horizontal and vertical flips per sample (training only)."""
-    n = batch.shape[0]
-    h = torch.rand(n, generator=generator, device="cpu").to(batch.device) < 0.5
-    v = torch.rand(n, generator=generator, device="cpu").to(batch.device) < 0.5
-    batch = torch.where(h.view(-1, 1, 1, 1), batch.flip(3), batch)
-    return torch.where(v.view(-1, 1, 1, 1), batch.flip(2), batch)
+def _fast(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if _fast(device):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_inputs(
+    batch: torch.Tensor, *, augment: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 batch -> what the network sees: augmented (training only), normalised."""
+    if augment:
+        if generator is None:
+            raise ValueError("augmentation needs a generator")
+        batch = random_augment(batch, generator)
+    x = normalise(batch)
+    if _fast(x.device):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 # ---------------------------------------------------------------- one epoch each way
@@ -145,37 +322,52 @@ def train_one_epoch(
     augment: bool,
     generator: torch.Generator,
 ) -> tuple[float, float]:
-    """One pass in a random order; returns (mean loss, accuracy) over the pass."""
+    """One pass in a random order; returns (mean loss, accuracy) over the pass.
+
+    ``images`` are uint8 NCHW on the training device. The only host sync is at the end.
+    """
     model.train()
-    order = torch.randperm(len(images), generator=generator).to(images.device)
-    total_loss, correct, seen = 0.0, 0, 0
+    device = images.device
+    order = torch.randperm(len(images), generator=generator, device=generator.device)
+    order = order.to(device)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a batch of one
             continue
-        batch = images[idx]
-        if augment:
-            batch = random_flips(batch, generator)
-        logits = model(normalise(batch))
-        loss = F.cross_entropy(logits, labels[idx])
+        x = model_inputs(images[idx], augment=augment, generator=generator)
+        y = labels[idx]
+        with _autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == labels[idx]).sum().item()
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    seen = max(seen, 1)
+    return total_loss.item() / seen, correct.item() / seen
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predict_proba(
+    model: nn.Module, images: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
+    """Softmax over ``images`` (uint8 NCHW) in eval mode, no augmentation, on their device."""
     model.eval()
-    chunks = [
-        F.softmax(model(normalise(images[s : s + batch_size])).float(), dim=1)
-        for s in range(0, len(images), batch_size)
-    ]
+    device = images.device
+    batch_size = batch_size or (1024 if _fast(device) else 256)
+    chunks = []
+    for s in range(0, len(images), batch_size):
+        with _autocast(device):
+            logits = model(model_inputs(images[s : s + batch_size], augment=False))
+        chunks.append(F.softmax(logits.float(), dim=1))
     if not chunks:
-        return torch.empty(0, model.classifier[-1].out_features)
+        out_features = next(m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear))
+        return torch.empty(0, out_features.out_features, device=device)
     return torch.cat(chunks)
 
 
@@ -186,9 +378,85 @@ def evaluate(
     probs = predict_proba(model, images)
     if len(labels) == 0:
         return float("nan"), float("nan"), probs
-    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels).item()
-    acc = (probs.argmax(1) == labels).float().mean().item()
-    return loss, acc, probs
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels)
+    acc = (probs.argmax(1) == labels).float().mean()
+    return loss.item(), acc.item(), probs
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _snapshot(value: Any) -> Any:
+    """A deep copy with every tensor detached onto the CPU: later steps cannot change it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "generator": generator.get_state(),  # batch order and augmentation
+        "generator_device": generator.device.type,
+        "torch": torch.get_rng_state(),  # dropout on the CPU
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)  # dropout on the GPU
+    return states
+
+
+def _restore_rng(
+    states: dict[str, Any], generator: torch.Generator, device: torch.device, reseed: int
+) -> None:
+    """Exact on the device type that wrote the checkpoint; a fresh seeded stream elsewhere
+    (a CPU and a CUDA generator have different states)."""
+    if states.get("generator_device") == generator.device.type:
+        generator.set_state(states["generator"])
+    else:
+        generator.manual_seed(reseed)
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        if "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"], device)
+        else:
+            torch.cuda.manual_seed(reseed)
+
+
+def checkpoint_problem(
+    checkpoint: dict[str, Any], params: dict[str, Any], num_classes: int
+) -> str | None:
+    """Why ``checkpoint`` cannot continue this training run, or None if it can."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        return "not an orchard CNN checkpoint of a known format"
+    if checkpoint.get("num_classes") != num_classes:
+        return f"checkpoint has {checkpoint.get('num_classes')} classes, not {num_classes}"
+    saved = checkpoint.get("params")
+    if saved != dict(params):
+        changed = sorted(
+            k for k in set(saved or {}) | set(params) if (saved or {}).get(k) != params.get(k)
+        )
+        return f"checkpoint was trained with other params ({', '.join(changed)})"
+    done = checkpoint.get("epochs_done")
+    if not isinstance(done, int) or not 1 <= done <= params["epochs"]:
+        return f"checkpoint says {done!r} epochs done, of {params['epochs']}"
+    return None
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    optimizer.load_state_dict(state)
+    # buffers saved from a contiguous model must match a channels-last one's strides
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    optimizer.state[param][name] = torch.empty_like(param).copy_(value)
 
 
 # ---------------------------------------------------------------- one fold
@@ -203,6 +471,7 @@ class FoldOutcome:
     test_probs: np.ndarray
     seconds: float
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    resumed_from_epoch: int = 0  # epochs already done when this call started
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -223,12 +492,21 @@ def train_fold(
     seed: int,
     device: torch.device | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    unit_key: str | None = None,
 ) -> FoldOutcome:
-    """Train the CNN with SGD on one fold; images are (n, H, W, 3) uint8 crops."""
+    """Train the CNN on one fold; images are (n, H, W, 3) uint8 crops.
+
+    ``on_checkpoint`` gets, after every epoch, a self-describing dict (model,
+    optimiser and RNG states, history, params) that ``torch.load(weights_only=True)``
+    can read back; passing it as ``resume`` continues with the next epoch, and on the
+    CPU ends with exactly the weights an uninterrupted run ends with.
+    """
     started = time.perf_counter()
     device = device or pick_device()
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     size = params["image_size"]
 
     def tensors(images: np.ndarray) -> torch.Tensor:
@@ -239,17 +517,23 @@ def train_fold(
     y_val = torch.as_tensor(val_labels, dtype=torch.long, device=device)
 
     model = build_model(params, num_classes).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=params["lr"],
-        momentum=params["momentum"],
-        weight_decay=params["weight_decay"],
-    )
+    trained = prepare_model(model, device, compile=bool(knob(params, "compile")))
+    optimizer = make_optimizer(model, params, device)
     history: list[EpochStats] = []
-    for epoch in range(params["epochs"]):
+    if resume is not None:
+        problem = checkpoint_problem(resume, params, num_classes)
+        if problem is not None:
+            raise ValueError(f"cannot resume: {problem}")
+        model.load_state_dict(resume["model"])
+        _load_optimizer_state(optimizer, resume["optimizer"])
+        history = [EpochStats(**h) for h in resume["history"]][: resume["epochs_done"]]
+        _restore_rng(resume["rng"], generator, device, reseed=seed + 1_000_003 * len(history))
+    resumed_from = len(history)
+
+    for epoch in range(resumed_from, params["epochs"]):
         epoch_start = time.perf_counter()
         train_loss, train_acc = train_one_epoch(
-            model,
+            trained,
             x_train,
             y_train,
             optimizer,
@@ -264,6 +548,24 @@ def train_fold(
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
+        if on_checkpoint is not None:
+            on_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,  # 0-based, like EpochStats.epoch and metric steps
+                    "epochs_done": epoch + 1,
+                    "model": _snapshot(model.state_dict()),
+                    "optimizer": _snapshot(optimizer.state_dict()),
+                    "scaler": None,  # bf16 autocast needs no loss scaling
+                    "rng": _snapshot(_rng_states(generator, device)),
+                    "history": [asdict(h) for h in history],
+                    "params": dict(params),
+                    "num_classes": num_classes,
+                    "seed": seed,
+                    "unit_key": unit_key,
+                    "device": device.type,
+                }
+            )
 
     _, final_train_acc, _ = evaluate(model, x_train, y_train)
     _, final_val_acc, val_probs = evaluate(model, x_val, y_val)
@@ -276,4 +578,5 @@ def train_fold(
         test_probs=test_probs.cpu().numpy(),
         seconds=time.perf_counter() - started,
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        resumed_from_epoch=resumed_from,
     )

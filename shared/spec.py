@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
+    model_validator,
 )
 
 from shared.errors import OrchardError
@@ -59,8 +60,24 @@ def _variant(value: str) -> str:
 Variant = Annotated[str, AfterValidator(_variant)]
 
 
+def _dense_widths(value: str) -> str:
+    """``"512, 256,64"`` -> ``"512,256,64"``: hidden widths of the CNN's dense head."""
+    try:
+        widths = [int(part) for part in value.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        # the error formatter appends the value: "(got '512,,64')"
+        raise ValueError('dense must be comma-separated positive integers such as "512,256,64"')
+    return ",".join(map(str, widths))
+
+
 class CnnParams(_Frozen):
-    """One CNN training run; the architecture is the study's table, scaled by ``width``."""
+    """One CNN training run; the architecture is the study's table, scaled by ``width``.
+
+    The variants the study compared (section 1.3.1) are knobs whose defaults are the
+    study's choice; ``shared.cnn.KNOB_DEFAULTS`` repeats them for torch-only callers.
+    """
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=2)
@@ -70,28 +87,63 @@ class CnnParams(_Frozen):
     width: float = Field(1.0, gt=0, le=4)
     image_size: int = Field(224, ge=32, multiple_of=32)
     dropout: float = Field(0.5, ge=0, lt=1)
-    augment: bool = True
+    augment: bool = True  # the study's flips, rotation, perspective and colour jitter
+    norm_order: Literal["act_bn", "bn_act"] = "act_bn"  # act_bn: the study's R -> B
+    activation: Literal["prelu", "relu", "leakyrelu"] = "prelu"
+    pool: Literal["max", "conv"] = "max"  # conv: a 3x3 stride-2 conv instead of MaxPool2d(2)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    stride: int = Field(1, ge=1)  # of the first conv in each block
+    # a string, because a list in the file is a sweep: dense = ["512,256,64", "512"]
+    dense: Annotated[str, AfterValidator(_dense_widths)] = "512,256,64"
+    compile: bool = False  # torch.compile the training step (CUDA only)
 
 
 class SvmParams(_Frozen):
-    """PCA + RBF SVC at one grid point."""
+    """PCA + RBF SVC at one grid point.
+
+    ``variant`` also takes the study's names: ``original``, ``polarized``, ``cropped``
+    (see ``shared.variants``). Numbers are strict: ``true`` is not C = 1 and ``"200"``
+    is not 200; infinities are refused rather than handed to SVC.
+    """
 
     variant: Variant = "polar192"
-    n_components: int = Field(200, ge=1)
-    whiten: bool = False
-    C: float = Field(1.5, gt=0)
-    gamma: Annotated[float, Field(gt=0)] | Literal["scale", "auto"] = "scale"
+    n_components: int = Field(200, ge=1, strict=True)
+    whiten: bool = Field(False, strict=True)
+    C: float = Field(1.5, gt=0, strict=True, allow_inf_nan=False)
+    gamma: (
+        Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)] | Literal["scale", "auto"]
+    ) = "scale"
 
 
 class RfParams(_Frozen):
-    """One random forest: sklearn's RandomForestClassifier with ``oob_score``."""
+    """One random forest: sklearn's RandomForestClassifier with OOB scores (``shared.forest``).
+
+    ``augment`` adds flipped / rotated copies of the training images (2x, 4x, 8x);
+    ``select_scaling`` keeps pixels whose importance in a ``select_estimators``-tree
+    forest is at least ``scaling * median``; ``pca_components`` puts PCA before the
+    forest; ``tree_shards`` trains the trees as that many tasks merged into one forest.
+    """
 
     variant: Variant = "resize128"
     n_estimators: int = Field(100, ge=1)
     max_depth: int | None = Field(None, ge=1)
     min_samples_leaf: int = Field(1, ge=1)
     min_samples_split: int = Field(2, ge=2)
-    max_features: float | Literal["sqrt", "log2"] = "sqrt"
+    max_features: Annotated[float, Field(gt=0, le=1)] | Literal["sqrt", "log2"] = "sqrt"
+    augment: Literal["none", "flip", "rotate", "rotate_flip"] = "none"
+    select_scaling: float | None = Field(None, gt=0)
+    select_estimators: int = Field(400, ge=1)
+    pca_components: int | None = Field(None, ge=1)
+    tree_shards: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _shards_have_trees(self) -> RfParams:
+        if self.tree_shards > self.n_estimators:
+            raise ValueError(
+                f"tree_shards ({self.tree_shards}) must not exceed n_estimators "
+                f"({self.n_estimators})"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- sweep sections
@@ -181,15 +233,32 @@ DatasetSpec = Annotated[
 class PreprocessingSpec(_Frozen):
     size: int = Field(256, ge=32, le=1024)
     shard_size: int = Field(256, ge=1)
+    # unreadable or missing images are skipped (and listed) up to this fraction; above, stop
+    max_bad_fraction: float = Field(0.1, ge=0, lt=1)
+    # decompression-bomb guard, checked from each image's header before decoding
+    max_pixels: int = Field(100_000_000, ge=1)
 
 
 class BlendSpec(_Frozen):
-    method: Literal["vote"] = "vote"
+    """How the report blends: each family's best point over its folds, and across families.
+
+    ``vote`` is the study's uniform blending (majority vote), ``mean`` averages the
+    members' class probabilities (families that predict labels only get "n/a"),
+    ``both`` reports the two side by side. ``families`` are the families voted
+    together in the cross-family blend, each by its best point's fold vote.
+    """
+
+    method: Literal["vote", "mean", "both"] = "both"
     families: tuple[Literal["cnn", "svm", "rf"], ...] = ("cnn",)
 
 
 class ReportSpec(_Frozen):
+    """The report's title and the LIME explanations of the best CNN (study 1.5)."""
+
     title: str | None = None
+    lime: bool = True  # explain the best CNN fold on test images, when a CNN ran
+    lime_per_class: int = Field(1, ge=0, le=10)  # test images explained per class
+    lime_samples: int = Field(1000, ge=10, le=100_000)  # LIME's perturbed samples per image
 
 
 class Campaign(_Frozen):

@@ -1,9 +1,13 @@
-"""The study's CNN: architecture against the table, tiny forward/backward, one tiny fold."""
+"""The study's CNN: architecture against the table, its knobs, one tiny fold, checkpoints."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +15,16 @@ import torch
 from torch import nn
 
 from shared.cnn import (
+    KNOB_DEFAULTS,
     STUDY_MEAN,
     STUDY_STD,
     EpochStats,
     MangoCNN,
     build_model,
+    feature_side,
+    make_optimizer,
     normalise,
-    random_flips,
+    parse_dense,
     resize_batch,
     to_device,
     train_fold,
@@ -179,29 +186,6 @@ def test_build_model_from_params():
 # ---------------------------------------------------------------- data helpers
 
 
-def test_random_flips_keeps_shape_and_is_seeded():
-    batch = torch.arange(8 * 3 * 4 * 5, dtype=torch.uint8).reshape(8, 3, 4, 5)
-    a = random_flips(batch, torch.Generator().manual_seed(7))
-    b = random_flips(batch, torch.Generator().manual_seed(7))
-    assert a.shape == batch.shape
-    assert a.dtype == batch.dtype
-    assert torch.equal(a, b)
-    for original, flipped in zip(batch, a, strict=True):
-        candidates = [original, original.flip(2), original.flip(1), original.flip(1).flip(2)]
-        assert any(torch.equal(flipped, c) for c in candidates)
-    kinds = set()
-    for seed in range(5):
-        out = random_flips(batch, torch.Generator().manual_seed(seed))
-        for original, flipped in zip(batch, out, strict=True):
-            for h in (False, True):
-                for v in (False, True):
-                    candidate = original.flip(2) if h else original
-                    candidate = candidate.flip(1) if v else candidate
-                    if torch.equal(flipped, candidate):
-                        kinds.add((h, v))
-    assert kinds == {(False, False), (True, False), (False, True), (True, True)}
-
-
 def test_normalise_uses_study_mean_and_std():
     assert STUDY_MEAN == (0.485, 0.456, 0.406)
     assert STUDY_STD == (0.229, 0.256, 0.225)
@@ -292,3 +276,297 @@ def test_train_fold_reports_each_epoch():
     )
     assert seen == outcome.history
     assert outcome.test_probs.shape == (0, 3)
+
+
+# ---------------------------------------------------------------- knobs (section 1.3.1)
+
+
+def _describe(layer: nn.Module) -> tuple:
+    """A layer as the study's table writes it."""
+    if isinstance(layer, nn.Conv2d):
+        return ("Conv2d", layer.in_channels, layer.out_channels, *layer.kernel_size[:1],
+                *layer.stride[:1], *layer.padding[:1])  # fmt: skip
+    if isinstance(layer, nn.Linear):
+        return ("Linear", layer.in_features, layer.out_features)
+    if isinstance(layer, nn.PReLU):
+        return ("PReLU", layer.num_parameters)
+    if isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
+        return (type(layer).__name__, layer.num_features)
+    if isinstance(layer, nn.MaxPool2d):
+        return ("MaxPool2d", layer.kernel_size, layer.stride)
+    if isinstance(layer, nn.Dropout):
+        return ("Dropout", layer.p)
+    return (type(layer).__name__,)
+
+
+def test_knob_defaults_agree_with_campaign_params():
+    defaults = CnnParams().model_dump()
+    assert {name: defaults[name] for name in KNOB_DEFAULTS} == KNOB_DEFAULTS
+
+
+def test_default_params_give_the_study_table_at_224():
+    model = build_model(CnnParams().model_dump(), num_classes=3)
+    assert _count(model) == 17_713_382
+    first_block = [_describe(layer) for layer in model.features[0]]
+    assert first_block == [
+        ("Conv2d", 3, 32, 3, 1, 1),
+        ("PReLU", 32),
+        ("BatchNorm2d", 32),
+        ("Conv2d", 32, 32, 3, 1, 1),
+        ("PReLU", 32),
+        ("BatchNorm2d", 32),
+        ("MaxPool2d", 2, 2),
+    ]
+    last_block = [_describe(layer) for layer in model.features[-1]]
+    assert last_block[0] == ("Conv2d", 256, 512, 3, 1, 1) and last_block[3][:3] == (
+        "Conv2d",
+        512,
+        512,
+    )
+    head = [_describe(layer) for layer in model.classifier]
+    assert head == [
+        ("Flatten",),
+        ("Linear", 512 * 7 * 7, 512),
+        ("PReLU", 1),
+        ("BatchNorm1d", 512),
+        ("Dropout", 0.5),
+        ("Linear", 512, 256),
+        ("PReLU", 1),
+        ("BatchNorm1d", 256),
+        ("Dropout", 0.5),
+        ("Linear", 256, 64),
+        ("PReLU", 1),
+        ("BatchNorm1d", 64),
+        ("Dropout", 0.5),
+        ("Linear", 64, 3),
+    ]
+
+
+def test_norm_order_bn_act_puts_batchnorm_first():
+    params = CnnParams(width=0.125, image_size=32, norm_order="bn_act").model_dump()
+    model = build_model(params, 3)
+    assert [type(layer) for layer in model.features[0]][:3] == [
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.PReLU,
+    ]
+    assert [type(layer) for layer in model.classifier][1:5] == [
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.PReLU,
+        nn.Dropout,
+    ]
+
+
+def test_pool_conv_replaces_maxpool_with_a_strided_conv():
+    params = CnnParams(width=0.125, image_size=32, pool="conv").model_dump()
+    model = build_model(params, 3)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    for block, channels in zip(model.features, (4, 8, 16, 32, 64), strict=True):
+        assert _describe(block[-1]) == ("Conv2d", channels, channels, 3, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("dense", "widths"), [("512", [64]), ("64,64,32,16", [8, 8, 4, 2]), ("512,256,64", [64, 32, 8])]
+)
+def test_dense_head_from_a_string_scaled_by_width(dense, widths):
+    model = build_model(CnnParams(width=0.125, image_size=32, dense=dense).model_dump(), 3)
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [lin.out_features for lin in linears] == [*widths, 3]
+    assert len([m for m in model.classifier if isinstance(m, nn.Dropout)]) == len(widths)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "stride", "side"),
+    [(224, 1, 7), (224, 2, 1), (224, 3, 1), (64, 1, 2), (64, 7, 1)],
+)
+def test_stride_sets_the_flatten_size_from_the_real_map(image_size, stride, side):
+    assert feature_side(image_size, stride) == side
+    model = MangoCNN(3, image_size=image_size, width=0.125, stride=stride)
+    model.eval()
+    with torch.no_grad():
+        maps = model.features(torch.zeros(1, 3, image_size, image_size))
+    assert maps.shape[-2:] == (side, side)
+    first = [m for m in model.classifier if isinstance(m, nn.Linear)][0]
+    assert first.in_features == 64 * side * side
+    convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [stride, 1] * 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"activation": "gelu"},
+        {"norm_order": "bn_bn"},
+        {"pool": "avg"},
+        {"stride": 0},
+        {"dense": ""},
+        {"dense": "512,,64"},
+        {"dense": "512,-1"},
+    ],
+)
+def test_bad_knobs_are_one_line_value_errors(bad):
+    with pytest.raises(ValueError) as info:
+        MangoCNN(3, image_size=32, width=0.125, **bad)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_dense():
+    assert parse_dense("512,256,64") == (512, 256, 64)
+    assert parse_dense(" 512 ") == (512,)
+    assert parse_dense([8, 4]) == (8, 4)
+
+
+KNOBS = [
+    {},
+    {"norm_order": "bn_act"},
+    {"activation": "relu"},
+    {"activation": "leakyrelu"},
+    {"pool": "conv"},
+    {"optimizer": "adam"},
+    {"dropout": 0.0},
+    {"dropout": 0.9},
+    {"stride": 2},
+    {"stride": 3},
+    {"stride": 5},
+    {"stride": 7},
+    {"dense": "512"},
+    {"dense": "64,32,16,8"},
+    {"compile": True},  # a CUDA-only switch: the CPU trains eager
+    {"norm_order": "bn_act", "activation": "relu", "pool": "conv", "stride": 3, "dense": "128"},
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_every_knob_builds_and_trains_one_step(knobs):
+    params = CnnParams(width=0.125, image_size=64, **knobs).model_dump()
+    torch.manual_seed(0)
+    model = build_model(params, num_classes=3)
+    optimizer = make_optimizer(model, params, CPU)
+    assert isinstance(
+        optimizer, torch.optim.Adam if params["optimizer"] == "adam" else torch.optim.SGD
+    )
+    model.train()
+    x = torch.randn(3, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (3, 3)
+    assert torch.isfinite(out).all()
+    loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2]))
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- checkpoint and resume
+
+RESUMABLE = {**TINY, "epochs": 3, "dropout": 0.3}  # augmented, with dropout: every RNG counts
+
+
+class _Killed(Exception):
+    pass
+
+
+def _resumable_fold(**kwargs):
+    x, y = _colour_images(24, seed=2)
+    params = kwargs.pop("params", RESUMABLE)
+    return train_fold(
+        x[:18], y[:18], x[18:], y[18:], x[:5], params, num_classes=3, seed=4, device=CPU, **kwargs
+    )
+
+
+def _without_seconds(history):
+    return [replace(h, seconds=0.0) for h in history]
+
+
+def test_resume_after_one_epoch_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
+    checkpoints: list[dict] = []
+    straight = _resumable_fold(on_checkpoint=checkpoints.append, unit_key="c/cnn/h/f0")
+    assert [c["epochs_done"] for c in checkpoints] == [1, 2, 3]
+    assert [c["epoch"] for c in checkpoints] == [0, 1, 2]
+    assert straight.resumed_from_epoch == 0
+
+    def killed_after_first_epoch(checkpoint: dict) -> None:
+        torch.save(checkpoint, tmp_path / "ckpt.pt")  # as the worker does, then dies
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        _resumable_fold(on_checkpoint=killed_after_first_epoch, unit_key="c/cnn/h/f0")
+    saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert saved["epochs_done"] == 1 and saved["unit_key"] == "c/cnn/h/f0"
+    assert saved["params"] == RESUMABLE and saved["num_classes"] == 3
+
+    later: list[dict] = []
+    epochs_seen: list[EpochStats] = []
+    resumed = _resumable_fold(resume=saved, on_checkpoint=later.append, on_epoch=epochs_seen.append)
+    assert resumed.resumed_from_epoch == 1
+    assert [c["epochs_done"] for c in later] == [2, 3]
+    assert [s.epoch for s in epochs_seen] == [1, 2]  # only the epochs this run trained
+    assert set(resumed.state_dict) == set(straight.state_dict)
+    for name, tensor in straight.state_dict.items():
+        assert torch.equal(resumed.state_dict[name], tensor), name
+    np.testing.assert_array_equal(resumed.val_probs, straight.val_probs)
+    np.testing.assert_array_equal(resumed.test_probs, straight.test_probs)
+    assert _without_seconds(resumed.history) == _without_seconds(straight.history)
+    assert resumed.val_acc == straight.val_acc and resumed.train_acc == straight.train_acc
+
+
+def test_checkpoints_are_snapshots_not_live_references():
+    checkpoints: list[dict] = []
+    outcome = _resumable_fold(on_checkpoint=checkpoints.append)
+    first, last = checkpoints[0]["model"], checkpoints[-1]["model"]
+    name = next(k for k in first if k.endswith("weight"))
+    assert not torch.equal(first[name], last[name])
+    assert torch.equal(last[name], outcome.state_dict[name])
+    momentum = checkpoints[0]["optimizer"]["state"][0]["momentum_buffer"]
+    assert not torch.equal(momentum, checkpoints[-1]["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_resume_refuses_a_checkpoint_of_other_params():
+    checkpoints: list[dict] = []
+    _resumable_fold(params={**RESUMABLE, "epochs": 1}, on_checkpoint=checkpoints.append)
+    with pytest.raises(ValueError, match="cannot resume.*other params \\(epochs\\)"):
+        _resumable_fold(resume=checkpoints[0], params={**RESUMABLE, "epochs": 2})
+
+
+def test_resume_of_a_finished_run_trains_nothing():
+    checkpoints: list[dict] = []
+    straight = _resumable_fold(params={**RESUMABLE, "epochs": 1}, on_checkpoint=checkpoints.append)
+    again = _resumable_fold(params={**RESUMABLE, "epochs": 1}, resume=checkpoints[-1])
+    assert again.resumed_from_epoch == 1
+    for name, tensor in straight.state_dict.items():
+        assert torch.equal(again.state_dict[name], tensor), name
+
+
+# ---------------------------------------------------------------- the throughput benchmark
+
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_bench_runs_tiny_on_cpu(tmp_path, capsys):
+    out_json = tmp_path / "train_throughput.json"
+    result = _bench_module().main(
+        [
+            "--device", "cpu", "--image-size", "32", "--width", "0.125", "--batch-size", "8",
+            "--images", "16", "--warmup", "1", "--steps", "1", "--loader-workers", "0",
+            "--json", str(out_json),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "baseline: DataLoader" in printed and "orchard, eager" in printed
+    assert "ratio orchard / baseline" in printed
+    assert result["baseline_img_s"] > 0 and result["orchard_img_s"] > 0
+    written = json.loads(out_json.read_text())
+    assert written["ratio"] == pytest.approx(written["orchard_img_s"] / written["baseline_img_s"])
+    assert written["device"] == "cpu" and written["torch"] == torch.__version__
+    assert written["args"]["batch_size"] == 8

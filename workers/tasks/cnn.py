@@ -3,18 +3,26 @@
 Torch is imported here, not in the app module, so CPU-only workers never load it.
 GPU workers run the solo pool: CUDA is initialised in the process that trains,
 never in a parent that forks.
+
+After every epoch the fold's full training state goes to
+``<campaign>/checkpoints/cnn-<params hash>-f<fold>.pt`` (atomically) and its sha256
+to the store. A later delivery of the same unit (the worker was killed, the machine
+went away) resumes from it when the file still has the recorded checksum, and starts
+from epoch 0 otherwise: a checkpoint that cannot be verified is never loaded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from db.store import Artifact, Outcome
-from shared.artifacts import atomic_write_bytes
-from shared.cnn import EpochStats, pick_device, train_fold
+from db.store import Artifact, Outcome, Store
+from shared.artifacts import WrittenFile, atomic_write_bytes, sha256_file
+from shared.cnn import EpochStats, checkpoint_problem, pick_device, train_fold
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
@@ -27,17 +35,105 @@ def cnn_variant(cache_size: int) -> str:
     return f"crop{cache_size * 7 // 8}"
 
 
+def checkpoint_path(campaign_dir: Path, params_hash: str, fold: int) -> Path:
+    return campaign_dir / "checkpoints" / f"cnn-{params_hash}-f{fold}.pt"
+
+
+def write_checkpoint(
+    store: Store,
+    path: Path,
+    relative: str,
+    checkpoint: dict[str, Any],
+    *,
+    campaign_id: str,
+    unit_key: str,
+) -> WrittenFile:
+    """Replace the unit's checkpoint file, then record its checksum (an upsert by path).
+
+    Killed between the two, the file and the record disagree and the next delivery
+    starts afresh rather than trust either.
+    """
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    written = atomic_write_bytes(path, buffer.getvalue())
+    store.record_artifact(
+        Artifact(relative, "checkpoint", written.sha256, written.size, campaign_id, unit_key)
+    )
+    return written
+
+
+def read_checkpoint(
+    store: Store,
+    path: Path,
+    relative: str,
+    *,
+    unit_key: str,
+    params: dict[str, Any],
+    num_classes: int,
+) -> dict[str, Any] | None:
+    """The unit's last checkpoint if it is exactly what was recorded, else None (logged)."""
+    record = store.find_artifact(relative)
+    if record is None:
+        return None
+    if not path.exists():
+        log.warning(
+            "%s: checkpoint %s is recorded but missing; starting from epoch 0", unit_key, relative
+        )
+        return None
+    if sha256_file(path) != record.sha256:
+        log.warning(
+            "%s: checkpoint %s does not match its recorded sha256 (truncated or altered); "
+            "starting from epoch 0",
+            unit_key,
+            relative,
+        )
+        return None
+    try:
+        # weights_only: tensors and plain Python values only, nothing executed on load
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: start afresh
+        log.warning(
+            "%s: checkpoint %s unreadable (%s); starting from epoch 0", unit_key, relative, exc
+        )
+        return None
+    problem = checkpoint_problem(checkpoint, params, num_classes)
+    if problem is None and checkpoint.get("unit_key") not in (None, unit_key):
+        problem = f"it belongs to {checkpoint['unit_key']}"
+    if problem is not None:
+        log.warning(
+            "%s: checkpoint %s not used: %s; starting from epoch 0", unit_key, relative, problem
+        )
+        return None
+    return checkpoint
+
+
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
     params = ctx.unit.params
+    key = ctx.unit.key
     data = ctx.fold_data(cnn_variant(ctx.manifest().size))
     manifest = data.manifest
+    num_classes = len(manifest.classes)
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
+    ckpt_path = checkpoint_path(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
+    ckpt_rel = ctx.relative(ckpt_path)
+
+    resume = read_checkpoint(
+        ctx.store, ckpt_path, ckpt_rel, unit_key=key, params=params, num_classes=num_classes
+    )
+    if resume is not None:
+        log.info(
+            "resuming %s from epoch %d (%d of %d epochs done)",
+            key,
+            resume["epochs_done"],
+            resume["epochs_done"],
+            params["epochs"],
+        )
 
     def on_epoch(stats: EpochStats) -> None:
         # progress lives in the store: `orchard status` and the report read it there
         ctx.store.record_metrics(
-            ctx.unit.key,
+            key,
             stats.epoch,
             {
                 "train_loss": stats.train_loss,
@@ -49,29 +145,38 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         )
         log.info(
             "%s epoch %d/%d train_acc=%.3f val_acc=%.3f",
-            ctx.unit.key,
+            key,
             stats.epoch + 1,
             params["epochs"],
             stats.train_acc,
             stats.val_acc,
         )
 
+    def on_checkpoint(checkpoint: dict[str, Any]) -> None:
+        ctx.check_stop()  # a delivery that lost its unit must not overwrite the file
+        write_checkpoint(
+            ctx.store, ckpt_path, ckpt_rel, checkpoint, campaign_id=ctx.campaign.id, unit_key=key
+        )
+
     result = train_fold(
         *data.split(),
         params,
-        num_classes=len(manifest.classes),
+        num_classes=num_classes,
         seed=ctx.seed + ctx.unit.fold,
         device=device,
         on_epoch=on_epoch,
+        resume=resume,
+        on_checkpoint=on_checkpoint,
+        unit_key=key,
     )
-    # the checkpoint describes itself: enough to rebuild and evaluate the model alone
+    # the model file describes itself: enough to rebuild and evaluate the model alone
     buffer = io.BytesIO()
     torch.save(
         {
             "state_dict": result.state_dict,
             "params": params,
             "classes": list(manifest.classes),
-            "unit_key": ctx.unit.key,
+            "unit_key": key,
             "epochs": len(result.history),
             "val_acc": result.val_acc,
         },
@@ -89,7 +194,11 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         test_probs=result.test_probs,
         train_acc=result.train_acc,
         seconds=result.seconds,
-        extra={"device": str(device), "epochs": len(result.history)},
+        extra={
+            "device": str(device),
+            "epochs": len(result.history),
+            "resumed_from_epoch": result.resumed_from_epoch,
+        },
         artifacts=[
             Artifact(
                 ctx.relative(model_path),
@@ -97,7 +206,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
                 written.sha256,
                 written.size,
                 ctx.campaign.id,
-                ctx.unit.key,
+                key,
             )
         ],
     )

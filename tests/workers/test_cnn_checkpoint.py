@@ -1,0 +1,212 @@
+"""orchard.train_cnn_fold's per-epoch checkpoints: written, recorded, verified, resumed.
+
+The task body runs against a real SQLite store and real cache shards on disk; a
+"kill" is an exception raised right after a checkpoint was written and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from db.store import Artifact, Outcome, Store
+from shared.artifacts import sha256_file
+from shared.manifest import Entry, Manifest
+from shared.plan import TRAIN, plan_units
+from shared.preprocess import shard_name, write_shard
+from shared.settings import Settings
+from shared.spec import parse_campaign
+from workers.tasks import cnn as cnn_task
+from workers.tasks.base import UnitContext
+
+CAMPAIGN_ID = "k-1"
+N_TRAIN, N_TEST, CACHE = 24, 6, 32
+EPOCHS = 3
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL between two epochs."""
+
+
+def _images() -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(0)
+    labels = [("A", "B", "C")[i % 3] for i in range(N_TRAIN + N_TEST)]
+    base = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])[[ord(c) - 65 for c in labels]]
+    noise = rng.normal(0, 30, (len(labels), CACHE, CACHE, 3))
+    return np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture
+def env(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest]:
+    settings = Settings(
+        home=tmp_path / "home",
+        broker_url="memory://",
+        database_url=sqlite_url,
+        artifacts=tmp_path / "artifacts",
+    )
+    store = Store(sqlite_url)
+    store.upgrade()
+    campaign = parse_campaign(
+        {
+            "name": "k",
+            "folds": 2,
+            "dataset": {"kind": "synthetic"},
+            "preprocessing": {"size": CACHE, "shard_size": 16},
+            "cnn": {
+                "folds": 1,
+                "epochs": EPOCHS,
+                "batch_size": 8,
+                "width": 0.125,
+                "image_size": 32,
+                "dropout": 0.3,
+            },
+        },
+        source="k.toml",
+    )
+    images, labels = _images()
+    entries = tuple(
+        Entry(
+            image_id=f"{i}.jpg",
+            label=label,
+            split="test" if i >= N_TRAIN else "train",
+            path=f"/nowhere/{i}.jpg",
+            fold=-1 if i >= N_TRAIN else i % 2,
+        )
+        for i, label in enumerate(labels)
+    )
+    manifest = Manifest(("A", "B", "C"), entries, "f" * 64, "k" * 16, CACHE, 16)
+    for index, start in enumerate(range(0, len(images), 16)):
+        rel = f"cache/{manifest.cache_key}/{shard_name(index)}"
+        written = write_shard(settings.artifacts / rel, images[start : start + 16])
+        store.record_artifact(Artifact(rel, "shard", written.sha256, written.size))
+    store.create_campaign(
+        CAMPAIGN_ID,
+        name="k",
+        source="k.toml",
+        digest=campaign.digest(),
+        spec=campaign.model_dump(mode="json"),
+        classes=["A", "B", "C"],
+        units=plan_units(CAMPAIGN_ID, campaign, [(0, 16), (16, 30)]),
+    )
+    return store, settings, manifest
+
+
+def _context(env) -> UnitContext:
+    store, settings, manifest = env
+    (unit,) = [u for u in store.units(CAMPAIGN_ID) if u.stage == TRAIN and u.family == "cnn"]
+    return UnitContext(store.get_campaign(CAMPAIGN_ID), unit, store, settings, _manifest=manifest)
+
+
+def _run(env) -> Outcome:
+    return cnn_task.train_cnn_fold.run.__wrapped__(_context(env))
+
+
+def _checkpoint_file(env) -> tuple[Path, str]:
+    ctx = _context(env)
+    path = cnn_task.checkpoint_path(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
+    return path, ctx.relative(path)
+
+
+def _kill_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
+    """Let ``epochs`` checkpoints be written and recorded, then die."""
+    real = cnn_task.write_checkpoint
+    written: list[int] = []
+
+    def write_then_maybe_die(*args, **kwargs):
+        result = real(*args, **kwargs)
+        written.append(1)
+        if len(written) == epochs:
+            raise Killed
+        return result
+
+    monkeypatch.setattr(cnn_task, "write_checkpoint", write_then_maybe_die)
+
+
+def _probs(outcome: Outcome, split: str) -> list[list[float]]:
+    return [p.probs for p in outcome.predictions[split]]
+
+
+def test_every_epoch_leaves_a_recorded_checkpoint(env):
+    store, settings, _ = env
+    outcome = _run(env)
+    assert outcome.extra["resumed_from_epoch"] == 0
+    assert outcome.extra["epochs"] == EPOCHS
+    path, rel = _checkpoint_file(env)
+    assert rel.startswith(f"campaigns/{CAMPAIGN_ID}/checkpoints/cnn-") and rel.endswith("-f0.pt")
+    record = store.find_artifact(rel)
+    assert record is not None and record.kind == "checkpoint"
+    assert record.sha256 == sha256_file(path) and record.size == path.stat().st_size
+    assert record.unit_key == _context(env).unit.key
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epochs_done"] == EPOCHS
+    assert checkpoint["unit_key"] == _context(env).unit.key
+    assert checkpoint["params"] == _context(env).unit.params
+    assert len(store.artifacts(CAMPAIGN_ID, kind="checkpoint")) == 1  # one file, rewritten
+
+
+def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch, caplog):
+    store, _, _ = env
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        _run(env)
+    monkeypatch.undo()
+    key = _context(env).unit.key
+    with caplog.at_level(logging.INFO):
+        resumed = _run(env)
+    assert resumed.extra["resumed_from_epoch"] == 1
+    assert resumed.extra["epochs"] == EPOCHS
+    assert f"resuming {key} from epoch 1" in caplog.text
+
+    # the same unit from scratch: spoil the checkpoint so it is not used
+    path, _ = _checkpoint_file(env)
+    path.write_bytes(path.read_bytes()[:-10])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fresh = _run(env)
+    assert fresh.extra["resumed_from_epoch"] == 0
+    assert "does not match its recorded sha256" in caplog.text
+    assert _probs(resumed, "val") == _probs(fresh, "val")
+    assert _probs(resumed, "test") == _probs(fresh, "test")
+    assert resumed.train_acc == fresh.train_acc and resumed.val_acc == fresh.val_acc
+    # per-epoch metrics: every epoch once, whichever delivery trained it
+    assert [step for step, _ in store.metrics(key)["val_acc"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_a_checkpoint_that_is_not_the_recorded_one_is_never_used(env, monkeypatch, caplog, damage):
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        _run(env)
+    monkeypatch.undo()
+    path, _ = _checkpoint_file(env)
+    if damage == "missing":
+        path.unlink()
+    else:  # same size, other bytes: only the checksum can tell
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        path.write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING):
+        outcome = _run(env)
+    assert outcome.extra["resumed_from_epoch"] == 0
+    assert "starting from epoch 0" in caplog.text
+
+
+def test_a_recorded_checkpoint_of_other_params_is_not_used(env, caplog):
+    store, _, _ = env
+    _run(env)
+    path, rel = _checkpoint_file(env)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["params"] = {**checkpoint["params"], "lr": 0.5}
+    checkpoint["epochs_done"] = 1
+    ctx = _context(env)
+    cnn_task.write_checkpoint(
+        store, path, rel, checkpoint, campaign_id=CAMPAIGN_ID, unit_key=ctx.unit.key
+    )
+    with caplog.at_level(logging.WARNING):
+        outcome = _run(env)
+    assert outcome.extra["resumed_from_epoch"] == 0
+    assert "other params (lr)" in caplog.text
