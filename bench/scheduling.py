@@ -1,0 +1,221 @@
+"""Scheduling: dispatch overhead per unit, and makespan / critical path, by send order.
+
+    python bench/scheduling.py                       # tiny: 40 short forests + 1 big one
+    python bench/scheduling.py --short 120 --long-trees 4000 --orders shortest,random,orchard
+
+A synthetic campaign of many short units (random forests of a few trees) and one long
+one (a big forest), listed in the campaign file shortest first, runs on the real Redis
+(the filesystem broker when Redis is absent) with ``--workers`` worker processes of
+one task each. It runs once per send order:
+
+- ``shortest``: model units sent shortest first (the big forest last): the baseline;
+- ``random``: a seeded shuffle;
+- ``orchard``: the order ``shared.plan.plan_units`` gives, which puts the longest
+  units first (``estimated_cost``) so the big forest overlaps the short ones.
+
+Measured from the store's unit timestamps:
+
+- makespan: first unit queued to last unit finished;
+- critical path: longest preprocessing unit + longest model unit + report, each by
+  its own started -> finished time (no schedule can beat it);
+- dispatch overhead per unit: on one worker, the gap between finishing a unit and
+  starting the next one that was already waiting (ack, the next stage check, fetching
+  from Redis, marking it RUNNING); target <= 5 ms;
+- first dispatch: the model stage's send to its first unit starting.
+
+Writes bench/results/scheduling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    cluster,
+    machine_info,
+    makespan,
+    unit_times,
+    workers,
+    write_results,
+)
+
+CAMPAIGN = """
+name = "scheduling"
+seed = 0
+folds = 5
+
+[dataset]
+kind = "synthetic"
+root = "{root}"
+seed = 17
+train_per_class = 30
+test_per_class = 5
+width = 48
+height = 48
+
+[preprocessing]
+size = 48
+shard_size = 512
+
+[rf]
+variant = "resize16"
+n_estimators = {trees}
+
+[blend]
+families = ["rf"]
+"""
+
+
+def ordered(order: str, seed: int):  # noqa: ANN201
+    """plan_units, with the model stage re-ordered for the baselines."""
+    from shared.plan import TRAIN, plan_units
+
+    def plan(*args: Any, **kwargs: Any) -> list:
+        units = plan_units(*args, **kwargs)
+        if order == "orchard":
+            return units
+        model = [u for u in units if u.stage == TRAIN]
+        if order == "shortest":
+            model.sort(key=lambda u: u.params["n_estimators"])
+        else:
+            random.Random(seed).shuffle(model)
+        it = iter(model)
+        return [next(it) if u.stage == TRAIN else u for u in units]
+
+    return plan
+
+
+def run_once(root: Path, campaign: Path, order: str, count: int, broker: str, seed: int) -> dict:
+    import scheduler.api as api
+
+    with cluster(root, broker) as c, workers(c, count) as running:
+        original = api.plan_units
+        api.plan_units = ordered(order, seed)
+        try:
+            run = api.submit(campaign, settings=c.settings)
+        finally:
+            api.plan_units = original
+        status = run.wait(timeout=1800, check=running.check)
+        if status.campaign.state != "DONE":
+            raise SystemExit(f"campaign {run.id} ended {status.campaign.state}")
+        units = unit_times(c.settings.database_url, run.id)
+        broker = c.broker
+    return measure(units) | {"order": order, "broker": broker, "workers": count}
+
+
+def measure(units: list[dict[str, Any]]) -> dict[str, Any]:
+    last = max(u["stage"] for u in units)
+
+    def longest(stage_units: list[dict[str, Any]]) -> float:
+        return max((u["finished"] - u["started"] for u in stage_units), default=0.0)
+
+    preprocess = [u for u in units if u["stage"] == 0]
+    model = [u for u in units if 0 < u["stage"] < last]
+    report = [u for u in units if u["stage"] == last]
+    critical = longest(preprocess) + longest(model) + longest(report)
+    gaps = []
+    for worker in {u["worker"] for u in units}:
+        mine = sorted((u for u in units if u["worker"] == worker), key=lambda u: u["started"])
+        for prev, nxt in zip(mine, mine[1:], strict=False):
+            if nxt["queued"] <= prev["finished"]:  # it was waiting: the gap is all overhead
+                gaps.append(nxt["started"] - prev["finished"])
+    span = makespan(units)
+    big = max(model, key=lambda u: u["finished"] - u["started"])
+    return {
+        "units": len(units),
+        "model_units": len(model),
+        "makespan_s": span,
+        "critical_path_s": critical,
+        "makespan_over_critical_path": span / critical,
+        "dispatch_gaps": len(gaps),
+        "dispatch_ms_median": 1000 * statistics.median(gaps) if gaps else None,
+        "dispatch_ms_mean": 1000 * statistics.fmean(gaps) if gaps else None,
+        "dispatch_ms_p90": 1000 * statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else None,
+        "first_dispatch_ms": 1000
+        * (min(u["started"] for u in model) - min(u["queued"] for u in model)),
+        "longest_unit": big["key"].split("/", 1)[1],
+        "longest_unit_started_after_s": big["started"] - min(u["queued"] for u in model),
+        "attempts_max": max(u["attempts"] for u in units),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", type=int, default=40, help="short units (forests of 2+ trees)")
+    parser.add_argument("--long-trees", type=int, default=1500, help="trees of the big forest")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--orders", default="shortest,orchard", help="of shortest,random,orchard")
+    parser.add_argument("--broker", choices=["auto", "redis", "filesystem"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    orders = args.orders.split(",")
+    if unknown := set(orders) - {"shortest", "random", "orchard"}:
+        parser.error(f"--orders: unknown {sorted(unknown)}")
+    # sweep points in the file shortest first: forests of 2, 3, ... trees, then the big one
+    trees = list(range(2, 2 + args.short)) + [args.long_trees]
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="orchard-bench-scheduling-") as tmp:
+        tmp_path = Path(tmp)
+        campaign = tmp_path / "scheduling.toml"
+        campaign.write_text(CAMPAIGN.format(root=tmp_path / "data", trees=trees))
+        for order in orders:
+            result = run_once(
+                tmp_path / f"run-{order}", campaign, order, args.workers, args.broker, args.seed
+            )
+            runs.append(result)
+            print(
+                f"  {order}: makespan {result['makespan_s']:.2f} s, critical path "
+                f"{result['critical_path_s']:.2f} s",
+                file=sys.stderr,
+            )
+
+    print(
+        f"\nscheduling: {runs[0]['model_units']} model units ({len(trees) - 1} short forests, "
+        f"one of {args.long_trees} trees) on {args.workers} workers, broker {runs[0]['broker']}"
+    )
+    header = (
+        f"{'order':<9} {'makespan s':>10} {'crit. path s':>12} {'ratio':>6} "
+        f"{'dispatch ms':>11} {'p90 ms':>7} {'big unit starts s':>17}"
+    )
+    print(header)
+    for r in runs:
+        print(
+            f"{r['order']:<9} {r['makespan_s']:>10.2f} {r['critical_path_s']:>12.2f} "
+            f"{r['makespan_over_critical_path']:>6.2f} {r['dispatch_ms_median'] or 0:>11.1f} "
+            f"{r['dispatch_ms_p90'] or 0:>7.1f} {r['longest_unit_started_after_s']:>17.2f}"
+        )
+    base = runs[0]
+    mine = next((r for r in runs if r["order"] == "orchard"), runs[-1])
+    speedup = base["makespan_s"] / mine["makespan_s"]
+    print(
+        f"makespan {base['order']} / {mine['order']}: {speedup:.2f}x; "
+        f"{mine['order']} makespan / critical path {mine['makespan_over_critical_path']:.2f} "
+        f"(target <= 1.15); dispatch overhead median {mine['dispatch_ms_median'] or 0:.1f} ms "
+        f"(target <= 5 ms)"
+    )
+    path = write_results(
+        "scheduling",
+        {
+            "benchmark": "scheduling",
+            "args": vars(args),
+            "machine": machine_info(),
+            "trees": trees,
+            "baseline": base["order"],
+            "makespan_ratio_baseline_over_orchard": speedup,
+            "runs": runs,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

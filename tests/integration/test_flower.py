@@ -1,0 +1,172 @@
+"""Flower against the real Redis broker: a real `celery flower` process with basic
+auth watches a tiny campaign run by real workers, and its HTTP API shows every unit's
+task by its readable name, with small arguments and its final state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from db.store import Store
+from scheduler.api import submit
+from shared.settings import Settings
+from tests.conftest import REDIS_URL, REPO
+from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+from tests.integration.test_concurrent_campaigns import light_campaign
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "orchard", secrets.token_hex(8)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str, *, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+@pytest.fixture
+def flower(settings: Settings) -> Iterator[str]:
+    """`celery -A workers.app flower` with the workers' environment; its base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "ORCHARD_HOME": str(settings.home),
+        "ORCHARD_BROKER_URL": settings.broker_url,
+        "ORCHARD_DATABASE_URL": settings.database_url,
+        "ORCHARD_ARTIFACTS": str(settings.artifacts),
+    }
+    settings.home.mkdir(parents=True, exist_ok=True)
+    log_path = settings.home / "flower.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={USER}:{PASSWORD}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            try:
+                if get(f"{url}/api/workers")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "flower did not come up: " + log_path.read_text()
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Settings:
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)  # workers and flower inherit it
+    request.addfinalizer(lambda: drop_redis_keys(prefix))
+    return settings_for(tmp_path, REDIS_URL, sqlite_url)
+
+
+def test_flower_shows_every_unit_task_and_the_workers(
+    settings: Settings, flower: str, tmp_path: Path
+) -> None:
+    # no credentials, or wrong ones: 401, for the API and the UI alike
+    assert get(f"{flower}/api/tasks", auth=None)[0] == 401
+    assert get(f"{flower}/api/workers", auth=(USER, "wrong"))[0] == 401
+    assert get(f"{flower}/", auth=None)[0] == 401
+
+    with running_workers(settings, "flower") as workers:
+        campaign = light_campaign(tmp_path / "light.toml", "light", tmp_path / "data")
+        run = submit(campaign, settings=settings)
+        run.wait(timeout=300, check=workers.check)
+        units = run.status().units
+        assert {u.state for u in units} == {"SUCCESS"}
+
+        # Flower learns task states from events; give the last ones a moment to arrive
+        deadline = time.monotonic() + 60
+        while True:
+            status, tasks = get(f"{flower}/api/tasks")
+            assert status == 200
+            by_unit = {}
+            for task in tasks.values():
+                for unit in units:
+                    if repr(unit.key) in (task.get("kwargs") or ""):
+                        by_unit.setdefault(unit.key, []).append(task)
+            done = {k for k, ts in by_unit.items() if any(t["state"] == "SUCCESS" for t in ts)}
+            if done == {u.key for u in units} or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert done == {u.key for u in units}, sorted({u.key for u in units} - done)
+
+        for unit in units:
+            (task,) = by_unit[unit.key]  # one task per unit: nothing ran twice
+            assert task["name"] == unit.task and task["name"].startswith("orchard.")
+            assert task["state"] == "SUCCESS"
+            assert task["worker"] == unit.worker  # Flower and the store agree on where
+            # small arguments: two ids, never arrays
+            assert task["args"] in ("()", "[]")
+            assert task["kwargs"] == repr({"campaign_id": run.id, "unit_key": unit.key})
+        names = {t["name"] for ts in by_unit.values() for t in ts}
+        assert names == {
+            "orchard.preprocess_shard",
+            "orchard.train_cnn_fold",
+            "orchard.fit_svm",
+            "orchard.fit_rf",
+            "orchard.report",
+        }
+
+        # the workers, asked over the same (prefixed) broker by Flower's inspect
+        status, listed = get(f"{flower}/api/workers?refresh=1")
+        assert status == 200
+        online = {name.split("@")[0] for name in listed}
+        assert {"gpu-flower", "cpu-flower"} <= online, listed.keys()
+        cpu = next(info for name, info in listed.items() if name.startswith("cpu-flower@"))
+        assert {q["name"] for q in cpu["active_queues"]} == {"cpu", "preprocess", "report"}
+    Store(settings.database_url).dispose()

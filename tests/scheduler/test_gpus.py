@@ -1,0 +1,178 @@
+"""`orchard worker --gpus`: which GPUs, and how the launcher supervises its children.
+
+The children here are tiny Python scripts, so each behaviour (pinning, restart,
+fail-fast, signal forwarding) is shown in a second; tests/integration/test_scaling.py
+runs real Celery workers through the same launcher.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from scheduler.gpus import GpuError, GpuLauncher, child_command, detect_gpus, parse_gpus
+from tests.conftest import REPO
+from tests.scheduler.test_cli import assert_one_line_error, orchard
+
+
+def test_all_means_every_gpu_found() -> None:
+    assert parse_gpus("all", available=["0", "1", "2"], device=None) == ["0", "1", "2"]
+
+
+def test_all_without_gpus_is_one_clear_error() -> None:
+    with pytest.raises(GpuError, match="no GPU found"):
+        parse_gpus("all", available=[], device=None)
+
+
+def test_explicit_ids_must_exist_unless_on_the_cpu() -> None:
+    assert parse_gpus("1", available=["0", "1"], device="cuda") == ["1"]
+    with pytest.raises(GpuError, match="GPU 1 not found .*has: 0"):
+        parse_gpus("0,1", available=["0"], device=None)
+    # ORCHARD_DEVICE=cpu: the ids are slots, so tests run two "gpu" workers on a CPU
+    assert parse_gpus("0,1", available=[], device="cpu") == ["0", "1"]
+
+
+@pytest.mark.parametrize("spec", ["", "0,,1", "first", "0,0", "-1"])
+def test_malformed_lists_are_refused(spec: str) -> None:
+    with pytest.raises(GpuError, match="--gpus"):
+        parse_gpus(spec, available=["0", "1"], device=None)
+
+
+def test_a_pinned_cuda_device_would_break_the_children() -> None:
+    with pytest.raises(GpuError, match="cuda:0"):
+        parse_gpus("all", available=["0", "1"], device="cuda:1")
+
+
+def test_detect_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_gpus() == []
+
+
+def test_children_are_gpu_workers_with_their_own_node_names() -> None:
+    command = child_command("1", ["gpu"], "INFO")
+    assert command[1:4] == ["-m", "scheduler.cli", "worker"]
+    assert command[command.index("--queues") + 1] == "gpu"
+    assert command[command.index("--name") + 1] == "gpu1@%h"
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_each_child_sees_only_its_gpu() -> None:
+    out = io.StringIO()
+    launcher = GpuLauncher(
+        ["0", "3"],
+        lambda gpu: python("import os; print('sees', os.environ['CUDA_VISIBLE_DEVICES'])"),
+        out=out,
+        poll=0.05,
+    )
+    assert launcher.run() == 0
+    lines = out.getvalue().splitlines()
+    assert "gpu0| sees 0" in lines and "gpu3| sees 3" in lines
+
+
+def test_a_child_that_dies_at_once_stops_the_launcher(tmp_path: Path) -> None:
+    out = io.StringIO()
+    stopped = tmp_path / "stopped"
+    code = {
+        # gpu0 cannot start; gpu1 would run until told to stop
+        "0": "import sys; sys.exit(3)",
+        "1": f"""
+            import pathlib, signal, sys, time
+            def bye(*_):
+                pathlib.Path({str(stopped)!r}).write_text('TERM')
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, bye)
+            time.sleep(60)
+        """,
+    }
+    launcher = GpuLauncher(["0", "1"], lambda gpu: python(code[gpu]), out=out, poll=0.05)
+    started = time.monotonic()
+    with pytest.raises(GpuError, match=r"worker gpu0 exited with code 3 \d+ s after starting"):
+        launcher.run()
+    assert time.monotonic() - started < 30
+    assert stopped.read_text() == "TERM"  # the healthy one was stopped, not orphaned
+
+
+def test_a_child_that_crashes_later_is_restarted(tmp_path: Path) -> None:
+    marker = tmp_path / "crashed-once"
+    out = io.StringIO()
+    crash_once = f"""
+        import pathlib, sys
+        marker = pathlib.Path({str(marker)!r})
+        if not marker.exists():
+            marker.write_text('x')
+            sys.exit(1)
+        print('second life')
+    """
+    launcher = GpuLauncher(["0"], lambda gpu: python(crash_once), out=out, min_uptime=0, poll=0.05)
+    assert launcher.run() == 0
+    assert launcher.children[0].restarts == 1
+    assert "restarting (restart 1)" in out.getvalue()
+    assert "gpu0| second life" in out.getvalue()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_becomes_a_warm_shutdown_of_every_child(tmp_path: Path, sig: int) -> None:
+    """The launcher as a process of its own, stopped as docker (SIGTERM) or Ctrl-C does."""
+    child = f"""
+        import os, pathlib, signal, sys, time
+        def bye(*_):
+            gpu = os.environ['CUDA_VISIBLE_DEVICES']
+            pathlib.Path({str(tmp_path)!r}, 'term-' + gpu).write_text('warm shutdown')
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, bye)
+        print('ready', flush=True)
+        time.sleep(60)
+    """
+    script = f"""
+        import sys
+        from scheduler.gpus import GpuLauncher
+        child = {textwrap.dedent(child)!r}
+        launcher = GpuLauncher(['0', '1'], lambda gpu: [sys.executable, '-c', child], poll=0.05)
+        sys.exit(launcher.run())
+    """
+    proc = subprocess.Popen(
+        python(script), cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
+    assert proc.stdout is not None
+    ready = 0
+    for line in proc.stdout:
+        ready += line.endswith("| ready\n")
+        if ready == 2:
+            break
+    proc.send_signal(sig)  # to the launcher alone: it must pass SIGTERM on
+    assert proc.wait(timeout=30) == 0
+    assert {p.name for p in tmp_path.glob("term-*")} == {"term-0", "term-1"}
+
+
+def test_cli_gpus_all_on_a_machine_without_gpus(tmp_path: Path) -> None:
+    # no GPU visible, whatever this machine has
+    env = {"ORCHARD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "ORCHARD_DEVICE": ""}
+    done = orchard("worker", "--gpus", "all", env=env)
+    assert_one_line_error(done, "--gpus all: no GPU found")
+
+
+def test_cli_gpu_ids_on_a_machine_without_gpus_need_the_cpu_device(tmp_path: Path) -> None:
+    # no GPU visible, whatever this machine has
+    env = {"ORCHARD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "ORCHARD_DEVICE": ""}
+    assert_one_line_error(orchard("worker", "--gpus", "0,1", env=env), "ORCHARD_DEVICE=cpu")
+
+
+def test_cli_gpus_refuses_a_name_or_a_queue_list_without_gpu(tmp_path: Path) -> None:
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DEVICE": "cpu"}
+    done = orchard("worker", "--gpus", "0", "--name", "x@%h", env=env)
+    assert_one_line_error(done, "drop --name")
+    done = orchard("worker", "--gpus", "0", "--queues", "cpu", env=env)
+    assert_one_line_error(done, "gpu queue")
