@@ -1,0 +1,185 @@
+"""Every experiment of the study, as shipped in ``campaigns/study/``, runs to a report.
+
+Each file is read as a user would write it (the competition's ``aicup`` dataset, the
+study's sizes), then only its dataset section is swapped for a small synthetic one and
+its sizes shrunk (fewer epochs, narrower CNN, fewer trees and components, at most two
+values per numeric sweep) so that all of them run here, together, through real
+`celery worker` processes on the real Redis into one SQLite store.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from db.store import Store
+from scheduler.api import CampaignRun, submit
+from shared.spec import load_campaign
+from tests.conftest import REDIS_URL, REPO
+from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+
+pytestmark = pytest.mark.integration
+
+STUDY = REPO / "campaigns" / "study"
+STUDY_FILES = sorted(STUDY.glob("*.toml"))
+
+#: numbers capped in the tiny runs: (section, field) -> largest value kept
+CAPS = {
+    ("svm", "n_components"): 12,
+    ("rf", "n_estimators"): 6,
+    ("rf", "pca_components"): 10,
+    ("rf", "max_depth"): 8,
+    ("rf", "tree_shards"): 2,
+}
+
+
+def tiny_sweep(section: str, field: str, value: Any) -> Any:
+    """A numeric sweep keeps its first and last values; categorical sweeps stay whole."""
+    values = value if isinstance(value, list) else [value]
+    cap = CAPS.get((section, field))
+    if cap is not None:
+        values = [min(v, cap) if isinstance(v, int | float) else v for v in values]
+    values = list(dict.fromkeys(values))
+    if len(values) > 2 and all(isinstance(v, int | float) for v in values):
+        values = [values[0], values[-1]]
+    return values if isinstance(value, list) or len(values) > 1 else values[0]
+
+
+def tiny(raw: dict[str, Any], data_root: Path, *, test_labels: bool = True) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    raw["dataset"] = {
+        "kind": "synthetic",
+        "root": str(data_root),
+        "seed": 0,
+        "train_per_class": 8,
+        "test_per_class": 3,
+        "width": 96,
+        "height": 72,
+        # like the competition's test CSV: images without labels -> submission.csv
+        "test_labels": test_labels,
+    }
+    raw["preprocessing"] = {"size": 64, "shard_size": 32}
+    for section in ("cnn", "svm", "rf"):
+        if section not in raw:
+            continue
+        body = raw[section]
+        for field, value in list(body.items()):
+            if field not in ("enabled", "folds"):
+                body[field] = tiny_sweep(section, field, value)
+        body["folds"] = min(body.get("folds", 1), 2 if section != "cnn" else 5)
+    if "cnn" in raw:
+        raw["cnn"].update(epochs=1, width=0.125, image_size=32, batch_size=16)
+    if "rf" in raw and "select_scaling" in raw["rf"]:
+        raw["rf"]["select_estimators"] = 5
+    raw.setdefault("report", {}).update(lime_samples=20)
+    return raw
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """Enough TOML for campaign files: scalars, flat lists and one level of tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    top = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    tables = [
+        f"[{name}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in body.items())
+        for name, body in raw.items()
+        if isinstance(body, dict)
+    ]
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def test_study_files_are_valid_as_shipped() -> None:
+    """The shipped files name the competition data and validate with the study's sizes."""
+    assert len(STUDY_FILES) >= 18
+    for path in STUDY_FILES:
+        campaign = load_campaign(path)
+        assert campaign.dataset.kind == "aicup", path
+        assert campaign.name.startswith("study-"), path
+
+
+def test_every_study_campaign_runs_to_a_report(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    request.addfinalizer(lambda: drop_redis_keys(prefix))
+    settings = settings_for(tmp_path, REDIS_URL, sqlite_url)
+    store = Store(sqlite_url)
+    runs: dict[str, CampaignRun] = {}
+    with running_workers(settings, "study") as workers:
+        for path in STUDY_FILES:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            small = tmp_path / "campaigns" / path.name
+            small.parent.mkdir(exist_ok=True)
+            final = path.stem == "final-comparison"
+            data = tmp_path / ("data-unlabelled" if final else "data")
+            small.write_text(to_toml(tiny(raw, data, test_labels=not final)), encoding="utf-8")
+            runs[path.stem] = submit(small, settings=settings)
+        for run in runs.values():
+            run.wait(timeout=900, check=workers.check)
+
+    for stem, run in runs.items():
+        status = run.status()
+        failed = [(u.key, u.error) for u in status.units if u.state != "SUCCESS"]
+        assert status.campaign.state == "DONE", (stem, failed)
+        assert store.count_rows(run.id)["results"] == len(status.units), stem
+        report = run.report_path()
+        assert report is not None and report.exists(), stem
+        html = report.read_text(encoding="utf-8")
+        assert "data:image/png;base64," in html, stem
+        assert report.with_suffix(".md").exists() and report.with_suffix(".json").exists()
+    assert_final_comparison_report(runs["final-comparison"])
+
+
+def sections(markdown: str) -> dict[str, str]:
+    """The report's ``## `` sections by heading."""
+    out = {}
+    for chunk in markdown.split("\n## ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        out[heading.strip()] = body
+    return out
+
+
+def assert_final_comparison_report(run: CampaignRun) -> None:
+    """The final comparison's report holds every section of the study's shapes, filled."""
+    report = run.report_path()
+    assert report is not None
+    found = sections(report.with_suffix(".md").read_text(encoding="utf-8"))
+    assert {
+        "Experiments",
+        "Learning curves",
+        "Sweep plots",
+        "Blending",
+        "Confusion matrices",
+        "Explanations (LIME)",
+        "Efficiency",
+        "Submission",
+    } <= set(found), list(found)
+    for family in ("CNN", "SVM", "RF"):
+        assert f"### {family} " in found["Experiments"]
+    assert "Grouped OOB" in found["Experiments"]  # both OOB scores of the forest
+    assert "![" in found["Learning curves"]
+    assert "![" in found["Sweep plots"]  # the SVM's C, re-selected by cross-validation
+    assert "CNN + SVM + RF vote" in found["Blending"]
+    assert "5-fold vote" in found["Blending"] and "5-fold mean" in found["Blending"]
+    for family in ("cnn", "svm", "rf"):
+        assert f"confusion-{family}.png" in found["Confusion matrices"]
+    assert "lime-cnn.png" in found["Explanations (LIME)"]
+    assert "### Timeline" in found["Efficiency"] and "timeline.png" in found["Efficiency"]
+    assert "submission.csv" in found["Submission"]
+    rows = (report.parent / "submission.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "image_id,label"
+    assert len(rows) == 1 + 3 * 3  # every unlabelled test image, once
+    assert {row.split(",")[1] for row in rows[1:]} <= {"A", "B", "C"}
