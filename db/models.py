@@ -70,6 +70,11 @@ class UnitRow(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # The delivery running the unit now, and until when that claim holds unless renewed.
+    # A second delivery of the same task (visibility timeout, two workers) finds a live
+    # lease and steps back; a dead holder's lease expires and the next delivery takes over.
+    lease_holder: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     campaign: Mapped[CampaignRow] = relationship(back_populates="units")
     params: Mapped[list[UnitParamRow]] = relationship(

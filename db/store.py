@@ -4,18 +4,30 @@ SQLite (the default, one file) and PostgreSQL share the code. Writes that a
 re-delivered task may repeat are idempotent by construction: results, predictions
 and metrics are unique per unit, and state changes are conditional updates that
 report whether they won.
+
+A unit is leased to the delivery running it (holder + expiry, taken under a row lock
+in ``start_unit``, renewed by ``renew_lease``), so two deliveries of one task never run
+it at once, and a dead holder's unit is taken over once its lease runs out.
+Connection-level errors (server restarting, connection cut, SQLite busy) are retried
+with exponential backoff for ``retry_seconds`` (ORCHARD_DB_RETRY_SECONDS) before a
+StoreError naming the masked URL; integrity and SQL errors are never retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, make_url, select, update
+from sqlalchemy import Engine, case, create_engine, delete, event, func, make_url, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -32,12 +44,27 @@ from db.models import (
     utcnow,
 )
 from shared.errors import OrchardError
-from shared.plan import FAILED, PENDING, QUEUED, RUNNING, SUCCESS, TERMINAL, UnitPlan
+from shared.plan import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    PREPROCESS,
+    QUEUED,
+    REPORT,
+    RUNNING,
+    SUCCESS,
+    TERMINAL,
+    UnitPlan,
+)
 from shared.settings import mask_url
 
 
 class StoreError(OrchardError):
     """The store is unreachable, not initialised, or asked for something absent."""
+
+
+class NotFoundError(StoreError):
+    """No such campaign or unit: asking again cannot help."""
 
 
 # ---------------------------------------------------------------- values handed to callers
@@ -73,6 +100,10 @@ class Unit:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    task_id: str | None = None
+    lease_holder: str | None = None
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +153,33 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Whether a task should run its unit: ``run`` False means it is already done."""
+    """Whether a task should run its unit.
+
+    ``run`` False and ``reason``: ``finished`` (already terminal: nothing to do),
+    ``leased`` (another delivery holds a live lease: come back in ``retry_in`` seconds,
+    never drop the message), ``gave up`` (too many attempts: now FAILED) or
+    ``cancelled`` (the campaign was cancelled: now CANCELLED).
+    """
 
     run: bool
     attempts: int
     state: str
+    reason: str = ""
+    retry_in: float = 0.0
+
+
+#: what :meth:`Store.renew_lease` finds
+LEASE_HELD, LEASE_LOST, LEASE_CANCELLED = "held", "lost", "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """What ``cancel_campaign`` did: the task ids to revoke and how many units it stopped."""
+
+    state: str  # the campaign's state afterwards
+    task_ids: list[str]
+    units: int
+    already_finished: bool = False  # it was not RUNNING: nothing was done
 
 
 # ---------------------------------------------------------------- the store
@@ -168,11 +221,89 @@ def _connect_args(url: str) -> dict[str, Any]:
     return {}
 
 
+#: Seconds a store call keeps retrying a lost connection before it gives up with a
+#: StoreError (ORCHARD_DB_RETRY_SECONDS). Short enough that a worker fails its unit with a
+#: clear error well within a task's life, long enough to ride out a database restart.
+DEFAULT_RETRY_SECONDS = 5.0
+
+_T = TypeVar("_T")
+_retrying_now = threading.local()
+
+
+class _TransientError(StoreError):
+    """A connection-level failure worth retrying; carries the one-line message."""
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Connection lost or refused, server restarting, lock busy: a retry may succeed.
+
+    Integrity errors, missing tables and bad SQL are not: retrying cannot help.
+    """
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    # psycopg's OperationalError: refused/closed connections, admin shutdown, deadlocks,
+    # serialization failures; never constraint violations (IntegrityError)
+    return isinstance(orig, psycopg.OperationalError)
+
+
+def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a store method again, with exponential backoff, while the database is away.
+
+    Every public method is one transaction, so running it again is safe; the writes
+    are idempotent (upserts, conditional updates). Nested calls retry only once, at
+    the outermost level.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> _T:
+        if getattr(_retrying_now, "active", False):
+            return method(self, *args, **kwargs)
+        _retrying_now.active = True
+        try:
+            deadline = time.monotonic() + self.retry_seconds
+            delay = 0.1
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except _TransientError as exc:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StoreError(
+                            f"{exc} (gave up after {self.retry_seconds:g} s of retries)"
+                        ) from None
+                    time.sleep(min(delay, remaining))
+                    delay = min(delay * 2, 2.0)
+        finally:
+            _retrying_now.active = False
+
+    return wrapper
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands timezone-aware columns back naive; everything orchard writes is UTC
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
 class Store:
-    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, url: str, *, engine: Engine | None = None, retry_seconds: float | None = None
+    ) -> None:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if retry_seconds is None:
+            retry_seconds = float(os.environ.get("ORCHARD_DB_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
+        self.retry_seconds = retry_seconds
 
     def __repr__(self) -> str:
         return f"Store({mask_url(self.url)!r})"
@@ -212,13 +343,18 @@ class Store:
         try:
             with session.begin():
                 yield session
-        except OperationalError as exc:
-            raise self._unreachable(exc) from None
+        except DBAPIError as exc:
+            if _is_transient(exc):
+                raise _TransientError(str(self._unreachable(exc))) from None
+            if isinstance(exc, OperationalError):
+                raise self._unreachable(exc) from None
+            raise
         finally:
             session.close()
 
     # -- campaigns
 
+    @_retried
     def create_campaign(
         self,
         campaign_id: str,
@@ -260,6 +396,7 @@ class Store:
             for artifact in artifacts:
                 self._record_artifact_without_commit(s, artifact)
 
+    @_retried
     def find_campaign(self, campaign_id: str) -> Campaign | None:
         with self._transaction() as s:
             row = s.get(CampaignRow, campaign_id)
@@ -268,9 +405,10 @@ class Store:
     def get_campaign(self, campaign_id: str) -> Campaign:
         campaign = self.find_campaign(campaign_id)
         if campaign is None:
-            raise StoreError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
         return campaign
 
+    @_retried
     def list_campaigns(self, limit: int = 50) -> list[Campaign]:
         with self._transaction() as s:
             rows = s.scalars(
@@ -278,6 +416,7 @@ class Store:
             )
             return [_campaign(r) for r in rows]
 
+    @_retried
     def complete_campaign(self, campaign_id: str) -> str | None:
         """Close a RUNNING campaign whose units are all terminal: DONE, or PARTIAL when
         some failed. Returns the new state, or None if it is not finished (or already
@@ -298,6 +437,7 @@ class Store:
 
     # -- units
 
+    @_retried
     def units(self, campaign_id: str) -> list[Unit]:
         with self._transaction() as s:
             rows = s.scalars(
@@ -308,6 +448,7 @@ class Store:
             )
             return [_unit(r) for r in rows]
 
+    @_retried
     def find_unit(self, key: str) -> Unit | None:
         with self._transaction() as s:
             row = s.scalar(
@@ -318,53 +459,162 @@ class Store:
     def get_unit(self, key: str) -> Unit:
         unit = self.find_unit(key)
         if unit is None:
-            raise StoreError(f"no unit {key!r} in {mask_url(self.url)}")
+            raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
         return unit
 
-    def claim_for_queue(self, keys: Sequence[str]) -> list[str]:
+    @_retried
+    def claim_for_queue(
+        self, keys: Sequence[str], task_ids: Mapping[str, str] | None = None
+    ) -> list[str]:
         """Move units PENDING -> QUEUED; returns the keys this call moved.
 
         Several workers may try to open the next stage at once: only one of them
-        wins each unit, so each is sent to the broker once.
+        wins each unit, so each is sent to the broker once. ``task_ids`` (key -> the
+        Celery task id it will be sent with) are recorded so `orchard cancel` can
+        revoke queued tasks.
         """
         if not keys:
             return []
+        values: dict[str, Any] = {"state": QUEUED, "queued_at": utcnow()}
+        if task_ids:
+            values["task_id"] = case(dict(task_ids), value=UnitRow.key, else_=UnitRow.task_id)
         with self._transaction() as s:
             won = s.scalars(
                 update(UnitRow)
                 .where(UnitRow.key.in_(keys), UnitRow.state == PENDING)
-                .values(state=QUEUED, queued_at=utcnow())
+                .values(**values)
                 .returning(UnitRow.key)
             ).all()
         order = {k: i for i, k in enumerate(keys)}
         return sorted(won, key=order.__getitem__)
 
-    def start_unit(self, key: str, *, worker: str, task_id: str | None) -> Start:
-        """Mark a unit RUNNING for this delivery, unless it already finished."""
+    @_retried
+    def unclaim(self, keys: Sequence[str]) -> None:
+        """QUEUED -> PENDING for units whose message could not be sent (broker away):
+        the next ``advance`` claims and sends them again."""
+        if not keys:
+            return
+        with self._transaction() as s:
+            s.execute(
+                update(UnitRow)
+                .where(UnitRow.key.in_(keys), UnitRow.state == QUEUED)
+                .values(state=PENDING, queued_at=None, task_id=None)
+            )
+
+    @_retried
+    def start_unit(
+        self,
+        key: str,
+        *,
+        worker: str,
+        task_id: str | None,
+        holder: str | None = None,
+        lease_seconds: float = 60.0,
+        max_attempts: int | None = None,
+    ) -> Start:
+        """Mark a unit RUNNING for this delivery, unless it must not run now.
+
+        With ``holder`` (one id per delivery) the unit is leased to this delivery for
+        ``lease_seconds``; a delivery that finds someone else's live lease is told to
+        come back later (``reason="leased"``). ``max_attempts`` caps how many
+        deliveries may start the unit: a task that kills its worker every time (a
+        poison task) ends FAILED instead of looping forever.
+
+        The row is locked (FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE takes
+        the write lock) so two deliveries starting at once see each other's lease.
+        """
+        now = utcnow()
         with self._transaction() as s:
             row = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
             if row is None:
-                raise StoreError(f"no unit {key!r} in {mask_url(self.url)}")
+                raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
             if row.state in TERMINAL:
-                return Start(run=False, attempts=row.attempts, state=row.state)
+                return Start(False, row.attempts, row.state, reason="finished")
+            campaign_state = s.scalar(
+                select(CampaignRow.state).where(CampaignRow.id == row.campaign_id)
+            )
+            if campaign_state == CANCELLED:
+                row.state, row.finished_at = CANCELLED, now
+                return Start(False, row.attempts, CANCELLED, reason="cancelled")
+            expires = _aware(row.lease_expires_at)
+            if (
+                holder is not None
+                and row.lease_holder not in (None, holder)
+                and expires is not None
+                and expires > now
+            ):
+                wait = (expires - now).total_seconds()
+                return Start(False, row.attempts, row.state, reason="leased", retry_in=wait)
+            if max_attempts is not None and row.attempts >= max_attempts:
+                row.state, row.finished_at = FAILED, now
+                row.lease_holder = row.lease_expires_at = None
+                row.error = (
+                    f"gave up after {row.attempts} attempts: "
+                    + (row.error or "the worker was lost each time (killed or out of memory)")
+                )[:4000]
+                return Start(False, row.attempts, FAILED, reason="gave up")
             row.state = RUNNING
             row.attempts += 1
             row.worker = worker
             row.task_id = task_id
-            row.started_at = row.heartbeat_at = utcnow()
+            row.started_at = row.heartbeat_at = now
             row.error = None
+            row.lease_holder = holder
+            row.lease_expires_at = now + timedelta(seconds=lease_seconds) if holder else None
             return Start(run=True, attempts=row.attempts, state=RUNNING)
 
-    def fail_unit(self, key: str, error: str) -> bool:
-        """Mark a unit FAILED unless it already succeeded; True if this call did it."""
+    @_retried
+    def renew_lease(self, key: str, holder: str, lease_seconds: float) -> str:
+        """Extend this delivery's lease (the heartbeat). Returns LEASE_HELD, or
+        LEASE_CANCELLED / LEASE_LOST when the run must stop: the campaign was cancelled,
+        or another delivery took the unit over (or finished it)."""
+        now = utcnow()
         with self._transaction() as s:
-            done = s.execute(
+            renewed = s.execute(
                 update(UnitRow)
-                .where(UnitRow.key == key, UnitRow.state != SUCCESS)
-                .values(state=FAILED, error=error[:4000], finished_at=utcnow())
+                .where(UnitRow.key == key, UnitRow.state == RUNNING, UnitRow.lease_holder == holder)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+            )
+            if renewed.rowcount == 1:
+                return LEASE_HELD
+            state = s.scalar(select(UnitRow.state).where(UnitRow.key == key))
+            return LEASE_CANCELLED if state == CANCELLED else LEASE_LOST
+
+    @_retried
+    def release_lease(self, key: str, holder: str) -> None:
+        """Let the next delivery take over at once (this one stops without a result)."""
+        with self._transaction() as s:
+            s.execute(
+                update(UnitRow)
+                .where(UnitRow.key == key, UnitRow.lease_holder == holder)
+                .values(lease_holder=None, lease_expires_at=None)
+            )
+
+    @_retried
+    def fail_unit(self, key: str, error: str, *, holder: str | None = None) -> bool:
+        """Mark a unit FAILED unless it already succeeded or was cancelled; True if this
+        call did it. With ``holder``, only while that delivery still holds the lease
+        (a run that lost its lease must not fail the run that took over)."""
+        with self._transaction() as s:
+            query = update(UnitRow).where(
+                UnitRow.key == key, UnitRow.state.not_in((SUCCESS, CANCELLED))
+            )
+            if holder is not None:
+                query = query.where(
+                    (UnitRow.lease_holder == holder) | (UnitRow.lease_holder.is_(None))
+                )
+            done = s.execute(
+                query.values(
+                    state=FAILED,
+                    error=error[:4000],
+                    finished_at=utcnow(),
+                    lease_holder=None,
+                    lease_expires_at=None,
+                )
             )
             return done.rowcount == 1
 
+    @_retried
     def fail_units(self, failures: Sequence[tuple[str, str]]) -> None:
         """Give up on PENDING units that can no longer run (their input failed)."""
         with self._transaction() as s:
@@ -375,6 +625,7 @@ class Store:
                     .values(state=FAILED, error=reason, finished_at=utcnow())
                 )
 
+    @_retried
     def record_metrics(self, key: str, step: int, values: dict[str, float]) -> None:
         """Upsert one step's numbers; a re-run of the same step overwrites them."""
         with self._transaction() as s:
@@ -392,6 +643,7 @@ class Store:
                 )
             )
 
+    @_retried
     def metrics(self, key: str) -> dict[str, list[tuple[int, float]]]:
         with self._transaction() as s:
             rows = s.execute(
@@ -405,6 +657,7 @@ class Store:
                 out.setdefault(name, []).append((step, value))
             return out
 
+    @_retried
     def finish_unit(self, key: str, outcome: Outcome) -> bool:
         """Record a unit's result, predictions and artifacts and mark it SUCCESS.
 
@@ -414,7 +667,7 @@ class Store:
         with self._transaction() as s:
             unit = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
             if unit is None:
-                raise StoreError(f"no unit {key!r} in {mask_url(self.url)}")
+                raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
             inserted = s.execute(
                 _insert(s)(ResultRow)
                 .values(
@@ -452,16 +705,180 @@ class Store:
             unit.state = SUCCESS
             unit.error = None
             unit.finished_at = utcnow()
+            unit.lease_holder = unit.lease_expires_at = None
             return True
 
     def _unit_id(self, s: Session, key: str) -> int:
         unit_id = s.scalar(select(UnitRow.id).where(UnitRow.key == key))
         if unit_id is None:
-            raise StoreError(f"no unit {key!r} in {mask_url(self.url)}")
+            raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
         return unit_id
+
+    # -- cancel, resume, reuse
+
+    @_retried
+    def cancel_campaign(self, campaign_id: str) -> Cancelled:
+        """Mark a RUNNING campaign and its unfinished units CANCELLED.
+
+        Returns the task ids of its queued and running units for the caller to revoke.
+        A delivery that arrives later finds the unit CANCELLED and does nothing; a run
+        in progress finds it at its next heartbeat and stops.
+        """
+        now = utcnow()
+        with self._transaction() as s:
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            if campaign is None:
+                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            if campaign.state != "RUNNING":
+                return Cancelled(campaign.state, [], 0, already_finished=True)
+            rows = s.scalars(
+                select(UnitRow)
+                .where(UnitRow.campaign_id == campaign_id, UnitRow.state.not_in(TERMINAL))
+                .with_for_update()
+            ).all()
+            task_ids = [r.task_id for r in rows if r.task_id and r.state in (QUEUED, RUNNING)]
+            for row in rows:
+                row.state, row.finished_at, row.error = CANCELLED, now, "cancelled"
+                row.lease_holder = row.lease_expires_at = None
+            campaign.state, campaign.finished_at = CANCELLED, now
+            return Cancelled(CANCELLED, task_ids, len(rows))
+
+    @_retried
+    def resume_campaign(self, campaign_id: str) -> list[str]:
+        """Put every unit that did not succeed back to PENDING, attempts reset, and the
+        campaign back to RUNNING; returns the keys reset (the caller then advances).
+
+        Left alone: SUCCESS units, and RUNNING units whose holder is alive (live lease).
+        QUEUED units are reset too: their message may be gone (a broker that lost it);
+        if it is not, the duplicate delivery finds the unit done or leased. When any
+        model unit is reset, the report is too (its old result is dropped): it must
+        blend the new results.
+        """
+        now = utcnow()
+        with self._transaction() as s:
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            if campaign is None:
+                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            rows = s.scalars(
+                select(UnitRow).where(UnitRow.campaign_id == campaign_id).with_for_update()
+            ).all()
+
+            def alive(row: UnitRow) -> bool:
+                expires = _aware(row.lease_expires_at)
+                return row.state == RUNNING and expires is not None and expires > now
+
+            reset = [r for r in rows if r.state != SUCCESS and not alive(r)]
+            if any(r.stage < REPORT for r in reset):
+                for report in (r for r in rows if r.stage == REPORT and r.state == SUCCESS):
+                    s.execute(delete(ResultRow).where(ResultRow.unit_id == report.id))
+                    reset.append(report)
+            for row in reset:
+                row.state, row.attempts, row.error = PENDING, 0, None
+                row.queued_at = row.started_at = row.finished_at = None
+                row.task_id = row.lease_holder = row.lease_expires_at = None
+            campaign.state, campaign.finished_at = "RUNNING", None
+            return [r.key for r in sorted(reset, key=lambda r: r.position)]
+
+    @_retried
+    def reuse_finished(self, campaign_id: str) -> dict[str, str]:
+        """Fill a new campaign's model units from identical units that already succeeded.
+
+        Identical means same family, parameters (hash) and fold, in a campaign with the
+        same seed and a byte-identical manifest (same images, labels, splits and folds,
+        same preprocessing). The result, predictions and metrics are copied (the result's
+        ``extra["reused_from"]`` names the source unit, whose artifacts stay where they
+        are) and the unit is marked SUCCESS without running. Returns new key -> source key.
+        """
+        with self._transaction() as s:
+            campaign = s.get(CampaignRow, campaign_id)
+            if campaign is None:
+                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            manifest_sha = s.scalar(
+                select(ArtifactRow.sha256).where(
+                    ArtifactRow.campaign_id == campaign_id, ArtifactRow.kind == "manifest"
+                )
+            )
+            if manifest_sha is None:
+                return {}
+            twins = [
+                c.id
+                for c in s.scalars(
+                    select(CampaignRow).where(
+                        CampaignRow.id != campaign_id,
+                        CampaignRow.id.in_(
+                            select(ArtifactRow.campaign_id).where(
+                                ArtifactRow.kind == "manifest", ArtifactRow.sha256 == manifest_sha
+                            )
+                        ),
+                    )
+                )
+                if c.spec.get("seed") == campaign.spec.get("seed")
+            ]
+            if not twins:
+                return {}
+            wanted = s.scalars(
+                select(UnitRow).where(
+                    UnitRow.campaign_id == campaign_id,
+                    UnitRow.stage > PREPROCESS,  # model units and forest merges
+                    UnitRow.stage < REPORT,
+                    UnitRow.state == PENDING,
+                )
+            ).all()
+            sources: dict[tuple[str, str, int | None], UnitRow] = {}
+            for row in s.scalars(
+                select(UnitRow)
+                .where(
+                    UnitRow.campaign_id.in_(twins),
+                    UnitRow.state == SUCCESS,
+                    UnitRow.params_hash.in_(sorted({w.params_hash for w in wanted})),
+                )
+                .order_by(UnitRow.finished_at)
+            ):
+                sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
+            reused: dict[str, str] = {}
+            for unit in wanted:
+                source = sources.get((unit.family, unit.params_hash, unit.fold))
+                if source is None:
+                    continue
+                self._copy_outcome_without_commit(s, source, unit)
+                reused[unit.key] = source.key
+            return reused
+
+    def _copy_outcome_without_commit(self, s: Session, source: UnitRow, target: UnitRow) -> None:
+        result = s.scalar(select(ResultRow).where(ResultRow.unit_id == source.id))
+        if result is None:
+            return
+        s.add(
+            ResultRow(
+                unit_id=target.id,
+                train_acc=result.train_acc,
+                val_acc=result.val_acc,
+                test_acc=result.test_acc,
+                val_confusion=result.val_confusion,
+                test_confusion=result.test_confusion,
+                fit_seconds=result.fit_seconds,
+                extra={**result.extra, "reused_from": source.key},
+            )
+        )
+        for p in s.scalars(select(PredictionRow).where(PredictionRow.unit_id == source.id)):
+            s.add(
+                PredictionRow(
+                    unit_id=target.id,
+                    split=p.split,
+                    image_id=p.image_id,
+                    label=p.label,
+                    pred=p.pred,
+                    probs=p.probs,
+                )
+            )
+        for m in s.scalars(select(MetricRow).where(MetricRow.unit_id == source.id)):
+            s.add(MetricRow(unit_id=target.id, name=m.name, step=m.step, value=m.value))
+        target.state, target.finished_at = SUCCESS, utcnow()
+        target.worker = source.worker
 
     # -- results
 
+    @_retried
     def results(self, campaign_id: str) -> dict[str, Result]:
         """unit key -> result, for every unit of the campaign that has one."""
         with self._transaction() as s:
@@ -472,6 +889,7 @@ class Store:
             )
             return {key: _result(key, r) for key, r in rows}
 
+    @_retried
     def predictions(self, key: str, split: str) -> list[Prediction]:
         with self._transaction() as s:
             rows = s.scalars(
@@ -482,6 +900,7 @@ class Store:
             )
             return [Prediction(r.image_id, r.label, r.pred, r.probs) for r in rows]
 
+    @_retried
     def count_rows(self, campaign_id: str) -> dict[str, int]:
         """How many result, prediction and metric rows a campaign has (for checks)."""
         with self._transaction() as s:
@@ -495,6 +914,7 @@ class Store:
 
     # -- artifacts
 
+    @_retried
     def record_artifact(self, artifact: Artifact) -> None:
         with self._transaction() as s:
             self._record_artifact_without_commit(s, artifact)
@@ -518,6 +938,7 @@ class Store:
             )
         )
 
+    @_retried
     def find_artifact(self, path: str) -> Artifact | None:
         with self._transaction() as s:
             row = s.scalar(select(ArtifactRow).where(ArtifactRow.path == path))
@@ -525,6 +946,7 @@ class Store:
                 return None
             return Artifact(row.path, row.kind, row.sha256, row.size, row.campaign_id, row.unit_key)
 
+    @_retried
     def artifacts(self, campaign_id: str, kind: str | None = None) -> list[Artifact]:
         with self._transaction() as s:
             query = select(ArtifactRow).where(ArtifactRow.campaign_id == campaign_id)
@@ -534,6 +956,28 @@ class Store:
             return [
                 Artifact(r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key) for r in rows
             ]
+
+    @_retried
+    def campaign_metrics(
+        self, campaign_id: str, keys: Sequence[str] | None = None
+    ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """unit key -> {metric name -> [(step, value)]} for a campaign, in one query.
+
+        ``keys`` limits it to those units (the report reads only the points it plots).
+        """
+        with self._transaction() as s:
+            query = (
+                select(UnitRow.key, MetricRow.name, MetricRow.step, MetricRow.value)
+                .join(UnitRow, UnitRow.id == MetricRow.unit_id)
+                .where(UnitRow.campaign_id == campaign_id)
+                .order_by(UnitRow.key, MetricRow.name, MetricRow.step)
+            )
+            if keys is not None:
+                query = query.where(UnitRow.key.in_(list(keys)))
+            out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+            for key, name, step, value in s.execute(query):
+                out.setdefault(key, {}).setdefault(name, []).append((step, value))
+            return out
 
 
 def _insert(s: Session) -> Any:
@@ -577,6 +1021,10 @@ def _unit(row: UnitRow) -> Unit:
         started_at=row.started_at,
         finished_at=row.finished_at,
         error=row.error,
+        task_id=row.task_id,
+        lease_holder=row.lease_holder,
+        lease_expires_at=_aware(row.lease_expires_at),
+        heartbeat_at=_aware(row.heartbeat_at),
     )
 
 
@@ -602,5 +1050,7 @@ __all__ = [
     "Start",
     "Store",
     "StoreError",
+    "NotFoundError",
+    "Cancelled",
     "Unit",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from db.store import Artifact, Campaign, Store, Unit
+from db.store import Artifact, Campaign, Cancelled, Store, Unit
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.errors import OrchardError
@@ -53,6 +53,8 @@ class CampaignRun:
         self.id = campaign_id
         self.store = store
         self.settings = settings
+        #: with ``submit(..., reuse=True)``: unit key -> the earlier unit it was copied from
+        self.reused: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"CampaignRun({self.id!r})"
@@ -119,24 +121,28 @@ def submit(
     database: str | None = None,
     artifacts: str | Path | None = None,
     settings: Settings | None = None,
+    reuse: bool = False,
 ) -> CampaignRun:
-    """Validate a campaign file, record its units and enqueue the first stage."""
+    """Validate a campaign file, record its units and enqueue the first stage.
+
+    With ``reuse``, model units that already succeeded, identically, in an earlier
+    campaign (same data, folds, seed and parameters) are copied instead of run
+    (``run.reused``); preprocessing shards are always reused from the cache.
+    """
     from workers.app import check_broker_reachable, make_app
 
-    settings = settings or load_settings()
-    if broker:
-        settings = replace(settings, broker_url=broker)
-    if database:
-        settings = replace(settings, database_url=database)
-    if artifacts:
-        settings = replace(settings, artifacts=Path(artifacts).resolve())
+    settings = _settings(settings, broker, database, artifacts)
 
     campaign = load_campaign(path)
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
-    manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
     store = Store(settings.database_url)
-    store.upgrade()
+    database_server = not settings.database_url.startswith("sqlite")
+    if database_server:
+        store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
+    manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
+    if not database_server:
+        store.upgrade()  # the SQLite file is created only for a campaign that can run
 
     campaign_id = new_campaign_id(campaign.name)
     written = atomic_write_text(
@@ -163,8 +169,63 @@ def submit(
             )
         ],
     )
+    run = CampaignRun(campaign_id, store, settings)
+    if reuse:
+        run.reused = store.reuse_finished(campaign_id)
     advance(store, app, campaign_id)
-    return CampaignRun(campaign_id, store, settings)
+    return run
+
+
+def _settings(
+    settings: Settings | None,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+) -> Settings:
+    settings = settings or load_settings()
+    if broker:
+        settings = replace(settings, broker_url=broker)
+    if database:
+        settings = replace(settings, database_url=database)
+    if artifacts:
+        settings = replace(settings, artifacts=Path(artifacts).resolve())
+    return settings
+
+
+def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[CampaignRun, list[str]]:
+    """Run again every unit of a campaign that did not succeed (failed, cancelled,
+    lost with its worker or its message); returns the run and the keys re-enqueued."""
+    from workers.app import check_broker_reachable, make_app
+
+    settings = _settings(settings)
+    store = Store(settings.database_url)
+    store.check_schema()
+    store.get_campaign(campaign_id)
+    app = make_app(settings, with_tasks=False)
+    check_broker_reachable(app)
+    reset = store.resume_campaign(campaign_id)
+    advance(store, app, campaign_id)
+    return CampaignRun(campaign_id, store, settings), reset
+
+
+def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
+    """Mark a campaign and its unfinished units CANCELLED and revoke their tasks.
+
+    Queued tasks are discarded by the workers (revoked ids, and the store says
+    CANCELLED anyway); running ones are terminated on prefork workers and, on solo-pool
+    (GPU) workers, stop at their next heartbeat-checked store call (each epoch).
+    """
+    from workers.app import make_app
+
+    settings = _settings(settings)
+    store = Store(settings.database_url)
+    store.check_schema()
+    store.get_campaign(campaign_id)
+    outcome = store.cancel_campaign(campaign_id)
+    if outcome.task_ids:
+        app = make_app(settings, with_tasks=False)
+        app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
+    return outcome
 
 
 class _Progress:

@@ -9,7 +9,7 @@ conditional update that only one caller wins) and sends only what it claimed.
 
 from __future__ import annotations
 
-from celery import Celery, group
+from celery import Celery, group, uuid
 
 from db.store import Store
 from shared.plan import TERMINAL, UnitState, next_actions
@@ -25,7 +25,9 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
             # failing units can open the next stage (the report): look again
             store.fail_units(actions.fail)
             continue
-        claimed = store.claim_for_queue(actions.enqueue)
+        # task ids chosen here and recorded with the claim: `orchard cancel` revokes them
+        task_ids = {key: uuid() for key in actions.enqueue}
+        claimed = store.claim_for_queue(actions.enqueue, task_ids)
         by_key = {u.key: u for u in units}
         signatures = [
             app.signature(
@@ -33,11 +35,17 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
                 kwargs={"campaign_id": campaign_id, "unit_key": key},
                 queue=by_key[key].queue,
                 immutable=True,
-            )
+            ).set(task_id=task_ids[key])
             for key in claimed
         ]
         if signatures:
-            group(signatures).apply_async()
+            try:
+                group(signatures).apply_async()
+            except Exception:
+                # the broker is away (after the publish retries): unclaim, so that the
+                # next advance (a redelivered task, `orchard resume`) sends them again
+                store.unclaim(claimed)
+                raise
         sent.extend(claimed)
         if all(u.state in TERMINAL for u in units):
             store.complete_campaign(campaign_id)

@@ -1,9 +1,13 @@
 """The ``orchard`` command.
 
     orchard submit FILE [--wait]      validate, record and enqueue a campaign
+                  [--reuse]           copy units that already succeeded identically
+    orchard resume ID [--wait]        run again what did not succeed
+    orchard cancel ID                 revoke a campaign's pending and running units
     orchard status [ID] [--watch]     campaigns, or one campaign's units
     orchard report ID [--print]       where a campaign's report is (or its Markdown)
     orchard worker --queues Q[,Q]     run a Celery worker for orchard's queues
+    orchard worker --gpus all|0,1     one GPU worker process per GPU, supervised
     orchard demo                      everything on this machine, no servers needed
     orchard db upgrade                create or migrate the store's schema
 
@@ -47,7 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("submit", help="submit a campaign file")
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="copy model units that already succeeded in an earlier campaign with the same "
+        "data, folds, seed and parameters instead of running them again",
+    )
     p.set_defaults(run=cmd_submit)
+
+    p = commands.add_parser("resume", help="re-enqueue a campaign's units that did not succeed")
+    p.add_argument("campaign")
+    p.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    p.set_defaults(run=cmd_resume)
+
+    p = commands.add_parser("cancel", help="cancel a campaign: revoke its pending/running units")
+    p.add_argument("campaign")
+    p.set_defaults(run=cmd_cancel)
 
     p = commands.add_parser("status", help="list campaigns, or show one campaign's units")
     p.add_argument("campaign", nargs="?")
@@ -63,11 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--queues",
         "-Q",
-        default="cpu,preprocess,report",
-        help="comma-separated, of: " + ", ".join(QUEUES),
+        default=None,
+        help="comma-separated, of: " + ", ".join(QUEUES) + " (default cpu,preprocess,report; "
+        "gpu with --gpus)",
     )
     p.add_argument("--concurrency", "-c", type=int, default=None)
     p.add_argument("--name", "-n", default=None, help="node name (default <queue>@%%h)")
+    p.add_argument(
+        "--gpus",
+        default=None,
+        metavar="all|0,1",
+        help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>@%%h, "
+        "one task at a time); ids without GPUs only with ORCHARD_DEVICE=cpu",
+    )
     p.add_argument("--loglevel", "-l", default="INFO")
     p.set_defaults(run=cmd_worker)
 
@@ -99,12 +126,53 @@ def _store(*, check: bool = True):  # noqa: ANN202
 def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
-    run = submit(args.file)
+    run = submit(args.file, reuse=args.reuse)
     print(run.id)
+    _warn_skipped(run)
+    if args.reuse:
+        print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
     if not args.wait:
         return 0
     status = run.wait(progress=sys.stderr.isatty())
     return _finish(run, status)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from scheduler.api import resume
+
+    run, reset = resume(args.campaign)
+    print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
+    if not args.wait:
+        return 0
+    return _finish(run, run.wait(progress=sys.stderr.isatty()))
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from scheduler.api import cancel
+
+    outcome = cancel(args.campaign)
+    if outcome.already_finished:
+        raise OrchardError(f"campaign {args.campaign} is already {outcome.state}")
+    print(
+        f"campaign {args.campaign}: CANCELLED ({outcome.units} unit(s) stopped, "
+        f"{len(outcome.task_ids)} task(s) revoked)"
+    )
+    return 0
+
+
+def _warn_skipped(run, shown: int = 10) -> None:  # noqa: ANN001
+    """One warning line per image the manifest left out (the report lists them all)."""
+    from shared.manifest import Manifest, manifest_path
+
+    path = manifest_path(run.settings.artifacts / "campaigns" / run.id)
+    skipped = Manifest.from_json(path.read_text(encoding="utf-8")).skipped
+    for item in skipped[:shown]:
+        print(f"orchard: warning: skipped {item.path}: {item.reason}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(
+            f"orchard: warning: ... and {len(skipped) - shown} more skipped (see the report)",
+            file=sys.stderr,
+        )
 
 
 def _finish(run, status) -> int:  # noqa: ANN001
@@ -146,17 +214,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _campaigns_table(store, campaigns):  # noqa: ANN001, ANN202
     from rich.table import Table
 
+    from shared.plan import TERMINAL
+
     table = Table(title=f"campaigns in {mask_url(store.url)}")
-    for column in ("id", "state", "created", "units ok/total"):
+    for column in ("id", "name", "state", "units done/total", "failed", "running", "created"):
         table.add_column(column)
     for campaign in campaigns:
         units = store.units(campaign.id)
-        ok = sum(u.state == "SUCCESS" for u in units)
+        done = sum(u.state in TERMINAL for u in units)
         table.add_row(
             campaign.id,
+            campaign.name,
             campaign.state,
+            f"{done}/{len(units)}",
+            str(sum(u.state == "FAILED" for u in units)),
+            str(sum(u.state == "RUNNING" for u in units)),
             f"{campaign.created_at:%Y-%m-%d %H:%M:%S}",
-            f"{ok}/{len(units)}",
         )
     return table
 
@@ -207,10 +280,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    default = "gpu" if args.gpus is not None else "cpu,preprocess,report"
+    queues = [q.strip() for q in (args.queues or default).split(",") if q.strip()]
     unknown = sorted(set(queues) - set(QUEUES))
     if not queues or unknown:
         raise OrchardError(f"--queues: unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
+    if args.gpus is not None:
+        return _gpu_workers(args, queues)
     argv = worker_argv(queues, concurrency=args.concurrency, name=args.name, loglevel=args.loglevel)
     settings = load_settings()
     _store()  # fail now, naming the database, not on the first task
@@ -224,6 +300,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     app.worker_main(argv)
     return 0
+
+
+def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
+    from scheduler.gpus import GpuLauncher, child_command, detect_gpus, parse_gpus
+
+    if "gpu" not in queues:
+        raise OrchardError("--gpus: the workers must consume the gpu queue (--queues gpu)")
+    if args.name is not None:
+        raise OrchardError("--gpus names its workers gpu<i>@%h itself; drop --name")
+    device = os.environ.get("ORCHARD_DEVICE")
+    gpus = parse_gpus(args.gpus, available=detect_gpus(), device=device)
+    settings = load_settings()
+    _store()  # fail once here, naming the database, rather than once per GPU
+    from workers.app import app, check_broker_reachable
+
+    check_broker_reachable(app)
+    print(
+        f"orchard worker: {len(gpus)} GPU worker(s) ({', '.join('gpu' + g for g in gpus)}) "
+        f"on queues {','.join(queues)}, device {device or 'cuda'}, broker "
+        f"{mask_url(settings.broker_url)}, store {mask_url(settings.database_url)}",
+        file=sys.stderr,
+    )
+    # the children resolve nothing relative to their own working directory
+    env = {
+        **os.environ,
+        "ORCHARD_HOME": str(settings.home),
+        "ORCHARD_BROKER_URL": settings.broker_url,
+        "ORCHARD_DATABASE_URL": settings.database_url,
+        "ORCHARD_ARTIFACTS": str(settings.artifacts),
+    }
+    launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
+    return launcher.run()
 
 
 def worker_argv(

@@ -9,11 +9,21 @@ Why each matters:
   still-running task to a second worker.
 - events on: Flower sees every task, sent, started and finished.
 - no result backend: results live in orchard's SQL store, keyed by unit.
+- publishing retries for about a minute: a Redis restart while a task opens the next
+  stage delays the stage instead of losing it.
+- ``rediss://`` brokers verify the server's certificate (ORCHARD_REDIS_TLS_CA_CERTS, or
+  the system's CAs); passwords travel in the URL and are masked wherever orchard prints.
+
+Reliability knobs that are not Celery's (read by the task wrapper, ``reliability()``):
+ORCHARD_LEASE_SECONDS (how long a delivery holds its unit without a heartbeat) and
+ORCHARD_MAX_ATTEMPTS (deliveries that may start a unit before it is failed for good).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
+from dataclasses import dataclass
 from typing import Any
 
 from shared.plan import TASKS
@@ -22,10 +32,53 @@ from shared.settings import Settings
 #: Longest a single unit may take before Redis re-delivers it (a CNN fold at full size
 #: takes hours on a slow card). Override with ORCHARD_VISIBILITY_TIMEOUT (seconds).
 DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600
+#: A delivery renews its lease every third of this; a killed worker's unit can be taken
+#: over this long after its last heartbeat.
+DEFAULT_LEASE_SECONDS = 60.0
+#: Deliveries that may start a unit; the next one marks it FAILED (a poison task that
+#: kills its worker every time must not loop forever).
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Reliability:
+    lease_seconds: float
+    max_attempts: int
+    visibility_timeout: int
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.lease_seconds / 3
+
+
+def reliability() -> Reliability:
+    return Reliability(
+        lease_seconds=float(os.environ.get("ORCHARD_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)),
+        max_attempts=int(os.environ.get("ORCHARD_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)),
+        visibility_timeout=int(
+            os.environ.get("ORCHARD_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
+        ),
+    )
+
+
+def redis_tls_options(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``broker_use_ssl`` for a ``rediss://`` broker: the server's certificate is checked
+    against ORCHARD_REDIS_TLS_CA_CERTS (or the system's CAs); a client certificate is
+    sent when ORCHARD_REDIS_TLS_CERTFILE / _KEYFILE are set."""
+    env = dict(os.environ) if env is None else env
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    for name, key in (
+        ("ORCHARD_REDIS_TLS_CA_CERTS", "ssl_ca_certs"),
+        ("ORCHARD_REDIS_TLS_CERTFILE", "ssl_certfile"),
+        ("ORCHARD_REDIS_TLS_KEYFILE", "ssl_keyfile"),
+    ):
+        if env.get(name):
+            options[key] = env[name]
+    return options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    visibility = int(os.environ.get("ORCHARD_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
+    visibility = reliability().visibility_timeout
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -48,6 +101,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 30,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 3,
+        },
         "timezone": "UTC",
         "enable_utc": True,
     }
@@ -67,7 +127,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.2,
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        transport = {"visibility_timeout": visibility}
+        transport = {
+            "visibility_timeout": visibility,
+            # look for messages of dead workers about four times per visibility timeout
+            # (kombu's default sweep is every ~100 s, too slow for a short timeout)
+            "unacked_restore_interval": max(1, min(10, visibility // 4)),
+            "unacked_restore_throttle": 1,
+        }
+        if settings.broker_url.startswith("rediss://"):
+            config["broker_use_ssl"] = redis_tls_options()
         prefix = os.environ.get("ORCHARD_REDIS_PREFIX")
         if prefix:
             # several orchard installations (or test runs) can share one Redis

@@ -6,12 +6,14 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from db import migrate
 from db.store import Artifact, Outcome, Prediction, Store, StoreError
 from shared.plan import UnitPlan, plan_units
 from shared.spec import parse_campaign
+from tests.tcpproxy import TcpProxy
 
 CAMPAIGN = {
     "name": "t",
@@ -187,3 +189,195 @@ def test_unreachable_database_fails_fast_with_masked_url() -> None:
     assert time.monotonic() - started < 10
     message = str(err.value)
     assert "s3cret" not in message and "***" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- leases, attempts, cancel
+
+
+def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    first = store.start_unit(key, worker="w1", task_id="t", holder="d1", lease_seconds=30)
+    assert first.run and first.attempts == 1
+    # the same message delivered again (visibility timeout, second worker): it must wait
+    second = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
+    assert not second.run and second.reason == "leased" and 25 < second.retry_in <= 30
+    assert store.get_unit(key).lease_holder == "d1"
+    assert store.renew_lease(key, "d1", 30) == "held"
+    assert store.renew_lease(key, "d2", 30) == "lost"  # never held it
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_finds_out(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    assert store.start_unit(key, worker="w1", task_id="t", holder="d1", lease_seconds=0.2).run
+    time.sleep(0.4)  # d1 stopped renewing (killed)
+    takeover = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
+    assert takeover.run and takeover.attempts == 2
+    assert store.renew_lease(key, "d1", 30) == "lost"
+    assert store.fail_unit(key, "d1 crashed late", holder="d1") is False  # not d1's to fail
+    assert store.get_unit(key).state == "RUNNING"
+    assert store.finish_unit(key, outcome()) is True
+    assert store.get_unit(key).lease_holder is None
+
+
+def test_attempts_are_capped(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    for attempt in (1, 2, 3):
+        start = store.start_unit(
+            key, worker="w", task_id="t", holder=f"d{attempt}", lease_seconds=0, max_attempts=3
+        )
+        assert start.run and start.attempts == attempt
+    fourth = store.start_unit(key, worker="w", task_id="t", holder="d4", max_attempts=3)
+    assert not fourth.run and fourth.reason == "gave up" and fourth.state == "FAILED"
+    unit = store.get_unit(key)
+    assert unit.state == "FAILED" and unit.error.startswith("gave up after 3 attempts")
+
+
+def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> None:
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    done, running, queued = plans[2].key, plans[3].key, plans[4].key
+    store.start_unit(done, worker="w", task_id="t0")
+    store.finish_unit(done, outcome())
+    store.claim_for_queue([running, queued], {running: "t1", queued: "t2"})
+    store.start_unit(running, worker="w", task_id="t1", holder="d1")
+    cancelled = store.cancel_campaign("t-1")
+    assert cancelled.state == "CANCELLED" and sorted(cancelled.task_ids) == ["t1", "t2"]
+    assert cancelled.units == len(plans) - 1
+    states = {u.key: u.state for u in store.units("t-1")}
+    assert states[done] == "SUCCESS"
+    assert {s for k, s in states.items() if k != done} == {"CANCELLED"}
+    assert store.get_campaign("t-1").state == "CANCELLED"
+    assert store.renew_lease(running, "d1", 30) == "cancelled"  # the running one stops
+    late = store.start_unit(queued, worker="w", task_id="t2", holder="d2")
+    assert not late.run and late.state == "CANCELLED"
+    again = store.cancel_campaign("t-1")
+    assert again.already_finished and again.task_ids == []  # once
+
+
+def test_resume_resets_what_did_not_succeed_and_the_report(store_url: str) -> None:
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    ok, broken, alive, report = plans[2].key, plans[3].key, plans[4].key, plans[-1].key
+    for key in (ok, report):
+        store.start_unit(key, worker="w", task_id=None)
+        store.finish_unit(key, outcome())
+    store.start_unit(broken, worker="w", task_id=None)
+    store.fail_unit(broken, "boom")
+    store.start_unit(alive, worker="w", task_id=None, holder="d", lease_seconds=60)
+    reset = store.resume_campaign("t-1")
+    assert ok not in reset and alive not in reset  # done, or running with a live lease
+    assert broken in reset and report in reset  # the report must blend the new results
+    units = {u.key: u for u in store.units("t-1")}
+    assert units[broken].state == "PENDING" and units[broken].attempts == 0
+    assert units[broken].error is None
+    assert units[report].state == "PENDING" and report not in store.results("t-1")
+    assert units[ok].state == "SUCCESS" and units[alive].state == "RUNNING"
+    assert store.get_campaign("t-1").state == "RUNNING"
+
+
+def test_reuse_copies_identical_finished_units(store_url: str) -> None:
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    store.record_artifact(Artifact("campaigns/t-1/manifest.json", "manifest", "a" * 64, 1, "t-1"))
+    svm = [p for p in plans if p.family == "svm"]
+    store.start_unit(svm[0].key, worker="cpu@h", task_id=None)
+    store.finish_unit(svm[0].key, outcome(0.7))
+    store.record_metrics(svm[0].key, 0, {"val_acc": 0.7})
+    # a second campaign over the same manifest bytes, and a third over other data
+    seed_campaign(store, "t-2")
+    store.record_artifact(Artifact("campaigns/t-2/manifest.json", "manifest", "a" * 64, 1, "t-2"))
+    seed_campaign(store, "t-3")
+    store.record_artifact(Artifact("campaigns/t-3/manifest.json", "manifest", "b" * 64, 1, "t-3"))
+    new_key = svm[0].key.replace("t-1/", "t-2/", 1)
+    assert store.reuse_finished("t-2") == {new_key: svm[0].key}
+    assert store.reuse_finished("t-3") == {}
+    unit = store.get_unit(new_key)
+    assert unit.state == "SUCCESS" and unit.attempts == 0
+    result = store.results("t-2")[new_key]
+    assert result.val_acc == 0.7 and result.extra["reused_from"] == svm[0].key
+    assert len(store.predictions(new_key, "val")) == 2
+    assert store.metrics(new_key) == {"val_acc": [(0, 0.7)]}
+    assert store.get_unit(svm[1].key.replace("t-1/", "t-2/", 1)).state == "PENDING"
+
+
+def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[0].key
+    assert store.claim_for_queue([key], {key: "abc"}) == [key]
+    assert store.get_unit(key).task_id == "abc"
+    store.unclaim([key])
+    assert store.get_unit(key).state == "PENDING"
+    assert store.claim_for_queue([key]) == [key]
+
+
+# ---------------------------------------------------------------- database briefly away
+
+
+def test_store_rides_out_a_database_that_comes_back(postgres_url: str) -> None:
+    make_store(postgres_url).dispose()
+    proxy = TcpProxy()
+    url = postgres_url.replace("postgres@127.0.0.1:5432", f"postgres:s3cret@127.0.0.1:{proxy.port}")
+    store = Store(url, retry_seconds=10)
+    timer = threading.Timer(1.0, proxy.up)  # refused for a second, then up
+    timer.start()
+    try:
+        assert store.list_campaigns() == []  # retried with backoff until it answered
+        proxy.down()  # and once more, cutting the pooled connection this time
+        threading.Timer(1.0, proxy.up).start()
+        assert store.list_campaigns() == []
+    finally:
+        timer.cancel()
+        store.dispose()
+        proxy.down()
+
+
+def test_store_that_stays_away_fails_within_its_budget_naming_the_masked_url(
+    postgres_url: str,
+) -> None:
+    proxy = TcpProxy()  # never comes up
+    url = postgres_url.replace("postgres@127.0.0.1:5432", f"postgres:s3cret@127.0.0.1:{proxy.port}")
+    store = Store(url, retry_seconds=1.5)
+    with pytest.raises(StoreError) as err:
+        store.list_campaigns()
+    message = str(err.value)
+    assert "s3cret" not in message and "postgres:***@127.0.0.1" in message
+    assert "gave up after 1.5 s of retries" in message and "\n" not in message
+
+
+def test_integrity_errors_are_not_retried(sqlite_url: str) -> None:
+    store = make_store(sqlite_url)
+    seed_campaign(store)
+    store.retry_seconds = 30
+    with pytest.raises(IntegrityError):  # at once: not a StoreError after 30 s of retries
+        seed_campaign(store)  # the same campaign id again
+
+
+def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> None:
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0001")
+    assert "lease_holder" not in {c["name"] for c in inspect(store.engine).get_columns("units")}
+    with store.engine.begin() as conn:  # an old database with a campaign in it
+        conn.execute(
+            text(
+                "INSERT INTO campaigns (id, name, source, digest, spec, classes, state, "
+                "created_at) VALUES ('t-1', 't', 'x.toml', 'd', '{}', '[]', 'RUNNING', "
+                "'2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
+                "position, state, attempts) VALUES ('t-1/report', 't-1', 'report', 2, 'h', "
+                "'orchard.report', 'report', 0, 'PENDING', 0)"
+            )
+        )
+    store.upgrade()
+    assert {"lease_holder", "lease_expires_at"} <= {
+        c["name"] for c in inspect(store.engine).get_columns("units")
+    }
+    units = store.units("t-1")
+    assert units and all(u.lease_holder is None for u in units)
+    assert store.start_unit(units[0].key, worker="w", task_id="t", holder="d").run

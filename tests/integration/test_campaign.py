@@ -8,6 +8,7 @@ No eager mode and no mocks: the workers are subprocesses started exactly as
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -71,7 +72,13 @@ def assert_campaign_complete(run: CampaignRun, store: Store) -> None:
     markdown = report.with_suffix(".md").read_text()
     for family in ("cnn", "svm", "rf"):
         assert f"\n| {family} | `{run.id}/{family}/" in markdown
-    assert "| CNN 5-fold vote | vote | 5 |" in markdown
+    # the best blend's row is bold
+    assert re.search(
+        r"\| (\*\*)?CNN 5-fold vote(\*\*)? \| (\*\*)?vote(\*\*)? \| (\*\*)?5", markdown
+    )
+    for heading in ("Experiments", "Learning curves", "Explanations (LIME)", "Efficiency"):
+        assert f"\n## {heading}\n" in markdown
+    assert "(lime-cnn.png)" in markdown and "(timeline.png)" in markdown
     assert store.count_rows(run.id)["metrics"] >= 5 * 2  # per-epoch metrics of every fold
 
 

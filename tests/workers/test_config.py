@@ -69,3 +69,65 @@ def test_unit_message_takes_ids_only() -> None:
         UnitMessage(campaign_id="quick", unit_key="k", images=[[0, 1]])  # no payloads
     with pytest.raises(ValidationError):
         UnitMessage(campaign_id="../etc", unit_key="k")
+
+
+def test_dead_workers_messages_are_looked_for_often_enough(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "8")
+    options = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))[
+        "broker_transport_options"
+    ]
+    assert options["visibility_timeout"] == 8
+    # kombu's default sweep (~100 s) would leave a killed worker's task waiting long
+    # after its visibility timeout
+    assert options["unacked_restore_interval"] * options["unacked_restore_throttle"] <= 2
+
+
+def test_publishing_rides_out_a_broker_restart(tmp_path: Path) -> None:
+    config = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))
+    policy = config["task_publish_retry_policy"]
+    assert config["task_publish_retry"] is True
+    assert policy["max_retries"] * policy["interval_max"] >= 60
+
+
+def test_rediss_verifies_the_server_certificate(tmp_path: Path, monkeypatch) -> None:
+    import ssl
+
+    monkeypatch.setenv("ORCHARD_REDIS_TLS_CA_CERTS", "/etc/orchard/ca.pem")
+    config = celery_config(settings(tmp_path, "rediss://:pw@head:6380/0"))
+    assert config["broker_use_ssl"] == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": "/etc/orchard/ca.pem",
+    }
+    assert "broker_use_ssl" not in celery_config(settings(tmp_path, "redis://head:6379/0"))
+
+
+def test_lease_and_attempt_settings(monkeypatch) -> None:
+    from workers.config import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, reliability
+
+    assert reliability().lease_seconds == DEFAULT_LEASE_SECONDS
+    assert reliability().max_attempts == DEFAULT_MAX_ATTEMPTS >= 2
+    # the lease must run out long before Redis hands the task to someone else
+    assert DEFAULT_LEASE_SECONDS * 10 < DEFAULT_VISIBILITY_TIMEOUT
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "6")
+    monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "5")
+    assert (reliability().lease_seconds, reliability().heartbeat_seconds) == (6.0, 2.0)
+    assert reliability().max_attempts == 5
+
+
+@pytest.mark.parametrize(
+    "campaign_id, unit_key",
+    [
+        ("c-1", "c-1/../../etc/passwd"),
+        ("c-1", "/etc/passwd"),
+        ("c-1", "c-1/cnn/abc/f0/.."),
+        ("c-1", "other/cnn/abc/f0"),
+        ("c-1", "c-1\\..\\x"),
+    ],
+)
+def test_unit_keys_are_safe_in_paths(campaign_id: str, unit_key: str) -> None:
+    from workers.tasks.base import UnitMessage
+
+    with pytest.raises(ValidationError):
+        UnitMessage(campaign_id=campaign_id, unit_key=unit_key)
+    ok = UnitMessage(campaign_id="c-1", unit_key="c-1/rf/0a1b2c3d4e5f/f0/t1")
+    assert ok.unit_key.endswith("/t1")

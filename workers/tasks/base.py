@@ -5,6 +5,17 @@ by a pydantic model on arrival. The wrapper then asks the store whether the unit
 still needs running (a re-delivered finished unit returns at once), runs the body,
 writes the outcome in one transaction (first write wins), and opens whatever stage
 is now ready. The body itself only turns inputs into an :class:`Outcome`.
+
+Delivery is at least once, so the wrapper also decides what a second delivery does:
+
+- each delivery gets its own lease on the unit (``start_unit``) and renews it from a
+  heartbeat thread; a delivery that finds another's live lease does not run and does
+  not drop its message either: it comes back once the lease would have expired
+  (``task.retry``), and then finds the unit done (no-op) or takes it over;
+- a run whose lease was taken over, or whose campaign was cancelled, stops at its
+  next store call (:class:`UnitAborted`), writes nothing and fails nothing;
+- a store that stays unreachable after its retries fails the unit with that error,
+  or, when even that cannot be written, leaves the message for a later delivery.
 """
 
 from __future__ import annotations
@@ -12,25 +23,37 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from db.store import Campaign, Outcome, Store, Unit
+from db.store import (
+    LEASE_CANCELLED,
+    LEASE_HELD,
+    Campaign,
+    NotFoundError,
+    Outcome,
+    Store,
+    StoreError,
+    Unit,
+)
 from scheduler.canvas import advance
 from shared.artifacts import sha256_file
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings
 from workers.app import app
+from workers.config import Reliability, reliability
 from workers.data import load_variant
 
 log = get_task_logger("orchard")
@@ -41,7 +64,15 @@ class UnitMessage(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     campaign_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,79}$")
-    unit_key: str = Field(min_length=1, max_length=200)
+    # <campaign>/<family>/<hash>/f<fold>..., every part a plain name: never "..", never
+    # an absolute path, whatever a message on the broker says
+    unit_key: str = Field(max_length=200, pattern=r"^[a-z0-9][a-z0-9_-]*(/[a-z0-9_-]+)*$")
+
+    @model_validator(mode="after")
+    def _key_of_its_campaign(self) -> UnitMessage:
+        if not self.unit_key.startswith(self.campaign_id + "/"):
+            raise ValueError("unit_key must belong to campaign_id")
+        return self
 
 
 @functools.cache
@@ -87,6 +118,75 @@ class FoldData:
         )
 
 
+class UnitAborted(Exception):
+    """This delivery must stop without writing a result: ``reason`` is LEASE_LOST
+    (another delivery took the unit over) or LEASE_CANCELLED (`orchard cancel`)."""
+
+    def __init__(self, reason: str = "lost") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Heartbeat:
+    """Renews a delivery's lease every third of its length, in a daemon thread.
+
+    When the store answers that the lease is gone (taken over, unit cancelled) it
+    remembers why; :meth:`check` then raises :class:`UnitAborted` in the task's own
+    thread, at the body's next store call (every epoch for a CNN fold).
+    """
+
+    def __init__(self, store: Store, key: str, holder: str, rules: Reliability) -> None:
+        self.store, self.key, self.holder, self.rules = store, key, holder, rules
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease {key}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.rules.heartbeat_seconds):
+            try:
+                state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
+            except StoreError as exc:
+                # keep running: if the store stays away the lease expires, another
+                # delivery takes over, and the next renewal finds that out
+                log.warning("%s: lease not renewed: %s", self.key, exc)
+                continue
+            if state != LEASE_HELD:
+                self.lost = state
+                log.warning("%s: lease %s; stopping at the next checkpoint", self.key, state)
+                return
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise UnitAborted(self.lost)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _GuardedStore:
+    """The store as a task body sees it: every call first checks the heartbeat, so a
+    run that lost its unit stops at its next store call (a CNN fold: every epoch)."""
+
+    def __init__(self, store: Store, check: Callable[[], None]) -> None:
+        self._store, self._check = store, check
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            self._check()
+            return attr(*args, **kwargs)
+
+        return guarded
+
+
 @dataclass
 class UnitContext:
     campaign: Campaign
@@ -94,6 +194,13 @@ class UnitContext:
     store: Store
     settings: Settings
     _manifest: Manifest | None = field(default=None, repr=False)
+    heartbeat: Heartbeat | None = field(default=None, repr=False)
+
+    def check_stop(self) -> None:
+        """Raise :class:`UnitAborted` if this delivery lost its unit; long bodies may
+        call it between steps (store calls already do)."""
+        if self.heartbeat is not None:
+            self.heartbeat.check()
 
     @property
     def campaign_dir(self) -> Path:
@@ -164,34 +271,94 @@ def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
     return register
 
 
+def _one_line(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:2000]
+
+
+def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
+    """Open the next stage; if the store or broker is away, come back later: the
+    redelivered message finds the unit finished and advances again."""
+    try:
+        advance(store, task.app, campaign_id)
+    except Exception as exc:
+        log.error("%s: could not open the next stage, will retry: %s", campaign_id, exc)
+        raise task.retry(countdown=5, max_retries=20, exc=exc) from None
+
+
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
     store = worker_store()
     settings = worker_settings()
+    rules = reliability()
     key = message.unit_key
-    start = store.start_unit(key, worker=task.request.hostname or "?", task_id=task.request.id)
+    # one holder per delivery: two deliveries of one message share the task id
+    holder = f"{task.request.hostname or '?'}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    try:
+        start = store.start_unit(
+            key,
+            worker=task.request.hostname or "?",
+            task_id=task.request.id,
+            holder=holder,
+            lease_seconds=rules.lease_seconds,
+            max_attempts=rules.max_attempts,
+        )
+    except NotFoundError as exc:
+        # a message for a unit this store never had (another installation's, a typo):
+        # it can never run here
+        log.error("%s: rejected: %s", key, exc)
+        raise Reject(str(exc), requeue=False) from None
+    except StoreError as exc:
+        # nothing ran and nothing could be written: keep the message for later
+        retries = task.request.retries or 0
+        log.error("%s: store unreachable, message kept for later: %s", key, exc)
+        raise task.retry(countdown=min(60, 2 ** (retries + 1)), max_retries=30, exc=exc) from None
     if not start.run:
-        log.info("%s already %s; nothing to do", key, start.state)
-        advance(store, task.app, message.campaign_id)
+        if start.reason == "leased":
+            log.info("%s is running elsewhere (live lease); back in %.0f s", key, start.retry_in)
+            raise task.retry(countdown=max(1.0, start.retry_in + 1), max_retries=None)
+        if start.reason == "gave up":
+            log.error("%s gave up after %d attempts", key, start.attempts)
+        else:
+            log.info("%s already %s; nothing to do", key, start.state)
+        _advance_or_retry(task, store, message.campaign_id)
         return {"unit": key, "state": start.state, "duplicate": True}
 
-    campaign = store.get_campaign(message.campaign_id)
-    context = UnitContext(campaign, store.get_unit(key), store, settings)
+    heartbeat = Heartbeat(store, key, holder, rules).start()
     started = time.perf_counter()
-    log.info("%s started (attempt %d)", key, start.attempts)
     try:
+        campaign = store.get_campaign(message.campaign_id)
+        guarded = cast(Store, _GuardedStore(store, heartbeat.check))
+        context = UnitContext(campaign, store.get_unit(key), guarded, settings, heartbeat=heartbeat)
+        log.info("%s started (attempt %d)", key, start.attempts)
         outcome = body(context)
+        heartbeat.check()  # a run that lost its unit records nothing
+        heartbeat.stop()
+        recorded = store.finish_unit(key, outcome)
+    except UnitAborted as exc:
+        heartbeat.stop()
+        if exc.reason == LEASE_CANCELLED:
+            log.warning("%s stopped: its campaign was cancelled", key)
+            return {"unit": key, "state": "CANCELLED", "aborted": True}
+        # another delivery runs the unit now; should it die too, this message must
+        # bring the unit back: return when that delivery's lease would have run out
+        log.warning("%s stopped: another delivery took it over (lease lost)", key)
+        raise task.retry(countdown=rules.lease_seconds + 1, max_retries=None) from None
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
-        store.fail_unit(key, error)
+        heartbeat.stop()
+        error = _one_line(exc)
         log.error("%s failed after %.1f s: %s", key, time.perf_counter() - started, error)
-        advance(store, task.app, message.campaign_id)
+        try:
+            store.fail_unit(key, error, holder=holder)
+        except StoreError as store_exc:
+            # cannot even record the failure: leave the unit to a later delivery
+            log.error("%s: failure not recorded, the store is unreachable: %s", key, store_exc)
+            raise task.retry(countdown=rules.lease_seconds + 1, max_retries=30, exc=exc) from None
+        _advance_or_retry(task, store, message.campaign_id)
         raise
-    recorded = store.finish_unit(key, outcome)
     log.info(
         "%s %s in %.1f s",
         key,
         "succeeded" if recorded else "finished, but another delivery recorded it first",
         time.perf_counter() - started,
     )
-    advance(store, task.app, message.campaign_id)
+    _advance_or_retry(task, store, message.campaign_id)
     return {"unit": key, "state": "SUCCESS", "recorded": recorded}

@@ -1,0 +1,404 @@
+"""Failure semantics on real `celery worker` processes, the real Redis and a real store.
+
+Each test breaks something on purpose (SIGKILL a worker mid-fold, deliver a task twice,
+take a lease away, cancel, poison a unit) and then checks the store: every unit
+recorded exactly once, nothing lost, the report written once.
+
+The workers run with a short Redis visibility timeout (ORCHARD_VISIBILITY_TIMEOUT) so a
+killed worker's unacknowledged task comes back within seconds, and a unit lease shorter
+than that (ORCHARD_LEASE_SECONDS) so the redelivered task can take the unit over.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from db.models import UnitRow, utcnow
+from db.store import Store
+from scheduler.api import CampaignRun, cancel, resume, submit
+from shared.settings import Settings
+from tests.conftest import REDIS_URL
+from tests.integration.test_campaign import drop_redis_keys, settings_for
+from tests.integration.workerpool import WorkerPool, wait_for
+
+pytestmark = pytest.mark.integration
+
+#: short enough that a test sees a killed worker's task again within seconds
+FAST_RECOVERY = {
+    "ORCHARD_VISIBILITY_TIMEOUT": "6",
+    "ORCHARD_LEASE_SECONDS": "4",
+    "ORCHARD_MAX_ATTEMPTS": "2",
+}
+
+CAMPAIGN = """
+name = "{name}"
+seed = 1
+folds = 3
+
+[dataset]
+kind = "synthetic"
+root = "{root}"
+seed = 3
+train_per_class = {per_class}
+test_per_class = 4
+width = 96
+height = 72
+
+[preprocessing]
+size = 64
+shard_size = 64
+
+[cnn]
+folds = {cnn_folds}
+epochs = {epochs}
+batch_size = 16
+width = 0.25
+image_size = 64
+augment = false
+
+[svm]
+enabled = {classic}
+variant = "polar32"
+n_components = [4]
+C = 1.0
+
+[rf]
+enabled = {classic}
+variant = "resize16"
+n_estimators = [10]
+
+[blend]
+families = {blend}
+
+[report]
+lime = false
+"""
+
+
+def write_campaign(
+    tmp_path: Path,
+    name: str = "rel",
+    *,
+    epochs: int = 8,
+    cnn_folds: int = 1,
+    classic: bool = False,
+    per_class: int = 40,
+    blend: str = '["cnn"]',
+) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        CAMPAIGN.format(
+            name=name,
+            root=tmp_path / "data",
+            epochs=epochs,
+            cnn_folds=cnn_folds,
+            classic=str(classic).lower(),
+            per_class=per_class,
+            blend=blend,
+        )
+    )
+    return path
+
+
+@dataclass
+class Cluster:
+    """One gpu and one cpu worker on the real Redis (own key prefix) and a SQLite store,
+    shared by the tests of this module (starting workers is the slow part)."""
+
+    settings: Settings
+    store: Store
+    pool: WorkerPool
+    tmp: Path
+
+    def submit(self, campaign: Path, **kwargs: object) -> CampaignRun:
+        return submit(campaign, settings=self.settings, **kwargs)
+
+    def wait(self, run: CampaignRun, timeout: float = 240):  # noqa: ANN201
+        return run.wait(timeout=timeout, check=self.pool.check)
+
+    def wait_for(self, condition, timeout: float, what: str):  # noqa: ANN001, ANN201
+        return wait_for(condition, timeout, what, check=self.pool.check)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("reliability")
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ORCHARD_REDIS_PREFIX", prefix)
+        for name, value in FAST_RECOVERY.items():
+            env.setenv(name, value)  # the submitting app uses the same transport options
+        url = f"sqlite:///{tmp / 'store.db'}"
+        settings = settings_for(tmp, REDIS_URL, url)
+        store = Store(url)
+        store.upgrade()
+        try:
+            with WorkerPool(settings) as pool:
+                pool.start("gpu", "gpu")
+                pool.start("cpu", "cpu,preprocess,report", concurrency=1)
+                yield Cluster(settings, store, pool, tmp)
+        finally:
+            drop_redis_keys(prefix)
+
+
+def cnn_unit(run: CampaignRun, fold: int = 0):  # noqa: ANN201
+    return next(u for u in run.status().units if u.family == "cnn" and u.fold == fold)
+
+
+def epochs_recorded(store: Store, key: str) -> int:
+    return len(store.metrics(key).get("val_acc", []))
+
+
+def assert_exactly_once(run: CampaignRun, store: Store) -> None:
+    units = run.status().units
+    results = store.results(run.id)
+    assert set(results) == {u.key for u in units if u.state == "SUCCESS"}
+    assert store.count_rows(run.id)["results"] == len(results)
+    for unit in units:
+        if unit.family in ("cnn", "svm", "rf") and unit.state == "SUCCESS":
+            ids = [p.image_id for p in store.predictions(unit.key, "val")]
+            assert ids and len(ids) == len(set(ids))  # one set of predictions
+
+
+def restart_after_kill(cluster: Cluster, name: str) -> None:
+    cluster.pool.kill(name)  # the whole worker: its task was never acknowledged
+    cluster.pool.restart(name)
+
+
+# ---------------------------------------------------------------- 1. SIGKILL mid-fold
+
+
+def test_sigkilled_gpu_worker_resumes_the_fold_from_its_checkpoint(cluster: Cluster) -> None:
+    store = cluster.store
+    run = cluster.submit(write_campaign(cluster.tmp, "killed", epochs=10))
+    fold = cnn_unit(run)
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 3, 180, "the third epoch")
+    restart_after_kill(cluster, "gpu")
+    killed_at = epochs_recorded(store, fold.key)
+    status = cluster.wait(run)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    fold = cnn_unit(run)
+    result = store.results(run.id)[fold.key]
+    assert fold.attempts == 2  # the killed delivery and the redelivered one
+    assert 2 <= result.extra["resumed_from_epoch"] <= killed_at  # not from epoch 0
+    assert result.extra["epochs"] == 10
+    assert_exactly_once(run, store)
+    assert [step for step, _ in store.metrics(fold.key)["val_acc"]] == list(range(10))
+    assert f"resuming {fold.key} from epoch" in cluster.pool.log("gpu")
+
+
+# ---------------------------------------------------------------- 6. altered artifacts
+
+
+def test_altered_checkpoint_and_shard_are_detected_and_not_used(cluster: Cluster) -> None:
+    store = cluster.store
+    run = cluster.submit(write_campaign(cluster.tmp, "tamper", epochs=8))
+    fold = cnn_unit(run)
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 2, 180, "the second epoch")
+    cluster.pool.kill("gpu")
+    (checkpoint,) = store.artifacts(run.id, kind="checkpoint")
+    path = cluster.settings.artifacts / checkpoint.path
+    path.write_bytes(path.read_bytes()[: checkpoint.size // 2])  # truncated behind our back
+    cluster.pool.restart("gpu")
+    status = cluster.wait(run)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    result = store.results(run.id)[fold.key]
+    assert result.extra["resumed_from_epoch"] == 0  # the bad checkpoint was not loaded
+    assert "does not match its recorded sha256" in cluster.pool.log("gpu")
+    assert_exactly_once(run, store)
+
+    # a cached shard altered on disk: the next campaign over the same images decodes it
+    # again instead of training on it
+    artifacts = cluster.settings.artifacts
+    manifest = json.loads((artifacts / "campaigns" / run.id / "manifest.json").read_text())
+    victim = sorted((artifacts / "cache" / manifest["cache_key"]).glob("*.npy"))[0]
+    recorded = store.find_artifact(victim.relative_to(artifacts).as_posix())
+    blob = bytearray(victim.read_bytes())
+    blob[-1] ^= 0xFF  # one flipped bit in the pixels: same size, different bytes
+    victim.write_bytes(bytes(blob))
+    again = cluster.submit(write_campaign(cluster.tmp, "tamper2", epochs=1))
+    assert cluster.wait(again).campaign.state == "DONE"
+    reused = {
+        key.rsplit("/", 1)[1]: result.extra["reused"]
+        for key, result in store.results(again.id).items()
+        if "/preprocess/" in key
+    }
+    assert list(reused.values()).count(False) == 1  # only the altered shard was redone
+    assert sha256_of(victim) == recorded.sha256  # decoded again: the original bytes
+
+
+def sha256_of(path: Path) -> str:
+    from shared.artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+# ---------------------------------------------------------------- 2. delivered twice
+
+
+def test_a_task_delivered_twice_runs_once_and_a_stolen_lease_stops_the_run(
+    cluster: Cluster,
+) -> None:
+    from workers.app import make_app
+
+    store = cluster.store
+    run = cluster.submit(write_campaign(cluster.tmp, "twice", epochs=12))
+    fold = cnn_unit(run)
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 1, 180, "the first epoch")
+    # the same task again, to another worker, while the first delivery runs it
+    make_app(cluster.settings, with_tasks=False).send_task(
+        fold.task, kwargs={"campaign_id": run.id, "unit_key": fold.key}, queue="cpu"
+    )
+    cluster.wait_for(
+        lambda: f"{fold.key} is running elsewhere (live lease)" in cluster.pool.log("cpu"),
+        60,
+        "the duplicate delivery to step back",
+    )
+    assert cnn_unit(run).attempts == 1  # the duplicate did not start it
+    # now someone else takes the unit over (as a delivery would once the lease expired)
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(UnitRow)
+            .where(UnitRow.key == fold.key)
+            .values(lease_holder="intruder", lease_expires_at=utcnow() + timedelta(seconds=3))
+        )
+    cluster.wait_for(
+        lambda: f"{fold.key} stopped: another delivery took it over" in cluster.pool.all_logs(),
+        60,
+        "the first delivery to notice it lost its lease",
+    )
+    status = cluster.wait(run)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    fold = cnn_unit(run)
+    assert fold.attempts == 2  # the first delivery, then one takeover after the intruder
+    assert store.results(run.id)[fold.key].extra["resumed_from_epoch"] >= 1
+    assert_exactly_once(run, store)
+
+
+# ---------------------------------------------------------------- 3. fails for good
+
+
+def test_a_unit_that_fails_for_good_does_not_hang_the_campaign(cluster: Cluster) -> None:
+    """A poison task (it kills its worker every time) is given up after
+    ORCHARD_MAX_ATTEMPTS deliveries; the report still runs, once, and blends the rest."""
+    store = cluster.store
+    blend = '["cnn", "svm"]'
+    campaign = write_campaign(cluster.tmp, "poison", epochs=12, classic=True, blend=blend)
+    run = cluster.submit(campaign)
+    fold = cnn_unit(run)
+
+    def training(attempt: int) -> bool:
+        unit = cnn_unit(run)
+        return unit.attempts == attempt and epochs_recorded(store, fold.key) >= 1
+
+    for attempt in (1, 2):
+        cluster.wait_for(lambda a=attempt: training(a), 180, f"attempt {attempt} to train")
+        restart_after_kill(cluster, "gpu")
+    status = cluster.wait(run)
+    assert status.campaign.state == "PARTIAL"
+    states = {u.family: u.state for u in status.units}
+    assert states == {
+        "preprocess": "SUCCESS",
+        "cnn": "FAILED",
+        "svm": "SUCCESS",
+        "rf": "SUCCESS",
+        "report": "SUCCESS",
+    }
+    fold = cnn_unit(run)
+    assert fold.error.startswith("gave up after 2 attempts")
+    assert_exactly_once(run, store)
+    report_key = f"{run.id}/report"
+    assert report_key in store.results(run.id)  # written, once (exactly-once check above)
+    markdown = run.report_path().with_suffix(".md").read_text()
+    assert fold.key.removeprefix(run.id + "/") in markdown or fold.key in markdown
+    assert "gave up after 2 attempts" in markdown
+    assert "| SVM " in markdown  # what succeeded is still blended
+
+
+# ---------------------------------------------------------------- 4. cancel, resume, reuse
+
+
+def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
+    store = cluster.store
+    campaign = write_campaign(cluster.tmp, "cancelled", epochs=12, classic=True)
+    run = cluster.submit(campaign)
+    fold = cnn_unit(run)
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 2, 180, "the second epoch")
+    outcome = cancel(run.id, settings=cluster.settings)
+    assert outcome.state == "CANCELLED" and outcome.task_ids
+    cluster.wait_for(
+        lambda: f"{fold.key} stopped: its campaign was cancelled" in cluster.pool.log("gpu"),
+        60,
+        "the running fold to stop",
+    )
+    status = run.status()
+    assert status.campaign.state == "CANCELLED"
+    assert cnn_unit(run).state == "CANCELLED" and fold.key not in store.results(run.id)
+    assert {u.state for u in status.units if u.family == "report"} == {"CANCELLED"}
+
+    resumed, reset = resume(run.id, settings=cluster.settings)
+    assert fold.key in reset and f"{run.id}/report" in reset
+    assert not any("/preprocess/" in key for key in reset)  # those had succeeded
+    status = cluster.wait(resumed)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    assert store.results(run.id)[fold.key].extra["resumed_from_epoch"] >= 2
+    assert cnn_unit(run).attempts == 1  # attempts start again after a resume
+    assert_exactly_once(run, store)
+
+    again = cluster.submit(campaign, reuse=True)
+    model_units = [u for u in again.status().units if u.family in ("cnn", "svm", "rf")]
+    assert set(again.reused) == {u.key for u in model_units}
+    status = cluster.wait(again)
+    assert status.campaign.state == "DONE"
+    first, second = store.results(run.id), store.results(again.id)
+    for unit in model_units:
+        source = again.reused[unit.key]
+        assert second[unit.key].val_acc == first[source].val_acc
+        assert second[unit.key].extra["reused_from"] == source
+        assert unit.attempts == 0  # not run again
+    assert again.report_path() is not None and again.report_path().exists()
+
+
+# ---------------------------------------------------------------- security: JSON only
+
+
+def test_a_pickled_message_is_refused(cluster: Cluster) -> None:
+    """A worker never unpickles what someone put on the broker: a pickled orchard task
+    is refused before it is decoded, so nothing runs and nothing is recorded."""
+    from kombu import Exchange, Producer, Queue
+
+    from workers.app import make_app
+
+    marker = f"pickled-{secrets.token_hex(4)}"
+    campaigns = [c.id for c in cluster.store.list_campaigns()]
+    app = make_app(cluster.settings, with_tasks=False)
+    queue = Queue("report", Exchange("report"), routing_key="report")
+    with app.connection_for_write() as conn:
+        Producer(conn).publish(
+            {"campaign_id": "pickled", "unit_key": "pickled/report"},
+            exchange=queue.exchange,
+            routing_key="report",
+            declare=[queue],
+            serializer="pickle",
+            headers={"task": "orchard.report", "id": marker, "lang": "py"},
+        )
+    cluster.wait_for(
+        lambda: (
+            "Refusing to deserialize untrusted content of type pickle" in cluster.pool.log("cpu")
+        ),
+        60,
+        "the worker to refuse the pickled message",
+    )
+    log = cluster.pool.log("cpu")
+    assert f"orchard.report[{marker}] received" not in log  # never became a task
+    assert "The message has been ignored and discarded" in log
+    assert "no unit 'pickled/report'" not in log  # the task body never looked it up
+    assert [c.id for c in cluster.store.list_campaigns()] == campaigns

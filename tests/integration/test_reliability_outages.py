@@ -1,0 +1,195 @@
+"""The services going away in the middle of a campaign, on real workers.
+
+Redis restarted: the test runs its own password-protected redis-server (never the
+shared one on 6379, which other tests use), with the append-only file on and fsynced at
+every write, as a production broker is configured: messages queued or unacknowledged
+when Redis dies come back with it. kill -9, then a restart on the same port and data
+directory; the workers reconnect and the campaign finishes.
+
+The database briefly unreachable: the workers reach PostgreSQL through a TCP proxy the
+test takes down. A short outage is ridden out by the store's retries; a longer one
+fails the unit that hit it with one clear line naming the (masked) URL, and the
+campaign still ends with its report.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from scheduler.api import submit
+from tests.conftest import REDIS_URL
+from tests.integration.test_campaign import drop_redis_keys, settings_for
+from tests.integration.test_reliability import (
+    FAST_RECOVERY,
+    assert_exactly_once,
+    cnn_unit,
+    epochs_recorded,
+    write_campaign,
+)
+from tests.integration.workerpool import WorkerPool, wait_for
+from tests.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+class PrivateRedis:
+    def __init__(self, folder: Path, password: str) -> None:
+        self.folder, self.password = folder, password
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--requirepass",
+                self.password,
+                "--dir",
+                str(self.folder),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, 20, f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: no shutdown save, no goodbye to the clients
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (needed to restart a broker of our own)")
+    server = PrivateRedis(tmp_path / "redis", f"pw-{secrets.token_hex(6)}")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_campaign_finishes_across_a_redis_restart(
+    tmp_path: Path, sqlite_url: str, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in FAST_RECOVERY.items():
+        monkeypatch.setenv(name, value)
+    settings = settings_for(tmp_path, private_redis.url, sqlite_url)
+    store = Store(sqlite_url)
+    store.upgrade()
+    campaign = write_campaign(tmp_path, "restart", epochs=10, classic=True)
+    with WorkerPool(settings) as pool:
+        pool.start("gpu", "gpu")
+        pool.start("cpu", "cpu,preprocess,report", concurrency=1)
+        run = submit(campaign, settings=settings)
+        fold = cnn_unit(run)
+        wait_for(
+            lambda: epochs_recorded(store, fold.key) >= 2,
+            180,
+            "the fold's second epoch",
+            check=pool.check,
+        )
+        finished_before = sum(u.state == "SUCCESS" for u in run.status().units)
+        private_redis.kill()
+        time.sleep(2)  # the workers see the connection drop and start reconnecting
+        private_redis.start()
+        status = run.wait(timeout=240, check=pool.check)
+        logs = pool.all_logs()
+    assert finished_before >= 1  # it really was mid-campaign
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    assert_exactly_once(run, store)
+    assert "Connection to broker lost" in logs or "Trying to re-establish" in logs
+    assert private_redis.password not in logs  # workers print the broker URL masked
+
+
+def test_database_outage_is_retried_then_fails_the_unit_clearly(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    for name, value in {**FAST_RECOVERY, "ORCHARD_DB_RETRY_SECONDS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    Store(postgres_url).upgrade()
+    proxy = TcpProxy()
+    proxy.up()
+    # the workers reach the store through the proxy, with a password that must not leak
+    through_proxy = postgres_url.replace(
+        "postgres@127.0.0.1:5432", f"postgres:s3cret@127.0.0.1:{proxy.port}"
+    )
+    submitter = settings_for(tmp_path, REDIS_URL, postgres_url)
+    store = Store(postgres_url)
+    try:
+        with WorkerPool(settings_for(tmp_path, REDIS_URL, through_proxy)) as pool:
+            pool.start("gpu", "gpu")
+            pool.start("cpu", "cpu,preprocess,report", concurrency=1)
+
+            def outage(name: str, until: Callable[[str], object]):  # noqa: ANN202
+                run = submit(write_campaign(tmp_path, name, epochs=12), settings=submitter)
+                fold = cnn_unit(run)
+                wait_for(
+                    lambda: epochs_recorded(store, fold.key) >= 2,
+                    180,
+                    f"{name}: the fold's second epoch",
+                    check=pool.check,
+                )
+                proxy.down()
+                wait_for(lambda: until(fold.key), 60, f"{name}: the outage", check=pool.check)
+                proxy.up()
+                return run, run.wait(timeout=240, check=pool.check)
+
+            # shorter than the retry budget (3 s): nobody notices but the logs
+            blip, status = outage("blip", lambda _: time.sleep(1.0) or True)
+            assert status.campaign.state == "DONE", [(u.key, u.error) for u in status.units]
+            assert_exactly_once(blip, store)
+            # longer: back only once the fold gave up, while its failure is being retried
+            down, status = outage("down", lambda key: f"{key} failed after" in pool.log("gpu"))
+            logs = pool.all_logs()
+    finally:
+        proxy.down()
+        drop_redis_keys(prefix)
+    assert status.campaign.state == "PARTIAL"
+    fold = cnn_unit(down)
+    assert fold.state == "FAILED"
+    assert "unreachable" in fold.error and "gave up after 3 s of retries" in fold.error
+    assert f"postgres:***@127.0.0.1:{proxy.port}" in fold.error and "s3cret" not in fold.error
+    assert {u.family: u.state for u in status.units}["report"] == "SUCCESS"
+    assert_exactly_once(down, store)
+    assert "s3cret" not in logs

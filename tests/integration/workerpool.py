@@ -1,0 +1,133 @@
+"""Real `orchard worker` processes that a test (or bench/chaos.py) can SIGKILL one by one.
+
+Unlike ``scheduler.demo.Workers`` each worker gets its own process group, so killing it
+takes its prefork children too, as a machine crash or the OOM killer would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from shared.errors import OrchardError
+from shared.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.logs = settings.home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "ORCHARD_HOME": str(settings.home),
+            "ORCHARD_BROKER_URL": settings.broker_url,
+            "ORCHARD_DATABASE_URL": settings.database_url,
+            "ORCHARD_ARTIFACTS": str(settings.artifacts),
+            "ORCHARD_TORCH_THREADS": "1",
+            **(env or {}),
+        }
+        self.specs: dict[str, list[str]] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.generation: dict[str, int] = {}
+
+    def start(self, name: str, queues: str, *, concurrency: int = 1) -> subprocess.Popen:
+        self.specs[name] = ["--queues", queues, "--concurrency", str(concurrency)]
+        return self._spawn(name)
+
+    def _spawn(self, name: str) -> subprocess.Popen:
+        generation = self.generation[name] = self.generation.get(name, -1) + 1
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        cmd = [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "worker",
+            "--loglevel",
+            "INFO",
+            *self.specs[name],
+            "--name",
+            f"{name}-{generation}@%h",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,  # its own process group: kill() takes the children too
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the worker and its pool children: no warm shutdown, no acks."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str) -> subprocess.Popen:
+        return self._spawn(name)
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
+                raise OrchardError(f"worker {name} exited with {proc.returncode}: {self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+    def stop(self, timeout: float = 30) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # prefork children of a killed worker exit with it (same group); make sure
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    *,
+    check: Callable[[], None] | None = None,
+    poll: float = 0.2,
+) -> object:
+    """Poll until ``condition()`` is truthy; raise naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if check is not None:
+            check()
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

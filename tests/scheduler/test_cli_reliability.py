@@ -1,0 +1,48 @@
+"""`orchard resume`, `orchard cancel` and `submit --reuse` at the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from scheduler.cli import _parser, main
+from tests.db.test_store import seed_campaign
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    url = f"sqlite:///{tmp_path / 'orchard.db'}"
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", url)
+    monkeypatch.setenv("ORCHARD_BROKER_URL", f"filesystem://{tmp_path / 'broker'}")
+    store = Store(url)
+    store.upgrade()
+    return store
+
+
+def test_parser_knows_the_reliability_commands() -> None:
+    parser = _parser()
+    assert parser.parse_args(["submit", "x.toml", "--reuse"]).reuse is True
+    assert parser.parse_args(["submit", "x.toml"]).reuse is False
+    assert parser.parse_args(["resume", "c-1", "--wait"]).campaign == "c-1"
+    assert parser.parse_args(["cancel", "c-1"]).campaign == "c-1"
+
+
+def test_cancel_and_resume_of_an_unknown_campaign_is_one_line(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("cancel", "resume"):
+        assert main([command, "nope"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("orchard: error: no campaign 'nope'") and err.count("\n") == 1
+
+
+def test_cancel_marks_the_campaign(home: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_campaign(home)  # nothing queued yet: nothing to revoke, no broker needed
+    assert main(["cancel", "t-1"]) == 0
+    assert "CANCELLED" in capsys.readouterr().out
+    assert home.get_campaign("t-1").state == "CANCELLED"
+    assert {u.state for u in home.units("t-1")} == {"CANCELLED"}
+    assert main(["cancel", "t-1"]) == 2  # already cancelled: says so
+    assert "already CANCELLED" in capsys.readouterr().err
