@@ -107,6 +107,17 @@ class Unit:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitRoute:
+    """What deciding and sending the next stage needs of a unit: no params, no times."""
+
+    key: str
+    stage: int
+    state: str
+    task: str
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     unit_key: str
     train_acc: float | None
@@ -447,6 +458,21 @@ class Store:
                 .order_by(UnitRow.position)
             )
             return [_unit(r) for r in rows]
+
+    @_retried
+    def unit_routes(self, campaign_id: str) -> list[UnitRoute]:
+        """Every unit's key, stage, state, task and queue in plan order, in one plain query.
+
+        ``advance`` runs after every unit; reading full units with their params there
+        cost ~10 ms per 40 units on SQLite, most of the gap between two units.
+        """
+        with self._transaction() as s:
+            rows = s.execute(
+                select(UnitRow.key, UnitRow.stage, UnitRow.state, UnitRow.task, UnitRow.queue)
+                .where(UnitRow.campaign_id == campaign_id)
+                .order_by(UnitRow.position)
+            )
+            return [UnitRoute(*row) for row in rows]
 
     @_retried
     def find_unit(self, key: str) -> Unit | None:
@@ -1053,4 +1079,5 @@ __all__ = [
     "NotFoundError",
     "Cancelled",
     "Unit",
+    "UnitRoute",
 ]

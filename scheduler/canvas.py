@@ -19,7 +19,7 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     """Enqueue every unit of the campaign that is ready; returns the keys sent."""
     sent: list[str] = []
     while True:
-        units = store.units(campaign_id)
+        units = store.unit_routes(campaign_id)
         actions = next_actions(UnitState(u.key, u.stage, u.state) for u in units)
         if actions.fail:
             # failing units can open the next stage (the report): look again
