@@ -79,7 +79,7 @@ __all__ = [
 ]
 
 #: Unit states listed under "Failed units" (and highlighted in the HTML).
-FAILED_STATES: frozenset[str] = frozenset({"FAILED", "FAILURE", "ERROR"})
+FAILED_STATES: frozenset[str] = frozenset({"FAILED", "FAILURE", "ERROR", "CANCELLED"})
 
 #: The report's ``##`` sections, in order. "Failed units" appears only when a unit failed.
 SECTION_HEADINGS: tuple[str, ...] = (

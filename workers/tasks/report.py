@@ -433,7 +433,10 @@ def explain_cnn(
     from workers.tasks.cnn import cnn_variant
 
     fold = max(best, key=lambda u: results[u.key].val_acc or -1.0)
-    models = [a for a in store.artifacts(fold.campaign_id, kind="model") if a.unit_key == fold.key]
+    # a fold reused from an earlier campaign (`submit --reuse`) kept its model there
+    source = str(results[fold.key].extra.get("reused_from") or fold.key)
+    source_campaign = source.split("/", 1)[0]
+    models = [a for a in store.artifacts(source_campaign, kind="model") if a.unit_key == source]
     if not models:
         return LimeSection(
             "cnn", fold.key, num_samples, [], f"no model file recorded for {fold.key}"
