@@ -1,4 +1,4 @@
-"""What bench/scaling.py and bench/scheduling.py share (not a benchmark itself).
+"""What bench/scaling.py, bench/scheduling.py and bench/chaos.py share (not a benchmark).
 
 A throwaway orchard per run: the real Redis under a key prefix of its own (deleted
 afterwards), or kombu's filesystem broker when Redis is not reachable; a SQLite store
@@ -9,55 +9,29 @@ from the store (each unit's queued/started/finished timestamps).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import secrets
-import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from bench._report import machine_info, write_results  # noqa: E402, F401  (re-exported)
 from scheduler.demo import Workers  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
+if TYPE_CHECKING:
+    from scheduler.api import CampaignRun
+
 REDIS_URL = os.environ.get("ORCHARD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
-RESULTS = REPO / "bench" / "results"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if smi := shutil.which("nvidia-smi"):
-        done = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-        )
-        gpu = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "loadavg_1_5_15_min": os.getloadavg(),  # others sharing the cores skew timings
-    }
 
 
 def redis_reachable(url: str = REDIS_URL) -> bool:
@@ -102,12 +76,16 @@ def cluster(root: Path, broker: str = "auto") -> Iterator[Cluster]:
         else:
             os.environ["ORCHARD_REDIS_PREFIX"] = previous
         if broker == "redis":
-            import redis
+            drop_redis_keys(prefix)
 
-            client = redis.Redis.from_url(REDIS_URL)
-            for key in client.scan_iter(match=f"{prefix}*"):
-                client.delete(key)
-            client.close()
+
+def drop_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
 
 
 @contextmanager
@@ -133,20 +111,11 @@ def workers(c: Cluster, count: int, queues: str = "cpu,preprocess,report") -> It
 
 
 def _wait_ready(c: Cluster, running: Workers, names: list[str], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
     if c.broker == "redis":
-        from workers.app import make_app
-
-        app = make_app(c.settings, with_tasks=False)
-        seen: set[str] = set()
-        while not all(any(s.startswith(n + "@") for s in seen) for n in names):
-            running.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not up after {timeout:.0f} s; see {running.logs}")
-            for reply in app.control.ping(timeout=1.0):
-                seen.update(reply)
-        app.close()
+        prefixes = [n + "@" for n in names]
+        wait_for_pings(c.settings, prefixes, running.check, running.logs, timeout)
         return
+    deadline = time.monotonic() + timeout
     # the filesystem broker has no broadcast: read the workers' logs instead
     while True:
         running.check()
@@ -156,6 +125,44 @@ def _wait_ready(c: Cluster, running: Workers, names: list[str], timeout: float =
         if time.monotonic() > deadline:
             raise RuntimeError(f"workers not up after {timeout:.0f} s; see {running.logs}")
         time.sleep(0.5)
+
+
+def wait_for_pings(
+    settings: Settings,
+    prefixes: Iterable[str],
+    check: Callable[[], None],
+    logs: Path,
+    timeout: float = 180,
+) -> None:
+    """Until, for each prefix, a worker whose node name starts with it answers a ping.
+
+    ``check`` raises when a worker process died (its log is under ``logs``).
+    """
+    from workers.app import make_app
+
+    app = make_app(settings, with_tasks=False)
+    deadline = time.monotonic() + timeout
+    wanted, seen = list(prefixes), set[str]()
+    while not all(any(s.startswith(p) for s in seen) for p in wanted):
+        check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not up after {timeout:.0f} s; see {logs}")
+        for reply in app.control.ping(timeout=1.0):
+            seen.update(reply)
+    app.close()
+
+
+def run_campaign(
+    root: Path, broker: str, count: int, submit: Callable[[Settings], CampaignRun]
+) -> tuple[list[dict[str, Any]], str]:
+    """``submit`` one campaign to ``count`` fresh workers on a fresh cluster under ``root``;
+    its units' times (see :func:`unit_times`) and the broker it ran on."""
+    with cluster(root, broker) as c, workers(c, count) as running:
+        run = submit(c.settings)
+        status = run.wait(timeout=1800, check=running.check)
+        if status.campaign.state != "DONE":
+            raise SystemExit(f"campaign {run.id} ended {status.campaign.state}")
+        return unit_times(c.settings.database_url, run.id), c.broker
 
 
 def unit_times(database_url: str, campaign_id: str) -> list[dict[str, Any]]:
@@ -210,10 +217,3 @@ def unit_times(database_url: str, campaign_id: str) -> list[dict[str, Any]]:
 def makespan(units: list[dict[str, Any]]) -> float:
     """From the first unit queued to the last unit finished."""
     return max(u["finished"] for u in units) - min(u["queued"] for u in units)
-
-
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path

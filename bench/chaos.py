@@ -38,13 +38,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/chaos.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from bench._harness import machine_info, write_results  # noqa: E402
+from bench._harness import (  # noqa: E402
+    REDIS_URL,
+    drop_redis_keys,
+    machine_info,
+    wait_for_pings,
+    write_results,
+)
 from db.store import Store  # noqa: E402
 from scheduler.api import CampaignRun, submit  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from tests.integration.workerpool import WorkerPool  # noqa: E402
-
-REDIS_URL = os.environ.get("ORCHARD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 CAMPAIGN = """
 name = "chaos"
@@ -136,21 +140,6 @@ def check(store: Store, run: CampaignRun) -> dict[str, int]:
     }
 
 
-def wait_ready(settings: Settings, pool: WorkerPool, timeout: float = 180) -> None:
-    from workers.app import make_app
-
-    app = make_app(settings, with_tasks=False)
-    deadline = time.monotonic() + timeout
-    seen: set[str] = set()
-    while not all(any(s.startswith(f"{n}-") for s in seen) for n in WORKERS):
-        pool.check()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"workers not up after {timeout:.0f} s; see {pool.logs}")
-        for reply in app.control.ping(timeout=1.0):
-            seen.update(reply)
-    app.close()
-
-
 def killer(
     pool: WorkerPool,
     stop: threading.Event,
@@ -222,7 +211,8 @@ def main() -> int:
         with WorkerPool(settings) as pool:
             for name, (queues, concurrency) in WORKERS.items():
                 pool.start(name, queues, concurrency=concurrency)
-            wait_ready(settings, pool)  # start-up is not campaign time
+            # start-up is not campaign time
+            wait_for_pings(settings, [f"{n}-" for n in WORKERS], pool.check, pool.logs)
             started = time.perf_counter()
             calm = submit(campaign, settings=settings)
             calm.wait(timeout=args.timeout, check=pool.check)
@@ -244,12 +234,7 @@ def main() -> int:
                 thread.join()
             chaos_seconds = time.perf_counter() - started
     finally:
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
-        client.close()
+        drop_redis_keys(prefix)
 
     counts = check(store, chaos)
     baseline_counts = check(store, calm)

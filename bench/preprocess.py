@@ -22,17 +22,11 @@ Prints a table and writes ``bench/results/preprocess.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench._report import machine_info, now, write_json  # noqa: E402
 from shared.preprocess import check_image, decode_flag, decode_resize  # noqa: E402
 from shared.synthetic import GRADES, synthetic_photo  # noqa: E402
 
@@ -50,34 +45,6 @@ FLAG_NAMES = {
     cv2.IMREAD_REDUCED_COLOR_4: "reduced/4",
     cv2.IMREAD_REDUCED_COLOR_8: "reduced/8",
 }
-
-
-def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        gpu = done.stdout.strip() or None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "opencv": cv2.__version__,
-        "load_average": os.getloadavg(),
-    }
 
 
 def write_photos(folder: Path, args: argparse.Namespace) -> list[Path]:
@@ -179,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "preprocess",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "date": now(),
+        "machine": machine_info(opencv=cv2.__version__),
+        "args": vars(args),
         "jpeg_mean_kb": round(jpeg_kb, 1),
         "orchard_decode_modes": modes,
         "img_per_s_per_core": {name: round(rate, 1) for name, rate in rates.items()},
@@ -189,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_orchard_over_baseline_linear": round(ratio_linear, 3),
         "psnr_db": {"mean": round(float(np.mean(psnr)), 2), "min": round(float(min(psnr)), 2)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -19,18 +19,14 @@ worker does from the preprocessing cache. Peak RSS is ``ru_maxrss`` of each proc
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.forest import (  # noqa: E402  (after the path fix, so it runs from a checkout)
+from bench._report import machine_info, now, write_json  # noqa: E402  (after the path fix)
+from shared.classic import FitOutcome  # noqa: E402
+from shared.forest import (  # noqa: E402
     fit_rf_point,
     fit_shard,
     load_model,
@@ -78,16 +76,7 @@ def _warm(_: int) -> int:
 
 def _baseline(data: tuple, test_y: np.ndarray, params: dict, seed: int) -> dict[str, Any]:
     cpu = time.process_time()
-    out = fit_rf_point(*data, params, seed=seed)
-    return {
-        "cpu_seconds": time.process_time() - cpu,
-        "trees": out.extra["trees"],
-        "val_acc": out.val_acc,
-        "test_acc": float((out.test_pred == test_y).mean()),
-        "oob_score": out.extra["oob_score"],
-        "oob_grouped": out.extra["oob_grouped"],
-        "peak_rss_mib": _peak_rss_mib(),
-    }
+    return _forest_figures(fit_rf_point(*data, params, seed=seed), test_y, cpu)
 
 
 def _shard(data: tuple, params: dict[str, Any], seed: int, shard: int, path: str) -> dict:
@@ -109,8 +98,13 @@ def _merge(data: tuple, test_y: np.ndarray, params: dict, shards: list[dict]) ->
     cpu = time.process_time()
     models = [load_model(Path(s["path"]), s["sha256"]) for s in shards]
     out = merge_rf_point(models, *data, params, shard_seconds=[s["seconds"] for s in shards])
+    return _forest_figures(out, test_y, cpu)
+
+
+def _forest_figures(out: FitOutcome, test_y: np.ndarray, cpu_started: float) -> dict[str, Any]:
+    """What a whole forest (baseline) and a merged one (orchard) report alike."""
     return {
-        "cpu_seconds": time.process_time() - cpu,
+        "cpu_seconds": time.process_time() - cpu_started,
         "trees": out.extra["trees"],
         "val_acc": out.val_acc,
         "test_acc": float((out.test_pred == test_y).mean()),
@@ -125,31 +119,6 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     list(pool.map(_warm, range(workers)))
     return pool
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
-        done = subprocess.run(query, capture_output=True, text=True, check=False)
-        gpu = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "free_cores": len(os.sched_getaffinity(0)),
-        "load_average": os.getloadavg()[0],
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,9 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = args.images * {"none": 1, "flip": 2, "rotate": 4, "rotate_flip": 8}[args.augment]
     return {
         "benchmark": "rf_shards",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "args": {**vars(args), "output": str(args.output)},
-        "machine": machine(),
+        "date": now(),
+        "args": vars(args),
+        "machine": machine_info(),
         "training_rows": rows,
         "features": args.side * args.side * 3,
         "float32_training_matrix_mib": rows * args.side * args.side * 3 * 4 / 2**20,
@@ -258,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"merged forest: {orch['trees']} trees {orch['shard_trees']}; float32 training matrix "
         f"{report['float32_training_matrix_mib']:.0f} MiB per process; load average "
-        f"{report['machine']['load_average']:.1f} on {report['machine']['free_cores']} cores"
+        f"{report['machine']['load_average'][0]:.1f} on {report['machine']['free_cores']} cores"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    print(f"wrote {write_json(args.output, report)}")
     return 0
 
 

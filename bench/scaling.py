@@ -22,14 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    cluster,
-    machine_info,
-    makespan,
-    unit_times,
-    workers,
-    write_results,
-)
+from _harness import machine_info, makespan, run_campaign, write_results  # noqa: E402
 
 SIZES = {
     # images per class (train, test), image side, RF forest sizes, SVM grid
@@ -86,13 +79,7 @@ families = ["svm"]
 def run_once(root: Path, data: Path, campaign: Path, count: int, broker: str) -> dict:
     from scheduler.api import submit
 
-    with cluster(root, broker) as c, workers(c, count) as running:
-        run = submit(campaign, settings=c.settings)
-        status = run.wait(timeout=1800, check=running.check)
-        if status.campaign.state != "DONE":
-            raise SystemExit(f"campaign {run.id} ended {status.campaign.state}")
-        units = unit_times(c.settings.database_url, run.id)
-        broker = c.broker
+    units, broker = run_campaign(root, broker, count, lambda s: submit(campaign, settings=s))
     model = [u for u in units if u["stage"] not in (0, max(x["stage"] for x in units))]
     return {
         "workers": count,

@@ -34,17 +34,14 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    cluster,
-    machine_info,
-    makespan,
-    unit_times,
-    workers,
-    write_results,
-)
+from _harness import machine_info, makespan, run_campaign, write_results  # noqa: E402
+
+if TYPE_CHECKING:
+    from scheduler.api import CampaignRun
+    from shared.settings import Settings
 
 CAMPAIGN = """
 name = "scheduling"
@@ -95,18 +92,15 @@ def ordered(order: str, seed: int):  # noqa: ANN201
 def run_once(root: Path, campaign: Path, order: str, count: int, broker: str, seed: int) -> dict:
     import scheduler.api as api
 
-    with cluster(root, broker) as c, workers(c, count) as running:
+    def submit_in_order(settings: Settings) -> CampaignRun:
         original = api.plan_units
         api.plan_units = ordered(order, seed)
         try:
-            run = api.submit(campaign, settings=c.settings)
+            return api.submit(campaign, settings=settings)
         finally:
             api.plan_units = original
-        status = run.wait(timeout=1800, check=running.check)
-        if status.campaign.state != "DONE":
-            raise SystemExit(f"campaign {run.id} ended {status.campaign.state}")
-        units = unit_times(c.settings.database_url, run.id)
-        broker = c.broker
+
+    units, broker = run_campaign(root, broker, count, submit_in_order)
     return measure(units) | {"order": order, "broker": broker, "workers": count}
 
 

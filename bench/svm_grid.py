@@ -20,15 +20,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +36,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.svm import (  # noqa: E402  (run as a script from anywhere)
+from bench._report import machine_info, now, write_json  # noqa: E402  (run from anywhere)
+from shared.svm import (  # noqa: E402
     PcaProjection,
     best_point,
     fit_pca_basis,
@@ -215,29 +210,6 @@ def run_orchard(
 # ---------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if shutil.which("nvidia-smi"):  # not torch: importing it costs seconds
-        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
-        done = subprocess.run(query, capture_output=True, text=True, check=False)
-        gpu = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -290,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {
         "benchmark": "svm_grid",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "args": vars(args) | {"json": str(args.json)},
+        "date": now(),
+        "args": vars(args),
         "size": asdict(size),
-        "machine": machine(),
+        "machine": machine_info(),
         "images": len(x),
         "features": x.shape[1],
         "grid_points": n_points,
@@ -303,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_best_point": same,
         "accuracy_difference": difference,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
-    print(f"wrote {args.json}")
+    print(f"wrote {write_json(args.json, figures)}")
     return 0
 
 

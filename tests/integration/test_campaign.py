@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import sys
 import time
@@ -96,13 +95,9 @@ def test_campaign_on_redis(
     database: str,
     tmp_path: Path,
     tiny_campaign: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    redis_prefix: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    # a key prefix of our own: other users of this Redis never see our queues
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
     url = request.getfixturevalue("sqlite_url" if database == "sqlite" else "postgres_url")
     settings = settings_for(tmp_path, REDIS_URL, url)
     store = Store(url)

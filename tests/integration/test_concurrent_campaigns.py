@@ -5,7 +5,6 @@ not interfere, and `orchard status` shows both, then each one's units.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import pytest
 from db.store import Store
 from scheduler.api import submit
 from tests.conftest import REDIS_URL, REPO, TINY_CAMPAIGN
-from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+from tests.integration.test_campaign import running_workers, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +37,8 @@ def light_campaign(path: Path, name: str, data: Path) -> Path:
 def test_two_campaigns_at_once(
     tmp_path: Path,
     sqlite_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
+    redis_prefix: str,
 ) -> None:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
     settings = settings_for(tmp_path, REDIS_URL, sqlite_url)
     # the same dataset: both campaigns race for the same preprocessing cache
     files = [

@@ -25,7 +25,7 @@ from db.store import Store
 from scheduler.api import submit
 from shared.settings import Settings
 from tests.conftest import REDIS_URL, REPO
-from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+from tests.integration.test_campaign import running_workers, settings_for
 from tests.integration.test_concurrent_campaigns import light_campaign
 
 pytestmark = pytest.mark.integration
@@ -105,12 +105,8 @@ def flower(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(
-    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> Settings:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)  # workers and flower inherit it
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
+def settings(tmp_path: Path, sqlite_url: str, redis_prefix: str) -> Settings:
+    # the workers and Flower inherit the prefix
     return settings_for(tmp_path, REDIS_URL, sqlite_url)
 
 

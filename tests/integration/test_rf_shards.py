@@ -4,7 +4,6 @@ forest and records it as the campaign's RF result."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from db.store import Store
 from scheduler.api import submit
 from shared.forest import load_model, merge_models
 from tests.conftest import REDIS_URL
-from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+from tests.integration.test_campaign import running_workers, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,12 +44,7 @@ folds = 2
 """
 
 
-def test_tree_sharded_forest(
-    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> None:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
+def test_tree_sharded_forest(tmp_path: Path, sqlite_url: str, redis_prefix: str) -> None:
     path = tmp_path / "rf.toml"
     path.write_text(CAMPAIGN.format(root=tmp_path / "data"))
     settings = settings_for(tmp_path, REDIS_URL, sqlite_url)

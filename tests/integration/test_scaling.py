@@ -19,7 +19,7 @@ from scheduler.api import submit
 from scheduler.demo import Workers
 from shared.settings import Settings
 from tests.conftest import REDIS_URL
-from tests.integration.test_campaign import drop_redis_keys, settings_for
+from tests.integration.test_campaign import settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +79,10 @@ def test_two_gpu_workers_and_a_cpu_worker_share_a_campaign(
     tmp_path: Path,
     postgres_url: str,
     monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
+    redis_prefix: str,
 ) -> None:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
     monkeypatch.setenv("ORCHARD_DEVICE", "cpu")  # `--gpus 0,1` on a machine without GPUs
     monkeypatch.setenv("ORCHARD_TORCH_THREADS", "1")
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
     settings = settings_for(tmp_path, REDIS_URL, postgres_url)
     campaign = tmp_path / "scale.toml"
     campaign.write_text(CAMPAIGN.format(root=tmp_path / "data"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import secrets
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from db.store import Store
 from scheduler.api import CampaignRun, submit
 from shared.spec import load_campaign
 from tests.conftest import REDIS_URL, REPO
-from tests.integration.test_campaign import drop_redis_keys, running_workers, settings_for
+from tests.integration.test_campaign import running_workers, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -110,11 +109,8 @@ def test_study_files_are_valid_as_shipped() -> None:
 
 
 def test_every_study_campaign_runs_to_a_report(
-    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    tmp_path: Path, sqlite_url: str, redis_prefix: str
 ) -> None:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    request.addfinalizer(lambda: drop_redis_keys(prefix))
     settings = settings_for(tmp_path, REDIS_URL, sqlite_url)
     store = Store(sqlite_url)
     runs: dict[str, CampaignRun] = {}

@@ -27,17 +27,7 @@ from shared.forest import (
     training_rows,
 )
 from shared.spec import RfParams
-
-COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
-
-
-def _images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), per_class)
-    noise = rng.normal(0, 25, (len(y), 8, 8, 3))
-    x = np.clip(COLOURS[y][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(y))
-    return x[order], y[order]
+from tests.shared.conftest import colour_images
 
 
 def _symmetric(n: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +46,6 @@ def _symmetric(n: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _params(**overrides) -> dict:
     return RfParams(**overrides).model_dump()
-
-
-@pytest.fixture(scope="module")
-def data():
-    train_x, train_y = _images(20, seed=0)
-    val_x, val_y = _images(6, seed=1)
-    test_x, _ = _images(4, seed=2)
-    return train_x, train_y, val_x, val_y, test_x
 
 
 def _without_timing(extra: dict) -> dict:
@@ -136,9 +118,9 @@ def test_rotation_needs_square_images():
     assert augmented_rows(images, "flip")[0].shape == (4, 96)
 
 
-def test_augmentation_touches_training_rows_only(data):
-    train_x, train_y, val_x, val_y, test_x = data
-    out = fit_rf_point(*data, _params(n_estimators=10, augment="rotate_flip"), seed=0)
+def test_augmentation_touches_training_rows_only(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
+    out = fit_rf_point(*colour_split, _params(n_estimators=10, augment="rotate_flip"), seed=0)
     assert out.extra["train_rows"] == 8 * len(train_x)
     assert out.val_pred.shape == (len(val_x),)
     assert out.test_pred.shape == (len(test_x),)
@@ -148,8 +130,8 @@ def test_augmentation_touches_training_rows_only(data):
 # ---------------------------------------------------------------- whole-forest fits
 
 
-def test_rf_fits_separable_colours(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_rf_fits_separable_colours(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     out = fit_rf_point(train_x, train_y, val_x, val_y, test_x, _params(n_estimators=25), seed=0)
     assert out.train_acc > 0.8
     assert out.val_acc > 0.8
@@ -165,16 +147,16 @@ def test_rf_fits_separable_colours(data):
     assert out.extra["kept_features"] == out.extra["pixel_features"] == 8 * 8 * 3
 
 
-def test_rf_is_deterministic_in_seed(data):
+def test_rf_is_deterministic_in_seed(colour_split):
     params = _params(n_estimators=10, max_features=0.5)
-    a = fit_rf_point(*data, params, seed=4)
-    b = fit_rf_point(*data, params, seed=4)
+    a = fit_rf_point(*colour_split, params, seed=4)
+    b = fit_rf_point(*colour_split, params, seed=4)
     np.testing.assert_array_equal(a.val_probs, b.val_probs)
     assert _without_timing(a.extra) == _without_timing(b.extra)
 
 
-def test_rf_with_empty_test_set(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_rf_with_empty_test_set(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     out = fit_rf_point(train_x, train_y, val_x, val_y, test_x[:0], _params(n_estimators=10), seed=0)
     assert out.test_pred.shape == (0,)
     assert out.test_probs is None
@@ -182,7 +164,7 @@ def test_rf_with_empty_test_set(data):
 
 
 def test_rf_labels_are_original_class_values():
-    train_x, train_y = _images(10, seed=0)
+    train_x, train_y = colour_images(10, seed=0)
     shifted = train_y + 5  # classes 5, 6, 7
     params = _params(n_estimators=10)
     out = fit_rf_point(train_x, shifted, train_x[:3], shifted[:3], train_x[:2], params, seed=0)
@@ -202,8 +184,8 @@ def test_rf_labels_are_original_class_values():
         {"max_depth": 2},
     ],
 )
-def test_sweep_parameters_reach_the_forest(data, sweep):
-    train_x, train_y, *_ = data
+def test_sweep_parameters_reach_the_forest(colour_split, sweep):
+    train_x, train_y, *_ = colour_split
     params = _params(**{"n_estimators": 5, **sweep})
     model, _ = fit_model(
         training_rows(train_x, train_y, "none"), params, seed=0, n_estimators=params["n_estimators"]
@@ -222,8 +204,8 @@ def test_sweep_parameters_reach_the_forest(data, sweep):
 # ---------------------------------------------------------------- OOB, plain and grouped
 
 
-def test_oob_score_is_sklearns(data):
-    train_x, train_y, *_ = data
+def test_oob_score_is_sklearns(colour_split):
+    train_x, train_y, *_ = colour_split
     train = training_rows(train_x, train_y, "none")
     model, x = fit_model(train, _params(n_estimators=40), seed=3, n_estimators=40)
     reference = RandomForestClassifier(n_estimators=40, oob_score=True, random_state=3, n_jobs=1)
@@ -285,12 +267,12 @@ def test_feature_selection_keeping_nothing_is_a_clear_error():
         fit_rf_point(x, y, x[:3], y[:3], x[:0], params, seed=0)
 
 
-def test_pca_before_the_forest(data):
-    out = fit_rf_point(*data, _params(n_estimators=10, pca_components=6), seed=0)
+def test_pca_before_the_forest(colour_split):
+    out = fit_rf_point(*colour_split, _params(n_estimators=10, pca_components=6), seed=0)
     assert out.extra["kept_features"] == 6
     assert out.val_acc > 0.8
     with pytest.raises(ValueError, match=r"pca_components=61 exceeds .*at most 60"):
-        fit_rf_point(*data, _params(n_estimators=5, pca_components=61), seed=0)
+        fit_rf_point(*colour_split, _params(n_estimators=5, pca_components=61), seed=0)
 
 
 # ---------------------------------------------------------------- tree shards
@@ -306,18 +288,18 @@ def test_shard_trees_and_seeds():
     assert len(seeds) == 4 and all(0 <= s < 2**32 for s in seeds)
 
 
-def test_one_shard_is_the_whole_forest(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_one_shard_is_the_whole_forest(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     params = _params(n_estimators=12, augment="flip")
-    whole = fit_rf_point(*data, params, seed=5)
+    whole = fit_rf_point(*colour_split, params, seed=5)
     shard = fit_shard(train_x, train_y, params, seed=5, shard=0)
-    merged = merge_rf_point([shard], *data, params)
+    merged = merge_rf_point([shard], *colour_split, params)
     np.testing.assert_array_equal(merged.val_probs, whole.val_probs)
     assert _without_timing(merged.extra) == {**_without_timing(whole.extra), "shards": 1}
 
 
-def test_merged_shards_are_one_forest_with_every_trees_bootstrap(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_merged_shards_are_one_forest_with_every_trees_bootstrap(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     params = _params(n_estimators=9, tree_shards=2, augment="rotate")
     shards = [fit_shard(train_x, train_y, params, seed=1, shard=k) for k in range(2)]
     assert [s.trees for s in shards] == [5, 4]
@@ -337,7 +319,7 @@ def test_merged_shards_are_one_forest_with_every_trees_bootstrap(data):
         np.testing.assert_array_equal(
             np.unpackbits(tree_in_bag, count=n).astype(bool), expected_mask
         )
-    out = merge_rf_point(shards, *data, params, shard_seconds=[1.0, 2.0])
+    out = merge_rf_point(shards, *colour_split, params, shard_seconds=[1.0, 2.0])
     assert out.extra["trees"] == 9
     assert out.extra["shards"] == 2
     assert out.extra["train_seconds"] == 3.0 and out.extra["train_wall_seconds"] == 2.0
@@ -345,8 +327,8 @@ def test_merged_shards_are_one_forest_with_every_trees_bootstrap(data):
     assert out.val_acc > 0.8
 
 
-def test_merging_shards_of_other_rows_fails(data):
-    train_x, train_y, *_ = data
+def test_merging_shards_of_other_rows_fails(colour_split):
+    train_x, train_y, *_ = colour_split
     params = _params(n_estimators=4, tree_shards=2)
     first = fit_shard(train_x, train_y, params, seed=0, shard=0)
     other = fit_shard(train_x[:-3], train_y[:-3], params, seed=0, shard=1)
@@ -366,8 +348,8 @@ def test_shards_with_selection_share_one_transform():
         merge_models([shards[0], other])
 
 
-def test_shard_files_are_byte_identical_and_checked(data, tmp_path):
-    train_x, train_y, *_ = data
+def test_shard_files_are_byte_identical_and_checked(colour_split, tmp_path):
+    train_x, train_y, *_ = colour_split
     params = _params(n_estimators=6, tree_shards=2)
     first = save_model(fit_shard(train_x, train_y, params, seed=0, shard=1), tmp_path / "a.joblib")
     again = save_model(fit_shard(train_x, train_y, params, seed=0, shard=1), tmp_path / "b.joblib")

@@ -9,6 +9,7 @@ from shared.classic import flatten
 from shared.metrics import accuracy, confusion_matrix, majority_vote
 from shared.spec import SvmParams
 from shared.svm import fit_svm_point
+from tests.shared.conftest import colour_images
 
 # ---------------------------------------------------------------- metrics
 
@@ -61,25 +62,6 @@ def test_majority_vote_shape_errors(predictions):
 
 # ---------------------------------------------------------------- classical fits
 
-COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
-
-
-def _images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), per_class)
-    noise = rng.normal(0, 25, (len(y), 8, 8, 3))
-    x = np.clip(COLOURS[y][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(y))
-    return x[order], y[order]
-
-
-@pytest.fixture(scope="module")
-def data():
-    train_x, train_y = _images(20, seed=0)
-    val_x, val_y = _images(6, seed=1)
-    test_x, _ = _images(4, seed=2)
-    return train_x, train_y, val_x, val_y, test_x
-
 
 def test_flatten_is_a_view():
     x = np.zeros((4, 8, 8, 3), np.uint8)
@@ -89,8 +71,8 @@ def test_flatten_is_a_view():
     assert np.shares_memory(flat, x)
 
 
-def test_svm_fits_separable_colours(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_svm_fits_separable_colours(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     params = SvmParams(n_components=10, C=1.0).model_dump()
     out = fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
     assert out.train_acc > 0.8
@@ -103,31 +85,31 @@ def test_svm_fits_separable_colours(data):
     assert out.seconds >= 0
 
 
-def test_svm_is_deterministic_in_seed(data):
+def test_svm_is_deterministic_in_seed(colour_split):
     params = SvmParams(n_components=5, whiten=True, C=10.0).model_dump()
-    a = fit_svm_point(*data, params, seed=1)
-    b = fit_svm_point(*data, params, seed=1)
+    a = fit_svm_point(*colour_split, params, seed=1)
+    b = fit_svm_point(*colour_split, params, seed=1)
     np.testing.assert_array_equal(a.val_pred, b.val_pred)
     assert a.extra == b.extra
 
 
-def test_svm_too_many_components(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_svm_too_many_components(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     params = SvmParams(n_components=61).model_dump()
     with pytest.raises(ValueError, match=r"n_components=61 exceeds .* 60 training images"):
         fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
 
 
-def test_svm_components_limited_by_features(data):
-    _, _, val_x, val_y, test_x = data
-    train_x, train_y = _images(80, seed=5)  # 240 images, 192 features
+def test_svm_components_limited_by_features(colour_split):
+    _, _, val_x, val_y, test_x = colour_split
+    train_x, train_y = colour_images(80, seed=5)  # 240 images, 192 features
     params = SvmParams(n_components=193).model_dump()
     with pytest.raises(ValueError, match="at most 192"):
         fit_svm_point(train_x, train_y, val_x, val_y, test_x, params, seed=0)
 
 
-def test_svm_with_empty_test_set(data):
-    train_x, train_y, val_x, val_y, test_x = data
+def test_svm_with_empty_test_set(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
     params = SvmParams(n_components=10).model_dump()
     out = fit_svm_point(train_x, train_y, val_x, val_y, test_x[:0], params, seed=0)
     assert out.test_pred.shape == (0,)

@@ -145,6 +145,11 @@ def _keys(units: list[UnitPlan], *families: str) -> list[str]:
     return [u.key for u in units if u.family in families]
 
 
+def _failed(states: list[UnitState], *keys: str) -> list[UnitState]:
+    """``states`` with the units ``keys`` FAILED."""
+    return [UnitState(s.key, s.stage, FAILED if s.key in keys else s.state) for s in states]
+
+
 MODEL = ("cnn", "svm", "rf")
 
 
@@ -187,10 +192,7 @@ def test_report_waits_for_every_model_unit():
 def test_failed_shard_fails_pending_model_units_naming_it():
     units = _units()
     bad_shard = _keys(units, "preprocess")[1]
-    states = [
-        UnitState(s.key, s.stage, FAILED if s.key == bad_shard else s.state)
-        for s in _states(units, preprocess=SUCCESS)
-    ]
+    states = _failed(_states(units, preprocess=SUCCESS), bad_shard)
     actions = next_actions(states)
     assert actions.enqueue == []
     assert [key for key, _ in actions.fail] == _keys(units, *MODEL)
@@ -200,10 +202,8 @@ def test_failed_shard_fails_pending_model_units_naming_it():
 def test_report_becomes_ready_after_failures():
     units = _units()
     bad_shard = _keys(units, "preprocess")[0]
-    states = [
-        UnitState(s.key, s.stage, FAILED if s.key == bad_shard else s.state)
-        for s in _states(units, preprocess=SUCCESS, cnn=FAILED, svm=FAILED, rf=FAILED)
-    ]
+    done = _states(units, preprocess=SUCCESS, cnn=FAILED, svm=FAILED, rf=FAILED)
+    states = _failed(done, bad_shard)
     actions = next_actions(states)
     assert actions.enqueue == ["t-0001/report"]
     assert actions.fail == []
@@ -335,14 +335,11 @@ def test_report_waits_for_merges_and_runs_after_failed_ones():
 def test_failed_preprocessing_reaches_merges_through_their_shards():
     units = _sharded()
     bad_shard = _keys(units, "preprocess")[0]
-    states = [
-        UnitState(s.key, s.stage, FAILED if s.key == bad_shard else s.state)
-        for s in _states(units, preprocess=SUCCESS)
-    ]
+    states = _failed(_states(units, preprocess=SUCCESS), bad_shard)
     first = next_actions(states)
     assert [k for k, _ in first.fail] == _keys(units, "cnn", "svm", "rf_shard")
     failed = dict(first.fail)
-    states = [UnitState(s.key, s.stage, FAILED if s.key in failed else s.state) for s in states]
+    states = _failed(states, *failed)
     second = next_actions(states)
     assert [k for k, _ in second.fail] == _keys(units, "rf")
     assert all(reason.startswith("tree shard failed: ") for _, reason in second.fail)

@@ -9,22 +9,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from db.store import Artifact, Outcome, Store
+from db.store import Outcome, Store
 from shared.artifacts import sha256_file
-from shared.manifest import Entry, Manifest
-from shared.plan import TRAIN, plan_units
-from shared.preprocess import shard_name, write_shard
+from shared.manifest import Manifest
+from shared.plan import TRAIN
 from shared.settings import Settings
-from shared.spec import parse_campaign
 from workers.tasks import cnn as cnn_task
 from workers.tasks.base import UnitContext
 
 CAMPAIGN_ID = "k-1"
-N_TRAIN, N_TEST, CACHE = 24, 6, 32
 EPOCHS = 3
 
 
@@ -32,30 +28,11 @@ class Killed(Exception):
     """Stands in for SIGKILL between two epochs."""
 
 
-def _images() -> tuple[np.ndarray, list[str]]:
-    rng = np.random.default_rng(0)
-    labels = [("A", "B", "C")[i % 3] for i in range(N_TRAIN + N_TEST)]
-    base = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])[[ord(c) - 65 for c in labels]]
-    noise = rng.normal(0, 30, (len(labels), CACHE, CACHE, 3))
-    return np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture
-def env(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest]:
-    settings = Settings(
-        home=tmp_path / "home",
-        broker_url="memory://",
-        database_url=sqlite_url,
-        artifacts=tmp_path / "artifacts",
-    )
-    store = Store(sqlite_url)
-    store.upgrade()
-    campaign = parse_campaign(
+def env(cached_campaign) -> tuple[Store, Settings, Manifest]:  # noqa: ANN001
+    return cached_campaign(
+        CAMPAIGN_ID,
         {
-            "name": "k",
-            "folds": 2,
-            "dataset": {"kind": "synthetic"},
-            "preprocessing": {"size": CACHE, "shard_size": 16},
             "cnn": {
                 "folds": 1,
                 "epochs": EPOCHS,
@@ -65,34 +42,7 @@ def env(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest]:
                 "dropout": 0.3,
             },
         },
-        source="k.toml",
     )
-    images, labels = _images()
-    entries = tuple(
-        Entry(
-            image_id=f"{i}.jpg",
-            label=label,
-            split="test" if i >= N_TRAIN else "train",
-            path=f"/nowhere/{i}.jpg",
-            fold=-1 if i >= N_TRAIN else i % 2,
-        )
-        for i, label in enumerate(labels)
-    )
-    manifest = Manifest(("A", "B", "C"), entries, "f" * 64, "k" * 16, CACHE, 16)
-    for index, start in enumerate(range(0, len(images), 16)):
-        rel = f"cache/{manifest.cache_key}/{shard_name(index)}"
-        written = write_shard(settings.artifacts / rel, images[start : start + 16])
-        store.record_artifact(Artifact(rel, "shard", written.sha256, written.size))
-    store.create_campaign(
-        CAMPAIGN_ID,
-        name="k",
-        source="k.toml",
-        digest=campaign.digest(),
-        spec=campaign.model_dump(mode="json"),
-        classes=["A", "B", "C"],
-        units=plan_units(CAMPAIGN_ID, campaign, [(0, 16), (16, 30)]),
-    )
-    return store, settings, manifest
 
 
 def _context(env) -> UnitContext:

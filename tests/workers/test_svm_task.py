@@ -7,23 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from db.store import Artifact, Store
 from shared.artifacts import sha256_file
-from shared.manifest import Entry, Manifest
-from shared.plan import TRAIN, plan_units
-from shared.preprocess import shard_name, write_shard
+from shared.manifest import Manifest
+from shared.plan import TRAIN
 from shared.settings import Settings
-from shared.spec import parse_campaign
 from shared.svm import fit_pca_basis, project_all
 from shared.variants import derive
+from tests.workers.conftest import N_TEST, tiny_images
 from workers.tasks import svm as svm_task
 from workers.tasks.base import UnitContext
 
 CAMPAIGN_ID = "s-1"
-N_TRAIN, N_TEST, CACHE = 24, 6, 32
 
 
 @pytest.fixture(autouse=True)
@@ -31,31 +28,12 @@ def _forget_loaded_projection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(svm_task, "_last", None)
 
 
-def _images() -> tuple[np.ndarray, list[str]]:
-    rng = np.random.default_rng(0)
-    labels = [("A", "B", "C")[i % 3] for i in range(N_TRAIN + N_TEST)]
-    base = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])[[ord(c) - 65 for c in labels]]
-    noise = rng.normal(0, 30, (len(labels), CACHE, CACHE, 3))
-    return np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture
-def env(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest]:
-    settings = Settings(
-        home=tmp_path / "home",
-        broker_url="memory://",
-        database_url=sqlite_url,
-        artifacts=tmp_path / "artifacts",
-    )
-    store = Store(sqlite_url)
-    store.upgrade()
-    campaign = parse_campaign(
+def env(cached_campaign) -> tuple[Store, Settings, Manifest]:  # noqa: ANN001
+    return cached_campaign(
+        CAMPAIGN_ID,
+        # 1000 is more than 12 training images allow: that point must fail alone
         {
-            "name": "s",
-            "folds": 2,
-            "dataset": {"kind": "synthetic"},
-            "preprocessing": {"size": CACHE, "shard_size": 16},
-            # 1000 is more than 12 training images allow: that point must fail alone
             "svm": {
                 "variant": "polar16",
                 "n_components": [3, 6, 1000],
@@ -64,34 +42,7 @@ def env(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest]:
                 "folds": 2,
             },
         },
-        source="s.toml",
     )
-    images, labels = _images()
-    entries = tuple(
-        Entry(
-            image_id=f"{i}.jpg",
-            label=label,
-            split="test" if i >= N_TRAIN else "train",
-            path=f"/nowhere/{i}.jpg",
-            fold=-1 if i >= N_TRAIN else i % 2,
-        )
-        for i, label in enumerate(labels)
-    )
-    manifest = Manifest(("A", "B", "C"), entries, "f" * 64, "k" * 16, CACHE, 16)
-    for index, start in enumerate(range(0, len(images), 16)):
-        rel = f"cache/{manifest.cache_key}/{shard_name(index)}"
-        written = write_shard(settings.artifacts / rel, images[start : start + 16])
-        store.record_artifact(Artifact(rel, "shard", written.sha256, written.size))
-    store.create_campaign(
-        CAMPAIGN_ID,
-        name="s",
-        source="s.toml",
-        digest=campaign.digest(),
-        spec=campaign.model_dump(mode="json"),
-        classes=["A", "B", "C"],
-        units=plan_units(CAMPAIGN_ID, campaign, [(0, 16), (16, 30)]),
-    )
-    return store, settings, manifest
 
 
 def _run(env, **params):
@@ -144,7 +95,7 @@ def test_a_sliced_point_equals_its_own_pca(env):
     assert outcome.train_acc is not None and outcome.val_acc is not None
     assert len(outcome.predictions["val"]) == 12 and len(outcome.predictions["test"]) == N_TEST
     (record,) = _pca_records(store)
-    images = derive(_images()[0], "polar16")
+    images = derive(tiny_images()[0], "polar16")
     train, _, _ = manifest.fold_indices(0)
     expected = project_all(fit_pca_basis(images[train], 12, True, seed=0), images)
     blob = (settings.artifacts / record.path).read_bytes()
