@@ -338,3 +338,14 @@ def test_lime_explains_the_best_cnn_fold(sqlite_url: str, tmp_path: Path) -> Non
 
     off = build_report_data(store, "l-1")  # no manifest or settings: said, not crashed
     assert off.lime is None and "model files" in off.lime_note
+
+    # a campaign whose folds were copied from l-1 (`submit --reuse`) has no model files
+    # of its own: LIME uses the model of the unit each fold was copied from
+    reused = make_store(sqlite_url, spec, "l-2")
+    for u in (u for u in reused.units("l-2") if u.family == "cnn"):
+        source = next(s for s in units if s.fold == u.fold)
+        extra = {"reused_from": source.key}
+        finish(reused, u.key, 0.5 + 0.1 * u.fold, [0, 1, 2, 0], [0, 1, 2, 1], extra=extra)
+    again = build_report_data(reused, "l-2", manifest=manifest, settings=settings)
+    assert again.lime is not None, again.lime_note
+    assert again.lime.unit_key.startswith("l-2/") and len(again.lime.items) == 3
