@@ -22,10 +22,13 @@ pydantic, Celery or SQLAlchemy), so it runs on a bare GPU image.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +44,18 @@ from shared.cnn import (  # noqa: E402
     STUDY_MEAN,
     STUDY_STD,
     build_model,
+    compile_options,
     make_optimizer,
+    prepare_inputs,
     prepare_model,
     to_device,
     train_one_epoch,
 )
 
+STARTED = time.monotonic()
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+#: environment variables that change what is measured, recorded with the figures
+ENV_PREFIXES = ("TORCHINDUCTOR_", "PYTORCH_", "TORCH_CUDNN")
 
 
 def study_transforms() -> Any:
@@ -87,9 +95,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def baseline_throughput(
+Timed = Callable[[], float]  # runs the timed steps, returns images per second
+
+
+def baseline_runner(
     images: np.ndarray, labels: np.ndarray, params: dict, device: torch.device, args: Any
-) -> float:
+) -> Timed:
+    """Builds the obvious pipeline and runs its warm-up steps; returns the timed part."""
     torch.manual_seed(0)
     model = build_model(params, 3).to(device)
     optimizer = torch.optim.SGD(
@@ -127,14 +139,18 @@ def baseline_throughput(
     for _ in range(args.warmup):
         step()
     _sync(device)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return args.steps * args.batch_size / (time.perf_counter() - started)
+
+    def timed() -> float:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        return args.steps * args.batch_size / (time.perf_counter() - started)
+
+    return timed
 
 
-def orchard_throughput(
+def orchard_runner(
     images: np.ndarray,
     labels: np.ndarray,
     params: dict,
@@ -142,12 +158,26 @@ def orchard_throughput(
     args: Any,
     *,
     compile: bool,
-) -> float:
+    profile: Path | None = None,
+) -> Timed:
+    """orchard's path, warmed up (compiled and autotuned, when asked); returns the timed
+    part, which also writes a kernel profile of a few more steps to ``profile``."""
     torch.manual_seed(0)
     x = to_device(images, device)  # once: the whole set lives on the device
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     model = build_model(params, 3).to(device)
-    trained = prepare_model(model, device, compile=compile, mode=args.compile_mode)
+    options = compile_options(tune=args.tune, cudagraphs=args.cudagraphs)
+    trained = prepare_model(
+        model,
+        device,
+        compile=compile,
+        mode=args.compile_mode,
+        pad_input=args.pad_input,
+        options=options,
+    )
+    transform = prepare_inputs(
+        device, compile=compile and args.compile_inputs, options=compile_options(tune=args.tune)
+    )
     optimizer = make_optimizer(model, params, device)
     generator = torch.Generator(device=device).manual_seed(0)
     n_warm, n_timed = args.warmup * args.batch_size, args.steps * args.batch_size
@@ -161,14 +191,72 @@ def orchard_throughput(
             batch_size=args.batch_size,
             augment=True,
             generator=generator,
+            transform=transform,
         )
 
     epoch(n_warm)  # compiles and autotunes, when asked
     _sync(device)
-    started = time.perf_counter()
-    epoch(n_timed)  # returns after its one sync: every step has run
-    _sync(device)
-    return n_timed / (time.perf_counter() - started)
+
+    def timed() -> float:
+        started = time.perf_counter()
+        epoch(n_timed)  # returns after its one sync: every step has run
+        _sync(device)
+        rate = n_timed / (time.perf_counter() - started)
+        if profile is not None:
+            profile_steps(epoch, args.batch_size, device, profile)
+        return rate
+
+    return timed
+
+
+@contextlib.contextmanager
+def timing_turn(args: Any) -> Iterator[None]:
+    """With ``--barrier DIR``: several runs compile side by side, then time one at a time.
+
+    Each run marks itself ready in ``DIR`` after its warm-up, waits until ``--parties``
+    runs are ready (or ``--barrier-timeout`` seconds since it started), then times
+    under an exclusive lock on ``DIR/lock``, so no timed step shares the GPU or the
+    CPUs with another run's compilation or steps.
+    """
+    if args.barrier is None:
+        yield
+        return
+    mark_ready(args.barrier)
+    deadline = STARTED + args.barrier_timeout
+    while len(list(args.barrier.glob("ready-*"))) < args.parties:
+        if time.monotonic() > deadline:
+            print("barrier: timed out waiting for the other runs", flush=True)
+            break
+        time.sleep(0.5)
+    with (args.barrier / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def mark_ready(barrier: Path) -> None:
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / f"ready-{os.getpid()}").touch()
+
+
+def profile_steps(epoch: Any, batch_size: int, device: torch.device, path: Path) -> None:
+    """Where the time of a few more steps goes, kernel by kernel, into ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    steps = 3
+    with profile(activities=activities) as prof:
+        epoch(steps * batch_size)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps of {batch_size}\n{table}\n")
+    print(f"wrote {path}", flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,7 +276,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-mode",
         default=None,
-        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)",
+        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: orchard's "
+        "options, see --tune and --cudagraphs)",
+    )
+    parser.add_argument(
+        "--compile-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="when compiling, compile the augmentation and normalisation too (default on)",
+    )
+    parser.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="coordinate-descent tuning of the compiled kernels (orchard's default: on)",
+    )
+    parser.add_argument(
+        "--cudagraphs", action="store_true", help="compiled steps replayed as CUDA graphs"
+    )
+    parser.add_argument(
+        "--pad-input",
+        type=int,
+        default=None,
+        help="channels the first conv's RGB input is padded to on CUDA (default: "
+        "orchard's, 8; 0: none)",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark-limit",
+        type=int,
+        default=None,
+        help="cuDNN algorithms to try per conv (torch's default 10; 0: all)",
+    )
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="measure orchard's path only (no ratio)"
+    )
+    parser.add_argument("--profile", type=Path, default=None, help="write a kernel table here")
+    parser.add_argument("--label", default=None, help="a name for this configuration")
+    parser.add_argument(
+        "--barrier",
+        type=Path,
+        default=None,
+        help="a folder shared by runs started side by side: they compile together and "
+        "then time one at a time",
+    )
+    parser.add_argument("--parties", type=int, default=1, help="runs sharing --barrier")
+    parser.add_argument(
+        "--barrier-timeout", type=float, default=600.0, help="seconds from start, at most"
     )
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -214,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile_ = bool(args.compile and device.type == "cuda")  # compile is a CUDA path
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.image_size, args.image_size, 3), np.uint8)
@@ -232,32 +367,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.steps} timed steps after {args.warmup}",
         flush=True,
     )
-    baseline = baseline_throughput(images, labels, params, device, args)
-    print(f"baseline done: {baseline:,.0f} img/s", flush=True)
-    rows = [
-        (
-            f"baseline: DataLoader ({args.loader_workers} workers), per-image torchvision, fp32",
-            baseline,
-        )
-    ]
-    figures: dict[str, Any] = {"baseline_img_s": baseline}
     fast = "bf16, channels-last" if device.type == "cuda" else "fp32"
-    if compile_:
-        eager = orchard_throughput(images, labels, params, device, args, compile=False)
-        figures["orchard_eager_img_s"] = eager
-        rows.append((f"orchard, eager: device-resident, batched augment, {fast}", eager))
-        print(f"orchard eager done: {eager:,.0f} img/s", flush=True)
-    orchard = orchard_throughput(images, labels, params, device, args, compile=compile_)
-    figures["orchard_img_s"] = orchard
     label = "compiled" if compile_ else "eager"
-    rows.append((f"orchard, {label}: device-resident, batched augment, {fast}", orchard))
-    figures["ratio"] = orchard / baseline
+    runs: list[tuple[str, str, Timed]] = []  # (figure, row, timed steps)
+    try:  # build and warm up every pipeline first: compilation is not timed
+        if not args.skip_baseline:
+            runs.append(
+                (
+                    "baseline_img_s",
+                    f"baseline: DataLoader ({args.loader_workers} workers), per-image "
+                    "torchvision, fp32",
+                    baseline_runner(images, labels, params, device, args),
+                )
+            )
+        if compile_ and not args.skip_baseline:
+            runs.append(
+                (
+                    "orchard_eager_img_s",
+                    f"orchard, eager: device-resident, batched augment, {fast}",
+                    orchard_runner(images, labels, params, device, args, compile=False),
+                )
+            )
+        runs.append(
+            (
+                "orchard_img_s",
+                f"orchard, {label}: device-resident, batched augment, {fast}",
+                orchard_runner(
+                    images, labels, params, device, args, compile=compile_, profile=args.profile
+                ),
+            )
+        )
+    finally:  # a run that failed must not keep the others waiting
+        if args.barrier is not None:
+            mark_ready(args.barrier)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # leave memory to runs still compiling
+    rows: list[tuple[str, float]] = []
+    figures: dict[str, Any] = {}
+    with timing_turn(args):
+        for key, row, timed in runs:
+            figures[key] = timed()
+            rows.append((row, figures[key]))
+            print(f"{row}: {figures[key]:,.0f} img/s", flush=True)
+    if "baseline_img_s" in figures:
+        figures["ratio"] = figures["orchard_img_s"] / figures["baseline_img_s"]
 
     width = max(len(name) for name, _ in rows)
     print(f"\n{'pipeline':<{width}}  {'img/s':>10}")
     for name, value in rows:
         print(f"{name:<{width}}  {value:>10,.0f}")
-    print(f"{'ratio orchard / baseline':<{width}}  {figures['ratio']:>9.2f}x")
+    if "ratio" in figures:
+        print(f"{'ratio orchard / baseline':<{width}}  {figures['ratio']:>9.2f}x")
 
     result = {
         "benchmark": "train_throughput",
@@ -269,7 +429,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "compiled": compile_,
-        "args": vars(args),
+        "label": args.label,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **figures,
     }
     print(f"wrote {write_json(args.json, result)}")

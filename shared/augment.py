@@ -53,12 +53,20 @@ BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-@functools.lru_cache(maxsize=64)
 def constant(
     values: tuple, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """A small constant tensor, made once per device: building one from a Python list
-    on CUDA is a host-to-device copy that waits for the GPU. Never modify the result."""
+    on CUDA is a host-to-device copy that waits for the GPU. Never modify the result.
+
+    Under ``torch.compile`` it is a plain constant of the graph (no cache to trace)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -203,9 +211,19 @@ def _inside(coord: torch.Tensor, size: int) -> torch.Tensor:
     return (coord >= 0) & (coord <= size)
 
 
-@functools.lru_cache(maxsize=16)
 def _pixel_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h, w, 3) homogeneous edge coordinates (x + 0.5, y + 0.5, 1) of every pixel."""
+    if torch.compiler.is_compiling():
+        return _make_pixel_centres(h, w, device)  # fused into the warp's kernels
+    return _cached_pixel_centres(h, w, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_pixel_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
+    return _make_pixel_centres(h, w, device)
+
+
+def _make_pixel_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
     ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
     ones = torch.ones(h, w, device=device)

@@ -87,7 +87,9 @@ def test_block_layer_order_and_conv_geometry(study_model):
     ]
     cin = 3
     for block, channels in zip(blocks, (32, 64, 128, 256, 512), strict=True):
-        assert [type(layer) for layer in block] == expected
+        assert len(block) == len(expected)
+        for layer, kind in zip(block, expected, strict=True):
+            assert isinstance(layer, kind), (layer, kind)  # the first conv: RgbConv2d
         convs = [layer for layer in block if isinstance(layer, nn.Conv2d)]
         assert [(c.in_channels, c.out_channels) for c in convs] == [
             (cin, channels),
@@ -345,11 +347,8 @@ def test_default_params_give_the_study_table_at_224():
 def test_norm_order_bn_act_puts_batchnorm_first():
     params = CnnParams(width=0.125, image_size=32, norm_order="bn_act").model_dump()
     model = build_model(params, 3)
-    assert [type(layer) for layer in model.features[0]][:3] == [
-        nn.Conv2d,
-        nn.BatchNorm2d,
-        nn.PReLU,
-    ]
+    assert [type(layer) for layer in model.features[0]][1:3] == [nn.BatchNorm2d, nn.PReLU]
+    assert isinstance(model.features[0][0], nn.Conv2d)
     assert [type(layer) for layer in model.classifier][1:5] == [
         nn.Linear,
         nn.BatchNorm1d,
@@ -570,3 +569,84 @@ def test_train_throughput_bench_runs_tiny_on_cpu(tmp_path, capsys):
     assert written["ratio"] == pytest.approx(written["orchard_img_s"] / written["baseline_img_s"])
     assert written["device"] == "cpu" and written["torch"] == torch.__version__
     assert written["args"]["batch_size"] == 8
+
+
+def test_train_throughput_barrier_times_each_run_under_the_lock(tmp_path, capsys):
+    """--barrier: a run marks itself ready after its warm-up and times under the lock;
+    with the other party already ready it does not wait for the timeout."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    (barrier / "ready-other").touch()
+    started = time.monotonic()
+    result = _bench_module().main(
+        [
+            "--device", "cpu", "--image-size", "32", "--width", "0.125", "--batch-size", "8",
+            "--images", "16", "--warmup", "1", "--steps", "1", "--skip-baseline",
+            "--barrier", str(barrier), "--parties", "2", "--barrier-timeout", "60",
+            "--label", "solo", "--json", str(tmp_path / "t.json"),
+        ]
+    )  # fmt: skip
+    assert time.monotonic() - started < 30  # did not sit out the 60 s timeout
+    assert len(list(barrier.glob("ready-*"))) == 2 and (barrier / "lock").exists()
+    assert "baseline_img_s" not in result and "ratio" not in result
+    assert result["orchard_img_s"] > 0 and result["label"] == "solo"
+    assert "ratio" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- CUDA fast paths, on the CPU
+
+
+def test_padded_first_conv_gives_the_plain_convs_output_and_gradients():
+    from shared.cnn import RgbConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    plain = RgbConv2d(3, 8, 3, 1, 1)
+    results = []
+    for pad in (0, 4, 8):
+        conv = RgbConv2d(3, 8, 3, 1, 1)
+        conv.load_state_dict(plain.state_dict())
+        conv.pad_channels = pad
+        out = conv(x)
+        out.square().mean().backward()
+        assert conv.weight.grad.shape == (8, 3, 3, 3)  # the parameter keeps its shape
+        results.append((out.detach(), conv.weight.grad, conv.bias.grad))
+    for out, wgrad, bgrad in results[1:]:
+        torch.testing.assert_close(out, results[0][0])
+        torch.testing.assert_close(wgrad, results[0][1])
+        torch.testing.assert_close(bgrad, results[0][2])
+
+
+def test_the_first_conv_is_padded_on_cuda_only_and_checkpoints_keep_their_shape():
+    from shared.cnn import CUDA_INPUT_CHANNELS, RgbConv2d, prepare_model
+
+    model = MangoCNN(image_size=32, width=0.125)
+    first = model.features[0][0]
+    assert isinstance(first, RgbConv2d) and first.in_channels == 3
+    assert sum(isinstance(m, RgbConv2d) for m in model.modules()) == 1
+    assert prepare_model(model, CPU) is model and first.pad_channels == 0
+    assert model.state_dict()["features.0.0.weight"].shape == (4, 3, 3, 3)
+    assert CUDA_INPUT_CHANNELS in (4, 8)
+
+
+def test_the_compiled_input_transform_traces_as_one_graph_and_matches_eager():
+    """What prepare_inputs compiles on CUDA: one graph, no breaks (fullgraph), the same
+    values; checked here with the aot_eager backend, which traces without codegen."""
+    from shared.augment import sample_params
+    from shared.cnn import _augmented_input, model_inputs, prepare_inputs
+
+    assert prepare_inputs(CPU, compile=True) is _augmented_input  # the CPU stays eager
+    batch = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    params = sample_params(6, 32, 32, torch.Generator().manual_seed(4))
+    compiled = torch.compile(_augmented_input, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(batch, params), _augmented_input(batch, params))
+    seen = []
+
+    def spy(b, p):
+        seen.append(p)
+        return _augmented_input(b, p)
+
+    generator = torch.Generator().manual_seed(4)
+    out = model_inputs(batch, augment=True, generator=generator, transform=spy)
+    assert len(seen) == 1 and torch.equal(seen[0].angle, params.angle)
+    torch.testing.assert_close(out, _augmented_input(batch, params))

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md in one short run on a lent GPU machine:
+#
+#   OUT=/some/folder bash bench/device_run.sh        # on the GPU machine
+#   OUT=/tmp/dry bash bench/device_run.sh --dry      # the same steps, tiny, on a CPU
+#
+# 1. bench/gpu_checks.py: the CUDA-only fast paths agree with the plain ones.
+# 2. bench/train_throughput.py in several configurations started side by side: they
+#    compile in parallel (compilation is minutes, the timed steps seconds), then time
+#    one at a time under a lock (see --barrier), so no timed step shares the machine.
+#    "main" is the one that counts: baseline, eager and orchard's defaults in one
+#    process; the others take one of orchard's choices away, or try an alternative.
+# Everything lands in $OUT/device_run.tar.gz: one JSON and one log per run, kernel
+# profiles, versions.
+set -u
+final=${OUT:?set OUT to a folder for the results}
+out=$(mktemp -d) # everything, packed into $OUT/device_run.tar.gz at the end
+barrier=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
+size=(--full --device cuda --steps 48)
+wait_s=${WAIT_S:-330}
+if [[ ${1:-} == --dry ]]; then
+    size=(--device cpu --steps 2 --warmup 1 --images 64)
+    wait_s=120
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+    "$py" -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+    nproc
+} >"$out/machine.txt" 2>&1
+
+runs=(main ref pad4 notune cudagraphs batch512)
+parties=$((${#runs[@]} + 1)) # + the checks
+common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
+
+start() { # name, extra args...: one throughput run in the background
+    local name=$1
+    shift
+    timeout $((wait_s + 120)) "$py" bench/train_throughput.py "${size[@]}" "${common[@]}" \
+        --label "$name" --json "$out/tt_$name.json" "$@" >"$out/tt_$name.log" 2>&1 &
+}
+
+# the checks run first and count as a party, so nothing is timed while they use the GPU
+(
+    if [[ ${1:-} == --dry ]]; then
+        echo "dry run: no CUDA checks" >"$out/gpu_checks.log"
+    else
+        timeout "$wait_s" "$py" bench/gpu_checks.py --json "$out/gpu_checks.json" \
+            >"$out/gpu_checks.log" 2>&1
+    fi
+    touch "$barrier/ready-checks"
+) &
+
+start main --profile "$out/profile_main.txt"
+start ref --skip-baseline --no-compile-inputs --pad-input 0 --no-tune --profile "$out/profile_ref.txt"
+start pad4 --skip-baseline --pad-input 4
+start notune --skip-baseline --no-tune
+start cudagraphs --skip-baseline --cudagraphs --profile "$out/profile_cudagraphs.txt"
+start batch512 --skip-baseline --batch-size 512
+wait
+
+"$py" - "$out" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for path in sorted(out.glob("tt_*.json")):
+    r = json.loads(path.read_text())
+    extra = f"  baseline {r['baseline_img_s']:,.0f}  ratio {r['ratio']:.2f}x" if "ratio" in r else ""
+    print(f"{r['label']:>8}: {r['orchard_img_s']:>9,.0f} img/s{extra}")
+EOF
+tar -czf "$final/device_run.tar.gz" -C "$out" .
+rm -rf "$barrier" "$out"

@@ -1,0 +1,205 @@
+"""Correctness of the CUDA-only fast paths, checked where they run (not a benchmark).
+
+The suite runs on CPU-only machines, where these paths are never taken; this script
+checks them on a GPU and exits non-zero when one disagrees:
+
+- the batched augmentation on CUDA against the same parameters on the CPU;
+- the compiled augmentation + normalisation (``prepare_inputs(compile=True)``)
+  against the eager one, same parameters;
+- the first conv padded to 4 and 8 input channels (``RgbConv2d``) against the plain
+  conv: output, weight and bias gradients, fp32 and under bf16 autocast;
+- one short ``train_fold`` through the production path with ``compile = true``,
+  including a checkpoint and a resume.
+
+    python bench/gpu_checks.py            # writes bench/results/gpu_checks.json
+
+Imports only torch, numpy and ``shared.cnn`` / ``shared.augment``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench._report import now, write_json  # noqa: E402
+from shared.augment import augment_batch, params_to, sample_params  # noqa: E402
+from shared.cnn import (  # noqa: E402
+    RgbConv2d,
+    _augmented_input,
+    prepare_inputs,
+    train_fold,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_checks.json"
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+def augmentation_cpu_vs_cuda(device: torch.device) -> dict[str, Any]:
+    batch = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8)
+    params = sample_params(64, 224, 224, torch.Generator().manual_seed(3))
+    on_cpu = augment_batch(batch, params)
+    on_gpu = augment_batch(batch.to(device), params_to(params, device))
+    diff = _max_diff(on_cpu, on_gpu)
+    return {"max_abs_diff": diff, "tolerance": 1e-4, "ok": diff <= 1e-4}
+
+
+def compiled_inputs_vs_eager(device: torch.device) -> dict[str, Any]:
+    batch = torch.randint(0, 256, (256, 3, 224, 224), dtype=torch.uint8, device=device)
+    generator = torch.Generator(device=device).manual_seed(5)
+    params = sample_params(256, 224, 224, generator)
+    eager = _augmented_input(batch, params)
+    compiled = prepare_inputs(device, compile=True)(batch, params)
+    diff = _max_diff(eager, compiled)
+    # normalised units (about 1/0.23 per unit of [0, 1]); the warp's coordinates are
+    # float32 either way, fused differently
+    return {
+        "max_abs_diff": diff,
+        "mean_abs_diff": (eager - compiled).abs().mean().item(),
+        "channels_last": compiled.is_contiguous(memory_format=torch.channels_last),
+        "tolerance": 1e-3,
+        "ok": diff <= 1e-3 and compiled.is_contiguous(memory_format=torch.channels_last),
+    }
+
+
+def padded_first_conv(device: torch.device) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 compared as fp32, not as TF32
+    for pad in (4, 8):
+        for autocast in (False, True):
+            plain = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
+            padded = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
+            padded.load_state_dict(plain.state_dict())
+            padded.pad_channels = pad
+            outs, grads = [], []
+            for conv in (plain, padded):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = conv(x)
+                out.float().square().mean().backward()
+                outs.append(out)
+                grads.append((conv.weight.grad, conv.bias.grad))
+            tol = 2e-2 if autocast else 1e-4
+            diffs = {
+                "output": _max_diff(*outs) / outs[0].float().abs().max().item(),
+                "weight_grad": _max_diff(grads[0][0], grads[1][0]) / grads[0][0].abs().max().item(),
+                "bias_grad": _max_diff(grads[0][1], grads[1][1]) / grads[0][1].abs().max().item(),
+            }
+            results[f"pad{pad}_{'bf16' if autocast else 'fp32'}"] = {
+                "relative_max_diff": diffs,
+                "tolerance": tol,
+                "ok": all(d <= tol for d in diffs.values()),
+            }
+    torch.backends.cudnn.allow_tf32 = tf32
+    return {"cases": results, "ok": all(c["ok"] for c in results.values())}
+
+
+def compiled_train_fold(device: torch.device) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (n, 224, 224, 3), np.uint8)
+
+    params = {
+        "image_size": 224,
+        "width": 1.0,
+        "dropout": 0.5,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "epochs": 2,
+        "batch_size": 64,
+        "augment": True,
+        "compile": True,
+    }
+    train, val, test = images(256), images(64), images(32)
+    labels = rng.integers(0, 3, 256)
+    val_labels = rng.integers(0, 3, 64)
+    saved: list[dict[str, Any]] = []
+    outcome = train_fold(
+        train,
+        labels,
+        val,
+        val_labels,
+        test,
+        params,
+        num_classes=3,
+        seed=0,
+        device=device,
+        on_checkpoint=saved.append,
+    )
+    resumed = train_fold(
+        train,
+        labels,
+        val,
+        val_labels,
+        test,
+        params,
+        num_classes=3,
+        seed=0,
+        device=device,
+        resume=saved[0],
+    )
+    finite = bool(np.isfinite(outcome.test_probs).all() and np.isfinite(resumed.test_probs).all())
+    return {
+        "epochs": len(outcome.history),
+        "resumed_from_epoch": resumed.resumed_from_epoch,
+        "val_acc": outcome.val_acc,
+        "seconds": outcome.seconds,
+        "test_probs_max_diff_after_resume": float(
+            np.abs(outcome.test_probs - resumed.test_probs).max()
+        ),
+        "ok": finite and len(outcome.history) == 2 and resumed.resumed_from_epoch == 1,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device here; nothing to check", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    checks = {
+        "augmentation_cpu_vs_cuda": augmentation_cpu_vs_cuda,
+        "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
+        "padded_first_conv": padded_first_conv,
+        "compiled_train_fold": compiled_train_fold,
+    }
+    results: dict[str, Any] = {}
+    for name, check in checks.items():
+        try:
+            results[name] = check(device)
+        except Exception as exc:  # report every check, then fail
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        print(f"{name}: {'ok' if results[name]['ok'] else 'FAILED'} {results[name]}", flush=True)
+    payload = {
+        "benchmark": "gpu_checks",
+        "date": now(),
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "checks": results,
+        "ok": all(r["ok"] for r in results.values()),
+    }
+    print(f"wrote {write_json(args.json, payload)}")
+    return 0 if payload["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
