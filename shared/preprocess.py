@@ -4,9 +4,11 @@ A shard is one ``.npy`` file of shape (n, S, S, 3), RGB, for a contiguous range 
 campaign manifest. Its folder is named by a fingerprint of the images' bytes and the
 preprocessing parameters, so any later campaign over the same data finds it again.
 
-Decoding is the expensive step, so each image is decoded exactly once, and a JPEG at
-least twice the cache size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (it
-skips most of the inverse DCT and colour work), then resized the rest of the way.
+Decoding is the expensive step, so each image is decoded exactly once, and a large JPEG
+is decoded at 1/2 or 1/4 scale by libjpeg itself (it skips most of the inverse DCT,
+upsampling and colour work), then shrunk the rest of the way with INTER_AREA. What no
+reduction skips is entropy (Huffman) decoding of every compressed byte: at camera-like
+file sizes (about 2 bits per pixel at quality 90) that is most of the time left.
 """
 
 from __future__ import annotations
@@ -32,12 +34,25 @@ MAX_PIXELS = 100_000_000
 #: What Pillow calls the formats OpenCV decodes for us (MPO: a JPEG with extra pictures).
 DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM"})
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-# libjpeg's scaled decoding, largest reduction first.
+# libjpeg's scaled decoding, largest reduction first. 1/8 (DC only: the mean of each 8x8
+# block, fixed to the block grid) is left out: on detailed photos it fell under 35 dB
+# against the full decode even with a 1.5x-2x area shrink after it, and where it would
+# apply (12 MP and more) 1/4 costs 9-15% more, entropy decoding being the bulk of both.
 _REDUCED_FLAGS = (
-    (8, cv2.IMREAD_REDUCED_COLOR_8),
     (4, cv2.IMREAD_REDUCED_COLOR_4),
     (2, cv2.IMREAD_REDUCED_COLOR_2),
 )
+#: How much INTER_AREA must still shrink (on the short side) after a reduced decode.
+#: A reduced decode is close to a 2x2 or 4x4 average on the JPEG block grid. Followed by
+#: a bilinear resize, or by an area resize of little more than 1x, it differs from one
+#: area average of the full image too much on detailed photos: on crops of real photos
+#: (bench/preprocess.py, photo-mosaic) the worst image fell to 32.5-34.7 dB at 1280x960,
+#: 1600x1200, 1920x1080 and 4032x3024 against the 35 dB asked (36.5 at 1280x1024). With
+#: INTER_AREA shrinking 1.5x or more it was 36 dB or more at every size tried, 40 or more
+#: at those five. One very detailed whole photo (scikit-learn's china.jpg) still falls to
+#: 33-34 dB at 1.5x-1.7x; a margin of 2 covers it, but a 1280x960 photo then gets no
+#: reduced decode at all.
+REDUCED_MARGIN = 1.5
 _JPEG_SOS, _JPEG_EOI = b"\xff\xda", b"\xff\xd9"
 
 
@@ -128,14 +143,15 @@ def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[ImageHeader, 
 def decode_flag(header: ImageHeader, size: int) -> int:
     """The OpenCV read mode for a ``size`` x ``size`` output: reduced when a JPEG allows it.
 
-    A reduction of k is used only when the smaller side is at least k * ``size``, so the
-    decoded image is never smaller than the output and the resize still only shrinks.
-    Other formats have no scaled decoding and are read whole.
+    A reduction of k (4 or 2) is used only when the smaller side is at least
+    ``REDUCED_MARGIN`` * k * ``size``, so the decoded image is still at least 1.5 times
+    the output and INTER_AREA does the last part of the shrinking. Other formats have no
+    scaled decoding and are read whole.
     """
     if header.format in _JPEG_FORMATS:
         smaller = min(header.width, header.height)
         for factor, flag in _REDUCED_FLAGS:
-            if smaller >= factor * size:
+            if smaller >= REDUCED_MARGIN * factor * size:
                 return flag
     return cv2.IMREAD_COLOR
 
@@ -148,14 +164,17 @@ def decode_resize(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
     """
     data = _read(path)
     header = read_header(data, path, max_pixels)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), decode_flag(header, size))
+    flag = decode_flag(header, size)
+    # OpenCV applies the EXIF orientation in both modes, as cv2.imread does.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if image is None:
         raise PreprocessError(f"{path}: not a decodable image (OpenCV could not decode it)")
-    # INTER_AREA averages away aliasing where the image shrinks by 2 or more; for the
-    # last step after a reduced decode (under 2x) bilinear is as close to the full-decode
-    # result and about twice as fast, and it is the right choice for enlarging.
+    # INTER_AREA averages away aliasing; after a reduced decode it always shrinks by at
+    # least REDUCED_MARGIN. A full decode under 2x the output (a small image) keeps
+    # bilinear, the right choice for enlarging.
+    reduced = flag != cv2.IMREAD_COLOR
     shrink_by_two = min(image.shape[:2]) >= 2 * size
-    interpolation = cv2.INTER_AREA if shrink_by_two else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if reduced or shrink_by_two else cv2.INTER_LINEAR
     image = cv2.resize(image, (size, size), interpolation=interpolation)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
@@ -212,8 +231,8 @@ def fingerprint_digests(items: Sequence[tuple[str, str, str]]) -> str:
 
 
 def cache_key(fingerprint: str, size: int, shard_size: int) -> str:
-    # v2: JPEGs at least twice the cache size are decoded at reduced scale (other pixels)
-    blob = f"{fingerprint}|size={size}|shard_size={shard_size}|decoder=cv2-reduced-area-rgb-v2"
+    # v3: reduced decoding only at 1/2 and 1/4, with at least 1.5x left to INTER_AREA
+    blob = f"{fingerprint}|size={size}|shard_size={shard_size}|decoder=cv2-reduced-area-rgb-v3"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
