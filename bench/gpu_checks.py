@@ -129,30 +129,15 @@ def compiled_train_fold(device: torch.device) -> dict[str, Any]:
     labels = rng.integers(0, 3, 256)
     val_labels = rng.integers(0, 3, 64)
     saved: list[dict[str, Any]] = []
-    outcome = train_fold(
-        train,
-        labels,
-        val,
-        val_labels,
-        test,
-        params,
-        num_classes=3,
-        seed=0,
-        device=device,
-        on_checkpoint=saved.append,
-    )
-    resumed = train_fold(
-        train,
-        labels,
-        val,
-        val_labels,
-        test,
-        params,
-        num_classes=3,
-        seed=0,
-        device=device,
-        resume=saved[0],
-    )
+
+    def fold(**extra: Any) -> Any:
+        return train_fold(
+            train, labels, val, val_labels, test, params, num_classes=3, seed=0, device=device,
+            **extra,
+        )  # fmt: skip
+
+    outcome = fold(on_checkpoint=saved.append)
+    resumed = fold(resume=saved[0])
     finite = bool(np.isfinite(outcome.test_probs).all() and np.isfinite(resumed.test_probs).all())
     return {
         "epochs": len(outcome.history),
