@@ -13,7 +13,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,8 +89,11 @@ def drop_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
 
 
 @contextmanager
-def workers(c: Cluster, count: int, queues: str = "cpu,preprocess,report") -> Iterator[Workers]:
-    """``count`` worker processes, one task at a time each, ready before this yields."""
+def workers(
+    c: Cluster, count: int, queues: str = "cpu,preprocess,report", extra: Sequence[str] = ()
+) -> Iterator[Workers]:
+    """``count`` worker processes, one task at a time each, ready before this yields;
+    ``extra``: more `orchard worker` arguments (``--pool solo``)."""
     from db.store import Store
 
     Store(c.settings.database_url).upgrade()
@@ -99,7 +102,7 @@ def workers(c: Cluster, count: int, queues: str = "cpu,preprocess,report") -> It
     running = Workers(
         c.settings,
         [
-            (name, ["--queues", queues, "--concurrency", "1", "--name", f"{name}@%h"])
+            (name, ["--queues", queues, "--concurrency", "1", "--name", f"{name}@%h", *extra])
             for name in names
         ],
     )
@@ -153,11 +156,15 @@ def wait_for_pings(
 
 
 def run_campaign(
-    root: Path, broker: str, count: int, submit: Callable[[Settings], CampaignRun]
+    root: Path,
+    broker: str,
+    count: int,
+    submit: Callable[[Settings], CampaignRun],
+    worker_args: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], str]:
     """``submit`` one campaign to ``count`` fresh workers on a fresh cluster under ``root``;
     its units' times (see :func:`unit_times`) and the broker it ran on."""
-    with cluster(root, broker) as c, workers(c, count) as running:
+    with cluster(root, broker) as c, workers(c, count, extra=worker_args) as running:
         run = submit(c.settings)
         status = run.wait(timeout=1800, check=running.check)
         if status.campaign.state != "DONE":

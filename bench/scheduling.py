@@ -2,6 +2,8 @@
 
     python bench/scheduling.py                       # tiny: 40 short forests + 1 big one
     python bench/scheduling.py --short 120 --long-trees 4000 --orders shortest,random,orchard
+    python bench/scheduling.py --pools prefork       # skip the comparison rows
+    python bench/scheduling.py --repeat 5            # 5 interleaved runs of each row
 
 A synthetic campaign of many short units (random forests of a few trees) and one long
 one (a big forest), listed in the campaign file shortest first, runs on the real Redis
@@ -12,6 +14,17 @@ one task each. It runs once per send order:
 - ``random``: a seeded shuffle;
 - ``orchard``: the order ``shared.plan.plan_units`` gives, which puts the longest
   units first (``estimated_cost``) so the big forest overlaps the short ones.
+
+Every order runs on orchard's default CPU workers (prefork pool, task events on); the
+orchard order runs once more per other ``--pools`` entry: ``solo`` (``orchard worker
+--pool solo``: one process, no parent-child hand-off, but a killed worker's unit waits
+for the visibility timeout instead of being requeued at once) and
+``prefork/no-events`` (``--without-task-events``: no task events until a monitor such
+as Flower enables them).
+
+With ``--repeat N`` the rows run N times, interleaved (so a machine that gets busier
+slows every row alike); each row then shows the medians over its runs, its dispatch
+figures over the gaps of all its runs.
 
 Measured from the store's unit timestamps:
 
@@ -89,7 +102,9 @@ def ordered(order: str, seed: int):  # noqa: ANN201
     return plan
 
 
-def run_once(root: Path, campaign: Path, order: str, count: int, broker: str, seed: int) -> dict:
+def run_once(
+    root: Path, campaign: Path, order: str, count: int, broker: str, seed: int, pool: str
+) -> dict:
     import scheduler.api as api
 
     def submit_in_order(settings: Settings) -> CampaignRun:
@@ -100,8 +115,18 @@ def run_once(root: Path, campaign: Path, order: str, count: int, broker: str, se
         finally:
             api.plan_units = original
 
-    units, broker = run_campaign(root, broker, count, submit_in_order)
-    return measure(units) | {"order": order, "broker": broker, "workers": count}
+    units, broker = run_campaign(root, broker, count, submit_in_order, worker_args(pool))
+    return measure(units) | {"order": order, "pool": pool, "broker": broker, "workers": count}
+
+
+#: ``--pools`` entries: `orchard worker` flavours
+FLAVOURS = ("prefork", "solo", "prefork/no-events", "solo/no-events")
+
+
+def worker_args(flavour: str) -> list[str]:
+    """`orchard worker` arguments for a ``--pools`` entry, e.g. ``prefork/no-events``."""
+    pool, _, events = flavour.partition("/")
+    return ["--pool", pool] + (["--without-task-events"] if events == "no-events" else [])
 
 
 def measure(units: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,6 +154,7 @@ def measure(units: list[dict[str, Any]]) -> dict[str, Any]:
         "critical_path_s": critical,
         "makespan_over_critical_path": span / critical,
         "dispatch_gaps": len(gaps),
+        "dispatch_gaps_ms": [round(1000 * g, 3) for g in gaps],
         "dispatch_ms_median": 1000 * statistics.median(gaps) if gaps else None,
         "dispatch_ms_mean": 1000 * statistics.fmean(gaps) if gaps else None,
         "dispatch_ms_p90": 1000 * statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else None,
@@ -140,18 +166,51 @@ def measure(units: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of the table from the repeated runs of one order and pool."""
+    gaps = [g for r in runs for g in r["dispatch_gaps_ms"]]
+
+    def median(name: str) -> float:
+        return statistics.median(r[name] for r in runs)
+
+    return {
+        "order": runs[0]["order"],
+        "pool": runs[0]["pool"],
+        "runs": len(runs),
+        "makespan_s": median("makespan_s"),
+        "critical_path_s": median("critical_path_s"),
+        "makespan_over_critical_path": median("makespan_over_critical_path"),
+        "dispatch_gaps": len(gaps),
+        "dispatch_ms_median": statistics.median(gaps) if gaps else None,
+        "dispatch_ms_p90": statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else None,
+        "longest_unit_started_after_s": median("longest_unit_started_after_s"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", type=int, default=40, help="short units (forests of 2+ trees)")
     parser.add_argument("--long-trees", type=int, default=1500, help="trees of the big forest")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--orders", default="shortest,orchard", help="of shortest,random,orchard")
+    parser.add_argument(
+        "--pools",
+        default="prefork,solo,prefork/no-events",
+        help="worker flavours, of " + ",".join(FLAVOURS) + ": the first runs every order "
+        "(prefork is orchard's default), the others only the orchard order",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each row, interleaved")
     parser.add_argument("--broker", choices=["auto", "redis", "filesystem"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     orders = args.orders.split(",")
     if unknown := set(orders) - {"shortest", "random", "orchard"}:
         parser.error(f"--orders: unknown {sorted(unknown)}")
+    pools = args.pools.split(",")
+    if unknown := set(pools) - set(FLAVOURS):
+        parser.error(f"--pools: unknown {sorted(unknown)}")
+    configs = [(order, pools[0]) for order in orders]
+    configs += [("orchard", pool) for pool in pools[1:]]
     # sweep points in the file shortest first: forests of 2, 3, ... trees, then the big one
     trees = list(range(2, 2 + args.short)) + [args.long_trees]
 
@@ -160,13 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         campaign = tmp_path / "scheduling.toml"
         campaign.write_text(CAMPAIGN.format(root=tmp_path / "data", trees=trees))
-        for order in orders:
+        for i, (order, pool) in enumerate(configs * args.repeat):
             result = run_once(
-                tmp_path / f"run-{order}", campaign, order, args.workers, args.broker, args.seed
+                tmp_path / f"run-{i}-{order}-{pool.replace('/', '-')}",
+                campaign,
+                order,
+                args.workers,
+                args.broker,
+                args.seed,
+                pool,
             )
             runs.append(result)
             print(
-                f"  {order}: makespan {result['makespan_s']:.2f} s, critical path "
+                f"  {order} ({pool}): makespan {result['makespan_s']:.2f} s, critical path "
                 f"{result['critical_path_s']:.2f} s",
                 file=sys.stderr,
             )
@@ -176,24 +241,32 @@ def main(argv: list[str] | None = None) -> int:
         f"one of {args.long_trees} trees) on {args.workers} workers, broker {runs[0]['broker']}"
     )
     header = (
-        f"{'order':<9} {'makespan s':>10} {'crit. path s':>12} {'ratio':>6} "
+        f"{'order':<9} {'pool':<17} {'makespan s':>10} {'crit. path s':>12} {'ratio':>6} "
         f"{'dispatch ms':>11} {'p90 ms':>7} {'big unit starts s':>17}"
     )
     print(header)
-    for r in runs:
+    rows = [summarize([r for r in runs if (r["order"], r["pool"]) == c]) for c in configs]
+    for r in rows:
         print(
-            f"{r['order']:<9} {r['makespan_s']:>10.2f} {r['critical_path_s']:>12.2f} "
+            f"{r['order']:<9} {r['pool']:<17} {r['makespan_s']:>10.2f} "
+            f"{r['critical_path_s']:>12.2f} "
             f"{r['makespan_over_critical_path']:>6.2f} {r['dispatch_ms_median'] or 0:>11.1f} "
             f"{r['dispatch_ms_p90'] or 0:>7.1f} {r['longest_unit_started_after_s']:>17.2f}"
         )
-    base = runs[0]
-    mine = next((r for r in runs if r["order"] == "orchard"), runs[-1])
+    base = rows[0]
+    mine = next((r for r in rows if r["order"] == "orchard"), rows[-1])
     speedup = base["makespan_s"] / mine["makespan_s"]
     print(
         f"makespan {base['order']} / {mine['order']}: {speedup:.2f}x; "
         f"{mine['order']} makespan / critical path {mine['makespan_over_critical_path']:.2f} "
         f"(target <= 1.15); dispatch overhead median {mine['dispatch_ms_median'] or 0:.1f} ms "
-        f"(target <= 5 ms)"
+        f"with the {mine['pool']} pool (target <= 5 ms)"
+        + "".join(
+            f"; {r['pool']} pool {r['dispatch_ms_median'] or 0:.1f} ms"
+            for r in rows
+            if r["order"] == "orchard" and r is not mine
+        )
+        + (f" (medians of {args.repeat} runs each)" if args.repeat > 1 else "")
     )
     path = write_results(
         "scheduling",
@@ -204,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "trees": trees,
             "baseline": base["order"],
             "makespan_ratio_baseline_over_orchard": speedup,
+            "rows": rows,
             "runs": runs,
         },
     )

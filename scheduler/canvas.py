@@ -2,7 +2,8 @@
 
 Each stage of a campaign is a ``group`` of unit signatures (ids only, routed to the
 family's queue). The next stage is opened by whichever task finishes the current
-one: :func:`advance` reads every unit's state from the store, asks
+one: :func:`advance` counts the unfinished units by stage (a few rows), and only when
+that says something may open reads every unit's state from the store, asks
 ``shared.plan.next_actions`` what may run, claims those units (PENDING -> QUEUED, a
 conditional update that only one caller wins) and sends only what it claimed.
 """
@@ -12,11 +13,29 @@ from __future__ import annotations
 from celery import Celery, group, uuid
 
 from db.store import Store
-from shared.plan import TERMINAL, UnitState, next_actions
+from shared.plan import PENDING, TERMINAL, UnitState, next_actions
+
+
+def may_act(unfinished: dict[int, dict[str, int]]) -> bool:
+    """Whether ``next_actions`` could enqueue or fail a unit, or the campaign could be
+    complete, given the counts of unfinished units by stage and state
+    (``Store.unfinished_by_stage``).
+
+    A stage opens only once every earlier stage is terminal, so ``next_actions`` acts
+    only on the PENDING units of the first stage that still has unfinished units;
+    with none unfinished, the campaign is complete.
+    """
+    if not unfinished:
+        return True
+    return unfinished[min(unfinished)].get(PENDING, 0) > 0
 
 
 def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     """Enqueue every unit of the campaign that is ready; returns the keys sent."""
+    # after most units nothing can open yet: a few aggregated rows say so, where
+    # reading every unit's route would cost a row per unit of the campaign, per unit
+    if not may_act(store.unfinished_by_stage(campaign_id)):
+        return []
     sent: list[str] = []
     while True:
         units = store.unit_routes(campaign_id)

@@ -7,7 +7,9 @@ Why each matters:
   never sits on tasks another worker could run.
 - visibility timeout longer than the longest task (Redis): otherwise Redis hands a
   still-running task to a second worker.
-- events on: Flower sees every task, sent, started and finished.
+- events on: Flower sees every task, sent, started and finished (``orchard worker
+  --without-task-events`` leaves a worker's task events off until a monitor enables
+  them: about 0.5 ms less per unit on a prefork worker, see README).
 - no result backend: results live in orchard's SQL store, keyed by unit.
 - publishing retries for about a minute: a Redis restart while a task opens the next
   stage delays the stage instead of losing it.

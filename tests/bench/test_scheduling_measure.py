@@ -72,3 +72,28 @@ def test_baseline_orders_reorder_only_the_model_stage(scheduling, tmp_path) -> N
     assert [u.key for u in shortest if u.stage != TRAIN] == [
         u.key for u in orchard if u.stage != TRAIN
     ]
+
+
+def test_repeated_runs_pool_their_gaps(scheduling) -> None:  # noqa: ANN001
+    def run(gaps: list[float], makespan: float) -> dict:
+        return {
+            "order": "orchard",
+            "pool": "solo",
+            "makespan_s": makespan,
+            "critical_path_s": 1.0,
+            "makespan_over_critical_path": makespan,
+            "dispatch_gaps_ms": gaps,
+            "longest_unit_started_after_s": 0.01,
+        }
+
+    row = scheduling.summarize([run([1.0, 2.0, 9.0], 1.1), run([3.0], 1.3), run([4.0], 1.2)])
+    assert row["runs"] == 3
+    assert row["dispatch_gaps"] == 5
+    assert row["dispatch_ms_median"] == pytest.approx(3.0)  # of all 5 gaps, not of 3 medians
+    assert row["makespan_s"] == pytest.approx(1.2)
+    assert (row["order"], row["pool"]) == ("orchard", "solo")
+
+
+def test_each_row_flavour_is_an_orchard_worker_option(scheduling) -> None:  # noqa: ANN001
+    assert scheduling.worker_args("prefork") == ["--pool", "prefork"]
+    assert scheduling.worker_args("solo/no-events") == ["--pool", "solo", "--without-task-events"]

@@ -381,3 +381,68 @@ def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> Non
     units = store.units("t-1")
     assert units and all(u.lease_holder is None for u in units)
     assert store.start_unit(units[0].key, worker="w", task_id="t", holder="d").run
+
+
+def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    assert store.start_unit(key, worker="w", task_id="a", holder="h", lease_seconds=60).run
+    assert store.get_unit(key).lease_holder == "h"
+    assert store.finish_unit(key, outcome()) is True
+    unit = store.get_unit(key)
+    assert unit.state == "SUCCESS" and unit.error is None
+    assert unit.lease_holder is None and unit.lease_expires_at is None
+    assert unit.finished_at is not None and unit.finished_at >= unit.started_at
+
+
+def test_unfinished_by_stage_counts_what_is_not_terminal(store_url: str) -> None:
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    stages: dict[int, int] = {}
+    for plan in plans:
+        stages[plan.stage] = stages.get(plan.stage, 0) + 1
+    assert store.unfinished_by_stage("t-1") == {s: {"PENDING": n} for s, n in stages.items()}
+    first = [p.key for p in plans if p.stage == 0]
+    store.claim_for_queue(first)
+    store.start_unit(first[0], worker="w", task_id=None)
+    store.finish_unit(first[0], outcome())
+    counts = store.unfinished_by_stage("t-1")
+    if len(first) > 1:
+        assert counts[0] == {"QUEUED": len(first) - 1}
+    else:
+        assert 0 not in counts  # its only unit is terminal: the stage is gone
+    assert counts[max(stages)] == {"PENDING": stages[max(stages)]}
+    assert store.unfinished_by_stage("no-such-campaign") == {}
+
+
+def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> None:
+    """What a worker reads on the dispatch path begins deferred (WAL snapshot), not
+    IMMEDIATE: it neither queues behind another worker's write transaction nor holds
+    the write lock itself."""
+    import sqlite3
+
+    from sqlalchemy import event, make_url
+
+    store = make_store(sqlite_url)
+    key = seed_campaign(store)[2].key
+    begins: list[str] = []
+    event.listen(
+        store.engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: (
+            begins.append(statement) if statement.startswith("BEGIN") else None
+        ),
+    )
+    writer = sqlite3.connect(make_url(sqlite_url).database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another worker in the middle of a write
+    try:
+        assert store.find_unit(key).state == "PENDING"
+        assert store.unfinished_by_stage("t-1")
+        assert [r.key for r in store.unit_routes("t-1")][2] == key
+        assert store.find_campaign("t-1") is not None
+    finally:
+        writer.rollback()
+        writer.close()
+    assert begins == ["BEGIN"] * 4
+    assert store.start_unit(key, worker="w", task_id=None).run  # writes still lock up front
+    assert begins[-1] == "BEGIN IMMEDIATE"

@@ -92,6 +92,34 @@ def test_gpu_workers_never_fork(queues: list[str], pool: str, concurrency: str) 
     assert "--task-events" in argv
 
 
+def test_cpu_workers_may_choose_the_solo_pool() -> None:
+    argv = worker_argv(["cpu"], concurrency=None, name=None, loglevel="INFO", pool="solo")
+    assert argv[argv.index("--pool") + 1] == "solo"
+    assert argv[argv.index("--concurrency") + 1] == "1"
+    assert "--task-events" in argv
+    default = worker_argv(["cpu"], concurrency=2, name=None, loglevel="INFO")
+    assert default[default.index("--pool") + 1] == "prefork"
+    quiet = worker_argv(["cpu"], concurrency=2, name=None, loglevel="INFO", task_events=False)
+    assert "--task-events" not in quiet and "--task-events" in default
+
+
+@pytest.mark.parametrize(
+    ("queues", "pool", "concurrency", "needle"),
+    [
+        (["cpu"], "solo", 4, "one task at a time"),
+        (["gpu"], "prefork", None, "GPU workers use solo"),
+        (["cpu"], "threads", None, "unknown pool"),
+    ],
+)
+def test_pool_choices_that_cannot_work_are_refused(
+    queues: list[str], pool: str, concurrency: int | None, needle: str
+) -> None:
+    from shared.errors import OrchardError
+
+    with pytest.raises(OrchardError, match=needle):
+        worker_argv(queues, concurrency=concurrency, name=None, loglevel="INFO", pool=pool)
+
+
 def test_bad_dataset_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     data = tmp_path / "mango"
     (data / "train").mkdir(parents=True)
@@ -112,3 +140,10 @@ def test_too_many_folds_for_the_smallest_class(tmp_path: Path) -> None:
     )
     done = orchard("submit", str(campaign), env={"ORCHARD_HOME": str(tmp_path / "home")})
     assert_one_line_error(done, "fewer than folds = 5")
+
+
+def test_gpu_workers_refuse_prefork_and_silence(tmp_path: Path) -> None:
+    env = {"ORCHARD_HOME": str(tmp_path)}
+    for flag in (["--pool", "prefork"], ["--without-task-events"]):
+        done = orchard("worker", "--gpus", "all", *flag, env=env)
+        assert_one_line_error(done, "--gpus workers use the solo pool")
