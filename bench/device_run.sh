@@ -31,6 +31,7 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
     "$py" -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
     nproc
+    grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
 runs=(main ref pad4 notune cudagraphs batch512)
