@@ -4,8 +4,9 @@ Baseline: one ``RandomForestClassifier(n_estimators=N, n_jobs=1)`` on the 8x aug
 (rotate + flip) training set, fitted and scored in one process (``fit_rf_point``, what an
 unsharded ``orchard.fit_rf`` unit runs). Orchard: the same N trees as ``--shards`` tree
 shards trained in that many parallel processes (stand-ins for CPU workers, running the
-functions ``orchard.fit_rf_shard`` runs: ``fit_shard`` + ``save_model``), then one merge
-process (``load_model`` + ``merge_rf_point``, what the merge unit runs). Every process is
+functions ``orchard.fit_rf_shard`` runs: ``fit_scored_shard``, which fits the shard's trees
+and scores them on the fold, + ``save_model``), then one merge process (``load_model`` +
+``merge_rf_point``, what the merge unit runs: it adds the shards' scores). Every process is
 started (forked, with sklearn imported) before the clock starts, as a worker would be.
 
 Data: synthetic uint8 images (three classes that differ in colour and blob size, plus
@@ -38,7 +39,7 @@ from bench._report import machine_info, now, write_json  # noqa: E402  (after th
 from shared.classic import FitOutcome  # noqa: E402
 from shared.forest import (  # noqa: E402
     fit_rf_point,
-    fit_shard,
+    fit_scored_shard,
     load_model,
     merge_rf_point,
     save_model,
@@ -80,9 +81,11 @@ def _baseline(data: tuple, test_y: np.ndarray, params: dict, seed: int) -> dict[
 
 
 def _shard(data: tuple, params: dict[str, Any], seed: int, shard: int, path: str) -> dict:
-    started, cpu = time.perf_counter(), time.process_time()
-    model = fit_shard(data[0], data[1], params, seed=seed, shard=shard)
-    seconds = time.perf_counter() - started
+    cpu = time.process_time()
+    train_x, train_y, val_x, _, test_x = data
+    model, seconds = fit_scored_shard(
+        train_x, train_y, val_x, test_x, params, seed=seed, shard=shard
+    )
     written = save_model(model, Path(path))
     return {
         "cpu_seconds": time.process_time() - cpu,
@@ -98,7 +101,11 @@ def _merge(data: tuple, test_y: np.ndarray, params: dict, shards: list[dict]) ->
     cpu = time.process_time()
     models = [load_model(Path(s["path"]), s["sha256"]) for s in shards]
     out = merge_rf_point(models, *data, params, shard_seconds=[s["seconds"] for s in shards])
-    return _forest_figures(out, test_y, cpu)
+    # the merge adds the shards' scores when every shard has them (else it scores the trees)
+    return {
+        **_forest_figures(out, test_y, cpu),
+        "shards_scored": all(m.scores is not None for m in models),
+    }
 
 
 def _forest_figures(out: FitOutcome, test_y: np.ndarray, cpu_started: float) -> dict[str, Any]:

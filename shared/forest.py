@@ -9,7 +9,9 @@ variant (``resize128``, ``polar192``, ...). Options, all from :class:`shared.spe
   least ``scaling * median`` (``SelectFromModel``, the study's 3.5.1);
 - ``pca_components``: PCA before the forest (the study's 3.5.2);
 - ``tree_shards``: train the trees as several independent forests (different seeds,
-  possibly on different workers) and merge them into one (:func:`merge_models`).
+  possibly on different workers) and merge them into one (:func:`merge_models`). Each
+  shard also scores its own trees (:class:`ShardScores`: sums over its trees, per row),
+  so the merge adds arrays instead of scoring the merged forest again.
 
 Besides sklearn's out-of-bag score every fit reports ``oob_grouped``, an OOB score that
 does not count votes from trees trained on an augmented sibling of the row; see
@@ -20,12 +22,13 @@ float32 copy, so the training matrix is built once as float32, with augmented co
 written straight into it from the uint8 images (no uint8 or float64 copy of the
 augmented set); sklearn then uses it without copying. That float32 matrix (4 bytes per
 pixel per row) is the unavoidable peak; validation, test and OOB predictions go through
-in chunks of rows.
+in chunks of rows. A merge that adds its shards' scores builds no training matrix at all.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -139,11 +142,37 @@ def training_rows(train_x: np.ndarray, train_y: np.ndarray, augment: str) -> Tra
 
 
 @dataclass
+class ShardScores:
+    """A tree shard's share of the merged forest's scores: sums over its trees.
+
+    Per training row, the class probabilities of the trees whose sample left the row
+    out and how many did (``oob_*``, sklearn's OOB), the same for the trees whose sample
+    holds no copy of the row's image (``grouped_*``, see :data:`OOB_NOTE`); per training
+    image (copy 0), validation and test image, the trees' summed class probabilities.
+    The shards' sums add up to the merged forest's (:func:`merge_rf_point`). ``data`` is
+    :func:`data_digest` of the images and labels they were computed on.
+    """
+
+    trees: int
+    data: str
+    oob_sum: np.ndarray  # (rows, classes) float64
+    oob_votes: np.ndarray  # (rows,) int64
+    grouped_sum: np.ndarray  # (rows, classes) float64
+    grouped_votes: np.ndarray  # (rows,) int64
+    train_sum: np.ndarray  # (training images, classes) float64
+    val_sum: np.ndarray | None  # (validation images, classes); None without images
+    test_sum: np.ndarray | None
+
+
+@dataclass
 class ForestModel:
     """A fitted forest with its feature transform and each tree's bootstrap sample.
 
     ``in_bag[t]`` is ``np.packbits`` of tree ``t``'s in-bag mask over the training rows,
     kept so that the OOB score of a merged forest can be computed from the shards.
+    ``scores`` are a shard's own scores (:func:`fit_scored_shard`), or None: a merged
+    forest, a shard fitted without them, or one pickled by older code (which then has no
+    such attribute and reads the class default).
     """
 
     forest: RandomForestClassifier
@@ -152,6 +181,7 @@ class ForestModel:
     n_rows: int
     pixel_features: int
     kept_features: int
+    scores: ShardScores | None = None
 
     @property
     def trees(self) -> int:
@@ -245,21 +275,53 @@ def shard_seed(seed: int, shard: int, shards: int) -> int:
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
 
 
+def _fit_shard_rows(
+    train: TrainingRows, params: dict[str, Any], *, seed: int, shard: int
+) -> tuple[ForestModel, np.ndarray]:
+    shards = params.get("tree_shards", 1)
+    return fit_model(
+        train,
+        params,
+        seed=seed,
+        n_estimators=shard_trees(params["n_estimators"], shards)[shard],
+        forest_seed=shard_seed(seed, shard, shards),
+    )
+
+
 def fit_shard(
     train_x: np.ndarray, train_y: np.ndarray, params: dict[str, Any], *, seed: int, shard: int
 ) -> ForestModel:
     """Shard ``shard`` of ``params["tree_shards"]``: its share of the trees, its own seed."""
-    shards = params.get("tree_shards", 1)
-    n_trees = shard_trees(params["n_estimators"], shards)[shard]
     train = training_rows(train_x, train_y, params.get("augment", "none"))
-    model, _ = fit_model(
-        train,
-        params,
-        seed=seed,
-        n_estimators=n_trees,
-        forest_seed=shard_seed(seed, shard, shards),
+    return _fit_shard_rows(train, params, seed=seed, shard=shard)[0]
+
+
+def fit_scored_shard(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    test_x: np.ndarray,
+    params: dict[str, Any],
+    *,
+    seed: int,
+    shard: int,
+) -> tuple[ForestModel, float]:
+    """:func:`fit_shard`, then the shard's :class:`ShardScores` (in ``model.scores``);
+    returns the model and the seconds spent fitting (transform and trees, not scoring).
+
+    Scoring here, on every shard's worker at once, leaves the merge only sums to add.
+    The scores are as deterministic as the trees: the model still pickles to the same
+    bytes every time.
+    """
+    augment = params.get("augment", "none")
+    train = training_rows(train_x, train_y, augment)
+    started = time.perf_counter()
+    model, x = _fit_shard_rows(train, params, seed=seed, shard=shard)
+    train_seconds = time.perf_counter() - started
+    model.scores = shard_scores(
+        model, train, x, val_x, test_x, data=data_digest(train_x, train_y, val_x, test_x, augment)
     )
-    return model
+    return model, train_seconds
 
 
 def _transform_arrays(transform: Pipeline | None) -> list[np.ndarray]:
@@ -331,6 +393,14 @@ def _chunk_rows(features: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(features, 1)))
 
 
+def _forest_rows(model: ForestModel, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> the float32 feature rows the model's trees split on."""
+    rows = flatten(images).astype(np.float32)
+    if model.transform is not None:
+        rows = model.transform.transform(rows)
+    return rows
+
+
 def predict_proba(model: ForestModel, images: np.ndarray) -> np.ndarray | None:
     """Class probabilities for uint8 images, converted to float32 a chunk at a time."""
     if len(images) == 0:
@@ -338,11 +408,49 @@ def predict_proba(model: ForestModel, images: np.ndarray) -> np.ndarray | None:
     step = _chunk_rows(model.pixel_features)
     parts = []
     for start in range(0, len(images), step):
-        rows = flatten(images[start : start + step]).astype(np.float32)
-        if model.transform is not None:
-            rows = model.transform.transform(rows)
-        parts.append(model.forest.predict_proba(rows))
+        parts.append(model.forest.predict_proba(_forest_rows(model, images[start : start + step])))
     return np.concatenate(parts)
+
+
+def _add_tree_probas(forest: RandomForestClassifier, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out += `` each tree's class probabilities, tree by tree as sklearn sums them."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)  # what sklearn gives its trees
+    for tree in forest.estimators_:
+        out += tree.predict_proba(rows, check_input=False)
+
+
+def _images_proba_sum(model: ForestModel, images: np.ndarray) -> np.ndarray | None:
+    """The trees' summed class probabilities for uint8 images (None without images)."""
+    if len(images) == 0:
+        return None
+    total = np.zeros((len(images), len(model.forest.classes_)))
+    step = _chunk_rows(model.pixel_features)
+    for start in range(0, len(images), step):
+        rows = _forest_rows(model, images[start : start + step])
+        _add_tree_probas(model.forest, rows, total[start : start + step])
+    return total
+
+
+def _rows_proba_sum(model: ForestModel, x: np.ndarray) -> np.ndarray:
+    """The trees' summed class probabilities for rows already transformed."""
+    total = np.zeros((len(x), len(model.forest.classes_)))
+    step = _chunk_rows(x.shape[1])
+    for start in range(0, len(x), step):
+        _add_tree_probas(model.forest, x[start : start + step], total[start : start + step])
+    return total
+
+
+def data_digest(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, test_x: np.ndarray, augment: str
+) -> str:
+    """sha256 of what a shard's scores depend on besides its trees: the fold's images,
+    training labels and augmentation (a merge uses the scores only on the same data)."""
+    digest = hashlib.sha256(augment.encode())
+    for array in (train_x, train_y, val_x, test_x):
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{array.dtype.str}{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def oob_scores(
@@ -353,9 +461,17 @@ def oob_scores(
     ``oob_score`` follows sklearn exactly (a row no tree left out counts as a vote for
     the first class); ``oob_grouped`` only scores rows that got a vote.
     """
+    y_index = np.searchsorted(model.forest.classes_, y)
+    return _oob_figures(y_index, *_oob_sums(model, x, source, n_images))
+
+
+def _oob_sums(
+    model: ForestModel, x: np.ndarray, source: np.ndarray, n_images: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the summed class probabilities and the number of the OOB votes, plain
+    and grouped; the sums of several forests add up to their merged forest's."""
     forest = model.forest
-    y_index = np.searchsorted(forest.classes_, y)
-    n, n_classes = len(y), len(forest.classes_)
+    n, n_classes = len(source), len(forest.classes_)
     plain, plain_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
     grouped, grouped_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
     step = _chunk_rows(x.shape[1])
@@ -372,7 +488,18 @@ def oob_scores(
             alone = ~touched[source[rows]]
             grouped[rows[alone]] += probs[alone]
             grouped_votes[rows[alone]] += 1
-    plain /= np.maximum(plain_votes, 1)[:, None]
+    return plain, plain_votes, grouped, grouped_votes
+
+
+def _oob_figures(
+    y_index: np.ndarray,
+    plain: np.ndarray,
+    plain_votes: np.ndarray,
+    grouped: np.ndarray,
+    grouped_votes: np.ndarray,
+) -> dict[str, float | None]:
+    n = len(y_index)
+    plain = plain / np.maximum(plain_votes, 1)[:, None]
     covered = grouped_votes > 0
     return {
         "oob_score": accuracy_of(y_index, plain.argmax(1)) if n else None,
@@ -400,22 +527,47 @@ def score_model(
     fitting the transform and the trees (the study's "training time").
     """
     forest = model.forest
-    val_probs = predict_proba(model, val_x)
-    test_probs = predict_proba(model, test_x)
-
-    def labels(probs: np.ndarray | None) -> np.ndarray:
-        if probs is None:
-            return np.empty(0, dtype=np.int64)
-        return forest.classes_[probs.argmax(1)]
-
     originals = x[: train.n_images]
     step = _chunk_rows(x.shape[1])
     train_pred = np.concatenate(
         [forest.predict(originals[s : s + step]) for s in range(0, len(originals), step)]
         or [np.empty(0, dtype=train.y.dtype)]
     )
-    return FitOutcome(
+    return _outcome(
+        model,
         train_acc=accuracy_of(train.y[: train.n_images], train_pred),
+        val_y=val_y,
+        val_probs=predict_proba(model, val_x),
+        test_probs=predict_proba(model, test_x),
+        oob=oob_scores(model, x, train.y, train.source, train.n_images),
+        started=started,
+        train_seconds=train_seconds,
+        train_rows=len(x),
+    )
+
+
+def _outcome(
+    model: ForestModel,
+    *,
+    train_acc: float,
+    val_y: np.ndarray,
+    val_probs: np.ndarray | None,
+    test_probs: np.ndarray | None,
+    oob: dict[str, float | None],
+    started: float,
+    train_seconds: float,
+    train_rows: int,
+) -> FitOutcome:
+    """The one shape of a scored forest, however its figures were found."""
+    classes = model.forest.classes_
+
+    def labels(probs: np.ndarray | None) -> np.ndarray:
+        if probs is None:
+            return np.empty(0, dtype=np.int64)
+        return classes[probs.argmax(1)]
+
+    return FitOutcome(
+        train_acc=train_acc,
         val_acc=accuracy_of(val_y, labels(val_probs)),
         val_pred=labels(val_probs),
         test_pred=labels(test_probs),
@@ -423,13 +575,91 @@ def score_model(
         val_probs=val_probs,
         test_probs=test_probs,
         extra={
-            **oob_scores(model, x, train.y, train.source, train.n_images),
+            **oob,
             "train_seconds": train_seconds,
-            "train_rows": len(x),
+            "train_rows": train_rows,
             "pixel_features": model.pixel_features,
             "kept_features": model.kept_features,
             "trees": model.trees,
         },
+    )
+
+
+def shard_scores(
+    model: ForestModel,
+    train: TrainingRows,
+    x: np.ndarray,
+    val_x: np.ndarray,
+    test_x: np.ndarray,
+    *,
+    data: str,
+) -> ShardScores:
+    """A shard's :class:`ShardScores`; ``x`` is ``train.x`` after the model's transform."""
+    oob_sum, oob_votes, grouped_sum, grouped_votes = _oob_sums(
+        model, x, train.source, train.n_images
+    )
+    return ShardScores(
+        trees=model.trees,
+        data=data,
+        oob_sum=oob_sum,
+        oob_votes=oob_votes,
+        grouped_sum=grouped_sum,
+        grouped_votes=grouped_votes,
+        train_sum=_rows_proba_sum(model, x[: train.n_images]),
+        val_sum=_images_proba_sum(model, val_x),
+        test_sum=_images_proba_sum(model, test_x),
+    )
+
+
+#: the :class:`ShardScores` fields that :func:`_oob_figures` takes, in its order
+_OOB_SUMS = ("oob_sum", "oob_votes", "grouped_sum", "grouped_votes")
+
+
+def _added(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    if arrays[0] is None:
+        return None
+    total = arrays[0].copy()  # one shard: exactly its sums, as a whole forest's
+    for array in arrays[1:]:
+        total += array
+    return total
+
+
+def score_from_shards(
+    model: ForestModel,
+    scores: Sequence[ShardScores],
+    train_y: np.ndarray,
+    val_y: np.ndarray,
+    *,
+    started: float,
+    train_seconds: float,
+) -> FitOutcome:
+    """What :func:`score_model` finds for the merged forest ``model``, from its shards'
+    ``scores`` (their sums added, then divided as sklearn divides): no tree runs here."""
+    classes = model.forest.classes_
+    trees = sum(s.trees for s in scores)
+    if trees != model.trees:
+        raise ForestError(f"the shards' scores count {trees} trees, the forest has {model.trees}")
+
+    def probs_of(name: str) -> np.ndarray | None:
+        total = _added([getattr(s, name) for s in scores])
+        return None if total is None else total / trees
+
+    train_y = np.asarray(train_y)
+    copies = model.n_rows // max(len(train_y), 1)
+    y_index = np.searchsorted(classes, np.tile(train_y, copies))  # row j*n+i is image i
+    oob = [_added([getattr(s, name) for s in scores]) for name in _OOB_SUMS]
+    train_probs = probs_of("train_sum")
+    train_pred = classes[train_probs.argmax(1)] if train_probs is not None else train_y[:0]
+    return _outcome(
+        model,
+        train_acc=accuracy_of(train_y, train_pred),
+        val_y=val_y,
+        val_probs=probs_of("val_sum"),
+        test_probs=probs_of("test_sum"),
+        oob=_oob_figures(y_index, *oob),
+        started=started,
+        train_seconds=train_seconds,
+        train_rows=model.n_rows,
     )
 
 
@@ -467,20 +697,34 @@ def merge_rf_point(
 ) -> FitOutcome:
     """Merge tree shards of one sweep point and score the merged forest like a whole one.
 
-    ``shard_seconds`` are the shards' training times: ``train_seconds`` is their sum
-    (the work done), ``train_wall_seconds`` their maximum (the time with one worker each).
+    When every shard carries its :class:`ShardScores` for this fold's data, the scores
+    are their sums added (:func:`score_from_shards`); otherwise (a shard from older code,
+    or fitted by :func:`fit_shard`) the merged forest is scored (:func:`score_model`).
+    Both give the same figures. ``shard_seconds`` are the shards' training times:
+    ``train_seconds`` is their sum (the work done), ``train_wall_seconds`` their maximum
+    (the time with one worker each).
     """
     started = time.perf_counter()
     model = merge_models(models)
-    train = training_rows(train_x, train_y, params.get("augment", "none"))
-    if len(train.x) != model.n_rows:
+    augment = params.get("augment", "none")
+    rows = len(train_x) * len(_views(augment))
+    if rows != model.n_rows:
         raise ForestError(
-            f"the tree shards were trained on {model.n_rows} rows, this fold has {len(train.x)}"
+            f"the tree shards were trained on {model.n_rows} rows, this fold has {rows}"
         )
-    x = train.x if model.transform is None else model.transform.transform(train.x)
-    outcome = score_model(
-        model, train, x, val_x, val_y, test_x, started=started, train_seconds=sum(shard_seconds)
-    )
+    scores = [m.scores for m in models]
+    if all(s is not None for s in scores) and {s.data for s in scores} == {
+        data_digest(train_x, train_y, val_x, test_x, augment)
+    }:
+        outcome = score_from_shards(
+            model, scores, train_y, val_y, started=started, train_seconds=sum(shard_seconds)
+        )
+    else:
+        train = training_rows(train_x, train_y, augment)
+        x = train.x if model.transform is None else model.transform.transform(train.x)
+        outcome = score_model(
+            model, train, x, val_x, val_y, test_x, started=started, train_seconds=sum(shard_seconds)
+        )
     outcome.extra["shards"] = len(models)
     outcome.extra["train_wall_seconds"] = max(shard_seconds, default=0.0)
     return outcome

@@ -27,6 +27,7 @@ def test_rf_shards_bench_tiny(tmp_path: Path) -> None:
     baseline, orchard = report["baseline"], report["orchard"]
     assert baseline["trees"] == orchard["trees"] == trees
     assert sum(orchard["shard_trees"]) == trees and len(orchard["shard_trees"]) == 2
+    assert orchard["shards_scored"] is True  # the merge added the shards' scores
     for path in (baseline, orchard):
         assert 0.0 <= path["test_acc"] <= 1.0 and 0.0 <= path["val_acc"] <= 1.0
         assert 0.0 <= path["oob_score"] <= 1.0

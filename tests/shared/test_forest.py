@@ -16,12 +16,14 @@ from shared.forest import (
     augmented_rows,
     fit_model,
     fit_rf_point,
+    fit_scored_shard,
     fit_shard,
     load_model,
     merge_models,
     merge_rf_point,
     oob_scores,
     save_model,
+    score_model,
     shard_seed,
     shard_trees,
     training_rows,
@@ -360,3 +362,113 @@ def test_shard_files_are_byte_identical_and_checked(colour_split, tmp_path):
         load_model(first.path, "0" * 64)
     with pytest.raises(ForestError, match="missing"):
         load_model(tmp_path / "none.joblib", first.sha256)
+
+
+# ---------------------------------------------------------------- shard scores, added at the merge
+
+
+def _score_merged_forest(shards, train_x, train_y, val_x, val_y, test_x, params):
+    """The reference: score_model on the merged forest, as the merge did before."""
+    model = merge_models(shards)
+    train = training_rows(train_x, train_y, params["augment"])
+    x = train.x if model.transform is None else model.transform.transform(train.x)
+    return score_model(model, train, x, val_x, val_y, test_x, started=0.0, train_seconds=0.0)
+
+
+def _assert_same_scores(got, want):
+    assert got.train_acc == want.train_acc and got.val_acc == want.val_acc
+    for key in ("oob_score", "oob_grouped", "oob_grouped_coverage"):
+        assert got.extra[key] == pytest.approx(want.extra[key], abs=1e-12), key
+    for key in ("train_rows", "pixel_features", "kept_features", "trees"):
+        assert got.extra[key] == want.extra[key], key
+    np.testing.assert_allclose(got.val_probs, want.val_probs, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got.val_pred, want.val_pred)
+    np.testing.assert_array_equal(got.test_pred, want.test_pred)
+    if want.test_probs is None:
+        assert got.test_probs is None
+    else:
+        np.testing.assert_allclose(got.test_probs, want.test_probs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"augment": "rotate_flip"},
+        {"augment": "flip", "max_depth": 3, "pca_components": 6},
+        {"augment": "none", "min_samples_leaf": 4},
+    ],
+)
+def test_added_shard_scores_are_the_merged_forests_scores(colour_split, options):
+    train_x, train_y, val_x, val_y, test_x = colour_split
+    params = _params(n_estimators=9, tree_shards=3, **options)
+    shards = [
+        fit_scored_shard(train_x, train_y, val_x, test_x, params, seed=1, shard=k)[0]
+        for k in range(3)
+    ]
+    assert all(s.scores is not None and s.scores.trees == 3 for s in shards)
+    got = merge_rf_point(shards, *colour_split, params, shard_seconds=[1.0, 2.0, 3.0])
+    want = _score_merged_forest(shards, *colour_split, params)
+    _assert_same_scores(got, want)
+    assert 0 <= got.extra["oob_grouped_coverage"] <= 1  # 9 trees rarely miss all 8 copies
+    assert got.extra["shards"] == 3 and got.extra["train_seconds"] == 6.0
+    # the merge used the shards' scores: scoring the merged forest is never called
+    import shared.forest
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the merge scored the merged forest")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shared.forest, "score_model", no_scoring)
+        again = merge_rf_point(shards, *colour_split, params)
+    np.testing.assert_array_equal(again.val_probs, got.val_probs)
+
+
+def test_one_scored_shard_is_the_whole_forest(colour_split):
+    train_x, train_y, val_x, val_y, test_x = colour_split
+    params = _params(n_estimators=12, augment="flip")
+    whole = fit_rf_point(*colour_split, params, seed=5)
+    shard, _ = fit_scored_shard(train_x, train_y, val_x, test_x, params, seed=5, shard=0)
+    merged = merge_rf_point([shard], *colour_split, params)
+    np.testing.assert_array_equal(merged.val_probs, whole.val_probs)
+    np.testing.assert_array_equal(merged.test_probs, whole.test_probs)
+    assert merged.train_acc == whole.train_acc
+    assert _without_timing(merged.extra) == {**_without_timing(whole.extra), "shards": 1}
+
+
+def test_merge_scores_the_forest_when_a_shard_has_no_usable_scores(colour_split, tmp_path):
+    train_x, train_y, val_x, val_y, test_x = colour_split
+    params = _params(n_estimators=6, tree_shards=2, augment="flip")
+    scored = fit_scored_shard(train_x, train_y, val_x, test_x, params, seed=3, shard=0)[0]
+    # a shard file written by older code: its pickle has no ``scores`` attribute at all
+    old = fit_shard(train_x, train_y, params, seed=3, shard=1)
+    del old.__dict__["scores"]
+    written = save_model(old, tmp_path / "old.joblib")
+    old = load_model(written.path, written.sha256)
+    assert "scores" not in vars(old) and old.scores is None
+    shards = [scored, old]
+    _assert_same_scores(
+        merge_rf_point(shards, *colour_split, params),
+        _score_merged_forest(shards, *colour_split, params),
+    )
+    # scores computed on other validation images are not used for these
+    both = [scored, fit_scored_shard(train_x, train_y, val_x, test_x, params, seed=3, shard=1)[0]]
+    other_val = val_x[::-1].copy()
+    _assert_same_scores(
+        merge_rf_point(both, train_x, train_y, other_val, val_y, test_x, params),
+        _score_merged_forest(both, train_x, train_y, other_val, val_y, test_x, params),
+    )
+
+
+def test_scored_shard_files_are_byte_identical(colour_split, tmp_path):
+    train_x, train_y, val_x, val_y, test_x = colour_split
+    params = _params(n_estimators=6, tree_shards=2, augment="rotate")
+    written = [
+        save_model(
+            fit_scored_shard(train_x, train_y, val_x, test_x, params, seed=0, shard=1)[0],
+            tmp_path / f"{run}.joblib",
+        )
+        for run in ("a", "b")
+    ]
+    assert written[0].sha256 == written[1].sha256  # a shard task run twice writes the same file
+    loaded = load_model(written[0].path, written[0].sha256)
+    assert loaded.scores is not None and loaded.scores.oob_sum.shape == (4 * len(train_x), 3)

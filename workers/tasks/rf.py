@@ -1,10 +1,12 @@
 """orchard.fit_rf and orchard.fit_rf_shard: random forests on one fold (queue ``cpu``).
 
 An unsharded forest is one ``orchard.fit_rf`` unit. A forest with ``tree_shards = k``
-is k ``orchard.fit_rf_shard`` units, each writing its share of the trees to
+is k ``orchard.fit_rf_shard`` units, each writing its share of the trees, with their
+scores on the fold (``shared.forest.ShardScores``), to
 ``<campaign>/forests/<params hash>/f<fold>/t<i>.joblib``, then the ``orchard.fit_rf``
-unit of the merge stage, which checks each file against the store, merges the trees
-and records the result as an unsharded forest would.
+unit of the merge stage, which checks each file against the store, merges the trees,
+adds the shards' scores (or, for a file without them, scores the merged forest) and
+records the result as an unsharded forest would.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from db.store import Artifact, Outcome
 from shared.forest import (
     ForestError,
     fit_rf_point,
-    fit_shard,
+    fit_scored_shard,
     load_model,
     merge_rf_point,
     save_model,
@@ -44,16 +46,22 @@ def fit_rf(ctx: UnitContext) -> Outcome:
 
 @unit_task("orchard.fit_rf_shard")
 def fit_rf_shard(ctx: UnitContext) -> Outcome:
-    """Train one shard's trees and write them atomically.
+    """Train one shard's trees, score them on the fold, and write both atomically.
 
     Safe to run twice: the file's path and bytes depend only on the unit (the fit is
     seeded and the model holds no timestamps), so a second run rewrites the same file.
     """
     params = ctx.unit.params
-    train_x, train_y, *_ = ctx.fold_data(params["variant"]).split()
+    train_x, train_y, val_x, _, test_x = ctx.fold_data(params["variant"]).split()
     started = time.perf_counter()
-    model = fit_shard(
-        train_x, train_y, params, seed=ctx.seed + ctx.unit.fold, shard=params["shard"]
+    model, train_seconds = fit_scored_shard(
+        train_x,
+        train_y,
+        val_x,
+        test_x,
+        params,
+        seed=ctx.seed + ctx.unit.fold,
+        shard=params["shard"],
     )
     seconds = time.perf_counter() - started
     written = save_model(model, shard_path(ctx, ctx.unit.key))
@@ -69,7 +77,7 @@ def fit_rf_shard(ctx: UnitContext) -> Outcome:
     # SUCCESS without its file's checksum
     return Outcome(
         fit_seconds=seconds,
-        extra={"trees": model.trees, "train_seconds": seconds, "forest": artifact.path},
+        extra={"trees": model.trees, "train_seconds": train_seconds, "forest": artifact.path},
         artifacts=[artifact],
     )
 
