@@ -34,7 +34,7 @@ fi
     grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
-runs=(main ref pad4 notune cudagraphs batch512)
+runs=(main prev nofuse nopool noim2col batch512)
 parties=$((${#runs[@]} + 1)) # + the checks
 common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
 
@@ -57,10 +57,10 @@ start() { # name, extra args...: one throughput run in the background
 ) &
 
 start main --profile "$out/profile_main.txt"
-start ref --skip-baseline --no-compile-inputs --pad-input 0 --no-tune --profile "$out/profile_ref.txt"
-start pad4 --skip-baseline --pad-input 4
-start notune --skip-baseline --no-tune
-start cudagraphs --skip-baseline --cudagraphs --profile "$out/profile_cudagraphs.txt"
+start prev --skip-baseline --fast-paths none --profile "$out/profile_prev.txt"
+start nofuse --skip-baseline --fast-paths pool_2x2,im2col
+start nopool --skip-baseline --fast-paths fuse_norm,im2col
+start noim2col --skip-baseline --fast-paths fuse_norm,pool_2x2 --profile "$out/profile_noim2col.txt"
 start batch512 --skip-baseline --batch-size 512
 wait
 
