@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = check(device)
         except Exception as exc:  # report every check, then fail
             results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        print(f"{name}: {'ok' if results[name]['ok'] else 'FAILED'} {results[name]}", flush=True)
+        status = "ok" if results[name]["ok"] else "FAILED"
+        print(f"{time.strftime('%H:%M:%S')} {name}: {status} {results[name]}", flush=True)
     payload = {
         "benchmark": "gpu_checks",
         "date": now(),
