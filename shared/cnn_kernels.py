@@ -146,14 +146,15 @@ def conv3x3_im2col(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     out_channels = weight.shape[0]
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
-        x.device.type
-    ) else x.dtype  # fmt: skip
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     k = 9 * c
     width = -(-k // 8) * 8
     padded = F.pad(x.to(dtype).permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N, H+2, W+2, C
-    shifts = [padded[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)]
-    rows = F.pad(torch.cat(shifts, dim=-1), (0, width - k)).reshape(n * h * w, width)
+    # a view (N, H, W, C, dy, dx), then one row per pixel: the compiler writes the rows
+    # in one pass, reading the (small) input; no concatenation of nine shifted copies
+    windows = padded.unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3)
+    rows = F.pad(windows.reshape(n * h * w, k), (0, width - k))
     kernel = F.pad(weight.permute(0, 2, 3, 1).reshape(out_channels, k), (0, width - k))
     out = torch.mm(rows, kernel.to(dtype).t())  # (N H W, out)
     return out.view(n, h, w, out_channels).permute(0, 3, 1, 2)

@@ -181,3 +181,27 @@ def test_the_fast_paths_trace_as_one_graph_and_keep_the_state_dict():
     out.float().sum().backward()
     assert out.shape == (4, 3)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_fast_paths_compile_with_inductor_and_train_like_the_modules():
+    """Inductor's own code for the formulations (C++ here, Triton on CUDA), one step
+    against the eager modules: the lowering, not just the trace."""
+    torch.manual_seed(5)
+    params = dict(KNOB_DEFAULTS, image_size=32, width=0.125, dropout=0.0)
+    plain, fast = build_model(params, 3), build_model(params, 3)
+    fast.load_state_dict(plain.state_dict())
+    use_fast_paths(fast, COMPILED_FAST_PATHS)
+    compiled = torch.compile(fast.to(memory_format=torch.channels_last))
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = []
+    for step in (plain, compiled):
+        loss = F.cross_entropy(step(x), labels)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for (name, p0), p1 in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        scale = p0.grad.abs().max().clamp_min(1e-8)
+        assert ((p1.grad - p0.grad).abs().max() / scale).item() < 1e-3, name
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
