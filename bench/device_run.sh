@@ -34,7 +34,7 @@ fi
     grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
-runs=(main prev nofuse nopool noim2col batch512)
+runs=(main prev im2col batch512)
 parties=$((${#runs[@]} + 1)) # + the checks
 common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
 
@@ -51,16 +51,14 @@ start() { # name, extra args...: one throughput run in the background
         echo "dry run: no CUDA checks" >"$out/gpu_checks.log"
     else
         timeout "$wait_s" "$py" bench/gpu_checks.py --json "$out/gpu_checks.json" \
-            >"$out/gpu_checks.log" 2>&1
+            ${CHECKS:+--only $CHECKS} >"$out/gpu_checks.log" 2>&1
     fi
     touch "$barrier/ready-checks"
 ) &
 
 start main --profile "$out/profile_main.txt"
-start prev --skip-baseline --fast-paths none --profile "$out/profile_prev.txt"
-start nofuse --skip-baseline --fast-paths pool_2x2,im2col
-start nopool --skip-baseline --fast-paths fuse_norm,im2col
-start noim2col --skip-baseline --fast-paths fuse_norm,pool_2x2 --profile "$out/profile_noim2col.txt"
+start prev --skip-baseline --fast-paths none # before shared.cnn_kernels
+start im2col --skip-baseline --fast-paths im2col
 start batch512 --skip-baseline --batch-size 512
 wait
 

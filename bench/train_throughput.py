@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from bench._report import cpu_model, now, write_json  # noqa: E402
 from shared.cnn import (  # noqa: E402
     COMPILED_FAST_PATHS,
+    FAST_PATHS,
     STUDY_MEAN,
     STUDY_STD,
     build_model,
@@ -263,10 +264,10 @@ def profile_steps(epoch: Any, batch_size: int, device: torch.device, path: Path)
 
 def _fast_paths(text: str) -> tuple[str, ...]:
     names = () if text == "none" else tuple(n for n in text.split(",") if n)
-    unknown = set(names) - set(COMPILED_FAST_PATHS)
+    unknown = set(names) - set(FAST_PATHS)
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown fast paths {sorted(unknown)}; known: {', '.join(COMPILED_FAST_PATHS)}"
+            f"unknown fast paths {sorted(unknown)}; known: {', '.join(FAST_PATHS)}"
         )
     return names
 

@@ -122,8 +122,7 @@ class RgbConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.im2col and self.pad_channels <= self.in_channels:
             return super().forward(x)
-        out = self.without_bias(x)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+        return _bias_after(self, x)
 
     def _im2col_applies(self) -> bool:
         shape = (self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
@@ -148,6 +147,13 @@ def _without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv._conv_forward(x, conv.weight, None)
 
 
+def _bias_after(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with the bias added by a separate op: compiled, the add is done
+    where the output is read, and the bias-free output is what the backward keeps."""
+    out = _without_bias(conv, x)
+    return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1).to(out.dtype)
+
+
 _STUDY_BLOCK = (nn.Conv2d, nn.PReLU, nn.BatchNorm2d) * 2 + (nn.MaxPool2d,)
 
 
@@ -157,6 +163,7 @@ class ConvBlock(nn.Sequential):
     BatchNorm`` twice and a max-pool (``prepare_model`` sets the flags; evaluation
     and every other design run the layers one by one)."""
 
+    peel_bias: bool = False  # each conv's bias added as its own op (see use_fast_paths)
     fuse_norm: bool = False  # PReLU + BatchNorm as one function, conv bias added there
     pool_2x2: bool = False  # the max-pool as four strided views
 
@@ -167,12 +174,14 @@ class ConvBlock(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and (self.fuse_norm or self.pool_2x2)):
+        if not (self.training and (self.peel_bias or self.fuse_norm or self.pool_2x2)):
             return super().forward(x)
         conv1, act1, norm1, conv2, act2, norm2, pool = self
         for conv, act, norm in ((conv1, act1, norm1), (conv2, act2, norm2)):
             if self.fuse_norm:
                 x = prelu_batch_norm(_without_bias(conv, x), conv.bias, act, norm)
+            elif self.peel_bias:
+                x = norm(act(_bias_after(conv, x)))
             else:
                 x = norm(act(conv(x)))
         if self.pool_2x2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
@@ -310,7 +319,9 @@ def make_optimizer(
 #: input channels the first conv is padded to on CUDA (see :class:`RgbConv2d`)
 CUDA_INPUT_CHANNELS = 8
 #: the formulations of :mod:`shared.cnn_kernels` the compiled CUDA path trains with
-COMPILED_FAST_PATHS = ("fuse_norm", "pool_2x2", "im2col")
+COMPILED_FAST_PATHS = ("peel_bias", "im2col")
+#: every formulation ``use_fast_paths`` knows (the others measured slower, see BENCHMARKS.md)
+FAST_PATHS = ("peel_bias", "im2col", "fuse_norm", "pool_2x2")
 
 
 def compile_options(*, tune: bool = True, cudagraphs: bool = False) -> dict[str, Any]:
@@ -360,13 +371,14 @@ def prepare_model(
 
 def use_fast_paths(model: nn.Module, names: Sequence[str]) -> None:
     """Train ``model`` through the named formulations of :mod:`shared.cnn_kernels`
-    (any of :data:`COMPILED_FAST_PATHS`) wherever they apply; the others off."""
-    unknown = set(names) - set(COMPILED_FAST_PATHS)
+    (any of :data:`FAST_PATHS`) wherever they apply; the others off."""
+    unknown = set(names) - set(FAST_PATHS)
     if unknown:
-        raise ValueError(f"unknown fast paths {sorted(unknown)}; known: {COMPILED_FAST_PATHS}")
+        raise ValueError(f"unknown fast paths {sorted(unknown)}; known: {FAST_PATHS}")
     for module in model.modules():
         if isinstance(module, ConvBlock):
             study = module.study_layout()
+            module.peel_bias = study and "peel_bias" in names
             module.fuse_norm = study and "fuse_norm" in names
             module.pool_2x2 = study and "pool_2x2" in names
         elif isinstance(module, RgbConv2d):

@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.cnn import (
     COMPILED_FAST_PATHS,
+    FAST_PATHS,
     KNOB_DEFAULTS,
     ConvBlock,
     RgbConv2d,
@@ -127,7 +128,9 @@ def _study_model(fast_paths, **knobs):
     return model
 
 
-@pytest.mark.parametrize("fast_paths", [COMPILED_FAST_PATHS, ("fuse_norm",), ("pool_2x2",)])
+@pytest.mark.parametrize(
+    "fast_paths", [FAST_PATHS, COMPILED_FAST_PATHS, ("peel_bias",), ("fuse_norm",), ("pool_2x2",)]
+)
 def test_a_training_step_through_the_fast_paths_equals_the_modules(fast_paths):
     """Loss, every parameter's gradient and every running estimate, one step."""
     x = torch.randn(6, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(4))
@@ -148,14 +151,16 @@ def test_a_training_step_through_the_fast_paths_equals_the_modules(fast_paths):
 
 
 def test_fast_paths_apply_to_the_study_design_only_and_never_in_evaluation():
-    model = _study_model(COMPILED_FAST_PATHS)
+    model = _study_model(FAST_PATHS)
     blocks = [m for m in model.modules() if isinstance(m, ConvBlock)]
-    assert blocks and all(b.fuse_norm and b.pool_2x2 for b in blocks)
+    assert blocks and all(b.peel_bias and b.fuse_norm and b.pool_2x2 for b in blocks)
     assert next(m for m in model.modules() if isinstance(m, RgbConv2d)).im2col
     for knobs in ({"norm_order": "bn_act"}, {"activation": "relu"}, {"pool": "conv"}):
-        other = _study_model(COMPILED_FAST_PATHS, **knobs)
+        other = _study_model(FAST_PATHS, **knobs)
         assert not any(
-            b.fuse_norm or b.pool_2x2 for b in other.modules() if isinstance(b, ConvBlock)
+            b.peel_bias or b.fuse_norm or b.pool_2x2
+            for b in other.modules()
+            if isinstance(b, ConvBlock)
         ), knobs
     x = torch.randn(4, 3, 32, 32, dtype=D)
     plain = _study_model(())
@@ -171,7 +176,7 @@ def test_fast_paths_apply_to_the_study_design_only_and_never_in_evaluation():
 def test_the_fast_paths_trace_as_one_graph_and_keep_the_state_dict():
     """What prepare_model compiles on CUDA: no graph breaks (fullgraph) under bf16
     autocast, checked with the aot_eager backend, which traces without codegen."""
-    model = _study_model(COMPILED_FAST_PATHS).float().train()
+    model = _study_model(FAST_PATHS).float().train()
     plain = _study_model(()).float().train()
     assert list(model.state_dict()) == list(plain.state_dict())
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
