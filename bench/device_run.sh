@@ -4,6 +4,9 @@
 #   OUT=/some/folder bash bench/device_run.sh        # on the GPU machine
 #   OUT=/tmp/dry bash bench/device_run.sh --dry      # the same steps, tiny, on a CPU
 #
+# WAIT_S: seconds the runs wait for each other to compile (default 330); CHECKS: a
+# comma-separated subset of bench/gpu_checks.py's checks (default all).
+#
 # 1. bench/gpu_checks.py: the CUDA-only fast paths agree with the plain ones.
 # 2. bench/train_throughput.py in several configurations started side by side: they
 #    compile in parallel (compilation is minutes, the timed steps seconds), then time
@@ -34,7 +37,7 @@ fi
     grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
-runs=(main prev im2col batch512)
+runs=(main ref pad4 notune cudagraphs batch512)
 parties=$((${#runs[@]} + 1)) # + the checks
 common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
 
@@ -51,14 +54,16 @@ start() { # name, extra args...: one throughput run in the background
         echo "dry run: no CUDA checks" >"$out/gpu_checks.log"
     else
         timeout "$wait_s" "$py" bench/gpu_checks.py --json "$out/gpu_checks.json" \
-            ${CHECKS:+--only $CHECKS} >"$out/gpu_checks.log" 2>&1
+            ${CHECKS:+--only "$CHECKS"} >"$out/gpu_checks.log" 2>&1
     fi
     touch "$barrier/ready-checks"
 ) &
 
 start main --profile "$out/profile_main.txt"
-start prev --skip-baseline --fast-paths none # before shared.cnn_kernels
-start im2col --skip-baseline --fast-paths im2col
+start ref --skip-baseline --no-compile-inputs --pad-input 0 --no-tune --profile "$out/profile_ref.txt"
+start pad4 --skip-baseline --pad-input 4
+start notune --skip-baseline --no-tune
+start cudagraphs --skip-baseline --cudagraphs --profile "$out/profile_cudagraphs.txt"
 start batch512 --skip-baseline --batch-size 512
 wait
 

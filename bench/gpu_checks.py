@@ -8,9 +8,6 @@ checks them on a GPU and exits non-zero when one disagrees:
   against the eager one, same parameters;
 - the first conv padded to 4 and 8 input channels (``RgbConv2d``) against the plain
   conv: output, weight and bias gradients, fp32 and under bf16 autocast;
-- the compiled training step through ``shared.cnn_kernels`` (PReLU + BatchNorm as
-  one function, the 2x2 max-pool, the first conv as a matrix product) against the
-  eager modules: loss, every parameter's gradient, the running estimates;
 - one short ``train_fold`` through the production path with ``compile = true``,
   including a checkpoint and a resume.
 
@@ -37,12 +34,9 @@ import torch  # noqa: E402
 from bench._report import now, write_json  # noqa: E402
 from shared.augment import augment_batch, params_to, sample_params  # noqa: E402
 from shared.cnn import (  # noqa: E402
-    KNOB_DEFAULTS,
     RgbConv2d,
     _augmented_input,
-    build_model,
     prepare_inputs,
-    prepare_model,
     train_fold,
 )
 
@@ -114,59 +108,6 @@ def padded_first_conv(device: torch.device) -> dict[str, Any]:
     return {"cases": results, "ok": all(c["ok"] for c in results.values())}
 
 
-def compiled_fast_paths_vs_eager(device: torch.device) -> dict[str, Any]:
-    """One training step of the study's CNN at 224x224, bf16: compiled through the
-    fast paths against the eager modules, from the same weights and batch."""
-    torch.manual_seed(0)
-    params = dict(KNOB_DEFAULTS, image_size=224, width=1.0, dropout=0.0)
-    models = [build_model(params, 3).to(device) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    steps = [
-        prepare_model(models[0], device, compile=False),
-        prepare_model(models[1], device, compile=True),
-    ]
-    x = torch.randn(32, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 3, (32,), device=device)
-    losses = []
-    for model, step in zip(models, steps, strict=True):
-        model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(step(x), y)
-        loss.backward()
-        losses.append(loss.item())
-    # the conv blocks, where the fast paths are; the dense head is the same code either
-    # way, and its small gradients (biases ahead of a BatchNorm) carry bf16 noise alone
-    cosines, norm_ratios = {}, {}
-    for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
-        if not name.startswith("features."):
-            continue
-        g0, g1 = p0.grad.double().flatten(), p1.grad.double().flatten()
-        cosines[name] = torch.nn.functional.cosine_similarity(g0, g1, dim=0).item()
-        norm_ratios[name] = (g1.norm() / g0.norm().clamp_min(1e-30)).item()
-    stats = {
-        k: _max_diff(v, models[1].state_dict()[k])
-        for k, v in models[0].state_dict().items()
-        if "running" in k
-    }
-    worst_cos = min(cosines, key=cosines.get)
-    worst_norm = max(norm_ratios, key=lambda k: abs(norm_ratios[k] - 1))
-    ok = (
-        abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0])
-        and cosines[worst_cos] >= 0.99
-        and abs(norm_ratios[worst_norm] - 1) <= 0.05
-        and max(stats.values()) <= 5e-2
-    )
-    return {
-        "loss_eager": losses[0],
-        "loss_compiled": losses[1],
-        "worst_grad_cosine": [worst_cos, cosines[worst_cos]],
-        "worst_grad_norm_ratio": [worst_norm, norm_ratios[worst_norm]],
-        "running_stats_max_abs_diff": max(stats.values()),
-        "tolerance": "loss 2 %, grad cosine >= 0.99, grad norm within 5 %, running 5e-2",
-        "ok": ok,
-    }
-
-
 def compiled_train_fold(device: torch.device) -> dict[str, Any]:
     rng = np.random.default_rng(0)
 
@@ -224,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         "augmentation_cpu_vs_cuda": augmentation_cpu_vs_cuda,
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
         "padded_first_conv": padded_first_conv,
-        "compiled_fast_paths_vs_eager": compiled_fast_paths_vs_eager,
         "compiled_train_fold": compiled_train_fold,
     }
     if args.only:

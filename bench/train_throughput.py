@@ -41,8 +41,6 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from bench._report import cpu_model, now, write_json  # noqa: E402
 from shared.cnn import (  # noqa: E402
-    COMPILED_FAST_PATHS,
-    FAST_PATHS,
     STUDY_MEAN,
     STUDY_STD,
     build_model,
@@ -176,7 +174,6 @@ def orchard_runner(
         mode=args.compile_mode,
         pad_input=args.pad_input,
         options=options,
-        fast_paths=args.fast_paths,
     )
     transform = prepare_inputs(
         device, compile=compile and args.compile_inputs, options=compile_options(tune=args.tune)
@@ -262,16 +259,6 @@ def profile_steps(epoch: Any, batch_size: int, device: torch.device, path: Path)
     print(f"wrote {path}", flush=True)
 
 
-def _fast_paths(text: str) -> tuple[str, ...]:
-    names = () if text == "none" else tuple(n for n in text.split(",") if n)
-    unknown = set(names) - set(FAST_PATHS)
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown fast paths {sorted(unknown)}; known: {', '.join(FAST_PATHS)}"
-        )
-    return names
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the study's size (224, width 1)")
@@ -313,13 +300,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="channels the first conv's RGB input is padded to on CUDA (default: "
         "orchard's, 8; 0: none)",
-    )
-    parser.add_argument(
-        "--fast-paths",
-        type=_fast_paths,
-        default=COMPILED_FAST_PATHS,
-        help="when compiling, the formulations of shared.cnn_kernels to train with, "
-        f"comma-separated, or none (default: {','.join(COMPILED_FAST_PATHS)})",
     )
     parser.add_argument(
         "--cudnn-benchmark-limit",

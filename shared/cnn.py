@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.augment import AugmentParams, augment_batch, constant, sample_params
-from shared.cnn_kernels import conv3x3_im2col, max_pool_2x2, prelu_batch_norm
 
 STUDY_MEAN = (0.485, 0.456, 0.406)
 STUDY_STD = (0.229, 0.256, 0.225)  # sic: the study's value for green
@@ -111,82 +110,21 @@ class RgbConv2d(nn.Conv2d):
     weight get zero channels up to that count before the convolution, which gives
     the same result (a zero channel adds nothing and its weight gets no gradient)
     but lets cuDNN use its channels-last tensor-core kernels, which want 4 or 8
-    input channels, as NVIDIA's ResNet pads its RGB input to 4. With ``im2col`` set
-    (the compiled CUDA path) it is one matrix product instead
-    (:func:`shared.cnn_kernels.conv3x3_im2col`). The state dict is a plain conv's.
+    input channels, as NVIDIA's ResNet pads its RGB input to 4. The state dict is a
+    plain conv's.
     """
 
     pad_channels: int = 0
-    im2col: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.im2col and self.pad_channels <= self.in_channels:
-            return super().forward(x)
-        return _bias_after(self, x)
-
-    def _im2col_applies(self) -> bool:
-        shape = (self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
-        return self.im2col and shape == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
-
-    def without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution before its bias is added."""
-        if self._im2col_applies():
-            return conv3x3_im2col(x, self.weight)
         extra = self.pad_channels - self.in_channels
         if extra <= 0:
-            return self._conv_forward(x, self.weight, None)
+            return super().forward(x)
         x = F.pad(x, (0, 0, 0, 0, 0, extra))
         if x.dim() == 4 and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._conv_forward(x, F.pad(self.weight, (0, 0, 0, 0, 0, extra)), None)
-
-
-def _without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(conv, RgbConv2d):
-        return conv.without_bias(x)
-    return conv._conv_forward(x, conv.weight, None)
-
-
-def _bias_after(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` with the bias added by a separate op: compiled, the add is done
-    where the output is read, and the bias-free output is what the backward keeps."""
-    out = _without_bias(conv, x)
-    return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1).to(out.dtype)
-
-
-_STUDY_BLOCK = (nn.Conv2d, nn.PReLU, nn.BatchNorm2d) * 2 + (nn.MaxPool2d,)
-
-
-class ConvBlock(nn.Sequential):
-    """:func:`conv_block`'s layers; on the compiled CUDA path, trained through
-    :mod:`shared.cnn_kernels` when the block is the study's ``conv -> PReLU ->
-    BatchNorm`` twice and a max-pool (``prepare_model`` sets the flags; evaluation
-    and every other design run the layers one by one)."""
-
-    peel_bias: bool = False  # each conv's bias added as its own op (see use_fast_paths)
-    fuse_norm: bool = False  # PReLU + BatchNorm as one function, conv bias added there
-    pool_2x2: bool = False  # the max-pool as four strided views
-
-    def study_layout(self) -> bool:
-        """Whether the fast formulations apply: the study's layers, in its order."""
-        return len(self) == len(_STUDY_BLOCK) and all(
-            isinstance(module, kind) for module, kind in zip(self, _STUDY_BLOCK, strict=True)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and (self.peel_bias or self.fuse_norm or self.pool_2x2)):
-            return super().forward(x)
-        conv1, act1, norm1, conv2, act2, norm2, pool = self
-        for conv, act, norm in ((conv1, act1, norm1), (conv2, act2, norm2)):
-            if self.fuse_norm:
-                x = prelu_batch_norm(_without_bias(conv, x), conv.bias, act, norm)
-            elif self.peel_bias:
-                x = norm(act(_bias_after(conv, x)))
-            else:
-                x = norm(act(conv(x)))
-        if self.pool_2x2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
-            return max_pool_2x2(x)
-        return pool(x)
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, extra))
+        return self._conv_forward(x, weight, self.bias)
 
 
 def conv_block(
@@ -197,7 +135,7 @@ def conv_block(
     norm_order: str = "act_bn",
     activation: str = "prelu",
     pool: str = "max",
-) -> ConvBlock:
+) -> nn.Sequential:
     """Two ``Conv2d(3x3, pad 1)`` with activation and BatchNorm, then a 2x downsampling.
 
     Only the first conv takes ``stride``. ``MaxPool2d(2, ceil_mode=True)`` is the
@@ -215,7 +153,7 @@ def conv_block(
         layers.append(nn.MaxPool2d(2, ceil_mode=True))
     else:
         layers.append(nn.Conv2d(out_channels, out_channels, 3, 2, 1))
-    return ConvBlock(*layers)
+    return nn.Sequential(*layers)
 
 
 def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)) -> int:
@@ -318,10 +256,6 @@ def make_optimizer(
 
 #: input channels the first conv is padded to on CUDA (see :class:`RgbConv2d`)
 CUDA_INPUT_CHANNELS = 8
-#: the formulations of :mod:`shared.cnn_kernels` the compiled CUDA path trains with
-COMPILED_FAST_PATHS = ("peel_bias", "im2col")
-#: every formulation ``use_fast_paths`` knows (the others measured slower, see BENCHMARKS.md)
-FAST_PATHS = ("peel_bias", "im2col", "fuse_norm", "pool_2x2")
 
 
 def compile_options(*, tune: bool = True, cudagraphs: bool = False) -> dict[str, Any]:
@@ -343,7 +277,6 @@ def prepare_model(
     mode: str | None = None,
     pad_input: int | None = None,
     options: dict[str, Any] | None = None,
-    fast_paths: Sequence[str] = COMPILED_FAST_PATHS,
 ) -> nn.Module:
     """The module to train with: channels-last, RGB padded (and compiled, if asked) on CUDA.
 
@@ -351,8 +284,7 @@ def prepare_model(
     parameters, so the optimiser, checkpoints and evaluation use ``model``. ``mode``
     is ``torch.compile``'s (None: :func:`compile_options`, or ``options``);
     ``pad_input`` the first conv's padded channel count (None:
-    :data:`CUDA_INPUT_CHANNELS`; 0: no padding); ``fast_paths`` the formulations
-    of :mod:`shared.cnn_kernels` that the compiled model trains with.
+    :data:`CUDA_INPUT_CHANNELS`; 0: no padding).
     """
     if device.type != "cuda":
         return model
@@ -363,26 +295,9 @@ def prepare_model(
             module.pad_channels = CUDA_INPUT_CHANNELS if pad_input is None else pad_input
     if not compile:
         return model
-    use_fast_paths(model, fast_paths)
     if mode is not None:
         return torch.compile(model, mode=mode)
     return torch.compile(model, options=options or compile_options())
-
-
-def use_fast_paths(model: nn.Module, names: Sequence[str]) -> None:
-    """Train ``model`` through the named formulations of :mod:`shared.cnn_kernels`
-    (any of :data:`FAST_PATHS`) wherever they apply; the others off."""
-    unknown = set(names) - set(FAST_PATHS)
-    if unknown:
-        raise ValueError(f"unknown fast paths {sorted(unknown)}; known: {FAST_PATHS}")
-    for module in model.modules():
-        if isinstance(module, ConvBlock):
-            study = module.study_layout()
-            module.peel_bias = study and "peel_bias" in names
-            module.fuse_norm = study and "fuse_norm" in names
-            module.pool_2x2 = study and "pool_2x2" in names
-        elif isinstance(module, RgbConv2d):
-            module.im2col = "im2col" in names
 
 
 # ---------------------------------------------------------------- data on the device
