@@ -157,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--only", default=None, help="comma-separated check names")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_checks: no CUDA device here; nothing to check", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
     checks = {
         "augmentation_cpu_vs_cuda": augmentation_cpu_vs_cuda,
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
@@ -172,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown checks {sorted(unknown)}; known: {', '.join(checks)}")
         checks = {k: v for k, v in checks.items() if k in args.only.split(",")}
+    if not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device here; nothing to check", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
     results: dict[str, Any] = {}
     for name, check in checks.items():
         try:
