@@ -3,19 +3,14 @@ bench/device_run.sh on a GPU machine)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.conftest import load_bench
+
 
 def _module():
-    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_checks.py"
-    spec = importlib.util.spec_from_file_location("gpu_checks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_checks")
 
 
 def test_an_unknown_check_is_refused_with_the_known_names(capsys):

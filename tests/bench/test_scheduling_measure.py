@@ -3,21 +3,17 @@ run by hand: it takes minutes and its numbers depend on the machine)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_bench
 
 
 @pytest.fixture(scope="module")
 def scheduling():  # noqa: ANN201
     sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("scheduling", REPO / "bench" / "scheduling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield load_bench("scheduling")
     sys.path.remove(str(REPO / "bench"))
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from shared.cnn import (
     train_fold,
 )
 from shared.spec import CnnParams
+from tests.conftest import load_bench
 
 CPU = torch.device("cpu")
 
@@ -545,11 +544,7 @@ def test_resume_of_a_finished_run_trains_nothing():
 
 
 def _bench_module():
-    path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_throughput")
 
 
 def test_train_throughput_bench_runs_tiny_on_cpu(tmp_path, capsys):
