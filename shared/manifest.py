@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from shared.datasets import (
     SPLITS,
@@ -119,6 +118,10 @@ def assign_folds(
         raise ManifestError(
             f"dataset: class {smallest!r} has {n} labelled training images, fewer than folds = {k}"
         )
+    # Imported here: scikit-learn takes over a second to import, and every `orchard`
+    # command (status, cancel, workers) imports this module without assigning folds.
+    from sklearn.model_selection import StratifiedKFold
+
     folds = [NO_FOLD] * len(labels)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     pool_labels = [labels[i] for i in pool]
