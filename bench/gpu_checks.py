@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_train_fold": compiled_train_fold,
     }
     if args.only:
-        unknown = set(args.only.split(",")) - set(checks)
-        if unknown:
+        names = set(args.only.split(","))
+        if unknown := names - set(checks):
             parser.error(f"unknown checks {sorted(unknown)}; known: {', '.join(checks)}")
-        checks = {k: v for k, v in checks.items() if k in args.only.split(",")}
+        checks = {k: v for k, v in checks.items() if k in names}
     if not torch.cuda.is_available():
         print("gpu_checks: no CUDA device here; nothing to check", file=sys.stderr)
         return 2
