@@ -34,18 +34,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import joblib
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.feature_selection import SelectFromModel
-from sklearn.pipeline import Pipeline
 
 from shared.artifacts import WrittenFile, atomic_write, sha256_file
 from shared.classic import FitOutcome, accuracy_of, flatten
 from shared.errors import OrchardError
+
+# scikit-learn is imported where a model is built, not here: a worker imports every
+# task module at start, and most of its processes never fit a forest
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
 
 OOB_NOTE = """\
 **Why the OOB score of an augmented training set is inflated.** A random forest's
@@ -189,6 +191,11 @@ class ForestModel:
 
 
 def _transform(params: dict[str, Any], train: TrainingRows, seed: int) -> Pipeline | None:
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.feature_selection import SelectFromModel
+    from sklearn.pipeline import Pipeline
+
     steps: list[tuple[str, Any]] = []
     scaling = params.get("select_scaling")
     if scaling is not None:
@@ -235,6 +242,8 @@ def fit_model(
         raise ValueError(
             f"select_scaling={params.get('select_scaling')} keeps no features: lower it"
         )
+    from sklearn.ensemble import RandomForestClassifier
+
     forest = RandomForestClassifier(
         n_estimators=n_estimators,
         max_depth=params["max_depth"],
@@ -327,6 +336,9 @@ def fit_scored_shard(
 def _transform_arrays(transform: Pipeline | None) -> list[np.ndarray]:
     if transform is None:
         return []
+    from sklearn.decomposition import PCA
+    from sklearn.feature_selection import SelectFromModel
+
     arrays = []
     for _, step in transform.steps:
         if isinstance(step, SelectFromModel):

@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from statistics import mean
-from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
+
+# matplotlib is imported when a figure is drawn: every worker imports the report task
+# at start, and only the process that writes a report draws
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "FAILED_STATES",
@@ -452,6 +453,12 @@ def _param_columns(swept: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -459,6 +466,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -535,7 +545,7 @@ def curve_png(curve: CurveFigure) -> bytes:
     loss_ax.set_title("Loss")
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.grid(alpha=0.3)
     handles, labels = acc_ax.get_legend_handles_labels()
     if handles:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.svm import SVC
 
 from shared.classic import FitOutcome, accuracy_of, flatten
 
@@ -142,6 +140,8 @@ def fit_pca_basis(
     """Fit PCA(k) on the training images ``x`` (uint8 pixels or float features)."""
     features = pixel_features(x)
     check_n_components(k, *features.shape)
+    from sklearn.decomposition import PCA  # here: a worker's start need not load sklearn
+
     pca = PCA(n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed)
     pca.fit(features)
     return PcaBasis(
@@ -245,6 +245,8 @@ def fit_svc(
     seed: int,
 ) -> FitOutcome:
     """An RBF SVC on PCA features: train and validation accuracy, predictions."""
+    from sklearn.svm import SVC
+
     started = time.perf_counter()
     svc = SVC(kernel="rbf", C=C, gamma=check_gamma(gamma), random_state=seed)
     svc.fit(z_train, train_y)

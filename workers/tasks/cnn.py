@@ -1,8 +1,9 @@
 """orchard.train_cnn_fold: one cross-validation fold of the study's CNN (queue ``gpu``).
 
-Torch is imported here, not in the app module, so CPU-only workers never load it.
-GPU workers run the solo pool: CUDA is initialised in the process that trains,
-never in a parent that forks.
+Torch is imported when a fold first runs, not when the module loads: every worker
+imports all task modules to know the task names, and neither CPU-only workers nor the
+start of a GPU worker should pay for torch. GPU workers run the solo pool: CUDA is
+initialised in the process that trains, never in a parent that forks.
 
 After every epoch the fold's full training state goes to
 ``<campaign>/checkpoints/cnn-<params hash>-f<fold>.pt`` (atomically) and its sha256
@@ -15,19 +16,28 @@ from __future__ import annotations
 
 import io
 import os
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-import torch
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from db.store import Artifact, Outcome, Store
 from shared.artifacts import WrittenFile, atomic_write_bytes, sha256_file
-from shared.cnn import EpochStats, checkpoint_problem, pick_device, train_fold
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
-if threads := os.environ.get("ORCHARD_TORCH_THREADS"):
-    torch.set_num_threads(int(threads))
+if TYPE_CHECKING:
+    from shared.cnn import EpochStats
+
+
+@cache
+def torch_module() -> ModuleType:
+    """torch, imported on first use, with ``ORCHARD_TORCH_THREADS`` applied once."""
+    import torch
+
+    if threads := os.environ.get("ORCHARD_TORCH_THREADS"):
+        torch.set_num_threads(int(threads))
+    return torch
 
 
 def cnn_variant(cache_size: int) -> str:
@@ -54,7 +64,7 @@ def write_checkpoint(
     starts afresh rather than trust either.
     """
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch_module().save(checkpoint, buffer)
     written = atomic_write_bytes(path, buffer.getvalue())
     store.record_artifact(
         Artifact(relative, "checkpoint", written.sha256, written.size, campaign_id, unit_key)
@@ -90,12 +100,14 @@ def read_checkpoint(
         return None
     try:
         # weights_only: tensors and plain Python values only, nothing executed on load
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_module().load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file means: start afresh
         log.warning(
             "%s: checkpoint %s unreadable (%s); starting from epoch 0", unit_key, relative, exc
         )
         return None
+    from shared.cnn import checkpoint_problem
+
     problem = checkpoint_problem(checkpoint, params, num_classes)
     if problem is None and checkpoint.get("unit_key") not in (None, unit_key):
         problem = f"it belongs to {checkpoint['unit_key']}"
@@ -109,6 +121,9 @@ def read_checkpoint(
 
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
+    torch = torch_module()
+    from shared.cnn import pick_device, train_fold
+
     params = ctx.unit.params
     key = ctx.unit.key
     data = ctx.fold_data(cnn_variant(ctx.manifest().size))

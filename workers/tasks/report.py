@@ -424,13 +424,13 @@ def explain_cnn(
     are helpful to the model for correct predictions"), most confident first; without,
     the images it predicted most confidently per class.
     """
-    import torch
-
     from shared.artifacts import sha256_file
     from shared.cnn import build_model, normalise, resize_batch
     from shared.explain import explain_images
     from workers.data import load_variant
-    from workers.tasks.cnn import cnn_variant
+    from workers.tasks.cnn import cnn_variant, torch_module
+
+    torch = torch_module()
 
     fold = max(best, key=lambda u: results[u.key].val_acc or -1.0)
     # a fold reused from an earlier campaign (`submit --reuse`) kept its model there
