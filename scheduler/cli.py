@@ -409,9 +409,11 @@ def worker_argv(
     ]
     if task_events:
         argv.append("--task-events")
-    if load_settings().broker_is_filesystem:
-        # one machine, no cluster: skip the broadcast handshakes at start-up
-        argv += ["--without-mingle", "--without-gossip"]
+    # No start-up handshake (mingle waits a full second for other workers' revoked ids,
+    # which orchard does not need: a cancelled unit is CANCELLED in the store, and a
+    # worker discards such a delivery) and no worker-to-worker gossip (unused; Flower
+    # follows the workers' events and heartbeats, which stay on).
+    argv += ["--without-mingle", "--without-gossip"]
     return argv
 
 

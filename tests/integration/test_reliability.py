@@ -367,6 +367,30 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
     assert again.report_path() is not None and again.report_path().exists()
 
 
+def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: Cluster) -> None:
+    """The revoke of `orchard cancel` reaches only the workers running at the time, and
+    workers start without Celery's handshake (mingle) that would pass revoked ids on: a
+    worker started later must learn it from the store and run nothing."""
+    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: the stage stays queued
+    try:
+        run = cluster.submit(write_campaign(cluster.tmp, "late", epochs=1))
+        queued = [u.key for u in run.status().units if u.family == "preprocess"]
+        assert queued and cancel(run.id, settings=cluster.settings).state == "CANCELLED"
+    finally:
+        cluster.pool.restart("cpu")
+    cluster.wait_for(
+        lambda: all(
+            f"{key} already CANCELLED; nothing to do" in cluster.pool.log("cpu") for key in queued
+        ),
+        60,
+        "the restarted worker to discard every queued unit",
+    )
+    units = run.status().units
+    assert {u.state for u in units} == {"CANCELLED"}
+    assert all(u.attempts == 0 for u in units)
+    assert cluster.store.results(run.id) == {}
+
+
 # ---------------------------------------------------------------- security: JSON only
 
 
