@@ -18,7 +18,7 @@ from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
 from workers.tasks import cnn as cnn_task
-from workers.tasks.base import UnitContext
+from workers.tasks.base import LEASE_CANCELLED, UnitAborted, UnitContext, _GuardedStore
 
 CAMPAIGN_ID = "k-1"
 EPOCHS = 3
@@ -160,3 +160,37 @@ def test_a_recorded_checkpoint_of_other_params_is_not_used(env, caplog):
         outcome = _run(env)
     assert outcome.extra["resumed_from_epoch"] == 0
     assert "other params (lr)" in caplog.text
+
+
+def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env):
+    """`orchard cancel` can land between the checkpoint's file and its record: the
+    record still follows the file, so the resumed fold starts from it, not from 0."""
+    store, _, manifest = env
+    checkpoint = torch.load(_finished_checkpoint(env), map_location="cpu", weights_only=True)
+
+    def cancelled() -> None:
+        raise UnitAborted(LEASE_CANCELLED)
+
+    guarded = _GuardedStore(store, cancelled)
+    path, rel = _checkpoint_file(env)
+    ctx = _context(env)
+    checkpoint["epochs_done"] = 2  # unlike the file recorded before
+    cnn_task.write_checkpoint(
+        guarded, path, rel, checkpoint, campaign_id=CAMPAIGN_ID, unit_key=ctx.unit.key
+    )
+    with pytest.raises(UnitAborted):  # the body stops at its next store call
+        guarded.record_metrics(ctx.unit.key, 2, {"val_acc": 0.5})
+    resume = cnn_task.read_checkpoint(
+        store,
+        path,
+        rel,
+        unit_key=ctx.unit.key,
+        params=ctx.unit.params,
+        num_classes=len(manifest.classes),
+    )
+    assert resume is not None and resume["epochs_done"] == 2
+
+
+def _finished_checkpoint(env) -> Path:
+    _run(env)
+    return _checkpoint_file(env)[0]

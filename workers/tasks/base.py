@@ -169,14 +169,22 @@ class Heartbeat:
 
 class _GuardedStore:
     """The store as a task body sees it: every call first checks the heartbeat, so a
-    run that lost its unit stops at its next store call (a CNN fold: every epoch)."""
+    run that lost its unit stops at its next store call (a CNN fold: every epoch).
+
+    ``record_artifact`` is the exception: it describes a file the body has already
+    written, and refusing it would leave that file without its checksum, so that the
+    next delivery distrusts it and starts over (a fold cancelled while it wrote its
+    checkpoint would resume from epoch 0). The body stops at its next guarded call.
+    """
+
+    UNGUARDED = frozenset({"record_artifact"})
 
     def __init__(self, store: Store, check: Callable[[], None]) -> None:
         self._store, self._check = store, check
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
-        if not callable(attr):
+        if not callable(attr) or name in self.UNGUARDED:
             return attr
 
         @functools.wraps(attr)
