@@ -16,8 +16,10 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/orchard demo
 
+# one test file per process, as many processes as cores (at most 4: each integration
+# test runs its own workers); `$(BIN)/pytest tests/...` runs a part in one process
 test: $(BIN)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
