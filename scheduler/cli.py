@@ -318,7 +318,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     settings = load_settings()
     _store()  # fail now, naming the database, not on the first task
-    from workers.app import app, check_broker_reachable
+    from workers.app import app, check_broker_reachable, preload
 
     check_broker_reachable(app)
     print(
@@ -326,6 +326,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"store {mask_url(settings.database_url)}",
         file=sys.stderr,
     )
+    preload(queues)
     if args.without_task_events:
         # workers/config.py turns them on; `celery control enable_events` (Flower) still can
         app.conf.worker_send_task_events = False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterable
+
 from celery import Celery
 
 from shared.settings import Settings, load_settings
@@ -14,6 +17,28 @@ TASK_MODULES = [
     "workers.tasks.rf",
     "workers.tasks.report",
 ]
+
+#: The libraries the units of each queue need. The task modules import them on first
+#: use, so that no worker loads what its queues never run (a CPU worker, torch); a
+#: worker imports its queues' share with :func:`preload` before its pool starts, so the
+#: prefork children inherit them and no unit pays the import.
+QUEUE_LIBRARIES = {
+    "gpu": ("shared.cnn",),  # torch
+    "cpu": (
+        "sklearn.decomposition",
+        "sklearn.ensemble",
+        "sklearn.feature_selection",
+        "sklearn.pipeline",
+        "sklearn.svm",
+    ),
+    "report": ("matplotlib.backends.backend_agg", "matplotlib.figure"),
+}
+
+
+def preload(queues: Iterable[str]) -> None:
+    for queue in queues:
+        for module in QUEUE_LIBRARIES.get(queue, ()):
+            importlib.import_module(module)
 
 
 def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
