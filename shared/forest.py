@@ -43,8 +43,8 @@ from shared.artifacts import WrittenFile, atomic_write, sha256_file
 from shared.classic import FitOutcome, accuracy_of, flatten
 from shared.errors import OrchardError
 
-# scikit-learn is imported where a model is built, not here: a worker imports every
-# task module at start, and most of its processes never fit a forest
+# scikit-learn is imported where a model is built, so that importing this module stays
+# cheap for the processes that never fit a forest
 if TYPE_CHECKING:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.pipeline import Pipeline

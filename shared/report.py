@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
 
-# matplotlib is imported when a figure is drawn: every worker imports the report task
-# at start, and only the process that writes a report draws
+# matplotlib is imported when a figure is drawn, so that importing this module stays
+# cheap for the many processes that never draw
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -453,12 +453,6 @@ def _param_columns(swept: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
-def _integer_ticks() -> Any:
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -522,6 +516,8 @@ def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
 
 def curve_png(curve: CurveFigure) -> bytes:
     """Accuracy (left) and loss (right) per epoch: solid validation, dashed training."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(9, 3.4)
     acc_ax, loss_ax = fig.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(curve.series))]
@@ -545,7 +541,7 @@ def curve_png(curve: CurveFigure) -> bytes:
     loss_ax.set_title("Loss")
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles, labels = acc_ax.get_legend_handles_labels()
     if handles:

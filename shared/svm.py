@@ -140,7 +140,7 @@ def fit_pca_basis(
     """Fit PCA(k) on the training images ``x`` (uint8 pixels or float features)."""
     features = pixel_features(x)
     check_n_components(k, *features.shape)
-    from sklearn.decomposition import PCA  # here: a worker's start need not load sklearn
+    from sklearn.decomposition import PCA  # here, as in fit_svc: importing svm stays cheap
 
     pca = PCA(n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed)
     pca.fit(features)

@@ -1,8 +1,8 @@
 """orchard.train_cnn_fold: one cross-validation fold of the study's CNN (queue ``gpu``).
 
-Torch is imported when a fold first runs, not when the module loads: every worker
-imports all task modules to know the task names, and neither CPU-only workers nor the
-start of a GPU worker should pay for torch. GPU workers run the solo pool: CUDA is
+Torch is not imported when the module loads: every worker imports all task modules to
+know the task names, and a CPU worker should not load torch. A GPU worker loads it
+before it takes tasks (``workers.app.preload``). GPU workers run the solo pool: CUDA is
 initialised in the process that trains, never in a parent that forks.
 
 After every epoch the fold's full training state goes to
