@@ -7,7 +7,9 @@ shards trained in that many parallel processes (stand-ins for CPU workers, runni
 functions ``orchard.fit_rf_shard`` runs: ``fit_scored_shard``, which fits the shard's trees
 and scores them on the fold, + ``save_model``), then one merge process (``load_model`` +
 ``merge_rf_point``, what the merge unit runs: it adds the shards' scores). Every process is
-started (forked, with sklearn imported) before the clock starts, as a worker would be.
+started before the clock starts, forked after ``workers.app.preload(["cpu"])``, so it has
+scikit-learn loaded as a CPU worker does before its pool starts (the script stops if one
+has not): no timed task pays the import.
 
 Data: synthetic uint8 images (three classes that differ in colour and blob size, plus
 noise); each process builds its own float32 training rows from the uint8 images, as a
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import resource
 import shutil
 import sys
@@ -45,6 +46,7 @@ from shared.forest import (  # noqa: E402
     save_model,
 )
 from shared.spec import RfParams  # noqa: E402
+from workers.app import QUEUE_LIBRARIES, preload  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rf_shards.json"
 
@@ -70,9 +72,9 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _warm(_: int) -> int:
-    time.sleep(0.3)  # long enough that every pool process starts and imports
-    return os.getpid()
+def _warm(_: int) -> bool:
+    time.sleep(0.3)  # long enough that every pool process starts
+    return all(name in sys.modules for name in QUEUE_LIBRARIES["cpu"])
 
 
 def _baseline(data: tuple, test_y: np.ndarray, params: dict, seed: int) -> dict[str, Any]:
@@ -122,9 +124,13 @@ def _forest_figures(out: FitOutcome, test_y: np.ndarray, cpu_started: float) -> 
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    # forked: a worker has its imports before it gets a task, like a running orchard worker
+    # forked after the imports a CPU worker makes before its pool starts (scikit-learn),
+    # so no timed task pays them, as no unit does
+    preload(["cpu"])
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    list(pool.map(_warm, range(workers)))
+    if not all(pool.map(_warm, range(workers))):
+        pool.shutdown()
+        raise RuntimeError("a pool process started without scikit-learn loaded")
     return pool
 
 
