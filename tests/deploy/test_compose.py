@@ -189,6 +189,14 @@ def test_services_and_their_roles(rendered: dict[str, Any]) -> None:
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == env_example()["REDIS_PASSWORD"]
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert any("/var/lib/postgresql/data" in v for v in services["postgres"]["volumes"])
+    # room for two connections per worker process (unit + lease heartbeat)
+    max_connections = env_example()["POSTGRES_MAX_CONNECTIONS"]
+    assert services["postgres"]["command"] == [
+        "postgres",
+        "-c",
+        f"max_connections={max_connections}",
+    ]
+    assert int(max_connections) > 100  # PostgreSQL's own default
     cpu = services["cpu-worker"]["command"]
     assert cpu[:4] == ["orchard", "worker", "--queues", "cpu,preprocess,report"]
     assert services["gpu-worker"]["command"] == ["orchard", "worker", "--gpus", "all"]

@@ -193,3 +193,52 @@ def test_database_outage_is_retried_then_fails_the_unit_clearly(
     assert {u.family: u.state for u in status.units}["report"] == "SUCCESS"
     assert_exactly_once(down, store)
     assert "s3cret" not in logs
+
+
+def test_a_worker_whose_first_unit_finds_the_database_away_keeps_the_message(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process opens its store at its first unit. When the database is away
+    right then (restarting, out of connections), the message is kept and comes back,
+    and the unit runs once the database is back, instead of being dropped as a failed
+    task and leaving its unit QUEUED for ever."""
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    for name, value in {**FAST_RECOVERY, "ORCHARD_DB_RETRY_SECONDS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    Store(postgres_url).upgrade()
+    proxy = TcpProxy()
+    proxy.up()
+    through_proxy = postgres_url.replace("@127.0.0.1:5432", f"@127.0.0.1:{proxy.port}")
+    store = Store(postgres_url)
+    try:
+        with WorkerPool(settings_for(tmp_path, REDIS_URL, through_proxy)) as pool:
+            pool.start("gpu", "gpu")  # solo pool: the worker process runs the units
+            pool.start("cpu", "cpu,preprocess,report", concurrency=1)  # a prefork child
+            for worker in ("gpu", "cpu"):
+                wait_for(
+                    lambda w=worker: " ready." in pool.log(w),
+                    60,
+                    f"{worker} ready",
+                    check=pool.check,
+                )
+            proxy.down()  # neither has opened its store for units yet
+            submitter = settings_for(tmp_path, REDIS_URL, postgres_url)
+            run = submit(write_campaign(tmp_path, "away", epochs=2), settings=submitter)
+            # the shard's delivery ends one way or the other: kept (retried) or failed
+            wait_for(
+                lambda: any(
+                    text in pool.log("cpu")
+                    for text in ("message kept for later", "raised unexpected")
+                ),
+                60,
+                "the preprocessing shard to find the database away",
+                check=pool.check,
+            )
+            proxy.up()
+            status = run.wait(timeout=120, check=pool.check)
+    finally:
+        proxy.down()
+        drop_redis_keys(prefix)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    assert_exactly_once(run, store)

@@ -294,13 +294,14 @@ def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
 
 
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
-    store = worker_store()
     settings = worker_settings()
     rules = reliability()
     key = message.unit_key
     # one holder per delivery: two deliveries of one message share the task id
     holder = f"{task.request.hostname or '?'}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
     try:
+        # a process opens its store at its first unit, when the database may be away
+        store = worker_store()
         start = store.start_unit(
             key,
             worker=task.request.hostname or "?",
