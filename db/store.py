@@ -324,6 +324,8 @@ class Store:
         if retry_seconds is None:
             retry_seconds = float(os.environ.get("ORCHARD_DB_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
         self.retry_seconds = retry_seconds
+        # PostgreSQL serves workers on many hosts: its clock is the one they share
+        self._server_clock = self.engine.dialect.name == "postgresql"
 
     def __repr__(self) -> str:
         return f"Store({mask_url(self.url)!r})"
@@ -352,6 +354,18 @@ class Store:
             )
 
     # -- transactions
+
+    def _now(self, s: Session) -> datetime:
+        """The time of every timestamp and lease the store writes or compares.
+
+        On PostgreSQL the server's clock, so workers on hosts whose clocks disagree
+        still agree on whether a lease has run out (and unit times from different hosts
+        can be compared); SQLite is one file on one host, whose clock all its workers
+        read.
+        """
+        if self._server_clock:
+            return s.scalar(select(func.clock_timestamp()))
+        return utcnow()
 
     def _unreachable(self, exc: Exception) -> StoreError:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
@@ -398,6 +412,7 @@ class Store:
                     digest=digest,
                     spec=spec,
                     classes=list(classes),
+                    created_at=self._now(s),
                 )
             )
             for position, plan in enumerate(units):
@@ -453,7 +468,7 @@ class Store:
             done = s.execute(
                 update(CampaignRow)
                 .where(CampaignRow.id == campaign_id, CampaignRow.state == "RUNNING")
-                .values(state=state, finished_at=utcnow())
+                .values(state=state, finished_at=self._now(s))
             )
             return state if done.rowcount == 1 else None
 
@@ -530,10 +545,11 @@ class Store:
         """
         if not keys:
             return []
-        values: dict[str, Any] = {"state": QUEUED, "queued_at": utcnow()}
+        values: dict[str, Any] = {"state": QUEUED}
         if task_ids:
             values["task_id"] = case(dict(task_ids), value=UnitRow.key, else_=UnitRow.task_id)
         with self._transaction() as s:
+            values["queued_at"] = self._now(s)
             won = s.scalars(
                 update(UnitRow)
                 .where(UnitRow.key.in_(keys), UnitRow.state == PENDING)
@@ -578,11 +594,11 @@ class Store:
         The row is locked (FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE takes
         the write lock) so two deliveries starting at once see each other's lease.
         """
-        now = utcnow()
         with self._transaction() as s:
             row = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
             if row is None:
                 raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
+            now = self._now(s)  # after the lock: a wait for it must not shorten the lease
             if row.state in TERMINAL:
                 return Start(False, row.attempts, row.state, reason="finished")
             campaign_state = s.scalar(
@@ -623,8 +639,8 @@ class Store:
         """Extend this delivery's lease (the heartbeat). Returns LEASE_HELD, or
         LEASE_CANCELLED / LEASE_LOST when the run must stop: the campaign was cancelled,
         or another delivery took the unit over (or finished it)."""
-        now = utcnow()
         with self._transaction() as s:
+            now = self._now(s)
             renewed = s.execute(
                 update(UnitRow)
                 .where(UnitRow.key == key, UnitRow.state == RUNNING, UnitRow.lease_holder == holder)
@@ -662,7 +678,7 @@ class Store:
                 query.values(
                     state=FAILED,
                     error=error[:4000],
-                    finished_at=utcnow(),
+                    finished_at=self._now(s),
                     lease_holder=None,
                     lease_expires_at=None,
                 )
@@ -677,7 +693,7 @@ class Store:
                 s.execute(
                     update(UnitRow)
                     .where(UnitRow.key == key, UnitRow.state == PENDING)
-                    .values(state=FAILED, error=reason, finished_at=utcnow())
+                    .values(state=FAILED, error=reason, finished_at=self._now(s))
                 )
 
     @_retried
@@ -685,7 +701,9 @@ class Store:
         """Upsert one step's numbers; a re-run of the same step overwrites them."""
         with self._transaction() as s:
             unit_id = self._unit_id(s, key)
-            s.execute(update(UnitRow).where(UnitRow.id == unit_id).values(heartbeat_at=utcnow()))
+            s.execute(
+                update(UnitRow).where(UnitRow.id == unit_id).values(heartbeat_at=self._now(s))
+            )
             rows = [
                 {"unit_id": unit_id, "name": name, "step": step, "value": float(value)}
                 for name, value in values.items()
@@ -734,7 +752,7 @@ class Store:
                     test_confusion=outcome.test_confusion,
                     fit_seconds=outcome.fit_seconds,
                     extra=outcome.extra,
-                    created_at=utcnow(),
+                    created_at=self._now(s),
                 )
                 .on_conflict_do_nothing(index_elements=["unit_id"])
                 .returning(ResultRow.id)
@@ -759,7 +777,7 @@ class Store:
                 self._record_artifact_without_commit(s, artifact)
             unit.state = SUCCESS
             unit.error = None
-            unit.finished_at = utcnow()
+            unit.finished_at = self._now(s)
             unit.lease_holder = unit.lease_expires_at = None
             return True
 
@@ -779,11 +797,11 @@ class Store:
         A delivery that arrives later finds the unit CANCELLED and does nothing; a run
         in progress finds it at its next heartbeat and stops.
         """
-        now = utcnow()
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
             if campaign is None:
                 raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            now = self._now(s)
             if campaign.state != "RUNNING":
                 return Cancelled(campaign.state, [], 0, already_finished=True)
             rows = s.scalars(
@@ -809,11 +827,11 @@ class Store:
         model unit is reset, the report is too (its old result is dropped): it must
         blend the new results.
         """
-        now = utcnow()
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
             if campaign is None:
                 raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            now = self._now(s)
             rows = s.scalars(
                 select(UnitRow).where(UnitRow.campaign_id == campaign_id).with_for_update()
             ).all()
@@ -913,6 +931,7 @@ class Store:
                 test_confusion=result.test_confusion,
                 fit_seconds=result.fit_seconds,
                 extra={**result.extra, "reused_from": source.key},
+                created_at=self._now(s),
             )
         )
         for p in s.scalars(select(PredictionRow).where(PredictionRow.unit_id == source.id)):
@@ -928,7 +947,7 @@ class Store:
             )
         for m in s.scalars(select(MetricRow).where(MetricRow.unit_id == source.id)):
             s.add(MetricRow(unit_id=target.id, name=m.name, step=m.step, value=m.value))
-        target.state, target.finished_at = SUCCESS, utcnow()
+        target.state, target.finished_at = SUCCESS, self._now(s)
         target.worker = source.worker
 
     # -- results
@@ -982,7 +1001,7 @@ class Store:
             "size": artifact.size,
             "campaign_id": artifact.campaign_id,
             "unit_key": artifact.unit_key,
-            "created_at": utcnow(),
+            "created_at": self._now(s),
         }
         insert = _insert(s)(ArtifactRow).values(values)
         # a rewritten file (same path) replaces its checksum: the newest bytes are truth

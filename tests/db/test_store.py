@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import inspect, text
@@ -219,6 +220,36 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_finds_out(store_url: 
     assert store.get_unit(key).state == "RUNNING"
     assert store.finish_unit(key, outcome()) is True
     assert store.get_unit(key).lease_holder is None
+
+
+def test_leases_follow_the_postgres_server_clock_not_the_hosts(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on two hosts whose clocks disagree by ten minutes still agree on a lease:
+    on PostgreSQL every lease is written and compared in the server's time."""
+    import db.store as store_module
+
+    store = make_store(postgres_url)
+    units = seed_campaign(store)
+    running, other = units[2].key, units[3].key
+    host_clock = store_module.utcnow
+    # a host whose clock is ten minutes slow takes a lease of 30 s
+    monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() - timedelta(minutes=10))
+    assert store.start_unit(running, worker="slow", task_id="t", holder="d1", lease_seconds=30).run
+    # a host ten minutes fast finds it live: by its own clock it ran out 9.5 minutes ago
+    monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() + timedelta(minutes=10))
+    second = store.start_unit(running, worker="fast", task_id="t", holder="d2", lease_seconds=30)
+    assert not second.run and second.reason == "leased" and 25 < second.retry_in <= 30
+    assert store.renew_lease(running, "d1", 30) == "held"
+    assert running not in store.resume_campaign("t-1")  # still running, not reset
+    # and every timestamp is the server's: none is ten minutes off
+    assert store.start_unit(other, worker="fast", task_id="t", holder="d3", lease_seconds=30).run
+    for key in (running, other):
+        unit = store.get_unit(key)
+        assert abs(unit.started_at - host_clock()) < timedelta(minutes=1)
+        assert abs(unit.lease_expires_at - host_clock() - timedelta(seconds=30)) < timedelta(
+            minutes=1
+        )
 
 
 def test_attempts_are_capped(store_url: str) -> None:
