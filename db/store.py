@@ -27,7 +27,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, case, create_engine, delete, event, func, make_url, select, update
+from sqlalchemy import (
+    Engine,
+    Select,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    make_url,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -104,6 +115,18 @@ class Unit:
     lease_holder: str | None = None
     lease_expires_at: datetime | None = None
     heartbeat_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LostUnit:
+    """A unit sent again because its delivery died with its worker (see
+    :meth:`Store.requeue_lost`): where to send it and under which task id."""
+
+    campaign_id: str
+    key: str
+    task: str
+    queue: str
+    task_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +594,50 @@ class Store:
                 .where(UnitRow.key.in_(keys), UnitRow.state == QUEUED)
                 .values(state=PENDING, queued_at=None, task_id=None)
             )
+
+    @_retried
+    def requeue_lost(
+        self, grace_seconds: float, new_task_id: Callable[[], str], limit: int = 100
+    ) -> list[LostUnit]:
+        """Put back to QUEUED, under a new task id, the RUNNING units of running
+        campaigns whose lease ran out more than ``grace_seconds`` ago: their worker
+        died (killed, out of memory, host lost) and the broker would hand their message
+        out again only after its visibility timeout (hours). Returns them for the
+        caller to send; if sending fails, :meth:`unclaim` lets ``advance`` send them.
+
+        Only one caller gets each unit (rows locked, SKIP LOCKED on PostgreSQL). Safe
+        beside the original message coming back: whichever delivery starts first takes
+        the lease, and the other finds the unit leased or done.
+        """
+
+        def expired(s: Session) -> Select[tuple[UnitRow]]:
+            return (
+                select(UnitRow)
+                .join(CampaignRow, CampaignRow.id == UnitRow.campaign_id)
+                .where(
+                    CampaignRow.state == "RUNNING",
+                    UnitRow.state == RUNNING,
+                    UnitRow.lease_expires_at < self._now(s) - timedelta(seconds=grace_seconds),
+                )
+                .order_by(UnitRow.lease_expires_at)
+                .limit(limit)
+            )
+
+        # Workers call this on their event loop, every lease period: the usual answer
+        # (nothing lost) comes from a read that waits for no lock; only a loss takes
+        # the write lock.
+        with self._transaction(read_only=True) as s:
+            if s.scalar(expired(s).with_only_columns(UnitRow.id)) is None:
+                return []
+        with self._transaction() as s:
+            now = self._now(s)
+            rows = s.scalars(expired(s).with_for_update(of=UnitRow, skip_locked=True)).all()
+            lost = []
+            for row in rows:
+                row.state, row.queued_at, row.task_id = QUEUED, now, new_task_id()
+                row.lease_holder = row.lease_expires_at = None
+                lost.append(LostUnit(row.campaign_id, row.key, row.task, row.queue, row.task_id))
+            return lost
 
     @_retried
     def start_unit(

@@ -9,6 +9,7 @@ from celery import Celery
 
 from shared.settings import Settings, load_settings
 from workers.config import celery_config
+from workers.reaper import LostUnitReaper
 
 TASK_MODULES = [
     "workers.tasks.preprocess",
@@ -45,6 +46,8 @@ def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
     """An app for ``settings``; a producer (the scheduler) needs no task modules."""
     celery = Celery("orchard", include=TASK_MODULES if with_tasks else [])
     celery.config_from_object(celery_config(settings))
+    if with_tasks:
+        celery.steps["worker"].add(LostUnitReaper)
     return celery
 
 

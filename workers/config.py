@@ -35,7 +35,8 @@ from shared.settings import Settings
 #: takes hours on a slow card). Override with ORCHARD_VISIBILITY_TIMEOUT (seconds).
 DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600
 #: A delivery renews its lease every third of this; a killed worker's unit can be taken
-#: over this long after its last heartbeat.
+#: over this long after its last heartbeat, and the workers send it again (workers.reaper)
+#: once it has been over twice this long.
 DEFAULT_LEASE_SECONDS = 60.0
 #: Deliveries that may start a unit; the next one marks it FAILED (a poison task that
 #: kills its worker every time must not loop forever).

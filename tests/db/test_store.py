@@ -252,6 +252,35 @@ def test_leases_follow_the_postgres_server_clock_not_the_hosts(
         )
 
 
+def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store)
+    dead, alive, done = units[2].key, units[3].key, units[4].key
+    store.claim_for_queue([dead, alive, done], {dead: "t1", alive: "t2", done: "t3"})
+    store.start_unit(dead, worker="w1", task_id="t1", holder="d1", lease_seconds=0.1)
+    store.start_unit(alive, worker="w2", task_id="t2", holder="d2", lease_seconds=30)
+    store.start_unit(done, worker="w3", task_id="t3", holder="d3", lease_seconds=0.1)
+    store.finish_unit(done, outcome())
+    ids = iter(["new-1", "new-2"])
+    assert store.requeue_lost(5.0, lambda: next(ids)) == []  # not yet past the grace
+    time.sleep(0.3)
+    lost = store.requeue_lost(0.1, lambda: next(ids))
+    assert [(u.key, u.task_id) for u in lost] == [(dead, "new-1")]
+    assert (lost[0].campaign_id, lost[0].task, lost[0].queue) == ("t-1", units[2].task, "gpu")
+    unit = store.get_unit(dead)
+    assert (unit.state, unit.task_id, unit.lease_holder) == ("QUEUED", "new-1", None)
+    assert store.requeue_lost(0.1, lambda: next(ids)) == []  # once only
+    # the requeued message starts it as a new attempt; the old delivery finds out
+    restart = store.start_unit(dead, worker="w4", task_id="new-1", holder="d4", lease_seconds=30)
+    assert restart.run and restart.attempts == 2
+    assert store.renew_lease(dead, "d1", 30) == "lost"
+    # nothing is requeued from a cancelled campaign
+    store.start_unit(alive, worker="w2", task_id="t2", holder="d2", lease_seconds=0.1)
+    store.cancel_campaign("t-1")
+    time.sleep(0.3)
+    assert store.requeue_lost(0.1, lambda: next(ids)) == []
+
+
 def test_attempts_are_capped(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key

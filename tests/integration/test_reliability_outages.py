@@ -242,3 +242,43 @@ def test_a_worker_whose_first_unit_finds_the_database_away_keeps_the_message(
         drop_redis_keys(prefix)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     assert_exactly_once(run, store)
+
+
+def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeout(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU worker SIGKILLed mid-fold with an hour of visibility timeout: Redis would
+    hand its message out again in an hour; the workers see the fold's lease run out and
+    send it again, and it resumes from its checkpoint on another GPU worker."""
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    for name, value in {**FAST_RECOVERY, "ORCHARD_VISIBILITY_TIMEOUT": "3600"}.items():
+        monkeypatch.setenv(name, value)
+    settings = settings_for(tmp_path, REDIS_URL, postgres_url)
+    store = Store(settings.database_url)
+    store.upgrade()
+    try:
+        with WorkerPool(settings) as pool:
+            pool.start("gpu", "gpu")
+            pool.start("cpu", "cpu,preprocess,report", concurrency=1)
+            run = submit(write_campaign(tmp_path, "lost", epochs=10), settings=settings)
+            fold = cnn_unit(run)
+            wait_for(
+                lambda: epochs_recorded(store, fold.key) >= 2,
+                180,
+                "the fold's second epoch",
+                check=pool.check,
+            )
+            pool.kill("gpu")
+            killed_at = epochs_recorded(store, fold.key)
+            pool.start("gpu2", "gpu")
+            status = run.wait(timeout=120, check=pool.check)
+            logs = pool.all_logs()
+    finally:
+        drop_redis_keys(prefix)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    assert_exactly_once(run, store)
+    fold = cnn_unit(run)
+    assert fold.attempts == 2 and fold.worker.startswith("gpu2")
+    assert 2 <= store.results(run.id)[fold.key].extra["resumed_from_epoch"] <= killed_at
+    assert f"{fold.key}: its worker was lost" in logs

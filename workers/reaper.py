@@ -1,0 +1,85 @@
+"""Sending again the units whose worker died, without waiting for the broker.
+
+A worker killed mid-unit (SIGKILL, out of memory, a lost host) never acknowledges its
+message, and Redis hands an unacknowledged message out again only after the visibility
+timeout, which must exceed the longest unit (12 h by default). The store knows sooner:
+the unit's lease stops being renewed. Every worker therefore looks, once per lease
+period, for RUNNING units whose lease ran out more than a lease period ago, puts them
+back to QUEUED under a new task id (only one worker wins each) and sends them. A fold
+lost with its GPU worker starts again from its checkpoint about two lease periods
+(2 min by default) after its last heartbeat, on any worker of its queue.
+
+It runs in a thread of the worker's main process, never on the worker's event loop: a
+loop busy with the database would leave a message that Redis has already handed over
+(BRPOP) unread in the socket, where a SIGKILL at that moment loses it, since it is
+not yet among the unacknowledged messages Redis would hand out again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps, uuid
+
+from workers.config import reliability
+
+log = logging.getLogger("orchard.reaper")
+
+
+def requeue_lost_units(app: Any) -> list[str]:
+    """One pass: requeue and send the units whose delivery died; returns their keys."""
+    from db.store import StoreError
+    from workers.tasks.base import worker_store
+
+    lease = reliability().lease_seconds
+    try:
+        store = worker_store()
+        lost = store.requeue_lost(lease, uuid)
+    except StoreError as exc:
+        log.warning("could not look for units of lost workers: %s", exc)
+        return []
+    sent = []
+    for unit in lost:
+        try:
+            app.signature(
+                unit.task,
+                kwargs={"campaign_id": unit.campaign_id, "unit_key": unit.key},
+                queue=unit.queue,
+                immutable=True,
+            ).apply_async(task_id=unit.task_id)
+        except Exception as exc:  # the broker is away: the next advance sends it
+            log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
+            store.unclaim([unit.key])
+            continue
+        log.warning(
+            "%s: its worker was lost (no heartbeat for %.0f s); sent again", unit.key, 2 * lease
+        )
+        sent.append(unit.key)
+    return sent
+
+
+class LostUnitReaper(bootsteps.StartStopStep):
+    """Runs :func:`requeue_lost_units` every lease period in a daemon thread."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        self.thread = threading.Thread(
+            target=self.run, args=(worker.app,), name="orchard lost-unit reaper", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, app: Any) -> None:
+        while not self.stopping.wait(reliability().lease_seconds):
+            try:
+                requeue_lost_units(app)
+            except Exception:  # never let one bad pass end the thread
+                log.exception("looking for units of lost workers failed")
+
+    def stop(self, worker: Any) -> None:
+        self.stopping.set()
