@@ -107,6 +107,15 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.stop()
 
 
+def own_prefix_and_fast_recovery(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> str:
+    """A Redis key prefix of the test's own, FAST_RECOVERY and ``env`` for every process
+    the test starts; returns the prefix (for :func:`drop_redis_keys`)."""
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    for name, value in {"ORCHARD_REDIS_PREFIX": prefix, **FAST_RECOVERY, **env}.items():
+        monkeypatch.setenv(name, value)
+    return prefix
+
+
 def test_campaign_finishes_across_a_redis_restart(
     tmp_path: Path, sqlite_url: str, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,10 +152,7 @@ def test_campaign_finishes_across_a_redis_restart(
 def test_database_outage_is_retried_then_fails_the_unit_clearly(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    for name, value in {**FAST_RECOVERY, "ORCHARD_DB_RETRY_SECONDS": "3"}.items():
-        monkeypatch.setenv(name, value)
+    prefix = own_prefix_and_fast_recovery(monkeypatch, {"ORCHARD_DB_RETRY_SECONDS": "3"})
     Store(postgres_url).upgrade()
     proxy = TcpProxy()
     proxy.up()
@@ -202,10 +208,7 @@ def test_a_worker_whose_first_unit_finds_the_database_away_keeps_the_message(
     right then (restarting, out of connections), the message is kept and comes back,
     and the unit runs once the database is back, instead of being dropped as a failed
     task and leaving its unit QUEUED for ever."""
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    for name, value in {**FAST_RECOVERY, "ORCHARD_DB_RETRY_SECONDS": "1"}.items():
-        monkeypatch.setenv(name, value)
+    prefix = own_prefix_and_fast_recovery(monkeypatch, {"ORCHARD_DB_RETRY_SECONDS": "1"})
     Store(postgres_url).upgrade()
     proxy = TcpProxy()
     proxy.up()
@@ -250,10 +253,7 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     """A GPU worker SIGKILLed mid-fold with an hour of visibility timeout: Redis would
     hand its message out again in an hour; the workers see the fold's lease run out and
     send it again, and it resumes from its checkpoint on another GPU worker."""
-    prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
-    for name, value in {**FAST_RECOVERY, "ORCHARD_VISIBILITY_TIMEOUT": "3600"}.items():
-        monkeypatch.setenv(name, value)
+    prefix = own_prefix_and_fast_recovery(monkeypatch, {"ORCHARD_VISIBILITY_TIMEOUT": "3600"})
     settings = settings_for(tmp_path, REDIS_URL, postgres_url)
     store = Store(settings.database_url)
     store.upgrade()
