@@ -610,28 +610,28 @@ class Store:
         the lease, and the other finds the unit leased or done.
         """
 
-        def expired(s: Session) -> Select[tuple[UnitRow]]:
+        def expired(now: datetime) -> Select[tuple[UnitRow]]:
             return (
                 select(UnitRow)
                 .join(CampaignRow, CampaignRow.id == UnitRow.campaign_id)
                 .where(
                     CampaignRow.state == "RUNNING",
                     UnitRow.state == RUNNING,
-                    UnitRow.lease_expires_at < self._now(s) - timedelta(seconds=grace_seconds),
+                    UnitRow.lease_expires_at < now - timedelta(seconds=grace_seconds),
                 )
                 .order_by(UnitRow.lease_expires_at)
                 .limit(limit)
             )
 
-        # Workers call this on their event loop, every lease period: the usual answer
-        # (nothing lost) comes from a read that waits for no lock; only a loss takes
-        # the write lock.
+        # Every worker calls this every lease period: the usual answer (nothing lost)
+        # comes from a read, which on SQLite waits for no writer; only a loss takes the
+        # write lock.
         with self._transaction(read_only=True) as s:
-            if s.scalar(expired(s).with_only_columns(UnitRow.id)) is None:
+            if s.scalar(expired(self._now(s)).with_only_columns(UnitRow.id)) is None:
                 return []
         with self._transaction() as s:
             now = self._now(s)
-            rows = s.scalars(expired(s).with_for_update(of=UnitRow, skip_locked=True)).all()
+            rows = s.scalars(expired(now).with_for_update(of=UnitRow, skip_locked=True)).all()
             lost = []
             for row in rows:
                 row.state, row.queued_at, row.task_id = QUEUED, now, new_task_id()
