@@ -107,6 +107,13 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.stop()
 
 
+def wait_for_epochs(store: Store, pool: WorkerPool, key: str, count: int) -> None:
+    """Until the fold ``key`` has recorded ``count`` epochs."""
+    wait_for(
+        lambda: epochs_recorded(store, key) >= count, 180, f"{key}: epoch {count}", check=pool.check
+    )
+
+
 def own_prefix_and_fast_recovery(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> str:
     """A Redis key prefix of the test's own, FAST_RECOVERY and ``env`` for every process
     the test starts; returns the prefix (for :func:`drop_redis_keys`)."""
@@ -130,12 +137,7 @@ def test_campaign_finishes_across_a_redis_restart(
         pool.start("cpu", "cpu,preprocess,report", concurrency=1)
         run = submit(campaign, settings=settings)
         fold = cnn_unit(run)
-        wait_for(
-            lambda: epochs_recorded(store, fold.key) >= 2,
-            180,
-            "the fold's second epoch",
-            check=pool.check,
-        )
+        wait_for_epochs(store, pool, fold.key, 2)
         finished_before = sum(u.state == "SUCCESS" for u in run.status().units)
         private_redis.kill()
         time.sleep(2)  # the workers see the connection drop and start reconnecting
@@ -170,12 +172,7 @@ def test_database_outage_is_retried_then_fails_the_unit_clearly(
             def outage(name: str, until: Callable[[str], object]):  # noqa: ANN202
                 run = submit(write_campaign(tmp_path, name, epochs=12), settings=submitter)
                 fold = cnn_unit(run)
-                wait_for(
-                    lambda: epochs_recorded(store, fold.key) >= 2,
-                    180,
-                    f"{name}: the fold's second epoch",
-                    check=pool.check,
-                )
+                wait_for_epochs(store, pool, fold.key, 2)
                 proxy.down()
                 wait_for(lambda: until(fold.key), 60, f"{name}: the outage", check=pool.check)
                 proxy.up()
@@ -263,12 +260,7 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
             pool.start("cpu", "cpu,preprocess,report", concurrency=1)
             run = submit(write_campaign(tmp_path, "lost", epochs=10), settings=settings)
             fold = cnn_unit(run)
-            wait_for(
-                lambda: epochs_recorded(store, fold.key) >= 2,
-                180,
-                "the fold's second epoch",
-                check=pool.check,
-            )
+            wait_for_epochs(store, pool, fold.key, 2)
             pool.kill("gpu")
             killed_at = epochs_recorded(store, fold.key)
             pool.start("gpu2", "gpu")
