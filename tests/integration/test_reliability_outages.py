@@ -272,5 +272,8 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     assert_exactly_once(run, store)
     fold = cnn_unit(run)
     assert fold.attempts == 2 and fold.worker.startswith("gpu2")
-    assert 2 <= store.results(run.id)[fold.key].extra["resumed_from_epoch"] <= killed_at
+    # from its checkpoint, so never past what was recorded; not asserted to be past 0: a
+    # kill between a checkpoint's write and its record leaves a file that no longer
+    # matches its checksum, and the fold then starts afresh (README, Reliability 6)
+    assert store.results(run.id)[fold.key].extra["resumed_from_epoch"] <= killed_at
     assert f"{fold.key}: its worker was lost" in logs
