@@ -202,16 +202,19 @@ def test_altered_checkpoint_and_shard_are_detected_and_not_used(cluster: Cluster
     store = cluster.store
     run = cluster.submit(write_campaign(cluster.tmp, "tamper", epochs=8))
     fold = cnn_unit(run)
-    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 2, 180, "the second epoch")
+    # the third epoch's metrics come after the second epoch's checkpoint is recorded
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 3, 180, "the third epoch")
     cluster.pool.kill("gpu")
-    (checkpoint,) = store.artifacts(run.id, kind="checkpoint")
-    path = cluster.settings.artifacts / checkpoint.path
-    path.write_bytes(path.read_bytes()[: checkpoint.size // 2])  # truncated behind our back
+    checkpoints = store.artifacts(run.id, kind="checkpoint")
+    assert len(checkpoints) == 2  # the two alternating files, both recorded by now
+    for checkpoint in checkpoints:  # both truncated behind our back
+        path = cluster.settings.artifacts / checkpoint.path
+        path.write_bytes(path.read_bytes()[: checkpoint.size // 2])
     cluster.pool.restart("gpu")
     status = cluster.wait(run)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     result = store.results(run.id)[fold.key]
-    assert result.extra["resumed_from_epoch"] == 0  # the bad checkpoint was not loaded
+    assert result.extra["resumed_from_epoch"] == 0  # neither bad checkpoint was loaded
     assert "does not match its recorded sha256" in cluster.pool.log("gpu")
     assert_exactly_once(run, store)
 

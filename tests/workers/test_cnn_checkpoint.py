@@ -1,11 +1,13 @@
 """orchard.train_cnn_fold's per-epoch checkpoints: written, recorded, verified, resumed.
 
 The task body runs against a real SQLite store and real cache shards on disk; a
-"kill" is an exception raised right after a checkpoint was written and recorded.
+"kill" is an exception raised right after a checkpoint was written and recorded, or
+between its file and its record.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from db.store import Outcome, Store
-from shared.artifacts import sha256_file
+from shared.artifacts import atomic_write_bytes, sha256_file
 from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
@@ -55,10 +57,17 @@ def _run(env) -> Outcome:
     return cnn_task.train_cnn_fold.run.__wrapped__(_context(env))
 
 
-def _checkpoint_file(env) -> tuple[Path, str]:
+def _slot(env, epochs_done: int) -> tuple[Path, str]:
+    """The file (and its relative path) of the checkpoint after ``epochs_done`` epochs."""
     ctx = _context(env)
-    path = cnn_task.checkpoint_path(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
+    path = cnn_task.checkpoint_path(
+        ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold, epochs_done
+    )
     return path, ctx.relative(path)
+
+
+def _slots(env) -> list[tuple[Path, str]]:
+    return [_slot(env, epochs_done) for epochs_done in range(cnn_task.CHECKPOINT_SLOTS)]
 
 
 def _kill_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
@@ -76,26 +85,45 @@ def _kill_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
     monkeypatch.setattr(cnn_task, "write_checkpoint", write_then_maybe_die)
 
 
+def _kill_inside_write(monkeypatch: pytest.MonkeyPatch, epochs_done: int) -> None:
+    """Die after the checkpoint of ``epochs_done`` epochs replaced its file and before
+    its checksum was recorded."""
+    real = cnn_task.write_checkpoint
+
+    def write_but_die_before_recording(store, path, relative, checkpoint, **kwargs):
+        if checkpoint["epochs_done"] == epochs_done:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+            raise Killed
+        return real(store, path, relative, checkpoint, **kwargs)
+
+    monkeypatch.setattr(cnn_task, "write_checkpoint", write_but_die_before_recording)
+
+
 def _probs(outcome: Outcome, split: str) -> list[list[float]]:
     return [p.probs for p in outcome.predictions[split]]
 
 
-def test_every_epoch_leaves_a_recorded_checkpoint(env):
+def test_every_epoch_leaves_a_recorded_checkpoint_in_alternating_files(env):
     store, settings, _ = env
     outcome = _run(env)
     assert outcome.extra["resumed_from_epoch"] == 0
     assert outcome.extra["epochs"] == EPOCHS
-    path, rel = _checkpoint_file(env)
-    assert rel.startswith(f"campaigns/{CAMPAIGN_ID}/checkpoints/cnn-") and rel.endswith("-f0.pt")
-    record = store.find_artifact(rel)
-    assert record is not None and record.kind == "checkpoint"
-    assert record.sha256 == sha256_file(path) and record.size == path.stat().st_size
-    assert record.unit_key == _context(env).unit.key
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    assert checkpoint["epochs_done"] == EPOCHS
-    assert checkpoint["unit_key"] == _context(env).unit.key
-    assert checkpoint["params"] == _context(env).unit.params
-    assert len(store.artifacts(CAMPAIGN_ID, kind="checkpoint")) == 1  # one file, rewritten
+    ctx = _context(env)
+    for epochs_done in (EPOCHS, EPOCHS - 1):  # the last epoch's file and the one before
+        path, rel = _slot(env, epochs_done)
+        assert rel.startswith(f"campaigns/{CAMPAIGN_ID}/checkpoints/cnn-")
+        assert rel.endswith(f"-f0-s{epochs_done % 2}.pt")
+        record = store.find_artifact(rel)
+        assert record is not None and record.kind == "checkpoint"
+        assert record.sha256 == sha256_file(path) and record.size == path.stat().st_size
+        assert record.unit_key == ctx.unit.key
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        assert checkpoint["epochs_done"] == epochs_done
+        assert checkpoint["unit_key"] == ctx.unit.key
+        assert checkpoint["params"] == ctx.unit.params
+    assert len(store.artifacts(CAMPAIGN_ID, kind="checkpoint")) == 2  # two files, rewritten
 
 
 def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch, caplog):
@@ -111,19 +139,46 @@ def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch
     assert resumed.extra["epochs"] == EPOCHS
     assert f"resuming {key} from epoch 1" in caplog.text
 
-    # the same unit from scratch: spoil the checkpoint so it is not used
-    path, _ = _checkpoint_file(env)
-    path.write_bytes(path.read_bytes()[:-10])
+    # the same unit from scratch: spoil both checkpoints so that neither is used
+    for path, _ in _slots(env):
+        path.write_bytes(path.read_bytes()[:-10])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         fresh = _run(env)
     assert fresh.extra["resumed_from_epoch"] == 0
     assert "does not match its recorded sha256" in caplog.text
+    assert f"{key}: no checkpoint can be used; starting from epoch 0" in caplog.text
     assert _probs(resumed, "val") == _probs(fresh, "val")
     assert _probs(resumed, "test") == _probs(fresh, "test")
     assert resumed.train_acc == fresh.train_acc and resumed.val_acc == fresh.val_acc
     # per-epoch metrics: every epoch once, whichever delivery trained it
     assert [step for step, _ in store.metrics(key)["val_acc"]] == [0, 1, 2]
+
+
+def test_a_kill_between_a_checkpoint_and_its_record_resumes_from_the_epoch_before(
+    env, monkeypatch, caplog
+):
+    store, _, _ = env
+    _kill_inside_write(monkeypatch, 3)
+    with pytest.raises(Killed):
+        _run(env)
+    monkeypatch.undo()
+    unrecorded, rel = _slot(env, 3)  # its record is still the first epoch's
+    assert sha256_file(unrecorded) != store.find_artifact(rel).sha256
+    key = _context(env).unit.key
+    with caplog.at_level(logging.INFO):
+        resumed = _run(env)
+    assert resumed.extra["resumed_from_epoch"] == 2
+    assert f"checkpoint {rel} does not match its recorded sha256" in caplog.text
+    assert f"resuming {key} from epoch 2" in caplog.text
+    assert "starting from epoch 0" not in caplog.text
+
+    for path, _ in _slots(env):  # the same fold uninterrupted, for comparison
+        path.unlink()
+    fresh = _run(env)
+    assert fresh.extra["resumed_from_epoch"] == 0
+    assert _probs(resumed, "test") == _probs(fresh, "test")
+    assert resumed.val_acc == fresh.val_acc
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
@@ -132,13 +187,25 @@ def test_a_checkpoint_that_is_not_the_recorded_one_is_never_used(env, monkeypatc
     with pytest.raises(Killed):
         _run(env)
     monkeypatch.undo()
-    path, _ = _checkpoint_file(env)
-    if damage == "missing":
-        path.unlink()
-    else:  # same size, other bytes: only the checksum can tell
-        blob = bytearray(path.read_bytes())
-        blob[len(blob) // 2] ^= 0xFF
-        path.write_bytes(bytes(blob))
+
+    def spoil(path: Path) -> None:
+        if damage == "missing":
+            path.unlink()
+        else:  # same size, other bytes: only the checksum can tell
+            blob = bytearray(path.read_bytes())
+            blob[len(blob) // 2] ^= 0xFF
+            path.write_bytes(bytes(blob))
+
+    latest, rel = _slot(env, 2)
+    spoil(latest)
+    with caplog.at_level(logging.WARNING):
+        outcome = _run(env)
+    assert outcome.extra["resumed_from_epoch"] == 1  # the other file, one epoch older
+    assert rel in caplog.text and "not used" in caplog.text
+
+    for path, _ in _slots(env):  # now both, after the run above rewrote them
+        spoil(path)
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         outcome = _run(env)
     assert outcome.extra["resumed_from_epoch"] == 0
@@ -148,33 +215,37 @@ def test_a_checkpoint_that_is_not_the_recorded_one_is_never_used(env, monkeypatc
 def test_a_recorded_checkpoint_of_other_params_is_not_used(env, caplog):
     store, _, _ = env
     _run(env)
-    path, rel = _checkpoint_file(env)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint["params"] = {**checkpoint["params"], "lr": 0.5}
-    checkpoint["epochs_done"] = 1
     ctx = _context(env)
-    cnn_task.write_checkpoint(
-        store, path, rel, checkpoint, campaign_id=CAMPAIGN_ID, unit_key=ctx.unit.key
-    )
+    for path, rel in _slots(env):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["params"] = {**checkpoint["params"], "lr": 0.5}
+        cnn_task.write_checkpoint(
+            store, path, rel, checkpoint, campaign_id=CAMPAIGN_ID, unit_key=ctx.unit.key
+        )
     with caplog.at_level(logging.WARNING):
         outcome = _run(env)
     assert outcome.extra["resumed_from_epoch"] == 0
     assert "other params (lr)" in caplog.text
 
 
-def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env):
+def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env, monkeypatch):
     """`orchard cancel` can land between the checkpoint's file and its record: the
-    record still follows the file, so the resumed fold starts from it, not from 0."""
+    record still follows the file, so the resumed fold starts from it."""
     store, _, manifest = env
-    checkpoint = torch.load(_finished_checkpoint(env), map_location="cpu", weights_only=True)
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        _run(env)
+    monkeypatch.undo()
+    first, _ = _slot(env, 1)
+    checkpoint = torch.load(first, map_location="cpu", weights_only=True)
 
     def cancelled() -> None:
         raise UnitAborted(LEASE_CANCELLED)
 
     guarded = _GuardedStore(store, cancelled)
-    path, rel = _checkpoint_file(env)
+    path, rel = _slot(env, 2)
     ctx = _context(env)
-    checkpoint["epochs_done"] = 2  # unlike the file recorded before
+    checkpoint["epochs_done"] = 2  # as if the second epoch were done
     cnn_task.write_checkpoint(
         guarded, path, rel, checkpoint, campaign_id=CAMPAIGN_ID, unit_key=ctx.unit.key
     )
@@ -182,15 +253,9 @@ def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env)
         guarded.record_metrics(ctx.unit.key, 2, {"val_acc": 0.5})
     resume = cnn_task.read_checkpoint(
         store,
-        path,
-        rel,
+        _slots(env),
         unit_key=ctx.unit.key,
         params=ctx.unit.params,
         num_classes=len(manifest.classes),
     )
     assert resume is not None and resume["epochs_done"] == 2
-
-
-def _finished_checkpoint(env) -> Path:
-    _run(env)
-    return _checkpoint_file(env)[0]

@@ -5,11 +5,14 @@ know the task names, and a CPU worker should not load torch. A GPU worker loads 
 before it takes tasks (``workers.app.preload``). GPU workers run the solo pool: CUDA is
 initialised in the process that trains, never in a parent that forks.
 
-After every epoch the fold's full training state goes to
-``<campaign>/checkpoints/cnn-<params hash>-f<fold>.pt`` (atomically) and its sha256
-to the store. A later delivery of the same unit (the worker was killed, the machine
-went away) resumes from it when the file still has the recorded checksum, and starts
-from epoch 0 otherwise: a checkpoint that cannot be verified is never loaded.
+After every epoch the fold's full training state is written (atomically) to one of two
+files, ``<campaign>/checkpoints/cnn-<params hash>-f<fold>-s<epochs done % 2>.pt``, and
+its sha256 to the store. The two slots alternate, so the previous epoch's file and
+record stay intact while the next one is written: a worker killed between a file and
+its record leaves one verified checkpoint, one epoch older. A later delivery of the
+same unit (the worker was killed, the machine went away) resumes from the verified
+checkpoint with the most epochs, and starts from epoch 0 when neither file has its
+recorded checksum: a checkpoint that cannot be verified is never loaded.
 """
 
 from __future__ import annotations
@@ -45,8 +48,19 @@ def cnn_variant(cache_size: int) -> str:
     return f"crop{cache_size * 7 // 8}"
 
 
-def checkpoint_path(campaign_dir: Path, params_hash: str, fold: int) -> Path:
-    return campaign_dir / "checkpoints" / f"cnn-{params_hash}-f{fold}.pt"
+CHECKPOINT_SLOTS = 2
+
+
+def checkpoint_path(campaign_dir: Path, params_hash: str, fold: int, epochs_done: int) -> Path:
+    """The slot for the checkpoint taken after ``epochs_done`` epochs (they alternate)."""
+    slot = epochs_done % CHECKPOINT_SLOTS
+    return campaign_dir / "checkpoints" / f"cnn-{params_hash}-f{fold}-s{slot}.pt"
+
+
+def checkpoint_paths(campaign_dir: Path, params_hash: str, fold: int) -> list[Path]:
+    return [
+        checkpoint_path(campaign_dir, params_hash, fold, slot) for slot in range(CHECKPOINT_SLOTS)
+    ]
 
 
 def write_checkpoint(
@@ -58,10 +72,10 @@ def write_checkpoint(
     campaign_id: str,
     unit_key: str,
 ) -> WrittenFile:
-    """Replace the unit's checkpoint file, then record its checksum (an upsert by path).
+    """Replace one slot's checkpoint file, then record its checksum (an upsert by path).
 
-    Killed between the two, the file and the record disagree and the next delivery
-    starts afresh rather than trust either.
+    Killed between the two, that slot's file and record disagree and the slot is not
+    trusted; the other slot still holds the previous epoch, verified.
     """
     buffer = io.BytesIO()
     torch_module().save(checkpoint, buffer)
@@ -74,6 +88,33 @@ def write_checkpoint(
 
 def read_checkpoint(
     store: Store,
+    slots: list[tuple[Path, str]],
+    *,
+    unit_key: str,
+    params: dict[str, Any],
+    num_classes: int,
+) -> dict[str, Any] | None:
+    """Of the ``(path, relative)`` slots, the verified checkpoint with the most epochs
+    done, or None; every file not used is logged with the reason."""
+    usable = [
+        checkpoint
+        for path, relative in slots
+        if (
+            checkpoint := _verified_checkpoint(
+                store, path, relative, unit_key=unit_key, params=params, num_classes=num_classes
+            )
+        )
+        is not None
+    ]
+    if not usable:
+        if any(store.find_artifact(relative) is not None for _, relative in slots):
+            log.warning("%s: no checkpoint can be used; starting from epoch 0", unit_key)
+        return None
+    return max(usable, key=lambda checkpoint: checkpoint["epochs_done"])
+
+
+def _verified_checkpoint(
+    store: Store,
     path: Path,
     relative: str,
     *,
@@ -81,19 +122,17 @@ def read_checkpoint(
     params: dict[str, Any],
     num_classes: int,
 ) -> dict[str, Any] | None:
-    """The unit's last checkpoint if it is exactly what was recorded, else None (logged)."""
+    """The checkpoint in ``path`` if it is exactly what was recorded, else None (logged)."""
     record = store.find_artifact(relative)
     if record is None:
         return None
     if not path.exists():
-        log.warning(
-            "%s: checkpoint %s is recorded but missing; starting from epoch 0", unit_key, relative
-        )
+        log.warning("%s: checkpoint %s is recorded but missing; not used", unit_key, relative)
         return None
     if sha256_file(path) != record.sha256:
         log.warning(
-            "%s: checkpoint %s does not match its recorded sha256 (truncated or altered); "
-            "starting from epoch 0",
+            "%s: checkpoint %s does not match its recorded sha256 (truncated, altered, or "
+            "its writer was killed before recording it); not used",
             unit_key,
             relative,
         )
@@ -101,10 +140,8 @@ def read_checkpoint(
     try:
         # weights_only: tensors and plain Python values only, nothing executed on load
         checkpoint = torch_module().load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means: start afresh
-        log.warning(
-            "%s: checkpoint %s unreadable (%s); starting from epoch 0", unit_key, relative, exc
-        )
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: do not use it
+        log.warning("%s: checkpoint %s unreadable (%s); not used", unit_key, relative, exc)
         return None
     from shared.cnn import checkpoint_problem
 
@@ -112,9 +149,7 @@ def read_checkpoint(
     if problem is None and checkpoint.get("unit_key") not in (None, unit_key):
         problem = f"it belongs to {checkpoint['unit_key']}"
     if problem is not None:
-        log.warning(
-            "%s: checkpoint %s not used: %s; starting from epoch 0", unit_key, relative, problem
-        )
+        log.warning("%s: checkpoint %s not used: %s", unit_key, relative, problem)
         return None
     return checkpoint
 
@@ -130,12 +165,11 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
     manifest = data.manifest
     num_classes = len(manifest.classes)
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
-    ckpt_path = checkpoint_path(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
-    ckpt_rel = ctx.relative(ckpt_path)
-
-    resume = read_checkpoint(
-        ctx.store, ckpt_path, ckpt_rel, unit_key=key, params=params, num_classes=num_classes
-    )
+    slots = [
+        (path, ctx.relative(path))
+        for path in checkpoint_paths(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
+    ]
+    resume = read_checkpoint(ctx.store, slots, unit_key=key, params=params, num_classes=num_classes)
     if resume is not None:
         log.info(
             "resuming %s from epoch %d (%d of %d epochs done)",
@@ -169,8 +203,16 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
 
     def on_checkpoint(checkpoint: dict[str, Any]) -> None:
         ctx.check_stop()  # a delivery that lost its unit must not overwrite the file
+        path = checkpoint_path(
+            ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold, checkpoint["epochs_done"]
+        )
         write_checkpoint(
-            ctx.store, ckpt_path, ckpt_rel, checkpoint, campaign_id=ctx.campaign.id, unit_key=key
+            ctx.store,
+            path,
+            ctx.relative(path),
+            checkpoint,
+            campaign_id=ctx.campaign.id,
+            unit_key=key,
         )
 
     result = train_fold(
