@@ -1,12 +1,15 @@
-"""Chaos benchmark: a campaign survives workers SIGKILLed at random, exactly once.
+"""Chaos benchmark: a campaign survives workers killed or stopped at random, exactly once.
 
 Runs a small campaign (CNN folds + SVM grid + RF sweep on synthetic data) twice on the
 real Redis (a key prefix of its own) with three real `orchard worker` processes (one
 gpu-queue worker, two cpu/preprocess/report workers):
 
 1. undisturbed, as the baseline;
-2. while a killer SIGKILLs a random worker process group every ``--interval`` seconds
-   (at most ``--kills`` times) and starts it again.
+2. while a killer disrupts a random worker every ``--interval`` seconds (at most
+   ``--kills`` times) and starts it again: SIGKILL of its process group (a crash, the
+   OOM killer), or, for a ``--stops`` share of the disruptions, SIGTERM (a node being
+   drained: Celery's warm shutdown, a GPU worker hands its fold back at its next
+   checkpoint).
 
 Then it checks the store of the disturbed run: every unit SUCCESS with exactly one
 result row (duplicates must be 0, lost must be 0), the report present, and every
@@ -147,13 +150,18 @@ def killer(
     interval: float,
     rng: random.Random,
     log: list[dict[str, Any]],
+    stops: float,
 ) -> None:
     while len(log) < kills and not stop.wait(interval):
         name = rng.choice(sorted(WORKERS))
-        pool.kill(name)
+        how = "SIGTERM" if rng.random() < stops else "SIGKILL"
+        if how == "SIGTERM":
+            pool.terminate(name, timeout=120)  # a CPU worker finishes its units first
+        else:
+            pool.kill(name)
         pool.restart(name)
-        log.append({"worker": name, "at": time.monotonic()})
-        print(f"  killed {name} (kill {len(log)}/{kills})", flush=True)
+        log.append({"worker": name, "signal": how, "at": time.monotonic()})
+        print(f"  {how} {name} (disruption {len(log)}/{kills})", flush=True)
 
 
 def main() -> int:
@@ -161,6 +169,12 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="smaller campaign, 2 kills")
     parser.add_argument("--kills", type=int, default=None, help="most kills (default 5)")
     parser.add_argument("--interval", type=float, default=4.0, help="seconds between kills")
+    parser.add_argument(
+        "--stops",
+        type=float,
+        default=0.3,
+        help="share of the disruptions that are SIGTERM instead of SIGKILL (default 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="CNN epochs (default 12)")
     parser.add_argument("--timeout", type=float, default=600)
@@ -222,7 +236,9 @@ def main() -> int:
             stop = threading.Event()
             rng = random.Random(args.seed)
             thread = threading.Thread(
-                target=killer, args=(pool, stop, kills, args.interval, rng, log), daemon=True
+                target=killer,
+                args=(pool, stop, kills, args.interval, rng, log, args.stops),
+                daemon=True,
             )
             started = time.perf_counter()
             chaos = submit(campaign, settings=settings)
@@ -272,6 +288,7 @@ def main() -> int:
                 "seconds": chaos_seconds,
                 "kills_survived": len(log),
                 "killed": [k["worker"] for k in log],
+                "signals": [k["signal"] for k in log],
                 **counts,
                 "report_present": report_present,
                 "results_equal_to_undisturbed": same,

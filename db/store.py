@@ -719,14 +719,24 @@ class Store:
             return LEASE_CANCELLED if state == CANCELLED else LEASE_LOST
 
     @_retried
-    def release_lease(self, key: str, holder: str) -> None:
-        """Let the next delivery take over at once (this one stops without a result)."""
+    def hand_back(self, key: str, holder: str) -> bool:
+        """RUNNING -> QUEUED for a delivery that stops at a clean point (its worker is
+        shutting down, the fold's checkpoint is recorded): the lease is released so the
+        next delivery starts at once, and the attempt is not counted against
+        ``max_attempts``, since nothing failed. True if this delivery still held it."""
         with self._transaction() as s:
-            s.execute(
+            handed = s.execute(
                 update(UnitRow)
-                .where(UnitRow.key == key, UnitRow.lease_holder == holder)
-                .values(lease_holder=None, lease_expires_at=None)
+                .where(UnitRow.key == key, UnitRow.state == RUNNING, UnitRow.lease_holder == holder)
+                .values(
+                    state=QUEUED,
+                    queued_at=self._now(s),
+                    attempts=UnitRow.attempts - 1,
+                    lease_holder=None,
+                    lease_expires_at=None,
+                )
             )
+            return handed.rowcount == 1
 
     @_retried
     def fail_unit(self, key: str, error: str, *, holder: str | None = None) -> bool:

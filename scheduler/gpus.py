@@ -8,7 +8,8 @@ artifact mount.
 
 The launcher never imports torch or touches CUDA: it asks ``nvidia-smi`` which GPUs
 there are. On SIGTERM or SIGINT it sends every child SIGTERM (Celery's warm shutdown:
-each finishes its fold, then exits) and waits for them. A child that dies on its own is
+each hands its fold back after the fold's next checkpoint, then exits) and waits for
+them. A child that dies on its own is
 restarted (its unacknowledged task goes back to the queue and is delivered again),
 unless it died within ``min_uptime`` seconds of starting: a worker that cannot even
 start will not start next time either, so the launcher stops the others and exits
@@ -187,7 +188,8 @@ class GpuLauncher:
             print(text, file=self.out, flush=True)
 
     def stop(self) -> None:
-        """Ask every running child for Celery's warm shutdown: finish the task, then exit.
+        """Ask every running child for Celery's warm shutdown: hand the fold back at its
+        next checkpoint (another worker resumes it from there), then exit.
 
         Always SIGTERM, whatever the launcher got: a Ctrl-C at a terminal already
         reaches the children (same process group), and a second SIGINT would make

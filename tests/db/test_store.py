@@ -281,6 +281,29 @@ def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     assert store.requeue_lost(0.1, lambda: next(ids)) == []
 
 
+def test_a_unit_handed_back_is_queued_for_the_next_delivery_without_an_attempt(
+    store_url: str,
+) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    store.claim_for_queue([key], {key: "t1"})
+    for round_ in range(3):  # stopped on request again and again: never "gave up"
+        start = store.start_unit(
+            key, worker="w", task_id="t1", holder=f"d{round_}", lease_seconds=60, max_attempts=1
+        )
+        assert start.run and start.attempts == 1
+        assert not store.hand_back(key, "someone-else")  # only the lease holder may
+        assert store.hand_back(key, f"d{round_}")
+        unit = store.get_unit(key)
+        assert (unit.state, unit.attempts, unit.lease_holder) == ("QUEUED", 0, None)
+        assert unit.task_id == "t1"  # the same message comes back from its queue
+        assert store.renew_lease(key, f"d{round_}", 60) == "lost"
+    store.start_unit(key, worker="w", task_id="t1", holder="last", lease_seconds=60)
+    store.finish_unit(key, outcome())
+    assert not store.hand_back(key, "last")  # a finished unit stays finished
+    assert store.get_unit(key).state == "SUCCESS"
+
+
 def test_attempts_are_capped(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key

@@ -117,6 +117,7 @@ class Cluster:
     store: Store
     pool: WorkerPool
     tmp: Path
+    redis_prefix: str  # the Redis key prefix of this module's workers
 
     def submit(self, campaign: Path, **kwargs: object) -> CampaignRun:
         return submit(campaign, settings=self.settings, **kwargs)
@@ -144,7 +145,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             with WorkerPool(settings) as pool:
                 pool.start("gpu", "gpu")
                 pool.start("cpu", "cpu,preprocess,report", concurrency=1)
-                yield Cluster(settings, store, pool, tmp)
+                yield Cluster(settings, store, pool, tmp, prefix)
         finally:
             drop_redis_keys(prefix)
 
@@ -193,6 +194,42 @@ def test_sigkilled_gpu_worker_resumes_the_fold_from_its_checkpoint(cluster: Clus
     assert_exactly_once(run, store)
     assert [step for step, _ in store.metrics(fold.key)["val_acc"]] == list(range(10))
     assert f"resuming {fold.key} from epoch" in cluster.pool.log("gpu")
+
+
+def test_a_gpu_worker_asked_to_stop_hands_its_fold_back_at_the_next_checkpoint(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM (compose stop, a cluster draining a node): the worker does not wait for
+    the fold to end; it hands the unit back after its next checkpoint, the message goes
+    back to the queue, and the next GPU worker resumes from exactly there."""
+    import redis
+
+    store = cluster.store
+    run = cluster.submit(write_campaign(cluster.tmp, "drained", epochs=40))
+    fold = cnn_unit(run)
+    cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 2, 180, "the second epoch")
+    assert cluster.pool.terminate("gpu") == 0
+    handed_back_at = epochs_recorded(store, fold.key)
+    fold = cnn_unit(run)
+    assert fold.state == "QUEUED" and handed_back_at < 40
+    assert fold.attempts == 0  # stopping on request is not a failed attempt
+    client = redis.Redis.from_url(REDIS_URL)
+    try:  # the message is back on its queue, not waiting in the unacknowledged set
+        assert client.llen(f"{cluster.redis_prefix}gpu") == 1
+    finally:
+        client.close()
+    assert f"{fold.key} handed back at its checkpoint" in cluster.pool.log("gpu")
+
+    cluster.pool.restart("gpu")
+    status = cluster.wait(run)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    fold = cnn_unit(run)
+    assert fold.attempts == 1
+    result = store.results(run.id)[fold.key]
+    assert result.extra["resumed_from_epoch"] == handed_back_at  # nothing trained twice
+    assert result.extra["epochs"] == 40
+    assert [step for step, _ in store.metrics(fold.key)["val_acc"]] == list(range(40))
+    assert_exactly_once(run, store)
 
 
 # ---------------------------------------------------------------- 6. altered artifacts

@@ -38,6 +38,7 @@ class WorkerPool:
         self.specs: dict[str, list[str]] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.generation: dict[str, int] = {}
+        self.terminated: set[str] = set()  # stopped on purpose: check() lets them be
 
     def start(self, name: str, queues: str, *, concurrency: int = 1) -> subprocess.Popen:
         self.specs[name] = ["--queues", queues, "--concurrency", str(concurrency)]
@@ -76,11 +77,27 @@ class WorkerPool:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def terminate(self, name: str, timeout: float = 60) -> int:
+        """SIGTERM the worker, as `docker compose stop` or a cluster's scheduler would
+        (Celery's warm shutdown), and wait for it to exit; returns its exit status."""
+        proc = self.procs[name]
+        self.terminated.add(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {name} still running {timeout:.0f} s after SIGTERM"
+            ) from None
+
     def restart(self, name: str) -> subprocess.Popen:
+        self.terminated.discard(name)
         return self._spawn(name)
 
     def check(self) -> None:
         for name, proc in self.procs.items():
+            if name in self.terminated:
+                continue
             if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
                 raise OrchardError(f"worker {name} exited with {proc.returncode}: {self.log(name)}")
 

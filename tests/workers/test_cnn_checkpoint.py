@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,15 @@ from shared.artifacts import atomic_write_bytes, sha256_file
 from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
+from workers.tasks import base
 from workers.tasks import cnn as cnn_task
-from workers.tasks.base import LEASE_CANCELLED, UnitAborted, UnitContext, _GuardedStore
+from workers.tasks.base import (
+    LEASE_CANCELLED,
+    WORKER_STOPPING,
+    UnitAborted,
+    UnitContext,
+    _GuardedStore,
+)
 
 CAMPAIGN_ID = "k-1"
 EPOCHS = 3
@@ -259,3 +267,40 @@ def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env,
         num_classes=len(manifest.classes),
     )
     assert resume is not None and resume["epochs_done"] == 2
+
+
+def _stop_requested_after(monkeypatch: pytest.MonkeyPatch, epochs_done: int) -> None:
+    """The worker's SIGTERM arrives while the checkpoint of ``epochs_done`` is written."""
+    stopping = threading.Event()
+    monkeypatch.setattr(base, "_worker_stopping", stopping)
+    real = cnn_task.write_checkpoint
+
+    def write_then_signal(store, path, relative, checkpoint, **kwargs):
+        written = real(store, path, relative, checkpoint, **kwargs)
+        if checkpoint["epochs_done"] == epochs_done:
+            stopping.set()
+        return written
+
+    monkeypatch.setattr(cnn_task, "write_checkpoint", write_then_signal)
+
+
+def test_a_fold_whose_worker_stops_is_handed_back_right_after_a_recorded_checkpoint(
+    env, monkeypatch
+):
+    store, _, _ = env
+    _stop_requested_after(monkeypatch, 1)
+    with pytest.raises(UnitAborted) as stopped:
+        _run(env)
+    assert stopped.value.reason == WORKER_STOPPING
+    key = _context(env).unit.key
+    assert [step for step, _ in store.metrics(key)["val_acc"]] == [0]  # no epoch begun
+    path, rel = _slot(env, 1)
+    assert store.find_artifact(rel).sha256 == sha256_file(path)
+    monkeypatch.undo()
+    assert _run(env).extra["resumed_from_epoch"] == 1
+
+
+def test_a_stop_during_the_last_checkpoint_lets_the_fold_finish(env, monkeypatch):
+    _stop_requested_after(monkeypatch, EPOCHS)
+    outcome = _run(env)  # nothing left to hand back: evaluating is shorter than resuming
+    assert outcome.extra["epochs"] == EPOCHS and outcome.extra["resumed_from_epoch"] == 0

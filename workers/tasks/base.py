@@ -14,6 +14,9 @@ Delivery is at least once, so the wrapper also decides what a second delivery do
   (``task.retry``), and then finds the unit done (no-op) or takes it over;
 - a run whose lease was taken over, or whose campaign was cancelled, stops at its
   next store call (:class:`UnitAborted`), writes nothing and fails nothing;
+- a body that saves its progress (a CNN fold, every epoch) hands its unit back when
+  its worker is asked to shut down (SIGTERM, Ctrl-C): the unit goes back to QUEUED,
+  the message back to its queue, and another worker resumes it at once;
 - a store that stays unreachable after its retries fails the unit with that error,
   or, when even that cannot be written, leaves the message for a later delivery.
 """
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,9 +121,23 @@ class FoldData:
         )
 
 
+#: why a delivery stops when its worker is shutting down (besides the store's reasons)
+WORKER_STOPPING = "worker stopping"
+
+_worker_stopping = threading.Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:
+    # Celery sends this from its SIGTERM/SIGINT handler in the worker's main process,
+    # which with the solo pool (GPU workers) is the process running the fold
+    _worker_stopping.set()
+
+
 class UnitAborted(Exception):
     """This delivery must stop without writing a result: ``reason`` is LEASE_LOST
-    (another delivery took the unit over) or LEASE_CANCELLED (`orchard cancel`)."""
+    (another delivery took the unit over), LEASE_CANCELLED (`orchard cancel`) or
+    WORKER_STOPPING (the body saved its progress and its worker is shutting down)."""
 
     def __init__(self, reason: str = "lost") -> None:
         super().__init__(reason)
@@ -210,6 +227,16 @@ class UnitContext:
         if self.heartbeat is not None:
             self.heartbeat.check()
 
+    def hand_back_if_worker_stopping(self) -> None:
+        """Raise :class:`UnitAborted` (WORKER_STOPPING) if the worker is shutting down.
+
+        For bodies that save their progress: call it right after a save, so the next
+        delivery loses nothing. The wrapper then puts the unit back to QUEUED and its
+        message back on its queue, and the worker exits without waiting for the body.
+        """
+        if _worker_stopping.is_set():
+            raise UnitAborted(WORKER_STOPPING)
+
     @property
     def campaign_dir(self) -> Path:
         return self.settings.artifacts / "campaigns" / self.campaign.id
@@ -293,6 +320,18 @@ def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
         raise task.retry(countdown=5, max_retries=20, exc=exc) from None
 
 
+def _hand_back(store: Store, key: str, holder: str) -> None:
+    """Back to QUEUED for the next delivery; the caller requeues the message."""
+    try:
+        handed = store.hand_back(key, holder)
+    except StoreError as exc:
+        # the message goes back anyway: its next delivery waits out this lease
+        log.warning("%s: not handed back in the store (%s); its lease will run out", key, exc)
+        return
+    if handed:
+        log.warning("%s handed back at its checkpoint: the worker is shutting down", key)
+
+
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
     settings = worker_settings()
     rules = reliability()
@@ -344,6 +383,9 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         recorded = store.finish_unit(key, outcome)
     except UnitAborted as exc:
         heartbeat.stop()
+        if exc.reason == WORKER_STOPPING:
+            _hand_back(store, key, holder)
+            raise Reject(WORKER_STOPPING, requeue=True) from None
         if exc.reason == LEASE_CANCELLED:
             log.warning("%s stopped: its campaign was cancelled", key)
             return {"unit": key, "state": "CANCELLED", "aborted": True}

@@ -12,7 +12,9 @@ record stay intact while the next one is written: a worker killed between a file
 its record leaves one verified checkpoint, one epoch older. A later delivery of the
 same unit (the worker was killed, the machine went away) resumes from the verified
 checkpoint with the most epochs, and starts from epoch 0 when neither file has its
-recorded checksum: a checkpoint that cannot be verified is never loaded.
+recorded checksum: a checkpoint that cannot be verified is never loaded. A worker
+asked to shut down (SIGTERM, Ctrl-C) hands the fold back right after its next
+checkpoint, and another GPU worker resumes it from there.
 """
 
 from __future__ import annotations
@@ -214,6 +216,8 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
             campaign_id=ctx.campaign.id,
             unit_key=key,
         )
+        if checkpoint["epochs_done"] < params["epochs"]:  # after the last one, just finish
+            ctx.hand_back_if_worker_stopping()
 
     result = train_fold(
         *data.split(),
