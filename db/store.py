@@ -183,6 +183,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
     predictions: dict[str, Sequence[Prediction]] = field(default_factory=dict)  # split -> rows
     artifacts: Sequence[Artifact] = ()
+    # artifact paths needed only while the unit ran (a fold's checkpoints): their
+    # records go in the result's transaction, and the worker then removes the files
+    scratch: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,8 +814,9 @@ class Store:
     def finish_unit(self, key: str, outcome: Outcome) -> bool:
         """Record a unit's result, predictions and artifacts and mark it SUCCESS.
 
-        All in one transaction. If the unit already has a result (the same task ran
-        twice) nothing is written and False is returned: first write wins.
+        All in one transaction, which also forgets the outcome's ``scratch`` artifacts.
+        If the unit already has a result (the same task ran twice) nothing is written
+        and False is returned: first write wins.
         """
         with self._transaction() as s:
             unit = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
@@ -852,6 +856,8 @@ class Store:
                     s.execute(_insert(s)(PredictionRow).values(rows).on_conflict_do_nothing())
             for artifact in outcome.artifacts:
                 self._record_artifact_without_commit(s, artifact)
+            if outcome.scratch:
+                s.execute(delete(ArtifactRow).where(ArtifactRow.path.in_(outcome.scratch)))
             unit.state = SUCCESS
             unit.error = None
             unit.finished_at = self._now(s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -122,6 +123,23 @@ def test_result_written_twice_stays_one_row(store_url: str) -> None:
     assert [(p.image_id, p.label, p.pred) for p in preds] == [("a.jpg", 0, 1), ("b.jpg", 2, 2)]
     assert preds[0].probs == [0.2, 0.7, 0.1]
     assert store.find_artifact("models/m.pt").sha256 == "0" * 64
+
+
+def test_a_recorded_result_forgets_its_units_scratch_artifacts(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    scratch = ["campaigns/t-1/checkpoints/c-s0.pt", "campaigns/t-1/checkpoints/c-s1.pt"]
+    for path in [*scratch, "campaigns/t-1/keep.pt"]:
+        store.record_artifact(Artifact(path, "checkpoint", "1" * 64, 1, "t-1", key))
+    assert store.start_unit(key, worker="w1", task_id="a").run
+    done = replace(outcome(), scratch=scratch)
+    assert store.finish_unit(key, done) is True
+    assert [a.path for a in store.artifacts("t-1", kind="checkpoint")] == ["campaigns/t-1/keep.pt"]
+    assert store.find_artifact("models/m.pt") is not None  # the outcome's own artifact
+    # a second delivery writes nothing, and forgets nothing either
+    store.record_artifact(Artifact(scratch[0], "checkpoint", "2" * 64, 1, "t-1", key))
+    assert store.finish_unit(key, done) is False
+    assert store.find_artifact(scratch[0]) is not None
 
 
 def test_metrics_upsert_per_step(store_url: str) -> None:

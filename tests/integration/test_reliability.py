@@ -194,6 +194,7 @@ def test_sigkilled_gpu_worker_resumes_the_fold_from_its_checkpoint(cluster: Clus
     assert_exactly_once(run, store)
     assert [step for step, _ in store.metrics(fold.key)["val_acc"]] == list(range(10))
     assert f"resuming {fold.key} from epoch" in cluster.pool.log("gpu")
+    assert_checkpoints_removed(cluster, run)
 
 
 def test_a_gpu_worker_asked_to_stop_hands_its_fold_back_at_the_next_checkpoint(
@@ -230,6 +231,14 @@ def test_a_gpu_worker_asked_to_stop_hands_its_fold_back_at_the_next_checkpoint(
     assert result.extra["epochs"] == 40
     assert [step for step, _ in store.metrics(fold.key)["val_acc"]] == list(range(40))
     assert_exactly_once(run, store)
+    assert_checkpoints_removed(cluster, run)
+
+
+def assert_checkpoints_removed(cluster: Cluster, run: CampaignRun) -> None:
+    """A finished fold's checkpoints were scratch: no file and no record is left."""
+    assert cluster.store.artifacts(run.id, kind="checkpoint") == []
+    folder = cluster.settings.artifacts / "campaigns" / run.id / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == []
 
 
 # ---------------------------------------------------------------- 6. altered artifacts

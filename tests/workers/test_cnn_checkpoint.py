@@ -132,6 +132,8 @@ def test_every_epoch_leaves_a_recorded_checkpoint_in_alternating_files(env):
         assert checkpoint["unit_key"] == ctx.unit.key
         assert checkpoint["params"] == ctx.unit.params
     assert len(store.artifacts(CAMPAIGN_ID, kind="checkpoint")) == 2  # two files, rewritten
+    # both are scratch: the worker removes them once the fold's result is recorded
+    assert sorted(outcome.scratch) == sorted(rel for _, rel in _slots(env))
 
 
 def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch, caplog):

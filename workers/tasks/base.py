@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -320,6 +320,16 @@ def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
         raise task.retry(countdown=5, max_retries=20, exc=exc) from None
 
 
+def _remove_scratch(settings: Settings, key: str, paths: Sequence[str]) -> None:
+    """Files the unit no longer needs now that its result is recorded (their records
+    went with it); one left behind by a crash is unrecorded, so never read."""
+    for relative in paths:
+        try:
+            (settings.artifacts / relative).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: could not remove %s: %s", key, relative, exc)
+
+
 def _hand_back(store: Store, key: str, holder: str) -> None:
     """Back to QUEUED for the next delivery; the caller requeues the message."""
     try:
@@ -381,6 +391,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
         recorded = store.finish_unit(key, outcome)
+        if recorded:
+            _remove_scratch(settings, key, outcome.scratch)
     except UnitAborted as exc:
         heartbeat.stop()
         if exc.reason == WORKER_STOPPING:

@@ -14,13 +14,15 @@ same unit (the worker was killed, the machine went away) resumes from the verifi
 checkpoint with the most epochs, and starts from epoch 0 when neither file has its
 recorded checksum: a checkpoint that cannot be verified is never loaded. A worker
 asked to shut down (SIGTERM, Ctrl-C) hands the fold back right after its next
-checkpoint, and another GPU worker resumes it from there.
+checkpoint, and another GPU worker resumes it from there. Once the fold's result is
+recorded its checkpoints go (files and records): only the model file stays.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -245,7 +247,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
     )
     model_path = ctx.campaign_dir / "models" / f"cnn-{ctx.unit.params_hash}-f{ctx.unit.fold}.pt"
     written = atomic_write_bytes(model_path, buffer.getvalue())
-    return model_outcome(
+    outcome = model_outcome(
         manifest,
         val_idx=data.val,
         test_idx=data.test,
@@ -271,3 +273,5 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
             )
         ],
     )
+    # the checkpoints only served to resume this fold: gone once its result is recorded
+    return replace(outcome, scratch=[relative for _, relative in slots])
