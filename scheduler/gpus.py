@@ -9,11 +9,10 @@ artifact mount.
 The launcher never imports torch or touches CUDA: it asks ``nvidia-smi`` which GPUs
 there are. On SIGTERM or SIGINT it sends every child SIGTERM (Celery's warm shutdown:
 each hands its fold back after the fold's next checkpoint, then exits) and waits for
-them. A child that dies on its own is
-restarted (its unacknowledged task goes back to the queue and is delivered again),
-unless it died within ``min_uptime`` seconds of starting: a worker that cannot even
-start will not start next time either, so the launcher stops the others and exits
-non-zero instead of looping.
+them. A child that dies on its own is restarted (its unacknowledged task goes back to
+the queue and is delivered again), unless it died within ``min_uptime`` seconds of
+starting: a worker that cannot even start will not start next time either, so the
+launcher stops the others and exits non-zero instead of looping.
 """
 
 from __future__ import annotations
