@@ -391,8 +391,6 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
         recorded = store.finish_unit(key, outcome)
-        if recorded:
-            _remove_scratch(settings, key, outcome.scratch)
     except UnitAborted as exc:
         heartbeat.stop()
         if exc.reason == WORKER_STOPPING:
@@ -417,6 +415,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             raise task.retry(countdown=rules.lease_seconds + 1, max_retries=30, exc=exc) from None
         _advance_or_retry(task, store, message.campaign_id)
         raise
+    if recorded:
+        _remove_scratch(settings, key, outcome.scratch)
     log.info(
         "%s %s in %.1f s",
         key,

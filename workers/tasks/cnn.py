@@ -100,36 +100,38 @@ def read_checkpoint(
 ) -> dict[str, Any] | None:
     """Of the ``(path, relative)`` slots, the verified checkpoint with the most epochs
     done, or None; every file not used is logged with the reason."""
+    recorded = [
+        (path, record)
+        for path, relative in slots
+        if (record := store.find_artifact(relative)) is not None
+    ]
     usable = [
         checkpoint
-        for path, relative in slots
+        for path, record in recorded
         if (
             checkpoint := _verified_checkpoint(
-                store, path, relative, unit_key=unit_key, params=params, num_classes=num_classes
+                path, record, unit_key=unit_key, params=params, num_classes=num_classes
             )
         )
         is not None
     ]
     if not usable:
-        if any(store.find_artifact(relative) is not None for _, relative in slots):
+        if recorded:
             log.warning("%s: no checkpoint can be used; starting from epoch 0", unit_key)
         return None
     return max(usable, key=lambda checkpoint: checkpoint["epochs_done"])
 
 
 def _verified_checkpoint(
-    store: Store,
     path: Path,
-    relative: str,
+    record: Artifact,
     *,
     unit_key: str,
     params: dict[str, Any],
     num_classes: int,
 ) -> dict[str, Any] | None:
-    """The checkpoint in ``path`` if it is exactly what was recorded, else None (logged)."""
-    record = store.find_artifact(relative)
-    if record is None:
-        return None
+    """The checkpoint in ``path`` if it is exactly ``record``, else None (logged)."""
+    relative = record.path
     if not path.exists():
         log.warning("%s: checkpoint %s is recorded but missing; not used", unit_key, relative)
         return None
