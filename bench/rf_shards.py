@@ -46,7 +46,7 @@ from shared.forest import (  # noqa: E402
     save_model,
 )
 from shared.spec import RfParams  # noqa: E402
-from workers.app import QUEUE_LIBRARIES, preload  # noqa: E402
+from workers.app import preload, preloaded  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rf_shards.json"
 
@@ -74,7 +74,7 @@ def _peak_rss_mib() -> float:
 
 def _warm(_: int) -> bool:
     time.sleep(0.3)  # long enough that every pool process starts
-    return all(name in sys.modules for name in QUEUE_LIBRARIES["cpu"])
+    return preloaded(["cpu"])
 
 
 def _baseline(data: tuple, test_y: np.ndarray, params: dict, seed: int) -> dict[str, Any]:

@@ -152,10 +152,10 @@ def run_baseline(
 
 
 def _warm() -> bool:
-    from workers.app import QUEUE_LIBRARIES, preload
+    from workers.app import preload, preloaded
 
     preload(["cpu"])
-    return all(name in sys.modules for name in QUEUE_LIBRARIES["cpu"])
+    return preloaded(["cpu"])
 
 
 # ---------------------------------------------------------------- orchard's path

@@ -11,9 +11,23 @@ conditional update that only one caller wins) and sends only what it claimed.
 from __future__ import annotations
 
 from celery import Celery, group, uuid
+from celery.canvas import Signature
 
 from db.store import Store
 from shared.plan import PENDING, TERMINAL, UnitState, next_actions
+
+
+def unit_signature(
+    app: Celery, task: str, queue: str, campaign_id: str, key: str, task_id: str
+) -> Signature:
+    """The message of one unit: its two ids (``UnitMessage``), on its family's queue,
+    under the task id the store recorded with its claim."""
+    return app.signature(
+        task,
+        kwargs={"campaign_id": campaign_id, "unit_key": key},
+        queue=queue,
+        immutable=True,
+    ).set(task_id=task_id)
 
 
 def may_act(unfinished: dict[int, dict[str, int]]) -> bool:
@@ -49,12 +63,9 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
         claimed = store.claim_for_queue(actions.enqueue, task_ids)
         by_key = {u.key: u for u in units}
         signatures = [
-            app.signature(
-                by_key[key].task,
-                kwargs={"campaign_id": campaign_id, "unit_key": key},
-                queue=by_key[key].queue,
-                immutable=True,
-            ).set(task_id=task_ids[key])
+            unit_signature(
+                app, by_key[key].task, by_key[key].queue, campaign_id, key, task_ids[key]
+            )
             for key in claimed
         ]
         if signatures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterable
 
 from celery import Celery
@@ -40,6 +41,12 @@ def preload(queues: Iterable[str]) -> None:
     for queue in queues:
         for module in QUEUE_LIBRARIES.get(queue, ()):
             importlib.import_module(module)
+
+
+def preloaded(queues: Iterable[str]) -> bool:
+    """Whether this process has imported every library of ``queues`` (the benchmarks
+    check it in the processes they time)."""
+    return all(m in sys.modules for q in queues for m in QUEUE_LIBRARIES.get(q, ()))
 
 
 def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:

@@ -31,6 +31,7 @@ log = logging.getLogger("orchard.reaper")
 def requeue_lost_units(app: Any) -> list[str]:
     """One pass: requeue and send the units whose delivery died; returns their keys."""
     from db.store import StoreError
+    from scheduler.canvas import unit_signature
     from workers.tasks.base import worker_store
 
     lease = reliability().lease_seconds
@@ -43,12 +44,9 @@ def requeue_lost_units(app: Any) -> list[str]:
     sent = []
     for unit in lost:
         try:
-            app.signature(
-                unit.task,
-                kwargs={"campaign_id": unit.campaign_id, "unit_key": unit.key},
-                queue=unit.queue,
-                immutable=True,
-            ).apply_async(task_id=unit.task_id)
+            unit_signature(
+                app, unit.task, unit.queue, unit.campaign_id, unit.key, unit.task_id
+            ).apply_async()
         except Exception as exc:  # the broker is away: the next advance sends it
             log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
             store.unclaim([unit.key])
