@@ -12,7 +12,9 @@
 #    compile in parallel (compilation is minutes, the timed steps seconds), then time
 #    one at a time under a lock (see --barrier), so no timed step shares the machine.
 #    "main" is the one that counts: baseline, eager and orchard's defaults in one
-#    process; the others take one of orchard's choices away, or try an alternative.
+#    process; the others try alternatives not yet measured (BENCHMARKS.md): each conv's
+#    bias added apart (alone, with CUDA graphs, at batch 512), inductor's max-autotune
+#    (Triton conv templates beside cuDNN) and its aggressive fusion.
 # Everything lands in $OUT/device_run.tar.gz: one JSON and one log per run, kernel
 # profiles, versions.
 set -u
@@ -37,7 +39,7 @@ fi
     grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
-runs=(main ref pad4 notune cudagraphs batch512)
+runs=(main apart apart_graphs apart512 autotune fusion)
 parties=$((${#runs[@]} + 1)) # + the checks
 common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
 
@@ -60,11 +62,11 @@ start() { # name, extra args...: one throughput run in the background
 ) &
 
 start main --profile "$out/profile_main.txt"
-start ref --skip-baseline --no-compile-inputs --pad-input 0 --no-tune --profile "$out/profile_ref.txt"
-start pad4 --skip-baseline --pad-input 4
-start notune --skip-baseline --no-tune
-start cudagraphs --skip-baseline --cudagraphs --profile "$out/profile_cudagraphs.txt"
-start batch512 --skip-baseline --batch-size 512
+start apart --skip-baseline --bias-apart --profile "$out/profile_apart.txt"
+start apart_graphs --skip-baseline --bias-apart --cudagraphs
+start apart512 --skip-baseline --bias-apart --batch-size 512
+start autotune --skip-baseline --inductor max_autotune=True --profile "$out/profile_autotune.txt"
+start fusion --skip-baseline --inductor aggressive_fusion=True
 wait
 
 "$py" - "$out" <<'EOF'

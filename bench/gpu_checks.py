@@ -8,6 +8,9 @@ checks them on a GPU and exits non-zero when one disagrees:
   against the eager one, same parameters;
 - the first conv padded to 4 and 8 input channels (``RgbConv2d``) against the plain
   conv: output, weight and bias gradients, fp32 and under bf16 autocast;
+- the first block with its conv biases added apart (``StudyConv2d.bias_apart``, an
+  alternative ``bench/train_throughput.py --bias-apart`` times) against the plain
+  block, both compiled, under bf16 autocast: output, every gradient;
 - one short ``train_fold`` through the production path with ``compile = true``,
   including a checkpoint and a resume.
 
@@ -35,7 +38,10 @@ from bench._report import now, write_json  # noqa: E402
 from shared.augment import augment_batch, params_to, sample_params  # noqa: E402
 from shared.cnn import (  # noqa: E402
     RgbConv2d,
+    StudyConv2d,
     _augmented_input,
+    compile_options,
+    conv_block,
     prepare_inputs,
     train_fold,
 )
@@ -108,6 +114,32 @@ def padded_first_conv(device: torch.device) -> dict[str, Any]:
     return {"cases": results, "ok": all(c["ok"] for c in results.values())}
 
 
+def compiled_bias_apart(device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    plain = conv_block(3, 32).to(device, memory_format=torch.channels_last)
+    apart = conv_block(3, 32).to(device, memory_format=torch.channels_last)
+    apart.load_state_dict(plain.state_dict())
+    for block in (plain, apart):
+        block[0].pad_channels = 8  # the RgbConv2d, as prepare_model pads it on CUDA
+    for module in apart.modules():
+        if isinstance(module, StudyConv2d):
+            module.bias_apart = True
+    x = torch.randn(64, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for block in (plain, apart):
+        model = torch.compile(block, options=compile_options())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        outs.append(out)
+    diffs = {"output": _max_diff(*outs) / outs[0].float().abs().max().item()}
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), apart.named_parameters(), strict=True):
+        diffs[f"{name}.grad"] = _max_diff(p1.grad, p2.grad) / p1.grad.abs().max().item()
+    tol = 3e-2  # bf16, fused differently
+    ok = all(d <= tol for d in diffs.values())
+    return {"relative_max_diff": diffs, "tolerance": tol, "ok": ok}
+
+
 def compiled_train_fold(device: torch.device) -> dict[str, Any]:
     rng = np.random.default_rng(0)
 
@@ -161,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "augmentation_cpu_vs_cuda": augmentation_cpu_vs_cuda,
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
         "padded_first_conv": padded_first_conv,
+        "compiled_bias_apart": compiled_bias_apart,
         "compiled_train_fold": compiled_train_fold,
     }
     if args.only:

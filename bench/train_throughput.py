@@ -22,6 +22,7 @@ pydantic, Celery or SQLAlchemy), so it runs on a bare GPU image.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import fcntl
 import os
@@ -166,7 +167,7 @@ def orchard_runner(
     x = to_device(images, device)  # once: the whole set lives on the device
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     model = build_model(params, 3).to(device)
-    options = compile_options(tune=args.tune, cudagraphs=args.cudagraphs)
+    options = compile_options(tune=args.tune, cudagraphs=args.cudagraphs) | dict(args.inductor)
     trained = prepare_model(
         model,
         device,
@@ -174,6 +175,7 @@ def orchard_runner(
         mode=args.compile_mode,
         pad_input=args.pad_input,
         options=options,
+        bias_apart=args.bias_apart,
     )
     transform = prepare_inputs(
         device, compile=compile and args.compile_inputs, options=compile_options(tune=args.tune)
@@ -259,6 +261,16 @@ def profile_steps(epoch: Any, batch_size: int, device: torch.device, path: Path)
     print(f"wrote {path}", flush=True)
 
 
+def _inductor_option(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value  # a bare word, e.g. max_autotune_conv_backends=ATEN,TRITON
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the study's size (224, width 1)")
@@ -300,6 +312,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="channels the first conv's RGB input is padded to on CUDA (default: "
         "orchard's, 8; 0: none)",
+    )
+    parser.add_argument(
+        "--bias-apart",
+        action="store_true",
+        help="each conv's bias added by its own op (shared.cnn.StudyConv2d; an "
+        "alternative, off in orchard)",
+    )
+    parser.add_argument(
+        "--inductor",
+        type=_inductor_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one more torch._inductor option for the network's compile, e.g. "
+        "max_autotune=True (a Python literal; may be repeated)",
     )
     parser.add_argument(
         "--cudnn-benchmark-limit",

@@ -103,7 +103,30 @@ def _act_norm(kind: str, order: str, act_channels: int | None, norm: nn.Module) 
     return [act, norm] if order == "act_bn" else [norm, act]
 
 
-class RgbConv2d(nn.Conv2d):
+class StudyConv2d(nn.Conv2d):
+    """``nn.Conv2d``, with the option of adding its bias by a separate op.
+
+    With ``bias_apart`` set (``prepare_model(bias_apart=True)``, an alternative for the
+    compiled CUDA path that ``bench/train_throughput.py --bias-apart`` measures) the
+    convolution runs without its bias and the bias is added after it. The values and
+    gradients are the same; compiled, the add and the bias's gradient (a sum over the
+    output's gradient) can join the neighbouring generated kernels instead of costing
+    cuDNN its own pass over the map. The state dict is a plain conv's.
+    """
+
+    bias_apart: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_bias(x, self.weight)
+
+    def _with_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.bias is None or not self.bias_apart:
+            return self._conv_forward(x, weight, self.bias)
+        out = self._conv_forward(x, weight, None)
+        return out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+
+
+class RgbConv2d(StudyConv2d):
     """The first conv, over 3 colour channels; the same parameters as ``nn.Conv2d``.
 
     With ``pad_channels`` set (``prepare_model`` does on CUDA) the input and the
@@ -119,12 +142,11 @@ class RgbConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         extra = self.pad_channels - self.in_channels
         if extra <= 0:
-            return super().forward(x)
+            return self._with_bias(x, self.weight)
         x = F.pad(x, (0, 0, 0, 0, 0, extra))
         if x.dim() == 4 and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        weight = F.pad(self.weight, (0, 0, 0, 0, 0, extra))
-        return self._conv_forward(x, weight, self.bias)
+        return self._with_bias(x, F.pad(self.weight, (0, 0, 0, 0, 0, extra)))
 
 
 def conv_block(
@@ -146,7 +168,7 @@ def conv_block(
     """
     layers: list[nn.Module] = []
     for cin, conv_stride in ((in_channels, stride), (out_channels, 1)):
-        conv = RgbConv2d if cin == 3 else nn.Conv2d
+        conv = RgbConv2d if cin == 3 else StudyConv2d
         layers.append(conv(cin, out_channels, 3, conv_stride, 1))
         layers += _act_norm(activation, norm_order, out_channels, nn.BatchNorm2d(out_channels))
     if pool == "max":
@@ -277,6 +299,7 @@ def prepare_model(
     mode: str | None = None,
     pad_input: int | None = None,
     options: dict[str, Any] | None = None,
+    bias_apart: bool = False,
 ) -> nn.Module:
     """The module to train with: channels-last, RGB padded (and compiled, if asked) on CUDA.
 
@@ -284,13 +307,16 @@ def prepare_model(
     parameters, so the optimiser, checkpoints and evaluation use ``model``. ``mode``
     is ``torch.compile``'s (None: :func:`compile_options`, or ``options``);
     ``pad_input`` the first conv's padded channel count (None:
-    :data:`CUDA_INPUT_CHANNELS`; 0: no padding).
+    :data:`CUDA_INPUT_CHANNELS`; 0: no padding); ``bias_apart`` each conv's bias
+    added by its own op (:class:`StudyConv2d`; off by default: not yet measured faster).
     """
     if device.type != "cuda":
         return model
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest conv
     model.to(memory_format=torch.channels_last)
     for module in model.modules():
+        if isinstance(module, StudyConv2d):
+            module.bias_apart = bias_apart
         if isinstance(module, RgbConv2d):
             module.pad_channels = CUDA_INPUT_CHANNELS if pad_input is None else pad_input
     if not compile:

@@ -612,6 +612,36 @@ def test_padded_first_conv_gives_the_plain_convs_output_and_gradients():
         torch.testing.assert_close(bgrad, results[0][2])
 
 
+def test_a_bias_added_apart_gives_the_same_values_gradients_and_state_dict():
+    """StudyConv2d.bias_apart (an alternative for the compiled CUDA path): the whole
+    network's output and every gradient equal the plain one's, in float64."""
+    from shared.cnn import RgbConv2d, StudyConv2d
+
+    torch.manual_seed(0)
+    plain = MangoCNN(image_size=32, width=0.125).double()
+    apart = MangoCNN(image_size=32, width=0.125).double()
+    apart.load_state_dict(plain.state_dict())
+    convs = [m for m in apart.modules() if isinstance(m, StudyConv2d)]
+    assert len(convs) == 10  # both convs of every block, the RGB one included
+    for conv in convs:
+        conv.bias_apart = True
+        if isinstance(conv, RgbConv2d):
+            conv.pad_channels = 4  # padded and apart at once
+    assert list(apart.state_dict()) == list(plain.state_dict())
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for model in (plain, apart):
+        torch.manual_seed(1)  # the same dropout masks
+        out = model(x)  # training mode: batch statistics, running estimates updated
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), apart.named_parameters(), strict=True):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(apart.get_buffer(name), buffer, msg=name)
+
+
 def test_the_first_conv_is_padded_on_cuda_only_and_checkpoints_keep_their_shape():
     from shared.cnn import CUDA_INPUT_CHANNELS, RgbConv2d, prepare_model
 
