@@ -78,6 +78,10 @@ class NotFoundError(StoreError):
     """No such campaign or unit: asking again cannot help."""
 
 
+class UnitCancelledError(OrchardError):
+    """``finish_unit`` on a unit that ``orchard cancel`` stopped: nothing is written."""
+
+
 # ---------------------------------------------------------------- values handed to callers
 
 
@@ -816,12 +820,15 @@ class Store:
 
         All in one transaction, which also forgets the outcome's ``scratch`` artifacts.
         If the unit already has a result (the same task ran twice) nothing is written
-        and False is returned: first write wins.
+        and False is returned: first write wins. A unit cancelled while it ran stays
+        CANCELLED: nothing is written and :class:`UnitCancelledError` is raised.
         """
         with self._transaction() as s:
             unit = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
             if unit is None:
                 raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
+            if unit.state == CANCELLED:
+                raise UnitCancelledError(f"{key} was cancelled; its result is not recorded")
             inserted = s.execute(
                 _insert(s)(ResultRow)
                 .values(

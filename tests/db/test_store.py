@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from db import migrate
-from db.store import Artifact, Outcome, Prediction, Store, StoreError
+from db.store import Artifact, Outcome, Prediction, Store, StoreError, UnitCancelledError
 from shared.plan import UnitPlan, plan_units
 from shared.spec import parse_campaign
 from tests.tcpproxy import TcpProxy
@@ -352,6 +352,9 @@ def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> N
     assert {s for k, s in states.items() if k != done} == {"CANCELLED"}
     assert store.get_campaign("t-1").state == "CANCELLED"
     assert store.renew_lease(running, "d1", 30) == "cancelled"  # the running one stops
+    with pytest.raises(UnitCancelledError):  # and what it still finishes is not recorded
+        store.finish_unit(running, outcome())
+    assert store.get_unit(running).state == "CANCELLED" and running not in store.results("t-1")
     late = store.start_unit(queued, worker="w", task_id="t2", holder="d2")
     assert not late.run and late.state == "CANCELLED"
     again = store.cancel_campaign("t-1")

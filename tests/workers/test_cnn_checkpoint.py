@@ -271,6 +271,36 @@ def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env,
     assert resume is not None and resume["epochs_done"] == 2
 
 
+def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(env, monkeypatch):
+    """`orchard cancel` while a fold trains: the fold asks the store at each epoch's
+    checkpoint, so it stops at the next one even when the heartbeat thread would not
+    renew for minutes, and records nothing more."""
+    store, _, _ = env
+    ctx = _context(env)
+    key = ctx.unit.key
+    assert store.start_unit(key, worker="w", task_id="t", holder="d1", lease_seconds=600).run
+    rules = base.Reliability(lease_seconds=600, max_attempts=3, visibility_timeout=3600)
+    ctx.heartbeat = base.Heartbeat(store, key, "d1", rules).start()
+    ctx.store = base._GuardedStore(store, ctx.heartbeat.check)
+    real = cnn_task.write_checkpoint
+
+    def write_then_cancel(store_, path, relative, checkpoint, **kwargs):
+        written = real(store_, path, relative, checkpoint, **kwargs)
+        if checkpoint["epochs_done"] == 1:
+            store.cancel_campaign(CAMPAIGN_ID)
+        return written
+
+    monkeypatch.setattr(cnn_task, "write_checkpoint", write_then_cancel)
+    try:
+        with pytest.raises(UnitAborted) as stopped:
+            cnn_task.train_cnn_fold.run.__wrapped__(ctx)
+    finally:
+        ctx.heartbeat.stop()
+    assert stopped.value.reason == LEASE_CANCELLED
+    assert [step for step, _ in store.metrics(key)["val_acc"]] == [0, 1]  # epoch 3 never ran
+    assert store.get_unit(key).state == "CANCELLED" and key not in store.results(CAMPAIGN_ID)
+
+
 def _stop_requested_after(monkeypatch: pytest.MonkeyPatch, epochs_done: int) -> None:
     """The worker's SIGTERM arrives while the checkpoint of ``epochs_done`` is written."""
     stopping = threading.Event()

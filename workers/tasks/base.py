@@ -13,7 +13,9 @@ Delivery is at least once, so the wrapper also decides what a second delivery do
   not drop its message either: it comes back once the lease would have expired
   (``task.retry``), and then finds the unit done (no-op) or takes it over;
 - a run whose lease was taken over, or whose campaign was cancelled, stops at its
-  next store call (:class:`UnitAborted`), writes nothing and fails nothing;
+  next store call (:class:`UnitAborted`), or at its next step where the body checks
+  (a CNN fold: each epoch), writes nothing and fails nothing; a result that arrives
+  after a cancel is not recorded, so a cancelled unit stays CANCELLED;
 - a body that saves its progress (a CNN fold, every epoch) hands its unit back when
   its worker is asked to shut down (SIGTERM, Ctrl-C): the unit goes back to QUEUED,
   the message back to its queue, and another worker resumes it at once;
@@ -49,6 +51,7 @@ from db.store import (
     Store,
     StoreError,
     Unit,
+    UnitCancelledError,
 )
 from scheduler.canvas import advance
 from shared.artifacts import sha256_file
@@ -176,6 +179,19 @@ class Heartbeat:
                 log.warning("%s: lease %s; stopping at the next checkpoint", self.key, state)
                 return
 
+    def renew_now(self) -> None:
+        """Renew the lease in the caller's thread, so that a cancel or a takeover is
+        known now rather than at the thread's next turn (up to a third of the lease)."""
+        if self.lost is not None:
+            return
+        try:
+            state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
+        except StoreError as exc:  # the thread keeps trying; the body goes on meanwhile
+            log.warning("%s: lease not renewed: %s", self.key, exc)
+            return
+        if state != LEASE_HELD:
+            self.lost = state
+
     def check(self) -> None:
         if self.lost is not None:
             raise UnitAborted(self.lost)
@@ -222,9 +238,11 @@ class UnitContext:
     heartbeat: Heartbeat | None = field(default=None, repr=False)
 
     def check_stop(self) -> None:
-        """Raise :class:`UnitAborted` if this delivery lost its unit; long bodies may
-        call it between steps (store calls already do)."""
+        """Raise :class:`UnitAborted` if this delivery lost its unit (cancelled, taken
+        over). Asks the store now: bodies call it between steps (a CNN fold: each
+        epoch), where stopping is cheap. Store calls check what the heartbeat knows."""
         if self.heartbeat is not None:
+            self.heartbeat.renew_now()
             self.heartbeat.check()
 
     def hand_back_if_worker_stopping(self) -> None:
@@ -390,7 +408,10 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         outcome = body(context)
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
-        recorded = store.finish_unit(key, outcome)
+        try:
+            recorded = store.finish_unit(key, outcome)
+        except UnitCancelledError:  # cancelled since the heartbeat's last renewal
+            raise UnitAborted(LEASE_CANCELLED) from None
     except UnitAborted as exc:
         heartbeat.stop()
         if exc.reason == WORKER_STOPPING:
