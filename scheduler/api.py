@@ -19,12 +19,13 @@ from pathlib import Path
 from db.store import Artifact, Campaign, Cancelled, Store, Unit
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
+from shared.datasets import DatasetError
 from shared.errors import OrchardError
-from shared.manifest import build_manifest, manifest_path
-from shared.plan import TERMINAL, plan_units
+from shared.manifest import ManifestError, build_manifest, manifest_path
+from shared.plan import TERMINAL, data_problems, plan_units
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, load_settings
-from shared.spec import load_campaign
+from shared.spec import CampaignError, load_campaign
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +141,24 @@ def submit(
     database_server = not settings.database_url.startswith("sqlite")
     if database_server:
         store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
-    manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
+    try:
+        manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
+    except (DatasetError, ManifestError) as exc:
+        raise CampaignError(f"{path}: {exc}") from None
+    campaign_id = new_campaign_id(campaign.name)
+    units = plan_units(
+        campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
+    )
+    folds = {u.fold for u in units if u.fold is not None}
+    train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
+    if problems := data_problems(units, train_sizes, manifest.size):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CampaignError(f"{path}: {problems[0]}{more}")
     if not database_server:
         store.upgrade()  # the SQLite file is created only for a campaign that can run
 
-    campaign_id = new_campaign_id(campaign.name)
     written = atomic_write_text(
         manifest_path(settings.artifacts / "campaigns" / campaign_id), manifest.to_json()
-    )
-    units = plan_units(
-        campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
     )
     store.create_campaign(
         campaign_id,

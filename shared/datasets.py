@@ -123,7 +123,7 @@ class AicupDataset:
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise DatasetError(f"{self.root}: classes must be non-empty and unique: {classes!r}")
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: dataset root is not a directory")
+            raise DatasetError(f"{self.root}: not a directory ([dataset] root)")
         required = splits is not None
         if splits is None:
             splits = DEFAULT_AICUP_SPLITS
@@ -222,7 +222,7 @@ class ImageFolderDataset:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: dataset root is not a directory")
+            raise DatasetError(f"{self.root}: not a directory ([dataset] root)")
         train = self.root / "train"
         if train.is_dir() and _subdirs(train):
             if (self.root / "val").is_dir() and (self.root / "dev").is_dir():

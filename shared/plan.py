@@ -15,8 +15,9 @@ result like an unsharded forest.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,50 @@ def plan_units(
         )
     )
     return longest_first(units, campaign.preprocessing.size)
+
+
+#: the families that fit a PCA: (their campaign file section, the components' field)
+FITS_PCA = {
+    "svm": ("svm", "n_components"),
+    "rf": ("rf", "pca_components"),
+    "rf_shard": ("rf", "pca_components"),
+}
+
+
+def data_problems(
+    units: Iterable[UnitPlan], train_sizes: Mapping[int, int], cache_size: int
+) -> list[str]:
+    """What planned units ask of the data that it cannot give, one line each.
+
+    ``train_sizes`` maps each fold to its number of training images. PCA cannot have
+    more components than training rows or features: an SVM's ``n_components``, a
+    forest's ``pca_components`` (its rows count the augmented copies; with
+    ``select_scaling`` the features are known only once selected). Checked when a
+    campaign is submitted, so a grid the dataset is too small for is refused before
+    anything runs, instead of failing unit by unit.
+    """
+    from shared.forest import AUGMENT_COPIES  # scikit-learn's side of orchard, on demand
+
+    problems: dict[tuple[str, int], str] = {}
+    for unit in units:
+        if unit.stage != TRAIN or unit.fold is None or unit.family not in FITS_PCA:
+            continue
+        section, field = FITS_PCA[unit.family]
+        k = unit.params.get(field)
+        if k is None or (section, k) in problems:
+            continue
+        n_train = train_sizes[unit.fold]
+        rows = n_train * AUGMENT_COPIES.get(unit.params.get("augment", "none"), 1)
+        limit = rows
+        if unit.params.get("select_scaling") is None:
+            limit = min(rows, math.prod(variant_shape(unit.params["variant"], cache_size)))
+        if k > limit:
+            what = f"{n_train} training images" if rows == n_train else f"{rows} training rows"
+            problems[(section, k)] = (
+                f"[{section}] {field} = {k} exceeds what {what} of fold {unit.fold} "
+                f"allow (at most {limit})"
+            )
+    return [problems[k] for k in sorted(problems)]  # the smallest value first
 
 
 def estimated_cost(family: str, params: dict[str, Any], cache_size: int) -> float:

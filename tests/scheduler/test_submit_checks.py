@@ -1,0 +1,83 @@
+"""What `orchard submit` checks against the data before anything is recorded: a grid the
+dataset is too small for, a dataset root that is not there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.plan import MERGE, TRAIN, UnitPlan, data_problems
+from tests.scheduler.test_bad_input_cli import assert_one_line_error, orchard
+
+SYNTHETIC = (
+    'name = "c"\nfolds = 2\n[dataset]\nkind = "synthetic"\ntrain_per_class = 4\n'
+    "test_per_class = 1\nwidth = 64\nheight = 48\n[preprocessing]\nsize = 32\n"
+)
+
+
+def assert_nothing_written(home: Path) -> None:
+    assert not (home / "orchard.db").exists()
+    assert not (home / "artifacts" / "campaigns").exists()
+
+
+def test_a_grid_the_dataset_is_too_small_for_is_refused_at_submit(tmp_path: Path) -> None:
+    """12 labelled images in 2 folds leave 6 to train each fold's PCA on."""
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC + '[svm]\nvariant = "resize8"\nn_components = [4, 8, 20]\n')
+    home = tmp_path / "home"
+    done = orchard("submit", str(campaign), home=home)
+    line = assert_one_line_error(
+        done,
+        str(campaign),
+        "[svm] n_components = 8 exceeds what 6 training images of fold 0 allow (at most 6)",
+        "(and 1 more)",  # 20 as well; 4 fits
+    )
+    assert line.count("n_components") == 1
+    assert_nothing_written(home)
+
+
+def test_a_missing_dataset_root_names_the_campaign_file_and_the_field(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    missing = tmp_path / "no-such-data"
+    campaign.write_text(f'name = "c"\n[dataset]\nkind = "aicup"\nroot = "{missing}"\n')
+    home = tmp_path / "home"
+    done = orchard("submit", str(campaign), home=home)
+    assert_one_line_error(done, f"{campaign}: {missing}: not a directory ([dataset] root)")
+    assert_nothing_written(home)
+
+
+def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitPlan:
+    return UnitPlan(f"c/{family}/h/f{fold}", family, stage, fold, dict(params), "h")
+
+
+@pytest.mark.parametrize(
+    ("unit", "problem"),
+    [
+        (_unit("svm", 0, variant="resize8", n_components=192), None),  # 8*8*3 = 192 features
+        (
+            _unit("svm", 0, variant="resize8", n_components=193),
+            "[svm] n_components = 193 exceeds what 480 training images of fold 0 allow "
+            "(at most 192)",
+        ),
+        (
+            _unit("svm", 1, variant="full", n_components=500),
+            "[svm] n_components = 500 exceeds what 480 training images of fold 1 allow "
+            "(at most 480)",
+        ),
+        # a forest's rows count its augmented copies: 8 x 480
+        (_unit("rf", 0, variant="full", augment="rotate_flip", pca_components=3000), None),
+        (
+            _unit("rf_shard", 0, variant="resize8", augment="flip", pca_components=500),
+            "[rf] pca_components = 500 exceeds what 960 training rows of fold 0 allow "
+            "(at most 192)",
+        ),
+        # selected pixels are known only once selected: the rows are the bound
+        (_unit("rf", 0, variant="resize8", select_scaling=1.0, pca_components=400), None),
+        (_unit("rf", 0, variant="full", augment="none", pca_components=None), None),
+        (_unit("rf", 0, MERGE, variant="full", pca_components=5000), None),  # its shards tell
+    ],
+)
+def test_data_problems(unit: UnitPlan, problem: str | None) -> None:
+    problems = data_problems([unit, unit], {0: 480, 1: 480}, cache_size=64)
+    assert problems == ([problem] if problem else [])
