@@ -31,6 +31,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from statistics import mean
@@ -124,6 +125,9 @@ class UnitSummary:
     val_acc: float | None
     test_acc: float | None
     error: str | None
+    # the earlier campaign's unit this one was copied from (`submit --reuse`): it did not
+    # run here, and its worker, seconds and accuracies are that unit's
+    reused_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +135,15 @@ class FamilyRow:
     """One row per model family: its best point (by mean validation accuracy)."""
 
     family: str
-    best_key: str
+    best_key: str  # the best point's fold with the highest validation accuracy
     params: dict[str, Any]
     units: int  # units of this family
     succeeded: int
-    train_acc: float | None
+    train_acc: float | None  # the best point's means over its folds
     val_acc: float | None
     test_acc: float | None
-    fit_seconds: float  # sum of the family's unit seconds
+    fit_seconds: float  # summed fit time of the family's units that ran in this campaign
+    reused: int = 0  # units copied from an earlier campaign, not counted in fit_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +267,7 @@ class Submission:
 class ReportData:
     campaign_id: str
     campaign_name: str
-    created_at: str  # ISO timestamp string
+    created_at: str  # ISO 8601 timestamp, UTC ("2026-11-28T04:49:47+00:00")
     classes: tuple[str, ...]
     families: list[FamilyRow]
     blends: list[BlendRow]
@@ -349,6 +354,18 @@ def _fmt_params(params: Mapping[str, Any]) -> str:
     if not params:
         return _DASH
     return ", ".join(f"{k}={_fmt_value(params[k])}" for k in sorted(params, key=str))
+
+
+def _fmt_utc(timestamp: str) -> str:
+    """An ISO timestamp as ``2026-11-28 04:49:47 UTC``; a naive one is taken as UTC
+    (SQLite drops the offset of what orchard wrote in UTC), anything else is shown as is."""
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return str(timestamp)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _fmt_opt(value: Any) -> str:
@@ -782,7 +799,7 @@ _FAMILY_HEADER = (
     "Train acc",
     "Val acc",
     "Test acc",
-    "Fit time",
+    "Total fit time",
 )
 _BLEND_HEADER = ("Blend", "Method", "Members", "Test acc", "OOF val acc", "Note")
 _UNIT_HEADER = (
@@ -797,6 +814,7 @@ _UNIT_HEADER = (
     "Test acc",
     "Error",
 )
+_REUSED_HEADER = "Reused from"  # a last column, only when a unit was reused
 
 #: Labels of known numeric result extras; any other numeric extra shows its own name.
 EXTRA_LABELS: dict[str, str] = {
@@ -885,10 +903,31 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     return blocks
 
 
+def _reused_para(data: ReportData) -> list[Block]:
+    """Units copied from earlier campaigns: said, and their original time kept apart."""
+    reused = [u for u in data.units if u.reused_from]
+    if not reused:
+        return []
+    seconds = [u.seconds for u in reused if u.seconds is not None]
+    source = f" (their fit time there: {_fmt_duration(sum(seconds))} in all)" if seconds else ""
+    many = len(reused) != 1
+    return [
+        Para(
+            (
+                f"{len(reused)} model unit{'s' * many} {'were' if many else 'was'} reused "
+                f"from earlier campaigns{source} and did not run in this one: "
+                f"{'they are' if many else 'it is'} not counted below "
+                "(see Reused from under Units).",
+            )
+        )
+    ]
+
+
 def _efficiency_blocks(data: ReportData) -> list[Block]:
+    # reused units never ran here, so they have no bars (see the report task's timeline)
     bars = data.timeline
     if not bars:
-        return [_empty("No unit has run yet.")]
+        return [*_reused_para(data), _empty("No unit has run yet.")]
     span = max(b.end for b in bars) - min(b.start for b in bars)
     busy = sum(b.end - b.start for b in bars)
     blocks: list[Block] = [
@@ -899,6 +938,7 @@ def _efficiency_blocks(data: ReportData) -> list[Block]:
                 f", {busy / span:.1f}x in parallel." if span > 0 else ".",
             )
         ),
+        *_reused_para(data),
         Heading(3, "Per family"),
     ]
     rows = []
@@ -1040,12 +1080,16 @@ def _unit_cells(unit: UnitSummary) -> list[str]:
 def document(data: ReportData) -> tuple[str, list[Block]]:
     """The report's title and blocks; :data:`SECTION_HEADINGS` are its ``##`` headings."""
     failed = [u for u in data.units if _is_failed(u.state)]
+    reused = [u for u in data.units if u.reused_from]
     title = f"orchard report — {data.campaign_name}"
     meta: list[tuple[Inline, ...]] = [
         ("Campaign: ", Code(data.campaign_id)),
-        (f"Created: {data.created_at}",),
+        (f"Created: {_fmt_utc(data.created_at)}",),
         (f"Classes: {', '.join(data.classes) or _DASH}",),
-        (f"Units: {len(data.units)} ({len(failed)} failed)",),
+        (
+            f"Units: {len(data.units)} ({len(failed)} failed"
+            + (f", {len(reused)} reused from earlier campaigns)" if reused else ")"),
+        ),
     ]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
@@ -1063,7 +1107,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                         r.family,
                         r.best_key or _DASH,
                         _fmt_params(r.params),
-                        f"{r.succeeded}/{r.units}",
+                        f"{r.succeeded}/{r.units}" + (f" ({r.reused} reused)" if r.reused else ""),
                         _fmt_pct(r.train_acc),
                         _fmt_pct(r.val_acc),
                         _fmt_pct(r.test_acc),
@@ -1074,6 +1118,18 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                 frozenset({3, 4, 5, 6, 7}),
                 row_classes=["partial" if r.succeeded < r.units else "" for r in data.families],
                 code_cols=frozenset({1}),
+            )
+        )
+        left_out = any(r.reused for r in data.families)
+        blocks.append(
+            Para(
+                (
+                    "Per family its best point (the highest mean validation accuracy over "
+                    "its folds) with its mean accuracies; Best unit is that point's fold with "
+                    "the highest validation accuracy (ties go to the lowest fold). Total fit "
+                    "time is the family's units' fit time summed"
+                    + (", reused units left out." if left_out else "."),
+                )
             )
         )
     else:
@@ -1125,16 +1181,35 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 
     blocks.append(Heading(2, "Units"))
     if data.units:
+        header, rows = _UNIT_HEADER, [_unit_cells(u) for u in data.units]
+        if reused:
+            header += (_REUSED_HEADER,)
+            rows = [
+                cells + [u.reused_from or _DASH] for cells, u in zip(rows, data.units, strict=True)
+            ]
         blocks.append(
             Table(
-                _UNIT_HEADER,
-                [_unit_cells(u) for u in data.units],
+                header,
+                rows,
                 frozenset({2, 5, 6, 7, 8}),
                 row_classes=["failed" if _is_failed(u.state) else "" for u in data.units],
-                code_cols=frozenset({0}),
+                code_cols=frozenset({0, len(_UNIT_HEADER)}),
                 titles={9: [u.error or "" for u in data.units]},
             )
         )
+        if reused:
+            many = len(reused) != 1
+            blocks.append(
+                Para(
+                    (
+                        f"{len(reused)} unit{'s' * many} {'were' if many else 'was'} reused "
+                        "from earlier campaigns (",
+                        Code("orchard submit --reuse"),
+                        f") and did not run in this one: {'their' if many else 'its'} worker, "
+                        f"time and accuracies are those of the unit in {_REUSED_HEADER}.",
+                    )
+                )
+            )
     else:
         blocks.append(_empty("No units."))
 

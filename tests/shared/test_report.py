@@ -304,6 +304,42 @@ def test_sections_in_order(data: ReportData) -> None:
     assert re.findall(r"^## (.+)$", render_markdown(ok), flags=re.M) == list(SECTION_HEADINGS[:-1])
 
 
+@pytest.mark.parametrize(
+    "created",
+    ["2026-11-28T04:49:47", "2026-11-28T04:49:47+00:00", "2026-11-28T05:49:47+01:00"],
+)
+def test_created_is_printed_in_utc(data: ReportData, created: str) -> None:
+    # SQLite hands the time back naive, PostgreSQL with its offset: both print the same
+    md = render_markdown(dataclasses.replace(data, created_at=created))
+    assert "- Created: 2026-11-28 04:49:47 UTC\n" in md
+
+
+def test_family_fit_time_says_it_is_the_total(data: ReportData) -> None:
+    fam = _section(render_markdown(data), "Model families")
+    header = _table_rows(fam)[0]
+    assert header[1] == "Best unit" and header[-1] == "Total fit time"
+    assert "Best unit is that point's fold with the highest validation accuracy" in fam
+    assert "(ties go to the lowest fold)" in fam
+    assert '<th class="num">Total fit time</th>' in render_html(data, {})
+
+
+def test_reused_units_are_marked(data: ReportData) -> None:
+    source = "quick-0ld/cnn/p0/f0"
+    units = [dataclasses.replace(data.units[0], reused_from=source), *data.units[1:]]
+    families = [dataclasses.replace(data.families[0], reused=1), *data.families[1:]]
+    md = render_markdown(dataclasses.replace(data, units=units, families=families))
+    assert "Units: 10 (1 failed, 1 reused from earlier campaigns)" in md
+    assert "| 6/6 (1 reused) |" in _section(md, "Model families")
+    assert "reused units left out." in _section(md, "Model families")
+    table = _table_rows(_section(md, "Units"))
+    assert table[0][-1] == "Reused from"
+    assert table[1][-1] == f"`{source}`" and table[2][-1] == "—"
+    assert "1 unit was reused from earlier campaigns" in _section(md, "Units")
+    eff = _section(md, "Efficiency")
+    assert "1 model unit was reused from earlier campaigns (their fit time there: 12.3 s" in eff
+    assert "not counted below" in eff
+
+
 def test_family_and_unit_tables(data: ReportData) -> None:
     md = render_markdown(data)
     assert md.startswith("# orchard report — Quick | test\n")

@@ -4,7 +4,9 @@ submission and the LIME glue, on a real SQLite store."""
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from statistics import mean
 
 import numpy as np
 import pytest
@@ -19,7 +21,13 @@ from shared.preprocess import shard_name, write_shard
 from shared.report import render_markdown, write_report
 from shared.settings import Settings
 from shared.spec import CnnParams, parse_campaign
-from workers.tasks.report import Predicted, blend_members, build_report_data
+from workers.tasks.report import (
+    Predicted,
+    best_fold,
+    blend_members,
+    build_report_data,
+    utc_iso,
+)
 
 SPEC = {
     "name": "r",
@@ -349,3 +357,120 @@ def test_lime_explains_the_best_cnn_fold(sqlite_url: str, tmp_path: Path) -> Non
     again = build_report_data(reused, "l-2", manifest=manifest, settings=settings)
     assert again.lime is not None, again.lime_note
     assert again.lime.unit_key.startswith("l-2/") and len(again.lime.items) == 3
+
+
+# --------------------------------------------------------------------------- what the report names
+
+
+def _bare_manifest() -> Manifest:
+    entries = tuple(
+        Entry(f"t{i}.jpg", "ABC"[i % 3], "test", f"/data/t{i}.jpg", NO_FOLD) for i in range(3)
+    )
+    return Manifest(("A", "B", "C"), entries, "fp", "k" * 16, 64, 16)
+
+
+def test_best_unit_and_lime_take_the_same_fold(
+    store: Store, sqlite_url: str, tmp_path: Path
+) -> None:
+    cnn, first, second = cnn_points(store)
+    vals = {0: 0.625, 1: 2 / 3, 2: 2 / 3}  # f1 and f2 tie: the lowest fold wins
+    for u in cnn:
+        val = vals[u.fold] if u.params_hash == second else 0.5
+        finish(store, u.key, val, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+    settings = Settings(
+        home=tmp_path, broker_url="memory://", database_url=sqlite_url, artifacts=tmp_path / "art"
+    )
+    # no model files: LIME names the fold it would explain, and says what is missing
+    data = build_report_data(store, "r-1", manifest=_bare_manifest(), settings=settings)
+
+    best = f"r-1/cnn/{second}/f1"
+    (row,) = [r for r in data.families if r.family == "cnn"]
+    assert row.best_key == best
+    assert row.val_acc == pytest.approx(mean(vals.values()))  # the point's mean
+    assert data.lime is not None and data.lime.unit_key == best
+    assert "no model file" in data.lime.note
+    assert f"| cnn | `{best}` |" in render_markdown(data)
+
+    folds = [u for u in cnn if u.params_hash == second]
+    results = store.results("r-1")
+    assert best_fold(folds[::-1], results).key == best  # plan order does not decide a tie
+
+
+def test_svm_table_leaves_the_shared_projection_width_to_a_note(sqlite_url: str) -> None:
+    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"n_components": [20, 50], "C": [1.0, 10.0]}
+    store = make_store(sqlite_url, spec, "s-1")
+    for u in store.units("s-1"):
+        if u.family == "svm":
+            k = u.params["n_components"]
+            extra = {"explained_variance": k / 100, "pca_components": 50, "pca_fitted": False}
+            finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+
+    data = build_report_data(store, "s-1")
+    (exp,) = data.experiments
+    assert all(set(p.extras) == {"explained_variance"} for p in exp.points)
+    assert exp.note is not None and "50 components wide" in exp.note
+
+    table = render_markdown(data).split("### SVM", 1)[1].split("\n## ", 1)[0]
+    header, *rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ")
+    ]
+    assert "n_component" in header and "Explained variance" in header
+    assert not any("pca" in h.lower() for h in header)
+    column = header.index("n_component")
+    assert {r[column].strip("*") for r in rows} == {"20", "50"}  # the point's own
+    assert "shared by the whole grid and 50 components wide" in table
+
+
+def test_reused_units_are_named_and_not_counted_as_this_campaigns_work(sqlite_url: str) -> None:
+    spec = {"name": "u", "folds": 2, "dataset": {"kind": "synthetic"}, "cnn": {"folds": 2}}
+    first = make_store(sqlite_url, spec, "u-1")
+    second = make_store(sqlite_url, spec, "u-2")
+    for cid, store in (("u-1", first), ("u-2", second)):
+        store.record_artifact(Artifact(f"campaigns/{cid}/m.json", "manifest", "a" * 64, 1, cid))
+    sources = [u for u in first.units("u-1") if u.family == "cnn"]
+    for u in sources:
+        finish(first, u.key, 0.6 + 0.1 * u.fold, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+    reused = second.reuse_finished("u-2")
+    assert sorted(reused.values()) == sorted(u.key for u in sources)
+    (shard,) = [u for u in second.units("u-2") if u.family == "preprocess"]
+    second.start_unit(shard.key, worker="cpu@h", task_id=None)
+    second.finish_unit(shard.key, Outcome(fit_seconds=0.1))
+
+    data = build_report_data(second, "u-2")
+    copied = {u.key: u.reused_from for u in data.units if u.family == "cnn"}
+    assert copied == reused
+    (row,) = data.families
+    assert row.reused == 2 and row.succeeded == 2
+    assert row.fit_seconds == 0.0  # the sources' 2 x 2.0 s were spent in u-1
+    assert row.best_key == next(k for k, s in reused.items() if s.endswith("/f1"))
+    assert [b.family for b in data.timeline] == ["preprocess"]
+
+    md = render_markdown(data)
+    assert "Units: 2 (0 failed, 2 reused from earlier campaigns)" in md
+    assert "| 2/2 (2 reused) |" in md
+    units = md.split("\n## Units\n", 1)[1]
+    assert units.splitlines()[1].endswith("| Error | Reused from |")
+    for key, source in reused.items():
+        assert next(line for line in units.splitlines() if key in line).endswith(f"`{source}` |")
+    assert "2 units were reused from earlier campaigns" in units
+    efficiency = md.split("\n## Efficiency\n", 1)[1].split("\n## ", 1)[0]
+    assert "2 model units were reused from earlier campaigns" in efficiency
+    assert "4.0 s in all" in efficiency and "not counted below" in efficiency
+
+
+def test_created_at_is_the_same_utc_text_on_every_store(store_url: str) -> None:
+    store = make_store(store_url, SPEC)
+    data = build_report_data(store, "r-1")
+    created = store.get_campaign("r-1").created_at
+    assert data.created_at.endswith("+00:00")  # SQLite hands the time back without its zone
+    expected = created.replace(tzinfo=created.tzinfo or UTC).astimezone(UTC)
+    assert f"Created: {expected:%Y-%m-%d %H:%M:%S} UTC\n" in render_markdown(data)
+
+
+def test_utc_iso_reads_naive_times_as_utc() -> None:
+    naive = datetime(2026, 11, 28, 4, 49, 47, 123456)
+    aware = datetime(2026, 11, 28, 5, 49, 47, tzinfo=timezone(timedelta(hours=1)))
+    assert utc_iso(naive) == utc_iso(aware) == "2026-11-28T04:49:47+00:00"

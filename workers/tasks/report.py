@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -58,6 +58,9 @@ NOT_MODELS = frozenset({"preprocess", "report"}) | PART_FAMILIES
 #: Learning-curve figures per family: the best point, then one per swept value.
 MAX_CURVES = 8
 CURVE_METRICS = ("train_acc", "val_acc", "train_loss", "val_loss")
+#: Per family, result extras that describe what its points share, not the point: left
+#: out of the experiment tables (the SVM grid's PCA width goes in a note under its table).
+SHARED_EXTRAS: dict[str, frozenset[str]] = {"svm": frozenset({"pca_components"})}
 
 OOB_NOTE_FALLBACK = (
     "`oob_score_` is measured on the training samples each tree did not draw. With "
@@ -75,6 +78,26 @@ def _oob_note() -> str:
     except Exception:  # a broken optional import must not cost the report
         return OOB_NOTE_FALLBACK
     return getattr(forest, "OOB_NOTE", None) or OOB_NOTE_FALLBACK
+
+
+def _projection_note(units: Sequence[Unit], results: dict[str, Result]) -> str | None:
+    """Under the SVM table: every point slices one shared PCA projection per fold, whose
+    width is the grid's, not the point's ``n_components``."""
+    widths = sorted(
+        {
+            int(results[u.key].extra["pca_components"])
+            for u in units
+            if u.key in results and isinstance(results[u.key].extra.get("pca_components"), int)
+        }
+    )
+    if not widths:
+        return None
+    width = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]} to {widths[-1]}"
+    return (
+        f"Every point uses the first `n_components` of one PCA projection per fold, "
+        f"shared by the whole grid and {width} components wide; Explained variance is "
+        "the share of the variance that the point's own components keep."
+    )
 
 
 def _title(family: str) -> str:
@@ -106,6 +129,32 @@ def best_point(units: list[Unit], results: dict[str, Result]) -> list[Unit]:
 
     # max() keeps the first of equals, and dicts keep plan order: ties go to the earlier point
     return max(points.values(), key=score)
+
+
+def best_fold(folds: Sequence[Unit], results: dict[str, Result]) -> Unit:
+    """The best point's unit that the report names and LIME explains: the highest
+    validation accuracy, ties to the lowest fold."""
+
+    def rank(unit: Unit) -> tuple[float, int, str]:
+        value = results[unit.key].val_acc
+        score = value if value is not None and np.isfinite(value) else -1.0
+        return (-score, unit.fold if unit.fold is not None else -1, unit.key)
+
+    return min(folds, key=rank)
+
+
+def reused_from(result: Result | None) -> str | None:
+    """The earlier campaign's unit a result was copied from (``submit --reuse``)."""
+    source = (result.extra or {}).get("reused_from") if result is not None else None
+    return str(source) if source else None
+
+
+def utc_iso(moment: datetime) -> str:
+    """``moment`` in UTC as ISO 8601 with its offset; SQLite hands back naive UTC, PostgreSQL
+    aware, and the report must print the same for both."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- blends
@@ -221,6 +270,8 @@ def point_rows(
         extras: dict[str, list[float]] = defaultdict(list)
         for r in done:
             for name, value in (r.extra or {}).items():
+                if name in SHARED_EXTRAS.get(family, ()):
+                    continue
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     extras[name].append(float(value))
         rows.append(
@@ -366,10 +417,14 @@ def learning_curves(
 
 
 def timeline(units: Sequence[Unit], results: dict[str, Result]) -> list[TimelineBar]:
+    """A bar per unit that ran in this campaign (a reused unit ran in its source's)."""
     ran = [
         u
         for u in units
-        if u.family != "report" and u.started_at is not None and u.finished_at is not None
+        if u.family != "report"
+        and u.started_at is not None
+        and u.finished_at is not None
+        and reused_from(results.get(u.key)) is None
     ]
     if not ran:
         return []
@@ -418,7 +473,7 @@ def explain_cnn(
     num_samples: int,
     seed: int,
 ) -> LimeSection:
-    """LIME on the best fold of the best CNN point, ``per_class`` test images per class.
+    """LIME on the best CNN point's :func:`best_fold`, ``per_class`` test images per class.
 
     With test labels it explains images the model got right (the study's "parts that
     are helpful to the model for correct predictions"), most confident first; without,
@@ -432,9 +487,9 @@ def explain_cnn(
 
     torch = torch_module()
 
-    fold = max(best, key=lambda u: results[u.key].val_acc or -1.0)
+    fold = best_fold(best, results)
     # a fold reused from an earlier campaign (`submit --reuse`) kept its model there
-    source = str(results[fold.key].extra.get("reused_from") or fold.key)
+    source = reused_from(results[fold.key]) or fold.key
     source_campaign = source.split("/", 1)[0]
     models = [a for a in store.artifacts(source_campaign, kind="model") if a.unit_key == source]
     if not models:
@@ -535,6 +590,7 @@ def build_report_data(
             val_acc=results[u.key].val_acc if u.key in results else None,
             test_acc=results[u.key].test_acc if u.key in results else None,
             error=u.error,
+            reused_from=reused_from(results.get(u.key)),
         )
         for u in units
     ]
@@ -552,22 +608,30 @@ def build_report_data(
         points = point_rows(campaign_id, family, mine, results)
         best_key = f"{campaign_id}/{family}/{best[0].params_hash}" if best else None
         best_row = next((p for p in points if p.key == best_key), None)
+        done = [results[u.key] for u in mine if u.key in results]
         families.append(
             FamilyRow(
                 family=family,
-                best_key=best[0].key if best else "",
+                best_key=best_fold(best, results).key if best else "",
                 params=best[0].params if best else {},
                 units=len(mine),
-                succeeded=sum(u.key in results for u in mine),
+                succeeded=len(done),
                 train_acc=best_row.train_acc if best_row else None,
                 val_acc=best_row.val_acc if best_row else None,
                 test_acc=best_row.test_acc if best_row else None,
-                fit_seconds=sum(results[u.key].fit_seconds for u in mine if u.key in results),
+                # this campaign's work: a reused unit's seconds were spent in its source's
+                fit_seconds=sum(r.fit_seconds for r in done if reused_from(r) is None),
+                reused=sum(reused_from(r) is not None for r in done),
             )
         )
         folds = max(
             len([u for u in mine if u.params_hash == h]) for h in {u.params_hash for u in mine}
         )
+        table_note = None
+        if family == "rf":
+            table_note = _oob_note()
+        elif family == "svm":
+            table_note = _projection_note(mine, results)
         experiments.append(
             Experiment(
                 family=family,
@@ -575,7 +639,7 @@ def build_report_data(
                 f"{folds} fold{'s' * (folds != 1)} each)",
                 points=points,
                 best_key=best_key,
-                note=_oob_note() if family == "rf" else None,
+                note=table_note,
             )
         )
         sweeps += sweep_plots(family, points)
@@ -721,13 +785,17 @@ def build_report_data(
             # an explanation is a figure, not a result: the report goes on without it
             log.warning("%s: LIME failed: %s", campaign_id, exc)
             lime = LimeSection(
-                "cnn", cnn_best[0].key, 0, [], f"LIME failed: {type(exc).__name__}: {exc}"
+                "cnn",
+                best_fold(cnn_best, results).key,
+                0,
+                [],
+                f"LIME failed: {type(exc).__name__}: {exc}",
             )
 
     return ReportData(
         campaign_id=campaign.id,
         campaign_name=report_spec.get("title") or campaign.name,
-        created_at=campaign.created_at.isoformat(timespec="seconds"),
+        created_at=utc_iso(campaign.created_at),
         classes=classes,
         families=families,
         blends=blends,
@@ -782,6 +850,7 @@ def report(ctx: UnitContext) -> Outcome:
 
 
 __all__ = [
+    "best_fold",
     "best_point",
     "blend_members",
     "build_report_data",
