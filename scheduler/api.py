@@ -204,12 +204,13 @@ def _settings(
 def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[CampaignRun, list[str]]:
     """Run again every unit of a campaign that did not succeed (failed, cancelled,
     lost with its worker or its message); returns the run and the keys re-enqueued."""
-    from workers.app import check_broker_reachable, make_app
-
     settings = _settings(settings)
     store = Store(settings.database_url)
     store.check_schema()
     store.get_campaign(campaign_id)
+    # only now: importing workers.app creates a filesystem broker's folders
+    from workers.app import check_broker_reachable, make_app
+
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
     reset = store.resume_campaign(campaign_id)
@@ -224,14 +225,15 @@ def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
     CANCELLED anyway); running ones are terminated on prefork workers and, on solo-pool
     (GPU) workers, stop at their next heartbeat-checked store call (each epoch).
     """
-    from workers.app import make_app
-
     settings = _settings(settings)
     store = Store(settings.database_url)
     store.check_schema()
     store.get_campaign(campaign_id)
     outcome = store.cancel_campaign(campaign_id)
     if outcome.task_ids:
+        # only now: importing workers.app creates a filesystem broker's folders
+        from workers.app import make_app
+
         app = make_app(settings, with_tasks=False)
         app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome

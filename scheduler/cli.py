@@ -10,7 +10,8 @@
                    [--pool solo]      one process, no pool: less dispatch time per unit
                    [--without-task-events]   no per-task events until a monitor asks
     orchard worker --gpus all|0,1     one GPU worker process per GPU, supervised
-    orchard demo                      everything on this machine, no servers needed
+    orchard demo [--campaign FILE]    everything on this machine, no servers needed
+                 [--timeout S]
     orchard db upgrade                create or migrate the store's schema
 
 Every user error is one line on stderr (exit 2); no tracebacks.
@@ -30,6 +31,7 @@ from shared.settings import load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
+CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = commands.add_parser("submit", help="submit a campaign file")
-    p.add_argument("file", type=Path)
+    p = commands.add_parser(
+        "submit",
+        help="submit a campaign file",
+        description="Validate a campaign file, record the campaign and its units in the "
+        "store, and enqueue its first stage; prints the campaign id.",
+    )
+    p.add_argument("file", type=Path, help="campaign file (TOML)")
     p.add_argument("--wait", action="store_true", help="follow it until the report is written")
     p.add_argument(
         "--reuse",
@@ -62,26 +69,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_submit)
 
-    p = commands.add_parser("resume", help="re-enqueue a campaign's units that did not succeed")
-    p.add_argument("campaign")
+    p = commands.add_parser(
+        "resume",
+        help="re-enqueue a campaign's units that did not succeed",
+        description="Send again every unit of a campaign that is not in SUCCESS (failed, "
+        "cancelled, lost); attempts start over, CNN folds continue from their checkpoints, "
+        "and the report is written again.",
+    )
+    p.add_argument("campaign", help=CAMPAIGN_ID)
     p.add_argument("--wait", action="store_true", help="follow it until the report is written")
     p.set_defaults(run=cmd_resume)
 
-    p = commands.add_parser("cancel", help="cancel a campaign: revoke its pending/running units")
-    p.add_argument("campaign")
+    p = commands.add_parser(
+        "cancel",
+        help="cancel a campaign: revoke its pending/running units",
+        description="Mark a campaign and its unfinished units CANCELLED and revoke their "
+        "tasks: queued ones are discarded, running ones terminated (prefork workers) or "
+        "stopped at their next epoch (GPU workers).",
+    )
+    p.add_argument("campaign", help=CAMPAIGN_ID)
     p.set_defaults(run=cmd_cancel)
 
-    p = commands.add_parser("status", help="list campaigns, or show one campaign's units")
-    p.add_argument("campaign", nargs="?")
+    p = commands.add_parser(
+        "status",
+        help="list campaigns, or show one campaign's units",
+        description="List the campaigns in the store (id, name, state, units done/total, "
+        "failed, running, created), or one campaign's units (state, tries, worker, seconds, "
+        "validation accuracy, the epoch of a running CNN fold). Piped, it prints plain "
+        "columns.",
+    )
+    p.add_argument("campaign", nargs="?", help=CAMPAIGN_ID + "; without it, every campaign")
     p.add_argument("--watch", action="store_true", help="refresh until the campaign finishes")
     p.set_defaults(run=cmd_status)
 
-    p = commands.add_parser("report", help="show where a campaign's report is")
-    p.add_argument("campaign")
+    p = commands.add_parser(
+        "report",
+        help="show where a campaign's report is",
+        description="Print the paths of a campaign's report.html and report.md, or the "
+        "Markdown report itself (--print).",
+    )
+    p.add_argument("campaign", help=CAMPAIGN_ID)
     p.add_argument("--print", action="store_true", help="print the Markdown report")
     p.set_defaults(run=cmd_report)
 
-    p = commands.add_parser("worker", help="run a Celery worker")
+    p = commands.add_parser(
+        "worker",
+        help="run a Celery worker",
+        description="Run a Celery worker for orchard's queues (cpu,preprocess,report by "
+        "default), or with --gpus one supervised GPU worker process per GPU. It checks the "
+        "store and the broker first, and stops with one line if either is unusable.",
+    )
     p.add_argument(
         "--queues",
         "-Q",
@@ -89,15 +126,23 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated, of: " + ", ".join(QUEUES) + " (default cpu,preprocess,report; "
         "gpu with --gpus)",
     )
-    p.add_argument("--concurrency", "-c", type=int, default=None)
+    p.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=None,
+        help="child processes of a prefork worker (default: the number of CPUs); solo-pool "
+        "and GPU workers run one task at a time",
+    )
     p.add_argument(
         "--pool",
         choices=POOLS,
         default=None,
         help="prefork (default for cpu/preprocess/report: a killed child's unit is "
         "requeued at once) or solo (one task at a time in the worker process itself: "
-        "~0.7 ms less per unit, but a killed worker's unit waits for "
-        "ORCHARD_VISIBILITY_TIMEOUT); GPU workers always use solo",
+        "~0.7 ms less per unit, but the unit of a killed worker is sent again by the other "
+        "workers about two lease periods (2 x ORCHARD_LEASE_SECONDS, 2 min by default) "
+        "after its last heartbeat); GPU workers always use solo",
     )
     p.add_argument(
         "--without-task-events",
@@ -106,7 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         "seconds): ~0.5 ms less per unit on a prefork worker; Flower misses the tasks "
         "that ran before it enabled them",
     )
-    p.add_argument("--name", "-n", default=None, help="node name (default <queue>@%%h)")
+    p.add_argument(
+        "--name",
+        "-n",
+        default=None,
+        help="Celery node name (default <queue>-<pid>@%%h: the first queue, this process's "
+        "id and the host name)",
+    )
     p.add_argument(
         "--gpus",
         default=None,
@@ -114,18 +165,30 @@ def _parser() -> argparse.ArgumentParser:
         help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>@%%h, "
         "one task at a time); ids without GPUs only with ORCHARD_DEVICE=cpu",
     )
-    p.add_argument("--loglevel", "-l", default="INFO")
+    p.add_argument("--loglevel", "-l", default="INFO", help="Celery log level (default INFO)")
     p.set_defaults(run=cmd_worker)
 
-    p = commands.add_parser("demo", help="run the quick campaign on this machine alone")
+    p = commands.add_parser(
+        "demo",
+        help="run the quick campaign on this machine alone",
+        description="Run a campaign on this machine alone: creates the store, starts two "
+        "workers of its own (gpu; cpu,preprocess,report), submits the campaign, shows its "
+        "progress, prints where the report is and stops the workers. With the default "
+        "settings it needs no Redis and no database server.",
+    )
     p.add_argument(
         "--campaign", type=Path, default=None, help="campaign file (default campaigns/quick.toml)"
     )
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
     p.set_defaults(run=cmd_demo)
 
-    p = commands.add_parser("db", help="store administration")
-    p.add_argument("action", choices=["upgrade"])
+    p = commands.add_parser(
+        "db",
+        help="store administration",
+        description="Store administration: `orchard db upgrade` creates the store's schema, "
+        "or migrates it to the newest one.",
+    )
+    p.add_argument("action", choices=["upgrade"], help="upgrade: create or migrate the schema")
     p.set_defaults(run=cmd_db)
     return parser
 
@@ -133,18 +196,97 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 
-def _store(*, check: bool = True):  # noqa: ANN202
+def _store(*, check: bool = True, existing: bool = False):  # noqa: ANN202
+    """The store of ORCHARD_DATABASE_URL; ``existing``: refuse to create a SQLite file
+    (a command that only reads or changes what is there)."""
     from db.store import Store
 
-    store = Store(load_settings().database_url)
+    url = load_settings().database_url
+    _check_database_url(url)
+    if existing:
+        _require_sqlite_file(url)
+    store = Store(url)
     if check:
         store.check_schema()
     return store
 
 
+#: What ORCHARD_DATABASE_URL may be.
+DATABASE_URLS = "orchard supports sqlite:///PATH and postgresql+psycopg://USER:PASSWORD@HOST/DB"
+
+
+def _check_database_url(url: str) -> None:
+    """One line naming ORCHARD_DATABASE_URL and the URL (password masked) when SQLAlchemy
+    cannot use it: a scheme it does not know, a driver that is not installed, not a URL
+    at all. Connects to nothing and creates no file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    where = f"ORCHARD_DATABASE_URL {mask_url(url)}"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # SQLAlchemy's message would repeat the password
+        raise OrchardError(f"{where}: not a database URL; {DATABASE_URLS}") from None
+    scheme = url.partition(":")[0]
+    advice = DATABASE_URLS
+    if parsed.get_backend_name() in ("postgres", "postgresql"):
+        advice = f"write {mask_url('postgresql+psycopg' + url[len(scheme) :])}"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise OrchardError(f"{where}: {scheme}:// is not a known database URL; {advice}") from None
+    except ImportError as exc:
+        raise OrchardError(f"{where}: {_missing_driver(exc)}; {advice}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise OrchardError(f"{where}: {_missing_driver(exc)}; {advice}") from None
+
+
+def _missing_driver(exc: ImportError) -> str:
+    module = exc.name or str(exc)
+    return f"its database driver (Python module {module!r}) is not installed"
+
+
+def _require_sqlite_file(url: str) -> None:
+    """A SQLite store that does not exist yet is not created by a command that reads it."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return  # an SQLite URI: whatever it names, SQLite decides
+    path = Path(database).expanduser().absolute()
+    if not path.exists():
+        raise OrchardError(
+            f"no store at {path} yet (ORCHARD_DATABASE_URL {mask_url(url)}): "
+            "run `orchard db upgrade`, or submit a campaign"
+        )
+
+
+def _check_broker_url(url: str) -> None:
+    """One line naming ORCHARD_BROKER_URL and the URL (password masked) when orchard
+    cannot use it as a broker; connects to nothing."""
+    from workers.config import broker_url_problem
+
+    if problem := broker_url_problem(url):
+        raise OrchardError(f"ORCHARD_BROKER_URL {mask_url(url)}: {problem}")
+
+
+def _check_urls() -> None:
+    """Both URLs, before a command opens anything (else a traceback from SQLAlchemy or
+    kombu, deep inside)."""
+    settings = load_settings()
+    _check_database_url(settings.database_url)
+    _check_broker_url(settings.broker_url)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
+    _check_urls()
     run = submit(args.file, reuse=args.reuse)
     print(run.id)
     _warn_skipped(run)
@@ -159,6 +301,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from scheduler.api import resume
 
+    _check_urls()
+    _require_sqlite_file(load_settings().database_url)
     run, reset = resume(args.campaign)
     print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
     if not args.wait:
@@ -169,6 +313,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from scheduler.api import cancel
 
+    _check_urls()
+    _require_sqlite_file(load_settings().database_url)
     outcome = cancel(args.campaign)
     if outcome.already_finished:
         raise OrchardError(f"campaign {args.campaign} is already {outcome.state}")
@@ -208,17 +354,22 @@ def _finish(run, status) -> int:  # noqa: ANN001
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    store = _store()
+    store = _store(existing=True)
     console = Console()
     if args.campaign is None:
         campaigns = store.list_campaigns()
         if not campaigns:
             print(f"no campaigns in {mask_url(store.url)}")
             return 0
-        console.print(_campaigns_table(store, campaigns))
+        _print_table(console, *_campaign_rows(store, campaigns), whole="id", drops=NARROW_DROPS)
         return 0
     if not args.watch:
-        console.print(_units_table(store, args.campaign))
+        _print_table(console, *_unit_rows(store, args.campaign))
+        return 0
+    if not console.is_terminal:  # piped: no redrawing, the final table once
+        while store.get_campaign(args.campaign).state == "RUNNING":
+            time.sleep(1)
+        _print_table(console, *_unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
 
@@ -230,37 +381,133 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _campaigns_table(store, campaigns):  # noqa: ANN001, ANN202
+Rows = tuple[str, Sequence[str], list[list[str]]]  # title, column names, rows of cells
+
+#: Columns of ``orchard status`` that a narrow terminal leaves out, first to last: the
+#: campaign id already holds the name and the creation time.
+NARROW_DROPS = ("created", "name")
+
+
+def _print_table(
+    console,  # noqa: ANN001 - a rich Console
+    title: str,
+    columns: Sequence[str],
+    rows: list[list[str]],
+    *,
+    whole: str | None = None,
+    drops: Sequence[str] = (),
+) -> None:
+    """A rich table on a terminal; plain columns when the output is not a terminal (a
+    pipe, a file: no box characters, no width limit, one line per row).
+
+    The cells of the ``whole`` column are never cut or folded (a campaign id is copied
+    into the next command). The other columns wrap between words to fit the terminal;
+    where even that is too wide the ``drops`` columns are left out one by one, and a
+    terminal too narrow for the rest gets the plain columns too.
+    """
+    if whole is None:
+        if console.is_terminal:
+            console.print(_rich_table(title, columns, rows))
+        else:
+            print(_plain_table(title, columns, rows))
+        return
+    if console.is_terminal:
+        shown = list(columns)
+        for drop in (None, *drops):
+            if drop is not None:
+                shown.remove(drop)
+            table = _fitted_table(console, title, columns, rows, shown, whole)
+            if table is not None:
+                console.print(table)
+                return
+    print(_plain_table(title, columns, rows))
+
+
+def _plain_table(title: str, columns: Sequence[str], rows: list[list[str]]) -> str:
+    """The title, then one line per row, columns aligned by spaces; an empty cell is ``-``
+    so that every line has as many words per column."""
+    cells = [list(columns)] + [[" ".join(cell.split()) or "-" for cell in row] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    ]
+    return "\n".join([title, *lines])
+
+
+def _rich_table(  # noqa: ANN202
+    title: str,
+    columns: Sequence[str],
+    rows: list[list[str]],
+    widths: Sequence[int | None] | None = None,
+    caption: str | None = None,
+):
     from rich.table import Table
 
-    from shared.plan import TERMINAL
-
-    table = Table(title=f"campaigns in {mask_url(store.url)}")
-    for column in ("id", "name", "state", "units done/total", "failed", "running", "created"):
-        table.add_column(column)
-    for campaign in campaigns:
-        units = store.units(campaign.id)
-        done = sum(u.state in TERMINAL for u in units)
-        table.add_row(
-            campaign.id,
-            campaign.name,
-            campaign.state,
-            f"{done}/{len(units)}",
-            str(sum(u.state == "FAILED" for u in units)),
-            str(sum(u.state == "RUNNING" for u in units)),
-            f"{campaign.created_at:%Y-%m-%d %H:%M:%S}",
-        )
+    table = Table(title=title, caption=caption)
+    for column, width in zip(columns, widths or [None] * len(columns), strict=True):
+        # with a width given, every word fits it: cells wrap between words
+        table.add_column(column, overflow="fold", width=width)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
-def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
-    from rich.table import Table
+def _fitted_table(console, title, columns, rows, shown, whole):  # noqa: ANN001, ANN202
+    """The table of the ``shown`` columns at the console's width, the ``whole`` column
+    at its full width and no other word cut; None if it cannot be that narrow."""
+    from rich.measure import Measurement
 
+    index = [columns.index(name) for name in shown]
+    cells = [[name] + [row[i] for row in rows] for name, i in zip(shown, index, strict=True)]
+    natural = [max(len(cell) for cell in column) for column in cells]
+    least = [
+        n if name == whole else max(len(word) for cell in column for word in cell.split() or [""])
+        for name, n, column in zip(shown, natural, cells, strict=True)
+    ]
+    hidden = [name for name in columns if name not in shown]
+    caption = f"not shown at this width: {', '.join(hidden)}" if hidden else None
+    sub = [[row[i] for i in index] for row in rows]
+    table = _rich_table(title, shown, sub, natural, caption)
+    wide = console.options.update_width(10**6)
+    excess = Measurement.get(console, wide, table).maximum - console.width
+    if excess > sum(natural) - sum(least):
+        return None
+    widths = list(natural)
+    while excess > 0:  # narrow the widest column that can still wrap, one step at a time
+        i = max((i for i in range(len(widths)) if widths[i] > least[i]), key=lambda i: widths[i])
+        widths[i] -= 1
+        excess -= 1
+    return _rich_table(title, shown, sub, widths, caption)
+
+
+def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
+    from shared.plan import TERMINAL
+
+    columns = ("id", "name", "state", "units done/total", "failed", "running", "created")
+    rows = []
+    for campaign in campaigns:
+        units = store.units(campaign.id)
+        done = sum(u.state in TERMINAL for u in units)
+        rows.append(
+            [
+                campaign.id,
+                campaign.name,
+                campaign.state,
+                f"{done}/{len(units)}",
+                str(sum(u.state == "FAILED" for u in units)),
+                str(sum(u.state == "RUNNING" for u in units)),
+                f"{campaign.created_at:%Y-%m-%d %H:%M:%S}",
+            ]
+        )
+    return f"campaigns in {mask_url(store.url)}", columns, rows
+
+
+def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
     campaign = store.get_campaign(campaign_id)
     results = store.results(campaign_id)
-    table = Table(title=f"{campaign.id}: {campaign.state}")
-    for column in ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error"):
-        table.add_column(column, overflow="fold")
+    columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
+    rows = []
     for unit in store.units(campaign_id):
         result = results.get(unit.key)
         note = unit.error or ""
@@ -269,23 +516,29 @@ def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
             if epochs:
                 step, value = epochs[-1]
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
-        table.add_row(
-            unit.key.removeprefix(campaign_id + "/"),
-            unit.state,
-            str(unit.attempts),
-            unit.worker or "",
-            f"{result.fit_seconds:.1f}" if result else "",
-            f"{result.val_acc:.3f}" if result and result.val_acc is not None else "",
-            note,
+        rows.append(
+            [
+                unit.key.removeprefix(campaign_id + "/"),
+                unit.state,
+                str(unit.attempts),
+                unit.worker or "",
+                f"{result.fit_seconds:.1f}" if result else "",
+                f"{result.val_acc:.3f}" if result and result.val_acc is not None else "",
+                note,
+            ]
         )
-    return table
+    return f"{campaign.id}: {campaign.state}", columns, rows
+
+
+def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
+    return _rich_table(*_unit_rows(store, campaign_id))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from scheduler.api import CampaignRun
 
     settings = load_settings()
-    store = _store()
+    store = _store(existing=True)
     store.get_campaign(args.campaign)
     path = CampaignRun(args.campaign, store, settings).report_path()
     if path is None:
@@ -317,7 +570,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         task_events=not args.without_task_events,
     )
     settings = load_settings()
-    _store()  # fail now, naming the database, not on the first task
+    _check_urls()
+    _store(existing=True)  # fail now, naming the database, not on the first task
     from workers.app import app, check_broker_reachable, preload
 
     check_broker_reachable(app)
@@ -344,7 +598,8 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     device = os.environ.get("ORCHARD_DEVICE")
     gpus = parse_gpus(args.gpus, available=detect_gpus(), device=device)
     settings = load_settings()
-    _store()  # fail once here, naming the database, rather than once per GPU
+    _check_urls()
+    _store(existing=True)  # fail once here, naming the database, rather than once per GPU
     from workers.app import app, check_broker_reachable
 
     check_broker_reachable(app)
@@ -421,6 +676,7 @@ def worker_argv(
 def cmd_demo(args: argparse.Namespace) -> int:
     from scheduler.demo import run_demo
 
+    _check_urls()
     return run_demo(args.campaign, timeout=args.timeout)
 
 

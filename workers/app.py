@@ -62,17 +62,40 @@ app = make_app(load_settings())
 
 
 def check_broker_reachable(celery: Celery) -> None:
-    """Fail within seconds, naming the broker (password masked), if it is unreachable."""
+    """Fail within seconds, naming the broker (password masked), if it is unreachable.
+
+    A Redis broker that accepts the connection but never answers (TLS against a plain
+    Redis) is given one try of ``BROKER_CONNECT_TIMEOUT`` seconds, connecting and
+    answering PING, not the workers' longer socket timeout; one that refuses it is
+    tried three times within about a second.
+    """
     from kombu.exceptions import OperationalError
 
     from shared.errors import OrchardError
     from shared.settings import mask_url
+    from workers.config import BROKER_CONNECT_TIMEOUT, BROKER_URL_EXAMPLES
 
+    url = celery.conf.broker_url
+    options = {}
+    if url.startswith(("redis://", "rediss://")):
+        options = {
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+            "socket_timeout": BROKER_CONNECT_TIMEOUT,
+        }
     try:
-        with celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
+        with celery.connection_for_write(transport_options=options) as conn:
+            conn.ensure_connection(
+                max_retries=2,
+                interval_start=0.2,
+                interval_step=0.5,
+                timeout=BROKER_CONNECT_TIMEOUT,  # no second try after a try that hung
+            )
     except (OperationalError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OrchardError(f"broker {mask_url(url)} unreachable: {reason}") from None
+    except (KeyError, ValueError) as exc:  # kombu: no such transport, a port not a number
+        reason = exc.args[0] if exc.args else type(exc).__name__
         raise OrchardError(
-            f"broker {mask_url(celery.conf.broker_url)} unreachable: {reason}"
+            f"broker {mask_url(url)}: not a broker URL orchard can use ({reason}); "
+            + BROKER_URL_EXAMPLES
         ) from None

@@ -13,6 +13,10 @@ Why each matters:
 - no result backend: results live in orchard's SQL store, keyed by unit.
 - publishing retries for about a minute: a Redis restart while a task opens the next
   stage delays the stage instead of losing it.
+- Redis socket timeouts: a broker that accepts the TCP connection but never answers
+  (TLS against a plain Redis, a listener that is not Redis) fails a command within
+  seconds instead of hanging it forever; they are far above kombu's BRPOP timeout, so
+  an idle worker never reaches them.
 - ``rediss://`` brokers verify the server's certificate (ORCHARD_REDIS_TLS_CA_CERTS, or
   the system's CAs); passwords travel in the URL and are masked wherever orchard prints.
 
@@ -27,6 +31,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from shared.plan import TASKS
 from shared.settings import Settings
@@ -41,6 +46,18 @@ DEFAULT_LEASE_SECONDS = 60.0
 #: Deliveries that may start a unit; the next one marks it FAILED (a poison task that
 #: kills its worker every time must not loop forever).
 DEFAULT_MAX_ATTEMPTS = 3
+#: Seconds to open a connection to a Redis broker, TLS handshake included (the same as
+#: ``broker_connection_timeout``, and PostgreSQL's ``connect_timeout`` in ``db.store``).
+BROKER_CONNECT_TIMEOUT = 5
+#: Seconds a Redis command may wait for its reply before its connection counts as dead
+#: (redis-py's ``socket_timeout``; kombu passes None, wait forever, unless told). An idle
+#: worker waits with BRPOP, which the server answers, empty, after kombu's BRPOP timeout
+#: (``kombu.transport.redis.Transport.brpop_timeout``, 1 s), and the worker reads it only
+#: once the socket is readable: this must stay well above that timeout, or an empty
+#: queue would look like a dead broker and the worker would reconnect in a loop.
+BROKER_SOCKET_TIMEOUT = 30
+#: The schemes of ``ORCHARD_BROKER_URL`` that :func:`celery_config` configures.
+BROKER_SCHEMES = ("redis", "rediss", "filesystem")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +153,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # (kombu's default sweep is every ~100 s, too slow for a short timeout)
             "unacked_restore_interval": max(1, min(10, visibility // 4)),
             "unacked_restore_throttle": 1,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
         }
         if settings.broker_url.startswith("rediss://"):
             config["broker_use_ssl"] = redis_tls_options()
@@ -145,3 +164,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             transport["global_keyprefix"] = prefix
     config["broker_transport_options"] = transport
     return config
+
+
+def broker_url_problem(url: str) -> str | None:
+    """Why orchard cannot use ``url`` as its broker, or None. Looks at the URL only."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        return "not a broker URL; " + BROKER_URL_EXAMPLES
+    if scheme not in BROKER_SCHEMES:
+        return f"{scheme!r} is not a broker orchard knows; " + BROKER_URL_EXAMPLES
+    try:
+        _ = urlsplit(url).port  # parsing it is the check
+    except ValueError as exc:  # a port that is not a number, a bad [IPv6] address
+        return f"not a valid URL ({exc})"
+    return None
+
+
+BROKER_URL_EXAMPLES = "use redis://:PASSWORD@HOST:6379/0, rediss://... (TLS) or filesystem:///PATH"

@@ -147,3 +147,38 @@ def test_gpu_workers_refuse_prefork_and_silence(tmp_path: Path) -> None:
     for flag in (["--pool", "prefork"], ["--without-task-events"]):
         done = orchard("worker", "--gpus", "all", *flag, env=env)
         assert_one_line_error(done, "--gpus workers use the solo pool")
+
+
+SUBCOMMANDS = ("submit", "resume", "cancel", "status", "report", "worker", "demo", "db")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_help_says_what_it_does(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scheduler.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    assert paragraphs[0].startswith(f"usage: orchard {command}")
+    description = paragraphs[1]  # before the arguments
+    assert not description.startswith(("positional arguments:", "options:")), description
+    assert len(description.split()) >= 8
+
+
+def test_worker_help_tells_the_truth(capsys: pytest.CaptureFixture[str]) -> None:
+    from scheduler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the default node name is what worker_argv builds
+    argv = worker_argv(["cpu"], concurrency=None, name=None, loglevel="INFO")
+    assert argv[argv.index("--hostname") + 1] == f"cpu-{os.getpid()}@%h"
+    assert "default <queue>-<pid>@%h" in text
+    # a killed solo worker's unit is sent again by the reaper (README, Reliability 1)
+    assert "ORCHARD_VISIBILITY_TIMEOUT" not in text
+    assert "two lease periods" in text and "ORCHARD_LEASE_SECONDS" in text
+    assert "--concurrency CONCURRENCY, -c CONCURRENCY child processes of a prefork worker" in text

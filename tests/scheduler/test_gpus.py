@@ -85,15 +85,23 @@ def test_each_child_sees_only_its_gpu() -> None:
 def test_a_child_that_dies_at_once_stops_the_launcher(tmp_path: Path) -> None:
     out = io.StringIO()
     stopped = tmp_path / "stopped"
+    ready = tmp_path / "ready"
     code = {
-        # gpu0 cannot start; gpu1 would run until told to stop
-        "0": "import sys; sys.exit(3)",
+        # gpu0 cannot start (once gpu1 listens for SIGTERM: a child still starting up
+        # would die of the signal without a trace); gpu1 would run until told to stop
+        "0": f"""
+            import pathlib, sys, time
+            while not pathlib.Path({str(ready)!r}).exists():
+                time.sleep(0.01)
+            sys.exit(3)
+        """,
         "1": f"""
             import pathlib, signal, sys, time
             def bye(*_):
                 pathlib.Path({str(stopped)!r}).write_text('TERM')
                 sys.exit(0)
             signal.signal(signal.SIGTERM, bye)
+            pathlib.Path({str(ready)!r}).touch()
             time.sleep(60)
         """,
     }

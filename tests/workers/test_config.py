@@ -131,3 +131,41 @@ def test_unit_keys_are_safe_in_paths(campaign_id: str, unit_key: str) -> None:
         UnitMessage(campaign_id=campaign_id, unit_key=unit_key)
     ok = UnitMessage(campaign_id="c-1", unit_key="c-1/rf/0a1b2c3d4e5f/f0/t1")
     assert ok.unit_key.endswith("/t1")
+
+
+def test_a_redis_broker_that_never_answers_times_out(tmp_path: Path) -> None:
+    from kombu.transport.redis import Transport
+
+    from workers.config import BROKER_CONNECT_TIMEOUT, BROKER_SOCKET_TIMEOUT
+
+    for url in ("redis://127.0.0.1:6379/0", "rediss://:pw@head:6380/0"):
+        options = celery_config(settings(tmp_path, url))["broker_transport_options"]
+        assert options["socket_connect_timeout"] == BROKER_CONNECT_TIMEOUT <= 10
+        assert options["socket_timeout"] == BROKER_SOCKET_TIMEOUT
+    # an idle worker's BRPOP is answered, empty, every brpop_timeout: far below the socket
+    # timeout, so an empty queue never looks like a dead broker
+    assert Transport.brpop_timeout * 10 <= BROKER_SOCKET_TIMEOUT
+    filesystem = celery_config(settings(tmp_path, f"filesystem://{tmp_path / 'b'}"))
+    assert "socket_timeout" not in filesystem["broker_transport_options"]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://:pw@head:6379/0", None),
+        ("rediss://:pw@head:6380/0", None),
+        ("filesystem:///srv/orchard/broker", None),
+        ("http://u:pw@head:6379/0", "'http' is not a broker orchard knows; use redis://"),
+        ("amqp://head", "'amqp' is not a broker orchard knows"),
+        ("notaurl", "not a broker URL; use redis://"),
+        ("redis://:pw@head:port/0", "not a valid URL (Port could not be cast"),
+    ],
+)
+def test_broker_url_problem(url: str, problem: str | None) -> None:
+    from workers.config import broker_url_problem
+
+    found = broker_url_problem(url)
+    if problem is None:
+        assert found is None
+    else:
+        assert found.startswith(problem) and "pw" not in found

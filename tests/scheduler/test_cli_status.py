@@ -1,0 +1,86 @@
+"""`orchard status` lists campaigns whose ids can be copied into the next command: never
+cut, at any terminal width, and plain columns (no box characters) when piped."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from scheduler.cli import main
+from tests.db.test_store import seed_campaign
+
+IDS = ("quick-20261127-130325-1ee0", "study-rf-feature-selection-20261127-130325-1ee0")
+BOX = set("━┃┏┓┗┛┡┩│─└┘┌┐┳┻╇╈┼")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    url = f"sqlite:///{tmp_path / 'orchard.db'}"
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", url)
+    monkeypatch.setenv("ORCHARD_BROKER_URL", f"filesystem://{tmp_path / 'broker'}")
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS"):
+        monkeypatch.delenv(name, raising=False)
+    store = Store(url)
+    store.upgrade()
+    return store
+
+
+def status(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["status", *args]) == 0
+    out, err = capsys.readouterr()
+    assert not err
+    return ANSI.sub("", out)
+
+
+def on_a_terminal(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a terminal, though pytest captures it
+    monkeypatch.setenv("COLUMNS", str(width))
+
+
+def test_an_80_column_terminal_shows_the_whole_id_in_a_table(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_campaign(store, IDS[0])
+    on_a_terminal(monkeypatch, 80)
+    out = status(capsys)
+    assert BOX & set(out)  # still a table
+    assert max(len(line) for line in out.splitlines()) <= 80
+    [row] = [line for line in out.splitlines() if IDS[0] in line]
+    assert "RUNNING" in row and "0/7" in row
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 120, 200])
+def test_no_terminal_width_cuts_an_id(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    width: int,
+) -> None:
+    for campaign_id in IDS:
+        seed_campaign(store, campaign_id)
+    on_a_terminal(monkeypatch, width)
+    out = status(capsys)
+    for campaign_id in IDS:
+        assert re.search(rf"(^|\s){campaign_id}(\s|$)", out, re.MULTILINE), out
+    assert "…" not in out
+
+
+def test_piped_output_is_plain_columns(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    for campaign_id in IDS:
+        seed_campaign(store, campaign_id)
+    out = status(capsys)  # captured: not a terminal, as `orchard status | grep quick`
+    assert not BOX & set(out)
+    lines = out.splitlines()
+    assert lines[1].split() == ["id", "name", "state", "units", "done/total", "failed",
+                                "running", "created"]  # fmt: skip
+    for campaign_id in IDS:
+        [row] = [line for line in lines if line.startswith(campaign_id + " ")]
+        assert row.split()[1:5] == ["t", "RUNNING", "0/7", "0"]
+    units = status(capsys, IDS[0])
+    assert not BOX & set(units)
+    assert units.splitlines()[0] == f"{IDS[0]}: RUNNING"
+    assert any(line.split()[:4] == ["report", "PENDING", "0", "-"] for line in units.splitlines())
