@@ -549,6 +549,42 @@ class Store:
             return out
 
     @_retried
+    def untaken_queues(self, campaign_id: str, after: float) -> dict[str, float]:
+        """Queue -> seconds its oldest waiting unit has waited, for each queue on which
+        a unit of the campaign was sent at least ``after`` seconds ago and is still
+        QUEUED while no worker has started any unit of that queue since (of any
+        campaign in this store) and none runs one now.
+
+        Workers busy with other units are not missed: they are RUNNING, or started one
+        since. What is left is a queue that no worker of this store consumes: none runs,
+        or the workers use another database (they find no such unit and drop the
+        message) or another broker. Times are the store's clock (:meth:`_now`).
+        """
+        with self._transaction(read_only=True) as s:
+            now = _aware(self._now(s))
+            oldest = s.execute(
+                select(UnitRow.queue, func.min(UnitRow.queued_at))
+                .where(UnitRow.campaign_id == campaign_id, UnitRow.state == QUEUED)
+                .group_by(UnitRow.queue)
+            ).all()
+            out: dict[str, float] = {}
+            for queue, since in oldest:
+                waited = (now - _aware(since)).total_seconds() if since else 0.0
+                if waited < after:
+                    continue
+                taken = s.scalar(
+                    select(UnitRow.id)
+                    .where(
+                        UnitRow.queue == queue,
+                        (UnitRow.state == RUNNING) | (UnitRow.started_at >= since),
+                    )
+                    .limit(1)
+                )
+                if taken is None:
+                    out[queue] = waited
+            return out
+
+    @_retried
     def find_unit(self, key: str) -> Unit | None:
         with self._transaction(read_only=True) as s:
             row = s.scalar(

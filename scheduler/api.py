@@ -24,8 +24,14 @@ from shared.errors import OrchardError
 from shared.manifest import ManifestError, build_manifest, manifest_path
 from shared.plan import TERMINAL, data_problems, plan_units
 from shared.preprocess import shard_ranges
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, mask_url
 from shared.spec import CampaignError, load_campaign
+
+#: Seconds a unit may wait on its queue, with no worker taking any unit from that
+#: queue, before ``orchard status`` and ``--wait`` say so (``CampaignRun.stalled``).
+STALL_SECONDS = 60.0
+#: How often ``CampaignRun.wait`` asks, when it is told what to do about it.
+STALL_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,27 @@ class CampaignRun:
                 return self.settings.artifacts / artifact.path
         return None
 
+    def stalled(self, after: float | None = None) -> str | None:
+        """Why nothing of this campaign may be running, or None: a line naming each
+        queue whose units have waited ``after`` seconds (``STALL_SECONDS``) or more while
+        no worker of this store took any unit from it
+        (:meth:`db.store.Store.untaken_queues`)."""
+        after = STALL_SECONDS if after is None else after
+        return self._stall_line(self.store.untaken_queues(self.id, after))
+
+    def _stall_line(self, queues: dict[str, float]) -> str | None:
+        if not queues:
+            return None
+        waits = ", ".join(f"`{q}` for {s:.0f} s" for q, s in sorted(queues.items()))
+        return (
+            f"campaign {self.id}: no worker has taken a unit from "
+            f"queue{'s' if len(queues) > 1 else ''} {waits}. Is a "
+            f"worker for {'that queue' if len(queues) == 1 else 'those queues'} running, "
+            f"with ORCHARD_DATABASE_URL={mask_url(self.settings.database_url)} and "
+            f"ORCHARD_BROKER_URL={mask_url(self.settings.broker_url)}? (A worker on "
+            "another database drops the units as unknown, with an error in its log.)"
+        )
+
     def epochs(self, status: CampaignStatus) -> dict[str, str]:
         """unit key -> "epoch i/n" for each running CNN fold that has reported one."""
         out = {}
@@ -87,10 +114,18 @@ class CampaignRun:
         progress: bool = False,
         poll: float = 0.5,
         check: Callable[[], None] | None = None,
+        on_stall: Callable[[str], None] | None = None,
     ) -> CampaignStatus:
-        """Block until the campaign is finished; ``check`` may raise to stop waiting."""
+        """Block until the campaign is finished; ``check`` may raise to stop waiting.
+
+        ``on_stall`` is called with :meth:`stalled`'s line when units have waited
+        ``STALL_SECONDS`` with no worker taking any from their queue, once for each new
+        set of such queues (it is asked every ``STALL_CHECK_SECONDS``).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         display = _Progress() if progress else None
+        next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
+        told: set[str] = set()
         try:
             while True:
                 status = self.status()
@@ -100,6 +135,12 @@ class CampaignRun:
                     return status
                 if check is not None:
                     check()
+                if on_stall is not None and time.monotonic() >= next_stall_check:
+                    next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
+                    queues = self.store.untaken_queues(self.id, STALL_SECONDS)
+                    if queues and set(queues) != told:  # told again only for new queues
+                        on_stall(self._stall_line(queues) or "")
+                    told = set(queues)
                 if deadline is not None and time.monotonic() > deadline:
                     raise OrchardError(
                         f"campaign {self.id} not finished after {timeout:.0f} s: "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -294,7 +293,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
     if not args.wait:
         return 0
-    status = run.wait(progress=sys.stderr.isatty())
+    status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
     return _finish(run, status)
 
 
@@ -307,7 +306,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
     if not args.wait:
         return 0
-    return _finish(run, run.wait(progress=sys.stderr.isatty()))
+    return _finish(run, run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -340,6 +339,10 @@ def _warn_skipped(run, shown: int = 10) -> None:  # noqa: ANN001
         )
 
 
+def _warn_stall(line: str) -> None:
+    print(f"orchard: warning: {line}", file=sys.stderr)
+
+
 def _finish(run, status) -> int:  # noqa: ANN001
     print(f"campaign {run.id}: {status.campaign.state}")
     report = run.report_path()
@@ -363,21 +366,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         _print_table(console, *_campaign_rows(store, campaigns), whole="id", drops=NARROW_DROPS)
         return 0
+    from scheduler.api import CampaignRun
+
+    run = CampaignRun(args.campaign, store, load_settings())
     if not args.watch:
         _print_table(console, *_unit_rows(store, args.campaign))
+        if run.status().campaign.state == "RUNNING" and (line := run.stalled()):
+            _warn_stall(line)
         return 0
     if not console.is_terminal:  # piped: no redrawing, the final table once
-        while store.get_campaign(args.campaign).state == "RUNNING":
-            time.sleep(1)
+        run.wait(on_stall=_warn_stall)
         _print_table(console, *_unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
 
     with Live(_units_table(store, args.campaign), console=console, refresh_per_second=2) as live:
-        while store.get_campaign(args.campaign).state == "RUNNING":
-            time.sleep(1)
+
+        def refresh() -> None:
             live.update(_units_table(store, args.campaign))
-        live.update(_units_table(store, args.campaign))
+
+        # the stall line prints above the table, which stays at the bottom
+        run.wait(poll=1.0, check=refresh, on_stall=lambda line: live.console.print(line))
+        refresh()
     return 0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from celery import Celery
 
 from shared.settings import Settings, load_settings
+from workers import logs
 from workers.config import celery_config
 from workers.reaper import LostUnitReaper
 
@@ -55,6 +56,7 @@ def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
     celery.config_from_object(celery_config(settings))
     if with_tasks:
         celery.steps["worker"].add(LostUnitReaper)
+        logs.install()
     return celery
 
 

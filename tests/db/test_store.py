@@ -550,3 +550,27 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
     assert begins == ["BEGIN"] * 4
     assert store.start_unit(key, worker="w", task_id=None).run  # writes still lock up front
     assert begins[-1] == "BEGIN IMMEDIATE"
+
+
+def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_url: str) -> None:
+    store = make_store(store_url)
+    first = [p.key for p in seed_campaign(store, "t-1") if p.stage == 0]
+    queue = store.get_unit(first[0]).queue
+    store.claim_for_queue(first)  # sent: QUEUED, nothing started yet
+    waited = store.untaken_queues("t-1", after=0)
+    assert list(waited) == [queue] and 0 <= waited[queue] < 60
+    assert store.untaken_queues("t-1", after=3600) == {}  # not waited that long
+
+    # a worker takes one unit: that queue is being consumed
+    store.start_unit(first[0], worker="w", task_id=None)
+    assert store.untaken_queues("t-1", after=0) == {}
+
+    # another campaign's units, sent while that unit runs: busy workers are not missing
+    second = [p.key for p in seed_campaign(store, "t-2") if p.stage == 0]
+    store.claim_for_queue(second)
+    assert store.untaken_queues("t-2", after=0) == {}
+    # the unit finishes and no worker takes another one from the queue
+    store.finish_unit(first[0], outcome())
+    assert list(store.untaken_queues("t-2", after=0)) == [queue]
+    assert store.untaken_queues("t-1", after=0) == {}  # one of its units was taken since
+    assert store.untaken_queues("no-such-campaign", after=0) == {}

@@ -57,7 +57,7 @@ from scheduler.canvas import advance
 from shared.artifacts import sha256_file
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, mask_url
 from workers.app import app
 from workers.config import Reliability, reliability
 from workers.data import load_variant
@@ -360,6 +360,23 @@ def _hand_back(store: Store, key: str, holder: str) -> None:
         log.warning("%s handed back at its checkpoint: the worker is shutting down", key)
 
 
+def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str:
+    """Why a unit is not in this worker's store, in one line: most often its campaign
+    was submitted to another database than the workers' (another ORCHARD_DATABASE_URL,
+    another ORCHARD_HOME), which the submitter cannot see."""
+    try:
+        known = store.find_campaign(message.campaign_id) is not None
+    except StoreError:
+        return str(exc)
+    if known:
+        return str(exc)
+    return (
+        f"campaign {message.campaign_id} is not in this worker's store "
+        f"({mask_url(store.url)}): it was submitted to another database; the submitter's "
+        "ORCHARD_DATABASE_URL must name the workers' database. Message dropped"
+    )
+
+
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
     settings = worker_settings()
     rules = reliability()
@@ -378,10 +395,10 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             max_attempts=rules.max_attempts,
         )
     except NotFoundError as exc:
-        # a message for a unit this store never had (another installation's, a typo):
-        # it can never run here
-        log.error("%s: rejected: %s", key, exc)
-        raise Reject(str(exc), requeue=False) from None
+        # a message for a unit this store never had: it can never run here
+        reason = _unknown_unit(store, message, exc)
+        log.error("%s: rejected: %s", key, reason)
+        raise Reject("not in this worker's store (see the error above)", requeue=False) from None
     except StoreError as exc:
         # nothing ran and nothing could be written: keep the message for later
         retries = task.request.retries or 0

@@ -1,0 +1,77 @@
+"""A campaign whose units wait with no worker taking any from their queue says so: in
+``orchard status ID`` (stderr, below the table) and once per new set of queues while
+``run.wait`` follows it. The store's side is tested in tests/db/test_store.py
+(``untaken_queues``); real workers on another database in
+tests/integration/test_reliability.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import scheduler.api as api
+from db.store import Store
+from scheduler.api import CampaignRun
+from scheduler.cli import main
+from shared.errors import OrchardError
+from shared.settings import Settings
+from tests.db.test_store import seed_campaign
+
+CID = "t-1"
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CampaignRun:
+    url = f"sqlite:///{tmp_path / 'orchard.db'}"
+    broker = f"filesystem://{tmp_path / 'broker'}"
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", url)
+    monkeypatch.setenv("ORCHARD_BROKER_URL", broker)
+    store = Store(url)
+    store.upgrade()
+    plans = seed_campaign(store, CID)
+    store.claim_for_queue([p.key for p in plans if p.stage == 0])  # sent; no worker takes them
+    settings = Settings(
+        home=tmp_path, broker_url=broker, database_url=url, artifacts=tmp_path / "artifacts"
+    )
+    return CampaignRun(CID, store, settings)
+
+
+def test_stalled_names_the_queue_and_both_urls(run: CampaignRun) -> None:
+    assert run.stalled(after=3600) is None  # not waited that long
+    line = run.stalled(after=0)
+    assert line is not None
+    assert "queue `preprocess` for 0 s" in line
+    assert f"ORCHARD_DATABASE_URL={run.settings.database_url}" in line
+    assert f"ORCHARD_BROKER_URL={run.settings.broker_url}" in line
+
+
+def test_wait_tells_once_for_the_same_queues(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 0.0)
+    told: list[str] = []
+    with pytest.raises(OrchardError, match="not finished after"):
+        run.wait(timeout=0.5, poll=0.05, on_stall=told.append)
+    assert len(told) == 1 and "queue `preprocess`" in told[0]
+
+
+def test_status_of_a_stalled_campaign_says_so_on_stderr(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    assert main(["status", CID]) == 0
+    out, err = capsys.readouterr()
+    assert "preprocess/s00000" in out and "QUEUED" in out
+    assert err.startswith(f"orchard: warning: campaign {CID}: no worker has taken a unit")
+
+
+def test_status_says_nothing_once_a_worker_took_a_unit(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    key = next(u.key for u in run.status().units if u.state == "QUEUED")
+    run.store.start_unit(key, worker="w", task_id=None)
+    assert main(["status", CID]) == 0
+    assert capsys.readouterr().err == ""

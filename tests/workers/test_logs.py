@@ -1,0 +1,55 @@
+"""workers.logs: which of Celery's records go quiet, and which stay."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from celery.exceptions import Reject
+
+from workers import logs
+
+
+def record(name: str, msg: str, args: tuple = (), exc_info=None) -> logging.LogRecord:  # noqa: ANN001
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, exc_info)
+
+
+REVOKE = "Failed to mark task %s as revoked in backend: %s"
+
+
+def test_the_no_backend_revoke_warning_is_dropped_and_no_other() -> None:
+    keep = logs.NoBackendRevokeFilter().filter
+    assert not keep(record(logs.CONTROL_LOGGER, REVOKE, ("id", NotImplementedError("none"))))
+    # the same warning for another reason still shows, as does any other record
+    assert keep(record(logs.CONTROL_LOGGER, REVOKE, ("id", ConnectionError("redis away"))))
+    assert keep(record(logs.CONTROL_LOGGER, "Terminating %s (%s)", ("id", "SIGTERM")))
+
+
+def raised(exc: BaseException):  # noqa: ANN201
+    try:
+        raise exc
+    except BaseException:
+        return sys.exc_info()
+
+
+def test_a_reject_keeps_its_line_without_its_traceback() -> None:
+    keep = logs.RejectTracebackFilter().filter
+    rejected = record(logs.TRACE_LOGGER, "Task %s rejected", ("x",), raised(Reject("no unit")))
+    assert keep(rejected) and rejected.exc_info is None
+    failed = record(logs.TRACE_LOGGER, "Task %s raised", ("x",), raised(ValueError("bug")))
+    assert keep(failed) and failed.exc_info is not None  # real failures keep theirs
+
+
+def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (logs.CONTROL_LOGGER, logs.TRACE_LOGGER):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    logs.install()
+    logs.install()
+    assert [type(f) for f in logging.getLogger(logs.CONTROL_LOGGER).filters] == [
+        logs.NoBackendRevokeFilter
+    ]
+    assert [type(f) for f in logging.getLogger(logs.TRACE_LOGGER).filters] == [
+        logs.RejectTracebackFilter
+    ]
+    assert logging.getLogger(logs.ALEMBIC_LOGGER).level == logging.WARNING

@@ -1,0 +1,67 @@
+"""Worker log records that say nothing to an orchard user, made quiet.
+
+- Each ``orchard cancel`` made every worker warn, once per revoked unit, ``Failed to
+  mark task … as revoked in backend: No result backend is configured``: Celery tries to
+  record the revocation in a result backend, and orchard has none on purpose (a
+  cancelled unit is ``CANCELLED`` in the store). Only that warning, for that reason, is
+  dropped.
+- A task that rejects its message (a malformed message, a unit this store never had, a
+  fold handed back by a stopping worker) has already said why in one line of orchard's
+  own; Celery's ``Task … rejected`` line stays, without the traceback of the ``Reject``
+  that Celery logs with it.
+- Alembic's ``Context impl SQLiteImpl.`` / ``Will assume non-transactional DDL.``,
+  logged at INFO by each worker process as it checks the store's schema, are left out
+  (Alembic's WARNING and above still show; ``orchard db upgrade`` is unchanged).
+
+Logger filters apply to records logged on that very logger, so the rest of Celery's
+logging is untouched. The app of a worker installs them (``workers.app.make_app``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import Reject
+
+#: Celery's loggers (``celery.utils.log.get_logger(__name__)`` in each module).
+CONTROL_LOGGER = "celery.worker.control"
+TRACE_LOGGER = "celery.app.trace"
+
+
+class NoBackendRevokeFilter(logging.Filter):
+    """Drops ``Failed to mark task … as revoked in backend`` when the cause is that no
+    result backend is configured (Celery's ``DisabledBackend`` raises
+    NotImplementedError); any other failure to mark it still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to mark task %s as revoked in backend"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(isinstance(arg, NotImplementedError) for arg in args)
+
+
+class RejectTracebackFilter(logging.Filter):
+    """Keeps Celery's one-line ``Task …[id] Reject(…)`` record, without its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+#: Alembic's logger of the migration context, which a worker's schema check opens.
+ALEMBIC_LOGGER = "alembic.runtime.migration"
+
+
+def install() -> None:
+    """Add the filters to Celery's loggers, once per process; Alembic's migration
+    context to WARNING (a worker migrates nothing)."""
+    logging.getLogger(ALEMBIC_LOGGER).setLevel(logging.WARNING)
+    for name, kind in (
+        (CONTROL_LOGGER, NoBackendRevokeFilter),
+        (TRACE_LOGGER, RejectTracebackFilter),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
