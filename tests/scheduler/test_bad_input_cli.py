@@ -23,7 +23,8 @@ DEAD_POSTGRES = "postgresql+psycopg://orchard:hunter2@127.0.0.1:1/orchard"
 TINY = 'name = "c"\nfolds = 2\n[dataset]\nkind = "{kind}"\n{dataset}\n[preprocessing]\nsize = 32\n'
 
 
-def orchard(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+def orchard(*args: str, home: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
+    """`orchard ...` in a process of its own, with no ORCHARD_ variable but ``env``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
     return subprocess.run(
         [sys.executable, "-m", "scheduler.cli", *args],
@@ -31,7 +32,7 @@ def orchard(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
         env={**environ, "ORCHARD_HOME": str(home), **env},
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout,
     )
 
 

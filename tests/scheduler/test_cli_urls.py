@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,20 +15,9 @@ import pytest
 
 from db.store import Store
 from tests.conftest import REPO
+from tests.scheduler.test_bad_input_cli import orchard
 
 QUICK = str(REPO / "campaigns" / "quick.toml")
-
-
-def orchard(*args: str, home: Path, timeout: float = 90, **env: str):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args],
-        cwd=REPO,
-        env={**environ, "ORCHARD_HOME": str(home), **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def in_process(monkeypatch, capsys, *args: str, home: Path, **env: str) -> tuple[int, str, str]:
