@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+# Alembic logs "setup plugin alembic.autogenerate.…" at INFO, seven lines, as it is
+# imported: noise at the top of every worker's and Flower's log, which run at INFO.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import Engine, text  # noqa: E402
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any fixed number works; it only has to be the same for every orchard process.

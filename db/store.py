@@ -365,11 +365,15 @@ class Store:
 
     # -- schema
 
-    def upgrade(self) -> None:
+    def upgrade(self) -> tuple[str | None, str]:
+        """Create or migrate the schema to the newest; returns the revisions before
+        (None: no schema yet) and after."""
         try:
+            before = migrate.current_revision(self.engine)
             migrate.upgrade(self.engine)
         except (OperationalError, DBAPIError) as exc:
             raise self._unreachable(exc) from None
+        return before, migrate.head_revision()
 
     def check_schema(self) -> None:
         """Raise StoreError unless the schema is at the newest migration."""
@@ -551,37 +555,48 @@ class Store:
     @_retried
     def untaken_queues(self, campaign_id: str, after: float) -> dict[str, float]:
         """Queue -> seconds its oldest waiting unit has waited, for each queue on which
-        a unit of the campaign was sent at least ``after`` seconds ago and is still
-        QUEUED while no worker has started any unit of that queue since (of any
-        campaign in this store) and none runs one now.
+        a unit of the campaign has been QUEUED for ``after`` seconds or more while that
+        queue was idle: no unit of it (of any campaign in this store) started or
+        finished in the last ``after`` seconds, and none runs under a live lease.
 
-        Workers busy with other units are not missed: they are RUNNING, or started one
-        since. What is left is a queue that no worker of this store consumes: none runs,
-        or the workers use another database (they find no such unit and drop the
-        message) or another broker. Times are the store's clock (:meth:`_now`).
+        Workers busy with other units are not missed: they hold live leases, or finish
+        and start units. What is left is a queue that no worker of this store consumes:
+        none runs (never started, or killed: its unit's lease runs out), or the workers
+        use another database (they find no such unit and drop the message) or another
+        broker. Times are the store's clock (:meth:`_now`).
         """
         with self._transaction(read_only=True) as s:
-            now = _aware(self._now(s))
+            now = self._now(s)
+            horizon = now - timedelta(seconds=after)
             oldest = s.execute(
                 select(UnitRow.queue, func.min(UnitRow.queued_at))
-                .where(UnitRow.campaign_id == campaign_id, UnitRow.state == QUEUED)
+                .where(
+                    UnitRow.campaign_id == campaign_id,
+                    UnitRow.state == QUEUED,
+                    UnitRow.queued_at <= horizon,
+                )
                 .group_by(UnitRow.queue)
             ).all()
             out: dict[str, float] = {}
             for queue, since in oldest:
-                waited = (now - _aware(since)).total_seconds() if since else 0.0
-                if waited < after:
-                    continue
-                taken = s.scalar(
+                busy = s.scalar(
                     select(UnitRow.id)
                     .where(
                         UnitRow.queue == queue,
-                        (UnitRow.state == RUNNING) | (UnitRow.started_at >= since),
+                        (
+                            (UnitRow.state == RUNNING)
+                            & (
+                                UnitRow.lease_expires_at.is_(None)
+                                | (UnitRow.lease_expires_at > now)
+                            )
+                        )
+                        | (UnitRow.started_at > horizon)
+                        | (UnitRow.finished_at > horizon),
                     )
                     .limit(1)
                 )
-                if taken is None:
-                    out[queue] = waited
+                if busy is None:
+                    out[queue] = (_aware(now) - _aware(since)).total_seconds()
             return out
 
     @_retried

@@ -186,6 +186,11 @@ def submit(
         manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
     except (DatasetError, ManifestError) as exc:
         raise CampaignError(f"{path}: {exc}") from None
+    if next(campaign.families(), None) is None:  # after the data's checks, which say more
+        raise CampaignError(
+            f"{path}: no model family to train: add a [cnn], [svm] or [rf] section "
+            "(one with enabled = false does not count)"
+        )
     campaign_id = new_campaign_id(campaign.name)
     units = plan_units(
         campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)

@@ -92,10 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "status",
         help="list campaigns, or show one campaign's units",
-        description="List the campaigns in the store (id, name, state, units done/total, "
-        "failed, running, created), or one campaign's units (state, tries, worker, seconds, "
-        "validation accuracy, the epoch of a running CNN fold). Piped, it prints plain "
-        "columns.",
+        description="List the campaigns in the store (id, name, state, units succeeded/total, "
+        "failed, cancelled, running, created), or one campaign's units (state, tries, worker, "
+        "seconds, validation accuracy, the epoch of a running CNN fold). Piped, it prints "
+        "plain columns.",
     )
     p.add_argument("campaign", nargs="?", help=CAMPAIGN_ID + "; without it, every campaign")
     p.add_argument("--watch", action="store_true", help="refresh until the campaign finishes")
@@ -303,6 +303,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _check_urls()
     _require_sqlite_file(load_settings().database_url)
     run, reset = resume(args.campaign)
+    if not reset:
+        state = run.status().campaign.state
+        print(f"campaign {run.id} is {state}: every unit succeeded, nothing to re-enqueue")
+        return 0
     print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
     if not args.wait:
         return 0
@@ -385,8 +389,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         def refresh() -> None:
             live.update(_units_table(store, args.campaign))
 
-        # the stall line prints above the table, which stays at the bottom
-        run.wait(poll=1.0, check=refresh, on_stall=lambda line: live.console.print(line))
+        # stderr too: rich prints it above the table, which stays at the bottom
+        run.wait(poll=1.0, check=refresh, on_stall=_warn_stall)
         refresh()
     return 0
 
@@ -394,8 +398,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 Rows = tuple[str, Sequence[str], list[list[str]]]  # title, column names, rows of cells
 
 #: Columns of ``orchard status`` that a narrow terminal leaves out, first to last: the
-#: campaign id already holds the name and the creation time.
-NARROW_DROPS = ("created", "name")
+#: campaign id already holds the name and the creation time, and a cancelled campaign
+#: says so in its state.
+NARROW_DROPS = ("created", "name", "cancelled")
 
 
 def _print_table(
@@ -492,21 +497,26 @@ def _fitted_table(console, title, columns, rows, shown, whole):  # noqa: ANN001,
 
 
 def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
-    from shared.plan import TERMINAL
+    from collections import Counter
 
-    columns = ("id", "name", "state", "units done/total", "failed", "running", "created")
+    from shared.plan import CANCELLED, FAILED, RUNNING, SUCCESS
+
+    columns = (
+        "id", "name", "state", "units done/total", "failed", "cancelled", "running", "created"
+    )  # fmt: skip
     rows = []
     for campaign in campaigns:
         units = store.units(campaign.id)
-        done = sum(u.state in TERMINAL for u in units)
+        states = Counter(u.state for u in units)
         rows.append(
             [
                 campaign.id,
                 campaign.name,
                 campaign.state,
-                f"{done}/{len(units)}",
-                str(sum(u.state == "FAILED" for u in units)),
-                str(sum(u.state == "RUNNING" for u in units)),
+                f"{states[SUCCESS]}/{len(units)}",  # done: succeeded, not merely ended
+                str(states[FAILED]),
+                str(states[CANCELLED]),
+                str(states[RUNNING]),
                 f"{campaign.created_at:%Y-%m-%d %H:%M:%S}",
             ]
         )
@@ -526,6 +536,9 @@ def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
             if epochs:
                 step, value = epochs[-1]
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
+        if result and (source := result.extra.get("reused_from")):
+            # copied by --reuse: the worker and seconds are the source unit's
+            note = f"reused from {source}"
         rows.append(
             [
                 unit.key.removeprefix(campaign_id + "/"),
@@ -692,8 +705,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     store = _store(check=False)
-    store.upgrade()
-    print(f"store {mask_url(store.url)} is at the newest schema")
+    before, after = store.upgrade()
+    where = f"store {mask_url(store.url)}"
+    if before is None:
+        print(f"{where}: created, schema {after}")
+    elif before != after:
+        print(f"{where}: migrated from schema {before} to {after}")
+    else:
+        print(f"{where}: already at the newest schema, {after}")
     return 0
 
 

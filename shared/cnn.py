@@ -593,6 +593,17 @@ def pick_device(preferred: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)``, or ``cpu (no CUDA device)``: for the worker's log, so
+    that a fold silently trained on the CPU of a GPU host shows."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu" and not torch.cuda.is_available():
+        return "cpu (no CUDA device)"
+    return str(device)
+
+
 def train_fold(
     train_images: np.ndarray,
     train_labels: np.ndarray,

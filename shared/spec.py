@@ -15,13 +15,14 @@ the section and the field.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -345,6 +346,8 @@ def format_validation_error(
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            if guess := _close_key(loc, raw if section is None else {section: raw}):
+                msg += f" (did you mean {guess!r}?)"
         elif err["type"] == "missing":
             msg = "required but missing"
         elif "input" in err and not isinstance(err["input"], dict | list):
@@ -356,6 +359,40 @@ def format_validation_error(
 
 
 _TABLES = {"dataset", "preprocessing", "cnn", "svm", "rf", "blend", "report"}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation allows (through Optional, unions and
+    Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _close_key(loc: list[Any], raw: dict[str, Any]) -> str | None:
+    """The known key most like the unknown one at ``loc`` (top level, or a section's
+    field), for "did you mean"; None when none is close or the place is deeper."""
+    model: type[BaseModel] = Campaign
+    section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
+    if len(loc) == 3 and loc[0] == "dataset" and loc[1] == section.get("kind"):
+        loc = [loc[0], loc[2]]  # pydantic puts the discriminator's tag in the path
+    if len(loc) == 2 and loc[0] in _TABLES:
+        options = _models_in(Campaign.model_fields[loc[0]].annotation)
+        kind = [m for m in options if _kind_of(m) == section.get("kind")]
+        if len(kind) == 1 or len(options) == 1:
+            model = (kind or options)[0]
+        else:
+            return None
+    elif len(loc) != 1:
+        return None
+    matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return matches[0] if matches else None
+
+
+def _kind_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("kind")
+    args = get_args(field.annotation) if field is not None else ()
+    return args[0] if args else None
 
 
 def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:

@@ -25,7 +25,9 @@ from celery import bootsteps, uuid
 
 from workers.config import reliability
 
-log = logging.getLogger("orchard.reaper")
+# not under "orchard", whose records go through Celery's task formatter (tasks log with
+# get_task_logger("orchard")): outside a task that prints "???[???]"
+log = logging.getLogger(__name__)
 
 
 def requeue_lost_units(app: Any) -> list[str]:

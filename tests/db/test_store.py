@@ -8,10 +8,11 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 from db import migrate
+from db.models import UnitRow, utcnow
 from db.store import Artifact, Outcome, Prediction, Store, StoreError, UnitCancelledError
 from shared.plan import UnitPlan, plan_units
 from shared.spec import parse_campaign
@@ -478,7 +479,7 @@ def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> Non
                 "'orchard.report', 'report', 0, 'PENDING', 0)"
             )
         )
-    store.upgrade()
+    assert store.upgrade() == ("0001", migrate.head_revision())
     assert {"lease_holder", "lease_expires_at"} <= {
         c["name"] for c in inspect(store.engine).get_columns("units")
     }
@@ -560,17 +561,37 @@ def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_ur
     waited = store.untaken_queues("t-1", after=0)
     assert list(waited) == [queue] and 0 <= waited[queue] < 60
     assert store.untaken_queues("t-1", after=3600) == {}  # not waited that long
+    assert store.untaken_queues("no-such-campaign", after=0) == {}
 
-    # a worker takes one unit: that queue is being consumed
-    store.start_unit(first[0], worker="w", task_id=None)
+    # a worker runs one unit under a live lease: the queue is being consumed
+    store.start_unit(first[0], worker="w", task_id=None, holder="d1", lease_seconds=0.5)
     assert store.untaken_queues("t-1", after=0) == {}
+    # ... until that worker dies: its lease runs out and no one takes the rest
+    time.sleep(0.7)
+    assert list(store.untaken_queues("t-1", after=0)) == [queue]
 
-    # another campaign's units, sent while that unit runs: busy workers are not missing
+    # another campaign's units, sent while a unit of the queue runs: workers busy with
+    # other units are not missing
     second = [p.key for p in seed_campaign(store, "t-2") if p.stage == 0]
     store.claim_for_queue(second)
-    assert store.untaken_queues("t-2", after=0) == {}
-    # the unit finishes and no worker takes another one from the queue
-    store.finish_unit(first[0], outcome())
-    assert list(store.untaken_queues("t-2", after=0)) == [queue]
-    assert store.untaken_queues("t-1", after=0) == {}  # one of its units was taken since
-    assert store.untaken_queues("no-such-campaign", after=0) == {}
+    store.start_unit(second[0], worker="w2", task_id=None, holder="d2", lease_seconds=30)
+    assert store.untaken_queues("t-1", after=0) == {}
+    store.finish_unit(second[0], outcome())
+    assert list(store.untaken_queues("t-1", after=0)) == [queue]
+
+
+def test_untaken_queues_count_units_started_or_finished_within_the_window(
+    store_url: str,
+) -> None:
+    store = make_store(store_url)
+    first = [p.key for p in seed_campaign(store, "t-1") if p.stage == 0]
+    store.claim_for_queue(first)
+    with store._transaction() as s:  # sent an hour ago
+        s.execute(update(UnitRow).values(queued_at=utcnow() - timedelta(hours=1)))
+    queue = store.get_unit(first[0]).queue
+    assert list(store.untaken_queues("t-1", after=60)) == [queue]
+    store.start_unit(first[0], worker="w", task_id=None, holder="d1", lease_seconds=30)
+    store.finish_unit(first[0], outcome())  # a unit taken and finished a moment ago
+    assert store.untaken_queues("t-1", after=60) == {}
+    # a minute from now, without another unit taken, the queue counts as idle again
+    assert list(store.untaken_queues("t-1", after=0)) == [queue]

@@ -394,6 +394,7 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
     # Celery's "Failed to mark task … as revoked in backend: No result backend is
     # configured", once per unit and worker, is left out (workers.logs)
     assert "as revoked in backend" not in cluster.pool.all_logs()
+    assert f"{fold.key} trains on " in cluster.pool.log("gpu")  # cpu (...) or cuda:0 (...)
     assert {u.state for u in status.units if u.family == "report"} == {"CANCELLED"}
 
     resumed, reset = resume(run.id, settings=cluster.settings)

@@ -276,3 +276,4 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     # metrics, and a kill inside a later checkpoint's write leaves the one before it
     assert 1 <= store.results(run.id)[fold.key].extra["resumed_from_epoch"] <= killed_at
     assert f"{fold.key}: its worker was lost" in logs
+    assert "???[???]" not in logs  # the reaper's lines are the worker's, not a task's

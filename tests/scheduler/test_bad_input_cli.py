@@ -20,7 +20,10 @@ from tests.conftest import REPO
 
 DEAD_REDIS = "redis://:hunter2@127.0.0.1:1/0"
 DEAD_POSTGRES = "postgresql+psycopg://orchard:hunter2@127.0.0.1:1/orchard"
-TINY = 'name = "c"\nfolds = 2\n[dataset]\nkind = "{kind}"\n{dataset}\n[preprocessing]\nsize = 32\n'
+TINY = (
+    'name = "c"\nfolds = 2\n[dataset]\nkind = "{kind}"\n{dataset}\n[preprocessing]\nsize = 32\n'
+    "[rf]\nn_estimators = 5\n"  # a campaign needs a model family
+)
 
 
 def orchard(*args: str, home: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:

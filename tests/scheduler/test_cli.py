@@ -64,7 +64,10 @@ def test_unreachable_broker_fails_fast_and_masks_the_password(tmp_path: Path) ->
 def test_status_on_an_empty_database_says_what_to_do(tmp_path: Path) -> None:
     done = orchard("status", env={"ORCHARD_HOME": str(tmp_path)})
     assert_one_line_error(done, "orchard db upgrade")
-    assert orchard("db", "upgrade", env={"ORCHARD_HOME": str(tmp_path)}).returncode == 0
+    created = orchard("db", "upgrade", env={"ORCHARD_HOME": str(tmp_path)})
+    assert created.returncode == 0 and ": created, schema " in created.stdout
+    again = orchard("db", "upgrade", env={"ORCHARD_HOME": str(tmp_path)})
+    assert again.returncode == 0 and ": already at the newest schema, " in again.stdout
     listed = orchard("status", env={"ORCHARD_HOME": str(tmp_path)})
     assert listed.returncode == 0 and "no campaigns in sqlite" in listed.stdout
 

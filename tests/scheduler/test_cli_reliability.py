@@ -46,3 +46,21 @@ def test_cancel_marks_the_campaign(home: Store, capsys: pytest.CaptureFixture[st
     assert {u.state for u in home.units("t-1")} == {"CANCELLED"}
     assert main(["cancel", "t-1"]) == 2  # already cancelled: says so
     assert "already CANCELLED" in capsys.readouterr().err
+
+
+def test_resume_of_a_campaign_whose_units_all_succeeded_says_there_is_nothing_to_do(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from tests.db.test_store import outcome
+
+    for plan in seed_campaign(home):
+        home.claim_for_queue([plan.key])
+        home.start_unit(plan.key, worker="w", task_id=None)
+        home.finish_unit(plan.key, replace(outcome(), artifacts=[]))
+    home.complete_campaign("t-1")
+    assert main(["resume", "t-1"]) == 0
+    out = capsys.readouterr().out
+    assert out == "campaign t-1 is DONE: every unit succeeded, nothing to re-enqueue\n"
+    assert home.get_campaign("t-1").state == "DONE"

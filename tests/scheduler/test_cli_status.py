@@ -76,7 +76,7 @@ def test_piped_output_is_plain_columns(store: Store, capsys: pytest.CaptureFixtu
     assert not BOX & set(out)
     lines = out.splitlines()
     assert lines[1].split() == ["id", "name", "state", "units", "done/total", "failed",
-                                "running", "created"]  # fmt: skip
+                                "cancelled", "running", "created"]  # fmt: skip
     for campaign_id in IDS:
         [row] = [line for line in lines if line.startswith(campaign_id + " ")]
         assert row.split()[1:5] == ["t", "RUNNING", "0/7", "0"]
@@ -84,3 +84,38 @@ def test_piped_output_is_plain_columns(store: Store, capsys: pytest.CaptureFixtu
     assert not BOX & set(units)
     assert units.splitlines()[0] == f"{IDS[0]}: RUNNING"
     assert any(line.split()[:4] == ["report", "PENDING", "0", "-"] for line in units.splitlines())
+
+
+def test_done_counts_succeeded_units_not_cancelled_ones(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from tests.db.test_store import outcome
+
+    plans = seed_campaign(store, IDS[0])
+    first = plans[0].key
+    store.claim_for_queue([first])
+    store.start_unit(first, worker="w", task_id=None)
+    store.finish_unit(first, replace(outcome(), artifacts=[]))
+    store.cancel_campaign(IDS[0])
+    [row] = [line.split() for line in status(capsys).splitlines() if IDS[0] in line]
+    # id name state done/total failed cancelled running created(2 words)
+    assert row[2:7] == ["CANCELLED", f"1/{len(plans)}", "0", str(len(plans) - 1), "0"]
+
+
+def test_a_reused_unit_says_where_it_came_from(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from tests.db.test_store import outcome
+
+    plans = seed_campaign(store, IDS[0])
+    key = plans[-2].key  # a model unit
+    store.claim_for_queue([key])
+    store.start_unit(key, worker="w", task_id=None)
+    source = "quick-20261127-000000-0000/" + key.removeprefix(IDS[0] + "/")
+    store.finish_unit(key, replace(outcome(), artifacts=[], extra={"reused_from": source}))
+    [row] = [line for line in status(capsys, IDS[0]).splitlines() if "SUCCESS" in line]
+    assert row.rstrip().endswith(f"reused from {source}")

@@ -1,5 +1,5 @@
-"""What `orchard submit` checks against the data before anything is recorded: a grid the
-dataset is too small for, a dataset root that is not there."""
+"""What `orchard submit` checks before anything is recorded: a grid the dataset is too
+small for, a dataset root that is not there, a campaign with no model to train."""
 
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def test_a_missing_dataset_root_names_the_campaign_file_and_the_field(tmp_path: 
     home = tmp_path / "home"
     done = orchard("submit", str(campaign), home=home)
     assert_one_line_error(done, f"{campaign}: {missing}: not a directory ([dataset] root)")
+    assert_nothing_written(home)
+
+
+@pytest.mark.parametrize("families", ["", "[rf]\nenabled = false\n"])
+def test_a_campaign_with_no_model_family_is_refused(tmp_path: Path, families: str) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC + families)
+    home = tmp_path / "home"
+    done = orchard("submit", str(campaign), home=home)
+    assert_one_line_error(
+        done, f"{campaign}: no model family to train: add a [cnn], [svm] or [rf] section"
+    )
     assert_nothing_written(home)
 
 

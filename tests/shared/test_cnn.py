@@ -675,3 +675,14 @@ def test_the_compiled_input_transform_traces_as_one_graph_and_matches_eager():
     out = model_inputs(batch, augment=True, generator=generator, transform=spy)
     assert len(seen) == 1 and torch.equal(seen[0].angle, params.angle)
     torch.testing.assert_close(out, _augmented_input(batch, params))
+
+
+def test_the_device_a_fold_trains_on_is_described_for_the_log() -> None:
+    from shared.cnn import describe_device
+
+    cpu = describe_device(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert cpu == "cpu"
+        assert describe_device(torch.device("cuda")).startswith("cuda:0 (")
+    else:
+        assert cpu == "cpu (no CUDA device)"

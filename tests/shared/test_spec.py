@@ -190,6 +190,23 @@ def test_unknown_key_with_newline_stays_one_line(tmp_path, where):
     _assert_one_line(path, message, "unknown key")
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('name = "t"', 'name = "t"\nseeds = 1', "seeds: unknown key (did you mean 'seed'?)"),
+        ("epochs = 2", "epochs = 2\nepoch = 3",
+         "[cnn] epoch: unknown key (did you mean 'epochs'?)"),
+        ('kind = "synthetic"', 'kind = "synthetic"\ntrain_per_clas = 4',
+         "[dataset] train_per_clas: unknown key (did you mean 'train_per_class'?)"),
+        ("epochs = 2", "epochs = 2\nxyzzy = 3", "[cnn] xyzzy: unknown key"),  # nothing close
+    ],
+)  # fmt: skip
+def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, old, new, expected):
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    assert message == f"{path}: {expected}"
+
+
 # ---------------------------------------------------------------- paths, immutability, hashes
 
 

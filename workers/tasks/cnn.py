@@ -163,7 +163,7 @@ def _verified_checkpoint(
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
     torch = torch_module()
-    from shared.cnn import pick_device, train_fold
+    from shared.cnn import describe_device, pick_device, train_fold
 
     params = ctx.unit.params
     key = ctx.unit.key
@@ -171,6 +171,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
     manifest = data.manifest
     num_classes = len(manifest.classes)
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
+    log.info("%s trains on %s", key, describe_device(device))
     slots = [
         (path, ctx.relative(path))
         for path in checkpoint_paths(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
