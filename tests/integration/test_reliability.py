@@ -395,6 +395,12 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
     # configured", once per unit and worker, is left out (workers.logs)
     assert "as revoked in backend" not in cluster.pool.all_logs()
     assert f"{fold.key} trains on " in cluster.pool.log("gpu")  # cpu (...) or cuda:0 (...)
+    # the task's result, which Flower shows, says it stopped
+    cluster.wait_for(
+        lambda: "'why': 'campaign cancelled: stopped'" in cluster.pool.log("gpu"),
+        30,
+        "the stopped fold's task result",
+    )
     assert {u.state for u in status.units if u.family == "report"} == {"CANCELLED"}
 
     resumed, reset = resume(run.id, settings=cluster.settings)

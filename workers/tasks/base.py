@@ -413,7 +413,9 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         else:
             log.info("%s already %s; nothing to do", key, start.state)
         _advance_or_retry(task, store, message.campaign_id)
-        return {"unit": key, "state": start.state, "duplicate": True}
+        # what Flower shows as the task's result: this delivery ran nothing, and why
+        why = "gave up" if start.reason == "gave up" else f"already {start.state}: not run"
+        return {"unit": key, "state": start.state, "why": why}
 
     heartbeat = Heartbeat(store, key, holder, rules).start()
     started = time.perf_counter()
@@ -436,7 +438,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             raise Reject(WORKER_STOPPING, requeue=True) from None
         if exc.reason == LEASE_CANCELLED:
             log.warning("%s stopped: its campaign was cancelled", key)
-            return {"unit": key, "state": "CANCELLED", "aborted": True}
+            return {"unit": key, "state": "CANCELLED", "why": "campaign cancelled: stopped"}
         # another delivery runs the unit now; should it die too, this message must
         # bring the unit back: return when that delivery's lease would have run out
         log.warning("%s stopped: another delivery took it over (lease lost)", key)
