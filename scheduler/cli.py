@@ -536,6 +536,11 @@ def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
             if epochs:
                 step, value = epochs[-1]
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
+        if unit.state == "QUEUED" and unit.worker and not note:
+            # handed back by a stopping worker, or sent again after its worker was lost
+            epochs = store.metrics(unit.key).get("val_acc", []) if unit.family == "cnn" else []
+            done = f" after epoch {epochs[-1][0] + 1}" if epochs else ""
+            note = f"queued again{done}: was on {unit.worker}"
         if result and (source := result.extra.get("reused_from")):
             # copied by --reuse: the worker and seconds are the source unit's
             note = f"reused from {source}"

@@ -119,3 +119,17 @@ def test_a_reused_unit_says_where_it_came_from(
     store.finish_unit(key, replace(outcome(), artifacts=[], extra={"reused_from": source}))
     [row] = [line for line in status(capsys, IDS[0]).splitlines() if "SUCCESS" in line]
     assert row.rstrip().endswith(f"reused from {source}")
+
+
+def test_a_unit_handed_back_says_it_is_queued_again(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fold = next(p for p in seed_campaign(store, IDS[0]) if p.family == "cnn")
+    store.claim_for_queue([fold.key])
+    store.start_unit(fold.key, worker="gpu0@a", task_id=None, holder="d1", lease_seconds=30)
+    store.record_metrics(fold.key, 1, {"val_acc": 0.5})  # two epochs done
+    assert store.hand_back(fold.key, "d1")
+    [row] = [
+        line for line in status(capsys, IDS[0]).splitlines() if "/f0" in line and "cnn" in line
+    ]
+    assert "QUEUED" in row and row.rstrip().endswith("queued again after epoch 2: was on gpu0@a")
