@@ -75,6 +75,7 @@ __all__ = [
     "submission_csv",
     "swept_params",
     "sweep_png",
+    "timeline_colors",
     "timeline_png",
     "validate_slug",
     "write_report",
@@ -159,7 +160,10 @@ class PointRow:
     val_spread: float | None  # standard deviation over the folds; None with one fold
     test_acc: float | None
     seconds: float | None  # mean fit time of one fold
-    extras: dict[str, float | None] = field(default_factory=dict)  # mean numeric extras
+    # numeric extras: a fraction or a time is the mean over the folds; a count the folds
+    # agree on is that count, else its range as text ("17–20"); a per-fold flag or event
+    # is text naming the folds ("f0 from 9")
+    extras: dict[str, float | str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +200,12 @@ class SweepPlot:
 
 @dataclass(frozen=True, slots=True)
 class BlendRow:
-    """A blend of several models, e.g. "CNN 5-fold vote"."""
+    """A blend of several models, e.g. "CNN 5-fold vote", or a single model ("SVM best
+    point", method ``"single"``) that takes part in the comparison."""
 
     name: str
     family: str  # a family, or several joined by "+"
-    method: str  # "vote" | "mean"
+    method: str  # "vote" | "mean" | "single" (one model, nothing blended)
     members: int
     test_acc: float | None
     val_acc: float | None = None  # on out-of-fold validation predictions
@@ -276,13 +281,18 @@ class ReportData:
     experiments: list[Experiment] = field(default_factory=list)
     curves: list[CurveFigure] = field(default_factory=list)
     sweeps: list[SweepPlot] = field(default_factory=list)
-    best_blend: str | None = None  # the name of the most accurate blend
+    # the headline model: the blend (or single model) with the best out-of-fold validation
+    # accuracy; by test accuracy only when no blend has a validation accuracy
+    best_blend: str | None = None
+    best_by: str = "val"  # "val" | "test": which accuracy chose best_blend
     timeline: list[TimelineBar] = field(default_factory=list)
     lime: LimeSection | None = None
     lime_note: str = ""  # why there is no LIME section (disabled, no CNN, ...)
     skipped: list[SkippedInput] = field(default_factory=list)
     submission: Submission | None = None
     test_labelled: bool = True
+    # units that are not in ``units`` (no model, no result): {"preprocess": 3, "report": 1}
+    other_units: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,9 +330,10 @@ def _fmt_pct(value: float | None) -> str:
 
 
 def _fmt_pct_spread(value: float | None, spread: float | None) -> str:
+    """``61.667% ± 13.6 pp``: the spread in percentage points, one decimal."""
     text = _fmt_pct(value)
     if text != _DASH and spread is not None and math.isfinite(spread):
-        text += f" ± {spread * 100:.3f}"
+        text += f" ± {spread * 100:.1f} pp"
     return text
 
 
@@ -636,6 +647,18 @@ def _lanes(bars: Sequence[TimelineBar]) -> list[tuple[str, int]]:
     return out
 
 
+#: Family colours on the timeline: matplotlib's default cycle without its red (C3) and
+#: pink (C6), so that red means one thing only, a failed unit.
+TIMELINE_COLORS: tuple[str, ...] = ("C0", "C1", "C2", "C4", "C5", "C7", "C8", "C9")
+FAILED_EDGE = "red"
+
+
+def timeline_colors(families: Sequence[str]) -> dict[str, str]:
+    """family -> its bar colour, in order of appearance (never red: red marks failures)."""
+    families = list(dict.fromkeys(families))
+    return {f: TIMELINE_COLORS[i % len(TIMELINE_COLORS)] for i, f in enumerate(families)}
+
+
 def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     """A Gantt chart: a row per worker (and per concurrent slot), a bar per unit."""
     lanes = _lanes(bars)
@@ -643,7 +666,7 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     fig = _figure(9, 1.4 + 0.32 * max(len(rows), 1))
     ax = fig.add_subplot()
     families = list(dict.fromkeys(b.family for b in bars))
-    color = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    color = timeline_colors(families)
     y = {row: i for i, row in enumerate(rows)}
     for bar, lane in zip(bars, lanes, strict=True):
         failed = _is_failed(bar.state)
@@ -653,7 +676,7 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
             left=bar.start,
             height=0.8,
             color=color[bar.family],
-            edgecolor="red" if failed else "black",
+            edgecolor=FAILED_EDGE if failed else "black",
             linewidth=1.2 if failed else 0.3,
             hatch="//" if failed else None,
         )
@@ -670,7 +693,7 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     ]  # zero-size proxies for the legend
     if handles:
         ax.legend(fontsize=7, loc="upper right", ncols=min(len(families), 5))
-    ax.set_title("Units across workers (red outline: failed)", fontsize=10)
+    ax.set_title("Units across workers (failed: red outline, hatched)", fontsize=10)
     return _png(fig)
 
 
@@ -820,9 +843,15 @@ _REUSED_HEADER = "Reused from"  # a last column, only when a unit was reused
 EXTRA_LABELS: dict[str, str] = {
     "oob_score": "oob_score_",
     "oob_grouped": "Grouped OOB",
+    "oob_grouped_coverage": "Grouped OOB coverage",
+    "train_seconds": "Tree fit time",
+    "train_wall_seconds": "Tree fit wall time",
     "epochs": "Epochs",
-    "resumed_from_epoch": "Resumed from epoch",
+    "resumed_from_epoch": "Resumed",
+    "pca_fitted": "Fitted the PCA",
 }
+#: Extras that are fractions in [0, 1]: four decimals, as the study prints oob_score_.
+_FRACTION_EXTRAS = frozenset({"explained_variance", "oob_grouped_coverage"})
 
 
 def _extra_label(name: str) -> str:
@@ -831,14 +860,23 @@ def _extra_label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def _fmt_extra(name: str, value: float | None) -> str:
+def _fmt_extra(name: str, value: float | str | None) -> str:
+    if isinstance(value, str):
+        return value or _DASH  # already text: a range of counts, the folds that resumed
     if value is None or not math.isfinite(value):
         return _DASH
     if name.endswith("seconds") or name.endswith("_time"):
         return _fmt_duration(value)
-    if name.startswith("oob") or name.endswith("_acc") or name.endswith("_score"):
+    if (
+        name in _FRACTION_EXTRAS
+        or name.startswith("oob")
+        or name.endswith("_acc")
+        or name.endswith("_score")
+    ):
         return f"{value:.4f}"  # the study prints oob_score_ as a fraction
-    return f"{value:g}"
+    if float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.4g}"
 
 
 def _experiment_blocks(exp: Experiment) -> list[Block]:
@@ -853,7 +891,9 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     # nothing swept: the parameters are all in the "Fixed" line below the table
     header = [param_label(c) for c in columns] if columns else ["Point"]
     header += ["Folds", "Train acc", "Valid acc", "Test acc"]
-    header += ["Training time / fold" if folds > 1 else "Training time"]
+    # a forest reports its trees' fit time apart: the unit's own time is then named so
+    time_name = "Unit time" if "train_seconds" in extras else "Training time"
+    header += [f"{time_name} / fold" if folds > 1 else time_name]
     header += [_extra_label(n) for n in extras]
     n_params = max(len(columns), 1)
     rows, classes = [], []
@@ -891,7 +931,35 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     if fixed:
         notes += ["Fixed: ", Code(_fmt_params(fixed)), ". "]
     if folds > 1:
-        notes.append("Valid acc is the mean over folds ± its standard deviation. ")
+        notes.append(
+            "Valid acc is the mean over folds ± its standard deviation in percentage "
+            "points (pp); the other accuracies and the times are means over the folds. "
+        )
+    if "resumed_from_epoch" in extras:
+        notes.append(
+            "Resumed: the folds that resumed from a checkpoint and the epoch they resumed "
+            "from (— : every fold trained from the start). "
+        )
+    if "train_seconds" in extras:
+        notes.append(
+            "Unit time is the whole unit (loading the data, fitting, scoring); Tree fit "
+            "time only fitting the transform and the trees (the study's training time)"
+            + (
+                ", summed over the tree shards; Tree fit wall time the longest shard's. "
+                if "train_wall_seconds" in extras
+                else ". "
+            )
+        )
+    if "oob_grouped_coverage" in extras:
+        notes.append(
+            "Grouped OOB coverage: the share of training rows that got a grouped OOB vote. "
+        )
+    if "pca_fitted" in extras:
+        notes.append(
+            "Fitted the PCA: the folds for which this point fitted the grid's shared PCA "
+            "projection; its Training time includes that fit, the other points only "
+            "slice the projection. "
+        )
     if "norm_order" in swept:
         notes.append("B = BatchNorm, R = the activation. ")
     if exp.best_key:
@@ -923,6 +991,15 @@ def _reused_para(data: ReportData) -> list[Block]:
     ]
 
 
+#: Below this campaign span (seconds) no parallelism factor is printed.
+MIN_PARALLEL_SPAN = 1.0
+#: Families of units that are not models: how the Units line names them.
+_SUPPORT_FAMILIES: dict[str, tuple[str, str]] = {
+    "preprocess": ("preprocessing shard", "preprocessing shards"),
+    "report": ("the report", "reports"),
+}
+
+
 def _efficiency_blocks(data: ReportData) -> list[Block]:
     # reused units never ran here, so they have no bars (see the report task's timeline)
     bars = data.timeline
@@ -930,12 +1007,22 @@ def _efficiency_blocks(data: ReportData) -> list[Block]:
         return [*_reused_para(data), _empty("No unit has run yet.")]
     span = max(b.end for b in bars) - min(b.start for b in bars)
     busy = sum(b.end - b.start for b in bars)
+    # a factor says something only over a real span, when more ran than one unit at a
+    # time; below 1 the workers merely idled between units
+    factor = busy / span if span >= MIN_PARALLEL_SPAN else 0.0
+    ran_models = any(b.family not in _SUPPORT_FAMILIES for b in bars)
+    if not ran_models:
+        tail = "; no model unit ran in this campaign."
+    elif factor >= 1.05:
+        tail = f", {factor:.1f}x in parallel."
+    else:
+        tail = "."
     blocks: list[Block] = [
         Para(
             (
                 f"Campaign wall time {_fmt_duration(span)} (first unit started to last "
                 f"finished); units ran for {_fmt_duration(busy)} in all",
-                f", {busy / span:.1f}x in parallel." if span > 0 else ".",
+                tail,
             )
         ),
         *_reused_para(data),
@@ -988,13 +1075,26 @@ def _efficiency_blocks(data: ReportData) -> list[Block]:
     return blocks
 
 
+def _all_reused(row: FamilyRow) -> bool:
+    """Every unit of the family that succeeded was copied from an earlier campaign."""
+    return row.reused > 0 and row.reused >= row.succeeded
+
+
+def _best_by_text(data: ReportData) -> str:
+    return (
+        "out-of-fold validation accuracy"
+        if data.best_by == "val"
+        else "test accuracy (no blend has validation predictions)"
+    )
+
+
 def _blend_blocks(data: ReportData) -> list[Block]:
     if not data.blends:
         return [_empty("No blends.")]
     rows = [
         [
             b.name,
-            b.method,
+            "single model" if b.method == "single" else b.method,
             str(b.members),
             _fmt_pct(b.test_acc) if b.test_acc is not None else ("n/a" if b.note else _DASH),
             _fmt_pct(b.val_acc) if b.val_acc is not None else ("n/a" if b.note else _DASH),
@@ -1005,8 +1105,21 @@ def _blend_blocks(data: ReportData) -> list[Block]:
     classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
     blocks: list[Block] = [Table(_BLEND_HEADER, rows, frozenset({2, 3, 4}), row_classes=classes)]
     if data.best_blend:
-        by = "test" if data.test_labelled else "out-of-fold validation"
-        blocks.append(Para(("Best blend by ", by, " accuracy: ", Strong(data.best_blend), ".")))
+        best = next(b for b in data.blends if b.name == data.best_blend)
+        parts: list[Inline] = [
+            "Bold: the best by ",
+            _best_by_text(data),
+            ", ",
+            Strong(data.best_blend),
+        ]
+        if data.best_by == "val" and best.test_acc is not None:
+            parts.append(f", whose test accuracy is {_fmt_pct(best.test_acc)}")
+        parts.append(
+            ". OOF val acc pools each fold's predictions on the images it held out; "
+            "the test set chooses nothing, it only measures. A single model is one best "
+            "point trained on one fold: nothing is blended."
+        )
+        blocks.append(Para(tuple(parts)))
     return blocks
 
 
@@ -1053,7 +1166,7 @@ def _submission_blocks(data: ReportData) -> list[Block]:
         Code(SUBMISSION_FILE),
         f": {len(sub.rows)} test images (header ",
         Code("image_id,label"),
-        "), predicted by the best blend, ",
+        "), predicted by the best model, ",
         Strong(sub.blend),
         ". Per class: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + ".",
     ]
@@ -1077,6 +1190,32 @@ def _unit_cells(unit: UnitSummary) -> list[str]:
     ]
 
 
+def _units_line(data: ReportData, failed: list[UnitSummary], reused: list[UnitSummary]) -> str:
+    """``Units: 11 model units (0 failed), plus 3 preprocessing shards and the report``:
+    what the report counts, and what else the campaign ran (as ``orchard status`` counts)."""
+    parts = sum(u.family.endswith("_shard") for u in data.units)  # tree shards of a forest
+    models = len(data.units) - parts
+    text = f"Units: {models} model unit{'s' * (models != 1)}"
+    if parts:
+        text += f" and {parts} tree shard{'s' * (parts != 1)}"
+    text += f" ({len(failed)} failed"
+    text += f", {len(reused)} reused from earlier campaigns)" if reused else ")"
+    others = []
+    for family, count in data.other_units.items():
+        if not count:
+            continue
+        one, many = _SUPPORT_FAMILIES.get(family, (f"{family} unit", f"{family} units"))
+        if family == "report" and count == 1:
+            others.append(one)
+        else:
+            others.append(f"{count} {one if count == 1 else many}")
+    if others:
+        text += ", plus " + (
+            others[0] if len(others) == 1 else ", ".join(others[:-1]) + " and " + others[-1]
+        )
+    return text
+
+
 def document(data: ReportData) -> tuple[str, list[Block]]:
     """The report's title and blocks; :data:`SECTION_HEADINGS` are its ``##`` headings."""
     failed = [u for u in data.units if _is_failed(u.state)]
@@ -1086,16 +1225,25 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
         ("Campaign: ", Code(data.campaign_id)),
         (f"Created: {_fmt_utc(data.created_at)}",),
         (f"Classes: {', '.join(data.classes) or _DASH}",),
-        (
-            f"Units: {len(data.units)} ({len(failed)} failed"
-            + (f", {len(reused)} reused from earlier campaigns)" if reused else ")"),
-        ),
+        (_units_line(data, failed, reused),),
     ]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
-        acc = best.test_acc if data.test_labelled else best.val_acc
-        split = "test" if data.test_labelled else "OOF val"
-        meta.append(("Best blend: ", Strong(data.best_blend), f" ({split} acc {_fmt_pct(acc)})"))
+        what = (
+            "a single model"
+            if best.members == 1 or best.method == "single"
+            else f"a {best.method} of {best.members}"
+        )
+        accs = [f"OOF val acc {_fmt_pct(best.val_acc)}"] if best.val_acc is not None else []
+        if best.test_acc is not None:
+            accs.append(f"test acc {_fmt_pct(best.test_acc)}")
+        meta.append(
+            (
+                "Best model: ",
+                Strong(data.best_blend),
+                f" ({what}, chosen by {_best_by_text(data)}; {', '.join(accs) or _DASH})",
+            )
+        )
     blocks: list[Block] = [Bullets(meta), Heading(2, "Model families")]
 
     if data.families:
@@ -1111,7 +1259,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                         _fmt_pct(r.train_acc),
                         _fmt_pct(r.val_acc),
                         _fmt_pct(r.test_acc),
-                        _fmt_duration(r.fit_seconds),
+                        _DASH if _all_reused(r) else _fmt_duration(r.fit_seconds),
                     ]
                     for r in data.families
                 ],
@@ -1121,6 +1269,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             )
         )
         left_out = any(r.reused for r in data.families)
+        all_reused = any(_all_reused(r) for r in data.families)
         blocks.append(
             Para(
                 (
@@ -1128,7 +1277,13 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                     "its folds) with its mean accuracies; Best unit is that point's fold with "
                     "the highest validation accuracy (ties go to the lowest fold). Total fit "
                     "time is the family's units' fit time summed"
-                    + (", reused units left out." if left_out else "."),
+                    + (", reused units left out" if left_out else "")
+                    + (
+                        "; — where every unit was reused: they ran in an earlier campaign "
+                        "(see Reused from under Units)."
+                        if all_reused
+                        else "."
+                    ),
                 )
             )
         )

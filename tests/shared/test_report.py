@@ -167,7 +167,12 @@ def data() -> ReportData:
                     f"{CID}/rf/bb0",
                     {"variant": "resize128", "augment": "rotate_flip", "n_estimators": 200},
                     0.61,
-                    extras={"oob_score": 0.8065, "oob_grouped": 0.6012, "train_seconds": 240.0},
+                    extras={
+                        "oob_score": 0.8065,
+                        "oob_grouped": 0.6012,
+                        "oob_grouped_coverage": 0.25,
+                        "train_seconds": 240.0,
+                    },
                 ),
                 _point(
                     f"{CID}/rf/bb1",
@@ -184,12 +189,13 @@ def data() -> ReportData:
         ),
     ]
     blends = [
-        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86),
-        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87),
-        BlendRow(
-            "SVM best point (mean)", "svm", "mean", 1, None, None, "n/a: SVM predicts labels only"
-        ),
+        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86, 0.84),
+        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87, 0.85),
+        BlendRow("SVM best point", "svm", "single", 1, 0.9, 0.79),
         BlendRow("CNN + SVM vote", "cnn+svm", "vote", 2, 0.85, 0.8, "ties go to CNN"),
+        BlendRow(
+            "CNN + SVM mean", "cnn+svm", "mean", 2, None, None, "n/a: SVM predicts labels only"
+        ),
     ]
     confusions = {
         "cnn": Confusion("CNN 3-fold vote (test)", [[30, 2, 1], [3, 25, 4], [0, 5, 30]], "test"),
@@ -328,7 +334,7 @@ def test_reused_units_are_marked(data: ReportData) -> None:
     units = [dataclasses.replace(data.units[0], reused_from=source), *data.units[1:]]
     families = [dataclasses.replace(data.families[0], reused=1), *data.families[1:]]
     md = render_markdown(dataclasses.replace(data, units=units, families=families))
-    assert "Units: 10 (1 failed, 1 reused from earlier campaigns)" in md
+    assert "Units: 10 model units (1 failed, 1 reused from earlier campaigns)" in md
     assert "| 6/6 (1 reused) |" in _section(md, "Model families")
     assert "reused units left out." in _section(md, "Model families")
     table = _table_rows(_section(md, "Units"))
@@ -377,7 +383,8 @@ def test_experiment_tables_show_swept_params_like_the_study(data: ReportData) ->
     assert header[2:5] == ["Train acc", "Valid acc", "Test acc"]
     assert "Training time / fold" in header and "Epochs" in header
     assert best[0] == "**R → B**" and other[0] == "B → R"
-    assert best[3] == "**84.125% ± 1.000**" and other[3] == "83.125% ± 2.000"
+    assert best[3] == "**84.125% ± 1.0 pp**" and other[3] == "83.125% ± 2.0 pp"
+    assert "± its standard deviation in percentage points (pp)" in cnn
     assert "Fixed: `activation=prelu, epochs=3, lr=0.02`" in cnn
     assert "B = BatchNorm, R = the activation" in cnn
 
@@ -389,9 +396,16 @@ def test_experiment_tables_show_swept_params_like_the_study(data: ReportData) ->
     rf = exp[exp.index("### RF") :]
     header, best, failed = _table_rows(rf)
     assert header[:2] == ["method", "n_estimators"]
-    assert "oob_score_" in header and "Grouped OOB" in header and "Train seconds" in header
+    assert "oob_score_" in header and "Grouped OOB" in header
+    # the unit's time and the trees' fit time, each named, each explained
+    assert "Unit time" in header and "Tree fit time" in header and "Training time" not in header
+    assert "Train seconds" not in header and "Oob grouped coverage" not in header
+    assert "Grouped OOB coverage" in header
+    assert "Tree fit time only fitting the transform and the trees" in rf
+    assert "Grouped OOB coverage: the share of training rows" in rf
     assert best[0] == "**resize 128 rotate, flip**" and failed[0] == "resize 128"
     assert "**0.8065**" in best and "**0.6012**" in best and "**4 min 00 s**" in best
+    assert "**0.2500**" in best
     assert failed[2] == "0/1"  # the failed point is marked
     assert "> `oob_score_` is inflated by augmented **siblings**." in rf
 
@@ -424,11 +438,13 @@ def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
     assert "| Blend | Method | Members | Test acc | OOF val acc | Note |" in blend
     assert "| CNN 3-fold vote | vote | 3 | 86.000% |" in blend
     assert "| **CNN 3-fold mean** | **mean** | **3** | **87.000%** |" in blend
-    assert (
-        "| SVM best point (mean) | mean | 1 | n/a | n/a | n/a: SVM predicts labels only |" in blend
-    )
+    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | n/a: SVM predicts labels only |" in blend
     assert "| CNN + SVM vote | vote | 2 | 85.000% | 80.000% | ties go to CNN |" in blend
-    assert "Best blend by test accuracy: **CNN 3-fold mean**." in blend
+    assert (
+        "Bold: the best by out-of-fold validation accuracy, **CNN 3-fold mean**, "
+        "whose test accuracy is 87.000%." in blend
+    )
+    assert "Best blend by test accuracy" not in blend
 
 
 def test_figure_sections_link_their_pngs(data: ReportData) -> None:
@@ -591,3 +607,133 @@ def test_majority_vote_tie_break_by_a_referee() -> None:
     assert majority_vote(three, 3, tie_break=np.array([2])).tolist() == [0]
     with pytest.raises(ValueError):
         majority_vote(preds, 3, tie_break=np.array([0]))
+
+
+# ---------------------------------------------------------------- what the numbers mean
+
+
+def test_fold_events_and_counts_are_shown_as_text_not_averaged(data: ReportData) -> None:
+    cnn = data.experiments[0]
+    points = [
+        dataclasses.replace(
+            cnn.points[0], extras={"epochs": "17–20", "resumed_from_epoch": "f0 from 9"}
+        ),
+        dataclasses.replace(cnn.points[1], extras={"epochs": 20.0, "resumed_from_epoch": None}),
+    ]
+    exp = dataclasses.replace(cnn, points=points)
+    md = render_markdown(dataclasses.replace(data, experiments=[exp]))
+    header, best, other = _table_rows(_section(md, "Experiments"))
+    assert "Resumed from epoch" not in header
+    resumed, epochs = header.index("Resumed"), header.index("Epochs")
+    assert best[resumed] == "**f0 from 9**" and other[resumed] == "—"
+    assert best[epochs] == "**17–20**" and other[epochs] == "20"
+    assert "the folds that resumed from a checkpoint and the epoch" in md
+
+
+def test_fractions_have_four_decimals(data: ReportData) -> None:
+    svm = data.experiments[1]
+    points = [dataclasses.replace(p, extras={"explained_variance": 0.947938}) for p in svm.points]
+    md = render_markdown(
+        dataclasses.replace(data, experiments=[dataclasses.replace(svm, points=points)])
+    )
+    rows = _table_rows(_section(md, "Experiments"))
+    column = rows[0].index("Explained variance")
+    assert [r[column].strip("*") for r in rows[1:]] == ["0.9479", "0.9479"]
+
+
+def test_svm_table_says_which_point_fitted_the_shared_pca(data: ReportData) -> None:
+    svm = data.experiments[1]
+    points = [
+        dataclasses.replace(svm.points[0], extras={"pca_fitted": "yes"}),
+        dataclasses.replace(svm.points[1], extras={"pca_fitted": None}),
+    ]
+    md = render_markdown(
+        dataclasses.replace(data, experiments=[dataclasses.replace(svm, points=points)])
+    )
+    exp = _section(md, "Experiments")
+    header, first, second = _table_rows(exp)
+    column = header.index("Fitted the PCA")
+    assert first[column] == "yes" and second[column].strip("*") == "—"
+    assert "its Training time includes that fit" in exp
+
+
+def test_headline_model_is_chosen_by_validation_and_shows_its_test_acc(
+    data: ReportData,
+) -> None:
+    md = render_markdown(data)
+    assert (
+        "- Best model: **CNN 3-fold mean** (a mean of 3, chosen by out-of-fold validation "
+        "accuracy; OOF val acc 85.000%, test acc 87.000%)\n" in md
+    )
+    assert "Best blend" not in md
+    single = dataclasses.replace(data, best_blend="SVM best point")
+    md = render_markdown(single)
+    assert "- Best model: **SVM best point** (a single model, chosen by" in md
+    blend = _section(md, "Blending")
+    assert "| **SVM best point** | **single model** | **1** | **90.000%** |" in blend
+    assert "| vote | 1 |" not in blend
+    # without validation predictions the test set chooses, and the report says so
+    by_test = dataclasses.replace(data, best_by="test")
+    assert "chosen by test accuracy (no blend has validation predictions)" in render_markdown(
+        by_test
+    )
+
+
+def test_parallel_factor_only_when_it_means_something(data: ReportData) -> None:
+    eff = _section(render_markdown(data), "Efficiency")
+    assert re.search(r"\d\.\dx in parallel\.", eff)  # 14 units in 14 s on two workers
+
+    # one unit after another, idle between them: less than 1x is no parallelism
+    serial = [
+        TimelineBar(f"{CID}/cnn/p0/f{i}", "cnn", "gpu@h", 10.0 * i, 10.0 * i + 4, "SUCCESS", 4.0)
+        for i in range(3)
+    ]
+    eff = _section(render_markdown(dataclasses.replace(data, timeline=serial)), "Efficiency")
+    assert "in parallel" not in eff and "12.0 s in all." in eff
+
+    # every model unit reused: only the preprocessing ran, for a tenth of a second
+    pre = [
+        TimelineBar(f"{CID}/preprocess/s{i:05d}", "preprocess", "cpu@h", 0.0, 0.07, "SUCCESS")
+        for i in range(2)
+    ]
+    units = [dataclasses.replace(u, reused_from="old/" + u.key) for u in data.units]
+    families = [dataclasses.replace(r, reused=r.succeeded, fit_seconds=0.0) for r in data.families]
+    md = render_markdown(dataclasses.replace(data, timeline=pre, units=units, families=families))
+    eff = _section(md, "Efficiency")
+    assert "in parallel" not in eff and "no model unit ran in this campaign" in eff
+    fam = _section(md, "Model families")
+    assert all(row[-1] == "—" for row in _table_rows(fam)[1:])
+    assert "0.0 s" not in fam
+    assert "— where every unit was reused" in fam and "Reused from" in fam
+
+
+def test_timeline_family_colours_are_never_red() -> None:
+    from matplotlib.colors import to_rgb
+
+    from shared.report import FAILED_EDGE, timeline_colors
+
+    families = ["preprocess", "cnn", "svm", "rf", "rf_shard", "a", "b", "c", "d", "e", "f"]
+    colors = timeline_colors(families)
+    assert list(colors) == families
+    red = to_rgb(FAILED_EDGE)
+    for family, color in colors.items():
+        r, g, b = to_rgb(color)
+        assert not (r > 0.6 and g < 0.45 and b < 0.45), (family, color)  # nothing reddish
+        assert (r, g, b) != red
+
+
+def test_units_line_says_what_it_counts(data: ReportData) -> None:
+    counted = dataclasses.replace(data, other_units={"preprocess": 3, "report": 1})
+    md = render_markdown(counted)
+    assert "- Units: 10 model units (1 failed), plus 3 preprocessing shards and the report\n" in md
+    one = dataclasses.replace(data, other_units={"preprocess": 1})
+    assert "- Units: 10 model units (1 failed), plus 1 preprocessing shard\n" in render_markdown(
+        one
+    )
+    shards = [
+        *data.units,
+        _unit(f"{CID}/rf_shard/cc0/f0", "rf_shard", 0),
+        _unit(f"{CID}/rf_shard/cc1/f0", "rf_shard", 0),
+    ]
+    md = render_markdown(dataclasses.replace(data, units=shards))
+    assert "- Units: 10 model units and 2 tree shards (1 failed)\n" in md

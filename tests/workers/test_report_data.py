@@ -37,7 +37,7 @@ SPEC = {
     "svm": {"C": 1.0},
 }
 TEST_IDS = ["t1.jpg", "t2.jpg", "t3.jpg", "t4.jpg"]
-VAL_IDS = {0: ["v0.jpg"], 1: ["v1.jpg"], 2: ["v2.jpg"]}
+VAL_IDS = {f: [f"v{f}.jpg"] for f in range(5)}
 
 
 def make_store(url: str, spec: dict, campaign_id: str = "r-1") -> Store:
@@ -228,8 +228,10 @@ def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
     # vote of two folds ties on t4 (0 vs 1) -> lowest class 0; the mean says 1
     assert blends["CNN 2-fold vote"].test_acc == pytest.approx(3 / 4)
     assert blends["CNN 2-fold mean"].test_acc == pytest.approx(1.0)
-    assert blends["SVM best point (mean)"].test_acc is None
-    assert blends["SVM best point (mean)"].note == "n/a: SVM predicts labels only"
+    # one fold, nothing blended: one row each, a single model, whatever [blend] method says
+    assert "SVM best point (mean)" not in blends and "RF best point (mean)" not in blends
+    assert blends["SVM best point"].method == "single" and blends["SVM best point"].members == 1
+    assert blends["SVM best point"].test_acc == pytest.approx(2 / 4)
     assert blends["RF best point"].test_acc == pytest.approx(1.0)
     cross = blends["CNN + SVM + RF vote"]
     # per image: CNN vote [0,1,2,0], SVM [2,1,2,2], RF [0,1,2,1] -> t1: 0, t4: three-way tie
@@ -237,8 +239,18 @@ def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
     assert cross.members == 3 and cross.test_acc == pytest.approx(3 / 4)
     assert "ties go to CNN" in cross.note
     assert blends["CNN + SVM + RF mean"].test_acc is None
-    assert data.best_blend == "CNN 2-fold mean"  # the first of the most accurate
-    assert data.experiments[2].note and "oob" in data.experiments[2].note.lower()
+    # chosen on validation: the out-of-fold predictions of v0 (RF right) and v1 (the CNN
+    # fold 1 wrong) put RF first; the CNN mean, best on the test set, is not chosen on it
+    assert data.best_by == "val"
+    assert blends["RF best point"].val_acc == pytest.approx(1.0)
+    assert blends["CNN 2-fold vote"].val_acc == pytest.approx(1 / 2)
+    assert data.best_blend == "RF best point"  # the first of the best validated
+    md = render_markdown(data)
+    assert (
+        "- Best model: **RF best point** (a single model, chosen by out-of-fold validation "
+        "accuracy; OOF val acc 100.000%, test acc 100.000%)" in md
+    )
+    assert data.experiments[2].note is None  # no augmented siblings: no OOB note
     assert data.experiments[2].points[0].extras["oob_score"] == pytest.approx(0.81)
 
 
@@ -449,7 +461,10 @@ def test_reused_units_are_named_and_not_counted_as_this_campaigns_work(sqlite_ur
     assert [b.family for b in data.timeline] == ["preprocess"]
 
     md = render_markdown(data)
-    assert "Units: 2 (0 failed, 2 reused from earlier campaigns)" in md
+    assert (
+        "Units: 2 model units (0 failed, 2 reused from earlier campaigns), "
+        "plus 1 preprocessing shard and the report\n" in md
+    )
     assert "| 2/2 (2 reused) |" in md
     units = md.split("\n## Units\n", 1)[1]
     assert units.splitlines()[1].endswith("| Error | Reused from |")
@@ -459,6 +474,13 @@ def test_reused_units_are_named_and_not_counted_as_this_campaigns_work(sqlite_ur
     efficiency = md.split("\n## Efficiency\n", 1)[1].split("\n## ", 1)[0]
     assert "2 model units were reused from earlier campaigns" in efficiency
     assert "4.0 s in all" in efficiency and "not counted below" in efficiency
+    # only the preprocessing shard ran here: no parallelism to speak of, no fit time
+    assert "in parallel" not in efficiency
+    assert "no model unit ran in this campaign" in efficiency
+    families = md.split("\n## Model families\n", 1)[1].split("\n## ", 1)[0]
+    (cnn_row,) = [line for line in families.splitlines() if line.startswith("| cnn |")]
+    assert cnn_row.endswith("| — |") and "0.0 s" not in cnn_row
+    assert "— where every unit was reused" in families
 
 
 def test_created_at_is_the_same_utc_text_on_every_store(store_url: str) -> None:
@@ -474,3 +496,120 @@ def test_utc_iso_reads_naive_times_as_utc() -> None:
     naive = datetime(2026, 11, 28, 4, 49, 47, 123456)
     aware = datetime(2026, 11, 28, 5, 49, 47, tzinfo=timezone(timedelta(hours=1)))
     assert utc_iso(naive) == utc_iso(aware) == "2026-11-28T04:49:47+00:00"
+
+
+def _rows(data, family: str) -> tuple[list[str], list[list[str]]]:
+    title = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}[family]
+    table = render_markdown(data).split(f"### {title}", 1)[1].split("\n#", 1)[0]
+    header, *rows = [
+        [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ")
+    ]
+    return header, rows[1:] if rows and set(rows[0][0]) <= set("-:") else rows
+
+
+def test_resumed_folds_are_named_and_counts_are_not_averaged(sqlite_url: str) -> None:
+    spec = {"name": "c", "folds": 5, "dataset": {"kind": "synthetic"}, "cnn": {"folds": 5}}
+    store = make_store(sqlite_url, spec, "c-1")
+    cnn = [u for u in store.units("c-1") if u.family == "cnn"]
+    for u in cnn:
+        # fold 0 was cancelled at epoch 9 and resumed; fold 3 stopped early at 17
+        extra = {
+            "device": "cpu",
+            "epochs": 17 if u.fold == 3 else 20,
+            "resumed_from_epoch": 9 if u.fold == 0 else 0,
+        }
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+
+    data = build_report_data(store, "c-1")
+    (point,) = data.experiments[0].points
+    assert point.extras == {"epochs": "17–20", "resumed_from_epoch": "f0 from 9"}
+    header, (row,) = _rows(data, "cnn")
+    assert row[header.index("Resumed")] == "f0 from 9"  # not the mean, 1.8
+    assert row[header.index("Epochs")] == "17–20"  # not 19.4
+
+    # no fold resumed: no column at all; the folds agree on the epochs: the count
+    again = make_store(sqlite_url, spec, "c-2")
+    for u in (u for u in again.units("c-2") if u.family == "cnn"):
+        extra = {"epochs": 20, "resumed_from_epoch": 0}
+        finish(again, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+    (point,) = build_report_data(again, "c-2").experiments[0].points
+    assert point.extras == {"epochs": 20.0}
+
+
+def test_svm_rows_follow_the_sweep_and_say_who_fitted_the_pca(sqlite_url: str) -> None:
+    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"folds": 1, "n_components": [20, 50], "C": [1.0, 10.0]}
+    store = make_store(sqlite_url, spec, "s-1")
+    svm = [u for u in store.units("s-1") if u.family == "svm"]
+    # the plan sends the widest points first; the first of them fits the shared PCA
+    assert [u.params["n_components"] for u in svm] == [50, 50, 20, 20]
+    for i, u in enumerate(svm):
+        k = u.params["n_components"]
+        extra = {
+            "explained_variance": k / 100 + 0.0001234,
+            "pca_components": 50,
+            "pca_fitted": i == 0,
+            "support_vectors": 90 + i,
+        }
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+
+    data = build_report_data(store, "s-1")
+    (exp,) = data.experiments
+    # the campaign file's order: n_components 20 then 50, C 1 then 10 within each
+    assert [(p.params["n_components"], p.params["C"]) for p in exp.points] == [
+        (20, 1.0),
+        (20, 10.0),
+        (50, 1.0),
+        (50, 10.0),
+    ]
+    header, rows = _rows(data, "svm")
+    assert [r[header.index("n_component")] for r in rows] == ["20", "20", "50", "50"]
+    assert [r[header.index("C")] for r in rows] == ["1", "10", "1", "10"]
+    fitted = header.index("Fitted the PCA")
+    assert [r[fitted] for r in rows] == ["—", "—", "yes", "—"]
+    assert [r[header.index("Explained variance")] for r in rows] == [
+        "0.2001",
+        "0.2001",
+        "0.5001",
+        "0.5001",
+    ]
+    table = render_markdown(data).split("### SVM", 1)[1].split("\n## ", 1)[0]
+    assert "its Training time includes that fit" in table
+
+
+def test_rf_oob_note_only_with_augmentation(sqlite_url: str) -> None:
+    extra = {
+        "oob_score": 0.5,
+        "oob_grouped": 0.5,
+        "oob_grouped_coverage": 1.0,
+        "train_seconds": 0.7,
+        "trees": 100,
+    }
+    for cid, augment in (("p-1", "none"), ("p-2", "rotate_flip")):
+        spec = {"name": "p", "folds": 2, "dataset": {"kind": "synthetic"}}
+        spec["rf"] = {"augment": augment, "n_estimators": [100, 300]}
+        store = make_store(sqlite_url, spec, cid)
+        for u in (u for u in store.units(cid) if u.family == "rf"):
+            finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+        data = build_report_data(store, cid)
+        (exp,) = data.experiments
+        header, rows = _rows(data, "rf")
+        assert "Grouped OOB coverage" in header and "Oob grouped coverage" not in header
+        assert "Unit time" in header and "Tree fit time" in header
+        assert [r[0] for r in rows] == ["100", "300"]  # the file's order, not the plan's
+        if augment == "none":
+            assert exp.note is None
+            assert "Why the OOB score" not in render_markdown(data)
+        else:
+            assert exp.note and "siblings" in exp.note
+
+
+def test_units_line_counts_the_other_units(store: Store) -> None:
+    data = build_report_data(store, "r-1")
+    assert data.other_units == {"preprocess": 1, "report": 1}
+    assert (
+        "- Units: 7 model units (0 failed), plus 1 preprocessing shard and the report\n"
+        in render_markdown(data)
+    )

@@ -5,8 +5,9 @@ artifacts) plus the manifest, the preprocessing cache and the best CNN's model f
 for LIME. Per family it picks the best point (highest mean validation accuracy),
 blends its folds by uniform vote (the study's "five models vote for the final
 answer") and by probability averaging, votes the families of ``[blend] families``
-together, and keeps the most accurate blend; with an unlabelled test set that
-blend's predictions become ``submission.csv``. The layout lives in
+together, and names the blend (or single model: a family's best point on one fold)
+with the best out-of-fold validation accuracy, reporting its test accuracy beside it;
+with an unlabelled test set its predictions become ``submission.csv``. The layout lives in
 :mod:`shared.report`; this module only gathers the numbers.
 """
 
@@ -48,6 +49,7 @@ from shared.report import (
     write_report,
 )
 from shared.settings import Settings
+from shared.spec import params_hash, parse_campaign, sweep_points
 from workers.tasks.base import UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
@@ -257,23 +259,62 @@ def _acc(p: Predicted | None) -> float | None:
 # --------------------------------------------------------------------------- tables, plots
 
 
+#: Extras that record an event of some folds (the epoch a fold resumed from; 0: none):
+#: shown as the folds it happened to, never averaged.
+FOLD_EVENTS = frozenset({"resumed_from_epoch"})
+
+
+def _fold_extra(name: str, values: Sequence[tuple[int | None, Any]]) -> float | str | None:
+    """One extra of a point's folds as one cell: a mean only where a mean means something.
+
+    An event (:data:`FOLD_EVENTS`) or a flag names the folds it holds for (``f0 from 9``,
+    ``f0, f2``; ``yes`` with one fold), None when it holds for none; a count is the
+    count when the folds agree, else its range ``17–20``; a fraction or a time the mean.
+    """
+
+    def fold(f: int | None) -> str:
+        return "?" if f is None else f"f{f}"
+
+    if name in FOLD_EVENTS:
+        hits = [(f, int(v)) for f, v in values if v]
+        return ", ".join(f"{fold(f)} from {v}" for f, v in hits) or None
+    if all(isinstance(v, bool) for _, v in values):
+        hits_ = [f for f, v in values if v]
+        if not hits_:
+            return None
+        return "yes" if len(values) == 1 else ", ".join(fold(f) for f in hits_)
+    numbers = [v for _, v in values if not isinstance(v, bool)]
+    if numbers and all(isinstance(v, int) for v in numbers):
+        low, high = min(numbers), max(numbers)
+        return float(low) if low == high else f"{low}–{high}"
+    return _mean([float(v) for v in numbers])
+
+
 def point_rows(
     campaign_id: str, family: str, units: list[Unit], results: dict[str, Result]
 ) -> list[PointRow]:
     points: dict[str, list[Unit]] = defaultdict(list)
     for unit in units:
         points[unit.params_hash].append(unit)
-    rows = []
-    for phash, folds in points.items():
-        done = [results[u.key] for u in folds if u.key in results]
-        vals = [r.val_acc for r in done if r.val_acc is not None and np.isfinite(r.val_acc)]
-        extras: dict[str, list[float]] = defaultdict(list)
-        for r in done:
-            for name, value in (r.extra or {}).items():
+    per_point: list[dict[str, float | str | None]] = []
+    for folds in points.values():
+        extras: dict[str, list[tuple[int | None, Any]]] = defaultdict(list)
+        for u in folds:
+            if u.key not in results:
+                continue
+            for name, value in (results[u.key].extra or {}).items():
                 if name in SHARED_EXTRAS.get(family, ()):
                     continue
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    extras[name].append(float(value))
+                if isinstance(value, int | float):  # bool included: a per-fold flag
+                    extras[name].append((u.fold, value))
+        per_point.append({name: _fold_extra(name, values) for name, values in extras.items()})
+    # an event or flag that held for no fold of any point gets no column
+    names = {n for extras in per_point for n in extras}
+    empty = {n for n in names if all(extras.get(n) is None for extras in per_point)}
+    rows = []
+    for (phash, folds), extras in zip(points.items(), per_point, strict=True):
+        done = [results[u.key] for u in folds if u.key in results]
+        vals = [r.val_acc for r in done if r.val_acc is not None and np.isfinite(r.val_acc)]
         rows.append(
             PointRow(
                 key=f"{campaign_id}/{family}/{phash}",
@@ -285,20 +326,41 @@ def point_rows(
                 val_spread=stdev(vals) if len(vals) > 1 else None,
                 test_acc=_mean([r.test_acc for r in done]),
                 seconds=_mean([r.fit_seconds for r in done]),
-                extras={name: _mean(values) for name, values in extras.items()},
+                extras={n: v for n, v in extras.items() if n not in empty},
             )
         )
     return rows
 
 
+def sweep_order(spec: dict[str, Any], family: str) -> dict[str, int]:
+    """params hash -> the point's place in the campaign file's sweep (its cartesian
+    product in file order); empty when the stored campaign no longer parses."""
+    try:
+        campaign = parse_campaign(spec, source="the stored campaign")
+        section = dict(campaign.families()).get(family)
+        if section is None:
+            return {}
+        return {
+            params_hash({"family": family, **params}): i
+            for i, params in enumerate(sweep_points(section))
+        }
+    except Exception:  # an old campaign's spec: keep the plan's order
+        return {}
+
+
 def sweep_plots(family: str, points: list[PointRow]) -> list[SweepPlot]:
     plots = []
     scored = [p for p in points if p.succeeded]
-    extra_scores = [n for n in dict.fromkeys(n for p in scored for n in p.extras) if "oob" in n]
+    extra_scores = [
+        n
+        for n in dict.fromkeys(n for p in scored for n in p.extras)
+        if "oob" in n and not n.endswith("_coverage")  # a share of rows, not a score
+    ]
     for param in swept_params(points):
         series: dict[str, list[float | None]] = {"val acc": [p.val_acc for p in scored]}
         for name in extra_scores:
-            series[name] = [p.extras.get(name) for p in scored]
+            values = [p.extras.get(name) for p in scored]
+            series[name] = [v if isinstance(v, float) else None for v in values]
         if scored:
             plots.append(
                 SweepPlot(
@@ -602,7 +664,12 @@ def build_report_data(
     fam_blends: dict[str, FamilyBlend] = {}
     best_units: dict[str, list[Unit]] = {}
     for family in dict.fromkeys(u.family for u in units if u.family not in NOT_MODELS):
-        mine = [u for u in units if u.family == family]
+        # the campaign file's sweep order (the plan sends the costliest points first)
+        order = sweep_order(spec, family)
+        mine = sorted(
+            (u for u in units if u.family == family),
+            key=lambda u: order.get(u.params_hash, len(order)),
+        )
         best = best_point(mine, results)
         best_units[family] = best
         points = point_rows(campaign_id, family, mine, results)
@@ -628,8 +695,8 @@ def build_report_data(
             len([u for u in mine if u.params_hash == h]) for h in {u.params_hash for u in mine}
         )
         table_note = None
-        if family == "rf":
-            table_note = _oob_note()
+        if family == "rf" and any(u.params.get("augment") not in (None, "none") for u in mine):
+            table_note = _oob_note()  # about augmented siblings: only when there are some
         elif family == "svm":
             table_note = _projection_note(mine, results)
         experiments.append(
@@ -655,13 +722,15 @@ def build_report_data(
     oof: dict[str, Predicted] = {}
     for family, fb in fam_blends.items():
         title = _title(family)
-        what = f"{fb.members}-fold" if fb.members > 1 else "best point"
+        if fb.members == 1:
+            # one fold: nothing to blend, whichever the method; a single model, one row
+            name = f"{title} best point"
+            blends.append(BlendRow(name, family, "single", 1, _acc(fb.test_vote), _acc(fb.oof)))
+            predicted[name] = fb.test_vote
+            oof[name] = fb.oof
+            continue
         for m in methods:
-            name = (
-                f"{title} {what} {m}"
-                if fb.members > 1
-                else f"{title} best point" + ("" if m == "vote" else " (mean)")
-            )
+            name = f"{title} {fb.members}-fold {m}"
             test = fb.test_vote if m == "vote" else fb.test_mean
             val = fb.oof if m == "vote" or fb.oof.probs is not None else None
             note = ""
@@ -716,12 +785,15 @@ def build_report_data(
                     oof[name] = val
 
     by_test = any(b.test_acc is not None for b in blends)
-    scored = [b for b in blends if (b.test_acc if by_test else b.val_acc) is not None]
-    best_blend = (
-        max(scored, key=lambda b: (b.test_acc if by_test else b.val_acc) or 0.0).name
-        if scored
-        else None
-    )
+    # the headline model is chosen on validation, never on the test set it is then
+    # measured on; by test accuracy only when no blend has validation predictions
+    best_by = "val" if any(b.val_acc is not None for b in blends) else "test"
+
+    def chosen_by(b: BlendRow) -> float | None:
+        return b.val_acc if best_by == "val" else b.test_acc
+
+    scored = [b for b in blends if chosen_by(b) is not None]
+    best_blend = max(scored, key=lambda b: chosen_by(b) or 0.0).name if scored else None
 
     # -- confusion matrices
     confusions: dict[str, Confusion] = {}
@@ -805,12 +877,18 @@ def build_report_data(
         curves=curves,
         sweeps=sweeps,
         best_blend=best_blend,
+        best_by=best_by,
         timeline=timeline(all_units, results),
         lime=lime,
         lime_note=lime_note,
         skipped=_skipped(manifest),
         submission=submission,
         test_labelled=by_test,
+        other_units={
+            family: sum(u.family == family for u in all_units)
+            for family in ("preprocess", "report")
+            if any(u.family == family for u in all_units)
+        },
     )
 
 
