@@ -79,7 +79,7 @@ class CampaignRun:
     def stalled(self, after: float | None = None) -> str | None:
         """Why nothing of this campaign may be running, or None: a line naming each
         queue whose units have waited ``after`` seconds (``STALL_SECONDS``) or more while
-        no worker of this store took any unit from it
+        the queue was idle, no worker of this store running or taking any of its units
         (:meth:`db.store.Store.untaken_queues`)."""
         after = STALL_SECONDS if after is None else after
         return self._stall_line(self.store.untaken_queues(self.id, after))
