@@ -22,7 +22,7 @@ from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import OrchardError
 from shared.manifest import ManifestError, build_manifest, manifest_path
-from shared.plan import TERMINAL, data_problems, plan_units
+from shared.plan import PENDING, QUEUED, TERMINAL, data_problems, plan_units
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, load_settings, mask_url
 from shared.spec import CampaignError, load_campaign
@@ -306,6 +306,8 @@ class _Progress:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
+        self._started: set[str] = set()  # families whose clock started ...
+        self._stopped: set[str] = set()  # ... and stopped: every unit ended
         self._progress.start()
 
     def update(self, status: CampaignStatus, epochs: dict[str, str]) -> None:
@@ -317,8 +319,18 @@ class _Progress:
             ]
             notes += [e for key, e in epochs.items() if key.split("/")[1] == family]
             if family not in self._tasks:
-                self._tasks[family] = self._progress.add_task(family, total=total, detail="")
-            self._progress.update(self._tasks[family], completed=done, detail=", ".join(notes))
+                # its clock starts when its stage does, not at submit
+                self._tasks[family] = self._progress.add_task(
+                    family, total=total, detail="", start=False
+                )
+            task = self._tasks[family]
+            if family not in self._started and any(s not in (PENDING, QUEUED) for s in counts):
+                self._started.add(family)
+                self._progress.start_task(task)
+            self._progress.update(task, completed=done, detail=", ".join(notes))
+            if family in self._started - self._stopped and done == total:
+                self._stopped.add(family)
+                self._progress.stop_task(task)  # its time stays that of the stage
 
     def close(self) -> None:
         self._progress.stop()

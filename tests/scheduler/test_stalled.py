@@ -1,4 +1,6 @@
-"""A campaign whose units wait with no worker taking any from their queue says so: in
+"""What a user following a campaign is told. Its progress bars time each stage (from its
+first unit's start to its last unit's end). A campaign whose units wait with no worker
+taking any from their queue says so: in
 ``orchard status ID`` (stderr, below the table) and once per new set of queues while
 ``run.wait`` follows it. The store's side is tested in tests/db/test_store.py
 (``untaken_queues``); real workers on another database in
@@ -75,3 +77,35 @@ def test_status_says_nothing_once_a_worker_took_a_unit(
     run.store.start_unit(key, worker="w", task_id=None)
     assert main(["status", CID]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_each_family_s_progress_clock_runs_only_while_its_stage_does(run: CampaignRun) -> None:
+    """`--wait`'s bars time each stage, not the time since submit."""
+    import time
+
+    from scheduler.api import _Progress
+
+    def task(display: _Progress, family: str):  # noqa: ANN202
+        return display._progress._tasks[display._tasks[family]]
+
+    display = _Progress()
+    try:
+        display.update(run.status(), {})
+        assert task(display, "cnn").start_time is None  # PENDING: not started
+        assert task(display, "preprocess").start_time is None  # QUEUED: not started either
+        shards = [u.key for u in run.status().units if u.family == "preprocess"]
+        run.store.start_unit(shards[0], worker="w", task_id=None)
+        display.update(run.status(), {})
+        assert task(display, "preprocess").start_time is not None
+        for key in shards[1:]:
+            run.store.start_unit(key, worker="w", task_id=None)
+        for key in shards:
+            run.store.fail_unit(key, "x")
+        display.update(run.status(), {})
+        stopped = task(display, "preprocess").elapsed
+        time.sleep(0.05)
+        display.update(run.status(), {})
+        assert task(display, "preprocess").elapsed == stopped  # ended: the clock stopped
+        assert task(display, "cnn").start_time is None
+    finally:
+        display.close()
