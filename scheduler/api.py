@@ -82,11 +82,10 @@ class CampaignRun:
         the queue was idle, no worker of this store running or taking any of its units
         (:meth:`db.store.Store.untaken_queues`)."""
         after = STALL_SECONDS if after is None else after
-        return self._stall_line(self.store.untaken_queues(self.id, after))
+        queues = self.store.untaken_queues(self.id, after)
+        return self._stall_line(queues) if queues else None
 
-    def _stall_line(self, queues: dict[str, float]) -> str | None:
-        if not queues:
-            return None
+    def _stall_line(self, queues: dict[str, float]) -> str:
         waits = ", ".join(f"`{q}` for {s:.0f} s" for q, s in sorted(queues.items()))
         return (
             f"campaign {self.id}: no worker has taken a unit from "
@@ -139,7 +138,7 @@ class CampaignRun:
                     next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
                     queues = self.store.untaken_queues(self.id, STALL_SECONDS)
                     if queues and set(queues) != told:  # told again only for new queues
-                        on_stall(self._stall_line(queues) or "")
+                        on_stall(self._stall_line(queues))
                     told = set(queues)
                 if deadline is not None and time.monotonic() > deadline:
                     raise OrchardError(

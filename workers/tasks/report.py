@@ -332,17 +332,17 @@ def point_rows(
     return rows
 
 
-def sweep_order(spec: dict[str, Any], family: str) -> dict[str, int]:
-    """params hash -> the point's place in the campaign file's sweep (its cartesian
-    product in file order); empty when the stored campaign no longer parses."""
+def sweep_orders(spec: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """family -> params hash -> the point's place in the campaign file's sweep (its
+    cartesian product in file order); empty when the stored campaign no longer parses."""
     try:
         campaign = parse_campaign(spec, source="the stored campaign")
-        section = dict(campaign.families()).get(family)
-        if section is None:
-            return {}
         return {
-            params_hash({"family": family, **params}): i
-            for i, params in enumerate(sweep_points(section))
+            family: {
+                params_hash({"family": family, **params}): i
+                for i, params in enumerate(sweep_points(section))
+            }
+            for family, section in campaign.families()
         }
     except Exception:  # an old campaign's spec: keep the plan's order
         return {}
@@ -663,9 +663,9 @@ def build_report_data(
     curves: list[CurveFigure] = []
     fam_blends: dict[str, FamilyBlend] = {}
     best_units: dict[str, list[Unit]] = {}
+    orders = sweep_orders(spec)  # the campaign file's (the plan sends costly points first)
     for family in dict.fromkeys(u.family for u in units if u.family not in NOT_MODELS):
-        # the campaign file's sweep order (the plan sends the costliest points first)
-        order = sweep_order(spec, family)
+        order = orders.get(family, {})
         mine = sorted(
             (u for u in units if u.family == family),
             key=lambda u: order.get(u.params_hash, len(order)),
