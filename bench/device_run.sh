@@ -15,6 +15,9 @@
 #    process; the others try alternatives not yet measured (BENCHMARKS.md): each conv's
 #    bias added apart (alone, with CUDA graphs, at batch 512), inductor's max-autotune
 #    (Triton conv templates beside cuDNN) and its aggressive fusion.
+# 3. bench/preprocess.py --nvjpeg cuda, once the GPU is free: the GPU workers' decoder
+#    ([preprocessing] decoder = "nvjpeg") beside the CPU paths, per core and wall clock,
+#    on two of its image sets at 1.3 MP (PREPROCESS=0 skips it).
 # Everything lands in $OUT/device_run.tar.gz: one JSON and one log per run, kernel
 # profiles, versions.
 set -u
@@ -26,9 +29,13 @@ py=${PYTHON:-python3}
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 size=(--full --device cuda --steps 48)
 wait_s=${WAIT_S:-330}
+sets=photo-mosaic,synthetic # photo-mosaic cuts scikit-image's sample photos
+"$py" -c 'import skimage' 2>/dev/null || sets=synthetic,synthetic-soft
+preprocess=(--nvjpeg cuda --n 64 --repeat 5 --sizes 1280x1024 --sets "$sets")
 if [[ ${1:-} == --dry ]]; then
     size=(--device cpu --steps 2 --warmup 1 --images 64)
     wait_s=120
+    preprocess=(--nvjpeg cpu --tiny --sizes 1280x1024 --sets "$sets")
 fi
 
 {
@@ -68,6 +75,12 @@ start apart512 --skip-baseline --bias-apart --batch-size 512
 start autotune --skip-baseline --inductor max_autotune=True --profile "$out/profile_autotune.txt"
 start fusion --skip-baseline --inductor aggressive_fusion=True
 wait
+
+if [[ ${PREPROCESS:-1} != 0 ]]; then
+    timeout 150 "$py" bench/preprocess.py "${preprocess[@]}" --out "$out/preprocess.json" \
+        >"$out/preprocess.log" 2>&1
+    tail -n 6 "$out/preprocess.log"
+fi
 
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys

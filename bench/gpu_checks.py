@@ -12,11 +12,14 @@ checks them on a GPU and exits non-zero when one disagrees:
   alternative ``bench/train_throughput.py --bias-apart`` times) against the plain
   block, both compiled, under bf16 autocast: output, every gradient;
 - one short ``train_fold`` through the production path with ``compile = true``,
-  including a checkpoint and a resume.
+  including a checkpoint and a resume;
+- ``shared.nvjpeg`` (``[preprocessing] decoder = "nvjpeg"``) on CUDA against the
+  OpenCV path and the full decode: baseline, progressive, EXIF-rotated, grey and CMYK
+  JPEGs and a PNG, the ones nvJPEG refuses falling back to OpenCV.
 
     python bench/gpu_checks.py            # writes bench/results/gpu_checks.json
 
-Imports only torch, numpy and ``shared.cnn`` / ``shared.augment``.
+Imports torch, numpy, OpenCV, Pillow and orchard's ``shared`` library only.
 """
 
 from __future__ import annotations
@@ -184,6 +187,58 @@ def compiled_train_fold(device: torch.device) -> dict[str, Any]:
     }
 
 
+def nvjpeg_decode(device: torch.device) -> dict[str, Any]:
+    import io
+    import tempfile
+
+    import cv2
+    from PIL import Image
+
+    from shared import nvjpeg
+    from shared.preprocess import decode_resize
+    from shared.synthetic import synthetic_photo
+
+    def photo(index: int, width: int, height: int) -> Image.Image:
+        return Image.fromarray(synthetic_photo(0, index, (width, height))[..., ::-1])
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown upright
+    cases = {
+        "baseline.jpg": (photo(1, 1280, 1024), {"quality": 90}),
+        "progressive.jpg": (photo(2, 1280, 960), {"quality": 90, "progressive": True}),
+        "rotated.jpg": (photo(3, 1280, 960), {"quality": 90, "exif": exif.tobytes()}),
+        "grey.jpg": (photo(4, 800, 600).convert("L"), {"quality": 90}),
+        "cmyk.jpg": (photo(5, 800, 600).convert("CMYK"), {"quality": 90}),
+        "small.jpg": (photo(6, 320, 240), {"quality": 90}),
+        "image.png": (photo(7, 640, 480), {}),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, (image, options) in cases.items():
+            buf = io.BytesIO()
+            image.save(buf, "PNG" if name.endswith(".png") else "JPEG", **options)
+            paths.append(Path(tmp) / name)
+            paths[-1].write_bytes(buf.getvalue())
+        jpegs = [p for p in paths if p.suffix == ".jpg"]
+        decoded = nvjpeg.decode_jpegs([p.read_bytes() for p in jpegs], device)
+        refused = [p.name for p, image in zip(jpegs, decoded, strict=True) if image is None]
+        ours = nvjpeg.preprocess_images(paths, 256, device)
+        psnr = {}
+        for path, image in zip(paths, ours, strict=True):
+            full = cv2.resize(cv2.imread(str(path)), (256, 256), interpolation=cv2.INTER_AREA)
+            psnr[path.name] = {
+                "vs_opencv_path": round(cv2.PSNR(decode_resize(path, 256), image), 2),
+                "vs_full_decode": round(cv2.PSNR(cv2.cvtColor(full, cv2.COLOR_BGR2RGB), image), 2),
+            }
+    worst = min(min(v.values()) for v in psnr.values())
+    return {
+        "ok": worst >= 35 and "baseline.jpg" not in refused,
+        "min_psnr_db": worst,
+        "refused_by_nvjpeg": refused,
+        "psnr_db": psnr,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=RESULTS)
@@ -195,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "padded_first_conv": padded_first_conv,
         "compiled_bias_apart": compiled_bias_apart,
         "compiled_train_fold": compiled_train_fold,
+        "nvjpeg_decode": nvjpeg_decode,
     }
     if args.only:
         names = set(args.only.split(","))

@@ -15,6 +15,13 @@ the usual 4:3 camera shape, by default), writes ``--n`` JPEGs (quality ``--quali
   1/8 that keeps the output size, then bilinear when under 2x is left): faster, but
   under 35 dB against the full decode on detailed photos at most camera sizes;
 
+- nvjpeg (with ``--nvjpeg DEVICE``): ``shared.nvjpeg.preprocess_images``, what a GPU
+  worker runs for ``[preprocessing] decoder = "nvjpeg"``: the set's JPEGs decoded as one
+  batch by torchvision's nvJPEG binding on ``DEVICE`` (``cuda``; ``cpu`` runs the same
+  code with libjpeg, a smoke run), resized on the device and copied back. Its "per
+  core" figure is images per CPU second of this process, every thread counted (the
+  CUDA driver's waits included); its wall-clock rate is printed beside it;
+
 and, to show where the time goes (decoding from bytes already in memory, no resize):
 
 - full decode: ``cv2.imdecode`` at full size;
@@ -43,6 +50,7 @@ INTER_AREA), per image; the target asks at least 35 dB.
 
     python bench/preprocess.py            # 40 images per set, under a minute on one core
     python bench/preprocess.py --tiny     # 3 images per set, a smoke run
+    python bench/preprocess.py --nvjpeg cuda   # and the GPU workers' decoder
 
 Prints a table per set and writes ``bench/results/preprocess.json`` (or ``--out``).
 """
@@ -236,8 +244,12 @@ def measure_set(kind: str, folder: Path, args: argparse.Namespace) -> dict:
         expected = cv2.cvtColor(reference(path), cv2.COLOR_BGR2RGB)
         psnr.append(cv2.PSNR(expected, decode_resize(path, args.size)))
         psnr_previous.append(cv2.PSNR(expected, runs["previous-rule"](path)))
-    ms = {name: 1000 / rate for name, rate in rates.items()}
+    extra = measure_nvjpeg(paths, reference, args) if args.nvjpeg else {}
+    if extra:
+        rates["nvjpeg"] = extra.pop("nvjpeg_per_core")
+    ms = {name: 1000 / rate for name, rate in rates.items() if name != "nvjpeg"}
     return {
+        **extra,
         "image_set": kind,
         "source": {
             "synthetic": "shared.synthetic as generated",
@@ -275,6 +287,33 @@ def measure_set(kind: str, folder: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def measure_nvjpeg(paths: list[Path], reference: Callable, args: argparse.Namespace) -> dict:
+    """The set decoded as one batch on ``args.nvjpeg``: CPU and wall time, best of passes."""
+    import torch
+
+    from shared import nvjpeg
+
+    device = torch.device(args.nvjpeg)
+    out = nvjpeg.preprocess_images(paths, args.size, device)  # warm-up: nvJPEG's set-up
+    cpu = wall = float("inf")
+    for _ in range(args.repeat):
+        started, clock = time.process_time(), time.perf_counter()
+        nvjpeg.preprocess_images(paths, args.size, device)  # ends with the copy to the host
+        cpu = min(cpu, time.process_time() - started)
+        wall = min(wall, time.perf_counter() - clock)
+    psnr = [
+        cv2.PSNR(cv2.cvtColor(reference(p), cv2.COLOR_BGR2RGB), image)
+        for p, image in zip(paths, out, strict=True)
+    ]
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    return {
+        "nvjpeg_device": name,
+        "nvjpeg_per_core": round(len(paths) / cpu, 1),
+        "nvjpeg_wall_img_per_s": round(len(paths) / wall, 1),
+        "psnr_db_nvjpeg": {"mean": round(float(np.mean(psnr)), 2), "min": round(min(psnr), 2)},
+    }
+
+
 def print_set(kind: str, r: dict, args: argparse.Namespace) -> None:
     rates, ms = r["img_per_s_per_core"], r["ms_per_image"]
     print(
@@ -297,7 +336,15 @@ def print_set(kind: str, r: dict, args: argparse.Namespace) -> None:
         f"orchard {ms['orchard']:.2f} (floor is {r['floor_share_of_orchard']:.0%} of it), "
         f"full decode {ms['full_decode']:.2f}, baseline {ms['baseline']:.2f}"
     )
-    for name, psnr in (("orchard", r["psnr_db"]), ("previous rule", r["psnr_db_previous_rule"])):
+    psnrs = [("orchard", r["psnr_db"]), ("previous rule", r["psnr_db_previous_rule"])]
+    if "nvjpeg" in rates:
+        print(
+            f"  nvjpeg on {r['nvjpeg_device']}: {rates['nvjpeg']:.1f} img/s per core "
+            f"({rates['nvjpeg'] / rates['baseline']:.2f}x the baseline), "
+            f"{r['nvjpeg_wall_img_per_s']:.1f} img/s wall clock"
+        )
+        psnrs.append(("nvjpeg", r["psnr_db_nvjpeg"]))
+    for name, psnr in psnrs:
         print(
             f"  PSNR {name} vs full decode + INTER_AREA: mean {psnr['mean']:.2f} dB, "
             f"min {psnr['min']:.2f} dB"
@@ -321,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=256, help="cache size (output side)")
     parser.add_argument("--repeat", type=int, default=3, help="timed passes; the best counts")
+    parser.add_argument(
+        "--nvjpeg",
+        metavar="DEVICE",
+        help="also time shared.nvjpeg on DEVICE (cuda; cpu for a smoke run)",
+    )
     parser.add_argument("--tiny", action="store_true", help="3 images, one pass: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args(argv)
@@ -360,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{rates['previous-rule']:>9.1f} {r['psnr_db_previous_rule']['min']:>9.2f} "
             f"{rates['floor']:>7.1f}"
         )
+        if "nvjpeg" in rates:
+            print(
+                f"  {'':<26} nvjpeg {rates['nvjpeg']:.1f} per core "
+                f"({rates['nvjpeg'] / rates['baseline']:.2f}x), "
+                f"{r['nvjpeg_wall_img_per_s']:.1f} wall, PSNR min {r['psnr_db_nvjpeg']['min']:.2f}"
+            )
     result = {
         "benchmark": "preprocess",
         "date": now(),

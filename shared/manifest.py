@@ -64,6 +64,7 @@ class Manifest:
     size: int
     shard_size: int
     max_pixels: int = MAX_PIXELS
+    decoder: str = "opencv"  # [preprocessing] decoder
     skipped: tuple[Skipped, ...] = ()  # left out, with the reason, in (split, id) order
 
     def to_json(self) -> str:
@@ -215,9 +216,10 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
             for s, fold in zip(samples, folds, strict=True)
         ),
         fingerprint=fingerprint,
-        cache_key=cache_key(fingerprint, spec.size, spec.shard_size),
+        cache_key=cache_key(fingerprint, spec.size, spec.shard_size, spec.decoder),
         size=spec.size,
         shard_size=spec.shard_size,
         max_pixels=spec.max_pixels,
+        decoder=spec.decoder,
         skipped=tuple(sorted(bad + dataset.unlisted(), key=_order)),
     )

@@ -71,6 +71,8 @@ class UnitPlan:
 
     @property
     def queue(self) -> str:
+        if self.family == "preprocess" and self.params.get("decoder") == "nvjpeg":
+            return "gpu"  # decoded on a GPU worker (shared.nvjpeg)
         return TASKS[self.family][1]
 
 
@@ -85,8 +87,11 @@ def plan_units(
     """Every unit of a campaign, in stage order, longest-running families first within one."""
     units: list[UnitPlan] = []
     merges: list[UnitPlan] = []
+    decoder = campaign.preprocessing.decoder
     for index, (start, stop) in enumerate(shards):
-        params = {"shard": index, "start": start, "stop": stop}
+        params: dict[str, Any] = {"shard": index, "start": start, "stop": stop}
+        if decoder != "opencv":  # absent for OpenCV: the units' hashes stay as they were
+            params["decoder"] = decoder
         units.append(
             UnitPlan(
                 key=f"{campaign_id}/preprocess/s{index:05d}",

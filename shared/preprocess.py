@@ -8,7 +8,8 @@ Decoding is the expensive step, so each image is decoded exactly once, and a lar
 is decoded at 1/2 or 1/4 scale by libjpeg itself (it skips most of the inverse DCT,
 upsampling and colour work), then shrunk the rest of the way with INTER_AREA. What no
 reduction skips is entropy (Huffman) decoding of every compressed byte: at camera-like
-file sizes (about 2 bits per pixel at quality 90) that is most of the time left.
+file sizes (about 2 bits per pixel at quality 90) that is most of the time left;
+``shared.nvjpeg`` moves it to a GPU (``[preprocessing] decoder = "nvjpeg"``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from shared.errors import OrchardError
 MAX_PIXELS = 100_000_000
 #: What Pillow calls the formats OpenCV decodes for us (MPO: a JPEG with extra pictures).
 DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM"})
-_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+#: What Pillow calls the JPEG formats (libjpeg and nvJPEG decode both).
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 # libjpeg's scaled decoding, largest reduction first. 1/8 (DC only: the mean of each 8x8
 # block, fixed to the block grid) is left out: on detailed photos it fell under 35 dB
 # against the full decode even with a 1.5x-2x area shrink after it, and where it would
@@ -120,12 +122,12 @@ def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageH
         raise PreprocessError(f"{path}: not a decodable image (size {header.width}x0)")
     if header.format not in DECODABLE_FORMATS:
         raise PreprocessError(f"{path}: unsupported image format {header.format}")
-    if header.format in _JPEG_FORMATS and _jpeg_truncated(data):
+    if header.format in JPEG_FORMATS and _jpeg_truncated(data):
         raise PreprocessError(f"{path}: truncated JPEG (no end-of-image marker)")
     return header
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -136,7 +138,7 @@ def _read(path: Path) -> bytes:
 
 def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[ImageHeader, str]:
     """The header of the image at ``path`` and the sha256 of its bytes (read once)."""
-    data = _read(path)
+    data = read_file(path)
     return read_header(data, path, max_pixels), hashlib.sha256(data).hexdigest()
 
 
@@ -148,7 +150,7 @@ def decode_flag(header: ImageHeader, size: int) -> int:
     the output and INTER_AREA does the last part of the shrinking. Other formats have no
     scaled decoding and are read whole.
     """
-    if header.format in _JPEG_FORMATS:
+    if header.format in JPEG_FORMATS:
         smaller = min(header.width, header.height)
         for factor, flag in _REDUCED_FLAGS:
             if smaller >= REDUCED_MARGIN * factor * size:
@@ -162,8 +164,12 @@ def decode_resize(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> np.nda
     Grey, palette and RGBA images become RGB (alpha is dropped); 16-bit images are
     scaled to 8 bits by OpenCV (the high byte).
     """
-    data = _read(path)
-    header = read_header(data, path, max_pixels)
+    data = read_file(path)
+    return decode_resize_data(data, read_header(data, path, max_pixels), path, size)
+
+
+def decode_resize_data(data: bytes, header: ImageHeader, path: Path, size: int) -> np.ndarray:
+    """:func:`decode_resize` of bytes already read and header-checked (``path`` names them)."""
     flag = decode_flag(header, size)
     # OpenCV applies the EXIF orientation in both modes, as cv2.imread does.
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -230,9 +236,12 @@ def fingerprint_digests(items: Sequence[tuple[str, str, str]]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(fingerprint: str, size: int, shard_size: int) -> str:
-    # v3: reduced decoding only at 1/2 and 1/4, with at least 1.5x left to INTER_AREA
-    blob = f"{fingerprint}|size={size}|shard_size={shard_size}|decoder=cv2-reduced-area-rgb-v3"
+def cache_key(fingerprint: str, size: int, shard_size: int, decoder: str = "opencv") -> str:
+    # v3: reduced decoding only at 1/2 and 1/4, with at least 1.5x left to INTER_AREA.
+    # nvJPEG's pixels differ from libjpeg's by a grey level or two, so its shards are
+    # cached apart; the OpenCV key is the one earlier versions wrote.
+    method = "cv2-reduced-area-rgb-v3" if decoder == "opencv" else f"{decoder}-area-rgb-v1"
+    blob = f"{fingerprint}|size={size}|shard_size={shard_size}|decoder={method}"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

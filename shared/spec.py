@@ -238,6 +238,9 @@ class PreprocessingSpec(_Frozen):
     max_bad_fraction: float = Field(0.1, ge=0, lt=1)
     # decompression-bomb guard, checked from each image's header before decoding
     max_pixels: int = Field(100_000_000, ge=1)
+    # opencv: CPU workers (queue `preprocess`), libjpeg's reduced decoding; nvjpeg: GPU
+    # workers (queue `gpu`) decode JPEGs with nvJPEG while they would wait (shared.nvjpeg)
+    decoder: Literal["opencv", "nvjpeg"] = "opencv"
 
 
 class BlendSpec(_Frozen):

@@ -26,3 +26,17 @@ def test_without_cuda_it_says_so_and_exits_2(capsys, tmp_path, monkeypatch):
     out = tmp_path / "checks.json"
     assert _module().main(["--only", "augmentation_cpu_vs_cuda", "--json", str(out)]) == 2
     assert "no CUDA device" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_nvjpeg_check_runs_and_can_fail_on_the_cpu(monkeypatch):
+    """The nvJPEG check, its decoder on the CPU (torchvision's libjpeg): it passes, and
+    fails when the decoded images come out wrong."""
+    module = _module()
+    result = module.nvjpeg_decode(torch.device("cpu"))
+    assert result["ok"], result
+    assert set(result["psnr_db"]) >= {"baseline.jpg", "rotated.jpg", "cmyk.jpg", "image.png"}
+    from shared import nvjpeg
+
+    monkeypatch.setattr(nvjpeg, "orient", lambda image, orientation: image)  # no EXIF turn
+    result = module.nvjpeg_decode(torch.device("cpu"))
+    assert not result["ok"] and result["psnr_db"]["rotated.jpg"]["vs_opencv_path"] < 35

@@ -128,6 +128,19 @@ def test_queue_and_task_per_family(family, task, queue):
     assert {(u.task, u.queue) for u in units} == {(task, queue)}
 
 
+def test_nvjpeg_decoder_sends_the_shards_to_the_gpu_workers():
+    pre = [u for u in _units(preprocessing={"decoder": "nvjpeg"}) if u.family == "preprocess"]
+    assert {(u.task, u.queue, u.params["decoder"]) for u in pre} == {
+        ("orchard.preprocess_shard", "gpu", "nvjpeg")
+    }
+    opencv = [u for u in _units(preprocessing={"decoder": "opencv"}) if u.family == "preprocess"]
+    # the default keeps the params, and so the hashes and reuse, of earlier campaigns
+    default = [u for u in _units() if u.family == "preprocess"]
+    assert [u.params_hash for u in opencv] == [u.params_hash for u in default]
+    assert all("decoder" not in u.params for u in opencv)
+    assert {u.params_hash for u in pre}.isdisjoint(u.params_hash for u in opencv)
+
+
 def test_disabled_family_has_no_units():
     units = _units(rf={"enabled": False})
     assert "rf" not in {u.family for u in units}

@@ -155,7 +155,15 @@ def test_small_jpeg_takes_the_full_decode_unchanged(tmp_path):
 def test_bench_smoke_prints_baseline_orchard_ratio_and_quality(tmp_path):
     out = tmp_path / "preprocess.json"
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "preprocess.py"), "--tiny", "--out", str(out)],
+        [
+            sys.executable,
+            str(REPO / "bench" / "preprocess.py"),
+            "--tiny",
+            "--nvjpeg",
+            "cpu",  # the GPU workers' path, its decoder on the CPU
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -188,7 +196,10 @@ def test_bench_smoke_prints_baseline_orchard_ratio_and_quality(tmp_path):
             "previous-rule",
             "full-decode",
             "floor",
+            "nvjpeg",
         }
+        assert row["nvjpeg_device"] == "cpu" and row["nvjpeg_wall_img_per_s"] > 0
+        assert row["psnr_db_nvjpeg"]["min"] >= 35
         assert row["ratio_orchard_over_baseline"] == pytest.approx(
             rates["orchard"] / rates["baseline"], rel=0.01
         )

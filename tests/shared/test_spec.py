@@ -129,6 +129,11 @@ def test_disabled_section_is_not_a_family(tmp_path):
         ('name = "t"', 'name = "../x"', ["name", "'../x'"]),
         ('name = "t"', 'name = "Has Space"', ["name", "'Has Space'"]),
         ("train_per_class = 4", "train_per_class = 0", ["[dataset] train_per_class"]),
+        (
+            "[cnn]",
+            '[preprocessing]\ndecoder = "gpu"\n\n[cnn]',
+            ["[preprocessing] decoder", "'opencv' or 'nvjpeg'", "'gpu'"],
+        ),
     ],
     ids=[
         "unknown-top-level-key",
@@ -144,6 +149,7 @@ def test_disabled_section_is_not_a_family(tmp_path):
         "name-with-dots",
         "name-with-space",
         "dataset-field",
+        "unknown-decoder",
     ],
 )
 def test_bad_field_is_one_line_naming_section_and_field(tmp_path, old, new, fragments):

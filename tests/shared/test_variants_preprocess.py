@@ -344,6 +344,14 @@ def test_cache_key_depends_on_size_and_shard_size():
     assert cache_key(fp, 256, 64) != cache_key("e" * 64, 256, 64)
 
 
+def test_cache_key_keeps_opencv_shards_and_sets_nvjpeg_apart():
+    fp = "f" * 64
+    # the key earlier versions wrote for OpenCV's shards, so that their caches stay valid
+    assert cache_key(fp, 256, 64, "opencv") == "8c40ca877d75bca8c482"
+    assert cache_key(fp, 256, 64) == cache_key(fp, 256, 64, "opencv")
+    assert cache_key(fp, 256, 64, "nvjpeg") != cache_key(fp, 256, 64)
+
+
 @pytest.mark.parametrize(("count", "size"), [(0, 4), (1, 4), (8, 4), (10, 4), (10, 64), (7, 1)])
 def test_shard_ranges_cover_everything_once(count, size):
     ranges = shard_ranges(count, size)

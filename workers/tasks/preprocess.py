@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
+
+import numpy as np
 
 from db.store import Artifact, Outcome
 from shared.artifacts import sha256_file
 from shared.preprocess import preprocess_images, write_shard
 from workers.data import shard_rel
-from workers.tasks.base import UnitContext, unit_task
+from workers.tasks.base import UnitContext, log, unit_task
 
 
 @unit_task("orchard.preprocess_shard")
@@ -29,12 +33,33 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     entries = manifest.entries[params["start"] : params["stop"]]
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
-    images = preprocess_images([e.path for e in entries], manifest.size, manifest.max_pixels)
+    paths = [e.path for e in entries]
+    decoded_on = "cpu (OpenCV)"
+    if params.get("decoder") == "nvjpeg":
+        images, decoded_on = _nvjpeg(ctx.unit.key, paths, manifest.size, manifest.max_pixels)
+    else:
+        images = preprocess_images(paths, manifest.size, manifest.max_pixels)
     written = write_shard(path, images)
     return Outcome(
         fit_seconds=time.perf_counter() - started,
-        extra={"images": len(entries), "reused": False},
+        extra={"images": len(entries), "reused": False, "decoded_on": decoded_on},
         artifacts=[
             Artifact(rel, "shard", written.sha256, written.size, ctx.campaign.id, ctx.unit.key)
         ],
     )
+
+
+def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode on this GPU worker's CUDA device; on a worker without one, with OpenCV."""
+    from shared.cnn import describe_device, pick_device
+
+    device = pick_device(os.environ.get("ORCHARD_DEVICE"))
+    if device.type != "cuda":
+        where = describe_device(device)
+        log.warning("%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
+        return preprocess_images(paths, size, max_pixels), "cpu (OpenCV)"
+    from shared import nvjpeg
+
+    log.info("%s decodes on %s", key, describe_device(device))
+    images = nvjpeg.preprocess_images([Path(p) for p in paths], size, device, max_pixels)
+    return images, f"{describe_device(device)} (nvJPEG)"

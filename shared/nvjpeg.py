@@ -1,0 +1,178 @@
+"""Preprocessing on a GPU: JPEGs decoded by nvJPEG, resized on the device.
+
+With ``[preprocessing] decoder = "nvjpeg"`` a campaign's preprocessing shards go to
+queue ``gpu``, whose workers would otherwise wait for them: no fold can start before
+every shard is written. torchvision's nvJPEG binding decodes a batch of baseline JPEGs
+on the GPU's hardware JPEG engines (A100, H100, H200; other GPUs decode on their CUDA
+cores), so entropy decoding, the part of libjpeg that no reduced decode skips and most
+of :func:`shared.preprocess.decode_resize`'s time on camera-sized files, leaves the CPU.
+
+The output follows ``decode_resize``: RGB uint8, the EXIF orientation applied as
+``cv2.imread`` does, shrunk with INTER_AREA's weights (each output pixel the
+area-weighted mean of the source pixels it covers, as two matrix products) when the
+short side is at least twice the output, else bilinear as INTER_LINEAR. Other formats,
+and any JPEG nvJPEG refuses, are decoded by OpenCV exactly as before. nvJPEG always
+decodes at full size (it has no scaled decoding) and its inverse DCT and chroma
+upsampling round differently from libjpeg's, so its shards are cached apart
+(``shared.preprocess.cache_key``).
+
+torchvision deprecates its image decoders from 0.29 in favour of TorchCodec; they are
+what the GPU hosts' torchvision releases all have, so orchard uses them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from shared.preprocess import (
+    JPEG_FORMATS,
+    MAX_PIXELS,
+    ImageHeader,
+    decode_resize_data,
+    read_file,
+    read_header,
+)
+
+#: Decoded pixels held on the device at once, summed over a batch: 64 MP (192 MB of RGB).
+BATCH_PIXELS = 64_000_000
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8) of an encoded image; 1 when absent or out of range."""
+    with Image.open(io.BytesIO(data)) as image:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image turned upright, as Pillow's ``exif_transpose`` and OpenCV do."""
+    match orientation:
+        case 2:
+            return image.flip(2)
+        case 3:
+            return image.flip(1, 2)
+        case 4:
+            return image.flip(1)
+        case 5:
+            return image.transpose(1, 2)
+        case 6:
+            return image.rot90(-1, (1, 2))
+        case 7:
+            return image.transpose(1, 2).flip(1, 2)
+        case 8:
+            return image.rot90(1, (1, 2))
+    return image
+
+
+@lru_cache(maxsize=64)
+def area_weights(source: int, output: int) -> np.ndarray:
+    """(output, source) weights of OpenCV's INTER_AREA shrinking ``source`` to ``output``.
+
+    Output pixel ``i`` covers source positions ``[i * s, (i + 1) * s)`` with
+    ``s = source / output``; each source pixel weighs the length it shares with that
+    interval, divided by ``s``, so every row sums to 1.
+    """
+    if output > source:
+        raise ValueError(f"area weights shrink: {source} -> {output} enlarges")
+    scale = source / output
+    starts = np.arange(output) * scale
+    ends = starts + scale
+    pixels = np.arange(source)
+    overlap = np.minimum(ends[:, None], pixels[None, :] + 1) - np.maximum(
+        starts[:, None], pixels[None, :]
+    )
+    return np.clip(overlap, 0, None) / scale
+
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A (3, H, W) uint8 image as (3, size, size) uint8, by ``decode_resize``'s rule."""
+    _, height, width = image.shape
+    pixels = image.to(torch.float32)
+    if min(height, width) >= 2 * size:
+        rows = torch.from_numpy(area_weights(height, size)).to(pixels)
+        cols = torch.from_numpy(area_weights(width, size)).to(pixels)
+        out = rows @ pixels @ cols.T
+    else:
+        out = F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG bytes to (3, H, W) uint8 RGB on ``device``; None where it refuses one.
+
+    The whole batch goes to the decoder at once (on CUDA, one batched nvJPEG call). The
+    decoder gives no partial results, so when a batch fails each image is tried alone.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+
+    def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see the module's docstring
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    try:
+        return list(decode(tensors))
+    except RuntimeError:
+        if len(tensors) == 1:
+            return [None]
+    decoded: list[torch.Tensor | None] = []
+    for tensor in tensors:
+        try:
+            decoded.extend(decode([tensor]))
+        except RuntimeError:
+            decoded.append(None)
+    return decoded
+
+
+def preprocess_images(
+    paths: Sequence[Path],
+    size: int,
+    device: torch.device,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """:func:`shared.preprocess.preprocess_images` with the JPEGs decoded on ``device``."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    batch: list[tuple[int, Path, bytes, ImageHeader]] = []
+
+    def flush() -> None:
+        decoded = decode_jpegs([data for _, _, data, _ in batch], device)
+        done: list[int] = []
+        resized: list[torch.Tensor] = []
+        for (i, path, data, header), image in zip(batch, decoded, strict=True):
+            if image is None:  # CMYK, 12-bit, ...: libjpeg reads what nvJPEG does not
+                out[i] = decode_resize_data(data, header, path, size)
+                continue
+            done.append(i)
+            resized.append(resize(orient(image, exif_orientation(data)), size))
+        if resized:  # one copy back to the host for the batch
+            out[done] = torch.stack(resized).permute(0, 2, 3, 1).cpu().numpy()
+        batch.clear()
+
+    pixels = 0
+    for i, name in enumerate(paths):
+        path = Path(name)
+        data = read_file(path)
+        header = read_header(data, path, max_pixels)
+        if header.format not in JPEG_FORMATS:
+            out[i] = decode_resize_data(data, header, path, size)
+            continue
+        batch.append((i, path, data, header))
+        pixels += header.width * header.height
+        if pixels >= BATCH_PIXELS:
+            flush()
+            pixels = 0
+    if batch:
+        flush()
+    return out

@@ -1,0 +1,92 @@
+"""``[preprocessing] decoder = "nvjpeg"`` through real `celery worker` processes, on the
+real Redis and SQLite: the preprocessing shards go to queue ``gpu`` and the GPU worker
+writes them, apart from OpenCV's in the cache; without a CUDA device (this machine) the
+GPU worker decodes them with OpenCV and says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from db.store import Store
+from scheduler.api import submit
+from shared.preprocess import load_shard, preprocess_images, shard_ranges
+from tests.conftest import REDIS_URL
+from tests.integration.test_campaign import running_workers, settings_for
+from workers.data import shard_rel
+from workers.tasks.base import load_manifest
+
+pytestmark = pytest.mark.integration
+
+CAMPAIGN = """
+name = "nvjpeg"
+seed = 3
+folds = 2
+
+[dataset]
+kind = "synthetic"
+root = "{root}"
+seed = 6
+train_per_class = 6
+test_per_class = 2
+width = 160
+height = 120
+
+[preprocessing]
+size = 32
+shard_size = 12
+decoder = "{decoder}"
+
+[rf]
+variant = "resize16"
+n_estimators = 5
+"""
+
+
+def test_nvjpeg_shards_run_on_the_gpu_worker(tmp_path: Path, sqlite_url: str, redis_prefix: str):
+    settings = settings_for(tmp_path, REDIS_URL, sqlite_url)
+    store = Store(sqlite_url)
+    runs = {}
+    with running_workers(settings, "nvjpeg") as workers:
+        for decoder in ("nvjpeg", "opencv"):
+            path = tmp_path / f"{decoder}.toml"
+            path.write_text(CAMPAIGN.format(root=tmp_path / "data", decoder=decoder))
+            run = submit(path, settings=settings)
+            run.wait(timeout=300, check=workers.check)
+            runs[decoder] = run
+    nvjpeg = runs["nvjpeg"].status()
+    assert nvjpeg.campaign.state == "DONE", [(u.key, u.state, u.error) for u in nvjpeg.units]
+    shards = [u for u in nvjpeg.units if u.family == "preprocess"]
+    assert len(shards) == 2  # 24 images, 12 a shard
+    assert {(u.queue, u.worker.split("@")[0], u.state) for u in shards} == {
+        ("gpu", "gpu-nvjpeg", "SUCCESS")
+    }
+    results = store.results(runs["nvjpeg"].id)
+    cuda = torch.cuda.is_available()
+    for unit in shards:
+        decoded_on = results[unit.key].extra["decoded_on"]
+        assert decoded_on.endswith("(nvJPEG)" if cuda else "cpu (OpenCV)"), decoded_on
+    if not cuda:
+        log = "".join(p.read_text() for p in workers.logs.glob("gpu-*.log"))
+        assert "with OpenCV: nvJPEG needs a CUDA device" in log
+
+    # the same images, cached apart by decoder; the pixels agree
+    manifests = {d: load_manifest(store, settings, run.id) for d, run in runs.items()}
+    assert manifests["nvjpeg"].fingerprint == manifests["opencv"].fingerprint
+    assert manifests["nvjpeg"].cache_key != manifests["opencv"].cache_key
+    opencv_shards = [u for u in runs["opencv"].status().units if u.family == "preprocess"]
+    assert {u.queue for u in opencv_shards} == {"preprocess"}
+    manifest = manifests["nvjpeg"]
+    for index, (start, stop) in enumerate(shard_ranges(len(manifest.entries), 12)):
+        rel = shard_rel(manifest, index)
+        shard = load_shard(settings.artifacts / rel, store.find_artifact(rel).sha256)
+        entries = manifest.entries[start:stop]
+        expected = preprocess_images([e.path for e in entries], 32)
+        if cuda:
+            assert cv2.PSNR(np.ascontiguousarray(expected), shard) >= 35
+        else:
+            np.testing.assert_array_equal(shard, expected)
