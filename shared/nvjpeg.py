@@ -42,7 +42,8 @@ from shared.preprocess import (
     read_header,
 )
 
-#: Decoded pixels held on the device at once, summed over a batch: 64 MP (192 MB of RGB).
+#: Decoded pixels held on the device at once, summed over a batch: 64 MP (192 MB of RGB,
+#: about 1 GB while they are resized in float32).
 BATCH_PIXELS = 64_000_000
 _ORIENTATION_TAG = 0x0112
 
@@ -94,16 +95,18 @@ def area_weights(source: int, output: int) -> np.ndarray:
     return np.clip(overlap, 0, None) / scale
 
 
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A (3, H, W) uint8 image as (3, size, size) uint8, by ``decode_resize``'s rule."""
-    _, height, width = image.shape
-    pixels = image.to(torch.float32)
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) or (3, H, W) uint8 images, each as size x size, by ``decode_resize``'s rule."""
+    height, width = images.shape[-2:]
+    pixels = images.to(torch.float32)
     if min(height, width) >= 2 * size:
         rows = torch.from_numpy(area_weights(height, size)).to(pixels)
         cols = torch.from_numpy(area_weights(width, size)).to(pixels)
         out = rows @ pixels @ cols.T
     else:
-        out = F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
+        batch = pixels if pixels.dim() == 4 else pixels[None]
+        out = F.interpolate(batch, (size, size), mode="bilinear", align_corners=False)
+        out = out.view(*images.shape[:-2], size, size)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -148,16 +151,21 @@ def preprocess_images(
 
     def flush() -> None:
         decoded = decode_jpegs([data for _, _, data, _ in batch], device)
-        done: list[int] = []
-        resized: list[torch.Tensor] = []
+        # upright images of one shape are resized together (a camera's photos: all)
+        shapes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
         for (i, path, data, header), image in zip(batch, decoded, strict=True):
             if image is None:  # CMYK, 12-bit, ...: libjpeg reads what nvJPEG does not
                 out[i] = decode_resize_data(data, header, path, size)
                 continue
-            done.append(i)
-            resized.append(resize(orient(image, exif_orientation(data)), size))
+            image = orient(image, exif_orientation(data))
+            shapes.setdefault(tuple(image.shape), []).append((i, image))
+        done: list[int] = []
+        resized: list[torch.Tensor] = []
+        for group in shapes.values():
+            done.extend(i for i, _ in group)
+            resized.append(resize(torch.stack([image for _, image in group]), size))
         if resized:  # one copy back to the host for the batch
-            out[done] = torch.stack(resized).permute(0, 2, 3, 1).cpu().numpy()
+            out[done] = torch.cat(resized).permute(0, 2, 3, 1).cpu().numpy()
         batch.clear()
 
     pixels = 0

@@ -104,12 +104,15 @@ def test_mixed_formats_batches_and_fallbacks(tmp_path, monkeypatch):
         _jpeg(tmp_path / "c.jpg", _photo(4, 600, 800), orientation=6),
         tmp_path / "d.jpg",
         _jpeg(tmp_path / "e.jpg", _photo(5, 1024, 768)),
+        _jpeg(tmp_path / "f.jpg", _photo(10, 1024, 768)),  # resized with e.jpg, in one batch
+        _jpeg(tmp_path / "g.jpg", _photo(11, 320, 240)),
     ]
     assert cv2.imwrite(str(paths[1]), _photo(6, 200, 100))
     Image.fromarray(_photo(7, 300, 300)[..., 0]).save(paths[3], "JPEG", quality=90)
     expected = preprocess_images(paths, 64)
     whole = nvjpeg.preprocess_images(paths, 64, CPU)
     monkeypatch.setattr(nvjpeg, "BATCH_PIXELS", 300_000)  # a batch every image or two
+    assert len({image.tobytes() for image in whole}) == len(paths)
     batched = nvjpeg.preprocess_images(paths, 64, CPU)
     np.testing.assert_array_equal(batched, whole)
     for i, (want, got) in enumerate(zip(expected, whole, strict=True)):
