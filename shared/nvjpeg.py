@@ -11,7 +11,8 @@ The output follows ``decode_resize``: RGB uint8, the EXIF orientation applied as
 ``cv2.imread`` does, shrunk with INTER_AREA's weights (each output pixel the
 area-weighted mean of the source pixels it covers, as two matrix products) when the
 short side is at least twice the output, else bilinear as INTER_LINEAR. Other formats,
-and any JPEG nvJPEG refuses, are decoded by OpenCV exactly as before. nvJPEG always
+JPEGs that are not 8-bit grey or YCbCr (CMYK, RGB-coded) and any JPEG nvJPEG refuses
+are decoded by OpenCV exactly as before. nvJPEG always
 decodes at full size (it has no scaled decoding) and its inverse DCT and chroma
 upsampling round differently from libjpeg's, so its shards are cached apart
 (``shared.preprocess.cache_key``).
@@ -48,11 +49,22 @@ BATCH_PIXELS = 64_000_000
 _ORIENTATION_TAG = 0x0112
 
 
-def exif_orientation(data: bytes) -> int:
-    """The EXIF Orientation (1-8) of an encoded image; 1 when absent or out of range."""
+def jpeg_facts(data: bytes) -> tuple[int, bool]:
+    """A JPEG's EXIF Orientation (1-8; 1 when absent or out of range), and whether it is
+    one nvJPEG decodes as libjpeg does: 8-bit grey or YCbCr.
+
+    CMYK and YCCK JPEGs, and RGB-coded ones (an Adobe marker with transform 0, or the
+    components named R, G, B), go to OpenCV: nvJPEG might not refuse them, but it is
+    not known to convert them as libjpeg does.
+    """
     with Image.open(io.BytesIO(data)) as image:
         value = image.getexif().get(_ORIENTATION_TAG, 1)
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+        components = [layer[0] for layer in getattr(image, "layer", ())]
+        ycbcr = image.info.get("adobe_transform") != 0 and components != [82, 71, 66]
+        suits = getattr(image, "bits", 8) == 8 and (
+            image.mode == "L" or (image.mode == "RGB" and ycbcr)
+        )
+    return (value if isinstance(value, int) and 1 <= value <= 8 else 1), suits
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -147,17 +159,17 @@ def preprocess_images(
 ) -> np.ndarray:
     """:func:`shared.preprocess.preprocess_images` with the JPEGs decoded on ``device``."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    batch: list[tuple[int, Path, bytes, ImageHeader]] = []
+    batch: list[tuple[int, Path, bytes, ImageHeader, int]] = []
 
     def flush() -> None:
-        decoded = decode_jpegs([data for _, _, data, _ in batch], device)
+        decoded = decode_jpegs([data for _, _, data, _, _ in batch], device)
         # upright images of one shape are resized together (a camera's photos: all)
         shapes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-        for (i, path, data, header), image in zip(batch, decoded, strict=True):
-            if image is None:  # CMYK, 12-bit, ...: libjpeg reads what nvJPEG does not
+        for (i, path, data, header, orientation), image in zip(batch, decoded, strict=True):
+            if image is None:  # refused: libjpeg may read what nvJPEG does not
                 out[i] = decode_resize_data(data, header, path, size)
                 continue
-            image = orient(image, exif_orientation(data))
+            image = orient(image, orientation)
             shapes.setdefault(tuple(image.shape), []).append((i, image))
         done: list[int] = []
         resized: list[torch.Tensor] = []
@@ -173,10 +185,11 @@ def preprocess_images(
         path = Path(name)
         data = read_file(path)
         header = read_header(data, path, max_pixels)
-        if header.format not in JPEG_FORMATS:
+        orientation, suits = jpeg_facts(data) if header.format in JPEG_FORMATS else (1, False)
+        if not suits:  # other formats, CMYK, RGB-coded JPEGs: OpenCV as before
             out[i] = decode_resize_data(data, header, path, size)
             continue
-        batch.append((i, path, data, header))
+        batch.append((i, path, data, header, orientation))
         pixels += header.width * header.height
         if pixels >= BATCH_PIXELS:
             flush()

@@ -75,7 +75,7 @@ def test_under_twice_the_output_is_bilinear_like_inter_linear(height, width):
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_comes_out_as_opencv_shows_it(tmp_path, orientation):
     path = _jpeg(tmp_path / "o.jpg", _photo(2, 640, 360), orientation)
-    assert nvjpeg.exif_orientation(path.read_bytes()) == orientation
+    assert nvjpeg.jpeg_facts(path.read_bytes()) == (orientation, True)
     ours = nvjpeg.preprocess_images([path], 96, CPU)[0]
     assert cv2.PSNR(decode_resize(path, 96), ours) >= 40
     if orientation != 1:  # the check can fail: the picture as stored differs
@@ -127,6 +127,39 @@ def test_mixed_formats_batches_and_fallbacks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nvjpeg, "decode_jpegs", refusing_c)
     np.testing.assert_array_equal(nvjpeg.preprocess_images(paths, 64, CPU)[2], expected[2])
+
+
+def test_cmyk_and_rgb_coded_jpegs_go_to_opencv(tmp_path, monkeypatch):
+    """nvJPEG gets 8-bit grey and YCbCr JPEGs only: it is not known to convert CMYK or
+    RGB-coded ones as libjpeg does, and might not refuse them."""
+    colour = Image.fromarray(_photo(12, 320, 240)[..., ::-1])
+    paths = {
+        "cmyk": tmp_path / "cmyk.jpg",
+        "rgb": tmp_path / "rgb.jpg",
+        "ycbcr": tmp_path / "ycbcr.jpg",
+        "grey": tmp_path / "grey.jpg",
+        "progressive": tmp_path / "progressive.jpg",
+    }
+    colour.convert("CMYK").save(paths["cmyk"], "JPEG", quality=90)
+    colour.save(paths["rgb"], "JPEG", quality=90, keep_rgb=True)  # Adobe transform 0
+    colour.save(paths["ycbcr"], "JPEG", quality=90)
+    colour.convert("L").save(paths["grey"], "JPEG", quality=90)
+    colour.save(paths["progressive"], "JPEG", quality=90, progressive=True)
+    suits = {name: nvjpeg.jpeg_facts(path.read_bytes())[1] for name, path in paths.items()}
+    assert suits == {"cmyk": False, "rgb": False, "ycbcr": True, "grey": True, "progressive": True}
+
+    sent: list[bytes] = []
+    decode = nvjpeg.decode_jpegs
+
+    def recording(datas, device):
+        sent.extend(datas)
+        return decode(datas, device)
+
+    monkeypatch.setattr(nvjpeg, "decode_jpegs", recording)
+    out = nvjpeg.preprocess_images(list(paths.values()), 64, CPU)
+    assert sorted(sent) == sorted(paths[n].read_bytes() for n, ok in suits.items() if ok)
+    np.testing.assert_array_equal(out[0], decode_resize(paths["cmyk"], 64))
+    np.testing.assert_array_equal(out[1], decode_resize(paths["rgb"], 64))
 
 
 def test_a_batch_with_an_undecodable_image_decodes_the_rest(tmp_path):
