@@ -35,7 +35,8 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     # shard with one line naming it, and nothing is written (shards are written atomically).
     paths = [e.path for e in entries]
     decoded_on = "cpu (OpenCV)"
-    if params.get("decoder") == "nvjpeg":
+    # the manifest's decoder, which its cache key names (the unit's params route it)
+    if manifest.decoder == "nvjpeg":
         images, decoded_on = _nvjpeg(ctx.unit.key, paths, manifest.size, manifest.max_pixels)
     else:
         images = preprocess_images(paths, manifest.size, manifest.max_pixels)
