@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -122,6 +124,14 @@ def test_manifest_json_round_trip():
     assert again == manifest
     assert isinstance(again.classes, tuple)
     assert isinstance(again.entries[0], Entry)
+
+
+def test_a_manifest_written_before_the_decoder_field_reads_as_opencv():
+    nvjpeg = dataclasses.replace(_manifest(), decoder="nvjpeg")
+    assert Manifest.from_json(nvjpeg.to_json()).decoder == "nvjpeg"
+    older = json.loads(_manifest().to_json())
+    del older["decoder"]
+    assert Manifest.from_json(json.dumps(older)).decoder == "opencv"
 
 
 def test_fold_indices_partition_the_labelled_pool():
