@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from shared.artifacts import sha256_file
 from shared.preprocess import preprocess_images, write_shard
 from workers.data import shard_rel
 from workers.tasks.base import UnitContext, log, unit_task
+
+_warned: set[str] = set()  # this worker said it has no CUDA device for nvjpeg
 
 
 @unit_task("orchard.preprocess_shard")
@@ -56,8 +59,10 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
 
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
     if device.type != "cuda":
+        level = logging.INFO if _warned else logging.WARNING  # once a worker, not a shard
         where = describe_device(device)
-        log.warning("%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
+        log.log(level, "%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
+        _warned.add(where)
         return preprocess_images(paths, size, max_pixels), "cpu (OpenCV)"
     from shared import nvjpeg
 
