@@ -64,8 +64,13 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
         log.log(level, "%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
         _warned.add(where)
         return preprocess_images(paths, size, max_pixels), "cpu (OpenCV)"
+    import torch
+
     from shared import nvjpeg
 
     log.info("%s decodes on %s", key, describe_device(device))
-    images = nvjpeg.preprocess_images([Path(p) for p in paths], size, device, max_pixels)
+    try:
+        images = nvjpeg.preprocess_images([Path(p) for p in paths], size, device, max_pixels)
+    finally:  # up to a GB of decoded batches: back to the GPU for the folds that follow
+        torch.cuda.empty_cache()
     return images, f"{describe_device(device)} (nvJPEG)"
