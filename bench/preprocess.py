@@ -15,7 +15,7 @@ the usual 4:3 camera shape, by default), writes ``--n`` JPEGs (quality ``--quali
   1/8 that keeps the output size, then bilinear when under 2x is left): faster, but
   under 35 dB against the full decode on detailed photos at most camera sizes;
 
-- nvjpeg (with ``--nvjpeg DEVICE``): ``shared.nvjpeg.preprocess_images``, what a GPU
+- nvjpeg (with ``--nvjpeg DEVICE``): ``shared.nvjpeg.decode_shard``, what a GPU
   worker runs for ``[preprocessing] decoder = "nvjpeg"``: the set's JPEGs decoded as one
   batch by torchvision's nvJPEG binding on ``DEVICE`` (``cuda``; ``cpu`` runs the same
   code with libjpeg, a smoke run), resized on the device and copied back. Its "per
@@ -294,11 +294,16 @@ def measure_nvjpeg(paths: list[Path], reference: Callable, args: argparse.Namesp
     from shared import nvjpeg
 
     device = torch.device(args.nvjpeg)
-    out = nvjpeg.preprocess_images(paths, args.size, device)  # warm-up: nvJPEG's set-up
+    out, on_device = nvjpeg.decode_shard(paths, args.size, device)  # warm-up: nvJPEG's set-up
+    if on_device != len(paths):  # the figures would be OpenCV's
+        raise SystemExit(
+            f"bench/preprocess.py: --nvjpeg {args.nvjpeg}: the decoder took {on_device} of "
+            f"{len(paths)} JPEGs (is torchvision built with nvJPEG?)"
+        )
     cpu = wall = float("inf")
     for _ in range(args.repeat):
         started, clock = time.process_time(), time.perf_counter()
-        nvjpeg.preprocess_images(paths, args.size, device)  # ends with the copy to the host
+        nvjpeg.decode_shard(paths, args.size, device)  # ends with the copy to the host
         cpu = min(cpu, time.process_time() - started)
         wall = min(wall, time.perf_counter() - clock)
     psnr = [

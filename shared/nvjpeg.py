@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -151,17 +152,24 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     return decoded
 
 
-def preprocess_images(
+class Decoded(NamedTuple):
+    images: np.ndarray  # (n, size, size, 3) uint8 RGB, in the order of the paths
+    on_device: int  # how many the device's decoder decoded; OpenCV decoded the others
+
+
+def decode_shard(
     paths: Sequence[Path],
     size: int,
     device: torch.device,
     max_pixels: int = MAX_PIXELS,
-) -> np.ndarray:
+) -> Decoded:
     """:func:`shared.preprocess.preprocess_images` with the JPEGs decoded on ``device``."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    on_device = 0
     batch: list[tuple[int, Path, bytes, ImageHeader, int]] = []
 
     def flush() -> None:
+        nonlocal on_device
         decoded = decode_jpegs([data for _, _, data, _, _ in batch], device)
         # upright images of one shape are resized together (a camera's photos: all)
         shapes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
@@ -178,6 +186,7 @@ def preprocess_images(
             resized.append(resize(torch.stack([image for _, image in group]), size))
         if resized:  # one copy back to the host for the batch
             out[done] = torch.cat(resized).permute(0, 2, 3, 1).cpu().numpy()
+        on_device += len(done)
         batch.clear()
 
     pixels = 0
@@ -196,4 +205,4 @@ def preprocess_images(
             pixels = 0
     if batch:
         flush()
-    return out
+    return Decoded(out, on_device)

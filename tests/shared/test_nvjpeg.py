@@ -76,7 +76,7 @@ def test_under_twice_the_output_is_bilinear_like_inter_linear(height, width):
 def test_every_exif_orientation_comes_out_as_opencv_shows_it(tmp_path, orientation):
     path = _jpeg(tmp_path / "o.jpg", _photo(2, 640, 360), orientation)
     assert nvjpeg.jpeg_facts(path.read_bytes()) == (orientation, True)
-    ours = nvjpeg.preprocess_images([path], 96, CPU)[0]
+    ours = nvjpeg.decode_shard([path], 96, CPU).images[0]
     assert cv2.PSNR(decode_resize(path, 96), ours) >= 40
     if orientation != 1:  # the check can fail: the picture as stored differs
         as_stored = decode_resize(_jpeg(tmp_path / "u.jpg", _photo(2, 640, 360)), 96)
@@ -87,12 +87,12 @@ def test_every_exif_orientation_comes_out_as_opencv_shows_it(tmp_path, orientati
 def test_quality_against_the_full_decode(tmp_path, width, height):
     """The issue's check: at least 35 dB against full decode + INTER_AREA."""
     path = _jpeg(tmp_path / "p.jpg", _photo(1, width, height))
-    assert cv2.PSNR(_reference(path, 256), nvjpeg.preprocess_images([path], 256, CPU)[0]) >= 40
+    assert cv2.PSNR(_reference(path, 256), nvjpeg.decode_shard([path], 256, CPU).images[0]) >= 40
 
 
 def test_detailed_real_photo(tmp_path):
     path = _jpeg(tmp_path / "china.jpg", load_sample_image("china.jpg")[..., ::-1])
-    assert cv2.PSNR(_reference(path, 128), nvjpeg.preprocess_images([path], 128, CPU)[0]) >= 40
+    assert cv2.PSNR(_reference(path, 128), nvjpeg.decode_shard([path], 128, CPU).images[0]) >= 40
 
 
 def test_mixed_formats_batches_and_fallbacks(tmp_path, monkeypatch):
@@ -110,10 +110,11 @@ def test_mixed_formats_batches_and_fallbacks(tmp_path, monkeypatch):
     assert cv2.imwrite(str(paths[1]), _photo(6, 200, 100))
     Image.fromarray(_photo(7, 300, 300)[..., 0]).save(paths[3], "JPEG", quality=90)
     expected = preprocess_images(paths, 64)
-    whole = nvjpeg.preprocess_images(paths, 64, CPU)
+    whole, on_device = nvjpeg.decode_shard(paths, 64, CPU)
+    assert on_device == len(paths) - 1  # all but the PNG
     monkeypatch.setattr(nvjpeg, "BATCH_PIXELS", 300_000)  # a batch every image or two
     assert len({image.tobytes() for image in whole}) == len(paths)
-    batched = nvjpeg.preprocess_images(paths, 64, CPU)
+    batched = nvjpeg.decode_shard(paths, 64, CPU).images
     np.testing.assert_array_equal(batched, whole)
     for i, (want, got) in enumerate(zip(expected, whole, strict=True)):
         assert cv2.PSNR(want, got) >= 40, paths[i]
@@ -126,7 +127,9 @@ def test_mixed_formats_batches_and_fallbacks(tmp_path, monkeypatch):
         return [None if d == paths[2].read_bytes() else o for d, o in zip(datas, out, strict=True)]
 
     monkeypatch.setattr(nvjpeg, "decode_jpegs", refusing_c)
-    np.testing.assert_array_equal(nvjpeg.preprocess_images(paths, 64, CPU)[2], expected[2])
+    refused = nvjpeg.decode_shard(paths, 64, CPU)
+    assert refused.on_device == len(paths) - 2
+    np.testing.assert_array_equal(refused.images[2], expected[2])
 
 
 def test_cmyk_and_rgb_coded_jpegs_go_to_opencv(tmp_path, monkeypatch):
@@ -156,7 +159,8 @@ def test_cmyk_and_rgb_coded_jpegs_go_to_opencv(tmp_path, monkeypatch):
         return decode(datas, device)
 
     monkeypatch.setattr(nvjpeg, "decode_jpegs", recording)
-    out = nvjpeg.preprocess_images(list(paths.values()), 64, CPU)
+    out, on_device = nvjpeg.decode_shard(list(paths.values()), 64, CPU)
+    assert on_device == 3
     assert sorted(sent) == sorted(paths[n].read_bytes() for n, ok in suits.items() if ok)
     np.testing.assert_array_equal(out[0], decode_resize(paths["cmyk"], 64))
     np.testing.assert_array_equal(out[1], decode_resize(paths["rgb"], 64))
@@ -175,6 +179,6 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(_jpeg(tmp_path / "whole.jpg", _photo(1, 320, 240)).read_bytes()[:5000])
     with pytest.raises(PreprocessError, match=r"cut\.jpg: truncated JPEG"):
-        nvjpeg.preprocess_images([tmp_path / "whole.jpg", cut], 64, CPU)
+        nvjpeg.decode_shard([tmp_path / "whole.jpg", cut], 64, CPU)
     with pytest.raises(PreprocessError, match=r"gone\.jpg: image file is missing"):
-        nvjpeg.preprocess_images([tmp_path / "gone.jpg"], 64, CPU)
+        nvjpeg.decode_shard([tmp_path / "gone.jpg"], 64, CPU)

@@ -70,7 +70,9 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
 
     log.info("%s decodes on %s", key, describe_device(device))
     try:
-        images = nvjpeg.preprocess_images([Path(p) for p in paths], size, device, max_pixels)
+        images, on_device = nvjpeg.decode_shard([Path(p) for p in paths], size, device, max_pixels)
     finally:  # up to a GB of decoded batches: back to the GPU for the folds that follow
         torch.cuda.empty_cache()
-    return images, f"{describe_device(device)} (nvJPEG)"
+    others = len(paths) - on_device  # not JPEG, CMYK, refused: OpenCV
+    note = f", {others} by OpenCV on the CPU" if others else ""
+    return images, f"{describe_device(device)}: {on_device} by nvJPEG{note}"
