@@ -114,6 +114,18 @@ _DASH = "—"
 
 
 @dataclass(frozen=True, slots=True)
+class PreprocessingSummary:
+    """What the preprocessing shards did: image counts by decoder, of the shards that ran."""
+
+    size: int  # the cache's side in pixels
+    shards: int
+    by_opencv: int = 0  # images OpenCV decoded on a worker's CPU
+    by_nvjpeg: dict[str, int] = field(default_factory=dict)  # device -> images
+    cached: int = 0  # images of shards an earlier campaign wrote, found in the cache
+    unfinished: int = 0  # shards without a result (failed, cancelled)
+
+
+@dataclass(frozen=True, slots=True)
 class UnitSummary:
     key: str  # e.g. "quick-1a2b3c/cnn/5f3e2a1b9c0d/f2"
     family: str  # "cnn" | "svm" | "rf" | "rf_shard" | ...
@@ -293,6 +305,7 @@ class ReportData:
     test_labelled: bool = True
     # units that are not in ``units`` (no model, no result): {"preprocess": 3, "report": 1}
     other_units: dict[str, int] = field(default_factory=dict)
+    preprocessing: PreprocessingSummary | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1216,6 +1229,23 @@ def _units_line(data: ReportData, failed: list[UnitSummary], reused: list[UnitSu
     return text
 
 
+def _preprocessing_line(summary: PreprocessingSummary) -> str:
+    """``Preprocessing: 190 images to 256×256 in 3 shards: 190 by OpenCV on the CPU``."""
+    parts = [f"{n} by nvJPEG on {device}" for device, n in summary.by_nvjpeg.items()]
+    if summary.by_opencv:
+        parts.append(f"{summary.by_opencv} by OpenCV on the CPU")
+    if summary.cached:
+        parts.append(f"{summary.cached} from the cache an earlier campaign wrote")
+    images = summary.by_opencv + sum(summary.by_nvjpeg.values()) + summary.cached
+    shards = f"{summary.shards} shard{'s' * (summary.shards != 1)}"
+    text = f"Preprocessing: {images} images to {summary.size}×{summary.size} in {shards}"
+    if parts:
+        text += ": " + ", ".join(parts)
+    if summary.unfinished:
+        text += f" ({summary.unfinished} of the shards without a result)"
+    return text
+
+
 def document(data: ReportData) -> tuple[str, list[Block]]:
     """The report's title and blocks; :data:`SECTION_HEADINGS` are its ``##`` headings."""
     failed = [u for u in data.units if _is_failed(u.state)]
@@ -1227,6 +1257,8 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
         (f"Classes: {', '.join(data.classes) or _DASH}",),
         (_units_line(data, failed, reused),),
     ]
+    if data.preprocessing is not None:
+        meta.append((_preprocessing_line(data.preprocessing),))
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
         what = (

@@ -68,8 +68,12 @@ def test_nvjpeg_shards_run_on_the_gpu_worker(tmp_path: Path, sqlite_url: str, re
     results = store.results(runs["nvjpeg"].id)
     cuda = torch.cuda.is_available()
     for unit in shards:
-        decoded_on = results[unit.key].extra["decoded_on"]
-        assert (": 12 by nvJPEG" if cuda else "cpu (OpenCV)") in decoded_on, decoded_on
+        extra = results[unit.key].extra
+        assert extra["decoded_on"].startswith("cuda" if cuda else "cpu"), extra
+        assert (extra["by_nvjpeg"], extra["by_opencv"]) == ((12, 0) if cuda else (0, 12))
+    markdown = runs["nvjpeg"].report_path().with_suffix(".md").read_text()
+    where = "by nvJPEG on cuda" if cuda else "by OpenCV on the CPU"
+    assert f"- Preprocessing: 24 images to 32×32 in 2 shards: 24 {where}" in markdown
     if not cuda:
         log = "".join(p.read_text() for p in workers.logs.glob("gpu-*.log"))
         assert "with OpenCV: nvJPEG needs a CUDA device" in log

@@ -613,3 +613,38 @@ def test_units_line_counts_the_other_units(store: Store) -> None:
         "- Units: 7 model units (0 failed), plus 1 preprocessing shard and the report\n"
         in render_markdown(data)
     )
+
+
+def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    store.upgrade()
+    campaign = parse_campaign(
+        {**SPEC, "preprocessing": {"size": 64, "decoder": "nvjpeg"}}, source="test"
+    )
+    store.create_campaign(
+        "pp-1",
+        name="pp",
+        source="r.toml",
+        digest=campaign.digest(),
+        spec=campaign.model_dump(mode="json"),
+        classes=["A", "B", "C"],
+        units=plan_units("pp-1", campaign, [(0, 4), (4, 8), (8, 10), (10, 12)]),
+    )
+    shards = [u.key for u in store.units("pp-1") if u.family == "preprocess"]
+    extras = [
+        {"images": 4, "reused": False, "decoded_on": "cuda:0 (NVIDIA H200)", "by_nvjpeg": 3},
+        {"images": 4, "reused": False},  # written before shards counted their decoders
+        {"images": 2, "reused": True},
+    ]
+    for key, extra in zip(shards, extras, strict=False):  # the fourth shard never ran
+        store.start_unit(key, worker="gpu@h", task_id=None)
+        store.finish_unit(key, Outcome(fit_seconds=0.1, extra=extra))
+    data = build_report_data(store, "pp-1")
+    assert data.preprocessing is not None
+    assert data.preprocessing.by_nvjpeg == {"cuda:0 (NVIDIA H200)": 3}
+    assert (data.preprocessing.by_opencv, data.preprocessing.cached) == (5, 2)
+    assert (
+        "- Preprocessing: 10 images to 64×64 in 4 shards: 3 by nvJPEG on cuda:0 (NVIDIA H200), "
+        "5 by OpenCV on the CPU, 2 from the cache an earlier campaign wrote "
+        "(1 of the shards without a result)\n" in render_markdown(data)
+    )

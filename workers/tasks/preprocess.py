@@ -37,24 +37,33 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
     paths = [e.path for e in entries]
-    decoded_on = "cpu (OpenCV)"
+    decoded_on, by_nvjpeg = "cpu", 0
     # the manifest's decoder, which its cache key names (the unit's params route it)
     if manifest.decoder == "nvjpeg":
-        images, decoded_on = _nvjpeg(ctx.unit.key, paths, manifest.size, manifest.max_pixels)
+        images, decoded_on, by_nvjpeg = _nvjpeg(
+            ctx.unit.key, paths, manifest.size, manifest.max_pixels
+        )
     else:
         images = preprocess_images(paths, manifest.size, manifest.max_pixels)
     written = write_shard(path, images)
     return Outcome(
         fit_seconds=time.perf_counter() - started,
-        extra={"images": len(entries), "reused": False, "decoded_on": decoded_on},
+        extra={
+            "images": len(entries),
+            "reused": False,
+            "decoded_on": decoded_on,  # the worker's device for nvJPEG, else "cpu"
+            "by_nvjpeg": by_nvjpeg,
+            "by_opencv": len(entries) - by_nvjpeg,
+        },
         artifacts=[
             Artifact(rel, "shard", written.sha256, written.size, ctx.campaign.id, ctx.unit.key)
         ],
     )
 
 
-def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.ndarray, str]:
-    """Decode on this GPU worker's CUDA device; on a worker without one, with OpenCV."""
+def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.ndarray, str, int]:
+    """Decode on this GPU worker's CUDA device; on a worker without one, with OpenCV.
+    Returns the images, the device, and how many of them nvJPEG decoded."""
     from shared.cnn import describe_device, pick_device
 
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))
@@ -63,7 +72,7 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
         where = describe_device(device)
         log.log(level, "%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
         _warned.add(where)
-        return preprocess_images(paths, size, max_pixels), "cpu (OpenCV)"
+        return preprocess_images(paths, size, max_pixels), "cpu", 0
     import torch
 
     from shared import nvjpeg
@@ -73,6 +82,4 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
         images, on_device = nvjpeg.decode_shard([Path(p) for p in paths], size, device, max_pixels)
     finally:  # up to a GB of decoded batches: back to the GPU for the folds that follow
         torch.cuda.empty_cache()
-    others = len(paths) - on_device  # not JPEG, CMYK, refused: OpenCV
-    note = f", {others} by OpenCV on the CPU" if others else ""
-    return images, f"{describe_device(device)}: {on_device} by nvJPEG{note}"
+    return images, describe_device(device), on_device  # the others: OpenCV (not JPEG, CMYK, ...)

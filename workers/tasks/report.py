@@ -38,6 +38,7 @@ from shared.report import (
     LimeItem,
     LimeSection,
     PointRow,
+    PreprocessingSummary,
     ReportData,
     SkippedInput,
     Submission,
@@ -508,6 +509,31 @@ def timeline(units: Sequence[Unit], results: dict[str, Result]) -> list[Timeline
 # --------------------------------------------------------------------------- LIME
 
 
+def preprocessing_summary(
+    units: Sequence[Unit], results: dict[str, Result], size: int
+) -> PreprocessingSummary | None:
+    """Where the campaign's images were decoded, from its shards' results."""
+    shards = [u for u in units if u.family == "preprocess"]
+    if not shards:
+        return None
+    by_nvjpeg: dict[str, int] = defaultdict(int)
+    by_opencv = cached = unfinished = 0
+    for unit in shards:
+        if unit.key not in results:
+            unfinished += 1
+            continue
+        extra = results[unit.key].extra or {}
+        images = int(extra.get("images", 0))
+        if extra.get("reused"):
+            cached += images
+            continue
+        nvjpeg = int(extra.get("by_nvjpeg", 0))  # shards of earlier versions: OpenCV
+        if nvjpeg:
+            by_nvjpeg[str(extra.get("decoded_on", "a GPU"))] += nvjpeg
+        by_opencv += images - nvjpeg
+    return PreprocessingSummary(size, len(shards), by_opencv, dict(by_nvjpeg), cached, unfinished)
+
+
 def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
     out = []
     for entry in getattr(manifest, "skipped", None) or ():
@@ -889,6 +915,11 @@ def build_report_data(
             for family in ("preprocess", "report")
             if any(u.family == family for u in all_units)
         },
+        preprocessing=preprocessing_summary(
+            all_units,
+            results,
+            manifest.size if manifest else int((spec.get("preprocessing") or {}).get("size", 256)),
+        ),
     )
 
 
