@@ -12,10 +12,9 @@ The output follows ``decode_resize``: RGB uint8, the EXIF orientation applied as
 area-weighted mean of the source pixels it covers, as two matrix products) when the
 short side is at least twice the output, else bilinear as INTER_LINEAR. Other formats,
 JPEGs that are not 8-bit grey or YCbCr (CMYK, RGB-coded) and any JPEG nvJPEG refuses
-are decoded by OpenCV exactly as before. nvJPEG always
-decodes at full size (it has no scaled decoding) and its inverse DCT and chroma
-upsampling round differently from libjpeg's, so its shards are cached apart
-(``shared.preprocess.cache_key``).
+are decoded by OpenCV exactly as before. nvJPEG always decodes at full size (it has no
+scaled decoding) and its inverse DCT and chroma upsampling round differently from
+libjpeg's, so its shards are cached apart (``shared.preprocess.cache_key``).
 
 torchvision deprecates its image decoders from 0.29 in favour of TorchCodec; they are
 what the GPU hosts' torchvision releases all have, so orchard uses them.
@@ -158,18 +157,17 @@ class Decoded(NamedTuple):
 
 
 def decode_shard(
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     size: int,
     device: torch.device,
     max_pixels: int = MAX_PIXELS,
 ) -> Decoded:
     """:func:`shared.preprocess.preprocess_images` with the JPEGs decoded on ``device``."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    on_device = 0
     batch: list[tuple[int, Path, bytes, ImageHeader, int]] = []
 
-    def flush() -> None:
-        nonlocal on_device
+    def flush() -> int:
+        """Decode and resize ``batch`` into ``out``; how many the device decoded."""
         decoded = decode_jpegs([data for _, _, data, _, _ in batch], device)
         # upright images of one shape are resized together (a camera's photos: all)
         shapes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
@@ -186,10 +184,10 @@ def decode_shard(
             resized.append(resize(torch.stack([image for _, image in group]), size))
         if resized:  # one copy back to the host for the batch
             out[done] = torch.cat(resized).permute(0, 2, 3, 1).cpu().numpy()
-        on_device += len(done)
         batch.clear()
+        return len(done)
 
-    pixels = 0
+    pixels = on_device = 0
     for i, name in enumerate(paths):
         path = Path(name)
         data = read_file(path)
@@ -201,8 +199,8 @@ def decode_shard(
         batch.append((i, path, data, header, orientation))
         pixels += header.width * header.height
         if pixels >= BATCH_PIXELS:
-            flush()
+            on_device += flush()
             pixels = 0
     if batch:
-        flush()
+        on_device += flush()
     return Decoded(out, on_device)

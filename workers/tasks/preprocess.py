@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -79,7 +78,7 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
 
     log.info("%s decodes on %s", key, describe_device(device))
     try:
-        images, on_device = nvjpeg.decode_shard([Path(p) for p in paths], size, device, max_pixels)
+        images, on_device = nvjpeg.decode_shard(paths, size, device, max_pixels)
     finally:  # up to a GB of decoded batches: back to the GPU for the folds that follow
         torch.cuda.empty_cache()
     return images, describe_device(device), on_device  # the others: OpenCV (not JPEG, CMYK, ...)
