@@ -121,7 +121,7 @@ class PreprocessingSummary:
     shards: int
     by_opencv: int = 0  # images OpenCV decoded on a worker's CPU
     by_nvjpeg: dict[str, int] = field(default_factory=dict)  # device -> images
-    cached: int = 0  # images of shards an earlier campaign wrote, found in the cache
+    cached: int = 0  # images of shards found in the cache (an earlier campaign wrote them)
     unfinished: int = 0  # shards without a result (failed, cancelled)
 
 
@@ -1235,7 +1235,7 @@ def _preprocessing_line(summary: PreprocessingSummary) -> str:
     if summary.by_opencv:
         parts.append(f"{summary.by_opencv} by OpenCV on the CPU")
     if summary.cached:
-        parts.append(f"{summary.cached} from the cache an earlier campaign wrote")
+        parts.append(f"{summary.cached} found in the cache")
     images = summary.by_opencv + sum(summary.by_nvjpeg.values()) + summary.cached
     shards = f"{summary.shards} shard{'s' * (summary.shards != 1)}"
     text = f"Preprocessing: {images} images to {summary.size}×{summary.size} in {shards}"

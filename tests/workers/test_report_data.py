@@ -645,6 +645,6 @@ def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) 
     assert (data.preprocessing.by_opencv, data.preprocessing.cached) == (5, 2)
     assert (
         "- Preprocessing: 10 images to 64×64 in 4 shards: 3 by nvJPEG on cuda:0 (NVIDIA H200), "
-        "5 by OpenCV on the CPU, 2 from the cache an earlier campaign wrote "
+        "5 by OpenCV on the CPU, 2 found in the cache "
         "(1 of the shards without a result)\n" in render_markdown(data)
     )

@@ -506,9 +506,6 @@ def timeline(units: Sequence[Unit], results: dict[str, Result]) -> list[Timeline
     ]
 
 
-# --------------------------------------------------------------------------- LIME
-
-
 def preprocessing_summary(
     units: Sequence[Unit], results: dict[str, Result], size: int
 ) -> PreprocessingSummary | None:
@@ -532,6 +529,9 @@ def preprocessing_summary(
             by_nvjpeg[str(extra.get("decoded_on", "a GPU"))] += nvjpeg
         by_opencv += images - nvjpeg
     return PreprocessingSummary(size, len(shards), by_opencv, dict(by_nvjpeg), cached, unfinished)
+
+
+# --------------------------------------------------------------------------- LIME
 
 
 def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
