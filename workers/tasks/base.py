@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -63,6 +64,9 @@ from workers.config import Reliability, reliability
 from workers.data import load_variant
 
 log = get_task_logger("orchard")
+# the heartbeat's thread is outside the task, where the task logger's formatter prints
+# "???[???]" for its name and id: its lines go through the worker's own format
+lease_log = logging.getLogger(__name__)
 
 
 class UnitMessage(BaseModel):
@@ -172,11 +176,15 @@ class Heartbeat:
             except StoreError as exc:
                 # keep running: if the store stays away the lease expires, another
                 # delivery takes over, and the next renewal finds that out
-                log.warning("%s: lease not renewed: %s", self.key, exc)
+                lease_log.warning("%s: lease not renewed: %s", self.key, exc)
                 continue
             if state != LEASE_HELD:
+                if self._stop.is_set():
+                    # the body finished while this renewal ran: the lease ended with
+                    # the result it recorded, not with a takeover
+                    return
                 self.lost = state
-                log.warning("%s: lease %s; stopping at the next checkpoint", self.key, state)
+                lease_log.warning("%s: lease %s; stopping at the next checkpoint", self.key, state)
                 return
 
     def renew_now(self) -> None:

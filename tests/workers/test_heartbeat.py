@@ -1,0 +1,93 @@
+"""The lease heartbeat's thread: a takeover stops the body; the body's own finish does not.
+
+The store is a stand-in whose renewals the test steps one at a time, so the race the
+integration tests can only meet by chance (a renewal that reads the unit after the
+body recorded its result) happens every time here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from db.store import LEASE_HELD, LEASE_LOST
+from workers.config import Reliability
+from workers.tasks.base import Heartbeat, UnitAborted
+
+RULES = Reliability(lease_seconds=0.03, max_attempts=3, visibility_timeout=3600)
+
+
+class SteppedStore:
+    """``renew_lease`` answers ``answer``; ``during`` runs inside the renewal."""
+
+    def __init__(self, answer: str, during=lambda: None) -> None:
+        self.answer, self.during = answer, during
+        self.renewed = threading.Event()
+
+    def renew_lease(self, key: str, holder: str, lease_seconds: float) -> str:
+        self.during()
+        self.renewed.set()
+        return self.answer
+
+
+def run_until_renewed(store: SteppedStore) -> Heartbeat:
+    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES).start()  # type: ignore[arg-type]
+    assert store.renewed.wait(5)
+    heartbeat._thread.join(5)
+    return heartbeat
+
+
+def test_a_takeover_is_remembered_and_raised_at_the_next_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    heartbeat = run_until_renewed(SteppedStore(LEASE_LOST))
+    assert heartbeat.lost == LEASE_LOST
+    with pytest.raises(UnitAborted) as stopped:
+        heartbeat.check()
+    assert stopped.value.reason == LEASE_LOST
+    (record,) = [r for r in caplog.records if "stopping at the next checkpoint" in r.message]
+    # not a task logger's record: from this thread it would print "???[???]"
+    assert not record.name.startswith(("celery", "orchard"))
+    assert record.getMessage() == "c/cnn/abc/f0: lease lost; stopping at the next checkpoint"
+
+
+def test_a_renewal_that_finds_the_bodys_own_result_stops_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    heartbeat: Heartbeat | None = None
+
+    def body_finishes_meanwhile() -> None:
+        assert heartbeat is not None
+        heartbeat.stop()  # the task stops the heartbeat, then records its result
+
+    store = SteppedStore(LEASE_LOST, during=body_finishes_meanwhile)
+    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES)  # type: ignore[arg-type]
+    heartbeat.start()
+    assert store.renewed.wait(5)
+    heartbeat._thread.join(5)
+    assert not heartbeat._thread.is_alive()
+    assert heartbeat.lost is None
+    heartbeat.check()
+    assert not [r for r in caplog.records if "lease" in r.getMessage()]
+
+
+def test_a_held_lease_keeps_renewing_until_stopped() -> None:
+    count = 0
+    enough = threading.Event()
+
+    def counting() -> None:
+        nonlocal count
+        count += 1
+        if count >= 3:
+            enough.set()
+
+    store = SteppedStore(LEASE_HELD, during=counting)
+    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES).start()  # type: ignore[arg-type]
+    assert enough.wait(5)
+    heartbeat.stop()
+    heartbeat._thread.join(5)
+    assert not heartbeat._thread.is_alive() and heartbeat.lost is None
