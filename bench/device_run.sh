@@ -12,9 +12,10 @@
 #    compile in parallel (compilation is minutes, the timed steps seconds), then time
 #    one at a time under a lock (see --barrier), so no timed step shares the machine.
 #    "main" is the one that counts: baseline, eager and orchard's defaults in one
-#    process; the others try alternatives not yet measured (BENCHMARKS.md): each conv's
-#    bias added apart (alone, with CUDA graphs, at batch 512), inductor's max-autotune
-#    (Triton conv templates beside cuDNN) and its aggressive fusion.
+#    process; the others try alternatives not yet measured (BENCHMARKS.md): each
+#    BatchNorm folded into the next layer (alone and at batch 512), each conv's bias
+#    added apart (alone and at batch 512), and inductor's max-autotune (Triton conv
+#    templates beside cuDNN).
 # 3. bench/preprocess.py --nvjpeg cuda, once the GPU is free: the GPU workers' decoder
 #    ([preprocessing] decoder = "nvjpeg") beside the CPU paths, per core and wall clock,
 #    on two of its image sets at 1.3 MP (PREPROCESS=0 skips it).
@@ -46,7 +47,7 @@ fi
     grep -m1 "model name" /proc/cpuinfo || true
 } >"$out/machine.txt" 2>&1
 
-runs=(main apart apart_graphs apart512 autotune fusion)
+runs=(main fold fold512 apart apart512 autotune)
 parties=$((${#runs[@]} + 1)) # + the checks
 common=(--barrier "$barrier" --parties "$parties" --barrier-timeout "$wait_s")
 
@@ -69,11 +70,11 @@ start() { # name, extra args...: one throughput run in the background
 ) &
 
 start main --profile "$out/profile_main.txt"
+start fold --skip-baseline --fold-norm --profile "$out/profile_fold.txt"
+start fold512 --skip-baseline --fold-norm --batch-size 512
 start apart --skip-baseline --bias-apart --profile "$out/profile_apart.txt"
-start apart_graphs --skip-baseline --bias-apart --cudagraphs
 start apart512 --skip-baseline --bias-apart --batch-size 512
 start autotune --skip-baseline --inductor max_autotune=True --profile "$out/profile_autotune.txt"
-start fusion --skip-baseline --inductor aggressive_fusion=True
 wait
 
 if [[ ${PREPROCESS:-1} != 0 ]]; then

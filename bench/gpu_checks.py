@@ -11,6 +11,9 @@ checks them on a GPU and exits non-zero when one disagrees:
 - the first block with its conv biases added apart (``StudyConv2d.bias_apart``, an
   alternative ``bench/train_throughput.py --bias-apart`` times) against the plain
   block, both compiled, under bf16 autocast: output, every gradient;
+- the study's CNN with each BatchNorm folded into the next layer (``MangoCNN.fold_norm``,
+  which ``--fold-norm`` times), compiled in bf16, against float32 eager, no further from
+  it than the plain network compiled in bf16 (twice its worst relative difference);
 - one short ``train_fold`` through the production path with ``compile = true``,
   including a checkpoint and a resume;
 - ``shared.nvjpeg`` (``[preprocessing] decoder = "nvjpeg"``) on CUDA against the
@@ -37,10 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from bench._report import now, write_json  # noqa: E402
 from shared.augment import augment_batch, params_to, sample_params  # noqa: E402
 from shared.cnn import (  # noqa: E402
+    MangoCNN,
     RgbConv2d,
     StudyConv2d,
     _augmented_input,
@@ -142,6 +147,74 @@ def compiled_bias_apart(device: torch.device) -> dict[str, Any]:
     tol = 3e-2  # bf16, fused differently
     ok = all(d <= tol for d in diffs.values())
     return {"relative_max_diff": diffs, "tolerance": tol, "ok": ok}
+
+
+def compiled_fold_norm(
+    device: torch.device,
+    *,
+    image_size: int = 224,
+    width: float = 1.0,
+    batch: int = 32,
+    backend: str = "inductor",
+) -> dict[str, Any]:
+    """The study's CNN with each BatchNorm folded into the next layer, compiled in bf16,
+    against float32 eager, beside the plain network compiled in bf16: folding puts
+    each map's mean into the next layer's weights and bias, where bf16 rounds it, so
+    it must not stray much further from float32 than the plain network does. (The
+    suite runs it tiny on the CPU with the aot_eager backend.)"""
+    torch.manual_seed(0)
+
+    def network(fold: bool) -> MangoCNN:
+        model = MangoCNN(image_size=image_size, width=width, dropout=0.0)
+        model.fold_norm = fold
+        return model.to(device, memory_format=torch.channels_last)
+
+    reference = network(False)
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        out = reference(x)
+        out.square().mean().backward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    def relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+        """Relative L2 error of the tensors taken as one vector."""
+        a = torch.cat([t.float().flatten() for t in got])
+        b = torch.cat([t.float().flatten() for t in want])
+        return ((a - b).norm() / b.norm()).item()
+
+    def figures(model: nn.Module, out: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        return {
+            "output": [out.detach()],
+            "gradients": [p.grad for p in model.parameters()],
+            "running_estimates": [b for n, b in model.named_buffers() if "running" in n],
+        }
+
+    want = figures(reference, out)
+    errors = {}
+    for name, fold in (("plain", False), ("folded", True)):
+        model = network(fold)
+        model.load_state_dict(initial)
+        options = compile_options(tune=False) if backend == "inductor" else None
+        compiled = torch.compile(model, backend=backend, options=options)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().square().mean().backward()
+        got = figures(model, out)
+        errors[name] = {k: relative(got[k], v) for k, v in want.items()}
+    ok = all(
+        np.isfinite(folded) and folded <= max(2 * errors["plain"][k], 1e-2)
+        for k, folded in errors["folded"].items()
+    )
+    return {
+        "relative_l2_to_fp32": errors,
+        "rule": "each of folded's <= max(2 * plain's, 1e-2)",
+        "ok": ok,
+    }
 
 
 def compiled_train_fold(device: torch.device) -> dict[str, Any]:
@@ -264,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
         "padded_first_conv": padded_first_conv,
         "compiled_bias_apart": compiled_bias_apart,
+        "compiled_fold_norm": compiled_fold_norm,
         "compiled_train_fold": compiled_train_fold,
         "nvjpeg_decode": nvjpeg_decode,
     }

@@ -176,6 +176,7 @@ def orchard_runner(
         pad_input=args.pad_input,
         options=options,
         bias_apart=args.bias_apart,
+        fold_norm=args.fold_norm,
     )
     transform = prepare_inputs(
         device, compile=compile and args.compile_inputs, options=compile_options(tune=args.tune)
@@ -318,6 +319,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="each conv's bias added by its own op (shared.cnn.StudyConv2d; an "
         "alternative, off in orchard)",
+    )
+    parser.add_argument(
+        "--fold-norm",
+        action="store_true",
+        help="each BatchNorm folded into the next layer in training (shared.cnn."
+        "folded_forward; an alternative, off in orchard)",
     )
     parser.add_argument(
         "--inductor",

@@ -178,6 +178,111 @@ def conv_block(
     return nn.Sequential(*layers)
 
 
+# ------------------------------------------- BatchNorm folded into the next layer
+
+
+#: a BatchNorm's batch statistics as a per-channel map ``a * x + b`` (a, b)
+Affine = tuple[torch.Tensor, torch.Tensor]
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is in a narrower float (bf16 under autocast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _batch_affine(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Affine:
+    """Training-mode ``bn(x)`` as the per-channel map ``a * x + b``, not applied; the
+    running estimates and the batch count are updated as ``bn`` itself does."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(_wide(x), dim=dims, correction=0)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked
+            n = x.numel() // x.size(1)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            unbiased = var * (n / max(n - 1, 1))
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    a = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        a = a * bn.weight
+        return a, bn.bias - mean * a
+    return a, -mean * a
+
+
+def _apply(x: torch.Tensor, affine: Affine) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    a, b = (t.view(shape) for t in affine)
+    return (_wide(x) * a + b).to(x.dtype)
+
+
+def _conv_of_affine(conv: nn.Conv2d, x: torch.Tensor, affine: Affine) -> torch.Tensor:
+    """``conv(a * x + b)`` without writing ``a * x + b``: ``a`` scales the weight's
+    input channels, and ``b``, convolved alone, is a bias that differs at the border
+    (where the conv's zero padding meets it) from the middle."""
+    a, b = affine
+    out = conv._conv_forward(x, conv.weight * a.view(1, -1, 1, 1).to(conv.weight.dtype), None)
+    with torch.autocast(x.device.type, enabled=False):  # the shift in float32
+        shift = _wide(b).view(1, -1, 1, 1).expand(1, -1, *x.shape[2:]).contiguous()
+        bias = None if conv.bias is None else _wide(conv.bias)
+        weight = _wide(conv.weight)
+        bias_map = F.conv2d(shift, weight, bias, conv.stride, conv.padding, conv.dilation)
+    return (_wide(out) + bias_map).to(out.dtype)
+
+
+def _foldable_conv(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, nn.Conv2d)
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and isinstance(layer.padding, tuple)
+        and not (isinstance(layer, RgbConv2d) and layer.pad_channels > layer.in_channels)
+    )
+
+
+def folded_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``layers`` applied in turn, each training-mode BatchNorm folded into the layer
+    after it where that layer can take it (:attr:`MangoCNN.fold_norm`).
+
+    A BatchNorm becomes the per-channel map ``a * x + b`` of its batch statistics,
+    carried instead of applied: the next conv or linear layer takes ``a`` into its
+    weight and ``b`` into its bias (:func:`_conv_of_affine`); a max-pool passes it
+    on (pooling ``sign(a) * x`` and carrying ``|a|``), and a flatten spreads it over
+    the features. Any other layer gets the map applied first. The values and
+    gradients are the modules' own; what it saves, on a GPU, is the pass that writes
+    each normalised map and, in the backward pass, the pass that sums its gradient
+    for BatchNorm (the statistics' gradients come from the small weights instead).
+    """
+    pending: Affine | None = None
+    for layer in layers:
+        if pending is not None:
+            a, b = pending
+            if _foldable_conv(layer):
+                x, pending = _conv_of_affine(layer, x, pending), None
+                continue
+            if isinstance(layer, nn.MaxPool2d) and x.dim() == 4:
+                sign = torch.where(a < 0, -1.0, 1.0)
+                x, pending = layer(x * sign.view(1, -1, 1, 1).to(x.dtype)), (a * sign, b)
+                continue
+            if isinstance(layer, nn.Flatten) and x.dim() == 4 and layer.start_dim == 1:
+                area = x.shape[2] * x.shape[3]
+                x = layer(x)
+                pending = (a.repeat_interleave(area), b.repeat_interleave(area))
+                continue
+            if isinstance(layer, nn.Linear) and x.dim() == 2:
+                weight = layer.weight * a.to(layer.weight.dtype)
+                shift = (_wide(layer.weight) * b).sum(1)
+                bias = shift if layer.bias is None else shift + layer.bias
+                x, pending = F.linear(x, weight, bias.to(layer.weight.dtype)), None
+                continue
+            x, pending = _apply(x, pending), None
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
+            pending = _batch_affine(layer, x)
+        else:
+            x = layer(x)
+    return x if pending is None else _apply(x, pending)
+
+
 def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)) -> int:
     """Side of the last feature map: the arithmetic of :func:`conv_block`'s layers."""
     side = image_size
@@ -188,6 +293,13 @@ def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)
 
 
 class MangoCNN(nn.Module):
+    """The study's CNN. With ``fold_norm`` set (``prepare_model(fold_norm=True)``, an
+    alternative for the compiled CUDA path that ``bench/train_throughput.py
+    --fold-norm`` measures), training runs through :func:`folded_forward`; evaluation,
+    the state dict and checkpoints are the same either way."""
+
+    fold_norm: bool = False
+
     def __init__(
         self,
         num_classes: int = 3,
@@ -240,6 +352,9 @@ class MangoCNN(nn.Module):
         self.classifier = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_norm and self.training:
+            layers = [layer for block in self.features for layer in block]
+            return folded_forward([*layers, *self.classifier], x)
         return self.classifier(self.features(x))  # (B, classes) logits
 
 
@@ -300,6 +415,7 @@ def prepare_model(
     pad_input: int | None = None,
     options: dict[str, Any] | None = None,
     bias_apart: bool = False,
+    fold_norm: bool = False,
 ) -> nn.Module:
     """The module to train with: channels-last, RGB padded (and compiled, if asked) on CUDA.
 
@@ -308,12 +424,16 @@ def prepare_model(
     is ``torch.compile``'s (None: :func:`compile_options`, or ``options``);
     ``pad_input`` the first conv's padded channel count (None:
     :data:`CUDA_INPUT_CHANNELS`; 0: no padding); ``bias_apart`` each conv's bias
-    added by its own op (:class:`StudyConv2d`; off by default: not yet measured faster).
+    added by its own op (:class:`StudyConv2d`; off by default: not yet measured faster);
+    ``fold_norm`` each BatchNorm folded into the next layer in training
+    (:func:`folded_forward`; off by default, likewise).
     """
     if device.type != "cuda":
         return model
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest conv
     model.to(memory_format=torch.channels_last)
+    if isinstance(model, MangoCNN):
+        model.fold_norm = fold_norm
     for module in model.modules():
         if isinstance(module, StudyConv2d):
             module.bias_apart = bias_apart

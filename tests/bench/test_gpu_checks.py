@@ -40,3 +40,28 @@ def test_the_nvjpeg_check_runs_and_can_fail_on_the_cpu(monkeypatch):
     monkeypatch.setattr(nvjpeg, "orient", lambda image, orientation: image)  # no EXIF turn
     result = module.nvjpeg_decode(torch.device("cpu"))
     assert not result["ok"] and result["psnr_db"]["rotated.jpg"]["vs_opencv_path"] < 35
+
+
+def test_the_fold_norm_check_runs_tiny_on_the_cpu_and_can_fail(monkeypatch):
+    """The folded BatchNorm check at a tiny size, bf16 autocast on the CPU, traced with
+    aot_eager: it passes, and fails when the fold gets a sign wrong."""
+    module = _module()
+    tiny = {"image_size": 32, "width": 0.125, "batch": 8, "backend": "aot_eager"}
+    result = module.compiled_fold_norm(torch.device("cpu"), **tiny)
+    assert result["ok"], result
+    assert set(result["relative_l2_to_fp32"]["folded"]) == {
+        "output",
+        "gradients",
+        "running_estimates",
+    }
+    from shared import cnn
+
+    real = cnn._batch_affine
+
+    def flipped(bn, x):
+        a, b = real(bn, x)
+        return -a, b
+
+    monkeypatch.setattr(cnn, "_batch_affine", flipped)
+    result = module.compiled_fold_norm(torch.device("cpu"), **tiny)
+    assert not result["ok"] and result["relative_l2_to_fp32"]["folded"]["output"] > 0.5

@@ -642,6 +642,100 @@ def test_a_bias_added_apart_gives_the_same_values_gradients_and_state_dict():
         torch.testing.assert_close(apart.get_buffer(name), buffer, msg=name)
 
 
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},  # the study's: PReLU then BatchNorm, max-pool
+        {"norm_order": "bn_act"},  # BatchNorm before the activation: applied, not folded
+        {"pool": "conv", "activation": "relu"},
+        {"stride": 2, "activation": "leakyrelu"},
+    ],
+    ids=["study", "bn_act", "conv_pool", "stride2"],
+)
+def test_batchnorm_folded_into_the_next_layer_gives_the_same_values_gradients_and_estimates(
+    knobs, monkeypatch: pytest.MonkeyPatch
+):
+    """MangoCNN.fold_norm (an alternative for the compiled CUDA path): in training, the
+    output, every gradient (the input's too) and every running estimate equal the
+    modules' own, in float64, with BatchNorm scales of both signs; evaluation and the
+    state dict are untouched."""
+    from shared import cnn
+
+    torch.manual_seed(0)
+    plain = MangoCNN(image_size=64, width=0.125, **knobs).double()
+    with torch.no_grad():  # scales of both signs: the max-pool carries |a| and pools sign(a)x
+        for module in plain.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(-1.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    folded = MangoCNN(image_size=64, width=0.125, **knobs).double()
+    folded.load_state_dict(plain.state_dict())
+    folded.fold_norm = True
+    applied = []
+    real_apply = cnn._apply
+    monkeypatch.setattr(
+        cnn, "_apply", lambda x, affine: applied.append(x.dim()) or real_apply(x, affine)
+    )
+    x = torch.randn(6, 3, 64, 64, dtype=torch.float64)
+    outs, input_grads = [], []
+    for model in (plain, folded):
+        inp = x.clone().requires_grad_()
+        for _ in range(2):  # a second step sees the first one's running estimates
+            model.zero_grad()
+            torch.manual_seed(1)  # the same dropout masks
+            out = model(inp)
+            out.square().mean().backward()
+        outs.append(out)
+        input_grads.append(inp.grad)
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(input_grads[1], input_grads[0])
+    for (name, p1), (_, p2) in zip(
+        plain.named_parameters(), folded.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(folded.get_buffer(name), buffer, msg=name)
+    if knobs.get("norm_order") == "bn_act":
+        assert 4 in applied  # nothing to fold into: each map is normalised as before
+    else:
+        assert set(applied) == {2}  # only the dense layers' (a dropout follows each)
+    plain.eval()
+    folded.eval()
+    torch.testing.assert_close(folded(x), plain(x))
+
+
+def test_the_folded_network_traces_as_one_graph_with_its_backward():
+    """What torch.compile sees on CUDA: the folded training step as one graph (no
+    breaks) whose values and gradients match eager; aot_eager traces the backward too."""
+    torch.manual_seed(0)
+    eager = MangoCNN(image_size=32, width=0.125)
+    traced = MangoCNN(image_size=32, width=0.125)
+    traced.load_state_dict(eager.state_dict())
+    for model in (eager, traced):
+        model.fold_norm = True
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p1), (_, p2) in zip(
+        eager.named_parameters(), traced.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
+    torch.testing.assert_close(traced.features[0][2].running_var, eager.features[0][2].running_var)
+
+
+def test_prepare_model_folds_batchnorm_on_cuda_only_when_asked():
+    from shared.cnn import prepare_model
+
+    model = MangoCNN(image_size=32, width=0.125)
+    assert prepare_model(model, CPU, fold_norm=True) is model and not model.fold_norm
+
+
 def test_the_first_conv_is_padded_on_cuda_only_and_checkpoints_keep_their_shape():
     from shared.cnn import CUDA_INPUT_CHANNELS, RgbConv2d, prepare_model
 
