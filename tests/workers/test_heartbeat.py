@@ -32,10 +32,19 @@ class SteppedStore:
         return self.answer
 
 
-def run_until_renewed(store: SteppedStore) -> Heartbeat:
-    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES).start()  # type: ignore[arg-type]
+KEY = "c/cnn/abc/f0"
+
+
+def heartbeat_on(store: SteppedStore) -> Heartbeat:
+    return Heartbeat(store, KEY, "d1", RULES)  # type: ignore[arg-type]
+
+
+def renewed_once(heartbeat: Heartbeat, store: SteppedStore) -> Heartbeat:
+    """Start ``heartbeat`` and wait until its thread has renewed and ended."""
+    heartbeat.start()
     assert store.renewed.wait(5)
     heartbeat._thread.join(5)
+    assert not heartbeat._thread.is_alive()
     return heartbeat
 
 
@@ -43,7 +52,8 @@ def test_a_takeover_is_remembered_and_raised_at_the_next_check(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
-    heartbeat = run_until_renewed(SteppedStore(LEASE_LOST))
+    store = SteppedStore(LEASE_LOST)
+    heartbeat = renewed_once(heartbeat_on(store), store)
     assert heartbeat.lost == LEASE_LOST
     with pytest.raises(UnitAborted) as stopped:
         heartbeat.check()
@@ -51,25 +61,17 @@ def test_a_takeover_is_remembered_and_raised_at_the_next_check(
     (record,) = [r for r in caplog.records if "stopping at the next checkpoint" in r.message]
     # not a task logger's record: from this thread it would print "???[???]"
     assert not record.name.startswith(("celery", "orchard"))
-    assert record.getMessage() == "c/cnn/abc/f0: lease lost; stopping at the next checkpoint"
+    assert record.getMessage() == f"{KEY}: lease lost; stopping at the next checkpoint"
 
 
 def test_a_renewal_that_finds_the_bodys_own_result_stops_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
-    heartbeat: Heartbeat | None = None
-
-    def body_finishes_meanwhile() -> None:
-        assert heartbeat is not None
-        heartbeat.stop()  # the task stops the heartbeat, then records its result
-
-    store = SteppedStore(LEASE_LOST, during=body_finishes_meanwhile)
-    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES)  # type: ignore[arg-type]
-    heartbeat.start()
-    assert store.renewed.wait(5)
-    heartbeat._thread.join(5)
-    assert not heartbeat._thread.is_alive()
+    store = SteppedStore(LEASE_LOST)
+    heartbeat = heartbeat_on(store)
+    store.during = heartbeat.stop  # the task stops the heartbeat, then records its result
+    renewed_once(heartbeat, store)
     assert heartbeat.lost is None
     heartbeat.check()
     assert not [r for r in caplog.records if "lease" in r.getMessage()]
@@ -86,7 +88,7 @@ def test_a_held_lease_keeps_renewing_until_stopped() -> None:
             enough.set()
 
     store = SteppedStore(LEASE_HELD, during=counting)
-    heartbeat = Heartbeat(store, "c/cnn/abc/f0", "d1", RULES).start()  # type: ignore[arg-type]
+    heartbeat = heartbeat_on(store).start()
     assert enough.wait(5)
     heartbeat.stop()
     heartbeat._thread.join(5)
