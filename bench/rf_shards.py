@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "merge_seconds": finished - shards_done,
         "shard_trees": [s["trees"] for s in shards],
         "shard_cpu_seconds": [s["cpu_seconds"] for s in shards],
+        "shard_fit_seconds": [s["seconds"] for s in shards],
         # the wall time if every process had a core of its own (CPU time does not count
         # the time a busy machine makes a process wait)
         "wall_seconds_with_free_cores": max(s["cpu_seconds"] for s in shards)
