@@ -21,8 +21,10 @@ Memory: sklearn's tree builder works on float32 and converts any other input to 
 float32 copy, so the training matrix is built once as float32, with augmented copies
 written straight into it from the uint8 images (no uint8 or float64 copy of the
 augmented set); sklearn then uses it without copying. That float32 matrix (4 bytes per
-pixel per row) is the unavoidable peak; validation, test and OOB predictions go through
-in chunks of rows. A merge that adds its shards' scores builds no training matrix at all.
+pixel per row) is the unavoidable peak; validation and test images are converted and
+predicted in chunks of rows, and OOB predictions read the training matrix in place (no
+copy of the out-of-bag rows). A merge that adds its shards' scores builds no training
+matrix at all.
 """
 
 from __future__ import annotations
