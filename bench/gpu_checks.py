@@ -33,10 +33,12 @@ Imports torch, numpy, OpenCV, Pillow and orchard's ``shared`` library only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,37 +95,48 @@ def compiled_inputs_vs_eager(device: torch.device) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _fp32_convs() -> Iterator[None]:
+    """cuDNN convolutions in float32, not TF32, so that float32 is compared as float32."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def padded_first_conv(device: torch.device) -> dict[str, Any]:
     results: dict[str, Any] = {}
     torch.manual_seed(0)
     x = torch.randn(32, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # fp32 compared as fp32, not as TF32
-    for pad in (4, 8):
-        for autocast in (False, True):
-            plain = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
-            padded = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
-            padded.load_state_dict(plain.state_dict())
-            padded.pad_channels = pad
-            outs, grads = [], []
-            for conv in (plain, padded):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    out = conv(x)
-                out.float().square().mean().backward()
-                outs.append(out)
-                grads.append((conv.weight.grad, conv.bias.grad))
-            tol = 2e-2 if autocast else 1e-4
-            diffs = {
-                "output": _max_diff(*outs) / outs[0].float().abs().max().item(),
-                "weight_grad": _max_diff(grads[0][0], grads[1][0]) / grads[0][0].abs().max().item(),
-                "bias_grad": _max_diff(grads[0][1], grads[1][1]) / grads[0][1].abs().max().item(),
-            }
-            results[f"pad{pad}_{'bf16' if autocast else 'fp32'}"] = {
-                "relative_max_diff": diffs,
-                "tolerance": tol,
-                "ok": all(d <= tol for d in diffs.values()),
-            }
-    torch.backends.cudnn.allow_tf32 = tf32
+    with _fp32_convs():
+        for pad in (4, 8):
+            for autocast in (False, True):
+                plain = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
+                padded = RgbConv2d(3, 32, 3, 1, 1).to(device, memory_format=torch.channels_last)
+                padded.load_state_dict(plain.state_dict())
+                padded.pad_channels = pad
+                outs, grads = [], []
+                for conv in (plain, padded):
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                        out = conv(x)
+                    out.float().square().mean().backward()
+                    outs.append(out)
+                    grads.append((conv.weight.grad, conv.bias.grad))
+                tol = 2e-2 if autocast else 1e-4
+                diffs = {
+                    "output": _max_diff(*outs) / outs[0].float().abs().max().item(),
+                    "weight_grad": _max_diff(grads[0][0], grads[1][0])
+                    / grads[0][0].abs().max().item(),
+                    "bias_grad": _max_diff(grads[0][1], grads[1][1])
+                    / grads[0][1].abs().max().item(),
+                }
+                results[f"pad{pad}_{'bf16' if autocast else 'fp32'}"] = {
+                    "relative_max_diff": diffs,
+                    "tolerance": tol,
+                    "ok": all(d <= tol for d in diffs.values()),
+                }
     return {"cases": results, "ok": all(c["ok"] for c in results.values())}
 
 
@@ -177,13 +190,9 @@ def compiled_fold_norm(
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with _fp32_convs():
         out = reference(x)
         out.square().mean().backward()
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
 
     def relative(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
         """Relative L2 error of the tensors taken as one vector."""

@@ -195,7 +195,7 @@ def _batch_affine(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Affin
     running estimates and the batch count are updated as ``bn`` itself does."""
     dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(_wide(x), dim=dims, correction=0)
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked
