@@ -66,6 +66,9 @@ class UnitRow(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     task_id: Mapped[str | None] = mapped_column(String(64))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the unit's message reached the broker. QUEUED without it: claimed, but the
+    # process that claimed it may have died before sending; the workers send it again.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

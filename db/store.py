@@ -82,6 +82,16 @@ class UnitCancelledError(OrchardError):
     """``finish_unit`` on a unit that ``orchard cancel`` stopped: nothing is written."""
 
 
+class LeaseLostError(OrchardError):
+    """``finish_unit`` by a delivery that no longer holds its unit (another delivery
+    took it over, or ``orchard resume`` reset it): nothing is written."""
+
+
+#: Rows per INSERT of predictions: PostgreSQL takes at most 65,535 parameters in one
+#: statement (six per row), and a test split can have tens of thousands of images.
+PREDICTION_ROWS_PER_INSERT = 2000
+
+
 # ---------------------------------------------------------------- values handed to callers
 
 
@@ -123,14 +133,16 @@ class Unit:
 
 @dataclass(frozen=True, slots=True)
 class LostUnit:
-    """A unit sent again because its delivery died with its worker (see
-    :meth:`Store.requeue_lost`): where to send it and under which task id."""
+    """A unit to send again (see :meth:`Store.requeue_lost`): where to send it, under
+    which task id, and the state it was lost in: RUNNING (its delivery died with its
+    worker) or QUEUED (claimed, but its message never reached the broker)."""
 
     campaign_id: str
     key: str
     task: str
     queue: str
     task_id: str
+    lost_in: str = RUNNING
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,18 +505,19 @@ class Store:
         some failed. Returns the new state, or None if it is not finished (or already
         closed by another caller)."""
         with self._transaction() as s:
+            # locked before the units are read: `orchard resume` (which locks it too)
+            # must not reopen units between this read and the update below
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            if campaign is None or campaign.state != "RUNNING":
+                return None
             states = s.scalars(
                 select(UnitRow.state).where(UnitRow.campaign_id == campaign_id)
             ).all()
             if not states or any(state not in TERMINAL for state in states):
                 return None
-            state = "DONE" if all(st == SUCCESS for st in states) else "PARTIAL"
-            done = s.execute(
-                update(CampaignRow)
-                .where(CampaignRow.id == campaign_id, CampaignRow.state == "RUNNING")
-                .values(state=state, finished_at=self._now(s))
-            )
-            return state if done.rowcount == 1 else None
+            campaign.state = "DONE" if all(st == SUCCESS for st in states) else "PARTIAL"
+            campaign.finished_at = self._now(s)
+            return campaign.state
 
     # -- units
 
@@ -626,7 +639,7 @@ class Store:
         """
         if not keys:
             return []
-        values: dict[str, Any] = {"state": QUEUED}
+        values: dict[str, Any] = {"state": QUEUED, "sent_at": None}
         if task_ids:
             values["task_id"] = case(dict(task_ids), value=UnitRow.key, else_=UnitRow.task_id)
         with self._transaction() as s:
@@ -641,6 +654,24 @@ class Store:
         return sorted(won, key=order.__getitem__)
 
     @_retried
+    def mark_sent(self, task_ids: Sequence[str]) -> None:
+        """Record that the messages of these task ids reached the broker. A unit left
+        QUEUED without this (its claimer died before sending) is sent again by the
+        workers (:meth:`requeue_lost`)."""
+        if not task_ids:
+            return
+        with self._transaction() as s:
+            s.execute(
+                update(UnitRow)
+                .where(
+                    UnitRow.task_id.in_(task_ids),
+                    UnitRow.state == QUEUED,
+                    UnitRow.sent_at.is_(None),
+                )
+                .values(sent_at=self._now(s))
+            )
+
+    @_retried
     def unclaim(self, keys: Sequence[str]) -> None:
         """QUEUED -> PENDING for units whose message could not be sent (broker away):
         the next ``advance`` claims and sends them again."""
@@ -650,18 +681,22 @@ class Store:
             s.execute(
                 update(UnitRow)
                 .where(UnitRow.key.in_(keys), UnitRow.state == QUEUED)
-                .values(state=PENDING, queued_at=None, task_id=None)
+                .values(state=PENDING, queued_at=None, sent_at=None, task_id=None)
             )
 
     @_retried
     def requeue_lost(
         self, grace_seconds: float, new_task_id: Callable[[], str], limit: int = 100
     ) -> list[LostUnit]:
-        """Put back to QUEUED, under a new task id, the RUNNING units of running
-        campaigns whose lease ran out more than ``grace_seconds`` ago: their worker
-        died (killed, out of memory, host lost) and the broker would hand their message
-        out again only after its visibility timeout (hours). Returns them for the
-        caller to send; if sending fails, :meth:`unclaim` lets ``advance`` send them.
+        """Put back to QUEUED, under a new task id, the units of running campaigns
+        whose message is lost, and return them for the caller to send (then
+        :meth:`mark_sent`; if sending fails, :meth:`unclaim` lets ``advance`` send them):
+
+        - RUNNING units whose lease ran out more than ``grace_seconds`` ago: their
+          worker died (killed, out of memory, host lost) and the broker would hand
+          their message out again only after its visibility timeout (hours);
+        - QUEUED units claimed more than ``grace_seconds`` ago whose message was never
+          marked sent: the process that claimed them died before sending.
 
         Only one caller gets each unit (rows locked, SKIP LOCKED on PostgreSQL). Safe
         beside the original message coming back: whichever delivery starts first takes
@@ -669,15 +704,20 @@ class Store:
         """
 
         def expired(now: datetime) -> Select[tuple[UnitRow]]:
+            horizon = now - timedelta(seconds=grace_seconds)
             return (
                 select(UnitRow)
                 .join(CampaignRow, CampaignRow.id == UnitRow.campaign_id)
                 .where(
                     CampaignRow.state == "RUNNING",
-                    UnitRow.state == RUNNING,
-                    UnitRow.lease_expires_at < now - timedelta(seconds=grace_seconds),
+                    ((UnitRow.state == RUNNING) & (UnitRow.lease_expires_at < horizon))
+                    | (
+                        (UnitRow.state == QUEUED)
+                        & UnitRow.sent_at.is_(None)
+                        & (UnitRow.queued_at < horizon)
+                    ),
                 )
-                .order_by(UnitRow.lease_expires_at)
+                .order_by(UnitRow.position)
                 .limit(limit)
             )
 
@@ -692,10 +732,39 @@ class Store:
             rows = s.scalars(expired(now).with_for_update(of=UnitRow, skip_locked=True)).all()
             lost = []
             for row in rows:
+                lost_in = row.state
                 row.state, row.queued_at, row.task_id = QUEUED, now, new_task_id()
-                row.lease_holder = row.lease_expires_at = None
-                lost.append(LostUnit(row.campaign_id, row.key, row.task, row.queue, row.task_id))
+                row.sent_at = row.lease_holder = row.lease_expires_at = None
+                lost.append(
+                    LostUnit(row.campaign_id, row.key, row.task, row.queue, row.task_id, lost_in)
+                )
             return lost
+
+    @_retried
+    def stalled_campaigns(self, quiet_seconds: float, limit: int = 100) -> list[str]:
+        """Running campaigns that nothing moves: no unit QUEUED or RUNNING, none
+        finished and the campaign not created in the last ``quiet_seconds``. Their next
+        stage (or their completion) was left undone: the task that finished their last
+        unit died before it advanced them, or gave up while the store or the broker was
+        away. The workers advance them (``workers.reaper``)."""
+        with self._transaction(read_only=True) as s:
+            horizon = self._now(s) - timedelta(seconds=quiet_seconds)
+            active = select(UnitRow.id).where(
+                UnitRow.campaign_id == CampaignRow.id,
+                UnitRow.state.in_((QUEUED, RUNNING)) | (UnitRow.finished_at > horizon),
+            )
+            return list(
+                s.scalars(
+                    select(CampaignRow.id)
+                    .where(
+                        CampaignRow.state == "RUNNING",
+                        CampaignRow.created_at < horizon,
+                        ~active.exists(),
+                    )
+                    .order_by(CampaignRow.created_at)
+                    .limit(limit)
+                )
+            )
 
     @_retried
     def start_unit(
@@ -726,6 +795,11 @@ class Store:
             now = self._now(s)  # after the lock: a wait for it must not shorten the lease
             if row.state in TERMINAL:
                 return Start(False, row.attempts, row.state, reason="finished")
+            if row.state == PENDING:
+                # every message is sent after its unit's claim (PENDING -> QUEUED): this
+                # one is stale, from before `orchard resume` reset the unit or from a
+                # send that failed; running it now could run a stage before its inputs
+                return Start(False, row.attempts, row.state, reason="not queued")
             campaign_state = s.scalar(
                 select(CampaignRow.state).where(CampaignRow.id == row.campaign_id)
             )
@@ -866,13 +940,16 @@ class Store:
             return out
 
     @_retried
-    def finish_unit(self, key: str, outcome: Outcome) -> bool:
+    def finish_unit(self, key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
         """Record a unit's result, predictions and artifacts and mark it SUCCESS.
 
         All in one transaction, which also forgets the outcome's ``scratch`` artifacts.
         If the unit already has a result (the same task ran twice) nothing is written
         and False is returned: first write wins. A unit cancelled while it ran stays
-        CANCELLED: nothing is written and :class:`UnitCancelledError` is raised.
+        CANCELLED: nothing is written and :class:`UnitCancelledError` is raised. With
+        ``holder``, the delivery must still hold the unit's lease, else nothing is
+        written and :class:`LeaseLostError` is raised (`orchard resume` reset it, or
+        another delivery took it over).
         """
         with self._transaction() as s:
             unit = s.scalar(select(UnitRow).where(UnitRow.key == key).with_for_update())
@@ -880,6 +957,13 @@ class Store:
                 raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
             if unit.state == CANCELLED:
                 raise UnitCancelledError(f"{key} was cancelled; its result is not recorded")
+            if unit.state == SUCCESS:
+                return False
+            if holder is not None and (unit.state != RUNNING or unit.lease_holder != holder):
+                raise LeaseLostError(
+                    f"{key} is {unit.state} and no longer held by this delivery; "
+                    "its result is not recorded"
+                )
             inserted = s.execute(
                 _insert(s)(ResultRow)
                 .values(
@@ -910,8 +994,9 @@ class Store:
                     }
                     for p in predictions
                 ]
-                if rows:
-                    s.execute(_insert(s)(PredictionRow).values(rows).on_conflict_do_nothing())
+                for start in range(0, len(rows), PREDICTION_ROWS_PER_INSERT):
+                    batch = rows[start : start + PREDICTION_ROWS_PER_INSERT]
+                    s.execute(_insert(s)(PredictionRow).values(batch).on_conflict_do_nothing())
             for artifact in outcome.artifacts:
                 self._record_artifact_without_commit(s, artifact)
             if outcome.scratch:
@@ -964,9 +1049,10 @@ class Store:
 
         Left alone: SUCCESS units, and RUNNING units whose holder is alive (live lease).
         QUEUED units are reset too: their message may be gone (a broker that lost it);
-        if it is not, the duplicate delivery finds the unit done or leased. When any
-        model unit is reset, the report is too (its old result is dropped): it must
-        blend the new results.
+        if it is not, that delivery finds the unit PENDING and drops itself, and the
+        unit is sent anew once it is claimed. When any model unit is reset, the report
+        is too, even a running one (its old result is dropped; a run in progress loses
+        its lease and records nothing): it must blend the new results.
         """
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
@@ -983,12 +1069,13 @@ class Store:
 
             reset = [r for r in rows if r.state != SUCCESS and not alive(r)]
             if any(r.stage < REPORT for r in reset):
-                for report in (r for r in rows if r.stage == REPORT and r.state == SUCCESS):
-                    s.execute(delete(ResultRow).where(ResultRow.unit_id == report.id))
+                for report in (r for r in rows if r.stage == REPORT and r not in reset):
+                    if report.state == SUCCESS:
+                        s.execute(delete(ResultRow).where(ResultRow.unit_id == report.id))
                     reset.append(report)
             for row in reset:
                 row.state, row.attempts, row.error = PENDING, 0, None
-                row.queued_at = row.started_at = row.finished_at = None
+                row.queued_at = row.sent_at = row.started_at = row.finished_at = None
                 row.task_id = row.lease_holder = row.lease_expires_at = None
             campaign.state, campaign.finished_at = "RUNNING", None
             return [r.key for r in sorted(reset, key=lambda r: r.position)]

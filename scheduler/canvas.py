@@ -5,7 +5,8 @@ family's queue). The next stage is opened by whichever task finishes the current
 one: :func:`advance` counts the unfinished units by stage (a few rows), and only when
 that says something may open reads every unit's state from the store, asks
 ``shared.plan.next_actions`` what may run, claims those units (PENDING -> QUEUED, a
-conditional update that only one caller wins) and sends only what it claimed.
+conditional update that only one caller wins), sends only what it claimed, and marks
+it sent.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
                 # next advance (a redelivered task, `orchard resume`) sends them again
                 store.unclaim(claimed)
                 raise
+            # a claim without this mark (this process died in between) is sent again
+            # by the workers once it is a lease period old (workers.reaper)
+            store.mark_sent([task_ids[key] for key in claimed])
         sent.extend(claimed)
         if all(u.state in TERMINAL for u in units):
             store.complete_campaign(campaign_id)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared.errors import OrchardError
 from shared.plan import TASKS
 from shared.settings import Settings
 
@@ -71,12 +72,33 @@ class Reliability:
         return self.lease_seconds / 3
 
 
+def _positive(name: str, default: float, kind: type[float] | type[int], what: str) -> Any:
+    """The environment variable ``name`` as a positive ``kind``, or one line naming it."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise OrchardError(f"{name}={text!r}: expected {what} greater than 0")
+    return value
+
+
 def reliability() -> Reliability:
     return Reliability(
-        lease_seconds=float(os.environ.get("ORCHARD_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)),
-        max_attempts=int(os.environ.get("ORCHARD_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)),
-        visibility_timeout=int(
-            os.environ.get("ORCHARD_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
+        lease_seconds=_positive(
+            "ORCHARD_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, float, "a number of seconds"
+        ),
+        max_attempts=_positive(
+            "ORCHARD_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, int, "a whole number of attempts"
+        ),
+        visibility_timeout=_positive(
+            "ORCHARD_VISIBILITY_TIMEOUT",
+            DEFAULT_VISIBILITY_TIMEOUT,
+            int,
+            "a whole number of seconds",
         ),
     )
 
@@ -134,8 +156,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {}
     if settings.broker_is_filesystem:
         folder = settings.broker_folder
-        for sub in ("queue", "control", "processed"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("queue", "control", "processed"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OrchardError(
+                f"ORCHARD_BROKER_URL: cannot create the broker folder {folder}: "
+                f"{exc.strerror or exc}"
+            ) from None
         # the folder travels in the transport options; a host name keeps kombu quiet
         config["broker_url"] = "filesystem://localhost/"
         transport = {

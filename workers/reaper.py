@@ -9,6 +9,13 @@ back to QUEUED under a new task id (only one worker wins each) and sends them. A
 lost with its GPU worker starts again from its checkpoint about two lease periods
 (2 min by default) after its last heartbeat, on any worker of its queue.
 
+The same pass repairs two rarer losses. A unit claimed (QUEUED) whose message never
+reached the broker, because the process that claimed it died before sending, is sent
+once its claim is a lease period old. A running campaign that nothing moves (no unit
+queued or running, none finished for two lease periods) is advanced: the task that
+finished its last unit died, or gave up on an unreachable store or broker, before it
+opened the next stage or closed the campaign.
+
 It runs in a thread of the worker's main process, never on the worker's event loop: a
 loop busy with the database would leave a message that Redis has already handed over
 (BRPOP) unread in the socket, where a SIGKILL at that moment loses it, since it is
@@ -31,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def requeue_lost_units(app: Any) -> list[str]:
-    """One pass: requeue and send the units whose delivery died; returns their keys."""
+    """One pass: requeue and send the units whose message is lost, then advance the
+    campaigns that nothing moves; returns the keys sent."""
     from db.store import StoreError
-    from scheduler.canvas import unit_signature
+    from scheduler.canvas import advance, unit_signature
     from workers.tasks.base import worker_store
 
     lease = reliability().lease_seconds
@@ -53,10 +61,37 @@ def requeue_lost_units(app: Any) -> list[str]:
             log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
             store.unclaim([unit.key])
             continue
-        log.warning(
-            "%s: its worker was lost (no heartbeat for %.0f s); sent again", unit.key, 2 * lease
-        )
+        if unit.lost_in == "QUEUED":
+            log.warning("%s: claimed but never sent (its sender died); sent now", unit.key)
+        else:
+            log.warning(
+                "%s: its worker was lost (no heartbeat for %.0f s); sent again",
+                unit.key,
+                2 * lease,
+            )
         sent.append(unit.key)
+    try:
+        store.mark_sent([unit.task_id for unit in lost if unit.key in sent])
+        stalled = store.stalled_campaigns(2 * lease)
+    except StoreError as exc:
+        log.warning("could not look for stalled campaigns: %s", exc)
+        return sent
+    for campaign_id in stalled:
+        try:
+            opened = advance(store, app, campaign_id)
+        except Exception as exc:  # the store or the broker is away: the next pass
+            log.error("%s: stalled, and could not advance it: %s", campaign_id, exc)
+            continue
+        # what it finds (units sent, or the campaign closed) says the stage was left
+        # unopened; a campaign advance cannot move stays as it is, and is looked at again
+        log.log(
+            logging.WARNING if opened else logging.INFO,
+            "%s: nothing moved it for %.0f s; advanced it (%d unit(s) sent)",
+            campaign_id,
+            2 * lease,
+            len(opened),
+        )
+        sent.extend(opened)
     return sent
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, text, update
@@ -13,7 +14,16 @@ from sqlalchemy.exc import IntegrityError
 
 from db import migrate
 from db.models import UnitRow, utcnow
-from db.store import Artifact, Outcome, Prediction, Store, StoreError, UnitCancelledError
+from db.store import (
+    Artifact,
+    LeaseLostError,
+    Outcome,
+    Prediction,
+    Start,
+    Store,
+    StoreError,
+    UnitCancelledError,
+)
 from shared.plan import UnitPlan, plan_units
 from shared.spec import parse_campaign
 from tests.tcpproxy import TcpProxy
@@ -46,6 +56,13 @@ def seed_campaign(store: Store, cid: str = "t-1") -> list[UnitPlan]:
         units=units,
     )
     return units
+
+
+def deliver(store: Store, key: str, **kwargs: Any) -> Start:
+    """A delivery of a unit's message: sent only after the unit's claim (PENDING ->
+    QUEUED; a no-op for a unit claimed or started before)."""
+    store.claim_for_queue([key])
+    return store.start_unit(key, **kwargs)
 
 
 def outcome(val_acc: float = 0.5) -> Outcome:
@@ -112,10 +129,10 @@ def test_claim_for_queue_is_won_once(store_url: str) -> None:
 def test_result_written_twice_stays_one_row(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
-    assert store.start_unit(key, worker="w1", task_id="a").run
+    assert deliver(store, key, worker="w1", task_id="a").run
     assert store.finish_unit(key, outcome(0.5)) is True
     # a second delivery of the same task: it may not even start, nor write again
-    again = store.start_unit(key, worker="w2", task_id="b")
+    again = deliver(store, key, worker="w2", task_id="b")
     assert not again.run and again.state == "SUCCESS"
     assert store.finish_unit(key, outcome(0.9)) is False
     assert store.results("t-1")[key].val_acc == 0.5  # first write wins
@@ -132,7 +149,7 @@ def test_a_recorded_result_forgets_its_units_scratch_artifacts(store_url: str) -
     scratch = ["campaigns/t-1/checkpoints/c-s0.pt", "campaigns/t-1/checkpoints/c-s1.pt"]
     for path in [*scratch, "campaigns/t-1/keep.pt"]:
         store.record_artifact(Artifact(path, "checkpoint", "1" * 64, 1, "t-1", key))
-    assert store.start_unit(key, worker="w1", task_id="a").run
+    assert deliver(store, key, worker="w1", task_id="a").run
     done = replace(outcome(), scratch=scratch)
     assert store.finish_unit(key, done) is True
     assert [a.path for a in store.artifacts("t-1", kind="checkpoint")] == ["campaigns/t-1/keep.pt"]
@@ -157,7 +174,7 @@ def test_failure_never_overrides_success(store_url: str) -> None:
     store = make_store(store_url)
     plans = seed_campaign(store)
     done, broken = plans[2].key, plans[3].key
-    store.start_unit(done, worker="w", task_id=None)
+    deliver(store, done, worker="w", task_id=None)
     store.finish_unit(done, outcome())
     assert store.fail_unit(done, "late duplicate crashed") is False
     assert store.get_unit(done).state == "SUCCESS"
@@ -170,7 +187,7 @@ def test_complete_campaign_done_or_partial(store_url: str) -> None:
     plans = seed_campaign(store)
     assert store.complete_campaign("t-1") is None  # units still pending
     for plan in plans[:-1]:
-        store.start_unit(plan.key, worker="w", task_id=None)
+        deliver(store, plan.key, worker="w", task_id=None)
         store.finish_unit(plan.key, outcome())
     store.fail_unit(plans[-1].key, "boom")
     assert store.complete_campaign("t-1") == "PARTIAL"
@@ -217,10 +234,10 @@ def test_unreachable_database_fails_fast_with_masked_url() -> None:
 def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
-    first = store.start_unit(key, worker="w1", task_id="t", holder="d1", lease_seconds=30)
+    first = deliver(store, key, worker="w1", task_id="t", holder="d1", lease_seconds=30)
     assert first.run and first.attempts == 1
     # the same message delivered again (visibility timeout, second worker): it must wait
-    second = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
+    second = deliver(store, key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
     assert not second.run and second.reason == "leased" and 25 < second.retry_in <= 30
     assert store.get_unit(key).lease_holder == "d1"
     assert store.renew_lease(key, "d1", 30) == "held"
@@ -230,9 +247,9 @@ def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
 def test_an_expired_lease_is_taken_over_and_the_old_holder_finds_out(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
-    assert store.start_unit(key, worker="w1", task_id="t", holder="d1", lease_seconds=0.2).run
+    assert deliver(store, key, worker="w1", task_id="t", holder="d1", lease_seconds=0.2).run
     time.sleep(0.4)  # d1 stopped renewing (killed)
-    takeover = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
+    takeover = deliver(store, key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
     assert takeover.run and takeover.attempts == 2
     assert store.renew_lease(key, "d1", 30) == "lost"
     assert store.fail_unit(key, "d1 crashed late", holder="d1") is False  # not d1's to fail
@@ -254,15 +271,15 @@ def test_leases_follow_the_postgres_server_clock_not_the_hosts(
     host_clock = store_module.utcnow
     # a host whose clock is ten minutes slow takes a lease of 30 s
     monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() - timedelta(minutes=10))
-    assert store.start_unit(running, worker="slow", task_id="t", holder="d1", lease_seconds=30).run
+    assert deliver(store, running, worker="slow", task_id="t", holder="d1", lease_seconds=30).run
     # a host ten minutes fast finds it live: by its own clock it ran out 9.5 minutes ago
     monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() + timedelta(minutes=10))
-    second = store.start_unit(running, worker="fast", task_id="t", holder="d2", lease_seconds=30)
+    second = deliver(store, running, worker="fast", task_id="t", holder="d2", lease_seconds=30)
     assert not second.run and second.reason == "leased" and 25 < second.retry_in <= 30
     assert store.renew_lease(running, "d1", 30) == "held"
     assert running not in store.resume_campaign("t-1")  # still running, not reset
     # and every timestamp is the server's: none is ten minutes off
-    assert store.start_unit(other, worker="fast", task_id="t", holder="d3", lease_seconds=30).run
+    assert deliver(store, other, worker="fast", task_id="t", holder="d3", lease_seconds=30).run
     for key in (running, other):
         unit = store.get_unit(key)
         assert abs(unit.started_at - host_clock()) < timedelta(minutes=1)
@@ -276,9 +293,9 @@ def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     units = seed_campaign(store)
     dead, alive, done = units[2].key, units[3].key, units[4].key
     store.claim_for_queue([dead, alive, done], {dead: "t1", alive: "t2", done: "t3"})
-    store.start_unit(dead, worker="w1", task_id="t1", holder="d1", lease_seconds=0.1)
-    store.start_unit(alive, worker="w2", task_id="t2", holder="d2", lease_seconds=30)
-    store.start_unit(done, worker="w3", task_id="t3", holder="d3", lease_seconds=0.1)
+    deliver(store, dead, worker="w1", task_id="t1", holder="d1", lease_seconds=0.1)
+    deliver(store, alive, worker="w2", task_id="t2", holder="d2", lease_seconds=30)
+    deliver(store, done, worker="w3", task_id="t3", holder="d3", lease_seconds=0.1)
     store.finish_unit(done, outcome())
     ids = iter(["new-1", "new-2"])
     assert store.requeue_lost(5.0, lambda: next(ids)) == []  # not yet past the grace
@@ -290,11 +307,11 @@ def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     assert (unit.state, unit.task_id, unit.lease_holder) == ("QUEUED", "new-1", None)
     assert store.requeue_lost(0.1, lambda: next(ids)) == []  # once only
     # the requeued message starts it as a new attempt; the old delivery finds out
-    restart = store.start_unit(dead, worker="w4", task_id="new-1", holder="d4", lease_seconds=30)
+    restart = deliver(store, dead, worker="w4", task_id="new-1", holder="d4", lease_seconds=30)
     assert restart.run and restart.attempts == 2
     assert store.renew_lease(dead, "d1", 30) == "lost"
     # nothing is requeued from a cancelled campaign
-    store.start_unit(alive, worker="w2", task_id="t2", holder="d2", lease_seconds=0.1)
+    deliver(store, alive, worker="w2", task_id="t2", holder="d2", lease_seconds=0.1)
     store.cancel_campaign("t-1")
     time.sleep(0.3)
     assert store.requeue_lost(0.1, lambda: next(ids)) == []
@@ -307,8 +324,14 @@ def test_a_unit_handed_back_is_queued_for_the_next_delivery_without_an_attempt(
     key = seed_campaign(store)[2].key
     store.claim_for_queue([key], {key: "t1"})
     for round_ in range(3):  # stopped on request again and again: never "gave up"
-        start = store.start_unit(
-            key, worker="w", task_id="t1", holder=f"d{round_}", lease_seconds=60, max_attempts=1
+        start = deliver(
+            store,
+            key,
+            worker="w",
+            task_id="t1",
+            holder=f"d{round_}",
+            lease_seconds=60,
+            max_attempts=1,
         )
         assert start.run and start.attempts == 1
         assert not store.hand_back(key, "someone-else")  # only the lease holder may
@@ -317,7 +340,7 @@ def test_a_unit_handed_back_is_queued_for_the_next_delivery_without_an_attempt(
         assert (unit.state, unit.attempts, unit.lease_holder) == ("QUEUED", 0, None)
         assert unit.task_id == "t1"  # the same message comes back from its queue
         assert store.renew_lease(key, f"d{round_}", 60) == "lost"
-    store.start_unit(key, worker="w", task_id="t1", holder="last", lease_seconds=60)
+    deliver(store, key, worker="w", task_id="t1", holder="last", lease_seconds=60)
     store.finish_unit(key, outcome())
     assert not store.hand_back(key, "last")  # a finished unit stays finished
     assert store.get_unit(key).state == "SUCCESS"
@@ -327,11 +350,17 @@ def test_attempts_are_capped(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
     for attempt in (1, 2, 3):
-        start = store.start_unit(
-            key, worker="w", task_id="t", holder=f"d{attempt}", lease_seconds=0, max_attempts=3
+        start = deliver(
+            store,
+            key,
+            worker="w",
+            task_id="t",
+            holder=f"d{attempt}",
+            lease_seconds=0,
+            max_attempts=3,
         )
         assert start.run and start.attempts == attempt
-    fourth = store.start_unit(key, worker="w", task_id="t", holder="d4", max_attempts=3)
+    fourth = deliver(store, key, worker="w", task_id="t", holder="d4", max_attempts=3)
     assert not fourth.run and fourth.reason == "gave up" and fourth.state == "FAILED"
     unit = store.get_unit(key)
     assert unit.state == "FAILED" and unit.error.startswith("gave up after 3 attempts")
@@ -341,10 +370,10 @@ def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> N
     store = make_store(store_url)
     plans = seed_campaign(store)
     done, running, queued = plans[2].key, plans[3].key, plans[4].key
-    store.start_unit(done, worker="w", task_id="t0")
+    deliver(store, done, worker="w", task_id="t0")
     store.finish_unit(done, outcome())
     store.claim_for_queue([running, queued], {running: "t1", queued: "t2"})
-    store.start_unit(running, worker="w", task_id="t1", holder="d1")
+    deliver(store, running, worker="w", task_id="t1", holder="d1")
     cancelled = store.cancel_campaign("t-1")
     assert cancelled.state == "CANCELLED" and sorted(cancelled.task_ids) == ["t1", "t2"]
     assert cancelled.units == len(plans) - 1
@@ -356,7 +385,7 @@ def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> N
     with pytest.raises(UnitCancelledError):  # and what it still finishes is not recorded
         store.finish_unit(running, outcome())
     assert store.get_unit(running).state == "CANCELLED" and running not in store.results("t-1")
-    late = store.start_unit(queued, worker="w", task_id="t2", holder="d2")
+    late = deliver(store, queued, worker="w", task_id="t2", holder="d2")
     assert not late.run and late.state == "CANCELLED"
     again = store.cancel_campaign("t-1")
     assert again.already_finished and again.task_ids == []  # once
@@ -367,11 +396,11 @@ def test_resume_resets_what_did_not_succeed_and_the_report(store_url: str) -> No
     plans = seed_campaign(store)
     ok, broken, alive, report = plans[2].key, plans[3].key, plans[4].key, plans[-1].key
     for key in (ok, report):
-        store.start_unit(key, worker="w", task_id=None)
+        deliver(store, key, worker="w", task_id=None)
         store.finish_unit(key, outcome())
-    store.start_unit(broken, worker="w", task_id=None)
+    deliver(store, broken, worker="w", task_id=None)
     store.fail_unit(broken, "boom")
-    store.start_unit(alive, worker="w", task_id=None, holder="d", lease_seconds=60)
+    deliver(store, alive, worker="w", task_id=None, holder="d", lease_seconds=60)
     reset = store.resume_campaign("t-1")
     assert ok not in reset and alive not in reset  # done, or running with a live lease
     assert broken in reset and report in reset  # the report must blend the new results
@@ -383,12 +412,128 @@ def test_resume_resets_what_did_not_succeed_and_the_report(store_url: str) -> No
     assert store.get_campaign("t-1").state == "RUNNING"
 
 
+def test_a_stale_message_for_a_pending_unit_runs_nothing(store_url: str) -> None:
+    """Every message is sent after its unit's claim: one that finds the unit PENDING
+    was sent before `orchard resume` reset it (or by a send that failed)."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    stale = store.start_unit(key, worker="w", task_id="old", holder="d1")
+    assert (stale.run, stale.state, stale.reason) == (False, "PENDING", "not queued")
+    unit = store.get_unit(key)
+    assert (unit.state, unit.attempts, unit.lease_holder) == ("PENDING", 0, None)
+    assert deliver(store, key, worker="w", task_id="new", holder="d2").run  # once claimed
+
+
+def test_resume_takes_a_running_report_away_and_its_result_is_not_recorded(
+    store_url: str,
+) -> None:
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    broken, report = plans[3].key, plans[-1].key
+    deliver(store, broken, worker="w", task_id=None)
+    store.fail_unit(broken, "boom")
+    assert deliver(store, report, worker="w", task_id="r1", holder="d1", lease_seconds=60).run
+    reset = store.resume_campaign("t-1")
+    assert broken in reset and report in reset  # live lease or not: it must wait for broken
+    assert store.renew_lease(report, "d1", 60) == "lost"
+    with pytest.raises(LeaseLostError):  # what it still finishes is not recorded
+        store.finish_unit(report, outcome(), holder="d1")
+    assert store.get_unit(report).state == "PENDING" and report not in store.results("t-1")
+    # its message, retried, finds the unit PENDING: nothing runs before `broken` again
+    assert store.start_unit(report, worker="w", task_id="r1", holder="d2").reason == "not queued"
+
+
+def test_a_result_is_recorded_only_by_the_delivery_holding_the_lease(store_url: str) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    assert deliver(store, key, worker="w", task_id="t", holder="d1", lease_seconds=0.1).run
+    time.sleep(0.3)
+    assert deliver(store, key, worker="w2", task_id="t", holder="d2", lease_seconds=30).run
+    with pytest.raises(LeaseLostError):
+        store.finish_unit(key, outcome(0.1), holder="d1")
+    assert store.finish_unit(key, outcome(0.2), holder="d2")
+    assert not store.finish_unit(key, outcome(0.3), holder="d1")  # done: first write won
+    assert store.results("t-1")[key].val_acc == 0.2
+
+
+def test_a_claim_never_marked_sent_is_requeued_once_its_grace_is_over(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store)
+    sent, unsent = units[0].key, units[1].key
+    store.claim_for_queue([sent, unsent], {sent: "t1", unsent: "t2"})
+    store.mark_sent(["t1"])
+    ids = iter(["new-1", "new-2"])
+    assert store.requeue_lost(5.0, lambda: next(ids)) == []  # a sender may still be at it
+    time.sleep(0.3)
+    lost = store.requeue_lost(0.1, lambda: next(ids))
+    assert [(u.key, u.task_id, u.lost_in) for u in lost] == [(unsent, "new-1", "QUEUED")]
+    assert store.get_unit(unsent).task_id == "new-1"
+    time.sleep(0.3)
+    assert [u.key for u in store.requeue_lost(0.1, lambda: next(ids))] == [unsent]  # unmarked
+    store.mark_sent(["new-2"])
+    time.sleep(0.3)
+    assert store.requeue_lost(0.1, lambda: next(ids)) == []
+    store.mark_sent(["t2"])  # a mark for an earlier task id changes nothing
+    assert store.get_unit(unsent).task_id == "new-2"
+
+
+def test_stalled_campaigns_are_the_running_ones_nothing_moves(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store)
+    first = [u.key for u in units if u.stage == units[0].stage]
+    assert store.stalled_campaigns(5.0) == []  # just created
+    time.sleep(0.3)
+    assert store.stalled_campaigns(0.1) == ["t-1"]  # nothing sent its first stage
+    store.claim_for_queue(first)
+    assert store.stalled_campaigns(0.1) == []  # queued
+    for key in first:
+        deliver(store, key, worker="w", task_id=None)
+        store.finish_unit(key, outcome())
+    assert store.stalled_campaigns(0.1) == []  # a unit finished within the window
+    time.sleep(0.3)
+    assert store.stalled_campaigns(0.1) == ["t-1"]  # and no one opened the next stage
+    store.cancel_campaign("t-1")
+    assert store.stalled_campaigns(0.1) == []
+
+
+def test_predictions_of_a_large_split_fit_postgres_parameter_limit(store_url: str) -> None:
+    """PostgreSQL takes at most 65,535 parameters per statement, six per prediction."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    deliver(store, key, worker="w", task_id=None)
+    many = [Prediction(f"{i:05d}.jpg", i % 3, (i + 1) % 3, [0.2, 0.3, 0.5]) for i in range(12_000)]
+    assert store.finish_unit(key, replace(outcome(), predictions={"test": many}))
+    assert len(store.predictions(key, "test")) == 12_000
+
+
+def test_completing_waits_for_a_resume_that_reopens_the_campaign(postgres_url: str) -> None:
+    """A late `advance` that saw every unit terminal must not close a campaign that
+    `orchard resume` reopened meanwhile (READ COMMITTED re-checks only the UPDATE)."""
+    store = make_store(postgres_url)
+    plans = seed_campaign(store)
+    for plan in plans:
+        deliver(store, plan.key, worker="w", task_id=None)
+        store.fail_unit(plan.key, "boom")
+    with store.engine.connect() as resumer:  # a resume, caught between its two writes
+        resumer.execute(text("BEGIN"))
+        resumer.execute(text("SELECT state FROM campaigns WHERE id = 't-1' FOR UPDATE"))
+        resumer.execute(text("UPDATE units SET state = 'PENDING' WHERE campaign_id = 't-1'"))
+        result: list[str | None] = []
+        completer = threading.Thread(target=lambda: result.append(store.complete_campaign("t-1")))
+        completer.start()
+        time.sleep(0.5)
+        resumer.execute(text("COMMIT"))
+    completer.join(10)
+    assert result == [None]
+    assert store.get_campaign("t-1").state == "RUNNING"
+
+
 def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     store = make_store(store_url)
     plans = seed_campaign(store)
     store.record_artifact(Artifact("campaigns/t-1/manifest.json", "manifest", "a" * 64, 1, "t-1"))
     svm = [p for p in plans if p.family == "svm"]
-    store.start_unit(svm[0].key, worker="cpu@h", task_id=None)
+    deliver(store, svm[0].key, worker="cpu@h", task_id=None)
     store.finish_unit(svm[0].key, outcome(0.7))
     store.record_metrics(svm[0].key, 0, {"val_acc": 0.7})
     # a second campaign over the same manifest bytes, and a third over other data
@@ -485,13 +630,38 @@ def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> Non
     }
     units = store.units("t-1")
     assert units and all(u.lease_holder is None for u in units)
-    assert store.start_unit(units[0].key, worker="w", task_id="t", holder="d").run
+    assert deliver(store, units[0].key, worker="w", task_id="t", holder="d").run
+
+
+def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -> None:
+    """Units queued by an older orchard were sent with their claim: the workers must
+    not send them again as claims left unsent."""
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0002")
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO campaigns (id, name, source, digest, spec, classes, state, "
+                "created_at) VALUES ('t-1', 't', 'x.toml', 'd', '{}', '[]', 'RUNNING', "
+                "'2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
+                "position, state, attempts, queued_at) VALUES ('t-1/svm/h/f0', 't-1', 'svm', "
+                "1, 'h', 'orchard.fit_svm', 'cpu', 0, 'QUEUED', 0, '2026-01-01 00:00:00')"
+            )
+        )
+    assert store.upgrade() == ("0002", migrate.head_revision())
+    assert store.requeue_lost(1.0, lambda: "new") == []
+    assert store.get_unit("t-1/svm/h/f0").task_id is None
 
 
 def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
-    assert store.start_unit(key, worker="w", task_id="a", holder="h", lease_seconds=60).run
+    assert deliver(store, key, worker="w", task_id="a", holder="h", lease_seconds=60).run
     assert store.get_unit(key).lease_holder == "h"
     assert store.finish_unit(key, outcome()) is True
     unit = store.get_unit(key)
@@ -509,7 +679,7 @@ def test_unfinished_by_stage_counts_what_is_not_terminal(store_url: str) -> None
     assert store.unfinished_by_stage("t-1") == {s: {"PENDING": n} for s, n in stages.items()}
     first = [p.key for p in plans if p.stage == 0]
     store.claim_for_queue(first)
-    store.start_unit(first[0], worker="w", task_id=None)
+    deliver(store, first[0], worker="w", task_id=None)
     store.finish_unit(first[0], outcome())
     counts = store.unfinished_by_stage("t-1")
     if len(first) > 1:
@@ -549,7 +719,7 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
         writer.rollback()
         writer.close()
     assert begins == ["BEGIN"] * 4
-    assert store.start_unit(key, worker="w", task_id=None).run  # writes still lock up front
+    assert deliver(store, key, worker="w", task_id=None).run  # writes still lock up front
     assert begins[-1] == "BEGIN IMMEDIATE"
 
 
@@ -564,7 +734,7 @@ def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_ur
     assert store.untaken_queues("no-such-campaign", after=0) == {}
 
     # a worker runs one unit under a live lease: the queue is being consumed
-    store.start_unit(first[0], worker="w", task_id=None, holder="d1", lease_seconds=0.5)
+    deliver(store, first[0], worker="w", task_id=None, holder="d1", lease_seconds=0.5)
     assert store.untaken_queues("t-1", after=0) == {}
     # ... until that worker dies: its lease runs out and no one takes the rest
     time.sleep(0.7)
@@ -574,7 +744,7 @@ def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_ur
     # other units are not missing
     second = [p.key for p in seed_campaign(store, "t-2") if p.stage == 0]
     store.claim_for_queue(second)
-    store.start_unit(second[0], worker="w2", task_id=None, holder="d2", lease_seconds=30)
+    deliver(store, second[0], worker="w2", task_id=None, holder="d2", lease_seconds=30)
     assert store.untaken_queues("t-1", after=0) == {}
     store.finish_unit(second[0], outcome())
     assert list(store.untaken_queues("t-1", after=0)) == [queue]
@@ -590,7 +760,7 @@ def test_untaken_queues_count_units_started_or_finished_within_the_window(
         s.execute(update(UnitRow).values(queued_at=utcnow() - timedelta(hours=1)))
     queue = store.get_unit(first[0]).queue
     assert list(store.untaken_queues("t-1", after=60)) == [queue]
-    store.start_unit(first[0], worker="w", task_id=None, holder="d1", lease_seconds=30)
+    deliver(store, first[0], worker="w", task_id=None, holder="d1", lease_seconds=30)
     store.finish_unit(first[0], outcome())  # a unit taken and finished a moment ago
     assert store.untaken_queues("t-1", after=60) == {}
     # a minute from now, without another unit taken, the queue counts as idle again

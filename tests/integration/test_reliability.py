@@ -20,9 +20,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 
-from db.models import UnitRow, utcnow
+from db.models import CampaignRow, ResultRow, UnitRow, utcnow
 from db.store import Store
 from scheduler.api import CampaignRun, cancel, resume, submit
 from shared.settings import Settings
@@ -372,6 +372,55 @@ def test_a_unit_that_fails_for_good_does_not_hang_the_campaign(cluster: Cluster)
     assert "gave up after 2 attempts" in markdown
     # what succeeded is still in the Blending table (in bold when it is the best)
     assert re.search(r"^\| (\*\*)?SVM best point", markdown, re.MULTILINE), markdown
+
+
+def test_a_claim_never_sent_and_a_stage_never_opened_are_repaired_by_the_workers(
+    cluster: Cluster,
+) -> None:
+    """The process that claims units can die before it sends them, and the task that
+    finished a stage's last unit can die (or give up on an unreachable store) before it
+    opens the next: no message is left to bring the campaign back. The workers' reaper
+    sends a claim that stayed unsent for a lease period, and advances a campaign that
+    nothing moved for two."""
+    store = cluster.store
+    run = cluster.submit(write_campaign(cluster.tmp, "unsent", epochs=1))
+    assert cluster.wait(run).campaign.state == "DONE"
+    report = next(u for u in run.status().units if u.family == "report")
+
+    def lose_the_report(**state: object) -> None:
+        with store.engine.begin() as conn:
+            conn.execute(delete(ResultRow).where(ResultRow.unit_id == report_id(conn)))
+            conn.execute(
+                update(UnitRow)
+                .where(UnitRow.key == report.key)
+                .values(finished_at=None, started_at=None, attempts=0, **state)
+            )
+            conn.execute(
+                update(CampaignRow)
+                .where(CampaignRow.id == run.id)
+                .values(state="RUNNING", finished_at=None)
+            )
+
+    def report_id(conn) -> int:  # noqa: ANN001
+        return conn.scalar(select(UnitRow.id).where(UnitRow.key == report.key))
+
+    # 1. claimed (QUEUED, a task id recorded) by a process that died before sending
+    lose_the_report(state="QUEUED", task_id="never-sent", queued_at=utcnow(), sent_at=None)
+    status = cluster.wait(run, timeout=120)
+    assert status.campaign.state == "DONE"
+    assert f"{report.key}: claimed but never sent (its sender died); sent now" in (
+        cluster.pool.all_logs()
+    )
+    assert store.get_unit(report.key).task_id != "never-sent"
+    # 2. left PENDING: the stage was never opened
+    lose_the_report(state="PENDING", task_id=None, queued_at=None, sent_at=None)
+    status = cluster.wait(run, timeout=120)
+    assert status.campaign.state == "DONE"
+    assert f"{run.id}: nothing moved it for 8 s; advanced it (1 unit(s) sent)" in (
+        cluster.pool.all_logs()
+    )
+    assert_exactly_once(run, store)
+    assert run.report_path() is not None and run.report_path().exists()
 
 
 # ---------------------------------------------------------------- 4. cancel, resume, reuse

@@ -20,6 +20,7 @@ from shared.artifacts import atomic_write_bytes, sha256_file
 from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
+from tests.db.test_store import deliver
 from workers.tasks import base
 from workers.tasks import cnn as cnn_task
 from workers.tasks.base import (
@@ -278,7 +279,7 @@ def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(
     store, _, _ = env
     ctx = _context(env)
     key = ctx.unit.key
-    assert store.start_unit(key, worker="w", task_id="t", holder="d1", lease_seconds=600).run
+    assert deliver(store, key, worker="w", task_id="t", holder="d1", lease_seconds=600).run
     rules = base.Reliability(lease_seconds=600, max_attempts=3, visibility_timeout=3600)
     ctx.heartbeat = base.Heartbeat(store, key, "d1", rules).start()
     ctx.store = base._GuardedStore(store, ctx.heartbeat.check)

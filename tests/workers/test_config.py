@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from shared.errors import OrchardError
 from shared.plan import TASKS
 from shared.settings import Settings
 from workers.config import DEFAULT_VISIBILITY_TIMEOUT, celery_config
@@ -112,6 +114,41 @@ def test_lease_and_attempt_settings(monkeypatch) -> None:
     monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "5")
     assert (reliability().lease_seconds, reliability().heartbeat_seconds) == (6.0, 2.0)
     assert reliability().max_attempts == 5
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ORCHARD_VISIBILITY_TIMEOUT", "12h"),
+        ("ORCHARD_VISIBILITY_TIMEOUT", "0"),
+        ("ORCHARD_LEASE_SECONDS", "x"),
+        ("ORCHARD_LEASE_SECONDS", "-1"),
+        ("ORCHARD_LEASE_SECONDS", "nan"),
+        ("ORCHARD_MAX_ATTEMPTS", "1.5"),
+    ],
+)
+def test_a_bad_reliability_setting_is_one_line_naming_it(monkeypatch, name, value) -> None:
+    from workers.config import reliability
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(OrchardError, match=rf"^{name}='{re.escape(value)}': expected .* than 0$"):
+        reliability()
+
+
+def test_a_broker_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OrchardError, match=r"^ORCHARD_BROKER_URL: cannot create the broker"):
+        celery_config(settings(tmp_path, f"filesystem://{tmp_path / 'file' / 'broker'}"))
+
+
+def test_unit_tasks_have_no_hidden_retry_limit() -> None:
+    """``task.retry(max_retries=None)`` means the task's own limit (Celery's default: 3):
+    the retries that wait for a lease or the store would drop their message."""
+    import workers.tasks  # noqa: F401  registers them
+    from workers.app import app
+
+    for name, _ in TASKS.values():
+        assert app.tasks[name].max_retries is None, name
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from shared.preprocess import shard_name, write_shard
 from shared.report import render_markdown, write_report
 from shared.settings import Settings
 from shared.spec import CnnParams, parse_campaign
+from tests.db.test_store import deliver
 from workers.tasks.report import (
     Predicted,
     best_fold,
@@ -73,7 +74,7 @@ def finish(
     extra: dict | None = None,
     artifacts: list[Artifact] | None = None,
 ) -> None:
-    store.start_unit(key, worker="w@h", task_id=None)
+    deliver(store, key, worker="w@h", task_id=None)
     store.finish_unit(
         key,
         Outcome(
@@ -113,7 +114,7 @@ def test_vote_of_the_best_point(store: Store) -> None:
         if u.params_hash == second:
             finish(store, u.key, 0.8, votes[u.fold], labels, fold=u.fold)
     (svm,) = [u for u in store.units("r-1") if u.family == "svm"]
-    store.start_unit(svm.key, worker="w@h", task_id=None)
+    deliver(store, svm.key, worker="w@h", task_id=None)
     store.fail_unit(svm.key, "ValueError: n_components too large")
 
     data = build_report_data(store, "r-1")
@@ -448,7 +449,7 @@ def test_reused_units_are_named_and_not_counted_as_this_campaigns_work(sqlite_ur
     reused = second.reuse_finished("u-2")
     assert sorted(reused.values()) == sorted(u.key for u in sources)
     (shard,) = [u for u in second.units("u-2") if u.family == "preprocess"]
-    second.start_unit(shard.key, worker="cpu@h", task_id=None)
+    deliver(second, shard.key, worker="cpu@h", task_id=None)
     second.finish_unit(shard.key, Outcome(fit_seconds=0.1))
 
     data = build_report_data(second, "u-2")
@@ -637,7 +638,7 @@ def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) 
         {"images": 2, "reused": True},
     ]
     for key, extra in zip(shards, extras, strict=False):  # the fourth shard never ran
-        store.start_unit(key, worker="gpu@h", task_id=None)
+        deliver(store, key, worker="gpu@h", task_id=None)
         store.finish_unit(key, Outcome(fit_seconds=0.1, extra=extra))
     data = build_report_data(store, "pp-1")
     assert data.preprocessing is not None

@@ -13,6 +13,7 @@ import shared.forest
 from db.store import Store
 from shared.forest import load_model, merge_rf_point
 from shared.plan import MERGE
+from tests.db.test_store import deliver
 from tests.workers.conftest import N_TEST
 from workers.tasks import rf as rf_task
 from workers.tasks.base import UnitContext
@@ -33,7 +34,7 @@ def _context(env, unit) -> UnitContext:  # noqa: ANN001
 
 def _run_and_record(env, unit):  # noqa: ANN001
     store: Store = env[0]
-    store.start_unit(unit.key, worker="test", task_id=None)
+    deliver(store, unit.key, worker="test", task_id=None)
     body = rf_task.fit_rf_shard if unit.family == "rf_shard" else rf_task.fit_rf
     outcome = body.run.__wrapped__(_context(env, unit))
     store.finish_unit(unit.key, outcome)

@@ -20,7 +20,13 @@ Delivery is at least once, so the wrapper also decides what a second delivery do
   its worker is asked to shut down (SIGTERM, Ctrl-C): the unit goes back to QUEUED,
   the message back to its queue, and another worker resumes it at once;
 - a store that stays unreachable after its retries fails the unit with that error,
-  or, when even that cannot be written, leaves the message for a later delivery.
+  or, when even that cannot be written, leaves the message for a later delivery;
+- a delivery that finds its unit PENDING is stale (sent before `orchard resume` reset
+  the unit, or by a send that failed): every message is sent after its unit's claim,
+  so it is dropped, and the unit's next claim sends it anew.
+
+Retries that wait for something to come back (the store, a live lease) are not
+counted against a limit: a dropped message would leave its unit QUEUED for good.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from db.store import (
     LEASE_CANCELLED,
     LEASE_HELD,
+    LEASE_LOST,
     Campaign,
+    LeaseLostError,
     NotFoundError,
     Outcome,
     Store,
@@ -309,7 +317,9 @@ def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
     """Register ``body`` as the Celery task ``name`` with orchard's unit protocol."""
 
     def register(body: Callable[[UnitContext], Outcome]) -> Task:
-        @app.task(name=name, bind=True)
+        # max_retries=None: `task.retry(max_retries=None)` means "the task's limit",
+        # which Celery otherwise sets to 3; the retries that must stop give their own
+        @app.task(name=name, bind=True, max_retries=None)
         @functools.wraps(body)
         def task(self: Task, **kwargs: Any) -> dict[str, Any]:
             try:
@@ -408,21 +418,26 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         log.error("%s: rejected: %s", key, reason)
         raise Reject("not in this worker's store (see the error above)", requeue=False) from None
     except StoreError as exc:
-        # nothing ran and nothing could be written: keep the message for later
+        # nothing ran and nothing could be written: keep the message for later, as long
+        # as it takes (nothing else would send this unit again)
         retries = task.request.retries or 0
         log.error("%s: store unreachable, message kept for later: %s", key, exc)
-        raise task.retry(countdown=min(60, 2 ** (retries + 1)), max_retries=30, exc=exc) from None
+        raise task.retry(countdown=min(60, 2 ** min(retries + 1, 6)), exc=exc) from None
     if not start.run:
         if start.reason == "leased":
             log.info("%s is running elsewhere (live lease); back in %.0f s", key, start.retry_in)
-            raise task.retry(countdown=max(1.0, start.retry_in + 1), max_retries=None)
+            raise task.retry(countdown=max(1.0, start.retry_in + 1))
         if start.reason == "gave up":
             log.error("%s gave up after %d attempts", key, start.attempts)
+        elif start.reason == "not queued":
+            log.warning("%s is PENDING, not queued: a stale message, dropped", key)
         else:
             log.info("%s already %s; nothing to do", key, start.state)
         _advance_or_retry(task, store, message.campaign_id)
         # what Flower shows as the task's result: this delivery ran nothing, and why
-        why = "gave up" if start.reason == "gave up" else f"already {start.state}: not run"
+        why = {"gave up": "gave up", "not queued": "stale message (unit PENDING): not run"}.get(
+            start.reason, f"already {start.state}: not run"
+        )
         return {"unit": key, "state": start.state, "why": why}
 
     heartbeat = Heartbeat(store, key, holder, rules).start()
@@ -436,9 +451,11 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
         try:
-            recorded = store.finish_unit(key, outcome)
+            recorded = store.finish_unit(key, outcome, holder=holder)
         except UnitCancelledError:  # cancelled since the heartbeat's last renewal
             raise UnitAborted(LEASE_CANCELLED) from None
+        except LeaseLostError:  # reset by `orchard resume` or taken over since then
+            raise UnitAborted(LEASE_LOST) from None
     except UnitAborted as exc:
         heartbeat.stop()
         if exc.reason == WORKER_STOPPING:
@@ -449,8 +466,10 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             return {"unit": key, "state": "CANCELLED", "why": "campaign cancelled: stopped"}
         # another delivery runs the unit now; should it die too, this message must
         # bring the unit back: return when that delivery's lease would have run out
-        log.warning("%s stopped: another delivery took it over (lease lost)", key)
-        raise task.retry(countdown=rules.lease_seconds + 1, max_retries=None) from None
+        log.warning(
+            "%s stopped: another delivery took it over, or resume reset it (lease lost)", key
+        )
+        raise task.retry(countdown=rules.lease_seconds + 1) from None
     except Exception as exc:
         heartbeat.stop()
         error = _one_line(exc)
