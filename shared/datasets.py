@@ -216,8 +216,27 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _class_images(class_dir: Path) -> list[Path]:
+    """Image files under ``class_dir`` at any depth, leaving out dot-files and anything in
+    a dot-folder (macOS ``._x.jpg`` AppleDouble files, ``.ipynb_checkpoints/``), as
+    ``_image_files`` does for a split folder."""
+    return sorted(
+        p
+        for p in class_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+        and p.is_file()
+    )
+
+
 class ImageFolderDataset:
-    """torchvision layout: ``root/<class>/<img>`` or ``root/{train,val|dev,test}/<class>/<img>``."""
+    """torchvision layout: ``root/<class>/<img>`` or ``root/{train,val|dev,test}/<class>/<img>``.
+
+    An image's id is its path relative to the root: ``<class>/<img>`` in the flat layout,
+    ``<split folder>/<class>/<img>`` with split folders, so that ``train/A/0001.jpg`` and
+    ``val/A/0001.jpg`` (exports number each split from 1) stay two images downstream,
+    where everything is keyed by image id.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -241,14 +260,12 @@ class ImageFolderDataset:
         for split, dirs in class_dirs.items():
             for class_dir in dirs:
                 _inside(self.root, class_dir, f"class folder {class_dir.name!r}")
-                found = 0
-                for path in sorted(class_dir.rglob("*")):
-                    if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                        _inside(self.root, path, "image")
-                        image_id = path.relative_to(folders[split]).as_posix()
-                        samples.append(Sample(image_id, class_dir.name, split, path))
-                        found += 1
-                if not found:
+                images = _class_images(class_dir)
+                for path in images:
+                    _inside(self.root, path, "image")
+                    image_id = path.relative_to(self.root).as_posix()
+                    samples.append(Sample(image_id, class_dir.name, split, path))
+                if not images:
                     # a class with no example is a failed copy, not a class to learn
                     raise DatasetError(f"{class_dir}: empty class folder (no image files)")
         self._samples = _sorted(samples)

@@ -52,7 +52,7 @@ class Entry:
     label: str | None
     split: str
     path: str
-    fold: int  # NO_FOLD for the test split and unlabelled images
+    fold: int  # NO_FOLD for the test split and unlabelled images (both predicted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +83,21 @@ class Manifest:
         lookup = {c: i for i, c in enumerate(self.classes)}
         return np.array([lookup.get(self.entries[i].label, -1) for i in indices], dtype=np.int64)
 
+    def test_indices(self) -> np.ndarray:
+        """Manifest indices of the images every model predicts (its "test" predictions):
+        the test split, and every unlabelled image whatever its split, since an image
+        without a label can be neither trained nor validated on."""
+        test = [e.split == TEST_SPLIT or e.label is None for e in self.entries]
+        return np.flatnonzero(np.array(test, dtype=bool))
+
     def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train, validation, test) manifest indices for one cross-validation fold."""
         folds = np.array([e.fold for e in self.entries])
-        test = np.array([e.split == TEST_SPLIT for e in self.entries])
         if not (folds == fold).any():
             raise ManifestError(f"fold {fold} has no images")
         train = np.flatnonzero((folds != NO_FOLD) & (folds != fold))
         val = np.flatnonzero(folds == fold)
-        return train, val, np.flatnonzero(test)
+        return train, val, self.test_indices()
 
 
 def assign_folds(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -55,7 +56,13 @@ _REDUCED_FLAGS = (
 #: 33-34 dB at 1.5x-1.7x; a margin of 2 covers it, but a 1280x960 photo then gets no
 #: reduced decode at all.
 REDUCED_MARGIN = 1.5
-_JPEG_SOS, _JPEG_EOI = b"\xff\xda", b"\xff\xd9"
+_JPEG_SOI, _JPEG_SOS, _JPEG_EOI = 0xD8, 0xDA, 0xD9
+# The next marker: 0xFF and a code. 0xFF00 is a stuffed 0xFF byte and RST0-7 sit inside
+# entropy-coded data, so neither ends a scan; 0xFF may repeat before a marker (fill).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# A Python object's repr in an exception message (Pillow names the BytesIO it was given):
+# its memory address would make the same bad image's reason differ from run to run.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class PreprocessError(OrchardError, ValueError):
@@ -84,11 +91,40 @@ def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
 
 
 def _jpeg_truncated(data: bytes) -> bool:
-    # Entropy-coded data never holds the bytes 0xFFD9 or 0xFFDA, so a whole JPEG has an
-    # end-of-image marker after its last start-of-scan; libjpeg would pad a cut one with
-    # grey. The last marker is almost always at the very end, so this reads little.
-    end = data.rfind(_JPEG_EOI)
-    return end < 0 or data.find(_JPEG_SOS, end) >= 0
+    """Whether the main image of a JPEG is cut short: no end-of-image marker after its
+    last scan (libjpeg would pad it with grey).
+
+    Walks the marker segments from the start, skipping each by its length field (an EXIF
+    thumbnail in APP1 is passed over whole) and each scan's entropy-coded data up to the
+    next marker (progressive JPEGs have several scans, with tables between them). What
+    follows the main image's EOI is ignored: an MPO's other pictures, a Motion Photo's
+    video, a maker's trailer. Garbage between segments is skipped up to the next marker,
+    as libjpeg does.
+    """
+    size = len(data)
+    if size < 4 or data[0] != 0xFF or data[1] != _JPEG_SOI:
+        return True
+    pos, scanned = 2, False
+    while True:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None:
+            # the file ends before the main image's EOI (inside a scan: cut short there)
+            return True
+        pos = found.start()
+        marker = data[pos + 1]
+        if marker == _JPEG_EOI:
+            return not scanned  # an EOI before any scan: no picture at all
+        if marker in (_JPEG_SOI, 0x01):  # TEM; neither has a length field
+            pos += 2
+            continue
+        if pos + 4 > size:
+            return True
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if end > size:
+            return True  # a segment cut short
+        scanned = scanned or marker == _JPEG_SOS
+        # after an SOS header, the search for the next marker skips its entropy-coded data
+        pos = end
 
 
 def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageHeader:
@@ -110,7 +146,8 @@ def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageH
             f"{path}: more than the pixel limit of {max_pixels:,} (decompression bomb?)"
         ) from None
     except Exception as exc:  # Pillow raises many types on malformed bytes; all mean the same
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = _OBJECT_REPR.sub("", str(exc).splitlines()[0]) if str(exc) else ""
+        reason = reason.strip() or type(exc).__name__
         raise PreprocessError(f"{path}: not a decodable image ({reason})") from None
     pixels = header.width * header.height
     if pixels > max_pixels:

@@ -180,6 +180,27 @@ def test_image_present_but_not_listed_is_left_out_and_listed(tmp_path):
     ]
 
 
+def test_an_unrecognisable_image_has_the_same_reason_every_time(tmp_path):
+    # Pillow's message names the BytesIO it read, with its memory address
+    root = make_aicup(tmp_path / "data")
+    (root / "train" / "003.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    reasons = {s.reason for _ in range(3) for s in manifest_of(tmp_path, root).skipped}
+    assert reasons == {"not a decodable image (cannot identify image file)"}
+
+
+def test_macos_dot_files_in_an_imagefolder_are_not_images(tmp_path):
+    root = tmp_path / "flowers"
+    for name in ("apple", "kiwi"):
+        for j in range(4):
+            write_jpeg(root / name / f"{j}.jpg", seed=j)
+        # what Finder leaves on a non-Mac volume and zip keeps: 2 of 10 files
+        (root / name / "._0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+        write_jpeg(root / name / ".ipynb_checkpoints" / "0-checkpoint.jpg")
+    manifest = manifest_of(tmp_path, root, dataset={"kind": "imagefolder"})
+    assert len(manifest.entries) == 8 and manifest.skipped == ()
+    assert all("/." not in e.image_id and "/." not in e.path for e in manifest.entries)
+
+
 def test_image_changed_after_submit_fails_its_shard_with_one_line(tmp_path):
     root = make_aicup(tmp_path / "data")
     manifest = manifest_of(tmp_path, root)

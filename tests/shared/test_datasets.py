@@ -179,12 +179,12 @@ def test_imagefolder_splits_with_four_classes(tmp_path: Path) -> None:
     ds = ImageFolderDataset(tmp_path)
     assert ds.classes == ("bruised", "ripe", "rotten", "unripe")
     assert [(s.split, s.image_id) for s in ds.samples()] == [
-        ("train", "bruised/1.jpg"),
-        ("train", "ripe/1.jpg"),
-        ("train", "unripe/1.jpg"),
-        ("dev", "ripe/3.jpg"),
-        ("test", "ripe/2.jpg"),
-        ("test", "rotten/1.jpg"),
+        ("train", "train/bruised/1.jpg"),
+        ("train", "train/ripe/1.jpg"),
+        ("train", "train/unripe/1.jpg"),
+        ("dev", "val/ripe/3.jpg"),
+        ("test", "test/ripe/2.jpg"),
+        ("test", "test/rotten/1.jpg"),
     ]
 
 
@@ -193,12 +193,48 @@ def test_imagefolder_dev_folder_and_order_is_deterministic(tmp_path: Path) -> No
         write_image(tmp_path / name)
     first = ImageFolderDataset(tmp_path).samples()
     assert [(s.split, s.image_id) for s in first] == [
-        ("train", "A/a.jpg"),
-        ("train", "A/b.jpg"),
-        ("dev", "B/c.png"),
+        ("train", "train/A/a.jpg"),
+        ("train", "train/A/b.jpg"),
+        ("dev", "dev/B/c.png"),
     ]
     assert ImageFolderDataset(tmp_path).samples() == first
     assert isinstance(first[0], Sample)
+
+
+def test_imagefolder_ids_are_unique_when_splits_reuse_file_names(tmp_path: Path) -> None:
+    # exports number each split from 1: the same names in train/, val/ and test/
+    for split in ("train", "val", "test"):
+        for name in ("A/0001.jpg", "A/0002.jpg", "B/0001.jpg"):
+            write_image(tmp_path / split / name)
+    samples = ImageFolderDataset(tmp_path).samples()
+    ids = [s.image_id for s in samples]
+    assert len(set(ids)) == len(ids) == 9
+    assert [(s.split, s.image_id) for s in samples if s.image_id.endswith("A/0001.jpg")] == [
+        ("train", "train/A/0001.jpg"),
+        ("dev", "val/A/0001.jpg"),
+        ("test", "test/A/0001.jpg"),
+    ]
+    # the id names the file: its path relative to the dataset root
+    assert all(s.path == tmp_path.resolve() / s.image_id for s in samples)
+
+
+def test_imagefolder_leaves_out_dot_files_and_dot_folders(tmp_path: Path) -> None:
+    for name in ["A/1.jpg", "A/sub/2.jpg", "B/3.jpg"]:
+        write_image(tmp_path / name)
+    # macOS AppleDouble companions, at every depth, and hidden folders at every depth
+    for name in ["A/._1.jpg", "A/sub/._2.jpg", "B/._3.jpg"]:
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    for name in ["A/.ipynb_checkpoints/1.jpg", "B/.cache/deep/4.jpg", ".Trashes/C/5.jpg"]:
+        write_image(tmp_path / name)
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ("A", "B")
+    assert [s.image_id for s in ds.samples()] == ["A/1.jpg", "A/sub/2.jpg", "B/3.jpg"]
+    # a class folder holding only hidden files is as empty as one holding nothing
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "._9.jpg").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(DatasetError) as excinfo:
+        ImageFolderDataset(tmp_path)
+    assert_one_line_error(excinfo, str(tmp_path / "C"), "empty class folder")
 
 
 def test_imagefolder_empty(tmp_path: Path) -> None:

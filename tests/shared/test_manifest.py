@@ -138,7 +138,9 @@ def test_fold_indices_partition_the_labelled_pool():
     manifest = _manifest()
     pool = {i for i, e in enumerate(manifest.entries) if e.fold != NO_FOLD}
     assert pool == set(range(8))
-    test_idx = {i for i, e in enumerate(manifest.entries) if e.split == TEST_SPLIT}
+    # the test split and the unlabelled training image: everything predicted, not fitted
+    test_idx = {i for i, e in enumerate(manifest.entries) if e.fold == NO_FOLD}
+    assert {manifest.entries[i].image_id for i in test_idx} == {"100.jpg", "101.jpg", "102.jpg"}
     vals = []
     for fold in (0, 1):
         train, val, test = manifest.fold_indices(fold)
@@ -150,6 +152,25 @@ def test_fold_indices_partition_the_labelled_pool():
         vals.append(set(val))
     assert vals[0] | vals[1] == pool
     assert not vals[0] & vals[1]
+
+
+def test_unlabelled_images_of_every_split_are_predicted():
+    labels: list[str | None] = _labels({"A": 4, "B": 4}) + [None, None, None, "A"]
+    splits = ["train"] * 8 + ["train", "dev", TEST_SPLIT, TEST_SPLIT]
+    folds = assign_folds(labels, splits, k=2, seed=0)
+    manifest = dataclasses.replace(
+        _manifest(),
+        entries=tuple(
+            Entry(f"{i:03d}.jpg", lab, sp, f"/data/{i:03d}.jpg", fold)
+            for i, (lab, sp, fold) in enumerate(zip(labels, splits, folds, strict=True))
+        ),
+    )
+    assert manifest.test_indices().tolist() == [8, 9, 10, 11]
+    for fold in (0, 1):
+        train, val, test = manifest.fold_indices(fold)
+        assert test.tolist() == [8, 9, 10, 11]
+        # every image is in exactly one of the fold's sets: fitted, validated or predicted
+        assert sorted([*train, *val, *test]) == list(range(12))
 
 
 def test_fold_indices_unknown_fold():
@@ -257,3 +278,60 @@ def test_build_manifest_on_imagefolder_with_four_classes(tmp_path):
     assert manifest.classes == ("apple", "kiwi", "mango", "pear")
     assert Counter(e.split for e in manifest.entries) == {"train": 12, "test": 4}
     assert Counter(e.fold for e in manifest.entries if e.split == "train") == {0: 4, 1: 4, 2: 4}
+
+
+def test_unlabelled_dev_images_are_predicted_from_build_manifest(tmp_path):
+    import cv2
+
+    root = tmp_path / "mango"
+    rows = {
+        "train": [f"t{i}.jpg,{'AB'[i % 2]}" for i in range(6)] + ["t6.jpg,"],
+        "dev": ["d0.jpg,", "d1.jpg,A"],
+        "test": ["x0.jpg,"],
+    }
+    for split, lines in rows.items():
+        (root / split).mkdir(parents=True)
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for i, line in enumerate(lines):
+            image = np.full((20, 24, 3), 30 * i, dtype=np.uint8)
+            assert cv2.imwrite(str(root / split / line.split(",")[0]), image)
+    campaign = parse_campaign(
+        {
+            "name": "m",
+            "folds": 2,
+            "dataset": {"kind": "aicup", "root": str(root), "classes": ["A", "B"]},
+        },
+        source="<test>",
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    _, _, test = manifest.fold_indices(0)
+    assert sorted(manifest.entries[i].image_id for i in test) == ["d0.jpg", "t6.jpg", "x0.jpg"]
+    covered = set(test)
+    for fold in (0, 1):
+        train, val, _ = manifest.fold_indices(fold)
+        covered |= set(train) | set(val)
+    assert covered == set(range(len(manifest.entries)))
+
+
+def test_imagefolder_splits_reusing_file_names_keep_every_image(tmp_path):
+    import cv2
+
+    for s, split in enumerate(("train", "val", "test")):
+        for c, name in enumerate("AB"):
+            folder = tmp_path / "exported" / split / name
+            folder.mkdir(parents=True)
+            for j in range(4):  # each split numbers its files from 0
+                image = np.full((20, 24, 3), 60 * s + 20 * c + j, dtype=np.uint8)
+                assert cv2.imwrite(str(folder / f"{j:04d}.jpg"), image)
+    campaign = parse_campaign(
+        {"name": "x", "folds": 2, "dataset": {"kind": "imagefolder", "root": "exported"}},
+        source="<test>",
+        base_dir=tmp_path,
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    ids = [e.image_id for e in manifest.entries]
+    assert len(set(ids)) == len(ids) == 24
+    assert {"train/A/0000.jpg", "val/A/0000.jpg", "test/A/0000.jpg"} <= set(ids)
+    # what the report pools by image id: every out-of-fold validation image, once
+    out_of_fold = [ids[i] for fold in (0, 1) for i in manifest.fold_indices(fold)[1]]
+    assert len(set(out_of_fold)) == len(out_of_fold) == 16

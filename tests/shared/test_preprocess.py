@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 from sklearn.datasets import load_sample_image
 
 from shared.preprocess import (
     ImageHeader,
+    PreprocessError,
     check_image,
     decode_flag,
     decode_resize,
@@ -203,3 +205,85 @@ def test_bench_smoke_prints_baseline_orchard_ratio_and_quality(tmp_path):
         assert row["ratio_orchard_over_baseline"] == pytest.approx(
             rates["orchard"] / rates["baseline"], rel=0.01
         )
+
+
+# ---------------------------------------------------------------- JPEGs cut short or with more
+
+
+def _encoded(progressive: bool = False, size: tuple[int, int] = (320, 240)) -> bytes:
+    photo = synthetic_photo(seed=0, index=2, size=size, grade="B")
+    ok, buf = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)])
+    assert ok
+    return buf.tobytes()
+
+
+def _with_exif_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """``jpeg`` with an APP1 EXIF segment holding ``thumbnail`` (IFD1), as cameras write."""
+    ifd0 = struct.pack("<HI", 0, 14)  # no entries; IFD1 at 14
+    ifd1 = struct.pack("<H", 2)
+    ifd1 += struct.pack("<HHII", 0x0201, 4, 1, 44)  # JPEGInterchangeFormat: the offset
+    ifd1 += struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail))  # and its length
+    ifd1 += struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd0 + ifd1 + thumbnail
+    body = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(body)) + body + jpeg[2:]
+
+
+def _trailer(seed: int) -> bytes:
+    """What may follow a whole JPEG (a Motion Photo's MP4, a maker's data): random bytes,
+    here always with an end-of-image and then a start-of-scan marker in them."""
+    noise = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    return b"\x00\x00\x00\x18ftypmp42" + noise + b"\xff\xd9" + noise[:99] + b"\xff\xda\x00\x0c"
+
+
+def _scans(data: bytes) -> list[int]:
+    starts, pos = [], data.find(b"\xff\xda")
+    while pos >= 0:
+        starts.append(pos)
+        pos = data.find(b"\xff\xda", pos + 2)
+    return starts
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_whole_jpeg_with_data_after_it_is_accepted(tmp_path, progressive):
+    jpeg = _encoded(progressive)
+    for seed in range(20):
+        data = jpeg + _trailer(seed)
+        assert read_header(data, tmp_path / f"{seed}.jpg") == ImageHeader("JPEG", 320, 240)
+    # and OpenCV decodes it as the picture it is
+    decoded = cv2.imdecode(np.frombuffer(jpeg + _trailer(0), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded, cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1))
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_jpeg_cut_short_is_refused(tmp_path, progressive):
+    jpeg = _encoded(progressive)
+    scans = _scans(jpeg)
+    assert len(scans) > 1 if progressive else len(scans) == 1
+    cuts = [
+        scans[0] + 64,  # early in the first scan
+        (scans[0] + len(jpeg)) // 2,  # in the middle of the picture
+        len(jpeg) - 2,  # just before the end-of-image marker
+        len(jpeg) - 1,
+    ]
+    cuts += [start - 1 for start in scans[1:]]  # between two scans, tables and all
+    for cut in cuts:
+        with pytest.raises(PreprocessError, match="truncated JPEG"):
+            read_header(jpeg[:cut], tmp_path / f"cut{cut}.jpg")
+
+
+def test_a_jpeg_with_an_exif_thumbnail_is_read_past_it(tmp_path):
+    thumbnail = _encoded(size=(160, 120))
+    jpeg = _with_exif_thumbnail(_encoded(progressive=True), thumbnail)
+    path = tmp_path / "camera.jpg"
+    path.write_bytes(jpeg)
+    with Image.open(path) as image:  # Pillow finds the thumbnail where a reader looks
+        thumb = image.getexif().get_ifd(ExifTags.IFD.IFD1)
+        assert thumb == {0x0201: 44, 0x0202: len(thumbnail)}
+    assert read_header(jpeg, path) == ImageHeader("JPEG", 320, 240)
+    assert read_header(jpeg + _trailer(1), path) == ImageHeader("JPEG", 320, 240)
+    assert decode_resize(path, 64).shape == (64, 64, 3)
+    # the thumbnail's own scan and end-of-image marker do not stand for the main picture's
+    main_scan = _scans(jpeg)[-1]
+    with pytest.raises(PreprocessError, match="truncated JPEG"):
+        read_header(jpeg[: main_scan + 100], path)

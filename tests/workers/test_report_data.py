@@ -194,6 +194,20 @@ def test_without_test_labels_pools_validation_and_writes_a_submission(
     ]
 
 
+def test_unlabelled_images_beside_a_labelled_test_set_are_submitted(store: Store) -> None:
+    """Unlabelled images of the train or dev CSVs are predicted with the test split: the
+    labelled ones are scored, the unlabelled ones go to submission.csv."""
+    for u in store.units("r-1"):
+        if u.family in ("cnn", "svm"):
+            finish(store, u.key, 0.6, [0, 1, 2, 0], [0, -1, 2, -1], fold=u.fold)
+    data = build_report_data(store, "r-1")
+    assert data.test_labelled
+    vote = next(b for b in data.blends if b.name == "CNN 3-fold vote")
+    assert vote.test_acc == pytest.approx(1.0)  # t1 and t3, the labelled ones
+    assert data.submission is not None
+    assert data.submission.rows == [("t2.jpg", "B"), ("t4.jpg", "A")]
+
+
 def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
     spec = {
         "name": "x",

@@ -27,7 +27,7 @@ import numpy as np
 
 from db.store import Artifact, Outcome, Prediction, Result, Store, Unit
 from shared.errors import OrchardError
-from shared.manifest import TEST_SPLIT, Manifest
+from shared.manifest import Manifest
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
 from shared.report import (
     BlendRow,
@@ -593,7 +593,7 @@ def explain_cnn(
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
 
-    test = np.array([i for i, e in enumerate(manifest.entries) if e.split == TEST_SPLIT])
+    test = manifest.test_indices()
     if not len(test):
         return LimeSection("cnn", fold.key, num_samples, [], "no test images to explain")
     images = load_variant(store, settings, manifest, cnn_variant(manifest.size))[test]
@@ -842,17 +842,20 @@ def build_report_data(
             matrix = confusion_matrix(chosen.labels, chosen.preds, n_classes)
             confusions["blend"] = Confusion(f"{best_blend} ({split})", matrix, split)
 
-    # -- submission: the best blend's test predictions, when there are no test labels
+    # -- submission: the best blend's predictions of every unlabelled image (the test
+    # split's when it has no labels, and any unlabelled image of the other splits)
     submission = None
-    if not by_test and best_blend and best_blend in predicted and predicted[best_blend].ids:
+    if best_blend and best_blend in predicted and predicted[best_blend].ids:
         chosen = predicted[best_blend]
         pred_of = dict(zip(chosen.ids, chosen.preds.tolist(), strict=True))
         if manifest is not None:
-            order = [e.image_id for e in manifest.entries if e.split == TEST_SPLIT]
+            unlabelled = (manifest.entries[i] for i in manifest.test_indices())
+            order = [e.image_id for e in unlabelled if e.label is None]
         else:
-            order = chosen.ids
-        rows = [(i, classes[pred_of[i]]) for i in order if i in pred_of]
-        submission = Submission(best_blend, rows, missing=len(order) - len(rows))
+            order = [i for i, label in zip(chosen.ids, chosen.labels, strict=True) if label < 0]
+        if order:
+            rows = [(i, classes[pred_of[i]]) for i in order if i in pred_of]
+            submission = Submission(best_blend, rows, missing=len(order) - len(rows))
 
     # -- LIME
     lime, lime_note = None, ""
