@@ -8,7 +8,9 @@ status = run.wait(progress=True)
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from shared.errors import OrchardError
 from shared.manifest import ManifestError, build_manifest, manifest_path
 from shared.plan import PENDING, QUEUED, TERMINAL, data_problems, plan_units
 from shared.preprocess import shard_ranges
-from shared.settings import Settings, load_settings, mask_url
+from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
 from shared.spec import CampaignError, load_campaign
 
 #: Seconds a unit may wait on its queue, with no worker taking any unit from that
@@ -175,6 +177,7 @@ def submit(
     settings = _settings(settings, broker, database, artifacts)
 
     campaign = load_campaign(path)
+    _check_creatable(settings.artifacts)
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
     store = Store(settings.database_url)
@@ -199,35 +202,55 @@ def submit(
     if problems := data_problems(units, train_sizes, manifest.size):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CampaignError(f"{path}: {problems[0]}{more}")
-    if not database_server:
-        store.upgrade()  # the SQLite file is created only for a campaign that can run
 
-    written = atomic_write_text(
-        manifest_path(settings.artifacts / "campaigns" / campaign_id), manifest.to_json()
-    )
-    store.create_campaign(
-        campaign_id,
-        name=campaign.name,
-        source=str(Path(path).resolve()),
-        digest=campaign.digest(),
-        spec=campaign.model_dump(mode="json"),
-        classes=manifest.classes,
-        units=units,
-        artifacts=[
-            Artifact(
-                written.path.relative_to(settings.artifacts).as_posix(),
-                "manifest",
-                written.sha256,
-                written.size,
-                campaign_id,
-            )
-        ],
-    )
+    # the new campaign's folder, with its manifest, is removed again if recording fails
+    folder = settings.artifacts / "campaigns" / campaign_id
+    fresh = not folder.exists()  # never another campaign's, should two ids collide
+    try:
+        written = atomic_write_text(manifest_path(folder), manifest.to_json())
+        if not database_server:
+            store.upgrade()  # the SQLite file is created only for a campaign that can run
+        store.create_campaign(
+            campaign_id,
+            name=campaign.name,
+            source=str(Path(path).resolve()),
+            digest=campaign.digest(),
+            spec=campaign.model_dump(mode="json"),
+            classes=manifest.classes,
+            units=units,
+            artifacts=[
+                Artifact(
+                    written.path.relative_to(settings.artifacts).as_posix(),
+                    "manifest",
+                    written.sha256,
+                    written.size,
+                    campaign_id,
+                )
+            ],
+        )
+    except BaseException as exc:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
+            raise OrchardError(
+                f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
+            ) from None
+        raise
     run = CampaignRun(campaign_id, store, settings)
     if reuse:
         run.reused = store.reuse_finished(campaign_id)
     advance(store, app, campaign_id)
     return run
+
+
+def _check_creatable(folder: Path) -> None:
+    """One line naming ``folder`` when it cannot be made a directory (a plain file in its
+    way, no permission), before anything is created."""
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise OrchardError(f"artifact folder {folder}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OrchardError(f"artifact folder {folder}: {ancestor} is not writable")
 
 
 def _settings(
@@ -240,7 +263,7 @@ def _settings(
     if broker:
         settings = replace(settings, broker_url=broker)
     if database:
-        settings = replace(settings, database_url=database)
+        settings = replace(settings, database_url=absolute_sqlite_url(database))
     if artifacts:
         settings = replace(settings, artifacts=Path(artifacts).resolve())
     return settings
@@ -274,12 +297,13 @@ def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
     store = Store(settings.database_url)
     store.check_schema()
     store.get_campaign(campaign_id)
+    # only now: importing workers.app creates a filesystem broker's folders
+    from workers.app import check_broker_reachable, make_app
+
+    app = make_app(settings, with_tasks=False)
+    check_broker_reachable(app)  # before anything changes: the revokes must reach it
     outcome = store.cancel_campaign(campaign_id)
     if outcome.task_ids:
-        # only now: importing workers.app creates a filesystem broker's folders
-        from workers.app import make_app
-
-        app = make_app(settings, with_tasks=False)
         app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome
 

@@ -4,7 +4,7 @@
                   [--reuse]           copy units that already succeeded identically
     orchard resume ID [--wait]        run again what did not succeed
     orchard cancel ID                 revoke a campaign's pending and running units
-    orchard status [ID] [--watch]     campaigns, or one campaign's units
+    orchard status [ID] [--watch]     campaigns (the newest 50; --all), or one campaign's units
     orchard report ID [--print]       where a campaign's report is (or its Markdown)
     orchard worker --queues Q[,Q]     run a Celery worker for orchard's queues
                    [--pool solo]      one process, no pool: less dispatch time per unit
@@ -30,6 +30,9 @@ from shared.settings import load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Campaigns `orchard status` lists without --all, the newest first.
+STATUS_SHOWN = 50
 CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
 
 
@@ -99,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("campaign", nargs="?", help=CAMPAIGN_ID + "; without it, every campaign")
     p.add_argument("--watch", action="store_true", help="refresh until the campaign finishes")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"list every campaign (without it, the newest {STATUS_SHOWN})",
+    )
     p.set_defaults(run=cmd_status)
 
     p = commands.add_parser(
@@ -128,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency",
         "-c",
-        type=int,
+        type=_positive_int,
         default=None,
         help="child processes of a prefork worker (default: the number of CPUs); solo-pool "
         "and GPU workers run one task at a time",
@@ -164,7 +172,15 @@ def _parser() -> argparse.ArgumentParser:
         help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>@%%h, "
         "one task at a time); ids without GPUs only with ORCHARD_DEVICE=cpu",
     )
-    p.add_argument("--loglevel", "-l", default="INFO", help="Celery log level (default INFO)")
+    p.add_argument(
+        "--loglevel",
+        "-l",
+        type=str.upper,
+        choices=LOGLEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"Celery log level: {', '.join(LOGLEVELS)} (default INFO)",
+    )
     p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser(
@@ -190,6 +206,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["upgrade"], help="upgrade: create or migrate the schema")
     p.set_defaults(run=cmd_db)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------- commands
@@ -304,8 +331,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _require_sqlite_file(load_settings().database_url)
     run, reset = resume(args.campaign)
     if not reset:
-        state = run.status().campaign.state
-        print(f"campaign {run.id} is {state}: every unit succeeded, nothing to re-enqueue")
+        status = run.status()
+        running = status.counts()["RUNNING"]  # left alone: their workers are alive
+        why = f"{running} unit(s) still running" if running else "every unit succeeded"
+        print(f"campaign {run.id} is {status.campaign.state}: {why}, nothing to re-enqueue")
         return 0
     print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
     if not args.wait:
@@ -364,11 +393,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _store(existing=True)
     console = Console()
     if args.campaign is None:
-        campaigns = store.list_campaigns()
+        # every campaign, to count those left out (db.store's list_campaigns has no count)
+        campaigns = store.list_campaigns(limit=sys.maxsize)
         if not campaigns:
             print(f"no campaigns in {mask_url(store.url)}")
             return 0
-        _print_table(console, *_campaign_rows(store, campaigns), whole="id", drops=NARROW_DROPS)
+        older = 0 if args.all else max(0, len(campaigns) - STATUS_SHOWN)
+        shown = campaigns[: len(campaigns) - older]
+        _print_table(console, *_campaign_rows(store, shown), whole="id", drops=NARROW_DROPS)
+        if older:
+            print(
+                f"... {older} older campaign(s) not shown; --all lists every one",
+                file=sys.stderr,
+            )
         return 0
     from scheduler.api import CampaignRun
 
@@ -572,7 +609,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if path is None:
         raise OrchardError(f"campaign {args.campaign} has no report yet")
     if args.print:
-        print(path.with_suffix(".md").read_text(encoding="utf-8"))
+        markdown = path.with_suffix(".md")
+        try:
+            print(markdown.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise OrchardError(
+                f"campaign {args.campaign}: cannot read {markdown}: {reason} (ORCHARD_ARTIFACTS "
+                "must be the folder, or shared mount, that the workers write to)"
+            ) from None
     else:
         print(path)
         print(path.with_suffix(".md"))

@@ -172,6 +172,8 @@ class GpuLauncher:
             bufsize=1,
         )
         child.started = time.monotonic()
+        if self._stopping:  # a signal that came while it started: stop() did not see it
+            child.proc.send_signal(signal.SIGTERM)
         child.pump = threading.Thread(target=self._pump, args=(child, child.proc), daemon=True)
         child.pump.start()
         self._say(f"gpu{child.gpu}: pid {child.proc.pid}, CUDA_VISIBLE_DEVICES={child.gpu}")
@@ -208,11 +210,14 @@ class GpuLauncher:
         failure: str | None = None
         try:
             for child in self.children:
+                if self._stopping:  # a signal during start-up: start no more
+                    break
                 self._start(child)
             while True:
                 running = 0
                 for child in self.children:
-                    assert child.proc is not None
+                    if child.proc is None:
+                        continue  # never started: the launcher was stopped first
                     code = child.proc.poll()
                     if code is None:
                         running += 1
@@ -229,6 +234,8 @@ class GpuLauncher:
                         )
                         self._say(f"orchard worker: {failure}")
                         self.stop()
+                        continue
+                    if self._stopping:  # asked to stop while it waited for the output
                         continue
                     child.restarts += 1
                     self._say(

@@ -18,7 +18,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,19 +44,39 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if broker.startswith("filesystem://"):
         folder = broker.removeprefix("filesystem://") or str(home / "broker")
         broker = f"filesystem://{Path(folder).expanduser().resolve()}"
-    database = env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
+    database = absolute_sqlite_url(
+        env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
+    )
     artifacts = Path(env.get("ORCHARD_ARTIFACTS") or home / "artifacts").expanduser().resolve()
     return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
 
 
-def mask_url(url: str) -> str:
-    """``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``; safe to print."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
+def absolute_sqlite_url(url: str) -> str:
+    """``sqlite:///rel/x.db`` -> ``sqlite:////cwd/rel/x.db``; any other URL as it is.
+
+    SQLite opens a relative path from the process's working directory, so a worker or
+    a ``--gpus`` child started elsewhere would open another file. In-memory databases
+    and SQLite ``file:`` URIs are left to SQLite.
+    """
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.partition("+")[0] != "sqlite":
         return url
-    userinfo, _, host = parts.netloc.rpartition("@")  # host keeps its [IPv6] brackets
+    path, query_sep, query = rest.partition("?")
+    if not path or path == ":memory:" or path.startswith("file:") or Path(path).is_absolute():
+        return url
+    return f"{scheme}:///{Path(path).expanduser().resolve()}{query_sep}{query}"
+
+
+def mask_url(url: str) -> str:
+    """``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``; safe to print.
+
+    Not parsed as a URL: a password with ``/``, ``#``, ``?`` or ``@`` ends the netloc
+    early for ``urllib``, which would then print it. Everything between the first
+    ``:`` of the user info and the last ``@`` is masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
     user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://{user}:***@{host}"

@@ -34,11 +34,19 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from shared.errors import OrchardError
 from shared.variants import check_variant
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+
+#: The most cross-validation folds a campaign may ask for.
+MAX_FOLDS = 50
+#: Workers seed fold i's units with ``seed + i``, and numpy / scikit-learn take seeds
+#: up to 2**32 - 1: the largest seed leaves room for the last fold.
+MAX_SEED = 2**32 - 1 - MAX_FOLDS
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class CampaignError(OrchardError, ValueError):
@@ -154,6 +162,16 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
+def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A sweep runs each value once: a repeated value would plan the same unit twice."""
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise PydanticCustomError(
+                "duplicate_sweep_value", "duplicate value {value}", {"value": repr(value)}
+            )
+    return values
+
+
 def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type[_Frozen]:
     """A section model whose fields are those of ``params``, each a non-empty tuple.
 
@@ -166,7 +184,12 @@ def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type
     }
     for field_name, info in params.model_fields.items():
         item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-        sweep = Annotated[tuple[item, ...], BeforeValidator(_as_list), Field(min_length=1)]
+        sweep = Annotated[
+            tuple[item, ...],
+            BeforeValidator(_as_list),
+            Field(min_length=1),
+            AfterValidator(_distinct),
+        ]
         fields[field_name] = (sweep, (info.default,))
     section = create_model(name, __base__=_Frozen, **fields)
     section.params_model = params  # type: ignore[attr-defined]
@@ -217,7 +240,7 @@ class SyntheticDataset(_Frozen):
 
     kind: Literal["synthetic"]
     root: Path | None = None  # default: <artifacts>/datasets/synthetic-<params hash>
-    seed: int = 0
+    seed: Seed = 0
     train_per_class: int = Field(40, ge=1)
     test_per_class: int = Field(10, ge=0)
     width: int = Field(320, ge=32)
@@ -268,8 +291,8 @@ class ReportSpec(_Frozen):
 class Campaign(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    seed: int = 0
-    folds: int = Field(5, ge=2, le=50)
+    seed: Seed = 0
+    folds: int = Field(5, ge=2, le=MAX_FOLDS)
     dataset: DatasetSpec
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     cnn: CnnSection | None = None  # type: ignore[valid-type]
@@ -329,11 +352,26 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
                 f"{source}: [{family}] folds: {section.folds} is more than the campaign's "
                 f"folds = {campaign.folds}"
             )
+        if problem := _variant_problem(family, section, campaign.preprocessing.size, raw):
+            raise CampaignError(f"{source}: {problem}")
     root = getattr(campaign.dataset, "root", None)
     if root is not None and not root.is_absolute() and base_dir is not None:
         dataset = campaign.dataset.model_copy(update={"root": (base_dir / root).resolve()})
         campaign = campaign.model_copy(update={"dataset": dataset})
     return campaign
+
+
+def _variant_problem(family: str, section: Any, cache_size: int, raw: dict[str, Any]) -> str | None:
+    """A section's variant the preprocessing cache is too small for (a crop larger
+    than ``[preprocessing] size``), as ``[rf] variant: ...``; None if all fit."""
+    swept = isinstance(raw.get(family, {}).get("variant"), list)
+    for i, variant in enumerate(getattr(section, "variant", ())):
+        try:
+            check_variant(variant, cache_size)
+        except ValueError as exc:
+            where = f"[{family}] variant" + (f"[{i}]" if swept else "")
+            return f"{where}: {exc} ([preprocessing] size = {cache_size})"
+    return None
 
 
 def format_validation_error(
@@ -353,7 +391,7 @@ def format_validation_error(
                 msg += f" (did you mean {guess!r}?)"
         elif err["type"] == "missing":
             msg = "required but missing"
-        elif "input" in err and not isinstance(err["input"], dict | list):
+        elif "input" in err and not isinstance(err["input"], dict | list | tuple):
             msg = f"{msg} (got {err['input']!r})"
         messages.setdefault(where, [])
         if msg not in messages[where]:

@@ -75,9 +75,11 @@ def check_broker_reachable(celery: Celery) -> None:
 
     from shared.errors import OrchardError
     from shared.settings import mask_url
-    from workers.config import BROKER_CONNECT_TIMEOUT, BROKER_URL_EXAMPLES
+    from workers.config import BROKER_CONNECT_TIMEOUT, BROKER_URL_EXAMPLES, broker_url_problem
 
     url = celery.conf.broker_url
+    if problem := broker_url_problem(url):  # before kombu, whose errors may quote it
+        raise OrchardError(f"broker {mask_url(url)}: {problem}")
     options = {}
     if url.startswith(("redis://", "rediss://")):
         options = {

@@ -201,10 +201,17 @@ def broker_url_problem(url: str) -> str | None:
         return "not a broker URL; " + BROKER_URL_EXAMPLES
     if scheme not in BROKER_SCHEMES:
         return f"{scheme!r} is not a broker orchard knows; " + BROKER_URL_EXAMPLES
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if scheme in ("redis", "rediss") and any(c in userinfo for c in "/?#"):
+        # a URL parser ends the host there: the password would be cut, and quoted
+        return (
+            "a '/', '?' or '#' in the password ends the host part of a URL; "
+            "percent-encode them (%2F, %3F, %23)"
+        )
     try:
         _ = urlsplit(url).port  # parsing it is the check
-    except ValueError as exc:  # a port that is not a number, a bad [IPv6] address
-        return f"not a valid URL ({exc})"
+    except ValueError:  # its message may quote the URL, password included
+        return "not a valid URL (a port that is not a number, or a bad [IPv6] address)"
     return None
 
 

@@ -88,14 +88,17 @@ def test_submit_with_unreachable_database_fails_before_reading_the_dataset(tmp_p
     assert not (tmp_path / "artifacts").exists()  # no dataset generated, no manifest
 
 
-def run_in_process(monkeypatch, capsys, *args: str, home: Path) -> tuple[int, str, str]:
+def run_in_process(monkeypatch, capsys, *args: str, home: Path, **env: str) -> tuple[int, str, str]:
     """`orchard ...` in this process (faster than a subprocess where the CLI's
-    own argument and error handling is what is under test)."""
+    own argument and error handling is what is under test), with no ORCHARD_ variable
+    but ``env``."""
     from scheduler.cli import main
 
     for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("ORCHARD_HOME", str(home))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
@@ -135,3 +138,66 @@ def test_submit_skips_a_bad_image_with_a_warning(tmp_path: Path, monkeypatch, ca
     )
     assert [s["image_id"] for s in manifest["skipped"]] == ["005.jpg", "stray.jpg"]
     assert len(manifest["entries"]) == 11
+
+
+def test_an_artifact_folder_under_a_plain_file_is_one_line_and_creates_no_store(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    root = make_aicup(tmp_path / "data")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    home = tmp_path / "home"
+    campaign = write_campaign(tmp_path, root)
+    code, _, err = run_in_process(
+        monkeypatch,
+        capsys,
+        "submit",
+        str(campaign),
+        home=home,
+        ORCHARD_ARTIFACTS=str(blocker / "art"),
+    )
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert (
+        line == f"orchard: error: artifact folder {blocker / 'art'}: {blocker} is not a directory"
+    )
+    assert not (home / "orchard.db").exists()
+
+
+def test_a_store_that_fails_to_record_leaves_no_campaign_folder(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from db.store import Store, StoreError
+
+    def unreachable(*_args, **_kwargs):
+        raise StoreError("database sqlite:///x unreachable: disk I/O error")
+
+    monkeypatch.setattr(Store, "create_campaign", unreachable)
+    root = make_aicup(tmp_path / "data")
+    home = tmp_path / "home"
+    code, _, err = run_in_process(
+        monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=home
+    )
+    assert code == 2
+    assert err == "orchard: error: database sqlite:///x unreachable: disk I/O error\n"
+    assert list((home / "artifacts" / "campaigns").iterdir()) == []  # no manifest left
+
+
+def test_a_report_missing_on_this_host_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The store knows the report, this host's artifact folder does not have it (not the
+    workers' shared mount)."""
+    from db.store import Artifact, Store
+    from tests.db.test_store import seed_campaign
+
+    home = tmp_path / "home"
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    seed_campaign(store)
+    store.record_artifact(
+        Artifact("campaigns/t-1/report/report.html", "report", "0" * 64, 1, "t-1")
+    )
+    code, out, err = run_in_process(monkeypatch, capsys, "report", "t-1", "--print", home=home)
+    assert code == 2 and not out
+    [line] = err.strip().splitlines()
+    markdown = home / "artifacts" / "campaigns" / "t-1" / "report" / "report.md"
+    assert line.startswith(f"orchard: error: campaign t-1: cannot read {markdown}: No such file")

@@ -185,3 +185,39 @@ def test_worker_help_tells_the_truth(capsys: pytest.CaptureFixture[str]) -> None
     assert "ORCHARD_VISIBILITY_TIMEOUT" not in text
     assert "two lease periods" in text and "ORCHARD_LEASE_SECONDS" in text
     assert "--concurrency CONCURRENCY, -c CONCURRENCY child processes of a prefork worker" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["--concurrency", "-2"],
+            "argument --concurrency/-c: expected a whole number of at least 1",
+        ),
+        (
+            ["--concurrency", "0"],
+            "argument --concurrency/-c: expected a whole number of at least 1",
+        ),
+        (["-c", "two"], "argument --concurrency/-c: expected a whole number of at least 1"),
+        (["--loglevel", "bogus"], "argument --loglevel/-l: invalid choice: 'BOGUS'"),
+    ],
+)
+def test_worker_options_celery_cannot_take_are_argparse_errors(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scheduler.cli import _parser
+
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["worker", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"orchard worker: error: {needle}"), err
+
+
+def test_worker_loglevel_is_case_insensitive() -> None:
+    from scheduler.cli import _parser
+
+    args = _parser().parse_args(["worker", "-l", "debug", "-c", "3"])
+    assert (args.loglevel, args.concurrency) == ("DEBUG", 3)
+    assert _parser().parse_args(["worker"]).loglevel == "INFO"

@@ -64,3 +64,38 @@ def test_resume_of_a_campaign_whose_units_all_succeeded_says_there_is_nothing_to
     out = capsys.readouterr().out
     assert out == "campaign t-1 is DONE: every unit succeeded, nothing to re-enqueue\n"
     assert home.get_campaign("t-1").state == "DONE"
+
+
+def test_cancel_with_an_unreachable_broker_changes_nothing(
+    home: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The revokes could not be sent: the campaign stays as it was, one line says why."""
+    plans = seed_campaign(home)
+    home.claim_for_queue([plans[0].key], {plans[0].key: "task-0"})  # one task to revoke
+    monkeypatch.setenv("ORCHARD_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
+    assert main(["cancel", "t-1"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("orchard: error: broker redis://:***@127.0.0.1:1/0 unreachable")
+    assert home.get_campaign("t-1").state == "RUNNING"
+    assert "CANCELLED" not in {u.state for u in home.units("t-1")}
+
+
+def test_resume_while_a_unit_still_runs_says_so(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every unit succeeded but the report, which a live worker is writing."""
+    from dataclasses import replace
+
+    from tests.db.test_store import outcome
+
+    *models, report = seed_campaign(home)
+    for plan in models:
+        home.claim_for_queue([plan.key])
+        home.start_unit(plan.key, worker="w", task_id=None)
+        home.finish_unit(plan.key, replace(outcome(), artifacts=[]))
+    home.claim_for_queue([report.key])
+    home.start_unit(report.key, worker="w", task_id=None, holder="d-1")  # a live lease
+    assert main(["resume", "t-1"]) == 0
+    out = capsys.readouterr().out
+    assert out == "campaign t-1 is RUNNING: 1 unit(s) still running, nothing to re-enqueue\n"
+    assert {u.key: u.state for u in home.units("t-1")}[report.key] == "RUNNING"

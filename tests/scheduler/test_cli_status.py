@@ -133,3 +133,19 @@ def test_a_unit_handed_back_says_it_is_queued_again(
         line for line in status(capsys, IDS[0]).splitlines() if "/f0" in line and "cnn" in line
     ]
     assert "QUEUED" in row and row.rstrip().endswith("queued again after epoch 2: was on gpu0@a")
+
+
+def test_campaigns_beyond_the_newest_50_are_counted_and_listed_with_all(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = [f"c-{i:03d}" for i in range(52)]
+    for campaign_id in ids:
+        seed_campaign(store, campaign_id)
+    assert main(["status"]) == 0
+    out, err = capsys.readouterr()
+    assert sum(line.startswith("c-") for line in out.splitlines()) == 50
+    assert err == "... 2 older campaign(s) not shown; --all lists every one\n"
+    assert main(["status", "--all"]) == 0
+    out, err = capsys.readouterr()
+    assert {line.split()[0] for line in out.splitlines() if line.startswith("c-")} == set(ids)
+    assert not err

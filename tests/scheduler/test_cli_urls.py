@@ -137,6 +137,21 @@ def test_a_broker_url_orchard_cannot_use_is_one_line(
     )
 
 
+@pytest.mark.parametrize("char", "/?#")
+@pytest.mark.parametrize("command", BROKER_COMMANDS)
+def test_a_broker_password_a_url_parser_would_cut_short_is_never_printed(
+    tmp_path: Path, monkeypatch, capsys, command: str, char: str
+) -> None:
+    """urllib ends the host at the first '/', '?' or '#': a port error would quote the
+    password's first part."""
+    Store(f"sqlite:///{tmp_path / 'orchard.db'}").upgrade()
+    url = f"redis://:hunter2{char}secret@127.0.0.1:6379/0"
+    done = in_process(monkeypatch, capsys, *BROKER_COMMANDS[command], home=tmp_path,
+                      ORCHARD_BROKER_URL=url)  # fmt: skip
+    one_line(*done, "ORCHARD_BROKER_URL redis://:***@127.0.0.1:6379/0: ", "percent-encode")
+    assert "hunter2" not in done[1] + done[2]
+
+
 def test_url_mistakes_are_one_line_in_a_real_process(tmp_path: Path) -> None:
     """No logging or import of a command prints more than the one line."""
     done = orchard("status", home=tmp_path, ORCHARD_DATABASE_URL="postgres://p:secret@h/x")

@@ -131,6 +131,28 @@ def test_a_child_that_crashes_later_is_restarted(tmp_path: Path) -> None:
     assert "gpu0| second life" in out.getvalue()
 
 
+def test_a_stop_during_start_up_starts_no_more_workers() -> None:
+    """SIGTERM between two starts: the one started is stopped, the next never starts."""
+    out = io.StringIO()
+    launcher = GpuLauncher(
+        ["0", "1"], lambda gpu: python("import time; time.sleep(20)"), out=out, poll=0.05
+    )
+    start = launcher._start
+
+    def start_then_stop(child) -> None:  # noqa: ANN001
+        start(child)
+        if child.gpu == "0":
+            launcher.stop()  # what the launcher's SIGTERM handler does
+
+    launcher._start = start_then_stop
+    started = time.monotonic()
+    assert launcher.run() == 0
+    assert time.monotonic() - started < 10  # not the 20 s of an orphaned gpu1
+    assert launcher.children[0].proc.returncode == -signal.SIGTERM
+    assert launcher.children[1].proc is None
+    assert "gpu1:" not in out.getvalue()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_becomes_a_warm_shutdown_of_every_child(tmp_path: Path, sig: int) -> None:
     """The launcher as a process of its own, stopped as docker (SIGTERM) or Ctrl-C does."""

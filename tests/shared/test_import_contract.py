@@ -88,10 +88,44 @@ def test_settings_empty_filesystem_broker_means_home_broker(tmp_path):
     assert settings.broker_folder == tmp_path.resolve() / "broker"
 
 
+def test_settings_make_a_relative_sqlite_path_absolute(tmp_path, monkeypatch):
+    """Workers started in another folder (the demo's, --gpus children) open the same file."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": "sqlite:///../x.db"}
+    assert load_settings(env).database_url == f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    env["ORCHARD_DATABASE_URL"] = "sqlite+pysqlite:///x.db?timeout=5"
+    expected = f"sqlite+pysqlite:///{tmp_path.resolve() / 'here' / 'x.db'}?timeout=5"
+    assert load_settings(env).database_url == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////tmp/orchard.db",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file:x.db?mode=ro&uri=true",
+        "postgresql+psycopg://u:pw@h/db",
+    ],
+)
+def test_settings_leave_other_database_urls_alone(url):
+    assert load_settings({"ORCHARD_DATABASE_URL": url}).database_url == url
+
+
 @pytest.mark.parametrize(
     ("url", "masked"),
     [
         ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+        # where urllib's netloc ends: the password must not be printed for all that
+        ("redis://:se/cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        (
+            "postgresql+psycopg://orchard:se/cret@127.0.0.1/orchard",
+            "postgresql+psycopg://orchard:***@127.0.0.1/orchard",
+        ),
+        ("redis://:se#cret@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://u:se?cret@h:6379/0", "redis://u:***@h:6379/0"),
+        ("redis://u:se@c/ret@h:6379/0?x=1", "redis://u:***@h:6379/0?x=1"),
         ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
         (
             "postgresql+psycopg://u:pw@h:5432/db?sslmode=require",

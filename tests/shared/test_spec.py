@@ -7,10 +7,13 @@ import json
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from shared.spec import (
+    MAX_FOLDS,
+    MAX_SEED,
     Campaign,
     CampaignError,
     CnnParams,
@@ -156,6 +159,73 @@ def test_bad_field_is_one_line_naming_section_and_field(tmp_path, old, new, frag
     assert old in BASE
     path, message = _error(tmp_path, BASE.replace(old, new, 1))
     _assert_one_line(path, message, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("C = [1.0, 10.0]", "C = [1.0, 1.0]", "[svm] C: duplicate value 1.0"),
+        ("C = [1.0, 10.0]", "C = [1, 1.0]", "[svm] C: duplicate value 1.0"),  # the same C
+        ("n_estimators = 10", "n_estimators = [10, 20, 10]",
+         "[rf] n_estimators: duplicate value 10"),
+        ('variant = "polar192"', 'variant = ["polar192", "polar192"]',
+         "[svm] variant: duplicate value 'polar192'"),
+    ],
+)  # fmt: skip
+def test_a_repeated_sweep_value_is_refused(tmp_path, old, new, expected):
+    """Each point is one unit per fold: a repeated value would plan the same unit twice."""
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    assert message == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("size", "section", "expected"),
+    [
+        (128, '[svm]\nvariant = "crop224"', "[svm] variant: variant 'crop224': cannot crop 224 "
+         "from a 128 cache ([preprocessing] size = 128)"),
+        (None, '[rf]\nvariant = "crop300"', "[rf] variant: variant 'crop300': cannot crop 300 "
+         "from a 256 cache ([preprocessing] size = 256)"),
+        (64, '[rf]\nvariant = ["crop64", "crop96"]', "[rf] variant[1]: variant 'crop96': "
+         "cannot crop 96 from a 64 cache ([preprocessing] size = 64)"),
+    ],
+)  # fmt: skip
+def test_a_variant_larger_than_the_cache_is_refused(tmp_path, size, section, expected):
+    preprocessing = "" if size is None else f"[preprocessing]\nsize = {size}\n"
+    text = f'name = "t"\n[dataset]\nkind = "synthetic"\n{preprocessing}{section}\n'
+    path, message = _error(tmp_path, text)
+    assert message == f"{path}: {expected}"
+
+
+def test_variants_that_fit_the_cache_and_disabled_sections_are_fine(tmp_path):
+    text = (
+        'name = "t"\n[dataset]\nkind = "synthetic"\n[preprocessing]\nsize = 64\n'
+        '[svm]\nvariant = ["crop64", "resize128", "polar192"]\n'
+        '[rf]\nenabled = false\nvariant = "crop300"\n'
+    )
+    assert load_campaign(_write(tmp_path, text)).svm.variant == ("crop64", "resize128", "polar192")
+
+
+@pytest.mark.parametrize("where", ["campaign", "dataset"])
+@pytest.mark.parametrize(
+    ("seed", "fragment"),
+    [(-1, "greater than or equal to 0"), (MAX_SEED + 1, f"less than or equal to {MAX_SEED}")],
+)
+def test_seeds_are_bounded(tmp_path, where, seed, fragment):
+    old = 'name = "t"' if where == "campaign" else 'kind = "synthetic"'
+    path, message = _error(tmp_path, BASE.replace(old, f"{old}\nseed = {seed}", 1))
+    field = "seed" if where == "campaign" else "[dataset] seed"
+    assert message == f"{path}: {field}: Input should be {fragment} (got {seed})"
+
+
+def test_the_largest_seed_leaves_room_for_every_fold(tmp_path):
+    """Workers seed fold i with ``seed + i``; numpy and scikit-learn stop at 2**32 - 1."""
+    text = BASE.replace('name = "t"', f'name = "t"\nseed = {MAX_SEED}', 1).replace(
+        "folds = 5\n\n[dataset]", f"folds = {MAX_FOLDS}\n\n[dataset]", 1
+    )
+    campaign = load_campaign(_write(tmp_path, text))
+    assert campaign.seed == MAX_SEED and campaign.folds == MAX_FOLDS
+    np.random.RandomState(campaign.seed + campaign.folds - 1)  # the last fold's seed
 
 
 def test_missing_dataset_section(tmp_path):

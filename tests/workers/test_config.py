@@ -195,7 +195,10 @@ def test_a_redis_broker_that_never_answers_times_out(tmp_path: Path) -> None:
         ("http://u:pw@head:6379/0", "'http' is not a broker orchard knows; use redis://"),
         ("amqp://head", "'amqp' is not a broker orchard knows"),
         ("notaurl", "not a broker URL; use redis://"),
-        ("redis://:pw@head:port/0", "not a valid URL (Port could not be cast"),
+        ("redis://:pw@head:port/0", "not a valid URL (a port that is not a number"),
+        ("redis://:p/w@head:6379/0", "a '/', '?' or '#' in the password"),
+        ("rediss://u:p#w@head:6380/0", "a '/', '?' or '#' in the password"),
+        ("redis://:p%2Fw@head:6379/0", None),  # percent-encoded: fine
     ],
 )
 def test_broker_url_problem(url: str, problem: str | None) -> None:
