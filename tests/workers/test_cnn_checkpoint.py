@@ -192,6 +192,21 @@ def test_a_kill_between_a_checkpoint_and_its_record_resumes_from_the_epoch_befor
     assert resumed.val_acc == fresh.val_acc
 
 
+def test_a_checkpoint_write_cut_short_leaves_no_temporary_file_behind(env, caplog):
+    """A SIGKILL inside ``atomic_write_bytes`` leaves its ``.<slot>.<random>.tmp``; the
+    next delivery of the fold (it holds the lease) removes it, other files stay."""
+    path, _ = _slot(env, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.k9x2_q.tmp"
+    partial.write_bytes(b"half a checkpoint")
+    other = path.parent / ".cnn-0123456789ab-f3-s1.pt.k9x2_q.tmp"  # another fold's write
+    other.write_bytes(b"")
+    with caplog.at_level(logging.INFO):
+        _run(env)
+    assert not partial.exists() and other.exists()
+    assert f"removed {partial.name}, a checkpoint write cut short" in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["missing", "altered"])
 def test_a_checkpoint_that_is_not_the_recorded_one_is_never_used(env, monkeypatch, caplog, damage):
     _kill_after(monkeypatch, 2)

@@ -90,6 +90,20 @@ def write_checkpoint(
     return written
 
 
+def _remove_partial_writes(slots: list[Path], unit_key: str) -> None:
+    """Remove the temporary files of checkpoint writes that a killed delivery left
+    (``atomic_write_bytes`` writes ``.<name>.<random>.tmp`` beside the slot, then renames
+    it): this delivery holds the unit's lease, so no live run is writing them."""
+    for slot in slots:
+        for partial in slot.parent.glob(f".{slot.name}.*.tmp"):
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: could not remove %s: %s", unit_key, partial, exc)
+            else:
+                log.info("%s: removed %s, a checkpoint write cut short", unit_key, partial.name)
+
+
 def read_checkpoint(
     store: Store,
     slots: list[tuple[Path, str]],
@@ -177,6 +191,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         for path in checkpoint_paths(ctx.campaign_dir, ctx.unit.params_hash, ctx.unit.fold)
     ]
     resume = read_checkpoint(ctx.store, slots, unit_key=key, params=params, num_classes=num_classes)
+    _remove_partial_writes([path for path, _ in slots], key)
     if resume is not None:
         log.info(
             "resuming %s from epoch %d (%d of %d epochs done)",
