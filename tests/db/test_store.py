@@ -302,6 +302,7 @@ def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     time.sleep(0.3)
     lost = store.requeue_lost(0.1, lambda: next(ids))
     assert [(u.key, u.task_id) for u in lost] == [(dead, "new-1")]
+    store.mark_sent(["new-1"])  # as the reaper does once it sent it
     assert (lost[0].campaign_id, lost[0].task, lost[0].queue) == ("t-1", units[2].task, "gpu")
     unit = store.get_unit(dead)
     assert (unit.state, unit.task_id, unit.lease_holder) == ("QUEUED", "new-1", None)
@@ -605,18 +606,23 @@ def test_integrity_errors_are_not_retried(sqlite_url: str) -> None:
         seed_campaign(store)  # the same campaign id again
 
 
+def insert_old_campaign(conn: Any) -> None:
+    """Campaign t-1 as an older schema holds it, written with plain SQL."""
+    conn.execute(
+        text(
+            "INSERT INTO campaigns (id, name, source, digest, spec, classes, state, "
+            "created_at) VALUES ('t-1', 't', 'x.toml', 'd', '{}', '[]', 'RUNNING', "
+            "'2026-01-01 00:00:00')"
+        )
+    )
+
+
 def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> None:
     store = Store(store_url)
     migrate.upgrade(store.engine, "0001")
     assert "lease_holder" not in {c["name"] for c in inspect(store.engine).get_columns("units")}
     with store.engine.begin() as conn:  # an old database with a campaign in it
-        conn.execute(
-            text(
-                "INSERT INTO campaigns (id, name, source, digest, spec, classes, state, "
-                "created_at) VALUES ('t-1', 't', 'x.toml', 'd', '{}', '[]', 'RUNNING', "
-                "'2026-01-01 00:00:00')"
-            )
-        )
+        insert_old_campaign(conn)
         conn.execute(
             text(
                 "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
@@ -639,13 +645,7 @@ def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -
     store = Store(store_url)
     migrate.upgrade(store.engine, "0002")
     with store.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO campaigns (id, name, source, digest, spec, classes, state, "
-                "created_at) VALUES ('t-1', 't', 'x.toml', 'd', '{}', '[]', 'RUNNING', "
-                "'2026-01-01 00:00:00')"
-            )
-        )
+        insert_old_campaign(conn)
         conn.execute(
             text(
                 "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
