@@ -492,12 +492,18 @@ class Store:
         return campaign
 
     @_retried
-    def list_campaigns(self, limit: int = 50) -> list[Campaign]:
+    def list_campaigns(self, limit: int | None = 50) -> list[Campaign]:
+        """The newest ``limit`` campaigns, newest first (``None``: every one)."""
         with self._transaction() as s:
             rows = s.scalars(
                 select(CampaignRow).order_by(CampaignRow.created_at.desc()).limit(limit)
             )
             return [_campaign(r) for r in rows]
+
+    @_retried
+    def count_campaigns(self) -> int:
+        with self._transaction(read_only=True) as s:
+            return s.scalar(select(func.count()).select_from(CampaignRow)) or 0
 
     @_retried
     def complete_campaign(self, campaign_id: str) -> str | None:

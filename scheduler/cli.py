@@ -393,13 +393,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _store(existing=True)
     console = Console()
     if args.campaign is None:
-        # every campaign, to count those left out (db.store's list_campaigns has no count)
-        campaigns = store.list_campaigns(limit=sys.maxsize)
-        if not campaigns:
+        shown = store.list_campaigns(limit=None if args.all else STATUS_SHOWN)
+        if not shown:
             print(f"no campaigns in {mask_url(store.url)}")
             return 0
-        older = 0 if args.all else max(0, len(campaigns) - STATUS_SHOWN)
-        shown = campaigns[: len(campaigns) - older]
+        older = 0 if args.all else max(0, store.count_campaigns() - len(shown))
         _print_table(console, *_campaign_rows(store, shown), whole="id", drops=NARROW_DROPS)
         if older:
             print(

@@ -51,7 +51,7 @@ def requeue_lost_units(app: Any) -> list[str]:
     except StoreError as exc:
         log.warning("could not look for units of lost workers: %s", exc)
         return []
-    sent = []
+    sent, sent_ids = [], []
     for unit in lost:
         try:
             unit_signature(
@@ -70,8 +70,9 @@ def requeue_lost_units(app: Any) -> list[str]:
                 2 * lease,
             )
         sent.append(unit.key)
+        sent_ids.append(unit.task_id)
     try:
-        store.mark_sent([unit.task_id for unit in lost if unit.key in sent])
+        store.mark_sent(sent_ids)
         stalled = store.stalled_campaigns(2 * lease)
     except StoreError as exc:
         log.warning("could not look for stalled campaigns: %s", exc)
