@@ -134,8 +134,9 @@ class Unit:
 @dataclass(frozen=True, slots=True)
 class LostUnit:
     """A unit to send again (see :meth:`Store.requeue_lost`): where to send it, under
-    which task id, and the state it was lost in: RUNNING (its delivery died with its
-    worker) or QUEUED (claimed, but its message never reached the broker)."""
+    which task id, and where it was lost: RUNNING (its delivery died with its worker),
+    QUEUED (claimed, but its message never reached the broker) or SENT (its message was
+    taken and dropped by a worker that is not of this store)."""
 
     campaign_id: str
     key: str
@@ -596,27 +597,12 @@ class Store:
                 )
                 .group_by(UnitRow.queue)
             ).all()
-            out: dict[str, float] = {}
-            for queue, since in oldest:
-                busy = s.scalar(
-                    select(UnitRow.id)
-                    .where(
-                        UnitRow.queue == queue,
-                        (
-                            (UnitRow.state == RUNNING)
-                            & (
-                                UnitRow.lease_expires_at.is_(None)
-                                | (UnitRow.lease_expires_at > now)
-                            )
-                        )
-                        | (UnitRow.started_at > horizon)
-                        | (UnitRow.finished_at > horizon),
-                    )
-                    .limit(1)
-                )
-                if busy is None:
-                    out[queue] = (_aware(now) - _aware(since)).total_seconds()
-            return out
+            busy = _busy_queues(s, [queue for queue, _ in oldest], now, horizon)
+            return {
+                queue: (_aware(now) - _aware(since)).total_seconds()
+                for queue, since in oldest
+                if queue not in busy
+            }
 
     @_retried
     def find_unit(self, key: str) -> Unit | None:
@@ -692,7 +678,13 @@ class Store:
 
     @_retried
     def requeue_lost(
-        self, grace_seconds: float, new_task_id: Callable[[], str], limit: int = 100
+        self,
+        grace_seconds: float,
+        new_task_id: Callable[[], str],
+        limit: int = 100,
+        *,
+        idle_consumer_of: Sequence[str] = (),
+        dropped_after: float | None = None,
     ) -> list[LostUnit]:
         """Put back to QUEUED, under a new task id, the units of running campaigns
         whose message is lost, and return them for the caller to send (then
@@ -702,27 +694,39 @@ class Store:
           worker died (killed, out of memory, host lost) and the broker would hand
           their message out again only after its visibility timeout (hours);
         - QUEUED units claimed more than ``grace_seconds`` ago whose message was never
-          marked sent: the process that claimed them died before sending.
+          marked sent: the process that claimed them died before sending;
+        - QUEUED units sent more than ``dropped_after`` seconds ago to one of the queues
+          ``idle_consumer_of`` (the caller consumes them and holds no message at all),
+          none of whose units (of any campaign) started, finished or ran under a live
+          lease in that time (see :meth:`untaken_queues`): an idle consumer would have
+          taken the message, so something else did and dropped it, typically a worker
+          on another database, which finds no such unit (``lost_in="SENT"``).
 
         Only one caller gets each unit (rows locked, SKIP LOCKED on PostgreSQL). Safe
         beside the original message coming back: whichever delivery starts first takes
         the lease, and the other finds the unit leased or done.
         """
 
-        def expired(now: datetime) -> Select[tuple[UnitRow]]:
+        def expired(s: Session, now: datetime) -> Select[tuple[UnitRow]]:
             horizon = now - timedelta(seconds=grace_seconds)
+            lost = ((UnitRow.state == RUNNING) & (UnitRow.lease_expires_at < horizon)) | (
+                (UnitRow.state == QUEUED)
+                & UnitRow.sent_at.is_(None)
+                & (UnitRow.queued_at < horizon)
+            )
+            if idle_consumer_of and dropped_after is not None:
+                since = now - timedelta(seconds=dropped_after)
+                idle = set(idle_consumer_of) - _busy_queues(s, idle_consumer_of, now, since)
+                if idle:
+                    lost |= (
+                        (UnitRow.state == QUEUED)
+                        & (UnitRow.sent_at < since)
+                        & UnitRow.queue.in_(sorted(idle))
+                    )
             return (
                 select(UnitRow)
                 .join(CampaignRow, CampaignRow.id == UnitRow.campaign_id)
-                .where(
-                    CampaignRow.state == "RUNNING",
-                    ((UnitRow.state == RUNNING) & (UnitRow.lease_expires_at < horizon))
-                    | (
-                        (UnitRow.state == QUEUED)
-                        & UnitRow.sent_at.is_(None)
-                        & (UnitRow.queued_at < horizon)
-                    ),
-                )
+                .where(CampaignRow.state == "RUNNING", lost)
                 .order_by(UnitRow.position)
                 .limit(limit)
             )
@@ -731,14 +735,14 @@ class Store:
         # comes from a read, which on SQLite waits for no writer; only a loss takes the
         # write lock.
         with self._transaction(read_only=True) as s:
-            if s.scalar(expired(self._now(s)).with_only_columns(UnitRow.id)) is None:
+            if s.scalar(expired(s, self._now(s)).with_only_columns(UnitRow.id)) is None:
                 return []
         with self._transaction() as s:
             now = self._now(s)
-            rows = s.scalars(expired(now).with_for_update(of=UnitRow, skip_locked=True)).all()
+            rows = s.scalars(expired(s, now).with_for_update(of=UnitRow, skip_locked=True)).all()
             lost = []
             for row in rows:
-                lost_in = row.state
+                lost_in = "SENT" if row.state == QUEUED and row.sent_at is not None else row.state
                 row.state, row.queued_at, row.task_id = QUEUED, now, new_task_id()
                 row.sent_at = row.lease_holder = row.lease_expires_at = None
                 lost.append(
@@ -1286,6 +1290,26 @@ class Store:
             for key, name, step, value in s.execute(query):
                 out.setdefault(key, {}).setdefault(name, []).append((step, value))
             return out
+
+
+def _busy_queues(s: Session, queues: Sequence[str], now: datetime, since: datetime) -> set[str]:
+    """Those of ``queues`` from which a unit (of any campaign) started or finished after
+    ``since``, or on which one runs under a live lease: a worker takes from them."""
+    return set(
+        s.scalars(
+            select(UnitRow.queue)
+            .where(
+                UnitRow.queue.in_(sorted(set(queues))),
+                (
+                    (UnitRow.state == RUNNING)
+                    & (UnitRow.lease_expires_at.is_(None) | (UnitRow.lease_expires_at > now))
+                )
+                | (UnitRow.started_at > since)
+                | (UnitRow.finished_at > since),
+            )
+            .distinct()
+        )
+    )
 
 
 def _insert(s: Session) -> Any:

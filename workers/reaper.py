@@ -9,12 +9,16 @@ back to QUEUED under a new task id (only one worker wins each) and sends them. A
 lost with its GPU worker starts again from its checkpoint about two lease periods
 (2 min by default) after its last heartbeat, on any worker of its queue.
 
-The same pass repairs two rarer losses. A unit claimed (QUEUED) whose message never
+The same pass repairs three rarer losses. A unit claimed (QUEUED) whose message never
 reached the broker, because the process that claimed it died before sending, is sent
-once its claim is a lease period old. A running campaign that nothing moves (no unit
-queued or running, none finished for two lease periods) is advanced: the task that
-finished its last unit died, or gave up on an unreachable store or broker, before it
-opened the next stage or closed the campaign.
+once its claim is a lease period old. A unit sent more than ``DROPPED_AFTER_LEASES``
+lease periods ago to a queue that this worker consumes while it holds no message at
+all, and from which no unit of the store started or finished in that time, is sent
+again: an idle consumer would have taken it, so something else took it and dropped it
+(a worker on another database, which finds no such unit). A running campaign that
+nothing moves (no unit queued or running, none finished for two lease periods) is
+advanced: the task that finished its last unit died, or gave up on an unreachable store
+or broker, before it opened the next stage or closed the campaign.
 
 It runs in a thread of the worker's main process, never on the worker's event loop: a
 loop busy with the database would leave a message that Redis has already handed over
@@ -26,9 +30,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from celery import bootsteps, uuid
+from celery.worker import state as worker_state
 
 from workers.config import reliability
 
@@ -37,9 +43,15 @@ from workers.config import reliability
 log = logging.getLogger(__name__)
 
 
-def requeue_lost_units(app: Any) -> list[str]:
+#: Lease periods a sent unit waits, on a queue that an idle worker consumes and from
+#: which nothing started, before that worker sends it again (its message was dropped).
+DROPPED_AFTER_LEASES = 5
+
+
+def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[str]:
     """One pass: requeue and send the units whose message is lost, then advance the
-    campaigns that nothing moves; returns the keys sent."""
+    campaigns that nothing moves; returns the keys sent. ``idle_consumer_of``: the
+    queues of the calling worker when it holds no message (see :func:`idle_queues`)."""
     from db.store import StoreError
     from scheduler.canvas import advance, unit_signature
     from workers.tasks.base import worker_store
@@ -47,7 +59,12 @@ def requeue_lost_units(app: Any) -> list[str]:
     lease = reliability().lease_seconds
     try:
         store = worker_store()
-        lost = store.requeue_lost(lease, uuid)
+        lost = store.requeue_lost(
+            lease,
+            uuid,
+            idle_consumer_of=idle_consumer_of,
+            dropped_after=DROPPED_AFTER_LEASES * lease,
+        )
     except StoreError as exc:
         log.warning("could not look for units of lost workers: %s", exc)
         return []
@@ -63,6 +80,15 @@ def requeue_lost_units(app: Any) -> list[str]:
             continue
         if unit.lost_in == "QUEUED":
             log.warning("%s: claimed but never sent (its sender died); sent now", unit.key)
+        elif unit.lost_in == "SENT":
+            log.warning(
+                "%s: sent over %.0f s ago and nothing taken from queue %s since, while "
+                "this worker waited on it idle: another consumer dropped it (a worker on "
+                "another database?); sent again",
+                unit.key,
+                DROPPED_AFTER_LEASES * lease,
+                unit.queue,
+            )
         else:
             log.warning(
                 "%s: its worker was lost (no heartbeat for %.0f s); sent again",
@@ -96,6 +122,14 @@ def requeue_lost_units(app: Any) -> list[str]:
     return sent
 
 
+def idle_queues(app: Any) -> list[str]:
+    """The queues this worker consumes, when it holds no message (none running, none
+    waiting for a pool slot or an ETA); none while it holds one."""
+    if worker_state.active_requests or worker_state.reserved_requests:
+        return []
+    return sorted(app.amqp.queues.consume_from)
+
+
 class LostUnitReaper(bootsteps.StartStopStep):
     """Runs :func:`requeue_lost_units` every lease period in a daemon thread."""
 
@@ -113,7 +147,7 @@ class LostUnitReaper(bootsteps.StartStopStep):
     def run(self, app: Any) -> None:
         while not self.stopping.wait(reliability().lease_seconds):
             try:
-                requeue_lost_units(app)
+                requeue_lost_units(app, idle_queues(app))
             except Exception:  # never let one bad pass end the thread
                 log.exception("looking for units of lost workers failed")
 

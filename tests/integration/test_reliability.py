@@ -504,9 +504,11 @@ def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: C
 def test_a_campaign_sent_to_workers_of_another_database_is_named_on_both_sides(
     cluster: Cluster,
 ) -> None:
-    """Submitted with another ORCHARD_DATABASE_URL than the workers', a campaign can never
+    """Submitted with another ORCHARD_DATABASE_URL than the workers', a campaign cannot
     run: each worker drops its units in one line that says so (no traceback), and the
-    submitter's ``stalled`` names the queue no worker of its database takes from."""
+    submitter's ``stalled`` names the queue no worker of its database takes from. Once
+    a worker of its database consumes that queue, it finds it idle with the units sent
+    long ago, and sends them again (``workers.reaper``): nothing waits for a resume."""
     other = replace(cluster.settings, database_url=f"sqlite:///{cluster.tmp / 'other.db'}")
     run = submit(write_campaign(cluster.tmp, "elsewhere", epochs=1), settings=other)
     queued = [u.key for u in run.status().units if u.family == "preprocess"]
@@ -526,7 +528,24 @@ def test_a_campaign_sent_to_workers_of_another_database_is_named_on_both_sides(
     line = wait_for(lambda: run.stalled(after=1.0), 30, "the stall line")
     assert "queue `preprocess` for" in str(line) and str(other.database_url) in str(line)
     assert {u.state for u in run.status().units if u.family == "preprocess"} == {"QUEUED"}
-    cancel(run.id, settings=other)
+
+    # the right worker comes (the wrong one leaves, or it could take a message again)
+    cluster.pool.terminate("cpu")
+    try:
+        with WorkerPool(other) as right:
+            right.start("right-cpu", "cpu,preprocess,report")
+            wait_for(
+                lambda: all(run.store.get_unit(k).state == "SUCCESS" for k in queued),
+                120,
+                "the worker of the campaign's database to send its dropped units again",
+                check=right.check,
+            )
+            assert "another consumer dropped it (a worker on another database?); sent again" in (
+                right.log("right-cpu")
+            )
+            cancel(run.id, settings=other)
+    finally:
+        cluster.pool.restart("cpu")
 
 
 # ---------------------------------------------------------------- security: JSON only
