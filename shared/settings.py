@@ -10,14 +10,26 @@ store, and an artifact folder. A cluster sets the three URLs/paths to shared ser
 | ORCHARD_BROKER_URL    | filesystem://$ORCHARD_HOME/broker         |
 | ORCHARD_DATABASE_URL  | sqlite:///$ORCHARD_HOME/orchard.db        |
 | ORCHARD_ARTIFACTS     | $ORCHARD_HOME/artifacts                   |
+
+A password can also come from a file, the way Docker secrets hand it over
+(``/run/secrets/...``): ORCHARD_BROKER_PASSWORD_FILE and ORCHARD_DATABASE_PASSWORD_FILE.
+The URL then names no password (``redis://redis:6379/0``,
+``postgresql+psycopg://orchard@postgres/orchard``); orchard reads the file, drops its
+trailing newlines (as the servers' ``$(cat FILE)`` does), percent-encodes the password
+and puts it into the URL, so any character may be in it. The password then never
+appears on a command line or in a container's configured environment.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
+
+from shared.errors import OrchardError
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +56,72 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if broker.startswith("filesystem://"):
         folder = broker.removeprefix("filesystem://") or str(home / "broker")
         broker = f"filesystem://{Path(folder).expanduser().resolve()}"
+    broker = url_with_password_file(
+        broker, "ORCHARD_BROKER_URL", "ORCHARD_BROKER_PASSWORD_FILE", env
+    )
     database = absolute_sqlite_url(
         env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
     )
+    database = url_with_password_file(
+        database, "ORCHARD_DATABASE_URL", "ORCHARD_DATABASE_PASSWORD_FILE", env
+    )
     artifacts = Path(env.get("ORCHARD_ARTIFACTS") or home / "artifacts").expanduser().resolve()
     return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
+
+
+def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping[str, str]) -> str:
+    """``url`` with the password read from the file ``env[file_name]``, percent-encoded;
+    ``url`` as it is when ``file_name`` is unset. Anything wrong is one line naming both
+    variables and the file, never the password.
+
+    A URL that already carries a password is refused, unless it is the file's (a
+    ``--gpus`` launcher hands its children the URL it resolved, with the same file).
+    """
+    path = env.get(file_name)
+    if not path:
+        return url
+    scheme, sep, rest = url.partition("://")
+    # the user info and host: up to the first '/', '?' or '#' (none is left in a
+    # password-less user info)
+    authority = re.match(r"[^/?#]*", rest)[0]
+    if not sep or not authority.rpartition("@")[2] or scheme.startswith("filesystem"):
+        raise OrchardError(
+            f"{file_name} is set, but {url_name} {mask_url(url)} names no server to log in "
+            "to; unset it, or give a URL like redis://HOST:6379/0 or "
+            "postgresql+psycopg://USER@HOST/DB"
+        )
+    password = quote(read_password_file(path, file_name), safe="")
+    user, _, host = authority.rpartition("@")
+    if mask_url(url) != url:  # a password in the URL, by orchard's own rule
+        user, _, host_and_tail = rest.rpartition("@")
+        if url == f"{scheme}://{user.partition(':')[0]}:{password}@{host_and_tail}":
+            return url  # the file's, already in
+        raise OrchardError(
+            f"{url_name} {mask_url(url)} carries a password, and {file_name} gives one too: "
+            "give it in one place only (drop it from the URL)"
+        )
+    return f"{scheme}://{user}:{password}@{host}{rest[len(authority) :]}"
+
+
+def read_password_file(path: str, name: str) -> str:
+    """The password in file ``path`` (env ``name``) without its trailing newlines."""
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\n")
+    except FileNotFoundError:
+        raise OrchardError(f"{name}={path}: no such file") from None
+    except IsADirectoryError:
+        raise OrchardError(f"{name}={path}: a folder, not a password file") from None
+    except PermissionError:
+        raise OrchardError(
+            f"{name}={path}: not readable by this user (uid {os.getuid()})"
+        ) from None
+    except UnicodeDecodeError:
+        raise OrchardError(f"{name}={path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise OrchardError(f"{name}={path}: cannot read it: {exc.strerror or exc}") from None
+    if not password:
+        raise OrchardError(f"{name}={path}: the file is empty; write the password into it")
+    return password
 
 
 def absolute_sqlite_url(url: str) -> str:
