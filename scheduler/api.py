@@ -24,7 +24,17 @@ from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import OrchardError
 from shared.manifest import ManifestError, build_manifest, manifest_path
-from shared.plan import PENDING, QUEUED, TERMINAL, data_problems, plan_units
+from shared.plan import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SUCCESS,
+    TERMINAL,
+    data_problems,
+    plan_units,
+)
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
 from shared.spec import CampaignError, load_campaign
@@ -95,7 +105,8 @@ class CampaignRun:
             f"worker for {'that queue' if len(queues) == 1 else 'those queues'} running, "
             f"with ORCHARD_DATABASE_URL={mask_url(self.settings.database_url)} and "
             f"ORCHARD_BROKER_URL={mask_url(self.settings.broker_url)}? (A worker on "
-            "another database drops the units as unknown, with an error in its log.)"
+            "another database drops the units as unknown, with an error in its log; a "
+            "worker of this database, once it consumes the queue, sends them again.)"
         )
 
     def epochs(self, status: CampaignStatus) -> dict[str, str]:
@@ -145,12 +156,30 @@ class CampaignRun:
                 if deadline is not None and time.monotonic() > deadline:
                     raise OrchardError(
                         f"campaign {self.id} not finished after {timeout:.0f} s: "
-                        f"{dict(status.counts())}"
+                        f"{_in_words(status.counts())}"
                     )
                 time.sleep(poll)
         finally:
             if display is not None:
                 display.close()
+
+
+#: How :func:`_in_words` names each unit state, in its order: ended, then under way.
+_STATE_WORDS = {
+    SUCCESS: "succeeded",
+    FAILED: "failed",
+    CANCELLED: "cancelled",
+    RUNNING: "running",
+    QUEUED: "queued",
+    PENDING: "pending",
+}
+
+
+def _in_words(counts: Counter[str]) -> str:
+    """``3 succeeded, 2 running, 4 queued``: the units of each state that has any."""
+    return ", ".join(
+        f"{counts[state]} {word}" for state, word in _STATE_WORDS.items() if counts[state]
+    )
 
 
 def new_campaign_id(name: str) -> str:

@@ -4,7 +4,7 @@
                   [--reuse]           copy units that already succeeded identically
     orchard resume ID [--wait]        run again what did not succeed
     orchard cancel ID                 revoke a campaign's pending and running units
-    orchard status [ID] [--watch]     campaigns (the newest 50; --all), or one campaign's units
+    orchard status [ID [--watch]]     campaigns (the newest 50; --all), or one campaign's units
     orchard report ID [--print]       where a campaign's report is (or its Markdown)
     orchard worker --queues Q[,Q]     run a Celery worker for orchard's queues
                    [--pool solo]      one process, no pool: less dispatch time per unit
@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shared.errors import OrchardError
-from shared.settings import load_settings, mask_url
+from shared.settings import Settings, load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         "plain columns.",
     )
     p.add_argument("campaign", nargs="?", help=CAMPAIGN_ID + "; without it, every campaign")
-    p.add_argument("--watch", action="store_true", help="refresh until the campaign finishes")
+    p.add_argument(
+        "--watch", action="store_true", help="refresh until the campaign finishes (needs its id)"
+    )
     p.add_argument(
         "--all",
         action="store_true",
@@ -194,7 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--campaign", type=Path, default=None, help="campaign file (default campaigns/quick.toml)"
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="give up after this many s (default 600), cancelling the campaign",
+    )
     p.set_defaults(run=cmd_demo)
 
     p = commands.add_parser(
@@ -390,6 +397,8 @@ def _finish(run, status) -> int:  # noqa: ANN001
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.watch and args.campaign is None:
+        raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
     store = _store(existing=True)
     console = Console()
     if args.campaign is None:
@@ -448,12 +457,12 @@ def _print_table(
     drops: Sequence[str] = (),
 ) -> None:
     """A rich table on a terminal; plain columns when the output is not a terminal (a
-    pipe, a file: no box characters, no width limit, one line per row).
+    pipe, a file: no box characters, no width limit, every column, one line per row).
 
     The cells of the ``whole`` column are never cut or folded (a campaign id is copied
     into the next command). The other columns wrap between words to fit the terminal;
     where even that is too wide the ``drops`` columns are left out one by one, and a
-    terminal too narrow for the rest gets the plain columns too.
+    terminal too narrow for the rest gets plain columns, without the ``drops``.
     """
     if whole is None:
         if console.is_terminal:
@@ -461,16 +470,27 @@ def _print_table(
         else:
             print(_plain_table(title, columns, rows))
         return
-    if console.is_terminal:
-        shown = list(columns)
-        for drop in (None, *drops):
-            if drop is not None:
-                shown.remove(drop)
-            table = _fitted_table(console, title, columns, rows, shown, whole)
-            if table is not None:
-                console.print(table)
-                return
-    print(_plain_table(title, columns, rows))
+    if not console.is_terminal:
+        print(_plain_table(title, columns, rows))
+        return
+    shown = list(columns)
+    for drop in (None, *drops):
+        if drop is not None:
+            shown.remove(drop)
+        table = _fitted_table(console, title, columns, rows, shown, whole)
+        if table is not None:
+            console.print(table)
+            return
+    # No table fits, even without the drops columns: plain columns without them (a table
+    # is at most a few characters wider than plain columns of the same cells, since its
+    # cells wrap, so plain columns would not fit with any of the drops either).
+    index = [i for i, name in enumerate(columns) if name not in drops]
+    print(
+        _plain_table(title, [columns[i] for i in index], [[row[i] for i in index] for row in rows])
+    )
+    if drops:
+        hidden = [name for name in columns if name in drops]
+        print(f"not shown at this width: {', '.join(hidden)}")
 
 
 def _plain_table(title: str, columns: Sequence[str], rows: list[list[str]]) -> str:
@@ -617,6 +637,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "must be the folder, or shared mount, that the workers write to)"
             ) from None
     else:
+        for report in (path, path.with_suffix(".md")):
+            if not report.is_file():
+                raise OrchardError(
+                    f"campaign {args.campaign}: {report.relative_to(settings.artifacts)} is "
+                    f"not under the artifact folder {settings.artifacts} (ORCHARD_ARTIFACTS "
+                    "must be the folder, or shared mount, that the workers write to)"
+                )
         print(path)
         print(path.with_suffix(".md"))
     return 0
@@ -624,9 +651,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     default = "gpu" if args.gpus is not None else "cpu,preprocess,report"
-    queues = [q.strip() for q in (args.queues or default).split(",") if q.strip()]
+    text = default if args.queues is None else args.queues
+    queues = [q.strip() for q in text.split(",") if q.strip()]
+    if not queues:
+        raise OrchardError(f"--queues {text!r} names no queue; choose from {', '.join(QUEUES)}")
     unknown = sorted(set(queues) - set(QUEUES))
-    if not queues or unknown:
+    if unknown:
         raise OrchardError(f"--queues: unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
     if args.gpus is not None:
         if args.pool == "prefork" or args.without_task_events:
@@ -680,16 +710,30 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
         f"{mask_url(settings.broker_url)}, store {mask_url(settings.database_url)}",
         file=sys.stderr,
     )
-    # the children resolve nothing relative to their own working directory
-    env = {
-        **os.environ,
-        "ORCHARD_HOME": str(settings.home),
-        "ORCHARD_BROKER_URL": settings.broker_url,
-        "ORCHARD_DATABASE_URL": settings.database_url,
-        "ORCHARD_ARTIFACTS": str(settings.artifacts),
-    }
+    env = gpu_children_env(settings, os.environ)
     launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
     return launcher.run()
+
+
+def gpu_children_env(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of ``--gpus``'s children: ``settings`` resolved (they resolve
+    nothing relative to their own working directory), except that a password read from
+    a file stays in the file, out of their environment (they read it themselves)."""
+    env = {
+        **environ,
+        "ORCHARD_HOME": str(settings.home),
+        "ORCHARD_ARTIFACTS": str(settings.artifacts),
+    }
+    for name, url in (
+        ("ORCHARD_BROKER_URL", settings.broker_url),
+        ("ORCHARD_DATABASE_URL", settings.database_url),
+    ):
+        password_file = name.removesuffix("URL") + "PASSWORD_FILE"
+        if environ.get(password_file):
+            env[password_file] = str(Path(environ[password_file]).resolve())
+        else:
+            env[name] = url
+    return env
 
 
 def worker_argv(

@@ -4,7 +4,9 @@ Uses whatever ``shared.settings`` resolves (by default kombu's filesystem broker
 a SQLite file under ./.orchard), starts one worker consuming ``gpu`` (it trains on
 the CPU when there is no CUDA) and one consuming ``cpu,preprocess,report``, submits
 the quick campaign, shows progress, prints where the report is, and stops its
-workers again.
+workers again. A campaign file it cannot run stops it before anything is created; a
+campaign that does not finish in time, or Ctrl-C, cancels the campaign before the
+workers stop.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import sys
 from pathlib import Path
 
 from db.store import Store
-from scheduler.api import submit
+from scheduler.api import CampaignRun, _check_creatable, cancel, submit
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings, mask_url
+from shared.spec import load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "campaigns" / "quick.toml"
@@ -67,6 +70,7 @@ class Workers:
 def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     settings = load_settings()
     campaign = campaign or QUICK
+    _check_before_starting(campaign, settings)
     print(f"orchard demo: home {settings.home}")
     print(f"  broker    {mask_url(settings.broker_url)}")
     print(f"  store     {mask_url(settings.database_url)}")
@@ -89,10 +93,19 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
             ),
         ],
     )
+    run = None
     try:
         run = submit(campaign, settings=settings)
         print(f"campaign {run.id} submitted ({campaign}); logs in {workers.logs}")
         status = run.wait(timeout=timeout, progress=True, check=workers.check)
+    except (OrchardError, KeyboardInterrupt) as exc:
+        if run is None:  # nothing of ours to clean up
+            raise
+        # the demo's campaign is cancelled before its workers stop: left RUNNING, the
+        # next demo's workers would finish it before starting their own
+        why = str(exc) if isinstance(exc, OrchardError) else "interrupted"
+        print(f"orchard demo: {why}; {_cancel(run)}. Logs in {workers.logs}", file=sys.stderr)
+        return 1 if isinstance(exc, OrchardError) else 130
     finally:
         workers.stop()
     print(f"campaign {run.id}: {status.campaign.state}")
@@ -104,3 +117,26 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         print(f"report: {report}")
         print(f"        {report.with_suffix('.md')}")
     return 0 if status.campaign.state == "DONE" and report is not None else 1
+
+
+def _check_before_starting(campaign: Path, settings: Settings) -> None:
+    """What ``submit`` can refuse without reading the dataset, checked before the demo
+    creates a store or starts a worker: the campaign file, the artifact folder, the
+    reliability variables and the broker."""
+    load_campaign(campaign)
+    _check_creatable(settings.artifacts)
+    # only now: importing workers.app creates a filesystem broker's folders
+    from workers.app import check_broker_reachable, make_app
+
+    check_broker_reachable(make_app(settings, with_tasks=False))
+
+
+def _cancel(run: CampaignRun) -> str:
+    """Cancel the demo's unfinished campaign; what happened, for the demo's last line."""
+    try:
+        outcome = cancel(run.id, settings=run.settings)
+    except OrchardError as exc:
+        return f"could not cancel campaign {run.id}: {exc}"
+    if outcome.already_finished:
+        return f"campaign {run.id} ended {outcome.state} meanwhile"
+    return f"cancelled campaign {run.id}"

@@ -168,7 +168,7 @@ def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) 
     """`orchard demo` with nothing configured: filesystem broker, SQLite, own workers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
     env["ORCHARD_HOME"] = str(tmp_path / "demo-home")
-    done = subprocess.run(
+    demo = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -181,13 +181,17 @@ def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) 
         ],
         cwd=REPO,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=400,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "filesystem://" in done.stdout
-    report_line = next(line for line in done.stdout.splitlines() if line.startswith("report:"))
+    try:
+        stdout, stderr = demo.communicate(timeout=400)
+    finally:
+        demo.kill()
+    assert demo.returncode == 0, stdout + stderr
+    assert "filesystem://" in stdout
+    report_line = next(line for line in stdout.splitlines() if line.startswith("report:"))
     report = Path(report_line.split(":", 1)[1].strip())
     assert report.exists() and report.is_relative_to(tmp_path / "demo-home")
     demo_settings = load_settings({"ORCHARD_HOME": env["ORCHARD_HOME"]})
@@ -195,7 +199,8 @@ def test_orchard_demo_runs_with_no_servers(tmp_path: Path, tiny_campaign: Path) 
     (campaign,) = store.list_campaigns()
     assert campaign.state == "DONE"
     # the demo stopped its workers: nothing of ours is left running
+    # (its workers are named demo-gpu-<its pid>@host and demo-cpu-<its pid>@host)
     leftover = subprocess.run(
-        ["pgrep", "-f", f"demo-gpu-.*{env['ORCHARD_HOME']}"], capture_output=True
+        ["pgrep", "-f", f"demo-(gpu|cpu)-{demo.pid}@"], capture_output=True, text=True
     )
-    assert leftover.returncode != 0
+    assert leftover.returncode == 1, leftover.stdout  # 1: no process matched

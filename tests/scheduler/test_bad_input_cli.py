@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -201,3 +202,51 @@ def test_a_report_missing_on_this_host_is_one_line(tmp_path: Path, monkeypatch, 
     [line] = err.strip().splitlines()
     markdown = home / "artifacts" / "campaigns" / "t-1" / "report" / "report.md"
     assert line.startswith(f"orchard: error: campaign t-1: cannot read {markdown}: No such file")
+
+
+def test_a_report_path_missing_on_this_host_is_one_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Without --print too: `orchard report ID` does not print paths that are not there."""
+    from db.store import Artifact, Store
+    from tests.db.test_store import seed_campaign
+
+    home = tmp_path / "home"
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    seed_campaign(store)
+    store.record_artifact(
+        Artifact("campaigns/t-1/report/report.html", "report", "0" * 64, 1, "t-1")
+    )
+    elsewhere = tmp_path / "not-the-share"
+    code, out, err = run_in_process(
+        monkeypatch, capsys, "report", "t-1", home=home, ORCHARD_ARTIFACTS=str(elsewhere)
+    )
+    assert code == 2 and not out
+    assert err == (
+        "orchard: error: campaign t-1: campaigns/t-1/report/report.html is not under the "
+        f"artifact folder {elsewhere} (ORCHARD_ARTIFACTS must be the folder, or shared mount, "
+        "that the workers write to)\n"
+    )
+    report = elsewhere / "campaigns" / "t-1" / "report" / "report.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html></html>")
+    report.with_suffix(".md").write_text("# report")
+    code, out, err = run_in_process(
+        monkeypatch, capsys, "report", "t-1", home=home, ORCHARD_ARTIFACTS=str(elsewhere)
+    )
+    assert (code, out, err) == (0, f"{report}\n{report.with_suffix('.md')}\n", "")
+
+
+@pytest.mark.parametrize("queues", ["", " , "])
+def test_worker_queues_that_name_no_queue_are_refused(
+    tmp_path: Path, monkeypatch, capsys, queues: str
+) -> None:
+    home = tmp_path / "home"
+    code, out, err = run_in_process(monkeypatch, capsys, "worker", "--queues", queues, home=home)
+    assert code == 2 and not out
+    assert err == (
+        f"orchard: error: --queues {queues!r} names no queue; choose from gpu, cpu, "
+        "preprocess, report\n"
+    )
+    assert not home.exists()

@@ -86,6 +86,49 @@ def test_piped_output_is_plain_columns(store: Store, capsys: pytest.CaptureFixtu
     assert any(line.split()[:4] == ["report", "PENDING", "0", "-"] for line in units.splitlines())
 
 
+@pytest.mark.parametrize("width", [40, 60, 80, 92])
+def test_a_terminal_too_narrow_for_a_table_gets_plain_columns_without_the_drops(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    width: int,
+) -> None:
+    """README: a narrow terminal leaves out `created`, then `name`, then `cancelled`; the
+    plain columns it falls back to when even that table is too wide leave them out too."""
+    for campaign_id in IDS:
+        seed_campaign(store, campaign_id)
+    on_a_terminal(monkeypatch, width)
+    lines = status(capsys).splitlines()
+    assert not BOX & set("".join(lines))
+    assert lines[1].split() == ["id", "state", "units", "done/total", "failed", "running"]
+    for campaign_id in IDS:
+        [row] = [line for line in lines if line.startswith(campaign_id + " ")]
+        assert row.split()[1:] == ["RUNNING", "0/7", "0", "0"]
+    assert lines[-1] == "not shown at this width: name, cancelled, created"
+
+
+def test_piped_output_keeps_every_column_whatever_the_width(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipe has no width: scripts reading `orchard status | ...` get the same columns
+    whatever COLUMNS says."""
+    seed_campaign(store, IDS[1])
+    monkeypatch.setenv("COLUMNS", "40")
+    lines = status(capsys).splitlines()
+    assert len(lines[1].split()) == 9 and lines[1].split()[-1] == "created"
+    assert len(lines) == 3  # the title, the header, the campaign: nothing said below
+
+
+def test_watch_needs_a_campaign(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_campaign(store, IDS[0])
+    assert main(["status", "--watch"]) == 2
+    out, err = capsys.readouterr()
+    assert not out
+    assert err == (
+        "orchard: error: --watch follows one campaign: give its id, `orchard status ID --watch`\n"
+    )
+
+
 def test_done_counts_succeeded_units_not_cancelled_ones(
     store: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -206,3 +206,31 @@ def test_cli_gpus_refuses_a_name_or_a_queue_list_without_gpu(tmp_path: Path) -> 
     assert_one_line_error(done, "drop --name")
     done = orchard("worker", "--gpus", "0", "--queues", "cpu", env=env)
     assert_one_line_error(done, "gpu queue")
+
+
+def test_children_get_resolved_urls_but_no_password_read_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--gpus`` hands its children the URLs it resolved (relative paths made
+    absolute), except where a password comes from a file: the children read the file
+    themselves, so the password stays out of their environment."""
+    from scheduler.cli import gpu_children_env
+    from shared.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "redis_password").write_text("s3cret/?#\n")
+    environ = {
+        "ORCHARD_HOME": "home",
+        "ORCHARD_BROKER_URL": "redis://head:6379/0",
+        "ORCHARD_BROKER_PASSWORD_FILE": "redis_password",
+        "ORCHARD_DATABASE_URL": "sqlite:///rel/orchard.db",
+    }
+    settings = load_settings(environ)
+    assert "s3cret" in settings.broker_url  # percent-encoded into the parent's URL
+    env = gpu_children_env(settings, environ)
+    assert not any("s3cret" in value for value in env.values())
+    assert env["ORCHARD_BROKER_URL"] == "redis://head:6379/0"
+    assert env["ORCHARD_BROKER_PASSWORD_FILE"] == str(tmp_path / "redis_password")
+    assert env["ORCHARD_DATABASE_URL"] == f"sqlite:///{tmp_path / 'rel' / 'orchard.db'}"
+    assert env["ORCHARD_HOME"] == str(tmp_path / "home")
+    assert load_settings(env).broker_url == settings.broker_url  # what a child resolves

@@ -59,6 +59,18 @@ def test_wait_tells_once_for_the_same_queues(
     assert len(told) == 1 and "queue `preprocess`" in told[0]
 
 
+def test_wait_s_timeout_counts_the_units_in_words(run: CampaignRun) -> None:
+    """One line, also for `orchard demo --timeout`: no Python dict of states."""
+    shard = next(u.key for u in run.status().units if u.state == "QUEUED")
+    run.store.start_unit(shard, worker="w", task_id=None)
+    with pytest.raises(OrchardError) as raised:
+        run.wait(timeout=0, poll=0)
+    assert (
+        str(raised.value)
+        == f"campaign {CID} not finished after 0 s: 1 running, 1 queued, 5 pending"
+    )
+
+
 def test_status_of_a_stalled_campaign_says_so_on_stderr(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,119 @@
+"""`orchard demo` when it cannot finish: a campaign file it cannot run stops it before it
+creates anything or starts a worker; a campaign that is not finished in time, or Ctrl-C,
+cancels the demo's campaign (left RUNNING, the next demo's workers would finish it
+first) and stops its workers, in one line. A demo run to its report is in
+tests/integration/test_campaign.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import scheduler.demo as demo
+from db.store import Store
+from scheduler.cli import main
+from shared.plan import TERMINAL
+from shared.settings import load_settings
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """ORCHARD_HOME of its own and no other ORCHARD_ variable: the demo's defaults."""
+    for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    return home
+
+
+def demo_workers_alive(pid: int) -> bool:
+    """Whether a worker the demo of process ``pid`` started still runs (its node name)."""
+    found = subprocess.run(["pgrep", "-f", f"demo-(gpu|cpu)-{pid}@"], capture_output=True)
+    return found.returncode == 0
+
+
+def assert_cancelled(home: Path, campaign_id: str) -> None:
+    store = Store(load_settings({"ORCHARD_HOME": str(home)}).database_url)
+    assert store.get_campaign(campaign_id).state == "CANCELLED"
+    assert {u.state for u in store.units(campaign_id)} <= TERMINAL
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "no such campaign file"),
+        ('name = "x"\n[dataset]\nkind = "synthetic"\n[cnn]\nlr = "fast"\n', "[cnn] lr"),
+    ],
+)
+def test_a_campaign_file_it_cannot_run_stops_it_before_anything_starts(
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    content: str | None,
+    needle: str,
+) -> None:
+    campaign = tmp_path / "c.toml"
+    if content is not None:
+        campaign.write_text(content)
+
+    def no_workers(*_args: object) -> None:
+        raise AssertionError("the demo started its workers")
+
+    monkeypatch.setattr(demo, "Workers", no_workers)
+    assert main(["demo", "--campaign", str(campaign)]) == 2
+    out, err = capsys.readouterr()
+    assert not out  # not even the demo's header
+    [line] = err.splitlines()
+    assert line.startswith(f"orchard: error: {campaign}: ") and needle in line
+    assert not home.exists()  # no store, no broker folder, no log folder
+
+
+@pytest.mark.integration
+def test_a_demo_not_finished_in_time_cancels_its_campaign(
+    home: Path, tiny_campaign: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--campaign", str(tiny_campaign), "--timeout", "1"]) == 1
+    out, err = capsys.readouterr()
+    campaign_id = next(line.split()[1] for line in out.splitlines() if line.startswith("campaign "))
+    [line] = err.splitlines()
+    assert line.startswith(f"orchard demo: campaign {campaign_id} not finished after 1 s: ")
+    assert line.endswith(f"; cancelled campaign {campaign_id}. Logs in {home / 'logs'}")
+    assert "{" not in line and "queued" in line  # the units counted in words
+    assert_cancelled(home, campaign_id)
+    assert not demo_workers_alive(os.getpid())
+
+
+@pytest.mark.integration
+def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path) -> None:
+    demo_process = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "demo", "--campaign", str(tiny_campaign)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its workers too: killed together should the test fail
+    )
+    try:
+        # "campaign ID submitted (FILE); logs in ...": the demo is waiting for it
+        submitted = next(line for line in demo_process.stdout if " submitted (" in line)
+        demo_process.send_signal(signal.SIGINT)
+        out, err = demo_process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo_process.pid, signal.SIGKILL)
+    campaign_id = submitted.split()[1]
+    assert demo_process.returncode == 130, out + err
+    assert err.splitlines() == [
+        f"orchard demo: interrupted; cancelled campaign {campaign_id}. Logs in {home / 'logs'}"
+    ]
+    assert_cancelled(home, campaign_id)
+    assert not demo_workers_alive(demo_process.pid)
