@@ -138,6 +138,26 @@ def assign_folds(
     return folds
 
 
+def dev_folds(
+    labels: list[str | None], splits: list[str], classes: Sequence[str] = ()
+) -> list[int]:
+    """One fold for ``validation = "dev"``: the labelled dev images are fold 0 (its
+    validation set), the labelled train images fold 1 (so fold 0 trains on them)."""
+    folds = [
+        NO_FOLD if label is None else {"dev": 0, "train": 1}.get(split, NO_FOLD)
+        for label, split in zip(labels, splits, strict=True)
+    ]
+    if 0 not in folds:
+        raise ManifestError(
+            'dataset: validation = "dev" needs labelled images in the dev split, and it '
+            "has none (aicup: dev.csv with labels; imagefolder: a val/ or dev/ folder)"
+        )
+    trained = Counter(label for label, fold in zip(labels, folds, strict=True) if fold == 1)
+    if missing := [c for c in (*classes, *trained) if not trained[c]]:
+        raise ManifestError(f"dataset: class {missing[0]!r} has no labelled training images")
+    return folds
+
+
 def manifest_path(campaign_dir: Path) -> Path:
     return campaign_dir / "manifest.json"
 
@@ -145,13 +165,16 @@ def manifest_path(campaign_dir: Path) -> Path:
 def open_campaign_dataset(spec: DatasetSpec, artifacts: Path) -> Dataset:
     """The dataset a campaign names; a synthetic one is generated first if needed."""
     if spec.kind == "synthetic":
-        options = spec.model_dump(exclude={"kind", "root"})
+        # dev_per_class = 0 (the default) leaves the folder name of earlier datasets
+        unnamed = {"kind", "root"} | ({"dev_per_class"} if not spec.dev_per_class else set())
+        options = spec.model_dump(exclude=unnamed)
         root = spec.root or artifacts / "datasets" / f"synthetic-{params_hash(options)}"
         generate_synthetic(
             root,
             seed=spec.seed,
             train_per_class=spec.train_per_class,
             test_per_class=spec.test_per_class,
+            dev_per_class=spec.dev_per_class,
             size=(spec.width, spec.height),
             label_noise=spec.label_noise,
             test_labels=spec.test_labels,
@@ -203,14 +226,12 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
             f"[preprocessing] max_bad_fraction = {spec.max_bad_fraction}: {shown}{more}"
         )
     samples = [sample for sample, _ in good]
+    labels, splits = [s.label for s in samples], [s.split for s in samples]
     try:
-        folds = assign_folds(
-            [s.label for s in samples],
-            [s.split for s in samples],
-            campaign.folds,
-            campaign.seed,
-            classes=dataset.classes,
-        )
+        if campaign.validation == "dev":
+            folds = dev_folds(labels, splits, classes=dataset.classes)
+        else:
+            folds = assign_folds(labels, splits, campaign.folds, campaign.seed, dataset.classes)
     except ManifestError as exc:
         note = f" (after skipping {len(bad)} unusable images)" if bad else ""
         raise ManifestError(f"{where}: {str(exc).removeprefix('dataset: ')}{note}") from None

@@ -306,6 +306,7 @@ class ReportData:
     # units that are not in ``units`` (no model, no result): {"preprocess": 3, "report": 1}
     other_units: dict[str, int] = field(default_factory=dict)
     preprocessing: PreprocessingSummary | None = None
+    validation: str = ""  # what the models validate on (:func:`validation_line`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,10 +913,7 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     rows, classes = [], []
     for point in exp.points:
         if columns:
-            cells = [
-                _method(point.params) if c == "method" else param_value(c, point.params.get(c))
-                for c in columns
-            ]
+            cells = [_cell(c, point.params) for c in columns]
         else:
             cells = [point.key.rsplit("/", 1)[-1]]
         ok = (
@@ -981,6 +979,51 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
         blocks.append(Para(tuple(notes)))
     if exp.note:
         blocks.append(Quote(exp.note))
+    return blocks + _best_per_value_blocks(exp.points, columns)
+
+
+def _cell(column: str, params: Mapping[str, Any]) -> str:
+    return _method(params) if column == "method" else param_value(column, params.get(column))
+
+
+def _best_per_value_blocks(points: Sequence[PointRow], columns: Sequence[str]) -> list[Block]:
+    """For a sweep of two or more parameters, one small table per parameter: each of its
+    values with the best point among those that have it (the other parameters' values
+    and its validation accuracy), as the study's "num_comp | best C | best γ | Acc"
+    tables. Ties go to the first point in sweep order."""
+    if len(columns) < 2:
+        return []
+    blocks: list[Block] = []
+    for column in columns:
+        best: dict[str, PointRow] = {}
+        for point in points:
+            if point.val_acc is None:
+                continue
+            value = _cell(column, point.params)
+            if value not in best or point.val_acc > best[value].val_acc:
+                best[value] = point
+        if len(best) < 2:
+            continue
+        others = [c for c in columns if c != column]
+        header = (
+            param_label(column),
+            *(f"best {param_label(c)}" for c in others),
+            "Valid acc",
+        )
+        rows = [
+            [value, *(_cell(c, point.params) for c in others), _fmt_pct(point.val_acc)]
+            for value, point in best.items()
+        ]
+        top = max(point.val_acc for point in best.values())
+        blocks += [
+            Para((f"Best point per {param_label(column)}:",)),
+            Table(
+                header,
+                rows,
+                frozenset({len(header) - 1}),
+                row_classes=["best" if p.val_acc == top else "" for p in best.values()],
+            ),
+        ]
     return blocks
 
 
@@ -1229,6 +1272,21 @@ def _units_line(data: ReportData, failed: list[UnitSummary], reused: list[UnitSu
     return text
 
 
+def validation_line(validation: str, folds: int, seed: int, train: int, val: int) -> str:
+    """What the models validate on, for the report's header: ``validation`` is the
+    campaign's setting, ``train`` and ``val`` the image counts of fold 0."""
+    if validation == "dev":
+        return (
+            f"Validation: the dev split ({val} images); every model trains on the train "
+            f"split ({train} images)"
+        )
+    return (
+        f"Validation: {folds}-fold stratified cross-validation (seed {seed}) over the "
+        f"{train + val} labelled train and dev images, about {val} per fold; a section "
+        "with folds = n runs the first n"
+    )
+
+
 def _preprocessing_line(summary: PreprocessingSummary) -> str:
     """``Preprocessing: 190 images to 256×256 in 3 shards: 190 by OpenCV on the CPU``."""
     parts = [f"{n} by nvJPEG on {device}" for device, n in summary.by_nvjpeg.items()]
@@ -1257,6 +1315,8 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
         (f"Classes: {', '.join(data.classes) or _DASH}",),
         (_units_line(data, failed, reused),),
     ]
+    if data.validation:
+        meta.append((data.validation,))
     if data.preprocessing is not None:
         meta.append((_preprocessing_line(data.preprocessing),))
     if data.best_blend:

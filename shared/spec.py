@@ -243,6 +243,7 @@ class SyntheticDataset(_Frozen):
     seed: Seed = 0
     train_per_class: int = Field(40, ge=1)
     test_per_class: int = Field(10, ge=0)
+    dev_per_class: int = Field(0, ge=0)  # a labelled dev split, for validation = "dev"
     width: int = Field(320, ge=32)
     height: int = Field(240, ge=32)
     label_noise: float = Field(0.1, ge=0, le=1)
@@ -293,6 +294,10 @@ class Campaign(_Frozen):
     description: str = ""
     seed: Seed = 0
     folds: int = Field(5, ge=2, le=MAX_FOLDS)
+    # "folds": validate on stratified folds drawn over the labelled train and dev images;
+    # "dev": train on the train split, validate on the dev split (the study's 800), as
+    # one fold (every model section has folds = 1)
+    validation: Literal["folds", "dev"] = "folds"
     dataset: DatasetSpec
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     cnn: CnnSection | None = None  # type: ignore[valid-type]
@@ -347,6 +352,11 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
             raise CampaignError(
                 f"{source}: {format_validation_error(exc, raw.get(family, {}), section=family)}"
             ) from None
+        if campaign.validation == "dev" and section.folds != 1:
+            raise CampaignError(
+                f'{source}: [{family}] folds: validation = "dev" validates every model on '
+                f"the dev split, one fold: set [{family}] folds = 1 (it is {section.folds})"
+            )
         if section.folds > campaign.folds:
             raise CampaignError(
                 f"{source}: [{family}] folds: {section.folds} is more than the campaign's "

@@ -284,15 +284,24 @@ def generate_synthetic(
     size: tuple[int, int] = (320, 240),
     label_noise: float = 0.1,
     test_labels: bool = True,
+    dev_per_class: int = 0,
 ) -> Path:
-    """Generate (or reuse) a synthetic mango dataset in the aicup layout at ``root``.
+    """Generate (or reuse) a synthetic mango dataset in the aicup layout at ``root``,
+    with a labelled dev split when ``dev_per_class`` is set.
 
     Same arguments give byte-identical files. An existing dataset with the same parameters
     is left untouched; any other non-empty ``root`` raises ``DatasetError``.
     """
-    if seed < 0 or train_per_class < 1 or test_per_class < 0 or not 0 <= label_noise <= 1:
+    if (
+        seed < 0
+        or train_per_class < 1
+        or test_per_class < 0
+        or dev_per_class < 0
+        or not 0 <= label_noise <= 1
+    ):
         raise ValueError(
-            "need seed >= 0, train_per_class >= 1, test_per_class >= 0, 0 <= label_noise <= 1"
+            "need seed >= 0, train_per_class >= 1, test_per_class >= 0, dev_per_class >= 0, "
+            "0 <= label_noise <= 1"
         )
     if min(size) < 16:
         raise ValueError(f"size must be at least 16x16, got {size}")
@@ -307,6 +316,8 @@ def generate_synthetic(
         "test_labels": bool(test_labels),
         "classes": list(GRADES),
     }
+    if dev_per_class:  # absent when 0: datasets made before it keep their marker
+        params["dev_per_class"] = int(dev_per_class)
     if _read_marker(root) == params:
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -319,11 +330,14 @@ def generate_synthetic(
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
         first = 1
-        for split, per_class in [("train", train_per_class), ("test", test_per_class)]:
+        splits = [("train", train_per_class), ("dev", dev_per_class), ("test", test_per_class)]
+        for split, per_class in splits:
+            if split == "dev" and not per_class:
+                continue
             grades = [grade for grade in GRADES for _ in range(per_class)]
             # Shuffle so that file names say nothing about the class.
             order = np.random.default_rng((seed, 3, first)).permutation(len(grades))
-            labelled = split == "train" or test_labels
+            labelled = split != "test" or test_labels
             _write_split(tmp, split, [grades[i] for i in order], first, params, labelled)
             first += len(grades)
         (tmp / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")

@@ -63,6 +63,8 @@ def tiny(raw: dict[str, Any], data_root: Path, *, test_labels: bool = True) -> d
         # like the competition's test CSV: images without labels -> submission.csv
         "test_labels": test_labels,
     }
+    if raw.get("validation") == "dev":  # the study's train/dev split, as in its tables
+        raw["dataset"]["dev_per_class"] = 3
     raw["preprocessing"] = {"size": 64, "shard_size": 32}
     for section in ("cnn", "svm", "rf"):
         if section not in raw:
@@ -120,7 +122,8 @@ def test_every_study_campaign_runs_to_a_report(
             small = tmp_path / "campaigns" / path.name
             small.parent.mkdir(exist_ok=True)
             final = path.stem == "final-comparison"
-            data = tmp_path / ("data-unlabelled" if final else "data")
+            dev = raw.get("validation") == "dev"  # these datasets get a dev split
+            data = tmp_path / ("data-unlabelled" if final else "data-dev" if dev else "data")
             small.write_text(to_toml(tiny(raw, data, test_labels=not final)), encoding="utf-8")
             runs[path.stem] = submit(small, settings=settings)
         for run in runs.values():
@@ -136,6 +139,18 @@ def test_every_study_campaign_runs_to_a_report(
         html = report.read_text(encoding="utf-8")
         assert "data:image/png;base64," in html, stem
         assert report.with_suffix(".md").exists() and report.with_suffix(".json").exists()
+        validation = run.store.get_campaign(run.id).spec["validation"]
+        expected = (
+            "Validation: the dev split (9 images); every model trains on the train split "
+            "(24 images)"
+            if validation == "dev"
+            else "Validation: 5-fold stratified cross-validation (seed 0) over the 24"
+        )
+        assert expected in report.with_suffix(".md").read_text(encoding="utf-8"), stem
+    assert (
+        sum(run.store.get_campaign(run.id).spec["validation"] == "dev" for run in runs.values())
+        == 8
+    )
     assert_final_comparison_report(runs["final-comparison"])
 
 

@@ -18,6 +18,7 @@ from shared.manifest import (
     ManifestError,
     assign_folds,
     build_manifest,
+    dev_folds,
 )
 from shared.spec import parse_campaign
 
@@ -335,3 +336,42 @@ def test_imagefolder_splits_reusing_file_names_keep_every_image(tmp_path):
     # what the report pools by image id: every out-of-fold validation image, once
     out_of_fold = [ids[i] for fold in (0, 1) for i in manifest.fold_indices(fold)[1]]
     assert len(set(out_of_fold)) == len(out_of_fold) == 16
+
+
+def test_dev_validation_trains_on_the_train_split_and_validates_on_dev(tmp_path):
+    campaign = parse_campaign(
+        {
+            "name": "tiny",
+            "validation": "dev",
+            "dataset": {
+                "kind": "synthetic",
+                "root": str(tmp_path / "data"),
+                "train_per_class": 4,
+                "dev_per_class": 2,
+                "test_per_class": 1,
+                "width": 64,
+                "height": 48,
+            },
+            "svm": {"n_components": 2},
+        },
+        source="<test>",
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    train, val, test = manifest.fold_indices(0)
+    splits = [e.split for e in manifest.entries]
+    assert {splits[i] for i in train} == {"train"} and len(train) == 12
+    assert {splits[i] for i in val} == {"dev"} and len(val) == 6
+    assert {splits[i] for i in test} == {"test"} and len(test) == 3
+
+
+def test_dev_validation_without_labelled_dev_images_or_training_images_is_named():
+    with pytest.raises(ManifestError, match='validation = "dev" needs labelled images in the dev'):
+        dev_folds(["A", "B", None], ["train", "train", "dev"])
+    with pytest.raises(ManifestError, match="class 'C' has no labelled training images"):
+        dev_folds(["A", "B", "C"], ["train", "train", "dev"], classes=("A", "B", "C"))
+    assert dev_folds(["A", "B", None, "B"], ["train", "dev", "test", "test"]) == [
+        1,
+        0,
+        NO_FOLD,
+        NO_FOLD,
+    ]

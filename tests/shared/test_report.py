@@ -34,6 +34,7 @@ from shared.report import (
     render_markdown,
     swept_params,
     timeline_png,
+    validation_line,
     write_report,
 )
 
@@ -737,3 +738,50 @@ def test_units_line_says_what_it_counts(data: ReportData) -> None:
     ]
     md = render_markdown(dataclasses.replace(data, units=shards))
     assert "- Units: 10 model units and 2 tree shards (1 failed)\n" in md
+
+
+def test_the_header_says_what_the_models_validate_on(data: ReportData) -> None:
+    assert "Validation" not in render_markdown(data)  # no manifest, no line
+    dev = validation_line("dev", 5, 0, 5600, 800)
+    assert dev == (
+        "Validation: the dev split (800 images); every model trains on the train split "
+        "(5600 images)"
+    )
+    assert f"- {dev}\n" in render_markdown(dataclasses.replace(data, validation=dev))
+    folds = validation_line("folds", 5, 3, 5120, 1280)
+    assert folds.startswith(
+        "Validation: 5-fold stratified cross-validation (seed 3) over the 6400 labelled "
+        "train and dev images, about 1280 per fold"
+    )
+
+
+def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportData) -> None:
+    """The study's "num_comp | best C | best γ | Acc" table: per value of each swept
+    parameter, the best point that has it."""
+    grid = [
+        (50, 1.0, 0.5),
+        (50, 2.0, 0.68),
+        (100, 1.0, 0.6925),
+        (100, 2.0, 0.69),
+        (200, 1.0, None),  # failed: not a candidate
+        (200, 2.0, 0.66),
+    ]
+    points = [
+        _point(f"{CID}/svm/g{i}", {"n_components": n, "C": c, "gamma": "scale"}, val)
+        for i, (n, c, val) in enumerate(grid)
+    ]
+    exp = Experiment("svm", "SVM grid", points, f"{CID}/svm/g2")
+    md = render_markdown(dataclasses.replace(data, experiments=[exp]))
+    section = _section(md, "Experiments")
+    per_components = section[section.index("Best point per n_component") :]
+    rows = _table_rows(per_components)
+    assert rows[0][0] == "n_component" and rows[0][1:] == ["best C", "Valid acc"]
+    assert rows[1:4] == [
+        ["50", "2", "68.000%"],
+        ["**100**", "**1**", "**69.250%**"],
+        ["200", "2", "66.000%"],
+    ]
+    assert "Best point per C" in section
+    one = Experiment("svm", "SVM C", points[:2], None)  # one swept parameter: no such table
+    md = render_markdown(dataclasses.replace(data, experiments=[one]))
+    assert "Best point per" not in md

@@ -344,3 +344,21 @@ def test_campaign_digest_ignores_file_formatting(tmp_path):
     assert a.digest() == b.digest()
     c = load_campaign(_write(tmp_path, BASE.replace("epochs = 2", "epochs = 3"), "c.toml"))
     assert c.digest() != a.digest()
+
+
+def test_dev_validation_needs_one_fold_per_model_section(tmp_path: Path) -> None:
+    """validation = "dev" validates on the dev split: one fold, so a section asking for
+    more is refused by name (the CNN's default is 5)."""
+    text = BASE.replace("folds = 5\n\n[dataset]", 'folds = 5\nvalidation = "dev"\n\n[dataset]')
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f'{path}: [cnn] folds: validation = "dev" validates every model on the dev split, '
+        "one fold: set [cnn] folds = 1 (it is 5)"
+    )
+    campaign = load_campaign(_write(tmp_path, text.replace("[cnn]\nfolds = 5", "[cnn]\nfolds = 1")))
+    assert campaign.validation == "dev"
+    assert load_campaign(_write(tmp_path, BASE)).validation == "folds"  # the default
+    _, message = _error(
+        tmp_path, BASE.replace("folds = 5\n\n[dataset]", 'validation = "val"\n\n[dataset]')
+    )
+    assert "validation: Input should be 'folds' or 'dev' (got 'val')" in message

@@ -129,3 +129,17 @@ def test_learnable_but_not_trivial(tmp_path: Path) -> None:
     accuracy = model.score(features["test"], labels["test"])
     print(f"random forest on 32x32 pixels: test accuracy {accuracy:.3f}")
     assert 0.5 < accuracy < 1.0
+
+
+def test_a_dev_split_on_request_leaves_the_other_splits_as_they_were(tmp_path: Path) -> None:
+    plain = generate_synthetic(tmp_path / "plain", seed=5, **SMALL)
+    with_dev = generate_synthetic(tmp_path / "dev", seed=5, dev_per_class=2, **SMALL)
+    assert not (plain / "dev.csv").exists()
+    dev = read_csv(with_dev / "dev.csv")[1:]  # after the header
+    assert len(dev) == 3 * 2 and all(label in ("A", "B", "C") for _, label in dev)
+    # train is the same; test images are numbered after the dev ones
+    assert digests(plain)["train.csv"] == digests(with_dev)["train.csv"]
+    ids = [image_id for image_id, _ in read_csv(with_dev / "test.csv")[1:]]
+    assert ids == [f"{i:05d}.jpg" for i in range(16, 22)]
+    samples = AicupDataset(with_dev).samples()
+    assert Counter(s.split for s in samples) == {"train": 9, "dev": 6, "test": 6}

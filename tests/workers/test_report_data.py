@@ -439,11 +439,7 @@ def test_svm_table_leaves_the_shared_projection_width_to_a_note(sqlite_url: str)
     assert exp.note is not None and "50 components wide" in exp.note
 
     table = render_markdown(data).split("### SVM", 1)[1].split("\n## ", 1)[0]
-    header, *rows = [
-        [c.strip() for c in line.strip("|").split("|")]
-        for line in table.splitlines()
-        if line.startswith("| ")
-    ]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in first_table(table)]
     assert "n_component" in header and "Explained variance" in header
     assert not any("pca" in h.lower() for h in header)
     column = header.index("n_component")
@@ -515,13 +511,21 @@ def test_utc_iso_reads_naive_times_as_utc() -> None:
 
 def _rows(data, family: str) -> tuple[list[str], list[list[str]]]:
     title = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}[family]
-    table = render_markdown(data).split(f"### {title}", 1)[1].split("\n#", 1)[0]
+    section = render_markdown(data).split(f"### {title}", 1)[1].split("\n#", 1)[0]
     header, *rows = [
         [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        for line in table.splitlines()
-        if line.startswith("| ")
+        for line in first_table(section)
     ]
     return header, rows[1:] if rows and set(rows[0][0]) <= set("-:") else rows
+
+
+def first_table(markdown: str) -> list[str]:
+    """The lines of the first table in ``markdown`` (an experiment's main table; the
+    "best point per value" tables follow it)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [line for line in lines[start:end] if line.startswith("| ")]  # no separator
 
 
 def test_resumed_folds_are_named_and_counts_are_not_averaged(sqlite_url: str) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from db.store import Artifact, Outcome, Prediction, Result, Store, Unit
 from shared.errors import OrchardError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, ManifestError
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
 from shared.report import (
     BlendRow,
@@ -47,6 +47,7 @@ from shared.report import (
     UnitSummary,
     param_value,
     swept_params,
+    validation_line,
     write_report,
 )
 from shared.settings import Settings
@@ -534,6 +535,20 @@ def preprocessing_summary(
 # --------------------------------------------------------------------------- LIME
 
 
+def _validation(spec: dict[str, Any], manifest: Manifest | None) -> str:
+    try:
+        train, val, _ = manifest.fold_indices(0)
+    except (AttributeError, ManifestError):  # no manifest, or one without folds
+        return ""
+    return validation_line(
+        spec.get("validation", "folds"),
+        int(spec.get("folds", 5)),
+        int(spec.get("seed", 0)),
+        len(train),
+        len(val),
+    )
+
+
 def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
     out = []
     for entry in getattr(manifest, "skipped", None) or ():
@@ -911,6 +926,7 @@ def build_report_data(
         lime=lime,
         lime_note=lime_note,
         skipped=_skipped(manifest),
+        validation=_validation(spec, manifest),
         submission=submission,
         test_labelled=by_test,
         other_units={
