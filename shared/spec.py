@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shared.errors import OrchardError
-from shared.variants import check_variant
+from shared.variants import canonical_variant, check_variant
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 
@@ -151,6 +151,17 @@ class RfParams(_Frozen):
             raise ValueError(
                 f"tree_shards ({self.tree_shards}) must not exceed n_estimators "
                 f"({self.n_estimators})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rotations_need_square_images(self) -> RfParams:
+        if self.augment in ("rotate", "rotate_flip") and canonical_variant(
+            self.variant
+        ).startswith("polarcrop"):
+            raise ValueError(
+                f"augment {self.augment!r} rotates the images, which needs square ones: "
+                f"variant {self.variant!r} is half as high as wide (use 'none' or 'flip')"
             )
         return self
 

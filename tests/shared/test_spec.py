@@ -362,3 +362,19 @@ def test_dev_validation_needs_one_fold_per_model_section(tmp_path: Path) -> None
         tmp_path, BASE.replace("folds = 5\n\n[dataset]", 'validation = "val"\n\n[dataset]')
     )
     assert "validation: Input should be 'folds' or 'dev' (got 'val')" in message
+
+
+def test_rotating_a_half_height_variant_is_refused_at_validation(tmp_path: Path) -> None:
+    """A forest's rotations stack each image with its rotated copies: that needs square
+    images, so polarcrop (half as high as wide) with rotate stops here, not in every
+    unit at run time."""
+    text = BASE.replace(
+        "n_estimators = 10", 'n_estimators = 10\nvariant = "cropped"\naugment = "rotate"'
+    )
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f"{path}: [rf]: Value error, augment 'rotate' rotates the images, which needs "
+        "square ones: variant 'cropped' is half as high as wide (use 'none' or 'flip')"
+    )
+    flipped = load_campaign(_write(tmp_path, text.replace('"rotate"', '"flip"')))
+    assert flipped.rf is not None and flipped.rf.augment == ("flip",)
