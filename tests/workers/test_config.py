@@ -144,9 +144,9 @@ def test_a_broker_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None
 def test_unit_tasks_have_no_hidden_retry_limit() -> None:
     """``task.retry(max_retries=None)`` means the task's own limit (Celery's default: 3):
     the retries that wait for a lease or the store would drop their message."""
-    import workers.tasks  # noqa: F401  registers them
     from workers.app import app
 
+    app.loader.import_default_modules()  # registers them (workers.tasks alone does not)
     for name, _ in TASKS.values():
         assert app.tasks[name].max_retries is None, name
 
