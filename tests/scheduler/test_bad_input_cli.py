@@ -184,9 +184,8 @@ def test_a_store_that_fails_to_record_leaves_no_campaign_folder(
     assert list((home / "artifacts" / "campaigns").iterdir()) == []  # no manifest left
 
 
-def test_a_report_missing_on_this_host_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    """The store knows the report, this host's artifact folder does not have it (not the
-    workers' shared mount)."""
+def store_with_a_report(tmp_path: Path) -> Path:
+    """A home whose store records campaign t-1's report, which no folder here holds."""
     from db.store import Artifact, Store
     from tests.db.test_store import seed_campaign
 
@@ -197,6 +196,13 @@ def test_a_report_missing_on_this_host_is_one_line(tmp_path: Path, monkeypatch, 
     store.record_artifact(
         Artifact("campaigns/t-1/report/report.html", "report", "0" * 64, 1, "t-1")
     )
+    return home
+
+
+def test_a_report_missing_on_this_host_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The store knows the report, this host's artifact folder does not have it (not the
+    workers' shared mount)."""
+    home = store_with_a_report(tmp_path)
     code, out, err = run_in_process(monkeypatch, capsys, "report", "t-1", "--print", home=home)
     assert code == 2 and not out
     [line] = err.strip().splitlines()
@@ -208,16 +214,7 @@ def test_a_report_path_missing_on_this_host_is_one_line(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """Without --print too: `orchard report ID` does not print paths that are not there."""
-    from db.store import Artifact, Store
-    from tests.db.test_store import seed_campaign
-
-    home = tmp_path / "home"
-    store = Store(f"sqlite:///{home / 'orchard.db'}")
-    store.upgrade()
-    seed_campaign(store)
-    store.record_artifact(
-        Artifact("campaigns/t-1/report/report.html", "report", "0" * 64, 1, "t-1")
-    )
+    home = store_with_a_report(tmp_path)
     elsewhere = tmp_path / "not-the-share"
     code, out, err = run_in_process(
         monkeypatch, capsys, "report", "t-1", home=home, ORCHARD_ARTIFACTS=str(elsewhere)
