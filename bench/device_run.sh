@@ -23,6 +23,7 @@
 # profiles, versions.
 set -u
 final=${OUT:?set OUT to a folder for the results}
+mkdir -p "$final" || exit 1 # before minutes of runs, not after
 out=$(mktemp -d) # everything, packed into $OUT/device_run.tar.gz at the end
 barrier=$(mktemp -d)
 export PYTHONUNBUFFERED=1
@@ -91,5 +92,8 @@ for path in sorted(out.glob("tt_*.json")):
     extra = f"  baseline {r['baseline_img_s']:,.0f}  ratio {r['ratio']:.2f}x" if "ratio" in r else ""
     print(f"{r['label']:>8}: {r['orchard_img_s']:>9,.0f} img/s{extra}")
 EOF
-tar -czf "$final/device_run.tar.gz" -C "$out" .
+if ! tar -czf "$final/device_run.tar.gz" -C "$out" .; then
+  echo "could not pack the results; they are left in $out" >&2
+  exit 1
+fi
 rm -rf "$barrier" "$out"
