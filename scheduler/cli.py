@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("orchard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader left (`orchard status | head -1`): stop quietly, as `cat` does;
+        # stdout is pointed at /dev/null so the interpreter's final flush fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -629,13 +634,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.print:
         markdown = path.with_suffix(".md")
         try:
-            print(markdown.read_text(encoding="utf-8"))
+            text = markdown.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise OrchardError(
                 f"campaign {args.campaign}: cannot read {markdown}: {reason} (ORCHARD_ARTIFACTS "
                 "must be the folder, or shared mount, that the workers write to)"
             ) from None
+        print(text)
     else:
         for report in (path, path.with_suffix(".md")):
             if not report.is_file():

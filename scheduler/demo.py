@@ -19,6 +19,7 @@ from pathlib import Path
 
 from db.store import Store
 from scheduler.api import CampaignRun, _check_creatable, cancel, submit
+from scheduler.cli import gpu_children_env
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings, mask_url
 from shared.spec import load_campaign
@@ -33,13 +34,8 @@ class Workers:
     def __init__(self, settings: Settings, specs: list[tuple[str, list[str]]]) -> None:
         self.logs = settings.home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "ORCHARD_HOME": str(settings.home),
-            "ORCHARD_BROKER_URL": settings.broker_url,
-            "ORCHARD_DATABASE_URL": settings.database_url,
-            "ORCHARD_ARTIFACTS": str(settings.artifacts),
-        }
+        # the same as --gpus gives its children: a password file stays a file
+        env = gpu_children_env(settings, os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         for name, extra in specs:
             log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process

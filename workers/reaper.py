@@ -74,7 +74,13 @@ def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[s
             unit_signature(
                 app, unit.task, unit.queue, unit.campaign_id, unit.key, unit.task_id
             ).apply_async()
-        except Exception as exc:  # the broker is away: the next advance sends it
+        except Exception as exc:  # the broker is away
+            if unit.lost_in in ("SENT", "QUEUED"):
+                # an earlier message may still be there (the broker was away, not the
+                # message): left QUEUED and unsent, that message runs it, or a later
+                # pass sends it once the broker is back (made PENDING, it would be dropped)
+                log.error("%s: not sent again (%s); sent once the broker is back", unit.key, exc)
+                continue
             log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
             store.unclaim([unit.key])
             continue
@@ -125,7 +131,11 @@ def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[s
 def idle_queues(app: Any) -> list[str]:
     """The queues this worker consumes, when it holds no message (none running, none
     waiting for a pool slot or an ETA); none while it holds one."""
-    if worker_state.active_requests or worker_state.reserved_requests:
+    if (
+        worker_state.active_requests
+        or worker_state.reserved_requests
+        or worker_state.scheduled_requests  # its own ETA / countdown retries
+    ):
         return []
     return sorted(app.amqp.queues.consume_from)
 

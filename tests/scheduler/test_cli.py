@@ -221,3 +221,34 @@ def test_worker_loglevel_is_case_insensitive() -> None:
     args = _parser().parse_args(["worker", "-l", "debug", "-c", "3"])
     assert (args.loglevel, args.concurrency) == ("DEBUG", 3)
     assert _parser().parse_args(["worker"]).loglevel == "INFO"
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path: Path) -> None:
+    """`orchard status | head -1`: the closed pipe stops orchard with no traceback."""
+    from db.store import Store
+    from tests.db.test_store import seed_campaign
+
+    home = tmp_path / "home"
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    for i in range(40):
+        seed_campaign(store, f"t-{i}")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")},
+        "ORCHARD_HOME": str(home),
+    }
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before orchard writes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", "status", "t-1"],
+            cwd=REPO,
+            env=env,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

@@ -117,3 +117,28 @@ def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path) -> 
     ]
     assert_cancelled(home, campaign_id)
     assert not demo_workers_alive(demo_process.pid)
+
+
+def test_the_demo_s_workers_read_a_password_file_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with --gpus: the password stays in its file, out of the workers' environment."""
+    from shared.settings import load_settings
+
+    (tmp_path / "pw").write_text("s3cret-XYZ\n")
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCHARD_BROKER_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("ORCHARD_BROKER_PASSWORD_FILE", str(tmp_path / "pw"))
+    envs: list[dict[str, str]] = []
+
+    class Started:
+        def __init__(self, cmd: list[str], *, env: dict[str, str], **kwargs: object) -> None:
+            envs.append(env)
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
+    settings = load_settings()
+    assert "s3cret-XYZ" in settings.broker_url
+    demo.Workers(settings, [("gpu-worker", ["--queues", "gpu"])])
+    [env] = envs
+    assert not any("s3cret" in value for value in env.values())
+    assert env["ORCHARD_BROKER_URL"] == "redis://127.0.0.1:6379/0"

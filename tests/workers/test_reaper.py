@@ -1,0 +1,68 @@
+"""The reaper's pass (``workers.reaper``) with the broker away: what it cannot send is
+never made PENDING while an earlier message may still deliver it. The real store; the
+broker's send is made to fail."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import scheduler.canvas as canvas
+import workers.reaper as reaper
+import workers.tasks.base as base
+from tests.db.test_store import make_store, seed_campaign
+
+
+class BrokerDown:
+    def apply_async(self) -> None:
+        raise ConnectionError("broker down")
+
+
+def test_units_it_cannot_send_again_stay_queued_for_their_first_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.05")
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    keys = [p.key for p in seed_campaign(store) if p.stage == 0]
+    store.claim_for_queue(keys, {k: f"first-{i}" for i, k in enumerate(keys)})
+    store.mark_sent([f"first-{i}" for i in range(len(keys))])
+    queue = store.get_unit(keys[0]).queue
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    monkeypatch.setattr(canvas, "unit_signature", lambda *a, **k: BrokerDown())
+
+    # an outage longer than DROPPED_AFTER_LEASES lease periods: nothing was taken, the
+    # idle worker's pass finds the units "dropped", twice (SENT, then unsent QUEUED)
+    for _ in range(2):
+        time.sleep(0.05 * (reaper.DROPPED_AFTER_LEASES + 1))
+        assert reaper.requeue_lost_units(object(), [queue]) == []  # none could be sent
+        assert {store.get_unit(k).state for k in keys} == {"QUEUED"}
+    # the broker is back and hands out the first messages: they run their units
+    starts = [
+        store.start_unit(k, worker="w", task_id=f"first-{i}", holder=f"h{i}")
+        for i, k in enumerate(keys)
+    ]
+    assert all(start.run for start in starts)
+
+
+def test_an_idle_worker_is_one_that_holds_no_message_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery.worker import state
+
+    from workers.app import app
+
+    monkeypatch.setattr(app.amqp.queues, "_consume_from", {"gpu": None})
+    assert reaper.idle_queues(app) == ["gpu"]
+    for held in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+
+        class Request:  # a weakly referenced stand-in for a request
+            pass
+
+        request = Request()
+        held.add(request)
+        try:
+            assert reaper.idle_queues(app) == []
+        finally:
+            held.discard(request)
