@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import OrchardError
-from shared.settings import Settings, load_settings, mask_url
+from shared.settings import child_env, load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
@@ -716,30 +716,9 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
         f"{mask_url(settings.broker_url)}, store {mask_url(settings.database_url)}",
         file=sys.stderr,
     )
-    env = gpu_children_env(settings, os.environ)
+    env = child_env(settings, os.environ)
     launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
     return launcher.run()
-
-
-def gpu_children_env(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of ``--gpus``'s children: ``settings`` resolved (they resolve
-    nothing relative to their own working directory), except that a password read from
-    a file stays in the file, out of their environment (they read it themselves)."""
-    env = {
-        **environ,
-        "ORCHARD_HOME": str(settings.home),
-        "ORCHARD_ARTIFACTS": str(settings.artifacts),
-    }
-    for name, url in (
-        ("ORCHARD_BROKER_URL", settings.broker_url),
-        ("ORCHARD_DATABASE_URL", settings.database_url),
-    ):
-        password_file = name.removesuffix("URL") + "PASSWORD_FILE"
-        if environ.get(password_file):
-            env[password_file] = str(Path(environ[password_file]).resolve())
-        else:
-            env[name] = url
-    return env
 
 
 def worker_argv(

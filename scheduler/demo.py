@@ -19,9 +19,8 @@ from pathlib import Path
 
 from db.store import Store
 from scheduler.api import CampaignRun, _check_creatable, cancel, submit
-from scheduler.cli import gpu_children_env
 from shared.errors import OrchardError
-from shared.settings import Settings, load_settings, mask_url
+from shared.settings import Settings, child_env, load_settings, mask_url
 from shared.spec import load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +34,7 @@ class Workers:
         self.logs = settings.home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         # the same as --gpus gives its children: a password file stays a file
-        env = gpu_children_env(settings, os.environ)
+        env = child_env(settings, os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         for name, extra in specs:
             log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process

@@ -69,6 +69,28 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
 
 
+def child_env(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the worker processes orchard starts (``--gpus``'s children,
+    the demo's workers): ``settings`` resolved, since they resolve nothing relative to
+    their own working directory, except that a password read from a file stays in the
+    file, out of their environment (they read it themselves)."""
+    env = {
+        **environ,
+        "ORCHARD_HOME": str(settings.home),
+        "ORCHARD_ARTIFACTS": str(settings.artifacts),
+    }
+    for name, url in (
+        ("ORCHARD_BROKER_URL", settings.broker_url),
+        ("ORCHARD_DATABASE_URL", settings.database_url),
+    ):
+        password_file = name.removesuffix("URL") + "PASSWORD_FILE"
+        if environ.get(password_file):
+            env[password_file] = str(Path(environ[password_file]).resolve())
+        else:
+            env[name] = url
+    return env
+
+
 def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping[str, str]) -> str:
     """``url`` with the password read from the file ``env[file_name]``, percent-encoded;
     ``url`` as it is when ``file_name`` is unset. Anything wrong is one line naming both

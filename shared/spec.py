@@ -156,9 +156,8 @@ class RfParams(_Frozen):
 
     @model_validator(mode="after")
     def _rotations_need_square_images(self) -> RfParams:
-        if self.augment in ("rotate", "rotate_flip") and canonical_variant(
-            self.variant
-        ).startswith("polarcrop"):
+        half_height = canonical_variant(self.variant).startswith("polarcrop")
+        if self.augment in ("rotate", "rotate_flip") and half_height:
             raise ValueError(
                 f"augment {self.augment!r} rotates the images, which needs square ones: "
                 f"variant {self.variant!r} is half as high as wide (use 'none' or 'flip')"

@@ -214,8 +214,7 @@ def test_children_get_resolved_urls_but_no_password_read_from_a_file(
     """``--gpus`` hands its children the URLs it resolved (relative paths made
     absolute), except where a password comes from a file: the children read the file
     themselves, so the password stays out of their environment."""
-    from scheduler.cli import gpu_children_env
-    from shared.settings import load_settings
+    from shared.settings import child_env, load_settings
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "redis_password").write_text("s3cret/?#\n")
@@ -227,7 +226,7 @@ def test_children_get_resolved_urls_but_no_password_read_from_a_file(
     }
     settings = load_settings(environ)
     assert "s3cret" in settings.broker_url  # percent-encoded into the parent's URL
-    env = gpu_children_env(settings, environ)
+    env = child_env(settings, environ)
     assert not any("s3cret" in value for value in env.values())
     assert env["ORCHARD_BROKER_URL"] == "redis://head:6379/0"
     assert env["ORCHARD_BROKER_PASSWORD_FILE"] == str(tmp_path / "redis_password")
