@@ -75,14 +75,14 @@ def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[s
                 app, unit.task, unit.queue, unit.campaign_id, unit.key, unit.task_id
             ).apply_async()
         except Exception as exc:  # the broker is away
-            if unit.lost_in in ("SENT", "QUEUED"):
+            if unit.lost_in == "RUNNING":  # its delivery died with it: advance sends it
+                log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
+                store.unclaim([unit.key])
+            else:
                 # an earlier message may still be there (the broker was away, not the
                 # message): left QUEUED and unsent, that message runs it, or a later
                 # pass sends it once the broker is back (made PENDING, it would be dropped)
                 log.error("%s: not sent again (%s); sent once the broker is back", unit.key, exc)
-                continue
-            log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
-            store.unclaim([unit.key])
             continue
         if unit.lost_in == "QUEUED":
             log.warning("%s: claimed but never sent (its sender died); sent now", unit.key)

@@ -536,9 +536,11 @@ def preprocessing_summary(
 
 
 def _validation(spec: dict[str, Any], manifest: Manifest | None) -> str:
+    if manifest is None:
+        return ""
     try:
         train, val, _ = manifest.fold_indices(0)
-    except (AttributeError, ManifestError):  # no manifest, or one without folds
+    except ManifestError:  # a manifest without folds
         return ""
     return validation_line(
         spec.get("validation", "folds"),
