@@ -432,6 +432,7 @@ PARAM_LABELS: dict[str, str] = {
     "augment": "method",
     "pca_components": "n_components",
     "select_scaling": "scaling",
+    "standardize": "Standardized",
 }
 _VALUE_NAMES: dict[str, dict[Any, str]] = {
     "norm_order": {"act_bn": "R → B", "bn_act": "B → R"},
@@ -863,6 +864,7 @@ EXTRA_LABELS: dict[str, str] = {
     "epochs": "Epochs",
     "resumed_from_epoch": "Resumed",
     "pca_fitted": "Fitted the PCA",
+    "gamma_scale": "γ scale ≈",  # the value gamma="scale" took, as the study's grid gives it
 }
 #: Extras that are fractions in [0, 1]: four decimals, as the study prints oob_score_.
 _FRACTION_EXTRAS = frozenset({"explained_variance", "oob_grouped_coverage"})

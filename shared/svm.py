@@ -3,9 +3,10 @@
 A grid sweeps ``n_components x whiten x C x gamma``. Principal components are nested:
 the first k components of a PCA fitted with K >= k components are the components of
 PCA(k) (exactly so for a full SVD; a randomized SVD with more components is, if anything,
-closer to it). So a campaign fits one basis per (variant, fold, whiten) with the largest
-k of its grid, projects every image once onto it (:class:`PcaProjection`), and each grid
-point only slices columns and fits its SVC. Plain functions; no queue, no database.
+closer to it). So a campaign fits one basis per (variant, fold, whiten, standardize) with
+the largest k of its grid, projects every image once onto it (:class:`PcaProjection`), and
+each grid point only slices columns and fits its SVC. Plain functions; no queue, no
+database.
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ def check_gamma(gamma: Any) -> float | str:
 
 @dataclass(frozen=True, eq=False)
 class PcaBasis:
-    """A fitted PCA: ``project(x, k)`` equals sklearn's ``PCA(k, whiten).transform(x)``."""
+    """A fitted PCA: ``project(x, k)`` equals sklearn's ``PCA(k, whiten).transform(x)``.
+
+    A ``standardized`` basis was fitted on standardized features, and ``project`` equals
+    ``Pipeline([StandardScaler(), PCA(k, whiten)]).transform``: the scaler's mean is in
+    ``mean`` and its per-feature scale is divided into the ``components`` columns.
+    """
 
     mean: np.ndarray  # (d,) float32
     components: np.ndarray  # (K, d) float32, rows ordered by explained variance
@@ -80,6 +86,7 @@ class PcaBasis:
     explained_variance_ratio: np.ndarray  # (K,)
     whiten: bool
     n_train: int
+    standardized: bool = False
 
     @property
     def n_components(self) -> int:
@@ -113,6 +120,7 @@ class PcaBasis:
             explained_variance_ratio=self.explained_variance_ratio,
             whiten=np.array(self.whiten),
             n_train=np.array(self.n_train),
+            standardized=np.array(self.standardized),
         )
 
     @classmethod
@@ -125,6 +133,7 @@ class PcaBasis:
                 explained_variance_ratio=npz["explained_variance_ratio"],
                 whiten=bool(npz["whiten"]),
                 n_train=int(npz["n_train"]),
+                standardized="standardized" in npz and bool(npz["standardized"]),
             )
 
 
@@ -135,22 +144,52 @@ def whitening_scale(explained_variance: np.ndarray) -> np.ndarray:
 
 
 def fit_pca_basis(
-    x: np.ndarray, k: int, whiten: bool, seed: int, *, svd_solver: str = "randomized"
+    x: np.ndarray,
+    k: int,
+    whiten: bool,
+    seed: int,
+    *,
+    standardize: bool = False,
+    svd_solver: str = "randomized",
 ) -> PcaBasis:
-    """Fit PCA(k) on the training images ``x`` (uint8 pixels or float features)."""
+    """Fit PCA(k) on the training images ``x`` (uint8 pixels or float features).
+
+    With ``standardize``, on the features standardized by a ``StandardScaler`` fitted
+    on ``x``, chunk by chunk, in place: no float64 or second float32 copy of ``x``.
+    """
     features = pixel_features(x)
     check_n_components(k, *features.shape)
     from sklearn.decomposition import PCA  # here, as in fit_svc: importing svm stays cheap
 
+    offset = scale = None
+    if standardize:
+        from sklearn.preprocessing import StandardScaler
+
+        if np.shares_memory(features, x):  # float input: never change the caller's array
+            features = features.copy()
+        scaler = StandardScaler()
+        for start in range(0, len(features), _CHUNK):
+            scaler.partial_fit(features[start : start + _CHUNK])
+        offset, scale = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
+        for start in range(0, len(features), _CHUNK):
+            chunk = features[start : start + _CHUNK]
+            chunk -= offset
+            chunk /= scale
     pca = PCA(n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed)
     pca.fit(features)
+    mean, components = pca.mean_, pca.components_
+    if standardize:
+        # ((x - offset) / scale - mean) @ C.T == (x - (offset + scale * mean)) @ (C / scale).T
+        mean = offset + scale * mean
+        components = components / scale
     return PcaBasis(
-        mean=pca.mean_.astype(np.float32),
-        components=pca.components_.astype(np.float32),
+        mean=mean.astype(np.float32),
+        components=components.astype(np.float32),
         explained_variance=pca.explained_variance_.astype(np.float64),
         explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
         whiten=bool(whiten),
         n_train=len(features),
+        standardized=bool(standardize),
     )
 
 
@@ -259,8 +298,19 @@ def fit_svc(
         val_pred=val_pred,
         test_pred=test_pred,
         seconds=time.perf_counter() - started,
-        extra={"support_vectors": int(svc.n_support_.sum())},
+        extra={"support_vectors": int(svc.n_support_.sum()), **_gamma_extra(gamma, z_train)},
     )
+
+
+def _gamma_extra(gamma: float | str, z_train: np.ndarray) -> dict[str, float]:
+    """The value ``gamma="scale"`` took, as the study gives it ("γ scale ≈ 1e-5").
+
+    SVC's rule: 1 / (n_features x the variance of every training value, in float64).
+    """
+    if gamma != "scale":
+        return {}
+    variance = float(np.var(z_train, dtype=np.float64))
+    return {"gamma_scale": 1.0 / (z_train.shape[1] * variance) if variance else 1.0}
 
 
 def fit_svm_point(
@@ -273,7 +323,7 @@ def fit_svm_point(
     *,
     seed: int,
 ) -> FitOutcome:
-    """PCA(n_components, whiten) then SVC(kernel='rbf', C, gamma), fitted from scratch.
+    """[StandardScaler,] PCA(n_components, whiten), SVC(kernel='rbf', C, gamma), from scratch.
 
     The campaign task shares one basis across grid points instead (``workers.tasks.svm``);
     this is the same computation for a single point.
@@ -281,7 +331,9 @@ def fit_svm_point(
     started = time.perf_counter()
     k = params["n_components"]
     gamma = check_gamma(params["gamma"])
-    basis = fit_pca_basis(train_x, k, params["whiten"], seed)
+    basis = fit_pca_basis(
+        train_x, k, params["whiten"], seed, standardize=params.get("standardize", False)
+    )
     out = fit_svc(
         basis.project(train_x),
         train_y,

@@ -147,6 +147,11 @@ def test_every_study_campaign_runs_to_a_report(
             else "Validation: 5-fold stratified cross-validation (seed 0) over the 24"
         )
         assert expected in report.with_suffix(".md").read_text(encoding="utf-8"), stem
+        svm = run.store.get_campaign(run.id).spec.get("svm")
+        if svm is not None:  # the study's SVM campaigns standardize the pixels first
+            assert svm["standardize"] == [True], stem
+            pcas = run.store.artifacts(run.id, kind="pca")
+            assert pcas and all("-s1-k" in a.path for a in pcas), (stem, pcas)
     assert (
         sum(run.store.get_campaign(run.id).spec["validation"] == "dev" for run in runs.values())
         == 8
@@ -181,6 +186,7 @@ def assert_final_comparison_report(run: CampaignRun) -> None:
     for family in ("CNN", "SVM", "RF"):
         assert f"### {family} " in found["Experiments"]
     assert "Grouped OOB" in found["Experiments"]  # both OOB scores of the forest
+    assert "γ scale ≈" in found["Experiments"]  # the value the SVM's gamma = "scale" took
     assert "![" in found["Learning curves"]
     assert "![" in found["Sweep plots"]  # the SVM's C, re-selected by cross-validation
     assert "CNN + SVM + RF vote" in found["Blending"]

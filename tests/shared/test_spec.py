@@ -20,6 +20,7 @@ from shared.spec import (
     load_campaign,
     params_hash,
     parse_campaign,
+    restore_omitted,
     sweep_points,
 )
 
@@ -106,6 +107,37 @@ def test_scalars_become_a_single_point(tmp_path):
     (point,) = sweep_points(campaign.rf)
     assert point["n_estimators"] == 10
     assert campaign.rf.n_estimators == (10,)
+
+
+def test_standardize_at_its_default_leaves_the_points_as_they_were(tmp_path):
+    # a parameter added after campaigns were stored: at its default it is not in the
+    # point, so the point's hash (and what a twin campaign reuses) does not change
+    before = {"variant": "polar192", "n_components": 20, "whiten": False, "C": 1.0}
+    (plain, *_) = sweep_points(load_campaign(_write(tmp_path, BASE)).svm)
+    assert "standardize" not in plain
+    assert params_hash({"family": "svm", **plain}) == params_hash(
+        {"family": "svm", **before, "gamma": "scale"}
+    )
+    swept = BASE.replace("C = [1.0, 10.0]", "C = [1.0, 10.0]\nstandardize = [false, true]")
+    points = sweep_points(load_campaign(_write(tmp_path, swept)).svm)
+    assert [p.get("standardize") for p in points] == [None, None, True, True] * 2
+    # the report puts it back where some points of the sweep have it
+    assert list(restore_omitted("svm", points[0], {"standardize"})) == [
+        "variant",
+        "n_components",
+        "whiten",
+        "standardize",
+        "C",
+        "gamma",
+    ]
+    assert restore_omitted("svm", points[0], {"standardize"})["standardize"] is False
+    assert restore_omitted("svm", points[0], set()) == points[0]
+    assert restore_omitted("report", {}, {"standardize"}) == {}
+
+
+def test_standardize_is_a_strict_boolean(tmp_path):
+    path, message = _error(tmp_path, BASE.replace("C = [1.0, 10.0]", "C = 1.0\nstandardize = 1"))
+    _assert_one_line(path, message, "[svm] standardize", "valid boolean")
 
 
 def test_disabled_section_is_not_a_family(tmp_path):

@@ -667,3 +667,20 @@ def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) 
         "5 by OpenCV on the CPU, 2 found in the cache "
         "(1 of the shards without a result)\n" in render_markdown(data)
     )
+
+
+def test_svm_standardize_sweep_shows_both_values_and_the_gamma_scale_taken(
+    sqlite_url: str,
+) -> None:
+    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"standardize": [False, True]}
+    store = make_store(sqlite_url, spec, "s-1")
+    for u in store.units("s-1"):
+        if u.family == "svm":
+            gamma = 1.07e-5 if u.params.get("standardize") else 1.7e-4
+            extra = {"explained_variance": 0.8, "gamma_scale": gamma}
+            finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+
+    header, rows = _rows(build_report_data(store, "s-1"), "svm")
+    assert [r[header.index("Standardized")] for r in rows] == ["False", "True"]
+    assert [r[header.index("γ scale ≈")] for r in rows] == ["0.00017", "1.07e-05"]

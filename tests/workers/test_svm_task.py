@@ -1,4 +1,4 @@
-"""orchard.fit_svm's shared PCA: fitted once per (variant, fold, whiten), sliced per point.
+"""orchard.fit_svm's shared PCA: one per (variant, fold, whiten, standardize), sliced per point.
 
 The task body runs against a real SQLite store and real cache shards on disk.
 """
@@ -54,7 +54,7 @@ def _run(env, **params):
         for u in store.units(CAMPAIGN_ID)
         if u.stage == TRAIN
         and u.fold == fold
-        and all(u.params[name] == value for name, value in params.items())
+        and all(u.params.get(name) == value for name, value in params.items())
     ]
     ctx = UnitContext(store.get_campaign(CAMPAIGN_ID), unit, store, settings, _manifest=manifest)
     return svm_task.fit_svm.run.__wrapped__(ctx)
@@ -129,3 +129,23 @@ def test_largest_n_components_reads_the_stored_spec():
     assert svm_task.largest_n_components({"svm": {"n_components": [50, 1000, 200]}}, 50) == 1000
     assert svm_task.largest_n_components({"svm": {"n_components": 20}}, 5) == 20
     assert svm_task.largest_n_components({}, 7) == 7
+
+
+def test_standardized_points_fit_a_basis_of_their_own(cached_campaign):
+    store, settings, manifest = cached_campaign(
+        CAMPAIGN_ID,
+        {"svm": {"variant": "polar16", "n_components": 4, "standardize": [False, True]}},
+    )
+    env = (store, settings, manifest)
+    plain = _run(env, standardize=None)  # the point at the default carries no "standardize"
+    scaled = _run(env, standardize=True)
+    assert plain.extra["pca_fitted"] is True and scaled.extra["pca_fitted"] is True
+    paths = sorted(Path(r.path).name for r in _pca_records(store))
+    assert paths == ["polar16-f0-w0-k4.npz", "polar16-f0-w0-s1-k4.npz"]
+    images = derive(tiny_images()[0], "polar16")
+    train, _, _ = manifest.fold_indices(0)
+    expected = project_all(fit_pca_basis(images[train], 4, False, 0, standardize=True), images)
+    written = settings.artifacts / f"campaigns/{CAMPAIGN_ID}/pca/polar16-f0-w0-s1-k4.npz"
+    assert written.read_bytes() == expected.to_bytes()
+    # gamma = "scale" (the default) reports the value it took, which standardizing changes
+    assert plain.extra["gamma_scale"] != pytest.approx(scaled.extra["gamma_scale"], rel=0.1)

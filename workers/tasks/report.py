@@ -51,7 +51,7 @@ from shared.report import (
     write_report,
 )
 from shared.settings import Settings
-from shared.spec import params_hash, parse_campaign, sweep_points
+from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
 from workers.tasks.base import UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
@@ -313,6 +313,7 @@ def point_rows(
     # an event or flag that held for no fold of any point gets no column
     names = {n for extras in per_point for n in extras}
     empty = {n for n in names if all(extras.get(n) is None for extras in per_point)}
+    mentioned = {name for unit in units for name in unit.params}
     rows = []
     for (phash, folds), extras in zip(points.items(), per_point, strict=True):
         done = [results[u.key] for u in folds if u.key in results]
@@ -320,7 +321,7 @@ def point_rows(
         rows.append(
             PointRow(
                 key=f"{campaign_id}/{family}/{phash}",
-                params=dict(folds[0].params),
+                params=restore_omitted(family, folds[0].params, mentioned),
                 units=len(folds),
                 succeeded=len(done),
                 train_acc=_mean([r.train_acc for r in done]),

@@ -1,10 +1,10 @@
 """orchard.fit_svm: one PCA + RBF SVM grid point on one fold (queue ``cpu``).
 
-The grid points of a fold share one PCA. The first unit of a (variant, fold, whiten)
-to run fits it with the largest ``n_components`` of the campaign's grid, projects every
-image on it and records the projection as an artifact,
-``campaigns/<id>/pca/<variant>-f<fold>-w<0|1>-k<K>.npz``; every other point of that fold
-loads it (checking its sha256 against the store) and keeps its first k columns.
+The grid points of a fold share one PCA. The first unit of a (variant, fold, whiten,
+standardize) to run fits it with the largest ``n_components`` of the campaign's grid,
+projects every image on it and records the projection as an artifact,
+``campaigns/<id>/pca/<variant>-f<fold>-w<0|1>[-s1]-k<K>.npz``; every other point of that
+fold loads it (checking its sha256 against the store) and keeps its first k columns.
 
 Workers on one host take a file lock so only one of them fits a given basis while the
 others wait for it. Where the lock does not hold (hosts sharing an NFS mount), two units
@@ -62,9 +62,12 @@ def largest_n_components(spec: dict[str, Any], at_least: int) -> int:
     return max([int(v) for v in values] + [at_least])
 
 
-def pca_path(campaign_dir: Path, variant: str, fold: int, whiten: bool, k: int) -> Path:
+def pca_path(
+    campaign_dir: Path, variant: str, fold: int, whiten: bool, k: int, standardize: bool = False
+) -> Path:
     # aliases share their variant's file: "cropped" and "polarcrop192" are the same pixels
-    name = f"{canonical_variant(variant)}-f{fold}-w{int(whiten)}-k{k}.npz"
+    scaled = "-s1" if standardize else ""  # absent otherwise: the names stay as they were
+    name = f"{canonical_variant(variant)}-f{fold}-w{int(whiten)}{scaled}-k{k}.npz"
     return campaign_dir / "pca" / name
 
 
@@ -113,7 +116,7 @@ def _load_recorded(ctx: UnitContext, path: Path, n_images: int, k: int) -> PcaPr
 
 
 def shared_projection(
-    ctx: UnitContext, variant: str, whiten: bool, k_max: int
+    ctx: UnitContext, variant: str, whiten: bool, k_max: int, *, standardize: bool = False
 ) -> tuple[PcaProjection, bool]:
     """This fold's images projected on its shared basis, and whether this unit fitted it."""
     global _last
@@ -123,7 +126,7 @@ def shared_projection(
     n_features = math.prod(variant_shape(variant, manifest.size))
     k = min(k_max, component_limit(len(train), n_features))
     n_images = len(manifest.entries)
-    path = pca_path(ctx.campaign_dir, variant, fold, whiten, k)
+    path = pca_path(ctx.campaign_dir, variant, fold, whiten, k, standardize)
     projection = _load_recorded(ctx, path, n_images, k)
     if projection is not None:
         return projection, False
@@ -136,7 +139,9 @@ def shared_projection(
         data = ctx.fold_data(variant)
         # the seed depends on the campaign and the fold only, never on which unit fits:
         # any unit of the fold produces the same file
-        basis = fit_pca_basis(data.images[data.train], k, whiten, seed=ctx.seed + fold)
+        basis = fit_pca_basis(
+            data.images[data.train], k, whiten, seed=ctx.seed + fold, standardize=standardize
+        )
         projection = project_all(basis, data.images)
         written = atomic_write_bytes(path, projection.to_bytes())
         rel = ctx.relative(path)
@@ -159,7 +164,11 @@ def fit_svm(ctx: UnitContext) -> Outcome:
     # fail a point the data cannot give before fitting anything for it
     check_n_components(k, len(train), math.prod(variant_shape(params["variant"], manifest.size)))
     projection, fitted = shared_projection(
-        ctx, params["variant"], params["whiten"], largest_n_components(ctx.campaign.spec, k)
+        ctx,
+        params["variant"],
+        params["whiten"],
+        largest_n_components(ctx.campaign.spec, k),
+        standardize=params.get("standardize", False),  # absent from earlier campaigns' units
     )
     z = projection.features(k)
     labels = manifest.label_index
