@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
 from workers import logs
 from workers.config import celery_config
@@ -60,7 +61,21 @@ def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
     return celery
 
 
-app = make_app(load_settings())
+def _app_from_environment() -> Celery:
+    """The app for the environment's settings. Under the `celery` command (`celery -A
+    workers.app worker`, `flower`), which prints a traceback for any exception its app
+    module raises, a bad setting (a missing password file) is one line and exit code 2;
+    anywhere else (the Python API) it stays an OrchardError."""
+    try:
+        return make_app(load_settings())
+    except OrchardError as exc:
+        if "celery.bin.celery" not in sys.modules:
+            raise
+        print(f"orchard: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None  # a BaseException: Celery's loader lets it through
+
+
+app = _app_from_environment()
 
 
 def check_broker_reachable(celery: Celery) -> None:
@@ -73,7 +88,6 @@ def check_broker_reachable(celery: Celery) -> None:
     """
     from kombu.exceptions import OperationalError
 
-    from shared.errors import OrchardError
     from shared.settings import mask_url
     from workers.config import BROKER_CONNECT_TIMEOUT, BROKER_URL_EXAMPLES, broker_url_problem
 
