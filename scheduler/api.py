@@ -13,7 +13,8 @@ import secrets
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import OrchardError
-from shared.manifest import ManifestError, build_manifest, manifest_path
+from shared.manifest import ManifestError, build_manifest, manifest_path, synthetic_root
 from shared.plan import (
     CANCELLED,
     FAILED,
@@ -213,63 +214,81 @@ def submit(
     database_server = not settings.database_url.startswith("sqlite")
     if database_server:
         store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
-    try:
-        manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
-    except (DatasetError, ManifestError) as exc:
-        raise CampaignError(f"{path}: {exc}") from None
-    if next(campaign.families(), None) is None:  # after the data's checks, which say more
-        raise CampaignError(
-            f"{path}: no model family to train: add a [cnn], [svm] or [rf] section "
-            "(one with enabled = false does not count)"
+    # a synthetic dataset this submit generates is removed again if the campaign is not
+    # recorded; one that was there already, and is reused, is left alone
+    generated = None
+    if campaign.dataset.kind == "synthetic":
+        root = synthetic_root(campaign.dataset, settings.artifacts)
+        generated = None if root.exists() else root
+    with _removed_on_failure(generated):
+        try:
+            manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
+        except (DatasetError, ManifestError) as exc:
+            raise CampaignError(f"{path}: {exc}") from None
+        if next(campaign.families(), None) is None:  # after the data's checks, which say more
+            raise CampaignError(
+                f"{path}: no model family to train: add a [cnn], [svm] or [rf] section "
+                "(one with enabled = false does not count)"
+            )
+        campaign_id = new_campaign_id(campaign.name)
+        units = plan_units(
+            campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
         )
-    campaign_id = new_campaign_id(campaign.name)
-    units = plan_units(
-        campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
-    )
-    folds = {u.fold for u in units if u.fold is not None}
-    train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
-    if problems := data_problems(units, train_sizes, manifest.size):
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CampaignError(f"{path}: {problems[0]}{more}")
+        folds = {u.fold for u in units if u.fold is not None}
+        train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
+        if problems := data_problems(units, train_sizes, manifest.size):
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CampaignError(f"{path}: {problems[0]}{more}")
 
-    # the new campaign's folder, with its manifest, is removed again if recording fails
-    folder = settings.artifacts / "campaigns" / campaign_id
-    fresh = not folder.exists()  # never another campaign's, should two ids collide
-    try:
-        written = atomic_write_text(manifest_path(folder), manifest.to_json())
-        if not database_server:
-            store.upgrade()  # the SQLite file is created only for a campaign that can run
-        store.create_campaign(
-            campaign_id,
-            name=campaign.name,
-            source=str(Path(path).resolve()),
-            digest=campaign.digest(),
-            spec=campaign.model_dump(mode="json"),
-            classes=manifest.classes,
-            units=units,
-            artifacts=[
-                Artifact(
-                    written.path.relative_to(settings.artifacts).as_posix(),
-                    "manifest",
-                    written.sha256,
-                    written.size,
-                    campaign_id,
-                )
-            ],
-        )
-    except BaseException as exc:
-        if fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
-            raise OrchardError(
-                f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
-            ) from None
-        raise
+        # the new campaign's folder, with its manifest, is removed again if recording fails
+        folder = settings.artifacts / "campaigns" / campaign_id
+        fresh = not folder.exists()  # never another campaign's, should two ids collide
+        try:
+            written = atomic_write_text(manifest_path(folder), manifest.to_json())
+            if not database_server:
+                store.upgrade()  # the SQLite file is created only for a campaign that can run
+            store.create_campaign(
+                campaign_id,
+                name=campaign.name,
+                source=str(Path(path).resolve()),
+                digest=campaign.digest(),
+                spec=campaign.model_dump(mode="json"),
+                classes=manifest.classes,
+                units=units,
+                artifacts=[
+                    Artifact(
+                        written.path.relative_to(settings.artifacts).as_posix(),
+                        "manifest",
+                        written.sha256,
+                        written.size,
+                        campaign_id,
+                    )
+                ],
+            )
+        except BaseException as exc:
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
+                raise OrchardError(
+                    f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
+                ) from None
+            raise
     run = CampaignRun(campaign_id, store, settings)
     if reuse:
         run.reused = store.reuse_finished(campaign_id)
     advance(store, app, campaign_id)
     return run
+
+
+@contextmanager
+def _removed_on_failure(folder: Path | None) -> Iterator[None]:
+    """Remove ``folder``, if any, when the block raises."""
+    try:
+        yield
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _check_creatable(folder: Path) -> None:

@@ -162,13 +162,19 @@ def manifest_path(campaign_dir: Path) -> Path:
     return campaign_dir / "manifest.json"
 
 
+def synthetic_root(spec: DatasetSpec, artifacts: Path) -> Path:
+    """Where a synthetic dataset is generated: its ``root``, or a folder under
+    ``artifacts/datasets`` named by its parameters."""
+    # dev_per_class = 0 (the default) leaves the folder name of earlier datasets
+    unnamed = {"kind", "root"} | ({"dev_per_class"} if not spec.dev_per_class else set())
+    options = spec.model_dump(exclude=unnamed)
+    return spec.root or artifacts / "datasets" / f"synthetic-{params_hash(options)}"
+
+
 def open_campaign_dataset(spec: DatasetSpec, artifacts: Path) -> Dataset:
     """The dataset a campaign names; a synthetic one is generated first if needed."""
     if spec.kind == "synthetic":
-        # dev_per_class = 0 (the default) leaves the folder name of earlier datasets
-        unnamed = {"kind", "root"} | ({"dev_per_class"} if not spec.dev_per_class else set())
-        options = spec.model_dump(exclude=unnamed)
-        root = spec.root or artifacts / "datasets" / f"synthetic-{params_hash(options)}"
+        root = synthetic_root(spec, artifacts)
         generate_synthetic(
             root,
             seed=spec.seed,

@@ -19,6 +19,12 @@ SYNTHETIC = (
 def assert_nothing_written(home: Path) -> None:
     assert not (home / "orchard.db").exists()
     assert not (home / "artifacts" / "campaigns").exists()
+    assert_no_dataset_left(home)
+
+
+def assert_no_dataset_left(home: Path) -> None:
+    """Not even the synthetic dataset the failed submit generated."""
+    assert list((home / "artifacts" / "datasets").glob("*")) == []
 
 
 def test_a_grid_the_dataset_is_too_small_for_is_refused_at_submit(tmp_path: Path) -> None:
@@ -57,6 +63,33 @@ def test_a_campaign_with_no_model_family_is_refused(tmp_path: Path, families: st
         done, f"{campaign}: no model family to train: add a [cnn], [svm] or [rf] section"
     )
     assert_nothing_written(home)
+
+
+def test_a_dataset_generated_for_a_campaign_the_store_refuses_is_removed(
+    tmp_path: Path,
+) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC + "[rf]\nn_estimators = 5\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "orchard.db").write_text("not a database\n")  # refused once the data is read
+    done = orchard("submit", str(campaign), home=home)
+    assert_one_line_error(done, f"database sqlite:///{home / 'orchard.db'} unreachable")
+    assert list((home / "artifacts" / "campaigns").glob("*")) == []
+    assert_no_dataset_left(home)
+
+
+def test_a_failed_submit_keeps_a_dataset_generated_before(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC + "[rf]\nn_estimators = 5\n")
+    home = tmp_path / "home"
+    assert orchard("submit", str(campaign), home=home).returncode == 0
+    [dataset] = (home / "artifacts" / "datasets").iterdir()
+    files = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    campaign.write_text(SYNTHETIC)  # the same dataset, no model family: refused
+    done = orchard("submit", str(campaign), home=home)
+    assert_one_line_error(done, f"{campaign}: no model family to train")
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == files
 
 
 def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitPlan:
