@@ -270,7 +270,16 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a plain file in the way, no permission
+                reason = exc.strerror or type(exc).__name__
+                in_the_way = next((p for p in (folder, *folder.parents) if p.exists()), None)
+                if in_the_way is not None and not in_the_way.is_dir():
+                    reason = f"{in_the_way} is not a directory"
+                problem = f"database {mask_url(url)}: cannot create {folder}: {reason}"
+                raise StoreError(problem) from None
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

@@ -369,19 +369,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_skipped(run, shown: int = 10) -> None:  # noqa: ANN001
-    """One warning line per image the manifest left out (the report lists them all)."""
+def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
+    """One warning line for the unusable images skipped, each with its reason, and one for
+    the images in a split's folder that no CSV lists, ignored (the report lists them all)."""
     from shared.manifest import Manifest, manifest_path
 
     path = manifest_path(run.settings.artifacts / "campaigns" / run.id)
     skipped = Manifest.from_json(path.read_text(encoding="utf-8")).skipped
-    for item in skipped[:shown]:
-        print(f"orchard: warning: skipped {item.path}: {item.reason}", file=sys.stderr)
-    if len(skipped) > shown:
-        print(
-            f"orchard: warning: ... and {len(skipped) - shown} more skipped (see the report)",
-            file=sys.stderr,
-        )
+    unusable = [f"{s.path}: {s.reason}" for s in skipped if not s.unlisted]
+    unlisted = [s.path for s in skipped if s.unlisted]
+    if unusable:
+        _warn_images(f"{_images(len(unusable), 'unusable image')} skipped", unusable, shown)
+    if unlisted:
+        what = f"{_images(len(unlisted), 'image')} not listed in any split's CSV, ignored"
+        _warn_images(what, unlisted, shown)
+
+
+def _images(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _warn_images(what: str, items: list[str], shown: int) -> None:
+    more = f"; and {len(items) - shown} more (see the report)" if len(items) > shown else ""
+    print(f"orchard: warning: {what}: {'; '.join(items[:shown])}{more}", file=sys.stderr)
 
 
 def _warn_stall(line: str) -> None:

@@ -31,6 +31,8 @@ DEFAULT_AICUP_SPLITS: Mapping[str, tuple[str, str]] = {
 }
 # A first row whose first cell is one of these is a header, not an image.
 HEADER_NAMES = frozenset({"image_id", "image", "image_name", "id", "file", "filename", "name"})
+#: How the reason of every image :meth:`AicupDataset.unlisted` reports begins.
+UNLISTED = "not listed in "
 
 
 class DatasetError(OrchardError, ValueError):
@@ -56,6 +58,12 @@ class Skipped:
     split: str
     path: str
     reason: str
+
+    @property
+    def unlisted(self) -> bool:
+        """In a split's folder but in none of its CSVs: not part of the dataset, as
+        opposed to listed but unusable. Told by the reason, so manifests keep their form."""
+        return self.reason.startswith(UNLISTED)
 
 
 class Dataset(Protocol):
@@ -148,7 +156,7 @@ class AicupDataset:
             self._read_csv(csv_path, images, split, seen, ids)
         self._samples = _sorted(self._samples)
         self._unlisted = [
-            Skipped(p.name, split, str(p), f"not listed in {' or '.join(csvs)}")
+            Skipped(p.name, split, str(p), f"{UNLISTED}{' or '.join(csvs)}")
             for folder, (split, ids, csvs) in listed.items()
             for p in _image_files(folder)
             if p.name not in ids

@@ -120,24 +120,33 @@ def test_submit_with_a_bad_csv_row_writes_nothing(tmp_path: Path, monkeypatch, c
     assert not (home / "orchard.db").exists()
 
 
-def test_submit_skips_a_bad_image_with_a_warning(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_submit_warns_of_unusable_and_unlisted_images_apart(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """An unusable image is skipped and an image no CSV lists is ignored: one line each,
+    so neither is mistaken for the other."""
     root = make_aicup(tmp_path / "data", per_class=4)
     (root / "train" / "005.jpg").write_bytes(b"")  # 1 of 12: skipped
-    cv2.imwrite(str(root / "train" / "stray.jpg"), np.zeros((8, 8, 3), np.uint8))  # unlisted
+    strays = [root / "train" / f"stray{i}.jpg" for i in range(7)]
+    for stray in strays:
+        cv2.imwrite(str(stray), np.zeros((8, 8, 3), np.uint8))
     home = tmp_path / "home"
     code, out, err = run_in_process(
         monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=home
     )
     assert code == 0, err
     campaign_id = out.strip().splitlines()[-1]
-    warnings = [line for line in err.splitlines() if "warning: skipped" in line]
-    assert len(warnings) == 2, err
-    assert f"{root / 'train' / '005.jpg'}: empty file" in warnings[0]
-    assert f"{root / 'train' / 'stray.jpg'}: not listed in train.csv" in warnings[1]
+    assert err.splitlines() == [
+        f"orchard: warning: 1 unusable image skipped: {root / 'train' / '005.jpg'}: empty "
+        "file (0 bytes)",
+        "orchard: warning: 7 images not listed in any split's CSV, ignored: "
+        + "; ".join(str(s) for s in strays[:5])
+        + "; and 2 more (see the report)",
+    ]
     manifest = json.loads(
         (home / "artifacts" / "campaigns" / campaign_id / "manifest.json").read_text()
     )
-    assert [s["image_id"] for s in manifest["skipped"]] == ["005.jpg", "stray.jpg"]
+    assert [s["image_id"] for s in manifest["skipped"]] == ["005.jpg"] + [s.name for s in strays]
     assert len(manifest["entries"]) == 11
 
 
@@ -163,6 +172,26 @@ def test_an_artifact_folder_under_a_plain_file_is_one_line_and_creates_no_store(
         line == f"orchard: error: artifact folder {blocker / 'art'}: {blocker} is not a directory"
     )
     assert not (home / "orchard.db").exists()
+
+
+@pytest.mark.parametrize("command", [["submit"], ["db", "upgrade"]])  # status: "no store yet"
+def test_a_sqlite_path_under_a_plain_file_is_one_line(
+    tmp_path: Path, monkeypatch, capsys, command: list[str]
+) -> None:
+    root = make_aicup(tmp_path / "data")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    url = f"sqlite:///{blocker}/sub/x.db"
+    args = [*command, str(write_campaign(tmp_path, root))] if command == ["submit"] else command
+    code, _, err = run_in_process(
+        monkeypatch, capsys, *args, home=tmp_path / "home", ORCHARD_DATABASE_URL=url
+    )
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert line == (
+        f"orchard: error: database {url}: cannot create {blocker / 'sub'}: "
+        f"{blocker} is not a directory"
+    )
 
 
 def test_a_store_that_fails_to_record_leaves_no_campaign_folder(
