@@ -4,9 +4,9 @@ Uses whatever ``shared.settings`` resolves (by default kombu's filesystem broker
 a SQLite file under ./.orchard), starts one worker consuming ``gpu`` (it trains on
 the CPU when there is no CUDA) and one consuming ``cpu,preprocess,report``, submits
 the quick campaign, shows progress, prints where the report is, and stops its
-workers again. A campaign file it cannot run stops it before anything is created; a
-campaign that does not finish in time, or Ctrl-C, cancels the campaign before the
-workers stop.
+workers again. A campaign file it cannot run stops it before anything is created, and a
+dataset it cannot use before a worker starts; a campaign that does not finish in time,
+or Ctrl-C, cancels the campaign before the workers stop.
 """
 
 from __future__ import annotations
@@ -71,26 +71,12 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     print(f"  store     {mask_url(settings.database_url)}")
     print(f"  artifacts {settings.artifacts}")
     Store(settings.database_url).upgrade()
-    workers = Workers(
-        settings,
-        [
-            ("gpu-worker", ["--queues", "gpu", "--name", f"demo-gpu-{os.getpid()}@%h"]),
-            (
-                "cpu-worker",
-                [
-                    "--queues",
-                    "cpu,preprocess,report",
-                    "--concurrency",
-                    "1",
-                    "--name",
-                    f"demo-cpu-{os.getpid()}@%h",
-                ],
-            ),
-        ],
-    )
-    run = None
+    run = workers = None
     try:
+        # submitted before the workers start: a dataset it cannot use stops the demo with
+        # nothing started; the first stage waits in the broker for them
         run = submit(campaign, settings=settings)
+        workers = Workers(settings, _worker_specs())
         print(f"campaign {run.id} submitted ({campaign}); logs in {workers.logs}")
         status = run.wait(timeout=timeout, progress=True, check=workers.check)
     except (OrchardError, KeyboardInterrupt) as exc:
@@ -99,10 +85,12 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         # the demo's campaign is cancelled before its workers stop: left RUNNING, the
         # next demo's workers would finish it before starting their own
         why = str(exc) if isinstance(exc, OrchardError) else "interrupted"
-        print(f"orchard demo: {why}; {_cancel(run)}. Logs in {workers.logs}", file=sys.stderr)
+        logs = settings.home / "logs"
+        print(f"orchard demo: {why}; {_cancel(run)}. Logs in {logs}", file=sys.stderr)
         return 1 if isinstance(exc, OrchardError) else 130
     finally:
-        workers.stop()
+        if workers is not None:
+            workers.stop()
     print(f"campaign {run.id}: {status.campaign.state}")
     failed = [u for u in status.units if u.state != "SUCCESS"]
     for unit in failed:
@@ -112,6 +100,18 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         print(f"report: {report}")
         print(f"        {report.with_suffix('.md')}")
     return 0 if status.campaign.state == "DONE" and report is not None else 1
+
+
+def _worker_specs() -> list[tuple[str, list[str]]]:
+    pid = os.getpid()
+    return [
+        ("gpu-worker", ["--queues", "gpu", "--name", f"demo-gpu-{pid}@%h"]),
+        (
+            "cpu-worker",
+            ["--queues", "cpu,preprocess,report", "--concurrency", "1"]
+            + ["--name", f"demo-cpu-{pid}@%h"],
+        ),
+    ]
 
 
 def _check_before_starting(campaign: Path, settings: Settings) -> None:

@@ -1,8 +1,8 @@
 """`orchard demo` when it cannot finish: a campaign file it cannot run stops it before it
-creates anything or starts a worker; a campaign that is not finished in time, or Ctrl-C,
-cancels the demo's campaign (left RUNNING, the next demo's workers would finish it
-first) and stops its workers, in one line. A demo run to its report is in
-tests/integration/test_campaign.py."""
+creates anything or starts a worker, a dataset it cannot use before a worker starts; a
+campaign that is not finished in time, or Ctrl-C, cancels the demo's campaign (left
+RUNNING, the next demo's workers would finish it first) and stops its workers, in one
+line. A demo run to its report is in tests/integration/test_campaign.py."""
 
 from __future__ import annotations
 
@@ -74,6 +74,26 @@ def test_a_campaign_file_it_cannot_run_stops_it_before_anything_starts(
     [line] = err.splitlines()
     assert line.startswith(f"orchard: error: {campaign}: ") and needle in line
     assert not home.exists()  # no store, no broker folder, no log folder
+
+
+def test_a_dataset_it_cannot_use_stops_it_before_a_worker_starts(
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text('name = "x"\n[dataset]\nkind = "aicup"\nroot = "nowhere"\n[svm]\n')
+
+    def no_workers(*_args: object) -> None:
+        raise AssertionError("the demo started its workers")
+
+    monkeypatch.setattr(demo, "Workers", no_workers)
+    assert main(["demo", "--campaign", str(campaign)]) == 2
+    _, err = capsys.readouterr()
+    [line] = err.splitlines()
+    assert line.startswith("orchard: error: ") and str(tmp_path / "nowhere") in line, line
+    assert not (home / "logs").exists()
 
 
 @pytest.mark.integration
