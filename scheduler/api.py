@@ -8,6 +8,7 @@ status = run.wait(progress=True)
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from shared.plan import (
 )
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
+from shared.spec import Campaign as CampaignSpec
 from shared.spec import CampaignError, load_campaign
 
 #: Seconds a unit may wait on its queue, with no worker taking any unit from that
@@ -214,13 +216,7 @@ def submit(
     database_server = not settings.database_url.startswith("sqlite")
     if database_server:
         store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
-    # a synthetic dataset this submit generates is removed again if the campaign is not
-    # recorded; one that was there already, and is reused, is left alone
-    generated = None
-    if campaign.dataset.kind == "synthetic":
-        root = synthetic_root(campaign.dataset, settings.artifacts)
-        generated = None if root.exists() else root
-    with _removed_on_failure(generated):
+    with _synthetic_dataset_guard(campaign, settings.artifacts):
         try:
             manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
         except (DatasetError, ManifestError) as exc:
@@ -281,24 +277,42 @@ def submit(
 
 
 @contextmanager
-def _removed_on_failure(folder: Path | None) -> Iterator[None]:
-    """Remove ``folder``, if any, when the block raises."""
-    try:
+def _synthetic_dataset_guard(campaign: CampaignSpec, artifacts: Path) -> Iterator[None]:
+    """Around generating a campaign's synthetic dataset and recording the campaign: the
+    dataset is removed again when this submit generated it and then failed, and the block
+    holds a lock (a file in ``artifacts``) so that a concurrent submit, which may reuse the
+    dataset, waits for the outcome instead of losing the folder under its campaign. One
+    that was there already, and is reused, is left alone. Other datasets pass through."""
+    if campaign.dataset.kind != "synthetic":
         yield
-    except BaseException:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+        return
+    root = synthetic_root(campaign.dataset, artifacts)
+    lock = artifacts / ".datasets.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - closed below, which releases the lock
+    except OSError as exc:
+        raise OrchardError(f"cannot write {lock}: {exc.strerror or exc}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        generated = not os.path.exists(root)
+        try:
+            yield
+        except BaseException:
+            if generated:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
 
 
-def _check_creatable(folder: Path) -> None:
+def _check_creatable(folder: Path, what: str = "artifact folder") -> None:
     """One line naming ``folder`` when it cannot be made a directory (a plain file in its
     way, no permission), before anything is created."""
-    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
-    if not ancestor.is_dir():
-        raise OrchardError(f"artifact folder {folder}: {ancestor} is not a directory")
+    # os.path, not Path.exists: that raises for a folder we may not look into
+    ancestor = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not os.path.isdir(ancestor):
+        raise OrchardError(f"{what} {folder}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OrchardError(f"artifact folder {folder}: {ancestor} is not writable")
+        raise OrchardError(f"{what} {folder}: {ancestor} is not writable")
 
 
 def _settings(

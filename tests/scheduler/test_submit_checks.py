@@ -3,11 +3,15 @@ small for, a dataset root that is not there, a campaign with no model to train."
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
+from scheduler.api import _synthetic_dataset_guard
+from shared.manifest import synthetic_root
 from shared.plan import MERGE, TRAIN, UnitPlan, data_problems
+from shared.spec import parse_campaign
 from tests.scheduler.test_bad_input_cli import assert_one_line_error, orchard
 
 SYNTHETIC = (
@@ -90,6 +94,33 @@ def test_a_failed_submit_keeps_a_dataset_generated_before(tmp_path: Path) -> Non
     done = orchard("submit", str(campaign), home=home)
     assert_one_line_error(done, f"{campaign}: no model family to train")
     assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == files
+
+
+def test_a_concurrent_submit_of_the_same_synthetic_dataset_waits_for_the_outcome(
+    tmp_path: Path,
+) -> None:
+    """The first submit generated the dataset and then fails: the second, which would
+    have reused it, waits, and finds it gone rather than losing it under its campaign."""
+    campaign = parse_campaign({"name": "c", "dataset": {"kind": "synthetic"}}, source="c.toml")
+    artifacts = tmp_path / "artifacts"
+    root = synthetic_root(campaign.dataset, artifacts)
+    entered = threading.Event()
+    seen: list[bool] = []
+
+    def second_submit() -> None:
+        with _synthetic_dataset_guard(campaign, artifacts):
+            seen.append(root.exists())
+            entered.set()
+
+    second = threading.Thread(target=second_submit)
+    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts):
+        root.mkdir(parents=True)  # the first submit generated it
+        second.start()
+        assert not entered.wait(0.5)  # held off while the first submit is undecided
+        raise RuntimeError("the store refused the first campaign")
+    second.join(30)
+    assert seen == [False]  # it generates the dataset again for its own campaign
+    assert not root.exists()
 
 
 def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitPlan:
