@@ -32,16 +32,29 @@ class Workers:
 
     def __init__(self, settings: Settings, specs: list[tuple[str, list[str]]]) -> None:
         self.logs = settings.home / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OrchardError(f"cannot create {self.logs}: {exc.strerror or exc}") from None
         # the same as --gpus gives its children: a password file stays a file
         env = child_env(settings, os.environ)
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        for name, extra in specs:
-            log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-            cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--loglevel", "INFO", *extra]
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            log.close()
-            self.procs.append((name, proc))
+        try:
+            for name, extra in specs:
+                path = self.logs / f"{name}.log"
+                try:
+                    log = open(path, "ab")  # noqa: SIM115 - closed once the child has it
+                except OSError as exc:
+                    raise OrchardError(f"cannot write {path}: {exc.strerror or exc}") from None
+                cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--loglevel", "INFO"]
+                with log:
+                    proc = subprocess.Popen(
+                        [*cmd, *extra], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                    )
+                self.procs.append((name, proc))
+        except BaseException:  # Ctrl-C or a log that cannot be opened: no worker left behind
+            self.stop()
+            raise
 
     def check(self) -> None:
         for name, proc in self.procs:
@@ -117,9 +130,10 @@ def _worker_specs() -> list[tuple[str, list[str]]]:
 def _check_before_starting(campaign: Path, settings: Settings) -> None:
     """What ``submit`` can refuse without reading the dataset, checked before the demo
     creates a store or starts a worker: the campaign file, the artifact folder, the
-    reliability variables and the broker."""
+    reliability variables, the workers' log folder and the broker."""
     load_campaign(campaign)
     _check_creatable(settings.artifacts)
+    _check_creatable(settings.home / "logs", "log folder")
     # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
 

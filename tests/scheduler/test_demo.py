@@ -96,6 +96,69 @@ def test_a_dataset_it_cannot_use_stops_it_before_a_worker_starts(
     assert not (home / "logs").exists()
 
 
+def test_a_log_folder_it_cannot_make_stops_it_before_anything_starts(
+    home: Path, tiny_campaign: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home.mkdir()
+    (home / "logs").write_text("a file where the demo writes its workers' logs\n")
+    assert main(["demo", "--campaign", str(tiny_campaign)]) == 2
+    out, err = capsys.readouterr()
+    assert not out
+    assert err.splitlines() == [
+        f"orchard: error: log folder {home / 'logs'}: {home / 'logs'} is not a directory"
+    ]
+    assert not (home / "artifacts" / "campaigns").exists()
+
+
+def test_workers_that_cannot_all_start_cancel_the_demo_s_campaign(
+    home: Path,
+    tiny_campaign: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def cannot_start(*_args: object) -> None:
+        raise demo.OrchardError("cannot write /x/cpu-worker.log: Disk quota exceeded")
+
+    monkeypatch.setattr(demo, "Workers", cannot_start)
+    assert main(["demo", "--campaign", str(tiny_campaign)]) == 1
+    _, err = capsys.readouterr()
+    campaign_id = err.split("; cancelled campaign ")[-1].split(".")[0]
+    assert err.splitlines() == [
+        "orchard demo: cannot write /x/cpu-worker.log: Disk quota exceeded; "
+        f"cancelled campaign {campaign_id}. Logs in {home / 'logs'}"
+    ]
+    assert_cancelled(home, campaign_id)
+
+
+def test_a_worker_log_that_cannot_be_opened_stops_the_workers_already_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signals: list[int] = []
+
+    class Started:
+        def __init__(self, cmd: list[str], **kwargs: object) -> None:
+            self.returncode: int | None = None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, number: int) -> None:
+            signals.append(number)
+            self.returncode = -number
+
+        def wait(self, timeout: float | None = None) -> int | None:
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "logs" / "cpu-worker.log").mkdir(parents=True)  # cannot be opened
+    specs = [("gpu-worker", ["--queues", "gpu"]), ("cpu-worker", ["--queues", "cpu"])]
+    log = tmp_path / "home" / "logs" / "cpu-worker.log"
+    with pytest.raises(demo.OrchardError, match=f"^cannot write {log}: Is a directory$"):
+        demo.Workers(load_settings(), specs)
+    assert signals == [signal.SIGTERM]  # the gpu worker, started first
+
+
 @pytest.mark.integration
 def test_a_demo_not_finished_in_time_cancels_its_campaign(
     home: Path, tiny_campaign: Path, capsys: pytest.CaptureFixture[str]
