@@ -275,8 +275,9 @@ def make_engine(url: str) -> Engine:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # a plain file in the way, no permission
                 reason = exc.strerror or type(exc).__name__
-                in_the_way = next((p for p in (folder, *folder.parents) if p.exists()), None)
-                if in_the_way is not None and not in_the_way.is_dir():
+                # os.path: Path.exists raises for a folder we may not look into
+                in_the_way = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+                if not os.path.isdir(in_the_way):
                     reason = f"{in_the_way} is not a directory"
                 problem = f"database {mask_url(url)}: cannot create {folder}: {reason}"
                 raise StoreError(problem) from None
