@@ -684,3 +684,21 @@ def test_svm_standardize_sweep_shows_both_values_and_the_gamma_scale_taken(
     header, rows = _rows(build_report_data(store, "s-1"), "svm")
     assert [r[header.index("Standardized")] for r in rows] == ["False", "True"]
     assert [r[header.index("γ scale ≈")] for r in rows] == ["0.00017", "1.07e-05"]
+
+
+def test_a_best_point_at_a_default_left_out_of_its_hash_still_names_it(
+    sqlite_url: str,
+) -> None:
+    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"standardize": [False, True]}
+    store = make_store(sqlite_url, spec, "s-1")
+    for u in store.units("s-1"):
+        if u.family == "svm":
+            acc = 0.6 if u.params.get("standardize") else 0.9  # the default point wins
+            finish(store, u.key, acc, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+
+    data = build_report_data(store, "s-1")
+    [family] = data.families
+    assert family.params["standardize"] is False
+    svm_units = [s for s in data.units if s.family == "svm"]
+    assert sorted(s.params["standardize"] for s in svm_units) == [False, True]

@@ -683,12 +683,16 @@ def build_report_data(
     methods = ("vote", "mean") if method == "both" else (method,)
     cross_families = list(blend_spec.get("families", ["cnn"]))
 
+    # a parameter some points of a family's sweep name is shown for all its points
+    mentioned: dict[str, set[str]] = defaultdict(set)
+    for u in units:
+        mentioned[u.family].update(u.params)
     summaries = [
         UnitSummary(
             key=u.key,
             family=u.family,
             fold=u.fold,
-            params=u.params,
+            params=restore_omitted(u.family, u.params, mentioned[u.family]),
             state=u.state,
             worker=u.worker,
             seconds=results[u.key].fit_seconds if u.key in results else None,
@@ -724,7 +728,7 @@ def build_report_data(
             FamilyRow(
                 family=family,
                 best_key=best_fold(best, results).key if best else "",
-                params=best[0].params if best else {},
+                params=restore_omitted(family, best[0].params, mentioned[family]) if best else {},
                 units=len(mine),
                 succeeded=len(done),
                 train_acc=best_row.train_acc if best_row else None,
