@@ -8,10 +8,10 @@ status = run.wait(progress=True)
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +41,11 @@ from shared.preprocess import shard_ranges
 from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
 from shared.spec import Campaign as CampaignSpec
 from shared.spec import CampaignError, load_campaign
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: submits there take no lock
+    fcntl = None  # type: ignore[assignment]
 
 #: Seconds a unit may wait on its queue, with no worker taking any unit from that
 #: queue, before ``orchard status`` and ``--wait`` say so (``CampaignRun.stalled``).
@@ -279,29 +284,55 @@ def submit(
 @contextmanager
 def _synthetic_dataset_guard(campaign: CampaignSpec, artifacts: Path) -> Iterator[None]:
     """Around generating a campaign's synthetic dataset and recording the campaign: the
-    dataset is removed again when this submit generated it and then failed, and the block
-    holds a lock (a file in ``artifacts``) so that a concurrent submit, which may reuse the
-    dataset, waits for the outcome instead of losing the folder under its campaign. One
-    that was there already, and is reused, is left alone. Other datasets pass through."""
+    dataset is removed again when this submit generated it and then failed. The block holds
+    a lock beside the dataset, so that a concurrent submit of the same dataset, which would
+    reuse it, waits for the outcome instead of losing the folder under its campaign. Where
+    no lock can be had (a folder we may not write, a filesystem without locks), nothing is
+    removed: a dataset left behind is reused by the next submit. Other datasets pass."""
     if campaign.dataset.kind != "synthetic":
         yield
         return
     root = synthetic_root(campaign.dataset, artifacts)
-    lock = artifacts / ".datasets.lock"
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a")  # noqa: SIM115 - closed below, which releases the lock
-    except OSError as exc:
-        raise OrchardError(f"cannot write {lock}: {exc.strerror or exc}") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        generated = not os.path.exists(root)
+    with _dataset_lock(root) as locked:
+        generated = locked and not os.path.exists(root)
         try:
             yield
         except BaseException:
             if generated:
                 shutil.rmtree(root, ignore_errors=True)
             raise
+
+
+@contextmanager
+def _dataset_lock(root: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``root``, saying so on stderr if
+    another submit holds it; yields whether the lock is held."""
+    lock = root.parent / f".{root.name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - closed below, which releases the lock
+    except OSError:
+        yield False
+        return
+    with handle:
+        locked = fcntl is not None
+        try:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"orchard: waiting for {root}: another submit is generating it or recording "
+                "a campaign on it",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:
+                locked = False
+        except OSError:  # no locks on this filesystem
+            locked = False
+        yield locked
 
 
 def _check_creatable(folder: Path, what: str = "artifact folder") -> None:

@@ -48,11 +48,14 @@ class Workers:
                     raise OrchardError(f"cannot write {path}: {exc.strerror or exc}") from None
                 cmd = [sys.executable, "-m", "scheduler.cli", "worker", "--loglevel", "INFO"]
                 with log:
-                    proc = subprocess.Popen(
-                        [*cmd, *extra], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-                    )
+                    try:
+                        proc = subprocess.Popen(
+                            [*cmd, *extra], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                        )
+                    except OSError as exc:  # no more processes, no memory
+                        raise OrchardError(f"cannot start {name}: {exc.strerror or exc}") from None
                 self.procs.append((name, proc))
-        except BaseException:  # Ctrl-C or a log that cannot be opened: no worker left behind
+        except BaseException:  # Ctrl-C, a log or a process that cannot be had: none left behind
             self.stop()
             raise
 

@@ -7,6 +7,7 @@ line. A demo run to its report is in tests/integration/test_campaign.py."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -130,13 +131,16 @@ def test_workers_that_cannot_all_start_cancel_the_demo_s_campaign(
     assert_cancelled(home, campaign_id)
 
 
-def test_a_worker_log_that_cannot_be_opened_stops_the_workers_already_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failure", ["log", "fork"])
+def test_a_worker_that_cannot_start_stops_the_workers_already_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     signals: list[int] = []
 
     class Started:
         def __init__(self, cmd: list[str], **kwargs: object) -> None:
+            if failure == "fork" and "cpu" in cmd:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
             self.returncode: int | None = None
 
         def poll(self) -> int | None:
@@ -151,11 +155,16 @@ def test_a_worker_log_that_cannot_be_opened_stops_the_workers_already_started(
 
     monkeypatch.setattr(subprocess, "Popen", Started)
     monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
-    (tmp_path / "home" / "logs" / "cpu-worker.log").mkdir(parents=True)  # cannot be opened
-    specs = [("gpu-worker", ["--queues", "gpu"]), ("cpu-worker", ["--queues", "cpu"])]
     log = tmp_path / "home" / "logs" / "cpu-worker.log"
-    with pytest.raises(demo.OrchardError, match=f"^cannot write {log}: Is a directory$"):
+    if failure == "log":
+        log.mkdir(parents=True)  # cannot be opened
+        message = f"cannot write {log}: Is a directory"
+    else:
+        message = f"cannot start cpu-worker: {os.strerror(errno.EAGAIN)}"
+    specs = [("gpu-worker", ["--queues", "gpu"]), ("cpu-worker", ["--queues", "cpu"])]
+    with pytest.raises(demo.OrchardError) as raised:
         demo.Workers(load_settings(), specs)
+    assert str(raised.value) == message
     assert signals == [signal.SIGTERM]  # the gpu worker, started first
 
 

@@ -3,6 +3,9 @@ small for, a dataset root that is not there, a campaign with no model to train."
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from scheduler.api import _synthetic_dataset_guard
 from shared.manifest import synthetic_root
 from shared.plan import MERGE, TRAIN, UnitPlan, data_problems
+from shared.spec import Campaign as CampaignSpec
 from shared.spec import parse_campaign
 from tests.scheduler.test_bad_input_cli import assert_one_line_error, orchard
 
@@ -27,8 +31,8 @@ def assert_nothing_written(home: Path) -> None:
 
 
 def assert_no_dataset_left(home: Path) -> None:
-    """Not even the synthetic dataset the failed submit generated."""
-    assert list((home / "artifacts" / "datasets").glob("*")) == []
+    """Not even the synthetic dataset the failed submit generated (its lock file stays)."""
+    assert list((home / "artifacts" / "datasets").glob("synthetic-*")) == []
 
 
 def test_a_grid_the_dataset_is_too_small_for_is_refused_at_submit(tmp_path: Path) -> None:
@@ -88,7 +92,7 @@ def test_a_failed_submit_keeps_a_dataset_generated_before(tmp_path: Path) -> Non
     campaign.write_text(SYNTHETIC + "[rf]\nn_estimators = 5\n")
     home = tmp_path / "home"
     assert orchard("submit", str(campaign), home=home).returncode == 0
-    [dataset] = (home / "artifacts" / "datasets").iterdir()
+    [dataset] = (home / "artifacts" / "datasets").glob("synthetic-*")
     files = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
     campaign.write_text(SYNTHETIC)  # the same dataset, no model family: refused
     done = orchard("submit", str(campaign), home=home)
@@ -96,13 +100,18 @@ def test_a_failed_submit_keeps_a_dataset_generated_before(tmp_path: Path) -> Non
     assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == files
 
 
+def _synthetic(seed: int = 0) -> CampaignSpec:
+    return parse_campaign(
+        {"name": "c", "dataset": {"kind": "synthetic", "seed": seed}}, source="c.toml"
+    )
+
+
 def test_a_concurrent_submit_of_the_same_synthetic_dataset_waits_for_the_outcome(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The first submit generated the dataset and then fails: the second, which would
     have reused it, waits, and finds it gone rather than losing it under its campaign."""
-    campaign = parse_campaign({"name": "c", "dataset": {"kind": "synthetic"}}, source="c.toml")
-    artifacts = tmp_path / "artifacts"
+    campaign, artifacts = _synthetic(), tmp_path / "artifacts"
     root = synthetic_root(campaign.dataset, artifacts)
     entered = threading.Event()
     seen: list[bool] = []
@@ -121,6 +130,44 @@ def test_a_concurrent_submit_of_the_same_synthetic_dataset_waits_for_the_outcome
     second.join(30)
     assert seen == [False]  # it generates the dataset again for its own campaign
     assert not root.exists()
+    assert capsys.readouterr().err == (
+        f"orchard: waiting for {root}: another submit is generating it or recording a "
+        "campaign on it\n"
+    )
+
+
+def test_submits_of_different_synthetic_datasets_do_not_wait_for_each_other(
+    tmp_path: Path,
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    entered = threading.Event()
+
+    def other_submit() -> None:
+        with _synthetic_dataset_guard(_synthetic(seed=1), artifacts):
+            entered.set()
+
+    with _synthetic_dataset_guard(_synthetic(seed=0), artifacts):
+        other = threading.Thread(target=other_submit)
+        other.start()
+        assert entered.wait(30)
+    other.join(30)
+
+
+def test_without_a_lock_a_failed_submit_keeps_the_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without locks: another submit may be using the dataset, so it stays."""
+
+    def no_locks(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    campaign, artifacts = _synthetic(), tmp_path / "artifacts"
+    root = synthetic_root(campaign.dataset, artifacts)
+    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts):
+        root.mkdir(parents=True)
+        raise RuntimeError("the store refused the campaign")
+    assert root.exists()
 
 
 def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitPlan:
