@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
+import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +103,13 @@ def _read_text(path: Path) -> str:
     encoding = "utf-8-sig"
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"
+    elif (nul := raw.find(b"\0")) >= 0:
+        # valid UTF-8 that no one writes in a CSV; every other byte NUL is UTF-16 text
+        # saved without its byte-order mark, which would read as ids like 'i\x00m\x00…'
+        raise DatasetError(
+            f"{path}: not UTF-8 text (a NUL byte at offset {nul}: UTF-16 without its "
+            "byte-order mark?); save the CSV as UTF-8"
+        )
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -107,6 +117,29 @@ def _read_text(path: Path) -> str:
             f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte "
             f"0x{raw[exc.start]:02x} at offset {exc.start}); save the CSV as UTF-8"
         ) from None
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character in ``text`` (newline, CR, NUL, ESC, DEL, C1), or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name from the filesystem was valid UTF-8: Python holds the bytes of one
+    that is not as lone surrogates, which cannot be printed, stored or hashed as text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str | Path) -> str:
+    """A file name or path as text, the bytes that are not UTF-8 written ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -156,7 +189,7 @@ class AicupDataset:
             self._read_csv(csv_path, images, split, seen, ids)
         self._samples = _sorted(self._samples)
         self._unlisted = [
-            Skipped(p.name, split, str(p), f"{UNLISTED}{' or '.join(csvs)}")
+            Skipped(_printable(p.name), split, _printable(p), f"{UNLISTED}{' or '.join(csvs)}")
             for folder, (split, ids, csvs) in listed.items()
             for p in _image_files(folder)
             if p.name not in ids
@@ -165,16 +198,25 @@ class AicupDataset:
     def _read_csv(
         self, csv_path: Path, images: Path, split: str, seen: dict[str, str], ids: set[str]
     ) -> None:
-        reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
+        # strict: a quote left open (or closed mid-cell) is an error, not a cell that
+        # swallows the rows after it up to the next quote or the end of the file
+        reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""), strict=True)
         rows, header_possible = iter(reader), True
         while True:
+            start = reader.line_num + 1  # a quoted cell may run over several lines
             try:
                 row = next(rows)
             except StopIteration:
                 break
             except csv.Error as exc:
-                raise DatasetError(f"{csv_path}:{reader.line_num}: not a CSV row ({exc})") from None
-            where = f"{csv_path}:{reader.line_num}"
+                if reader.line_num > start or "end of data" in str(exc):
+                    end = f"line {reader.line_num}" if reader.line_num > start else "its end"
+                    raise DatasetError(
+                        f"{csv_path}:{start}: unterminated quote (the quoted cell runs on "
+                        f"to {end}: {exc})"
+                    ) from None
+                raise DatasetError(f"{csv_path}:{start}: not a CSV row ({exc})") from None
+            where = f"{csv_path}:{start}"
             cells = [cell.strip() for cell in row]
             if not any(cells):
                 continue
@@ -184,7 +226,12 @@ class AicupDataset:
                     continue
             image_id = cells[0]
             label = cells[1] if len(cells) > 1 and cells[1] else None
-            if not image_id or any(c in image_id for c in "/\\\0") or ".." in image_id:
+            if (control := _control_character(image_id)) is not None:
+                raise DatasetError(
+                    f"{where}: invalid image id {image_id!r} (a control character, "
+                    f"{control!r}; a file name in {images})"
+                )
+            if not image_id or any(c in image_id for c in "/\\") or ".." in image_id:
                 raise DatasetError(
                     f"{where}: invalid image id {image_id!r} (a file name in {images}, no folders)"
                 )
@@ -199,7 +246,18 @@ class AicupDataset:
             seen[image_id] = where
             ids.add(image_id)
             path = images / image_id
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise DatasetError(
+                        f"{where}: cannot look for image {image_id!r} in {images} ({exc.strerror})"
+                    ) from None
+                # no file can have that name: as absent as any other missing image
+                reason = f"listed in {where} but not found (file name too long)"
+                self._missing.append(Skipped(image_id, split, str(path), reason))
+                continue
+            if not found:
                 self._missing.append(
                     Skipped(image_id, split, str(path), f"listed in {where} but not found")
                 )
@@ -261,17 +319,29 @@ class ImageFolderDataset:
         else:
             folders = {"train": self.root}
         class_dirs = {split: _subdirs(folder) for split, folder in folders.items()}
+        for dirs in class_dirs.values():
+            for class_dir in dirs:
+                if not _is_utf8(class_dir.name):  # a class name is printed and stored
+                    raise DatasetError(
+                        f"{_printable(class_dir)}: class folder name is not valid UTF-8; rename it"
+                    )
         self.classes = tuple(sorted({d.name for dirs in class_dirs.values() for d in dirs}))
         if not self.classes:
             raise DatasetError(f"{self.root}: no class folders found")
-        samples = []
+        samples, self._missing = [], []
         for split, dirs in class_dirs.items():
             for class_dir in dirs:
                 _inside(self.root, class_dir, f"class folder {class_dir.name!r}")
                 images = _class_images(class_dir)
                 for path in images:
-                    _inside(self.root, path, "image")
                     image_id = path.relative_to(self.root).as_posix()
+                    if not _is_utf8(image_id):
+                        # skipped, as an image that cannot be read: named with \\xe9 escapes
+                        self._missing.append(
+                            Skipped(_printable(image_id), split, _printable(path), NOT_UTF8)
+                        )
+                        continue
+                    _inside(self.root, path, "image")
                     samples.append(Sample(image_id, class_dir.name, split, path))
                 if not images:
                     # a class with no example is a failed copy, not a class to learn
@@ -283,7 +353,9 @@ class ImageFolderDataset:
         return list(self._samples)
 
     def missing(self) -> list[Skipped]:
-        return []  # every sample is a file that was found
+        """Image files whose names are not valid UTF-8 (skipped: a name that cannot be
+        printed or stored as text cannot be an image id)."""
+        return list(self._missing)
 
     def unlisted(self) -> list[Skipped]:
         return []  # every image file in a class folder is listed by being there

@@ -127,20 +127,80 @@ def _jpeg_truncated(data: bytes) -> bool:
         pos = end
 
 
+def _pixel_data_end(image: Image.Image) -> int | None:
+    """Where the first picture's pixel data ends in the file, from its header alone: for a
+    BMP stored uncompressed, the pixel-data offset plus the padded rows; for a TIFF, the
+    furthest strip or tile (offset plus byte count, compressed or not). None where the
+    header does not say (an RLE-compressed BMP, a TIFF without byte counts)."""
+    if image.format == "BMP":
+        tiles = image.tile
+        if tiles and all(tile[0] == "raw" and tile[3][1] > 0 for tile in tiles):
+            # ("raw", (x0, y0, x1, y1), offset, (rawmode, stride, direction)); OpenCV
+            # reads whole rows, the last one's padding included
+            return max(tile[2] + tile[3][1] * (tile[1][3] - tile[1][1]) for tile in tiles)
+        return None
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None:
+        return None
+    for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
+        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+        if offsets is None or counts is None:
+            continue
+        offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+        counts = counts if isinstance(counts, tuple) else (counts,)
+        if offsets and len(offsets) == len(counts):
+            return max(int(o) + int(c) for o, c in zip(offsets, counts, strict=True))
+    return None
+
+
+def _cut_short(image: Image.Image, data: bytes, source: io.BytesIO) -> str | None:
+    """Why an image whose format has no end marker is cut short, or None if it is whole.
+
+    Called once the header is read (and a PNG verified). JPEG has its own check
+    (:func:`_jpeg_truncated`); WebP's RIFF size is checked by Pillow when it opens one.
+    BMP and TIFF are checked by the sizes their headers give (no decoding); PPM, an
+    RLE-compressed BMP and a TIFF without byte counts give none, so Pillow decodes them
+    (they are rare, and uncompressed or nearly so).
+    """
+    size = len(data)
+    if image.format == "PNG":
+        # verify() stops after the IEND chunk's type: its 4-byte CRC must follow
+        return None if source.tell() + 4 <= size else "truncated PNG (its end chunk is cut short)"
+    if image.format not in ("BMP", "TIFF", "PPM"):
+        return None
+    end = _pixel_data_end(image)
+    if end is not None:
+        if end <= size:
+            return None
+        return f"truncated {image.format} (file is {size:,} bytes, its header needs {end:,})"
+    try:
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - any failure means OpenCV would fail too
+        reason = _OBJECT_REPR.sub("", str(exc).splitlines()[0]) if str(exc) else ""
+        return f"truncated {image.format} ({reason.strip() or type(exc).__name__})"
+    return None
+
+
 def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageHeader:
     """Format and size of an encoded image, without decoding its pixels.
 
     Refuses, as a one-line :class:`PreprocessError` naming ``path``, what cannot be
     decoded safely: an empty or unrecognisable file, a format OpenCV does not read, a
-    PNG whose chunk checksums fail, a JPEG cut short, more than ``max_pixels`` pixels.
+    PNG whose chunk checksums fail, more than ``max_pixels`` pixels, and a file cut
+    short: a JPEG without its end marker, a PNG without its end chunk, a BMP or TIFF
+    shorter than its header says (see :func:`_cut_short`).
     """
     if not data:
         raise PreprocessError(f"{path}: empty file (0 bytes)")
+    cut_short = None
     try:
-        with _pillow_pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as image:
+        source = io.BytesIO(data)
+        with _pillow_pixel_limit(max_pixels), Image.open(source) as image:
             header = ImageHeader(str(image.format), *image.size)
-            if header.format == "PNG" and header.width * header.height <= max_pixels:
-                image.verify()  # CRCs of every chunk: catches a truncated or altered file
+            if 0 < header.width * header.height <= max_pixels:
+                if header.format == "PNG":
+                    image.verify()  # CRCs of every chunk: catches a truncated or altered file
+                cut_short = _cut_short(image, data, source)
     except Image.DecompressionBombError:
         raise PreprocessError(
             f"{path}: more than the pixel limit of {max_pixels:,} (decompression bomb?)"
@@ -161,6 +221,8 @@ def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageH
         raise PreprocessError(f"{path}: unsupported image format {header.format}")
     if header.format in JPEG_FORMATS and _jpeg_truncated(data):
         raise PreprocessError(f"{path}: truncated JPEG (no end-of-image marker)")
+    if cut_short is not None:
+        raise PreprocessError(f"{path}: {cut_short}")
     return header
 
 

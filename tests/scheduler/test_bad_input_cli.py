@@ -276,3 +276,57 @@ def test_worker_queues_that_name_no_queue_are_refused(
         "preprocess, report\n"
     )
     assert not home.exists()
+
+
+def test_submit_skips_a_truncated_bmp_with_one_warning(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The first half of a valid BMP is caught from its header at submit, not by failing
+    its preprocessing shard in the worker."""
+    root = make_aicup(tmp_path / "data", per_class=4)
+    (root / "train" / "005.jpg").unlink()
+    bmp = root / "train" / "005.bmp"
+    ok, data = cv2.imencode(".bmp", np.full((64, 64, 3), 99, np.uint8))
+    assert ok
+    bmp.write_bytes(data.tobytes()[: len(data) // 2])
+    (root / "train.csv").write_text((root / "train.csv").read_text().replace("005.jpg", "005.bmp"))
+    code, out, err = run_in_process(
+        monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=tmp_path / "h"
+    )
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"orchard: warning: 1 unusable image skipped: {bmp}: truncated BMP (file is 6,171 "
+        "bytes, its header needs 12,342)"
+    ]
+
+
+def test_submit_with_an_unterminated_quote_names_its_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    root = make_aicup(tmp_path / "data", per_class=4)
+    csv = root / "train.csv"
+    csv.write_text(csv.read_text().replace("009.jpg,A", '"009.jpg,A'))
+    code, _, err = run_in_process(
+        monkeypatch, capsys, "submit", str(write_campaign(tmp_path, root)), home=tmp_path / "h"
+    )
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert f"{csv}:11: unterminated quote" in line
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the filesystem refuses non-UTF-8 names")
+def test_submit_warns_of_an_image_name_that_is_not_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for c, name in enumerate("ABC"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            image = np.full((20, 24, 3), 20 * (4 * c + i), np.uint8)
+            assert cv2.imwrite(str(root / name / f"{i}.jpg"), image)
+    with open(os.fsencode(root / "A") + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(TINY.format(kind="imagefolder", dataset=f'root = "{root}"'))
+    done = orchard("submit", str(campaign), home=tmp_path / "h")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"orchard: warning: 1 unusable image skipped: {root / 'A'}/caf\\xe9.jpg: file name "
+        "is not valid UTF-8 (rename it)"
+    ]
