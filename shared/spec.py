@@ -16,6 +16,7 @@ the section and the field.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import itertools
 import json
@@ -47,6 +48,14 @@ MAX_FOLDS = 50
 #: up to 2**32 - 1: the largest seed leaves room for the last fold.
 MAX_SEED = 2**32 - 1 - MAX_FOLDS
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+#: The most trees a forest may have, and its deepest tree.
+MAX_ESTIMATORS = 100_000
+MAX_DEPTH = 10_000
+#: The largest synthetic image side, and the most synthetic images per class and split.
+MAX_SYNTHETIC_SIDE = 8192
+MAX_PER_CLASS = 1_000_000
+#: Any other count a worker hands to numpy, scikit-learn or torch: a C int.
+MAX_COUNT = 2**31 - 1
 
 
 class CampaignError(OrchardError, ValueError):
@@ -54,7 +63,28 @@ class CampaignError(OrchardError, ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Numbers and booleans are strict and finite everywhere: ``true`` is not 1, ``"300"``
+    is not 300, ``"no"`` is not False, and ``inf`` / ``nan`` are refused (an integer is
+    still a float: ``lr = 1``). Paths and lists, which TOML and the stored JSON give as
+    strings and lists, are the lax :data:`FilePath` and :data:`Items`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _no_nul(value: Any) -> Any:
+    if "\x00" in str(value):
+        # the operating system cannot open such a path ("embedded null byte")
+        raise ValueError("a path must not contain a NUL character")
+    return value
+
+
+#: A path from the file: a string in TOML and in the stored campaign.
+FilePath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]
+
+
+def _items(item: Any) -> Any:
+    """A tuple the file gives as a list; its items stay strict."""
+    return Annotated[tuple[item, ...], Field(strict=False)]
 
 
 # ---------------------------------------------------------------- parameters of one unit
@@ -88,8 +118,8 @@ class CnnParams(_Frozen):
     study's choice; ``shared.cnn.KNOB_DEFAULTS`` repeats them for torch-only callers.
     """
 
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(30, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(32, ge=2, le=MAX_COUNT)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -101,7 +131,7 @@ class CnnParams(_Frozen):
     activation: Literal["prelu", "relu", "leakyrelu"] = "prelu"
     pool: Literal["max", "conv"] = "max"  # conv: a 3x3 stride-2 conv instead of MaxPool2d(2)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    stride: int = Field(1, ge=1)  # of the first conv in each block
+    stride: int = Field(1, ge=1, le=MAX_COUNT)  # of the first conv in each block
     # a string, because a list in the file is a sweep: dense = ["512,256,64", "512"]
     dense: Annotated[str, AfterValidator(_dense_widths)] = "512,256,64"
     compile: bool = False  # torch.compile the training step (CUDA only)
@@ -111,8 +141,8 @@ class SvmParams(_Frozen):
     """PCA + RBF SVC at one grid point.
 
     ``variant`` also takes the study's names: ``original``, ``polarized``, ``cropped``
-    (see ``shared.variants``). Numbers are strict: ``true`` is not C = 1 and ``"200"``
-    is not 200; infinities are refused rather than handed to SVC.
+    (see ``shared.variants``). Numbers are strict, as everywhere in a campaign: ``true``
+    is not C = 1 and ``"200"`` is not 200; infinities are refused rather than handed to SVC.
 
     ``standardize`` centres each pixel feature and scales it to unit variance over the
     fold's training images before the PCA (sklearn's ``StandardScaler``); without it the
@@ -126,13 +156,11 @@ class SvmParams(_Frozen):
     OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"standardize"})
 
     variant: Variant = "polar192"
-    n_components: int = Field(200, ge=1, strict=True)
-    whiten: bool = Field(False, strict=True)
-    standardize: bool = Field(False, strict=True)
-    C: float = Field(1.5, gt=0, strict=True, allow_inf_nan=False)
-    gamma: (
-        Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)] | Literal["scale", "auto"]
-    ) = "scale"
+    n_components: int = Field(200, ge=1, le=MAX_COUNT)
+    whiten: bool = False
+    standardize: bool = False
+    C: float = Field(1.5, gt=0)
+    gamma: Annotated[float, Field(gt=0)] | Literal["scale", "auto"] = "scale"
 
 
 class RfParams(_Frozen):
@@ -145,16 +173,16 @@ class RfParams(_Frozen):
     """
 
     variant: Variant = "resize128"
-    n_estimators: int = Field(100, ge=1)
-    max_depth: int | None = Field(None, ge=1)
-    min_samples_leaf: int = Field(1, ge=1)
-    min_samples_split: int = Field(2, ge=2)
+    n_estimators: int = Field(100, ge=1, le=MAX_ESTIMATORS)
+    max_depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
+    min_samples_leaf: int = Field(1, ge=1, le=MAX_COUNT)
+    min_samples_split: int = Field(2, ge=2, le=MAX_COUNT)
     max_features: Annotated[float, Field(gt=0, le=1)] | Literal["sqrt", "log2"] = "sqrt"
     augment: Literal["none", "flip", "rotate", "rotate_flip"] = "none"
     select_scaling: float | None = Field(None, gt=0)
-    select_estimators: int = Field(400, ge=1)
-    pca_components: int | None = Field(None, ge=1)
-    tree_shards: int = Field(1, ge=1)
+    select_estimators: int = Field(400, ge=1, le=MAX_ESTIMATORS)
+    pca_components: int | None = Field(None, ge=1, le=MAX_COUNT)
+    tree_shards: int = Field(1, ge=1, le=MAX_ESTIMATORS)
 
     @model_validator(mode="after")
     def _shards_have_trees(self) -> RfParams:
@@ -206,7 +234,7 @@ def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type
     for field_name, info in params.model_fields.items():
         item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
         sweep = Annotated[
-            tuple[item, ...],
+            _items(item),
             BeforeValidator(_as_list),
             Field(min_length=1),
             AfterValidator(_distinct),
@@ -261,33 +289,34 @@ def restore_omitted(family: str, params: dict[str, Any], names: set[str]) -> dic
 
 
 class SplitFiles(_Frozen):
-    csv: str
-    images: str
+    csv: Annotated[str, AfterValidator(_no_nul)]
+    images: Annotated[str, AfterValidator(_no_nul)]
 
 
 class AicupDataset(_Frozen):
     kind: Literal["aicup"]
-    root: Path
-    classes: tuple[str, ...] = ("A", "B", "C")
+    root: FilePath
+    classes: _items(str) = ("A", "B", "C")  # type: ignore[valid-type]
     splits: dict[str, SplitFiles] | None = None
 
 
 class ImageFolderDataset(_Frozen):
     kind: Literal["imagefolder"]
-    root: Path
+    root: FilePath
 
 
 class SyntheticDataset(_Frozen):
     """Generated mango photos in the aicup layout (see ``shared.synthetic``)."""
 
     kind: Literal["synthetic"]
-    root: Path | None = None  # default: <artifacts>/datasets/synthetic-<params hash>
+    root: FilePath | None = None  # default: <artifacts>/datasets/synthetic-<params hash>
     seed: Seed = 0
-    train_per_class: int = Field(40, ge=1)
-    test_per_class: int = Field(10, ge=0)
-    dev_per_class: int = Field(0, ge=0)  # a labelled dev split, for validation = "dev"
-    width: int = Field(320, ge=32)
-    height: int = Field(240, ge=32)
+    train_per_class: int = Field(40, ge=1, le=MAX_PER_CLASS)
+    test_per_class: int = Field(10, ge=0, le=MAX_PER_CLASS)
+    # a labelled dev split, for validation = "dev"
+    dev_per_class: int = Field(0, ge=0, le=MAX_PER_CLASS)
+    width: int = Field(320, ge=32, le=MAX_SYNTHETIC_SIDE)
+    height: int = Field(240, ge=32, le=MAX_SYNTHETIC_SIDE)
     label_noise: float = Field(0.1, ge=0, le=1)
     test_labels: bool = True
 
@@ -319,7 +348,7 @@ class BlendSpec(_Frozen):
     """
 
     method: Literal["vote", "mean", "both"] = "both"
-    families: tuple[Literal["cnn", "svm", "rf"], ...] = ("cnn",)
+    families: _items(Literal["cnn", "svm", "rf"]) = ("cnn",)  # type: ignore[valid-type]
 
 
 class ReportSpec(_Frozen):
@@ -372,7 +401,8 @@ def load_campaign(path: str | Path) -> Campaign:
     """Read and validate a campaign file; relative dataset roots are relative to the file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte order mark, which editors on Windows often write, is dropped
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise CampaignError(f"{path}: no such campaign file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -407,10 +437,27 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
         if problem := _variant_problem(family, section, campaign.preprocessing.size, raw):
             raise CampaignError(f"{source}: {problem}")
     root = getattr(campaign.dataset, "root", None)
-    if root is not None and not root.is_absolute() and base_dir is not None:
-        dataset = campaign.dataset.model_copy(update={"root": (base_dir / root).resolve()})
+    if root is None:
+        return campaign
+    relative = base_dir is not None and not root.is_absolute()
+    try:
+        # also an absolute root, kept as written: a symlink loop stops here, not in a worker
+        resolved = (base_dir / root if base_dir is not None and relative else root).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CampaignError(
+            f"{source}: [dataset] root: cannot resolve {str(root)!r}: {_resolve_problem(exc)}"
+        ) from None
+    if relative:
+        dataset = campaign.dataset.model_copy(update={"root": resolved})
         campaign = campaign.model_copy(update={"dataset": dataset})
     return campaign
+
+
+def _resolve_problem(exc: BaseException) -> str:
+    """Why a path did not resolve, without the exception's own quoting of the path."""
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "too many levels of symbolic links (a symlink loop)"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _variant_problem(family: str, section: Any, cache_size: int, raw: dict[str, Any]) -> str | None:
@@ -501,6 +548,7 @@ def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
     where = f"[{head}] {field}"
     if len(rest) > 1 and isinstance(rest[1], int) and isinstance(section_raw.get(field), list):
         where += f"[{rest[1]}]"
-    elif len(rest) > 1 and isinstance(rest[1], str) and head == "dataset":
-        where += f".{rest[1]}"
+    elif len(rest) > 1 and head == "dataset":
+        # [dataset.splits.train] csv -> "[dataset] splits.train.csv"
+        where += "".join(f".{part}" for part in rest[1:] if isinstance(part, str))
     return where

@@ -410,3 +410,146 @@ def test_rotating_a_half_height_variant_is_refused_at_validation(tmp_path: Path)
     )
     flipped = load_campaign(_write(tmp_path, text.replace('"rotate"', '"flip"')))
     assert flipped.rf is not None and flipped.rf.augment == ("flip",)
+
+
+# ---------------------------------------------------------------- hostile values
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ('kind = "aicup"\nroot = "/tmp/\\u0000x"', "[dataset] root: "),
+        ('kind = "imagefolder"\nroot = "data/\\u0000"', "[dataset] root: "),
+        ('kind = "synthetic"\nroot = "/tmp/\\u0000x"', "[dataset] root: "),
+        ('kind = "aicup"\nroot = "/tmp"\n[dataset.splits.train]\nimages = "tr\\u0000"\n'
+         'csv = "train.csv"', "[dataset] splits.train.images: "),
+        ('kind = "aicup"\nroot = "/tmp"\n[dataset.splits.train]\nimages = "train"\n'
+         'csv = "\\u0000.csv"', "[dataset] splits.train.csv: "),
+    ],
+    ids=["aicup-root", "relative-root", "synthetic-root", "split-images", "split-csv"],
+)  # fmt: skip
+def test_a_nul_character_in_a_path_is_refused_at_validation(tmp_path, dataset, expected):
+    path, message = _error(tmp_path, f'name = "t"\n[dataset]\n{dataset}\n')
+    _assert_one_line(path, message, expected, "NUL character")
+
+
+@pytest.mark.parametrize("kind", ["aicup", "imagefolder", "synthetic"])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_dataset_root_that_is_a_symlink_loop_is_one_line(tmp_path, kind, absolute):
+    (tmp_path / "loop").symlink_to("loop")
+    root = str(tmp_path / "loop") if absolute else "loop"
+    text = f'name = "t"\n[dataset]\nkind = "{kind}"\nroot = "{root}"\n'
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f"{path}: [dataset] root: cannot resolve {root!r}: too many levels of symbolic links "
+        "(a symlink loop)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragments"),
+    [
+        ('name = "t"', 'name = "t"\nseed = true', ["seed", "valid integer", "True"]),
+        ("folds = 5\n\n", 'folds = "5"\n\n', ["folds", "valid integer", "'5'"]),
+        ("train_per_class = 4", "train_per_class = true",
+         ["[dataset] train_per_class", "valid integer"]),
+        ("train_per_class = 4", "train_per_class = 4\nlabel_noise = false",
+         ["[dataset] label_noise", "valid number"]),
+        ("train_per_class = 4", 'train_per_class = 4\ntest_labels = "yes"',
+         ["[dataset] test_labels", "valid boolean"]),
+        ("n_estimators = 10", 'n_estimators = "300"', ["[rf] n_estimators", "'300'"]),
+        ("n_estimators = 10", "n_estimators = [1, true]",
+         ["[rf] n_estimators[1]", "valid integer"]),
+        ("n_estimators = 10", "n_estimators = 10\nmax_features = true",
+         ["[rf] max_features", "True"]),
+        ("n_estimators = 10", "n_estimators = 10\nmax_depth = false", ["[rf] max_depth"]),
+        ("epochs = 2", 'epochs = 2\naugment = "no"', ["[cnn] augment", "valid boolean", "'no'"]),
+        ("epochs = 2", "epochs = 2\ncompile = 1", ["[cnn] compile", "valid boolean"]),
+        ("epochs = 2", "epochs = true", ["[cnn] epochs", "valid integer"]),
+        ("epochs = 2", 'epochs = 2\nlr = "0.1"', ["[cnn] lr", "valid number"]),
+        ("epochs = 2", "epochs = 2\nenabled = 0", ["[cnn] enabled", "valid boolean"]),
+        ("[cnn]", "[preprocessing]\nsize = true\n\n[cnn]", ["[preprocessing] size"]),
+        ("[cnn]", '[report]\nlime = "false"\n\n[cnn]', ["[report] lime", "valid boolean"]),
+    ],
+    ids=[
+        "seed-bool", "folds-string", "per-class-bool", "noise-bool", "labels-string",
+        "n-estimators-string", "n-estimators-bool-in-sweep", "max-features-bool",
+        "max-depth-bool", "cnn-augment-string", "compile-int", "epochs-bool", "lr-string",
+        "enabled-int", "size-bool", "lime-string",
+    ],
+)  # fmt: skip
+def test_numbers_and_booleans_are_not_coerced(tmp_path, old, new, fragments):
+    """As in ``[svm]``: ``true`` is not 1 and ``"300"`` is not 300, anywhere in the file."""
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    _assert_one_line(path, message, *fragments)
+
+
+def test_an_integer_is_still_a_float_and_paths_are_strings(tmp_path):
+    text = BASE.replace("epochs = 2", "epochs = 2\nlr = 1\nweight_decay = 0").replace(
+        'kind = "synthetic"', 'kind = "synthetic"\nroot = "data"\nlabel_noise = 0', 1
+    )
+    campaign = load_campaign(_write(tmp_path, text))
+    assert campaign.cnn.lr == (1.0,) and isinstance(campaign.cnn.lr[0], float)
+    assert campaign.dataset.root == (tmp_path / "data").resolve()
+    assert campaign.dataset.label_noise == 0.0
+    # the stored form (JSON: paths as strings, tuples as lists) parses back the same
+    stored = json.loads(json.dumps(campaign.model_dump(mode="json")))
+    assert parse_campaign(stored, source="<stored>") == campaign
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragments"),
+    [
+        ("train_per_class = 4", "train_per_class = 4\nwidth = 99999999999",
+         ["[dataset] width", "less than or equal to 8192"]),
+        ("train_per_class = 4", "train_per_class = 4\nheight = 8193",
+         ["[dataset] height", "less than or equal to 8192"]),
+        ("train_per_class = 4", "train_per_class = 1000001",
+         ["[dataset] train_per_class", "less than or equal to 1000000"]),
+        ("train_per_class = 4", "train_per_class = 4\ntest_per_class = 10000000",
+         ["[dataset] test_per_class", "less than or equal to 1000000"]),
+        ("train_per_class = 4", "train_per_class = 4\ndev_per_class = 10000000",
+         ["[dataset] dev_per_class", "less than or equal to 1000000"]),
+        ("n_estimators = 10", "n_estimators = 18446744073709551616",
+         ["[rf] n_estimators", "less than or equal to 100000"]),
+        ("n_estimators = 10", "n_estimators = 10\nmax_depth = 18446744073709551616",
+         ["[rf] max_depth", "less than or equal to 10000"]),
+        ("n_estimators = 10", "n_estimators = 10\nmin_samples_leaf = 18446744073709551616",
+         ["[rf] min_samples_leaf", "less than or equal to 2147483647"]),
+        ("epochs = 2", "epochs = 18446744073709551616", ["[cnn] epochs", "less than or equal"]),
+        ("epochs = 2", "epochs = 2\nlr = inf", ["[cnn] lr", "finite number"]),
+        ("epochs = 2", "epochs = 2\nweight_decay = inf", ["[cnn] weight_decay", "finite number"]),
+        ("epochs = 2", "epochs = 2\nlr = nan", ["[cnn] lr", "finite number"]),
+        ("n_estimators = 10", "n_estimators = 10\nselect_scaling = inf",
+         ["[rf] select_scaling", "finite number"]),
+        ("train_per_class = 4", "train_per_class = 4\nlabel_noise = nan",
+         ["[dataset] label_noise", "finite number"]),
+    ],
+    ids=[
+        "synthetic-width", "synthetic-height", "train-per-class", "test-per-class",
+        "dev-per-class", "n-estimators-2-64", "max-depth-2-64", "min-samples-leaf-2-64",
+        "epochs-2-64", "lr-inf", "weight-decay-inf", "lr-nan", "select-scaling-inf",
+        "label-noise-nan",
+    ],
+)  # fmt: skip
+def test_numbers_are_bounded_and_finite(tmp_path, old, new, fragments):
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    _assert_one_line(path, message, *fragments)
+
+
+def test_the_largest_bounds_are_accepted(tmp_path):
+    text = BASE.replace(
+        "train_per_class = 4", "train_per_class = 4\nwidth = 8192\nheight = 8192", 1
+    ).replace("n_estimators = 10", "n_estimators = 100000\nmax_depth = 10000", 1)
+    campaign = load_campaign(_write(tmp_path, text))
+    assert (campaign.dataset.width, campaign.dataset.height) == (8192, 8192)
+    assert campaign.rf.n_estimators == (100000,) and campaign.rf.max_depth == (10000,)
+
+
+def test_a_campaign_file_with_a_utf8_bom_loads(tmp_path):
+    """Editors on Windows often start a UTF-8 file with a byte order mark."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert load_campaign(path) == load_campaign(_write(tmp_path, BASE))
