@@ -209,12 +209,15 @@ def submit(
     campaign (same data, folds, seed and parameters) are copied instead of run
     (``run.reused``); preprocessing shards are always reused from the cache.
     """
-    from workers.app import check_broker_reachable, make_app
-
     settings = _settings(settings, broker, database, artifacts)
 
+    check_campaign_path(path)
     campaign = load_campaign(path)
     _check_creatable(settings.artifacts)
+    check_sqlite_store(settings.database_url)
+    # only now: importing workers.app creates a filesystem broker's folders
+    from workers.app import check_broker_reachable, make_app
+
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
     store = Store(settings.database_url)
@@ -333,6 +336,52 @@ def _dataset_lock(root: Path) -> Iterator[bool]:
         except OSError:  # no locks on this filesystem
             locked = False
         yield locked
+
+
+def check_campaign_path(path: str | Path) -> None:
+    """One line when a campaign file's path is not UTF-8 text (the store records it, and
+    its driver cannot encode it), before anything is created."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise CampaignError(
+            f"campaign file {shown}: its path is not UTF-8 text, which the store records; "
+            "rename it (or copy it to a UTF-8 path)"
+        ) from None
+
+
+def check_sqlite_store(url: str) -> None:
+    """One line when an existing SQLite store cannot be opened (a folder at its path, a
+    file that is not a database), before a dataset is read or a folder created. Reads
+    only; creates no file: a missing store is created once a campaign can run."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from db import migrate
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - the URL's own check says what is wrong
+        return
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return  # an SQLite URI: whatever it names, SQLite decides
+    path = Path(database).expanduser()
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise OrchardError(f"database {mask_url(url)}: {path} is a directory, not a SQLite file")
+    store = Store(url)
+    try:
+        migrate.current_revision(store.engine)  # an older schema is fine: submit upgrades it
+    except DBAPIError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise OrchardError(f"database {mask_url(url)} unreachable: {reason}") from None
+    finally:
+        store.dispose()
 
 
 def _check_creatable(folder: Path, what: str = "artifact folder") -> None:

@@ -14,12 +14,15 @@
                  [--timeout S]
     orchard db upgrade                create or migrate the store's schema
 
-Every user error is one line on stderr (exit 2); no tracebacks.
+Every user error is one line on stderr (exit 2); no tracebacks. Standard output that
+cannot be written (a full disk, a closed descriptor) is one line too (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -38,9 +41,19 @@ CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = _Output(stdout)  # --help too
     try:
-        return args.run(args)
+        args = parser.parse_args(argv)
+        if args.run is cmd_worker:  # Celery redirects a worker's stdout itself
+            sys.stdout = stdout
+        code = args.run(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # what is still buffered fails here, not in the final flush
+        return code
+    except OutputError as exc:
+        print(f"orchard: error: {exc}", file=sys.stderr)
+        return 1
     except OrchardError as exc:
         print(f"orchard: error: {exc}", file=sys.stderr)
         return 2
@@ -50,8 +63,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader left (`orchard status | head -1`): stop quietly, as `cat` does;
         # stdout is pointed at /dev/null so the interpreter's final flush fails no more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard(stdout)
         return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
+    finally:
+        sys.stdout = stdout
+
+
+class OutputError(OrchardError):
+    """Standard output cannot be written: a full disk (``>/dev/full``), a closed
+    descriptor (``>&-``), an I/O error. Told apart from the command's own errors."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"cannot write to {where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+class _Output:
+    """``sys.stdout`` for a command: a write that fails raises :class:`OutputError`
+    (a closed pipe stays ``BrokenPipeError``), once; what follows is discarded."""
+
+    def __init__(self, stream) -> None:  # noqa: ANN001 - a text stream, or None (fd 1 closed)
+        self._stream = stream
+        self._failed = False
+
+    def write(self, text: str) -> int:
+        return self._do("write", text)
+
+    def flush(self) -> None:
+        self._do("flush")
+
+    def _do(self, method: str, *args: str):  # noqa: ANN202
+        if self._failed:
+            return len(args[0]) if args else None
+        try:
+            if self._stream is None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self._failed = True
+            where = "standard output" + _stdout_target(self._stream)
+            _discard(self._stream)
+            raise OutputError(where, exc.strerror or str(exc)) from None
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - encoding, fileno, ...
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _stdout_target(stream) -> str:  # noqa: ANN001
+    """`` (/dev/full)``: the file standard output is, where the system says so."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{stream.fileno()}")
+    except (AttributeError, OSError, ValueError):
+        return ""
+    return f" ({target})" if target.startswith("/") else ""
+
+
+def _discard(stream) -> None:  # noqa: ANN001
+    """Point ``stream``'s descriptor at /dev/null, so that the interpreter's final flush
+    of what is still buffered does not fail again."""
+    if stream is None:
+        return
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):
+        return
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name",
         "-n",
+        type=_node_name,
         default=None,
         help="Celery node name (default <queue>-<pid>@%%h: the first queue, this process's "
         "id and the host name)",
@@ -203,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         help="give up after this many s (default 600), cancelling the campaign",
     )
@@ -218,6 +305,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["upgrade"], help="upgrade: create or migrate the schema")
     p.set_defaults(run=cmd_db)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds greater than 0, got {text!r}"
+        )
+    return value
+
+
+#: The %-abbreviations a Celery node name may hold (celery.utils.nodenames.host_format).
+NODE_NAME_FORMATS = "%h (host name), %n (its first part), %d (domain), %i, %I (process index), %%"
+
+
+def _node_name(text: str) -> str:
+    """An argparse type: a Celery node name, NAME@HOST, that Celery can expand (it would
+    stop the worker with a traceback at start-up otherwise)."""
+    from celery.utils.nodenames import default_nodename, host_format
+    from celery.utils.text import RE_FORMAT
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{_shown(text)}: not UTF-8 text (a node name is sent to the broker)"
+        ) from None
+    try:
+        host_format(default_nodename(text))
+    except ValueError:
+        keys = {"h", "n", "d", "i", "I", "%"}
+        unknown = next((m.group(0) for m in RE_FORMAT.finditer(text) if m[1] not in keys), "%")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {unknown} is not a node-name abbreviation; use {NODE_NAME_FORMATS} "
+            "(a literal %)"
+        ) from None
+    return text
+
+
+def _shown(text: str) -> str:
+    """``text`` as a line can show it: the bytes that are not UTF-8 as ``\\xff``."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _positive_int(text: str) -> int:
@@ -321,12 +454,34 @@ def _check_urls() -> None:
     _check_broker_url(settings.broker_url)
 
 
+def _check_campaign_id(campaign_id: str) -> None:
+    """A campaign id that is not UTF-8 text (bytes from a shell's ``$'\\xff'``) cannot be
+    in any store: one line, before the store is asked (its driver cannot encode it)."""
+    try:
+        campaign_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OrchardError(
+            f"no campaign {_shown(campaign_id)}: a campaign id is UTF-8 text, as "
+            "`orchard status` lists it"
+        ) from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
     _check_urls()
     run = submit(args.file, reuse=args.reuse)
-    print(run.id)
+    try:
+        print(run.id, flush=True)
+    except OutputError as exc:
+        # recorded and enqueued already: a second submit would run it twice
+        print(
+            f"orchard: error: campaign {run.id} WAS submitted (recorded and enqueued), but its "
+            f"id could not be written to {exc.where}: {exc.reason}; do not submit it again: "
+            f"`orchard status {run.id}` follows it",
+            file=sys.stderr,
+        )
+        return 1
     _warn_skipped(run)
     if args.reuse:
         print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
@@ -339,6 +494,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from scheduler.api import resume
 
+    _check_campaign_id(args.campaign)
     _check_urls()
     _require_sqlite_file(load_settings().database_url)
     run, reset = resume(args.campaign)
@@ -357,6 +513,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from scheduler.api import cancel
 
+    _check_campaign_id(args.campaign)
     _check_urls()
     _require_sqlite_file(load_settings().database_url)
     outcome = cancel(args.campaign)
@@ -414,6 +571,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if args.watch and args.campaign is None:
         raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
+    if args.campaign is not None:
+        _check_campaign_id(args.campaign)
     store = _store(existing=True)
     console = Console()
     if args.campaign is None:
@@ -635,6 +794,7 @@ def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
 def cmd_report(args: argparse.Namespace) -> int:
     from scheduler.api import CampaignRun
 
+    _check_campaign_id(args.campaign)
     settings = load_settings()
     store = _store(existing=True)
     store.get_campaign(args.campaign)

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 from db.store import Store
-from scheduler.api import CampaignRun, _check_creatable, cancel, submit
+from scheduler.api import (
+    CampaignRun,
+    _check_creatable,
+    cancel,
+    check_campaign_path,
+    check_sqlite_store,
+    submit,
+)
 from shared.errors import OrchardError
 from shared.settings import Settings, child_env, load_settings, mask_url
 from shared.spec import load_campaign
@@ -133,10 +140,13 @@ def _worker_specs() -> list[tuple[str, list[str]]]:
 def _check_before_starting(campaign: Path, settings: Settings) -> None:
     """What ``submit`` can refuse without reading the dataset, checked before the demo
     creates a store or starts a worker: the campaign file, the artifact folder, the
-    reliability variables, the workers' log folder and the broker."""
+    reliability variables, the workers' log folder, an existing SQLite store and the
+    broker."""
+    check_campaign_path(campaign)
     load_campaign(campaign)
     _check_creatable(settings.artifacts)
     _check_creatable(settings.home / "logs", "log folder")
+    check_sqlite_store(settings.database_url)
     # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
 
