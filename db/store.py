@@ -67,7 +67,7 @@ from shared.plan import (
     TERMINAL,
     UnitPlan,
 )
-from shared.settings import mask_url
+from shared.settings import env_number, mask_url
 
 
 class StoreError(OrchardError):
@@ -269,7 +269,9 @@ def _sqlite_begin(conn: Any) -> None:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
-        if database and database != ":memory:":
+        # a ``file:`` URI is SQLite's to read (``?mode=ro``, ``uri=true``), not a folder
+        # to make here: SQLite reports what it cannot open, as one line (check_schema)
+        if database and database != ":memory:" and not database.startswith("file:"):
             folder = Path(database).expanduser().parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -298,6 +300,9 @@ def _connect_args(url: str) -> dict[str, Any]:
 #: StoreError (ORCHARD_DB_RETRY_SECONDS). Short enough that a worker fails its unit with a
 #: clear error well within a task's life, long enough to ride out a database restart.
 DEFAULT_RETRY_SECONDS = 5.0
+#: The most ORCHARD_DB_RETRY_SECONDS may be: a worker holding a unit that long for a
+#: database that does not come back is already far past any sensible wait.
+MAX_RETRY_SECONDS = 24 * 3600
 
 _T = TypeVar("_T")
 _retrying_now = threading.local()
@@ -372,11 +377,22 @@ class Store:
         self, url: str, *, engine: Engine | None = None, retry_seconds: float | None = None
     ) -> None:
         self.url = url
+        if retry_seconds is None:  # checked first: a bad setting makes no folder
+            try:
+                retry_seconds = env_number(
+                    "ORCHARD_DB_RETRY_SECONDS",
+                    DEFAULT_RETRY_SECONDS,
+                    float,
+                    "a number of seconds",
+                    maximum=MAX_RETRY_SECONDS,
+                    limit=f"{MAX_RETRY_SECONDS} (1 day)",
+                    zero=True,  # 0: give up at the first lost connection
+                )
+            except OrchardError as exc:
+                raise StoreError(str(exc)) from None
+        self.retry_seconds = retry_seconds
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if retry_seconds is None:
-            retry_seconds = float(os.environ.get("ORCHARD_DB_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
-        self.retry_seconds = retry_seconds
         # PostgreSQL serves workers on many hosts: its clock is the one they share
         self._server_clock = self.engine.dialect.name == "postgresql"
 

@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from shared.errors import OrchardError
@@ -51,22 +52,57 @@ class Settings:
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    home = Path(env.get("ORCHARD_HOME") or ".orchard").expanduser().resolve()
+    home = folder_setting(env, "ORCHARD_HOME", ".orchard")
     broker = env.get("ORCHARD_BROKER_URL") or f"filesystem://{home / 'broker'}"
     if broker.startswith("filesystem://"):
         folder = broker.removeprefix("filesystem://") or str(home / "broker")
-        broker = f"filesystem://{Path(folder).expanduser().resolve()}"
+        broker = f"filesystem://{resolved(folder, 'ORCHARD_BROKER_URL', broker)}"
     broker = url_with_password_file(
         broker, "ORCHARD_BROKER_URL", "ORCHARD_BROKER_PASSWORD_FILE", env
     )
-    database = absolute_sqlite_url(
-        env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
-    )
+    database = env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
+    database = absolute_sqlite_url(database, "ORCHARD_DATABASE_URL")
     database = url_with_password_file(
         database, "ORCHARD_DATABASE_URL", "ORCHARD_DATABASE_PASSWORD_FILE", env
     )
-    artifacts = Path(env.get("ORCHARD_ARTIFACTS") or home / "artifacts").expanduser().resolve()
+    artifacts = folder_setting(env, "ORCHARD_ARTIFACTS", home / "artifacts")
     return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
+
+
+def folder_setting(env: Mapping[str, str], name: str, default: str | Path) -> Path:
+    """The folder ``env[name]``, ``~`` expanded, made absolute; ``default`` when it is
+    unset or empty (compose's ``VAR: ""``). Only whitespace is refused: it would make a
+    folder named by blanks in the working directory, surely not what was meant."""
+    value = env.get(name) or ""
+    if value and not value.strip():
+        raise OrchardError(f"{name}={value!r}: only whitespace; unset it, or name a folder")
+    return resolved(value or default, name, value or None)
+
+
+def resolved(path: str | Path, name: str, value: str | None = None) -> Path:
+    """``path`` with ``~`` expanded, absolute, symbolic links resolved; a path that
+    cannot be (an unknown user's ``~``, a symbolic link loop) is one line naming the
+    variable ``name`` and its ``value`` (``None``: unset, ``path`` is its default)."""
+    where = f"{name}={value}" if value is not None else f"{name} (unset: {path})"
+    path = Path(path)
+    if str(path).startswith("~"):
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # Python's "Could not determine home directory."
+            user = str(path).partition("/")[0][1:]
+            if not user:
+                raise OrchardError(f"{where}: '~' names no home folder (HOME is unset)") from None
+            raise OrchardError(f"{where}: ~{user}: no such user") from None
+    try:
+        return path.resolve()
+    except RuntimeError as exc:  # Python < 3.13: "Symlink loop from '/x/loop'"
+        loop = re.sub(r"^Symlink loop from ", "", str(exc)).strip("'\"")
+        raise OrchardError(f"{where}: a symbolic link loop ({loop})") from None
+    except OSError as exc:  # Python 3.13: ELOOP, and anything else the lookups hit
+        reason = exc.strerror or type(exc).__name__
+        if exc.filename:
+            reason = f"{reason} ({exc.filename})"
+        raise OrchardError(f"{where}: {reason}") from None
 
 
 def child_env(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
@@ -146,12 +182,13 @@ def read_password_file(path: str, name: str) -> str:
     return password
 
 
-def absolute_sqlite_url(url: str) -> str:
+def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:
     """``sqlite:///rel/x.db`` -> ``sqlite:////cwd/rel/x.db``; any other URL as it is.
 
     SQLite opens a relative path from the process's working directory, so a worker or
     a ``--gpus`` child started elsewhere would open another file. In-memory databases
-    and SQLite ``file:`` URIs are left to SQLite.
+    and SQLite ``file:`` URIs are left to SQLite. A path that cannot be resolved is one
+    line naming ``name`` and the URL.
     """
     scheme, sep, rest = url.partition(":///")
     if not sep or scheme.partition("+")[0] != "sqlite":
@@ -159,7 +196,12 @@ def absolute_sqlite_url(url: str) -> str:
     path, query_sep, query = rest.partition("?")
     if not path or path == ":memory:" or path.startswith("file:") or Path(path).is_absolute():
         return url
-    return f"{scheme}:///{Path(path).expanduser().resolve()}{query_sep}{query}"
+    return f"{scheme}:///{resolved(path, name, mask_url(url))}{query_sep}{query}"
+
+
+#: Query parameters whose value is a password (libpq's ``password``, ``sslpassword``;
+#: redis-py's ``password``; the ``passwd``/``pwd`` of other drivers), in any case.
+_QUERY_PASSWORD = re.compile(r"([?&;](?:[a-z_]*password|passwd|pwd)=)[^&;#]*", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
@@ -167,11 +209,50 @@ def mask_url(url: str) -> str:
 
     Not parsed as a URL: a password with ``/``, ``#``, ``?`` or ``@`` ends the netloc
     early for ``urllib``, which would then print it. Everything between the first
-    ``:`` of the user info and the last ``@`` is masked.
+    ``:`` of the user info and the last ``@`` is masked. So is the value of a query
+    parameter named like a password (``?password=...``, ``passwd``, ``pwd``,
+    ``sslpassword``, any case), up to the next ``&``, ``;`` or ``#``.
     """
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep:
         return url
+    # the query's passwords first: a ':' or '@' in one would look like user info
+    rest = _QUERY_PASSWORD.sub(r"\1***", rest)
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return f"{scheme}://{rest}"
     user = userinfo.partition(":")[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+def env_number(
+    name: str,
+    default: float,
+    kind: type[float] | type[int],
+    what: str,
+    *,
+    maximum: float,
+    limit: str = "",
+    zero: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Any:
+    """The environment variable ``name`` as a finite ``kind`` greater than 0 (``zero``:
+    0 or more) and at most ``maximum``; ``default`` when unset or blank. Anything else
+    is one line naming the variable and its value: ``NAME='1m': expected a number of
+    seconds greater than 0``, ``... and at most 2592000 (30 days)`` (``limit``: how
+    the maximum reads)."""
+    env = os.environ if env is None else env
+    text = env.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = kind(text)
+    except ValueError:  # int(): '1.5', 'nan', 30 000 digits; float(): '1m'
+        value = None
+    expected = f"{name}={text!r}: expected {what} " + ("of 0 or more" if zero else "greater than 0")
+    # nan compares False to everything: refused here, as are inf and -inf
+    if value is None or not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise OrchardError(expected)
+    if value > maximum:
+        raise OrchardError(f"{expected} and at most {limit or f'{maximum:g}'}")
+    return value

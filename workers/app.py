@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Iterable
 
@@ -111,9 +112,21 @@ def check_broker_reachable(celery: Celery) -> None:
     except (OperationalError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise OrchardError(f"broker {mask_url(url)} unreachable: {reason}") from None
-    except (KeyError, ValueError) as exc:  # kombu: no such transport, a port not a number
-        reason = exc.args[0] if exc.args else type(exc).__name__
+    except (KeyError, ValueError, TypeError) as exc:
+        # kombu: no such transport, a port not a number, a query option it does not
+        # take as a keyword (broker_url_problem names those it knows of first)
+        reason = str(exc.args[0]) if exc.args else type(exc).__name__
+        if isinstance(exc, TypeError):
+            reason = _keyword_problem(reason)
         raise OrchardError(
             f"broker {mask_url(url)}: not a broker URL orchard can use ({reason}); "
             + BROKER_URL_EXAMPLES
         ) from None
+
+
+def _keyword_problem(message: str) -> str:
+    """kombu's TypeError for a URL query option it has no keyword for, as the option."""
+    match = re.search(r"(?:unexpected|multiple values for) keyword argument '(\w+)'", message)
+    if match:
+        return f"option {match[1]!r} in the URL's query is not one kombu knows"
+    return message.splitlines()[0] if message else "TypeError"

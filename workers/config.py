@@ -21,8 +21,9 @@ Why each matters:
   the system's CAs); passwords travel in the URL and are masked wherever orchard prints.
 
 Reliability knobs that are not Celery's (read by the task wrapper, ``reliability()``):
-ORCHARD_LEASE_SECONDS (how long a delivery holds its unit without a heartbeat) and
-ORCHARD_MAX_ATTEMPTS (deliveries that may start a unit before it is failed for good).
+ORCHARD_LEASE_SECONDS (how long a delivery holds its unit without a heartbeat, at most
+30 days) and ORCHARD_MAX_ATTEMPTS (deliveries that may start a unit before it is failed
+for good, at most 1000).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from shared.errors import OrchardError
 from shared.plan import TASKS
-from shared.settings import Settings
+from shared.settings import Settings, env_number
 
 #: Longest a single unit may take before Redis re-delivers it (a CNN fold at full size
 #: takes hours on a slow card). Override with ORCHARD_VISIBILITY_TIMEOUT (seconds).
@@ -72,33 +73,40 @@ class Reliability:
         return self.lease_seconds / 3
 
 
-def _positive(name: str, default: float, kind: type[float] | type[int], what: str) -> Any:
-    """The environment variable ``name`` as a positive ``kind``, or one line naming it."""
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not value > 0 or value == float("inf"):
-        raise OrchardError(f"{name}={text!r}: expected {what} greater than 0")
-    return value
+#: The most each reliability setting may be: finite, and far beyond any sensible value (a
+#: lease or visibility timeout of years overflows the reaper's timed waits, and a unit
+#: that may start a million times is never failed).
+MAX_LEASE_SECONDS = MAX_VISIBILITY_TIMEOUT = 30 * 24 * 3600
+MAX_ATTEMPTS_LIMIT = 1000
+_THIRTY_DAYS = f"{30 * 24 * 3600} (30 days)"
 
 
 def reliability() -> Reliability:
+    """The reliability settings of the environment; a value that is not a positive
+    finite number within its limit is one line naming the variable."""
     return Reliability(
-        lease_seconds=_positive(
-            "ORCHARD_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, float, "a number of seconds"
+        lease_seconds=env_number(
+            "ORCHARD_LEASE_SECONDS",
+            DEFAULT_LEASE_SECONDS,
+            float,
+            "a number of seconds",
+            maximum=MAX_LEASE_SECONDS,
+            limit=_THIRTY_DAYS,
         ),
-        max_attempts=_positive(
-            "ORCHARD_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, int, "a whole number of attempts"
+        max_attempts=env_number(
+            "ORCHARD_MAX_ATTEMPTS",
+            DEFAULT_MAX_ATTEMPTS,
+            int,
+            "a whole number of attempts",
+            maximum=MAX_ATTEMPTS_LIMIT,
         ),
-        visibility_timeout=_positive(
+        visibility_timeout=env_number(
             "ORCHARD_VISIBILITY_TIMEOUT",
             DEFAULT_VISIBILITY_TIMEOUT,
             int,
             "a whole number of seconds",
+            maximum=MAX_VISIBILITY_TIMEOUT,
+            limit=_THIRTY_DAYS,
         ),
     )
 
@@ -120,6 +128,8 @@ def redis_tls_options(env: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    # every reliability setting is checked here, so that a worker (and `celery -A
+    # workers.app`) refuses a bad one at start, not in its reaper thread or first task
     visibility = reliability().visibility_timeout
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -212,6 +222,40 @@ def broker_url_problem(url: str) -> str | None:
         _ = urlsplit(url).port  # parsing it is the check
     except ValueError:  # its message may quote the URL, password included
         return "not a valid URL (a port that is not a number, or a bad [IPv6] address)"
+    if scheme in ("redis", "rediss"):
+        return _query_problem(url)
+    return None
+
+
+#: The options a Redis broker URL's query may carry: kombu passes every one to its
+#: ``Connection`` as a keyword (``ssl_*`` become its ``ssl`` options), and fails with a
+#: TypeError on any other. orchard sets the socket timeouts itself (transport options).
+BROKER_QUERY_OPTIONS = ("connect_timeout", "heartbeat", "ssl_*")
+
+
+def _query_problem(url: str) -> str | None:
+    """Why kombu would refuse an option in the query of Redis broker ``url``, or None."""
+    # the user info holds no '?' by now (broker_url_problem): the first one starts it
+    query = url.partition("?")[2].partition("#")[0]
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        where = f"option {key!r} in the URL's query"
+        if key.lower() in ("password", "passwd", "pwd"):
+            return (
+                f"{where}: put the password in the URL's user info "
+                "(redis://:PASSWORD@HOST:6379/0) or in ORCHARD_BROKER_PASSWORD_FILE"
+            )
+        if key in ("connect_timeout", "heartbeat"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = float("nan")
+            if not 0 <= number < float("inf"):
+                return f"{where}: {value!r} is not a number of seconds (0 or more)"
+        elif not key.startswith("ssl_"):
+            return (
+                f"{where} is not one orchard's broker connection takes "
+                f"({', '.join(BROKER_QUERY_OPTIONS)}); drop it"
+            )
     return None
 
 

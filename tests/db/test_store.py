@@ -804,3 +804,58 @@ def test_untaken_queues_count_units_started_or_finished_within_the_window(
     assert store.untaken_queues("t-1", after=60) == {}
     # a minute from now, without another unit taken, the queue counts as idle again
     assert list(store.untaken_queues("t-1", after=0)) == [queue]
+
+
+# ---------------------------------------------------------------- bad settings
+
+
+def test_a_sqlite_uri_database_creates_no_folder(tmp_path, monkeypatch) -> None:
+    """``file:`` is SQLite's URI syntax, not a folder: nothing is made in the working
+    directory, and SQLite's own refusal (read-only, no such file) is one line."""
+    from scheduler.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///file:{tmp_path / 'x.db'}?mode=ro&uri=true"
+    store = Store(url)
+    with pytest.raises(StoreError) as caught:
+        store.check_schema()
+    assert list(tmp_path.iterdir()) == []
+    assert str(caught.value) == f"database {url} unreachable: unable to open database file"
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", url)
+    assert main(["db", "upgrade"]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sqlite_uri_database_that_exists_is_opened(tmp_path) -> None:
+    make_store(f"sqlite:///{tmp_path / 'x.db'}")
+    Store(f"sqlite:///file:{tmp_path / 'x.db'}?mode=ro&uri=true").check_schema()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", "ORCHARD_DB_RETRY_SECONDS='abc': expected a number of seconds of 0 or more"),
+        ("-1", "ORCHARD_DB_RETRY_SECONDS='-1': expected a number of seconds of 0 or more"),
+        ("nan", "ORCHARD_DB_RETRY_SECONDS='nan': expected a number of seconds of 0 or more"),
+        ("inf", "ORCHARD_DB_RETRY_SECONDS='inf': expected a number of seconds of 0 or more"),
+        (
+            "1e12",
+            "ORCHARD_DB_RETRY_SECONDS='1e12': expected a number of seconds of 0 or more "
+            "and at most 86400 (1 day)",
+        ),
+    ],
+)
+def test_a_bad_db_retry_setting_is_one_line(sqlite_url, monkeypatch, value, message) -> None:
+    monkeypatch.setenv("ORCHARD_DB_RETRY_SECONDS", value)
+    with pytest.raises(StoreError) as caught:
+        Store(sqlite_url)
+    assert str(caught.value) == message
+
+
+def test_db_retry_seconds_of_0_to_a_day_are_taken(sqlite_url, monkeypatch) -> None:
+    for value in ("0", "2.5", "86400"):
+        monkeypatch.setenv("ORCHARD_DB_RETRY_SECONDS", value)
+        assert Store(sqlite_url).retry_seconds == float(value)
+    monkeypatch.setenv("ORCHARD_DB_RETRY_SECONDS", " ")
+    assert Store(sqlite_url).retry_seconds == 5.0

@@ -228,3 +228,111 @@ def test_the_cli_reports_a_missing_password_file_in_one_line(tmp_path, monkeypat
     assert err == (
         f"orchard: error: ORCHARD_DATABASE_PASSWORD_FILE={tmp_path / 'missing'}: no such file\n"
     )
+
+
+# ---------------------------------------------------------------- masking, paths
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        (
+            "postgresql+psycopg://orchard@127.0.0.1:1/orchard?password=S3cret",
+            "postgresql+psycopg://orchard@127.0.0.1:1/orchard?password=***",
+        ),
+        (
+            "postgresql+psycopg://orchard@h/o?sslmode=require&PassWord=S3cret&application_name=x",
+            "postgresql+psycopg://orchard@h/o?sslmode=require&PassWord=***&application_name=x",
+        ),
+        ("redis://h:6379/0?passwd=S3cret", "redis://h:6379/0?passwd=***"),
+        ("redis://h:6379/0?PWD=S3cret&db=1", "redis://h:6379/0?PWD=***&db=1"),
+        ("postgresql://o@h/o?sslpassword=S3cret", "postgresql://o@h/o?sslpassword=***"),
+        ("postgresql://o:S3cret@h/o?password=S3cret", "postgresql://o:***@h/o?password=***"),
+        # a ':' and '@' in the query's password do not unmask part of it
+        ("postgresql://o@h/o?password=a:S3cret@b", "postgresql://o@h/o?password=***"),
+        # names that only look alike are left alone
+        (
+            "postgresql://o@h/o?password_hint=x&mypwd=y",
+            "postgresql://o@h/o?password_hint=x&mypwd=y",
+        ),
+    ],
+)
+def test_a_password_in_the_query_string_is_masked(url, masked):
+    assert mask_url(url) == masked
+    assert "S3cret" not in mask_url(url)
+
+
+def test_the_cli_masks_a_password_in_the_database_urls_query(tmp_path, monkeypatch, capsys):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    monkeypatch.setenv(
+        "ORCHARD_DATABASE_URL", "postgresql+psycopg://orchard@127.0.0.1:1/orchard?password=S3cret"
+    )
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "S3cret" not in err and "?password=***" in err and err.count("\n") == 1
+
+
+def test_a_query_password_and_a_password_file_are_refused_together(tmp_path):
+    env = file_env(tmp_path)
+    env["ORCHARD_DATABASE_URL"] = "postgresql+psycopg://orchard@postgres/orchard?password=S3cret"
+    message = one_line_error(env)
+    assert "S3cret" not in message and "carries a password" in message
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Path:
+    path = tmp_path / "loop"
+    path.symlink_to("loop")
+    return path
+
+
+@pytest.mark.parametrize("name", ["ORCHARD_HOME", "ORCHARD_ARTIFACTS"])
+def test_a_folder_variable_on_a_symlink_loop_is_one_line(tmp_path, loop, name):
+    env = {"ORCHARD_HOME": str(tmp_path), name: str(loop / "x")}
+    with pytest.raises(OrchardError) as caught:
+        load_settings(env)
+    assert str(caught.value).startswith(f"{name}={loop / 'x'!s}: a symbolic link loop (")
+
+
+def test_a_broker_folder_or_sqlite_file_on_a_symlink_loop_is_one_line(tmp_path, loop):
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_BROKER_URL": f"filesystem://{loop}"}
+    with pytest.raises(OrchardError, match=r"^ORCHARD_BROKER_URL=filesystem://.*symbolic link"):
+        load_settings(env)
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": "sqlite:///loop/x.db"}
+    os.chdir(tmp_path)
+    with pytest.raises(OrchardError, match=r"^ORCHARD_DATABASE_URL=sqlite:///loop/x.db: a symbo"):
+        load_settings(env)
+
+
+@pytest.mark.parametrize("name", ["ORCHARD_HOME", "ORCHARD_ARTIFACTS"])
+def test_a_home_folder_of_an_unknown_user_is_one_line(tmp_path, name):
+    env = {"ORCHARD_HOME": str(tmp_path), name: "~nosuchuser-orchard/x"}
+    with pytest.raises(OrchardError) as caught:
+        load_settings(env)
+    assert str(caught.value) == (f"{name}=~nosuchuser-orchard/x: ~nosuchuser-orchard: no such user")
+
+
+@pytest.mark.parametrize("name", ["ORCHARD_HOME", "ORCHARD_ARTIFACTS"])
+def test_an_empty_folder_variable_counts_as_unset_and_whitespace_is_refused(
+    tmp_path, monkeypatch, name
+):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({name: ""})
+    assert settings.home == tmp_path / ".orchard"
+    assert settings.artifacts == tmp_path / ".orchard" / "artifacts"
+    with pytest.raises(OrchardError) as caught:
+        load_settings({name: " \t"})
+    assert str(caught.value) == (f"{name}=' \\t': only whitespace; unset it, or name a folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_reports_a_symlink_loop_home_in_one_line(tmp_path, loop, monkeypatch, capsys):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(loop))
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err == (
+        f"orchard: error: ORCHARD_HOME={loop}: a symbolic link loop ({loop})\n"
+    )

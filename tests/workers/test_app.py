@@ -67,3 +67,61 @@ def test_the_python_api_still_gets_the_error_to_catch(tmp_path: Path) -> None:
     assert (
         done.stdout == f"caught ORCHARD_BROKER_PASSWORD_FILE={tmp_path / 'missing'}: no such file\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [("foo=bar", "foo"), ("socket_timeout=abc", "socket_timeout"), ("password=S3cret", "password")],
+)
+def test_a_broker_url_with_an_option_kombu_refuses_is_one_line(query: str, option: str) -> None:
+    """The broker check names the option, even for a URL that skipped orchard's own
+    URL check (kombu raised a TypeError for a query option it does not know)."""
+    from celery import Celery
+
+    from shared.errors import OrchardError
+    from workers.app import check_broker_reachable
+
+    url = f"redis://:S3cret@127.0.0.1:6379/12?{query}"
+    with pytest.raises(OrchardError) as caught:
+        check_broker_reachable(Celery("t", broker=url, set_as_current=False))
+    message = str(caught.value)
+    shown = query.replace("S3cret", "***")
+    assert message.startswith(f"broker redis://:***@127.0.0.1:6379/12?{shown}: option {option!r}")
+    assert "S3cret" not in message
+
+
+def test_a_type_error_from_kombu_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL orchard's check lets through and kombu still refuses: one line, its reason."""
+    from celery import Celery
+
+    from shared.errors import OrchardError
+    from workers import app as app_module
+    from workers import config
+
+    monkeypatch.setattr(config, "broker_url_problem", lambda url: None)
+    url = "redis://:S3cret@127.0.0.1:6379/12?foo=bar"
+    with pytest.raises(OrchardError) as caught:
+        app_module.check_broker_reachable(Celery("t", broker=url, set_as_current=False))
+    assert str(caught.value) == (
+        "broker redis://:***@127.0.0.1:6379/12?foo=bar: not a broker URL orchard can use "
+        "(option 'foo' in the URL's query is not one kombu knows); " + config.BROKER_URL_EXAMPLES
+    )
+
+
+def test_the_submit_command_names_a_bad_broker_option_in_one_line(
+    tmp_path: Path, tiny_campaign: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    env["ORCHARD_HOME"] = str(tmp_path / "home")
+    env["ORCHARD_BROKER_URL"] = "redis://127.0.0.1:6379/12?foo=bar"
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "submit", str(tiny_campaign)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "redis://127.0.0.1:6379/12?foo=bar" in done.stderr and "'foo'" in done.stderr

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,8 @@ from pydantic import ValidationError
 from shared.errors import OrchardError
 from shared.plan import TASKS
 from shared.settings import Settings
-from workers.config import DEFAULT_VISIBILITY_TIMEOUT, celery_config
+from tests.conftest import REPO
+from workers.config import DEFAULT_VISIBILITY_TIMEOUT, Reliability, celery_config
 
 
 def settings(tmp_path: Path, broker: str) -> Settings:
@@ -125,6 +131,9 @@ def test_lease_and_attempt_settings(monkeypatch) -> None:
         ("ORCHARD_LEASE_SECONDS", "-1"),
         ("ORCHARD_LEASE_SECONDS", "nan"),
         ("ORCHARD_MAX_ATTEMPTS", "1.5"),
+        ("ORCHARD_LEASE_SECONDS", "inf"),
+        ("ORCHARD_LEASE_SECONDS", "-inf"),
+        ("ORCHARD_MAX_ATTEMPTS", "nan"),
     ],
 )
 def test_a_bad_reliability_setting_is_one_line_naming_it(monkeypatch, name, value) -> None:
@@ -133,6 +142,101 @@ def test_a_bad_reliability_setting_is_one_line_naming_it(monkeypatch, name, valu
     monkeypatch.setenv(name, value)
     with pytest.raises(OrchardError, match=rf"^{name}='{re.escape(value)}': expected .* than 0$"):
         reliability()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "limit"),
+    [
+        ("ORCHARD_LEASE_SECONDS", "1e12", "2592000 (30 days)"),
+        ("ORCHARD_LEASE_SECONDS", "2592000.5", "2592000 (30 days)"),
+        ("ORCHARD_VISIBILITY_TIMEOUT", "2592001", "2592000 (30 days)"),
+        ("ORCHARD_VISIBILITY_TIMEOUT", "9" * 30, "2592000 (30 days)"),
+        ("ORCHARD_MAX_ATTEMPTS", "1001", "1000"),
+    ],
+)
+def test_a_reliability_setting_past_its_limit_is_one_line_naming_it(
+    monkeypatch, name, value, limit
+) -> None:
+    from workers.config import reliability
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(OrchardError) as caught:
+        reliability()
+    assert str(caught.value) == (
+        f"{name}={value!r}: expected a {'whole ' if name != 'ORCHARD_LEASE_SECONDS' else ''}"
+        f"number of {'attempts' if 'ATTEMPTS' in name else 'seconds'} greater than 0 "
+        f"and at most {limit}"
+    )
+
+
+def test_the_limits_themselves_are_taken(monkeypatch) -> None:
+    from workers.config import reliability
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "2592000")
+    monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "2592000")
+    monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "1000")
+    assert reliability() == Reliability(2592000.0, 1000, 2592000)
+    # the reaper waits a lease period on a threading.Event: the longest must be allowed
+    assert reliability().lease_seconds * 2 < threading.TIMEOUT_MAX
+
+
+def test_the_worker_command_reports_an_unbounded_lease_in_one_line(tmp_path: Path) -> None:
+    """The reaper thread would die of an OverflowError, leaving units QUEUED."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    env["ORCHARD_HOME"] = str(tmp_path)
+    orchard = [sys.executable, "-m", "scheduler.cli"]
+    run = functools.partial(subprocess.run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run([*orchard, "db", "upgrade"], env=env).returncode == 0
+    env["ORCHARD_LEASE_SECONDS"] = "1e12"
+    done = run([*orchard, "worker", "--queues", "cpu"], env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "orchard: error: ORCHARD_LEASE_SECONDS='1e12': expected a number of seconds "
+        "greater than 0 and at most 2592000 (30 days)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [("foo=bar", "foo"), ("socket_timeout=abc", "socket_timeout"), ("a=1&ssl_x=2", "a")],
+)
+def test_an_unknown_option_in_the_broker_urls_query_is_named(query, option) -> None:
+    from workers.config import broker_url_problem
+
+    problem = broker_url_problem(f"redis://:S3cret@127.0.0.1:6379/12?{query}")
+    assert problem is not None and "S3cret" not in problem
+    assert problem.startswith(f"option {option!r} in the URL's query is not one orchard's ")
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("heartbeat=abc", "option 'heartbeat' in the URL's query: 'abc' is not a number"),
+        ("connect_timeout=nan", "option 'connect_timeout' in the URL's query: 'nan' is not"),
+    ],
+)
+def test_a_numeric_broker_option_that_is_not_a_number_is_named(query, problem) -> None:
+    from workers.config import broker_url_problem
+
+    assert broker_url_problem(f"redis://h:6379/0?{query}").startswith(problem)
+
+
+def test_known_broker_options_pass_the_check() -> None:
+    from workers.config import broker_url_problem
+
+    assert broker_url_problem("redis://h:6379/0?heartbeat=10&connect_timeout=3") is None
+    assert broker_url_problem("redis://h:6379/0?ssl_check_hostname=false") is None
+
+
+def test_a_password_in_the_broker_urls_query_is_refused_with_advice() -> None:
+    """kombu takes the password from the user info only (with one in the query too, its
+    URL parser fails with a TypeError)."""
+    from workers.config import broker_url_problem
+
+    problem = broker_url_problem("redis://h:6379/0?password=S3cret")
+    assert problem is not None and "S3cret" not in problem
+    assert problem.startswith("option 'password' in the URL's query: put the password ")
+    assert broker_url_problem("rediss://h:6380/0?ssl_cert_reqs=required") is None
 
 
 def test_a_broker_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
