@@ -84,7 +84,9 @@ def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
     Image.MAX_IMAGE_PIXELS = max(max_pixels, previous or 0)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns of what orchard reports in one line (a bomb, a TIFF cut short:
+            # "Truncated File Read"): a warning would add lines to submit's output
+            warnings.simplefilter("ignore")
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
