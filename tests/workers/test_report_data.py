@@ -669,18 +669,27 @@ def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) 
     )
 
 
-def test_svm_standardize_sweep_shows_both_values_and_the_gamma_scale_taken(
-    sqlite_url: str,
-) -> None:
+def _standardize_sweep(sqlite_url: str, acc: dict[bool, float], extra=None) -> Store:
+    """An SVM campaign sweeping ``standardize`` over both values, every unit finished
+    with ``acc[standardize]`` (and ``extra(standardize)``)."""
     spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
     spec["svm"] = {"standardize": [False, True]}
     store = make_store(sqlite_url, spec, "s-1")
     for u in store.units("s-1"):
         if u.family == "svm":
-            gamma = 1.07e-5 if u.params.get("standardize") else 1.7e-4
-            extra = {"explained_variance": 0.8, "gamma_scale": gamma}
-            finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+            on = bool(u.params.get("standardize"))
+            more = extra(on) if extra else None
+            finish(store, u.key, acc[on], [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=more)
+    return store
 
+
+def test_svm_standardize_sweep_shows_both_values_and_the_gamma_scale_taken(
+    sqlite_url: str,
+) -> None:
+    def extra(on: bool) -> dict[str, float]:
+        return {"explained_variance": 0.8, "gamma_scale": 1.07e-5 if on else 1.7e-4}
+
+    store = _standardize_sweep(sqlite_url, {False: 0.6, True: 0.6}, extra)
     header, rows = _rows(build_report_data(store, "s-1"), "svm")
     assert [r[header.index("Standardized")] for r in rows] == ["False", "True"]
     assert [r[header.index("γ scale ≈")] for r in rows] == ["0.00017", "1.07e-05"]
@@ -689,14 +698,7 @@ def test_svm_standardize_sweep_shows_both_values_and_the_gamma_scale_taken(
 def test_a_best_point_at_a_default_left_out_of_its_hash_still_names_it(
     sqlite_url: str,
 ) -> None:
-    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
-    spec["svm"] = {"standardize": [False, True]}
-    store = make_store(sqlite_url, spec, "s-1")
-    for u in store.units("s-1"):
-        if u.family == "svm":
-            acc = 0.6 if u.params.get("standardize") else 0.9  # the default point wins
-            finish(store, u.key, acc, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
-
+    store = _standardize_sweep(sqlite_url, {False: 0.9, True: 0.6})  # the default point wins
     data = build_report_data(store, "s-1")
     [family] = data.families
     assert family.params["standardize"] is False
