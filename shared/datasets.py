@@ -198,24 +198,27 @@ class AicupDataset:
     def _read_csv(
         self, csv_path: Path, images: Path, split: str, seen: dict[str, str], ids: set[str]
     ) -> None:
-        # strict: a quote left open (or closed mid-cell) is an error, not a cell that
-        # swallows the rows after it up to the next quote or the end of the file
-        reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""), strict=True)
+        # not strict: csv's strict mode also refuses a space after a closing quote
+        # ('"a.jpg" ,A'), which hand-aligned files have, as they have spaces before an
+        # opening one ('a.jpg,  "A"')
+        reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""), skipinitialspace=True)
         rows, header_possible = iter(reader), True
         while True:
-            start = reader.line_num + 1  # a quoted cell may run over several lines
+            start = reader.line_num + 1
             try:
                 row = next(rows)
             except StopIteration:
                 break
             except csv.Error as exc:
-                if reader.line_num > start or "end of data" in str(exc):
-                    end = f"line {reader.line_num}" if reader.line_num > start else "its end"
-                    raise DatasetError(
-                        f"{csv_path}:{start}: unterminated quote (the quoted cell runs on "
-                        f"to {end}: {exc})"
-                    ) from None
                 raise DatasetError(f"{csv_path}:{start}: not a CSV row ({exc})") from None
+            # a quote left open swallows the lines after it, rows and their commas, up to
+            # the next quote or the end of the file (a line break alone in a quoted id is
+            # refused below as a control character)
+            if any(("\n" in c or "\r" in c) and "," in c for c in row):
+                end = f"line {reader.line_num}" if reader.line_num > start else "its end"
+                raise DatasetError(
+                    f"{csv_path}:{start}: unterminated quote (the quoted cell runs on to {end})"
+                )
             where = f"{csv_path}:{start}"
             cells = [cell.strip() for cell in row]
             if not any(cells):

@@ -322,3 +322,15 @@ def test_an_unlisted_aicup_image_whose_name_is_not_utf8_is_printable(tmp_path):
     assert unlisted.image_id == "caf\\xe9.jpg"
     assert unlisted.unlisted
     (unlisted.path + unlisted.image_id).encode("utf-8")
+
+
+@pytest.mark.parametrize("row", ['"{id}" ,A', '{id},"A" ', '"{id}"   ,   "A"'])
+def test_a_space_after_a_closing_quote_is_fine(tmp_path, row):
+    """As csv reads it outside strict mode: hand-aligned files have such spaces."""
+    root = make_aicup(tmp_path / "data")
+    lines = (root / "train.csv").read_text().splitlines()
+    image_id = lines[10].split(",")[0]
+    lines[10] = row.format(id=image_id)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    manifest = manifest_of(tmp_path, root)
+    assert image_id in {e.image_id for e in manifest.entries}
