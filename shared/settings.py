@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from shared.errors import OrchardError
 
@@ -150,7 +150,13 @@ def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping
         )
     password = quote(read_password_file(path, file_name), safe="")
     user, _, host = authority.rpartition("@")
-    if mask_url(url) != url:  # a password in the URL, by orchard's own rule
+    # a login password in the URL: in its user info, by orchard's own rule (mask_url of
+    # the URL without its query), or libpq's ?password= (not, say, ?sslpassword=, the
+    # client key's passphrase, which mask_url hides too)
+    before_query, _, query = rest.partition("?")
+    in_user_info = mask_url(f"{scheme}://{before_query}") != f"{scheme}://{before_query}"
+    query_keys = {k.lower() for k, _ in parse_qsl(query.partition("#")[0], True)}
+    if in_user_info or "password" in query_keys:
         user, _, host_and_tail = rest.rpartition("@")
         if url == f"{scheme}://{user.partition(':')[0]}:{password}@{host_and_tail}":
             return url  # the file's, already in

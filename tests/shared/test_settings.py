@@ -281,6 +281,15 @@ def test_a_query_password_and_a_password_file_are_refused_together(tmp_path):
     assert "S3cret" not in message and "carries a password" in message
 
 
+def test_a_client_key_passphrase_in_the_query_is_not_a_second_password(tmp_path):
+    """libpq's ?sslpassword= unlocks the client key; the login password comes from the file."""
+    env = file_env(tmp_path, postgres="pw")
+    query = "?sslmode=verify-full&sslkey=/k.pem&sslpassword=keypass"
+    env["ORCHARD_DATABASE_URL"] += query
+    url = load_settings(env).database_url
+    assert url == f"postgresql+psycopg://orchard:pw@postgres:5432/orchard{query}"
+
+
 @pytest.fixture
 def loop(tmp_path: Path) -> Path:
     path = tmp_path / "loop"
