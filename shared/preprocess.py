@@ -155,14 +155,45 @@ def _pixel_data_end(image: Image.Image) -> int | None:
     return None
 
 
+def _netpbm_cut_short(image: Image.Image, data: bytes) -> str | None:
+    """Why a PBM/PGM/PPM file is cut short, None if it is whole, or "unknown" for a kind
+    this does not know. Binary pixel data (P4-P6) must fill width x height samples of one
+    byte, or two where the maximum value is over 255 (bits, for P4); plain pixel data
+    (P1-P3, ASCII) must hold as many numbers. Nothing is decoded: Pillow's decoders of
+    16-bit and plain files take seconds for a photo."""
+    tile = image.tile[0]
+    width, height = image.size
+    magic = data[:2]
+    if magic in (b"P1", b"P2", b"P3"):
+        body = data[tile[2] :]
+        samples = width * height * (3 if magic == b"P3" else 1)
+        # P1 may run its digits together; a comment's words only count too many
+        found = body.count(b"0") + body.count(b"1") if magic == b"P1" else len(body.split())
+        if found >= samples:
+            return None
+        return f"truncated {image.format} ({found:,} of its {samples:,} values)"
+    if magic == b"P4":
+        needed = (width + 7) // 8 * height
+    elif magic in (b"P5", b"P6"):
+        args = tile[3]
+        wide = "16" in args if isinstance(args, str) else args[1] > 255
+        needed = width * height * (3 if magic == b"P6" else 1) * (2 if wide else 1)
+    else:
+        return "unknown"
+    end = tile[2] + needed
+    if len(data) >= end:
+        return None
+    return f"truncated {image.format} (file is {len(data):,} bytes, its header needs {end:,})"
+
+
 def _cut_short(image: Image.Image, data: bytes, source: io.BytesIO) -> str | None:
     """Why an image whose format has no end marker is cut short, or None if it is whole.
 
     Called once the header is read (and a PNG verified). JPEG has its own check
     (:func:`_jpeg_truncated`); WebP's RIFF size is checked by Pillow when it opens one.
-    BMP and TIFF are checked by the sizes their headers give (no decoding); PPM, an
-    RLE-compressed BMP and a TIFF without byte counts give none, so Pillow decodes them
-    (they are rare, and uncompressed or nearly so).
+    BMP, TIFF and PBM/PGM/PPM are checked by the sizes their headers give (no decoding);
+    an RLE-compressed BMP and a TIFF without byte counts give none, so Pillow decodes them
+    (they are rare, and compressed little if at all).
     """
     size = len(data)
     if image.format == "PNG":
@@ -170,6 +201,8 @@ def _cut_short(image: Image.Image, data: bytes, source: io.BytesIO) -> str | Non
         return None if source.tell() + 4 <= size else "truncated PNG (its end chunk is cut short)"
     if image.format not in ("BMP", "TIFF", "PPM"):
         return None
+    if image.format == "PPM" and (problem := _netpbm_cut_short(image, data)) != "unknown":
+        return problem
     end = _pixel_data_end(image)
     if end is not None:
         if end <= size:

@@ -334,3 +334,46 @@ def test_a_space_after_a_closing_quote_is_fine(tmp_path, row):
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     manifest = manifest_of(tmp_path, root)
     assert image_id in {e.image_id for e in manifest.entries}
+
+
+def _netpbm(kind: str) -> bytes:
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    if kind in ("ppm-16", "pgm-16"):
+        wide = rgb.astype(np.uint16) * 257
+        ok, buf = cv2.imencode(
+            ".ppm" if kind == "ppm-16" else ".pgm",
+            wide[..., : 3 if kind == "ppm-16" else 1].squeeze(),
+        )
+        assert ok
+        return buf.tobytes()
+    if kind == "pbm":
+        out = io.BytesIO()
+        Image.fromarray(rgb[..., 0] > 127).save(out, "PPM")
+        return out.getvalue()
+    values = {
+        "plain-pbm": (rgb[..., 0] > 127).astype(int),
+        "plain-pgm": rgb[..., 0],
+        "plain-ppm": rgb,
+    }[kind]
+    magic = {"plain-pbm": "P1", "plain-pgm": "P2", "plain-ppm": "P3"}[kind]
+    maxval = "" if magic == "P1" else "255\n"
+    body = "\n".join(" ".join(str(v) for v in row.ravel()) for row in values)
+    return f"{magic}\n64 48\n{maxval}{body}\n".encode()
+
+
+@pytest.mark.parametrize("kind", ["ppm-16", "pgm-16", "pbm", "plain-pbm", "plain-pgm", "plain-ppm"])
+def test_netpbm_files_are_checked_by_their_header_sizes_without_decoding(kind, monkeypatch):
+    """Pillow's decoders of 16-bit and plain Netpbm files take seconds for a photo."""
+    data = _netpbm(kind)
+
+    def no_load(self):  # noqa: ANN001
+        raise AssertionError("decoded")
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    assert read_header(data, Path("x.pnm")).width == 64
+    with pytest.raises(PreprocessError) as info:
+        read_header(data[: len(data) // 2], Path("x.pnm"))
+    one_line(info.value, "x.pnm: truncated PPM")
