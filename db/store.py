@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1079,9 +1079,11 @@ class Store:
             return Cancelled(CANCELLED, task_ids, len(rows))
 
     @_retried
-    def resume_campaign(self, campaign_id: str) -> list[str]:
+    def resume_campaign(self, campaign_id: str, redo: Collection[str] = ()) -> list[str]:
         """Put every unit that did not succeed back to PENDING, attempts reset, and the
         campaign back to RUNNING; returns the keys reset (the caller then advances).
+        ``redo`` names succeeded units to run again too (their results are dropped): a
+        preprocessing shard whose file is gone or changed.
 
         Left alone: SUCCESS units, and RUNNING units whose holder is alive (live lease).
         QUEUED units are reset too: their message may be gone (a broker that lost it);
@@ -1104,6 +1106,10 @@ class Store:
                 return row.state == RUNNING and expires is not None and expires > now
 
             reset = [r for r in rows if r.state != SUCCESS and not alive(r)]
+            for row in rows:
+                if row.key in redo and row.state == SUCCESS:
+                    s.execute(delete(ResultRow).where(ResultRow.unit_id == row.id))
+                    reset.append(row)
             if any(r.stage < REPORT for r in reset):
                 for report in (r for r in rows if r.stage == REPORT and r not in reset):
                     if report.state == SUCCESS:

@@ -413,7 +413,9 @@ def _settings(
 
 def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[CampaignRun, list[str]]:
     """Run again every unit of a campaign that did not succeed (failed, cancelled,
-    lost with its worker or its message); returns the run and the keys re-enqueued."""
+    lost with its worker or its message), and every preprocessing shard whose file is
+    now missing or changed (the units that read it failed on it); returns the run and
+    the keys re-enqueued."""
     settings = _settings(settings)
     store = Store(settings.database_url)
     store.check_schema()
@@ -423,9 +425,34 @@ def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[Campa
 
     app = make_app(settings, with_tasks=False)
     check_broker_reachable(app)
-    reset = store.resume_campaign(campaign_id)
+    reset = store.resume_campaign(campaign_id, redo=_damaged_shards(store, settings, campaign_id))
     advance(store, app, campaign_id)
     return CampaignRun(campaign_id, store, settings), reset
+
+
+def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:
+    """Keys of the campaign's succeeded preprocessing units whose shard file is missing or
+    no longer has the checksum recorded for it (a cache cleaned up, a disk error). Run
+    again, each writes its shard anew, as a fresh submit would."""
+    from shared.artifacts import sha256_file
+    from shared.manifest import Manifest
+    from workers.data import shard_rel
+
+    try:
+        path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
+        manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # no manifest here: the units that need it say so themselves
+    damaged = []
+    for unit in store.units(campaign_id):
+        if unit.family != "preprocess" or unit.state != SUCCESS:
+            continue
+        rel = shard_rel(manifest, unit.params["shard"])
+        record = store.find_artifact(rel)
+        shard = settings.artifacts / rel
+        if record is None or not shard.is_file() or sha256_file(shard) != record.sha256:
+            damaged.append(unit.key)
+    return damaged
 
 
 def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:

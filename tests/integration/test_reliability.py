@@ -477,6 +477,39 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
     assert again.report_path() is not None and again.report_path().exists()
 
 
+def test_resume_rewrites_a_shard_that_was_altered_or_deleted(cluster: Cluster) -> None:
+    """A shard damaged after its unit succeeded fails every unit that reads it; resume
+    runs its preprocessing unit again (it would otherwise stay SUCCESS, and each resume
+    fail the same way), and the campaign finishes."""
+    from shared.artifacts import sha256_file
+    from shared.manifest import Manifest, manifest_path
+    from workers.data import shard_rel
+
+    store, artifacts = cluster.store, cluster.settings.artifacts
+    run = cluster.submit(write_campaign(cluster.tmp, "damaged", epochs=1))
+    assert cluster.wait(run).campaign.state == "DONE"
+    manifest = Manifest.from_json(manifest_path(artifacts / "campaigns" / run.id).read_text())
+    first, second = (artifacts / shard_rel(manifest, index) for index in (0, 1))
+    altered = bytearray(first.read_bytes())
+    altered[-1] ^= 0xFF
+    first.write_bytes(bytes(altered))
+    second.unlink()
+
+    resumed, reset = resume(run.id, settings=cluster.settings)
+    assert reset == [
+        f"{run.id}/preprocess/s00000",
+        f"{run.id}/preprocess/s00001",
+        f"{run.id}/report",
+    ]
+    assert cluster.wait(resumed).campaign.state == "DONE"
+    for index, shard in enumerate((first, second)):
+        record = store.find_artifact(shard_rel(manifest, index))
+        assert record is not None and sha256_file(shard) == record.sha256
+
+    _, reset = resume(run.id, settings=cluster.settings)  # whole again: nothing to do
+    assert reset == []
+
+
 def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: Cluster) -> None:
     """The revoke of `orchard cancel` reaches only the workers running at the time, and
     workers start without Celery's handshake (mingle) that would pass revoked ids on: a
