@@ -800,6 +800,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     store.get_campaign(args.campaign)
     path = CampaignRun(args.campaign, store, settings).report_path()
     if path is None:
+        report = next((u for u in store.units(args.campaign) if u.family == "report"), None)
+        if report is not None and report.state in ("FAILED", "CANCELLED"):
+            why = f": {report.error}" if report.error else ""
+            raise OrchardError(
+                f"campaign {args.campaign} has no report: its report unit is "
+                f"{report.state}{why}; `orchard resume {args.campaign}` runs it again"
+            )
         raise OrchardError(f"campaign {args.campaign} has no report yet")
     if args.print:
         markdown = path.with_suffix(".md")

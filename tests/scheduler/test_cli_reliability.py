@@ -99,3 +99,19 @@ def test_resume_while_a_unit_still_runs_says_so(
     out = capsys.readouterr().out
     assert out == "campaign t-1 is RUNNING: 1 unit(s) still running, nothing to re-enqueue\n"
     assert {u.key: u.state for u in home.units("t-1")}[report.key] == "RUNNING"
+
+
+def test_report_of_a_campaign_whose_report_failed_says_so_and_what_to_do(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plans = seed_campaign(home)
+    assert main(["report", "t-1"]) == 2
+    assert capsys.readouterr().err == "orchard: error: campaign t-1 has no report yet\n"
+    [report] = [p for p in plans if p.family == "report"]
+    home.fail_unit(report.key, "OSError: [Errno 30] Read-only file system: '/a/report'")
+    assert main(["report", "t-1"]) == 2
+    assert capsys.readouterr().err == (
+        "orchard: error: campaign t-1 has no report: its report unit is FAILED: "
+        "OSError: [Errno 30] Read-only file system: '/a/report'; "
+        "`orchard resume t-1` runs it again\n"
+    )
