@@ -24,7 +24,7 @@ from db.store import Artifact, Campaign, Cancelled, Store, Unit
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
-from shared.errors import OrchardError
+from shared.errors import OrchardError, printable
 from shared.manifest import ManifestError, build_manifest, manifest_path, synthetic_root
 from shared.plan import (
     CANCELLED,
@@ -344,10 +344,9 @@ def check_campaign_path(path: str | Path) -> None:
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise CampaignError(
-            f"campaign file {shown}: its path is not UTF-8 text, which the store records; "
-            "rename it (or copy it to a UTF-8 path)"
+            f"campaign file {printable(path)}: its path is not UTF-8 text, which the store "
+            "records; rename it (or copy it to a UTF-8 path)"
         ) from None
 
 
@@ -434,25 +433,21 @@ def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[
     """Keys of the campaign's succeeded preprocessing units whose shard file is missing or
     no longer has the checksum recorded for it (a cache cleaned up, a disk error). Run
     again, each writes its shard anew, as a fresh submit would."""
-    from shared.artifacts import sha256_file
     from shared.manifest import Manifest
-    from workers.data import shard_rel
+    from workers.data import shard_intact, shard_rel
 
     try:
         path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
         manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []  # no manifest here: the units that need it say so themselves
-    damaged = []
-    for unit in store.units(campaign_id):
-        if unit.family != "preprocess" or unit.state != SUCCESS:
-            continue
-        rel = shard_rel(manifest, unit.params["shard"])
-        record = store.find_artifact(rel)
-        shard = settings.artifacts / rel
-        if record is None or not shard.is_file() or sha256_file(shard) != record.sha256:
-            damaged.append(unit.key)
-    return damaged
+    return [
+        unit.key
+        for unit in store.units(campaign_id)
+        if unit.family == "preprocess"
+        and unit.state == SUCCESS
+        and not shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
+    ]
 
 
 def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:

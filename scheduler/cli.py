@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import OrchardError
+from shared.errors import OrchardError, printable
 from shared.settings import child_env, load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
@@ -334,7 +334,7 @@ def _node_name(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(
-            f"{_shown(text)}: not UTF-8 text (a node name is sent to the broker)"
+            f"{printable(text)}: not UTF-8 text (a node name is sent to the broker)"
         ) from None
     try:
         host_format(default_nodename(text))
@@ -346,11 +346,6 @@ def _node_name(text: str) -> str:
             "(a literal %)"
         ) from None
     return text
-
-
-def _shown(text: str) -> str:
-    """``text`` as a line can show it: the bytes that are not UTF-8 as ``\\xff``."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _positive_int(text: str) -> int:
@@ -461,7 +456,7 @@ def _check_campaign_id(campaign_id: str) -> None:
         campaign_id.encode("utf-8")
     except UnicodeEncodeError:
         raise OrchardError(
-            f"no campaign {_shown(campaign_id)}: a campaign id is UTF-8 text, as "
+            f"no campaign {printable(campaign_id)}: a campaign id is UTF-8 text, as "
             "`orchard status` lists it"
         ) from None
 

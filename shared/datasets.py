@@ -16,14 +16,13 @@ import codecs
 import csv
 import errno
 import io
-import os
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import OrchardError
+from shared.errors import OrchardError, printable
 
 SPLITS = ("train", "dev", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -134,11 +133,6 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _printable(name: str | Path) -> str:
-    """A file name or path as text, the bytes that are not UTF-8 written ``\\xe9``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
 NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
@@ -189,7 +183,7 @@ class AicupDataset:
             self._read_csv(csv_path, images, split, seen, ids)
         self._samples = _sorted(self._samples)
         self._unlisted = [
-            Skipped(_printable(p.name), split, _printable(p), f"{UNLISTED}{' or '.join(csvs)}")
+            Skipped(printable(p.name), split, printable(p), f"{UNLISTED}{' or '.join(csvs)}")
             for folder, (split, ids, csvs) in listed.items()
             for p in _image_files(folder)
             if p.name not in ids
@@ -326,7 +320,7 @@ class ImageFolderDataset:
             for class_dir in dirs:
                 if not _is_utf8(class_dir.name):  # a class name is printed and stored
                     raise DatasetError(
-                        f"{_printable(class_dir)}: class folder name is not valid UTF-8; rename it"
+                        f"{printable(class_dir)}: class folder name is not valid UTF-8; rename it"
                     )
         self.classes = tuple(sorted({d.name for dirs in class_dirs.values() for d in dirs}))
         if not self.classes:
@@ -341,7 +335,7 @@ class ImageFolderDataset:
                     if not _is_utf8(image_id):
                         # skipped, as an image that cannot be read: named with \\xe9 escapes
                         self._missing.append(
-                            Skipped(_printable(image_id), split, _printable(path), NOT_UTF8)
+                            Skipped(printable(image_id), split, printable(path), NOT_UTF8)
                         )
                         continue
                     _inside(self.root, path, "image")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from db.store import Store
+from shared.artifacts import sha256_file
 from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
 from shared.settings import Settings
@@ -21,6 +24,14 @@ def cache_dir_rel(manifest: Manifest) -> str:
 
 def shard_rel(manifest: Manifest, index: int) -> str:
     return f"{cache_dir_rel(manifest)}/{shard_name(index)}"
+
+
+def shard_intact(store: Store, artifacts: Path, rel: str) -> bool:
+    """Whether the shard at ``rel`` is recorded and its file still has the recorded
+    checksum (a cache cleaned up, a disk error, an edit make it not)."""
+    record = store.find_artifact(rel)
+    path = artifacts / rel
+    return record is not None and path.is_file() and sha256_file(path) == record.sha256
 
 
 def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: str) -> np.ndarray:

@@ -9,9 +9,8 @@ import time
 import numpy as np
 
 from db.store import Artifact, Outcome
-from shared.artifacts import sha256_file
 from shared.preprocess import preprocess_images, write_shard
-from workers.data import shard_rel
+from workers.data import shard_intact, shard_rel
 from workers.tasks.base import UnitContext, log, unit_task
 
 _warned: set[str] = set()  # this worker said it has no CUDA device for nvjpeg
@@ -24,10 +23,9 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     params = ctx.unit.params
     rel = shard_rel(manifest, params["shard"])
     path = ctx.settings.artifacts / rel
-    known = ctx.store.find_artifact(rel)
     # The cache is keyed by content: a shard another campaign wrote is reused when
     # its bytes still match the checksum recorded for them.
-    if known is not None and path.exists() and sha256_file(path) == known.sha256:
+    if shard_intact(ctx.store, ctx.settings.artifacts, rel):
         return Outcome(
             fit_seconds=time.perf_counter() - started,
             extra={"images": params["stop"] - params["start"], "reused": True},
