@@ -1,0 +1,195 @@
+"""The study's experiments (/work/shared/study.md) as the campaigns in ``campaigns/study/``.
+
+Each test names a section of the study and checks that some shipped campaign runs what
+that section reports: the values it compared, the fixed parameters it names, and its
+validation scheme (the dev split where the study's accuracies are out of its 800 dev
+images). A study experiment without a campaign, or a campaign that drifts from the
+study's values, fails here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shared.spec import Campaign, load_campaign, sweep_points
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY = REPO / "campaigns" / "study"
+
+
+def _campaigns() -> dict[str, Campaign]:
+    return {path.stem: load_campaign(path) for path in sorted(STUDY.glob("*.toml"))}
+
+
+@pytest.fixture(scope="module")
+def campaigns() -> dict[str, Campaign]:
+    return _campaigns()
+
+
+def _points(campaign: Campaign, family: str) -> list[dict[str, Any]]:
+    return sweep_points(getattr(campaign, family))
+
+
+def _values(points: list[dict[str, Any]], name: str) -> list[Any]:
+    return list(dict.fromkeys(p[name] for p in points))
+
+
+def _sweeping(campaigns: dict[str, Campaign], family: str, name: str) -> list[str]:
+    """The campaigns whose ``family`` section sweeps ``name`` (two or more values)."""
+    return [
+        stem
+        for stem, c in campaigns.items()
+        if getattr(c, family) is not None and len(getattr(getattr(c, family), name)) > 1
+    ]
+
+
+# ---------------------------------------------------------------- CNN (section 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "compared"),
+    [
+        ("norm_order", ["bn_act", "act_bn"]),  # 1.3.1 B -> R against R -> B
+        ("activation", ["relu", "leakyrelu", "prelu"]),  # 1.3.1 ReLU, LeakyReLU, PReLU
+        ("pool", ["max", "conv"]),  # 1.3.1 MaxPool2d against Conv2d stride 2
+        ("optimizer", ["sgd", "adam"]),  # 1.3.1 SGD against Adam
+        ("dropout", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]),  # 1.3.1 none, then 0.1 ... 0.5
+        ("stride", [1, 3, 5, 7]),  # 1.3.1 Others: stride 3, 5, 7 (the table's 1)
+        ("image_size", [192, 224]),  # 1.2: "several sizes, e.g. 192 x 192, 224 x 224"
+    ],
+)
+def test_each_cnn_comparison_of_the_study_has_a_campaign(campaigns, name, compared):
+    stems = _sweeping(campaigns, "cnn", name)
+    assert len(stems) == 1, f"one campaign should sweep [cnn] {name}, found {stems}"
+    campaign = campaigns[stems[0]]
+    points = _points(campaign, "cnn")
+    assert _values(points, name) == compared
+    # a single model per setting, scored on the dev split as the study's tables are
+    assert campaign.validation == "dev"
+    assert campaign.cnn.folds == 1
+    # everything else is the study's final model
+    study = {
+        "norm_order": "act_bn",
+        "activation": "prelu",
+        "pool": "max",
+        "stride": 1,
+        "dense": "512,256,64",
+        "dropout": 0.5,
+        "image_size": 224,
+        "width": 1.0,
+        "augment": True,
+    }
+    for point in points:
+        for other, value in study.items():
+            if other != name:
+                assert point[other] == value, (stems[0], other)
+
+
+def test_the_final_cnn_is_five_folds_blended_by_vote(campaigns):
+    campaign = campaigns["cnn-final"]
+    assert campaign.validation == "folds" and campaign.folds == 5
+    assert campaign.cnn.folds == 5
+    assert campaign.blend.method in ("vote", "both")
+    (point,) = _points(campaign, "cnn")
+    assert (point["width"], point["image_size"], point["dropout"]) == (1.0, 224, 0.5)
+
+
+# ---------------------------------------------------------------- SVM (section 2)
+
+
+def test_svm_preprocessing_is_the_study_s_three_inputs_at_its_fixed_point(campaigns):
+    campaign = campaigns["svm-preprocessing"]
+    assert campaign.validation == "dev"
+    points = _points(campaign, "svm")
+    assert _values(points, "variant") == ["original", "polarized", "cropped"]
+    for point in points:
+        assert (point["n_components"], point["C"], point["gamma"]) == (200, 1.5, "scale")
+        assert point["whiten"] is False
+
+
+def test_svm_pca_components_searches_the_study_s_grid(campaigns):
+    points = _points(campaigns["svm-pca-components"], "svm")
+    assert _values(points, "n_components") == [50, 100, 200, 500, 700, 800]
+    assert _values(points, "C") == [1.0, 1.5, 2.0]
+    assert _values(points, "gamma") == [1e-6, 1e-5, 1e-4, 1e-3]
+
+
+def test_svm_grid_covers_every_row_of_the_study_s_table(campaigns):
+    campaign = campaigns["svm-grid"]
+    assert campaign.validation == "dev"
+    grid = {(p["n_components"], p["C"], p["gamma"]) for p in _points(campaign, "svm")}
+    rows = [(k, c, "scale") for k in (100, 200, 500, 1000) for c in (0.1, 1.0, 10.0)]
+    rows += [(100, c, "scale") for c in (0.001, 0.01)]
+    rows += [(k, 1.0, g) for k in (100, 200, 500, 1000) for g in (3e-6, 1e-5, 3e-5)]
+    rows += [(k, 1.0, 1e-6) for k in (100, 200)] + [(100, 1.0, 1e-4)]
+    assert set(rows) <= grid
+
+
+def test_svm_whiten_holds_both_of_the_study_s_best_points(campaigns):
+    grid = {
+        (p["whiten"], p["n_components"], p["C"], p["gamma"])
+        for p in _points(campaigns["svm-whiten"], "svm")
+    }
+    assert (True, 200, 2.0, 5e-3) in grid
+    assert (False, 100, 2.0, 1e-5) in grid
+
+
+# ---------------------------------------------------------------- random forest (section 3)
+
+
+def test_rf_preprocessing_has_the_study_s_six_rows(campaigns):
+    rows = {
+        (p["variant"], p["augment"])
+        for stem in ("rf-preprocessing", "rf-preprocessing-polarized")
+        for p in _points(campaigns[stem], "rf")
+    }
+    study = {
+        ("resize128", "none"),
+        ("resize192", "none"),
+        ("resize128", "flip"),
+        ("resize128", "rotate"),
+        ("resize128", "rotate_flip"),
+        ("polarcrop192", "none"),  # 55,296 features: the polar image's upper half
+    }
+    assert study <= rows
+    for stem in ("rf-preprocessing", "rf-preprocessing-polarized"):
+        for point in _points(campaigns[stem], "rf"):  # "default parameters"
+            assert point["n_estimators"] == 100 and point["max_depth"] is None
+
+
+@pytest.mark.parametrize("stem", ["rf-feature-selection", "rf-pca"])
+def test_rf_selection_and_pca_use_the_study_s_prediction_forest(campaigns, stem):
+    for point in _points(campaigns[stem], "rf"):
+        assert (point["n_estimators"], point["min_samples_leaf"], point["max_depth"]) == (
+            1000,
+            2,
+            48,
+        )
+        assert point["variant"] == "resize128" and point["augment"] == "none"
+
+
+def test_feature_selection_forest_is_the_study_s():
+    # SelectFromModel(RandomForestClassifier(n_estimators=400, max_depth=64))
+    from shared.forest import TrainingRows, _transform
+
+    rows = TrainingRows(x=np.zeros((4, 4)), y=np.zeros(4), source=np.arange(4), n_images=4)
+    select = _transform({"select_scaling": 1.0}, rows, seed=0).named_steps["select"]
+    assert select.threshold == "1.0*median"
+    assert (select.estimator.n_estimators, select.estimator.max_depth) == (400, 64)
+
+
+def test_final_comparison_is_the_study_s_three_best_models(campaigns):
+    campaign = campaigns["final-comparison"]
+    (cnn,) = _points(campaign, "cnn")
+    assert campaign.cnn.folds == 5 and cnn["image_size"] == 224
+    svm = _points(campaign, "svm")
+    assert {p["variant"] for p in svm} == {"polarized"}
+    assert {(p["n_components"], p["whiten"], p["gamma"]) for p in svm} == {(200, False, "scale")}
+    assert 1.5 in _values(svm, "C")
+    (rf,) = _points(campaign, "rf")
+    assert (rf["variant"], rf["augment"], rf["n_estimators"]) == ("resize128", "rotate_flip", 1000)
+    assert set(campaign.blend.families) == {"cnn", "svm", "rf"}
