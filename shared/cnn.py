@@ -9,7 +9,9 @@ The variants the study compared (section 1.3.1) are data, not classes: one build
 reads ``norm_order``, ``activation``, ``pool``, ``stride`` and ``dense`` from the
 params, as timm builds its model variants from configs. ``width`` scales every
 channel and hidden size, ``image_size`` the input, so a CPU demo can train the same
-design small. Defaults are the study's at 224x224.
+design small. The architecture's defaults are the study's at 224x224; the study gives no
+epochs, batch size, learning rate, momentum or weight decay, so those defaults
+(``shared.spec.CnnParams``) are orchard's own (README: Where the runs differ).
 
 Training data arrive as the uint8 ``crop224`` cache (centre crop of a 256 resize, as
 in the study). The whole set is moved to the device once; batches are gathered,
