@@ -425,6 +425,7 @@ PARAM_LABELS: dict[str, str] = {
     "optimizer": "Optimizer",
     "dropout": "Dropout",
     "stride": "Stride",
+    "image_size": "Image size",
     "dense": "Dense layers",
     "lr": "Learning rate",
     "n_components": "n_component",
@@ -461,6 +462,8 @@ def param_value(name: str, value: Any) -> str:
             word, size = match.groups()
             return f"{_VARIANT_WORDS.get(word, word)} {size}"
         return {"polarized": "polarized", "original": "original"}.get(value, value)
+    if name == "image_size" and isinstance(value, int) and not isinstance(value, bool):
+        return f"{value} × {value}"  # the study's "224 × 224"
     if value is None:
         return "None"
     return _fmt_value(value)

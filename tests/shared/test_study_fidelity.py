@@ -193,3 +193,11 @@ def test_final_comparison_is_the_study_s_three_best_models(campaigns):
     (rf,) = _points(campaign, "rf")
     assert (rf["variant"], rf["augment"], rf["n_estimators"]) == ("resize128", "rotate_flip", 1000)
     assert set(campaign.blend.families) == {"cnn", "svm", "rf"}
+
+
+def test_report_names_the_input_size_as_the_study_does():
+    from shared.report import param_label, param_value
+
+    assert param_label("image_size") == "Image size"
+    assert param_value("image_size", 224) == "224 × 224"
+    assert param_label("stride") == "Stride" and param_value("stride", 3) == "3"
