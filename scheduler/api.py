@@ -214,11 +214,14 @@ def submit(
     check_campaign_path(path)
     campaign = load_campaign(path)
     _check_creatable(settings.artifacts)
+    if settings.broker_is_filesystem:
+        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
     check_sqlite_store(settings.database_url)
-    # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
+    from workers.config import make_broker_folders
 
-    app = make_app(settings, with_tasks=False)
+    # a filesystem broker's folders are made once the campaign is known to be good
+    app = make_app(settings, with_tasks=False, broker_folders=False)
     check_broker_reachable(app)
     store = Store(settings.database_url)
     database_server = not settings.database_url.startswith("sqlite")
@@ -247,6 +250,7 @@ def submit(
         # the new campaign's folder, with its manifest, is removed again if recording fails
         folder = settings.artifacts / "campaigns" / campaign_id
         fresh = not folder.exists()  # never another campaign's, should two ids collide
+        make_broker_folders(settings)
         try:
             written = atomic_write_text(manifest_path(folder), manifest.to_json())
             if not database_server:
@@ -419,7 +423,6 @@ def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[Campa
     store = Store(settings.database_url)
     store.check_schema()
     store.get_campaign(campaign_id)
-    # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
 
     app = make_app(settings, with_tasks=False)
@@ -461,7 +464,6 @@ def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
     store = Store(settings.database_url)
     store.check_schema()
     store.get_campaign(campaign_id)
-    # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
 
     app = make_app(settings, with_tasks=False)

@@ -146,11 +146,12 @@ def _check_before_starting(campaign: Path, settings: Settings) -> None:
     load_campaign(campaign)
     _check_creatable(settings.artifacts)
     _check_creatable(settings.home / "logs", "log folder")
+    if settings.broker_is_filesystem:
+        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
     check_sqlite_store(settings.database_url)
-    # only now: importing workers.app creates a filesystem broker's folders
     from workers.app import check_broker_reachable, make_app
 
-    check_broker_reachable(make_app(settings, with_tasks=False))
+    check_broker_reachable(make_app(settings, with_tasks=False, broker_folders=False))
 
 
 def _cancel(run: CampaignRun) -> str:

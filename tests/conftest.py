@@ -27,7 +27,7 @@ def load_bench(name: str) -> ModuleType:
     return module
 
 
-# Importing workers.app builds the Celery app from the environment; keep anything it
+# workers.app builds its Celery app from the environment on first use; keep anything it
 # creates out of the checkout.
 os.environ.setdefault("ORCHARD_HOME", tempfile.mkdtemp(prefix="orchard-test-home-"))
 

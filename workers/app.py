@@ -12,7 +12,7 @@ from celery import Celery
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
 from workers import logs
-from workers.config import celery_config
+from workers.config import celery_config, make_broker_folders
 from workers.reaper import LostUnitReaper
 
 TASK_MODULES = [
@@ -52,10 +52,15 @@ def preloaded(queues: Iterable[str]) -> bool:
     return all(m in sys.modules for q in queues for m in QUEUE_LIBRARIES.get(q, ()))
 
 
-def make_app(settings: Settings, *, with_tasks: bool = True) -> Celery:
-    """An app for ``settings``; a producer (the scheduler) needs no task modules."""
+def make_app(settings: Settings, *, with_tasks: bool = True, broker_folders: bool = True) -> Celery:
+    """An app for ``settings``; a producer (the scheduler) needs no task modules. Without
+    ``broker_folders`` a filesystem broker's folders are left to the caller
+    (:func:`workers.config.make_broker_folders` before it sends)."""
+    config = celery_config(settings)
+    if broker_folders:
+        make_broker_folders(settings)
     celery = Celery("orchard", include=TASK_MODULES if with_tasks else [])
-    celery.config_from_object(celery_config(settings))
+    celery.config_from_object(config)
     if with_tasks:
         celery.steps["worker"].add(LostUnitReaper)
         logs.install()
@@ -76,7 +81,14 @@ def _app_from_environment() -> Celery:
         raise SystemExit(2) from None  # a BaseException: Celery's loader lets it through
 
 
-app = _app_from_environment()
+def __getattr__(name: str) -> Celery:
+    # `app` is built on first use (`from workers.app import app`, `celery -A
+    # workers.app`), not on import: a process that only builds its own app (`orchard
+    # submit`) creates nothing of the environment's (a filesystem broker's folders)
+    if name == "app":
+        globals()["app"] = built = _app_from_environment()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_broker_reachable(celery: Celery) -> None:

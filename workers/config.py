@@ -127,6 +127,21 @@ def redis_tls_options(env: dict[str, str] | None = None) -> dict[str, Any]:
     return options
 
 
+def make_broker_folders(settings: Settings) -> None:
+    """Create a filesystem broker's folders (a Redis broker needs nothing): the workers'
+    app does it when it is built, a producer just before it first sends."""
+    if not settings.broker_is_filesystem:
+        return
+    folder = settings.broker_folder
+    try:
+        for sub in ("queue", "control", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OrchardError(
+            f"ORCHARD_BROKER_URL: cannot create the broker folder {folder}: {exc.strerror or exc}"
+        ) from None
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     # every reliability setting is checked here, so that a worker (and `celery -A
     # workers.app`) refuses a bad one at start, not in its reaper thread or first task
@@ -166,14 +181,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {}
     if settings.broker_is_filesystem:
         folder = settings.broker_folder
-        try:
-            for sub in ("queue", "control", "processed"):
-                (folder / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OrchardError(
-                f"ORCHARD_BROKER_URL: cannot create the broker folder {folder}: "
-                f"{exc.strerror or exc}"
-            ) from None
         # the folder travels in the transport options; a host name keeps kombu quiet
         config["broker_url"] = "filesystem://localhost/"
         transport = {

@@ -242,8 +242,8 @@ def test_a_store_at_an_older_schema_does_not_stop_submit(
 
 
 def test_a_refused_campaign_file_leaves_no_broker_folder(tmp_path: Path) -> None:
-    """In a process of its own: importing workers.app builds the app, and its broker
-    folders, from the environment."""
+    """In a process of its own: building the app makes its broker folders, from the
+    environment."""
     home = tmp_path / "home"
     bad = tmp_path / "bad.toml"
     bad.write_text(CAMPAIGN + "nonsense = 1\n")
@@ -264,15 +264,37 @@ def test_an_artifact_folder_that_cannot_be_made_leaves_no_broker_folder(tmp_path
     assert not home.exists()
 
 
-def test_a_refused_dataset_leaves_no_store_and_no_campaigns_folder(
-    tmp_path: Path, monkeypatch, capsys
+def test_a_refused_dataset_leaves_no_store_no_campaigns_folder_and_no_broker_folder(
+    tmp_path: Path,
 ) -> None:
-    """The broker folder may be there (the broker is checked before the dataset is read)."""
+    """A real process: the broker is asked before the dataset is read, but a filesystem
+    broker's folders are made only for a campaign that passed every check."""
     path = tmp_path / "c.toml"
     path.write_text(SYNTHETIC)  # no model family
     home = tmp_path / "home"
-    code, _, err = run_in_process(monkeypatch, capsys, "submit", str(path), home=home)
-    assert code == 2, err
+    done = orchard("submit", str(path), home=home)
+    assert_one_line_error(done, f"{path}: no model family to train")
     assert not (home / "orchard.db").exists()
     assert not (home / "artifacts" / "campaigns").exists()
+    assert not (home / "broker").exists()
+    assert_no_dataset_left(home)
+
+
+def test_a_broker_folder_that_cannot_be_made_stops_submit_before_the_dataset(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    home = tmp_path / "home"
+    done = orchard(
+        "submit",
+        str(campaign_file(tmp_path)),
+        home=home,
+        ORCHARD_BROKER_URL=f"filesystem://{blocker / 'broker'}",
+    )
+    folder = blocker / "broker"
+    assert_one_line_error(
+        done, f"ORCHARD_BROKER_URL: broker folder {folder}: {blocker} is not a directory"
+    )
+    assert not (home / "orchard.db").exists()
     assert_no_dataset_left(home)

@@ -183,7 +183,7 @@ def test_a_worker_does_not_create_the_store_either(tmp_path: Path, monkeypatch, 
 @pytest.mark.parametrize("command", ["cancel", "resume"])
 def test_an_unknown_campaign_touches_no_broker(tmp_path: Path, command: str) -> None:
     """The store is asked first; the filesystem broker's folders are not created for a
-    campaign that does not exist (a real process: importing workers.app creates them)."""
+    campaign that does not exist (a real process: building the app creates them)."""
     Store(f"sqlite:///{tmp_path / 'orchard.db'}").upgrade()
     done = orchard(command, "nope-1", home=tmp_path)
     one_line(done.returncode, done.stdout, done.stderr, "no campaign 'nope-1'")

@@ -44,11 +44,13 @@ def test_the_celery_command_reports_a_missing_password_file_in_one_line(
 
 
 def test_the_python_api_still_gets_the_error_to_catch(tmp_path: Path) -> None:
-    """Outside the `celery` command, importing the app raises OrchardError, no exit."""
+    """Outside the `celery` command, the app (built on first use) raises OrchardError,
+    no exit; importing the module alone builds nothing."""
     code = (
         "from shared.errors import OrchardError\n"
+        "import workers.app\n"
         "try:\n"
-        "    import workers.app\n"
+        "    from workers.app import app\n"
         "except OrchardError as exc:\n"
         "    print('caught', exc)\n"
     )

@@ -17,7 +17,12 @@ from shared.errors import OrchardError
 from shared.plan import TASKS
 from shared.settings import Settings
 from tests.conftest import REPO
-from workers.config import DEFAULT_VISIBILITY_TIMEOUT, Reliability, celery_config
+from workers.config import (
+    DEFAULT_VISIBILITY_TIMEOUT,
+    Reliability,
+    celery_config,
+    make_broker_folders,
+)
 
 
 def settings(tmp_path: Path, broker: str) -> Settings:
@@ -52,7 +57,9 @@ def test_filesystem_broker_folders(tmp_path: Path) -> None:
     config = celery_config(settings(tmp_path, f"filesystem://{tmp_path / 'b'}"))
     options = config["broker_transport_options"]
     assert options["data_folder_in"] == options["data_folder_out"] == str(tmp_path / "b" / "queue")
-    assert (tmp_path / "b" / "control").is_dir()
+    assert not (tmp_path / "b").exists()  # configuring creates nothing
+    make_broker_folders(settings(tmp_path, f"filesystem://{tmp_path / 'b'}"))
+    assert all((tmp_path / "b" / sub).is_dir() for sub in ("queue", "control", "processed"))
 
 
 def test_redis_key_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +249,7 @@ def test_a_password_in_the_broker_urls_query_is_refused_with_advice() -> None:
 def test_a_broker_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(OrchardError, match=r"^ORCHARD_BROKER_URL: cannot create the broker"):
-        celery_config(settings(tmp_path, f"filesystem://{tmp_path / 'file' / 'broker'}"))
+        make_broker_folders(settings(tmp_path, f"filesystem://{tmp_path / 'file' / 'broker'}"))
 
 
 def test_unit_tasks_have_no_hidden_retry_limit() -> None:
