@@ -426,6 +426,7 @@ PARAM_LABELS: dict[str, str] = {
     "dropout": "Dropout",
     "stride": "Stride",
     "image_size": "Image size",
+    "input": "Input",
     "dense": "Dense layers",
     "lr": "Learning rate",
     "n_components": "n_component",
@@ -440,6 +441,7 @@ _VALUE_NAMES: dict[str, dict[Any, str]] = {
     "activation": {"prelu": "PReLU", "relu": "ReLU", "leakyrelu": "LeakyReLU"},
     "pool": {"max": "MaxPool2d", "conv": "Conv2d with stride=2"},
     "optimizer": {"sgd": "SGD", "adam": "Adam"},
+    "input": {"crop": "resize, centre crop", "resize": "resize"},
     "augment": {"none": "", "flip": "flip", "rotate": "rotate", "rotate_flip": "rotate, flip"},
 }
 _VARIANT_WORDS = {"polar": "polarized", "polarcrop": "polarized, cropped", "crop": "crop"}

@@ -118,6 +118,10 @@ class CnnParams(_Frozen):
     study's choice; ``shared.cnn.KNOB_DEFAULTS`` repeats them for torch-only callers.
     """
 
+    #: added after campaigns were stored: at its default it is left out of a run's
+    #: parameters, so the run's hash (and the results a twin campaign reuses) stay
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"input"})
+
     epochs: int = Field(30, ge=1, le=MAX_COUNT)
     batch_size: int = Field(32, ge=2, le=MAX_COUNT)
     lr: float = Field(0.01, gt=0)
@@ -135,6 +139,9 @@ class CnnParams(_Frozen):
     # a string, because a list in the file is a sweep: dense = ["512,256,64", "512"]
     dense: Annotated[str, AfterValidator(_dense_widths)] = "512,256,64"
     compile: bool = False  # torch.compile the training step (CUDA only)
+    # what the network sees of the 256 x 256 cache (study 1.2): crop, its centre 224 x 224
+    # (the study's choice); resize, the whole image shrunk to 224 x 224 (what it beat)
+    input: Literal["crop", "resize"] = "crop"
 
 
 class SvmParams(_Frozen):

@@ -154,7 +154,7 @@ def test_every_study_campaign_runs_to_a_report(
             assert pcas and all("-s1-k" in a.path for a in pcas), (stem, pcas)
     assert (
         sum(run.store.get_campaign(run.id).spec["validation"] == "dev" for run in runs.values())
-        == 10  # the eight CNN ablations (order ... stride, input size), two SVM tables
+        == 11  # the nine CNN ablations (order ... stride, input size, crop), two SVM tables
     )
     assert_final_comparison_report(runs["final-comparison"])
 

@@ -135,6 +135,17 @@ def test_standardize_at_its_default_leaves_the_points_as_they_were(tmp_path):
     assert restore_omitted("report", {}, {"standardize"}) == {}
 
 
+def test_cnn_input_at_its_default_leaves_the_runs_as_they_were(tmp_path):
+    (plain,) = sweep_points(load_campaign(_write(tmp_path, BASE)).cnn)
+    assert "input" not in plain  # the hash of every CNN run stored before it is kept
+    swept = BASE.replace("epochs = 2", 'epochs = 2\ninput = ["crop", "resize"]')
+    points = sweep_points(load_campaign(_write(tmp_path, swept)).cnn)
+    assert points == [plain, {**plain, "input": "resize"}]
+    assert restore_omitted("cnn", points[0], {"input"})["input"] == "crop"
+    _, message = _error(tmp_path, BASE.replace("epochs = 2", 'epochs = 2\ninput = "squash"'))
+    assert "[cnn] input: Input should be 'crop' or 'resize'" in message
+
+
 def test_standardize_is_a_strict_boolean(tmp_path):
     path, message = _error(tmp_path, BASE.replace("C = [1.0, 10.0]", "C = 1.0\nstandardize = 1"))
     _assert_one_line(path, message, "[svm] standardize", "valid boolean")

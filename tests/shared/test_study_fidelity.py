@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.spec import Campaign, load_campaign, sweep_points
+from shared.spec import FAMILIES, Campaign, load_campaign, restore_omitted, sweep_points
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "campaigns" / "study"
@@ -31,7 +31,9 @@ def campaigns() -> dict[str, Campaign]:
 
 
 def _points(campaign: Campaign, family: str) -> list[dict[str, Any]]:
-    return sweep_points(getattr(campaign, family))
+    """Every point of a section, with the parameters left out at their defaults back."""
+    omitted = set(getattr(FAMILIES[family], "OMIT_AT_DEFAULT", ()))
+    return [restore_omitted(family, p, omitted) for p in sweep_points(getattr(campaign, family))]
 
 
 def _values(points: list[dict[str, Any]], name: str) -> list[Any]:
@@ -60,6 +62,7 @@ def _sweeping(campaigns: dict[str, Campaign], family: str, name: str) -> list[st
         ("dropout", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]),  # 1.3.1 none, then 0.1 ... 0.5
         ("stride", [1, 3, 5, 7]),  # 1.3.1 Others: stride 3, 5, 7 (the table's 1)
         ("image_size", [192, 224]),  # 1.2: "several sizes, e.g. 192 x 192, 224 x 224"
+        ("input", ["crop", "resize"]),  # 1.2: the centre crop against resizing directly
     ],
 )
 def test_each_cnn_comparison_of_the_study_has_a_campaign(campaigns, name, compared):
@@ -82,6 +85,7 @@ def test_each_cnn_comparison_of_the_study_has_a_campaign(campaigns, name, compar
         "image_size": 224,
         "width": 1.0,
         "augment": True,
+        "input": "crop",
     }
     for point in points:
         for other, value in study.items():
@@ -201,3 +205,5 @@ def test_report_names_the_input_size_as_the_study_does():
     assert param_label("image_size") == "Image size"
     assert param_value("image_size", 224) == "224 × 224"
     assert param_label("stride") == "Stride" and param_value("stride", 3) == "3"
+    assert param_label("input") == "Input"
+    assert param_value("input", "crop") == "resize, centre crop"

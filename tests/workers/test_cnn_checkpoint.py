@@ -12,6 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -352,3 +353,16 @@ def test_a_stop_during_the_last_checkpoint_lets_the_fold_finish(env, monkeypatch
     _stop_requested_after(monkeypatch, EPOCHS)
     outcome = _run(env)  # nothing left to hand back: evaluating is shorter than resuming
     assert outcome.extra["epochs"] == EPOCHS and outcome.extra["resumed_from_epoch"] == 0
+
+
+def test_the_network_input_is_the_centre_crop_or_the_whole_image_resized() -> None:
+    from shared.variants import derive
+
+    assert cnn_task.cnn_variant(256) == cnn_task.cnn_variant(256, "crop") == "crop224"
+    assert cnn_task.cnn_variant(256, "resize") == "resize224"
+    assert cnn_task.cnn_variant(64, "resize") == "resize56"
+    # the resize keeps the edges the crop cuts away: a border drawn on the cache survives
+    cache = np.zeros((1, 256, 256, 3), np.uint8)
+    cache[:, :8] = 255
+    assert derive(cache, "crop224").max() == 0
+    assert derive(cache, "resize224")[:, :6].min() == 255

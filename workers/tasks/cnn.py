@@ -47,9 +47,10 @@ def torch_module() -> ModuleType:
     return torch
 
 
-def cnn_variant(cache_size: int) -> str:
-    """The study's centre crop, 224 of a 256 resize; the same 7/8 of any cache size."""
-    return f"crop{cache_size * 7 // 8}"
+def cnn_variant(cache_size: int, framing: str = "crop") -> str:
+    """The network's input, 7/8 of the cache's side (224 of the study's 256): by default
+    the study's centre crop; ``framing = "resize"`` the whole image shrunk to that size."""
+    return f"{'resize' if framing == 'resize' else 'crop'}{cache_size * 7 // 8}"
 
 
 CHECKPOINT_SLOTS = 2
@@ -181,7 +182,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
 
     params = ctx.unit.params
     key = ctx.unit.key
-    data = ctx.fold_data(cnn_variant(ctx.manifest().size))
+    data = ctx.fold_data(cnn_variant(ctx.manifest().size, params.get("input", "crop")))
     manifest = data.manifest
     num_classes = len(manifest.classes)
     device = pick_device(os.environ.get("ORCHARD_DEVICE"))

@@ -614,7 +614,8 @@ def explain_cnn(
     test = manifest.test_indices()
     if not len(test):
         return LimeSection("cnn", fold.key, num_samples, [], "no test images to explain")
-    images = load_variant(store, settings, manifest, cnn_variant(manifest.size))[test]
+    framing = checkpoint["params"].get("input", "crop")
+    images = load_variant(store, settings, manifest, cnn_variant(manifest.size, framing))[test]
     images = resize_batch(images, int(checkpoint["params"]["image_size"]))
 
     @torch.no_grad()
