@@ -148,6 +148,7 @@ def test_vote_of_the_best_point(store: Store) -> None:
     (sweep,) = data.sweeps
     assert sweep.param == "lr" and sweep.xs == [0.01, 0.02]
     assert sweep.series["val acc"] == pytest.approx([0.5, 0.8])
+    assert "test acc" not in sweep.series  # these units recorded no test accuracy
 
     # the timeline: every unit that ran, on its worker; the failed one marked
     assert len(data.timeline) == 7
@@ -704,3 +705,24 @@ def test_a_best_point_at_a_default_left_out_of_its_hash_still_names_it(
     assert family.params["standardize"] is False
     svm_units = [s for s in data.units if s.family == "svm"]
     assert sorted(s.params["standardize"] for s in svm_units) == [False, True]
+
+
+def test_sweep_plots_show_test_accuracy_where_the_units_have_it() -> None:
+    """The study plots test score against a sweep (Fig. 16, 17)."""
+    from shared.report import PointRow
+    from workers.tasks.report import sweep_plots
+
+    def row(depth: int, test: float | None) -> PointRow:
+        return PointRow(
+            f"c/rf/{depth}", {"max_depth": depth}, 1, 1, 1.0, 0.7, None, test, 1.0,
+            {"oob_score": 0.8},
+        )  # fmt: skip
+
+    (plot,) = sweep_plots("rf", [row(8, 0.6), row(16, 0.65)])
+    assert plot.series == {
+        "val acc": [0.7, 0.7],
+        "test acc": [0.6, 0.65],
+        "oob_score": [0.8, 0.8],
+    }
+    (unlabelled,) = sweep_plots("rf", [row(8, None), row(16, None)])
+    assert "test acc" not in unlabelled.series

@@ -359,8 +359,13 @@ def sweep_plots(family: str, points: list[PointRow]) -> list[SweepPlot]:
         for n in dict.fromkeys(n for p in scored for n in p.extras)
         if "oob" in n and not n.endswith("_coverage")  # a share of rows, not a score
     ]
+    # the study plots test score against a sweep (Fig. 16, 17): where the test split has
+    # labels, beside validation accuracy and the OOB scores
+    test = [p.test_acc for p in scored]
     for param in swept_params(points):
         series: dict[str, list[float | None]] = {"val acc": [p.val_acc for p in scored]}
+        if any(v is not None for v in test):
+            series["test acc"] = test
         for name in extra_scores:
             values = [p.extras.get(name) for p in scored]
             series[name] = [v if isinstance(v, float) else None for v in values]
