@@ -84,7 +84,17 @@ class UnitRow(Base):
         cascade="all, delete-orphan", order_by="UnitParamRow.name"
     )
 
-    __table_args__ = (Index("ix_units_campaign_state", "campaign_id", "state"),)
+    __table_args__ = (
+        Index("ix_units_campaign_state", "campaign_id", "state"),
+        # what asks across every campaign of the store (0004): ``mark_sent`` finds units
+        # by task id, and whether a queue is busy (``untaken_queues``, ``requeue_lost``)
+        # looks at its running, recently started and recently finished units; without
+        # these each was a full scan of every unit ever recorded
+        Index("ix_units_task_id", "task_id"),
+        Index("ix_units_queue_state", "queue", "state"),
+        Index("ix_units_queue_started_at", "queue", "started_at"),
+        Index("ix_units_queue_finished_at", "queue", "finished_at"),
+    )
 
 
 class UnitParamRow(Base):
@@ -156,3 +166,11 @@ class ArtifactRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        # a campaign's artifacts of a kind (its report, its manifest), asked by every
+        # poll of `orchard status --watch`; and the campaigns whose manifest has given
+        # bytes, asked by `--reuse`: not a scan of every campaign's artifacts (0004)
+        Index("ix_artifacts_campaign_kind", "campaign_id", "kind"),
+        Index("ix_artifacts_kind_sha256", "kind", "sha256"),
+    )

@@ -658,6 +658,48 @@ def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -
     assert store.get_unit("t-1/svm/h/f0").task_id is None
 
 
+def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows(
+    store_url: str,
+) -> None:
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0003")
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+        conn.execute(
+            text(
+                "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
+                "position, state, attempts, task_id, queued_at) VALUES ('t-1/svm/h/f0', 't-1', "
+                "'svm', 1, 'h', 'orchard.fit_svm', 'cpu', 0, 'QUEUED', 0, 'task-1', "
+                "'2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO artifacts (path, kind, campaign_id, sha256, size, created_at) "
+                "VALUES ('campaigns/t-1/manifest.json', 'manifest', 't-1', 'a', 1, "
+                "'2026-01-01 00:00:00')"
+            )
+        )
+    assert store.upgrade() == ("0003", migrate.head_revision())
+    inspector = inspect(store.engine)
+    assert {i["name"]: i["column_names"] for i in inspector.get_indexes("units")}.items() >= {
+        "ix_units_task_id": ["task_id"],
+        "ix_units_queue_state": ["queue", "state"],
+        "ix_units_queue_started_at": ["queue", "started_at"],
+        "ix_units_queue_finished_at": ["queue", "finished_at"],
+    }.items()
+    assert {i["name"]: i["column_names"] for i in inspector.get_indexes("artifacts")}.items() >= {
+        "ix_artifacts_campaign_kind": ["campaign_id", "kind"],
+        "ix_artifacts_kind_sha256": ["kind", "sha256"],
+    }.items()
+    store.mark_sent(["task-1"])
+    assert store.requeue_lost(1.0, lambda: "new") == []  # marked sent: not lost
+    assert store.artifacts("t-1", kind="manifest")[0].path == "campaigns/t-1/manifest.json"
+    migrate.downgrade(store.engine, "0003")
+    assert "ix_units_task_id" not in {i["name"] for i in inspect(store.engine).get_indexes("units")}
+    assert store.upgrade() == ("0003", migrate.head_revision())
+
+
 def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
