@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Engine,
     Select,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -70,6 +71,8 @@ from shared.plan import (
 )
 from shared.settings import env_number, mask_url
 
+_T = TypeVar("_T")
+
 
 class StoreError(OrchardError):
     """The store is unreachable, not initialised, or asked for something absent."""
@@ -91,6 +94,17 @@ class LeaseLostError(OrchardError):
 #: Rows per INSERT of predictions: PostgreSQL takes at most 65,535 parameters in one
 #: statement (six per row), and a test split can have tens of thousands of images.
 PREDICTION_ROWS_PER_INSERT = 2000
+
+#: Unit keys (or task ids) per statement where a call names many units: a stage of
+#: thousands of units stays far below the parameter limits (PostgreSQL 65,535, SQLite
+#: 32,766), and the claim's CASE over the task ids, which the database evaluates for
+#: each row it updates, stays short.
+KEYS_PER_STATEMENT = 500
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 # ---------------------------------------------------------------- values handed to callers
@@ -305,7 +319,6 @@ DEFAULT_RETRY_SECONDS = 5.0
 #: database that does not come back is already far past any sensible wait.
 MAX_RETRY_SECONDS = 24 * 3600
 
-_T = TypeVar("_T")
 _retrying_now = threading.local()
 
 
@@ -477,35 +490,58 @@ class Store:
         units: Sequence[UnitPlan],
         artifacts: Iterable[Artifact] = (),
     ) -> None:
+        # Core inserts of many rows each (executemany), not one ORM object per unit: the
+        # ORM inserted units and params a row per statement on SQLite (it needs each new
+        # id back in order), five statements per unit
         with self._transaction() as s:
-            s.add(
-                CampaignRow(
-                    id=campaign_id,
-                    name=name,
-                    source=source,
-                    digest=digest,
-                    spec=spec,
-                    classes=list(classes),
-                    created_at=self._now(s),
-                )
+            now = self._now(s)
+            s.execute(
+                _table(CampaignRow).insert(),
+                {
+                    "id": campaign_id,
+                    "name": name,
+                    "source": source,
+                    "digest": digest,
+                    "spec": spec,
+                    "classes": list(classes),
+                    "state": "RUNNING",
+                    "created_at": now,
+                },
             )
-            for position, plan in enumerate(units):
-                row = UnitRow(
-                    key=plan.key,
-                    campaign_id=campaign_id,
-                    family=plan.family,
-                    stage=plan.stage,
-                    fold=plan.fold,
-                    params_hash=plan.params_hash,
-                    task=plan.task,
-                    queue=plan.queue,
-                    position=position,
-                    params=[UnitParamRow(name=k, value=v) for k, v in plan.params.items()],
+            if units:
+                s.execute(
+                    _table(UnitRow).insert(),
+                    [
+                        {
+                            "key": plan.key,
+                            "campaign_id": campaign_id,
+                            "family": plan.family,
+                            "stage": plan.stage,
+                            "fold": plan.fold,
+                            "params_hash": plan.params_hash,
+                            "task": plan.task,
+                            "queue": plan.queue,
+                            "position": position,
+                            "state": PENDING,
+                            "attempts": 0,
+                        }
+                        for position, plan in enumerate(units)
+                    ],
                 )
-                s.add(row)
-            s.flush()
+                ids = dict(
+                    s.execute(
+                        select(UnitRow.key, UnitRow.id).where(UnitRow.campaign_id == campaign_id)
+                    ).all()
+                )
+                params = [
+                    {"unit_id": ids[plan.key], "name": k, "value": v}
+                    for plan in units
+                    for k, v in plan.params.items()
+                ]
+                if params:
+                    s.execute(_table(UnitParamRow).insert(), params)
             for artifact in artifacts:
-                self._record_artifact_without_commit(s, artifact)
+                self._record_artifact_without_commit(s, artifact, now)
 
     @_retried
     def find_campaign(self, campaign_id: str) -> Campaign | None:
@@ -658,17 +694,22 @@ class Store:
         """
         if not keys:
             return []
-        values: dict[str, Any] = {"state": QUEUED, "sent_at": None}
-        if task_ids:
-            values["task_id"] = case(dict(task_ids), value=UnitRow.key, else_=UnitRow.task_id)
+        won: list[str] = []
         with self._transaction() as s:
-            values["queued_at"] = self._now(s)
-            won = s.scalars(
-                update(UnitRow)
-                .where(UnitRow.key.in_(keys), UnitRow.state == PENDING)
-                .values(**values)
-                .returning(UnitRow.key)
-            ).all()
+            now = self._now(s)
+            # a statement per KEYS_PER_STATEMENT keys: the CASE below is evaluated for
+            # every row updated, so one over a whole stage cost O(units²)
+            for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
+                values: dict[str, Any] = {"state": QUEUED, "sent_at": None, "queued_at": now}
+                ids = {k: task_ids[k] for k in chunk if k in task_ids} if task_ids else {}
+                if ids:
+                    values["task_id"] = case(ids, value=UnitRow.key, else_=UnitRow.task_id)
+                won += s.scalars(
+                    update(UnitRow)
+                    .where(UnitRow.key.in_(chunk), UnitRow.state == PENDING)
+                    .values(**values)
+                    .returning(UnitRow.key)
+                ).all()
         order = {k: i for i, k in enumerate(keys)}
         return sorted(won, key=order.__getitem__)
 
@@ -680,15 +721,17 @@ class Store:
         if not task_ids:
             return
         with self._transaction() as s:
-            s.execute(
-                update(UnitRow)
-                .where(
-                    UnitRow.task_id.in_(task_ids),
-                    UnitRow.state == QUEUED,
-                    UnitRow.sent_at.is_(None),
+            now = self._now(s)
+            for chunk in _chunks(list(task_ids), KEYS_PER_STATEMENT):
+                s.execute(
+                    update(UnitRow)
+                    .where(
+                        UnitRow.task_id.in_(chunk),
+                        UnitRow.state == QUEUED,
+                        UnitRow.sent_at.is_(None),
+                    )
+                    .values(sent_at=now)
                 )
-                .values(sent_at=self._now(s))
-            )
 
     @_retried
     def unclaim(self, keys: Sequence[str]) -> None:
@@ -697,11 +740,12 @@ class Store:
         if not keys:
             return
         with self._transaction() as s:
-            s.execute(
-                update(UnitRow)
-                .where(UnitRow.key.in_(keys), UnitRow.state == QUEUED)
-                .values(state=PENDING, queued_at=None, sent_at=None, task_id=None)
-            )
+            for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
+                s.execute(
+                    update(UnitRow)
+                    .where(UnitRow.key.in_(chunk), UnitRow.state == QUEUED)
+                    .values(state=PENDING, queued_at=None, sent_at=None, task_id=None)
+                )
 
     @_retried
     def requeue_lost(
@@ -937,13 +981,19 @@ class Store:
     @_retried
     def fail_units(self, failures: Sequence[tuple[str, str]]) -> None:
         """Give up on PENDING units that can no longer run (their input failed)."""
+        if not failures:
+            return
+        units = _table(UnitRow)
         with self._transaction() as s:
-            for key, reason in failures:
-                s.execute(
-                    update(UnitRow)
-                    .where(UnitRow.key == key, UnitRow.state == PENDING)
-                    .values(state=FAILED, error=reason, finished_at=self._now(s))
-                )
+            now = self._now(s)
+            # one executemany (pipelined by psycopg), not a statement (and on PostgreSQL
+            # a clock read) per unit: a failed shard fails every model unit of a campaign
+            s.connection().execute(
+                update(units)
+                .where(units.c.key == bindparam("b_key"), units.c.state == PENDING)
+                .values(state=FAILED, error=bindparam("b_error"), finished_at=now),
+                [{"b_key": key, "b_error": reason} for key, reason in failures],
+            )
 
     @_retried
     def record_metrics(self, key: str, step: int, values: dict[str, float]) -> None:
@@ -1004,6 +1054,7 @@ class Store:
                     f"{key} is {unit.state} and no longer held by this delivery; "
                     "its result is not recorded"
                 )
+            now = self._now(s)
             inserted = s.execute(
                 _insert(s)(ResultRow)
                 .values(
@@ -1015,7 +1066,7 @@ class Store:
                     test_confusion=outcome.test_confusion,
                     fit_seconds=outcome.fit_seconds,
                     extra=outcome.extra,
-                    created_at=self._now(s),
+                    created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["unit_id"])
                 .returning(ResultRow.id)
@@ -1038,12 +1089,12 @@ class Store:
                     batch = rows[start : start + PREDICTION_ROWS_PER_INSERT]
                     s.execute(_insert(s)(PredictionRow).values(batch).on_conflict_do_nothing())
             for artifact in outcome.artifacts:
-                self._record_artifact_without_commit(s, artifact)
+                self._record_artifact_without_commit(s, artifact, now)
             if outcome.scratch:
                 s.execute(delete(ArtifactRow).where(ArtifactRow.path.in_(outcome.scratch)))
             unit.state = SUCCESS
             unit.error = None
-            unit.finished_at = self._now(s)
+            unit.finished_at = now
             unit.lease_holder = unit.lease_expires_at = None
             return True
 
@@ -1172,57 +1223,79 @@ class Store:
                 )
             ).all()
             sources: dict[tuple[str, str, int | None], UnitRow] = {}
-            for row in s.scalars(
-                select(UnitRow)
-                .where(
-                    UnitRow.campaign_id.in_(twins),
-                    UnitRow.state == SUCCESS,
-                    UnitRow.params_hash.in_(sorted({w.params_hash for w in wanted})),
-                )
-                .order_by(UnitRow.finished_at)
-            ):
-                sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
-            reused: dict[str, str] = {}
-            for unit in wanted:
-                source = sources.get((unit.family, unit.params_hash, unit.fold))
-                if source is None:
-                    continue
-                self._copy_outcome_without_commit(s, source, unit)
-                reused[unit.key] = source.key
-            return reused
+            hashes = sorted({w.params_hash for w in wanted})
+            for chunk in _chunks(hashes, KEYS_PER_STATEMENT):  # a hash is in one chunk
+                for row in s.scalars(
+                    select(UnitRow)
+                    .where(
+                        UnitRow.campaign_id.in_(twins),
+                        UnitRow.state == SUCCESS,
+                        UnitRow.params_hash.in_(chunk),
+                    )
+                    .order_by(UnitRow.finished_at)
+                ):
+                    sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
+            pairs = [
+                (source, unit)
+                for unit in wanted
+                if (source := sources.get((unit.family, unit.params_hash, unit.fold)))
+            ]
+            return self._copy_outcomes_without_commit(s, pairs)
 
-    def _copy_outcome_without_commit(self, s: Session, source: UnitRow, target: UnitRow) -> None:
-        result = s.scalar(select(ResultRow).where(ResultRow.unit_id == source.id))
-        if result is None:
-            return
-        s.add(
-            ResultRow(
-                unit_id=target.id,
-                train_acc=result.train_acc,
-                val_acc=result.val_acc,
-                test_acc=result.test_acc,
-                val_confusion=result.val_confusion,
-                test_confusion=result.test_confusion,
-                fit_seconds=result.fit_seconds,
-                extra={**result.extra, "reused_from": source.key},
-                created_at=self._now(s),
+    def _copy_outcomes_without_commit(
+        self, s: Session, pairs: Sequence[tuple[UnitRow, UnitRow]]
+    ) -> dict[str, str]:
+        """Copy each source unit's result, predictions and metrics to its target and mark
+        the target SUCCESS; returns target key -> source key for those copied (a source
+        without a result is skipped). A few statements per KEYS_PER_STATEMENT pairs, not
+        several per unit: ``--reuse`` of a grid of thousands of points."""
+        now = self._now(s)
+        results = {}
+        for chunk in _chunks([source.id for source, _ in pairs], KEYS_PER_STATEMENT):
+            results.update(
+                (r.unit_id, r)
+                for r in s.scalars(select(ResultRow).where(ResultRow.unit_id.in_(chunk)))
             )
+        pairs = [(source, target) for source, target in pairs if source.id in results]
+        if not pairs:
+            return {}
+        s.execute(
+            _table(ResultRow).insert(),
+            [
+                {
+                    "unit_id": target.id,
+                    "train_acc": (r := results[source.id]).train_acc,
+                    "val_acc": r.val_acc,
+                    "test_acc": r.test_acc,
+                    "val_confusion": r.val_confusion,
+                    "test_confusion": r.test_confusion,
+                    "fit_seconds": r.fit_seconds,
+                    "extra": {**r.extra, "reused_from": source.key},
+                    "created_at": now,
+                }
+                for source, target in pairs
+            ],
         )
-        for p in s.scalars(select(PredictionRow).where(PredictionRow.unit_id == source.id)):
-            s.add(
-                PredictionRow(
-                    unit_id=target.id,
-                    split=p.split,
-                    image_id=p.image_id,
-                    label=p.label,
-                    pred=p.pred,
-                    probs=p.probs,
-                )
-            )
-        for m in s.scalars(select(MetricRow).where(MetricRow.unit_id == source.id)):
-            s.add(MetricRow(unit_id=target.id, name=m.name, step=m.step, value=m.value))
-        target.state, target.finished_at = SUCCESS, self._now(s)
-        target.worker = source.worker
+        ids = [{"b_source": source.id, "b_target": target.id} for source, target in pairs]
+        for table, columns in (
+            (_table(PredictionRow), ("split", "image_id", "label", "pred", "probs")),
+            (_table(MetricRow), ("name", "step", "value")),
+        ):
+            # INSERT ... SELECT per pair, as one executemany: the rows never leave the
+            # database
+            copied = select(
+                bindparam("b_target", type_=table.c.unit_id.type),
+                *(table.c[c] for c in columns),
+            ).where(table.c.unit_id == bindparam("b_source"))
+            s.connection().execute(table.insert().from_select(["unit_id", *columns], copied), ids)
+        units = _table(UnitRow)
+        s.connection().execute(
+            update(units)
+            .where(units.c.id == bindparam("b_target"))
+            .values(state=SUCCESS, finished_at=now, worker=bindparam("b_worker")),
+            [{"b_target": target.id, "b_worker": source.worker} for source, target in pairs],
+        )
+        return {target.key: source.key for source, target in pairs}
 
     # -- results
 
@@ -1265,9 +1338,11 @@ class Store:
     @_retried
     def record_artifact(self, artifact: Artifact) -> None:
         with self._transaction() as s:
-            self._record_artifact_without_commit(s, artifact)
+            self._record_artifact_without_commit(s, artifact, self._now(s))
 
-    def _record_artifact_without_commit(self, s: Session, artifact: Artifact) -> None:
+    def _record_artifact_without_commit(
+        self, s: Session, artifact: Artifact, now: datetime
+    ) -> None:
         values = {
             "path": artifact.path,
             "kind": artifact.kind,
@@ -1275,7 +1350,7 @@ class Store:
             "size": artifact.size,
             "campaign_id": artifact.campaign_id,
             "unit_key": artifact.unit_key,
-            "created_at": self._now(s),
+            "created_at": now,
         }
         insert = _insert(s)(ArtifactRow).values(values)
         # a rewritten file (same path) replaces its checksum: the newest bytes are truth
@@ -1363,6 +1438,11 @@ def _insert(s: Session) -> Any:
     if name == "sqlite":
         return sqlite.insert
     raise StoreError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
+
+
+def _table(entity: Any) -> Any:
+    """The mapped class's table, for plain Core statements (executemany, no ORM)."""
+    return entity.__table__
 
 
 def _campaign(row: CampaignRow) -> Campaign:

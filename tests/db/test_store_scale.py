@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import event, make_url, update
 
 from db.models import CampaignRow, UnitRow, utcnow
-from db.store import Artifact, Store
+from db.store import KEYS_PER_STATEMENT, Artifact, Outcome, Prediction, Store
 from shared.plan import UnitPlan
 
 
@@ -80,6 +81,129 @@ def count(store: Store, call: Callable[[], object]) -> int:
     with statements(store) as sent:
         call()
     return len(sent)
+
+
+# ---------------------------------------------------------------- no per-unit round trips
+
+
+def test_creating_a_campaign_sends_as_many_statements_for_400_units_as_for_20(
+    store_url: str,
+) -> None:
+    """It sent five statements per unit on SQLite (the ORM inserted each unit and each
+    param alone, to learn its id): 25,000 for a grid of 5,000 points."""
+    store = make_store(store_url)
+    small = count(store, lambda: create(store, "small", 20, manifest="a" * 64))
+    large = count(store, lambda: create(store, "large", 400, manifest="a" * 64))
+    assert small == large
+    units = store.units("large")
+    assert [u.key for u in units] == [p.key for p in plans("large", 400)]
+    assert units[5].params == {"C": 3.0, "gamma": "scale"} and units[-1].params == {}
+    assert all(u.state == "PENDING" and u.attempts == 0 for u in units)
+    assert store.artifacts("large", kind="manifest")[0].campaign_id == "large"
+
+
+def test_failing_units_sends_as_many_statements_for_300_as_for_3(store_url: str) -> None:
+    """A failed preprocessing shard fails every model unit of the campaign: it was one
+    UPDATE per unit (and on PostgreSQL a clock read per unit as well)."""
+    store = make_store(store_url)
+    few = [(p.key, "preprocessing failed: s0") for p in create(store, "few", 3) if p.stage == 1]
+    many = [(p.key, f"tree shard failed: {p.key}") for p in create(store, "many", 300)]
+    many = [(key, why) for key, why in many if "/svm/" in key]
+    assert count(store, lambda: store.fail_units(few)) == count(
+        store, lambda: store.fail_units(many)
+    )
+    units = {u.key: u for u in store.units("many")}
+    assert all(units[key].state == "FAILED" and units[key].error == why for key, why in many)
+    assert all(units[key].finished_at is not None for key, _ in many)
+    assert units["many/report"].state == "PENDING"
+    store.claim_for_queue(["few/report"])
+    store.fail_units([("few/report", "not pending: left alone")])  # QUEUED stays QUEUED
+    assert store.get_unit("few/report").state == "QUEUED"
+    store.fail_units([])
+
+
+def finish_models(store: Store, units: list[UnitPlan]) -> None:
+    """Every model unit SUCCESS with a result, two predictions and a metric."""
+    for unit in units:
+        if unit.stage != 1:
+            continue
+        store.claim_for_queue([unit.key])
+        store.start_unit(unit.key, worker="cpu@h", task_id=None)
+        store.record_metrics(unit.key, 0, {"val_acc": 0.5})
+        store.finish_unit(
+            unit.key,
+            Outcome(
+                fit_seconds=2.0,
+                val_acc=0.5,
+                extra={"n": 1},
+                predictions={"val": [Prediction("a.jpg", 0, 1, [0.1, 0.9]), Prediction("b", 1, 1)]},
+            ),
+        )
+
+
+def test_reuse_sends_as_many_statements_for_60_units_as_for_3(store_url: str) -> None:
+    """``--reuse`` copied each unit's result, predictions and metrics with a few queries
+    per unit: ~5 statements a unit, 25,000 for a grid of 5,000 points."""
+    store = make_store(store_url)
+    finish_models(store, create(store, "old-few", 3, manifest="a" * 64))
+    finish_models(store, create(store, "old-many", 60, manifest="b" * 64))
+    create(store, "new-few", 3, manifest="a" * 64)
+    create(store, "new-many", 60, manifest="b" * 64)
+    with statements(store) as few:
+        reused_few = store.reuse_finished("new-few")
+    with statements(store) as many:
+        reused_many = store.reuse_finished("new-many")
+    assert len(reused_few) == 3 and len(reused_many) == 60
+    assert len(few) == len(many)
+    key = "new-many/svm/h00059/f0"
+    assert reused_many[key] == "old-many/svm/h00059/f0"
+    unit = store.get_unit(key)
+    assert unit.state == "SUCCESS" and unit.worker == "cpu@h" and unit.finished_at is not None
+    result = store.results("new-many")[key]
+    assert result.val_acc == 0.5 and result.fit_seconds == 2.0
+    assert result.extra == {"n": 1, "reused_from": "old-many/svm/h00059/f0"}
+    assert store.predictions(key, "val") == [
+        Prediction("a.jpg", 0, 1, [0.1, 0.9]),
+        Prediction("b", 1, 1, None),
+    ]
+    assert store.metrics(key) == {"val_acc": [(0, 0.5)]}
+    assert store.count_rows("new-many") == {"results": 60, "predictions": 120, "metrics": 60}
+    assert store.get_unit("new-many/report").state == "PENDING"
+
+
+def test_a_stage_of_thousands_is_claimed_and_marked_sent_in_bounded_statements(
+    store_url: str,
+) -> None:
+    """A claim of a whole stage was one UPDATE with a CASE over every key (evaluated for
+    each row: O(units²), 4.5 s for 12,000 units on SQLite) and three parameters per
+    unit, past PostgreSQL's 65,535 beyond ~21,800 units."""
+    store = make_store(store_url)
+    models = 2 * KEYS_PER_STATEMENT + 7
+    keys = [p.key for p in create(store, "c", models) if p.stage == 1]
+    task_ids = {key: f"task-{i}" for i, key in enumerate(keys)}
+    with statements(store) as sent:
+        assert store.claim_for_queue(keys[::-1], task_ids) == keys[::-1]
+    updates = [s for s in sent if s.lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 3  # KEYS_PER_STATEMENT at a time
+    assert store.claim_for_queue(keys, task_ids) == []  # won once
+    with statements(store) as sent:
+        store.mark_sent(list(task_ids.values()))
+    assert len([s for s in sent if s.lstrip().upper().startswith("UPDATE")]) == 3
+    units = {u.key: u for u in store.units("c")}
+    assert all(units[k].task_id == task_ids[k] and units[k].state == "QUEUED" for k in keys)
+    assert store.requeue_lost(0.0, lambda: "new") == []  # every claim was marked sent
+    store.unclaim(keys)
+    assert {u.state for u in store.units("c")} == {"PENDING"}
+
+
+@pytest.mark.parametrize("many", [22_000])
+def test_a_claim_beyond_the_postgres_parameter_limit(postgres_url: str, many: int) -> None:
+    store = make_store(postgres_url)
+    keys = [p.key for p in create(store, "c", many) if p.stage == 1]
+    task_ids = {key: str(i) for i, key in enumerate(keys)}
+    assert len(store.claim_for_queue(keys, task_ids)) == many  # 66,000 parameters in one
+    store.mark_sent(list(task_ids.values()))
+    assert sum(u.state == "QUEUED" for u in store.units("c")) == many
 
 
 # ---------------------------------------------------------------- lookups across the store
