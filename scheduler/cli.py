@@ -856,7 +856,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_broker_reachable(app)
     print(
         f"orchard worker: queues {','.join(queues)} on {mask_url(settings.broker_url)}, "
-        f"store {mask_url(settings.database_url)}",
+        f"store {mask_url(settings.database_url)}, artifacts {settings.artifacts}",
         file=sys.stderr,
     )
     preload(queues)
@@ -885,7 +885,8 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     print(
         f"orchard worker: {len(gpus)} GPU worker(s) ({', '.join('gpu' + g for g in gpus)}) "
         f"on queues {','.join(queues)}, device {device or 'cuda'}, broker "
-        f"{mask_url(settings.broker_url)}, store {mask_url(settings.database_url)}",
+        f"{mask_url(settings.broker_url)}, store {mask_url(settings.database_url)}, "
+        f"artifacts {settings.artifacts}",
         file=sys.stderr,
     )
     env = child_env(settings, os.environ)

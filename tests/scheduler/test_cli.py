@@ -252,3 +252,52 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path: Path) -> N
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env"),
+    [
+        (["--queues", "cpu", "--pool", "solo"], {}),
+        (["--gpus", "0"], {"ORCHARD_DEVICE": "cpu"}),
+    ],
+)
+def test_worker_start_line_names_the_artifact_folder(
+    tmp_path: Path, args: list[str], extra_env: dict[str, str]
+) -> None:
+    """A worker on another host must see the submitter's ORCHARD_ARTIFACTS (README, Where
+    things are); its start line names that folder beside the broker and the store, so a
+    worker started without it (./.orchard/artifacts) shows before its units fail."""
+    import signal
+
+    share = tmp_path / "share"
+    env = {
+        **os.environ,
+        "ORCHARD_HOME": str(tmp_path / "home"),
+        "ORCHARD_ARTIFACTS": str(share),
+        **extra_env,
+    }
+    assert orchard("db", "upgrade", env=env).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "worker", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the GPU launcher's children too are stopped below
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        for line in proc.stderr:
+            if line.startswith("orchard worker"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert line.startswith("orchard worker: "), line
+    assert f"artifacts {share}" in line, line
