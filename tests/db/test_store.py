@@ -757,10 +757,17 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
         assert store.unfinished_by_stage("t-1")
         assert [r.key for r in store.unit_routes("t-1")][2] == key
         assert store.find_campaign("t-1") is not None
+        # what `orchard status` and the report read: every unit of a campaign, or of
+        # fifty campaigns, must not queue behind the workers' writes either
+        assert [c.id for c in store.list_campaigns()] == ["t-1"]
+        assert store.unit_counts(["t-1"])["t-1"]["PENDING"] == len(store.units("t-1"))
+        assert store.results("t-1") == {} and store.artifacts("t-1") == []
+        assert store.metrics(key) == {} and store.campaign_metrics("t-1") == {}
+        assert store.predictions(key, "val") == []
     finally:
         writer.rollback()
         writer.close()
-    assert begins == ["BEGIN"] * 4
+    assert begins == ["BEGIN"] * 12
     assert deliver(store, key, worker="w", task_id=None).run  # writes still lock up front
     assert begins[-1] == "BEGIN IMMEDIATE"
 

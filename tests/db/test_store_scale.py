@@ -102,6 +102,35 @@ def test_creating_a_campaign_sends_as_many_statements_for_400_units_as_for_20(
     assert store.artifacts("large", kind="manifest")[0].campaign_id == "large"
 
 
+def test_reading_a_campaigns_units_sends_as_many_statements_for_1200_as_for_20(
+    store_url: str,
+) -> None:
+    """``orchard status ID`` and every poll of ``--watch``/``wait`` read every unit: the
+    params came 500 units per extra query, and ORM objects cost ~0.1 ms a unit."""
+    store = make_store(store_url)
+    create(store, "small", 20)
+    create(store, "large", 1200)
+    assert count(store, lambda: store.units("small")) == count(store, lambda: store.units("large"))
+
+
+def test_status_counts_units_of_many_campaigns_in_one_statement(store_url: str) -> None:
+    """What ``orchard status`` shows per campaign (done/total, failed, running): the
+    command read every unit of each listed campaign, a query (or more) per campaign."""
+    store = make_store(store_url)
+    for c in range(6):
+        create(store, f"c-{c}", 3 + c)
+    store.fail_units([("c-1/svm/h00000/f0", "x")])
+    store.claim_for_queue(["c-2/preprocess/s00000"])
+    few = count(store, lambda: store.unit_counts(["c-0", "c-1"]))
+    assert count(store, lambda: store.unit_counts([f"c-{c}" for c in range(6)])) == few == 1
+    counts = store.unit_counts(["c-1", "c-2", "c-5", "none"])
+    assert counts == {
+        "c-1": {"PENDING": 6, "FAILED": 1},
+        "c-2": {"PENDING": 7, "QUEUED": 1},
+        "c-5": {"PENDING": 11},
+    }
+
+
 def test_failing_units_sends_as_many_statements_for_300_as_for_3(store_url: str) -> None:
     """A failed preprocessing shard fails every model unit of the campaign: it was one
     UPDATE per unit (and on PostgreSQL a clock read per unit as well)."""
@@ -274,6 +303,7 @@ def test_what_every_worker_and_status_poll_asks_of_the_whole_store_uses_indexes(
         ),
         "report artifact": lambda: store.artifacts("c", kind="report"),
         "manifest": lambda: store.reuse_finished("c"),
+        "unit_counts": lambda: store.unit_counts(["c", "old-1"]),
     }
     scans = {name: full_scans(store, sent, call) for name, call in calls.items()}
     assert scans == {name: [] for name in calls}
