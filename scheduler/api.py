@@ -119,12 +119,16 @@ class CampaignRun:
 
     def epochs(self, status: CampaignStatus) -> dict[str, str]:
         """unit key -> "epoch i/n" for each running CNN fold that has reported one."""
+        running = [u for u in status.units if u.state == "RUNNING" and u.family == "cnn"]
+        if not running:
+            return {}
+        # one query for every running fold, not one per fold on each poll
+        metrics = self.store.campaign_metrics(self.id, keys=[u.key for u in running])
         out = {}
-        for unit in status.units:
-            if unit.state == "RUNNING" and unit.family == "cnn":
-                steps = self.store.metrics(unit.key).get("val_acc")
-                if steps:
-                    out[unit.key] = f"f{unit.fold} epoch {steps[-1][0] + 1}/{unit.params['epochs']}"
+        for unit in running:
+            steps = metrics.get(unit.key, {}).get("val_acc")
+            if steps:
+                out[unit.key] = f"f{unit.fold} epoch {steps[-1][0] + 1}/{unit.params['epochs']}"
         return out
 
     def wait(

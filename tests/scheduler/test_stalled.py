@@ -121,3 +121,17 @@ def test_each_family_s_progress_clock_runs_only_while_its_stage_does(run: Campai
         assert task(display, "cnn").start_time is None
     finally:
         display.close()
+
+
+def test_the_epoch_of_each_running_fold_is_read_in_one_query(run: CampaignRun) -> None:
+    from tests.db.test_store import deliver
+    from tests.db.test_store_scale import count
+
+    folds = [u for u in run.store.units(CID) if u.family == "cnn"]
+    assert len(folds) == 2
+    for unit in folds:
+        deliver(run.store, unit.key, worker="w@h", task_id=unit.key)
+    run.store.record_metrics(folds[0].key, 0, {"val_acc": 0.5})
+    status = run.status()
+    assert run.epochs(status) == {folds[0].key: "f0 epoch 1/1"}  # f1 reported none yet
+    assert count(run.store, lambda: run.epochs(status)) == 1
