@@ -729,15 +729,15 @@ def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
         "id", "name", "state", "units done/total", "failed", "cancelled", "running", "created"
     )  # fmt: skip
     rows = []
+    counts = store.unit_counts([c.id for c in campaigns])  # one query for the whole list
     for campaign in campaigns:
-        units = store.units(campaign.id)
-        states = Counter(u.state for u in units)
+        states = Counter(counts.get(campaign.id, {}))
         rows.append(
             [
                 campaign.id,
                 campaign.name,
                 campaign.state,
-                f"{states[SUCCESS]}/{len(units)}",  # done: succeeded, not merely ended
+                f"{states[SUCCESS]}/{states.total()}",  # done: succeeded, not merely ended
                 str(states[FAILED]),
                 str(states[CANCELLED]),
                 str(states[RUNNING]),
@@ -752,11 +752,14 @@ def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
     results = store.results(campaign_id)
     columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
     rows = []
-    for unit in store.units(campaign_id):
+    units = store.units(campaign_id)
+    running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
+    metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
+    for unit in units:
         result = results.get(unit.key)
         note = unit.error or ""
         if unit.state == "RUNNING" and unit.family == "cnn":
-            epochs = store.metrics(unit.key).get("val_acc", [])
+            epochs = metrics.get(unit.key, {}).get("val_acc", [])
             if epochs:
                 step, value = epochs[-1]
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"

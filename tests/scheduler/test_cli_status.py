@@ -192,3 +192,50 @@ def test_campaigns_beyond_the_newest_50_are_counted_and_listed_with_all(
     out, err = capsys.readouterr()
     assert {line.split()[0] for line in out.splitlines() if line.startswith("c-")} == set(ids)
     assert not err
+
+
+def _statements_of_status(capsys: pytest.CaptureFixture[str], *args: str) -> int:
+    from sqlalchemy import Engine, event
+
+    sent: list[str] = []
+
+    def count(conn, cursor, statement, *_rest) -> None:  # noqa: ANN001
+        if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA")):
+            sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        status(capsys, *args)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    return len(sent)
+
+
+def test_the_list_costs_the_same_queries_for_two_campaigns_or_six(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(2):
+        seed_campaign(store, f"t-{i}")
+    two = _statements_of_status(capsys)
+    for i in range(2, 6):
+        seed_campaign(store, f"t-{i}")
+    assert _statements_of_status(capsys) == two
+    out = status(capsys)
+    assert all(f"t-{i}" in out for i in range(6))
+    assert out.count("0/7") == 6  # done/total per campaign, from the one count query
+
+
+def test_a_campaign_costs_the_same_queries_with_one_running_fold_or_two(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.db.test_store import deliver, outcome
+
+    seed_campaign(store, "t-1")
+    folds = [u for u in store.units("t-1") if u.family == "cnn"]
+    for unit in folds:
+        deliver(store, unit.key, worker="w@h", task_id=unit.key)
+        store.record_metrics(unit.key, 0, {"val_acc": 0.5})
+    both = _statements_of_status(capsys, "t-1")
+    assert status(capsys, "t-1").count("epoch 1/1 val_acc=0.500") == 2
+    store.finish_unit(folds[1].key, outcome())
+    assert _statements_of_status(capsys, "t-1") == both
