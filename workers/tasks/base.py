@@ -310,6 +310,14 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
     record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
     if record is None:
         raise PreprocessError(f"{path}: manifest not recorded in the store")
+    if not path.is_file():
+        # recorded, so written on the submitter's host: most often this worker's artifact
+        # folder is another folder, or the share is not mounted here
+        raise PreprocessError(
+            f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
+            f"({settings.artifacts}) must be the folder the campaign was submitted with "
+            "(on a cluster, the same share, mounted)"
+        )
     return _read_manifest(path, record.sha256)
 
 
