@@ -423,6 +423,8 @@ class Store:
         (None: no schema yet) and after."""
         try:
             before = migrate.current_revision(self.engine)
+            if before is not None and before not in migrate.known_revisions():
+                raise StoreError(self._newer_schema(before))
             migrate.upgrade(self.engine)
         except (OperationalError, DBAPIError) as exc:
             raise self._unreachable(exc) from None
@@ -434,11 +436,27 @@ class Store:
             current = migrate.current_revision(self.engine)
         except (OperationalError, DBAPIError) as exc:
             raise self._unreachable(exc) from None
-        if current != migrate.head_revision():
+        if current == migrate.head_revision():
+            return
+        if current is None:
             raise StoreError(
-                f"database {mask_url(self.url)} is at schema {current or 'none'}, "
-                f"expected {migrate.head_revision()}: run `orchard db upgrade`"
+                f"database {mask_url(self.url)} has no orchard tables yet: run `orchard db upgrade`"
             )
+        if current not in migrate.known_revisions():
+            raise StoreError(self._newer_schema(current))
+        raise StoreError(
+            f"database {mask_url(self.url)} is at schema {current}, expected "
+            f"{migrate.head_revision()}: run `orchard db upgrade`"
+        )
+
+    def _newer_schema(self, current: str) -> str:
+        # a newer orchard upgraded it (on another host, or before a rollback): upgrading
+        # from here cannot work, and downgrading would throw away what it added
+        return (
+            f"database {mask_url(self.url)} is at schema {current}, newer than this orchard "
+            f"knows (its newest is {migrate.head_revision()}): run the orchard that upgraded "
+            "it, on every host"
+        )
 
     # -- transactions
 

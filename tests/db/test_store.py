@@ -25,6 +25,7 @@ from db.store import (
     UnitCancelledError,
 )
 from shared.plan import UnitPlan, plan_units
+from shared.settings import mask_url
 from shared.spec import parse_campaign
 from tests.tcpproxy import TcpProxy
 
@@ -99,9 +100,42 @@ def test_migrations_create_every_table_and_round_trip(store_url: str) -> None:
     assert migrate.current_revision(store.engine) == migrate.head_revision()
 
 
-def test_unmigrated_database_is_reported_clearly(sqlite_url: str) -> None:
-    with pytest.raises(StoreError, match="orchard db upgrade"):
-        Store(sqlite_url).check_schema()
+def test_unmigrated_database_is_reported_clearly(store_url: str) -> None:
+    store = Store(store_url)
+    with pytest.raises(StoreError) as info:
+        store.check_schema()
+    assert str(info.value) == (
+        f"database {mask_url(store_url)} has no orchard tables yet: run `orchard db upgrade`"
+    )
+
+
+def test_a_database_a_newer_orchard_upgraded_is_not_upgraded_from_here(store_url: str) -> None:
+    """A rolling update gone wrong: the schema is at a revision these migrations do not
+    know. `orchard db upgrade` must not try (Alembic cannot) nor advise it."""
+    store = make_store(store_url)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    expected = (
+        f"database {mask_url(store_url)} is at schema 0999, newer than this orchard knows "
+        f"(its newest is {migrate.head_revision()}): run the orchard that upgraded it, on "
+        "every host"
+    )
+    for call in (store.check_schema, store.upgrade):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert str(info.value) == expected
+    assert migrate.current_revision(store.engine) == "0999"  # left as it was
+
+
+def test_an_older_schema_is_told_to_upgrade(store_url: str) -> None:
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0001")
+    with pytest.raises(StoreError) as info:
+        store.check_schema()
+    assert str(info.value) == (
+        f"database {mask_url(store_url)} is at schema 0001, expected "
+        f"{migrate.head_revision()}: run `orchard db upgrade`"
+    )
 
 
 def test_campaign_and_units_round_trip(store_url: str) -> None:
