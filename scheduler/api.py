@@ -152,7 +152,11 @@ class CampaignRun:
         told: set[str] = set()
         try:
             while True:
+                read_started = time.monotonic()
                 status = self.status()
+                # a campaign of many thousand units takes a while to read: never spend
+                # more than a third of the time reading the store
+                pause = max(poll, 2 * (time.monotonic() - read_started))
                 if display is not None:
                     display.update(status, self.epochs(status))
                 if status.finished:
@@ -170,7 +174,7 @@ class CampaignRun:
                         f"campaign {self.id} not finished after {timeout:.0f} s: "
                         f"{_in_words(status.counts())}"
                     )
-                time.sleep(poll)
+                time.sleep(pause)
         finally:
             if display is not None:
                 display.close()
