@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import joblib
 import numpy as np
 
-from shared.artifacts import WrittenFile, atomic_write, sha256_file
+from shared.artifacts import WrittenFile, atomic_write
 from shared.classic import FitOutcome, accuracy_of, flatten
 from shared.errors import OrchardError
 
@@ -390,11 +391,16 @@ def save_model(model: ForestModel, path: Path) -> WrittenFile:
 
 
 def load_model(path: Path, sha256: str) -> ForestModel:
-    if not path.exists():
-        raise ForestError(f"{path}: forest shard missing")
-    if sha256_file(path) != sha256:
+    """The forest shard at ``path``, unpickled only if its bytes are ``sha256``: the file
+    is read once and those bytes are both checked and loaded, so one replaced on the share
+    after the check is never unpickled (a pickle runs code as it loads)."""
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ForestError(f"{path}: forest shard missing") from None
+    if hashlib.sha256(blob).hexdigest() != sha256:
         raise ForestError(f"{path}: forest shard checksum mismatch (truncated or altered)")
-    model = joblib.load(path)
+    model = joblib.load(io.BytesIO(blob))
     if not isinstance(model, ForestModel):
         raise ForestError(f"{path}: not a forest shard")
     return model

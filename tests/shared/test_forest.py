@@ -472,3 +472,41 @@ def test_scored_shard_files_are_byte_identical(colour_split, tmp_path):
     assert written[0].sha256 == written[1].sha256  # a shard task run twice writes the same file
     loaded = load_model(written[0].path, written[0].sha256)
     assert loaded.scores is not None and loaded.scores.oob_sum.shape == (4 * len(train_x), 3)
+
+
+class _Planted:
+    """A pickle that, when loaded, touches a marker file: what a replaced shard could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_shard_replaced_after_its_checksum_is_never_unpickled(
+    colour_split, tmp_path, monkeypatch
+):
+    """The bytes that are unpickled are the bytes whose sha256 was checked: a file
+    swapped on the share between the check and the load (someone who can write the
+    artifact folder racing the merge) is not what joblib reads."""
+    import pickle
+
+    import shared.forest as forest
+
+    train_x, train_y, *_ = colour_split
+    params = _params(n_estimators=4, tree_shards=2)
+    shard = fit_shard(train_x, train_y, params, seed=0, shard=0)
+    written = save_model(shard, tmp_path / "t.joblib")
+    marker = tmp_path / "ran"
+    real = forest.__dict__.get("sha256_file")
+
+    def check_then_swap(path, *args, **kwargs):
+        digest = real(path, *args, **kwargs)
+        path.write_bytes(pickle.dumps(_Planted(marker)))  # replaced right after the check
+        return digest
+
+    monkeypatch.setattr(forest, "sha256_file", check_then_swap, raising=False)
+    loaded = load_model(written.path, written.sha256)
+    assert not marker.exists()
+    assert loaded.trees == 2
