@@ -116,7 +116,9 @@ def redis_tls_options(env: dict[str, str] | None = None) -> dict[str, Any]:
     against ORCHARD_REDIS_TLS_CA_CERTS (or the system's CAs); a client certificate is
     sent when ORCHARD_REDIS_TLS_CERTFILE / _KEYFILE are set."""
     env = dict(os.environ) if env is None else env
-    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # the host name too: redis-py 5 (which orchard accepts) leaves it unchecked, and then
+    # any certificate a trusted CA signed, for any name, would pass
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     for name, key in (
         ("ORCHARD_REDIS_TLS_CA_CERTS", "ssl_ca_certs"),
         ("ORCHARD_REDIS_TLS_CERTFILE", "ssl_certfile"),
@@ -258,6 +260,11 @@ def _query_problem(url: str) -> str | None:
                 number = float("nan")
             if not 0 <= number < float("inf"):
                 return f"{where}: {value!r} is not a number of seconds (0 or more)"
+        elif key == "ssl_cert_reqs" and value not in ("required", "CERT_REQUIRED"):
+            # kombu takes the query's ssl_* options instead of orchard's own
+            return f"{where}: {value!r} turns off checking the server's certificate; drop it"
+        elif key == "ssl_check_hostname" and value.lower() == "false":  # kombu's one "off"
+            return f"{where}: {value!r} turns off checking the server's host name; drop it"
         elif not key.startswith("ssl_"):
             return (
                 f"{where} is not one orchard's broker connection takes "

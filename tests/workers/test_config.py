@@ -111,6 +111,7 @@ def test_rediss_verifies_the_server_certificate(tmp_path: Path, monkeypatch) -> 
     config = celery_config(settings(tmp_path, "rediss://:pw@head:6380/0"))
     assert config["broker_use_ssl"] == {
         "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_check_hostname": True,  # redis-py 5 does not check it unless told
         "ssl_ca_certs": "/etc/orchard/ca.pem",
     }
     assert "broker_use_ssl" not in celery_config(settings(tmp_path, "redis://head:6379/0"))
@@ -232,7 +233,7 @@ def test_known_broker_options_pass_the_check() -> None:
     from workers.config import broker_url_problem
 
     assert broker_url_problem("redis://h:6379/0?heartbeat=10&connect_timeout=3") is None
-    assert broker_url_problem("redis://h:6379/0?ssl_check_hostname=false") is None
+    assert broker_url_problem("redis://h:6379/0?ssl_check_hostname=true") is None
 
 
 def test_a_password_in_the_broker_urls_query_is_refused_with_advice() -> None:
@@ -320,3 +321,25 @@ def test_broker_url_problem(url: str, problem: str | None) -> None:
         assert found is None
     else:
         assert found.startswith(problem) and "pw" not in found
+
+
+@pytest.mark.parametrize(
+    ("query", "what"),
+    [
+        ("ssl_cert_reqs=none", "'none' turns off checking the server's certificate"),
+        ("ssl_cert_reqs=CERT_OPTIONAL", "'CERT_OPTIONAL' turns off checking the server's"),
+        ("ssl_check_hostname=false", "'false' turns off checking the server's host name"),
+        ("ssl_check_hostname=False", "'False' turns off checking the server's host name"),
+    ],
+)
+def test_a_broker_url_that_turns_tls_checks_off_is_refused(query, what) -> None:
+    """kombu takes a URL's ssl_* options in place of orchard's broker_use_ssl, so these
+    would quietly undo "a rediss:// broker always verifies the server's certificate"."""
+    from workers.config import broker_url_problem
+
+    problem = broker_url_problem(f"rediss://:S3cret@head:6380/0?{query}")
+    assert problem is not None and "S3cret" not in problem
+    option = query.partition("=")[0]
+    assert problem.startswith(f"option {option!r} in the URL's query: {what}")
+    assert broker_url_problem("rediss://h:6380/0?ssl_cert_reqs=CERT_REQUIRED") is None
+    assert broker_url_problem("rediss://h:6380/0?ssl_check_hostname=true") is None
