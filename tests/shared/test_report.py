@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -785,3 +786,17 @@ def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportDat
     one = Experiment("svm", "SVM C", points[:2], None)  # one swept parameter: no such table
     md = render_markdown(dataclasses.replace(data, experiments=[one]))
     assert "Best point per" not in md
+
+
+def test_markdown_holds_no_terminal_control_characters(data: ReportData) -> None:
+    """report.md is printed to terminals (`orchard report ID --print`, `cat`): a campaign
+    title, class name, image id or error text carrying ESC sequences (set the window
+    title, write the clipboard with OSC 52, hide lines) is written escaped, visibly."""
+    evil = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2Jgone\x9b1m\x00"
+    failed = dataclasses.replace(data.units[-1], state="FAILED", error=f"boom {evil}\ttab")
+    md = render_markdown(
+        dataclasses.replace(data, campaign_name=f"Mango {evil}", units=[*data.units[:-1], failed])
+    )
+    controls = {c for c in md if unicodedata.category(c) == "Cc"} - {"\n", "\t"}
+    assert not controls, controls
+    assert "Mango \\x1b]52;c;ZWNobyBwd25lZA==\\x07\\x1b[2Jgone\\x9b1m\\x00" in md
