@@ -53,6 +53,9 @@ class Entry:
     split: str
     path: str
     fold: int  # NO_FOLD for the test split and unlabelled images (both predicted)
+    # of the file's bytes at submit; preprocessing decodes only those bytes ("": a
+    # manifest written before it was recorded)
+    sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +248,8 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
     return Manifest(
         classes=tuple(dataset.classes),
         entries=tuple(
-            Entry(s.image_id, s.label, s.split, str(s.path), fold)
-            for s, fold in zip(samples, folds, strict=True)
+            Entry(s.image_id, s.label, s.split, str(s.path), fold, sha)
+            for (s, sha), fold in zip(good, folds, strict=True)
         ),
         fingerprint=fingerprint,
         cache_key=cache_key(fingerprint, spec.size, spec.shard_size, spec.decoder),

@@ -39,8 +39,8 @@ from shared.preprocess import (
     MAX_PIXELS,
     ImageHeader,
     decode_resize_data,
-    read_file,
     read_header,
+    read_submitted,
 )
 
 #: Decoded pixels held on the device at once, summed over a batch: 64 MP (192 MB of RGB,
@@ -161,6 +161,7 @@ def decode_shard(
     size: int,
     device: torch.device,
     max_pixels: int = MAX_PIXELS,
+    digests: Sequence[str | None] | None = None,
 ) -> Decoded:
     """:func:`shared.preprocess.preprocess_images` with the JPEGs decoded on ``device``."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
@@ -190,7 +191,7 @@ def decode_shard(
     pixels = on_device = 0
     for i, name in enumerate(paths):
         path = Path(name)
-        data = read_file(path)
+        data = read_submitted(path, digests[i] if digests else None)
         header = read_header(data, path, max_pixels)
         orientation, suits = jpeg_facts(data) if header.format in JPEG_FORMATS else (1, False)
         if not suits:  # other formats, CMYK, RGB-coded JPEGs: OpenCV as before

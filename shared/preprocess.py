@@ -270,6 +270,19 @@ def read_file(path: Path) -> bytes:
         raise PreprocessError(f"{path}: cannot read image ({exc.strerror})") from None
 
 
+def read_submitted(path: Path, sha256: str | None = None) -> bytes:
+    """The bytes of the image at ``path``, refused unless they are the ``sha256`` the
+    manifest recorded at submit: the cache is keyed by those bytes, so an image edited
+    (or a symlink swapped) since then must not put other pixels under that key."""
+    data = read_file(path)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise PreprocessError(
+            f"{path}: changed since the campaign was submitted (its sha256 is not the "
+            "one recorded then); submit the campaign again to use the new file"
+        )
+    return data
+
+
 def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[ImageHeader, str]:
     """The header of the image at ``path`` and the sha256 of its bytes (read once)."""
     data = read_file(path)
@@ -292,13 +305,16 @@ def decode_flag(header: ImageHeader, size: int) -> int:
     return cv2.IMREAD_COLOR
 
 
-def decode_resize(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image file once and resize it to ``size`` x ``size`` RGB uint8.
+def decode_resize(
+    path: Path, size: int, max_pixels: int = MAX_PIXELS, sha256: str | None = None
+) -> np.ndarray:
+    """Decode an image file once and resize it to ``size`` x ``size`` RGB uint8; with
+    ``sha256``, only the bytes submitted (:func:`read_submitted`).
 
     Grey, palette and RGBA images become RGB (alpha is dropped); 16-bit images are
     scaled to 8 bits by OpenCV (the high byte).
     """
-    data = read_file(path)
+    data = read_submitted(path, sha256)
     return decode_resize_data(data, read_header(data, path, max_pixels), path, size)
 
 
@@ -319,10 +335,16 @@ def decode_resize_data(data: bytes, header: ImageHeader, path: Path, size: int) 
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def preprocess_images(paths: Sequence[Path], size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def preprocess_images(
+    paths: Sequence[Path],
+    size: int,
+    max_pixels: int = MAX_PIXELS,
+    digests: Sequence[str | None] | None = None,
+) -> np.ndarray:
+    """Every image decoded and resized; ``digests``: each one's sha256 at submit."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        out[i] = decode_resize(Path(path), size, max_pixels)
+        out[i] = decode_resize(Path(path), size, max_pixels, digests[i] if digests else None)
     return out
 
 

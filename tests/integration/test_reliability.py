@@ -510,6 +510,33 @@ def test_resume_rewrites_a_shard_that_was_altered_or_deleted(cluster: Cluster) -
     assert reset == []
 
 
+def test_an_image_changed_after_submit_never_reaches_the_cache(cluster: Cluster) -> None:
+    """The cache is keyed by the images' bytes as hashed at submit; a file edited (or a
+    symlink swapped) before its shard is decoded fails that shard, naming the file,
+    rather than putting other pixels under the key another campaign would reuse."""
+    from shared.manifest import Manifest, manifest_path
+    from workers.data import shard_rel
+
+    path = write_campaign(cluster.tmp, "changed", epochs=1, per_class=12)
+    path.write_text(path.read_text().replace(f'"{cluster.tmp / "data"}"', '"data-changed"'))
+    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: nothing decoded yet
+    try:
+        run = cluster.submit(path)
+        folder = cluster.settings.artifacts / "campaigns" / run.id
+        manifest = Manifest.from_json(manifest_path(folder).read_text())
+        image = Path(manifest.entries[0].path)
+        assert image.is_relative_to(cluster.tmp / "data-changed")
+        image.write_bytes(image.read_bytes() + b"\0")  # still a JPEG, other bytes
+    finally:
+        cluster.pool.restart("cpu")
+    status = cluster.wait(run)
+    shard = next(u for u in status.units if u.key == f"{run.id}/preprocess/s00000")
+    assert shard.state == "FAILED"
+    assert f"{image}: changed since the campaign was submitted" in shard.error
+    assert cluster.store.find_artifact(shard_rel(manifest, 0)) is None
+    assert status.campaign.state != "DONE"
+
+
 def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: Cluster) -> None:
     """The revoke of `orchard cancel` reaches only the workers running at the time, and
     workers start without Celery's handshake (mingle) that would pass revoked ids on: a

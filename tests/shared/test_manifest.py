@@ -227,6 +227,18 @@ def test_build_manifest_on_synthetic(built):
     assert manifest.size == 256 and manifest.shard_size == 256
 
 
+def test_each_entry_records_the_sha256_of_its_bytes_at_submit(built):
+    import hashlib
+
+    manifest, _ = built
+    for entry in manifest.entries:
+        assert entry.sha256 == hashlib.sha256(Path(entry.path).read_bytes()).hexdigest()
+    older = json.loads(manifest.to_json())  # a manifest written before it was recorded
+    for entry in older["entries"]:
+        del entry["sha256"]
+    assert {e.sha256 for e in Manifest.from_json(json.dumps(older)).entries} == {""}
+
+
 def test_build_manifest_is_deterministic(built):
     manifest, tmp = built
     again = build_manifest(_synthetic_campaign(tmp / "data", label_noise=0.0), tmp / "artifacts")

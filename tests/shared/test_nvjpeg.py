@@ -182,3 +182,14 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path):
         nvjpeg.decode_shard([tmp_path / "whole.jpg", cut], 64, CPU)
     with pytest.raises(PreprocessError, match=r"gone\.jpg: image file is missing"):
         nvjpeg.decode_shard([tmp_path / "gone.jpg"], 64, CPU)
+
+
+def test_only_the_bytes_hashed_at_submit_are_decoded(tmp_path):
+    import hashlib
+
+    path = _jpeg(tmp_path / "a.jpg", _photo(2, 160, 120))
+    submitted = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert nvjpeg.decode_shard([path], 64, CPU, digests=[submitted]).images.shape == (1, 64, 64, 3)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(PreprocessError, match=r"a\.jpg: changed since the campaign was submitted"):
+        nvjpeg.decode_shard([path], 64, CPU, digests=[submitted])

@@ -287,3 +287,28 @@ def test_a_jpeg_with_an_exif_thumbnail_is_read_past_it(tmp_path):
     main_scan = _scans(jpeg)[-1]
     with pytest.raises(PreprocessError, match="truncated JPEG"):
         read_header(jpeg[: main_scan + 100], path)
+
+
+def test_only_the_bytes_hashed_at_submit_are_decoded(tmp_path):
+    """The cache is keyed by each image's sha256 at submit: a file changed since then
+    (an edit, a symlink swapped) is refused, naming it, before it is decoded."""
+    import hashlib
+
+    from shared.preprocess import PreprocessError, decode_resize, preprocess_images
+
+    path = _jpeg(tmp_path / "a.jpg", 640, 480)
+    submitted = hashlib.sha256(path.read_bytes()).hexdigest()
+    first = decode_resize(path, 64, sha256=submitted)
+    assert np.array_equal(first, decode_resize(path, 64))
+    path.write_bytes(path.read_bytes() + b"\0")  # still decodes, other bytes
+    for decode in (
+        lambda: decode_resize(path, 64, sha256=submitted),
+        lambda: preprocess_images([path], 64, digests=[submitted]),
+    ):
+        with pytest.raises(PreprocessError) as info:
+            decode()
+        assert str(info.value) == (
+            f"{path}: changed since the campaign was submitted (its sha256 is not the one "
+            "recorded then); submit the campaign again to use the new file"
+        )
+    assert preprocess_images([path], 64, digests=[None]).shape == (1, 64, 64, 3)

@@ -34,14 +34,16 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
     paths = [e.path for e in entries]
+    # the bytes hashed at submit, and no others: the cache is keyed by them
+    digests = [e.sha256 or None for e in entries]
     decoded_on, by_nvjpeg = "cpu", 0
     # the manifest's decoder, which its cache key names (the unit's params route it)
     if manifest.decoder == "nvjpeg":
         images, decoded_on, by_nvjpeg = _nvjpeg(
-            ctx.unit.key, paths, manifest.size, manifest.max_pixels
+            ctx.unit.key, paths, manifest.size, manifest.max_pixels, digests
         )
     else:
-        images = preprocess_images(paths, manifest.size, manifest.max_pixels)
+        images = preprocess_images(paths, manifest.size, manifest.max_pixels, digests)
     written = write_shard(path, images)
     return Outcome(
         fit_seconds=time.perf_counter() - started,
@@ -58,7 +60,9 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     )
 
 
-def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.ndarray, str, int]:
+def _nvjpeg(
+    key: str, paths: list[str], size: int, max_pixels: int, digests: list[str | None]
+) -> tuple[np.ndarray, str, int]:
     """Decode on this GPU worker's CUDA device; on a worker without one, with OpenCV.
     Returns the images, the device, and how many of them nvJPEG decoded."""
     from shared.cnn import describe_device, pick_device
@@ -69,14 +73,14 @@ def _nvjpeg(key: str, paths: list[str], size: int, max_pixels: int) -> tuple[np.
         where = describe_device(device)
         log.log(level, "%s decodes on %s with OpenCV: nvJPEG needs a CUDA device", key, where)
         _warned.add(where)
-        return preprocess_images(paths, size, max_pixels), "cpu", 0
+        return preprocess_images(paths, size, max_pixels, digests), "cpu", 0
     import torch
 
     from shared import nvjpeg
 
     log.info("%s decodes on %s", key, describe_device(device))
     try:
-        images, on_device = nvjpeg.decode_shard(paths, size, device, max_pixels)
+        images, on_device = nvjpeg.decode_shard(paths, size, device, max_pixels, digests)
     finally:  # up to a GB of decoded batches: back to the GPU for the folds that follow
         torch.cuda.empty_cache()
     return images, describe_device(device), on_device  # the others: OpenCV (not JPEG, CMYK, ...)
