@@ -8,9 +8,10 @@ the usual 4:3 camera shape, by default), writes ``--n`` JPEGs (quality ``--quali
 - baseline: ``cv2.imread`` (full decode) + ``cv2.resize(..., INTER_AREA)`` to 256x256,
   the path orchard used before (INTER_AREA: the same antialiasing orchard applies);
 - baseline-linear: the same with ``cv2.resize``'s default INTER_LINEAR (aliased, faster);
-- orchard: ``shared.preprocess.decode_resize`` (header check, libjpeg reduced decoding
-  at 1/2 or 1/4 scale when the image is at least 1.5x that much larger than the
-  output, INTER_AREA resize, RGB);
+- orchard: ``shared.preprocess.decode_resize`` as a worker calls it (the sha256 of the
+  bytes checked against the one recorded at submit, header check, libjpeg reduced
+  decoding at 1/2 or 1/4 scale when the image is at least 1.5x that much larger than
+  the output, INTER_AREA resize, RGB);
 - previous rule: what ``decode_resize`` did before (the largest reduction of 1/2, 1/4,
   1/8 that keeps the output size, then bilinear when under 2x is left): faster, but
   under 35 dB against the full decode on detailed photos at most camera sizes;
@@ -225,12 +226,13 @@ def measure_set(kind: str, folder: Path, args: argparse.Namespace) -> dict:
     paths = write_jpegs(folder, kind, args)
     sizes = [p.stat().st_size for p in paths]
     blobs = {p: np.frombuffer(p.read_bytes(), np.uint8) for p in paths}
-    modes = sorted({FLAG_NAMES[decode_flag(check_image(p)[0], args.size)] for p in paths})
+    checked = {p: check_image(p) for p in paths}  # what submit records: header, sha256
+    modes = sorted({FLAG_NAMES[decode_flag(checked[p][0], args.size)] for p in paths})
     reference = baseline(args.size, cv2.INTER_AREA)
     runs: dict[str, Callable[[Path], object]] = {
         "baseline": reference,
         "baseline-linear": baseline(args.size, cv2.INTER_LINEAR),
-        "orchard": lambda p: decode_resize(p, args.size),
+        "orchard": lambda p: decode_resize(p, args.size, sha256=checked[p][1]),
         "previous-rule": previous_rule(args.size),
         "full-decode": decode_only(blobs, cv2.IMREAD_COLOR),
         "floor": decode_only(blobs, cv2.IMREAD_REDUCED_COLOR_8),
