@@ -30,6 +30,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_if_intact(path: Path, sha256: str) -> bytes | None:
+    """The bytes of ``path`` if their sha256 is ``sha256``, else None (FileNotFoundError
+    if there is no file). Read once: the caller loads the very bytes that were checked,
+    never a file replaced on the share between a check and a second read."""
+    data = Path(path).read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> WrittenFile:
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)

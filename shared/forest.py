@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import joblib
 import numpy as np
 
-from shared.artifacts import WrittenFile, atomic_write
+from shared.artifacts import WrittenFile, atomic_write, read_if_intact
 from shared.classic import FitOutcome, accuracy_of, flatten
 from shared.errors import OrchardError
 
@@ -395,10 +395,10 @@ def load_model(path: Path, sha256: str) -> ForestModel:
     is read once and those bytes are both checked and loaded, so one replaced on the share
     after the check is never unpickled (a pickle runs code as it loads)."""
     try:
-        blob = Path(path).read_bytes()
+        blob = read_if_intact(path, sha256)
     except FileNotFoundError:
         raise ForestError(f"{path}: forest shard missing") from None
-    if hashlib.sha256(blob).hexdigest() != sha256:
+    if blob is None:
         raise ForestError(f"{path}: forest shard checksum mismatch (truncated or altered)")
     model = joblib.load(io.BytesIO(blob))
     if not isinstance(model, ForestModel):

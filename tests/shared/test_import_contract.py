@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.artifacts import atomic_write, atomic_write_text, sha256_file
+from shared.artifacts import atomic_write, atomic_write_text, read_if_intact, sha256_file
 from shared.settings import load_settings, mask_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,3 +191,13 @@ def test_atomic_write_reports_sha_and_size(tmp_path):
 
 def test_mask_url_keeps_ipv6_brackets():
     assert mask_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+
+
+def test_read_if_intact_returns_the_very_bytes_it_checked(tmp_path):
+    written = atomic_write_text(tmp_path / "m.json", '{"a": 1}')
+    assert read_if_intact(written.path, written.sha256) == b'{"a": 1}'
+    written.path.write_text('{"a": 2}')  # replaced on the share
+    assert read_if_intact(written.path, written.sha256) is None
+    written.path.unlink()
+    with pytest.raises(FileNotFoundError):
+        read_if_intact(written.path, written.sha256)

@@ -63,7 +63,7 @@ from db.store import (
     UnitCancelledError,
 )
 from scheduler.canvas import advance
-from shared.artifacts import sha256_file
+from shared.artifacts import read_if_intact
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
@@ -300,9 +300,10 @@ class UnitContext:
 
 @functools.lru_cache(maxsize=4)
 def _read_manifest(path: Path, sha256: str) -> Manifest:
-    if sha256_file(path) != sha256:
+    data = read_if_intact(path, sha256)
+    if data is None:
         raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
-    return Manifest.from_json(path.read_text(encoding="utf-8"))
+    return Manifest.from_json(data.decode("utf-8"))
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:

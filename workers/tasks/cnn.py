@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from db.store import Artifact, Outcome, Store
-from shared.artifacts import WrittenFile, atomic_write_bytes, sha256_file
+from shared.artifacts import WrittenFile, atomic_write_bytes, read_if_intact
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
@@ -147,10 +147,12 @@ def _verified_checkpoint(
 ) -> dict[str, Any] | None:
     """The checkpoint in ``path`` if it is exactly ``record``, else None (logged)."""
     relative = record.path
-    if not path.exists():
+    try:
+        blob = read_if_intact(path, record.sha256)  # what is loaded is what was checked
+    except FileNotFoundError:
         log.warning("%s: checkpoint %s is recorded but missing; not used", unit_key, relative)
         return None
-    if sha256_file(path) != record.sha256:
+    if blob is None:
         log.warning(
             "%s: checkpoint %s does not match its recorded sha256 (truncated, altered, or "
             "its writer was killed before recording it); not used",
@@ -160,7 +162,7 @@ def _verified_checkpoint(
         return None
     try:
         # weights_only: tensors and plain Python values only, nothing executed on load
-        checkpoint = torch_module().load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_module().load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file means: do not use it
         log.warning("%s: checkpoint %s unreadable (%s); not used", unit_key, relative, exc)
         return None

@@ -13,6 +13,7 @@ with an unlabelled test set its predictions become ``submission.csv``. The layou
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections import defaultdict
@@ -590,7 +591,7 @@ def explain_cnn(
     are helpful to the model for correct predictions"), most confident first; without,
     the images it predicted most confidently per class.
     """
-    from shared.artifacts import sha256_file
+    from shared.artifacts import read_if_intact
     from shared.cnn import build_model, normalise, resize_batch
     from shared.explain import explain_images
     from workers.data import load_variant
@@ -608,9 +609,13 @@ def explain_cnn(
             "cnn", fold.key, num_samples, [], f"no model file recorded for {fold.key}"
         )
     path = settings.artifacts / models[0].path
-    if sha256_file(path) != models[0].sha256:
+    try:
+        blob = read_if_intact(path, models[0].sha256)  # what is loaded is what was checked
+    except FileNotFoundError:
+        return LimeSection("cnn", fold.key, num_samples, [], f"{path}: model file missing")
+    if blob is None:
         return LimeSection("cnn", fold.key, num_samples, [], f"{path}: checksum mismatch")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     classes = list(manifest.classes)
     model = build_model(checkpoint["params"], len(classes))
     model.load_state_dict(checkpoint["state_dict"])
