@@ -632,6 +632,16 @@ class Store:
         whatever its size (ORM objects, params loaded 500 units at a time, cost
         ~0.1 ms a unit: half a second per poll of a 5,000-unit campaign)."""
         with self._transaction(read_only=True) as s:
+            # the units first, then their params: on PostgreSQL (read committed) each
+            # statement sees what was committed when it began, and a unit's params are
+            # committed with it and never change, so the second read has those of every
+            # unit the first one saw (read the other way round, a campaign committed in
+            # between came back as units without params)
+            rows = s.execute(
+                select(*_UNIT_COLUMNS)
+                .where(UnitRow.campaign_id == campaign_id)
+                .order_by(UnitRow.position)
+            ).all()
             params: dict[int, dict[str, Any]] = {}
             for unit_id, name, value in s.execute(
                 select(UnitParamRow.unit_id, UnitParamRow.name, UnitParamRow.value)
@@ -640,11 +650,6 @@ class Store:
                 .order_by(UnitParamRow.unit_id, UnitParamRow.name)
             ):
                 params.setdefault(unit_id, {})[name] = value
-            rows = s.execute(
-                select(*_UNIT_COLUMNS)
-                .where(UnitRow.campaign_id == campaign_id)
-                .order_by(UnitRow.position)
-            )
             return [_unit_of(row, params.get(row.id, {})) for row in rows]
 
     @_retried

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text, update
+from sqlalchemy import event, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 from db import migrate
@@ -149,6 +149,34 @@ def test_campaign_and_units_round_trip(store_url: str) -> None:
     assert store.get_campaign("t-1").classes == ("A", "B", "C")
     with pytest.raises(StoreError, match="no campaign"):
         store.get_campaign("nope")
+
+
+def test_units_never_come_back_without_the_params_committed_with_them(store_url: str) -> None:
+    """units() reads the units and their params in two statements; on PostgreSQL (read
+    committed) each sees what was committed when it began. A campaign committed between
+    the two must come back whole or not at all, never as units without their params:
+    the params are read for the units already read, not before them."""
+    reader = make_store(store_url)
+    writer = Store(store_url)
+    plans: list[UnitPlan] = []
+    selects = 0
+
+    def commit_the_campaign_between(conn, cursor, statement, *_rest) -> None:  # noqa: ANN001
+        nonlocal selects, plans
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects += 1
+            if selects == 2:  # after the first of units()'s two reads, before the second
+                plans = seed_campaign(writer)
+
+    event.listen(reader.engine, "before_cursor_execute", commit_the_campaign_between)
+    try:
+        units = reader.units("t-1")
+    finally:
+        event.remove(reader.engine, "before_cursor_execute", commit_the_campaign_between)
+        writer.dispose()
+    assert selects == 2 and plans  # the campaign was committed between the two reads
+    assert [u.params for u in units] in ([], [p.params for p in plans])
+    assert [u.params for u in reader.units("t-1")] == [p.params for p in plans]
 
 
 def test_claim_for_queue_is_won_once(store_url: str) -> None:
