@@ -38,6 +38,7 @@ from statistics import mean
 from typing import TYPE_CHECKING, Any
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
+from shared.errors import visible_controls
 
 # matplotlib is imported when a figure is drawn, so that importing this module stays
 # cheap for the many processes that never draw
@@ -1552,20 +1553,10 @@ def _md_table(table: Table) -> list[str]:
     return lines
 
 
-#: C0 and C1 control characters but tab and newline: what a terminal would act on.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _visible_controls(text: str) -> str:
-    """``text`` with every control character but tab and newline written ``\\x1b``:
-    report.md is printed to terminals (``orchard report ID --print``), where a title,
-    class name, image id or error text with ESC sequences would act, not show."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
-
-
 def render_markdown(data: ReportData, captions: Mapping[str, str] | None = None) -> str:
     """The report as GitHub-flavoured Markdown; figures are linked by file name. It
-    holds no control character but newlines and tabs (see :func:`_visible_controls`)."""
+    holds no control character but newlines and tabs (:func:`~shared.errors.visible_controls`:
+    it is printed to terminals by ``orchard report ID --print``)."""
     if captions is None:
         captions = {name: caption for name, (caption, _) in _figure_renderers(data).items()}
     title, blocks = document(data)
@@ -1595,7 +1586,7 @@ def render_markdown(data: ReportData, captions: Mapping[str, str] | None = None)
                 lines = [f"  {line}".rstrip() for line in error.rstrip().splitlines()]
                 out += [f"- {_md_inline(what)}", "", f"  {fence}text", *lines, f"  {fence}", ""]
             out.pop()
-    return _visible_controls("\n".join(out)) + "\n"
+    return visible_controls("\n".join(out)) + "\n"
 
 
 # --------------------------------------------------------------------------- html

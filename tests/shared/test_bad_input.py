@@ -574,3 +574,12 @@ def test_the_base_campaign_file_is_valid(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(CAMPAIGN)
     assert load_campaign(path).preprocessing.max_bad_fraction == 0.1
+
+
+def test_an_error_line_shows_control_characters_instead_of_sending_them():
+    """A file name or TOML key with ESC sequences, put into a one-line error, must not
+    drive the terminal it is printed to."""
+    from shared.errors import OrchardError
+
+    error = OrchardError("dataset /d/\x1b]0;owned\x07.jpg:\nbad\ttab")
+    assert str(error) == "dataset /d/\\x1b]0;owned\\x07.jpg: bad\ttab"

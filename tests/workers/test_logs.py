@@ -53,3 +53,10 @@ def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
         logs.RejectTracebackFilter
     ]
     assert logging.getLogger(logs.ALEMBIC_LOGGER).level == logging.WARNING
+
+
+def test_a_failed_units_error_line_shows_control_characters():
+    from workers.tasks.base import _one_line
+
+    line = _one_line(FileNotFoundError(2, "No such file", "/d/\x1b[2J.jpg"))
+    assert "\x1b" not in line and "\\x1b[2J" in line

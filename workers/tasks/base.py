@@ -64,6 +64,7 @@ from db.store import (
 )
 from scheduler.canvas import advance
 from shared.artifacts import read_if_intact
+from shared.errors import visible_controls
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
@@ -352,7 +353,9 @@ def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
 
 
 def _one_line(exc: BaseException) -> str:
-    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:2000]
+    """The error a failed unit records: `orchard status` and the report show it."""
+    line = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+    return visible_controls(line)[:2000]
 
 
 def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
