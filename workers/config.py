@@ -237,9 +237,9 @@ def broker_url_problem(url: str) -> str | None:
 
 
 #: The options a Redis broker URL's query may carry: kombu passes every one to its
-#: ``Connection`` as a keyword (``ssl_*`` become its ``ssl`` options), and fails with a
-#: TypeError on any other. orchard sets the socket timeouts itself (transport options).
-BROKER_QUERY_OPTIONS = ("connect_timeout", "heartbeat", "ssl_*")
+#: ``Connection`` as a keyword, and fails with a TypeError on any other. orchard sets
+#: the socket timeouts itself (transport options), and TLS from ORCHARD_REDIS_TLS_*.
+BROKER_QUERY_OPTIONS = ("connect_timeout", "heartbeat")
 
 
 def _query_problem(url: str) -> str | None:
@@ -260,12 +260,16 @@ def _query_problem(url: str) -> str | None:
                 number = float("nan")
             if not 0 <= number < float("inf"):
                 return f"{where}: {value!r} is not a number of seconds (0 or more)"
-        elif key == "ssl_cert_reqs" and value not in ("required", "CERT_REQUIRED"):
-            # kombu takes the query's ssl_* options instead of orchard's own
-            return f"{where}: {value!r} turns off checking the server's certificate; drop it"
-        elif key == "ssl_check_hostname" and value.lower() == "false":  # kombu's one "off"
-            return f"{where}: {value!r} turns off checking the server's host name; drop it"
-        elif not key.startswith("ssl_"):
+        elif key.startswith("ssl_"):
+            # kombu takes the query's ssl_* options in place of orchard's broker_use_ssl:
+            # one of them (even ?ssl_ca_certs=) drops the certificate and host-name checks
+            return (
+                f"{where}: TLS settings go in ORCHARD_REDIS_TLS_CA_CERTS, "
+                "ORCHARD_REDIS_TLS_CERTFILE and ORCHARD_REDIS_TLS_KEYFILE (options in the "
+                "URL would replace orchard's, which always check the server's certificate "
+                "and host name); drop it"
+            )
+        else:
             return (
                 f"{where} is not one orchard's broker connection takes "
                 f"({', '.join(BROKER_QUERY_OPTIONS)}); drop it"
