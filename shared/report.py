@@ -1491,9 +1491,11 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 
 
 def _md_text(text: str) -> str:
-    """Plain text on one Markdown line: ``\\``, ``<`` and ``*`` escaped (no raw HTML)."""
+    """Plain text on one Markdown line: ``\\``, ``<``, ``*``, ``[`` and ``]`` escaped: no
+    raw HTML, and no link or image (a title ``![x](https://host/p.png)`` would make a
+    Markdown viewer fetch it)."""
     text = " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
-    return text.replace("*", "\\*")
+    return text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
 
 
 def _md_cell(text: str) -> str:

@@ -799,4 +799,14 @@ def test_markdown_holds_no_terminal_control_characters(data: ReportData) -> None
     )
     controls = {c for c in md if unicodedata.category(c) == "Cc"} - {"\n", "\t"}
     assert not controls, controls
-    assert "Mango \\x1b]52;c;ZWNobyBwd25lZA==\\x07\\x1b[2Jgone\\x9b1m\\x00" in md
+    # (the title's brackets are escaped too: a title is no link)
+    assert "Mango \\x1b\\]52;c;ZWNobyBwd25lZA==\\x07\\x1b\\[2Jgone\\x9b1m\\x00" in md
+
+
+def test_markdown_text_makes_no_link_or_image(data: ReportData) -> None:
+    """A title such as ![x](https://host/p.png) would make a Markdown viewer fetch the
+    image (a tracking pixel) when someone opens report.md."""
+    title = "Mango ![x](https://host/p.png) [y](https://host/)"
+    md = render_markdown(dataclasses.replace(data, campaign_name=title))
+    assert "Mango !\\[x\\](https://host/p.png) \\[y\\](https://host/)" in md
+    assert "![x](" not in md and "[y](" not in md
