@@ -512,6 +512,16 @@ class Store:
         # ORM inserted units and params a row per statement on SQLite (it needs each new
         # id back in order), five statements per unit
         with self._transaction() as s:
+            recorded = s.execute(
+                select(CampaignRow.digest, CampaignRow.source).where(CampaignRow.id == campaign_id)
+            ).first()
+            if recorded is not None:
+                # a retry whose first try committed, its reply lost with the connection:
+                # done already (ids carry the time and a random part; one that names
+                # another campaign is a collision, refused)
+                if tuple(recorded) == (digest, source):
+                    return
+                raise StoreError(f"campaign {campaign_id} already exists")
             now = self._now(s)
             s.execute(
                 _table(CampaignRow).insert(),

@@ -662,10 +662,13 @@ def test_store_that_stays_away_fails_within_its_budget_naming_the_masked_url(
 
 def test_integrity_errors_are_not_retried(sqlite_url: str) -> None:
     store = make_store(sqlite_url)
-    seed_campaign(store)
+    units = seed_campaign(store)
     store.retry_seconds = 30
     with pytest.raises(IntegrityError):  # at once: not a StoreError after 30 s of retries
-        seed_campaign(store)  # the same campaign id again
+        store.create_campaign(
+            "t-2", name="t", source="t.toml", digest="d", spec={}, classes=["A"],
+            units=[units[0], units[0]],  # one unit key twice
+        )  # fmt: skip
 
 
 def insert_old_campaign(conn: Any) -> None:
@@ -970,3 +973,17 @@ def test_db_retry_seconds_of_0_to_a_day_are_taken(sqlite_url, monkeypatch) -> No
         assert Store(sqlite_url).retry_seconds == float(value)
     monkeypatch.setenv("ORCHARD_DB_RETRY_SECONDS", " ")
     assert Store(sqlite_url).retry_seconds == 5.0
+
+
+def test_creating_a_campaign_again_after_a_lost_reply_is_done_already(store_url: str) -> None:
+    """The connection drops after the server committed: the store retries the whole
+    call, which must find its own campaign rather than fail (submit would then remove
+    the manifest of a campaign that is recorded)."""
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    seed_campaign(store, "t-1")  # the retry
+    assert [u.key for u in store.units("t-1")] == [u.key for u in units]
+    with pytest.raises(StoreError, match="^campaign t-1 already exists$"):
+        store.create_campaign(
+            "t-1", name="t", source="other.toml", digest="d", spec={}, classes=["A"], units=[]
+        )
