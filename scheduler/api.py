@@ -221,6 +221,13 @@ def submit(
 
     check_campaign_path(path)
     campaign = load_campaign(path)
+    root = getattr(campaign.dataset, "root", None)
+    if root is not None and settings.outside_dataset_roots(root):
+        raise CampaignError(
+            f"{path}: [dataset] root {root} is outside ORCHARD_DATASET_ROOTS "
+            f"({os.pathsep.join(map(str, settings.dataset_roots))}), the folders datasets "
+            "may be read from"
+        )
     _check_creatable(settings.artifacts)
     if settings.broker_is_filesystem:
         _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")

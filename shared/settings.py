@@ -10,6 +10,7 @@ store, and an artifact folder. A cluster sets the three URLs/paths to shared ser
 | ORCHARD_BROKER_URL    | filesystem://$ORCHARD_HOME/broker         |
 | ORCHARD_DATABASE_URL  | sqlite:///$ORCHARD_HOME/orchard.db        |
 | ORCHARD_ARTIFACTS     | $ORCHARD_HOME/artifacts                   |
+| ORCHARD_DATASET_ROOTS | (anywhere) folders datasets may be in, ':'-separated |
 
 A password can also come from a file, the way Docker secrets hand it over
 (``/run/secrets/...``): ORCHARD_BROKER_PASSWORD_FILE and ORCHARD_DATABASE_PASSWORD_FILE.
@@ -39,6 +40,17 @@ class Settings:
     broker_url: str
     database_url: str
     artifacts: Path
+    #: ORCHARD_DATASET_ROOTS: the folders datasets may be read from (besides the artifact
+    #: folder, where synthetic ones are made); empty: anywhere the process may read
+    dataset_roots: tuple[Path, ...] = ()
+
+    def outside_dataset_roots(self, path: Path) -> bool:
+        """Whether ``path`` (resolved: symbolic links followed) is outside every dataset
+        root and the artifact folder; never when no dataset roots are set."""
+        if not self.dataset_roots:
+            return False
+        real = Path(os.path.realpath(path))
+        return not any(real.is_relative_to(root) for root in (*self.dataset_roots, self.artifacts))
 
     @property
     def broker_is_filesystem(self) -> bool:
@@ -66,7 +78,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         database, "ORCHARD_DATABASE_URL", "ORCHARD_DATABASE_PASSWORD_FILE", env
     )
     artifacts = folder_setting(env, "ORCHARD_ARTIFACTS", home / "artifacts")
-    return Settings(home=home, broker_url=broker, database_url=database, artifacts=artifacts)
+    roots = env.get("ORCHARD_DATASET_ROOTS") or ""
+    dataset_roots = tuple(
+        resolved(part, "ORCHARD_DATASET_ROOTS", roots)
+        for part in roots.split(os.pathsep)
+        if part.strip()
+    )
+    return Settings(
+        home=home,
+        broker_url=broker,
+        database_url=database,
+        artifacts=artifacts,
+        dataset_roots=dataset_roots,
+    )
 
 
 def folder_setting(env: Mapping[str, str], name: str, default: str | Path) -> Path:
@@ -115,6 +139,8 @@ def child_env(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
         "ORCHARD_HOME": str(settings.home),
         "ORCHARD_ARTIFACTS": str(settings.artifacts),
     }
+    if settings.dataset_roots:
+        env["ORCHARD_DATASET_ROOTS"] = os.pathsep.join(map(str, settings.dataset_roots))
     for name, url in (
         ("ORCHARD_BROKER_URL", settings.broker_url),
         ("ORCHARD_DATABASE_URL", settings.database_url),

@@ -204,3 +204,19 @@ def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitP
 def test_data_problems(unit: UnitPlan, problem: str | None) -> None:
     problems = data_problems([unit, unit], {0: 480, 1: 480}, cache_size=64)
     assert problems == ([problem] if problem else [])
+
+
+def test_a_dataset_root_outside_orchard_dataset_roots_is_refused(tmp_path: Path) -> None:
+    allowed = tmp_path / "datasets"
+    allowed.mkdir()
+    outside = tmp_path / "home-of-someone"
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC.replace("[dataset]\n", f'[dataset]\nroot = "{outside}"\n'))
+    home = tmp_path / "home"
+    done = orchard("submit", str(campaign), home=home, ORCHARD_DATASET_ROOTS=str(allowed))
+    assert_one_line_error(
+        done,
+        f"{campaign}: [dataset] root {outside} is outside ORCHARD_DATASET_ROOTS ({allowed}), "
+        "the folders datasets may be read from",
+    )
+    assert not outside.exists() and not home.exists()

@@ -345,3 +345,30 @@ def test_the_cli_reports_a_symlink_loop_home_in_one_line(tmp_path, loop, monkeyp
     assert capsys.readouterr().err == (
         f"orchard: error: ORCHARD_HOME={loop}: a symbolic link loop ({loop})\n"
     )
+
+
+def test_dataset_roots_are_folders_separated_like_path(tmp_path):
+    allowed, other = tmp_path / "data", tmp_path / "other"
+    for folder in (allowed, other):
+        folder.mkdir()
+    env = {"ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATASET_ROOTS": f"{allowed}::{other}"}
+    settings = load_settings(env)
+    assert settings.dataset_roots == (allowed.resolve(), other.resolve())
+    assert load_settings({"ORCHARD_HOME": str(tmp_path)}).dataset_roots == ()
+
+
+def test_outside_the_dataset_roots_follows_symbolic_links(tmp_path):
+    allowed, elsewhere = tmp_path / "data", tmp_path / "private"
+    (allowed / "A").mkdir(parents=True)
+    elsewhere.mkdir()
+    (allowed / "A" / "1.jpg").write_bytes(b"x")
+    (elsewhere / "secret.jpg").write_bytes(b"x")
+    (allowed / "A" / "2.jpg").symlink_to(elsewhere / "secret.jpg")
+    env = {"ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATASET_ROOTS": str(allowed)}
+    settings = load_settings(env)
+    assert not settings.outside_dataset_roots(allowed / "A" / "1.jpg")
+    assert settings.outside_dataset_roots(allowed / "A" / "2.jpg")  # leads out
+    assert settings.outside_dataset_roots(elsewhere / "secret.jpg")
+    assert not settings.outside_dataset_roots(settings.artifacts / "datasets" / "s" / "1.jpg")
+    unrestricted = load_settings({"ORCHARD_HOME": str(tmp_path / "home")})
+    assert not unrestricted.outside_dataset_roots(elsewhere / "secret.jpg")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from db.store import Artifact, Outcome
-from shared.preprocess import preprocess_images, write_shard
+from shared.preprocess import PreprocessError, preprocess_images, write_shard
 from workers.data import shard_intact, shard_rel
 from workers.tasks.base import UnitContext, log, unit_task
 
@@ -34,6 +34,13 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
     paths = [e.path for e in entries]
+    # this worker's own rule, whatever the submitter's was (a symbolic link counts where
+    # it leads, now)
+    if outside := next((p for p in paths if ctx.settings.outside_dataset_roots(p)), None):
+        roots = os.pathsep.join(map(str, ctx.settings.dataset_roots))
+        raise PreprocessError(
+            f"{outside}: outside this worker's ORCHARD_DATASET_ROOTS ({roots}); not read"
+        )
     # the bytes hashed at submit, and no others: the cache is keyed by them
     digests = [e.sha256 or None for e in entries]
     decoded_on, by_nvjpeg = "cpu", 0
