@@ -73,7 +73,16 @@ def _app_from_environment() -> Celery:
     module raises, a bad setting (a missing password file) is one line and exit code 2;
     anywhere else (the Python API) it stays an OrchardError."""
     try:
-        return make_app(load_settings())
+        settings = load_settings()
+        # the URL checks `orchard` commands make first: under `celery -A workers.app`
+        # (Flower, inspect) nothing else would, and kombu would take a URL's
+        # ?ssl_cert_reqs=none over orchard's TLS settings
+        from shared.settings import mask_url
+        from workers.config import broker_url_problem
+
+        if problem := broker_url_problem(settings.broker_url):
+            raise OrchardError(f"ORCHARD_BROKER_URL {mask_url(settings.broker_url)}: {problem}")
+        return make_app(settings)
     except OrchardError as exc:
         if "celery.bin.celery" not in sys.modules:
             raise

@@ -127,3 +127,29 @@ def test_the_submit_command_names_a_bad_broker_option_in_one_line(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
     assert "redis://127.0.0.1:6379/12?foo=bar" in done.stderr and "'foo'" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["flower", "inspect"])
+def test_the_celery_command_refuses_a_broker_url_that_turns_tls_checks_off(
+    tmp_path: Path, command: str
+) -> None:
+    """The checks an `orchard` command makes of the broker URL hold under `celery -A
+    workers.app` too (Flower): kombu would take ?ssl_cert_reqs=none over orchard's own
+    TLS settings and connect without checking the certificate."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    env["ORCHARD_HOME"] = str(tmp_path / "home")
+    env["ORCHARD_BROKER_URL"] = "rediss://:S3cret@127.0.0.1:6380/13?ssl_cert_reqs=none"
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        "orchard: error: ORCHARD_BROKER_URL rediss://:***@127.0.0.1:6380/13?ssl_cert_reqs=none: "
+        "option 'ssl_cert_reqs' in the URL's query: TLS settings go in ORCHARD_REDIS_TLS_CA_CERTS"
+    )
+    assert done.stderr.count("\n") == 1 and "S3cret" not in done.stderr
