@@ -1238,14 +1238,18 @@ class Store:
             return [r.key for r in sorted(reset, key=lambda r: r.position)]
 
     @_retried
-    def reuse_finished(self, campaign_id: str) -> dict[str, str]:
+    def reuse_finished(
+        self, campaign_id: str, *, equivalent_manifests: Sequence[str] = ()
+    ) -> dict[str, str]:
         """Fill a new campaign's model units from identical units that already succeeded.
 
         Identical means same family, parameters (hash) and fold, in a campaign with the
         same seed and a byte-identical manifest (same images, labels, splits and folds,
-        same preprocessing). The result, predictions and metrics are copied (the result's
-        ``extra["reused_from"]`` names the source unit, whose artifacts stay where they
-        are) and the unit is marked SUCCESS without running. Returns new key -> source key.
+        same preprocessing), or one whose manifest's sha256 is in
+        ``equivalent_manifests`` (the same data as an earlier orchard wrote it). The
+        result, predictions and metrics are copied (the result's ``extra["reused_from"]``
+        names the source unit, whose artifacts stay where they are) and the unit is marked
+        SUCCESS without running. Returns new key -> source key.
         """
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id)
@@ -1265,7 +1269,8 @@ class Store:
                         CampaignRow.id != campaign_id,
                         CampaignRow.id.in_(
                             select(ArtifactRow.campaign_id).where(
-                                ArtifactRow.kind == "manifest", ArtifactRow.sha256 == manifest_sha
+                                ArtifactRow.kind == "manifest",
+                                ArtifactRow.sha256.in_([manifest_sha, *equivalent_manifests]),
                             )
                         ),
                     )
@@ -1330,7 +1335,8 @@ class Store:
                     "val_confusion": r.val_confusion,
                     "test_confusion": r.test_confusion,
                     "fit_seconds": r.fit_seconds,
-                    "extra": {**r.extra, "reused_from": source.key},
+                    # a copy of a copy names the unit that ran, whose files are kept
+                    "extra": {**r.extra, "reused_from": r.extra.get("reused_from", source.key)},
                     "created_at": now,
                 }
                 for source, target in pairs

@@ -11,6 +11,7 @@ more than ``[preprocessing] max_bad_fraction`` of them stops the campaign.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -72,6 +73,16 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    def digest_before_image_checksums(self) -> str:
+        """The sha256 this manifest's file would have had before entries recorded their
+        image's sha256 (orchard before 2026-12-05): ``submit --reuse`` takes the
+        campaigns recorded then as twins too."""
+        data = asdict(self)
+        for entry in data["entries"]:
+            del entry["sha256"]
+        text = json.dumps(data, indent=1, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

@@ -614,6 +614,12 @@ def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     assert len(store.predictions(new_key, "val")) == 2
     assert store.metrics(new_key) == {"val_acc": [(0, 0.7)]}
     assert store.get_unit(svm[1].key.replace("t-1/", "t-2/", 1)).state == "PENDING"
+    # t-3's manifest is the same data as t-1's written in an earlier format
+    reused = store.reuse_finished("t-3", equivalent_manifests=["a" * 64])
+    third = svm[0].key.replace("t-1/", "t-3/", 1)
+    assert reused == {third: new_key}  # the newest copy
+    # which names the unit that ran, where the model files are
+    assert store.results("t-3")[third].extra["reused_from"] == svm[0].key
 
 
 def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:

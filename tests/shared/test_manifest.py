@@ -237,6 +237,9 @@ def test_each_entry_records_the_sha256_of_its_bytes_at_submit(built):
     for entry in older["entries"]:
         del entry["sha256"]
     assert {e.sha256 for e in Manifest.from_json(json.dumps(older)).entries} == {""}
+    # the file an orchard before them wrote: --reuse takes its campaigns as twins
+    before = json.dumps(older, indent=1, sort_keys=True).encode()
+    assert manifest.digest_before_image_checksums() == hashlib.sha256(before).hexdigest()
 
 
 def test_build_manifest_is_deterministic(built):
