@@ -50,6 +50,9 @@ except ImportError:  # not on Windows: submits there take no lock
 #: Seconds a unit may wait on its queue, with no worker taking any unit from that
 #: queue, before ``orchard status`` and ``--wait`` say so (``CampaignRun.stalled``).
 STALL_SECONDS = 60.0
+#: The longest ``wait`` goes without reading the store (it reads less often than
+#: ``poll`` only when a read itself takes long).
+MAX_POLL_SECONDS = 5.0
 #: How often ``CampaignRun.wait`` asks, when it is told what to do about it.
 STALL_CHECK_SECONDS = 5.0
 
@@ -154,9 +157,12 @@ class CampaignRun:
             while True:
                 read_started = time.monotonic()
                 status = self.status()
-                # a campaign of many thousand units takes a while to read: never spend
-                # more than a third of the time reading the store
-                pause = max(poll, 2 * (time.monotonic() - read_started))
+                # a campaign of many thousand units takes a while to read: spend at most a
+                # third of the time reading the store, but look again within
+                # MAX_POLL_SECONDS (a read that waited out a database outage is no
+                # measure of the next one)
+                read = time.monotonic() - read_started
+                pause = max(poll, min(2 * read, MAX_POLL_SECONDS))
                 if display is not None:
                     display.update(status, self.epochs(status))
                 if status.finished:
@@ -174,6 +180,8 @@ class CampaignRun:
                         f"campaign {self.id} not finished after {timeout:.0f} s: "
                         f"{_in_words(status.counts())}"
                     )
+                if deadline is not None:
+                    pause = min(pause, max(0.0, deadline - time.monotonic()))
                 time.sleep(pause)
         finally:
             if display is not None:

@@ -135,3 +135,39 @@ def test_the_epoch_of_each_running_fold_is_read_in_one_query(run: CampaignRun) -
     status = run.status()
     assert run.epochs(status) == {folds[0].key: "f0 epoch 1/1"}  # f1 reported none yet
     assert count(run.store, lambda: run.epochs(status)) == 1
+
+
+class _Clock:
+    """``time`` for scheduler.api: reads advance it, sleeps are recorded."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_wait_reads_less_often_after_a_slow_read_but_never_past_its_deadline(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(api, "time", clock)
+    reads = iter([2.0, 0.1, 0.1, 30.0, 0.1])  # seconds each status read takes
+    real_status = run.status
+
+    def status() -> api.CampaignStatus:
+        clock.now += next(reads)
+        return real_status()
+
+    monkeypatch.setattr(run, "status", status)
+    with pytest.raises(OrchardError, match="not finished after"):
+        run.wait(timeout=40, poll=0.5)
+    # 2 x 2 s; then poll; then 2 x 30 s (a database outage's retries) capped at 5 s, and
+    # cut to the 2.8 s left before the deadline
+    assert clock.sleeps == pytest.approx([4.0, 0.5, 0.5, 2.8])
+    with pytest.raises(StopIteration):  # the fifth read came after the deadline
+        next(reads)
