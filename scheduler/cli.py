@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import OrchardError, printable
+from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
@@ -557,7 +557,7 @@ def _finish(run, status) -> int:  # noqa: ANN001
         print(f"report: {report}")
     for unit in status.units:
         if unit.state == "FAILED":
-            print(f"  failed {unit.key}: {unit.error}", file=sys.stderr)
+            print(f"  failed {unit.key}: {visible_controls(unit.error or '')}", file=sys.stderr)
     return 0 if status.campaign.state == "DONE" else 1
 
 
@@ -757,7 +757,7 @@ def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
     metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
     for unit in units:
         result = results.get(unit.key)
-        note = unit.error or ""
+        note = visible_controls(unit.error or "")  # recorded by any worker, any version
         if unit.state == "RUNNING" and unit.family == "cnn":
             epochs = metrics.get(unit.key, {}).get("val_acc", [])
             if epochs:
@@ -816,7 +816,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"campaign {args.campaign}: cannot read {markdown}: {reason} (ORCHARD_ARTIFACTS "
                 "must be the folder, or shared mount, that the workers write to)"
             ) from None
-        print(text)
+        print(visible_controls(text))  # a report an earlier orchard wrote may hold ESC
     else:
         for report in (path, path.with_suffix(".md")):
             if not report.is_file():

@@ -239,3 +239,26 @@ def test_a_campaign_costs_the_same_queries_with_one_running_fold_or_two(
     assert status(capsys, "t-1").count("epoch 1/1 val_acc=0.500") == 2
     store.finish_unit(folds[1].key, outcome())
     assert _statements_of_status(capsys, "t-1") == both
+
+
+def test_an_error_recorded_with_control_characters_is_shown_not_sent(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recorded by a worker of an earlier orchard, which wrote errors as they came."""
+    from sqlalchemy import update
+
+    from db.models import UnitRow
+    from tests.db.test_store import deliver
+
+    (unit, *_) = seed_campaign(store, "t-1")
+    deliver(store, unit.key, worker="w@h", task_id=unit.key)
+    store.fail_unit(unit.key, "x")
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(UnitRow)
+            .where(UnitRow.key == unit.key)
+            .values(error="ValueError: bad \x1b]0;pwned\x07\x1b[2J")
+        )
+    out = status(capsys, "t-1")
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in out
