@@ -499,14 +499,17 @@ def test_a_shard_replaced_after_its_checksum_is_never_unpickled(
     shard = fit_shard(train_x, train_y, params, seed=0, shard=0)
     written = save_model(shard, tmp_path / "t.joblib")
     marker = tmp_path / "ran"
-    real = forest.__dict__.get("sha256_file")
+    real = forest.read_if_intact
 
-    def check_then_swap(path, *args, **kwargs):
-        digest = real(path, *args, **kwargs)
+    def check_then_swap(path, sha256):
+        checked = real(path, sha256)
         path.write_bytes(pickle.dumps(_Planted(marker)))  # replaced right after the check
-        return digest
+        return checked
 
-    monkeypatch.setattr(forest, "sha256_file", check_then_swap, raising=False)
+    monkeypatch.setattr(forest, "read_if_intact", check_then_swap)
     loaded = load_model(written.path, written.sha256)
     assert not marker.exists()
     assert loaded.trees == 2
+    with pytest.raises(ForestError, match="checksum mismatch"):  # the swapped file, now
+        load_model(written.path, written.sha256)
+    assert not marker.exists()

@@ -9,15 +9,20 @@ import pytest
 
 from db.store import Artifact, Store
 from shared.artifacts import atomic_write_text
-from shared.manifest import manifest_path
+from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings
 from workers.tasks.base import load_manifest
 
 
+def _manifest(cls: str) -> Manifest:
+    return Manifest((cls,), (), "f" * 64, "k" * 20, 32, 8)
+
+
 def _store(url: str, artifacts: Path) -> Store:
     """A campaign whose manifest the submitter wrote under ``artifacts``."""
-    written = atomic_write_text(manifest_path(artifacts / "campaigns" / "c-1"), "{}")
+    text = _manifest("A").to_json()
+    written = atomic_write_text(manifest_path(artifacts / "campaigns" / "c-1"), text)
     store = Store(url)
     store.upgrade()
     relative = written.path.relative_to(artifacts).as_posix()
@@ -47,3 +52,27 @@ def test_a_worker_with_another_artifact_folder_is_told_which_variable(
         f"there; ORCHARD_ARTIFACTS on this worker ({elsewhere}) must be the folder the "
         "campaign was submitted with (on a cluster, the same share, mounted)"
     )
+
+
+def test_the_manifest_used_is_the_one_whose_checksum_was_checked(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.tasks import base
+
+    artifacts = tmp_path / "shared"
+    store = _store(sqlite_url, artifacts)
+    settings = Settings(tmp_path, "filesystem://x", sqlite_url, artifacts)
+    real = base.read_if_intact
+
+    def check_then_swap(path: Path, sha256: str) -> bytes | None:
+        checked = real(path, sha256)
+        path.write_text(_manifest("Z").to_json())  # replaced right after the check
+        return checked
+
+    monkeypatch.setattr(base, "read_if_intact", check_then_swap)
+    base._read_manifest.cache_clear()
+    assert load_manifest(store, settings, "c-1") == _manifest("A")  # what was checked
+    base._read_manifest.cache_clear()
+    monkeypatch.setattr(base, "read_if_intact", real)
+    with pytest.raises(PreprocessError, match="manifest checksum mismatch"):
+        load_manifest(store, settings, "c-1")
