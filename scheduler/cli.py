@@ -432,21 +432,14 @@ def _require_sqlite_file(url: str) -> None:
         )
 
 
-def _check_broker_url(url: str) -> None:
-    """One line naming ORCHARD_BROKER_URL and the URL (password masked) when orchard
-    cannot use it as a broker; connects to nothing."""
-    from workers.config import broker_url_problem
-
-    if problem := broker_url_problem(url):
-        raise OrchardError(f"ORCHARD_BROKER_URL {mask_url(url)}: {problem}")
-
-
 def _check_urls() -> None:
     """Both URLs, before a command opens anything (else a traceback from SQLAlchemy or
     kombu, deep inside)."""
+    from workers.config import check_broker_url
+
     settings = load_settings()
     _check_database_url(settings.database_url)
-    _check_broker_url(settings.broker_url)
+    check_broker_url(settings.broker_url)
 
 
 def _check_campaign_id(campaign_id: str) -> None:

@@ -12,7 +12,7 @@ from celery import Celery
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
 from workers import logs
-from workers.config import celery_config, make_broker_folders
+from workers.config import celery_config, check_broker_url, make_broker_folders
 from workers.reaper import LostUnitReaper
 
 TASK_MODULES = [
@@ -74,14 +74,10 @@ def _app_from_environment() -> Celery:
     anywhere else (the Python API) it stays an OrchardError."""
     try:
         settings = load_settings()
-        # the URL checks `orchard` commands make first: under `celery -A workers.app`
-        # (Flower, inspect) nothing else would, and kombu would take a URL's
-        # ?ssl_cert_reqs=none over orchard's TLS settings
-        from shared.settings import mask_url
-        from workers.config import broker_url_problem
-
-        if problem := broker_url_problem(settings.broker_url):
-            raise OrchardError(f"ORCHARD_BROKER_URL {mask_url(settings.broker_url)}: {problem}")
+        # the check `orchard` commands make first: under `celery -A workers.app` (Flower,
+        # inspect) nothing else would, and kombu would take a URL's ?ssl_cert_reqs=none
+        # over orchard's TLS settings
+        check_broker_url(settings.broker_url)
         return make_app(settings)
     except OrchardError as exc:
         if "celery.bin.celery" not in sys.modules:

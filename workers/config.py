@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from shared.errors import OrchardError
 from shared.plan import TASKS
-from shared.settings import Settings, env_number
+from shared.settings import Settings, env_number, mask_url
 
 #: Longest a single unit may take before Redis re-delivers it (a CNN fold at full size
 #: takes hours on a slow card). Override with ORCHARD_VISIBILITY_TIMEOUT (seconds).
@@ -234,6 +234,13 @@ def broker_url_problem(url: str) -> str | None:
     if scheme in ("redis", "rediss"):
         return _query_problem(url)
     return None
+
+
+def check_broker_url(url: str) -> None:
+    """One line naming ORCHARD_BROKER_URL and the URL (password masked) when orchard
+    cannot use it as a broker; connects to nothing."""
+    if problem := broker_url_problem(url):
+        raise OrchardError(f"ORCHARD_BROKER_URL {mask_url(url)}: {problem}")
 
 
 #: The options a Redis broker URL's query may carry: kombu passes every one to its
