@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAILED_STATES",
+    "MAX_FAILED_LISTED",
+    "MAX_POINT_ROWS",
+    "MAX_UNIT_ROWS",
     "SECTION_HEADINGS",
     "BlendRow",
     "Confusion",
@@ -66,6 +69,7 @@ __all__ = [
     "confusion_png",
     "curve_png",
     "document",
+    "experiments_csv_name",
     "figure_name",
     "lime_png",
     "param_label",
@@ -75,6 +79,7 @@ __all__ = [
     "render_markdown",
     "submission_csv",
     "swept_params",
+    "table_csvs",
     "sweep_png",
     "timeline_colors",
     "timeline_png",
@@ -103,6 +108,16 @@ SECTION_HEADINGS: tuple[str, ...] = (
 
 #: Errors are cut to this many characters in the units table.
 ERROR_CELL_CHARS = 120
+
+#: Rows an experiment table shows at most: a larger sweep shows its best points by
+#: validation accuracy, and every point is in ``experiments-<family>.csv``.
+MAX_POINT_ROWS = 50
+#: Rows the Units table shows at most (failed and unfinished units first); every unit is
+#: in ``units.csv``.
+MAX_UNIT_ROWS = 100
+#: Failed units listed with their errors at most; the others' errors are in ``units.csv``.
+MAX_FAILED_LISTED = 20
+UNITS_CSV = "units.csv"
 
 SUBMISSION_FILE = "submission.csv"
 TIMELINE_FILE = "timeline.png"
@@ -317,6 +332,8 @@ class ReportFiles:
     json: WrittenFile
     figures: dict[str, WrittenFile]  # file name -> figure
     submission: WrittenFile | None = None
+    # file name -> CSV of a table the page cuts (:data:`MAX_POINT_ROWS`, :data:`MAX_UNIT_ROWS`)
+    tables: dict[str, WrittenFile] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -353,9 +370,14 @@ def _fmt_pct_spread(value: float | None, spread: float | None) -> str:
 
 
 def _fmt_duration(seconds: float | None) -> str:
-    """``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; ``None`` -> an em dash."""
+    """``3.6 ms``, ``42 ms``, ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; ``None`` -> an
+    em dash. Below a second in milliseconds: a grid's SVM points fit in a few, which
+    ``0.0 s`` would hide."""
     if seconds is None or not math.isfinite(seconds):
         return _DASH
+    if 0 < seconds < 0.0995:
+        millis = seconds * 1000
+        return f"{millis:.1f} ms" if millis < 9.95 else f"{millis:.0f} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
     total = int(round(seconds))
@@ -629,11 +651,10 @@ def sweep_png(plot: SweepPlot) -> bytes:
         ax.scatter(
             [positions[x] for x, _ in pairs], [v for _, v in pairs], s=14, color=color, alpha=0.5
         )
-        means = [
-            (x, mean(v for px, v in pairs if px == x))
-            for x in order
-            if any(px == x for px, _ in pairs)
-        ]
+        at: dict[Any, list[float]] = {}
+        for x, v in pairs:
+            at.setdefault(x, []).append(v)
+        means = [(x, mean(at[x])) for x in order if x in at]
         ax.plot(
             [positions[x] for x, _ in means],
             [v for _, v in means],
@@ -672,6 +693,10 @@ def _lanes(bars: Sequence[TimelineBar]) -> list[tuple[str, int]]:
 #: pink (C6), so that red means one thing only, a failed unit.
 TIMELINE_COLORS: tuple[str, ...] = ("C0", "C1", "C2", "C4", "C5", "C7", "C8", "C9")
 FAILED_EDGE = "red"
+#: Up to this many bars the timeline outlines each one in black; past it only failed ones.
+TIMELINE_OUTLINED = 120
+#: Lanes (a worker's concurrent slots) the timeline gives full height; past it they shrink.
+TIMELINE_LANES = 40
 
 
 def timeline_colors(families: Sequence[str]) -> dict[str, str]:
@@ -684,27 +709,36 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     """A Gantt chart: a row per worker (and per concurrent slot), a bar per unit."""
     lanes = _lanes(bars)
     rows = sorted(set(lanes))
-    fig = _figure(9, 1.4 + 0.32 * max(len(rows), 1))
+    # many workers of many slots: the figure stops growing past TIMELINE_LANES lanes, and
+    # only each worker's first lane is named
+    crowded = len(rows) > TIMELINE_LANES
+    fig = _figure(9, 1.4 + 0.32 * min(max(len(rows), 1), TIMELINE_LANES))
     ax = fig.add_subplot()
     families = list(dict.fromkeys(b.family for b in bars))
     color = timeline_colors(families)
     y = {row: i for i, row in enumerate(rows)}
+    # one collection per lane, family and outcome, however many units: a bar per call
+    # cost a container of artists per unit (a second for 650 units)
+    groups: dict[tuple[tuple[str, int], str, bool], list[tuple[float, float]]] = {}
     for bar, lane in zip(bars, lanes, strict=True):
-        failed = _is_failed(bar.state)
-        ax.barh(
-            y[lane],
-            max(bar.end - bar.start, 1e-3),
-            left=bar.start,
-            height=0.8,
-            color=color[bar.family],
-            edgecolor=FAILED_EDGE if failed else "black",
-            linewidth=1.2 if failed else 0.3,
+        group = groups.setdefault((lane, bar.family, _is_failed(bar.state)), [])
+        group.append((bar.start, max(bar.end - bar.start, 1e-3)))
+    # thin black outlines part a few bars; hundreds of short ones they would paint black
+    outline = "black" if len(bars) <= TIMELINE_OUTLINED else "none"
+    for (lane, family, failed), spans in groups.items():
+        ax.broken_barh(
+            spans,
+            (y[lane] - 0.4, 0.8),
+            facecolors=color[family],
+            edgecolors=FAILED_EDGE if failed else outline,
+            linewidths=1.2 if failed else 0.3,
             hatch="//" if failed else None,
         )
+    named = [(w, lane) for w, lane in rows if not crowded or lane == 0]
     ax.set_yticks(
-        list(y.values()),
-        labels=[w if lane == 0 else f"{w} #{lane + 1}" for w, lane in rows],
-        fontsize=7,
+        [y[row] for row in named],
+        labels=[w if lane == 0 else f"{w} #{lane + 1}" for w, lane in named],
+        fontsize=7 if len(named) <= TIMELINE_LANES else 4,
     )
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first unit started")
@@ -918,8 +952,9 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     header += [f"{time_name} / fold" if folds > 1 else time_name]
     header += [_extra_label(n) for n in extras]
     n_params = max(len(columns), 1)
+    shown = _shown_points(exp)
     rows, classes = [], []
-    for point in exp.points:
+    for point in shown:
         if columns:
             cells = [_cell(c, point.params) for c in columns]
         else:
@@ -947,6 +982,14 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     right = frozenset(range(n_params, len(header)))
     blocks.append(Table(tuple(header), rows, right, row_classes=classes))
     notes: list[Inline] = []
+    if len(shown) < len(exp.points):
+        left = len(exp.points) - len(shown)
+        notes += [
+            f"The {len(shown)} best of {len(exp.points)} points by validation accuracy, "
+            f"best first; {left} more are left out here. Every point is in ",
+            Code(experiments_csv_name(exp.family)),
+            ". ",
+        ]
     if fixed:
         notes += ["Fixed: ", Code(_fmt_params(fixed)), ". "]
     if folds > 1:
@@ -988,6 +1031,27 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     if exp.note:
         blocks.append(Quote(exp.note))
     return blocks + _best_per_value_blocks(exp.points, columns)
+
+
+def experiments_csv_name(family: str) -> str:
+    """The CSV that holds every point of a family whose table the page cuts."""
+    return f"experiments-{validate_slug(family)}.csv"
+
+
+def _shown_points(exp: Experiment) -> list[PointRow]:
+    """The rows of an experiment's table: every point in sweep order, or for a sweep of
+    more than :data:`MAX_POINT_ROWS` points the best ones by validation accuracy, best
+    first (ties in sweep order; the bold best point always among them)."""
+    if len(exp.points) <= MAX_POINT_ROWS:
+        return list(exp.points)
+
+    def rank(i: int) -> tuple[int, float, int]:
+        point = exp.points[i]
+        val = point.val_acc if point.val_acc is not None and math.isfinite(point.val_acc) else None
+        return (0 if point.key == exp.best_key else 1, -(val if val is not None else -1.0), i)
+
+    order = sorted(range(len(exp.points)), key=rank)[:MAX_POINT_ROWS]
+    return [exp.points[i] for i in order]
 
 
 def _cell(column: str, params: Mapping[str, Any]) -> str:
@@ -1239,6 +1303,109 @@ def _submission_blocks(data: ReportData) -> list[Block]:
     return [Para(tuple(parts))]
 
 
+def _shown_units(units: Sequence[UnitSummary]) -> list[UnitSummary]:
+    """The Units table's rows: every unit, or past :data:`MAX_UNIT_ROWS` the units that
+    did not succeed and then the first of the others, in plan order."""
+    if len(units) <= MAX_UNIT_ROWS:
+        return list(units)
+    first = [i for i, u in enumerate(units) if u.state != "SUCCESS"][:MAX_UNIT_ROWS]
+    rest = [i for i, u in enumerate(units) if u.state == "SUCCESS"]
+    keep = set(first) | set(rest[: MAX_UNIT_ROWS - len(first)])
+    return [u for i, u in enumerate(units) if i in keep]
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else _csv_value(v) for v in row])
+    return buf.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str)
+    return value
+
+
+def table_csvs(data: ReportData) -> dict[str, str]:
+    """file name -> CSV text of each table the page cuts: ``experiments-<family>.csv``
+    (every point: its parameters, fold counts, mean accuracies as fractions, mean fit
+    seconds and extras) and ``units.csv`` (every unit, with its whole error)."""
+    out: dict[str, str] = {}
+    for exp in data.experiments:
+        if len(exp.points) <= MAX_POINT_ROWS:
+            continue
+        params = list(dict.fromkeys(n for p in exp.points for n in p.params))
+        extras = list(dict.fromkeys(n for p in exp.points for n in p.extras))
+        header = [
+            "key",
+            *params,
+            "units",
+            "succeeded",
+            "train_acc",
+            "val_acc",
+            "val_spread",
+            "test_acc",
+            "seconds",
+            *extras,
+            "best",
+        ]
+        rows = [
+            [
+                p.key,
+                *(p.params.get(n) for n in params),
+                p.units,
+                p.succeeded,
+                p.train_acc,
+                p.val_acc,
+                p.val_spread,
+                p.test_acc,
+                p.seconds,
+                *(p.extras.get(n) for n in extras),
+                int(p.key == exp.best_key),
+            ]
+            for p in exp.points
+        ]
+        out[experiments_csv_name(exp.family)] = _csv_text(header, rows)
+    failed = sum(_is_failed(u.state) for u in data.units)
+    if len(data.units) > MAX_UNIT_ROWS or failed > MAX_FAILED_LISTED:
+        header = [
+            "key",
+            "family",
+            "fold",
+            "state",
+            "worker",
+            "seconds",
+            "train_acc",
+            "val_acc",
+            "test_acc",
+            "reused_from",
+            "error",
+        ]
+        rows = [
+            [
+                u.key,
+                u.family,
+                u.fold,
+                u.state,
+                u.worker,
+                u.seconds,
+                u.train_acc,
+                u.val_acc,
+                u.test_acc,
+                u.reused_from,
+                u.error,
+            ]
+            for u in data.units
+        ]
+        out[UNITS_CSV] = _csv_text(header, rows)
+    return out
+
+
 def _unit_cells(unit: UnitSummary) -> list[str]:
     return [
         unit.key,
@@ -1436,22 +1603,34 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 
     blocks.append(Heading(2, "Units"))
     if data.units:
-        header, rows = _UNIT_HEADER, [_unit_cells(u) for u in data.units]
+        shown = _shown_units(data.units)
+        header, rows = _UNIT_HEADER, [_unit_cells(u) for u in shown]
         if reused:
             header += (_REUSED_HEADER,)
-            rows = [
-                cells + [u.reused_from or _DASH] for cells, u in zip(rows, data.units, strict=True)
-            ]
+            rows = [cells + [u.reused_from or _DASH] for cells, u in zip(rows, shown, strict=True)]
         blocks.append(
             Table(
                 header,
                 rows,
                 frozenset({2, 5, 6, 7, 8}),
-                row_classes=["failed" if _is_failed(u.state) else "" for u in data.units],
+                row_classes=["failed" if _is_failed(u.state) else "" for u in shown],
                 code_cols=frozenset({0, len(_UNIT_HEADER)}),
-                titles={9: [u.error or "" for u in data.units]},
+                titles={9: [u.error or "" for u in shown]},
             )
         )
+        if len(shown) < len(data.units):
+            blocks.append(
+                Para(
+                    (
+                        f"{len(shown)} of {len(data.units)} units shown, in plan order: every "
+                        "unit that did not succeed, then the first of the others; "
+                        f"{len(data.units) - len(shown)} more are left out here. Every unit "
+                        "is in ",
+                        Code(UNITS_CSV),
+                        ".",
+                    )
+                )
+            )
         if reused:
             many = len(reused) != 1
             blocks.append(
@@ -1480,10 +1659,22 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                         ),
                         u.error or "(no error recorded)",
                     )
-                    for u in failed
+                    for u in failed[:MAX_FAILED_LISTED]
                 ]
             ),
         ]
+        if len(failed) > MAX_FAILED_LISTED:
+            more = len(failed) - MAX_FAILED_LISTED
+            blocks.append(
+                Para(
+                    (
+                        f"The first {MAX_FAILED_LISTED} of {len(failed)} failed units; "
+                        f"{more} more are left out here. Every error is in ",
+                        Code(UNITS_CSV),
+                        ".",
+                    )
+                )
+            )
     return title, blocks
 
 
@@ -1796,8 +1987,9 @@ def submission_csv(submission: Submission) -> str:
 
 
 def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
-    """Write the figures, ``submission.csv``, ``report.md``, ``report.html`` and
-    ``report.json`` into ``out_dir``.
+    """Write the figures, ``submission.csv``, ``report.md``, ``report.html``,
+    ``report.json`` and the CSVs of the tables the page cuts (:func:`table_csvs`) into
+    ``out_dir``.
 
     Every slug is validated and every figure drawn before anything is written
     (``ValueError`` otherwise), so a bad input leaves no half report behind.
@@ -1809,8 +2001,10 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
     markdown_text = render_markdown(data, captions)
     html_text = render_html(data, pngs, captions)
     json_text = render_json(data)
+    csvs = table_csvs(data)
 
     figures = {name: atomic_write_bytes(out_dir / name, png) for name, png in pngs.items()}
+    tables = {name: atomic_write_text(out_dir / name, text) for name, text in csvs.items()}
     submission = None
     if data.submission is not None:
         submission = atomic_write_text(out_dir / SUBMISSION_FILE, submission_csv(data.submission))
@@ -1820,4 +2014,5 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
         json=atomic_write_text(out_dir / "report.json", json_text),
         figures=figures,
         submission=submission,
+        tables=tables,
     )

@@ -14,6 +14,9 @@ from matplotlib import image as mpimg
 
 from shared.metrics import majority_vote, mean_probabilities
 from shared.report import (
+    MAX_FAILED_LISTED,
+    MAX_POINT_ROWS,
+    MAX_UNIT_ROWS,
     SECTION_HEADINGS,
     BlendRow,
     Confusion,
@@ -34,6 +37,7 @@ from shared.report import (
     render_html,
     render_markdown,
     swept_params,
+    table_csvs,
     timeline_png,
     validation_line,
     write_report,
@@ -810,3 +814,121 @@ def test_markdown_text_makes_no_link_or_image(data: ReportData) -> None:
     md = render_markdown(dataclasses.replace(data, campaign_name=title))
     assert "Mango !\\[x\\](https://host/p.png) \\[y\\](https://host/)" in md
     assert "![x](" not in md and "[y](" not in md
+
+
+def _timeline_artists(bars: list[TimelineBar], monkeypatch: pytest.MonkeyPatch) -> int:
+    import shared.report as report
+
+    drawn = []
+    with monkeypatch.context() as patched:
+        patched.setattr(report, "_png", lambda fig: drawn.append(fig) or b"png")
+        timeline_png(bars)
+    (ax,) = drawn[0].axes
+    return len(ax.collections) + len(ax.patches) + len(ax.containers)
+
+
+def test_timeline_artists_do_not_grow_with_the_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bar per unit used to be an artist per unit (a second for 650 units): now one
+    collection per lane, family and outcome draws them all."""
+
+    def bars(n: int) -> list[TimelineBar]:
+        return [
+            TimelineBar(
+                f"{CID}/svm/p{i}/f0",
+                "svm" if i % 3 else "rf",
+                f"w{i % 2}@h",
+                0.01 * i,
+                0.01 * i + 0.008,
+                "FAILED" if i % 50 == 7 else "SUCCESS",
+                0.004,
+            )
+            for i in range(n)
+        ]
+
+    assert _timeline_artists(bars(60), monkeypatch) == _timeline_artists(bars(3000), monkeypatch)
+    assert timeline_png(bars(3000)).startswith(PNG_SIGNATURE)
+
+
+def _many_units(n: int, failed: int) -> list[UnitSummary]:
+    return [
+        _unit(
+            f"{CID}/svm/p{i:04d}/f0",
+            "svm",
+            0,
+            state="FAILED" if i >= n - failed else "SUCCESS",
+            error="ValueError: no" if i >= n - failed else None,
+        )
+        for i in range(n)
+    ]
+
+
+def test_a_long_units_table_is_cut_and_every_unit_is_in_a_csv(
+    data: ReportData, tmp_path: Path
+) -> None:
+    units = _many_units(MAX_UNIT_ROWS + 400, failed=MAX_FAILED_LISTED + 5)
+    big = dataclasses.replace(data, units=units, timeline=[])
+    md = render_markdown(big)
+    section = _section(md, "Units")
+    rows = _table_rows(section)[1:]
+    assert len(rows) == MAX_UNIT_ROWS
+    assert sum(r[3] == "FAILED" for r in rows) == MAX_FAILED_LISTED + 5  # every failed one
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # in plan order
+    assert (
+        f"{MAX_UNIT_ROWS} of {len(units)} units shown, in plan order: every unit that did "
+        f"not succeed, then the first of the others; 400 more are left out here. Every "
+        "unit is in `units.csv`." in section
+    )
+    failed = _section(md, "Failed units")
+    assert failed.count("ValueError: no") == MAX_FAILED_LISTED
+    assert f"The first {MAX_FAILED_LISTED} of {MAX_FAILED_LISTED + 5} failed units" in failed
+
+    files = write_report(big, tmp_path)
+    assert set(files.tables) == {"units.csv"}
+    lines = files.tables["units.csv"].path.read_text().splitlines()
+    assert lines[0].startswith("key,family,fold,state")
+    assert len(lines) == 1 + len(units) and lines[-1].endswith(
+        ",FAILED,w1@host,12.34,0.9,0.85,0.84125,,ValueError: no"
+    )
+
+    # at the limit nothing is cut, and no CSV is written
+    few = dataclasses.replace(data, units=_many_units(MAX_UNIT_ROWS, failed=2), timeline=[])
+    assert len(_table_rows(_section(render_markdown(few), "Units"))) == 1 + MAX_UNIT_ROWS
+    assert table_csvs(few) == {}
+
+
+def test_a_large_sweep_shows_its_best_points_and_every_point_in_a_csv(data: ReportData) -> None:
+    n = MAX_POINT_ROWS * 4
+    points = [
+        _point(f"{CID}/svm/p{i:04d}", {"C": float(i), "gamma": 0.01}, (i * 37 % n) / n)
+        for i in range(n)
+    ]
+    best = max(points, key=lambda p: p.val_acc)
+    exp = Experiment("svm", f"SVM ({n} points, 1 fold each)", points, best.key)
+    md = render_markdown(dataclasses.replace(data, experiments=[exp]))
+    table = md.split("### SVM", 1)[1].split("\n## ", 1)[0]
+    rows = _table_rows(table.split("\n\n")[1])[1:]
+    assert len(rows) == MAX_POINT_ROWS
+    vals = [float(r[3].strip("*%")) for r in rows]
+    assert vals == sorted(vals, reverse=True) and rows[0][0].startswith("**")  # best first
+    assert f"The {MAX_POINT_ROWS} best of {n} points by validation accuracy, best first; " in table
+    assert (
+        f"{n - MAX_POINT_ROWS} more are left out here. Every point is in `experiments-svm.csv`."
+        in table
+    )
+
+    csvs = table_csvs(dataclasses.replace(data, experiments=[exp]))
+    lines = csvs["experiments-svm.csv"].splitlines()
+    assert lines[0] == (
+        "key,C,gamma,units,succeeded,train_acc,val_acc,val_spread,test_acc,seconds,best"
+    )
+    assert len(lines) == 1 + n and sum(line.endswith(",1") for line in lines[1:]) == 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0036, "3.6 ms"), (0.042, "42 ms"), (0.25, "0.2 s"), (12.34, "12.3 s"), (0, "0.0 s")],
+)
+def test_short_times_are_in_milliseconds(seconds: float, text: str) -> None:
+    from shared.report import _fmt_duration
+
+    assert _fmt_duration(seconds) == text

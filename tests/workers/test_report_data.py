@@ -18,7 +18,7 @@ from shared.cnn import build_model
 from shared.manifest import NO_FOLD, Entry, Manifest
 from shared.plan import plan_units
 from shared.preprocess import shard_name, write_shard
-from shared.report import render_markdown, write_report
+from shared.report import MAX_POINT_ROWS, ReportData, render_markdown, write_report
 from shared.settings import Settings
 from shared.spec import CnnParams, parse_campaign
 from tests.db.test_store import deliver
@@ -726,3 +726,56 @@ def test_sweep_plots_show_test_accuracy_where_the_units_have_it() -> None:
     }
     (unlabelled,) = sweep_plots("rf", [row(8, None), row(16, None)])
     assert "test acc" not in unlabelled.series
+
+
+def _svm_grid_store(url: str, campaign_id: str, cs: list[float]) -> Store:
+    """A campaign of one SVM grid, 2 x len(cs) points on one fold, all finished."""
+    spec = {"name": "g", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"n_components": [4, 8], "C": cs, "folds": 1}
+    store = make_store(url, spec, campaign_id)
+    for i, u in enumerate(store.units(campaign_id)):
+        if u.family == "svm":
+            finish(store, u.key, 0.3 + (i % 7) / 20, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+    return store
+
+
+def _queries_of_a_report(store: Store, campaign_id: str) -> tuple[int, ReportData]:
+    from sqlalchemy import event
+
+    count = [0]
+
+    def counted(*_args, **_kwargs) -> None:
+        count[0] += 1
+
+    event.listen(store.engine, "before_cursor_execute", counted)
+    try:
+        data = build_report_data(store, campaign_id)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", counted)
+    return count[0], data
+
+
+def test_store_queries_do_not_grow_with_the_grid(tmp_path: Path) -> None:
+    """A grid of hundreds of points is read in as many queries as one of a few: nothing
+    is read per point or per unit (only the best point's predictions)."""
+    small = _svm_grid_store(f"sqlite:///{tmp_path / 'small.db'}", "g-small", [1.0, 2.0])
+    big = _svm_grid_store(
+        f"sqlite:///{tmp_path / 'big.db'}", "g-big", [0.01 * 1.1**i for i in range(120)]
+    )
+    few, small_data = _queries_of_a_report(small, "g-small")
+    many, big_data = _queries_of_a_report(big, "g-big")
+    assert len(small_data.experiments[0].points) == 4
+    assert len(big_data.experiments[0].points) == 240
+    assert many == few
+    assert len(big_data.sweeps) == len(small_data.sweeps) == 2  # one per swept parameter
+    assert big_data.curves == [] and len(big_data.confusions) == 1
+
+    # the page shows the best points, the CSV every one; its files are recorded
+    files = write_report(big_data, tmp_path / "report")
+    table = render_markdown(big_data).split("### SVM", 1)[1].split("\n## ", 1)[0]
+    rows = first_table(table)[1:]  # below the header
+    assert len(rows) == MAX_POINT_ROWS and rows[0].startswith("| **")  # the best first
+    assert f"The {MAX_POINT_ROWS} best of 240 points by validation accuracy" in table
+    assert set(files.tables) == {"experiments-svm.csv", "units.csv"}
+    for name in files.tables:  # a header and a row per point, per unit
+        assert len(files.tables[name].path.read_text().splitlines()) == 1 + 240

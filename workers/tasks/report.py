@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -396,10 +396,13 @@ def _curve_points(points: list[PointRow], best_key: str) -> list[tuple[PointRow,
             chosen[p.key] = (p, "best point")
     swept = swept_params(points)
     for param in swept:
-        values = dict.fromkeys(_value_key(p.params.get(param)) for p in scored)
-        for value in values:
-            having = [p for p in scored if _value_key(p.params.get(param)) == value]
-            top = max(having, key=lambda p: p.val_acc or -1.0)
+        # the first point with the highest accuracy per value, in one pass over the points
+        tops: dict[str, PointRow] = {}
+        for p in scored:
+            value = _value_key(p.params.get(param))
+            if value not in tops or (p.val_acc or -1.0) > (tops[value].val_acc or -1.0):
+                tops[value] = p
+        for top in tops.values():
             if top.key not in chosen:
                 chosen[top.key] = (
                     top,
@@ -750,9 +753,8 @@ def build_report_data(
                 reused=sum(reused_from(r) is not None for r in done),
             )
         )
-        folds = max(
-            len([u for u in mine if u.params_hash == h]) for h in {u.params_hash for u in mine}
-        )
+        # units per point: one pass (a scan per point was quadratic in a grid's size)
+        folds = max(Counter(u.params_hash for u in mine).values())
         table_note = None
         if family == "rf" and any(u.params.get("augment") not in (None, "none") for u in mine):
             table_note = _oob_note()  # about augmented siblings: only when there are some
@@ -976,7 +978,14 @@ def report(ctx: UnitContext) -> Outcome:
     )
     files = write_report(data, ctx.campaign_dir / "report")
     written: list[tuple[Any, str]] = [
-        (f, "report") for f in (files.markdown, files.html, files.json, *files.figures.values())
+        (f, "report")
+        for f in (
+            files.markdown,
+            files.html,
+            files.json,
+            *files.figures.values(),
+            *files.tables.values(),
+        )
     ]
     if files.submission is not None:
         written.append((files.submission, "submission"))
