@@ -78,10 +78,11 @@ def test_database_password_from_a_file_round_trips_through_sqlalchemy(tmp_path):
 
 
 def test_the_orchard_cli_accepts_the_urls_it_builds(tmp_path):
-    from scheduler.cli import _check_broker_url, _check_database_url
+    from scheduler.cli import _check_database_url
+    from workers.config import check_broker_url
 
     settings = load_settings(file_env(tmp_path))
-    _check_broker_url(settings.broker_url)
+    check_broker_url(settings.broker_url)
     _check_database_url(settings.database_url)
 
 
