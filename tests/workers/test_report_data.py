@@ -779,3 +779,29 @@ def test_store_queries_do_not_grow_with_the_grid(tmp_path: Path) -> None:
     assert set(files.tables) == {"experiments-svm.csv", "units.csv"}
     for name in files.tables:  # a header and a row per point, per unit
         assert len(files.tables[name].path.read_text().splitlines()) == 1 + 240
+
+
+def test_a_report_run_again_drops_what_the_earlier_run_wrote_and_it_did_not(
+    cached_campaign,  # noqa: ANN001
+) -> None:
+    """After `orchard resume` the report is written again: a table it no longer cuts
+    (units.csv), or the curve of a point no longer best, must not stay beside it."""
+    from shared.plan import REPORT
+    from workers.tasks import report as report_task
+
+    store, settings, manifest = cached_campaign(
+        "r-1", {"rf": {"n_estimators": 5}, "report": {"lime": False}}
+    )
+    unit = next(u for u in store.units("r-1") if u.stage == REPORT)
+    folder = settings.artifacts / "campaigns" / "r-1" / "report"
+    folder.mkdir(parents=True)
+    (folder / "units.csv").write_text("key,state\n")  # the earlier run's
+    (folder / ".report.md.1234.tmp").write_text("")  # another delivery, writing
+    from workers.tasks.base import UnitContext
+
+    context = UnitContext(store.get_campaign("r-1"), unit, store, settings, _manifest=manifest)
+    outcome = report_task.report.run.__wrapped__(context)
+    assert list(outcome.scratch) == ["campaigns/r-1/report/units.csv"]
+    recorded = {a.path for a in outcome.artifacts}
+    assert "campaigns/r-1/report/report.md" in recorded
+    assert not recorded & set(outcome.scratch)

@@ -989,6 +989,15 @@ def report(ctx: UnitContext) -> Outcome:
     ]
     if files.submission is not None:
         written.append((files.submission, "submission"))
+    # what an earlier run of this report wrote and this one did not (a table no longer
+    # cut, the curve of a point no longer best): removed, with its record, once this
+    # run's files are recorded (a file being written, ".name.tmp", is left alone)
+    kept = {f.path.name for f, _ in written}
+    stale = [
+        ctx.relative(path)
+        for path in sorted((ctx.campaign_dir / "report").iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name not in kept
+    ]
     return Outcome(
         fit_seconds=time.perf_counter() - started,
         extra={
@@ -1001,6 +1010,7 @@ def report(ctx: UnitContext) -> Outcome:
             Artifact(ctx.relative(f.path), kind, f.sha256, f.size, ctx.campaign.id, ctx.unit.key)
             for f, kind in written
         ],
+        scratch=stale,
     )
 
 
