@@ -1619,13 +1619,18 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             )
         )
         if len(shown) < len(data.units):
+            unsuccessful = sum(u.state != "SUCCESS" for u in data.units)
+            which = (
+                "every unit that did not succeed, then the first of the others"
+                if unsuccessful <= len(shown)
+                else f"the first {len(shown)} of the {unsuccessful} units that did not succeed"
+            )
             blocks.append(
                 Para(
                     (
-                        f"{len(shown)} of {len(data.units)} units shown, in plan order: every "
-                        "unit that did not succeed, then the first of the others; "
-                        f"{len(data.units) - len(shown)} more are left out here. Every unit "
-                        "is in ",
+                        f"{len(shown)} of {len(data.units)} units shown, in plan order: "
+                        f"{which}; {len(data.units) - len(shown)} more are left out here. "
+                        "Every unit is in ",
                         Code(UNITS_CSV),
                         ".",
                     )

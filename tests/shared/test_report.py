@@ -890,6 +890,16 @@ def test_a_long_units_table_is_cut_and_every_unit_is_in_a_csv(
         ",FAILED,w1@host,12.34,0.9,0.85,0.84125,,ValueError: no"
     )
 
+    # more failed units than rows: the note says which are shown
+    worse = dataclasses.replace(
+        data, units=_many_units(MAX_UNIT_ROWS + 50, failed=MAX_UNIT_ROWS + 20)
+    )
+    assert (
+        f"{MAX_UNIT_ROWS} of {MAX_UNIT_ROWS + 50} units shown, in plan order: the first "
+        f"{MAX_UNIT_ROWS} of the {MAX_UNIT_ROWS + 20} units that did not succeed; 50 more "
+        in _section(render_markdown(dataclasses.replace(worse, timeline=[])), "Units")
+    )
+
     # at the limit nothing is cut, and no CSV is written
     few = dataclasses.replace(data, units=_many_units(MAX_UNIT_ROWS, failed=2), timeline=[])
     assert len(_table_rows(_section(render_markdown(few), "Units"))) == 1 + MAX_UNIT_ROWS
