@@ -157,10 +157,10 @@ class CampaignRun:
             while True:
                 read_started = time.monotonic()
                 status = self.status()
-                # a campaign of many thousand units takes a while to read: spend at most a
-                # third of the time reading the store, but look again within
-                # MAX_POLL_SECONDS (a read that waited out a database outage is no
-                # measure of the next one)
+                # a campaign of many thousand units takes a while to read: pause twice as
+                # long as the read took, so that up to reads of 2.5 s the store is read a
+                # third of the time at most, but never longer than MAX_POLL_SECONDS (a
+                # read that sat out a database outage is no measure of the next one)
                 read = time.monotonic() - read_started
                 pause = max(poll, min(2 * read, MAX_POLL_SECONDS))
                 if display is not None:

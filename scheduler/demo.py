@@ -26,7 +26,7 @@ from scheduler.api import (
     check_sqlite_store,
     submit,
 )
-from shared.errors import OrchardError
+from shared.errors import OrchardError, visible_controls
 from shared.settings import Settings, child_env, load_settings, mask_url
 from shared.spec import load_campaign
 
@@ -117,7 +117,8 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     print(f"campaign {run.id}: {status.campaign.state}")
     failed = [u for u in status.units if u.state != "SUCCESS"]
     for unit in failed:
-        print(f"  {unit.state.lower()} {unit.key}: {unit.error}", file=sys.stderr)
+        error = visible_controls(unit.error or "")
+        print(f"  {unit.state.lower()} {unit.key}: {error}", file=sys.stderr)
     report = run.report_path()
     if report is not None:
         print(f"report: {report}")

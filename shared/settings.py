@@ -80,10 +80,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     artifacts = folder_setting(env, "ORCHARD_ARTIFACTS", home / "artifacts")
     roots = env.get("ORCHARD_DATASET_ROOTS") or ""
     dataset_roots = tuple(
-        resolved(part, "ORCHARD_DATASET_ROOTS", roots)
+        resolved(part.strip(), "ORCHARD_DATASET_ROOTS", roots)
         for part in roots.split(os.pathsep)
         if part.strip()
     )
+    if roots and not dataset_roots:  # meant to restrict, and would allow everything
+        raise OrchardError(
+            f"ORCHARD_DATASET_ROOTS={roots!r}: names no folder; unset it, or name the "
+            f"folders datasets may be read from, separated by {os.pathsep!r}"
+        )
     return Settings(
         home=home,
         broker_url=broker,

@@ -356,6 +356,15 @@ def test_dataset_roots_are_folders_separated_like_path(tmp_path):
     settings = load_settings(env)
     assert settings.dataset_roots == (allowed.resolve(), other.resolve())
     assert load_settings({"ORCHARD_HOME": str(tmp_path)}).dataset_roots == ()
+    spaced = load_settings({**env, "ORCHARD_DATASET_ROOTS": f" {allowed} : {other} "})
+    assert spaced.dataset_roots == (allowed.resolve(), other.resolve())
+    for blank in ("   ", ":", " : "):
+        with pytest.raises(OrchardError) as info:
+            load_settings({**env, "ORCHARD_DATASET_ROOTS": blank})
+        assert str(info.value) == (
+            f"ORCHARD_DATASET_ROOTS={blank!r}: names no folder; unset it, or name the "
+            "folders datasets may be read from, separated by ':'"
+        )
 
 
 def test_outside_the_dataset_roots_follows_symbolic_links(tmp_path):
