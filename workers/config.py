@@ -246,7 +246,7 @@ def check_broker_url(url: str) -> None:
 #: The options a Redis broker URL's query may carry: kombu passes every one to its
 #: ``Connection`` as a keyword, and fails with a TypeError on any other. orchard sets
 #: the socket timeouts itself (transport options), and TLS from ORCHARD_REDIS_TLS_*.
-BROKER_QUERY_OPTIONS = ("connect_timeout", "heartbeat")
+BROKER_QUERY_OPTIONS = ("heartbeat",)
 
 
 def _query_problem(url: str) -> str | None:
@@ -260,7 +260,14 @@ def _query_problem(url: str) -> str | None:
                 f"{where}: put the password in the URL's user info "
                 "(redis://:PASSWORD@HOST:6379/0) or in ORCHARD_BROKER_PASSWORD_FILE"
             )
-        if key in ("connect_timeout", "heartbeat"):
+        if key == "connect_timeout":
+            # kombu hands it on as text, and Celery's remote control (cancel's revokes,
+            # Flower, inspect) then fails adding it to a float
+            return (
+                f"{where}: orchard sets the broker's connect timeout itself "
+                f"({BROKER_CONNECT_TIMEOUT} s); drop it"
+            )
+        if key == "heartbeat":
             try:
                 number = float(value)
             except ValueError:
