@@ -371,7 +371,7 @@ def _fmt_pct_spread(value: float | None, spread: float | None) -> str:
 
 def _fmt_duration(seconds: float | None) -> str:
     """``3.6 ms``, ``42 ms``, ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``; ``None`` -> an
-    em dash. Below a second in milliseconds: a grid's SVM points fit in a few, which
+    em dash. Below 0.1 s in milliseconds: a grid's SVM points fit in a few, which
     ``0.0 s`` would hide."""
     if seconds is None or not math.isfinite(seconds):
         return _DASH
@@ -1341,17 +1341,13 @@ def table_csvs(data: ReportData) -> dict[str, str]:
             continue
         params = list(dict.fromkeys(n for p in exp.points for n in p.params))
         extras = list(dict.fromkeys(n for p in exp.points for n in p.extras))
+        fixed = ["key", *params, "units", "succeeded", "train_acc", "val_acc", "val_spread"]
+        fixed += ["test_acc", "seconds", "best"]
+        # an extra named as a parameter (a CNN's epochs run, beside its epochs asked for)
+        # gets its own column name: a CSV reader keeps one column per name
         header = [
-            "key",
-            *params,
-            "units",
-            "succeeded",
-            "train_acc",
-            "val_acc",
-            "val_spread",
-            "test_acc",
-            "seconds",
-            *extras,
+            *fixed[:-1],
+            *(f"{n} (result)" if n in fixed else n for n in extras),
             "best",
         ]
         rows = [
@@ -1622,7 +1618,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             unsuccessful = sum(u.state != "SUCCESS" for u in data.units)
             which = (
                 "every unit that did not succeed, then the first of the others"
-                if unsuccessful <= len(shown)
+                if unsuccessful < len(shown)
+                else "every unit that did not succeed"
+                if unsuccessful == len(shown)
                 else f"the first {len(shown)} of the {unsuccessful} units that did not succeed"
             )
             blocks.append(

@@ -933,6 +933,19 @@ def test_a_large_sweep_shows_its_best_points_and_every_point_in_a_csv(data: Repo
     )
     assert len(lines) == 1 + n and sum(line.endswith(",1") for line in lines[1:]) == 1
 
+    # a CNN's extra "epochs" (run) beside its parameter "epochs" (asked for): two columns
+    cnn = [
+        _point(f"{CID}/cnn/p{i:04d}", {"epochs": 30, "lr": 0.001 * (i + 1)}, 0.5,
+               extras={"epochs": 17.0})
+        for i in range(MAX_POINT_ROWS + 1)
+    ]  # fmt: skip
+    wide = Experiment("cnn", "CNN", cnn, cnn[0].key)
+    header = table_csvs(dataclasses.replace(data, experiments=[wide]))["experiments-cnn.csv"]
+    assert header.splitlines()[0] == (
+        "key,epochs,lr,units,succeeded,train_acc,val_acc,val_spread,test_acc,seconds,"
+        "epochs (result),best"
+    )
+
 
 @pytest.mark.parametrize(
     ("seconds", "text"),

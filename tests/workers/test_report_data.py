@@ -785,20 +785,26 @@ def test_a_report_run_again_drops_what_the_earlier_run_wrote_and_it_did_not(
     cached_campaign,  # noqa: ANN001
 ) -> None:
     """After `orchard resume` the report is written again: a table it no longer cuts
-    (units.csv), or the curve of a point no longer best, must not stay beside it."""
+    (units.csv), or the curve of a point no longer best, must not stay beside it; what
+    the report never recorded (a user's notes, a file being written) is not touched."""
+    from shared.artifacts import atomic_write_text
     from shared.plan import REPORT
     from workers.tasks import report as report_task
+    from workers.tasks.base import UnitContext
 
     store, settings, manifest = cached_campaign(
         "r-1", {"rf": {"n_estimators": 5}, "report": {"lime": False}}
     )
     unit = next(u for u in store.units("r-1") if u.stage == REPORT)
     folder = settings.artifacts / "campaigns" / "r-1" / "report"
-    folder.mkdir(parents=True)
-    (folder / "units.csv").write_text("key,state\n")  # the earlier run's
+    for name in ("units.csv", "report.md"):  # what the earlier run wrote and recorded
+        written = atomic_write_text(folder / name, "earlier\n")
+        path = written.path.relative_to(settings.artifacts).as_posix()
+        store.record_artifact(
+            Artifact(path, "report", written.sha256, written.size, "r-1", unit.key)
+        )
+    (folder / "notes.txt").write_text("mine\n")  # a user's, never recorded
     (folder / ".report.md.1234.tmp").write_text("")  # another delivery, writing
-    from workers.tasks.base import UnitContext
-
     context = UnitContext(store.get_campaign("r-1"), unit, store, settings, _manifest=manifest)
     outcome = report_task.report.run.__wrapped__(context)
     assert list(outcome.scratch) == ["campaigns/r-1/report/units.csv"]

@@ -989,15 +989,17 @@ def report(ctx: UnitContext) -> Outcome:
     ]
     if files.submission is not None:
         written.append((files.submission, "submission"))
-    # what an earlier run of this report wrote and this one did not (a table no longer
-    # cut, the curve of a point no longer best): removed, with its record, once this
-    # run's files are recorded (a file being written, ".name.tmp", is left alone)
-    kept = {f.path.name for f, _ in written}
-    stale = [
-        ctx.relative(path)
-        for path in sorted((ctx.campaign_dir / "report").iterdir())
-        if path.is_file() and not path.name.startswith(".") and path.name not in kept
-    ]
+    # what an earlier run of this report recorded and this one did not write (a table
+    # no longer cut, the curve of a point no longer best): removed, with its record,
+    # once this run's files are recorded; nothing else in the folder is touched
+    kept = {ctx.relative(f.path) for f, _ in written}
+    stale = sorted(
+        a.path
+        for a in ctx.store.artifacts(ctx.campaign.id)
+        if a.unit_key == ctx.unit.key
+        and a.path not in kept
+        and not (ctx.settings.artifacts / a.path).is_symlink()
+    )
     return Outcome(
         fit_seconds=time.perf_counter() - started,
         extra={
