@@ -14,6 +14,18 @@ import pytest
 from tests.conftest import REPO
 
 
+def celery(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`celery -A workers.app COMMAND` in a process of its own, with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "url", "command"),
     [
@@ -30,14 +42,7 @@ def test_the_celery_command_reports_a_missing_password_file_in_one_line(
     env["ORCHARD_HOME"] = str(tmp_path / "home")
     env[f"{name}_URL"] = url
     env[f"{name}_PASSWORD_FILE"] = str(missing)
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", command],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = celery(command, env)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr == f"orchard: error: {name}_PASSWORD_FILE={missing}: no such file\n"
@@ -139,14 +144,7 @@ def test_the_celery_command_refuses_a_broker_url_that_turns_tls_checks_off(
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
     env["ORCHARD_HOME"] = str(tmp_path / "home")
     env["ORCHARD_BROKER_URL"] = "rediss://:S3cret@127.0.0.1:6380/13?ssl_cert_reqs=none"
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", command],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = celery(command, env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(
         "orchard: error: ORCHARD_BROKER_URL rediss://:***@127.0.0.1:6380/13?ssl_cert_reqs=none: "
