@@ -1323,11 +1323,20 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+#: What a spreadsheet takes as the start of a formula in a text cell.
+_FORMULA_START = ("=", "+", "-", "@")
+
+
 def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
     if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
+        value = json.dumps(value, default=str)
+    if isinstance(value, str):
+        # text from campaign files, datasets and errors: shown, not obeyed, by a terminal
+        # (control characters) or a spreadsheet (a leading "=" would be a formula)
+        value = visible_controls(value)
+        return f"'{value}" if value.startswith(_FORMULA_START) else value
     return value
 
 

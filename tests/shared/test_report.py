@@ -947,6 +947,20 @@ def test_a_large_sweep_shows_its_best_points_and_every_point_in_a_csv(data: Repo
     )
 
 
+def test_report_csv_cells_are_text_not_formulas_or_terminal_commands() -> None:
+    from shared.report import _csv_text
+
+    text = _csv_text(
+        ["key", "error", "n", "x"],
+        [["c/svm/p1", '=HYPERLINK("http://x","y")', -3, -0.5], ["c/svm/p2", "bad \x1b[2J", 1, 2.0]],
+    )
+    assert text.splitlines() == [
+        "key,error,n,x",
+        'c/svm/p1,"\'=HYPERLINK(""http://x"",""y"")",-3,-0.5',  # numbers stay numbers
+        "c/svm/p2,bad \\x1b[2J,1,2.0",
+    ]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0.0036, "3.6 ms"), (0.042, "42 ms"), (0.25, "0.2 s"), (12.34, "12.3 s"), (0, "0.0 s")],
