@@ -1350,15 +1350,12 @@ def table_csvs(data: ReportData) -> dict[str, str]:
             continue
         params = list(dict.fromkeys(n for p in exp.points for n in p.params))
         extras = list(dict.fromkeys(n for p in exp.points for n in p.extras))
-        fixed = ["key", *params, "units", "succeeded", "train_acc", "val_acc", "val_spread"]
-        fixed += ["test_acc", "seconds", "best"]
-        # an extra named as a parameter (a CNN's epochs run, beside its epochs asked for)
-        # gets its own column name: a CSV reader keeps one column per name
-        header = [
-            *fixed[:-1],
-            *(f"{n} (result)" if n in fixed else n for n in extras),
-            "best",
-        ]
+        columns = ["key", *params, "units", "succeeded", "train_acc", "val_acc"]
+        columns += ["val_spread", "test_acc", "seconds", "best"]
+        # an extra named as another column (a CNN's epochs run, beside its epochs asked
+        # for) gets a name of its own: a CSV reader keeps one column per name
+        named = [f"{n} (result)" if n in columns else n for n in extras]
+        header = [*columns[:-1], *named, columns[-1]]
         rows = [
             [
                 p.key,

@@ -688,6 +688,27 @@ def insert_old_campaign(conn: Any) -> None:
     )
 
 
+def insert_old_queued_unit(conn: Any, **columns: str) -> None:
+    """Unit t-1/svm/h/f0 of campaign t-1, QUEUED, as an older schema holds it; ``columns``
+    that schema had too (``task_id`` from 0003)."""
+    row = {
+        "key": "t-1/svm/h/f0",
+        "campaign_id": "t-1",
+        "family": "svm",
+        "stage": 1,
+        "params_hash": "h",
+        "task": "orchard.fit_svm",
+        "queue": "cpu",
+        "position": 0,
+        "state": "QUEUED",
+        "attempts": 0,
+        "queued_at": "2026-01-01 00:00:00",
+        **columns,
+    }
+    names = ", ".join(row)
+    conn.execute(text(f"INSERT INTO units ({names}) VALUES (:{', :'.join(row)})"), row)
+
+
 def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> None:
     store = Store(store_url)
     migrate.upgrade(store.engine, "0001")
@@ -717,13 +738,7 @@ def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -
     migrate.upgrade(store.engine, "0002")
     with store.engine.begin() as conn:
         insert_old_campaign(conn)
-        conn.execute(
-            text(
-                "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
-                "position, state, attempts, queued_at) VALUES ('t-1/svm/h/f0', 't-1', 'svm', "
-                "1, 'h', 'orchard.fit_svm', 'cpu', 0, 'QUEUED', 0, '2026-01-01 00:00:00')"
-            )
-        )
+        insert_old_queued_unit(conn)
     assert store.upgrade() == ("0002", migrate.head_revision())
     assert store.requeue_lost(1.0, lambda: "new") == []
     assert store.get_unit("t-1/svm/h/f0").task_id is None
@@ -736,14 +751,7 @@ def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows
     migrate.upgrade(store.engine, "0003")
     with store.engine.begin() as conn:
         insert_old_campaign(conn)
-        conn.execute(
-            text(
-                "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, queue, "
-                "position, state, attempts, task_id, queued_at) VALUES ('t-1/svm/h/f0', 't-1', "
-                "'svm', 1, 'h', 'orchard.fit_svm', 'cpu', 0, 'QUEUED', 0, 'task-1', "
-                "'2026-01-01 00:00:00')"
-            )
-        )
+        insert_old_queued_unit(conn, task_id="task-1")
         conn.execute(
             text(
                 "INSERT INTO artifacts (path, kind, campaign_id, sha256, size, created_at) "
