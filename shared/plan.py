@@ -141,6 +141,13 @@ FITS_PCA = {
 }
 
 
+def pca_width(params: dict[str, Any], field: str) -> int | None:
+    """The most components a unit projects on: its ``field``, or the largest that its
+    ``search`` tries (an SVM point with ``[svm.search] n_components``); None if no PCA."""
+    searched = (params.get("search") or {}).get(field)
+    return max(searched) if searched else params.get(field)
+
+
 def data_problems(
     units: Iterable[UnitPlan], train_sizes: Mapping[int, int], cache_size: int
 ) -> list[str]:
@@ -160,7 +167,9 @@ def data_problems(
         if unit.stage != TRAIN or unit.fold is None or unit.family not in FITS_PCA:
             continue
         section, field = FITS_PCA[unit.family]
-        k = unit.params.get(field)
+        k = pca_width(unit.params, field)
+        if (unit.params.get("search") or {}).get(field):
+            field = f"search.{field}"  # [svm.search] n_components: the largest it tries
         if k is None or (section, k) in problems:
             continue
         n_train = train_sizes[unit.fold]
@@ -198,7 +207,14 @@ def estimated_cost(family: str, params: dict[str, Any], cache_size: int) -> floa
             trees /= params.get("tree_shards", 1)
         return trees * features**0.5 * 16  # sqrt(features) tried per split, ~log2(n) levels
     if family == "svm":
-        return features * params.get("n_components", 1)  # the PCA projection dominates
+        # the PCA projection dominates; a search fits an SVC per combination and fold
+        search = params.get("search") or {}
+        fits = math.prod(len(search.get(name) or [0]) for name in ("n_components", "C", "gamma"))
+        return (
+            features
+            * (pca_width(params, "n_components") or 1)
+            * (1 + fits * search.get("folds", 0))
+        )
     return 0.0
 
 

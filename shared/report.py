@@ -905,6 +905,12 @@ EXTRA_LABELS: dict[str, str] = {
     "resumed_from_epoch": "Resumed",
     "pca_fitted": "Fitted the PCA",
     "gamma_scale": "γ scale ≈",  # the value gamma="scale" took, as the study's grid gives it
+    # what a point's [svm.search] chose, as the study's 2.4.1 tables give it
+    "best_n_components": "Best n_component",
+    "best_C": "Best C",
+    "best_gamma": "Best γ",
+    "search_cv_acc": "Search CV acc",
+    "search_combinations": "Searched",
 }
 #: Extras that are fractions in [0, 1]: four decimals, as the study prints oob_score_.
 _FRACTION_EXTRAS = frozenset({"explained_variance", "oob_grouped_coverage"})
@@ -923,12 +929,9 @@ def _fmt_extra(name: str, value: float | str | None) -> str:
         return _DASH
     if name.endswith("seconds") or name.endswith("_time"):
         return _fmt_duration(value)
-    if (
-        name in _FRACTION_EXTRAS
-        or name.startswith("oob")
-        or name.endswith("_acc")
-        or name.endswith("_score")
-    ):
+    if name.endswith("_acc"):  # an accuracy, as the table's own (a search's CV accuracy)
+        return _fmt_pct(value)
+    if name in _FRACTION_EXTRAS or name.startswith("oob") or name.endswith("_score"):
         return f"{value:.4f}"  # the study prints oob_score_ as a fraction
     if float(value).is_integer():
         return f"{value:.0f}"
@@ -944,6 +947,8 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     fixed = {n: v for n, v in exp.points[0].params.items() if n not in swept}
     folds = max(p.units for p in exp.points)
     extras = list(dict.fromkeys(n for p in exp.points for n in p.extras))
+    # what a point chose ([svm.search]) first: the study's tables give it beside the score
+    extras.sort(key=lambda n: not (n.startswith("best_") or n.startswith("search_")))
     # nothing swept: the parameters are all in the "Fixed" line below the table
     header = [param_label(c) for c in columns] if columns else ["Point"]
     header += ["Folds", "Train acc", "Valid acc", "Test acc"]

@@ -144,6 +144,74 @@ class CnnParams(_Frozen):
     input: Literal["crop", "resize"] = "crop"
 
 
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A sweep runs each value once: a repeated value would plan the same unit twice."""
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise PydanticCustomError(
+                "duplicate_sweep_value", "duplicate value {value}", {"value": repr(value)}
+            )
+    return values
+
+
+def _some(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not values:
+        raise PydanticCustomError("empty_search", "give at least one value to search")
+    return values
+
+
+def _search_grid(item: Any) -> Any:
+    """A grid of one searched parameter: its values, each once; () when not searched (a
+    default: not validated, and not written out, so the stored campaign reads back; an
+    empty list in the file is a mistake)."""
+    return Annotated[
+        tuple[item, ...],
+        Field(strict=False, exclude_if=lambda values: values == ()),
+        BeforeValidator(_as_list),  # one value is a list of one, as in a sweep
+        AfterValidator(_some),
+        AfterValidator(_distinct),
+    ]
+
+
+Gamma = Annotated[float, Field(gt=0)] | Literal["scale", "auto"]
+
+
+class SvmSearch(_Frozen):
+    """``[svm.search]``: parameters chosen inside each unit, as GridSearchCV chooses them.
+
+    The unit splits its training images into ``folds`` stratified folds, scores every
+    combination of the lists given here by its mean accuracy over them (the SVC fitted on
+    the others), refits the best on all its training images and is judged, like any
+    point, on its validation images: the study's section 2.4.1 (best C and gamma for
+    each number of components, scored on its dev set). The PCA is fitted once on the
+    unit's training images and sliced, as for a grid point (the study extracted the
+    features first, then searched the SVC).
+    """
+
+    folds: int = Field(5, ge=2, le=MAX_FOLDS)
+    n_components: _search_grid(Annotated[int, Field(ge=1, le=MAX_COUNT)]) = ()  # type: ignore[valid-type]
+    C: _search_grid(Annotated[float, Field(gt=0)]) = ()  # type: ignore[valid-type]
+    gamma: _search_grid(Gamma) = ()  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _searches_something(self) -> SvmSearch:
+        if not self.grid():
+            raise ValueError("give at least one of n_components, C, gamma as a list to search")
+        return self
+
+    def grid(self) -> dict[str, tuple[Any, ...]]:
+        """The searched parameters and their values, in field order (GridSearchCV's)."""
+        return {
+            name: values
+            for name in ("n_components", "C", "gamma")
+            if (values := getattr(self, name))
+        }
+
+
 class SvmParams(_Frozen):
     """PCA + RBF SVC at one grid point.
 
@@ -160,14 +228,20 @@ class SvmParams(_Frozen):
 
     #: added after campaigns were stored: at its default it is left out of a point's
     #: parameters, so the point's hash (and the results a twin campaign reuses) stay
-    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"standardize"})
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"standardize", "search"})
 
     variant: Variant = "polar192"
     n_components: int = Field(200, ge=1, le=MAX_COUNT)
     whiten: bool = False
     standardize: bool = False
     C: float = Field(1.5, gt=0)
-    gamma: Annotated[float, Field(gt=0)] | Literal["scale", "auto"] = "scale"
+    gamma: Gamma = "scale"
+    search: SvmSearch | None = None
+
+    @property
+    def searched(self) -> frozenset[str]:
+        """The parameters ``search`` chooses: a point leaves them out of its own."""
+        return frozenset(self.search.grid()) if self.search is not None else frozenset()
 
 
 class RfParams(_Frozen):
@@ -212,20 +286,6 @@ class RfParams(_Frozen):
 
 
 # ---------------------------------------------------------------- sweep sections
-
-
-def _as_list(value: Any) -> Any:
-    return value if isinstance(value, list) else [value]
-
-
-def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A sweep runs each value once: a repeated value would plan the same unit twice."""
-    for i, value in enumerate(values):
-        if value in values[:i]:
-            raise PydanticCustomError(
-                "duplicate_sweep_value", "duplicate value {value}", {"value": repr(value)}
-            )
-    return values
 
 
 def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type[_Frozen]:
@@ -273,6 +333,7 @@ def sweep_points(section: _Frozen) -> list[dict[str, Any]]:
             for name in getattr(params_model, "OMIT_AT_DEFAULT", ())
             if getattr(point, name) == params_model.model_fields[name].default
         }
+        omit |= getattr(point, "searched", frozenset())  # chosen in the unit, not given
         points.append(point.model_dump(exclude=omit))
     return points
 
@@ -396,6 +457,22 @@ class Campaign(_Frozen):
         return params_hash(self.model_dump(mode="json"))
 
 
+def _searched_twice(family: str, section: _Frozen) -> str | None:
+    """A parameter given in a section and in its ``search`` too: which one runs?
+
+    Given means other than the default: the stored campaign, which reads back through
+    here, writes every field out.
+    """
+    defaults = type(section).model_fields
+    for search in getattr(section, "search", None) or ():
+        for name in search.grid() if search is not None else ():
+            if getattr(section, name) != defaults[name].default:
+                return (
+                    f"[{family}] {name}: [{family}.search] chooses it; give its values there only"
+                )
+    return None
+
+
 def params_hash(params: dict[str, Any], length: int = 12) -> str:
     blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
@@ -431,6 +508,8 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
             raise CampaignError(
                 f"{source}: {format_validation_error(exc, raw.get(family, {}), section=family)}"
             ) from None
+        if problem := _searched_twice(family, section):
+            raise CampaignError(f"{source}: {problem}")
         if campaign.validation == "dev" and section.folds != 1:
             raise CampaignError(
                 f'{source}: [{family}] folds: validation = "dev" validates every model on '
@@ -497,6 +576,8 @@ def format_validation_error(
                 msg += f" (did you mean {guess!r}?)"
         elif err["type"] == "missing":
             msg = "required but missing"
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"])  # a validator's own sentence, without "Value error, "
         elif "input" in err and not isinstance(err["input"], dict | list | tuple):
             msg = f"{msg} (got {err['input']!r})"
         messages.setdefault(where, [])
@@ -553,9 +634,18 @@ def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
         rest = rest[1:]  # pydantic puts the discriminator's tag in the path
     field = str(rest[0])
     where = f"[{head}] {field}"
-    if len(rest) > 1 and isinstance(rest[1], int) and isinstance(section_raw.get(field), list):
-        where += f"[{rest[1]}]"
-    elif len(rest) > 1 and head == "dataset":
-        # [dataset.splits.train] csv -> "[dataset] splits.train.csv"
-        where += "".join(f".{part}" for part in rest[1:] if isinstance(part, str))
+    # deeper: [dataset.splits.train] csv -> "[dataset] splits.train.csv", [svm.search]
+    # C[1] -> "[svm] search.C[1]"; an index the file has no list for is the sweep's
+    # wrapper of a single value, and a name under a value that is no table is
+    # pydantic's tag for one member of a union: neither is shown
+    node: Any = section_raw.get(field)
+    for part in rest[1:]:
+        if isinstance(part, int) and isinstance(node, list):
+            where += f"[{part}]"
+            node = node[part] if 0 <= part < len(node) else None
+        elif isinstance(part, str) and isinstance(node, dict):
+            where += f".{part}"
+            node = node.get(part)
+        elif not isinstance(part, int):
+            break
     return where

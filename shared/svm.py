@@ -398,3 +398,72 @@ def best_point(rows: Iterable[Mapping[str, Any]]) -> GridPoint | None:
     scored = [p for p in grid_table(rows) if p.mean_val_acc is not None]
     # max() keeps the first of equal scores
     return max(scored, key=lambda p: p.mean_val_acc) if scored else None
+
+
+# ---------------------------------------------------------------- searching inside a unit
+
+
+@dataclass(frozen=True)
+class SearchChoice:
+    """What a unit's ``[svm.search]`` chose: the best combination and its CV accuracy."""
+
+    params: dict[str, Any]  # the searched names -> their chosen values
+    cv_acc: float  # the chosen combination's mean accuracy over the search's folds
+    combinations: int  # combinations scored (each on every fold)
+
+
+def search_svc(
+    z_train: np.ndarray,
+    train_y: np.ndarray,
+    grid: Mapping[str, Iterable[Any]],
+    *,
+    folds: int,
+    seed: int,
+    n_components: int,
+    C: float,
+    gamma: float | str,
+) -> SearchChoice:
+    """GridSearchCV over ``grid`` (``n_components``, ``C``, ``gamma``) on PCA features.
+
+    ``z_train`` holds the training rows projected on a basis at least as wide as the
+    largest ``n_components`` searched; each one slices its first columns (as a grid
+    point slices the shared projection). The names not in ``grid`` take the given
+    values. Every ``n_components`` is scored on the same stratified folds, and ties go
+    to the first combination in field order (n_components, then C, then gamma), as
+    GridSearchCV's ``best_index_`` goes to the first of its grid.
+    """
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.svm import SVC
+
+    widths = [int(k) for k in grid.get("n_components", [n_components])]
+    svc_grid = {name: list(grid[name]) for name in ("C", "gamma") if name in grid}
+    counts = np.bincount(np.asarray(train_y))
+    fewest = int(counts[counts > 0].min()) if len(counts) else 0
+    if fewest < folds:
+        raise ValueError(
+            f"[svm.search] folds = {folds}: a class has only {fewest} training images here; "
+            f"search with folds <= {fewest} or give the unit more images"
+        )
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    best: SearchChoice | None = None
+    combinations = 0
+    for k in widths:
+        if not 1 <= k <= z_train.shape[1]:
+            raise ValueError(f"n_components={k}: the features have {z_train.shape[1]}")
+        svc = SVC(kernel="rbf", C=C, gamma=check_gamma(gamma), random_state=seed)
+        # refit=False: the unit refits the chosen combination itself, on all its rows;
+        # error_score="raise": a fit that fails fails the unit with its reason
+        search = GridSearchCV(
+            svc, [svc_grid] if svc_grid else [{}], cv=cv, refit=False, error_score="raise"
+        )
+        search.fit(np.ascontiguousarray(z_train[:, :k]), train_y)
+        scores = search.cv_results_["mean_test_score"]
+        combinations += len(scores)
+        index = int(np.argmax(scores))  # the first of equal scores
+        if best is None or scores[index] > best.cv_acc:
+            chosen = dict(search.cv_results_["params"][index])
+            if "n_components" in grid:
+                chosen = {"n_components": k, **chosen}
+            best = SearchChoice(chosen, float(scores[index]), 0)
+    assert best is not None  # the grid has at least one width
+    return SearchChoice(best.params, best.cv_acc, combinations)

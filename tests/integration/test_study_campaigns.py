@@ -71,7 +71,12 @@ def tiny(raw: dict[str, Any], data_root: Path, *, test_labels: bool = True) -> d
             continue
         body = raw[section]
         for field, value in list(body.items()):
-            if field not in ("enabled", "folds"):
+            if field == "search":  # [svm.search]: its lists shrink as sweeps do
+                body[field] = {
+                    name: 2 if name == "folds" else tiny_sweep(section, name, values)
+                    for name, values in value.items()
+                }
+            elif field not in ("enabled", "folds"):
                 body[field] = tiny_sweep(section, field, value)
         body["folds"] = min(body.get("folds", 1), 2 if section != "cnn" else 5)
     if "cnn" in raw:
@@ -83,13 +88,16 @@ def tiny(raw: dict[str, Any], data_root: Path, *, test_labels: bool = True) -> d
 
 
 def to_toml(raw: dict[str, Any]) -> str:
-    """Enough TOML for campaign files: scalars, flat lists and one level of tables."""
+    """Enough TOML for campaign files: scalars, flat lists, one level of tables and
+    inline tables in them ([svm.search])."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return json.dumps(v)
 
     top = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
@@ -154,7 +162,21 @@ def test_every_study_campaign_runs_to_a_report(
             assert pcas and all("-s1-k" in a.path for a in pcas), (stem, pcas)
     assert (
         sum(run.store.get_campaign(run.id).spec["validation"] == "dev" for run in runs.values())
-        == 11  # the nine CNN ablations (order ... stride, input size, crop), two SVM tables
+        == 13  # the nine CNN ablations (order ... stride, input size, crop), four SVM tables
+    )
+    # 2.4.1: each point chose its C and gamma (and, whitening, its width) on the training
+    # images; the report gives the choice beside the accuracy on the dev split
+    for stem in ("svm-pca-components", "svm-whiten"):
+        report = runs[stem].report_path()
+        assert report is not None
+        experiments = sections(report.with_suffix(".md").read_text(encoding="utf-8"))
+        table = experiments["Experiments"]
+        assert "Best C" in table and "Best γ" in table and "Search CV acc" in table, stem
+    assert (
+        "Best n_component"
+        in sections(
+            runs["svm-whiten"].report_path().with_suffix(".md").read_text(encoding="utf-8")
+        )["Experiments"]
     )
     assert_final_comparison_report(runs["final-comparison"])
 

@@ -188,6 +188,13 @@ def _unit(family: str, fold: int, stage: int = TRAIN, **params: object) -> UnitP
             "[svm] n_components = 500 exceeds what 480 training images of fold 1 allow "
             "(at most 480)",
         ),
+        # [svm.search] n_components: the largest one the point tries
+        (
+            _unit("svm", 0, variant="full", search={"folds": 5, "n_components": [9, 481, 7]}),
+            "[svm] search.n_components = 481 exceeds what 480 training images of fold 0 allow "
+            "(at most 480)",
+        ),
+        (_unit("svm", 0, variant="full", search={"folds": 5, "C": [1.0]}, n_components=9), None),
         # a forest's rows count its augmented copies: 8 x 480
         (_unit("rf", 0, variant="full", augment="rotate_flip", pca_components=3000), None),
         (

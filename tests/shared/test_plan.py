@@ -386,5 +386,10 @@ def test_model_units_are_sent_longest_first(tmp_path):
     assert estimated_cost("svm", {"variant": "polar32", "n_components": 8}, 64) > estimated_cost(
         "svm", {"variant": "polar32", "n_components": 4}, 64
     )
+    # a point that searches fits an SVC per combination and search fold: it costs more
+    search = {"folds": 3, "C": [1.0, 2.0], "gamma": [1e-3, 1e-2]}
+    assert estimated_cost(
+        "svm", {"variant": "polar32", "n_components": 4, "search": search}, 64
+    ) > estimated_cost("svm", {"variant": "polar32", "n_components": 8}, 64)
     # stages stay in order around it
     assert [u.stage for u in units] == sorted(u.stage for u in units)

@@ -416,7 +416,7 @@ def test_rotating_a_half_height_variant_is_refused_at_validation(tmp_path: Path)
     )
     path, message = _error(tmp_path, text)
     assert message == (
-        f"{path}: [rf]: Value error, augment 'rotate' rotates the images, which needs "
+        f"{path}: [rf]: augment 'rotate' rotates the images, which needs "
         "square ones: variant 'cropped' is half as high as wide (use 'none' or 'flip')"
     )
     flipped = load_campaign(_write(tmp_path, text.replace('"rotate"', '"flip"')))
@@ -564,3 +564,58 @@ def test_a_campaign_file_with_a_utf8_bom_loads(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
     assert load_campaign(path) == load_campaign(_write(tmp_path, BASE))
+
+
+# ---------------------------------------------------------------- [svm.search]
+
+SEARCH = BASE.replace(
+    "C = [1.0, 10.0]\n",
+    'standardize = true\n\n[svm.search]\nfolds = 3\nC = [1.0, 10.0]\ngamma = [1e-5, "scale"]\n',
+)
+
+
+def test_a_search_is_part_of_each_point_and_takes_its_parameters_out(tmp_path):
+    campaign = load_campaign(_write(tmp_path, SEARCH))
+    points = sweep_points(campaign.svm)
+    search = {"folds": 3, "C": (1.0, 10.0), "gamma": (1e-5, "scale")}
+    assert points == [
+        {"variant": "polar192", "n_components": k, "whiten": False, "standardize": True,
+         "search": search}
+        for k in (20, 50)
+    ]  # fmt: skip
+    # the stored form reads back the same, and a point without a search keeps its hash
+    stored = json.loads(json.dumps(campaign.model_dump(mode="json")))
+    assert parse_campaign(stored, source="<stored>") == campaign
+    plain = load_campaign(_write(tmp_path, BASE, "plain.toml"))
+    assert "search" not in sweep_points(plain.svm)[0]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("folds = 3", "folds = 1", "[svm] search.folds: Input should be greater than or "
+         "equal to 2 (got 1)"),
+        ("C = [1.0, 10.0]", "C = [1.0, -1.0]", "[svm] search.C[1]: Input should be greater "
+         "than 0 (got -1.0)"),
+        ("C = [1.0, 10.0]", "C = [1.0, 1]", "[svm] search.C: duplicate value 1.0"),
+        ("C = [1.0, 10.0]", "C = []", "[svm] search.C: give at least one value to search"),
+        ('gamma = [1e-5, "scale"]', 'gamma = ["x"]', "[svm] search.gamma[0]: Input should "
+         "be a valid number (got 'x') or Input should be 'scale' or 'auto' (got 'x')"),
+        ("C = [1.0, 10.0]", "Cs = [1.0]", "[svm] search.Cs: unknown key"),
+        ("standardize = true", "C = 2.0", "[svm] C: [svm.search] chooses it; give its values "
+         "there only"),
+        ('C = [1.0, 10.0]\ngamma = [1e-5, "scale"]', "", "[svm] search: give at least one of "
+         "n_components, C, gamma as a list to search"),
+    ],
+)  # fmt: skip
+def test_a_bad_search_is_one_line_naming_its_field(tmp_path, old, new, expected):
+    text = SEARCH.replace("[svm.search]\n" + old if old == "folds = 3" else old, new, 1)
+    if old == "folds = 3":
+        text = SEARCH.replace("[svm.search]\nfolds = 3", "[svm.search]\n" + new, 1)
+    elif old == "standardize = true":
+        text = SEARCH.replace(old, new, 1)
+    else:
+        head, tail = SEARCH.split("[svm.search]")
+        text = head + "[svm.search]" + tail.replace(old, new, 1)
+    path, message = _error(tmp_path, text)
+    assert message == f"{path}: {expected}"

@@ -115,11 +115,19 @@ def test_svm_preprocessing_is_the_study_s_three_inputs_at_its_fixed_point(campai
         assert point["whiten"] is False
 
 
-def test_svm_pca_components_searches_the_study_s_grid(campaigns):
-    points = _points(campaigns["svm-pca-components"], "svm")
+def test_svm_pca_components_searches_c_and_gamma_per_width_as_the_study_did(campaigns):
+    # 2.4.1: GridSearchCV over C x gamma for each n_component, then the validation set
+    campaign = campaigns["svm-pca-components"]
+    assert campaign.validation == "dev"
+    points = _points(campaign, "svm")
     assert _values(points, "n_components") == [50, 100, 200, 500, 700, 800]
-    assert _values(points, "C") == [1.0, 1.5, 2.0]
-    assert _values(points, "gamma") == [1e-6, 1e-5, 1e-4, 1e-3]
+    for point in points:
+        assert "C" not in point and "gamma" not in point  # each point chooses its own
+        assert point["search"] == {
+            "folds": 5,
+            "C": (1.0, 1.5, 2.0),
+            "gamma": (1e-6, 1e-5, 1e-4, 1e-3),
+        }
 
 
 def test_svm_grid_covers_every_row_of_the_study_s_table(campaigns):
@@ -133,13 +141,18 @@ def test_svm_grid_covers_every_row_of_the_study_s_table(campaigns):
     assert set(rows) <= grid
 
 
-def test_svm_whiten_holds_both_of_the_study_s_best_points(campaigns):
-    grid = {
-        (p["whiten"], p["n_components"], p["C"], p["gamma"])
-        for p in _points(campaigns["svm-whiten"], "svm")
-    }
-    assert (True, 200, 2.0, 5e-3) in grid
-    assert (False, 100, 2.0, 1e-5) in grid
+def test_svm_whiten_searches_width_c_and_gamma_for_each_choice(campaigns):
+    # 2.4.1: "for the two choices, we search for the best n_component in PCA, C and gamma"
+    campaign = campaigns["svm-whiten"]
+    assert campaign.validation == "dev"
+    points = _points(campaign, "svm")
+    assert _values(points, "whiten") == [True, False]
+    for point in points:
+        search = point["search"]
+        assert set(search) == {"folds", "n_components", "C", "gamma"}
+        # the study's two best points are among the combinations searched
+        assert {100, 200} <= set(search["n_components"]) and 2.0 in search["C"]
+        assert {5e-3, 1e-5} <= set(search["gamma"])
 
 
 # ---------------------------------------------------------------- random forest (section 3)

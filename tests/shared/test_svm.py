@@ -26,6 +26,7 @@ from shared.svm import (
     grid_table,
     pixel_features,
     project_all,
+    search_svc,
 )
 
 
@@ -395,3 +396,36 @@ def test_svm_grid_benchmark_smoke(tmp_path, flags):
     # and the point it finds scores, in the baseline's own search, within 0.5 % of its best
     assert figures["baseline_at_orchard_best"] >= baseline["best_val_acc"] - 0.005
     assert figures["machine"]["cpu"]
+
+
+def _informative_second_column(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Column 0 is noise, column 1 holds the class, column 2 is noise again."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    z = rng.normal(0, 1, (n, 3)).astype(np.float32)
+    z[:, 1] = y * 4 + rng.normal(0, 0.3, n)
+    return z, y
+
+
+def test_search_takes_the_width_with_the_best_cv_accuracy():
+    z, y = _informative_second_column()
+    kw = {"folds": 3, "seed": 0, "n_components": 1, "C": 1.0, "gamma": "scale"}
+    choice = search_svc(z, y, {"n_components": [1, 2]}, **kw)
+    assert choice.params == {"n_components": 2}  # column 0 alone is noise
+    assert choice.cv_acc == 1.0 and choice.combinations == 2
+    # equal scores: the first of the grid, as GridSearchCV's best_index_
+    assert search_svc(z, y, {"n_components": [3, 2]}, **kw).params == {"n_components": 3}
+    assert search_svc(z, y, {"n_components": [2, 3]}, **kw).params == {"n_components": 2}
+
+
+def test_search_over_c_and_gamma_is_gridsearchcv():
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    z, y = _informative_second_column(seed=1)
+    grid = {"C": [0.01, 1.0, 100.0], "gamma": [1e-6, 0.1, "scale"]}
+    choice = search_svc(z, y, grid, folds=4, seed=3, n_components=2, C=1.0, gamma="scale")
+    cv = StratifiedKFold(4, shuffle=True, random_state=3)
+    expected = GridSearchCV(SVC(kernel="rbf", random_state=3), grid, cv=cv).fit(z[:, :2], y)
+    assert choice.params == expected.best_params_
+    assert choice.cv_acc == pytest.approx(expected.best_score_)
+    assert choice.combinations == 9

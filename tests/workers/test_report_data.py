@@ -811,3 +811,27 @@ def test_a_report_run_again_drops_what_the_earlier_run_wrote_and_it_did_not(
     recorded = {a.path for a in outcome.artifacts}
     assert "campaigns/r-1/report/report.md" in recorded
     assert not recorded & set(outcome.scratch)
+
+
+def test_a_search_s_choices_are_shown_as_chosen_never_averaged(sqlite_url: str) -> None:
+    spec = {"name": "s", "folds": 3, "dataset": {"kind": "synthetic"}}
+    spec["svm"] = {"folds": 3, "n_components": [20, 50], "search": {"C": [1.0, 2.0]}}
+    store = make_store(sqlite_url, spec, "s-1")
+    for u in (u for u in store.units("s-1") if u.family == "svm"):
+        # the 50-component point's folds disagree on C; the 20-component point's agree
+        c = 2.0 if u.params["n_components"] == 20 or u.fold == 1 else 1.0
+        extra = {"best_C": c, "best_gamma": "scale", "search_cv_acc": 0.5 + u.fold / 10}
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+
+    data = build_report_data(store, "s-1")
+    extras = {p.params["n_components"]: p.extras for p in data.experiments[0].points}
+    assert extras[20] == {"best_C": 2.0, "best_gamma": "scale", "search_cv_acc": 0.6}
+    assert extras[50]["best_C"] == "f0 1, f1 2, f2 1"  # not the mean, 1.33
+    header, rows = _rows(data, "svm")
+    assert {"Best C", "Best γ", "Search CV acc"} <= set(header)
+    by_k = {r[header.index("n_component")].strip("*"): r for r in rows}
+    assert by_k["20"][header.index("Best C")] == "2"
+    assert by_k["50"][header.index("Best γ")] == "scale"
+    assert by_k["20"][header.index("Search CV acc")] == "60.000%"  # as the other accuracies
+    # the choices come first among the extras, beside the accuracies, as in the study
+    assert header.index("Best C") < header.index("Search CV acc") == len(header) - 1

@@ -14,7 +14,7 @@ from shared.artifacts import sha256_file
 from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
-from shared.svm import fit_pca_basis, project_all
+from shared.svm import fit_pca_basis, fit_svc, project_all
 from shared.variants import derive
 from tests.workers.conftest import N_TEST, tiny_images
 from workers.tasks import svm as svm_task
@@ -149,3 +149,82 @@ def test_standardized_points_fit_a_basis_of_their_own(cached_campaign):
     assert written.read_bytes() == expected.to_bytes()
     # gamma = "scale" (the default) reports the value it took, which standardizing changes
     assert plain.extra["gamma_scale"] != pytest.approx(scaled.extra["gamma_scale"], rel=0.1)
+
+
+def _searching(cached_campaign, search: dict, **svm):  # noqa: ANN001, ANN202
+    store, settings, manifest = cached_campaign(
+        CAMPAIGN_ID, {"svm": {"variant": "polar16", "folds": 2, "search": search, **svm}}
+    )
+    return store, settings, manifest
+
+
+def _gridsearch(manifest: Manifest, k_max: int, k: int, grid: dict, folds: int):  # noqa: ANN202
+    """What sklearn's own GridSearchCV makes of fold 0's training rows on PCA(k_max)[:k]."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.svm import SVC
+
+    images = derive(tiny_images()[0], "polar16")
+    train, _, _ = manifest.fold_indices(0)
+    z = project_all(fit_pca_basis(images[train], k_max, False, seed=0), images).features(k)
+    search = GridSearchCV(
+        SVC(kernel="rbf", random_state=0),
+        grid,
+        cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+    ).fit(z[train], manifest.label_index(train))
+    return search.best_params_, search.best_score_
+
+
+def test_a_search_chooses_what_gridsearchcv_chooses_and_refits_it(cached_campaign):
+    grid = {"C": [0.01, 10.0], "gamma": [1e-9, "scale"]}
+    env = _searching(cached_campaign, {"folds": 3, **grid}, n_components=[3, 5])
+    store, _, manifest = env
+    (unit,) = [u for u in store.units(CAMPAIGN_ID) if u.fold == 0 and u.params["n_components"] == 3]
+    assert "C" not in unit.params and "gamma" not in unit.params  # chosen in the unit
+    outcome = _run(env, n_components=3)
+    best, score = _gridsearch(manifest, 5, 3, grid, folds=3)
+    assert best == {"C": 10.0, "gamma": "scale"}  # the tiny gamma and C cannot separate
+    assert (outcome.extra["best_C"], outcome.extra["best_gamma"]) == (best["C"], best["gamma"])
+    assert outcome.extra["search_cv_acc"] == pytest.approx(score)
+    assert outcome.extra["search_combinations"] == 4
+    assert outcome.extra["pca_components"] == 5  # the grid's largest n_components
+    # the chosen combination refitted on all of the fold's training images and judged on
+    # its validation images, as a grid point with those values is
+    images = derive(tiny_images()[0], "polar16")
+    train, val, test = manifest.fold_indices(0)
+    z = project_all(fit_pca_basis(images[train], 5, False, seed=0), images).features(3)
+    labels = manifest.label_index
+    refit = fit_svc(z[train], labels(train), z[val], labels(val), z[test], seed=0, **best)
+    assert (outcome.train_acc, outcome.val_acc) == (refit.train_acc, refit.val_acc)
+    assert [p.pred for p in outcome.predictions["test"]] == list(refit.test_pred)
+
+
+def test_a_search_over_n_components_slices_one_projection(cached_campaign):
+    env = _searching(cached_campaign, {"folds": 2, "n_components": [1, 4], "gamma": [1e-9, 0.05]})
+    store, _, manifest = env
+    (unit,) = [u for u in store.units(CAMPAIGN_ID) if u.fold == 0]
+    assert "n_components" not in unit.params and unit.params["C"] == 1.5
+    outcome = _run(env)
+    # sklearn's own search at each width; the first best wins, as in one GridSearchCV
+    found = [_gridsearch(manifest, 4, k, {"gamma": [1e-9, 0.05]}, folds=2) for k in (1, 4)]
+    k_index = max(range(2), key=lambda i: found[i][1])
+    assert outcome.extra["best_n_components"] == (1, 4)[k_index]
+    assert outcome.extra["best_gamma"] == found[k_index][0]["gamma"]
+    assert outcome.extra["search_cv_acc"] == pytest.approx(found[k_index][1])
+    assert outcome.extra["search_combinations"] == 4
+    assert outcome.extra["pca_components"] == 4
+    assert [Path(r.path).name for r in _pca_records(store)] == ["polar16-f0-w0-k4.npz"]
+
+
+def test_a_search_with_more_folds_than_a_class_has_images_fails_in_one_line(cached_campaign):
+    # 12 training images in fold 0: 4 of each class
+    env = _searching(cached_campaign, {"folds": 5, "C": [1.0, 2.0]}, n_components=3)
+    with pytest.raises(ValueError, match=r"^\[svm.search\] folds = 5: a class has only 4 "):
+        _run(env)
+
+
+def test_largest_n_components_counts_what_the_search_tries():
+    spec = {"svm": {"n_components": [200], "search": [{"n_components": [50, 100]}]}}
+    assert svm_task.largest_n_components(spec, 1) == 100  # the points' own 200 is unused
+    spec["svm"]["search"].append({"C": [1.0]})  # a second search keeps the points' own
+    assert svm_task.largest_n_components(spec, 1) == 200
+    assert svm_task.largest_n_components({"svm": {"n_components": [8], "search": [None]}}, 1) == 8

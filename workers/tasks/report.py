@@ -265,19 +265,30 @@ def _acc(p: Predicted | None) -> float | None:
 #: Extras that record an event of some folds (the epoch a fold resumed from; 0: none):
 #: shown as the folds it happened to, never averaged.
 FOLD_EVENTS = frozenset({"resumed_from_epoch"})
+#: Extras that record a value each fold chose (``[svm.search]``'s ``best_C``, ...):
+#: the value when the folds agree, else each fold's, never averaged.
+CHOICE_PREFIX = "best_"
 
 
 def _fold_extra(name: str, values: Sequence[tuple[int | None, Any]]) -> float | str | None:
     """One extra of a point's folds as one cell: a mean only where a mean means something.
 
     An event (:data:`FOLD_EVENTS`) or a flag names the folds it holds for (``f0 from 9``,
-    ``f0, f2``; ``yes`` with one fold), None when it holds for none; a count is the
-    count when the folds agree, else its range ``17–20``; a fraction or a time the mean.
+    ``f0, f2``; ``yes`` with one fold), None when it holds for none; a choice
+    (:data:`CHOICE_PREFIX`) is the value the folds agree on, else each fold's
+    (``f0 1, f1 2``); a count is the count when the folds agree, else its range
+    ``17–20``; a fraction or a time the mean.
     """
 
     def fold(f: int | None) -> str:
         return "?" if f is None else f"f{f}"
 
+    if name.startswith(CHOICE_PREFIX):
+        distinct = list(dict.fromkeys(v for _, v in values))
+        if len(distinct) == 1:
+            value = distinct[0]
+            return value if isinstance(value, str) else float(value)
+        return ", ".join(f"{fold(f)} {v if isinstance(v, str) else f'{v:g}'}" for f, v in values)
     if name in FOLD_EVENTS:
         hits = [(f, int(v)) for f, v in values if v]
         return ", ".join(f"{fold(f)} from {v}" for f, v in hits) or None
@@ -308,7 +319,10 @@ def point_rows(
             for name, value in (results[u.key].extra or {}).items():
                 if name in SHARED_EXTRAS.get(family, ()):
                     continue
-                if isinstance(value, int | float):  # bool included: a per-fold flag
+                # bool included: a per-fold flag; text only as a choice ("scale")
+                if isinstance(value, int | float) or (
+                    isinstance(value, str) and name.startswith(CHOICE_PREFIX)
+                ):
                     extras[name].append((u.fold, value))
         per_point.append({name: _fold_extra(name, values) for name, values in extras.items()})
     # an event or flag that held for no fold of any point gets no column

@@ -12,6 +12,11 @@ may fit the same basis at once: both write the same bytes under a temporary name
 rename it into place, so a reader sees one whole file or the other. A file whose
 checksum is not the recorded one (the moment between one writer's rename and its record)
 is never read: the unit fits the basis itself.
+
+A point with ``[svm.search]`` chooses its searched parameters (``n_components``, ``C``,
+``gamma``) by cross-validation on its training images (``shared.svm.search_svc``), on
+the same shared projection, then fits the chosen combination as a grid point would; its
+result records the choice as ``best_<name>`` with its ``search_cv_acc``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from celery.utils.log import get_task_logger
 
 from db.store import Artifact, Outcome
 from shared.artifacts import atomic_write_bytes
+from shared.spec import SvmParams
 from shared.svm import (
     PcaProjection,
     check_gamma,
@@ -36,6 +42,7 @@ from shared.svm import (
     fit_pca_basis,
     fit_svc,
     project_all,
+    search_svc,
 )
 from shared.variants import canonical_variant, variant_shape
 from workers.outcomes import model_outcome
@@ -55,10 +62,20 @@ PCA_KIND = "pca"
 _last: tuple[tuple[str, str], PcaProjection] | None = None
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def largest_n_components(spec: dict[str, Any], at_least: int) -> int:
-    """The largest ``n_components`` of the campaign's SVM grid (``spec`` as stored)."""
-    values = (spec.get("svm") or {}).get("n_components", [])
-    values = values if isinstance(values, list | tuple) else [values]
+    """The largest ``n_components`` any point of the campaign's SVM grid uses (``spec``
+    as stored): its own, or the largest its ``[svm.search]`` tries instead."""
+    svm = spec.get("svm") or {}
+    values = _as_list(svm.get("n_components", []))
+    searches = [s for s in _as_list(svm.get("search")) if s]  # [None] without one
+    if searches:
+        # a point that searches n_components does not use its own; the others do
+        values = [] if all(s.get("n_components") for s in searches) else values
+        values += [v for s in searches for v in s.get("n_components") or ()]
     return max([int(v) for v in values] + [at_least])
 
 
@@ -157,30 +174,54 @@ def shared_projection(
 def fit_svm(ctx: UnitContext) -> Outcome:
     started = time.perf_counter()
     params = ctx.unit.params
-    k = int(params["n_components"])
-    gamma = check_gamma(params["gamma"])
+    search = params.get("search")  # [svm.search]: chosen here, absent from params
+    defaults = SvmParams.model_fields
+    widths = [int(k) for k in (search or {}).get("n_components") or [params["n_components"]]]
     manifest = ctx.manifest()
     train, val, test = manifest.fold_indices(ctx.unit.fold)
     # fail a point the data cannot give before fitting anything for it
-    check_n_components(k, len(train), math.prod(variant_shape(params["variant"], manifest.size)))
+    n_features = math.prod(variant_shape(params["variant"], manifest.size))
+    for k in widths:
+        check_n_components(k, len(train), n_features)
     projection, fitted = shared_projection(
         ctx,
         params["variant"],
         params["whiten"],
-        largest_n_components(ctx.campaign.spec, k),
+        largest_n_components(ctx.campaign.spec, max(widths)),
         standardize=params.get("standardize", False),  # absent from earlier campaigns' units
     )
-    z = projection.features(k)
     labels = manifest.label_index
+    seed = ctx.seed + ctx.unit.fold
+    chosen: dict[str, Any] = {}
+    search_extra: dict[str, Any] = {}
+    if search:
+        choice = search_svc(
+            projection.features(max(widths))[train],
+            labels(train),
+            {name: search[name] for name in ("n_components", "C", "gamma") if search.get(name)},
+            folds=int(search["folds"]),
+            seed=seed,
+            n_components=widths[0],
+            C=params.get("C", defaults["C"].default),
+            gamma=params.get("gamma", defaults["gamma"].default),
+        )
+        chosen = choice.params
+        search_extra = {
+            **{f"best_{name}": value for name, value in chosen.items()},
+            "search_cv_acc": choice.cv_acc,
+            "search_combinations": choice.combinations,
+        }
+    k = int(chosen.get("n_components", widths[0]))
+    z = projection.features(k)
     result = fit_svc(
         z[train],
         labels(train),
         z[val],
         labels(val),
         z[test],
-        C=params["C"],
-        gamma=gamma,
-        seed=ctx.seed + ctx.unit.fold,
+        C=chosen.get("C", params.get("C")),
+        gamma=check_gamma(chosen.get("gamma", params.get("gamma"))),
+        seed=seed,
     )
     return model_outcome(
         manifest,
@@ -197,5 +238,6 @@ def fit_svm(ctx: UnitContext) -> Outcome:
             "explained_variance": projection.explained(k),
             "pca_components": projection.n_components,
             "pca_fitted": fitted,
+            **search_extra,
         },
     )
