@@ -231,6 +231,10 @@ class Start:
     state: str
     reason: str = ""
     retry_in: float = 0.0
+    #: with ``run``: the unit as this start left it (RUNNING, its params) and its
+    #: campaign, read in the start's transaction: the delivery needs no reads of its own
+    unit: Unit | None = None
+    campaign: Campaign | None = None
 
 
 #: what :meth:`Store.renew_lease` finds
@@ -940,10 +944,8 @@ class Store:
                 # one is stale, from before `orchard resume` reset the unit or from a
                 # send that failed; running it now could run a stage before its inputs
                 return Start(False, row.attempts, row.state, reason="not queued")
-            campaign_state = s.scalar(
-                select(CampaignRow.state).where(CampaignRow.id == row.campaign_id)
-            )
-            if campaign_state == CANCELLED:
+            campaign = s.get(CampaignRow, row.campaign_id)
+            if campaign is not None and campaign.state == CANCELLED:
                 row.state, row.finished_at = CANCELLED, now
                 return Start(False, row.attempts, CANCELLED, reason="cancelled")
             expires = _aware(row.lease_expires_at)
@@ -963,6 +965,13 @@ class Store:
                     + (row.error or "the worker was lost each time (killed or out of memory)")
                 )[:4000]
                 return Start(False, row.attempts, FAILED, reason="gave up")
+            params = dict(
+                s.execute(
+                    select(UnitParamRow.name, UnitParamRow.value)
+                    .where(UnitParamRow.unit_id == row.id)
+                    .order_by(UnitParamRow.name)
+                ).all()
+            )
             row.state = RUNNING
             row.attempts += 1
             row.worker = worker
@@ -971,7 +980,13 @@ class Store:
             row.error = None
             row.lease_holder = holder
             row.lease_expires_at = now + timedelta(seconds=lease_seconds) if holder else None
-            return Start(run=True, attempts=row.attempts, state=RUNNING)
+            return Start(
+                run=True,
+                attempts=row.attempts,
+                state=RUNNING,
+                unit=_unit_of(row, params),
+                campaign=_campaign(campaign) if campaign is not None else None,
+            )
 
     @_retried
     def renew_lease(self, key: str, holder: str, lease_seconds: float) -> str:

@@ -293,6 +293,23 @@ def test_unreachable_database_fails_fast_with_masked_url() -> None:
 # ---------------------------------------------------------------- leases, attempts, cancel
 
 
+def test_a_start_that_runs_hands_over_the_unit_and_its_campaign(store_url: str) -> None:
+    """What the delivery then runs: it read both again, two more transactions a unit."""
+    store = make_store(store_url)
+    plan = seed_campaign(store)[2]
+    start = deliver(store, plan.key, worker="w1", task_id="t", holder="d1", lease_seconds=30)
+    assert start.run and start.campaign == store.get_campaign("t-1")
+    unit, stored = start.unit, store.get_unit(plan.key)
+    assert unit is not None and unit.params == plan.params == stored.params
+    assert list(unit.params) == list(stored.params)  # in the same order
+    for name in ("key", "family", "stage", "fold", "params_hash", "task", "queue", "state"):
+        assert getattr(unit, name) == getattr(stored, name), name
+    assert (unit.state, unit.attempts, unit.worker, unit.task_id) == ("RUNNING", 1, "w1", "t")
+    assert unit.lease_holder == "d1" and unit.lease_expires_at == stored.lease_expires_at
+    again = deliver(store, plan.key, worker="w2", task_id="t", holder="d2", lease_seconds=30)
+    assert not again.run and again.unit is None and again.campaign is None
+
+
 def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key

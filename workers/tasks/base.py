@@ -455,9 +455,11 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
     heartbeat = Heartbeat(store, key, holder, rules).start()
     started = time.perf_counter()
     try:
-        campaign = store.get_campaign(message.campaign_id)
+        # read by start_unit with the lease: no more round trips before the body runs
+        campaign = start.campaign or store.get_campaign(message.campaign_id)
+        unit = start.unit or store.get_unit(key)
         guarded = cast(Store, _GuardedStore(store, heartbeat.check))
-        context = UnitContext(campaign, store.get_unit(key), guarded, settings, heartbeat=heartbeat)
+        context = UnitContext(campaign, unit, guarded, settings, heartbeat=heartbeat)
         log.info("%s started (attempt %d)", key, start.attempts)
         outcome = body(context)
         heartbeat.check()  # a run that lost its unit records nothing

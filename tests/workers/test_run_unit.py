@@ -1,0 +1,83 @@
+"""What the task wrapper (``run_unit``) asks of the store around a unit's body, run in
+this process against a real SQLite store: a grid of thousands of tiny units pays it for
+every unit, so it must stay a few transactions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from db.store import Outcome, Prediction, Store
+from shared.plan import UnitPlan
+from shared.settings import Settings
+from workers.tasks import base
+from workers.tasks.base import UnitContext, UnitMessage, run_unit
+
+KEY = "g-1/svm/p0/f0"
+
+
+class OneDelivery:
+    """The little of a Celery task that ``run_unit`` reads: the request, and retry."""
+
+    def __init__(self) -> None:
+        self.request = SimpleNamespace(hostname="cpu@h", id="task-1", retries=0)
+        self.app = None
+
+    def retry(self, **kwargs: Any) -> Exception:
+        raise AssertionError(f"retried: {kwargs}")
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    units = [
+        UnitPlan(KEY, "svm", 1, 0, {"C": 2.0, "variant": "resize16"}, "p0"),
+        UnitPlan("g-1/svm/p1/f0", "svm", 1, 0, {"C": 3.0, "variant": "resize16"}, "p1"),
+        UnitPlan("g-1/report", "report", 3, None, {}, "r"),
+    ]
+    store.create_campaign(
+        "g-1", name="g", source="g.toml", digest="d", spec={"seed": 7}, classes=["A"], units=units
+    )
+    store.claim_for_queue([u.key for u in units[:2]])
+    settings = Settings(
+        home=tmp_path / "home",
+        broker_url="memory://",
+        database_url=store.url,
+        artifacts=tmp_path / "artifacts",
+    )
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    monkeypatch.setattr(base, "worker_settings", lambda: settings)
+    return store
+
+
+def test_a_unit_costs_three_store_transactions_besides_its_body(store: Store) -> None:
+    """Start (lease, unit, campaign), finish (result), and whether a stage may open.
+    The unit and its campaign were read again after the start: five transactions."""
+    seen: list[tuple[Any, ...]] = []
+
+    def body(ctx: UnitContext) -> Outcome:
+        seen.append((ctx.unit.key, ctx.unit.params, ctx.unit.fold, ctx.seed, ctx.campaign.id))
+        return Outcome(0.01, val_acc=1.0, predictions={"val": [Prediction("a", 0, 0)]})
+
+    begins: list[str] = []
+    event.listen(
+        store.engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: (
+            begins.append(statement) if statement.startswith("BEGIN") else None
+        ),
+    )
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": True}
+    assert seen == [(KEY, {"C": 2.0, "variant": "resize16"}, 0, 7, "g-1")]
+    assert len(begins) == 3, begins
+    unit = store.get_unit(KEY)
+    assert unit.state == "SUCCESS" and unit.attempts == 1 and unit.worker == "cpu@h"
+    assert store.predictions(KEY, "val") == [Prediction("a", 0, 0)]
+    # the other point still queued: nothing to open, nothing sent (advance had no app)
+    assert store.get_unit("g-1/report").state == "PENDING"
