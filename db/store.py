@@ -678,22 +678,33 @@ class Store:
             return [UnitRoute(*row) for row in rows]
 
     @_retried
-    def unfinished_by_stage(self, campaign_id: str) -> dict[int, dict[str, int]]:
-        """Stage -> state -> count, for the campaign's units that are not terminal.
+    def stage_may_open(self, campaign_id: str) -> bool:
+        """Whether ``shared.plan.next_actions`` could enqueue or fail a unit of the
+        campaign now, or the campaign could be complete: what ``advance`` asks after
+        every unit, before it reads every unit's state.
 
-        A few rows from the (campaign, state) index whatever the campaign's size: what
-        ``advance`` asks after every unit to learn, cheaply, that nothing can open yet.
+        A stage opens only once every earlier stage is terminal, so next_actions acts
+        only on the PENDING units of the lowest stage that has unfinished units (and
+        with none unfinished, the campaign is complete). Put the other way: nothing can
+        happen exactly when a QUEUED or RUNNING unit lies below the lowest PENDING one
+        (below every stage, when none is PENDING). One statement that stops at the
+        first such unit it finds on the (campaign, state) index, where counting the
+        unfinished units read a row per unit still queued: O(units) after each unit,
+        O(units²) over a grid. It reads the PENDING rows (the later stages' units) to
+        find the lowest.
         """
+        lowest_pending = (
+            select(func.min(UnitRow.stage))
+            .where(UnitRow.campaign_id == campaign_id, UnitRow.state == PENDING)
+            .scalar_subquery()
+        )
+        below = select(UnitRow.id).where(
+            UnitRow.campaign_id == campaign_id,
+            UnitRow.state.in_((QUEUED, RUNNING)),
+            UnitRow.stage < func.coalesce(lowest_pending, REPORT + 1),  # none: every stage
+        )
         with self._transaction(read_only=True) as s:
-            rows = s.execute(
-                select(UnitRow.stage, UnitRow.state, func.count())
-                .where(UnitRow.campaign_id == campaign_id, UnitRow.state.not_in(TERMINAL))
-                .group_by(UnitRow.stage, UnitRow.state)
-            )
-            out: dict[int, dict[str, int]] = {}
-            for stage, state, count in rows:
-                out.setdefault(stage, {})[state] = count
-            return out
+            return not s.scalar(select(below.exists()))
 
     @_retried
     def untaken_queues(self, campaign_id: str, after: float) -> dict[str, float]:

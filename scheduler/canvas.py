@@ -2,11 +2,11 @@
 
 Each stage of a campaign is a ``group`` of unit signatures (ids only, routed to the
 family's queue). The next stage is opened by whichever task finishes the current
-one: :func:`advance` counts the unfinished units by stage (a few rows), and only when
-that says something may open reads every unit's state from the store, asks
-``shared.plan.next_actions`` what may run, claims those units (PENDING -> QUEUED, a
-conditional update that only one caller wins), sends only what it claimed, and marks
-it sent.
+one: :func:`advance` asks the store whether a stage may open (one query that stops at
+its first row, ``Store.stage_may_open``), and only when it may reads every unit's
+state, asks ``shared.plan.next_actions`` what may run, claims those units (PENDING ->
+QUEUED, a conditional update that only one caller wins), sends only what it claimed,
+and marks it sent.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from celery import Celery, group, uuid
 from celery.canvas import Signature
 
 from db.store import Store
-from shared.plan import PENDING, TERMINAL, UnitState, next_actions
+from shared.plan import TERMINAL, UnitState, next_actions
 
 
 def unit_signature(
@@ -31,25 +31,11 @@ def unit_signature(
     ).set(task_id=task_id)
 
 
-def may_act(unfinished: dict[int, dict[str, int]]) -> bool:
-    """Whether ``next_actions`` could enqueue or fail a unit, or the campaign could be
-    complete, given the counts of unfinished units by stage and state
-    (``Store.unfinished_by_stage``).
-
-    A stage opens only once every earlier stage is terminal, so ``next_actions`` acts
-    only on the PENDING units of the first stage that still has unfinished units;
-    with none unfinished, the campaign is complete.
-    """
-    if not unfinished:
-        return True
-    return unfinished[min(unfinished)].get(PENDING, 0) > 0
-
-
 def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     """Enqueue every unit of the campaign that is ready; returns the keys sent."""
-    # after most units nothing can open yet: a few aggregated rows say so, where
-    # reading every unit's route would cost a row per unit of the campaign, per unit
-    if not may_act(store.unfinished_by_stage(campaign_id)):
+    # after most units nothing can open yet: one query that stops at its first row
+    # says so, where reading every unit's route would cost a row per unit, per unit
+    if not store.stage_may_open(campaign_id):
         return []
     sent: list[str] = []
     while True:

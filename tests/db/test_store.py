@@ -808,24 +808,30 @@ def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> Non
     assert unit.finished_at is not None and unit.finished_at >= unit.started_at
 
 
-def test_unfinished_by_stage_counts_what_is_not_terminal(store_url: str) -> None:
+def test_a_stage_may_open_only_once_the_stages_before_it_are_terminal(store_url: str) -> None:
     store = make_store(store_url)
     plans = seed_campaign(store)
-    stages: dict[int, int] = {}
-    for plan in plans:
-        stages[plan.stage] = stages.get(plan.stage, 0) + 1
-    assert store.unfinished_by_stage("t-1") == {s: {"PENDING": n} for s, n in stages.items()}
+    assert store.stage_may_open("t-1")  # the first stage, all PENDING
     first = [p.key for p in plans if p.stage == 0]
     store.claim_for_queue(first)
-    deliver(store, first[0], worker="w", task_id=None)
-    store.finish_unit(first[0], outcome())
-    counts = store.unfinished_by_stage("t-1")
-    if len(first) > 1:
-        assert counts[0] == {"QUEUED": len(first) - 1}
-    else:
-        assert 0 not in counts  # its only unit is terminal: the stage is gone
-    assert counts[max(stages)] == {"PENDING": stages[max(stages)]}
-    assert store.unfinished_by_stage("no-such-campaign") == {}
+    assert not store.stage_may_open("t-1")  # every shard QUEUED, the models wait
+    for key in first[:-1]:
+        deliver(store, key, worker="w", task_id=None)
+        store.finish_unit(key, outcome())
+        assert not store.stage_may_open("t-1")
+    deliver(store, first[-1], worker="w", task_id=None)
+    assert not store.stage_may_open("t-1")  # the last shard RUNNING
+    store.fail_unit(first[-1], "boom")
+    assert store.stage_may_open("t-1")  # terminal, failed or not: the models may be failed
+    store.fail_units([(p.key, "x") for p in plans if p.stage == 1])
+    assert store.stage_may_open("t-1")  # the report may open
+    (report,) = [p.key for p in plans if p.stage == 3]
+    store.claim_for_queue([report])
+    assert not store.stage_may_open("t-1")
+    deliver(store, report, worker="w", task_id=None)
+    store.finish_unit(report, outcome())
+    assert store.stage_may_open("t-1")  # every unit terminal: the campaign may close
+    assert store.stage_may_open("no-such-campaign")  # nothing unfinished: nothing to wait for
 
 
 def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> None:
@@ -850,7 +856,7 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
     writer.execute("BEGIN IMMEDIATE")  # another worker in the middle of a write
     try:
         assert store.find_unit(key).state == "PENDING"
-        assert store.unfinished_by_stage("t-1")
+        assert store.stage_may_open("t-1")
         assert [r.key for r in store.unit_routes("t-1")][2] == key
         assert store.find_campaign("t-1") is not None
         # what `orchard status` and the report read: every unit of a campaign, or of

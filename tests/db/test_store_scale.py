@@ -266,6 +266,47 @@ def test_finishing_a_unit_sends_as_many_statements_for_3000_predictions_as_for_2
     assert store.count_rows("c")["predictions"] == 2 + 6000
 
 
+def sqlite_steps(store: Store, call: Callable[[], object]) -> int:
+    """How many SQLite virtual machine instructions ``call``'s statements ran (in
+    thousands): the work a query does, whatever the machine's speed."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    def handler(conn, *_rest) -> None:  # noqa: ANN001
+        conn.connection.dbapi_connection.set_progress_handler(tick, 1000)
+
+    event.listen(store.engine, "before_cursor_execute", handler)
+    try:
+        call()
+    finally:
+        event.remove(store.engine, "before_cursor_execute", handler)
+    return steps[0]
+
+
+def test_after_each_unit_whether_a_stage_may_open_costs_the_same_for_3000_units_as_for_30(
+    sqlite_url: str,
+) -> None:
+    """``advance`` asks after every unit. It counted the unfinished units by stage, a
+    row per unit still queued: O(units) per unit, O(units²) over a grid."""
+    store = make_store(sqlite_url)
+    steps = {}
+    for models in (30, 3000):
+        cid = f"c{models}"
+        units = create(store, cid, models)
+        shards = [u.key for u in units if u.stage == 0]
+        store.claim_for_queue(shards)
+        for key in shards:
+            store.start_unit(key, worker="w", task_id=None)
+            store.finish_unit(key, Outcome(1.0))
+        store.claim_for_queue([u.key for u in units if u.stage == 1])
+        assert not store.stage_may_open(cid)  # the model stage runs; the report waits
+        steps[models] = sqlite_steps(store, lambda cid=cid: store.stage_may_open(cid))
+    assert steps[3000] <= steps[30] + 1, steps
+
+
 # ---------------------------------------------------------------- lookups across the store
 
 
