@@ -313,6 +313,62 @@ def _gamma_extra(gamma: float | str, z_train: np.ndarray) -> dict[str, float]:
     return {"gamma_scale": 1.0 / (z_train.shape[1] * variance) if variance else 1.0}
 
 
+def point_widths(params: Mapping[str, Any]) -> list[int]:
+    """The ``n_components`` a point may use: its own, or those its ``search`` tries."""
+    searched = (params.get("search") or {}).get("n_components")
+    return [int(k) for k in (searched or [params["n_components"]])]
+
+
+def fit_point(
+    z_train: np.ndarray,
+    train_y: np.ndarray,
+    z_val: np.ndarray,
+    val_y: np.ndarray,
+    z_test: np.ndarray,
+    params: Mapping[str, Any],
+    *,
+    seed: int,
+) -> tuple[FitOutcome, int]:
+    """A grid point on PCA features at least as wide as it needs (their first columns
+    are its components): its ``search`` first, if it has one, then its SVC.
+
+    Returns the outcome and the ``n_components`` it used. A search's choice is in the
+    outcome's extras as ``best_<name>``, with ``search_cv_acc`` (the choice's mean
+    accuracy over the search's folds) and ``search_combinations``.
+    """
+    search = params.get("search")
+    widths = point_widths(params)
+    chosen: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if search:
+        choice = search_svc(
+            z_train[:, : max(widths)],
+            train_y,
+            {name: search[name] for name in ("n_components", "C", "gamma") if search.get(name)},
+            folds=int(search["folds"]),
+            seed=seed,
+            n_components=widths[0],
+            C=params.get("C", 1.0),  # a default only where the search sets it anyway
+            gamma=params.get("gamma", "scale"),
+        )
+        chosen = choice.params
+        extra = {f"best_{name}": value for name, value in chosen.items()}
+        extra.update(search_cv_acc=choice.cv_acc, search_combinations=choice.combinations)
+    k = int(chosen.get("n_components", widths[0]))
+    out = fit_svc(
+        z_train[:, :k],
+        train_y,
+        z_val[:, :k],
+        val_y,
+        z_test[:, :k],
+        C=chosen.get("C", params.get("C")),
+        gamma=check_gamma(chosen.get("gamma", params.get("gamma"))),
+        seed=seed,
+    )
+    out.extra.update(extra)
+    return out, k
+
+
 def fit_svm_point(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -323,29 +379,33 @@ def fit_svm_point(
     *,
     seed: int,
 ) -> FitOutcome:
-    """[StandardScaler,] PCA(n_components, whiten), SVC(kernel='rbf', C, gamma), from scratch.
+    """[StandardScaler,] PCA(n_components, whiten), SVC(kernel='rbf', C, gamma), from scratch
+    (with ``search``, the PCA as wide as the widest it tries, and the search first).
 
     The campaign task shares one basis across grid points instead (``workers.tasks.svm``);
     this is the same computation for a single point.
     """
     started = time.perf_counter()
-    k = params["n_components"]
-    gamma = check_gamma(params["gamma"])
+    if not params.get("search"):
+        check_gamma(params["gamma"])  # before fitting anything
     basis = fit_pca_basis(
-        train_x, k, params["whiten"], seed, standardize=params.get("standardize", False)
+        train_x,
+        max(point_widths(params)),
+        params["whiten"],
+        seed,
+        standardize=params.get("standardize", False),
     )
-    out = fit_svc(
+    out, k = fit_point(
         basis.project(train_x),
         train_y,
         basis.project(val_x),
         val_y,
         basis.project(test_x),
-        C=params["C"],
-        gamma=gamma,
+        params,
         seed=seed,
     )
     out.seconds = time.perf_counter() - started
-    out.extra["explained_variance"] = float(basis.explained_variance_ratio.sum())
+    out.extra["explained_variance"] = float(basis.explained_variance_ratio[:k].sum())
     return out
 
 

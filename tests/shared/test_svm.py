@@ -429,3 +429,26 @@ def test_search_over_c_and_gamma_is_gridsearchcv():
     assert choice.params == expected.best_params_
     assert choice.cv_acc == pytest.approx(expected.best_score_)
     assert choice.combinations == 9
+
+
+def test_a_single_point_with_a_search_fits_the_widest_pca_and_refits_its_choice(images):
+    y = np.arange(60) % 3
+    train, val = slice(0, 45), slice(45, 60)
+    search = {"folds": 3, "n_components": [2, 6], "gamma": [1e-9, "scale"]}
+    params = {"whiten": False, "C": 1.0, "search": search}
+    out = fit_svm_point(images[train], y[train], images[val], y[val], images[:0], params, seed=0)
+    basis = fit_pca_basis(images[train], 6, False, seed=0)
+    z = basis.project(images)
+    grid = {"n_components": [2, 6], "gamma": [1e-9, "scale"]}
+    kw = {"folds": 3, "seed": 0, "n_components": 2, "C": 1.0, "gamma": "scale"}
+    choice = search_svc(z[train], y[train], grid, **kw)
+    assert {n: out.extra[f"best_{n}"] for n in choice.params} == choice.params
+    assert out.extra["search_cv_acc"] == choice.cv_acc
+    k, gamma = choice.params["n_components"], choice.params["gamma"]
+    refit = fit_svc(
+        z[train, :k], y[train], z[val, :k], y[val], z[:0, :k], C=1.0, gamma=gamma, seed=0
+    )
+    assert (out.train_acc, out.val_acc) == (refit.train_acc, refit.val_acc)
+    assert out.extra["explained_variance"] == pytest.approx(
+        basis.explained_variance_ratio[:k].sum()
+    )

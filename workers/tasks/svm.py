@@ -33,16 +33,15 @@ from celery.utils.log import get_task_logger
 
 from db.store import Artifact, Outcome
 from shared.artifacts import atomic_write_bytes
-from shared.spec import SvmParams
 from shared.svm import (
     PcaProjection,
     check_gamma,
     check_n_components,
     component_limit,
     fit_pca_basis,
-    fit_svc,
+    fit_point,
+    point_widths,
     project_all,
-    search_svc,
 )
 from shared.variants import canonical_variant, variant_shape
 from workers.outcomes import model_outcome
@@ -174,15 +173,15 @@ def shared_projection(
 def fit_svm(ctx: UnitContext) -> Outcome:
     started = time.perf_counter()
     params = ctx.unit.params
-    search = params.get("search")  # [svm.search]: chosen here, absent from params
-    defaults = SvmParams.model_fields
-    widths = [int(k) for k in (search or {}).get("n_components") or [params["n_components"]]]
+    widths = point_widths(params)  # its own n_components, or those its search tries
     manifest = ctx.manifest()
     train, val, test = manifest.fold_indices(ctx.unit.fold)
     # fail a point the data cannot give before fitting anything for it
     n_features = math.prod(variant_shape(params["variant"], manifest.size))
     for k in widths:
         check_n_components(k, len(train), n_features)
+    if not params.get("search"):
+        check_gamma(params["gamma"])
     projection, fitted = shared_projection(
         ctx,
         params["variant"],
@@ -190,38 +189,16 @@ def fit_svm(ctx: UnitContext) -> Outcome:
         largest_n_components(ctx.campaign.spec, max(widths)),
         standardize=params.get("standardize", False),  # absent from earlier campaigns' units
     )
+    z = projection.features(max(widths))
     labels = manifest.label_index
-    seed = ctx.seed + ctx.unit.fold
-    chosen: dict[str, Any] = {}
-    search_extra: dict[str, Any] = {}
-    if search:
-        choice = search_svc(
-            projection.features(max(widths))[train],
-            labels(train),
-            {name: search[name] for name in ("n_components", "C", "gamma") if search.get(name)},
-            folds=int(search["folds"]),
-            seed=seed,
-            n_components=widths[0],
-            C=params.get("C", defaults["C"].default),
-            gamma=params.get("gamma", defaults["gamma"].default),
-        )
-        chosen = choice.params
-        search_extra = {
-            **{f"best_{name}": value for name, value in chosen.items()},
-            "search_cv_acc": choice.cv_acc,
-            "search_combinations": choice.combinations,
-        }
-    k = int(chosen.get("n_components", widths[0]))
-    z = projection.features(k)
-    result = fit_svc(
+    result, k = fit_point(
         z[train],
         labels(train),
         z[val],
         labels(val),
         z[test],
-        C=chosen.get("C", params.get("C")),
-        gamma=check_gamma(chosen.get("gamma", params.get("gamma"))),
-        seed=seed,
+        params,
+        seed=ctx.seed + ctx.unit.fold,
     )
     return model_outcome(
         manifest,
@@ -238,6 +215,5 @@ def fit_svm(ctx: UnitContext) -> Outcome:
             "explained_variance": projection.explained(k),
             "pca_components": projection.n_components,
             "pca_fitted": fitted,
-            **search_extra,
         },
     )
