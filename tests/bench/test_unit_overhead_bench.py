@@ -1,0 +1,70 @@
+"""Smoke run of bench/unit_overhead.py on a grid of a dozen points: real workers run it
+to the end and every figure is there. Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, load_bench
+
+
+def test_unit_overhead_bench_tiny(tmp_path: Path) -> None:
+    output = tmp_path / "unit_overhead.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/unit_overhead.py",
+            "--units",
+            "6,12",
+            "--phase-repeat",
+            "5",
+            "--output",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "baseline" in done.stdout and "slot per unit" in done.stdout
+    report = json.loads(output.read_text())
+    assert [row["points"] for row in report["rows"]] == [6, 12]
+    for row in report["rows"]:
+        assert row["slot_ms_per_unit"] > 0 and row["body_ms_median"] > 0
+        assert row["store_ms"].keys() == {
+            "start_unit",
+            "artifact lookups",
+            "finish_unit",
+            "stage_may_open",
+        }
+    assert report["slot_over_body"] > 0 and report["machine"]["cpu"]
+
+
+def test_per_unit_figures_from_a_hand_made_schedule() -> None:
+    bench = load_bench("unit_overhead")
+
+    def unit(key: str, worker: str, started: float, finished: float) -> dict:
+        return {"key": key, "family": key.split("/")[1], "worker": worker} | {
+            "started": started,
+            "finished": finished,
+        }
+
+    units = [
+        unit("c/preprocess/s0", "a", 0.0, 1.0),
+        unit("c/svm/p0/f0", "a", 1.01, 1.02),
+        unit("c/svm/p1/f0", "a", 1.03, 1.04),  # 10 ms after p0 on the same worker
+        unit("c/svm/p2/f0", "b", 1.01, 1.05),
+        unit("c/report", "b", 1.1, 1.5),
+    ]
+    row = bench.per_unit(units, [0.004, 0.005, 0.006], 2)
+    assert row["points"] == 3
+    assert row["slot_ms_per_unit"] == pytest.approx(1000 * 0.04 * 2 / 3)
+    assert row["body_ms_median"] == pytest.approx(5.0)
+    assert row["slot_over_body"] == pytest.approx(row["slot_ms_per_unit"] / 5.0)
+    assert row["gap_ms_median"] == pytest.approx(10.0)
