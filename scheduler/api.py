@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +26,13 @@ from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import OrchardError, printable
-from shared.manifest import ManifestError, build_manifest, manifest_path, synthetic_root
+from shared.manifest import (
+    Manifest,
+    ManifestError,
+    build_manifest,
+    manifest_path,
+    synthetic_root,
+)
 from shared.plan import (
     CANCELLED,
     FAILED,
@@ -34,6 +41,7 @@ from shared.plan import (
     RUNNING,
     SUCCESS,
     TERMINAL,
+    UnitPlan,
     data_problems,
     plan_units,
 )
@@ -226,16 +234,7 @@ def submit(
     (``run.reused``); preprocessing shards are always reused from the cache.
     """
     settings = _settings(settings, broker, database, artifacts)
-
-    check_campaign_path(path)
-    campaign = load_campaign(path)
-    root = getattr(campaign.dataset, "root", None)
-    if root is not None and settings.outside_dataset_roots(root):
-        raise CampaignError(
-            f"{path}: [dataset] root {root} is outside ORCHARD_DATASET_ROOTS "
-            f"({os.pathsep.join(map(str, settings.dataset_roots))}), the folders datasets "
-            "may be read from"
-        )
+    campaign = _load_checked(path, settings)
     _check_creatable(settings.artifacts)
     if settings.broker_is_filesystem:
         _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
@@ -251,24 +250,8 @@ def submit(
     if database_server:
         store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
     with _synthetic_dataset_guard(campaign, settings.artifacts):
-        try:
-            manifest = build_manifest(campaign, settings.artifacts)  # bad data stops us here
-        except (DatasetError, ManifestError) as exc:
-            raise CampaignError(f"{path}: {exc}") from None
-        if next(campaign.families(), None) is None:  # after the data's checks, which say more
-            raise CampaignError(
-                f"{path}: no model family to train: add a [cnn], [svm] or [rf] section "
-                "(one with enabled = false does not count)"
-            )
         campaign_id = new_campaign_id(campaign.name)
-        units = plan_units(
-            campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
-        )
-        folds = {u.fold for u in units if u.fold is not None}
-        train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
-        if problems := data_problems(units, train_sizes, manifest.size):
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise CampaignError(f"{path}: {problems[0]}{more}")
+        manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
 
         # the new campaign's folder, with its manifest, is removed again if recording fails
         folder = settings.artifacts / "campaigns" / campaign_id
@@ -311,6 +294,82 @@ def submit(
         run.reused = store.reuse_finished(campaign_id, equivalent_manifests=[earlier])
     advance(store, app, campaign_id)
     return run
+
+
+def _load_checked(path: str | Path, settings: Settings) -> CampaignSpec:
+    """The campaign file, read and validated, whose dataset root we may read."""
+    check_campaign_path(path)
+    campaign = load_campaign(path)
+    root = getattr(campaign.dataset, "root", None)
+    if root is not None and settings.outside_dataset_roots(root):
+        raise CampaignError(
+            f"{path}: [dataset] root {root} is outside ORCHARD_DATASET_ROOTS "
+            f"({os.pathsep.join(map(str, settings.dataset_roots))}), the folders datasets "
+            "may be read from"
+        )
+    return campaign
+
+
+def _plan_checked(
+    path: str | Path, campaign: CampaignSpec, artifacts: Path, campaign_id: str
+) -> tuple[Manifest, list[UnitPlan]]:
+    """The campaign's data and units, or one line saying why they cannot run."""
+    try:
+        manifest = build_manifest(campaign, artifacts)  # bad data stops us here
+    except (DatasetError, ManifestError) as exc:
+        raise CampaignError(f"{path}: {exc}") from None
+    if next(campaign.families(), None) is None:  # after the data's checks, which say more
+        raise CampaignError(
+            f"{path}: no model family to train: add a [cnn], [svm] or [rf] section "
+            "(one with enabled = false does not count)"
+        )
+    units = plan_units(
+        campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
+    )
+    folds = {u.fold for u in units if u.fold is not None}
+    train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
+    if problems := data_problems(units, train_sizes, manifest.size):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CampaignError(f"{path}: {problems[0]}{more}")
+    return manifest, units
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What ``submit`` would record and run (``orchard submit --dry-run``)."""
+
+    campaign: CampaignSpec
+    manifest: Manifest
+    units: list[UnitPlan]
+
+
+def plan(
+    path: str | Path,
+    *,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> Plan:
+    """Check a campaign file as ``submit`` does, its data included, and plan its units,
+    recording, sending and writing nothing: no store, no broker. A synthetic dataset
+    that does not exist yet is generated in a temporary folder and removed again."""
+    settings = _settings(settings, None, None, artifacts)
+    campaign = _load_checked(path, settings)
+    with tempfile.TemporaryDirectory(prefix="orchard-plan-") as scratch:
+        root = stand_in = None
+        if campaign.dataset.kind == "synthetic":
+            root = synthetic_root(campaign.dataset, settings.artifacts)
+            if not os.path.exists(root):
+                stand_in = Path(scratch) / root.name
+                dataset = campaign.dataset.model_copy(update={"root": stand_in})
+                campaign = campaign.model_copy(update={"dataset": dataset})
+        try:
+            manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign.name)
+        except CampaignError as exc:
+            if stand_in is None:
+                raise
+            # name the folder a submit would generate, not the stand-in, gone in a moment
+            raise CampaignError(str(exc).replace(str(stand_in), str(root))) from None
+    return Plan(campaign, manifest, units)
 
 
 @contextmanager

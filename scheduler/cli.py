@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,12 +155,19 @@ def _parser() -> argparse.ArgumentParser:
         "store, and enqueue its first stage; prints the campaign id.",
     )
     p.add_argument("file", type=Path, help="campaign file (TOML)")
-    p.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--wait", action="store_true", help="follow it until the report is written")
     p.add_argument(
         "--reuse",
         action="store_true",
         help="copy model units that already succeeded in an earlier campaign with the same "
         "data, folds, seed and parameters instead of running them again",
+    )
+    how.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the file and its data as a submit does and print the units it would run, "
+        "per stage and family; records, sends and writes nothing",
     )
     p.set_defaults(run=cmd_submit)
 
@@ -457,6 +466,8 @@ def _check_campaign_id(campaign_id: str) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
+    if args.dry_run:
+        return _dry_run(args.file)
     _check_urls()
     run = submit(args.file, reuse=args.reuse)
     try:
@@ -514,13 +525,89 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(path: Path) -> int:
+    """``submit --dry-run``: the campaign's data and units, per stage and family."""
+    from rich.console import Console
+
+    from scheduler.api import plan
+
+    planned = plan(path)
+    campaign, manifest = planned.campaign, planned.manifest
+    splits = Counter(e.split for e in manifest.entries)
+    where = ", ".join(f"{split} {count:,}" for split, count in splits.items())
+    if campaign.validation == "dev":
+        scheme = "validation on the dev split"
+    else:
+        scheme = f"{campaign.folds}-fold stratified cross-validation (seed {campaign.seed})"
+    title = (
+        f"{path}: campaign {campaign.name}, {len(manifest.entries):,} images ({where}), {scheme}"
+    )
+    _print_table(Console(), title, _PLAN_COLUMNS, _plan_rows(campaign, planned.units))
+    print(
+        f"{len(planned.units):,} units in all; nothing was recorded, sent or written "
+        "(submit without --dry-run to run it)"
+    )
+    _warn_about(manifest.skipped)
+    return 0
+
+
+_PLAN_COLUMNS = ("Stage", "Family", "Units", "Queue", "What")
+
+
+def _plan_rows(campaign, units) -> list[list[str]]:  # noqa: ANN001
+    """One row per (stage, family) in stage order: its units, queue and what they are."""
+    from shared.plan import MERGE, PREPROCESS, REPORT, TRAIN
+
+    stages = {PREPROCESS: "preprocess", TRAIN: "models", MERGE: "merge", REPORT: "report"}
+    groups: dict[tuple[int, str], list] = {}
+    for unit in units:
+        groups.setdefault((unit.stage, unit.family), []).append(unit)
+    rows = []
+    for (stage, family), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        queues = ", ".join(sorted({u.queue for u in members}))
+        rows.append(
+            [stages[stage], family, f"{len(members):,}", queues, _plan_what(campaign, members)]
+        )
+    return rows
+
+
+def _plan_what(campaign, members) -> str:  # noqa: ANN001
+    from shared.plan import MERGE
+
+    family = members[0].family
+    if family == "preprocess":
+        return f"shards of up to {campaign.preprocessing.shard_size} images"
+    if family == "report":
+        return "the report, once every other unit has finished"
+    # a tree shard's key is its forest's and /t<i>: a point is a forest's hash
+    forests = {u.key.rsplit("/", 1)[0] if family == "rf_shard" else u.key for u in members}
+    points = len({key.rsplit("/", 2)[-2] for key in forests})
+    folds = len({u.fold for u in members})
+    what = f"{points:,} point{'s' * (points != 1)} x {folds} fold{'s' * (folds != 1)}"
+    if family == "rf_shard":
+        return f"{what}, {len(members) // len(forests)} tree shards each"
+    if members[0].stage == MERGE:
+        return f"{what}, each merging its tree shards into one forest"
+    searches = {json.dumps(u.params.get("search"), sort_keys=True) for u in members}
+    if len(searches) == 1 and searches != {"null"}:
+        search = json.loads(searches.pop())
+        combinations = math.prod(len(v) for k, v in search.items() if k != "folds")
+        what += f"; each searches {combinations:,} combinations on {search['folds']} folds"
+    elif len(searches) > 1:
+        what += "; each with its own [svm.search]"
+    return what
+
+
 def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
     """One warning line for the unusable images skipped, each with its reason, and one for
     the images in a split's folder that no CSV lists, ignored (the report lists them all)."""
     from shared.manifest import Manifest, manifest_path
 
     path = manifest_path(run.settings.artifacts / "campaigns" / run.id)
-    skipped = Manifest.from_json(path.read_text(encoding="utf-8")).skipped
+    _warn_about(Manifest.from_json(path.read_text(encoding="utf-8")).skipped, shown)
+
+
+def _warn_about(skipped, shown: int = 5) -> None:  # noqa: ANN001
     unusable = [f"{s.path}: {s.reason}" for s in skipped if not s.unlisted]
     unlisted = [s.path for s in skipped if s.unlisted]
     if unusable:

@@ -301,3 +301,56 @@ def test_worker_start_line_names_the_artifact_folder(
             proc.wait()
     assert line.startswith("orchard worker: "), line
     assert f"artifacts {share}" in line, line
+
+
+def test_a_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    campaign = tmp_path / "grid.toml"
+    campaign.write_text(
+        'name = "grid"\nvalidation = "dev"\n'
+        '[dataset]\nkind = "synthetic"\ntrain_per_class = 6\ndev_per_class = 2\n'
+        "test_per_class = 1\nwidth = 64\nheight = 48\n[preprocessing]\nsize = 32\n"
+        'shard_size = 10\n[svm]\nvariant = "resize8"\nn_components = [4, 8]\n'
+        '[svm.search]\nfolds = 3\nC = [1.0, 2.0]\ngamma = [1e-3, 1e-2, "scale"]\n'
+        '[rf]\nvariant = "resize8"\nn_estimators = [4, 8]\ntree_shards = 2\n'
+    )
+    # a broker and a store that cannot be reached: a dry run asks neither
+    env = {
+        "ORCHARD_HOME": str(home),
+        "ORCHARD_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0",
+        "ORCHARD_DATABASE_URL": f"sqlite:///{tmp_path / 'no' / 'store.db'}",
+    }
+    done = orchard("submit", str(campaign), "--dry-run", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == (
+        f"{campaign}: campaign grid, 27 images (train 18, dev 6, test 3), validation on "
+        "the dev split"
+    )
+    rows = [line.split(None, 4) for line in lines[2:-1]]
+    assert rows == [
+        ["preprocess", "preprocess", "3", "preprocess", "shards of up to 10 images"],
+        ["models", "svm", "2", "cpu", "2 points x 1 fold; each searches 6 combinations on 3 folds"],
+        ["models", "rf_shard", "4", "cpu", "2 points x 1 fold, 2 tree shards each"],
+        ["merge", "rf", "2", "cpu", "2 points x 1 fold, each merging its tree shards into one forest"],
+        ["report", "report", "1", "report", "the report, once every other unit has finished"],
+    ]  # fmt: skip
+    assert lines[-1].startswith("12 units in all; nothing was recorded, sent or written")
+    assert not home.exists() and not (tmp_path / "no").exists()  # no dataset, store, folder
+
+
+def test_a_dry_run_refuses_what_a_submit_refuses_in_one_line(tmp_path: Path) -> None:
+    campaign = tmp_path / "big.toml"
+    campaign.write_text(
+        'name = "big"\n[dataset]\nkind = "synthetic"\ntrain_per_class = 4\n'
+        '[preprocessing]\nsize = 32\n[svm]\nvariant = "resize8"\nn_components = 500\n'
+    )
+    env = {"ORCHARD_HOME": str(tmp_path)}
+    done = orchard("submit", str(campaign), "--dry-run", env=env)
+    # the synthetic dataset is named where a submit would make it, not where the dry run did
+    assert_one_line_error(done, f"dataset {tmp_path}/artifacts/datasets/synthetic-", "folds = 5")
+    campaign.write_text(campaign.read_text().replace('name = "big"', 'name = "big"\nfolds = 2'))
+    done = orchard("submit", str(campaign), "--dry-run", env=env)
+    assert_one_line_error(done, str(campaign), "[svm] n_components = 500 exceeds what")
+    both = orchard("submit", str(campaign), "--dry-run", "--wait")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
