@@ -332,7 +332,8 @@ def test_a_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
         ["preprocess", "preprocess", "3", "preprocess", "shards of up to 10 images"],
         ["models", "svm", "2", "cpu", "2 points x 1 fold; each searches 6 combinations on 3 folds"],
         ["models", "rf_shard", "4", "cpu", "2 points x 1 fold, 2 tree shards each"],
-        ["merge", "rf", "2", "cpu", "2 points x 1 fold, each merging its tree shards into one forest"],
+        ["merge", "rf", "2", "cpu",
+         "2 points x 1 fold, each merging its tree shards into one forest"],
         ["report", "report", "1", "report", "the report, once every other unit has finished"],
     ]  # fmt: skip
     assert lines[-1].startswith("12 units in all; nothing was recorded, sent or written")
