@@ -39,7 +39,7 @@ def test_unit_overhead_bench_tiny(tmp_path: Path) -> None:
         assert row["slot_ms_per_unit"] > 0 and row["body_ms_median"] > 0
         assert row["store_ms"].keys() == {
             "start_unit",
-            "artifact lookups",
+            "(body's lookups)",
             "finish_unit",
             "stage_may_open",
         }
