@@ -537,6 +537,8 @@ def _dry_run(path: Path) -> int:
     where = ", ".join(f"{split} {count:,}" for split, count in splits.items())
     if campaign.validation == "dev":
         scheme = "validation on the dev split"
+    elif campaign.validation == "oob":
+        scheme = "validation out of bag"
     else:
         scheme = f"{campaign.folds}-fold stratified cross-validation (seed {campaign.seed})"
     title = (

@@ -469,7 +469,8 @@ def data_digest(
     for array in (train_x, train_y, val_x, test_x):
         array = np.ascontiguousarray(array)
         digest.update(f"|{array.dtype.str}{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
+        if array.size:  # an empty split (no test images) has no bytes to cast
+            digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
 
 
@@ -512,6 +513,21 @@ def _oob_sums(
     return plain, plain_votes, grouped, grouped_votes
 
 
+def image_oob_probs(
+    plain: np.ndarray, plain_votes: np.ndarray, source: np.ndarray, n_images: int
+) -> np.ndarray:
+    """Per training image, the mean class probability of the trees that left a copy of it
+    out of their sample, the OOB votes of all its copies pooled (``validation = "oob"``:
+    the image's validation prediction; without augmented copies it is sklearn's
+    ``oob_decision_function_``). An image that no tree left out gets zeros, which
+    sklearn's OOB score counts as a vote for the first class."""
+    sums = np.zeros((n_images, plain.shape[1]))
+    np.add.at(sums, source, plain)
+    votes = np.zeros(n_images)
+    np.add.at(votes, source, plain_votes)
+    return sums / np.maximum(votes, 1)[:, None]
+
+
 def _oob_figures(
     y_index: np.ndarray,
     plain: np.ndarray,
@@ -541,11 +557,14 @@ def score_model(
     *,
     started: float,
     train_seconds: float,
+    out_of_bag: bool = False,
 ) -> FitOutcome:
     """Accuracy on the training images (copy 0 of each), validation and test, and OOB.
 
     ``x`` is ``train.x`` after the model's transform; ``train_seconds`` is the time spent
-    fitting the transform and the trees (the study's "training time").
+    fitting the transform and the trees (the study's "training time"). With
+    ``out_of_bag`` the validation images are the training images, each predicted by the
+    trees that did not draw it (:func:`image_oob_probs`; ``val_x`` is not read).
     """
     forest = model.forest
     originals = x[: train.n_images]
@@ -554,13 +573,18 @@ def score_model(
         [forest.predict(originals[s : s + step]) for s in range(0, len(originals), step)]
         or [np.empty(0, dtype=train.y.dtype)]
     )
+    sums = _oob_sums(model, x, train.source, train.n_images)
+    if out_of_bag:
+        val_probs = image_oob_probs(sums[0], sums[1], train.source, train.n_images)
+    else:
+        val_probs = predict_proba(model, val_x)
     return _outcome(
         model,
         train_acc=accuracy_of(train.y[: train.n_images], train_pred),
         val_y=val_y,
-        val_probs=predict_proba(model, val_x),
+        val_probs=val_probs,
         test_probs=predict_proba(model, test_x),
-        oob=oob_scores(model, x, train.y, train.source, train.n_images),
+        oob=_oob_figures(np.searchsorted(forest.classes_, train.y), *sums),
         started=started,
         train_seconds=train_seconds,
         train_rows=len(x),
@@ -653,6 +677,7 @@ def score_from_shards(
     *,
     started: float,
     train_seconds: float,
+    out_of_bag: bool = False,
 ) -> FitOutcome:
     """What :func:`score_model` finds for the merged forest ``model``, from its shards'
     ``scores`` (their sums added, then divided as sklearn divides): no tree runs here."""
@@ -671,11 +696,16 @@ def score_from_shards(
     oob = [_added([getattr(s, name) for s in scores]) for name in _OOB_SUMS]
     train_probs = probs_of("train_sum")
     train_pred = classes[train_probs.argmax(1)] if train_probs is not None else train_y[:0]
+    if out_of_bag:
+        source = np.tile(np.arange(len(train_y)), copies)
+        val_probs = image_oob_probs(oob[0], oob[1], source, len(train_y))
+    else:
+        val_probs = probs_of("val_sum")
     return _outcome(
         model,
         train_acc=accuracy_of(train_y, train_pred),
         val_y=val_y,
-        val_probs=probs_of("val_sum"),
+        val_probs=val_probs,
         test_probs=probs_of("test_sum"),
         oob=_oob_figures(y_index, *oob),
         started=started,
@@ -693,15 +723,25 @@ def fit_rf_point(
     params: dict[str, Any],
     *,
     seed: int,
+    out_of_bag: bool = False,
 ) -> FitOutcome:
-    """One whole forest at one sweep point: fit, then OOB, validation and test scores."""
+    """One whole forest at one sweep point: fit, then OOB, validation and test scores
+    (with ``out_of_bag``, validated out of bag: see :func:`score_model`)."""
     started = time.perf_counter()
     train = training_rows(train_x, train_y, params.get("augment", "none"))
     fitting = time.perf_counter()
     model, x = fit_model(train, params, seed=seed, n_estimators=params["n_estimators"])
     train_seconds = time.perf_counter() - fitting
     return score_model(
-        model, train, x, val_x, val_y, test_x, started=started, train_seconds=train_seconds
+        model,
+        train,
+        x,
+        val_x,
+        val_y,
+        test_x,
+        started=started,
+        train_seconds=train_seconds,
+        out_of_bag=out_of_bag,
     )
 
 
@@ -715,6 +755,7 @@ def merge_rf_point(
     params: dict[str, Any],
     *,
     shard_seconds: Sequence[float] = (),
+    out_of_bag: bool = False,
 ) -> FitOutcome:
     """Merge tree shards of one sweep point and score the merged forest like a whole one.
 
@@ -738,13 +779,27 @@ def merge_rf_point(
         data_digest(train_x, train_y, val_x, test_x, augment)
     }:
         outcome = score_from_shards(
-            model, scores, train_y, val_y, started=started, train_seconds=sum(shard_seconds)
+            model,
+            scores,
+            train_y,
+            val_y,
+            started=started,
+            train_seconds=sum(shard_seconds),
+            out_of_bag=out_of_bag,
         )
     else:
         train = training_rows(train_x, train_y, augment)
         x = train.x if model.transform is None else model.transform.transform(train.x)
         outcome = score_model(
-            model, train, x, val_x, val_y, test_x, started=started, train_seconds=sum(shard_seconds)
+            model,
+            train,
+            x,
+            val_x,
+            val_y,
+            test_x,
+            started=started,
+            train_seconds=sum(shard_seconds),
+            out_of_bag=out_of_bag,
         )
     outcome.extra["shards"] = len(models)
     outcome.extra["train_wall_seconds"] = max(shard_seconds, default=0.0)

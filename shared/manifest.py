@@ -41,6 +41,8 @@ from shared.synthetic import generate_synthetic
 
 TEST_SPLIT = "test"
 NO_FOLD = -1
+#: ``validation = "oob"``: trained on and validated out of bag, in fold 0
+OUT_OF_BAG = -2
 
 
 class ManifestError(OrchardError, ValueError):
@@ -53,7 +55,8 @@ class Entry:
     label: str | None
     split: str
     path: str
-    fold: int  # NO_FOLD for the test split and unlabelled images (both predicted)
+    # NO_FOLD for the test split and unlabelled images (both predicted); OUT_OF_BAG
+    fold: int
     # of the file's bytes at submit; preprocessing decodes only those bytes ("": a
     # manifest written before it was recorded)
     sha256: str = ""
@@ -105,8 +108,14 @@ class Manifest:
         return np.flatnonzero(np.array(test, dtype=bool))
 
     def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(train, validation, test) manifest indices for one cross-validation fold."""
+        """(train, validation, test) manifest indices for one cross-validation fold.
+
+        Under ``validation = "oob"`` fold 0 trains on its validation images: a forest
+        judges each by the trees that did not draw it."""
         folds = np.array([e.fold for e in self.entries])
+        if fold == 0 and (folds == OUT_OF_BAG).any():
+            both = np.flatnonzero(folds == OUT_OF_BAG)
+            return both, both, self.test_indices()
         if not (folds == fold).any():
             raise ManifestError(f"fold {fold} has no images")
         train = np.flatnonzero((folds != NO_FOLD) & (folds != fold))
@@ -168,6 +177,24 @@ def dev_folds(
         )
     trained = Counter(label for label, fold in zip(labels, folds, strict=True) if fold == 1)
     if missing := [c for c in (*classes, *trained) if not trained[c]]:
+        raise ManifestError(f"dataset: class {missing[0]!r} has no labelled training images")
+    return folds
+
+
+def out_of_bag_folds(
+    labels: list[str | None], splits: list[str], classes: Sequence[str] = ()
+) -> list[int]:
+    """``validation = "oob"``: every labelled train and dev image trains fold 0 and is
+    validated out of bag (:data:`OUT_OF_BAG`); the test split and unlabelled images are
+    predicted."""
+    folds = [
+        NO_FOLD if label is None or split == TEST_SPLIT else OUT_OF_BAG
+        for label, split in zip(labels, splits, strict=True)
+    ]
+    trained = Counter(label for label, fold in zip(labels, folds, strict=True) if fold != NO_FOLD)
+    if not trained:
+        raise ManifestError("dataset: no labelled training images")
+    if missing := [c for c in classes if not trained[c]]:
         raise ManifestError(f"dataset: class {missing[0]!r} has no labelled training images")
     return folds
 
@@ -250,6 +277,8 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
     try:
         if campaign.validation == "dev":
             folds = dev_folds(labels, splits, classes=dataset.classes)
+        elif campaign.validation == "oob":
+            folds = out_of_bag_folds(labels, splits, classes=dataset.classes)
         else:
             folds = assign_folds(labels, splits, campaign.folds, campaign.seed, dataset.classes)
     except ManifestError as exc:

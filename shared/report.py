@@ -1462,6 +1462,13 @@ def validation_line(validation: str, folds: int, seed: int, train: int, val: int
             f"Validation: the dev split ({val} images); every model trains on the train "
             f"split ({train} images)"
         )
+    if validation == "oob":
+        return (
+            f"Validation: out of bag; every forest trains on all {train} labelled train and "
+            "dev images and judges each by the trees that did not draw it (an image with "
+            "augmented copies pools its copies' out-of-bag votes, which siblings in a tree's "
+            "sample inflate: see the note under the RF table)"
+        )
     return (
         f"Validation: {folds}-fold stratified cross-validation (seed {seed}) over the "
         f"{train + val} labelled train and dev images, about {val} per fold; a section "

@@ -435,8 +435,11 @@ class Campaign(_Frozen):
     folds: int = Field(5, ge=2, le=MAX_FOLDS)
     # "folds": validate on stratified folds drawn over the labelled train and dev images;
     # "dev": train on the train split, validate on the dev split (the study's 800), as
-    # one fold (every model section has folds = 1)
-    validation: Literal["folds", "dev"] = "folds"
+    # one fold (every model section has folds = 1);
+    # "oob": forests only, as the study's section 3: each trains on every labelled train
+    # and dev image and is validated out of bag (each image by the trees that did not
+    # draw it), one fold
+    validation: Literal["folds", "dev", "oob"] = "folds"
     dataset: DatasetSpec
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     cnn: CnnSection | None = None  # type: ignore[valid-type]
@@ -510,10 +513,19 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
             ) from None
         if problem := _searched_twice(family, section):
             raise CampaignError(f"{source}: {problem}")
-        if campaign.validation == "dev" and section.folds != 1:
+        if campaign.validation == "oob" and family != "rf":
+            model = {"cnn": "a CNN", "svm": "an SVM"}[family]
             raise CampaignError(
-                f'{source}: [{family}] folds: validation = "dev" validates every model on '
-                f"the dev split, one fold: set [{family}] folds = 1 (it is {section.folds})"
+                f'{source}: [{family}]: validation = "oob" judges forests by the trees that '
+                f"did not draw each image, and {model} has none: run [{family}] in a "
+                'campaign with validation = "folds" or "dev"'
+            )
+        if campaign.validation in ("dev", "oob") and section.folds != 1:
+            where = "on the dev split" if campaign.validation == "dev" else "out of bag"
+            raise CampaignError(
+                f'{source}: [{family}] folds: validation = "{campaign.validation}" validates '
+                f"every model {where}, one fold: set [{family}] folds = 1 (it is "
+                f"{section.folds})"
             )
         if section.folds > campaign.folds:
             raise CampaignError(

@@ -513,3 +513,44 @@ def test_a_shard_replaced_after_its_checksum_is_never_unpickled(
     with pytest.raises(ForestError, match="checksum mismatch"):  # the swapped file, now
         load_model(written.path, written.sha256)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- validation = "oob"
+
+
+def test_out_of_bag_validation_is_sklearns_oob_decision_function():
+    train_x, train_y = _noise(60, seed=4)  # random labels: out of bag is near chance
+    params = _params(n_estimators=40)
+    # validation = "oob": the validation images are the training images
+    out = fit_rf_point(
+        train_x, train_y, train_x, train_y, train_x[:0], params, seed=3, out_of_bag=True
+    )
+    reference = RandomForestClassifier(n_estimators=40, oob_score=True, random_state=3, n_jobs=1)
+    reference.fit(training_rows(train_x, train_y, "none").x, train_y)
+    np.testing.assert_allclose(out.val_probs, reference.oob_decision_function_, atol=1e-12)
+    assert out.val_acc == pytest.approx(reference.oob_score_, abs=1e-12)
+    assert out.val_acc == pytest.approx(out.extra["oob_score"], abs=1e-12)
+    # not what the forest says of the images it was trained on
+    assert out.train_acc == 1.0 and out.val_acc < 1.0
+
+
+@pytest.mark.parametrize("augment", ["none", "rotate_flip"])
+def test_out_of_bag_validation_of_merged_shards_is_the_whole_forests(augment):
+    train_x, train_y = _noise(60, seed=4)
+    split = (train_x, train_y, train_x, train_y, train_x[:0])
+    params = _params(n_estimators=9, tree_shards=3, augment=augment)
+    shards = [
+        fit_scored_shard(train_x, train_y, train_x, train_x[:0], params, seed=1, shard=k)[0]
+        for k in range(3)
+    ]
+    got = merge_rf_point(shards, *split, params, out_of_bag=True)
+    model = merge_models(shards)
+    train = training_rows(train_x, train_y, augment)
+    want = score_model(
+        model, train, train.x, *split[2:], started=0.0, train_seconds=0.0, out_of_bag=True
+    )
+    _assert_same_scores(got, want)
+    # pooled over an image's copies: each copy's out-of-bag votes, all of them
+    plain = merge_rf_point(shards, *split, params)
+    assert not np.array_equal(got.val_probs, plain.val_probs)  # in-sample there
+    assert got.val_probs.shape == (len(train_x), 3)

@@ -19,6 +19,7 @@ from shared.manifest import (
     assign_folds,
     build_manifest,
     dev_folds,
+    out_of_bag_folds,
 )
 from shared.spec import parse_campaign
 
@@ -390,3 +391,38 @@ def test_dev_validation_without_labelled_dev_images_or_training_images_is_named(
         NO_FOLD,
         NO_FOLD,
     ]
+
+
+def test_out_of_bag_validation_trains_on_every_labelled_image_and_validates_on_them(tmp_path):
+    campaign = parse_campaign(
+        {
+            "name": "tiny",
+            "validation": "oob",
+            "dataset": {
+                "kind": "synthetic",
+                "root": str(tmp_path / "data"),
+                "train_per_class": 4,
+                "dev_per_class": 2,
+                "test_per_class": 1,
+                "width": 64,
+                "height": 48,
+            },
+            "rf": {"n_estimators": 2},
+        },
+        source="<test>",
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    train, val, test = manifest.fold_indices(0)
+    splits = [e.split for e in manifest.entries]
+    assert {splits[i] for i in train} == {"train", "dev"} and len(train) == 18
+    assert list(val) == list(train)  # each judged by the trees that did not draw it
+    assert {splits[i] for i in test} == {"test"} and len(test) == 3
+    with pytest.raises(ManifestError, match="fold 1 has no images"):
+        manifest.fold_indices(1)
+
+
+def test_out_of_bag_folds_name_a_class_without_training_images():
+    with pytest.raises(ManifestError, match="class 'C' has no labelled training images"):
+        out_of_bag_folds(["A", "B", "C"], ["train", "dev", "test"], classes=("A", "B", "C"))
+    with pytest.raises(ManifestError, match="no labelled training images"):
+        out_of_bag_folds([None, "A"], ["train", "test"])

@@ -758,6 +758,11 @@ def test_the_header_says_what_the_models_validate_on(data: ReportData) -> None:
         "Validation: 5-fold stratified cross-validation (seed 3) over the 6400 labelled "
         "train and dev images, about 1280 per fold"
     )
+    oob = validation_line("oob", 5, 0, 6400, 6400)
+    assert oob.startswith(
+        "Validation: out of bag; every forest trains on all 6400 labelled train and dev "
+        "images and judges each by the trees that did not draw it"
+    )
 
 
 def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportData) -> None:

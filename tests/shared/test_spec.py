@@ -404,7 +404,7 @@ def test_dev_validation_needs_one_fold_per_model_section(tmp_path: Path) -> None
     _, message = _error(
         tmp_path, BASE.replace("folds = 5\n\n[dataset]", 'validation = "val"\n\n[dataset]')
     )
-    assert "validation: Input should be 'folds' or 'dev' (got 'val')" in message
+    assert "validation: Input should be 'folds', 'dev' or 'oob' (got 'val')" in message
 
 
 def test_rotating_a_half_height_variant_is_refused_at_validation(tmp_path: Path) -> None:
@@ -619,3 +619,23 @@ def test_a_bad_search_is_one_line_naming_its_field(tmp_path, old, new, expected)
         text = head + "[svm.search]" + tail.replace(old, new, 1)
     path, message = _error(tmp_path, text)
     assert message == f"{path}: {expected}"
+
+
+def test_out_of_bag_validation_is_for_forests_alone_in_one_fold(tmp_path: Path) -> None:
+    """validation = "oob" (the study's section 3): a CNN or an SVM has no trees that left
+    an image out, and a forest validated out of bag has one fold."""
+    text = BASE.replace("folds = 5\n\n[dataset]", 'validation = "oob"\n\n[dataset]')
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f'{path}: [cnn]: validation = "oob" judges forests by the trees that did not draw '
+        'each image, and a CNN has none: run [cnn] in a campaign with validation = "folds" '
+        'or "dev"'
+    )
+    forests = text.split("[cnn]")[0] + "[rf]\nn_estimators = 10\nfolds = 2\n"
+    path, message = _error(tmp_path, forests)
+    assert message == (
+        f'{path}: [rf] folds: validation = "oob" validates every model out of bag, one '
+        "fold: set [rf] folds = 1 (it is 2)"
+    )
+    campaign = load_campaign(_write(tmp_path, forests.replace("folds = 2\n", "")))
+    assert campaign.validation == "oob" and campaign.svm is None

@@ -220,3 +220,28 @@ def test_report_names_the_input_size_as_the_study_does():
     assert param_label("stride") == "Stride" and param_value("stride", 3) == "3"
     assert param_label("input") == "Input"
     assert param_value("input", "crop") == "resize, centre crop"
+
+
+# ---------------------------------------------------------------- validation schemes
+
+
+@pytest.mark.parametrize(
+    "stem",
+    [
+        "rf-preprocessing",
+        "rf-preprocessing-polarized",
+        "rf-n-estimators",
+        "rf-max-features",
+        "rf-min-samples",
+        "rf-max-depth",
+    ],
+)
+def test_forests_judged_by_oob_score_train_on_every_labelled_image(campaigns, stem):
+    # 3.3-3.4: "data size 6400", scored by oob_score_
+    assert campaigns[stem].validation == "oob"
+
+
+@pytest.mark.parametrize("stem", ["rf-feature-selection", "rf-pca"])
+def test_forests_judged_on_held_out_images_keep_them_out(campaigns, stem):
+    # 3.5: "we use transformed testing data for evaluation": images the forest never saw
+    assert campaigns[stem].validation == "folds"

@@ -7,10 +7,14 @@ scores on the fold (``shared.forest.ShardScores``), to
 unit of the merge stage, which checks each file against the store, merges the trees,
 adds the shards' scores (or, for a file without them, scores the merged forest) and
 records the result as an unsharded forest would.
+
+Under ``validation = "oob"`` the fold's validation images are its training images and
+each forest predicts them out of bag (``shared.forest.image_oob_probs``), sharded or not.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +41,17 @@ def shard_path(ctx: UnitContext, shard_key: str) -> Path:
     return ctx.campaign_dir / "forests" / phash / fold / f"{shard}.joblib"
 
 
+def _out_of_bag(ctx: UnitContext) -> bool:
+    """``validation = "oob"``: the fold's validation images are its training images, each
+    judged by the trees that did not draw it."""
+    return ctx.campaign.spec.get("validation") == "oob"
+
+
 @unit_task("orchard.fit_rf")
 def fit_rf(ctx: UnitContext) -> Outcome:
     if ctx.unit.params.get("tree_shards", 1) > 1:
         return _merge_shards(ctx)
-    return fit_classic(ctx, fit_rf_point)
+    return fit_classic(ctx, functools.partial(fit_rf_point, out_of_bag=_out_of_bag(ctx)))
 
 
 @unit_task("orchard.fit_rf_shard")
@@ -100,6 +110,8 @@ def _merge_shards(ctx: UnitContext) -> Outcome:
 
     def merge(*split: Any, seed: int) -> Any:
         *data, unit_params = split
-        return merge_rf_point(models, *data, unit_params, shard_seconds=seconds)
+        return merge_rf_point(
+            models, *data, unit_params, shard_seconds=seconds, out_of_bag=_out_of_bag(ctx)
+        )
 
     return fit_classic(ctx, merge)
