@@ -327,8 +327,12 @@ def _plan_checked(
         campaign_id, campaign, shard_ranges(len(manifest.entries), manifest.shard_size)
     )
     folds = {u.fold for u in units if u.fold is not None}
-    train_sizes = {fold: len(manifest.fold_indices(fold)[0]) for fold in folds}
-    if problems := data_problems(units, train_sizes, manifest.size):
+    trains = {fold: manifest.fold_indices(fold)[0] for fold in folds}
+    class_counts = {
+        fold: Counter(manifest.entries[i].label for i in train) for fold, train in trains.items()
+    }
+    train_sizes = {fold: len(train) for fold, train in trains.items()}
+    if problems := data_problems(units, train_sizes, manifest.size, class_counts):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CampaignError(f"{path}: {problems[0]}{more}")
     return manifest, units

@@ -149,11 +149,16 @@ def pca_width(params: dict[str, Any], field: str) -> int | None:
 
 
 def data_problems(
-    units: Iterable[UnitPlan], train_sizes: Mapping[int, int], cache_size: int
+    units: Iterable[UnitPlan],
+    train_sizes: Mapping[int, int],
+    cache_size: int,
+    class_counts: Mapping[int, Mapping[str, int]] | None = None,
 ) -> list[str]:
     """What planned units ask of the data that it cannot give, one line each.
 
-    ``train_sizes`` maps each fold to its number of training images. PCA cannot have
+    ``train_sizes`` maps each fold to its number of training images, ``class_counts``
+    to those of each class (an ``[svm.search]`` needs one of every class per search
+    fold: at least ``folds`` of each). PCA cannot have
     more components than training rows or features: an SVM's ``n_components``, a
     forest's ``pca_components`` (its rows count the augmented copies; with
     ``select_scaling`` the features are known only once selected). Checked when a
@@ -166,6 +171,16 @@ def data_problems(
     for unit in units:
         if unit.stage != TRAIN or unit.fold is None or unit.family not in FITS_PCA:
             continue
+        search_folds = (unit.params.get("search") or {}).get("folds")
+        if search_folds and class_counts is not None and unit.fold in class_counts:
+            counts = class_counts[unit.fold]
+            name = min(counts, key=lambda c: (counts[c], c))
+            if counts[name] < search_folds and ("search", 0) not in problems:
+                problems[("search", 0)] = (
+                    f"[svm] search.folds = {search_folds} exceeds the {counts[name]} training "
+                    f"images of class {name!r} in fold {unit.fold} (each search fold needs "
+                    "images of every class)"
+                )
         section, field = FITS_PCA[unit.family]
         k = pca_width(unit.params, field)
         if (unit.params.get("search") or {}).get(field):

@@ -395,7 +395,11 @@ def _fmt_value(value: Any) -> str:
         return f"{value:g}"
     if isinstance(value, str):
         return value
-    return repr(value) if isinstance(value, list | tuple | dict) else str(value)
+    if isinstance(value, dict):  # a sub-table ([svm.search]) as the campaign file writes it
+        return "{" + ", ".join(f"{k} = {_fmt_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
+    return str(value)
 
 
 def _fmt_params(params: Mapping[str, Any]) -> str:

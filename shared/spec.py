@@ -229,6 +229,8 @@ class SvmParams(_Frozen):
     #: added after campaigns were stored: at its default it is left out of a point's
     #: parameters, so the point's hash (and the results a twin campaign reuses) stay
     OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"standardize", "search"})
+    #: one table for the whole section, not a sweep dimension
+    NOT_SWEPT: ClassVar[frozenset[str]] = frozenset({"search"})
 
     variant: Variant = "polar192"
     n_components: int = Field(200, ge=1, le=MAX_COUNT)
@@ -288,6 +290,21 @@ class RfParams(_Frozen):
 # ---------------------------------------------------------------- sweep sections
 
 
+def _one_table(value: Any) -> Any:
+    """A section's sub-table (``[svm.search]``): one, not an array of tables."""
+    if isinstance(value, list):
+        if len(value) != 1:  # one is what a campaign stored by an earlier orchard holds
+            raise PydanticCustomError(
+                "one_table", "give one table, not a list of {count}", {"count": len(value)}
+            )
+        return value[0]
+    return value
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type[_Frozen]:
     """A section model whose fields are those of ``params``, each a non-empty tuple.
 
@@ -300,6 +317,11 @@ def _sweep_section(name: str, params: type[_Frozen], default_folds: int) -> type
     }
     for field_name, info in params.model_fields.items():
         item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        if field_name in getattr(params, "NOT_SWEPT", ()):
+            # left out of the stored campaign when not given: its digest stays as it was
+            one = Annotated[item, BeforeValidator(_one_table), Field(exclude_if=_is_none)]
+            fields[field_name] = (one, info.default)
+            continue
         sweep = Annotated[
             _items(item),
             BeforeValidator(_as_list),
@@ -323,7 +345,8 @@ def sweep_points(section: _Frozen) -> list[dict[str, Any]]:
     """The cartesian product of a section's sweep dimensions, in file order."""
     params_model = type(section).params_model  # type: ignore[attr-defined]
     names = list(params_model.model_fields)
-    values = [getattr(section, n) for n in names]
+    single = getattr(params_model, "NOT_SWEPT", ())
+    values = [[getattr(section, n)] if n in single else getattr(section, n) for n in names]
     points = []
     for combo in itertools.product(*values):
         # re-validate each point: cross-field rules live on the params model
@@ -460,19 +483,22 @@ class Campaign(_Frozen):
         return params_hash(self.model_dump(mode="json"))
 
 
-def _searched_twice(family: str, section: _Frozen) -> str | None:
+def _searched_twice(family: str, section: _Frozen, written: dict[str, Any] | None) -> str | None:
     """A parameter given in a section and in its ``search`` too: which one runs?
 
-    Given means other than the default: the stored campaign, which reads back through
-    here, writes every field out.
+    ``written`` is the section as the file wrote it; without it (a stored campaign, which
+    writes every field out), given means other than the default.
     """
+    search = getattr(section, "search", None)
     defaults = type(section).model_fields
-    for search in getattr(section, "search", None) or ():
-        for name in search.grid() if search is not None else ():
-            if getattr(section, name) != defaults[name].default:
-                return (
-                    f"[{family}] {name}: [{family}.search] chooses it; give its values there only"
-                )
+    for name in search.grid() if search is not None else ():
+        given = (
+            name in written
+            if written is not None
+            else getattr(section, name) != defaults[name].default
+        )
+        if given:
+            return f"[{family}] {name}: [{family}.search] chooses it; give its values there only"
     return None
 
 
@@ -496,10 +522,14 @@ def load_campaign(path: str | Path) -> Campaign:
         raise CampaignError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CampaignError(f"{path}: invalid TOML: {exc}") from None
-    return parse_campaign(raw, source=str(path), base_dir=path.parent)
+    return parse_campaign(raw, source=str(path), base_dir=path.parent, as_written=True)
 
 
-def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = None) -> Campaign:
+def parse_campaign(
+    raw: dict[str, Any], *, source: str, base_dir: Path | None = None, as_written: bool = False
+) -> Campaign:
+    """Validate a campaign's dict. ``as_written``: ``raw`` is a file's, with only the keys
+    its author wrote (a stored campaign has every field, defaults included)."""
     try:
         campaign = Campaign.model_validate(raw)
     except ValidationError as exc:
@@ -511,7 +541,8 @@ def parse_campaign(raw: dict[str, Any], *, source: str, base_dir: Path | None = 
             raise CampaignError(
                 f"{source}: {format_validation_error(exc, raw.get(family, {}), section=family)}"
             ) from None
-        if problem := _searched_twice(family, section):
+        written = raw.get(family) if as_written and isinstance(raw.get(family), dict) else None
+        if problem := _searched_twice(family, section, written):
             raise CampaignError(f"{source}: {problem}")
         if campaign.validation == "oob" and family != "rf":
             model = {"cnn": "a CNN", "svm": "an SVM"}[family]
@@ -580,18 +611,22 @@ def format_validation_error(
         loc = list(err["loc"])
         if section is not None:
             loc.insert(0, section)
-        where = _describe_loc(loc, raw if section is None else {section: raw})
+        missing = err["type"] == "missing"
+        where = _describe_loc(loc, raw if section is None else {section: raw}, missing=missing)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             if guess := _close_key(loc, raw if section is None else {section: raw}):
                 msg += f" (did you mean {guess!r}?)"
-        elif err["type"] == "missing":
+        elif missing:
             msg = "required but missing"
-        elif err["type"] == "value_error":
-            msg = str(err["ctx"]["error"])  # a validator's own sentence, without "Value error, "
-        elif "input" in err and not isinstance(err["input"], dict | list | tuple):
-            msg = f"{msg} (got {err['input']!r})"
+        else:
+            if err["type"] == "value_error":
+                msg = str(err["ctx"]["error"])  # a validator's own sentence, no "Value error, "
+            elif err["type"] in ("model_type", "model_attributes_type"):
+                msg = "expected a table"  # not pydantic's name for the model
+            if "input" in err and not isinstance(err["input"], dict | list | tuple):
+                msg = f"{msg} (got {err['input']!r})"
         messages.setdefault(where, [])
         if msg not in messages[where]:
             messages[where].append(msg)
@@ -635,7 +670,9 @@ def _kind_of(model: type[BaseModel]) -> Any:
     return args[0] if args else None
 
 
-def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
+def _describe_loc(loc: list[Any], raw: dict[str, Any], *, missing: bool = False) -> str:
+    """Where an error is, as the file has it: ``[section] field[i].key``; ``missing``:
+    the last name is a key the file lacks (shown, where other names must be in it)."""
     if not loc:
         return "campaign"
     head, rest = loc[0], loc[1:]
@@ -648,16 +685,19 @@ def _describe_loc(loc: list[Any], raw: dict[str, Any]) -> str:
     where = f"[{head}] {field}"
     # deeper: [dataset.splits.train] csv -> "[dataset] splits.train.csv", [svm.search]
     # C[1] -> "[svm] search.C[1]"; an index the file has no list for is the sweep's
-    # wrapper of a single value, and a name under a value that is no table is
+    # wrapper of a single value, and a name that is not a key of the file's table is
     # pydantic's tag for one member of a union: neither is shown
     node: Any = section_raw.get(field)
-    for part in rest[1:]:
+    parts = rest[1:]
+    for i, part in enumerate(parts):
         if isinstance(part, int) and isinstance(node, list):
             where += f"[{part}]"
             node = node[part] if 0 <= part < len(node) else None
-        elif isinstance(part, str) and isinstance(node, dict):
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
             where += f".{part}"
-            node = node.get(part)
+            node = node[part]
+        elif isinstance(part, str) and missing and i == len(parts) - 1:
+            where += f".{part}"
         elif not isinstance(part, int):
             break
     return where

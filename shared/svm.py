@@ -472,6 +472,18 @@ class SearchChoice:
     combinations: int  # combinations scored (each on every fold)
 
 
+def check_search_folds(train_y: np.ndarray, folds: int) -> None:
+    """One line, before anything is fitted, when a class has fewer training images than
+    the search has folds (each fold needs images of every class)."""
+    counts = np.bincount(np.asarray(train_y))
+    fewest = int(counts[counts > 0].min()) if len(counts) else 0
+    if fewest < folds:
+        raise ValueError(
+            f"[svm.search] folds = {folds}: a class has only {fewest} training images here; "
+            f"search with folds <= {fewest} or give the unit more images"
+        )
+
+
 def search_svc(
     z_train: np.ndarray,
     train_y: np.ndarray,
@@ -497,13 +509,7 @@ def search_svc(
 
     widths = [int(k) for k in grid.get("n_components", [n_components])]
     svc_grid = {name: list(grid[name]) for name in ("C", "gamma") if name in grid}
-    counts = np.bincount(np.asarray(train_y))
-    fewest = int(counts[counts > 0].min()) if len(counts) else 0
-    if fewest < folds:
-        raise ValueError(
-            f"[svm.search] folds = {folds}: a class has only {fewest} training images here; "
-            f"search with folds <= {fewest} or give the unit more images"
-        )
+    check_search_folds(train_y, folds)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     best: SearchChoice | None = None
     combinations = 0

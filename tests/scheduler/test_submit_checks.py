@@ -227,3 +227,15 @@ def test_a_dataset_root_outside_orchard_dataset_roots_is_refused(tmp_path: Path)
         "the folders datasets may be read from",
     )
     assert not outside.exists() and not home.exists()
+
+
+def test_a_search_with_more_folds_than_a_class_has_images_is_refused() -> None:
+    search = _unit("svm", 0, variant="full", n_components=9, search={"folds": 5, "C": [1.0]})
+    counts = {0: {"A": 40, "B": 4, "C": 40}}
+    assert data_problems([search], {0: 84}, 64, counts) == [
+        "[svm] search.folds = 5 exceeds the 4 training images of class 'B' in fold 0 (each "
+        "search fold needs images of every class)"
+    ]
+    assert data_problems([search], {0: 84}, 64, {0: {"A": 40, "B": 5, "C": 40}}) == []
+    plain = _unit("svm", 0, variant="full", n_components=9)
+    assert data_problems([plain], {0: 84}, 64, counts) == []

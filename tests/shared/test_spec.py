@@ -606,10 +606,17 @@ def test_a_search_is_part_of_each_point_and_takes_its_parameters_out(tmp_path):
          "there only"),
         ('C = [1.0, 10.0]\ngamma = [1e-5, "scale"]', "", "[svm] search: give at least one of "
          "n_components, C, gamma as a list to search"),
+        # written in the file, even at its default: which one would run?
+        ("C = [1.0, 10.0]", "n_components = [4, 8]", "[svm] n_components: [svm.search] "
+         "chooses it; give its values there only"),
+        ("standardize = true", "C = 1.5", "[svm] C: [svm.search] chooses it; give its values "
+         "there only"),
+        ("folds = 3", "folds = 3\n[[svm.search.x]]", "[svm] search.x: unknown key"),
+        ("folds = 3", 'folds = "3"', "[svm] search.folds: Input should be a valid integer "
+         "(got '3')"),
     ],
 )  # fmt: skip
 def test_a_bad_search_is_one_line_naming_its_field(tmp_path, old, new, expected):
-    text = SEARCH.replace("[svm.search]\n" + old if old == "folds = 3" else old, new, 1)
     if old == "folds = 3":
         text = SEARCH.replace("[svm.search]\nfolds = 3", "[svm.search]\n" + new, 1)
     elif old == "standardize = true":
@@ -639,3 +646,36 @@ def test_out_of_bag_validation_is_for_forests_alone_in_one_fold(tmp_path: Path) 
     )
     campaign = load_campaign(_write(tmp_path, forests.replace("folds = 2\n", "")))
     assert campaign.validation == "oob" and campaign.svm is None
+
+
+def test_one_search_table_per_section(tmp_path):
+    """[[svm.search]] twice would be a sweep of searches, which nothing else expects."""
+    twice = SEARCH.replace("[svm.search]", "[[svm.search]]").replace(
+        "\n[rf]", "\n[[svm.search]]\ngamma = [1e-3]\n\n[rf]"
+    )
+    path, message = _error(tmp_path, twice)
+    assert message == f"{path}: [svm] search: give one table, not a list of 2"
+    # one table in an array (a campaign an earlier orchard stored) is that table
+    once = SEARCH.replace("[svm.search]", "[[svm.search]]")
+    assert load_campaign(_write(tmp_path, once)) == load_campaign(_write(tmp_path, SEARCH, "s"))
+    # a stored campaign without a search has no search key at all: its digest is unchanged
+    assert "search" not in load_campaign(_write(tmp_path, BASE)).model_dump(mode="json")["svm"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('variant = "polar192"', "gamma = {a = 1}", "[svm] gamma: Input should be a valid "
+         "number or Input should be 'scale' or 'auto'"),
+        ("n_estimators = 10", "max_features = {x = 1}", "[rf] max_features: Input should be a "
+         "valid number or Input should be 'sqrt' or 'log2'"),
+        ("epochs = 2", 'dense = "512,,64"', '[cnn] dense: dense must be comma-separated '
+         'positive integers such as "512,256,64" (got \'512,,64\')'),
+        ("C = [1.0, 10.0]", "search = 5", "[svm] search: expected a table (got 5)"),
+    ],
+)  # fmt: skip
+def test_union_tags_and_model_names_stay_out_of_messages(tmp_path, old, new, expected):
+    """Pydantic's names for a union's members or a model are not the file's words."""
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    assert message == f"{path}: {expected}"

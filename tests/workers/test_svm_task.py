@@ -220,6 +220,7 @@ def test_a_search_with_more_folds_than_a_class_has_images_fails_in_one_line(cach
     env = _searching(cached_campaign, {"folds": 5, "C": [1.0, 2.0]}, n_components=3)
     with pytest.raises(ValueError, match=r"^\[svm.search\] folds = 5: a class has only 4 "):
         _run(env)
+    assert _pca_records(env[0]) == []  # refused before the fold's PCA was fitted
 
 
 def test_largest_n_components_counts_what_the_search_tries():

@@ -37,6 +37,7 @@ from shared.svm import (
     PcaProjection,
     check_gamma,
     check_n_components,
+    check_search_folds,
     component_limit,
     fit_pca_basis,
     fit_point,
@@ -180,7 +181,10 @@ def fit_svm(ctx: UnitContext) -> Outcome:
     n_features = math.prod(variant_shape(params["variant"], manifest.size))
     for k in widths:
         check_n_components(k, len(train), n_features)
-    if not params.get("search"):
+    labels = manifest.label_index
+    if params.get("search"):
+        check_search_folds(labels(train), int(params["search"]["folds"]))
+    else:
         check_gamma(params["gamma"])
     projection, fitted = shared_projection(
         ctx,
@@ -190,7 +194,6 @@ def fit_svm(ctx: UnitContext) -> Outcome:
         standardize=params.get("standardize", False),  # absent from earlier campaigns' units
     )
     z = projection.features(max(widths))
-    labels = manifest.label_index
     result, k = fit_point(
         z[train],
         labels(train),
