@@ -835,3 +835,7 @@ def test_a_search_s_choices_are_shown_as_chosen_never_averaged(sqlite_url: str) 
     assert by_k["20"][header.index("Search CV acc")] == "60.000%"  # as the other accuracies
     # the choices come first among the extras, beside the accuracies, as in the study
     assert header.index("Best C") < header.index("Search CV acc") == len(header) - 1
+    # the best point's model ran with what its folds chose, where they agree
+    (svm,) = data.families
+    chosen = 2.0 if svm.params["n_components"] == 20 else None
+    assert svm.params.get("C") == chosen and svm.params["gamma"] == "scale"

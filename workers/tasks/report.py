@@ -14,6 +14,7 @@ with an unlabelled test set its predictions become ``submission.csv``. The layou
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from collections import Counter, defaultdict
@@ -302,6 +303,20 @@ def _fold_extra(name: str, values: Sequence[tuple[int | None, Any]]) -> float | 
         low, high = min(numbers), max(numbers)
         return float(low) if low == high else f"{low}–{high}"
     return _mean([float(v) for v in numbers])
+
+
+def _with_choices(
+    params: dict[str, Any], folds: Sequence[Unit], results: dict[str, Result]
+) -> dict[str, Any]:
+    """A point's parameters with what its search chose (``best_<name>`` in its results)
+    where its folds agree: the parameters its model ran with."""
+    chosen: dict[str, Any] = {}
+    names = {n for u in folds if u.key in results for n in results[u.key].extra or {}}
+    for name in sorted(n for n in names if n.startswith(CHOICE_PREFIX)):
+        values = {json.dumps(results[u.key].extra.get(name)) for u in folds if u.key in results}
+        if len(values) == 1:
+            chosen[name.removeprefix(CHOICE_PREFIX)] = json.loads(values.pop())
+    return {**params, **chosen}
 
 
 def point_rows(
@@ -756,7 +771,11 @@ def build_report_data(
             FamilyRow(
                 family=family,
                 best_key=best_fold(best, results).key if best else "",
-                params=restore_omitted(family, best[0].params, mentioned[family]) if best else {},
+                params=_with_choices(
+                    restore_omitted(family, best[0].params, mentioned[family]), best, results
+                )
+                if best
+                else {},
                 units=len(mine),
                 succeeded=len(done),
                 train_acc=best_row.train_acc if best_row else None,
