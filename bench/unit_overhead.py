@@ -26,12 +26,15 @@ campaign of the same size, the model stage queued: what grows with the campaign'
 shows there. What remains of the slot is Celery's (the broker round trip, acks,
 events, the prefork hand-off), the heartbeat thread's start and the worker's logging.
 
-Writes bench/results/unit_overhead.json (or --output).
+Writes bench/results/unit_overhead.json (or --output). A campaign that does not end DONE
+stops the script with its first unsuccessful units' errors, and the workers' logs and the
+SQLite store are copied to a folder it names (the run's own is temporary).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -101,28 +104,49 @@ def per_unit(units: list[dict[str, Any]], fit_seconds: list[float], count: int) 
     }
 
 
+def keep_evidence(run_root: Path, logs: Path) -> Path:
+    """A copy of a run's worker logs and SQLite store, outside the temporary folder that
+    is deleted on exit, so that a run that did not end DONE can be read afterwards."""
+    kept = Path(tempfile.mkdtemp(prefix="orchard-bench-overhead-failed-"))
+    if logs.is_dir():
+        shutil.copytree(logs, kept / "logs")
+    for path in run_root.glob("store.db*"):  # with its -wal and -shm
+        shutil.copy2(path, kept / path.name)
+    return kept
+
+
 def run_grid(root: Path, points: int, count: int, broker: str, per_class: int) -> dict:
     from db.store import Store
     from scheduler.api import submit
+    from shared.errors import OrchardError
 
     campaign = root / "grid.toml"
     root.mkdir(parents=True, exist_ok=True)
     campaign.write_text(CAMPAIGN.format(root=root / "data", C=grid(points), per_class=per_class))
     with cluster(root / "run", broker) as c, workers(c, count) as running:
         run = submit(campaign, settings=c.settings)
-        status = run.wait(timeout=1800, check=running.check)
-        if status.campaign.state != "DONE":
-            bad = [u for u in status.units if u.state != "SUCCESS"]
-            lines = "".join(f"\n  {u.key} {u.state}: {u.error}" for u in bad[:5])
-            raise SystemExit(f"campaign {run.id} ended {status.campaign.state}:{lines}")
-        store = Store(c.settings.database_url)
         try:
-            results = store.results(run.id)
-        finally:
-            store.dispose()
-        fits = [r.fit_seconds for k, r in results.items() if "/svm/" in k]
-        units = unit_times(c.settings.database_url, run.id)
-        return per_unit(units, fits, count) | {"broker": c.broker}
+            status = run.wait(timeout=1800, check=running.check)
+        except OrchardError as exc:  # not finished in time, or a worker exited
+            problem: str | None = str(exc)
+        else:
+            problem = None
+            if status.campaign.state != "DONE":
+                bad = [u for u in status.units if u.state != "SUCCESS"]
+                lines = "".join(f"\n  {u.key} {u.state}: {u.error}" for u in bad[:5])
+                problem = f"campaign {run.id} ended {status.campaign.state}:{lines}"
+        if problem is None:
+            store = Store(c.settings.database_url)
+            try:
+                results = store.results(run.id)
+            finally:
+                store.dispose()
+            fits = [r.fit_seconds for k, r in results.items() if "/svm/" in k]
+            units = unit_times(c.settings.database_url, run.id)
+            return per_unit(units, fits, count) | {"broker": c.broker}
+    # the workers have stopped: their logs are whole
+    kept = keep_evidence(root / "run", running.logs)
+    raise SystemExit(f"{problem}\n  the workers' logs and the store are kept in {kept}")
 
 
 def store_phases(points: int, repeat: int, predictions: tuple[int, int]) -> dict[str, float]:

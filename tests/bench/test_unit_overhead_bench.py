@@ -4,9 +4,13 @@ to the end and every figure is there. Timings are printed, never asserted."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,3 +72,41 @@ def test_per_unit_figures_from_a_hand_made_schedule() -> None:
     assert row["body_ms_median"] == pytest.approx(5.0)
     assert row["slot_over_body"] == pytest.approx(row["slot_ms_per_unit"] / 5.0)
     assert row["gap_ms_median"] == pytest.approx(10.0)
+
+
+def test_a_run_that_does_not_end_done_keeps_the_workers_logs_and_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_bench("unit_overhead")
+    logs = tmp_path / "grid" / "run" / "home" / "logs"
+
+    @contextmanager
+    def cluster(root: Path, broker: str) -> Iterator[SimpleNamespace]:
+        logs.mkdir(parents=True)
+        (logs / "bench0.log").write_text("the worker's side of it\n")
+        for name in ("store.db", "store.db-wal"):
+            (root / name).write_text(name)
+        yield SimpleNamespace(settings=None, broker=broker)
+
+    @contextmanager
+    def workers(c: SimpleNamespace, count: int) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(logs=logs, check=lambda: None)
+
+    failed = SimpleNamespace(key="c/svm/p0/f0", state="FAILED", error="StoreError: locked")
+    status = SimpleNamespace(campaign=SimpleNamespace(state="PARTIAL"), units=[failed])
+    monkeypatch.setattr(bench, "cluster", cluster)
+    monkeypatch.setattr(bench, "workers", workers)
+    monkeypatch.setattr(
+        "scheduler.api.submit", lambda *_, **__: SimpleNamespace(id="c", wait=lambda **_: status)
+    )
+    with pytest.raises(SystemExit) as stopped:
+        bench.run_grid(tmp_path / "grid", 1, 1, "redis", 20)
+    message = str(stopped.value)
+    assert "campaign c ended PARTIAL:\n  c/svm/p0/f0 FAILED: StoreError: locked" in message
+    kept = Path(message.rsplit(" ", 1)[1])
+    try:
+        assert (kept / "logs" / "bench0.log").read_text() == "the worker's side of it\n"
+        assert (kept / "store.db").read_text() == "store.db"
+        assert (kept / "store.db-wal").read_text() == "store.db-wal"
+    finally:
+        shutil.rmtree(kept)
