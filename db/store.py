@@ -1039,16 +1039,15 @@ class Store:
     @_retried
     def fail_unit(self, key: str, error: str, *, holder: str | None = None) -> bool:
         """Mark a unit FAILED unless it already succeeded or was cancelled; True if this
-        call did it. With ``holder``, only while that delivery still holds the lease
-        (a run that lost its lease must not fail the run that took over)."""
+        call did it. With ``holder``, only while that delivery still holds the lease (a
+        run that lost its lease must not fail the run that took over, nor a unit that
+        the reaper or ``resume`` put back in the queue, which holds no lease)."""
         with self._transaction() as s:
             query = update(UnitRow).where(
                 UnitRow.key == key, UnitRow.state.not_in((SUCCESS, CANCELLED))
             )
             if holder is not None:
-                query = query.where(
-                    (UnitRow.lease_holder == holder) | (UnitRow.lease_holder.is_(None))
-                )
+                query = query.where(UnitRow.state == RUNNING, UnitRow.lease_holder == holder)
             done = s.execute(
                 query.values(
                     state=FAILED,

@@ -337,6 +337,23 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_finds_out(store_url: 
     assert store.get_unit(key).lease_holder is None
 
 
+def test_a_delivery_that_lost_its_unit_to_the_queue_cannot_fail_it(store_url: str) -> None:
+    """The reaper sent an expired unit again (QUEUED, no lease) before its first delivery,
+    only slow, raised: that failure must not end the unit the new message will run."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    assert deliver(store, key, worker="w1", task_id="t", holder="d1", lease_seconds=0.2).run
+    time.sleep(0.4)
+    (lost,) = store.requeue_lost(0.0, lambda: "t2")
+    assert lost.key == key and store.get_unit(key).state == "QUEUED"
+    assert store.fail_unit(key, "d1 raised late", holder="d1") is False
+    assert store.get_unit(key).state == "QUEUED" and store.get_unit(key).error is None
+    again = store.start_unit(key, worker="w2", task_id="t2", holder="d2", lease_seconds=30)
+    assert again.run and again.attempts == 2
+    assert store.fail_unit(key, "d2 raised", holder="d2") is True  # its own, still held
+    assert store.get_unit(key).state == "FAILED"
+
+
 def test_leases_follow_the_postgres_server_clock_not_the_hosts(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
