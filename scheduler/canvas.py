@@ -31,6 +31,10 @@ def unit_signature(
     ).set(task_id=task_id)
 
 
+#: messages published, then marked sent, at a time (each takes a millisecond or so)
+SEND_CHUNK = 100
+
+
 def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     """Enqueue every unit of the campaign that is ready; returns the keys sent."""
     # after most units nothing can open yet: one query that stops at its first row
@@ -55,17 +59,21 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
             )
             for key in claimed
         ]
-        if signatures:
+        # in chunks, each marked sent once published: a claim without the mark is a lease
+        # period old when the workers send it again, taking this process for dead
+        # (workers.reaper), and a stage of thousands of units on a busy host can take
+        # longer than that to publish at once
+        for start in range(0, len(signatures), SEND_CHUNK):
+            chunk = claimed[start : start + SEND_CHUNK]
             try:
-                group(signatures).apply_async()
+                group(signatures[start : start + SEND_CHUNK]).apply_async()
             except Exception:
-                # the broker is away (after the publish retries): unclaim, so that the
-                # next advance (a redelivered task, `orchard resume`) sends them again
-                store.unclaim(claimed)
+                # the broker is away (after the publish retries): unclaim what is not
+                # marked sent, so that the next advance (a redelivered task, `orchard
+                # resume`) sends it again
+                store.unclaim(claimed[start:])
                 raise
-            # a claim without this mark (this process died in between) is sent again
-            # by the workers once it is a lease period old (workers.reaper)
-            store.mark_sent([task_ids[key] for key in claimed])
+            store.mark_sent([task_ids[key] for key in chunk])
         sent.extend(claimed)
         if all(u.state in TERMINAL for u in units):
             store.complete_campaign(campaign_id)

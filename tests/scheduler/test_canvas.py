@@ -94,3 +94,41 @@ def test_a_running_stage_and_the_next_one(store: Store) -> None:
     units = states("SUCCESS", "RUNNING", "PENDING", "PENDING")
     units[0] = UnitState(units[0].key, 0, "PENDING")
     assert may_open(store, units)
+
+
+def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Each chunk is marked sent once published: a claim left unmarked for a lease period
+    is sent again by the workers, which take its sender for dead."""
+    from scheduler import canvas
+    from shared.settings import Settings
+    from workers.app import make_app
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.upgrade()
+    keys = [f"g/svm/p{i:03d}/f0" for i in range(250)]
+    store.create_campaign(
+        "g",
+        name="g",
+        source="g.toml",
+        digest="d",
+        spec={},
+        classes=["A"],
+        units=[UnitPlan(key, "svm", 1, 0, {}, key) for key in keys]
+        + [UnitPlan("g/report", "report", 3, None, {}, "r")],
+    )
+    settings = Settings(
+        home=tmp_path,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=url,
+        artifacts=tmp_path / "artifacts",
+    )
+    marked: list[int] = []
+    real = store.mark_sent
+    monkeypatch.setattr(store, "mark_sent", lambda ids: (marked.append(len(ids)), real(ids)))
+    sent = canvas.advance(store, make_app(settings, with_tasks=False), "g")
+    assert sorted(sent) == keys
+    assert marked == [100, 100, 50]  # canvas.SEND_CHUNK at a time
+    assert sum(u.state == "QUEUED" for u in store.units("g")) == 250
+    published = list((tmp_path / "broker").rglob("*.msg"))
+    assert len(published) == 250
