@@ -358,21 +358,34 @@ def plan(
     that does not exist yet is generated in a temporary folder and removed again."""
     settings = _settings(settings, None, None, artifacts)
     campaign = _load_checked(path, settings)
+    # what submit checks before it contacts anything
+    _check_creatable(settings.artifacts)
+    if settings.broker_is_filesystem:
+        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
+    check_sqlite_store(settings.database_url)
     with tempfile.TemporaryDirectory(prefix="orchard-plan-") as scratch:
-        root = stand_in = None
+        checked, root, stand_in = campaign, None, None
         if campaign.dataset.kind == "synthetic":
             root = synthetic_root(campaign.dataset, settings.artifacts)
-            if not os.path.exists(root):
+            # where a submit would generate the dataset (nothing there, or an empty
+            # folder), the dry run generates it in a folder of its own
+            if not os.path.exists(root) or (os.path.isdir(root) and not any(root.iterdir())):
                 stand_in = Path(scratch) / root.name
                 dataset = campaign.dataset.model_copy(update={"root": stand_in})
-                campaign = campaign.model_copy(update={"dataset": dataset})
+                checked = campaign.model_copy(update={"dataset": dataset})
         try:
-            manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign.name)
+            manifest, units = _plan_checked(path, checked, settings.artifacts, campaign.name)
         except CampaignError as exc:
             if stand_in is None:
                 raise
             # name the folder a submit would generate, not the stand-in, gone in a moment
             raise CampaignError(str(exc).replace(str(stand_in), str(root))) from None
+    if stand_in is not None:  # the images' paths where a submit will have them
+        entries = tuple(
+            replace(e, path=str(root / Path(e.path).relative_to(stand_in)))
+            for e in manifest.entries
+        )
+        manifest = replace(manifest, entries=entries)
     return Plan(campaign, manifest, units)
 
 
@@ -462,6 +475,13 @@ def check_sqlite_store(url: str) -> None:
         return  # an SQLite URI: whatever it names, SQLite decides
     path = Path(database).expanduser()
     if not os.path.lexists(path):
+        # as make_engine would say it, once it tried to make the folder
+        in_the_way = next(p for p in (path.parent, *path.parent.parents) if os.path.exists(p))
+        if not os.path.isdir(in_the_way):
+            raise OrchardError(
+                f"database {mask_url(url)}: cannot create {path.parent}: {in_the_way} is not "
+                "a directory"
+            )
         return
     if os.path.isdir(path):
         raise OrchardError(f"database {mask_url(url)}: {path} is a directory, not a SQLite file")

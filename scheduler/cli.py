@@ -467,6 +467,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
     if args.dry_run:
+        if args.reuse:
+            raise OrchardError(
+                "--dry-run records nothing, so --reuse has nothing to copy into: leave one out"
+            )
+        _check_urls()  # their syntax: a dry run connects to neither
         return _dry_run(args.file)
     _check_urls()
     run = submit(args.file, reuse=args.reuse)
@@ -587,7 +592,9 @@ def _plan_what(campaign, members) -> str:  # noqa: ANN001
     folds = len({u.fold for u in members})
     what = f"{points:,} point{'s' * (points != 1)} x {folds} fold{'s' * (folds != 1)}"
     if family == "rf_shard":
-        return f"{what}, {len(members) // len(forests)} tree shards each"
+        shards = Counter(u.key.rsplit("/", 1)[0] for u in members)
+        counts = " or ".join(str(n) for n in sorted(set(shards.values())))
+        return f"{what}, {counts} tree shards each"
     if members[0].stage == MERGE:
         return f"{what}, each merging its tree shards into one forest"
     searches = {json.dumps(u.params.get("search"), sort_keys=True) for u in members}

@@ -323,6 +323,7 @@ class ReportData:
     other_units: dict[str, int] = field(default_factory=dict)
     preprocessing: PreprocessingSummary | None = None
     validation: str = ""  # what the models validate on (:func:`validation_line`)
+    out_of_bag: bool = False  # validation = "oob": forests judged on their training images
 
 
 @dataclass(frozen=True, slots=True)
@@ -1218,11 +1219,9 @@ def _all_reused(row: FamilyRow) -> bool:
 
 
 def _best_by_text(data: ReportData) -> str:
-    return (
-        "out-of-fold validation accuracy"
-        if data.best_by == "val"
-        else "test accuracy (no blend has validation predictions)"
-    )
+    if data.best_by != "val":
+        return "test accuracy (no blend has validation predictions)"
+    return "out-of-bag accuracy" if data.out_of_bag else "out-of-fold validation accuracy"
 
 
 def _blend_blocks(data: ReportData) -> list[Block]:
@@ -1251,10 +1250,15 @@ def _blend_blocks(data: ReportData) -> list[Block]:
         ]
         if data.best_by == "val" and best.test_acc is not None:
             parts.append(f", whose test accuracy is {_fmt_pct(best.test_acc)}")
+        held_out = (
+            "OOF val acc is each image predicted by the trees that did not draw it (every "
+            "forest trained on every labelled image)"
+            if data.out_of_bag
+            else "OOF val acc pools each fold's predictions on the images it held out"
+        )
         parts.append(
-            ". OOF val acc pools each fold's predictions on the images it held out; "
-            "the test set chooses nothing, it only measures. A single model is one best "
-            "point trained on one fold: nothing is blended."
+            f". {held_out}; the test set chooses nothing, it only measures. A single model "
+            "is one best point trained on one fold: nothing is blended."
         )
         blocks.append(Para(tuple(parts)))
     return blocks
@@ -1458,21 +1462,28 @@ def _units_line(data: ReportData, failed: list[UnitSummary], reused: list[UnitSu
     return text
 
 
-def validation_line(validation: str, folds: int, seed: int, train: int, val: int) -> str:
+def validation_line(
+    validation: str, folds: int, seed: int, train: int, val: int, *, augmented: bool = False
+) -> str:
     """What the models validate on, for the report's header: ``validation`` is the
-    campaign's setting, ``train`` and ``val`` the image counts of fold 0."""
+    campaign's setting, ``train`` and ``val`` the image counts of fold 0; ``augmented``:
+    some forest trains on augmented copies."""
     if validation == "dev":
         return (
             f"Validation: the dev split ({val} images); every model trains on the train "
             f"split ({train} images)"
         )
     if validation == "oob":
-        return (
+        line = (
             f"Validation: out of bag; every forest trains on all {train} labelled train and "
-            "dev images and judges each by the trees that did not draw it (an image with "
-            "augmented copies pools its copies' out-of-bag votes, which siblings in a tree's "
-            "sample inflate: see the note under the RF table)"
+            "dev images and judges each by the trees that did not draw it"
         )
+        if augmented:
+            line += (
+                " (an image with augmented copies pools its copies' out-of-bag votes, which "
+                "siblings in a tree's sample inflate: see the note under the RF table)"
+            )
+        return line
     return (
         f"Validation: {folds}-fold stratified cross-validation (seed {seed}) over the "
         f"{train + val} labelled train and dev images, about {val} per fold; a section "

@@ -355,3 +355,52 @@ def test_a_dry_run_refuses_what_a_submit_refuses_in_one_line(tmp_path: Path) -> 
     assert_one_line_error(done, str(campaign), "[svm] n_components = 500 exceeds what")
     both = orchard("submit", str(campaign), "--dry-run", "--wait")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_a_dry_run_checks_what_a_submit_checks_before_it_connects(tmp_path: Path) -> None:
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        'name = "c"\nfolds = 2\n[dataset]\nkind = "synthetic"\ntrain_per_class = 4\n'
+        '[preprocessing]\nsize = 32\n[rf]\nvariant = "resize8"\nn_estimators = [4, 8]\n'
+        "tree_shards = [2, 4]\n"
+    )
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    home = {"ORCHARD_HOME": str(tmp_path / "home")}
+    done = orchard(
+        "submit", str(campaign), "--dry-run", env={**home, "ORCHARD_ARTIFACTS": f"{blocker}/x"}
+    )
+    assert_one_line_error(done, f"artifact folder {blocker}/x: {blocker} is not a directory")
+    url = f"sqlite:///{blocker}/db.sqlite"
+    done = orchard("submit", str(campaign), "--dry-run", env={**home, "ORCHARD_DATABASE_URL": url})
+    assert_one_line_error(done, f"database {url}: cannot create {blocker}")
+    done = orchard(
+        "submit", str(campaign), "--dry-run", env={**home, "ORCHARD_BROKER_URL": "foo://x"}
+    )
+    assert_one_line_error(done, "ORCHARD_BROKER_URL foo://x")
+    done = orchard("submit", str(campaign), "--dry-run", "--reuse", env=home)
+    assert_one_line_error(done, "--dry-run records nothing")
+    # forests of 2 and 4 tree shards: said as they are, not as their average
+    done = orchard("submit", str(campaign), "--dry-run", env=home)
+    assert done.returncode == 0, done.stderr
+    assert "4 points x 1 fold, 2 or 4 tree shards each" in done.stdout
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
+    from scheduler.api import plan
+    from shared.spec import load_campaign
+
+    root = tmp_path / "synthetic"
+    root.mkdir()  # made ready for the dataset a submit will generate
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        f'name = "c"\nfolds = 2\n[dataset]\nkind = "synthetic"\nroot = "{root}"\n'
+        'train_per_class = 4\n[preprocessing]\nsize = 32\n[rf]\nvariant = "resize8"\n'
+    )
+    planned = plan(campaign, artifacts=tmp_path / "artifacts")
+    assert list(root.iterdir()) == []
+    # what a submit would record: the file's campaign, its images where it will make them
+    assert planned.campaign == load_campaign(campaign)
+    assert all(e.path.startswith(f"{root}/") for e in planned.manifest.entries)
+    assert not (tmp_path / "artifacts").exists()

@@ -759,10 +759,13 @@ def test_the_header_says_what_the_models_validate_on(data: ReportData) -> None:
         "train and dev images, about 1280 per fold"
     )
     oob = validation_line("oob", 5, 0, 6400, 6400)
-    assert oob.startswith(
+    assert oob == (
         "Validation: out of bag; every forest trains on all 6400 labelled train and dev "
         "images and judges each by the trees that did not draw it"
     )
+    # the note on augmented siblings is under the RF table only when some point augments
+    augmented = validation_line("oob", 5, 0, 6400, 6400, augmented=True)
+    assert augmented.startswith(oob) and "see the note under the RF table" in augmented
 
 
 def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportData) -> None:
@@ -974,3 +977,13 @@ def test_short_times_are_in_milliseconds(seconds: float, text: str) -> None:
     from shared.report import _fmt_duration
 
     assert _fmt_duration(seconds) == text
+
+
+def test_out_of_bag_blends_say_what_their_validation_accuracy_is(data: ReportData) -> None:
+    """Under validation = "oob" nothing was held out: the text must not say so."""
+    folds = render_markdown(data)
+    assert "OOF val acc pools each fold's predictions on the images it held out" in folds
+    oob = render_markdown(dataclasses.replace(data, out_of_bag=True))
+    assert "held out" not in oob.split("## Blending", 1)[1].split("\n## ", 1)[0]
+    assert "Bold: the best by out-of-bag accuracy" in oob
+    assert "each image predicted by the trees that did not draw it" in oob

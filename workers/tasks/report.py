@@ -581,12 +581,16 @@ def _validation(spec: dict[str, Any], manifest: Manifest | None) -> str:
         train, val, _ = manifest.fold_indices(0)
     except ManifestError:  # a manifest without folds
         return ""
+    rf = spec.get("rf") or {}
+    augments = rf.get("augment", []) if isinstance(rf, dict) else []
+    augments = augments if isinstance(augments, list) else [augments]
     return validation_line(
         spec.get("validation", "folds"),
         int(spec.get("folds", 5)),
         int(spec.get("seed", 0)),
         len(train),
         len(val),
+        augmented=any(a not in (None, "none") for a in augments),
     )
 
 
@@ -980,6 +984,7 @@ def build_report_data(
         lime_note=lime_note,
         skipped=_skipped(manifest),
         validation=_validation(spec, manifest),
+        out_of_bag=spec.get("validation") == "oob",
         submission=submission,
         test_labelled=by_test,
         other_units={
