@@ -551,6 +551,12 @@ def parse_campaign(
                 f"did not draw each image, and {model} has none: run [{family}] in a "
                 'campaign with validation = "folds" or "dev"'
             )
+        if campaign.validation == "oob" and family == "rf" and section.select_scaling != (None,):
+            raise CampaignError(
+                f'{source}: [rf] select_scaling: validation = "oob" judges each image by trees '
+                "that did not draw it, but the selection forest saw every image's label: "
+                'validate feature selection with validation = "folds" or "dev"'
+            )
         if campaign.validation in ("dev", "oob") and section.folds != 1:
             where = "on the dev split" if campaign.validation == "dev" else "out of bag"
             raise CampaignError(

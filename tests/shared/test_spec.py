@@ -646,6 +646,10 @@ def test_out_of_bag_validation_is_for_forests_alone_in_one_fold(tmp_path: Path) 
     )
     campaign = load_campaign(_write(tmp_path, forests.replace("folds = 2\n", "")))
     assert campaign.validation == "oob" and campaign.svm is None
+    # a selection forest fitted on every image's label would leak them into the OOB score
+    selecting = forests.replace("folds = 2\n", "select_scaling = [1.0, 2.0]\n")
+    path, message = _error(tmp_path, selecting)
+    assert message.startswith(f'{path}: [rf] select_scaling: validation = "oob" judges')
 
 
 def test_one_search_table_per_section(tmp_path):
