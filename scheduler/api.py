@@ -235,10 +235,6 @@ def submit(
     """
     settings = _settings(settings, broker, database, artifacts)
     campaign = _load_checked(path, settings)
-    _check_creatable(settings.artifacts)
-    if settings.broker_is_filesystem:
-        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
-    check_sqlite_store(settings.database_url)
     from workers.app import check_broker_reachable, make_app
     from workers.config import make_broker_folders
 
@@ -297,7 +293,9 @@ def submit(
 
 
 def _load_checked(path: str | Path, settings: Settings) -> CampaignSpec:
-    """The campaign file, read and validated, whose dataset root we may read."""
+    """The campaign file, read and validated, whose dataset root we may read, with the
+    folders and the SQLite store it needs checked: what a submit checks before it
+    contacts anything (``plan`` checks no more)."""
     check_campaign_path(path)
     campaign = load_campaign(path)
     root = getattr(campaign.dataset, "root", None)
@@ -307,6 +305,10 @@ def _load_checked(path: str | Path, settings: Settings) -> CampaignSpec:
             f"({os.pathsep.join(map(str, settings.dataset_roots))}), the folders datasets "
             "may be read from"
         )
+    _check_creatable(settings.artifacts)
+    if settings.broker_is_filesystem:
+        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
+    check_sqlite_store(settings.database_url)
     return campaign
 
 
@@ -358,11 +360,6 @@ def plan(
     that does not exist yet is generated in a temporary folder and removed again."""
     settings = _settings(settings, None, None, artifacts)
     campaign = _load_checked(path, settings)
-    # what submit checks before it contacts anything
-    _check_creatable(settings.artifacts)
-    if settings.broker_is_filesystem:
-        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
-    check_sqlite_store(settings.database_url)
     with tempfile.TemporaryDirectory(prefix="orchard-plan-") as scratch:
         checked, root, stand_in = campaign, None, None
         if campaign.dataset.kind == "synthetic":

@@ -354,11 +354,12 @@ def test_imagefolder_splits_reusing_file_names_keep_every_image(tmp_path):
     assert len(set(out_of_fold)) == len(out_of_fold) == 16
 
 
-def test_dev_validation_trains_on_the_train_split_and_validates_on_dev(tmp_path):
+def _split_manifest(tmp_path, validation: str, section: dict) -> Manifest:  # noqa: ANN001
+    """A tiny synthetic dataset with train, dev and test splits under ``validation``."""
     campaign = parse_campaign(
         {
             "name": "tiny",
-            "validation": "dev",
+            "validation": validation,
             "dataset": {
                 "kind": "synthetic",
                 "root": str(tmp_path / "data"),
@@ -368,11 +369,15 @@ def test_dev_validation_trains_on_the_train_split_and_validates_on_dev(tmp_path)
                 "width": 64,
                 "height": 48,
             },
-            "svm": {"n_components": 2},
+            **section,
         },
         source="<test>",
     )
-    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    return build_manifest(campaign, tmp_path / "artifacts")
+
+
+def test_dev_validation_trains_on_the_train_split_and_validates_on_dev(tmp_path):
+    manifest = _split_manifest(tmp_path, "dev", {"svm": {"n_components": 2}})
     train, val, test = manifest.fold_indices(0)
     splits = [e.split for e in manifest.entries]
     assert {splits[i] for i in train} == {"train"} and len(train) == 12
@@ -394,24 +399,7 @@ def test_dev_validation_without_labelled_dev_images_or_training_images_is_named(
 
 
 def test_out_of_bag_validation_trains_on_every_labelled_image_and_validates_on_them(tmp_path):
-    campaign = parse_campaign(
-        {
-            "name": "tiny",
-            "validation": "oob",
-            "dataset": {
-                "kind": "synthetic",
-                "root": str(tmp_path / "data"),
-                "train_per_class": 4,
-                "dev_per_class": 2,
-                "test_per_class": 1,
-                "width": 64,
-                "height": 48,
-            },
-            "rf": {"n_estimators": 2},
-        },
-        source="<test>",
-    )
-    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    manifest = _split_manifest(tmp_path, "oob", {"rf": {"n_estimators": 2}})
     train, val, test = manifest.fold_indices(0)
     splits = [e.split for e in manifest.entries]
     assert {splits[i] for i in train} == {"train", "dev"} and len(train) == 18
