@@ -19,6 +19,21 @@ POSTGRES_ADMIN = os.environ.get(
 REDIS_URL = os.environ.get("ORCHARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
+def record_begins(engine) -> list[str]:  # noqa: ANN001 - a SQLAlchemy Engine
+    """The BEGIN statements ``engine`` sends from now on: one per store transaction."""
+    from sqlalchemy import event
+
+    begins: list[str] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: (
+            begins.append(statement) if statement.startswith("BEGIN") else None
+        ),
+    )
+    return begins
+
+
 def load_bench(name: str) -> ModuleType:
     """``bench/<name>.py`` as a module (the benchmark scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")

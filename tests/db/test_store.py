@@ -27,6 +27,7 @@ from db.store import (
 from shared.plan import UnitPlan, plan_units
 from shared.settings import mask_url
 from shared.spec import parse_campaign
+from tests.conftest import record_begins
 from tests.tcpproxy import TcpProxy
 
 CAMPAIGN = {
@@ -857,18 +858,11 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
     the write lock itself."""
     import sqlite3
 
-    from sqlalchemy import event, make_url
+    from sqlalchemy import make_url
 
     store = make_store(sqlite_url)
     key = seed_campaign(store)[2].key
-    begins: list[str] = []
-    event.listen(
-        store.engine,
-        "before_cursor_execute",
-        lambda conn, cursor, statement, *rest: (
-            begins.append(statement) if statement.startswith("BEGIN") else None
-        ),
-    )
+    begins = record_begins(store.engine)
     writer = sqlite3.connect(make_url(sqlite_url).database, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # another worker in the middle of a write
     try:

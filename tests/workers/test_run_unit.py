@@ -9,11 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from db.store import Outcome, Prediction, Store
 from shared.plan import UnitPlan
 from shared.settings import Settings
+from tests.conftest import record_begins
 from workers.tasks import base
 from workers.tasks.base import UnitContext, UnitMessage, run_unit
 
@@ -64,14 +64,7 @@ def test_a_unit_costs_three_store_transactions_besides_its_body(store: Store) ->
         seen.append((ctx.unit.key, ctx.unit.params, ctx.unit.fold, ctx.seed, ctx.campaign.id))
         return Outcome(0.01, val_acc=1.0, predictions={"val": [Prediction("a", 0, 0)]})
 
-    begins: list[str] = []
-    event.listen(
-        store.engine,
-        "before_cursor_execute",
-        lambda conn, cursor, statement, *rest: (
-            begins.append(statement) if statement.startswith("BEGIN") else None
-        ),
-    )
+    begins = record_begins(store.engine)
     answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
     assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": True}
     assert seen == [(KEY, {"C": 2.0, "variant": "resize16"}, 0, 7, "g-1")]
