@@ -28,20 +28,26 @@ KEYS = [
 ]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+def campaign_store(url: str, campaign_id: str, units: list[UnitPlan]) -> Store:
+    """A new SQLite store holding one campaign of ``units``."""
+    store = Store(url)
     store.upgrade()
     store.create_campaign(
-        "c",
-        name="c",
-        source="c.toml",
+        campaign_id,
+        name=campaign_id,
+        source=f"{campaign_id}.toml",
         digest="d",
         spec={},
         classes=["A"],
-        units=[UnitPlan(key, "svm", stage, None, {}, key) for stage, key in KEYS],
+        units=units,
     )
     return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    units = [UnitPlan(key, "svm", stage, None, {}, key) for stage, key in KEYS]
+    return campaign_store(f"sqlite:///{tmp_path / 'store.db'}", "c", units)
 
 
 def may_open(store: Store, units: list[UnitState]) -> bool:
@@ -104,19 +110,9 @@ def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) 
     from workers.app import make_app
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    store = Store(url)
-    store.upgrade()
     keys = [f"g/svm/p{i:03d}/f0" for i in range(250)]
-    store.create_campaign(
-        "g",
-        name="g",
-        source="g.toml",
-        digest="d",
-        spec={},
-        classes=["A"],
-        units=[UnitPlan(key, "svm", 1, 0, {}, key) for key in keys]
-        + [UnitPlan("g/report", "report", 3, None, {}, "r")],
-    )
+    units = [UnitPlan(key, "svm", 1, 0, {}, key) for key in keys]
+    store = campaign_store(url, "g", [*units, UnitPlan("g/report", "report", 3, None, {}, "r")])
     settings = Settings(
         home=tmp_path,
         broker_url=f"filesystem://{tmp_path / 'broker'}",
