@@ -16,6 +16,7 @@ StoreError naming the masked URL; integrity and SQL errors are never retried.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sqlite3
 import threading
@@ -30,8 +31,10 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Engine,
     Select,
+    Text,
     bindparam,
     case,
+    cast,
     create_engine,
     delete,
     event,
@@ -89,6 +92,11 @@ class UnitCancelledError(OrchardError):
 class LeaseLostError(OrchardError):
     """``finish_unit`` by a delivery that no longer holds its unit (another delivery
     took it over, or ``orchard resume`` reset it): nothing is written."""
+
+
+class DeleteRefusedError(OrchardError):
+    """``delete_campaign`` of a campaign that something still uses: it runs, a worker
+    may still be stopping one of its units, or another campaign reuses its results."""
 
 
 #: Unit keys (or task ids) per statement where a call names many units: a stage of
@@ -249,6 +257,16 @@ class Cancelled:
     task_ids: list[str]
     units: int
     already_finished: bool = False  # it was not RUNNING: nothing was done
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What ``delete_campaign`` removed (or, in a dry run, would remove) from the store."""
+
+    campaign_id: str
+    state: str  # the campaign's state when it was deleted
+    units: int
+    artifacts: list[Artifact]  # the records of files in the campaign's own folder
 
 
 # ---------------------------------------------------------------- the store
@@ -1263,6 +1281,88 @@ class Store:
             return [r.key for r in sorted(reset, key=lambda r: r.position)]
 
     @_retried
+    def delete_campaign(
+        self, campaign_id: str, *, quiet_seconds: float, dry_run: bool = False
+    ) -> Deletion:
+        """Delete a finished or cancelled campaign's rows: the campaign, its units with
+        their parameters, results, predictions and metrics, and the records of the files
+        in its own folder (``campaigns/<id>/``; the caller removes the files). Shards it
+        wrote to the shared cache keep their records, without a campaign.
+
+        Refused, as :class:`DeleteRefusedError`, for a campaign that is RUNNING; one
+        cancelled less than ``quiet_seconds`` ago while some of its units ran (their
+        workers stop at their next store call, and a CNN fold may still write its
+        epoch's checkpoint); and one whose results another campaign reuses
+        (``submit --reuse`` shares the model files, which stay in this one's folder).
+        The campaign row is locked first, so a resume or cancel waits, and a reuse
+        that already copied from it is seen.
+        """
+        with self._transaction(read_only=dry_run) as s:
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=not dry_run)
+            if campaign is None:
+                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            now = self._now(s)
+            if campaign.state == "RUNNING":
+                raise DeleteRefusedError(
+                    f"campaign {campaign_id} is RUNNING: cancel it first "
+                    f"(`orchard cancel {campaign_id}`), or let it finish"
+                )
+            units = s.scalars(select(UnitRow).where(UnitRow.campaign_id == campaign_id)).all()
+            stopped_at = _aware(campaign.finished_at)
+            if campaign.state == CANCELLED and stopped_at is not None:
+                # cancel clears the leases; a unit that renewed its lease shortly
+                # (within quiet_seconds) before the cancel was running then
+                since = (now - stopped_at).total_seconds()
+                ran = [
+                    u
+                    for u in units
+                    if u.state == CANCELLED
+                    and (beat := _aware(u.heartbeat_at)) is not None
+                    and (stopped_at - beat).total_seconds() < quiet_seconds
+                ]
+                if ran and since < quiet_seconds:
+                    raise DeleteRefusedError(
+                        f"campaign {campaign_id} was cancelled {since:.0f} s ago while "
+                        f"{len(ran)} of its units ran ({ran[0].key} on {ran[0].worker}); "
+                        "their workers stop at their next store call: try again in "
+                        f"{math.ceil(quiet_seconds - since)} s"
+                    )
+            reusers = sorted(
+                {
+                    other
+                    for other, extra in s.execute(
+                        select(UnitRow.campaign_id, ResultRow.extra)
+                        .join(ResultRow, ResultRow.unit_id == UnitRow.id)
+                        .where(
+                            UnitRow.campaign_id != campaign_id,
+                            # a cheap superset; the source key is checked below
+                            cast(ResultRow.extra, Text).contains(campaign_id),
+                        )
+                    )
+                    if str((extra or {}).get("reused_from", "")).startswith(f"{campaign_id}/")
+                }
+            )
+            if reusers:
+                named = ", ".join(reusers[:3]) + (
+                    f" and {len(reusers) - 3} more" if len(reusers) > 3 else ""
+                )
+                raise DeleteRefusedError(
+                    f"campaign {campaign_id}: campaign(s) {named} reuse its results, whose "
+                    "model files stay in its folder: delete them first"
+                )
+            folder = f"campaigns/{campaign_id}/"
+            own = ArtifactRow.path.startswith(folder, autoescape=True)
+            artifacts = [
+                Artifact(r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key)
+                for r in s.scalars(select(ArtifactRow).where(own).order_by(ArtifactRow.path))
+            ]
+            if not dry_run:
+                s.execute(delete(ArtifactRow).where(own))
+                # units and everything under them go by ON DELETE CASCADE
+                s.execute(delete(CampaignRow).where(CampaignRow.id == campaign_id))
+            return Deletion(campaign_id, campaign.state, len(units), artifacts)
+
+    @_retried
     def reuse_finished(
         self, campaign_id: str, *, equivalent_manifests: Sequence[str] = ()
     ) -> dict[str, str]:
@@ -1290,7 +1390,8 @@ class Store:
             twins = [
                 c.id
                 for c in s.scalars(
-                    select(CampaignRow).where(
+                    select(CampaignRow)
+                    .where(
                         CampaignRow.id != campaign_id,
                         CampaignRow.id.in_(
                             select(ArtifactRow.campaign_id).where(
@@ -1299,6 +1400,9 @@ class Store:
                             )
                         ),
                     )
+                    # FOR SHARE: a delete of a twin (FOR UPDATE) waits for this copy and
+                    # then sees it, or this waits for the delete and skips the twin
+                    .with_for_update(read=True)
                 )
                 if c.spec.get("seed") == campaign.spec.get("seed")
             ]

@@ -5,6 +5,6 @@ run = submit("campaigns/quick.toml")
 run.wait(progress=True)
 """
 
-from scheduler.api import CampaignRun, cancel, resume, submit
+from scheduler.api import CampaignRun, cancel, delete, resume, submit
 
-__all__ = ["CampaignRun", "cancel", "resume", "submit"]
+__all__ = ["CampaignRun", "cancel", "delete", "resume", "submit"]

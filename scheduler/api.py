@@ -9,6 +9,7 @@ status = run.wait(progress=True)
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -577,6 +578,97 @@ def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
     if outcome.task_ids:
         app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome
+
+
+#: What :func:`new_campaign_id` makes: the name, the UTC time, four hex digits.
+CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}-\d{8}-\d{6}-[0-9a-f]{4}")
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What :func:`delete` removed, or in a dry run would remove."""
+
+    campaign_id: str
+    state: str | None  # None: the store had no such campaign, only its folder's leftovers
+    units: int
+    folder: Path
+    files: int  # files under the folder (with the store's records of them)
+    size: int  # their bytes
+    dry_run: bool = False
+
+
+def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None = None) -> Deleted:
+    """Delete a finished or cancelled campaign: its records in the store (units,
+    results, predictions, metrics) and its folder under ``campaigns/`` (manifest, model
+    files, checkpoints, PCA bases, report). The preprocessing cache and generated
+    datasets, which campaigns over the same images share, stay.
+
+    Refused (one line, nothing removed) while the campaign runs, shortly after a cancel
+    that stopped running units (two lease periods), and while another campaign reuses
+    its results. The store's rows go first, in one transaction, then the folder; its
+    manifest is removed before the rest, so a folder left behind (a file that could
+    not be removed) is known as a deleted campaign's, and deleting the id again
+    removes it. With ``dry_run`` nothing changes: it says what would go.
+    """
+    from workers.config import reliability
+
+    settings = _settings(settings)
+    store = Store(settings.database_url)
+    store.check_schema()
+    folder = settings.artifacts / "campaigns" / campaign_id
+    if store.find_campaign(campaign_id) is None:
+        # what a delete could not remove: a campaign's folder without its manifest
+        leftover = (
+            CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is not None
+            and folder.is_dir()
+            and not folder.is_symlink()
+            and not manifest_path(folder).exists()
+        )
+        if not leftover:
+            store.get_campaign(campaign_id)  # raises: no campaign ... in <store>
+        files, size = _folder_size(folder)
+        if not dry_run:
+            _remove_folder(folder, campaign_id)
+        return Deleted(campaign_id, None, 0, folder, files, size, dry_run)
+    quiet = 2 * reliability().lease_seconds
+    deletion = store.delete_campaign(campaign_id, quiet_seconds=quiet, dry_run=dry_run)
+    files, size = _folder_size(folder)
+    if not dry_run:
+        _remove_folder(folder, campaign_id)
+    return Deleted(campaign_id, deletion.state, deletion.units, folder, files, size, dry_run)
+
+
+def _folder_size(folder: Path) -> tuple[int, int]:
+    """Files under ``folder`` and their bytes (nothing for a folder that is not there)."""
+    files = size = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(parent, name)).st_size
+            except OSError:
+                continue  # removed meanwhile
+            files += 1
+    return files, size
+
+
+def _remove_folder(folder: Path, campaign_id: str) -> None:
+    """Remove a deleted campaign's folder, its manifest first (see :func:`delete`)."""
+    try:
+        manifest_path(folder).unlink(missing_ok=True)
+        for _ in range(5):  # a file under it that goes meanwhile stops rmtree: again
+            try:
+                shutil.rmtree(folder)
+                break
+            except FileNotFoundError:
+                if not folder.exists():
+                    break
+    except OSError as exc:
+        where = exc.filename or folder
+        raise OrchardError(
+            f"campaign {campaign_id} is deleted from the store, but {where} could not be "
+            f"removed ({exc.strerror or exc}): `orchard delete {campaign_id}` removes what "
+            "is left"
+        ) from None
 
 
 class _Progress:

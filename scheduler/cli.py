@@ -193,6 +193,22 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cancel)
 
     p = commands.add_parser(
+        "delete",
+        help="delete finished or cancelled campaigns and their files",
+        description="Delete campaigns that are finished or cancelled: their records in the "
+        "store and their folder under ORCHARD_ARTIFACTS/campaigns (manifest, models, "
+        "checkpoints, PCA bases, report). The preprocessing cache and generated datasets, "
+        "shared by campaigns over the same images, stay. Refused for a campaign that "
+        "runs, one cancelled moments ago while units ran, and one whose results another "
+        "campaign reuses (`submit --reuse`).",
+    )
+    p.add_argument("campaigns", nargs="+", metavar="campaign", help=CAMPAIGN_ID)
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
+    )
+    p.set_defaults(run=cmd_delete)
+
+    p = commands.add_parser(
         "status",
         help="list campaigns, or show one campaign's units",
         description="List the campaigns in the store (id, name, state, units succeeded/total, "
@@ -528,6 +544,39 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         f"{len(outcome.task_ids)} task(s) revoked)"
     )
     return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from db.store import NotFoundError, StoreError
+    from scheduler.api import delete
+
+    for campaign_id in args.campaigns:
+        _check_campaign_id(campaign_id)
+    url = load_settings().database_url
+    _check_database_url(url)
+    _require_sqlite_file(url)
+    refused = 0
+    for campaign_id in args.campaigns:  # each on its own: one refusal stops no other
+        try:
+            done = delete(campaign_id, dry_run=args.dry_run)
+        except OrchardError as exc:
+            if isinstance(exc, StoreError) and not isinstance(exc, NotFoundError):
+                raise  # the store itself: every other id would fail the same way
+            print(f"orchard: error: {exc}", file=sys.stderr)
+            refused += 1
+            continue
+        verb = "would delete" if done.dry_run else "deleted"
+        files = f"{done.files} file(s), {_megabytes(done.size)} under {done.folder}"
+        if done.state is None:
+            verb = "would remove" if done.dry_run else "removed"
+            print(f"{verb} what was left of deleted campaign {campaign_id}: {files}")
+        else:
+            print(f"{verb} campaign {campaign_id} ({done.state}): {done.units} unit(s), {files}")
+    return 2 if refused else 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _dry_run(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import replace
@@ -16,7 +17,9 @@ from db import migrate
 from db.models import UnitRow, utcnow
 from db.store import (
     Artifact,
+    DeleteRefusedError,
     LeaseLostError,
+    NotFoundError,
     Outcome,
     Prediction,
     Start,
@@ -1035,3 +1038,165 @@ def test_creating_a_campaign_again_after_a_lost_reply_is_done_already(store_url:
         store.create_campaign(
             "t-1", name="t", source="other.toml", digest="d", spec={}, classes=["A"], units=[]
         )
+
+
+# -- deleting a campaign
+
+
+def _finish(store: Store, key: str, **extra: Any) -> None:
+    deliver(store, key, worker="w", task_id=key, holder=key)
+    done = replace(outcome(), extra={"note": "x", **extra}, artifacts=[])
+    assert store.finish_unit(key, done, holder=key)
+
+
+def _rows_of(store: Store, unit_ids: list[int]) -> dict[str, int]:
+    """Rows left in each table under these units (by id: the units themselves may be gone)."""
+    listed = ",".join(map(str, unit_ids))
+    with store.engine.connect() as conn:
+        counts = {
+            table: conn.execute(
+                text(f"SELECT count(*) FROM {table} WHERE {column} IN ({listed})")
+            ).scalar_one()
+            for table, column in (
+                ("units", "id"),
+                ("unit_params", "unit_id"),
+                ("results", "unit_id"),
+                ("predictions", "unit_id"),
+                ("metrics", "unit_id"),
+            )
+        }
+    return counts
+
+
+def _unit_ids(store: Store, campaign_id: str) -> list[int]:
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(
+                text("SELECT id FROM units WHERE campaign_id = :c"), {"c": campaign_id}
+            ).scalars()
+        )
+
+
+def test_delete_removes_a_campaigns_rows_and_its_folders_records_only(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    seed_campaign(store, "t-2")  # untouched
+    key = units[-2].key
+    _finish(store, key)
+    store.record_metrics(key, 1, {"loss": 0.5})
+    own = Artifact("campaigns/t-1/models/m.pt", "model", "1" * 64, 10, "t-1", key)
+    shard = Artifact("cache/abc/shard-00000.npy", "shard", "2" * 64, 10, "t-1", None)
+    other = Artifact("campaigns/t-10/models/m.pt", "model", "3" * 64, 10, "t-2", None)
+    for artifact in (own, shard, other):
+        store.record_artifact(artifact)
+    store.cancel_campaign("t-1")  # nothing was running
+    ids = _unit_ids(store, "t-1")
+    before = _rows_of(store, ids)
+    assert before["units"] == len(units) and before["predictions"] == 2 and before["metrics"] == 1
+
+    planned = store.delete_campaign("t-1", quiet_seconds=60, dry_run=True)
+    assert (planned.state, planned.units, planned.artifacts) == ("CANCELLED", len(units), [own])
+    assert _rows_of(store, ids) == before  # a dry run changes nothing
+    deleted = store.delete_campaign("t-1", quiet_seconds=60)
+    assert deleted == planned
+
+    assert store.find_campaign("t-1") is None
+    assert set(_rows_of(store, ids).values()) == {0}
+    assert store.find_artifact(own.path) is None
+    # the shared cache keeps its record, now of no campaign; another campaign's stays
+    assert store.find_artifact(shard.path) == replace(shard, campaign_id=None)
+    assert store.find_artifact(other.path) == other
+    assert len(store.units("t-2")) == len(units)
+    with pytest.raises(NotFoundError, match="no campaign 't-1'"):
+        store.delete_campaign("t-1", quiet_seconds=60)
+
+
+def test_delete_refuses_a_running_campaign(store_url: str) -> None:
+    store = make_store(store_url)
+    seed_campaign(store, "t-1")
+    with pytest.raises(DeleteRefusedError, match=r"t-1 is RUNNING: cancel it first"):
+        store.delete_campaign("t-1", quiet_seconds=0)
+    assert store.find_campaign("t-1") is not None
+
+
+def test_delete_waits_for_units_cancelled_while_they_ran(store_url: str) -> None:
+    """A GPU fold stops at its next store call after a cancel, and may write one more
+    checkpoint meanwhile: its campaign is not deleted under it."""
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    deliver(store, units[-2].key, worker="gpu-1", task_id="x", holder="x", lease_seconds=60)
+    store.cancel_campaign("t-1")
+    with pytest.raises(DeleteRefusedError) as refused:
+        store.delete_campaign("t-1", quiet_seconds=120)
+    assert f"while 1 of its units ran ({units[-2].key} on gpu-1)" in str(refused.value)
+    assert re.search(r"try again in 1[12]\d s$", str(refused.value))  # 120 s less the time since
+    assert store.find_campaign("t-1") is not None
+    # once two lease periods have passed (here: none are asked for), it goes
+    assert store.delete_campaign("t-1", quiet_seconds=0).units == len(units)
+
+
+def test_delete_refuses_a_campaign_whose_results_another_reuses(store_url: str) -> None:
+    store = make_store(store_url)
+    source = seed_campaign(store, "t-1")
+    seed_campaign(store, "t-10")  # its keys start with "t-1" too, and mention it
+    copy = seed_campaign(store, "t-2")
+    _finish(store, copy[-2].key, reused_from=source[-2].key)
+    _finish(store, f"t-10/{copy[-3].key.split('/', 1)[1]}", note_on="t-1", reused_from="t-10/x")
+    for cid in ("t-1", "t-10", "t-2"):
+        store.cancel_campaign(cid)
+    with pytest.raises(DeleteRefusedError) as refused:
+        store.delete_campaign("t-1", quiet_seconds=0)
+    assert str(refused.value) == (
+        "campaign t-1: campaign(s) t-2 reuse its results, whose model files stay in its "
+        "folder: delete them first"
+    )
+    store.delete_campaign("t-2", quiet_seconds=0)
+    assert store.delete_campaign("t-1", quiet_seconds=0).units == len(source)
+    assert store.find_campaign("t-10") is not None
+
+
+def test_a_delete_waits_for_a_reuse_copying_from_the_campaign(store_url: str) -> None:
+    """`submit --reuse` copying results (which keep pointing at the source's model
+    files) while the source is deleted: the delete waits for the copy, then refuses."""
+    copier, deleter = make_store(store_url), Store(store_url)
+    source = seed_campaign(copier, "t-1")
+    _finish(copier, source[-2].key)
+    seed_campaign(copier, "t-2")
+    for cid in ("t-1", "t-2"):
+        copier.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
+        )
+    copier.cancel_campaign("t-1")
+    copying, go_on = threading.Event(), threading.Event()
+
+    def pause_before_the_copy(conn, cursor, statement: str, *args: Any) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("INSERT INTO RESULTS"):
+            copying.set()  # the sources are read, nothing copied yet
+            assert go_on.wait(30)
+
+    event.listen(copier.engine, "before_cursor_execute", pause_before_the_copy)
+    copied: dict[str, str] = {}
+    reuse = threading.Thread(target=lambda: copied.update(copier.reuse_finished("t-2")))
+    reuse.start()
+    try:
+        assert copying.wait(30)
+        refused: list[Exception] = []
+
+        def delete_source() -> None:
+            try:
+                deleter.delete_campaign("t-1", quiet_seconds=0)
+            except DeleteRefusedError as exc:
+                refused.append(exc)
+
+        deleting = threading.Thread(target=delete_source)
+        deleting.start()
+        deleting.join(1.0)
+        assert deleting.is_alive()  # waiting for the copy's transaction
+    finally:
+        go_on.set()
+        reuse.join(30)
+        event.remove(copier.engine, "before_cursor_execute", pause_before_the_copy)
+    deleting.join(30)
+    assert copied == {source[-2].key.replace("t-1", "t-2"): source[-2].key}
+    assert refused and "campaign(s) t-2 reuse its results" in str(refused[0])
+    assert copier.find_campaign("t-1") is not None

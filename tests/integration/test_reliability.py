@@ -23,8 +23,10 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from db.models import CampaignRow, ResultRow, UnitRow, utcnow
-from db.store import Store
+from db.store import DeleteRefusedError, Store
 from scheduler.api import CampaignRun, cancel, resume, submit
+from scheduler.api import delete as delete_campaign
+from shared.artifacts import sha256_file
 from shared.settings import Settings
 from tests.conftest import REDIS_URL
 from tests.integration.test_campaign import drop_redis_keys, settings_for
@@ -286,7 +288,6 @@ def test_altered_checkpoint_and_shard_are_detected_and_not_used(cluster: Cluster
 
 
 def sha256_of(path: Path) -> str:
-    from shared.artifacts import sha256_file
 
     return sha256_file(path)
 
@@ -476,12 +477,28 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
         assert unit.attempts == 0  # not run again
     assert again.report_path() is not None and again.report_path().exists()
 
+    # the copies keep reading the first campaign's model files: it is not deleted under them
+    with pytest.raises(DeleteRefusedError, match=f"campaign\\(s\\) {again.id} reuse its results"):
+        delete_campaign(run.id, settings=cluster.settings)
+    artifacts = cluster.settings.artifacts
+    shards = store.artifacts(run.id, kind="shard")
+    assert shards  # the first campaign decoded them; the second reused the cache
+    for deleted in (again, run):
+        gone = delete_campaign(deleted.id, settings=cluster.settings)
+        assert gone.state == "DONE" and gone.files > 0
+        assert not (artifacts / "campaigns" / deleted.id).exists()
+        assert store.find_campaign(deleted.id) is None
+    # the cache stays, whole and recorded, for the next campaign over these images
+    for shard in shards:
+        record = store.find_artifact(shard.path)
+        assert record is not None and record.campaign_id is None
+        assert sha256_file(artifacts / shard.path) == record.sha256
+
 
 def test_resume_rewrites_a_shard_that_was_altered_or_deleted(cluster: Cluster) -> None:
     """A shard damaged after its unit succeeded fails every unit that reads it; resume
     runs its preprocessing unit again (it would otherwise stay SUCCESS, and each resume
     fail the same way), and the campaign finishes."""
-    from shared.artifacts import sha256_file
     from shared.manifest import Manifest, manifest_path
     from workers.data import shard_rel
 

@@ -152,7 +152,7 @@ def test_gpu_workers_refuse_prefork_and_silence(tmp_path: Path) -> None:
         assert_one_line_error(done, "--gpus workers use the solo pool")
 
 
-SUBCOMMANDS = ("submit", "resume", "cancel", "status", "report", "worker", "demo", "db")
+SUBCOMMANDS = ("submit", "resume", "cancel", "delete", "status", "report", "worker", "demo", "db")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -404,3 +404,98 @@ def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
     assert planned.campaign == load_campaign(campaign)
     assert all(e.path.startswith(f"{root}/") for e in planned.manifest.entries)
     assert not (tmp_path / "artifacts").exists()
+
+
+def _stored_campaigns(home: Path, running: str, *finished: str) -> None:
+    """Campaigns recorded as a submit records them, with a folder each: ``running``
+    RUNNING, the others CANCELLED."""
+    from db.store import Store
+    from shared.plan import plan_units
+    from shared.spec import parse_campaign
+
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    campaign = parse_campaign(
+        {"name": "t", "dataset": {"kind": "synthetic"}, "svm": {"C": [1.0, 2.0]}}, source="t"
+    )
+    for cid in (running, *finished):
+        store.create_campaign(
+            cid,
+            name="t",
+            source="t.toml",
+            digest=campaign.digest(),
+            spec=campaign.model_dump(mode="json"),
+            classes=["A", "B", "C"],
+            units=plan_units(cid, campaign, [(0, 10)]),
+        )
+        folder = home / "artifacts" / "campaigns" / cid
+        (folder / "models").mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+        (folder / "models" / "m.pt").write_bytes(b"x" * 1_500_000)
+    for cid in finished:
+        store.cancel_campaign(cid)
+    store.dispose()
+
+
+def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home)}
+    first, running, last = (f"t-20261205-00000{i}-abc{i}" for i in range(3))
+    _stored_campaigns(home, running, first, last)
+    campaigns = home / "artifacts" / "campaigns"
+    cache = home / "artifacts" / "cache" / "k" / "shard-00000.npy"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"shared")
+
+    dry = orchard("delete", first, running, last, "--dry-run", env=env)
+    assert dry.returncode == 2
+    assert dry.stdout.splitlines() == [
+        f"would delete campaign {cid} (CANCELLED): 4 unit(s), 2 file(s), 1.5 MB under "
+        f"{campaigns / cid}"
+        for cid in (first, last)
+    ]
+    assert dry.stderr == (
+        f"orchard: error: campaign {running} is RUNNING: cancel it first "
+        f"(`orchard cancel {running}`), or let it finish\n"
+    )
+    assert all((campaigns / cid / "models" / "m.pt").exists() for cid in (first, running, last))
+
+    done = orchard("delete", first, running, last, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stdout.startswith(f"deleted campaign {first} (CANCELLED): 4 unit(s), 2 file(s)")
+    assert sorted(p.name for p in campaigns.iterdir()) == [running]
+    assert cache.read_bytes() == b"shared"  # the cache is every campaign's
+    listed = orchard("status", env=env)
+    assert running in listed.stdout and first not in listed.stdout and last not in listed.stdout
+    assert_one_line_error(orchard("delete", first, env=env), f"no campaign '{first}' in sqlite")
+
+
+def test_delete_removes_a_deleted_campaigns_leftovers_and_nothing_else(tmp_path: Path) -> None:
+    """A folder a delete could not remove whole has no manifest: deleting the id again
+    removes it. Nothing else outside the store's campaigns is touched: not a folder
+    with a manifest (another store's campaign), not a path that is not a campaign id."""
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home)}
+    running = "t-20261205-000000-abcd"
+    _stored_campaigns(home, running)
+    campaigns = home / "artifacts" / "campaigns"
+    leftover = campaigns / "t-20261205-000001-abcd"
+    (leftover / "checkpoints").mkdir(parents=True)
+    (leftover / "checkpoints" / "cnn-s0.pt").write_bytes(b"x" * 10)
+    elsewhere = campaigns / "t-20261205-000002-abcd"
+    elsewhere.mkdir()
+    (elsewhere / "manifest.json").write_text("{}")
+    (campaigns / "not-an-id").mkdir()
+
+    done = orchard("delete", leftover.name, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"removed what was left of deleted campaign {leftover.name}: 1 file(s), 0.0 MB "
+        f"under {leftover}\n"
+    )
+    assert not leftover.exists()
+    for name in (elsewhere.name, "not-an-id", "..", f"{running}/../not-an-id"):
+        assert_one_line_error(orchard("delete", name, env=env), f"no campaign {name!r}")
+    assert sorted(p.name for p in campaigns.iterdir()) == sorted(
+        [running, "not-an-id", elsewhere.name]
+    )
