@@ -28,7 +28,9 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
@@ -224,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         help=f"list every campaign (without it, the newest {STATUS_SHOWN})",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document instead of a table (with --watch: once, at the end)",
     )
     p.set_defaults(run=cmd_status)
 
@@ -708,6 +715,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         _check_campaign_id(args.campaign)
     store = _store(existing=True)
     console = Console()
+    if args.json:
+        return _status_json(store, args)
     if args.campaign is None:
         shown = store.list_campaigns(limit=None if args.all else STATUS_SHOWN)
         if not shown:
@@ -885,21 +894,32 @@ def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
     return f"campaigns in {mask_url(store.url)}", columns, rows
 
 
-def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
+@dataclass(frozen=True, slots=True)
+class _UnitLine:
+    """What ``orchard status ID`` shows of a unit, as a table row or as JSON."""
+
+    unit: Any  # db.store.Unit
+    result: Any  # db.store.Result | None
+    note: str  # progress or error, as the table's last column says it
+    epoch: dict[str, Any] | None  # a running CNN fold's last epoch: done, of, val_acc
+
+
+def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [_UnitLine])
     campaign = store.get_campaign(campaign_id)
     results = store.results(campaign_id)
-    columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
-    rows = []
     units = store.units(campaign_id)
     running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
     metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
+    lines = []
     for unit in units:
         result = results.get(unit.key)
         note = visible_controls(unit.error or "")  # recorded by any worker, any version
+        epoch = None
         if unit.state == "RUNNING" and unit.family == "cnn":
             epochs = metrics.get(unit.key, {}).get("val_acc", [])
             if epochs:
                 step, value = epochs[-1]
+                epoch = {"done": step + 1, "of": unit.params.get("epochs"), "val_acc": value}
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
         if unit.state == "QUEUED" and unit.worker and not note:
             # handed back by a stopping worker, or sent again after its worker was lost
@@ -909,18 +929,105 @@ def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
         if result and (source := result.extra.get("reused_from")):
             # copied by --reuse: the worker and seconds are the source unit's
             note = f"reused from {source}"
-        rows.append(
-            [
-                unit.key.removeprefix(campaign_id + "/"),
-                unit.state,
-                str(unit.attempts),
-                unit.worker or "",
-                f"{result.fit_seconds:.1f}" if result else "",
-                f"{result.val_acc:.3f}" if result and result.val_acc is not None else "",
-                note,
-            ]
-        )
+        lines.append(_UnitLine(unit, result, note, epoch))
+    return campaign, lines
+
+
+def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
+    campaign, lines = _unit_lines(store, campaign_id)
+    columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
+    rows = [
+        [
+            line.unit.key.removeprefix(campaign_id + "/"),
+            line.unit.state,
+            str(line.unit.attempts),
+            line.unit.worker or "",
+            f"{line.result.fit_seconds:.1f}" if line.result else "",
+            f"{line.result.val_acc:.3f}" if line.result and line.result.val_acc is not None else "",
+            line.note,
+        ]
+        for line in lines
+    ]
     return f"{campaign.id}: {campaign.state}", columns, rows
+
+
+def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
+    """``orchard status --json``: the list, or one campaign with its units, as one JSON
+    document on stdout (times in ISO 8601 with their zone; absent values null)."""
+    from scheduler.api import CampaignRun
+
+    if args.campaign is None:
+        shown = store.list_campaigns(limit=None if args.all else STATUS_SHOWN)
+        counts = store.unit_counts([c.id for c in shown])
+        older = 0 if args.all else max(0, store.count_campaigns() - len(shown))
+        document = {
+            "store": mask_url(store.url),
+            "campaigns": [_campaign_json(c, counts.get(c.id, {})) for c in shown],
+            "not_shown": older,
+        }
+    else:
+        run = CampaignRun(args.campaign, store, load_settings())
+        if args.watch:
+            run.wait(on_stall=_warn_stall)
+        campaign, lines = _unit_lines(store, args.campaign)
+        report = run.report_path()
+        document = {
+            "store": mask_url(store.url),
+            "campaign": {
+                **_campaign_json(campaign, Counter(line.unit.state for line in lines)),
+                "report": str(report) if report else None,
+                "stalled": run.stalled() if campaign.state == "RUNNING" else None,
+            },
+            "units": [_unit_json(line) for line in lines],
+        }
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "id": campaign.id,
+        "name": campaign.name,
+        "state": campaign.state,
+        "source": campaign.source,
+        "created_at": _iso(campaign.created_at),
+        "finished_at": _iso(campaign.finished_at),
+        "units": {"total": sum(states.values()), **dict(sorted(states.items()))},
+    }
+
+
+def _unit_json(line: _UnitLine) -> dict[str, Any]:
+    unit, result = line.unit, line.result
+    return {
+        "key": unit.key,
+        "family": unit.family,
+        "stage": unit.stage,
+        "fold": unit.fold,
+        "queue": unit.queue,
+        "state": unit.state,
+        "attempts": unit.attempts,
+        "worker": unit.worker,
+        "started_at": _iso(unit.started_at),
+        "finished_at": _iso(unit.finished_at),
+        "params": unit.params,
+        "train_acc": result.train_acc if result else None,
+        "val_acc": result.val_acc if result else None,
+        "test_acc": result.test_acc if result else None,
+        "fit_seconds": result.fit_seconds if result else None,
+        "reused_from": result.extra.get("reused_from") if result else None,
+        "epoch": line.epoch,
+        "error": unit.error,
+        "note": line.note,
+    }
+
+
+def _iso(moment) -> str | None:  # noqa: ANN001 - a datetime or None
+    """UTC, with its zone: SQLite hands back the naive UTC times the store wrote."""
+    from datetime import UTC
+
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
 def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202

@@ -262,3 +262,65 @@ def test_an_error_recorded_with_control_characters_is_shown_not_sent(
     out = status(capsys, "t-1")
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;pwned\\x07\\x1b[2J" in out
+
+
+def test_json_lists_campaigns_with_their_unit_counts(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    from datetime import datetime
+
+    plans = seed_campaign(store, IDS[0])
+    seed_campaign(store, IDS[1])
+    store.cancel_campaign(IDS[1])
+    document = json.loads(status(capsys, "--json"))
+    assert document["store"] == store.url and document["not_shown"] == 0
+    by_id = {c["id"]: c for c in document["campaigns"]}
+    assert by_id[IDS[0]]["state"] == "RUNNING" and by_id[IDS[1]]["state"] == "CANCELLED"
+    assert by_id[IDS[0]]["units"] == {"total": len(plans), "PENDING": len(plans)}
+    assert by_id[IDS[1]]["units"] == {"total": len(plans), "CANCELLED": len(plans)}
+    assert by_id[IDS[0]]["finished_at"] is None
+    for moment in (by_id[IDS[1]]["created_at"], by_id[IDS[1]]["finished_at"]):
+        assert datetime.fromisoformat(moment).utcoffset().total_seconds() == 0  # UTC, said so
+
+
+def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    from dataclasses import replace
+
+    from tests.db.test_store import deliver, outcome
+
+    plans = seed_campaign(store, IDS[0])
+    fold = next(p for p in plans if p.family == "cnn")
+    deliver(store, fold.key, worker="gpu0@a", task_id=fold.key)
+    store.record_metrics(fold.key, 0, {"val_acc": 0.25})
+    point = plans[-2].key
+    deliver(store, point, worker="cpu@b", task_id=point)
+    store.finish_unit(point, replace(outcome(0.75), artifacts=[], extra={"reused_from": "x/y"}))
+    document = json.loads(status(capsys, IDS[0], "--json"))
+    campaign = document["campaign"]
+    assert (campaign["id"], campaign["state"], campaign["report"]) == (IDS[0], "RUNNING", None)
+    assert campaign["units"] == {
+        "total": len(plans),
+        "PENDING": len(plans) - 2,
+        "RUNNING": 1,
+        "SUCCESS": 1,
+    }
+    units = {u["key"]: u for u in document["units"]}
+    assert list(units) == [p.key for p in plans]  # in plan order, every one
+    running = units[fold.key]
+    assert running["epoch"] == {"done": 1, "of": 1, "val_acc": 0.25}
+    assert (running["state"], running["worker"], running["val_acc"]) == ("RUNNING", "gpu0@a", None)
+    done = units[point]
+    assert (done["state"], done["val_acc"], done["reused_from"]) == ("SUCCESS", 0.75, "x/y")
+    assert done["params"] == plans[-2].params and done["family"] == plans[-2].family
+
+
+def test_json_names_an_unknown_campaign_in_one_line(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "nope-1", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err == f"orchard: error: no campaign 'nope-1' in {store.url}\n"
