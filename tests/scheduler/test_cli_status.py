@@ -324,3 +324,14 @@ def test_json_names_an_unknown_campaign_in_one_line(
     assert main(["status", "nope-1", "--json"]) == 2
     out, err = capsys.readouterr()
     assert not out and err == f"orchard: error: no campaign 'nope-1' in {store.url}\n"
+
+
+def test_json_with_watch_prints_once_at_the_end(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    seed_campaign(store, IDS[0])
+    store.cancel_campaign(IDS[0])
+    out = status(capsys, IDS[0], "--watch", "--json")
+    assert json.loads(out)["campaign"]["state"] == "CANCELLED"  # one document, nothing more
