@@ -1350,8 +1350,7 @@ class Store:
                     f"campaign {campaign_id}: campaign(s) {named} reuse its results, whose "
                     "model files stay in its folder: delete them first"
                 )
-            folder = f"campaigns/{campaign_id}/"
-            own = ArtifactRow.path.startswith(folder, autoescape=True)
+            own = _files_under(f"campaigns/{campaign_id}/")
             artifacts = [
                 Artifact(r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key)
                 for r in s.scalars(select(ArtifactRow).where(own).order_by(ArtifactRow.path))
@@ -1557,6 +1556,19 @@ class Store:
         )
 
     @_retried
+    def count_artifacts(self, prefix: str) -> int:
+        """How many files under ``prefix`` (a folder, ending in ``/``) are recorded."""
+        with self._transaction(read_only=True) as s:
+            return s.scalar(select(func.count()).where(_files_under(prefix)))
+
+    @_retried
+    def forget_artifacts(self, prefix: str) -> int:
+        """Drop the records of every file under ``prefix`` (a folder, ending in ``/``):
+        files removed on purpose (``orchard prune``). Returns how many."""
+        with self._transaction() as s:
+            return s.execute(delete(ArtifactRow).where(_files_under(prefix))).rowcount
+
+    @_retried
     def find_artifact(self, path: str) -> Artifact | None:
         with self._transaction(read_only=True) as s:
             row = s.scalar(select(ArtifactRow).where(ArtifactRow.path == path))
@@ -1623,6 +1635,12 @@ def _busy_queues(s: Session, queues: Sequence[str], now: datetime, since: dateti
 
     row = s.execute(select(*(busy(queue) for queue in names))).one()
     return {queue for queue, is_busy in zip(names, row, strict=True) if is_busy}
+
+
+def _files_under(folder: str) -> Any:
+    """Artifact records of the files under ``folder`` (relative, ending in ``/``; ``_``
+    and ``%`` in it are not wildcards)."""
+    return ArtifactRow.path.startswith(folder, autoescape=True)
 
 
 def _insert(s: Session) -> Any:

@@ -8,6 +8,7 @@ status = run.wait(progress=True)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -16,9 +17,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -669,6 +670,94 @@ def _remove_folder(folder: Path, campaign_id: str) -> None:
             f"removed ({exc.strerror or exc}): `orchard delete {campaign_id}` removes what "
             "is left"
         ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What :func:`prune_cache` removed, or in a dry run would remove."""
+
+    folders: list[tuple[Path, int, int]]  # (cache folder, files, bytes) no campaign uses
+    kept: int  # cache folders some campaign of the store uses
+    dry_run: bool = False
+    late: list[str] = field(default_factory=list)  # campaigns submitted meanwhile that use one
+    unknown: int = 0  # of those kept, folders this store has no record of (another store's)
+
+
+def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> Pruned:
+    """Remove the preprocessing cache folders (``cache/<key>``) that no campaign in the
+    store uses, with their shards' records: what is left after ``delete``. A folder
+    the store has no record of (another store's, sharing the artifact folder) stays.
+
+    Refused while a campaign runs (its units read and write the cache), and when a
+    campaign's manifest, which names the cache it uses, cannot be read. A campaign
+    submitted while the prune removes folders may find its shards gone: it is named in
+    ``late``, and ``orchard resume`` of it decodes them again.
+    """
+    settings = _settings(settings)
+    store = Store(settings.database_url)
+    store.check_schema()
+    before = {c.id for c in store.list_campaigns(limit=None)}
+    in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
+    cache = settings.artifacts / "cache"
+    folders = [
+        folder
+        for folder in (sorted(cache.iterdir()) if cache.is_dir() else [])
+        if folder.is_dir() and not folder.is_symlink()
+    ]
+    # a folder this store recorded no shard of is another store's, sharing the folder
+    ours = [f for f in folders if store.count_artifacts(f"cache/{f.name}/")]
+    unused = [folder for folder in ours if folder.name not in in_use]
+    pruned = []
+    for folder in unused:
+        files, size = _folder_size(folder)
+        if not dry_run:
+            store.forget_artifacts(f"cache/{folder.name}/")
+            try:
+                shutil.rmtree(folder)
+            except OSError as exc:
+                raise OrchardError(
+                    f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); its "
+                    "records are gone, so a campaign over those images decodes them again"
+                ) from None
+        pruned.append((folder, files, size))
+    late = []
+    if pruned and not dry_run:
+        removed = {folder.name for folder, _, _ in pruned}
+        late = sorted(
+            cid
+            for cid, key in _caches_in_use(store, settings, skip=before).items()
+            if key in removed
+        )
+    return Pruned(pruned, len(folders) - len(unused), dry_run, late, len(folders) - len(ours))
+
+
+def _caches_in_use(
+    store: Store, settings: Settings, *, refuse_running: bool = False, skip: Collection[str] = ()
+) -> dict[str, str]:
+    """campaign id -> the cache key its manifest names, for each campaign in the store
+    (but ``skip``); one line for a campaign that runs (``refuse_running``) or whose
+    manifest cannot be read."""
+    campaigns = [c for c in store.list_campaigns(limit=None) if c.id not in skip]
+    running = [c.id for c in campaigns if c.state == RUNNING]
+    if refuse_running and running:
+        more = f" (and {len(running) - 1} more)" if len(running) > 1 else ""
+        raise OrchardError(
+            f"campaign {running[0]}{more} is RUNNING, reading and writing the cache: prune "
+            "when no campaign runs"
+        )
+    keys = {}
+    for campaign in campaigns:
+        path = manifest_path(settings.artifacts / "campaigns" / campaign.id)
+        try:
+            keys[campaign.id] = str(json.loads(path.read_text(encoding="utf-8"))["cache_key"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+            raise OrchardError(
+                f"{path}: cannot be read ({reason}), so which cache campaign {campaign.id} "
+                f"uses is unknown: restore the file, or `orchard delete {campaign.id}`, then "
+                "prune"
+            ) from None
+    return keys
 
 
 class _Progress:

@@ -211,6 +211,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_delete)
 
     p = commands.add_parser(
+        "prune",
+        help="remove the preprocessing cache that no campaign uses",
+        description="Remove the preprocessing cache folders (ORCHARD_ARTIFACTS/cache/KEY) "
+        "that no campaign in the store uses, with their records: the decoded images of "
+        "campaigns since deleted. Refused while a campaign runs.",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what would be removed; remove nothing"
+    )
+    p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser(
         "status",
         help="list campaigns, or show one campaign's units",
         description="List the campaigns in the store (id, name, state, units succeeded/total, "
@@ -580,6 +592,32 @@ def cmd_delete(args: argparse.Namespace) -> int:
         else:
             print(f"{verb} campaign {campaign_id} ({done.state}): {done.units} unit(s), {files}")
     return 2 if refused else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from scheduler.api import prune_cache
+
+    url = load_settings().database_url
+    _check_database_url(url)
+    _require_sqlite_file(url)
+    pruned = prune_cache(dry_run=args.dry_run)
+    verb = "would remove" if pruned.dry_run else "removed"
+    for folder, files, size in pruned.folders:
+        print(f"{verb} {folder}: {files} file(s), {_megabytes(size)}")
+    total = sum(size for _, _, size in pruned.folders)
+    unknown = f" and {pruned.unknown} it has no record of" if pruned.unknown else ""
+    print(
+        f"{verb} {len(pruned.folders)} cache folder(s), {_megabytes(total)}; kept "
+        f"{pruned.kept - pruned.unknown} that campaigns in the store use{unknown}"
+    )
+    for campaign_id in pruned.late:
+        print(
+            f"orchard: warning: campaign {campaign_id} was submitted during the prune and "
+            f"reads a cache it removed: `orchard resume {campaign_id}` decodes it again if "
+            "its units fail",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _megabytes(size: int) -> str:

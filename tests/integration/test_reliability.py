@@ -24,7 +24,7 @@ from sqlalchemy import delete, select, update
 
 from db.models import CampaignRow, ResultRow, UnitRow, utcnow
 from db.store import DeleteRefusedError, Store
-from scheduler.api import CampaignRun, cancel, resume, submit
+from scheduler.api import CampaignRun, cancel, prune_cache, resume, submit
 from scheduler.api import delete as delete_campaign
 from shared.artifacts import sha256_file
 from shared.settings import Settings
@@ -493,6 +493,10 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
         record = store.find_artifact(shard.path)
         assert record is not None and record.campaign_id is None
         assert sha256_file(artifacts / shard.path) == record.sha256
+    # until a prune: no campaign of the store uses it any more
+    pruned = prune_cache(settings=cluster.settings)
+    assert [folder.name for folder, _, _ in pruned.folders] == [shards[0].path.split("/")[1]]
+    assert not any(store.find_artifact(s.path) or (artifacts / s.path).exists() for s in shards)
 
 
 def test_resume_rewrites_a_shard_that_was_altered_or_deleted(cluster: Cluster) -> None:

@@ -152,7 +152,18 @@ def test_gpu_workers_refuse_prefork_and_silence(tmp_path: Path) -> None:
         assert_one_line_error(done, "--gpus workers use the solo pool")
 
 
-SUBCOMMANDS = ("submit", "resume", "cancel", "delete", "status", "report", "worker", "demo", "db")
+SUBCOMMANDS = (
+    "submit",
+    "resume",
+    "cancel",
+    "delete",
+    "prune",
+    "status",
+    "report",
+    "worker",
+    "demo",
+    "db",
+)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -1,0 +1,145 @@
+"""`orchard prune`: the preprocessing cache that no campaign in the store uses, removed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from db.store import Artifact, Store
+from scheduler.cli import main
+from tests.db.test_store import seed_campaign
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("ORCHARD_DATABASE_URL", "ORCHARD_BROKER_URL", "ORCHARD_ARTIFACTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    return tmp_path
+
+
+def stored(home: Path, campaigns: dict[str, str]) -> Store:
+    """A store with a campaign per id, each with a manifest naming its cache key, and a
+    cache folder of two recorded shards per key."""
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    for cid, key in campaigns.items():
+        seed_campaign(store, cid)
+        folder = home / "artifacts" / "campaigns" / cid
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"cache_key": key, "entries": []}))
+        for index in range(2):
+            shard = home / "artifacts" / "cache" / key / f"shard-0000{index}.npy"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            shard.write_bytes(b"x" * 500_000)
+            rel = shard.relative_to(home / "artifacts").as_posix()
+            store.record_artifact(Artifact(rel, "shard", "0" * 64, 500_000, cid, None))
+    return store
+
+
+def prune(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["prune", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_removes_the_cache_no_campaign_uses(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    cache = home / "artifacts" / "cache"
+    assert main(["delete", "b-1"]) == 0
+    capsys.readouterr()
+    (cache / "not-a-folder").write_text("left alone")
+    (cache / "another-stores").mkdir()  # sharing the artifact folder: no record here
+    (cache / "another-stores" / "shard-00000.npy").write_bytes(b"x")
+
+    code, out, err = prune(capsys, "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"would remove {cache / 'orphan'}: 2 file(s), 1.0 MB",
+        "would remove 1 cache folder(s), 1.0 MB; kept 1 that campaigns in the store use and "
+        "1 it has no record of",
+    ]
+    assert (cache / "orphan").is_dir() and store.find_artifact("cache/orphan/shard-00000.npy")
+
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"removed {cache / 'orphan'}: 2 file(s), 1.0 MB"
+    assert sorted(p.name for p in cache.iterdir()) == ["another-stores", "not-a-folder", "used"]
+    assert store.find_artifact("cache/orphan/shard-00000.npy") is None
+    assert store.find_artifact("cache/used/shard-00001.npy") is not None
+    code, out, _ = prune(capsys)
+    assert out == (
+        "removed 0 cache folder(s), 0.0 MB; kept 1 that campaigns in the store use and 1 it "
+        "has no record of\n"
+    )
+
+
+def test_prune_waits_until_no_campaign_runs(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stored(home, {"a-1": "used", "b-1": "orphan", "c-1": "orphan"})
+    code, out, err = prune(capsys)
+    assert code == 2 and not out
+    assert re.fullmatch(
+        r"orchard: error: campaign [abc]-1 \(and 2 more\) is RUNNING, reading and writing "
+        r"the cache: prune when no campaign runs\n",
+        err,
+    )
+    assert (home / "artifacts" / "cache" / "orphan").is_dir()
+
+
+def test_prune_refuses_when_a_campaigns_cache_is_unknown(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    manifest = home / "artifacts" / "campaigns" / "b-1" / "manifest.json"
+    manifest.unlink()
+    code, out, err = prune(capsys)
+    assert code == 2 and not out
+    assert err == (
+        f"orchard: error: {manifest}: cannot be read (No such file or directory), so which "
+        "cache campaign b-1 uses is unknown: restore the file, or `orchard delete b-1`, "
+        "then prune\n"
+    )
+    assert sorted(p.name for p in (home / "artifacts" / "cache").iterdir()) == ["orphan", "used"]
+
+
+def test_a_campaign_submitted_during_the_prune_is_named(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submitted between the prune's look at the store and its removal, a campaign over
+    the same images may have found its shards and then lose them: it is named, with
+    what to do."""
+    import shutil
+
+    from scheduler import api
+
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    assert main(["delete", "b-1"]) == 0
+    capsys.readouterr()
+    remove = shutil.rmtree
+
+    def submitted_meanwhile(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).name == "orphan" and store.find_campaign("c-1") is None:
+            seed_campaign(store, "c-1")
+            folder = home / "artifacts" / "campaigns" / "c-1"
+            folder.mkdir(parents=True)
+            (folder / "manifest.json").write_text(json.dumps({"cache_key": "orphan"}))
+        remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(api.shutil, "rmtree", submitted_meanwhile)
+    code, out, err = prune(capsys)
+    assert code == 0 and out.startswith(f"removed {home / 'artifacts' / 'cache' / 'orphan'}")
+    assert err == (
+        "orchard: warning: campaign c-1 was submitted during the prune and reads a cache it "
+        "removed: `orchard resume c-1` decodes it again if its units fail\n"
+    )
