@@ -247,6 +247,8 @@ class Start:
 
 #: what :meth:`Store.renew_lease` finds
 LEASE_HELD, LEASE_LOST, LEASE_CANCELLED = "held", "lost", "cancelled"
+#: What a renewal finds when the unit is no longer in the store: `orchard delete`.
+LEASE_GONE = "gone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1019,9 +1021,9 @@ class Store:
 
     @_retried
     def renew_lease(self, key: str, holder: str, lease_seconds: float) -> str:
-        """Extend this delivery's lease (the heartbeat). Returns LEASE_HELD, or
-        LEASE_CANCELLED / LEASE_LOST when the run must stop: the campaign was cancelled,
-        or another delivery took the unit over (or finished it)."""
+        """Extend this delivery's lease (the heartbeat). Returns LEASE_HELD, or, when
+        the run must stop, LEASE_CANCELLED (the campaign was cancelled), LEASE_GONE (it
+        was deleted) or LEASE_LOST (another delivery took the unit over, or finished it)."""
         with self._transaction() as s:
             now = self._now(s)
             renewed = s.execute(
@@ -1032,6 +1034,8 @@ class Store:
             if renewed.rowcount == 1:
                 return LEASE_HELD
             state = s.scalar(select(UnitRow.state).where(UnitRow.key == key))
+            if state is None:
+                return LEASE_GONE
             return LEASE_CANCELLED if state == CANCELLED else LEASE_LOST
 
     @_retried

@@ -631,6 +631,14 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
         if not dry_run:
             _remove_folder(folder, campaign_id)
         return Deleted(campaign_id, None, 0, folder, files, size, dry_run)
+    if not folder.parent.is_dir():
+        # not the artifacts' folder the campaign was submitted with (a share not mounted
+        # here): its rows would go and its folder stay, manifest and all, for good
+        raise OrchardError(
+            f"campaign {campaign_id}: {folder.parent} is not there; ORCHARD_ARTIFACTS "
+            f"({settings.artifacts}) must be the folder it was submitted with (on a "
+            "cluster, the same share, mounted): nothing deleted"
+        )
     quiet = 2 * reliability().lease_seconds
     deletion = store.delete_campaign(campaign_id, quiet_seconds=quiet, dry_run=dry_run)
     files, size = _folder_size(folder)
@@ -640,7 +648,10 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
 
 
 def _folder_size(folder: Path) -> tuple[int, int]:
-    """Files under ``folder`` and their bytes (nothing for a folder that is not there)."""
+    """Files under ``folder`` and their bytes (nothing for a folder that is not there,
+    nor for a symbolic link: what it points to is not under the artifacts' folder)."""
+    if os.path.islink(folder):
+        return 0, 0
     files = size = 0
     for parent, _, names in os.walk(folder):
         for name in names:
@@ -655,7 +666,19 @@ def _folder_size(folder: Path) -> tuple[int, int]:
 def _remove_folder(folder: Path, campaign_id: str) -> None:
     """Remove a deleted campaign's folder, its manifest first (see :func:`delete`)."""
     try:
+        if folder.is_symlink():  # the link goes, never what it points to (another disk)
+            folder.unlink()
+            return
         manifest_path(folder).unlink(missing_ok=True)
+    except OSError as exc:
+        # with its manifest the folder looks like another store's campaign, which a
+        # delete never removes: `orchard delete` again cannot help
+        raise OrchardError(
+            f"campaign {campaign_id} is deleted from the store, but "
+            f"{exc.filename or manifest_path(folder)} could not be removed "
+            f"({exc.strerror or exc}): remove {folder} yourself"
+        ) from None
+    try:
         for _ in range(5):  # a file under it that goes meanwhile stops rmtree: again
             try:
                 shutil.rmtree(folder)

@@ -568,14 +568,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from db.store import NotFoundError, StoreError
     from scheduler.api import delete
+    from workers.config import reliability
 
-    for campaign_id in args.campaigns:
+    campaign_ids = list(dict.fromkeys(args.campaigns))  # an id given twice is deleted once
+    for campaign_id in campaign_ids:
         _check_campaign_id(campaign_id)
     url = load_settings().database_url
     _check_database_url(url)
     _require_sqlite_file(url)
+    reliability()  # a bad ORCHARD_LEASE_SECONDS: one line, not one per id
     refused = 0
-    for campaign_id in args.campaigns:  # each on its own: one refusal stops no other
+    for campaign_id in campaign_ids:  # each on its own: one refusal stops no other
         try:
             done = delete(campaign_id, dry_run=args.dry_run)
         except OrchardError as exc:

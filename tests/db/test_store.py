@@ -16,6 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from db import migrate
 from db.models import UnitRow, utcnow
 from db.store import (
+    LEASE_CANCELLED,
+    LEASE_GONE,
+    LEASE_HELD,
     Artifact,
     DeleteRefusedError,
     LeaseLostError,
@@ -1200,3 +1203,14 @@ def test_a_delete_waits_for_a_reuse_copying_from_the_campaign(store_url: str) ->
     assert copied == {source[-2].key.replace("t-1", "t-2"): source[-2].key}
     assert refused and "campaign(s) t-2 reuse its results" in str(refused[0])
     assert copier.find_campaign("t-1") is not None
+
+
+def test_a_renewal_after_a_delete_says_the_unit_is_gone(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    deliver(store, units[-2].key, worker="w", task_id="x", holder="x", lease_seconds=60)
+    assert store.renew_lease(units[-2].key, "x", 60) == LEASE_HELD
+    store.cancel_campaign("t-1")
+    assert store.renew_lease(units[-2].key, "x", 60) == LEASE_CANCELLED
+    store.delete_campaign("t-1", quiet_seconds=0)
+    assert store.renew_lease(units[-2].key, "x", 60) == LEASE_GONE

@@ -417,28 +417,16 @@ def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
     assert not (tmp_path / "artifacts").exists()
 
 
-def _stored_campaigns(home: Path, running: str, *finished: str) -> None:
+def _stored_campaigns(home: Path, running: str, *finished: str) -> int:
     """Campaigns recorded as a submit records them, with a folder each: ``running``
-    RUNNING, the others CANCELLED."""
+    RUNNING, the others CANCELLED. Returns how many units each has."""
     from db.store import Store
-    from shared.plan import plan_units
-    from shared.spec import parse_campaign
+    from tests.db.test_store import seed_campaign
 
     store = Store(f"sqlite:///{home / 'orchard.db'}")
     store.upgrade()
-    campaign = parse_campaign(
-        {"name": "t", "dataset": {"kind": "synthetic"}, "svm": {"C": [1.0, 2.0]}}, source="t"
-    )
     for cid in (running, *finished):
-        store.create_campaign(
-            cid,
-            name="t",
-            source="t.toml",
-            digest=campaign.digest(),
-            spec=campaign.model_dump(mode="json"),
-            classes=["A", "B", "C"],
-            units=plan_units(cid, campaign, [(0, 10)]),
-        )
+        units = len(seed_campaign(store, cid))
         folder = home / "artifacts" / "campaigns" / cid
         (folder / "models").mkdir(parents=True)
         (folder / "manifest.json").write_text("{}")
@@ -446,13 +434,14 @@ def _stored_campaigns(home: Path, running: str, *finished: str) -> None:
     for cid in finished:
         store.cancel_campaign(cid)
     store.dispose()
+    return units
 
 
 def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {"ORCHARD_HOME": str(home)}
     first, running, last = (f"t-20261205-00000{i}-abc{i}" for i in range(3))
-    _stored_campaigns(home, running, first, last)
+    units = _stored_campaigns(home, running, first, last)
     campaigns = home / "artifacts" / "campaigns"
     cache = home / "artifacts" / "cache" / "k" / "shard-00000.npy"
     cache.parent.mkdir(parents=True)
@@ -461,7 +450,7 @@ def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: P
     dry = orchard("delete", first, running, last, "--dry-run", env=env)
     assert dry.returncode == 2
     assert dry.stdout.splitlines() == [
-        f"would delete campaign {cid} (CANCELLED): 4 unit(s), 2 file(s), 1.5 MB under "
+        f"would delete campaign {cid} (CANCELLED): {units} unit(s), 2 file(s), 1.5 MB under "
         f"{campaigns / cid}"
         for cid in (first, last)
     ]
@@ -473,7 +462,7 @@ def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: P
 
     done = orchard("delete", first, running, last, env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stdout.startswith(f"deleted campaign {first} (CANCELLED): 4 unit(s), 2 file(s)")
+    assert done.stdout.startswith(f"deleted campaign {first} (CANCELLED): {units} unit(s), 2 file")
     assert sorted(p.name for p in campaigns.iterdir()) == [running]
     assert cache.read_bytes() == b"shared"  # the cache is every campaign's
     listed = orchard("status", env=env)
@@ -510,3 +499,112 @@ def test_delete_removes_a_deleted_campaigns_leftovers_and_nothing_else(tmp_path:
     assert sorted(p.name for p in campaigns.iterdir()) == sorted(
         [running, "not-an-id", elsewhere.name]
     )
+
+
+def test_delete_of_a_campaign_whose_folder_is_a_symlink_touches_nothing_outside(
+    tmp_path: Path,
+) -> None:
+    """A campaign folder moved to another disk and linked back: the delete removes the
+    link, never the files it points to (not even the manifest); a link inside a
+    campaign's folder goes too, not what it points to (the shared cache)."""
+    from db.store import Store
+
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home)}
+    first, linked = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, first, linked)
+    campaigns = home / "artifacts" / "campaigns"
+    moved = tmp_path / "bigdisk" / linked
+    moved.parent.mkdir()
+    (campaigns / linked).rename(moved)
+    (campaigns / linked).symlink_to(moved)
+    before = sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*"))
+    assert "manifest.json" in before
+    cache = home / "artifacts" / "cache" / "k"
+    cache.mkdir(parents=True)
+    (cache / "shard-00000.npy").write_bytes(b"shared")
+    (campaigns / first / "cache").symlink_to(cache)
+
+    dry = orchard("delete", linked, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "(CANCELLED)" in dry.stdout and " 0 file(s), 0.0 MB under " in dry.stdout
+    done = orchard("delete", linked, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deleted campaign {linked} (CANCELLED)")
+    assert " 0 file(s), 0.0 MB under " in done.stdout
+    assert not (campaigns / linked).is_symlink() and not (campaigns / linked).exists()
+    assert sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*")) == before
+
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.cancel_campaign(first)
+    store.dispose()
+    done = orchard("delete", first, env=env)
+    assert done.returncode == 0, done.stderr
+    assert not (campaigns / first).exists()
+    assert (cache / "shard-00000.npy").read_bytes() == b"shared"
+
+
+def test_delete_whose_manifest_cannot_be_removed_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The store's rows are gone but the manifest stays: the folder still looks like a
+    campaign's (another store's), which `orchard delete` never removes, so the error
+    must not send the user there."""
+    from scheduler.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, running, cancelled)
+    folder = home / "artifacts" / "campaigns" / cancelled
+    unlink = Path.unlink
+
+    def refuse_the_manifest(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_the_manifest)
+    assert main(["delete", cancelled]) == 2
+    out, err = capsys.readouterr()
+    assert not out and len(err.splitlines()) == 1, err
+    assert f"{folder / 'manifest.json'} could not be removed (Permission denied)" in err
+    assert f"remove {folder} yourself" in err and "`orchard delete" not in err
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert (folder / "manifest.json").exists()  # so a delete again is refused, rightly:
+    assert main(["delete", cancelled]) == 2
+    assert f"no campaign '{cancelled}'" in capsys.readouterr().err
+
+
+def test_delete_refuses_when_the_artifacts_folder_holds_no_campaigns(tmp_path: Path) -> None:
+    """ORCHARD_ARTIFACTS not the folder the campaigns were submitted with (a share not
+    mounted on this host): deleting the rows would leave the folder, manifest and all,
+    where no `orchard delete` removes it. Nothing is deleted."""
+    home = tmp_path / "home"
+    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, running, cancelled)
+    env = {"ORCHARD_HOME": str(home), "ORCHARD_ARTIFACTS": str(tmp_path / "unmounted")}
+    for args in ((cancelled, "--dry-run"), (cancelled,)):
+        assert_one_line_error(
+            orchard("delete", *args, env=env),
+            f"{tmp_path / 'unmounted' / 'campaigns'} is not there",
+            "nothing deleted",
+        )
+    listed = orchard("status", env={"ORCHARD_HOME": str(home)})
+    assert cancelled in listed.stdout
+    assert (home / "artifacts" / "campaigns" / cancelled / "manifest.json").exists()
+
+
+def test_delete_takes_an_id_given_twice_once_and_a_bad_setting_in_one_line(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home)}
+    first, running = "t-20261205-000000-abc0", "t-20261205-000001-abc1"
+    units = _stored_campaigns(home, running, first)
+    bad = orchard("delete", first, running, env={**env, "ORCHARD_LEASE_SECONDS": "abc"})
+    assert_one_line_error(bad, "ORCHARD_LEASE_SECONDS='abc'")
+    done = orchard("delete", first, first, env=env)
+    assert done.returncode == 0 and not done.stderr
+    assert done.stdout.startswith(f"deleted campaign {first} (CANCELLED): {units} unit(s)")
+    assert len(done.stdout.splitlines()) == 1

@@ -74,3 +74,54 @@ def test_a_unit_costs_three_store_transactions_besides_its_body(store: Store) ->
     assert store.predictions(KEY, "val") == [Prediction("a", 0, 0)]
     # the other point still queued: nothing to open, nothing sent (advance had no app)
     assert store.get_unit("g-1/report").state == "PENDING"
+
+
+def _delete_the_campaign(store: Store) -> None:
+    store.cancel_campaign("g-1")
+    store.delete_campaign("g-1", quiet_seconds=0)  # `orchard delete`, its quiet time past
+
+
+@pytest.mark.parametrize("then", ["returns", "records a file"])
+def test_a_unit_whose_campaign_is_deleted_while_it_runs_stops_quietly(
+    store: Store, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleted under a body that runs on (a CPU fit on a solo worker, which a revoke does
+    not stop): its result or its file's record has no unit or campaign to go to. The
+    delivery stops with one warning: no traceback, no retry, no failure to record."""
+    from db.store import Artifact
+
+    def body(ctx: UnitContext) -> Outcome:
+        _delete_the_campaign(store)
+        model = ctx.settings.artifacts / "campaigns" / "g-1" / "models" / "m.pt"
+        model.parent.mkdir(parents=True)
+        model.write_bytes(b"weights")
+        if then == "records a file":
+            ctx.store.record_artifact(
+                Artifact("campaigns/g-1/models/m.pt", "model", "0" * 64, 7, "g-1", KEY)
+            )
+        return Outcome(0.01, val_acc=1.0)
+
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert answer == {"unit": KEY, "state": "DELETED", "why": "campaign deleted: stopped"}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    folder = store.url.removeprefix("sqlite:///").removesuffix("store.db") + "artifacts"
+    assert warning == (
+        f"{KEY} stopped: its campaign was deleted while it ran; what it wrote is left in "
+        f"{folder}/campaigns/g-1: `orchard delete g-1` removes it"
+    )
+    assert store.find_unit(KEY) is None and store.find_artifact("campaigns/g-1/models/m.pt") is None
+
+
+def test_a_late_message_of_a_deleted_campaign_is_dropped_saying_why(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery.exceptions import Reject
+
+    _delete_the_campaign(store)
+    with pytest.raises(Reject):
+        run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), lambda ctx: None)
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.endswith(
+        "it was submitted to another database (the submitter's ORCHARD_DATABASE_URL must "
+        "name the workers' database), or deleted since (`orchard delete`). Message dropped"
+    )

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from db.store import (
     LEASE_CANCELLED,
+    LEASE_GONE,
     LEASE_HELD,
     LEASE_LOST,
     Campaign,
@@ -152,8 +153,9 @@ def _on_worker_shutting_down(**_: Any) -> None:
 
 class UnitAborted(Exception):
     """This delivery must stop without writing a result: ``reason`` is LEASE_LOST
-    (another delivery took the unit over), LEASE_CANCELLED (`orchard cancel`) or
-    WORKER_STOPPING (the body saved its progress and its worker is shutting down)."""
+    (another delivery took the unit over), LEASE_CANCELLED (`orchard cancel`), LEASE_GONE
+    (`orchard delete`) or WORKER_STOPPING (the body saved its progress and its worker is
+    shutting down)."""
 
     def __init__(self, reason: str = "lost") -> None:
         super().__init__(reason)
@@ -402,9 +404,32 @@ def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str
         return str(exc)
     return (
         f"campaign {message.campaign_id} is not in this worker's store "
-        f"({mask_url(store.url)}): it was submitted to another database; the submitter's "
-        "ORCHARD_DATABASE_URL must name the workers' database. Message dropped"
+        f"({mask_url(store.url)}): it was submitted to another database (the submitter's "
+        "ORCHARD_DATABASE_URL must name the workers' database), or deleted since "
+        "(`orchard delete`). Message dropped"
     )
+
+
+def _unit_gone(store: Store, key: str) -> bool:
+    """Whether the unit is no longer in the store (its campaign deleted); False when the
+    store cannot say."""
+    try:
+        return store.find_unit(key) is None
+    except StoreError:
+        return False
+
+
+def _deleted_under(settings: Settings, campaign_id: str, key: str) -> dict:
+    """A run whose campaign `orchard delete` removed: nothing to record, nothing to retry;
+    a file it wrote since is in a folder without a manifest, which a delete removes."""
+    folder = settings.artifacts / "campaigns" / campaign_id
+    left = (
+        f"; what it wrote is left in {folder}: `orchard delete {campaign_id}` removes it"
+        if folder.exists()
+        else ""
+    )
+    log.warning("%s stopped: its campaign was deleted while it ran%s", key, left)
+    return {"unit": key, "state": "DELETED", "why": "campaign deleted: stopped"}
 
 
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
@@ -478,6 +503,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         if exc.reason == LEASE_CANCELLED:
             log.warning("%s stopped: its campaign was cancelled", key)
             return {"unit": key, "state": "CANCELLED", "why": "campaign cancelled: stopped"}
+        if exc.reason == LEASE_GONE:
+            return _deleted_under(settings, message.campaign_id, key)
         # another delivery runs the unit now; should it die too, this message must
         # bring the unit back: return when that delivery's lease would have run out
         log.warning(
@@ -486,6 +513,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         raise task.retry(countdown=rules.lease_seconds + 1) from None
     except Exception as exc:
         heartbeat.stop()
+        if _unit_gone(store, key):  # what failed was a write for a campaign deleted meanwhile
+            return _deleted_under(settings, message.campaign_id, key)
         error = _one_line(exc)
         log.error("%s failed after %.1f s: %s", key, time.perf_counter() - started, error)
         try:
