@@ -243,9 +243,9 @@ def submit(
     # a filesystem broker's folders are made once the campaign is known to be good
     app = make_app(settings, with_tasks=False, broker_folders=False)
     check_broker_reachable(app)
-    store = Store(settings.database_url)
     database_server = not settings.database_url.startswith("sqlite")
     if database_server:
+        store = Store(settings.database_url)
         store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
     with _synthetic_dataset_guard(campaign, settings.artifacts):
         campaign_id = new_campaign_id(campaign.name)
@@ -258,7 +258,9 @@ def submit(
         try:
             written = atomic_write_text(manifest_path(folder), manifest.to_json())
             if not database_server:
-                store.upgrade()  # the SQLite file is created only for a campaign that can run
+                # the SQLite file (and its folder) only for a campaign that can run
+                store = Store(settings.database_url)
+                store.upgrade()
             store.create_campaign(
                 campaign_id,
                 name=campaign.name,

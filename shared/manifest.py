@@ -173,7 +173,8 @@ def dev_folds(
     if 0 not in folds:
         raise ManifestError(
             'dataset: validation = "dev" needs labelled images in the dev split, and it '
-            "has none (aicup: dev.csv with labels; imagefolder: a val/ or dev/ folder)"
+            "has none (aicup: dev.csv with labels; imagefolder: a val/ or dev/ folder; "
+            "synthetic: dev_per_class)"
         )
     trained = Counter(label for label, fold in zip(labels, folds, strict=True) if fold == 1)
     if missing := [c for c in (*classes, *trained) if not trained[c]]:

@@ -419,11 +419,11 @@ DatasetSpec = Annotated[
 
 class PreprocessingSpec(_Frozen):
     size: int = Field(256, ge=32, le=1024)
-    shard_size: int = Field(256, ge=1)
+    shard_size: int = Field(256, ge=1, le=MAX_COUNT)
     # unreadable or missing images are skipped (and listed) up to this fraction; above, stop
     max_bad_fraction: float = Field(0.1, ge=0, lt=1)
     # decompression-bomb guard, checked from each image's header before decoding
-    max_pixels: int = Field(100_000_000, ge=1)
+    max_pixels: int = Field(100_000_000, ge=1, le=MAX_COUNT)
     # opencv: CPU workers (queue `preprocess`), libjpeg's reduced decoding; nvjpeg: GPU
     # workers (queue `gpu`) decode JPEGs with nvJPEG while they would wait (shared.nvjpeg)
     decoder: Literal["opencv", "nvjpeg"] = "opencv"

@@ -131,8 +131,7 @@ def test_bad_dataset_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     campaign.write_text(f'name = "c"\n[dataset]\nkind = "aicup"\nroot = "{data}"\n')
     done = orchard("submit", str(campaign), env={"ORCHARD_HOME": str(tmp_path / "home")})
     assert_one_line_error(done, "train.csv", "00001.jpg")
-    assert not (tmp_path / "home" / "artifacts" / "campaigns").exists()
-    assert not (tmp_path / "home" / "orchard.db").exists()
+    assert not (tmp_path / "home").exists()  # no store, no folder for one, no campaign
 
 
 def test_too_many_folds_for_the_smallest_class(tmp_path: Path) -> None:

@@ -683,3 +683,10 @@ def test_union_tags_and_model_names_stay_out_of_messages(tmp_path, old, new, exp
     assert old in BASE
     path, message = _error(tmp_path, BASE.replace(old, new, 1))
     assert message == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize("key", ["shard_size", "max_pixels"])
+def test_preprocessing_counts_are_bounded_too(tmp_path, key):
+    text = BASE + f"\n[preprocessing]\n{key} = 18446744073709551616\n"
+    path, message = _error(tmp_path, text)
+    _assert_one_line(path, message, f"[preprocessing] {key}", "less than or equal to 2147483647")

@@ -839,3 +839,32 @@ def test_a_search_s_choices_are_shown_as_chosen_never_averaged(sqlite_url: str) 
     (svm,) = data.families
     chosen = 2.0 if svm.params["n_components"] == 20 else None
     assert svm.params.get("C") == chosen and svm.params["gamma"] == "scale"
+
+
+def test_a_report_on_a_worker_with_another_artifact_folder_fails_like_every_unit(
+    tmp_path: Path,
+) -> None:
+    """Without its manifest a report still writes what the store holds, but not on a
+    worker that has no folder for the campaign at all: there its ORCHARD_ARTIFACTS is
+    another folder, and a report written there would be lost to the submitter."""
+    from types import SimpleNamespace
+
+    from shared.preprocess import PreprocessError
+    from workers.tasks.report import _manifest_or_none
+
+    missing = PreprocessError("…/manifest.json: the campaign's manifest is not there; …")
+
+    def manifest() -> Manifest:
+        raise missing
+
+    ctx = SimpleNamespace(
+        manifest=manifest,
+        campaign_dir=tmp_path / "campaigns" / "c-1",
+        campaign=SimpleNamespace(id="c-1"),
+    )
+    with pytest.raises(PreprocessError) as failed:
+        _manifest_or_none(ctx)
+    assert failed.value is missing
+    assert not ctx.campaign_dir.exists()  # nothing made in the wrong folder
+    ctx.campaign_dir.mkdir(parents=True)  # the campaign's folder, its manifest damaged
+    assert _manifest_or_none(ctx) is None

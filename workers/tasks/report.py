@@ -1003,7 +1003,12 @@ def build_report_data(
 def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
     try:
         return ctx.manifest()
-    except OrchardError as exc:  # the tables need only the store: report without it
+    except OrchardError as exc:
+        if not ctx.campaign_dir.is_dir():
+            # no campaign folder at all: this worker's ORCHARD_ARTIFACTS is not the one
+            # the campaign was submitted with, and a report written here would be lost
+            raise
+        # a damaged or missing manifest: the tables need only the store
         log.warning("%s: report without the manifest: %s", ctx.campaign.id, exc)
         return None
 
