@@ -543,7 +543,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         why = f"{running} unit(s) still running" if running else "every unit succeeded"
         print(f"campaign {run.id} is {status.campaign.state}: {why}, nothing to re-enqueue")
         return 0
-    print(f"campaign {run.id}: re-enqueued {len(reset)} unit(s) that had not succeeded")
+    units = [key for key in reset if key != f"{run.id}/report"]
+    report = ", and its report" if len(units) < len(reset) else ""
+    if units:  # failed, cancelled or lost, or a shard whose file is damaged
+        print(f"campaign {run.id}: re-enqueued {len(units)} unit(s){report}")
+    else:
+        print(f"campaign {run.id}: re-enqueued its report")
     if not args.wait:
         return 0
     return _finish(run, run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall))

@@ -481,8 +481,9 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
     with pytest.raises(DeleteRefusedError, match=f"campaign\\(s\\) {again.id} reuse its results"):
         delete_campaign(run.id, settings=cluster.settings)
     artifacts = cluster.settings.artifacts
-    shards = store.artifacts(run.id, kind="shard")
-    assert shards  # the first campaign decoded them; the second reused the cache
+    key = _manifest(cluster, run.id).cache_key
+    shards = sorted((artifacts / "cache" / key).iterdir())
+    assert shards and store.count_artifacts(f"cache/{key}/") == len(shards)
     for deleted in (again, run):
         gone = delete_campaign(deleted.id, settings=cluster.settings)
         assert gone.state == "DONE" and gone.files > 0
@@ -490,13 +491,24 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
         assert store.find_campaign(deleted.id) is None
     # the cache stays, whole and recorded, for the next campaign over these images
     for shard in shards:
-        record = store.find_artifact(shard.path)
-        assert record is not None and record.campaign_id is None
-        assert sha256_file(artifacts / shard.path) == record.sha256
-    # until a prune: no campaign of the store uses it any more
+        record = store.find_artifact(shard.relative_to(artifacts).as_posix())
+        assert record is not None and sha256_file(shard) == record.sha256
+    # until a prune, once no campaign left in the store uses it (this module's other
+    # campaigns may read the same images)
+    users = [
+        c.id for c in store.list_campaigns(limit=None) if _manifest(cluster, c.id).cache_key == key
+    ]
     pruned = prune_cache(settings=cluster.settings)
-    assert [folder.name for folder, _, _ in pruned.folders] == [shards[0].path.split("/")[1]]
-    assert not any(store.find_artifact(s.path) or (artifacts / s.path).exists() for s in shards)
+    assert (key in [folder.name for folder, _, _ in pruned.folders]) == (not users)
+    assert all(shard.exists() for shard in shards) == bool(users)
+    assert (store.count_artifacts(f"cache/{key}/") == len(shards)) == bool(users)
+
+
+def _manifest(cluster: Cluster, campaign_id: str):  # noqa: ANN202 - a Manifest
+    from shared.manifest import Manifest, manifest_path
+
+    folder = cluster.settings.artifacts / "campaigns" / campaign_id
+    return Manifest.from_json(manifest_path(folder).read_text())
 
 
 def test_resume_rewrites_a_shard_that_was_altered_or_deleted(cluster: Cluster) -> None:

@@ -115,3 +115,25 @@ def test_report_of_a_campaign_whose_report_failed_says_so_and_what_to_do(
         "OSError: [Errno 30] Read-only file system: '/a/report'; "
         "`orchard resume t-1` runs it again\n"
     )
+
+
+def test_resume_counts_the_units_it_sends_again_apart_from_the_report(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from tests.db.test_store import outcome
+
+    plans = seed_campaign(home)
+    failed = {plans[-2].key, plans[-3].key}
+    for plan in plans:
+        home.claim_for_queue([plan.key])
+        home.start_unit(plan.key, worker="w", task_id=None)
+        if plan.key in failed:
+            home.fail_unit(plan.key, "boom")
+        else:
+            home.finish_unit(plan.key, replace(outcome(), artifacts=[]))
+    home.complete_campaign("t-1")
+    assert home.get_campaign("t-1").state == "PARTIAL"
+    assert main(["resume", "t-1"]) == 0
+    assert capsys.readouterr().out == "campaign t-1: re-enqueued 2 unit(s), and its report\n"
