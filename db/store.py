@@ -1643,8 +1643,11 @@ def _busy_queues(s: Session, queues: Sequence[str], now: datetime, since: dateti
 
 def _files_under(folder: str) -> Any:
     """Artifact records of the files under ``folder`` (relative, ending in ``/``; ``_``
-    and ``%`` in it are not wildcards)."""
-    return ArtifactRow.path.startswith(folder, autoescape=True)
+    and ``%`` in it are not wildcards). The prefix is compared as well: SQLite's LIKE
+    ignores the case of ASCII letters (``cache/ABC/`` would match ``cache/abc/``)."""
+    return ArtifactRow.path.startswith(folder, autoescape=True) & (
+        func.substr(ArtifactRow.path, 1, len(folder)) == folder
+    )
 
 
 def _insert(s: Session) -> Any:

@@ -711,7 +711,8 @@ class Pruned:
 def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> Pruned:
     """Remove the preprocessing cache folders (``cache/<key>``) that no campaign in the
     store uses, with their shards' records: what is left after ``delete``. A folder
-    the store has no record of (another store's, sharing the artifact folder) stays.
+    the store has no record of (another store's, sharing the artifact folder) stays,
+    and so does one that the manifest of another store's campaign names.
 
     Refused while a campaign runs (its units read and write the cache), and when a
     campaign's manifest, which names the cache it uses, cannot be read. A campaign
@@ -723,6 +724,9 @@ def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> P
     store.check_schema()
     before = {c.id for c in store.list_campaigns(limit=None)}
     in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
+    # and those of another store's campaigns sharing the artifact folder (over the same
+    # images, both stores record the folder's shards)
+    in_use |= _caches_named_by_manifests(settings.artifacts / "campaigns", skip=before)
     cache = settings.artifacts / "cache"
     folders = [
         folder
@@ -730,20 +734,24 @@ def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> P
         if folder.is_dir() and not folder.is_symlink()
     ]
     # a folder this store recorded no shard of is another store's, sharing the folder
-    ours = [f for f in folders if store.count_artifacts(f"cache/{f.name}/")]
+    # (a name that is not UTF-8 no record can hold)
+    ours = [f for f in folders if _utf8(f.name) and store.count_artifacts(f"cache/{f.name}/")]
     unused = [folder for folder in ours if folder.name not in in_use]
     pruned = []
     for folder in unused:
         files, size = _folder_size(folder)
         if not dry_run:
-            store.forget_artifacts(f"cache/{folder.name}/")
+            # the files first: a folder that cannot be removed whole keeps its records,
+            # so the next prune still knows it as this store's and tries again (a record
+            # of a file gone meanwhile is harmless: a shard is checked before it is used)
             try:
                 shutil.rmtree(folder)
             except OSError as exc:
                 raise OrchardError(
-                    f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); its "
-                    "records are gone, so a campaign over those images decodes them again"
+                    f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); "
+                    "`orchard prune` again removes what is left"
                 ) from None
+            store.forget_artifacts(f"cache/{folder.name}/")
         pruned.append((folder, files, size))
     late = []
     if pruned and not dry_run:
@@ -774,8 +782,8 @@ def _caches_in_use(
     for campaign in campaigns:
         path = manifest_path(settings.artifacts / "campaigns" / campaign.id)
         try:
-            keys[campaign.id] = str(json.loads(path.read_text(encoding="utf-8"))["cache_key"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            keys[campaign.id] = _cache_key(path)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
             raise OrchardError(
                 f"{path}: cannot be read ({reason}), so which cache campaign {campaign.id} "
@@ -783,6 +791,43 @@ def _caches_in_use(
                 "prune"
             ) from None
     return keys
+
+
+def _cache_key(manifest: Path) -> str:
+    """The cache key a manifest names; raises when it names none."""
+    key = json.loads(manifest.read_text(encoding="utf-8"))["cache_key"]
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"its cache_key is {json.dumps(key)}")
+    return key
+
+
+def _caches_named_by_manifests(campaigns: Path, *, skip: Collection[str]) -> set[str]:
+    """The cache keys named by the manifests under ``campaigns`` but ``skip``'s: another
+    store's campaigns sharing the artifact folder (one that cannot be read names none)."""
+    try:
+        folders = sorted(campaigns.iterdir()) if campaigns.is_dir() else []
+    except OSError as exc:
+        raise OrchardError(
+            f"{campaigns}: cannot be listed ({exc.strerror or exc}), so which caches its "
+            "campaigns use is unknown"
+        ) from None
+    keys = set()
+    for folder in folders:
+        if folder.name in skip:
+            continue
+        try:
+            keys.add(_cache_key(manifest_path(folder)))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+    return keys
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (surrogateescape)
+        return False
+    return True
 
 
 class _Progress:

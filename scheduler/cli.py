@@ -1026,8 +1026,20 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
             },
             "units": [_unit_json(line) for line in lines],
         }
-    print(json.dumps(document, indent=2, ensure_ascii=False))
+    # ASCII: valid JSON on any stdout encoding; no NaN or Infinity, which JSON lacks
+    print(json.dumps(_finite(document), indent=2, allow_nan=False))
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (an accuracy, a time) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001

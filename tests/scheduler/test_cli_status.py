@@ -335,3 +335,72 @@ def test_json_with_watch_prints_once_at_the_end(
     store.cancel_campaign(IDS[0])
     out = status(capsys, IDS[0], "--watch", "--json")
     assert json.loads(out)["campaign"]["state"] == "CANCELLED"  # one document, nothing more
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_json_is_valid_with_accuracies_that_are_not_finite(
+    store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: float,
+) -> None:
+    """JSON has no NaN or Infinity (which Python's json writes, and jq refuses): such an
+    accuracy or time is null. (SQLite keeps an infinity and stores a NaN as NULL;
+    PostgreSQL keeps both.)"""
+    import json
+    import math
+    from dataclasses import replace
+
+    from tests.db.test_store import deliver, outcome
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", store_url)
+    store = Store(store_url)
+    store.upgrade()
+    sqlite_nan = store_url.startswith("sqlite") and math.isnan(value)  # NULL: NOT NULL columns
+    plans = seed_campaign(store, IDS[0])
+    fold = next(p for p in plans if p.family == "cnn")
+    deliver(store, fold.key, worker="gpu0@a", task_id=fold.key)
+    if not sqlite_nan:
+        store.record_metrics(fold.key, 0, {"val_acc": value})
+    point = plans[-2].key
+    deliver(store, point, worker="cpu@b", task_id=point)
+    seconds = 1.0 if sqlite_nan else value
+    store.finish_unit(point, replace(outcome(value), artifacts=[], fit_seconds=seconds))
+    document = json.loads(status(capsys, IDS[0], "--json"), parse_constant=refuse)
+    units = {u["key"]: u for u in document["units"]}
+    assert units[point]["val_acc"] is None
+    if not sqlite_nan:
+        assert units[point]["fit_seconds"] is None
+        assert units[fold.key]["epoch"] == {"done": 1, "of": 1, "val_acc": None}
+
+
+def test_json_is_ascii_whatever_stdout_encodes(
+    store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker name or an error beyond ASCII on a stdout that is not UTF-8
+    (PYTHONIOENCODING=latin-1) is escaped, not a UnicodeEncodeError's traceback."""
+    import io
+    import json
+    import sys
+
+    from sqlalchemy import update
+
+    from db.models import UnitRow
+
+    plans = seed_campaign(store, IDS[0])
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(UnitRow)
+            .where(UnitRow.key == plans[-2].key)
+            .values(worker="wörker@höst", error="échec ✗ 失败\x1b[2J")
+        )
+    out = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["status", IDS[0], "--json"]) == 0
+    out.flush()
+    text = out.buffer.getvalue().decode("ascii")
+    unit = next(u for u in json.loads(text)["units"] if u["key"] == plans[-2].key)
+    assert (unit["worker"], unit["error"]) == ("wörker@höst", "échec ✗ 失败\x1b[2J")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,6 @@ def test_a_campaign_submitted_during_the_prune_is_named(
     """Submitted between the prune's look at the store and its removal, a campaign over
     the same images may have found its shards and then lose them: it is named, with
     what to do."""
-    import shutil
 
     from scheduler import api
 
@@ -143,3 +143,151 @@ def test_a_campaign_submitted_during_the_prune_is_named(
         "orchard: warning: campaign c-1 was submitted during the prune and reads a cache it "
         "removed: `orchard resume c-1` decodes it again if its units fail\n"
     )
+
+
+def test_a_folder_whose_name_differs_only_in_case_leaves_the_used_caches_records(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's LIKE ignores the case of ASCII letters: ``cache/ABC/`` must not count,
+    nor forget, the records of ``cache/abc/``, which a campaign uses."""
+    store = stored(home, {"a-1": "abc"})
+    store.cancel_campaign("a-1")
+    (home / "artifacts" / "cache" / "ABC").mkdir()
+    assert store.count_artifacts("cache/ABC/") == 0
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert "removed 0 cache folder(s)" in out and "1 it has no record of" in out
+    assert store.count_artifacts("cache/abc/") == 2
+    assert (home / "artifacts" / "cache" / "ABC").is_dir()
+
+
+def test_a_folder_name_that_is_not_utf8_is_left_alone(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No record can name it (the store holds UTF-8), so it is another store's, not a
+    traceback."""
+    import os
+
+    store = stored(home, {"a-1": "abc"})
+    store.cancel_campaign("a-1")
+    os.mkdir(os.fsencode(home / "artifacts" / "cache") + b"/\xff")
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert out == (
+        "removed 0 cache folder(s), 0.0 MB; kept 1 that campaigns in the store use and 1 it "
+        "has no record of\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"cache_key": null}',
+        '{"cache_key": 5}',
+        '{"cache_key": ["abc"]}',
+        '{"cache_key": ""}',
+        '["abc"]',
+        "null",
+        "{not json",
+        "[" * 100_000,  # nested deeper than the JSON decoder goes
+    ],
+)
+def test_a_manifest_that_names_no_cache_key_refuses_the_prune(
+    home: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    store = stored(home, {"a-1": "abc", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    manifest = home / "artifacts" / "campaigns" / "a-1" / "manifest.json"
+    manifest.write_text(text)
+    code, out, err = prune(capsys)
+    assert code == 2 and not out
+    assert err.startswith(f"orchard: error: {manifest}: cannot be read (") and err.count("\n") == 1
+    assert sorted(p.name for p in (home / "artifacts" / "cache").iterdir()) == ["abc", "orphan"]
+
+
+def test_a_cache_that_another_stores_campaign_uses_is_kept(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two stores sharing the artifact folder, over the same images, both record the
+    cache folder's shards: a prune of one keeps what the other's campaigns (whose
+    manifests are in the same campaigns/ folder) still read, running or not."""
+    store = stored(home, {"a-1": "shared", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    other = home / "artifacts" / "campaigns" / "other-1"  # another store's, RUNNING there
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"cache_key": "shared", "entries": []}))
+    (other.parent / "other-2").mkdir()  # another store's, its manifest unreadable: skipped
+    (other.parent / "other-2" / "manifest.json").write_text("{")
+    assert main(["delete", "a-1", "b-1"]) == 0
+    capsys.readouterr()
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    cache = home / "artifacts" / "cache"
+    assert out.splitlines()[0] == f"removed {cache / 'orphan'}: 2 file(s), 1.0 MB"
+    assert sorted(p.name for p in cache.iterdir()) == ["shared"]
+    assert store.count_artifacts("cache/shared/") == 2
+
+
+def test_a_dry_run_changes_nothing(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    assert main(["delete", "b-1"]) == 0
+    capsys.readouterr()
+    store.engine.dispose()
+
+    def snapshot() -> tuple[dict[str, str], list[str]]:
+        import sqlite3
+
+        files = {
+            p.relative_to(home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(home.rglob("*"))
+            if p.is_file() and not p.name.startswith("orchard.db")
+        }
+        db = sqlite3.connect(home / "orchard.db")
+        try:
+            return files, list(db.iterdump())
+        finally:
+            db.close()
+
+    before = snapshot()
+    code, out, _ = prune(capsys, "--dry-run")
+    assert code == 0 and out.startswith("would remove")
+    assert snapshot() == before
+
+
+def test_a_folder_that_cannot_be_removed_whole_is_pruned_by_the_next_prune(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from scheduler import api
+
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    assert main(["delete", "b-1"]) == 0
+    capsys.readouterr()
+    orphan = home / "artifacts" / "cache" / "orphan"
+    remove = shutil.rmtree
+
+    def cut_short(path: Path, *args: object, **kwargs: object) -> None:
+        (Path(path) / "shard-00000.npy").unlink()  # one file goes, then the disk says no
+        raise OSError(errno.EIO, "Input/output error", str(Path(path) / "shard-00001.npy"))
+
+    monkeypatch.setattr(api.shutil, "rmtree", cut_short)
+    code, out, err = prune(capsys)
+    assert code == 2 and not out
+    assert err == (
+        f"orchard: error: cannot remove {orphan / 'shard-00001.npy'} (Input/output error); "
+        "`orchard prune` again removes what is left\n"
+    )
+    assert store.count_artifacts("cache/orphan/") == 2  # still known as this store's
+    monkeypatch.setattr(api.shutil, "rmtree", remove)
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "") and out.startswith(f"removed {orphan}: 1 file(s)")
+    assert not orphan.exists() and store.count_artifacts("cache/orphan/") == 0
