@@ -21,6 +21,7 @@ cannot be written (a full disk, a closed descriptor) is one line too (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -46,6 +47,10 @@ CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     stdout = sys.stdout
+    # text its encoding lacks (an ASCII or Latin-1 terminal) is escaped, not a crash; no
+    # stream (fd 1 closed) or one that cannot be reconfigured is left as it is
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        stdout.reconfigure(errors="backslashreplace")
     sys.stdout = _Output(stdout)  # --help too
     try:
         args = parser.parse_args(argv)

@@ -607,3 +607,19 @@ def test_delete_takes_an_id_given_twice_once_and_a_bad_setting_in_one_line(
     assert done.returncode == 0 and not done.stderr
     assert done.stdout.startswith(f"deleted campaign {first} (CANCELLED): {units} unit(s)")
     assert len(done.stdout.splitlines()) == 1
+
+
+def test_text_an_ascii_stdout_cannot_encode_is_escaped_not_a_crash(tmp_path: Path) -> None:
+    from db.store import Store
+    from tests.db.test_store import deliver, seed_campaign
+
+    store = Store(f"sqlite:///{tmp_path / 'orchard.db'}")
+    store.upgrade()
+    (unit, *_) = seed_campaign(store, "t-1")
+    deliver(store, unit.key, worker="wörker@höst", task_id="x")
+    store.fail_unit(unit.key, "ValueError: café ☕")
+    store.dispose()
+    env = {"ORCHARD_HOME": str(tmp_path), "PYTHONIOENCODING": "ascii"}
+    done = orchard("status", "t-1", env=env)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert "w\\xf6rker@h\\xf6st" in done.stdout and "caf\\xe9 \\u2615" in done.stdout
