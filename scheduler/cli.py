@@ -21,6 +21,7 @@ cannot be written (a full disk, a closed descriptor) is one line too (exit 1).
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import errno
 import json
@@ -28,7 +29,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -862,14 +863,34 @@ def _print_table(
 
 def _plain_table(title: str, columns: Sequence[str], rows: list[list[str]]) -> str:
     """The title, then one line per row, columns aligned by spaces; an empty cell is ``-``
-    so that every line has as many words per column."""
-    cells = [list(columns)] + [[" ".join(cell.split()) or "-" for cell in row] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    so that every line has as many words per column. A character the output's encoding
+    lacks is escaped here, before the widths are taken (``\\xe9`` is four columns), and
+    a wide one (CJK) counts as two."""
+    from rich.cells import cell_len
+
+    escape = _escaper(getattr(sys.stdout, "encoding", None))
+    cells = [list(columns)] + [
+        [escape(" ".join(cell.split())) or "-" for cell in row] for row in rows
+    ]
+    widths = [max(cell_len(line[i]) for line in cells) for i in range(len(columns))]
     lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        "  ".join(
+            cell + " " * (w - cell_len(cell)) for cell, w in zip(line, widths, strict=True)
+        ).rstrip()
         for line in cells
     ]
     return "\n".join([title, *lines])
+
+
+def _escaper(encoding: str | None) -> Callable[[str], str]:
+    """What the output will show for a text: as it is, or with the characters
+    ``encoding`` lacks escaped (as the output's ``backslashreplace`` would)."""
+    try:
+        codecs.lookup(encoding or "utf-8")
+    except LookupError:
+        return lambda text: text
+    codec = encoding or "utf-8"
+    return lambda text: text.encode(codec, "backslashreplace").decode(codec)
 
 
 def _rich_table(  # noqa: ANN202

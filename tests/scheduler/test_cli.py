@@ -623,3 +623,35 @@ def test_text_an_ascii_stdout_cannot_encode_is_escaped_not_a_crash(tmp_path: Pat
     done = orchard("status", "t-1", env=env)
     assert done.returncode == 0 and not done.stderr, done.stderr
     assert "w\\xf6rker@h\\xf6st" in done.stdout and "caf\\xe9 \\u2615" in done.stdout
+    # escaped before the columns are measured: the next column still lines up
+    lines = done.stdout.splitlines()
+    header, failed = (next(line for line in lines if word in line) for word in ("unit ", "FAILED"))
+    column = header.index("  seconds") + 2
+    assert failed[column - 2 : column + 1] == "  -", done.stdout
+
+
+def test_wide_characters_count_as_two_columns_in_plain_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from db.store import Store
+    from scheduler.cli import main
+    from tests.db.test_store import deliver, seed_campaign
+
+    store = Store(f"sqlite:///{tmp_path / 'orchard.db'}")
+    store.upgrade()
+    (wide, narrow, *_) = seed_campaign(store, "t-1")
+    deliver(store, wide.key, worker="工人@主机", task_id="x")  # 9 columns on a terminal
+    deliver(store, narrow.key, worker="worker@h", task_id="y")  # 8
+    store.dispose()
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    assert main(["status", "t-1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    from rich.cells import cell_len
+
+    header = next(line for line in lines if line.startswith("unit "))
+    column = header.index("  seconds") + 2  # ASCII up to there
+    for worker in ("工人@主机", "worker@h"):
+        row = next(line for line in lines if worker in line)
+        after = row.index(worker) + len(worker)
+        seconds = after + len(row[after:]) - len(row[after:].lstrip())
+        assert cell_len(row[:seconds]) == column and row[seconds] == "-", lines
