@@ -11,10 +11,12 @@ or Ctrl-C, cancels the campaign before the workers stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from db.store import Store
@@ -32,10 +34,13 @@ from shared.spec import load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "campaigns" / "quick.toml"
+#: Seconds a worker gets to end on SIGTERM (idle, it ends at once) before a cancelled
+#: campaign's demo stops it cold.
+COLD_AFTER = 1.0
 
 
 class Workers:
-    """Worker subprocesses that are stopped (warm shutdown, then kill) on exit."""
+    """Worker subprocesses that are stopped (warm shutdown, or cold, then kill) on exit."""
 
     def __init__(self, settings: Settings, specs: list[tuple[str, list[str]]]) -> None:
         self.logs = settings.home / "logs"
@@ -57,7 +62,14 @@ class Workers:
                 with log:
                     try:
                         proc = subprocess.Popen(
-                            [*cmd, *extra], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                            [*cmd, *extra],
+                            env=env,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            cwd=REPO,
+                            # a process group of its own, which stop() can kill whole; a
+                            # Ctrl-C reaches the demo alone, which stops them
+                            start_new_session=True,
                         )
                     except OSError as exc:  # no more processes, no memory
                         raise OrchardError(f"cannot start {name}: {exc.strerror or exc}") from None
@@ -73,10 +85,26 @@ class Workers:
                     f"worker {name} exited with code {proc.returncode}; see {self.logs / name}.log"
                 )
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30, *, cold: bool = False) -> None:
+        """Stop the workers: a warm shutdown (the units they run finish first), or with
+        ``cold`` a cold one (what they run stops now: their campaign is cancelled).
+
+        Cold is SIGKILL to the worker's process group (its pool's children too) when
+        SIGTERM did not end it at once: Celery's own cold shutdown (SIGQUIT) can fail
+        with a unit running (a solo pool cannot kill its job; a prefork one can hang in
+        its signal handler), and a cancelled campaign's unit needs no clean end (its
+        message, if it comes again, is rejected; `orchard resume` sends it anew)."""
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+        if cold:
+            deadline = time.monotonic() + COLD_AFTER
+            for _, proc in self.procs:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
         for _, proc in self.procs:
             try:
                 proc.wait(timeout)
@@ -95,6 +123,7 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     print(f"  artifacts {settings.artifacts}")
     Store(settings.database_url).upgrade()
     run = workers = None
+    cancelled = False
     try:
         # submitted before the workers start: a dataset it cannot use stops the demo with
         # nothing started; the first stage waits in the broker for them
@@ -109,11 +138,15 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         # next demo's workers would finish it before starting their own
         why = str(exc) if isinstance(exc, OrchardError) else "interrupted"
         logs = settings.home / "logs"
-        print(f"orchard demo: {why}; {_cancel(run)}. Logs in {logs}", file=sys.stderr)
+        outcome = _cancel(run)
+        # what the workers run is of a cancelled campaign now: a cold shutdown, else the
+        # warm one waits for it (the filesystem broker carries no revoke to the workers)
+        cancelled = outcome.startswith("cancelled ")
+        print(f"orchard demo: {why}; {outcome}. Logs in {logs}", file=sys.stderr)
         return 1 if isinstance(exc, OrchardError) else 130
     finally:
         if workers is not None:
-            workers.stop()
+            workers.stop(cold=cancelled)
     print(f"campaign {run.id}: {status.campaign.state}")
     failed = [u for u in status.units if u.state != "SUCCESS"]
     for unit in failed:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,14 @@ def test_a_demo_not_finished_in_time_cancels_its_campaign(
 
 
 @pytest.mark.integration
-def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path) -> None:
+@pytest.mark.parametrize("when", ["submitted", "a forest fits"])
+def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path, when: str) -> None:
+    """Ctrl-C as soon as the campaign is submitted, or while a forest of many trees fits
+    (a body that makes no store call, which a warm shutdown would wait for): the
+    workers stop cold, what they ran is the cancelled campaign's."""
+    if when == "a forest fits":
+        text = tiny_campaign.read_text().replace("n_estimators = [10]", "n_estimators = [50000]")
+        tiny_campaign.write_text(text)
     demo_process = subprocess.Popen(
         [sys.executable, "-m", "scheduler.cli", "demo", "--campaign", str(tiny_campaign)],
         cwd=REPO,
@@ -197,6 +205,8 @@ def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path) -> 
     try:
         # "campaign ID submitted (FILE); logs in ...": the demo is waiting for it
         submitted = next(line for line in demo_process.stdout if " submitted (" in line)
+        if when == "a forest fits":
+            wait_for_a_running_forest(home, submitted.split()[1])
         demo_process.send_signal(signal.SIGINT)
         out, err = demo_process.communicate(timeout=120)
     finally:
@@ -209,6 +219,53 @@ def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path) -> 
     ]
     assert_cancelled(home, campaign_id)
     assert not demo_workers_alive(demo_process.pid)
+
+
+def test_a_cold_stop_kills_a_worker_that_a_warm_one_does_not_end_with_its_children(
+    tmp_path: Path,
+) -> None:
+    """What a cancelled campaign's demo does to a worker still busy after SIGTERM (a
+    Celery worker waits for its unit): its whole process group goes, pool children too."""
+    pids = tmp_path / "pids"
+    busy = (
+        "import os, signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(300)\n"
+    )
+    workers = demo.Workers.__new__(demo.Workers)
+    proc = subprocess.Popen([sys.executable, "-c", busy], start_new_session=True)
+    workers.procs = [("busy", proc)]
+    try:
+        while not pids.exists() or len(pids.read_text().split()) < 2:
+            time.sleep(0.05)
+        child = int(pids.read_text().split()[1])
+        workers.stop(timeout=300, cold=True)
+        assert proc.returncode == -signal.SIGKILL
+        for _ in range(100):  # reaped by init, at once or nearly
+            if (
+                not os.path.exists(f"/proc/{child}")
+                or " Z " in Path(f"/proc/{child}/stat").read_text()
+            ):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker's child survived it")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_a_running_forest(home: Path, campaign_id: str) -> None:
+    store = Store(load_settings({"ORCHARD_HOME": str(home)}).database_url)
+    for _ in range(600):
+        units = store.units(campaign_id)
+        if any(u.family == "rf" and u.state == "RUNNING" for u in units):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no forest running after 60 s: {[(u.key, u.state) for u in units]}")
 
 
 def test_the_demo_s_workers_read_a_password_file_themselves(
