@@ -1286,7 +1286,12 @@ class Store:
 
     @_retried
     def delete_campaign(
-        self, campaign_id: str, *, quiet_seconds: float, dry_run: bool = False
+        self,
+        campaign_id: str,
+        *,
+        quiet_seconds: float,
+        dry_run: bool = False,
+        before_commit: Callable[[], None] | None = None,
     ) -> Deletion:
         """Delete a finished or cancelled campaign's rows: the campaign, its units with
         their parameters, results, predictions and metrics, and the records of the files
@@ -1299,7 +1304,8 @@ class Store:
         epoch's checkpoint); and one whose results another campaign reuses
         (``submit --reuse`` shares the model files, which stay in this one's folder).
         The campaign row is locked first, so a resume or cancel waits, and a reuse
-        that already copied from it is seen.
+        that already copied from it is seen. ``before_commit`` runs once the rows are
+        deleted, before the commit (an exception from it deletes nothing).
         """
         with self._transaction(read_only=dry_run) as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=not dry_run)
@@ -1363,6 +1369,8 @@ class Store:
                 s.execute(delete(ArtifactRow).where(own))
                 # units and everything under them go by ON DELETE CASCADE
                 s.execute(delete(CampaignRow).where(CampaignRow.id == campaign_id))
+                if before_commit is not None:
+                    before_commit()
             return Deletion(campaign_id, campaign.state, len(units), artifacts)
 
     @_retried

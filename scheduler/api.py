@@ -608,9 +608,10 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
 
     Refused (one line, nothing removed) while the campaign runs, shortly after a cancel
     that stopped running units (two lease periods), and while another campaign reuses
-    its results. The store's rows go first, in one transaction, then the folder; its
-    manifest is removed before the rest, so a folder left behind (a file that could
-    not be removed) is known as a deleted campaign's, and deleting the id again
+    its results. The store's rows go first, in one transaction, then the folder. The
+    folder gets a ``.deleting`` mark before the rows' commit, and loses its manifest
+    before the rest, so a folder left behind (a file that could not be removed, a
+    delete killed midway) is known as a deleted campaign's, and deleting the id again
     removes it. With ``dry_run`` nothing changes: it says what would go.
     """
     from workers.config import reliability
@@ -625,7 +626,7 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
             CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is not None
             and folder.is_dir()
             and not folder.is_symlink()
-            and not manifest_path(folder).exists()
+            and (not manifest_path(folder).exists() or (folder / DELETING).exists())
         )
         if not leftover:
             store.get_campaign(campaign_id)  # raises: no campaign ... in <store>
@@ -642,11 +643,32 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
             "cluster, the same share, mounted): nothing deleted"
         )
     quiet = 2 * reliability().lease_seconds
-    deletion = store.delete_campaign(campaign_id, quiet_seconds=quiet, dry_run=dry_run)
+
+    def mark() -> None:
+        # a folder whose campaign is gone from the store, manifest or not: an
+        # interrupted delete's, which deleting the id again removes
+        if folder.is_dir() and not folder.is_symlink():
+            try:
+                (folder / DELETING).touch()
+            except OSError as exc:
+                raise OrchardError(
+                    f"campaign {campaign_id}: cannot write {folder / DELETING} "
+                    f"({exc.strerror or exc}), so its folder could not be removed either: "
+                    "nothing deleted"
+                ) from None
+
+    deletion = store.delete_campaign(
+        campaign_id, quiet_seconds=quiet, dry_run=dry_run, before_commit=mark
+    )
     files, size = _folder_size(folder)
     if not dry_run:
         _remove_folder(folder, campaign_id)
     return Deleted(campaign_id, deletion.state, deletion.units, folder, files, size, dry_run)
+
+
+#: In a campaign's folder from just before its rows are deleted: the folder of a
+#: campaign the store no longer has, even with its manifest, is a deleted one's.
+DELETING = ".deleting"
 
 
 def _folder_size(folder: Path) -> tuple[int, int]:
@@ -657,6 +679,8 @@ def _folder_size(folder: Path) -> tuple[int, int]:
     files = size = 0
     for parent, _, names in os.walk(folder):
         for name in names:
+            if name == DELETING and parent == str(folder):
+                continue  # delete's own
             try:
                 size += os.lstat(os.path.join(parent, name)).st_size
             except OSError:
@@ -673,12 +697,11 @@ def _remove_folder(folder: Path, campaign_id: str) -> None:
             return
         manifest_path(folder).unlink(missing_ok=True)
     except OSError as exc:
-        # with its manifest the folder looks like another store's campaign, which a
-        # delete never removes: `orchard delete` again cannot help
+        # the .deleting mark says whose it is: `orchard delete` again tries again
         raise OrchardError(
             f"campaign {campaign_id} is deleted from the store, but "
             f"{exc.filename or manifest_path(folder)} could not be removed "
-            f"({exc.strerror or exc}): remove {folder} yourself"
+            f"({exc.strerror or exc}): `orchard delete {campaign_id}` removes what is left"
         ) from None
     try:
         for _ in range(5):  # a file under it that goes meanwhile stops rmtree: again

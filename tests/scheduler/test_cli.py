@@ -543,12 +543,12 @@ def test_delete_of_a_campaign_whose_folder_is_a_symlink_touches_nothing_outside(
     assert (cache / "shard-00000.npy").read_bytes() == b"shared"
 
 
-def test_delete_whose_manifest_cannot_be_removed_says_what_to_do(
+def test_delete_whose_manifest_cannot_be_removed_is_finished_by_deleting_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The store's rows are gone but the manifest stays: the folder still looks like a
-    campaign's (another store's), which `orchard delete` never removes, so the error
-    must not send the user there."""
+    """The store's rows are gone but the manifest stays: the folder's .deleting mark
+    says whose it is, so `orchard delete` again removes it (and not another store's
+    campaign folder, which has no mark)."""
     from scheduler.cli import main
 
     home = tmp_path / "home"
@@ -568,11 +568,62 @@ def test_delete_whose_manifest_cannot_be_removed_says_what_to_do(
     out, err = capsys.readouterr()
     assert not out and len(err.splitlines()) == 1, err
     assert f"{folder / 'manifest.json'} could not be removed (Permission denied)" in err
-    assert f"remove {folder} yourself" in err and "`orchard delete" not in err
+    assert f"`orchard delete {cancelled}` removes what is left" in err
     monkeypatch.setattr(Path, "unlink", unlink)
-    assert (folder / "manifest.json").exists()  # so a delete again is refused, rightly:
+    assert (folder / "manifest.json").exists() and (folder / ".deleting").exists()
+    assert main(["delete", cancelled]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"removed what was left of deleted campaign {cancelled}: 2 file(s)")
+    assert not folder.exists()
+
+
+def test_a_delete_killed_before_its_commit_leaves_the_campaign_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The mark is written before the rows' commit: a delete stopped there (killed, a
+    database gone) leaves the campaign in the store with a marked folder, which a
+    delete again removes like any other; a folder the mark cannot be written to
+    deletes nothing."""
+    from db.store import Store
+    from scheduler.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, running, cancelled)
+    folder = home / "artifacts" / "campaigns" / cancelled
+    touch = Path.touch
+
+    def killed_after_marking(path: Path, *args: object, **kwargs: object) -> None:
+        touch(path, *args, **kwargs)
+        raise KeyboardInterrupt  # as SIGINT between the mark and the commit
+
+    monkeypatch.setattr(Path, "touch", killed_after_marking)
+    assert main(["delete", cancelled]) == 130
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    assert store.get_campaign(cancelled).state == "CANCELLED" and store.units(cancelled)
+    assert (folder / ".deleting").exists() and (folder / "manifest.json").exists()
+    monkeypatch.setattr(Path, "touch", touch)
+    assert main(["status", cancelled]) == 0  # the campaign is as it was
+    capsys.readouterr()
+
+    def refused(path: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "touch", refused)
     assert main(["delete", cancelled]) == 2
-    assert f"no campaign '{cancelled}'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"orchard: error: campaign {cancelled}: cannot write {folder / '.deleting'} "
+        "(Permission denied), so its folder could not be removed either: nothing deleted"
+    )
+    assert store.get_campaign(cancelled).state == "CANCELLED" and store.units(cancelled)
+    monkeypatch.setattr(Path, "touch", touch)
+    assert main(["delete", cancelled]) == 0
+    assert not folder.exists()
+    with pytest.raises(Exception, match="no campaign"):
+        store.get_campaign(cancelled)
+    store.dispose()
 
 
 def test_delete_refuses_when_the_artifacts_folder_holds_no_campaigns(tmp_path: Path) -> None:
