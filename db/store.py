@@ -1384,8 +1384,8 @@ class Store:
         same preprocessing), or one whose manifest's sha256 is in
         ``equivalent_manifests`` (the same data as an earlier orchard wrote it). The
         result, predictions and metrics are copied (the result's ``extra["reused_from"]``
-        names the source unit, whose artifacts stay where they are) and the unit is marked
-        SUCCESS without running. Returns new key -> source key.
+        names the unit that ran, whose artifacts stay where they are) and the unit is
+        marked SUCCESS without running. Returns new key -> that unit's key.
         """
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id)
@@ -1451,8 +1451,9 @@ class Store:
         self, s: Session, pairs: Sequence[tuple[UnitRow, UnitRow]]
     ) -> dict[str, str]:
         """Copy each source unit's result, predictions and metrics to its target and mark
-        the target SUCCESS; returns target key -> source key for those copied (a source
-        without a result is skipped). A few statements per KEYS_PER_STATEMENT pairs, not
+        the target SUCCESS; returns target key -> the key of the unit that ran (the
+        source, or what the source itself copied) for those copied (a source without a
+        result is skipped). A few statements per KEYS_PER_STATEMENT pairs, not
         several per unit: ``--reuse`` of a grid of thousands of points."""
         now = self._now(s)
         results = {}
@@ -1501,7 +1502,11 @@ class Store:
             .values(state=SUCCESS, finished_at=now, worker=bindparam("b_worker")),
             [{"b_target": target.id, "b_worker": source.worker} for source, target in pairs],
         )
-        return {target.key: source.key for source, target in pairs}
+        # the unit that ran, as the copies' reused_from says
+        return {
+            target.key: results[source.id].extra.get("reused_from", source.key)
+            for source, target in pairs
+        }
 
     # -- results
 

@@ -93,7 +93,8 @@ class CampaignRun:
         self.id = campaign_id
         self.store = store
         self.settings = settings
-        #: with ``submit(..., reuse=True)``: unit key -> the earlier unit it was copied from
+        #: with ``submit(..., reuse=True)``: unit key -> the earlier unit that ran, whose
+        #: result it copied (its ``reused_from``, also when it copied a copy)
         self.reused: dict[str, str] = {}
 
     def __repr__(self) -> str:

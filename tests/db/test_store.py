@@ -658,9 +658,11 @@ def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     # t-3's manifest is the same data as t-1's written in an earlier format
     reused = store.reuse_finished("t-3", equivalent_manifests=["a" * 64])
     third = svm[0].key.replace("t-1/", "t-3/", 1)
-    assert reused == {third: new_key}  # the newest copy
-    # which names the unit that ran, where the model files are
+    # copied from the newest copy, t-2's; both name the unit that ran, whose model
+    # files they read
+    assert reused == {third: svm[0].key}
     assert store.results("t-3")[third].extra["reused_from"] == svm[0].key
+    assert store.get_unit(third).worker == "cpu@h"
 
 
 def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:
