@@ -366,3 +366,36 @@ def test_the_network_input_is_the_centre_crop_or_the_whole_image_resized() -> No
     cache[:, :8] = 255
     assert derive(cache, "crop224").max() == 0
     assert derive(cache, "resize224")[:, :6].min() == 255
+
+
+def test_a_fold_out_of_gpu_memory_fails_saying_what_to_change(env, monkeypatch):
+    """torch's OutOfMemoryError in the second epoch: the unit's error is one line with
+    torch's words and the setting to lower; the cache is emptied for the next unit."""
+    import shared.cnn
+
+    real, epochs, emptied = shared.cnn.train_one_epoch, [], []
+
+    def out_of_memory_in_the_second_epoch(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                "of 79.19 GiB of which 1.06 GiB is free.\nIf reserved but unallocated ..."
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("ORCHARD_DEVICE", "cpu")  # on any machine
+    monkeypatch.setattr(shared.cnn, "train_one_epoch", out_of_memory_in_the_second_epoch)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        _run(env)
+    message = base._one_line(raised.value)
+    assert message.startswith(
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        "capacity of 79.19 GiB of which 1.06 GiB is free. If reserved but unallocated ... — "
+        "orchard: cpu"  # the device it trained on
+    )
+    assert ", [cnn] batch_size 8, image_size 32, " in message and "\n" not in message
+    assert "submit the campaign again with a smaller [cnn] batch_size" in message
+    assert raised.value.__context__ is None and emptied == [1]
+    assert len(_slots(env)) == 2 and _slot(env, 1)[0].exists()  # the first epoch's checkpoint

@@ -177,6 +177,20 @@ def _verified_checkpoint(
     return checkpoint
 
 
+def out_of_memory_message(error: str, params: dict[str, Any], images: int, device: str) -> str:
+    """The one line a fold that ran out of GPU memory records: torch's first sentence
+    or two (what it tried to allocate, what the GPU holds), then what to do about it."""
+    first = " ".join(error.split())
+    if len(first) > 600:
+        first = first[:600] + "…"
+    return (
+        f"{first} — orchard: {device}, [cnn] batch_size {params['batch_size']}, "
+        f"image_size {params['image_size']}, {images} images held on the device: "
+        "submit the campaign again with a smaller [cnn] batch_size (`--reuse` copies the "
+        "units that succeeded), or check that no other process uses this GPU (nvidia-smi)"
+    )
+
+
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
     torch = torch_module()
@@ -242,17 +256,33 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         if checkpoint["epochs_done"] < params["epochs"]:  # after the last one, just finish
             ctx.hand_back_if_worker_stopping()
 
-    result = train_fold(
-        *data.split(),
-        params,
-        num_classes=num_classes,
-        seed=ctx.seed + ctx.unit.fold,
-        device=device,
-        on_epoch=on_epoch,
-        resume=resume,
-        on_checkpoint=on_checkpoint,
-        unit_key=key,
-    )
+    out_of_memory = None
+    try:
+        result = train_fold(
+            *data.split(),
+            params,
+            num_classes=num_classes,
+            seed=ctx.seed + ctx.unit.fold,
+            device=device,
+            on_epoch=on_epoch,
+            resume=resume,
+            on_checkpoint=on_checkpoint,
+            unit_key=key,
+        )
+    except torch.OutOfMemoryError as exc:
+        out_of_memory = str(exc)
+    if out_of_memory is not None:
+        # out of the except block, the failed step's frames and tensors are gone: the
+        # memory they held goes back to the GPU before this worker's next unit
+        torch.cuda.empty_cache()
+        raise torch.OutOfMemoryError(
+            out_of_memory_message(
+                out_of_memory,
+                params,
+                len(data.train) + len(data.val) + len(data.test),
+                describe_device(device),
+            )
+        )
     # the model file describes itself: enough to rebuild and evaluate the model alone
     buffer = io.BytesIO()
     torch.save(
