@@ -186,7 +186,7 @@ def out_of_memory_message(error: str, params: dict[str, Any], images: int, devic
     return (
         f"{first} — orchard: {device}, [cnn] batch_size {params['batch_size']}, "
         f"image_size {params['image_size']}, {images} images held on the device: "
-        "submit the campaign again with a smaller [cnn] batch_size (`--reuse` copies the "
+        "submit the campaign again with a smaller [cnn] batch_size (--reuse copies the "
         "units that succeeded), or check that no other process uses this GPU (nvidia-smi)"
     )
 
