@@ -543,18 +543,28 @@ def test_delete_of_a_campaign_whose_folder_is_a_symlink_touches_nothing_outside(
     assert (cache / "shard-00000.npy").read_bytes() == b"shared"
 
 
+@pytest.fixture
+def cancelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """ORCHARD_HOME of a store with a RUNNING campaign and a CANCELLED one; the
+    cancelled one's id."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, running, cancelled)
+    return home, cancelled
+
+
 def test_delete_whose_manifest_cannot_be_removed_is_finished_by_deleting_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cancelled: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The store's rows are gone but the manifest stays: the folder's .deleting mark
     says whose it is, so `orchard delete` again removes it (and not another store's
     campaign folder, which has no mark)."""
     from scheduler.cli import main
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("ORCHARD_HOME", str(home))
-    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
-    _stored_campaigns(home, running, cancelled)
+    home, cancelled = cancelled
     folder = home / "artifacts" / "campaigns" / cancelled
     unlink = Path.unlink
 
@@ -578,7 +588,9 @@ def test_delete_whose_manifest_cannot_be_removed_is_finished_by_deleting_again(
 
 
 def test_a_delete_killed_before_its_commit_leaves_the_campaign_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cancelled: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The mark is written before the rows' commit: a delete stopped there (killed, a
     database gone) leaves the campaign in the store with a marked folder, which a
@@ -587,10 +599,7 @@ def test_a_delete_killed_before_its_commit_leaves_the_campaign_whole(
     from db.store import Store
     from scheduler.cli import main
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("ORCHARD_HOME", str(home))
-    running, cancelled = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
-    _stored_campaigns(home, running, cancelled)
+    home, cancelled = cancelled
     folder = home / "artifacts" / "campaigns" / cancelled
     touch = Path.touch
 
