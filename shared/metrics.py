@@ -26,14 +26,19 @@ def confusion_matrix(
 
 
 def majority_vote(
-    predictions: np.ndarray, n_classes: int, tie_break: np.ndarray | None = None
+    predictions: np.ndarray,
+    n_classes: int,
+    tie_break: np.ndarray | None = None,
+    tie_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """Uniform blending: each member (row) votes, the most voted class wins.
 
-    ``predictions`` is (members, samples) of class indices. A tie goes to the class
-    ``tie_break`` predicts for that sample when it is among the tied (a blend of two
-    families ties often, and the better family is a fairer referee than class order),
-    otherwise to the lowest tied class index, so the blend is deterministic.
+    ``predictions`` is (members, samples) of class indices. A tie goes to the tied class
+    with the highest ``tie_scores`` (samples, classes), e.g. the members' mean
+    probabilities; else to the class ``tie_break`` predicts for that sample when it is
+    among the tied (a blend of two families ties often, and the better family is a
+    fairer referee than class order); otherwise to the lowest tied class index, so the
+    blend is deterministic.
     """
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or predictions.shape[0] == 0:
@@ -53,6 +58,17 @@ def majority_vote(
         tied = (votes == top).sum(0) > 1
         referee_tied = votes[tie_break, samples] == top
         winners = np.where(tied & referee_tied, tie_break, winners)
+    if tie_scores is not None and predictions.shape[1]:
+        tie_scores = np.asarray(tie_scores, dtype=np.float64)
+        if tie_scores.shape != (predictions.shape[1], n_classes):
+            raise ValueError(
+                f"tie_scores must be (samples, classes) = {(predictions.shape[1], n_classes)}, "
+                f"got {tie_scores.shape}"
+            )
+        top = votes.max(0)
+        # among the most voted classes only; argmax: the lowest of equal scores
+        scores = np.where((votes == top).T, tie_scores, -np.inf)
+        winners = scores.argmax(1)
     return winners
 
 

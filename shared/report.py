@@ -238,6 +238,7 @@ class BlendRow:
     test_acc: float | None
     val_acc: float | None = None  # on out-of-fold validation predictions
     note: str = ""  # why an accuracy is missing, how ties are broken, ...
+    val_images: int | None = None  # the labelled images val_acc is over
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +314,12 @@ class ReportData:
     # accuracy; by test accuracy only when no blend has a validation accuracy
     best_blend: str | None = None
     best_by: str = "val"  # "val" | "test": which accuracy chose best_blend
+    # when the blends' validation covers different images (families with other folds,
+    # a failed fold): they are compared on the images all of them cover, this many, on
+    # which the best scores best_compared_acc
+    best_compared_on: int | None = None
+    best_compared_acc: float | None = None
+    best_tied_with: list[str] = field(default_factory=list)  # as good by that measure
     timeline: list[TimelineBar] = field(default_factory=list)
     lime: LimeSection | None = None
     lime_note: str = ""  # why there is no LIME section (disabled, no CNN, ...)
@@ -323,7 +330,9 @@ class ReportData:
     other_units: dict[str, int] = field(default_factory=dict)
     preprocessing: PreprocessingSummary | None = None
     validation: str = ""  # what the models validate on (:func:`validation_line`)
-    out_of_bag: bool = False  # validation = "oob": forests judged on their training images
+    # what validation accuracies are measured on: "folds" (out of fold), "dev" (the dev
+    # split), "oob" (forests judged on their training images, out of bag)
+    held_out: str = "folds"
 
 
 @dataclass(frozen=True, slots=True)
@@ -884,7 +893,19 @@ _FAMILY_HEADER = (
     "Test acc",
     "Total fit time",
 )
-_BLEND_HEADER = ("Blend", "Method", "Members", "Test acc", "OOF val acc", "Note")
+#: The validation accuracy's name, by what it is measured on (``ReportData.held_out``).
+_VAL_NAME = {"folds": "OOF val acc", "dev": "Dev acc", "oob": "OOB acc"}
+
+
+def _val_images_name(data: ReportData) -> str:
+    return f"{_VAL_NAME.get(data.held_out, 'Val acc').split()[0]} images"
+
+
+def _blend_header(data: ReportData) -> tuple[str, ...]:
+    val = _VAL_NAME.get(data.held_out, "Val acc")
+    return ("Blend", "Method", "Members", "Test acc", val, _val_images_name(data), "Note")
+
+
 _UNIT_HEADER = (
     "Key",
     "Family",
@@ -1221,7 +1242,19 @@ def _all_reused(row: FamilyRow) -> bool:
 def _best_by_text(data: ReportData) -> str:
     if data.best_by != "val":
         return "test accuracy (no blend has validation predictions)"
-    return "out-of-bag accuracy" if data.out_of_bag else "out-of-fold validation accuracy"
+    text = {
+        "oob": "out-of-bag accuracy",
+        "dev": "accuracy on the dev split",
+    }.get(data.held_out, "out-of-fold validation accuracy")
+    if data.best_compared_on is not None:
+        n = data.best_compared_on
+        text += f" on the {n} image{'s' * (n != 1)} that every blend predicted"
+    return text
+
+
+def _is_missing(note: str) -> bool:
+    """A blend note that says why its accuracies are missing (not a tie rule)."""
+    return note.startswith("n/a")
 
 
 def _blend_blocks(data: ReportData) -> list[Block]:
@@ -1232,14 +1265,20 @@ def _blend_blocks(data: ReportData) -> list[Block]:
             b.name,
             "single model" if b.method == "single" else b.method,
             str(b.members),
-            _fmt_pct(b.test_acc) if b.test_acc is not None else ("n/a" if b.note else _DASH),
-            _fmt_pct(b.val_acc) if b.val_acc is not None else ("n/a" if b.note else _DASH),
+            _fmt_pct(b.test_acc)
+            if b.test_acc is not None
+            else ("n/a" if _is_missing(b.note) else _DASH),
+            _fmt_pct(b.val_acc)
+            if b.val_acc is not None
+            else ("n/a" if _is_missing(b.note) else _DASH),
+            _DASH if b.val_images is None else str(b.val_images),
             b.note or _DASH,
         ]
         for b in data.blends
     ]
     classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
-    blocks: list[Block] = [Table(_BLEND_HEADER, rows, frozenset({2, 3, 4}), row_classes=classes)]
+    header = _blend_header(data)
+    blocks: list[Block] = [Table(header, rows, frozenset({2, 3, 4, 5}), row_classes=classes)]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
         parts: list[Inline] = [
@@ -1248,17 +1287,32 @@ def _blend_blocks(data: ReportData) -> list[Block]:
             ", ",
             Strong(data.best_blend),
         ]
+        if data.best_compared_acc is not None and best.val_images != data.best_compared_on:
+            parts.append(f" ({_fmt_pct(data.best_compared_acc)} on them)")
         if data.best_by == "val" and best.test_acc is not None:
             parts.append(f", whose test accuracy is {_fmt_pct(best.test_acc)}")
-        held_out = (
-            "OOF val acc is each image predicted by the trees that did not draw it (every "
-            "forest trained on every labelled image)"
-            if data.out_of_bag
-            else "OOF val acc pools each fold's predictions on the images it held out"
+        if data.best_tied_with:
+            parts.append(
+                f"; as good by that measure: {', '.join(data.best_tied_with)} (the first row "
+                "is taken)"
+            )
+        val = _VAL_NAME.get(data.held_out, "Val acc")
+        held_out = {
+            "oob": f"{val} is each image predicted by the trees that did not draw it (every "
+            "forest trained on every labelled image)",
+            "dev": f"{val} is each model's predictions on the labelled dev split (every "
+            "model trained on the train split)",
+        }.get(
+            data.held_out,
+            f"{val} pools each fold's predictions on the images it held out (so a family's "
+            "vote and mean share it; the Model families table's val acc is the mean of its "
+            "folds' accuracies instead)",
         )
         parts.append(
-            f". {held_out}; the test set chooses nothing, it only measures. A single model "
-            "is one best point trained on one fold: nothing is blended."
+            f". {held_out}; {_val_images_name(data)} counts the labelled images it is over. "
+            "The test set "
+            "chooses nothing, it only measures. A single model is one best point trained on "
+            "one fold: nothing is blended."
         )
         blocks.append(Para(tuple(parts)))
     return blocks
@@ -1463,11 +1517,19 @@ def _units_line(data: ReportData, failed: list[UnitSummary], reused: list[UnitSu
 
 
 def validation_line(
-    validation: str, folds: int, seed: int, train: int, val: int, *, augmented: bool = False
+    validation: str,
+    folds: int,
+    seed: int,
+    train: int,
+    val: int,
+    *,
+    augmented: bool = False,
+    fold_sizes: Sequence[int] = (),
 ) -> str:
     """What the models validate on, for the report's header: ``validation`` is the
-    campaign's setting, ``train`` and ``val`` the image counts of fold 0; ``augmented``:
-    some forest trains on augmented copies."""
+    campaign's setting, ``train`` and ``val`` the image counts of fold 0,
+    ``fold_sizes`` every fold's held-out images; ``augmented``: some forest trains on
+    augmented copies."""
     if validation == "dev":
         return (
             f"Validation: the dev split ({val} images); every model trains on the train "
@@ -1484,9 +1546,11 @@ def validation_line(
                 "siblings in a tree's sample inflate: see the note under the RF table)"
             )
         return line
+    sizes = [val, *fold_sizes]
+    per_fold = f"{min(sizes)}–{max(sizes)}" if min(sizes) != max(sizes) else str(val)
     return (
         f"Validation: {folds}-fold stratified cross-validation (seed {seed}) over the "
-        f"{train + val} labelled train and dev images, about {val} per fold; a section "
+        f"{train + val} labelled train and dev images, {per_fold} per fold; a section "
         "with folds = n runs the first n"
     )
 
@@ -1530,7 +1594,17 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             if best.members == 1 or best.method == "single"
             else f"a {best.method} of {best.members}"
         )
-        accs = [f"OOF val acc {_fmt_pct(best.val_acc)}"] if best.val_acc is not None else []
+        val = _VAL_NAME.get(data.held_out, "Val acc")
+        accs = [f"{val} {_fmt_pct(best.val_acc)}"] if best.val_acc is not None else []
+        if (
+            data.best_compared_acc is not None
+            and best.val_acc is not None
+            and best.val_images != data.best_compared_on
+        ):
+            accs = [
+                f"{val} {_fmt_pct(data.best_compared_acc)} on them, "
+                f"{_fmt_pct(best.val_acc)} on its own {best.val_images}"
+            ]
         if best.test_acc is not None:
             accs.append(f"test acc {_fmt_pct(best.test_acc)}")
         meta.append(

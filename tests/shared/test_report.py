@@ -195,10 +195,10 @@ def data() -> ReportData:
         ),
     ]
     blends = [
-        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86, 0.84),
-        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87, 0.85),
-        BlendRow("SVM best point", "svm", "single", 1, 0.9, 0.79),
-        BlendRow("CNN + SVM vote", "cnn+svm", "vote", 2, 0.85, 0.8, "ties go to CNN"),
+        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86, 0.84, "ties by mean probability", 300),
+        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87, 0.85, "", 300),
+        BlendRow("SVM best point", "svm", "single", 1, 0.9, 0.79, "", 300),
+        BlendRow("CNN + SVM vote", "cnn+svm", "vote", 2, 0.85, 0.8, "ties go to CNN", 300),
         BlendRow(
             "CNN + SVM mean", "cnn+svm", "mean", 2, None, None, "n/a: SVM predicts labels only"
         ),
@@ -441,16 +441,48 @@ def test_param_labels_and_values() -> None:
 
 def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
     blend = _section(render_markdown(data), "Blending")
-    assert "| Blend | Method | Members | Test acc | OOF val acc | Note |" in blend
-    assert "| CNN 3-fold vote | vote | 3 | 86.000% |" in blend
+    assert "| Blend | Method | Members | Test acc | OOF val acc | OOF images | Note |" in blend
+    assert (
+        "| CNN 3-fold vote | vote | 3 | 86.000% | 84.000% | 300 | ties by mean probability |"
+        in blend
+    )
     assert "| **CNN 3-fold mean** | **mean** | **3** | **87.000%** |" in blend
-    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | n/a: SVM predicts labels only |" in blend
-    assert "| CNN + SVM vote | vote | 2 | 85.000% | 80.000% | ties go to CNN |" in blend
+    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | — | n/a: SVM predicts labels only |" in blend
+    assert "| CNN + SVM vote | vote | 2 | 85.000% | 80.000% | 300 | ties go to CNN |" in blend
     assert (
         "Bold: the best by out-of-fold validation accuracy, **CNN 3-fold mean**, "
         "whose test accuracy is 87.000%." in blend
     )
     assert "Best blend by test accuracy" not in blend
+    # a test set without labels: its accuracies are missing, not "n/a" as for a blend
+    # that cannot be made, whatever its note says
+    unlabelled = [dataclasses.replace(b, test_acc=None) for b in data.blends]
+    blend = _section(render_markdown(dataclasses.replace(data, blends=unlabelled)), "Blending")
+    assert "| CNN + SVM vote | vote | 2 | — | 80.000% | 300 | ties go to CNN |" in blend
+    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | — | n/a: SVM predicts labels only |" in blend
+
+
+def test_blends_compared_on_the_images_all_of_them_cover_say_so(data: ReportData) -> None:
+    compared = dataclasses.replace(
+        data, best_compared_on=60, best_compared_acc=0.9, best_tied_with=["SVM best point"]
+    )
+    md = render_markdown(compared)
+    assert (
+        "- Best model: **CNN 3-fold mean** (a mean of 3, chosen by out-of-fold validation "
+        "accuracy on the 60 images that every blend predicted; OOF val acc 90.000% on them, "
+        "85.000% on its own 300, test acc 87.000%)" in md
+    )
+    blend = _section(md, "Blending")
+    assert (
+        "Bold: the best by out-of-fold validation accuracy on the 60 images that every "
+        "blend predicted, **CNN 3-fold mean** (90.000% on them), whose test accuracy is "
+        "87.000%; as good by that measure: SVM best point (the first row is taken)." in blend
+    )
+    # the best's own images are those compared on: its accuracy once
+    own = dataclasses.replace(compared, best_compared_on=300, best_compared_acc=0.85)
+    md = render_markdown(own)
+    assert "that every blend predicted; OOF val acc 85.000%, test acc 87.000%)" in md
+    assert "**CNN 3-fold mean**, whose test accuracy" in md
 
 
 def test_figure_sections_link_their_pngs(data: ReportData) -> None:
@@ -602,6 +634,19 @@ def test_mean_probabilities_averages_members() -> None:
     assert mean_probabilities(np.zeros((2, 0, 3))).tolist() == []
     with pytest.raises(ValueError):
         mean_probabilities(np.zeros((2, 3)))
+
+
+def test_majority_vote_tie_break_by_scores_among_the_tied_only() -> None:
+    preds = np.array([[0, 1, 2], [2, 1, 0]])  # samples 0 and 2 tie (0 vs 2)
+    scores = np.array([[0.2, 0.5, 0.3], [0.1, 0.8, 0.1], [0.45, 0.1, 0.45]])
+    # sample 0: class 1 scores highest but got no vote: 2 beats 0; sample 2: equal
+    # scores, the lowest class; scores settle ties before a referee
+    assert majority_vote(preds, 3, tie_scores=scores).tolist() == [2, 1, 0]
+    assert majority_vote(preds, 3, np.array([0, 1, 2]), scores).tolist() == [2, 1, 0]
+    three = np.array([[0, 1], [0, 1], [1, 2], [1, 2], [2, 0]])  # 2-2-1: 0 vs 1, 1 vs 2
+    assert majority_vote(three, 3, tie_scores=np.array([[0.3, 0.4, 0.3]] * 2)).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="tie_scores"):
+        majority_vote(preds, 3, tie_scores=np.zeros((3, 2)))
 
 
 def test_majority_vote_tie_break_by_a_referee() -> None:
@@ -756,8 +801,10 @@ def test_the_header_says_what_the_models_validate_on(data: ReportData) -> None:
     folds = validation_line("folds", 5, 3, 5120, 1280)
     assert folds.startswith(
         "Validation: 5-fold stratified cross-validation (seed 3) over the 6400 labelled "
-        "train and dev images, about 1280 per fold"
+        "train and dev images, 1280 per fold"
     )
+    uneven = validation_line("folds", 5, 3, 45, 12, fold_sizes=[12, 11, 11, 11, 11])
+    assert "over the 57 labelled train and dev images, 11–12 per fold;" in uneven
     oob = validation_line("oob", 5, 0, 6400, 6400)
     assert oob == (
         "Validation: out of bag; every forest trains on all 6400 labelled train and dev "
@@ -983,7 +1030,18 @@ def test_out_of_bag_blends_say_what_their_validation_accuracy_is(data: ReportDat
     """Under validation = "oob" nothing was held out: the text must not say so."""
     folds = render_markdown(data)
     assert "OOF val acc pools each fold's predictions on the images it held out" in folds
-    oob = render_markdown(dataclasses.replace(data, out_of_bag=True))
+    oob = render_markdown(dataclasses.replace(data, held_out="oob"))
     assert "held out" not in oob.split("## Blending", 1)[1].split("\n## ", 1)[0]
     assert "Bold: the best by out-of-bag accuracy" in oob
     assert "each image predicted by the trees that did not draw it" in oob
+    assert "| Test acc | OOB acc | OOB images | Note |" in oob and "OOF" not in oob
+
+
+def test_dev_split_blends_say_what_their_validation_accuracy_is(data: ReportData) -> None:
+    """Under validation = "dev" there are no folds: nothing is out of fold."""
+    dev = render_markdown(dataclasses.replace(data, held_out="dev"))
+    assert "OOF" not in dev and "out-of-fold" not in dev
+    assert "| Test acc | Dev acc | Dev images | Note |" in dev
+    assert "Bold: the best by accuracy on the dev split, **CNN 3-fold mean**" in dev
+    assert "(a mean of 3, chosen by accuracy on the dev split; Dev acc 85.000%," in dev
+    assert "Dev acc is each model's predictions on the labelled dev split" in dev

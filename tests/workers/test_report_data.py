@@ -236,35 +236,45 @@ def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
     (svm,) = units["svm"]
     finish(store, svm.key, 0.7, [2, 1, 2, 2], labels)  # labels only
     (rf,) = units["rf"]
-    rf_probs = [[0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4], [0.2, 0.5, 0.3]]
-    finish(store, rf.key, 0.6, [0, 1, 2, 1], labels, probs=rf_probs, extra={"oob_score": 0.81})
+    rf_probs = [[0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4], [0.5, 0.2, 0.3]]
+    finish(store, rf.key, 0.6, [0, 1, 2, 0], labels, probs=rf_probs, extra={"oob_score": 0.81})
 
     data = build_report_data(store, "x-1")
     blends = {b.name: b for b in data.blends}
-    # vote of two folds ties on t4 (0 vs 1) -> lowest class 0; the mean says 1
-    assert blends["CNN 2-fold vote"].test_acc == pytest.approx(3 / 4)
+    # the vote of two folds ties on t4 (0 vs 1): not to the lowest class, 0, but to the
+    # tied class of highest mean probability, 1, which is right
+    assert blends["CNN 2-fold vote"].test_acc == pytest.approx(1.0)
+    assert blends["CNN 2-fold vote"].note == "ties by mean probability"
     assert blends["CNN 2-fold mean"].test_acc == pytest.approx(1.0)
     # one fold, nothing blended: one row each, a single model, whatever [blend] method says
     assert "SVM best point (mean)" not in blends and "RF best point (mean)" not in blends
     assert blends["SVM best point"].method == "single" and blends["SVM best point"].members == 1
     assert blends["SVM best point"].test_acc == pytest.approx(2 / 4)
-    assert blends["RF best point"].test_acc == pytest.approx(1.0)
+    assert blends["RF best point"].test_acc == pytest.approx(3 / 4)
     cross = blends["CNN + SVM + RF vote"]
-    # per image: CNN vote [0,1,2,0], SVM [2,1,2,2], RF [0,1,2,1] -> t1: 0, t4: three-way tie
-    # broken by the CNN (best validation accuracy): 0 -> 3/4
-    assert cross.members == 3 and cross.test_acc == pytest.approx(3 / 4)
+    # per image: CNN vote [0,1,2,1], SVM [2,1,2,2], RF [0,1,2,0] -> t1: 0, t4: three-way tie
+    # broken by the CNN (best validation accuracy): 1 -> 4/4 (the lowest class: 3/4)
+    assert cross.members == 3 and cross.test_acc == pytest.approx(1.0)
     assert "ties go to CNN" in cross.note
     assert blends["CNN + SVM + RF mean"].test_acc is None
-    # chosen on validation: the out-of-fold predictions of v0 (RF right) and v1 (the CNN
-    # fold 1 wrong) put RF first; the CNN mean, best on the test set, is not chosen on it
+    # chosen on validation. The CNN's two folds held out v0 (right) and v1 (wrong): 1/2;
+    # the one-fold SVM and RF, and so the three-family vote, only v0. All are compared on
+    # v0, where the CNN vote (the first row), RF and the three-family vote are right (the
+    # CNN mean has no validation probabilities here): the CNN's 1/2 over more images
+    # does not count against it
     assert data.best_by == "val"
     assert blends["RF best point"].val_acc == pytest.approx(1.0)
+    assert blends["RF best point"].val_images == 1
     assert blends["CNN 2-fold vote"].val_acc == pytest.approx(1 / 2)
-    assert data.best_blend == "RF best point"  # the first of the best validated
+    assert blends["CNN 2-fold vote"].val_images == 2
+    assert data.best_blend == "CNN 2-fold vote" and data.best_compared_on == 1
+    assert data.best_compared_acc == pytest.approx(1.0)
+    assert data.best_tied_with == ["RF best point", "CNN + SVM + RF vote"]
     md = render_markdown(data)
     assert (
-        "- Best model: **RF best point** (a single model, chosen by out-of-fold validation "
-        "accuracy; OOF val acc 100.000%, test acc 100.000%)" in md
+        "- Best model: **CNN 2-fold vote** (a vote of 2, chosen by out-of-fold validation "
+        "accuracy on the 1 image that every blend predicted; OOF val acc 100.000% on them, "
+        "50.000% on its own 2, test acc 100.000%)" in md
     )
     assert data.experiments[2].note is None  # no augmented siblings: no OOB note
     assert data.experiments[2].points[0].extras["oob_score"] == pytest.approx(0.81)
@@ -868,3 +878,42 @@ def test_a_report_on_a_worker_with_another_artifact_folder_fails_like_every_unit
     assert not ctx.campaign_dir.exists()  # nothing made in the wrong folder
     ctx.campaign_dir.mkdir(parents=True)  # the campaign's folder, its manifest damaged
     assert _manifest_or_none(ctx) is None
+
+
+def test_a_tied_vote_of_folds_without_probabilities_goes_to_the_best_fold(
+    sqlite_url: str,
+) -> None:
+    """An SVM predicts labels only: a tie between its folds' votes goes to the class of
+    the fold with the best validation accuracy, not to the lowest class, and the
+    blend's note says so; the confusion matrix is of that vote."""
+    spec = {**SPEC, "folds": 2, "cnn": {"folds": 2}, "svm": {"folds": 2, "C": 1.0}}
+    store = make_store(sqlite_url, spec, "t-1")
+    labels = [2, 1, 2, 0]
+    for u in store.units("t-1"):
+        if u.family == "svm":  # fold 1 validates better; they disagree on t1 and t4
+            preds = [0, 1, 2, 0] if u.fold == 0 else [2, 1, 2, 2]
+            finish(store, u.key, 0.5 + 0.2 * u.fold, preds, labels, fold=u.fold)
+    data = build_report_data(store, "t-1")
+    vote = next(b for b in data.blends if b.name == "SVM 2-fold vote")
+    assert vote.note == "ties go to fold 1 (best validation)"
+    assert vote.test_acc == pytest.approx(3 / 4)  # t1 by fold 1: right; t4: wrong
+    assert data.confusions["svm"].matrix == [[0, 0, 1], [0, 1, 0], [0, 0, 2]]
+
+
+def test_the_confusion_matrix_is_of_the_blend_the_campaign_asks_for(sqlite_url: str) -> None:
+    spec = {**SPEC, "folds": 2, "cnn": {"folds": 2}, "blend": {"method": "mean"}}
+    store = make_store(sqlite_url, spec, "m-1")
+    labels = [0, 1, 2, 1]
+    probs = {  # the folds tie on t4 (0 vs 1) by vote; the mean says 1
+        0: [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.45, 0.4, 0.15]],
+        1: [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.2, 0.2, 0.6], [0.05, 0.9, 0.05]],
+    }
+    for u in store.units("m-1"):
+        if u.family == "cnn":
+            preds = np.argmax(probs[u.fold], axis=1).tolist()
+            finish(store, u.key, 0.9, preds, labels, probs=probs[u.fold], fold=u.fold)
+    data = build_report_data(store, "m-1")
+    assert [b.name for b in data.blends if b.family == "cnn"] == ["CNN 2-fold mean"]
+    cnn = data.confusions["cnn"]
+    assert cnn.title == "CNN 2-fold mean (test)"
+    assert cnn.matrix == [[1, 0, 0], [0, 2, 0], [0, 0, 1]]

@@ -13,6 +13,7 @@ with an unlabelled test set its predictions become ``submission.csv``. The layou
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -206,12 +207,18 @@ def _common(members: Sequence[Predicted]) -> list[str]:
 
 
 def blend_members(
-    members: Sequence[Predicted], n_classes: int, tie_break: int | None = None
+    members: Sequence[Predicted],
+    n_classes: int,
+    tie_break: int | None = None,
+    *,
+    ties_by_mean: bool = False,
 ) -> tuple[Predicted, Predicted | None]:
     """(vote, probability mean) of ``members`` over the images they all predicted.
 
     The mean is None when a member has no probabilities (an SVM predicts labels only).
-    ``tie_break`` names the member whose prediction settles a tied vote.
+    A tied vote goes, with ``ties_by_mean`` and every member's probabilities, to the
+    tied class of highest mean probability; else to the prediction of the member
+    ``tie_break`` names; else to the lowest class.
     """
     ids = _common(members)
     aligned = [m.take(ids) for m in members]
@@ -221,10 +228,13 @@ def blend_members(
         return Predicted([], empty, empty, None), None
     stacked = np.stack([m.preds for m in aligned])
     referee = None if tie_break is None else aligned[tie_break].preds
-    vote = Predicted(ids, labels, majority_vote(stacked, n_classes, referee), None)
-    if any(m.probs is None for m in aligned):
+    probs = None
+    if all(m.probs is not None for m in aligned):
+        probs = np.stack([m.probs for m in aligned])  # type: ignore[misc]
+    scores = probs.mean(0) if ties_by_mean and probs is not None else None
+    vote = Predicted(ids, labels, majority_vote(stacked, n_classes, referee, scores), None)
+    if probs is None:
         return vote, None
-    probs = np.stack([m.probs for m in aligned])  # type: ignore[misc]
     averaged = Predicted(ids, labels, mean_probabilities(probs), probs.mean(0))
     return vote, averaged
 
@@ -246,18 +256,92 @@ class FamilyBlend:
     test_mean: Predicted | None
     oof: Predicted  # pooled out-of-fold validation predictions
     val_acc: float | None  # the best point's mean validation accuracy
+    ties: str = ""  # how the vote settles a tie, for the report's note
 
 
 def family_blend(
-    store: Store, best: Sequence[Unit], n_classes: int, val: float | None
+    store: Store,
+    best: Sequence[Unit],
+    results: dict[str, Result],
+    n_classes: int,
+    val: float | None,
 ) -> FamilyBlend:
+    """The best point's folds blended on the test split. A tied vote (two folds of
+    four for one class, two for another) goes to the tied class of highest mean
+    probability, or, for a family without probabilities, to the best fold's class."""
     per_member = [_predicted(store.predictions(u.key, "test")) for u in best]
-    vote, averaged = blend_members(per_member, n_classes)
-    return FamilyBlend(best[0].family, len(best), vote, averaged, _pooled(store, best, "val"), val)
+    referee = best_fold(best, results)
+    vote, averaged = blend_members(
+        per_member, n_classes, list(best).index(referee), ties_by_mean=True
+    )
+    if averaged is not None:
+        ties = "ties by mean probability"
+    else:
+        ties = f"ties go to fold {referee.fold} (best validation)"
+    oof = _pooled(store, best, "val")
+    return FamilyBlend(best[0].family, len(best), vote, averaged, oof, val, ties)
 
 
 def _acc(p: Predicted | None) -> float | None:
     return None if p is None or not len(p.ids) else accuracy(p.labels, p.preds)
+
+
+def _labelled(p: Predicted | None) -> set[str]:
+    """The images of ``p`` with a label: those its accuracy is over."""
+    if p is None:
+        return set()
+    return {i for i, label in zip(p.ids, p.labels.tolist(), strict=True) if label >= 0}
+
+
+def _blend_row(
+    name: str,
+    family: str,
+    method: str,
+    members: int,
+    test: Predicted | None,
+    val: Predicted | None,
+    note: str = "",
+) -> BlendRow:
+    labelled = len(_labelled(val)) if val is not None else None
+    return BlendRow(name, family, method, members, _acc(test), _acc(val), note, labelled or None)
+
+
+@dataclass(frozen=True)
+class BestBlend:
+    name: str | None
+    by: str  # "val" | "test"
+    compared_on: int | None = None  # the images all blends' validation covers, if fewer
+    compared_acc: float | None = None  # the best's accuracy on them
+    tied_with: tuple[str, ...] = ()
+
+
+def choose_best(blends: Sequence[BlendRow], oof: dict[str, Predicted]) -> BestBlend:
+    """The headline model: the best validation accuracy, never the test set's, which
+    then measures it (test accuracy only when no blend has validation predictions).
+
+    Blends whose validation covers different images (a 5-fold CNN beside one-fold
+    forests, a fold that failed) are compared on the images every one of them covers,
+    and where none is common, each on its own. Equals: the first row, the others named.
+    """
+    by = "val" if any(b.val_acc is not None for b in blends) else "test"
+    scored = [b for b in blends if (b.val_acc if by == "val" else b.test_acc) is not None]
+    if not scored:
+        return BestBlend(None, by)
+    score = {b.name: (b.val_acc if by == "val" else b.test_acc) or 0.0 for b in scored}
+    compared_on = None
+    if by == "val":
+        covers = [_labelled(oof.get(b.name)) for b in scored]
+        common = set.intersection(*covers)
+        if common and any(len(c) > len(common) for c in covers):
+            ids = sorted(common)
+            for b in scored:
+                taken = oof[b.name].take(ids)
+                score[b.name] = accuracy(taken.labels, taken.preds) or 0.0
+            compared_on = len(common)
+    best = max(scored, key=lambda b: score[b.name])  # the first of equals
+    tied = tuple(b.name for b in scored if b is not best and score[b.name] == score[best.name])
+    compared_acc = score[best.name] if compared_on is not None else None
+    return BestBlend(best.name, by, compared_on, compared_acc, tied)
 
 
 # --------------------------------------------------------------------------- tables, plots
@@ -584,13 +668,19 @@ def _validation(spec: dict[str, Any], manifest: Manifest | None) -> str:
     rf = spec.get("rf") or {}
     augments = rf.get("augment", []) if isinstance(rf, dict) else []
     augments = augments if isinstance(augments, list) else [augments]
+    folds = int(spec.get("folds", 5))
+    sizes = []
+    if spec.get("validation", "folds") == "folds":
+        with contextlib.suppress(ManifestError):  # fewer folds than the spec says
+            sizes = [len(manifest.fold_indices(f)[1]) for f in range(folds)]
     return validation_line(
         spec.get("validation", "folds"),
-        int(spec.get("folds", 5)),
+        folds,
         int(spec.get("seed", 0)),
         len(train),
         len(val),
         augmented=any(a not in (None, "none") for a in augments),
+        fold_sizes=sizes,
     )
 
 
@@ -811,7 +901,7 @@ def build_report_data(
         if best_key:
             curves += learning_curves(store, campaign_id, family, mine, points, best_key)
             fam_blends[family] = family_blend(
-                store, best, n_classes, best_row.val_acc if best_row else None
+                store, best, results, n_classes, best_row.val_acc if best_row else None
             )
 
     # -- blends: per family (vote, mean), then across families
@@ -823,7 +913,7 @@ def build_report_data(
         if fb.members == 1:
             # one fold: nothing to blend, whichever the method; a single model, one row
             name = f"{title} best point"
-            blends.append(BlendRow(name, family, "single", 1, _acc(fb.test_vote), _acc(fb.oof)))
+            blends.append(_blend_row(name, family, "single", 1, fb.test_vote, fb.oof))
             predicted[name] = fb.test_vote
             oof[name] = fb.oof
             continue
@@ -831,10 +921,10 @@ def build_report_data(
             name = f"{title} {fb.members}-fold {m}"
             test = fb.test_vote if m == "vote" else fb.test_mean
             val = fb.oof if m == "vote" or fb.oof.probs is not None else None
-            note = ""
+            note = fb.ties if m == "vote" else ""
             if test is None:
                 note = f"n/a: {title} predicts labels only"
-            blends.append(BlendRow(name, family, m, fb.members, _acc(test), _acc(val), note))
+            blends.append(_blend_row(name, family, m, fb.members, test, val, note))
             if test is not None:
                 predicted[name] = test
             if val is not None:
@@ -876,30 +966,28 @@ def build_report_data(
                     test, val = test_mean, oof_mean
                     no_probs = [_title(fb.family) for fb in members if fb.test_mean is None]
                     note = f"n/a: {', '.join(no_probs)} predicts labels only" if no_probs else ""
-                blends.append(BlendRow(name, joined, m, len(ran), _acc(test), _acc(val), note))
+                blends.append(_blend_row(name, joined, m, len(ran), test, val, note))
                 if test is not None:
                     predicted[name] = test
                 if val is not None:
                     oof[name] = val
 
     by_test = any(b.test_acc is not None for b in blends)
-    # the headline model is chosen on validation, never on the test set it is then
-    # measured on; by test accuracy only when no blend has validation predictions
-    best_by = "val" if any(b.val_acc is not None for b in blends) else "test"
-
-    def chosen_by(b: BlendRow) -> float | None:
-        return b.val_acc if best_by == "val" else b.test_acc
-
-    scored = [b for b in blends if chosen_by(b) is not None]
-    best_blend = max(scored, key=lambda b: chosen_by(b) or 0.0).name if scored else None
+    headline = choose_best(blends, oof)
+    best_blend = headline.name
 
     # -- confusion matrices
     confusions: dict[str, Confusion] = {}
     for family, fb in fam_blends.items():
         title = _title(family)
-        what = f"{fb.members}-fold vote" if fb.members > 1 else "best point"
-        if by_test and len(fb.test_vote.ids):
-            matrix = confusion_matrix(fb.test_vote.labels, fb.test_vote.preds, n_classes)
+        # the blend the table shows: the vote, or the mean where only it is asked for
+        shown, what = fb.test_vote, f"{fb.members}-fold vote"
+        if "vote" not in methods and fb.test_mean is not None:
+            shown, what = fb.test_mean, f"{fb.members}-fold mean"
+        if fb.members == 1:
+            what = "best point"
+        if by_test and len(shown.ids):
+            matrix = confusion_matrix(shown.labels, shown.preds, n_classes)
             confusions[family] = Confusion(f"{title} {what} (test)", matrix, "test")
         else:
             best = best_units[family]
@@ -978,13 +1066,16 @@ def build_report_data(
         curves=curves,
         sweeps=sweeps,
         best_blend=best_blend,
-        best_by=best_by,
+        best_by=headline.by,
+        best_compared_on=headline.compared_on,
+        best_compared_acc=headline.compared_acc,
+        best_tied_with=list(headline.tied_with),
         timeline=timeline(all_units, results),
         lime=lime,
         lime_note=lime_note,
         skipped=_skipped(manifest),
         validation=_validation(spec, manifest),
-        out_of_bag=spec.get("validation") == "oob",
+        held_out=spec.get("validation", "folds"),
         submission=submission,
         test_labelled=by_test,
         other_units={
