@@ -27,6 +27,7 @@ from workers.tasks.report import (
     best_fold,
     blend_members,
     build_report_data,
+    in_study_order,
     utc_iso,
 )
 
@@ -917,3 +918,8 @@ def test_the_confusion_matrix_is_of_the_blend_the_campaign_asks_for(sqlite_url: 
     cnn = data.confusions["cnn"]
     assert cnn.title == "CNN 2-fold mean (test)"
     assert cnn.matrix == [[1, 0, 0], [0, 2, 0], [0, 0, 1]]
+
+
+def test_families_are_in_the_study_s_order_whatever_the_plan_s() -> None:
+    assert in_study_order(["svm", "rf", "svm", "cnn", "rf"]) == ["cnn", "svm", "rf"]
+    assert in_study_order(["rf", "svm"]) == ["svm", "rf"]

@@ -19,7 +19,7 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +109,13 @@ def _projection_note(units: Sequence[Unit], results: dict[str, Result]) -> str |
 
 def _title(family: str) -> str:
     return FAMILY_TITLES.get(family, family.upper())
+
+
+def in_study_order(families: Iterable[str]) -> list[str]:
+    """The families once each, in one order in every report (the study's: CNN, SVM,
+    RF), whatever order the plan sends their units in."""
+    order = list(FAMILY_TITLES)
+    return sorted(set(families), key=lambda f: (order.index(f) if f in order else len(order), f))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -849,7 +856,7 @@ def build_report_data(
     fam_blends: dict[str, FamilyBlend] = {}
     best_units: dict[str, list[Unit]] = {}
     orders = sweep_orders(spec)  # the campaign file's (the plan sends costly points first)
-    for family in dict.fromkeys(u.family for u in units if u.family not in NOT_MODELS):
+    for family in in_study_order(u.family for u in units if u.family not in NOT_MODELS):
         order = orders.get(family, {})
         mine = sorted(
             (u for u in units if u.family == family),
