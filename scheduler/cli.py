@@ -1182,16 +1182,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     settings = load_settings()
     _check_urls()
-    _store(existing=True)  # fail now, naming the database, not on the first task
+    store = _store(existing=True)  # fail now, naming the database, not on the first task
     from workers.app import app, check_broker_reachable, preload
+    from workers.config import check_device, reliability, torch_threads
 
+    reliability()
+    torch_threads()
     check_broker_reachable(app)
+    _check_artifacts_of_running(store, settings)
+    preload(queues)
+    if "gpu" in queues:  # torch is loaded now
+        check_device(os.environ.get("ORCHARD_DEVICE"))
     print(
         f"orchard worker: queues {','.join(queues)} on {mask_url(settings.broker_url)}, "
         f"store {mask_url(settings.database_url)}, artifacts {settings.artifacts}",
         file=sys.stderr,
     )
-    preload(queues)
     if args.without_task_events:
         # workers/config.py turns them on; `celery control enable_events` (Flower) still can
         app.conf.worker_send_task_events = False
@@ -1210,10 +1216,15 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     gpus = parse_gpus(args.gpus, available=detect_gpus(), device=device)
     settings = load_settings()
     _check_urls()
-    _store(existing=True)  # fail once here, naming the database, rather than once per GPU
+    # fail once here, naming the database or variable, rather than once per GPU
+    store = _store(existing=True)
     from workers.app import app, check_broker_reachable
+    from workers.config import reliability, torch_threads
 
+    reliability()
+    torch_threads()
     check_broker_reachable(app)
+    _check_artifacts_of_running(store, settings)
     print(
         f"orchard worker: {len(gpus)} GPU worker(s) ({', '.join('gpu' + g for g in gpus)}) "
         f"on queues {','.join(queues)}, device {device or 'cuda'}, broker "
@@ -1222,8 +1233,31 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
         file=sys.stderr,
     )
     env = child_env(settings, os.environ)
+    # each child trains on its GPU or refuses to start (a host whose torch sees none),
+    # never silently on the CPU; ORCHARD_DEVICE=cpu asks for that
+    if not env.get("ORCHARD_DEVICE"):
+        env["ORCHARD_DEVICE"] = "cuda"
     launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
     return launcher.run()
+
+
+def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
+    """Refuse a worker whose ``ORCHARD_ARTIFACTS`` lacks the manifest of a campaign
+    running in its store: not the folder the campaigns are submitted with (another
+    path, a share not mounted). It would take their units and fail each one."""
+    from shared.manifest import manifest_path
+
+    for campaign in store.list_campaigns(limit=STATUS_SHOWN):
+        if campaign.state != "RUNNING":
+            continue
+        path = manifest_path(settings.artifacts / "campaigns" / campaign.id)
+        recorded = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
+        if recorded is not None and not path.is_file():
+            raise OrchardError(
+                f"ORCHARD_ARTIFACTS ({settings.artifacts}): campaign {campaign.id} runs, but "
+                f"its manifest {path} is not there: a worker must use the folder the "
+                "campaigns are submitted with (on a cluster, the same share, mounted)"
+            )
 
 
 def worker_argv(

@@ -228,11 +228,15 @@ class GpuLauncher:
                         child.pump.join(timeout=5)
                     uptime = time.monotonic() - child.started
                     if uptime < self.min_uptime:
-                        failure = (
-                            f"worker gpu{child.gpu} exited with code {code} "
-                            f"{uptime:.0f} s after starting; stopping the others"
+                        # said now (the others may take a while to hand their folds
+                        # back), and why in the command's last line, once they stopped
+                        self._say(
+                            f"orchard worker: gpu{child.gpu} did not start; stopping the others"
                         )
-                        self._say(f"orchard worker: {failure}")
+                        failure = (
+                            f"worker gpu{child.gpu} exited with code {code} {uptime:.0f} s "
+                            "after starting: it could not start (its output is above)"
+                        )
                         self.stop()
                         continue
                     if self._stopping:  # asked to stop while it waited for the output

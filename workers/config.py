@@ -83,8 +83,10 @@ _THIRTY_DAYS = f"{30 * 24 * 3600} (30 days)"
 
 def reliability() -> Reliability:
     """The reliability settings of the environment; a value that is not a positive
-    finite number within its limit is one line naming the variable."""
-    return Reliability(
+    finite number within its limit is one line naming the variable, and so is a lease
+    not shorter than the visibility timeout (Redis would deliver a running unit's
+    message again while its lease still holds it)."""
+    rules = Reliability(
         lease_seconds=env_number(
             "ORCHARD_LEASE_SECONDS",
             DEFAULT_LEASE_SECONDS,
@@ -109,6 +111,54 @@ def reliability() -> Reliability:
             limit=_THIRTY_DAYS,
         ),
     )
+    if rules.lease_seconds >= rules.visibility_timeout:
+        raise OrchardError(
+            f"ORCHARD_LEASE_SECONDS ({rules.lease_seconds:g}) must be shorter than "
+            f"ORCHARD_VISIBILITY_TIMEOUT ({rules.visibility_timeout}): Redis would deliver a "
+            "running unit's message again before its lease runs out"
+        )
+    return rules
+
+
+#: The most threads ``ORCHARD_TORCH_THREADS`` may give torch.
+MAX_TORCH_THREADS = 4096
+
+
+def torch_threads() -> int | None:
+    """``ORCHARD_TORCH_THREADS``: the threads torch may use in a worker (None: torch's
+    own default); anything but a whole number from 1 is one line naming it."""
+    return env_number(
+        "ORCHARD_TORCH_THREADS", None, int, "a whole number of threads", maximum=MAX_TORCH_THREADS
+    )
+
+
+def check_device(value: str | None) -> None:
+    """``ORCHARD_DEVICE`` for a worker that trains: one torch can use on this host, or
+    one line naming the variable (checked when the worker starts, not at its first
+    fold, which would fail, and every fold after it)."""
+    if not value or not value.strip():
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise OrchardError(
+            f"ORCHARD_DEVICE={value!r}: not a device torch knows; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise OrchardError(
+            f"ORCHARD_DEVICE={value}: this host has no CUDA device torch can use (no NVIDIA "
+            "driver, or CUDA_VISIBLE_DEVICES hides them all); unset it to train on the CPU"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise OrchardError(
+            f"ORCHARD_DEVICE={value}: this host's torch sees {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
 
 
 def redis_tls_options(env: dict[str, str] | None = None) -> dict[str, Any]:

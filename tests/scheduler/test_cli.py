@@ -715,3 +715,29 @@ def test_wide_characters_count_as_two_columns_in_plain_columns(
         after = row.index(worker) + len(worker)
         seconds = after + len(row[after:]) - len(row[after:].lstrip())
         assert cell_len(row[:seconds]) == column and row[seconds] == "-", lines
+
+
+@pytest.mark.parametrize("how", [["--queues", "cpu"], ["--gpus", "0"]])
+def test_a_worker_whose_artifacts_lack_a_running_campaign_s_manifest_is_refused(
+    tmp_path: Path, how: list[str]
+) -> None:
+    """Another ORCHARD_ARTIFACTS than the submitter's (a share not mounted): it would take
+    the campaign's units and hand every one back; refused before it consumes anything."""
+    from db.store import Artifact, Store
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    running = "t-20261205-000000-abcd"
+    _stored_campaigns(home, running)
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.record_artifact(
+        Artifact(f"campaigns/{running}/manifest.json", "manifest", "0" * 64, 2, running)
+    )
+    store.dispose()
+    env = {"ORCHARD_HOME": str(home), "ORCHARD_ARTIFACTS": str(elsewhere), "ORCHARD_DEVICE": "cpu"}
+    done = orchard("worker", *how, env=env)
+    assert_one_line_error(
+        done,
+        f"orchard: error: ORCHARD_ARTIFACTS ({elsewhere}): campaign {running} runs, but its "
+        f"manifest {elsewhere / 'campaigns' / running / 'manifest.json'} is not there: a "
+        "worker must use the folder the campaigns are submitted with",
+    )

@@ -194,6 +194,26 @@ def test_cli_gpus_all_on_a_machine_without_gpus(tmp_path: Path) -> None:
     assert_one_line_error(done, "--gpus all: no GPU found")
 
 
+def test_gpu_workers_whose_torch_sees_no_gpu_refuse_to_start_rather_than_use_the_cpu(
+    tmp_path: Path,
+) -> None:
+    """CUDA_VISIBLE_DEVICES names a GPU torch cannot use (no driver, no such card): each
+    child refuses in one line, and the launcher stops, instead of training on the CPU
+    under the name gpu<i>."""
+    env = {"ORCHARD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "99", "ORCHARD_DEVICE": ""}
+    assert orchard("db", "upgrade", env=env).returncode == 0
+    done = orchard("worker", "--gpus", "all", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "device cuda" in done.stderr.splitlines()[0]
+    assert "gpu99| orchard: error: ORCHARD_DEVICE=cuda: this host has no CUDA device" in (
+        done.stdout  # the children's output, each line named
+    )
+    assert done.stderr.count("could not start") == 1
+    assert done.stderr.splitlines()[-1].startswith(
+        "orchard: error: worker gpu99 exited with code 2 "
+    )
+
+
 def test_cli_gpu_ids_on_a_machine_without_gpus_need_the_cpu_device(tmp_path: Path) -> None:
     # no GPU visible, whatever this machine has
     env = {"ORCHARD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "ORCHARD_DEVICE": ""}

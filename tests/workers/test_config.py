@@ -88,6 +88,7 @@ def test_unit_message_takes_ids_only() -> None:
 
 def test_dead_workers_messages_are_looked_for_often_enough(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "8")
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "5")
     options = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))[
         "broker_transport_options"
     ]
@@ -180,10 +181,10 @@ def test_a_reliability_setting_past_its_limit_is_one_line_naming_it(
 def test_the_limits_themselves_are_taken(monkeypatch) -> None:
     from workers.config import reliability
 
-    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "2592000")
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "2591999")
     monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "2592000")
     monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "1000")
-    assert reliability() == Reliability(2592000.0, 1000, 2592000)
+    assert reliability() == Reliability(2591999.0, 1000, 2592000)
     # the reaper waits a lease period on a threading.Event: the longest must be allowed
     assert reliability().lease_seconds * 2 < threading.TIMEOUT_MAX
 
@@ -348,3 +349,64 @@ def test_tls_options_in_the_broker_url_are_refused(query) -> None:
         "certificate and host name); drop it"
     )
     assert broker_url_problem("rediss://h:6380/0") is None
+
+
+@pytest.mark.parametrize(("lease", "visibility"), [("60", "30"), ("60", "60")])
+def test_a_lease_not_shorter_than_the_visibility_timeout_is_refused(
+    monkeypatch, lease: str, visibility: str
+) -> None:
+    """Redis would deliver a running unit's message again while its lease holds."""
+    from workers.config import reliability
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", lease)
+    monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", visibility)
+    with pytest.raises(OrchardError) as refused:
+        reliability()
+    assert str(refused.value) == (
+        f"ORCHARD_LEASE_SECONDS ({lease}) must be shorter than ORCHARD_VISIBILITY_TIMEOUT "
+        f"({visibility}): Redis would deliver a running unit's message again before its "
+        "lease runs out"
+    )
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "5000"])
+def test_torch_threads_other_than_a_whole_number_are_refused_naming_the_variable(
+    monkeypatch, value: str
+) -> None:
+    from workers.config import torch_threads
+
+    monkeypatch.setenv("ORCHARD_TORCH_THREADS", value)
+    with pytest.raises(OrchardError, match=f"^ORCHARD_TORCH_THREADS='{value}': expected a whole"):
+        torch_threads()
+    monkeypatch.setenv("ORCHARD_TORCH_THREADS", "4")
+    assert torch_threads() == 4
+    monkeypatch.delenv("ORCHARD_TORCH_THREADS")
+    assert torch_threads() is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("gpu", "ORCHARD_DEVICE='gpu': not a device torch knows; use cpu, cuda or cuda:N"),
+        ("cuda", "ORCHARD_DEVICE=cuda: this host has no CUDA device torch can use"),
+        ("cuda:3", "ORCHARD_DEVICE=cuda:3: this host has no CUDA device torch can use"),
+    ],
+)
+def test_a_device_torch_cannot_use_is_refused_naming_the_variable(
+    monkeypatch, value: str, message: str
+) -> None:
+    import torch
+
+    from workers.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine
+    with pytest.raises(OrchardError) as refused:
+        check_device(value)
+    assert str(refused.value).startswith(message)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    check_device("cpu")
+    check_device(None)
+    with pytest.raises(OrchardError, match="sees 2 CUDA device"):
+        check_device("cuda:3")

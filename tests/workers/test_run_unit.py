@@ -125,3 +125,43 @@ def test_a_late_message_of_a_deleted_campaign_is_dropped_saying_why(
         "it was submitted to another database (the submitter's ORCHARD_DATABASE_URL must "
         "name the workers' database), or deleted since (`orchard delete`). Message dropped"
     )
+
+
+def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_taking(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its ORCHARD_ARTIFACTS is not the submitter's: not the unit's failure but the
+    worker's. The unit goes back to the queue, its attempt not counted, the message is
+    requeued for another worker, and this one stops consuming that queue."""
+    from celery.exceptions import Reject
+
+    from db.store import Artifact
+
+    store.record_artifact(
+        Artifact("campaigns/g-1/manifest.json", "manifest", "0" * 64, 2, "g-1")
+    )  # written by the submitter, under another folder than this worker's
+    cancelled: list[tuple[str, list[str]]] = []
+    delivery = OneDelivery()
+    delivery.request.delivery_info = {"routing_key": "cpu"}
+    delivery.app = SimpleNamespace(
+        control=SimpleNamespace(
+            cancel_consumer=lambda queue, destination: cancelled.append((queue, destination))
+        )
+    )
+
+    def body(ctx: UnitContext) -> Outcome:
+        ctx.manifest()
+        raise AssertionError("ran without its manifest")
+
+    with pytest.raises(Reject) as rejected:
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert rejected.value.requeue is True
+    unit = store.get_unit(KEY)
+    assert unit.state == "QUEUED" and unit.attempts == 0 and unit.error is None
+    assert cancelled == [("cpu", ["cpu@h"])]
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker" in error
+    assert error.endswith(
+        "This worker takes no more units from queue cpu: restart it with the right "
+        "ORCHARD_ARTIFACTS"
+    )

@@ -309,6 +309,12 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
     return Manifest.from_json(data.decode("utf-8"))
 
 
+class ArtifactsElsewhereError(PreprocessError):
+    """The store records a campaign's manifest that this worker's artifact folder lacks:
+    the worker's ``ORCHARD_ARTIFACTS`` is not the submitter's (another path, a share not
+    mounted). Every unit it takes would fail, so it hands them back instead."""
+
+
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
     path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
     record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
@@ -317,7 +323,7 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
     if not path.is_file():
         # recorded, so written on the submitter's host: most often this worker's artifact
         # folder is another folder, or the share is not mounted here
-        raise PreprocessError(
+        raise ArtifactsElsewhereError(
             f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
             f"({settings.artifacts}) must be the folder the campaign was submitted with "
             "(on a cluster, the same share, mounted)"
@@ -380,7 +386,9 @@ def _remove_scratch(settings: Settings, key: str, paths: Sequence[str]) -> None:
             log.warning("%s: could not remove %s: %s", key, relative, exc)
 
 
-def _hand_back(store: Store, key: str, holder: str) -> None:
+def _hand_back(
+    store: Store, key: str, holder: str, why: str = "at its checkpoint: the worker is shutting down"
+) -> None:
     """Back to QUEUED for the next delivery; the caller requeues the message."""
     try:
         handed = store.hand_back(key, holder)
@@ -389,7 +397,20 @@ def _hand_back(store: Store, key: str, holder: str) -> None:
         log.warning("%s: not handed back in the store (%s); its lease will run out", key, exc)
         return
     if handed:
-        log.warning("%s handed back at its checkpoint: the worker is shutting down", key)
+        log.warning("%s handed back %s", key, why)
+
+
+def _stop_consuming(task: Task) -> str:
+    """Ask this worker to take no more messages from the queue the current one came
+    from (a broadcast its main process answers); the queue's name."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+    hostname = task.request.hostname
+    if hostname and queue != "?":
+        try:
+            task.app.control.cancel_consumer(queue, destination=[hostname])
+        except Exception as exc:  # noqa: BLE001 - the hand-back stands without it
+            log.warning("could not stop consuming %s: %s", queue, exc)
+    return queue
 
 
 def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str:
@@ -511,6 +532,24 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             "%s stopped: another delivery took it over, or resume reset it (lease lost)", key
         )
         raise task.retry(countdown=rules.lease_seconds + 1) from None
+    except ArtifactsElsewhereError as exc:
+        # this worker's setting, not the unit, is wrong: another worker runs it, and this
+        # one takes no more from the queue (it would hand back every unit it took)
+        heartbeat.stop()
+        if _unit_gone(store, key):
+            return _deleted_under(settings, message.campaign_id, key)
+        _hand_back(store, key, holder, "to another worker")
+        queue = _stop_consuming(task)
+        log.error(
+            "%s: %s. This worker takes no more units from queue %s: restart it with the "
+            "right ORCHARD_ARTIFACTS",
+            key,
+            exc,
+            queue,
+        )
+        raise Reject(
+            "ORCHARD_ARTIFACTS is not the submitter's (see the error above)", True
+        ) from None
     except Exception as exc:
         heartbeat.stop()
         if _unit_gone(store, key):  # what failed was a write for a campaign deleted meanwhile

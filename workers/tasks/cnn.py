@@ -42,8 +42,10 @@ def torch_module() -> ModuleType:
     """torch, imported on first use, with ``ORCHARD_TORCH_THREADS`` applied once."""
     import torch
 
-    if threads := os.environ.get("ORCHARD_TORCH_THREADS"):
-        torch.set_num_threads(int(threads))
+    from workers.config import torch_threads
+
+    if threads := torch_threads():
+        torch.set_num_threads(threads)
     return torch
 
 
