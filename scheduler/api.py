@@ -128,7 +128,9 @@ class CampaignRun:
             f"with ORCHARD_DATABASE_URL={mask_url(self.settings.database_url)} and "
             f"ORCHARD_BROKER_URL={mask_url(self.settings.broker_url)}? (A worker on "
             "another database drops the units as unknown, with an error in its log; a "
-            "worker of this database, once it consumes the queue, sends them again.)"
+            "broker restarted without persistence loses them. A worker of this database, "
+            "once it consumes the queue, sends them again within five lease periods; "
+            f"`orchard resume {self.id}` sends them now.)"
         )
 
     def epochs(self, status: CampaignStatus) -> dict[str, str]:

@@ -1129,7 +1129,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if path is None:
         report = next((u for u in store.units(args.campaign) if u.family == "report"), None)
         if report is not None and report.state in ("FAILED", "CANCELLED"):
-            why = f": {report.error}" if report.error else ""
+            # a cancel records "cancelled" as the error: the state says it already
+            error = report.error if report.error and report.error != report.state.lower() else ""
+            why = f": {error}" if error else ""
             raise OrchardError(
                 f"campaign {args.campaign} has no report: its report unit is "
                 f"{report.state}{why}; `orchard resume {args.campaign}` runs it again"

@@ -115,6 +115,13 @@ def test_report_of_a_campaign_whose_report_failed_says_so_and_what_to_do(
         "OSError: [Errno 30] Read-only file system: '/a/report'; "
         "`orchard resume t-1` runs it again\n"
     )
+    plans = seed_campaign(home, "t-2")
+    home.cancel_campaign("t-2")
+    assert main(["report", "t-2"]) == 2
+    assert capsys.readouterr().err == (
+        "orchard: error: campaign t-2 has no report: its report unit is CANCELLED; "
+        "`orchard resume t-2` runs it again\n"
+    )
 
 
 def test_resume_counts_the_units_it_sends_again_apart_from_the_report(

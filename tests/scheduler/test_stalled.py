@@ -46,6 +46,9 @@ def test_stalled_names_the_queue_and_both_urls(run: CampaignRun) -> None:
     assert "queue `preprocess` for 0 s" in line
     assert f"ORCHARD_DATABASE_URL={run.settings.database_url}" in line
     assert f"ORCHARD_BROKER_URL={run.settings.broker_url}" in line
+    # a broker that lost its messages (restarted without persistence) too: the mend
+    assert "a broker restarted without persistence loses them" in line
+    assert line.endswith(f"`orchard resume {run.id}` sends them now.)")
 
 
 def test_wait_tells_once_for_the_same_queues(
