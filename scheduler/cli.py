@@ -31,6 +31,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -982,6 +983,7 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
     units = store.units(campaign_id)
     running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
     metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
+    now = datetime.now(UTC)
     lines = []
     for unit in units:
         result = results.get(unit.key)
@@ -993,6 +995,13 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
                 step, value = epochs[-1]
                 epoch = {"done": step + 1, "of": unit.params.get("epochs"), "val_acc": value}
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
+        if unit.state == "RUNNING" and (late := _lease_late(unit, now)) is not None:
+            # its worker renews the lease every third of it: one that stopped is gone
+            # (killed, its host down) or stuck; the workers send the unit again
+            note = (
+                f"lease ran out {late:.0f} s ago: its worker is gone or stuck; sent again "
+                "within two lease periods" + (f" ({note})" if note else "")
+            )
         if unit.state == "QUEUED" and unit.worker and not note:
             # handed back by a stopping worker, or sent again after its worker was lost
             epochs = store.metrics(unit.key).get("val_acc", []) if unit.family == "cnn" else []
@@ -1003,6 +1012,23 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
             note = f"reused from {source}"
         lines.append(_UnitLine(unit, result, note, epoch))
     return campaign, lines
+
+
+#: Seconds past a running unit's lease before `orchard status` calls its worker gone
+#: (the clocks of the hosts may differ a little).
+LEASE_SLACK = 5.0
+
+
+def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
+    """Seconds since a running unit's lease ran out, beyond :data:`LEASE_SLACK`; None
+    while its worker keeps renewing it."""
+    expires = unit.lease_expires_at
+    if expires is None:
+        return None
+    if expires.tzinfo is None:  # SQLite hands back the naive UTC times the store wrote
+        expires = expires.replace(tzinfo=UTC)
+    late = (now - expires).total_seconds()
+    return late if late > LEASE_SLACK else None
 
 
 def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001

@@ -404,3 +404,30 @@ def test_json_is_ascii_whatever_stdout_encodes(
     text = out.buffer.getvalue().decode("ascii")
     unit = next(u for u in json.loads(text)["units"] if u["key"] == plans[-2].key)
     assert (unit["worker"], unit["error"]) == ("wörker@höst", "échec ✗ 失败\x1b[2J")
+
+
+def test_a_running_unit_whose_lease_ran_out_says_its_worker_is_gone(
+    store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILLed, its host down: the unit stays RUNNING until the workers send it again
+    (two lease periods); status says why instead of showing it as alive."""
+    from tests.db.test_store import deliver
+
+    plans = seed_campaign(store, IDS[0])
+    alive, dead = plans[0].key, plans[1].key
+    deliver(store, alive, worker="w@h", task_id="a", holder="a", lease_seconds=600)
+    deliver(store, dead, worker="gone@h", task_id="b", holder="b", lease_seconds=0.01)
+    import time
+
+    import scheduler.cli
+
+    monkeypatch.setattr(scheduler.cli, "LEASE_SLACK", 0.0)  # no clocks apart here
+    time.sleep(0.1)
+    rows = {line.split()[0]: line for line in status(capsys, IDS[0]).splitlines()[2:]}
+    short = {key: key.removeprefix(IDS[0] + "/") for key in (alive, dead)}
+    assert "lease ran out" not in rows[short[alive]]
+    assert re.search(
+        r"RUNNING .* gone@h .* lease ran out \d+ s ago: its worker is gone or stuck; sent "
+        "again within two lease periods$",
+        rows[short[dead]],
+    ), rows[short[dead]]
