@@ -942,6 +942,23 @@ class Store:
             )
 
     @_retried
+    def release_leases_of(self, holder_prefix: str) -> int:
+        """End now the leases of the running units whose holder starts with
+        ``holder_prefix``: a process that died (a prefork child its parent saw killed),
+        whose units' next delivery then starts at once instead of waiting the lease
+        out. How many units were released."""
+        with self._transaction() as s:
+            released = s.execute(
+                update(UnitRow)
+                .where(
+                    UnitRow.state == RUNNING,
+                    UnitRow.lease_holder.startswith(holder_prefix, autoescape=True),
+                )
+                .values(lease_expires_at=self._now(s))
+            )
+            return released.rowcount
+
+    @_retried
     def start_unit(
         self,
         key: str,

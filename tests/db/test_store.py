@@ -1216,3 +1216,19 @@ def test_a_renewal_after_a_delete_says_the_unit_is_gone(store_url: str) -> None:
     assert store.renew_lease(units[-2].key, "x", 60) == LEASE_CANCELLED
     store.delete_campaign("t-1", quiet_seconds=0)
     assert store.renew_lease(units[-2].key, "x", 60) == LEASE_GONE
+
+
+def test_leases_of_a_dead_process_end_now_and_only_theirs(store_url: str) -> None:
+    """A killed prefork child's units (holder ``host/pid/…``) are released for their
+    next delivery; another process's, even one whose pid starts alike, are not."""
+    store = make_store(store_url)
+    first, second, third = (p.key for p in seed_campaign(store)[:3])
+    deliver(store, first, worker="w", task_id="a", holder="w_1@h/12/aa", lease_seconds=600)
+    deliver(store, second, worker="w", task_id="b", holder="w_1@h/123/bb", lease_seconds=600)
+    deliver(store, third, worker="w", task_id="c", holder="wx1@h/12/cc", lease_seconds=600)
+    assert store.release_leases_of("w_1@h/12/") == 1  # "_" is no wildcard here
+    again = store.start_unit(first, worker="w2", task_id="a", holder="w2@h/7/dd")
+    assert again.run and again.attempts == 2  # at once, not a lease period later
+    for key in (second, third):
+        late = store.start_unit(key, worker="w2", task_id="x", holder="w2@h/7/ee")
+        assert not late.run and late.reason == "leased"

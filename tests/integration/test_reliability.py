@@ -12,8 +12,10 @@ than that (ORCHARD_LEASE_SECONDS) so the redelivered task can take the unit over
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -178,6 +180,33 @@ def restart_after_kill(cluster: Cluster, name: str) -> None:
 
 
 # ---------------------------------------------------------------- 1. SIGKILL mid-fold
+
+
+def test_a_sigkilled_prefork_child_s_unit_runs_again_at_once(cluster: Cluster) -> None:
+    """Its parent sees it die and requeues the message (reject on worker lost): the
+    dead child's lease is ended then, so the next delivery runs the unit instead of
+    waiting out a lease that nobody renews."""
+    store = cluster.store
+    path = write_campaign(cluster.tmp, "child", epochs=1, classic=True, blend='["rf"]')
+    path.write_text(path.read_text().replace("n_estimators = [10]", "n_estimators = [6000]"))
+    run = cluster.submit(path)
+    forest = cluster.wait_for(
+        lambda: next(
+            (u for u in run.status().units if u.family == "rf" and u.state == "RUNNING"), None
+        ),
+        120,
+        "the forest to run",
+    )
+    pid = int(forest.lease_holder.split("/")[1])  # the prefork child that runs it
+    assert pid != cluster.pool.procs["cpu"].pid
+    os.kill(pid, signal.SIGKILL)
+    status = cluster.wait(run)
+    assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
+    log = cluster.pool.log("cpu")
+    assert f"child {pid} was lost mid-unit; its unit is sent again now" in log
+    assert f"{forest.key} is running elsewhere (live lease)" not in log
+    assert store.get_unit(forest.key).attempts == 2
+    assert_exactly_once(run, store)
 
 
 def test_sigkilled_gpu_worker_resumes_the_fold_from_its_checkpoint(cluster: Cluster) -> None:

@@ -44,9 +44,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import Task, signals
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from db.store import (
@@ -74,6 +77,8 @@ from workers.config import Reliability, reliability
 from workers.data import load_variant
 
 log = get_task_logger("orchard")
+#: for the worker's main process, where no task runs (a task logger would say ???[???])
+main_log = logging.getLogger(__name__)
 # the heartbeat's thread is outside the task, where the task logger's formatter prints
 # "???[???]" for its name and id: its lines go through the worker's own format
 lease_log = logging.getLogger(__name__)
@@ -331,13 +336,43 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
     return _read_manifest(path, record.sha256)
 
 
+def holder_prefix(hostname: str | None, pid: int) -> str:
+    """The start of the lease holder of every delivery process ``pid`` of worker
+    ``hostname`` runs (each adds an id of its own)."""
+    return f"{hostname or '?'}/{pid}/"
+
+
+class UnitRequest(Request):
+    """A unit's request in the worker's main process. When its prefork child is killed
+    (SIGKILL, the OOM killer), Celery requeues the message (reject on worker lost);
+    the dead child's lease is ended first, so that delivery runs at once instead of
+    waiting out a lease that nobody renews."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):  # noqa: ANN001, ANN201, D102
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):  # as Celery's own handler unwraps it
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError) and self.worker_pid:
+            prefix = holder_prefix(self.hostname, self.worker_pid)
+            try:
+                released = worker_store().release_leases_of(prefix)
+            except Exception as exc:  # noqa: BLE001 - the lease then runs out by itself
+                main_log.warning("lease of dead child %d not released: %s", self.worker_pid, exc)
+            else:
+                if released:
+                    main_log.warning(
+                        "child %d was lost mid-unit; its unit is sent again now", self.worker_pid
+                    )
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
 def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
     """Register ``body`` as the Celery task ``name`` with orchard's unit protocol."""
 
     def register(body: Callable[[UnitContext], Outcome]) -> Task:
         # max_retries=None: `task.retry(max_retries=None)` means "the task's limit",
         # which Celery otherwise sets to 3; the retries that must stop give their own
-        @app.task(name=name, bind=True, max_retries=None)
+        @app.task(name=name, bind=True, max_retries=None, Request=UnitRequest)
         @functools.wraps(body)
         def task(self: Task, **kwargs: Any) -> dict[str, Any]:
             try:
@@ -458,7 +493,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
     rules = reliability()
     key = message.unit_key
     # one holder per delivery: two deliveries of one message share the task id
-    holder = f"{task.request.hostname or '?'}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    holder = holder_prefix(task.request.hostname, os.getpid()) + uuid.uuid4().hex[:8]
     try:
         # a process opens its store at its first unit, when the database may be away
         store = worker_store()
