@@ -173,6 +173,9 @@ class FamilyRow:
     test_acc: float | None
     fit_seconds: float  # summed fit time of the family's units that ran in this campaign
     reused: int = 0  # units copied from an earlier campaign, not counted in fit_seconds
+    # (folds with a result, folds planned) of the best point: ranked on fewer when some
+    # failed, which a point that lost its weaker folds gains by
+    best_folds: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1657,6 +1660,23 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                 )
             )
         )
+        short = [
+            f"{_family_title(r.family)}'s best point has {r.best_folds[0]} of its "
+            f"{r.best_folds[1]} folds"
+            for r in data.families
+            if r.best_folds is not None and r.best_folds[0] < r.best_folds[1]
+        ]
+        if short:
+            blocks.append(
+                Para(
+                    (
+                        "Ranked on the folds that succeeded: "
+                        + "; ".join(short)
+                        + " (the others did not succeed: see Units), so its mean is over "
+                        "fewer folds than planned: compare it with care.",
+                    )
+                )
+            )
     else:
         blocks.append(_empty("No model families."))
 

@@ -158,6 +158,7 @@ def test_vote_of_the_best_point(store: Store) -> None:
     assert [b.state for b in data.timeline if b.family == "svm"] == ["FAILED"]
 
     md = render_markdown(data)
+    assert "Ranked on the folds that succeeded" not in md  # the CNN's three folds did
     assert "| CNN 3-fold vote | vote | 3 |" not in md  # the best blend is bold
     assert "| **CNN 3-fold vote** | **vote** | **3** | **75.000%**" in md
 
@@ -923,3 +924,27 @@ def test_the_confusion_matrix_is_of_the_blend_the_campaign_asks_for(sqlite_url: 
 def test_families_are_in_the_study_s_order_whatever_the_plan_s() -> None:
     assert in_study_order(["svm", "rf", "svm", "cnn", "rf"]) == ["cnn", "svm", "rf"]
     assert in_study_order(["rf", "svm"]) == ["svm", "rf"]
+
+
+def test_a_best_point_ranked_on_fewer_folds_than_planned_says_so(store: Store) -> None:
+    """Point 2's weaker fold failed: its mean is over its two better folds, which is
+    how it beats point 1; the Model families section says so."""
+    cnn, first, second = cnn_points(store)
+    labels = [0, 1, 2, 1]
+    for u in cnn:
+        if u.params_hash == first:
+            finish(store, u.key, 0.7, [0, 1, 2, 0], labels, fold=u.fold)
+        elif u.fold == 2:
+            deliver(store, u.key, worker="w@h", task_id=None)
+            store.fail_unit(u.key, "RuntimeError: lost")
+        else:
+            finish(store, u.key, 0.8, [0, 1, 2, 0], labels, fold=u.fold)
+    data = build_report_data(store, "r-1")
+    cnn_row = next(r for r in data.families if r.family == "cnn")
+    assert cnn_row.best_folds == (2, 3)
+    section = render_markdown(data).split("## Model families", 1)[1].split("\n## ", 1)[0]
+    assert (
+        "Ranked on the folds that succeeded: CNN's best point has 2 of its 3 folds (the "
+        "others did not succeed: see Units), so its mean is over fewer folds than planned: "
+        "compare it with care." in section
+    )

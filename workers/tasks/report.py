@@ -885,6 +885,9 @@ def build_report_data(
                 # this campaign's work: a reused unit's seconds were spent in its source's
                 fit_seconds=sum(r.fit_seconds for r in done if reused_from(r) is None),
                 reused=sum(reused_from(r) is not None for r in done),
+                best_folds=(len(best), sum(u.params_hash == best[0].params_hash for u in mine))
+                if best
+                else None,
             )
         )
         # units per point: one pass (a scan per point was quadratic in a grid's size)
