@@ -1208,16 +1208,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool=args.pool,
         task_events=not args.without_task_events,
     )
-    settings = load_settings()
-    _check_urls()
-    store = _store(existing=True)  # fail now, naming the database, not on the first task
-    from workers.app import app, check_broker_reachable, preload
-    from workers.config import check_device, reliability, torch_threads
+    settings = _check_worker_start()  # fail now, naming what, not on the first task
+    from workers.app import app, preload
+    from workers.config import check_device
 
-    reliability()
-    torch_threads()
-    check_broker_reachable(app)
-    _check_artifacts_of_running(store, settings)
     preload(queues)
     if "gpu" in queues:  # torch is loaded now
         check_device(os.environ.get("ORCHARD_DEVICE"))
@@ -1242,17 +1236,7 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
         raise OrchardError("--gpus names its workers gpu<i>@%h itself; drop --name")
     device = os.environ.get("ORCHARD_DEVICE")
     gpus = parse_gpus(args.gpus, available=detect_gpus(), device=device)
-    settings = load_settings()
-    _check_urls()
-    # fail once here, naming the database or variable, rather than once per GPU
-    store = _store(existing=True)
-    from workers.app import app, check_broker_reachable
-    from workers.config import reliability, torch_threads
-
-    reliability()
-    torch_threads()
-    check_broker_reachable(app)
-    _check_artifacts_of_running(store, settings)
+    settings = _check_worker_start()  # once here, rather than once per GPU
     print(
         f"orchard worker: {len(gpus)} GPU worker(s) ({', '.join('gpu' + g for g in gpus)}) "
         f"on queues {','.join(queues)}, device {device or 'cuda'}, broker "
@@ -1267,6 +1251,23 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
         env["ORCHARD_DEVICE"] = "cuda"
     launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
     return launcher.run()
+
+
+def _check_worker_start():  # noqa: ANN202 - Settings
+    """What a worker checks before it takes a unit, each failure one line naming the
+    variable: the URLs, the store and its schema, the reliability settings,
+    ORCHARD_TORCH_THREADS, the broker, and the artifact folder. Returns the settings."""
+    from workers.app import app, check_broker_reachable
+    from workers.config import reliability, torch_threads
+
+    settings = load_settings()
+    _check_urls()
+    store = _store(existing=True)
+    reliability()
+    torch_threads()
+    check_broker_reachable(app)
+    _check_artifacts_of_running(store, settings)
+    return settings
 
 
 def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001

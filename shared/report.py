@@ -900,13 +900,25 @@ _FAMILY_HEADER = (
 _VAL_NAME = {"folds": "OOF val acc", "dev": "Dev acc", "oob": "OOB acc"}
 
 
+def _val_name(data: ReportData) -> str:
+    """``OOF val acc``, ``Dev acc`` or ``OOB acc``: what the blends' validation is."""
+    return _VAL_NAME.get(data.held_out, "Val acc")
+
+
 def _val_images_name(data: ReportData) -> str:
-    return f"{_VAL_NAME.get(data.held_out, 'Val acc').split()[0]} images"
+    return f"{_val_name(data).split()[0]} images"
 
 
 def _blend_header(data: ReportData) -> tuple[str, ...]:
-    val = _VAL_NAME.get(data.held_out, "Val acc")
-    return ("Blend", "Method", "Members", "Test acc", val, _val_images_name(data), "Note")
+    return (
+        "Blend",
+        "Method",
+        "Members",
+        "Test acc",
+        _val_name(data),
+        _val_images_name(data),
+        "Note",
+    )
 
 
 _UNIT_HEADER = (
@@ -1299,7 +1311,7 @@ def _blend_blocks(data: ReportData) -> list[Block]:
                 f"; as good by that measure: {', '.join(data.best_tied_with)} (the first row "
                 "is taken)"
             )
-        val = _VAL_NAME.get(data.held_out, "Val acc")
+        val = _val_name(data)
         held_out = {
             "oob": f"{val} is each image predicted by the trees that did not draw it (every "
             "forest trained on every labelled image)",
@@ -1597,7 +1609,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             if best.members == 1 or best.method == "single"
             else f"a {best.method} of {best.members}"
         )
-        val = _VAL_NAME.get(data.held_out, "Val acc")
+        val = _val_name(data)
         accs = [f"{val} {_fmt_pct(best.val_acc)}"] if best.val_acc is not None else []
         if (
             data.best_compared_acc is not None
