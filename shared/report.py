@@ -74,6 +74,7 @@ __all__ = [
     "lime_png",
     "param_label",
     "param_value",
+    "point_rank",
     "render_html",
     "render_json",
     "render_markdown",
@@ -173,9 +174,18 @@ class FamilyRow:
     test_acc: float | None
     fit_seconds: float  # summed fit time of the family's units that ran in this campaign
     reused: int = 0  # units copied from an earlier campaign, not counted in fit_seconds
-    # (folds with a result, folds planned) of the best point: ranked on fewer when some
-    # failed, which a point that lost its weaker folds gains by
+    # (folds with a result, folds planned) of the best point: fewer only when no point of
+    # the family has every fold (a point with a failed fold ranks after those without)
     best_folds: tuple[int, int] | None = None
+
+
+def point_rank(succeeded: int, val_acc: float | None) -> tuple[bool, int, float]:
+    """How a sweep's points are ranked (the highest first): a point with a validation
+    accuracy before one without, then by how many of its folds succeeded, then by mean
+    validation accuracy. A point with a fold that did not succeed thus ranks after every
+    point whose folds all did, as GridSearchCV ranks one whose score is NaN, and cannot
+    win on its stronger folds alone."""
+    return (val_acc is not None, succeeded, -1.0 if val_acc is None else val_acc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +205,11 @@ class PointRow:
     # agree on is that count, else its range as text ("17–20"); a per-fold flag or event
     # is text naming the folds ("f0 from 9")
     extras: dict[str, float | str | None] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> tuple[bool, int, float]:
+        """Its place among its sweep's points, the highest first (``point_rank``)."""
+        return point_rank(self.succeeded, self.val_acc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1118,7 +1133,7 @@ def _best_per_value_blocks(points: Sequence[PointRow], columns: Sequence[str]) -
             if point.val_acc is None:
                 continue
             value = _cell(column, point.params)
-            if value not in best or point.val_acc > best[value].val_acc:
+            if value not in best or point.rank > best[value].rank:
                 best[value] = point
         if len(best) < 2:
             continue
@@ -1132,14 +1147,14 @@ def _best_per_value_blocks(points: Sequence[PointRow], columns: Sequence[str]) -
             [value, *(_cell(c, point.params) for c in others), _fmt_pct(point.val_acc)]
             for value, point in best.items()
         ]
-        top = max(point.val_acc for point in best.values())
+        top = max(point.rank for point in best.values())
         blocks += [
             Para((f"Best point per {param_label(column)}:",)),
             Table(
                 header,
                 rows,
                 frozenset({len(header) - 1}),
-                row_classes=["best" if p.val_acc == top else "" for p in best.values()],
+                row_classes=["best" if p.rank == top else "" for p in best.values()],
             ),
         ]
     return blocks
@@ -1659,7 +1674,8 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             Para(
                 (
                     "Per family its best point (the highest mean validation accuracy over "
-                    "its folds) with its mean accuracies; Best unit is that point's fold with "
+                    "its folds, among the points with the most folds that succeeded) with "
+                    "its mean accuracies; Best unit is that point's fold with "
                     "the highest validation accuracy (ties go to the lowest fold). Total fit "
                     "time is the family's units' fit time summed"
                     + (", reused units left out" if left_out else "")
@@ -1684,8 +1700,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                     (
                         "Ranked on the folds that succeeded: "
                         + "; ".join(short)
-                        + " (the others did not succeed: see Units), so its mean is over "
-                        "fewer folds than planned: compare it with care.",
+                        + " (the others did not succeed, and no point has more that did: "
+                        "see Units), so its mean is over fewer folds than planned: compare "
+                        "it with care.",
                     )
                 )
             )

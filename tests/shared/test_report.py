@@ -847,6 +847,27 @@ def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportDat
     assert "Best point per" not in md
 
 
+def test_a_point_that_lost_a_fold_is_not_the_best_of_its_value(data: ReportData) -> None:
+    """Per value, as for the family's best point: the most folds succeeded first, so a
+    point's two better folds of three (0.9) do not outrank another's three (0.7)."""
+    grid = [(50, 1.0, 0.7, 3), (50, 2.0, 0.9, 2), (100, 1.0, 0.6, 3), (100, 2.0, 0.65, 3)]
+    points = [
+        _point(
+            f"{CID}/svm/g{i}",
+            {"n_components": n, "C": c, "gamma": "scale"},
+            val,
+            units=3,
+            succeeded=folds,
+        )
+        for i, (n, c, val, folds) in enumerate(grid)
+    ]
+    assert max(points, key=lambda p: p.rank) is points[0]
+    exp = Experiment("svm", "SVM grid", points, f"{CID}/svm/g0")
+    section = _section(render_markdown(dataclasses.replace(data, experiments=[exp])), "Experiments")
+    rows = _table_rows(section[section.index("Best point per n_component") :])
+    assert rows[1:3] == [["**50**", "**1**", "**70.000%**"], ["100", "2", "65.000%"]]
+
+
 def test_markdown_holds_no_terminal_control_characters(data: ReportData) -> None:
     """report.md is printed to terminals (`orchard report ID --print`, `cat`): a campaign
     title, class name, image id or error text carrying ESC sequences (set the window

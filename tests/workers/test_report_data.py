@@ -926,9 +926,10 @@ def test_families_are_in_the_study_s_order_whatever_the_plan_s() -> None:
     assert in_study_order(["rf", "svm"]) == ["svm", "rf"]
 
 
-def test_a_best_point_ranked_on_fewer_folds_than_planned_says_so(store: Store) -> None:
-    """Point 2's weaker fold failed: its mean is over its two better folds, which is
-    how it beats point 1; the Model families section says so."""
+def test_a_point_with_a_failed_fold_ranks_after_the_points_without(store: Store) -> None:
+    """Point 2's weaker fold failed: its mean over its two better folds (0.8) is higher
+    than point 1's over all three (0.7), yet point 1 is the best, as GridSearchCV ranks a
+    point whose score is NaN; no note, since the best point has every fold."""
     cnn, first, second = cnn_points(store)
     labels = [0, 1, 2, 1]
     for u in cnn:
@@ -941,10 +942,33 @@ def test_a_best_point_ranked_on_fewer_folds_than_planned_says_so(store: Store) -
             finish(store, u.key, 0.8, [0, 1, 2, 0], labels, fold=u.fold)
     data = build_report_data(store, "r-1")
     cnn_row = next(r for r in data.families if r.family == "cnn")
+    assert cnn_row.best_key.startswith(f"r-1/cnn/{first}/")
+    assert cnn_row.val_acc == pytest.approx(0.7) and cnn_row.best_folds == (3, 3)
+    (exp,) = [e for e in data.experiments if e.family == "cnn"]
+    ranked = sorted(exp.points, key=lambda p: p.rank, reverse=True)
+    assert [p.key for p in ranked] == [f"r-1/cnn/{first}", f"r-1/cnn/{second}"]
+    assert "Ranked on the folds that succeeded" not in render_markdown(data)
+
+
+def test_a_best_point_with_fewer_folds_than_planned_says_so(store: Store) -> None:
+    """Every point lost a fold: they are ranked on the folds that succeeded (point 2's
+    two at 0.8 over point 1's two at 0.7), and the Model families section says so."""
+    cnn, first, second = cnn_points(store)
+    labels = [0, 1, 2, 1]
+    for u in cnn:
+        if u.fold == 2:
+            deliver(store, u.key, worker="w@h", task_id=None)
+            store.fail_unit(u.key, "RuntimeError: lost")
+        else:
+            acc = 0.7 if u.params_hash == first else 0.8
+            finish(store, u.key, acc, [0, 1, 2, 0], labels, fold=u.fold)
+    data = build_report_data(store, "r-1")
+    cnn_row = next(r for r in data.families if r.family == "cnn")
+    assert cnn_row.best_key.startswith(f"r-1/cnn/{second}/")
     assert cnn_row.best_folds == (2, 3)
     section = render_markdown(data).split("## Model families", 1)[1].split("\n## ", 1)[0]
     assert (
         "Ranked on the folds that succeeded: CNN's best point has 2 of its 3 folds (the "
-        "others did not succeed: see Units), so its mean is over fewer folds than planned: "
-        "compare it with care." in section
+        "others did not succeed, and no point has more that did: see Units), so its mean "
+        "is over fewer folds than planned: compare it with care." in section
     )

@@ -49,6 +49,7 @@ from shared.report import (
     TimelineBar,
     UnitSummary,
     param_value,
+    point_rank,
     swept_params,
     validation_line,
     write_report,
@@ -129,7 +130,8 @@ def _slug(*parts: str) -> str:
 
 
 def best_point(units: list[Unit], results: dict[str, Result]) -> list[Unit]:
-    """The succeeded folds of the point with the highest mean validation accuracy."""
+    """The succeeded folds of the best point: the most folds succeeded, then the highest
+    mean validation accuracy (``point_rank``)."""
     points: dict[str, list[Unit]] = defaultdict(list)
     for unit in units:
         if unit.key in results:
@@ -137,12 +139,11 @@ def best_point(units: list[Unit], results: dict[str, Result]) -> list[Unit]:
     if not points:
         return []
 
-    def score(folds: list[Unit]) -> float:
-        value = _mean([results[u.key].val_acc for u in folds])
-        return -1.0 if value is None else value
+    def rank(folds: list[Unit]) -> tuple[bool, int, float]:
+        return point_rank(len(folds), _mean([results[u.key].val_acc for u in folds]))
 
     # max() keeps the first of equals, and dicts keep plan order: ties go to the earlier point
-    return max(points.values(), key=score)
+    return max(points.values(), key=rank)
 
 
 def best_fold(folds: Sequence[Unit], results: dict[str, Result]) -> Unit:
@@ -516,11 +517,11 @@ def _curve_points(points: list[PointRow], best_key: str) -> list[tuple[PointRow,
             chosen[p.key] = (p, "best point")
     swept = swept_params(points)
     for param in swept:
-        # the first point with the highest accuracy per value, in one pass over the points
+        # the first of the highest-ranked points per value, in one pass over the points
         tops: dict[str, PointRow] = {}
         for p in scored:
             value = _value_key(p.params.get(param))
-            if value not in tops or (p.val_acc or -1.0) > (tops[value].val_acc or -1.0):
+            if value not in tops or p.rank > tops[value].rank:
                 tops[value] = p
         for top in tops.values():
             if top.key not in chosen:
