@@ -41,15 +41,28 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; safe when several processes do it at once."""
+class UnknownRevisionError(Exception):
+    """The schema is at a revision these migrations do not know: a newer orchard's."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(revision)
+        self.revision = revision
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Bring the schema to ``revision``; safe when several processes do it at once.
+    Returns the revision it found (None: no schema yet), read under the same lock."""
     config = _config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # two schedulers starting together must not both create the tables
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        before = MigrationContext.configure(conn).get_current_revision()
+        if before is not None and before not in known_revisions():
+            raise UnknownRevisionError(before)
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+    return before
 
 
 def downgrade(engine: Engine, revision: str) -> None:

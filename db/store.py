@@ -81,6 +81,11 @@ class StoreError(OrchardError):
     """The store is unreachable, not initialised, or asked for something absent."""
 
 
+class SchemaError(StoreError):
+    """The store's schema is not this orchard's: older (``orchard db upgrade`` mends it),
+    newer (the orchard that upgraded it must run), or not there yet."""
+
+
 class NotFoundError(StoreError):
     """No such campaign or unit: asking again cannot help."""
 
@@ -442,10 +447,11 @@ class Store:
         """Create or migrate the schema to the newest; returns the revisions before
         (None: no schema yet) and after."""
         try:
-            before = migrate.current_revision(self.engine)
-            if before is not None and before not in migrate.known_revisions():
-                raise StoreError(self._newer_schema(before))
-            migrate.upgrade(self.engine)
+            # read under the migration's lock: of several upgrades at once, one says
+            # "created" and the others what they found
+            before = migrate.upgrade(self.engine)
+        except migrate.UnknownRevisionError as exc:
+            raise SchemaError(self._newer_schema(exc.revision)) from None
         except (OperationalError, DBAPIError) as exc:
             raise self._unreachable(exc) from None
         return before, migrate.head_revision()
@@ -459,12 +465,12 @@ class Store:
         if current == migrate.head_revision():
             return
         if current is None:
-            raise StoreError(
+            raise SchemaError(
                 f"database {mask_url(self.url)} has no orchard tables yet: run `orchard db upgrade`"
             )
         if current not in migrate.known_revisions():
-            raise StoreError(self._newer_schema(current))
-        raise StoreError(
+            raise SchemaError(self._newer_schema(current))
+        raise SchemaError(
             f"database {mask_url(self.url)} is at schema {current}, expected "
             f"{migrate.head_revision()}: run `orchard db upgrade`"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -143,6 +144,29 @@ def test_an_older_schema_is_told_to_upgrade(store_url: str) -> None:
         f"database {mask_url(store_url)} is at schema 0001, expected "
         f"{migrate.head_revision()}: run `orchard db upgrade`"
     )
+
+
+def test_of_upgrades_at_once_one_creates_the_schema_and_the_others_find_it(
+    postgres_url: str,
+) -> None:
+    """Several `orchard db upgrade` on an empty database together: the migration lock
+    serialises them, and each reads what it found under that lock, so exactly one says
+    it created the schema."""
+    stores = [Store(postgres_url) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+
+    def upgrade(store: Store) -> tuple[str | None, str]:
+        barrier.wait()
+        return store.upgrade()
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            found = [before for before, _ in pool.map(upgrade, stores)]
+    finally:
+        for store in stores:
+            store.dispose()
+    head = migrate.head_revision()
+    assert found.count(None) == 1 and found.count(head) == 3
 
 
 def test_campaign_and_units_round_trip(store_url: str) -> None:

@@ -165,3 +165,42 @@ def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_
         "This worker takes no more units from queue cpu: restart it with the right "
         "ORCHARD_ARTIFACTS"
     )
+
+
+def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started without `orchard worker`'s check, on a store not yet upgraded:
+    not "unreachable"; the message is kept (retried) until the schema matches, and the
+    line that says why is an error once, not at every retry."""
+    from db import migrate
+    from shared.settings import mask_url
+
+    old = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    migrate.upgrade(old.engine, "0003")
+
+    def opened() -> Store:
+        old.check_schema()
+        return old
+
+    class Retried(Exception):
+        pass
+
+    delivery = OneDelivery()
+    delivery.retry = lambda **kwargs: Retried(kwargs)  # type: ignore[method-assign]
+    monkeypatch.setattr(base, "worker_store", opened)
+    monkeypatch.setattr(base, "worker_settings", lambda: None)
+    monkeypatch.setattr(base, "_schema_told", set())
+    caplog.set_level("DEBUG", logger=base.log.name)
+    for _ in range(3):
+        with pytest.raises(Retried):
+            run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), lambda ctx: None)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == base.log.name]
+    line = (
+        f"database {mask_url(old.url)} is at schema 0003, expected "
+        f"{migrate.head_revision()}: run `orchard db upgrade`"
+    )
+    assert said[0] == ("ERROR", f"{KEY}: {line}; its units wait until then (said once)")
+    assert [level for level, _ in said[1:]] == ["DEBUG", "DEBUG"]
+    assert all("unreachable" not in text for _, text in said)
+    old.dispose()

@@ -61,6 +61,7 @@ from db.store import (
     LeaseLostError,
     NotFoundError,
     Outcome,
+    SchemaError,
     Store,
     StoreError,
     Unit,
@@ -109,8 +110,16 @@ def _settings(pid: int) -> Settings:
 def _store(pid: int) -> Store:
     # one engine per process: a pool inherited through fork would share sockets
     store = Store(_settings(pid).database_url)
-    store.check_schema()
+    try:
+        store.check_schema()
+    except StoreError:
+        store.dispose()  # not cached: the next unit opens another
+        raise
     return store
+
+
+#: Schema lines this process has logged as errors: said once, then at debug level.
+_schema_told: set[str] = set()
 
 
 def worker_settings() -> Settings:
@@ -514,7 +523,16 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         # nothing ran and nothing could be written: keep the message for later, as long
         # as it takes (nothing else would send this unit again)
         retries = task.request.retries or 0
-        log.error("%s: store unreachable, message kept for later: %s", key, exc)
+        if not isinstance(exc, SchemaError):
+            log.error("%s: store unreachable, message kept for later: %s", key, exc)
+        elif str(exc) not in _schema_told:
+            # the store is there but not at this orchard's schema (this worker was started
+            # without `orchard worker`'s check, or the store restored from a backup): said
+            # once; the units run once the schema matches
+            _schema_told.add(str(exc))
+            log.error("%s: %s; its units wait until then (said once)", key, exc)
+        else:
+            log.debug("%s: store's schema still not this orchard's: %s", key, exc)
         raise task.retry(countdown=min(60, 2 ** min(retries + 1, 6)), exc=exc) from None
     if not start.run:
         if start.reason == "leased":
