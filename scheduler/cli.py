@@ -656,7 +656,8 @@ def _dry_run(path: Path) -> int:
     else:
         scheme = f"{campaign.folds}-fold stratified cross-validation (seed {campaign.seed})"
     title = (
-        f"{path}: campaign {campaign.name}, {len(manifest.entries):,} images ({where}), {scheme}"
+        f"{_shown(path)}: campaign {campaign.name}, {len(manifest.entries):,} images "
+        f"({where}), {scheme}"
     )
     _print_table(Console(), title, _PLAN_COLUMNS, _plan_rows(campaign, planned.units))
     print(
@@ -726,13 +727,22 @@ def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
 
 
 def _warn_about(skipped, shown: int = 5) -> None:  # noqa: ANN001
-    unusable = [f"{s.path}: {s.reason}" for s in skipped if not s.unlisted]
-    unlisted = [s.path for s in skipped if s.unlisted]
+    # a dataset's file names are anyone's: shown, not obeyed, by the terminal
+    unusable = [
+        f"{_shown(s.path)}: {visible_controls(s.reason)}" for s in skipped if not s.unlisted
+    ]
+    unlisted = [_shown(s.path) for s in skipped if s.unlisted]
     if unusable:
         _warn_images(f"{_images(len(unusable), 'unusable image')} skipped", unusable, shown)
     if unlisted:
         what = f"{_images(len(unlisted), 'image')} not listed in any split's CSV, ignored"
         _warn_images(what, unlisted, shown)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as a line shows it: bytes that are not UTF-8 and control characters
+    written as escapes."""
+    return visible_controls(printable(path))
 
 
 def _images(count: int, noun: str) -> str:

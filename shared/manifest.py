@@ -245,7 +245,8 @@ def _check_images(
         try:
             _, sha256 = check_image(sample.path, max_pixels)
         except PreprocessError as exc:
-            reason = str(exc).removeprefix(f"{sample.path}: ")
+            # the message names the file as an OrchardError shows it (controls escaped)
+            reason = str(exc).removeprefix(str(PreprocessError(f"{sample.path}: ")))
             bad.append(Skipped(sample.image_id, sample.split, str(sample.path), reason))
         else:
             good.append((sample, sha256))

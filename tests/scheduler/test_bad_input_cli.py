@@ -298,6 +298,30 @@ def test_submit_skips_a_truncated_bmp_with_one_warning(tmp_path: Path, monkeypat
     ]
 
 
+def test_dry_run_shows_control_characters_in_file_names_rather_than_obeying_them(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A dataset's file names and a campaign file's name reach the terminal as escapes:
+    ESC and BEL would clear the screen or retitle the window."""
+    root = make_aicup(tmp_path / "data", per_class=4)
+    (root / "train" / "001.jpg").write_bytes(b"")  # listed, unusable
+    stray = root / "train" / "un\x1b[2J\x1b]0;owned\x07.jpg"  # in no CSV: ignored
+    cv2.imwrite(str(stray), np.zeros((8, 8, 3), np.uint8))
+    campaign = write_campaign(tmp_path, root).rename(tmp_path / "v\x1b]0;T\x07.toml")
+    code, out, err = run_in_process(
+        monkeypatch, capsys, "submit", str(campaign), "--dry-run", home=tmp_path / "h"
+    )
+    assert code == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert out.startswith(f"{tmp_path}/v\\x1b]0;T\\x07.toml: campaign c,")
+    assert err.splitlines() == [
+        f"orchard: warning: 1 unusable image skipped: {root / 'train' / '001.jpg'}: empty "
+        "file (0 bytes)",
+        f"orchard: warning: 1 image not listed in any split's CSV, ignored: {root / 'train'}/"
+        "un\\x1b[2J\\x1b]0;owned\\x07.jpg",
+    ]
+
+
 def test_submit_with_an_unterminated_quote_names_its_line(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:

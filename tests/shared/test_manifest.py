@@ -414,3 +414,16 @@ def test_out_of_bag_folds_name_a_class_without_training_images():
         out_of_bag_folds(["A", "B", "C"], ["train", "dev", "test"], classes=("A", "B", "C"))
     with pytest.raises(ManifestError, match="no labelled training images"):
         out_of_bag_folds([None, "A"], ["train", "test"])
+
+
+def test_an_unusable_image_s_reason_does_not_repeat_its_path(tmp_path: Path) -> None:
+    """The reason is the message less its file name, also where the name holds control
+    characters, which the message shows escaped."""
+    from shared.datasets import Sample
+    from shared.manifest import _check_images
+
+    folder = tmp_path / "A\x1b[31m"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(b"")
+    good, bad = _check_images([Sample("x.jpg", "A", "train", folder / "x.jpg")], 10**8)
+    assert good == [] and [s.reason for s in bad] == ["empty file (0 bytes)"]
