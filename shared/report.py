@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from statistics import mean
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
 from shared.errors import visible_controls
@@ -562,6 +563,25 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+_P = ParamSpec("_P")
+
+
+def _drawn_literally(draw: Callable[_P, bytes]) -> Callable[_P, bytes]:
+    """Draw with every text literal: class names, image ids, parameter values and titles
+    are the user's, and a ``$`` in them must not start mathtext (``$\\frac{1}{$`` made
+    matplotlib raise). The setting spans the drawing *and* the saving, because tick labels
+    and the constrained layout's texts are created only when the figure is drawn."""
+
+    @functools.wraps(draw)
+    def literal(*args: _P.args, **kwargs: _P.kwargs) -> bytes:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return literal
+
+
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -571,6 +591,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+@_drawn_literally
 def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
     """A confusion-matrix heatmap as PNG bytes (400x400 px, deterministic for the same input).
 
@@ -617,6 +638,7 @@ def confusion_png(confusion: Confusion, classes: Sequence[str]) -> bytes:
     return _png(fig)
 
 
+@_drawn_literally
 def curve_png(curve: CurveFigure) -> bytes:
     """Accuracy (left) and loss (right) per epoch: solid validation, dashed training."""
     from matplotlib.ticker import MaxNLocator
@@ -624,6 +646,10 @@ def curve_png(curve: CurveFigure) -> bytes:
     fig = _figure(9, 3.4)
     acc_ax, loss_ax = fig.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(curve.series))]
+    # the legend is given its handles: collected from the axes, a label that starts
+    # with "_" (a parameter's value may) would be left out
+    handles: list[Any] = []
+    labels: list[str] = []
     for color, (label, metrics) in zip(colors, curve.series.items(), strict=True):
         for ax, kind in ((acc_ax, "acc"), (loss_ax, "loss")):
             for split, style in (("train", "--"), ("val", "-")):
@@ -632,21 +658,16 @@ def curve_png(curve: CurveFigure) -> bytes:
                     continue
                 xs = [step + 1 for step, _ in points]  # epochs counted from 1, as plotted
                 ys = [value for _, value in points]
-                ax.plot(
-                    xs,
-                    ys,
-                    style,
-                    color=color,
-                    linewidth=1.4,
-                    label=label if (split == "val" or "val_" + kind not in metrics) else None,
-                )
+                (line,) = ax.plot(xs, ys, style, color=color, linewidth=1.4)
+                if ax is acc_ax and (split == "val" or "val_" + kind not in metrics):
+                    handles.append(line)
+                    labels.append(label)
     acc_ax.set_title("Accuracy")
     loss_ax.set_title("Loss")
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles, labels = acc_ax.get_legend_handles_labels()
     if handles:
         acc_ax.legend(handles, labels, fontsize=7, loc="lower right")
     fig.suptitle(f"{curve.title}  (solid: validation, dashed: training)", fontsize=10)
@@ -657,6 +678,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@_drawn_literally
 def sweep_png(plot: SweepPlot) -> bytes:
     """Each metric against the swept parameter: every point, and the mean per value."""
     fig = _figure(5.2, 3.6)
@@ -671,6 +693,9 @@ def sweep_png(plot: SweepPlot) -> bytes:
         labels = list(dict.fromkeys(param_value(plot.param, x) for x in plot.xs))
         positions = {label: i for i, label in enumerate(labels)}
         order = labels
+    # the legend is given its handles: collected from the axes, a "_" label would be dropped
+    handles: list[Any] = []
+    names: list[str] = []
     for i, (metric, values) in enumerate(plot.series.items()):
         color = f"C{i % 10}"
         pairs = [
@@ -687,20 +712,18 @@ def sweep_png(plot: SweepPlot) -> bytes:
         for x, v in pairs:
             at.setdefault(x, []).append(v)
         means = [(x, mean(at[x])) for x in order if x in at]
-        ax.plot(
-            [positions[x] for x, _ in means],
-            [v for _, v in means],
-            "-o",
-            color=color,
-            label=metric,
-            markersize=4,
+        (line,) = ax.plot(
+            [positions[x] for x, _ in means], [v for _, v in means], "-o", color=color, markersize=4
         )
+        handles.append(line)
+        names.append(metric)
     if not numeric:
         ax.set_xticks(list(positions.values()), labels=list(positions), rotation=20, ha="right")
     ax.set_xlabel(param_label(plot.param))
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if handles:
+        ax.legend(handles, names, fontsize=8)
     ax.set_title(f"{_family_title(plot.family)}: score against {plot.param}", fontsize=10)
     return _png(fig)
 
@@ -737,6 +760,7 @@ def timeline_colors(families: Sequence[str]) -> dict[str, str]:
     return {f: TIMELINE_COLORS[i % len(TIMELINE_COLORS)] for i, f in enumerate(families)}
 
 
+@_drawn_literally
 def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     """A Gantt chart: a row per worker (and per concurrent slot), a bar per unit."""
     lanes = _lanes(bars)
@@ -775,15 +799,14 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first unit started")
     ax.grid(axis="x", alpha=0.3)
-    handles = [
-        ax.bar(0, 0, color=color[f], label=f) for f in families
-    ]  # zero-size proxies for the legend
+    handles = [ax.bar(0, 0, color=color[f]) for f in families]  # zero-size legend proxies
     if handles:
-        ax.legend(fontsize=7, loc="upper right", ncols=min(len(families), 5))
+        ax.legend(handles, families, fontsize=7, loc="upper right", ncols=min(len(families), 5))
     ax.set_title("Units across workers (failed: red outline, hatched)", fontsize=10)
     return _png(fig)
 
 
+@_drawn_literally
 def lime_png(section: LimeSection) -> bytes:
     """Each explained image (top) and its LIME explanation with green evidence (bottom)."""
     n = len(section.items)

@@ -1066,3 +1066,63 @@ def test_dev_split_blends_say_what_their_validation_accuracy_is(data: ReportData
     assert "Bold: the best by accuracy on the dev split, **CNN 3-fold mean**" in dev
     assert "(a mean of 3, chosen by accuracy on the dev split; Dev acc 85.000%," in dev
     assert "Dev acc is each model's predictions on the labelled dev split" in dev
+
+
+#: Class names, image ids and parameter values a user may give: mathtext errors, mathtext,
+#: or a label a legend would hide ("_..."), were matplotlib to read them rather than show them.
+MATH_LIKE = ("$\\frac{1}{$", "t0$\\x$.png", "a^b_c {x}", "$x$ \\alpha%", "_hidden")
+
+
+def _draw(kind: str, names: list[str]) -> bytes:
+    from shared.report import curve_png, lime_png, sweep_png
+
+    n = len(names)
+    if kind == "confusion":
+        return confusion_png(Confusion(f"vote {names[0]}", [[1] * n for _ in names], "test"), names)
+    if kind == "curve":
+        return curve_png(CurveFigure("c", f"CNN {names[1]}", {x: _curve(0.05) for x in names}))
+    if kind == "sweep":
+        return sweep_png(SweepPlot("s", "svm", names[3], names, {x: [0.5] * n for x in names}))
+    if kind == "timeline":
+        bars = [
+            TimelineBar(f"{CID}/{x}/p{i}", x, x, i, i + 1, "SUCCESS") for i, x in enumerate(names)
+        ]
+        return timeline_png(bars)
+    items = [dataclasses.replace(_lime_item(x), image_id=f"id {x}") for x in names]
+    return lime_png(LimeSection("cnn", f"{CID}/cnn/p0/f1", 30, items))
+
+
+@pytest.mark.parametrize("kind", ["confusion", "curve", "sweep", "timeline", "lime"])
+def test_figures_show_dollars_carets_and_backslashes_as_typed(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class folder or test image named with a `$` started mathtext, and `$\\frac{1}{$`
+    made matplotlib raise: the report task failed. Every user text is drawn as typed, in
+    titles, tick labels and legends alike."""
+    import matplotlib
+    import matplotlib.text
+
+    import shared.report as report
+
+    drawn = []
+    save = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: drawn.append(fig) or save(fig))
+    png = _draw(kind, list(MATH_LIKE))
+    assert png.startswith(PNG_SIGNATURE)
+    assert mpimg.imread(io.BytesIO(png), format="png").std() > 0
+    texts = drawn[0].findobj(matplotlib.text.Text)
+    assert not [t.get_text() for t in texts if t.get_parse_math()]
+    shown = "\n".join(t.get_text() for t in texts if t.get_visible())
+    assert [name for name in MATH_LIKE if name not in shown] == []
+    assert matplotlib.rcParams["text.parse_math"]  # the setting is the figure's only
+
+
+def test_a_report_whose_class_names_hold_dollars_is_written_with_its_figures(
+    data: ReportData, tmp_path: Path
+) -> None:
+    classes = MATH_LIKE[:3]
+    lime = dataclasses.replace(data.lime, items=[_lime_item(c) for c in classes])
+    files = write_report(dataclasses.replace(data, classes=classes, lime=lime), tmp_path)
+    html = files.html.path.read_text(encoding="utf-8")
+    assert "Figure not rendered." not in html
+    assert all((tmp_path / n).read_bytes().startswith(PNG_SIGNATURE) for n in files.figures)

@@ -204,3 +204,31 @@ def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     assert [level for level, _ in said[1:]] == ["DEBUG", "DEBUG"]
     assert all("unreachable" not in text for _, text in said)
     old.dispose()
+
+
+@pytest.mark.parametrize(
+    ("exc", "recorded"),
+    [
+        # matplotlib's mathtext errors start with a newline: only "ValueError: " was kept
+        (
+            ValueError("\n\\frac{1}{\n     ^\nParseSyntaxException: Expected"),
+            "ValueError: \\frac{1}{",
+        ),
+        (ValueError("  \n\t\n  bad value  \nmore"), "ValueError: bad value"),
+        (RuntimeError("one line"), "RuntimeError: one line"),
+        (KeyError("k"), "KeyError: 'k'"),
+        (ValueError(""), "ValueError"),
+        (ValueError("\n \n"), "ValueError"),
+        (OSError("\n\x1b[2J cleared"), "OSError: \\x1b[2J cleared"),
+    ],
+)
+def test_a_failure_records_the_first_line_that_says_something(
+    exc: BaseException, recorded: str
+) -> None:
+    assert base._one_line(exc) == recorded
+
+
+def test_a_failure_s_recorded_error_stays_one_short_line() -> None:
+    line = base._one_line(ValueError("\r\n" + "x" * 5000 + "\nsecond"))
+    assert line.startswith("ValueError: xxx") and "\n" not in line and "\r" not in line
+    assert len(line) == 2000

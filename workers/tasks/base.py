@@ -405,9 +405,12 @@ def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The error a failed unit records: `orchard status` and the report show it."""
-    line = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
-    return visible_controls(line)[:2000]
+    """The error a failed unit records: `orchard status` and the report show it. Its
+    first line that says something: some messages (matplotlib's, for one) start with a
+    newline, and their first line alone would leave just ``ValueError:``."""
+    name = type(exc).__name__
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return visible_controls(f"{name}: {first}" if first else name)[:2000]
 
 
 def _advance_or_retry(task: Task, store: Store, campaign_id: str) -> None:
