@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from shared.errors import OrchardError
+from shared.errors import OrchardError, printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         broker, "ORCHARD_BROKER_URL", "ORCHARD_BROKER_PASSWORD_FILE", env
     )
     database = env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
+    check_database_url_form(database, "ORCHARD_DATABASE_URL")
     database = absolute_sqlite_url(database, "ORCHARD_DATABASE_URL")
     database = url_with_password_file(
         database, "ORCHARD_DATABASE_URL", "ORCHARD_DATABASE_PASSWORD_FILE", env
@@ -198,25 +200,83 @@ def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping
     return f"{scheme}://{user}:{password}@{host}{rest[len(authority) :]}"
 
 
+#: The most a password file may hold. A password is a line; anything longer is the
+#: wrong file, and a device or a /proc file that never ends must not be read whole.
+PASSWORD_FILE_LIMIT = 64 * 1024
+
+#: What a path may be besides a regular file, as a line names it.
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_a_regular_file(mode: int) -> str | None:
+    """What a file of ``mode`` is, when it is not a regular file; None when it is."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
 def read_password_file(path: str, name: str) -> str:
-    """The password in file ``path`` (env ``name``) without its trailing newlines."""
+    """The password in file ``path`` (env ``name``) without its trailing newlines.
+
+    Only a regular file of at most ``PASSWORD_FILE_LIMIT`` bytes: a FIFO would block
+    the command until something writes to it, and ``/dev/zero`` never ends.
+    """
+    where = f"{name}={printable(path)}"
     try:
-        password = Path(path).read_text(encoding="utf-8").rstrip("\n")
+        data = _read_small_regular_file(path, where)
     except FileNotFoundError:
-        raise OrchardError(f"{name}={path}: no such file") from None
-    except IsADirectoryError:
-        raise OrchardError(f"{name}={path}: a folder, not a password file") from None
+        raise OrchardError(f"{where}: no such file") from None
     except PermissionError:
-        raise OrchardError(
-            f"{name}={path}: not readable by this user (uid {os.getuid()})"
-        ) from None
-    except UnicodeDecodeError:
-        raise OrchardError(f"{name}={path}: not UTF-8 text") from None
+        raise OrchardError(f"{where}: not readable by this user (uid {os.getuid()})") from None
     except OSError as exc:
-        raise OrchardError(f"{name}={path}: cannot read it: {exc.strerror or exc}") from None
+        raise OrchardError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        password = data.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError:
+        raise OrchardError(f"{where}: not UTF-8 text") from None
     if not password:
-        raise OrchardError(f"{name}={path}: the file is empty; write the password into it")
+        raise OrchardError(f"{where}: the file is empty; write the password into it")
     return password
+
+
+def _read_small_regular_file(path: str, where: str) -> bytes:
+    """The bytes of regular file ``path``, refused (one line starting with ``where``)
+    when it is anything else or holds more than ``PASSWORD_FILE_LIMIT`` bytes."""
+
+    def refuse_unless_regular(mode: int) -> None:
+        what = _not_a_regular_file(mode)
+        if what == "a folder":
+            raise OrchardError(f"{where}: a folder, not a password file")
+        if what:
+            raise OrchardError(f"{where}: {what}, not a regular file; name the password's file")
+
+    too_large = f"{where}: larger than {PASSWORD_FILE_LIMIT // 1024} KiB, not a password file"
+    info = os.stat(path)  # before opening: opening a FIFO waits for a writer
+    refuse_unless_regular(info.st_mode)
+    if info.st_size > PASSWORD_FILE_LIMIT:
+        raise OrchardError(too_large)
+    # O_NONBLOCK: should a FIFO have taken the file's place since, opening it does not
+    # wait; the descriptor's own stat then refuses it
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        refuse_unless_regular(os.fstat(fd).st_mode)
+        # at most one byte past the limit, whatever the size said (a /proc file says 0)
+        chunks: list[bytes] = []
+        left = PASSWORD_FILE_LIMIT + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise OrchardError(too_large)
+    return b"".join(chunks)
 
 
 def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:
@@ -241,6 +301,13 @@ def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:
 _QUERY_PASSWORD = re.compile(r"([?&;](?:[a-z_]*password|passwd|pwd)=)[^&;#]*", re.IGNORECASE)
 
 
+#: A URL's start as typed: a scheme and the ``://`` after it (``redis://``).
+_WELL_FORMED_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+#: A mistyped URL's start: a scheme-like word and the ``:`` and ``/`` after it
+#: (``redis:/``, ``redis//``, ``redis:/:``), or nothing.
+_MISTYPED_START = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.\-]*)?[:/]*")
+
+
 def mask_url(url: str) -> str:
     """``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``; safe to print.
 
@@ -249,17 +316,77 @@ def mask_url(url: str) -> str:
     ``:`` of the user info and the last ``@`` is masked. So is the value of a query
     parameter named like a password (``?password=...``, ``passwd``, ``pwd``,
     ``sslpassword``, any case), up to the next ``&``, ``;`` or ``#``.
+
+    A mistyped URL (``redis:/:secret@host``, ``redis//:secret@host``, no scheme at all)
+    is masked too, more widely: after its scheme-like start and any ``:`` and ``/``
+    there, everything up to the last ``@``, but a user name before a ``:``
+    (``postgresql:/orchard:***@host/db``, ``redis:/:***@host``).
+    """
+    # the query's passwords first: a ':' or '@' in one would look like user info
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    well_formed = _WELL_FORMED_START.match(url)
+    start = (well_formed or _MISTYPED_START.match(url))[0]
+    userinfo, at, host = url[len(start) :].rpartition("@")
+    if not at or (well_formed and ":" not in userinfo):
+        return url  # no user info, or only a user name
+    user, colon, _ = userinfo.partition(":")
+    return f"{start}{user}:***@{host}" if colon else f"{start}***@{host}"
+
+
+def check_database_url_form(url: str, name: str = "ORCHARD_DATABASE_URL") -> None:
+    """One line naming ``name`` and ``url`` (password masked) for a database URL orchard
+    refuses whatever SQLAlchemy makes of it (see ``database_url_problem``); connects to
+    nothing."""
+    if problem := database_url_problem(url):
+        raise OrchardError(f"{name} {mask_url(url)}: {problem}")
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why orchard refuses database ``url``, or None. Looks at the URL only:
+
+    - an in-memory SQLite database (``sqlite://``, ``sqlite:///:memory:``, a
+      ``mode=memory`` URI): every process, the command and each worker, would have its
+      own, empty one;
+    - an ``@`` in the password: SQLAlchemy ends the password at the first ``@`` after
+      the user's ``:``, and hands the rest to the driver as the host
+      (``failed to resolve host 'PW@127.0.0.1'``: the password's tail, printed).
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    # the query's passwords first: a ':' or '@' in one would look like user info
-    rest = _QUERY_PASSWORD.sub(r"\1***", rest)
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return f"{scheme}://{rest}"
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{host}"
+        return None  # not a URL: the CLI's own check says so
+    if scheme.partition("+")[0].lower() == "sqlite":
+        if _sqlite_in_memory(rest):
+            return (
+                "an in-memory SQLite database: each orchard process (this command, every "
+                "worker) would have its own, empty one; give a file (sqlite:///PATH) or a "
+                "server (postgresql+psycopg://USER@HOST/DB)"
+            )
+        return None
+    # SQLAlchemy's reading: a user up to the first ':' or '/', its password up to the
+    # first '@', then the host up to the first '/' or '?' (a user name may hold an '@':
+    # 'admin@server:pw@host' is user 'admin@server'; a password may not)
+    login = re.match(r"[^:/]*:[^@]*@(?P<host>[^/?]*)", rest)
+    if login and "@" in login["host"]:
+        return (
+            "an '@' in the password ends it there, and the rest would be taken for the "
+            "host; percent-encode the password ('@' as %40, '%' as %25), or put it in "
+            "ORCHARD_DATABASE_PASSWORD_FILE"
+        )
+    return None
+
+
+def _sqlite_in_memory(rest: str) -> bool:
+    """Whether ``sqlite://`` + ``rest`` is an in-memory database, as SQLAlchemy's pysqlite
+    dialect opens it: no database (``sqlite://``, ``sqlite:///``), ``:memory:``, or an
+    SQLite URI naming ``:memory:`` or ``mode=memory``."""
+    before_query, _, query = rest.partition("?")
+    database = before_query.partition("/")[2]
+    if database in ("", ":memory:"):
+        return True
+    params = {key.lower(): value.lower() for key, value in parse_qsl(query, True)}
+    return database.startswith("file:") and (
+        database.removeprefix("file:").startswith(":memory:") or params.get("mode") == "memory"
+    )
 
 
 def env_number(

@@ -103,8 +103,6 @@ def test_settings_make_a_relative_sqlite_path_absolute(tmp_path, monkeypatch):
     "url",
     [
         "sqlite:////tmp/orchard.db",
-        "sqlite://",
-        "sqlite:///:memory:",
         "sqlite:///file:x.db?mode=ro&uri=true",
         "postgresql+psycopg://u:pw@h/db",
     ],

@@ -8,12 +8,15 @@ so any character may be in it. Checked here against the parsers that will read t
 from __future__ import annotations
 
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
 
+from shared import settings as settings_module
 from shared.errors import OrchardError
-from shared.settings import load_settings, mask_url
+from shared.settings import check_database_url_form, load_settings, mask_url
 
 #: every character a URL treats specially, and a few a shell or a config file does
 AWKWARD = "p/w?#@%:[]!$&'()*+,;= \"\\~"
@@ -163,10 +166,14 @@ def test_an_unreadable_password_file_is_one_line_naming_it(tmp_path, monkeypatch
     env = file_env(tmp_path)
     path = env["ORCHARD_BROKER_PASSWORD_FILE"]
 
-    def refuse(self, *args, **kwargs):  # what chmod 000 does, for root too
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_text", refuse)
+    def refuse(file, *args, **kwargs):  # what chmod 000 does, for root too
+        if os.fspath(file) == path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     message = one_line_error(env)
     assert (
         message
@@ -382,3 +389,309 @@ def test_outside_the_dataset_roots_follows_symbolic_links(tmp_path):
     assert not settings.outside_dataset_roots(settings.artifacts / "datasets" / "s" / "1.jpg")
     unrestricted = load_settings({"ORCHARD_HOME": str(tmp_path / "home")})
     assert not unrestricted.outside_dataset_roots(elsewhere / "secret.jpg")
+
+
+# ---------------------------------------------------------------- password files that are no files
+
+
+def load_within(env: dict[str, str], release: Path | None = None, seconds: float = 10) -> str:
+    """The one-line error ``load_settings(env)`` raises, failing the test (not hanging it)
+    when it has not returned within ``seconds``; ``release``: a FIFO to write to then,
+    so that a read blocked on it ends."""
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            load_settings(env)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if release is not None:  # a writer that closes at once: the reader sees its end
+            os.close(os.open(release, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(seconds)
+        pytest.fail(f"load_settings still waiting after {seconds} s")
+    assert outcome and isinstance(outcome[0], OrchardError), outcome
+    message = str(outcome[0])
+    assert "\n" not in message
+    return message
+
+
+def test_a_fifo_as_password_file_is_refused_without_waiting_for_a_writer(tmp_path):
+    env = file_env(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env["ORCHARD_BROKER_PASSWORD_FILE"] = str(fifo)
+    assert load_within(env, release=fifo) == (
+        f"ORCHARD_BROKER_PASSWORD_FILE={fifo}: a named pipe (FIFO), not a regular file; "
+        "name the password's file"
+    )
+
+
+def test_a_device_as_password_file_is_refused_unread(tmp_path, monkeypatch):
+    """/dev/null here, which reads as empty: /dev/zero, which never ends, would take all
+    memory of an orchard without this check, and of this test with it."""
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    real_open, opened = os.open, []
+
+    def spy(file, *args, **kwargs):
+        opened.append(os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    env = file_env(tmp_path)
+    env["ORCHARD_DATABASE_PASSWORD_FILE"] = "/dev/null"
+    assert load_within(env) == (
+        "ORCHARD_DATABASE_PASSWORD_FILE=/dev/null: a character device, not a regular file; "
+        "name the password's file"
+    )
+    assert "/dev/null" not in opened
+
+
+def test_the_cli_refuses_a_device_as_password_file_in_one_line(tmp_path, monkeypatch, capsys):
+    from scheduler.cli import main
+
+    for key, value in file_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ORCHARD_BROKER_PASSWORD_FILE", "/dev/null")
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err == (
+        "orchard: error: ORCHARD_BROKER_PASSWORD_FILE=/dev/null: a character device, "
+        "not a regular file; name the password's file\n"
+    )
+
+
+def test_a_password_file_over_64_kib_is_refused(tmp_path):
+    env = file_env(tmp_path)
+    write_password(tmp_path, "redis_password", "p" * (64 * 1024 + 1))
+    assert load_within(env) == (
+        f"ORCHARD_BROKER_PASSWORD_FILE={tmp_path / 'redis_password'}: larger than 64 KiB, "
+        "not a password file"
+    )
+    write_password(tmp_path, "redis_password", "p" * (64 * 1024))  # the limit itself is fine
+    assert load_settings(env).broker_url == f"redis://:{'p' * 64 * 1024}@redis:6379/0"
+
+
+def test_a_password_file_that_says_it_is_empty_is_read_no_further_than_the_limit(
+    tmp_path, monkeypatch
+):
+    """A /proc file is a regular file of size 0 whatever it holds; so, for the reader,
+    is a file that grows while it is read."""
+    proc = Path("/proc/self/status")
+    if not proc.is_file() or proc.stat().st_size != 0:
+        pytest.skip("needs Linux's /proc")
+    limit = 16  # /proc/self/status holds more
+    monkeypatch.setattr(settings_module, "PASSWORD_FILE_LIMIT", limit)
+    real_read, asked = os.read, []
+
+    def read(fd: int, size: int) -> bytes:
+        asked.append(size)
+        return real_read(fd, size)
+
+    monkeypatch.setattr(os, "read", read)
+    env = file_env(tmp_path)
+    env["ORCHARD_BROKER_PASSWORD_FILE"] = str(proc)
+    assert "larger than" in load_within(env)
+    assert 0 < sum(asked) <= limit + 1
+
+
+def test_a_symbolic_link_to_a_password_file_is_followed(tmp_path):
+    """Kubernetes mounts each secret as a link into a ..data folder."""
+    env = file_env(tmp_path, redis="pw")
+    (tmp_path / "link").symlink_to(env["ORCHARD_BROKER_PASSWORD_FILE"])
+    env["ORCHARD_BROKER_PASSWORD_FILE"] = str(tmp_path / "link")
+    assert load_settings(env).broker_url == "redis://:pw@redis:6379/0"
+
+
+# ---------------------------------------------------------------- mistyped URLs are masked too
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis:/:S3cretPW@127.0.0.1:6379/9", "redis:/:***@127.0.0.1:6379/9"),
+        ("redis//:S3cretPW@127.0.0.1:6379/9", "redis//:***@127.0.0.1:6379/9"),
+        ("redis:S3cretPW@127.0.0.1:6379/9", "redis:***@127.0.0.1:6379/9"),
+        ("redis:///:S3cretPW@127.0.0.1:6379/9", "redis:///:***@127.0.0.1:6379/9"),
+        (
+            "postgresql+psycopg:/postgres:S3cretPW@127.0.0.1/x",
+            "postgresql+psycopg:/postgres:***@127.0.0.1/x",
+        ),
+        ("postgresql+psycopg//postgres:S3cret/PW@h/x", "postgresql+psycopg//postgres:***@h/x"),
+        # no ':' after the user: in a mistyped URL, the whole user info is hidden
+        ("postgresql+psycopg:/S3cretPW@h/x", "postgresql+psycopg:/***@h/x"),
+        ("redis:/:/S3cretPW@h", "redis:/:/***@h"),
+        # no scheme at all, or blanks before it
+        ("postgres:S3cretPW@127.0.0.1/x", "postgres:***@127.0.0.1/x"),
+        (":S3cretPW@127.0.0.1:6379/9", ":***@127.0.0.1:6379/9"),
+        (" redis://:S3cretPW@h:6379/0", " redis:***@h:6379/0"),
+        # a '://' later on is no scheme's
+        ("redis:/:S3cretPW@h/0?next=http://x", "redis:/:***@h/0?next=http://x"),
+        ("postgresql:/o@h/o?password=S3cretPW", "postgresql:/***@h/o?password=***"),
+    ],
+)
+def test_a_mistyped_url_is_masked_too(url, masked):
+    assert mask_url(url) == masked
+    assert "S3cret" not in mask_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/0",
+        "redis://default@h:6379/0",
+        "postgresql+psycopg://orchard@h/orchard",
+        "postgresql+psycopg://orchard@[::1]:5432/o?sslmode=require",
+        "filesystem:///tmp/orchard/broker",
+        "filesystem:///tmp/a@b/broker",
+        "sqlite:////tmp/x.db",
+        "sqlite:///file:x.db?mode=ro&uri=true",
+        "not a URL",
+        "",
+    ],
+)
+def test_a_url_without_a_password_is_shown_as_it_is(url):
+    assert mask_url(url) == url
+
+
+def test_a_mistyped_broker_url_is_refused_with_its_password_masked():
+    from workers.config import check_broker_url
+
+    with pytest.raises(OrchardError) as caught:
+        check_broker_url("redis:/:S3cretPW@127.0.0.1:6379/9")
+    assert str(caught.value).startswith(
+        "ORCHARD_BROKER_URL redis:/:***@127.0.0.1:6379/9: not a broker URL; "
+    )
+
+
+def test_the_cli_masks_a_mistyped_database_url(tmp_path, monkeypatch, capsys):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", "postgresql+psycopg:/postgres:S3cretPW@127.0.0.1/x")
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "orchard: error: ORCHARD_DATABASE_URL postgresql+psycopg:/postgres:***@127.0.0.1/x: "
+    )
+    assert "S3cret" not in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- database URLs refused
+
+
+#: what SQLAlchemy reads as host 'T4il@127.0.0.1' (or 'b@T4il'): the password's tail
+UNENCODED_AT = [
+    "postgresql+psycopg://postgres:S3cret@T4il@127.0.0.1/x",
+    "postgresql+psycopg://postgres:S3cret@T4il@127.0.0.1:5432/x?sslmode=require",
+    "postgresql+psycopg://postgres:S3/cr?et@T4il@127.0.0.1/x",
+    "postgresql+psycopg://:S3cret@T4il@127.0.0.1/x",
+    "postgresql+psycopg://postgres:S3cret@b@T4il@127.0.0.1/x",
+]
+
+
+@pytest.mark.parametrize("url", UNENCODED_AT)
+def test_an_unencoded_at_in_the_database_password_is_refused(tmp_path, url):
+    from sqlalchemy.engine import make_url
+
+    assert "@" in make_url(url).host  # what the driver would be handed, and print
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": url}
+    message = load_within(env)
+    assert message.startswith("ORCHARD_DATABASE_URL postgresql+psycopg://")
+    assert message.endswith(
+        ": an '@' in the password ends it there, and the rest would be taken for the host; "
+        "percent-encode the password ('@' as %40, '%' as %25), or put it in "
+        "ORCHARD_DATABASE_PASSWORD_FILE"
+    )
+    assert "S3" not in message and "T4il" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://postgres:S3cret%40T4il@127.0.0.1/x",  # encoded
+        "postgresql+psycopg://admin@server:pw@127.0.0.1/x",  # user 'admin@server'
+        "postgresql+psycopg://admin@server@127.0.0.1/x",  # user 'admin@server', no password
+        "postgresql+psycopg://orchard@h/my@db",  # the database's name
+        "postgresql+psycopg://orchard:pw@h/o?application_name=a@b@c",  # the query's
+    ],
+)
+def test_an_at_that_sqlalchemy_reads_right_is_accepted(tmp_path, url):
+    from sqlalchemy.engine import make_url
+
+    assert "@" not in make_url(url).host
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": url}
+    assert load_settings(env).database_url == url
+
+
+def test_the_cli_refuses_an_unencoded_at_before_connecting(tmp_path, monkeypatch, capsys):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", UNENCODED_AT[0])
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "orchard: error: ORCHARD_DATABASE_URL postgresql+psycopg://postgres:***@127.0.0.1/x: "
+        "an '@' in the password"
+    )
+    assert "T4il" not in err and err.count("\n") == 1
+
+
+def test_check_database_url_form_names_what_it_is_given():
+    """For a URL that is no environment variable's (the API's ``database=``)."""
+    check_database_url_form("postgresql+psycopg://orchard:pw@h/o")
+    with pytest.raises(OrchardError) as caught:
+        check_database_url_form("sqlite://", "database")
+    assert str(caught.value).startswith("database sqlite://: an in-memory SQLite database")
+
+
+IN_MEMORY = [
+    "sqlite://",
+    "sqlite:///",
+    "sqlite:///:memory:",
+    "sqlite+pysqlite://",
+    "sqlite://?timeout=5",
+    "sqlite:///file::memory:?uri=true",
+    "sqlite:///file:orchard?mode=memory&cache=shared&uri=true",
+]
+
+
+@pytest.mark.parametrize("url", IN_MEMORY)
+def test_an_in_memory_sqlite_database_is_refused(tmp_path, url):
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": url}
+    assert load_within(env) == (
+        f"ORCHARD_DATABASE_URL {url}: an in-memory SQLite database: each orchard process "
+        "(this command, every worker) would have its own, empty one; give a file "
+        "(sqlite:///PATH) or a server (postgresql+psycopg://USER@HOST/DB)"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////tmp/orchard.db",
+        "sqlite:///file:/tmp/x.db?mode=ro&uri=true",
+        "sqlite+pysqlite:////tmp/x.db?timeout=5",
+    ],
+)
+def test_a_sqlite_file_is_not_taken_for_memory(tmp_path, url):
+    env = {"ORCHARD_HOME": str(tmp_path), "ORCHARD_DATABASE_URL": url}
+    assert load_settings(env).database_url == url
+
+
+def test_the_cli_refuses_an_in_memory_store_without_advising_an_upgrade(
+    tmp_path, monkeypatch, capsys
+):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path))
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", "sqlite://")
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchard: error: ORCHARD_DATABASE_URL sqlite://: an in-memory SQLite")
+    assert "upgrade" not in err and err.count("\n") == 1
