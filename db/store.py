@@ -456,6 +456,19 @@ class Store:
             raise self._unreachable(exc) from None
         return before, migrate.head_revision()
 
+    def create_or_check(self) -> None:
+        """A submit's check: create the schema in a database that has none (a first
+        campaign needs no `orchard db upgrade`); an existing schema must be this
+        orchard's, as for every other command. Migrating one is `orchard db upgrade`'s,
+        run once while the workers are stopped, never a side effect of a submit."""
+        try:
+            current = migrate.current_revision(self.engine)
+        except (OperationalError, DBAPIError) as exc:
+            raise self._unreachable(exc) from None
+        if current is None:
+            self.upgrade()  # another submit may have created it meanwhile: checked below
+        self.check_schema()
+
     def check_schema(self) -> None:
         """Raise StoreError unless the schema is at the newest migration."""
         try:

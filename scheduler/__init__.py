@@ -5,6 +5,24 @@ run = submit("campaigns/quick.toml")
 run.wait(progress=True)
 """
 
-from scheduler.api import CampaignRun, cancel, delete, resume, submit
+from scheduler.api import (
+    CampaignRun,
+    WaitTimeout,
+    attach,
+    cancel,
+    delete,
+    prune_cache,
+    resume,
+    submit,
+)
 
-__all__ = ["CampaignRun", "cancel", "delete", "resume", "submit"]
+__all__ = [
+    "CampaignRun",
+    "WaitTimeout",
+    "attach",
+    "cancel",
+    "delete",
+    "prune_cache",
+    "resume",
+    "submit",
+]

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +100,17 @@ class CampaignRun:
     def __repr__(self) -> str:
         return f"CampaignRun({self.id!r})"
 
+    def close(self) -> None:
+        """Close its store's connections (a script that keeps many runs holds one pool
+        each); the run can still be used, and opens a connection again when it reads."""
+        self.store.dispose()
+
+    def __enter__(self) -> CampaignRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def status(self) -> CampaignStatus:
         return CampaignStatus(self.store.get_campaign(self.id), self.store.units(self.id))
 
@@ -157,13 +168,20 @@ class CampaignRun:
         on_stall: Callable[[str], None] | None = None,
     ) -> CampaignStatus:
         """Block until the campaign is finished; ``check`` may raise to stop waiting.
+        After ``timeout`` seconds (None: no limit) it raises :class:`WaitTimeout`, which
+        holds the last status; the campaign goes on.
 
         ``on_stall`` is called with :meth:`stalled`'s line when units have waited
         ``STALL_SECONDS`` with no worker taking any from their queue, once for each new
-        set of such queues (it is asked every ``STALL_CHECK_SECONDS``).
+        set of such queues (it is asked every ``STALL_CHECK_SECONDS``); with
+        ``progress`` and no ``on_stall``, the line is printed above the bars.
         """
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds, at least 0, or None: {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
         display = _Progress() if progress else None
+        if on_stall is None and display is not None:
+            on_stall = display.warn
         next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
         told: set[str] = set()
         try:
@@ -189,9 +207,10 @@ class CampaignRun:
                         on_stall(self._stall_line(queues))
                     told = set(queues)
                 if deadline is not None and time.monotonic() > deadline:
-                    raise OrchardError(
+                    raise WaitTimeout(
                         f"campaign {self.id} not finished after {timeout:.0f} s: "
-                        f"{_in_words(status.counts())}"
+                        f"{_in_words(status.counts())}",
+                        status,
                     )
                 if deadline is not None:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
@@ -199,6 +218,15 @@ class CampaignRun:
         finally:
             if display is not None:
                 display.close()
+
+
+class WaitTimeout(OrchardError):
+    """:meth:`CampaignRun.wait` gave up: the campaign was not finished after its
+    ``timeout`` (it goes on; ``cancel`` stops it). ``status`` is the last one read."""
+
+    def __init__(self, message: str, status: CampaignStatus) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 #: How :func:`_in_words` names each unit state, in its order: ended, then under way.
@@ -243,59 +271,65 @@ def submit(
     from workers.app import check_broker_reachable, make_app
     from workers.config import make_broker_folders
 
-    # a filesystem broker's folders are made once the campaign is known to be good
-    app = make_app(settings, with_tasks=False, broker_folders=False)
-    check_broker_reachable(app)
-    database_server = not settings.database_url.startswith("sqlite")
-    if database_server:
-        store = Store(settings.database_url)
-        store.upgrade()  # fail in seconds, before reading a dataset that can take minutes
-    with _synthetic_dataset_guard(campaign, settings.artifacts):
-        campaign_id = new_campaign_id(campaign.name)
-        manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
+    # a filesystem broker's folders are made once the campaign is known to be good;
+    # the app's broker connections close on the way out, the store's only on an error
+    # (the run holds it: CampaignRun.close)
+    with make_app(settings, with_tasks=False, broker_folders=False) as app, ExitStack() as on_error:
+        check_broker_reachable(app)
+        database_server = not settings.database_url.startswith("sqlite")
+        if database_server:
+            store = Store(settings.database_url)
+            on_error.callback(store.dispose)
+            # fail in seconds, before reading a dataset that can take minutes
+            store.create_or_check()
+        with _synthetic_dataset_guard(campaign, settings.artifacts):
+            campaign_id = new_campaign_id(campaign.name)
+            manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
 
-        # the new campaign's folder, with its manifest, is removed again if recording fails
-        folder = settings.artifacts / "campaigns" / campaign_id
-        fresh = not folder.exists()  # never another campaign's, should two ids collide
-        make_broker_folders(settings)
-        try:
-            written = atomic_write_text(manifest_path(folder), manifest.to_json())
-            if not database_server:
-                # the SQLite file (and its folder) only for a campaign that can run
-                store = Store(settings.database_url)
-                store.upgrade()
-            store.create_campaign(
-                campaign_id,
-                name=campaign.name,
-                source=str(Path(path).resolve()),
-                digest=campaign.digest(),
-                spec=campaign.model_dump(mode="json"),
-                classes=manifest.classes,
-                units=units,
-                artifacts=[
-                    Artifact(
-                        written.path.relative_to(settings.artifacts).as_posix(),
-                        "manifest",
-                        written.sha256,
-                        written.size,
-                        campaign_id,
-                    )
-                ],
-            )
-        except BaseException as exc:
-            if fresh:
-                shutil.rmtree(folder, ignore_errors=True)
-            if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
-                raise OrchardError(
-                    f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
-                ) from None
-            raise
-    run = CampaignRun(campaign_id, store, settings)
-    if reuse:
-        # a manifest written before entries held their images' sha256 is the same data
-        earlier = manifest.digest_before_image_checksums()
-        run.reused = store.reuse_finished(campaign_id, equivalent_manifests=[earlier])
-    advance(store, app, campaign_id)
+            # the new campaign's folder, with its manifest, is removed again if recording fails
+            folder = settings.artifacts / "campaigns" / campaign_id
+            fresh = not folder.exists()  # never another campaign's, should two ids collide
+            make_broker_folders(settings)
+            try:
+                written = atomic_write_text(manifest_path(folder), manifest.to_json())
+                if not database_server:
+                    # the SQLite file (and its folder) only for a campaign that can run
+                    store = Store(settings.database_url)
+                    on_error.callback(store.dispose)
+                    store.create_or_check()
+                store.create_campaign(
+                    campaign_id,
+                    name=campaign.name,
+                    source=str(Path(path).resolve()),
+                    digest=campaign.digest(),
+                    spec=campaign.model_dump(mode="json"),
+                    classes=manifest.classes,
+                    units=units,
+                    artifacts=[
+                        Artifact(
+                            written.path.relative_to(settings.artifacts).as_posix(),
+                            "manifest",
+                            written.sha256,
+                            written.size,
+                            campaign_id,
+                        )
+                    ],
+                )
+            except BaseException as exc:
+                if fresh:
+                    shutil.rmtree(folder, ignore_errors=True)
+                if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
+                    raise OrchardError(
+                        f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
+                    ) from None
+                raise
+        run = CampaignRun(campaign_id, store, settings)
+        if reuse:
+            # a manifest written before entries held their images' sha256 is the same data
+            earlier = manifest.digest_before_image_checksums()
+            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=[earlier])
+        advance(store, app, campaign_id)
+        on_error.pop_all()
     return run
 
 
@@ -523,25 +557,75 @@ def _settings(
         settings = replace(settings, database_url=absolute_sqlite_url(database))
     if artifacts:
         settings = replace(settings, artifacts=Path(artifacts).resolve())
+    # their form, as the commands check it: one line, not a driver's traceback
+    from db.urls import check_database_url
+    from workers.config import check_broker_url
+
+    check_database_url(settings.database_url)
+    check_broker_url(settings.broker_url)
     return settings
 
 
-def resume(campaign_id: str, *, settings: Settings | None = None) -> tuple[CampaignRun, list[str]]:
+@contextmanager
+def _opened(settings: Settings) -> Iterator[Store]:
+    """The store, its connections closed on the way out."""
+    store = Store(settings.database_url)
+    try:
+        yield store
+    finally:
+        store.dispose()
+
+
+def attach(
+    campaign_id: str,
+    *,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> CampaignRun:
+    """A handle on a campaign submitted earlier (by this script, another one, or
+    ``orchard submit``), to follow or wait for as :func:`submit`'s."""
+    settings = _settings(settings, broker, database, artifacts)
+    store = Store(settings.database_url)
+    try:
+        store.check_schema()
+        store.get_campaign(campaign_id)
+    except BaseException:
+        store.dispose()
+        raise
+    return CampaignRun(campaign_id, store, settings)
+
+
+def resume(
+    campaign_id: str,
+    *,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> tuple[CampaignRun, list[str]]:
     """Run again every unit of a campaign that did not succeed (failed, cancelled,
     lost with its worker or its message), and every preprocessing shard whose file is
     now missing or changed (the units that read it failed on it); returns the run and
-    the keys re-enqueued."""
-    settings = _settings(settings)
-    store = Store(settings.database_url)
-    store.check_schema()
-    store.get_campaign(campaign_id)
+    the keys re-enqueued (a unit still queued is sent again, so a second resume
+    returns those)."""
     from workers.app import check_broker_reachable, make_app
 
-    app = make_app(settings, with_tasks=False)
-    check_broker_reachable(app)
-    reset = store.resume_campaign(campaign_id, redo=_damaged_shards(store, settings, campaign_id))
-    advance(store, app, campaign_id)
-    return CampaignRun(campaign_id, store, settings), reset
+    run = attach(
+        campaign_id, broker=broker, database=database, artifacts=artifacts, settings=settings
+    )
+    store, settings = run.store, run.settings
+    try:
+        with make_app(settings, with_tasks=False) as app:
+            check_broker_reachable(app)
+            redo = _damaged_shards(store, settings, campaign_id)
+            reset = store.resume_campaign(campaign_id, redo=redo)
+            advance(store, app, campaign_id)
+    except BaseException:
+        run.close()
+        raise
+    return run, reset
 
 
 def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:
@@ -565,24 +649,32 @@ def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[
     ]
 
 
-def cancel(campaign_id: str, *, settings: Settings | None = None) -> Cancelled:
+def cancel(
+    campaign_id: str,
+    *,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> Cancelled:
     """Mark a campaign and its unfinished units CANCELLED and revoke their tasks.
 
     Queued tasks are discarded by the workers (revoked ids, and the store says
     CANCELLED anyway); running ones are terminated on prefork workers and, on solo-pool
     (GPU) workers, stop at their next heartbeat-checked store call (each epoch).
     """
-    settings = _settings(settings)
-    store = Store(settings.database_url)
-    store.check_schema()
-    store.get_campaign(campaign_id)
     from workers.app import check_broker_reachable, make_app
 
-    app = make_app(settings, with_tasks=False)
-    check_broker_reachable(app)  # before anything changes: the revokes must reach it
-    outcome = store.cancel_campaign(campaign_id)
-    if outcome.task_ids:
-        app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
+    with (
+        attach(
+            campaign_id, broker=broker, database=database, artifacts=artifacts, settings=settings
+        ) as run,
+        make_app(run.settings, with_tasks=False) as app,
+    ):
+        check_broker_reachable(app)  # before anything changes: the revokes must reach it
+        outcome = run.store.cancel_campaign(campaign_id)
+        if outcome.task_ids:
+            app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome
 
 
@@ -603,7 +695,15 @@ class Deleted:
     dry_run: bool = False
 
 
-def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None = None) -> Deleted:
+def delete(
+    campaign_id: str,
+    *,
+    dry_run: bool = False,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> Deleted:
     """Delete a finished or cancelled campaign: its records in the store (units,
     results, predictions, metrics) and its folder under ``campaigns/`` (manifest, model
     files, checkpoints, PCA bases, report). The preprocessing cache and generated
@@ -617,10 +717,14 @@ def delete(campaign_id: str, *, dry_run: bool = False, settings: Settings | None
     delete killed midway) is known as a deleted campaign's, and deleting the id again
     removes it. With ``dry_run`` nothing changes: it says what would go.
     """
+    settings = _settings(settings, broker, database, artifacts)
+    with _opened(settings) as store:
+        return _delete(store, settings, campaign_id, dry_run)
+
+
+def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -> Deleted:
     from workers.config import reliability
 
-    settings = _settings(settings)
-    store = Store(settings.database_url)
     store.check_schema()
     folder = settings.artifacts / "campaigns" / campaign_id
     if store.find_campaign(campaign_id) is None:
@@ -734,7 +838,14 @@ class Pruned:
     unknown: int = 0  # of those kept, folders this store has no record of (another store's)
 
 
-def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> Pruned:
+def prune_cache(
+    *,
+    dry_run: bool = False,
+    broker: str | None = None,
+    database: str | None = None,
+    artifacts: str | Path | None = None,
+    settings: Settings | None = None,
+) -> Pruned:
     """Remove the preprocessing cache folders (``cache/<key>``) that no campaign in the
     store uses, with their shards' records: what is left after ``delete``. A folder
     the store has no record of (another store's, sharing the artifact folder) stays,
@@ -745,8 +856,12 @@ def prune_cache(*, dry_run: bool = False, settings: Settings | None = None) -> P
     submitted while the prune removes folders may find its shards gone: it is named in
     ``late``, and ``orchard resume`` of it decodes them again.
     """
-    settings = _settings(settings)
-    store = Store(settings.database_url)
+    settings = _settings(settings, broker, database, artifacts)
+    with _opened(settings) as store:
+        return _prune(store, settings, dry_run)
+
+
+def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     store.check_schema()
     before = {c.id for c in store.list_campaigns(limit=None)}
     in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
@@ -902,6 +1017,12 @@ class _Progress:
             if family in self._started - self._stopped and done == total:
                 self._stopped.add(family)
                 self._progress.stop_task(task)  # its time stays that of the stage
+
+    def warn(self, line: str) -> None:
+        """A line above the bars (they are redrawn below it)."""
+        self._progress.console.print(
+            f"orchard: warning: {line}", markup=False, highlight=False, soft_wrap=True
+        )
 
     def close(self) -> None:
         self._progress.stop()

@@ -428,41 +428,10 @@ def _store(*, check: bool = True, existing: bool = False):  # noqa: ANN202
     return store
 
 
-#: What ORCHARD_DATABASE_URL may be.
-DATABASE_URLS = "orchard supports sqlite:///PATH and postgresql+psycopg://USER:PASSWORD@HOST/DB"
-
-
 def _check_database_url(url: str) -> None:
-    """One line naming ORCHARD_DATABASE_URL and the URL (password masked) when SQLAlchemy
-    cannot use it: a scheme it does not know, a driver that is not installed, not a URL
-    at all. Connects to nothing and creates no file."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    from db.urls import check_database_url  # SQLAlchemy only for the commands that need it
 
-    where = f"ORCHARD_DATABASE_URL {mask_url(url)}"
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # SQLAlchemy's message would repeat the password
-        raise OrchardError(f"{where}: not a database URL; {DATABASE_URLS}") from None
-    scheme = url.partition(":")[0]
-    advice = DATABASE_URLS
-    if parsed.get_backend_name() in ("postgres", "postgresql"):
-        advice = f"write {mask_url('postgresql+psycopg' + url[len(scheme) :])}"
-    try:
-        dialect = parsed.get_dialect()
-    except NoSuchModuleError:
-        raise OrchardError(f"{where}: {scheme}:// is not a known database URL; {advice}") from None
-    except ImportError as exc:
-        raise OrchardError(f"{where}: {_missing_driver(exc)}; {advice}") from None
-    try:
-        dialect.import_dbapi()
-    except ImportError as exc:
-        raise OrchardError(f"{where}: {_missing_driver(exc)}; {advice}") from None
-
-
-def _missing_driver(exc: ImportError) -> str:
-    module = exc.name or str(exc)
-    return f"its database driver (Python module {module!r}) is not installed"
+    check_database_url(url)
 
 
 def _require_sqlite_file(url: str) -> None:
@@ -1267,7 +1236,6 @@ def _check_worker_start():  # noqa: ANN202 - Settings
     """What a worker checks before it takes a unit, each failure one line naming the
     variable: the URLs, the store and its schema, the reliability settings,
     ORCHARD_TORCH_THREADS, the broker, and the artifact folder. Returns the settings."""
-    from workers.app import app, check_broker_reachable
     from workers.config import reliability, torch_threads
 
     settings = load_settings()
@@ -1275,6 +1243,9 @@ def _check_worker_start():  # noqa: ANN202 - Settings
     store = _store(existing=True)
     reliability()
     torch_threads()
+    # its app makes a filesystem broker's folders: only once the rest is known good
+    from workers.app import app, check_broker_reachable
+
     check_broker_reachable(app)
     _check_artifacts_of_running(store, settings)
     return settings

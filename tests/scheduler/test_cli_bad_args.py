@@ -221,21 +221,33 @@ def test_a_sqlite_store_that_cannot_be_opened_stops_submit_before_any_folder(
         assert database.read_text() == "not a database\n"
 
 
-def test_a_store_at_an_older_schema_does_not_stop_submit(
+def test_a_store_at_an_older_schema_stops_submit_unmigrated(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
+    """Migrating is `orchard db upgrade`'s, run once with the workers stopped: a submit
+    from a host updated first would change the schema under the cluster's running
+    workers. An empty store a submit still creates."""
     from db import migrate
     from db.store import Store
 
     home = tmp_path / "home"
-    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    url = f"sqlite:///{home / 'orchard.db'}"
+    store = Store(url)
     migrate.upgrade(store.engine, "0001")
-    store.dispose()
     code, out, err = run_in_process(
         monkeypatch, capsys, "submit", str(campaign_file(tmp_path)), home=home
     )
-    assert code == 0, err
-    assert out.startswith("c-")
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        f"orchard: error: database {url} is at schema 0001, expected "
+        f"{migrate.head_revision()}: "
+        "run `orchard db upgrade`"
+    )
+    assert migrate.current_revision(store.engine) == "0001"
+    assert not (home / "artifacts" / "campaigns").exists() or not any(
+        (home / "artifacts" / "campaigns").iterdir()
+    )
+    store.dispose()
 
 
 # ---------------------------------------------------------------- no broker folder on refusal

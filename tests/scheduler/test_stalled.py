@@ -63,15 +63,33 @@ def test_wait_tells_once_for_the_same_queues(
 
 
 def test_wait_s_timeout_counts_the_units_in_words(run: CampaignRun) -> None:
-    """One line, also for `orchard demo --timeout`: no Python dict of states."""
+    """One line, also for `orchard demo --timeout`: no Python dict of states. A script
+    catches it as WaitTimeout, with the last status read."""
     shard = next(u.key for u in run.status().units if u.state == "QUEUED")
     run.store.start_unit(shard, worker="w", task_id=None)
-    with pytest.raises(OrchardError) as raised:
+    with pytest.raises(api.WaitTimeout) as raised:
         run.wait(timeout=0, poll=0)
     assert (
         str(raised.value)
         == f"campaign {CID} not finished after 0 s: 1 running, 1 queued, 5 pending"
     )
+    assert isinstance(raised.value, OrchardError)
+    assert raised.value.status.counts()["RUNNING"] == 1
+    with pytest.raises(ValueError, match="at least 0"):
+        run.wait(timeout=-1)
+
+
+def test_wait_with_progress_prints_the_stall_line_above_the_bars(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `--wait` does: a script's `run.wait(progress=True)` is not silent for ever
+    when no worker takes the units."""
+    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 0.0)
+    with pytest.raises(api.WaitTimeout):
+        run.wait(timeout=0.3, poll=0.05, progress=True)
+    out = capsys.readouterr().out
+    assert out.count("orchard: warning: campaign t-1: no worker has taken a unit") == 1
 
 
 def test_status_of_a_stalled_campaign_says_so_on_stderr(
