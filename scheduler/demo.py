@@ -121,7 +121,11 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     print(f"  broker    {mask_url(settings.broker_url)}")
     print(f"  store     {mask_url(settings.database_url)}")
     print(f"  artifacts {settings.artifacts}")
-    Store(settings.database_url).upgrade()
+    store = Store(settings.database_url)
+    try:
+        store.upgrade()
+    finally:
+        store.dispose()
     run = workers = None
     cancelled = False
     try:
