@@ -6,15 +6,24 @@ import os
 import re
 from pathlib import Path
 
-#: C0 and C1 control characters but tab and newline: what a terminal would act on.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: C0 and C1 control characters but tab and newline: what a terminal would act on; and
+#: the bidirectional overrides and isolates, which reorder the text shown after them
+#: (a file name could show as another: "Trojan Source").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def visible_controls(text: str) -> str:
-    """``text`` with every control character but tab and newline written ``\\x1b``: a
-    file name, title or error text with ESC sequences, printed to a terminal, would
-    act (retitle the window, write the clipboard, clear the screen), not show."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    """``text`` with every control character but tab and newline written ``\\x1b``, and
+    every bidirectional control ``\\u202e``: a file name, title or error text with ESC
+    sequences, printed to a terminal, would act (retitle the window, write the
+    clipboard, clear the screen), and one with a right-to-left override would show
+    reordered, not as it is."""
+    return _CONTROL.sub(lambda m: _escaped(m[0]), text)
 
 
 def printable(name: str | Path) -> str:

@@ -883,6 +883,16 @@ def test_markdown_holds_no_terminal_control_characters(data: ReportData) -> None
     assert "Mango \\x1b\\]52;c;ZWNobyBwd25lZA==\\x07\\x1b\\[2Jgone\\x9b1m\\x00" in md
 
 
+def test_markdown_shows_bidirectional_overrides_rather_than_obeying_them(
+    data: ReportData,
+) -> None:
+    """A right-to-left override makes a name show as another ("gpj.exe" read backwards):
+    written escaped, as the control characters are."""
+    md = render_markdown(dataclasses.replace(data, campaign_name="Mango \u202egpj.exe\u2066x"))
+    assert not {"\u202e", "\u2066"} & set(md)
+    assert "Mango \\u202egpj.exe\\u2066x" in md
+
+
 def test_markdown_text_makes_no_link_or_image(data: ReportData) -> None:
     """A title such as ![x](https://host/p.png) would make a Markdown viewer fetch the
     image (a tracking pixel) when someone opens report.md."""
