@@ -679,7 +679,7 @@ def cancel(
 
 
 #: What :func:`new_campaign_id` makes: the name, the UTC time, four hex digits.
-CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}-\d{8}-\d{6}-[0-9a-f]{4}")
+CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,6 +136,12 @@ def _is_utf8(name: str) -> bool:
 NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
+def _escaped_controls(name: str) -> str:
+    """``name`` with every control character, newline and tab too, written ``\\x0a``: a
+    skipped image's id and path as one line of a warning, a manifest or a report."""
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c for c in name)
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
         p
@@ -228,7 +234,9 @@ class AicupDataset:
                     f"{where}: invalid image id {image_id!r} (a control character, "
                     f"{control!r}; a file name in {images})"
                 )
-            if not image_id or any(c in image_id for c in "/\\") or ".." in image_id:
+            # a name in the folder, not a path: no separator, and not "." or ".." (which
+            # name folders); "photo..v2.jpg" is a file name like any other
+            if image_id in ("", ".", "..") or any(c in image_id for c in "/\\"):
                 raise DatasetError(
                     f"{where}: invalid image id {image_id!r} (a file name in {images}, no folders)"
                 )
@@ -322,6 +330,12 @@ class ImageFolderDataset:
                     raise DatasetError(
                         f"{printable(class_dir)}: class folder name is not valid UTF-8; rename it"
                     )
+                # a label, as in a CSV: one with a newline or ESC cannot be shown or stored
+                if (control := _control_character(class_dir.name)) is not None:
+                    raise DatasetError(
+                        f"{class_dir}: class folder name holds a control character "
+                        f"({control!r}); rename it"
+                    )
         self.classes = tuple(sorted({d.name for dirs in class_dirs.values() for d in dirs}))
         if not self.classes:
             raise DatasetError(f"{self.root}: no class folders found")
@@ -338,6 +352,15 @@ class ImageFolderDataset:
                             Skipped(printable(image_id), split, printable(path), NOT_UTF8)
                         )
                         continue
+                    if (control := _control_character(image_id)) is not None:
+                        # in its name or a subfolder's: a CSV row naming it stops an aicup
+                        # dataset; here the file is the listing, so it is skipped
+                        reason = f"file name holds a control character ({control!r}; rename it)"
+                        shown = Skipped(
+                            _escaped_controls(image_id), split, _escaped_controls(str(path)), reason
+                        )
+                        self._missing.append(shown)
+                        continue
                     _inside(self.root, path, "image")
                     samples.append(Sample(image_id, class_dir.name, split, path))
                 if not images:
@@ -350,8 +373,8 @@ class ImageFolderDataset:
         return list(self._samples)
 
     def missing(self) -> list[Skipped]:
-        """Image files whose names are not valid UTF-8 (skipped: a name that cannot be
-        printed or stored as text cannot be an image id)."""
+        """Image files whose names are not valid UTF-8 or hold a control character
+        (skipped: a name that cannot be printed or stored as text cannot be an image id)."""
         return list(self._missing)
 
     def unlisted(self) -> list[Skipped]:

@@ -20,6 +20,9 @@ import errno
 import hashlib
 import itertools
 import json
+import os
+import re
+import stat
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.errors import OrchardError
+from shared.errors import OrchardError, printable
 from shared.variants import canonical_variant, check_variant
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
@@ -56,6 +59,15 @@ MAX_SYNTHETIC_SIDE = 8192
 MAX_PER_CLASS = 1_000_000
 #: Any other count a worker hands to numpy, scikit-learn or torch: a C int.
 MAX_COUNT = 2**31 - 1
+#: The largest preprocessing cache side; the CNN's input is cut from that cache, so no
+#: ``image_size`` (nor a ``stride``, see :class:`CnnParams`) can usefully exceed it.
+MAX_CACHE_SIZE = 1024
+#: The widest hidden layer of the CNN's dense head (before ``width`` scales it), and the
+#: most hidden layers: torch takes a width as a C int, but no head is meant that large.
+MAX_DENSE_WIDTH = 65_536
+MAX_DENSE_LAYERS = 100
+#: A campaign file is a page of TOML; more is not one (and is not read into memory).
+MAX_CAMPAIGN_BYTES = 1 << 20
 
 
 class CampaignError(OrchardError, ValueError):
@@ -99,15 +111,25 @@ def _variant(value: str) -> str:
 Variant = Annotated[str, AfterValidator(_variant)]
 
 
+_DIGITS = re.compile(r"[0-9]+")  # ASCII: int() would also take "５１２", "+512" and "5_12"
+
+
 def _dense_widths(value: str) -> str:
     """``"512, 256,64"`` -> ``"512,256,64"``: hidden widths of the CNN's dense head."""
-    try:
-        widths = [int(part) for part in value.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
+    parts = [part.strip() for part in value.split(",")]
+    if not all(_DIGITS.fullmatch(part) for part in parts) or min(map(len, parts)) == 0:
         # the error formatter appends the value: "(got '512,,64')"
         raise ValueError('dense must be comma-separated positive integers such as "512,256,64"')
+    if len(parts) > MAX_DENSE_LAYERS:
+        raise ValueError(f"dense must have at most {MAX_DENSE_LAYERS} widths")
+    # a long run of digits is no width: compare its length before int() reads it
+    if any(len(part.lstrip("0")) > len(str(MAX_DENSE_WIDTH)) for part in parts):
+        raise ValueError(f"dense widths must be at most {MAX_DENSE_WIDTH}")
+    widths = [int(part) for part in parts]
+    if min(widths) < 1:
+        raise ValueError('dense must be comma-separated positive integers such as "512,256,64"')
+    if max(widths) > MAX_DENSE_WIDTH:
+        raise ValueError(f"dense widths must be at most {MAX_DENSE_WIDTH}")
     return ",".join(map(str, widths))
 
 
@@ -128,20 +150,34 @@ class CnnParams(_Frozen):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     width: float = Field(1.0, gt=0, le=4)
-    image_size: int = Field(224, ge=32, multiple_of=32)
+    # at most [preprocessing] size too, checked with the campaign (parse_campaign)
+    image_size: int = Field(224, ge=32, le=MAX_CACHE_SIZE, multiple_of=32)
     dropout: float = Field(0.5, ge=0, lt=1)
     augment: bool = True  # the study's flips, rotation, perspective and colour jitter
     norm_order: Literal["act_bn", "bn_act"] = "act_bn"  # act_bn: the study's R -> B
     activation: Literal["prelu", "relu", "leakyrelu"] = "prelu"
     pool: Literal["max", "conv"] = "max"  # conv: a 3x3 stride-2 conv instead of MaxPool2d(2)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    stride: int = Field(1, ge=1, le=MAX_COUNT)  # of the first conv in each block
+    # of the first conv in each block; at most image_size (see _stride_within_the_image)
+    stride: int = Field(1, ge=1, le=MAX_CACHE_SIZE)
     # a string, because a list in the file is a sweep: dense = ["512,256,64", "512"]
     dense: Annotated[str, AfterValidator(_dense_widths)] = "512,256,64"
     compile: bool = False  # torch.compile the training step (CUDA only)
     # what the network sees of the 256 x 256 cache (study 1.2): crop, its centre 224 x 224
     # (the study's choice); resize, the whole image shrunk to 224 x 224 (what it beat)
     input: Literal["crop", "resize"] = "crop"
+
+    @model_validator(mode="after")
+    def _stride_within_the_image(self) -> CnnParams:
+        # a 3x3 conv with padding 1 and a stride of at least the map's side leaves one
+        # pixel, so every larger stride builds the same network; libtorch, handed one
+        # such as 65536, crashes the worker (a segfault, or SIGFPE at 2**31 - 1)
+        if self.stride > self.image_size:
+            raise ValueError(
+                f"stride ({self.stride}) must not exceed image_size ({self.image_size}): "
+                "a stride of image_size already leaves the first convolution one pixel"
+            )
+        return self
 
 
 def _as_list(value: Any) -> Any:
@@ -418,7 +454,7 @@ DatasetSpec = Annotated[
 
 
 class PreprocessingSpec(_Frozen):
-    size: int = Field(256, ge=32, le=1024)
+    size: int = Field(256, ge=32, le=MAX_CACHE_SIZE)
     shard_size: int = Field(256, ge=1, le=MAX_COUNT)
     # unreadable or missing images are skipped (and listed) up to this fraction; above, stop
     max_bad_fraction: float = Field(0.1, ge=0, lt=1)
@@ -513,16 +549,75 @@ def params_hash(params: dict[str, Any], length: int = 12) -> str:
 def load_campaign(path: str | Path) -> Campaign:
     """Read and validate a campaign file; relative dataset roots are relative to the file."""
     path = Path(path)
+    text = read_campaign_text(path)
     try:
-        # utf-8-sig: a byte order mark, which editors on Windows often write, is dropped
-        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise CampaignError(f"{path}: no such campaign file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CampaignError(f"{path}: cannot read: {exc}") from None
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise CampaignError(f"{path}: invalid TOML: {exc}") from None
+        raise CampaignError(f"{printable(path)}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise CampaignError(
+            f"{printable(path)}: invalid TOML: arrays or inline tables nested too deeply"
+        ) from None
     return parse_campaign(raw, source=str(path), base_dir=path.parent, as_written=True)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of ``mode`` is no campaign file (a directory, a pipe, ...), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a plain file")
+    return f"not a regular file ({kind})"
+
+
+def read_campaign_text(path: Path) -> str:
+    """A campaign file's text: a regular file of UTF-8 (a byte order mark, which editors
+    on Windows often write, dropped) of at most :data:`MAX_CAMPAIGN_BYTES`; anything else
+    is one :class:`CampaignError` line. A pipe or a device is refused from its ``stat``,
+    never opened, so ``/dev/zero`` or a FIFO nobody writes to cannot hang the command."""
+    name = printable(path)
+    try:
+        before = os.stat(path)
+        if (problem := _not_regular(before.st_mode)) is not None:
+            raise CampaignError(f"{name}: {problem}")
+        # O_NONBLOCK: had the file become a FIFO since the stat, opening it does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if (problem := _not_regular(os.fstat(fd).st_mode)) is not None:
+                raise CampaignError(f"{name}: {problem}")
+            chunks, size = [], 0
+            while size <= MAX_CAMPAIGN_BYTES and (chunk := os.read(fd, 1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise CampaignError(f"{name}: no such campaign file") from None
+    except OSError as exc:
+        raise CampaignError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    if size > MAX_CAMPAIGN_BYTES:
+        raise CampaignError(
+            f"{name}: too large for a campaign file (more than {MAX_CAMPAIGN_BYTES // 2**20} MiB)"
+        )
+    data = b"".join(chunks).removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1
+        raise CampaignError(
+            f"{name}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}, column "
+            f"{column}); save it as UTF-8"
+        ) from None
 
 
 def parse_campaign(
@@ -571,6 +666,8 @@ def parse_campaign(
             )
         if problem := _variant_problem(family, section, campaign.preprocessing.size, raw):
             raise CampaignError(f"{source}: {problem}")
+        if problem := _image_size_problem(family, section, campaign.preprocessing.size, raw):
+            raise CampaignError(f"{source}: {problem}")
     root = getattr(campaign.dataset, "root", None)
     if root is None:
         return campaign
@@ -597,14 +694,39 @@ def _resolve_problem(exc: BaseException) -> str:
 
 def _variant_problem(family: str, section: Any, cache_size: int, raw: dict[str, Any]) -> str | None:
     """A section's variant the preprocessing cache is too small for (a crop larger
-    than ``[preprocessing] size``), as ``[rf] variant: ...``; None if all fit."""
+    than ``[preprocessing] size``), or one a sweep already has under another name (an
+    alias: ``original`` is ``resize192``), as ``[rf] variant: ...``; None if all fit."""
     swept = isinstance(raw.get(family, {}).get("variant"), list)
+    seen: dict[str, str] = {}
     for i, variant in enumerate(getattr(section, "variant", ())):
+        where = f"[{family}] variant" + (f"[{i}]" if swept else "")
         try:
             check_variant(variant, cache_size)
         except ValueError as exc:
-            where = f"[{family}] variant" + (f"[{i}]" if swept else "")
             return f"{where}: {exc} ([preprocessing] size = {cache_size})"
+        same = seen.setdefault(canonical_variant(variant), variant)
+        if same != variant:
+            return (
+                f"{where}: {variant!r} is the same variant as {same!r} "
+                f"({canonical_variant(variant)}): the sweep would run its points twice"
+            )
+    return None
+
+
+def _image_size_problem(
+    family: str, section: Any, cache_size: int, raw: dict[str, Any]
+) -> str | None:
+    """A CNN ``image_size`` larger than the cache it is cut from, which would feed the
+    network an upsampled image (and hold it on the device at that size); None if none."""
+    swept = isinstance(raw.get(family, {}).get("image_size"), list)
+    for i, size in enumerate(getattr(section, "image_size", ())):
+        if size > cache_size:
+            where = f"[{family}] image_size" + (f"[{i}]" if swept else "")
+            return (
+                f"{where}: {size} is larger than the cached images it is cut from "
+                f"([preprocessing] size = {cache_size}): at most {cache_size}, or raise "
+                "[preprocessing] size"
+            )
     return None
 
 

@@ -39,7 +39,9 @@ ALIASES: dict[str, str] = {
     "cropped": "polarcrop192",
 }
 
-_VARIANT = re.compile(r"^(full|crop(\d+)|resize(\d+)|polar(\d+)|polarcrop(\d+))$")
+# ASCII digits and a whole-string match: \d would take "resize３２" and $ "resize32\n",
+# each another name for resize32 that a sweep would run as a point of its own
+_VARIANT = re.compile(r"(full|crop|resize|polar|polarcrop)([0-9]*)")
 
 
 def canonical_variant(name: str) -> str:
@@ -50,13 +52,17 @@ def canonical_variant(name: str) -> str:
 def check_variant(name: str, cache_size: int | None = None) -> None:
     """Raise ValueError unless ``name`` is a known variant (that fits ``cache_size``)."""
     name = canonical_variant(name)
-    match = _VARIANT.match(name)
-    if not match:
+    match = _VARIANT.fullmatch(name)
+    if not match or (match[1] == "full") != (match[2] == ""):
         raise ValueError(
             f"unknown variant {name!r} (expected full, crop<N>, resize<N>, polar<N>, "
             f"polarcrop<N> or one of {', '.join(ALIASES)})"
         )
-    side = next((int(g) for g in match.groups()[1:] if g), None)
+    if len(match[2]) > 1 and match[2].startswith("0"):
+        # resize032 would be resize32 under a second name
+        raise ValueError(f"variant {name!r}: write its size without leading zeros")
+    # a run of digits too long for 1024 is not read (int() refuses beyond 4300 of them)
+    side = (int(match[2]) if len(match[2]) <= 4 else 10**4) if match[2] else None
     if side is not None and not 8 <= side <= 1024:
         raise ValueError(f"variant {name!r}: size must be between 8 and 1024")
     if cache_size is not None and name.startswith("crop") and side > cache_size:
@@ -68,7 +74,7 @@ def variant_shape(name: str, cache_size: int) -> tuple[int, int, int]:
     name = canonical_variant(name)
     if name == "full":
         return (cache_size, cache_size, 3)
-    side = int(re.sub(r"\D", "", name))
+    side = int(_VARIANT.fullmatch(name)[2])
     if name.startswith("polarcrop"):
         return (side // 2, side, 3)
     return (side, side, 3)

@@ -278,3 +278,70 @@ def test_aicup_unlisted_files_consider_every_csv_sharing_the_folder(tmp_path: Pa
     assert [(s.image_id, s.reason) for s in ds.unlisted()] == [
         ("3.jpg", "not listed in train.csv or dev.csv")
     ]
+
+
+# --- names: what a CSV may list, what a folder may hold ----------------------------------
+
+
+@pytest.mark.parametrize("image_id", ["photo..v2.jpg", "x..jpg", "..x.jpg", "a...b.jpg"])
+def test_aicup_an_id_with_dots_inside_a_name_is_an_image(tmp_path: Path, image_id: str) -> None:
+    """Only "." and ".." name folders; a file name may hold two dots anywhere."""
+    write_image(tmp_path / "train" / image_id)
+    (tmp_path / "train.csv").write_text(f"image_id,label\n{image_id},A\n")
+    ds = AicupDataset(tmp_path)
+    assert [(s.image_id, s.path.name) for s in ds.samples()] == [(image_id, image_id)]
+
+
+@pytest.mark.parametrize(
+    "image_id", [".", "..", '""', "../x.jpg", "a/../b.jpg", "..\\x.jpg", "a\\b.jpg", "/x.jpg"]
+)
+def test_aicup_an_id_that_names_a_folder_or_a_path_stops(tmp_path: Path, image_id: str) -> None:
+    (tmp_path / "train").mkdir()
+    write_image(tmp_path / "x.jpg")  # what "../x.jpg" would reach
+    (tmp_path / "train.csv").write_text(f"image_id,label\n1.jpg,A\n{image_id},A\n")
+    with pytest.raises(DatasetError) as excinfo:
+        AicupDataset(tmp_path)
+    assert_one_line_error(excinfo, "train.csv:3: invalid image id", "no folders")
+
+
+def _write_named(path: Path) -> None:
+    """An image at ``path``, whatever characters its name holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes())
+
+
+@pytest.mark.parametrize("name", ["A\nB", "A\x1b[2J", "A\x7f", "A\tB"])
+def test_imagefolder_a_class_name_with_a_control_character_stops(tmp_path: Path, name: str) -> None:
+    """A class name is a label, as a CSV's: one with a control character stops, as a CSV
+    row whose image id holds one does."""
+    write_image(tmp_path / "A" / "1.jpg")
+    _write_named(tmp_path / name / "1.png")
+    with pytest.raises(DatasetError) as excinfo:
+        ImageFolderDataset(tmp_path)
+    assert_one_line_error(excinfo, "class folder name holds a control character")
+
+
+@pytest.mark.parametrize(
+    ("relative", "shown", "control"),
+    [
+        ("A/x\ny.png", "A/x\\x0ay.png", "'\\n'"),
+        ("A/x\x1b]0;t\x07.png", "A/x\\x1b]0;t\\x07.png", "'\\x1b'"),
+        ("A/s\rub/1.png", "A/s\\x0dub/1.png", "'\\r'"),
+    ],
+    ids=["newline", "escape", "cr-in-subfolder"],
+)
+def test_imagefolder_an_image_name_with_a_control_character_is_skipped(
+    tmp_path: Path, relative: str, shown: str, control: str
+) -> None:
+    """An image file is the listing itself: skipped, as one whose name is not UTF-8,
+    with its name shown escaped, on one line."""
+    for name in ["A/1.jpg", "B/1.jpg"]:
+        write_image(tmp_path / name)
+    _write_named(tmp_path / relative)
+    ds = ImageFolderDataset(tmp_path)
+    assert [s.image_id for s in ds.samples()] == ["A/1.jpg", "B/1.jpg"]
+    [skipped] = ds.missing()
+    assert skipped.image_id == shown and skipped.split == "train"
+    assert skipped.path == f"{tmp_path.resolve()}/{shown}"
+    assert skipped.reason == f"file name holds a control character ({control}; rename it)"
+    assert not any(c in skipped.image_id + skipped.path for c in "\n\r\x1b\x07")
