@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from shared.errors import OrchardError, printable
+from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,22 +204,6 @@ def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping
 #: wrong file, and a device or a /proc file that never ends must not be read whole.
 PASSWORD_FILE_LIMIT = 64 * 1024
 
-#: What a path may be besides a regular file, as a line names it.
-_NOT_REGULAR = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_a_regular_file(mode: int) -> str | None:
-    """What a file of ``mode`` is, when it is not a regular file; None when it is."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
-
 
 def read_password_file(path: str, name: str) -> str:
     """The password in file ``path`` (env ``name``) without its trailing newlines.
@@ -229,7 +213,17 @@ def read_password_file(path: str, name: str) -> str:
     """
     where = f"{name}={printable(path)}"
     try:
-        data = _read_small_regular_file(path, where)
+        data = read_small_file(path, PASSWORD_FILE_LIMIT)
+    except NotRegularFileError as exc:
+        if exc.kind == "a folder":
+            raise OrchardError(f"{where}: a folder, not a password file") from None
+        raise OrchardError(
+            f"{where}: {exc.kind}, not a regular file; name the password's file"
+        ) from None
+    except FileTooLargeError:
+        raise OrchardError(
+            f"{where}: larger than {PASSWORD_FILE_LIMIT // 1024} KiB, not a password file"
+        ) from None
     except FileNotFoundError:
         raise OrchardError(f"{where}: no such file") from None
     except PermissionError:
@@ -243,40 +237,6 @@ def read_password_file(path: str, name: str) -> str:
     if not password:
         raise OrchardError(f"{where}: the file is empty; write the password into it")
     return password
-
-
-def _read_small_regular_file(path: str, where: str) -> bytes:
-    """The bytes of regular file ``path``, refused (one line starting with ``where``)
-    when it is anything else or holds more than ``PASSWORD_FILE_LIMIT`` bytes."""
-
-    def refuse_unless_regular(mode: int) -> None:
-        what = _not_a_regular_file(mode)
-        if what == "a folder":
-            raise OrchardError(f"{where}: a folder, not a password file")
-        if what:
-            raise OrchardError(f"{where}: {what}, not a regular file; name the password's file")
-
-    too_large = f"{where}: larger than {PASSWORD_FILE_LIMIT // 1024} KiB, not a password file"
-    info = os.stat(path)  # before opening: opening a FIFO waits for a writer
-    refuse_unless_regular(info.st_mode)
-    if info.st_size > PASSWORD_FILE_LIMIT:
-        raise OrchardError(too_large)
-    # O_NONBLOCK: should a FIFO have taken the file's place since, opening it does not
-    # wait; the descriptor's own stat then refuses it
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    try:
-        refuse_unless_regular(os.fstat(fd).st_mode)
-        # at most one byte past the limit, whatever the size said (a /proc file says 0)
-        chunks: list[bytes] = []
-        left = PASSWORD_FILE_LIMIT + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(fd)
-    if left <= 0:
-        raise OrchardError(too_large)
-    return b"".join(chunks)
 
 
 def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:

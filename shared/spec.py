@@ -20,9 +20,7 @@ import errno
 import hashlib
 import itertools
 import json
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shared.errors import OrchardError, printable
+from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
 from shared.variants import canonical_variant, check_variant
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
@@ -561,23 +560,6 @@ def load_campaign(path: str | Path) -> Campaign:
     return parse_campaign(raw, source=str(path), base_dir=path.parent, as_written=True)
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_regular(mode: int) -> str | None:
-    """Why a file of ``mode`` is no campaign file (a directory, a pipe, ...), or None."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a plain file")
-    return f"not a regular file ({kind})"
-
-
 def read_campaign_text(path: Path) -> str:
     """A campaign file's text: a regular file of UTF-8 (a byte order mark, which editors
     on Windows often write, dropped) of at most :data:`MAX_CAMPAIGN_BYTES`; anything else
@@ -585,29 +567,18 @@ def read_campaign_text(path: Path) -> str:
     never opened, so ``/dev/zero`` or a FIFO nobody writes to cannot hang the command."""
     name = printable(path)
     try:
-        before = os.stat(path)
-        if (problem := _not_regular(before.st_mode)) is not None:
-            raise CampaignError(f"{name}: {problem}")
-        # O_NONBLOCK: had the file become a FIFO since the stat, opening it does not wait
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        try:
-            if (problem := _not_regular(os.fstat(fd).st_mode)) is not None:
-                raise CampaignError(f"{name}: {problem}")
-            chunks, size = [], 0
-            while size <= MAX_CAMPAIGN_BYTES and (chunk := os.read(fd, 1 << 16)):
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
+        data = read_small_file(path, MAX_CAMPAIGN_BYTES)
+    except NotRegularFileError as exc:
+        raise CampaignError(f"{name}: not a regular file ({exc.kind})") from None
+    except FileTooLargeError:
+        raise CampaignError(
+            f"{name}: too large for a campaign file (more than {MAX_CAMPAIGN_BYTES // 2**20} MiB)"
+        ) from None
     except FileNotFoundError:
         raise CampaignError(f"{name}: no such campaign file") from None
     except OSError as exc:
         raise CampaignError(f"{name}: cannot read ({exc.strerror or exc})") from None
-    if size > MAX_CAMPAIGN_BYTES:
-        raise CampaignError(
-            f"{name}: too large for a campaign file (more than {MAX_CAMPAIGN_BYTES // 2**20} MiB)"
-        )
-    data = b"".join(chunks).removeprefix(b"\xef\xbb\xbf")
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -162,7 +162,7 @@ def test_a_directory_is_not_a_campaign_file(tmp_path):
     folder = tmp_path / "x.toml"
     folder.mkdir()
     message = _error(folder)
-    assert message == f"{folder}: not a regular file (a directory)"
+    assert message == f"{folder}: not a regular file (a folder)"
 
 
 def _load_in_thread(path: Path) -> str:
@@ -187,7 +187,7 @@ def _load_in_thread(path: Path) -> str:
 def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
     fifo = tmp_path / "x.toml"
     os.mkfifo(fifo)
-    assert _load_in_thread(fifo) == f"{fifo}: not a regular file (a named pipe)"
+    assert _load_in_thread(fifo) == f"{fifo}: not a regular file (a named pipe (FIFO))"
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
