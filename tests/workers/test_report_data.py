@@ -651,7 +651,12 @@ def test_preprocessing_line_says_where_the_images_were_decoded(sqlite_url: str) 
     store = Store(sqlite_url)
     store.upgrade()
     campaign = parse_campaign(
-        {**SPEC, "preprocessing": {"size": 64, "decoder": "nvjpeg"}}, source="test"
+        {
+            **SPEC,
+            "preprocessing": {"size": 64, "decoder": "nvjpeg"},
+            "cnn": {**SPEC["cnn"], "image_size": 64},  # at most the cached images' size
+        },
+        source="test",
     )
     store.create_campaign(
         "pp-1",
