@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from shared.errors import OrchardError
 from shared.settings import check_database_url_form, mask_url
 
-__all__ = ["DATABASE_URLS", "check_database_url"]
+__all__ = ["DATABASE_URLS", "check_database_url", "require_sqlite_file"]
 
 #: What ORCHARD_DATABASE_URL may be.
 DATABASE_URLS = "orchard supports sqlite:///PATH and postgresql+psycopg://USER:PASSWORD@HOST/DB"
@@ -44,3 +46,21 @@ def check_database_url(url: str) -> None:
 def missing_driver(exc: ImportError) -> str:
     module = exc.name or str(exc)
     return f"its database driver (Python module {module!r}) is not installed"
+
+
+def require_sqlite_file(url: str) -> None:
+    """A SQLite store that does not exist yet is not created by a command that reads it."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return  # an SQLite URI: whatever it names, SQLite decides
+    path = Path(database).expanduser().absolute()
+    if not path.exists():
+        raise OrchardError(
+            f"no store at {path} yet (ORCHARD_DATABASE_URL {mask_url(url)}): "
+            "run `orchard db upgrade`, or submit a campaign"
+        )

@@ -566,10 +566,19 @@ def _settings(
     return settings
 
 
+def _existing_store(settings: Settings) -> Store:
+    """The store of a call that reads or changes what is there: a SQLite file that does
+    not exist is not created (one line: `no store at … yet`)."""
+    from db.urls import require_sqlite_file
+
+    require_sqlite_file(settings.database_url)
+    return Store(settings.database_url)
+
+
 @contextmanager
 def _opened(settings: Settings) -> Iterator[Store]:
-    """The store, its connections closed on the way out."""
-    store = Store(settings.database_url)
+    """The existing store, its connections closed on the way out."""
+    store = _existing_store(settings)
     try:
         yield store
     finally:
@@ -587,7 +596,7 @@ def attach(
     """A handle on a campaign submitted earlier (by this script, another one, or
     ``orchard submit``), to follow or wait for as :func:`submit`'s."""
     settings = _settings(settings, broker, database, artifacts)
-    store = Store(settings.database_url)
+    store = _existing_store(settings)
     try:
         store.check_schema()
         store.get_campaign(campaign_id)

@@ -435,21 +435,9 @@ def _check_database_url(url: str) -> None:
 
 
 def _require_sqlite_file(url: str) -> None:
-    """A SQLite store that does not exist yet is not created by a command that reads it."""
-    from sqlalchemy.engine import make_url
+    from db.urls import require_sqlite_file
 
-    parsed = make_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return
-    if database.startswith("file:") or parsed.query.get("uri"):
-        return  # an SQLite URI: whatever it names, SQLite decides
-    path = Path(database).expanduser().absolute()
-    if not path.exists():
-        raise OrchardError(
-            f"no store at {path} yet (ORCHARD_DATABASE_URL {mask_url(url)}): "
-            "run `orchard db upgrade`, or submit a campaign"
-        )
+    require_sqlite_file(url)
 
 
 def _check_urls() -> None:

@@ -111,3 +111,21 @@ def test_a_database_url_the_api_cannot_use_is_the_commands_line(
             call()
         assert str(raised.value).startswith(said)
         assert "secret" not in str(raised.value)
+
+
+def test_a_call_on_a_sqlite_store_that_is_not_there_creates_none(tmp_path: Path) -> None:
+    """As the commands: reading or changing what is there never makes an empty store."""
+    database = f"sqlite:///{tmp_path / 'none.db'}"
+    where = {"database": database, "broker": f"filesystem://{tmp_path / 'broker'}"}
+    for call in (
+        lambda: scheduler.attach("x-1", **where),
+        lambda: scheduler.cancel("x-1", **where),
+        lambda: scheduler.resume("x-1", **where),
+        lambda: scheduler.delete("x-1", **where),
+        lambda: scheduler.prune_cache(**where),
+    ):
+        with pytest.raises(
+            OrchardError, match=re.escape(f"no store at {tmp_path / 'none.db'} yet")
+        ):
+            call()
+    assert not (tmp_path / "none.db").exists()
