@@ -649,6 +649,22 @@ class Store:
         return out
 
     @_retried
+    def family_counts(self, campaign_id: str) -> dict[str, dict[str, int]]:
+        """Family -> unit state -> how many, for one campaign: what a poll of its
+        progress needs, one aggregate (10 ms at 25,000 units, where reading every unit
+        with its params took 0.9 s)."""
+        out: dict[str, dict[str, int]] = {}
+        with self._transaction(read_only=True) as s:
+            for family, state, count in s.execute(
+                select(UnitRow.family, UnitRow.state, func.count())
+                .where(UnitRow.campaign_id == campaign_id)
+                .group_by(UnitRow.family, UnitRow.state)
+                .order_by(func.min(UnitRow.position))  # families in plan order
+            ):
+                out.setdefault(family, {})[state] = count
+        return out
+
+    @_retried
     def count_campaigns(self) -> int:
         with self._transaction(read_only=True) as s:
             return s.scalar(select(func.count()).select_from(CampaignRow)) or 0
@@ -676,26 +692,30 @@ class Store:
     # -- units
 
     @_retried
-    def units(self, campaign_id: str) -> list[Unit]:
-        """Every unit of the campaign in plan order, with its params: two plain queries
-        whatever its size (ORM objects, params loaded 500 units at a time, cost
-        ~0.1 ms a unit: half a second per poll of a 5,000-unit campaign)."""
+    def units(
+        self, campaign_id: str, *, state: str | None = None, family: str | None = None
+    ) -> list[Unit]:
+        """Every unit of the campaign in plan order (or those in ``state`` of ``family``),
+        with its params: two plain queries whatever its size (ORM objects, params loaded
+        500 units at a time, cost ~0.1 ms a unit: half a second per poll of a
+        5,000-unit campaign)."""
+        which = [UnitRow.campaign_id == campaign_id]
+        if state is not None:
+            which.append(UnitRow.state == state)
+        if family is not None:
+            which.append(UnitRow.family == family)
         with self._transaction(read_only=True) as s:
             # the units first, then their params: on PostgreSQL (read committed) each
             # statement sees what was committed when it began, and a unit's params are
             # committed with it and never change, so the second read has those of every
             # unit the first one saw (read the other way round, a campaign committed in
             # between came back as units without params)
-            rows = s.execute(
-                select(*_UNIT_COLUMNS)
-                .where(UnitRow.campaign_id == campaign_id)
-                .order_by(UnitRow.position)
-            ).all()
+            rows = s.execute(select(*_UNIT_COLUMNS).where(*which).order_by(UnitRow.position)).all()
             params: dict[int, dict[str, Any]] = {}
             for unit_id, name, value in s.execute(
                 select(UnitParamRow.unit_id, UnitParamRow.name, UnitParamRow.value)
                 .join(UnitRow, UnitRow.id == UnitParamRow.unit_id)
-                .where(UnitRow.campaign_id == campaign_id)
+                .where(*which)
                 .order_by(UnitParamRow.unit_id, UnitParamRow.name)
             ):
                 params.setdefault(unit_id, {})[name] = value
@@ -1550,12 +1570,22 @@ class Store:
     def results(self, campaign_id: str) -> dict[str, Result]:
         """unit key -> result, for every unit of the campaign that has one."""
         with self._transaction(read_only=True) as s:
+            # plain columns, not ORM objects: half the time at 25,000 results
             rows = s.execute(
-                select(UnitRow.key, ResultRow)
+                select(
+                    UnitRow.key,
+                    ResultRow.train_acc,
+                    ResultRow.val_acc,
+                    ResultRow.test_acc,
+                    ResultRow.val_confusion,
+                    ResultRow.test_confusion,
+                    ResultRow.fit_seconds,
+                    ResultRow.extra,
+                )
                 .join(ResultRow, ResultRow.unit_id == UnitRow.id)
                 .where(UnitRow.campaign_id == campaign_id)
             )
-            return {key: _result(key, r) for key, r in rows}
+            return {row[0]: Result(*row) for row in rows}
 
     @_retried
     def predictions(self, key: str, split: str) -> list[Prediction]:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -144,9 +144,13 @@ class CampaignRun:
             f"`orchard resume {self.id}` sends them now.)"
         )
 
-    def epochs(self, status: CampaignStatus) -> dict[str, str]:
-        """unit key -> "epoch i/n" for each running CNN fold that has reported one."""
-        running = [u for u in status.units if u.state == "RUNNING" and u.family == "cnn"]
+    def epochs(self, status: CampaignStatus | None = None) -> dict[str, str]:
+        """unit key -> "epoch i/n" for each running CNN fold that has reported one (of
+        ``status``'s units, or read from the store: only the running folds)."""
+        if status is None:
+            running = self.store.units(self.id, state=RUNNING, family="cnn")
+        else:
+            running = [u for u in status.units if u.state == RUNNING and u.family == "cnn"]
         if not running:
             return {}
         # one query for every running fold, not one per fold on each poll
@@ -187,17 +191,21 @@ class CampaignRun:
         try:
             while True:
                 read_started = time.monotonic()
-                status = self.status()
-                # a campaign of many thousand units takes a while to read: pause twice as
-                # long as the read took, so that up to reads of 2.5 s the store is read a
-                # third of the time at most, but never longer than MAX_POLL_SECONDS (a
-                # read that sat out a database outage is no measure of the next one)
+                # each poll reads the campaign's state and its units counted per family
+                # and state, one aggregate; every unit only once, at the end
+                finished = self.store.get_campaign(self.id).state != "RUNNING"
+                counts = self.store.family_counts(self.id)
+                if display is not None:
+                    running_folds = counts.get("cnn", {}).get(RUNNING, 0)
+                    display.update(counts, self.epochs() if running_folds else {})
+                # a read that takes long (a busy database, thousands of running folds):
+                # pause twice as long as it took, so that up to reads of 2.5 s the store
+                # is read a third of the time at most, but never longer than
+                # MAX_POLL_SECONDS (a read that sat out an outage is no measure of the next)
                 read = time.monotonic() - read_started
                 pause = max(poll, min(2 * read, MAX_POLL_SECONDS))
-                if display is not None:
-                    display.update(status, self.epochs(status))
-                if status.finished:
-                    return status
+                if finished:
+                    return self.status()
                 if check is not None:
                     check()
                 if on_stall is not None and time.monotonic() >= next_stall_check:
@@ -207,6 +215,7 @@ class CampaignRun:
                         on_stall(self._stall_line(queues))
                     told = set(queues)
                 if deadline is not None and time.monotonic() > deadline:
+                    status = self.status()
                     raise WaitTimeout(
                         f"campaign {self.id} not finished after {timeout:.0f} s: "
                         f"{_in_words(status.counts())}",
@@ -1005,8 +1014,10 @@ class _Progress:
         self._stopped: set[str] = set()  # ... and stopped: every unit ended
         self._progress.start()
 
-    def update(self, status: CampaignStatus, epochs: dict[str, str]) -> None:
-        for family, counts in status.by_family().items():
+    def update(self, by_family: Mapping[str, Mapping[str, int]], epochs: dict[str, str]) -> None:
+        """Redraw from the units counted per family and state (``Store.family_counts``,
+        or ``CampaignStatus.by_family``) and the running folds' epochs."""
+        for family, counts in by_family.items():
             total = sum(counts.values())
             done = sum(n for state, n in counts.items() if state in TERMINAL)
             notes = [

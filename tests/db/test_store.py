@@ -1256,3 +1256,22 @@ def test_leases_of_a_dead_process_end_now_and_only_theirs(store_url: str) -> Non
     for key in (second, third):
         late = store.start_unit(key, worker="w2", task_id="x", holder="w2@h/7/ee")
         assert not late.run and late.reason == "leased"
+
+
+def test_family_counts_count_each_family_s_states_in_plan_order(store_url: str) -> None:
+    """What a poll of `wait` reads instead of every unit: the same counts as the units
+    give, families in the order the plan has them."""
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    deliver(store, plans[0].key, worker="w@h", task_id=None)
+    counts = store.family_counts("t-1")
+    by_family: dict[str, dict[str, int]] = {}
+    for unit in store.units("t-1"):
+        states = by_family.setdefault(unit.family, {})
+        states[unit.state] = states.get(unit.state, 0) + 1
+    assert counts == by_family
+    assert list(counts) == list(dict.fromkeys(p.family for p in plans))
+    running = store.units("t-1", state="RUNNING")
+    assert [u.key for u in running] == [plans[0].key] and running[0].params == plans[0].params
+    assert store.units("t-1", state="RUNNING", family="cnn") == []
+    store.dispose()

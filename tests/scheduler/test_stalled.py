@@ -123,25 +123,46 @@ def test_each_family_s_progress_clock_runs_only_while_its_stage_does(run: Campai
 
     display = _Progress()
     try:
-        display.update(run.status(), {})
+        display.update(run.status().by_family(), {})
         assert task(display, "cnn").start_time is None  # PENDING: not started
         assert task(display, "preprocess").start_time is None  # QUEUED: not started either
         shards = [u.key for u in run.status().units if u.family == "preprocess"]
         run.store.start_unit(shards[0], worker="w", task_id=None)
-        display.update(run.status(), {})
+        display.update(run.status().by_family(), {})
         assert task(display, "preprocess").start_time is not None
         for key in shards[1:]:
             run.store.start_unit(key, worker="w", task_id=None)
         for key in shards:
             run.store.fail_unit(key, "x")
-        display.update(run.status(), {})
+        display.update(run.status().by_family(), {})
         stopped = task(display, "preprocess").elapsed
         time.sleep(0.05)
-        display.update(run.status(), {})
+        display.update(run.status().by_family(), {})
         assert task(display, "preprocess").elapsed == stopped  # ended: the clock stopped
         assert task(display, "cnn").start_time is None
     finally:
         display.close()
+
+
+def test_a_poll_reads_counts_not_every_unit(run: CampaignRun) -> None:
+    """`wait` polls a campaign of thousands of units with one aggregate per poll; every
+    unit is read once, for the status it returns."""
+    polls = []
+    real_counts = run.store.family_counts
+
+    def family_counts(campaign_id: str) -> dict[str, dict[str, int]]:
+        polls.append(campaign_id)
+        if len(polls) == 3:
+            run.store.cancel_campaign(CID)  # finished on the third poll
+        return real_counts(campaign_id)
+
+    run.store.family_counts = family_counts  # type: ignore[method-assign]
+    real_units = run.store.units
+    unit_reads = []
+    run.store.units = lambda *a, **k: unit_reads.append(k) or real_units(*a, **k)  # type: ignore[method-assign]
+    status = run.wait(poll=0, progress=True)
+    assert status.campaign.state == "CANCELLED" and len(status.units) == 7
+    assert len(polls) == 4 and unit_reads == [{}]  # the status returned, once
 
 
 def test_the_epoch_of_each_running_fold_is_read_in_one_query(run: CampaignRun) -> None:
@@ -177,14 +198,14 @@ def test_wait_reads_less_often_after_a_slow_read_but_never_past_its_deadline(
 ) -> None:
     clock = _Clock()
     monkeypatch.setattr(api, "time", clock)
-    reads = iter([2.0, 0.1, 0.1, 30.0, 0.1])  # seconds each status read takes
-    real_status = run.status
+    reads = iter([2.0, 0.1, 0.1, 30.0, 0.1])  # seconds each poll's read takes
+    real_counts = run.store.family_counts
 
-    def status() -> api.CampaignStatus:
+    def family_counts(campaign_id: str) -> dict[str, dict[str, int]]:
         clock.now += next(reads)
-        return real_status()
+        return real_counts(campaign_id)
 
-    monkeypatch.setattr(run, "status", status)
+    monkeypatch.setattr(run.store, "family_counts", family_counts)
     with pytest.raises(OrchardError, match="not finished after"):
         run.wait(timeout=40, poll=0.5)
     # 2 x 2 s; then poll; then 2 x 30 s (a database outage's retries) capped at 5 s, and
