@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -754,7 +755,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     run = CampaignRun(args.campaign, store, load_settings())
     if not args.watch:
-        _print_table(console, *_unit_rows(store, args.campaign))
+        rows = _unit_rows(store, args.campaign)
+        _print_table(console, *(_terminal_rows(rows) if console.is_terminal else rows))
         if run.status().campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
         return 0
@@ -765,13 +767,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     with Live(_units_table(store, args.campaign), console=console, refresh_per_second=2) as live:
+        built = {"at": time.monotonic(), "took": 0.0}
 
-        def refresh() -> None:
+        def refresh(*, now: bool = False) -> None:
+            # a campaign of thousands of units takes seconds to read and lay out: built
+            # again at most a third of the time, not at every poll
+            if not now and time.monotonic() - built["at"] < 2 * built["took"]:
+                return
+            started = time.monotonic()
             live.update(_units_table(store, args.campaign))
+            built.update(at=time.monotonic(), took=time.monotonic() - started)
 
         # stderr too: rich prints it above the table, which stays at the bottom
         run.wait(poll=1.0, check=refresh, on_stall=_warn_stall)
-        refresh()
+        refresh(now=True)
     return 0
 
 
@@ -1108,7 +1117,31 @@ def _iso(moment) -> str | None:  # noqa: ANN001 - a datetime or None
 
 
 def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
-    return _rich_table(*_unit_rows(store, campaign_id))
+    return _rich_table(*_terminal_rows(_unit_rows(store, campaign_id)))
+
+
+#: The most units a terminal's table shows: rich took 12 s to lay out 25,000 rows (and
+#: no one reads them there). Piped output and --json have every unit.
+MAX_TERMINAL_UNITS = 200
+
+
+def _terminal_rows(rows: Rows) -> Rows:
+    """At most ``MAX_TERMINAL_UNITS`` of a campaign's unit rows, those not succeeded
+    first (failed, running, queued: what one looks for), in plan order; the title says
+    how many are left out and where they all are."""
+    title, columns, cells = rows
+    if len(cells) <= MAX_TERMINAL_UNITS:
+        return rows
+    # the state is the second cell
+    first = [i for i, row in enumerate(cells) if row[1] != "SUCCESS"]
+    first += [i for i, row in enumerate(cells) if row[1] == "SUCCESS"]
+    shown = sorted(first[:MAX_TERMINAL_UNITS])
+    return (
+        f"{title} ({MAX_TERMINAL_UNITS:,} of {len(cells):,} units shown, those not "
+        "succeeded first; piped or with --json, every unit)",
+        columns,
+        [cells[i] for i in shown],
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

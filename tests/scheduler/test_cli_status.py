@@ -431,3 +431,25 @@ def test_a_running_unit_whose_lease_ran_out_says_its_worker_is_gone(
         "again within two lease periods$",
         rows[short[dead]],
     ), rows[short[dead]]
+
+
+def test_a_terminal_shows_a_big_campaign_s_units_not_succeeded_first() -> None:
+    """Rich took seconds to lay out a grid of thousands of rows: a terminal gets at most
+    MAX_TERMINAL_UNITS, the failed, running and queued ones first, in plan order; the
+    title says where every unit is."""
+    from scheduler.cli import MAX_TERMINAL_UNITS, _terminal_rows
+
+    states = ["SUCCESS"] * 500
+    states[3] = "FAILED"
+    states[450] = "RUNNING"
+    cells = [[f"svm/p{i}/f0", state] for i, state in enumerate(states)]
+    title, columns, shown = _terminal_rows(("c-1: RUNNING", ("unit", "state"), cells))
+    assert len(shown) == MAX_TERMINAL_UNITS and columns == ("unit", "state")
+    assert shown[:5] == [cells[0], cells[1], cells[2], cells[3], cells[4]]
+    assert cells[450] in shown and shown[-1] == cells[450]  # kept, in plan order
+    assert title == (
+        f"c-1: RUNNING ({MAX_TERMINAL_UNITS} of 500 units shown, those not succeeded first; "
+        "piped or with --json, every unit)"
+    )
+    small = ("c-2: DONE", ("unit", "state"), cells[:10])
+    assert _terminal_rows(small) == small
