@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 import time
 from collections import Counter, defaultdict
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -120,8 +121,16 @@ def in_study_order(families: Iterable[str]) -> list[str]:
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None and np.isfinite(v)]
-    return mean(present) if present else None
+    # float arithmetic (fmean): statistics.mean sums exact fractions, 0.7 s of a
+    # 25,000-unit report's point table
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    return fmean(present) if present else None
+
+
+def _stdev(values: Sequence[float]) -> float:
+    """The sample standard deviation of two or more floats, in float arithmetic."""
+    centre = fmean(values)
+    return math.sqrt(math.fsum((v - centre) ** 2 for v in values) / (len(values) - 1))
 
 
 def _slug(*parts: str) -> str:
@@ -448,7 +457,7 @@ def point_rows(
                 succeeded=len(done),
                 train_acc=_mean([r.train_acc for r in done]),
                 val_acc=_mean(vals),
-                val_spread=stdev(vals) if len(vals) > 1 else None,
+                val_spread=_stdev(vals) if len(vals) > 1 else None,
                 test_acc=_mean([r.test_acc for r in done]),
                 seconds=_mean([r.fit_seconds for r in done]),
                 extras={n: v for n, v in extras.items() if n not in empty},
@@ -544,7 +553,7 @@ def _mean_curve(
         for step, value in metrics.get(name, []):
             if np.isfinite(value):
                 by_step[step].append(value)
-    return [(step, mean(values)) for step, values in sorted(by_step.items())]
+    return [(step, fmean(values)) for step, values in sorted(by_step.items())]
 
 
 def learning_curves(
