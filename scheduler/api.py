@@ -191,11 +191,11 @@ class CampaignRun:
         try:
             while True:
                 read_started = time.monotonic()
-                # each poll reads the campaign's state and its units counted per family
-                # and state, one aggregate; every unit only once, at the end
+                # each poll reads the campaign's state (and, for the bars, its units
+                # counted per family and state, one aggregate); every unit once, at the end
                 finished = self.store.get_campaign(self.id).state != "RUNNING"
-                counts = self.store.family_counts(self.id)
                 if display is not None:
+                    counts = self.store.family_counts(self.id)
                     running_folds = counts.get("cnn", {}).get(RUNNING, 0)
                     display.update(counts, self.epochs() if running_folds else {})
                 # a read that takes long (a busy database, thousands of running folds):

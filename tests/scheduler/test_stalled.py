@@ -199,17 +199,20 @@ def test_wait_reads_less_often_after_a_slow_read_but_never_past_its_deadline(
     clock = _Clock()
     monkeypatch.setattr(api, "time", clock)
     reads = iter([2.0, 0.1, 0.1, 30.0, 0.1])  # seconds each poll's read takes
-    real_counts = run.store.family_counts
+    real_get = run.store.get_campaign
 
-    def family_counts(campaign_id: str) -> dict[str, dict[str, int]]:
-        clock.now += next(reads)
-        return real_counts(campaign_id)
+    polls: list[float] = []
 
-    monkeypatch.setattr(run.store, "family_counts", family_counts)
+    def get_campaign(campaign_id: str) -> api.Campaign:
+        # then one more read: the status WaitTimeout holds, after the deadline
+        polls.append(clock.now)
+        clock.now += next(reads, 0.0)
+        return real_get(campaign_id)
+
+    monkeypatch.setattr(run.store, "get_campaign", get_campaign)
     with pytest.raises(OrchardError, match="not finished after"):
         run.wait(timeout=40, poll=0.5)
     # 2 x 2 s; then poll; then 2 x 30 s (a database outage's retries) capped at 5 s, and
     # cut to the 2.8 s left before the deadline
     assert clock.sleeps == pytest.approx([4.0, 0.5, 0.5, 2.8])
-    with pytest.raises(StopIteration):  # the fifth read came after the deadline
-        next(reads)
+    assert len(polls) == 6 and polls[4] <= 40 < polls[5]  # the fifth poll's read ran past it
