@@ -1811,19 +1811,6 @@ def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
     )
 
 
-def _result(key: str, row: ResultRow) -> Result:
-    return Result(
-        unit_key=key,
-        train_acc=row.train_acc,
-        val_acc=row.val_acc,
-        test_acc=row.test_acc,
-        val_confusion=row.val_confusion,
-        test_confusion=row.test_confusion,
-        fit_seconds=row.fit_seconds,
-        extra=row.extra,
-    )
-
-
 __all__ = [
     "Artifact",
     "Campaign",
