@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from db.store import Artifact, Campaign, Cancelled, Store, Unit
+from db.store import DELETING, Artifact, BeingDeletedError, Campaign, Cancelled, Store, Unit
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
@@ -635,6 +635,8 @@ def resume(
     )
     store, settings = run.store, run.settings
     try:
+        if store.get_campaign(campaign_id).state == DELETING:  # before reading its files
+            raise BeingDeletedError(campaign_id)
         with make_app(settings, with_tasks=False) as app:
             check_broker_reachable(app)
             redo = _damaged_shards(store, settings, campaign_id)
@@ -729,11 +731,14 @@ def delete(
 
     Refused (one line, nothing removed) while the campaign runs, shortly after a cancel
     that stopped running units (two lease periods), and while another campaign reuses
-    its results. The store's rows go first, in one transaction, then the folder. The
-    folder gets a ``.deleting`` mark before the rows' commit, and loses its manifest
-    before the rest, so a folder left behind (a file that could not be removed, a
-    delete killed midway) is known as a deleted campaign's, and deleting the id again
-    removes it. With ``dry_run`` nothing changes: it says what would go.
+    its results. The store's rows go first, then the folder. The campaign becomes
+    DELETING in one transaction (nothing resumes or reuses it from then on), and its
+    rows go in batches, each its own short transaction (workers' store calls go on
+    between them), the campaign's row last. The folder gets a ``.deleting`` mark
+    before the first commit, and loses its manifest before the rest, so a folder left
+    behind (a file that could not be removed, a delete killed midway) is known as a
+    deleted campaign's; deleting the id again finishes a delete stopped at any point.
+    With ``dry_run`` nothing changes: it says what would go.
     """
     settings = _settings(settings, broker, database, artifacts)
     with _opened(settings) as store:
@@ -751,7 +756,7 @@ def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -
             CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is not None
             and folder.is_dir()
             and not folder.is_symlink()
-            and (not manifest_path(folder).exists() or (folder / DELETING).exists())
+            and (not manifest_path(folder).exists() or (folder / DELETING_MARK).exists())
         )
         if not leftover:
             store.get_campaign(campaign_id)  # raises: no campaign ... in <store>
@@ -774,10 +779,10 @@ def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -
         # interrupted delete's, which deleting the id again removes
         if folder.is_dir() and not folder.is_symlink():
             try:
-                (folder / DELETING).touch()
+                (folder / DELETING_MARK).touch()
             except OSError as exc:
                 raise OrchardError(
-                    f"campaign {campaign_id}: cannot write {folder / DELETING} "
+                    f"campaign {campaign_id}: cannot write {folder / DELETING_MARK} "
                     f"({exc.strerror or exc}), so its folder could not be removed either: "
                     "nothing deleted"
                 ) from None
@@ -793,7 +798,7 @@ def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -
 
 #: In a campaign's folder from just before its rows are deleted: the folder of a
 #: campaign the store no longer has, even with its manifest, is a deleted one's.
-DELETING = ".deleting"
+DELETING_MARK = ".deleting"
 
 
 def _folder_size(folder: Path) -> tuple[int, int]:
@@ -804,7 +809,7 @@ def _folder_size(folder: Path) -> tuple[int, int]:
     files = size = 0
     for parent, _, names in os.walk(folder):
         for name in names:
-            if name == DELETING and parent == str(folder):
+            if name == DELETING_MARK and parent == str(folder):
                 continue  # delete's own
             try:
                 size += os.lstat(os.path.join(parent, name)).st_size

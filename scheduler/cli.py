@@ -536,7 +536,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from db.store import NotFoundError, StoreError
+    from db.store import DELETING, NotFoundError, StoreError
     from scheduler.api import delete
     from workers.config import reliability
 
@@ -562,6 +562,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if done.state is None:
             verb = "would remove" if done.dry_run else "removed"
             print(f"{verb} what was left of deleted campaign {campaign_id}: {files}")
+        elif done.state == DELETING:  # a delete that stopped midway
+            verb = "would finish" if done.dry_run else "finished"
+            print(f"{verb} deleting campaign {campaign_id}: {done.units} unit(s), {files}")
         else:
             print(f"{verb} campaign {campaign_id} ({done.state}): {done.units} unit(s), {files}")
     return 2 if refused else 0

@@ -21,6 +21,7 @@ from db.store import (
     LEASE_GONE,
     LEASE_HELD,
     Artifact,
+    BeingDeletedError,
     DeleteRefusedError,
     LeaseLostError,
     NotFoundError,
@@ -1240,6 +1241,97 @@ def test_a_renewal_after_a_delete_says_the_unit_is_gone(store_url: str) -> None:
     assert store.renew_lease(units[-2].key, "x", 60) == LEASE_CANCELLED
     store.delete_campaign("t-1", quiet_seconds=0)
     assert store.renew_lease(units[-2].key, "x", 60) == LEASE_GONE
+
+
+def test_a_delete_goes_in_batches_and_a_workers_call_gets_in_between(store_url: str) -> None:
+    """On SQLite a transaction holds the store's write lock: a large campaign's rows go
+    a batch per transaction, so a worker's store call waits for one batch, not for the
+    whole delete; meanwhile the campaign is DELETING. (PostgreSQL locks rows: there the
+    rows go in one transaction after the one that decides.)"""
+    store, worker = make_store(store_url), Store(store_url)
+    units = seed_campaign(store, "t-1")
+    others = seed_campaign(store, "t-2")
+    for plan in units[-4:-1]:
+        _finish(store, plan.key)  # 2 predictions, 1 result, parameters each
+        store.record_metrics(plan.key, 1, {"loss": 0.5, "acc": 0.5})
+    store.cancel_campaign("t-1")
+    ids = _unit_ids(store, "t-1")
+    rows = sum(_rows_of(store, ids).values())
+    commits: list[Any] = []
+    seen: list[str] = []
+
+    sqlite = store.engine.dialect.name == "sqlite"
+    between = 3 if sqlite else 1
+
+    def a_worker_call(session: Any) -> None:  # noqa: ANN401
+        commits.append(session)
+        if len(seen) < between:  # between the first batches, on its own connection
+            seen.append(worker.get_campaign("t-1").state)
+            deliver(worker, others[len(seen) - 1].key, worker="w", task_id="x", holder="x")
+
+    event.listen(store._sessions, "after_commit", a_worker_call)
+    try:
+        deleted = store.delete_campaign("t-1", quiet_seconds=0, batch_rows=2)
+    finally:
+        event.remove(store._sessions, "after_commit", a_worker_call)
+    assert deleted.state == "CANCELLED" and deleted.units == len(units)
+    assert seen == ["DELETING"] * between
+    assert [u.state for u in worker.units("t-2")][:between] == ["RUNNING"] * between
+    # one transaction decides, one per batch of 2 rows (and an empty one per table), one
+    # drops the campaign row
+    assert len(commits) >= 1 + rows // 2 + 1 if sqlite else len(commits) == 2
+    assert set(_rows_of(store, ids).values()) == {0} and store.find_campaign("t-1") is None
+    worker.dispose()
+
+
+def test_a_delete_stopped_midway_is_finished_by_deleting_again(store_url: str) -> None:
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    source = seed_campaign(store, "t-2")
+    for plan in units[-3:-1]:
+        _finish(store, plan.key)
+    _finish(store, source[-2].key)
+    for cid in ("t-1", "t-2"):
+        store.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
+        )
+    store.cancel_campaign("t-1")
+    deletes: list[str] = []
+    # SQLite: in its second batch; PostgreSQL (no batches): as the campaign's row goes
+    sqlite = store.engine.dialect.name == "sqlite"
+    at, nth = ("DELETE FROM PREDICTIONS", 2) if sqlite else ("DELETE FROM CAMPAIGNS", 1)
+
+    def stopped(conn, cursor, statement: str, *args: Any) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith(at):
+            deletes.append(statement)
+            if len(deletes) == nth:
+                raise KeyboardInterrupt  # as SIGINT, or a database gone, mid-delete
+
+    event.listen(store.engine, "before_cursor_execute", stopped)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.delete_campaign("t-1", quiet_seconds=0, batch_rows=1)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", stopped)
+    ids = _unit_ids(store, "t-1")
+    assert store.get_campaign("t-1").state == "DELETING"
+    assert _rows_of(store, ids)["predictions"] == (3 if sqlite else 4)  # a batch of one went
+    # nothing brings it back, runs its units or copies its results meanwhile
+    finishes = r"^campaign t-1 is being deleted .*`orchard delete t-1` finishes it$"
+    with pytest.raises(BeingDeletedError, match=finishes):
+        store.resume_campaign("t-1")
+    store.cancel_campaign("t-2")
+    store.resume_campaign("t-2")
+    assert store.reuse_finished("t-2") == {}  # t-2's own finished unit aside, t-1 is no twin
+    late = store.start_unit(units[0].key, worker="w", task_id="y", holder="y")
+    assert not late.run and late.state in ("CANCELLED", "SUCCESS")
+    assert store.cancel_campaign("t-1").already_finished
+    assert store.delete_campaign("t-1", quiet_seconds=0, dry_run=True).state == "DELETING"
+
+    again = store.delete_campaign("t-1", quiet_seconds=0)
+    assert (again.state, again.units, again.artifacts) == ("DELETING", len(units), [])
+    assert set(_rows_of(store, ids).values()) == {0} and store.find_campaign("t-1") is None
+    assert store.find_campaign("t-2") is not None and len(store.units("t-2")) == len(source)
 
 
 def test_leases_of_a_dead_process_end_now_and_only_theirs(store_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -633,6 +634,42 @@ def test_a_delete_killed_before_its_commit_leaves_the_campaign_whole(
     with pytest.raises(Exception, match="no campaign"):
         store.get_campaign(cancelled)
     store.dispose()
+
+
+def test_a_delete_killed_after_deciding_is_finished_by_deleting_again(
+    cancelled: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Killed while its rows go (between batches): the campaign stays DELETING, which
+    status shows and resume refuses, and `orchard delete` again finishes it."""
+    from db.store import Store
+    from scheduler.cli import main
+
+    home, cancelled = cancelled
+    folder = home / "artifacts" / "campaigns" / cancelled
+    batch = Store._delete_batch
+
+    def killed(*args: object, **kwargs: object) -> bool:
+        raise KeyboardInterrupt  # as SIGINT once the campaign is DELETING
+
+    monkeypatch.setattr(Store, "_delete_batch", killed)
+    assert main(["delete", cancelled]) == 130
+    monkeypatch.setattr(Store, "_delete_batch", batch)
+    capsys.readouterr()
+    assert main(["status", cancelled, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["campaign"]["state"] == "DELETING" and status["units"]
+    assert main(["resume", cancelled]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"orchard: error: campaign {cancelled} is being deleted (a delete began and did not "
+        f"finish): `orchard delete {cancelled}` finishes it"
+    )
+    assert main(["delete", cancelled]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"finished deleting campaign {cancelled}: ")
+    assert not folder.exists()
+    assert main(["status", cancelled]) == 2
 
 
 def test_delete_refuses_when_the_artifacts_folder_holds_no_campaigns(tmp_path: Path) -> None:
