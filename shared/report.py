@@ -173,7 +173,7 @@ class FamilyRow:
     train_acc: float | None  # the best point's means over its folds
     val_acc: float | None
     test_acc: float | None
-    fit_seconds: float  # summed fit time of the family's units that ran in this campaign
+    fit_seconds: float  # summed fit time of the family's units (and tree shards) run here
     reused: int = 0  # units copied from an earlier campaign, not counted in fit_seconds
     # (folds with a result, folds planned) of the best point: fewer only when no point of
     # the family has every fold (a point with a failed fold ranks after those without)
@@ -486,8 +486,8 @@ PARAM_LABELS: dict[str, str] = {
     "dense": "Dense layers",
     "lr": "Learning rate",
     "n_components": "n_component",
-    "variant": "method",
-    "augment": "method",
+    "variant": "preprocessing",  # with augment, one "method" column in the tables
+    "augment": "augmentation",
     "pca_components": "n_components",
     "select_scaling": "scaling",
     "standardize": "Standardized",
@@ -498,7 +498,7 @@ _VALUE_NAMES: dict[str, dict[Any, str]] = {
     "pool": {"max": "MaxPool2d", "conv": "Conv2d with stride=2"},
     "optimizer": {"sgd": "SGD", "adam": "Adam"},
     "input": {"crop": "resize, centre crop", "resize": "resize"},
-    "augment": {"none": "", "flip": "flip", "rotate": "rotate", "rotate_flip": "rotate, flip"},
+    "augment": {"none": "none", "flip": "flip", "rotate": "rotate", "rotate_flip": "rotate, flip"},
 }
 _VARIANT_WORDS = {"polar": "polarized", "polarcrop": "polarized, cropped", "crop": "crop"}
 _METHOD_PARAMS = ("variant", "augment")  # shown together as one "method" column
@@ -528,7 +528,12 @@ def param_value(name: str, value: Any) -> str:
 
 
 def _method(params: Mapping[str, Any]) -> str:
-    parts = [param_value(n, params[n]) for n in _METHOD_PARAMS if n in params]
+    """The study's "method": the variant, then the augmentation if there is one."""
+    parts = [
+        param_value(n, params[n])
+        for n in _METHOD_PARAMS
+        if n in params and not (n == "augment" and params[n] == "none")
+    ]
     return " ".join(p for p in parts if p) or _DASH
 
 
@@ -670,7 +675,10 @@ def curve_png(curve: CurveFigure) -> bytes:
         ax.grid(alpha=0.3)
     if handles:
         acc_ax.legend(handles, labels, fontsize=7, loc="lower right")
-    fig.suptitle(f"{curve.title}  (solid: validation, dashed: training)", fontsize=10)
+    # the line styles are named only where both are drawn
+    drawn = {n.split("_")[0] for lines in curve.series.values() for n, at in lines.items() if at}
+    styles = "  (solid: validation, dashed: training)" if {"train", "val"} <= drawn else ""
+    fig.suptitle(f"{curve.title}{styles}", fontsize=10)
     return _png(fig)
 
 
@@ -688,7 +696,12 @@ def sweep_png(plot: SweepPlot) -> bytes:
         order = sorted(set(plot.xs))
         positions = {x: x for x in order}
         if min(order) > 0 and max(order) / min(order) >= 50:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
+
             ax.set_xscale("log")
+            # the log scale's labels are mathtext ($10^{-3}$), which is drawn literally here
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         labels = list(dict.fromkeys(param_value(plot.param, x) for x in plot.xs))
         positions = {label: i for i, label in enumerate(labels)}
@@ -696,6 +709,7 @@ def sweep_png(plot: SweepPlot) -> bytes:
     # the legend is given its handles: collected from the axes, a "_" label would be dropped
     handles: list[Any] = []
     names: list[str] = []
+    pooled = False  # some value has several points (other parameters swept too)
     for i, (metric, values) in enumerate(plot.series.items()):
         color = f"C{i % 10}"
         pairs = [
@@ -712,6 +726,7 @@ def sweep_png(plot: SweepPlot) -> bytes:
         for x, v in pairs:
             at.setdefault(x, []).append(v)
         means = [(x, mean(at[x])) for x in order if x in at]
+        pooled = pooled or any(len(v) > 1 for v in at.values())
         (line,) = ax.plot(
             [positions[x] for x, _ in means], [v for _, v in means], "-o", color=color, markersize=4
         )
@@ -720,7 +735,7 @@ def sweep_png(plot: SweepPlot) -> bytes:
     if not numeric:
         ax.set_xticks(list(positions.values()), labels=list(positions), rotation=20, ha="right")
     ax.set_xlabel(param_label(plot.param))
-    ax.set_ylabel("score")
+    ax.set_ylabel("score (dots: points, line: their mean)" if pooled else "score")
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles, names, fontsize=8)
@@ -1088,8 +1103,14 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
         )
     if "train_seconds" in extras:
         notes.append(
-            "Unit time is the whole unit (loading the data, fitting, scoring); Tree fit "
-            "time only fitting the transform and the trees (the study's training time)"
+            "Unit time is the whole unit (loading the data, fitting, scoring)"
+            + (
+                ", of a forest in tree shards its shards' units and the merge together"
+                if "train_wall_seconds" in extras
+                else ""
+            )
+            + "; Tree fit time only fitting the transform and the trees (the study's "
+            "training time)"
             + (
                 ", summed over the tree shards; Tree fit wall time the longest shard's. "
                 if "train_wall_seconds" in extras

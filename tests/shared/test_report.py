@@ -7,6 +7,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1125,6 +1126,65 @@ def test_figures_show_dollars_carets_and_backslashes_as_typed(
     shown = "\n".join(t.get_text() for t in texts if t.get_visible())
     assert [name for name in MATH_LIKE if name not in shown] == []
     assert matplotlib.rcParams["text.parse_math"]  # the setting is the figure's only
+
+
+def _drawn_texts(draw: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The visible texts of the figure ``draw()`` makes, as drawn (tick labels too)."""
+    import matplotlib.text
+
+    import shared.report as report
+
+    drawn = []
+    save = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: drawn.append(fig) or save(fig))
+    draw()
+    return [t.get_text() for t in drawn[0].findobj(matplotlib.text.Text) if t.get_visible()]
+
+
+def test_a_log_axis_labels_its_ticks_as_plain_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log scale's own labels are mathtext (`$\\mathdefault{10^{-3}}$`), which the
+    figures draw literally: a sweep of C or of n_estimators gets plain numbers."""
+    from shared.report import sweep_png
+
+    cs = [0.001, 0.01, 0.1, 1.0, 10.0]
+    plot = SweepPlot("s", "svm", "C", cs, {"val_acc": [0.5, 0.6, 0.7, 0.6, 0.5]})
+    texts = _drawn_texts(lambda: sweep_png(plot), monkeypatch)
+    assert not [t for t in texts if "$" in t or "mathdefault" in t]
+    assert {"0.001", "0.01", "0.1", "1", "10"} <= set(texts)
+    assert "score" in texts  # a point per value: no mean drawn
+    # another parameter swept too: several points per value, and the line their mean
+    pooled = SweepPlot("s", "svm", "C", cs + cs, {"val_acc": [0.5, 0.6, 0.7, 0.6, 0.5] * 2})
+    texts = _drawn_texts(lambda: sweep_png(pooled), monkeypatch)
+    assert "score (dots: points, line: their mean)" in texts
+
+
+def test_no_augmentation_is_a_tick_of_its_own_and_not_in_the_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.report import _method, param_label, param_value, sweep_png
+
+    assert param_value("augment", "none") == "none"
+    assert _method({"variant": "resize128", "augment": "none"}) == "resize 128"
+    assert _method({"variant": "resize128", "augment": "flip"}) == "resize 128 flip"
+    augments = ["none", "flip", "rotate_flip"]
+    plot = SweepPlot("s", "rf", "augment", augments, {"val_acc": [0.5, 0.6, 0.7]})
+    texts = _drawn_texts(lambda: sweep_png(plot), monkeypatch)
+    assert {"none", "flip", "rotate, flip", param_label("augment")} <= set(texts)
+    assert param_label("augment") != param_label("variant")
+
+
+def test_the_line_styles_are_named_only_where_both_are_drawn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.report import curve_png
+
+    both = {"fold 0": _curve(0.05)}
+    val_only = {"a": {"val_acc": [(0, 0.5), (1, 0.6)], "val_loss": [(0, 1.0), (1, 0.8)]}}
+    named = "(solid: validation, dashed: training)"
+    texts = _drawn_texts(lambda: curve_png(CurveFigure("c", "CNN", both)), monkeypatch)
+    assert any(named in t for t in texts)
+    texts = _drawn_texts(lambda: curve_png(CurveFigure("v", "CNN", val_only)), monkeypatch)
+    assert "CNN" in texts and not any(named in t for t in texts)
 
 
 def test_a_report_whose_class_names_hold_dollars_is_written_with_its_figures(

@@ -638,6 +638,30 @@ def test_rf_oob_note_only_with_augmentation(sqlite_url: str) -> None:
             assert exp.note and "siblings" in exp.note
 
 
+def test_a_forest_in_tree_shards_counts_its_shards_time(sqlite_url: str) -> None:
+    """A sharded forest's own unit only merges: its time, and its family's, include its
+    shards' units (a reused shard's in the unit's time, not in this campaign's work)."""
+    spec = {"name": "s", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["rf"] = {"n_estimators": [10, 20], "tree_shards": 2}
+    store = make_store(sqlite_url, spec, "s-1")
+    units = store.units("s-1")
+    shards = [u for u in units if u.family == "rf_shard"]
+    merges = [u for u in units if u.family == "rf"]
+    assert len(shards) == 2 * len(merges) == 4  # 2 points, one fold each
+    for u in shards:  # 2.0 s each, one of them copied from an earlier campaign
+        reused = {"reused_from": "s-0/x"} if u is shards[0] else {}
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=reused)
+    extra = {"train_seconds": 0.7, "train_wall_seconds": 0.4, "trees": 10}
+    for u in merges:  # 2.0 s each
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+    data = build_report_data(store, "s-1")
+    (family,) = data.families
+    assert family.fit_seconds == pytest.approx(2 * 2.0 + 3 * 2.0)
+    (exp,) = data.experiments
+    assert [p.seconds for p in exp.points] == [pytest.approx(6.0)] * 2
+    assert "its shards' units and the merge together" in render_markdown(data)
+
+
 def test_units_line_counts_the_other_units(store: Store) -> None:
     data = build_report_data(store, "r-1")
     assert data.other_units == {"preprocess": 1, "report": 1}

@@ -420,9 +420,29 @@ def _with_choices(
     return {**params, **chosen}
 
 
+def shard_seconds(units: Sequence[Unit], results: dict[str, Result]) -> dict[str, list[float]]:
+    """The key of each forest trained in tree shards -> its shards' fit seconds: all of
+    them, and those spent in this campaign (a reused shard's were spent in its source's).
+    A sharded forest's own unit only merges; the work is in its shards' units."""
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for u in units:
+        if u.family in PART_FAMILIES and (r := results.get(u.key)) is not None:
+            spent = out[u.key.rsplit("/", 1)[0]]  # the forest's key: its shards' less /t<k>
+            spent[0] += r.fit_seconds
+            spent[1] += r.fit_seconds if reused_from(r) is None else 0.0
+    return dict(out)
+
+
 def point_rows(
-    campaign_id: str, family: str, units: list[Unit], results: dict[str, Result]
+    campaign_id: str,
+    family: str,
+    units: list[Unit],
+    results: dict[str, Result],
+    shards: dict[str, list[float]] | None = None,
 ) -> list[PointRow]:
+    """A row per point of ``family``'s sweep, its folds' figures averaged; ``shards``
+    (:func:`shard_seconds`) adds a sharded forest's shards' time to its unit's."""
+    shards = shards or {}
     points: dict[str, list[Unit]] = defaultdict(list)
     for unit in units:
         points[unit.params_hash].append(unit)
@@ -459,7 +479,13 @@ def point_rows(
                 val_acc=_mean(vals),
                 val_spread=_stdev(vals) if len(vals) > 1 else None,
                 test_acc=_mean([r.test_acc for r in done]),
-                seconds=_mean([r.fit_seconds for r in done]),
+                seconds=_mean(
+                    [
+                        results[u.key].fit_seconds + shards.get(u.key, [0.0])[0]
+                        for u in folds
+                        if u.key in results
+                    ]
+                ),
                 extras={n: v for n, v in extras.items() if n not in empty},
             )
         )
@@ -596,6 +622,7 @@ def learning_curves(
                     series=series,
                 )
             )
+    over = " (mean over folds)" if any(len(f) > 1 for f in folds_of.values()) else ""
     for param in swept:
         series = {}
         for point, _ in chosen:
@@ -610,7 +637,7 @@ def learning_curves(
             curves.append(
                 CurveFigure(
                     slug=_slug(family, param, "val"),
-                    title=f"{title}: validation (mean over folds) by {param}",
+                    title=f"{title}: validation{over} by {param}",
                     series=series,
                 )
             )
@@ -866,6 +893,7 @@ def build_report_data(
     fam_blends: dict[str, FamilyBlend] = {}
     best_units: dict[str, list[Unit]] = {}
     orders = sweep_orders(spec)  # the campaign file's (the plan sends costly points first)
+    shards = shard_seconds(units, results)
     for family in in_study_order(u.family for u in units if u.family not in NOT_MODELS):
         order = orders.get(family, {})
         mine = sorted(
@@ -874,7 +902,7 @@ def build_report_data(
         )
         best = best_point(mine, results)
         best_units[family] = best
-        points = point_rows(campaign_id, family, mine, results)
+        points = point_rows(campaign_id, family, mine, results, shards)
         best_key = f"{campaign_id}/{family}/{best[0].params_hash}" if best else None
         best_row = next((p for p in points if p.key == best_key), None)
         done = [results[u.key] for u in mine if u.key in results]
@@ -893,7 +921,8 @@ def build_report_data(
                 val_acc=best_row.val_acc if best_row else None,
                 test_acc=best_row.test_acc if best_row else None,
                 # this campaign's work: a reused unit's seconds were spent in its source's
-                fit_seconds=sum(r.fit_seconds for r in done if reused_from(r) is None),
+                fit_seconds=sum(r.fit_seconds for r in done if reused_from(r) is None)
+                + sum(shards[u.key][1] for u in mine if u.key in shards),
                 reused=sum(reused_from(r) is not None for r in done),
                 best_folds=(len(best), sum(u.params_hash == best[0].params_hash for u in mine))
                 if best
