@@ -258,6 +258,9 @@ class BlendRow:
     val_acc: float | None = None  # on out-of-fold validation predictions
     note: str = ""  # why an accuracy is missing, how ties are broken, ...
     val_images: int | None = None  # the labelled images val_acc is over
+    # where the blends' validation covers different images: val_acc on those every blend
+    # covers (ReportData.best_compared_on of them), on which the best blend is chosen
+    common_acc: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -963,6 +966,10 @@ def _val_images_name(data: ReportData) -> str:
 
 
 def _blend_header(data: ReportData) -> tuple[str, ...]:
+    common = ()
+    if _compared_on_common(data):
+        n = data.best_compared_on
+        common = (f"{_val_name(data)} on the {n} common image{'s' * (n != 1)}",)
     return (
         "Blend",
         "Method",
@@ -970,8 +977,14 @@ def _blend_header(data: ReportData) -> tuple[str, ...]:
         "Test acc",
         _val_name(data),
         _val_images_name(data),
+        *common,
         "Note",
     )
+
+
+def _compared_on_common(data: ReportData) -> bool:
+    """The blends were compared on the images they all cover, fewer than some cover."""
+    return data.best_compared_on is not None and any(b.common_acc is not None for b in data.blends)
 
 
 _UNIT_HEADER = (
@@ -1346,13 +1359,15 @@ def _blend_blocks(data: ReportData) -> list[Block]:
             if b.val_acc is not None
             else ("n/a" if _is_missing(b.note) else _DASH),
             _DASH if b.val_images is None else str(b.val_images),
+            *([_fmt_pct(b.common_acc)] if _compared_on_common(data) else []),
             b.note or _DASH,
         ]
         for b in data.blends
     ]
     classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
     header = _blend_header(data)
-    blocks: list[Block] = [Table(header, rows, frozenset({2, 3, 4, 5}), row_classes=classes)]
+    numbers = frozenset({2, 3, 4, 5} | ({6} if _compared_on_common(data) else set()))
+    blocks: list[Block] = [Table(header, rows, numbers, row_classes=classes)]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
         parts: list[Inline] = [

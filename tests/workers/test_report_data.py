@@ -278,6 +278,11 @@ def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
         "accuracy on the 1 image that every blend predicted; OOF val acc 100.000% on them, "
         "50.000% on its own 2, test acc 100.000%)" in md
     )
+    # every blend's accuracy on the common image, in a column of its own
+    common = {b.name: b.common_acc for b in data.blends}
+    assert common["CNN 2-fold vote"] == pytest.approx(1.0)
+    assert common["SVM best point"] == pytest.approx(0.0)  # v0 held class 0; the SVM said 2
+    assert "| OOF val acc on the 1 common image |" in md
     assert data.experiments[2].note is None  # no augmented siblings: no OOB note
     assert data.experiments[2].points[0].extras["oob_score"] == pytest.approx(0.81)
 

@@ -21,7 +21,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
@@ -330,6 +330,7 @@ class BestBlend:
     compared_on: int | None = None  # the images all blends' validation covers, if fewer
     compared_acc: float | None = None  # the best's accuracy on them
     tied_with: tuple[str, ...] = ()
+    compared: dict[str, float] = field(default_factory=dict)  # every blend's on them
 
 
 def choose_best(blends: Sequence[BlendRow], oof: dict[str, Predicted]) -> BestBlend:
@@ -358,7 +359,8 @@ def choose_best(blends: Sequence[BlendRow], oof: dict[str, Predicted]) -> BestBl
     best = max(scored, key=lambda b: score[b.name])  # the first of equals
     tied = tuple(b.name for b in scored if b is not best and score[b.name] == score[best.name])
     compared_acc = score[best.name] if compared_on is not None else None
-    return BestBlend(best.name, by, compared_on, compared_acc, tied)
+    compared = score if compared_on is not None else {}
+    return BestBlend(best.name, by, compared_on, compared_acc, tied, compared)
 
 
 # --------------------------------------------------------------------------- tables, plots
@@ -1024,6 +1026,7 @@ def build_report_data(
     by_test = any(b.test_acc is not None for b in blends)
     headline = choose_best(blends, oof)
     best_blend = headline.name
+    blends = [replace(b, common_acc=headline.compared.get(b.name)) for b in blends]
 
     # -- confusion matrices
     confusions: dict[str, Confusion] = {}
