@@ -1109,6 +1109,12 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
             "Valid acc is the mean over folds ± its standard deviation in percentage "
             "points (pp); the other accuracies and the times are means over the folds. "
         )
+    if exp.family == "cnn":
+        notes.append(
+            "Train acc is the trained model's on the fold's training images as they are "
+            "(no augmentation, dropout off); the learning curves' training accuracy is the "
+            "running one over each epoch's augmented batches. "
+        )
     if "resumed_from_epoch" in extras:
         notes.append(
             "Resumed: the folds that resumed from a checkpoint and the epoch they resumed "

@@ -1196,3 +1196,13 @@ def test_a_report_whose_class_names_hold_dollars_is_written_with_its_figures(
     html = files.html.path.read_text(encoding="utf-8")
     assert "Figure not rendered." not in html
     assert all((tmp_path / n).read_bytes().startswith(PNG_SIGNATURE) for n in files.figures)
+
+
+def test_the_cnn_table_says_what_its_train_acc_is(data: ReportData) -> None:
+    """Train acc (the trained model on the training images as they are) and the curves'
+    training accuracy (running, over augmented batches) differ: the table says why."""
+    md = render_markdown(data)
+    cnn = md.split("### CNN", 1)[1].split("###", 1)[0]
+    assert "the learning curves' training accuracy is the running one" in cnn
+    svm = md.split("### SVM", 1)[1].split("###", 1)[0]
+    assert "learning curves' training accuracy" not in svm
