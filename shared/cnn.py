@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.augment import AugmentParams, augment_batch, constant, sample_params
+from shared.cnn_shape import BLOCK_CHANNELS, DENSE_FEATURES, feature_side
+from shared.cnn_shape import scaled as _scaled
 
 STUDY_MEAN = (0.485, 0.456, 0.406)
 STUDY_STD = (0.229, 0.256, 0.225)  # sic: the study's value for green
-BLOCK_CHANNELS = (32, 64, 128, 256, 512)
-DENSE_FEATURES = (512, 256, 64)
 
 #: The knobs of section 1.3.1 and their study defaults; ``shared.spec.CnnParams``
 #: declares the same (a test checks they agree). Params dicts may omit any of them.
@@ -79,10 +79,6 @@ def parse_dense(text: str | Sequence[int]) -> tuple[int, ...]:
     if not widths or any(w < 1 for w in widths):
         raise ValueError(f"dense must list at least one positive width, got {text!r}")
     return widths
-
-
-def _scaled(n: int, width: float) -> int:
-    return max(1, round(n * width))
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -283,15 +279,6 @@ def folded_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor
         else:
             x = layer(x)
     return x if pending is None else _apply(x, pending)
-
-
-def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)) -> int:
-    """Side of the last feature map: the arithmetic of :func:`conv_block`'s layers."""
-    side = image_size
-    for _ in range(blocks):
-        side = (side - 1) // stride + 1  # Conv2d(3, stride, pad 1)
-        side = (side + 1) // 2  # MaxPool2d(2, ceil_mode=True) or Conv2d(3, 2, pad 1)
-    return side
 
 
 class MangoCNN(nn.Module):

@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from shared.cnn_shape import parameter_count
 from shared.errors import OrchardError, printable
 from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
 from shared.variants import canonical_variant, check_variant
@@ -65,6 +66,10 @@ MAX_CACHE_SIZE = 1024
 #: most hidden layers: torch takes a width as a C int, but no head is meant that large.
 MAX_DENSE_WIDTH = 65_536
 MAX_DENSE_LAYERS = 100
+#: A CNN's trainable parameters: 56x the study's 17.7 million. Past it the weights,
+#: gradients and optimiser state alone take 12-16 GB (fp32; SGD with momentum, Adam),
+#: and a worker's host runs out of memory rather than refusing the unit.
+MAX_CNN_PARAMETERS = 1_000_000_000
 #: A campaign file is a page of TOML; more is not one (and is not read into memory).
 MAX_CAMPAIGN_BYTES = 1 << 20
 
@@ -177,6 +182,32 @@ class CnnParams(_Frozen):
                 "a stride of image_size already leaves the first convolution one pixel"
             )
         return self
+
+    @model_validator(mode="after")
+    def _a_network_that_fits(self) -> CnnParams:
+        size = self.parameter_count()
+        if size > MAX_CNN_PARAMETERS:
+            raise ValueError(
+                f'dense = "{self.dense}", width = {self.width:g}, image_size = '
+                f"{self.image_size}: this network has {size / 1e6:,.0f} million parameters, "
+                "more than "
+                f"{MAX_CNN_PARAMETERS / 1e6:,.0f} million (the study's has "
+                f"{CnnParams().parameter_count() / 1e6:.1f} million): make dense, width "
+                "or image_size smaller"
+            )
+        return self
+
+    def parameter_count(self, num_classes: int = 3) -> int:
+        """The trainable parameters of the network these parameters build."""
+        return parameter_count(
+            image_size=self.image_size,
+            width=self.width,
+            stride=self.stride,
+            dense=[int(w) for w in self.dense.split(",")],
+            activation=self.activation,
+            pool=self.pool,
+            num_classes=num_classes,
+        )
 
 
 def _as_list(value: Any) -> Any:

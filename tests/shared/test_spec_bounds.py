@@ -16,6 +16,7 @@ from shared.cnn import build_model
 from shared.spec import (
     MAX_CACHE_SIZE,
     MAX_CAMPAIGN_BYTES,
+    MAX_CNN_PARAMETERS,
     MAX_DENSE_LAYERS,
     MAX_DENSE_WIDTH,
     CampaignError,
@@ -257,3 +258,45 @@ def test_a_sweep_naming_one_variant_twice_is_refused(tmp_path, variants, fragmen
     text = BASE.replace("size = 64", "size = 256") + f"\n[svm]\nvariant = {variants}\n"
     message = _error(_write(tmp_path, text))
     assert fragment in message, message
+
+
+# ---------------------------------------------------------------- the network's size
+
+
+@pytest.mark.parametrize(
+    ("knobs", "named"),
+    [
+        (["width = 1", 'dense = "65536,65536"'], 'dense = "65536,65536", width = 1, image_size'),
+        (["width = 4", 'dense = "16384,16384"'], 'dense = "16384,16384", width = 4, image_size'),
+    ],
+    ids=["dense", "width"],
+)
+def test_a_network_too_large_for_any_worker_is_refused_naming_its_point(tmp_path, knobs, named):
+    """Each knob alone is within its bound; together they make billions of parameters,
+    which a worker's host would run out of memory building or training."""
+    message = _error(_cnn(tmp_path, *knobs))
+    assert "[cnn]" in message and named in message
+    assert f"more than {MAX_CNN_PARAMETERS / 1e6:,.0f} million" in message
+    assert "the study's has 17.7 million" in message
+
+
+def test_the_study_network_at_the_largest_image_is_accepted():
+    study = CnnParams()
+    assert study.parameter_count() == 17_713_382  # 3 classes; counted as torch does, below
+    large = CnnParams(image_size=MAX_CACHE_SIZE)  # 512 x 32 x 32 features into 512
+    assert study.parameter_count() < large.parameter_count() <= MAX_CNN_PARAMETERS
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"width": 0.25, "stride": 3, "dense": "100", "activation": "relu", "pool": "conv"},
+        {"width": 0.5, "image_size": 96, "stride": 2, "dense": "7,9", "activation": "leakyrelu"},
+        {"width": 1.5, "image_size": 32, "dense": "512", "pool": "conv"},
+    ],
+)
+def test_the_parameter_count_is_what_torch_builds(knobs):
+    params = CnnParams(**knobs)
+    model = build_model(params.model_dump(), 5)
+    assert params.parameter_count(5) == sum(p.numel() for p in model.parameters())
