@@ -551,6 +551,15 @@ def _check_creatable(folder: Path, what: str = "artifact folder") -> None:
         raise OrchardError(f"{what} {folder}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OrchardError(f"{what} {folder}: {ancestor} is not writable")
+    # os.access answers from the permission bits, and for root nearly always yes: a
+    # folder made and removed says what making (or writing in) ``folder`` would (/proc,
+    # a share that maps root to nobody, an immutable folder)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".orchard-probe-", dir=ancestor))
+    except OSError as exc:
+        raise OrchardError(
+            f"{what} {folder}: cannot create a folder in {ancestor} ({exc.strerror or exc})"
+        ) from None
 
 
 def _settings(

@@ -276,6 +276,27 @@ def test_an_artifact_folder_that_cannot_be_made_leaves_no_broker_folder(tmp_path
     assert not home.exists()
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_an_artifact_folder_in_a_folder_that_takes_none_is_refused_by_a_dry_run_too(
+    tmp_path: Path, dry_run: bool
+) -> None:
+    """/proc passes os.access for root, and refuses every mkdir: the check makes (and
+    removes) a folder there, so `--dry-run` says what the submit would, and changes
+    nothing."""
+    home = tmp_path / "home"
+    args = ["submit", str(campaign_file(tmp_path)), *(["--dry-run"] if dry_run else [])]
+    done = orchard(*args, home=home, ORCHARD_ARTIFACTS="/proc/orchard-artifacts")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line in (
+        "orchard: error: artifact folder /proc/orchard-artifacts: cannot create a folder in "
+        "/proc (No such file or directory)",
+        # as a user other than root
+        "orchard: error: artifact folder /proc/orchard-artifacts: /proc is not writable",
+    )
+    assert not home.exists() and not os.path.exists("/proc/orchard-artifacts")
+
+
 def test_a_refused_dataset_leaves_no_store_no_campaigns_folder_and_no_broker_folder(
     tmp_path: Path,
 ) -> None:
