@@ -643,6 +643,24 @@ def test_rf_oob_note_only_with_augmentation(sqlite_url: str) -> None:
             assert exp.note and "siblings" in exp.note
 
 
+@pytest.mark.parametrize("winner", ["none", "rotate_flip"])
+def test_a_best_point_chosen_by_an_inflated_oob_says_so(sqlite_url: str, winner: str) -> None:
+    """Under validation = "oob" an augmented point's OOB accuracy is inflated by its
+    copies' siblings: the best model's line says so when such a point won, only then."""
+    spec = {"name": "o", "folds": 2, "dataset": {"kind": "synthetic"}, "validation": "oob"}
+    spec["rf"] = {"augment": ["none", "rotate_flip"]}
+    store = make_store(sqlite_url, spec, "o-1")
+    for u in (u for u in store.units("o-1") if u.family == "rf"):
+        acc = 0.8 if u.params["augment"] == winner else 0.6
+        finish(store, u.key, acc, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold)
+    data = build_report_data(store, "o-1")
+    (family,) = data.families
+    assert family.params["augment"] == winner
+    header = next(line for line in render_markdown(data).splitlines() if "Best model" in line)
+    said = "which its augmented training set inflates (see the note under the RF table)"
+    assert data.best_inflated == (winner != "none") == (said in header)
+
+
 def test_a_forest_in_tree_shards_counts_its_shards_time(sqlite_url: str) -> None:
     """A sharded forest's own unit only merges: its time, and its family's, include its
     shards' units (a reused shard's in the unit's time, not in this campaign's work)."""

@@ -333,6 +333,21 @@ class BestBlend:
     compared: dict[str, float] = field(default_factory=dict)  # every blend's on them
 
 
+def _inflated(
+    spec: dict[str, Any],
+    families: Sequence[FamilyRow],
+    blends: Sequence[BlendRow],
+    best: str | None,
+) -> bool:
+    """The best blend was chosen by out-of-bag accuracy and one of its families' best
+    point trained on augmented copies, whose siblings inflate that accuracy."""
+    if spec.get("validation") != "oob" or best is None:
+        return False
+    family = next(b.family for b in blends if b.name == best)
+    augmented = {r.family for r in families if r.params.get("augment") not in (None, "none")}
+    return bool(set(family.split("+")) & augmented)
+
+
 def choose_best(blends: Sequence[BlendRow], oof: dict[str, Predicted]) -> BestBlend:
     """The headline model: the best validation accuracy, never the test set's, which
     then measures it (test accuracy only when no blend has validation predictions).
@@ -1122,6 +1137,7 @@ def build_report_data(
         best_compared_on=headline.compared_on,
         best_compared_acc=headline.compared_acc,
         best_tied_with=list(headline.tied_with),
+        best_inflated=_inflated(spec, families, blends, best_blend),
         timeline=timeline(all_units, results),
         lime=lime,
         lime_note=lime_note,
