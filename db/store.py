@@ -872,7 +872,9 @@ class Store:
     def mark_sent(self, task_ids: Sequence[str]) -> None:
         """Record that the messages of these task ids reached the broker. A unit left
         QUEUED without this (its claimer died before sending) is sent again by the
-        workers (:meth:`requeue_lost`)."""
+        workers (:meth:`requeue_lost`). Whatever the unit's state: a worker may have
+        started it before this write, and a unit it then hands back is QUEUED again,
+        with its message back on the queue, not a claim never sent."""
         if not task_ids:
             return
         with self._transaction() as s:
@@ -880,11 +882,7 @@ class Store:
             for chunk in _chunks(list(task_ids), KEYS_PER_STATEMENT):
                 s.execute(
                     update(UnitRow)
-                    .where(
-                        UnitRow.task_id.in_(chunk),
-                        UnitRow.state == QUEUED,
-                        UnitRow.sent_at.is_(None),
-                    )
+                    .where(UnitRow.task_id.in_(chunk), UnitRow.sent_at.is_(None))
                     .values(sent_at=now)
                 )
 
@@ -1132,6 +1130,8 @@ class Store:
                 .values(
                     state=QUEUED,
                     queued_at=self._now(s),
+                    # its message goes back on the queue now (Reject, requeue)
+                    sent_at=self._now(s),
                     attempts=UnitRow.attempts - 1,
                     lease_holder=None,
                     lease_expires_at=None,

@@ -475,6 +475,33 @@ def test_a_unit_handed_back_is_queued_for_the_next_delivery_without_an_attempt(
     assert store.get_unit(key).state == "SUCCESS"
 
 
+def _sent_at(store: Store, key: str) -> Any:  # noqa: ANN401
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT sent_at FROM units WHERE key = :k"), {"k": key}).scalar()
+
+
+@pytest.mark.parametrize("sent", ["before the start", "after the start"])
+def test_a_unit_handed_back_is_not_taken_for_a_claim_never_sent(store_url: str, sent: str) -> None:
+    """A worker may start a unit before its sender records the send. Handed back (its
+    worker stopped) and not taken again within a lease period (no worker of its queue
+    running), it is a sent message back on its queue, never a claim whose sender died:
+    nothing sends it a second time."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    store.claim_for_queue([key], {key: "t1"})
+    if sent == "before the start":
+        store.mark_sent(["t1"])
+    assert store.start_unit(key, worker="w", task_id="t1", holder="d1", lease_seconds=60).run
+    if sent == "after the start":
+        store.mark_sent(["t1"])
+    assert _sent_at(store, key) is not None
+    assert store.hand_back(key, "d1")
+    unit = store.get_unit(key)
+    assert (unit.state, unit.task_id) == ("QUEUED", "t1") and _sent_at(store, key) is not None
+    time.sleep(0.2)
+    assert store.requeue_lost(0.1, lambda: "t2") == []
+
+
 def test_attempts_are_capped(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key

@@ -168,3 +168,47 @@ def test_flower_shows_every_unit_task_and_the_workers(
     Store(settings.database_url).dispose()
     # Flower's own log: no Alembic plugin lines from importing the store (db.migrate)
     assert "setup plugin" not in (settings.home / "flower.log").read_text(errors="replace")
+
+
+def test_flower_sees_a_fold_while_it_trains(
+    settings: Settings, flower: str, tmp_path: Path
+) -> None:
+    """A GPU worker's solo pool runs a fold in the thread of the event loop that sends
+    Celery's buffered task events: held back, Flower showed a training fold PENDING (and
+    its worker offline) until it ended. The task says STARTED, on its worker, while the
+    fold trains."""
+    from scheduler.api import cancel
+    from tests.conftest import TINY_CAMPAIGN
+
+    text = TINY_CAMPAIGN.format(name="long", root=tmp_path / "data")
+    text = text.replace("[cnn]\nfolds = 5\nepochs = 2\n", "[cnn]\nfolds = 2\nepochs = 5000\n")
+    campaign = tmp_path / "long.toml"
+    campaign.write_text(text)
+    store = Store(settings.database_url)
+    with running_workers(settings, "train") as workers:
+        run = submit(campaign, settings=settings)
+        deadline = time.monotonic() + 240
+        while True:  # a fold that has trained a few epochs
+            workers.check()
+            running = [u for u in run.status().units if u.family == "cnn" and u.state == "RUNNING"]
+            if running and len(store.metrics(running[0].key).get("val_acc", [])) >= 3:
+                break
+            assert time.monotonic() < deadline, [(u.key, u.state) for u in run.status().units]
+            time.sleep(0.5)
+        fold = running[0]
+        seen: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, tasks = get(f"{flower}/api/tasks")
+            assert status == 200
+            seen = next(
+                (t for t in tasks.values() if repr(fold.key) in (t.get("kwargs") or "")), {}
+            )
+            if seen.get("state") == "STARTED":
+                break
+            time.sleep(1)
+        assert store.get_unit(fold.key).state == "RUNNING"  # still training
+        assert seen.get("state") == "STARTED", seen
+        assert seen["worker"] == fold.worker and seen["name"] == "orchard.train_cnn_fold"
+        cancel(run.id, settings=settings)  # the fold stops at its next epoch
+    store.dispose()

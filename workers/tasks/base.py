@@ -165,6 +165,43 @@ def _on_worker_shutting_down(**_: Any) -> None:
     _worker_stopping.set()
 
 
+#: The worker's consumer, in the worker's main process (its pid beside it): a solo pool
+#: (GPU workers) runs each unit in that process's only thread, which also runs the
+#: event loop that sends the task events Celery buffers (received, started) and the
+#: worker's heartbeats. A CNN fold would hold them all until it ended: Flower showed
+#: the fold PENDING and the worker offline, then "clock drift" once they came.
+_consumer: tuple[Any, int] | None = None
+_last_heartbeat = 0.0
+
+
+@signals.worker_ready.connect
+def _remember_consumer(sender: Any = None, **_: Any) -> None:  # noqa: ANN401
+    global _consumer
+    _consumer = (sender, os.getpid())
+
+
+def send_worker_events() -> None:
+    """Send what the worker's event loop holds back while a unit runs in its thread
+    (solo pool): the buffered task events, and a worker heartbeat at its interval. A
+    prefork child runs its unit beside the loop (and shares none of its connections):
+    nothing to do there. Monitoring only: a failure is logged, never raised."""
+    global _last_heartbeat
+    if _consumer is None:
+        return
+    consumer, pid = _consumer
+    if pid != os.getpid() or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if consumer.event_dispatcher is not None:
+            consumer.event_dispatcher.flush()
+        heart = getattr(consumer, "heart", None)
+        if heart is not None and time.monotonic() - _last_heartbeat >= heart.interval:
+            heart._send("worker-heartbeat")
+            _last_heartbeat = time.monotonic()
+    except Exception as exc:  # noqa: BLE001 - what Flower shows must not stop a unit
+        log.debug("worker events not sent: %s", exc)
+
+
 class UnitAborted(Exception):
     """This delivery must stop without writing a result: ``reason`` is LEASE_LOST
     (another delivery took the unit over), LEASE_CANCELLED (`orchard cancel`), LEASE_GONE
@@ -274,6 +311,7 @@ class UnitContext:
         """Raise :class:`UnitAborted` if this delivery lost its unit (cancelled, taken
         over). Asks the store now: bodies call it between steps (a CNN fold: each
         epoch), where stopping is cheap. Store calls check what the heartbeat knows."""
+        send_worker_events()  # Flower: what a solo pool's blocked event loop holds
         if self.heartbeat is not None:
             self.heartbeat.renew_now()
             self.heartbeat.check()
@@ -563,6 +601,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         guarded = cast(Store, _GuardedStore(store, heartbeat.check))
         context = UnitContext(campaign, unit, guarded, settings, heartbeat=heartbeat)
         log.info("%s started (attempt %d)", key, start.attempts)
+        send_worker_events()  # task-started, now rather than when the body ends
         outcome = body(context)
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
