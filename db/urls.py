@@ -48,8 +48,10 @@ def missing_driver(exc: ImportError) -> str:
     return f"its database driver (Python module {module!r}) is not installed"
 
 
-def require_sqlite_file(url: str) -> None:
-    """A SQLite store that does not exist yet is not created by a command that reads it."""
+def require_sqlite_file(url: str, *, for_worker: bool = False) -> None:
+    """A SQLite store that does not exist yet is not created by a command that reads it.
+    ``for_worker``: the URL is the default one, which on a worker's host is a store of
+    its own rather than the cluster's (whose messages its workers would all drop)."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -60,6 +62,13 @@ def require_sqlite_file(url: str) -> None:
         return  # an SQLite URI: whatever it names, SQLite decides
     path = Path(database).expanduser().absolute()
     if not path.exists():
+        if for_worker:
+            raise OrchardError(
+                f"no store at {path} yet: ORCHARD_DATABASE_URL is not set, so this worker "
+                "would use a SQLite store of its own; set it to the store the campaigns are "
+                "submitted to (README: Run on a cluster), or, on the host that submits, "
+                "run `orchard db upgrade` or submit a campaign first"
+            )
         raise OrchardError(
             f"no store at {path} yet (ORCHARD_DATABASE_URL {mask_url(url)}): "
             "run `orchard db upgrade`, or submit a campaign"

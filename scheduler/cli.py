@@ -1264,6 +1264,12 @@ def _check_worker_start():  # noqa: ANN202 - Settings
 
     settings = load_settings()
     _check_urls()
+    if not os.environ.get("ORCHARD_DATABASE_URL"):
+        from db.urls import require_sqlite_file
+
+        # the default, a SQLite file in this host's ORCHARD_HOME: on a worker host that
+        # is a store of its own, whose workers drop every message of the cluster's
+        require_sqlite_file(settings.database_url, for_worker=True)
     store = _store(existing=True)
     reliability()
     torch_threads()

@@ -174,10 +174,19 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(
 
 
 def test_a_worker_does_not_create_the_store_either(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without ORCHARD_DATABASE_URL a worker's host would have a store of its own, whose
+    workers drop every message of the cluster's campaigns: the line says to set it
+    first; a store named by the variable gets the plain advice."""
     home = tmp_path / "fresh"
     done = in_process(monkeypatch, capsys, "worker", "--queues", "cpu", home=home)
-    one_line(*done, f"no store at {home / 'orchard.db'} yet")
-    assert not (home / "orchard.db").exists()
+    line = one_line(*done, f"no store at {home / 'orchard.db'} yet")
+    assert "ORCHARD_DATABASE_URL is not set, so this worker would use a SQLite store" in line
+    assert "set it to the store the campaigns are submitted to" in line
+    named = f"sqlite:///{tmp_path / 'named.db'}"
+    done = in_process(monkeypatch, capsys, "worker", home=home, ORCHARD_DATABASE_URL=named)
+    line = one_line(*done, f"no store at {tmp_path / 'named.db'} yet", "orchard db upgrade")
+    assert "is not set" not in line
+    assert not (home / "orchard.db").exists() and not (tmp_path / "named.db").exists()
 
 
 @pytest.mark.parametrize("command", ["cancel", "resume"])
