@@ -96,6 +96,16 @@ def __getattr__(name: str) -> Celery:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _login_refused(exc: BaseException, reason: str) -> bool:
+    """A Redis that answered, refusing the password (or asking for one): redis-py's
+    AuthenticationError, which kombu wraps, or its words (WRONGPASS, NOAUTH)."""
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(type(e).__name__ == "AuthenticationError" for e in chain if e is not None):
+        return True
+    words = ("invalid username-password", "wrongpass", "noauth", "authentication required")
+    return any(word in reason.lower() for word in words)
+
+
 def check_broker_reachable(celery: Celery) -> None:
     """Fail within seconds, naming the broker (password masked), if it is unreachable.
 
@@ -128,6 +138,11 @@ def check_broker_reachable(celery: Celery) -> None:
             )
     except (OperationalError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if _login_refused(exc, reason):  # reached, and it said no: not "unreachable"
+            raise OrchardError(
+                f"broker {mask_url(url)} refused the login: {reason} (the password of the "
+                "URL or of ORCHARD_BROKER_PASSWORD_FILE)"
+            ) from None
         raise OrchardError(f"broker {mask_url(url)} unreachable: {reason}") from None
     except (KeyError, ValueError, TypeError) as exc:
         # kombu: no such transport, a port not a number, a query option it does not

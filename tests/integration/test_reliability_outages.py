@@ -277,3 +277,28 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     assert 1 <= store.results(run.id)[fold.key].extra["resumed_from_epoch"] <= killed_at
     assert f"{fold.key}: its worker was lost" in logs
     assert "???[???]" not in logs  # the reaper's lines are the worker's, not a task's
+
+
+def test_a_broker_that_refuses_the_password_says_so(private_redis: PrivateRedis) -> None:
+    """A Redis reached that refuses the login (a wrong password, or none) is not called
+    unreachable: the line says which, without the password."""
+    from shared.errors import OrchardError
+    from shared.settings import load_settings
+    from workers.app import check_broker_reachable, make_app
+
+    wrong = private_redis.url.replace(private_redis.password, "not-the-password")
+    bare = private_redis.url.replace(f":{private_redis.password}@", "")
+    for url in (wrong, bare):
+        settings = load_settings({"ORCHARD_BROKER_URL": url, "ORCHARD_HOME": "/nonexistent"})
+        with make_app(settings, with_tasks=False) as app, pytest.raises(OrchardError) as refused:
+            check_broker_reachable(app)
+        line = str(refused.value)
+        assert " refused the login: " in line and "unreachable" not in line, line
+        assert "not-the-password" not in line and private_redis.password not in line
+    settings = load_settings({"ORCHARD_BROKER_URL": private_redis.url, "ORCHARD_HOME": "/x"})
+    with make_app(settings, with_tasks=False) as app:
+        check_broker_reachable(app)  # the right one
+    private_redis.kill()
+    with make_app(settings, with_tasks=False) as app, pytest.raises(OrchardError) as away:
+        check_broker_reachable(app)
+    assert " unreachable: " in str(away.value)
