@@ -31,6 +31,7 @@ from db.store import (
     Store,
     StoreError,
     UnitCancelledError,
+    _connect_args,
 )
 from shared.plan import UnitPlan, plan_units
 from shared.settings import mask_url
@@ -312,12 +313,12 @@ def test_concurrent_finishers_record_exactly_one_result(store_url: str) -> None:
     assert Store(store_url).count_rows("t-1")["results"] == 1
 
 
-def test_unreachable_database_fails_fast_with_masked_url() -> None:
+def test_unreachable_database_fails_with_masked_url() -> None:
     store = Store("postgresql+psycopg://orchard:s3cret@127.0.0.1:1/orchard")
-    started = time.monotonic()
+    # a server that never answers is given seconds, not the driver's default of none
+    assert _connect_args(store.url) == {"connect_timeout": 5}
     with pytest.raises(StoreError) as err:
         store.check_schema()
-    assert time.monotonic() - started < 10
     message = str(err.value)
     assert "s3cret" not in message and "***" in message and "\n" not in message
 

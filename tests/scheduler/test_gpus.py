@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -106,10 +105,8 @@ def test_a_child_that_dies_at_once_stops_the_launcher(tmp_path: Path) -> None:
         """,
     }
     launcher = GpuLauncher(["0", "1"], lambda gpu: python(code[gpu]), out=out, poll=0.05)
-    started = time.monotonic()
     with pytest.raises(GpuError, match=r"worker gpu0 exited with code 3 \d+ s after starting"):
         launcher.run()
-    assert time.monotonic() - started < 30
     assert stopped.read_text() == "TERM"  # the healthy one was stopped, not orphaned
 
 
@@ -145,10 +142,8 @@ def test_a_stop_during_start_up_starts_no_more_workers() -> None:
             launcher.stop()  # what the launcher's SIGTERM handler does
 
     launcher._start = start_then_stop
-    started = time.monotonic()
     assert launcher.run() == 0
-    assert time.monotonic() - started < 10  # not the 20 s of an orphaned gpu1
-    assert launcher.children[0].proc.returncode == -signal.SIGTERM
+    assert launcher.children[0].proc.returncode == -signal.SIGTERM  # stopped, not waited for
     assert launcher.children[1].proc is None
     assert "gpu1:" not in out.getvalue()
 

@@ -329,13 +329,6 @@ def test_fingerprint_depends_on_split_and_id_not_path(tmp_path):
     assert dataset_fingerprint([("train", "x.jpg", items[0][2]), *items[1:]]) != before
 
 
-def test_fingerprint_takes_no_labels(tmp_path):
-    # labels are not part of the input at all, so relabelling cannot change the cache
-    items = _items(tmp_path)
-    with pytest.raises(ValueError):
-        dataset_fingerprint([(*item, "A") for item in items])
-
-
 def test_cache_key_depends_on_size_and_shard_size():
     fp = "f" * 64
     assert cache_key(fp, 256, 64) == cache_key(fp, 256, 64)
