@@ -691,6 +691,8 @@ class FoldOutcome:
     val_acc: float
     val_probs: np.ndarray
     test_probs: np.ndarray
+    # this call's time, and the epochs' of the deliveries it resumed from (a fold's
+    # training time, however many times its worker stopped)
     seconds: float
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     resumed_from_epoch: int = 0  # epochs already done when this call started
@@ -812,7 +814,7 @@ def train_fold(
         val_acc=final_val_acc,
         val_probs=val_probs.cpu().numpy(),
         test_probs=test_probs.cpu().numpy(),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started + sum(h.seconds for h in history[:resumed_from]),
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         resumed_from_epoch=resumed_from,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,17 @@ def test_every_epoch_leaves_a_recorded_checkpoint_in_alternating_files(env):
 
 
 def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch, caplog):
+    import shared.cnn
+
     store, _, _ = env
     _kill_after(monkeypatch, 1)
+    train_one_epoch = shared.cnn.train_one_epoch
+
+    def a_slow_first_epoch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(1.0)
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(shared.cnn, "train_one_epoch", a_slow_first_epoch)
     with pytest.raises(Killed):
         _run(env)
     monkeypatch.undo()
@@ -150,6 +160,9 @@ def test_a_killed_fold_resumes_and_ends_as_an_uninterrupted_one(env, monkeypatch
     assert resumed.extra["resumed_from_epoch"] == 1
     assert resumed.extra["epochs"] == EPOCHS
     assert f"resuming {key} from epoch 1" in caplog.text
+    # its training time counts the killed delivery's epoch too, not only its own
+    assert resumed.fit_seconds >= 1.0
+    assert resumed.fit_seconds >= sum(v for _, v in store.metrics(key)["epoch_seconds"])
 
     # the same unit from scratch: spoil both checkpoints so that neither is used
     for path, _ in _slots(env):
