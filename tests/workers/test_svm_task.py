@@ -103,6 +103,41 @@ def test_a_sliced_point_equals_its_own_pca(env):
     assert 0 < outcome.extra["explained_variance"] < expected.explained(12)
 
 
+def _fold0_svc(manifest: Manifest, k_basis: int, k: int, whiten: bool, **svc):  # noqa: ANN003
+    """An SVC fitted from scratch on the first ``k`` columns of fold 0's PCA(k_basis)."""
+    images = derive(tiny_images()[0], "polar16")
+    train, val, test = manifest.fold_indices(0)
+    z = project_all(fit_pca_basis(images[train], k_basis, whiten, seed=0), images).features(k)
+    labels = manifest.label_index
+    return fit_svc(z[train], labels(train), z[val], labels(val), z[test], seed=0, **svc)
+
+
+def _same_fit(outcome, expected) -> bool:  # noqa: ANN001
+    return (
+        outcome.train_acc == expected.train_acc
+        and outcome.val_acc == expected.val_acc
+        and [p.pred for p in outcome.predictions["val"]] == list(expected.val_pred)
+        and [p.pred for p in outcome.predictions["test"]] == list(expected.test_pred)
+        and outcome.extra["support_vectors"] == expected.extra["support_vectors"]
+        and outcome.extra["gamma_scale"] == pytest.approx(expected.extra["gamma_scale"])
+    )
+
+
+def test_a_narrow_point_trains_on_its_first_components_of_the_wide_basis(env):
+    # n_components = 3 on the fold's basis of 12 (the most 12 training images allow).
+    # Whitened, the 12th component (12 centred images span 11 directions) is round-off
+    # divided by a variance of ~0: huge on unseen images, so an SVC that saw all 12
+    # columns would judge the validation images by it
+    outcome = _run(env, n_components=3, whiten=True, C=1.0)
+    assert outcome.extra["pca_components"] == 12
+    sliced = _fold0_svc(env[2], 12, 3, True, C=1.0, gamma="scale")
+    every = _fold0_svc(env[2], 12, 12, True, C=1.0, gamma="scale")
+    assert sliced.val_acc == 1.0 and every.val_acc < 0.5  # the two differ, and visibly
+    assert list(sliced.val_pred) != list(every.val_pred)
+    assert _same_fit(outcome, sliced)
+    assert not _same_fit(outcome, every)
+
+
 def test_a_file_that_is_not_the_recorded_one_is_fitted_again(env, monkeypatch):
     store, settings, _ = env
     _run(env, n_components=3, whiten=False, C=1.0)
@@ -158,14 +193,16 @@ def _searching(cached_campaign, search: dict, **svm):  # noqa: ANN001, ANN202
     return store, settings, manifest
 
 
-def _gridsearch(manifest: Manifest, k_max: int, k: int, grid: dict, folds: int):  # noqa: ANN202
+def _gridsearch(  # noqa: ANN202
+    manifest: Manifest, k_max: int, k: int, grid: dict, folds: int, whiten: bool = False
+):
     """What sklearn's own GridSearchCV makes of fold 0's training rows on PCA(k_max)[:k]."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import SVC
 
     images = derive(tiny_images()[0], "polar16")
     train, _, _ = manifest.fold_indices(0)
-    z = project_all(fit_pca_basis(images[train], k_max, False, seed=0), images).features(k)
+    z = project_all(fit_pca_basis(images[train], k_max, whiten, seed=0), images).features(k)
     search = GridSearchCV(
         SVC(kernel="rbf", random_state=0),
         grid,
@@ -213,6 +250,22 @@ def test_a_search_over_n_components_slices_one_projection(cached_campaign):
     assert outcome.extra["search_combinations"] == 4
     assert outcome.extra["pca_components"] == 4
     assert [Path(r.path).name for r in _pca_records(store)] == ["polar16-f0-w0-k4.npz"]
+
+
+def test_a_search_that_picks_the_narrower_width_refits_on_its_first_components(cached_campaign):
+    env = _searching(cached_campaign, {"folds": 2, "n_components": [3, 12]}, whiten=True)
+    outcome = _run(env)
+    assert outcome.extra["pca_components"] == 12
+    # whitened, the 12th component is ~0 / ~0 (see above): the search's folds reject it
+    assert outcome.extra["best_n_components"] == 3
+    # sklearn's own search at each width (C = 1.5, the unit's): the narrower one wins
+    found = [_gridsearch(env[2], 12, k, {"C": [1.5]}, folds=2, whiten=True)[1] for k in (3, 12)]
+    assert outcome.extra["search_cv_acc"] == pytest.approx(found[0]) and found[0] > found[1]
+    sliced = _fold0_svc(env[2], 12, 3, True, C=1.5, gamma="scale")
+    every = _fold0_svc(env[2], 12, 12, True, C=1.5, gamma="scale")
+    assert sliced.val_acc == 1.0 and every.val_acc < 0.5
+    assert _same_fit(outcome, sliced)
+    assert not _same_fit(outcome, every)
 
 
 def test_a_search_with_more_folds_than_a_class_has_images_fails_in_one_line(cached_campaign):
