@@ -1148,12 +1148,14 @@ def _terminal_rows(rows: Rows) -> Rows:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from db.store import DELETING, BeingDeletedError
     from scheduler.api import CampaignRun
 
     _check_campaign_id(args.campaign)
     settings = load_settings()
     store = _store(existing=True)
-    store.get_campaign(args.campaign)
+    if store.get_campaign(args.campaign).state == DELETING:
+        raise BeingDeletedError(args.campaign)  # its report's record is gone already
     path = CampaignRun(args.campaign, store, settings).report_path()
     if path is None:
         report = next((u for u in store.units(args.campaign) if u.family == "report"), None)

@@ -658,11 +658,13 @@ def test_a_delete_killed_after_deciding_is_finished_by_deleting_again(
     assert main(["status", cancelled, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["campaign"]["state"] == "DELETING" and status["units"]
-    assert main(["resume", cancelled]) == 2
-    assert capsys.readouterr().err.strip() == (
+    being_deleted = (
         f"orchard: error: campaign {cancelled} is being deleted (a delete began and did not "
         f"finish): `orchard delete {cancelled}` finishes it"
     )
+    for command in ("resume", "report"):
+        assert main([command, cancelled]) == 2
+        assert capsys.readouterr().err.strip() == being_deleted
     assert main(["delete", cancelled]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"finished deleting campaign {cancelled}: ")
