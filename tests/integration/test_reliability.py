@@ -241,19 +241,21 @@ def test_a_gpu_worker_asked_to_stop_hands_its_fold_back_at_the_next_checkpoint(
     run = cluster.submit(write_campaign(cluster.tmp, "drained", epochs=40))
     fold = cnn_unit(run)
     cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 2, 180, "the second epoch")
-    assert cluster.pool.terminate("gpu") == 0
-    handed_back_at = epochs_recorded(store, fold.key)
-    fold = cnn_unit(run)
-    assert fold.state == "QUEUED" and handed_back_at < 40
-    assert fold.attempts == 0  # stopping on request is not a failed attempt
-    client = redis.Redis.from_url(REDIS_URL)
-    try:  # the message is back on its queue, not waiting in the unacknowledged set
-        assert client.llen(f"{cluster.redis_prefix}gpu") == 1
+    exit_status = cluster.pool.terminate("gpu")
+    try:  # the module's later tests need their gpu worker back, whatever fails here
+        assert exit_status == 0
+        handed_back_at = epochs_recorded(store, fold.key)
+        fold = cnn_unit(run)
+        assert fold.state == "QUEUED" and handed_back_at < 40
+        assert fold.attempts == 0  # stopping on request is not a failed attempt
+        client = redis.Redis.from_url(REDIS_URL)
+        try:  # the message is back on its queue, not waiting in the unacknowledged set
+            assert client.llen(f"{cluster.redis_prefix}gpu") == 1
+        finally:
+            client.close()
+        assert f"{fold.key} handed back at its checkpoint" in cluster.pool.log("gpu")
     finally:
-        client.close()
-    assert f"{fold.key} handed back at its checkpoint" in cluster.pool.log("gpu")
-
-    cluster.pool.restart("gpu")
+        cluster.pool.restart("gpu")
     status = cluster.wait(run)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     fold = cnn_unit(run)
@@ -283,12 +285,14 @@ def test_altered_checkpoint_and_shard_are_detected_and_not_used(cluster: Cluster
     # the third epoch's metrics come after the second epoch's checkpoint is recorded
     cluster.wait_for(lambda: epochs_recorded(store, fold.key) >= 3, 180, "the third epoch")
     cluster.pool.kill("gpu")
-    checkpoints = store.artifacts(run.id, kind="checkpoint")
-    assert len(checkpoints) == 2  # the two alternating files, both recorded by now
-    for checkpoint in checkpoints:  # both truncated behind our back
-        path = cluster.settings.artifacts / checkpoint.path
-        path.write_bytes(path.read_bytes()[: checkpoint.size // 2])
-    cluster.pool.restart("gpu")
+    try:  # the module's later tests need their gpu worker back, whatever fails here
+        checkpoints = store.artifacts(run.id, kind="checkpoint")
+        assert len(checkpoints) == 2  # the two alternating files, both recorded by now
+        for checkpoint in checkpoints:  # both truncated behind our back
+            path = cluster.settings.artifacts / checkpoint.path
+            path.write_bytes(path.read_bytes()[: checkpoint.size // 2])
+    finally:
+        cluster.pool.restart("gpu")
     status = cluster.wait(run)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     result = store.results(run.id)[fold.key]

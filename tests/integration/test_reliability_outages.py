@@ -55,7 +55,23 @@ class PrivateRedis:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start it on its port, again after a kill: the port was free while it was down,
+        and another process (a test run in parallel) may hold it for a moment; tried
+        again while it does, for up to 30 s, then a failure saying so."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + 30
+        while not self._started():
+            if time.monotonic() > deadline:
+                path = self.folder / "redis-server.log"
+                log = path.read_text(errors="replace") if path.exists() else "(no log)"
+                pytest.fail(
+                    f"redis-server could not take port {self.port} again for 30 s "
+                    f"(another process holds it?); its log ends:\n{log[-2000:]}"
+                )
+            time.sleep(0.5)
+
+    def _started(self) -> bool:
+        """True once it answers; False when it exited (its port taken)."""
         self.proc = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
@@ -73,18 +89,26 @@ class PrivateRedis:
                 "yes",
                 "--appendfsync",
                 "always",
+                "--logfile",
+                str(self.folder / "redis-server.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(self.ping, 20, f"redis-server on port {self.port}")
+        proc = self.proc
+        wait_for(
+            lambda: self.ping() or proc.poll() is not None,
+            20,
+            f"redis-server on port {self.port}",
+        )
+        return proc.poll() is None
 
     def ping(self) -> bool:
         import redis
 
         try:
             return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
-        except redis.exceptions.ConnectionError:
+        except redis.exceptions.RedisError:  # away, or another process on its port
             return False
 
     def kill(self) -> None:
@@ -178,15 +202,28 @@ def test_database_outage_is_retried_then_fails_the_unit_clearly(
                 proxy.up()
                 return run, run.wait(timeout=240, check=pool.check)
 
-            # shorter than the retry budget (3 s): nobody notices but the logs
-            blip, status = outage("blip", lambda _: time.sleep(1.0) or True)
+            # shorter than the retry budget (3 s), and met by a store call (the fold is
+            # mid-run: its epochs and lease renewals): back a second after it went away,
+            # or as soon as a connection was refused if none had been by then, so that
+            # the call that met it is still within its own retries
+            refused_before, slept = proxy.refused, []
+
+            def blip_met(_key: str) -> bool:
+                if not slept:  # the first look, right after it went down
+                    slept.append(time.sleep(1.0))
+                return proxy.refused > refused_before
+
+            blip, status = outage("blip", blip_met)
             assert status.campaign.state == "DONE", [(u.key, u.error) for u in status.units]
             assert_exactly_once(blip, store)
+            # ridden out by the store's retries: the fold neither failed nor ran again
+            fold = cnn_unit(blip)
+            assert fold.attempts == 1 and f"{fold.key} failed after" not in pool.log("gpu")
             # longer: back only once the fold gave up, while its failure is being retried
             down, status = outage("down", lambda key: f"{key} failed after" in pool.log("gpu"))
             logs = pool.all_logs()
     finally:
-        proxy.down()
+        proxy.close()
         drop_redis_keys(prefix)
     assert status.campaign.state == "PARTIAL"
     fold = cnn_unit(down)
@@ -226,6 +263,7 @@ def test_a_worker_whose_first_unit_finds_the_database_away_keeps_the_message(
             submitter = settings_for(tmp_path, REDIS_URL, postgres_url)
             run = submit(write_campaign(tmp_path, "away", epochs=2), settings=submitter)
             # the shard's delivery ends one way or the other: kept (retried) or failed
+            # (Celery's "Task ... raised unexpected: StoreError(...)", the message dropped)
             wait_for(
                 lambda: any(
                     text in pool.log("cpu")
@@ -235,13 +273,22 @@ def test_a_worker_whose_first_unit_finds_the_database_away_keeps_the_message(
                 "the preprocessing shard to find the database away",
                 check=pool.check,
             )
+            cpu_log = pool.log("cpu")
+            assert "raised unexpected" not in cpu_log, cpu_log  # dropped as a failed task
+            assert "store unreachable, message kept for later" in cpu_log
             proxy.up()
             status = run.wait(timeout=120, check=pool.check)
+            logs = pool.all_logs()
     finally:
-        proxy.down()
+        proxy.close()
         drop_redis_keys(prefix)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     assert_exactly_once(run, store)
+    # its own message ran it: no delivery dropped, and none sent again by the reaper
+    # (which would also finish the campaign, late: "another consumer dropped it")
+    assert "raised unexpected" not in logs
+    assert "another consumer dropped it" not in logs
+    assert "; sent again" not in logs and "; sent now" not in logs
 
 
 def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeout(
