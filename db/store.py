@@ -109,8 +109,8 @@ class BeingDeletedError(OrchardError):
 
     def __init__(self, campaign_id: str) -> None:
         super().__init__(
-            f"campaign {campaign_id} is being deleted (a delete began and did not "
-            f"finish): `orchard delete {campaign_id}` finishes it"
+            f"campaign {campaign_id} is being deleted: `orchard delete {campaign_id}` "
+            "finishes a delete that stopped midway"
         )
 
 
@@ -1367,7 +1367,6 @@ class Store:
             campaign.state, campaign.finished_at = "RUNNING", None
             return [r.key for r in sorted(reset, key=lambda r: r.position)]
 
-    @_retried
     def delete_campaign(
         self,
         campaign_id: str,
@@ -1395,8 +1394,31 @@ class Store:
         (an exception from it deletes nothing). Its rows then go in transactions of at
         most ``batch_rows`` rows each, the campaign's own row last, so workers' store
         calls are not held up behind a large campaign. A delete stopped midway leaves a
-        DELETING campaign, which deleting it again finishes.
+        DELETING campaign, which deleting it again finishes. Each transaction is retried
+        on its own (a store that goes away for a moment while thousands of batches go).
         """
+        deletion = self._decide_delete(campaign_id, quiet_seconds, dry_run, before_commit)
+        if dry_run:
+            return deletion
+        try:
+            self._delete_rows_in_batches(campaign_id, batch_rows)
+        except StoreError as exc:
+            raise StoreError(
+                f"{exc}; campaign {campaign_id} is DELETING: `orchard delete {campaign_id}` "
+                "finishes it"
+            ) from None
+        return deletion
+
+    @_retried
+    def _decide_delete(
+        self,
+        campaign_id: str,
+        quiet_seconds: float,
+        dry_run: bool,
+        before_commit: Callable[[], None] | None,
+    ) -> Deletion:
+        """The delete's first transaction: its checks, then (unless ``dry_run``) the
+        campaign DELETING and its files' records gone. What it will have removed."""
         with self._transaction(read_only=dry_run) as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=not dry_run)
             if campaign is None:
@@ -1418,7 +1440,6 @@ class Store:
             campaign.state = DELETING
             if before_commit is not None:
                 before_commit()
-        self._delete_rows_in_batches(campaign_id, batch_rows)
         return deletion
 
     def _check_deletable(self, s: Session, campaign: CampaignRow, quiet_seconds: float) -> None:
@@ -1494,13 +1515,11 @@ class Store:
             UnitRow, UnitRow.campaign_id == campaign_id, batch_rows
         ):
             time.sleep(SQLITE_BATCH_PAUSE)
-        with self._transaction() as s:
-            s.execute(
-                delete(CampaignRow).where(
-                    CampaignRow.id == campaign_id, CampaignRow.state == DELETING
-                )
-            )
+        self._delete_batch(
+            CampaignRow, (CampaignRow.id == campaign_id) & (CampaignRow.state == DELETING), 1
+        )
 
+    @_retried
     def _delete_batch(self, table: Any, where: Any, batch_rows: int) -> bool:
         """Delete up to ``batch_rows`` rows of ``table`` matching ``where`` in one
         transaction; True while there may be more."""
@@ -1540,6 +1559,10 @@ class Store:
                     select(CampaignRow)
                     .where(
                         CampaignRow.id != campaign_id,
+                        # re-checked on the locked row: a delete that committed DELETING
+                        # while this waited for its lock is seen (its manifest's record,
+                        # read in this statement's snapshot, may still look there)
+                        CampaignRow.state != DELETING,
                         CampaignRow.id.in_(
                             select(ArtifactRow.campaign_id).where(
                                 ArtifactRow.kind == "manifest",
@@ -1551,7 +1574,7 @@ class Store:
                     # then sees it, or this waits for the delete and skips the twin
                     .with_for_update(read=True)
                 )
-                if c.spec.get("seed") == campaign.spec.get("seed")
+                if c.spec.get("seed") == campaign.spec.get("seed") and c.state != DELETING
             ]
             if not twins:
                 return {}

@@ -189,11 +189,9 @@ class CnnParams(_Frozen):
         if size > MAX_CNN_PARAMETERS:
             raise ValueError(
                 f'dense = "{self.dense}", width = {self.width:g}, image_size = '
-                f"{self.image_size}: this network has {size / 1e6:,.0f} million parameters, "
-                "more than "
-                f"{MAX_CNN_PARAMETERS / 1e6:,.0f} million (the study's has "
-                f"{CnnParams().parameter_count() / 1e6:.1f} million): make dense, width "
-                "or image_size smaller"
+                f"{self.image_size}: this network has {size:,} parameters, more than "
+                f"{MAX_CNN_PARAMETERS:,} (the study's has {CnnParams().parameter_count():,}): "
+                "make dense, width or image_size smaller, or stride larger"
             )
         return self
 

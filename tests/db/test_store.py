@@ -1260,6 +1260,68 @@ def test_a_delete_waits_for_a_reuse_copying_from_the_campaign(store_url: str) ->
     assert copier.find_campaign("t-1") is not None
 
 
+def test_a_long_delete_retries_a_late_batch_on_its_own(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch has its own retries: a lock busy for a moment late in a delete longer
+    than the store's retry time is waited out, not given up at once."""
+    import sqlite3
+
+    import db.store
+
+    store = make_store(sqlite_url)
+    units = seed_campaign(store, "t-1")
+    for plan in units[-4:-1]:
+        _finish(store, plan.key)
+    store.cancel_campaign("t-1")
+    store.retry_seconds = 0.5
+    monkeypatch.setattr(db.store, "SQLITE_BATCH_PAUSE", 0.1)  # 0.1 s after each batch
+    deletes: list[str] = []
+
+    def busy_once_late(conn, cursor, statement: str, *args: Any) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("DELETE FROM"):
+            deletes.append(statement)
+            if len(deletes) == 8:  # past the first 0.5 s
+                raise sqlite3.OperationalError("database is locked")
+
+    event.listen(store.engine, "before_cursor_execute", busy_once_late)
+    try:
+        deleted = store.delete_campaign("t-1", quiet_seconds=0, batch_rows=3)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", busy_once_late)
+    assert deleted.state == "CANCELLED" and len(deletes) > 8
+    assert store.find_campaign("t-1") is None
+
+
+def test_a_reuse_waiting_while_a_delete_decides_copies_nothing_from_it(store_url: str) -> None:
+    """The other order: `submit --reuse` asks while a delete holds the source's row and
+    is about to commit DELETING. It waits, then finds no twin to copy from (PostgreSQL
+    re-checks the locked row, not the snapshot that still held the source's manifest)."""
+    deleter, copier = make_store(store_url), Store(store_url)
+    source = seed_campaign(deleter, "t-1")
+    _finish(deleter, source[-2].key)
+    seed_campaign(deleter, "t-2")
+    for cid in ("t-1", "t-2"):
+        deleter.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
+        )
+    deleter.cancel_campaign("t-1")
+    copied: list[dict[str, str]] = []
+    reuse = threading.Thread(target=lambda: copied.append(copier.reuse_finished("t-2")))
+
+    def start_the_reuse() -> None:  # the delete's checks passed, its commit to come
+        reuse.start()
+        reuse.join(1.0)  # long enough to be waiting for the delete's lock
+        assert reuse.is_alive()
+
+    deleter.delete_campaign("t-1", quiet_seconds=0, before_commit=start_the_reuse)
+    reuse.join(30)
+    assert copied == [{}]
+    assert deleter.find_campaign("t-1") is None
+    assert all(u.state != "SUCCESS" for u in copier.units("t-2"))
+    copier.dispose()
+
+
 def test_a_renewal_after_a_delete_says_the_unit_is_gone(store_url: str) -> None:
     store = make_store(store_url)
     units = seed_campaign(store, "t-1")
@@ -1345,7 +1407,7 @@ def test_a_delete_stopped_midway_is_finished_by_deleting_again(store_url: str) -
     assert store.get_campaign("t-1").state == "DELETING"
     assert _rows_of(store, ids)["predictions"] == (3 if sqlite else 4)  # a batch of one went
     # nothing brings it back, runs its units or copies its results meanwhile
-    finishes = r"^campaign t-1 is being deleted .*`orchard delete t-1` finishes it$"
+    finishes = r"^campaign t-1 is being deleted: `orchard delete t-1` finishes a delete that"
     with pytest.raises(BeingDeletedError, match=finishes):
         store.resume_campaign("t-1")
     store.cancel_campaign("t-2")

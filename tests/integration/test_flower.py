@@ -174,9 +174,9 @@ def test_flower_sees_a_fold_while_it_trains(
     settings: Settings, flower: str, tmp_path: Path
 ) -> None:
     """A GPU worker's solo pool runs a fold in the thread of the event loop that sends
-    Celery's buffered task events: held back, Flower showed a training fold PENDING (and
-    its worker offline) until it ended. The task says STARTED, on its worker, while the
-    fold trains."""
+    Celery's buffered task events and the worker's heartbeats: held back, Flower showed
+    a training fold PENDING and its worker offline until it ended. The task says
+    STARTED, on its worker, and the worker is alive, while the fold trains."""
     from scheduler.api import cancel
     from tests.conftest import TINY_CAMPAIGN
 
@@ -210,5 +210,10 @@ def test_flower_sees_a_fold_while_it_trains(
         assert store.get_unit(fold.key).state == "RUNNING"  # still training
         assert seen.get("state") == "STARTED", seen
         assert seen["worker"] == fold.worker and seen["name"] == "orchard.train_cnn_fold"
+        # and its worker alive: Flower counts one gone two heartbeats (4 s) after its last
+        time.sleep(6)
+        status, alive = get(f"{flower}/api/workers?status=1")
+        assert status == 200 and alive.get(fold.worker) is True, alive
+        assert store.get_unit(fold.key).state == "RUNNING"  # the fold trained all along
         cancel(run.id, settings=settings)  # the fold stops at its next epoch
     store.dispose()

@@ -659,8 +659,8 @@ def test_a_delete_killed_after_deciding_is_finished_by_deleting_again(
     status = json.loads(capsys.readouterr().out)
     assert status["campaign"]["state"] == "DELETING" and status["units"]
     being_deleted = (
-        f"orchard: error: campaign {cancelled} is being deleted (a delete began and did not "
-        f"finish): `orchard delete {cancelled}` finishes it"
+        f"orchard: error: campaign {cancelled} is being deleted: `orchard delete {cancelled}` "
+        "finishes a delete that stopped midway"
     )
     for command in ("resume", "report"):
         assert main([command, cancelled]) == 2

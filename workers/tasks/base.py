@@ -31,6 +31,7 @@ counted against a limit: a dropped message would leave its unit QUEUED for good.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -38,7 +39,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -53,6 +54,7 @@ from celery.worker.request import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from db.store import (
+    DELETING,
     LEASE_CANCELLED,
     LEASE_GONE,
     LEASE_HELD,
@@ -171,7 +173,6 @@ def _on_worker_shutting_down(**_: Any) -> None:
 #: worker's heartbeats. A CNN fold would hold them all until it ended: Flower showed
 #: the fold PENDING and the worker offline, then "clock drift" once they came.
 _consumer: tuple[Any, int] | None = None
-_last_heartbeat = 0.0
 
 
 @signals.worker_ready.connect
@@ -180,26 +181,58 @@ def _remember_consumer(sender: Any = None, **_: Any) -> None:  # noqa: ANN401
     _consumer = (sender, os.getpid())
 
 
-def send_worker_events() -> None:
-    """Send what the worker's event loop holds back while a unit runs in its thread
-    (solo pool): the buffered task events, and a worker heartbeat at its interval. A
-    prefork child runs its unit beside the loop (and shares none of its connections):
-    nothing to do there. Monitoring only: a failure is logged, never raised."""
-    global _last_heartbeat
+def _blocked_consumer() -> Any:  # noqa: ANN401
+    """The consumer whose event loop this thread blocks while it runs a unit (a solo
+    pool's), else None: a prefork child runs its unit beside the loop, and shares none
+    of its connections (one forked after the loop started still has its pid apart)."""
     if _consumer is None:
-        return
+        return None
     consumer, pid = _consumer
     if pid != os.getpid() or threading.current_thread() is not threading.main_thread():
+        return None
+    return consumer
+
+
+def send_worker_events() -> None:
+    """Send the task events the blocked event loop holds (solo pool). Monitoring only:
+    a failure is logged, never raised; with the broker away they stay buffered (no
+    retry here, which would block the unit until the broker came back)."""
+    consumer = _blocked_consumer()
+    if consumer is None or consumer.event_dispatcher is None:
         return
     try:
-        if consumer.event_dispatcher is not None:
-            consumer.event_dispatcher.flush()
-        heart = getattr(consumer, "heart", None)
-        if heart is not None and time.monotonic() - _last_heartbeat >= heart.interval:
-            heart._send("worker-heartbeat")
-            _last_heartbeat = time.monotonic()
+        consumer.event_dispatcher.flush()
     except Exception as exc:  # noqa: BLE001 - what Flower shows must not stop a unit
-        log.debug("worker events not sent: %s", exc)
+        log.debug("task events not sent: %s", exc)
+
+
+@contextlib.contextmanager
+def worker_heartbeats() -> Iterator[None]:
+    """While a unit runs in the blocked event loop's thread (solo pool), send the
+    worker's heartbeats from a thread of their own at the worker's interval (2 s), as
+    the loop would: Flower counts a worker gone after two missed ones. The dispatcher
+    serialises its sends; each is tried once (a broker away: the next one tries)."""
+    consumer = _blocked_consumer()
+    heart = getattr(consumer, "heart", None) if consumer is not None else None
+    if heart is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(heart.interval):
+            try:
+                heart._send("worker-heartbeat", retry=False)
+            except Exception as exc:  # noqa: BLE001 - monitoring only
+                log.debug("worker heartbeat not sent: %s", exc)
+
+    thread = threading.Thread(target=beat, name="worker heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class UnitAborted(Exception):
@@ -503,10 +536,12 @@ def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str
     was submitted to another database than the workers' (another ORCHARD_DATABASE_URL,
     another ORCHARD_HOME), which the submitter cannot see."""
     try:
-        known = store.find_campaign(message.campaign_id) is not None
+        campaign = store.find_campaign(message.campaign_id)
     except StoreError:
         return str(exc)
-    if known:
+    if campaign is not None and campaign.state == DELETING:
+        return f"campaign {message.campaign_id} is being deleted (`orchard delete`): dropped"
+    if campaign is not None:
         return str(exc)
     return (
         f"campaign {message.campaign_id} is not in this worker's store "
@@ -602,7 +637,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         context = UnitContext(campaign, unit, guarded, settings, heartbeat=heartbeat)
         log.info("%s started (attempt %d)", key, start.attempts)
         send_worker_events()  # task-started, now rather than when the body ends
-        outcome = body(context)
+        with worker_heartbeats():
+            outcome = body(context)
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
         try:
