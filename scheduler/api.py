@@ -8,6 +8,7 @@ status = run.wait(progress=True)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -555,11 +556,13 @@ def _check_creatable(folder: Path, what: str = "artifact folder") -> None:
     # folder made and removed says what making (or writing in) ``folder`` would (/proc,
     # a share that maps root to nobody, an immutable folder)
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".orchard-probe-", dir=ancestor))
+        probe = tempfile.mkdtemp(prefix=".orchard-probe-", dir=ancestor)
     except OSError as exc:
         raise OrchardError(
             f"{what} {folder}: cannot create a folder in {ancestor} ({exc.strerror or exc})"
         ) from None
+    with contextlib.suppress(OSError):  # made, so writable: a probe left over is harmless
+        os.rmdir(probe)
 
 
 def _settings(
