@@ -1213,18 +1213,25 @@ def test_delete_refuses_a_campaign_whose_results_another_reuses(store_url: str) 
     assert store.find_campaign("t-10") is not None
 
 
+def _twins_one_cancelled(store: Store) -> list[UnitPlan]:
+    """Campaigns t-1 (cancelled, one unit succeeded) and t-2 over the same manifest, so
+    that `submit --reuse` of t-2 copies from t-1; t-1's units."""
+    source = seed_campaign(store, "t-1")
+    _finish(store, source[-2].key)
+    seed_campaign(store, "t-2")
+    for cid in ("t-1", "t-2"):
+        store.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
+        )
+    store.cancel_campaign("t-1")
+    return source
+
+
 def test_a_delete_waits_for_a_reuse_copying_from_the_campaign(store_url: str) -> None:
     """`submit --reuse` copying results (which keep pointing at the source's model
     files) while the source is deleted: the delete waits for the copy, then refuses."""
     copier, deleter = make_store(store_url), Store(store_url)
-    source = seed_campaign(copier, "t-1")
-    _finish(copier, source[-2].key)
-    seed_campaign(copier, "t-2")
-    for cid in ("t-1", "t-2"):
-        copier.record_artifact(
-            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
-        )
-    copier.cancel_campaign("t-1")
+    source = _twins_one_cancelled(copier)
     copying, go_on = threading.Event(), threading.Event()
 
     def pause_before_the_copy(conn, cursor, statement: str, *args: Any) -> None:  # noqa: ANN001
@@ -1298,14 +1305,7 @@ def test_a_reuse_waiting_while_a_delete_decides_copies_nothing_from_it(store_url
     is about to commit DELETING. It waits, then finds no twin to copy from (PostgreSQL
     re-checks the locked row, not the snapshot that still held the source's manifest)."""
     deleter, copier = make_store(store_url), Store(store_url)
-    source = seed_campaign(deleter, "t-1")
-    _finish(deleter, source[-2].key)
-    seed_campaign(deleter, "t-2")
-    for cid in ("t-1", "t-2"):
-        deleter.record_artifact(
-            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "m" * 64, 1, cid, None)
-        )
-    deleter.cancel_campaign("t-1")
+    _twins_one_cancelled(deleter)
     copied: list[dict[str, str]] = []
     reuse = threading.Thread(target=lambda: copied.append(copier.reuse_finished("t-2")))
 
