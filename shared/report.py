@@ -1032,6 +1032,15 @@ def _extra_label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
+#: Under this coverage a grouped OOB score rests on too few rows to say much: marked.
+GROUPED_OOB_MIN_COVERAGE = 0.1
+
+
+def _thinly_grouped(extras: Mapping[str, Any]) -> bool:
+    coverage = extras.get("oob_grouped_coverage")
+    return isinstance(coverage, int | float) and coverage < GROUPED_OOB_MIN_COVERAGE
+
+
 def _fmt_extra(name: str, value: float | str | None) -> str:
     if isinstance(value, str):
         return value or _DASH  # already text: a range of counts, the folds that resumed
@@ -1087,6 +1096,8 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
             _fmt_duration(point.seconds),
         ]
         cells += [_fmt_extra(n, point.extras.get(n)) for n in extras]
+        if _thinly_grouped(point.extras) and _is_number(point.extras.get("oob_grouped")):
+            cells[len(cells) - len(extras) + extras.index("oob_grouped")] += "†"
         rows.append(cells)
         if point.key == exp.best_key:
             classes.append("best")
@@ -1141,7 +1152,13 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
         )
     if "oob_grouped_coverage" in extras:
         notes.append(
-            "Grouped OOB coverage: the share of training rows that got a grouped OOB vote. "
+            "Grouped OOB coverage: the share of training rows that got a grouped OOB vote"
+            + (
+                f"; †: under {GROUPED_OOB_MIN_COVERAGE:.0%} of them, too few for the grouped "
+                "score to say much (more trees raise it). "
+                if any(_thinly_grouped(p.extras) for p in shown)
+                else ". "
+            )
         )
     if "pca_fitted" in extras:
         notes.append(

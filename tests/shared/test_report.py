@@ -1206,3 +1206,20 @@ def test_the_cnn_table_says_what_its_train_acc_is(data: ReportData) -> None:
     assert "the learning curves' training accuracy is the running one" in cnn
     svm = md.split("### SVM", 1)[1].split("###", 1)[0]
     assert "learning curves' training accuracy" not in svm
+
+
+def test_a_grouped_oob_over_few_rows_is_marked(data: ReportData) -> None:
+    """A grouped OOB score judged on a sliver of the training rows (few trees drew none
+    of a photo's copies) is marked and the mark explained; one over a quarter is not."""
+    md = render_markdown(data)
+    rf = md.split("### RF", 1)[1].split("###", 1)[0]
+    assert "0.6012" in rf and "0.6012†" not in rf and "†: under 10%" not in rf
+    exp = data.experiments[-1]
+    thin = dataclasses.replace(
+        exp.points[0], extras={**exp.points[0].extras, "oob_grouped_coverage": 0.0083}
+    )
+    thin_exp = dataclasses.replace(exp, points=[thin, *exp.points[1:]])
+    md = render_markdown(dataclasses.replace(data, experiments=[*data.experiments[:-1], thin_exp]))
+    rf = md.split("### RF", 1)[1].split("###", 1)[0]
+    assert "0.6012†" in rf and "0.0083" in rf
+    assert "†: under 10% of them, too few for the grouped score to say much" in rf
