@@ -115,6 +115,21 @@ families = ["cnn"]
 """
 
 
+def uneven_units(tmp_path: Path) -> list:
+    """The plan of a campaign whose units cost very differently: two small SVM points,
+    then forests of 5, 10 and 500 trees, the big one listed last in the file."""
+    from shared.plan import plan_units
+    from shared.spec import load_campaign
+
+    path = tmp_path / "uneven.toml"
+    path.write_text(
+        'name = "c"\n[dataset]\nkind = "synthetic"\n[preprocessing]\nsize = 64\n'
+        '[svm]\nvariant = "polar32"\nn_components = [4, 8]\n'
+        '[rf]\nvariant = "resize16"\nn_estimators = [5, 10, 500]\n'
+    )
+    return plan_units("c-1", load_campaign(path), [(0, 10)])
+
+
 @pytest.fixture
 def tiny_campaign(tmp_path: Path) -> Path:
     """A campaign with every family, small enough to run in seconds on a CPU."""

@@ -15,9 +15,8 @@ from sqlalchemy import update
 from db.models import UnitRow
 from db.store import Store
 from scheduler import canvas
-from shared.plan import TRAIN, estimated_cost, plan_units
-from shared.spec import load_campaign
-from tests.conftest import REDIS_URL
+from shared.plan import TRAIN, estimated_cost
+from tests.conftest import REDIS_URL, uneven_units
 from tests.integration.test_campaign import settings_for
 from workers.app import make_app
 
@@ -27,13 +26,7 @@ pytestmark = pytest.mark.integration
 def test_a_stage_reaches_its_queue_longest_first(
     tmp_path: Path, sqlite_url: str, redis_prefix: str
 ) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(
-        'name = "c"\n[dataset]\nkind = "synthetic"\n[preprocessing]\nsize = 64\n'
-        '[svm]\nvariant = "polar32"\nn_components = [4, 8]\n'
-        '[rf]\nvariant = "resize16"\nn_estimators = [5, 10, 500]\n'
-    )
-    units = plan_units("c-1", load_campaign(path), [(0, 10)])
+    units = uneven_units(tmp_path)
     store = Store(sqlite_url)
     store.upgrade()
     store.create_campaign(

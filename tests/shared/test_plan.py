@@ -365,16 +365,10 @@ def test_tree_shards_beyond_trees_is_a_campaign_error():
 
 def test_model_units_are_sent_longest_first(tmp_path):
     """A big forest listed last is sent first: it must not start after the short ones."""
-    from shared.plan import TRAIN, estimated_cost, plan_units
-    from shared.spec import load_campaign
+    from shared.plan import TRAIN, estimated_cost
+    from tests.conftest import uneven_units
 
-    path = tmp_path / "c.toml"
-    path.write_text(
-        'name = "c"\n[dataset]\nkind = "synthetic"\n[preprocessing]\nsize = 64\n'
-        '[rf]\nvariant = "resize16"\nn_estimators = [5, 10, 500]\n'
-        '[svm]\nvariant = "polar32"\nn_components = [4, 8]\n'
-    )
-    units = plan_units("c-1", load_campaign(path), [(0, 10)])
+    units = uneven_units(tmp_path)
     model = [u for u in units if u.stage == TRAIN]
     costs = [estimated_cost(u.family, u.params, 64) for u in model]
     assert costs == sorted(costs, reverse=True)
