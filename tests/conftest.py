@@ -112,6 +112,9 @@ n_estimators = [10]
 
 [blend]
 families = ["cnn"]
+
+[report]
+lime_samples = 50  # LIME's default 1,000 forward passes per image: 5 s of each run
 """
 
 
