@@ -174,3 +174,16 @@ class ArtifactRow(Base):
         Index("ix_artifacts_campaign_kind", "campaign_id", "kind"),
         Index("ix_artifacts_kind_sha256", "kind", "sha256"),
     )
+
+
+class DeletedCampaignRow(Base):
+    """What ``orchard delete`` leaves of a campaign: its id, name and dates, so that a
+    message of it still in a queue, or a command naming it, learns that it was deleted
+    rather than that it was never in this store (0005)."""
+
+    __tablename__ = "deleted_campaigns"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -52,6 +52,7 @@ from db import migrate
 from db.models import (
     ArtifactRow,
     CampaignRow,
+    DeletedCampaignRow,
     MetricRow,
     PredictionRow,
     ResultRow,
@@ -88,6 +89,17 @@ class SchemaError(StoreError):
 
 class NotFoundError(StoreError):
     """No such campaign or unit: asking again cannot help."""
+
+
+class CampaignDeletedError(NotFoundError):
+    """The campaign was in this store, and ``orchard delete`` removed it."""
+
+    def __init__(self, campaign_id: str, deleted_at: datetime) -> None:
+        super().__init__(
+            f"campaign {campaign_id} was deleted (`orchard delete`) at "
+            f"{deleted_at:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        self.deleted_at = deleted_at
 
 
 class UnitCancelledError(OrchardError):
@@ -644,8 +656,26 @@ class Store:
     def get_campaign(self, campaign_id: str) -> Campaign:
         campaign = self.find_campaign(campaign_id)
         if campaign is None:
-            raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+            raise self._no_campaign(campaign_id)
         return campaign
+
+    @_retried
+    def deleted_at(self, campaign_id: str) -> datetime | None:
+        """When ``orchard delete`` removed the campaign; None if it never did."""
+        with self._transaction(read_only=True) as s:
+            return self._deleted_at(s, campaign_id)
+
+    @staticmethod
+    def _deleted_at(s: Session, campaign_id: str) -> datetime | None:
+        row = s.get(DeletedCampaignRow, campaign_id)
+        return _aware(row.deleted_at) if row is not None else None
+
+    def _no_campaign(self, campaign_id: str, s: Session | None = None) -> NotFoundError:
+        """The error for a campaign id not in the store: deleted, or never there."""
+        when = self._deleted_at(s, campaign_id) if s is not None else self.deleted_at(campaign_id)
+        if when is not None:
+            return CampaignDeletedError(campaign_id, when)
+        return NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
 
     @_retried
     def list_campaigns(self, limit: int | None = 50) -> list[Campaign]:
@@ -1305,7 +1335,7 @@ class Store:
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
             if campaign is None:
-                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+                raise self._no_campaign(campaign_id, s)
             now = self._now(s)
             if campaign.state != "RUNNING":
                 return Cancelled(campaign.state, [], 0, already_finished=True)
@@ -1338,7 +1368,7 @@ class Store:
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
             if campaign is None:
-                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+                raise self._no_campaign(campaign_id, s)
             if campaign.state == DELETING:
                 raise BeingDeletedError(campaign_id)
             now = self._now(s)
@@ -1422,7 +1452,7 @@ class Store:
         with self._transaction(read_only=dry_run) as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=not dry_run)
             if campaign is None:
-                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+                raise self._no_campaign(campaign_id, s)
             if campaign.state != DELETING:  # decided already, by a delete stopped midway
                 self._check_deletable(s, campaign, quiet_seconds)
             units = s.scalar(
@@ -1515,9 +1545,26 @@ class Store:
             UnitRow, UnitRow.campaign_id == campaign_id, batch_rows
         ):
             time.sleep(SQLITE_BATCH_PAUSE)
-        self._delete_batch(
-            CampaignRow, (CampaignRow.id == campaign_id) & (CampaignRow.state == DELETING), 1
-        )
+        self._bury(campaign_id)
+
+    @_retried
+    def _bury(self, campaign_id: str) -> None:
+        """A DELETING campaign's last step: its row goes (on PostgreSQL, with all its
+        rows by cascade) and a :class:`DeletedCampaignRow` stays in its place."""
+        with self._transaction() as s:
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            if campaign is None or campaign.state != DELETING:
+                return  # buried already: a retry of a commit whose answer was lost
+            s.add(
+                DeletedCampaignRow(
+                    id=campaign.id,
+                    name=campaign.name,
+                    created_at=campaign.created_at,
+                    deleted_at=self._now(s),
+                )
+            )
+            # not the ORM's delete, which would first null the units' campaign ids
+            s.execute(delete(CampaignRow).where(CampaignRow.id == campaign_id))
 
     @_retried
     def _delete_batch(self, table: Any, where: Any, batch_rows: int) -> bool:
@@ -1545,7 +1592,7 @@ class Store:
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id)
             if campaign is None:
-                raise NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
+                raise self._no_campaign(campaign_id, s)
             manifest_sha = s.scalar(
                 select(ArtifactRow.sha256).where(
                     ArtifactRow.campaign_id == campaign_id, ArtifactRow.kind == "manifest"
@@ -1917,6 +1964,7 @@ def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
 __all__ = [
     "Artifact",
     "Campaign",
+    "CampaignDeletedError",
     "Outcome",
     "Prediction",
     "Result",

@@ -22,6 +22,7 @@ from db.store import (
     LEASE_HELD,
     Artifact,
     BeingDeletedError,
+    CampaignDeletedError,
     DeleteRefusedError,
     LeaseLostError,
     NotFoundError,
@@ -108,6 +109,20 @@ def test_migrations_create_every_table_and_round_trip(store_url: str) -> None:
     store.upgrade()
     store.upgrade()  # a second upgrade is a no-op
     assert migrate.current_revision(store.engine) == migrate.head_revision()
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_declare(store_url: str) -> None:
+    """What `orchard db upgrade` builds is what the code reads and writes: every table,
+    column, type, nullability, index and foreign key of ``db.models``, nothing else."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.models import Base
+
+    store = make_store(store_url)
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
 
 
 def test_unmigrated_database_is_reported_clearly(store_url: str) -> None:
@@ -1165,8 +1180,22 @@ def test_delete_removes_a_campaigns_rows_and_its_folders_records_only(store_url:
     assert store.find_artifact(shard.path) == replace(shard, campaign_id=None)
     assert store.find_artifact(other.path) == other
     assert len(store.units("t-2")) == len(units)
-    with pytest.raises(NotFoundError, match="no campaign 't-1'"):
-        store.delete_campaign("t-1", quiet_seconds=60)
+    # the store keeps the id: what names it is told it was deleted, not never there
+    when = store.deleted_at("t-1")
+    assert when is not None and abs((utcnow() - when).total_seconds()) < 60
+    assert store.deleted_at("t-2") is None and store.deleted_at("t-3") is None
+    gone = rf"^campaign t-1 was deleted \(`orchard delete`\) at {when:%Y-%m-%d %H:%M:%S} UTC$"
+    for again in (
+        lambda: store.delete_campaign("t-1", quiet_seconds=60),
+        lambda: store.get_campaign("t-1"),
+        lambda: store.resume_campaign("t-1"),
+        lambda: store.cancel_campaign("t-1"),
+    ):
+        with pytest.raises(CampaignDeletedError, match=gone):
+            again()
+    with pytest.raises(NotFoundError, match="^no campaign 't-3' in "):
+        store.get_campaign("t-3")
+    assert [c.id for c in store.list_campaigns()] == ["t-2"]
 
 
 def test_delete_refuses_a_running_campaign(store_url: str) -> None:
@@ -1421,6 +1450,7 @@ def test_a_delete_stopped_midway_is_finished_by_deleting_again(store_url: str) -
     again = store.delete_campaign("t-1", quiet_seconds=0)
     assert (again.state, again.units, again.artifacts) == ("DELETING", len(units), [])
     assert set(_rows_of(store, ids).values()) == {0} and store.find_campaign("t-1") is None
+    assert store.deleted_at("t-1") is not None
     assert store.find_campaign("t-2") is not None and len(store.units("t-2")) == len(source)
 
 

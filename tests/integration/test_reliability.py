@@ -522,6 +522,16 @@ def test_cancel_then_resume_then_resubmit_with_reuse(cluster: Cluster) -> None:
         assert gone.state == "DONE" and gone.files > 0
         assert not (artifacts / "campaigns" / deleted.id).exists()
         assert store.find_campaign(deleted.id) is None
+    # a message of a deleted campaign still in a queue: done with, not an error
+    from workers.app import make_app
+
+    late = [u for u in model_units if u.family == "svm"][0]
+    make_app(cluster.settings, with_tasks=False).send_task(
+        late.task, kwargs={"campaign_id": again.id, "unit_key": late.key}, queue=late.queue
+    )
+    dropped = f"{late.key}: its campaign was deleted (`orchard delete`): dropped"
+    cluster.wait_for(lambda: dropped in cluster.pool.log("cpu"), 60, "the late message")
+    assert f"{late.key}: rejected" not in cluster.pool.all_logs()
     # the cache stays, whole and recorded, for the next campaign over these images
     for shard in shards:
         record = store.find_artifact(shard.relative_to(artifacts).as_posix())

@@ -465,7 +465,9 @@ def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: P
     assert cache.read_bytes() == b"shared"  # the cache is every campaign's
     listed = orchard("status", env=env)
     assert running in listed.stdout and first not in listed.stdout and last not in listed.stdout
-    assert_one_line_error(orchard("delete", first, env=env), f"no campaign '{first}' in sqlite")
+    assert_one_line_error(
+        orchard("delete", first, env=env), f"campaign {first} was deleted (`orchard delete`) at "
+    )
 
 
 def test_delete_removes_a_deleted_campaigns_leftovers_and_nothing_else(tmp_path: Path) -> None:
@@ -629,7 +631,7 @@ def test_a_delete_killed_before_its_commit_leaves_the_campaign_whole(
     monkeypatch.setattr(Path, "touch", touch)
     assert main(["delete", cancelled]) == 0
     assert not folder.exists()
-    with pytest.raises(Exception, match="no campaign"):
+    with pytest.raises(Exception, match=f"^campaign {cancelled} was deleted"):
         store.get_campaign(cancelled)
     store.dispose()
 

@@ -4,6 +4,7 @@ every unit, so it must stay a few transactions."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -112,18 +113,31 @@ def test_a_unit_whose_campaign_is_deleted_while_it_runs_stops_quietly(
     assert store.find_unit(KEY) is None and store.find_artifact("campaigns/g-1/models/m.pt") is None
 
 
-def test_a_late_message_of_a_deleted_campaign_is_dropped_saying_why(
+def test_a_late_message_of_a_deleted_campaign_is_done_with_in_one_info_line(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message left in a queue when its campaign was deleted: nothing is wrong, so no
+    error and no reject (which Flower shows as a failure); the store knows the id."""
+    caplog.set_level("INFO")
+    _delete_the_campaign(store)
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), lambda ctx: None)
+    assert answer == {"unit": KEY, "state": "DELETED", "why": "campaign deleted: not run"}
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert f"{KEY}: its campaign was deleted (`orchard delete`): dropped" in caplog.messages
+
+
+def test_a_message_of_a_campaign_this_store_never_had_is_rejected_saying_why(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     from celery.exceptions import Reject
 
-    _delete_the_campaign(store)
+    message = UnitMessage(campaign_id="elsewhere-1", unit_key="elsewhere-1/svm/p0-f0")
     with pytest.raises(Reject):
-        run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), lambda ctx: None)
+        run_unit(OneDelivery(), message, lambda ctx: None)
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert error.endswith(
         "it was submitted to another database (the submitter's ORCHARD_DATABASE_URL must "
-        "name the workers' database), or deleted since (`orchard delete`). Message dropped"
+        "name the workers' database). Message dropped"
     )
 
 

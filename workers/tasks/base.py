@@ -531,23 +531,25 @@ def _stop_consuming(task: Task) -> str:
     return queue
 
 
-def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str:
-    """Why a unit is not in this worker's store, in one line: most often its campaign
-    was submitted to another database than the workers' (another ORCHARD_DATABASE_URL,
-    another ORCHARD_HOME), which the submitter cannot see."""
+def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str | None:
+    """Why a unit is not in this worker's store, in one line; None when its campaign
+    was deleted, or is being deleted (a message left in a queue: nothing is wrong).
+    Otherwise most often its campaign was submitted to another database than the
+    workers' (another ORCHARD_DATABASE_URL, another ORCHARD_HOME), which the submitter
+    cannot see."""
     try:
         campaign = store.find_campaign(message.campaign_id)
+        deleted = store.deleted_at(message.campaign_id) if campaign is None else None
     except StoreError:
         return str(exc)
-    if campaign is not None and campaign.state == DELETING:
-        return f"campaign {message.campaign_id} is being deleted (`orchard delete`): dropped"
+    if deleted is not None or (campaign is not None and campaign.state == DELETING):
+        return None
     if campaign is not None:
         return str(exc)
     return (
         f"campaign {message.campaign_id} is not in this worker's store "
         f"({mask_url(store.url)}): it was submitted to another database (the submitter's "
-        "ORCHARD_DATABASE_URL must name the workers' database), or deleted since "
-        "(`orchard delete`). Message dropped"
+        "ORCHARD_DATABASE_URL must name the workers' database). Message dropped"
     )
 
 
@@ -593,6 +595,10 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
     except NotFoundError as exc:
         # a message for a unit this store never had: it can never run here
         reason = _unknown_unit(store, message, exc)
+        if reason is None:
+            # a message sent before its campaign was deleted: done with, as its unit is
+            log.info("%s: its campaign was deleted (`orchard delete`): dropped", key)
+            return {"unit": key, "state": "DELETED", "why": "campaign deleted: not run"}
         log.error("%s: rejected: %s", key, reason)
         raise Reject("not in this worker's store (see the error above)", requeue=False) from None
     except StoreError as exc:
