@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Alembic logs "setup plugin alembic.autogenerate.…" at INFO, seven lines, as it is
@@ -13,7 +15,7 @@ from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
-from sqlalchemy import Engine, text  # noqa: E402
+from sqlalchemy import Connection, Engine, text  # noqa: E402
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any fixed number works; it only has to be the same for every orchard process.
@@ -37,7 +39,8 @@ def known_revisions() -> set[str]:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+    # read-only: on SQLite a deferred BEGIN, not the write lock every check would take
+    with engine.connect().execution_options(orchard_read_only=True) as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -49,11 +52,41 @@ class UnknownRevisionError(Exception):
         self.revision = revision
 
 
+class BrokenReferencesError(Exception):
+    """A migration on SQLite left rows that refer to rows no longer there."""
+
+
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """One transaction for a migration. On SQLite with foreign keys off: SQLite cannot
+    alter or drop a column in place, so Alembic rebuilds such a table (a copy, the old
+    table dropped, the copy renamed), and with foreign keys on, dropping ``units`` or
+    ``campaigns`` would delete every row referring to them by cascade: every result,
+    prediction and metric. SQLite ignores the pragma inside a transaction, so it is set
+    before the BEGIN; the references are checked before the commit."""
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").all()):
+                    table, rowid, parent, _ = broken[0]
+                    raise BrokenReferencesError(
+                        f"{len(broken)} row(s) refer to rows no longer there (the first: "
+                        f"{table} row {rowid}, in {parent}): nothing was changed"
+                    )
+        finally:
+            if sqlite:
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision``; safe when several processes do it at once.
     Returns the revision it found (None: no schema yet), read under the same lock."""
     config = _config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         if conn.dialect.name == "postgresql":
             # two schedulers starting together must not both create the tables
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
@@ -67,6 +100,6 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
 
 def downgrade(engine: Engine, revision: str) -> None:
     config = _config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, revision)

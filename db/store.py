@@ -489,6 +489,8 @@ class Store:
             before = migrate.upgrade(self.engine)
         except migrate.UnknownRevisionError as exc:
             raise SchemaError(self._newer_schema(exc.revision)) from None
+        except migrate.BrokenReferencesError as exc:
+            raise SchemaError(f"database {mask_url(self.url)}: {exc}") from None
         except (OperationalError, DBAPIError) as exc:
             raise self._unreachable(exc) from None
         return before, migrate.head_revision()

@@ -1150,6 +1150,56 @@ def _unit_ids(store: Store, campaign_id: str) -> list[int]:
         )
 
 
+def test_migrations_down_and_up_keep_every_row(store_url: str) -> None:
+    """SQLite cannot drop a column in place: Alembic rebuilds the table (copy, drop,
+    rename), and with foreign keys on, dropping ``units`` deleted every row under it by
+    cascade. Each step down to the first schema and back keeps every row."""
+    store = make_store(store_url)
+    units = seed_campaign(store, "t-1")
+    key = units[-2].key
+    _finish(store, key)
+    store.record_metrics(key, 1, {"loss": 0.5})
+    ids = _unit_ids(store, "t-1")
+    before = _rows_of(store, ids)
+    assert before["results"] == before["metrics"] == 1 and before["predictions"] == 2
+    revisions = sorted(migrate.known_revisions())
+    for revision in reversed(revisions[:-1]):
+        migrate.downgrade(store.engine, revision)
+        assert _rows_of(store, ids) == before, revision
+    store.upgrade()
+    assert _rows_of(store, ids) == before
+    assert store.results("t-1")[key].val_acc == outcome().val_acc
+    if store.engine.dialect.name == "sqlite":  # the store's connections check references again
+        with store.engine.connect() as conn, pytest.raises(IntegrityError):
+            conn.execute(
+                text(
+                    "INSERT INTO results (unit_id, fit_seconds, extra, created_at) "
+                    "VALUES (999999, 1.0, '{}', '2026-01-01 00:00:00')"
+                )
+            )
+
+
+def test_a_sqlite_migration_that_leaves_broken_references_changes_nothing(
+    sqlite_url: str,
+) -> None:
+    store = Store(sqlite_url)
+    migrate.upgrade(store.engine, "0004")
+    with store.engine.connect() as conn:  # a row whose unit is gone, as a bad rebuild leaves
+        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql(
+            "INSERT INTO metrics (unit_id, name, step, value) VALUES (999, 'loss', 0, 0.5)"
+        )
+        conn.commit()
+        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+    with pytest.raises(StoreError) as info:
+        store.upgrade()
+    assert str(info.value) == (
+        f"database {mask_url(sqlite_url)}: 1 row(s) refer to rows no longer there (the "
+        "first: metrics row 1, in units): nothing was changed"
+    )
+    assert migrate.current_revision(store.engine) == "0004"
+
+
 def test_delete_removes_a_campaigns_rows_and_its_folders_records_only(store_url: str) -> None:
     store = make_store(store_url)
     units = seed_campaign(store, "t-1")
