@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from shared.datasets import MAX_IMAGE_ID_CHARS
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -145,7 +147,7 @@ class PredictionRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
     split: Mapped[str] = mapped_column(String(8))  # "val" or "test"
-    image_id: Mapped[str] = mapped_column(String(255))
+    image_id: Mapped[str] = mapped_column(String(MAX_IMAGE_ID_CHARS))
     label: Mapped[int] = mapped_column(Integer)
     pred: Mapped[int] = mapped_column(Integer)
     probs: Mapped[list[Any] | None]

@@ -441,6 +441,19 @@ def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinity) as None, in lists
+    and dicts too: SQLite keeps a NaN as NULL and PostgreSQL's JSON refuses one, so both
+    stores keep None, as the results of a model with nothing to score."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _aware(moment: datetime | None) -> datetime | None:
     # SQLite hands timezone-aware columns back naive; everything orchard writes is UTC
     if moment is not None and moment.tzinfo is None:
@@ -566,7 +579,10 @@ class Store:
             if _is_transient(exc):
                 raise _TransientError(str(self._unreachable(exc))) from None
             if isinstance(exc, OperationalError):
-                raise self._unreachable(exc) from None
+                # reached, and it answered no: a read-only file, a full disk, a table
+                # gone; not "unreachable", which sends one looking for the server
+                reason = str(exc.orig).strip().splitlines()[0]
+                raise StoreError(f"database {mask_url(self.url)} refused: {reason}") from None
             raise
         finally:
             session.close()
@@ -1213,7 +1229,9 @@ class Store:
 
     @_retried
     def record_metrics(self, key: str, step: int, values: dict[str, float]) -> None:
-        """Upsert one step's numbers; a re-run of the same step overwrites them."""
+        """Upsert one step's numbers; a re-run of the same step overwrites them. A value
+        that is not a finite number (the loss of an empty validation set) is left out,
+        on both databases (SQLite would store NaN as NULL, which the column refuses)."""
         with self._transaction() as s:
             unit_id = self._unit_id(s, key)
             s.execute(
@@ -1222,7 +1240,10 @@ class Store:
             rows = [
                 {"unit_id": unit_id, "name": name, "step": step, "value": float(value)}
                 for name, value in values.items()
+                if math.isfinite(value)
             ]
+            if not rows:
+                return
             insert = _insert(s)(MetricRow).values(rows)
             s.execute(
                 insert.on_conflict_do_update(
@@ -1275,13 +1296,13 @@ class Store:
                 _insert(s)(ResultRow)
                 .values(
                     unit_id=unit.id,
-                    train_acc=outcome.train_acc,
-                    val_acc=outcome.val_acc,
-                    test_acc=outcome.test_acc,
+                    train_acc=_finite(outcome.train_acc),
+                    val_acc=_finite(outcome.val_acc),
+                    test_acc=_finite(outcome.test_acc),
                     val_confusion=outcome.val_confusion,
                     test_confusion=outcome.test_confusion,
                     fit_seconds=outcome.fit_seconds,
-                    extra=outcome.extra,
+                    extra=_finite(outcome.extra),
                     created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["unit_id"])
@@ -1296,7 +1317,12 @@ class Store:
                     "image_id": p.image_id,
                     "label": p.label,
                     "pred": p.pred,
-                    "probs": p.probs,
+                    # probabilities with a NaN are none: the label alone (a blend
+                    # that averages probabilities leaves the model out, as a forest
+                    # without them)
+                    "probs": p.probs
+                    if p.probs is None or all(map(math.isfinite, p.probs))
+                    else None,
                 }
                 for split, predictions in outcome.predictions.items()
                 for p in predictions

@@ -28,6 +28,7 @@ benchmark can load it on a bare GPU image.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -715,6 +716,10 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+class TrainingDivergedError(ArithmeticError):
+    """A fold's training loss became NaN or infinite: its weights with it."""
+
+
 def train_fold(
     train_images: np.ndarray,
     train_labels: np.ndarray,
@@ -779,6 +784,12 @@ def train_fold(
             generator=generator,
             transform=transform,
         )
+        if not math.isfinite(train_loss):
+            # its weights are NaN from here on: every epoch left would be spent for nothing
+            raise TrainingDivergedError(
+                f"the training diverged in epoch {epoch + 1}: its loss is {train_loss} "
+                f"(lr = {params['lr']}: a smaller one may train)"
+            )
         val_loss, val_acc, _ = evaluate(model, x_val, y_val)
         stats = EpochStats(
             epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - epoch_start

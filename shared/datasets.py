@@ -135,6 +135,10 @@ def _is_utf8(name: str) -> bool:
 
 NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
+#: The longest image id the store keeps (a column of that width on PostgreSQL): an
+#: image folder's id is the image's path under the dataset's root.
+MAX_IMAGE_ID_CHARS = 255
+
 
 def _escaped_controls(name: str) -> str:
     """``name`` with every control character, newline and tab too, written ``\\x0a``: a
@@ -360,6 +364,14 @@ class ImageFolderDataset:
                             _escaped_controls(image_id), split, _escaped_controls(str(path)), reason
                         )
                         self._missing.append(shown)
+                        continue
+                    if len(image_id) > MAX_IMAGE_ID_CHARS:
+                        reason = (
+                            f"its path under the dataset's root is {len(image_id)} characters, "
+                            f"more than the {MAX_IMAGE_ID_CHARS} an image id may have "
+                            "(shorten its folders' or its own name)"
+                        )
+                        self._missing.append(Skipped(image_id, split, str(path), reason))
                         continue
                     _inside(self.root, path, "image")
                     samples.append(Sample(image_id, class_dir.name, split, path))

@@ -77,7 +77,10 @@ def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[s
         except Exception as exc:  # the broker is away
             if unit.lost_in == "RUNNING":  # its delivery died with it: advance sends it
                 log.error("%s: not sent again, left to the next stage opening: %s", unit.key, exc)
-                store.unclaim([unit.key])
+                try:
+                    store.unclaim([unit.key])
+                except StoreError as store_exc:  # the units sent so far are still marked
+                    log.error("%s: left QUEUED: %s", unit.key, store_exc)
             else:
                 # an earlier message may still be there (the broker was away, not the
                 # message): left QUEUED and unsent, that message runs it, or a later

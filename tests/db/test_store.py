@@ -1200,6 +1200,33 @@ def test_a_sqlite_migration_that_leaves_broken_references_changes_nothing(
     assert migrate.current_revision(store.engine) == "0004"
 
 
+def test_numbers_that_are_not_finite_are_kept_alike_by_both_stores(store_url: str) -> None:
+    """NaN (an empty validation set's loss, a model that predicts nothing sensible):
+    SQLite would keep it as NULL, which a metric's column refuses, and PostgreSQL's JSON
+    refuses it outright. Both leave such a metric out, keep None in a result, and keep a
+    prediction's label without probabilities that hold one."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[-2].key
+    deliver(store, key, worker="w", task_id="t", holder="h")
+    nan, inf = float("nan"), float("inf")
+    store.record_metrics(key, 0, {"train_loss": 0.5, "val_loss": nan, "val_acc": inf})
+    store.record_metrics(key, 1, {"val_loss": nan})
+    assert store.metrics(key) == {"train_loss": [(0, 0.5)]}
+    done = Outcome(
+        fit_seconds=1.0,
+        train_acc=0.5,
+        val_acc=nan,
+        extra={"scores": [0.5, nan], "loss": {"last": inf}},
+        predictions={"val": [Prediction("a.jpg", 0, 1, [nan, 0.5, 0.5])]},
+    )
+    assert store.finish_unit(key, done, holder="h")
+    result = store.results("t-1")[key]
+    assert (result.train_acc, result.val_acc) == (0.5, None)
+    assert result.extra == {"scores": [0.5, None], "loss": {"last": None}}
+    [prediction] = store.predictions(key, "val")
+    assert (prediction.pred, prediction.probs) == (1, None)  # the label, without them
+
+
 def test_delete_removes_a_campaigns_rows_and_its_folders_records_only(store_url: str) -> None:
     store = make_store(store_url)
     units = seed_campaign(store, "t-1")

@@ -18,6 +18,7 @@ from shared.cnn import (
     STUDY_STD,
     EpochStats,
     MangoCNN,
+    TrainingDivergedError,
     build_model,
     feature_side,
     make_optimizer,
@@ -275,6 +276,31 @@ def test_train_fold_reports_each_epoch():
     )
     assert seen == outcome.history
     assert outcome.test_probs.shape == (0, 3)
+
+
+def test_a_fold_whose_training_diverges_stops_at_that_epoch_saying_so():
+    """A loss gone NaN takes the weights with it: the fold stops at once (not after
+    its remaining epochs, hours on a GPU), in a line the unit's error shows."""
+    x, y = _colour_images(24, seed=0)
+    seen: list[EpochStats] = []
+    with pytest.raises(TrainingDivergedError) as info:
+        train_fold(
+            x[:18],
+            y[:18],
+            x[18:],
+            y[18:],
+            x[:0],
+            {**TINY, "lr": 1e6},
+            num_classes=3,
+            seed=0,
+            device=CPU,
+            on_epoch=seen.append,
+        )
+    assert str(info.value) == (
+        "the training diverged in epoch 1: its loss is nan (lr = 1000000.0: a smaller one "
+        "may train)"
+    )
+    assert seen == []
 
 
 # ---------------------------------------------------------------- it learns

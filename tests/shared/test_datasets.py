@@ -345,3 +345,27 @@ def test_imagefolder_an_image_name_with_a_control_character_is_skipped(
     assert skipped.path == f"{tmp_path.resolve()}/{shown}"
     assert skipped.reason == f"file name holds a control character ({control}; rename it)"
     assert not any(c in skipped.image_id + skipped.path for c in "\n\r\x1b\x07")
+
+
+def test_imagefolder_an_image_whose_id_is_longer_than_the_store_keeps_is_skipped(
+    tmp_path: Path,
+) -> None:
+    """An image's id is its path under the root, which nested folders can make longer
+    than the store's image ids (255 characters: PostgreSQL would refuse the predictions
+    of every unit after it trained): skipped at submit, saying why."""
+    from shared.datasets import MAX_IMAGE_ID_CHARS
+
+    for name in ["A/1.jpg", "B/1.jpg"]:
+        write_image(tmp_path / name)
+    longest = "A/" + "d" * 200 + "/" + "x" * (MAX_IMAGE_ID_CHARS - 207) + ".jpg"
+    too_long = "B/" + "d" * 200 + "/" + "x" * (MAX_IMAGE_ID_CHARS - 206) + ".jpg"
+    for name in (longest, too_long):
+        write_image(tmp_path / name)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(longest) == MAX_IMAGE_ID_CHARS and len(too_long) == MAX_IMAGE_ID_CHARS + 1
+    assert [s.image_id for s in ds.samples()] == ["A/1.jpg", longest, "B/1.jpg"]
+    [skipped] = ds.missing()
+    assert skipped.image_id == too_long and skipped.reason == (
+        "its path under the dataset's root is 256 characters, more than the 255 an image "
+        "id may have (shorten its folders' or its own name)"
+    )

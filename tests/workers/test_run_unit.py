@@ -34,7 +34,13 @@ class OneDelivery:
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    return _seeded(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, monkeypatch)
+
+
+def _seeded(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A store with campaign g-1 (two SVM points queued, a report), which ``run_unit``
+    in this process uses as its worker's."""
+    store = Store(url)
     store.upgrade()
     units = [
         UnitPlan(KEY, "svm", 1, 0, {"C": 2.0, "variant": "resize16"}, "p0"),
@@ -139,6 +145,34 @@ def test_a_message_of_a_campaign_this_store_never_had_is_rejected_saying_why(
         "it was submitted to another database (the submitter's ORCHARD_DATABASE_URL must "
         "name the workers' database). Message dropped"
     )
+
+
+def test_a_worker_with_a_long_node_name_runs_its_units_on_either_store(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--name` with a long fully qualified host name: PostgreSQL refuses a worker or a
+    lease holder wider than its column, so the store keeps the name cut, with a hash of
+    the whole, and a dead process's leases are still found by its prefix."""
+    store = _seeded(store_url, tmp_path, monkeypatch)
+    delivery = OneDelivery()
+    delivery.request.hostname = "cpu@" + "node-" * 50 + "a.example.org"
+    answer = run_unit(
+        delivery,
+        UnitMessage(campaign_id="g-1", unit_key=KEY),
+        lambda ctx: Outcome(0.01, val_acc=1.0, predictions={"val": [Prediction("a", 0, 0)]}),
+    )
+    assert answer["recorded"]
+    worker = store.get_unit(KEY).worker
+    assert worker == base.node_label(delivery.request.hostname)
+    assert len(worker) == base.MAX_NODE_NAME and worker.startswith("cpu@node-node-")
+    other = delivery.request.hostname.replace("a.example", "b.example")
+    assert base.node_label(other) != worker and len(base.node_label(other)) == len(worker)
+    assert base.node_label("cpu@h") == "cpu@h"
+
+    second = "g-1/svm/p1/f0"
+    holder = base.holder_prefix(delivery.request.hostname, 4242) + "abcdef12"
+    assert store.start_unit(second, worker=worker, task_id="t2", holder=holder).run
+    assert store.release_leases_of(base.holder_prefix(delivery.request.hostname, 4242)) == 1
 
 
 def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_taking(
@@ -246,3 +280,29 @@ def test_a_failure_s_recorded_error_stays_one_short_line() -> None:
     line = base._one_line(ValueError("\r\n" + "x" * 5000 + "\nsecond"))
     assert line.startswith("ValueError: xxx") and "\n" not in line and "\r" not in line
     assert len(line) == 2000
+
+
+def test_a_dead_child_s_lease_release_does_not_hold_the_event_loop_for_a_slow_store(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It runs on the worker's event loop, where a store that takes its time (retries
+    for a minute) would stall every other message: the loop goes on after a short wait,
+    and the release still happens when the store answers."""
+    import threading
+
+    answer, released = threading.Event(), threading.Event()
+
+    class SlowStore:
+        def release_leases_of(self, prefix: str) -> int:
+            assert prefix == "cpu@h/4242/"
+            answer.wait(60)
+            released.set()
+            return 1
+
+    monkeypatch.setattr(base, "worker_store", SlowStore)
+    monkeypatch.setattr(base, "RELEASE_WAIT_SECONDS", 0.05)
+    base._release_leases_of_dead_child("cpu@h", 4242)
+    assert not released.is_set()  # returned while the store had not answered
+    assert "the store is slow to release its lease" in caplog.text
+    answer.set()
+    assert released.wait(60)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -416,10 +417,26 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
     return _read_manifest(path, record.sha256)
 
 
+#: The longest worker node name the store keeps whole (its units' ``worker`` and lease
+#: holders are 200 characters wide, the holder with a pid and an id after the name).
+MAX_NODE_NAME = 150
+
+
+def node_label(hostname: str | None) -> str:
+    """A worker's node name as the store keeps it: whole up to :data:`MAX_NODE_NAME`
+    characters; a longer one (``--name`` with a long fully qualified host name) cut,
+    with a hash of the whole after a ``~``, so that two such workers stay apart."""
+    name = hostname or "?"
+    if len(name) <= MAX_NODE_NAME:
+        return name
+    digest = hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
+    return f"{name[: MAX_NODE_NAME - len(digest) - 1]}~{digest}"
+
+
 def holder_prefix(hostname: str | None, pid: int) -> str:
     """The start of the lease holder of every delivery process ``pid`` of worker
     ``hostname`` runs (each adds an id of its own)."""
-    return f"{hostname or '?'}/{pid}/"
+    return f"{node_label(hostname)}/{pid}/"
 
 
 class UnitRequest(Request):
@@ -433,17 +450,41 @@ class UnitRequest(Request):
         if isinstance(exc, ExceptionWithTraceback):  # as Celery's own handler unwraps it
             exc = exc.exc
         if isinstance(exc, WorkerLostError) and self.worker_pid:
-            prefix = holder_prefix(self.hostname, self.worker_pid)
-            try:
-                released = worker_store().release_leases_of(prefix)
-            except Exception as exc:  # noqa: BLE001 - the lease then runs out by itself
-                main_log.warning("lease of dead child %d not released: %s", self.worker_pid, exc)
-            else:
-                if released:
-                    main_log.warning(
-                        "child %d was lost mid-unit; its unit is sent again now", self.worker_pid
-                    )
+            _release_leases_of_dead_child(self.hostname, self.worker_pid)
         return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+#: How long the worker's event loop waits for a dead child's leases to be released
+#: before its message goes back to the broker.
+RELEASE_WAIT_SECONDS = 1.0
+
+
+def _release_leases_of_dead_child(hostname: str | None, pid: int) -> None:
+    """End the leases of the units child ``pid`` held, before its message is requeued
+    (so the next delivery runs at once). In a thread, waited for at most
+    :data:`RELEASE_WAIT_SECONDS`: this runs on the worker's event loop, which must not
+    block for a store that is slow or away (its retries take a minute); the lease is
+    then released later, or runs out, and the next delivery waits for it."""
+    done = threading.Event()
+
+    def release() -> None:
+        try:
+            released = worker_store().release_leases_of(holder_prefix(hostname, pid))
+        except Exception as exc:  # noqa: BLE001 - the lease then runs out by itself
+            main_log.warning("lease of dead child %d not released: %s", pid, exc)
+        else:
+            if released:
+                main_log.warning("child %d was lost mid-unit; its unit is sent again now", pid)
+        finally:
+            done.set()
+
+    threading.Thread(target=release, name=f"release leases of child {pid}", daemon=True).start()
+    if not done.wait(RELEASE_WAIT_SECONDS):
+        main_log.warning(
+            "child %d was lost mid-unit; the store is slow to release its lease, so its "
+            "unit starts again once it has (or the lease runs out)",
+            pid,
+        )
 
 
 def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
@@ -586,7 +627,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         store = worker_store()
         start = store.start_unit(
             key,
-            worker=task.request.hostname or "?",
+            worker=node_label(task.request.hostname),
             task_id=task.request.id,
             holder=holder,
             lease_seconds=rules.lease_seconds,
