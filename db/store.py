@@ -1115,7 +1115,10 @@ class Store:
             ):
                 wait = (expires - now).total_seconds()
                 return Start(False, row.attempts, row.state, reason="leased", retry_in=wait)
-            if max_attempts is not None and row.attempts >= max_attempts:
+            # this very call, retried after its commit's answer was lost: holders are
+            # one per delivery, so the start it made counts once
+            again = holder is not None and row.state == RUNNING and row.lease_holder == holder
+            if max_attempts is not None and row.attempts >= max_attempts and not again:
                 row.state, row.finished_at = FAILED, now
                 row.lease_holder = row.lease_expires_at = None
                 row.error = (
@@ -1131,7 +1134,7 @@ class Store:
                 ).all()
             )
             row.state = RUNNING
-            row.attempts += 1
+            row.attempts += 0 if again else 1
             row.worker = worker
             row.task_id = task_id
             row.started_at = row.heartbeat_at = now

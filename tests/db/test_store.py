@@ -371,6 +371,19 @@ def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
     assert store.renew_lease(key, "d2", 30) == "lost"  # never held it
 
 
+def test_a_start_made_again_by_its_own_delivery_counts_once(store_url: str) -> None:
+    """The store retries a start whose commit's answer was lost (the connection dropped
+    after COMMIT): the same delivery, so neither a second attempt nor "gave up" at the
+    last one; another delivery is still turned away."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    first = deliver(store, key, worker="w1", task_id="t", holder="d1", max_attempts=1)
+    again = store.start_unit(key, worker="w1", task_id="t", holder="d1", max_attempts=1)
+    assert (first.run, first.attempts) == (again.run, again.attempts) == (True, 1)
+    other = store.start_unit(key, worker="w2", task_id="t", holder="d2", max_attempts=1)
+    assert not other.run and other.reason == "leased"
+
+
 def test_an_expired_lease_is_taken_over_and_the_old_holder_finds_out(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
