@@ -37,6 +37,9 @@ from urllib.parse import parse_qsl, urlsplit
 from shared.errors import OrchardError
 from shared.plan import TASKS
 from shared.settings import Settings, env_number, mask_url
+from workers import fs_transport
+
+fs_transport.install()  # every process that configures Celery: workers, submitters, Flower
 
 #: Longest a single unit may take before Redis re-delivers it (a CNN fold at full size
 #: takes hours on a slow card). Override with ORCHARD_VISIBILITY_TIMEOUT (seconds).
