@@ -128,6 +128,7 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         store.dispose()
     run = workers = None
     cancelled = False
+    stop_signals = _StopSignals()
     try:
         # submitted before the workers start: a dataset it cannot use stops the demo with
         # nothing started; the first stage waits in the broker for them
@@ -135,22 +136,33 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         workers = Workers(settings, _worker_specs())
         print(f"campaign {run.id} submitted ({campaign}); logs in {workers.logs}")
         status = run.wait(timeout=timeout, progress=True, check=workers.check)
-    except (OrchardError, KeyboardInterrupt) as exc:
+    except (OrchardError, KeyboardInterrupt, _Stopped) as exc:
+        stop_signals.ignore()  # a second TERM must not cut the cleanup short
         if run is None:  # nothing of ours to clean up
+            if isinstance(exc, _Stopped):
+                return 128 + exc.signum
             raise
         # the demo's campaign is cancelled before its workers stop: left RUNNING, the
         # next demo's workers would finish it before starting their own
-        why = str(exc) if isinstance(exc, OrchardError) else "interrupted"
+        why = "interrupted"
+        if isinstance(exc, OrchardError):
+            why = str(exc)
+        elif isinstance(exc, _Stopped):
+            why = f"stopped by {exc}"
         logs = settings.home / "logs"
         outcome = _cancel(run)
         # what the workers run is of a cancelled campaign now: a cold shutdown, else the
         # warm one waits for it (the filesystem broker carries no revoke to the workers)
         cancelled = outcome.startswith("cancelled ")
         print(f"orchard demo: {why}; {outcome}. Logs in {logs}", file=sys.stderr)
+        if isinstance(exc, _Stopped):
+            return 128 + exc.signum  # as a shell reports a process the signal ended
         return 1 if isinstance(exc, OrchardError) else 130
     finally:
+        stop_signals.ignore()
         if workers is not None:
             workers.stop(cold=cancelled)
+        stop_signals.restore()
     print(f"campaign {run.id}: {status.campaign.state}")
     failed = [u for u in status.units if u.state != "SUCCESS"]
     for unit in failed:
@@ -161,6 +173,39 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         print(f"report: {report}")
         print(f"        {report.with_suffix('.md')}")
     return 0 if status.campaign.state == "DONE" and report is not None else 1
+
+
+class _Stopped(Exception):  # noqa: N818 - a stop, not an error
+    """The demo was sent SIGTERM (``timeout``, ``kill``, a CI job's end) or SIGHUP (its
+    terminal closed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does: its campaign cancelled, its
+    workers (in sessions of their own, which no terminal or process group signal
+    reaches) stopped. Without this, the default action ended the demo alone and left
+    its workers running its campaign."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.previous = {s: signal.signal(s, self._raise) for s in self.SIGNALS}
+
+    @staticmethod
+    def _raise(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    def ignore(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _worker_specs() -> list[tuple[str, list[str]]]:
