@@ -42,6 +42,7 @@ from torch import nn
 from shared.augment import AugmentParams, augment_batch, constant, sample_params
 from shared.cnn_shape import BLOCK_CHANNELS, DENSE_FEATURES, feature_side
 from shared.cnn_shape import scaled as _scaled
+from shared.errors import OrchardError
 
 STUDY_MEAN = (0.485, 0.456, 0.406)
 STUDY_STD = (0.229, 0.256, 0.225)  # sic: the study's value for green
@@ -716,7 +717,7 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-class TrainingDivergedError(ArithmeticError):
+class TrainingDivergedError(OrchardError, ArithmeticError):
     """A fold's training loss became NaN or infinite: its weights with it."""
 
 

@@ -611,6 +611,11 @@ def test_an_image_changed_after_submit_never_reaches_the_cache(cluster: Cluster)
     assert f"{image}: changed since the campaign was submitted" in shard.error
     assert cluster.store.find_artifact(shard_rel(manifest, 0)) is None
     assert status.campaign.state != "DONE"
+    # the worker's log says it in orchard's line and Celery's, without a traceback
+    log = cluster.pool.log("cpu")
+    assert f"{shard.key} failed after " in log
+    assert "raised expected: PreprocessError(" in log
+    assert "raised unexpected: PreprocessError(" not in log
 
 
 def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: Cluster) -> None:

@@ -72,7 +72,7 @@ from db.store import (
 )
 from scheduler.canvas import advance
 from shared.artifacts import read_if_intact
-from shared.errors import visible_controls
+from shared.errors import OrchardError, visible_controls
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
@@ -493,7 +493,12 @@ def unit_task(name: str) -> Callable[[Callable[[UnitContext], Outcome]], Task]:
     def register(body: Callable[[UnitContext], Outcome]) -> Task:
         # max_retries=None: `task.retry(max_retries=None)` means "the task's limit",
         # which Celery otherwise sets to 3; the retries that must stop give their own
-        @app.task(name=name, bind=True, max_retries=None, Request=UnitRequest)
+        # throws: a failure that is the unit's input or settings (a changed image, a
+        # diverged training), recorded in one line, is logged by Celery in one line
+        # too, not with a traceback as an error in orchard
+        @app.task(
+            name=name, bind=True, max_retries=None, Request=UnitRequest, throws=(OrchardError,)
+        )
         @functools.wraps(body)
         def task(self: Task, **kwargs: Any) -> dict[str, Any]:
             try:
