@@ -463,6 +463,15 @@ def _check_campaign_id(campaign_id: str) -> None:
         ) from None
 
 
+def _check_reliability() -> None:
+    """ORCHARD_LEASE_SECONDS, ORCHARD_MAX_ATTEMPTS, ORCHARD_VISIBILITY_TIMEOUT: one line
+    for a bad one before anything else is looked at (a dry run checks what a submit
+    does)."""
+    from workers.config import reliability
+
+    reliability()
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from scheduler.api import submit
 
@@ -472,8 +481,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 "--dry-run records nothing, so --reuse has nothing to copy into: leave one out"
             )
         _check_urls()  # their syntax: a dry run connects to neither
+        _check_reliability()
         return _dry_run(args.file)
     _check_urls()
+    _check_reliability()
     run = submit(args.file, reuse=args.reuse)
     try:
         print(run.id, flush=True)
@@ -1266,6 +1277,8 @@ def _check_worker_start():  # noqa: ANN202 - Settings
 
     settings = load_settings()
     _check_urls()
+    reliability()  # the environment's own mistakes first, before the store's
+    torch_threads()
     if not os.environ.get("ORCHARD_DATABASE_URL"):
         from db.urls import require_sqlite_file
 
@@ -1273,8 +1286,6 @@ def _check_worker_start():  # noqa: ANN202 - Settings
         # is a store of its own, whose workers drop every message of the cluster's
         require_sqlite_file(settings.database_url, for_worker=True)
     store = _store(existing=True)
-    reliability()
-    torch_threads()
     # its app makes a filesystem broker's folders: only once the rest is known good
     from workers.app import app, check_broker_reachable
 

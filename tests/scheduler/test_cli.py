@@ -780,3 +780,24 @@ def test_a_worker_whose_artifacts_lack_a_running_campaign_s_manifest_is_refused(
         f"manifest {elsewhere / 'campaigns' / running / 'manifest.json'} is not there: a "
         "worker must use the folder the campaigns are submitted with",
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (("submit", "CAMPAIGN", "--dry-run"), "ORCHARD_MAX_ATTEMPTS", "0"),
+        (("submit", "CAMPAIGN"), "ORCHARD_LEASE_SECONDS", "1m"),
+        (("worker",), "ORCHARD_VISIBILITY_TIMEOUT", "abc"),
+    ],
+)
+def test_a_bad_reliability_variable_is_told_first_and_creates_nothing(
+    tmp_path: Path, tiny_campaign: Path, command: tuple[str, ...], variable: str, value: str
+) -> None:
+    """A dry run checks it as the submit would (it passed, and the submit then
+    refused); a worker on a fresh home says it before "no store yet", not after."""
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home), variable: value}
+    env |= {k: "" for k in ("ORCHARD_DATABASE_URL", "ORCHARD_BROKER_URL", "ORCHARD_ARTIFACTS")}
+    args = [str(tiny_campaign) if a == "CAMPAIGN" else a for a in command]
+    assert_one_line_error(orchard(*args, env=env), f"{variable}={value!r}: expected ")
+    assert not home.exists()
