@@ -218,7 +218,8 @@ class CampaignRun:
                 if deadline is not None and time.monotonic() > deadline:
                     status = self.status()
                     raise WaitTimeout(
-                        f"campaign {self.id} not finished after {timeout:.0f} s: "
+                        f"campaign {self.id} not finished after "
+                        f"{f'{timeout:.0f}' if timeout >= 1 else f'{timeout:.2g}'} s: "
                         f"{_in_words(status.counts())}",
                         status,
                     )

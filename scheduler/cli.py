@@ -238,7 +238,11 @@ def _parser() -> argparse.ArgumentParser:
         "seconds, validation accuracy, the epoch of a running CNN fold). Piped, it prints "
         "plain columns.",
     )
-    p.add_argument("campaign", nargs="?", help=CAMPAIGN_ID + "; without it, every campaign")
+    p.add_argument(
+        "campaign",
+        nargs="?",
+        help=CAMPAIGN_ID + "; without it, the list of campaigns (newest first)",
+    )
     p.add_argument(
         "--watch", action="store_true", help="refresh until the campaign finishes (needs its id)"
     )

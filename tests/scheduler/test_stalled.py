@@ -74,6 +74,8 @@ def test_wait_s_timeout_counts_the_units_in_words(run: CampaignRun) -> None:
         == f"campaign {CID} not finished after 0 s: 1 running, 1 queued, 5 pending"
     )
     assert isinstance(raised.value, OrchardError)
+    with pytest.raises(api.WaitTimeout, match=f"^campaign {CID} not finished after 0.01 s: "):
+        run.wait(timeout=0.01, poll=0)  # not "after 0 s"
     assert raised.value.status.counts()["RUNNING"] == 1
     with pytest.raises(ValueError, match="at least 0"):
         run.wait(timeout=-1)
