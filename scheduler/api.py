@@ -138,12 +138,21 @@ class CampaignRun:
             f"queue{'s' if len(queues) > 1 else ''} {waits}. Is a "
             f"worker for {'that queue' if len(queues) == 1 else 'those queues'} running, "
             f"with ORCHARD_DATABASE_URL={mask_url(self.settings.database_url)} and "
-            f"ORCHARD_BROKER_URL={mask_url(self.settings.broker_url)}? (A worker on "
+            f"ORCHARD_BROKER_URL={mask_url(self.settings.broker_url)}{self._prefix_said()}? "
+            "(A worker on "
             "another database drops the units as unknown, with an error in its log; a "
             "broker restarted without persistence loses them. A worker of this database, "
             "once it consumes the queue, sends them again within five lease periods; "
             f"`orchard resume {self.id}` sends them now.)"
         )
+
+    def _prefix_said(self) -> str:
+        """On Redis, the key prefix too: a worker with another ORCHARD_REDIS_PREFIX
+        listens on other queues, and never sees these units."""
+        if self.settings.broker_is_filesystem:
+            return ""
+        prefix = os.environ.get("ORCHARD_REDIS_PREFIX")
+        return f" and ORCHARD_REDIS_PREFIX={prefix}" if prefix else " and no ORCHARD_REDIS_PREFIX"
 
     def epochs(self, status: CampaignStatus | None = None) -> dict[str, str]:
         """unit key -> "epoch i/n" for each running CNN fold that has reported one (of

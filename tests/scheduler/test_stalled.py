@@ -45,10 +45,28 @@ def test_stalled_names_the_queue_and_both_urls(run: CampaignRun) -> None:
     assert line is not None
     assert "queue `preprocess` for 0 s" in line
     assert f"ORCHARD_DATABASE_URL={run.settings.database_url}" in line
-    assert f"ORCHARD_BROKER_URL={run.settings.broker_url}" in line
+    assert f"ORCHARD_BROKER_URL={run.settings.broker_url}? (" in line  # no Redis, no prefix
     # a broker that lost its messages (restarted without persistence) too: the mend
     assert "a broker restarted without persistence loses them" in line
     assert line.endswith(f"`orchard resume {run.id}` sends them now.)")
+
+
+@pytest.mark.parametrize("prefix", [None, "lab-a:"])
+def test_stalled_on_redis_names_the_key_prefix_too(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch, prefix: str | None
+) -> None:
+    """A worker with another ORCHARD_REDIS_PREFIX takes from other queues: as likely a
+    cause as another URL, and not in either URL."""
+    from dataclasses import replace
+
+    if prefix is None:
+        monkeypatch.delenv("ORCHARD_REDIS_PREFIX", raising=False)
+    else:
+        monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    run.settings = replace(run.settings, broker_url="redis://:secret@10.0.0.5:6379/0")
+    line = run.stalled(after=0)
+    said = "no ORCHARD_REDIS_PREFIX" if prefix is None else f"ORCHARD_REDIS_PREFIX={prefix}"
+    assert f"ORCHARD_BROKER_URL=redis://:***@10.0.0.5:6379/0 and {said}? (A worker" in line
 
 
 def test_wait_tells_once_for_the_same_queues(
