@@ -1526,9 +1526,11 @@ class Store:
                 .order_by(UnitRow.position)
             ).all()
             if ran and since < quiet_seconds:
+                named = ", ".join(f"{r.key} on {r.worker}" for r in ran[:3])
+                more = f" and {len(ran) - 3} more" if len(ran) > 3 else ""
                 raise DeleteRefusedError(
                     f"campaign {campaign_id} was cancelled {since:.0f} s ago while "
-                    f"{len(ran)} of its units ran ({ran[0].key} on {ran[0].worker}); "
+                    f"{len(ran)} of its units ran ({named}{more}); "
                     "their workers stop at their next store call: try again in "
                     f"{math.ceil(quiet_seconds - since)} s"
                 )

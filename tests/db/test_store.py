@@ -1302,10 +1302,13 @@ def test_delete_waits_for_units_cancelled_while_they_ran(store_url: str) -> None
     store = make_store(store_url)
     units = seed_campaign(store, "t-1")
     deliver(store, units[-2].key, worker="gpu-1", task_id="x", holder="x", lease_seconds=60)
+    deliver(store, units[-3].key, worker="cpu-1", task_id="y", holder="y", lease_seconds=60)
     store.cancel_campaign("t-1")
     with pytest.raises(DeleteRefusedError) as refused:
         store.delete_campaign("t-1", quiet_seconds=120)
-    assert f"while 1 of its units ran ({units[-2].key} on gpu-1)" in str(refused.value)
+    # in plan order
+    named = f"{units[-3].key} on cpu-1, {units[-2].key} on gpu-1"
+    assert f"while 2 of its units ran ({named})" in str(refused.value)  # each named
     assert re.search(r"try again in 1[12]\d s$", str(refused.value))  # 120 s less the time since
     assert store.find_campaign("t-1") is not None
     # once two lease periods have passed (here: none are asked for), it goes
