@@ -753,6 +753,8 @@ def format_validation_error(
                 msg = str(err["ctx"]["error"])  # a validator's own sentence, no "Value error, "
             elif err["type"] in ("model_type", "model_attributes_type"):
                 msg = "expected a table"  # not pydantic's name for the model
+            elif err["type"] == "too_short" and err["ctx"].get("actual_length") == 0:
+                msg = "an empty list: give at least one value"
             if "input" in err and not isinstance(err["input"], dict | list | tuple):
                 msg = f"{msg} (got {err['input']!r})"
         messages.setdefault(where, [])

@@ -541,7 +541,7 @@ n_estimators = 10
         ("train_per_class = 4", "train_per_class = 0", ["[dataset] train_per_class", "0"]),
         ("size = 64", "size = 64\nshard_size = 0", ["[preprocessing] shard_size", "0"]),
         ("folds = 2", "folds = 0", ["folds", "greater than or equal to 2"]),
-        ("C = [1.0, 10.0]", "C = []", ["[svm] C", "at least 1 item"]),
+        ("C = [1.0, 10.0]", "C = []", ["[svm] C: an empty list: give at least one value"]),
         ("size = 64", "size = 64\nmax_bad_fraction = 1.5", ["max_bad_fraction", "1.5"]),
         ("size = 64", "size = 64\nmax_pixels = 0", ["[preprocessing] max_pixels", "0"]),
     ],

@@ -166,7 +166,7 @@ def test_disabled_section_is_not_a_family(tmp_path):
         ("epochs = 2", "epochs = 2\nbogus = 1", ["[cnn] bogus", "unknown key"]),
         ("epochs = 2", 'epochs = 2\nlr = "fast"', ["[cnn] lr", "'fast'"]),
         ("epochs = 2", "epochs = 0", ["[cnn] epochs", "greater than or equal to 1", "0"]),
-        ("C = [1.0, 10.0]", "C = []", ["[svm] C", "at least 1 item"]),
+        ("C = [1.0, 10.0]", "C = []", ["[svm] C: an empty list: give at least one value"]),
         ("n_components = [20, 50]", "n_components = [10, -1]", ["[svm] n_components[1]", "-1"]),
         ('variant = "polar192"', 'variant = "polar"', ["[svm] variant", "unknown variant"]),
         ('kind = "synthetic"', 'kind = "nosuch"', ["[dataset]", "kind", "nosuch"]),
