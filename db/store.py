@@ -61,6 +61,7 @@ from db.models import (
     utcnow,
 )
 from shared.errors import OrchardError
+from shared.metrics import finite_or_none
 from shared.plan import (
     CANCELLED,
     FAILED,
@@ -439,19 +440,6 @@ def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
             _retrying_now.active = False
 
     return wrapper
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite (NaN, infinity) as None, in lists
-    and dicts too: SQLite keeps a NaN as NULL and PostgreSQL's JSON refuses one, so both
-    stores keep None, as the results of a model with nothing to score."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -1299,13 +1287,13 @@ class Store:
                 _insert(s)(ResultRow)
                 .values(
                     unit_id=unit.id,
-                    train_acc=_finite(outcome.train_acc),
-                    val_acc=_finite(outcome.val_acc),
-                    test_acc=_finite(outcome.test_acc),
+                    train_acc=finite_or_none(outcome.train_acc),
+                    val_acc=finite_or_none(outcome.val_acc),
+                    test_acc=finite_or_none(outcome.test_acc),
                     val_confusion=outcome.val_confusion,
                     test_confusion=outcome.test_confusion,
                     fit_seconds=outcome.fit_seconds,
-                    extra=_finite(outcome.extra),
+                    extra=finite_or_none(outcome.extra),
                     created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["unit_id"])

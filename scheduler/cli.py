@@ -1047,6 +1047,7 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
     """``orchard status --json``: the list, or one campaign with its units, as one JSON
     document on stdout (times in ISO 8601 with their zone; absent values null)."""
     from scheduler.api import CampaignRun
+    from shared.metrics import finite_or_none
 
     if args.campaign is None:
         shown = store.list_campaigns(limit=None if args.all else STATUS_SHOWN)
@@ -1073,19 +1074,8 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
             "units": [_unit_json(line) for line in lines],
         }
     # ASCII: valid JSON on any stdout encoding; no NaN or Infinity, which JSON lacks
-    print(json.dumps(_finite(document), indent=2, allow_nan=False))
+    print(json.dumps(finite_or_none(document), indent=2, allow_nan=False))
     return 0
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite (an accuracy, a time) as None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinity) as None, in lists,
+    tuples and dicts too: JSON has neither (PostgreSQL's JSON refuses them, `status
+    --json` must not write them), and SQLite keeps a NaN as NULL."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float | None:
