@@ -119,6 +119,46 @@ def test_a_unit_whose_campaign_is_deleted_while_it_runs_stops_quietly(
     assert store.find_unit(KEY) is None and store.find_artifact("campaigns/g-1/models/m.pt") is None
 
 
+@pytest.mark.parametrize("first", ["this delivery, its reply lost", "another delivery"])
+def test_scratch_files_go_when_the_result_was_already_recorded(
+    store: Store, first: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fold's checkpoints are scratch. When ``finish_unit`` answers "already recorded"
+    (its retry after a commit whose reply the connection lost, or a second delivery),
+    the commit that recorded the result took their records: the files go too, rather
+    than wait for `orchard delete`. A file still on record is kept."""
+    from db.store import Artifact
+
+    caplog.set_level("INFO")
+    scratch = ["campaigns/g-1/checkpoints/a.pt", "campaigns/g-1/checkpoints/b.pt"]
+    kept = "campaigns/g-1/models/kept.pt"
+
+    def body(ctx: UnitContext) -> Outcome:
+        for relative in [*scratch, kept]:
+            path = ctx.settings.artifacts / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"state")
+            ctx.store.record_artifact(Artifact(relative, "checkpoint", "0" * 64, 5, "g-1", KEY))
+        return Outcome(0.01, val_acc=1.0, scratch=[*scratch, kept])
+
+    finish = store.finish_unit
+
+    def recorded_before(key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
+        if first == "another delivery":
+            assert finish(key, Outcome(0.02, val_acc=0.5, scratch=scratch)) is True
+        else:
+            assert finish(key, outcome, holder=holder) is True
+        store.record_artifact(Artifact(kept, "model", "1" * 64, 5, "g-1", KEY))
+        return finish(key, outcome, holder=holder)  # the retry, or this delivery's own
+
+    monkeypatch.setattr(store, "finish_unit", recorded_before)
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": False}
+    artifacts = store.url.removeprefix("sqlite:///").removesuffix("store.db") + "artifacts"
+    assert [(Path(artifacts) / p).exists() for p in [*scratch, kept]] == [False, False, True]
+    assert f"{KEY} finished, but its result was already recorded" in caplog.text
+
+
 def test_a_late_message_of_a_deleted_campaign_is_done_with_in_one_info_line(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:

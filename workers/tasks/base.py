@@ -550,6 +550,21 @@ def _remove_scratch(settings: Settings, key: str, paths: Sequence[str]) -> None:
             log.warning("%s: could not remove %s: %s", key, relative, exc)
 
 
+def _remove_scratch_off_record(
+    store: Store, settings: Settings, key: str, paths: Sequence[str]
+) -> None:
+    """The unit's result was in before this delivery's (another delivery's, or this
+    one's whose commit reply was lost and whose retry found it done): the scratch
+    files whose records that commit took are read by nobody; one still on record
+    (another delivery's, should it somehow hold the unit) is left alone."""
+    try:
+        unrecorded = [p for p in paths if store.find_artifact(p) is None]
+    except StoreError as exc:
+        log.warning("%s: scratch files left until `orchard delete`: %s", key, exc)
+        return
+    _remove_scratch(settings, key, unrecorded)
+
+
 def _hand_back(
     store: Store, key: str, holder: str, why: str = "at its checkpoint: the worker is shutting down"
 ) -> None:
@@ -749,10 +764,15 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         raise
     if recorded:
         _remove_scratch(settings, key, outcome.scratch)
+    else:
+        _remove_scratch_off_record(store, settings, key, outcome.scratch)
     log.info(
         "%s %s in %.1f s",
         key,
-        "succeeded" if recorded else "finished, but another delivery recorded it first",
+        "succeeded"
+        if recorded
+        else "finished, but its result was already recorded (by another delivery, or by "
+        "this one before the database's reply was lost)",
         time.perf_counter() - started,
     )
     _advance_or_retry(task, store, message.campaign_id)
