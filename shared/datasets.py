@@ -16,6 +16,7 @@ import codecs
 import csv
 import errno
 import io
+import os
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -300,7 +301,7 @@ def _class_images(class_dir: Path) -> list[Path]:
         for p in class_dir.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-        and p.is_file()
+        and (p.is_file() or p.is_symlink())  # a link to nothing: skipped, saying so
     )
 
 
@@ -373,6 +374,10 @@ class ImageFolderDataset:
                         )
                         self._missing.append(Skipped(image_id, split, str(path), reason))
                         continue
+                    if not path.is_file():  # a symlink to nothing, or to a folder
+                        reason = f"a symlink to {printable(os.readlink(path))}, which is not a file"
+                        self._missing.append(Skipped(image_id, split, str(path), reason))
+                        continue
                     _inside(self.root, path, "image")
                     samples.append(Sample(image_id, class_dir.name, split, path))
                 if not images:
@@ -386,7 +391,8 @@ class ImageFolderDataset:
 
     def missing(self) -> list[Skipped]:
         """Image files whose names are not valid UTF-8 or hold a control character
-        (skipped: a name that cannot be printed or stored as text cannot be an image id)."""
+        (skipped: a name that cannot be printed or stored as text cannot be an image id),
+        whose ids are too long, and symlinks to nothing."""
         return list(self._missing)
 
     def unlisted(self) -> list[Skipped]:

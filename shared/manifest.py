@@ -24,6 +24,7 @@ from shared.datasets import (
     SPLITS,
     AicupDataset,
     Dataset,
+    DatasetError,
     ImageFolderDataset,
     Sample,
     Skipped,
@@ -214,26 +215,44 @@ def synthetic_root(spec: DatasetSpec, artifacts: Path) -> Path:
 
 
 def open_campaign_dataset(spec: DatasetSpec, artifacts: Path) -> Dataset:
-    """The dataset a campaign names; a synthetic one is generated first if needed."""
+    """The dataset a campaign names; a synthetic one is generated first if needed.
+    A path the system refuses (a name too long, a folder we may not read, a symlink
+    loop, no room to generate) stops it in one line naming the path."""
     if spec.kind == "synthetic":
         root = synthetic_root(spec, artifacts)
-        generate_synthetic(
-            root,
-            seed=spec.seed,
-            train_per_class=spec.train_per_class,
-            test_per_class=spec.test_per_class,
-            dev_per_class=spec.dev_per_class,
-            size=(spec.width, spec.height),
-            label_noise=spec.label_noise,
-            test_labels=spec.test_labels,
-        )
-        return AicupDataset(root)
-    if spec.kind == "aicup":
-        splits = None
-        if spec.splits is not None:
-            splits = {name: (files.csv, files.images) for name, files in spec.splits.items()}
-        return AicupDataset(spec.root, splits=splits, classes=spec.classes)
-    return ImageFolderDataset(spec.root)
+        try:
+            generate_synthetic(
+                root,
+                seed=spec.seed,
+                train_per_class=spec.train_per_class,
+                test_per_class=spec.test_per_class,
+                dev_per_class=spec.dev_per_class,
+                size=(spec.width, spec.height),
+                label_noise=spec.label_noise,
+                test_labels=spec.test_labels,
+            )
+        except OSError as exc:
+            raise DatasetError(
+                f"{exc.filename or root}: cannot generate the synthetic dataset "
+                f"([dataset] root {root}): {exc.strerror or exc}"
+            ) from None
+    try:
+        if spec.kind == "synthetic":
+            return AicupDataset(root)
+        if spec.kind == "aicup":
+            splits = None
+            if spec.splits is not None:
+                splits = {name: (files.csv, files.images) for name, files in spec.splits.items()}
+            return AicupDataset(spec.root, splits=splits, classes=spec.classes)
+        return ImageFolderDataset(spec.root)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise DatasetError(f"{exc.filename or spec.root}: cannot read ({reason})") from None
+    except RuntimeError as exc:  # Path.resolve() on a symlink loop (Python 3.11, 3.12)
+        if "Symlink loop" not in str(exc):
+            raise
+        looped = str(exc).removeprefix("Symlink loop from ").strip("'")
+        raise DatasetError(f"{looped}: a symlink loop (links leading back to themselves)") from None
 
 
 def _check_images(

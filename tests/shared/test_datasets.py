@@ -369,3 +369,44 @@ def test_imagefolder_an_image_whose_id_is_longer_than_the_store_keeps_is_skipped
         "its path under the dataset's root is 256 characters, more than the 255 an image "
         "id may have (shorten its folders' or its own name)"
     )
+
+
+def test_imagefolder_a_symlink_to_nothing_is_skipped_saying_so(tmp_path: Path) -> None:
+    """A link whose image was moved away is an image that cannot be read: listed as
+    skipped with the reason, not dropped without a word."""
+    for name in ["A/1.jpg", "B/1.jpg"]:
+        write_image(tmp_path / name)
+    (tmp_path / "B" / "2.jpg").symlink_to(tmp_path / "moved" / "2.jpg")
+    ds = ImageFolderDataset(tmp_path)
+    assert [s.image_id for s in ds.samples()] == ["A/1.jpg", "B/1.jpg"]
+    [skipped] = ds.missing()
+    assert skipped.image_id == "B/2.jpg"
+    assert skipped.reason == f"a symlink to {tmp_path}/moved/2.jpg, which is not a file"
+
+
+@pytest.mark.parametrize("where", ["root", "a split's CSV"])
+def test_paths_the_system_refuses_stop_in_one_line_naming_them(tmp_path: Path, where: str) -> None:
+    """A name longer than the filesystem takes, a symlink loop inside the root: the
+    campaign stops in one line naming the path, not with Python's OSError or
+    RuntimeError."""
+    from shared.manifest import open_campaign_dataset
+    from shared.spec import load_campaign
+
+    root = tmp_path / "data"
+    if where == "root":
+        root = tmp_path / ("a" * 300)
+        expected = f"{root}: cannot read (File name too long)"
+    else:
+        make_aicup(root, "train", ["1.jpg,A"])
+        (root / "train.csv").unlink()
+        (root / "loop1").symlink_to(root / "loop2")
+        (root / "loop2").symlink_to(root / "loop1")
+        (root / "train.csv").symlink_to(root / "loop1")
+        expected = f"{root}/loop1: a symlink loop (links leading back to themselves)"
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        f'name = "c"\n[dataset]\nkind = "aicup"\nroot = "{root}"\n[rf]\nvariant = "resize8"\n'
+    )
+    with pytest.raises(DatasetError) as stopped:
+        open_campaign_dataset(load_campaign(campaign).dataset, tmp_path / "artifacts")
+    assert_one_line_error(stopped, expected)
