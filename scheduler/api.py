@@ -23,8 +23,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from db.store import DELETING, Artifact, BeingDeletedError, Campaign, Cancelled, Store, Unit
+from db.store import (
+    DELETING,
+    Artifact,
+    BeingDeletedError,
+    Campaign,
+    Cancelled,
+    Store,
+    StoreError,
+    Unit,
+)
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
@@ -348,9 +358,37 @@ def submit(
             # a manifest written before entries held their images' sha256 is the same data
             earlier = manifest.digest_before_image_checksums()
             run.reused = store.reuse_finished(campaign_id, equivalent_manifests=[earlier])
-        advance(store, app, campaign_id)
+        _send(store, app, campaign_id)
         on_error.pop_all()
     return run
+
+
+class NotSentError(OrchardError):
+    """A campaign recorded (or reset by a resume) whose units the broker did not take:
+    they wait, unclaimed, for `orchard resume`."""
+
+    def __init__(self, campaign_id: str, why: str) -> None:
+        super().__init__(
+            f"campaign {campaign_id}: recorded, but its units were not sent: {why}; "
+            f"`orchard resume {campaign_id}` sends them once that is mended"
+        )
+        self.campaign_id = campaign_id
+
+
+def _send(store: Store, app: Any, campaign_id: str) -> None:
+    """``advance``, whose failure after the campaign is recorded names the campaign:
+    the broker gone since its check (a dataset scan can take minutes), or the store."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        advance(store, app, campaign_id)
+    except (OperationalError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NotSentError(
+            campaign_id, f"broker {mask_url(app.conf.broker_url)} unreachable: {reason}"
+        ) from None
+    except StoreError as exc:
+        raise NotSentError(campaign_id, str(exc)) from None
 
 
 def _load_checked(path: str | Path, settings: Settings) -> CampaignSpec:
@@ -367,6 +405,13 @@ def _load_checked(path: str | Path, settings: Settings) -> CampaignSpec:
             "may be read from"
         )
     _check_creatable(settings.artifacts)
+    if campaign.dataset.kind == "synthetic":  # where a submit generates it, if not there yet
+        root = synthetic_root(campaign.dataset, settings.artifacts)
+        try:
+            if not os.path.lexists(root):
+                _check_creatable(root, "[dataset] root")
+        except OrchardError as exc:
+            raise CampaignError(f"{path}: {exc}") from None
     if settings.broker_is_filesystem:
         _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
     check_sqlite_store(settings.database_url)
@@ -663,7 +708,7 @@ def resume(
             check_broker_reachable(app)
             redo = _damaged_shards(store, settings, campaign_id)
             reset = store.resume_campaign(campaign_id, redo=redo)
-            advance(store, app, campaign_id)
+            _send(store, app, campaign_id)
     except BaseException:
         run.close()
         raise

@@ -349,3 +349,46 @@ def test_a_broker_that_refuses_the_password_says_so(private_redis: PrivateRedis)
     with make_app(settings, with_tasks=False) as app, pytest.raises(OrchardError) as away:
         check_broker_reachable(app)
     assert " unreachable: " in str(away.value)
+
+
+def test_a_broker_gone_after_its_check_leaves_the_campaign_to_resume_and_says_so(
+    private_redis: PrivateRedis,
+    tiny_campaign: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The broker answered the submit's check, then went away while the dataset was
+    read (which can take minutes): the campaign is recorded with nothing sent. The
+    submit says so in one line naming the campaign (password masked) and the command
+    that sends its units; `orchard resume` does, once the broker is back."""
+    import scheduler.api
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCHARD_BROKER_URL", private_redis.url)
+    planned = scheduler.api._plan_checked
+
+    def broker_dies_meanwhile(*args: object, **kwargs: object) -> object:
+        plan = planned(*args, **kwargs)
+        private_redis.kill()
+        return plan
+
+    monkeypatch.setattr(scheduler.api, "_plan_checked", broker_dies_meanwhile)
+    assert main(["submit", str(tiny_campaign)]) == 2
+    err = capsys.readouterr().err
+    [line] = err.strip().splitlines()
+    assert "recorded, but its units were not sent: broker redis://:***@127.0.0.1:" in line
+    assert private_redis.password not in err
+    campaign_id = line.split("campaign ")[1].split(":")[0]
+    assert line.endswith(f"`orchard resume {campaign_id}` sends them once that is mended")
+    store = Store(f"sqlite:///{tmp_path / 'home' / 'orchard.db'}")
+    try:
+        assert {u.state for u in store.units(campaign_id)} == {"PENDING"}
+        monkeypatch.setattr(scheduler.api, "_plan_checked", planned)
+        private_redis.start()
+        assert main(["resume", campaign_id]) == 0, capsys.readouterr().err
+        states = {u.key: u.state for u in store.units(campaign_id)}
+        assert {s for k, s in states.items() if "/preprocess/" in k} == {"QUEUED"}, states
+    finally:
+        store.dispose()

@@ -396,6 +396,25 @@ def test_a_dry_run_checks_what_a_submit_checks_before_it_connects(tmp_path: Path
     assert not (tmp_path / "home").exists()
 
 
+def test_a_synthetic_root_that_cannot_be_made_stops_dry_run_and_submit_alike(
+    tmp_path: Path,
+) -> None:
+    """The dry run generates a synthetic dataset in a folder of its own: it must still
+    refuse a root a submit cannot make, in the same line, before anything is written."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        f'name = "c"\nfolds = 2\n[dataset]\nkind = "synthetic"\nroot = "{blocker}/sub"\n'
+        'train_per_class = 4\n[preprocessing]\nsize = 32\n[rf]\nvariant = "resize8"\n'
+    )
+    env = {"ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_BROKER_URL": "redis://127.0.0.1:1/0"}
+    line = f"{campaign}: [dataset] root {blocker}/sub: {blocker} is not a directory"
+    for extra in (["--dry-run"], []):
+        assert_one_line_error(orchard("submit", str(campaign), *extra, env=env), line)
+    assert not (tmp_path / "home").exists()
+
+
 def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
     from scheduler.api import plan
     from shared.spec import load_campaign
