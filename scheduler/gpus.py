@@ -17,6 +17,7 @@ launcher stops the others and exits non-zero instead of looping.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -46,7 +47,10 @@ def detect_gpus() -> list[str]:
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+        # CUDA stops at the first entry that names no device ("-1", empty): those
+        # after it are hidden too
+        entries = [d.strip() for d in visible.split(",")]
+        return list(itertools.takewhile(lambda d: d != "" and not d.startswith("-"), entries))
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []

@@ -81,9 +81,12 @@ def majority_vote(
                 f"got {tie_scores.shape}"
             )
         top = votes.max(0)
-        # among the most voted classes only; argmax: the lowest of equal scores
-        scores = np.where((votes == top).T, tie_scores, -np.inf)
-        winners = scores.argmax(1)
+        # among the most voted classes only; argmax: the lowest of equal scores. A score
+        # that is not finite is no score (argmax would take a NaN for the largest), and
+        # a sample without any keeps the lowest most voted class
+        tied_scores = (votes == top).T & np.isfinite(tie_scores)
+        scores = np.where(tied_scores, tie_scores, -np.inf)
+        winners = np.where(tied_scores.any(1), scores.argmax(1), winners)
     return winners
 
 

@@ -55,6 +55,11 @@ def test_detect_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) ->
     assert detect_gpus() == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_gpus() == []
+    # CUDA hides every device after one that names none: so do we
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")
+    assert detect_gpus() == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == []
 
 
 def test_children_are_gpu_workers_with_their_own_node_names() -> None:

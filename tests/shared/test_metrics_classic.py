@@ -46,6 +46,13 @@ def test_majority_vote_tie_goes_to_lowest_class():
     assert majority_vote(np.array([[2, 1], [1, 2]]), 3).tolist() == [1, 1]
 
 
+def test_majority_vote_a_tie_score_that_is_not_finite_is_no_score():
+    """argmax takes a NaN for the largest: a member's NaN probabilities would win ties."""
+    three = np.array([[0, 1], [1, 2], [2, 0]])  # one vote each for three classes
+    scores = np.array([[0.2, np.nan, 0.5], [np.nan, np.nan, np.nan]])
+    assert majority_vote(three, 3, tie_scores=scores).tolist() == [2, 0]
+
+
 def test_majority_vote_single_member_is_identity():
     assert majority_vote(np.array([[2, 0, 1]]), 3).tolist() == [2, 0, 1]
 

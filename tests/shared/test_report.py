@@ -1039,12 +1039,17 @@ def test_report_csv_cells_are_text_not_formulas_or_terminal_commands() -> None:
 
     text = _csv_text(
         ["key", "error", "n", "x"],
-        [["c/svm/p1", '=HYPERLINK("http://x","y")', -3, -0.5], ["c/svm/p2", "bad \x1b[2J", 1, 2.0]],
+        [
+            ["c/svm/p1", '=HYPERLINK("http://x","y")', -3, -0.5],
+            ["c/svm/p2", "bad \x1b[2J", 1, 2.0],
+            ["c/svm/p3", "\t=1+2", 0, 0.0],  # a tab first, on OWASP's list too
+        ],
     )
     assert text.splitlines() == [
         "key,error,n,x",
         'c/svm/p1,"\'=HYPERLINK(""http://x"",""y"")",-3,-0.5',  # numbers stay numbers
         "c/svm/p2,bad \\x1b[2J,1,2.0",
+        "c/svm/p3,'\t=1+2,0,0.0",
     ]
 
 
