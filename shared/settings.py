@@ -176,10 +176,12 @@ def url_with_password_file(url: str, url_name: str, file_name: str, env: Mapping
     # password-less user info)
     authority = re.match(r"[^/?#]*", rest)[0]
     if not sep or not authority.rpartition("@")[2] or scheme.startswith("filesystem"):
+        example = (
+            "postgresql+psycopg://USER@HOST/DB" if "DATABASE" in url_name else "redis://HOST:6379/0"
+        )
         raise OrchardError(
             f"{file_name} is set, but {url_name} {mask_url(url)} names no server to log in "
-            "to; unset it, or give a URL like redis://HOST:6379/0 or "
-            "postgresql+psycopg://USER@HOST/DB"
+            f"to; unset it, or give a URL like {example}"
         )
     password = quote(read_password_file(path, file_name), safe="")
     user, _, host = authority.rpartition("@")

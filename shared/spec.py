@@ -742,14 +742,26 @@ def format_validation_error(
         missing = err["type"] == "missing"
         where = _describe_loc(loc, raw if section is None else {section: raw}, missing=missing)
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-            if guess := _close_key(loc, raw if section is None else {section: raw}):
-                msg += f" (did you mean {guess!r}?)"
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            # a table whose kind is missing or unknown ([dataset]): say which kinds there are
+            key = str(err["ctx"]["discriminator"]).strip("'")
+            where, kinds = f"{where} {key}", str(err["ctx"].get("expected_tags", ""))
+            kinds = kinds or ", ".join(repr(k) for k in _kinds(loc))
+            msg = "required but missing" if err["type"] == "union_tag_not_found" else "unknown"
+            msg = f"{msg}: one of {kinds}"
+            if "tag" in err["ctx"]:
+                msg += f" (got {err['ctx']['tag']!r})"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key" + _unknown_key_hint(loc, raw if section is None else {section: raw})
         elif missing:
             msg = "required but missing"
         else:
-            if err["type"] == "value_error":
+            if err["type"] == "string_pattern_mismatch" and loc == ["name"]:
+                msg = (
+                    "only lowercase letters, digits, '_' and '-', starting with a letter or a "
+                    "digit, at most 48 characters"
+                )
+            elif err["type"] == "value_error":
                 msg = str(err["ctx"]["error"])  # a validator's own sentence, no "Value error, "
             elif err["type"] in ("model_type", "model_attributes_type"):
                 msg = "expected a table"  # not pydantic's name for the model
@@ -772,6 +784,36 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _kinds(loc: list[Any]) -> list[Any]:
+    """The kinds a table at the top of the file may be (``[dataset]``'s)."""
+    if len(loc) != 1 or loc[0] not in Campaign.model_fields:
+        return []
+    return [_kind_of(m) for m in _models_in(Campaign.model_fields[loc[0]].annotation)]
+
+
+def _unknown_key_hint(loc: list[Any], raw: dict[str, Any]) -> str:
+    """Why a key is unknown where it is, when that is likelier than a typo: a key of
+    another kind of the table (a synthetic ``seed`` in an aicup ``[dataset]``), or a
+    name of the file's top level written inside a table; else the closest known key."""
+    section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
+    key = str(loc[-1])
+    if len(loc) >= 2 and loc[0] in _TABLES:
+        kind = section.get("kind")
+        options = _models_in(Campaign.model_fields[loc[0]].annotation)
+        others = [_kind_of(m) for m in options if _kind_of(m) != kind and key in m.model_fields]
+        if kind is not None and others:
+            kinds = " or ".join(repr(k) for k in others)
+            return f" for kind {kind!r} (a key of kind {kinds})"
+        if len(loc) == 2 or (len(loc) == 3 and loc[1] == kind):
+            if key in _TABLES:
+                return f" ([{key}] is a table of its own, not a key of [{loc[0]}])"
+            if key in Campaign.model_fields:
+                return f" ({key} is set at the top of the file, before any table)"
+    if guess := _close_key(loc, raw):
+        return f" (did you mean {guess!r}?)"
+    return ""
 
 
 def _close_key(loc: list[Any], raw: dict[str, Any]) -> str | None:

@@ -223,6 +223,10 @@ def test_a_password_file_for_a_url_without_a_server_is_refused(tmp_path, name, u
     env[f"{name}_URL"] = url
     message = one_line_error(env)
     assert message.startswith(f"{name}_PASSWORD_FILE is set, but {name}_URL ")
+    # the example is a URL of the variable's kind, a database's for the database
+    database = name == "ORCHARD_DATABASE"
+    example = "postgresql+psycopg://USER@HOST/DB" if database else "redis://HOST:6379/0"
+    assert message.endswith(f"; unset it, or give a URL like {example}")
 
 
 def test_the_cli_reports_a_missing_password_file_in_one_line(tmp_path, monkeypatch, capsys):

@@ -318,9 +318,38 @@ def test_unknown_key_with_newline_stays_one_line(tmp_path, where):
         ('kind = "synthetic"', 'kind = "synthetic"\ntrain_per_clas = 4',
          "[dataset] train_per_clas: unknown key (did you mean 'train_per_class'?)"),
         ("epochs = 2", "epochs = 2\nxyzzy = 3", "[cnn] xyzzy: unknown key"),  # nothing close
+        # likelier than a typo: a key of another kind of [dataset], a table's name, a
+        # top-level key written inside a table
+        ('kind = "synthetic"', 'kind = "imagefolder"\nroot = "/x"\nseed = 1',
+         "[dataset] seed: unknown key for kind 'imagefolder' (a key of kind 'synthetic'); "
+         "[dataset] train_per_class: unknown key for kind 'imagefolder' (a key of kind "
+         "'synthetic')"),
+        ("epochs = 2", "epochs = 2\nblend = 3",
+         "[cnn] blend: unknown key ([blend] is a table of its own, not a key of [cnn])"),
+        ("epochs = 2", "epochs = 2\nseed = 3",
+         "[cnn] seed: unknown key (seed is set at the top of the file, before any table)"),
     ],
 )  # fmt: skip
 def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, old, new, expected):
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    assert message == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('kind = "synthetic"\n', "",
+         "[dataset] kind: required but missing: one of 'aicup', 'imagefolder', 'synthetic'"),
+        ('kind = "synthetic"', 'kind = "bogus"',
+         "[dataset] kind: unknown: one of 'aicup', 'imagefolder', 'synthetic' (got 'bogus')"),
+        ('name = "t"', 'name = "Quick Run"',
+         "name: only lowercase letters, digits, '_' and '-', starting with a letter or a "
+         "digit, at most 48 characters (got 'Quick Run')"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_unknown_kind_and_a_bad_name_say_it_in_words(tmp_path, old, new, expected):
+    """In words, not pydantic's ("Unable to extract tag using discriminator", a regex)."""
     assert old in BASE
     path, message = _error(tmp_path, BASE.replace(old, new, 1))
     assert message == f"{path}: {expected}"
