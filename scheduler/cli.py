@@ -737,8 +737,9 @@ def _warn_stall(line: str) -> None:
 def _finish(run, status) -> int:  # noqa: ANN001
     print(f"campaign {run.id}: {status.campaign.state}")
     report = run.report_path()
-    if report is not None:
+    if report is not None:  # both, as the demo and `orchard report` print them
         print(f"report: {report}")
+        print(f"        {report.with_suffix('.md')}")
     for unit in status.units:
         if unit.state == "FAILED":
             print(f"  failed {unit.key}: {visible_controls(unit.error or '')}", file=sys.stderr)

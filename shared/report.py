@@ -358,6 +358,7 @@ class ReportData:
     # what validation accuracies are measured on: "folds" (out of fold), "dev" (the dev
     # split), "oob" (forests judged on their training images, out of bag)
     held_out: str = "folds"
+    description: str = ""  # the campaign file's, under the title
 
 
 @dataclass(frozen=True, slots=True)
@@ -1695,6 +1696,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
     reused = [u for u in data.units if u.reused_from]
     title = f"orchard report — {data.campaign_name}"
     meta: list[tuple[Inline, ...]] = [
+        *([(data.description,)] if data.description else []),
         ("Campaign: ", Code(data.campaign_id)),
         (f"Created: {_fmt_utc(data.created_at)}",),
         (f"Classes: {', '.join(data.classes) or _DASH}",),

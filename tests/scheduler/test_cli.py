@@ -820,3 +820,22 @@ def test_a_bad_reliability_variable_is_told_first_and_creates_nothing(
     args = [str(tiny_campaign) if a == "CAMPAIGN" else a for a in command]
     assert_one_line_error(orchard(*args, env=env), f"{variable}={value!r}: expected ")
     assert not home.exists()
+
+
+def test_submit_wait_ends_with_both_report_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the demo and `orchard report` print them: the HTML report and its Markdown."""
+    from types import SimpleNamespace
+
+    from scheduler.cli import _finish
+
+    html = tmp_path / "campaigns" / "c-1" / "report" / "report.html"
+    run = SimpleNamespace(id="c-1", report_path=lambda: html)
+    status = SimpleNamespace(campaign=SimpleNamespace(state="DONE"), units=[])
+    assert _finish(run, status) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "campaign c-1: DONE",
+        f"report: {html}",
+        f"        {html.with_suffix('.md')}",
+    ]

@@ -1228,3 +1228,15 @@ def test_a_grouped_oob_over_few_rows_is_marked(data: ReportData) -> None:
     rf = md.split("### RF", 1)[1].split("###", 1)[0]
     assert "0.6012†" in rf and "0.0083" in rf
     assert "†: under 10% of them, too few for the grouped score to say much" in rf
+
+
+def test_the_campaign_s_description_stands_under_the_title_escaped(data: ReportData) -> None:
+    from dataclasses import replace
+
+    described = replace(data, description="Mangoes <b>graded</b> *by* vote")
+    md = render_markdown(described)
+    html = render_html(described, {})
+    assert "Mangoes <b>graded</b> *by* vote" not in md  # Markdown's marks escaped
+    assert "Mangoes &lt;b&gt;graded&lt;/b&gt; *by* vote" in html
+    assert md.index("graded") < md.index(f"Campaign: `{CID}`")
+    assert "graded" not in render_markdown(data)

@@ -1024,3 +1024,10 @@ def test_a_best_point_with_fewer_folds_than_planned_says_so(store: Store) -> Non
         "others did not succeed, and no point has more that did: see Units), so its mean "
         "is over fewer folds than planned: compare it with care." in section
     )
+
+
+def test_the_description_reaches_the_report_on_one_line(tmp_path: Path) -> None:
+    spec = {**SPEC, "description": "Mangoes,\n  graded by vote."}
+    store = make_store(f"sqlite:///{tmp_path / 'd.db'}", spec)
+    assert build_report_data(store, "r-1").description == "Mangoes, graded by vote."
+    store.dispose()

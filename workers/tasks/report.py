@@ -1123,6 +1123,7 @@ def build_report_data(
     return ReportData(
         campaign_id=campaign.id,
         campaign_name=report_spec.get("title") or campaign.name,
+        description=" ".join(str(spec.get("description") or "").split()),  # one line
         created_at=utc_iso(campaign.created_at),
         classes=classes,
         families=families,
