@@ -36,11 +36,14 @@ ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ORCHARD_SERVICES = ("migrate", "flower", "cpu-worker", "gpu-worker", "cnn-cpu-worker", "scheduler")
 
-# $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR
+# $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR;
+# a default may hold another (${A:-${B}}): the innermost matches first, the outer once
+# that is substituted
 _VARIABLE = re.compile(
-    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>(?:[^${}]|\$(?!\{))*))?\}"
     r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
 )
+_LITERAL_DOLLAR = "\0"  # stands for $$ while nested forms are substituted
 
 
 def env_example() -> dict[str, str]:
@@ -56,11 +59,15 @@ def env_example() -> dict[str, str]:
 def variables_used(text: str) -> dict[str, set[str]]:
     """name -> the operators it is used with ("" for plain ${VAR})."""
     used: dict[str, set[str]] = {}
-    for match in _VARIABLE.finditer(text):
-        name = match["name"] or match["bare"]
-        if name:
-            used.setdefault(name, set()).add(match["op"] or "")
-    return used
+    text = text.replace("$$", _LITERAL_DOLLAR)
+    while True:  # innermost first: each pass takes the forms the last one uncovered
+        for match in _VARIABLE.finditer(text):
+            name = match["name"] or match["bare"]
+            if name:
+                used.setdefault(name, set()).add(match["op"] or "")
+        text, count = _VARIABLE.subn("x", text)
+        if not count:
+            return used
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -79,7 +86,11 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             raise AssertionError(f"required variable {name} is unset: {arg}")
         return arg if op and op.endswith("-") else ""
 
-    return _VARIABLE.sub(substitute, text)
+    text = text.replace("$$", _LITERAL_DOLLAR)
+    while True:
+        text, count = _VARIABLE.subn(substitute, text)
+        if not count:
+            return text.replace(_LITERAL_DOLLAR, "$")
 
 
 def load(text: str) -> dict[str, Any]:
@@ -356,6 +367,8 @@ def test_every_orchard_service_agrees_on_broker_store_and_artifacts(
         seen.add((env["ORCHARD_BROKER_URL"], env["ORCHARD_DATABASE_URL"]))
         assert set(service["secrets"]) >= {"redis_password"}, name
         assert env["ORCHARD_ARTIFACTS"] == f"{data_dir}/artifacts"
+        # datasets from where every container sees them, unless .env says otherwise
+        assert env["ORCHARD_DATASET_ROOTS"] == data_dir, name
         assert f"orchard-data:{data_dir}" in service["volumes"], name
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
     ((broker, database),) = seen
@@ -384,6 +397,15 @@ def test_dockerfile_installs_the_project() -> None:
         assert package.rstrip("*") in copied, f"docker/Dockerfile does not copy {package}"
     assert "pyproject.toml" in copied
     assert "RUN pip install ." in lines
+    # torch pinned to the release the project is tested with, not PyPI's newest
+    pinned = {
+        line.split("=", 1)[0].split()[1]: line.split("=", 1)[1]
+        for line in lines
+        if line.startswith("ARG ") and "=" in line
+    }
+    assert (pinned["TORCH_VERSION"], pinned["TORCHVISION_VERSION"]) == ("2.14.1", "0.29.1")
+    assert text.count('"torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"') == 2
+    assert text.index("torch==$TORCH_VERSION") < text.index("RUN pip install .")
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
     assert any(line.startswith("CMD [") for line in lines)
     ignored = (REPO / ".dockerignore").read_text().split()
