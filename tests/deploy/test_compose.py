@@ -369,13 +369,18 @@ def test_every_orchard_service_agrees_on_broker_store_and_artifacts(
         assert env["ORCHARD_ARTIFACTS"] == f"{data_dir}/artifacts"
         # datasets from where every container sees them, unless .env says otherwise
         assert env["ORCHARD_DATASET_ROOTS"] == data_dir, name
-        assert f"orchard-data:{data_dir}" in service["volumes"], name
+        # the host folder itself, at its own path, read from .env at every `up`
+        assert {
+            "type": "bind",
+            "source": data_dir,
+            "target": data_dir,
+            "bind": {"create_host_path": False},
+        } in service["volumes"], name
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
     ((broker, database),) = seen
     assert broker == "redis://redis:6379/0"
     assert database == "postgresql+psycopg://orchard@postgres:5432/orchard"
-    volume = rendered["volumes"]["orchard-data"]
-    assert volume["driver_opts"] == {"type": "none", "o": "bind", "device": data_dir}
+    assert "orchard-data" not in rendered["volumes"]  # a named volume keeps its first path
     # workers start only once the schema exists
     for name in ("cpu-worker", "gpu-worker"):
         depends = services[name]["depends_on"]
