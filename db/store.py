@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,6 +73,8 @@ from shared.plan import (
     SUCCESS,
     TERMINAL,
     UnitPlan,
+    UnitState,
+    next_actions,
 )
 from shared.settings import env_number, mask_url
 
@@ -147,6 +149,15 @@ SQLITE_BATCH_PAUSE = 0.1
 #: 32,766), and the claim's CASE over the task ids, which the database evaluates for
 #: each row it updates, stays short.
 KEYS_PER_STATEMENT = 500
+
+#: How the campaign row is held while units are reopened, claimed or closed under it:
+#: FOR NO KEY UPDATE on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises
+#: writers), which these writers take in turn, but which does not stop a worker
+#: recording a file or result of the campaign meanwhile (that insert takes the row's
+#: KEY SHARE lock for its foreign key): with FOR UPDATE, a worker's finish (unit row
+#: locked, then the campaign's) and a cancel (the campaign's, then the unit rows)
+#: deadlocked, one of them waiting out PostgreSQL's deadlock_timeout before its retry
+_CAMPAIGN_LOCK = {"key_share": True}
 
 
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -738,7 +749,7 @@ class Store:
         with self._transaction() as s:
             # locked before the units are read: `orchard resume` (which locks it too)
             # must not reopen units between this read and the update below
-            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=_CAMPAIGN_LOCK)
             if campaign is None or campaign.state != "RUNNING":
                 return None
             states = s.scalars(
@@ -781,6 +792,46 @@ class Store:
             ):
                 params.setdefault(unit_id, {})[name] = value
             return [_unit_of(row, params.get(row.id, {})) for row in rows]
+
+    @_retried
+    def open_stage(
+        self, campaign_id: str, new_task_id: Callable[[], str]
+    ) -> tuple[list[UnitRoute], list[str], dict[str, str]]:
+        """What ``advance`` does to the store, in one transaction: read every unit's
+        route, fail the PENDING units that can no longer run and claim the ones that
+        may (``shared.plan.next_actions``), each claim under a task id from
+        ``new_task_id``. Returns the routes (as decided on, failures applied), the keys
+        claimed in plan order, and their task ids.
+
+        The campaign row is held (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN
+        IMMEDIATE serialises every writer) from before the read to the commit:
+        `orchard resume`, which reopens finished units under the same lock, cannot
+        reset a unit between the states read and the claims made on them (a report
+        sent while a model unit was to run again; model units failed for a shard that
+        resume had just reset). Other writers only move units forward (a unit read
+        unfinished that finishes meanwhile is seen by the next ``advance``)."""
+        with self._transaction() as s:
+            s.get(CampaignRow, campaign_id, with_for_update=_CAMPAIGN_LOCK)
+            routes = [
+                UnitRoute(*row)
+                for row in s.execute(
+                    select(UnitRow.key, UnitRow.stage, UnitRow.state, UnitRow.task, UnitRow.queue)
+                    .where(UnitRow.campaign_id == campaign_id)
+                    .order_by(UnitRow.position)
+                )
+            ]
+            now = self._now(s)
+            while True:
+                actions = next_actions(UnitState(u.key, u.stage, u.state) for u in routes)
+                if not actions.fail:
+                    break
+                # failing units can open the next stage (the report): decide again
+                self._fail_pending(s, actions.fail, now)
+                failed = {key for key, _ in actions.fail}
+                routes = [replace(u, state=FAILED) if u.key in failed else u for u in routes]
+            task_ids = {key: new_task_id() for key in actions.enqueue}
+            claimed = self._claim(s, actions.enqueue, task_ids, now)
+            return routes, claimed, {key: task_ids[key] for key in claimed}
 
     @_retried
     def unit_routes(self, campaign_id: str) -> list[UnitRoute]:
@@ -885,22 +936,27 @@ class Store:
         """
         if not keys:
             return []
-        won: list[str] = []
         with self._transaction() as s:
-            now = self._now(s)
-            # a statement per KEYS_PER_STATEMENT keys: the CASE below is evaluated for
-            # every row updated, so one over a whole stage cost O(units²)
-            for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
-                values: dict[str, Any] = {"state": QUEUED, "sent_at": None, "queued_at": now}
-                ids = {k: task_ids[k] for k in chunk if k in task_ids} if task_ids else {}
-                if ids:
-                    values["task_id"] = case(ids, value=UnitRow.key, else_=UnitRow.task_id)
-                won += s.scalars(
-                    update(UnitRow)
-                    .where(UnitRow.key.in_(chunk), UnitRow.state == PENDING)
-                    .values(**values)
-                    .returning(UnitRow.key)
-                ).all()
+            return self._claim(s, keys, task_ids or {}, self._now(s))
+
+    @staticmethod
+    def _claim(
+        s: Session, keys: Sequence[str], task_ids: Mapping[str, str], now: datetime
+    ) -> list[str]:
+        won: list[str] = []
+        # a statement per KEYS_PER_STATEMENT keys: the CASE below is evaluated for
+        # every row updated, so one over a whole stage cost O(units²)
+        for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
+            values: dict[str, Any] = {"state": QUEUED, "sent_at": None, "queued_at": now}
+            ids = {k: task_ids[k] for k in chunk if k in task_ids}
+            if ids:
+                values["task_id"] = case(ids, value=UnitRow.key, else_=UnitRow.task_id)
+            won += s.scalars(
+                update(UnitRow)
+                .where(UnitRow.key.in_(chunk), UnitRow.state == PENDING)
+                .values(**values)
+                .returning(UnitRow.key)
+            ).all()
         order = {k: i for i, k in enumerate(keys)}
         return sorted(won, key=order.__getitem__)
 
@@ -1206,17 +1262,20 @@ class Store:
         """Give up on PENDING units that can no longer run (their input failed)."""
         if not failures:
             return
-        units = _table(UnitRow)
         with self._transaction() as s:
-            now = self._now(s)
-            # one executemany (pipelined by psycopg), not a statement (and on PostgreSQL
-            # a clock read) per unit: a failed shard fails every model unit of a campaign
-            s.connection().execute(
-                update(units)
-                .where(units.c.key == bindparam("b_key"), units.c.state == PENDING)
-                .values(state=FAILED, error=bindparam("b_error"), finished_at=now),
-                [{"b_key": key, "b_error": reason} for key, reason in failures],
-            )
+            self._fail_pending(s, failures, self._now(s))
+
+    @staticmethod
+    def _fail_pending(s: Session, failures: Sequence[tuple[str, str]], now: datetime) -> None:
+        units = _table(UnitRow)
+        # one executemany (pipelined by psycopg), not a statement (and on PostgreSQL a
+        # clock read) per unit: a failed shard fails every model unit of a campaign
+        s.connection().execute(
+            update(units)
+            .where(units.c.key == bindparam("b_key"), units.c.state == PENDING)
+            .values(state=FAILED, error=bindparam("b_error"), finished_at=now),
+            [{"b_key": key, "b_error": reason} for key, reason in failures],
+        )
 
     @_retried
     def record_metrics(self, key: str, step: int, values: dict[str, float]) -> None:
@@ -1352,7 +1411,7 @@ class Store:
         in progress finds it at its next heartbeat and stops.
         """
         with self._transaction() as s:
-            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=_CAMPAIGN_LOCK)
             if campaign is None:
                 raise self._no_campaign(campaign_id, s)
             now = self._now(s)
@@ -1385,7 +1444,7 @@ class Store:
         its lease and records nothing): it must blend the new results.
         """
         with self._transaction() as s:
-            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=_CAMPAIGN_LOCK)
             if campaign is None:
                 raise self._no_campaign(campaign_id, s)
             if campaign.state == DELETING:
@@ -1573,7 +1632,7 @@ class Store:
         """A DELETING campaign's last step: its row goes (on PostgreSQL, with all its
         rows by cascade) and a :class:`DeletedCampaignRow` stays in its place."""
         with self._transaction() as s:
-            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)
+            campaign = s.get(CampaignRow, campaign_id, with_for_update=True)  # it goes
             if campaign is None or campaign.state != DELETING:
                 return  # buried already: a retry of a commit whose answer was lost
             s.add(

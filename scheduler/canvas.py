@@ -3,10 +3,11 @@
 Each stage of a campaign is a ``group`` of unit signatures (ids only, routed to the
 family's queue). The next stage is opened by whichever task finishes the current
 one: :func:`advance` asks the store whether a stage may open (one query that stops at
-its first row, ``Store.stage_may_open``), and only when it may reads every unit's
-state, asks ``shared.plan.next_actions`` what may run, claims those units (PENDING ->
-QUEUED, a conditional update that only one caller wins), sends only what it claimed,
-and marks it sent.
+its first row, ``Store.stage_may_open``), and only when it may has the store read every
+unit's state, ask ``shared.plan.next_actions`` what may run and claim those units
+(PENDING -> QUEUED, a conditional update that only one caller wins) in one transaction
+under the campaign's lock (``Store.open_stage``); it sends only what it claimed, and
+marks it sent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from celery import Celery, group, uuid
 from celery.canvas import Signature
 
 from db.store import Store
-from shared.plan import TERMINAL, UnitState, next_actions
+from shared.plan import TERMINAL
 
 
 def unit_signature(
@@ -41,40 +42,30 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     # says so, where reading every unit's route would cost a row per unit, per unit
     if not store.stage_may_open(campaign_id):
         return []
-    sent: list[str] = []
-    while True:
-        units = store.unit_routes(campaign_id)
-        actions = next_actions(UnitState(u.key, u.stage, u.state) for u in units)
-        if actions.fail:
-            # failing units can open the next stage (the report): look again
-            store.fail_units(actions.fail)
-            continue
-        # task ids chosen here and recorded with the claim: `orchard cancel` revokes them
-        task_ids = {key: uuid() for key in actions.enqueue}
-        claimed = store.claim_for_queue(actions.enqueue, task_ids)
-        by_key = {u.key: u for u in units}
-        signatures = [
-            unit_signature(
-                app, by_key[key].task, by_key[key].queue, campaign_id, key, task_ids[key]
-            )
-            for key in claimed
-        ]
-        # in chunks, each marked sent once published: a claim without the mark is a lease
-        # period old when the workers send it again, taking this process for dead
-        # (workers.reaper), and a stage of thousands of units on a busy host can take
-        # longer than that to publish at once
-        for start in range(0, len(signatures), SEND_CHUNK):
-            chunk = claimed[start : start + SEND_CHUNK]
-            try:
-                group(signatures[start : start + SEND_CHUNK]).apply_async()
-            except Exception:
-                # the broker is away (after the publish retries): unclaim what is not
-                # marked sent, so that the next advance (a redelivered task, `orchard
-                # resume`) sends it again
-                store.unclaim(claimed[start:])
-                raise
-            store.mark_sent([task_ids[key] for key in chunk])
-        sent.extend(claimed)
-        if all(u.state in TERMINAL for u in units):
-            store.complete_campaign(campaign_id)
-        return sent
+    # one transaction decides and claims (failing what can no longer run), under the
+    # campaign's lock: a resume cannot reopen a unit between the two. Task ids chosen
+    # here and recorded with the claim: `orchard cancel` revokes them
+    units, claimed, task_ids = store.open_stage(campaign_id, uuid)
+    by_key = {u.key: u for u in units}
+    signatures = [
+        unit_signature(app, by_key[key].task, by_key[key].queue, campaign_id, key, task_ids[key])
+        for key in claimed
+    ]
+    # in chunks, each marked sent once published: a claim without the mark is a lease
+    # period old when the workers send it again, taking this process for dead
+    # (workers.reaper), and a stage of thousands of units on a busy host can take
+    # longer than that to publish at once
+    for start in range(0, len(signatures), SEND_CHUNK):
+        chunk = claimed[start : start + SEND_CHUNK]
+        try:
+            group(signatures[start : start + SEND_CHUNK]).apply_async()
+        except Exception:
+            # the broker is away (after the publish retries): unclaim what is not
+            # marked sent, so that the next advance (a redelivered task, `orchard
+            # resume`) sends it again
+            store.unclaim(claimed[start:])
+            raise
+        store.mark_sent([task_ids[key] for key in chunk])
+    if all(u.state in TERMINAL for u in units):
+        store.complete_campaign(campaign_id)
+    return claimed

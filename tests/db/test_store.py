@@ -1580,3 +1580,124 @@ def test_family_counts_count_each_family_s_states_in_plan_order(store_url: str) 
     assert [u.key for u in running] == [plans[0].key] and running[0].params == plans[0].params
     assert store.units("t-1", state="RUNNING", family="cnn") == []
     store.dispose()
+
+
+def open_stage_during_a_resume(store: Store, campaign_id: str, reopened: str) -> list[str]:
+    """``store.open_stage`` (what ``advance`` asks of the store) started while `orchard
+    resume`, in another process, has locked the campaign and reopened ``reopened``
+    (BEGIN IMMEDIATE on SQLite) and not yet committed: it must wait for that commit,
+    then decide on what the resume left. Returns the keys it claimed."""
+    from sqlalchemy import select
+
+    from db.models import CampaignRow
+
+    resumer = Store(store.url)
+    opened: list[Any] = []
+    try:
+        with resumer.engine.begin() as conn:
+            locked = select(CampaignRow.id).where(CampaignRow.id == campaign_id)
+            conn.execute(locked.with_for_update(key_share=True))
+            conn.execute(update(UnitRow).where(UnitRow.key == reopened).values(state="PENDING"))
+            advancing = threading.Thread(
+                target=lambda: opened.append(store.open_stage(campaign_id, lambda: "task"))
+            )
+            advancing.start()
+            advancing.join(1.0)
+            assert advancing.is_alive(), "the advance decided without waiting for the resume"
+        advancing.join(30)
+    finally:
+        resumer.dispose()
+    [(_, claimed, task_ids)] = opened
+    assert task_ids == dict.fromkeys(claimed, "task")
+    return claimed
+
+
+def test_a_stage_is_decided_and_claimed_under_the_campaign_s_lock(store_url: str) -> None:
+    """A unit's last model fails and its advance goes to open the report while `orchard
+    resume` is reopening that unit: the advance waits for the resume's commit, so the
+    report waits for the unit run again. (It read the states before, unlocked, and
+    claimed the report the resume was holding back: the campaign ended DONE, its
+    report without that unit.)"""
+    from shared.plan import PREPROCESS, REPORT, TRAIN
+
+    store = make_store(store_url)
+    shard, m0, m1, report = "r-1/preprocess/s0", "r-1/svm/m0/f0", "r-1/svm/m1/f0", "r-1/report"
+    store.create_campaign(
+        "r-1",
+        name="r",
+        source="r.toml",
+        digest="d",
+        spec={},
+        classes=["A", "B"],
+        units=[
+            UnitPlan(shard, "preprocess", PREPROCESS, None, {"shard": 0}, "s0"),
+            UnitPlan(m0, "svm", TRAIN, 0, {"C": 1.0}, "m0"),
+            UnitPlan(m1, "svm", TRAIN, 0, {"C": 2.0}, "m1"),
+            UnitPlan(report, "report", REPORT, None, {}, "r"),
+        ],
+    )
+    for key in (shard, m0, m1):
+        deliver(store, key, worker="w", task_id=None)
+    store.finish_unit(shard, Outcome(1.0))
+    store.finish_unit(m0, Outcome(1.0, val_acc=0.5))
+    store.fail_unit(m1, "boom")  # the report may open now
+    assert open_stage_during_a_resume(store, "r-1", reopened=m1) == [m1]
+    assert {u.key: u.state for u in store.units("r-1")} == {
+        shard: "SUCCESS",
+        m0: "SUCCESS",
+        m1: "QUEUED",
+        report: "PENDING",
+    }
+
+
+def test_a_shard_reopened_by_a_resume_does_not_fail_the_models_waiting_on_it(
+    store_url: str,
+) -> None:
+    """The other face of the same race: a failed shard's advance would fail every
+    model unit for it, after a resume had reset the shard to run again."""
+    store = make_store(store_url)
+    shards = [p.key for p in seed_campaign(store) if p.family == "preprocess"]
+    for key in shards:
+        deliver(store, key, worker="w", task_id=None)
+    store.finish_unit(shards[0], outcome())
+    store.fail_unit(shards[1], "PreprocessError: bad image")
+    assert open_stage_during_a_resume(store, "t-1", reopened=shards[1]) == [shards[1]]
+    states = {u.key: u.state for u in store.units("t-1")}
+    assert "FAILED" not in states.values(), states
+
+
+def test_a_finish_and_a_cancel_of_its_campaign_do_not_deadlock(postgres_url: str) -> None:
+    """A worker's finish locks its unit, then its file's record takes the campaign row's
+    KEY SHARE lock (the foreign key); a cancel locks the campaign row, then the units.
+    With FOR UPDATE on the campaign row the two deadlocked (PostgreSQL broke it after a
+    second, a retry hid it); FOR NO KEY UPDATE does not stop the record."""
+    from sqlalchemy import select
+
+    from db.models import ArtifactRow
+
+    store = make_store(postgres_url)
+    key = seed_campaign(store)[0].key
+
+    def deadlocks() -> int:
+        with store.engine.connect() as conn:
+            return conn.scalar(
+                text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            )
+
+    before = deadlocks()
+    cancelled: list[Any] = []
+    with store.engine.begin() as finish:  # a finish under way: its unit locked
+        finish.execute(select(UnitRow.id).where(UnitRow.key == key).with_for_update())
+        cancelling = threading.Thread(target=lambda: cancelled.append(store.cancel_campaign("t-1")))
+        cancelling.start()
+        time.sleep(0.5)  # the cancel holds the campaign row and waits for the unit
+        assert cancelling.is_alive()
+        finish.execute(  # the finish's file record: waits for nothing now
+            ArtifactRow.__table__.insert().values(
+                path="campaigns/t-1/m.pt", kind="model", campaign_id="t-1", unit_key=key,
+                sha256="0" * 64, size=1, created_at=utcnow(),
+            )
+        )  # fmt: skip
+    cancelling.join(30)
+    assert cancelled and cancelled[0].state == "CANCELLED"
+    assert deadlocks() == before
