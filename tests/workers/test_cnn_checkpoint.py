@@ -301,11 +301,16 @@ def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env,
     assert resume is not None and resume["epochs_done"] == 2
 
 
-def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(env, monkeypatch):
+@pytest.mark.parametrize("cancelled_after", [1, EPOCHS])
+def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(
+    env, monkeypatch, cancelled_after
+):
     """`orchard cancel` while a fold trains: the fold asks the store at each epoch's
     checkpoint, so it stops at the next one even when the heartbeat thread would not
-    renew for minutes, and records nothing more."""
-    store, _, _ = env
+    renew for minutes, and records nothing more. Cancelled after its last epoch, it
+    writes no model file: the file is the unit's, and a resume may already run the
+    unit again, whose file this one would replace with other weights."""
+    store, settings, _ = env
     ctx = _context(env)
     key = ctx.unit.key
     assert deliver(store, key, worker="w", task_id="t", holder="d1", lease_seconds=600).run
@@ -316,7 +321,7 @@ def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(
 
     def write_then_cancel(store_, path, relative, checkpoint, **kwargs):
         written = real(store_, path, relative, checkpoint, **kwargs)
-        if checkpoint["epochs_done"] == 1:
+        if checkpoint["epochs_done"] == cancelled_after:
             store.cancel_campaign(CAMPAIGN_ID)
         return written
 
@@ -327,8 +332,10 @@ def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(
     finally:
         ctx.heartbeat.stop()
     assert stopped.value.reason == LEASE_CANCELLED
-    assert [step for step, _ in store.metrics(key)["val_acc"]] == [0, 1]  # epoch 3 never ran
+    recorded = [step for step, _ in store.metrics(key)["val_acc"]]
+    assert recorded == list(range(min(cancelled_after + 1, EPOCHS)))  # no epoch after it ran
     assert store.get_unit(key).state == "CANCELLED" and key not in store.results(CAMPAIGN_ID)
+    assert list((settings.artifacts / "campaigns" / CAMPAIGN_ID).glob("models/*")) == []
 
 
 def _stop_requested_after(monkeypatch: pytest.MonkeyPatch, epochs_done: int) -> None:

@@ -299,6 +299,10 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
         buffer,
     )
     model_path = ctx.campaign_dir / "models" / f"cnn-{ctx.unit.params_hash}-f{ctx.unit.fold}.pt"
+    # the file is the unit's, not this delivery's: one that lost the unit since its
+    # last epoch (cancelled, then resumed and run again) stops here rather than
+    # overwrite what another delivery wrote, with its own weights, and recorded
+    ctx.check_stop()
     written = atomic_write_bytes(model_path, buffer.getvalue())
     outcome = model_outcome(
         manifest,
