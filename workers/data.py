@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,13 @@ from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
 from shared.settings import Settings
 from shared.variants import derive
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: fall back to racing, which is still correct
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("orchard")
 
 # A CPU worker runs many grid points over the same images in a row: keep the last
 # variant it derived instead of reading every shard again for each point.
@@ -24,6 +34,27 @@ def cache_dir_rel(manifest: Manifest) -> str:
 
 def shard_rel(manifest: Manifest, index: int) -> str:
     return f"{cache_dir_rel(manifest)}/{shard_name(index)}"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, doing: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock beside ``path`` (``.NAME.lock``, on the shared
+    folder: the workers of every host take turns) while ``doing`` (best effort)."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks: racing is still correct
+            log.warning("%s: cannot lock (%s); %s without it", lock, exc, doing)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def shard_intact(store: Store, artifacts: Path, rel: str) -> bool:

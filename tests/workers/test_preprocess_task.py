@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.plan import PREPROCESS
@@ -30,3 +31,45 @@ def test_a_worker_reads_no_image_outside_its_dataset_roots(cached_campaign, tmp_
         f"({allowed.resolve()}); not read"
     )
     assert Path(manifest.entries[0].path).is_absolute()
+
+
+def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(
+    cached_campaign,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Two campaigns over the same images (or two deliveries) decode the same cache
+    shard at once; were their bytes to differ (another decoder, another CPU), one's
+    rename could win and the other's record. Under the shard's lock the second finds
+    the first's shard, recorded, and reuses it: one decode, the file's checksum on
+    record."""
+    import threading
+    import time
+
+    from workers.data import shard_intact, shard_rel
+
+    store, settings, manifest = cached_campaign("p-2", {"rf": {"n_estimators": 5}})
+    for shard in (settings.artifacts / "cache").rglob("*.npy"):
+        shard.unlink()  # nothing cached: the shard must be decoded
+    unit = next(u for u in store.units("p-2") if u.stage == PREPROCESS)
+    decodes: list[int] = []
+
+    def slow_and_different(paths, size, *_):  # noqa: ANN001, ANN002, ANN202
+        decodes.append(len(decodes))
+        time.sleep(0.3)  # the other delivery arrives meanwhile
+        return np.full((len(paths), size, size, 3), len(decodes), np.uint8)  # its own bytes
+
+    monkeypatch.setattr(preprocess_task, "preprocess_images", slow_and_different)
+    outcomes = []
+
+    def deliver() -> None:
+        context = UnitContext(store.get_campaign("p-2"), unit, store, settings, _manifest=manifest)
+        outcomes.append(preprocess_task.preprocess_shard.run.__wrapped__(context))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert decodes == [0]
+    assert sorted(o.extra["reused"] for o in outcomes) == [False, True]
+    assert shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from db.store import Artifact, Outcome
+from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, preprocess_images, write_shard
-from workers.data import shard_intact, shard_rel
+from workers.data import exclusive, shard_intact, shard_rel
 from workers.tasks.base import UnitContext, log, unit_task
 
 _warned: set[str] = set()  # this worker said it has no CUDA device for nvjpeg
@@ -23,13 +25,25 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     params = ctx.unit.params
     rel = shard_rel(manifest, params["shard"])
     path = ctx.settings.artifacts / rel
-    # The cache is keyed by content: a shard another campaign wrote is reused when
-    # its bytes still match the checksum recorded for them.
-    if shard_intact(ctx.store, ctx.settings.artifacts, rel):
-        return Outcome(
-            fit_seconds=time.perf_counter() - started,
-            extra={"images": params["stop"] - params["start"], "reused": True},
-        )
+    # The cache is keyed by content: a shard another campaign wrote is reused when its
+    # bytes still match the checksum recorded for them. Checked, written and recorded
+    # under the shard's lock: two campaigns over the same images (or a delivery and a
+    # second one) take turns, so the file is always the one whose checksum is on
+    # record (without it, one's rename could win and the other's record: every model
+    # unit of both would then find the shard changed)
+    with exclusive(path, "writing the shard"):
+        if shard_intact(ctx.store, ctx.settings.artifacts, rel):
+            return Outcome(
+                fit_seconds=time.perf_counter() - started,
+                extra={"images": params["stop"] - params["start"], "reused": True},
+            )
+        extra = _decode_and_write(ctx, manifest, path, rel)
+    return Outcome(fit_seconds=time.perf_counter() - started, extra=extra)
+
+
+def _decode_and_write(ctx: UnitContext, manifest: Manifest, path: Path, rel: str) -> dict:
+    """Decode the unit's range of the manifest into the shard at ``path`` and record it."""
+    params = ctx.unit.params
     entries = manifest.entries[params["start"] : params["stop"]]
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
@@ -52,19 +66,16 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     else:
         images = preprocess_images(paths, manifest.size, manifest.max_pixels, digests)
     written = write_shard(path, images)
-    return Outcome(
-        fit_seconds=time.perf_counter() - started,
-        extra={
-            "images": len(entries),
-            "reused": False,
-            "decoded_on": decoded_on,  # the worker's device for nvJPEG, else "cpu"
-            "by_nvjpeg": by_nvjpeg,
-            "by_opencv": len(entries) - by_nvjpeg,
-        },
-        artifacts=[
-            Artifact(rel, "shard", written.sha256, written.size, ctx.campaign.id, ctx.unit.key)
-        ],
+    ctx.store.record_artifact(
+        Artifact(rel, "shard", written.sha256, written.size, ctx.campaign.id, ctx.unit.key)
     )
+    return {
+        "images": len(entries),
+        "reused": False,
+        "decoded_on": decoded_on,  # the worker's device for nvJPEG, else "cpu"
+        "by_nvjpeg": by_nvjpeg,
+        "by_opencv": len(entries) - by_nvjpeg,
+    }
 
 
 def _nvjpeg(

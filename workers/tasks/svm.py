@@ -21,11 +21,9 @@ result records the choice as ``best_<name>`` with its ``search_cv_acc``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +43,9 @@ from shared.svm import (
     project_all,
 )
 from shared.variants import canonical_variant, variant_shape
+from workers.data import exclusive
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, unit_task
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: fall back to racing, which is still correct
-    fcntl = None  # type: ignore[assignment]
 
 log = get_task_logger("orchard")
 
@@ -86,26 +80,6 @@ def pca_path(
     scaled = "-s1" if standardize else ""  # absent otherwise: the names stay as they were
     name = f"{canonical_variant(variant)}-f{fold}-w{int(whiten)}{scaled}-k{k}.npz"
     return campaign_dir / "pca" / name
-
-
-@contextlib.contextmanager
-def _fit_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock beside ``path`` while fitting it (best effort)."""
-    if fcntl is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:  # a filesystem without locks: racing is still correct
-            log.warning("%s: cannot lock (%s); fitting without it", lock, exc)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _load_recorded(ctx: UnitContext, path: Path, n_images: int, k: int) -> PcaProjection | None:
@@ -147,7 +121,7 @@ def shared_projection(
     projection = _load_recorded(ctx, path, n_images, k)
     if projection is not None:
         return projection, False
-    with _fit_lock(path):
+    with exclusive(path, "fitting it"):
         # another worker may have fitted it while this one waited for the lock
         projection = _load_recorded(ctx, path, n_images, k)
         if projection is not None:
