@@ -62,6 +62,13 @@ def _error(tmp_path: Path, text: str) -> tuple[Path, str]:
     return path, str(info.value)
 
 
+def _assert_edit_refused(tmp_path, old, new, expected):
+    """BASE with ``old`` replaced by ``new`` stops with ``expected`` after its path."""
+    assert old in BASE
+    path, message = _error(tmp_path, BASE.replace(old, new, 1))
+    assert message == f"{path}: {expected}"
+
+
 def _assert_one_line(path: Path, message: str, *fragments: str) -> None:
     assert "\n" not in message, message
     assert message.startswith(f"{path}: "), message
@@ -217,9 +224,7 @@ def test_bad_field_is_one_line_naming_section_and_field(tmp_path, old, new, frag
 )  # fmt: skip
 def test_a_repeated_sweep_value_is_refused(tmp_path, old, new, expected):
     """Each point is one unit per fold: a repeated value would plan the same unit twice."""
-    assert old in BASE
-    path, message = _error(tmp_path, BASE.replace(old, new, 1))
-    assert message == f"{path}: {expected}"
+    _assert_edit_refused(tmp_path, old, new, expected)
 
 
 @pytest.mark.parametrize(
@@ -331,9 +336,7 @@ def test_unknown_key_with_newline_stays_one_line(tmp_path, where):
     ],
 )  # fmt: skip
 def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, old, new, expected):
-    assert old in BASE
-    path, message = _error(tmp_path, BASE.replace(old, new, 1))
-    assert message == f"{path}: {expected}"
+    _assert_edit_refused(tmp_path, old, new, expected)
 
 
 @pytest.mark.parametrize(
@@ -350,9 +353,7 @@ def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, old, new, expec
 )  # fmt: skip
 def test_a_missing_or_unknown_kind_and_a_bad_name_say_it_in_words(tmp_path, old, new, expected):
     """In words, not pydantic's ("Unable to extract tag using discriminator", a regex)."""
-    assert old in BASE
-    path, message = _error(tmp_path, BASE.replace(old, new, 1))
-    assert message == f"{path}: {expected}"
+    _assert_edit_refused(tmp_path, old, new, expected)
 
 
 # ---------------------------------------------------------------- paths, immutability, hashes
@@ -709,9 +710,7 @@ def test_one_search_table_per_section(tmp_path):
 )  # fmt: skip
 def test_union_tags_and_model_names_stay_out_of_messages(tmp_path, old, new, expected):
     """Pydantic's names for a union's members or a model are not the file's words."""
-    assert old in BASE
-    path, message = _error(tmp_path, BASE.replace(old, new, 1))
-    assert message == f"{path}: {expected}"
+    _assert_edit_refused(tmp_path, old, new, expected)
 
 
 @pytest.mark.parametrize("key", ["shard_size", "max_pixels"])
