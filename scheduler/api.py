@@ -369,8 +369,9 @@ class NotSentError(OrchardError):
 
     def __init__(self, campaign_id: str, why: str) -> None:
         super().__init__(
-            f"campaign {campaign_id}: recorded, but its units were not sent: {why}; "
-            f"`orchard resume {campaign_id}` sends them once that is mended"
+            f"campaign {campaign_id}: not every unit it has ready was sent ({why}); the "
+            f"campaign is recorded, and `orchard resume {campaign_id}` sends the rest once "
+            "that is mended"
         )
         self.campaign_id = campaign_id
 
@@ -384,8 +385,11 @@ def _send(store: Store, app: Any, campaign_id: str) -> None:
         advance(store, app, campaign_id)
     except (OperationalError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # kombu's error after its retries: the broker went away; an OSError: a
+        # filesystem broker's folder refused the message (full, read-only)
+        away = " unreachable" if isinstance(exc, OperationalError) else ""
         raise NotSentError(
-            campaign_id, f"broker {mask_url(app.conf.broker_url)} unreachable: {reason}"
+            campaign_id, f"broker {mask_url(app.conf.broker_url)}{away}: {reason}"
         ) from None
     except StoreError as exc:
         raise NotSentError(campaign_id, str(exc)) from None

@@ -1509,7 +1509,7 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 #: What a spreadsheet takes as the start of a formula in a text cell.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list
+_FORMULA_START = ("=", "+", "-", "@", "\t")  # OWASP's list (a CR is escaped before)
 
 
 def _csv_value(value: Any) -> Any:

@@ -799,18 +799,18 @@ def _unknown_key_hint(loc: list[Any], raw: dict[str, Any]) -> str:
     name of the file's top level written inside a table; else the closest known key."""
     section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
     key = str(loc[-1])
-    if len(loc) >= 2 and loc[0] in _TABLES:
-        kind = section.get("kind")
+    kind = section.get("kind")
+    # a key of the table itself (pydantic puts a kind's tag in the path), not deeper
+    if loc and loc[0] in _TABLES and (len(loc) == 2 or (len(loc) == 3 and loc[1] == kind)):
         options = _models_in(Campaign.model_fields[loc[0]].annotation)
         others = [_kind_of(m) for m in options if _kind_of(m) != kind and key in m.model_fields]
         if kind is not None and others:
             kinds = " or ".join(repr(k) for k in others)
             return f" for kind {kind!r} (a key of kind {kinds})"
-        if len(loc) == 2 or (len(loc) == 3 and loc[1] == kind):
-            if key in _TABLES:
-                return f" ([{key}] is a table of its own, not a key of [{loc[0]}])"
-            if key in Campaign.model_fields:
-                return f" ({key} is set at the top of the file, before any table)"
+        if key in _TABLES:
+            return f" ([{key}] is a table of its own, not a key of [{loc[0]}])"
+        if key in Campaign.model_fields:
+            return f" ({key} is set at the top of the file, before any table)"
     if guess := _close_key(loc, raw):
         return f" (did you mean {guess!r}?)"
     return ""

@@ -39,16 +39,27 @@ def shard_rel(manifest: Manifest, index: int) -> str:
 @contextlib.contextmanager
 def exclusive(path: Path, doing: str) -> Iterator[None]:
     """Hold an exclusive advisory lock beside ``path`` (``.NAME.lock``, on the shared
-    folder: the workers of every host take turns) while ``doing`` (best effort)."""
+    folder: the workers of every host take turns) while ``doing``. Best effort: where
+    the lock file cannot be opened or locked, the work goes on without it, racing
+    (writes stay atomic; a shard's record may then name the other writer's bytes,
+    which the next reader detects and a resume decodes again)."""
     if fcntl is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a+b") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "a+b")  # noqa: SIM115 - closed below, after the caller's work
+    except OSError as exc:  # a folder this worker may not write: the work says so itself
+        log.warning("%s: cannot open (%s); %s without the lock", lock, exc.strerror, doing)
+        fh = None
+    if fh is None:
+        yield
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:  # a filesystem without locks: racing is still correct
+        except OSError as exc:  # a filesystem without locks
             log.warning("%s: cannot lock (%s); %s without it", lock, exc, doing)
         try:
             yield

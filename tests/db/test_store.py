@@ -1670,34 +1670,46 @@ def test_a_finish_and_a_cancel_of_its_campaign_do_not_deadlock(postgres_url: str
     """A worker's finish locks its unit, then its file's record takes the campaign row's
     KEY SHARE lock (the foreign key); a cancel locks the campaign row, then the units.
     With FOR UPDATE on the campaign row the two deadlocked (PostgreSQL broke it after a
-    second, a retry hid it); FOR NO KEY UPDATE does not stop the record."""
+    second, a retry hid it); FOR NO KEY UPDATE does not stop the record. The cancel
+    runs without retries here, so a deadlock would fail one side or the other."""
     from sqlalchemy import select
 
     from db.models import ArtifactRow
 
     store = make_store(postgres_url)
+    canceller = Store(postgres_url, retry_seconds=0)
     key = seed_campaign(store)[0].key
 
-    def deadlocks() -> int:
+    def waiting_for_a_lock() -> bool:
         with store.engine.connect() as conn:
-            return conn.scalar(
-                text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            return bool(
+                conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
             )
 
-    before = deadlocks()
     cancelled: list[Any] = []
-    with store.engine.begin() as finish:  # a finish under way: its unit locked
-        finish.execute(select(UnitRow.id).where(UnitRow.key == key).with_for_update())
-        cancelling = threading.Thread(target=lambda: cancelled.append(store.cancel_campaign("t-1")))
-        cancelling.start()
-        time.sleep(0.5)  # the cancel holds the campaign row and waits for the unit
-        assert cancelling.is_alive()
-        finish.execute(  # the finish's file record: waits for nothing now
-            ArtifactRow.__table__.insert().values(
-                path="campaigns/t-1/m.pt", kind="model", campaign_id="t-1", unit_key=key,
-                sha256="0" * 64, size=1, created_at=utcnow(),
+    try:
+        with store.engine.begin() as finish:  # a finish under way: its unit locked
+            finish.execute(select(UnitRow.id).where(UnitRow.key == key).with_for_update())
+            cancelling = threading.Thread(
+                target=lambda: cancelled.append(canceller.cancel_campaign("t-1"))
             )
-        )  # fmt: skip
-    cancelling.join(30)
+            cancelling.start()
+            deadline = time.monotonic() + 30
+            while not waiting_for_a_lock():  # holds the campaign row, waits for the unit
+                assert cancelling.is_alive() and time.monotonic() < deadline
+                time.sleep(0.02)
+            finish.execute(  # the finish's file record: waits for nothing now
+                ArtifactRow.__table__.insert().values(
+                    path="campaigns/t-1/m.pt", kind="model", campaign_id="t-1", unit_key=key,
+                    sha256="0" * 64, size=1, created_at=utcnow(),
+                )
+            )  # fmt: skip
+        cancelling.join(30)
+    finally:
+        canceller.dispose()
     assert cancelled and cancelled[0].state == "CANCELLED"
-    assert deadlocks() == before

@@ -378,10 +378,13 @@ def test_a_broker_gone_after_its_check_leaves_the_campaign_to_resume_and_says_so
     assert main(["submit", str(tiny_campaign)]) == 2
     err = capsys.readouterr().err
     [line] = err.strip().splitlines()
-    assert "recorded, but its units were not sent: broker redis://:***@127.0.0.1:" in line
+    assert ": not every unit it has ready was sent (broker redis://:***@127.0.0.1:" in line
     assert private_redis.password not in err
     campaign_id = line.split("campaign ")[1].split(":")[0]
-    assert line.endswith(f"`orchard resume {campaign_id}` sends them once that is mended")
+    assert line.endswith(
+        f"the campaign is recorded, and `orchard resume {campaign_id}` sends the rest once "
+        "that is mended"
+    )
     store = Store(f"sqlite:///{tmp_path / 'home' / 'orchard.db'}")
     try:
         assert {u.state for u in store.units(campaign_id)} == {"PENDING"}

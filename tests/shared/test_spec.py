@@ -333,6 +333,10 @@ def test_unknown_key_with_newline_stays_one_line(tmp_path, where):
          "[cnn] blend: unknown key ([blend] is a table of its own, not a key of [cnn])"),
         ("epochs = 2", "epochs = 2\nseed = 3",
          "[cnn] seed: unknown key (seed is set at the top of the file, before any table)"),
+        # deeper than the table: no kind would take it
+        ('kind = "synthetic"\ntrain_per_class = 4',
+         'kind = "aicup"\nroot = "/x"\n[dataset.splits.train]\ncsv = "a.csv"\n'
+         'images = "a"\nseed = 3', "[dataset] splits.train.seed: unknown key"),
     ],
 )  # fmt: skip
 def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, old, new, expected):

@@ -73,3 +73,29 @@ def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(
     assert decodes == [0]
     assert sorted(o.extra["reused"] for o in outcomes) == [False, True]
     assert shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
+
+
+def test_a_whole_shard_is_reused_without_its_lock(cached_campaign, monkeypatch) -> None:  # noqa: ANN001
+    """Reusing needs only read access: a worker that cannot write the cache folder (a
+    read-only mount, another uid's lock file) still takes the shard as it is."""
+    store, settings, manifest = cached_campaign("p-3", {"rf": {"n_estimators": 5}})
+    unit = next(u for u in store.units("p-3") if u.stage == PREPROCESS)
+
+    def no_lock(*_):  # noqa: ANN002, ANN202
+        raise AssertionError("took the lock to reuse a whole shard")
+
+    monkeypatch.setattr(preprocess_task, "exclusive", no_lock)
+    context = UnitContext(store.get_campaign("p-3"), unit, store, settings, _manifest=manifest)
+    assert preprocess_task.preprocess_shard.run.__wrapped__(context).extra["reused"] is True
+
+
+def test_a_lock_file_that_cannot_be_made_is_worked_without(tmp_path, caplog) -> None:  # noqa: ANN001
+    from workers.data import exclusive
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    ran = []
+    with exclusive(blocker / "cache" / "shard-00000.npy", "writing the shard"):
+        ran.append(True)
+    assert ran == [True]
+    assert "writing the shard without the lock" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     # under the shard's lock: two campaigns over the same images (or a delivery and a
     # second one) take turns, so the file is always the one whose checksum is on
     # record (without it, one's rename could win and the other's record: every model
-    # unit of both would then find the shard changed)
+    # unit of both would then find the shard changed). A shard already whole is reused
+    # without the lock, which a worker that may only read the cache cannot take
+    reused = Outcome(0.0, extra={"images": params["stop"] - params["start"], "reused": True})
+    if shard_intact(ctx.store, ctx.settings.artifacts, rel):
+        return replace(reused, fit_seconds=time.perf_counter() - started)
     with exclusive(path, "writing the shard"):
-        if shard_intact(ctx.store, ctx.settings.artifacts, rel):
-            return Outcome(
-                fit_seconds=time.perf_counter() - started,
-                extra={"images": params["stop"] - params["start"], "reused": True},
-            )
+        if shard_intact(ctx.store, ctx.settings.artifacts, rel):  # written while we waited
+            return replace(reused, fit_seconds=time.perf_counter() - started)
         extra = _decode_and_write(ctx, manifest, path, rel)
     return Outcome(fit_seconds=time.perf_counter() - started, extra=extra)
 
