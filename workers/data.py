@@ -18,7 +18,7 @@ from shared.variants import derive
 
 try:
     import fcntl
-except ImportError:  # not on Windows: fall back to racing, which is still correct
+except ImportError:  # not on Windows: no lock, racing (see exclusive)
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("orchard")
