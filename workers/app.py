@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -14,6 +15,14 @@ from shared.settings import Settings, load_settings
 from workers import logs
 from workers.config import celery_config, check_broker_url, make_broker_folders
 from workers.reaper import LostUnitReaper
+
+# Before any OpenMP runtime loads (torch's, on the first unit or at preload): its threads
+# that wait for work sleep rather than spin. A CNN fold on the CPU beside other busy
+# processes (the demo's CPU worker, another campaign's) otherwise lost most of its time
+# to threads spinning on cores others needed: the demo took 2.5-3 min beside two busy
+# processes on 2 cores, 1.3 min with this, and the same 48-50 s on quiet cores.
+# A worker's environment may say otherwise (OMP_WAIT_POLICY=ACTIVE)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TASK_MODULES = [
     "workers.tasks.preprocess",

@@ -151,3 +151,25 @@ def test_the_celery_command_refuses_a_broker_url_that_turns_tls_checks_off(
         "option 'ssl_cert_reqs' in the URL's query: TLS settings go in ORCHARD_REDIS_TLS_CA_CERTS"
     )
     assert done.stderr.count("\n") == 1 and "S3cret" not in done.stderr
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_a_worker_s_openmp_threads_sleep_while_they_wait(given, expected) -> None:  # noqa: ANN001
+    """Set before torch loads its OpenMP runtime, unless the environment says otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, os, workers.app; assert 'torch' not in sys.modules; "
+            "print(os.environ['OMP_WAIT_POLICY'])",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == expected, done.stderr
