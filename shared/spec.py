@@ -793,15 +793,23 @@ def _kinds(loc: list[Any]) -> list[Any]:
     return [_kind_of(m) for m in _models_in(Campaign.model_fields[loc[0]].annotation)]
 
 
+def _table_of(loc: list[Any], raw: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """The file's table at ``loc`` (empty if none) and ``loc`` without the tag of a
+    table's kind that pydantic puts in the path (``[dataset, aicup, seed]``)."""
+    section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
+    if len(loc) == 3 and loc[0] in _TABLES and loc[1] == section.get("kind"):
+        loc = [loc[0], loc[2]]
+    return section, loc
+
+
 def _unknown_key_hint(loc: list[Any], raw: dict[str, Any]) -> str:
     """Why a key is unknown where it is, when that is likelier than a typo: a key of
     another kind of the table (a synthetic ``seed`` in an aicup ``[dataset]``), or a
     name of the file's top level written inside a table; else the closest known key."""
-    section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
+    section, loc = _table_of(loc, raw)
     key = str(loc[-1])
     kind = section.get("kind")
-    # a key of the table itself (pydantic puts a kind's tag in the path), not deeper
-    if loc and loc[0] in _TABLES and (len(loc) == 2 or (len(loc) == 3 and loc[1] == kind)):
+    if len(loc) == 2 and loc[0] in _TABLES:  # a key of the table itself, not deeper
         options = _models_in(Campaign.model_fields[loc[0]].annotation)
         others = [_kind_of(m) for m in options if _kind_of(m) != kind and key in m.model_fields]
         if kind is not None and others:
@@ -820,9 +828,7 @@ def _close_key(loc: list[Any], raw: dict[str, Any]) -> str | None:
     """The known key most like the unknown one at ``loc`` (top level, or a section's
     field), for "did you mean"; None when none is close or the place is deeper."""
     model: type[BaseModel] = Campaign
-    section = raw.get(loc[0]) if loc and isinstance(raw.get(loc[0]), dict) else {}
-    if len(loc) == 3 and loc[0] == "dataset" and loc[1] == section.get("kind"):
-        loc = [loc[0], loc[2]]  # pydantic puts the discriminator's tag in the path
+    section, loc = _table_of(loc, raw)
     if len(loc) == 2 and loc[0] in _TABLES:
         options = _models_in(Campaign.model_fields[loc[0]].annotation)
         kind = [m for m in options if _kind_of(m) == section.get("kind")]
