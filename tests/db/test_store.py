@@ -670,11 +670,14 @@ def test_stalled_campaigns_are_the_running_ones_nothing_moves(store_url: str) ->
     time.sleep(0.3)
     assert store.stalled_campaigns(0.1) == ["t-1"]  # nothing sent its first stage
     store.claim_for_queue(first)
-    assert store.stalled_campaigns(0.1) == []  # queued
+    time.sleep(0.3)
+    assert store.stalled_campaigns(0.1) == []  # queued, however long ago
     for key in first:
         deliver(store, key, worker="w", task_id=None)
         store.finish_unit(key, outcome())
-    assert store.stalled_campaigns(0.1) == []  # a unit finished within the window
+    # a unit finished within the window (a long one: a loaded machine may take a while
+    # between the commit and the query)
+    assert store.stalled_campaigns(60.0) == []
     time.sleep(0.3)
     assert store.stalled_campaigns(0.1) == ["t-1"]  # and no one opened the next stage
     store.cancel_campaign("t-1")
@@ -706,7 +709,7 @@ def test_completing_waits_for_a_resume_that_reopens_the_campaign(postgres_url: s
         result: list[str | None] = []
         completer = threading.Thread(target=lambda: result.append(store.complete_campaign("t-1")))
         completer.start()
-        time.sleep(0.5)
+        wait_for_a_lock_wait(store, completer)  # the completer waits: the race is on
         resumer.execute(text("COMMIT"))
     completer.join(10)
     assert result == [None]
@@ -1024,10 +1027,11 @@ def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_ur
     assert store.untaken_queues("no-such-campaign", after=0) == {}
 
     # a worker runs one unit under a live lease: the queue is being consumed
-    deliver(store, first[0], worker="w", task_id=None, holder="d1", lease_seconds=0.5)
+    deliver(store, first[0], worker="w", task_id=None, holder="d1", lease_seconds=60)
     assert store.untaken_queues("t-1", after=0) == {}
     # ... until that worker dies: its lease runs out and no one takes the rest
-    time.sleep(0.7)
+    assert store.renew_lease(first[0], "d1", lease_seconds=0.01) == "held"
+    time.sleep(0.1)
     assert list(store.untaken_queues("t-1", after=0)) == [queue]
 
     # another campaign's units, sent while a unit of the queue runs: workers busy with
@@ -1582,6 +1586,25 @@ def test_family_counts_count_each_family_s_states_in_plan_order(store_url: str) 
     store.dispose()
 
 
+def wait_for_a_lock_wait(store: Store, waiter: threading.Thread) -> None:
+    """Until a session of ``store``'s PostgreSQL database waits for a lock (``waiter``
+    blocked on one), so that a race test runs the race, not one side after the other."""
+    deadline = time.monotonic() + 30
+    while True:
+        with store.engine.connect() as conn:
+            waiting = conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        if waiting:
+            return
+        assert waiter.is_alive(), "it finished without waiting for the lock"
+        assert time.monotonic() < deadline, "no lock wait within 30 s"
+        time.sleep(0.02)
+
+
 def open_stage_during_a_resume(store: Store, campaign_id: str, reopened: str) -> list[str]:
     """``store.open_stage`` (what ``advance`` asks of the store) started while `orchard
     resume`, in another process, has locked the campaign and reopened ``reopened``
@@ -1680,17 +1703,6 @@ def test_a_finish_and_a_cancel_of_its_campaign_do_not_deadlock(postgres_url: str
     canceller = Store(postgres_url, retry_seconds=0)
     key = seed_campaign(store)[0].key
 
-    def waiting_for_a_lock() -> bool:
-        with store.engine.connect() as conn:
-            return bool(
-                conn.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
-                        "current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            )
-
     cancelled: list[Any] = []
     try:
         with store.engine.begin() as finish:  # a finish under way: its unit locked
@@ -1699,10 +1711,8 @@ def test_a_finish_and_a_cancel_of_its_campaign_do_not_deadlock(postgres_url: str
                 target=lambda: cancelled.append(canceller.cancel_campaign("t-1"))
             )
             cancelling.start()
-            deadline = time.monotonic() + 30
-            while not waiting_for_a_lock():  # holds the campaign row, waits for the unit
-                assert cancelling.is_alive() and time.monotonic() < deadline
-                time.sleep(0.02)
+            # it holds the campaign row and waits for the unit
+            wait_for_a_lock_wait(store, cancelling)
             finish.execute(  # the finish's file record: waits for nothing now
                 ArtifactRow.__table__.insert().values(
                     path="campaigns/t-1/m.pt", kind="model", campaign_id="t-1", unit_key=key,

@@ -42,9 +42,10 @@ def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(
     rename could win and the other's record. Under the shard's lock the second finds
     the first's shard, recorded, and reuses it: one decode, the file's checksum on
     record."""
+    import fcntl
     import threading
-    import time
 
+    import workers.data
     from workers.data import shard_intact, shard_rel
 
     store, settings, manifest = cached_campaign("p-2", {"rf": {"n_estimators": 5}})
@@ -52,12 +53,27 @@ def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(
         shard.unlink()  # nothing cached: the shard must be decoded
     unit = next(u for u in store.units("p-2") if u.stage == PREPROCESS)
     decodes: list[int] = []
+    lockers: list[int] = []
+    second_at_the_lock = threading.Event()
+
+    class Flock:  # fcntl, telling when the second delivery asks for the shard's lock
+        LOCK_EX, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(fh, operation):  # noqa: ANN001, ANN205
+            if operation == fcntl.LOCK_EX:
+                lockers.append(threading.get_ident())
+                if len(lockers) == 2:
+                    second_at_the_lock.set()
+            return fcntl.flock(fh, operation)
 
     def slow_and_different(paths, size, *_):  # noqa: ANN001, ANN002, ANN202
         decodes.append(len(decodes))
-        time.sleep(0.3)  # the other delivery arrives meanwhile
+        # the other delivery arrives meanwhile: it waits for this one's lock
+        assert second_at_the_lock.wait(30), "the second delivery never asked for the lock"
         return np.full((len(paths), size, size, 3), len(decodes), np.uint8)  # its own bytes
 
+    monkeypatch.setattr(workers.data, "fcntl", Flock)
     monkeypatch.setattr(preprocess_task, "preprocess_images", slow_and_different)
     outcomes = []
 
@@ -71,6 +87,7 @@ def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(
     for thread in threads:
         thread.join(60)
     assert decodes == [0]
+    assert len(set(lockers)) == 2  # both deliveries took the lock, one after the other
     assert sorted(o.extra["reused"] for o in outcomes) == [False, True]
     assert shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
 
