@@ -4,11 +4,12 @@ only when reading every unit (``next_actions``) would find nothing to do either.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
 import pytest
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 
 from db.models import UnitRow
 from db.store import Store
@@ -100,6 +101,57 @@ def test_a_running_stage_and_the_next_one(store: Store) -> None:
     units = states("SUCCESS", "RUNNING", "PENDING", "PENDING")
     units[0] = UnitState(units[0].key, 0, "PENDING")
     assert may_open(store, units)
+
+
+def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_send(
+    tmp_path: Path,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """The broker goes away after the first chunk: that chunk stays QUEUED and marked
+    sent (its messages are out), the others go back to PENDING, and the next advance
+    sends those, once each."""
+    from celery import group
+
+    from scheduler import canvas
+    from shared.settings import Settings
+    from workers.app import make_app
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    keys = [f"g/svm/p{i:03d}/f0" for i in range(250)]
+    units = [UnitPlan(key, "svm", 1, 0, {}, key) for key in keys]
+    store = campaign_store(url, "g", [*units, UnitPlan("g/report", "report", 3, None, {}, "r")])
+    settings = Settings(
+        home=tmp_path,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=url,
+        artifacts=tmp_path / "artifacts",
+    )
+    app = make_app(settings, with_tasks=False)
+    calls: list[int] = []
+
+    def flaky_group(signatures):  # noqa: ANN001, ANN202
+        calls.append(len(signatures))
+        if len(calls) == 2:
+            raise ConnectionError("broker lost")
+        return group(signatures)
+
+    monkeypatch.setattr(canvas, "group", flaky_group)
+    with pytest.raises(ConnectionError):
+        canvas.advance(store, app, "g")
+    with store.engine.connect() as conn:
+        rows = {r.key: r for r in conn.execute(select(UnitRow).where(UnitRow.key.in_(keys)))}
+    assert [k for k in keys if rows[k].state == "QUEUED"] == keys[:100]
+    assert all(rows[k].sent_at is not None for k in keys[:100])
+    assert all(rows[k].state == "PENDING" and rows[k].task_id is None for k in keys[100:])
+
+    sent = canvas.advance(store, app, "g")  # the broker is back: a redelivery advances
+    assert sorted(sent) == keys[100:]
+    assert {u.state for u in store.units("g") if u.key in keys} == {"QUEUED"}
+    messages = [json.loads(m.read_bytes()) for m in (tmp_path / "broker").rglob("*.msg")]
+    # one message per unit, under the task id its claim recorded
+    task_ids = sorted(m["headers"]["id"] for m in messages)
+    assert task_ids == sorted(u.task_id for u in store.units("g") if u.key in keys)
+    assert len(set(task_ids)) == 250
 
 
 def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
