@@ -1016,6 +1016,8 @@ EXTRA_LABELS: dict[str, str] = {
     "resumed_from_epoch": "Resumed",
     "pca_fitted": "Fitted the PCA",
     "gamma_scale": "γ scale ≈",  # the value gamma="scale" took, as the study's grid gives it
+    "stopped_at_max_iter": "Stopped at max_iter",  # the solver did not converge (2.5)
+    "iterations": "Solver iterations",
     # what a point's [svm.search] chose, as the study's 2.4.1 tables give it
     "best_n_components": "Best n_component",
     "best_C": "Best C",

@@ -276,8 +276,14 @@ class SvmSearch(_Frozen):
         }
 
 
+def _a_limit_or_none(value: int) -> int:
+    if value == 0:
+        raise PydanticCustomError("no_iterations", "give -1 (no limit) or at least 1 iteration")
+    return value
+
+
 class SvmParams(_Frozen):
-    """PCA + RBF SVC at one grid point.
+    """PCA + SVC (RBF, or linear) at one grid point.
 
     ``variant`` also takes the study's names: ``original``, ``polarized``, ``cropped``
     (see ``shared.variants``). Numbers are strict, as everywhere in a campaign: ``true``
@@ -292,7 +298,9 @@ class SvmParams(_Frozen):
 
     #: added after campaigns were stored: at its default it is left out of a point's
     #: parameters, so the point's hash (and the results a twin campaign reuses) stay
-    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"standardize", "search"})
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset(
+        {"standardize", "search", "kernel", "max_iter"}
+    )
     #: one table for the whole section, not a sweep dimension
     NOT_SWEPT: ClassVar[frozenset[str]] = frozenset({"search"})
 
@@ -302,12 +310,22 @@ class SvmParams(_Frozen):
     standardize: bool = False
     C: float = Field(1.5, gt=0)
     gamma: Gamma = "scale"
+    #: "linear": the study's first try (2.5), which did not converge; gamma is unused
+    kernel: Literal["rbf", "linear"] = "rbf"
+    #: the solver's iteration limit (SVC's max_iter; -1: none): a fit that reaches it
+    #: stops before converging, which its point records (``stopped_at_max_iter``)
+    max_iter: Annotated[int, AfterValidator(_a_limit_or_none)] = Field(-1, ge=-1, le=MAX_COUNT)
     search: SvmSearch | None = None
 
     @property
     def searched(self) -> frozenset[str]:
         """The parameters ``search`` chooses: a point leaves them out of its own."""
         return frozenset(self.search.grid()) if self.search is not None else frozenset()
+
+
+def _none_word(value: Any) -> Any:
+    """``"none"`` -> None: a TOML file's way to give an optional number its default."""
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
 
 class RfParams(_Frozen):
@@ -321,7 +339,8 @@ class RfParams(_Frozen):
 
     variant: Variant = "resize128"
     n_estimators: int = Field(100, ge=1, le=MAX_ESTIMATORS)
-    max_depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
+    # "none" in the file (TOML has no null): unlimited, sklearn's None, as a sweep's point
+    max_depth: Annotated[int | None, BeforeValidator(_none_word)] = Field(None, ge=1, le=MAX_DEPTH)
     min_samples_leaf: int = Field(1, ge=1, le=MAX_COUNT)
     min_samples_split: int = Field(2, ge=2, le=MAX_COUNT)
     max_features: Annotated[float, Field(gt=0, le=1)] | Literal["sqrt", "log2"] = "sqrt"

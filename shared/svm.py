@@ -1,4 +1,4 @@
-"""PCA + RBF SVM (the study's section 2): the PCA basis, one grid point, the best point.
+"""PCA + SVM, RBF or linear (the study's section 2): the PCA basis, one grid point, the best point.
 
 A grid sweeps ``n_components x whiten x C x gamma``. Principal components are nested:
 the first k components of a PCA fitted with K >= k components are the components of
@@ -282,13 +282,27 @@ def fit_svc(
     C: float,
     gamma: float | str,
     seed: int,
+    kernel: str = "rbf",
+    max_iter: int = -1,
 ) -> FitOutcome:
-    """An RBF SVC on PCA features: train and validation accuracy, predictions."""
+    """An SVC (RBF, or linear) on PCA features: train and validation accuracy,
+    predictions. With ``max_iter``, whether the solver stopped there before converging
+    (``stopped_at_max_iter``, as the study's linear SVM did) and its ``iterations``."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import SVC
 
     started = time.perf_counter()
-    svc = SVC(kernel="rbf", C=C, gamma=check_gamma(gamma), random_state=seed)
-    svc.fit(z_train, train_y)
+    svc = SVC(kernel=kernel, C=C, gamma=check_gamma(gamma), max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        # a stop at max_iter is this point's result (stopped_at_max_iter), not a warning
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        svc.fit(z_train, train_y)
+    limited = {}
+    if max_iter > 0:
+        iterations = int(np.max(svc.n_iter_))  # one per pair of classes (one-vs-one)
+        limited = {"stopped_at_max_iter": iterations >= max_iter, "iterations": iterations}
     empty = np.empty(0, dtype=np.int64)
     val_pred = svc.predict(z_val) if len(z_val) else empty
     test_pred = svc.predict(z_test) if len(z_test) else empty
@@ -298,7 +312,11 @@ def fit_svc(
         val_pred=val_pred,
         test_pred=test_pred,
         seconds=time.perf_counter() - started,
-        extra={"support_vectors": int(svc.n_support_.sum()), **_gamma_extra(gamma, z_train)},
+        extra={
+            "support_vectors": int(svc.n_support_.sum()),
+            **limited,
+            **(_gamma_extra(gamma, z_train) if kernel != "linear" else {}),
+        },
     )
 
 
@@ -350,6 +368,8 @@ def fit_point(
             n_components=widths[0],
             C=params.get("C", 1.0),  # a default only where the search sets it anyway
             gamma=params.get("gamma", "scale"),
+            kernel=params.get("kernel", "rbf"),
+            max_iter=params.get("max_iter", -1),
         )
         chosen = choice.params
         extra = {f"best_{name}": value for name, value in chosen.items()}
@@ -364,6 +384,8 @@ def fit_point(
         C=chosen.get("C", params.get("C")),
         gamma=check_gamma(chosen.get("gamma", params.get("gamma"))),
         seed=seed,
+        kernel=params.get("kernel", "rbf"),  # left out of a point's params at its default
+        max_iter=params.get("max_iter", -1),
     )
     out.extra.update(extra)
     return out, k
@@ -379,7 +401,7 @@ def fit_svm_point(
     *,
     seed: int,
 ) -> FitOutcome:
-    """[StandardScaler,] PCA(n_components, whiten), SVC(kernel='rbf', C, gamma), from scratch
+    """[StandardScaler,] PCA(n_components, whiten), SVC(kernel, C, gamma), from scratch
     (with ``search``, the PCA as wide as the widest it tries, and the search first).
 
     The campaign task shares one basis across grid points instead (``workers.tasks.svm``);
@@ -494,6 +516,8 @@ def search_svc(
     n_components: int,
     C: float,
     gamma: float | str,
+    kernel: str = "rbf",
+    max_iter: int = -1,
 ) -> SearchChoice:
     """GridSearchCV over ``grid`` (``n_components``, ``C``, ``gamma``) on PCA features.
 
@@ -504,6 +528,9 @@ def search_svc(
     to the first combination in field order (n_components, then C, then gamma), as
     GridSearchCV's ``best_index_`` goes to the first of its grid.
     """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import SVC
 
@@ -516,13 +543,17 @@ def search_svc(
     for k in widths:
         if not 1 <= k <= z_train.shape[1]:
             raise ValueError(f"n_components={k}: the features have {z_train.shape[1]}")
-        svc = SVC(kernel="rbf", C=C, gamma=check_gamma(gamma), random_state=seed)
+        svc = SVC(
+            kernel=kernel, C=C, gamma=check_gamma(gamma), max_iter=max_iter, random_state=seed
+        )
         # refit=False: the unit refits the chosen combination itself, on all its rows;
         # error_score="raise": a fit that fails fails the unit with its reason
         search = GridSearchCV(
             svc, [svc_grid] if svc_grid else [{}], cv=cv, refit=False, error_score="raise"
         )
-        search.fit(np.ascontiguousarray(z_train[:, :k]), train_y)
+        with warnings.catch_warnings():  # as in fit_svc: a stop at max_iter is no news
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            search.fit(np.ascontiguousarray(z_train[:, :k]), train_y)
         scores = search.cv_results_["mean_test_score"]
         combinations += len(scores)
         index = int(np.argmax(scores))  # the first of equal scores

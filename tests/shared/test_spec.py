@@ -593,6 +593,19 @@ def test_the_largest_bounds_are_accepted(tmp_path):
     assert campaign.rf.n_estimators == (100000,) and campaign.rf.max_depth == (10000,)
 
 
+def test_none_in_a_max_depth_sweep_is_unlimited(tmp_path):
+    """TOML has no null: "none" is sklearn's None (grown until the leaves are pure)."""
+    text = BASE.replace("n_estimators = 10", 'n_estimators = 10\nmax_depth = [4, "none"]', 1)
+    campaign = load_campaign(_write(tmp_path, text))
+    assert [p["max_depth"] for p in sweep_points(campaign.rf)] == [4, None]
+    # stored as null, and read back the same
+    stored = json.loads(campaign.model_dump_json())
+    assert stored["rf"]["max_depth"] == [4, None]
+    assert parse_campaign(stored, source="stored") == campaign
+    path, message = _error(tmp_path, BASE.replace("n_estimators = 10", 'max_depth = "full"', 1))
+    _assert_one_line(path, message, "[rf] max_depth", "valid integer")
+
+
 def test_a_campaign_file_with_a_utf8_bom_loads(tmp_path):
     """Editors on Windows often start a UTF-8 file with a byte order mark."""
     path = tmp_path / "bom.toml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import tomllib
 
 import numpy as np
 import pytest
@@ -240,6 +241,57 @@ def test_fit_svc_on_sliced_features_matches_the_single_point_fit(images):
     assert shared.train_acc == pytest.approx(single.train_acc, abs=1 / 45)
     assert shared.val_acc == pytest.approx(single.val_acc, abs=1 / 15)
     assert shared.test_pred.shape == (0,)
+
+
+def test_a_linear_kernel_and_an_iteration_limit_say_whether_the_solver_stopped_there(images):
+    """The study's linear SVM (2.5) "didn't converge ... even if num_of_iter was set to
+    100,000": the point records whether its solver stopped at ``max_iter``, and its
+    figures are those of sklearn's SVC with the same kernel and limit."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 60)  # labels the features cannot separate linearly
+    z = fit_pca_basis(images, 12, False, seed=0).project(images)
+    for max_iter in (5, 100_000):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)  # none escapes the fit
+            out = fit_svc(
+                z, y, z[:0], y[:0], z[:0], C=1.5, gamma="scale", seed=0,
+                kernel="linear", max_iter=max_iter,
+            )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            svc = SVC(kernel="linear", C=1.5, max_iter=max_iter, random_state=0).fit(z, y)
+        assert out.extra["iterations"] == int(svc.n_iter_.max())
+        assert out.extra["stopped_at_max_iter"] is (int(svc.n_iter_.max()) >= max_iter)
+        assert out.train_acc == pytest.approx(float(np.mean(svc.predict(z) == y)))
+        assert "gamma_scale" not in out.extra  # a linear kernel has no gamma
+    assert out.extra["stopped_at_max_iter"] is False  # 100,000 is plenty here
+    stopped = fit_svc(z, y, z[:0], y[:0], z[:0], C=1.5, gamma="scale", seed=0, max_iter=5)
+    assert stopped.extra["stopped_at_max_iter"] is True and stopped.extra["iterations"] == 5
+    # no limit: nothing to say
+    plain = fit_svc(z, y, z[:0], y[:0], z[:0], C=1.5, gamma="scale", seed=0, kernel="linear")
+    assert "stopped_at_max_iter" not in plain.extra and "iterations" not in plain.extra
+
+
+def test_kernel_and_max_iter_at_their_defaults_leave_the_points_as_they_were(tmp_path):
+    """Added after campaigns were stored: a point at the defaults keeps its parameters
+    (and so its hash, and the results a twin campaign reuses)."""
+    base = (
+        'name = "k"\n[dataset]\nkind = "synthetic"\ntrain_per_class = 4\ntest_per_class = 1\n'
+        "[svm]\nn_components = 2\n"
+    )
+    (plain,) = sweep_points(parse_campaign(tomllib.loads(base), source="k").svm)
+    assert "kernel" not in plain and "max_iter" not in plain
+    linear = base + 'kernel = ["linear", "rbf"]\nmax_iter = 100000\n'
+    points = sweep_points(parse_campaign(tomllib.loads(linear), source="k").svm)
+    # each point leaves out what is at its default (the rbf point's kernel)
+    assert [(p.get("kernel"), p["max_iter"]) for p in points] == [
+        ("linear", 100000),
+        (None, 100000),
+    ]
 
 
 def test_fit_svm_point_rejects_bad_gamma_before_fitting(images):
