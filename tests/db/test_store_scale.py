@@ -19,12 +19,7 @@ from sqlalchemy import event, make_url, update
 from db.models import CampaignRow, UnitRow, utcnow
 from db.store import KEYS_PER_STATEMENT, Artifact, Outcome, Prediction, Store
 from shared.plan import UnitPlan
-
-
-def make_store(url: str) -> Store:
-    store = Store(url)
-    store.upgrade()
-    return store
+from tests.db.test_store import make_store
 
 
 def plans(cid: str, models: int, shards: int = 2) -> list[UnitPlan]:

@@ -26,36 +26,9 @@ from shared.manifest import NO_FOLD, Manifest, ManifestError, build_manifest
 from shared.preprocess import PreprocessError, decode_resize, preprocess_images
 from shared.spec import CampaignError, load_campaign, parse_campaign
 from shared.synthetic import synthetic_photo
-
-CLASSES = ("A", "B", "C")
-
+from tests.aicup import CLASSES, make_aicup, one_line, write_jpeg
 
 # ---------------------------------------------------------------- helpers
-
-
-def write_jpeg(path: Path, seed: int = 0, size: tuple[int, int] = (24, 20)) -> Path:
-    """A small, distinct JPEG (``size`` is width, height)."""
-    rng = np.random.default_rng(seed)
-    image = np.clip(rng.normal(128, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), image)
-    return path
-
-
-def make_aicup(root: Path, per_class: int = 5, test: int = 0) -> Path:
-    """``per_class`` labelled training images per class (15 by default), ``test`` unlabelled."""
-    rows = ["image_id,label"]
-    for i in range(per_class * len(CLASSES)):
-        image_id = f"{i:03d}.jpg"
-        write_jpeg(root / "train" / image_id, seed=i)
-        rows.append(f"{image_id},{CLASSES[i % len(CLASSES)]}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    if test:
-        for i in range(test):
-            write_jpeg(root / "test" / f"t{i:03d}.jpg", seed=1000 + i)
-        lines = ["image_id,label"] + [f"t{i:03d}.jpg," for i in range(test)]
-        (root / "test.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def campaign_for(root: Path, folds: int = 2, dataset: dict | None = None, **preprocessing):
@@ -70,15 +43,6 @@ def campaign_for(root: Path, folds: int = 2, dataset: dict | None = None, **prep
 
 def manifest_of(tmp_path: Path, root: Path, **options) -> Manifest:
     return build_manifest(campaign_for(root, **options), tmp_path / "artifacts")
-
-
-def one_line(exc: BaseException, *fragments: str) -> str:
-    message = str(exc)
-    assert isinstance(exc, OrchardError)
-    assert "\n" not in message and "Traceback" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def png_bomb(path: Path, side: int = 20_000) -> Path:
@@ -579,7 +543,6 @@ def test_the_base_campaign_file_is_valid(tmp_path):
 def test_an_error_line_shows_control_characters_instead_of_sending_them():
     """A file name or TOML key with ESC sequences, put into a one-line error, must not
     drive the terminal it is printed to."""
-    from shared.errors import OrchardError
 
     error = OrchardError("dataset /d/\x1b]0;owned\x07.jpg:\nbad\ttab")
     assert str(error) == "dataset /d/\\x1b]0;owned\\x07.jpg: bad\ttab"

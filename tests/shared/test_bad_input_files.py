@@ -20,30 +20,10 @@ import pytest
 from PIL import Image
 
 from shared.datasets import AicupDataset, DatasetError, ImageFolderDataset
-from shared.errors import OrchardError
 from shared.manifest import Manifest, build_manifest
 from shared.preprocess import PreprocessError, check_image, read_header
 from shared.spec import parse_campaign
-
-CLASSES = ("A", "B", "C")
-
-
-def write_jpeg(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    image = np.clip(rng.normal(128, 40, (20, 24, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), image)
-    return path
-
-
-def make_aicup(root: Path, per_class: int = 5) -> Path:
-    """``per_class`` labelled training images per class, ids 000.jpg, 001.jpg, ..."""
-    rows = ["image_id,label"]
-    for i in range(per_class * len(CLASSES)):
-        write_jpeg(root / "train" / f"{i:03d}.jpg", seed=i)
-        rows.append(f"{i:03d}.jpg,{CLASSES[i % len(CLASSES)]}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    return root
+from tests.aicup import CLASSES, make_aicup, one_line, write_jpeg
 
 
 def manifest_of(tmp_path: Path, root: Path, kind: str = "aicup") -> Manifest:
@@ -54,15 +34,6 @@ def manifest_of(tmp_path: Path, root: Path, kind: str = "aicup") -> Manifest:
         "preprocessing": {"size": 32},
     }
     return build_manifest(parse_campaign(raw, source="<test>"), tmp_path / "artifacts")
-
-
-def one_line(exc: BaseException, *fragments: str) -> str:
-    message = str(exc)
-    assert isinstance(exc, OrchardError)
-    assert "\n" not in message and "\r" not in message and "Traceback" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def encoded(fmt: str, side: int = 64, **options) -> bytes:
