@@ -85,6 +85,12 @@ class StoreError(OrchardError):
     """The store is unreachable, not initialised, or asked for something absent."""
 
 
+class StoreUnreachableError(StoreError):
+    """The database did not answer for the whole retry budget (connection refused or
+    lost, a server restarting or failing over, a lock held too long): nothing was wrong
+    with what was asked, and asking again later may succeed."""
+
+
 class SchemaError(StoreError):
     """The store's schema is not this orchard's: older (``orchard db upgrade`` mends it),
     newer (the orchard that upgraded it must run), or not there yet."""
@@ -396,7 +402,7 @@ MAX_RETRY_SECONDS = 24 * 3600
 _retrying_now = threading.local()
 
 
-class _TransientError(StoreError):
+class _TransientError(StoreUnreachableError):
     """A connection-level failure worth retrying; carries the one-line message."""
 
 
@@ -442,7 +448,7 @@ def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
                 except _TransientError as exc:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise StoreError(
+                        raise StoreUnreachableError(
                             f"{exc} (gave up after {self.retry_seconds:g} s of retries)"
                         ) from None
                     time.sleep(min(delay, remaining))
@@ -1167,7 +1173,11 @@ class Store:
                 row.lease_holder = row.lease_expires_at = None
                 row.error = (
                     f"gave up after {row.attempts} attempts: "
-                    + (row.error or "the worker was lost each time (killed or out of memory)")
+                    + (
+                        row.error
+                        or "each delivery ended without a result (its worker killed or out "
+                        "of memory, or the database away as it ended)"
+                    )
                 )[:4000]
                 return Start(False, row.attempts, FAILED, reason="gave up")
             params = dict(

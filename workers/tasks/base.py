@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 from billiard.einfo import ExceptionWithTraceback
@@ -67,6 +67,7 @@ from db.store import (
     SchemaError,
     Store,
     StoreError,
+    StoreUnreachableError,
     Unit,
     UnitCancelledError,
 )
@@ -579,6 +580,35 @@ def _hand_back(
         log.warning("%s handed back %s", key, why)
 
 
+def _outlast_the_outage(
+    task: Task, store: Store, key: str, holder: str, exc: StoreError, lease_seconds: float
+) -> NoReturn:
+    """The database was away longer than the store's retries while the unit ran (a
+    restart, a failover): nothing is wrong with the unit, so it is not failed. If the
+    store answers now, the unit is handed back (the attempt not counted) and its message
+    requeued: the next delivery, on whichever worker is free, resumes from the unit's
+    checkpoint. Otherwise the message comes back once this delivery's lease has run out
+    (the lease is what tells the other deliveries this one is gone)."""
+    log.warning("%s: the database is away (%s); handing the unit back", key, exc)
+    try:
+        handed = store.hand_back(key, holder)
+    except StoreError as again:
+        log.warning(
+            "%s: not handed back, the database is still away (%s); this delivery comes "
+            "back in %.0f s",
+            key,
+            again,
+            lease_seconds + 1,
+        )
+        raise task.retry(countdown=lease_seconds + 1, max_retries=30, exc=exc) from None
+    if handed:
+        log.warning("%s handed back: the database was away; it runs again", key)
+        raise Reject("the database was away: handed back", requeue=True)
+    # no longer this delivery's (taken over, reset by resume, cancelled): as for a lost
+    # lease, this message comes back should the one that holds it die too
+    raise task.retry(countdown=lease_seconds + 1) from None
+
+
 def _stop_consuming(task: Task) -> str:
     """Ask this worker to take no more messages from the queue the current one came
     from (a broadcast its main process answers); the queue's name."""
@@ -748,6 +778,9 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         raise Reject(
             "ORCHARD_ARTIFACTS is not the submitter's (see the error above)", True
         ) from None
+    except StoreUnreachableError as exc:
+        heartbeat.stop()
+        _outlast_the_outage(task, store, key, holder, exc, rules.lease_seconds)
     except Exception as exc:
         heartbeat.stop()
         if _unit_gone(store, key):  # what failed was a write for a campaign deleted meanwhile
