@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Iterable
 
-from celery import Celery
+from celery import Celery, signals
 
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
@@ -73,7 +73,23 @@ def make_app(settings: Settings, *, with_tasks: bool = True, broker_folders: boo
     if with_tasks:
         celery.steps["worker"].add(LostUnitReaper)
         logs.install()
+        signals.celeryd_init.connect(_refuse_an_unusable_store, weak=False)
     return celery
+
+
+def _refuse_an_unusable_store(conf: object = None, **_: object) -> None:
+    """A worker (`celery -A workers.app worker` too, not only `orchard worker`) whose
+    ORCHARD_DATABASE_URL names a database SQLAlchemy cannot use (a mistyped driver, one
+    not installed) stops before taking a message: every unit it took would fail as a
+    traceback and its message be dropped. A database that is only unreachable is not
+    refused: the units wait for it (their messages are kept)."""
+    from db.urls import check_database_url
+
+    try:
+        check_database_url(load_settings().database_url)
+    except OrchardError as exc:
+        print(f"orchard: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None  # a BaseException: Celery's signal lets it through
 
 
 def _app_from_environment() -> Celery:

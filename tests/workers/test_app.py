@@ -48,6 +48,33 @@ def test_the_celery_command_reports_a_missing_password_file_in_one_line(
     assert done.stderr == f"orchard: error: {name}_PASSWORD_FILE={missing}: no such file\n"
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (
+            "postgresql+psycopgg://postgres:hunter2@127.0.0.1/orchard",
+            "postgresql+psycopgg:// is not a known database URL",
+        ),
+        ("mysql://root:hunter2@127.0.0.1/orchard", "is not installed"),
+    ],
+)
+def test_a_celery_worker_with_a_database_it_cannot_use_stops_before_taking_a_message(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    """Not only `orchard worker`: a plain `celery worker` whose ORCHARD_DATABASE_URL
+    names a driver SQLAlchemy cannot load would fail every unit it took, each message
+    dropped with a traceback. It stops in one line (password masked), exit code 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    env["ORCHARD_HOME"] = str(tmp_path / "home")
+    env["ORCHARD_BROKER_URL"] = f"filesystem://{tmp_path / 'broker'}"
+    env["ORCHARD_DATABASE_URL"] = url
+    done = celery("worker", env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("orchard: error: ORCHARD_DATABASE_URL ") and said in line, line
+    assert "hunter2" not in done.stderr + done.stdout and ":***@" in line
+
+
 def test_the_python_api_still_gets_the_error_to_catch(tmp_path: Path) -> None:
     """Outside the `celery` command, the app (built on first use) raises OrchardError,
     no exit; importing the module alone builds nothing."""
