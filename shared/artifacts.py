@@ -6,6 +6,7 @@ that the store records, so a later reader can check what it loads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from shared.errors import OrchardError, printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +41,33 @@ def read_if_intact(path: Path, sha256: str) -> bytes | None:
     return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
 
+class ArtifactWriteError(OrchardError, OSError):
+    """A file that could not be written, in one line naming it and why: a full disk, a
+    read-only or foreign-owned folder. Still an OSError for callers that catch one."""
+
+
+def _cannot_write(path: Path, exc: OSError) -> ArtifactWriteError:
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why += " (the disk, or this user's quota, is full)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why += f" (this worker's user, uid {os.getuid()}, may not write there)"
+    elif exc.errno is None and "written" in why:  # numpy's short write: "N requested and M written"
+        why += " (a short write: is the disk full?)"
+    # the folder (or temporary file) the failure names, where it is not the file itself
+    where = f"{printable(exc.filename)}: " if exc.filename and Path(exc.filename) != path else ""
+    return ArtifactWriteError(f"cannot write {printable(path)}: {where}{why}")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> WrittenFile:
-    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it to ``path``.
+    A failure leaves no file behind and raises :class:`ArtifactWriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -50,8 +75,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> WrittenFile:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, ArtifactWriteError):
+            raise _cannot_write(path, exc) from None
         raise
     return WrittenFile(path=path, sha256=sha256_file(path), size=path.stat().st_size)
 

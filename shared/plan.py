@@ -278,7 +278,8 @@ def next_actions(units: Iterable[UnitState]) -> Actions:
             if unit.state != PENDING:
                 continue
             if stage == TRAIN and failed_shards:
-                fail.append((unit.key, f"preprocessing failed: {failed_shards[0]}"))
+                more = f" (and {len(failed_shards) - 1} more)" if len(failed_shards) > 1 else ""
+                fail.append((unit.key, f"preprocessing failed: {failed_shards[0]}{more}"))
             elif stage == MERGE and unit.key in lost_parts:
                 part = lost_parts[unit.key][0]
                 fail.append((unit.key, f"tree shard {part.state.lower()}: {part.key}"))

@@ -261,11 +261,11 @@ def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageH
     return header
 
 
-def read_file(path: Path) -> bytes:
+def read_file(path: Path, missing: str = "image file is missing") -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise PreprocessError(f"{path}: image file is missing") from None
+        raise PreprocessError(f"{path}: {missing}") from None
     except OSError as exc:
         raise PreprocessError(f"{path}: cannot read image ({exc.strerror})") from None
 
@@ -274,7 +274,15 @@ def read_submitted(path: Path, sha256: str | None = None) -> bytes:
     """The bytes of the image at ``path``, refused unless they are the ``sha256`` the
     manifest recorded at submit: the cache is keyed by those bytes, so an image edited
     (or a symlink swapped) since then must not put other pixels under that key."""
-    data = read_file(path)
+    data = (
+        read_file(
+            path,
+            "image file is missing (removed or moved since the campaign was submitted): put "
+            "it back and `orchard resume` the campaign, or submit the campaign again",
+        )
+        if sha256
+        else read_file(path)
+    )
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise PreprocessError(
             f"{path}: changed since the campaign was submitted (its sha256 is not the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -9,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.artifacts import atomic_write, atomic_write_text, read_if_intact, sha256_file
+from shared.artifacts import (
+    ArtifactWriteError,
+    atomic_write,
+    atomic_write_text,
+    read_if_intact,
+    sha256_file,
+)
+from shared.errors import OrchardError
 from shared.settings import load_settings, mask_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,6 +185,40 @@ def test_atomic_write_keeps_old_file_when_writer_raises(tmp_path):
         atomic_write(target, writer)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (the disk"),
+        (OSError(errno.EROFS, "Read-only file system"), "Read-only file system (this worker's"),
+        # numpy's words for a short write (ndarray.tofile), with no errno
+        (OSError("196608 requested and 147328 written"), "(a short write: is the disk full?)"),
+    ],
+)
+def test_a_write_that_fails_names_the_file_and_why_in_one_line(tmp_path, error, said):
+    """A full disk's OSError names no file (the write call has none): the error the
+    unit records and the worker logs must, without a traceback."""
+    target = tmp_path / "cache" / "shard-00000.npy"
+
+    def writer(fh):
+        fh.write(b"partial")
+        raise error
+
+    with pytest.raises(ArtifactWriteError) as info:
+        atomic_write(target, writer)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {target}: ") and said in message, message
+    assert isinstance(info.value, OSError) and isinstance(info.value, OrchardError)
+    assert list(target.parent.iterdir()) == []  # no temporary file left
+
+
+def test_a_folder_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "campaigns").write_text("a file where a folder should be")
+    target = tmp_path / "campaigns" / "c-1" / "model.pt"
+    with pytest.raises(ArtifactWriteError) as info:
+        atomic_write_text(target, "x")
+    assert str(info.value) == f"cannot write {target}: {target.parent}: Not a directory"
 
 
 def test_atomic_write_reports_sha_and_size(tmp_path):

@@ -212,6 +212,16 @@ def test_failed_shard_fails_pending_model_units_naming_it():
     assert all(bad_shard in reason for _, reason in actions.fail)
 
 
+def test_several_failed_shards_are_counted_in_the_reason():
+    units = _units()
+    shards = _keys(units, "preprocess")
+    actions = next_actions(_failed(_states(units, preprocess=SUCCESS), *shards[:2]))
+    more = len(shards[:2]) - 1
+    assert {reason for _, reason in actions.fail} == {
+        f"preprocessing failed: {shards[0]} (and {more} more)"
+    }
+
+
 def test_report_becomes_ready_after_failures():
     units = _units()
     bad_shard = _keys(units, "preprocess")[0]

@@ -312,3 +312,10 @@ def test_only_the_bytes_hashed_at_submit_are_decoded(tmp_path):
             "recorded then); submit the campaign again to use the new file"
         )
     assert preprocess_images([path], 64, digests=[None]).shape == (1, 64, 64, 3)
+    path.unlink()  # removed since the submit: what to do about it, too
+    with pytest.raises(PreprocessError) as info:
+        decode_resize(path, 64, sha256=submitted)
+    assert str(info.value) == (
+        f"{path}: image file is missing (removed or moved since the campaign was submitted): "
+        "put it back and `orchard resume` the campaign, or submit the campaign again"
+    )
