@@ -392,8 +392,8 @@ def _connect_args(url: str) -> dict[str, Any]:
 
 
 #: Seconds a store call keeps retrying a lost connection before it gives up with a
-#: StoreError (ORCHARD_DB_RETRY_SECONDS). Short enough that a worker fails its unit with a
-#: clear error well within a task's life, long enough to ride out a database restart.
+#: StoreUnreachableError (ORCHARD_DB_RETRY_SECONDS): long enough to ride out a database
+#: restart; a worker whose unit meets a longer outage hands the unit back.
 DEFAULT_RETRY_SECONDS = 5.0
 #: The most ORCHARD_DB_RETRY_SECONDS may be: a worker holding a unit that long for a
 #: database that does not come back is already far past any sensible wait.
@@ -1223,11 +1223,13 @@ class Store:
             return LEASE_CANCELLED if state == CANCELLED else LEASE_LOST
 
     @_retried
-    def hand_back(self, key: str, holder: str) -> bool:
+    def hand_back(self, key: str, holder: str, *, count_attempt: bool = False) -> bool:
         """RUNNING -> QUEUED for a delivery that stops at a clean point (its worker is
         shutting down, the fold's checkpoint is recorded): the lease is released so the
         next delivery starts at once, and the attempt is not counted against
-        ``max_attempts``, since nothing failed. True if this delivery still held it."""
+        ``max_attempts``, since nothing failed; unless ``count_attempt`` (a database
+        that went away mid-unit: a unit that meets one every time must still end). True
+        if this delivery still held it."""
         with self._transaction() as s:
             handed = s.execute(
                 update(UnitRow)
@@ -1237,7 +1239,7 @@ class Store:
                     queued_at=self._now(s),
                     # its message goes back on the queue now (Reject, requeue)
                     sent_at=self._now(s),
-                    attempts=UnitRow.attempts - 1,
+                    attempts=UnitRow.attempts - (0 if count_attempt else 1),
                     lease_holder=None,
                     lease_expires_at=None,
                 )

@@ -348,7 +348,9 @@ def submit(
             except BaseException as exc:
                 if fresh:
                     shutil.rmtree(folder, ignore_errors=True)
-                if isinstance(exc, OSError):  # the artifact folder: full, read-only, ...
+                if isinstance(exc, OSError) and not isinstance(exc, OrchardError):
+                    # the artifact folder: full, read-only, ... (an ArtifactWriteError
+                    # already says so, naming the file)
                     raise OrchardError(
                         f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
                     ) from None

@@ -317,6 +317,13 @@ class SvmParams(_Frozen):
     max_iter: Annotated[int, AfterValidator(_a_limit_or_none)] = Field(-1, ge=-1, le=MAX_COUNT)
     search: SvmSearch | None = None
 
+    @model_validator(mode="after")
+    def _linear_searches_no_gamma(self) -> SvmParams:
+        if self.kernel == "linear" and self.search is not None and self.search.gamma:
+            # every combination would tie with its neighbours: fits for nothing
+            raise ValueError("a linear kernel uses no gamma: leave gamma out of [svm.search]")
+        return self
+
     @property
     def searched(self) -> frozenset[str]:
         """The parameters ``search`` chooses: a point leaves them out of its own."""

@@ -15,7 +15,7 @@ from sqlalchemy import event, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 from db import migrate
-from db.models import UnitRow, utcnow
+from db.models import CampaignRow, UnitRow, utcnow
 from db.store import (
     LEASE_CANCELLED,
     LEASE_GONE,
@@ -676,7 +676,14 @@ def test_stalled_campaigns_are_the_running_ones_nothing_moves(store_url: str) ->
         deliver(store, key, worker="w", task_id=None)
         store.finish_unit(key, outcome())
     # a unit finished within the window (a long one: a loaded machine may take a while
-    # between the commit and the query)
+    # between the commit and the query); the campaign itself older than the window, so
+    # that only the finish keeps it from stalled
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(CampaignRow)
+            .where(CampaignRow.id == "t-1")
+            .values(created_at=utcnow() - timedelta(hours=1))
+        )
     assert store.stalled_campaigns(60.0) == []
     time.sleep(0.3)
     assert store.stalled_campaigns(0.1) == ["t-1"]  # and no one opened the next stage
@@ -1611,8 +1618,6 @@ def open_stage_during_a_resume(store: Store, campaign_id: str, reopened: str) ->
     (BEGIN IMMEDIATE on SQLite) and not yet committed: it must wait for that commit,
     then decide on what the resume left. Returns the keys it claimed."""
     from sqlalchemy import select
-
-    from db.models import CampaignRow
 
     resumer = Store(store.url)
     opened: list[Any] = []

@@ -239,3 +239,40 @@ def test_a_search_with_more_folds_than_a_class_has_images_is_refused() -> None:
     assert data_problems([search], {0: 84}, 64, {0: {"A": 40, "B": 5, "C": 40}}) == []
     plain = _unit("svm", 0, variant="full", n_components=9)
     assert data_problems([plain], {0: 84}, 64, counts) == []
+
+
+def test_a_manifest_the_artifact_disk_cannot_take_is_one_line_saying_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The artifact folder's disk full as the manifest is written: the error names the
+    file and why, once, and nothing is recorded or left behind."""
+    import scheduler.api as api
+    from shared.artifacts import atomic_write
+    from shared.errors import OrchardError
+    from shared.settings import Settings
+
+    def full_disk(path: Path, _text: str):  # noqa: ANN202
+        def writer(_fh):  # noqa: ANN001, ANN202
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return atomic_write(path, writer)
+
+    monkeypatch.setattr(api, "atomic_write_text", full_disk)
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(SYNTHETIC + "[rf]\nn_estimators = 2\n")
+    home = tmp_path / "home"
+    settings = Settings(
+        home=home,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=f"sqlite:///{home / 'orchard.db'}",
+        artifacts=home / "artifacts",
+    )
+    with pytest.raises(OrchardError) as info:
+        api.submit(campaign, settings=settings)
+    message = str(info.value)
+    assert message.count("cannot write") == 1, message
+    assert message.endswith(
+        "manifest.json: No space left on device (the disk, or this user's quota, is full)"
+    ), message
+    assert not (home / "orchard.db").exists()
+    assert list((home / "artifacts" / "campaigns").glob("*")) == []

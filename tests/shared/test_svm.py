@@ -13,7 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from shared.spec import load_campaign, parse_campaign, sweep_points
+from shared.spec import CampaignError, load_campaign, parse_campaign, sweep_points
 from shared.svm import (
     GridPoint,
     PcaBasis,
@@ -292,6 +292,10 @@ def test_kernel_and_max_iter_at_their_defaults_leave_the_points_as_they_were(tmp
         ("linear", 100000),
         (None, 100000),
     ]
+    # a search of gamma under a linear kernel would fit ties for nothing
+    searched = linear + "[svm.search]\nfolds = 2\ngamma = [1e-3, 1e-2]\n"
+    with pytest.raises(CampaignError, match=r"\[svm\]: a linear kernel uses no gamma"):
+        parse_campaign(tomllib.loads(searched), source="k")
 
 
 def test_fit_svm_point_rejects_bad_gamma_before_fitting(images):

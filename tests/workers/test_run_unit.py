@@ -255,6 +255,57 @@ def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_
     )
 
 
+def test_a_database_away_mid_unit_hands_the_unit_back_counting_the_attempt(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store call of the body outlasted the store's retries (a failover): not the
+    unit's failure. The database answers again by the hand-back: the unit is QUEUED for
+    another delivery, the message requeued, and the attempt counted, so that a unit
+    meeting such an error every time still ends after ORCHARD_MAX_ATTEMPTS."""
+    from celery.exceptions import Reject
+
+    from db.store import StoreUnreachableError
+
+    def body(ctx: UnitContext) -> Outcome:
+        raise StoreUnreachableError("database x unreachable: gone (gave up after 5 s)")
+
+    with pytest.raises(Reject) as rejected:
+        run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert rejected.value.requeue is True
+    unit = store.get_unit(KEY)
+    assert unit.state == "QUEUED" and unit.attempts == 1 and unit.error is None
+    assert f"{KEY} handed back: the database was away; it runs again" in caplog.text
+    assert "failed after" not in caplog.text
+
+
+def test_a_result_the_database_could_not_take_is_offered_again_not_run_again(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body's work is done; the database is away as its result is recorded. The
+    result is offered again (for up to a lease period) rather than the body run again."""
+    from db.store import StoreUnreachableError
+
+    monkeypatch.setattr(base.time, "sleep", lambda _s: None)
+    runs: list[int] = []
+    finish = store.finish_unit
+    refusals = iter([True, True])
+
+    def away_twice(key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
+        if next(refusals, False):
+            raise StoreUnreachableError("database x unreachable: gone (gave up after 5 s)")
+        return finish(key, outcome, holder=holder)
+
+    def body(ctx: UnitContext) -> Outcome:
+        runs.append(1)
+        return Outcome(0.01, val_acc=1.0)
+
+    monkeypatch.setattr(store, "finish_unit", away_twice)
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": True}
+    assert runs == [1] and store.get_unit(KEY).state == "SUCCESS"
+    assert caplog.text.count(f"{KEY} finished, but the database is away") == 2
+
+
 def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

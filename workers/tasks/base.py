@@ -19,8 +19,12 @@ Delivery is at least once, so the wrapper also decides what a second delivery do
 - a body that saves its progress (a CNN fold, every epoch) hands its unit back when
   its worker is asked to shut down (SIGTERM, Ctrl-C): the unit goes back to QUEUED,
   the message back to its queue, and another worker resumes it at once;
-- a store that stays unreachable after its retries fails the unit with that error,
-  or, when even that cannot be written, leaves the message for a later delivery;
+- a store that stays unreachable after its retries (a restart, a failover) is not the
+  unit's failure: a finished unit's result is offered again for a lease period, then
+  the unit is handed back (its attempt counted) for another delivery, or, when even
+  that cannot be written, its message comes back once its lease has run out;
+- a unit's own error that the store cannot record leaves the message for a later
+  delivery;
 - a delivery that finds its unit PENDING is stale (sent before `orchard resume` reset
   the unit, or by a send that failed): every message is sent after its unit's claim,
   so it is dropped, and the unit's next claim sends it anew.
@@ -580,18 +584,35 @@ def _hand_back(
         log.warning("%s handed back %s", key, why)
 
 
+def _finish(store: Store, key: str, outcome: Outcome, holder: str, patience: float) -> bool:
+    """``store.finish_unit``, offered again for up to ``patience`` seconds while the
+    database is away: the result is in hand, and running the body again for it (an hour
+    of a CNN fold's last epochs, a whole forest) would cost far more than waiting."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return store.finish_unit(key, outcome, holder=holder)
+        except StoreUnreachableError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s finished, but the database is away (%s); trying again", key, exc)
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
 def _outlast_the_outage(
     task: Task, store: Store, key: str, holder: str, exc: StoreError, lease_seconds: float
 ) -> NoReturn:
     """The database was away longer than the store's retries while the unit ran (a
     restart, a failover): nothing is wrong with the unit, so it is not failed. If the
-    store answers now, the unit is handed back (the attempt not counted) and its message
-    requeued: the next delivery, on whichever worker is free, resumes from the unit's
-    checkpoint. Otherwise the message comes back once this delivery's lease has run out
-    (the lease is what tells the other deliveries this one is gone)."""
+    store answers now, the unit is handed back and its message requeued: the next
+    delivery, on whichever worker is free, resumes from the unit's checkpoint. The
+    attempt counts (``ORCHARD_MAX_ATTEMPTS``), so that a unit whose calls meet an error
+    taken for an outage every time (a proxy that cuts a long statement) still ends.
+    Otherwise the message comes back once this delivery's lease has run out (the lease
+    is what tells the other deliveries this one is gone)."""
     log.warning("%s: the database is away (%s); handing the unit back", key, exc)
     try:
-        handed = store.hand_back(key, holder)
+        handed = store.hand_back(key, holder, count_attempt=True)
     except StoreError as again:
         log.warning(
             "%s: not handed back, the database is still away (%s); this delivery comes "
@@ -600,7 +621,9 @@ def _outlast_the_outage(
             again,
             lease_seconds + 1,
         )
-        raise task.retry(countdown=lease_seconds + 1, max_retries=30, exc=exc) from None
+        # as many times as it takes (the task's own limit: none): nothing else would
+        # send the unit again
+        raise task.retry(countdown=lease_seconds + 1, exc=exc) from None
     if handed:
         log.warning("%s handed back: the database was away; it runs again", key)
         raise Reject("the database was away: handed back", requeue=True)
@@ -739,7 +762,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.check()  # a run that lost its unit records nothing
         heartbeat.stop()
         try:
-            recorded = store.finish_unit(key, outcome, holder=holder)
+            recorded = _finish(store, key, outcome, holder, rules.lease_seconds)
         except UnitCancelledError:  # cancelled since the heartbeat's last renewal
             raise UnitAborted(LEASE_CANCELLED) from None
         except LeaseLostError:  # reset by `orchard resume` or taken over since then

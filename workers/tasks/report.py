@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from db.store import Artifact, Outcome, Prediction, Result, Store, Unit
+from db.store import Artifact, Outcome, Prediction, Result, Store, StoreUnreachableError, Unit
 from shared.errors import OrchardError
 from shared.manifest import Manifest, ManifestError
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
@@ -1109,6 +1109,8 @@ def build_report_data(
                 num_samples=int(report_spec.get("lime_samples", 1000)),
                 seed=int(spec.get("seed", 0)),
             )
+        except StoreUnreachableError:
+            raise  # the database away: the unit is handed back, not written without LIME
         except Exception as exc:
             # an explanation is a figure, not a result: the report goes on without it
             log.warning("%s: LIME failed: %s", campaign_id, exc)
@@ -1163,6 +1165,8 @@ def build_report_data(
 def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
     try:
         return ctx.manifest()
+    except StoreUnreachableError:
+        raise  # the database away: the unit is handed back, not written without it
     except OrchardError as exc:
         if not ctx.campaign_dir.is_dir():
             # no campaign folder at all: this worker's ORCHARD_ARTIFACTS is not the one
