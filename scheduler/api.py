@@ -203,12 +203,13 @@ class CampaignRun:
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds, at least 0, or None: {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        display = _Progress() if progress else None
-        if on_stall is None and display is not None:
-            on_stall = display.warn
+        display: _Progress | None = None
         next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
         told: set[str] = set()
         try:
+            display = _Progress() if progress else None
+            if on_stall is None and display is not None:
+                on_stall = display.warn
             while True:
                 read_started = time.monotonic()
                 # each poll reads the campaign's state (and, for the bars, its units
@@ -1090,7 +1091,14 @@ class _Progress:
         self._tasks: dict[str, int] = {}
         self._started: set[str] = set()  # families whose clock started ...
         self._stopped: set[str] = set()  # ... and stopped: every unit ended
-        self._progress.start()
+        try:
+            self._progress.start()
+        except BaseException:
+            # a signal turned into an exception (the demo's SIGTERM) once the refresh
+            # thread had started: no one else holds this display to stop it, and the
+            # thread, left running, died noisily as the interpreter shut down
+            self._progress.stop()
+            raise
 
     def update(self, by_family: Mapping[str, Mapping[str, int]], epochs: dict[str, str]) -> None:
         """Redraw from the units counted per family and state (``Store.family_counts``,

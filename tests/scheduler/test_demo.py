@@ -238,7 +238,7 @@ def test_ctrl_c_cancels_the_demo_s_campaign(
     why = "interrupted" if stop == signal.SIGINT else f"stopped by {stop.name}"
     assert err.splitlines() == [
         f"orchard demo: {why}; cancelled campaign {campaign_id}. Logs in {home / 'logs'}"
-    ]
+    ], err  # the whole of it, should something else be there
     assert_cancelled(home, campaign_id)
     assert not demo_workers_alive(demo_process.pid)
 

@@ -236,3 +236,27 @@ def test_wait_reads_less_often_after_a_slow_read_but_never_past_its_deadline(
     # cut to the 2.8 s left before the deadline
     assert clock.sleeps == pytest.approx([4.0, 0.5, 0.5, 2.8])
     assert len(polls) == 6 and polls[4] <= 40 < polls[5]  # the fifth poll's read ran past it
+
+
+def test_a_signal_as_the_bars_start_leaves_no_refresh_thread_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The demo turns SIGTERM into an exception, which can land just after the bars'
+    refresh thread started: the display stops it before the exception goes on (left
+    running, it died noisily as the interpreter shut down)."""
+    import threading
+
+    from rich.progress import Progress
+
+    from scheduler.api import _Progress
+
+    real_start = Progress.start
+
+    def start_then_signal(self: Progress) -> None:
+        real_start(self)
+        raise KeyboardInterrupt  # as the signal's handler raises, between two bytecodes
+
+    monkeypatch.setattr(Progress, "start", start_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        _Progress()
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
