@@ -47,18 +47,20 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     # here and recorded with the claim: `orchard cancel` revokes them
     units, claimed, task_ids = store.open_stage(campaign_id, uuid)
     by_key = {u.key: u for u in units}
-    signatures = [
-        unit_signature(app, by_key[key].task, by_key[key].queue, campaign_id, key, task_ids[key])
-        for key in claimed
-    ]
     # in chunks, each marked sent once published: a claim without the mark is a lease
     # period old when the workers send it again, taking this process for dead
     # (workers.reaper), and a stage of thousands of units on a busy host can take
     # longer than that to publish at once
-    for start in range(0, len(signatures), SEND_CHUNK):
+    for start in range(0, len(claimed), SEND_CHUNK):
         chunk = claimed[start : start + SEND_CHUNK]
         try:
-            group(signatures[start : start + SEND_CHUNK]).apply_async()
+            signatures = [
+                unit_signature(
+                    app, by_key[key].task, by_key[key].queue, campaign_id, key, task_ids[key]
+                )
+                for key in chunk
+            ]
+            group(signatures).apply_async()
         except Exception:
             # the broker is away (after the publish retries): unclaim what is not
             # marked sent, so that the next advance (a redelivered task, `orchard

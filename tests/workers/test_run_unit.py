@@ -397,3 +397,51 @@ def test_a_dead_child_s_lease_release_does_not_hold_the_event_loop_for_a_slow_st
     assert "the store is slow to release its lease" in caplog.text
     answer.set()
     assert released.wait(60)
+
+
+def test_a_next_stage_the_broker_cannot_take_is_retried_the_unit_kept_done(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last unit of a stage finished and was recorded; opening the next stage fails
+    (the broker away). The unit stays SUCCESS, the report unit goes back to PENDING,
+    and the message is retried: its next delivery finds the unit done and opens the
+    stage then."""
+
+    class Retried(Exception):
+        pass
+
+    from scheduler import canvas
+    from workers.app import make_app
+
+    def broker_away(_signatures: Any) -> Any:
+        raise ConnectionError("broker away")  # as a publish whose retries ran out
+
+    monkeypatch.setattr(canvas, "group", broker_away)
+    settings = Settings(
+        home=tmp_path / "home",
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=store.url,
+        artifacts=tmp_path / "artifacts",
+    )
+
+    class BrokerAway(OneDelivery):
+        def __init__(self) -> None:
+            super().__init__()
+            self.app = make_app(settings, with_tasks=False)
+            self.retries: list[dict[str, Any]] = []
+
+        def retry(self, **kwargs: Any) -> Exception:
+            self.retries.append(kwargs)
+            return Retried()
+
+    def body(ctx: UnitContext) -> Outcome:
+        return Outcome(0.01, val_acc=1.0)
+
+    run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)  # stage open
+    delivery = BrokerAway()
+    with pytest.raises(Retried):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key="g-1/svm/p1/f0"), body)
+    assert [(r["countdown"], type(r["exc"])) for r in delivery.retries] == [(5, ConnectionError)]
+    assert store.get_unit("g-1/svm/p1/f0").state == "SUCCESS"
+    assert store.get_unit("g-1/report").state == "PENDING"  # unclaimed: sent by the retry
+    assert "g-1: could not open the next stage, will retry: broker away" in caplog.text
