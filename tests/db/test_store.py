@@ -609,6 +609,25 @@ def test_a_stale_message_for_a_pending_unit_runs_nothing(store_url: str) -> None
     assert deliver(store, key, worker="w", task_id="new", holder="d2").run  # once claimed
 
 
+@pytest.mark.parametrize("campaign_state", ["CANCELLED", "DELETING"])
+def test_a_message_of_a_campaign_cancelled_or_being_deleted_runs_nothing(
+    store_url: str, campaign_state: str
+) -> None:
+    """A unit still QUEUED under a campaign that a cancel (or a delete) has just marked:
+    its delivery runs nothing, and the unit ends CANCELLED rather than RUNNING."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[0].key
+    store.claim_for_queue([key])
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(CampaignRow).where(CampaignRow.id == "t-1").values(state=campaign_state)
+        )
+    start = store.start_unit(key, worker="w", task_id="t", holder="d1")
+    assert (start.run, start.state, start.reason) == (False, "CANCELLED", "cancelled")
+    unit = store.get_unit(key)
+    assert (unit.state, unit.attempts, unit.lease_holder) == ("CANCELLED", 0, None)
+
+
 def test_resume_takes_a_running_report_away_and_its_result_is_not_recorded(
     store_url: str,
 ) -> None:

@@ -71,3 +71,44 @@ def test_an_idle_worker_is_one_that_holds_no_message_at_all(
             assert reaper.idle_queues(app) == []
         finally:
             held.discard(request)
+
+
+def test_a_lost_worker_s_unit_the_broker_cannot_take_goes_back_to_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RUNNING unit whose worker died (its lease long run out) and the broker away as
+    the pass sends it again: its own delivery died with the worker, so nothing would
+    run it; it goes back to PENDING, for the next stage opening (a stalled campaign's
+    advance, `orchard resume`) to send."""
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.05")
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    key = next(p.key for p in seed_campaign(store) if p.stage == 0)
+    store.claim_for_queue([key], {key: "first"})
+    store.mark_sent(["first"])
+    assert store.start_unit(key, worker="w", task_id="first", holder="h", lease_seconds=0.05).run
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    monkeypatch.setattr(canvas, "unit_signature", lambda *a, **k: BrokerDown())
+    time.sleep(0.05 * 3)  # its lease ran out over a lease period ago
+    assert reaper.requeue_lost_units(object()) == []
+    assert store.get_unit(key).state == "PENDING"
+    assert f"{key}: not sent again, left to the next stage opening: broker down" in caplog.text
+
+
+def test_a_stalled_campaign_the_pass_cannot_advance_waits_for_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing moved a running campaign for two lease periods; advancing it fails (the
+    broker away): logged, and the pass goes on; the next one tries again."""
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.05")
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    seed_campaign(store)  # its first stage never sent
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+
+    def broker_away(*_args: object) -> list[str]:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(canvas, "advance", broker_away)
+    time.sleep(0.05 * 3)
+    assert reaper.requeue_lost_units(object()) == []
+    assert "t-1: stalled, and could not advance it: broker down" in caplog.text
+    assert {u.state for u in store.units("t-1")} == {"PENDING"}
