@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, select, update
@@ -103,16 +104,9 @@ def test_a_running_stage_and_the_next_one(store: Store) -> None:
     assert may_open(store, units)
 
 
-def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_send(
-    tmp_path: Path,
-    monkeypatch,  # noqa: ANN001
-) -> None:
-    """The broker goes away after the first chunk: that chunk stays QUEUED and marked
-    sent (its messages are out), the others go back to PENDING, and the next advance
-    sends those, once each."""
-    from celery import group
-
-    from scheduler import canvas
+def a_big_stage(tmp_path: Path) -> tuple[Store, Any, list[str]]:
+    """Campaign g: a stage of 250 SVM units (more than two send chunks) and a report, in
+    a SQLite store; an app on a filesystem broker under ``tmp_path / "broker"``."""
     from shared.settings import Settings
     from workers.app import make_app
 
@@ -126,7 +120,21 @@ def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_sen
         database_url=url,
         artifacts=tmp_path / "artifacts",
     )
-    app = make_app(settings, with_tasks=False)
+    return store, make_app(settings, with_tasks=False), keys
+
+
+def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_send(
+    tmp_path: Path,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """The broker goes away after the first chunk: that chunk stays QUEUED and marked
+    sent (its messages are out), the others go back to PENDING, and the next advance
+    sends those, once each."""
+    from celery import group
+
+    from scheduler import canvas
+
+    store, app, keys = a_big_stage(tmp_path)
     calls: list[int] = []
 
     def flaky_group(signatures):  # noqa: ANN001, ANN202
@@ -158,23 +166,12 @@ def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) 
     """Each chunk is marked sent once published: a claim left unmarked for a lease period
     is sent again by the workers, which take its sender for dead."""
     from scheduler import canvas
-    from shared.settings import Settings
-    from workers.app import make_app
 
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    keys = [f"g/svm/p{i:03d}/f0" for i in range(250)]
-    units = [UnitPlan(key, "svm", 1, 0, {}, key) for key in keys]
-    store = campaign_store(url, "g", [*units, UnitPlan("g/report", "report", 3, None, {}, "r")])
-    settings = Settings(
-        home=tmp_path,
-        broker_url=f"filesystem://{tmp_path / 'broker'}",
-        database_url=url,
-        artifacts=tmp_path / "artifacts",
-    )
+    store, app, keys = a_big_stage(tmp_path)
     marked: list[int] = []
     real = store.mark_sent
     monkeypatch.setattr(store, "mark_sent", lambda ids: (marked.append(len(ids)), real(ids)))
-    sent = canvas.advance(store, make_app(settings, with_tasks=False), "g")
+    sent = canvas.advance(store, app, "g")
     assert sorted(sent) == keys
     assert marked == [100, 100, 50]  # canvas.SEND_CHUNK at a time
     assert sum(u.state == "QUEUED" for u in store.units("g")) == 250
