@@ -992,10 +992,11 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
                 note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
         if unit.state == "RUNNING" and (late := _lease_late(unit, now)) is not None:
             # its worker renews the lease every third of it: one that stopped is gone
-            # (killed, its host down) or stuck; the workers send the unit again
+            # (killed, its host down), stuck, or was cut off from the database (its
+            # delivery comes back once the lease ran out); the workers send it again
             note = (
-                f"lease ran out {late:.0f} s ago: its worker is gone or stuck; sent again "
-                "within two lease periods" + (f" ({note})" if note else "")
+                f"lease ran out {late:.0f} s ago: its worker is gone, stuck or cut off from "
+                "the database; sent again within two lease periods" + (f" ({note})" if note else "")
             )
         if unit.state == "QUEUED" and unit.worker and not note:
             # handed back by a stopping worker, or sent again after its worker was lost

@@ -435,8 +435,8 @@ def test_a_running_unit_whose_lease_ran_out_says_its_worker_is_gone(
     short = {key: key.removeprefix(IDS[0] + "/") for key in (alive, dead)}
     assert "lease ran out" not in rows[short[alive]]
     assert re.search(
-        r"RUNNING .* gone@h .* lease ran out \d+ s ago: its worker is gone or stuck; sent "
-        "again within two lease periods$",
+        r"RUNNING .* gone@h .* lease ran out \d+ s ago: its worker is gone, stuck or cut off "
+        "from the database; sent again within two lease periods$",
         rows[short[dead]],
     ), rows[short[dead]]
 
