@@ -1087,6 +1087,11 @@ class _Progress:
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
             transient=False,
+            # redrawn at each poll by the waiting thread (update), with no refresh thread
+            # of its own: one that a signal (the demo's SIGTERM) caught starting, or whose
+            # stop rich does not wait for, could outlive the interpreter's shutdown and
+            # die noisily ("Exception ignored in thread started by ... _RefreshThread")
+            auto_refresh=False,
         )
         self._tasks: dict[str, int] = {}
         self._started: set[str] = set()  # families whose clock started ...
@@ -1094,9 +1099,8 @@ class _Progress:
         try:
             self._progress.start()
         except BaseException:
-            # a signal turned into an exception (the demo's SIGTERM) once the refresh
-            # thread had started: no one else holds this display to stop it, and the
-            # thread, left running, died noisily as the interpreter shut down
+            # a signal turned into an exception (the demo's SIGTERM) as the display
+            # started: no one else holds it to restore the terminal (the cursor)
             self._progress.stop()
             raise
 
@@ -1123,6 +1127,7 @@ class _Progress:
             if family in self._started - self._stopped and done == total:
                 self._stopped.add(family)
                 self._progress.stop_task(task)  # its time stays that of the stage
+        self._progress.refresh()
 
     def warn(self, line: str) -> None:
         """A line above the bars (they are redrawn below it)."""
