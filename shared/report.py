@@ -5,8 +5,9 @@ The report task gathers a :class:`ReportData` from the store and calls
 
 * the figures, PNG via matplotlib's Agg canvas: ``confusion-<slug>.png`` (Fig. 18-20),
   ``curve-<slug>.png`` (learning curves, Fig. 2-7), ``sweep-<slug>.png`` (a metric
-  against a swept parameter, Fig. 12-17), ``lime-<slug>.png`` (section 1.5) and
-  ``timeline.png`` (units across workers),
+  against a swept parameter, Fig. 12-17), ``tsne-svm.png`` (the SVM's features in 2-D,
+  section 2.4.2), ``lime-<slug>.png`` (section 1.5) and ``timeline.png`` (units across
+  workers),
 * ``submission.csv`` when the test set is unlabelled (``image_id,label``),
 * ``report.md`` (GitHub-flavoured Markdown, figures linked by file name),
 * ``report.html`` (one HTML5 page with no external resources: figures are ``data:`` URIs),
@@ -66,6 +67,7 @@ __all__ = [
     "Submission",
     "SweepPlot",
     "TimelineBar",
+    "TsneSection",
     "UnitSummary",
     "confusion_png",
     "curve_png",
@@ -85,6 +87,7 @@ __all__ = [
     "sweep_png",
     "timeline_colors",
     "timeline_png",
+    "tsne_png",
     "validate_slug",
     "write_report",
 ]
@@ -92,7 +95,8 @@ __all__ = [
 #: Unit states listed under "Failed units" (and highlighted in the HTML).
 FAILED_STATES: frozenset[str] = frozenset({"FAILED", "FAILURE", "ERROR", "CANCELLED"})
 
-#: The report's ``##`` sections, in order. "Failed units" appears only when a unit failed.
+#: The report's ``##`` sections, in order. "t-SNE" appears only when ``[report] tsne``
+#: asks for it, "Failed units" only when a unit failed.
 SECTION_HEADINGS: tuple[str, ...] = (
     "Model families",
     "Experiments",
@@ -100,6 +104,7 @@ SECTION_HEADINGS: tuple[str, ...] = (
     "Sweep plots",
     "Blending",
     "Confusion matrices",
+    "t-SNE",
     "Explanations (LIME)",
     "Efficiency",
     "Submission",
@@ -123,6 +128,11 @@ UNITS_CSV = "units.csv"
 
 SUBMISSION_FILE = "submission.csv"
 TIMELINE_FILE = "timeline.png"
+TSNE_FILE = "tsne-svm.png"
+TSNE_CAPTION = (
+    "Fold 0's training images, PCA features of the best SVM point, embedded by t-SNE; "
+    "the study (2.4.2) saw no clustering"
+)
 
 _SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _DASH = "—"
@@ -303,6 +313,26 @@ class LimeSection:
 
 
 @dataclass(frozen=True, slots=True)
+class TsneSection:
+    """The study's 2.4.2: fold 0's training images, as the best SVM point's PCA features,
+    embedded in 2-D by t-SNE. Without ``xy``, ``note`` says why there is no map."""
+
+    unit_key: str = ""  # the SVM unit (the best point's fold 0) whose projection was used
+    variant: str = ""
+    n_components: int = 0  # the projection's first components t-SNE was given
+    available: int = 0  # fold 0's labelled training images, of which the map shows a sample
+    xy: Any = field(default=None, repr=False)  # (n, 2) floats; left out of report.json
+    labels: Any = field(default=None, repr=False)  # (n,) class indices, row for row
+    perplexity: float = 0.0
+    seed: int = 0
+    note: str = ""
+
+    @property
+    def drawn(self) -> bool:
+        return self.xy is not None and len(self.xy) > 0
+
+
+@dataclass(frozen=True, slots=True)
 class SkippedInput:
     image_id: str
     path: str
@@ -348,6 +378,7 @@ class ReportData:
     timeline: list[TimelineBar] = field(default_factory=list)
     lime: LimeSection | None = None
     lime_note: str = ""  # why there is no LIME section (disabled, no CNN, ...)
+    tsne: TsneSection | None = None  # None: not asked for ([report] tsne), no section
     skipped: list[SkippedInput] = field(default_factory=list)
     submission: Submission | None = None
     test_labelled: bool = True
@@ -848,6 +879,52 @@ def lime_png(section: LimeSection) -> bytes:
     return _png(fig)
 
 
+@_drawn_literally
+def tsne_png(section: TsneSection, classes: Sequence[str]) -> bytes:
+    """The t-SNE map: a dot per image in its class's colour, the classes (and how many
+    images of each) named beside it. Its axes have no units: they are left bare."""
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot()
+    points = [(float(x), float(y)) for x, y in section.xy]
+    labels = [int(label) for label in section.labels]
+    # the legend is given its handles: collected from the axes, a class named "_..."
+    # would be left out
+    handles: list[Any] = []
+    names: list[str] = []
+    for c, name in enumerate(classes):
+        mine = [p for p, label in zip(points, labels, strict=True) if label == c]
+        if mine:
+            dots = ax.scatter(
+                [x for x, _ in mine],
+                [y for _, y in mine],
+                s=10,
+                color=f"C{c % 10}",
+                alpha=0.7,
+                linewidths=0,
+            )
+            handles.append(dots)
+            names.append(f"{name} ({len(mine)})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if handles:
+        ax.legend(
+            handles,
+            names,
+            fontsize=7,
+            markerscale=1.5,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0.0,
+        )
+    components = f"{section.n_components} PCA component{'s' * (section.n_components != 1)}"
+    ax.set_title(
+        f"t-SNE of {param_value('variant', section.variant)} images: {len(points)} training "
+        f"images, {components}",
+        fontsize=10,
+    )
+    return _png(fig)
+
+
 def _figure_renderers(data: ReportData) -> dict[str, tuple[str, Callable[[], bytes]]]:
     """file name -> (caption, render); validates every slug before anything is drawn."""
     out: dict[str, tuple[str, Callable[[], bytes]]] = {}
@@ -874,6 +951,8 @@ def _figure_renderers(data: ReportData) -> dict[str, tuple[str, Callable[[], byt
             f"LIME explanations of {data.lime.unit_key}",
             lambda s=data.lime: lime_png(s),
         )
+    if data.tsne is not None and data.tsne.drawn:
+        add(TSNE_FILE, TSNE_CAPTION, lambda s=data.tsne: tsne_png(s, data.classes))
     if data.timeline:
         add(TIMELINE_FILE, "Units across workers", lambda: timeline_png(data.timeline))
     return out
@@ -1468,6 +1547,29 @@ def _lime_blocks(data: ReportData) -> list[Block]:
     return blocks
 
 
+def _tsne_blocks(tsne: TsneSection) -> list[Block]:
+    if not tsne.drawn:
+        return [_empty(tsne.note or "No map was drawn.")]
+    n = len(tsne.xy)
+    which = (
+        f"{n} of fold 0's {tsne.available} training images, sampled per class (seed {tsne.seed})"
+        if n < tsne.available
+        else f"All {n} of fold 0's training images"
+    )
+    components = f"{tsne.n_components} component{'s' * (tsne.n_components != 1)}"
+    return [
+        Para(
+            (
+                f"{which}: the first {components} of the PCA projection that ",
+                Code(tsne.unit_key),
+                f" used ({param_value('variant', tsne.variant)}), embedded in 2-D by t-SNE "
+                f"(perplexity {tsne.perplexity:.3g}).",
+            )
+        ),
+        Figures([TSNE_FILE]),
+    ]
+
+
 def _submission_blocks(data: ReportData) -> list[Block]:
     sub = data.submission
     if sub is None:
@@ -1827,6 +1929,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
         blocks.append(Figures([figure_name(slug) for slug in data.confusions]))
     else:
         blocks.append(_empty("No confusion matrices."))
+
+    if data.tsne is not None:  # only when [report] tsne asked for it
+        blocks += [Heading(2, "t-SNE"), *_tsne_blocks(data.tsne)]
 
     blocks += [Heading(2, "Explanations (LIME)"), *_lime_blocks(data)]
     blocks += [Heading(2, "Efficiency"), *_efficiency_blocks(data)]
@@ -2218,7 +2323,8 @@ def _jsonable(value: Any) -> Any:
 def render_json(data: ReportData) -> str:
     """``dataclasses.asdict(data)`` as JSON (sorted keys, indent 2, strictly valid JSON).
 
-    LIME's images are figures, not data: each becomes its shape.
+    LIME's images and the t-SNE map's points are figures, not data: each becomes its
+    shape.
     """
     if data.lime is not None and data.lime.items:
         items = [
@@ -2230,6 +2336,13 @@ def render_json(data: ReportData) -> str:
             for item in data.lime.items
         ]
         data = dataclasses.replace(data, lime=dataclasses.replace(data.lime, items=items))
+    if data.tsne is not None and data.tsne.drawn:
+        tsne = dataclasses.replace(
+            data.tsne,
+            xy=list(getattr(data.tsne.xy, "shape", (len(data.tsne.xy), 2))),
+            labels=list(getattr(data.tsne.labels, "shape", (len(data.tsne.labels),))),
+        )
+        data = dataclasses.replace(data, tsne=tsne)
     return json.dumps(_jsonable(data), sort_keys=True, indent=2) + "\n"
 
 

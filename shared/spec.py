@@ -533,12 +533,17 @@ class BlendSpec(_Frozen):
 
 
 class ReportSpec(_Frozen):
-    """The report's title and the LIME explanations of the best CNN (study 1.5)."""
+    """The report's title, the LIME explanations of the best CNN (study 1.5) and the
+    t-SNE map of the SVM's features (study 2.4.2)."""
 
     title: str | None = None
     lime: bool = True  # explain the best CNN fold on test images, when a CNN ran
     lime_per_class: int = Field(1, ge=0, le=10)  # test images explained per class
     lime_samples: int = Field(1000, ge=10, le=100_000)  # LIME's perturbed samples per image
+    # embed fold 0's training images in 2-D, as the best SVM point's PCA features, by
+    # t-SNE; off by default: it takes a while, and needs an SVM section
+    tsne: bool = False
+    tsne_images: int = Field(2000, ge=10, le=100_000)  # training images embedded at most
 
 
 class Campaign(_Frozen):

@@ -20,9 +20,12 @@ import pytest
 
 from db.store import Store
 from scheduler.api import CampaignRun, submit
+from shared.settings import Settings
 from shared.spec import load_campaign
 from tests.conftest import REDIS_URL, REPO
 from tests.integration.test_campaign import running_workers, settings_for
+from workers.tasks.base import load_manifest
+from workers.tasks.report import build_report_data
 
 pytestmark = pytest.mark.integration
 
@@ -163,10 +166,10 @@ def test_every_study_campaign_runs_to_a_report(
             pcas = run.store.artifacts(run.id, kind="pca")
             assert pcas and all("-s1-k" in a.path for a in pcas), (stem, pcas)
     schemes = Counter(run.store.get_campaign(run.id).spec["validation"] for run in runs.values())
-    # dev: the nine CNN ablations (order ... stride, input size, crop), four SVM tables
-    # and the linear kernel;
+    # dev: the nine CNN ablations (order ... stride, input size, crop), four SVM tables,
+    # the linear kernel and the t-SNE map of the SVM's features;
     # oob: the forests of 3.3, 3.4 and 3.6, judged by oob_score_ as the study did
-    assert (schemes["dev"], schemes["oob"]) == (14, 7)
+    assert (schemes["dev"], schemes["oob"]) == (15, 7)
     # 2.4.1: each point chose its C and gamma (and, whitening, its width) on the training
     # images; the report gives the choice beside the accuracy on the dev split
     for stem in ("svm-pca-components", "svm-whiten"):
@@ -185,6 +188,11 @@ def test_every_study_campaign_runs_to_a_report(
     linear = sections(runs["svm-linear"].report_path().with_suffix(".md").read_text("utf-8"))
     assert "Solver iterations" in linear["Experiments"]
     assert_final_comparison_report(runs["final-comparison"])
+    # 2.4.2: only the campaign that asks for it maps the SVM's features by t-SNE
+    for stem, run in runs.items():
+        markdown = run.report_path().with_suffix(".md").read_text(encoding="utf-8")
+        assert ("\n## t-SNE\n" in markdown) == (stem == "svm-tsne"), stem
+    assert_tsne_report(runs["svm-tsne"], settings)
 
 
 def sections(markdown: str) -> dict[str, str]:
@@ -194,6 +202,35 @@ def sections(markdown: str) -> dict[str, str]:
         heading, _, body = chunk.partition("\n")
         out[heading.strip()] = body
     return out
+
+
+def assert_tsne_report(run: CampaignRun, settings: Settings) -> None:
+    """The t-SNE map of the best SVM point's PCA features, and, with its projection
+    file altered or gone, the one line that says why there is none."""
+    report = run.report_path()
+    assert report is not None
+    tsne = sections(report.with_suffix(".md").read_text(encoding="utf-8"))["t-SNE"]
+    # fold 0's 24 training images, on the 12 components the tiny run keeps
+    assert "](tsne-svm.png)" in tsne and "All 24 of fold 0's training images" in tsne, tsne
+    assert "the first 12 components of the PCA projection" in tsne
+    assert (report.parent / "tsne-svm.png").read_bytes().startswith(b"\x89PNG")
+    assert '<figure id="tsne-svm"><img' in report.read_text(encoding="utf-8")
+
+    (pca,) = run.store.artifacts(run.id, kind="pca")
+    projection = settings.artifacts / pca.path
+    manifest = load_manifest(run.store, settings, run.id)
+    data = projection.read_bytes()
+    projection.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    altered = build_report_data(run.store, run.id, manifest=manifest, settings=settings).tsne
+    assert altered is not None and not altered.drawn
+    assert (
+        altered.note == f"Not drawn: {projection}, the PCA projection, differs from its "
+        "record (checksum)."
+    )
+    projection.unlink()
+    gone = build_report_data(run.store, run.id, manifest=manifest, settings=settings).tsne
+    assert gone is not None and not gone.drawn
+    assert gone.note == f"Not drawn: {projection}, the PCA projection, is missing."
 
 
 def assert_final_comparison_report(run: CampaignRun) -> None:

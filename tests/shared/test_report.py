@@ -32,6 +32,7 @@ from shared.report import (
     Submission,
     SweepPlot,
     TimelineBar,
+    TsneSection,
     UnitSummary,
     confusion_png,
     param_value,
@@ -40,6 +41,7 @@ from shared.report import (
     swept_params,
     table_csvs,
     timeline_png,
+    tsne_png,
     validation_line,
     write_report,
 )
@@ -87,6 +89,23 @@ def _curve(slope: float) -> dict[str, list[tuple[int, float]]]:
         "train_loss": [(e, 1.0 - 0.2 * e) for e in range(4)],
         "val_loss": [(e, 1.1 - 0.15 * e) for e in range(4)],
     }
+
+
+def _tsne(classes: tuple[str, ...] = CLASSES, per_class: int = 20) -> TsneSection:
+    """A map of well-apart classes, as t-SNE draws fold 0's training images."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    xy = rng.normal(size=(len(labels), 2)) + 8.0 * labels[:, None]
+    return TsneSection(
+        unit_key=f"{CID}/svm/aa1/f0",
+        variant="polar192",
+        n_components=50,
+        available=300,
+        xy=xy,
+        labels=labels,
+        perplexity=19.667,
+        seed=0,
+    )
 
 
 def _lime_item(label: str) -> LimeItem:
@@ -260,6 +279,7 @@ def data() -> ReportData:
         best_blend="CNN 3-fold mean",
         timeline=timeline,
         lime=LimeSection("cnn", f"{CID}/cnn/p0/f1", 30, [_lime_item(c) for c in CLASSES]),
+        tsne=_tsne(),
         skipped=[SkippedInput("bad.jpg", "/data/test/bad.jpg", "truncated JPEG", "test")],
         submission=Submission("CNN 3-fold mean", [("t1.jpg", "extra"), ("t2.jpg", "class_ii")], 1),
         test_labelled=True,
@@ -288,6 +308,7 @@ EXPECTED_FILES = {
     "curve-cnn-norm_order-val.png",
     "sweep-svm-c.png",
     "sweep-rf-augment.png",
+    "tsne-svm.png",
 } | {f"confusion-{s}.png" for s in ("cnn", "svm", "rf")}
 
 
@@ -608,6 +629,9 @@ def test_report_json_round_trips(data: ReportData, tmp_path: Path) -> None:
     assert loaded["best_blend"] == "CNN 3-fold mean"
     assert loaded["experiments"][2]["points"][0]["extras"]["oob_score"] == 0.8065
     assert loaded["lime"]["items"][0]["overlay"] == [16, 16, 3]  # images stay out of the JSON
+    assert loaded["tsne"]["xy"] == [60, 2] and loaded["tsne"]["labels"] == [60]  # so do points
+    assert loaded["tsne"]["unit_key"] == f"{CID}/svm/aa1/f0"
+    assert loaded["tsne"]["n_components"] == 50
     assert loaded["submission"]["rows"][0] == ["t1.jpg", "extra"]
     assert list(loaded) == sorted(loaded)
 
@@ -1104,11 +1128,13 @@ def _draw(kind: str, names: list[str]) -> bytes:
             TimelineBar(f"{CID}/{x}/p{i}", x, x, i, i + 1, "SUCCESS") for i, x in enumerate(names)
         ]
         return timeline_png(bars)
+    if kind == "tsne":
+        return tsne_png(dataclasses.replace(_tsne(tuple(names), 3), variant=names[2]), names)
     items = [dataclasses.replace(_lime_item(x), image_id=f"id {x}") for x in names]
     return lime_png(LimeSection("cnn", f"{CID}/cnn/p0/f1", 30, items))
 
 
-@pytest.mark.parametrize("kind", ["confusion", "curve", "sweep", "timeline", "lime"])
+@pytest.mark.parametrize("kind", ["confusion", "curve", "sweep", "timeline", "lime", "tsne"])
 def test_figures_show_dollars_carets_and_backslashes_as_typed(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1240,3 +1266,63 @@ def test_the_campaign_s_description_stands_under_the_title_escaped(data: ReportD
     assert "Mangoes &lt;b&gt;graded&lt;/b&gt; *by* vote" in html
     assert md.index("graded") < md.index(f"Campaign: `{CID}`")
     assert "graded" not in render_markdown(data)
+
+
+def test_the_t_sne_section_draws_the_map_with_its_classes_named(
+    data: ReportData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Study 2.4.2: the map of fold 0's training images, one colour per class, a legend
+    naming each, a title with the variant and the image and component counts."""
+    md = render_markdown(data)
+    tsne = _section(md, "t-SNE")
+    assert md.index("\n## Confusion matrices\n") < md.index("\n## t-SNE\n")
+    assert md.index("\n## t-SNE\n") < md.index("\n## Explanations (LIME)\n")
+    assert (
+        "![Fold 0's training images, PCA features of the best SVM point, embedded by t-SNE; "
+        "the study (2.4.2) saw no clustering](tsne-svm.png)" in tsne
+    )
+    assert "60 of fold 0's 300 training images, sampled per class (seed 0)" in tsne
+    assert f"the first 50 components of the PCA projection that `{CID}/svm/aa1/f0`" in tsne
+    assert "(polarized 192)" in tsne and "perplexity 19.7" in tsne
+    everything = dataclasses.replace(data.tsne, available=60)
+    all_of_them = render_markdown(dataclasses.replace(data, tsne=everything))
+    assert "All 60 of fold 0's training images:" in _section(all_of_them, "t-SNE")
+
+    texts = _drawn_texts(lambda: tsne_png(data.tsne, CLASSES), monkeypatch)
+    assert {"extra (20)", "class_i (20)", "class_ii (20)"} <= set(texts)
+    assert "t-SNE of polarized 192 images: 60 training images, 50 PCA components" in texts
+    png = tsne_png(data.tsne, CLASSES)
+    assert png == tsne_png(data.tsne, CLASSES)
+    image = mpimg.imread(io.BytesIO(png), format="png")
+    assert image.std() > 0
+    # each class in its own colour: three hues beside the greys of text and frame
+    rgb = (image[..., :3] * 255).astype(int).reshape(-1, 3)
+    coloured = rgb[(rgb.max(1) - rgb.min(1)) > 60]
+    assert len({tuple(c // 32) for c in coloured}) >= 3
+
+
+def test_a_t_sne_that_cannot_be_drawn_says_why_in_one_line(
+    data: ReportData, tmp_path: Path
+) -> None:
+    why = "Not drawn: /a/pca/polar192-f0-w0-s1-k12.npz, the PCA projection, is missing."
+    missing = dataclasses.replace(data, tsne=TsneSection(f"{CID}/svm/aa1/f0", note=why))
+    md = render_markdown(missing)
+    tsne = _section(md, "t-SNE")
+    assert [line for line in tsne.splitlines() if line.strip()] == ["## t-SNE", f"_{why}_"]
+    files = write_report(missing, tmp_path)
+    assert "tsne-svm.png" not in files.figures and not (tmp_path / "tsne-svm.png").exists()
+    html = files.html.path.read_text(encoding="utf-8")
+    assert "<h2>t-SNE</h2>" in html and f'<p class="empty">{why}</p>' in html
+    assert json.loads(files.json.path.read_text(encoding="utf-8"))["tsne"]["note"] == why
+
+
+def test_no_t_sne_section_unless_it_was_asked_for(data: ReportData, tmp_path: Path) -> None:
+    unasked = dataclasses.replace(data, tsne=None)
+    md = render_markdown(unasked)
+    assert "## t-SNE" not in md and "tsne-svm.png" not in md
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings == [h for h in SECTION_HEADINGS if h != "t-SNE"]
+    files = write_report(unasked, tmp_path)
+    assert "tsne-svm.png" not in files.figures
+    assert "t-SNE" not in files.html.path.read_text(encoding="utf-8")
+    assert json.loads(files.json.path.read_text(encoding="utf-8"))["tsne"] is None

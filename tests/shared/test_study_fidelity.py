@@ -143,6 +143,21 @@ def test_svm_linear_is_the_study_s_linear_try_with_its_iteration_limit(campaigns
         )
 
 
+def test_svm_tsne_maps_the_study_s_final_svm_features(campaigns):
+    # 2.4.2: "We've tried to decrease the data to a dimension of 2 or 3. After visualizing
+    # the data, we found that there's no clustering on the training set"
+    campaign = campaigns["svm-tsne"]
+    assert campaign.validation == "dev"
+    assert campaign.report.tsne is True
+    # the map is drawn of the features the study settled on (2.6), with its SVM
+    assert [
+        (p["variant"], p["n_components"], p["whiten"], p["standardize"], p["C"], p["gamma"])
+        for p in _points(campaign, "svm")
+    ] == [("polarized", 200, False, True, 1.5, "scale")]
+    # no other study campaign pays for a map
+    assert [stem for stem, c in campaigns.items() if c.report.tsne] == ["svm-tsne"]
+
+
 def test_svm_pca_components_searches_c_and_gamma_per_width_as_the_study_did(campaigns):
     # 2.4.1: GridSearchCV over C x gamma for each n_component, then the validation set
     campaign = campaigns["svm-pca-components"]

@@ -7,8 +7,10 @@ blends its folds by uniform vote (the study's "five models vote for the final
 answer") and by probability averaging, votes the families of ``[blend] families``
 together, and names the blend (or single model: a family's best point on one fold)
 with the best out-of-fold validation accuracy, reporting its test accuracy beside it;
-with an unlabelled test set its predictions become ``submission.csv``. The layout lives in
-:mod:`shared.report`; this module only gathers the numbers.
+with an unlabelled test set its predictions become ``submission.csv``. With
+``[report] tsne`` it also embeds fold 0's training images, as the best SVM point's PCA
+features, in 2-D by t-SNE (study 2.4.2). The layout lives in :mod:`shared.report`; this
+module only gathers the numbers.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from shared.report import (
     Submission,
     SweepPlot,
     TimelineBar,
+    TsneSection,
     UnitSummary,
     param_value,
     point_rank,
@@ -856,6 +859,90 @@ def explain_cnn(
     return LimeSection("cnn", fold.key, num_samples, items)
 
 
+# --------------------------------------------------------------------------- t-SNE
+
+
+def embed_svm_features(
+    store: Store,
+    settings: Settings,
+    manifest: Manifest,
+    best: Sequence[Unit],
+    results: dict[str, Result],
+    *,
+    max_images: int,
+    seed: int,
+) -> TsneSection:
+    """Fold 0's training images as the best SVM point's features, embedded by t-SNE.
+
+    The features are the fold's shared PCA projection that the point's fold-0 unit
+    used (the file it, or another point of the fold, recorded; a unit copied with
+    ``submit --reuse`` used its source campaign's), checked against the store's sha256,
+    and of it the first ``n_components`` of the point, at most
+    :data:`~shared.embedding.MAX_COMPONENTS`. Where that cannot be had, the section
+    says why instead.
+    """
+    from shared.artifacts import read_if_intact
+    from shared.embedding import MAX_COMPONENTS, MIN_IMAGES, perplexity_for, tsne_map
+    from shared.svm import PcaProjection
+    from workers.tasks.svm import pca_path
+
+    zero = next((u for u in best if u.fold == 0), None)
+    if zero is None:
+        return TsneSection(note="Not drawn: the best SVM point's fold 0 did not succeed.")
+    result = results[zero.key]
+    width = (result.extra or {}).get("pca_components")
+    if not isinstance(width, int):
+        return TsneSection(zero.key, note=f"Not drawn: {zero.key} recorded no PCA projection.")
+    params = zero.params
+    variant = str(params["variant"])
+    source_campaign = (reused_from(result) or zero.key).split("/", 1)[0]
+    path = pca_path(
+        settings.artifacts / "campaigns" / source_campaign,
+        variant,
+        0,
+        bool(params.get("whiten", False)),
+        width,
+        bool(params.get("standardize", False)),  # absent from earlier campaigns' units
+    )
+
+    def not_drawn(why: str) -> TsneSection:
+        return TsneSection(zero.key, variant, note=f"Not drawn: {why}.")
+
+    record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
+    if record is None:
+        return not_drawn(f"{path}, the PCA projection, is not recorded in the store")
+    try:
+        blob = read_if_intact(path, record.sha256)  # what is loaded is what was checked
+    except FileNotFoundError:
+        return not_drawn(f"{path}, the PCA projection, is missing")
+    if blob is None:
+        return not_drawn(f"{path}, the PCA projection, differs from its record (checksum)")
+    projection = PcaProjection.from_bytes(blob)
+    if len(projection.z) != len(manifest.entries):
+        return not_drawn(
+            f"{path} projects {len(projection.z)} images, the manifest has {len(manifest.entries)}"
+        )
+    # the point's own width, or the one its [svm.search] chose on this fold
+    chosen = params.get("n_components") or result.extra.get("best_n_components") or width
+    k = min(int(chosen), MAX_COMPONENTS, projection.n_components)
+    train, _, _ = manifest.fold_indices(0)
+    labels = manifest.label_index(train)
+    train, labels = train[labels >= 0], labels[labels >= 0]
+    if len(train) < MIN_IMAGES:
+        return not_drawn(f"fold 0 has {len(train)} labelled training images, too few to map")
+    xy, shown = tsne_map(projection.features(k)[train], labels, max_images=max_images, seed=seed)
+    return TsneSection(
+        unit_key=zero.key,
+        variant=variant,
+        n_components=k,
+        available=len(train),
+        xy=xy,
+        labels=shown,
+        perplexity=perplexity_for(len(xy)),
+        seed=seed,
+    )
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -1122,6 +1209,36 @@ def build_report_data(
                 f"LIME failed: {type(exc).__name__}: {exc}",
             )
 
+    # -- t-SNE (study 2.4.2): only when asked; a figure, so it never costs the report
+    tsne = None
+    if report_spec.get("tsne", False):
+        svm_best = best_units.get("svm") or []
+        if "svm" not in best_units:
+            tsne = TsneSection(note="Not drawn: no SVM in this campaign, whose features it maps.")
+        elif not svm_best:
+            tsne = TsneSection(note="Not drawn: no SVM unit succeeded.")
+        elif manifest is None or settings is None:
+            tsne = TsneSection(
+                note="Not drawn: t-SNE needs the manifest and the PCA projection (run by the "
+                "report task)."
+            )
+        else:
+            try:
+                tsne = embed_svm_features(
+                    store,
+                    settings,
+                    manifest,
+                    svm_best,
+                    results,
+                    max_images=int(report_spec.get("tsne_images", 2000)),
+                    seed=int(spec.get("seed", 0)),
+                )
+            except StoreUnreachableError:
+                raise  # the database away: the unit is handed back, not written without it
+            except Exception as exc:
+                log.warning("%s: t-SNE failed: %s", campaign_id, exc)
+                tsne = TsneSection(note=f"t-SNE failed: {type(exc).__name__}: {exc}")
+
     return ReportData(
         campaign_id=campaign.id,
         campaign_name=report_spec.get("title") or campaign.name,
@@ -1144,6 +1261,7 @@ def build_report_data(
         timeline=timeline(all_units, results),
         lime=lime,
         lime_note=lime_note,
+        tsne=tsne,
         skipped=_skipped(manifest),
         validation=_validation(spec, manifest),
         held_out=spec.get("validation", "folds"),
@@ -1228,6 +1346,7 @@ __all__ = [
     "best_point",
     "blend_members",
     "build_report_data",
+    "embed_svm_features",
     "explain_cnn",
     "report",
 ]
