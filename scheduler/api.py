@@ -245,7 +245,15 @@ class CampaignRun:
                     )
                 if deadline is not None:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
-                time.sleep(pause)
+                if display is None:
+                    time.sleep(pause)
+                    continue
+                # in slices, the bars redrawn between them: their clocks move on while
+                # the store is read seldom
+                resume = time.monotonic() + pause
+                while (left := resume - time.monotonic()) > 0:
+                    time.sleep(min(left, 0.5))
+                    display.refresh()
         finally:
             if display is not None:
                 display.close()
@@ -1100,8 +1108,10 @@ class _Progress:
             self._progress.start()
         except BaseException:
             # a signal turned into an exception (the demo's SIGTERM) as the display
-            # started: no one else holds it to restore the terminal (the cursor)
-            self._progress.stop()
+            # started: no one else holds it to restore the terminal (the cursor); a stop
+            # of a half-started display must not hide the signal
+            with contextlib.suppress(Exception):
+                self._progress.stop()
             raise
 
     def update(self, by_family: Mapping[str, Mapping[str, int]], epochs: dict[str, str]) -> None:
@@ -1127,6 +1137,10 @@ class _Progress:
             if family in self._started - self._stopped and done == total:
                 self._stopped.add(family)
                 self._progress.stop_task(task)  # its time stays that of the stage
+        self._progress.refresh()
+
+    def refresh(self) -> None:
+        """Redraw (the elapsed times move) without reading the store."""
         self._progress.refresh()
 
     def warn(self, line: str) -> None:

@@ -543,7 +543,7 @@ class ReportSpec(_Frozen):
     # embed fold 0's training images in 2-D, as the best SVM point's PCA features, by
     # t-SNE; off by default: it takes a while, and needs an SVM section
     tsne: bool = False
-    tsne_images: int = Field(2000, ge=10, le=100_000)  # training images embedded at most
+    tsne_images: int = Field(2000, ge=10, le=20_000)  # training images embedded at most
 
 
 class Campaign(_Frozen):

@@ -162,6 +162,32 @@ def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_sen
     assert len(set(task_ids)) == 250
 
 
+def test_a_message_that_cannot_be_built_leaves_its_chunk_and_the_rest_to_send(
+    tmp_path: Path,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """An error while the second chunk's messages are built (before anything of it is
+    published): the first chunk stays sent, that chunk and the rest go back to PENDING,
+    not QUEUED and unsent for the reaper to find a lease period later."""
+    from scheduler import canvas
+
+    store, app, keys = a_big_stage(tmp_path)
+    real = canvas.unit_signature
+
+    def the_150th_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if args[4] == keys[149]:
+            raise ValueError("cannot build this message")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(canvas, "unit_signature", the_150th_fails)
+    with pytest.raises(ValueError, match="cannot build"):
+        canvas.advance(store, app, "g")
+    states = {u.key: u.state for u in store.units("g")}
+    assert [k for k in keys if states[k] == "QUEUED"] == keys[:100]
+    assert all(states[k] == "PENDING" for k in keys[100:])
+    assert len(list((tmp_path / "broker").rglob("*.msg"))) == 100
+
+
 def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """Each chunk is marked sent once published: a claim left unmarked for a lease period
     is sent again by the workers, which take its sender for dead."""

@@ -60,7 +60,7 @@ from shared.report import (
 )
 from shared.settings import Settings
 from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
-from workers.tasks.base import UnitContext, log, unit_task
+from workers.tasks.base import UnitAborted, UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
 #: Families that are parts of another unit's model (tree shards merged into their
@@ -1196,8 +1196,10 @@ def build_report_data(
                 num_samples=int(report_spec.get("lime_samples", 1000)),
                 seed=int(spec.get("seed", 0)),
             )
-        except StoreUnreachableError:
-            raise  # the database away: the unit is handed back, not written without LIME
+        except (StoreUnreachableError, UnitAborted):
+            # the database away (the unit is handed back), or the unit no longer this
+            # delivery's (cancelled, deleted, taken over): not written without LIME
+            raise
         except Exception as exc:
             # an explanation is a figure, not a result: the report goes on without it
             log.warning("%s: LIME failed: %s", campaign_id, exc)
@@ -1233,8 +1235,8 @@ def build_report_data(
                     max_images=int(report_spec.get("tsne_images", 2000)),
                     seed=int(spec.get("seed", 0)),
                 )
-            except StoreUnreachableError:
-                raise  # the database away: the unit is handed back, not written without it
+            except (StoreUnreachableError, UnitAborted):
+                raise  # as for LIME above: the unit stops, or is handed back
             except Exception as exc:
                 log.warning("%s: t-SNE failed: %s", campaign_id, exc)
                 tsne = TsneSection(note=f"t-SNE failed: {type(exc).__name__}: {exc}")
