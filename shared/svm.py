@@ -15,8 +15,10 @@ import io
 import json
 import math
 import time
+import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,6 +274,17 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 # ---------------------------------------------------------------- one grid point
 
 
+@contextmanager
+def _stopping_at_max_iter_quietly() -> Iterator[None]:
+    """A fit that stops at ``max_iter`` gives the point's result (``stopped_at_max_iter``),
+    not a ConvergenceWarning in the worker's log for every fit."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
 def fit_svc(
     z_train: np.ndarray,
     train_y: np.ndarray,
@@ -288,16 +301,11 @@ def fit_svc(
     """An SVC (RBF, or linear) on PCA features: train and validation accuracy,
     predictions. With ``max_iter``, whether the solver stopped there before converging
     (``stopped_at_max_iter``, as the study's linear SVM did) and its ``iterations``."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import SVC
 
     started = time.perf_counter()
     svc = SVC(kernel=kernel, C=C, gamma=check_gamma(gamma), max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
-        # a stop at max_iter is this point's result (stopped_at_max_iter), not a warning
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with _stopping_at_max_iter_quietly():
         svc.fit(z_train, train_y)
     limited = {}
     if max_iter > 0:
@@ -528,9 +536,6 @@ def search_svc(
     to the first combination in field order (n_components, then C, then gamma), as
     GridSearchCV's ``best_index_`` goes to the first of its grid.
     """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import SVC
 
@@ -551,8 +556,7 @@ def search_svc(
         search = GridSearchCV(
             svc, [svc_grid] if svc_grid else [{}], cv=cv, refit=False, error_score="raise"
         )
-        with warnings.catch_warnings():  # as in fit_svc: a stop at max_iter is no news
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with _stopping_at_max_iter_quietly():
             search.fit(np.ascontiguousarray(z_train[:, :k]), train_y)
         scores = search.cv_results_["mean_test_score"]
         combinations += len(scores)
