@@ -107,6 +107,7 @@ def test_a_searched_width_and_a_reused_unit_s_source_folder_are_followed(world) 
         ("no width", "recorded no PCA projection."),
         ("not recorded", "the PCA projection, is not recorded in the store."),
         ("other rows", "projects 5 images, the manifest has"),
+        ("changed", "the PCA projection, differs from its record (checksum)"),
     ],
 )
 def test_where_the_map_cannot_be_drawn_one_line_says_why(world, case: str, said: str) -> None:
@@ -115,6 +116,10 @@ def test_where_the_map_cannot_be_drawn_one_line_says_why(world, case: str, said:
     path = _projection(records, settings, "c-1", rows, 8)
     if case == "not recorded":
         records.sha256.clear()
+    if case == "changed":  # written over since its unit recorded it
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        atomic_write_bytes(path, bytes(blob))
     unit = _unit("c-1/svm/p/f0", PARAMS)
     if case == "no fold 0":
         unit = replace(unit, key="c-1/svm/p/f1", fold=1)
@@ -124,5 +129,5 @@ def test_where_the_map_cannot_be_drawn_one_line_says_why(world, case: str, said:
         max_images=100, seed=0,
     )  # fmt: skip
     assert not section.drawn and said in section.note, section.note
-    if case in ("not recorded", "other rows"):
+    if case in ("not recorded", "other rows", "changed"):
         assert str(path) in section.note

@@ -5,6 +5,7 @@ every unit, so it must stay a few transactions."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -304,6 +305,57 @@ def test_a_result_the_database_could_not_take_is_offered_again_not_run_again(
     assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": True}
     assert runs == [1] and store.get_unit(KEY).state == "SUCCESS"
     assert caplog.text.count(f"{KEY} finished, but the database is away") == 2
+
+
+class Retried(Exception):
+    """What ``OneDeliveryRetried.retry`` raises: the retry Celery would schedule."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        super().__init__(kwargs)
+        self.kwargs = kwargs
+
+
+class OneDeliveryRetried(OneDelivery):
+    def retry(self, **kwargs: Any) -> Exception:
+        raise Retried(kwargs)
+
+
+def test_a_failure_the_database_cannot_record_leaves_the_unit_to_a_later_delivery(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body failed, and the store cannot take even that: the unit is not left
+    RUNNING for ever nor counted done. The message comes back once the lease has run
+    out, with the body's error, and that delivery takes the unit over (its attempt
+    counted), so a unit whose failure can never be written still ends."""
+    from db.store import StoreError
+
+    def cannot_record(key: str, error: str, *, holder: str | None = None) -> bool:
+        raise StoreError("database x unreachable: gone (gave up after 5 s)")
+
+    def body(ctx: UnitContext) -> Outcome:
+        raise ValueError("the grid point is bad")
+
+    monkeypatch.setattr(store, "fail_unit", cannot_record)
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.5")
+    with pytest.raises(Retried) as retried:
+        run_unit(OneDeliveryRetried(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert retried.value.kwargs["countdown"] == pytest.approx(1.5)
+    assert isinstance(retried.value.kwargs["exc"], ValueError)
+    assert f"{KEY}: failure not recorded, the store is unreachable" in caplog.text
+    unit = store.get_unit(KEY)
+    assert unit.state == "RUNNING" and unit.attempts == 1  # its lease runs out by itself
+
+    time.sleep(0.6)
+    # the retried message, once the lease has run out: a takeover, the second attempt
+    runs: list[int] = []
+
+    def second(ctx: UnitContext) -> Outcome:
+        runs.append(1)
+        return Outcome(0.5, val_acc=0.5)
+
+    answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), second)
+    assert answer["state"] == "SUCCESS" and runs == [1]
+    assert store.get_unit(KEY).attempts == 2
 
 
 def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(

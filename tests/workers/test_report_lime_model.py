@@ -1,0 +1,84 @@
+"""Which model file the report's LIME section loads, and the one line it gives where the
+file is not the one its unit recorded: it never explains another model than the fold's."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from db.store import Result, Unit
+from shared.artifacts import atomic_write_bytes
+from shared.settings import Settings
+from workers.tasks.report import explain_cnn
+
+KEY = "c-1/cnn/p/f1"
+
+
+class Records:
+    """The store, as far as the LIME loader asks it: a campaign's model files."""
+
+    def __init__(self) -> None:
+        self.models: list[SimpleNamespace] = []
+        self.asked: list[str] = []
+
+    def artifacts(self, campaign_id: str, *, kind: str) -> list[SimpleNamespace]:
+        assert kind == "model"
+        self.asked.append(campaign_id)
+        return [m for m in self.models if m.unit_key.split("/")[0] == campaign_id]
+
+
+def _unit(key: str, fold: int) -> Unit:
+    return Unit(key, key.split("/")[0], "cnn", 1, fold, {}, "p", "orchard.train_cnn_fold",
+                "gpu", "SUCCESS", 1, "w", None, None, None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        ("not recorded", f"no model file recorded for {KEY}"),
+        ("missing", "model file missing"),
+        ("changed", "checksum mismatch"),
+    ],
+)
+def test_a_model_file_that_is_not_the_recorded_one_is_not_explained(
+    tmp_path: Path, case: str, said: str
+) -> None:
+    settings = Settings(
+        home=tmp_path / "home",
+        broker_url="memory://",
+        database_url=f"sqlite:///{tmp_path / 's.db'}",
+        artifacts=tmp_path / "artifacts",
+    )
+    records = Records()
+    # fold 1 is the best of the point's folds: its model, not fold 0's, is the one asked for
+    folds = [_unit("c-1/cnn/p/f0", 0), _unit(KEY, 1)]
+    results = {
+        "c-1/cnn/p/f0": Result("c-1/cnn/p/f0", 1.0, 0.6, None, None, None, 0.1, {}),
+        KEY: Result(KEY, 1.0, 0.9, None, None, None, 0.1, {}),
+    }
+    blob = b"a model, as its unit wrote it"
+    path = settings.artifacts / "campaigns" / "c-1" / "f1.pt"
+    atomic_write_bytes(path, blob)
+    if case != "not recorded":
+        records.models.append(
+            SimpleNamespace(
+                unit_key=KEY,
+                path=path.relative_to(settings.artifacts).as_posix(),
+                sha256=hashlib.sha256(blob).hexdigest(),
+            )
+        )
+    if case == "missing":
+        path.unlink()
+    if case == "changed":
+        atomic_write_bytes(path, b"another model, written over it")
+    manifest = SimpleNamespace(classes=["A", "B", "C"])
+    section = explain_cnn(
+        records, settings, manifest, folds, results, per_class=1, num_samples=10, seed=0
+    )
+    assert section.items == [] and said in section.note, section.note
+    assert section.unit_key == KEY and records.asked == ["c-1"]
+    if case in ("missing", "changed"):
+        assert section.note.startswith(str(path))
