@@ -6,6 +6,7 @@ that Celery delivers twice finds its rows already there instead of adding more.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,13 +22,39 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from shared.datasets import MAX_IMAGE_ID_CHARS
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class JsonValue(TypeDecorator):
+    """One JSON value, a bare number included, that reads back as it was written.
+
+    SQLite gives a column declared JSON numeric affinity: the text ``1.0`` is stored as
+    the integer 1 and read back as ``1``, and for scikit-learn ``max_features=1`` is one
+    feature where ``1.0`` is all of them. On SQLite the column is TEXT, so the JSON
+    text is kept as written; PostgreSQL's ``json`` keeps it already."""
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(Text() if dialect.name == "sqlite" else JSON())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:  # noqa: ANN401
+        return json.dumps(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:  # noqa: ANN401
+        if dialect.name != "sqlite" or value is None:
+            return value
+        # a row written before revision 0006 may hold a number SQLite stored as one
+        return json.loads(value) if isinstance(value, str) else value
 
 
 class Base(DeclarativeBase):
@@ -105,7 +132,7 @@ class UnitParamRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
-    value: Mapped[Any] = mapped_column(JSON)
+    value: Mapped[Any] = mapped_column(JsonValue)
 
     __table_args__ = (UniqueConstraint("unit_id", "name"),)
 

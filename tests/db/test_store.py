@@ -932,6 +932,54 @@ def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows
     assert store.upgrade() == ("0003", migrate.head_revision())
 
 
+PARAMS = {
+    "max_features": 1.0,  # all features; 1 would be one
+    "min_samples_split": 2,
+    "C": 1.5,
+    "gamma": 1e-6,
+    "max_depth": None,
+    "kernel": "rbf",
+    "whiten": True,
+    "sizes": [1.0, 2],
+}
+
+
+def test_a_unit_s_parameters_read_back_as_written(store_url: str) -> None:
+    """Every value keeps its JSON type: SQLite gave a column declared JSON numeric
+    affinity, which stored ``1.0`` as the integer 1 (for scikit-learn, one feature
+    instead of all)."""
+    store = make_store(store_url)
+    store.create_campaign(
+        "p-1", name="p", source="p.toml", digest="d", spec={}, classes=["A"],
+        units=[UnitPlan("p-1/rf/h/f0", "rf", 1, 0, PARAMS, "h")],
+    )  # fmt: skip
+    store.claim_for_queue(["p-1/rf/h/f0"])
+    read = store.get_unit("p-1/rf/h/f0").params
+    started = deliver(store, "p-1/rf/h/f0", worker="w", task_id="t", holder="d").unit.params
+    for params in (read, started, store.units("p-1")[0].params):
+        assert params == PARAMS
+        assert {k: repr(v) for k, v in params.items()} == {k: repr(v) for k, v in PARAMS.items()}
+
+
+def test_upgrade_to_0006_keeps_the_parameters_stored_before_it(store_url: str) -> None:
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0005")
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+        insert_old_queued_unit(conn)
+        unit_id = conn.scalar(text("SELECT id FROM units WHERE key = 't-1/svm/h/f0'"))
+        for name, value in (("C", "2.5"), ("n", "3"), ("kernel", '"rbf"'), ("d", "null")):
+            conn.execute(
+                text("INSERT INTO unit_params (unit_id, name, value) VALUES (:u, :n, :v)"),
+                {"u": unit_id, "n": name, "v": value},
+            )
+    assert store.upgrade() == ("0005", migrate.head_revision())
+    assert store.get_unit("t-1/svm/h/f0").params == {"C": 2.5, "n": 3, "kernel": "rbf", "d": None}
+    migrate.downgrade(store.engine, "0005")
+    assert store.upgrade() == ("0005", migrate.head_revision())
+    assert store.get_unit("t-1/svm/h/f0").params == {"C": 2.5, "n": 3, "kernel": "rbf", "d": None}
+
+
 def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
