@@ -19,8 +19,11 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
+import shutil
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from db.store import Artifact, Outcome, Prediction, Result, Store, StoreUnreachableError, Unit
+from shared.artifacts import ArtifactWriteError, WrittenFile
 from shared.errors import OrchardError
 from shared.manifest import Manifest, ManifestError
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
@@ -46,6 +50,7 @@ from shared.report import (
     PointRow,
     PreprocessingSummary,
     ReportData,
+    ReportFiles,
     SkippedInput,
     Submission,
     SweepPlot,
@@ -1297,13 +1302,60 @@ def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
         return None
 
 
+#: The prefix of the folder, inside ``report/``, that a run writes its files into before
+#: it moves them into place.
+STAGING_PREFIX = ".run-"
+
+
+def _move_into(folder: Path, file: WrittenFile) -> WrittenFile:
+    """``file`` renamed into ``folder`` (the same file system: nothing to fill)."""
+    target = folder / file.path.name
+    try:
+        os.replace(file.path, target)
+    except OSError as exc:
+        raise ArtifactWriteError(
+            f"cannot move {file.path} to {target}: {exc.strerror or exc}"
+        ) from None
+    return replace(file, path=target)
+
+
+def write_then_publish(ctx: UnitContext, data: ReportData) -> ReportFiles:
+    """Write the whole report into a folder of this run's own, then, if this delivery
+    still holds the unit, move every file into ``report/``.
+
+    A run that fails while writing (a full disk) leaves the report that was there
+    whole, with the records that describe it; a run that lost its unit meanwhile (a
+    ``resume`` reset it, another delivery took it over) writes nothing over the report
+    of the run that holds it. The moves are renames in one folder, milliseconds for
+    every file; the pages go last, so a reader who sees the new page finds its figures.
+    """
+    folder = ctx.campaign_dir / "report"
+    # left by runs that died: this delivery holds the unit, so none of them is at work
+    for old in folder.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)
+    staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    try:
+        files = write_report(data, staging)
+        ctx.check_stop()
+        return ReportFiles(
+            figures={n: _move_into(folder, f) for n, f in files.figures.items()},
+            tables={n: _move_into(folder, f) for n, f in files.tables.items()},
+            submission=files.submission and _move_into(folder, files.submission),
+            json=_move_into(folder, files.json),
+            markdown=_move_into(folder, files.markdown),
+            html=_move_into(folder, files.html),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 @unit_task("orchard.report")
 def report(ctx: UnitContext) -> Outcome:
     started = time.perf_counter()
     data = build_report_data(
         ctx.store, ctx.campaign.id, manifest=_manifest_or_none(ctx), settings=ctx.settings
     )
-    files = write_report(data, ctx.campaign_dir / "report")
+    files = write_then_publish(ctx, data)
     written: list[tuple[Any, str]] = [
         (f, "report")
         for f in (
