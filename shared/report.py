@@ -51,6 +51,7 @@ __all__ = [
     "FAILED_STATES",
     "MAX_FAILED_LISTED",
     "MAX_POINT_ROWS",
+    "MAX_SWEEP_TICKS",
     "MAX_UNIT_ROWS",
     "SECTION_HEADINGS",
     "BlendRow",
@@ -119,6 +120,9 @@ ERROR_CELL_CHARS = 120
 #: Rows an experiment table shows at most: a larger sweep shows its best points by
 #: validation accuracy, and every point is in ``experiments-<family>.csv``.
 MAX_POINT_ROWS = 50
+#: Labelled ticks a sweep plot's axis of named values ("scale" beside numbers) shows at
+#: most: more do not fit side by side in the figure's width, and overlap into a smear.
+MAX_SWEEP_TICKS = 12
 #: Rows the Units table shows at most (failed and unfinished units first); every unit is
 #: in ``units.csv``.
 MAX_UNIT_ROWS = 100
@@ -597,6 +601,28 @@ def _param_columns(swept: Sequence[str]) -> list[str]:
     return columns
 
 
+def _even_sample(count: int, keep: Sequence[int], limit: int) -> list[int]:
+    """At most ``limit`` (at least 2) of the indices ``0 .. count - 1``, in order: all of
+    them when they fit, else an even spread from the first to the last in which each
+    index of ``keep`` takes the place of the spread's nearest one. A reader then still
+    sees the whole range, at an even step, and the rows or ticks that must be there
+    (the best value, the named ones); more of ``keep`` than fit are spread in turn."""
+    if count <= limit:
+        return list(range(count))
+    kept = sorted(set(keep) | {0, count - 1})
+    if len(kept) > limit:
+        return [kept[i] for i in _even_sample(len(kept), (), limit)]
+    # distinct, since the step (count - 1) / (limit - 1) is at least 1
+    chosen = {round(i * (count - 1) / (limit - 1)) for i in range(limit)}
+    for index in kept:
+        if index not in chosen:
+            # the nearest index that is not itself kept, the lower on a tie
+            spare = sorted(chosen.difference(kept), key=lambda i: (abs(i - index), i))
+            chosen.remove(spare[0])
+            chosen.add(index)
+    return sorted(chosen)
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -771,7 +797,21 @@ def sweep_png(plot: SweepPlot) -> bytes:
         handles.append(line)
         names.append(metric)
     if not numeric:
-        ax.set_xticks(list(positions.values()), labels=list(positions), rotation=20, ha="right")
+        # a tick mark at every value, labelled only where the labels fit side by side:
+        # always the text values ("scale", "auto") and both ends, evenly between them
+        named = {param_value(plot.param, x) for x in plot.xs if not _is_number(x)}
+        labelled = _even_sample(
+            len(order), [i for i, label in enumerate(order) if label in named], MAX_SWEEP_TICKS
+        )
+        ax.set_xticks(range(len(order)), minor=True)
+        ax.set_xticks(
+            labelled,
+            labels=[order[i] for i in labelled],
+            # steeper once the labels are many, so that each clears its neighbours
+            rotation=20 if len(labelled) <= 6 else 45,
+            ha="right",
+            rotation_mode="anchor",
+        )
     ax.set_xlabel(param_label(plot.param))
     ax.set_ylabel("score (dots: points, line: their mean)" if pooled else "score")
     ax.grid(alpha=0.3)
@@ -1256,7 +1296,7 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
         blocks.append(Para(tuple(notes)))
     if exp.note:
         blocks.append(Quote(exp.note))
-    return blocks + _best_per_value_blocks(exp.points, columns)
+    return blocks + _best_per_value_blocks(exp, columns)
 
 
 def experiments_csv_name(family: str) -> str:
@@ -1284,17 +1324,24 @@ def _cell(column: str, params: Mapping[str, Any]) -> str:
     return _method(params) if column == "method" else param_value(column, params.get(column))
 
 
-def _best_per_value_blocks(points: Sequence[PointRow], columns: Sequence[str]) -> list[Block]:
+def _best_per_value_blocks(exp: Experiment, columns: Sequence[str]) -> list[Block]:
     """For a sweep of two or more parameters, one small table per parameter: each of its
     values with the best point among those that have it (the other parameters' values
     and its validation accuracy), as the study's "num_comp | best C | best γ | Acc"
-    tables. Ties go to the first point in sweep order."""
+    tables. Ties go to the first point in sweep order.
+
+    Past :data:`MAX_POINT_ROWS` values a table shows that many, evenly spread in sweep
+    order with the first, the last and the best: such a table is read for how accuracy
+    moves across the parameter's range, which the best rows alone (bunched about the
+    peak, and already in the experiments table) would hide. Every point is then in
+    ``experiments-<family>.csv``, written for the experiments table, which has at least
+    as many points as this one has values."""
     if len(columns) < 2:
         return []
     blocks: list[Block] = []
     for column in columns:
         best: dict[str, PointRow] = {}
-        for point in points:
+        for point in exp.points:
             if point.val_acc is None:
                 continue
             value = _cell(column, point.params)
@@ -1308,20 +1355,36 @@ def _best_per_value_blocks(points: Sequence[PointRow], columns: Sequence[str]) -
             *(f"best {param_label(c)}" for c in others),
             "Valid acc",
         )
+        values = list(best.items())
+        top = max(point.rank for point in best.values())
+        first_top = next(i for i, (_, point) in enumerate(values) if point.rank == top)
+        shown = [values[i] for i in _even_sample(len(values), [first_top], MAX_POINT_ROWS)]
         rows = [
             [value, *(_cell(c, point.params) for c in others), _fmt_pct(point.val_acc)]
-            for value, point in best.items()
+            for value, point in shown
         ]
-        top = max(point.rank for point in best.values())
         blocks += [
             Para((f"Best point per {param_label(column)}:",)),
             Table(
                 header,
                 rows,
                 frozenset({len(header) - 1}),
-                row_classes=["best" if p.rank == top else "" for p in best.values()],
+                row_classes=["best" if p.rank == top else "" for _, p in shown],
             ),
         ]
+        if len(shown) < len(values):
+            left = len(values) - len(shown)
+            blocks.append(
+                Para(
+                    (
+                        f"{len(shown)} of the {len(values)} values of {param_label(column)}, "
+                        "evenly spread in sweep order with the first, the last and the best "
+                        f"among them; {left} more are left out here. Every point is in ",
+                        Code(experiments_csv_name(exp.family)),
+                        ".",
+                    )
+                )
+            )
     return blocks
 
 
