@@ -1015,7 +1015,19 @@ def test_a_stage_may_open_only_once_the_stages_before_it_are_terminal(store_url:
     deliver(store, report, worker="w", task_id=None)
     store.finish_unit(report, outcome())
     assert store.stage_may_open("t-1")  # every unit terminal: the campaign may close
-    assert store.stage_may_open("no-such-campaign")  # nothing unfinished: nothing to wait for
+    assert store.complete_campaign("t-1") == "PARTIAL"
+    # closed: a late message of it (thousands, after a cancel and a resume) finds nothing
+    # to open, in this one query, without reading every unit under the campaign's lock
+    assert not store.stage_may_open("t-1")
+    assert not store.stage_may_open("no-such-campaign")
+
+
+def test_no_stage_of_a_cancelled_campaign_may_open(store_url: str) -> None:
+    store = make_store(store_url)
+    seed_campaign(store)
+    assert store.stage_may_open("t-1")
+    store.cancel_campaign("t-1")
+    assert not store.stage_may_open("t-1")
 
 
 def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> None:

@@ -220,6 +220,49 @@ def test_a_stage_of_thousands_is_claimed_and_marked_sent_in_bounded_statements(
     assert {u.state for u in store.units("c")} == {"PENDING"}
 
 
+@contextmanager
+def executions(store: Store) -> Iterator[list[int]]:
+    """Like :func:`statements`, but an executemany counts once per parameter set: the
+    work a statement per row costs, however the driver pipelines it."""
+    sent: list[int] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+            sent.append(len(parameters) if executemany else 1)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+
+
+def test_cancel_and_resume_cost_as_much_for_hundreds_of_units_as_for_a_few(
+    store_url: str,
+) -> None:
+    """Both held the campaign's lock (on SQLite the store's) while they updated unit by
+    unit: 2-3 s for 20,000 units on PostgreSQL, where one statement takes 0.4 s."""
+
+    def cancel_then_resume(cid: str, models: int) -> tuple[int, int]:
+        keys = [p.key for p in create(store, cid, models)]
+        store.claim_for_queue(keys[:3], {k: f"{cid}-t{i}" for i, k in enumerate(keys[:3])})
+        with executions(store) as sent:
+            cancelled = store.cancel_campaign(cid)
+        assert cancelled.units == len(keys)
+        assert sorted(cancelled.task_ids) == [f"{cid}-t{i}" for i in range(3)]
+        cancelling = sum(sent)
+        with executions(store) as sent:
+            assert store.resume_campaign(cid) == keys  # plan order
+        units = store.units(cid)
+        assert {(u.state, u.attempts, u.task_id, u.error) for u in units} == {
+            ("PENDING", 0, None, None)
+        }
+        return cancelling, sum(sent)
+
+    store = make_store(store_url)
+    assert cancel_then_resume("few", 3) == cancel_then_resume("many", KEYS_PER_STATEMENT - 10)
+
+
 @pytest.mark.parametrize("many", [22_000])
 def test_a_claim_beyond_the_postgres_parameter_limit(postgres_url: str, many: int) -> None:
     store = make_store(postgres_url)
