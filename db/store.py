@@ -461,10 +461,14 @@ def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
 
 
 def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands timezone-aware columns back naive; everything orchard writes is UTC
-    if moment is not None and moment.tzinfo is None:
+    """``moment`` in UTC, with its zone: SQLite hands timezone-aware columns back naive
+    (everything orchard writes is UTC), and PostgreSQL in the session's time zone,
+    which is the server's unless set (America/New_York would print local times)."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
-    return moment
+    return moment.astimezone(UTC)
 
 
 class Store:
@@ -2038,8 +2042,8 @@ def _campaign(row: CampaignRow) -> Campaign:
         spec=row.spec,
         classes=tuple(row.classes),
         state=row.state,
-        created_at=row.created_at,
-        finished_at=row.finished_at,
+        created_at=_aware(row.created_at),
+        finished_at=_aware(row.finished_at),
     )
 
 
@@ -2086,8 +2090,8 @@ def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
         state=row.state,
         attempts=row.attempts,
         worker=row.worker,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
+        started_at=_aware(row.started_at),
+        finished_at=_aware(row.finished_at),
         error=row.error,
         task_id=row.task_id,
         lease_holder=row.lease_holder,

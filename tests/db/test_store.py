@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -978,6 +978,47 @@ def test_upgrade_to_0006_keeps_the_parameters_stored_before_it(store_url: str) -
     migrate.downgrade(store.engine, "0005")
     assert store.upgrade() == ("0005", migrate.head_revision())
     assert store.get_unit("t-1/svm/h/f0").params == {"C": 2.5, "n": 3, "kernel": "rbf", "d": None}
+
+
+def test_times_come_back_in_utc_whatever_the_server_s_time_zone(postgres_url: str) -> None:
+    """PostgreSQL hands timestamps back in the session's time zone, the server's unless
+    set: on a server in New York `orchard status` printed local times as UTC, and a
+    deleted campaign's message was five hours off. SQLite's naive ones are UTC too."""
+    from datetime import UTC
+
+    from sqlalchemy import create_engine
+
+    name = postgres_url.rsplit("/", 1)[1]
+    with create_engine(postgres_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone = 'America/New_York'"))
+    store = make_store(postgres_url)
+    with store.engine.connect() as conn:
+        assert conn.scalar(text("SHOW TimeZone")) == "America/New_York"
+    plans = seed_campaign(store)
+    deliver(store, plans[0].key, worker="w", task_id="t", holder="d")
+    store.finish_unit(plans[0].key, outcome(), holder="d")
+    campaign, unit = store.get_campaign("t-1"), store.get_unit(plans[0].key)
+    for moment in (campaign.created_at, unit.started_at, unit.finished_at, unit.heartbeat_at):
+        assert moment is not None and moment.tzinfo is not None
+        assert moment.utcoffset() == timedelta(0) and abs(utcnow() - moment) < timedelta(minutes=1)
+    store.cancel_campaign("t-1")
+    store.delete_campaign("t-1", quiet_seconds=0)
+    when = store.deleted_at("t-1")
+    assert when is not None and when.utcoffset() == timedelta(0)
+    with pytest.raises(CampaignDeletedError) as deleted:
+        store.get_campaign("t-1")
+    assert f"at {datetime.now(UTC):%Y-%m-%d %H}" in str(deleted.value)
+
+
+def test_campaign_and_unit_times_are_aware_on_sqlite_too(sqlite_url: str) -> None:
+    """A caller may subtract them from ``datetime.now(UTC)`` on either database."""
+    store = make_store(sqlite_url)
+    plans = seed_campaign(store)
+    deliver(store, plans[0].key, worker="w", task_id="t", holder="d")
+    store.fail_unit(plans[0].key, "boom")
+    campaign, unit = store.get_campaign("t-1"), store.get_unit(plans[0].key)
+    for moment in (campaign.created_at, unit.started_at, unit.finished_at):
+        assert moment is not None and utcnow() - moment < timedelta(minutes=1)
 
 
 def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
