@@ -744,10 +744,8 @@ def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[
         return []  # no manifest here: the units that need it say so themselves
     return [
         unit.key
-        for unit in store.units(campaign_id)
-        if unit.family == "preprocess"
-        and unit.state == SUCCESS
-        and not shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
+        for unit in store.units(campaign_id, state=SUCCESS, family="preprocess")
+        if not shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
     ]
 
 
