@@ -2347,7 +2347,9 @@ def render_html(
             ]
             out.append("</ul>")
     out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    # a browser obeys a right-to-left override in a title as a terminal does an ESC
+    # (`cat report.html`): shown escaped, as in report.md
+    return visible_controls("\n".join(out)) + "\n"
 
 
 # --------------------------------------------------------------------------- json, csv

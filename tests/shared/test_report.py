@@ -918,6 +918,21 @@ def test_markdown_shows_bidirectional_overrides_rather_than_obeying_them(
     assert "Mango \\u202egpj.exe\\u2066x" in md
 
 
+def test_the_html_page_shows_control_characters_and_overrides_as_the_markdown_does(
+    data: ReportData,
+) -> None:
+    """A browser obeys a right-to-left override too, and `cat report.html` an ESC."""
+    evil = "Mango \u202egpj.exe\u2066x \x1b[2J\x07"
+    failed = dataclasses.replace(data.units[-1], state="FAILED", error=f"boom {evil}\ttab")
+    page = render_html(
+        dataclasses.replace(data, campaign_name=evil, units=[*data.units[:-1], failed]), {}
+    )
+    controls = {c for c in page if unicodedata.category(c) in ("Cc", "Cf")} - {"\n", "\t"}
+    assert not controls, controls
+    assert "Mango \\u202egpj.exe\\u2066x \\x1b[2J\\x07" in page
+    assert "boom Mango" in page and "\ttab" in page
+
+
 def test_markdown_text_makes_no_link_or_image(data: ReportData) -> None:
     """A title such as ![x](https://host/p.png) would make a Markdown viewer fetch the
     image (a tracking pixel) when someone opens report.md."""
