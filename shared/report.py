@@ -2100,10 +2100,12 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 
 
 def _md_text(text: str) -> str:
-    """Plain text on one Markdown line: ``\\``, ``<``, ``*``, ``[`` and ``]`` escaped: no
-    raw HTML, and no link or image (a title ``![x](https://host/p.png)`` would make a
-    Markdown viewer fetch it)."""
+    """Plain text on one Markdown line: ``\\``, ``<``, ``&``, ``*``, `````, ``[`` and ``]``
+    escaped: no raw HTML or entity (a class ``A&amp;B`` shown as ``A&B``), no code span,
+    and no link or image (a title ``![x](https://host/p.png)`` would make a Markdown
+    viewer fetch it)."""
     text = " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
+    text = text.replace("&", "\\&").replace("`", "\\`")
     return text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
 
 

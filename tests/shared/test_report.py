@@ -1341,3 +1341,10 @@ def test_no_t_sne_section_unless_it_was_asked_for(data: ReportData, tmp_path: Pa
     assert "tsne-svm.png" not in files.figures
     assert "t-SNE" not in files.html.path.read_text(encoding="utf-8")
     assert json.loads(files.json.path.read_text(encoding="utf-8"))["tsne"] is None
+
+
+def test_markdown_text_holds_no_entity_or_code_span(data: ReportData) -> None:
+    """A title or class written ``A&amp;B`` shows as written, not as ``A&B``, and
+    backticks in it start no code span."""
+    md = render_markdown(dataclasses.replace(data, campaign_name="A&amp;B `tick`"))
+    assert "# A\\&amp;B \\`tick\\`" in md
