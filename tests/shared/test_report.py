@@ -1347,4 +1347,4 @@ def test_markdown_text_holds_no_entity_or_code_span(data: ReportData) -> None:
     """A title or class written ``A&amp;B`` shows as written, not as ``A&B``, and
     backticks in it start no code span."""
     md = render_markdown(dataclasses.replace(data, campaign_name="A&amp;B `tick`"))
-    assert "# A\\&amp;B \\`tick\\`" in md
+    assert "— A\\&amp;B \\`tick\\`\n" in md
