@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import OrchardError, printable, visible_controls
@@ -774,9 +774,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     run = CampaignRun(args.campaign, store, load_settings())
     if not args.watch:
-        rows = _unit_rows(store, args.campaign)
+        campaign, lines = _unit_lines(store, args.campaign)
+        rows = _rows_of(campaign, lines)
         _print_table(console, *(_terminal_rows(rows) if console.is_terminal else rows))
-        if run.status().campaign.state == "RUNNING" and (line := run.stalled()):
+        # the state read with the units (run.status() would read every unit again)
+        if campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
         return 0
     if not console.is_terminal:  # piped: no redrawing, the final table once
@@ -956,7 +958,7 @@ def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
                 str(states[FAILED]),
                 str(states[CANCELLED]),
                 str(states[RUNNING]),
-                f"{campaign.created_at:%Y-%m-%d %H:%M:%S}",
+                f"{_utc(campaign.created_at):%Y-%m-%d %H:%M:%S}",
             ]
         )
     return f"campaigns in {mask_url(store.url)}", columns, rows
@@ -1018,21 +1020,23 @@ LEASE_SLACK = 5.0
 def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
     """Seconds since a running unit's lease ran out, beyond :data:`LEASE_SLACK`; None
     while its worker keeps renewing it."""
-    expires = unit.lease_expires_at
+    expires = _utc(unit.lease_expires_at)
     if expires is None:
         return None
-    if expires.tzinfo is None:  # SQLite hands back the naive UTC times the store wrote
-        expires = expires.replace(tzinfo=UTC)
     late = (now - expires).total_seconds()
     return late if late > LEASE_SLACK else None
 
 
 def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
-    campaign, lines = _unit_lines(store, campaign_id)
+    return _rows_of(*_unit_lines(store, campaign_id))
+
+
+def _rows_of(campaign, lines: list[_UnitLine]) -> Rows:  # noqa: ANN001 - a db.store.Campaign
+    """The table of :func:`_unit_lines`' campaign and units, titled with its state."""
     columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
     rows = [
         [
-            line.unit.key.removeprefix(campaign_id + "/"),
+            line.unit.key.removeprefix(campaign.id + "/"),
             line.unit.state,
             str(line.unit.attempts),
             line.unit.worker or "",
@@ -1117,13 +1121,19 @@ def _unit_json(line: _UnitLine) -> dict[str, Any]:
     }
 
 
-def _iso(moment) -> str | None:  # noqa: ANN001 - a datetime or None
-    """UTC, with its zone: SQLite hands back the naive UTC times the store wrote."""
-    from datetime import UTC
+def _iso(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC, with its zone."""
+    utc = _utc(moment)
+    return None if utc is None else utc.isoformat()
 
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """``moment`` in UTC, as every time orchard prints is (README). SQLite hands back
+    the naive UTC times the store wrote; psycopg, aware ones in the server session's
+    zone, which need not be UTC (a PostgreSQL whose TimeZone is Europe/Berlin)."""
     if moment is None:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
@@ -1156,47 +1166,132 @@ def _terminal_rows(rows: Rows) -> Rows:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from db.store import DELETING, BeingDeletedError
-    from scheduler.api import CampaignRun
 
     _check_campaign_id(args.campaign)
     settings = load_settings()
     store = _store(existing=True)
     if store.get_campaign(args.campaign).state == DELETING:
         raise BeingDeletedError(args.campaign)  # its report's record is gone already
-    path = CampaignRun(args.campaign, store, settings).report_path()
-    if path is None:
-        report = next((u for u in store.units(args.campaign) if u.family == "report"), None)
-        if report is not None and report.state in ("FAILED", "CANCELLED"):
-            # a cancel records "cancelled" as the error: the state says it already
-            error = report.error if report.error and report.error != report.state.lower() else ""
-            why = f": {error}" if error else ""
-            raise OrchardError(
-                f"campaign {args.campaign} has no report: its report unit is "
-                f"{report.state}{why}; `orchard resume {args.campaign}` runs it again"
-            )
-        raise OrchardError(f"campaign {args.campaign} has no report yet")
+    # the records of report.html and report.md: what a report unit last wrote, kept
+    # while `orchard resume` runs it again (the run that replaces them records anew)
+    records = {
+        PurePosixPath(a.path).name: a
+        for a in store.artifacts(args.campaign, kind="report")
+        if PurePosixPath(a.path).name in REPORT_FILES
+    }
+    _check_report_unit(store, args.campaign, settings.artifacts, records)
+    html, markdown = (records.get(name) for name in REPORT_FILES)
+    if html is None or markdown is None:
+        missing = " and ".join(n for n in REPORT_FILES if n not in records)
+        raise OrchardError(
+            f"campaign {args.campaign} has no report: its report unit is SUCCESS but the "
+            f"store records no {missing}"
+        )
     if args.print:
-        markdown = path.with_suffix(".md")
+        data = _intact_report_file(args.campaign, settings.artifacts, markdown, printing=True)
         try:
-            text = markdown.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise OrchardError(
-                f"campaign {args.campaign}: cannot read {markdown}: {reason} (ORCHARD_ARTIFACTS "
-                "must be the folder, or shared mount, that the workers write to)"
+                f"campaign {args.campaign}: cannot read "
+                f"{printable(settings.artifacts / markdown.path)}: not UTF-8 text ({exc.reason} "
+                f"at byte {exc.start})"
             ) from None
         print(visible_controls(text))  # a report an earlier orchard wrote may hold ESC
     else:
-        for report in (path, path.with_suffix(".md")):
-            if not report.is_file():
-                raise OrchardError(
-                    f"campaign {args.campaign}: {report.relative_to(settings.artifacts)} is "
-                    f"not under the artifact folder {settings.artifacts} (ORCHARD_ARTIFACTS "
-                    "must be the folder, or shared mount, that the workers write to)"
-                )
-        print(path)
-        print(path.with_suffix(".md"))
+        for record in (html, markdown):
+            _intact_report_file(args.campaign, settings.artifacts, record, printing=False)
+        print(settings.artifacts / html.path)
+        print(settings.artifacts / markdown.path)
     return 0
+
+
+#: The files `orchard report` names, each checked against the store's record of it.
+REPORT_FILES = ("report.html", "report.md")
+
+
+def _check_report_unit(
+    store: Any,  # db.store.Store
+    campaign_id: str,
+    artifacts: Path,
+    records: dict[str, Any],  # file name -> db.store.Artifact
+) -> None:
+    """Raise, in one line, unless the campaign's report unit is SUCCESS: the files
+    recorded then belong to an earlier run (`orchard resume` reset the unit, whose new
+    run is waiting, running, or failed), or there are none yet."""
+    # its unit alone, not every unit of the campaign (20,000 units: 0.85 s)
+    units = store.units(campaign_id, family="report")
+    report = units[0] if units else None
+    if report is not None and report.state == "SUCCESS":
+        return
+    if report is None:  # none planned: its records alone say whether it was written
+        if records:
+            return
+        raise OrchardError(f"campaign {campaign_id} has no report yet")
+    earlier = records.get(REPORT_FILES[0])
+    where = (
+        f"the report at {printable(artifacts / earlier.path)} is an earlier run's"
+        if earlier
+        else ""
+    )
+    if report.state in ("FAILED", "CANCELLED"):
+        # a cancel records "cancelled" as the error: the state says it already
+        error = report.error if report.error and report.error != report.state.lower() else ""
+        why = f": {visible_controls(error)}" if error else ""
+        raise OrchardError(
+            f"campaign {campaign_id} has no report: its report unit is {report.state}{why}; "
+            + (f"{where}; " if where else "")
+            + f"`orchard resume {campaign_id}` runs it again"
+        )
+    if earlier is None:
+        raise OrchardError(f"campaign {campaign_id} has no report yet")
+    raise OrchardError(
+        f"campaign {campaign_id}: its report is being written again (its report unit is "
+        f"{report.state}); {where}"
+    )
+
+
+def _intact_report_file(
+    campaign_id: str,
+    artifacts: Path,
+    record: Any,  # db.store.Artifact
+    *,
+    printing: bool,
+) -> bytes:
+    """The bytes of a report file, read once and checked against its record's sha256;
+    else one line saying why not: the campaign's folder is not on this host (the wrong
+    ORCHARD_ARTIFACTS), the file is gone, or it is not what its report unit wrote."""
+    from shared.artifacts import read_if_intact
+
+    path = artifacts / record.path
+    shown = printable(path)
+    try:
+        data = read_if_intact(path, record.sha256)
+    except OSError as exc:
+        if not (artifacts / "campaigns" / campaign_id).is_dir():
+            # the campaign's folder is not there: not the workers' folder or share
+            where = "must be the folder, or shared mount, that the workers write to"
+            if printing:
+                reason = exc.strerror or str(exc)
+                raise OrchardError(
+                    f"campaign {campaign_id}: cannot read {shown}: {reason} (ORCHARD_ARTIFACTS "
+                    f"{where})"
+                ) from None
+            raise OrchardError(
+                f"campaign {campaign_id}: {printable(record.path)} is not under the artifact "
+                f"folder {printable(artifacts)} (ORCHARD_ARTIFACTS {where})"
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            raise OrchardError(f"campaign {campaign_id}: {shown} is missing") from None
+        raise OrchardError(
+            f"campaign {campaign_id}: cannot read {shown}: {exc.strerror or exc}"
+        ) from None
+    if data is None:
+        raise OrchardError(
+            f"campaign {campaign_id}: {shown} differs from its record (checksum): changed "
+            "since its report unit wrote it"
+        )
+    return data
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -214,17 +214,26 @@ def test_a_store_that_fails_to_record_leaves_no_campaign_folder(
 
 
 def store_with_a_report(tmp_path: Path) -> Path:
-    """A home whose store records campaign t-1's report, which no folder here holds."""
-    from db.store import Artifact, Store
+    """A home whose store records campaign t-1's report (its report unit SUCCESS, its
+    files `<html></html>` and `# report`), which no folder here holds."""
+    import hashlib
+
+    from db.store import Artifact, Outcome, Store
     from tests.db.test_store import seed_campaign
 
     home = tmp_path / "home"
     store = Store(f"sqlite:///{home / 'orchard.db'}")
     store.upgrade()
     seed_campaign(store)
-    store.record_artifact(
-        Artifact("campaigns/t-1/report/report.html", "report", "0" * 64, 1, "t-1")
-    )
+    files = {"report.html": b"<html></html>", "report.md": b"# report"}
+    records = []
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        path = f"campaigns/t-1/report/{name}"
+        records.append(Artifact(path, "report", digest, len(data), "t-1", "t-1/report"))
+    store.claim_for_queue(["t-1/report"])
+    store.start_unit("t-1/report", worker="w", task_id=None)
+    store.finish_unit("t-1/report", Outcome(fit_seconds=1.0, artifacts=records))
     return home
 
 
