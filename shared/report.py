@@ -1915,7 +1915,10 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                         _fmt_pct(r.train_acc),
                         _fmt_pct(r.val_acc),
                         _fmt_pct(r.test_acc),
-                        _DASH if _all_reused(r) else _fmt_duration(r.fit_seconds),
+                        # nothing ran to the end here: no time to sum
+                        _DASH
+                        if _all_reused(r) or not (r.succeeded or r.fit_seconds)
+                        else _fmt_duration(r.fit_seconds),
                     ]
                     for r in data.families
                 ],
@@ -1982,7 +1985,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
     if data.sweeps:
         blocks.append(Figures([figure_name(s.slug, "sweep") for s in data.sweeps]))
     else:
-        blocks.append(_empty("No swept parameters."))
+        # points of a sweep there are, but none with a score to plot
+        swept = any(swept_params(e.points) for e in data.experiments)
+        blocks.append(_empty("No point of a sweep succeeded." if swept else "No swept parameters."))
 
     blocks += [Heading(2, "Blending"), *_blend_blocks(data)]
 

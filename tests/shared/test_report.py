@@ -357,6 +357,24 @@ def test_family_fit_time_says_it_is_the_total(data: ReportData) -> None:
     assert '<th class="num">Total fit time</th>' in render_html(data, {})
 
 
+def test_a_family_with_nothing_finished_has_no_fit_time_and_its_sweep_says_why(
+    data: ReportData,
+) -> None:
+    """Every unit of a family failed: its time is not known, not 0.0 s; and a sweep
+    with no point to plot is not "no swept parameters"."""
+    families = [
+        dataclasses.replace(f, succeeded=0, fit_seconds=0.0, best_key="", params={})
+        for f in data.families
+    ]
+    md = render_markdown(dataclasses.replace(data, families=families, sweeps=[]))
+    rows = _table_rows(_section(md, "Model families"))[1:]
+    assert rows and all(row[-1] == "—" for row in rows), rows
+    assert "_No point of a sweep succeeded._" in _section(md, "Sweep plots")
+    alone = [dataclasses.replace(e, points=e.points[:1]) for e in data.experiments]
+    md = render_markdown(dataclasses.replace(data, experiments=alone, sweeps=[]))
+    assert "_No swept parameters._" in _section(md, "Sweep plots")
+
+
 def test_reused_units_are_marked(data: ReportData) -> None:
     source = "quick-0ld/cnn/p0/f0"
     units = [dataclasses.replace(data.units[0], reused_from=source), *data.units[1:]]
