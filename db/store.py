@@ -291,8 +291,10 @@ class Start:
 
     ``run`` False and ``reason``: ``finished`` (already terminal: nothing to do),
     ``leased`` (another delivery holds a live lease: come back in ``retry_in`` seconds,
-    never drop the message), ``gave up`` (too many attempts: now FAILED) or
-    ``cancelled`` (the campaign was cancelled: now CANCELLED).
+    never drop the message), ``grace`` (the last attempt's lease ran out less than a
+    lease period ago: its holder may still renew it; come back in ``retry_in``),
+    ``gave up`` (too many attempts: now FAILED) or ``cancelled`` (the campaign was
+    cancelled: now CANCELLED).
     """
 
     run: bool
@@ -1125,7 +1127,8 @@ class Store:
                     UnitRow.state == RUNNING,
                     UnitRow.lease_holder.startswith(holder_prefix, autoescape=True),
                 )
-                .values(lease_expires_at=self._now(s))
+                # no holder: it is known dead, so its last attempt's grace is not waited
+                .values(lease_expires_at=self._now(s), lease_holder=None)
             )
             return released.rowcount
 
@@ -1180,6 +1183,20 @@ class Store:
             # one per delivery, so the start it made counts once
             again = holder is not None and row.state == RUNNING and row.lease_holder == holder
             if max_attempts is not None and row.attempts >= max_attempts and not again:
+                grace = (
+                    expires + timedelta(seconds=lease_seconds)
+                    if holder is not None
+                    and row.state == RUNNING
+                    and row.lease_holder is not None
+                    and expires is not None
+                    else None
+                )
+                if grace is not None and grace > now:
+                    # the last attempt's holder may live, cut off from the database for a
+                    # lease (its heartbeats failed): a late renewal takes its lease back.
+                    # It has one more lease period before the unit is failed for it
+                    wait = (grace - now).total_seconds()
+                    return Start(False, row.attempts, row.state, reason="grace", retry_in=wait)
                 row.state, row.finished_at = FAILED, now
                 row.lease_holder = row.lease_expires_at = None
                 row.error = (

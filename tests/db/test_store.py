@@ -20,6 +20,7 @@ from db.store import (
     LEASE_CANCELLED,
     LEASE_GONE,
     LEASE_HELD,
+    LEASE_LOST,
     Artifact,
     BeingDeletedError,
     CampaignDeletedError,
@@ -545,10 +546,48 @@ def test_attempts_are_capped(store_url: str) -> None:
             max_attempts=3,
         )
         assert start.run and start.attempts == attempt
-    fourth = deliver(store, key, worker="w", task_id="t", holder="d4", max_attempts=3)
+    # (the same lease setting as the attempts': the last one's grace is over at once)
+    fourth = deliver(
+        store, key, worker="w", task_id="t", holder="d4", lease_seconds=0, max_attempts=3
+    )
     assert not fourth.run and fourth.reason == "gave up" and fourth.state == "FAILED"
     unit = store.get_unit(key)
     assert unit.state == "FAILED" and unit.error.startswith("gave up after 3 attempts")
+
+
+def test_the_last_attempt_s_holder_has_a_lease_period_to_come_back_before_it_is_failed(
+    store_url: str,
+) -> None:
+    """A worker cut off from the database for a lease (its heartbeats failed) is alive,
+    and a late renewal takes its lease back: a delivery that finds its last attempt's
+    lease only just run out waits a lease period, instead of failing the unit under a
+    run that may yet finish."""
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    first = deliver(store, key, worker="w1", task_id="t", holder="d1", lease_seconds=0.3,
+                    max_attempts=1)  # fmt: skip
+    assert first.run
+    time.sleep(0.5)  # its lease has run out; the grace of a (30 s) lease has not
+    other = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=30,
+                             max_attempts=1)  # fmt: skip
+    assert (other.run, other.reason, other.state) == (False, "grace", "RUNNING")
+    assert 25 < other.retry_in < 30
+    assert store.renew_lease(key, "d1", 30) == LEASE_HELD  # back in time: still its unit
+    store.finish_unit(key, outcome(), holder="d1")
+    assert store.get_unit(key).state == "SUCCESS"
+
+
+def test_the_last_attempt_s_holder_gone_for_longer_than_its_grace_fails_the_unit(
+    store_url: str,
+) -> None:
+    store = make_store(store_url)
+    key = seed_campaign(store)[2].key
+    deliver(store, key, worker="w1", task_id="t", holder="d1", lease_seconds=0.1, max_attempts=1)
+    time.sleep(0.4)  # lease and grace (0.1 s each) both past
+    other = store.start_unit(key, worker="w2", task_id="t", holder="d2", lease_seconds=0.1,
+                             max_attempts=1)  # fmt: skip
+    assert (other.run, other.reason, other.state) == (False, "gave up", "FAILED")
+    assert store.renew_lease(key, "d1", 30) == LEASE_LOST
 
 
 def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> None:
@@ -1687,8 +1726,15 @@ def test_leases_of_a_dead_process_end_now_and_only_theirs(store_url: str) -> Non
     deliver(store, second, worker="w", task_id="b", holder="w_1@h/123/bb", lease_seconds=600)
     deliver(store, third, worker="w", task_id="c", holder="wx1@h/12/cc", lease_seconds=600)
     assert store.release_leases_of("w_1@h/12/") == 1  # "_" is no wildcard here
+    # at once, not a lease period later, nor, on its last attempt, a grace period later:
+    # its holder is known dead
+    again = store.start_unit(first, worker="w2", task_id="a", holder="w2@h/7/dd", max_attempts=1)
+    assert (again.run, again.reason, again.state) == (False, "gave up", "FAILED")
+    store.resume_campaign("t-1")
+    deliver(store, first, worker="w", task_id="a", holder="w_1@h/12/aa", lease_seconds=600)
+    assert store.release_leases_of("w_1@h/12/") == 1
     again = store.start_unit(first, worker="w2", task_id="a", holder="w2@h/7/dd")
-    assert again.run and again.attempts == 2  # at once, not a lease period later
+    assert again.run and again.attempts == 2
     for key in (second, third):
         late = store.start_unit(key, worker="w2", task_id="x", holder="w2@h/7/ee")
         assert not late.run and late.reason == "leased"

@@ -358,6 +358,24 @@ def test_a_failure_the_database_cannot_record_leaves_the_unit_to_a_later_deliver
     assert store.get_unit(KEY).attempts == 2
 
 
+def test_a_last_attempt_whose_lease_just_ran_out_is_waited_for_not_failed(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "30")
+    store.start_unit(KEY, worker="w1", task_id="t", holder="d1", lease_seconds=0.01)
+    time.sleep(0.05)  # its lease ran out; the last attempt's grace (30 s) has not
+
+    def body(ctx: UnitContext) -> Outcome:
+        raise AssertionError("not to run: the unit is its last attempt's for 30 s more")
+
+    with pytest.raises(Retried) as retried:
+        run_unit(OneDeliveryRetried(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert 25 < retried.value.kwargs["countdown"] <= 31
+    assert store.get_unit(KEY).state == "RUNNING"
+    assert f"{KEY}: the lease of its last attempt ran out; its worker has" in caplog.text
+
+
 def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

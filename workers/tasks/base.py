@@ -734,6 +734,14 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         if start.reason == "leased":
             log.info("%s is running elsewhere (live lease); back in %.0f s", key, start.retry_in)
             raise task.retry(countdown=max(1.0, start.retry_in + 1))
+        if start.reason == "grace":
+            log.warning(
+                "%s: the lease of its last attempt ran out; its worker has %.0f s to renew "
+                "it before the unit is failed",
+                key,
+                start.retry_in,
+            )
+            raise task.retry(countdown=max(1.0, start.retry_in + 1))
         if start.reason == "gave up":
             log.error("%s gave up after %d attempts", key, start.attempts)
         elif start.reason == "not queued":
