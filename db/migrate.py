@@ -15,7 +15,7 @@ from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
-from sqlalchemy import Connection, Engine, text  # noqa: E402
+from sqlalchemy import Connection, Engine, inspect, text  # noqa: E402
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any fixed number works; it only has to be the same for every orchard process.
@@ -44,12 +44,37 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-class UnknownRevisionError(Exception):
-    """The schema is at a revision these migrations do not know: a newer orchard's."""
+#: Tables every orchard store has: a database without them is not orchard's, whatever
+#: its Alembic revision (another application may use Alembic too).
+STORE_TABLES = ("campaigns", "units")
 
-    def __init__(self, revision: str) -> None:
+
+def orchard_tables(bind: Engine | Connection) -> list[str]:
+    """Which of the tables orchard's migrations create the database already holds."""
+    if isinstance(bind, Engine):
+        with bind.connect().execution_options(orchard_read_only=True) as conn:
+            return orchard_tables(conn)
+    from db.models import Base
+
+    return sorted(set(inspect(bind).get_table_names()) & set(Base.metadata.tables))
+
+
+class UnknownRevisionError(Exception):
+    """The schema is at a revision these migrations do not know: a newer orchard's, or,
+    without ``store_tables``, another application's that uses Alembic too."""
+
+    def __init__(self, revision: str, *, store_tables: bool = True) -> None:
         super().__init__(revision)
         self.revision = revision
+        self.store_tables = store_tables
+
+
+class TablesInTheWayError(Exception):
+    """A database with no orchard schema already holds tables named as orchard's."""
+
+    def __init__(self, tables: list[str]) -> None:
+        super().__init__(", ".join(tables))
+        self.tables = tables
 
 
 class BrokenReferencesError(Exception):
@@ -92,7 +117,11 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
         before = MigrationContext.configure(conn).get_current_revision()
         if before is not None and before not in known_revisions():
-            raise UnknownRevisionError(before)
+            found = orchard_tables(conn)
+            raise UnknownRevisionError(before, store_tables=any(t in found for t in STORE_TABLES))
+        if before is None and (found := orchard_tables(conn)):
+            # creating them would fail on the first: say so before, naming them all
+            raise TablesInTheWayError(found)
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
     return before

@@ -513,11 +513,13 @@ class Store:
             # "created" and the others what they found
             before = migrate.upgrade(self.engine)
         except migrate.UnknownRevisionError as exc:
-            raise SchemaError(self._newer_schema(exc.revision)) from None
+            raise SchemaError(self._unknown_schema(exc.revision, exc.store_tables)) from None
+        except migrate.TablesInTheWayError as exc:
+            raise SchemaError(self._tables_in_the_way(exc.tables)) from None
         except migrate.BrokenReferencesError as exc:
             raise SchemaError(f"database {mask_url(self.url)}: {exc}") from None
         except (OperationalError, DBAPIError) as exc:
-            raise self._unreachable(exc) from None
+            raise self.describe_error(exc) from None
         return before, migrate.head_revision()
 
     def create_or_check(self) -> None:
@@ -528,7 +530,7 @@ class Store:
         try:
             current = migrate.current_revision(self.engine)
         except (OperationalError, DBAPIError) as exc:
-            raise self._unreachable(exc) from None
+            raise self.describe_error(exc) from None
         if current is None:
             self.upgrade()  # another submit may have created it meanwhile: checked below
         self.check_schema()
@@ -538,27 +540,55 @@ class Store:
         try:
             current = migrate.current_revision(self.engine)
         except (OperationalError, DBAPIError) as exc:
-            raise self._unreachable(exc) from None
+            raise self.describe_error(exc) from None
         if current == migrate.head_revision():
             return
         if current is None:
+            if found := self._orchard_tables():
+                raise SchemaError(self._tables_in_the_way(found))
             raise SchemaError(
                 f"database {mask_url(self.url)} has no orchard tables yet: run `orchard db upgrade`"
             )
         if current not in migrate.known_revisions():
-            raise SchemaError(self._newer_schema(current))
+            found = self._orchard_tables()
+            store_tables = any(table in found for table in migrate.STORE_TABLES)
+            raise SchemaError(self._unknown_schema(current, store_tables))
         raise SchemaError(
             f"database {mask_url(self.url)} is at schema {current}, expected "
             f"{migrate.head_revision()}: run `orchard db upgrade`"
         )
 
-    def _newer_schema(self, current: str) -> str:
+    def _orchard_tables(self) -> list[str]:
+        try:
+            return migrate.orchard_tables(self.engine)
+        except (OperationalError, DBAPIError) as exc:
+            raise self.describe_error(exc) from None
+
+    def _unknown_schema(self, current: str, store_tables: bool) -> str:
+        if not store_tables:
+            # another application's Alembic revision, in a database shared with it: no
+            # orchard, newer or not, made this; its tables are not orchard's to touch
+            return (
+                f"database {mask_url(self.url)} holds another application's Alembic schema "
+                f"(revision {current}) and no orchard tables: give orchard a database of its own"
+            )
         # a newer orchard upgraded it (on another host, or before a rollback): upgrading
         # from here cannot work, and downgrading would throw away what it added
         return (
             f"database {mask_url(self.url)} is at schema {current}, newer than this orchard "
             f"knows (its newest is {migrate.head_revision()}): run the orchard that upgraded "
             "it, on every host"
+        )
+
+    def _tables_in_the_way(self, tables: list[str]) -> str:
+        # no alembic_version, yet a table orchard would create: another application's
+        # (creating orchard's would fail on it), or a store that lost its alembic_version
+        what = f"tables orchard would create ({', '.join(tables)})"
+        if len(tables) == 1:
+            what = f"a table orchard would create ({tables[0]})"
+        return (
+            f"database {mask_url(self.url)} has no orchard schema but already holds {what}: "
+            "give orchard a database of its own"
         )
 
     # -- transactions
@@ -575,9 +605,53 @@ class Store:
             return s.scalar(select(func.clock_timestamp()))
         return utcnow()
 
-    def _unreachable(self, exc: Exception) -> StoreError:
+    def _unreachable(self, exc: Exception) -> StoreUnreachableError:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        return StoreError(f"database {mask_url(self.url)} unreachable: {reason}")
+        return StoreUnreachableError(f"database {mask_url(self.url)} unreachable: {reason}")
+
+    def describe_error(self, exc: DBAPIError) -> StoreError:
+        """One line for what opening the store met. "Unreachable" (a StoreUnreachableError:
+        a worker keeps its unit for later) only where asking again may succeed: a server
+        that refused or lost the connection, a lock held too long. Anything else is the
+        database's answer, which asking again cannot change."""
+        if _is_transient(exc):
+            return self._unreachable(exc)
+        if self.engine.dialect.name == "sqlite" and (problem := self._sqlite_file_problem(exc)):
+            return StoreError(f"database {mask_url(self.url)}: {problem}")
+        reason = str(exc.orig).strip().splitlines()[0]
+        return StoreError(f"database {mask_url(self.url)} refused: {reason}")
+
+    def _sqlite_file_problem(self, exc: DBAPIError) -> str | None:
+        """What is wrong with a SQLite store's path, where SQLite's own line does not say
+        (``unable to open database file``, ``file is not a database``); None: nothing
+        the path shows."""
+        database = make_url(self.url).database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None  # an SQLite URI: SQLite's line is all there is
+        path = Path(database).expanduser().absolute()
+        # os.path: Path.is_dir raises for a folder we may not look into
+        if os.path.isdir(path):
+            return f"{path} is a directory, not a SQLite file"
+        header = b""
+        if os.path.isfile(path):  # a regular file only: reading a FIFO would wait for a writer
+            try:
+                with path.open("rb") as file:
+                    header = file.read(16)
+            except OSError:
+                header = b""  # not ours to read: SQLite's line says so
+        if header and header != b"SQLite format 3\x00":  # an empty file is a new database
+            return f"{path} is not a SQLite database"
+        errorname = getattr(exc.orig, "sqlite_errorname", "")
+        cannot = errorname.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))
+        if cannot and not os.access(path.parent, os.W_OK):
+            folder = f"{path.parent} is not writable by this user (uid {os.geteuid()})"
+            if not os.path.exists(path):
+                return f"cannot create {path}: {folder}"
+            return (
+                f"{folder}: SQLite needs to create its -wal and -shm files beside the store, "
+                "so the folder must be writable"
+            )
+        return None
 
     @contextmanager
     def _transaction(self, *, read_only: bool = False) -> Iterator[Session]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote
 
 from shared.errors import OrchardError
 from shared.settings import check_database_url_form, mask_url
 
-__all__ = ["DATABASE_URLS", "check_database_url", "require_sqlite_file"]
+__all__ = ["DATABASE_URLS", "check_database_url", "require_sqlite_file", "sqlite_path_problem"]
 
 #: What ORCHARD_DATABASE_URL may be.
 DATABASE_URLS = "orchard supports sqlite:///PATH and postgresql+psycopg://USER:PASSWORD@HOST/DB"
@@ -17,7 +19,8 @@ def check_database_url(url: str) -> None:
     """One line naming ORCHARD_DATABASE_URL and the URL (password masked) when SQLAlchemy
     cannot use it: a scheme it does not know, a driver that is not installed, not a URL
     at all; and what SQLAlchemy would misread (an in-memory SQLite, an unencoded '@' in
-    the password). Connects to nothing and creates no file."""
+    the password, a SQLite path with a '?' or a '%'). Connects to nothing and creates no
+    file."""
     check_database_url_form(url)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -41,6 +44,45 @@ def check_database_url(url: str) -> None:
         dialect.import_dbapi()
     except ImportError as exc:
         raise OrchardError(f"{where}: {missing_driver(exc)}; {advice}") from None
+    if parsed.get_backend_name() == "sqlite" and (problem := sqlite_path_problem(url)):
+        raise OrchardError(f"{where}: {problem}")
+
+
+#: The query options SQLAlchemy hands to Python's sqlite3 (``sqlite:///PATH?timeout=5``);
+#: ``uri`` makes the path an SQLite URI, which SQLite reads itself.
+_SQLITE_OPTIONS = {"timeout", "isolation_level", "detect_types", "check_same_thread"}
+_SQLITE_OPTIONS |= {"cached_statements", "uri"}
+#: What SQLAlchemy decodes in a URL's path (a '%' without two hex digits stays as it is).
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def sqlite_path_problem(url: str) -> str | None:
+    """Why the file SQLAlchemy would open for SQLite ``url`` is not the path written in
+    it, or None: a URL's path ends at a '?' (the rest is taken for driver options and
+    dropped, and the store made at the path's first part), and is percent-decoded
+    ('%41' is 'A'). A ``file:`` URI (``sqlite:///file:PATH?uri=true``) is SQLite's to
+    read: its '?' and '%' mean what SQLite says."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database.startswith("file:") or "uri" in parsed.query:
+        return None
+    written, mark, query = url.partition("://")[2].partition("?")
+    written = written.removeprefix("/")  # the path follows the empty host's '/'
+    options = [key for key, _ in parse_qsl(query, keep_blank_values=True)]
+    if mark and not (options and set(options) <= _SQLITE_OPTIONS):
+        # not driver options: the '?' is part of a folder's or the file's name
+        return (
+            f"a '?' ends a URL's path (its query follows), so the store would be "
+            f"{database!r}; rename the folder or file with the '?'"
+        )
+    if escape := next((m[0] for m in _ESCAPE.finditer(written)), None):
+        return (
+            f"a URL's path is percent-decoded ({escape!r} is read as {unquote(escape)!r}), so "
+            f"the store would be {database!r}; rename the folder or file with the '%'"
+        )
+    return None
 
 
 def missing_driver(exc: ImportError) -> str:

@@ -607,8 +607,7 @@ def check_sqlite_store(url: str) -> None:
     try:
         migrate.current_revision(store.engine)  # an older schema is fine: submit upgrades it
     except DBAPIError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise OrchardError(f"database {mask_url(url)} unreachable: {reason}") from None
+        raise OrchardError(str(store.describe_error(exc))) from None
     finally:
         store.dispose()
 

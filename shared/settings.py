@@ -73,7 +73,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     broker = url_with_password_file(
         broker, "ORCHARD_BROKER_URL", "ORCHARD_BROKER_PASSWORD_FILE", env
     )
-    database = env.get("ORCHARD_DATABASE_URL") or f"sqlite:///{home / 'orchard.db'}"
+    database = env.get("ORCHARD_DATABASE_URL") or _default_store_url(home)
     check_database_url_form(database, "ORCHARD_DATABASE_URL")
     database = absolute_sqlite_url(database, "ORCHARD_DATABASE_URL")
     database = url_with_password_file(
@@ -98,6 +98,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         artifacts=artifacts,
         dataset_roots=dataset_roots,
     )
+
+
+def _default_store_url(home: Path) -> str:
+    """``sqlite:///HOME/orchard.db``; a home whose path a URL would misread (a '?' ends
+    its path, '%41' is read as 'A') is one line naming ORCHARD_HOME, which the user
+    set, not ORCHARD_DATABASE_URL, which they did not."""
+    if "?" in str(home) or re.search(r"%[0-9A-Fa-f]{2}", str(home)):
+        raise OrchardError(
+            f"ORCHARD_HOME={printable(home)}: a SQLite URL cannot name a store in it (a '?' "
+            "ends a URL's path, a '%' escape is decoded); rename the folder, or set "
+            "ORCHARD_DATABASE_URL"
+        )
+    return f"sqlite:///{home / 'orchard.db'}"
 
 
 def folder_setting(env: Mapping[str, str], name: str, default: str | Path) -> Path:

@@ -1241,7 +1241,7 @@ def test_a_sqlite_uri_database_creates_no_folder(tmp_path, monkeypatch) -> None:
     with pytest.raises(StoreError) as caught:
         store.check_schema()
     assert list(tmp_path.iterdir()) == []
-    assert str(caught.value) == f"database {url} unreachable: unable to open database file"
+    assert str(caught.value) == f"database {url} refused: unable to open database file"
     monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ORCHARD_DATABASE_URL", url)
     assert main(["db", "upgrade"]) == 2

@@ -211,7 +211,7 @@ def test_a_sqlite_store_that_cannot_be_opened_stops_submit_before_any_folder(
         expected = f"database sqlite:///{database}: {database} is a directory, not a SQLite file"
     else:
         database.write_text("not a database\n")
-        expected = f"database sqlite:///{database} unreachable: file is not a database"
+        expected = f"database sqlite:///{database}: {database} is not a SQLite database"
     code, out, err = run_in_process(
         monkeypatch, capsys, "submit", str(campaign_file(tmp_path)), home=home
     )

@@ -335,6 +335,18 @@ def test_a_home_folder_of_an_unknown_user_is_one_line(tmp_path, name):
     assert str(caught.value) == (f"{name}=~nosuchuser-orchard/x: ~nosuchuser-orchard: no such user")
 
 
+@pytest.mark.parametrize("folder", ["runs ?1", "a%41b"])
+def test_a_home_whose_path_a_sqlite_url_would_misread_is_named_itself(tmp_path, folder):
+    """The default store URL is built from ORCHARD_HOME: the line names that, not the
+    ORCHARD_DATABASE_URL the user never set; with one set, the home is fine."""
+    home = tmp_path / folder
+    with pytest.raises(OrchardError) as caught:
+        load_settings({"ORCHARD_HOME": str(home)})
+    assert str(caught.value).startswith(f"ORCHARD_HOME={home}: a SQLite URL cannot name")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert load_settings({"ORCHARD_HOME": str(home), "ORCHARD_DATABASE_URL": url}).home == home
+
+
 @pytest.mark.parametrize("name", ["ORCHARD_HOME", "ORCHARD_ARTIFACTS"])
 def test_an_empty_folder_variable_counts_as_unset_and_whitespace_is_refused(
     tmp_path, monkeypatch, name

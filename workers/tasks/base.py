@@ -719,8 +719,12 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         # nothing ran and nothing could be written: keep the message for later, as long
         # as it takes (nothing else would send this unit again)
         retries = task.request.retries or 0
-        if not isinstance(exc, SchemaError):
+        if isinstance(exc, StoreUnreachableError):
             log.error("%s: store unreachable, message kept for later: %s", key, exc)
+        elif not isinstance(exc, SchemaError):
+            # the database answered, but not as a store can be used (a file that is not
+            # SQLite, a folder SQLite may not write): kept all the same, until it is mended
+            log.error("%s: store unusable, message kept for later: %s", key, exc)
         elif str(exc) not in _schema_told:
             # the store is there but not at this orchard's schema (this worker was started
             # without `orchard worker`'s check, or the store restored from a backup): said

@@ -1,0 +1,235 @@
+"""What the store says when it cannot be opened: "unreachable" only for an outage (a
+StoreUnreachableError, on which a worker keeps its unit for later); a database that
+answers, but is not a store orchard can use, says what is wrong with it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from db.store import SchemaError, Store, StoreError, StoreUnreachableError
+from db.urls import check_database_url
+from shared.errors import OrchardError
+from shared.settings import mask_url
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def open_store(url: str, how: str) -> StoreError:
+    """The error of ``how`` (the schema check of every command, or `orchard db upgrade`)."""
+    store = Store(url)
+    try:
+        with pytest.raises(StoreError) as info:
+            store.check_schema() if how == "check" else store.upgrade()
+    finally:
+        store.dispose()
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def run_sql(url: str, *statements: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()
+
+
+# ---------------------------------------------------------------- an outage
+
+
+def test_a_server_that_refuses_the_connection_is_unreachable() -> None:
+    """The one error a worker waits out (it keeps the unit's message for later)."""
+    error = open_store("postgresql+psycopg://orchard:s3cret@127.0.0.1:1/orchard", "check")
+    assert isinstance(error, StoreUnreachableError)
+    assert str(error).startswith(
+        "database postgresql+psycopg://orchard:***@127.0.0.1:1/orchard unreachable: "
+    )
+
+
+# ---------------------------------------------------------------- a SQLite file orchard cannot use
+
+
+@pytest.mark.parametrize("how", ["check", "upgrade"])
+def test_a_folder_as_the_store_says_so(tmp_path: Path, how: str) -> None:
+    folder = tmp_path / "orchard.db"
+    folder.mkdir()
+    url = f"sqlite:///{folder}"
+    error = open_store(url, how)
+    assert not isinstance(error, StoreUnreachableError)
+    assert str(error) == f"database {url}: {folder} is a directory, not a SQLite file"
+
+
+@pytest.mark.parametrize("how", ["check", "upgrade"])
+def test_a_file_that_is_not_a_database_says_so(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "orchard.db"
+    path.write_text("not a database, some notes\n")
+    url = f"sqlite:///{path}"
+    error = open_store(url, how)
+    assert not isinstance(error, StoreUnreachableError)
+    assert str(error) == f"database {url}: {path} is not a SQLite database"
+    assert path.read_text() == "not a database, some notes\n"  # left as it was
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process may not create files in, though it may read it: ``chmod``
+    for a user, ``chattr +i`` for root (whom no permission bit stops)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    Store(f"sqlite:///{folder / 'orchard.db'}").upgrade()
+    for left in folder.glob("orchard.db-*"):  # -wal, -shm: gone once the store is closed
+        left.unlink()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif shutil.which("chattr"):
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"running as root, and chattr +i failed: {done.stderr.decode().strip()}")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("running as root (no permission stops it) and no chattr")
+    try:
+        yield folder
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("how", ["check", "upgrade"])
+def test_a_store_in_a_folder_it_may_not_write_names_the_folder(
+    unwritable_folder: Path, how: str
+) -> None:
+    """In WAL mode SQLite opens a store by creating its -wal and -shm files beside it:
+    even `orchard status` cannot read a store whose folder it may not write."""
+    url = f"sqlite:///{unwritable_folder / 'orchard.db'}"
+    error = open_store(url, how)
+    assert not isinstance(error, StoreUnreachableError)
+    assert str(error) == (
+        f"database {url}: {unwritable_folder} is not writable by this user (uid "
+        f"{os.geteuid()}): SQLite needs to create its -wal and -shm files beside the store, "
+        "so the folder must be writable"
+    )
+
+
+def test_a_new_store_in_a_folder_it_may_not_write_names_the_folder(
+    unwritable_folder: Path,
+) -> None:
+    path = unwritable_folder / "new.db"
+    url = f"sqlite:///{path}"
+    error = open_store(url, "upgrade")
+    assert not isinstance(error, StoreUnreachableError)
+    assert str(error) == (
+        f"database {url}: cannot create {path}: {unwritable_folder} is not writable by this "
+        f"user (uid {os.geteuid()})"
+    )
+
+
+# ---------------------------------------------------------------- another application's database
+
+
+@pytest.mark.parametrize("how", ["check", "upgrade"])
+def test_a_database_with_a_table_named_as_orchards_is_not_taken_over(
+    store_url: str, how: str
+) -> None:
+    """No orchard schema, yet a `units` table: creating orchard's tables would fail on
+    it, and nothing about it is a connection."""
+    run_sql(store_url, "CREATE TABLE units (sku VARCHAR(20))")
+    error = open_store(store_url, how)
+    assert isinstance(error, SchemaError)
+    assert str(error) == (
+        f"database {mask_url(store_url)} has no orchard schema but already holds a table "
+        "orchard would create (units): give orchard a database of its own"
+    )
+    engine = create_engine(store_url)
+    assert inspect(engine).get_table_names() == ["units"]  # nothing created
+    engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["check", "upgrade"])
+def test_another_applications_alembic_schema_is_not_a_newer_orchard(
+    store_url: str, how: str
+) -> None:
+    """A database shared with another Alembic application: its revision is unknown
+    here, but it is no orchard's, newer or not."""
+    run_sql(
+        store_url,
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)",
+        "INSERT INTO alembic_version VALUES ('ae1027a6acf')",
+        "CREATE TABLE users (id INTEGER)",
+    )
+    error = open_store(store_url, how)
+    assert isinstance(error, SchemaError)
+    assert str(error) == (
+        f"database {mask_url(store_url)} holds another application's Alembic schema "
+        "(revision ae1027a6acf) and no orchard tables: give orchard a database of its own"
+    )
+    engine = create_engine(store_url)
+    assert sorted(inspect(engine).get_table_names()) == ["alembic_version", "users"]
+    engine.dispose()
+
+
+# ---------------------------------------------------------------- a SQLite URL it would misread
+
+
+def test_a_question_mark_in_a_sqlite_path_is_refused(tmp_path: Path) -> None:
+    """SQLAlchemy ends the path at the '?': the store would be made at 'sp '."""
+    url = f"sqlite:///{tmp_path}/sp ?q/x.sqlite"
+    with pytest.raises(OrchardError) as info:
+        check_database_url(url)
+    assert str(info.value) == (
+        f"ORCHARD_DATABASE_URL {url}: a '?' ends a URL's path (its query follows), so the "
+        f"store would be '{tmp_path}/sp '; rename the folder or file with the '?'"
+    )
+
+
+def test_a_percent_escape_in_a_sqlite_path_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/a%41b.db"
+    with pytest.raises(OrchardError) as info:
+        check_database_url(url)
+    assert str(info.value) == (
+        f"ORCHARD_DATABASE_URL {url}: a URL's path is percent-decoded ('%41' is read as "
+        f"'A'), so the store would be '{tmp_path}/aAb.db'; rename the folder or file with "
+        "the '%'"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/orchard.db",
+        "sqlite:///{tmp}/orchard.db?timeout=5",  # an option of Python's sqlite3
+        "sqlite:///{tmp}/50%.db",  # no escape: SQLAlchemy leaves it
+        "sqlite:///{tmp}/a#b.db",  # SQLAlchemy keeps a '#' in the path
+        "sqlite:///file:{tmp}/a%3Fb.db?mode=rwc&uri=true",  # an SQLite URI: SQLite's to read
+    ],
+)
+def test_a_sqlite_path_read_as_written_is_accepted(tmp_path: Path, url: str) -> None:
+    check_database_url(url.format(tmp=tmp_path))
+
+
+def test_db_upgrade_with_a_question_mark_in_the_path_creates_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/sp ?q/x.sqlite"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "db", "upgrade"],
+        cwd=REPO,
+        env={**environ, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"orchard: error: ORCHARD_DATABASE_URL {url}: a '?' ends a URL's path (its query "
+        f"follows), so the store would be '{tmp_path}/sp '; rename the folder or file with "
+        "the '?'"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
