@@ -82,7 +82,8 @@ def test_a_dataset_generated_for_a_campaign_the_store_refuses_is_removed(
     home.mkdir()
     (home / "orchard.db").write_text("not a database\n")  # refused once the data is read
     done = orchard("submit", str(campaign), home=home)
-    assert_one_line_error(done, f"database sqlite:///{home / 'orchard.db'} unreachable")
+    db = home / "orchard.db"
+    assert_one_line_error(done, f"database sqlite:///{db}: {db} is not a SQLite database")
     assert list((home / "artifacts" / "campaigns").glob("*")) == []
     assert_no_dataset_left(home)
 
