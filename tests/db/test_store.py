@@ -1060,6 +1060,53 @@ def test_campaign_and_unit_times_are_aware_on_sqlite_too(sqlite_url: str) -> Non
         assert moment is not None and utcnow() - moment < timedelta(minutes=1)
 
 
+def test_upgrade_to_0006_mends_the_floats_sqlite_made_integers(sqlite_url: str) -> None:
+    """A campaign submitted before 0006: SQLite stored ``max_features = 1.0`` as 1. The
+    unit's params hash was taken of what was submitted, so the floats come back; a
+    unit whose integers were integers, or whose hash no choice matches, is left alone."""
+    import hashlib
+    import json
+
+    def digest(params: dict) -> str:
+        blob = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    store = Store(sqlite_url)
+    migrate.upgrade(store.engine, "0005")
+    submitted = {"max_features": 1.0, "n_estimators": 100, "min_samples_leaf": 2.0}
+    cases = {
+        "t-1/rf/a/f0": (submitted, digest({"family": "rf", **submitted})),
+        "t-1/rf/b/f0": ({"n_estimators": 100}, digest({"family": "rf", "n_estimators": 100})),
+        "t-1/rf/c/f0": ({"max_features": 1.0}, "not-its-hash"),
+    }
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+        for position, (key, (params, phash)) in enumerate(cases.items()):
+            conn.execute(
+                text(
+                    "INSERT INTO units (key, campaign_id, family, stage, params_hash, task, "
+                    "queue, position, state, attempts) VALUES (:k, 't-1', 'rf', 1, :h, "
+                    "'orchard.fit_rf', 'cpu', :p, 'PENDING', 0)"
+                ),
+                {"k": key, "h": phash, "p": position},
+            )
+            uid = conn.scalar(text("SELECT id FROM units WHERE key = :k"), {"k": key})
+            for name, value in params.items():
+                conn.execute(
+                    text("INSERT INTO unit_params (unit_id, name, value) VALUES (:u, :n, :v)"),
+                    {"u": uid, "n": name, "v": json.dumps(value)},
+                )
+        # what SQLite made of them: the integers this revision mends
+        assert conn.scalar(text("SELECT typeof(value) FROM unit_params LIMIT 1")) == "integer"
+    store.upgrade()
+    read = {key: store.get_unit(key).params for key in cases}
+    assert {k: repr(v) for k, v in read["t-1/rf/a/f0"].items()} == {
+        "max_features": "1.0", "n_estimators": "100", "min_samples_leaf": "2.0"
+    }  # fmt: skip
+    assert repr(read["t-1/rf/b/f0"]["n_estimators"]) == "100"
+    assert repr(read["t-1/rf/c/f0"]["max_features"]) == "1"  # nothing tells: left as it is
+
+
 def test_finishing_releases_the_lease_and_stamps_the_time(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[2].key
