@@ -376,6 +376,34 @@ def test_a_last_attempt_whose_lease_just_ran_out_is_waited_for_not_failed(
     assert f"{KEY}: the lease of its last attempt ran out; its worker has" in caplog.text
 
 
+def test_what_a_unit_raises_as_its_worker_stops_hands_it_back_not_fails_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C twice: Celery's cold shutdown raises inside a solo pool's running unit
+    (``NotImplementedError``: the solo pool has no kill_job). The fold was FAILED for
+    good, its attempt counted; it is the worker that stopped, not the unit."""
+    import threading
+
+    from celery.exceptions import Reject
+
+    stopping = threading.Event()
+    monkeypatch.setattr(base, "_worker_stopping", stopping)
+
+    def body(ctx: UnitContext) -> Outcome:
+        stopping.set()  # the first Ctrl-C
+        raise NotImplementedError(
+            "<class 'celery.concurrency.solo.TaskPool'> does not implement kill_job"
+        )
+
+    with pytest.raises(Reject) as rejected:
+        run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert rejected.value.requeue is True
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.attempts, unit.error) == ("QUEUED", 0, None)
+    assert f"{KEY} stopped with its worker: NotImplementedError" in caplog.text
+    assert "failed after" not in caplog.text
+
+
 def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -820,6 +820,13 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.stop()
         if _unit_gone(store, key):  # what failed was a write for a campaign deleted meanwhile
             return _deleted_under(settings, message.campaign_id, key)
+        if _worker_stopping.is_set():
+            # raised as the worker stops: a second Ctrl-C's cold shutdown raises inside a
+            # solo pool's running unit (NotImplementedError: no kill_job). Not the
+            # unit's failure: the next worker runs it, from its checkpoint
+            log.warning("%s stopped with its worker: %s", key, _one_line(exc))
+            _hand_back(store, key, holder, "as its worker stopped")
+            raise Reject(WORKER_STOPPING, requeue=True) from None
         error = _one_line(exc)
         log.error("%s failed after %.1f s: %s", key, time.perf_counter() - started, error)
         try:
