@@ -798,6 +798,7 @@ def delete(
     campaign_id: str,
     *,
     dry_run: bool = False,
+    without_folder: bool = False,
     broker: str | None = None,
     database: str | None = None,
     artifacts: str | Path | None = None,
@@ -818,18 +819,26 @@ def delete(
     behind (a file that could not be removed, a delete killed midway) is known as a
     deleted campaign's; deleting the id again finishes a delete stopped at any point.
     With ``dry_run`` nothing changes: it says what would go.
+
+    A campaign whose folder is not under this ORCHARD_ARTIFACTS (a share not mounted
+    over a folder used before, another host's path) is refused: its rows would go and
+    its folder stay for good, known to no campaign. ``without_folder`` deletes its rows
+    all the same, for a folder that is gone for good.
     """
     settings = _settings(settings, broker, database, artifacts)
     with _opened(settings) as store:
-        return _delete(store, settings, campaign_id, dry_run)
+        return _delete(store, settings, campaign_id, dry_run, without_folder)
 
 
-def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -> Deleted:
+def _delete(
+    store: Store, settings: Settings, campaign_id: str, dry_run: bool, without_folder: bool
+) -> Deleted:
     from workers.config import reliability
 
     store.check_schema()
     folder = settings.artifacts / "campaigns" / campaign_id
-    if store.find_campaign(campaign_id) is None:
+    campaign = store.find_campaign(campaign_id)
+    if campaign is None:
         # what a delete could not remove: a campaign's folder without its manifest
         leftover = (
             CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is not None
@@ -850,6 +859,16 @@ def _delete(store: Store, settings: Settings, campaign_id: str, dry_run: bool) -
             f"campaign {campaign_id}: {folder.parent} is not there; ORCHARD_ARTIFACTS "
             f"({settings.artifacts}) must be the folder it was submitted with (on a "
             "cluster, the same share, mounted): nothing deleted"
+        )
+    recorded = store.artifacts(campaign_id, kind="manifest")
+    if campaign.state != DELETING and recorded and not folder.is_dir() and not without_folder:
+        # its manifest is recorded, so it had a folder: not here, so this is not the
+        # folder (or share) it was submitted with, or the folder was lost
+        raise OrchardError(
+            f"campaign {campaign_id}: its folder {folder} is not there; ORCHARD_ARTIFACTS "
+            f"({settings.artifacts}) must be the folder it was submitted with (on a "
+            "cluster, the same share, mounted): nothing deleted. If the folder is gone for "
+            f"good, `orchard delete --without-folder {campaign_id}` deletes its records"
         )
     quiet = 2 * reliability().lease_seconds
 

@@ -216,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
     )
+    p.add_argument(
+        "--without-folder",
+        action="store_true",
+        help="delete the records of a campaign whose folder is gone for good (refused "
+        "without it: the folder may be on a share not mounted here)",
+    )
     p.set_defaults(run=cmd_delete)
 
     p = commands.add_parser(
@@ -565,7 +571,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     refused = 0
     for campaign_id in campaign_ids:  # each on its own: one refusal stops no other
         try:
-            done = delete(campaign_id, dry_run=args.dry_run)
+            done = delete(campaign_id, dry_run=args.dry_run, without_folder=args.without_folder)
         except OrchardError as exc:
             if isinstance(exc, StoreError) and not isinstance(exc, NotFoundError):
                 raise  # the store itself: every other id would fail the same way

@@ -712,6 +712,42 @@ def test_delete_refuses_when_the_artifacts_folder_holds_no_campaigns(tmp_path: P
     assert (home / "artifacts" / "campaigns" / cancelled / "manifest.json").exists()
 
 
+def test_delete_refuses_a_campaign_whose_recorded_folder_is_not_there(tmp_path: Path) -> None:
+    """A share that failed to mount over a folder used before: `campaigns/` is there,
+    empty. The campaign's manifest is recorded, so it had a folder; deleting its rows
+    here would orphan that folder for good. `--without-folder` is for a folder lost."""
+    from db.store import Artifact, Store
+    from shared.plan import UnitPlan
+
+    home = tmp_path / "home"
+    cid = "t-20261205-000001-abcd"
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.upgrade()
+    manifest = Artifact(f"campaigns/{cid}/manifest.json", "manifest", "a" * 64, 2, cid)
+    store.create_campaign(
+        cid, name="t", source="t.toml", digest="d", spec={}, classes=["A"],
+        units=[UnitPlan(f"{cid}/report", "report", 3, None, {}, "r")], artifacts=[manifest],
+    )  # fmt: skip
+    store.cancel_campaign(cid)
+    store.dispose()
+    (home / "artifacts" / "campaigns" / cid).mkdir(parents=True)
+    (home / "artifacts" / "campaigns" / cid / "manifest.json").write_text("{}")
+    elsewhere = tmp_path / "unmounted"
+    (elsewhere / "campaigns").mkdir(parents=True)
+    env = {"ORCHARD_HOME": str(home), "ORCHARD_ARTIFACTS": str(elsewhere)}
+    for args in ((cid, "--dry-run"), (cid,)):
+        assert_one_line_error(
+            orchard("delete", *args, env=env),
+            f"campaign {cid}: its folder {elsewhere / 'campaigns' / cid} is not there",
+            f"nothing deleted. If the folder is gone for good, `orchard delete --without-folder "
+            f"{cid}` deletes its records",
+        )
+    assert cid in orchard("status", env={"ORCHARD_HOME": str(home)}).stdout
+    done = orchard("delete", "--without-folder", cid, env=env)
+    assert done.returncode == 0 and done.stdout.startswith(f"deleted campaign {cid} (CANCELLED)")
+    assert cid not in orchard("status", env={"ORCHARD_HOME": str(home)}).stdout
+
+
 def test_delete_takes_an_id_given_twice_once_and_a_bad_setting_in_one_line(
     tmp_path: Path,
 ) -> None:
