@@ -999,31 +999,46 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     # (a name that is not UTF-8 no record can hold)
     ours = [f for f in folders if _utf8(f.name) and store.count_artifacts(f"cache/{f.name}/")]
     unused = [folder for folder in ours if folder.name not in in_use]
-    pruned = []
+
+    def late_users(names: Collection[str]) -> list[str]:
+        """Campaigns recorded since the prune began whose manifest names one of ``names``."""
+        found = _caches_in_use(store, settings, skip=before).items()
+        return sorted(cid for cid, key in found if key in names)
+
+    pruned: list[tuple[Path, int, int]] = []
+    taken = 0  # folders a campaign submitted meanwhile came to use before their turn
     for folder in unused:
         files, size = _folder_size(folder)
         if not dry_run:
+            if late_users({folder.name}):
+                taken += 1
+                continue
             # the files first: a folder that cannot be removed whole keeps its records,
             # so the next prune still knows it as this store's and tries again (a record
             # of a file gone meanwhile is harmless: a shard is checked before it is used)
             try:
                 shutil.rmtree(folder)
             except OSError as exc:
+                removed = [f.name for f, _, _ in pruned]
+                late = late_users({*removed, folder.name})
+                said = f"{len(removed)} cache folder(s) removed before it; " if removed else ""
                 raise OrchardError(
-                    f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); "
-                    "`orchard prune` again removes what is left"
+                    f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); {said}"
+                    + (
+                        f"campaign(s) {', '.join(late)}, submitted during the prune, read "
+                        f"what it removed: `orchard resume` decodes it again if their units "
+                        "fail"
+                        if late
+                        else "`orchard prune` again removes what is left"
+                    )
                 ) from None
             store.forget_artifacts(f"cache/{folder.name}/")
         pruned.append((folder, files, size))
     late = []
     if pruned and not dry_run:
-        removed = {folder.name for folder, _, _ in pruned}
-        late = sorted(
-            cid
-            for cid, key in _caches_in_use(store, settings, skip=before).items()
-            if key in removed
-        )
-    return Pruned(pruned, len(folders) - len(unused), dry_run, late, len(folders) - len(ours))
+        late = late_users({folder.name for folder, _, _ in pruned})
+    kept = len(folders) - len(unused) + taken
+    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours))
 
 
 def _caches_in_use(

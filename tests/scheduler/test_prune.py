@@ -145,6 +145,74 @@ def test_a_campaign_submitted_during_the_prune_is_named(
     )
 
 
+def _submit_during(store: Store, home: Path, cid: str, key: str) -> None:
+    seed_campaign(store, cid)
+    folder = home / "artifacts" / "campaigns" / cid
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"cache_key": key}))
+
+
+def test_a_folder_a_campaign_submitted_during_the_prune_uses_is_kept_if_not_yet_removed(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each folder is looked at again just before it goes: one that a campaign recorded
+    since the prune began names stays, where removing it would make that campaign decode
+    its images again."""
+    from scheduler import api
+
+    store = stored(home, {"a-1": "orphan-a", "b-1": "orphan-b"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    assert main(["delete", "a-1", "b-1"]) == 0
+    capsys.readouterr()
+    remove = shutil.rmtree
+
+    def submitted_meanwhile(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).name == "orphan-a":  # while the first folder goes
+            _submit_during(store, home, "c-1", "orphan-b")
+        remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(api.shutil, "rmtree", submitted_meanwhile)
+    code, out, err = prune(capsys)
+    cache = home / "artifacts" / "cache"
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"removed {cache / 'orphan-a'}: 2 file(s), 1.0 MB",
+        "removed 1 cache folder(s), 1.0 MB; kept 1 that campaigns in the store use",
+    ]
+    assert (cache / "orphan-b").is_dir() and store.count_artifacts("cache/orphan-b/") == 2
+
+
+def test_a_prune_that_fails_names_the_campaign_submitted_during_it(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that fails after a campaign recorded meanwhile found the folder: the
+    campaign is named, and not the advice to prune again, which now keeps the folder."""
+    import errno
+
+    from scheduler import api
+
+    store = stored(home, {"b-1": "orphan"})
+    store.cancel_campaign("b-1")
+    assert main(["delete", "b-1"]) == 0
+    capsys.readouterr()
+    orphan = home / "artifacts" / "cache" / "orphan"
+
+    def submitted_then_refused(path: Path, *args: object, **kwargs: object) -> None:
+        _submit_during(store, home, "c-1", "orphan")
+        (Path(path) / "shard-00000.npy").unlink()
+        raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+
+    monkeypatch.setattr(api.shutil, "rmtree", submitted_then_refused)
+    code, out, err = prune(capsys)
+    assert code == 2 and not out
+    assert err == (
+        f"orchard: error: cannot remove {orphan} (Directory not empty); campaign(s) c-1, "
+        "submitted during the prune, read what it removed: `orchard resume` decodes it "
+        "again if their units fail\n"
+    )
+
+
 def test_a_folder_whose_name_differs_only_in_case_leaves_the_used_caches_records(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
