@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
         "--gpus",
         default=None,
         metavar="all|0,1",
-        help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>@%%h, "
+        help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>-<pid>@%%h, "
         "one task at a time); ids without GPUs only with ORCHARD_DEVICE=cpu",
     )
     p.add_argument(
@@ -1312,7 +1312,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         if args.pool == "prefork" or args.without_task_events:
             raise OrchardError("--gpus workers use the solo pool and send task events")
+        if args.concurrency not in (None, 1):
+            raise OrchardError(
+                f"--gpus runs one task at a time per GPU; drop --concurrency {args.concurrency}"
+            )
         return _gpu_workers(args, queues)
+    if "gpu" in queues and args.pool != "solo" and args.concurrency not in (None, 1):
+        # worker_argv would run it solo, one task at a time, without a word
+        raise OrchardError(
+            f"--queues {','.join(queues)}: a GPU worker runs one task at a time; "
+            f"drop --concurrency {args.concurrency}"
+        )
     argv = worker_argv(
         queues,
         concurrency=args.concurrency,
@@ -1346,9 +1356,14 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     if "gpu" not in queues:
         raise OrchardError("--gpus: the workers must consume the gpu queue (--queues gpu)")
     if args.name is not None:
-        raise OrchardError("--gpus names its workers gpu<i>@%h itself; drop --name")
+        raise OrchardError("--gpus names its workers gpu<i>-<pid>@%h itself; drop --name")
     device = os.environ.get("ORCHARD_DEVICE")
-    gpus = parse_gpus(args.gpus, available=detect_gpus(), device=device)
+    gpus = parse_gpus(
+        args.gpus,
+        available=detect_gpus(),
+        device=device,
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
     settings = _check_worker_start()  # once here, rather than once per GPU
     print(
         f"orchard worker: {len(gpus)} GPU worker(s) ({', '.join('gpu' + g for g in gpus)}) "
@@ -1362,7 +1377,9 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     # never silently on the CPU; ORCHARD_DEVICE=cpu asks for that
     if not env.get("ORCHARD_DEVICE"):
         env["ORCHARD_DEVICE"] = "cuda"
-    launcher = GpuLauncher(gpus, lambda gpu: child_command(gpu, queues, args.loglevel), env=env)
+    launcher = GpuLauncher(
+        gpus, lambda gpu: child_command(gpu, queues, args.loglevel, launcher=os.getpid()), env=env
+    )
     return launcher.run()
 
 

@@ -1,24 +1,31 @@
 """``orchard worker --gpus all|0,1``: one Celery worker process per GPU, supervised.
 
 Each child is an ordinary ``orchard worker --queues gpu`` (solo pool, one task at a
-time) started with ``CUDA_VISIBLE_DEVICES=<i>`` and the node name ``gpu<i>@%h``, so
-it sees exactly one card (as ``cuda:0``) and Flower and ``orchard status`` name it.
-A second host joins by running the same command against the same broker, store and
-artifact mount.
+time) started with ``CUDA_VISIBLE_DEVICES=<i>`` and the node name
+``gpu<i>-<launcher pid>@%h``, so it sees exactly one card (as ``cuda:0``) and Flower and
+``orchard status`` name it. A second host joins by running the same command against
+the same broker, store and artifact mount.
 
 The launcher never imports torch or touches CUDA: it asks ``nvidia-smi`` which GPUs
-there are. On SIGTERM or SIGINT it sends every child SIGTERM (Celery's warm shutdown:
-each hands its fold back after the fold's next checkpoint, then exits) and waits for
-them. A child that dies on its own is restarted (its unacknowledged task goes back to
-the queue and is delivered again), unless it died within ``min_uptime`` seconds of
-starting: a worker that cannot even start will not start next time either, so the
-launcher stops the others and exits non-zero instead of looping.
+there are. The children run in sessions of their own, so a terminal's signals reach
+the launcher alone: on SIGTERM, SIGINT, SIGHUP or SIGQUIT it sends every child one
+SIGTERM (Celery's warm shutdown: each hands its fold back after the fold's next
+checkpoint, then exits) and waits for them. On Linux a child gets SIGTERM too should
+the launcher die without a word (SIGKILL). A child that dies on its own is restarted
+(its unacknowledged task goes back to the queue and is delivered again), unless it died
+before it was ready, within ``min_uptime`` seconds of starting: a worker that cannot
+even start will not start next time either, so the launcher stops the others and exits
+non-zero instead of looping. It reads its children's output to the end, whatever
+becomes of its own (a reader that left): a child whose pipe fills would stall its fold.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +38,8 @@ from typing import IO
 
 from shared.errors import OrchardError
 
-#: a child that exits sooner than this after starting is a configuration problem
+#: a child that exits sooner than this after starting, before it was ready, is a
+#: configuration problem
 MIN_UPTIME_S = 30.0
 
 
@@ -73,12 +81,14 @@ def parse_gpus(
     *,
     available: Sequence[str],
     device: str | None,
+    visible: str | None = None,
 ) -> list[str]:
     """The GPU ids ``--gpus`` asks for, checked against ``available``.
 
     ``all`` is every available GPU. An explicit list (``0,1``) must name available
     GPUs, except with ``ORCHARD_DEVICE=cpu``: then the ids are only slots, so a
     machine without GPUs can run several "gpu" workers (how the tests run them).
+    ``visible`` is ``CUDA_VISIBLE_DEVICES``, where set: what ``available`` came from.
     """
     spec = spec.strip()
     if device and device.startswith("cuda:"):
@@ -88,6 +98,12 @@ def parse_gpus(
         )
     on_cpu = device == "cpu"
     if spec == "all":
+        if not available and visible is not None:
+            raise GpuError(
+                f"--gpus all: no GPU found (CUDA_VISIBLE_DEVICES={visible!r} names none); "
+                "unset it to use every GPU nvidia-smi lists, or use "
+                "`orchard worker --queues gpu` to train on the CPU"
+            )
         if not available:
             raise GpuError(
                 "--gpus all: no GPU found (nvidia-smi lists none); "
@@ -103,18 +119,26 @@ def parse_gpus(
         missing = [i for i in ids if i not in available]
         if missing:
             have = ",".join(available) if available else "none"
+            where = (
+                "this host has" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r} leaves"
+            )
             raise GpuError(
-                f"--gpus {spec}: GPU {missing[0]} not found (this host has: {have}); "
+                f"--gpus {spec}: GPU {missing[0]} not found ({where}: {have}); "
                 "set ORCHARD_DEVICE=cpu to run these workers on the CPU"
             )
     return ids
 
 
-def node_name(gpu: str) -> str:
-    return f"gpu{gpu}@%h"
+def node_name(gpu: str, launcher: int | None = None) -> str:
+    """``gpu<i>-<launcher pid>@%h``: unique per launcher, as ``cpu-<pid>@%h`` is per
+    plain worker, so that two launchers on one host (Celery does not check: no mingle)
+    never share a name that a ``cancel_consumer`` aimed at one of them would reach."""
+    return f"gpu{gpu}-{os.getpid() if launcher is None else launcher}@%h"
 
 
-def child_command(gpu: str, queues: Sequence[str], loglevel: str) -> list[str]:
+def child_command(
+    gpu: str, queues: Sequence[str], loglevel: str, *, launcher: int | None = None
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -123,10 +147,62 @@ def child_command(gpu: str, queues: Sequence[str], loglevel: str) -> list[str]:
         "--queues",
         ",".join(queues),
         "--name",
-        node_name(gpu),
+        node_name(gpu, launcher),
         "--loglevel",
         loglevel,
     ]
+
+
+#: Celery's ``<node> ready.``, logged (at INFO) once the worker consumes
+READY_LINE = re.compile(r"@\S+ ready\.\s*$")
+
+#: what stops the launcher: each becomes one SIGTERM to every child (a warm shutdown)
+STOP_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    if hasattr(signal, name)
+)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(launcher: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that gives the child SIGTERM when the launcher dies (Linux's
+    parent-death signal), so that a SIGKILLed launcher leaves no worker behind; None
+    where there is no ``prctl``. Looked up here, in the parent: the forked child only
+    calls it (other threads of the launcher may hold locks the child must not need).
+
+    The kernel sends it when the *thread* that started the child ends (run() starts
+    every child from the main thread), and again for each other thread of the dying
+    launcher the child is handed to: a SIGKILLed launcher's child may get SIGTERM more
+    than once, which Celery's warm shutdown takes as the same request."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    term = int(signal.SIGTERM)
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, term, 0, 0, 0)
+        # the launcher may have died before prctl: no signal will come, so go now
+        if os.getppid() != launcher:
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 3`` or ``killed by SIGKILL``, from a Popen return code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 @dataclass
@@ -137,6 +213,8 @@ class _Child:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0
+    ready: bool = False  # this process logged Celery's ready line
+    stop_sent: bool = False  # the launcher sent this process its one SIGTERM
     pump: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -158,14 +236,20 @@ class GpuLauncher:
             _Child(gpu, command_for(gpu), {**base, "CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus
         ]
         self.min_uptime = min_uptime
-        self.out = out or sys.stdout
+        # where the children's lines go: the first stream that still takes them
+        out = out or sys.stdout
+        self._outputs: list[IO[str]] = [out] if out is sys.stderr else [out, sys.stderr]
         self.poll = poll
         self._stopping = False
+        self._stopped_by: str | None = None  # the signal's name, said once by run()
         self._lock = threading.Lock()
+        self._preexec = _die_with(os.getpid())
 
     # -- lifecycle
 
     def _start(self, child: _Child) -> None:
+        child.ready = False
+        child.stop_sent = False
         child.proc = subprocess.Popen(
             child.command,
             env=child.env,
@@ -174,50 +258,99 @@ class GpuLauncher:
             text=True,
             errors="replace",
             bufsize=1,
+            # a session of its own: a terminal's Ctrl-C or hangup reaches the launcher
+            # alone, which sends each child one SIGTERM (a second signal from the
+            # terminal would make Celery abandon the running fold)
+            start_new_session=True,
+            preexec_fn=self._preexec,
         )
         child.started = time.monotonic()
-        if self._stopping:  # a signal that came while it started: stop() did not see it
-            child.proc.send_signal(signal.SIGTERM)
+        if self._stopping:  # stopped while it started: stop() did not see it
+            self._terminate(child)
         child.pump = threading.Thread(target=self._pump, args=(child, child.proc), daemon=True)
         child.pump.start()
         self._say(f"gpu{child.gpu}: pid {child.proc.pid}, CUDA_VISIBLE_DEVICES={child.gpu}")
 
     def _pump(self, child: _Child, proc: subprocess.Popen) -> None:
-        # every line says which GPU's worker wrote it: Celery's own format does not
+        # every line says which GPU's worker wrote it: Celery's own format does not.
+        # It reads to the end whatever becomes of the output: a child whose pipe is
+        # full blocks in its next write, its fold stalled while its lease is renewed.
         assert proc.stdout is not None
-        for line in proc.stdout:
-            self._say(f"gpu{child.gpu}| {line.rstrip()}")
+        try:
+            for line in proc.stdout:
+                if not child.ready and proc is child.proc and READY_LINE.search(line):
+                    child.ready = True
+                self._say(f"gpu{child.gpu}| {line.rstrip()}")
+        except (OSError, ValueError):  # the pipe closed under it: the child is gone
+            pass
 
     def _say(self, text: str) -> None:
+        """One line to the output; never raises. A reader that left (``| head``), a
+        full disk: the lines go to standard error from then on, or nowhere."""
         with self._lock:
-            print(text, file=self.out, flush=True)
+            while self._outputs:
+                try:
+                    print(text, file=self._outputs[0], flush=True)
+                    return
+                except UnicodeError:  # an encoding without the character: escape it
+                    text = text.encode("ascii", "backslashreplace").decode("ascii")
+                except (OSError, ValueError) as exc:
+                    _discard(self._outputs.pop(0))
+                    reason = getattr(exc, "strerror", None) or str(exc)
+                    text = (
+                        f"orchard worker: cannot write the workers' output ({reason}); "
+                        f"it goes to standard error now\n{text}"
+                    )
+
+    def _terminate(self, child: _Child) -> None:
+        """Send the child its one SIGTERM, unless it has it or has exited."""
+        proc = child.proc
+        if proc is None or child.stop_sent or proc.poll() is not None:
+            return
+        child.stop_sent = True
+        with contextlib.suppress(ProcessLookupError):  # it exited since poll()
+            proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
         """Ask every running child for Celery's warm shutdown: hand the fold back at its
         next checkpoint (another worker resumes it from there), then exit.
 
-        Always SIGTERM, whatever the launcher got: a Ctrl-C at a terminal already
-        reaches the children (same process group), and a second SIGINT would make
-        Celery abandon the running fold.
+        Always one SIGTERM per child, whatever the launcher got and however often: the
+        children run in sessions of their own, so a terminal's signals reach the
+        launcher alone, and a second signal would make Celery abandon the running fold.
+        Called from the main thread only (a signal handler just asks run() to).
         """
         self._stopping = True
         for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+            self._terminate(child)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # only flags: run() sends the SIGTERMs (each child exactly one, whatever this
+        # interrupted) and says why; the interrupted code may hold the output's lock
+        if self._stopped_by is None:
+            self._stopped_by = signal.Signals(signum).name
+        self._stopping = True
 
     def run(self) -> int:
-        """Start the children and supervise them until all have exited; the exit code."""
-        previous = {
-            sig: signal.signal(sig, lambda _signum, _frame: self.stop())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        """Start the children and supervise them until all have exited; the exit code:
+        1 when a child ended otherwise than by the stop it was asked for."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         failure: str | None = None
+        told = False
         try:
             for child in self.children:
                 if self._stopping:  # a signal during start-up: start no more
                     break
                 self._start(child)
             while True:
+                if self._stopping:
+                    self.stop()  # those not yet sent their SIGTERM
+                if self._stopped_by is not None and not told:
+                    told = True
+                    self._say(
+                        f"orchard worker: {self._stopped_by}: stopping the workers (each "
+                        "hands its fold back after the fold's next checkpoint)"
+                    )
                 running = 0
                 for child in self.children:
                     if child.proc is None:
@@ -229,17 +362,18 @@ class GpuLauncher:
                     if self._stopping or code == 0:
                         continue  # asked to stop, or shut down remotely: not a crash
                     if child.pump is not None:
-                        child.pump.join(timeout=5)
+                        child.pump.join(timeout=5)  # its last lines, and its ready line
                     uptime = time.monotonic() - child.started
-                    if uptime < self.min_uptime:
+                    how = describe_exit(code)
+                    if not child.ready and uptime < self.min_uptime:
                         # said now (the others may take a while to hand their folds
                         # back), and why in the command's last line, once they stopped
                         self._say(
                             f"orchard worker: gpu{child.gpu} did not start; stopping the others"
                         )
                         failure = (
-                            f"worker gpu{child.gpu} exited with code {code} {uptime:.0f} s "
-                            "after starting: it could not start (its output is above)"
+                            f"worker gpu{child.gpu} {how} {uptime:.0f} s after starting, "
+                            "before it was ready: it could not start (its output is above)"
                         )
                         self.stop()
                         continue
@@ -247,7 +381,7 @@ class GpuLauncher:
                         continue
                     child.restarts += 1
                     self._say(
-                        f"gpu{child.gpu}: exited with code {code} after {uptime:.0f} s; "
+                        f"gpu{child.gpu}: {how} after {uptime:.0f} s; "
                         f"restarting (restart {child.restarts})"
                     )
                     self._start(child)
@@ -263,5 +397,32 @@ class GpuLauncher:
                     child.pump.join(timeout=5)
         if failure is not None:
             raise GpuError(failure)
-        # every child either shut down when asked or was restarted after a crash
+        # each child shut down when asked (exit 0, or the SIGTERM it was sent killed it
+        # while it started), or was restarted after a crash; otherwise say which did not
+        unclean = [
+            f"gpu{child.gpu} {describe_exit(child.proc.returncode)}"
+            for child in self.children
+            if child.proc is not None
+            and child.proc.returncode != 0
+            and not (child.stop_sent and child.proc.returncode == -signal.SIGTERM)
+        ]
+        if unclean:
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"orchard worker: stopped, but {', '.join(unclean)} (its output is above)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return 1
         return 0
+
+
+def _discard(stream: IO[str]) -> None:
+    """Point a stream that failed at /dev/null, so that the interpreter's final flush of
+    what it still buffers does not fail again (a BrokenPipeError at exit)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)

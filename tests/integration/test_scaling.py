@@ -98,8 +98,11 @@ def test_two_gpu_workers_and_a_cpu_worker_share_a_campaign(
             ("cpu", ["--queues", "cpu,preprocess,report", "-c", "2", "--name", f"cpu{tag}@%h"]),
         ],
     )
+    # each launcher names its workers gpu<i>-<its pid>: two launchers on a host differ
+    launcher = workers.procs[0][1].pid
+    gpus = [f"gpu{i}-{launcher}@{host}" for i in (0, 1)]
     try:
-        wait_for_nodes(settings, {f"gpu0@{host}", f"gpu1@{host}", f"cpu{tag}@{host}"}, workers)
+        wait_for_nodes(settings, {*gpus, f"cpu{tag}@{host}"}, workers)
         run = submit(campaign, settings=settings)
         status = run.wait(timeout=300, check=workers.check)
     finally:
@@ -112,7 +115,7 @@ def test_two_gpu_workers_and_a_cpu_worker_share_a_campaign(
     assert sorted(u.fold for u in folds) == [0, 1, 2, 3, 4]
     # each fold ran exactly once, on one of the two GPU workers, and both got work
     assert [u.attempts for u in folds] == [1] * 5
-    assert {u.worker for u in folds} == {f"gpu0@{host}", f"gpu1@{host}"}
+    assert {u.worker for u in folds} == set(gpus)
     results = store.results(run.id)
     assert all(results[u.key].extra["device"] == "cpu" for u in folds)
     # the rest ran on the CPU worker, each once

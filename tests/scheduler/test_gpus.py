@@ -27,8 +27,11 @@ def test_all_means_every_gpu_found() -> None:
 
 
 def test_all_without_gpus_is_one_clear_error() -> None:
-    with pytest.raises(GpuError, match="no GPU found"):
+    with pytest.raises(GpuError, match=r"no GPU found \(nvidia-smi lists none\)"):
         parse_gpus("all", available=[], device=None)
+    # nvidia-smi was not asked: CUDA_VISIBLE_DEVICES said which
+    with pytest.raises(GpuError, match=r"no GPU found \(CUDA_VISIBLE_DEVICES='' names none\)"):
+        parse_gpus("all", available=[], device=None, visible="")
 
 
 def test_explicit_ids_must_exist_unless_on_the_cpu() -> None:
@@ -66,7 +69,10 @@ def test_children_are_gpu_workers_with_their_own_node_names() -> None:
     command = child_command("1", ["gpu"], "INFO")
     assert command[1:4] == ["-m", "scheduler.cli", "worker"]
     assert command[command.index("--queues") + 1] == "gpu"
-    assert command[command.index("--name") + 1] == "gpu1@%h"
+    # the launcher's pid too: two launchers on one host must not share a node name
+    assert command[command.index("--name") + 1] == f"gpu1-{os.getpid()}@%h"
+    command = child_command("1", ["gpu"], "INFO", launcher=4242)
+    assert command[command.index("--name") + 1] == "gpu1-4242@%h"
 
 
 def python(code: str) -> list[str]:
@@ -191,7 +197,7 @@ def test_cli_gpus_all_on_a_machine_without_gpus(tmp_path: Path) -> None:
     # no GPU visible, whatever this machine has
     env = {"ORCHARD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "ORCHARD_DEVICE": ""}
     done = orchard("worker", "--gpus", "all", env=env)
-    assert_one_line_error(done, "--gpus all: no GPU found")
+    assert_one_line_error(done, "--gpus all: no GPU found (CUDA_VISIBLE_DEVICES='' names none)")
 
 
 def test_gpu_workers_whose_torch_sees_no_gpu_refuse_to_start_rather_than_use_the_cpu(
