@@ -112,6 +112,14 @@ def test_prune_refuses_when_a_campaigns_cache_is_unknown(
     assert sorted(p.name for p in (home / "artifacts" / "cache").iterdir()) == ["orphan", "used"]
 
 
+def _submit_during(store: Store, home: Path, cid: str, key: str) -> None:
+    """A campaign over the cache ``key``, recorded while a prune runs."""
+    seed_campaign(store, cid)
+    folder = home / "artifacts" / "campaigns" / cid
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"cache_key": key}))
+
+
 def test_a_campaign_submitted_during_the_prune_is_named(
     home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,10 +138,7 @@ def test_a_campaign_submitted_during_the_prune_is_named(
 
     def submitted_meanwhile(path: Path, *args: object, **kwargs: object) -> None:
         if Path(path).name == "orphan" and store.find_campaign("c-1") is None:
-            seed_campaign(store, "c-1")
-            folder = home / "artifacts" / "campaigns" / "c-1"
-            folder.mkdir(parents=True)
-            (folder / "manifest.json").write_text(json.dumps({"cache_key": "orphan"}))
+            _submit_during(store, home, "c-1", "orphan")
         remove(path, *args, **kwargs)
 
     monkeypatch.setattr(api.shutil, "rmtree", submitted_meanwhile)
@@ -143,13 +148,6 @@ def test_a_campaign_submitted_during_the_prune_is_named(
         "orchard: warning: campaign c-1 was submitted during the prune and reads a cache it "
         "removed: `orchard resume c-1` decodes it again if its units fail\n"
     )
-
-
-def _submit_during(store: Store, home: Path, cid: str, key: str) -> None:
-    seed_campaign(store, cid)
-    folder = home / "artifacts" / "campaigns" / cid
-    folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps({"cache_key": key}))
 
 
 def test_a_folder_a_campaign_submitted_during_the_prune_uses_is_kept_if_not_yet_removed(
