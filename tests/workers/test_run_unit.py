@@ -404,6 +404,28 @@ def test_what_a_unit_raises_as_its_worker_stops_hands_it_back_not_fails_it(
     assert "failed after" not in caplog.text
 
 
+def test_confirming_the_lease_renews_it_and_stops_a_run_that_lost_it(store: Store) -> None:
+    """What a run asks before a step it cannot undo (the report's files moved into
+    place): held, the lease is renewed for a whole period; taken over, it stops."""
+    from workers.config import Reliability
+
+    store.start_unit(KEY, worker="w1", task_id="t", holder="d1", lease_seconds=0.05)
+    rules = Reliability(lease_seconds=30, max_attempts=3, visibility_timeout=60)
+    heartbeat = base.Heartbeat(store, KEY, "d1", rules)
+    ctx = UnitContext(
+        store.get_campaign("g-1"), store.get_unit(KEY), store, None, heartbeat=heartbeat
+    )  # type: ignore[arg-type]
+    ctx.confirm_lease()
+    expires = store.get_unit(KEY).lease_expires_at
+    assert (
+        expires is not None and (expires - store.get_unit(KEY).heartbeat_at).total_seconds() == 30
+    )
+    store.hand_back(KEY, "d1")  # a `resume` reset it, or another delivery took it
+    with pytest.raises(base.UnitAborted):
+        ctx.confirm_lease()
+    assert heartbeat.lost == "lost"
+
+
 def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -355,6 +355,23 @@ class UnitContext:
             self.heartbeat.renew_now()
             self.heartbeat.check()
 
+    def confirm_lease(self) -> None:
+        """Before a step that cannot be undone (files moved over the ones a unit's
+        records describe): renew the lease now, and go on only if this delivery holds
+        it. Unlike :meth:`check_stop`, a store that does not answer stops the step too:
+        a run cut off from the database may have been taken over meanwhile (the
+        ``StoreError`` raised hands the unit back, as any outage does)."""
+        heartbeat = self.heartbeat
+        if heartbeat is None:
+            return
+        heartbeat.check()
+        state = heartbeat.store.renew_lease(
+            heartbeat.key, heartbeat.holder, heartbeat.rules.lease_seconds
+        )
+        if state != LEASE_HELD:
+            heartbeat.lost = state
+            raise UnitAborted(state)
+
     def hand_back_if_worker_stopping(self) -> None:
         """Raise :class:`UnitAborted` (WORKER_STOPPING) if the worker is shutting down.
 

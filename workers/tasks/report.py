@@ -65,6 +65,7 @@ from shared.report import (
 )
 from shared.settings import Settings
 from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
+from workers.config import reliability
 from workers.tasks.base import UnitAborted, UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
@@ -1328,15 +1329,24 @@ def write_then_publish(ctx: UnitContext, data: ReportData) -> ReportFiles:
     ``resume`` reset it, another delivery took it over) writes nothing over the report
     of the run that holds it. The moves are renames in one folder, milliseconds for
     every file; the pages go last, so a reader who sees the new page finds its figures.
+    Only a ``resume`` in those milliseconds can slip between the lease's renewal and
+    the moves.
     """
     folder = ctx.campaign_dir / "report"
-    # left by runs that died: this delivery holds the unit, so none of them is at work
+    # left by runs that died: untouched for a lease period, so none of them is at work
+    # (a run cut off from the database may still write, its lease run out meanwhile)
+    idle = time.time() - reliability().lease_seconds
     for old in folder.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < idle:
+                shutil.rmtree(old, ignore_errors=True)
     staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
         files = write_report(data, staging)
-        ctx.check_stop()
+        # the lease renewed now, for a lease period: no other delivery takes the unit
+        # while the files move (milliseconds); a store that does not answer, or a
+        # lease lost, moves nothing
+        ctx.confirm_lease()
         return ReportFiles(
             figures={n: _move_into(folder, f) for n, f in files.figures.items()},
             tables={n: _move_into(folder, f) for n, f in files.tables.items()},
