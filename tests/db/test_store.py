@@ -1073,7 +1073,12 @@ def test_upgrade_to_0006_mends_the_floats_sqlite_made_integers(sqlite_url: str) 
 
     store = Store(sqlite_url)
     migrate.upgrade(store.engine, "0005")
-    submitted = {"max_features": 1.0, "n_estimators": 100, "min_samples_leaf": 2.0}
+    submitted = {
+        "max_features": 1.0,
+        "n_estimators": 100,
+        "min_samples_leaf": 2.0,
+        "C": 0.31622776601683794,  # 17 digits: SQLite's own text of it has 15
+    }
     cases = {
         "t-1/rf/a/f0": (submitted, digest({"family": "rf", **submitted})),
         "t-1/rf/b/f0": ({"n_estimators": 100}, digest({"family": "rf", "n_estimators": 100})),
@@ -1101,7 +1106,8 @@ def test_upgrade_to_0006_mends_the_floats_sqlite_made_integers(sqlite_url: str) 
     store.upgrade()
     read = {key: store.get_unit(key).params for key in cases}
     assert {k: repr(v) for k, v in read["t-1/rf/a/f0"].items()} == {
-        "max_features": "1.0", "n_estimators": "100", "min_samples_leaf": "2.0"
+        "max_features": "1.0", "n_estimators": "100", "min_samples_leaf": "2.0",
+        "C": "0.31622776601683794",
     }  # fmt: skip
     assert repr(read["t-1/rf/b/f0"]["n_estimators"]) == "100"
     assert repr(read["t-1/rf/c/f0"]["max_features"]) == "1"  # nothing tells: left as it is

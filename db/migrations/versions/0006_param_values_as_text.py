@@ -79,8 +79,18 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "sqlite":
         return
+    # the rebuild copies each REAL as SQLite's text of it, 15 significant digits
+    # (0.31622776601683794 -> '0.316227766016838'): written back as Python's, exact
+    reals = bind.execute(
+        sa.text("SELECT id, value FROM unit_params WHERE typeof(value) = 'real'")
+    ).all()
     with op.batch_alter_table("unit_params") as batch:
         batch.alter_column("value", type_=sa.Text(), existing_type=sa.JSON())
+    for row_id, value in reals:
+        bind.execute(
+            sa.text("UPDATE unit_params SET value = :v WHERE id = :i"),
+            {"v": json.dumps(value), "i": row_id},
+        )
     _mend_numbers(bind)
 
 
