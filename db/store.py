@@ -1574,23 +1574,27 @@ class Store:
             # read as plain rows and reset in one statement: ORM objects and an UPDATE
             # per row held the campaign's lock (on SQLite the store's) for seconds at
             # 20,000 units
+            columns = (
+                UnitRow.id,
+                UnitRow.key,
+                UnitRow.stage,
+                UnitRow.state,
+                UnitRow.position,
+                UnitRow.lease_expires_at,
+            )
             rows = s.execute(
-                select(
-                    UnitRow.id,
-                    UnitRow.key,
-                    UnitRow.stage,
-                    UnitRow.state,
-                    UnitRow.position,
-                    UnitRow.lease_expires_at,
-                )
+                select(*columns)
                 .where(UnitRow.campaign_id == campaign_id)
-                .where(
-                    (UnitRow.state != SUCCESS)
-                    | UnitRow.key.in_(list(redo))
-                    | (UnitRow.stage == REPORT)
-                )
+                .where((UnitRow.state != SUCCESS) | (UnitRow.stage == REPORT))
                 .with_for_update()
             ).all()
+            for chunk in _chunks(list(redo), KEYS_PER_STATEMENT):  # succeeded, to run again
+                rows += s.execute(
+                    select(*columns)
+                    .where(UnitRow.campaign_id == campaign_id, UnitRow.state == SUCCESS)
+                    .where(UnitRow.stage != REPORT, UnitRow.key.in_(chunk))
+                    .with_for_update()
+                ).all()
 
             def alive(row: Any) -> bool:  # noqa: ANN401 - a Row of the columns above
                 expires = _aware(row.lease_expires_at)

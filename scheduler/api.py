@@ -1020,7 +1020,10 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
                 shutil.rmtree(folder)
             except OSError as exc:
                 removed = [f.name for f, _, _ in pruned]
-                late = late_users({*removed, folder.name})
+                late = []
+                # a manifest that cannot be read must not hide what failed here
+                with contextlib.suppress(OrchardError):
+                    late = late_users({*removed, folder.name})
                 said = f"{len(removed)} cache folder(s) removed before it; " if removed else ""
                 raise OrchardError(
                     f"cannot remove {exc.filename or folder} ({exc.strerror or exc}); {said}"

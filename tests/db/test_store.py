@@ -590,6 +590,30 @@ def test_the_last_attempt_s_holder_gone_for_longer_than_its_grace_fails_the_unit
     assert store.renew_lease(key, "d1", 30) == LEASE_LOST
 
 
+def test_resume_runs_again_the_succeeded_units_it_is_told_to_and_the_report(
+    store_url: str,
+) -> None:
+    """A shard whose file is gone (``redo``): run again, its result dropped, and the
+    report with it (it must blend anew); the other succeeded units are kept."""
+    store = make_store(store_url)
+    plans = seed_campaign(store)
+    for plan in plans:
+        deliver(store, plan.key, worker="w", task_id="t")
+        store.finish_unit(plan.key, outcome())
+    assert store.complete_campaign("t-1") == "DONE"
+    shard = next(p.key for p in plans if p.family == "preprocess")
+    report = next(p.key for p in plans if p.family == "report")
+    assert store.resume_campaign("t-1", redo=[shard]) == [shard, report]
+    states = {u.key: u.state for u in store.units("t-1")}
+    assert states[shard] == states[report] == "PENDING"
+    assert {k for k, v in states.items() if v == "SUCCESS"} == {p.key for p in plans} - {
+        shard,
+        report,
+    }
+    assert set(store.results("t-1")) == {p.key for p in plans} - {shard, report}
+    assert store.get_campaign("t-1").state == "RUNNING"
+
+
 def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> None:
     store = make_store(store_url)
     plans = seed_campaign(store)
