@@ -41,6 +41,8 @@ from shared.errors import OrchardError
 #: a child that exits sooner than this after starting, before it was ready, is a
 #: configuration problem
 MIN_UPTIME_S = 30.0
+#: the longest a restart waits after deaths in a row, each soon after its start
+MAX_BACKOFF_S = 60.0
 
 
 class GpuError(OrchardError):
@@ -215,6 +217,8 @@ class _Child:
     restarts: int = 0
     ready: bool = False  # this process logged Celery's ready line
     stop_sent: bool = False  # the launcher sent this process its one SIGTERM
+    quick_deaths: int = 0  # deaths in a row, each within min_uptime of its start
+    restart_at: float | None = None  # a restart held back (monotonic clock)
     pump: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -230,12 +234,14 @@ class GpuLauncher:
         min_uptime: float = MIN_UPTIME_S,
         out: IO[str] | None = None,
         poll: float = 0.5,
+        backoff: float = 2.0,
     ) -> None:
         base = dict(os.environ if env is None else env)
         self.children = [
             _Child(gpu, command_for(gpu), {**base, "CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus
         ]
         self.min_uptime = min_uptime
+        self.backoff = backoff
         # where the children's lines go: the first stream that still takes them
         out = out or sys.stdout
         self._outputs: list[IO[str]] = [out] if out is sys.stderr else [out, sys.stderr]
@@ -355,6 +361,16 @@ class GpuLauncher:
                 for child in self.children:
                     if child.proc is None:
                         continue  # never started: the launcher was stopped first
+                    if child.restart_at is not None:  # a restart held back
+                        if self._stopping:
+                            child.restart_at = None
+                        elif time.monotonic() >= child.restart_at:
+                            child.restart_at = None
+                            self._start(child)
+                            running += 1
+                        else:
+                            running += 1
+                        continue
                     code = child.proc.poll()
                     if code is None:
                         running += 1
@@ -380,12 +396,27 @@ class GpuLauncher:
                     if self._stopping:  # asked to stop while it waited for the output
                         continue
                     child.restarts += 1
+                    # one that keeps dying soon after it was ready (a card that fails at
+                    # its first fold) is restarted ever later, not in a tight loop
+                    child.quick_deaths = child.quick_deaths + 1 if uptime < self.min_uptime else 0
+                    delay = 0.0
+                    if child.quick_deaths > 1:
+                        delay = min(MAX_BACKOFF_S, self.backoff * 2 ** (child.quick_deaths - 2))
                     self._say(
-                        f"gpu{child.gpu}: {how} after {uptime:.0f} s; "
-                        f"restarting (restart {child.restarts})"
+                        f"gpu{child.gpu}: {how} after {uptime:.0f} s; restarting (restart "
+                        f"{child.restarts}"
+                        + (
+                            f", in {delay:g} s: {child.quick_deaths} deaths in a row, each "
+                            f"within {self.min_uptime:.0f} s of its start)"
+                            if delay
+                            else ")"
+                        )
                     )
-                    self._start(child)
                     running += 1
+                    if delay:
+                        child.restart_at = time.monotonic() + delay
+                        continue
+                    self._start(child)
                 if running == 0:
                     break
                 time.sleep(self.poll)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import signal
@@ -223,6 +224,33 @@ def test_a_child_killed_soon_after_it_was_ready_is_restarted(tmp_path: Path) -> 
         r"gpu0: killed by SIGKILL after \d+ s; restarting \(restart 1\)", out.getvalue()
     )
     assert "gpu0| second life" in out.getvalue()
+
+
+def test_a_child_that_keeps_dying_soon_after_it_is_ready_is_restarted_ever_later() -> None:
+    """A card that fails at its first fold: the worker is ready, then dies, again and
+    again. The first death restarts it at once; each one after waits twice as long."""
+    out = io.StringIO()
+    launcher = GpuLauncher(
+        ["0"], lambda gpu: python(f"{READY}\nraise SystemExit(1)"), out=out, poll=0.01,
+        backoff=0.2,
+    )  # fmt: skip
+    starts: list[float] = []
+    start = launcher._start
+
+    def counted(child) -> None:  # noqa: ANN001
+        starts.append(time.monotonic())
+        if len(starts) == 5:
+            launcher._on_signal(signal.SIGTERM, None)
+        start(child)
+
+    launcher._start = counted  # type: ignore[method-assign]
+    assert launcher.run() == 0  # its last start was stopped by the SIGTERM it was sent
+    said = out.getvalue()
+    assert "restarting (restart 1)\n" in said
+    assert "restarting (restart 2, in 0.2 s: 2 deaths in a row, each within 30 s" in said
+    assert "restarting (restart 4, in 0.8 s: 4 deaths in a row" in said
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[2] >= 0.4 and gaps[3] >= 0.8 and gaps[3] > gaps[1]
 
 
 def test_a_child_killed_before_it_was_ready_could_not_start() -> None:
