@@ -66,12 +66,13 @@ def sqlite_path_problem(url: str) -> str | None:
 
     parsed = make_url(url)
     database = parsed.database
-    if not database or database.startswith("file:") or "uri" in parsed.query:
+    uri = str(parsed.query.get("uri", "")).lower() in ("true", "1")
+    if not database or database.startswith("file:") or uri:
         return None
     written, mark, query = url.partition("://")[2].partition("?")
     written = written.removeprefix("/")  # the path follows the empty host's '/'
     options = [key for key, _ in parse_qsl(query, keep_blank_values=True)]
-    if mark and not (options and set(options) <= _SQLITE_OPTIONS):
+    if query and not (options and set(options) <= _SQLITE_OPTIONS):
         # not driver options: the '?' is part of a folder's or the file's name
         return (
             f"a '?' ends a URL's path (its query follows), so the store would be "

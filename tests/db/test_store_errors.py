@@ -201,6 +201,12 @@ def test_a_percent_escape_in_a_sqlite_path_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_a_percent_escape_is_refused_when_the_uri_option_is_off(tmp_path: Path) -> None:
+    """``uri=false`` is no SQLite URI: SQLAlchemy still decodes the path."""
+    with pytest.raises(OrchardError, match="'%41' is read as 'A'"):
+        check_database_url(f"sqlite:///{tmp_path}/a%41b.db?uri=false")
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -209,6 +215,7 @@ def test_a_percent_escape_in_a_sqlite_path_is_refused(tmp_path: Path) -> None:
         "sqlite:///{tmp}/50%.db",  # no escape: SQLAlchemy leaves it
         "sqlite:///{tmp}/a#b.db",  # SQLAlchemy keeps a '#' in the path
         "sqlite:///file:{tmp}/a%3Fb.db?mode=rwc&uri=true",  # an SQLite URI: SQLite's to read
+        "sqlite:///{tmp}/orchard.db?",  # an empty query: the path is all there is
     ],
 )
 def test_a_sqlite_path_read_as_written_is_accepted(tmp_path: Path, url: str) -> None:
