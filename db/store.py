@@ -2044,6 +2044,19 @@ class Store:
             return Artifact(row.path, row.kind, row.sha256, row.size, row.campaign_id, row.unit_key)
 
     @_retried
+    def find_artifacts(self, paths: Sequence[str]) -> dict[str, Artifact]:
+        """The records of those of ``paths`` the store has, by path: one query per
+        KEYS_PER_STATEMENT paths, where :meth:`find_artifact` is one per path."""
+        found: dict[str, Artifact] = {}
+        with self._transaction(read_only=True) as s:
+            for chunk in _chunks(list(dict.fromkeys(paths)), KEYS_PER_STATEMENT):
+                for r in s.scalars(select(ArtifactRow).where(ArtifactRow.path.in_(chunk))):
+                    found[r.path] = Artifact(
+                        r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key
+                    )
+        return found
+
+    @_retried
     def artifacts(self, campaign_id: str, kind: str | None = None) -> list[Artifact]:
         with self._transaction(read_only=True) as s:
             query = select(ArtifactRow).where(ArtifactRow.campaign_id == campaign_id)

@@ -734,17 +734,23 @@ def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[
     no longer has the checksum recorded for it (a cache cleaned up, a disk error). Run
     again, each writes its shard anew, as a fresh submit would."""
     from shared.manifest import Manifest
-    from workers.data import shard_intact, shard_rel
+    from workers.data import shard_matches, shard_rel
 
     try:
         path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
         manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []  # no manifest here: the units that need it say so themselves
-    return [
-        unit.key
+    shards = {
+        unit.key: shard_rel(manifest, unit.params["shard"])
         for unit in store.units(campaign_id, state=SUCCESS, family="preprocess")
-        if not shard_intact(store, settings.artifacts, shard_rel(manifest, unit.params["shard"]))
+    }
+    # their records in one query, not one per shard (150 shards: 0.5 s)
+    records = store.find_artifacts(list(shards.values()))
+    return [
+        key
+        for key, rel in shards.items()
+        if not shard_matches(settings.artifacts, rel, records.get(rel))
     ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from db.store import Store
+from db.store import Artifact, Store
 from shared.artifacts import sha256_file
 from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
@@ -71,7 +71,12 @@ def exclusive(path: Path, doing: str) -> Iterator[None]:
 def shard_intact(store: Store, artifacts: Path, rel: str) -> bool:
     """Whether the shard at ``rel`` is recorded and its file still has the recorded
     checksum (a cache cleaned up, a disk error, an edit make it not)."""
-    record = store.find_artifact(rel)
+    return shard_matches(artifacts, rel, store.find_artifact(rel))
+
+
+def shard_matches(artifacts: Path, rel: str, record: Artifact | None) -> bool:
+    """:func:`shard_intact` with the shard's ``record`` in hand (None: not recorded),
+    for a caller that read many at once."""
     path = artifacts / rel
     return record is not None and path.is_file() and sha256_file(path) == record.sha256
 

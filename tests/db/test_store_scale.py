@@ -263,6 +263,20 @@ def test_cancel_and_resume_cost_as_much_for_hundreds_of_units_as_for_a_few(
     assert cancel_then_resume("few", 3) == cancel_then_resume("many", KEYS_PER_STATEMENT - 10)
 
 
+def test_finding_the_records_of_many_files_is_a_query_per_500(store_url: str) -> None:
+    """What `orchard resume` asks to check a campaign's shards: it asked once per shard."""
+    store = make_store(store_url)
+    create(store, "c", 1)
+    paths = [f"cache/k/shard-{i:05d}.npy" for i in range(KEYS_PER_STATEMENT + 7)]
+    for i, path in enumerate(paths[::2]):
+        store.record_artifact(Artifact(path, "shard", f"{i:064x}", i, "c"))
+    with statements(store) as sent:
+        found = store.find_artifacts([*paths, "cache/k/none.npy", paths[0]])
+    assert len([s for s in sent if s.lstrip().upper().startswith("SELECT")]) == 2
+    assert sorted(found) == sorted(paths[::2])
+    assert found[paths[2]] == store.find_artifact(paths[2])
+
+
 @pytest.mark.parametrize("many", [22_000])
 def test_a_claim_beyond_the_postgres_parameter_limit(postgres_url: str, many: int) -> None:
     store = make_store(postgres_url)
