@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +78,7 @@ from shared.plan import (
     next_actions,
 )
 from shared.settings import env_number, mask_url
+from shared.times import as_utc
 
 _T = TypeVar("_T")
 
@@ -462,17 +463,6 @@ def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    """``moment`` in UTC, with its zone: SQLite hands timezone-aware columns back naive
-    (everything orchard writes is UTC), and PostgreSQL in the session's time zone,
-    which is the server's unless set (America/New_York would print local times)."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
 class Store:
     def __init__(
         self, url: str, *, engine: Engine | None = None, retry_seconds: float | None = None
@@ -772,7 +762,7 @@ class Store:
     @staticmethod
     def _deleted_at(s: Session, campaign_id: str) -> datetime | None:
         row = s.get(DeletedCampaignRow, campaign_id)
-        return _aware(row.deleted_at) if row is not None else None
+        return as_utc(row.deleted_at) if row is not None else None
 
     def _no_campaign(self, campaign_id: str, s: Session | None = None) -> NotFoundError:
         """The error for a campaign id not in the store: deleted, or never there."""
@@ -997,7 +987,7 @@ class Store:
             ).all()
             busy = _busy_queues(s, [queue for queue, _ in oldest], now, horizon)
             return {
-                queue: (_aware(now) - _aware(since)).total_seconds()
+                queue: (as_utc(now) - as_utc(since)).total_seconds()
                 for queue, since in oldest
                 if queue not in busy
             }
@@ -1244,7 +1234,7 @@ class Store:
             if campaign is not None and campaign.state in (CANCELLED, DELETING):
                 row.state, row.finished_at = CANCELLED, now
                 return Start(False, row.attempts, CANCELLED, reason="cancelled")
-            expires = _aware(row.lease_expires_at)
+            expires = as_utc(row.lease_expires_at)
             if (
                 holder is not None
                 and row.lease_holder not in (None, holder)
@@ -1597,7 +1587,7 @@ class Store:
                 ).all()
 
             def alive(row: Any) -> bool:  # noqa: ANN401 - a Row of the columns above
-                expires = _aware(row.lease_expires_at)
+                expires = as_utc(row.lease_expires_at)
                 return row.state == RUNNING and expires is not None and expires > now
 
             reset = [r for r in rows if r.state != SUCCESS and not alive(r)]
@@ -1712,7 +1702,7 @@ class Store:
                 f"campaign {campaign_id} is RUNNING: cancel it first "
                 f"(`orchard cancel {campaign_id}`), or let it finish"
             )
-        stopped_at = _aware(campaign.finished_at)
+        stopped_at = as_utc(campaign.finished_at)
         if campaign.state == CANCELLED and stopped_at is not None:
             # cancel clears the leases; a unit that renewed its lease shortly
             # (within quiet_seconds) before the cancel was running then
@@ -2150,8 +2140,8 @@ def _campaign(row: CampaignRow) -> Campaign:
         spec=row.spec,
         classes=tuple(row.classes),
         state=row.state,
-        created_at=_aware(row.created_at),
-        finished_at=_aware(row.finished_at),
+        created_at=as_utc(row.created_at),
+        finished_at=as_utc(row.finished_at),
     )
 
 
@@ -2198,13 +2188,13 @@ def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
         state=row.state,
         attempts=row.attempts,
         worker=row.worker,
-        started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
         error=row.error,
         task_id=row.task_id,
         lease_holder=row.lease_holder,
-        lease_expires_at=_aware(row.lease_expires_at),
-        heartbeat_at=_aware(row.heartbeat_at),
+        lease_expires_at=as_utc(row.lease_expires_at),
+        heartbeat_at=as_utc(row.heartbeat_at),
     )
 
 

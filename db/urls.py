@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 from shared.errors import OrchardError
-from shared.settings import check_database_url_form, mask_url
+from shared.settings import PERCENT_ESCAPE, check_database_url_form, mask_url
 
 __all__ = ["DATABASE_URLS", "check_database_url", "require_sqlite_file", "sqlite_path_problem"]
 
@@ -52,8 +51,6 @@ def check_database_url(url: str) -> None:
 #: ``uri`` makes the path an SQLite URI, which SQLite reads itself.
 _SQLITE_OPTIONS = {"timeout", "isolation_level", "detect_types", "check_same_thread"}
 _SQLITE_OPTIONS |= {"cached_statements", "uri"}
-#: What SQLAlchemy decodes in a URL's path (a '%' without two hex digits stays as it is).
-_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 def sqlite_path_problem(url: str) -> str | None:
@@ -78,7 +75,7 @@ def sqlite_path_problem(url: str) -> str | None:
             f"a '?' ends a URL's path (its query follows), so the store would be "
             f"{database!r}; rename the folder or file with the '?'"
         )
-    if escape := next((m[0] for m in _ESCAPE.finditer(written)), None):
+    if escape := next((m[0] for m in PERCENT_ESCAPE.finditer(written)), None):
         return (
             f"a URL's path is percent-decoded ({escape!r} is read as {unquote(escape)!r}), so "
             f"the store would be {database!r}; rename the folder or file with the '%'"

@@ -38,6 +38,7 @@ from typing import Any
 
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
+from shared.times import as_utc
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
@@ -964,7 +965,7 @@ def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
                 str(states[FAILED]),
                 str(states[CANCELLED]),
                 str(states[RUNNING]),
-                f"{_utc(campaign.created_at):%Y-%m-%d %H:%M:%S}",
+                f"{as_utc(campaign.created_at):%Y-%m-%d %H:%M:%S}",
             ]
         )
     return f"campaigns in {mask_url(store.url)}", columns, rows
@@ -1026,7 +1027,7 @@ LEASE_SLACK = 5.0
 def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
     """Seconds since a running unit's lease ran out, beyond :data:`LEASE_SLACK`; None
     while its worker keeps renewing it."""
-    expires = _utc(unit.lease_expires_at)
+    expires = as_utc(unit.lease_expires_at)
     if expires is None:
         return None
     late = (now - expires).total_seconds()
@@ -1129,17 +1130,8 @@ def _unit_json(line: _UnitLine) -> dict[str, Any]:
 
 def _iso(moment: datetime | None) -> str | None:
     """ISO 8601 in UTC, with its zone."""
-    utc = _utc(moment)
+    utc = as_utc(moment)
     return None if utc is None else utc.isoformat()
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """``moment`` in UTC, as every time orchard prints is (README). SQLite hands back
-    the naive UTC times the store wrote; psycopg, aware ones in the server session's
-    zone, which need not be UTC (a PostgreSQL whose TimeZone is Europe/Berlin)."""
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202

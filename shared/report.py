@@ -33,7 +33,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from html import escape
 from pathlib import Path
 from statistics import mean
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 
 from shared.artifacts import WrittenFile, atomic_write_bytes, atomic_write_text
 from shared.errors import visible_controls
+from shared.times import as_utc
 
 # matplotlib is imported when a figure is drawn, so that importing this module stays
 # cheap for the many processes that never draw
@@ -486,9 +487,7 @@ def _fmt_utc(timestamp: str) -> str:
         moment = datetime.fromisoformat(timestamp)
     except (TypeError, ValueError):
         return str(timestamp)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return as_utc(moment).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _fmt_opt(value: Any) -> str:

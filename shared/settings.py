@@ -100,11 +100,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+#: What SQLAlchemy decodes in a URL's path (a '%' without two hex digits stays as it is).
+PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
 def _default_store_url(home: Path) -> str:
     """``sqlite:///HOME/orchard.db``; a home whose path a URL would misread (a '?' ends
     its path, '%41' is read as 'A') is one line naming ORCHARD_HOME, which the user
     set, not ORCHARD_DATABASE_URL, which they did not."""
-    if "?" in str(home) or re.search(r"%[0-9A-Fa-f]{2}", str(home)):
+    if "?" in str(home) or PERCENT_ESCAPE.search(str(home)):
         raise OrchardError(
             f"ORCHARD_HOME={printable(home)}: a SQLite URL cannot name a store in it (a '?' "
             "ends a URL's path, a '%' escape is decoded); rename the folder, or set "

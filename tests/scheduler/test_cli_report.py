@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from db.store import Artifact, Outcome, Store
-from scheduler.cli import _utc, main
+from scheduler.cli import main
+from shared.times import as_utc
 from tests.db.test_store import seed_campaign
 
 HTML = b"<html><body>report</body></html>"
@@ -215,12 +216,14 @@ def test_status_of_a_campaign_reads_its_units_once(
 
 def test_utc_converts_an_aware_time_and_takes_a_naive_one_as_utc() -> None:
     berlin = timezone(timedelta(hours=1))
-    assert _utc(datetime(2026, 12, 6, 11, 13, 14, tzinfo=berlin)) == datetime(
+    assert as_utc(datetime(2026, 12, 6, 11, 13, 14, tzinfo=berlin)) == datetime(
         2026, 12, 6, 10, 13, 14, tzinfo=UTC
     )
-    assert _utc(datetime(2026, 12, 6, 11, 13, 14, tzinfo=berlin)).tzinfo is UTC
-    assert _utc(datetime(2026, 12, 6, 10, 13, 14)) == datetime(2026, 12, 6, 10, 13, 14, tzinfo=UTC)
-    assert _utc(None) is None
+    assert as_utc(datetime(2026, 12, 6, 11, 13, 14, tzinfo=berlin)).tzinfo is UTC
+    assert as_utc(datetime(2026, 12, 6, 10, 13, 14)) == datetime(
+        2026, 12, 6, 10, 13, 14, tzinfo=UTC
+    )
+    assert as_utc(None) is None
 
 
 def test_status_prints_utc_times_from_a_store_in_another_zone(
@@ -229,13 +232,13 @@ def test_status_prints_utc_times_from_a_store_in_another_zone(
     """psycopg hands back times in the server session's zone (TimeZone = Europe/Berlin)."""
     seed_campaign(home)
     [campaign] = home.list_campaigns()
-    created = _utc(campaign.created_at)
+    created = as_utc(campaign.created_at)
     berlin = timezone(timedelta(hours=1))
     listed = Store.list_campaigns
 
     def in_berlin(self: Store, *args: object, **kwargs: object) -> list:
         return [
-            replace(c, created_at=_utc(c.created_at).astimezone(berlin))
+            replace(c, created_at=as_utc(c.created_at).astimezone(berlin))
             for c in listed(self, *args, **kwargs)
         ]
 

@@ -294,10 +294,19 @@ class Heartbeat:
         if self.lost is not None:
             return
         try:
-            state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
+            self._renew()
         except StoreError as exc:  # the thread keeps trying; the body goes on meanwhile
             log.warning("%s: lease not renewed: %s", self.key, exc)
-            return
+
+    def confirm(self) -> None:
+        """Renew the lease now and raise unless this delivery holds it: a
+        :class:`UnitAborted`, or the ``StoreError`` of a store that does not answer."""
+        self.check()
+        self._renew()
+        self.check()
+
+    def _renew(self) -> None:
+        state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
         if state != LEASE_HELD:
             self.lost = state
 
@@ -361,16 +370,8 @@ class UnitContext:
         it. Unlike :meth:`check_stop`, a store that does not answer stops the step too:
         a run cut off from the database may have been taken over meanwhile (the
         ``StoreError`` raised hands the unit back, as any outage does)."""
-        heartbeat = self.heartbeat
-        if heartbeat is None:
-            return
-        heartbeat.check()
-        state = heartbeat.store.renew_lease(
-            heartbeat.key, heartbeat.holder, heartbeat.rules.lease_seconds
-        )
-        if state != LEASE_HELD:
-            heartbeat.lost = state
-            raise UnitAborted(state)
+        if self.heartbeat is not None:
+            self.heartbeat.confirm()
 
     def hand_back_if_worker_stopping(self) -> None:
         """Raise :class:`UnitAborted` (WORKER_STOPPING) if the worker is shutting down.

@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -65,6 +65,7 @@ from shared.report import (
 )
 from shared.settings import Settings
 from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
+from shared.times import as_utc
 from workers.config import reliability
 from workers.tasks.base import UnitAborted, UnitContext, log, unit_task
 
@@ -185,9 +186,7 @@ def reused_from(result: Result | None) -> str | None:
 def utc_iso(moment: datetime) -> str:
     """``moment`` in UTC as ISO 8601 with its offset; SQLite hands back naive UTC, PostgreSQL
     aware, and the report must print the same for both."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
+    return as_utc(moment).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- blends
