@@ -200,7 +200,9 @@ def test_a_database_outage_never_fails_a_running_unit(
             def outage(name: str, until: Callable[[str], object]):  # noqa: ANN202
                 run = submit(write_campaign(tmp_path, name, epochs=12), settings=submitter)
                 fold = cnn_unit(run)
-                wait_for_epochs(store, pool, fold.key, 2)
+                # an epoch's metrics are recorded before its checkpoint: the third
+                # epoch's mean the checkpoint after the second is recorded
+                wait_for_epochs(store, pool, fold.key, 3)
                 proxy.down()
                 wait_for(lambda: until(fold.key), 60, f"{name}: the outage", check=pool.check)
                 proxy.up()
