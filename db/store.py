@@ -595,6 +595,13 @@ class Store:
             return s.scalar(select(func.clock_timestamp()))
         return utcnow()
 
+    @_retried
+    def now(self) -> datetime:
+        """The store's clock (:meth:`_now`), aware UTC: what a lease read from the store
+        is to be compared with, whatever this host's clock says."""
+        with self._transaction(read_only=True) as s:
+            return as_utc(self._now(s))
+
     def _unreachable(self, exc: Exception) -> StoreUnreachableError:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         return StoreUnreachableError(f"database {mask_url(self.url)} unreachable: {reason}")

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -987,7 +987,7 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
     units = store.units(campaign_id)
     running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
     metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
-    now = datetime.now(UTC)
+    now = store.now()  # the clock the leases were written by, not this host's
     lines = []
     for unit in units:
         result = results.get(unit.key)
@@ -1020,7 +1020,7 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
 
 
 #: Seconds past a running unit's lease before `orchard status` calls its worker gone
-#: (the clocks of the hosts may differ a little).
+#: (a renewal in flight as the store is read).
 LEASE_SLACK = 5.0
 
 

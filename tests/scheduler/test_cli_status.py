@@ -4,6 +4,7 @@ cut, at any terminal width, and plain columns (no box characters) when piped."""
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,30 @@ def test_a_running_unit_whose_lease_ran_out_says_its_worker_is_gone(
         "from the database; sent again within two lease periods$",
         rows[short[dead]],
     ), rows[short[dead]]
+
+
+def test_a_live_lease_is_judged_by_the_store_s_clock_not_this_host_s(
+    store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock runs two minutes ahead of the store's (the PostgreSQL server
+    writes the leases by its own) saw every healthy worker's lease as run out."""
+    from datetime import timedelta
+
+    from tests.db.test_store import deliver
+
+    plans = seed_campaign(store, IDS[0])
+    deliver(store, plans[0].key, worker="w@h", task_id="a", holder="a", lease_seconds=60)
+    import scheduler.cli
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return datetime.now(tz) + timedelta(minutes=2)
+
+    monkeypatch.setattr(scheduler.cli, "datetime", Ahead)
+    rows = status(capsys, IDS[0]).splitlines()[2:]
+    line = next(r for r in rows if r.split()[0] == plans[0].key.removeprefix(IDS[0] + "/"))
+    assert "RUNNING" in line and "lease ran out" not in line, line
 
 
 def test_a_terminal_shows_a_big_campaign_s_units_not_succeeded_first() -> None:
