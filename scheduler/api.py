@@ -44,6 +44,7 @@ from shared.manifest import (
     ManifestError,
     build_manifest,
     manifest_path,
+    recorded_root,
     synthetic_root,
 )
 from shared.plan import (
@@ -367,8 +368,8 @@ def submit(
         run = CampaignRun(campaign_id, store, settings)
         if reuse:
             # a manifest written before entries held their images' sha256 is the same data
-            earlier = manifest.digest_before_image_checksums()
-            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=[earlier])
+            earlier = manifest.earlier_digests(settings.artifacts)
+            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=earlier)
         _send(store, app, campaign_id)
         on_error.pop_all()
     return run
@@ -498,12 +499,9 @@ def plan(
                 raise
             # name the folder a submit would generate, not the stand-in, gone in a moment
             raise CampaignError(str(exc).replace(str(stand_in), str(root))) from None
-    if stand_in is not None:  # the images' paths where a submit will have them
-        entries = tuple(
-            replace(e, path=str(root / Path(e.path).relative_to(stand_in)))
-            for e in manifest.entries
-        )
-        manifest = replace(manifest, entries=entries)
+    if stand_in is not None:  # the dataset's root where a submit will have it
+        recorded, in_artifacts = recorded_root(root, settings.artifacts)
+        manifest = replace(manifest, root=recorded, root_in_artifacts=in_artifacts)
     return Plan(campaign, manifest, units)
 
 

@@ -70,6 +70,7 @@ class Skipped:
 
 
 class Dataset(Protocol):
+    root: Path  # as written, made absolute: images are recorded under it
     classes: tuple[str, ...]
 
     def samples(self) -> list[Sample]: ...
@@ -81,6 +82,14 @@ class Dataset(Protocol):
 
 def _sorted(samples: list[Sample]) -> list[Sample]:
     return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.image_id))
+
+
+def _roots(root: Path | str) -> tuple[Path, Path]:
+    """A dataset's root as written, made absolute (the path every host mounts the data
+    at: image paths are recorded under it), and where it leads on this host, symlinks
+    followed (what the images must be inside)."""
+    written = Path(os.path.abspath(root))
+    return written, written.resolve()
 
 
 def _inside(root: Path, path: Path, what: str) -> None:
@@ -164,7 +173,7 @@ class AicupDataset:
         splits: Mapping[str, tuple[str, str]] | None = None,
         classes: Sequence[str] = ("A", "B", "C"),
     ) -> None:
-        self.root = Path(root).resolve()
+        self.root, self._real_root = _roots(root)
         self.classes = tuple(classes)
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise DatasetError(f"{self.root}: classes must be non-empty and unique: {classes!r}")
@@ -181,8 +190,8 @@ class AicupDataset:
             if split not in SPLITS:
                 raise DatasetError(f"{self.root}: unknown split {split!r} (expected {SPLITS})")
             csv_path, images = self.root / csv_rel, self.root / images_rel
-            _inside(self.root, csv_path, f"the {split} CSV")
-            _inside(self.root, images, f"the {split} image folder")
+            _inside(self._real_root, csv_path, f"the {split} CSV")
+            _inside(self._real_root, images, f"the {split} image folder")
             if not csv_path.is_file():
                 if required or split == "train":
                     raise DatasetError(f"{csv_path}: CSV file for split {split!r} not found")
@@ -272,7 +281,7 @@ class AicupDataset:
                     Skipped(image_id, split, str(path), f"listed in {where} but not found")
                 )
                 continue
-            _inside(self.root, path, f"image {image_id!r} ({where})")
+            _inside(self._real_root, path, f"image {image_id!r} ({where})")
             self._samples.append(Sample(image_id, label, split, path))
 
     def samples(self) -> list[Sample]:
@@ -315,7 +324,7 @@ class ImageFolderDataset:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
+        self.root, self._real_root = _roots(root)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: not a directory ([dataset] root)")
         train = self.root / "train"
@@ -347,7 +356,7 @@ class ImageFolderDataset:
         samples, self._missing = [], []
         for split, dirs in class_dirs.items():
             for class_dir in dirs:
-                _inside(self.root, class_dir, f"class folder {class_dir.name!r}")
+                _inside(self._real_root, class_dir, f"class folder {class_dir.name!r}")
                 images = _class_images(class_dir)
                 for path in images:
                     image_id = path.relative_to(self.root).as_posix()
@@ -378,7 +387,7 @@ class ImageFolderDataset:
                         reason = f"a symlink to {printable(os.readlink(path))}, which is not a file"
                         self._missing.append(Skipped(image_id, split, str(path), reason))
                         continue
-                    _inside(self.root, path, "image")
+                    _inside(self._real_root, path, "image")
                     samples.append(Sample(image_id, class_dir.name, split, path))
                 if not images:
                     # a class with no example is a failed copy, not a class to learn

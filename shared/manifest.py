@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -74,19 +75,48 @@ class Manifest:
     max_pixels: int = MAX_PIXELS
     decoder: str = "opencv"  # [preprocessing] decoder
     skipped: tuple[Skipped, ...] = ()  # left out, with the reason, in (split, id) order
+    # The dataset's root, which the entries' paths are relative to: absolute as the
+    # campaign wrote it (symlinks kept: each host follows its own), or, with
+    # ``root_in_artifacts``, relative to ORCHARD_ARTIFACTS (a generated dataset), so that
+    # each host finds it under its own mount. "": a manifest written before 2026-12-06,
+    # whose entries hold absolute paths as the submitter's host resolved them.
+    root: str = ""
+    root_in_artifacts: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
-    def digest_before_image_checksums(self) -> str:
-        """The sha256 this manifest's file would have had before entries recorded their
-        image's sha256 (orchard before 2026-12-05): ``submit --reuse`` takes the
+    def dataset_root(self, artifacts: Path) -> Path | None:
+        """Where this host finds the images (None: an older manifest's absolute paths)."""
+        if not self.root:
+            return None
+        return artifacts / self.root if self.root_in_artifacts else Path(self.root)
+
+    def image_paths(self, entries: Sequence[Entry], artifacts: Path) -> list[str]:
+        """The paths of ``entries``' images on this host."""
+        root = self.dataset_root(artifacts)
+        return [e.path if root is None else os.path.join(root, e.path) for e in entries]
+
+    def earlier_digests(self, artifacts: Path) -> list[str]:
+        """The sha256s this manifest's file would have had as earlier orchards wrote it:
+        with absolute image paths, resolved on this host (before 2026-12-06), and also
+        without the images' sha256 (before 2026-12-05). ``submit --reuse`` takes the
         campaigns recorded then as twins too."""
         data = asdict(self)
+        root = self.dataset_root(artifacts)
+        if root is None:
+            return []
+        real = root.resolve()
+        del data["root"], data["root_in_artifacts"]
+        for entry in data["entries"]:
+            entry["path"] = str(real / entry["path"])
+        for skipped in data["skipped"]:
+            if Path(skipped["path"]).is_relative_to(root):
+                skipped["path"] = str(real / Path(skipped["path"]).relative_to(root))
+        digests = [_digest(data)]
         for entry in data["entries"]:
             del entry["sha256"]
-        text = json.dumps(data, indent=1, sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return [*digests, _digest(data)]
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -122,6 +152,11 @@ class Manifest:
         train = np.flatnonzero((folds != NO_FOLD) & (folds != fold))
         val = np.flatnonzero(folds == fold)
         return train, val, self.test_indices()
+
+
+def _digest(data: dict) -> str:
+    """The sha256 of a manifest's file holding ``data`` (:meth:`Manifest.to_json`)."""
+    return hashlib.sha256(json.dumps(data, indent=1, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def assign_folds(
@@ -276,6 +311,16 @@ def _order(skipped: Skipped) -> tuple[int, str]:
     return SPLITS.index(skipped.split), skipped.image_id
 
 
+def recorded_root(root: Path, artifacts: Path) -> tuple[str, bool]:
+    """(root, root_in_artifacts) as a manifest records a dataset's root: relative to the
+    artifact folder where it is inside it (each host mounts that folder its own way),
+    else absolute, as the campaign names it."""
+    for base, path in ((artifacts, root), (artifacts.resolve(), root.resolve())):
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix(), True
+    return str(root), False
+
+
 def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
     """Open the campaign's dataset, leave out bad images, assign folds, key the cache."""
     dataset = open_campaign_dataset(campaign.dataset, artifacts)
@@ -306,12 +351,17 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
         note = f" (after skipping {len(bad)} unusable images)" if bad else ""
         raise ManifestError(f"{where}: {str(exc).removeprefix('dataset: ')}{note}") from None
     fingerprint = fingerprint_digests([(s.split, s.image_id, sha) for s, sha in good])
+    root, in_artifacts = recorded_root(dataset.root, artifacts)
     return Manifest(
         classes=tuple(dataset.classes),
         entries=tuple(
-            Entry(s.image_id, s.label, s.split, str(s.path), fold, sha)
+            Entry(
+                s.image_id, s.label, s.split, s.path.relative_to(dataset.root).as_posix(), fold, sha
+            )
             for (s, sha), fold in zip(good, folds, strict=True)
         ),
+        root=root,
+        root_in_artifacts=in_artifacts,
         fingerprint=fingerprint,
         cache_key=cache_key(fingerprint, spec.size, spec.shard_size, spec.decoder),
         size=spec.size,

@@ -127,20 +127,29 @@ def folder_setting(env: Mapping[str, str], name: str, default: str | Path) -> Pa
     return resolved(value or default, name, value or None)
 
 
+def expand_home(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a ValueError saying why one
+    cannot be (an unknown user, HOME unset)."""
+    if not str(path).startswith("~"):
+        return path
+    try:
+        return path.expanduser()
+    except RuntimeError:  # Python's "Could not determine home directory."
+        user = str(path).partition("/")[0][1:]
+        if not user:
+            raise ValueError("'~' names no home folder (HOME is unset)") from None
+        raise ValueError(f"~{user}: no such user") from None
+
+
 def resolved(path: str | Path, name: str, value: str | None = None) -> Path:
     """``path`` with ``~`` expanded, absolute, symbolic links resolved; a path that
     cannot be (an unknown user's ``~``, a symbolic link loop) is one line naming the
     variable ``name`` and its ``value`` (``None``: unset, ``path`` is its default)."""
     where = f"{name}={value}" if value is not None else f"{name} (unset: {path})"
-    path = Path(path)
-    if str(path).startswith("~"):
-        try:
-            path = path.expanduser()
-        except RuntimeError:  # Python's "Could not determine home directory."
-            user = str(path).partition("/")[0][1:]
-            if not user:
-                raise OrchardError(f"{where}: '~' names no home folder (HOME is unset)") from None
-            raise OrchardError(f"{where}: ~{user}: no such user") from None
+    try:
+        path = expand_home(Path(path))
+    except ValueError as exc:
+        raise OrchardError(f"{where}: {exc}") from None
     try:
         return path.resolve()
     except RuntimeError as exc:  # Python < 3.13: "Symlink loop from '/x/loop'"

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import itertools
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from pydantic_core import PydanticCustomError
 
 from shared.cnn_shape import parameter_count
 from shared.errors import OrchardError, printable
+from shared.settings import expand_home
 from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
 from shared.variants import canonical_variant, check_variant
 
@@ -702,16 +704,29 @@ def parse_campaign(
     root = getattr(campaign.dataset, "root", None)
     if root is None:
         return campaign
-    relative = base_dir is not None and not root.is_absolute()
+    written = root
     try:
-        # also an absolute root, kept as written: a symlink loop stops here, not in a worker
-        resolved = (base_dir / root if base_dir is not None and relative else root).resolve()
+        root = expand_home(root)
+    except ValueError as exc:
+        raise CampaignError(f"{source}: [dataset] root: {exc}") from None
+    relative = base_dir is not None and not root.is_absolute()
+    if relative:
+        root = base_dir / root
+    try:
+        # also an absolute root: a symlink loop stops here, not in a worker
+        resolved = root.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
         raise CampaignError(
-            f"{source}: [dataset] root: cannot resolve {str(root)!r}: {_resolve_problem(exc)}"
+            f"{source}: [dataset] root: cannot resolve {str(written)!r}: {_resolve_problem(exc)}"
         ) from None
-    if relative:
-        dataset = campaign.dataset.model_copy(update={"root": resolved})
+    if relative or root != written:
+        # made absolute with its symlinks kept, the path every host mounts the data at
+        # (a symlink may lead elsewhere on a worker than here), unless '..' after a
+        # symlink makes the plain path another folder
+        plain = Path(os.path.abspath(root))
+        dataset = campaign.dataset.model_copy(
+            update={"root": plain if plain.resolve() == resolved else resolved}
+        )
         campaign = campaign.model_copy(update={"dataset": dataset})
     return campaign
 

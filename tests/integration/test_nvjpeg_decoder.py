@@ -89,7 +89,7 @@ def test_nvjpeg_shards_run_on_the_gpu_worker(tmp_path: Path, sqlite_url: str, re
         rel = shard_rel(manifest, index)
         shard = load_shard(settings.artifacts / rel, store.find_artifact(rel).sha256)
         entries = manifest.entries[start:stop]
-        expected = preprocess_images([e.path for e in entries], 32)
+        expected = preprocess_images(manifest.image_paths(entries, settings.artifacts), 32)
         if cuda:
             assert cv2.PSNR(np.ascontiguousarray(expected), shard) >= 35
         else:

@@ -430,7 +430,8 @@ def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
     assert list(root.iterdir()) == []
     # what a submit would record: the file's campaign, its images where it will make them
     assert planned.campaign == load_campaign(campaign)
-    assert all(e.path.startswith(f"{root}/") for e in planned.manifest.entries)
+    paths = planned.manifest.image_paths(planned.manifest.entries, tmp_path / "artifacts")
+    assert all(p.startswith(f"{root}/") and not os.path.exists(p) for p in paths)
     assert not (tmp_path / "artifacts").exists()
 
 

@@ -168,10 +168,11 @@ def test_macos_dot_files_in_an_imagefolder_are_not_images(tmp_path):
 def test_image_changed_after_submit_fails_its_shard_with_one_line(tmp_path):
     root = make_aicup(tmp_path / "data")
     manifest = manifest_of(tmp_path, root)
-    victim = Path(manifest.entries[3].path)
+    paths = manifest.image_paths(manifest.entries, tmp_path / "artifacts")
+    victim = Path(paths[3])
     victim.write_bytes(b"")
     with pytest.raises(PreprocessError) as info:
-        preprocess_images([e.path for e in manifest.entries], manifest.size)
+        preprocess_images(paths, manifest.size)
     one_line(info.value, str(victim), "empty file")
 
 
@@ -299,7 +300,7 @@ def test_odd_images_pass_the_submit_check(tmp_path):
     manifest = manifest_of(tmp_path, root)
     assert manifest.skipped == ()
     assert len(manifest.entries) == 15 + len(ODD_IMAGES)
-    cache = preprocess_images([e.path for e in manifest.entries], manifest.size)
+    cache = preprocess_images(manifest.image_paths(manifest.entries, tmp_path), manifest.size)
     assert cache.shape == (len(manifest.entries), 32, 32, 3)
 
 

@@ -214,7 +214,7 @@ def built(tmp_path_factory):
 
 
 def test_build_manifest_on_synthetic(built):
-    manifest, _ = built
+    manifest, tmp = built
     assert manifest.classes == ("A", "B", "C")
     assert len(manifest.entries) == 3 * 4 + 3 * 2
     train = [e for e in manifest.entries if e.split == "train"]
@@ -224,23 +224,76 @@ def test_build_manifest_on_synthetic(built):
     assert Counter(e.fold for e in train) == {0: 6, 1: 6}
     for fold in (0, 1):
         assert {e.label for e in train if e.fold == fold} == {"A", "B", "C"}
-    assert all(Path(e.path).is_file() for e in manifest.entries)
+    assert all(Path(p).is_file() for p in manifest.image_paths(manifest.entries, tmp / "artifacts"))
     assert manifest.size == 256 and manifest.shard_size == 256
 
 
 def test_each_entry_records_the_sha256_of_its_bytes_at_submit(built):
     import hashlib
 
-    manifest, _ = built
-    for entry in manifest.entries:
-        assert entry.sha256 == hashlib.sha256(Path(entry.path).read_bytes()).hexdigest()
+    manifest, tmp = built
+    paths = manifest.image_paths(manifest.entries, tmp / "artifacts")
+    for entry, path in zip(manifest.entries, paths, strict=True):
+        assert entry.sha256 == hashlib.sha256(Path(path).read_bytes()).hexdigest()
     older = json.loads(manifest.to_json())  # a manifest written before it was recorded
     for entry in older["entries"]:
         del entry["sha256"]
     assert {e.sha256 for e in Manifest.from_json(json.dumps(older)).entries} == {""}
-    # the file an orchard before them wrote: --reuse takes its campaigns as twins
-    before = json.dumps(older, indent=1, sort_keys=True).encode()
-    assert manifest.digest_before_image_checksums() == hashlib.sha256(before).hexdigest()
+
+
+def test_a_manifest_names_its_images_under_the_root_the_campaign_wrote(tmp_path):
+    """A symlink on the submitter's host may lead elsewhere than on a worker's, which
+    mounts the same share: the root is kept as the campaign wrote it, made absolute, and
+    the images are recorded under it. Files written by earlier orchards (absolute paths,
+    the root's symlinks followed; before that, without the images' sha256) are named as
+    twins for ``--reuse``."""
+    import hashlib
+
+    from tests.aicup import make_aicup
+
+    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=2)
+    (tmp_path / "data").symlink_to(tmp_path / "mnt-a")
+    campaign = parse_campaign(
+        {"name": "c", "folds": 2, "dataset": {"kind": "aicup", "root": "data/mango"}},
+        source="<test>",
+        base_dir=tmp_path,
+    )
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    assert (manifest.root, manifest.root_in_artifacts) == (str(tmp_path / "data/mango"), False)
+    assert manifest.entries[0].path == "train/000.jpg"
+    assert manifest.image_paths(manifest.entries[:1], tmp_path / "nowhere") == [
+        str(tmp_path / "data/mango/train/000.jpg")
+    ]
+
+    def digest(data):  # noqa: ANN001, ANN202
+        text = json.dumps(data, indent=1, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    earlier = json.loads(manifest.to_json())
+    del earlier["root"], earlier["root_in_artifacts"]
+    for entry in earlier["entries"]:
+        entry["path"] = str(real / entry["path"])
+    before = [digest(earlier)]
+    for entry in earlier["entries"]:
+        del entry["sha256"]
+    assert manifest.earlier_digests(tmp_path / "artifacts") == [*before, digest(earlier)]
+
+
+def test_a_generated_dataset_is_found_under_each_host_s_artifact_folder(tmp_path):
+    """The share holding ORCHARD_ARTIFACTS mounted at another place on a worker: the
+    generated dataset's images are found under that worker's mount, and a submit from
+    there records the same manifest (the same twin for ``--reuse``)."""
+    campaign = parse_campaign(
+        {"name": "c", "folds": 2, "dataset": {"kind": "synthetic", "train_per_class": 2}},
+        source="<test>",
+    )
+    manifest = build_manifest(campaign, tmp_path / "mnt-a" / "artifacts")
+    assert manifest.root_in_artifacts and manifest.root.startswith("datasets/synthetic-")
+    (tmp_path / "mnt-a").rename(tmp_path / "mnt-b")
+    elsewhere = tmp_path / "mnt-b" / "artifacts"
+    paths = manifest.image_paths(manifest.entries, elsewhere)
+    assert all(Path(p).is_file() and p.startswith(f"{elsewhere}/") for p in paths)
+    assert build_manifest(campaign, elsewhere).to_json() == manifest.to_json()
 
 
 def test_build_manifest_is_deterministic(built):

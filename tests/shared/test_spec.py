@@ -735,3 +735,30 @@ def test_preprocessing_counts_are_bounded_too(tmp_path, key):
     text = BASE + f"\n[preprocessing]\n{key} = 18446744073709551616\n"
     path, message = _error(tmp_path, text)
     _assert_one_line(path, message, f"[preprocessing] {key}", "less than or equal to 2147483647")
+
+
+def test_a_dataset_root_is_made_absolute_keeping_its_symlinks_and_home(tmp_path, monkeypatch):
+    """Each host follows a symlink its own way (a mount point): the root is recorded
+    as the campaign names it, relative to the file, not resolved on the submitter's
+    host; ``~`` is the submitter's home; '..' after a symlink goes where it leads."""
+    from shared.spec import load_campaign
+
+    (tmp_path / "mnt-a" / "mango").mkdir(parents=True)
+    (tmp_path / "mnt-a" / "pears").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "mnt-a" / "mango")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.toml"
+    for written, recorded in [
+        ("data", tmp_path / "data"),
+        ("./sub/../data", tmp_path / "data"),
+        ("~/data", tmp_path / "data"),
+        (str(tmp_path / "data"), tmp_path / "data"),
+        ("data/../pears", tmp_path / "mnt-a" / "pears"),
+    ]:
+        path.write_text(f'name = "t"\n[dataset]\nkind = "imagefolder"\nroot = "{written}"\n')
+        assert load_campaign(path).dataset.root == recorded, written
+    path.write_text('name = "t"\n[dataset]\nkind = "imagefolder"\nroot = "~nosuchuser/x"\n')
+    with pytest.raises(CampaignError) as info:
+        load_campaign(path)
+    assert str(info.value) == f"{path}: [dataset] root: ~nosuchuser: no such user"

@@ -26,11 +26,35 @@ def test_a_worker_reads_no_image_outside_its_dataset_roots(cached_campaign, tmp_
     context = UnitContext(store.get_campaign("p-1"), unit, store, settings, _manifest=manifest)
     with pytest.raises(PreprocessError) as info:
         preprocess_task.preprocess_shard.run.__wrapped__(context)
+    [first] = manifest.image_paths(manifest.entries[:1], settings.artifacts)
     assert str(info.value) == (
-        f"{manifest.entries[0].path}: outside this worker's ORCHARD_DATASET_ROOTS "
-        f"({allowed.resolve()}); not read"
+        f"{first}: outside this worker's ORCHARD_DATASET_ROOTS ({allowed.resolve()}); not read"
     )
-    assert Path(manifest.entries[0].path).is_absolute()
+    assert Path(first).is_absolute()
+
+
+def test_a_worker_without_the_dataset_s_folder_says_it_is_not_on_its_host(
+    cached_campaign,  # noqa: ANN001
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """A host that does not mount the data: the shard is not failed as if its images had
+    been removed (every shard the worker took would be); the worker's own error, which
+    run_unit turns into a hand-back and no more units from the queue."""
+    from workers.tasks.base import DatasetElsewhereError, NotOnThisHostError
+
+    store, settings, manifest = cached_campaign("p-1", {"rf": {"n_estimators": 5}})
+    for shard in (settings.artifacts / "cache").rglob("*.npy"):
+        shard.unlink()  # nothing cached: the shard must be decoded
+    elsewhere = dataclasses.replace(manifest, root=str(tmp_path / "share" / "mango"))
+    unit = next(u for u in store.units("p-1") if u.stage == PREPROCESS)
+    context = UnitContext(store.get_campaign("p-1"), unit, store, settings, _manifest=elsewhere)
+    with pytest.raises(DatasetElsewhereError) as info:
+        preprocess_task.preprocess_shard.run.__wrapped__(context)
+    assert isinstance(info.value, NotOnThisHostError)
+    assert str(info.value) == (
+        f"{tmp_path}/share/mango: the campaign's dataset is not on this worker's host (the "
+        "share it is on not mounted here, or the data moved away since the submit)"
+    )
 
 
 def test_two_deliveries_of_a_shard_take_turns_and_the_record_matches_the_file(

@@ -216,15 +216,18 @@ def test_a_worker_with_a_long_node_name_runs_its_units_on_either_store(
     assert store.release_leases_of(base.holder_prefix(delivery.request.hostname, 4242)) == 1
 
 
-def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_taking(
-    store: Store, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("missing", ["manifest", "dataset"])
+def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_taking(
+    store: Store, caplog: pytest.LogCaptureFixture, missing: str
 ) -> None:
-    """Its ORCHARD_ARTIFACTS is not the submitter's: not the unit's failure but the
-    worker's. The unit goes back to the queue, its attempt not counted, the message is
-    requeued for another worker, and this one stops consuming that queue."""
+    """Its ORCHARD_ARTIFACTS is not the submitter's, or its host does not mount the
+    dataset: not the unit's failure but the worker's. The unit goes back to the queue,
+    its attempt not counted, the message is requeued for another worker, and this one
+    stops consuming that queue."""
     from celery.exceptions import Reject
 
     from db.store import Artifact
+    from workers.tasks.base import DatasetElsewhereError
 
     store.record_artifact(
         Artifact("campaigns/g-1/manifest.json", "manifest", "0" * 64, 2, "g-1")
@@ -239,6 +242,8 @@ def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_
     )
 
     def body(ctx: UnitContext) -> Outcome:
+        if missing == "dataset":
+            raise DatasetElsewhereError("/mnt/share/mango: the campaign's dataset is not …")
         ctx.manifest()
         raise AssertionError("ran without its manifest")
 
@@ -249,11 +254,18 @@ def test_a_worker_without_the_campaign_s_manifest_hands_the_unit_back_and_stops_
     assert unit.state == "QUEUED" and unit.attempts == 0 and unit.error is None
     assert cancelled == [("cpu", ["cpu@h"])]
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert "the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker" in error
-    assert error.endswith(
-        "This worker takes no more units from queue cpu: restart it with the right "
-        "ORCHARD_ARTIFACTS"
-    )
+    said, remedy = {
+        "manifest": (
+            "the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker",
+            "with the right ORCHARD_ARTIFACTS",
+        ),
+        "dataset": (
+            "/mnt/share/mango: the campaign's dataset is not …",
+            "once the dataset is there",
+        ),
+    }[missing]
+    assert said in error
+    assert error.endswith(f"This worker takes no more units from queue cpu: restart it {remedy}")
 
 
 def test_a_database_away_mid_unit_hands_the_unit_back_counting_the_attempt(

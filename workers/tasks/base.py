@@ -418,10 +418,28 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
     return Manifest.from_json(data.decode("utf-8"))
 
 
-class ArtifactsElsewhereError(PreprocessError):
+class NotOnThisHostError(PreprocessError):
+    """What a unit needs is not where this worker's host should have it: this worker's
+    setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
+    hands them back and takes no more from their queue."""
+
+    #: what to do about it, said after "restart it"
+    remedy = ""
+
+
+class ArtifactsElsewhereError(NotOnThisHostError):
     """The store records a campaign's manifest that this worker's artifact folder lacks:
     the worker's ``ORCHARD_ARTIFACTS`` is not the submitter's (another path, a share not
-    mounted). Every unit it takes would fail, so it hands them back instead."""
+    mounted)."""
+
+    remedy = "with the right ORCHARD_ARTIFACTS"
+
+
+class DatasetElsewhereError(NotOnThisHostError):
+    """A campaign's dataset root is not a folder on this worker's host: the share it is
+    on is not mounted here (or the data was moved away since the submit)."""
+
+    remedy = "once the dataset is there"
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
@@ -813,24 +831,22 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             "%s stopped: another delivery took it over, or resume reset it (lease lost)", key
         )
         raise task.retry(countdown=rules.lease_seconds + 1) from None
-    except ArtifactsElsewhereError as exc:
-        # this worker's setting, not the unit, is wrong: another worker runs it, and this
-        # one takes no more from the queue (it would hand back every unit it took)
+    except NotOnThisHostError as exc:
+        # this worker's setting or host, not the unit, is wrong: another worker runs it,
+        # and this one takes no more from the queue (it would hand back every unit it took)
         heartbeat.stop()
         if _unit_gone(store, key):
             return _deleted_under(settings, message.campaign_id, key)
         _hand_back(store, key, holder, "to another worker")
         queue = _stop_consuming(task)
         log.error(
-            "%s: %s. This worker takes no more units from queue %s: restart it with the "
-            "right ORCHARD_ARTIFACTS",
+            "%s: %s. This worker takes no more units from queue %s: restart it %s",
             key,
             exc,
             queue,
+            exc.remedy,
         )
-        raise Reject(
-            "ORCHARD_ARTIFACTS is not the submitter's (see the error above)", True
-        ) from None
+        raise Reject("not on this worker's host (see the error above)", True) from None
     except StoreUnreachableError as exc:
         heartbeat.stop()
         _outlast_the_outage(task, store, key, holder, exc, rules.lease_seconds)

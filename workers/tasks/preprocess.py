@@ -14,7 +14,7 @@ from db.store import Artifact, Outcome
 from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, preprocess_images, write_shard
 from workers.data import exclusive, shard_intact, shard_rel
-from workers.tasks.base import UnitContext, log, unit_task
+from workers.tasks.base import DatasetElsewhereError, UnitContext, log, unit_task
 
 _warned: set[str] = set()  # this worker said it has no CUDA device for nvjpeg
 
@@ -49,7 +49,15 @@ def _decode_and_write(ctx: UnitContext, manifest: Manifest, path: Path, rel: str
     entries = manifest.entries[params["start"] : params["stop"]]
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
-    paths = [e.path for e in entries]
+    root = manifest.dataset_root(ctx.settings.artifacts)
+    if root is not None and not os.path.isdir(root):
+        # on a host that does not mount the data, every shard would fail as if its images
+        # had been removed: the worker hands this one back and takes no more
+        raise DatasetElsewhereError(
+            f"{root}: the campaign's dataset is not on this worker's host (the share it is "
+            "on not mounted here, or the data moved away since the submit)"
+        )
+    paths = manifest.image_paths(entries, ctx.settings.artifacts)
     # this worker's own rule, whatever the submitter's was (a symbolic link counts where
     # it leads, now)
     if outside := next((p for p in paths if ctx.settings.outside_dataset_roots(p)), None):
