@@ -1327,6 +1327,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import app, preload
     from workers.config import check_device
 
+    _refuse_a_taken_name(app, argv[argv.index("--hostname") + 1], settings)
     preload(queues)
     if "gpu" in queues:  # torch is loaded now
         check_device(os.environ.get("ORCHARD_DEVICE"))
@@ -1340,6 +1341,42 @@ def cmd_worker(args: argparse.Namespace) -> int:
         app.conf.worker_send_task_events = False
     app.worker_main(argv)
     return 0
+
+
+#: How long `orchard worker` waits for a running worker of its own node name to answer
+#: (an idle or prefork worker answers within milliseconds; a solo worker busy with a
+#: unit does not answer until the unit ends, so it is not found this way)
+NAME_CHECK_SECONDS = 0.5
+
+
+def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
+    """Stop a worker whose node name a running worker answers to. Celery would start it
+    (no mingle, whose duplicate check warns and goes on), and the broker's orders to
+    that name would then reach both: a worker that stops consuming a queue (wrong
+    ORCHARD_ARTIFACTS, no dataset on its host) names itself, so orchard's own order
+    carries a per-worker id too; Celery's and Flower's do not."""
+    if settings.broker_is_filesystem:
+        return  # one machine, whose worker names carry the pid of a live process
+    from celery.utils.nodenames import default_nodename, host_format
+
+    node = host_format(default_nodename(name))
+    # asked from a forked process: a broker connection pool that this one made here, and
+    # Celery's pool then forked into its children, left every child that replaced a dead
+    # one unable to start ("Timed out waiting for UP message")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which only asks
+        try:
+            answered = app.control.ping(destination=[node], timeout=NAME_CHECK_SECONDS, limit=1)
+        except BaseException:  # noqa: BLE001 - the broker answered just now: Celery will say
+            os._exit(0)
+        os._exit(1 if answered else 0)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 1:
+        raise OrchardError(
+            f"worker name {node} is taken: a running worker of that name answers on "
+            f"{mask_url(settings.broker_url)} (on a cluster, each host needs its own "
+            "ORCHARD_NODE_NAME or --name); stop it, or give this worker another --name"
+        )
 
 
 def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:

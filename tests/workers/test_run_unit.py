@@ -213,6 +213,11 @@ def test_a_worker_with_a_long_node_name_runs_its_units_on_either_store(
     second = "g-1/svm/p1/f0"
     holder = base.holder_prefix(delivery.request.hostname, 4242) + "abcdef12"
     assert store.start_unit(second, worker=worker, task_id="t2", holder=holder).run
+    # a namesake worker's child of the same pid (another host): not this one's lease
+    namesake = base.holder_prefix(delivery.request.hostname, 4242).replace(
+        base.WORKER_BOOT, "x" * 8
+    )
+    assert store.release_leases_of(namesake) == 0
     assert store.release_leases_of(base.holder_prefix(delivery.request.hostname, 4242)) == 1
 
 
@@ -237,7 +242,9 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     delivery.request.delivery_info = {"routing_key": "cpu"}
     delivery.app = SimpleNamespace(
         control=SimpleNamespace(
-            cancel_consumer=lambda queue, destination: cancelled.append((queue, destination))
+            broadcast=lambda command, arguments, destination: cancelled.append(
+                (command, arguments, destination)
+            )
         )
     )
 
@@ -252,7 +259,8 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     assert rejected.value.requeue is True
     unit = store.get_unit(KEY)
     assert unit.state == "QUEUED" and unit.attempts == 0 and unit.error is None
-    assert cancelled == [("cpu", ["cpu@h"])]
+    stop = {"queue": "cpu", "boot": base.WORKER_BOOT}  # this worker's, not a namesake's
+    assert cancelled == [("orchard_stop_consuming", stop, ["cpu@h"])]
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     said, remedy = {
         "manifest": (
@@ -266,6 +274,21 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     }[missing]
     assert said in error
     assert error.endswith(f"This worker takes no more units from queue cpu: restart it {remedy}")
+
+
+def test_stop_consuming_reaches_the_worker_of_its_boot_alone() -> None:
+    """Two workers of one node name (a host configured as another) both get a broadcast
+    to that name: only the one whose unit asked stops consuming the queue."""
+    calls: list[tuple] = []
+    consumer = SimpleNamespace(
+        call_soon=lambda *call: calls.append(call), cancel_task_queue="cancel_task_queue"
+    )
+    state = SimpleNamespace(consumer=consumer)
+    reply = base.orchard_stop_consuming(state, queue="preprocess", boot="0" * 8)
+    assert calls == [] and reply == {"ok": "not this worker: preprocess still consumed"}
+    reply = base.orchard_stop_consuming(state, queue="preprocess", boot=base.WORKER_BOOT)
+    assert calls == [("cancel_task_queue", "preprocess")]
+    assert reply == {"ok": "no longer consuming from preprocess"}
 
 
 def test_a_database_away_mid_unit_hands_the_unit_back_counting_the_attempt(
@@ -517,7 +540,7 @@ def test_a_dead_child_s_lease_release_does_not_hold_the_event_loop_for_a_slow_st
 
     class SlowStore:
         def release_leases_of(self, prefix: str) -> int:
-            assert prefix == "cpu@h/4242/"
+            assert prefix == f"cpu@h/{base.WORKER_BOOT}/4242/"
             answer.wait(60)
             released.set()
             return 1

@@ -55,6 +55,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task, signals
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
+from celery.worker.control import control_command
 from celery.worker.request import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -474,10 +475,28 @@ def node_label(hostname: str | None) -> str:
     return f"{name[: MAX_NODE_NAME - len(digest) - 1]}~{digest}"
 
 
+#: Drawn once per worker, in its main process before the pool's children are forked
+#: (they inherit it): tells this worker from another of the same node name, a host
+#: misconfigured as another (the same ORCHARD_NODE_NAME, and the same pids in containers).
+WORKER_BOOT = uuid.uuid4().hex[:8]
+
+
 def holder_prefix(hostname: str | None, pid: int) -> str:
     """The start of the lease holder of every delivery process ``pid`` of worker
-    ``hostname`` runs (each adds an id of its own)."""
-    return f"{node_label(hostname)}/{pid}/"
+    ``hostname`` runs (each adds an id of its own), this worker's :data:`WORKER_BOOT`
+    with them: a namesake's dead child of the same pid releases none of its leases."""
+    return f"{node_label(hostname)}/{WORKER_BOOT}/{pid}/"
+
+
+@control_command(args=[("queue", str), ("boot", str)], signature="<queue> <boot>")
+def orchard_stop_consuming(state: Any, queue: str, boot: str, **_: Any) -> dict[str, str]:
+    """Celery's ``cancel_consumer`` for the worker whose :data:`WORKER_BOOT` is
+    ``boot`` alone: a worker of the same node name (which a broadcast also reaches)
+    keeps consuming."""
+    if boot != WORKER_BOOT:
+        return {"ok": f"not this worker: {queue} still consumed"}
+    state.consumer.call_soon(state.consumer.cancel_task_queue, queue)
+    return {"ok": f"no longer consuming from {queue}"}
 
 
 class UnitRequest(Request):
@@ -675,7 +694,11 @@ def _stop_consuming(task: Task) -> str:
     hostname = task.request.hostname
     if hostname and queue != "?":
         try:
-            task.app.control.cancel_consumer(queue, destination=[hostname])
+            task.app.control.broadcast(
+                "orchard_stop_consuming",
+                arguments={"queue": queue, "boot": WORKER_BOOT},
+                destination=[hostname],
+            )
         except Exception as exc:  # noqa: BLE001 - the hand-back stands without it
             log.warning("could not stop consuming %s: %s", queue, exc)
     return queue
