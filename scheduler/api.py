@@ -127,7 +127,12 @@ class CampaignRun:
         return CampaignStatus(self.store.get_campaign(self.id), self.store.units(self.id))
 
     def report_path(self) -> Path | None:
-        """The HTML report, once the report task wrote it."""
+        """The HTML report, once the report task wrote it; None while its report unit is
+        not SUCCESS: the files recorded then are an earlier run's (`resume` reset the
+        unit, whose new run waits, runs, or failed), as `orchard report` says."""
+        units = self.store.units(self.id, family="report")
+        if units and units[0].state != "SUCCESS":
+            return None
         for artifact in self.store.artifacts(self.id, kind="report"):
             if artifact.path.endswith("report.html"):
                 return self.settings.artifacts / artifact.path
@@ -1118,6 +1123,7 @@ class _Progress:
     """A live bar per family (done / total units), drawn with rich."""
 
     def __init__(self) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -1138,6 +1144,9 @@ class _Progress:
             # stop rich does not wait for, could outlive the interpreter's shutdown and
             # die noisily ("Exception ignored in thread started by ... _RefreshThread")
             auto_refresh=False,
+            # on stderr, whose terminal the callers ask about: stdout holds what a script
+            # reads (the campaign's id, the outcome)
+            console=Console(stderr=True),
         )
         self._tasks: dict[str, int] = {}
         self._started: set[str] = set()  # families whose clock started ...

@@ -27,10 +27,12 @@ import errno
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -70,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchardError as exc:
         print(f"orchard: error: {exc}", file=sys.stderr)
         return 2
+    except StoppedWatching as exc:
+        print(f"orchard: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("orchard: interrupted", file=sys.stderr)
         return 130
@@ -80,6 +85,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
     finally:
         sys.stdout = stdout
+
+
+class StoppedWatching(Exception):  # noqa: N818 - not an error: the user's choice
+    """Ctrl-C, SIGTERM or SIGHUP while a command followed a campaign (``--wait``,
+    ``status --watch``): the watching stops, the campaign does not."""
+
+    def __init__(self, campaign_id: str, signum: int) -> None:
+        super().__init__(
+            f"stopped watching; campaign {campaign_id} goes on (`orchard status "
+            f"{campaign_id} --watch` follows it, `orchard cancel {campaign_id}` stops it)"
+        )
+        self.code = 128 + signum  # as a shell reports a process the signal ended
+
+
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP, raised where the watching command is: rich's display is then
+    restored (the terminal's cursor) as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _watching(campaign_id: str) -> Iterator[None]:
+    """Around following a campaign: Ctrl-C, SIGTERM and SIGHUP stop the following alone,
+    saying so and that the campaign goes on."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals go there alone
+        previous = {sig: signal.signal(sig, stop) for sig in handled}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise StoppedWatching(campaign_id, signal.SIGINT) from None
+    except _Signalled as exc:
+        raise StoppedWatching(campaign_id, exc.signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class OutputError(OrchardError):
@@ -513,7 +562,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
     if not args.wait:
         return 0
-    status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
+    with _watching(run.id):
+        status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
     return _finish(run, status)
 
 
@@ -538,7 +588,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"campaign {run.id}: re-enqueued its report")
     if not args.wait:
         return 0
-    return _finish(run, run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall))
+    with _watching(run.id):
+        status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
+    return _finish(run, status)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -789,12 +841,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             _warn_stall(line)
         return 0
     if not console.is_terminal:  # piped: no redrawing, the final table once
-        run.wait(on_stall=_warn_stall)
+        with _watching(args.campaign):
+            run.wait(on_stall=_warn_stall)
         _print_table(console, *_unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
 
-    with Live(_units_table(store, args.campaign), console=console, refresh_per_second=2) as live:
+    with (
+        _watching(args.campaign),
+        Live(
+            _units_table(store, args.campaign, console), console=console, refresh_per_second=2
+        ) as live,
+    ):
         built = {"at": time.monotonic(), "took": 0.0}
 
         def refresh(*, now: bool = False) -> None:
@@ -803,7 +861,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not now and time.monotonic() - built["at"] < 2 * built["took"]:
                 return
             started = time.monotonic()
-            live.update(_units_table(store, args.campaign))
+            live.update(_units_table(store, args.campaign, console))
             built.update(at=time.monotonic(), took=time.monotonic() - started)
 
         # stderr too: rich prints it above the table, which stays at the bottom
@@ -1134,8 +1192,31 @@ def _iso(moment: datetime | None) -> str | None:
     return None if utc is None else utc.isoformat()
 
 
-def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
-    return _rich_table(*_terminal_rows(_unit_rows(store, campaign_id)))
+def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
+    """`status ID --watch`'s table: as many units as the terminal's height holds, those
+    not succeeded first (a running fold's epoch below thirty finished shards was never
+    seen: rich cuts a live display at the bottom of the screen)."""
+    rows = _unit_rows(store, campaign_id)
+    height = max(1, console.size.height - 2)  # the cursor's line, a stall warning's
+
+    def table(limit: int):  # noqa: ANN202 - a rich Table, and its height in lines
+        shown = _rich_table(*_terminal_rows(rows, limit))
+        return shown, len(console.render_lines(shown, console.options, pad=False))
+
+    # the most rows that fit (a narrow terminal's rows wrap onto more lines), by bisection
+    low, high = 1, min(MAX_TERMINAL_UNITS, len(rows[2]))
+    best, lines = table(high)
+    if lines <= height:
+        return best
+    best = table(low)[0]
+    while high - low > 1:
+        middle = (low + high) // 2
+        shown, lines = table(middle)
+        if lines <= height:
+            low, best = middle, shown
+        else:
+            high = middle
+    return best
 
 
 #: The most units a terminal's table shows: rich took 12 s to lay out 25,000 rows (and
@@ -1143,19 +1224,19 @@ def _units_table(store, campaign_id: str):  # noqa: ANN001, ANN202
 MAX_TERMINAL_UNITS = 200
 
 
-def _terminal_rows(rows: Rows) -> Rows:
-    """At most ``MAX_TERMINAL_UNITS`` of a campaign's unit rows, those not succeeded
-    first (failed, running, queued: what one looks for), in plan order; the title says
-    how many are left out and where they all are."""
+def _terminal_rows(rows: Rows, limit: int = MAX_TERMINAL_UNITS) -> Rows:
+    """At most ``limit`` of a campaign's unit rows, those not succeeded first (failed,
+    running, queued: what one looks for), in plan order; the title says how many are
+    left out and where they all are."""
     title, columns, cells = rows
-    if len(cells) <= MAX_TERMINAL_UNITS:
+    if len(cells) <= limit:
         return rows
     # the state is the second cell
     first = [i for i, row in enumerate(cells) if row[1] != "SUCCESS"]
     first += [i for i, row in enumerate(cells) if row[1] == "SUCCESS"]
-    shown = sorted(first[:MAX_TERMINAL_UNITS])
+    shown = sorted(first[:limit])
     return (
-        f"{title} ({MAX_TERMINAL_UNITS:,} of {len(cells):,} units shown, those not "
+        f"{title} ({limit:,} of {len(cells):,} units shown, those not "
         "succeeded first; piped or with --json, every unit)",
         columns,
         [cells[i] for i in shown],

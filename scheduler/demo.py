@@ -135,7 +135,8 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         run = submit(campaign, settings=settings)
         workers = Workers(settings, _worker_specs())
         print(f"campaign {run.id} submitted ({campaign}); logs in {workers.logs}")
-        status = run.wait(timeout=timeout, progress=True, check=workers.check)
+        # the bars on stderr, as `submit --wait` draws them: where it is a terminal
+        status = run.wait(timeout=timeout, progress=sys.stderr.isatty(), check=workers.check)
     except (OrchardError, KeyboardInterrupt, _Stopped) as exc:
         stop_signals.ignore()  # a second TERM must not cut the cleanup short
         if run is None:  # nothing of ours to clean up

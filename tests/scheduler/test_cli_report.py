@@ -79,14 +79,21 @@ def test_a_report_unit_run_again_is_not_taken_for_its_earlier_run(
 ) -> None:
     """`orchard resume` reset the report unit (a model unit failed): the files recorded
     are the earlier run's while the new run waits, runs, or fails (a full disk)."""
+    from scheduler.api import CampaignRun
+    from shared.settings import load_settings
+
     seed_campaign(home)
     html = write_report(home, artifacts) / "report.html"
+    run = CampaignRun("t-1", home, load_settings())
+    assert run.report_path() == html
     assert "t-1/report" in home.resume_campaign("t-1")
     for state in ("PENDING", "QUEUED", "RUNNING"):
         if state == "QUEUED":
             home.claim_for_queue(["t-1/report"])
         elif state == "RUNNING":
             home.start_unit("t-1/report", worker="w", task_id=None)
+        # nor by `status --json`, `submit/resume --wait` and scripts
+        assert run.report_path() is None
         for args in (["t-1"], ["t-1", "--print"]):
             assert report(capsys, *args) == (
                 2,
@@ -95,6 +102,7 @@ def test_a_report_unit_run_again_is_not_taken_for_its_earlier_run(
                 f"unit is {state}); the report at {html} is an earlier run's\n",
             )
     home.fail_unit("t-1/report", DISK_FULL)
+    assert run.report_path() is None
     assert report(capsys, "t-1", "--print") == (
         2,
         "",

@@ -486,3 +486,73 @@ def test_a_terminal_shows_a_big_campaign_s_units_not_succeeded_first() -> None:
     )
     small = ("c-2: DONE", ("unit", "state"), cells[:10])
     assert _terminal_rows(small) == small
+
+
+def test_a_watch_fits_the_terminal_with_the_units_not_succeeded_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rich cuts a live display at the bottom of the screen: on an 80 x 24 terminal a
+    running fold after thirty finished shards was never seen."""
+    from rich.console import Console
+
+    import scheduler.cli
+
+    cells = [[f"c-1/preprocess/s{i:05d}", "SUCCESS", "1", "w@h", "0.1", ""] for i in range(30)]
+    cells.append(["c-1/cnn/f0", "RUNNING", "1", "gpu0@h", "", "epoch 2/100 val_acc=0.400"])
+    cells += [[f"c-1/cnn/f{i}", "QUEUED", "0", "", "", ""] for i in range(1, 5)]
+    columns = ["unit", "state", "tries", "worker", "seconds", "note"]
+    monkeypatch.setattr(scheduler.cli, "_unit_rows", lambda store, cid: ("c-1", columns, cells))
+    for width, height in ((80, 24), (60, 24), (120, 12)):
+        console = Console(width=width, height=height, record=True, force_terminal=True)
+        console.print(scheduler.cli._units_table(None, "c-1", console))
+        text = console.export_text()
+        assert len(text.splitlines()) <= height - 2, (width, height)
+        assert "RUNNING" in text and "QUEUED" in text, (width, height)
+        assert "units shown, those not succeeded first" in text.replace("\n", " ")
+
+
+def test_sigterm_or_ctrl_c_stop_the_watching_alone_saying_the_campaign_goes_on(
+    tmp_path: Path,
+) -> None:
+    """As Ctrl-C does: rich's display is restored (its cursor shown again) and the
+    line says what goes on and how to follow or stop it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    url = f"sqlite:///{tmp_path / 'orchard.db'}"
+    store = Store(url)
+    store.upgrade()
+    seed_campaign(store, IDS[0])
+    env = {
+        **__import__("os").environ,
+        "ORCHARD_HOME": str(tmp_path),
+        "ORCHARD_DATABASE_URL": url,
+        "ORCHARD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
+    }
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", "status", IDS[0], "--watch"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until its SIGHUP handler is in place
+            caught = Path(f"/proc/{proc.pid}/status").read_text().split("SigCgt:")[1].split()[0]
+            if int(caught, 16) & (1 << (signal.SIGHUP - 1)):
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert err == (
+            f"orchard: stopped watching; campaign {IDS[0]} goes on (`orchard status {IDS[0]} "
+            f"--watch` follows it, `orchard cancel {IDS[0]}` stops it)\n"
+        )
+    assert store.get_campaign(IDS[0]).state == "RUNNING"

@@ -108,8 +108,8 @@ def test_wait_with_progress_prints_the_stall_line_above_the_bars(
     monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 0.0)
     with pytest.raises(api.WaitTimeout):
         run.wait(timeout=0.3, poll=0.05, progress=True)
-    out = capsys.readouterr().out
-    assert out.count("orchard: warning: campaign t-1: no worker has taken a unit") == 1
+    err = capsys.readouterr().err
+    assert err.count("orchard: warning: campaign t-1: no worker has taken a unit") == 1
 
 
 def test_status_of_a_stalled_campaign_says_so_on_stderr(
@@ -253,3 +253,20 @@ def test_the_bars_have_no_refresh_thread_to_leave_behind() -> None:
         assert not set(threading.enumerate()) - before  # none of its own
     finally:
         display.close()
+
+
+def test_the_bars_and_their_warnings_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    """`submit --wait` draws them when stderr is a terminal: on stdout they were mixed
+    into what a script reads (`ID=$(orchard submit c.toml --wait)`), and a terminal
+    whose stdout went to a file saw nothing for the whole wait."""
+    from scheduler.api import _Progress
+
+    display = _Progress()
+    try:
+        display.update({"svm": {"QUEUED": 2, "SUCCESS": 1}}, {})
+        display.warn("no worker has taken a unit")
+    finally:
+        display.close()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "svm" in err and "1/3" in err and "orchard: warning: no worker has taken a unit" in err
