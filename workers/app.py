@@ -14,6 +14,7 @@ from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
 from workers import logs
 from workers.config import celery_config, check_broker_url, make_broker_folders
+from workers.etaslot import EtaKeepsItsSlot
 from workers.reaper import LostUnitReaper
 
 # Before any OpenMP runtime loads (torch's, on the first unit or at preload): its threads
@@ -72,6 +73,8 @@ def make_app(settings: Settings, *, with_tasks: bool = True, broker_folders: boo
     celery.config_from_object(config)
     if with_tasks:
         celery.steps["worker"].add(LostUnitReaper)
+        # a countdown retry keeps its prefetch slot: see workers.etaslot
+        celery.steps["consumer"].add(EtaKeepsItsSlot)
         logs.install()
         signals.celeryd_init.connect(_refuse_an_unusable_store, weak=False)
     return celery
