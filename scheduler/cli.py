@@ -116,10 +116,13 @@ def _watching(campaign_id: str) -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise _Signalled(signum)
 
-    handled = (signal.SIGTERM, signal.SIGHUP)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signals go there alone
-        previous = {sig: signal.signal(sig, stop) for sig in handled}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            # one ignored stays ignored (`nohup orchard submit --wait`), and one whose
+            # handler Python did not install (None) could not be put back
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, stop)
     try:
         yield
     except KeyboardInterrupt:
@@ -1451,8 +1454,14 @@ def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
         except BaseException:  # noqa: BLE001 - the broker answered just now: Celery will say
             os._exit(0)
         os._exit(1 if answered else 0)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) == 1:
+    deadline = time.monotonic() + NAME_CHECK_SECONDS + 5  # a broker that never answers
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:  # Celery's start, next, says what is wrong with the broker
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return
+    if os.waitstatus_to_exitcode(done[1]) == 1:
         raise OrchardError(
             f"worker name {node} is taken: a running worker of that name answers on "
             f"{mask_url(settings.broker_url)} (on a cluster, each host needs its own "

@@ -110,9 +110,10 @@ class Manifest:
         del data["root"], data["root_in_artifacts"]
         for entry in data["entries"]:
             entry["path"] = str(real / entry["path"])
+        # a skipped image's path, and a reason naming its CSV, held the resolved root
         for skipped in data["skipped"]:
-            if Path(skipped["path"]).is_relative_to(root):
-                skipped["path"] = str(real / Path(skipped["path"]).relative_to(root))
+            for field in ("path", "reason"):
+                skipped[field] = skipped[field].replace(f"{root}/", f"{real}/")
         digests = [_digest(data)]
         for entry in data["entries"]:
             del entry["sha256"]
@@ -311,6 +312,16 @@ def _order(skipped: Skipped) -> tuple[int, str]:
     return SPLITS.index(skipped.split), skipped.image_id
 
 
+def _under(root: Path, path: Path) -> str:
+    """An image's path relative to its dataset's root: as the dataset names it, or, for
+    an image folder named by another path to the same place (`[dataset.splits]` images
+    as an absolute path through the root's symlink), by where its folder leads."""
+    if path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    folder = Path(os.path.realpath(path.parent))
+    return (folder.relative_to(os.path.realpath(root)) / path.name).as_posix()
+
+
 def recorded_root(root: Path, artifacts: Path) -> tuple[str, bool]:
     """(root, root_in_artifacts) as a manifest records a dataset's root: relative to the
     artifact folder where it is inside it (each host mounts that folder its own way),
@@ -355,9 +366,7 @@ def build_manifest(campaign: Campaign, artifacts: Path) -> Manifest:
     return Manifest(
         classes=tuple(dataset.classes),
         entries=tuple(
-            Entry(
-                s.image_id, s.label, s.split, s.path.relative_to(dataset.root).as_posix(), fold, sha
-            )
+            Entry(s.image_id, s.label, s.split, _under(dataset.root, s.path), fold, sha)
             for (s, sha), fold in zip(good, folds, strict=True)
         ),
         root=root,

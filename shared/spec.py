@@ -719,14 +719,13 @@ def parse_campaign(
         raise CampaignError(
             f"{source}: [dataset] root: cannot resolve {str(written)!r}: {_resolve_problem(exc)}"
         ) from None
-    if relative or root != written:
-        # made absolute with its symlinks kept, the path every host mounts the data at
-        # (a symlink may lead elsewhere on a worker than here), unless '..' after a
-        # symlink makes the plain path another folder
-        plain = Path(os.path.abspath(root))
-        dataset = campaign.dataset.model_copy(
-            update={"root": plain if plain.resolve() == resolved else resolved}
-        )
+    # made absolute with its symlinks kept, the path every host mounts the data at (a
+    # symlink may lead elsewhere on a worker than here), unless '..' after a symlink
+    # makes the plain path another folder (or none)
+    plain = Path(os.path.abspath(root))
+    recorded = plain if plain.resolve() == resolved else resolved
+    if recorded != written:
+        dataset = campaign.dataset.model_copy(update={"root": recorded})
         campaign = campaign.model_copy(update={"dataset": dataset})
     return campaign
 

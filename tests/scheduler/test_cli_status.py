@@ -556,3 +556,19 @@ def test_sigterm_or_ctrl_c_stop_the_watching_alone_saying_the_campaign_goes_on(
             f"--watch` follows it, `orchard cancel {IDS[0]}` stops it)\n"
         )
     assert store.get_campaign(IDS[0]).state == "RUNNING"
+
+
+def test_a_watch_under_nohup_keeps_sighup_ignored() -> None:
+    """`nohup orchard submit --wait`: the terminal's hangup must not stop the watching."""
+    import signal
+
+    from scheduler.cli import _watching
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _watching("c-1"):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -251,7 +251,9 @@ def test_a_manifest_names_its_images_under_the_root_the_campaign_wrote(tmp_path)
 
     from tests.aicup import make_aicup
 
-    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=2)
+    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=4)
+    # listed and missing: skipped, its path and its reason (naming the CSV) under the root
+    (real / "train.csv").write_text((real / "train.csv").read_text() + "999.jpg,A\n")
     (tmp_path / "data").symlink_to(tmp_path / "mnt-a")
     campaign = parse_campaign(
         {"name": "c", "folds": 2, "dataset": {"kind": "aicup", "root": "data/mango"}},
@@ -269,10 +271,16 @@ def test_a_manifest_names_its_images_under_the_root_the_campaign_wrote(tmp_path)
         text = json.dumps(data, indent=1, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
+    # as d4721b4 wrote it (checked once against that code's own file for this dataset)
     earlier = json.loads(manifest.to_json())
     del earlier["root"], earlier["root_in_artifacts"]
     for entry in earlier["entries"]:
         entry["path"] = str(real / entry["path"])
+    [skipped] = earlier["skipped"]
+    assert skipped["path"] == str(tmp_path / "data/mango/train/999.jpg")
+    assert str(tmp_path / "data/mango/train.csv") in skipped["reason"]
+    skipped["path"] = str(real / "train/999.jpg")
+    skipped["reason"] = skipped["reason"].replace(str(tmp_path / "data/mango"), str(real))
     before = [digest(earlier)]
     for entry in earlier["entries"]:
         del entry["sha256"]
@@ -480,3 +488,21 @@ def test_an_unusable_image_s_reason_does_not_repeat_its_path(tmp_path: Path) -> 
     (folder / "x.jpg").write_bytes(b"")
     good, bad = _check_images([Sample("x.jpg", "A", "train", folder / "x.jpg")], 10**8)
     assert good == [] and [s.reason for s in bad] == ["empty file (0 bytes)"]
+
+
+def test_a_split_folder_named_through_the_root_s_target_is_recorded_under_the_root(tmp_path):
+    """`[dataset.splits.train] images` as an absolute path to where the root's symlink
+    leads: the same folder, so its images are recorded under the root as written."""
+    from tests.aicup import make_aicup
+
+    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=2)
+    (tmp_path / "data").symlink_to(tmp_path / "mnt-a")
+    dataset = {
+        "kind": "aicup",
+        "root": str(tmp_path / "data" / "mango"),
+        "splits": {"train": {"csv": "train.csv", "images": str(real / "train")}},
+    }
+    campaign = parse_campaign({"name": "c", "folds": 2, "dataset": dataset}, source="<test>")
+    manifest = build_manifest(campaign, tmp_path / "artifacts")
+    assert manifest.root == str(tmp_path / "data" / "mango")
+    assert {e.path for e in manifest.entries} == {f"train/{i:03d}.jpg" for i in range(6)}

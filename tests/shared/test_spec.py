@@ -755,6 +755,7 @@ def test_a_dataset_root_is_made_absolute_keeping_its_symlinks_and_home(tmp_path,
         ("~/data", tmp_path / "data"),
         (str(tmp_path / "data"), tmp_path / "data"),
         ("data/../pears", tmp_path / "mnt-a" / "pears"),
+        (str(tmp_path / "data" / ".." / "pears"), tmp_path / "mnt-a" / "pears"),
     ]:
         path.write_text(f'name = "t"\n[dataset]\nkind = "imagefolder"\nroot = "{written}"\n')
         assert load_campaign(path).dataset.root == recorded, written

@@ -227,8 +227,9 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
 ) -> None:
     """Its ORCHARD_ARTIFACTS is not the submitter's, or its host does not mount the
     dataset: not the unit's failure but the worker's. The unit goes back to the queue,
-    its attempt not counted, the message is requeued for another worker, and this one
-    stops consuming that queue."""
+    the message is requeued for another worker, and this one stops consuming that
+    queue. A dataset missing may be missing everywhere (moved away since the submit):
+    that hand-back counts as an attempt, so the unit still ends."""
     from celery.exceptions import Reject
 
     from db.store import Artifact
@@ -258,7 +259,8 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
         run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
     assert rejected.value.requeue is True
     unit = store.get_unit(KEY)
-    assert unit.state == "QUEUED" and unit.attempts == 0 and unit.error is None
+    counted = 1 if missing == "dataset" else 0
+    assert unit.state == "QUEUED" and unit.attempts == counted and unit.error is None
     stop = {"queue": "cpu", "boot": base.WORKER_BOOT}  # this worker's, not a namesake's
     assert cancelled == [("orchard_stop_consuming", stop, ["cpu@h"])]
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -274,6 +276,40 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     }[missing]
     assert said in error
     assert error.endswith(f"This worker takes no more units from queue cpu: restart it {remedy}")
+
+
+def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keeps_its_queue(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvJPEG shards run on queue gpu: a GPU worker without the dataset hands the shard
+    back but keeps taking folds. The last attempt allowed records the failure instead
+    of handing back once more: a dataset moved away is missing on every host."""
+    from celery.exceptions import Reject
+
+    from workers.tasks.base import DatasetElsewhereError
+
+    monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "2")
+    told: list[tuple] = []
+    delivery = OneDelivery()
+    delivery.request.delivery_info = {"routing_key": "gpu"}
+    delivery.app = SimpleNamespace(
+        control=SimpleNamespace(broadcast=lambda *args, **kwargs: told.append(args))
+    )
+    missing = "/mnt/share/mango: the campaign's dataset is not on this worker's host"
+
+    def body(ctx: UnitContext) -> Outcome:
+        raise DatasetElsewhereError(missing)
+
+    with pytest.raises(Reject):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert told == [] and store.get_unit(KEY).state == "QUEUED"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{KEY}: {missing}. Handed back to another worker"
+    ]
+    with pytest.raises(DatasetElsewhereError):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.attempts) == ("FAILED", 2) and missing in unit.error
 
 
 def test_stop_consuming_reaches_the_worker_of_its_boot_alone() -> None:

@@ -426,6 +426,9 @@ class NotOnThisHostError(PreprocessError):
 
     #: what to do about it, said after "restart it"
     remedy = ""
+    #: whether the hand-back counts as an attempt: when what is missing may be missing
+    #: on every host, the unit still ends (FAILED) after ORCHARD_MAX_ATTEMPTS of them
+    counts_attempt = False
 
 
 class ArtifactsElsewhereError(NotOnThisHostError):
@@ -438,9 +441,11 @@ class ArtifactsElsewhereError(NotOnThisHostError):
 
 class DatasetElsewhereError(NotOnThisHostError):
     """A campaign's dataset root is not a folder on this worker's host: the share it is
-    on is not mounted here (or the data was moved away since the submit)."""
+    on is not mounted here, or the data was moved away since the submit (then it is
+    missing everywhere: each hand-back counts as an attempt)."""
 
     remedy = "once the dataset is there"
+    counts_attempt = True
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
@@ -626,17 +631,46 @@ def _remove_scratch_off_record(
 
 
 def _hand_back(
-    store: Store, key: str, holder: str, why: str = "at its checkpoint: the worker is shutting down"
+    store: Store,
+    key: str,
+    holder: str,
+    why: str = "at its checkpoint: the worker is shutting down",
+    *,
+    count_attempt: bool = False,
 ) -> None:
     """Back to QUEUED for the next delivery; the caller requeues the message."""
     try:
-        handed = store.hand_back(key, holder)
+        handed = store.hand_back(key, holder, count_attempt=count_attempt)
     except StoreError as exc:
         # the message goes back anyway: its next delivery waits out this lease
         log.warning("%s: not handed back in the store (%s); its lease will run out", key, exc)
         return
     if handed:
         log.warning("%s handed back %s", key, why)
+
+
+def _fail(
+    task: Task,
+    store: Store,
+    message: UnitMessage,
+    key: str,
+    holder: str,
+    exc: Exception,
+    started: float,
+    lease_seconds: float,
+) -> None:
+    """Record the unit FAILED with ``exc`` in one line and open what may follow; the
+    caller re-raises it. A failure the store cannot record leaves the unit to a later
+    delivery (this one comes back)."""
+    error = _one_line(exc)
+    log.error("%s failed after %.1f s: %s", key, time.perf_counter() - started, error)
+    try:
+        store.fail_unit(key, error, holder=holder)
+    except StoreError as store_exc:
+        # cannot even record the failure: leave the unit to a later delivery
+        log.error("%s: failure not recorded, the store is unreachable: %s", key, store_exc)
+        raise task.retry(countdown=lease_seconds + 1, max_retries=30, exc=exc) from None
+    _advance_or_retry(task, store, message.campaign_id)
 
 
 def _finish(store: Store, key: str, outcome: Outcome, holder: str, patience: float) -> bool:
@@ -860,16 +894,27 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         heartbeat.stop()
         if _unit_gone(store, key):
             return _deleted_under(settings, message.campaign_id, key)
-        _hand_back(store, key, holder, "to another worker")
-        queue = _stop_consuming(task)
-        log.error(
-            "%s: %s. This worker takes no more units from queue %s: restart it %s",
-            key,
-            exc,
-            queue,
-            exc.remedy,
-        )
-        raise Reject("not on this worker's host (see the error above)", True) from None
+        if not (exc.counts_attempt and start.attempts >= rules.max_attempts):
+            _hand_back(store, key, holder, "to another worker", count_attempt=exc.counts_attempt)
+            queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+            if queue == "gpu":
+                # a GPU worker keeps its queue: its folds need no dataset (nvJPEG shards
+                # there do), and a GPU left idle costs more than a shard handed back
+                log.error("%s: %s. Handed back to another worker", key, exc)
+            else:
+                _stop_consuming(task)
+                log.error(
+                    "%s: %s. This worker takes no more units from queue %s: restart it %s",
+                    key,
+                    exc,
+                    queue,
+                    exc.remedy,
+                )
+            raise Reject("not on this worker's host (see the error above)", True) from None
+        # met by as many deliveries as a unit may have: most likely not this host alone
+        # (the data moved away since the submit): the unit fails, saying why
+        _fail(task, store, message, key, holder, exc, started, rules.lease_seconds)
+        raise
     except StoreUnreachableError as exc:
         heartbeat.stop()
         _outlast_the_outage(task, store, key, holder, exc, rules.lease_seconds)
@@ -884,15 +929,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             log.warning("%s stopped with its worker: %s", key, _one_line(exc))
             _hand_back(store, key, holder, "as its worker stopped")
             raise Reject(WORKER_STOPPING, requeue=True) from None
-        error = _one_line(exc)
-        log.error("%s failed after %.1f s: %s", key, time.perf_counter() - started, error)
-        try:
-            store.fail_unit(key, error, holder=holder)
-        except StoreError as store_exc:
-            # cannot even record the failure: leave the unit to a later delivery
-            log.error("%s: failure not recorded, the store is unreachable: %s", key, store_exc)
-            raise task.retry(countdown=rules.lease_seconds + 1, max_retries=30, exc=exc) from None
-        _advance_or_retry(task, store, message.campaign_id)
+        _fail(task, store, message, key, holder, exc, started, rules.lease_seconds)
         raise
     if recorded:
         _remove_scratch(settings, key, outcome.scratch)

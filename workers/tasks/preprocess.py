@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +45,16 @@ def preprocess_shard(ctx: UnitContext) -> Outcome:
     return Outcome(fit_seconds=time.perf_counter() - started, extra=extra)
 
 
+def _absent(root: Path) -> bool:
+    """Whether ``root`` is not there as a folder: no such path, or a path through a
+    file. Any other error (a share that timed out, a folder we may not read) is left to
+    the images' own reads, which name it."""
+    try:
+        return not stat.S_ISDIR(os.stat(root).st_mode)
+    except OSError as exc:
+        return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
 def _decode_and_write(ctx: UnitContext, manifest: Manifest, path: Path, rel: str) -> dict:
     """Decode the unit's range of the manifest into the shard at ``path`` and record it."""
     params = ctx.unit.params
@@ -50,7 +62,7 @@ def _decode_and_write(ctx: UnitContext, manifest: Manifest, path: Path, rel: str
     # Images were header-checked at submit; one that still fails to decode fails the
     # shard with one line naming it, and nothing is written (shards are written atomically).
     root = manifest.dataset_root(ctx.settings.artifacts)
-    if root is not None and not os.path.isdir(root):
+    if root is not None and _absent(root):
         # on a host that does not mount the data, every shard would fail as if its images
         # had been removed: the worker hands this one back and takes no more
         raise DatasetElsewhereError(
