@@ -1206,8 +1206,9 @@ def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
         shown = _rich_table(*_terminal_rows(rows, limit))
         return shown, len(console.render_lines(shown, console.options, pad=False))
 
-    # the most rows that fit (a narrow terminal's rows wrap onto more lines), by bisection
-    low, high = 1, min(MAX_TERMINAL_UNITS, len(rows[2]))
+    # the most rows that fit (a narrow terminal's rows wrap onto more lines), by bisection;
+    # a row takes a line at least, so no more than the height is ever laid out
+    low, high = 1, max(1, min(MAX_TERMINAL_UNITS, len(rows[2]), height))
     best, lines = table(high)
     if lines <= height:
         return best
