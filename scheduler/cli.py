@@ -29,7 +29,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from scheduler.stopsignals import Stopped, StopSignals
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
 from shared.times import as_utc
@@ -99,39 +99,19 @@ class StoppedWatching(Exception):  # noqa: N818 - not an error: the user's choic
         self.code = 128 + signum  # as a shell reports a process the signal ended
 
 
-class _Signalled(BaseException):
-    """SIGTERM or SIGHUP, raised where the watching command is: rich's display is then
-    restored (the terminal's cursor) as for Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 @contextlib.contextmanager
 def _watching(campaign_id: str) -> Iterator[None]:
     """Around following a campaign: Ctrl-C, SIGTERM and SIGHUP stop the following alone,
     saying so and that the campaign goes on."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise _Signalled(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signals go there alone
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            # one ignored stays ignored (`nohup orchard submit --wait`), and one whose
-            # handler Python did not install (None) could not be put back
-            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
-                previous[sig] = signal.signal(sig, stop)
+    signals = StopSignals()
     try:
         yield
     except KeyboardInterrupt:
         raise StoppedWatching(campaign_id, signal.SIGINT) from None
-    except _Signalled as exc:
+    except Stopped as exc:
         raise StoppedWatching(campaign_id, exc.signum) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.restore()
 
 
 class OutputError(OrchardError):

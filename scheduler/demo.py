@@ -28,6 +28,7 @@ from scheduler.api import (
     check_sqlite_store,
     submit,
 )
+from scheduler.stopsignals import Stopped, StopSignals
 from shared.errors import OrchardError, visible_controls
 from shared.settings import Settings, child_env, load_settings, mask_url
 from shared.spec import load_campaign
@@ -128,7 +129,7 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         store.dispose()
     run = workers = None
     cancelled = False
-    stop_signals = _StopSignals()
+    stop_signals = StopSignals()
     try:
         # submitted before the workers start: a dataset it cannot use stops the demo with
         # nothing started; the first stage waits in the broker for them
@@ -137,10 +138,10 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         print(f"campaign {run.id} submitted ({campaign}); logs in {workers.logs}")
         # the bars on stderr, as `submit --wait` draws them: where it is a terminal
         status = run.wait(timeout=timeout, progress=sys.stderr.isatty(), check=workers.check)
-    except (OrchardError, KeyboardInterrupt, _Stopped) as exc:
+    except (OrchardError, KeyboardInterrupt, Stopped) as exc:
         stop_signals.ignore()  # a second TERM must not cut the cleanup short
         if run is None:  # nothing of ours to clean up
-            if isinstance(exc, _Stopped):
+            if isinstance(exc, Stopped):
                 return 128 + exc.signum
             raise
         # the demo's campaign is cancelled before its workers stop: left RUNNING, the
@@ -148,7 +149,7 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         why = "interrupted"
         if isinstance(exc, OrchardError):
             why = str(exc)
-        elif isinstance(exc, _Stopped):
+        elif isinstance(exc, Stopped):
             why = f"stopped by {exc}"
         logs = settings.home / "logs"
         outcome = _cancel(run)
@@ -156,7 +157,7 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         # warm one waits for it (the filesystem broker carries no revoke to the workers)
         cancelled = outcome.startswith("cancelled ")
         print(f"orchard demo: {why}; {outcome}. Logs in {logs}", file=sys.stderr)
-        if isinstance(exc, _Stopped):
+        if isinstance(exc, Stopped):
             return 128 + exc.signum  # as a shell reports a process the signal ended
         return 1 if isinstance(exc, OrchardError) else 130
     finally:
@@ -174,39 +175,6 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
         print(f"report: {report}")
         print(f"        {report.with_suffix('.md')}")
     return 0 if status.campaign.state == "DONE" and report is not None else 1
-
-
-class _Stopped(Exception):  # noqa: N818 - a stop, not an error
-    """The demo was sent SIGTERM (``timeout``, ``kill``, a CI job's end) or SIGHUP (its
-    terminal closed)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _StopSignals:
-    """SIGTERM and SIGHUP stop the demo as Ctrl-C does: its campaign cancelled, its
-    workers (in sessions of their own, which no terminal or process group signal
-    reaches) stopped. Without this, the default action ended the demo alone and left
-    its workers running its campaign."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.previous = {s: signal.signal(s, self._raise) for s in self.SIGNALS}
-
-    @staticmethod
-    def _raise(signum: int, _frame: object) -> None:
-        raise _Stopped(signum)
-
-    def ignore(self) -> None:
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _worker_specs() -> list[tuple[str, list[str]]]:

@@ -721,10 +721,14 @@ def _outlast_the_outage(
     raise task.retry(countdown=lease_seconds + 1) from None
 
 
-def _stop_consuming(task: Task) -> str:
-    """Ask this worker to take no more messages from the queue the current one came
-    from (a broadcast its main process answers); the queue's name."""
-    queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+def _queue_of(task: Task) -> str:
+    """The queue the current message came from ("?" where the request does not say)."""
+    return (task.request.delivery_info or {}).get("routing_key") or "?"
+
+
+def _stop_consuming(task: Task, queue: str) -> None:
+    """Ask this worker to take no more messages from ``queue`` (a broadcast its main
+    process answers, and a namesake's ignores)."""
     hostname = task.request.hostname
     if hostname and queue != "?":
         try:
@@ -735,7 +739,6 @@ def _stop_consuming(task: Task) -> str:
             )
         except Exception as exc:  # noqa: BLE001 - the hand-back stands without it
             log.warning("could not stop consuming %s: %s", queue, exc)
-    return queue
 
 
 def _unknown_unit(store: Store, message: UnitMessage, exc: NotFoundError) -> str | None:
@@ -896,13 +899,13 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             return _deleted_under(settings, message.campaign_id, key)
         if not (exc.counts_attempt and start.attempts >= rules.max_attempts):
             _hand_back(store, key, holder, "to another worker", count_attempt=exc.counts_attempt)
-            queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+            queue = _queue_of(task)
             if queue == "gpu":
                 # a GPU worker keeps its queue: its folds need no dataset (nvJPEG shards
                 # there do), and a GPU left idle costs more than a shard handed back
                 log.error("%s: %s. Handed back to another worker", key, exc)
             else:
-                _stop_consuming(task)
+                _stop_consuming(task, queue)
                 log.error(
                     "%s: %s. This worker takes no more units from queue %s: restart it %s",
                     key,
