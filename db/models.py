@@ -73,6 +73,10 @@ class CampaignRow(Base):
     state: Mapped[str] = mapped_column(String(16), default="RUNNING")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the manifest's sha256 without where the dataset lies (Manifest.data_digest): the
+    # campaigns over the same data, wherever mounted, that `submit --reuse` copies from;
+    # None before 0007, or for a manifest without its images' sha256 (0007)
+    data_digest: Mapped[str | None] = mapped_column(String(64), index=True)
 
     units: Mapped[list[UnitRow]] = relationship(back_populates="campaign")
 

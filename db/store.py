@@ -684,6 +684,7 @@ class Store:
         classes: Sequence[str],
         units: Sequence[UnitPlan],
         artifacts: Iterable[Artifact] = (),
+        data_digest: str | None = None,
     ) -> None:
         # Core inserts of many rows each (executemany), not one ORM object per unit: the
         # ORM inserted units and params a row per statement on SQLite (it needs each new
@@ -711,6 +712,7 @@ class Store:
                     "classes": list(classes),
                     "state": "RUNNING",
                     "created_at": now,
+                    "data_digest": data_digest,
                 },
             )
             if units:
@@ -1814,8 +1816,9 @@ class Store:
 
         Identical means same family, parameters (hash) and fold, in a campaign with the
         same seed and a byte-identical manifest (same images, labels, splits and folds,
-        same preprocessing), or one whose manifest's sha256 is in
-        ``equivalent_manifests`` (the same data as an earlier orchard wrote it). The
+        same preprocessing), or the same data digest (that manifest but for where the
+        dataset lies: the same images mounted elsewhere), or one whose manifest's sha256
+        is in ``equivalent_manifests`` (the same data as an earlier orchard wrote it). The
         result, predictions and metrics are copied (the result's ``extra["reused_from"]``
         names the unit that ran, whose artifacts stay where they are) and the unit is
         marked SUCCESS without running. Returns new key -> that unit's key.
@@ -1831,6 +1834,14 @@ class Store:
             )
             if manifest_sha is None:
                 return {}
+            same_data = CampaignRow.id.in_(
+                select(ArtifactRow.campaign_id).where(
+                    ArtifactRow.kind == "manifest",
+                    ArtifactRow.sha256.in_([manifest_sha, *equivalent_manifests]),
+                )
+            )
+            if campaign.data_digest is not None:
+                same_data = or_(same_data, CampaignRow.data_digest == campaign.data_digest)
             twins = [
                 c.id
                 for c in s.scalars(
@@ -1841,12 +1852,7 @@ class Store:
                         # while this waited for its lock is seen (its manifest's record,
                         # read in this statement's snapshot, may still look there)
                         CampaignRow.state != DELETING,
-                        CampaignRow.id.in_(
-                            select(ArtifactRow.campaign_id).where(
-                                ArtifactRow.kind == "manifest",
-                                ArtifactRow.sha256.in_([manifest_sha, *equivalent_manifests]),
-                            )
-                        ),
+                        same_data,
                     )
                     # FOR SHARE: a delete of a twin (FOR UPDATE) waits for this copy and
                     # then sees it, or this waits for the delete and skips the twin

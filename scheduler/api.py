@@ -350,6 +350,7 @@ def submit(
                     spec=campaign.model_dump(mode="json"),
                     classes=manifest.classes,
                     units=units,
+                    data_digest=manifest.data_digest(settings.artifacts),
                     artifacts=[
                         Artifact(
                             written.path.relative_to(settings.artifacts).as_posix(),
@@ -372,7 +373,8 @@ def submit(
                 raise
         run = CampaignRun(campaign_id, store, settings)
         if reuse:
-            # a manifest written before entries held their images' sha256 is the same data
+            # the same data: at another root (data_digest), or as an earlier orchard wrote
+            # its manifest
             earlier = manifest.earlier_digests(settings.artifacts)
             run.reused = store.reuse_finished(campaign_id, equivalent_manifests=earlier)
         _send(store, app, campaign_id)

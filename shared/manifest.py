@@ -119,6 +119,23 @@ class Manifest:
             del entry["sha256"]
         return [*digests, _digest(data)]
 
+    def data_digest(self, artifacts: Path) -> str | None:
+        """The sha256 of this manifest without where its dataset lies: the same images
+        (their bytes' sha256), labels, splits, folds and preprocessing give the same
+        digest whatever path names their root, so ``submit --reuse`` finds a campaign
+        over the same data mounted elsewhere. None for a manifest written before it
+        recorded the root and every image's sha256 (only its file then tells it apart)."""
+        root = self.dataset_root(artifacts)
+        if root is None or not all(e.sha256 for e in self.entries):
+            return None
+        data = asdict(self)
+        del data["root"], data["root_in_artifacts"]
+        # a skipped image's path, and a reason naming its CSV, lie under the root
+        for skipped in data["skipped"]:
+            for field in ("path", "reason"):
+                skipped[field] = skipped[field].replace(f"{root}/", "")
+        return _digest(data)
+
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)

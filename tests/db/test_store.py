@@ -56,7 +56,9 @@ def make_store(url: str) -> Store:
     return store
 
 
-def seed_campaign(store: Store, cid: str = "t-1") -> list[UnitPlan]:
+def seed_campaign(
+    store: Store, cid: str = "t-1", *, data_digest: str | None = None
+) -> list[UnitPlan]:
     campaign = parse_campaign(CAMPAIGN, source="test")
     units = plan_units(cid, campaign, [(0, 10), (10, 20)])
     store.create_campaign(
@@ -67,6 +69,7 @@ def seed_campaign(store: Store, cid: str = "t-1") -> list[UnitPlan]:
         spec=campaign.model_dump(mode="json"),
         classes=["A", "B", "C"],
         units=units,
+        data_digest=data_digest,
     )
     return units
 
@@ -838,6 +841,32 @@ def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     assert store.get_unit(third).worker == "cpu@h"
 
 
+def test_reuse_finds_the_same_data_mounted_at_another_root(store_url: str) -> None:
+    """Manifests that differ only in where the dataset lies (other bytes, one data
+    digest) are twins; campaigns without a data digest are not each other's."""
+    store = make_store(store_url)
+    plans = seed_campaign(store, data_digest="d" * 64)
+    store.record_artifact(Artifact("campaigns/t-1/manifest.json", "manifest", "a" * 64, 1, "t-1"))
+    svm = next(p for p in plans if p.family == "svm")
+    deliver(store, svm.key, worker="cpu@h", task_id=None)
+    store.finish_unit(svm.key, outcome(0.7))
+    seed_campaign(store, "t-2", data_digest="d" * 64)
+    store.record_artifact(Artifact("campaigns/t-2/manifest.json", "manifest", "b" * 64, 1, "t-2"))
+    seed_campaign(store, "t-3", data_digest="e" * 64)
+    store.record_artifact(Artifact("campaigns/t-3/manifest.json", "manifest", "c" * 64, 1, "t-3"))
+    assert store.reuse_finished("t-2") == {svm.key.replace("t-1/", "t-2/", 1): svm.key}
+    assert store.reuse_finished("t-3") == {}
+    # before 0007 (or a manifest without its images' sha256): no digest, no twin by it
+    plans = seed_campaign(store, "u-1")
+    store.record_artifact(Artifact("campaigns/u-1/manifest.json", "manifest", "f" * 64, 1, "u-1"))
+    svm = next(p for p in plans if p.family == "svm")
+    deliver(store, svm.key, worker="cpu@h", task_id=None)
+    store.finish_unit(svm.key, outcome(0.7))
+    seed_campaign(store, "u-2")
+    store.record_artifact(Artifact("campaigns/u-2/manifest.json", "manifest", "9" * 64, 1, "u-2"))
+    assert store.reuse_finished("u-2") == {}
+
+
 def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[0].key
@@ -993,6 +1022,25 @@ def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows
     migrate.downgrade(store.engine, "0003")
     assert "ix_units_task_id" not in {i["name"] for i in inspect(store.engine).get_indexes("units")}
     assert store.upgrade() == ("0003", migrate.head_revision())
+
+
+def test_upgrade_to_0007_adds_the_data_digest_and_keeps_the_campaigns(store_url: str) -> None:
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0006")
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+    assert store.upgrade() == ("0006", migrate.head_revision())
+    indexes = inspect(store.engine).get_indexes("campaigns")
+    assert {"ix_campaigns_data_digest": ["data_digest"]}.items() <= {
+        i["name"]: i["column_names"] for i in indexes
+    }.items()
+    assert store.get_campaign("t-1").name == "t"
+    with store.engine.connect() as conn:
+        assert conn.scalar(text("SELECT data_digest FROM campaigns")) is None
+    migrate.downgrade(store.engine, "0006")
+    assert "data_digest" not in {c["name"] for c in inspect(store.engine).get_columns("campaigns")}
+    assert store.upgrade() == ("0006", migrate.head_revision())
+    assert store.get_campaign("t-1").name == "t"
 
 
 PARAMS = {

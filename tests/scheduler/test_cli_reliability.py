@@ -144,3 +144,41 @@ def test_resume_counts_the_units_it_sends_again_apart_from_the_report(
     assert home.get_campaign("t-1").state == "PARTIAL"
     assert main(["resume", "t-1"]) == 0
     assert capsys.readouterr().out == "campaign t-1: re-enqueued 2 unit(s), and its report\n"
+
+
+def test_submit_reuse_finds_the_same_images_under_another_root(
+    home: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dataset named once by its mount and once through a symlink to it (as another
+    host's path would name it): other manifest files, the same data, so the second
+    campaign copies what the first finished."""
+    from dataclasses import replace
+
+    from tests.aicup import make_aicup
+    from tests.db.test_store import outcome
+
+    monkeypatch.setenv("ORCHARD_ARTIFACTS", str(tmp_path / "artifacts"))
+    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=4)
+    (tmp_path / "data").symlink_to(tmp_path / "mnt-a")
+    ids, said = [], []
+    for root, extra in ((real, []), (tmp_path / "data" / "mango", ["--reuse"])):
+        campaign = tmp_path / f"c{len(ids)}.toml"
+        campaign.write_text(
+            f'name = "c"\nfolds = 2\n[dataset]\nkind = "aicup"\nroot = "{root}"\n'
+            '[preprocessing]\nsize = 32\n[svm]\nvariant = "resize8"\nn_components = [2]\n'
+        )
+        assert main(["submit", str(campaign), *extra]) == 0
+        out, err = capsys.readouterr()
+        ids.append(out.split()[-1])
+        said.append(err)
+        if len(ids) == 1:
+            for unit in home.units(ids[0]):
+                if unit.family == "svm":
+                    home.claim_for_queue([unit.key])
+                    home.start_unit(unit.key, worker="w", task_id=None)
+                    home.finish_unit(unit.key, replace(outcome(), artifacts=[]))
+    assert "reused 1 finished unit(s) from earlier campaigns" in said[1]
+    [svm] = [u for u in home.units(ids[1]) if u.family == "svm"]
+    assert svm.state == "SUCCESS" and svm.attempts == 0
+    manifests = [home.artifacts(i, kind="manifest")[0].sha256 for i in ids]
+    assert manifests[0] != manifests[1]

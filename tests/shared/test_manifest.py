@@ -287,6 +287,43 @@ def test_a_manifest_names_its_images_under_the_root_the_campaign_wrote(tmp_path)
     assert manifest.earlier_digests(tmp_path / "artifacts") == [*before, digest(earlier)]
 
 
+def test_the_data_digest_is_the_same_data_wherever_its_root_lies(tmp_path):
+    """``submit --reuse`` finds a campaign over the same images named by another path
+    (another mount, a symlink): their manifests differ in the root alone."""
+    import shutil
+    from dataclasses import replace
+
+    from tests.aicup import make_aicup, write_jpeg
+
+    real = make_aicup(tmp_path / "mnt-a" / "mango", per_class=4)
+    (real / "train.csv").write_text((real / "train.csv").read_text() + "999.jpg,A\n")
+    (tmp_path / "data").symlink_to(tmp_path / "mnt-a")
+    shutil.copytree(real, tmp_path / "mnt-b" / "mango")
+
+    def manifest_of(root):  # noqa: ANN001, ANN202
+        campaign = parse_campaign(
+            {"name": "c", "folds": 2, "dataset": {"kind": "aicup", "root": str(root)}},
+            source="<test>",
+        )
+        return build_manifest(campaign, tmp_path / "artifacts")
+
+    manifests = [manifest_of(r) for r in (real, tmp_path / "data/mango", tmp_path / "mnt-b/mango")]
+    assert len({m.to_json() for m in manifests}) == 3  # three files, three sha256s
+    assert manifests[0].skipped and manifests[0].skipped[0].path.startswith(f"{real}/")
+    digests = {m.data_digest(tmp_path / "artifacts") for m in manifests}
+    assert len(digests) == 1 and None not in digests
+    # another image's bytes, or another label, is other data
+    write_jpeg(tmp_path / "mnt-b/mango/train/000.jpg", seed=99)
+    assert manifest_of(tmp_path / "mnt-b/mango").data_digest(tmp_path / "artifacts") not in digests
+    first = manifests[0]
+    relabelled = replace(first, entries=(replace(first.entries[0], label="C"), *first.entries[1:]))
+    assert relabelled.data_digest(tmp_path / "artifacts") not in digests
+    # written before the root or the images' sha256 were recorded: no digest
+    assert replace(first, root="").data_digest(tmp_path / "artifacts") is None
+    unchecked = (replace(first.entries[0], sha256=""), *first.entries[1:])
+    assert replace(first, entries=unchecked).data_digest(tmp_path / "artifacts") is None
+
+
 def test_a_generated_dataset_is_found_under_each_host_s_artifact_folder(tmp_path):
     """The share holding ORCHARD_ARTIFACTS mounted at another place on a worker: the
     generated dataset's images are found under that worker's mount, and a submit from
