@@ -920,20 +920,6 @@ class Store:
             return routes, claimed, {key: task_ids[key] for key in claimed}
 
     @_retried
-    def unit_routes(self, campaign_id: str) -> list[UnitRoute]:
-        """Every unit's key, stage, state, task and queue in plan order, in one plain query.
-
-        ``advance`` runs after every unit; reading full units with their params there
-        cost ~10 ms per 40 units on SQLite, most of the gap between two units.
-        """
-        with self._transaction(read_only=True) as s:
-            rows = s.execute(
-                select(UnitRow.key, UnitRow.stage, UnitRow.state, UnitRow.task, UnitRow.queue)
-                .where(UnitRow.campaign_id == campaign_id)
-                .order_by(UnitRow.position)
-            )
-            return [UnitRoute(*row) for row in rows]
-
     @_retried
     def stage_may_open(self, campaign_id: str) -> bool:
         """Whether ``shared.plan.next_actions`` could enqueue or fail a unit of the

@@ -2,11 +2,16 @@
 
     orchard submit FILE [--wait]      validate, record and enqueue a campaign
                   [--reuse]           copy units that already succeeded identically
+                  [--dry-run]         check and show the plan; record nothing
     orchard resume ID [--wait]        run again what did not succeed
     orchard cancel ID                 revoke a campaign's pending and running units
+    orchard delete ID [ID ...]        finished or cancelled campaigns, their rows and files
+    orchard prune                     the preprocessing cache no campaign uses
     orchard status [ID [--watch]]     campaigns (the newest 50; --all), or one campaign's units
+                   [--json]           the same as one JSON document
     orchard report ID [--print]       where a campaign's report is (or its Markdown)
     orchard worker --queues Q[,Q]     run a Celery worker for orchard's queues
+                   [--concurrency N] [--name NAME] [--loglevel LEVEL]
                    [--pool solo]      one process, no pool: less dispatch time per unit
                    [--without-task-events]   no per-task events until a monitor asks
     orchard worker --gpus all|0,1     one GPU worker process per GPU, supervised
@@ -1510,8 +1515,9 @@ def _check_worker_start():  # noqa: ANN202 - Settings
 
 def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
     """Refuse a worker whose ``ORCHARD_ARTIFACTS`` lacks the manifest of a campaign
-    running in its store: not the folder the campaigns are submitted with (another
-    path, a share not mounted). It would take their units and fail each one."""
+    running in its store (among the newest ``STATUS_SHOWN``: one is enough to tell):
+    not the folder the campaigns are submitted with (another path, a share not
+    mounted). It would take their units and hand each one back."""
     from shared.manifest import manifest_path
 
     for campaign in store.list_campaigns(limit=STATUS_SHOWN):

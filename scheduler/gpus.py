@@ -12,7 +12,8 @@ the launcher alone: on SIGTERM, SIGINT, SIGHUP or SIGQUIT it sends every child o
 SIGTERM (Celery's warm shutdown: each hands its fold back after the fold's next
 checkpoint, then exits) and waits for them. On Linux a child gets SIGTERM too should
 the launcher die without a word (SIGKILL). A child that dies on its own is restarted
-(its unacknowledged task goes back to the queue and is delivered again), unless it died
+(the workers' reaper sends its fold again once its lease has run out: see
+``workers.reaper``; Redis would only after the visibility timeout), unless it died
 before it was ready, within ``min_uptime`` seconds of starting: a worker that cannot
 even start will not start next time either, so the launcher stops the others and exits
 non-zero instead of looping. It reads its children's output to the end, whatever
@@ -133,8 +134,9 @@ def parse_gpus(
 
 def node_name(gpu: str, launcher: int | None = None) -> str:
     """``gpu<i>-<launcher pid>@%h``: unique per launcher, as ``cpu-<pid>@%h`` is per
-    plain worker, so that two launchers on one host (Celery does not check: no mingle)
-    never share a name that a ``cancel_consumer`` aimed at one of them would reach."""
+    plain worker, so that two launchers on one host never share a name (a broadcast to
+    a name, Celery's or Flower's, reaches every worker of it; `orchard worker` refuses a
+    name a running worker answers to, and orchard's own orders name a worker's boot)."""
     return f"gpu{gpu}-{os.getpid() if launcher is None else launcher}@%h"
 
 

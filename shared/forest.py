@@ -254,7 +254,7 @@ def fit_model(
         min_samples_split=params["min_samples_split"],
         max_features=params["max_features"],
         bootstrap=True,
-        oob_score=False,  # computed by oob_scores(), which also works on merged forests
+        oob_score=False,  # computed by score_model / score_from_shards, merged forests too
         n_jobs=1,  # parallelism comes from running many units at once
         random_state=seed if forest_seed is None else forest_seed,
     )

@@ -57,7 +57,8 @@ class Entry:
     label: str | None
     split: str
     path: str
-    # NO_FOLD for the test split and unlabelled images (both predicted); OUT_OF_BAG
+    # the CV fold that validates on it; NO_FOLD for the test split and unlabelled images
+    # (both predicted); OUT_OF_BAG with ``validation = "oob"`` (trained on, scored out of bag)
     fold: int
     # of the file's bytes at submit; preprocessing decodes only those bytes ("": a
     # manifest written before it was recorded)

@@ -84,7 +84,7 @@ class _Frozen(BaseModel):
     """Numbers and booleans are strict and finite everywhere: ``true`` is not 1, ``"300"``
     is not 300, ``"no"`` is not False, and ``inf`` / ``nan`` are refused (an integer is
     still a float: ``lr = 1``). Paths and lists, which TOML and the stored JSON give as
-    strings and lists, are the lax :data:`FilePath` and :data:`Items`."""
+    strings and lists, are the lax :data:`FilePath` and :func:`_items`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 

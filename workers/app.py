@@ -21,7 +21,7 @@ from workers.reaper import LostUnitReaper
 # that wait for work sleep rather than spin. A CNN fold on the CPU beside other busy
 # processes (the demo's CPU worker, another campaign's) otherwise lost most of its time
 # to threads spinning on cores others needed: the demo took 2.5-3 min beside two busy
-# processes on 2 cores, 1.3 min with this, and the same 48-50 s on quiet cores.
+# processes on 2 cores, about 1.2 min with this, and the same 48-50 s on quiet cores.
 # A worker's environment may say otherwise (OMP_WAIT_POLICY=ACTIVE)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1251,7 +1251,6 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
     try:
         assert store.find_unit(key).state == "PENDING"
         assert store.stage_may_open("t-1")
-        assert [r.key for r in store.unit_routes("t-1")][2] == key
         assert store.find_campaign("t-1") is not None
         # what `orchard status` and the report read: every unit of a campaign, or of
         # fifty campaigns, must not queue behind the workers' writes either
@@ -1263,7 +1262,7 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
     finally:
         writer.rollback()
         writer.close()
-    assert begins == ["BEGIN"] * 12
+    assert begins == ["BEGIN"] * 11
     assert deliver(store, key, worker="w", task_id=None).run  # writes still lock up front
     assert begins[-1] == "BEGIN IMMEDIATE"
 

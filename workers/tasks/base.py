@@ -422,13 +422,16 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
 class NotOnThisHostError(PreprocessError):
     """What a unit needs is not where this worker's host should have it: this worker's
     setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
-    hands them back and takes no more from their queue."""
+    hands them back and takes no more from their queue (but for ``gpu_keeps_queue``)."""
 
     #: what to do about it, said after "restart it"
     remedy = ""
     #: whether the hand-back counts as an attempt: when what is missing may be missing
     #: on every host, the unit still ends (FAILED) after ORCHARD_MAX_ATTEMPTS of them
     counts_attempt = False
+    #: whether a worker of queue ``gpu`` keeps taking from it: where only some of its
+    #: units need what is missing
+    gpu_keeps_queue = False
 
 
 class ArtifactsElsewhereError(NotOnThisHostError):
@@ -446,6 +449,9 @@ class DatasetElsewhereError(NotOnThisHostError):
 
     remedy = "once the dataset is there"
     counts_attempt = True
+    # a GPU worker's folds need no dataset (its nvJPEG shards do), and a GPU left idle
+    # costs more than a shard handed back
+    gpu_keeps_queue = True
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
@@ -900,9 +906,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         if not (exc.counts_attempt and start.attempts >= rules.max_attempts):
             _hand_back(store, key, holder, "to another worker", count_attempt=exc.counts_attempt)
             queue = _queue_of(task)
-            if queue == "gpu":
-                # a GPU worker keeps its queue: its folds need no dataset (nvJPEG shards
-                # there do), and a GPU left idle costs more than a shard handed back
+            if queue == "gpu" and exc.gpu_keeps_queue:
                 log.error("%s: %s. Handed back to another worker", key, exc)
             else:
                 _stop_consuming(task, queue)

@@ -64,7 +64,8 @@ def _decode_and_write(ctx: UnitContext, manifest: Manifest, path: Path, rel: str
     root = manifest.dataset_root(ctx.settings.artifacts)
     if root is not None and _absent(root):
         # on a host that does not mount the data, every shard would fail as if its images
-        # had been removed: the worker hands this one back and takes no more
+        # had been removed: the worker hands this one back and takes no more (a GPU worker,
+        # whose folds need no dataset, keeps its queue)
         raise DatasetElsewhereError(
             f"{root}: the campaign's dataset is not on this worker's host (the share it is "
             "on not mounted here, or the data moved away since the submit)"
