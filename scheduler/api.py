@@ -209,11 +209,11 @@ class CampaignRun:
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds, at least 0, or None: {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        display: _Progress | None = None
+        display: _Progress | _PlainProgress | None = None
         next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
         told: set[str] = set()
         try:
-            display = _Progress() if progress else None
+            display = _progress_display() if progress else None
             if on_stall is None and display is not None:
                 on_stall = display.warn
             while True:
@@ -1121,6 +1121,52 @@ def _utf8(name: str) -> bool:
     return True
 
 
+def _family_progress(
+    family: str, counts: Mapping[str, int], epochs: dict[str, str]
+) -> tuple[int, int, list[str]]:
+    """A family's units ended, its units, and what to say of the rest (how many in each
+    other state, its running folds' epochs)."""
+    done = sum(n for state, n in counts.items() if state in TERMINAL)
+    notes = [f"{n} {state.lower()}" for state, n in sorted(counts.items()) if state != "SUCCESS"]
+    notes += [e for key, e in epochs.items() if key.split("/")[1] == family]
+    return done, sum(counts.values()), notes
+
+
+def _progress_display() -> _Progress | _PlainProgress:
+    """Bars on a terminal that can redraw them; a line per change on one that cannot
+    (TERM=dumb: an editor's shell, a job log through a pty), where rich would draw the
+    bars once, at the end."""
+    from rich.console import Console
+
+    return _PlainProgress() if Console(stderr=True).is_dumb_terminal else _Progress()
+
+
+class _PlainProgress:
+    """The families' done / total units as one line on stderr, printed when it changes."""
+
+    def __init__(self) -> None:
+        self._last = ""
+
+    def update(self, by_family: Mapping[str, Mapping[str, int]], epochs: dict[str, str]) -> None:
+        parts = []
+        for family, counts in by_family.items():
+            done, total, notes = _family_progress(family, counts, epochs)
+            parts.append(f"{family} {done}/{total}" + (f" ({', '.join(notes)})" if notes else ""))
+        line = "; ".join(parts)
+        if line != self._last:
+            self._last = line
+            print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+    def refresh(self) -> None:
+        pass
+
+    def warn(self, line: str) -> None:
+        print(f"orchard: warning: {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 class _Progress:
     """A live bar per family (done / total units), drawn with rich."""
 
@@ -1167,12 +1213,7 @@ class _Progress:
         """Redraw from the units counted per family and state (``Store.family_counts``,
         or ``CampaignStatus.by_family``) and the running folds' epochs."""
         for family, counts in by_family.items():
-            total = sum(counts.values())
-            done = sum(n for state, n in counts.items() if state in TERMINAL)
-            notes = [
-                f"{n} {state.lower()}" for state, n in sorted(counts.items()) if state != "SUCCESS"
-            ]
-            notes += [e for key, e in epochs.items() if key.split("/")[1] == family]
+            done, total, notes = _family_progress(family, counts, epochs)
             if family not in self._tasks:
                 # its clock starts when its stage does, not at submit
                 self._tasks[family] = self._progress.add_task(

@@ -822,16 +822,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     run = CampaignRun(args.campaign, store, load_settings())
     if not args.watch:
         campaign, lines = _unit_lines(store, args.campaign)
-        rows = _rows_of(campaign, lines)
-        _print_table(console, *(_terminal_rows(rows) if console.is_terminal else rows))
+        _print_units(console, _rows_of(campaign, lines))
         # the state read with the units (run.status() would read every unit again)
         if campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
         return 0
-    if not console.is_terminal:  # piped: no redrawing, the final table once
+    if not console.is_terminal or console.is_dumb_terminal:
+        # piped: no redrawing, the final table once; a terminal that cannot redraw
+        # (TERM=dumb) is told the units' progress a line per change, on stderr
         with _watching(args.campaign):
-            run.wait(on_stall=_warn_stall)
-        _print_table(console, *_unit_rows(store, args.campaign))
+            run.wait(progress=console.is_dumb_terminal, on_stall=_warn_stall)
+        _print_units(console, _unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
 
@@ -962,16 +963,21 @@ def _rich_table(  # noqa: ANN202
     return table
 
 
-def _fitted_table(console, title, columns, rows, shown, whole):  # noqa: ANN001, ANN202
+def _fitted_table(console, title, columns, rows, shown, whole, folds=None):  # noqa: ANN001, ANN202
     """The table of the ``shown`` columns at the console's width, the ``whole`` column
-    at its full width and no other word cut; None if it cannot be that narrow."""
+    at its full width and no other word cut but in the ``folds`` column (long messages:
+    at least ``FOLDED_WIDTH`` wide); None if it cannot be that narrow."""
     from rich.measure import Measurement
 
     index = [columns.index(name) for name in shown]
     cells = [[name] + [row[i] for row in rows] for name, i in zip(shown, index, strict=True)]
     natural = [max(len(cell) for cell in column) for column in cells]
     least = [
-        n if name == whole else max(len(word) for cell in column for word in cell.split() or [""])
+        n
+        if name == whole
+        else min(n, FOLDED_WIDTH)
+        if name == folds
+        else max(len(word) for cell in column for word in cell.split() or [""])
         for name, n, column in zip(shown, natural, cells, strict=True)
     ]
     hidden = [name for name in columns if name not in shown]
@@ -988,6 +994,40 @@ def _fitted_table(console, title, columns, rows, shown, whole):  # noqa: ANN001,
         widths[i] -= 1
         excess -= 1
     return _rich_table(title, shown, sub, widths, caption)
+
+
+def _print_units(console, rows: Rows) -> None:  # noqa: ANN001 - a rich Console
+    """A campaign's unit table: on a terminal the units it can show, fitted to its width;
+    piped, every unit in plain columns."""
+    if console.is_terminal:
+        console.print(_units_renderable(console, *_terminal_rows(rows)))
+    else:
+        print(_plain_table(*rows))
+
+
+#: The least width of a column of messages whose words may be cut (a path, an error).
+FOLDED_WIDTH = 20
+#: Columns of a campaign's unit table that a narrow terminal leaves out, first to last;
+#: the unit's key is never cut, its message may be.
+UNIT_DROPS = ("worker", "tries", "seconds", "val acc")
+UNIT_FOLDS = "progress / error"
+
+
+def _units_renderable(console, title: str, columns: Sequence[str], rows: list[list[str]]):  # noqa: ANN001, ANN202
+    """A campaign's unit table on a terminal: the keys whole, the messages folded, the
+    ``UNIT_DROPS`` columns left out while it is too wide; where even that does not fit,
+    the rest as rich lays them out (every column folded)."""
+    shown = list(columns)
+    drops = [name for name in UNIT_DROPS if name in columns]
+    for drop in (None, *drops):
+        if drop is not None:
+            shown.remove(drop)
+        table = _fitted_table(console, title, columns, rows, shown, "unit", UNIT_FOLDS)
+        if table is not None:
+            return table
+    index = [columns.index(name) for name in shown]
+    caption = f"not shown at this width: {', '.join(drops)}"
+    return _rich_table(title, shown, [[row[i] for i in index] for row in rows], caption=caption)
 
 
 def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
@@ -1188,7 +1228,7 @@ def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
     height = max(1, console.size.height - 2)  # the cursor's line, a stall warning's
 
     def table(limit: int):  # noqa: ANN202 - a rich Table, and its height in lines
-        shown = _rich_table(*_terminal_rows(rows, limit))
+        shown = _units_renderable(console, *_terminal_rows(rows, limit))
         return shown, len(console.render_lines(shown, console.options, pad=False))
 
     # the most rows that fit (a narrow terminal's rows wrap onto more lines), by bisection;

@@ -70,6 +70,36 @@ def test_no_terminal_width_cuts_an_id(
     assert "…" not in out
 
 
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_a_campaign_s_unit_keys_stay_whole_and_its_messages_fold(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    width: int,
+) -> None:
+    """At 80 columns every column used to fold: keys cut in two (`cnn/aeb895e` /
+    `1d414/f0`). The keys stay whole, the columns a narrow terminal can do without go
+    first, and long messages fold."""
+    plans = seed_campaign(store, IDS[0])
+    failed = plans[-2].key
+    store.claim_for_queue([failed])
+    store.start_unit(failed, worker="cpu-1234@orchard-head.example.org", task_id=None)
+    error = "/data/mango/train/000.jpg: changed since the campaign was submitted " * 2
+    store.fail_unit(failed, error.strip())
+    on_a_terminal(monkeypatch, width)
+    out = status(capsys, IDS[0])
+    assert BOX & set(out) and max(len(line) for line in out.splitlines()) <= width
+    for plan in plans:
+        key = plan.key.removeprefix(IDS[0] + "/")
+        assert re.search(rf"(^|\s){re.escape(key)}(\s|$)", out, re.MULTILINE), (key, out)
+    if width >= 120:
+        assert "cpu-1234@orchard-head.example.org" in out and "not shown" not in out
+    else:
+        [caption] = [line for line in out.splitlines() if "not shown at this width:" in line]
+        assert "worker" in caption and "progress / error" in out
+    assert "FAILED" in out and "campaign" in out and "submitted" in out
+
+
 def test_piped_output_is_plain_columns(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     for campaign_id in IDS:
         seed_campaign(store, campaign_id)

@@ -270,3 +270,37 @@ def test_the_bars_and_their_warnings_go_to_stderr(capsys: pytest.CaptureFixture[
     out, err = capsys.readouterr()
     assert out == ""
     assert "svm" in err and "1/3" in err and "orchard: warning: no worker has taken a unit" in err
+
+
+def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
+    run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TERM=dumb (an editor's shell, a job log through a pty): rich would draw the bars
+    once, at the end, so `--wait` and `status --watch` said nothing for hours. They print
+    the families' counts on stderr as a line whenever they change, and `--watch` its
+    table once, at the end."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, for rich, though captured
+    monkeypatch.setenv("TERM", "xterm")
+    bars = api._progress_display()
+    bars.close()
+    assert isinstance(bars, api._Progress)
+    monkeypatch.setenv("TERM", "dumb")
+    display = api._progress_display()
+    assert isinstance(display, api._PlainProgress)
+    capsys.readouterr()
+    counts = {"preprocess": {"SUCCESS": 2}, "cnn": {"RUNNING": 1, "PENDING": 1}}
+    display.update(counts, {f"{CID}/cnn/h/f0": "f0 epoch 3/60"})
+    display.update(counts, {f"{CID}/cnn/h/f0": "f0 epoch 3/60"})  # no change: no line
+    display.update(counts, {f"{CID}/cnn/h/f0": "f0 epoch 4/60"})
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "preprocess 2/2; cnn 0/2 (1 pending, 1 running, f0 epoch 3/60)",
+        "preprocess 2/2; cnn 0/2 (1 pending, 1 running, f0 epoch 4/60)",
+    ]
+    assert not any("\x1b" in line or "━" in line for line in lines)
+
+    run.store.cancel_campaign(CID)  # its last poll, as a watch ends
+    assert main(["status", CID, "--watch"]) == 0
+    out, err = capsys.readouterr()
+    assert "preprocess 2/2 (2 cancelled); cnn 2/2 (2 cancelled)" in err
+    assert "CANCELLED" in out and "\x1b[?25l" not in out + err  # no live display
