@@ -117,6 +117,18 @@ def test_flower_shows_every_unit_task_and_the_workers(
     assert get(f"{flower}/api/tasks", auth=None)[0] == 401
     assert get(f"{flower}/api/workers", auth=(USER, "wrong"))[0] == 401
     assert get(f"{flower}/", auth=None)[0] == 401
+    # the compose file's healthcheck, run against this Flower: healthy; and against a
+    # port nothing listens on: not
+    from ruamel.yaml import YAML
+
+    compose = YAML(typ="safe").load((REPO / "docker-compose.yml").read_text())
+    kind, *check = compose["services"]["flower"]["healthcheck"]["test"]
+    assert kind == "CMD" and check[0] == "python"
+    port = flower.rsplit(":", 1)[1]
+    for url_port, healthy in ((port, True), (str(free_port()), False)):
+        script = check[-1].replace("127.0.0.1:5555", f"127.0.0.1:{url_port}")
+        done = subprocess.run([sys.executable, *check[1:-1], script], capture_output=True)
+        assert (done.returncode == 0) is healthy, done.stderr
 
     with running_workers(settings, "flower") as workers:
         campaign = light_campaign(tmp_path / "light.toml", "light", tmp_path / "data")
