@@ -157,8 +157,11 @@ def child_command(
     ]
 
 
-#: Celery's ``<node> ready.``, logged (at INFO) once the worker consumes
+#: Celery's ``<node> ready.``, logged (at INFO) once the worker consumes; or, at a log
+#: level above INFO, orchard's ``orchard: <node> ready.``, which a child whose
+#: environment holds ``SAY_READY=1`` prints (workers.tasks.base)
 READY_LINE = re.compile(r"@\S+ ready\.\s*$")
+SAY_READY = "ORCHARD_SAY_READY"
 
 #: what stops the launcher: each becomes one SIGTERM to every child (a warm shutdown)
 STOP_SIGNALS = tuple(
@@ -240,7 +243,8 @@ class GpuLauncher:
     ) -> None:
         base = dict(os.environ if env is None else env)
         self.children = [
-            _Child(gpu, command_for(gpu), {**base, "CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus
+            _Child(gpu, command_for(gpu), {**base, "CUDA_VISIBLE_DEVICES": gpu, SAY_READY: "1"})
+            for gpu in gpus
         ]
         self.min_uptime = min_uptime
         self.backoff = backoff

@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from scheduler.gpus import GpuError, GpuLauncher
+from scheduler.gpus import READY_LINE, GpuError, GpuLauncher
 from tests.conftest import REPO
 from tests.scheduler.test_cli import assert_one_line_error, orchard
 from tests.scheduler.test_gpus import python
@@ -273,8 +274,9 @@ def test_concurrency_that_a_gpu_worker_would_ignore_is_refused(
 
 
 def test_two_launchers_on_one_host_name_their_workers_apart(tmp_path: Path) -> None:
-    """Celery does not refuse a duplicate name (no mingle), and a cancel_consumer aimed
-    at one would reach both: each launcher's workers carry its pid."""
+    """A broadcast to a name (Celery's, Flower's) reaches every worker of it: each
+    launcher's workers carry its pid. Each says it is ready, at a log level that hides
+    Celery's INFO line too (the launcher tells a worker that started by that line)."""
     env = {
         **os.environ,
         "ORCHARD_HOME": str(tmp_path / "home"),
@@ -284,7 +286,7 @@ def test_two_launchers_on_one_host_name_their_workers_apart(tmp_path: Path) -> N
     assert orchard("db", "upgrade", env=env).returncode == 0
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "scheduler.cli", "worker", "--gpus", "0"],
+            [sys.executable, "-m", "scheduler.cli", "worker", "--gpus", "0", "-l", level],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -292,18 +294,24 @@ def test_two_launchers_on_one_host_name_their_workers_apart(tmp_path: Path) -> N
             text=True,
             start_new_session=True,
         )
-        for _ in range(2)
+        for level in ("INFO", "WARNING")
     ]
-    names = []
+    names, said = [], []
+    # a worker that never says it is ready fails the test rather than hanging it
+    stuck = threading.Timer(90, lambda: [os.killpg(p.pid, signal.SIGKILL) for p in procs])
+    stuck.start()
     try:
         for proc in procs:
             assert proc.stdout is not None
             for line in proc.stdout:
                 found = re.search(r" (\S+)@\S+ ready\.$", line)
                 if found:
+                    assert READY_LINE.search(line)
                     names.append(found.group(1))
+                    said.append(line.split("| ", 1)[1].split(" ", 1)[0])
                     break
     finally:
+        stuck.cancel()
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
@@ -315,6 +323,7 @@ def test_two_launchers_on_one_host_name_their_workers_apart(tmp_path: Path) -> N
             if proc.stdout is not None:
                 proc.stdout.close()
     assert names == [f"gpu0-{proc.pid}" for proc in procs]
+    assert said[0].startswith("[") and said[1] == "orchard:"  # Celery's log line, orchard's
 
 
 def test_no_gpu_left_by_cuda_visible_devices_names_it(tmp_path: Path) -> None:

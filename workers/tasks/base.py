@@ -77,6 +77,7 @@ from db.store import (
     UnitCancelledError,
 )
 from scheduler.canvas import advance
+from scheduler.gpus import SAY_READY
 from shared.artifacts import read_if_intact
 from shared.errors import OrchardError, visible_controls
 from shared.manifest import Manifest, manifest_path
@@ -186,6 +187,20 @@ _consumer: tuple[Any, int] | None = None
 def _remember_consumer(sender: Any = None, **_: Any) -> None:  # noqa: ANN401
     global _consumer
     _consumer = (sender, os.getpid())
+
+
+@signals.worker_ready.connect
+def _say_ready(sender: Any = None, **_: Any) -> None:  # noqa: ANN401
+    """Under `orchard worker --gpus` (``SAY_READY`` set), a worker whose log level hides
+    Celery's ``<node> ready.`` (INFO) says it itself: its launcher tells a worker that
+    started from one that could not by that line."""
+    if os.environ.get(SAY_READY) != "1":
+        return
+    if logging.getLogger("celery.apps.worker").isEnabledFor(logging.INFO):
+        return  # Celery says it
+    # to the descriptor: Celery redirects sys.stdout to its log, at WARNING
+    with contextlib.suppress(OSError):
+        os.write(1, f"orchard: {getattr(sender, 'hostname', '?')} ready.\n".encode())
 
 
 def _blocked_consumer() -> Any:  # noqa: ANN401
