@@ -315,3 +315,41 @@ def test_forests_judged_by_oob_score_train_on_every_labelled_image(campaigns, st
 def test_forests_judged_on_held_out_images_keep_them_out(campaigns, stem):
     # 3.5: "we use transformed testing data for evaluation": images the forest never saw
     assert campaigns[stem].validation == "folds"
+
+
+def _stand_in(path: Path) -> str | None:
+    """The campaign file with its dataset section replaced as its comment says ("To run
+    on generated photos instead, replace this section with: ..."); None without one."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if "replace this section with" in line)
+    except StopIteration:
+        return None
+    block = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[4:].split("#", 1)[0].rstrip())
+    section = next(i for i, line in enumerate(lines) if line.startswith("[dataset]"))
+    end = next((i for i in range(section + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    return "\n".join(lines[:section] + block + [""] + lines[end:]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(REPO.glob("campaigns/**/*.toml")), ids=lambda p: p.relative_to(REPO).as_posix()
+)
+def test_each_campaign_s_generated_photos_are_enough_for_it(path: Path, tmp_path: Path) -> None:
+    """A user who swaps in the synthetic dataset a campaign's comment gives gets a
+    campaign that can run: enough images for its largest PCA and its search folds."""
+    from scheduler.api import plan
+
+    text = _stand_in(path)
+    if text is None:
+        assert 'kind = "aicup"' not in path.read_text(), "an aicup campaign without a stand-in"
+        return
+    # small photos: the check counts images, not pixels
+    text = text.replace('kind = "synthetic"\n', 'kind = "synthetic"\nwidth = 32\nheight = 32\n', 1)
+    swapped = tmp_path / path.name
+    swapped.write_text(text, encoding="utf-8")
+    assert load_campaign(swapped).dataset.kind == "synthetic"
+    assert plan(swapped, artifacts=tmp_path / "artifacts").units
