@@ -653,6 +653,28 @@ def read_campaign_text(path: Path) -> str:
         ) from None
 
 
+def _blend_problem(campaign: Campaign, written: dict[str, Any] | None) -> str | None:
+    """In a campaign file (``written``; a stored campaign, already accepted, is not
+    judged again): a family listed twice in ``[blend] families`` (a blend of a family
+    with itself), or one the campaign does not train (its blend would only say "n/a")."""
+    blend = written.get("blend") if written is not None else None
+    if not isinstance(blend, dict) or "families" not in blend:
+        return None  # the default, ["cnn"], blends nothing where no CNN trains
+    families = campaign.blend.families
+    for i, family in enumerate(families):
+        if family in families[:i]:
+            return f"[blend] families[{i}]: {family!r} is listed twice"
+    trained = [name for name, _ in campaign.families()]
+    for i, family in enumerate(families):
+        if family not in trained:
+            return (
+                f"[blend] families[{i}]: {family!r}: the campaign trains no {family} (no "
+                f"[{family}] section, or enabled = false); it trains "
+                f"{', '.join(trained) or 'nothing'}"
+            )
+    return None
+
+
 def parse_campaign(
     raw: dict[str, Any], *, source: str, base_dir: Path | None = None, as_written: bool = False
 ) -> Campaign:
@@ -701,6 +723,8 @@ def parse_campaign(
             raise CampaignError(f"{source}: {problem}")
         if problem := _image_size_problem(family, section, campaign.preprocessing.size, raw):
             raise CampaignError(f"{source}: {problem}")
+    if problem := _blend_problem(campaign, raw if as_written else None):
+        raise CampaignError(f"{source}: {problem}")
     root = getattr(campaign.dataset, "root", None)
     if root is None:
         return campaign

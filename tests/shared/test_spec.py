@@ -228,6 +228,32 @@ def test_a_repeated_sweep_value_is_refused(tmp_path, old, new, expected):
 
 
 @pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("[rf]\nn_estimators = 10\n", '[blend]\nfamilies = ["cnn", "rf"]\n',
+         "[blend] families[1]: 'rf': the campaign trains no rf (no [rf] section, or "
+         "enabled = false); it trains cnn, svm"),
+        ("n_estimators = 10\n", 'n_estimators = 10\nenabled = false\n[blend]\nfamilies = ["rf"]\n',
+         "[blend] families[0]: 'rf': the campaign trains no rf (no [rf] section, or "
+         "enabled = false); it trains cnn, svm"),
+        ("n_estimators = 10\n", 'n_estimators = 10\n[blend]\nfamilies = ["cnn", "svm", "cnn"]\n',
+         "[blend] families[2]: 'cnn' is listed twice"),
+    ],
+)  # fmt: skip
+def test_a_blend_of_a_family_not_trained_or_listed_twice_is_refused(tmp_path, old, new, expected):
+    """Its blend would only say "n/a: Rf did not succeed", or blend a family with itself."""
+    _assert_edit_refused(tmp_path, old, new, expected)
+
+
+def test_the_default_blend_needs_no_cnn_and_a_stored_campaign_is_not_judged_again(tmp_path):
+    campaign = load_campaign(_write(tmp_path, BASE.replace("[cnn]\nfolds = 5\nepochs = 2\n", "")))
+    assert campaign.blend.families == ("cnn",)  # the default: no blend across families
+    stored = campaign.model_dump(mode="json")
+    stored["blend"]["families"] = ["rf", "rf"]  # written before the check
+    assert parse_campaign(stored, source="the stored campaign").blend.families == ("rf", "rf")
+
+
+@pytest.mark.parametrize(
     ("size", "section", "expected"),
     [
         (128, '[svm]\nvariant = "crop224"', "[svm] variant: variant 'crop224': cannot crop 224 "
