@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ from db.store import (
     BeingDeletedError,
     Campaign,
     Cancelled,
+    Result,
     Store,
     StoreError,
     Unit,
@@ -81,17 +83,25 @@ STALL_CHECK_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class CampaignStatus:
+    """A campaign and its units as the store held them at one read. The campaign's
+    ``state`` is RUNNING, DONE (every unit succeeded), PARTIAL (some unit failed, or
+    every one), CANCELLED, or DELETING (`orchard delete` under way); each unit's is
+    PENDING, QUEUED, RUNNING, SUCCESS, FAILED or CANCELLED."""
+
     campaign: Campaign
     units: list[Unit]
 
     @property
     def finished(self) -> bool:
+        """Whether the campaign is no longer RUNNING."""
         return self.campaign.state != "RUNNING"
 
     def counts(self) -> Counter[str]:
+        """Units per state."""
         return Counter(u.state for u in self.units)
 
     def by_family(self) -> dict[str, Counter[str]]:
+        """Units per family (preprocess, cnn, svm, rf, report, ...) and state."""
         out: dict[str, Counter[str]] = {}
         for unit in self.units:
             out.setdefault(unit.family, Counter())[unit.state] += 1
@@ -124,7 +134,16 @@ class CampaignRun:
         self.close()
 
     def status(self) -> CampaignStatus:
+        """The campaign and every unit, read now."""
         return CampaignStatus(self.store.get_campaign(self.id), self.store.units(self.id))
+
+    def results(self) -> dict[str, Result]:
+        """Each unit that succeeded (preprocessing shards too), by key: its accuracies
+        (train, validation, test; None where it has no such images), confusion
+        matrices, fit seconds and ``extra`` (the family's own figures: an SVM's solver
+        iterations, a forest's OOB score, ``reused_from``...). A model unit is one point
+        of a sweep on one fold (``unit.params``, ``unit.fold``); the report blends them."""
+        return self.store.results(self.id)
 
     def report_path(self) -> Path | None:
         """The HTML report, once the report task wrote it; None while its report unit is
@@ -197,9 +216,15 @@ class CampaignRun:
         check: Callable[[], None] | None = None,
         on_stall: Callable[[str], None] | None = None,
     ) -> CampaignStatus:
-        """Block until the campaign is finished; ``check`` may raise to stop waiting.
-        After ``timeout`` seconds (None: no limit) it raises :class:`WaitTimeout`, which
-        holds the last status; the campaign goes on.
+        """Block until the campaign is finished and return its last status; ``check``
+        may raise to stop waiting. After ``timeout`` seconds (None: no limit) it raises
+        :class:`WaitTimeout`, which holds the last status; the campaign goes on, as it
+        does when the wait is interrupted (Ctrl-C: ``cancel`` stops it).
+
+        The store is read every ``poll`` seconds (longer while a read itself is slow).
+        With ``progress``, a bar per family is drawn on stderr (in a notebook, below the
+        cell: rich's display needs ipywidgets), or, where stderr is no terminal that can
+        redraw them (a file, a pipe, TERM=dumb), a line each time the counts change.
 
         ``on_stall`` is called with :meth:`stalled`'s line when units have waited
         ``STALL_SECONDS`` with no worker taking any from their queue, once for each new
@@ -208,6 +233,8 @@ class CampaignRun:
         """
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds, at least 0, or None: {timeout}")
+        if not (isinstance(poll, int | float) and poll > 0 and math.isfinite(poll)):
+            raise ValueError(f"poll must be a number of seconds above 0: {poll!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         display: _Progress | _PlainProgress | None = None
         next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
@@ -1133,12 +1160,15 @@ def _family_progress(
 
 
 def _progress_display() -> _Progress | _PlainProgress:
-    """Bars on a terminal that can redraw them; a line per change on one that cannot
-    (TERM=dumb: an editor's shell, a job log through a pty), where rich would draw the
-    bars once, at the end."""
+    """Bars on a terminal that can redraw them, and in a notebook; a line per change
+    elsewhere (a file, a pipe, TERM=dumb: an editor's shell, a job log through a pty),
+    where rich would draw the bars once, at the end."""
     from rich.console import Console
 
-    return _PlainProgress() if Console(stderr=True).is_dumb_terminal else _Progress()
+    console = Console(stderr=True)
+    if console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal):
+        return _Progress()
+    return _PlainProgress()
 
 
 class _PlainProgress:

@@ -86,17 +86,20 @@ def test_wait_s_timeout_counts_the_units_in_words(run: CampaignRun) -> None:
     shard = next(u.key for u in run.status().units if u.state == "QUEUED")
     run.store.start_unit(shard, worker="w", task_id=None)
     with pytest.raises(api.WaitTimeout) as raised:
-        run.wait(timeout=0, poll=0)
+        run.wait(timeout=0, poll=0.001)
     assert (
         str(raised.value)
         == f"campaign {CID} not finished after 0 s: 1 running, 1 queued, 5 pending"
     )
     assert isinstance(raised.value, OrchardError)
     with pytest.raises(api.WaitTimeout, match=f"^campaign {CID} not finished after 0.01 s: "):
-        run.wait(timeout=0.01, poll=0)  # not "after 0 s"
+        run.wait(timeout=0.01, poll=0.001)  # not "after 0 s"
     assert raised.value.status.counts()["RUNNING"] == 1
     with pytest.raises(ValueError, match="at least 0"):
         run.wait(timeout=-1)
+    for poll in (0, -1, float("nan"), "1"):  # 0 read the store as fast as it could
+        with pytest.raises(ValueError, match="poll must be a number of seconds above 0"):
+            run.wait(timeout=1, poll=poll)
 
 
 def test_wait_with_progress_prints_the_stall_line_above_the_bars(
@@ -180,7 +183,7 @@ def test_a_poll_reads_counts_not_every_unit(run: CampaignRun) -> None:
     real_units = run.store.units
     unit_reads = []
     run.store.units = lambda *a, **k: unit_reads.append(k) or real_units(*a, **k)  # type: ignore[method-assign]
-    status = run.wait(poll=0, progress=True)
+    status = run.wait(poll=0.001, progress=True)
     assert status.campaign.state == "CANCELLED" and len(status.units) == 7
     assert len(polls) == 4 and unit_reads == [{}]  # the status returned, once
 
@@ -275,10 +278,15 @@ def test_the_bars_and_their_warnings_go_to_stderr(capsys: pytest.CaptureFixture[
 def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """TERM=dumb (an editor's shell, a job log through a pty): rich would draw the bars
-    once, at the end, so `--wait` and `status --watch` said nothing for hours. They print
-    the families' counts on stderr as a line whenever they change, and `--watch` its
-    table once, at the end."""
+    """TERM=dumb (an editor's shell, a job log through a pty), or a script's
+    ``wait(progress=True)`` with stderr in a file: rich would draw the bars once, at the
+    end, so `--wait` and `status --watch` said nothing for hours. They print the
+    families' counts on stderr as a line whenever they change, and `--watch` its table
+    once, at the end."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    # stderr a file or a pipe (captured, here): a script's log gets lines too
+    assert isinstance(api._progress_display(), api._PlainProgress)
     monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, for rich, though captured
     monkeypatch.setenv("TERM", "xterm")
     bars = api._progress_display()
@@ -304,3 +312,16 @@ def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
     out, err = capsys.readouterr()
     assert "preprocess 2/2 (2 cancelled); cnn 2/2 (2 cancelled)" in err
     assert "CANCELLED" in out and "\x1b[?25l" not in out + err  # no live display
+
+
+def test_a_run_s_results_are_its_succeeded_units(run: CampaignRun) -> None:
+    from dataclasses import replace
+
+    from tests.db.test_store import deliver, outcome
+
+    assert run.results() == {}
+    svm = next(u for u in run.status().units if u.family == "svm")
+    deliver(run.store, svm.key, worker="w@h", task_id=None)
+    run.store.finish_unit(svm.key, replace(outcome(0.75), artifacts=[]))
+    [(key, result)] = run.results().items()
+    assert key == svm.key and result.val_acc == 0.75 and result.train_acc == 0.9
