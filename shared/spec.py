@@ -476,11 +476,19 @@ class SplitFiles(_Frozen):
     images: Annotated[str, AfterValidator(_no_nul)]
 
 
+def _distinct_classes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    if not classes:
+        raise ValueError("an empty list: give the labels, in their index order")
+    if repeated := next((c for i, c in enumerate(classes) if c in classes[:i]), None):
+        raise ValueError(f"{repeated!r} is listed twice")
+    return classes
+
+
 class AicupDataset(_Frozen):
     kind: Literal["aicup"]
     root: FilePath
-    classes: _items(str) = ("A", "B", "C")  # type: ignore[valid-type]
-    splits: dict[str, SplitFiles] | None = None
+    classes: Annotated[_items(str), AfterValidator(_distinct_classes)] = ("A", "B", "C")  # type: ignore[valid-type]
+    splits: dict[Literal["train", "dev", "test"], SplitFiles] | None = None
 
 
 class ImageFolderDataset(_Frozen):
@@ -820,6 +828,13 @@ def format_validation_error(
             msg = f"{msg}: one of {kinds}"
             if "tag" in err["ctx"]:
                 msg += f" (got {err['ctx']['tag']!r})"
+        elif (
+            err["type"] == "extra_forbidden" and len(loc) == 1 and isinstance(raw.get(loc[0]), dict)
+        ):
+            # a table of the file's top level: [svn]
+            where, msg = f"[{loc[0]}]", "unknown table"
+            if guess := difflib.get_close_matches(str(loc[0]), sorted(_TABLES), n=1):
+                msg += f" (did you mean [{guess[0]}]?)"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key" + _unknown_key_hint(loc, raw if section is None else {section: raw})
         elif missing:

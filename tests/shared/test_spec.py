@@ -789,3 +789,25 @@ def test_a_dataset_root_is_made_absolute_keeping_its_symlinks_and_home(tmp_path,
     with pytest.raises(CampaignError) as info:
         load_campaign(path)
     assert str(info.value) == f"{path}: [dataset] root: ~nosuchuser: no such user"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[svn]\nC = 1.0\n', "[svn]: unknown table (did you mean [svm]?)"),
+        ('[dataset]\nkind = "aicup"\nroot = "."\nclasses = []\n',
+         "[dataset] classes: an empty list: give the labels, in their index order"),
+        ('[dataset]\nkind = "aicup"\nroot = "."\nclasses = ["A", "B", "A"]\n',
+         "[dataset] classes: 'A' is listed twice"),
+        ('[dataset]\nkind = "aicup"\nroot = "."\n[dataset.splits.tran]\ncsv = "a.csv"\n'
+         'images = "a"\n',
+         "[dataset] splits.tran: Input should be 'train', 'dev' or 'test' (got 'tran')"),
+    ],
+    ids=["misspelt-table", "no-classes", "a-class-twice", "misspelt-split"],
+)  # fmt: skip
+def test_a_misspelt_table_or_a_bad_dataset_field_names_it(tmp_path, text, expected):
+    """They named the key as a key ("svn: unknown key"), or the dataset's folder instead
+    of the field ("…/mango: classes must be non-empty and unique: ()")."""
+    extra = "" if text.startswith("[dataset]") else '[dataset]\nkind = "synthetic"\n'
+    path, message = _error(tmp_path, f'name = "t"\n{extra}{text}[cnn]\n')
+    assert message == f"{path}: {expected}"
