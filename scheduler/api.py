@@ -1209,22 +1209,32 @@ class _Progress:
             TextColumn,
             TimeElapsedColumn,
         )
+        from rich.table import Column
 
+        # on stderr, whose terminal the callers ask about: stdout holds what a script
+        # reads (the campaign's id, the outcome)
+        console = Console(stderr=True)
+        # what the family (12), a bar (at least 10), its count and clock (7 each) and
+        # the gaps between them leave
+        detail_width = max(10, console.width - 40)
         self._progress = Progress(
-            TextColumn("{task.description:<12}"),
+            TextColumn("{task.description:<12}", table_column=Column(no_wrap=True)),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
+            # last, and cut short (with an ellipsis) where the terminal is narrow: the
+            # family, its bar and its count stay whole
+            TextColumn(
+                "{task.fields[detail]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=detail_width),
+            ),
             transient=False,
             # redrawn at each poll by the waiting thread (update), with no refresh thread
             # of its own: one that a signal (the demo's SIGTERM) caught starting, or whose
             # stop rich does not wait for, could outlive the interpreter's shutdown and
             # die noisily ("Exception ignored in thread started by ... _RefreshThread")
             auto_refresh=False,
-            # on stderr, whose terminal the callers ask about: stdout holds what a script
-            # reads (the campaign's id, the outcome)
-            console=Console(stderr=True),
+            console=console,
         )
         self._tasks: dict[str, int] = {}
         self._started: set[str] = set()  # families whose clock started ...
