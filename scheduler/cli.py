@@ -1237,7 +1237,11 @@ def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
     best, lines = table(high)
     if lines <= height:
         return best
-    best = table(low)[0]
+    best, lines = table(low)
+    if lines > height:
+        # not even one row under the title and the header: a line per state, and the
+        # notes of the units not succeeded (a running fold's epoch)
+        return _units_summary(rows, height)
     while high - low > 1:
         middle = (low + high) // 2
         shown, lines = table(middle)
@@ -1246,6 +1250,24 @@ def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
         else:
             high = middle
     return best
+
+
+def _units_summary(rows: Rows, height: int):  # noqa: ANN202 - a rich Text
+    """A campaign's units in ``height`` lines, for a terminal too short for their table:
+    the title with the units counted per state, then the units not succeeded, with
+    their notes."""
+    from collections import Counter
+
+    from rich.text import Text
+
+    title, columns, cells = rows
+    counts = Counter(row[1] for row in cells)
+    lines = [f"{title}: " + ", ".join(f"{n} {state}" for state, n in counts.items())]
+    note = columns.index("progress / error") if "progress / error" in columns else None
+    for row in cells:
+        if row[1] != "SUCCESS":
+            lines.append(f"{row[0]} {row[1]}" + (f" {row[note]}" if note and row[note] else ""))
+    return Text("\n".join(lines[:height]), no_wrap=True, overflow="ellipsis")
 
 
 #: The most units a terminal's table shows: rich took 12 s to lay out 25,000 rows (and

@@ -602,3 +602,27 @@ def test_a_watch_under_nohup_keeps_sighup_ignored() -> None:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_watch_on_a_terminal_too_short_for_a_table_shows_the_counts_and_the_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 80 x 5 the watch showed its title alone: no row fitted under the header."""
+    from rich.console import Console
+
+    import scheduler.cli
+
+    cells = [[f"preprocess/s{i:05d}", "SUCCESS", "1", "w@h", "0.1", "", ""] for i in range(3)]
+    cells.append(["cnn/h/f0", "RUNNING", "1", "gpu0@h", "", "", "epoch 2/100 val_acc=0.400"])
+    cells.append(["cnn/h/f1", "QUEUED", "0", "", "", "", ""])
+    columns = ["unit", "state", "tries", "worker", "seconds", "val acc", "progress / error"]
+    monkeypatch.setattr(
+        scheduler.cli, "_unit_rows", lambda store, cid: ("c-1: RUNNING", columns, cells)
+    )
+    console = Console(width=80, height=5, record=True, force_terminal=True)
+    console.print(scheduler.cli._units_table(None, "c-1", console))
+    assert console.export_text().splitlines() == [
+        "c-1: RUNNING: 3 SUCCESS, 1 RUNNING, 1 QUEUED",
+        "cnn/h/f0 RUNNING epoch 2/100 val_acc=0.400",
+        "cnn/h/f1 QUEUED",
+    ]
