@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterable
 
 from celery import Celery, signals
+from celery.app.amqp import AMQP
+from kombu.pools import ProducerPool
 
 from shared.errors import OrchardError
 from shared.settings import Settings, load_settings
@@ -63,22 +65,41 @@ def preloaded(queues: Iterable[str]) -> bool:
     return all(m in sys.modules for q in queues for m in QUEUE_LIBRARIES.get(q, ()))
 
 
-class _App(Celery):
-    """Celery, whose ``close()`` (the end of ``with make_app(...) as app``) also hands
-    back the broker connections the app pooled. Celery keeps them in kombu's pools,
-    which belong to the process and outlive the app: a script that submitted a campaign
-    and then waited for hours held two sockets to Redis, and two more per cancel."""
+class _OwnPoolsAMQP(AMQP):
+    """Celery's AMQP, whose producers come from its app's own connection pool."""
+
+    @property
+    def producer_pool(self) -> ProducerPool:
+        if self._producer_pool is None:
+            self._producer_pool = ProducerPool(self.app.pool, limit=self.app.pool.limit)
+        return self._producer_pool
+
+
+class _ProducerApp(Celery):
+    """The app of a command or an API call (it sends, it does not run tasks), with
+    connection and producer pools of its own, which ``close()`` (the end of ``with
+    make_app(...) as app``) closes. Celery keeps an app's in kombu's pools, which
+    belong to the process and are shared by every app of the same broker URL: a script
+    that submitted a campaign and then waited for hours held two sockets to Redis, and
+    two more per cancel, and closing those would pull them from under another app."""
+
+    amqp_cls = f"{__name__}:_OwnPoolsAMQP"
+
+    @property
+    def pool(self):  # noqa: ANN201 - a kombu ConnectionPool
+        if self._pool is None:
+            self._ensure_after_fork()
+            self._pool = self.connection_for_write().Pool(limit=self.conf.broker_pool_limit)
+        return self._pool
 
     def close(self) -> None:
+        amqp = self.__dict__.get("amqp")
+        producers = amqp._producer_pool if amqp is not None else None
+        connections = self._pool
         super().close()
-        from kombu import pools
-        from kombu.utils.collections import eqhash
-
-        # this app's pools alone: keyed by its connection's URL and transport options
-        # (a Connection connects on first use: this one never does)
-        key = eqhash(self.connection_for_write())
-        for group in (pools.producers, pools.connections):
-            held = dict.pop(group, key, None)
+        if amqp is not None:
+            amqp._producer_pool = None
+        for held in (producers, connections):
             if held is not None:
                 with contextlib.suppress(Exception):  # a broker gone: nothing to hand back
                     held.force_close_all()
@@ -91,7 +112,10 @@ def make_app(settings: Settings, *, with_tasks: bool = True, broker_folders: boo
     config = celery_config(settings)
     if broker_folders:
         make_broker_folders(settings)
-    celery = _App("orchard", include=TASK_MODULES if with_tasks else [])
+    # a worker's app keeps Celery's pools; a sender's has its own (_ProducerApp)
+    celery = (Celery if with_tasks else _ProducerApp)(
+        "orchard", include=TASK_MODULES if with_tasks else []
+    )
     celery.config_from_object(config)
     if with_tasks:
         celery.steps["worker"].add(LostUnitReaper)

@@ -68,3 +68,28 @@ def test_submit_and_cancel_hand_their_redis_connections_back(tmp_path: Path, pre
             pass
         cancel(run.id, **where)
     assert sockets() - before == set()
+
+
+def test_an_app_closed_leaves_another_s_connections_alone(tmp_path: Path, prefix: str) -> None:
+    """Two calls at once in one process (threads of a notebook): the first to end
+    closed the pool the other was sending on ("Acquire on closed pool"), when the
+    apps' connections were pooled by URL, process-wide."""
+    from kombu import pools
+
+    from shared.settings import Settings
+    from workers.app import make_app
+
+    settings = Settings(
+        home=tmp_path,
+        broker_url=REDIS_URL,
+        database_url=f"sqlite:///{tmp_path / 'orchard.db'}",
+        artifacts=tmp_path / "artifacts",
+    )
+    before = sockets()
+    with make_app(settings, with_tasks=False) as other:
+        other.send_task("orchard.none", queue="nobody")
+        with make_app(settings, with_tasks=False) as app:
+            app.send_task("orchard.none", queue="nobody")
+        other.send_task("orchard.none", queue="nobody")  # its pool is its own
+        assert not pools.connections and not pools.producers  # kombu's: untouched
+    assert sockets() - before == set()
