@@ -920,7 +920,6 @@ class Store:
             return routes, claimed, {key: task_ids[key] for key in claimed}
 
     @_retried
-    @_retried
     def stage_may_open(self, campaign_id: str) -> bool:
         """Whether ``shared.plan.next_actions`` could enqueue or fail a unit of the
         RUNNING campaign now, or the campaign could be complete: what ``advance`` asks after

@@ -1214,14 +1214,14 @@ class _Progress:
         # on stderr, whose terminal the callers ask about: stdout holds what a script
         # reads (the campaign's id, the outcome)
         console = Console(stderr=True)
-        # what the family (12), a bar (at least 10), its count and clock (7 each) and
-        # the gaps between them leave
-        detail_width = max(10, console.width - 40)
+        # what the family (12), a bar (at least 10), its count (up to 11: 1000/1000)
+        # and clock (7) and the gaps between them leave; none on a very narrow terminal
+        detail_width = max(0, console.width - 44)
         self._progress = Progress(
             TextColumn("{task.description:<12}", table_column=Column(no_wrap=True)),
             BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
             # last, and cut short (with an ellipsis) where the terminal is narrow: the
             # family, its bar and its count stay whole
             TextColumn(

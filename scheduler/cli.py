@@ -1006,7 +1006,7 @@ def _print_units(console, rows: Rows) -> None:  # noqa: ANN001 - a rich Console
 
 
 #: The least width of a column of messages whose words may be cut (a path, an error).
-FOLDED_WIDTH = 20
+FOLDED_WIDTH = 12
 #: Columns of a campaign's unit table that a narrow terminal leaves out, first to last;
 #: the unit's key is never cut, its message may be.
 UNIT_DROPS = ("worker", "tries", "seconds", "val acc")

@@ -327,26 +327,34 @@ def test_a_run_s_results_are_its_succeeded_units(run: CampaignRun) -> None:
     assert key == svm.key and result.val_acc == 0.75 and result.train_acc == 0.9
 
 
+@pytest.mark.parametrize("width", [40, 60])
 def test_a_narrow_terminal_cuts_the_running_folds_note_not_the_bars(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, width: int
 ) -> None:
     """At 40 columns the note pushed the bar and the count off the line
-    (`cnn          1 running, f1 epoch 16/60 …`)."""
+    (`cnn          1 running, f1 epoch 16/60 …`); the count and the clock stay whole,
+    three-digit totals too, and the note gets what is left (none at 40)."""
     from rich.console import Console
 
-    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setenv("COLUMNS", str(width))
     display = api._Progress()
     try:
         display.update(
-            {"preprocess": {"SUCCESS": 30}, "cnn": {"RUNNING": 1, "QUEUED": 3, "SUCCESS": 1}},
+            {
+                "preprocess": {"SUCCESS": 30},
+                "svm": {"QUEUED": 120},
+                "cnn": {"RUNNING": 1, "QUEUED": 3, "SUCCESS": 1},
+            },
             {f"{CID}/cnn/h/f1": "f1 epoch 16/60"},
         )
         progress = display._progress
-        console = Console(width=40, record=True, force_terminal=True, color_system=None)
+        console = Console(width=width, record=True, force_terminal=True, color_system=None)
         console.print(progress.make_tasks_table(progress.tasks))
     finally:
         display.close()
     lines = console.export_text().splitlines()
-    assert lines[0].startswith("preprocess") and "30/30" in lines[0]
-    assert lines[1].startswith("cnn ") and "1/5" in lines[1] and "━" in lines[1]
-    assert "3 queued" in lines[1] and all(len(line) <= 40 for line in lines)
+    assert lines[0].startswith("preprocess") and "30/30 " in lines[0] and "0:00:00" in lines[0]
+    assert lines[1].startswith("svm ") and " 0/120 " in lines[1] and "-:--:--" in lines[1]
+    assert lines[2].startswith("cnn ") and " 1/5 " in lines[2] and "━" in lines[2]
+    assert all(len(line) <= width for line in lines)
+    assert ("3 queued" in lines[2]) is (width > 50)
