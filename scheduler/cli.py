@@ -893,14 +893,9 @@ def _print_table(
     if not console.is_terminal:
         print(_plain_table(title, columns, rows))
         return
-    shown = list(columns)
-    for drop in (None, *drops):
-        if drop is not None:
-            shown.remove(drop)
-        table = _fitted_table(console, title, columns, rows, shown, whole)
-        if table is not None:
-            console.print(table)
-            return
+    if (table := _first_fitting_table(console, title, columns, rows, whole, drops)) is not None:
+        console.print(table)
+        return
     # No table fits, even without the drops columns: plain columns without them (a table
     # is at most a few characters wider than plain columns of the same cells, since its
     # cells wrap, so plain columns would not fit with any of the drops either).
@@ -963,6 +958,18 @@ def _rich_table(  # noqa: ANN202
     return table
 
 
+def _first_fitting_table(console, title, columns, rows, whole, drops, folds=None):  # noqa: ANN001, ANN202
+    """:func:`_fitted_table` of every column, else without the first of ``drops``, then
+    the next too, ...: the first that fits the console; None if none does."""
+    shown = list(columns)
+    for drop in (None, *drops):
+        if drop is not None:
+            shown.remove(drop)
+        if (table := _fitted_table(console, title, columns, rows, shown, whole, folds)) is not None:
+            return table
+    return None
+
+
 def _fitted_table(console, title, columns, rows, shown, whole, folds=None):  # noqa: ANN001, ANN202
     """The table of the ``shown`` columns at the console's width, the ``whole`` column
     at its full width and no other word cut but in the ``folds`` column (long messages:
@@ -1017,15 +1024,12 @@ def _units_renderable(console, title: str, columns: Sequence[str], rows: list[li
     """A campaign's unit table on a terminal: the keys whole, the messages folded, the
     ``UNIT_DROPS`` columns left out while it is too wide; where even that does not fit,
     the rest as rich lays them out (every column folded)."""
-    shown = list(columns)
     drops = [name for name in UNIT_DROPS if name in columns]
-    for drop in (None, *drops):
-        if drop is not None:
-            shown.remove(drop)
-        table = _fitted_table(console, title, columns, rows, shown, "unit", UNIT_FOLDS)
-        if table is not None:
-            return table
-    index = [columns.index(name) for name in shown]
+    table = _first_fitting_table(console, title, columns, rows, "unit", drops, UNIT_FOLDS)
+    if table is not None:
+        return table
+    index = [i for i, name in enumerate(columns) if name not in drops]
+    shown = [columns[i] for i in index]
     caption = f"not shown at this width: {', '.join(drops)}"
     return _rich_table(title, shown, [[row[i] for i in index] for row in rows], caption=caption)
 
@@ -1263,7 +1267,7 @@ def _units_summary(rows: Rows, height: int):  # noqa: ANN202 - a rich Text
     title, columns, cells = rows
     counts = Counter(row[1] for row in cells)
     lines = [f"{title}: " + ", ".join(f"{n} {state}" for state, n in counts.items())]
-    note = columns.index("progress / error") if "progress / error" in columns else None
+    note = columns.index(UNIT_FOLDS) if UNIT_FOLDS in columns else None
     for row in cells:
         if row[1] != "SUCCESS":
             lines.append(f"{row[0]} {row[1]}" + (f" {row[note]}" if note and row[note] else ""))
