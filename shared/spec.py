@@ -856,7 +856,22 @@ def format_validation_error(
         messages.setdefault(where, [])
         if msg not in messages[where]:
             messages[where].append(msg)
-    return "; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in messages.items())
+    return "; ".join(f"{where}: {_either(msgs)}" for where, msgs in messages.items())
+
+
+def _either(messages: list[str]) -> str:
+    """A value's messages, one per kind it may be (``gamma``: a number, or 'scale' or
+    'auto'), as one sentence: ``Input should be a valid number or 'scale' or 'auto'
+    (got 'Scale')``, not each with its own "Input should be" and "(got ...)"."""
+    if len(messages) < 2:
+        return " or ".join(messages)
+    found = re.search(r" \(got .*\)$", messages[0])
+    got = found.group() if found and all(m.endswith(found.group()) for m in messages) else ""
+    messages = [m.removesuffix(got) for m in messages] if got else messages
+    lead = "Input should be "
+    if all(m.startswith(lead) for m in messages):
+        messages = [messages[0], *(m.removeprefix(lead) for m in messages[1:])]
+    return " or ".join(messages) + got
 
 
 _TABLES = {"dataset", "preprocessing", "cnn", "svm", "rf", "blend", "report"}

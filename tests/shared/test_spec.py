@@ -673,7 +673,7 @@ def test_a_search_is_part_of_each_point_and_takes_its_parameters_out(tmp_path):
         ("C = [1.0, 10.0]", "C = [1.0, 1]", "[svm] search.C: duplicate value 1.0"),
         ("C = [1.0, 10.0]", "C = []", "[svm] search.C: give at least one value to search"),
         ('gamma = [1e-5, "scale"]', 'gamma = ["x"]', "[svm] search.gamma[0]: Input should "
-         "be a valid number (got 'x') or Input should be 'scale' or 'auto' (got 'x')"),
+         "be a valid number or 'scale' or 'auto' (got 'x')"),
         ("C = [1.0, 10.0]", "Cs = [1.0]", "[svm] search.Cs: unknown key"),
         ("standardize = true", "C = 2.0", "[svm] C: [svm.search] chooses it; give its values "
          "there only"),
@@ -743,9 +743,9 @@ def test_one_search_table_per_section(tmp_path):
     ("old", "new", "expected"),
     [
         ('variant = "polar192"', "gamma = {a = 1}", "[svm] gamma: Input should be a valid "
-         "number or Input should be 'scale' or 'auto'"),
+         "number or 'scale' or 'auto'"),
         ("n_estimators = 10", "max_features = {x = 1}", "[rf] max_features: Input should be a "
-         "valid number or Input should be 'sqrt' or 'log2'"),
+         "valid number or 'sqrt' or 'log2'"),
         ("epochs = 2", 'dense = "512,,64"', '[cnn] dense: dense must be comma-separated '
          'positive integers such as "512,256,64" (got \'512,,64\')'),
         ("C = [1.0, 10.0]", "search = 5", "[svm] search: expected a table (got 5)"),
@@ -811,3 +811,19 @@ def test_a_misspelt_table_or_a_bad_dataset_field_names_it(tmp_path, text, expect
     extra = "" if text.startswith("[dataset]") else '[dataset]\nkind = "synthetic"\n'
     path, message = _error(tmp_path, f'name = "t"\n{extra}{text}[cnn]\n')
     assert message == f"{path}: {expected}"
+
+
+def test_a_value_of_either_kind_gets_one_sentence(tmp_path):
+    """A field that takes a number or a name said each kind's message in full, each
+    with its own "(got ...)"."""
+    text = BASE.replace("C = [1.0, 10.0]", 'C = [1.0, 10.0]\ngamma = "Scale"')
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f"{path}: [svm] gamma: Input should be a valid number or 'scale' or 'auto' (got 'Scale')"
+    )
+    text = BASE.replace("n_estimators = 10", "n_estimators = 10\nmax_features = 1.5")
+    path, message = _error(tmp_path, text)
+    assert message == (
+        f"{path}: [rf] max_features: Input should be less than or equal to 1 or 'sqrt' or "
+        "'log2' (got 1.5)"
+    )

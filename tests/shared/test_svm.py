@@ -393,7 +393,12 @@ def test_the_studys_grid_is_a_valid_campaign():
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [
-        ("gamma", "true", r"gamma: Input should be a valid number \(got True\)"),
+        (
+            "gamma",
+            "true",
+            r"gamma: Input should be a valid number or 'scale' or 'auto' \(got "
+            r"True\)",
+        ),
         ("gamma", "inf", r"gamma: Input should be a finite number"),
         ("C", "true", r"C: Input should be a valid number \(got True\)"),
         ("n_components", '"200"', r"n_components: Input should be a valid integer"),
