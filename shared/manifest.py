@@ -103,18 +103,14 @@ class Manifest:
         with absolute image paths, resolved on this host (before 2026-12-06), and also
         without the images' sha256 (before 2026-12-05). ``submit --reuse`` takes the
         campaigns recorded then as twins too."""
-        data = asdict(self)
         root = self.dataset_root(artifacts)
         if root is None:
             return []
         real = root.resolve()
-        del data["root"], data["root_in_artifacts"]
+        # a skipped image's path, and a reason naming its CSV, held the resolved root
+        data = self._without_root(root, f"{real}/")
         for entry in data["entries"]:
             entry["path"] = str(real / entry["path"])
-        # a skipped image's path, and a reason naming its CSV, held the resolved root
-        for skipped in data["skipped"]:
-            for field in ("path", "reason"):
-                skipped[field] = skipped[field].replace(f"{root}/", f"{real}/")
         digests = [_digest(data)]
         for entry in data["entries"]:
             del entry["sha256"]
@@ -129,13 +125,17 @@ class Manifest:
         root = self.dataset_root(artifacts)
         if root is None or not all(e.sha256 for e in self.entries):
             return None
+        return _digest(self._without_root(root, ""))
+
+    def _without_root(self, root: Path, prefix: str) -> dict:
+        """This manifest's fields but the root's, with ``prefix`` for ``root/`` in each
+        skipped image's path and reason (which names its CSV)."""
         data = asdict(self)
         del data["root"], data["root_in_artifacts"]
-        # a skipped image's path, and a reason naming its CSV, lie under the root
         for skipped in data["skipped"]:
             for field in ("path", "reason"):
-                skipped[field] = skipped[field].replace(f"{root}/", "")
-        return _digest(data)
+                skipped[field] = skipped[field].replace(f"{root}/", prefix)
+        return data
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
