@@ -1581,22 +1581,39 @@ def _check_worker_start():  # noqa: ANN202 - Settings
 
 def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
     """Refuse a worker whose ``ORCHARD_ARTIFACTS`` lacks the manifest of a campaign
-    running in its store (among the newest ``STATUS_SHOWN``: one is enough to tell):
-    not the folder the campaigns are submitted with (another path, a share not
-    mounted). It would take their units and hand each one back."""
+    running in its store (among the newest ``STATUS_SHOWN``): not the folder the
+    campaigns are submitted with (another path, a share not mounted). It would take
+    their units and hand each one back. Where the folder holds the other campaigns'
+    manifests, the manifest is missing on every host instead: said, and the worker
+    starts (that campaign's units fail; the others' run)."""
     from shared.manifest import manifest_path
+    from workers.data import holds_other_manifests
 
+    missing: dict[str, Path] = {}
     for campaign in store.list_campaigns(limit=STATUS_SHOWN):
         if campaign.state != "RUNNING":
             continue
         path = manifest_path(settings.artifacts / "campaigns" / campaign.id)
         recorded = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
         if recorded is not None and not path.is_file():
-            raise OrchardError(
-                f"ORCHARD_ARTIFACTS ({settings.artifacts}): campaign {campaign.id} runs, but "
-                f"its manifest {path} is not there: a worker must use the folder the "
-                "campaigns are submitted with (on a cluster, the same share, mounted)"
-            )
+            missing[campaign.id] = path
+    if not missing:
+        return
+    if not holds_other_manifests(store, settings.artifacts, missing):
+        campaign_id, path = next(iter(missing.items()))
+        raise OrchardError(
+            f"ORCHARD_ARTIFACTS ({settings.artifacts}): campaign {campaign_id} runs, but "
+            f"its manifest {path} is not there: a worker must use the folder the "
+            "campaigns are submitted with (on a cluster, the same share, mounted)"
+        )
+    for campaign_id, path in missing.items():
+        print(
+            f"orchard: warning: campaign {campaign_id} runs, but its manifest {path} is "
+            "missing, though ORCHARD_ARTIFACTS holds the other campaigns': its folder was "
+            "removed, or it was submitted with another ORCHARD_ARTIFACTS. Its units will "
+            "fail; `orchard cancel` it",
+            file=sys.stderr,
+        )
 
 
 def worker_argv(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from db.store import Artifact, Store
 from shared.artifacts import sha256_file
-from shared.manifest import Manifest
+from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
 from shared.settings import Settings
 from shared.variants import derive
@@ -79,6 +79,33 @@ def shard_matches(artifacts: Path, rel: str, record: Artifact | None) -> bool:
     for a caller that read many at once."""
     path = artifacts / rel
     return record is not None and path.is_file() and sha256_file(path) == record.sha256
+
+
+#: How many of the newest campaigns tell whether an artifact folder is the one the
+#: campaigns are submitted with.
+WITNESSES = 5
+
+
+def holds_other_manifests(store: Store, artifacts: Path, besides: Collection[str]) -> bool:
+    """Whether ``artifacts`` is the folder the campaigns are submitted with, as far as
+    the newest campaigns other than ``besides`` tell (up to :data:`WITNESSES` of them):
+    it holds most of the manifests the store records for them. False where none tells
+    (no other campaign, or none with its manifest recorded).
+
+    Tells a manifest missing from this worker's folder alone (its ``ORCHARD_ARTIFACTS``
+    is another folder, a share not mounted: every manifest is missing) from one missing
+    everywhere (its campaign's folder removed by hand, or written by a submitter whose
+    ``ORCHARD_ARTIFACTS`` was another folder)."""
+    newest = store.list_campaigns(limit=WITNESSES + len(besides))
+    others = [c.id for c in newest if c.id not in besides and c.state != "DELETING"]
+    paths = [_manifest_rel(artifacts, c) for c in others[:WITNESSES]]
+    recorded = store.find_artifacts(paths)
+    here = sum((artifacts / rel).is_file() for rel in recorded)
+    return here > len(recorded) - here
+
+
+def _manifest_rel(artifacts: Path, campaign_id: str) -> str:
+    return manifest_path(artifacts / "campaigns" / campaign_id).relative_to(artifacts).as_posix()
 
 
 def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: str) -> np.ndarray:

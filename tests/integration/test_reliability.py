@@ -643,6 +643,38 @@ def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: C
     assert cluster.store.results(run.id) == {}
 
 
+def test_a_campaign_whose_folder_was_removed_fails_and_the_workers_go_on(cluster: Cluster) -> None:
+    """A running campaign's folder removed by hand (or written by a submitter with
+    another ORCHARD_ARTIFACTS): its manifest is missing on every host. The worker's
+    folder holds the next campaign's manifest, so the worker is not the one in the
+    wrong: it hands the units back, counted, until they fail, and keeps taking from
+    its queues. It used to stop consuming `preprocess` at the first unit, and the
+    next campaign waited for ever."""
+    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: both stay queued
+    try:
+        gone = cluster.submit(write_campaign(cluster.tmp, "gone", classic=True, blend='["svm"]'))
+        after = cluster.submit(write_campaign(cluster.tmp, "after", classic=True, blend='["svm"]'))
+        manifest = cluster.settings.artifacts / "campaigns" / gone.id / "manifest.json"
+        manifest.unlink()
+    finally:
+        cluster.pool.restart("cpu")
+    assert cluster.wait(after).campaign.state == "DONE"
+    status = cluster.wait(gone)
+    assert status.campaign.state == "PARTIAL"
+    states = {u.family: u.state for u in status.units}
+    # the report says what failed (it reads the store, not the manifest)
+    assert states == {f: "FAILED" for f in ("preprocess", "cnn", "svm", "rf")} | {
+        "report": "SUCCESS"
+    }
+    for unit in status.units:
+        if unit.family == "preprocess":
+            assert unit.attempts == 2, unit
+            assert f"{manifest}: the campaign's manifest is not there, though this folder" in (
+                unit.error
+            ), unit.error
+    assert "takes no more units" not in cluster.pool.log("cpu")
+
+
 def test_a_campaign_sent_to_workers_of_another_database_is_named_on_both_sides(
     cluster: Cluster,
 ) -> None:

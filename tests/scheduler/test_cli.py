@@ -838,6 +838,62 @@ def test_a_worker_whose_artifacts_lack_a_running_campaign_s_manifest_is_refused(
     )
 
 
+def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Its folder holds the other campaigns' manifests: the folder is the right one, and
+    one campaign's folder was removed by hand (or written by a submitter with another
+    ORCHARD_ARTIFACTS). That campaign used to keep every worker of the cluster from
+    starting; the worker now says so and starts, for the other campaigns."""
+    import signal
+
+    from db.store import Artifact, Store
+
+    home = tmp_path / "home"
+    gone, fine = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
+    _stored_campaigns(home, gone)
+    _stored_campaigns(home, fine)
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    for cid in (gone, fine):
+        store.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "0" * 64, 2, cid)
+        )
+    store.dispose()
+    (home / "artifacts" / "campaigns" / gone / "manifest.json").unlink()
+    env = {**os.environ, "ORCHARD_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "worker", "--queues", "cpu", "--pool", "solo"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("orchard worker"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert lines[-1].startswith("orchard worker: "), lines
+    manifest = home / "artifacts" / "campaigns" / gone / "manifest.json"
+    assert lines[:-1] == [
+        f"orchard: warning: campaign {gone} runs, but its manifest {manifest} is missing, "
+        "though ORCHARD_ARTIFACTS holds the other campaigns': its folder was removed, or it "
+        "was submitted with another ORCHARD_ARTIFACTS. Its units will fail; `orchard "
+        "cancel` it\n"
+    ]
+
+
 @pytest.mark.parametrize(
     ("command", "variable", "value"),
     [

@@ -319,6 +319,98 @@ def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keep
     assert (unit.state, unit.attempts) == ("FAILED", 2) and missing in unit.error
 
 
+def _another_campaign_with_its_manifest(store: Store, cid: str, artifacts: Path | None) -> None:
+    """Campaign ``cid`` recorded with a manifest, written in ``artifacts`` (None: not
+    written anywhere this worker sees)."""
+    from db.store import Artifact
+
+    rel = f"campaigns/{cid}/manifest.json"
+    store.create_campaign(
+        cid, name="o", source="o.toml", digest=cid, spec={}, classes=["A"],
+        units=[UnitPlan(f"{cid}/report", "report", 3, None, {}, "r")],
+        artifacts=[Artifact(rel, "manifest", "0" * 64, 2, cid)],
+    )  # fmt: skip
+    if artifacts is not None:
+        (artifacts / rel).parent.mkdir(parents=True)
+        (artifacts / rel).write_text("{}")
+
+
+@pytest.mark.parametrize("queue", ["cpu", "gpu"])
+def test_a_manifest_missing_from_the_folder_of_the_other_campaigns_fails_its_unit_alone(
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    queue: str,
+) -> None:
+    """The worker's folder holds the other campaigns' manifests but not this one's: the
+    folder is the shared one, and this manifest is missing everywhere (its folder
+    removed by hand, a submitter with another ORCHARD_ARTIFACTS). The worker keeps its
+    queue, for the other campaigns (one such campaign used to stop every worker that
+    took one of its units); the hand-backs count, so the unit ends FAILED."""
+    from celery.exceptions import Reject
+
+    from db.store import Artifact
+    from workers.tasks.base import ManifestGoneError
+
+    monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "2")
+    artifacts = tmp_path / "artifacts"
+    _another_campaign_with_its_manifest(store, "o-1", artifacts)
+    _another_campaign_with_its_manifest(store, "o-2", artifacts)
+    _another_campaign_with_its_manifest(store, "o-3", None)  # a submitter's elsewhere
+    store.record_artifact(Artifact("campaigns/g-1/manifest.json", "manifest", "0" * 64, 2, "g-1"))
+    told: list[tuple] = []
+    delivery = OneDelivery()
+    delivery.request.delivery_info = {"routing_key": queue}
+    delivery.app = SimpleNamespace(
+        control=SimpleNamespace(broadcast=lambda *args, **kwargs: told.append(args))
+    )
+
+    def body(ctx: UnitContext) -> Outcome:
+        ctx.manifest()
+        raise AssertionError("ran without its manifest")
+
+    with pytest.raises(Reject) as rejected:
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert rejected.value.requeue is True and told == []
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.attempts, unit.error) == ("QUEUED", 1, None)
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    missing = artifacts / "campaigns" / "g-1" / "manifest.json"
+    said = (
+        f"{missing}: the campaign's manifest is not there, though this folder "
+        "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, or it "
+        "was submitted with another ORCHARD_ARTIFACTS"
+    )
+    assert error == f"{KEY}: {said}. Handed back to another worker"
+    with pytest.raises(ManifestGoneError):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.attempts) == ("FAILED", 2) and said in unit.error
+    assert told == []
+
+
+def test_a_folder_holding_few_of_the_other_campaigns_manifests_is_not_the_shared_one(
+    store: Store, tmp_path: Path
+) -> None:
+    """The newest other campaigns tell, by majority: a stale folder holding one old
+    manifest is not taken for the shared folder; nor is one where none tells."""
+    from workers.data import WITNESSES, holds_other_manifests
+
+    artifacts = tmp_path / "artifacts"
+    assert not holds_other_manifests(store, artifacts, {"g-1"})  # no other campaign
+    _another_campaign_with_its_manifest(store, "o-0", artifacts)  # the oldest
+    assert holds_other_manifests(store, artifacts, {"g-1"})
+    assert not holds_other_manifests(store, artifacts, {"g-1", "o-0"})
+    for n in range(1, WITNESSES + 1):
+        _another_campaign_with_its_manifest(store, f"o-{n}", None)
+    # o-0 is no longer among the newest WITNESSES: none of them is here
+    assert not holds_other_manifests(store, artifacts, {"g-1"})
+    (artifacts / "campaigns" / "o-5").mkdir(parents=True)
+    (artifacts / "campaigns" / "o-5" / "manifest.json").write_text("{}")
+    assert not holds_other_manifests(store, artifacts, {"g-1"})  # 1 of 5
+
+
 def test_stop_consuming_reaches_the_worker_of_its_boot_alone() -> None:
     """Two workers of one node name (a host configured as another) both get a broadcast
     to that name: only the one whose unit asked stops consuming the queue."""

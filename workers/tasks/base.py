@@ -85,7 +85,7 @@ from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
 from workers.app import app
 from workers.config import Reliability, reliability
-from workers.data import load_variant
+from workers.data import holds_other_manifests, load_variant
 
 log = get_task_logger("orchard")
 #: for the worker's main process, where no task runs (a task logger would say ???[???])
@@ -437,7 +437,8 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
 class NotOnThisHostError(PreprocessError):
     """What a unit needs is not where this worker's host should have it: this worker's
     setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
-    hands them back and takes no more from their queue (but for ``gpu_keeps_queue``)."""
+    hands them back and takes no more from their queue (but for ``keeps_queue`` and
+    ``gpu_keeps_queue``)."""
 
     #: what to do about it, said after "restart it"
     remedy = ""
@@ -447,6 +448,9 @@ class NotOnThisHostError(PreprocessError):
     #: whether a worker of queue ``gpu`` keeps taking from it: where only some of its
     #: units need what is missing
     gpu_keeps_queue = False
+    #: whether every worker keeps taking from its queue: where what is missing is most
+    #: likely missing on every host, not this one's alone
+    keeps_queue = False
 
 
 class ArtifactsElsewhereError(NotOnThisHostError):
@@ -469,6 +473,18 @@ class DatasetElsewhereError(NotOnThisHostError):
     gpu_keeps_queue = True
 
 
+class ManifestGoneError(NotOnThisHostError):
+    """The store records a campaign's manifest that this worker's artifact folder lacks,
+    though it holds the other campaigns' (``holds_other_manifests``): the folder is the
+    shared one, and the manifest is missing on every host (its campaign's folder removed
+    by hand, or written by a submitter whose ``ORCHARD_ARTIFACTS`` was another folder).
+    The worker keeps its queues, for the other campaigns; the hand-backs count, so the
+    unit ends FAILED, in case another worker sees the manifest after all."""
+
+    counts_attempt = True
+    keeps_queue = True
+
+
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
     path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
     record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
@@ -476,7 +492,14 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
         raise PreprocessError(f"{path}: manifest not recorded in the store")
     if not path.is_file():
         # recorded, so written on the submitter's host: most often this worker's artifact
-        # folder is another folder, or the share is not mounted here
+        # folder is another folder, or the share is not mounted here; unless the folder
+        # holds the other campaigns' manifests
+        if holds_other_manifests(store, settings.artifacts, {campaign_id}):
+            raise ManifestGoneError(
+                f"{path}: the campaign's manifest is not there, though this folder "
+                "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, "
+                "or it was submitted with another ORCHARD_ARTIFACTS"
+            )
         raise ArtifactsElsewhereError(
             f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
             f"({settings.artifacts}) must be the folder the campaign was submitted with "
@@ -921,7 +944,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         if not (exc.counts_attempt and start.attempts >= rules.max_attempts):
             _hand_back(store, key, holder, "to another worker", count_attempt=exc.counts_attempt)
             queue = _queue_of(task)
-            if queue == "gpu" and exc.gpu_keeps_queue:
+            if exc.keeps_queue or (queue == "gpu" and exc.gpu_keeps_queue):
                 log.error("%s: %s. Handed back to another worker", key, exc)
             else:
                 _stop_consuming(task, queue)
