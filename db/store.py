@@ -589,10 +589,12 @@ class Store:
         On PostgreSQL the server's clock, so workers on hosts whose clocks disagree
         still agree on whether a lease has run out (and unit times from different hosts
         can be compared); SQLite is one file on one host, whose clock all its workers
-        read.
+        read. Always in UTC: psycopg hands the server's time back in the session's time
+        zone, where adding a lease's seconds is local-clock arithmetic, an hour off
+        across a summer time change.
         """
         if self._server_clock:
-            return s.scalar(select(func.clock_timestamp()))
+            return as_utc(s.scalar(select(func.clock_timestamp())))
         return utcnow()
 
     @_retried
@@ -600,7 +602,7 @@ class Store:
         """The store's clock (:meth:`_now`), aware UTC: what a lease read from the store
         is to be compared with, whatever this host's clock says."""
         with self._transaction(read_only=True) as s:
-            return as_utc(self._now(s))
+            return self._now(s)
 
     def _unreachable(self, exc: Exception) -> StoreUnreachableError:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
@@ -1235,7 +1237,9 @@ class Store:
                 and expires is not None
                 and expires > now
             ):
-                wait = (expires - now).total_seconds()
+                # no more than a lease period: one further ahead was taken before the
+                # store's clock stepped back, and its holder renews it on time or dies
+                wait = min((expires - now).total_seconds(), lease_seconds)
                 return Start(False, row.attempts, row.state, reason="leased", retry_in=wait)
             # this very call, retried after its commit's answer was lost: holders are
             # one per delivery, so the start it made counts once

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from celery import bootsteps, uuid
@@ -48,10 +50,34 @@ log = logging.getLogger(__name__)
 DROPPED_AFTER_LEASES = 5
 
 
-def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[str]:
+class StoreClock:
+    """The store's clock between one worker's passes, against this host's monotonic
+    clock: the lease times are the store's, so a step of its clock (an NTP step on the
+    database's host, a resumed virtual machine) makes every live lease look run out,
+    though its worker renewed it on time."""
+
+    def __init__(self) -> None:
+        self._last: tuple[datetime, float] | None = None
+
+    def ahead(self, store_now: datetime) -> float:
+        """Seconds the store's clock ran ahead of this host's since the last call (0 at
+        the first)."""
+        here = time.monotonic()
+        last, self._last = self._last, (store_now, here)
+        if last is None:
+            return 0.0
+        return (store_now - last[0]).total_seconds() - (here - last[1])
+
+
+def requeue_lost_units(
+    app: Any, idle_consumer_of: Sequence[str] = (), clock: StoreClock | None = None
+) -> list[str]:
     """One pass: requeue and send the units whose message is lost, then advance the
     campaigns that nothing moves; returns the keys sent. ``idle_consumer_of``: the
-    queues of the calling worker when it holds no message (see :func:`idle_queues`)."""
+    queues of the calling worker when it holds no message (see :func:`idle_queues`).
+    With ``clock`` (the worker's passes so far), a pass that finds the store's clock
+    half a lease period or more ahead of this host's since the last one takes no lease
+    for run out: their workers renew them, by the new clock, before the next pass."""
     from db.store import StoreError
     from scheduler.canvas import advance, unit_signature
     from workers.tasks.base import worker_store
@@ -59,6 +85,14 @@ def requeue_lost_units(app: Any, idle_consumer_of: Sequence[str] = ()) -> list[s
     lease = reliability().lease_seconds
     try:
         store = worker_store()
+        if clock is not None and (ahead := clock.ahead(store.now())) >= lease / 2:
+            log.warning(
+                "the store's clock ran %.0f s ahead of this host's since the last look for "
+                "lost units (a clock step, or this host suspended): leases are not taken "
+                "for run out until the next look",
+                ahead,
+            )
+            return []
         lost = store.requeue_lost(
             lease,
             uuid,
@@ -158,9 +192,16 @@ class LostUnitReaper(bootsteps.StartStopStep):
         self.thread.start()
 
     def run(self, app: Any) -> None:
+        from workers.tasks.base import worker_store
+
+        clock = StoreClock()
+        try:
+            clock.ahead(worker_store().now())  # where the first pass's look starts
+        except Exception:  # the first pass starts it, and says what is wrong
+            log.debug("could not read the store's clock", exc_info=True)
         while not self.stopping.wait(reliability().lease_seconds):
             try:
-                requeue_lost_units(app, idle_queues(app))
+                requeue_lost_units(app, idle_queues(app), clock)
             except Exception:  # never let one bad pass end the thread
                 log.exception("looking for units of lost workers failed")
 

@@ -449,6 +449,25 @@ def test_leases_follow_the_postgres_server_clock_not_the_hosts(
         )
 
 
+def test_a_store_clock_stepped_back_puts_a_second_delivery_off_a_lease_period_at_most(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease taken before the store's clock stepped back an hour ends, by the new
+    clock, an hour and a minute from now: a second delivery that waited for it held a
+    worker slot for an hour. It comes back within a lease period; the holder renews on
+    time or is dead by then."""
+    import db.store as store_module
+
+    store = make_store(sqlite_url)
+    units = seed_campaign(store)
+    live = units[2].key
+    assert deliver(store, live, worker="w", task_id="t", holder="d1", lease_seconds=60).run
+    host_clock = store_module.utcnow
+    monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() - timedelta(hours=1))
+    second = deliver(store, live, worker="w2", task_id="t", holder="d2", lease_seconds=60)
+    assert not second.run and second.reason == "leased" and 59 < second.retry_in <= 60
+
+
 def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     store = make_store(store_url)
     units = seed_campaign(store)
@@ -1119,6 +1138,68 @@ def test_times_come_back_in_utc_whatever_the_server_s_time_zone(postgres_url: st
     with pytest.raises(CampaignDeletedError) as deleted:
         store.get_campaign("t-1")
     assert f"at {datetime.now(UTC):%Y-%m-%d %H}" in str(deleted.value)
+
+
+def _server_clock_at(postgres_url: str, moment: str) -> None:
+    """The database's ``clock_timestamp()`` from now on starts at ``moment`` (and runs
+    on), in a session time zone with summer time: a function of that name ahead of
+    pg_catalog's on the database's search path, which the store's unqualified calls
+    find."""
+    from sqlalchemy import create_engine
+
+    name = postgres_url.rsplit("/", 1)[1]
+    with create_engine(postgres_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(text("CREATE SCHEMA fake"))
+        conn.execute(
+            text(
+                # in seconds: an interval of days would be added in local days
+                "CREATE TABLE fake.skew AS SELECT extract(epoch FROM timestamptz "
+                f"'{moment}' - pg_catalog.clock_timestamp()) * interval '1 second' AS by"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE FUNCTION fake.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS "
+                "$$ SELECT pg_catalog.clock_timestamp() + (SELECT by FROM fake.skew) $$"
+            )
+        )
+        conn.execute(text(f'ALTER DATABASE "{name}" SET search_path = fake, pg_catalog, public'))
+        conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone = 'America/New_York'"))
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "2026-11-01 06:30:00+00",  # 01:30 EST, the hour New York lives twice
+        "2026-11-01 05:59:40+00",  # the last minute of EDT: a lease ends after it
+        "2026-03-08 07:00:20+00",  # 03:00:20 EDT, just after the hour that never was
+    ],
+)
+def test_leases_keep_their_length_across_a_summer_time_change(
+    postgres_url: str, moment: str
+) -> None:
+    """The server's clock read in a session time zone with summer time: lease
+    arithmetic on that local time was off by the hour the clocks changed. A 60 s lease
+    in New York's repeated hour ran out an hour before it began (a second delivery ran
+    beside the live one, and status called its worker gone), one taken in EDT's last
+    minute lasted an hour, and just after spring forward the reaper took every live
+    lease."""
+    store = make_store(postgres_url)
+    _server_clock_at(postgres_url, moment)
+    store.engine.dispose()  # new sessions: the fake clock, New York's time
+    units = seed_campaign(store)
+    live = units[2].key
+    assert deliver(store, live, worker="w", task_id="t", holder="d1", lease_seconds=60).run
+    now = store.now()
+    assert now.utcoffset() == timedelta(0)
+    assert abs(now - datetime.fromisoformat(moment)) < timedelta(minutes=1)
+    left = store.get_unit(live).lease_expires_at - now
+    assert timedelta(seconds=55) < left <= timedelta(seconds=60), left
+    second = deliver(store, live, worker="w2", task_id="t", holder="d2", lease_seconds=60)
+    assert not second.run and second.reason == "leased" and 55 < second.retry_in <= 60
+    assert store.requeue_lost(60, lambda: "t2") == []
+    assert store.renew_lease(live, "d1", 60) == "held"
+    assert live not in store.resume_campaign("t-1")
 
 
 def test_campaign_and_unit_times_are_aware_on_sqlite_too(sqlite_url: str) -> None:

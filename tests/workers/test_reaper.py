@@ -5,6 +5,7 @@ broker's send is made to fail."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,45 @@ def test_a_stalled_campaign_the_pass_cannot_advance_waits_for_the_next_pass(
     assert reaper.requeue_lost_units(object()) == []
     assert "t-1: stalled, and could not advance it: broker down" in caplog.text
     assert {u.state for u in store.units("t-1")} == {"PENDING"}
+
+
+def test_a_step_of_the_store_s_clock_takes_no_live_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's clock steps three minutes ahead (an NTP step, a resumed virtual
+    machine): every live lease looks run out for over a lease period, though its worker
+    renews it on time. The pass that sees the step takes none; the next one, a lease
+    period later by this host's clock, takes a lease its holder did not renew."""
+    import db.store as store_module
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "60")
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    key = next(p.key for p in seed_campaign(store) if p.stage == 0)
+    store.claim_for_queue([key], {key: "first"})
+    store.mark_sent(["first"])
+    assert store.start_unit(key, worker="w", task_id="first", holder="h", lease_seconds=60).run
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    sent: list[str] = []
+
+    class Sent:
+        def __init__(self, *args: object) -> None:
+            self.key = args[4]
+
+        def apply_async(self) -> None:
+            sent.append(self.key)
+
+    monkeypatch.setattr(canvas, "unit_signature", Sent)
+    clock = reaper.StoreClock()
+    assert reaper.requeue_lost_units(object(), (), clock) == []  # the lease is live
+    host_clock = store_module.utcnow
+    monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() + timedelta(minutes=3))
+    assert reaper.requeue_lost_units(object(), (), clock) == []
+    assert store.get_unit(key).state == "RUNNING" and sent == []
+    assert "the store's clock ran 180 s ahead of this host's" in caplog.text
+    # its worker renews by the new clock: live; had it not, the next pass takes it
+    assert store.renew_lease(key, "h", 60) == "held"
+    assert reaper.requeue_lost_units(object(), (), clock) == []
+    monkeypatch.setattr(store_module, "utcnow", lambda: host_clock() + timedelta(minutes=6))
+    monkeypatch.setattr(time, "monotonic", lambda real=time.monotonic: real() + 180)
+    assert reaper.requeue_lost_units(object(), (), clock) == [key]
+    assert sent == [key] and store.get_unit(key).state == "QUEUED"
