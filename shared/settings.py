@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote
 
 from shared.errors import OrchardError, printable
 from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
@@ -44,6 +44,15 @@ class Settings:
     #: ORCHARD_DATASET_ROOTS: the folders datasets may be read from (besides the artifact
     #: folder, where synthetic ones are made); empty: anywhere the process may read
     dataset_roots: tuple[Path, ...] = ()
+
+    def __repr__(self) -> str:
+        # the URLs' passwords masked: a settings object ends up in logs, tracebacks
+        # that show locals, error reporters
+        broker, database = mask_url(self.broker_url), mask_url(self.database_url)
+        return (
+            f"Settings(home={self.home!r}, broker_url={broker!r}, database_url={database!r}, "
+            f"artifacts={self.artifacts!r}, dataset_roots={self.dataset_roots!r})"
+        )
 
     def outside_dataset_roots(self, path: Path) -> bool:
         """Whether ``path`` (resolved: symbolic links followed) is outside every dataset
@@ -286,7 +295,18 @@ def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:
 
 #: Query parameters whose value is a password (libpq's ``password``, ``sslpassword``;
 #: redis-py's ``password``; the ``passwd``/``pwd`` of other drivers), in any case.
-_QUERY_PASSWORD = re.compile(r"([?&;](?:[a-z_]*password|passwd|pwd)=)[^&;#]*", re.IGNORECASE)
+_PASSWORD_KEY = re.compile(r"(?:[a-z_]*password|passwd|pwd)", re.IGNORECASE)
+#: A query parameter: its separator before, its name (percent-encoded or not), its value.
+_QUERY_PARAMETER = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
+#: The part of a URL before its path where no ``@`` is: a host, and a port if any.
+_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::\d*)?")
+
+
+def _mask_query_password(match: re.Match[str]) -> str:
+    separator, key, _ = match.groups()
+    if _PASSWORD_KEY.fullmatch(unquote(key)):  # ?pass%77ord= is a password too
+        return f"{separator}{key}=***"
+    return match[0]
 
 
 #: A URL's start as typed: a scheme and the ``://`` after it (``redis://``).
@@ -311,14 +331,32 @@ def mask_url(url: str) -> str:
     (``postgresql:/orchard:***@host/db``, ``redis:/:***@host``).
     """
     # the query's passwords first: a ':' or '@' in one would look like user info
-    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    url = _QUERY_PARAMETER.sub(_mask_query_password, url)
     well_formed = _WELL_FORMED_START.match(url)
     start = (well_formed or _MISTYPED_START.match(url))[0]
     userinfo, at, host = url[len(start) :].rpartition("@")
-    if not at or (well_formed and ":" not in userinfo):
-        return url  # no user info, or only a user name
+    if not at:
+        return _mask_without_at(url, start, well_formed is not None)
+    if well_formed and ":" not in userinfo:
+        return url  # only a user name
     user, colon, _ = userinfo.partition(":")
     return f"{start}{user}:***@{host}" if colon else f"{start}***@{host}"
+
+
+def _mask_without_at(url: str, start: str, well_formed: bool) -> str:
+    """``url`` with no ``@`` after its ``start``: a host and port, or user info whose
+    ``@`` was mistyped (``redis://:secret:host``, ``…://user:secret/host``), masked
+    from its first ``:`` to the path (a mistyped URL's start may hold that ``:``)."""
+    rest = url[len(start) :]
+    authority, slash, path = rest.partition("/")
+    if well_formed:
+        if _HOST_AND_PORT.fullmatch(re.split(r"[?#]", authority, maxsplit=1)[0]):
+            return url
+        user, _, _ = authority.partition(":")
+        return f"{start}{user}:***{slash}{path}"
+    if ":" not in start or not authority or authority.isdigit():
+        return url  # not a URL (a word), or a scheme-less host and port
+    return f"{start}***{slash}{path}"
 
 
 def check_database_url_form(url: str, name: str = "ORCHARD_DATABASE_URL") -> None:

@@ -149,6 +149,28 @@ def test_a_broker_password_a_url_parser_would_cut_short_is_never_printed(
     assert "hunter2" not in done[1] + done[2]
 
 
+@pytest.mark.parametrize(
+    ("variable", "url", "masked"),
+    [
+        (
+            "ORCHARD_DATABASE_URL",
+            "postgresql+psycopg://orchard:secret/127.0.0.1:5432/x",
+            "postgresql+psycopg://orchard:***/127.0.0.1:5432/x",
+        ),
+        ("ORCHARD_BROKER_URL", "redis://:secret:127.0.0.1:6379/5", "redis://:***/5"),
+    ],
+)
+@pytest.mark.parametrize("command", ["submit", "worker"])
+def test_a_url_whose_at_sign_was_mistyped_keeps_its_password_hidden(
+    tmp_path: Path, monkeypatch, capsys, command: str, variable: str, url: str, masked: str
+) -> None:
+    """`:` or `/` typed for the `@`: no user info to mask, by its form, and the whole
+    URL, password and all, was the error line's."""
+    done = in_process(monkeypatch, capsys, *BROKER_COMMANDS[command], home=tmp_path,
+                      **{variable: url})  # fmt: skip
+    one_line(*done, f"{variable} {masked}: ")
+
+
 def test_url_mistakes_are_one_line_in_a_real_process(tmp_path: Path) -> None:
     """No logging or import of a command prints more than the one line."""
     done = orchard("status", home=tmp_path, ORCHARD_DATABASE_URL="postgres://p:secret@h/x")

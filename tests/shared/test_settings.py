@@ -548,6 +548,22 @@ def test_a_symbolic_link_to_a_password_file_is_followed(tmp_path):
         # a '://' later on is no scheme's
         ("redis:/:S3cretPW@h/0?next=http://x", "redis:/:***@h/0?next=http://x"),
         ("postgresql:/o@h/o?password=S3cretPW", "postgresql:/***@h/o?password=***"),
+        # the '@' left out, or mistyped as '/' or ':'
+        (
+            "postgresql+psycopg://orchard:S3cretPW/127.0.0.1:5432/x",
+            "postgresql+psycopg://orchard:***/127.0.0.1:5432/x",
+        ),
+        (
+            "postgresql+psycopg://orchard:S3cretPW127.0.0.1:5432/x",
+            "postgresql+psycopg://orchard:***/x",
+        ),
+        ("redis://:S3cretPW:127.0.0.1:6379/5", "redis://:***/5"),
+        ("redis://:S3cretPW/127.0.0.1", "redis://:***/127.0.0.1"),
+        ("redis:/:S3cretPW:h/0", "redis:/:***/0"),
+        ("redis:S3cretPW:h", "redis:***"),
+        # a password parameter's name percent-encoded: SQLAlchemy decodes it
+        ("postgresql://o@h/o?pass%77ord=S3cretPW", "postgresql://o@h/o?pass%77ord=***"),
+        ("postgresql://o@h/o?a=1&%70wd=S3cretPW", "postgresql://o@h/o?a=1&%70wd=***"),
     ],
 )
 def test_a_mistyped_url_is_masked_too(url, masked):
@@ -566,12 +582,36 @@ def test_a_mistyped_url_is_masked_too(url, masked):
         "filesystem:///tmp/a@b/broker",
         "sqlite:////tmp/x.db",
         "sqlite:///file:x.db?mode=ro&uri=true",
+        "redis://h:6379?db=1",
+        "redis://[::1]:6379/0",
+        "localhost:6379",
         "not a URL",
         "",
     ],
 )
 def test_a_url_without_a_password_is_shown_as_it_is(url):
     assert mask_url(url) == url
+
+
+def test_settings_show_their_urls_masked():
+    """A Settings object ends up in logs, and in tracebacks that show locals (error
+    reporters, ``pytest -l``): its URLs' passwords are masked there, every field shown."""
+    import dataclasses
+
+    from shared.settings import Settings
+
+    settings = Settings(
+        home=Path("/h"),
+        broker_url="redis://:S3cretPW@h:6379/0",
+        database_url="postgresql+psycopg://orchard:S3cretPW@h/orchard",
+        artifacts=Path("/a"),
+        dataset_roots=(Path("/d"),),
+    )
+    shown = repr(settings)
+    assert "S3cret" not in shown
+    assert "redis://:***@h:6379/0" in shown and "orchard:***@h/orchard" in shown
+    for field in dataclasses.fields(Settings):
+        assert f"{field.name}=" in shown
 
 
 def test_a_mistyped_broker_url_is_refused_with_its_password_masked():
