@@ -46,7 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from db import migrate
@@ -663,12 +663,14 @@ class Store:
         except DBAPIError as exc:
             if _is_transient(exc):
                 raise _TransientError(str(self._unreachable(exc))) from None
-            if isinstance(exc, OperationalError):
+            if not isinstance(exc, IntegrityError):
                 # reached, and it answered no: a read-only file, a full disk, a table
-                # gone; not "unreachable", which sends one looking for the server
+                # gone, a read-only server (a hot standby, default_transaction_read_only),
+                # a role without the privilege; not "unreachable", which sends one
+                # looking for the server. A worker keeps its unit's message for later
                 reason = str(exc.orig).strip().splitlines()[0]
                 raise StoreError(f"database {mask_url(self.url)} refused: {reason}") from None
-            raise
+            raise  # orchard's writes are idempotent: a constraint broken is its bug
         finally:
             session.close()
 

@@ -240,3 +240,61 @@ def test_db_upgrade_with_a_question_mark_in_the_path_creates_nothing(tmp_path: P
         "the '?'"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- a server that answers no
+
+
+@pytest.mark.parametrize("why", ["read-only", "no privilege"])
+def test_a_database_that_refuses_writes_says_so_in_one_line(
+    postgres_url: str, tmp_path: Path, why: str
+) -> None:
+    """A hot standby, `default_transaction_read_only`, a role that may only read: the
+    server answers each write with an error that is not an outage. It was raised as
+    it came (a traceback from `orchard submit`, and a worker's unit raising "unexpected",
+    its message acknowledged and lost); it is now one line, as a store that refuses,
+    which a worker keeps the message for."""
+    from tests.db.test_store import seed_campaign
+
+    store = Store(postgres_url)
+    store.upgrade()
+    seed_campaign(store)
+    store.dispose()
+    name = postgres_url.rsplit("/", 1)[1]
+    if why == "read-only":
+        run_sql(postgres_url, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        url, said = (
+            postgres_url,
+            "cannot execute SELECT FOR NO KEY UPDATE in a read-only transaction",
+        )
+    else:
+        role = f"{name}_reader"
+        run_sql(
+            postgres_url,
+            f'CREATE ROLE "{role}" LOGIN',
+            f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
+        )
+        url = postgres_url.replace("://postgres@", f"://{role}@")
+        said = "permission denied for table campaigns"
+    try:
+        store = Store(url)
+        assert store.get_campaign("t-1").state == "RUNNING"  # reads still answer
+        with pytest.raises(StoreError) as info:
+            store.cancel_campaign("t-1")
+        assert not isinstance(info.value, StoreUnreachableError)
+        assert str(info.value) == f"database {mask_url(url)} refused: {said}"
+        store.dispose()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", "cancel", "t-1"],
+            cwd=REPO,
+            env={**env, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr == f"orchard: error: database {mask_url(url)} refused: {said}\n"
+    finally:
+        if why == "no privilege":
+            run_sql(postgres_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
