@@ -50,12 +50,24 @@ def _cannot_write(path: Path, exc: OSError) -> ArtifactWriteError:
     why = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         why += " (the disk, or this user's quota, is full)"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif exc.errno == errno.EFBIG:
+        why += " (more than this process may write: ulimit -f)"
+    elif exc.errno == errno.EROFS:
+        why += " (mounted read-only)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
         why += f" (this worker's user, uid {os.getuid()}, may not write there)"
     elif exc.errno is None and "written" in why:  # numpy's short write: "N requested and M written"
         why += " (a short write: is the disk full?)"
-    # the folder (or temporary file) the failure names, where it is not the file itself
-    where = f"{printable(exc.filename)}: " if exc.filename and Path(exc.filename) != path else ""
+    # the folder the failure names, where it is not the file itself nor the temporary
+    # file beside it, which was never made
+    named = Path(exc.filename) if exc.filename else None
+    ours = named == path or (
+        named is not None
+        and named.parent == path.parent
+        and named.name.startswith(f".{path.name}.")
+        and named.name.endswith(".tmp")
+    )
+    where = f"{printable(exc.filename)}: " if named is not None and not ours else ""
     return ArtifactWriteError(f"cannot write {printable(path)}: {where}{why}")
 
 

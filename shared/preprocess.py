@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -359,7 +360,16 @@ def preprocess_images(
 def write_shard(path: Path, images: np.ndarray) -> WrittenFile:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"shards hold (n, S, S, 3) uint8, got {images.dtype} {images.shape}")
-    return atomic_write(Path(path), lambda fh: np.save(fh, images, allow_pickle=False))
+    return atomic_write(Path(path), lambda fh: np.save(_Writes(fh), images, allow_pickle=False))
+
+
+class _Writes:
+    """A file as numpy sees an object with a ``write`` method only: it writes the array
+    through it, chunk by chunk, where into a real file it calls ``tofile``, whose
+    failure loses its errno ("N requested and M written" for a full disk)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.write = fh.write
 
 
 def load_shard(path: Path, sha256: str | None = None) -> np.ndarray:

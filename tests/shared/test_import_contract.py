@@ -191,7 +191,11 @@ def test_atomic_write_keeps_old_file_when_writer_raises(tmp_path):
     ("error", "said"),
     [
         (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (the disk"),
-        (OSError(errno.EROFS, "Read-only file system"), "Read-only file system (this worker's"),
+        (
+            OSError(errno.EROFS, "Read-only file system"),
+            "Read-only file system (mounted read-only)",
+        ),
+        (OSError(errno.EACCES, "Permission denied"), "Permission denied (this worker's user, uid"),
         # numpy's words for a short write (ndarray.tofile), with no errno
         (OSError("196608 requested and 147328 written"), "(a short write: is the disk full?)"),
     ],
@@ -211,6 +215,63 @@ def test_a_write_that_fails_names_the_file_and_why_in_one_line(tmp_path, error, 
     assert message.startswith(f"cannot write {target}: ") and said in message, message
     assert isinstance(info.value, OSError) and isinstance(info.value, OrchardError)
     assert list(target.parent.iterdir()) == []  # no temporary file left
+
+
+def test_a_shard_cut_short_keeps_the_error_s_words(tmp_path):
+    """numpy writes an array into a real file with ``tofile``, whose short write loses
+    the errno ("786432 requested and 299008 written", on a disk that fills up midway):
+    a shard is written through ``write``, whose OSError says why, as every other
+    file's does. A file size limit cuts the write short here, as a full disk does."""
+    import numpy as np
+
+    from shared.preprocess import load_shard, write_shard
+
+    target = tmp_path / "cache" / "shard-00000.npy"
+    script = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from shared.artifacts import ArtifactWriteError\n"
+        "from shared.preprocess import write_shard\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))\n"
+        "try:\n"
+        "    write_shard(sys.argv[1], np.full((4, 256, 256, 3), 7, np.uint8))\n"
+        "except ArtifactWriteError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(target)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == (
+        f"cannot write {target}: File too large (more than this process may write: ulimit -f)\n"
+    ), done.stdout + done.stderr
+    assert list(target.parent.iterdir()) == []
+    images = np.full((4, 256, 256, 3), 7, dtype=np.uint8)
+    written = write_shard(target, images)  # the same bytes as np.save's
+    assert np.array_equal(load_shard(target, written.sha256), images)
+    with open(tmp_path / "saved.npy", "wb") as fh:
+        np.save(fh, images, allow_pickle=False)
+    assert target.read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+def test_a_temporary_file_that_could_not_be_made_is_not_named(tmp_path, monkeypatch):
+    """mkstemp's error names the temporary file it meant to make, which never existed:
+    the line names the file being written, once."""
+    import shared.artifacts as artifacts
+
+    target = tmp_path / "checkpoints" / "fold.pt"
+
+    def read_only(prefix, suffix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/{prefix}c4fvhosl{suffix}")
+
+    monkeypatch.setattr(artifacts.tempfile, "mkstemp", read_only)
+    with pytest.raises(ArtifactWriteError) as info:
+        atomic_write_text(target, "x")
+    assert str(info.value) == (f"cannot write {target}: Read-only file system (mounted read-only)")
 
 
 def test_a_folder_that_cannot_be_made_is_named(tmp_path):
