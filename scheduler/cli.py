@@ -1604,7 +1604,8 @@ def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
         raise OrchardError(
             f"ORCHARD_ARTIFACTS ({settings.artifacts}): campaign {campaign_id} runs, but "
             f"its manifest {path} is not there: a worker must use the folder the "
-            "campaigns are submitted with (on a cluster, the same share, mounted)"
+            "campaigns are submitted with (on a cluster, the same share, mounted); if "
+            f"that folder is gone for good, `orchard cancel {campaign_id}` first"
         )
     for campaign_id, path in missing.items():
         print(

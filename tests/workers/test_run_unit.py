@@ -390,6 +390,58 @@ def test_a_manifest_missing_from_the_folder_of_the_other_campaigns_fails_its_uni
     assert told == []
 
 
+@pytest.mark.parametrize("others", [0, 1])
+def test_a_unit_whose_artifact_folder_vanished_as_it_ran_records_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture, tmp_path: Path, others: int
+) -> None:
+    """The share unmounted (or the folder removed) while a fold trained: its checkpoints
+    and model went to folders made anew where the share was, a local disk no other
+    host sees, and the unit was recorded SUCCESS. The manifest it read is gone when it
+    ends: it is handed back, its result not recorded; the other campaigns' manifests
+    tell whether the folder is this worker's fault (it stops taking from the queue)."""
+    from celery.exceptions import Reject
+
+    from db.store import Artifact
+    from shared.artifacts import atomic_write_text
+    from shared.manifest import Manifest
+
+    artifacts = tmp_path / "artifacts"
+    written = atomic_write_text(
+        artifacts / "campaigns" / "g-1" / "manifest.json",
+        Manifest(("A",), (), "f" * 64, "k" * 20, 32, 8).to_json(),
+    )
+    store.record_artifact(
+        Artifact("campaigns/g-1/manifest.json", "manifest", written.sha256, written.size, "g-1")
+    )
+    for n in range(others):
+        _another_campaign_with_its_manifest(store, f"o-{n}", artifacts)
+    told: list[tuple] = []
+    delivery = OneDelivery()
+    delivery.request.delivery_info = {"routing_key": "gpu"}
+    delivery.app = SimpleNamespace(
+        control=SimpleNamespace(broadcast=lambda *args, **kwargs: told.append(args))
+    )
+
+    def body(ctx: UnitContext) -> Outcome:
+        assert ctx.manifest().classes == ("A",)
+        written.path.unlink()  # the folder goes, as the fold trains
+        model = ctx.campaign_dir / "models" / "m.pt"  # made anew: on the wrong disk
+        model.parent.mkdir(parents=True)
+        model.write_bytes(b"weights")
+        return Outcome(0.01, val_acc=1.0, predictions={"val": [Prediction("a", 0, 0)]})
+
+    with pytest.raises(Reject):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    unit = store.get_unit(KEY)
+    assert unit.state == "QUEUED" and store.results("g-1") == {}
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"{written.path}: the campaign's manifest is not there" in error
+    # no other campaign's manifest here either: the folder is taken for this worker's
+    # fault, which stops taking folds; with one, the manifest alone is gone
+    assert (told != []) == (others == 0)
+    assert unit.attempts == others
+
+
 def test_a_folder_holding_few_of_the_other_campaigns_manifests_is_not_the_shared_one(
     store: Store, tmp_path: Path
 ) -> None:

@@ -413,6 +413,16 @@ class UnitContext:
             self._manifest = load_manifest(self.store, self.settings, self.campaign.id)
         return self._manifest
 
+    def check_folder_still_there(self) -> None:
+        """Raise a :class:`NotOnThisHostError` if the manifest this unit read is gone
+        since: the artifact folder was removed or its share unmounted while the unit
+        ran, and what the unit wrote went to folders made anew where the share was (a
+        local disk), where no other host sees it. Nothing of it is recorded."""
+        if self._manifest is not None:
+            path = manifest_path(self.campaign_dir)
+            if not path.is_file():
+                raise _manifest_missing(self.store, self.settings, self.campaign.id, path)
+
     def fold_data(self, variant: str) -> FoldData:
         """This unit's fold of the cached images, as ``variant``, with labels."""
         manifest = self.manifest()
@@ -491,21 +501,27 @@ def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifes
     if record is None:
         raise PreprocessError(f"{path}: manifest not recorded in the store")
     if not path.is_file():
-        # recorded, so written on the submitter's host: most often this worker's artifact
-        # folder is another folder, or the share is not mounted here; unless the folder
-        # holds the other campaigns' manifests
-        if holds_other_manifests(store, settings.artifacts, {campaign_id}):
-            raise ManifestGoneError(
-                f"{path}: the campaign's manifest is not there, though this folder "
-                "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, "
-                "or it was submitted with another ORCHARD_ARTIFACTS"
-            )
-        raise ArtifactsElsewhereError(
-            f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
-            f"({settings.artifacts}) must be the folder the campaign was submitted with "
-            "(on a cluster, the same share, mounted)"
-        )
+        raise _manifest_missing(store, settings, campaign_id, path)
     return _read_manifest(path, record.sha256)
+
+
+def _manifest_missing(
+    store: Store, settings: Settings, campaign_id: str, path: Path
+) -> NotOnThisHostError:
+    # recorded, so written on the submitter's host: most often this worker's artifact
+    # folder is another folder, or the share is not mounted here; unless the folder
+    # holds the other campaigns' manifests
+    if holds_other_manifests(store, settings.artifacts, {campaign_id}):
+        return ManifestGoneError(
+            f"{path}: the campaign's manifest is not there, though this folder "
+            "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, "
+            "or it was submitted with another ORCHARD_ARTIFACTS"
+        )
+    return ArtifactsElsewhereError(
+        f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
+        f"({settings.artifacts}) must be the folder the campaign was submitted with "
+        "(on a cluster, the same share, mounted)"
+    )
 
 
 #: The longest worker node name the store keeps whole (its units' ``worker`` and lease
@@ -912,6 +928,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         with worker_heartbeats():
             outcome = body(context)
         heartbeat.check()  # a run that lost its unit records nothing
+        context.check_folder_still_there()  # nor does one whose files went astray
         heartbeat.stop()
         try:
             recorded = _finish(store, key, outcome, holder, rules.lease_seconds)
