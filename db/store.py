@@ -39,6 +39,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     make_url,
     or_,
@@ -547,6 +548,20 @@ class Store:
             f"database {mask_url(self.url)} is at schema {current}, expected "
             f"{migrate.head_revision()}: run `orchard db upgrade`"
         )
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless the store takes writes: a read-only SQLite file (or
+        folder), a PostgreSQL hot standby or ``default_transaction_read_only``, a role
+        that may only read. A worker started against one kept every unit's message
+        for later, for ever, while `orchard status` blamed missing workers. Writes
+        nothing: an update of no row, rolled back (SQLite takes its write lock, and
+        PostgreSQL checks the privilege and the transaction, all the same)."""
+        try:
+            with self.engine.connect() as conn, conn.begin() as transaction:
+                conn.execute(update(UnitRow).where(false()).values(id=UnitRow.id))
+                transaction.rollback()
+        except DBAPIError as exc:
+            raise self.describe_error(exc) from None
 
     def _orchard_tables(self) -> list[str]:
         try:

@@ -1571,6 +1571,10 @@ def _check_worker_start():  # noqa: ANN202 - Settings
         # is a store of its own, whose workers drop every message of the cluster's
         require_sqlite_file(settings.database_url, for_worker=True)
     store = _store(existing=True)
+    store.check_writable()
+    from scheduler.api import _check_creatable
+
+    _check_creatable(settings.artifacts)
     # its app makes a filesystem broker's folders: only once the rest is known good
     from workers.app import app, check_broker_reachable
 

@@ -283,6 +283,11 @@ def test_a_database_that_refuses_writes_says_so_in_one_line(
             store.cancel_campaign("t-1")
         assert not isinstance(info.value, StoreUnreachableError)
         assert str(info.value) == f"database {mask_url(url)} refused: {said}"
+        # a worker asks before it starts: it would keep every unit's message for ever
+        with pytest.raises(StoreError) as info:
+            store.check_writable()
+        refused = said.replace("SELECT FOR NO KEY UPDATE", "UPDATE").replace("campaigns", "units")
+        assert str(info.value) == f"database {mask_url(url)} refused: {refused}"
         store.dispose()
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
         done = subprocess.run(
@@ -295,6 +300,16 @@ def test_a_database_that_refuses_writes_says_so_in_one_line(
         )
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr == f"orchard: error: database {mask_url(url)} refused: {said}\n"
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", "worker", "--queues", "cpu"],
+            cwd=REPO,
+            env={**env, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr == f"orchard: error: database {mask_url(url)} refused: {refused}\n"
     finally:
         if why == "no privilege":
             run_sql(postgres_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')

@@ -838,6 +838,18 @@ def test_a_worker_whose_artifacts_lack_a_running_campaign_s_manifest_is_refused(
     )
 
 
+def test_a_worker_whose_artifact_folder_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    """Every unit it took would fail on its first file: refused before it consumes."""
+    home, artifacts = tmp_path / "home", tmp_path / "artifacts"
+    artifacts.write_text("a file where the folder should be")
+    env = {"ORCHARD_HOME": str(home), "ORCHARD_ARTIFACTS": str(artifacts)}
+    assert orchard("db", "upgrade", env=env).returncode == 0
+    assert_one_line_error(
+        orchard("worker", "--queues", "cpu", env=env),
+        f"orchard: error: artifact folder {artifacts}: {artifacts} is not a directory",
+    )
+
+
 def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_everywhere(
     tmp_path: Path,
 ) -> None:
