@@ -34,6 +34,7 @@ from shared.errors import OrchardError
 from shared.preprocess import (
     MAX_PIXELS,
     PreprocessError,
+    UnreadableFileError,
     cache_key,
     check_image,
     fingerprint_digests,
@@ -314,15 +315,26 @@ def _check_images(
 ) -> tuple[list[tuple[Sample, str]], list[Skipped]]:
     """(sample, sha256) of every usable image, and the unusable ones with the reason."""
     good, bad = [], []
+    unreadable: list[str] = []
     for sample in samples:
         try:
             _, sha256 = check_image(sample.path, max_pixels)
+        except UnreadableFileError as exc:
+            # not the image's fault but this host's or user's (permissions, a failing
+            # disk): skipping such files would drop data silently, up to max_bad_fraction
+            unreadable.append(str(exc))
         except PreprocessError as exc:
             # the message names the file as an OrchardError shows it (controls escaped)
             reason = str(exc).removeprefix(str(PreprocessError(f"{sample.path}: ")))
             bad.append(Skipped(sample.image_id, sample.split, str(sample.path), reason))
         else:
             good.append((sample, sha256))
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more image(s))" if len(unreadable) > 1 else ""
+        raise DatasetError(
+            f"{unreadable[0]}{more}: this user may not read the dataset, or its disk "
+            "failed; mend it (the workers must read it too) and submit again"
+        )
     return good, bad
 
 

@@ -70,6 +70,11 @@ class PreprocessError(OrchardError, ValueError):
     """An image that cannot be decoded, or a shard that fails its checksum."""
 
 
+class UnreadableFileError(PreprocessError):
+    """A file this process may not read, or whose read failed (permissions, an I/O
+    error): the host's or the user's problem, not the image's."""
+
+
 @dataclass(frozen=True, slots=True)
 class ImageHeader:
     format: str  # Pillow's name for it: "JPEG", "PNG", ...
@@ -268,7 +273,7 @@ def read_file(path: Path, missing: str = "image file is missing") -> bytes:
     except FileNotFoundError:
         raise PreprocessError(f"{path}: {missing}") from None
     except OSError as exc:
-        raise PreprocessError(f"{path}: cannot read image ({exc.strerror})") from None
+        raise UnreadableFileError(f"{path}: cannot read image ({exc.strerror})") from None
 
 
 def read_submitted(path: Path, sha256: str | None = None) -> bytes:

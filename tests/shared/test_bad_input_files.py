@@ -348,3 +348,31 @@ def test_netpbm_files_are_checked_by_their_header_sizes_without_decoding(kind, m
     with pytest.raises(PreprocessError) as info:
         read_header(data[: len(data) // 2], Path("x.pnm"))
     one_line(info.value, "x.pnm: truncated PPM")
+
+
+# ------------------------------------------------------------ images this user may not read
+
+
+@pytest.mark.parametrize(("errno_", "why"), [(13, "Permission denied"), (5, "Input/output error")])
+def test_images_the_submitter_cannot_read_stop_the_submit(tmp_path, monkeypatch, errno_, why):
+    """Not the images' fault but the host's or the user's (a chmod, a failing disk):
+    they were skipped as unusable, silently dropping up to max_bad_fraction of the
+    data, though a worker could well read them. The submit stops instead, naming one."""
+    root = make_aicup(tmp_path / "data", per_class=4)
+    denied = {root / "train" / "001.jpg", root / "train" / "005.jpg"}
+    read_bytes = Path.read_bytes
+
+    def guarded(path: Path) -> bytes:
+        if path in denied:
+            raise OSError(errno_, why, str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+    with pytest.raises(DatasetError) as info:
+        manifest_of(tmp_path, root)
+    assert one_line(info.value) == (
+        f"{root / 'train' / '001.jpg'}: cannot read image ({why}) (and 1 more image(s)): "
+        "this user may not read the dataset, or its disk failed; mend it (the workers must "
+        "read it too) and submit again"
+    )
+    assert not (tmp_path / "artifacts").exists()
