@@ -396,6 +396,9 @@ def _connect_args(url: str) -> dict[str, Any]:
     return {}
 
 
+#: Free space under which a SQLite store's disk error names how little is left.
+LOW_DISK_BYTES = 64 * 1024 * 1024
+
 #: Seconds a store call keeps retrying a lost connection before it gives up with a
 #: StoreUnreachableError (ORCHARD_DB_RETRY_SECONDS): long enough to ride out a database
 #: restart; a worker whose unit meets a longer outage hands the unit back.
@@ -620,8 +623,38 @@ class Store:
             return self._now(s)
 
     def _unreachable(self, exc: Exception) -> StoreUnreachableError:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        return StoreUnreachableError(f"database {mask_url(self.url)} unreachable: {reason}")
+        orig = getattr(exc, "orig", exc)
+        reason = str(orig).strip().splitlines()[0]
+        if str(getattr(orig, "sqlstate", "") or "").startswith("53"):
+            # PostgreSQL's "insufficient resources" (its disk full, out of memory, too
+            # many connections): it answered; asking again may succeed once they are back
+            what = "is out of resources"
+        else:
+            what = "unreachable"
+        return StoreUnreachableError(f"database {mask_url(self.url)} {what}: {reason}")
+
+    def _refused(self, exc: DBAPIError) -> StoreError:
+        reason = str(exc.orig).strip().splitlines()[0] + self._sqlite_disk_note(exc)
+        return StoreError(f"database {mask_url(self.url)} refused: {reason}")
+
+    def _sqlite_disk_note(self, exc: DBAPIError) -> str:
+        """Where SQLite says its disk is full or failed (``disk I/O error``: its -shm
+        file could not grow), how much room the store's disk has left, if little."""
+        errorname = getattr(exc.orig, "sqlite_errorname", "")
+        if not errorname.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+            return ""
+        database = make_url(self.url).database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return ""
+        folder = Path(database).expanduser().absolute().parent
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            return ""
+        free = stat.f_bavail * stat.f_frsize
+        if free >= LOW_DISK_BYTES:
+            return ""
+        return f" (the disk holding {folder} has {free:,} bytes free)"
 
     def describe_error(self, exc: DBAPIError) -> StoreError:
         """One line for what opening the store met. "Unreachable" (a StoreUnreachableError:
@@ -632,8 +665,7 @@ class Store:
             return self._unreachable(exc)
         if self.engine.dialect.name == "sqlite" and (problem := self._sqlite_file_problem(exc)):
             return StoreError(f"database {mask_url(self.url)}: {problem}")
-        reason = str(exc.orig).strip().splitlines()[0]
-        return StoreError(f"database {mask_url(self.url)} refused: {reason}")
+        return self._refused(exc)
 
     def _sqlite_file_problem(self, exc: DBAPIError) -> str | None:
         """What is wrong with a SQLite store's path, where SQLite's own line does not say
@@ -683,8 +715,7 @@ class Store:
                 # gone, a read-only server (a hot standby, default_transaction_read_only),
                 # a role without the privilege; not "unreachable", which sends one
                 # looking for the server. A worker keeps its unit's message for later
-                reason = str(exc.orig).strip().splitlines()[0]
-                raise StoreError(f"database {mask_url(self.url)} refused: {reason}") from None
+                raise self._refused(exc) from None
             raise  # orchard's writes are idempotent: a constraint broken is its bug
         finally:
             session.close()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 
 from db.store import SchemaError, Store, StoreError, StoreUnreachableError
 from db.urls import check_database_url
@@ -32,6 +32,14 @@ def open_store(url: str, how: str) -> StoreError:
         store.dispose()
     assert "\n" not in str(info.value)
     return info.value
+
+
+def run_sql_scalar(url: str, statement: str) -> object:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        value = conn.execute(text(statement)).scalar()
+    engine.dispose()
+    return value
 
 
 def run_sql(url: str, *statements: str) -> None:
@@ -313,3 +321,61 @@ def test_a_database_that_refuses_writes_says_so_in_one_line(
     finally:
         if why == "no privilege":
             run_sql(postgres_url, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+
+
+def test_a_full_sqlite_disk_says_how_little_room_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says "database or disk is full", or only "disk I/O error" where its -shm
+    file could not grow: the line adds how much room the store's disk has, when little
+    (a page limit stands in for the full disk here, a stubbed statvfs for its room)."""
+    import db.store as store_module
+
+    url = f"sqlite:///{tmp_path / 'orchard.db'}"
+    store = Store(url)
+    store.upgrade()
+    pages = run_sql_scalar(url, "PRAGMA page_count")
+
+    def full(dbapi_connection, _record) -> None:  # noqa: ANN001 - a limit per connection
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    store.engine.dispose()
+    event.listen(store.engine, "connect", full)
+    real = os.statvfs(tmp_path)
+    room = type("Room", (), {"f_bavail": 3, "f_frsize": real.f_frsize})
+    monkeypatch.setattr(store_module.os, "statvfs", lambda folder: room)
+
+    def a_campaign_too_big() -> None:
+        store.create_campaign(
+            "big", name="b", source="b.toml", digest="d", spec={"notes": "x" * 1_000_000},
+            classes=["A"], units=[],
+        )  # fmt: skip
+
+    with pytest.raises(StoreError) as info:
+        a_campaign_too_big()
+    assert str(info.value) == (
+        f"database {url} refused: database or disk is full (the disk holding {tmp_path} has "
+        f"{3 * real.f_frsize:,} bytes free)"
+    )
+    monkeypatch.setattr(store_module.os, "statvfs", lambda folder: real)  # room enough
+    with pytest.raises(StoreError) as info:
+        a_campaign_too_big()
+    assert str(info.value) == f"database {url} refused: database or disk is full"
+    store.dispose()
+
+
+def test_a_postgresql_out_of_resources_is_not_called_unreachable() -> None:
+    """Its disk full (53100), out of memory, too many connections: it answered, and a
+    worker waits for it as for an outage, but "unreachable" sent one looking for a
+    server that was up."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    store = Store("postgresql+psycopg://orchard:s3cret@db:5432/orchard")
+    full = psycopg.errors.DiskFull('could not extend file "base/16384/2619": No space left')
+    error = store._unreachable(OperationalError("INSERT …", {}, full))
+    assert str(error) == (
+        "database postgresql+psycopg://orchard:***@db:5432/orchard is out of resources: "
+        'could not extend file "base/16384/2619": No space left'
+    )
+    store.dispose()

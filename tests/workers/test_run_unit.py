@@ -563,7 +563,7 @@ def test_a_failure_the_database_cannot_record_leaves_the_unit_to_a_later_deliver
         run_unit(OneDeliveryRetried(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
     assert retried.value.kwargs["countdown"] == pytest.approx(1.5)
     assert isinstance(retried.value.kwargs["exc"], ValueError)
-    assert f"{KEY}: failure not recorded, the store is unreachable" in caplog.text
+    assert f"{KEY}: failure not recorded, the store did not take it" in caplog.text
     unit = store.get_unit(KEY)
     assert unit.state == "RUNNING" and unit.attempts == 1  # its lease runs out by itself
 

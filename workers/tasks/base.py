@@ -728,7 +728,7 @@ def _fail(
         store.fail_unit(key, error, holder=holder)
     except StoreError as store_exc:
         # cannot even record the failure: leave the unit to a later delivery
-        log.error("%s: failure not recorded, the store is unreachable: %s", key, store_exc)
+        log.error("%s: failure not recorded, the store did not take it: %s", key, store_exc)
         raise task.retry(countdown=lease_seconds + 1, max_retries=30, exc=exc) from None
     _advance_or_retry(task, store, message.campaign_id)
 
