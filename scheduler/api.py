@@ -750,6 +750,7 @@ def resume(
     try:
         if store.get_campaign(campaign_id).state == DELETING:  # before reading its files
             raise BeingDeletedError(campaign_id)
+        _check_manifest_here(store, settings, campaign_id)
         with make_app(settings, with_tasks=False) as app:
             check_broker_reachable(app)
             redo = _damaged_shards(store, settings, campaign_id)
@@ -759,6 +760,21 @@ def resume(
         run.close()
         raise
     return run, reset
+
+
+def _check_manifest_here(store: Store, settings: Settings, campaign_id: str) -> None:
+    """Refuse to resume a campaign whose recorded manifest is not in this host's artifact
+    folder: every unit reads it, so each one sent would come back to its queue or fail."""
+    path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
+    if store.find_artifact(path.relative_to(settings.artifacts).as_posix()) is None:
+        return  # recorded by no submit (its record lost): the units say what they find
+    if not path.is_file():
+        raise OrchardError(
+            f"campaign {campaign_id}: its manifest {path} is not there, and every unit "
+            f"reads it: ORCHARD_ARTIFACTS ({settings.artifacts}) must be the folder it was "
+            "submitted with (on a cluster, the same share, mounted); nothing sent. If its "
+            "folder is gone for good, submit the campaign again"
+        )
 
 
 def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:

@@ -838,6 +838,34 @@ def test_a_worker_whose_artifacts_lack_a_running_campaign_s_manifest_is_refused(
     )
 
 
+def test_resume_refuses_a_campaign_whose_manifest_is_not_there(tmp_path: Path) -> None:
+    """Every unit reads the manifest: resumed without it, each one sent came back to its
+    queue or failed again. Refused in one line, nothing reset or sent (no broker asked)."""
+    from db.store import Artifact, Store
+
+    home = tmp_path / "home"
+    cid = "t-20261205-000000-abcd"
+    _stored_campaigns(home, cid)
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    store.record_artifact(Artifact(f"campaigns/{cid}/manifest.json", "manifest", "0" * 64, 2, cid))
+    store.cancel_campaign(cid)
+    states = {u.key: u.state for u in store.units(cid)}
+    store.dispose()
+    manifest = home / "artifacts" / "campaigns" / cid / "manifest.json"
+    manifest.unlink()
+    env = {"ORCHARD_HOME": str(home), "ORCHARD_BROKER_URL": "redis://127.0.0.1:1/0"}
+    assert_one_line_error(
+        orchard("resume", cid, env=env),
+        f"orchard: error: campaign {cid}: its manifest {manifest} is not there, and every "
+        f"unit reads it: ORCHARD_ARTIFACTS ({home / 'artifacts'}) must be the folder it was "
+        "submitted with",
+        "nothing sent. If its folder is gone for good, submit the campaign again",
+    )
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    assert {u.key: u.state for u in store.units(cid)} == states
+    store.dispose()
+
+
 def test_a_worker_whose_artifact_folder_cannot_be_written_is_refused(tmp_path: Path) -> None:
     """Every unit it took would fail on its first file: refused before it consumes."""
     home, artifacts = tmp_path / "home", tmp_path / "artifacts"
