@@ -87,12 +87,29 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> WrittenFile:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, ArtifactWriteError):
             raise _cannot_write(path, exc) from None
         raise
     return WrittenFile(path=path, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename in ``folder`` durable: without it, a power loss right after may
+    leave the folder without the new name, though the file's bytes were synced (and its
+    record is in the store). Best effort: some filesystems cannot sync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # EINVAL where folders cannot be synced (some network filesystems)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> WrittenFile:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,29 @@ def test_read_if_intact_returns_the_very_bytes_it_checked(tmp_path):
     written.path.unlink()
     with pytest.raises(FileNotFoundError):
         read_if_intact(written.path, written.sha256)
+
+
+def test_a_written_file_s_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
+    """The file's bytes are synced before the rename; the rename itself lives in the
+    folder, synced after it, or a power loss could leave the old name (or none) behind
+    a record that names the new bytes."""
+    import shared.artifacts as artifacts
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    renamed = []
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), bool(renamed)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "fsync", fsync)
+    monkeypatch.setattr(artifacts.os, "replace", replace)
+    target = tmp_path / "models" / "m.pt"
+    atomic_write_text(target, "weights")
+    assert [after for _, after in synced] == [False, True]
+    assert synced[1][0] == str(target.parent)
