@@ -192,13 +192,9 @@ class LostUnitReaper(bootsteps.StartStopStep):
         self.thread.start()
 
     def run(self, app: Any) -> None:
-        from workers.tasks.base import worker_store
-
+        # the first pass reads the store's clock first: the worker's main process opens
+        # its store no sooner than it did (not before its pool's children are forked)
         clock = StoreClock()
-        try:
-            clock.ahead(worker_store().now())  # where the first pass's look starts
-        except Exception:  # the first pass starts it, and says what is wrong
-            log.debug("could not read the store's clock", exc_info=True)
         while not self.stopping.wait(reliability().lease_seconds):
             try:
                 requeue_lost_units(app, idle_queues(app), clock)
