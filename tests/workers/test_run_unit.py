@@ -787,3 +787,37 @@ def test_a_next_stage_the_broker_cannot_take_is_retried_the_unit_kept_done(
     assert store.get_unit("g-1/svm/p1/f0").state == "SUCCESS"
     assert store.get_unit("g-1/report").state == "PENDING"  # unclaimed: sent by the retry
     assert "g-1: could not open the next stage, will retry: broker away" in caplog.text
+
+
+def test_a_retry_s_eta_from_a_clock_far_ahead_is_due_within_the_longest_countdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery sends a countdown as a time of the sender's clock, kept by the receiver's:
+    from a host ten minutes ahead, a 5 s retry (and the worker slot it keeps) waited ten
+    minutes. Its due time is capped at the longest countdown orchard asks for, by this
+    worker's clock; nearer ones, and none, are as sent."""
+    from datetime import UTC, datetime, timedelta
+
+    from celery.contrib.testing.mocks import TaskMessage
+
+    import workers.tasks.preprocess  # noqa: F401 - registers the task
+    from workers.app import app
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "90")
+    name = "orchard.preprocess_shard"
+
+    def request(eta: datetime | None) -> base.UnitRequest:
+        message = TaskMessage(
+            name, id="t", kwargs={"campaign_id": "g-1", "unit_key": KEY},
+            eta=eta.isoformat() if eta else None,
+        )  # fmt: skip
+        return base.UnitRequest(message, app=app, task=app.tasks[name])
+
+    assert base.latest_eta_seconds() == 91 + base.ETA_SLACK_SECONDS
+    now = datetime.now(UTC)
+    far = request(now + timedelta(minutes=10)).eta
+    assert far is not None
+    assert timedelta(seconds=95) <= far - now <= timedelta(seconds=97)
+    near = now + timedelta(seconds=5)
+    assert request(near).eta == near
+    assert request(None).eta is None

@@ -46,6 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -564,11 +565,36 @@ def orchard_stop_consuming(state: Any, queue: str, boot: str, **_: Any) -> dict[
     return {"ok": f"no longer consuming from {queue}"}
 
 
+#: The longest a unit is put off while its store is unusable (doubling from 2 s).
+BACKOFF_SECONDS = 60
+#: Beyond the longest countdown orchard's retries ask for, how late a retry may still be
+#: due by this worker's clock (see :attr:`UnitRequest.eta`).
+ETA_SLACK_SECONDS = 5
+
+
+def latest_eta_seconds() -> float:
+    """The longest an orchard retry's ETA may lie ahead, by the clock of the worker that
+    receives it: every countdown orchard sets (a lease period and a second, the store's
+    backoff, 5 s), and a few seconds more."""
+    return max(BACKOFF_SECONDS, reliability().lease_seconds + 1) + ETA_SLACK_SECONDS
+
+
 class UnitRequest(Request):
     """A unit's request in the worker's main process. When its prefork child is killed
     (SIGKILL, the OOM killer), Celery requeues the message (reject on worker lost);
     the dead child's lease is ended first, so that delivery runs at once instead of
     waiting out a lease that nobody renews."""
+
+    @property
+    def eta(self) -> datetime | None:
+        """When a retry is due. Celery sends ``countdown`` as a time of the sender's
+        clock, which this worker waits for by its own: a sender minutes ahead made the
+        retry, and the worker's slot it keeps (``workers.etaslot``), wait those minutes
+        too. No later than :func:`latest_eta_seconds` from now, by this worker's clock."""
+        eta = self._eta
+        if eta is None:
+            return None
+        return min(eta, datetime.now(UTC) + timedelta(seconds=latest_eta_seconds()))
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):  # noqa: ANN001, ANN201, D102
         exc = exc_info.exception
@@ -889,7 +915,8 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             log.error("%s: %s; its units wait until then (said once)", key, exc)
         else:
             log.debug("%s: store's schema still not this orchard's: %s", key, exc)
-        raise task.retry(countdown=min(60, 2 ** min(retries + 1, 6)), exc=exc) from None
+        backoff = min(BACKOFF_SECONDS, 2 ** min(retries + 1, 6))
+        raise task.retry(countdown=backoff, exc=exc) from None
     if not start.run:
         if start.reason == "leased":
             log.info("%s is running elsewhere (live lease); back in %.0f s", key, start.retry_in)
