@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -625,7 +626,10 @@ class Store:
     def _unreachable(self, exc: Exception) -> StoreUnreachableError:
         orig = getattr(exc, "orig", exc)
         reason = str(orig).strip().splitlines()[0]
-        if str(getattr(orig, "sqlstate", "") or "").startswith("53"):
+        # (a refusal at connect time carries no SQLSTATE: its words tell)
+        if str(getattr(orig, "sqlstate", "") or "").startswith("53") or re.search(
+            r"too many (connections|clients)", reason
+        ):
             # PostgreSQL's "insufficient resources" (its disk full, out of memory, too
             # many connections): it answered; asking again may succeed once they are back
             what = "is out of resources"

@@ -297,9 +297,11 @@ def absolute_sqlite_url(url: str, name: str = "ORCHARD_DATABASE_URL") -> str:
 #: redis-py's ``password``; the ``passwd``/``pwd`` of other drivers), in any case.
 _PASSWORD_KEY = re.compile(r"(?:[a-z_]*password|passwd|pwd)", re.IGNORECASE)
 #: A query parameter: its separator before, its name (percent-encoded or not), its value.
-_QUERY_PARAMETER = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
-#: The part of a URL before its path where no ``@`` is: a host, and a port if any.
-_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::\d*)?")
+_QUERY_PARAMETER = re.compile(r"([?&;])([^=&;#]*)=([^&]*)")
+#: The part of a URL before its path where no ``@`` is: a host, and a port if any, or a
+#: list of them (libpq's ``host1:5432,host2:5432``).
+_HOST = r"(?:\[[^\]]*\]|[^:\[\],;]+)(?::\d*)?"
+_HOST_AND_PORT = re.compile(rf"{_HOST}(?:[,;]{_HOST})*")
 
 
 def _mask_query_password(match: re.Match[str]) -> str:
@@ -350,11 +352,12 @@ def _mask_without_at(url: str, start: str, well_formed: bool) -> str:
     rest = url[len(start) :]
     authority, slash, path = rest.partition("/")
     if well_formed:
-        if _HOST_AND_PORT.fullmatch(re.split(r"[?#]", authority, maxsplit=1)[0]):
+        host = re.split(r"[?#]", authority, maxsplit=1)[0]
+        if not host or _HOST_AND_PORT.fullmatch(host):  # none: sqlite:////x, file:///x
             return url
         user, _, _ = authority.partition(":")
         return f"{start}{user}:***{slash}{path}"
-    if ":" not in start or not authority or authority.isdigit():
+    if not re.search(r"[:/]", start) or not authority or authority.isdigit():
         return url  # not a URL (a word), or a scheme-less host and port
     return f"{start}***{slash}{path}"
 

@@ -88,17 +88,23 @@ WITNESSES = 5
 
 def holds_other_manifests(store: Store, artifacts: Path, besides: Collection[str]) -> bool:
     """Whether ``artifacts`` is the folder the campaigns are submitted with, as far as
-    the newest campaigns other than ``besides`` tell (up to :data:`WITNESSES` of them):
-    it holds most of the manifests the store records for them. False where none tells
-    (no other campaign, or none with its manifest recorded).
+    the newest campaigns other than ``besides`` that ran a unit tell (up to
+    :data:`WITNESSES` of them, among the newest 20): it holds most of the manifests the
+    store records for them. False where none tells (no such campaign, or none with its
+    manifest recorded).
 
     Tells a manifest missing from this worker's folder alone (its ``ORCHARD_ARTIFACTS``
     is another folder, a share not mounted: every manifest is missing) from one missing
     everywhere (its campaign's folder removed by hand, or written by a submitter whose
     ``ORCHARD_ARTIFACTS`` was another folder)."""
-    newest = store.list_campaigns(limit=WITNESSES + len(besides))
+    # witnesses: campaigns a unit of which succeeded, so some worker found its manifest
+    # (not those of a submitter with another folder, never run, which would blame the
+    # right folder)
+    newest = store.list_campaigns(limit=WITNESSES * 4 + len(besides))
     others = [c.id for c in newest if c.id not in besides and c.state != "DELETING"]
-    paths = [_manifest_rel(artifacts, c) for c in others[:WITNESSES]]
+    counts = store.unit_counts(others)
+    ran = [c for c in others if counts.get(c, {}).get("SUCCESS", 0) > 0]
+    paths = [_manifest_rel(artifacts, c) for c in ran[:WITNESSES]]
     recorded = store.find_artifacts(paths)
     here = sum((artifacts / rel).is_file() for rel in recorded)
     return here > len(recorded) - here

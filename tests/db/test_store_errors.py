@@ -379,3 +379,20 @@ def test_a_postgresql_out_of_resources_is_not_called_unreachable() -> None:
         'could not extend file "base/16384/2619": No space left'
     )
     store.dispose()
+
+
+def test_too_many_connections_at_connect_time_is_out_of_resources(postgres_url: str) -> None:
+    """Refused as it connects, PostgreSQL's error carries no SQLSTATE: its words tell."""
+    name = postgres_url.rsplit("/", 1)[1]
+    role = f"{name}_none"
+    run_sql(postgres_url, f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+    try:
+        url = postgres_url.replace("://postgres@", f"://{role}@")
+        store = Store(url, retry_seconds=0.2)
+        with pytest.raises(StoreUnreachableError) as info:
+            store.check_schema()
+        store.dispose()
+        assert str(info.value).startswith(f"database {url} is out of resources: "), info.value
+        assert f'too many connections for role "{role}"' in str(info.value)
+    finally:
+        run_sql(postgres_url, f'DROP ROLE "{role}"')

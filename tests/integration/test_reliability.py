@@ -644,21 +644,24 @@ def test_a_worker_started_after_a_cancel_discards_the_cancelled_units(cluster: C
 
 
 def test_a_campaign_whose_folder_was_removed_fails_and_the_workers_go_on(cluster: Cluster) -> None:
-    """A running campaign's folder removed by hand (or written by a submitter with
+    """A queued campaign's folder removed by hand (or written by a submitter with
     another ORCHARD_ARTIFACTS): its manifest is missing on every host. The worker's
-    folder holds the next campaign's manifest, so the worker is not the one in the
-    wrong: it hands the units back, counted, until they fail, and keeps taking from
-    its queues. It used to stop consuming `preprocess` at the first unit, and the
-    next campaign waited for ever."""
-    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: both stay queued
+    folder holds the manifest of a campaign that ran, so the worker is not the one in
+    the wrong: it hands the units back, counted, until they fail, writes the report of
+    what failed, and keeps taking from its queues. It used to stop consuming
+    `preprocess` at the first unit, and the next campaign waited for ever."""
+    import shutil
+
+    classic = {"classic": True, "blend": '["svm"]'}
+    ran = cluster.submit(write_campaign(cluster.tmp, "ran", **classic))
+    assert cluster.wait(ran).campaign.state == "DONE"  # its manifest: the witness
+    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: it stays queued
     try:
-        gone = cluster.submit(write_campaign(cluster.tmp, "gone", classic=True, blend='["svm"]'))
-        after = cluster.submit(write_campaign(cluster.tmp, "after", classic=True, blend='["svm"]'))
-        manifest = cluster.settings.artifacts / "campaigns" / gone.id / "manifest.json"
-        manifest.unlink()
+        gone = cluster.submit(write_campaign(cluster.tmp, "gone", **classic))
+        folder = cluster.settings.artifacts / "campaigns" / gone.id
+        shutil.rmtree(folder)
     finally:
         cluster.pool.restart("cpu")
-    assert cluster.wait(after).campaign.state == "DONE"
     status = cluster.wait(gone)
     assert status.campaign.state == "PARTIAL"
     states = {u.family: u.state for u in status.units}
@@ -666,12 +669,16 @@ def test_a_campaign_whose_folder_was_removed_fails_and_the_workers_go_on(cluster
     assert states == {f: "FAILED" for f in ("preprocess", "cnn", "svm", "rf")} | {
         "report": "SUCCESS"
     }
+    manifest = folder / "manifest.json"
     for unit in status.units:
         if unit.family == "preprocess":
             assert unit.attempts == 2, unit
             assert f"{manifest}: the campaign's manifest is not there, though this folder" in (
                 unit.error
             ), unit.error
+    assert "preprocessing failed" in gone.report_path().with_suffix(".md").read_text()
+    after = cluster.submit(write_campaign(cluster.tmp, "after", **classic))
+    assert cluster.wait(after).campaign.state == "DONE"
     assert "takes no more units" not in cluster.pool.log("cpu")
 
 

@@ -887,7 +887,8 @@ def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_eve
     starting; the worker now says so and starts, for the other campaigns."""
     import signal
 
-    from db.store import Artifact, Store
+    from db.store import Artifact, Outcome, Store
+    from tests.db.test_store import deliver
 
     home = tmp_path / "home"
     gone, fine = "t-20261205-000000-abcd", "t-20261205-000001-abcd"
@@ -898,6 +899,10 @@ def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_eve
         store.record_artifact(
             Artifact(f"campaigns/{cid}/manifest.json", "manifest", "0" * 64, 2, cid)
         )
+    # a unit of the other campaign ran: some worker found its manifest here
+    ran = store.units(fine)[0].key
+    deliver(store, ran, worker="w", task_id="t", holder="h")
+    store.finish_unit(ran, Outcome(0.01), holder="h")
     store.dispose()
     (home / "artifacts" / "campaigns" / gone / "manifest.json").unlink()
     env = {**os.environ, "ORCHARD_HOME": str(home)}

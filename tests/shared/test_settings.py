@@ -561,6 +561,13 @@ def test_a_symbolic_link_to_a_password_file_is_followed(tmp_path):
         ("redis://:S3cretPW/127.0.0.1", "redis://:***/127.0.0.1"),
         ("redis:/:S3cretPW:h/0", "redis:/:***/0"),
         ("redis:S3cretPW:h", "redis:***"),
+        # an empty host before digits is no host and port; a mistyped start of '/' alone
+        ("redis://:123#abc/0", "redis://:***/0"),
+        ("redis://:12?34/0", "redis://:***/0"),
+        ("redis//user:S3cretPW:head/0", "redis//***/0"),
+        # SQLAlchemy reads a query password up to the next '&', ';' and '#' within it
+        ("postgresql://o@h/o?password=ab;S3cretPW", "postgresql://o@h/o?password=***"),
+        ("postgresql://o@h/o?password=ab#S3cretPW&x=1", "postgresql://o@h/o?password=***&x=1"),
         # a password parameter's name percent-encoded: SQLAlchemy decodes it
         ("postgresql://o@h/o?pass%77ord=S3cretPW", "postgresql://o@h/o?pass%77ord=***"),
         ("postgresql://o@h/o?a=1&%70wd=S3cretPW", "postgresql://o@h/o?a=1&%70wd=***"),
@@ -583,6 +590,7 @@ def test_a_mistyped_url_is_masked_too(url, masked):
         "sqlite:////tmp/x.db",
         "sqlite:///file:x.db?mode=ro&uri=true",
         "redis://h:6379?db=1",
+        "postgresql+psycopg://head:5432,head2:5432/orchard",  # libpq's several hosts
         "redis://[::1]:6379/0",
         "localhost:6379",
         "not a URL",

@@ -319,10 +319,14 @@ def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keep
     assert (unit.state, unit.attempts) == ("FAILED", 2) and missing in unit.error
 
 
-def _another_campaign_with_its_manifest(store: Store, cid: str, artifacts: Path | None) -> None:
+def _another_campaign_with_its_manifest(
+    store: Store, cid: str, artifacts: Path | None, *, ran: bool = True
+) -> None:
     """Campaign ``cid`` recorded with a manifest, written in ``artifacts`` (None: not
-    written anywhere this worker sees)."""
+    written anywhere this worker sees); ``ran``: a unit of it succeeded (a worker found
+    its manifest)."""
     from db.store import Artifact
+    from tests.db.test_store import deliver
 
     rel = f"campaigns/{cid}/manifest.json"
     store.create_campaign(
@@ -330,6 +334,9 @@ def _another_campaign_with_its_manifest(store: Store, cid: str, artifacts: Path 
         units=[UnitPlan(f"{cid}/report", "report", 3, None, {}, "r")],
         artifacts=[Artifact(rel, "manifest", "0" * 64, 2, cid)],
     )  # fmt: skip
+    if ran:
+        deliver(store, f"{cid}/report", worker="w", task_id=f"t-{cid}", holder=f"h-{cid}")
+        store.finish_unit(f"{cid}/report", Outcome(0.01), holder=f"h-{cid}")
     if artifacts is not None:
         (artifacts / rel).parent.mkdir(parents=True)
         (artifacts / rel).write_text("{}")
@@ -461,6 +468,23 @@ def test_a_folder_holding_few_of_the_other_campaigns_manifests_is_not_the_shared
     (artifacts / "campaigns" / "o-5").mkdir(parents=True)
     (artifacts / "campaigns" / "o-5" / "manifest.json").write_text("{}")
     assert not holds_other_manifests(store, artifacts, {"g-1"})  # 1 of 5
+
+
+def test_campaigns_no_worker_ran_do_not_witness_against_the_shared_folder(
+    store: Store, tmp_path: Path
+) -> None:
+    """A user whose ORCHARD_ARTIFACTS is another folder submits again and again: none of
+    those campaigns ever runs a unit. Counted, they outnumbered the campaigns the right
+    folder holds, and every right worker that met one of their units stopped taking
+    from its queue. Only campaigns some worker ran a unit of tell."""
+    from workers.data import WITNESSES, holds_other_manifests
+
+    artifacts = tmp_path / "artifacts"
+    _another_campaign_with_its_manifest(store, "o-0", artifacts)
+    for n in range(1, WITNESSES + 2):
+        _another_campaign_with_its_manifest(store, f"bad-{n}", None, ran=False)
+    assert holds_other_manifests(store, artifacts, {"bad-1"})
+    assert not holds_other_manifests(store, tmp_path / "elsewhere", {"bad-1"})
 
 
 def test_stop_consuming_reaches_the_worker_of_its_boot_alone() -> None:

@@ -67,7 +67,7 @@ from shared.settings import Settings
 from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
 from shared.times import as_utc
 from workers.config import reliability
-from workers.tasks.base import UnitAborted, UnitContext, log, unit_task
+from workers.tasks.base import ManifestGoneError, UnitAborted, UnitContext, log, unit_task
 
 FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
 #: Families that are parts of another unit's model (tree shards merged into their
@@ -1292,6 +1292,11 @@ def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
         return ctx.manifest()
     except StoreUnreachableError:
         raise  # the database away: the unit is handed back, not written without it
+    except ManifestGoneError as exc:
+        # the shared folder, without the campaign's folder (removed by hand): the report,
+        # from the store alone, says what failed, in a folder made anew there
+        log.warning("%s: report without the manifest: %s", ctx.campaign.id, exc)
+        return None
     except OrchardError as exc:
         if not ctx.campaign_dir.is_dir():
             # no campaign folder at all: this worker's ORCHARD_ARTIFACTS is not the one
