@@ -34,6 +34,19 @@ def open_store(url: str, how: str) -> StoreError:
     return info.value
 
 
+def orchard_with(url: str, home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`orchard ARGS` in a process of its own, on the store at ``url``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        cwd=REPO,
+        env={**environ, "ORCHARD_HOME": str(home), "ORCHARD_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
 def run_sql_scalar(url: str, statement: str) -> object:
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -232,15 +245,7 @@ def test_a_sqlite_path_read_as_written_is_accepted(tmp_path: Path, url: str) -> 
 
 def test_db_upgrade_with_a_question_mark_in_the_path_creates_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/sp ?q/x.sqlite"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "db", "upgrade"],
-        cwd=REPO,
-        env={**environ, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    done = orchard_with(url, tmp_path / "home", "db", "upgrade")
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines() == [
         f"orchard: error: ORCHARD_DATABASE_URL {url}: a '?' ends a URL's path (its query "
@@ -297,25 +302,10 @@ def test_a_database_that_refuses_writes_says_so_in_one_line(
         refused = said.replace("SELECT FOR NO KEY UPDATE", "UPDATE").replace("campaigns", "units")
         assert str(info.value) == f"database {mask_url(url)} refused: {refused}"
         store.dispose()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
-        done = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "cancel", "t-1"],
-            cwd=REPO,
-            env={**env, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = orchard_with(url, tmp_path / "home", "cancel", "t-1")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr == f"orchard: error: database {mask_url(url)} refused: {said}\n"
-        done = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "worker", "--queues", "cpu"],
-            cwd=REPO,
-            env={**env, "ORCHARD_HOME": str(tmp_path / "home"), "ORCHARD_DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = orchard_with(url, tmp_path / "home", "worker", "--queues", "cpu")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr == f"orchard: error: database {mask_url(url)} refused: {refused}\n"
     finally:

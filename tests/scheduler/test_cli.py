@@ -263,6 +263,37 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path: Path) -> N
     assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
+def worker_start_lines(args: list[str], env: dict[str, str]) -> list[str]:
+    """What `orchard worker ARGS` says on stderr up to its start line; then stopped,
+    with the GPU launcher's children."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "worker", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("orchard worker"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return lines or [""]
+
+
 @pytest.mark.parametrize(
     ("args", "extra_env"),
     [
@@ -276,7 +307,6 @@ def test_worker_start_line_names_the_artifact_folder(
     """A worker on another host must see the submitter's ORCHARD_ARTIFACTS (README, Where
     things are); its start line names that folder beside the broker and the store, so a
     worker started without it (./.orchard/artifacts) shows before its units fail."""
-    import signal
 
     share = tmp_path / "share"
     env = {
@@ -286,28 +316,7 @@ def test_worker_start_line_names_the_artifact_folder(
         **extra_env,
     }
     assert orchard("db", "upgrade", env=env).returncode == 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "worker", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # the GPU launcher's children too are stopped below
-    )
-    try:
-        assert proc.stderr is not None
-        line = ""
-        for line in proc.stderr:
-            if line.startswith("orchard worker"):
-                break
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    line = worker_start_lines(args, env)[-1]
     assert line.startswith("orchard worker: "), line
     assert f"artifacts {share}" in line, line
 
@@ -885,7 +894,6 @@ def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_eve
     one campaign's folder was removed by hand (or written by a submitter with another
     ORCHARD_ARTIFACTS). That campaign used to keep every worker of the cluster from
     starting; the worker now says so and starts, for the other campaigns."""
-    import signal
 
     from db.store import Artifact, Outcome, Store
     from tests.db.test_store import deliver
@@ -906,29 +914,7 @@ def test_a_worker_starts_beside_a_running_campaign_whose_manifest_is_missing_eve
     store.dispose()
     (home / "artifacts" / "campaigns" / gone / "manifest.json").unlink()
     env = {**os.environ, "ORCHARD_HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "worker", "--queues", "cpu", "--pool", "solo"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("orchard worker"):
-                break
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    lines = worker_start_lines(["--queues", "cpu", "--pool", "solo"], env)
     assert lines[-1].startswith("orchard worker: "), lines
     manifest = home / "artifacts" / "campaigns" / gone / "manifest.json"
     assert lines[:-1] == [
