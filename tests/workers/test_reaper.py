@@ -13,6 +13,7 @@ import pytest
 import scheduler.canvas as canvas
 import workers.reaper as reaper
 import workers.tasks.base as base
+from db.store import Store
 from tests.db.test_store import make_store, seed_campaign
 
 
@@ -74,6 +75,21 @@ def test_an_idle_worker_is_one_that_holds_no_message_at_all(
             held.discard(request)
 
 
+def _a_running_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: float
+) -> tuple[Store, str]:
+    """A store (this process's worker's) with a unit sent and started under a lease of
+    ``lease`` seconds, the workers' ORCHARD_LEASE_SECONDS too."""
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", str(lease))
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    key = next(p.key for p in seed_campaign(store) if p.stage == 0)
+    store.claim_for_queue([key], {key: "first"})
+    store.mark_sent(["first"])
+    assert store.start_unit(key, worker="w", task_id="first", holder="h", lease_seconds=lease).run
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    return store, key
+
+
 def test_a_lost_worker_s_unit_the_broker_cannot_take_goes_back_to_pending(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,13 +97,7 @@ def test_a_lost_worker_s_unit_the_broker_cannot_take_goes_back_to_pending(
     the pass sends it again: its own delivery died with the worker, so nothing would
     run it; it goes back to PENDING, for the next stage opening (a stalled campaign's
     advance, `orchard resume`) to send."""
-    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.05")
-    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
-    key = next(p.key for p in seed_campaign(store) if p.stage == 0)
-    store.claim_for_queue([key], {key: "first"})
-    store.mark_sent(["first"])
-    assert store.start_unit(key, worker="w", task_id="first", holder="h", lease_seconds=0.05).run
-    monkeypatch.setattr(base, "worker_store", lambda: store)
+    store, key = _a_running_unit(tmp_path, monkeypatch, 0.05)
     monkeypatch.setattr(canvas, "unit_signature", lambda *a, **k: BrokerDown())
     time.sleep(0.05 * 3)  # its lease ran out over a lease period ago
     assert reaper.requeue_lost_units(object()) == []
@@ -124,13 +134,7 @@ def test_a_step_of_the_store_s_clock_takes_no_live_lease(
     period later by this host's clock, takes a lease its holder did not renew."""
     import db.store as store_module
 
-    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "60")
-    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
-    key = next(p.key for p in seed_campaign(store) if p.stage == 0)
-    store.claim_for_queue([key], {key: "first"})
-    store.mark_sent(["first"])
-    assert store.start_unit(key, worker="w", task_id="first", holder="h", lease_seconds=60).run
-    monkeypatch.setattr(base, "worker_store", lambda: store)
+    store, key = _a_running_unit(tmp_path, monkeypatch, 60)
     sent: list[str] = []
 
     class Sent:
