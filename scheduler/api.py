@@ -765,10 +765,10 @@ def resume(
 def _check_manifest_here(store: Store, settings: Settings, campaign_id: str) -> None:
     """Refuse to resume a campaign whose recorded manifest is not in this host's artifact
     folder: every unit reads it, so each one sent would come back to its queue or fail."""
-    path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
-    if store.find_artifact(path.relative_to(settings.artifacts).as_posix()) is None:
-        return  # recorded by no submit (its record lost): the units say what they find
-    if not path.is_file():
+    from workers.data import missing_manifest
+
+    # none recorded (its record lost): the units say what they find
+    if path := missing_manifest(store, settings.artifacts, campaign_id):
         raise OrchardError(
             f"campaign {campaign_id}: its manifest {path} is not there, and every unit "
             f"reads it: ORCHARD_ARTIFACTS ({settings.artifacts}) must be the folder it was "

@@ -1590,16 +1590,13 @@ def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
     their units and hand each one back. Where the folder holds the other campaigns'
     manifests, the manifest is missing on every host instead: said, and the worker
     starts (that campaign's units fail; the others' run)."""
-    from shared.manifest import manifest_path
-    from workers.data import holds_other_manifests
+    from workers.data import holds_other_manifests, missing_manifest
 
     missing: dict[str, Path] = {}
     for campaign in store.list_campaigns(limit=STATUS_SHOWN):
-        if campaign.state != "RUNNING":
-            continue
-        path = manifest_path(settings.artifacts / "campaigns" / campaign.id)
-        recorded = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
-        if recorded is not None and not path.is_file():
+        if campaign.state == "RUNNING" and (
+            path := missing_manifest(store, settings.artifacts, campaign.id)
+        ):
             missing[campaign.id] = path
     if not missing:
         return

@@ -104,14 +104,25 @@ def holds_other_manifests(store: Store, artifacts: Path, besides: Collection[str
     others = [c.id for c in newest if c.id not in besides and c.state != "DELETING"]
     counts = store.unit_counts(others)
     ran = [c for c in others if counts.get(c, {}).get("SUCCESS", 0) > 0]
-    paths = [_manifest_rel(artifacts, c) for c in ran[:WITNESSES]]
+    paths = [manifest_rel(c) for c in ran[:WITNESSES]]
     recorded = store.find_artifacts(paths)
     here = sum((artifacts / rel).is_file() for rel in recorded)
     return here > len(recorded) - here
 
 
-def _manifest_rel(artifacts: Path, campaign_id: str) -> str:
-    return manifest_path(artifacts / "campaigns" / campaign_id).relative_to(artifacts).as_posix()
+def manifest_rel(campaign_id: str) -> str:
+    """A campaign's manifest as the store records it: relative to the artifact folder."""
+    return manifest_path(Path("campaigns") / campaign_id).as_posix()
+
+
+def missing_manifest(store: Store, artifacts: Path, campaign_id: str) -> Path | None:
+    """Where the manifest the store records for a campaign should be under ``artifacts``,
+    when it is not there; None when it is, or when none is recorded."""
+    rel = manifest_rel(campaign_id)
+    path = artifacts / rel
+    if store.find_artifact(rel) is None or path.is_file():
+        return None
+    return path
 
 
 def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: str) -> np.ndarray:

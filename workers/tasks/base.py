@@ -86,7 +86,7 @@ from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
 from workers.app import app
 from workers.config import Reliability, reliability
-from workers.data import holds_other_manifests, load_variant
+from workers.data import holds_other_manifests, load_variant, manifest_rel
 
 log = get_task_logger("orchard")
 #: for the worker's main process, where no task runs (a task logger would say ???[???])
@@ -497,8 +497,9 @@ class ManifestGoneError(NotOnThisHostError):
 
 
 def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
-    path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
-    record = store.find_artifact(path.relative_to(settings.artifacts).as_posix())
+    rel = manifest_rel(campaign_id)
+    path = settings.artifacts / rel
+    record = store.find_artifact(rel)
     if record is None:
         raise PreprocessError(f"{path}: manifest not recorded in the store")
     if not path.is_file():
