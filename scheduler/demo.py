@@ -30,7 +30,7 @@ from scheduler.api import (
 )
 from scheduler.stopsignals import Stopped, StopSignals
 from shared.errors import OrchardError, visible_controls
-from shared.settings import Settings, child_env, load_settings, mask_url
+from shared.settings import Settings, child_env, default_store_url, load_settings, mask_url
 from shared.spec import load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,11 +122,15 @@ def run_demo(campaign: Path | None = None, *, timeout: float = 600) -> int:
     print(f"  broker    {mask_url(settings.broker_url)}")
     print(f"  store     {mask_url(settings.database_url)}")
     print(f"  artifacts {settings.artifacts}")
-    store = Store(settings.database_url)
-    try:
-        store.upgrade()
-    finally:
-        store.dispose()
+    if settings.database_url == default_store_url(settings.home):
+        # its own store, under ORCHARD_HOME: brought to this orchard's schema. Another
+        # (ORCHARD_DATABASE_URL: a cluster's, perhaps, whose workers run on) is never
+        # migrated here: the submit checks it, as any submit does
+        store = Store(settings.database_url)
+        try:
+            store.upgrade()
+        finally:
+            store.dispose()
     run = workers = None
     cancelled = False
     stop_signals = StopSignals()

@@ -82,7 +82,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     broker = url_with_password_file(
         broker, "ORCHARD_BROKER_URL", "ORCHARD_BROKER_PASSWORD_FILE", env
     )
-    database = env.get("ORCHARD_DATABASE_URL") or _default_store_url(home)
+    database = env.get("ORCHARD_DATABASE_URL") or default_store_url(home)
     check_database_url_form(database, "ORCHARD_DATABASE_URL")
     database = absolute_sqlite_url(database, "ORCHARD_DATABASE_URL")
     database = url_with_password_file(
@@ -113,7 +113,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
-def _default_store_url(home: Path) -> str:
+def default_store_url(home: Path) -> str:
     """``sqlite:///HOME/orchard.db``; a home whose path a URL would misread (a '?' ends
     its path, '%41' is read as 'A') is one line naming ORCHARD_HOME, which the user
     set, not ORCHARD_DATABASE_URL, which they did not."""

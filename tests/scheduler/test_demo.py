@@ -98,6 +98,43 @@ def test_a_dataset_it_cannot_use_stops_it_before_a_worker_starts(
     assert not (home / "logs").exists()
 
 
+def test_it_migrates_its_own_store_and_no_other(
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its own store (under ORCHARD_HOME) it brings to this orchard's schema; a store
+    ORCHARD_DATABASE_URL names (a cluster's, whose workers run the old schema's code)
+    only a submit's check meets: one line, nothing migrated, no worker started."""
+    from db import migrate
+
+    def no_workers(*_args: object) -> None:
+        raise AssertionError("the demo started its workers")
+
+    monkeypatch.setattr(demo, "Workers", no_workers)
+    other = Store(f"sqlite:///{tmp_path / 'cluster.db'}")
+    migrate.upgrade(other.engine, "0006")
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", other.url)
+    assert main(["demo"]) == 2
+    _, err = capsys.readouterr()
+    assert err.splitlines()[-1] == (
+        f"orchard: error: database {other.url} is at schema 0006, expected "
+        f"{migrate.head_revision()}: run `orchard db upgrade`"
+    )
+    assert other.revision() == "0006"
+    other.dispose()
+
+    monkeypatch.delenv("ORCHARD_DATABASE_URL")
+    home.mkdir(exist_ok=True)
+    own = Store(load_settings().database_url)
+    migrate.upgrade(own.engine, "0006")
+    own.dispose()
+    with pytest.raises(AssertionError, match="started its workers"):  # past the submit
+        main(["demo"])
+    assert Store(own.url).revision() == migrate.head_revision()
+
+
 def test_a_log_folder_it_cannot_make_stops_it_before_anything_starts(
     home: Path, tiny_campaign: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
