@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,14 +29,21 @@ def _config() -> Config:
     return config
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision this orchard's migrations know. Read once per process: a
+    worker left running while its host's checkout is updated keeps the schema its code
+    was written for, not the one now on disk."""
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
-def known_revisions() -> set[str]:
+@functools.cache
+def known_revisions() -> frozenset[str]:
     """Every revision this orchard's migrations know (a store upgraded by a newer
-    orchard is at one it does not)."""
-    return {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
+    orchard is at one it does not); read once per process, as :func:`head_revision`."""
+    return frozenset(
+        script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()
+    )
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -77,6 +78,9 @@ class CampaignRow(Base):
     # campaigns over the same data, wherever mounted, that `submit --reuse` copies from;
     # None before 0007, or for a manifest without its images' sha256 (0007)
     data_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    # shared.spec.CAMPAIGN_FORMAT of the orchard that submitted it (1 before 0008): a
+    # worker of an older format runs none of its units
+    format_version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
     units: Mapped[list[UnitRow]] = relationship(back_populates="campaign")
 

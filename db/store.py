@@ -80,6 +80,7 @@ from shared.plan import (
     next_actions,
 )
 from shared.settings import env_number, mask_url
+from shared.spec import CAMPAIGN_FORMAT
 from shared.times import as_utc
 
 _T = TypeVar("_T")
@@ -189,6 +190,8 @@ class Campaign:
     state: str
     created_at: datetime
     finished_at: datetime | None
+    #: shared.spec.CAMPAIGN_FORMAT of the orchard that submitted it
+    format_version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +312,8 @@ class Start:
     #: campaign, read in the start's transaction: the delivery needs no reads of its own
     unit: Unit | None = None
     campaign: Campaign | None = None
+    #: with ``reason="newer format"``: the campaign's format
+    format_version: int | None = None
 
 
 #: what :meth:`Store.renew_lease` finds
@@ -522,20 +527,20 @@ class Store:
         campaign needs no `orchard db upgrade`); an existing schema must be this
         orchard's, as for every other command. Migrating one is `orchard db upgrade`'s,
         run once while the workers are stopped, never a side effect of a submit."""
-        try:
-            current = migrate.current_revision(self.engine)
-        except (OperationalError, DBAPIError) as exc:
-            raise self.describe_error(exc) from None
-        if current is None:
+        if self.revision() is None:
             self.upgrade()  # another submit may have created it meanwhile: checked below
         self.check_schema()
 
-    def check_schema(self) -> None:
-        """Raise StoreError unless the schema is at the newest migration."""
+    def revision(self) -> str | None:
+        """The schema's Alembic revision (None: no schema yet)."""
         try:
-            current = migrate.current_revision(self.engine)
+            return migrate.current_revision(self.engine)
         except (OperationalError, DBAPIError) as exc:
             raise self.describe_error(exc) from None
+
+    def check_schema(self) -> None:
+        """Raise StoreError unless the schema is at the newest migration."""
+        current = self.revision()
         if current == migrate.head_revision():
             return
         if current is None:
@@ -615,6 +620,22 @@ class Store:
         if self._server_clock:
             return as_utc(s.scalar(select(func.clock_timestamp())))
         return utcnow()
+
+    @_retried
+    def live_leases(self, limit: int = 3) -> tuple[int, list[tuple[str, str | None]]]:
+        """How many units a delivery runs now (RUNNING, the lease not run out), and the
+        ``limit`` longest running, with their workers: what `orchard db upgrade` asks
+        before it migrates. Reads only columns every schema since 0002 has."""
+        with self._transaction(read_only=True) as s:
+            live = (UnitRow.state == RUNNING) & (UnitRow.lease_expires_at > self._now(s))
+            count = s.scalar(select(func.count()).select_from(UnitRow).where(live)) or 0
+            first = s.execute(
+                select(UnitRow.key, UnitRow.worker)
+                .where(live)
+                .order_by(UnitRow.started_at, UnitRow.key)
+                .limit(limit)
+            ).all()
+        return count, [(key, worker) for key, worker in first]
 
     @_retried
     def now(self) -> datetime:
@@ -739,6 +760,7 @@ class Store:
         units: Sequence[UnitPlan],
         artifacts: Iterable[Artifact] = (),
         data_digest: str | None = None,
+        format_version: int = CAMPAIGN_FORMAT,
     ) -> None:
         # Core inserts of many rows each (executemany), not one ORM object per unit: the
         # ORM inserted units and params a row per statement on SQLite (it needs each new
@@ -767,6 +789,7 @@ class Store:
                     "state": "RUNNING",
                     "created_at": now,
                     "data_digest": data_digest,
+                    "format_version": format_version,
                 },
             )
             if units:
@@ -1254,8 +1277,13 @@ class Store:
         holder: str | None = None,
         lease_seconds: float = 60.0,
         max_attempts: int | None = None,
+        newest_format: int | None = None,
     ) -> Start:
         """Mark a unit RUNNING for this delivery, unless it must not run now.
+
+        ``newest_format``: the newest campaign format the delivery's worker runs; a unit
+        of a campaign of a newer one is left as it is (``reason="newer format"``, the
+        campaign's format in ``Start.format_version``).
 
         With ``holder`` (one id per delivery) the unit is leased to this delivery for
         ``lease_seconds``; a delivery that finds someone else's live lease is told to
@@ -1282,6 +1310,18 @@ class Store:
             if campaign is not None and campaign.state in (CANCELLED, DELETING):
                 row.state, row.finished_at = CANCELLED, now
                 return Start(False, row.attempts, CANCELLED, reason="cancelled")
+            if (
+                newest_format is not None
+                and campaign is not None
+                and campaign.format_version > newest_format
+            ):
+                return Start(
+                    False,
+                    row.attempts,
+                    row.state,
+                    reason="newer format",
+                    format_version=campaign.format_version,
+                )
             expires = as_utc(row.lease_expires_at)
             if (
                 holder is not None
@@ -2196,6 +2236,7 @@ def _campaign(row: CampaignRow) -> Campaign:
         state=row.state,
         created_at=as_utc(row.created_at),
         finished_at=as_utc(row.finished_at),
+        format_version=row.format_version,
     )
 
 

@@ -63,8 +63,8 @@ from shared.plan import (
 )
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
+from shared.spec import CAMPAIGN_FORMAT, CampaignError, load_campaign
 from shared.spec import Campaign as CampaignSpec
-from shared.spec import CampaignError, load_campaign
 
 try:
     import fcntl
@@ -378,6 +378,7 @@ def submit(
                     classes=manifest.classes,
                     units=units,
                     data_digest=manifest.data_digest(settings.artifacts),
+                    format_version=CAMPAIGN_FORMAT,
                     artifacts=[
                         Artifact(
                             written.path.relative_to(settings.artifacts).as_posix(),
@@ -637,7 +638,8 @@ def check_sqlite_store(url: str) -> None:
         raise OrchardError(f"database {mask_url(url)}: {path} is a directory, not a SQLite file")
     store = Store(url)
     try:
-        migrate.current_revision(store.engine)  # an older schema is fine: submit upgrades it
+        # whether it is a database at all; its schema is the submit's to check
+        migrate.current_revision(store.engine)
     except DBAPIError as exc:
         raise OrchardError(str(store.describe_error(exc))) from None
     finally:

@@ -403,6 +403,11 @@ def _parser() -> argparse.ArgumentParser:
         "or migrates it to the newest one.",
     )
     p.add_argument("action", choices=["upgrade"], help="upgrade: create or migrate the schema")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="migrate even while units run (their workers' code was written for the old schema)",
+    )
     p.set_defaults(run=cmd_db)
     return parser
 
@@ -746,7 +751,7 @@ def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
     from shared.manifest import Manifest, manifest_path
 
     path = manifest_path(run.settings.artifacts / "campaigns" / run.id)
-    _warn_about(Manifest.from_json(path.read_text(encoding="utf-8")).skipped, shown)
+    _warn_about(Manifest.from_json(path.read_text(encoding="utf-8"), str(path)).skipped, shown)
 
 
 def _warn_about(skipped, shown: int = 5) -> None:  # noqa: ANN001
@@ -1679,6 +1684,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     store = _store(check=False)
+    if not args.force:
+        _refuse_while_units_run(store)
     before, after = store.upgrade()
     where = f"store {mask_url(store.url)}"
     if before is None:
@@ -1688,6 +1695,31 @@ def cmd_db(args: argparse.Namespace) -> int:
     else:
         print(f"{where}: already at the newest schema, {after}")
     return 0
+
+
+def _refuse_while_units_run(store) -> None:  # noqa: ANN001 - db.store is imported late
+    """A migration changes the schema under the workers that run now, whose code was
+    written for the old one (a host not yet updated): refuse while any unit holds a live
+    lease. Workers that sit idle hold none; they stop taking units within
+    SCHEMA_RECHECK_SECONDS of the migration, until they are updated."""
+    from db import migrate
+
+    current = store.revision()
+    if current in (None, "0001", migrate.head_revision()) or current not in (
+        migrate.known_revisions()
+    ):
+        return  # nothing to migrate, no leases yet (0001), or upgrade's own refusal
+    count, first = store.live_leases()
+    if not count:
+        return
+    named = ", ".join(f"{key} on {worker or '?'}" for key, worker in first)
+    more = f", and {count - len(first)} more" if count > len(first) else ""
+    raise OrchardError(
+        f"store {mask_url(store.url)}: {count} unit(s) running ({named}{more}): stop the "
+        "workers first (TERM: each hands its unit back at its checkpoint), update orchard "
+        "on every host, then upgrade; a worker killed without a warm shutdown holds its "
+        "lease until it runs out. `orchard db upgrade --force` migrates all the same"
+    )
 
 
 if __name__ == "__main__":

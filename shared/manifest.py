@@ -139,8 +139,15 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str, source: str = "manifest") -> Manifest:
         data = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        if unknown := sorted(set(data) - known):
+            # a newer orchard's (on a host updated first): its fields would be ignored
+            raise ManifestError(
+                f"{source}: written by a newer orchard (fields this one does not know: "
+                f"{', '.join(unknown)}); update orchard on this host"
+            )
         data["classes"] = tuple(data["classes"])
         data["entries"] = tuple(Entry(**e) for e in data["entries"])
         data["skipped"] = tuple(Skipped(**s) for s in data.get("skipped", ()))

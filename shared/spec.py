@@ -76,6 +76,16 @@ MAX_CNN_PARAMETERS = 1_000_000_000
 MAX_CAMPAIGN_BYTES = 1 << 20
 
 
+#: What a campaign's units compute, as a number: stored with each campaign at its
+#: submit, and a worker runs no unit of a campaign whose format is newer than its own
+#: (an older orchard on a host not yet updated would ignore the fields it does not
+#: know, or compute the units the old way, and record the results as any others).
+#: Raise it with every change to the campaign file's fields, the manifest's, or what a
+#: unit computes from them; ``tests/shared/test_spec.py`` holds the fields' fingerprint
+#: for each format, and fails until a change to them raises it.
+CAMPAIGN_FORMAT = 1
+
+
 class CampaignError(OrchardError, ValueError):
     """A campaign file that cannot be run; the message is one line."""
 

@@ -375,6 +375,37 @@ def test_a_live_lease_turns_a_second_delivery_away(store_url: str) -> None:
     assert store.renew_lease(key, "d2", 30) == "lost"  # never held it
 
 
+def test_a_unit_of_a_campaign_of_a_newer_format_is_left_queued(store_url: str) -> None:
+    """A worker of an older orchard (format 1) meets a campaign a newer one submitted
+    (format 2): its start leaves the unit as it was, with no lease and no attempt, and
+    says the campaign's format; a worker of format 2 (or one that does not say) runs it."""
+    from shared.spec import CAMPAIGN_FORMAT
+
+    store = make_store(store_url)
+    campaign = parse_campaign(CAMPAIGN, source="test")
+    [*_, unit] = plan_units("n-1", campaign, [(0, 10), (10, 20)])
+    store.create_campaign(
+        "n-1",
+        name="n",
+        source="n.toml",
+        digest="d",
+        spec={},
+        classes=["A"],
+        units=[unit],
+        format_version=CAMPAIGN_FORMAT + 1,
+    )
+    assert store.get_campaign("n-1").format_version == CAMPAIGN_FORMAT + 1
+    old = deliver(store, unit.key, worker="w1", task_id="t", holder="d1", newest_format=1)
+    assert (old.run, old.reason, old.format_version) == (False, "newer format", 2)
+    left = store.get_unit(unit.key)
+    assert (left.state, left.attempts, left.lease_holder) == ("QUEUED", 0, None)
+    new = store.start_unit(unit.key, worker="w2", task_id="t", holder="d2", newest_format=2)
+    assert new.run and new.attempts == 1 and new.campaign.format_version == 2
+    # this orchard's own submits are of its format
+    seed_campaign(store)
+    assert store.get_campaign("t-1").format_version == CAMPAIGN_FORMAT
+
+
 def test_a_start_made_again_by_its_own_delivery_counts_once(store_url: str) -> None:
     """The store retries a start whose commit's answer was lost (the connection dropped
     after COMMIT): the same delivery, so neither a second attempt nor "gave up" at the
@@ -1060,6 +1091,21 @@ def test_upgrade_to_0007_adds_the_data_digest_and_keeps_the_campaigns(store_url:
     assert "data_digest" not in {c["name"] for c in inspect(store.engine).get_columns("campaigns")}
     assert store.upgrade() == ("0006", migrate.head_revision())
     assert store.get_campaign("t-1").name == "t"
+
+
+def test_upgrade_to_0008_makes_the_campaigns_format_1(store_url: str) -> None:
+    """Campaigns submitted before 0008 were submitted by orchards of format 1."""
+    store = Store(store_url)
+    migrate.upgrade(store.engine, "0007")
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+    assert store.upgrade() == ("0007", migrate.head_revision())
+    assert store.get_campaign("t-1").format_version == 1
+    migrate.downgrade(store.engine, "0007")
+    columns = {c["name"] for c in inspect(store.engine).get_columns("campaigns")}
+    assert "format_version" not in columns
+    assert store.upgrade() == ("0007", migrate.head_revision())
+    assert store.get_campaign("t-1").format_version == 1
 
 
 PARAMS = {

@@ -250,6 +250,51 @@ def test_a_store_at_an_older_schema_stops_submit_unmigrated(
     store.dispose()
 
 
+def test_db_upgrade_refuses_while_units_run_unless_forced(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A migration under running workers changes the schema their code was written for
+    (a host not yet updated): refused while a unit holds a live lease, naming it and its
+    worker; a lease run out (its worker killed) does not count; --force migrates."""
+    from db import migrate
+    from db.store import Store
+    from shared.plan import UnitPlan
+
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'orchard.db'}"
+    home.mkdir()
+    store = Store(url)
+    store.upgrade()
+    keys = ["c-1/svm/p0/f0", "c-1/svm/p1/f0"]
+    store.create_campaign(
+        "c-1",
+        name="c",
+        source="c.toml",
+        digest="d",
+        spec={},
+        classes=["A"],
+        units=[UnitPlan(key, "svm", 1, 0, {}, key[-5:]) for key in keys],
+    )
+    store.claim_for_queue(keys)
+    store.start_unit(keys[0], worker="cpu@a", task_id="t0", holder="h0", lease_seconds=600)
+    store.start_unit(keys[1], worker="cpu@b", task_id="t1", holder="h1", lease_seconds=-1)
+    migrate.downgrade(store.engine, "0006")
+
+    code, out, err = run_in_process(monkeypatch, capsys, "db", "upgrade", home=home)
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        f"orchard: error: store {url}: 1 unit(s) running (c-1/svm/p0/f0 on cpu@a): stop the "
+        "workers first (TERM: each hands its unit back at its checkpoint), update orchard on "
+        "every host, then upgrade; a worker killed without a warm shutdown holds its lease "
+        "until it runs out. `orchard db upgrade --force` migrates all the same"
+    )
+    assert store.revision() == "0006"
+    code, out, err = run_in_process(monkeypatch, capsys, "db", "upgrade", "--force", home=home)
+    assert (code, err) == (0, "")
+    assert out.strip() == f"store {url}: migrated from schema 0006 to {migrate.head_revision()}"
+    store.dispose()
+
+
 # ---------------------------------------------------------------- no broker folder on refusal
 
 

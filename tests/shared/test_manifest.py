@@ -136,6 +136,19 @@ def test_a_manifest_written_before_the_decoder_field_reads_as_opencv():
     assert Manifest.from_json(json.dumps(older)).decoder == "opencv"
 
 
+def test_a_manifest_of_a_newer_orchard_is_one_line_naming_what_it_does_not_know():
+    """Written by a newer orchard (a host updated first): not a TypeError from the
+    dataclass, nor its fields ignored."""
+    newer = json.loads(_manifest().to_json())
+    newer["tiling"], newer["format"] = 2, 3
+    with pytest.raises(ManifestError) as err:
+        Manifest.from_json(json.dumps(newer), "/a/campaigns/c-1/manifest.json")
+    assert str(err.value) == (
+        "/a/campaigns/c-1/manifest.json: written by a newer orchard (fields this one does "
+        "not know: format, tiling); update orchard on this host"
+    )
+
+
 def test_fold_indices_partition_the_labelled_pool():
     manifest = _manifest()
     pool = {i for i, e in enumerate(manifest.entries) if e.fold != NO_FOLD}

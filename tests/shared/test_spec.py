@@ -827,3 +827,44 @@ def test_a_value_of_either_kind_gets_one_sentence(tmp_path):
         f"{path}: [rf] max_features: Input should be less than or equal to 1 or 'sqrt' or "
         "'log2' (got 1.5)"
     )
+
+
+# ---------------------------------------------------------------- campaign format
+
+#: The campaign file's fields, bounds and choices (not their defaults or descriptions),
+#: and the manifest's fields, as each campaign format has them: a fingerprint of the
+#: Campaign model's JSON schema and of the manifest's dataclasses.
+FIELDS_OF_FORMAT = {1: "084558d700b2b50f"}
+
+
+def _fields_fingerprint() -> str:
+    from dataclasses import fields
+
+    from shared.datasets import Skipped
+    from shared.manifest import Entry, Manifest
+
+    def bare(node: object) -> object:
+        if isinstance(node, dict):
+            dropped = ("description", "title", "default", "examples")
+            return {k: bare(v) for k, v in node.items() if k not in dropped}
+        if isinstance(node, list):
+            return [bare(v) for v in node]
+        return node
+
+    manifest = {c.__name__: sorted(f.name for f in fields(c)) for c in (Manifest, Entry, Skipped)}
+    both = {"campaign": bare(Campaign.model_json_schema()), "manifest": manifest}
+    return hashlib.sha256(json.dumps(both, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_the_campaign_format_is_raised_with_the_campaign_files_fields() -> None:
+    """A worker of an older orchard ignores a campaign field it does not know, and
+    records its units as any others: every change to the fields (or the manifest's) must
+    raise CAMPAIGN_FORMAT, which keeps such workers off the campaigns that use it."""
+    from shared.spec import CAMPAIGN_FORMAT
+
+    found = _fields_fingerprint()
+    assert found == FIELDS_OF_FORMAT.get(CAMPAIGN_FORMAT), (
+        f"the campaign file's or the manifest's fields changed (fingerprint {found}): "
+        "raise shared.spec.CAMPAIGN_FORMAT and record the fingerprint for it in "
+        "FIELDS_OF_FORMAT"
+    )

@@ -18,6 +18,7 @@ from shared.settings import Settings
 from tests.conftest import record_begins
 from workers.tasks import base
 from workers.tasks.base import UnitContext, UnitMessage, run_unit
+from workers.tasks.base import worker_store as checked_worker_store
 
 KEY = "g-1/svm/p0/f0"
 
@@ -709,6 +710,116 @@ def test_a_store_at_an_older_schema_keeps_the_message_and_says_so_once(
     assert [level for level, _ in said[1:]] == ["DEBUG", "DEBUG"]
     assert all("unreachable" not in text for _, text in said)
     old.dispose()
+
+
+def test_a_store_migrated_under_a_running_worker_stops_its_units_within_the_recheck(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`orchard db upgrade` by a newer orchard while an older worker runs on (its host
+    not yet updated): the store's schema is read again before a unit once
+    SCHEMA_RECHECK_SECONDS have passed, so its units stop there, their messages kept,
+    instead of running old code against the new schema for as long as it lives."""
+    from sqlalchemy import text
+
+    class Retried(Exception):
+        pass
+
+    monkeypatch.setattr(base, "worker_store", checked_worker_store)
+    monkeypatch.setattr(base, "_store", lambda pid: store)
+    monkeypatch.setattr(base, "_schema_told", set())
+    monkeypatch.setattr(base, "_schema_checked_at", time.monotonic())  # opened just now
+    delivery = OneDelivery()
+    delivery.retry = lambda **kwargs: Retried(kwargs)  # type: ignore[method-assign]
+    ran: list[str] = []
+
+    def body(ctx: UnitContext) -> Outcome:
+        ran.append(ctx.unit.key)
+        return Outcome(0.01, val_acc=1.0)
+
+    run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    with store.engine.begin() as conn:  # a newer orchard's migration
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    monkeypatch.setattr(base, "_schema_checked_at", time.monotonic() - base.SCHEMA_RECHECK_SECONDS)
+    other = "g-1/svm/p1/f0"
+    with pytest.raises(Retried):
+        run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=other), body)
+    assert ran == [KEY]
+    unit = store.get_unit(other)
+    assert (unit.state, unit.attempts) == ("QUEUED", 0)
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said.startswith(f"{other}: database ") and "is at schema 0099, newer than this" in said
+
+
+def test_a_campaign_of_a_newer_format_waits_for_an_updated_worker(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A campaign submitted by a newer orchard, met by this worker (its host not yet
+    updated, on a store at the same schema): none of its units runs here, each message
+    is kept (retried, backing off), and the worker says why once."""
+    from sqlalchemy import text
+
+    from shared.spec import CAMPAIGN_FORMAT
+
+    class Retried(Exception):
+        pass
+
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE campaigns SET format_version = :v"), {"v": CAMPAIGN_FORMAT + 1})
+    monkeypatch.setattr(base, "_schema_told", set())
+    caplog.set_level("DEBUG", logger=base.log.name)
+    delivery = OneDelivery()
+    countdowns: list[float] = []
+
+    def retry(**kwargs: Any) -> Exception:
+        countdowns.append(kwargs["countdown"])
+        return Retried()
+
+    delivery.retry = retry  # type: ignore[method-assign]
+    for retries in range(3):
+        delivery.request.retries = retries
+        with pytest.raises(Retried):
+            run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), lambda ctx: None)
+    assert countdowns == [2, 4, 8]
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.attempts, unit.lease_holder) == ("QUEUED", 0, None)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == base.log.name]
+    assert said[0] == (
+        "ERROR",
+        f"{KEY}: campaign g-1 was submitted by a newer orchard (campaign format "
+        f"{CAMPAIGN_FORMAT + 1}; this worker runs format {CAMPAIGN_FORMAT} at most): its units "
+        "wait for a worker updated to it; update orchard on this host (said once)",
+    )
+    assert [level for level, _ in said[1:]] == ["DEBUG", "DEBUG"]
+
+
+def test_the_newest_schema_is_the_one_the_code_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's host updated under it (git pull, pip install): its migrations folder
+    now holds a newer revision, but the code that runs is the old one, and must go on
+    taking the old revision for the newest."""
+    import shutil
+
+    from db import migrate
+
+    before = migrate.head_revision()
+    newer = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS, newer)
+    (newer / "versions" / "9999_newer.py").write_text(
+        f'revision = "9999"\ndown_revision = "{before}"\nbranch_labels = None\n'
+        "depends_on = None\n\n\ndef upgrade():\n    pass\n\n\ndef downgrade():\n    pass\n"
+    )
+    monkeypatch.setattr(migrate, "MIGRATIONS", newer)
+    assert migrate.head_revision() == before and "9999" not in migrate.known_revisions()
+    migrate.head_revision.cache_clear()
+    migrate.known_revisions.cache_clear()
+    try:  # read afresh (a new process): the folder's newest
+        assert migrate.head_revision() == "9999" and "9999" in migrate.known_revisions()
+    finally:
+        migrate.head_revision.cache_clear()
+        migrate.known_revisions.cache_clear()
+        monkeypatch.undo()
+        assert migrate.head_revision() == before
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ from celery.worker.control import control_command
 from celery.worker.request import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from db import migrate
 from db.store import (
     DELETING,
     LEASE_CANCELLED,
@@ -84,6 +86,7 @@ from shared.errors import OrchardError, visible_controls
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
+from shared.spec import CAMPAIGN_FORMAT
 from workers.app import app
 from workers.config import Reliability, reliability
 from workers.data import holds_other_manifests, load_variant, manifest_rel
@@ -117,19 +120,37 @@ def _settings(pid: int) -> Settings:
     return load_settings()
 
 
+#: How often a worker process reads the store's schema revision again, before a unit:
+#: a store migrated by `orchard db upgrade` under a worker left running (its host not
+#: yet updated) stops that worker's units within this time, rather than never (their
+#: messages wait, as at a start against an older store, until the worker is updated).
+SCHEMA_RECHECK_SECONDS = 10.0
+
+#: When this process last found the store at its schema (time.monotonic()).
+_schema_checked_at = -math.inf
+
+# the schema this worker's code was written for, read as it starts: a checkout updated
+# under it must not change what it takes for the newest
+migrate.head_revision()
+migrate.known_revisions()
+
+
 @functools.cache
 def _store(pid: int) -> Store:
     # one engine per process: a pool inherited through fork would share sockets
+    global _schema_checked_at
     store = Store(_settings(pid).database_url)
     try:
         store.check_schema()
     except StoreError:
         store.dispose()  # not cached: the next unit opens another
         raise
+    _schema_checked_at = time.monotonic()
     return store
 
 
-#: Schema lines this process has logged as errors: said once, then at debug level.
+#: Schema lines (and campaigns of a newer format) this process has logged as errors:
+#: said once, then at debug level.
 _schema_told: set[str] = set()
 
 
@@ -138,7 +159,15 @@ def worker_settings() -> Settings:
 
 
 def worker_store() -> Store:
-    return _store(os.getpid())
+    """This process's store, its schema checked at most :data:`SCHEMA_RECHECK_SECONDS`
+    ago (a ``SchemaError`` when it is no longer this orchard's)."""
+    global _schema_checked_at
+    store = _store(os.getpid())
+    now = time.monotonic()
+    if now - _schema_checked_at >= SCHEMA_RECHECK_SECONDS:
+        store.check_schema()
+        _schema_checked_at = now
+    return store
 
 
 @dataclass(frozen=True)
@@ -442,7 +471,7 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
     data = read_if_intact(path, sha256)
     if data is None:
         raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
-    return Manifest.from_json(data.decode("utf-8"))
+    return Manifest.from_json(data.decode("utf-8"), str(path))
 
 
 class NotOnThisHostError(PreprocessError):
@@ -872,6 +901,12 @@ def _deleted_under(settings: Settings, campaign_id: str, key: str) -> dict:
     return {"unit": key, "state": "DELETED", "why": "campaign deleted: stopped"}
 
 
+def _backoff(task: Task) -> float:
+    """The countdown of a message kept for later: doubling from 2 s, at most
+    :data:`BACKOFF_SECONDS`."""
+    return min(BACKOFF_SECONDS, 2 ** min((task.request.retries or 0) + 1, 6))
+
+
 def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Outcome]) -> dict:
     settings = worker_settings()
     rules = reliability()
@@ -888,6 +923,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             holder=holder,
             lease_seconds=rules.lease_seconds,
             max_attempts=rules.max_attempts,
+            newest_format=CAMPAIGN_FORMAT,
         )
     except NotFoundError as exc:
         # a message for a unit this store never had: it can never run here
@@ -901,7 +937,6 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
     except StoreError as exc:
         # nothing ran and nothing could be written: keep the message for later, as long
         # as it takes (nothing else would send this unit again)
-        retries = task.request.retries or 0
         if isinstance(exc, StoreUnreachableError):
             log.error("%s: store unreachable, message kept for later: %s", key, exc)
         elif not isinstance(exc, SchemaError):
@@ -916,9 +951,24 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             log.error("%s: %s; its units wait until then (said once)", key, exc)
         else:
             log.debug("%s: store's schema still not this orchard's: %s", key, exc)
-        backoff = min(BACKOFF_SECONDS, 2 ** min(retries + 1, 6))
-        raise task.retry(countdown=backoff, exc=exc) from None
+        raise task.retry(countdown=_backoff(task), exc=exc) from None
     if not start.run:
+        if start.reason == "newer format":
+            # submitted by a newer orchard: this one would ignore what it does not know,
+            # or compute the units the old way, and record them as any others. Kept for
+            # an updated worker, as long as it takes
+            told = f"{message.campaign_id}/{start.format_version}"
+            line = (
+                "%s: campaign %s was submitted by a newer orchard (campaign format %d; this "
+                "worker runs format %d at most): its units wait for a worker updated to it"
+            )
+            args = (key, message.campaign_id, start.format_version, CAMPAIGN_FORMAT)
+            if told not in _schema_told:
+                _schema_told.add(told)
+                log.error(line + "; update orchard on this host (said once)", *args)
+            else:
+                log.debug(line, *args)
+            raise task.retry(countdown=_backoff(task))
         if start.reason == "leased":
             log.info("%s is running elsewhere (live lease); back in %.0f s", key, start.retry_in)
             raise task.retry(countdown=max(1.0, start.retry_in + 1))
