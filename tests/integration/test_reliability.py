@@ -682,6 +682,63 @@ def test_a_campaign_whose_folder_was_removed_fails_and_the_workers_go_on(cluster
     assert "takes no more units" not in cluster.pool.log("cpu")
 
 
+def test_an_older_worker_runs_no_unit_of_a_newer_campaign_nor_of_a_newer_schema(
+    cluster: Cluster,
+) -> None:
+    """Mixed versions, with real workers: a campaign of a newer format (a newer orchard
+    submitted it), then the store migrated by a newer orchard while the worker runs on.
+    The worker runs none of the campaign's units meanwhile, says why, and keeps each
+    message: once both are this worker's again, the campaign finishes, each unit once."""
+    from sqlalchemy import text
+
+    from db import migrate
+    from shared.spec import CAMPAIGN_FORMAT
+
+    cluster.pool.kill("cpu")  # the only consumer of `preprocess`: it stays queued
+    try:
+        run = cluster.submit(write_campaign(cluster.tmp, "newer", classic=True, blend='["svm"]'))
+        with cluster.store.engine.begin() as conn:
+            conn.execute(
+                update(CampaignRow)
+                .where(CampaignRow.id == run.id)
+                .values(format_version=CAMPAIGN_FORMAT + 1)
+            )
+    finally:
+        cluster.pool.restart("cpu")
+
+    def untouched() -> None:
+        for unit in cluster.store.units(run.id):
+            assert (unit.state, unit.attempts) in {("QUEUED", 0), ("PENDING", 0)}, unit
+
+    said = f"campaign {run.id} was submitted by a newer orchard (campaign format "
+    cluster.wait_for(lambda: said in cluster.pool.log("cpu"), 60, "the newer format's line")
+    untouched()
+    with cluster.store.engine.begin() as conn:  # a newer orchard's `orchard db upgrade`
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    try:
+        cluster.wait_for(
+            lambda: "is at schema 0099, newer than this orchard knows" in cluster.pool.log("cpu"),
+            60,
+            "the newer schema's line",
+        )
+        with cluster.store.engine.begin() as conn:
+            conn.execute(
+                update(CampaignRow)
+                .where(CampaignRow.id == run.id)
+                .values(format_version=CAMPAIGN_FORMAT)
+            )
+        untouched()
+    finally:
+        with cluster.store.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE alembic_version SET version_num = :head"),
+                {"head": migrate.head_revision()},
+            )
+    assert cluster.wait(run).campaign.state == "DONE"
+    assert_exactly_once(run, cluster.store)
+    assert cluster.pool.log("cpu").count(said) == 1  # said once, however many retries
+
+
 def test_a_campaign_sent_to_workers_of_another_database_is_named_on_both_sides(
     cluster: Cluster,
 ) -> None:
