@@ -1236,7 +1236,8 @@ class _Progress:
         # and clock (7) and the gaps between them leave; none on a very narrow terminal
         detail_width = max(0, console.width - 44)
         self._progress = Progress(
-            TextColumn("{task.description:<12}", table_column=Column(no_wrap=True)),
+            # markup=False: a note is printed as it is, never read as rich's markup
+            TextColumn("{task.description:<12}", markup=False, table_column=Column(no_wrap=True)),
             BarColumn(),
             MofNCompleteColumn(table_column=Column(no_wrap=True)),
             TimeElapsedColumn(table_column=Column(no_wrap=True)),
@@ -1244,6 +1245,7 @@ class _Progress:
             # family, its bar and its count stay whole
             TextColumn(
                 "{task.fields[detail]}",
+                markup=False,
                 table_column=Column(no_wrap=True, overflow="ellipsis", max_width=detail_width),
             ),
             transient=False,

@@ -441,6 +441,11 @@ def _node_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{printable(text)}: not UTF-8 text (a node name is sent to the broker)"
         ) from None
+    if (shown := visible_controls(text)) != text:
+        # every `orchard status` prints it: one with ESC sequences would act there
+        raise argparse.ArgumentTypeError(
+            f"{shown}: holds control characters; a node name is printed by `orchard status`"
+        )
     try:
         host_format(default_nodename(text))
     except ValueError:
@@ -953,13 +958,17 @@ def _rich_table(  # noqa: ANN202
     caption: str | None = None,
 ):
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, caption=caption)
+    # every string as Text, which rich prints as it is: a str is read as console markup,
+    # and a file name or error holding "[/x]" (a dataset's folder names) stopped the
+    # command with a MarkupError, while "[link=…]" or "[conceal]" in one acted
+    table = Table(title=Text(title), caption=Text(caption) if caption is not None else None)
     for column, width in zip(columns, widths or [None] * len(columns), strict=True):
         # with a width given, every word fits it: cells wrap between words
-        table.add_column(column, overflow="fold", width=width)
+        table.add_column(Text(column), overflow="fold", width=width)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     return table
 
 
@@ -1106,7 +1115,7 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
             # handed back by a stopping worker, or sent again after its worker was lost
             epochs = store.metrics(unit.key).get("val_acc", []) if unit.family == "cnn" else []
             done = f" after epoch {epochs[-1][0] + 1}" if epochs else ""
-            note = f"queued again{done}: was on {unit.worker}"
+            note = f"queued again{done}: was on {visible_controls(unit.worker)}"
         if result and (source := result.extra.get("reused_from")):
             # copied by --reuse: the worker and seconds are the source unit's
             note = f"reused from {source}"
@@ -1141,7 +1150,9 @@ def _rows_of(campaign, lines: list[_UnitLine]) -> Rows:  # noqa: ANN001 - a db.s
             line.unit.key.removeprefix(campaign.id + "/"),
             line.unit.state,
             str(line.unit.attempts),
-            line.unit.worker or "",
+            # a worker started by `celery worker -n` (not `orchard worker`, which checks
+            # the name) may hold ESC sequences that would act on the terminal
+            visible_controls(line.unit.worker or ""),
             f"{line.result.fit_seconds:.1f}" if line.result else "",
             f"{line.result.val_acc:.3f}" if line.result and line.result.val_acc is not None else "",
             line.note,

@@ -65,6 +65,17 @@ def test_a_node_name_that_is_not_utf8_is_an_argparse_error(
     )
 
 
+def test_a_node_name_with_control_characters_is_an_argparse_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`orchard status` prints every unit's worker: ESC sequences in one would act there."""
+    line = argparse_error(capsys, "worker", "-n", "w\x1b]0;x\x07@%h")
+    assert line == (
+        "orchard worker: error: argument --name/-n: w\\x1b]0;x\\x07@%h: holds control "
+        "characters; a node name is printed by `orchard status`"
+    )
+
+
 @pytest.mark.parametrize("name", ["w1@%h", "w%%q@%h", "%n-%i@%d", "plain", "cpu-%I@host.example"])
 def test_node_names_celery_expands_are_taken(name: str) -> None:
     from scheduler.cli import _parser

@@ -626,3 +626,32 @@ def test_a_watch_on_a_terminal_too_short_for_a_table_shows_the_counts_and_the_ru
         "cnn/h/f0 RUNNING epoch 2/100 val_acc=0.400",
         "cnn/h/f1 QUEUED",
     ]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_file_names_and_worker_names_are_shown_as_they_are_never_obeyed(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    terminal: bool,
+) -> None:
+    """A unit's error repeats a dataset's file name, which may hold rich's markup
+    ("[/red]" stopped `status` with a MarkupError on a terminal; "[link=…]" made a
+    hyperlink), and a worker started by `celery worker -n` may be named with ESC
+    sequences (they retitled the window, cleared the screen). Both are shown as text."""
+    units = seed_campaign(store, IDS[0])
+    key = units[0].key
+    worker = "w\x1b]0;PWNED\x07\x1b[2J@h"
+    store.claim_for_queue([key])
+    store.start_unit(key, worker=worker, task_id="t", holder="d1")
+    error = "PreprocessError: /d/x[/red]/[link=https://evil.example]a[conceal]b.png: changed"
+    store.fail_unit(key, error, holder="d1")
+    if terminal:
+        on_a_terminal(monkeypatch, 200)
+    assert main(["status", IDS[0]]) == 0
+    out, err = capsys.readouterr()
+    assert not err
+    assert "\x1b]" not in out and "\x1b[2J" not in out and "\x07" not in out
+    text = ANSI.sub("", out)
+    assert "x[/red]/[link=https://evil.example]a[conceal]b.png" in text
+    assert "w\\x1b]0;PWNED\\x07\\x1b[2J@h" in text
