@@ -102,11 +102,22 @@ def _inside(root: Path, path: Path, what: str) -> None:
         )
 
 
+#: The largest split CSV read: ten million rows of 50 bytes. A larger file is not a
+#: listing (a sparse file of gigabytes costs no disk, but the submit its RAM).
+MAX_CSV_BYTES = 512 << 20
+
+
 def _read_text(path: Path) -> str:
     """A CSV's text: UTF-8 with or without a BOM, or UTF-16 with its BOM (Excel's
     "Unicode text"); anything else stops rather than guessing at file names."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            if (size := os.fstat(file.fileno()).st_size) > MAX_CSV_BYTES:
+                raise DatasetError(
+                    f"{path}: {size:,} bytes, more than a split's CSV may be "
+                    f"({MAX_CSV_BYTES:,}): not a listing of images"
+                )
+            raw = file.read()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
     encoding = "utf-8-sig"

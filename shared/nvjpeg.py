@@ -191,7 +191,7 @@ def decode_shard(
     pixels = on_device = 0
     for i, name in enumerate(paths):
         path = Path(name)
-        data = read_submitted(path, digests[i] if digests else None)
+        data = read_submitted(path, digests[i] if digests else None, max_pixels)
         header = read_header(data, path, max_pixels)
         orientation, suits = jpeg_facts(data) if header.format in JPEG_FORMATS else (1, False)
         if not suits:  # other formats, CMYK, RGB-coded JPEGs: OpenCV as before

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -267,16 +268,40 @@ def read_header(data: bytes, path: Path, max_pixels: int = MAX_PIXELS) -> ImageH
     return header
 
 
-def read_file(path: Path, missing: str = "image file is missing") -> bytes:
+#: What an image file within the pixel limit may hold besides its pixels (metadata,
+#: ICC profiles, thumbnails), beyond :data:`BYTES_PER_PIXEL` a pixel.
+IMAGE_SLACK_BYTES = 16 << 20
+#: The most an uncompressed pixel takes in a format OpenCV reads (RGBA of 32-bit floats).
+BYTES_PER_PIXEL = 16
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The largest file an image within ``max_pixels`` can be: a larger one is not an
+    image (a sparse file of gigabytes costs no disk, but every reader its RAM)."""
+    return max_pixels * BYTES_PER_PIXEL + IMAGE_SLACK_BYTES
+
+
+def read_file(
+    path: Path, missing: str = "image file is missing", max_pixels: int = MAX_PIXELS
+) -> bytes:
+    """The bytes of the image file at ``path``, refused from its size before they are
+    read when they are more than any image within ``max_pixels`` needs."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:
+            size, most = os.fstat(file.fileno()).st_size, max_image_bytes(max_pixels)
+            if size > most:
+                raise PreprocessError(
+                    f"{path}: {size:,} bytes, more than an image within the pixel limit of "
+                    f"{max_pixels:,} can be ({most:,}): not an image"
+                )
+            return file.read()
     except FileNotFoundError:
         raise PreprocessError(f"{path}: {missing}") from None
     except OSError as exc:
         raise UnreadableFileError(f"{path}: cannot read image ({exc.strerror})") from None
 
 
-def read_submitted(path: Path, sha256: str | None = None) -> bytes:
+def read_submitted(path: Path, sha256: str | None = None, max_pixels: int = MAX_PIXELS) -> bytes:
     """The bytes of the image at ``path``, refused unless they are the ``sha256`` the
     manifest recorded at submit: the cache is keyed by those bytes, so an image edited
     (or a symlink swapped) since then must not put other pixels under that key."""
@@ -285,9 +310,10 @@ def read_submitted(path: Path, sha256: str | None = None) -> bytes:
             path,
             "image file is missing (removed or moved since the campaign was submitted): put "
             "it back and `orchard resume` the campaign, or submit the campaign again",
+            max_pixels,
         )
         if sha256
-        else read_file(path)
+        else read_file(path, max_pixels=max_pixels)
     )
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise PreprocessError(
@@ -299,7 +325,7 @@ def read_submitted(path: Path, sha256: str | None = None) -> bytes:
 
 def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[ImageHeader, str]:
     """The header of the image at ``path`` and the sha256 of its bytes (read once)."""
-    data = read_file(path)
+    data = read_file(path, max_pixels=max_pixels)
     return read_header(data, path, max_pixels), hashlib.sha256(data).hexdigest()
 
 
@@ -328,7 +354,7 @@ def decode_resize(
     Grey, palette and RGBA images become RGB (alpha is dropped); 16-bit images are
     scaled to 8 bits by OpenCV (the high byte).
     """
-    data = read_submitted(path, sha256)
+    data = read_submitted(path, sha256, max_pixels)
     return decode_resize_data(data, read_header(data, path, max_pixels), path, size)
 
 

@@ -2103,14 +2103,24 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 # --------------------------------------------------------------------------- markdown
 
 
+#: What makes a line a heading, a quote, a list item or a rule in Markdown.
+_MD_BLOCK_START = re.compile(r"#{1,6}(?:\s|$)|>|[-+](?:\s|$)|-{3,}|_{3,}")
+#: An ordered list item's number: the ``.`` or ``)`` after it is what is escaped.
+_MD_ORDERED_START = re.compile(r"\d{1,9}(?=[.)](?:\s|$))")
+
+
 def _md_text(text: str) -> str:
     """Plain text on one Markdown line: ``\\``, ``<``, ``&``, ``*``, `````, ``[`` and ``]``
     escaped: no raw HTML or entity (a class ``A&amp;B`` shown as ``A&B``), no code span,
     and no link or image (a title ``![x](https://host/p.png)`` would make a Markdown
-    viewer fetch it)."""
+    viewer fetch it); nor, where it starts a line or a list item, a heading, quote, list
+    or rule (a description ``# Accuracy 99.9%`` made a headline of the report)."""
     text = " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
     text = text.replace("&", "\\&").replace("`", "\\`")
-    return text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
+    text = text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
+    if number := _MD_ORDERED_START.match(text):
+        return f"{text[: number.end()]}\\{text[number.end() :]}"
+    return f"\\{text}" if _MD_BLOCK_START.match(text) else text
 
 
 def _md_cell(text: str) -> str:

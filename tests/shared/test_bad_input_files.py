@@ -219,6 +219,46 @@ def test_a_utf16_csv_with_its_bom_is_still_read(tmp_path):
     assert len(AicupDataset(root).samples()) == 15
 
 
+def test_a_csv_too_large_for_a_listing_stops_before_it_is_read(tmp_path):
+    """A sparse file of gigabytes costs no disk, but reading it whole cost the submit
+    its RAM (a MemoryError traceback under a memory limit)."""
+    from shared.datasets import MAX_CSV_BYTES
+
+    root = make_aicup(tmp_path / "data")
+    os.truncate(root / "train.csv", MAX_CSV_BYTES + 1)  # sparse: its head still the CSV
+    with pytest.raises(DatasetError) as info:
+        AicupDataset(root)
+    one_line(
+        info.value,
+        f"{root / 'train.csv'}: {MAX_CSV_BYTES + 1:,} bytes, more than a split's CSV may be "
+        f"({MAX_CSV_BYTES:,}): not a listing of images",
+    )
+
+
+def test_an_image_file_too_large_for_the_pixel_limit_is_refused_before_it_is_read(tmp_path):
+    """At submit (check_image) and on the worker (read_submitted, where a file swapped
+    after the submit was read whole before its checksum refused it): no image within
+    the pixel limit is that large."""
+    from shared.preprocess import max_image_bytes, read_submitted
+
+    path = tmp_path / "big.jpg"
+    write_jpeg(path, size=(32, 32))
+    most = max_image_bytes(32 * 32)
+    os.truncate(path, most + 1)
+    line = (
+        f"{path}: {most + 1:,} bytes, more than an image within the pixel limit of 1,024 "
+        f"can be ({most:,}): not an image"
+    )
+    for read in (lambda: check_image(path, 32 * 32), lambda: read_submitted(path, "0" * 64, 1024)):
+        with pytest.raises(PreprocessError) as info:
+            read()
+        one_line(info.value, line)
+    os.truncate(path, most)  # as large as one can be: read (and then found not an image)
+    with pytest.raises(PreprocessError) as info:
+        read_submitted(path, "0" * 64, 1024)
+    assert "changed since the campaign was submitted" in str(info.value)
+
+
 # ------------------------------------------------------------- long file names
 
 
@@ -359,15 +399,16 @@ def test_images_the_submitter_cannot_read_stop_the_submit(tmp_path, monkeypatch,
     they were skipped as unusable, silently dropping up to max_bad_fraction of the
     data, though a worker could well read them. The submit stops instead, naming one."""
     root = make_aicup(tmp_path / "data", per_class=4)
+    import shared.preprocess
+
     denied = {root / "train" / "001.jpg", root / "train" / "005.jpg"}
-    read_bytes = Path.read_bytes
 
-    def guarded(path: Path) -> bytes:
-        if path in denied:
+    def guarded(path: Path, mode: str = "r"):  # noqa: ANN202 - open's file
+        if Path(path) in denied:
             raise OSError(errno_, why, str(path))
-        return read_bytes(path)
+        return open(path, mode)  # noqa: SIM115 - the caller's with closes it
 
-    monkeypatch.setattr(Path, "read_bytes", guarded)
+    monkeypatch.setattr(shared.preprocess, "open", guarded, raising=False)
     with pytest.raises(DatasetError) as info:
         manifest_of(tmp_path, root)
     assert one_line(info.value) == (

@@ -1301,6 +1301,27 @@ def test_the_campaign_s_description_stands_under_the_title_escaped(data: ReportD
     assert "graded" not in render_markdown(data)
 
 
+@pytest.mark.parametrize(
+    "description",
+    ["# Accuracy 99.9%", "> quoted", "1. first", "2) second", "- item", "+ item", "---", "___"],
+)
+def test_a_description_that_reads_as_a_markdown_block_stays_text(
+    data: ReportData, description: str
+) -> None:
+    """First in its list item, a description "# Accuracy 99.9%" was a headline in the
+    Markdown report (CommonMark renders a heading inside an item), "1. first" a nested
+    list: each is shown as written."""
+    from dataclasses import replace
+
+    from markdown_it import MarkdownIt
+
+    md = render_markdown(replace(data, description=description))
+    item = next(line for line in md.splitlines() if line.startswith("- "))  # the first
+    html = MarkdownIt("commonmark").render(item)
+    inner = html.strip().removeprefix("<ul>\n<li>").removesuffix("</li>\n</ul>")
+    assert inner == description.replace(">", "&gt;"), html
+
+
 def test_the_t_sne_section_draws_the_map_with_its_classes_named(
     data: ReportData, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -844,6 +844,22 @@ def test_a_failure_records_the_first_line_that_says_something(
     assert base._one_line(exc) == recorded
 
 
+def test_a_unit_out_of_memory_fails_without_ending_its_worker(store: Store) -> None:
+    """A MemoryError (an allocation refused: a memory limit, a file read whole) is the
+    unit's failure, recorded; Celery would raise a task's MemoryError again and end the
+    worker (a solo pool's whole GPU worker), so the task raises another error."""
+
+    def body(ctx: UnitContext) -> Outcome:
+        raise MemoryError()
+
+    with pytest.raises(Exception) as raised:
+        run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
+    assert not isinstance(raised.value, MemoryError)
+    assert str(raised.value) == f"{KEY}: MemoryError"
+    unit = store.get_unit(KEY)
+    assert (unit.state, unit.error) == ("FAILED", "MemoryError")
+
+
 def test_a_failure_s_recorded_error_stays_one_short_line() -> None:
     line = base._one_line(ValueError("\r\n" + "x" * 5000 + "\nsecond"))
     assert line.startswith("ValueError: xxx") and "\n" not in line and "\r" not in line

@@ -474,6 +474,11 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
     return Manifest.from_json(data.decode("utf-8"), str(path))
 
 
+class UnitMemoryError(RuntimeError):
+    """A unit's body ran out of memory (a MemoryError), which the unit's failure records:
+    raised in its stead for Celery, which would end the worker for a MemoryError."""
+
+
 class NotOnThisHostError(PreprocessError):
     """What a unit needs is not where this worker's host should have it: this worker's
     setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
@@ -1070,6 +1075,11 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             _hand_back(store, key, holder, "as its worker stopped")
             raise Reject(WORKER_STOPPING, requeue=True) from None
         _fail(task, store, message, key, holder, exc, started, rules.lease_seconds)
+        if isinstance(exc, MemoryError):
+            # Celery raises a task's MemoryError again from its failure handler, which
+            # ends the worker (with a solo pool, a GPU's whole worker): the unit failed
+            # (an allocation refused, unwound), not the worker
+            raise UnitMemoryError(f"{key}: {_one_line(exc)}") from None
         raise
     if recorded:
         _remove_scratch(settings, key, outcome.scratch)
