@@ -347,6 +347,27 @@ def test_flower_has_basic_auth_and_listens_on_localhost(rendered: dict[str, Any]
         assert flower["environment"][key] == worker_env[key]
 
 
+def test_flower_keeps_a_bounded_history_with_options_it_knows(rendered: dict[str, Any]) -> None:
+    """Flower's default of 100,000 tasks grew it to about 1.1 GB over weeks of campaigns,
+    and it kept every worker name ever seen (each restart is a new one) for ever."""
+    from flower.options import options
+
+    script = rendered["services"]["flower"]["command"][2]
+    given = dict(re.findall(r"--(\w+)=(\S+)", script))
+    assert {"max_tasks": "10000", "purge_offline_workers": "86400"}.items() <= given.items()
+    for name in given:
+        assert name in options, name  # Flower stops at an option it does not know
+
+
+def test_every_service_s_log_is_rotated(rendered: dict[str, Any]) -> None:
+    for name, service in rendered["services"].items():
+        logging = service.get("logging")
+        assert logging == {
+            "driver": "json-file",
+            "options": {"max-size": "50m", "max-file": "5"},
+        }, name
+
+
 def test_gpu_worker_reserves_nvidia_gpus_and_cannot_be_scaled(rendered: dict[str, Any]) -> None:
     gpu = rendered["services"]["gpu-worker"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -535,7 +556,10 @@ def test_flower_gets_its_login_from_the_secret(
     assert done.wait(timeout=10) == 0
     login, argv = done.stdout.read().splitlines()
     assert login == f"{user}:{AWKWARD}"
-    assert argv == "-A workers.app flower --address=0.0.0.0 --port=5555"
+    assert argv == (
+        "-A workers.app flower --address=0.0.0.0 --port=5555 --max_tasks=10000 "
+        "--purge_offline_workers=86400"
+    )
     (secrets_dir / "flower_password").write_text("")
     refused = run_script(flower["command"][2], secrets_dir, bin_dir, ORCHARD_FLOWER_USER=user)
     assert refused.wait(timeout=10) == 1
