@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -1013,6 +1014,15 @@ class Pruned:
     dry_run: bool = False
     late: list[str] = field(default_factory=list)  # campaigns submitted meanwhile that use one
     unknown: int = 0  # of those kept, folders this store has no record of (another store's)
+    #: (file, bytes): shard writes left unfinished in the folders kept (their worker
+    #: killed as it wrote: the write's cleanup never ran), untouched for STALE_WRITE_SECONDS
+    unfinished: list[tuple[Path, int]] = field(default_factory=list)
+
+
+#: How long a shard's temporary file must have been left untouched before `orchard
+#: prune` takes it for a killed worker's: a write in progress touches it every moment,
+#: and no campaign runs meanwhile (a prune is refused then).
+STALE_WRITE_SECONDS = 3600
 
 
 def prune_cache(
@@ -1097,7 +1107,28 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     if pruned and not dry_run:
         late = late_users({folder.name for folder, _, _ in pruned})
     kept = len(folders) - len(unused) + taken
-    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours))
+    unfinished = _unfinished_writes([folder for folder in ours if folder not in unused])
+    if not dry_run:
+        for path, _ in unfinished:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours), unfinished)
+
+
+def _unfinished_writes(folders: Collection[Path]) -> list[tuple[Path, int]]:
+    """The temporary files of atomic writes (``.<name>.<random>.tmp``) in ``folders``
+    that nothing has touched for :data:`STALE_WRITE_SECONDS`: a worker killed (SIGKILL,
+    the OOM killer) as it wrote a shard leaves one, which nothing else removes while
+    the cache is in use."""
+    horizon = time.time() - STALE_WRITE_SECONDS
+    found = []
+    for folder in folders:
+        for path in sorted(folder.glob(".*.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                info = path.lstat()  # a symlink is not a write's
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < horizon:
+                    found.append((path, info.st_size))
+    return found
 
 
 def _caches_in_use(

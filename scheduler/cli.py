@@ -658,6 +658,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{verb} {len(pruned.folders)} cache folder(s), {_megabytes(total)}; kept "
         f"{pruned.kept - pruned.unknown} that campaigns in the store use{unknown}"
     )
+    if pruned.unfinished:
+        left = sum(size for _, size in pruned.unfinished)
+        print(
+            f"{verb} {len(pruned.unfinished)} unfinished shard write(s) in the cache folders "
+            f"kept, {_megabytes(left)} (left by workers killed as they wrote)"
+        )
     for campaign_id in pruned.late:
         print(
             f"orchard: warning: campaign {campaign_id} was submitted during the prune and "

@@ -357,3 +357,45 @@ def test_a_folder_that_cannot_be_removed_whole_is_pruned_by_the_next_prune(
     code, out, err = prune(capsys)
     assert (code, err) == (0, "") and out.startswith(f"removed {orphan}: 1 file(s)")
     assert not orphan.exists() and store.count_artifacts("cache/orphan/") == 0
+
+
+def test_a_shard_write_left_unfinished_by_a_killed_worker_is_removed_from_a_cache_kept(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker SIGKILLed (or OOM-killed) as it wrote a shard leaves the write's
+    temporary file: nothing removed it while the cache is in use, one per kill, for
+    ever. A prune removes those untouched for an hour, and no other file."""
+    import os
+    import time
+
+    from scheduler.api import STALE_WRITE_SECONDS
+
+    store = stored(home, {"a-1": "used"})
+    store.cancel_campaign("a-1")
+    folder = home / "artifacts" / "cache" / "used"
+    old = time.time() - STALE_WRITE_SECONDS - 60
+    left = folder / ".shard-00002.npy.k3j9x_1a.tmp"
+    left.write_bytes(b"x" * 300_000)
+    os.utime(left, (old, old))
+    writing = folder / ".shard-00003.npy.q8w2e7rt.tmp"  # another store's, being written
+    writing.write_bytes(b"x")
+    (folder / ".elsewhere.tmp").symlink_to(left)
+    os.utime(folder / ".elsewhere.tmp", (old, old), follow_symlinks=False)
+
+    code, out, err = prune(capsys, "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1] == (
+        "would remove 1 unfinished shard write(s) in the cache folders kept, 0.3 MB (left by "
+        "workers killed as they wrote)"
+    )
+    assert left.exists()
+    code, out, err = prune(capsys)
+    assert out.splitlines()[-1].startswith("removed 1 unfinished shard write(s)")
+    assert not left.exists() and writing.exists()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".elsewhere.tmp",
+        ".shard-00003.npy.q8w2e7rt.tmp",
+        "shard-00000.npy",
+        "shard-00001.npy",
+    ]
+    assert prune(capsys)[1].count("unfinished") == 0
