@@ -23,6 +23,29 @@ from kombu.utils.json import dumps
 
 
 class Channel(filesystem.Channel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._auto_delete: set[str] = set()
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any):  # noqa: ANN201
+        declared = super().queue_declare(queue, passive, **kwargs)
+        if kwargs.get("auto_delete"):
+            self._auto_delete.add(declared.queue)
+        return declared
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        """Delete an auto-delete queue when its consumer goes, as a real broker does:
+        kombu's filesystem transport never did, so each worker ever started kept its
+        pidbox bound to the broadcast exchange (a demo's names hold its pid), and every
+        `orchard cancel` wrote a message for each, which nothing would ever read."""
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue in self._auto_delete and queue not in self._active_queues:
+            self._auto_delete.discard(queue)
+            with contextlib.suppress(ChannelError, OSError):
+                self._purge(queue)
+                self.queue_delete(queue)
+
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)

@@ -58,3 +58,36 @@ def test_a_message_being_written_is_not_taken_and_then_is_whole(
         assert list((tmp_path / "queue").iterdir()) == []  # no partial file left behind
     finally:
         conn.release()
+
+
+def test_an_auto_delete_queue_goes_with_its_consumer(tmp_path: Path) -> None:
+    """A worker's pidbox (bound to the broadcast exchange) stayed bound after the worker
+    stopped: every later broadcast (`orchard cancel`'s revoke) wrote a file for it that
+    nothing read, one more per worker name ever started (a demo's hold its pid)."""
+    from kombu import Exchange, Queue
+
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    control = tmp_path / "control"
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(control),
+    }
+    exchange = Exchange("celery.pidbox", type="fanout")
+    with Connection("filesystem://localhost/", transport_options=options) as conn:
+        channel = conn.channel()
+        box = Queue("w1@h.celery.pidbox", exchange, auto_delete=True, channel=channel)
+        kept = Queue("kept@h.celery.pidbox", exchange, channel=channel)
+        box.declare()
+        kept.declare()
+        channel.basic_consume(box.name, True, lambda m: None, "worker")
+        producer = conn.Producer(channel)
+        producer.publish({"revoke": 1}, exchange=exchange)
+        assert len(channel.get_table("celery.pidbox")) == 2
+        channel.basic_cancel("worker")  # the worker stops
+        assert [q.queue for q in channel.get_table("celery.pidbox")] == [kept.name]
+        assert not any(p.name.endswith(f"{box.name}.msg") for p in folder.iterdir())
+        producer.publish({"revoke": 2}, exchange=exchange)
+        names = sorted(p.name.partition(".")[2] for p in folder.iterdir())
+        assert names == [f"{kept.name}.msg", f"{kept.name}.msg"]
