@@ -1899,7 +1899,8 @@ class Store:
         same seed and a byte-identical manifest (same images, labels, splits and folds,
         same preprocessing), or the same data digest (that manifest but for where the
         dataset lies: the same images mounted elsewhere), or one whose manifest's sha256
-        is in ``equivalent_manifests`` (the same data as an earlier orchard wrote it). The
+        is in ``equivalent_manifests`` (the same data as an earlier orchard wrote it), and
+        the same campaign format (``shared.spec.CAMPAIGN_FORMAT`` at its submit). The
         result, predictions and metrics are copied (the result's ``extra["reused_from"]``
         names the unit that ran, whose artifacts stay where they are) and the unit is
         marked SUCCESS without running. Returns new key -> that unit's key.
@@ -1934,6 +1935,9 @@ class Store:
                         # read in this statement's snapshot, may still look there)
                         CampaignRow.state != DELETING,
                         same_data,
+                        # computed as this campaign's would be: a format raised since
+                        # means a unit computes otherwise now
+                        CampaignRow.format_version == campaign.format_version,
                     )
                     # FOR SHARE: a delete of a twin (FOR UPDATE) waits for this copy and
                     # then sees it, or this waits for the delete and skips the twin

@@ -917,6 +917,29 @@ def test_reuse_finds_the_same_data_mounted_at_another_root(store_url: str) -> No
     assert store.reuse_finished("u-2") == {}
 
 
+def test_reuse_copies_nothing_from_a_campaign_of_another_format(store_url: str) -> None:
+    """A campaign format raised means a unit computes otherwise now: an identical unit
+    of a campaign of another format is not this one's result."""
+    store = make_store(store_url)
+    svm = next(p for p in seed_campaign(store) if p.family == "svm")
+    store.record_artifact(Artifact("campaigns/t-1/manifest.json", "manifest", "a" * 64, 1, "t-1"))
+    deliver(store, svm.key, worker="cpu@h", task_id=None)
+    store.finish_unit(svm.key, outcome(0.7))
+    seed_campaign(store, "t-2")
+    store.record_artifact(Artifact("campaigns/t-2/manifest.json", "manifest", "a" * 64, 1, "t-2"))
+
+    def t1_of_format(version: int) -> None:
+        with store.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE campaigns SET format_version = :v WHERE id = 't-1'"), {"v": version}
+            )
+
+    t1_of_format(store.get_campaign("t-2").format_version + 1)
+    assert store.reuse_finished("t-2") == {}
+    t1_of_format(store.get_campaign("t-2").format_version)
+    assert store.reuse_finished("t-2") == {svm.key.replace("t-1/", "t-2/", 1): svm.key}
+
+
 def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[0].key
