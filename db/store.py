@@ -77,6 +77,7 @@ from shared.plan import (
     TERMINAL,
     UnitPlan,
     UnitState,
+    largest_n_components,
     next_actions,
 )
 from shared.settings import env_number, mask_url
@@ -1900,7 +1901,8 @@ class Store:
         same preprocessing), or the same data digest (that manifest but for where the
         dataset lies: the same images mounted elsewhere), or one whose manifest's sha256
         is in ``equivalent_manifests`` (the same data as an earlier orchard wrote it), and
-        the same campaign format (``shared.spec.CAMPAIGN_FORMAT`` at its submit). The
+        the same campaign format (``shared.spec.CAMPAIGN_FORMAT`` at its submit); for an
+        SVM point, a grid of the same largest ``n_components`` too (its PCA's). The
         result, predictions and metrics are copied (the result's ``extra["reused_from"]``
         names the unit that ran, whose artifacts stay where they are) and the unit is
         marked SUCCESS without running. Returns new key -> that unit's key.
@@ -1925,7 +1927,7 @@ class Store:
             if campaign.data_digest is not None:
                 same_data = or_(same_data, CampaignRow.data_digest == campaign.data_digest)
             twins = [
-                c.id
+                c
                 for c in s.scalars(
                     select(CampaignRow)
                     .where(
@@ -1947,6 +1949,10 @@ class Store:
             ]
             if not twins:
                 return {}
+            # an SVM point slices its fold's PCA, fitted with the grid's largest width: a
+            # point of a grid whose largest differs has (slightly) other components
+            pca_width = largest_n_components(campaign.spec)
+            svm_twins = {c.id for c in twins if largest_n_components(c.spec) == pca_width}
             wanted = s.scalars(
                 select(UnitRow).where(
                     UnitRow.campaign_id == campaign_id,
@@ -1961,13 +1967,14 @@ class Store:
                 for row in s.scalars(
                     select(UnitRow)
                     .where(
-                        UnitRow.campaign_id.in_(twins),
+                        UnitRow.campaign_id.in_([c.id for c in twins]),
                         UnitRow.state == SUCCESS,
                         UnitRow.params_hash.in_(chunk),
                     )
                     .order_by(UnitRow.finished_at)
                 ):
-                    sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
+                    if row.family != "svm" or row.campaign_id in svm_twins:
+                        sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
             pairs = [
                 (source, unit)
                 for unit in wanted

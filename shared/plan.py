@@ -286,3 +286,23 @@ def next_actions(units: Iterable[UnitState]) -> Actions:
             else:
                 enqueue.append(unit.key)
     return Actions(enqueue=enqueue, fail=fail)
+
+
+def largest_n_components(spec: Mapping[str, Any], at_least: int = 0) -> int:
+    """The largest ``n_components`` any point of the campaign's SVM grid uses (``spec``
+    as stored): its own, or the largest its ``[svm.search]`` tries instead. Each fold's
+    PCA is fitted once with it and every point slices it (a randomized fit, whose first
+    components depend slightly on how many it finds): a point's numbers are the same in
+    another campaign only where this is too."""
+
+    def as_list(value: Any) -> list[Any]:
+        return list(value) if isinstance(value, list | tuple) else [value]
+
+    svm = spec.get("svm") or {}
+    values = as_list(svm.get("n_components", []))
+    searches = [s for s in as_list(svm.get("search")) if s]  # [None] without one
+    if searches:
+        # a point that searches n_components does not use its own; the others do
+        values = [] if all(s.get("n_components") for s in searches) else values
+        values += [v for s in searches for v in s.get("n_components") or ()]
+    return max([int(v) for v in values] + [at_least])

@@ -940,6 +940,41 @@ def test_reuse_copies_nothing_from_a_campaign_of_another_format(store_url: str) 
     assert store.reuse_finished("t-2") == {svm.key.replace("t-1/", "t-2/", 1): svm.key}
 
 
+def test_reuse_copies_an_svm_point_only_from_a_grid_of_the_same_largest_width(
+    store_url: str,
+) -> None:
+    """Each fold's PCA is fitted once with the grid's largest n_components, and every
+    point slices it; a randomized fit's first components depend on how many it finds,
+    so the same point in a grid reaching further has other numbers (a helper measured
+    0.8254533894 against 0.8254537620)."""
+    from shared.plan import largest_n_components
+
+    store = make_store(store_url)
+    svm = next(p for p in seed_campaign(store) if p.family == "svm")
+    store.record_artifact(Artifact("campaigns/t-1/manifest.json", "manifest", "a" * 64, 1, "t-1"))
+    deliver(store, svm.key, worker="cpu@h", task_id=None)
+    store.finish_unit(svm.key, outcome(0.7))
+    campaign = parse_campaign(CAMPAIGN, source="test")
+    spec = campaign.model_dump(mode="json")
+    wider = {**spec, "svm": {**spec["svm"], "n_components": [*spec["svm"]["n_components"], 900]}}
+    assert largest_n_components(wider) > largest_n_components(spec)
+    for cid, its_spec in (("t-2", wider), ("t-3", spec)):
+        store.create_campaign(
+            cid,
+            name="t",
+            source="test.toml",
+            digest="d",
+            spec=its_spec,
+            classes=["A", "B", "C"],
+            units=plan_units(cid, campaign, [(0, 10), (10, 20)]),
+        )
+        store.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "a" * 64, 1, cid)
+        )
+    assert store.reuse_finished("t-2") == {}
+    assert store.reuse_finished("t-3") == {svm.key.replace("t-1/", "t-3/", 1): svm.key}
+
+
 def test_task_ids_recorded_with_the_claim_and_unclaim(store_url: str) -> None:
     store = make_store(store_url)
     key = seed_campaign(store)[0].key

@@ -25,12 +25,12 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from celery.utils.log import get_task_logger
 
 from db.store import Artifact, Outcome
 from shared.artifacts import atomic_write_bytes
+from shared.plan import largest_n_components
 from shared.svm import (
     PcaProjection,
     check_gamma,
@@ -54,23 +54,6 @@ PCA_KIND = "pca"
 # A CPU worker runs the grid points of a fold one after another: keep the projection it
 # last loaded or fitted rather than reading the file again for every point.
 _last: tuple[tuple[str, str], PcaProjection] | None = None
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def largest_n_components(spec: dict[str, Any], at_least: int) -> int:
-    """The largest ``n_components`` any point of the campaign's SVM grid uses (``spec``
-    as stored): its own, or the largest its ``[svm.search]`` tries instead."""
-    svm = spec.get("svm") or {}
-    values = _as_list(svm.get("n_components", []))
-    searches = [s for s in _as_list(svm.get("search")) if s]  # [None] without one
-    if searches:
-        # a point that searches n_components does not use its own; the others do
-        values = [] if all(s.get("n_components") for s in searches) else values
-        values += [v for s in searches for v in s.get("n_components") or ()]
-    return max([int(v) for v in values] + [at_least])
 
 
 def pca_path(
