@@ -969,7 +969,10 @@ def _rich_table(  # noqa: ANN202
     # every string as Text, which rich prints as it is: a str is read as console markup,
     # and a file name or error holding "[/x]" (a dataset's folder names) stopped the
     # command with a MarkupError, while "[link=…]" or "[conceal]" in one acted
-    table = Table(title=Text(title), caption=Text(caption) if caption is not None else None)
+    table = Table(
+        title=Text(title, style="table.title"),
+        caption=Text(caption, style="table.caption") if caption is not None else None,
+    )
     for column, width in zip(columns, widths or [None] * len(columns), strict=True):
         # with a width given, every word fits it: cells wrap between words
         table.add_column(Text(column), overflow="fold", width=width)
@@ -1729,7 +1732,7 @@ def _refuse_while_units_run(store) -> None:  # noqa: ANN001 - db.store is import
     count, first = store.live_leases()
     if not count:
         return
-    named = ", ".join(f"{key} on {worker or '?'}" for key, worker in first)
+    named = ", ".join(f"{key} on {visible_controls(worker or '?')}" for key, worker in first)
     more = f", and {count - len(first)} more" if count > len(first) else ""
     raise OrchardError(
         f"store {mask_url(store.url)}: {count} unit(s) running ({named}{more}): stop the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,3 +119,39 @@ def atomic_write_bytes(path: Path, data: bytes) -> WrittenFile:
 
 def atomic_write_text(path: Path, text: str) -> WrittenFile:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class TooLargeError(OSError):
+    """A file holding more bytes than its reader takes (``size``: its size, when
+    ``whole``; else how much was read before it stopped)."""
+
+    def __init__(self, size: int, whole: bool) -> None:
+        super().__init__(f"{size} bytes")
+        self.size, self.whole = size, whole
+
+
+class NotRegularFileError(OSError):
+    """A path to read as a file that is a FIFO, a device or a socket (``kind``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def read_bounded(path: Path | str, most: int) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``most`` of them: one larger
+    from the start is not read at all, and one that grows while it is read stops at
+    ``most + 1`` (:class:`TooLargeError` either way). A FIFO, device or socket is
+    :class:`NotRegularFileError`, without waiting for a writer nor reading without end
+    (``/dev/zero``): a sparse file of gigabytes costs no disk, but a reader its RAM."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open waits for a writer
+    with open(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device")
+        if info.st_size > most:
+            raise TooLargeError(info.st_size, whole=True)
+        data = file.read(most + 1)
+    if len(data) > most:
+        raise TooLargeError(len(data), whole=False)
+    return data

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.artifacts import NotRegularFileError, TooLargeError, read_bounded
 from shared.errors import OrchardError, printable
 
 SPLITS = ("train", "dev", "test")
@@ -111,13 +112,14 @@ def _read_text(path: Path) -> str:
     """A CSV's text: UTF-8 with or without a BOM, or UTF-16 with its BOM (Excel's
     "Unicode text"); anything else stops rather than guessing at file names."""
     try:
-        with open(path, "rb") as file:
-            if (size := os.fstat(file.fileno()).st_size) > MAX_CSV_BYTES:
-                raise DatasetError(
-                    f"{path}: {size:,} bytes, more than a split's CSV may be "
-                    f"({MAX_CSV_BYTES:,}): not a listing of images"
-                )
-            raw = file.read()
+        raw = read_bounded(path, MAX_CSV_BYTES)
+    except TooLargeError as exc:
+        raise DatasetError(
+            f"{path}: {exc.size:,} bytes{'' if exc.whole else ' or more'}, more than a "
+            f"split's CSV may be ({MAX_CSV_BYTES:,}): not a listing of images"
+        ) from None
+    except NotRegularFileError as exc:
+        raise DatasetError(f"{path}: {exc.kind}, not a CSV file") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
     encoding = "utf-8-sig"

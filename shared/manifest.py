@@ -141,12 +141,15 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, source: str = "manifest") -> Manifest:
         data = json.loads(text)
-        known = set(cls.__dataclass_fields__)
-        if unknown := sorted(set(data) - known):
-            # a newer orchard's (on a host updated first): its fields would be ignored
+        # a newer orchard's (on a host updated first): its fields would be ignored
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        for kind, name in ((Entry, "entries"), (Skipped, "skipped")):
+            for item in data.get(name, ()):
+                unknown |= {f"{name}.{k}" for k in set(item) - set(kind.__dataclass_fields__)}
+        if unknown:
             raise ManifestError(
                 f"{source}: written by a newer orchard (fields this one does not know: "
-                f"{', '.join(unknown)}); update orchard on this host"
+                f"{', '.join(sorted(unknown))}); update orchard on this host"
             )
         data["classes"] = tuple(data["classes"])
         data["entries"] = tuple(Entry(**e) for e in data["entries"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from shared.artifacts import WrittenFile, atomic_write, sha256_file
+from shared.artifacts import (
+    NotRegularFileError,
+    TooLargeError,
+    WrittenFile,
+    atomic_write,
+    read_bounded,
+    sha256_file,
+)
 from shared.errors import OrchardError
 
 #: The decompression-bomb guard, checked from the header before any pixel is decoded.
@@ -286,19 +292,21 @@ def read_file(
 ) -> bytes:
     """The bytes of the image file at ``path``, refused from its size before they are
     read when they are more than any image within ``max_pixels`` needs."""
+    most = max_image_bytes(max_pixels)
     try:
-        with open(path, "rb") as file:
-            size, most = os.fstat(file.fileno()).st_size, max_image_bytes(max_pixels)
-            if size > most:
-                raise PreprocessError(
-                    f"{path}: {size:,} bytes, more than an image within the pixel limit of "
-                    f"{max_pixels:,} can be ({most:,}): not an image"
-                )
-            return file.read()
+        data = read_bounded(path, most)
+    except TooLargeError as exc:
+        raise PreprocessError(
+            f"{path}: {exc.size:,} bytes{'' if exc.whole else ' or more'}, more than an image "
+            f"within the pixel limit of {max_pixels:,} can be ({most:,}): not an image"
+        ) from None
+    except NotRegularFileError as exc:
+        raise PreprocessError(f"{path}: {exc.kind}, not an image file") from None
     except FileNotFoundError:
         raise PreprocessError(f"{path}: {missing}") from None
     except OSError as exc:
         raise UnreadableFileError(f"{path}: cannot read image ({exc.strerror})") from None
+    return data
 
 
 def read_submitted(path: Path, sha256: str | None = None, max_pixels: int = MAX_PIXELS) -> bytes:

@@ -2103,8 +2103,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
 # --------------------------------------------------------------------------- markdown
 
 
-#: What makes a line a heading, a quote, a list item or a rule in Markdown.
-_MD_BLOCK_START = re.compile(r"#{1,6}(?:\s|$)|>|[-+](?:\s|$)|-{3,}|_{3,}")
+#: What makes a line a heading, a quote, a list item, a rule or a code fence in
+#: Markdown (``*`` and ````` are escaped everywhere already).
+_MD_BLOCK_START = re.compile(r"#{1,6}(?:\s|$)|>|[-+](?:\s|$)|(?:[-_]\s*){3,}$|~{3,}")
 #: An ordered list item's number: the ``.`` or ``)`` after it is what is escaped.
 _MD_ORDERED_START = re.compile(r"\d{1,9}(?=[.)](?:\s|$))")
 
@@ -2113,11 +2114,16 @@ def _md_text(text: str) -> str:
     """Plain text on one Markdown line: ``\\``, ``<``, ``&``, ``*``, `````, ``[`` and ``]``
     escaped: no raw HTML or entity (a class ``A&amp;B`` shown as ``A&B``), no code span,
     and no link or image (a title ``![x](https://host/p.png)`` would make a Markdown
-    viewer fetch it); nor, where it starts a line or a list item, a heading, quote, list
-    or rule (a description ``# Accuracy 99.9%`` made a headline of the report)."""
+    viewer fetch it)."""
     text = " ".join(str(text).split()).replace("\\", "\\\\").replace("<", "\\<")
     text = text.replace("&", "\\&").replace("`", "\\`")
-    text = text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
+    return text.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
+
+
+def _md_line_start(text: str) -> str:
+    """Markdown text (:func:`_md_text`'s) that starts a line or a list item, with what
+    would make it a heading, quote, list, rule or fence there escaped: a description
+    ``# Accuracy 99.9%`` made a headline of the report."""
     if number := _MD_ORDERED_START.match(text):
         return f"{text[: number.end()]}\\{text[number.end() :]}"
     return f"\\{text}" if _MD_BLOCK_START.match(text) else text
@@ -2146,6 +2152,7 @@ def _md_code(text: str, table: bool = True) -> str:
 
 
 def _md_inline(parts: Sequence[Inline]) -> str:
+    """``parts`` as the Markdown of a paragraph or list item, which they start."""
     out = []
     for part in parts:
         if isinstance(part, Code):
@@ -2156,7 +2163,7 @@ def _md_inline(parts: Sequence[Inline]) -> str:
             lead = " " if part[:1].isspace() else ""
             trail = " " if part[-1:].isspace() and part.strip() else ""
             out.append(lead + _md_text(part) + trail)
-    return "".join(out)
+    return _md_line_start("".join(out))
 
 
 def _md_table(table: Table) -> list[str]:

@@ -11,6 +11,7 @@ kombu's own transport read them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from time import monotonic
@@ -23,28 +24,46 @@ from kombu.utils.json import dumps
 
 
 class Channel(filesystem.Channel):
+    """Besides the whole messages: an auto-delete queue goes when its last consumer does,
+    as on a real broker. kombu's filesystem transport never deleted one, so each worker
+    ever started kept its pidbox bound to the broadcast exchange (a demo's worker names
+    hold its pid), and every `orchard cancel` wrote a message for each, which nothing
+    would ever read. The queue's users, in any process, each hold a shared lock on a
+    file beside the exchange tables from its declaration (before its binding) on; the
+    one that leaves last, taking the lock exclusively, deletes it."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._auto_delete: set[str] = set()
+        self._holds: dict[str, int] = {}  # auto-delete queue -> its lock file, held shared
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any):  # noqa: ANN201
         declared = super().queue_declare(queue, passive, **kwargs)
-        if kwargs.get("auto_delete"):
-            self._auto_delete.add(declared.queue)
+        name = declared.queue
+        if kwargs.get("auto_delete") and name not in self._holds:
+            with contextlib.suppress(OSError):  # without the lock, the queue stays
+                self.control_folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.control_folder / f"{name}.users", os.O_RDWR | os.O_CREAT)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._holds[name] = fd
         return declared
 
     def basic_cancel(self, consumer_tag: str) -> None:
-        """Delete an auto-delete queue when its consumer goes, as a real broker does:
-        kombu's filesystem transport never did, so each worker ever started kept its
-        pidbox bound to the broadcast exchange (a demo's names hold its pid), and every
-        `orchard cancel` wrote a message for each, which nothing would ever read."""
         queue = self._tag_to_queue.get(consumer_tag)
         super().basic_cancel(consumer_tag)
-        if queue in self._auto_delete and queue not in self._active_queues:
-            self._auto_delete.discard(queue)
+        if queue not in self._holds or queue in self._active_queues:
+            return
+        fd = self._holds.pop(queue)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another user holds it: kept
+        except OSError:
+            os.close(fd)
+            return
+        try:
             with contextlib.suppress(ChannelError, OSError):
                 self._purge(queue)
                 self.queue_delete(queue)
+        finally:
+            os.close(fd)
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"

@@ -399,3 +399,33 @@ def test_a_shard_write_left_unfinished_by_a_killed_worker_is_removed_from_a_cach
         "shard-00001.npy",
     ]
     assert prune(capsys)[1].count("unfinished") == 0
+
+
+def test_an_unfinished_write_it_may_not_remove_is_left_and_the_summary_still_comes(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache owned by the workers' user: the folders no campaign uses are gone by
+    then, and a traceback hid what the prune had done."""
+    import os
+    import time
+
+    from scheduler.api import STALE_WRITE_SECONDS
+
+    store = stored(home, {"a-1": "used"})
+    store.cancel_campaign("a-1")
+    left = home / "artifacts" / "cache" / "used" / ".shard-00002.npy.k3j9x_1a.tmp"
+    left.write_bytes(b"x")
+    old = time.time() - STALE_WRITE_SECONDS - 60
+    os.utime(left, (old, old))
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == left:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("removed 0 cache folder(s)")
+    assert left.exists()

@@ -259,6 +259,46 @@ def test_an_image_file_too_large_for_the_pixel_limit_is_refused_before_it_is_rea
     assert "changed since the campaign was submitted" in str(info.value)
 
 
+def test_a_fifo_or_device_in_place_of_an_image_or_csv_is_refused_without_reading(tmp_path):
+    """fstat's size is 0 for them: /dev/zero was read without end (a MemoryError), and a
+    FIFO swapped in after the submit held its worker for ever (its open waits for a
+    writer, while the heartbeat kept the lease alive)."""
+    from shared.datasets import _read_text
+    from shared.preprocess import read_submitted
+
+    fifo = tmp_path / "img.jpg"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.jpg"
+    zero.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "a FIFO"), (zero, "a device")):
+        with pytest.raises(PreprocessError) as info:
+            read_submitted(path, "0" * 64, 1024)
+        one_line(info.value, f"{path}: {kind}, not an image file")
+    with pytest.raises(DatasetError) as info:
+        _read_text(zero)
+    one_line(info.value, f"{zero}: a device, not a CSV file")
+
+
+def test_a_file_that_grows_as_it_is_read_stops_at_the_limit(tmp_path, monkeypatch):
+    """Its size at the look was within the limit, its content is not: read no further
+    than one byte past the limit."""
+    import shared.artifacts
+    from shared.artifacts import TooLargeError, read_bounded
+
+    path = tmp_path / "grows.jpg"
+    path.write_bytes(b"x" * 100)
+    real_fstat = os.fstat
+
+    def small(fd: int) -> os.stat_result:
+        info = real_fstat(fd)
+        return os.stat_result((info.st_mode, *info[1:6], 10, *info[7:]))
+
+    monkeypatch.setattr(shared.artifacts.os, "fstat", small)
+    with pytest.raises(TooLargeError) as info:
+        read_bounded(path, 50)
+    assert (info.value.size, info.value.whole) == (51, False)
+
+
 # ------------------------------------------------------------- long file names
 
 
@@ -403,12 +443,14 @@ def test_images_the_submitter_cannot_read_stop_the_submit(tmp_path, monkeypatch,
 
     denied = {root / "train" / "001.jpg", root / "train" / "005.jpg"}
 
-    def guarded(path: Path, mode: str = "r"):  # noqa: ANN202 - open's file
+    read_bounded = shared.preprocess.read_bounded
+
+    def guarded(path: Path, most: int) -> bytes:
         if Path(path) in denied:
             raise OSError(errno_, why, str(path))
-        return open(path, mode)  # noqa: SIM115 - the caller's with closes it
+        return read_bounded(path, most)
 
-    monkeypatch.setattr(shared.preprocess, "open", guarded, raising=False)
+    monkeypatch.setattr(shared.preprocess, "read_bounded", guarded)
     with pytest.raises(DatasetError) as info:
         manifest_of(tmp_path, root)
     assert one_line(info.value) == (

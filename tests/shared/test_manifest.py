@@ -147,6 +147,11 @@ def test_a_manifest_of_a_newer_orchard_is_one_line_naming_what_it_does_not_know(
         "/a/campaigns/c-1/manifest.json: written by a newer orchard (fields this one does "
         "not know: format, tiling); update orchard on this host"
     )
+    entry = json.loads(_manifest().to_json())
+    entry["entries"][0]["crop"] = [0, 0, 10, 10]
+    with pytest.raises(ManifestError) as err:
+        Manifest.from_json(json.dumps(entry))
+    assert "(fields this one does not know: entries.crop)" in str(err.value)
 
 
 def test_fold_indices_partition_the_labelled_pool():

@@ -1303,7 +1303,17 @@ def test_the_campaign_s_description_stands_under_the_title_escaped(data: ReportD
 
 @pytest.mark.parametrize(
     "description",
-    ["# Accuracy 99.9%", "> quoted", "1. first", "2) second", "- item", "+ item", "---", "___"],
+    [
+        "# Accuracy 99.9%",
+        "> quoted",
+        "1. first",
+        "2) second",
+        "- item",
+        "+ item",
+        "---",
+        "_ _ _",
+        "~~~ code",
+    ],
 )
 def test_a_description_that_reads_as_a_markdown_block_stays_text(
     data: ReportData, description: str
@@ -1320,6 +1330,15 @@ def test_a_description_that_reads_as_a_markdown_block_stays_text(
     html = MarkdownIt("commonmark").render(item)
     inner = html.strip().removeprefix("<ul>\n<li>").removesuffix("</li>\n</ul>")
     assert inner == description.replace(">", "&gt;"), html
+
+
+def test_text_in_the_middle_of_a_line_keeps_its_marks_unescaped() -> None:
+    """Only what starts a line can make it a heading or a list: a part further on is as
+    it was written (a stray backslash showed in `orchard report --print`)."""
+    from shared.report import Strong, _md_inline
+
+    assert _md_inline(["best ", Strong("svm"), " - 2 points"]) == "best **svm** - 2 points"
+    assert _md_inline(["- 2 points"]) == "\\- 2 points"
 
 
 def test_the_t_sne_section_draws_the_map_with_its_classes_named(

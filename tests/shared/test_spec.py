@@ -834,7 +834,7 @@ def test_a_value_of_either_kind_gets_one_sentence(tmp_path):
 #: The campaign file's fields, bounds and choices (not their defaults or descriptions),
 #: and the manifest's fields, as each campaign format has them: a fingerprint of the
 #: Campaign model's JSON schema and of the manifest's dataclasses.
-FIELDS_OF_FORMAT = {1: "084558d700b2b50f"}
+FIELDS_OF_FORMAT = {1: "96bd6a50dd532529"}
 
 
 def _fields_fingerprint() -> str:
@@ -843,10 +843,16 @@ def _fields_fingerprint() -> str:
     from shared.datasets import Skipped
     from shared.manifest import Entry, Manifest
 
-    def bare(node: object) -> object:
+    def bare(node: object, names: bool = False) -> object:
+        """A schema node without its words and defaults; ``names``: a map of field or
+        model names (``properties``, ``$defs``), whose keys all stay."""
         if isinstance(node, dict):
-            dropped = ("description", "title", "default", "examples")
-            return {k: bare(v) for k, v in node.items() if k not in dropped}
+            dropped = () if names else ("description", "title", "default", "examples")
+            return {
+                k: bare(v, names=not names and k in ("properties", "$defs"))
+                for k, v in node.items()
+                if k not in dropped
+            }
         if isinstance(node, list):
             return [bare(v) for v in node]
         return node

@@ -91,3 +91,34 @@ def test_an_auto_delete_queue_goes_with_its_consumer(tmp_path: Path) -> None:
         producer.publish({"revoke": 2}, exchange=exchange)
         names = sorted(p.name.partition(".")[2] for p in folder.iterdir())
         assert names == [f"{kept.name}.msg", f"{kept.name}.msg"]
+
+
+def test_an_auto_delete_queue_another_process_uses_is_kept(tmp_path: Path) -> None:
+    """A worker still finishing its warm shutdown while its replacement of the same name
+    (the same pidbox) starts: the old one's leaving must not delete the queue the new
+    one consumes. Two connections stand for the two processes."""
+    from kombu import Exchange, Queue
+
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(tmp_path / "control"),
+    }
+    exchange = Exchange("celery.pidbox", type="fanout")
+    with (
+        Connection("filesystem://localhost/", transport_options=options) as old,
+        Connection("filesystem://localhost/", transport_options=options) as new,
+    ):
+        channels = [old.channel(), new.channel()]
+        for channel, tag in zip(channels, ("old", "new"), strict=True):
+            Queue("w1@h.celery.pidbox", exchange, auto_delete=True, channel=channel).declare()
+            channel.basic_consume("w1@h.celery.pidbox", True, lambda m: None, tag)
+        old.Producer(channels[0]).publish({"revoke": 1}, exchange=exchange)
+        channels[0].basic_cancel("old")  # the old worker leaves
+        assert [q.queue for q in channels[1].get_table("celery.pidbox")] == ["w1@h.celery.pidbox"]
+        # the broadcast the new worker has yet to read is still there
+        assert [p.name.partition(".")[2] for p in folder.iterdir()] == ["w1@h.celery.pidbox.msg"]
+        channels[1].basic_cancel("new")  # the last user leaves
+        assert channels[1].get_table("celery.pidbox") == []
