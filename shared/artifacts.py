@@ -131,7 +131,7 @@ class TooLargeError(OSError):
 
 
 class NotRegularFileError(OSError):
-    """A path to read as a file that is a FIFO, a device or a socket (``kind``)."""
+    """A path to read as a file that is a FIFO, a folder, a device or a socket (``kind``)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
@@ -141,14 +141,16 @@ class NotRegularFileError(OSError):
 def read_bounded(path: Path | str, most: int) -> bytes:
     """The bytes of the regular file at ``path``, at most ``most`` of them: one larger
     from the start is not read at all, and one that grows while it is read stops at
-    ``most + 1`` (:class:`TooLargeError` either way). A FIFO, device or socket is
+    ``most + 1`` (:class:`TooLargeError` either way). A FIFO, folder, device or socket is
     :class:`NotRegularFileError`, without waiting for a writer nor reading without end
     (``/dev/zero``): a sparse file of gigabytes costs no disk, but a reader its RAM."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open waits for a writer
     with open(fd, "rb") as file:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFileError("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device")
+            kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISDIR: "a folder"}
+            kind = next((k for test, k in kinds.items() if test(info.st_mode)), "a device")
+            raise NotRegularFileError(kind)
         if info.st_size > most:
             raise TooLargeError(info.st_size, whole=True)
         data = file.read(most + 1)

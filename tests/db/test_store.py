@@ -74,6 +74,22 @@ def seed_campaign(
     return units
 
 
+def bare_campaign(store: Store, cid: str, units: list[UnitPlan], **fields: Any) -> None:
+    """Campaign ``cid`` of ``units``, with little else (``fields`` overrides it)."""
+    store.create_campaign(
+        cid,
+        **{
+            "name": cid.split("-")[0],
+            "source": f"{cid}.toml",
+            "digest": "d",
+            "spec": {},
+            "classes": ["A"],
+            "units": units,
+            **fields,
+        },
+    )
+
+
 def deliver(store: Store, key: str, **kwargs: Any) -> Start:
     """A delivery of a unit's message: sent only after the unit's claim (PENDING ->
     QUEUED; a no-op for a unit claimed or started before)."""
@@ -384,16 +400,7 @@ def test_a_unit_of_a_campaign_of_a_newer_format_is_left_queued(store_url: str) -
     store = make_store(store_url)
     campaign = parse_campaign(CAMPAIGN, source="test")
     [*_, unit] = plan_units("n-1", campaign, [(0, 10), (10, 20)])
-    store.create_campaign(
-        "n-1",
-        name="n",
-        source="n.toml",
-        digest="d",
-        spec={},
-        classes=["A"],
-        units=[unit],
-        format_version=CAMPAIGN_FORMAT + 1,
-    )
+    bare_campaign(store, "n-1", [unit], format_version=CAMPAIGN_FORMAT + 1)
     assert store.get_campaign("n-1").format_version == CAMPAIGN_FORMAT + 1
     old = deliver(store, unit.key, worker="w1", task_id="t", holder="d1", newest_format=1)
     assert (old.run, old.reason, old.format_version) == (False, "newer format", 2)
@@ -959,18 +966,10 @@ def test_reuse_copies_an_svm_point_only_from_a_grid_of_the_same_largest_width(
     wider = {**spec, "svm": {**spec["svm"], "n_components": [*spec["svm"]["n_components"], 900]}}
     assert largest_n_components(wider) > largest_n_components(spec)
     for cid, its_spec in (("t-2", wider), ("t-3", spec)):
-        store.create_campaign(
-            cid,
-            name="t",
-            source="test.toml",
-            digest="d",
-            spec=its_spec,
-            classes=["A", "B", "C"],
-            units=plan_units(cid, campaign, [(0, 10), (10, 20)]),
-        )
-        store.record_artifact(
-            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "a" * 64, 1, cid)
-        )
+        units = plan_units(cid, campaign, [(0, 10), (10, 20)])
+        bare_campaign(store, cid, units, spec=its_spec, classes=["A", "B", "C"])
+        manifest = Artifact(f"campaigns/{cid}/manifest.json", "manifest", "a" * 64, 1, cid)
+        store.record_artifact(manifest)
     assert store.reuse_finished("t-2") == {}
     assert store.reuse_finished("t-3") == {svm.key.replace("t-1/", "t-3/", 1): svm.key}
 

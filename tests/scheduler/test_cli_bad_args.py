@@ -270,6 +270,7 @@ def test_db_upgrade_refuses_while_units_run_unless_forced(
     from db import migrate
     from db.store import Store
     from shared.plan import UnitPlan
+    from tests.db.test_store import bare_campaign
 
     home = tmp_path / "home"
     url = f"sqlite:///{home / 'orchard.db'}"
@@ -277,15 +278,7 @@ def test_db_upgrade_refuses_while_units_run_unless_forced(
     store = Store(url)
     store.upgrade()
     keys = ["c-1/svm/p0/f0", "c-1/svm/p1/f0"]
-    store.create_campaign(
-        "c-1",
-        name="c",
-        source="c.toml",
-        digest="d",
-        spec={},
-        classes=["A"],
-        units=[UnitPlan(key, "svm", 1, 0, {}, key[-5:]) for key in keys],
-    )
+    bare_campaign(store, "c-1", [UnitPlan(key, "svm", 1, 0, {}, key[-5:]) for key in keys])
     store.claim_for_queue(keys)
     store.start_unit(keys[0], worker="cpu@a", task_id="t0", holder="h0", lease_seconds=600)
     store.start_unit(keys[1], worker="cpu@b", task_id="t1", holder="h1", lease_seconds=-1)

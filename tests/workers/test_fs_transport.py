@@ -10,6 +10,9 @@ from kombu import Connection
 import workers.config  # noqa: F401 - installs orchard's transport for filesystem://
 from workers import fs_transport
 
+#: The broadcast exchange of the tests below (a worker's pidbox is bound to Celery's).
+BROADCAST = "orchard-test.pidbox"
+
 
 def _channel(tmp_path: Path):  # noqa: ANN202 - a kombu filesystem Channel
     folder = tmp_path / "queue"
@@ -74,7 +77,9 @@ def test_an_auto_delete_queue_goes_with_its_consumer(tmp_path: Path) -> None:
         "data_folder_out": str(folder),
         "control_folder": str(control),
     }
-    exchange = Exchange("celery.pidbox", type="fanout")
+    # kombu keeps what a process declared in memory, for every connection: a name of
+    # its own, not Celery's own celery.pidbox (declared otherwise by other tests)
+    exchange = Exchange(BROADCAST, type="fanout")
     with Connection("filesystem://localhost/", transport_options=options) as conn:
         channel = conn.channel()
         box = Queue("w1@h.celery.pidbox", exchange, auto_delete=True, channel=channel)
@@ -84,9 +89,9 @@ def test_an_auto_delete_queue_goes_with_its_consumer(tmp_path: Path) -> None:
         channel.basic_consume(box.name, True, lambda m: None, "worker")
         producer = conn.Producer(channel)
         producer.publish({"revoke": 1}, exchange=exchange)
-        assert len(channel.get_table("celery.pidbox")) == 2
+        assert len(channel.get_table(BROADCAST)) == 2
         channel.basic_cancel("worker")  # the worker stops
-        assert [q.queue for q in channel.get_table("celery.pidbox")] == [kept.name]
+        assert [q.queue for q in channel.get_table(BROADCAST)] == [kept.name]
         assert not any(p.name.endswith(f"{box.name}.msg") for p in folder.iterdir())
         producer.publish({"revoke": 2}, exchange=exchange)
         names = sorted(p.name.partition(".")[2] for p in folder.iterdir())
@@ -106,7 +111,9 @@ def test_an_auto_delete_queue_another_process_uses_is_kept(tmp_path: Path) -> No
         "data_folder_out": str(folder),
         "control_folder": str(tmp_path / "control"),
     }
-    exchange = Exchange("celery.pidbox", type="fanout")
+    # kombu keeps what a process declared in memory, for every connection: a name of
+    # its own, not Celery's own celery.pidbox (declared otherwise by other tests)
+    exchange = Exchange(BROADCAST, type="fanout")
     with (
         Connection("filesystem://localhost/", transport_options=options) as old,
         Connection("filesystem://localhost/", transport_options=options) as new,
@@ -117,8 +124,8 @@ def test_an_auto_delete_queue_another_process_uses_is_kept(tmp_path: Path) -> No
             channel.basic_consume("w1@h.celery.pidbox", True, lambda m: None, tag)
         old.Producer(channels[0]).publish({"revoke": 1}, exchange=exchange)
         channels[0].basic_cancel("old")  # the old worker leaves
-        assert [q.queue for q in channels[1].get_table("celery.pidbox")] == ["w1@h.celery.pidbox"]
+        assert [q.queue for q in channels[1].get_table(BROADCAST)] == ["w1@h.celery.pidbox"]
         # the broadcast the new worker has yet to read is still there
         assert [p.name.partition(".")[2] for p in folder.iterdir()] == ["w1@h.celery.pidbox.msg"]
         channels[1].basic_cancel("new")  # the last user leaves
-        assert channels[1].get_table("celery.pidbox") == []
+        assert channels[1].get_table(BROADCAST) == []
