@@ -1237,6 +1237,8 @@ def _unit_json(line: _UnitLine) -> dict[str, Any]:
         "test_acc": result.test_acc if result else None,
         "fit_seconds": result.fit_seconds if result else None,
         "reused_from": result.extra.get("reused_from") if result else None,
+        # what its numbers depend on besides the seed: its libraries' threads
+        "threads": result.extra.get("threads") if result else None,
         "epoch": line.epoch,
         "error": unit.error,
         "note": line.note,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +12,26 @@ import numpy as np
 from db.store import Artifact, Outcome, Prediction
 from shared.manifest import Manifest
 from shared.metrics import accuracy, confusion_matrix
+
+
+@functools.cache
+def _blas_threads() -> int | None:
+    """The threads of the BLAS this process computes with (read once: each call asks
+    every library loaded, a millisecond a unit of a grid of tiny points)."""
+    from threadpoolctl import threadpool_info
+
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts, default=None)
+
+
+def threads() -> dict[str, int]:
+    """How many threads this worker process's numerical libraries use: a CNN's numbers
+    depend on torch's, a PCA's last digits on the BLAS's (README), so each result says
+    them (torch's where this process has loaded torch)."""
+    used = {} if (blas := _blas_threads()) is None else {"blas": blas}
+    if (torch := sys.modules.get("torch")) is not None:
+        used["torch"] = torch.get_num_threads()
+    return used
 
 
 def _rows(
@@ -52,7 +74,7 @@ def model_outcome(
         test_acc=accuracy(test_labels, test_pred),
         val_confusion=confusion_matrix(val_labels, val_pred, n),
         test_confusion=confusion_matrix(test_labels, test_pred, n) if test_labelled else None,
-        extra=extra,
+        extra={**extra, "threads": threads()},
         predictions={
             "val": _rows(manifest, val_idx, val_pred, val_probs),
             "test": _rows(manifest, test_idx, test_pred, test_probs),

@@ -329,7 +329,9 @@ def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
     store.record_metrics(fold.key, 0, {"val_acc": 0.25})
     point = plans[-2].key
     deliver(store, point, worker="cpu@b", task_id=point)
-    store.finish_unit(point, replace(outcome(0.75), artifacts=[], extra={"reused_from": "x/y"}))
+    threads = {"blas": 2, "torch": 1}
+    extra = {"reused_from": "x/y", "threads": threads}
+    store.finish_unit(point, replace(outcome(0.75), artifacts=[], extra=extra))
     document = json.loads(status(capsys, IDS[0], "--json"))
     campaign = document["campaign"]
     assert (campaign["id"], campaign["state"], campaign["report"]) == (IDS[0], "RUNNING", None)
@@ -346,6 +348,7 @@ def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
     assert (running["state"], running["worker"], running["val_acc"]) == ("RUNNING", "gpu0@a", None)
     done = units[point]
     assert (done["state"], done["val_acc"], done["reused_from"]) == ("SUCCESS", 0.75, "x/y")
+    assert (done["threads"], running["threads"]) == (threads, None)
     assert done["params"] == plans[-2].params and done["family"] == plans[-2].family
 
 

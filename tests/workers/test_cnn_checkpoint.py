@@ -121,6 +121,9 @@ def test_every_epoch_leaves_a_recorded_checkpoint_in_alternating_files(env):
     outcome = _run(env)
     assert outcome.extra["resumed_from_epoch"] == 0
     assert outcome.extra["epochs"] == EPOCHS
+    import torch  # what a fold's numbers depend on besides the seed (README)
+
+    assert outcome.extra["threads"]["torch"] == torch.get_num_threads()
     ctx = _context(env)
     for epochs_done in (EPOCHS, EPOCHS - 1):  # the last epoch's file and the one before
         path, rel = _slot(env, epochs_done)

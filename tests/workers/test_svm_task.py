@@ -68,6 +68,11 @@ def test_points_of_a_fold_share_one_basis_with_the_largest_k(env):
     store, settings, _ = env
     first = _run(env, n_components=3, whiten=False, C=1.0)
     assert first.extra["pca_fitted"] is True
+    # what its numbers depend on besides the seed (README): the BLAS threads of its PCA
+    from threadpoolctl import threadpool_info
+
+    blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert first.extra["threads"]["blas"] == max(blas) >= 1
     (record,) = _pca_records(store)
     # 12 training images in fold 0 allow 12 components: the largest usable k, not 1000
     assert record.path == f"campaigns/{CAMPAIGN_ID}/pca/polar16-f0-w0-k12.npz"
