@@ -1040,6 +1040,15 @@ def insert_old_campaign(conn: Any) -> None:
     )
 
 
+def store_at(store_url: str, revision: str) -> Store:
+    """A store at schema ``revision`` holding campaign t-1, as that schema holds it."""
+    store = Store(store_url)
+    migrate.upgrade(store.engine, revision)
+    with store.engine.begin() as conn:
+        insert_old_campaign(conn)
+    return store
+
+
 def insert_old_queued_unit(conn: Any, **columns: str) -> None:
     """Unit t-1/svm/h/f0 of campaign t-1, QUEUED, as an older schema holds it; ``columns``
     that schema had too (``task_id`` from 0003)."""
@@ -1086,10 +1095,8 @@ def test_upgrade_from_0001_keeps_the_rows_and_adds_leases(store_url: str) -> Non
 def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -> None:
     """Units queued by an older orchard were sent with their claim: the workers must
     not send them again as claims left unsent."""
-    store = Store(store_url)
-    migrate.upgrade(store.engine, "0002")
+    store = store_at(store_url, "0002")
     with store.engine.begin() as conn:
-        insert_old_campaign(conn)
         insert_old_queued_unit(conn)
     assert store.upgrade() == ("0002", migrate.head_revision())
     assert store.requeue_lost(1.0, lambda: "new") == []
@@ -1099,10 +1106,8 @@ def test_upgrade_to_0003_counts_units_queued_before_it_as_sent(store_url: str) -
 def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows(
     store_url: str,
 ) -> None:
-    store = Store(store_url)
-    migrate.upgrade(store.engine, "0003")
+    store = store_at(store_url, "0003")
     with store.engine.begin() as conn:
-        insert_old_campaign(conn)
         insert_old_queued_unit(conn, task_id="task-1")
         conn.execute(
             text(
@@ -1132,10 +1137,7 @@ def test_upgrade_to_0004_indexes_the_lookups_across_campaigns_and_keeps_the_rows
 
 
 def test_upgrade_to_0007_adds_the_data_digest_and_keeps_the_campaigns(store_url: str) -> None:
-    store = Store(store_url)
-    migrate.upgrade(store.engine, "0006")
-    with store.engine.begin() as conn:
-        insert_old_campaign(conn)
+    store = store_at(store_url, "0006")
     assert store.upgrade() == ("0006", migrate.head_revision())
     indexes = inspect(store.engine).get_indexes("campaigns")
     assert {"ix_campaigns_data_digest": ["data_digest"]}.items() <= {
@@ -1152,10 +1154,7 @@ def test_upgrade_to_0007_adds_the_data_digest_and_keeps_the_campaigns(store_url:
 
 def test_upgrade_to_0008_makes_the_campaigns_format_1(store_url: str) -> None:
     """Campaigns submitted before 0008 were submitted by orchards of format 1."""
-    store = Store(store_url)
-    migrate.upgrade(store.engine, "0007")
-    with store.engine.begin() as conn:
-        insert_old_campaign(conn)
+    store = store_at(store_url, "0007")
     assert store.upgrade() == ("0007", migrate.head_revision())
     assert store.get_campaign("t-1").format_version == 1
     migrate.downgrade(store.engine, "0007")
@@ -1195,10 +1194,8 @@ def test_a_unit_s_parameters_read_back_as_written(store_url: str) -> None:
 
 
 def test_upgrade_to_0006_keeps_the_parameters_stored_before_it(store_url: str) -> None:
-    store = Store(store_url)
-    migrate.upgrade(store.engine, "0005")
+    store = store_at(store_url, "0005")
     with store.engine.begin() as conn:
-        insert_old_campaign(conn)
         insert_old_queued_unit(conn)
         unit_id = conn.scalar(text("SELECT id FROM units WHERE key = 't-1/svm/h/f0'"))
         for name, value in (("C", "2.5"), ("n", "3"), ("kernel", '"rbf"'), ("d", "null")):
