@@ -1017,6 +1017,10 @@ class Pruned:
     #: (file, bytes): shard writes left unfinished in the folders kept (their worker
     #: killed as it wrote: the write's cleanup never ran), untouched for STALE_WRITE_SECONDS
     unfinished: list[tuple[Path, int]] = field(default_factory=list)
+    #: (folder, files, bytes): synthetic datasets left half-generated under
+    #: ``datasets/`` (``.<name>.<random>.tmp``: a submit killed as it generated one),
+    #: nothing under them touched for STALE_WRITE_SECONDS
+    unfinished_datasets: list[tuple[Path, int, int]] = field(default_factory=list)
 
 
 #: How long a shard's temporary file must have been left untouched before `orchard
@@ -1117,7 +1121,47 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
                 path.unlink()
                 removed.append((path, size))
         unfinished = removed
-    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours), unfinished)
+    datasets = _unfinished_datasets(settings.artifacts / "datasets")
+    if not dry_run:
+        datasets = [found for found in datasets if _removed(found[0])]
+    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours), unfinished, datasets)
+
+
+def _unfinished_datasets(folder: Path) -> list[tuple[Path, int, int]]:
+    """The folders of synthetic datasets a generation left unfinished in ``folder``
+    (``.<name>.<random>.tmp``; a finished one was renamed to its name), with their files
+    and bytes: those under which nothing was touched for :data:`STALE_WRITE_SECONDS`. A
+    generation in progress writes a file under it every moment; a submit killed as it
+    generated (SIGKILL, the OOM killer, a closed terminal) never removes its own."""
+    horizon = time.time() - STALE_WRITE_SECONDS
+    found = []
+    for path in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(path.lstat().st_mode):  # a symbolic link is not one
+                continue
+            if _newest_change(path) < horizon:
+                found.append((path, *_folder_size(path)))
+    return found
+
+
+def _newest_change(folder: Path) -> float:
+    """The latest modification time of ``folder`` and of anything under it."""
+    newest = folder.lstat().st_mtime
+    for parent, names, files in os.walk(folder):
+        for name in (*names, *files):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+    return newest
+
+
+def _removed(folder: Path) -> bool:
+    """Remove ``folder`` whole; False where it could not be (another user's: it stays,
+    and is not counted)."""
+    try:
+        shutil.rmtree(folder)
+    except OSError:
+        return not folder.exists()
+    return True
 
 
 def _unfinished_writes(folders: Collection[Path]) -> list[tuple[Path, int]]:

@@ -664,6 +664,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{verb} {len(pruned.unfinished)} unfinished shard write(s) in the cache folders "
             f"kept, {_megabytes(left)} (left by workers killed as they wrote)"
         )
+    if pruned.unfinished_datasets:
+        left = sum(size for _, _, size in pruned.unfinished_datasets)
+        print(
+            f"{verb} {len(pruned.unfinished_datasets)} unfinished generated dataset(s), "
+            f"{_megabytes(left)} (left by submits killed as they generated them): "
+            + ", ".join(str(folder) for folder, _, _ in pruned.unfinished_datasets)
+        )
     for campaign_id in pruned.late:
         print(
             f"orchard: warning: campaign {campaign_id} was submitted during the prune and "

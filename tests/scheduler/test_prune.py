@@ -429,3 +429,53 @@ def test_an_unfinished_write_it_may_not_remove_is_left_and_the_summary_still_com
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("removed 0 cache folder(s)")
     assert left.exists()
+
+
+def test_a_generated_dataset_left_unfinished_by_a_killed_submit_is_removed(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A submit killed as it generated a synthetic dataset left its temporary folder
+    under ``datasets/``, which nothing removed. A prune removes one under which nothing
+    was touched for an hour; not one still being written (a file deep inside is new),
+    a finished dataset, or a symbolic link."""
+    import os
+    import time
+
+    from scheduler.api import STALE_WRITE_SECONDS
+
+    stored(home, {})
+    datasets = home / "artifacts" / "datasets"
+    old = time.time() - STALE_WRITE_SECONDS - 60
+
+    def made(folder: Path, *, fresh: bool = False) -> Path:
+        image = folder / "train" / "A" / "0001.png"
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"x" * 200_000)
+        for path in (image, image.parent, image.parent.parent, folder):
+            os.utime(path, (old, old))
+        if fresh:
+            os.utime(image)  # being written now
+        return folder
+
+    left = made(datasets / ".synthetic-1a2b.k3j9x_1a.tmp")
+    writing = made(datasets / ".synthetic-1a2b.q8w2e7rt.tmp", fresh=True)
+    finished = made(datasets / "synthetic-1a2b")
+    (datasets / ".elsewhere.tmp").symlink_to(left)
+
+    code, out, err = prune(capsys, "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1] == (
+        "would remove 1 unfinished generated dataset(s), 0.2 MB (left by submits killed as "
+        f"they generated them): {left}"
+    )
+    assert left.exists()
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("removed 1 unfinished generated dataset(s)")
+    assert not left.exists() and writing.exists() and finished.exists()
+    assert sorted(p.name for p in datasets.iterdir()) == [
+        ".elsewhere.tmp",
+        ".synthetic-1a2b.q8w2e7rt.tmp",
+        "synthetic-1a2b",
+    ]
+    assert "generated" not in prune(capsys)[1]
