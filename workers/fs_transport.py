@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import uuid
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -30,7 +31,9 @@ class Channel(filesystem.Channel):
     hold its pid), and every `orchard cancel` wrote a message for each, which nothing
     would ever read. The queue's users, in any process, each hold a shared lock on a
     file beside the exchange tables from its declaration (before its binding) on; the
-    one that leaves last, taking the lock exclusively, deletes it."""
+    one that leaves last, taking the lock exclusively, deletes it. A user that never
+    leaves (SIGKILLed, the OOM killer) drops its lock with its process: the next
+    auto-delete queue declared, in any process, deletes each queue no one holds."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -42,10 +45,58 @@ class Channel(filesystem.Channel):
         if kwargs.get("auto_delete") and name not in self._holds:
             with contextlib.suppress(OSError):  # without the lock, the queue stays
                 self.control_folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.control_folder / f"{name}.users", os.O_RDWR | os.O_CREAT)
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                self._holds[name] = fd
+                self._holds[name] = self._hold(self.control_folder / f"{name}.users")
+            self._sweep_abandoned()
         return declared
+
+    @staticmethod
+    def _hold(path: Path) -> int:
+        """A shared lock on ``path``, the file a leaving user removes with its queue:
+        one removed between our open and our lock is made anew."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if _same_file(fd, path):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _sweep_abandoned(self) -> None:
+        """Delete every queue bound in an exchange table whose users file no process
+        holds: its users are gone without leaving. A queue without such a file (not an
+        auto-delete queue, or one declared by kombu's own transport) is kept."""
+        try:
+            tables = sorted(self.control_folder.glob("*.exchange"))
+        except OSError:
+            return
+        for table in tables:
+            exchange = table.name.removesuffix(".exchange")
+            try:
+                entries = self.get_table(exchange)
+            except (ChannelError, ValueError):
+                continue
+            for entry in entries:
+                if entry.queue not in self._holds:
+                    self._delete_unheld(exchange, entry)
+
+    def _delete_unheld(self, exchange: str, entry: filesystem.exchange_queue_t) -> None:
+        path = self.control_folder / f"{entry.queue}.users"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a user is there
+            if _same_file(fd, path):  # and so not removed by another sweep meanwhile
+                self._delete(entry.queue, exchange, entry.routing_key, entry.pattern)
+                path.unlink()
+        except (ChannelError, OSError):
+            pass
+        finally:
+            os.close(fd)
 
     def basic_cancel(self, consumer_tag: str) -> None:
         queue = self._tag_to_queue.get(consumer_tag)
@@ -62,6 +113,7 @@ class Channel(filesystem.Channel):
             with contextlib.suppress(ChannelError, OSError):
                 self._purge(queue)
                 self.queue_delete(queue)
+                (self.control_folder / f"{queue}.users").unlink()
         finally:
             os.close(fd)
 
@@ -78,7 +130,18 @@ class Channel(filesystem.Channel):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
-            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+            # kombu's line named neither the reason nor that a folder, not a server, said it
+            raise ChannelError(f"cannot write {final}: {exc.strerror or exc}") from exc
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 class Transport(filesystem.Transport):

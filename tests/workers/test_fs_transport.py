@@ -129,3 +129,76 @@ def test_an_auto_delete_queue_another_process_uses_is_kept(tmp_path: Path) -> No
         assert [p.name.partition(".")[2] for p in folder.iterdir()] == ["w1@h.celery.pidbox.msg"]
         channels[1].basic_cancel("new")  # the last user leaves
         assert channels[1].get_table(BROADCAST) == []
+
+
+_USER = """
+import sys, time
+from kombu import Connection, Exchange, Queue
+import workers.config  # noqa: F401
+options = {"data_folder_in": sys.argv[1], "data_folder_out": sys.argv[1],
+           "control_folder": sys.argv[2]}
+with Connection("filesystem://localhost/", transport_options=options) as conn:
+    channel = conn.channel()
+    exchange = Exchange(sys.argv[3], type="fanout")
+    Queue(sys.argv[4], exchange, auto_delete=True, channel=channel).declare()
+    channel.basic_consume(sys.argv[4], True, lambda m: None, "worker")
+    print("bound", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_an_auto_delete_queue_whose_user_was_killed_goes_when_another_is_declared(
+    tmp_path: Path,
+) -> None:
+    """A worker SIGKILLed (or OOM-killed) never leaves its pidbox: it stayed bound, and
+    every later broadcast wrote a file for it that nothing read. Its lock went with its
+    process: the next auto-delete queue declared deletes the queue, its messages and
+    its users file; a queue a live process uses, and one without a users file (not an
+    auto-delete queue), stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kombu import Exchange, Queue
+
+    folder, control = tmp_path / "queue", tmp_path / "control"
+    folder.mkdir()
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(control),
+    }
+    users = {}
+    for name in ("killed@h.celery.pidbox", "alive@h.celery.pidbox"):
+        users[name] = subprocess.Popen(
+            [sys.executable, "-c", _USER, str(folder), str(control), BROADCAST, name],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert users[name].stdout.readline() == "bound\n"
+    try:
+        exchange = Exchange(BROADCAST, type="fanout")
+        with Connection("filesystem://localhost/", transport_options=options) as conn:
+            channel = conn.channel()
+            Queue("plain@h.celery.pidbox", exchange, channel=channel).declare()
+            conn.Producer(channel).publish({"revoke": 1}, exchange=exchange)
+            os.kill(users["killed@h.celery.pidbox"].pid, signal.SIGKILL)
+            users["killed@h.celery.pidbox"].wait()
+            assert len(channel.get_table(BROADCAST)) == 3  # nothing noticed yet
+
+            Queue("new@h.celery.pidbox", exchange, auto_delete=True, channel=channel).declare()
+            bound = sorted(q.queue for q in channel.get_table(BROADCAST))
+            assert bound == [
+                "alive@h.celery.pidbox",
+                "new@h.celery.pidbox",
+                "plain@h.celery.pidbox",
+            ]
+            queued = sorted(p.name.partition(".")[2] for p in folder.iterdir())
+            assert queued == ["alive@h.celery.pidbox.msg", "plain@h.celery.pidbox.msg"]
+            assert not (control / "killed@h.celery.pidbox.users").exists()
+            assert (control / "alive@h.celery.pidbox.users").exists()
+    finally:
+        for user in users.values():
+            user.kill()
+            user.wait()
