@@ -433,12 +433,12 @@ def _send(store: Store, app: Any, campaign_id: str) -> None:
         advance(store, app, campaign_id)
     except (OperationalError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # kombu's error after its retries: the broker went away; an OSError: a
-        # filesystem broker's folder refused the message (full, read-only)
-        away = " unreachable" if isinstance(exc, OperationalError) else ""
-        raise NotSentError(
-            campaign_id, f"broker {mask_url(app.conf.broker_url)}{away}: {reason}"
-        ) from None
+        # kombu's error after its retries: the broker went away; but a filesystem
+        # broker's folder that refused the message (full, read-only) is not away
+        url = app.conf.broker_url
+        away = isinstance(exc, OperationalError) and not url.startswith("filesystem:")
+        said = " unreachable" if away else ""
+        raise NotSentError(campaign_id, f"broker {mask_url(url)}{said}: {reason}") from None
     except StoreError as exc:
         raise NotSentError(campaign_id, str(exc)) from None
 

@@ -129,3 +129,32 @@ def test_a_call_on_a_sqlite_store_that_is_not_there_creates_none(tmp_path: Path)
         ):
             call()
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_filesystem_broker_whose_folder_is_full_is_not_called_unreachable(
+    tmp_path: Path, where: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full (or read-only) queue folder was worded as kombu had it: `broker
+    filesystem://… unreachable: Cannot add file '…' to directory`, which sent one
+    looking for a server and named no reason."""
+    import errno
+
+    from scheduler.api import NotSentError
+    from workers import fs_transport
+
+    replace = fs_transport.os.replace
+
+    def full(source: str, target: str) -> None:
+        if str(target).endswith(".msg"):  # the queue folder's disk, not the dataset's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(fs_transport.os, "replace", full)
+    with pytest.raises(NotSentError) as caught:
+        scheduler.submit(campaign_file(tmp_path), **where)
+    line = str(caught.value)
+    assert "unreachable" not in line
+    assert re.search(
+        r"\(broker filesystem://localhost/: cannot write /\S+\.msg: No space left on device\)",
+        line,
+    ), line
