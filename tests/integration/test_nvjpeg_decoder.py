@@ -94,3 +94,53 @@ def test_nvjpeg_shards_run_on_the_gpu_worker(tmp_path: Path, sqlite_url: str, re
             assert cv2.PSNR(np.ascontiguousarray(expected), shard) >= 35
         else:
             np.testing.assert_array_equal(shard, expected)
+
+
+def test_a_gpu_worker_without_the_dataset_pauses_its_queue_after_each_hand_back(
+    tmp_path: Path, sqlite_url: str, redis_prefix: str
+) -> None:
+    """A GPU worker whose host lacks the dataset hands an nvJPEG shard back, then takes
+    nothing from queue gpu for a lease period, so that the workers with the dataset
+    decode the shards: it had taken each shard again at once, an attempt each time,
+    until the shard FAILED. Missing on every host (here), each shard still ends."""
+    import re
+    from datetime import datetime
+
+    from tests.integration.workerpool import WorkerPool, wait_for
+
+    settings = settings_for(tmp_path, REDIS_URL, sqlite_url)
+    store = Store(sqlite_url)
+    store.upgrade()
+    path = tmp_path / "nvjpeg.toml"
+    path.write_text(CAMPAIGN.format(root=tmp_path / "data", decoder="nvjpeg"))
+    run = submit(path, settings=settings)  # no worker yet: the shards wait in queue gpu
+    (tmp_path / "data").rename(tmp_path / "moved")  # not on this worker's host
+    lease = 3
+    env = {"ORCHARD_LEASE_SECONDS": str(lease), "ORCHARD_MAX_ATTEMPTS": "2"}
+
+    def ended() -> list:
+        shards = [u for u in run.status().units if u.family == "preprocess"]
+        return shards if all(u.state == "FAILED" for u in shards) else []
+
+    with WorkerPool(settings, env) as pool:
+        pool.start("gpu", "gpu")
+        shards = wait_for(ended, 120, "both shards FAILED", check=pool.check)
+        log = pool.log("gpu")
+    assert [(u.attempts, "dataset is not on this worker's host" in u.error) for u in shards] == [
+        (2, True),
+        (2, True),
+    ]
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] "
+
+    def times(pattern: str) -> list[datetime]:
+        return [
+            datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in re.findall(stamp + pattern, log)
+        ]
+
+    paused = times(r".*this worker takes nothing from queue gpu for 3 s")
+    received = times(r"Task orchard\.preprocess_shard\[.*\] received")
+    assert len(paused) == 2, log  # the first delivery of each; the second fails the shard
+    assert len(received) == 4 and "Started consuming from gpu" in log, log
+    # the shards' second deliveries came after the pause, not at once (at most one
+    # message fetched before the pause took effect)
+    assert (received[-1] - paused[0]).total_seconds() >= lease - 0.5, log

@@ -265,7 +265,8 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     counted = 1 if missing == "dataset" else 0
     assert unit.state == "QUEUED" and unit.attempts == counted and unit.error is None
     if queue == "gpu" and missing == "dataset":  # the next test
-        assert cancelled == []
+        paused = {"queue": "gpu", "boot": base.WORKER_BOOT, "seconds": 60.0}
+        assert cancelled == [("orchard_stop_consuming", paused, ["cpu@h"])]
         return
     stop = {"queue": queue, "boot": base.WORKER_BOOT}  # this worker's, not a namesake's
     assert cancelled == [("orchard_stop_consuming", stop, ["cpu@h"])]
@@ -286,12 +287,14 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     )
 
 
-def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keeps_its_queue(
+def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_pauses_its_queue(
     store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nvJPEG shards run on queue gpu: a GPU worker without the dataset hands the shard
-    back but keeps taking folds. The last attempt allowed records the failure instead
-    of handing back once more: a dataset moved away is missing on every host."""
+    back, takes nothing from the queue for a lease period (it had taken each shard
+    again and again, an attempt each time, before the workers with the dataset could),
+    then takes folds again. The last attempt allowed records the failure instead of
+    handing back once more: a dataset moved away is missing on every host."""
     from celery.exceptions import Reject
 
     from workers.tasks.base import DatasetElsewhereError
@@ -301,7 +304,9 @@ def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keep
     delivery = OneDelivery()
     delivery.request.delivery_info = {"routing_key": "gpu"}
     delivery.app = SimpleNamespace(
-        control=SimpleNamespace(broadcast=lambda *args, **kwargs: told.append(args))
+        control=SimpleNamespace(
+            broadcast=lambda command, arguments, destination: told.append((command, arguments))
+        )
     )
     missing = "/mnt/share/mango: the campaign's dataset is not on this worker's host"
 
@@ -310,9 +315,12 @@ def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_keep
 
     with pytest.raises(Reject):
         run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
-    assert told == [] and store.get_unit(KEY).state == "QUEUED"
+    paused = {"queue": "gpu", "boot": base.WORKER_BOOT, "seconds": 60.0}
+    assert told == [("orchard_stop_consuming", paused)]
+    assert store.get_unit(KEY).state == "QUEUED"
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
-        f"{KEY}: {missing}. Handed back to another worker"
+        f"{KEY}: {missing}. Handed back to another worker; this worker takes nothing from "
+        "queue gpu for 60 s"
     ]
     with pytest.raises(DatasetElsewhereError):
         run_unit(delivery, UnitMessage(campaign_id="g-1", unit_key=KEY), body)
@@ -501,6 +509,63 @@ def test_stop_consuming_reaches_the_worker_of_its_boot_alone() -> None:
     reply = base.orchard_stop_consuming(state, queue="preprocess", boot=base.WORKER_BOOT)
     assert calls == [("cancel_task_queue", "preprocess")]
     assert reply == {"ok": "no longer consuming from preprocess"}
+
+
+def test_a_pause_consumes_from_the_queue_again_unless_stopped_for_good_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pause a GPU worker without a campaign's dataset takes: Celery's own timer
+    and consumer calls, in the order a worker's loop makes them."""
+    from kombu.asynchronous.timer import Timer
+
+    monkeypatch.setattr(base, "_stopped_queues", set())
+    consuming = {"gpu": object()}
+    pending: list = []
+    timer = Timer()
+
+    class Consumer:
+        app = SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from=consuming)))
+
+        def __init__(self) -> None:
+            self.timer = timer
+
+        def call_soon(self, fun, *args) -> None:  # noqa: ANN001 - Celery's signature
+            pending.append((fun, args))
+
+        def cancel_task_queue(self, queue: str) -> None:
+            consuming.pop(queue, None)  # as Celery, a queue not consumed too
+
+        def add_task_queue(self, queue: str) -> None:
+            consuming[queue] = object()
+
+    def run_pending() -> None:
+        while pending:
+            fun, args = pending.pop(0)
+            fun(*args)
+
+    def fire_timer() -> None:
+        for due in list(timer.queue):
+            due.entry()
+        timer.clear()
+
+    state = SimpleNamespace(consumer=Consumer())
+    reply = base.orchard_stop_consuming(state, "gpu", base.WORKER_BOOT, seconds=60.0)
+    assert reply == {"ok": "not consuming from gpu for 60 s"}
+    run_pending()
+    assert "gpu" not in consuming
+    [due] = timer.queue  # in a minute
+    assert 59 < due.eta - time.monotonic() <= 60
+    fire_timer()
+    run_pending()
+    assert "gpu" in consuming  # taken up again
+
+    base.orchard_stop_consuming(state, "gpu", base.WORKER_BOOT, seconds=60.0)
+    run_pending()
+    base.orchard_stop_consuming(state, "gpu", base.WORKER_BOOT)  # for good: another error
+    run_pending()
+    fire_timer()
+    run_pending()
+    assert "gpu" not in consuming
 
 
 def test_a_database_away_mid_unit_hands_the_unit_back_counting_the_attempt(

@@ -589,15 +589,35 @@ def holder_prefix(hostname: str | None, pid: int) -> str:
     return f"{node_label(hostname)}/{WORKER_BOOT}/{pid}/"
 
 
-@control_command(args=[("queue", str), ("boot", str)], signature="<queue> <boot>")
-def orchard_stop_consuming(state: Any, queue: str, boot: str, **_: Any) -> dict[str, str]:
+_stopped_queues: set[str] = set()  # this worker's, for good: a pause's end leaves them
+
+
+@control_command(
+    args=[("queue", str), ("boot", str), ("seconds", float)],
+    signature="<queue> <boot> [seconds]",
+)
+def orchard_stop_consuming(
+    state: Any, queue: str, boot: str, seconds: float = 0.0, **_: Any
+) -> dict[str, str]:
     """Celery's ``cancel_consumer`` for the worker whose :data:`WORKER_BOOT` is
     ``boot`` alone: a worker of the same node name (which a broadcast also reaches)
-    keeps consuming."""
+    keeps consuming. With ``seconds``, it consumes from ``queue`` again after them."""
     if boot != WORKER_BOOT:
         return {"ok": f"not this worker: {queue} still consumed"}
-    state.consumer.call_soon(state.consumer.cancel_task_queue, queue)
-    return {"ok": f"no longer consuming from {queue}"}
+    consumer = state.consumer
+    consumer.call_soon(consumer.cancel_task_queue, queue)
+    if not seconds:
+        _stopped_queues.add(queue)
+        return {"ok": f"no longer consuming from {queue}"}
+    # the timer's thread (or loop) hands it to the consumer's own, as commands run
+    consumer.timer.call_after(float(seconds), consumer.call_soon, (_consume_again, consumer, queue))
+    return {"ok": f"not consuming from {queue} for {seconds:g} s"}
+
+
+def _consume_again(consumer: Any, queue: str) -> None:
+    if queue in _stopped_queues or queue in consumer.app.amqp.queues.consume_from:
+        return  # stopped for good since, or taken up again by another pause's end
+    consumer.add_task_queue(queue)
 
 
 #: The longest a unit is put off while its store is unusable (doubling from 2 s).
@@ -847,16 +867,17 @@ def _queue_of(task: Task) -> str:
     return (task.request.delivery_info or {}).get("routing_key") or "?"
 
 
-def _stop_consuming(task: Task, queue: str) -> None:
+def _stop_consuming(task: Task, queue: str, seconds: float = 0.0) -> None:
     """Ask this worker to take no more messages from ``queue`` (a broadcast its main
-    process answers, and a namesake's ignores)."""
+    process answers, and a namesake's ignores); with ``seconds``, for that long."""
     hostname = task.request.hostname
     if hostname and queue != "?":
+        arguments: dict[str, Any] = {"queue": queue, "boot": WORKER_BOOT}
+        if seconds:
+            arguments["seconds"] = seconds
         try:
             task.app.control.broadcast(
-                "orchard_stop_consuming",
-                arguments={"queue": queue, "boot": WORKER_BOOT},
-                destination=[hostname],
+                "orchard_stop_consuming", arguments=arguments, destination=[hostname]
             )
         except Exception as exc:  # noqa: BLE001 - the hand-back stands without it
             log.warning("could not stop consuming %s: %s", queue, exc)
@@ -1044,8 +1065,21 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         if not (exc.counts_attempt and start.attempts >= rules.max_attempts):
             _hand_back(store, key, holder, "to another worker", count_attempt=exc.counts_attempt)
             queue = _queue_of(task)
-            if exc.keeps_queue or (queue == "gpu" and exc.gpu_keeps_queue):
+            if exc.keeps_queue:
                 log.error("%s: %s. Handed back to another worker", key, exc)
+            elif queue == "gpu" and exc.gpu_keeps_queue:
+                # for a lease period: the workers that have the dataset decode the shards
+                # meanwhile, instead of this one taking each again and again (an attempt
+                # each time, until a shard FAILED). Its folds wait for every shard of
+                # their campaign; another campaign's wait at most that long
+                _stop_consuming(task, queue, rules.lease_seconds)
+                log.error(
+                    "%s: %s. Handed back to another worker; this worker takes nothing from "
+                    "queue gpu for %g s",
+                    key,
+                    exc,
+                    rules.lease_seconds,
+                )
             else:
                 _stop_consuming(task, queue)
                 log.error(
