@@ -36,6 +36,7 @@ from db.store import (
     Result,
     Store,
     StoreError,
+    StoreUnreachableError,
     Unit,
 )
 from scheduler.canvas import advance
@@ -231,6 +232,11 @@ class CampaignRun:
         ``STALL_SECONDS`` with no worker taking any from their queue, once for each new
         set of such queues (it is asked every ``STALL_CHECK_SECONDS``); with
         ``progress`` and no ``on_stall``, the line is printed above the bars.
+
+        A database that does not answer (a restart, a failover: the store's own retries
+        spent) does not end the wait, whose campaign goes on meanwhile: ``on_stall`` is
+        told once when it goes away and once when it answers again, and the wait goes
+        on reading it, until ``timeout``.
         """
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds, at least 0, or None: {timeout}")
@@ -244,39 +250,44 @@ class CampaignRun:
             display = _progress_display() if progress else None
             if on_stall is None and display is not None:
                 on_stall = display.warn
+            away: StoreUnreachableError | None = None  # the outage of the last poll
             while True:
                 read_started = time.monotonic()
-                # each poll reads the campaign's state (and, for the bars, its units
-                # counted per family and state, one aggregate); every unit once, at the end
-                finished = self.store.get_campaign(self.id).state != "RUNNING"
-                if display is not None:
-                    counts = self.store.family_counts(self.id)
-                    running_folds = counts.get("cnn", {}).get(RUNNING, 0)
-                    display.update(counts, self.epochs() if running_folds else {})
+                try:
+                    # each poll reads the campaign's state (and, for the bars, its units
+                    # counted per family and state, one aggregate); every unit once, at
+                    # the end
+                    finished = self.store.get_campaign(self.id).state != "RUNNING"
+                    if display is not None:
+                        counts = self.store.family_counts(self.id)
+                        running_folds = counts.get("cnn", {}).get(RUNNING, 0)
+                        display.update(counts, self.epochs() if running_folds else {})
+                    if finished:
+                        return self.status()
+                    if check is not None:
+                        check()
+                    if on_stall is not None and time.monotonic() >= next_stall_check:
+                        next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
+                        queues = self.store.untaken_queues(self.id, STALL_SECONDS)
+                        if queues and set(queues) != told:  # told again only for new queues
+                            on_stall(self._stall_line(queues))
+                        told = set(queues)
+                except StoreUnreachableError as exc:
+                    if away is None and on_stall is not None:
+                        on_stall(f"{exc}; campaign {self.id} goes on, and this wait with it")
+                    away = exc
+                else:
+                    if away is not None and on_stall is not None:
+                        on_stall(f"database {mask_url(self.store.url)} answers again")
+                    away = None
                 # a read that takes long (a busy database, thousands of running folds):
                 # pause twice as long as it took, so that up to reads of 2.5 s the store
                 # is read a third of the time at most, but never longer than
                 # MAX_POLL_SECONDS (a read that sat out an outage is no measure of the next)
                 read = time.monotonic() - read_started
                 pause = max(poll, min(2 * read, MAX_POLL_SECONDS))
-                if finished:
-                    return self.status()
-                if check is not None:
-                    check()
-                if on_stall is not None and time.monotonic() >= next_stall_check:
-                    next_stall_check = time.monotonic() + STALL_CHECK_SECONDS
-                    queues = self.store.untaken_queues(self.id, STALL_SECONDS)
-                    if queues and set(queues) != told:  # told again only for new queues
-                        on_stall(self._stall_line(queues))
-                    told = set(queues)
                 if deadline is not None and time.monotonic() > deadline:
-                    status = self.status()
-                    raise WaitTimeout(
-                        f"campaign {self.id} not finished after "
-                        f"{f'{timeout:.0f}' if timeout >= 1 else f'{timeout:.2g}'} s: "
-                        f"{_in_words(status.counts())}",
-                        status,
-                    )
+                    raise WaitTimeout(*self._not_finished(timeout, away))
                 if deadline is not None:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
                 if display is None:
@@ -292,12 +303,28 @@ class CampaignRun:
             if display is not None:
                 display.close()
 
+    def _not_finished(
+        self, timeout: float, away: StoreUnreachableError | None
+    ) -> tuple[str, CampaignStatus | None]:
+        """:class:`WaitTimeout`'s line and last status (None: the store did not answer)."""
+        after = f"{f'{timeout:.0f}' if timeout >= 1 else f'{timeout:.2g}'} s"
+        if away is None:
+            try:
+                status = self.status()
+            except StoreUnreachableError as exc:
+                away = exc
+            else:
+                counts = _in_words(status.counts())
+                return f"campaign {self.id} not finished after {after}: {counts}", status
+        return f"campaign {self.id} not known to be finished after {after}: {away}", None
+
 
 class WaitTimeout(OrchardError):
     """:meth:`CampaignRun.wait` gave up: the campaign was not finished after its
-    ``timeout`` (it goes on; ``cancel`` stops it). ``status`` is the last one read."""
+    ``timeout`` (it goes on; ``cancel`` stops it). ``status`` is the last one read;
+    None when the database did not answer at the end."""
 
-    def __init__(self, message: str, status: CampaignStatus) -> None:
+    def __init__(self, message: str, status: CampaignStatus | None) -> None:
         super().__init__(message)
         self.status = status
 

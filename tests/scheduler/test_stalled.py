@@ -8,6 +8,7 @@ tests/integration/test_reliability.py."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,91 @@ def test_a_narrow_terminal_cuts_the_running_folds_note_not_the_bars(
     assert lines[2].startswith("cnn ") and " 1/5 " in lines[2] and "━" in lines[2]
     assert all(len(line) <= width for line in lines)
     assert ("3 queued" in lines[2]) is (width > 50)
+
+
+def _connections(database_url: str, *, allowed: bool) -> None:
+    """Let the real PostgreSQL take connections to the database, or refuse them and end
+    those it has: an outage of that database alone, as a restart or a failover is."""
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import POSTGRES_ADMIN
+
+    name = database_url.rsplit("/", 1)[1]
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+            if not allowed:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": name},
+                )
+    finally:
+        admin.dispose()
+
+
+def test_a_wait_outlasts_a_database_outage_and_says_so(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit --wait`, `status --watch` and `run.wait()` ended with exit 2 five seconds
+    into a database failover (the store's own retries), as if the campaign had failed,
+    while it went on. Now the wait says so once, goes on, says when the database answers
+    again, and ends with the campaign. A timeout during an outage says what it knows."""
+    import threading
+
+    from shared.settings import mask_url
+    from tests.integration.workerpool import wait_for
+
+    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 3600.0)
+    store = Store(postgres_url, retry_seconds=0.3)
+    store.upgrade()
+    seed_campaign(store, CID)
+    settings = Settings(
+        home=tmp_path,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=postgres_url,
+        artifacts=tmp_path / "artifacts",
+    )
+    run = CampaignRun(CID, store, settings)
+    told: list[str] = []
+    ended: dict[str, object] = {}
+
+    def follow() -> None:
+        try:
+            ended["status"] = run.wait(timeout=120, poll=0.05, on_stall=told.append)
+        except Exception as exc:  # noqa: BLE001 - the test says what it was
+            ended["error"] = exc
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        time.sleep(0.3)
+        _connections(postgres_url, allowed=False)
+        wait_for(lambda: told or ended, 30, "the outage told")
+        time.sleep(1.0)  # several polls into it
+        assert "error" not in ended and len(told) == 1, (told, ended)
+        _connections(postgres_url, allowed=True)
+        wait_for(lambda: len(told) > 1, 30, "the database answering told")
+        Store(postgres_url).cancel_campaign(CID)
+        follower.join(30)
+    finally:
+        _connections(postgres_url, allowed=True)
+        follower.join(30)
+    assert ended["status"].campaign.state == "CANCELLED", ended
+    where = mask_url(postgres_url)
+    assert told[0].startswith(f"database {where} unreachable: ")
+    assert told[0].endswith(f"; campaign {CID} goes on, and this wait with it")
+    assert told[1:] == [f"database {where} answers again"]
+
+    _connections(postgres_url, allowed=False)
+    try:
+        with pytest.raises(api.WaitTimeout) as raised:
+            CampaignRun(CID, store, settings).wait(timeout=0.5, poll=0.05)
+    finally:
+        _connections(postgres_url, allowed=True)
+    assert raised.value.status is None
+    assert str(raised.value).startswith(
+        f"campaign {CID} not known to be finished after 0.5 s: database {where} unreachable"
+    )
