@@ -45,6 +45,7 @@ from sqlalchemy import (
     make_url,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -398,9 +399,20 @@ def make_engine(url: str) -> Engine:
 
 
 def _connect_args(url: str) -> dict[str, Any]:
-    if url.startswith("postgresql"):
-        return {"connect_timeout": 5}  # fail within seconds when the server is away
-    return {}
+    """psycopg's options beyond the URL's, each only where the URL gives none."""
+    if not url.startswith("postgresql"):
+        return {}
+    given = make_url(url).query
+    args: dict[str, Any] = {
+        "connect_timeout": 5,  # fail within seconds when the server is away
+        "application_name": "orchard",  # what a DBA's pg_stat_activity tells apart
+    }
+    args = {name: value for name, value in args.items() if name not in given}
+    # psycopg prepares a statement it has run five times on a connection; behind
+    # PgBouncer in transaction mode the next transaction may get another server
+    # connection, which does not have it ("prepared statement _pg3_0 does not exist")
+    args["prepare_threshold"] = None
+    return args
 
 
 #: Free space under which a SQLite store's disk error names how little is left.
@@ -421,10 +433,22 @@ class _TransientError(StoreUnreachableError):
     """A connection-level failure worth retrying; carries the one-line message."""
 
 
+#: What libpq says when a connection is refused for what the URL asks, not for the
+#: server being away: asking again cannot help (a login, a database or role that is not
+#: there, an option it does not take, TLS the server does not offer).
+_REFUSED_AT_CONNECT = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry"
+    r"|(database|role) \"[^\"]*\" does not exist|invalid \w+ value|invalid connection option"
+    r"|does not support SSL|certificate",
+    re.IGNORECASE,
+)
+
+
 def _is_transient(exc: DBAPIError) -> bool:
     """Connection lost or refused, server restarting, lock busy: a retry may succeed.
 
-    Integrity errors, missing tables and bad SQL are not: retrying cannot help.
+    Integrity errors, missing tables and bad SQL are not: retrying cannot help; nor is
+    a connection refused for what the URL asks (a password, sslmode).
     """
     if exc.connection_invalidated:
         return True
@@ -437,8 +461,11 @@ def _is_transient(exc: DBAPIError) -> bool:
     except ImportError:  # pragma: no cover - psycopg is a dependency
         return False
     # psycopg's OperationalError: refused/closed connections, admin shutdown, deadlocks,
-    # serialization failures; never constraint violations (IntegrityError)
-    return isinstance(orig, psycopg.OperationalError)
+    # serialization failures, statement and lock timeouts; never constraint violations
+    # (IntegrityError). A refusal at connect time carries no SQLSTATE: its words tell
+    if not isinstance(orig, psycopg.OperationalError):
+        return False
+    return bool(getattr(orig, "sqlstate", None)) or not _REFUSED_AT_CONNECT.search(str(orig))
 
 
 def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -655,6 +682,9 @@ class Store:
             # PostgreSQL's "insufficient resources" (its disk full, out of memory, too
             # many connections): it answered; asking again may succeed once they are back
             what = "is out of resources"
+        elif getattr(orig, "sqlstate", None) in ("57014", "55P03"):
+            # its statement_timeout or lock_timeout: a lock held long, a busy server
+            what = "timed out"
         else:
             what = "unreachable"
         return StoreUnreachableError(f"database {mask_url(self.url)} {what}: {reason}")
@@ -1870,6 +1900,11 @@ class Store:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=True)  # it goes
             if campaign is None or campaign.state != DELETING:
                 return  # buried already: a retry of a commit whose answer was lost
+            if self.engine.dialect.name == "postgresql":
+                # a DBA's statement_timeout is meant for queries, not for a cascade of
+                # millions of rows, which it cancelled every time: the campaign stayed
+                # DELETING for good. For this transaction alone (safe behind a pooler)
+                s.execute(text("SET LOCAL statement_timeout = 0"))
             s.add(
                 DeletedCampaignRow(
                     id=campaign.id,

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -386,3 +387,135 @@ def test_too_many_connections_at_connect_time_is_out_of_resources(postgres_url: 
         assert f'too many connections for role "{role}"' in str(info.value)
     finally:
         run_sql(postgres_url, f'DROP ROLE "{role}"')
+
+
+# ---------------------------------------------------------------- PostgreSQL in operation
+
+
+def _session(store: Store) -> dict[str, object]:
+    """The store's own connection's options, and the statements it has prepared."""
+    with store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
+        return {**raw.info.get_parameters(), "prepared": prepared}
+
+
+def test_a_urls_connection_options_win_and_no_statement_is_prepared(postgres_url: str) -> None:
+    """psycopg prepared a statement run five times on a connection, which PgBouncer in
+    transaction mode breaks (the next transaction may get another server connection:
+    "prepared statement _pg3_0 does not exist"); and orchard's connect_timeout replaced
+    the URL's. A DBA tells orchard's connections apart by their application_name."""
+    from tests.db.test_store import seed_campaign
+
+    plain = Store(postgres_url)
+    plain.upgrade()
+    seed_campaign(plain, "c-1")
+    for _ in range(8):
+        plain.list_campaigns()
+        plain.get_campaign("c-1")
+    told = _session(plain)
+    assert (told["prepared"], told["connect_timeout"], told["application_name"]) == (
+        0,
+        "5",
+        "orchard",
+    )
+    plain.dispose()
+    given = Store(f"{postgres_url}?connect_timeout=30&application_name=lab-a")
+    given.list_campaigns()
+    told = _session(given)
+    assert (told["connect_timeout"], told["application_name"]) == ("30", "lab-a")
+    given.dispose()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda url: f"{url}?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+        (
+            lambda url: url.replace("://postgres@", "://nobody_here@"),
+            'role "nobody_here" does not exist',
+        ),
+        (lambda url: f"{url}_not_there", "does not exist"),
+    ],
+)
+def test_a_connection_refused_for_what_its_url_asks_is_not_unreachable(
+    postgres_url: str,
+    change,
+    said: str,  # noqa: ANN001
+) -> None:
+    """A bad option, role or database name: called "unreachable", retried for the whole
+    budget, and a plain `celery worker` kept every message for later, for ever."""
+    url = change(postgres_url)
+    store = Store(url, retry_seconds=5)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.check_schema()
+    store.dispose()
+    assert not isinstance(info.value, StoreUnreachableError)
+    assert str(info.value).startswith(f"database {mask_url(url)} refused: "), info.value
+    assert said in str(info.value) and time.monotonic() - started < 4
+
+
+def test_a_lock_timeout_is_told_as_one(postgres_url: str) -> None:
+    """A DBA's lock_timeout (or statement_timeout) met: retried as before, but it was
+    worded "unreachable", which sent one looking for a server that was up."""
+    from tests.db.test_store import seed_campaign
+
+    store = Store(postgres_url, retry_seconds=0.3)
+    store.upgrade()
+    seed_campaign(store, "c-1")
+    name = postgres_url.rsplit("/", 1)[1]
+    run_sql(postgres_url, f"ALTER DATABASE \"{name}\" SET lock_timeout = '100ms'")
+    store.dispose()  # its connections took the setting when they began
+    holder = create_engine(postgres_url)
+    try:
+        with holder.begin() as conn:
+            conn.execute(text("SELECT * FROM campaigns FOR UPDATE"))
+            with pytest.raises(StoreUnreachableError) as info:
+                store.cancel_campaign("c-1")
+    finally:
+        holder.dispose()
+        store.dispose()
+    assert str(info.value).startswith(
+        f"database {mask_url(postgres_url)} timed out: canceling statement due to lock timeout"
+    ), info.value
+
+
+def test_a_statement_timeout_does_not_stop_a_delete_for_good(postgres_url: str) -> None:
+    """The cascade that deletes a campaign's millions of rows outlasted a DBA's
+    statement_timeout every time: the campaign stayed DELETING, and `orchard delete`
+    again failed the same way. Its transaction sets none of its own; a lock on one of
+    the campaign's units, held longer than the timeout, stands for the long delete."""
+    import threading
+
+    from tests.db.test_store import seed_campaign
+
+    store = Store(postgres_url)
+    store.upgrade()
+    seed_campaign(store, "c-1")
+    store.cancel_campaign("c-1")
+    name = postgres_url.rsplit("/", 1)[1]
+    run_sql(postgres_url, f"ALTER DATABASE \"{name}\" SET statement_timeout = '300ms'")
+    store.dispose()
+    store = Store(postgres_url, retry_seconds=0.5)  # the lock outlasts its retries
+    holder = create_engine(postgres_url)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.begin() as conn:
+            conn.execute(text("SELECT * FROM units WHERE key LIKE 'c-1/%' FOR UPDATE"))
+            locked.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(30)
+        threading.Timer(2.0, release.set).start()
+        store.delete_campaign("c-1", quiet_seconds=0)
+    finally:
+        release.set()
+        thread.join(30)
+        holder.dispose()
+    assert store.find_campaign("c-1") is None
+    store.dispose()
