@@ -595,13 +595,17 @@ def test_a_result_the_database_could_not_take_is_offered_again_not_run_again(
     store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The body's work is done; the database is away as its result is recorded. The
-    result is offered again (for up to a lease period) rather than the body run again."""
+    result is offered again, for as long as it is away, rather than the body run again:
+    offered for a lease period only (60 s), a longer failover threw it away. Said once
+    a minute, not at every offer."""
     from db.store import StoreUnreachableError
 
-    monkeypatch.setattr(base.time, "sleep", lambda _s: None)
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
     runs: list[int] = []
     finish = store.finish_unit
-    refusals = iter([True, True])
+    refusals = iter([True] * 30)  # 150 s of offers, each 5 s apart
 
     def away_twice(key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
         if next(refusals, False):
@@ -616,7 +620,35 @@ def test_a_result_the_database_could_not_take_is_offered_again_not_run_again(
     answer = run_unit(OneDelivery(), UnitMessage(campaign_id="g-1", unit_key=KEY), body)
     assert answer == {"unit": KEY, "state": "SUCCESS", "recorded": True}
     assert runs == [1] and store.get_unit(KEY).state == "SUCCESS"
-    assert caplog.text.count(f"{KEY} finished, but the database is away") == 2
+    assert caplog.text.count(f"{KEY} finished, but the database is away") == 3
+
+
+def test_a_worker_stopping_gives_up_offering_its_result(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its warm shutdown does not wait for a database that is away: the offer ends, and
+    the unit is handed back for the next delivery."""
+    from db.store import StoreUnreachableError
+
+    monkeypatch.setattr(base.time, "sleep", lambda _s: base._worker_stopping.set())
+    offers: list[int] = []
+
+    def away(key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
+        offers.append(1)
+        raise StoreUnreachableError("database x unreachable: gone (gave up after 5 s)")
+
+    monkeypatch.setattr(store, "finish_unit", away)
+    try:
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - Reject, Celery's
+            run_unit(
+                OneDelivery(),
+                UnitMessage(campaign_id="g-1", unit_key=KEY),
+                lambda ctx: Outcome(0.01, val_acc=1.0),
+            )
+    finally:
+        base._worker_stopping.clear()
+    assert type(raised.value).__name__ == "Reject" and len(offers) == 2
+    assert store.get_unit(KEY).state == "QUEUED"
 
 
 class Retried(Exception):

@@ -814,19 +814,30 @@ def _fail(
     _advance_or_retry(task, store, message.campaign_id)
 
 
-def _finish(store: Store, key: str, outcome: Outcome, holder: str, patience: float) -> bool:
-    """``store.finish_unit``, offered again for up to ``patience`` seconds while the
-    database is away: the result is in hand, and running the body again for it (an hour
-    of a CNN fold's last epochs, a whole forest) would cost far more than waiting."""
-    deadline = time.monotonic() + patience
+#: How often a worker holding a result for a database that is away says so again.
+AWAY_TOLD_EVERY_SECONDS = 60.0
+
+
+def _finish(store: Store, key: str, outcome: Outcome, holder: str) -> bool:
+    """``store.finish_unit``, offered again for as long as the database is away: the
+    result is in hand, and running the body again for it (an hour of a CNN fold's last
+    epochs, a whole forest) costs far more than waiting, while this worker could start
+    no other unit meanwhile (each starts in the store). It was offered for a lease
+    period only, and a failover longer than that threw finished results away. The
+    delivery's lease runs out meanwhile; a delivery that takes the unit over once the
+    database is back makes this one's offer a lost lease (``LeaseLostError``). A worker
+    stopping gives up, handing the unit back if it can."""
+    told = None
     while True:
         try:
             return store.finish_unit(key, outcome, holder=holder)
         except StoreUnreachableError as exc:
-            if time.monotonic() >= deadline:
+            if _worker_stopping.is_set():
                 raise
-            log.warning("%s finished, but the database is away (%s); trying again", key, exc)
-            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            if told is None or time.monotonic() - told >= AWAY_TOLD_EVERY_SECONDS:
+                log.warning("%s finished, but the database is away (%s); trying again", key, exc)
+                told = time.monotonic()
+            time.sleep(5.0)
 
 
 def _outlast_the_outage(
@@ -1035,7 +1046,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         context.check_folder_still_there()  # nor does one whose files went astray
         heartbeat.stop()
         try:
-            recorded = _finish(store, key, outcome, holder, rules.lease_seconds)
+            recorded = _finish(store, key, outcome, holder)
         except UnitCancelledError:  # cancelled since the heartbeat's last renewal
             raise UnitAborted(LEASE_CANCELLED) from None
         except LeaseLostError:  # reset by `orchard resume` or taken over since then
