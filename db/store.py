@@ -64,7 +64,7 @@ from db.models import (
     UnitRow,
     utcnow,
 )
-from shared.errors import OrchardError
+from shared.errors import OrchardError, UnreachableError
 from shared.metrics import finite_or_none
 from shared.plan import (
     CANCELLED,
@@ -92,7 +92,7 @@ class StoreError(OrchardError):
     """The store is unreachable, not initialised, or asked for something absent."""
 
 
-class StoreUnreachableError(StoreError):
+class StoreUnreachableError(StoreError, UnreachableError):
     """The database did not answer for the whole retry budget (connection refused or
     lost, a server restarting or failing over, a lock held too long): nothing was wrong
     with what was asked, and asking again later may succeed."""

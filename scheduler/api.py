@@ -42,7 +42,7 @@ from db.store import (
 from scheduler.canvas import advance
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
-from shared.errors import OrchardError, printable
+from shared.errors import EXIT_TIMEOUT, OrchardError, printable
 from shared.manifest import (
     Manifest,
     ManifestError,
@@ -323,6 +323,8 @@ class WaitTimeout(OrchardError):
     """:meth:`CampaignRun.wait` gave up: the campaign was not finished after its
     ``timeout`` (it goes on; ``cancel`` stops it). ``status`` is the last one read;
     None when the database did not answer at the end."""
+
+    exit_code = EXIT_TIMEOUT
 
     def __init__(self, message: str, status: CampaignStatus | None) -> None:
         super().__init__(message)
@@ -1310,7 +1312,10 @@ class _PlainProgress:
         line = "; ".join(parts)
         if line != self._last:
             self._last = line
-            print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+            # UTC, as every time orchard prints (README)
+            print(
+                f"{time.strftime('%H:%M:%SZ', time.gmtime())} {line}", file=sys.stderr, flush=True
+            )
 
     def refresh(self) -> None:
         pass

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OrchardError as exc:
         print(f"orchard: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except StoppedWatching as exc:
         print(f"orchard: {exc}", file=sys.stderr)
         return exc.code
@@ -217,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
         help="check the file and its data as a submit does and print the units it would run, "
         "per stage and family; records, sends and writes nothing",
     )
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="with --wait: stop following after this many s, exit 124 (the campaign goes on)",
+    )
     p.set_defaults(run=cmd_submit)
 
     p = commands.add_parser(
@@ -228,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("campaign", help=CAMPAIGN_ID)
     p.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="with --wait: stop following after this many s, exit 124 (the campaign goes on)",
+    )
     p.set_defaults(run=cmd_resume)
 
     p = commands.add_parser(
@@ -299,6 +311,12 @@ def _parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print one JSON document instead of a table (with --watch: once, at the end)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="with --watch: stop following after this many s, exit 124 (the campaign goes on)",
     )
     p.set_defaults(run=cmd_status)
 
@@ -531,8 +549,9 @@ def _check_reliability() -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from scheduler.api import submit
+    from scheduler.api import NotSentError, submit
 
+    _timeout_needs(args, "wait")
     if args.dry_run:
         if args.reuse:
             raise OrchardError(
@@ -543,17 +562,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _dry_run(args.file)
     _check_urls()
     _check_reliability()
-    run = submit(args.file, reuse=args.reuse)
+    try:
+        run = submit(args.file, reuse=args.reuse)
+    except NotSentError as exc:
+        # recorded: its id on stdout, as for a submit that went through, so that a
+        # script resumes it rather than submitting it again
+        print(exc.campaign_id, flush=True)
+        raise
     try:
         print(run.id, flush=True)
-    except OutputError as exc:
+    except (OutputError, BrokenPipeError) as exc:
         # recorded and enqueued already: a second submit would run it twice
+        where, reason = (
+            (exc.where, exc.reason)
+            if isinstance(exc, OutputError)
+            else ("standard output", "its reader has left (a closed pipe)")
+        )
         print(
             f"orchard: error: campaign {run.id} WAS submitted (recorded and enqueued), but its "
-            f"id could not be written to {exc.where}: {exc.reason}; do not submit it again: "
+            f"id could not be written to {where}: {reason}; do not submit it again: "
             f"`orchard status {run.id}` follows it",
             file=sys.stderr,
         )
+        if isinstance(exc, BrokenPipeError):
+            raise  # exit 141, as for every command whose reader left
         return 1
     _warn_skipped(run)
     if args.reuse:
@@ -561,13 +593,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     with _watching(run.id):
-        status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
+        status = run.wait(args.timeout, progress=sys.stderr.isatty(), on_stall=_warn_stall)
     return _finish(run, status)
+
+
+def _timeout_needs(args: argparse.Namespace, flag: str) -> None:
+    if args.timeout is not None and not getattr(args, flag):
+        raise OrchardError(f"--timeout is how long --{flag} follows the campaign: give both")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from scheduler.api import resume
 
+    _timeout_needs(args, "wait")
     _check_campaign_id(args.campaign)
     _check_urls()
     _require_sqlite_file(load_settings().database_url)
@@ -577,17 +615,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
         running = status.counts()["RUNNING"]  # left alone: their workers are alive
         why = f"{running} unit(s) still running" if running else "every unit succeeded"
         print(f"campaign {run.id} is {status.campaign.state}: {why}, nothing to re-enqueue")
-        return 0
-    units = [key for key in reset if key != f"{run.id}/report"]
-    report = ", and its report" if len(units) < len(reset) else ""
-    if units:  # failed, cancelled or lost, or a shard whose file is damaged
-        print(f"campaign {run.id}: re-enqueued {len(units)} unit(s){report}")
+        if not (args.wait and status.campaign.state == "RUNNING"):
+            return 0
     else:
-        print(f"campaign {run.id}: re-enqueued its report")
+        units = [key for key in reset if key != f"{run.id}/report"]
+        report = ", and its report" if len(units) < len(reset) else ""
+        if units:  # failed, cancelled or lost, or a shard whose file is damaged
+            print(f"campaign {run.id}: re-enqueued {len(units)} unit(s){report}")
+        else:
+            print(f"campaign {run.id}: re-enqueued its report")
     if not args.wait:
         return 0
+    # what runs still, too: --wait ends with the campaign, whatever was sent again
     with _watching(run.id):
-        status = run.wait(progress=sys.stderr.isatty(), on_stall=_warn_stall)
+        status = run.wait(args.timeout, progress=sys.stderr.isatty(), on_stall=_warn_stall)
     return _finish(run, status)
 
 
@@ -599,7 +640,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     _require_sqlite_file(load_settings().database_url)
     outcome = cancel(args.campaign)
     if outcome.already_finished:
-        raise OrchardError(f"campaign {args.campaign} is already {outcome.state}")
+        # what a cancel asks holds already: a script's retried cancel is no failure
+        print(
+            f"orchard: campaign {args.campaign} is already {outcome.state}: nothing to cancel",
+            file=sys.stderr,
+        )
+        return 0
     print(
         f"campaign {args.campaign}: CANCELLED ({outcome.units} unit(s) stopped, "
         f"{len(outcome.task_ids)} task(s) revoked)"
@@ -821,6 +867,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if args.watch and args.campaign is None:
         raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
+    _timeout_needs(args, "watch")
     if args.campaign is not None:
         _check_campaign_id(args.campaign)
     store = _store(existing=True)
@@ -854,7 +901,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         # piped: no redrawing, the final table once; a terminal that cannot redraw
         # (TERM=dumb) is told the units' progress a line per change, on stderr
         with _watching(args.campaign):
-            run.wait(progress=console.is_dumb_terminal, on_stall=_warn_stall)
+            run.wait(args.timeout, progress=console.is_dumb_terminal, on_stall=_warn_stall)
         _print_units(console, _unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
@@ -877,7 +924,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             built.update(at=time.monotonic(), took=time.monotonic() - started)
 
         # stderr too: rich prints it above the table, which stays at the bottom
-        run.wait(poll=1.0, check=refresh, on_stall=_warn_stall)
+        run.wait(args.timeout, poll=1.0, check=refresh, on_stall=_warn_stall)
         refresh(now=True)
     return 0
 
@@ -1196,7 +1243,8 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
     else:
         run = CampaignRun(args.campaign, store, load_settings())
         if args.watch:
-            run.wait(on_stall=_warn_stall)
+            with _watching(args.campaign):
+                run.wait(args.timeout, on_stall=_warn_stall)
         campaign, lines = _unit_lines(store, args.campaign)
         report = run.report_path()
         document = {

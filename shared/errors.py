@@ -32,11 +32,30 @@ def printable(name: str | Path) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+#: The exit codes of an `orchard` command's error (README: Exit codes).
+EXIT_ERROR = 2
+#: sysexits.h's EX_TEMPFAIL: the broker or the database did not answer; the same
+#: command may succeed later, as nothing was wrong with what it asked.
+EXIT_UNREACHABLE = 75
+#: as timeout(1): a wait's --timeout ran out (the campaign goes on)
+EXIT_TIMEOUT = 124
+
+
 class OrchardError(Exception):
     """Base for errors reported to the user as one line, never as a traceback."""
+
+    #: what an `orchard` command that stops on it exits with
+    exit_code = EXIT_ERROR
 
     def __init__(self, message: object = "") -> None:
         # whatever went into the message (a file name, a TOML key), it stays one line,
         # and one that a terminal shows rather than obeys
         one_line = " ".join(str(message).split("\n")).replace("\r", " ")
         super().__init__(visible_controls(one_line))
+
+
+class UnreachableError(OrchardError):
+    """The broker or the database did not answer (refused, timed out, lost): asking
+    again later may succeed."""
+
+    exit_code = EXIT_UNREACHABLE

@@ -13,7 +13,7 @@ from celery import Celery, signals
 from celery.app.amqp import AMQP
 from kombu.pools import ProducerPool
 
-from shared.errors import OrchardError
+from shared.errors import OrchardError, UnreachableError
 from shared.settings import Settings, load_settings
 from workers import logs
 from workers.config import celery_config, check_broker_url, make_broker_folders
@@ -217,7 +217,7 @@ def check_broker_reachable(celery: Celery) -> None:
                 f"broker {mask_url(url)} refused the login: {reason} (the password of the "
                 "URL or of ORCHARD_BROKER_PASSWORD_FILE)"
             ) from None
-        raise OrchardError(f"broker {mask_url(url)} unreachable: {reason}") from None
+        raise UnreachableError(f"broker {mask_url(url)} unreachable: {reason}") from None
     except (KeyError, ValueError, TypeError) as exc:
         # kombu: no such transport, a port not a number, a query option it does not
         # take as a keyword (broker_url_problem names those it knows of first)

@@ -394,11 +394,13 @@ def test_a_broker_gone_after_its_check_leaves_the_campaign_to_resume_and_says_so
 
     monkeypatch.setattr(scheduler.api, "_plan_checked", broker_dies_meanwhile)
     assert main(["submit", str(tiny_campaign)]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     [line] = err.strip().splitlines()
     assert ": not every unit it has ready was sent (broker redis://:***@127.0.0.1:" in line
     assert private_redis.password not in err
     campaign_id = line.split("campaign ")[1].split(":")[0]
+    # recorded: its id on stdout, as a submit's, for a script to resume, not submit again
+    assert out == f"{campaign_id}\n"
     assert line.endswith(
         f"the campaign is recorded, and `orchard resume {campaign_id}` sends the rest once "
         "that is mended"

@@ -25,8 +25,8 @@ def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
     )
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
-    assert done.returncode == 2, done.stdout + done.stderr
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    assert done.returncode == code, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -55,7 +55,7 @@ def test_unreachable_broker_fails_and_masks_the_password(tmp_path: Path) -> None
             "ORCHARD_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0",
         },
     )
-    assert_one_line_error(done, "redis://:***@127.0.0.1:1/0", "unreachable")
+    assert_one_line_error(done, "redis://:***@127.0.0.1:1/0", "unreachable", code=75)
     assert "hunter2" not in done.stderr + done.stdout
     assert not (tmp_path / "orchard.db").exists()  # nothing half-written
 
@@ -261,6 +261,41 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path: Path) -> N
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_a_submit_whose_reader_left_says_the_campaign_was_submitted(tmp_path: Path) -> None:
+    """`orchard submit c.toml | …` whose reader is gone: the campaign is recorded and
+    sent, and its id, the one line a script keeps, was lost without a word (exit 141):
+    a retry would run it twice. It is said on stderr, as for a stdout that is full."""
+    from db.store import Store
+    from tests.scheduler.test_cli_bad_args import campaign_file
+
+    home = tmp_path / "home"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")},
+        "ORCHARD_HOME": str(home),
+    }
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before orchard writes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", "submit", str(campaign_file(tmp_path))],
+            cwd=REPO,
+            env=env,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    [campaign] = Store(f"sqlite:///{home / 'orchard.db'}").list_campaigns()
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == (
+        f"orchard: error: campaign {campaign.id} WAS submitted (recorded and enqueued), but its "
+        "id could not be written to standard output: its reader has left (a closed pipe); do "
+        f"not submit it again: `orchard status {campaign.id}` follows it\n"
+    )
 
 
 def worker_start_lines(args: list[str], env: dict[str, str]) -> list[str]:

@@ -44,8 +44,11 @@ def test_cancel_marks_the_campaign(home: Store, capsys: pytest.CaptureFixture[st
     assert "CANCELLED" in capsys.readouterr().out
     assert home.get_campaign("t-1").state == "CANCELLED"
     assert {u.state for u in home.units("t-1")} == {"CANCELLED"}
-    assert main(["cancel", "t-1"]) == 2  # already cancelled: says so
-    assert "already CANCELLED" in capsys.readouterr().err
+    # already cancelled: says so, and what a cancel asks holds (a script's retry)
+    assert main(["cancel", "t-1"]) == 0
+    assert capsys.readouterr().err == (
+        "orchard: campaign t-1 is already CANCELLED: nothing to cancel\n"
+    )
 
 
 def test_resume_of_a_campaign_whose_units_all_succeeded_says_there_is_nothing_to_do(
@@ -73,7 +76,7 @@ def test_cancel_with_an_unreachable_broker_changes_nothing(
     plans = seed_campaign(home)
     home.claim_for_queue([plans[0].key], {plans[0].key: "task-0"})  # one task to revoke
     monkeypatch.setenv("ORCHARD_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
-    assert main(["cancel", "t-1"]) == 2
+    assert main(["cancel", "t-1"]) == 75  # sysexits' EX_TEMPFAIL: try again later
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("orchard: error: broker redis://:***@127.0.0.1:1/0 unreachable")
     assert home.get_campaign("t-1").state == "RUNNING"
@@ -182,3 +185,39 @@ def test_submit_reuse_finds_the_same_images_under_another_root(
     assert svm.state == "SUCCESS" and svm.attempts == 0
     manifests = [home.artifacts(i, kind="manifest")[0].sha256 for i in ids]
     assert manifests[0] != manifests[1]
+
+
+def test_a_wait_or_watch_stops_after_its_timeout_and_the_campaign_goes_on(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CI job's `orchard status ID --watch` or `resume --wait` had no limit but the
+    job's own (`timeout` gave 124 and no line): `--timeout S` stops following after S
+    seconds with 124, timeout(1)'s code, and the line saying where the campaign is. A
+    resume with nothing to send again while the campaign runs waited for nothing."""
+    from dataclasses import replace
+
+    from tests.db.test_store import deliver, outcome
+
+    plans = seed_campaign(home)
+    for plan in plans[:-1]:
+        deliver(home, plan.key, worker="w", task_id=None)
+        home.finish_unit(plan.key, replace(outcome(), artifacts=[]))
+    # the report runs, its worker alive: nothing for a resume to send
+    deliver(home, plans[-1].key, worker="w", task_id=None, holder="d1", lease_seconds=300)
+
+    assert main(["status", "t-1", "--watch", "--timeout", "0.3"]) == 124
+    out, err = capsys.readouterr()
+    assert err == "orchard: error: campaign t-1 not finished after 0.3 s: 6 succeeded, 1 running\n"
+    assert main(["resume", "t-1", "--wait", "--timeout", "0.3"]) == 124
+    out, err = capsys.readouterr()
+    assert out.startswith("campaign t-1 is RUNNING: 1 unit(s) still running, nothing to re")
+    assert err.endswith("not finished after 0.3 s: 6 succeeded, 1 running\n")
+    assert main(["status", "t-1", "--json", "--watch", "--timeout", "0.3"]) == 124
+    assert capsys.readouterr().out == ""  # no document of a campaign not yet finished
+
+    for args in (["status", "t-1"], ["resume", "t-1"], ["submit", "c.toml"]):
+        assert main([*args, "--timeout", "5"]) == 2
+        flag = "watch" if args[0] == "status" else "wait"
+        assert capsys.readouterr().err == (
+            f"orchard: error: --timeout is how long --{flag} follows the campaign: give both\n"
+        )

@@ -8,6 +8,7 @@ tests/integration/test_reliability.py."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -307,6 +308,8 @@ def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
         "preprocess 2/2; cnn 0/2 (1 pending, 1 running, f0 epoch 4/60)",
     ]
     assert not any("\x1b" in line or "━" in line for line in lines)
+    # in UTC, as every time orchard prints (it was the local time, unmarked)
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\dZ", line.split(" ", 1)[0]) for line in lines)
 
     run.store.cancel_campaign(CID)  # its last poll, as a watch ends
     assert main(["status", CID, "--watch"]) == 0

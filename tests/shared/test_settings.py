@@ -281,7 +281,7 @@ def test_the_cli_masks_a_password_in_the_database_urls_query(tmp_path, monkeypat
     monkeypatch.setenv(
         "ORCHARD_DATABASE_URL", "postgresql+psycopg://orchard@127.0.0.1:1/orchard?password=S3cret"
     )
-    assert main(["db", "upgrade"]) == 2
+    assert main(["db", "upgrade"]) == 75  # unreachable: may succeed later
     err = capsys.readouterr().err
     assert "S3cret" not in err and "?password=***" in err and err.count("\n") == 1
 
