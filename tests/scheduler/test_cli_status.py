@@ -566,9 +566,16 @@ def test_sigterm_or_ctrl_c_stop_the_watching_alone_saying_the_campaign_goes_on(
         "ORCHARD_DATABASE_URL": url,
         "ORCHARD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
     }
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)):
+    # and `--watch --json`, whose document comes at the end (it said nothing, or
+    # "interrupted")
+    runs = [
+        (extra, sig, code)
+        for extra in ([], ["--json"])
+        for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129))
+    ]
+    for extra, sig, code in runs:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.cli", "status", IDS[0], "--watch"],
+            [sys.executable, "-m", "scheduler.cli", "status", IDS[0], "--watch", *extra],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
