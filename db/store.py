@@ -1197,11 +1197,13 @@ class Store:
         - QUEUED units claimed more than ``grace_seconds`` ago whose message was never
           marked sent: the process that claimed them died before sending;
         - QUEUED units sent more than ``dropped_after`` seconds ago to one of the queues
-          ``idle_consumer_of`` (the caller consumes them and holds no message at all),
-          none of whose units (of any campaign) started, finished or ran under a live
-          lease in that time (see :meth:`untaken_queues`): an idle consumer would have
-          taken the message, so something else did and dropped it, typically a worker
-          on another database, which finds no such unit (``lost_in="SENT"``).
+          ``idle_consumer_of``, which the caller has consumed for all that time without
+          holding a single message: an idle consumer would have taken the message, so
+          the broker lost it (restarted without persistence, keys evicted), or
+          something else took it and dropped it, typically a worker on another
+          database, which finds no such unit (``lost_in="SENT"``). Other workers may
+          run units of those queues meanwhile: a long fold on one GPU worker no longer
+          holds back the lost folds an idle one could run.
 
         Only one caller gets each unit (rows locked, SKIP LOCKED on PostgreSQL). Safe
         beside the original message coming back: whichever delivery starts first takes
@@ -1217,13 +1219,11 @@ class Store:
             )
             if idle_consumer_of and dropped_after is not None:
                 since = now - timedelta(seconds=dropped_after)
-                idle = set(idle_consumer_of) - _busy_queues(s, idle_consumer_of, now, since)
-                if idle:
-                    lost |= (
-                        (UnitRow.state == QUEUED)
-                        & (UnitRow.sent_at < since)
-                        & UnitRow.queue.in_(sorted(idle))
-                    )
+                lost |= (
+                    (UnitRow.state == QUEUED)
+                    & (UnitRow.sent_at < since)
+                    & UnitRow.queue.in_(sorted(set(idle_consumer_of)))
+                )
             # the running campaigns' units through the (campaign, state) index: as a
             # join, SQLite's planner read every unit of the store (finished campaigns'
             # too) once the OR named a queue

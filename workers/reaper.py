@@ -12,10 +12,11 @@ lost with its GPU worker starts again from its checkpoint about two lease period
 The same pass repairs three rarer losses. A unit claimed (QUEUED) whose message never
 reached the broker, because the process that claimed it died before sending, is sent
 once its claim is a lease period old. A unit sent more than ``DROPPED_AFTER_LEASES``
-lease periods ago to a queue that this worker consumes while it holds no message at
-all, and from which no unit of the store started or finished in that time, is sent
-again: an idle consumer would have taken it, so something else took it and dropped it
-(a worker on another database, which finds no such unit). A running campaign that
+lease periods ago to a queue that this worker has consumed for all that time without
+holding a single message is sent again, whatever other workers run: an idle consumer
+would have taken its message, so the broker no longer has it (Redis restarted without
+persistence, or evicting keys) or something else took it and dropped it (a worker on
+another database, which finds no such unit). A running campaign that
 nothing moves (no unit queued or running, none finished for two lease periods) is
 advanced: the task that finished its last unit died, or gave up on an unreachable store
 or broker, before it opened the next stage or closed the campaign.
@@ -36,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import bootsteps, uuid
+from celery.signals import task_received
 from celery.worker import state as worker_state
 
 from workers.config import reliability
@@ -45,9 +47,11 @@ from workers.config import reliability
 log = logging.getLogger(__name__)
 
 
-#: Lease periods a sent unit waits, on a queue that an idle worker consumes and from
-#: which nothing started, before that worker sends it again (its message was dropped).
+#: Lease periods a sent unit waits, on a queue that a worker has consumed all that time
+#: without holding a message, before that worker sends it again (its message is gone).
 DROPPED_AFTER_LEASES = 5
+#: How often the reaper's thread looks whether its worker holds a message.
+IDLE_SAMPLE_SECONDS = 1.0
 
 
 class StoreClock:
@@ -74,7 +78,8 @@ def requeue_lost_units(
 ) -> list[str]:
     """One pass: requeue and send the units whose message is lost, then advance the
     campaigns that nothing moves; returns the keys sent. ``idle_consumer_of``: the
-    queues of the calling worker when it holds no message (see :func:`idle_queues`).
+    queues of the calling worker when it has held no message for
+    ``DROPPED_AFTER_LEASES`` lease periods (see :class:`Idleness`).
     With ``clock`` (the worker's passes so far), a pass that finds the store's clock
     half a lease period or more ahead of this host's since the last one takes no lease
     for run out: their workers renew them, by the new clock, before the next pass."""
@@ -125,9 +130,10 @@ def requeue_lost_units(
             log.warning("%s: claimed but never sent (its sender died); sent now", unit.key)
         elif unit.lost_in == "SENT":
             log.warning(
-                "%s: sent over %.0f s ago and nothing taken from queue %s since, while "
-                "this worker waited on it idle: another consumer dropped it (a worker on "
-                "another database?); sent again",
+                "%s: sent over %.0f s ago to queue %s, which this worker consumed idle all "
+                "that time: its message is gone (the broker restarted without persistence, "
+                "or evicted it) or another consumer dropped it (a worker on another "
+                "database?); sent again",
                 unit.key,
                 DROPPED_AFTER_LEASES * lease,
                 unit.queue,
@@ -165,6 +171,35 @@ def requeue_lost_units(
     return sent
 
 
+class Idleness:
+    """How long this worker has held no message at all, continuously, consuming the
+    same queues. Sampled every second by the reaper's thread; a message received
+    between two samples (a unit of a few milliseconds) is told by Celery's
+    ``task_received`` signal, in the worker's main process, so that a worker busy with
+    short units is never taken for idle. A change of the queues consumed (a pause, a
+    queue stopped) starts it over."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._queues: tuple[str, ...] = ()
+        self._received = 0.0
+
+    def received(self, **_: Any) -> None:
+        self._received = time.monotonic()
+
+    def sample(self, queues: Sequence[str]) -> float:
+        """Seconds idle as of now, given :func:`idle_queues` now (0 while it holds a
+        message)."""
+        now = time.monotonic()
+        if tuple(queues) != self._queues:
+            self._queues, self._since = tuple(queues), None
+        if not queues:
+            return 0.0
+        if self._since is None:
+            self._since = now
+        return now - max(self._since, self._received)
+
+
 def idle_queues(app: Any) -> list[str]:
     """The queues this worker consumes, when it holds no message (none running, none
     waiting for a pool slot or an ETA); none while it holds one."""
@@ -184,8 +219,10 @@ class LostUnitReaper(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.idleness = Idleness()
 
     def start(self, worker: Any) -> None:
+        task_received.connect(self.idleness.received, weak=False)
         self.thread = threading.Thread(
             target=self.run, args=(worker.app,), name="orchard lost-unit reaper", daemon=True
         )
@@ -195,11 +232,21 @@ class LostUnitReaper(bootsteps.StartStopStep):
         # the first pass reads the store's clock first: the worker's main process opens
         # its store no sooner than it did (not before its pool's children are forked)
         clock = StoreClock()
-        while not self.stopping.wait(reliability().lease_seconds):
+        lease = reliability().lease_seconds
+        next_pass = time.monotonic() + lease
+        while not self.stopping.wait(min(IDLE_SAMPLE_SECONDS, lease)):
+            idle_for = self.idleness.sample(idle_queues(app))
+            if time.monotonic() < next_pass:
+                continue
+            next_pass = time.monotonic() + lease
+            # its queues only once it has held nothing for as long as a sent unit must
+            # wait before it counts as dropped
+            queues = idle_queues(app) if idle_for >= DROPPED_AFTER_LEASES * lease else []
             try:
-                requeue_lost_units(app, idle_queues(app), clock)
+                requeue_lost_units(app, queues, clock)
             except Exception:  # never let one bad pass end the thread
                 log.exception("looking for units of lost workers failed")
 
     def stop(self, worker: Any) -> None:
+        task_received.disconnect(self.idleness.received)
         self.stopping.set()

@@ -1451,9 +1451,10 @@ def test_sqlite_reads_do_not_wait_for_another_workers_write(sqlite_url: str) -> 
 def test_a_sent_unit_dropped_elsewhere_is_requeued_by_an_idle_consumer_of_its_queue(
     store_url: str,
 ) -> None:
-    """A worker on another database takes the message and drops it: the unit stays
-    QUEUED and sent. A worker of this store that consumes the queue, holds no message
-    and saw nothing of the queue start or finish for ``dropped_after`` sends it again."""
+    """A worker on another database takes the message and drops it, or the broker loses
+    it: the unit stays QUEUED and sent. A worker of this store that has consumed the
+    queue for ``dropped_after`` without holding a message sends it again, whatever
+    other workers of the queue run meanwhile."""
     store = make_store(store_url)
     first = [p.key for p in seed_campaign(store, "t-1") if p.stage == 0]
     assert len(first) >= 2
@@ -1472,19 +1473,15 @@ def test_a_sent_unit_dropped_elsewhere_is_requeued_by_an_idle_consumer_of_its_qu
     assert requeue([], 0.1) == []  # the caller holds a message, or consumes nothing
     assert requeue(["elsewhere"], 0.1) == []  # not its queue
     assert requeue([queue], 5.0) == []  # not sent that long ago
-    # one unit of the queue runs under a live lease: the queue is consumed
+    # one unit of the queue runs under a live lease, on another worker (a fold of
+    # hours): it held back the others, lost, until it ended
     deliver(store, first[0], worker="w", task_id=None, holder="d1", lease_seconds=30)
-    assert requeue([queue], 0.1) == []
-    store.finish_unit(first[0], outcome(), holder="d1")
-    assert requeue([queue], 5.0) == []  # ... and one finished within the window
-
-    time.sleep(0.3)
     assert requeue([queue], 0.1) == [(k, "SENT") for k in first[1:]]
     again = [f"new-{i}" for i in range(len(first) - 1)]
     assert sorted(store.get_unit(k).task_id for k in first[1:]) == again
     store.mark_sent(again)
     assert requeue([queue], 0.1) == []  # sent again just now: the window starts over
-    assert store.get_unit(first[0]).state == "SUCCESS"
+    assert store.get_unit(first[0]).state == "RUNNING"  # not another's running unit
 
 
 def test_untaken_queues_name_a_queue_no_worker_of_this_store_takes_from(store_url: str) -> None:

@@ -415,3 +415,65 @@ def test_a_broker_gone_after_its_check_leaves_the_campaign_to_resume_and_says_so
         assert {s for k, s in states.items() if "/preprocess/" in k} == {"QUEUED"}, states
     finally:
         store.dispose()
+
+
+def test_units_whose_messages_the_broker_lost_run_on_an_idle_worker_beside_a_long_fold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted without persistence (or evicting keys) loses the queued messages.
+    An idle worker of their queue sends the units again after five lease periods; but
+    it waited until no unit of the queue ran anywhere, so the lost folds waited for a
+    fold of hours on another GPU worker, the idle one doing nothing. Here the queue's
+    Redis list is deleted under a long fold; a second GPU worker, started after, runs
+    the lost folds while the long one still runs."""
+    import redis
+
+    from scheduler.api import cancel
+
+    prefix = f"orchard-test-{secrets.token_hex(4)}:"
+    lease = 2
+    monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", str(lease))
+    monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "600")
+    settings = settings_for(tmp_path, REDIS_URL, f"sqlite:///{tmp_path / 'store.db'}")
+    store = Store(settings.database_url)
+    store.upgrade()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        with WorkerPool(settings) as pool:
+            pool.start("cpu", "cpu,preprocess,report")
+            pool.start("gpu-busy", "gpu")
+            long = submit(write_campaign(tmp_path, "long", epochs=5000), settings=settings)
+            fold = wait_for(
+                lambda: (u := cnn_unit(long)).state == "RUNNING" and u,
+                120,
+                "the long fold to run",
+                check=pool.check,
+            )
+            short = submit(
+                write_campaign(tmp_path, "short", epochs=1, cnn_folds=2), settings=settings
+            )
+            waiting = [u for u in short.status().units if u.family == "cnn"]
+            wait_for(
+                lambda: client.llen(f"{prefix}gpu") == len(waiting),
+                120,
+                "the short campaign's folds to wait in queue gpu",
+                check=pool.check,
+            )
+            assert client.delete(f"{prefix}gpu") == 1  # their messages gone with the broker
+            pool.start("gpu-idle", "gpu")
+            wait_for(
+                lambda: all(short.store.get_unit(u.key).state == "SUCCESS" for u in waiting),
+                120,
+                "the lost folds to run on the idle worker",
+                check=pool.check,
+            )
+            assert store.get_unit(fold.key).state == "RUNNING"  # the long fold still runs
+            ran = {short.store.get_unit(u.key).worker.split("@")[0] for u in waiting}
+            assert ran == {"gpu-idle-0"}
+            assert pool.log("gpu-idle").count("which this worker consumed idle all that time") == 2
+            cancel(long.id, settings=settings)
+            pool.kill("gpu-busy")
+    finally:
+        client.close()
+        drop_redis_keys(prefix)

@@ -159,3 +159,66 @@ def test_a_step_of_the_store_s_clock_takes_no_live_lease(
     monkeypatch.setattr(time, "monotonic", lambda real=time.monotonic: real() + 180)
     assert reaper.requeue_lost_units(object(), (), clock) == [key]
     assert sent == [key] and store.get_unit(key).state == "QUEUED"
+
+
+def test_idleness_counts_only_time_without_any_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper sends a worker's queues' units again only once it has held nothing for
+    five lease periods. Its looks, once a second, would miss units of milliseconds run
+    between two of them: a message received says so (Celery's task_received, in the
+    worker's main process). A change of the queues it consumes starts the count over."""
+    from celery.signals import task_received
+
+    clock = [100.0]
+    monkeypatch.setattr(reaper.time, "monotonic", lambda: clock[0])
+    idle = reaper.Idleness()
+    assert idle.sample(["gpu"]) == 0.0  # idle from now on
+    clock[0] += 30
+    assert idle.sample(["gpu"]) == 30.0
+    task_received.connect(idle.received, weak=False)
+    try:
+        task_received.send(sender=None, request=None)  # a unit of milliseconds, unseen
+    finally:
+        task_received.disconnect(idle.received)
+    clock[0] += 5
+    assert idle.sample(["gpu"]) == 5.0
+    clock[0] += 5
+    assert idle.sample([]) == 0.0  # holds a message
+    clock[0] += 5
+    assert idle.sample(["gpu"]) == 0.0  # idle again, from now
+    clock[0] += 20
+    assert idle.sample(["gpu"]) == 20.0
+    assert idle.sample(["cpu", "gpu"]) == 0.0  # another set of queues: counted anew
+    clock[0] += 1
+    assert idle.sample(["cpu", "gpu"]) == 1.0
+
+
+def test_a_worker_idle_for_long_enough_names_its_queues_to_the_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each pass, once a lease period: the queues only after DROPPED_AFTER_LEASES lease
+    periods of idleness."""
+    import threading
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.02")
+    passes: list[tuple[float, list[str]]] = []
+    step = reaper.LostUnitReaper.__new__(reaper.LostUnitReaper)
+    step.stopping, step.idleness = threading.Event(), reaper.Idleness()
+    monkeypatch.setattr(reaper, "IDLE_SAMPLE_SECONDS", 0.005)
+    monkeypatch.setattr(reaper, "idle_queues", lambda app: ["gpu"])
+
+    def one_pass(app: object, queues: list[str], clock: object) -> list[str]:
+        passes.append((time.monotonic(), list(queues)))
+        if len(passes) >= 12:
+            step.stopping.set()
+        return []
+
+    monkeypatch.setattr(reaper, "requeue_lost_units", one_pass)
+    started = time.monotonic()
+    step.run(SimpleNamespace())
+    # idle from the start: named in every pass five lease periods (0.1 s) on, in none
+    # before
+    after = started + reaper.DROPPED_AFTER_LEASES * 0.02
+    assert all(not queues for at, queues in passes if at < after), passes
+    assert all(queues == ["gpu"] for at, queues in passes if at >= after + 0.02), passes
+    assert passes[-1][1] == ["gpu"]
