@@ -1658,9 +1658,11 @@ def _check_worker_start():  # noqa: ANN202 - Settings
 
     _check_creatable(settings.artifacts)
     # its app makes a filesystem broker's folders: only once the rest is known good
-    from workers.app import app, check_broker_reachable
+    from workers.app import app, check_broker_reachable, evicting_broker
 
     check_broker_reachable(app)
+    if warning := evicting_broker(app):
+        print(f"orchard: warning: {warning}", file=sys.stderr)
     _check_artifacts_of_running(store, settings)
     return settings
 

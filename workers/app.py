@@ -180,6 +180,38 @@ def _login_refused(exc: BaseException, reason: str) -> bool:
     return any(word in reason.lower() for word in words)
 
 
+def evicting_broker(celery: Celery) -> str | None:
+    """The warning a worker starts with when its Redis broker evicts keys of any kind
+    once its memory is full (``maxmemory-policy allkeys-*``): the queues and the
+    unacknowledged messages go with the rest, silently, and their units wait until an
+    idle worker sends them again (``workers.reaper``). None otherwise, or when the
+    broker does not say (``INFO`` refused, another transport)."""
+    from shared.settings import mask_url
+    from workers.config import BROKER_CONNECT_TIMEOUT
+
+    url = celery.conf.broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    options = {
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        "socket_timeout": BROKER_CONNECT_TIMEOUT,
+    }
+    try:
+        with celery.connection_for_write(transport_options=options) as conn:
+            memory = conn.default_channel.client.info("memory")
+    except Exception:  # noqa: BLE001 - a broker that does not say: nothing to warn of
+        return None
+    policy = str(memory.get("maxmemory_policy", "noeviction"))
+    if not (int(memory.get("maxmemory") or 0) and policy.startswith("allkeys-")):
+        return None
+    return (
+        f"broker {mask_url(url)} evicts keys when its memory is full (maxmemory-policy "
+        f"{policy}): queued messages would go silently, their units waiting until an idle "
+        "worker sends them again; set maxmemory-policy noeviction (orchard's keys never "
+        "expire, so a volatile-* policy spares them too)"
+    )
+
+
 def check_broker_reachable(celery: Celery) -> None:
     """Fail within seconds, naming the broker (password masked), if it is unreachable.
 

@@ -204,6 +204,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
+        # for ever: Celery's 100 tries (about 50 min) ended a worker whose broker was
+        # away that long, with exit code 0, which neither the GPU launcher nor a
+        # supervisor's on-failure restart takes for a failure: it stayed down
+        "broker_connection_max_retries": None,
         "broker_connection_timeout": 5,
         "task_serializer": "json",
         "result_serializer": "json",

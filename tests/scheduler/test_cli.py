@@ -998,3 +998,76 @@ def test_submit_wait_ends_with_both_report_paths(
         f"report: {html}",
         f"        {html.with_suffix('.md')}",
     ]
+
+
+def test_a_worker_warns_of_a_broker_that_evicts_keys(tmp_path: Path) -> None:
+    """Redis with maxmemory-policy allkeys-* evicts the queues and the unacknowledged
+    messages with the rest once its memory is full: the units wait, and nothing named
+    the cause. A worker says so at start; not for Redis's default, noeviction."""
+    import shutil
+    import socket
+    import time
+
+    import redis
+
+    from db.store import Store
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (the suite needs it, as .ci/run does)")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        home = tmp_path / "home"
+        Store(f"sqlite:///{home / 'orchard.db'}").upgrade()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")},
+            "ORCHARD_HOME": str(home),
+            "ORCHARD_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        }
+        lines = worker_start_lines(["--queues", "cpu", "--pool", "solo"], env)
+        assert lines[0] == (
+            f"orchard: warning: broker redis://127.0.0.1:{port}/0 evicts keys when its memory "
+            "is full (maxmemory-policy allkeys-lru): queued messages would go silently, their "
+            "units waiting until an idle worker sends them again; set maxmemory-policy "
+            "noeviction (orchard's keys never expire, so a volatile-* policy spares them too)\n"
+        )
+        assert lines[-1].startswith("orchard worker: queues cpu"), lines
+        client.config_set("maxmemory-policy", "noeviction")
+        lines = worker_start_lines(["--queues", "cpu", "--pool", "solo"], env)
+        assert lines[0].startswith("orchard worker: queues cpu"), lines
+    finally:
+        client.close()
+        server.kill()
+        server.wait()

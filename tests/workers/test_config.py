@@ -105,6 +105,18 @@ def test_publishing_rides_out_a_broker_restart(tmp_path: Path) -> None:
     assert policy["max_retries"] * policy["interval_max"] >= 60
 
 
+def test_a_worker_waits_for_its_broker_for_ever(tmp_path: Path) -> None:
+    """Celery's default, 100 tries (about 50 min against a host that is down), ended the
+    worker with exit code 0: no launcher or on-failure restart brought it back."""
+    from celery import Celery
+
+    config = celery_config(settings(tmp_path, "redis://127.0.0.1:6379/0"))
+    assert config["broker_connection_max_retries"] is None
+    app = Celery(set_as_current=False)
+    app.config_from_object(config)
+    assert app.conf.broker_connection_max_retries is None  # not Celery's 100
+
+
 def test_rediss_verifies_the_server_certificate(tmp_path: Path, monkeypatch) -> None:
     import ssl
 
