@@ -399,7 +399,8 @@ def make_engine(url: str) -> Engine:
 
 
 def _connect_args(url: str) -> dict[str, Any]:
-    """psycopg's options beyond the URL's, each only where the URL gives none."""
+    """psycopg's options beyond the URL's: a connect timeout and an application name
+    where the URL gives none, and no prepared statements, always."""
     if not url.startswith("postgresql"):
         return {}
     given = make_url(url).query
@@ -444,6 +445,11 @@ _REFUSED_AT_CONNECT = re.compile(
 )
 
 
+#: libpq's prefix naming the server it tried: ``connection to server at "db" (10.0.0.5),
+#: port 5432 failed: `` or ``… on socket "/run/postgresql/.s.PGSQL.5432" failed: ``.
+_CONNECTION_TO = re.compile(r'connection to server (?:at|on socket) "[^"]*".*? failed: ')
+
+
 def _is_transient(exc: DBAPIError) -> bool:
     """Connection lost or refused, server restarting, lock busy: a retry may succeed.
 
@@ -465,7 +471,9 @@ def _is_transient(exc: DBAPIError) -> bool:
     # (IntegrityError). A refusal at connect time carries no SQLSTATE: its words tell
     if not isinstance(orig, psycopg.OperationalError):
         return False
-    return bool(getattr(orig, "sqlstate", None)) or not _REFUSED_AT_CONNECT.search(str(orig))
+    # the server's words, not the address they name (a host called "certificate-db")
+    said = _CONNECTION_TO.sub("", str(orig))
+    return bool(getattr(orig, "sqlstate", None)) or not _REFUSED_AT_CONNECT.search(said)
 
 
 def _retried(method: Callable[..., _T]) -> Callable[..., _T]:

@@ -566,8 +566,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         run = submit(args.file, reuse=args.reuse)
     except NotSentError as exc:
         # recorded: its id on stdout, as for a submit that went through, so that a
-        # script resumes it rather than submitting it again
-        print(exc.campaign_id, flush=True)
+        # script resumes it rather than submitting it again (a stdout that cannot take
+        # it must not hide the line that says so)
+        with contextlib.suppress(OutputError, BrokenPipeError):
+            print(exc.campaign_id, flush=True)
         raise
     try:
         print(run.id, flush=True)

@@ -62,6 +62,8 @@ class StoreClock:
 
     def __init__(self) -> None:
         self._last: tuple[datetime, float] | None = None
+        #: the last pass could not reach the store
+        self.away = False
 
     def ahead(self, store_now: datetime) -> float:
         """Seconds the store's clock ran ahead of this host's since the last call (0 at
@@ -90,6 +92,17 @@ def requeue_lost_units(
     lease = reliability().lease_seconds
     try:
         store = worker_store()
+        if clock is not None and clock.away:
+            # back from an outage, whose leases nobody could renew: their workers (a
+            # heartbeat, a finished unit offering its result) renew them now, within a
+            # lease period; taken over at once, a finished unit's result was lost
+            clock.ahead(store.now())
+            clock.away = False
+            log.info(
+                "the store answers again: leases that ran out while it was away are not "
+                "taken for run out until the next look"
+            )
+            return []
         if clock is not None and (ahead := clock.ahead(store.now())) >= lease / 2:
             log.warning(
                 "the store's clock ran %.0f s ahead of this host's since the last look for "
@@ -105,6 +118,8 @@ def requeue_lost_units(
             dropped_after=DROPPED_AFTER_LEASES * lease,
         )
     except StoreError as exc:
+        if clock is not None:
+            clock.away = True
         log.warning("could not look for units of lost workers: %s", exc)
         return []
     sent, sent_ids = [], []
@@ -200,6 +215,22 @@ class Idleness:
         return now - max(self._since, self._received)
 
 
+def consuming(worker: Any) -> bool:
+    """Whether the worker's consumer runs, connected to its broker: a worker cut off from
+    it (Redis restarting, away for minutes) or still connecting holds no message, but
+    could take none either, so its time then is no idleness."""
+    consumer = getattr(worker, "consumer", None)
+    try:
+        connection = consumer.connection
+        return (
+            consumer.blueprint.state == bootsteps.RUN
+            and connection is not None
+            and bool(connection.connected)
+        )
+    except Exception:  # noqa: BLE001 - not started yet, or torn down: not consuming
+        return False
+
+
 def idle_queues(app: Any) -> list[str]:
     """The queues this worker consumes, when it holds no message (none running, none
     waiting for a pool slot or an ETA); none while it holds one."""
@@ -224,25 +255,29 @@ class LostUnitReaper(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         task_received.connect(self.idleness.received, weak=False)
         self.thread = threading.Thread(
-            target=self.run, args=(worker.app,), name="orchard lost-unit reaper", daemon=True
+            target=self.run,
+            args=(worker.app, worker),
+            name="orchard lost-unit reaper",
+            daemon=True,
         )
         self.thread.start()
 
-    def run(self, app: Any) -> None:
+    def run(self, app: Any, worker: Any = None) -> None:
         # the first pass reads the store's clock first: the worker's main process opens
         # its store no sooner than it did (not before its pool's children are forked)
         clock = StoreClock()
         lease = reliability().lease_seconds
         next_pass = time.monotonic() + lease
         while not self.stopping.wait(min(IDLE_SAMPLE_SECONDS, lease)):
-            idle_for = self.idleness.sample(idle_queues(app))
-            if time.monotonic() < next_pass:
-                continue
-            next_pass = time.monotonic() + lease
-            # its queues only once it has held nothing for as long as a sent unit must
-            # wait before it counts as dropped
-            queues = idle_queues(app) if idle_for >= DROPPED_AFTER_LEASES * lease else []
             try:
+                held = idle_queues(app) if consuming(worker) else []
+                idle_for = self.idleness.sample(held)
+                if time.monotonic() < next_pass:
+                    continue
+                next_pass = time.monotonic() + lease
+                # its queues only once it has held nothing, connected, for as long as a
+                # sent unit must wait before it counts as dropped
+                queues = held if idle_for >= DROPPED_AFTER_LEASES * lease else []
                 requeue_lost_units(app, queues, clock)
             except Exception:  # never let one bad pass end the thread
                 log.exception("looking for units of lost workers failed")

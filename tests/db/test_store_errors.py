@@ -456,6 +456,35 @@ def test_a_connection_refused_for_what_its_url_asks_is_not_unreachable(
     assert said in str(info.value) and time.monotonic() - started < 4
 
 
+def test_a_server_named_like_a_refusal_is_still_unreachable() -> None:
+    """The refusals are told by the server's words, not by the address libpq names: a
+    host called certificate-db that is down is an outage, waited for."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from db.store import _is_transient
+
+    for said, transient in (
+        (
+            'connection to server at "certificate-db" (10.0.0.5), port 5432 failed: '
+            "Connection refused",
+            True,
+        ),
+        (
+            'connection to server at "db" (::1), port 5432 failed: FATAL:  password '
+            'authentication failed for user "orchard"',
+            False,
+        ),
+        (
+            'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: FATAL:  '
+            "the database system is starting up",
+            True,
+        ),
+    ):
+        error = OperationalError("connect", {}, psycopg.OperationalError(said))
+        assert _is_transient(error) is transient, said
+
+
 def test_a_lock_timeout_is_told_as_one(postgres_url: str) -> None:
     """A DBA's lock_timeout (or statement_timeout) met: retried as before, but it was
     worded "unreachable", which sent one looking for a server that was up."""

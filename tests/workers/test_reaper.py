@@ -5,6 +5,7 @@ broker's send is made to fail."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -161,6 +162,46 @@ def test_a_step_of_the_store_s_clock_takes_no_live_lease(
     assert sent == [key] and store.get_unit(key).state == "QUEUED"
 
 
+def test_the_pass_after_an_outage_leaves_run_out_leases_a_lease_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database was away longer than two lease periods: every running unit's lease
+    ran out, none could be renewed. Its workers renew them once it answers (a finished
+    unit offers its result every 5 s); the reapers, each looking once a lease period,
+    took the units over first about half the time with ten workers, and the finished
+    results were lost. The first pass that reaches the store again takes no lease; the
+    next one takes a lease its holder did not renew."""
+    import logging
+
+    from db.store import StoreUnreachableError
+
+    store, key = _a_running_unit(tmp_path, monkeypatch, 0.05)
+    sent: list[str] = []
+
+    class Sent:
+        def __init__(self, *args: object) -> None:
+            self.key = args[4]
+
+        def apply_async(self) -> None:
+            sent.append(self.key)
+
+    monkeypatch.setattr(canvas, "unit_signature", Sent)
+    clock = reaper.StoreClock()
+
+    def away() -> Store:
+        raise StoreUnreachableError("database x unreachable: gone (gave up after 5 s)")
+
+    monkeypatch.setattr(base, "worker_store", away)
+    assert reaper.requeue_lost_units(object(), (), clock) == []
+    monkeypatch.setattr(base, "worker_store", lambda: store)
+    time.sleep(0.05 * 3)  # the lease ran out over a lease period ago
+    caplog.set_level(logging.INFO, logger=reaper.log.name)
+    assert reaper.requeue_lost_units(object(), (), clock) == []
+    assert store.get_unit(key).state == "RUNNING" and sent == []
+    assert "the store answers again" in caplog.text
+    assert reaper.requeue_lost_units(object(), (), clock) == [key]  # not renewed since
+
+
 def test_idleness_counts_only_time_without_any_message(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reaper sends a worker's queues' units again only once it has held nothing for
     five lease periods. Its looks, once a second, would miss units of milliseconds run
@@ -192,33 +233,69 @@ def test_idleness_counts_only_time_without_any_message(monkeypatch: pytest.Monke
     assert idle.sample(["cpu", "gpu"]) == 1.0
 
 
+class _Stopping:
+    """The reaper thread's wait, on a clock of the test's: each wait moves it on."""
+
+    def __init__(self, clock: list[float], passes: int) -> None:
+        self.clock, self.left = clock, passes
+
+    def wait(self, seconds: float) -> bool:
+        self.clock[0] += seconds
+        return self.left <= 0
+
+
+def _reaper_passes(
+    monkeypatch: pytest.MonkeyPatch, connected: Callable[[float], bool], passes: int = 12
+) -> list[tuple[float, list[str]]]:
+    """The queues each pass of a worker that holds no message is given, on a clock of
+    the test's (lease 1 s); ``connected(t)``: whether its consumer is connected then."""
+    from types import SimpleNamespace
+
+    from celery import bootsteps
+
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "1")
+    clock = [0.0]
+    monkeypatch.setattr(reaper.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(reaper, "idle_queues", lambda app: ["gpu"])
+    step = reaper.LostUnitReaper.__new__(reaper.LostUnitReaper)
+    step.stopping, step.idleness = _Stopping(clock, passes), reaper.Idleness()
+    seen: list[tuple[float, list[str]]] = []
+
+    def one_pass(app: object, queues: list[str], store_clock: object) -> list[str]:
+        seen.append((clock[0], list(queues)))
+        step.stopping.left -= 1
+        return []
+
+    monkeypatch.setattr(reaper, "requeue_lost_units", one_pass)
+
+    class Connection:
+        @property
+        def connected(self) -> bool:
+            return connected(clock[0])
+
+    consumer = SimpleNamespace(
+        blueprint=SimpleNamespace(state=bootsteps.RUN), connection=Connection()
+    )
+    step.run(SimpleNamespace(), SimpleNamespace(consumer=consumer))
+    return seen
+
+
 def test_a_worker_idle_for_long_enough_names_its_queues_to_the_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each pass, once a lease period: the queues only after DROPPED_AFTER_LEASES lease
-    periods of idleness."""
-    import threading
-    from types import SimpleNamespace
+    periods of idleness, connected to the broker."""
+    passes = _reaper_passes(monkeypatch, lambda t: True)
+    named = [at for at, queues in passes if queues]
+    assert named and min(named) >= reaper.DROPPED_AFTER_LEASES
+    assert all(queues == ["gpu"] for at, queues in passes if at >= 6), passes
 
-    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "0.02")
-    passes: list[tuple[float, list[str]]] = []
-    step = reaper.LostUnitReaper.__new__(reaper.LostUnitReaper)
-    step.stopping, step.idleness = threading.Event(), reaper.Idleness()
-    monkeypatch.setattr(reaper, "IDLE_SAMPLE_SECONDS", 0.005)
-    monkeypatch.setattr(reaper, "idle_queues", lambda app: ["gpu"])
 
-    def one_pass(app: object, queues: list[str], clock: object) -> list[str]:
-        passes.append((time.monotonic(), list(queues)))
-        if len(passes) >= 12:
-            step.stopping.set()
-        return []
-
-    monkeypatch.setattr(reaper, "requeue_lost_units", one_pass)
-    started = time.monotonic()
-    step.run(SimpleNamespace())
-    # idle from the start: named in every pass five lease periods (0.1 s) on, in none
-    # before
-    after = started + reaper.DROPPED_AFTER_LEASES * 0.02
-    assert all(not queues for at, queues in passes if at < after), passes
-    assert all(queues == ["gpu"] for at, queues in passes if at >= after + 0.02), passes
-    assert passes[-1][1] == ["gpu"]
+def test_time_cut_off_from_the_broker_is_no_idleness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose broker is away (Redis restarting for minutes) holds no message,
+    but could take none: counted as idle, it sent every queued unit again after five
+    lease periods, next to their messages, which came back with the broker. Idle again
+    from its reconnection only."""
+    passes = _reaper_passes(monkeypatch, lambda t: not 2 <= t < 9, passes=20)
+    named = [at for at, queues in passes if queues]
+    assert named and min(named) >= 9 + reaper.DROPPED_AFTER_LEASES, passes

@@ -623,6 +623,37 @@ def test_a_result_the_database_could_not_take_is_offered_again_not_run_again(
     assert caplog.text.count(f"{KEY} finished, but the database is away") == 3
 
 
+def test_a_prefork_child_offers_its_result_for_five_lease_periods(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefork child does not hear of its worker's warm shutdown (Celery tells the main
+    process alone), which waits for it: its offer ends after CHILD_OFFER_LEASES lease
+    periods, and the unit is handed back."""
+    from db.store import StoreUnreachableError
+
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(base, "_MAIN_PID", -1)  # this process is a child of the worker's
+    offers: list[float] = []
+
+    def away(key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
+        offers.append(clock[0])
+        raise StoreUnreachableError("database x unreachable: gone (gave up after 5 s)")
+
+    monkeypatch.setattr(store, "finish_unit", away)
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Reject, Celery's
+        run_unit(
+            OneDelivery(),
+            UnitMessage(campaign_id="g-1", unit_key=KEY),
+            lambda ctx: Outcome(0.01, val_acc=1.0),
+        )
+    assert type(raised.value).__name__ == "Reject"
+    lease = base.reliability().lease_seconds
+    assert offers[-1] >= base.CHILD_OFFER_LEASES * lease > offers[-2]
+    assert store.get_unit(KEY).state == "QUEUED"
+
+
 def test_a_worker_stopping_gives_up_offering_its_result(
     store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -816,23 +816,35 @@ def _fail(
 
 #: How often a worker holding a result for a database that is away says so again.
 AWAY_TOLD_EVERY_SECONDS = 60.0
+#: Lease periods a prefork child offers a result for, at most: it does not hear of its
+#: worker's warm shutdown (Celery tells the main process alone), which would wait for it.
+CHILD_OFFER_LEASES = 5
+#: This worker's main process: where this module is imported, before the pool's
+#: children are forked (see WORKER_BOOT).
+_MAIN_PID = os.getpid()
 
 
-def _finish(store: Store, key: str, outcome: Outcome, holder: str) -> bool:
-    """``store.finish_unit``, offered again for as long as the database is away: the
-    result is in hand, and running the body again for it (an hour of a CNN fold's last
-    epochs, a whole forest) costs far more than waiting, while this worker could start
-    no other unit meanwhile (each starts in the store). It was offered for a lease
-    period only, and a failover longer than that threw finished results away. The
-    delivery's lease runs out meanwhile; a delivery that takes the unit over once the
-    database is back makes this one's offer a lost lease (``LeaseLostError``). A worker
-    stopping gives up, handing the unit back if it can."""
+def _finish(store: Store, key: str, outcome: Outcome, holder: str, lease_seconds: float) -> bool:
+    """``store.finish_unit``, offered again while the database is away: the result is in
+    hand, and running the body again for it (an hour of a CNN fold's last epochs, a
+    whole forest) costs far more than waiting, while this worker could start no other
+    unit meanwhile (each starts in the store). It was offered for a lease period only,
+    and a failover longer than that threw finished results away. In the worker's main
+    process (a solo pool: GPU workers) for as long as the database is away, until the
+    worker stops; in a prefork child for :data:`CHILD_OFFER_LEASES` lease periods. The
+    delivery's lease runs out meanwhile; the workers' reapers leave it a lease period
+    to be renewed once the database answers (``workers.reaper``), and a delivery that
+    took the unit over all the same makes this offer a lost lease
+    (``LeaseLostError``). Given up, the unit is handed back if it can be."""
     told = None
+    deadline = None
+    if os.getpid() != _MAIN_PID:
+        deadline = time.monotonic() + CHILD_OFFER_LEASES * lease_seconds
     while True:
         try:
             return store.finish_unit(key, outcome, holder=holder)
         except StoreUnreachableError as exc:
-            if _worker_stopping.is_set():
+            if _worker_stopping.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 raise
             if told is None or time.monotonic() - told >= AWAY_TOLD_EVERY_SECONDS:
                 log.warning("%s finished, but the database is away (%s); trying again", key, exc)
@@ -1046,7 +1058,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         context.check_folder_still_there()  # nor does one whose files went astray
         heartbeat.stop()
         try:
-            recorded = _finish(store, key, outcome, holder)
+            recorded = _finish(store, key, outcome, holder, rules.lease_seconds)
         except UnitCancelledError:  # cancelled since the heartbeat's last renewal
             raise UnitAborted(LEASE_CANCELLED) from None
         except LeaseLostError:  # reset by `orchard resume` or taken over since then
