@@ -1264,6 +1264,8 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
 
 
 def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001
+    from shared.plan import UNIT_STATES
+
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -1271,7 +1273,11 @@ def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa:
         "source": campaign.source,
         "created_at": _iso(campaign.created_at),
         "finished_at": _iso(campaign.finished_at),
-        "units": {"total": sum(states.values()), **dict(sorted(states.items()))},
+        # every state, 0 too: `.units.FAILED` is a number for a script, never absent
+        "units": {
+            "total": sum(states.values()),
+            **{state: states.get(state, 0) for state in UNIT_STATES},
+        },
     }
 
 

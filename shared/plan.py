@@ -38,6 +38,8 @@ TASKS: dict[str, tuple[str, str]] = {
 
 PENDING, QUEUED, RUNNING, SUCCESS, FAILED = "PENDING", "QUEUED", "RUNNING", "SUCCESS", "FAILED"
 CANCELLED = "CANCELLED"  # `orchard cancel`: will not run unless the campaign is resumed
+#: Every state a unit may be in, in its order of life.
+UNIT_STATES = (PENDING, QUEUED, RUNNING, SUCCESS, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCESS, FAILED, CANCELLED})
 
 #: families whose units make a part of another unit's model, not a model result

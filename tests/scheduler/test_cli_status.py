@@ -308,8 +308,10 @@ def test_json_lists_campaigns_with_their_unit_counts(
     assert document["store"] == store.url and document["not_shown"] == 0
     by_id = {c["id"]: c for c in document["campaigns"]}
     assert by_id[IDS[0]]["state"] == "RUNNING" and by_id[IDS[1]]["state"] == "CANCELLED"
-    assert by_id[IDS[0]]["units"] == {"total": len(plans), "PENDING": len(plans)}
-    assert by_id[IDS[1]]["units"] == {"total": len(plans), "CANCELLED": len(plans)}
+    none = dict.fromkeys(("PENDING", "QUEUED", "RUNNING", "SUCCESS", "FAILED", "CANCELLED"), 0)
+    # every state, 0 too: a script's `.units.FAILED` was null, not 0
+    assert by_id[IDS[0]]["units"] == {"total": len(plans), **none, "PENDING": len(plans)}
+    assert by_id[IDS[1]]["units"] == {"total": len(plans), **none, "CANCELLED": len(plans)}
     assert by_id[IDS[0]]["finished_at"] is None
     for moment in (by_id[IDS[1]]["created_at"], by_id[IDS[1]]["finished_at"]):
         assert datetime.fromisoformat(moment).utcoffset().total_seconds() == 0  # UTC, said so
@@ -338,8 +340,11 @@ def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
     assert campaign["units"] == {
         "total": len(plans),
         "PENDING": len(plans) - 2,
+        "QUEUED": 0,
         "RUNNING": 1,
         "SUCCESS": 1,
+        "FAILED": 0,
+        "CANCELLED": 0,
     }
     units = {u["key"]: u for u in document["units"]}
     assert list(units) == [p.key for p in plans]  # in plan order, every one

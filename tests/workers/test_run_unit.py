@@ -1100,3 +1100,23 @@ def test_a_retry_s_eta_from_a_clock_far_ahead_is_due_within_the_longest_countdow
     near = now + timedelta(seconds=5)
     assert request(near).eta == near
     assert request(None).eta is None
+
+
+def test_a_kept_message_comes_back_within_half_the_visibility_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message kept for later (the store unusable) came back after up to 60 s. Redis
+    hands a message held longer than its visibility timeout out again while its holder
+    still fires it: under a timeout of 30 s the kept messages multiplied, one more each
+    round (3, 7, 9, … in a queue), for as long as the store stayed unusable."""
+    from types import SimpleNamespace
+
+    def countdowns() -> list[float]:
+        return [
+            base._backoff(SimpleNamespace(request=SimpleNamespace(retries=n))) for n in range(8)
+        ]
+
+    assert countdowns() == [2, 4, 8, 16, 32, 60, 60, 60]  # the default timeout: 12 h
+    monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "30")
+    monkeypatch.setenv("ORCHARD_LEASE_SECONDS", "10")
+    assert countdowns() == [2, 4, 8, 15, 15, 15, 15, 15]
