@@ -242,25 +242,30 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path: Path) -> N
     store.upgrade()
     for i in range(40):
         seed_campaign(store, f"t-{i}")
+    done = _with_the_reader_gone(["status", "t-1"], home)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def _with_the_reader_gone(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """`orchard ARGS` whose stdout is a pipe whose reader is gone before it writes."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")},
         "ORCHARD_HOME": str(home),
     }
     read, write = os.pipe()
-    os.close(read)  # the reader is gone before orchard writes
+    os.close(read)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "status", "t-1"],
+        return subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", *args],
             cwd=REPO,
             env=env,
             stdout=write,
             stderr=subprocess.PIPE,
             text=True,
-            timeout=60,
+            timeout=120,
         )
     finally:
         os.close(write)
-    assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
 def test_a_submit_whose_reader_left_says_the_campaign_was_submitted(tmp_path: Path) -> None:
@@ -271,24 +276,7 @@ def test_a_submit_whose_reader_left_says_the_campaign_was_submitted(tmp_path: Pa
     from tests.scheduler.test_cli_bad_args import campaign_file
 
     home = tmp_path / "home"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")},
-        "ORCHARD_HOME": str(home),
-    }
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before orchard writes
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "submit", str(campaign_file(tmp_path))],
-            cwd=REPO,
-            env=env,
-            stdout=write,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        os.close(write)
+    done = _with_the_reader_gone(["submit", str(campaign_file(tmp_path))], home)
     [campaign] = Store(f"sqlite:///{home / 'orchard.db'}").list_campaigns()
     assert done.returncode == 141, done.stderr
     assert done.stderr == (

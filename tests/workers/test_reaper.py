@@ -91,6 +91,21 @@ def _a_running_unit(
     return store, key
 
 
+def _sends_recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the units the passes send, in order (the broker stood in for)."""
+    sent: list[str] = []
+
+    class Sent:
+        def __init__(self, *args: object) -> None:
+            self.key = args[4]
+
+        def apply_async(self) -> None:
+            sent.append(self.key)
+
+    monkeypatch.setattr(canvas, "unit_signature", Sent)
+    return sent
+
+
 def test_a_lost_worker_s_unit_the_broker_cannot_take_goes_back_to_pending(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -136,16 +151,7 @@ def test_a_step_of_the_store_s_clock_takes_no_live_lease(
     import db.store as store_module
 
     store, key = _a_running_unit(tmp_path, monkeypatch, 60)
-    sent: list[str] = []
-
-    class Sent:
-        def __init__(self, *args: object) -> None:
-            self.key = args[4]
-
-        def apply_async(self) -> None:
-            sent.append(self.key)
-
-    monkeypatch.setattr(canvas, "unit_signature", Sent)
+    sent = _sends_recorded(monkeypatch)
     clock = reaper.StoreClock()
     assert reaper.requeue_lost_units(object(), (), clock) == []  # the lease is live
     host_clock = store_module.utcnow
@@ -176,16 +182,7 @@ def test_the_pass_after_an_outage_leaves_run_out_leases_a_lease_period(
     from db.store import StoreUnreachableError
 
     store, key = _a_running_unit(tmp_path, monkeypatch, 0.05)
-    sent: list[str] = []
-
-    class Sent:
-        def __init__(self, *args: object) -> None:
-            self.key = args[4]
-
-        def apply_async(self) -> None:
-            sent.append(self.key)
-
-    monkeypatch.setattr(canvas, "unit_signature", Sent)
+    sent = _sends_recorded(monkeypatch)
     clock = reaper.StoreClock()
 
     def away() -> Store:
