@@ -180,6 +180,17 @@ def _login_refused(exc: BaseException, reason: str) -> bool:
     return any(word in reason.lower() for word in words)
 
 
+def _answer_quickly() -> dict[str, float]:
+    """Redis transport options for a check: connecting and each answer within
+    ``BROKER_CONNECT_TIMEOUT`` seconds, not the workers' longer socket timeout."""
+    from workers.config import BROKER_CONNECT_TIMEOUT
+
+    return {
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        "socket_timeout": BROKER_CONNECT_TIMEOUT,
+    }
+
+
 def evicting_broker(celery: Celery) -> str | None:
     """The warning a worker starts with when its Redis broker evicts keys of any kind
     once its memory is full (``maxmemory-policy allkeys-*``): the queues and the
@@ -187,15 +198,11 @@ def evicting_broker(celery: Celery) -> str | None:
     idle worker sends them again (``workers.reaper``). None otherwise, or when the
     broker does not say (``INFO`` refused, another transport)."""
     from shared.settings import mask_url
-    from workers.config import BROKER_CONNECT_TIMEOUT
 
     url = celery.conf.broker_url
     if not url.startswith(("redis://", "rediss://")):
         return None
-    options = {
-        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
-        "socket_timeout": BROKER_CONNECT_TIMEOUT,
-    }
+    options = _answer_quickly()
     try:
         with celery.connection_for_write(transport_options=options) as conn:
             memory = conn.default_channel.client.info("memory")
@@ -228,12 +235,7 @@ def check_broker_reachable(celery: Celery) -> None:
     url = celery.conf.broker_url
     if problem := broker_url_problem(url):  # before kombu, whose errors may quote it
         raise OrchardError(f"broker {mask_url(url)}: {problem}")
-    options = {}
-    if url.startswith(("redis://", "rediss://")):
-        options = {
-            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
-            "socket_timeout": BROKER_CONNECT_TIMEOUT,
-        }
+    options = _answer_quickly() if url.startswith(("redis://", "rediss://")) else {}
     try:
         with celery.connection_for_write(transport_options=options) as conn:
             conn.ensure_connection(
