@@ -120,6 +120,9 @@ class CampaignRun:
         #: with ``submit(..., reuse=True)``: unit key -> the earlier unit that ran, whose
         #: result it copied (its ``reused_from``, also when it copied a copy)
         self.reused: dict[str, str] = {}
+        #: with ``submit(..., campaign_id=...)``: the campaign an earlier submit recorded
+        #: under that id (nothing was recorded again), else None
+        self.resubmitted: Campaign | None = None
 
     def __repr__(self) -> str:
         return f"CampaignRun({self.id!r})"
@@ -349,6 +352,11 @@ def _in_words(counts: Counter[str]) -> str:
     )
 
 
+#: A campaign id: what :func:`new_campaign_id` makes (the name, the UTC time, four hex
+#: digits), or one chosen with ``submit --id``.
+CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
+
+
 def new_campaign_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
@@ -361,83 +369,200 @@ def submit(
     artifacts: str | Path | None = None,
     settings: Settings | None = None,
     reuse: bool = False,
+    campaign_id: str | None = None,
 ) -> CampaignRun:
     """Validate a campaign file, record its units and enqueue the first stage.
 
     With ``reuse``, model units that already succeeded, identically, in an earlier
     campaign (same data, folds, seed and parameters) are copied instead of run
     (``run.reused``); preprocessing shards are always reused from the cache.
+
+    ``campaign_id`` chooses the campaign's id (``submit --id``), which is otherwise made
+    of its name, the time and a random part. A submit retried with the same id and the
+    same campaign (its validated settings; the file may lie elsewhere) records and runs
+    nothing twice: it returns the campaign recorded then, with ``run.resubmitted`` set,
+    and sends whatever that one recorded but could not send. Under the id of another
+    campaign it is refused.
     """
     settings = _settings(settings, broker, database, artifacts)
+    if campaign_id is not None:
+        check_chosen_id(campaign_id)
     campaign = _load_checked(path, settings)
     from workers.app import check_broker_reachable, make_app
-    from workers.config import make_broker_folders
 
-    # a filesystem broker's folders are made once the campaign is known to be good;
     # the app's broker connections close on the way out, the store's only on an error
     # (the run holds it: CampaignRun.close)
     with make_app(settings, with_tasks=False, broker_folders=False) as app, ExitStack() as on_error:
         check_broker_reachable(app)
-        database_server = not settings.database_url.startswith("sqlite")
-        if database_server:
-            store = Store(settings.database_url)
-            on_error.callback(store.dispose)
-            # fail in seconds, before reading a dataset that can take minutes
-            store.create_or_check()
-        with _synthetic_dataset_guard(campaign, settings.artifacts):
-            campaign_id = new_campaign_id(campaign.name)
-            manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
+        store: Store | None = None
 
-            # the new campaign's folder, with its manifest, is removed again if recording fails
-            folder = settings.artifacts / "campaigns" / campaign_id
-            fresh = not folder.exists()  # never another campaign's, should two ids collide
-            make_broker_folders(settings)
-            try:
-                written = atomic_write_text(manifest_path(folder), manifest.to_json())
-                if not database_server:
-                    # the SQLite file (and its folder) only for a campaign that can run
-                    store = Store(settings.database_url)
-                    on_error.callback(store.dispose)
-                    store.create_or_check()
-                store.create_campaign(
-                    campaign_id,
-                    name=campaign.name,
-                    source=str(Path(path).resolve()),
-                    digest=campaign.digest(),
-                    spec=campaign.model_dump(mode="json"),
-                    classes=manifest.classes,
-                    units=units,
-                    data_digest=manifest.data_digest(settings.artifacts),
-                    format_version=CAMPAIGN_FORMAT,
-                    artifacts=[
-                        Artifact(
-                            written.path.relative_to(settings.artifacts).as_posix(),
-                            "manifest",
-                            written.sha256,
-                            written.size,
-                            campaign_id,
-                        )
-                    ],
+        def open_store() -> Store:
+            opened = Store(settings.database_url)
+            on_error.callback(opened.dispose)
+            opened.create_or_check()
+            return opened
+
+        if not settings.database_url.startswith("sqlite"):
+            store = open_store()  # fail in seconds, before reading a dataset (minutes)
+        with (
+            _synthetic_dataset_guard(campaign, settings.artifacts),
+            _chosen_id_lock(settings.artifacts, campaign_id),
+        ):
+            earlier = None
+            if campaign_id is not None:
+                # read once the lock is held: an SQLite store a concurrent submit under
+                # the same id created is there now
+                if store is None and _sqlite_file_there(settings.database_url):
+                    store = open_store()
+                if store is not None:
+                    earlier = _submitted_before(store, campaign_id, campaign)
+            if earlier is None:
+                chosen = campaign_id is not None
+                campaign_id = campaign_id or new_campaign_id(campaign.name)
+                manifest, store = _record(
+                    path, campaign, campaign_id, settings, store, open_store, chosen=chosen
                 )
-            except BaseException as exc:
-                if fresh:
-                    shutil.rmtree(folder, ignore_errors=True)
-                if isinstance(exc, OSError) and not isinstance(exc, OrchardError):
-                    # the artifact folder: full, read-only, ... (an ArtifactWriteError
-                    # already says so, naming the file)
-                    raise OrchardError(
-                        f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
-                    ) from None
-                raise
+        assert store is not None and campaign_id is not None
         run = CampaignRun(campaign_id, store, settings)
-        if reuse:
+        if earlier is not None:
+            run.resubmitted = earlier
+        elif reuse:
             # the same data: at another root (data_digest), or as an earlier orchard wrote
             # its manifest
-            earlier = manifest.earlier_digests(settings.artifacts)
-            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=earlier)
-        _send(store, app, campaign_id)
+            equivalent = manifest.earlier_digests(settings.artifacts)
+            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
+        if earlier is None or earlier.state == RUNNING:
+            _send(store, app, campaign_id)
         on_error.pop_all()
     return run
+
+
+def _record(
+    path: str | Path,
+    campaign: CampaignSpec,
+    campaign_id: str,
+    settings: Settings,
+    store: Store | None,
+    open_store: Callable[[], Store],
+    *,
+    chosen: bool,
+) -> tuple[Manifest, Store]:
+    """Plan the campaign over its data, write its manifest into its new folder and
+    record it with its units; the folder is removed again if recording fails."""
+    from workers.config import make_broker_folders
+
+    manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
+    folder = settings.artifacts / "campaigns" / campaign_id
+    # never another campaign's, should two ids collide; a chosen id's folder that holds
+    # no more than a manifest is what a submit killed before recording left
+    fresh = not folder.exists() or (chosen and _left_by_a_killed_submit(folder))
+    if not fresh and chosen:
+        raise OrchardError(
+            f"campaign {campaign_id}: its folder {folder} is there, but the store "
+            f"({mask_url(settings.database_url)}) records no such campaign: what a delete "
+            f"left (`orchard delete {campaign_id}` removes it), or another store's "
+            "campaign under ORCHARD_ARTIFACTS; nothing submitted"
+        )
+    # a filesystem broker's folders are made once the campaign is known to be good
+    make_broker_folders(settings)
+    try:
+        written = atomic_write_text(manifest_path(folder), manifest.to_json())
+        if store is None:
+            store = open_store()  # the SQLite file (and its folder): a campaign that can run
+        store.create_campaign(
+            campaign_id,
+            name=campaign.name,
+            source=str(Path(path).resolve()),
+            digest=campaign.digest(),
+            spec=campaign.model_dump(mode="json"),
+            classes=manifest.classes,
+            units=units,
+            data_digest=manifest.data_digest(settings.artifacts),
+            format_version=CAMPAIGN_FORMAT,
+            artifacts=[
+                Artifact(
+                    written.path.relative_to(settings.artifacts).as_posix(),
+                    "manifest",
+                    written.sha256,
+                    written.size,
+                    campaign_id,
+                )
+            ],
+        )
+    except BaseException as exc:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OrchardError):
+            # the artifact folder: full, read-only, ... (an ArtifactWriteError
+            # already says so, naming the file)
+            raise OrchardError(
+                f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
+            ) from None
+        raise
+    return manifest, store
+
+
+def check_chosen_id(campaign_id: str) -> None:
+    """A campaign id a caller chooses (``submit --id``): one line unless it is one."""
+    if CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is None:
+        raise OrchardError(
+            f"campaign id {printable(campaign_id)!r}: an id is 1 to 80 lowercase letters, "
+            "digits, '-' and '_', the first a letter or a digit"
+        )
+
+
+def _sqlite_file_there(url: str) -> bool:
+    """Whether a SQLite store's file exists (or the URL is not a plain file's)."""
+    from db.urls import require_sqlite_file
+
+    try:
+        require_sqlite_file(url)
+    except OrchardError:
+        return False
+    return True
+
+
+def _submitted_before(store: Store, campaign_id: str, campaign: CampaignSpec) -> Campaign | None:
+    """The campaign recorded under a chosen id by an earlier submit of the same campaign;
+    None when the id is free; refused when it is another campaign's."""
+    recorded = store.find_campaign(campaign_id)
+    if recorded is None:
+        return None
+    if recorded.state == DELETING:
+        raise OrchardError(
+            f"campaign {campaign_id} is being deleted (`orchard delete {campaign_id}` "
+            "finishes it): nothing submitted"
+        )
+    if recorded.digest != campaign.digest():
+        raise OrchardError(
+            f"campaign {campaign_id} was submitted already, from {recorded.source}, with "
+            "other settings: nothing submitted; choose another id for this one"
+        )
+    return recorded
+
+
+@contextmanager
+def _chosen_id_lock(artifacts: Path, campaign_id: str | None) -> Iterator[None]:
+    """Around deciding whether a chosen id is recorded and recording it: a concurrent
+    submit under the same id waits, then finds it recorded (``.<id>.lock`` stays)."""
+    if campaign_id is None:
+        yield
+        return
+    with _dataset_lock(
+        artifacts / "campaigns" / campaign_id, "another submit under this id is under way"
+    ):
+        yield
+
+
+def _left_by_a_killed_submit(folder: Path) -> bool:
+    """A campaign folder that holds nothing but its manifest (or the temporary file of
+    one being written): no unit of the campaign ever ran."""
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return False
+    manifest = manifest_path(folder).name
+    return all(name == manifest or name.endswith(".tmp") for name in names)
 
 
 class NotSentError(OrchardError):
@@ -593,9 +718,11 @@ def _synthetic_dataset_guard(campaign: CampaignSpec, artifacts: Path) -> Iterato
 
 
 @contextmanager
-def _dataset_lock(root: Path) -> Iterator[bool]:
+def _dataset_lock(
+    root: Path, held_by: str = "another submit is generating it or recording a campaign on it"
+) -> Iterator[bool]:
     """Hold an exclusive lock on ``.<name>.lock`` beside ``root``, saying so on stderr if
-    another submit holds it; yields whether the lock is held."""
+    another submit holds it (``held_by``); yields whether the lock is held."""
     lock = root.parent / f".{root.name}.lock"
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -610,8 +737,7 @@ def _dataset_lock(root: Path) -> Iterator[bool]:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(
-                f"orchard: waiting for {root}: another submit is generating it or recording "
-                "a campaign on it",
+                f"orchard: waiting for {root}: {held_by}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -861,10 +987,6 @@ def cancel(
         if outcome.task_ids:
             app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome
-
-
-#: What :func:`new_campaign_id` makes: the name, the UTC time, four hex digits.
-CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
 
 
 @dataclass(frozen=True, slots=True)

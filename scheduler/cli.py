@@ -218,6 +218,14 @@ def _parser() -> argparse.ArgumentParser:
         "per stage and family; records, sends and writes nothing",
     )
     p.add_argument(
+        "--id",
+        metavar="ID",
+        dest="campaign_id",
+        help="the campaign's id (lowercase letters, digits, '-', '_'; 80 at most) instead of "
+        "one made from its name and the time: a submit retried with the same id and the "
+        "same campaign submits nothing again and prints that id",
+    )
+    p.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=None,
@@ -549,7 +557,7 @@ def _check_reliability() -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from scheduler.api import NotSentError, submit
+    from scheduler.api import NotSentError, check_chosen_id, submit
 
     _timeout_needs(args, "wait")
     if args.dry_run:
@@ -559,11 +567,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
         _check_urls()  # their syntax: a dry run connects to neither
         _check_reliability()
+        if args.campaign_id is not None:
+            check_chosen_id(args.campaign_id)
         return _dry_run(args.file)
     _check_urls()
     _check_reliability()
     try:
-        run = submit(args.file, reuse=args.reuse)
+        run = submit(args.file, reuse=args.reuse, campaign_id=args.campaign_id)
     except NotSentError as exc:
         # recorded: its id on stdout, as for a submit that went through, so that a
         # script resumes it rather than submitting it again (a stdout that cannot take
@@ -589,9 +599,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if isinstance(exc, BrokenPipeError):
             raise  # exit 141, as for every command whose reader left
         return 1
-    _warn_skipped(run)
-    if args.reuse:
-        print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
+    if run.resubmitted is not None:
+        earlier = run.resubmitted
+        when = f"{as_utc(earlier.created_at):%Y-%m-%d %H:%M:%S} UTC"
+        print(
+            f"orchard: campaign {run.id} was submitted already, at {when}, and is "
+            f"{earlier.state}: nothing submitted again",
+            file=sys.stderr,
+        )
+    else:
+        _warn_skipped(run)
+        if args.reuse:
+            print(
+                f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr
+            )
     if not args.wait:
         return 0
     with _watching(run.id):
