@@ -352,9 +352,10 @@ def _in_words(counts: Counter[str]) -> str:
     )
 
 
-#: A campaign id: what :func:`new_campaign_id` makes (the name, the UTC time, four hex
-#: digits), or one chosen with ``submit --id``.
+#: A campaign id: what :func:`new_campaign_id` makes, or one chosen with ``submit --id``.
 CAMPAIGN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
+#: What :func:`new_campaign_id` makes: the name, the UTC time, four hex digits.
+MADE_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
 
 
 def new_campaign_id(name: str) -> str:
@@ -457,11 +458,15 @@ def _record(
     # no more than a manifest is what a submit killed before recording left
     fresh = not folder.exists() or (chosen and _left_by_a_killed_submit(folder))
     if not fresh and chosen:
+        whose = (
+            f"what a delete left, which `orchard delete {campaign_id}` removes"
+            if (folder / DELETING_MARK).exists()
+            else "another store's campaign under ORCHARD_ARTIFACTS, or not a campaign's"
+        )
         raise OrchardError(
             f"campaign {campaign_id}: its folder {folder} is there, but the store "
-            f"({mask_url(settings.database_url)}) records no such campaign: what a delete "
-            f"left (`orchard delete {campaign_id}` removes it), or another store's "
-            "campaign under ORCHARD_ARTIFACTS; nothing submitted"
+            f"({mask_url(settings.database_url)}) records no such campaign: {whose}; "
+            "nothing submitted"
         )
     # a filesystem broker's folders are made once the campaign is known to be good
     make_broker_folders(settings)
@@ -1052,7 +1057,11 @@ def _delete(
             CAMPAIGN_ID_PATTERN.fullmatch(campaign_id) is not None
             and folder.is_dir()
             and not folder.is_symlink()
-            and (not manifest_path(folder).exists() or (folder / DELETING_MARK).exists())
+            and (
+                (folder / DELETING_MARK).exists()
+                # what an orchard before the mark left; a chosen id's, any folder's name
+                or (MADE_ID_PATTERN.fullmatch(campaign_id) and not manifest_path(folder).exists())
+            )
         )
         if not leftover:
             store.get_campaign(campaign_id)  # raises: no campaign ... in <store>

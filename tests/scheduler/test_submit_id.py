@@ -128,10 +128,32 @@ def test_what_a_killed_submit_left_is_taken_over_and_anything_more_is_refused(
     assert_one_line_error(
         done,
         f"campaign nightly-2: its folder {other} is there, but the store (sqlite:///"
-        f"{home / 'orchard.db'}) records no such campaign",
-        "`orchard delete nightly-2` removes it",
+        f"{home / 'orchard.db'}) records no such campaign: another store's campaign under "
+        "ORCHARD_ARTIFACTS, or not a campaign's; nothing submitted",
     )
     assert sorted(p.name for p in other.iterdir()) == ["models"]
+    # not a campaign's: `orchard delete` leaves a folder with no .deleting mark alone
+    assert_one_line_error(orchard("delete", "nightly-2", home=home), "no campaign 'nightly-2'")
+    assert other.is_dir()
+
+
+def test_what_a_delete_left_under_a_chosen_id_is_removed_by_deleting_it_again(
+    tmp_path: Path, campaign: Path
+) -> None:
+    home = tmp_path / "home"
+    assert orchard("db", "upgrade", home=home).returncode == 0
+    folder = home / "artifacts" / "campaigns" / "nightly-3"
+    (folder / "models").mkdir(parents=True)
+    (folder / ".deleting").touch()  # its rows deleted, its folder not removed
+    done = orchard("submit", str(campaign), "--id", "nightly-3", home=home)
+    assert_one_line_error(
+        done, "records no such campaign: what a delete left, which `orchard delete nightly-3`"
+    )
+    done = orchard("delete", "nightly-3", home=home)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("removed what was left of deleted campaign nightly-3: ")
+    assert not folder.exists()
+    assert orchard("submit", str(campaign), "--id", "nightly-3", home=home).returncode == 0
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
