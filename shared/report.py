@@ -390,6 +390,9 @@ class ReportData:
     # units that are not in ``units`` (no model, no result): {"preprocess": 3, "report": 1}
     other_units: dict[str, int] = field(default_factory=dict)
     preprocessing: PreprocessingSummary | None = None
+    # preprocessing shards that failed or were cancelled, with their errors: listed
+    # under "Failed units" before the model units that failed for want of them
+    failed_shards: list[UnitSummary] = field(default_factory=list)
     validation: str = ""  # what the models validate on (:func:`validation_line`)
     # what validation accuracies are measured on: "folds" (out of fold), "dev" (the dev
     # split), "oob" (forests judged on their training images, out of bag)
@@ -1724,7 +1727,7 @@ def table_csvs(data: ReportData) -> dict[str, str]:
             for p in exp.points
         ]
         out[experiments_csv_name(exp.family)] = _csv_text(header, rows)
-    failed = sum(_is_failed(u.state) for u in data.units)
+    failed = len(data.failed_shards) + sum(_is_failed(u.state) for u in data.units)
     if len(data.units) > MAX_UNIT_ROWS or failed > MAX_FAILED_LISTED:
         header = [
             "key",
@@ -1753,7 +1756,7 @@ def table_csvs(data: ReportData) -> dict[str, str]:
                 u.reused_from,
                 u.error,
             ]
-            for u in data.units
+            for u in [*data.failed_shards, *data.units]
         ]
         out[UNITS_CSV] = _csv_text(header, rows)
     return out
@@ -2069,7 +2072,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
     else:
         blocks.append(_empty("No units."))
 
-    if failed:
+    # a shard's error is the cause of its model units' ("preprocessing failed: ..."): first
+    listed = [*data.failed_shards, *failed]
+    if listed:
         blocks += [
             Heading(2, "Failed units"),
             ErrorList(
@@ -2081,16 +2086,16 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                         ),
                         u.error or "(no error recorded)",
                     )
-                    for u in failed[:MAX_FAILED_LISTED]
+                    for u in listed[:MAX_FAILED_LISTED]
                 ]
             ),
         ]
-        if len(failed) > MAX_FAILED_LISTED:
-            more = len(failed) - MAX_FAILED_LISTED
+        if len(listed) > MAX_FAILED_LISTED:
+            more = len(listed) - MAX_FAILED_LISTED
             blocks.append(
                 Para(
                     (
-                        f"The first {MAX_FAILED_LISTED} of {len(failed)} failed units; "
+                        f"The first {MAX_FAILED_LISTED} of {len(listed)} failed units; "
                         f"{more} more are left out here. Every error is in ",
                         Code(UNITS_CSV),
                         ".",

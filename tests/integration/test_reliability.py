@@ -676,7 +676,10 @@ def test_a_campaign_whose_folder_was_removed_fails_and_the_workers_go_on(cluster
             assert f"{manifest}: the campaign's manifest is not there, though this folder" in (
                 unit.error
             ), unit.error
-    assert "preprocessing failed" in gone.report_path().with_suffix(".md").read_text()
+    report = gone.report_path().with_suffix(".md").read_text()
+    assert "preprocessing failed" in report
+    # and why: the shard's own error, under "Failed units"
+    assert f"{manifest}: the campaign's manifest is not there" in report
     after = cluster.submit(write_campaign(cluster.tmp, "after", **classic))
     assert cluster.wait(after).campaign.state == "DONE"
     assert "takes no more units" not in cluster.pool.log("cpu")

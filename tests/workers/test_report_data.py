@@ -4,6 +4,7 @@ submission and the LIME glue, on a real SQLite store."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from statistics import mean
@@ -18,7 +19,13 @@ from shared.cnn import build_model
 from shared.manifest import NO_FOLD, Entry, Manifest
 from shared.plan import plan_units
 from shared.preprocess import shard_name, write_shard
-from shared.report import MAX_POINT_ROWS, ReportData, render_markdown, write_report
+from shared.report import (
+    MAX_POINT_ROWS,
+    ReportData,
+    render_markdown,
+    table_csvs,
+    write_report,
+)
 from shared.settings import Settings
 from shared.spec import CnnParams, parse_campaign
 from tests.db.test_store import deliver
@@ -1031,3 +1038,24 @@ def test_the_description_reaches_the_report_on_one_line(tmp_path: Path) -> None:
     store = make_store(f"sqlite:///{tmp_path / 'd.db'}", spec)
     assert build_report_data(store, "r-1").description == "Mangoes, graded by vote."
     store.dispose()
+
+
+def test_a_failed_shard_is_listed_with_its_error_before_the_units_it_failed(
+    store: Store,
+) -> None:
+    """The model units say only "preprocessing failed: <shard>": the shard's own error
+    (the image that changed, the manifest not there) is what the reader needs."""
+    [shard] = [u.key for u in store.units("r-1") if u.family == "preprocess"]
+    deliver(store, shard, worker="cpu-1@h", task_id=None)
+    assert store.fail_unit(shard, "…/train/A/000.png: changed since the campaign was submitted")
+    models = [u.key for u in store.units("r-1") if u.family in ("cnn", "svm")]
+    store.fail_units([(key, f"preprocessing failed: {shard}") for key in models])
+    data = build_report_data(store, "r-1")
+    assert [u.key for u in data.failed_shards] == [shard]
+    text = render_markdown(data)
+    listed = text[text.index("## Failed units") :]
+    assert listed.index(f"`{shard}` (FAILED on cpu-1@h)") < listed.index(f"`{models[0]}`")
+    assert "000.png: changed since the campaign was submitted" in listed
+    # more failures than the page lists: units.csv has every error, the shard's too
+    many = replace(data, failed_shards=data.failed_shards * 20)
+    assert "000.png: changed since" in table_csvs(many)["units.csv"]

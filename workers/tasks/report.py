@@ -40,6 +40,7 @@ from shared.errors import OrchardError
 from shared.manifest import Manifest, ManifestError
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
 from shared.report import (
+    FAILED_STATES,
     BlendRow,
     Confusion,
     CurveFigure,
@@ -1284,6 +1285,23 @@ def build_report_data(
             results,
             manifest.size if manifest else int((spec.get("preprocessing") or {}).get("size", 256)),
         ),
+        failed_shards=[
+            UnitSummary(
+                key=u.key,
+                family=u.family,
+                fold=None,
+                params={},
+                state=u.state,
+                worker=u.worker,
+                seconds=None,
+                train_acc=None,
+                val_acc=None,
+                test_acc=None,
+                error=u.error,
+            )
+            for u in all_units
+            if u.family == "preprocess" and u.state in FAILED_STATES
+        ],
     )
 
 
