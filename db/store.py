@@ -232,6 +232,7 @@ class LostUnit:
     queue: str
     task_id: str
     lost_in: str = RUNNING
+    worker: str | None = None  # lost in RUNNING: the worker that ran it
 
 
 @dataclass(frozen=True, slots=True)
@@ -1255,10 +1256,13 @@ class Store:
             lost = []
             for row in rows:
                 lost_in = "SENT" if row.state == QUEUED and row.sent_at is not None else row.state
+                worker = row.worker if row.state == RUNNING else None
                 row.state, row.queued_at, row.task_id = QUEUED, now, new_task_id()
                 row.sent_at = row.lease_holder = row.lease_expires_at = None
                 lost.append(
-                    LostUnit(row.campaign_id, row.key, row.task, row.queue, row.task_id, lost_in)
+                    LostUnit(
+                        row.campaign_id, row.key, row.task, row.queue, row.task_id, lost_in, worker
+                    )
                 )
             return lost
 

@@ -155,8 +155,9 @@ def requeue_lost_units(
             )
         else:
             log.warning(
-                "%s: its worker was lost (no heartbeat for %.0f s); sent again",
+                "%s: its worker %s was lost (no heartbeat for %.0f s); sent again",
                 unit.key,
+                unit.worker or "(unnamed)",
                 2 * lease,
             )
         sent.append(unit.key)

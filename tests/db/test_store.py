@@ -522,6 +522,7 @@ def test_units_whose_worker_died_are_requeued_once(store_url: str) -> None:
     assert [(u.key, u.task_id) for u in lost] == [(dead, "new-1")]
     store.mark_sent(["new-1"])  # as the reaper does once it sent it
     assert (lost[0].campaign_id, lost[0].task, lost[0].queue) == ("t-1", units[2].task, "gpu")
+    assert (lost[0].lost_in, lost[0].worker) == ("RUNNING", "w1")  # for the reaper's line
     unit = store.get_unit(dead)
     assert (unit.state, unit.task_id, unit.lease_holder) == ("QUEUED", "new-1", None)
     assert store.requeue_lost(0.1, lambda: next(ids)) == []  # once only

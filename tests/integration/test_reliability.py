@@ -203,7 +203,12 @@ def test_a_sigkilled_prefork_child_s_unit_runs_again_at_once(cluster: Cluster) -
     status = cluster.wait(run)
     assert status.campaign.state == "DONE", [(u.key, u.state, u.error) for u in status.units]
     log = cluster.pool.log("cpu")
-    assert f"child {pid} was lost mid-unit; its unit is sent again now" in log
+    # the unit and how its process ended: a line to grep the campaign's history by
+    assert (
+        f"child {pid} was lost mid-unit ({forest.key}: Worker exited prematurely: signal 9 "
+        "(SIGKILL)" in log
+    )
+    assert "its unit is sent again now" in log
     assert f"{forest.key} is running elsewhere (live lease)" not in log
     assert store.get_unit(forest.key).attempts == 2
     assert_exactly_once(run, store)

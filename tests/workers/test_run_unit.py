@@ -1013,9 +1013,12 @@ def test_a_dead_child_s_lease_release_does_not_hold_the_event_loop_for_a_slow_st
 
     monkeypatch.setattr(base, "worker_store", SlowStore)
     monkeypatch.setattr(base, "RELEASE_WAIT_SECONDS", 0.05)
-    base._release_leases_of_dead_child("cpu@h", 4242)
+    base._release_leases_of_dead_child("cpu@h", 4242, "c-1/rf/ab/f0: signal 9 (SIGKILL)")
     assert not released.is_set()  # returned while the store had not answered
-    assert "the store is slow to release its lease" in caplog.text
+    assert (
+        "child 4242 was lost mid-unit (c-1/rf/ab/f0: signal 9 (SIGKILL)); the store is slow "
+        "to release its lease" in caplog.text
+    )
     answer.set()
     assert released.wait(60)
 

@@ -656,7 +656,8 @@ class UnitRequest(Request):
         if isinstance(exc, ExceptionWithTraceback):  # as Celery's own handler unwraps it
             exc = exc.exc
         if isinstance(exc, WorkerLostError) and self.worker_pid:
-            _release_leases_of_dead_child(self.hostname, self.worker_pid)
+            unit = (self.kwargs or {}).get("unit_key") or self.id
+            _release_leases_of_dead_child(self.hostname, self.worker_pid, f"{unit}: {exc}")
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
 
@@ -665,9 +666,10 @@ class UnitRequest(Request):
 RELEASE_WAIT_SECONDS = 1.0
 
 
-def _release_leases_of_dead_child(hostname: str | None, pid: int) -> None:
+def _release_leases_of_dead_child(hostname: str | None, pid: int, what: str) -> None:
     """End the leases of the units child ``pid`` held, before its message is requeued
-    (so the next delivery runs at once). In a thread, waited for at most
+    (so the next delivery runs at once); ``what``: the unit and how the child ended, for
+    the log line. In a thread, waited for at most
     :data:`RELEASE_WAIT_SECONDS`: this runs on the worker's event loop, which must not
     block for a store that is slow or away (its retries take a minute); the lease is
     then released later, or runs out, and the next delivery waits for it."""
@@ -680,16 +682,19 @@ def _release_leases_of_dead_child(hostname: str | None, pid: int) -> None:
             main_log.warning("lease of dead child %d not released: %s", pid, exc)
         else:
             if released:
-                main_log.warning("child %d was lost mid-unit; its unit is sent again now", pid)
+                main_log.warning(
+                    "child %d was lost mid-unit (%s); its unit is sent again now", pid, what
+                )
         finally:
             done.set()
 
     threading.Thread(target=release, name=f"release leases of child {pid}", daemon=True).start()
     if not done.wait(RELEASE_WAIT_SECONDS):
         main_log.warning(
-            "child %d was lost mid-unit; the store is slow to release its lease, so its "
+            "child %d was lost mid-unit (%s); the store is slow to release its lease, so its "
             "unit starts again once it has (or the lease runs out)",
             pid,
+            what,
         )
 
 
