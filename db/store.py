@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     Engine,
@@ -233,6 +233,17 @@ class LostUnit:
     task_id: str
     lost_in: str = RUNNING
     worker: str | None = None  # lost in RUNNING: the worker that ran it
+
+
+class OpenedStage(NamedTuple):
+    """What :meth:`Store.open_stage` decided: every unit's route (failures applied), the
+    keys claimed in plan order with their task ids, and the units it failed, each with
+    its error (their input failed: ``preprocessing failed: …``)."""
+
+    routes: list[UnitRoute]
+    claimed: list[str]
+    task_ids: dict[str, str]
+    failed: list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -997,14 +1008,11 @@ class Store:
             return [_unit_of(row, params.get(row.id, {})) for row in rows]
 
     @_retried
-    def open_stage(
-        self, campaign_id: str, new_task_id: Callable[[], str]
-    ) -> tuple[list[UnitRoute], list[str], dict[str, str]]:
+    def open_stage(self, campaign_id: str, new_task_id: Callable[[], str]) -> OpenedStage:
         """What ``advance`` does to the store, in one transaction: read every unit's
         route, fail the PENDING units that can no longer run and claim the ones that
         may (``shared.plan.next_actions``), each claim under a task id from
-        ``new_task_id``. Returns the routes (as decided on, failures applied), the keys
-        claimed in plan order, and their task ids.
+        ``new_task_id``.
 
         The campaign row is held (FOR NO KEY UPDATE on PostgreSQL; SQLite's BEGIN
         IMMEDIATE serialises every writer) from before the read to the commit:
@@ -1024,17 +1032,19 @@ class Store:
                 )
             ]
             now = self._now(s)
+            failures: list[tuple[str, str]] = []
             while True:
                 actions = next_actions(UnitState(u.key, u.stage, u.state) for u in routes)
                 if not actions.fail:
                     break
                 # failing units can open the next stage (the report): decide again
                 self._fail_pending(s, actions.fail, now)
+                failures += actions.fail
                 failed = {key for key, _ in actions.fail}
                 routes = [replace(u, state=FAILED) if u.key in failed else u for u in routes]
             task_ids = {key: new_task_id() for key in actions.enqueue}
             claimed = self._claim(s, actions.enqueue, task_ids, now)
-            return routes, claimed, {key: task_ids[key] for key in claimed}
+            return OpenedStage(routes, claimed, {key: task_ids[key] for key in claimed}, failures)
 
     @_retried
     def stage_may_open(self, campaign_id: str) -> bool:

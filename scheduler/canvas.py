@@ -12,11 +12,19 @@ marks it sent.
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
+
 from celery import Celery, group, uuid
 from celery.canvas import Signature
 
 from db.store import Store
 from shared.plan import TERMINAL
+
+log = logging.getLogger(__name__)
+
+#: Units a log line of failures names at most (the rest are counted).
+FAILED_NAMED = 3
 
 
 def unit_signature(
@@ -45,7 +53,8 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     # one transaction decides and claims (failing what can no longer run), under the
     # campaign's lock: a resume cannot reopen a unit between the two. Task ids chosen
     # here and recorded with the claim: `orchard cancel` revokes them
-    units, claimed, task_ids = store.open_stage(campaign_id, uuid)
+    units, claimed, task_ids, failed = store.open_stage(campaign_id, uuid)
+    _log_failed(failed)
     by_key = {u.key: u for u in units}
     # in chunks, each marked sent once published: a claim without the mark is a lease
     # period old when the workers send it again, taking this process for dead
@@ -71,3 +80,16 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
     if all(u.state in TERMINAL for u in units):
         store.complete_campaign(campaign_id)
     return claimed
+
+
+def _log_failed(failed: list[tuple[str, str]]) -> None:
+    """One line per cause for the units ``open_stage`` failed, which never ran (a failed
+    preprocessing shard fails every model unit that needs it): the worker's log, where
+    every other failure is, names them."""
+    by_error: dict[str, list[str]] = defaultdict(list)
+    for key, error in failed:
+        by_error[error].append(key)
+    for error, keys in by_error.items():
+        named = ", ".join(keys[:FAILED_NAMED])
+        more = f" and {len(keys) - FAILED_NAMED} more" if len(keys) > FAILED_NAMED else ""
+        log.warning("%s%s: failed without running (%s)", named, more, error)

@@ -2104,7 +2104,7 @@ def open_stage_during_a_resume(store: Store, campaign_id: str, reopened: str) ->
         advancing.join(30)
     finally:
         resumer.dispose()
-    [(_, claimed, task_ids)] = opened
+    [(_, claimed, task_ids, _)] = opened
     assert task_ids == dict.fromkeys(claimed, "task")
     return claimed
 

@@ -203,3 +203,41 @@ def test_a_big_stage_is_marked_sent_chunk_by_chunk(tmp_path: Path, monkeypatch) 
     assert sum(u.state == "QUEUED" for u in store.units("g")) == 250
     published = list((tmp_path / "broker").rglob("*.msg"))
     assert len(published) == 250
+
+
+def test_units_failed_for_a_failed_shard_are_named_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """They never run, so no worker logs them as it does every other failure: advance,
+    which fails them, says so in one line per cause."""
+    from scheduler.canvas import advance
+    from shared.settings import Settings
+    from workers.app import make_app
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    keys = [f"p/svm/q{i}/f0" for i in range(5)]
+    store = campaign_store(
+        url,
+        "p",
+        [
+            UnitPlan("p/preprocess/s0", "preprocess", 0, None, {}, "s"),
+            *(UnitPlan(key, "svm", 1, 0, {}, key) for key in keys),
+            UnitPlan("p/report", "report", 3, None, {}, "r"),
+        ],
+    )
+    settings = Settings(
+        home=tmp_path,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
+        database_url=url,
+        artifacts=tmp_path / "artifacts",
+    )
+    with make_app(settings, with_tasks=False) as app:
+        assert advance(store, app, "p") == ["p/preprocess/s0"]
+        assert store.fail_unit("p/preprocess/s0", "…/000.png: not an image")
+        with caplog.at_level("WARNING", logger="scheduler.canvas"):
+            assert advance(store, app, "p") == ["p/report"]
+    store.dispose()
+    assert [r.getMessage() for r in caplog.records] == [
+        "p/svm/q0/f0, p/svm/q1/f0, p/svm/q2/f0 and 2 more: failed without running "
+        "(preprocessing failed: p/preprocess/s0)"
+    ]
