@@ -197,6 +197,10 @@ def make_broker_folders(settings: Settings) -> None:
         ) from None
 
 
+#: Who logged a worker's line, as Celery's default formats say it.
+LOG_WHO = "%(levelname)s/%(processName)s"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     # every reliability setting is checked here, so that a worker (and `celery -A
     # workers.app`) refuses a bad one at start, not in its reaper thread or first task
@@ -236,6 +240,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "timezone": "UTC",
         "enable_utc": True,
+        # the times of a worker's log lines in UTC, as everything else orchard shows
+        # (workers.logs.install makes them so), whatever the host's zone
+        "worker_log_format": f"[%(asctime)s UTC: {LOG_WHO}] %(message)s",
+        "worker_task_log_format": f"[%(asctime)s UTC: {LOG_WHO}] "
+        "%(task_name)s[%(task_id)s]: %(message)s",
     }
     transport: dict[str, Any] = {}
     if settings.broker_is_filesystem:

@@ -12,6 +12,9 @@
 - Alembic's ``Context impl SQLiteImpl.`` / ``Will assume non-transactional DDL.``,
   logged at INFO by each worker process as it checks the store's schema, are left out
   (Alembic's WARNING and above still show; ``orchard db upgrade`` is unchanged).
+- Times are UTC, whatever the host's zone (``[2026-12-07 08:48:17,718 UTC: INFO/…]``,
+  the formats in ``workers.config``): the logs of workers in several zones line up with
+  each other and with ``orchard status``.
 
 Logger filters apply to records logged on that very logger, so the rest of Celery's
 logging is untouched. The app of a worker installs them (``workers.app.make_app``).
@@ -20,6 +23,7 @@ logging is untouched. The app of a worker installs them (``workers.app.make_app`
 from __future__ import annotations
 
 import logging
+import time
 
 from celery.exceptions import Reject
 
@@ -56,7 +60,8 @@ ALEMBIC_LOGGER = "alembic.runtime.migration"
 
 def install() -> None:
     """Add the filters to Celery's loggers, once per process; Alembic's migration
-    context to WARNING (a worker migrates nothing)."""
+    context to WARNING (a worker migrates nothing); every formatter's times to UTC."""
+    logging.Formatter.converter = time.gmtime
     logging.getLogger(ALEMBIC_LOGGER).setLevel(logging.WARNING)
     for name, kind in (
         (CONTROL_LOGGER, NoBackendRevokeFilter),

@@ -209,6 +209,9 @@ def test_a_sigkilled_prefork_child_s_unit_runs_again_at_once(cluster: Cluster) -
         "(SIGKILL)" in log
     )
     assert "its unit is sent again now" in log
+    assert re.search(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} UTC: WARNING/MainProcess\] child ", log, re.M
+    )
     assert f"{forest.key} is running elsewhere (live lease)" not in log
     assert store.get_unit(forest.key).attempts == 2
     assert_exactly_once(run, store)

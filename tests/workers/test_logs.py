@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 from celery.exceptions import Reject
@@ -60,3 +61,34 @@ def test_a_failed_units_error_line_shows_control_characters():
 
     line = _one_line(FileNotFoundError(2, "No such file", "/d/\x1b[2J.jpg"))
     assert "\x1b" not in line and "\\x1b[2J" in line
+
+
+def test_a_worker_s_log_times_are_utc_and_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host nine hours ahead of UTC, as on any: the line says 08:48 UTC."""
+    import time
+
+    from celery.app.log import TaskFormatter
+    from celery.utils.log import ColorFormatter
+
+    from shared.settings import load_settings
+    from workers.config import celery_config
+
+    monkeypatch.setattr(logging.Formatter, "converter", logging.Formatter.converter)
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        logs.install()
+        config = celery_config(load_settings({"ORCHARD_HOME": str(tmp_path)}))
+        line = record("celery.worker", "ready")
+        line.created, line.msecs, line.processName = 1796546897.718, 718.0, "MainProcess"
+        line.levelname = "INFO"
+        assert ColorFormatter(config["worker_log_format"], use_color=False).format(line) == (
+            "[2026-12-06 08:48:17,718 UTC: INFO/MainProcess] ready"
+        )
+        task = TaskFormatter(config["worker_task_log_format"], use_color=False).format(line)
+        assert task == "[2026-12-06 08:48:17,718 UTC: INFO/MainProcess] ???[???]: ready"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
