@@ -130,7 +130,7 @@ def test_a_gpu_worker_without_the_dataset_pauses_its_queue_after_each_hand_back(
         (2, True),
         (2, True),
     ]
-    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] "
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) UTC: [^\]]*\] "
 
     def times(pattern: str) -> list[datetime]:
         return [
