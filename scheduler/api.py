@@ -1417,23 +1417,33 @@ def _family_progress(
     return done, sum(counts.values()), notes
 
 
+#: Where stderr is a file or a pipe (a CI job's log), a progress line at most this
+#: often: a grid of a thousand short units would write a thousand lines a minute.
+PIPED_LINE_SECONDS = 10.0
+
+
 def _progress_display() -> _Progress | _PlainProgress:
     """Bars on a terminal that can redraw them, and in a notebook; a line per change
-    elsewhere (a file, a pipe, TERM=dumb: an editor's shell, a job log through a pty),
-    where rich would draw the bars once, at the end."""
+    elsewhere (TERM=dumb: an editor's shell, a job log through a pty; a file, a pipe, at
+    most one per :data:`PIPED_LINE_SECONDS`), where rich would draw the bars once, at
+    the end."""
     from rich.console import Console
 
     console = Console(stderr=True)
     if console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal):
         return _Progress()
-    return _PlainProgress()
+    return _PlainProgress(every=0.0 if console.is_terminal else PIPED_LINE_SECONDS)
 
 
 class _PlainProgress:
-    """The families' done / total units as one line on stderr, printed when it changes."""
+    """The families' done / total units as one line on stderr, printed when it changes,
+    ``every`` so many seconds at most; the last change is printed as it closes."""
 
-    def __init__(self) -> None:
-        self._last = ""
+    def __init__(self, every: float = 0.0) -> None:
+        self._every = every
+        self._printed = ""
+        self._printed_at = -math.inf
+        self._pending: str | None = None
 
     def update(self, by_family: Mapping[str, Mapping[str, int]], epochs: dict[str, str]) -> None:
         parts = []
@@ -1441,21 +1451,25 @@ class _PlainProgress:
             done, total, notes = _family_progress(family, counts, epochs)
             parts.append(f"{family} {done}/{total}" + (f" ({', '.join(notes)})" if notes else ""))
         line = "; ".join(parts)
-        if line != self._last:
-            self._last = line
-            # UTC, as every time orchard prints (README)
-            print(
-                f"{time.strftime('%H:%M:%SZ', time.gmtime())} {line}", file=sys.stderr, flush=True
-            )
+        self._pending = None if line == self._printed else line
+        self.refresh()
 
     def refresh(self) -> None:
-        pass
+        if self._pending is not None and time.monotonic() - self._printed_at >= self._every:
+            self._print()
+
+    def _print(self) -> None:
+        line, self._pending = self._pending, None
+        self._printed, self._printed_at = line, time.monotonic()
+        # UTC, as every time orchard prints (README)
+        print(f"{time.strftime('%H:%M:%SZ', time.gmtime())} {line}", file=sys.stderr, flush=True)
 
     def warn(self, line: str) -> None:
         print(f"orchard: warning: {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        pass
+        if self._pending is not None:
+            self._print()  # the campaign's last counts, however soon after the line before
 
 
 class _Progress:

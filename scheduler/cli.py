@@ -57,6 +57,10 @@ CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    if sys.stderr is None:
+        # fd 2 closed (`2>&-`): print(file=None) writes to stdout, and a script's
+        # `ID=$(orchard submit ... 2>&-)` read the error line, or progress, as the id
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
     stdout = sys.stdout
     # text its encoding lacks (an ASCII or Latin-1 terminal) is escaped, not a crash; no
     # stream (fd 1 closed) or one that cannot be reconfigured is left as it is
@@ -616,7 +620,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     with _watching(run.id):
-        status = run.wait(args.timeout, progress=sys.stderr.isatty(), on_stall=_warn_stall)
+        status = run.wait(args.timeout, progress=True, on_stall=_warn_stall)
     return _finish(run, status)
 
 
@@ -651,7 +655,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 0
     # what runs still, too: --wait ends with the campaign, whatever was sent again
     with _watching(run.id):
-        status = run.wait(args.timeout, progress=sys.stderr.isatty(), on_stall=_warn_stall)
+        status = run.wait(args.timeout, progress=True, on_stall=_warn_stall)
     return _finish(run, status)
 
 

@@ -367,3 +367,19 @@ def test_submit_warns_of_an_image_name_that_is_not_utf8(tmp_path: Path) -> None:
         f"orchard: warning: 1 unusable image skipped: {root / 'A'}/caf\\xe9.jpg: file name "
         "is not valid UTF-8 (rename it)"
     ]
+
+
+def test_with_stderr_closed_nothing_meant_for_it_reaches_stdout(tmp_path: Path) -> None:
+    """`ID=$(orchard submit c.toml --wait 2>&-)`: Python has no sys.stderr then, and
+    print(file=None) wrote the error line (and --wait's progress) to stdout, the id's."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "status", "nope"],
+        cwd=REPO,
+        env={**environ, "ORCHARD_HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=90,
+        preexec_fn=lambda: os.close(2),  # noqa: PLW1509 - the child's fd 2 only
+    )
+    assert (done.returncode, done.stdout) == (2, "")

@@ -287,8 +287,10 @@ def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
     once, at the end."""
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-    # stderr a file or a pipe (captured, here): a script's log gets lines too
-    assert isinstance(api._progress_display(), api._PlainProgress)
+    # stderr a file or a pipe (captured, here): a script's log gets lines too, but at
+    # most one per PIPED_LINE_SECONDS
+    piped = api._progress_display()
+    assert isinstance(piped, api._PlainProgress) and piped._every == api.PIPED_LINE_SECONDS
     monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, for rich, though captured
     monkeypatch.setenv("TERM", "xterm")
     bars = api._progress_display()
@@ -450,3 +452,25 @@ def test_a_wait_outlasts_a_database_outage_and_says_so(
     assert str(raised.value).startswith(
         f"campaign {CID} not known to be finished after 0.5 s: database {where} unreachable"
     )
+
+
+def test_piped_progress_lines_come_seldom_and_the_last_counts_always(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A grid of a thousand short units wrote a line per unit into a CI job's log; the
+    counts the campaign ended with are written, however soon after the line before."""
+    display = api._PlainProgress(every=0.3)
+    for done in range(1, 4):  # three changes at once: the first is printed
+        display.update({"svm": {"SUCCESS": done, "QUEUED": 9 - done}}, {})
+    display.refresh()
+    time.sleep(0.35)
+    display.refresh()  # the pending change, once the time has come
+    display.update({"svm": {"SUCCESS": 3, "QUEUED": 6}}, {})  # no change: nothing
+    display.update({"svm": {"SUCCESS": 9}}, {})
+    display.close()
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "svm 1/9 (8 queued)",
+        "svm 3/9 (6 queued)",
+        "svm 9/9",
+    ]
