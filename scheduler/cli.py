@@ -1317,8 +1317,12 @@ def _unit_json(line: _UnitLine) -> dict[str, Any]:
         "state": unit.state,
         "attempts": unit.attempts,
         "worker": unit.worker,
+        "task_id": unit.task_id,  # Celery's, as Flower and the workers' logs show it
         "started_at": _iso(unit.started_at),
         "finished_at": _iso(unit.finished_at),
+        # a running unit's: its worker's last renewal, and when the lease runs out
+        "heartbeat_at": _iso(unit.heartbeat_at),
+        "lease_expires_at": _iso(unit.lease_expires_at),
         "params": unit.params,
         "train_acc": result.train_acc if result else None,
         "val_acc": result.val_acc if result else None,

@@ -4,7 +4,7 @@ cut, at any terminal width, and plain columns (no box characters) when piped."""
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -327,7 +327,7 @@ def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
 
     plans = seed_campaign(store, IDS[0])
     fold = next(p for p in plans if p.family == "cnn")
-    deliver(store, fold.key, worker="gpu0@a", task_id=fold.key)
+    deliver(store, fold.key, worker="gpu0@a", task_id=fold.key, holder="d1", lease_seconds=300)
     store.record_metrics(fold.key, 0, {"val_acc": 0.25})
     point = plans[-2].key
     deliver(store, point, worker="cpu@b", task_id=point)
@@ -351,7 +351,13 @@ def test_json_of_a_campaign_has_every_unit_and_a_running_folds_epoch(
     running = units[fold.key]
     assert running["epoch"] == {"done": 1, "of": 1, "val_acc": 0.25}
     assert (running["state"], running["worker"], running["val_acc"]) == ("RUNNING", "gpu0@a", None)
+    # to match Flower and the workers' logs, and to tell a lease running out
+    assert running["task_id"] == fold.key
+    lease = store.get_unit(fold.key)
+    assert running["heartbeat_at"] == lease.heartbeat_at.replace(tzinfo=UTC).isoformat()
+    assert running["lease_expires_at"] > running["heartbeat_at"]
     done = units[point]
+    assert done["lease_expires_at"] is None  # no lease once it ended
     assert (done["state"], done["val_acc"], done["reused_from"]) == ("SUCCESS", 0.75, "x/y")
     assert (done["threads"], running["threads"]) == (threads, None)
     assert done["params"] == plans[-2].params and done["family"] == plans[-2].family
