@@ -9,6 +9,10 @@
   fold handed back by a stopping worker) has already said why in one line of orchard's
   own; Celery's ``Task … rejected`` line stays, without the traceback of the ``Reject``
   that Celery logs with it.
+- A prefork child killed mid-unit (SIGKILL, the OOM killer): Celery's ``Task handler
+  raised error: WorkerLostError(…)`` comes at WARNING and without a traceback, which
+  says nothing of the unit: orchard requeues its message (reject on worker lost) and
+  says so in a line of its own, naming the unit (``child … was lost mid-unit``).
 - Alembic's ``Context impl SQLiteImpl.`` / ``Will assume non-transactional DDL.``,
   logged at INFO by each worker process as it checks the store's schema, are left out
   (Alembic's WARNING and above still show; ``orchard db upgrade`` is unchanged).
@@ -25,11 +29,13 @@ from __future__ import annotations
 import logging
 import time
 
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import Reject
 
 #: Celery's loggers (``celery.utils.log.get_logger(__name__)`` in each module).
 CONTROL_LOGGER = "celery.worker.control"
 TRACE_LOGGER = "celery.app.trace"
+REQUEST_LOGGER = "celery.worker.request"
 
 
 class NoBackendRevokeFilter(logging.Filter):
@@ -54,6 +60,21 @@ class RejectTracebackFilter(logging.Filter):
         return True
 
 
+class WorkerLostFilter(logging.Filter):
+    """Celery's ``Task handler raised error: WorkerLostError(…)`` as a WARNING line, with
+    no traceback: the unit is sent again, not failed (its other records pass as they are)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.levelno >= logging.ERROR and any(
+            isinstance(arg, WorkerLostError) for arg in args
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 #: Alembic's logger of the migration context, which a worker's schema check opens.
 ALEMBIC_LOGGER = "alembic.runtime.migration"
 
@@ -66,6 +87,7 @@ def install() -> None:
     for name, kind in (
         (CONTROL_LOGGER, NoBackendRevokeFilter),
         (TRACE_LOGGER, RejectTracebackFilter),
+        (REQUEST_LOGGER, WorkerLostFilter),
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):

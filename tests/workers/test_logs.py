@@ -42,8 +42,25 @@ def test_a_reject_keeps_its_line_without_its_traceback() -> None:
     assert keep(failed) and failed.exc_info is not None  # real failures keep theirs
 
 
+def test_a_lost_child_s_line_is_a_warning_without_a_traceback() -> None:
+    """orchard sends the unit again and names it in its own line; Celery's ERROR and
+    traceback read as a failure."""
+    from billiard.exceptions import WorkerLostError
+
+    keep = logs.WorkerLostFilter().filter
+    lost = WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL) Job: 3.")
+    line = record(logs.REQUEST_LOGGER, "Task handler raised error: %r", (lost,), raised(lost))
+    line.levelno, line.levelname = logging.ERROR, "ERROR"
+    assert keep(line)
+    assert (line.levelno, line.levelname, line.exc_info) == (logging.WARNING, "WARNING", None)
+    assert "signal 9 (SIGKILL)" in line.getMessage()
+    other = record(logs.REQUEST_LOGGER, "Task handler raised error: %r", (ValueError("x"),))
+    other.levelno, other.exc_info = logging.ERROR, raised(ValueError("x"))
+    assert keep(other) and other.levelno == logging.ERROR and other.exc_info is not None
+
+
 def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (logs.CONTROL_LOGGER, logs.TRACE_LOGGER):
+    for name in (logs.CONTROL_LOGGER, logs.TRACE_LOGGER, logs.REQUEST_LOGGER):
         monkeypatch.setattr(logging.getLogger(name), "filters", [])
     logs.install()
     logs.install()
@@ -52,6 +69,9 @@ def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert [type(f) for f in logging.getLogger(logs.TRACE_LOGGER).filters] == [
         logs.RejectTracebackFilter
+    ]
+    assert [type(f) for f in logging.getLogger(logs.REQUEST_LOGGER).filters] == [
+        logs.WorkerLostFilter
     ]
     assert logging.getLogger(logs.ALEMBIC_LOGGER).level == logging.WARNING
 

@@ -1078,7 +1078,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
             _hand_back(store, key, holder)
             raise Reject(WORKER_STOPPING, requeue=True) from None
         if exc.reason == LEASE_CANCELLED:
-            log.warning("%s stopped: its campaign was cancelled", key)
+            log.info("%s stopped: its campaign was cancelled", key)  # as asked
             return {"unit": key, "state": "CANCELLED", "why": "campaign cancelled: stopped"}
         if exc.reason == LEASE_GONE:
             return _deleted_under(settings, message.campaign_id, key)
