@@ -159,6 +159,28 @@ class MetricRow(Base):
     __table_args__ = (UniqueConstraint("unit_id", "name", "step"),)
 
 
+class AttemptRow(Base):
+    """An earlier attempt at a unit, one that did not end it: its worker lost (killed,
+    out of memory, its host gone), the attempt handed back by a stopping worker, or one
+    that failed before `orchard resume` reset the unit. The unit's row holds its latest
+    attempt only; this is copied from it when the next one starts (or the resume resets
+    it), so `orchard status` can tell what happened before."""
+
+    __tablename__ = "unit_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_heard_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the unit's state when the next attempt took over: RUNNING (its lease ran out),
+    # QUEUED (sent again: its worker lost, or handed back), FAILED or CANCELLED (resumed)
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("unit_id", "started_at"),)
+
+
 class ResultRow(Base):
     __tablename__ = "results"
 

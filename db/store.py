@@ -55,6 +55,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from db import migrate
 from db.models import (
     ArtifactRow,
+    AttemptRow,
     CampaignRow,
     DeletedCampaignRow,
     MetricRow,
@@ -217,6 +218,20 @@ class Unit:
     lease_holder: str | None = None
     lease_expires_at: datetime | None = None
     heartbeat_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierAttempt:
+    """An attempt that did not end its unit (:class:`db.models.AttemptRow`): its worker,
+    when it started and was last heard from (its heartbeat), and the unit's state when
+    the next attempt took over (RUNNING: its lease ran out; QUEUED: sent again, its
+    worker lost or handed back; FAILED, CANCELLED: reset by a resume), with its error."""
+
+    worker: str | None
+    started_at: datetime
+    last_heard_at: datetime | None
+    state: str
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1422,6 +1437,9 @@ class Store:
                     .order_by(UnitParamRow.name)
                 ).all()
             )
+            if not again and row.started_at is not None:
+                # the attempt before, which did not end the unit: the row forgets it now
+                s.add(_earlier_attempt(row.id, row, row.state))
             row.state = RUNNING
             row.attempts += 0 if again else 1
             row.worker = worker
@@ -1714,6 +1732,11 @@ class Store:
                 UnitRow.state,
                 UnitRow.position,
                 UnitRow.lease_expires_at,
+                # what the reset forgets of its last attempt (AttemptRow keeps it)
+                UnitRow.worker,
+                UnitRow.started_at,
+                UnitRow.heartbeat_at,
+                UnitRow.error,
             )
             rows = s.execute(
                 select(*columns)
@@ -1741,6 +1764,16 @@ class Store:
             dropped = [r.id for r in reset if r.state == SUCCESS]
             for chunk in _chunks(dropped, KEYS_PER_STATEMENT):
                 s.execute(delete(ResultRow).where(ResultRow.unit_id.in_(chunk)))
+            earlier = [
+                _earlier_attempt(r.id, r, r.state)
+                for r in reset
+                if r.started_at is not None and r.state != SUCCESS
+            ]
+            if earlier:
+                s.execute(
+                    _table(AttemptRow).insert(),
+                    [{c: getattr(a, c) for c in _ATTEMPT_COLUMNS} for a in earlier],
+                )
             for chunk in _chunks([r.id for r in reset], KEYS_PER_STATEMENT):
                 s.execute(
                     update(UnitRow)
@@ -1902,7 +1935,7 @@ class Store:
         if self.engine.dialect.name != "sqlite":
             batch_rows = 0  # no batches: the campaign's row, and the rest by cascade
         of_campaign = select(UnitRow.id).where(UnitRow.campaign_id == campaign_id)
-        for table in (PredictionRow, MetricRow, UnitParamRow, ResultRow):
+        for table in (PredictionRow, MetricRow, UnitParamRow, ResultRow, AttemptRow):
             while batch_rows and self._delete_batch(
                 table, table.unit_id.in_(of_campaign), batch_rows
             ):
@@ -2135,6 +2168,31 @@ class Store:
             return [Prediction(r.image_id, r.label, r.pred, r.probs) for r in rows]
 
     @_retried
+    def earlier_attempts(self, campaign_id: str) -> dict[str, list[EarlierAttempt]]:
+        """Each unit's earlier attempts (those that did not end it), oldest first, by
+        key; units with none are left out."""
+        with self._transaction(read_only=True) as s:
+            rows = s.execute(
+                select(
+                    UnitRow.key,
+                    AttemptRow.worker,
+                    AttemptRow.started_at,
+                    AttemptRow.last_heard_at,
+                    AttemptRow.state,
+                    AttemptRow.error,
+                )
+                .join(UnitRow, UnitRow.id == AttemptRow.unit_id)
+                .where(UnitRow.campaign_id == campaign_id)
+                .order_by(UnitRow.position, AttemptRow.started_at)
+            ).all()
+        attempts: dict[str, list[EarlierAttempt]] = {}
+        for key, worker, started, heard, state, error in rows:
+            attempts.setdefault(key, []).append(
+                EarlierAttempt(worker, as_utc(started), as_utc(heard), state, error)
+            )
+        return attempts
+
+    @_retried
     def count_rows(self, campaign_id: str) -> dict[str, int]:
         """How many result, prediction and metric rows a campaign has (for checks)."""
         with self._transaction(read_only=True) as s:
@@ -2336,6 +2394,22 @@ _UNIT_COLUMNS = (
 )
 
 
+_ATTEMPT_COLUMNS = ("unit_id", "worker", "started_at", "last_heard_at", "state", "error")
+
+
+def _earlier_attempt(unit_id: int, row: Any, state: str) -> AttemptRow:
+    """The unit's last attempt, from its row (a UnitRow, or a row of its columns), as
+    the unit's state ends it."""
+    return AttemptRow(
+        unit_id=unit_id,
+        worker=row.worker,
+        started_at=row.started_at,
+        last_heard_at=row.heartbeat_at,
+        state=state,
+        error=row.error,
+    )
+
+
 def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
     """A :class:`Unit` from a row of ``_UNIT_COLUMNS`` and its params."""
     return Unit(
@@ -2365,6 +2439,7 @@ __all__ = [
     "Artifact",
     "Campaign",
     "CampaignDeletedError",
+    "EarlierAttempt",
     "Outcome",
     "Prediction",
     "Result",

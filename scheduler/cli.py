@@ -1173,6 +1173,7 @@ class _UnitLine:
     result: Any  # db.store.Result | None
     note: str  # progress or error, as the table's last column says it
     epoch: dict[str, Any] | None  # a running CNN fold's last epoch: done, of, val_acc
+    earlier: list[Any]  # db.store.EarlierAttempt: the attempts that did not end it
 
 
 def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [_UnitLine])
@@ -1181,10 +1182,12 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
     units = store.units(campaign_id)
     running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
     metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
+    earlier_attempts = store.earlier_attempts(campaign_id)
     now = store.now()  # the clock the leases were written by, not this host's
     lines = []
     for unit in units:
         result = results.get(unit.key)
+        earlier = earlier_attempts.get(unit.key, [])
         note = visible_controls(unit.error or "")  # recorded by any worker, any version
         epoch = None
         if unit.state == "RUNNING" and unit.family == "cnn":
@@ -1209,8 +1212,30 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
         if result and (source := result.extra.get("reused_from")):
             # copied by --reuse: the worker and seconds are the source unit's
             note = f"reused from {source}"
-        lines.append(_UnitLine(unit, result, note, epoch))
+        elif earlier and not note:
+            note = _earlier_note(earlier[-1], len(earlier))
+        lines.append(_UnitLine(unit, result, note, epoch, earlier))
     return campaign, lines
+
+
+#: How each state a unit was in when its next attempt took over ends that attempt.
+_ENDED_BY = {
+    "RUNNING": "its lease ran out",
+    "QUEUED": "sent again (its worker lost, or stopping)",
+    "FAILED": "failed, then resumed",
+    "CANCELLED": "cancelled, then resumed",
+}
+
+
+def _earlier_note(attempt, count: int) -> str:  # noqa: ANN001 - a db.store.EarlierAttempt
+    """``after 1 earlier attempt: on gpu-7413@vm, sent again (its worker lost, ...)``."""
+    how = _ENDED_BY.get(attempt.state, attempt.state)
+    if attempt.state in ("FAILED", "CANCELLED") and attempt.error:
+        how += f": {visible_controls(attempt.error)}"
+    where = f"on {visible_controls(attempt.worker)}, " if attempt.worker else ""
+    many = "s" if count != 1 else ""
+    last = "the last " if count != 1 else ""
+    return f"after {count} earlier attempt{many}: {last}{where}{how}"
 
 
 #: Seconds past a running unit's lease before `orchard status` calls its worker gone
@@ -1334,6 +1359,18 @@ def _unit_json(line: _UnitLine) -> dict[str, Any]:
         "epoch": line.epoch,
         "error": unit.error,
         "note": line.note,
+        # the attempts that did not end it, oldest first: its worker lost, handed back,
+        # failed before a resume
+        "earlier_attempts": [
+            {
+                "worker": a.worker,
+                "started_at": _iso(a.started_at),
+                "last_heard_at": _iso(a.last_heard_at),
+                "state": a.state,
+                "error": a.error,
+            }
+            for a in line.earlier
+        ],
     }
 
 

@@ -2197,3 +2197,44 @@ def test_a_finish_and_a_cancel_of_its_campaign_do_not_deadlock(postgres_url: str
     finally:
         canceller.dispose()
     assert cancelled and cancelled[0].state == "CANCELLED"
+
+
+def test_the_attempts_that_did_not_end_a_unit_are_kept(store_url: str) -> None:
+    """The unit's row holds its latest attempt: a worker lost before it, a hand-back,
+    a failure a resume reset were forgotten, and `orchard status` showed `tries 2` and
+    the last worker only."""
+    store = make_store(store_url)
+    units = seed_campaign(store)
+    key, other = units[2].key, units[3].key
+    first = deliver(store, key, worker="gpu-1@a", task_id="t1", holder="d1", lease_seconds=0.2)
+    assert first.run and store.earlier_attempts("t-1") == {}
+    time.sleep(0.4)
+    [lost] = store.requeue_lost(0.0, lambda: "t2")  # its worker was lost
+    assert lost.key == key
+    # the start retried after its commit's answer was lost counts once
+    for _ in range(2):
+        assert store.start_unit(key, worker="gpu-2@b", task_id="t2", holder="d2").run
+    store.finish_unit(key, outcome(), holder="d2")
+    [earlier] = store.earlier_attempts("t-1")[key]
+    assert (earlier.worker, earlier.state, earlier.error) == ("gpu-1@a", "QUEUED", None)
+    assert earlier.started_at == first.unit.started_at
+    assert earlier.last_heard_at is not None and earlier.last_heard_at >= earlier.started_at
+
+    # a failure that a resume resets, then a lease that ran out (its worker cut off)
+    deliver(store, other, worker="cpu-1@a", task_id="t3", holder="d3")
+    assert store.fail_unit(other, "ValueError: bad", holder="d3")
+    assert other in store.resume_campaign("t-1")
+    deliver(store, other, worker="cpu-2@b", task_id="t4", holder="d4", lease_seconds=0.2)
+    time.sleep(0.4)
+    assert store.start_unit(other, worker="cpu-3@c", task_id="t4", holder="d5").run
+    attempts = store.earlier_attempts("t-1")[other]
+    assert [(a.worker, a.state, a.error) for a in attempts] == [
+        ("cpu-1@a", "FAILED", "ValueError: bad"),
+        ("cpu-2@b", "RUNNING", None),
+    ]
+    assert set(store.earlier_attempts("t-1")) == {key, other}
+
+    store.cancel_campaign("t-1")
+    store.delete_campaign("t-1", quiet_seconds=0)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM unit_attempts")).scalar() == 0

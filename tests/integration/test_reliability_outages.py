@@ -344,6 +344,9 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     # the worker lost is named: the first, not the one that ran the fold to the end
     [lost] = re.findall(rf"{re.escape(fold.key)}: its worker (\S+) was lost", logs)
     assert lost != fold.worker and "@" in lost, lost
+    # and the store keeps that attempt, which the fold's row, now the second's, forgot
+    [earlier] = store.earlier_attempts(run.id)[fold.key]
+    assert (earlier.worker, earlier.state) == (lost, "QUEUED")
     assert "???[???]" not in logs  # the reaper's lines are the worker's, not a task's
 
 

@@ -676,3 +676,38 @@ def test_file_names_and_worker_names_are_shown_as_they_are_never_obeyed(
     text = ANSI.sub("", out)
     assert "x[/red]/[link=https://evil.example]a[conceal]b.png" in text
     assert "w\\x1b]0;PWNED\\x07\\x1b[2J@h" in text
+
+
+def test_a_unit_s_earlier_attempts_are_shown(
+    store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fold whose first worker was killed, run to the end by the second: `tries 2`
+    and the second worker were all status said of it."""
+    import json
+    import time
+    from dataclasses import replace
+
+    from tests.db.test_store import deliver, outcome
+
+    monkeypatch.setenv("COLUMNS", "250")
+    plans = seed_campaign(store, IDS[0])
+    fold = next(p for p in plans if p.family == "cnn").key
+    deliver(store, fold, worker="gpu-7413@vm", task_id="t1", holder="d1", lease_seconds=0.2)
+    time.sleep(0.4)
+    store.requeue_lost(0.0, lambda: "t2")
+    store.start_unit(fold, worker="gpu-8630@vm", task_id="t2", holder="d2")
+    store.finish_unit(fold, replace(outcome(), artifacts=[]), holder="d2")
+    table = status(capsys, IDS[0])
+    [row] = [line for line in table.splitlines() if fold.removeprefix(IDS[0] + "/") in line]
+    assert "gpu-8630@vm" in row
+    assert "after 1 earlier attempt: on gpu-7413@vm, sent again (its worker lost" in row
+    units = {u["key"]: u for u in json.loads(status(capsys, IDS[0], "--json"))["units"]}
+    [earlier] = units[fold]["earlier_attempts"]
+    assert (earlier["worker"], earlier["state"], earlier["error"]) == (
+        "gpu-7413@vm",
+        "QUEUED",
+        None,
+    )
+    heard, started = (datetime.fromisoformat(earlier[k]) for k in ("last_heard_at", "started_at"))
+    assert heard >= started
+    assert all(u["earlier_attempts"] == [] for key, u in units.items() if key != fold)
