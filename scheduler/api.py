@@ -40,6 +40,7 @@ from db.store import (
     Unit,
 )
 from scheduler.canvas import advance
+from scheduler.stopsignals import Stopped
 from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import EXIT_TIMEOUT, OrchardError, printable
@@ -425,15 +426,20 @@ def submit(
                 )
         assert store is not None and campaign_id is not None
         run = CampaignRun(campaign_id, store, settings)
-        if earlier is not None:
-            run.resubmitted = earlier
-        elif reuse:
-            # the same data: at another root (data_digest), or as an earlier orchard wrote
-            # its manifest
-            equivalent = manifest.earlier_digests(settings.artifacts)
-            run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
-        if earlier is None or earlier.state == RUNNING:
-            _send(store, app, campaign_id)
+        try:
+            if earlier is not None:
+                run.resubmitted = earlier
+            elif reuse:
+                # the same data: at another root (data_digest), or as an earlier orchard
+                # wrote its manifest
+                equivalent = manifest.earlier_digests(settings.artifacts)
+                run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
+            if earlier is None or earlier.state == RUNNING:
+                _send(store, app, campaign_id)
+        except (KeyboardInterrupt, Stopped) as exc:
+            # recorded: the caller must learn its id (resume it, not submit it again)
+            exc.campaign_id = campaign_id  # type: ignore[union-attr]
+            raise
         on_error.pop_all()
     return run
 
@@ -495,6 +501,10 @@ def _record(
             ],
         )
     except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | Stopped) and _recorded(store, campaign_id):
+            # stopped just after the commit: the campaign is there, its folder stays
+            exc.campaign_id = campaign_id  # type: ignore[union-attr]
+            raise
         if fresh:
             shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, OrchardError):
@@ -505,6 +515,14 @@ def _record(
             ) from None
         raise
     return manifest, store
+
+
+def _recorded(store: Store | None, campaign_id: str) -> bool:
+    """Whether the store has the campaign (False when it cannot tell)."""
+    try:
+        return store is not None and store.find_campaign(campaign_id) is not None
+    except Exception:  # noqa: BLE001 - the store away: as before, the folder goes
+        return False
 
 
 def check_chosen_id(campaign_id: str) -> None:

@@ -70,10 +70,11 @@ def advance(store: Store, app: Celery, campaign_id: str) -> list[str]:
                 for key in chunk
             ]
             group(signatures).apply_async()
-        except Exception:
-            # the broker is away (after the publish retries): unclaim what is not
-            # marked sent, so that the next advance (a redelivered task, `orchard
-            # resume`) sends it again
+        except BaseException:
+            # the broker is away (after the publish retries), or the sender was stopped
+            # (Ctrl-C, SIGTERM): unclaim what is not marked sent, so that the next
+            # advance (a redelivered task, `orchard resume`, a `submit --id` retried)
+            # sends it again
             store.unclaim(claimed[start:])
             raise
         store.mark_sent([task_ids[key] for key in chunk])

@@ -67,10 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(AttributeError, ValueError, OSError):
         stdout.reconfigure(errors="backslashreplace")
     sys.stdout = _Output(stdout)  # --help too
+    signals: StopSignals | None = None
     try:
         args = parser.parse_args(argv)
         if args.run is cmd_worker:  # Celery redirects a worker's stdout itself
             sys.stdout = stdout
+        else:
+            # SIGTERM and SIGHUP stop a command as Ctrl-C does, its clean-ups run (a
+            # worker has Celery's own handlers, the GPU launcher its own)
+            signals = StopSignals()
         code = args.run(args)
         if sys.stdout is not None:
             sys.stdout.flush()  # what is still buffered fails here, not in the final flush
@@ -87,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("orchard: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"orchard: stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         # the reader left (`orchard status | head -1`): stop quietly, as `cat` does;
         # stdout is pointed at /dev/null so the interpreter's final flush fails no more
@@ -94,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
     finally:
         sys.stdout = stdout
+        if signals is not None:
+            signals.restore()
 
 
 class StoppedWatching(Exception):  # noqa: N818 - not an error: the user's choice
@@ -106,6 +116,20 @@ class StoppedWatching(Exception):  # noqa: N818 - not an error: the user's choic
             f"{campaign_id} --watch` follows it, `orchard cancel {campaign_id}` stops it)"
         )
         self.code = 128 + signum  # as a shell reports a process the signal ended
+
+
+class StoppedAfterRecording(StoppedWatching):
+    """Ctrl-C, SIGTERM or SIGHUP once the submit had recorded the campaign: its id went
+    to stdout, and this line says what to do (not a second submit)."""
+
+    def __init__(self, campaign_id: str, signum: int) -> None:
+        Exception.__init__(
+            self,
+            f"stopped; campaign {campaign_id} IS recorded, but what it has ready may not "
+            f"all be sent: `orchard resume {campaign_id}` sends the rest (do not submit it "
+            "again)",
+        )
+        self.code = 128 + signum
 
 
 @contextlib.contextmanager
@@ -578,6 +602,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _check_reliability()
     try:
         run = submit(args.file, reuse=args.reuse, campaign_id=args.campaign_id)
+    except (KeyboardInterrupt, Stopped) as exc:
+        recorded = getattr(exc, "campaign_id", None)
+        if recorded is None:
+            raise  # nothing recorded: a submit again is the thing to do
+        with contextlib.suppress(OutputError, BrokenPipeError):
+            print(recorded, flush=True)
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        raise StoppedAfterRecording(recorded, signum) from None
     except NotSentError as exc:
         # recorded: its id on stdout, as for a submit that went through, so that a
         # script resumes it rather than submitting it again (a stdout that cannot take
@@ -681,7 +713,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from db.store import DELETING, NotFoundError, StoreError
+    from db.store import DELETING, CampaignDeletedError, NotFoundError, StoreError
     from scheduler.api import delete
     from workers.config import reliability
 
@@ -696,6 +728,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
     for campaign_id in campaign_ids:  # each on its own: one refusal stops no other
         try:
             done = delete(campaign_id, dry_run=args.dry_run, without_folder=args.without_folder)
+        except CampaignDeletedError as exc:
+            # what was asked is so (a delete retried after it was stopped): no failure
+            print(f"orchard: {exc}: nothing to delete", file=sys.stderr)
+            continue
         except OrchardError as exc:
             if isinstance(exc, StoreError) and not isinstance(exc, NotFoundError):
                 raise  # the store itself: every other id would fail the same way

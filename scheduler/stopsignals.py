@@ -9,8 +9,10 @@ import signal
 import threading
 
 
-class Stopped(Exception):  # noqa: N818 - a stop, not an error
-    """SIGTERM (``timeout``, ``kill``, a CI job's end) or SIGHUP (a closed terminal)."""
+class Stopped(BaseException):  # noqa: N818 - a stop, not an error
+    """SIGTERM (``timeout``, ``kill``, a CI job's end) or SIGHUP (a closed terminal). A
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` takes it for an
+    error and goes on."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

@@ -162,25 +162,41 @@ def test_a_broker_lost_mid_stage_leaves_the_sent_chunks_sent_and_the_rest_to_sen
     assert len(set(task_ids)) == 250
 
 
+@pytest.mark.parametrize(
+    "stop",
+    [
+        ValueError("cannot build this message"),
+        KeyboardInterrupt(),  # Ctrl-C as `orchard submit` sends
+        pytest.param("SIGTERM", id="Stopped"),
+    ],
+    ids=type,
+)
 def test_a_message_that_cannot_be_built_leaves_its_chunk_and_the_rest_to_send(
     tmp_path: Path,
     monkeypatch,  # noqa: ANN001
+    stop: BaseException | str,
 ) -> None:
-    """An error while the second chunk's messages are built (before anything of it is
-    published): the first chunk stays sent, that chunk and the rest go back to PENDING,
-    not QUEUED and unsent for the reaper to find a lease period later."""
-    from scheduler import canvas
+    """An error (or the sender stopped: Ctrl-C, SIGTERM) while the second chunk's
+    messages are built (before anything of it is published): the first chunk stays
+    sent, that chunk and the rest go back to PENDING, not QUEUED and unsent for the
+    reaper to find a lease period later, nor for a `submit --id` retried to miss."""
+    import signal
 
+    from scheduler import canvas
+    from scheduler.stopsignals import Stopped
+
+    if stop == "SIGTERM":
+        stop = Stopped(signal.SIGTERM)
     store, app, keys = a_big_stage(tmp_path)
     real = canvas.unit_signature
 
     def the_150th_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if args[4] == keys[149]:
-            raise ValueError("cannot build this message")
+            raise stop
         return real(*args, **kwargs)
 
     monkeypatch.setattr(canvas, "unit_signature", the_150th_fails)
-    with pytest.raises(ValueError, match="cannot build"):
+    with pytest.raises(type(stop)):
         canvas.advance(store, app, "g")
     states = {u.key: u.state for u in store.units("g")}
     assert [k for k in keys if states[k] == "QUEUED"] == keys[:100]

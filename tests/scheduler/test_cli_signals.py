@@ -1,0 +1,175 @@
+"""A command stopped by Ctrl-C, SIGTERM or SIGHUP: one line, the clean-ups done, and a
+submit stopped once its campaign was recorded says so, with the id."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from scheduler import api
+from scheduler.cli import main
+from tests.scheduler.test_bad_input_cli import REPO
+from tests.scheduler.test_submit_checks import SYNTHETIC
+
+CAMPAIGN = SYNTHETIC + "[rf]\nn_estimators = 5\n"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ORCHARD_HOME", str(tmp_path / "home"))
+    (tmp_path / "c.toml").write_text(CAMPAIGN)
+    return tmp_path / "home"
+
+
+def _stop_while_sending(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The submit's send is stopped once the campaign is recorded: Ctrl-C, or a real
+    SIGTERM to this process, which the command's handler raises where it is."""
+    real = api._send
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        monkeypatch.setattr(api, "_send", real)  # the retry sends
+        if how == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the submit")
+
+    monkeypatch.setattr(api, "_send", stopped)
+
+
+@pytest.mark.parametrize(("how", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_submit_stopped_once_recorded_prints_its_id_and_the_retry_sends_it(
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+    code: int,
+) -> None:
+    """It said `orchard: interrupted` (or nothing, on SIGTERM) and no id, and the same
+    submit again made a second campaign."""
+    _stop_while_sending(monkeypatch, how)
+    campaign = str(home.parent / "c.toml")
+    assert main(["submit", campaign, "--id", "n-1"]) == code
+    out, err = capsys.readouterr()
+    assert out == "n-1\n"
+    assert err == (
+        "orchard: stopped; campaign n-1 IS recorded, but what it has ready may not all be "
+        "sent: `orchard resume n-1` sends the rest (do not submit it again)\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    try:
+        assert {u.state for u in store.units("n-1")} == {"PENDING"}  # nothing sent
+        # the same submit under its id sends what the stopped one left
+        assert main(["submit", campaign, "--id", "n-1"]) == 0
+        assert "QUEUED" in {u.state for u in store.units("n-1")}
+        assert [c.id for c in store.list_campaigns()] == ["n-1"]
+    finally:
+        store.dispose()
+    assert len(list((home / "broker" / "queue").glob("*.msg"))) == 1  # the shard
+
+
+def test_sigterm_stops_any_command_in_one_line(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`timeout 60 orchard prune` and the like died silently on SIGTERM, their clean-ups
+    not run."""
+    import scheduler.cli
+
+    def pruning(args):  # noqa: ANN001, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(scheduler.cli, "cmd_prune", pruning)
+    assert main(["prune"]) == 143
+    assert capsys.readouterr().err == "orchard: stopped by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_retried_delete_of_what_it_deleted_is_no_failure(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A delete of several ids stopped midway, run again: those it had deleted are
+    gone, as asked; it exited 2 for them."""
+    assert main(["submit", str(home.parent / "c.toml"), "--id", "d-1"]) == 0
+    assert main(["cancel", "d-1"]) == 0
+    assert main(["delete", "d-1"]) == 0
+    capsys.readouterr()
+    assert main(["delete", "d-1"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("orchard: campaign d-1 was deleted (`orchard delete`) at ")
+    assert err.endswith(" UTC: nothing to delete\n")
+    assert main(["delete", "d-1", "never-was"]) == 2  # an unknown id is still an error
+
+
+def _launch(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**environ, "ORCHARD_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path: Path) -> None:
+    """`orchard` imported SQLAlchemy and Celery before its handlers: a Ctrl-C in that
+    second printed a 25-line traceback."""
+    done = _launch(
+        "import sys\n"
+        "class Stop:\n"
+        "    def find_spec(self, name, *args):\n"
+        "        if name == 'scheduler.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "from scheduler.launch import main\n"
+        "sys.exit(main())\n",
+        tmp_path,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "orchard: interrupted\n")
+
+
+def test_a_signal_after_the_command_ended_leaves_its_exit_code(tmp_path: Path) -> None:
+    """A SIGTERM as the interpreter shut down, once the submit had printed its id, made
+    its exit 143: a job retrying on it submitted again."""
+    done = _launch(
+        "import os, signal, sys\n"
+        "import scheduler.cli\n"
+        "scheduler.cli.main = lambda: print('c-1') or 0\n"
+        "from scheduler.launch import main\n"
+        "code = main()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.exit(code)\n",
+        tmp_path,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "c-1\n", "")
+
+
+def test_the_orchard_command_loads_neither_sqlalchemy_nor_celery_before_its_handlers() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, scheduler.cli; print(sorted({'sqlalchemy', 'celery', "
+            "'scheduler.api'} & set(sys.modules)))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.stdout == "[]\n", done.stderr
