@@ -926,11 +926,19 @@ def _finish(run, status) -> int:  # noqa: ANN001
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     if args.watch and args.campaign is None:
         raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
     _timeout_needs(args, "watch")
+    if not args.watch:
+        return _status(args)
+    # from the start: a stop while the store opens leaves the campaign going on too
+    with _watching(args.campaign):
+        return _status(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     if args.campaign is not None:
         _check_campaign_id(args.campaign)
     store = _store(existing=True)
@@ -963,18 +971,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not console.is_terminal or console.is_dumb_terminal:
         # piped: no redrawing, the final table once; a terminal that cannot redraw
         # (TERM=dumb) is told the units' progress a line per change, on stderr
-        with _watching(args.campaign):
-            run.wait(args.timeout, progress=console.is_dumb_terminal, on_stall=_warn_stall)
+        run.wait(args.timeout, progress=console.is_dumb_terminal, on_stall=_warn_stall)
         _print_units(console, _unit_rows(store, args.campaign))
         return 0
     from rich.live import Live
 
-    with (
-        _watching(args.campaign),
-        Live(
-            _units_table(store, args.campaign, console), console=console, refresh_per_second=2
-        ) as live,
-    ):
+    with Live(
+        _units_table(store, args.campaign, console), console=console, refresh_per_second=2
+    ) as live:
         built = {"at": time.monotonic(), "took": 0.0}
 
         def refresh(*, now: bool = False) -> None:

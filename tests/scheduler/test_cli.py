@@ -517,9 +517,10 @@ def test_delete_removes_finished_campaigns_and_refuses_a_running_one(tmp_path: P
     assert cache.read_bytes() == b"shared"  # the cache is every campaign's
     listed = orchard("status", env=env)
     assert running in listed.stdout and first not in listed.stdout and last not in listed.stdout
-    assert_one_line_error(
-        orchard("delete", first, env=env), f"campaign {first} was deleted (`orchard delete`) at "
-    )
+    # deleted already, as asked: a delete retried is no failure (it said so in exit 2)
+    again = orchard("delete", first, env=env)
+    assert_one_line_error(again, f"campaign {first} was deleted (`orchard delete`) at ", code=0)
+    assert again.stderr.endswith(": nothing to delete\n")
 
 
 def test_delete_removes_a_deleted_campaigns_leftovers_and_nothing_else(tmp_path: Path) -> None:
