@@ -477,6 +477,10 @@ def _record(
     # a filesystem broker's folders are made once the campaign is known to be good
     make_broker_folders(settings)
     try:
+        # until the campaign is recorded: a submit killed before (SIGKILL, the OOM
+        # killer) leaves a folder that `prune` and `delete` can tell from another store's
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SUBMITTING_MARK).touch()
         written = atomic_write_text(manifest_path(folder), manifest.to_json())
         if store is None:
             store = open_store()  # the SQLite file (and its folder): a campaign that can run
@@ -502,6 +506,7 @@ def _record(
         )
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | Stopped) and _recorded(store, campaign_id):
+            _unmark(folder)
             # stopped just after the commit: the campaign is there, its folder stays
             exc.campaign_id = campaign_id  # type: ignore[union-attr]
             raise
@@ -511,10 +516,34 @@ def _record(
             # the artifact folder: full, read-only, ... (an ArtifactWriteError
             # already says so, naming the file)
             raise OrchardError(
-                f"cannot write {manifest_path(folder)}: {exc.strerror or exc}"
+                f"cannot write {exc.filename or manifest_path(folder)}: {exc.strerror or exc}"
             ) from None
         raise
+    _unmark(folder)
     return manifest, store
+
+
+#: In a campaign's folder from before its manifest is written until the campaign is
+#: recorded: one the store has no campaign of, with the mark an hour old, is what a
+#: killed submit left.
+SUBMITTING_MARK = ".submitting"
+
+
+def _unmark(folder: Path) -> None:
+    """The campaign is recorded: its folder is its own now (a mark left behind is
+    harmless, the store names the campaign)."""
+    with contextlib.suppress(OSError):
+        (folder / SUBMITTING_MARK).unlink()
+
+
+def _abandoned_submit(folder: Path) -> bool:
+    """A campaign folder a submit killed before recording left (its mark untouched for
+    :data:`STALE_WRITE_SECONDS`); the caller knows the store has no such campaign."""
+    try:
+        marked = (folder / SUBMITTING_MARK).lstat().st_mtime
+    except OSError:
+        return False
+    return not folder.is_symlink() and marked < time.time() - STALE_WRITE_SECONDS
 
 
 def _recorded(store: Store | None, campaign_id: str) -> bool:
@@ -585,7 +614,7 @@ def _left_by_a_killed_submit(folder: Path) -> bool:
     except OSError:
         return False
     manifest = manifest_path(folder).name
-    return all(name == manifest or name.endswith(".tmp") for name in names)
+    return all(name in (manifest, SUBMITTING_MARK) or name.endswith(".tmp") for name in names)
 
 
 class NotSentError(OrchardError):
@@ -1077,6 +1106,7 @@ def _delete(
             and not folder.is_symlink()
             and (
                 (folder / DELETING_MARK).exists()
+                or _abandoned_submit(folder)
                 # what an orchard before the mark left; a chosen id's, any folder's name
                 or (MADE_ID_PATTERN.fullmatch(campaign_id) and not manifest_path(folder).exists())
             )
@@ -1199,6 +1229,9 @@ class Pruned:
     #: ``datasets/`` (``.<name>.<random>.tmp``: a submit killed as it generated one),
     #: nothing under them touched for STALE_WRITE_SECONDS
     unfinished_datasets: list[tuple[Path, int, int]] = field(default_factory=list)
+    #: (folder, files, bytes): campaign folders submits killed before recording left
+    #: (:data:`SUBMITTING_MARK`, untouched for STALE_WRITE_SECONDS), no campaign's
+    unfinished_campaigns: list[tuple[Path, int, int]] = field(default_factory=list)
 
 
 #: How long a shard's temporary file must have been left untouched before `orchard
@@ -1235,8 +1268,16 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     before = {c.id for c in store.list_campaigns(limit=None)}
     in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
     # and those of another store's campaigns sharing the artifact folder (over the same
-    # images, both stores record the folder's shards)
-    in_use |= _caches_named_by_manifests(settings.artifacts / "campaigns", skip=before)
+    # images, both stores record the folder's shards); not those killed submits left
+    campaigns = settings.artifacts / "campaigns"
+    abandoned = [
+        (folder, *_folder_size(folder))
+        for folder in (sorted(campaigns.iterdir()) if campaigns.is_dir() else [])
+        if folder.name not in before and _abandoned_submit(folder)
+    ]
+    in_use |= _caches_named_by_manifests(
+        campaigns, skip=before | {folder.name for folder, _, _ in abandoned}
+    )
     cache = settings.artifacts / "cache"
     folders = [
         folder
@@ -1302,7 +1343,10 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     datasets = _unfinished_datasets(settings.artifacts / "datasets")
     if not dry_run:
         datasets = [found for found in datasets if _removed(found[0])]
-    return Pruned(pruned, kept, dry_run, late, len(folders) - len(ours), unfinished, datasets)
+        abandoned = [found for found in abandoned if _removed(found[0])]
+    return Pruned(
+        pruned, kept, dry_run, late, len(folders) - len(ours), unfinished, datasets, abandoned
+    )
 
 
 def _unfinished_datasets(folder: Path) -> list[tuple[Path, int, int]]:

@@ -780,6 +780,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{_megabytes(left)} (left by submits killed as they generated them): "
             + ", ".join(str(folder) for folder, _, _ in pruned.unfinished_datasets)
         )
+    if pruned.unfinished_campaigns:
+        left = sum(size for _, _, size in pruned.unfinished_campaigns)
+        print(
+            f"{verb} {len(pruned.unfinished_campaigns)} campaign folder(s) of no campaign, "
+            f"{_megabytes(left)} (left by submits killed before they recorded them): "
+            + ", ".join(str(folder) for folder, _, _ in pruned.unfinished_campaigns)
+        )
     for campaign_id in pruned.late:
         print(
             f"orchard: warning: campaign {campaign_id} was submitted during the prune and "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from db.store import Artifact, Store
 from scheduler.cli import main
 from tests.db.test_store import seed_campaign
+from tests.scheduler.test_submit_checks import SYNTHETIC
 
 
 @pytest.fixture
@@ -479,3 +482,47 @@ def test_a_generated_dataset_left_unfinished_by_a_killed_submit_is_removed(
         "synthetic-1a2b",
     ]
     assert "generated" not in prune(capsys)[1]
+
+
+def test_a_campaign_folder_a_killed_submit_left_pins_no_cache_and_is_removed(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A submit SIGKILLed after writing its manifest, before recording the campaign: the
+    manifest looked like another store's campaign's, kept its cache for ever, and no
+    `delete` could remove the folder. Its .submitting mark, an hour old, tells."""
+    store = stored(home, {"a-1": "shared"})
+    store.cancel_campaign("a-1")
+    campaigns = home / "artifacts" / "campaigns"
+    killed, recording = campaigns / "k-20261207-000000-dead", campaigns / "r-1"
+    for folder in (killed, recording):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"cache_key": "shared", "entries": []}))
+        (folder / ".submitting").touch()
+    hours_ago = time.time() - 7200
+    os.utime(killed / ".submitting", (hours_ago, hours_ago))
+    assert main(["delete", "a-1"]) == 0
+    capsys.readouterr()
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    # one still being recorded (its mark new) keeps what it names
+    assert (home / "artifacts" / "cache" / "shared").is_dir() and recording.is_dir()
+    assert out.splitlines()[-1].startswith(
+        "removed 1 campaign folder(s) of no campaign, 0.0 MB (left by submits killed before "
+        f"they recorded them): {killed}"
+    )
+    assert not killed.exists()
+    os.utime(recording / ".submitting", (hours_ago, hours_ago))  # and an hour later
+    assert main(["delete", "r-1"]) == 0  # `delete` takes it for a leftover too
+    assert not recording.exists()
+    code, out, err = prune(capsys)
+    assert not (home / "artifacts" / "cache" / "shared").exists()
+
+
+def test_a_recorded_campaign_s_folder_keeps_no_submitting_mark(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    campaign = home / "c.toml"
+    campaign.write_text(SYNTHETIC + "[rf]\nn_estimators = 5\n")
+    assert main(["submit", str(campaign), "--id", "s-1"]) == 0
+    folder = home / "artifacts" / "campaigns" / "s-1"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
