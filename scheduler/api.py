@@ -1232,6 +1232,8 @@ class Pruned:
     #: (folder, files, bytes): campaign folders submits killed before recording left
     #: (:data:`SUBMITTING_MARK`, untouched for STALE_WRITE_SECONDS), no campaign's
     unfinished_campaigns: list[tuple[Path, int, int]] = field(default_factory=list)
+    #: of those kept, folders only the manifests of another store's campaigns name
+    foreign: int = 0
 
 
 #: How long a shard's temporary file must have been left untouched before `orchard
@@ -1266,7 +1268,7 @@ def prune_cache(
 def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     store.check_schema()
     before = {c.id for c in store.list_campaigns(limit=None)}
-    in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
+    in_use = ours_in_use = set(_caches_in_use(store, settings, refuse_running=True).values())
     # and those of another store's campaigns sharing the artifact folder (over the same
     # images, both stores record the folder's shards); not those killed submits left
     campaigns = settings.artifacts / "campaigns"
@@ -1275,7 +1277,7 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
         for folder in (sorted(campaigns.iterdir()) if campaigns.is_dir() else [])
         if folder.name not in before and _abandoned_submit(folder)
     ]
-    in_use |= _caches_named_by_manifests(
+    in_use = in_use | _caches_named_by_manifests(
         campaigns, skip=before | {folder.name for folder, _, _ in abandoned}
     )
     cache = settings.artifacts / "cache"
@@ -1344,8 +1346,17 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     if not dry_run:
         datasets = [found for found in datasets if _removed(found[0])]
         abandoned = [found for found in abandoned if _removed(found[0])]
+    foreign = sum(f.name in in_use and f.name not in ours_in_use for f in ours)
     return Pruned(
-        pruned, kept, dry_run, late, len(folders) - len(ours), unfinished, datasets, abandoned
+        pruned,
+        kept,
+        dry_run,
+        late,
+        len(folders) - len(ours),
+        unfinished,
+        datasets,
+        abandoned,
+        foreign,
     )
 
 

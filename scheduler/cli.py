@@ -762,11 +762,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for folder, files, size in pruned.folders:
         print(f"{verb} {folder}: {files} file(s), {_megabytes(size)}")
     total = sum(size for _, _, size in pruned.folders)
-    unknown = f" and {pruned.unknown} it has no record of" if pruned.unknown else ""
-    print(
-        f"{verb} {len(pruned.folders)} cache folder(s), {_megabytes(total)}; kept "
-        f"{pruned.kept - pruned.unknown} that campaigns in the store use{unknown}"
-    )
+    kept = [f"{pruned.kept - pruned.unknown - pruned.foreign} that campaigns in the store use"]
+    if pruned.foreign:
+        kept.append(f"{pruned.foreign} that only another store's campaigns use")
+    if pruned.unknown:
+        kept.append(f"{pruned.unknown} it has no record of")
+    said = kept[0] if len(kept) == 1 else ", ".join(kept[:-1]) + " and " + kept[-1]
+    print(f"{verb} {len(pruned.folders)} cache folder(s), {_megabytes(total)}; kept {said}")
     if pruned.unfinished:
         left = sum(size for _, size in pruned.unfinished)
         print(

@@ -295,6 +295,11 @@ def test_a_cache_that_another_stores_campaign_uses_is_kept(
     assert (code, err) == (0, "")
     cache = home / "artifacts" / "cache"
     assert out.splitlines()[0] == f"removed {cache / 'orphan'}: 2 file(s), 1.0 MB"
+    # not "kept 1 that campaigns in the store use": the store has none now
+    assert out.splitlines()[1] == (
+        "removed 1 cache folder(s), 1.0 MB; kept 0 that campaigns in the store use and 1 "
+        "that only another store's campaigns use"
+    )
     assert sorted(p.name for p in cache.iterdir()) == ["shared"]
     assert store.count_artifacts("cache/shared/") == 2
 
