@@ -1668,12 +1668,16 @@ class Store:
     # -- cancel, resume, reuse
 
     @_retried
-    def cancel_campaign(self, campaign_id: str) -> Cancelled:
+    def cancel_campaign(self, campaign_id: str, *, revoke_again_within: float = 0.0) -> Cancelled:
         """Mark a RUNNING campaign and its unfinished units CANCELLED.
 
         Returns the task ids of its queued and running units for the caller to revoke.
         A delivery that arrives later finds the unit CANCELLED and does nothing; a run
         in progress finds it at its next heartbeat and stops.
+
+        A campaign cancelled less than ``revoke_again_within`` seconds ago (a cancel
+        retried: the one before may have been stopped between its commit and its
+        revokes) returns the task ids that cancel stopped, to revoke again.
         """
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id, with_for_update=_CAMPAIGN_LOCK)
@@ -1681,7 +1685,25 @@ class Store:
                 raise self._no_campaign(campaign_id, s)
             now = self._now(s)
             if campaign.state != "RUNNING":
-                return Cancelled(campaign.state, [], 0, already_finished=True)
+                again: list[str] = []
+                ended = as_utc(campaign.finished_at)
+                if (
+                    campaign.state == CANCELLED
+                    and ended is not None
+                    and (now - ended).total_seconds() < revoke_again_within
+                ):
+                    again = [
+                        t
+                        for t in s.scalars(
+                            select(UnitRow.task_id).where(
+                                UnitRow.campaign_id == campaign_id,
+                                UnitRow.state == CANCELLED,
+                                UnitRow.finished_at == campaign.finished_at,
+                            )
+                        )
+                        if t
+                    ]
+                return Cancelled(campaign.state, again, 0, already_finished=True)
             # one statement, however many units: an UPDATE per row held the campaign's
             # lock (on SQLite the store's) for seconds at 20,000 units. A PENDING unit
             # has no task id to revoke, or one whose message was never sent

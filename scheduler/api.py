@@ -1027,6 +1027,7 @@ def cancel(
     (GPU) workers, stop at their next heartbeat-checked store call (each epoch).
     """
     from workers.app import check_broker_reachable, make_app
+    from workers.config import reliability
 
     with (
         attach(
@@ -1035,7 +1036,11 @@ def cancel(
         make_app(run.settings, with_tasks=False) as app,
     ):
         check_broker_reachable(app)  # before anything changes: the revokes must reach it
-        outcome = run.store.cancel_campaign(campaign_id)
+        # a cancel retried within two lease periods (the one before stopped between its
+        # commit and its revokes?) sends them again: a revoke twice is one
+        outcome = run.store.cancel_campaign(
+            campaign_id, revoke_again_within=2 * reliability().lease_seconds
+        )
         if outcome.task_ids:
             app.control.revoke(outcome.task_ids, terminate=True, signal="SIGTERM")
     return outcome

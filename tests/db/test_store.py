@@ -698,6 +698,12 @@ def test_cancel_marks_unfinished_units_and_returns_task_ids(store_url: str) -> N
     assert not late.run and late.state == "CANCELLED"
     again = store.cancel_campaign("t-1")
     assert again.already_finished and again.task_ids == []  # once
+    # a cancel retried soon (the one before stopped between its commit and its revokes)
+    # gets the ones to revoke again; after the window, none
+    again = store.cancel_campaign("t-1", revoke_again_within=60)
+    assert again.already_finished and sorted(again.task_ids) == ["t1", "t2"]
+    time.sleep(0.3)
+    assert store.cancel_campaign("t-1", revoke_again_within=0.2).task_ids == []
 
 
 def test_resume_resets_what_did_not_succeed_and_the_report(store_url: str) -> None:

@@ -173,3 +173,32 @@ def test_the_orchard_command_loads_neither_sqlalchemy_nor_celery_before_its_hand
         timeout=90,
     )
     assert done.stdout == "[]\n", done.stderr
+
+
+def test_a_cancel_stopped_before_its_revokes_sends_them_when_retried(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its commit done, the revokes not sent: the retry said `already CANCELLED:
+    nothing to cancel` and sent none, so the running units on prefork workers ran on."""
+    from celery.app.control import Control
+
+    assert main(["submit", str(home.parent / "c.toml"), "--id", "c-1"]) == 0
+    revoked: list[list[str]] = []
+
+    def revoke(self, task_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if not revoked:
+            revoked.append([])
+            raise KeyboardInterrupt  # Ctrl-C just after the commit
+        revoked.append(sorted(task_ids))
+
+    monkeypatch.setattr(Control, "revoke", revoke)
+    assert main(["cancel", "c-1"]) == 130
+    capsys.readouterr()
+    assert main(["cancel", "c-1"]) == 0
+    assert "c-1 is already CANCELLED: nothing to cancel" in capsys.readouterr().err
+    store = Store(f"sqlite:///{home / 'orchard.db'}")
+    try:
+        sent = sorted(u.task_id for u in store.units("c-1") if u.task_id)
+    finally:
+        store.dispose()
+    assert sent and revoked == [[], sent]
