@@ -13,6 +13,10 @@
   raised error: WorkerLostError(…)`` comes at WARNING and without a traceback, which
   says nothing of the unit: orchard requeues its message (reject on worker lost) and
   says so in a line of its own, naming the unit (``child … was lost mid-unit``).
+- A message that cannot be acknowledged or rejected because the broker went away
+  (kombu's CRITICAL ``Couldn't ack …`` with a traceback): a WARNING line that says what
+  follows: the broker hands the message out again after the visibility timeout, and
+  its unit, recorded in the store, is not run twice.
 - Alembic's ``Context impl SQLiteImpl.`` / ``Will assume non-transactional DDL.``,
   logged at INFO by each worker process as it checks the store's schema, are left out
   (Alembic's WARNING and above still show; ``orchard db upgrade`` is unchanged).
@@ -75,6 +79,25 @@ class WorkerLostFilter(logging.Filter):
         return True
 
 
+class UnackedFilter(logging.Filter):
+    """kombu's ``Couldn't ack`` / ``Couldn't reject`` of a message the broker's loss
+    left unsettled: a WARNING line with what follows, no traceback."""
+
+    FOLLOWS = (
+        "; the broker was away: it hands the message out again after the visibility "
+        "timeout, and the unit, recorded in the store, is not run twice"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(("Couldn't ack", "Couldn't reject")):
+            if not str(record.msg).endswith(self.FOLLOWS):
+                record.msg = f"{record.msg}{self.FOLLOWS}"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 #: Alembic's logger of the migration context, which a worker's schema check opens.
 ALEMBIC_LOGGER = "alembic.runtime.migration"
 
@@ -88,6 +111,7 @@ def install() -> None:
         (CONTROL_LOGGER, NoBackendRevokeFilter),
         (TRACE_LOGGER, RejectTracebackFilter),
         (REQUEST_LOGGER, WorkerLostFilter),
+        (REQUEST_LOGGER, UnackedFilter),
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):

@@ -59,6 +59,21 @@ def test_a_lost_child_s_line_is_a_warning_without_a_traceback() -> None:
     assert keep(other) and other.levelno == logging.ERROR and other.exc_info is not None
 
 
+def test_a_message_left_unacknowledged_by_a_broker_outage_is_a_warning_that_says_why() -> None:
+    """kombu says CRITICAL, with a traceback, of what orchard's store makes harmless."""
+    keep = logs.UnackedFilter().filter
+    away = ConnectionError("Connection refused")
+    line = record(logs.REQUEST_LOGGER, "Couldn't ack %r, reason:%r", (7, away), raised(away))
+    line.levelno, line.levelname = logging.CRITICAL, "CRITICAL"
+    assert keep(line) and (line.levelname, line.exc_info) == ("WARNING", None)
+    assert line.getMessage() == (
+        "Couldn't ack 7, reason:ConnectionError('Connection refused'); the broker was away: "
+        "it hands the message out again after the visibility timeout, and the unit, "
+        "recorded in the store, is not run twice"
+    )
+    assert keep(line) and line.getMessage().count("the broker was away") == 1  # once
+
+
 def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (logs.CONTROL_LOGGER, logs.TRACE_LOGGER, logs.REQUEST_LOGGER):
         monkeypatch.setattr(logging.getLogger(name), "filters", [])
@@ -71,7 +86,8 @@ def test_install_adds_each_filter_once(monkeypatch: pytest.MonkeyPatch) -> None:
         logs.RejectTracebackFilter
     ]
     assert [type(f) for f in logging.getLogger(logs.REQUEST_LOGGER).filters] == [
-        logs.WorkerLostFilter
+        logs.WorkerLostFilter,
+        logs.UnackedFilter,
     ]
     assert logging.getLogger(logs.ALEMBIC_LOGGER).level == logging.WARNING
 
