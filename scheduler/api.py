@@ -406,42 +406,57 @@ def submit(
 
         if not settings.database_url.startswith("sqlite"):
             store = open_store()  # fail in seconds, before reading a dataset (minutes)
-        with (
-            _synthetic_dataset_guard(campaign, settings.artifacts),
-            _chosen_id_lock(settings.artifacts, campaign_id),
-        ):
-            earlier = None
-            if campaign_id is not None:
-                # read once the lock is held: an SQLite store a concurrent submit under
-                # the same id created is there now
-                if store is None and _sqlite_file_there(settings.database_url):
-                    store = open_store()
-                if store is not None:
-                    earlier = _submitted_before(store, campaign_id, campaign)
-            if earlier is None:
-                chosen = campaign_id is not None
-                campaign_id = campaign_id or new_campaign_id(campaign.name)
-                manifest, store = _record(
-                    path, campaign, campaign_id, settings, store, open_store, chosen=chosen
-                )
-        assert store is not None and campaign_id is not None
-        run = CampaignRun(campaign_id, store, settings)
+        done = _Submitting()
         try:
-            if earlier is not None:
+            # the id's lock held until the units are sent: a concurrent submit under the
+            # same id finds the campaign recorded and its units reused and sent
+            with (
+                _synthetic_dataset_guard(campaign, settings.artifacts, done),
+                _chosen_id_lock(settings.artifacts, campaign_id),
+            ):
+                earlier = None
+                if campaign_id is not None:
+                    # read once the lock is held: an SQLite store a concurrent submit
+                    # under the same id created is there now
+                    if store is None and _sqlite_file_there(settings.database_url):
+                        store = open_store()
+                    if store is not None:
+                        earlier = _submitted_before(store, campaign_id, campaign)
+                if earlier is None:
+                    chosen = campaign_id is not None
+                    campaign_id = campaign_id or new_campaign_id(campaign.name)
+                    manifest, store = _record(
+                        path, campaign, campaign_id, settings, store, open_store, done, chosen
+                    )
+                else:
+                    done.recorded = True
+                assert store is not None and campaign_id is not None
+                run = CampaignRun(campaign_id, store, settings)
                 run.resubmitted = earlier
-            elif reuse:
-                # the same data: at another root (data_digest), or as an earlier orchard
-                # wrote its manifest
-                equivalent = manifest.earlier_digests(settings.artifacts)
-                run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
-            if earlier is None or earlier.state == RUNNING:
-                _send(store, app, campaign_id)
+                running = earlier is None or earlier.state == RUNNING
+                if reuse and running:
+                    if earlier is not None:  # what the submit stopped before may not have
+                        manifest = _recorded_manifest(settings, campaign_id)
+                    # the same data: at another root (data_digest), or as an earlier
+                    # orchard wrote its manifest
+                    equivalent = manifest.earlier_digests(settings.artifacts)
+                    run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
+                if running:
+                    _send(store, app, campaign_id)
         except (KeyboardInterrupt, Stopped) as exc:
-            # recorded: the caller must learn its id (resume it, not submit it again)
-            exc.campaign_id = campaign_id  # type: ignore[union-attr]
+            if done.recorded:  # the caller must learn its id: resume it, not submit again
+                exc.campaign_id = campaign_id  # type: ignore[union-attr]
             raise
         on_error.pop_all()
     return run
+
+
+@dataclass
+class _Submitting:
+    """How far a submit got, for its clean-ups: once its campaign is recorded nothing
+    it made is removed (the folder, a synthetic dataset it generated)."""
+
+    recorded: bool = False
 
 
 def _record(
@@ -451,7 +466,7 @@ def _record(
     settings: Settings,
     store: Store | None,
     open_store: Callable[[], Store],
-    *,
+    done: _Submitting,
     chosen: bool,
 ) -> tuple[Manifest, Store]:
     """Plan the campaign over its data, write its manifest into its new folder and
@@ -460,10 +475,10 @@ def _record(
 
     manifest, units = _plan_checked(path, campaign, settings.artifacts, campaign_id)
     folder = settings.artifacts / "campaigns" / campaign_id
-    # never another campaign's, should two ids collide; a chosen id's folder that holds
-    # no more than a manifest is what a submit killed before recording left
-    fresh = not folder.exists() or (chosen and _left_by_a_killed_submit(folder))
-    if not fresh and chosen:
+    # a chosen id's folder that holds no more than its manifest and the mark of a
+    # submit under way is what a submit killed before recording left
+    took_over = chosen and _left_by_a_killed_submit(folder)
+    if chosen and folder.exists() and not took_over:
         whose = (
             f"what a delete left, which `orchard delete {campaign_id}` removes"
             if (folder / DELETING_MARK).exists()
@@ -476,10 +491,15 @@ def _record(
         )
     # a filesystem broker's folders are made once the campaign is known to be good
     make_broker_folders(settings)
+    fresh = False  # removed on failure: only a folder this submit made (or took over)
     try:
+        try:
+            folder.mkdir(parents=True)
+            fresh = True
+        except FileExistsError:
+            fresh = took_over  # never another campaign's, should two made ids collide
         # until the campaign is recorded: a submit killed before (SIGKILL, the OOM
         # killer) leaves a folder that `prune` and `delete` can tell from another store's
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / SUBMITTING_MARK).touch()
         written = atomic_write_text(manifest_path(folder), manifest.to_json())
         if store is None:
@@ -504,11 +524,17 @@ def _record(
                 )
             ],
         )
+        done.recorded = True
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt | Stopped) and _recorded(store, campaign_id):
+        # recorded all the same (stopped just after the commit, or its answer lost):
+        # the campaign is there, and its folder stays. A store that is away is not
+        # asked (its retries take a minute): as before, the folder goes
+        if not isinstance(exc, StoreUnreachableError) and _recorded(store, campaign_id):
+            done.recorded = True
             _unmark(folder)
-            # stopped just after the commit: the campaign is there, its folder stays
-            exc.campaign_id = campaign_id  # type: ignore[union-attr]
+            if isinstance(exc, Exception) and not isinstance(exc, NotSentError):
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise NotSentError(campaign_id, f"recording it ended in: {reason}") from None
             raise
         if fresh:
             shutil.rmtree(folder, ignore_errors=True)
@@ -521,6 +547,18 @@ def _record(
         raise
     _unmark(folder)
     return manifest, store
+
+
+def _recorded_manifest(settings: Settings, campaign_id: str) -> Manifest:
+    """The manifest of a campaign recorded before (a submit retried under its id)."""
+    path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+    except OSError as exc:
+        raise OrchardError(
+            f"campaign {campaign_id}: its manifest {path} cannot be read "
+            f"({exc.strerror or exc}): nothing reused"
+        ) from None
 
 
 #: In a campaign's folder from before its manifest is written until the campaign is
@@ -607,14 +645,17 @@ def _chosen_id_lock(artifacts: Path, campaign_id: str | None) -> Iterator[None]:
 
 
 def _left_by_a_killed_submit(folder: Path) -> bool:
-    """A campaign folder that holds nothing but its manifest (or the temporary file of
-    one being written): no unit of the campaign ever ran."""
+    """A campaign folder that holds the mark of a submit under way and nothing else but
+    its manifest (or the temporary file of one being written): no unit of it ever ran.
+    Without the mark it is a recorded campaign's, perhaps another store's."""
     try:
         names = [entry.name for entry in os.scandir(folder)]
     except OSError:
         return False
     manifest = manifest_path(folder).name
-    return all(name in (manifest, SUBMITTING_MARK) or name.endswith(".tmp") for name in names)
+    return SUBMITTING_MARK in names and all(
+        name in (manifest, SUBMITTING_MARK) or name.endswith(".tmp") for name in names
+    )
 
 
 class NotSentError(OrchardError):
@@ -748,9 +789,12 @@ def plan(
 
 
 @contextmanager
-def _synthetic_dataset_guard(campaign: CampaignSpec, artifacts: Path) -> Iterator[None]:
+def _synthetic_dataset_guard(
+    campaign: CampaignSpec, artifacts: Path, done: _Submitting
+) -> Iterator[None]:
     """Around generating a campaign's synthetic dataset and recording the campaign: the
-    dataset is removed again when this submit generated it and then failed. The block holds
+    dataset is removed again when this submit generated it and then failed before
+    recording the campaign (``done``; after, the campaign reads it). The block holds
     a lock beside the dataset, so that a concurrent submit of the same dataset, which would
     reuse it, waits for the outcome instead of losing the folder under its campaign. Where
     no lock can be had (a folder we may not write, a filesystem without locks), nothing is
@@ -764,7 +808,7 @@ def _synthetic_dataset_guard(campaign: CampaignSpec, artifacts: Path) -> Iterato
         try:
             yield
         except BaseException:
-            if generated:
+            if generated and not done.recorded:
                 shutil.rmtree(root, ignore_errors=True)
             raise
 

@@ -645,10 +645,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         )
     else:
         _warn_skipped(run)
-        if args.reuse:
-            print(
-                f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr
-            )
+    if args.reuse:
+        print(f"reused {len(run.reused)} finished unit(s) from earlier campaigns", file=sys.stderr)
     if not args.wait:
         return 0
     with _watching(run.id):

@@ -202,3 +202,40 @@ def test_a_cancel_stopped_before_its_revokes_sends_them_when_retried(
     finally:
         store.dispose()
     assert sent and revoked == [[], sent]
+
+
+@pytest.mark.parametrize("after", ["KeyboardInterrupt", "StoreError"])
+def test_a_submit_ended_just_after_its_commit_keeps_what_the_campaign_reads(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], after: str
+) -> None:
+    """Stopped (or its commit's answer lost) as the campaign was recorded: its folder
+    and the synthetic dataset it generated were removed under it, and every shard then
+    failed with `image file is missing`."""
+    from db.store import StoreError
+
+    real = Store.create_campaign
+
+    def committed_then_ended(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt if after == "KeyboardInterrupt" else StoreError("answer lost")
+
+    monkeypatch.setattr(Store, "create_campaign", committed_then_ended)
+    code = main(["submit", str(home.parent / "c.toml"), "--id", "k-1"])
+    out, err = capsys.readouterr()
+    assert out == "k-1\n"
+    if after == "KeyboardInterrupt":
+        assert code == 130 and "campaign k-1 IS recorded" in err
+    else:
+        assert code == 2
+        assert err == (
+            "orchard: error: campaign k-1: not every unit it has ready was sent (recording "
+            "it ended in: answer lost); the campaign is recorded, and `orchard resume k-1` "
+            "sends the rest once that is mended\n"
+        )
+    folder = home / "artifacts" / "campaigns" / "k-1"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]  # and no mark
+    [dataset] = (home / "artifacts" / "datasets").glob("synthetic-*")
+    assert any(dataset.rglob("*.png")) or any(dataset.rglob("*.jpg"))
+    monkeypatch.setattr(Store, "create_campaign", real)
+    assert main(["resume", "k-1"]) == 0
+    assert len(list((home / "broker" / "queue").glob("*.msg"))) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.api import _synthetic_dataset_guard
+from scheduler.api import _Submitting, _synthetic_dataset_guard
 from shared.manifest import synthetic_root
 from shared.plan import MERGE, TRAIN, UnitPlan, data_problems
 from shared.spec import Campaign as CampaignSpec
@@ -118,12 +118,12 @@ def test_a_concurrent_submit_of_the_same_synthetic_dataset_waits_for_the_outcome
     seen: list[bool] = []
 
     def second_submit() -> None:
-        with _synthetic_dataset_guard(campaign, artifacts):
+        with _synthetic_dataset_guard(campaign, artifacts, _Submitting()):
             seen.append(root.exists())
             entered.set()
 
     second = threading.Thread(target=second_submit)
-    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts):
+    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts, _Submitting()):
         root.mkdir(parents=True)  # the first submit generated it
         second.start()
         assert not entered.wait(0.5)  # held off while the first submit is undecided
@@ -144,10 +144,10 @@ def test_submits_of_different_synthetic_datasets_do_not_wait_for_each_other(
     entered = threading.Event()
 
     def other_submit() -> None:
-        with _synthetic_dataset_guard(_synthetic(seed=1), artifacts):
+        with _synthetic_dataset_guard(_synthetic(seed=1), artifacts, _Submitting()):
             entered.set()
 
-    with _synthetic_dataset_guard(_synthetic(seed=0), artifacts):
+    with _synthetic_dataset_guard(_synthetic(seed=0), artifacts, _Submitting()):
         other = threading.Thread(target=other_submit)
         other.start()
         assert entered.wait(30)
@@ -165,7 +165,7 @@ def test_without_a_lock_a_failed_submit_keeps_the_dataset(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     campaign, artifacts = _synthetic(), tmp_path / "artifacts"
     root = synthetic_root(campaign.dataset, artifacts)
-    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts):
+    with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts, _Submitting()):
         root.mkdir(parents=True)
         raise RuntimeError("the store refused the campaign")
     assert root.exists()

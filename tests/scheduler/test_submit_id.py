@@ -118,9 +118,18 @@ def test_what_a_killed_submit_left_is_taken_over_and_anything_more_is_refused(
     # killed between writing the manifest and recording the campaign
     manifest_path(folder).write_text("{}")
     (folder / ".manifest.json.x1y2.tmp").write_text("{")
+    (folder / ".submitting").touch()
     done = orchard("submit", str(campaign), "--id", "nightly-1", home=home)
     assert (done.returncode, done.stdout) == (0, "nightly-1\n"), done.stderr
     assert manifest_path(folder).read_text() != "{}"
+
+    # a recorded campaign's, another store's sharing the folder: no mark of a submit
+    recorded = home / "artifacts" / "campaigns" / "nightly-4"
+    recorded.mkdir()
+    manifest_path(recorded).write_text("{}")
+    done = orchard("submit", str(campaign), "--id", "nightly-4", home=home)
+    assert_one_line_error(done, "another store's campaign under ORCHARD_ARTIFACTS")
+    assert manifest_path(recorded).read_text() == "{}"
 
     other = home / "artifacts" / "campaigns" / "nightly-2"
     (other / "models").mkdir(parents=True)  # more than a killed submit leaves
