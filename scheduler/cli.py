@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stdout.reconfigure(errors="backslashreplace")
     sys.stdout = _Output(stdout)  # --help too
     signals: StopSignals | None = None
+    StopSignals.stopping = False  # a command of its own (tests call main again)
     try:
         args = parser.parse_args(argv)
         if args.run is cmd_worker:  # Celery redirects a worker's stdout itself

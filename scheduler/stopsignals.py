@@ -9,14 +9,19 @@ import signal
 import threading
 
 
-class Stopped(BaseException):  # noqa: N818 - a stop, not an error
+class Stopped(SystemExit):  # noqa: N818 - a stop, not an error
     """SIGTERM (``timeout``, ``kill``, a CI job's end) or SIGHUP (a closed terminal). A
-    BaseException, as KeyboardInterrupt is: no ``except Exception`` takes it for an
-    error and goes on."""
+    SystemExit (its code 128 + the signal's number, as a shell reports a process the
+    signal ended), as Ctrl-C's KeyboardInterrupt is a BaseException: no ``except
+    Exception`` takes it for an error and goes on, and psycopg cancels the query it
+    stops on the server (it does for these two), whose locks would otherwise stay."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(128 + signum)
         self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 class StopSignals:
@@ -35,8 +40,16 @@ class StopSignals:
             if signal.getsignal(sig) not in (signal.SIG_IGN, None):
                 self.previous[sig] = signal.signal(sig, self._raise)
 
-    @staticmethod
-    def _raise(signum: int, _frame: object) -> None:
+    #: Set once a signal was raised in this process: those after it are ignored, so that
+    #: a second SIGTERM (`timeout`, a CI runner) does not cut the clean-ups short (a
+    #: claim put back, a half-written folder removed) as the first one unwinds.
+    stopping = False
+
+    @classmethod
+    def _raise(cls, signum: int, _frame: object) -> None:
+        if StopSignals.stopping:
+            return
+        StopSignals.stopping = True
         raise Stopped(signum)
 
     def ignore(self) -> None:

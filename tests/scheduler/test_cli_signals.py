@@ -239,3 +239,56 @@ def test_a_submit_ended_just_after_its_commit_keeps_what_the_campaign_reads(
     monkeypatch.setattr(Store, "create_campaign", real)
     assert main(["resume", "k-1"]) == 0
     assert len(list((home / "broker" / "queue").glob("*.msg"))) == 1
+
+
+def test_a_second_sigterm_does_not_cut_the_clean_ups_short() -> None:
+    """`timeout` or a CI runner sends TERM again: the first one's unwinding (a claim put
+    back, a folder removed) must finish. And the stop is a SystemExit of 128 + the
+    signal's number, which psycopg answers by cancelling the query on the server."""
+    from scheduler.stopsignals import Stopped, StopSignals
+
+    StopSignals.stopping = False
+    signals = StopSignals()
+    cleaned = False
+    try:
+        with pytest.raises(Stopped) as stopped:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # the second, during the clean-up
+                time.sleep(0.1)
+                cleaned = True
+    finally:
+        signals.restore()
+        StopSignals.stopping = False
+    assert cleaned
+    assert isinstance(stopped.value, SystemExit) and stopped.value.code == 143
+    assert str(stopped.value) == "SIGTERM"
+
+
+def test_a_signal_after_the_command_ended_ends_a_hung_shutdown_with_its_code(
+    tmp_path: Path,
+) -> None:
+    """A shutdown that hangs (a thread that never ends) is still ended by a signal, with
+    the command's exit code, not ignored."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, threading, time\n"
+            "import scheduler.cli\n"
+            "scheduler.cli.main = lambda: print('c-1', flush=True) or 0\n"
+            "from scheduler.launch import main\n"
+            "threading.Thread(target=time.sleep, args=(600,)).start()  # not a daemon\n"
+            "sys.exit(main())\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "c-1\n"
+    time.sleep(0.5)  # in its shutdown, waiting for the thread
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
