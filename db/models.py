@@ -173,8 +173,9 @@ class AttemptRow(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_heard_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # the unit's state when the next attempt took over: RUNNING (its lease ran out),
-    # QUEUED (sent again: its worker lost, or handed back), FAILED or CANCELLED (resumed)
+    # the unit's state when the next attempt took over: RUNNING (its lease ran out), LOST
+    # (its process died, its worker ended the lease), QUEUED (sent again: its worker
+    # lost, or handed back), FAILED or CANCELLED (resumed)
     state: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
 

@@ -220,12 +220,18 @@ class Unit:
     heartbeat_at: datetime | None = None
 
 
+#: :class:`EarlierAttempt`'s state for an attempt whose process died under a live
+#: worker (a prefork child killed), which ended its lease at once.
+LOST = "LOST"
+
+
 @dataclass(frozen=True, slots=True)
 class EarlierAttempt:
     """An attempt that did not end its unit (:class:`db.models.AttemptRow`): its worker,
     when it started and was last heard from (its heartbeat), and the unit's state when
-    the next attempt took over (RUNNING: its lease ran out; QUEUED: sent again, its
-    worker lost or handed back; FAILED, CANCELLED: reset by a resume), with its error."""
+    the next attempt took over (RUNNING: its lease ran out; LOST: its process died, as
+    its worker saw; QUEUED: sent again, its worker lost or handed back; FAILED,
+    CANCELLED: reset by a resume), with its error."""
 
     worker: str | None
     started_at: datetime
@@ -1438,8 +1444,11 @@ class Store:
                 ).all()
             )
             if not again and row.started_at is not None:
-                # the attempt before, which did not end the unit: the row forgets it now
-                s.add(_earlier_attempt(row.id, row, row.state))
+                # the attempt before, which did not end the unit: the row forgets it now.
+                # RUNNING without a holder: its process died, and its worker ended the
+                # lease (release_leases_of); with one, the lease ran out
+                ended = LOST if row.state == RUNNING and row.lease_holder is None else row.state
+                s.add(_earlier_attempt(row.id, row, ended))
             row.state = RUNNING
             row.attempts += 0 if again else 1
             row.worker = worker

@@ -1269,6 +1269,7 @@ def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [
 #: How each state a unit was in when its next attempt took over ends that attempt.
 _ENDED_BY = {
     "RUNNING": "its lease ran out",
+    "LOST": "its process died (killed, out of memory)",
     "QUEUED": "sent again (its worker lost, or stopping)",
     "FAILED": "failed, then resumed",
     "CANCELLED": "cancelled, then resumed",
@@ -1276,14 +1277,15 @@ _ENDED_BY = {
 
 
 def _earlier_note(attempt, count: int) -> str:  # noqa: ANN001 - a db.store.EarlierAttempt
-    """``after 1 earlier attempt: on gpu-7413@vm, sent again (its worker lost, ...)``."""
+    """``after an earlier run on gpu-7413@vm: sent again (its worker lost, ...)``. Runs,
+    not attempts: a run handed back by a stopping worker is not counted in `tries`."""
     how = _ENDED_BY.get(attempt.state, attempt.state)
     if attempt.state in ("FAILED", "CANCELLED") and attempt.error:
         how += f": {visible_controls(attempt.error)}"
-    where = f"on {visible_controls(attempt.worker)}, " if attempt.worker else ""
-    many = "s" if count != 1 else ""
-    last = "the last " if count != 1 else ""
-    return f"after {count} earlier attempt{many}: {last}{where}{how}"
+    where = f" on {visible_controls(attempt.worker)}" if attempt.worker else ""
+    if count == 1:
+        return f"after an earlier run{where}: {how}"
+    return f"after {count} earlier runs, the last{where}: {how}"
 
 
 #: Seconds past a running unit's lease before `orchard status` calls its worker gone

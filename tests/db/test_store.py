@@ -2226,17 +2226,21 @@ def test_the_attempts_that_did_not_end_a_unit_are_kept(store_url: str) -> None:
     assert earlier.started_at == first.unit.started_at
     assert earlier.last_heard_at is not None and earlier.last_heard_at >= earlier.started_at
 
-    # a failure that a resume resets, then a lease that ran out (its worker cut off)
+    # a failure that a resume resets, then a lease that ran out (its worker cut off),
+    # then a process that died (its worker ended the lease)
     deliver(store, other, worker="cpu-1@a", task_id="t3", holder="d3")
     assert store.fail_unit(other, "ValueError: bad", holder="d3")
     assert other in store.resume_campaign("t-1")
     deliver(store, other, worker="cpu-2@b", task_id="t4", holder="d4", lease_seconds=0.2)
     time.sleep(0.4)
-    assert store.start_unit(other, worker="cpu-3@c", task_id="t4", holder="d5").run
+    assert store.start_unit(other, worker="cpu-3@c", task_id="t4", holder="w3@c/1/d5").run
+    assert store.release_leases_of("w3@c/1/") == 1
+    assert store.start_unit(other, worker="cpu-3@c", task_id="t4", holder="d6").run
     attempts = store.earlier_attempts("t-1")[other]
     assert [(a.worker, a.state, a.error) for a in attempts] == [
         ("cpu-1@a", "FAILED", "ValueError: bad"),
         ("cpu-2@b", "RUNNING", None),
+        ("cpu-3@c", "LOST", None),
     ]
     assert set(store.earlier_attempts("t-1")) == {key, other}
 

@@ -703,7 +703,7 @@ def test_a_unit_s_earlier_attempts_are_shown(
     table = status(capsys, IDS[0])
     [row] = [line for line in table.splitlines() if fold.removeprefix(IDS[0] + "/") in line]
     assert "gpu-8630@vm" in row
-    assert "after 1 earlier attempt: on gpu-7413@vm, sent again (its worker lost" in row
+    assert "after an earlier run on gpu-7413@vm: sent again (its worker lost" in row
     units = {u["key"]: u for u in json.loads(status(capsys, IDS[0], "--json"))["units"]}
     [earlier] = units[fold]["earlier_attempts"]
     assert (earlier["worker"], earlier["state"], earlier["error"]) == (
