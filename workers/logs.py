@@ -98,14 +98,30 @@ class UnackedFilter(logging.Filter):
         return True
 
 
+def utc_times(logger: logging.Logger | None = None, **_: object) -> None:
+    """Celery's ``after_setup_logger`` / ``after_setup_task_logger``: the formatters of
+    the handlers it gave ``logger`` (and the multiprocessing logger, set up with the
+    root's) write their times in UTC; other handlers of the process are not touched."""
+    from celery.utils.log import get_multiprocessing_logger
+
+    for each in (logger, get_multiprocessing_logger() if logger is logging.root else None):
+        for handler in each.handlers if each is not None else ():
+            if handler.formatter is not None:
+                handler.formatter.converter = time.gmtime
+
+
 #: Alembic's logger of the migration context, which a worker's schema check opens.
 ALEMBIC_LOGGER = "alembic.runtime.migration"
 
 
 def install() -> None:
     """Add the filters to Celery's loggers, once per process; Alembic's migration
-    context to WARNING (a worker migrates nothing); every formatter's times to UTC."""
-    logging.Formatter.converter = time.gmtime
+    context to WARNING (a worker migrates nothing); the times of the handlers Celery
+    sets up, in UTC."""
+    from celery import signals
+
+    signals.after_setup_logger.connect(utc_times, weak=False, dispatch_uid="orchard-utc")
+    signals.after_setup_task_logger.connect(utc_times, weak=False, dispatch_uid="orchard-utc-task")
     logging.getLogger(ALEMBIC_LOGGER).setLevel(logging.WARNING)
     for name, kind in (
         (CONTROL_LOGGER, NoBackendRevokeFilter),

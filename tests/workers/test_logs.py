@@ -111,20 +111,31 @@ def test_a_worker_s_log_times_are_utc_and_say_so(
     from shared.settings import load_settings
     from workers.config import celery_config
 
-    monkeypatch.setattr(logging.Formatter, "converter", logging.Formatter.converter)
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     time.tzset()
     try:
-        logs.install()
         config = celery_config(load_settings({"ORCHARD_HOME": str(tmp_path)}))
+        # the handlers Celery gives the root and task loggers, as its signal hands them
+        worker, task = logging.Logger("root-like"), logging.Logger("celery.task-like")
+        for logger, fmt, kind in (
+            (worker, config["worker_log_format"], ColorFormatter),
+            (task, config["worker_task_log_format"], TaskFormatter),
+        ):
+            handler = logging.StreamHandler()
+            handler.setFormatter(kind(fmt, use_color=False))
+            logger.addHandler(handler)
+            logs.utc_times(logger=logger)
+        other = logging.Formatter("%(asctime)s")  # a handler of someone else's: local
         line = record("celery.worker", "ready")
         line.created, line.msecs, line.processName = 1796546897.718, 718.0, "MainProcess"
         line.levelname = "INFO"
-        assert ColorFormatter(config["worker_log_format"], use_color=False).format(line) == (
+        assert worker.handlers[0].format(line) == (
             "[2026-12-06 08:48:17,718 UTC: INFO/MainProcess] ready"
         )
-        task = TaskFormatter(config["worker_task_log_format"], use_color=False).format(line)
-        assert task == "[2026-12-06 08:48:17,718 UTC: INFO/MainProcess] ???[???]: ready"
+        assert task.handlers[0].format(line) == (
+            "[2026-12-06 08:48:17,718 UTC: INFO/MainProcess] ???[???]: ready"
+        )
+        assert other.format(line).startswith("2026-12-06 17:48:17")
     finally:
         monkeypatch.undo()
         time.tzset()
