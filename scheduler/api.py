@@ -1542,6 +1542,10 @@ def _family_progress(
 #: Where stderr is a file or a pipe (a CI job's log), a progress line at most this
 #: often: a grid of a thousand short units would write a thousand lines a minute.
 PIPED_LINE_SECONDS = 10.0
+#: ... and at least this often, the same counts again: a fold that reports no epoch
+#: for long must not leave the log silent (CI services kill a job after some minutes
+#: without output).
+PIPED_KEEPALIVE_SECONDS = 300.0
 
 
 def _progress_display() -> _Progress | _PlainProgress:
@@ -1554,15 +1558,19 @@ def _progress_display() -> _Progress | _PlainProgress:
     console = Console(stderr=True)
     if console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal):
         return _Progress()
-    return _PlainProgress(every=0.0 if console.is_terminal else PIPED_LINE_SECONDS)
+    if console.is_terminal:
+        return _PlainProgress()
+    return _PlainProgress(every=PIPED_LINE_SECONDS, again=PIPED_KEEPALIVE_SECONDS)
 
 
 class _PlainProgress:
     """The families' done / total units as one line on stderr, printed when it changes,
-    ``every`` so many seconds at most; the last change is printed as it closes."""
+    ``every`` so many seconds at most (and ``again``, when it has not changed for so
+    long); the last change is printed as it closes."""
 
-    def __init__(self, every: float = 0.0) -> None:
+    def __init__(self, every: float = 0.0, again: float = math.inf) -> None:
         self._every = every
+        self._again = again
         self._printed = ""
         self._printed_at = -math.inf
         self._pending: str | None = None
@@ -1577,7 +1585,10 @@ class _PlainProgress:
         self.refresh()
 
     def refresh(self) -> None:
-        if self._pending is not None and time.monotonic() - self._printed_at >= self._every:
+        since = time.monotonic() - self._printed_at
+        if self._pending is None and self._printed and since >= self._again:
+            self._pending = self._printed  # still so: said again, the log not silent
+        if self._pending is not None and since >= self._every:
             self._print()
 
     def _print(self) -> None:

@@ -160,12 +160,16 @@ def test_a_signal_after_the_command_ended_leaves_its_exit_code(tmp_path: Path) -
 
 
 def test_the_orchard_command_loads_neither_sqlalchemy_nor_celery_before_its_handlers() -> None:
+    """And the package still offers the API and its modules, loaded when asked for."""
     done = subprocess.run(
         [
             sys.executable,
             "-c",
             "import sys, scheduler.cli; print(sorted({'sqlalchemy', 'celery', "
-            "'scheduler.api'} & set(sys.modules)))",
+            "'scheduler.api'} & set(sys.modules)))\n"
+            "import scheduler; assert scheduler.api.submit is scheduler.submit\n"
+            "from scheduler import CampaignRun, WaitTimeout, attach, cancel, delete\n"
+            "assert not hasattr(scheduler, 'nothing_of_that_name')",
         ],
         cwd=REPO,
         capture_output=True,

@@ -474,3 +474,22 @@ def test_piped_progress_lines_come_seldom_and_the_last_counts_always(
         "svm 3/9 (6 queued)",
         "svm 9/9",
     ]
+
+
+def test_piped_progress_says_the_same_counts_again_after_a_long_silence(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A fold that reports no epoch for many minutes left a CI job's log silent, and
+    CI services kill a job after some minutes without output."""
+    display = api._PlainProgress(every=0.05, again=0.3)
+    display.update({"cnn": {"RUNNING": 1}}, {})
+    display.refresh()
+    time.sleep(0.1)
+    display.update({"cnn": {"RUNNING": 1}}, {})  # unchanged, and not long: nothing
+    time.sleep(0.3)
+    display.update({"cnn": {"RUNNING": 1}}, {})  # unchanged for long: again
+    display.close()
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["cnn 0/1 (1 running)"] * 2
+    piped = api._progress_display()  # stderr captured: a pipe
+    assert (piped._every, piped._again) == (api.PIPED_LINE_SECONDS, api.PIPED_KEEPALIVE_SECONDS)
