@@ -77,14 +77,22 @@ def test_an_id_taken_by_other_settings_is_refused(tmp_path: Path, campaign: Path
     assert manifest_path(home / "artifacts" / "campaigns" / "nightly-1").read_bytes() == manifest
 
 
-@pytest.mark.parametrize("bad", ["Nightly", "-x", "a/b", "a.b", "x" * 81, ""])
 def test_an_id_that_cannot_be_one_is_refused_before_anything_is_read(
-    tmp_path: Path, campaign: Path, bad: str
+    tmp_path: Path, campaign: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    from scheduler.cli import main
+
+    for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+        monkeypatch.delenv(name)
     home = tmp_path / "home"
-    for dry_run in ((), ("--dry-run",)):
-        done = orchard("submit", str(campaign), f"--id={bad}", *dry_run, home=home)
-        assert_one_line_error(done, f"campaign id {bad!r}: an id is 1 to 80 lowercase letters")
+    monkeypatch.setenv("ORCHARD_HOME", str(home))
+    for bad in ["Nightly", "-x", "a/b", "a.b", "x" * 81, ""]:
+        for dry_run in ((), ("--dry-run",)):
+            assert main(["submit", str(campaign), f"--id={bad}", *dry_run]) == 2
+            assert capsys.readouterr().err == (
+                f"orchard: error: campaign id {bad!r}: an id is 1 to 80 lowercase letters, "
+                "digits, '-' and '_', the first a letter or a digit\n"
+            )
     assert not home.exists()
 
 
