@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from scheduler.stopsignals import Stopped, StopSignals
+from scheduler.stopsignals import Stopped, StopSignals, said_stop
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
 from shared.times import as_utc
@@ -90,12 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoppedWatching as exc:
         print(f"orchard: {exc}", file=sys.stderr)
         return exc.code
-    except KeyboardInterrupt:
-        print("orchard: interrupted", file=sys.stderr)
-        return 130
-    except Stopped as exc:
-        print(f"orchard: stopped by {exc}", file=sys.stderr)
-        return 128 + exc.signum
+    except (KeyboardInterrupt, Stopped) as exc:
+        return said_stop(exc)
     except BrokenPipeError:
         # the reader left (`orchard status | head -1`): stop quietly, as `cat` does;
         # stdout is pointed at /dev/null so the interpreter's final flush fails no more
@@ -774,20 +770,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{verb} {len(pruned.unfinished)} unfinished shard write(s) in the cache folders "
             f"kept, {_megabytes(left)} (left by workers killed as they wrote)"
         )
-    if pruned.unfinished_datasets:
-        left = sum(size for _, _, size in pruned.unfinished_datasets)
-        print(
-            f"{verb} {len(pruned.unfinished_datasets)} unfinished generated dataset(s), "
-            f"{_megabytes(left)} (left by submits killed as they generated them): "
-            + ", ".join(str(folder) for folder, _, _ in pruned.unfinished_datasets)
-        )
-    if pruned.unfinished_campaigns:
-        left = sum(size for _, _, size in pruned.unfinished_campaigns)
-        print(
-            f"{verb} {len(pruned.unfinished_campaigns)} campaign folder(s) of no campaign, "
-            f"{_megabytes(left)} (left by submits killed before they recorded them): "
-            + ", ".join(str(folder) for folder, _, _ in pruned.unfinished_campaigns)
-        )
+    for found, what, why in (
+        (pruned.unfinished_datasets, "unfinished generated dataset(s)", "as they generated"),
+        (pruned.unfinished_campaigns, "campaign folder(s) of no campaign", "before they recorded"),
+    ):
+        if found:
+            left = sum(size for _, _, size in found)
+            print(
+                f"{verb} {len(found)} {what}, {_megabytes(left)} (left by submits killed "
+                f"{why} them): " + ", ".join(str(folder) for folder, _, _ in found)
+            )
     for campaign_id in pruned.late:
         print(
             f"orchard: warning: campaign {campaign_id} was submitted during the prune and "

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from scheduler.stopsignals import Stopped, StopSignals
+from scheduler.stopsignals import Stopped, StopSignals, said_stop
 
 #: The signals that, once the command has returned, end the process with its code.
 AFTER_THE_COMMAND = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -21,12 +21,8 @@ def main() -> int:
     signals = StopSignals()
     try:
         from scheduler.cli import main as command
-    except KeyboardInterrupt:
-        print("orchard: interrupted", file=sys.stderr)
-        return 130
-    except Stopped as exc:
-        print(f"orchard: stopped by {exc}", file=sys.stderr)
-        return 128 + exc.signum
+    except (KeyboardInterrupt, Stopped) as exc:
+        return said_stop(exc)
     finally:
         signals.restore()
     code = command()

@@ -6,6 +6,7 @@ cursor) and says the campaign goes on."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 
@@ -22,6 +23,16 @@ class Stopped(SystemExit):  # noqa: N818 - a stop, not an error
 
     def __str__(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def said_stop(stop: KeyboardInterrupt | Stopped) -> int:
+    """One line on stderr for a command stopped by Ctrl-C, SIGTERM or SIGHUP; the exit
+    code a shell gives a process the signal ended (130, 143, 129)."""
+    if isinstance(stop, Stopped):
+        print(f"orchard: stopped by {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    print("orchard: interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 class StopSignals:
