@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from db.store import Store
 from scheduler.api import submit
 from shared.manifest import manifest_path
 from shared.plan import PENDING, QUEUED
-from tests.scheduler.test_bad_input_cli import REPO, assert_one_line_error, orchard
+from tests.scheduler.test_bad_input_cli import REPO, assert_one_line_error
 from tests.scheduler.test_submit_checks import SYNTHETIC
 
 CAMPAIGN = SYNTHETIC + "[rf]\nn_estimators = 5\n"
@@ -30,6 +31,26 @@ def _store(home: Path, url: str | None = None) -> Store:
 
 
 @pytest.fixture
+def orchard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess]:
+    """`orchard ...` with no ORCHARD_ variable but ORCHARD_HOME, in this process (a
+    second each saved): its exit code and output as a finished process's."""
+    from scheduler.cli import main
+
+    def run(*args: str, home: Path) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as env:
+            for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+                env.delenv(name)
+            env.setenv("ORCHARD_HOME", str(home))
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+@pytest.fixture
 def campaign(tmp_path: Path) -> Path:
     path = tmp_path / "c.toml"
     path.write_text(CAMPAIGN)
@@ -37,7 +58,7 @@ def campaign(tmp_path: Path) -> Path:
 
 
 def test_a_retried_submit_under_the_same_id_submits_nothing_again(
-    tmp_path: Path, campaign: Path
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
 ) -> None:
     home = tmp_path / "home"
     first = orchard("submit", str(campaign), "--id", "nightly-1", home=home)
@@ -62,7 +83,9 @@ def test_a_retried_submit_under_the_same_id_submits_nothing_again(
         store.dispose()
 
 
-def test_an_id_taken_by_other_settings_is_refused(tmp_path: Path, campaign: Path) -> None:
+def test_an_id_taken_by_other_settings_is_refused(
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
+) -> None:
     home = tmp_path / "home"
     assert orchard("submit", str(campaign), "--id", "nightly-1", home=home).returncode == 0
     manifest = manifest_path(home / "artifacts" / "campaigns" / "nightly-1").read_bytes()
@@ -97,7 +120,7 @@ def test_an_id_that_cannot_be_one_is_refused_before_anything_is_read(
 
 
 def test_a_resubmit_sends_what_the_first_submit_recorded_but_could_not_send(
-    tmp_path: Path, campaign: Path
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
 ) -> None:
     """The first submit recorded the campaign and its broker then refused the units
     (`advance` puts them back to PENDING): the retry sends them."""
@@ -118,7 +141,7 @@ def test_a_resubmit_sends_what_the_first_submit_recorded_but_could_not_send(
 
 
 def test_what_a_killed_submit_left_is_taken_over_and_anything_more_is_refused(
-    tmp_path: Path, campaign: Path
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
 ) -> None:
     home = tmp_path / "home"
     folder = home / "artifacts" / "campaigns" / "nightly-1"
@@ -155,7 +178,7 @@ def test_what_a_killed_submit_left_is_taken_over_and_anything_more_is_refused(
 
 
 def test_what_a_delete_left_under_a_chosen_id_is_removed_by_deleting_it_again(
-    tmp_path: Path, campaign: Path
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
 ) -> None:
     home = tmp_path / "home"
     assert orchard("db", "upgrade", home=home).returncode == 0
