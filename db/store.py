@@ -1448,7 +1448,7 @@ class Store:
                 # RUNNING without a holder: its process died, and its worker ended the
                 # lease (release_leases_of); with one, the lease ran out
                 ended = LOST if row.state == RUNNING and row.lease_holder is None else row.state
-                s.add(_earlier_attempt(row.id, row, ended))
+                s.add(_earlier_attempt(row, ended))
             row.state = RUNNING
             row.attempts += 0 if again else 1
             row.worker = worker
@@ -1796,7 +1796,7 @@ class Store:
             for chunk in _chunks(dropped, KEYS_PER_STATEMENT):
                 s.execute(delete(ResultRow).where(ResultRow.unit_id.in_(chunk)))
             earlier = [
-                _earlier_attempt(r.id, r, r.state)
+                _earlier_attempt(r, r.state)
                 for r in reset
                 if r.started_at is not None and r.state != SUCCESS
             ]
@@ -2428,11 +2428,11 @@ _UNIT_COLUMNS = (
 _ATTEMPT_COLUMNS = ("unit_id", "worker", "started_at", "last_heard_at", "state", "error")
 
 
-def _earlier_attempt(unit_id: int, row: Any, state: str) -> AttemptRow:
-    """The unit's last attempt, from its row (a UnitRow, or a row of its columns), as
-    the unit's state ends it."""
+def _earlier_attempt(row: Any, state: str) -> AttemptRow:  # noqa: ANN401
+    """The unit's last attempt, from its row (a UnitRow, or a row of its columns, its id
+    among them), as the unit's state ends it."""
     return AttemptRow(
-        unit_id=unit_id,
+        unit_id=row.id,
         worker=row.worker,
         started_at=row.started_at,
         last_heard_at=row.heartbeat_at,

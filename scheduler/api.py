@@ -436,7 +436,9 @@ def submit(
                 running = earlier is None or earlier.state == RUNNING
                 if reuse and running:
                     if earlier is not None:  # what the submit stopped before may not have
-                        manifest = _recorded_manifest(settings, campaign_id)
+                        from workers.tasks.base import load_manifest
+
+                        manifest = load_manifest(store, settings, campaign_id)
                     # the same data: at another root (data_digest), or as an earlier
                     # orchard wrote its manifest
                     equivalent = manifest.earlier_digests(settings.artifacts)
@@ -547,18 +549,6 @@ def _record(
         raise
     _unmark(folder)
     return manifest, store
-
-
-def _recorded_manifest(settings: Settings, campaign_id: str) -> Manifest:
-    """The manifest of a campaign recorded before (a submit retried under its id)."""
-    path = manifest_path(settings.artifacts / "campaigns" / campaign_id)
-    try:
-        return Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
-    except OSError as exc:
-        raise OrchardError(
-            f"campaign {campaign_id}: its manifest {path} cannot be read "
-            f"({exc.strerror or exc}): nothing reused"
-        ) from None
 
 
 #: In a campaign's folder from before its manifest is written until the campaign is

@@ -73,9 +73,7 @@ class WorkerLostFilter(logging.Filter):
         if record.levelno >= logging.ERROR and any(
             isinstance(arg, WorkerLostError) for arg in args
         ):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info = None
-            record.exc_text = None
+            _as_warning(record)
         return True
 
 
@@ -92,10 +90,15 @@ class UnackedFilter(logging.Filter):
         if str(record.msg).startswith(("Couldn't ack", "Couldn't reject")):
             if not str(record.msg).endswith(self.FOLLOWS):
                 record.msg = f"{record.msg}{self.FOLLOWS}"
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info = None
-            record.exc_text = None
+            _as_warning(record)
         return True
+
+
+def _as_warning(record: logging.LogRecord) -> None:
+    """A record of what orchard handles: a WARNING line, without its traceback."""
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    record.exc_info = None
+    record.exc_text = None
 
 
 def utc_times(logger: logging.Logger | None = None, **_: object) -> None:

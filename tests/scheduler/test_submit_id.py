@@ -247,3 +247,16 @@ def test_the_python_api_returns_the_campaign_recorded_before(
             assert second.id == "api-1"
             assert second.resubmitted is not None
             assert second.resubmitted.created_at == first.status().campaign.created_at
+
+
+def test_a_retried_submit_with_reuse_reads_the_recorded_manifest(
+    tmp_path: Path, campaign: Path, orchard: Callable[..., subprocess.CompletedProcess]
+) -> None:
+    home = tmp_path / "home"
+    assert orchard("submit", str(campaign), "--id", "r-1", "--reuse", home=home).returncode == 0
+    again = orchard("submit", str(campaign), "--id", "r-1", "--reuse", home=home)
+    assert (again.returncode, again.stdout) == (0, "r-1\n"), again.stderr
+    assert "reused 0 finished unit(s) from earlier campaigns" in again.stderr
+    manifest_path(home / "artifacts" / "campaigns" / "r-1").unlink()  # its share gone
+    gone = orchard("submit", str(campaign), "--id", "r-1", "--reuse", home=home)
+    assert_one_line_error(gone, "manifest.json: the campaign's manifest is not there")
