@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals: StopSignals | None = None
     StopSignals.stopping = False  # a command of its own (tests call main again)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the command's own usage, which names its options, not the top level's
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.run is cmd_worker:  # Celery redirects a worker's stdout itself
             sys.stdout = stdout
         else:
@@ -229,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", type=Path, help="campaign file (TOML)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    how.add_argument("--wait", action="store_true", help="follow it until it ends: exit 0 when it ends DONE, 1 when PARTIAL or CANCELLED")
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -246,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
         "--id",
         metavar="ID",
         dest="campaign_id",
-        help="the campaign's id (lowercase letters, digits, '-', '_'; 80 at most) instead of "
+        help="the campaign's id (lowercase letters, digits, '-', '_', the first a letter or "
+        "a digit; 80 at most) instead of "
         "one made from its name and the time: a submit retried with the same id and the "
         "same campaign submits nothing again and prints that id",
     )
@@ -254,7 +257,9 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_seconds,
         default=None,
-        help="with --wait: stop following after this many s, exit 124 (the campaign goes on)",
+        metavar="SECONDS",
+        help="with --wait: stop following after this many seconds, exit 124 (the campaign "
+        "goes on)",
     )
     p.set_defaults(run=cmd_submit)
 
@@ -266,23 +271,27 @@ def _parser() -> argparse.ArgumentParser:
         "and the report is written again.",
     )
     p.add_argument("campaign", help=CAMPAIGN_ID)
-    p.add_argument("--wait", action="store_true", help="follow it until the report is written")
+    p.add_argument("--wait", action="store_true", help="follow it until it ends: exit 0 when it ends DONE, 1 when PARTIAL or CANCELLED")
     p.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=None,
-        help="with --wait: stop following after this many s, exit 124 (the campaign goes on)",
+        metavar="SECONDS",
+        help="with --wait: stop following after this many seconds, exit 124 (the campaign "
+        "goes on)",
     )
     p.set_defaults(run=cmd_resume)
 
     p = commands.add_parser(
         "cancel",
-        help="cancel a campaign: revoke its pending/running units",
+        help="cancel campaigns: revoke their pending/running units",
         description="Mark a campaign and its unfinished units CANCELLED and revoke their "
         "tasks: queued ones are discarded, running ones terminated (prefork workers) or "
-        "stopped at their next epoch (GPU workers).",
+        "stopped at their next epoch (GPU workers); on a `--pool solo` CPU worker a running "
+        "unit goes on to its end or its next call to the store. Each campaign named is "
+        "cancelled on its own: one refused stops no other.",
     )
-    p.add_argument("campaign", help=CAMPAIGN_ID)
+    p.add_argument("campaigns", nargs="+", metavar="campaign", help=CAMPAIGN_ID)
     p.set_defaults(run=cmd_cancel)
 
     p = commands.add_parser(
@@ -292,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
         "store and their folder under ORCHARD_ARTIFACTS/campaigns (manifest, models, "
         "checkpoints, PCA bases, report). The preprocessing cache and generated datasets, "
         "shared by campaigns over the same images, stay. Refused for a campaign that "
-        "runs, one cancelled moments ago while units ran, and one whose results another "
+        "runs, one cancelled while units ran less than two lease periods ago "
+        "(2 x ORCHARD_LEASE_SECONDS, 2 min by default), and one whose results another "
         "campaign reuses (`submit --reuse`).",
     )
     p.add_argument("campaigns", nargs="+", metavar="campaign", help=CAMPAIGN_ID)
@@ -333,12 +343,16 @@ def _parser() -> argparse.ArgumentParser:
         help=CAMPAIGN_ID + "; without it, the list of campaigns (newest first)",
     )
     p.add_argument(
-        "--watch", action="store_true", help="refresh until the campaign finishes (needs its id)"
+        "--watch",
+        "--wait",
+        action="store_true",
+        help="refresh until the campaign finishes (needs its id); exit 0 whatever state it "
+        "ends in",
     )
     p.add_argument(
         "--all",
         action="store_true",
-        help=f"list every campaign (without it, the newest {STATUS_SHOWN})",
+        help=f"list every campaign (without it, the newest {STATUS_SHOWN}); not with an id",
     )
     p.add_argument(
         "--json",
@@ -349,7 +363,9 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_seconds,
         default=None,
-        help="with --watch: stop following after this many s, exit 124 (the campaign goes on)",
+        metavar="SECONDS",
+        help="with --watch: stop following after this many seconds, exit 124 (the campaign "
+        "goes on)",
     )
     p.set_defaults(run=cmd_status)
 
@@ -382,6 +398,7 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         type=_positive_int,
         default=None,
+        metavar="N",
         help="child processes of a prefork worker (default: the number of CPUs); solo-pool "
         "and GPU workers run one task at a time",
     )
@@ -393,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
         "requeued at once) or solo (one task at a time in the worker process itself: "
         "~0.7 ms less per unit, but the unit of a killed worker is sent again by the other "
         "workers about two lease periods (2 x ORCHARD_LEASE_SECONDS, 2 min by default) "
-        "after its last heartbeat); GPU workers always use solo",
+        "after its last heartbeat, and `orchard cancel` cannot stop a unit it runs); GPU "
+        "workers always use solo",
     )
     p.add_argument(
         "--without-task-events",
@@ -415,7 +433,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="all|0,1",
         help="one worker process per GPU (CUDA_VISIBLE_DEVICES=<i>, node gpu<i>-<pid>@%%h, "
-        "one task at a time); ids without GPUs only with ORCHARD_DEVICE=cpu",
+        "one task at a time); the ids must name GPUs that are there, unless "
+        "ORCHARD_DEVICE=cpu (then they only count workers)",
     )
     p.add_argument(
         "--loglevel",
@@ -437,13 +456,18 @@ def _parser() -> argparse.ArgumentParser:
         "settings it needs no Redis and no database server.",
     )
     p.add_argument(
-        "--campaign", type=Path, default=None, help="campaign file (default campaigns/quick.toml)"
+        "--campaign",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="campaign file (default campaigns/quick.toml)",
     )
     p.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=600.0,
-        help="give up after this many s (default 600), cancelling the campaign",
+        metavar="SECONDS",
+        help="give up after this many seconds (default 600), cancelling the campaign: exit 1",
     )
     p.set_defaults(run=cmd_demo)
 
@@ -453,13 +477,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Store administration: `orchard db upgrade` creates the store's schema, "
         "or migrates it to the newest one.",
     )
-    p.add_argument("action", choices=["upgrade"], help="upgrade: create or migrate the schema")
+    p.add_argument(
+        "action", choices=["upgrade"], metavar="ACTION", help="upgrade: create or migrate the schema"
+    )
     p.add_argument(
         "--force",
         action="store_true",
         help="migrate even while units run (their workers' code was written for the old schema)",
     )
     p.set_defaults(run=cmd_db)
+    for command in commands.choices.values():  # for its own usage line (see main)
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -687,24 +715,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from db.store import NotFoundError
     from scheduler.api import cancel
 
-    _check_campaign_id(args.campaign)
+    campaign_ids = list(dict.fromkeys(args.campaigns))  # an id given twice is cancelled once
+    for campaign_id in campaign_ids:
+        _check_campaign_id(campaign_id)
     _check_urls()
     _require_sqlite_file(load_settings().database_url)
-    outcome = cancel(args.campaign)
-    if outcome.already_finished:
-        # what a cancel asks holds already: a script's retried cancel is no failure
+    refused = 0
+    for campaign_id in campaign_ids:  # each on its own: one refusal stops no other
+        try:
+            outcome = cancel(campaign_id)
+        except NotFoundError as exc:  # anything else (the store, the broker) fails them all
+            print(f"orchard: error: {exc}", file=sys.stderr)
+            refused += 1
+            continue
+        if outcome.already_finished:
+            # what a cancel asks holds already: a script's retried cancel is no failure
+            print(
+                f"orchard: campaign {campaign_id} is already {outcome.state}: nothing to cancel",
+                file=sys.stderr,
+            )
+            continue
         print(
-            f"orchard: campaign {args.campaign} is already {outcome.state}: nothing to cancel",
-            file=sys.stderr,
+            f"campaign {campaign_id}: CANCELLED ({outcome.units} unit(s) stopped, "
+            f"{len(outcome.task_ids)} task(s) revoked)"
         )
-        return 0
-    print(
-        f"campaign {args.campaign}: CANCELLED ({outcome.units} unit(s) stopped, "
-        f"{len(outcome.task_ids)} task(s) revoked)"
-    )
-    return 0
+    return 2 if refused else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -928,6 +966,8 @@ def _finish(run, status) -> int:  # noqa: ANN001
 def cmd_status(args: argparse.Namespace) -> int:
     if args.watch and args.campaign is None:
         raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
+    if args.all and args.campaign is not None:
+        raise OrchardError("--all lists every campaign: give no id with it (`orchard status --all`)")
     _timeout_needs(args, "watch")
     if not args.watch:
         return _status(args)
@@ -1714,8 +1754,9 @@ def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
     if os.waitstatus_to_exitcode(done[1]) == 1:
         raise OrchardError(
             f"worker name {node} is taken: a running worker of that name answers on "
-            f"{mask_url(settings.broker_url)} (on a cluster, each host needs its own "
-            "ORCHARD_NODE_NAME or --name); stop it, or give this worker another --name"
+            f"{mask_url(settings.broker_url)} (on a cluster, each host needs a host name "
+            "of its own: under Docker Compose, its own ORCHARD_NODE_NAME); stop it, or give "
+            "this worker another --name"
         )
 
 

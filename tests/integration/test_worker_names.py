@@ -37,7 +37,7 @@ def test_a_worker_whose_name_a_running_worker_answers_to_is_refused(
         assert_one_line_error(
             second,
             f"worker name {node} is taken: a running worker of that name answers on "
-            f"{REDIS_URL} (on a cluster, each host needs its own ORCHARD_NODE_NAME or --name); "
-            "stop it, or give this worker another --name",
+            f"{REDIS_URL} (on a cluster, each host needs a host name of its own: under Docker "
+            "Compose, its own ORCHARD_NODE_NAME); stop it, or give this worker another --name",
         )
         pool.check()  # the first runs on

@@ -180,6 +180,49 @@ def test_every_subcommand_help_says_what_it_does(
     assert len(description.split()) >= 8
 
 
+#: what each command needs before an option of its own
+NEEDS = {
+    "submit": ["x.toml"],
+    "resume": ["c-1"],
+    "cancel": ["c-1"],
+    "delete": ["c-1"],
+    "report": ["c-1"],
+    "db": ["upgrade"],
+}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_an_unknown_option_shows_the_command_s_own_usage(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`orchard status ID --wiat`: the usage of `status`, which names its options, not
+    the top level's `usage: orchard [-h] COMMAND ...`."""
+    from scheduler.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *NEEDS.get(command, []), "--wiat"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: orchard {command} [-h]")
+    assert err.endswith(f"\norchard {command}: error: unrecognized arguments: --wiat\n")
+
+
+def test_status_follows_with_wait_as_submit_and_resume_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scheduler.cli import _parser, main
+
+    assert _parser().parse_args(["status", "c-1", "--wait"]).watch is True
+    assert _parser().parse_args(["status", "c-1", "--watch"]).watch is True
+    monkeypatch.setenv("ORCHARD_DATABASE_URL", f"sqlite:///{tmp_path / 'orchard.db'}")
+    # --all lists campaigns: with an id it would be ignored, so it is refused
+    assert main(["status", "c-1", "--all"]) == 2
+    assert capsys.readouterr().err == (
+        "orchard: error: --all lists every campaign: give no id with it (`orchard status --all`)\n"
+    )
+    assert not (tmp_path / "orchard.db").exists()
+
+
 def test_worker_help_tells_the_truth(capsys: pytest.CaptureFixture[str]) -> None:
     from scheduler.cli import main
 
@@ -193,7 +236,7 @@ def test_worker_help_tells_the_truth(capsys: pytest.CaptureFixture[str]) -> None
     # a killed solo worker's unit is sent again by the reaper (README, Reliability 1)
     assert "ORCHARD_VISIBILITY_TIMEOUT" not in text
     assert "two lease periods" in text and "ORCHARD_LEASE_SECONDS" in text
-    assert "--concurrency CONCURRENCY, -c CONCURRENCY child processes of a prefork worker" in text
+    assert "--concurrency N, -c N child processes of a prefork worker" in text
 
 
 @pytest.mark.parametrize(

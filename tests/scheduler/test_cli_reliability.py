@@ -27,7 +27,8 @@ def test_parser_knows_the_reliability_commands() -> None:
     assert parser.parse_args(["submit", "x.toml", "--reuse"]).reuse is True
     assert parser.parse_args(["submit", "x.toml"]).reuse is False
     assert parser.parse_args(["resume", "c-1", "--wait"]).campaign == "c-1"
-    assert parser.parse_args(["cancel", "c-1"]).campaign == "c-1"
+    assert parser.parse_args(["cancel", "c-1"]).campaigns == ["c-1"]
+    assert parser.parse_args(["cancel", "c-1", "c-2"]).campaigns == ["c-1", "c-2"]
 
 
 def test_cancel_and_resume_of_an_unknown_campaign_is_one_line(
@@ -50,6 +51,36 @@ def test_cancel_marks_the_campaign(home: Store, capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().err == (
         "orchard: campaign t-1 is already CANCELLED: nothing to cancel\n"
     )
+
+
+def test_cancel_of_several_campaigns_cancels_each_and_names_an_unknown_one(
+    home: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`... | xargs orchard cancel`: each id on its own, one unknown stops no other."""
+    seed_campaign(home, "t-1")
+    seed_campaign(home, "t-2")
+    assert main(["cancel", "t-1", "nope", "t-2", "t-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "campaign t-1: CANCELLED (7 unit(s) stopped, 0 task(s) revoked)",
+        "campaign t-2: CANCELLED (7 unit(s) stopped, 0 task(s) revoked)",
+    ]
+    [line] = captured.err.splitlines()
+    assert line.startswith("orchard: error: no campaign 'nope'")
+    assert {home.get_campaign(c).state for c in ("t-1", "t-2")} == {"CANCELLED"}
+
+
+def test_cancel_of_several_campaigns_with_the_broker_away_is_one_line(
+    home: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What fails them all (the broker, the store) is said once, with its own code."""
+    for cid in ("t-1", "t-2"):
+        seed_campaign(home, cid)
+    monkeypatch.setenv("ORCHARD_BROKER_URL", "redis://127.0.0.1:1/0")
+    assert main(["cancel", "t-1", "t-2"]) == 75
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("orchard: error: broker redis://127.0.0.1:1/0 unreachable")
+    assert {home.get_campaign(c).state for c in ("t-1", "t-2")} == {"RUNNING"}
 
 
 def test_resume_of_a_campaign_whose_units_all_succeeded_says_there_is_nothing_to_do(
