@@ -53,6 +53,8 @@ LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Campaigns `orchard status` lists without --all, the newest first.
 STATUS_SHOWN = 50
 CAMPAIGN_ID = "campaign id, as `orchard status` lists it"
+#: --wait of submit and resume
+FOLLOW_HELP = "follow it until it ends: exit 0 when it ends DONE, 1 when PARTIAL or CANCELLED"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", type=Path, help="campaign file (TOML)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--wait", action="store_true", help="follow it until it ends: exit 0 when it ends DONE, 1 when PARTIAL or CANCELLED")
+    how.add_argument("--wait", action="store_true", help=FOLLOW_HELP)
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -258,8 +260,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=None,
         metavar="SECONDS",
-        help="with --wait: stop following after this many seconds, exit 124 (the campaign "
-        "goes on)",
+        help="with --wait: stop following after this many seconds, exit 124 (the campaign goes on)",
     )
     p.set_defaults(run=cmd_submit)
 
@@ -271,14 +272,13 @@ def _parser() -> argparse.ArgumentParser:
         "and the report is written again.",
     )
     p.add_argument("campaign", help=CAMPAIGN_ID)
-    p.add_argument("--wait", action="store_true", help="follow it until it ends: exit 0 when it ends DONE, 1 when PARTIAL or CANCELLED")
+    p.add_argument("--wait", action="store_true", help=FOLLOW_HELP)
     p.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=None,
         metavar="SECONDS",
-        help="with --wait: stop following after this many seconds, exit 124 (the campaign "
-        "goes on)",
+        help="with --wait: stop following after this many seconds, exit 124 (the campaign goes on)",
     )
     p.set_defaults(run=cmd_resume)
 
@@ -346,8 +346,7 @@ def _parser() -> argparse.ArgumentParser:
         "--watch",
         "--wait",
         action="store_true",
-        help="refresh until the campaign finishes (needs its id); exit 0 whatever state it "
-        "ends in",
+        help="refresh until the campaign finishes (needs its id); exit 0 whatever state it ends in",
     )
     p.add_argument(
         "--all",
@@ -478,7 +477,10 @@ def _parser() -> argparse.ArgumentParser:
         "or migrates it to the newest one.",
     )
     p.add_argument(
-        "action", choices=["upgrade"], metavar="ACTION", help="upgrade: create or migrate the schema"
+        "action",
+        choices=["upgrade"],
+        metavar="ACTION",
+        help="upgrade: create or migrate the schema",
     )
     p.add_argument(
         "--force",
@@ -967,7 +969,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch and args.campaign is None:
         raise OrchardError("--watch follows one campaign: give its id, `orchard status ID --watch`")
     if args.all and args.campaign is not None:
-        raise OrchardError("--all lists every campaign: give no id with it (`orchard status --all`)")
+        raise OrchardError(
+            "--all lists every campaign: give no id with it (`orchard status --all`)"
+        )
     _timeout_needs(args, "watch")
     if not args.watch:
         return _status(args)
