@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,14 +17,43 @@ from tests.conftest import REPO
 
 
 def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`orchard ARGS` with ``env`` added to this process's environment: `worker` (Celery
+    takes the process over) and a command given PYTHON* variables (read as the
+    interpreter starts) in a process of their own, every other command in this one,
+    which is what it tests (its arguments, checks and error lines) at a fraction of a
+    process's start; tests/scheduler/test_cli_signals.py and the integration tests run
+    the real processes."""
+    if args[:1] == ("worker",) or any(name.startswith("PYTHON") for name in env or {}):
+        return subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", *args],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return in_process(*args, env=env)
+
+
+def in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    from scheduler.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = dict(os.environ)
+    cwd = Path.cwd()
+    os.environ.update(env or {})
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors and --help
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(before)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
