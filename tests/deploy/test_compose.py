@@ -557,9 +557,63 @@ def test_flower_gets_its_login_from_the_secret(
     login, argv = done.stdout.read().splitlines()
     assert login == f"{user}:{AWKWARD}"
     assert argv == (
-        "-A workers.app flower --address=0.0.0.0 --port=5555 --max_tasks=10000 "
+        "-A workers.app flower --address=0.0.0.0 --port=5555 --url_prefix= --max_tasks=10000 "
         "--purge_offline_workers=86400"
     )
     (secrets_dir / "flower_password").write_text("")
     refused = run_script(flower["command"][2], secrets_dir, bin_dir, ORCHARD_FLOWER_USER=user)
     assert refused.wait(timeout=10) == 1
+    # Flower splits FLOWER_BASIC_AUTH at ',': "a,b" would let in "a" and refuse "a,b"
+    (secrets_dir / "flower_password").write_text("first,second\n")
+    refused = run_script(flower["command"][2], secrets_dir, bin_dir, ORCHARD_FLOWER_USER=user)
+    assert refused.wait(timeout=10) == 1
+    assert refused.stdout is not None
+    assert refused.stdout.read() == (
+        "flower: the secret flower_password has a ',' in it: Flower would cut the login there\n"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "flower", "/flower/"])
+def test_flower_under_a_path_is_started_and_checked_there(
+    rendered: dict[str, Any], secrets_dir: Path, tmp_path: Path, prefix: str
+) -> None:
+    """FLOWER_URL_PREFIX (Flower behind a proxy at https://host/flower/): Flower gets it,
+    and the healthcheck asks for /healthcheck under it, where Flower then serves it."""
+    import http.server
+    import threading
+
+    flower = rendered["services"]["flower"]
+    env = env_example() | {"FLOWER_URL_PREFIX": prefix}
+    assert render(env)["services"]["flower"]["environment"]["ORCHARD_FLOWER_URL_PREFIX"] == prefix
+    bin_dir = tmp_path / "bin"
+    fake_command(bin_dir, "celery", 'printf "%s\\n" "$*"')
+    done = run_script(flower["command"][2], secrets_dir, bin_dir, ORCHARD_FLOWER_URL_PREFIX=prefix)
+    assert done.wait(timeout=10) == 0
+    assert done.stdout is not None
+    assert f"--url_prefix={prefix} " in done.stdout.read()
+
+    served = "/flower/healthcheck" if prefix else "/healthcheck"
+
+    class Flower(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == served else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Flower)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kind, *check = flower["healthcheck"]["test"]
+        assert kind == "CMD" and check[0] == "python"
+        script = check[-1].replace("127.0.0.1:5555", f"127.0.0.1:{server.server_port}")
+        for asked, healthy in ((prefix, True), ("elsewhere" if prefix else "flower", False)):
+            env_of = {**os.environ, "ORCHARD_FLOWER_URL_PREFIX": asked}
+            ran = subprocess.run(
+                [sys.executable, *check[1:-1], script], env=env_of, capture_output=True
+            )
+            assert (ran.returncode == 0) is healthy, (asked, served)
+    finally:
+        server.shutdown()
+        server.server_close()
