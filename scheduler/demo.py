@@ -34,7 +34,9 @@ from shared.settings import Settings, child_env, default_store_url, load_setting
 from shared.spec import load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = REPO / "campaigns" / "quick.toml"
+#: campaigns/quick.toml: in a checkout through the link scheduler/quick.toml, which an
+#: install from a wheel (`pip install .`, the Docker image) carries as the file itself
+QUICK = Path(__file__).with_name("quick.toml").resolve()
 #: Seconds a worker gets to end on SIGTERM (idle, it ends at once) before a cancelled
 #: campaign's demo stops it cold.
 COLD_AFTER = 1.0
