@@ -2013,7 +2013,11 @@ class Store:
 
     @_retried
     def reuse_finished(
-        self, campaign_id: str, *, equivalent_manifests: Sequence[str] = ()
+        self,
+        campaign_id: str,
+        *,
+        equivalent_manifests: Sequence[str] = (),
+        present: Callable[[str, int], bool] | None = None,
     ) -> dict[str, str]:
         """Fill a new campaign's model units from identical units that already succeeded.
 
@@ -2027,6 +2031,12 @@ class Store:
         result, predictions and metrics are copied (the result's ``extra["reused_from"]``
         names the unit that ran, whose artifacts stay where they are) and the unit is
         marked SUCCESS without running. Returns new key -> that unit's key.
+
+        With ``present`` (a recorded path and size -> whether that file is there), a
+        unit is copied only from a twin whose files are: the model files of the unit
+        that ran and its campaign's manifest. The store restored from a backup newer
+        than the artifact folder, or from before an `orchard delete`, records campaigns
+        whose files are gone; the newest twin whose files are there is taken instead.
         """
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id)
@@ -2082,7 +2092,7 @@ class Store:
                     UnitRow.state == PENDING,
                 )
             ).all()
-            sources: dict[tuple[str, str, int | None], UnitRow] = {}
+            candidates: dict[tuple[str, str, int | None], list[UnitRow]] = {}
             hashes = sorted({w.params_hash for w in wanted})
             for chunk in _chunks(hashes, KEYS_PER_STATEMENT):  # a hash is in one chunk
                 for row in s.scalars(
@@ -2095,13 +2105,71 @@ class Store:
                     .order_by(UnitRow.finished_at)
                 ):
                     if row.family != "svm" or row.campaign_id in svm_twins:
-                        sources[(row.family, row.params_hash, row.fold)] = row  # newest wins
+                        candidates.setdefault((row.family, row.params_hash, row.fold), []).append(
+                            row
+                        )
+            usable = self._files_there(s, candidates, present) if present else None
+            sources = {  # the newest wins
+                twin: next((row for row in reversed(rows) if usable is None or usable(row)), None)
+                for twin, rows in candidates.items()
+            }
             pairs = [
                 (source, unit)
                 for unit in wanted
                 if (source := sources.get((unit.family, unit.params_hash, unit.fold)))
             ]
             return self._copy_outcomes_without_commit(s, pairs)
+
+    @staticmethod
+    def _files_there(
+        s: Session,
+        candidates: Mapping[tuple[str, str, int | None], list[UnitRow]],
+        present: Callable[[str, int], bool],
+    ) -> Callable[[UnitRow], bool]:
+        """Whether a candidate's files are there: those of the unit that ran (a copy names
+        it in ``reused_from``) and its campaign's manifest, each looked at once."""
+        rows = [row for group in candidates.values() for row in group]
+        origin = {row.key: row.key for row in rows}
+        for chunk in _chunks([row.id for row in rows], KEYS_PER_STATEMENT):
+            for key, extra in s.execute(
+                select(UnitRow.key, ResultRow.extra)
+                .join(ResultRow, ResultRow.unit_id == UnitRow.id)
+                .where(UnitRow.id.in_(chunk))
+            ):
+                origin[key] = (extra or {}).get("reused_from", key)
+        files: dict[str, list[tuple[str, int]]] = {}
+        origins = sorted(set(origin.values()))
+        campaigns = sorted({key.split("/", 1)[0] for key in origins})
+        for chunk in _chunks(origins, KEYS_PER_STATEMENT):
+            for path, size, key in s.execute(
+                select(ArtifactRow.path, ArtifactRow.size, ArtifactRow.unit_key).where(
+                    ArtifactRow.unit_key.in_(chunk)
+                )
+            ):
+                files.setdefault(key, []).append((path, size))
+        manifests: dict[str, tuple[str, int]] = {}
+        for chunk in _chunks(campaigns, KEYS_PER_STATEMENT):
+            for path, size, campaign in s.execute(
+                select(ArtifactRow.path, ArtifactRow.size, ArtifactRow.campaign_id).where(
+                    ArtifactRow.kind == "manifest", ArtifactRow.campaign_id.in_(chunk)
+                )
+            ):
+                manifests[campaign] = (path, size)
+        seen: dict[tuple[str, int], bool] = {}
+
+        def there(path: str, size: int) -> bool:
+            if (path, size) not in seen:
+                seen[(path, size)] = present(path, size)
+            return seen[(path, size)]
+
+        def usable(row: UnitRow) -> bool:
+            key = origin[row.key]
+            manifest = manifests.get(key.split("/", 1)[0])
+            return (manifest is None or there(*manifest)) and all(
+                there(path, size) for path, size in files.get(key, [])
+            )
+
+        return usable
 
     def _copy_outcomes_without_commit(
         self, s: Session, pairs: Sequence[tuple[UnitRow, UnitRow]]

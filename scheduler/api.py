@@ -363,6 +363,19 @@ def new_campaign_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def _file_there(artifacts: Path) -> Callable[[str, int], bool]:
+    """Whether a file recorded under ``artifacts`` (its path and size) is there: a store
+    restored from a backup may record files the artifact folder no longer holds."""
+
+    def there(path: str, size: int) -> bool:
+        try:
+            return (artifacts / path).stat().st_size == size
+        except OSError:
+            return False
+
+    return there
+
+
 def submit(
     path: str | Path,
     *,
@@ -442,7 +455,11 @@ def submit(
                     # the same data: at another root (data_digest), or as an earlier
                     # orchard wrote its manifest
                     equivalent = manifest.earlier_digests(settings.artifacts)
-                    run.reused = store.reuse_finished(campaign_id, equivalent_manifests=equivalent)
+                    run.reused = store.reuse_finished(
+                        campaign_id,
+                        equivalent_manifests=equivalent,
+                        present=_file_there(settings.artifacts),
+                    )
                 if running:
                     _send(store, app, campaign_id)
         except (KeyboardInterrupt, Stopped) as exc:

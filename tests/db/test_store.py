@@ -905,6 +905,51 @@ def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     assert store.get_unit(third).worker == "cpu@h"
 
 
+def test_reuse_copies_only_from_a_twin_whose_files_are_there(store_url: str) -> None:
+    """A store restored from a backup newer than the artifact folder records campaigns
+    whose files are gone: a reuse takes the newest twin whose model files and manifest
+    are there, and copies nothing when none's are."""
+    store = make_store(store_url)
+    svm_key = None
+    for cid in ("t-1", "t-2"):  # t-1 ran first, t-2 later (the newest)
+        plans = seed_campaign(store, cid)
+        store.record_artifact(
+            Artifact(f"campaigns/{cid}/manifest.json", "manifest", "a" * 64, 10, cid)
+        )
+        unit = next(p for p in plans if p.family == "svm")
+        deliver(store, unit.key, worker="cpu@h", task_id=None)
+        model = Artifact(f"campaigns/{cid}/models/svm.joblib", "model", "c" * 64, 99, cid, unit.key)
+        store.finish_unit(unit.key, replace(outcome(0.7), artifacts=[model]))
+        svm_key = unit.key.split("/", 1)[1]
+    seed_campaign(store, "t-3")
+    store.record_artifact(Artifact("campaigns/t-3/manifest.json", "manifest", "a" * 64, 10, "t-3"))
+    asked: list[str] = []
+
+    def present_but(*gone: str):  # noqa: ANN202
+        def present(path: str, size: int) -> bool:
+            asked.append(path)
+            return path.split("/")[1] not in gone and size in (10, 99)
+
+        return present
+
+    new_key = f"t-3/{svm_key}"
+    # t-2's folder is gone (a restore): t-1's copy is taken
+    assert store.reuse_finished("t-3", present=present_but("t-2")) == {new_key: f"t-1/{svm_key}"}
+    assert store.results("t-3")[new_key].extra["reused_from"] == f"t-1/{svm_key}"
+    assert len(asked) == len(set(asked))  # each file looked at once
+    # a fourth: t-3's copy names t-1's unit, whose files it reads; with t-1's gone too,
+    # nothing is copied, from t-3's copy either
+    seed_campaign(store, "t-4")
+    store.record_artifact(Artifact("campaigns/t-4/manifest.json", "manifest", "a" * 64, 10, "t-4"))
+    assert store.reuse_finished("t-4", present=present_but("t-1", "t-2")) == {}
+    assert store.get_unit(f"t-4/{svm_key}").state == "PENDING"
+    # a file of another size than recorded is no file of the unit's either
+    assert store.reuse_finished("t-4", present=lambda path, size: size == 10) == {}
+    assert store.reuse_finished("t-4", present=lambda path, size: True) == {
+        f"t-4/{svm_key}": f"t-1/{svm_key}"
+    }
+
+
 def test_reuse_finds_the_same_data_mounted_at_another_root(store_url: str) -> None:
     """Manifests that differ only in where the dataset lies (other bytes, one data
     digest) are twins; campaigns without a data digest are not each other's."""
