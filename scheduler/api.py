@@ -1490,10 +1490,17 @@ def _caches_in_use(
             keys[campaign.id] = _cache_key(path)
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+            # a folder gone as a whole (a store restored newer than the artifacts): the
+            # delete that removes the records needs --without-folder
+            remedy = (
+                f" `orchard delete {campaign.id}`"
+                if path.parent.is_dir()
+                else f", if its folder is gone for good, `orchard delete --without-folder "
+                f"{campaign.id}`"
+            )
             raise OrchardError(
                 f"{path}: cannot be read ({reason}), so which cache campaign {campaign.id} "
-                f"uses is unknown: restore the file, or `orchard delete {campaign.id}`, then "
-                "prune"
+                f"uses is unknown: restore the file, or{remedy}, then prune"
             ) from None
     return keys
 

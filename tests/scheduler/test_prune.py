@@ -113,6 +113,14 @@ def test_prune_refuses_when_a_campaigns_cache_is_unknown(
         "then prune\n"
     )
     assert sorted(p.name for p in (home / "artifacts" / "cache").iterdir()) == ["orphan", "used"]
+    # its whole folder gone (a store restored newer than the artifacts): `delete` needs
+    # --without-folder, and the line says so
+    shutil.rmtree(manifest.parent)
+    code, out, err = prune(capsys)
+    assert code == 2 and err.endswith(
+        "restore the file, or, if its folder is gone for good, `orchard delete "
+        "--without-folder b-1`, then prune\n"
+    )
 
 
 def _submit_during(store: Store, home: Path, cid: str, key: str) -> None:
