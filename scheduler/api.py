@@ -1165,6 +1165,7 @@ def _delete(
                 or _abandoned_submit(folder)
                 # what an orchard before the mark left; a chosen id's, any folder's name
                 or (MADE_ID_PATTERN.fullmatch(campaign_id) and not manifest_path(folder).exists())
+                or _put_back_after_its_delete(store, folder, campaign_id)
             )
         )
         if not leftover:
@@ -1213,6 +1214,21 @@ def _delete(
     if not dry_run:
         _remove_folder(folder, campaign_id)
     return Deleted(campaign_id, deletion.state, deletion.units, folder, files, size, dry_run)
+
+
+def _put_back_after_its_delete(store: Store, folder: Path, campaign_id: str) -> bool:
+    """The folder of a campaign this store deleted, put back by a restore of the artifact
+    folder backed up before the delete: its manifest was written before the deletion
+    (a restore that keeps file times: `cp -a`, `rsync -a`, tar). Another store's campaign
+    under that id, submitted since, wrote its manifest after."""
+    deleted_at = store.deleted_at(campaign_id)
+    if deleted_at is None:
+        return False
+    try:
+        written = manifest_path(folder).stat().st_mtime
+    except OSError:
+        return False
+    return written < deleted_at.timestamp()
 
 
 #: In a campaign's folder from just before its rows are deleted: the folder of a

@@ -628,6 +628,35 @@ def test_delete_removes_a_deleted_campaigns_leftovers_and_nothing_else(tmp_path:
     )
 
 
+def test_delete_removes_a_deleted_campaigns_folder_a_restore_put_back(tmp_path: Path) -> None:
+    """The artifact folder restored from a backup taken before a delete: the campaign's
+    folder is back, manifest and all, while the store knows it as deleted. Deleting the
+    id again removes it; a folder under that id written after the delete (another
+    store's campaign's) stays."""
+    import shutil
+
+    home = tmp_path / "home"
+    env = {"ORCHARD_HOME": str(home)}
+    gone = "t-20261205-000001-abcd"
+    _stored_campaigns(home, "t-20261205-000000-abcd", gone)
+    folder = home / "artifacts" / "campaigns" / gone
+    shutil.copytree(folder, tmp_path / "backup")  # file times kept, as cp -a keeps them
+    assert orchard("delete", gone, env=env).returncode == 0
+    assert not folder.exists()
+    shutil.copytree(tmp_path / "backup", folder)  # the restore
+    done = orchard("delete", gone, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"removed what was left of deleted campaign {gone}: 2 file(s), 1.5 MB under {folder}\n"
+    )
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    done = orchard("delete", gone, env=env)
+    assert done.returncode == 0 and done.stderr.endswith(": nothing to delete\n"), done.stderr
+    assert (folder / "manifest.json").exists()
+
+
 def test_delete_of_a_campaign_whose_folder_is_a_symlink_touches_nothing_outside(
     tmp_path: Path,
 ) -> None:
