@@ -41,7 +41,7 @@ from db.store import (
 )
 from scheduler.canvas import advance
 from scheduler.stopsignals import Stopped
-from shared.artifacts import atomic_write_text
+from shared.artifacts import atomic_write_text, sha256_file
 from shared.datasets import DatasetError
 from shared.errors import EXIT_TIMEOUT, OrchardError, printable
 from shared.manifest import (
@@ -998,8 +998,9 @@ def resume(
     settings: Settings | None = None,
 ) -> tuple[CampaignRun, list[str]]:
     """Run again every unit of a campaign that did not succeed (failed, cancelled,
-    lost with its worker or its message), and every preprocessing shard whose file is
-    now missing or changed (the units that read it failed on it); returns the run and
+    lost with its worker or its message), every preprocessing shard whose file is
+    now missing or changed (the units that read it failed on it), and the report when
+    a file it wrote is (it writes them anew from the store); returns the run and
     the keys re-enqueued (a unit still queued is sent again, so a second resume
     returns those)."""
     from workers.app import check_broker_reachable, make_app
@@ -1015,6 +1016,7 @@ def resume(
         with make_app(settings, with_tasks=False) as app:
             check_broker_reachable(app)
             redo = _damaged_shards(store, settings, campaign_id)
+            redo += _damaged_report(store, settings, campaign_id)
             reset = store.resume_campaign(campaign_id, redo=redo)
             _send(store, app, campaign_id)
     except BaseException:
@@ -1036,6 +1038,30 @@ def _check_manifest_here(store: Store, settings: Settings, campaign_id: str) -> 
             "submitted with (on a cluster, the same share, mounted); nothing sent. If its "
             "folder is gone for good, submit the campaign again"
         )
+
+
+def _damaged_report(store: Store, settings: Settings, campaign_id: str) -> list[str]:
+    """The report unit's key when it succeeded but a file it wrote is missing or no
+    longer has its recorded checksum (an artifact folder restored from an older backup,
+    a report edited by hand): resumed, it writes them anew from the store's results."""
+    written: dict[str, list[Artifact]] = {}
+    for artifact in store.artifacts(campaign_id):
+        if artifact.unit_key is not None:
+            written.setdefault(artifact.unit_key, []).append(artifact)
+    damaged = []
+    for unit in store.units(campaign_id, state=SUCCESS, family="report"):
+        for artifact in written.get(unit.key, []):
+            path = settings.artifacts / artifact.path
+            try:
+                intact = path.stat().st_size == artifact.size and sha256_file(path) == (
+                    artifact.sha256
+                )
+            except OSError:
+                intact = False
+            if not intact:
+                damaged.append(unit.key)
+                break
+    return damaged
 
 
 def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:

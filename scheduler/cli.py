@@ -1658,14 +1658,18 @@ def _intact_report_file(
                 f"folder {printable(artifacts)} (ORCHARD_ARTIFACTS {where})"
             ) from None
         if isinstance(exc, FileNotFoundError):
-            raise OrchardError(f"campaign {campaign_id}: {shown} is missing") from None
+            raise OrchardError(
+                f"campaign {campaign_id}: {shown} is missing; `orchard resume {campaign_id}` "
+                "writes the report again"
+            ) from None
         raise OrchardError(
             f"campaign {campaign_id}: cannot read {shown}: {exc.strerror or exc}"
         ) from None
     if data is None:
         raise OrchardError(
             f"campaign {campaign_id}: {shown} differs from its record (checksum): changed "
-            "since its report unit wrote it"
+            f"since its report unit wrote it; `orchard resume {campaign_id}` writes the "
+            "report again"
         )
     return data
 

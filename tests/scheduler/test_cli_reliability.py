@@ -101,6 +101,44 @@ def test_resume_of_a_campaign_whose_units_all_succeeded_says_there_is_nothing_to
     assert home.get_campaign("t-1").state == "DONE"
 
 
+def test_resume_of_a_done_campaign_whose_report_files_changed_writes_the_report_again(
+    home: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An artifact folder restored from an older backup, a report edited by hand: the
+    report's files no longer match their records. Resume writes them again."""
+    from dataclasses import replace
+
+    from db.store import Artifact
+    from shared.artifacts import sha256_file
+    from tests.db.test_store import outcome
+
+    monkeypatch.setenv("ORCHARD_ARTIFACTS", str(tmp_path / "artifacts"))
+    html = tmp_path / "artifacts" / "campaigns" / "t-1" / "report" / "report.html"
+    html.parent.mkdir(parents=True)
+    html.write_text("<html>the report</html>")
+    for plan in seed_campaign(home):
+        home.claim_for_queue([plan.key])
+        home.start_unit(plan.key, worker="w", task_id=None)
+        files = []
+        if plan.family == "report":
+            rel = html.relative_to(tmp_path / "artifacts").as_posix()
+            size = html.stat().st_size
+            files = [Artifact(rel, "report", sha256_file(html), size, "t-1", plan.key)]
+        home.finish_unit(plan.key, replace(outcome(), artifacts=files))
+    home.complete_campaign("t-1")
+    assert main(["resume", "t-1"]) == 0  # its files as written: nothing to do
+    assert capsys.readouterr().out.endswith("every unit succeeded, nothing to re-enqueue\n")
+
+    html.write_text("<html>the report, edited</html>")
+    assert main(["resume", "t-1"]) == 0
+    assert capsys.readouterr().out == "campaign t-1: re-enqueued its report\n"
+    assert home.get_campaign("t-1").state == "RUNNING"
+    assert {u.key for u in home.units("t-1") if u.state != "SUCCESS"} == {"t-1/report"}
+
+
 def test_cancel_with_an_unreachable_broker_changes_nothing(
     home: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -134,7 +134,7 @@ def test_a_report_file_changed_since_it_was_written_is_not_named(
     changed.write_text("garbage")
     line = (
         f"orchard: error: campaign t-1: {changed} differs from its record (checksum): "
-        "changed since its report unit wrote it\n"
+        "changed since its report unit wrote it; `orchard resume t-1` writes the report again\n"
     )
     assert report(capsys, "t-1") == (2, "", line)
     if name == "report.md":  # --print checks the file it prints
@@ -149,7 +149,10 @@ def test_a_report_file_deleted_is_missing_not_another_artifact_folder(
     seed_campaign(home)
     gone = write_report(home, artifacts) / name
     gone.unlink()
-    line = f"orchard: error: campaign t-1: {gone} is missing\n"
+    line = (
+        f"orchard: error: campaign t-1: {gone} is missing; `orchard resume t-1` writes the "
+        "report again\n"
+    )
     assert report(capsys, "t-1") == (2, "", line)
     if name == "report.md":
         assert report(capsys, "t-1", "--print") == (2, "", line)
