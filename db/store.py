@@ -917,6 +917,12 @@ class Store:
         with self._transaction(read_only=True) as s:
             return self._deleted_at(s, campaign_id)
 
+    def deleted_campaign_created_at(self, campaign_id: str) -> datetime | None:
+        """When a campaign ``orchard delete`` removed had been submitted; None if none."""
+        with self._transaction(read_only=True) as s:
+            row = s.get(DeletedCampaignRow, campaign_id)
+            return as_utc(row.created_at) if row is not None else None
+
     @staticmethod
     def _deleted_at(s: Session, campaign_id: str) -> datetime | None:
         row = s.get(DeletedCampaignRow, campaign_id)
@@ -2140,13 +2146,16 @@ class Store:
         files: dict[str, list[tuple[str, int]]] = {}
         origins = sorted(set(origin.values()))
         campaigns = sorted({key.split("/", 1)[0] for key in origins})
-        for chunk in _chunks(origins, KEYS_PER_STATEMENT):
+        wanted = set(origins)
+        # by campaign (the artifacts' index), then by unit here: unit_key has no index
+        for chunk in _chunks(campaigns, KEYS_PER_STATEMENT):
             for path, size, key in s.execute(
                 select(ArtifactRow.path, ArtifactRow.size, ArtifactRow.unit_key).where(
-                    ArtifactRow.unit_key.in_(chunk)
+                    ArtifactRow.campaign_id.in_(chunk), ArtifactRow.kind != "manifest"
                 )
             ):
-                files.setdefault(key, []).append((path, size))
+                if key in wanted:
+                    files.setdefault(key, []).append((path, size))
         manifests: dict[str, tuple[str, int]] = {}
         for chunk in _chunks(campaigns, KEYS_PER_STATEMENT):
             for path, size, campaign in s.execute(

@@ -1244,17 +1244,23 @@ def _delete(
 
 def _put_back_after_its_delete(store: Store, folder: Path, campaign_id: str) -> bool:
     """The folder of a campaign this store deleted, put back by a restore of the artifact
-    folder backed up before the delete: its manifest was written before the deletion
-    (a restore that keeps file times: `cp -a`, `rsync -a`, tar). Another store's campaign
-    under that id, submitted since, wrote its manifest after."""
-    deleted_at = store.deleted_at(campaign_id)
-    if deleted_at is None:
+    folder backed up before the delete: its manifest, written as that campaign was
+    submitted, still has that time (a restore that keeps file times: `cp -a`, `rsync
+    -a`, tar). Another store's campaign under that id, submitted since, wrote its own
+    later; hosts' clocks may differ by minutes, hence the margin."""
+    created_at = store.deleted_campaign_created_at(campaign_id)
+    if created_at is None:
         return False
     try:
         written = manifest_path(folder).stat().st_mtime
     except OSError:
         return False
-    return written < deleted_at.timestamp()
+    return abs(written - created_at.timestamp()) <= PUT_BACK_MARGIN_SECONDS
+
+
+#: How far a restored manifest's time may lie from its campaign's recorded submit time
+#: (the submit writes it within seconds; the file server's clock may be off by minutes).
+PUT_BACK_MARGIN_SECONDS = 600.0
 
 
 #: In a campaign's folder from just before its rows are deleted: the folder of a

@@ -569,7 +569,8 @@ def test_flower_gets_its_login_from_the_secret(
     assert refused.wait(timeout=10) == 1
     assert refused.stdout is not None
     assert refused.stdout.read() == (
-        "flower: the secret flower_password has a ',' in it: Flower would cut the login there\n"
+        "flower: FLOWER_USER or the secret flower_password has a ',' in it: Flower would cut "
+        "the login there\n"
     )
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -650,8 +651,11 @@ def test_delete_removes_a_deleted_campaigns_folder_a_restore_put_back(tmp_path: 
         f"removed what was left of deleted campaign {gone}: 2 file(s), 1.5 MB under {folder}\n"
     )
     assert not folder.exists()
+    # another store's campaign under that id, submitted an hour after this one was
     folder.mkdir()
     (folder / "manifest.json").write_text("{}")
+    later = time.time() + 3600
+    os.utime(folder / "manifest.json", (later, later))
     done = orchard("delete", gone, env=env)
     assert done.returncode == 0 and done.stderr.endswith(": nothing to delete\n"), done.stderr
     assert (folder / "manifest.json").exists()
