@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.scheduler.test_cli import in_process
 
 DEAD_REDIS = "redis://:hunter2@127.0.0.1:1/0"
 DEAD_POSTGRES = "postgresql+psycopg://orchard:hunter2@127.0.0.1:1/orchard"
@@ -27,8 +28,15 @@ TINY = (
 )
 
 
-def orchard(*args: str, home: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
-    """`orchard ...` in a process of its own, with no ORCHARD_ variable but ``env``."""
+def orchard(
+    *args: str, home: Path, timeout: float | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """`orchard ...` with no ORCHARD_ variable but ``env``: in this process (what is
+    tested is the command's checks and lines, not the interpreter's start), but for
+    `worker` (Celery takes its process over) and a call with a ``timeout`` (one that
+    must fail rather than hang), each in a process of its own."""
+    if timeout is None and args[:1] != ("worker",):
+        return in_process(*args, env={"ORCHARD_HOME": str(home), **env}, clean=True)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ORCHARD_")}
     return subprocess.run(
         [sys.executable, "-m", "scheduler.cli", *args],
@@ -36,7 +44,7 @@ def orchard(*args: str, home: Path, timeout: float = 90, **env: str) -> subproce
         env={**environ, "ORCHARD_HOME": str(home), **env},
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout or 90,
     )
 
 

@@ -36,12 +36,20 @@ def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
     return in_process(*args, env=env)
 
 
-def in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def in_process(
+    *args: str, env: dict[str, str] | None = None, clean: bool = False
+) -> subprocess.CompletedProcess:
+    """`orchard ARGS` in this process, as a finished process: with ``env`` added to the
+    environment (``clean``: to an environment without ORCHARD_ variables) and run from
+    the repository, all put back afterwards."""
     from scheduler.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     before = dict(os.environ)
     cwd = Path.cwd()
+    if clean:
+        for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
+            del os.environ[name]
     os.environ.update(env or {})
     try:
         os.chdir(REPO)
