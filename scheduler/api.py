@@ -41,7 +41,7 @@ from db.store import (
 )
 from scheduler.canvas import advance
 from scheduler.stopsignals import Stopped
-from shared.artifacts import atomic_write_text, sha256_file
+from shared.artifacts import atomic_write_text
 from shared.datasets import DatasetError
 from shared.errors import EXIT_TIMEOUT, OrchardError, printable
 from shared.manifest import (
@@ -1044,24 +1044,17 @@ def _damaged_report(store: Store, settings: Settings, campaign_id: str) -> list[
     """The report unit's key when it succeeded but a file it wrote is missing or no
     longer has its recorded checksum (an artifact folder restored from an older backup,
     a report edited by hand): resumed, it writes them anew from the store's results."""
+    from workers.data import shard_matches  # a recorded file's check, shards' or not
+
     written: dict[str, list[Artifact]] = {}
     for artifact in store.artifacts(campaign_id):
         if artifact.unit_key is not None:
             written.setdefault(artifact.unit_key, []).append(artifact)
-    damaged = []
-    for unit in store.units(campaign_id, state=SUCCESS, family="report"):
-        for artifact in written.get(unit.key, []):
-            path = settings.artifacts / artifact.path
-            try:
-                intact = path.stat().st_size == artifact.size and sha256_file(path) == (
-                    artifact.sha256
-                )
-            except OSError:
-                intact = False
-            if not intact:
-                damaged.append(unit.key)
-                break
-    return damaged
+    return [
+        unit.key
+        for unit in store.units(campaign_id, state=SUCCESS, family="report")
+        if not all(shard_matches(settings.artifacts, a.path, a) for a in written.get(unit.key, []))
+    ]
 
 
 def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:
