@@ -163,6 +163,20 @@ class CampaignRun:
                 return self.settings.artifacts / artifact.path
         return None
 
+    def damaged_report(self) -> list[Path]:
+        """The files its report unit wrote that are missing here or no longer have their
+        recorded checksum (removed by hand, an artifact folder restored from an older
+        backup): `orchard resume` writes them again. Empty while no report unit
+        succeeded, and where the campaign's folder is not on this host at all (a host
+        that watches the store without the share): nothing there to judge."""
+        if not (self.settings.artifacts / "campaigns" / self.id).is_dir():
+            return []
+        return [
+            self.settings.artifacts / artifact.path
+            for files in _damaged_report_files(self.store, self.settings, self.id).values()
+            for artifact in files
+        ]
+
     def stalled(self, after: float | None = None) -> str | None:
         """Why nothing of this campaign may be running, or None: a line naming each
         queue whose units have waited ``after`` seconds (``STALL_SECONDS``) or more while
@@ -1044,17 +1058,29 @@ def _damaged_report(store: Store, settings: Settings, campaign_id: str) -> list[
     """The report unit's key when it succeeded but a file it wrote is missing or no
     longer has its recorded checksum (an artifact folder restored from an older backup,
     a report edited by hand): resumed, it writes them anew from the store's results."""
+    return list(_damaged_report_files(store, settings, campaign_id))
+
+
+def _damaged_report_files(
+    store: Store, settings: Settings, campaign_id: str
+) -> dict[str, list[Artifact]]:
+    """Of each succeeded report unit, the recorded files that are missing or changed."""
     from workers.data import shard_matches  # a recorded file's check, shards' or not
 
+    report = store.units(campaign_id, state=SUCCESS, family="report")
+    if not report:
+        return {}
     written: dict[str, list[Artifact]] = {}
     for artifact in store.artifacts(campaign_id):
         if artifact.unit_key is not None:
             written.setdefault(artifact.unit_key, []).append(artifact)
-    return [
-        unit.key
-        for unit in store.units(campaign_id, state=SUCCESS, family="report")
-        if not all(shard_matches(settings.artifacts, a.path, a) for a in written.get(unit.key, []))
-    ]
+    damaged = {
+        unit.key: [
+            a for a in written.get(unit.key, []) if not shard_matches(settings.artifacts, a.path, a)
+        ]
+        for unit in report
+    }
+    return {key: files for key, files in damaged.items() if files}
 
 
 def _damaged_shards(store: Store, settings: Settings, campaign_id: str) -> list[str]:

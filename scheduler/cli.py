@@ -953,6 +953,18 @@ def _warn_stall(line: str) -> None:
     print(f"orchard: warning: {line}", file=sys.stderr)
 
 
+def _warn_damaged_report(campaign_id: str, damaged: list[Path]) -> None:
+    names = [_shown(path) for path in damaged[:3]]
+    more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    print(
+        f"orchard: warning: campaign {campaign_id}: its report's {', '.join(names)}{more} "
+        f"{'is' if len(damaged) == 1 else 'are'} missing or changed since its report unit "
+        f"wrote {'it' if len(damaged) == 1 else 'them'}: `orchard resume {campaign_id}` "
+        "writes the report again",
+        file=sys.stderr,
+    )
+
+
 def _finish(run, status) -> int:  # noqa: ANN001
     print(f"campaign {run.id}: {status.campaign.state}")
     report = run.report_path()
@@ -1011,6 +1023,8 @@ def _status(args: argparse.Namespace) -> int:
         # the state read with the units (run.status() would read every unit again)
         if campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
+        if campaign.state != "RUNNING" and (damaged := run.damaged_report()):
+            _warn_damaged_report(args.campaign, damaged)
         return 0
     if not console.is_terminal or console.is_dumb_terminal:
         # piped: no redrawing, the final table once; a terminal that cannot redraw
@@ -1385,11 +1399,14 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
                 run.wait(args.timeout, on_stall=_warn_stall)
         campaign, lines = _unit_lines(store, args.campaign)
         report = run.report_path()
+        ended = campaign.state != "RUNNING"
         document = {
             "store": mask_url(store.url),
             "campaign": {
                 **_campaign_json(campaign, Counter(line.unit.state for line in lines)),
                 "report": str(report) if report else None,
+                # its files missing or changed here (`orchard resume` writes them again)
+                "report_damaged": [str(path) for path in (run.damaged_report() if ended else [])],
                 "stalled": run.stalled() if campaign.state == "RUNNING" else None,
             },
             "units": [_unit_json(line) for line in lines],

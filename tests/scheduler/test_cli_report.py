@@ -261,3 +261,67 @@ def test_status_prints_utc_times_from_a_store_in_another_zone(
     [listed_json] = json.loads(capsys.readouterr().out)["campaigns"]
     assert listed_json["created_at"] == created.isoformat()
     assert listed_json["created_at"].endswith("+00:00")
+
+
+def finish_campaign(store: Store, campaign_id: str = "t-1") -> None:
+    """Every unit of ``campaign_id`` not SUCCESS run to SUCCESS, and the campaign DONE."""
+    for unit in store.units(campaign_id):
+        if unit.state != "SUCCESS":
+            store.claim_for_queue([unit.key])
+            store.start_unit(unit.key, worker="w", task_id=None)
+            store.finish_unit(unit.key, Outcome(fit_seconds=1.0))
+    assert store.complete_campaign(campaign_id) == "DONE"
+
+
+@pytest.mark.parametrize("damage", ["removed", "changed"])
+def test_status_of_a_done_campaign_says_when_its_report_is_damaged(
+    home: Store, artifacts: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A report file removed or changed since its unit wrote it (an artifact folder
+    restored from an older backup): `status` still says DONE, and says too that `resume`
+    writes the report again."""
+    seed_campaign(home)
+    folder = write_report(home, artifacts)
+    finish_campaign(home)
+    assert main(["status", "t-1"]) == 0
+    assert capsys.readouterr().err == ""  # intact: nothing said
+    assert json.loads(_status_json(capsys))["campaign"]["report_damaged"] == []
+
+    markdown = folder / "report.md"
+    markdown.unlink() if damage == "removed" else markdown.write_text("garbage")
+    assert main(["status", "t-1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "t-1: DONE"
+    assert err == (
+        f"orchard: warning: campaign t-1: its report's {markdown} is missing or changed since "
+        "its report unit wrote it: `orchard resume t-1` writes the report again\n"
+    )
+    assert json.loads(_status_json(capsys))["campaign"]["report_damaged"] == [str(markdown)]
+    (folder / "report.html").unlink()
+    assert main(["status", "t-1"]) == 0
+    err = capsys.readouterr().err
+    assert f"its report's {folder / 'report.html'}, {markdown} are missing or changed" in err
+
+
+def test_status_says_nothing_of_a_report_whose_campaign_folder_is_not_on_this_host(
+    home: Store,
+    tmp_path: Path,
+    artifacts: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A host that watches the store without the share cannot judge the files."""
+    seed_campaign(home)
+    write_report(home, artifacts)
+    finish_campaign(home)
+    monkeypatch.setenv("ORCHARD_ARTIFACTS", str(tmp_path / "not-the-share"))
+    assert main(["status", "t-1"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads(_status_json(capsys))["campaign"]["report_damaged"] == []
+
+
+def _status_json(capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["status", "t-1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
