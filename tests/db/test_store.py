@@ -1044,12 +1044,12 @@ def test_store_rides_out_a_database_that_comes_back(postgres_url: str) -> None:
     proxy = TcpProxy()
     url = postgres_url.replace("postgres@127.0.0.1:5432", f"postgres:s3cret@127.0.0.1:{proxy.port}")
     store = Store(url, retry_seconds=10)
-    timer = threading.Timer(1.0, proxy.up)  # refused for a second, then up
+    timer = threading.Timer(0.3, proxy.up)  # refused for a while, then up
     timer.start()
     try:
         assert store.list_campaigns() == []  # retried with backoff until it answered
         proxy.down()  # and once more, cutting the pooled connection this time
-        threading.Timer(1.0, proxy.up).start()
+        threading.Timer(0.3, proxy.up).start()
         assert store.list_campaigns() == []
     finally:
         timer.cancel()
@@ -1062,12 +1062,12 @@ def test_store_that_stays_away_fails_within_its_budget_naming_the_masked_url(
 ) -> None:
     proxy = TcpProxy()  # never comes up
     url = postgres_url.replace("postgres@127.0.0.1:5432", f"postgres:s3cret@127.0.0.1:{proxy.port}")
-    store = Store(url, retry_seconds=1.5)
+    store = Store(url, retry_seconds=0.5)
     with pytest.raises(StoreError) as err:
         store.list_campaigns()
     message = str(err.value)
     assert "s3cret" not in message and "postgres:***@127.0.0.1" in message
-    assert "gave up after 1.5 s of retries" in message and "\n" not in message
+    assert "gave up after 0.5 s of retries" in message and "\n" not in message
 
 
 def test_integrity_errors_are_not_retried(sqlite_url: str) -> None:
@@ -1901,8 +1901,7 @@ def test_a_delete_waits_for_a_reuse_copying_from_the_campaign(store_url: str) ->
 
         deleting = threading.Thread(target=delete_source)
         deleting.start()
-        deleting.join(1.0)
-        assert deleting.is_alive()  # waiting for the copy's transaction
+        wait_until_it_waits(deleter, deleting)  # for the copy's transaction
     finally:
         go_on.set()
         reuse.join(30)
@@ -1927,14 +1926,14 @@ def test_a_long_delete_retries_a_late_batch_on_its_own(
     for plan in units[-4:-1]:
         _finish(store, plan.key)
     store.cancel_campaign("t-1")
-    store.retry_seconds = 0.5
-    monkeypatch.setattr(db.store, "SQLITE_BATCH_PAUSE", 0.1)  # 0.1 s after each batch
+    store.retry_seconds = 0.2
+    monkeypatch.setattr(db.store, "SQLITE_BATCH_PAUSE", 0.04)  # 0.04 s after each batch
     deletes: list[str] = []
 
     def busy_once_late(conn, cursor, statement: str, *args: Any) -> None:  # noqa: ANN001
         if statement.lstrip().upper().startswith("DELETE FROM"):
             deletes.append(statement)
-            if len(deletes) == 8:  # past the first 0.5 s
+            if len(deletes) == 8:  # after 7 pauses: past the first 0.2 s
                 raise sqlite3.OperationalError("database is locked")
 
     event.listen(store.engine, "before_cursor_execute", busy_once_late)
@@ -1957,8 +1956,7 @@ def test_a_reuse_waiting_while_a_delete_decides_copies_nothing_from_it(store_url
 
     def start_the_reuse() -> None:  # the delete's checks passed, its commit to come
         reuse.start()
-        reuse.join(1.0)  # long enough to be waiting for the delete's lock
-        assert reuse.is_alive()
+        wait_until_it_waits(copier, reuse)  # for the delete's lock
 
     deleter.delete_campaign("t-1", quiet_seconds=0, before_commit=start_the_reuse)
     reuse.join(30)
@@ -1979,11 +1977,17 @@ def test_a_renewal_after_a_delete_says_the_unit_is_gone(store_url: str) -> None:
     assert store.renew_lease(units[-2].key, "x", 60) == LEASE_GONE
 
 
-def test_a_delete_goes_in_batches_and_a_workers_call_gets_in_between(store_url: str) -> None:
+def test_a_delete_goes_in_batches_and_a_workers_call_gets_in_between(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On SQLite a transaction holds the store's write lock: a large campaign's rows go
     a batch per transaction, so a worker's store call waits for one batch, not for the
     whole delete; meanwhile the campaign is DELETING. (PostgreSQL locks rows: there the
     rows go in one transaction after the one that decides.)"""
+    import db.store
+
+    # the worker's calls below come between batches by the commit hook, not by the pause
+    monkeypatch.setattr(db.store, "SQLITE_BATCH_PAUSE", 0.005)
     store, worker = make_store(store_url), Store(store_url)
     units = seed_campaign(store, "t-1")
     others = seed_campaign(store, "t-2")
@@ -2113,6 +2117,18 @@ def test_family_counts_count_each_family_s_states_in_plan_order(store_url: str) 
     store.dispose()
 
 
+def wait_until_it_waits(store: Store, waiter: threading.Thread) -> None:
+    """Until ``waiter`` is blocked on a lock that ``store``'s database holds for another
+    transaction: on PostgreSQL as soon as the server shows the wait; SQLite shows none,
+    so there ``waiter`` must still be running a second on (it would not be, had it not
+    waited)."""
+    if store.engine.dialect.name == "postgresql":
+        wait_for_a_lock_wait(store, waiter)
+        return
+    waiter.join(1.0)
+    assert waiter.is_alive(), "it finished without waiting for the lock"
+
+
 def wait_for_a_lock_wait(store: Store, waiter: threading.Thread) -> None:
     """Until a session of ``store``'s PostgreSQL database waits for a lock (``waiter``
     blocked on one), so that a race test runs the race, not one side after the other."""
@@ -2150,8 +2166,7 @@ def open_stage_during_a_resume(store: Store, campaign_id: str, reopened: str) ->
                 target=lambda: opened.append(store.open_stage(campaign_id, lambda: "task"))
             )
             advancing.start()
-            advancing.join(1.0)
-            assert advancing.is_alive(), "the advance decided without waiting for the resume"
+            wait_until_it_waits(store, advancing)  # for the resume's commit
         advancing.join(30)
     finally:
         resumer.dispose()
