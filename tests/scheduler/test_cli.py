@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,13 +37,27 @@ def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
     return in_process(*args, env=env)
 
 
+#: How long a command run in this process may take before its test fails, as
+#: ``subprocess.run(timeout=...)`` would fail the test of one run in a process of its own.
+IN_PROCESS_TIMEOUT = 60.0
+
+
+class Hung(BaseException):
+    """A command run in this process did not return within its time; a BaseException,
+    so that no ``except Exception`` of the command's own takes it for its error."""
+
+
 def in_process(
     *args: str, env: dict[str, str] | None = None, clean: bool = False
 ) -> subprocess.CompletedProcess:
     """`orchard ARGS` in this process, as a finished process: with ``env`` added to the
     environment (``clean``: to an environment without ORCHARD_ variables) and run from
-    the repository, all put back afterwards."""
+    the repository, all put back afterwards. One that takes longer than
+    :data:`IN_PROCESS_TIMEOUT` fails its test (SIGALRM) rather than hang the suite."""
     from scheduler.cli import main
+
+    def hung(signum: int, frame: object) -> None:
+        raise Hung(f"orchard {' '.join(args)}: no return within {IN_PROCESS_TIMEOUT:g} s")
 
     out, err = io.StringIO(), io.StringIO()
     before = dict(os.environ)
@@ -51,14 +66,20 @@ def in_process(
         for name in [k for k in os.environ if k.startswith("ORCHARD_")]:
             del os.environ[name]
     os.environ.update(env or {})
+    alarm = signal.signal(signal.SIGALRM, hung)
     try:
         os.chdir(REPO)
+        signal.setitimer(signal.ITIMER_REAL, IN_PROCESS_TIMEOUT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main(list(args))
             except SystemExit as exc:  # argparse's usage errors and --help
                 code = exc.code if isinstance(exc.code, int) else 1
+    except Hung as exc:
+        pytest.fail(f"{exc}\nstdout: {out.getvalue()}\nstderr: {err.getvalue()}")
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(before)
