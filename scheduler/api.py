@@ -1357,6 +1357,13 @@ class Pruned:
     unfinished_campaigns: list[tuple[Path, int, int]] = field(default_factory=list)
     #: of those kept, folders only the manifests of another store's campaigns name
     foreign: int = 0
+    #: folders under ``campaigns/`` of no campaign in the store, nor of a submit (under
+    #: way, or killed: ``unfinished_campaigns``): another store's campaigns sharing the
+    #: artifact folder, or written after the store's backup was taken. Left alone
+    unrecorded_campaigns: list[Path] = field(default_factory=list)
+    #: folders under ``campaigns/`` of campaigns the store deleted (a restore of the
+    #: artifacts put them back): ``orchard delete ID`` removes each. Left alone
+    deleted_campaigns: list[Path] = field(default_factory=list)
 
 
 #: How long a shard's temporary file must have been left untouched before `orchard
@@ -1403,6 +1410,7 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     in_use = in_use | _caches_named_by_manifests(
         campaigns, skip=before | {folder.name for folder, _, _ in abandoned}
     )
+    unrecorded, deleted = _unrecorded_campaign_folders(store, campaigns, before)
     cache = settings.artifacts / "cache"
     folders = [
         folder
@@ -1480,7 +1488,29 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
         datasets,
         abandoned,
         foreign,
+        unrecorded,
+        deleted,
     )
+
+
+def _unrecorded_campaign_folders(
+    store: Store, campaigns: Path, recorded: Collection[str]
+) -> tuple[list[Path], list[Path]]:
+    """The folders under ``campaigns`` of no campaign in the store: those of no campaign
+    it knows, then those of campaigns it deleted. A submit's (its mark there: under way,
+    or killed before recording) is neither."""
+    unknown: list[Path] = []
+    deleted: list[Path] = []
+    for folder in sorted(campaigns.iterdir()) if campaigns.is_dir() else []:
+        if folder.name in recorded or folder.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(folder.lstat().st_mode) or (folder / SUBMITTING_MARK).exists():
+                continue
+            # a name that is not UTF-8 no record can hold
+            gone = _utf8(folder.name) and store.deleted_campaign_created_at(folder.name)
+            (deleted if gone else unknown).append(folder)
+    return unknown, deleted
 
 
 def _unfinished_datasets(folder: Path) -> list[tuple[Path, int, int]]:

@@ -804,6 +804,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         kept.append(f"{pruned.unknown} it has no record of")
     said = kept[0] if len(kept) == 1 else ", ".join(kept[:-1]) + " and " + kept[-1]
     print(f"{verb} {len(pruned.folders)} cache folder(s), {_megabytes(total)}; kept {said}")
+    for folders, what in (
+        (
+            pruned.unrecorded_campaigns,
+            "campaign folder(s) of no campaign in this store, with the caches they read "
+            "(another store's, sharing ORCHARD_ARTIFACTS, or written after the store's "
+            "backup was taken: remove those by hand once sure)",
+        ),
+        (
+            pruned.deleted_campaigns,
+            "folder(s) of campaigns this store deleted, put back by a restore (`orchard "
+            "delete ID` removes each)",
+        ),
+    ):
+        if folders:
+            shown = ", ".join(_shown(folder) for folder in folders[:10])
+            more = f" and {len(folders) - 10} more" if len(folders) > 10 else ""
+            print(f"left {len(folders)} {what}: {shown}{more}")
     if pruned.unfinished:
         left = sum(size for _, size in pruned.unfinished)
         print(

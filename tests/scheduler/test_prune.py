@@ -308,8 +308,42 @@ def test_a_cache_that_another_stores_campaign_uses_is_kept(
         "removed 1 cache folder(s), 1.0 MB; kept 0 that campaigns in the store use and 1 "
         "that only another store's campaigns use"
     )
+    assert out.splitlines()[2] == (
+        "left 2 campaign folder(s) of no campaign in this store, with the caches they read "
+        "(another store's, sharing ORCHARD_ARTIFACTS, or written after the store's backup "
+        f"was taken: remove those by hand once sure): {other}, {other.parent / 'other-2'}"
+    )
+    assert len(out.splitlines()) == 3
     assert sorted(p.name for p in cache.iterdir()) == ["shared"]
     assert store.count_artifacts("cache/shared/") == 2
+
+
+def test_the_folder_of_a_deleted_campaign_a_restore_put_back_is_named_and_left(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The artifacts restored from a backup older than a delete: the campaign's folder is
+    back, its records are not. Not a submit's folder (under way: its mark)."""
+    from scheduler.api import SUBMITTING_MARK
+
+    store = stored(home, {"a-1": "used", "b-1": "orphan"})
+    for cid in ("a-1", "b-1"):
+        store.cancel_campaign(cid)
+    folder = home / "artifacts" / "campaigns" / "b-1"
+    shutil.copytree(folder, home / "backup")
+    assert main(["delete", "b-1"]) == 0
+    shutil.copytree(home / "backup", folder)  # the restore
+    submitting = folder.parent / "c-1"
+    submitting.mkdir()
+    (submitting / SUBMITTING_MARK).touch()
+    capsys.readouterr()
+    for args in ([], ["--dry-run"]):
+        code, out, err = prune(capsys, *args)
+        assert (code, err) == (0, "")
+        assert out.splitlines()[-1] == (
+            "left 1 folder(s) of campaigns this store deleted, put back by a restore "
+            f"(`orchard delete ID` removes each): {folder}"
+        )
+    assert folder.is_dir() and submitting.is_dir()
 
 
 def test_a_dry_run_changes_nothing(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
