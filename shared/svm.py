@@ -36,7 +36,9 @@ def pixel_features(x: np.ndarray) -> np.ndarray:
     """(n, ...) images or features -> (n, d) float32; uint8 pixels are scaled to [0, 1]."""
     flat = flatten(np.asarray(x))
     if flat.dtype == np.uint8:
-        return flat.astype(np.float32) * PIXEL_SCALE
+        features = flat.astype(np.float32)
+        features *= PIXEL_SCALE  # in place: not a second float32 array of every pixel
+        return features
     return flat.astype(np.float32, copy=False)
 
 
@@ -177,8 +179,15 @@ def fit_pca_basis(
             chunk = features[start : start + _CHUNK]
             chunk -= offset
             chunk /= scale
-    pca = PCA(n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed)
+    # features made here (from uint8 pixels, or copied to standardize) are centred in
+    # place: sklearn's own copy of them was the fit's largest allocation
+    ours = not np.shares_memory(features, x)
+    pca = PCA(
+        n_components=k, whiten=whiten, svd_solver=svd_solver, random_state=seed, copy=not ours
+    )
     pca.fit(features)
+    n_train = len(features)
+    del features
     mean, components = pca.mean_, pca.components_
     if standardize:
         # ((x - offset) / scale - mean) @ C.T == (x - (offset + scale * mean)) @ (C / scale).T
@@ -190,7 +199,7 @@ def fit_pca_basis(
         explained_variance=pca.explained_variance_.astype(np.float64),
         explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
         whiten=bool(whiten),
-        n_train=len(features),
+        n_train=n_train,
         standardized=bool(standardize),
     )
 

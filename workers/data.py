@@ -131,18 +131,28 @@ def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: 
     key = (manifest.cache_key, variant)
     if _last is not None and _last[0] == key:
         return _last[1]
-    parts = []
-    for index, _ in enumerate(shard_ranges(len(manifest.entries), manifest.shard_size)):
+    # the variant held before goes first, and the shards are written into one array
+    # as they load: the peak is this variant's images and one shard, not twice them
+    # (a list of shards then their concatenation) beside the variant held before
+    _last = None
+    n = len(manifest.entries)
+    images = None
+    for index, (start, stop) in enumerate(shard_ranges(n, manifest.shard_size)):
         rel = shard_rel(manifest, index)
         record = store.find_artifact(rel)
         if record is None:
             raise PreprocessError(f"{settings.artifacts / rel}: shard not recorded in the store")
-        parts.append(derive(load_shard(settings.artifacts / rel, record.sha256), variant))
-    images = np.concatenate(parts) if parts else np.empty((0, 1, 1, 3), np.uint8)
-    if len(images) != len(manifest.entries):
-        raise PreprocessError(
-            f"cache {cache_dir_rel(manifest)}: {len(images)} images for "
-            f"{len(manifest.entries)} manifest entries"
-        )
+        part = derive(load_shard(settings.artifacts / rel, record.sha256), variant)
+        if len(part) != stop - start:
+            raise PreprocessError(
+                f"cache {cache_dir_rel(manifest)}: shard {index} holds {len(part)} images "
+                f"where the manifest has {stop - start}"
+            )
+        if images is None:
+            images = np.empty((n, *part.shape[1:]), np.uint8)
+        images[start:stop] = part
+        del part
+    if images is None:
+        images = np.empty((0, 1, 1, 3), np.uint8)
     _last = (key, images)
     return images

@@ -1,0 +1,86 @@
+"""What loading a variant's images costs in memory: the images once, not twice.
+
+A worker holds every image of a variant (``workers.data.load_variant``); at 200,000
+images of crop224 that is 30 GB, so a second copy as it loads (a list of shards, then
+their concatenation) was the difference between fitting a host and not."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db.store import Artifact, Store
+from shared.manifest import Entry, Manifest
+from shared.preprocess import shard_name, write_shard
+from shared.settings import Settings
+from shared.svm import fit_pca_basis
+from workers import data
+
+SIZE, SHARD, SHARDS = 128, 32, 8
+
+
+@pytest.fixture
+def cached(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest, np.ndarray]:
+    settings = Settings(
+        home=tmp_path / "home",
+        broker_url="memory://",
+        database_url=sqlite_url,
+        artifacts=tmp_path / "artifacts",
+    )
+    store = Store(sqlite_url)
+    store.upgrade()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (SHARD * SHARDS, SIZE, SIZE, 3), dtype=np.uint8)
+    entries = tuple(
+        Entry(f"{i}.jpg", "ABC"[i % 3], "train", f"/nowhere/{i}.jpg", i % 2)
+        for i in range(len(images))
+    )
+    manifest = Manifest(("A", "B", "C"), entries, "f" * 64, "m" * 16, SIZE, SHARD)
+    for index in range(SHARDS):
+        rel = f"cache/{manifest.cache_key}/{shard_name(index)}"
+        part = images[index * SHARD : (index + 1) * SHARD]
+        written = write_shard(settings.artifacts / rel, part)
+        store.record_artifact(Artifact(rel, "shard", written.sha256, written.size))
+    return store, settings, manifest, images
+
+
+def peak_of(call):  # noqa: ANN001, ANN201
+    """``call()``'s result and the most memory it held at once beyond what it returned
+    (numpy's allocations are traced)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
+@pytest.mark.parametrize("variant", ["full", "resize32"])
+def test_a_variant_loads_into_one_array_not_a_list_then_a_copy(cached, variant, monkeypatch):  # noqa: ANN001
+    store, settings, manifest, images = cached
+    data.load_variant(store, settings, manifest, variant)  # what a first call imports
+    monkeypatch.setattr(data, "_last", None)
+    loaded, peak = peak_of(lambda: data.load_variant(store, settings, manifest, variant))
+    if variant == "full":
+        np.testing.assert_array_equal(loaded, images)
+    assert len(loaded) == len(images)
+    # the images and one shard's worth beside them (its file read, checked, derived);
+    # the list of shards and their concatenation took twice the images
+    shard = SHARD * SIZE * SIZE * 3
+    assert peak < loaded.nbytes + 3 * shard, (peak, loaded.nbytes, shard)
+
+
+def test_the_pca_fit_makes_one_float_copy_of_the_training_pixels(cached) -> None:  # noqa: ANN001
+    *_, images = cached
+    pixels = images[:192]
+    fit_pca_basis(pixels[:16], 8, whiten=False, seed=0)  # what a first fit imports
+    basis, peak = peak_of(lambda: fit_pca_basis(pixels, 8, whiten=False, seed=0))
+    assert basis.components.shape == (8, SIZE * SIZE * 3)
+    # float32 features (4 bytes a pixel) and the randomized SVD's working set (about
+    # 5 in all here); the features scaled into a second array, and sklearn's copy of
+    # them, took 9
+    assert peak < 7 * pixels.nbytes, (peak, pixels.nbytes)
