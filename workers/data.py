@@ -125,6 +125,24 @@ def missing_manifest(store: Store, artifacts: Path, campaign_id: str) -> Path | 
     return path
 
 
+def _shard(
+    store: Store, settings: Settings, manifest: Manifest, index: int, count: int
+) -> np.ndarray:
+    """Shard ``index`` of the manifest's cache, checked against its record: ``count``
+    images, (count, S, S, 3) uint8."""
+    rel = shard_rel(manifest, index)
+    record = store.find_artifact(rel)
+    if record is None:
+        raise PreprocessError(f"{settings.artifacts / rel}: shard not recorded in the store")
+    images = load_shard(settings.artifacts / rel, record.sha256)
+    if len(images) != count:
+        raise PreprocessError(
+            f"cache {cache_dir_rel(manifest)}: shard {index} holds {len(images)} images "
+            f"where the manifest has {count}"
+        )
+    return images
+
+
 def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: str) -> np.ndarray:
     """Every manifest image as ``variant`` (n, H, W, 3) uint8, in manifest order."""
     global _last
@@ -138,16 +156,7 @@ def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: 
     n = len(manifest.entries)
     images = None
     for index, (start, stop) in enumerate(shard_ranges(n, manifest.shard_size)):
-        rel = shard_rel(manifest, index)
-        record = store.find_artifact(rel)
-        if record is None:
-            raise PreprocessError(f"{settings.artifacts / rel}: shard not recorded in the store")
-        part = derive(load_shard(settings.artifacts / rel, record.sha256), variant)
-        if len(part) != stop - start:
-            raise PreprocessError(
-                f"cache {cache_dir_rel(manifest)}: shard {index} holds {len(part)} images "
-                f"where the manifest has {stop - start}"
-            )
+        part = derive(_shard(store, settings, manifest, index, stop - start), variant)
         if images is None:
             images = np.empty((n, *part.shape[1:]), np.uint8)
         images[start:stop] = part
@@ -156,3 +165,26 @@ def load_variant(store: Store, settings: Settings, manifest: Manifest, variant: 
         images = np.empty((0, 1, 1, 3), np.uint8)
     _last = (key, images)
     return images
+
+
+def load_rows(
+    store: Store, settings: Settings, manifest: Manifest, variant: str, rows: np.ndarray
+) -> np.ndarray:
+    """The images at manifest indices ``rows`` (ascending) as ``variant``, reading only
+    the shards that hold them; the variant a worker holds (:func:`load_variant`) is used
+    when it is this one, and never replaced: a report's few images need not hold them
+    all in its process."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if _last is not None and _last[0] == (manifest.cache_key, variant):
+        return _last[1][rows]
+    out = None
+    for index, (start, stop) in enumerate(shard_ranges(len(manifest.entries), manifest.shard_size)):
+        first, last = np.searchsorted(rows, [start, stop])
+        if first == last:
+            continue  # none of its images asked for: not read
+        shard = _shard(store, settings, manifest, index, stop - start)
+        part = derive(shard[rows[first:last] - start], variant)
+        if out is None:
+            out = np.empty((len(rows), *part.shape[1:]), np.uint8)
+        out[first:last] = part
+    return out if out is not None else np.empty((0, 1, 1, 3), np.uint8)

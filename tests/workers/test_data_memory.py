@@ -84,3 +84,29 @@ def test_the_pca_fit_makes_one_float_copy_of_the_training_pixels(cached) -> None
     # 5 in all here); the features scaled into a second array, and sklearn's copy of
     # them, took 9
     assert peak < 7 * pixels.nbytes, (peak, pixels.nbytes)
+
+
+def test_rows_load_from_the_shards_that_hold_them_alone(cached, monkeypatch) -> None:  # noqa: ANN001
+    """What a report needs of a variant (LIME's images): those images, read from their
+    shards only, and the variant a worker holds left as it was."""
+    store, settings, manifest, _ = cached
+    monkeypatch.setattr(data, "_last", None)
+    whole = data.load_variant(store, settings, manifest, "resize32")
+    held = data._last
+    rows = np.array([1, 2, 3 * SHARD + 5, 3 * SHARD + 6, SHARDS * SHARD - 1])
+    read: list[int] = []
+    shard = data._shard
+    monkeypatch.setattr(data, "_shard", lambda *args: read.append(args[3]) or shard(*args))
+    for variant in ("resize32", "crop112"):
+        loaded = data.load_rows(store, settings, manifest, variant, rows)
+        assert data._last is held
+        if variant == "resize32":
+            np.testing.assert_array_equal(loaded, whole[rows])
+            assert read == []  # the variant held: nothing read
+        else:
+            assert read == [0, 3, SHARDS - 1]
+            monkeypatch.setattr(data, "_last", None)
+            np.testing.assert_array_equal(
+                loaded, data.load_variant(store, settings, manifest, variant)[rows]
+            )
+    assert len(data.load_rows(store, settings, manifest, "crop112", rows[:0])) == 0

@@ -7,11 +7,13 @@ import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from db.store import Result, Unit
+from db.store import Artifact, Result, Unit
 from shared.artifacts import atomic_write_bytes
 from shared.settings import Settings
+from tests.workers.conftest import N_TEST
 from workers.tasks.report import explain_cnn
 
 KEY = "c-1/cnn/p/f1"
@@ -82,3 +84,50 @@ def test_a_model_file_that_is_not_the_recorded_one_is_not_explained(
     assert section.unit_key == KEY and records.asked == ["c-1"]
     if case in ("missing", "changed"):
         assert section.note.startswith(str(path))
+
+
+def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_explained(
+    cached_campaign,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model runs on the CPU over the images it may explain: over 40,000 test images
+    that took an hour, and held the whole variant in the report's process. It scores a
+    sample of LIME_CANDIDATES, every class kept, read from their shards alone."""
+    import io
+
+    import torch
+
+    import workers.data
+    from shared.cnn import build_model
+    from workers.tasks import report
+
+    store, settings, manifest = cached_campaign(
+        "l-1", {"cnn": {"folds": 2, "epochs": 1, "image_size": 32, "width": 0.25, "dense": "8"}}
+    )
+    [fold] = [u for u in store.units("l-1") if u.family == "cnn" and u.fold == 0]
+    blob = io.BytesIO()
+    torch.save(
+        {"params": fold.params, "state_dict": build_model(fold.params, 3).state_dict()}, blob
+    )
+    written = atomic_write_bytes(settings.artifacts / "campaigns/l-1/f0.pt", blob.getvalue())
+    store.record_artifact(
+        Artifact("campaigns/l-1/f0.pt", "model", written.sha256, written.size, "l-1", fold.key)
+    )
+    asked: list[np.ndarray] = []
+    load_rows = workers.data.load_rows
+    monkeypatch.setattr(
+        workers.data, "load_rows", lambda *args: asked.append(args[-1]) or load_rows(*args)
+    )
+    monkeypatch.setattr(report, "LIME_CANDIDATES", 3)
+    results = {fold.key: Result(fold.key, 1.0, 0.9, None, None, None, 0.1, {})}
+    section = report.explain_cnn(
+        store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
+    )
+    [rows] = asked
+    test = manifest.test_indices()
+    assert len(test) == N_TEST > 3 and len(rows) == 3 and set(rows) <= set(test)
+    # one of each class (the test images are labelled A, B, C in turn)
+    assert sorted(manifest.label_index(rows)) == [0, 1, 2]
+    assert section.items and {item.image_id for item in section.items} <= {
+        manifest.entries[r].image_id for r in rows
+    }

@@ -770,6 +770,11 @@ def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
     return out
 
 
+#: The most test images LIME's model scores to pick those it explains (the most
+#: confident right ones per class): a sample stratified by class, of a larger test set.
+LIME_CANDIDATES = 2000
+
+
 def explain_cnn(
     store: Store,
     settings: Settings,
@@ -785,12 +790,14 @@ def explain_cnn(
 
     With test labels it explains images the model got right (the study's "parts that
     are helpful to the model for correct predictions"), most confident first; without,
-    the images it predicted most confidently per class.
+    the images it predicted most confidently per class. It picks them among at most
+    :data:`LIME_CANDIDATES` test images, a sample stratified by class.
     """
     from shared.artifacts import read_if_intact
     from shared.cnn import build_model, normalise, resize_batch
+    from shared.embedding import stratified_sample
     from shared.explain import explain_images
-    from workers.data import load_variant
+    from workers.data import load_rows
     from workers.tasks.cnn import cnn_variant, torch_module
 
     torch = torch_module()
@@ -820,8 +827,11 @@ def explain_cnn(
     test = manifest.test_indices()
     if not len(test):
         return LimeSection("cnn", fold.key, num_samples, [], "no test images to explain")
+    # scored on the CPU to pick the images it explains: of a large test set a sample, so
+    # that 40,000 test images are neither scored (an hour) nor held in this process
+    test = test[stratified_sample(manifest.label_index(test), LIME_CANDIDATES, seed)]
     framing = checkpoint["params"].get("input", "crop")
-    images = load_variant(store, settings, manifest, cnn_variant(manifest.size, framing))[test]
+    images = load_rows(store, settings, manifest, cnn_variant(manifest.size, framing), test)
     images = resize_batch(images, int(checkpoint["params"]["image_size"]))
 
     @torch.no_grad()
