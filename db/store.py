@@ -917,6 +917,7 @@ class Store:
         with self._transaction(read_only=True) as s:
             return self._deleted_at(s, campaign_id)
 
+    @_retried
     def deleted_campaign_created_at(self, campaign_id: str) -> datetime | None:
         """When a campaign ``orchard delete`` removed had been submitted; None if none."""
         with self._transaction(read_only=True) as s:

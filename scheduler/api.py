@@ -1361,8 +1361,9 @@ class Pruned:
     #: way, or killed: ``unfinished_campaigns``): another store's campaigns sharing the
     #: artifact folder, or written after the store's backup was taken. Left alone
     unrecorded_campaigns: list[Path] = field(default_factory=list)
-    #: folders under ``campaigns/`` of campaigns the store deleted (a restore of the
-    #: artifacts put them back): ``orchard delete ID`` removes each. Left alone
+    #: folders under ``campaigns/`` of campaigns the store deleted that a restore of the
+    #: artifacts put back, keeping file times: ``orchard delete ID`` removes each. Left
+    #: alone (one whose times the restore changed is among ``unrecorded_campaigns``)
     deleted_campaigns: list[Path] = field(default_factory=list)
 
 
@@ -1410,7 +1411,6 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     in_use = in_use | _caches_named_by_manifests(
         campaigns, skip=before | {folder.name for folder, _, _ in abandoned}
     )
-    unrecorded, deleted = _unrecorded_campaign_folders(store, campaigns, before)
     cache = settings.artifacts / "cache"
     folders = [
         folder
@@ -1478,6 +1478,7 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
         datasets = [found for found in datasets if _removed(found[0])]
         abandoned = [found for found in abandoned if _removed(found[0])]
     foreign = sum(f.name in in_use and f.name not in ours_in_use for f in ours)
+    unrecorded, deleted = _unrecorded_campaign_folders(store, campaigns)
     return Pruned(
         pruned,
         kept,
@@ -1493,23 +1494,31 @@ def _prune(store: Store, settings: Settings, dry_run: bool) -> Pruned:
     )
 
 
-def _unrecorded_campaign_folders(
-    store: Store, campaigns: Path, recorded: Collection[str]
-) -> tuple[list[Path], list[Path]]:
-    """The folders under ``campaigns`` of no campaign in the store: those of no campaign
-    it knows, then those of campaigns it deleted. A submit's (its mark there: under way,
-    or killed before recording) is neither."""
+def _unrecorded_campaign_folders(store: Store, campaigns: Path) -> tuple[list[Path], list[Path]]:
+    """The campaign folders under ``campaigns`` of no campaign in the store: those of no
+    campaign it knows, then those of campaigns it deleted that a restore put back (as
+    `orchard delete` tells them: :func:`_put_back_after_its_delete`). Neither holds a
+    submit's folder: one with its mark, or as yet no manifest (just made)."""
+    folders = []
+    for folder in sorted(campaigns.iterdir()) if campaigns.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if (
+                not folder.name.startswith(".")
+                and stat.S_ISDIR(folder.lstat().st_mode)
+                and not (folder / SUBMITTING_MARK).exists()
+                and manifest_path(folder).is_file()
+            ):
+                folders.append(folder)
+    # read after the listing: a campaign a submit recorded meanwhile is the store's
+    recorded = {campaign.id for campaign in store.list_campaigns(limit=None)}
     unknown: list[Path] = []
     deleted: list[Path] = []
-    for folder in sorted(campaigns.iterdir()) if campaigns.is_dir() else []:
-        if folder.name in recorded or folder.name.startswith("."):
+    for folder in folders:
+        if folder.name in recorded:
             continue
-        with contextlib.suppress(OSError):
-            if not stat.S_ISDIR(folder.lstat().st_mode) or (folder / SUBMITTING_MARK).exists():
-                continue
-            # a name that is not UTF-8 no record can hold
-            gone = _utf8(folder.name) and store.deleted_campaign_created_at(folder.name)
-            (deleted if gone else unknown).append(folder)
+        # a name that is not UTF-8 no record can hold
+        put_back = _utf8(folder.name) and _put_back_after_its_delete(store, folder, folder.name)
+        (deleted if put_back else unknown).append(folder)
     return unknown, deleted
 
 

@@ -1040,7 +1040,8 @@ def _status(args: argparse.Namespace) -> int:
         # the state read with the units (run.status() would read every unit again)
         if campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
-        if campaign.state != "RUNNING" and (damaged := run.damaged_report()):
+        # DONE alone: a resume of a PARTIAL or CANCELLED one runs its other units again too
+        if campaign.state == "DONE" and (damaged := run.damaged_report()):
             _warn_damaged_report(args.campaign, damaged)
         return 0
     if not console.is_terminal or console.is_dumb_terminal:
@@ -1416,14 +1417,14 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
                 run.wait(args.timeout, on_stall=_warn_stall)
         campaign, lines = _unit_lines(store, args.campaign)
         report = run.report_path()
-        ended = campaign.state != "RUNNING"
+        done = campaign.state == "DONE"
         document = {
             "store": mask_url(store.url),
             "campaign": {
                 **_campaign_json(campaign, Counter(line.unit.state for line in lines)),
                 "report": str(report) if report else None,
                 # its files missing or changed here (`orchard resume` writes them again)
-                "report_damaged": [str(path) for path in (run.damaged_report() if ended else [])],
+                "report_damaged": [str(path) for path in (run.damaged_report() if done else [])],
                 "stalled": run.stalled() if campaign.state == "RUNNING" else None,
             },
             "units": [_unit_json(line) for line in lines],

@@ -175,10 +175,13 @@ def load_rows(
     when it is this one, and never replaced: a report's few images need not hold them
     all in its process."""
     rows = np.asarray(rows, dtype=np.int64)
+    n = len(manifest.entries)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= n or (np.diff(rows) <= 0).any()):
+        raise ValueError(f"rows must be ascending manifest indices in 0..{n - 1}")
     if _last is not None and _last[0] == (manifest.cache_key, variant):
         return _last[1][rows]
     out = None
-    for index, (start, stop) in enumerate(shard_ranges(len(manifest.entries), manifest.shard_size)):
+    for index, (start, stop) in enumerate(shard_ranges(n, manifest.shard_size)):
         first, last = np.searchsorted(rows, [start, stop])
         if first == last:
             continue  # none of its images asked for: not read

@@ -53,7 +53,9 @@ def in_process(
     """`orchard ARGS` in this process, as a finished process: with ``env`` added to the
     environment (``clean``: to an environment without ORCHARD_ variables) and run from
     the repository, all put back afterwards. One that takes longer than
-    :data:`IN_PROCESS_TIMEOUT` fails its test (SIGALRM) rather than hang the suite."""
+    :data:`IN_PROCESS_TIMEOUT` fails its test (SIGALRM, in the main thread) rather than
+    hang the suite, once it is back in Python code (a C call that retries on EINTR
+    itself finishes first)."""
     from scheduler.cli import main
 
     def hung(signum: int, frame: object) -> None:

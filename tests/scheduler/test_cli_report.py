@@ -325,3 +325,17 @@ def _status_json(capsys: pytest.CaptureFixture[str]) -> str:
     out, err = capsys.readouterr()
     assert err == ""
     return out
+
+
+def test_status_names_resume_for_a_damaged_report_of_a_done_campaign_alone(
+    home: Store, artifacts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume of a CANCELLED (or PARTIAL) campaign runs its other units again too:
+    not what a missing report file calls for."""
+    seed_campaign(home)
+    (write_report(home, artifacts) / "report.md").unlink()
+    home.cancel_campaign("t-1")
+    assert main(["status", "t-1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "t-1: CANCELLED" and err == ""
+    assert json.loads(_status_json(capsys))["campaign"]["report_damaged"] == []

@@ -344,6 +344,14 @@ def test_the_folder_of_a_deleted_campaign_a_restore_put_back_is_named_and_left(
             f"(`orchard delete ID` removes each): {folder}"
         )
     assert folder.is_dir() and submitting.is_dir()
+    # a restore that did not keep file times: as `orchard delete`, prune cannot tell it
+    # from another store's campaign under that id
+    a_day_off = time.time() - 86_400
+    os.utime(folder / "manifest.json", (a_day_off, a_day_off))
+    code, out, err = prune(capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("left 1 campaign folder(s) of no campaign in this store")
+    assert out.splitlines()[-1].endswith(f": {folder}")
 
 
 def test_a_dry_run_changes_nothing(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,6 +119,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
         workers.data, "load_rows", lambda *args: asked.append(args[-1]) or load_rows(*args)
     )
     monkeypatch.setattr(report, "LIME_CANDIDATES", 3)
+    monkeypatch.setattr(report, "LIME_CLASS_FLOOR", 1)
     results = {fold.key: Result(fold.key, 1.0, 0.9, None, None, None, 0.1, {})}
     section = report.explain_cnn(
         store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
@@ -131,3 +132,19 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     assert section.items and {item.image_id for item in section.items} <= {
         manifest.entries[r].image_id for r in rows
     }
+
+
+def test_the_candidates_keep_a_rare_class_and_every_image_of_a_small_test_set() -> None:
+    from workers.tasks.report import LIME_CANDIDATES, LIME_CLASS_FLOOR, lime_candidates
+
+    small = np.array([0, 1, 2, -1] * 10)
+    assert list(lime_candidates(small, seed=0)) == list(range(len(small)))
+    # a class of 5 among 40,000: its share of 2,000 would be none
+    labels = np.array([0] * 39_990 + [1] * 5 + [2] * 5 + [-1] * 5_000)
+    rows = lime_candidates(labels, seed=0)
+    counts = {c: int(np.count_nonzero(labels[rows] == c)) for c in (0, 1, 2, -1)}
+    assert counts[1] == counts[2] == 5
+    assert counts[-1] >= LIME_CLASS_FLOOR and counts[0] >= LIME_CANDIDATES * 0.8
+    assert len(rows) <= LIME_CANDIDATES + 3 * LIME_CLASS_FLOOR
+    assert list(rows) == sorted(set(rows.tolist()))  # ascending, no image twice
+    np.testing.assert_array_equal(rows, lime_candidates(labels, seed=0))

@@ -771,8 +771,29 @@ def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
 
 
 #: The most test images LIME's model scores to pick those it explains (the most
-#: confident right ones per class): a sample stratified by class, of a larger test set.
+#: confident right ones per class): a sample stratified by class, of a larger test set,
+#: with at least :data:`LIME_CLASS_FLOOR` of each class (all of a class with fewer).
 LIME_CANDIDATES = 2000
+LIME_CLASS_FLOOR = 100
+
+
+def lime_candidates(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Positions in ``labels`` (class indices, -1 unlabelled) of the test images LIME's
+    model scores, ascending: every one of up to :data:`LIME_CANDIDATES`; of more, each
+    class's share of them, and no fewer than :data:`LIME_CLASS_FLOOR` of a class (its
+    share of a rare class would be none)."""
+    from shared.embedding import stratified_sample
+
+    labels = np.asarray(labels)
+    rows = stratified_sample(labels, LIME_CANDIDATES, seed)
+    rng = np.random.default_rng(seed)
+    more = []
+    for c in np.unique(labels):
+        short = LIME_CLASS_FLOOR - int(np.count_nonzero(labels[rows] == c))
+        if short > 0:
+            rest = np.setdiff1d(np.flatnonzero(labels == c), rows)
+            more.append(rng.choice(rest, size=min(short, len(rest)), replace=False))
+    return np.sort(np.concatenate([rows, *more])) if more else rows
 
 
 def explain_cnn(
@@ -790,12 +811,11 @@ def explain_cnn(
 
     With test labels it explains images the model got right (the study's "parts that
     are helpful to the model for correct predictions"), most confident first; without,
-    the images it predicted most confidently per class. It picks them among at most
-    :data:`LIME_CANDIDATES` test images, a sample stratified by class.
+    the images it predicted most confidently per class. It picks them among the test
+    images :func:`lime_candidates` samples of a large test set.
     """
     from shared.artifacts import read_if_intact
     from shared.cnn import build_model, normalise, resize_batch
-    from shared.embedding import stratified_sample
     from shared.explain import explain_images
     from workers.data import load_rows
     from workers.tasks.cnn import cnn_variant, torch_module
@@ -829,7 +849,7 @@ def explain_cnn(
         return LimeSection("cnn", fold.key, num_samples, [], "no test images to explain")
     # scored on the CPU to pick the images it explains: of a large test set a sample, so
     # that 40,000 test images are neither scored (an hour) nor held in this process
-    test = test[stratified_sample(manifest.label_index(test), LIME_CANDIDATES, seed)]
+    test = test[lime_candidates(manifest.label_index(test), seed)]
     framing = checkpoint["params"].get("input", "crop")
     images = load_rows(store, settings, manifest, cnn_variant(manifest.size, framing), test)
     images = resize_batch(images, int(checkpoint["params"]["image_size"]))
