@@ -217,7 +217,9 @@ def _transform(params: dict[str, Any], train: TrainingRows, seed: int) -> Pipeli
                 f"pca_components={components} exceeds what {len(train.x)} training rows of "
                 f"{train.x.shape[1]} features allow (at most {limit})"
             )
-        pca = PCA(n_components=components, svd_solver="randomized", random_state=seed)
+        # centres the rows it fits in place (their float32 copy was the unit's largest
+        # allocation); :func:`fit_model` sets ``copy`` back for predicting
+        pca = PCA(n_components=components, svd_solver="randomized", random_state=seed, copy=False)
         steps.append(("pca", pca))
     return Pipeline(steps) if steps else None
 
@@ -235,12 +237,16 @@ def fit_model(
 
     Tree shards of one unit share ``seed``, so they fit the same transform. Nothing in
     the model depends on the clock, so the same fit pickles to the same bytes (a shard
-    task run twice writes the same file).
+    task run twice writes the same file). A PCA fitted on ``train.x`` itself (no feature
+    selection before it) centres it in place: ``train.x`` is not to be read after.
     """
     transform = _transform(params, train, seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "No features were selected", UserWarning)
         x = train.x if transform is None else transform.fit_transform(train.x, train.y)
+    if transform is not None and "pca" in transform.named_steps:
+        # predicting must never change the caller's images
+        transform.named_steps["pca"].copy = True
     if x.shape[1] == 0:
         raise ValueError(
             f"select_scaling={params.get('select_scaling')} keeps no features: lower it"

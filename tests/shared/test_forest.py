@@ -113,6 +113,38 @@ def test_fit_on_8x_set_holds_one_float32_matrix(monkeypatch):
     assert peak < matrix * 1.2  # no second copy (sklearn's float32 conversion, float64)
 
 
+def test_a_pca_before_the_forest_fits_the_rows_in_place_and_predicts_without_changing_them(
+    monkeypatch,
+):
+    """sklearn's PCA copied the float32 rows it fitted: twice the unit's largest matrix."""
+    from sklearn.decomposition import PCA
+
+    import shared.forest
+
+    monkeypatch.setattr(shared.forest, "CHUNK_BYTES", 256 << 10)
+    x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(64) % 3
+    params = _params(n_estimators=4, augment="rotate_flip", pca_components=8)
+    train = training_rows(x, y, "rotate_flip")
+    rows = train.x.copy()
+    fit_rf_point(x[:8], y[:8], x[:8], y[:8], x[:8], params, seed=0)  # what a first fit imports
+    tracemalloc.start()
+    try:
+        model, _ = fit_model(train, params, seed=0, n_estimators=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < train.x.nbytes * 0.5  # the SVD's working set; a copy of the rows was 1.0
+    # the same basis as a PCA fitted on a copy
+    alone = PCA(n_components=8, svd_solver="randomized", random_state=0).fit(rows)
+    np.testing.assert_allclose(
+        model.transform.named_steps["pca"].components_, alone.components_, atol=1e-4
+    )
+    before = rows.copy()
+    model.transform.transform(rows)
+    np.testing.assert_array_equal(rows, before)  # predicting leaves its input alone
+
+
 def test_rotation_needs_square_images():
     images = np.zeros((2, 4, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="square images.*4x8"):
