@@ -197,14 +197,18 @@ def test_normalise_uses_study_mean_and_std():
         assert out[1, c].flatten()[0].item() == pytest.approx((1 - STUDY_MEAN[c]) / STUDY_STD[c])
 
 
-def test_to_device_is_nchw_uint8_and_resize_batch():
-    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+def test_to_device_is_nchw_uint8_and_resize_batch(monkeypatch: pytest.MonkeyPatch):
+    import shared.cnn
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    monkeypatch.setattr(shared.cnn, "TO_DEVICE_CHUNK", 2)  # in chunks, the last short
     tensor = to_device(images, CPU)
-    assert tensor.shape == (2, 3, 16, 16)
+    assert tensor.shape == (5, 3, 16, 16) and tensor.is_contiguous()
     assert tensor.dtype == torch.uint8
-    assert torch.equal(tensor[1, 2], torch.from_numpy(images[1, :, :, 2]))
+    assert torch.equal(tensor, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert to_device(images[:0], CPU).shape == (0, 3, 16, 16)
     assert resize_batch(images, 16) is images
-    assert resize_batch(images, 8).shape == (2, 8, 8, 3)
+    assert resize_batch(images, 8).shape == (5, 8, 8, 3)
 
 
 # ---------------------------------------------------------------- one tiny fold
