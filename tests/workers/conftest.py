@@ -32,6 +32,16 @@ def tiny_images() -> tuple[np.ndarray, list[str]]:
     return np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
 
 
+def local_settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings of a worker on this host: its home and artifacts under ``tmp_path``."""
+    return Settings(
+        home=tmp_path / "home",
+        broker_url="memory://",
+        database_url=database_url,
+        artifacts=tmp_path / "artifacts",
+    )
+
+
 @pytest.fixture
 def cached_campaign(
     tmp_path: Path, sqlite_url: str
@@ -41,12 +51,7 @@ def cached_campaign(
 
     def make(campaign_id: str, families: dict[str, Any]) -> CachedCampaign:
         name = campaign_id.split("-", 1)[0]
-        settings = Settings(
-            home=tmp_path / "home",
-            broker_url="memory://",
-            database_url=sqlite_url,
-            artifacts=tmp_path / "artifacts",
-        )
+        settings = local_settings(tmp_path, sqlite_url)
         store = Store(sqlite_url)
         store.upgrade()
         campaign = parse_campaign(

@@ -17,6 +17,7 @@ from shared.manifest import Entry, Manifest
 from shared.preprocess import shard_name, write_shard
 from shared.settings import Settings
 from shared.svm import fit_pca_basis
+from tests.workers.conftest import local_settings
 from workers import data
 
 SIZE, SHARD, SHARDS = 128, 32, 8
@@ -24,12 +25,7 @@ SIZE, SHARD, SHARDS = 128, 32, 8
 
 @pytest.fixture
 def cached(tmp_path: Path, sqlite_url: str) -> tuple[Store, Settings, Manifest, np.ndarray]:
-    settings = Settings(
-        home=tmp_path / "home",
-        broker_url="memory://",
-        database_url=sqlite_url,
-        artifacts=tmp_path / "artifacts",
-    )
+    settings = local_settings(tmp_path, sqlite_url)
     store = Store(sqlite_url)
     store.upgrade()
     rng = np.random.default_rng(0)
