@@ -29,7 +29,7 @@ from shared.classic import FitOutcome, accuracy_of, flatten
 #: uint8 pixels become float32 features in [0, 1]
 PIXEL_SCALE = np.float32(1 / 255)
 #: rows projected at a time: the float copy of a chunk, not of the whole set
-_CHUNK = 512
+CHUNK_ROWS = 512
 
 
 def pixel_features(x: np.ndarray) -> np.ndarray:
@@ -109,9 +109,14 @@ class PcaBasis:
         components = self.components[:k]
         scale = whitening_scale(self.explained_variance[:k]) if self.whiten else None
         out = np.empty((len(x), k), dtype=np.float32)
-        for start in range(0, len(x), _CHUNK):
-            chunk = pixel_features(x[start : start + _CHUNK]) - self.mean
+        for start in range(0, len(x), CHUNK_ROWS):
+            chunk = pixel_features(x[start : start + CHUNK_ROWS])
+            if np.shares_memory(chunk, x):  # float input: never change the caller's array
+                chunk = chunk - self.mean
+            else:  # centred in place: one float32 chunk at a time, not three
+                chunk -= self.mean
             out[start : start + len(chunk)] = chunk @ components.T
+            del chunk  # before the next chunk is made
         if scale is not None:
             out /= scale
         return out
@@ -172,11 +177,11 @@ def fit_pca_basis(
         if np.shares_memory(features, x):  # float input: never change the caller's array
             features = features.copy()
         scaler = StandardScaler()
-        for start in range(0, len(features), _CHUNK):
-            scaler.partial_fit(features[start : start + _CHUNK])
+        for start in range(0, len(features), CHUNK_ROWS):
+            scaler.partial_fit(features[start : start + CHUNK_ROWS])
         offset, scale = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
-        for start in range(0, len(features), _CHUNK):
-            chunk = features[start : start + _CHUNK]
+        for start in range(0, len(features), CHUNK_ROWS):
+            chunk = features[start : start + CHUNK_ROWS]
             chunk -= offset
             chunk /= scale
     # features made here (from uint8 pixels, or copied to standardize) are centred in

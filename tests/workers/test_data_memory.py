@@ -109,6 +109,25 @@ def test_the_pca_fit_makes_one_float_copy_of_the_training_pixels(cached) -> None
     assert peak < 7 * pixels.nbytes, (peak, pixels.nbytes)
 
 
+def test_projecting_holds_one_float_chunk_at_a_time(cached, monkeypatch) -> None:  # noqa: ANN001
+    """Every image projected on the basis, a chunk of rows at a time: its float features
+    centred in place and let go before the next chunk is made (it took three chunks)."""
+    import shared.svm
+
+    *_, images = cached
+    basis = fit_pca_basis(images[:64], 8, whiten=False, seed=0)
+    monkeypatch.setattr(shared.svm, "CHUNK_ROWS", 64)
+    chunk = 64 * SIZE * SIZE * 3 * 4
+    z, peak = peak_of(lambda: basis.project(images))
+    features = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+    np.testing.assert_allclose(z, (features - basis.mean) @ basis.components.T, atol=1e-3)
+    assert peak < 1.5 * chunk, (peak, chunk)
+    floats = images[:100].astype(np.float32) / 255  # float input is left as it was
+    kept = floats.copy()
+    basis.project(floats)
+    np.testing.assert_array_equal(floats, kept)
+
+
 def test_rows_load_from_the_shards_that_hold_them_alone(cached, monkeypatch) -> None:  # noqa: ANN001
     """What a report needs of a variant (LIME's images): those images, read from their
     shards only, and the variant a worker holds left as it was."""
