@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_COMPONENTS", "MIN_IMAGES", "perplexity_for", "stratified_sample", "tsne_map"]
+__all__ = [
+    "LIME_CANDIDATES",
+    "LIME_CLASS_FLOOR",
+    "MAX_COMPONENTS",
+    "MIN_IMAGES",
+    "lime_candidates",
+    "perplexity_for",
+    "stratified_sample",
+    "tsne_map",
+]
 
 #: PCA components t-SNE is given at most: scikit-learn advises reducing to about 50
 #: first, and the study's PCA keeps hundreds, whose tail is mostly noise to t-SNE.
@@ -80,3 +89,27 @@ def tsne_map(
         perplexity=perplexity_for(len(rows)),
     )
     return tsne.fit_transform(x).astype(np.float64), labels[rows]
+
+
+#: The most test images LIME's model scores to pick those it explains (the most
+#: confident right ones per class): a sample stratified by class, of a larger test set,
+#: with at least :data:`LIME_CLASS_FLOOR` of each class (all of a class with fewer).
+LIME_CANDIDATES = 2000
+LIME_CLASS_FLOOR = 100
+
+
+def lime_candidates(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Positions in ``labels`` (class indices, -1 unlabelled) of the test images LIME's
+    model scores, ascending: every one of up to :data:`LIME_CANDIDATES`; of more, each
+    class's share of them, and no fewer than :data:`LIME_CLASS_FLOOR` of a class (its
+    share of a rare class would be none)."""
+    labels = np.asarray(labels)
+    rows = stratified_sample(labels, LIME_CANDIDATES, seed)
+    rng = np.random.default_rng(seed)
+    more = []
+    for c in np.unique(labels):
+        short = LIME_CLASS_FLOOR - int(np.count_nonzero(labels[rows] == c))
+        if short > 0:
+            rest = np.setdiff1d(np.flatnonzero(labels == c), rows)
+            more.append(rng.choice(rest, size=min(short, len(rest)), replace=False))
+    return np.sort(np.concatenate([rows, *more])) if more else rows

@@ -69,6 +69,12 @@ def check_variant(name: str, cache_size: int | None = None) -> None:
         raise ValueError(f"variant {name!r}: cannot crop {side} from a {cache_size} cache")
 
 
+def cnn_variant(cache_size: int, framing: str = "crop") -> str:
+    """The network's input, 7/8 of the cache's side (224 of the study's 256): by default
+    the study's centre crop; ``framing = "resize"`` the whole image shrunk to that size."""
+    return f"{'resize' if framing == 'resize' else 'crop'}{cache_size * 7 // 8}"
+
+
 def variant_shape(name: str, cache_size: int) -> tuple[int, int, int]:
     check_variant(name, cache_size)
     name = canonical_variant(name)

@@ -97,6 +97,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
 
     import torch
 
+    import shared.embedding
     import workers.data
     from shared.cnn import build_model
     from workers.tasks import report
@@ -118,8 +119,8 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     monkeypatch.setattr(
         workers.data, "load_rows", lambda *args: asked.append(args[-1]) or load_rows(*args)
     )
-    monkeypatch.setattr(report, "LIME_CANDIDATES", 3)
-    monkeypatch.setattr(report, "LIME_CLASS_FLOOR", 1)
+    monkeypatch.setattr(shared.embedding, "LIME_CANDIDATES", 3)
+    monkeypatch.setattr(shared.embedding, "LIME_CLASS_FLOOR", 1)
     results = {fold.key: Result(fold.key, 1.0, 0.9, None, None, None, 0.1, {})}
     section = report.explain_cnn(
         store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
@@ -135,7 +136,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
 
 
 def test_the_candidates_keep_a_rare_class_and_every_image_of_a_small_test_set() -> None:
-    from workers.tasks.report import LIME_CANDIDATES, LIME_CLASS_FLOOR, lime_candidates
+    from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR, lime_candidates
 
     small = np.array([0, 1, 2, -1] * 10)
     assert list(lime_candidates(small, seed=0)) == list(range(len(small)))

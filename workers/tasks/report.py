@@ -36,6 +36,7 @@ import numpy as np
 
 from db.store import Artifact, Outcome, Prediction, Result, Store, StoreUnreachableError, Unit
 from shared.artifacts import ArtifactWriteError, WrittenFile
+from shared.embedding import lime_candidates
 from shared.errors import OrchardError
 from shared.manifest import Manifest, ManifestError
 from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
@@ -770,32 +771,6 @@ def _skipped(manifest: Manifest | None) -> list[SkippedInput]:
     return out
 
 
-#: The most test images LIME's model scores to pick those it explains (the most
-#: confident right ones per class): a sample stratified by class, of a larger test set,
-#: with at least :data:`LIME_CLASS_FLOOR` of each class (all of a class with fewer).
-LIME_CANDIDATES = 2000
-LIME_CLASS_FLOOR = 100
-
-
-def lime_candidates(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Positions in ``labels`` (class indices, -1 unlabelled) of the test images LIME's
-    model scores, ascending: every one of up to :data:`LIME_CANDIDATES`; of more, each
-    class's share of them, and no fewer than :data:`LIME_CLASS_FLOOR` of a class (its
-    share of a rare class would be none)."""
-    from shared.embedding import stratified_sample
-
-    labels = np.asarray(labels)
-    rows = stratified_sample(labels, LIME_CANDIDATES, seed)
-    rng = np.random.default_rng(seed)
-    more = []
-    for c in np.unique(labels):
-        short = LIME_CLASS_FLOOR - int(np.count_nonzero(labels[rows] == c))
-        if short > 0:
-            rest = np.setdiff1d(np.flatnonzero(labels == c), rows)
-            more.append(rng.choice(rest, size=min(short, len(rest)), replace=False))
-    return np.sort(np.concatenate([rows, *more])) if more else rows
-
-
 def explain_cnn(
     store: Store,
     settings: Settings,
@@ -817,8 +792,9 @@ def explain_cnn(
     from shared.artifacts import read_if_intact
     from shared.cnn import build_model, normalise, resize_batch
     from shared.explain import explain_images
+    from shared.variants import cnn_variant
     from workers.data import load_rows
-    from workers.tasks.cnn import cnn_variant, torch_module
+    from workers.tasks.cnn import torch_module
 
     torch = torch_module()
 
