@@ -456,18 +456,43 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 TO_DEVICE_CHUNK = 1024
 
 
-def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC numpy -> uint8 NCHW tensor on ``device`` (4x smaller than float),
-    :data:`TO_DEVICE_CHUNK` images at a time: the channels-first copy of the whole split
-    on the host was one more copy beside the images the worker holds, and on the device
-    it would be one beside the split, where a large dataset fills the card."""
-    array = np.ascontiguousarray(images)
-    n, height, width, channels = array.shape
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """The ``index`` rows of ``images``, gathered a slice at a time as they are read: a
+    fold's split without a copy of it beside the images the worker holds."""
+
+    images: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.images[self.index[rows]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.images.shape[1:])
+
+
+def to_device(
+    images: np.ndarray | Rows, device: torch.device, size: int | None = None
+) -> torch.Tensor:
+    """uint8 NHWC images -> uint8 NCHW tensor on ``device`` (4x smaller than float),
+    resized to ``size`` where given, :data:`TO_DEVICE_CHUNK` images at a time: a
+    channels-first, resized or gathered (:class:`Rows`) copy of the whole split on the
+    host would be one more beside the images the worker holds, and on the device one
+    beside the split, where a large dataset fills the card."""
+    n, height, width, channels = images.shape
+    if size is not None:
+        height = width = size
     out = torch.empty((n, channels, height, width), dtype=torch.uint8, device=device)
-    source = torch.from_numpy(array)
     for start in range(0, n, TO_DEVICE_CHUNK):
-        chunk = source[start : start + TO_DEVICE_CHUNK].to(device)
-        out[start : start + TO_DEVICE_CHUNK] = chunk.permute(0, 3, 1, 2)
+        chunk = np.ascontiguousarray(images[start : start + TO_DEVICE_CHUNK])
+        if size is not None:
+            chunk = resize_batch(chunk, size)
+        moved = torch.from_numpy(chunk).to(device)
+        out[start : start + TO_DEVICE_CHUNK] = moved.permute(0, 3, 1, 2)
     return out
 
 
@@ -734,11 +759,11 @@ class TrainingDivergedError(OrchardError, ArithmeticError):
 
 
 def train_fold(
-    train_images: np.ndarray,
+    train_images: np.ndarray | Rows,
     train_labels: np.ndarray,
-    val_images: np.ndarray,
+    val_images: np.ndarray | Rows,
     val_labels: np.ndarray,
-    test_images: np.ndarray,
+    test_images: np.ndarray | Rows,
     params: dict[str, Any],
     *,
     num_classes: int,
@@ -749,7 +774,8 @@ def train_fold(
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     unit_key: str | None = None,
 ) -> FoldOutcome:
-    """Train the CNN on one fold; images are (n, H, W, 3) uint8 crops.
+    """Train the CNN on one fold; images are (n, H, W, 3) uint8 crops, or the
+    :class:`Rows` of them that a split takes from the images of every split.
 
     ``on_checkpoint`` gets, after every epoch, a self-describing dict (model,
     optimiser and RNG states, history, params) that ``torch.load(weights_only=True)``
@@ -762,8 +788,8 @@ def train_fold(
     generator = torch.Generator(device=device).manual_seed(seed)
     size = params["image_size"]
 
-    def tensors(images: np.ndarray) -> torch.Tensor:
-        return to_device(resize_batch(images, size), device)
+    def tensors(images: np.ndarray | Rows) -> torch.Tensor:
+        return to_device(images, device, size)
 
     x_train, x_val, x_test = tensors(train_images), tensors(val_images), tensors(test_images)
     y_train = torch.as_tensor(train_labels, dtype=torch.long, device=device)

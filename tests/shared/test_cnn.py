@@ -211,6 +211,24 @@ def test_to_device_is_nchw_uint8_and_resize_batch(monkeypatch: pytest.MonkeyPatc
     assert resize_batch(images, 8).shape == (5, 8, 8, 3)
 
 
+def test_to_device_gathers_rows_and_resizes_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch):
+    """A split as the rows of the images of every split, resized as it goes: the same
+    tensor as moving a copy of the split resized beforehand."""
+    import shared.cnn
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    rows = np.array([6, 0, 3, 4, 1])
+    monkeypatch.setattr(shared.cnn, "TO_DEVICE_CHUNK", 2)
+    gathered = shared.cnn.Rows(images, rows)
+    assert len(gathered) == 5 and gathered.shape == (5, 16, 16, 3)
+    want = torch.from_numpy(resize_batch(images[rows], 8)).permute(0, 3, 1, 2)
+    assert torch.equal(to_device(gathered, CPU, 8), want)
+    assert torch.equal(
+        to_device(gathered, CPU, 16), torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
+    )
+    assert to_device(shared.cnn.Rows(images, rows[:0]), CPU, 8).shape == (0, 3, 8, 8)
+
+
 # ---------------------------------------------------------------- one tiny fold
 
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])

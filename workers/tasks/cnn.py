@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from db.store import Artifact, Outcome, Store
 from shared.artifacts import WrittenFile, atomic_write_bytes, read_if_intact
+from shared.variants import cnn_variant
 from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
@@ -47,12 +48,6 @@ def torch_module() -> ModuleType:
     if threads := torch_threads():
         torch.set_num_threads(threads)
     return torch
-
-
-def cnn_variant(cache_size: int, framing: str = "crop") -> str:
-    """The network's input, 7/8 of the cache's side (224 of the study's 256): by default
-    the study's centre crop; ``framing = "resize"`` the whole image shrunk to that size."""
-    return f"{'resize' if framing == 'resize' else 'crop'}{cache_size * 7 // 8}"
 
 
 CHECKPOINT_SLOTS = 2
@@ -196,7 +191,7 @@ def out_of_memory_message(error: str, params: dict[str, Any], images: int, devic
 @unit_task("orchard.train_cnn_fold")
 def train_cnn_fold(ctx: UnitContext) -> Outcome:
     torch = torch_module()
-    from shared.cnn import describe_device, pick_device, train_fold
+    from shared.cnn import Rows, describe_device, pick_device, train_fold
 
     params = ctx.unit.params
     key = ctx.unit.key
@@ -260,8 +255,13 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
 
     out_of_memory = None
     try:
-        result = train_fold(
-            *data.split(),
+        labels = manifest.label_index
+        result = train_fold(  # each split gathered as it goes to the device: no copy of it
+            Rows(data.images, data.train),
+            labels(data.train),
+            Rows(data.images, data.val),
+            labels(data.val),
+            Rows(data.images, data.test),
             params,
             num_classes=num_classes,
             seed=ctx.seed + ctx.unit.fold,
