@@ -774,6 +774,15 @@ class Plan:
     manifest: Manifest
     units: list[UnitPlan]
 
+    def unit_memory(self) -> dict[str, int]:
+        """About the most bytes each unit holds in its worker process, by unit key
+        (``shared.memory``: the interpreter and its libraries come on top)."""
+        from shared.memory import Sizes, unit_bytes
+
+        folds = [u.fold for u in self.units if u.fold is not None]
+        sizes = Sizes.of(self.manifest, self.campaign.model_dump(mode="json"), folds)
+        return {unit.key: unit_bytes(unit, sizes) for unit in self.units}
+
 
 def plan(
     path: str | Path,

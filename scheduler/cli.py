@@ -856,6 +856,7 @@ def _dry_run(path: Path) -> int:
     from rich.console import Console
 
     from scheduler.api import plan
+    from shared.memory import gigabytes
 
     planned = plan(path)
     campaign, manifest = planned.campaign, planned.manifest
@@ -871,20 +872,33 @@ def _dry_run(path: Path) -> int:
         f"{_shown(path)}: campaign {campaign.name}, {len(manifest.entries):,} images "
         f"({where}), {scheme}"
     )
-    _print_table(Console(), title, _PLAN_COLUMNS, _plan_rows(campaign, planned.units))
+    memory = planned.unit_memory()
+    rows = _plan_rows(campaign, planned.units, memory)
+    _print_table(Console(), title, _PLAN_COLUMNS, rows)
+    largest = max(planned.units, key=lambda u: memory[u.key])
     print(
         f"{len(planned.units):,} units in all; nothing was recorded, sent or written "
         "(submit without --dry-run to run it)"
+    )
+    most = gigabytes(memory[largest.key])
+    print(
+        f"memory: the largest unit, {largest.key}, holds "
+        f"{most if most.startswith('under') else 'about ' + most} in its worker process, "
+        "beside the process's own "
+        "(0.2 GB; 1-2 GB with torch); a prefork worker holds that in each of its "
+        "--concurrency processes"
     )
     _warn_about(manifest.skipped)
     return 0
 
 
-_PLAN_COLUMNS = ("Stage", "Family", "Units", "Queue", "What")
+_PLAN_COLUMNS = ("Stage", "Family", "Units", "Queue", "Memory", "What")
 
 
-def _plan_rows(campaign, units) -> list[list[str]]:  # noqa: ANN001
-    """One row per (stage, family) in stage order: its units, queue and what they are."""
+def _plan_rows(campaign, units, memory: dict[str, int]) -> list[list[str]]:  # noqa: ANN001
+    """One row per (stage, family) in stage order: its units, queue, the most memory one
+    of them holds in its worker process, and what they are."""
+    from shared.memory import gigabytes
     from shared.plan import MERGE, PREPROCESS, REPORT, TRAIN
 
     stages = {PREPROCESS: "preprocess", TRAIN: "models", MERGE: "merge", REPORT: "report"}
@@ -894,9 +908,9 @@ def _plan_rows(campaign, units) -> list[list[str]]:  # noqa: ANN001
     rows = []
     for (stage, family), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
         queues = ", ".join(sorted({u.queue for u in members}))
-        rows.append(
-            [stages[stage], family, f"{len(members):,}", queues, _plan_what(campaign, members)]
-        )
+        most = gigabytes(max(memory[u.key] for u in members))
+        what = _plan_what(campaign, members)
+        rows.append([stages[stage], family, f"{len(members):,}", queues, most, what])
     return rows
 
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -474,16 +475,24 @@ def test_a_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
         f"{campaign}: campaign grid, 27 images (train 18, dev 6, test 3), validation on "
         "the dev split"
     )
-    rows = [line.split(None, 4) for line in lines[2:-1]]
+    rows = [re.split(r"\s{2,}", line) for line in lines[2:-2]]
+    small = "under 0.1 GB"  # the most one unit holds: these images are 8 x 8 px
     assert rows == [
-        ["preprocess", "preprocess", "3", "preprocess", "shards of up to 10 images"],
-        ["models", "svm", "2", "cpu", "2 points x 1 fold; each searches 6 combinations on 3 folds"],
-        ["models", "rf_shard", "4", "cpu", "2 points x 1 fold, 2 tree shards each"],
-        ["merge", "rf", "2", "cpu",
+        ["preprocess", "preprocess", "3", "preprocess", small, "shards of up to 10 images"],
+        ["models", "svm", "2", "cpu", small,
+         "2 points x 1 fold; each searches 6 combinations on 3 folds"],
+        ["models", "rf_shard", "4", "cpu", small, "2 points x 1 fold, 2 tree shards each"],
+        ["merge", "rf", "2", "cpu", small,
          "2 points x 1 fold, each merging its tree shards into one forest"],
-        ["report", "report", "1", "report", "the report, once every other unit has finished"],
+        ["report", "report", "1", "report", small,
+         "the report, once every other unit has finished"],
     ]  # fmt: skip
-    assert lines[-1].startswith("12 units in all; nothing was recorded, sent or written")
+    assert lines[-2].startswith("12 units in all; nothing was recorded, sent or written")
+    assert re.fullmatch(
+        r"memory: the largest unit, grid/svm/\w+/f0, holds under 0\.1 GB in its "
+        r"worker process, .*--concurrency processes",
+        lines[-1],
+    ), lines[-1]
     assert not home.exists() and not (tmp_path / "no").exists()  # no dataset, store, folder
 
 
@@ -571,6 +580,11 @@ def test_a_dry_run_leaves_an_empty_dataset_folder_empty(tmp_path: Path) -> None:
     paths = planned.manifest.image_paths(planned.manifest.entries, tmp_path / "artifacts")
     assert all(p.startswith(f"{root}/") and not os.path.exists(p) for p in paths)
     assert not (tmp_path / "artifacts").exists()
+    # what each unit holds in its worker: a forest at least its variant's images
+    memory = planned.unit_memory()
+    assert set(memory) == {u.key for u in planned.units}
+    images = len(planned.manifest.entries) * 8 * 8 * 3
+    assert all(memory[u.key] > images for u in planned.units if u.family == "rf")
 
 
 def _stored_campaigns(home: Path, running: str, *finished: str) -> int:

@@ -1,0 +1,220 @@
+"""How much memory a unit needs in its worker process: ``orchard submit --dry-run`` shows
+it per family, beside the plan (README, "How much memory a worker needs").
+
+An estimate, in bytes, of the arrays a unit holds at once at its peak, from the images
+of each split and the unit's parameters. Each term below is an array the unit's code
+allocates (``workers.data``, ``shared.svm``, ``shared.forest``, ``shared.cnn``), and
+``tests/shared/test_memory.py`` holds the sums against what real units measure. Not
+counted: the interpreter and its libraries (a CPU worker process starts at about
+0.2 GB, one that has loaded torch and CUDA at about 1-2 GB), a CNN fold's GPU memory
+beyond its images there, and the report's Python objects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.cnn_shape import parameter_count
+from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR
+from shared.forest import AUGMENT_COPIES, CHUNK_BYTES
+from shared.manifest import Manifest
+from shared.plan import MERGE, UnitPlan, largest_n_components, pca_width
+from shared.svm import CHUNK_ROWS
+from shared.variants import cnn_variant, variant_shape
+
+#: the images ``shared.cnn.to_device`` gathers and moves at a time (it imports torch)
+TO_DEVICE_CHUNK = 1024
+
+#: libsvm's kernel cache, scikit-learn's default ``cache_size`` (200 MB)
+SVC_CACHE_BYTES = 200 << 20
+#: a fitted tree's node (its split, impurity and counts) and, per class, its float64 value
+TREE_NODE_BYTES, TREE_VALUE_BYTES = 64, 8
+#: a fully grown tree's nodes per training row: measured on noise with random labels,
+#: the most any data gives (0.30-0.37 under sklearn's bootstrap); classes that separate
+#: give fewer
+NODES_PER_ROW = 0.4
+#: the randomized SVD's extra columns (scikit-learn's ``n_oversamples``)
+SVD_OVERSAMPLES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """What a unit's memory depends on beside its parameters: the campaign's images."""
+
+    images: int  # every image of the manifest, all splits
+    cache_size: int  # the preprocessing cache's side (256)
+    shard_size: int  # images per cache shard
+    classes: int
+    #: per fold, its (train, validation, test) image counts
+    folds: Mapping[int, tuple[int, int, int]]
+    test_images: int  # the test split, which every fold predicts
+    spec: Mapping[str, Any]  # the campaign as stored (for the SVM grid's widest PCA)
+
+    @classmethod
+    def of(cls, manifest: Manifest, spec: Mapping[str, Any], folds: Iterable[int]) -> Sizes:
+        """The sizes of a campaign's ``manifest``, for the units of ``folds``."""
+        counts = {}
+        for fold in set(folds):
+            train, val, test = manifest.fold_indices(fold)
+            counts[fold] = (len(train), len(val), len(test))
+        return cls(
+            images=len(manifest.entries),
+            cache_size=manifest.size,
+            shard_size=manifest.shard_size,
+            classes=len(manifest.classes),
+            folds=counts,
+            test_images=len(manifest.test_indices()),
+            spec=spec,
+        )
+
+    def variant_bytes(self, variant: str) -> int:
+        """Bytes per image of ``variant``: side x side x 3 (uint8)."""
+        return math.prod(variant_shape(variant, self.cache_size))
+
+    def loading(self, variant: str) -> int:
+        """A variant's images, held by the worker for the next unit over it
+        (``workers.data.load_variant``), and the shard being read into them."""
+        shard = self.shard_size * self.cache_size**2 * 3
+        return self.images * self.variant_bytes(variant) + shard
+
+
+def unit_bytes(unit: UnitPlan, sizes: Sizes) -> int:
+    """About the most bytes ``unit`` holds at once in its worker process (0: no estimate,
+    for a family this module does not know)."""
+    family = unit.family
+    if family == "preprocess":
+        # the shard as decoded (cache side, uint8); the photo being decoded comes on top
+        return (unit.params["stop"] - unit.params["start"]) * sizes.cache_size**2 * 3
+    if family == "svm":
+        return _svm(unit.params, sizes, unit.fold)
+    if family in ("rf", "rf_shard"):
+        return _forest(unit, sizes)
+    if family == "cnn":
+        return _cnn(unit.params, sizes, unit.fold)
+    if family == "report":
+        return _report(sizes)
+    return 0
+
+
+def _svm(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
+    """The point that fits its fold's PCA (the others load the projection alone): a
+    uint8 copy of the training images and their float32 features, centred in place, with
+    the randomized SVD's working set; then every image projected a chunk at a time, and
+    the projection's file; then the SVC on the fold's projection."""
+    variant = params["variant"]
+    d = sizes.variant_bytes(variant)
+    n_train, n_val, n_test = sizes.folds[fold]
+    k = min(largest_n_components(sizes.spec, pca_width(params, "n_components") or 0), n_train, d)
+    basis = k * d * 4
+    fit = n_train * d * (1 + 4) + (n_train + 3 * d) * (k + SVD_OVERSAMPLES) * 4
+    project = basis + CHUNK_ROWS * d * 4 + sizes.images * k * 4 * 2  # z and its file's bytes
+    # the SVC: its float64 rows (a search's folds are smaller) and the kernel cache it fills
+    svc = (
+        (n_train + n_val + n_test) * k * 4 + n_train * k * 8 + min(SVC_CACHE_BYTES, n_train**2 * 4)
+    )
+    return sizes.loading(variant) + max(fit, project, svc)
+
+
+def _trees_bytes(trees: int, rows: int, params: Mapping[str, Any], classes: int) -> int:
+    """Fitted trees, grown until their leaves hold ``min_samples_leaf`` rows or
+    ``max_depth`` stops them."""
+    nodes = NODES_PER_ROW * rows / max(1, int(params.get("min_samples_leaf") or 1))
+    depth = params.get("max_depth")
+    if depth is not None:
+        nodes = min(nodes, 2 ** (min(int(depth), 62) + 1))
+    return int(trees * nodes * (TREE_NODE_BYTES + TREE_VALUE_BYTES * classes))
+
+
+def _forest(unit: UnitPlan, sizes: Sizes) -> int:
+    """A forest, a tree shard or a merge: the fold's splits as uint8 copies, the float32
+    training rows of every augmented copy (a PCA centres them in place and adds its
+    own output), the trees, and a prediction chunk. A merge loads its shards' trees
+    (their file's bytes, then the objects) and builds no training rows when the shards
+    bring their scores."""
+    params = unit.params
+    variant = params["variant"]
+    d = sizes.variant_bytes(variant)
+    n_train, n_val, n_test = sizes.folds[unit.fold]
+    copies = AUGMENT_COPIES.get(params.get("augment", "none"), 1)
+    rows = n_train * copies
+    splits = (n_train + n_val + n_test) * d
+    chunk = min(CHUNK_BYTES, max(n_val, n_test) * d * 4)
+    trees_all = int(params.get("n_estimators", 100))
+    if unit.stage == MERGE:
+        forest = _trees_bytes(trees_all, rows, params, sizes.classes)
+        return sizes.loading(variant) + splits + 2 * forest + chunk
+    shards = int(params.get("tree_shards", 1)) if unit.family == "rf_shard" else 1
+    trees = math.ceil(trees_all / shards)
+    features = d
+    work = rows * d * 4  # the training rows, float32
+    scaling = params.get("select_scaling")
+    if scaling is not None:
+        # the selecting forest's trees, then the rows of the features it keeps (a
+        # median threshold keeps about half at scaling 1, more below it)
+        helper = int(params.get("select_estimators", 400))
+        features = d if float(scaling) < 1 else d // 2
+        work += max(_trees_bytes(helper, rows, {}, sizes.classes), rows * features * 4)
+    components = params.get("pca_components")
+    if components is not None:
+        k = min(int(components), rows, features)
+        work += rows * k * 4 + (rows + 3 * features) * (k + SVD_OVERSAMPLES) * 4 * 2
+        features = k
+    fitted = _trees_bytes(trees, rows, params, sizes.classes)
+    # scoring: the out-of-bag sums (float64, per row and class, plain and grouped) and
+    # one tree's probabilities at a time
+    oob = rows * (5 * sizes.classes * 8 + 2 * 8)
+    return sizes.loading(variant) + splits + work + fitted + oob + chunk
+
+
+def _cnn(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
+    """A CNN fold on a GPU worker, on the host: its variant's images, each split
+    gathered (and resized to ``image_size``) as it goes to the device, a chunk at a time
+    (``shared.cnn.to_device``), and the checkpoint taken after each epoch: the model and
+    its optimiser's state (SGD's momentum, or Adam's two moments) copied off the device,
+    serialised, and those bytes copied out to be written."""
+    variant = cnn_variant(sizes.cache_size, params.get("input", "crop"))
+    size = int(params["image_size"])
+    chunk = TO_DEVICE_CHUNK * (sizes.variant_bytes(variant) + size * size * 3)
+    weights = 4 * parameter_count(
+        image_size=size,
+        width=float(params.get("width", 1.0)),
+        stride=int(params.get("stride", 1)),
+        dense=[int(w) for w in str(params.get("dense", "512,256,64")).split(",")],
+        activation=params.get("activation", "prelu"),
+        pool=params.get("pool", "max"),
+        num_classes=sizes.classes,
+    )
+    states = 1 + (2 if params.get("optimizer") == "adam" else 1)
+    checkpoint = states * weights * 3  # copied off the device, serialised, its bytes
+    return sizes.loading(variant) + max(chunk, checkpoint)
+
+
+def cnn_device_images(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
+    """A CNN fold's images on its device (uint8, channels first): every split at
+    ``image_size``. On a worker without a GPU these are in the host's memory too."""
+    size = int(params["image_size"])
+    return sum(sizes.folds[fold]) * size * size * 3
+
+
+def _report(sizes: Sizes) -> int:
+    """The report: the test images its LIME section scores (at most
+    ``shared.embedding.LIME_CANDIDATES`` and a floor per class, read from the shards
+    that hold them) and the SVM's
+    projection that its t-SNE reads. Its Python objects (every model's predictions,
+    read from the store) are not counted."""
+    d = sizes.variant_bytes(cnn_variant(sizes.cache_size))
+    lime = min(LIME_CANDIDATES + LIME_CLASS_FLOOR * sizes.classes, sizes.test_images) * d
+    k = largest_n_components(sizes.spec)
+    return lime + sizes.images * k * 4 * 2
+
+
+def gigabytes(size: int) -> str:
+    """``size`` bytes for a person: "0.4 GB", "12 GB", "under 0.1 GB"."""
+    if size < 0.05e9:
+        return "under 0.1 GB"
+    if size < 9.95e9:
+        return f"{size / 1e9:.1f} GB"
+    return f"{size / 1e9:,.0f} GB"

@@ -1,0 +1,134 @@
+"""``shared.memory``'s arithmetic: what each parameter adds, and the README's examples.
+What real units measure against it is ``tests/workers/test_memory_estimate.py``."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shared.memory
+from shared.memory import Sizes, cnn_device_images, gigabytes, unit_bytes
+from shared.plan import MERGE, REPORT, TRAIN, UnitPlan
+from shared.spec import parse_campaign, sweep_points
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sizes(images: int, spec: dict[str, Any] | None = None) -> Sizes:
+    """Five folds over four fifths of ``images``, the last fifth test."""
+    test = images // 5
+    train = (images - test) * 4 // 5
+    return Sizes(
+        images=images,
+        cache_size=256,
+        shard_size=256,
+        classes=3,
+        folds={0: (train, images - test - train, test)},
+        test_images=test,
+        spec=spec or {},
+    )
+
+
+def _unit(family: str, params: dict[str, Any], stage: int = TRAIN) -> UnitPlan:
+    return UnitPlan("c-1/x/h/f0", family, stage, 0, params, "h")
+
+
+def test_gigabytes():
+    assert gigabytes(0) == gigabytes(49_000_000) == "under 0.1 GB"
+    assert gigabytes(51_000_000) == "0.1 GB"
+    assert gigabytes(4_249_000_000) == "4.2 GB"
+    assert gigabytes(9_960_000_000) == "10 GB"
+    assert gigabytes(1_234_000_000_000) == "1,234 GB"
+
+
+def test_the_chunk_is_the_one_the_cnn_moves():
+    from shared.cnn import TO_DEVICE_CHUNK  # torch: here, not where shared.memory is
+
+    assert shared.memory.TO_DEVICE_CHUNK == TO_DEVICE_CHUNK
+
+
+def test_a_forest_grows_with_its_copies_and_trees_and_shrinks_with_its_limits():
+    sizes = _sizes(10_000)
+    base = {"variant": "resize64", "n_estimators": 100}
+
+    def forest(**changes: Any) -> int:
+        return unit_bytes(_unit("rf", {**base, **changes}), sizes)
+
+    rows = 6_400 * 64 * 64 * 3 * 4  # n_train x d x 4 bytes, one copy
+    assert forest(augment="flip") - forest() == pytest.approx(rows, rel=0.1)
+    assert forest(augment="rotate_flip") - forest() == pytest.approx(7 * rows, rel=0.1)
+    assert forest(n_estimators=1000) > forest() + 100 * 6_400 * 0.3 * 88 * 9
+    assert forest(min_samples_leaf=5) < forest()
+    assert forest(max_depth=4) < forest(max_depth=30) <= forest()
+    assert forest(pca_components=50) > forest()  # its output beside the rows it centres
+    # a tree shard fits its share of the trees; the merge holds them all, twice
+    sharded = {**base, "n_estimators": 1000, "tree_shards": 4, "shard": 0}
+    shard = unit_bytes(_unit("rf_shard", sharded), sizes)
+    merge = unit_bytes(_unit("rf", sharded, MERGE), sizes)
+    assert shard < forest(n_estimators=1000)
+    assert merge < forest(n_estimators=1000)  # no training rows
+    assert merge - sizes.loading("resize64") > 2 * 1000 * 6_400 * 0.3 * 88
+
+
+def test_an_svm_fold_is_sized_by_the_grids_widest_pca():
+    narrow = _sizes(8_800, {"svm": {"n_components": [100]}})
+    wide = _sizes(8_800, {"svm": {"n_components": [100, 1000]}})
+    point = _unit("svm", {"variant": "polar192", "n_components": 100})
+    assert unit_bytes(point, wide) > unit_bytes(point, narrow)
+    # the training images (uint8) and their float32 features, at least
+    assert unit_bytes(point, narrow) > 5 * 5_632 * 192 * 192 * 3
+
+
+def test_a_cnn_fold_holds_its_checkpoint_and_its_device_its_images():
+    sizes = _sizes(1_000)
+    study = {"image_size": 224, "width": 1.0, "dense": "512,256,64"}
+    sgd, adam = _unit("cnn", study), _unit("cnn", {**study, "optimizer": "adam"})
+    assert unit_bytes(adam, sizes) > unit_bytes(sgd, sizes) > sizes.loading("crop224")
+    assert cnn_device_images(study, sizes, 0) == 1_000 * 224 * 224 * 3
+    small = {**study, "image_size": 128}
+    assert cnn_device_images(small, sizes, 0) == 1_000 * 128 * 128 * 3
+
+
+def test_the_report_and_a_preprocessing_shard():
+    sizes = _sizes(50_000, {"svm": {"n_components": [200]}})
+    report = unit_bytes(_unit("report", {}, REPORT), sizes)
+    lime = (2_000 + 3 * 100) * 224 * 224 * 3  # its candidates, however many tests
+    assert lime < report <= lime + 50_000 * 200 * 8
+    shard = _unit("preprocess", {"shard": 0, "start": 0, "stop": 256})
+    assert unit_bytes(shard, sizes) == 256 * 256 * 256 * 3
+    assert unit_bytes(_unit("nothing", {}), sizes) == 0
+
+
+def _study_examples(images: int) -> list[str]:
+    """The README's row for ``images``: the study's campaigns, their largest units."""
+    out = []
+    for name, family, stage in (
+        ("svm-grid", "svm", TRAIN),
+        ("rf-best", "rf_shard", TRAIN),
+        ("rf-best", "rf", MERGE),
+        ("cnn-final", "cnn", TRAIN),
+    ):
+        raw = tomllib.loads((REPO / "campaigns" / "study" / f"{name}.toml").read_text())
+        raw["dataset"] = {"kind": "synthetic"}  # the AICUP images need not be here
+        campaign = parse_campaign(raw, source=name)
+        sizes = _sizes(images, campaign.model_dump(mode="json"))
+        section = dict(campaign.families())["rf" if family == "rf_shard" else family]
+        params = max(sweep_points(section), key=lambda p: p.get("n_components", 0))
+        if family == "rf_shard":
+            params = {**params, "shard": 0}
+        out.append(gigabytes(unit_bytes(_unit(family, params, stage), sizes)))
+        if family == "cnn":
+            out.append(gigabytes(cnn_device_images(params, sizes, 0)))
+    return out
+
+
+@pytest.mark.parametrize("images", [8_800, 50_000])
+def test_the_readmes_examples_are_what_the_module_says(images):
+    readme = (REPO / "README.md").read_text()
+    row = re.search(rf"^\| {images:,} \| (.*) \|$", readme, re.MULTILINE)
+    assert row, f"README: no example row for {images:,} images"
+    assert row[1].split(" | ") == _study_examples(images)
