@@ -220,6 +220,12 @@ class Unit:
     heartbeat_at: datetime | None = None
 
 
+#: Why a unit the store gave up on failed, where no delivery recorded an error
+NO_RESULT = (
+    "each delivery ended without a result (its worker killed or out of memory, or the "
+    "database away as it ended)"
+)
+
 #: :class:`EarlierAttempt`'s state for an attempt whose process died under a live
 #: worker (a prefork child killed), which ended its lease at once.
 LOST = "LOST"
@@ -1434,14 +1440,9 @@ class Store:
                     return Start(False, row.attempts, row.state, reason="grace", retry_in=wait)
                 row.state, row.finished_at = FAILED, now
                 row.lease_holder = row.lease_expires_at = None
-                row.error = (
-                    f"gave up after {row.attempts} attempts: "
-                    + (
-                        row.error
-                        or "each delivery ended without a result (its worker killed or out "
-                        "of memory, or the database away as it ended)"
-                    )
-                )[:4000]
+                row.error = (f"gave up after {row.attempts} attempts: " + (row.error or NO_RESULT))[
+                    :4000
+                ]
                 return Start(False, row.attempts, FAILED, reason="gave up")
             params = dict(
                 s.execute(

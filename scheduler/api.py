@@ -177,6 +177,23 @@ class CampaignRun:
             for artifact in files
         ]
 
+    def unit_memory(self) -> dict[str, int]:
+        """About the most bytes each unit holds in its worker process, by key, as
+        ``submit --dry-run`` estimates them (``shared.memory``); empty where the
+        campaign's manifest is not on this host."""
+        from shared.manifest import Manifest
+        from shared.memory import Sizes, unit_bytes
+
+        units = self.store.units(self.id)
+        try:
+            path = manifest_path(self.settings.artifacts / "campaigns" / self.id)
+            manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+            folds = [u.fold for u in units if u.fold is not None]
+            sizes = Sizes.of(manifest, self.store.get_campaign(self.id).spec, folds)
+        except (OSError, ValueError):
+            return {}
+        return {unit.key: unit_bytes(unit, sizes) for unit in units}
+
     def stalled(self, after: float | None = None) -> str | None:
         """Why nothing of this campaign may be running, or None: a line naming each
         queue whose units have waited ``after`` seconds (``STALL_SECONDS``) or more while

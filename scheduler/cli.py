@@ -856,7 +856,6 @@ def _dry_run(path: Path) -> int:
     from rich.console import Console
 
     from scheduler.api import plan
-    from shared.memory import gigabytes
 
     planned = plan(path)
     campaign, manifest = planned.campaign, planned.manifest
@@ -880,11 +879,9 @@ def _dry_run(path: Path) -> int:
         f"{len(planned.units):,} units in all; nothing was recorded, sent or written "
         "(submit without --dry-run to run it)"
     )
-    most = gigabytes(memory[largest.key])
     print(
-        f"memory: the largest unit, {largest.key}, holds "
-        f"{most if most.startswith('under') else 'about ' + most} in its worker process, "
-        "beside the process's own "
+        f"memory: the largest unit, {largest.key}, holds {_about(memory[largest.key])} in "
+        "its worker process, beside the process's own "
         "(0.2 GB; 1-2 GB with torch); a prefork worker holds that in each of its "
         "--concurrency processes"
     )
@@ -996,6 +993,38 @@ def _warn_damaged_report(campaign_id: str, damaged: list[Path]) -> None:
     )
 
 
+def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.Units
+    """One line for the units that failed because every delivery died without a result
+    (an OOM kill, most often), naming the one that holds the most memory by
+    ``shared.memory``'s estimate, where the campaign's manifest is on this host."""
+    from db.store import NO_RESULT
+
+    killed = [u for u in units if u.state == "FAILED" and NO_RESULT in (u.error or "")]
+    if not killed:
+        return
+    memory = run.unit_memory()
+    most = max(killed, key=lambda u: memory.get(u.key, 0))
+    held = ""
+    if memory.get(most.key):
+        which = f"the largest, {most.key}," if len(killed) > 1 else most.key
+        held = f"; {which} holds {_about(memory[most.key])} in its worker process"
+    count = f"{len(killed)} unit{'s' if len(killed) > 1 else ''}"
+    print(
+        f"orchard: warning: campaign {run.id}: {count} failed when every delivery ended "
+        "without a result (its worker killed: by the OOM killer, most often)"
+        f'{held}: see the README, "How much memory a worker needs"',
+        file=sys.stderr,
+    )
+
+
+def _about(size: int) -> str:
+    """``about 4.2 GB``, or ``under 0.1 GB``."""
+    from shared.memory import gigabytes
+
+    said = gigabytes(size)
+    return said if said.startswith("under") else f"about {said}"
+
+
 def _finish(run, status) -> int:  # noqa: ANN001
     print(f"campaign {run.id}: {status.campaign.state}")
     report = run.report_path()
@@ -1005,6 +1034,7 @@ def _finish(run, status) -> int:  # noqa: ANN001
     for unit in status.units:
         if unit.state == "FAILED":
             print(f"  failed {unit.key}: {visible_controls(unit.error or '')}", file=sys.stderr)
+    _warn_killed(run, status.units)
     return 0 if status.campaign.state == "DONE" else 1
 
 
@@ -1057,6 +1087,7 @@ def _status(args: argparse.Namespace) -> int:
         # DONE alone: a resume of a PARTIAL or CANCELLED one runs its other units again too
         if campaign.state == "DONE" and (damaged := run.damaged_report()):
             _warn_damaged_report(args.campaign, damaged)
+        _warn_killed(run, [line.unit for line in lines])
         return 0
     if not console.is_terminal or console.is_dumb_terminal:
         # piped: no redrawing, the final table once; a terminal that cannot redraw

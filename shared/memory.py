@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shared.cnn_shape import parameter_count
 from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR
 from shared.forest import AUGMENT_COPIES, CHUNK_BYTES
 from shared.manifest import Manifest
-from shared.plan import MERGE, UnitPlan, largest_n_components, pca_width
+from shared.plan import MERGE, largest_n_components, pca_width
 from shared.svm import CHUNK_ROWS
 from shared.variants import cnn_variant, variant_shape
 
@@ -81,7 +81,16 @@ class Sizes:
         return self.images * self.variant_bytes(variant) + shard
 
 
-def unit_bytes(unit: UnitPlan, sizes: Sizes) -> int:
+class Unit(Protocol):
+    """A unit as planned (:class:`shared.plan.UnitPlan`) or as recorded (``db.store.Unit``)."""
+
+    family: str
+    stage: int
+    fold: int | None
+    params: dict[str, Any]
+
+
+def unit_bytes(unit: Unit, sizes: Sizes) -> int:
     """About the most bytes ``unit`` holds at once in its worker process (0: no estimate,
     for a family this module does not know)."""
     family = unit.family
@@ -128,7 +137,7 @@ def _trees_bytes(trees: int, rows: int, params: Mapping[str, Any], classes: int)
     return int(trees * nodes * (TREE_NODE_BYTES + TREE_VALUE_BYTES * classes))
 
 
-def _forest(unit: UnitPlan, sizes: Sizes) -> int:
+def _forest(unit: Unit, sizes: Sizes) -> int:
     """A forest, a tree shard or a merge: the fold's splits as uint8 copies, the float32
     training rows of every augmented copy (a PCA centres them in place and adds its
     own output), the trees, and a prediction chunk. A merge loads its shards' trees

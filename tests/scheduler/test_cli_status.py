@@ -714,3 +714,48 @@ def test_a_unit_s_earlier_attempts_are_shown(
     heard, started = (datetime.fromisoformat(earlier[k]) for k in ("last_heard_at", "started_at"))
     assert heard >= started
     assert all(u["earlier_attempts"] == [] for key, u in units.items() if key != fold)
+
+
+def _killed(store: Store, key: str) -> None:
+    """Every delivery of ``key`` dies without a result, until the store gives up on it."""
+    from tests.db.test_store import deliver
+
+    for attempt in range(1, 5):
+        deliver(
+            store, key, worker="w", task_id="t", holder=f"d{attempt}", lease_seconds=0,
+            max_attempts=3,
+        )  # fmt: skip
+    assert store.get_unit(key).error.startswith("gave up after 3 attempts")
+
+
+def test_units_whose_workers_were_killed_are_told_with_the_memory_they_hold(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    """An OOM kill leaves no error of its own: status says what the unit holds, by the
+    estimate a dry run shows, where the campaign's manifest is on this host."""
+    from scheduler.api import CampaignRun
+    from shared.manifest import Entry, Manifest, manifest_path
+    from shared.settings import load_settings
+
+    monkeypatch.setenv("ORCHARD_ARTIFACTS", str(tmp_path / "artifacts"))
+    plans = seed_campaign(store, IDS[0])
+    svm = [p.key for p in plans if p.family == "svm"]
+    for key in svm:
+        _killed(store, key)
+    assert main(["status", IDS[0]]) == 0
+    line = 'orchard: warning: campaign {}: 2 units failed when every delivery ended without a result (its worker killed: by the OOM killer, most often){}: see the README, "How much memory a worker needs"\n'  # noqa: E501
+    assert capsys.readouterr().err == line.format(IDS[0], "")  # no manifest here: no sizes
+    entries = tuple(
+        Entry(f"{i}.jpg", "ABC"[i % 3], "train", f"/d/{i}.jpg", i % 2) for i in range(600)
+    )
+    manifest = Manifest(("A", "B", "C"), entries, "f" * 64, "k" * 16, 256, 256)
+    path = manifest_path(tmp_path / "artifacts" / "campaigns" / IDS[0])
+    path.parent.mkdir(parents=True)
+    path.write_text(manifest.to_json())
+    memory = CampaignRun(IDS[0], store, load_settings()).unit_memory()
+    assert set(memory) == {p.key for p in plans}
+    largest = max(svm, key=lambda key: memory[key])
+    assert memory[largest] > 600 * 256 * 256 * 3  # the variant's images, at least
+    assert main(["status", IDS[0]]) == 0
+    held = f"; the largest, {largest}, holds about {memory[largest] / 1e9:.1f} GB in its worker process"  # noqa: E501
+    assert capsys.readouterr().err == line.format(IDS[0], held)
