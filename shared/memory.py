@@ -4,7 +4,8 @@ it per family, beside the plan (README, "How much memory a worker needs").
 An estimate, in bytes, of the arrays a unit holds at once at its peak, from the images
 of each split and the unit's parameters. Each term below is an array the unit's code
 allocates (``workers.data``, ``shared.svm``, ``shared.forest``, ``shared.cnn``), and
-``tests/shared/test_memory.py`` holds the sums against what real units measure. Not
+``tests/workers/test_memory_estimate.py`` holds the sums against what real units
+measure. Not
 counted: the interpreter and its libraries (a CPU worker process starts at about
 0.2 GB, one that has loaded torch and CUDA at about 1-2 GB), a CNN fold's GPU memory
 beyond its images there, and the report's Python objects.
@@ -140,9 +141,10 @@ def _trees_bytes(trees: int, rows: int, params: Mapping[str, Any], classes: int)
 def _forest(unit: Unit, sizes: Sizes) -> int:
     """A forest, a tree shard or a merge: the fold's splits as uint8 copies, the float32
     training rows of every augmented copy (a PCA centres them in place and adds its
-    own output), the trees, and a prediction chunk. A merge loads its shards' trees
-    (their file's bytes, then the objects) and builds no training rows when the shards
-    bring their scores."""
+    own output), the trees, and a prediction chunk; a shard then pickles its trees into
+    its file, a copy of each at a time. A merge loads its shards' trees (their file's
+    bytes, then the objects) and builds no training rows when the shards bring their
+    scores."""
     params = unit.params
     variant = params["variant"]
     d = sizes.variant_bytes(variant)
@@ -175,7 +177,10 @@ def _forest(unit: Unit, sizes: Sizes) -> int:
     # scoring: the out-of-bag sums (float64, per row and class, plain and grouped) and
     # one tree's probabilities at a time
     oob = rows * (5 * sizes.classes * 8 + 2 * 8)
-    return sizes.loading(variant) + splits + work + fitted + oob + chunk
+    peak = work + fitted + oob + chunk
+    if unit.family == "rf_shard":  # its file written: the trees pickled as a copy of each
+        peak = max(peak, 2 * fitted)
+    return sizes.loading(variant) + splits + peak
 
 
 def _cnn(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
@@ -211,9 +216,8 @@ def cnn_device_images(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int
 def _report(sizes: Sizes) -> int:
     """The report: the test images its LIME section scores (at most
     ``shared.embedding.LIME_CANDIDATES`` and a floor per class, read from the shards
-    that hold them) and the SVM's
-    projection that its t-SNE reads. Its Python objects (every model's predictions,
-    read from the store) are not counted."""
+    that hold them) and the SVM's projection that its t-SNE reads. Its Python objects
+    (every model's predictions, read from the store) are not counted."""
     d = sizes.variant_bytes(cnn_variant(sizes.cache_size))
     lime = min(LIME_CANDIDATES + LIME_CLASS_FLOOR * sizes.classes, sizes.test_images) * d
     k = largest_n_components(sizes.spec)

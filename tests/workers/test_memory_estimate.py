@@ -17,13 +17,10 @@ import numpy as np
 from db.store import Artifact, Store
 from shared.manifest import Entry, Manifest
 from shared.memory import Sizes, cnn_device_images, unit_bytes
-from shared.plan import MERGE, plan_units
+from shared.plan import plan_units
 from shared.preprocess import shard_name, write_shard
 from shared.spec import parse_campaign
-from tests.db.test_store import deliver
 from tests.workers.conftest import local_settings
-from workers.tasks import rf as rf_task
-from workers.tasks.base import UnitContext
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,38 +133,12 @@ def test_a_forest_over_augmented_rows_with_a_pca(tmp_path, sqlite_url):
     _check(tmp_path, sqlite_url, {"rf": {**rf, "folds": 1}}, _first("rf"), images=1500, cache=64)
 
 
-def test_a_tree_shard_of_deep_trees(tmp_path, sqlite_url):
-    """Small images, many rows: the fitted trees are most of it."""
-    rf = {"variant": "resize8", "n_estimators": 120, "tree_shards": 2, "augment": "rotate_flip"}
-    _check(
-        tmp_path, sqlite_url, {"rf": {**rf, "folds": 1}}, _first("rf_shard"), images=3000, cache=32
-    )
-
-
-def test_a_merge_of_tree_shards(tmp_path, sqlite_url):
-    """The shards' trees, loaded from their files, with the scores they bring."""
-    rf = {"variant": "resize8", "n_estimators": 120, "tree_shards": 2, "augment": "rotate_flip"}
-    store, manifest, units, path = _campaign(
-        tmp_path, sqlite_url, {"rf": {**rf, "folds": 1}}, images=3000, cache=32
-    )
-    settings = local_settings(tmp_path, sqlite_url)
-    campaign = store.get_campaign("m-1")
-    for shard in (u for u in units if u.family == "rf_shard" and u.fold == 0):
-        deliver(store, shard.key, worker="test", task_id=None)
-        ctx = UnitContext(campaign, shard, store, settings, _manifest=manifest)
-        store.finish_unit(shard.key, rf_task.fit_rf_shard.run.__wrapped__(ctx))
-    merge = _first("rf", MERGE)(units)
-    estimate = unit_bytes(merge, Sizes.of(manifest, campaign.spec, [0]))
-    peak = _measured(tmp_path, sqlite_url, merge.key, path)
-    _near(merge.key, peak, estimate)
-
-
 def test_a_cnn_fold(tmp_path, sqlite_url):
     """On the CPU, where its images on the device are host memory too; a small network,
     whose activations (on a GPU worker, the GPU's) are a few MB."""
     cnn = {"epochs": 1, "batch_size": 16, "image_size": 32, "width": 0.125, "folds": 1}
     store, manifest, units, path = _campaign(
-        tmp_path, sqlite_url, {"cnn": cnn}, images=2500, cache=128
+        tmp_path, sqlite_url, {"cnn": cnn}, images=1500, cache=128
     )
     unit = _first("cnn")(units)
     sizes = Sizes.of(manifest, store.get_campaign("m-1").spec, [0])
