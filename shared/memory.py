@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from shared.cnn_shape import parameter_count
@@ -231,3 +232,35 @@ def gigabytes(size: int) -> str:
     if size < 9.95e9:
         return f"{size / 1e9:.1f} GB"
     return f"{size / 1e9:,.0f} GB"
+
+
+#: where a container's memory limit and use are read (cgroup v2, then v1)
+CGROUP_FILES = (
+    ("memory.max", "memory.current"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+)
+
+
+def available_bytes(
+    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """The memory this process may still take: the host's ``MemAvailable``, or less where
+    its cgroup's limit (a container's) leaves less; None where neither can be read (not
+    Linux)."""
+    found = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, use_file in CGROUP_FILES:
+        try:
+            limit = (cgroup / limit_file).read_text().strip()
+            used = int((cgroup / use_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
+            found.append(max(0, int(limit) - used))
+        break
+    return min(found) if found else None

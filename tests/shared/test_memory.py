@@ -132,3 +132,28 @@ def test_the_readmes_examples_are_what_the_module_says(images):
     row = re.search(rf"^\| {images:,} \| (.*) \|$", readme, re.MULTILINE)
     assert row, f"README: no example row for {images:,} images"
     assert row[1].split(" | ") == _study_examples(images)
+
+
+def test_the_memory_available_is_the_hosts_or_less_where_a_container_limits_it(tmp_path):
+    from shared.memory import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_bytes(meminfo, cgroup) == 20_000_000 * 1024  # no cgroup files
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("5000000000\n")
+    assert available_bytes(meminfo, cgroup) == 20_000_000 * 1024  # no limit
+    (cgroup / "memory.max").write_text("8000000000\n")
+    assert available_bytes(meminfo, cgroup) == 3_000_000_000  # the container's is less
+    (cgroup / "memory.current").write_text("9000000000\n")
+    assert available_bytes(meminfo, cgroup) == 0
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # none
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
+    assert available_bytes(meminfo, v1) == 20_000_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("4000\n")
+    assert available_bytes(meminfo, v1) == 3000
+    assert available_bytes(tmp_path / "none", tmp_path / "none") is None  # not Linux

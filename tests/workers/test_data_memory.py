@@ -155,3 +155,30 @@ def test_rows_load_from_the_shards_that_hold_them_alone(cached, monkeypatch) -> 
     for bad in ([3, 2], [-1, 2], [0, SHARDS * SHARD]):
         with pytest.raises(ValueError, match="ascending manifest indices"):
             data.load_rows(store, settings, manifest, "crop112", np.array(bad))
+
+
+def test_a_unit_larger_than_the_memory_available_says_so_as_it_loads(
+    cached_campaign, monkeypatch
+) -> None:  # noqa: ANN001
+    """Before the kernel kills it (which the store can tell only as a delivery that
+    ended without a result), the worker's log says what the unit holds and what the
+    host has."""
+    import shared.memory
+    from workers.tasks import base
+
+    store, settings, manifest = cached_campaign("w-1", {"rf": {"variant": "resize16"}})
+    unit = next(u for u in store.units("w-1") if u.family == "rf")
+    ctx = base.UnitContext(store.get_campaign("w-1"), unit, store, settings, _manifest=manifest)
+    said: list[tuple] = []
+    monkeypatch.setattr(base.log, "warning", lambda *args: said.append(args))
+    for available, warned in ((10**12, False), (1_000, True), (None, False)):
+        said.clear()
+        monkeypatch.setattr(shared.memory, "available_bytes", lambda a=available: a)
+        assert len(ctx.fold_data("resize16").images) == len(manifest.entries)
+        assert bool(said) == warned, said
+    monkeypatch.setattr(shared.memory, "available_bytes", lambda: 1_000)
+    said.clear()
+    ctx.fold_data("resize16")
+    (args,) = said
+    assert args[0].startswith("%s holds about %s in this process by orchard's estimate")
+    assert args[1:] == (unit.key, "under 0.1 GB", "under 0.1 GB")

@@ -456,6 +456,7 @@ class UnitContext:
     def fold_data(self, variant: str) -> FoldData:
         """This unit's fold of the cached images, as ``variant``, with labels."""
         manifest = self.manifest()
+        _warn_if_larger_than_the_host(self.unit, self.campaign.spec, manifest)
         images = load_variant(self.store, self.settings, manifest, variant)
         train, val, test = manifest.fold_indices(self.unit.fold)
         return FoldData(manifest, images, train, val, test)
@@ -472,6 +473,27 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
     if data is None:
         raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
     return Manifest.from_json(data.decode("utf-8"), str(path))
+
+
+def _warn_if_larger_than_the_host(unit: Unit, spec: dict[str, Any], manifest: Manifest) -> None:
+    """Log a warning where ``unit`` holds more, by ``shared.memory``'s estimate, than this
+    host (or its container) has available as it loads its images: the kernel may kill
+    it, and every delivery after it, which the store then tells only as "ended without
+    a result"."""
+    from shared.memory import Sizes, available_bytes, gigabytes, unit_bytes
+
+    if (available := available_bytes()) is None:
+        return
+    needs = unit_bytes(unit, Sizes.of(manifest, spec, [unit.fold]))
+    if needs > available:
+        log.warning(
+            "%s holds about %s in this process by orchard's estimate, more than the %s "
+            "this host has available: the kernel may kill it (README: How much memory a "
+            "worker needs)",
+            unit.key,
+            gigabytes(needs),
+            gigabytes(available),
+        )
 
 
 class UnitMemoryError(RuntimeError):
