@@ -184,15 +184,15 @@ class CampaignRun:
         from shared.manifest import Manifest
         from shared.memory import Sizes, unit_bytes
 
-        units = self.store.units(self.id)
         try:
             path = manifest_path(self.settings.artifacts / "campaigns" / self.id)
             manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+            units = self.store.units(self.id)
             folds = [u.fold for u in units if u.fold is not None]
             sizes = Sizes.of(manifest, self.store.get_campaign(self.id).spec, folds)
-        except (OSError, ValueError):
+            return {unit.key: unit_bytes(unit, sizes) for unit in units}
+        except Exception:  # noqa: BLE001 - an estimate, which a warning adds: not its cause
             return {}
-        return {unit.key: unit_bytes(unit, sizes) for unit in units}
 
     def stalled(self, after: float | None = None) -> str | None:
         """Why nothing of this campaign may be running, or None: a line naming each
@@ -794,11 +794,28 @@ class Plan:
     def unit_memory(self) -> dict[str, int]:
         """About the most bytes each unit holds in its worker process, by unit key
         (``shared.memory``: the interpreter and its libraries come on top)."""
-        from shared.memory import Sizes, unit_bytes
+        from shared.memory import unit_bytes
+
+        sizes = self._sizes()
+        return {unit.key: unit_bytes(unit, sizes) for unit in self.units}
+
+    def gpu_memory(self) -> dict[str, int]:
+        """The bytes of images each CNN fold holds on its GPU, by unit key (its network
+        and activations come on top; on a worker without a GPU, in its memory)."""
+        from shared.memory import cnn_device_images
+
+        sizes = self._sizes()
+        return {
+            unit.key: cnn_device_images(unit.params, sizes, unit.fold)
+            for unit in self.units
+            if unit.family == "cnn"
+        }
+
+    def _sizes(self):  # noqa: ANN202 - a shared.memory.Sizes
+        from shared.memory import Sizes
 
         folds = [u.fold for u in self.units if u.fold is not None]
-        sizes = Sizes.of(self.manifest, self.campaign.model_dump(mode="json"), folds)
-        return {unit.key: unit_bytes(unit, sizes) for unit in self.units}
+        return Sizes.of(self.manifest, self.campaign.model_dump(mode="json"), folds)
 
 
 def plan(

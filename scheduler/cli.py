@@ -872,7 +872,7 @@ def _dry_run(path: Path) -> int:
         f"({where}), {scheme}"
     )
     memory = planned.unit_memory()
-    rows = _plan_rows(campaign, planned.units, memory)
+    rows = _plan_rows(campaign, planned.units, memory, planned.gpu_memory())
     _print_table(Console(), title, _PLAN_COLUMNS, rows)
     largest = max(planned.units, key=lambda u: memory[u.key])
     print(
@@ -892,9 +892,10 @@ def _dry_run(path: Path) -> int:
 _PLAN_COLUMNS = ("Stage", "Family", "Units", "Queue", "Memory", "What")
 
 
-def _plan_rows(campaign, units, memory: dict[str, int]) -> list[list[str]]:  # noqa: ANN001
+def _plan_rows(campaign, units, memory: dict[str, int], gpu: dict[str, int]) -> list[list[str]]:  # noqa: ANN001, E501
     """One row per (stage, family) in stage order: its units, queue, the most memory one
-    of them holds in its worker process, and what they are."""
+    of them holds in its worker process (and a CNN fold's images on its GPU), and what
+    they are."""
     from shared.memory import gigabytes
     from shared.plan import MERGE, PREPROCESS, REPORT, TRAIN
 
@@ -906,6 +907,8 @@ def _plan_rows(campaign, units, memory: dict[str, int]) -> list[list[str]]:  # n
     for (stage, family), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
         queues = ", ".join(sorted({u.queue for u in members}))
         most = gigabytes(max(memory[u.key] for u in members))
+        if on_gpu := [gpu[u.key] for u in members if u.key in gpu]:
+            most += f", GPU {gigabytes(max(on_gpu))}"
         what = _plan_what(campaign, members)
         rows.append([stages[stage], family, f"{len(members):,}", queues, most, what])
     return rows
@@ -994,35 +997,38 @@ def _warn_damaged_report(campaign_id: str, damaged: list[Path]) -> None:
 
 
 def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.Units
-    """One line for the units that failed because every delivery died without a result
-    (an OOM kill, most often), naming the one that holds the most memory by
-    ``shared.memory``'s estimate, where the campaign's manifest is on this host."""
+    """One line for the units that failed because no delivery ended in a result (an OOM
+    kill, most often), naming the one that holds the most memory by ``shared.memory``'s
+    estimate, where the campaign's manifest is on this host."""
     from db.store import NO_RESULT
 
-    killed = [u for u in units if u.state == "FAILED" and NO_RESULT in (u.error or "")]
+    # and as earlier orchards recorded it
+    said = (NO_RESULT, "the worker was lost each time")
+    killed = [u for u in units if u.state == "FAILED" and any(s in (u.error or "") for s in said)]
     if not killed:
         return
     memory = run.unit_memory()
     most = max(killed, key=lambda u: memory.get(u.key, 0))
     held = ""
     if memory.get(most.key):
-        which = f"the largest, {most.key}," if len(killed) > 1 else most.key
-        held = f"; {which} holds {_about(memory[most.key])} in its worker process"
+        which = f"the largest of them, {most.key}," if len(killed) > 1 else most.key
+        held = (
+            f"; {which} holds {_about(memory[most.key])} in its worker process by orchard's "
+            "estimate"
+        )
     count = f"{len(killed)} unit{'s' if len(killed) > 1 else ''}"
     print(
-        f"orchard: warning: campaign {run.id}: {count} failed when every delivery ended "
-        "without a result (its worker killed: by the OOM killer, most often)"
+        f"orchard: warning: campaign {run.id}: {count} failed with no delivery ending in "
+        f"a result (a worker killed, by the OOM killer most often, or the database away)"
         f'{held}: see the README, "How much memory a worker needs"',
         file=sys.stderr,
     )
 
 
 def _about(size: int) -> str:
-    """``about 4.2 GB``, or ``under 0.1 GB``."""
-    from shared.memory import gigabytes
+    from shared.memory import about
 
-    said = gigabytes(size)
-    return said if said.startswith("under") else f"about {said}"
+    return about(size)
 
 
 def _finish(run, status) -> int:  # noqa: ANN001
@@ -1094,6 +1100,7 @@ def _status(args: argparse.Namespace) -> int:
         # (TERM=dumb) is told the units' progress a line per change, on stderr
         run.wait(args.timeout, progress=console.is_dumb_terminal, on_stall=_warn_stall)
         _print_units(console, _unit_rows(store, args.campaign))
+        _warn_killed(run, run.status().units)
         return 0
     from rich.live import Live
 
@@ -1114,6 +1121,7 @@ def _status(args: argparse.Namespace) -> int:
         # stderr too: rich prints it above the table, which stays at the bottom
         run.wait(args.timeout, poll=1.0, check=refresh, on_stall=_warn_stall)
         refresh(now=True)
+    _warn_killed(run, run.status().units)
     return 0
 
 

@@ -13,6 +13,7 @@ beyond its images there, and the report's Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -143,9 +144,9 @@ def _forest(unit: Unit, sizes: Sizes) -> int:
     """A forest, a tree shard or a merge: the fold's splits as uint8 copies, the float32
     training rows of every augmented copy (a PCA centres them in place and adds its
     own output), the trees, and a prediction chunk; a shard then pickles its trees into
-    its file, a copy of each at a time. A merge loads its shards' trees (their file's
-    bytes, then the objects) and builds no training rows when the shards bring their
-    scores."""
+    its file, a copy of each at a time. A merge loads its shards' trees one shard after
+    another (a file's bytes, then its trees) and builds no training rows when the shards
+    bring their scores."""
     params = unit.params
     variant = params["variant"]
     d = sizes.variant_bytes(variant)
@@ -156,19 +157,23 @@ def _forest(unit: Unit, sizes: Sizes) -> int:
     chunk = min(CHUNK_BYTES, max(n_val, n_test) * d * 4)
     trees_all = int(params.get("n_estimators", 100))
     if unit.stage == MERGE:
+        # the shards loaded one after the other: every tree, and, as the last one loads,
+        # its file's bytes and the arrays its trees are unpickled from
         forest = _trees_bytes(trees_all, rows, params, sizes.classes)
-        return sizes.loading(variant) + splits + 2 * forest + chunk
+        shards = max(1, int(params.get("tree_shards", 1)))
+        return sizes.loading(variant) + splits + forest + 2 * forest // shards + chunk
     shards = int(params.get("tree_shards", 1)) if unit.family == "rf_shard" else 1
     trees = math.ceil(trees_all / shards)
     features = d
     work = rows * d * 4  # the training rows, float32
     scaling = params.get("select_scaling")
     if scaling is not None:
-        # the selecting forest's trees, then the rows of the features it keeps (a
-        # median threshold keeps about half at scaling 1, more below it)
+        # the selecting forest's trees, which the pipeline keeps, and the rows of the
+        # features it keeps (a median threshold keeps about half at scaling 1, more
+        # below it, and all where most features were never split on)
         helper = int(params.get("select_estimators", 400))
         features = d if float(scaling) < 1 else d // 2
-        work += max(_trees_bytes(helper, rows, {}, sizes.classes), rows * features * 4)
+        work += _trees_bytes(helper, rows, {}, sizes.classes) + rows * features * 4
     components = params.get("pca_components")
     if components is not None:
         k = min(int(components), rows, features)
@@ -226,41 +231,71 @@ def _report(sizes: Sizes) -> int:
 
 
 def gigabytes(size: int) -> str:
-    """``size`` bytes for a person: "0.4 GB", "12 GB", "under 0.1 GB"."""
+    """``size`` bytes for a person: "0.4 GB", "12 GB", "< 0.1 GB"."""
     if size < 0.05e9:
-        return "under 0.1 GB"
+        return "< 0.1 GB"
     if size < 9.95e9:
         return f"{size / 1e9:.1f} GB"
     return f"{size / 1e9:,.0f} GB"
 
 
-#: where a container's memory limit and use are read (cgroup v2, then v1)
-CGROUP_FILES = (
-    ("memory.max", "memory.current"),
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-)
-
-
 def available_bytes(
-    meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroup: Path = Path("/sys/fs/cgroup"),
+    own_cgroup: Path = Path("/proc/self/cgroup"),
 ) -> int | None:
     """The memory this process may still take: the host's ``MemAvailable``, or less where
-    its cgroup's limit (a container's) leaves less; None where neither can be read (not
-    Linux)."""
+    a cgroup's limit (a container's, a systemd service's ``MemoryMax``) leaves less,
+    counting its reclaimable page cache as free as ``MemAvailable`` does; None where
+    neither can be read (not Linux)."""
     found = []
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file, use_file in CGROUP_FILES:
-        try:
-            limit = (cgroup / limit_file).read_text().strip()
-            used = int((cgroup / use_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
-            found.append(max(0, int(limit) - used))
-        break
+    for folder, limit_file, used_file, cache_key in _cgroup_levels(cgroup, own_cgroup):
+        with contextlib.suppress(OSError, ValueError):
+            limit = (folder / limit_file).read_text().strip()
+            if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's "no limit"
+                continue
+            used = int((folder / used_file).read_text())
+            stat = (folder / "memory.stat").read_text().split()
+            cache = int(stat[stat.index(cache_key) + 1]) if cache_key in stat else 0
+            found.append(max(0, int(limit) - used + cache))
     return min(found) if found else None
+
+
+def _cgroup_levels(cgroup: Path, own_cgroup: Path) -> list[tuple[Path, str, str, str]]:
+    """(folder, limit file, usage file, reclaimable cache's key in memory.stat) for each
+    cgroup that may limit this process: under v2 its own group and every one above it,
+    under v1 the memory controller's folder as a container sees it."""
+    levels = [(cgroup / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+               "total_inactive_file")]  # fmt: skip
+    own = ""
+    with contextlib.suppress(OSError):
+        own = next(
+            (line[3:] for line in own_cgroup.read_text().splitlines() if line.startswith("0::")),
+            "",
+        )
+    folder = cgroup / own.strip().lstrip("/")
+    while True:
+        levels.append((folder, "memory.max", "memory.current", "inactive_file"))
+        if folder == cgroup or cgroup not in folder.parents:
+            break
+        folder = folder.parent
+    return levels
+
+
+def process_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """What this process holds now (its resident set), 0 where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def about(size: int) -> str:
+    """``about 4.2 GB``, or ``under 0.1 GB``."""
+    said = gigabytes(size)
+    return "under 0.1 GB" if said.startswith("<") else f"about {said}"

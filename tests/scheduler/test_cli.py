@@ -476,7 +476,7 @@ def test_a_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
         "the dev split"
     )
     rows = [re.split(r"\s{2,}", line) for line in lines[2:-2]]
-    small = "under 0.1 GB"  # the most one unit holds: these images are 8 x 8 px
+    small = "< 0.1 GB"  # the most one unit holds: these images are 8 x 8 px
     assert rows == [
         ["preprocess", "preprocess", "3", "preprocess", small, "shards of up to 10 images"],
         ["models", "svm", "2", "cpu", small,

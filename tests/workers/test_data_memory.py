@@ -161,8 +161,9 @@ def test_a_unit_larger_than_the_memory_available_says_so_as_it_loads(
     cached_campaign, monkeypatch
 ) -> None:  # noqa: ANN001
     """Before the kernel kills it (which the store can tell only as a delivery that
-    ended without a result), the worker's log says what the unit holds and what the
-    host has."""
+    ended without a result), the worker's log says what the unit holds, what the process
+    holds already (of it, perhaps: the variant kept from the last unit) and what the
+    host has left."""
     import shared.memory
     from workers.tasks import base
 
@@ -171,14 +172,38 @@ def test_a_unit_larger_than_the_memory_available_says_so_as_it_loads(
     ctx = base.UnitContext(store.get_campaign("w-1"), unit, store, settings, _manifest=manifest)
     said: list[tuple] = []
     monkeypatch.setattr(base.log, "warning", lambda *args: said.append(args))
-    for available, warned in ((10**12, False), (1_000, True), (None, False)):
+    needs = shared.memory.unit_bytes(unit, shared.memory.Sizes.of(manifest, {}, [unit.fold]))
+    for available, held, warned in (
+        (10**12, 0, False),
+        (1_000, 0, True),
+        (needs - 1, 0, True),
+        (needs // 2, needs // 2 + 1, False),  # what it holds already counts as its own
+        (None, 0, False),  # not Linux
+    ):
         said.clear()
         monkeypatch.setattr(shared.memory, "available_bytes", lambda a=available: a)
+        monkeypatch.setattr(shared.memory, "process_bytes", lambda h=held: h)
         assert len(ctx.fold_data("resize16").images) == len(manifest.entries)
-        assert bool(said) == warned, said
+        assert bool(said) == warned, (available, held, said)
     monkeypatch.setattr(shared.memory, "available_bytes", lambda: 1_000)
     said.clear()
     ctx.fold_data("resize16")
     (args,) = said
-    assert args[0].startswith("%s holds about %s in this process by orchard's estimate")
-    assert args[1:] == (unit.key, "under 0.1 GB", "under 0.1 GB")
+    assert args[0].startswith("%s holds %s in this process by orchard's estimate, more than")
+    assert args[1:] == (unit.key, shared.memory.about(needs), "0.0 GB", "0.0 GB")
+
+    def broken(*_args):  # noqa: ANN202
+        raise KeyError("variant")
+
+    monkeypatch.setattr(shared.memory, "unit_bytes", broken)  # advisory: the unit goes on
+    said.clear()
+    assert len(ctx.fold_data("resize16").images) == len(manifest.entries) and not said
+
+
+def test_a_cnn_fold_on_the_cpu_counts_its_images_on_the_device(monkeypatch) -> None:  # noqa: ANN001
+    from workers.tasks import base
+
+    monkeypatch.setenv("ORCHARD_DEVICE", "cpu")
+    assert base._cnn_on_the_cpu()
+    monkeypatch.setenv("ORCHARD_DEVICE", "cuda:1")
+    assert not base._cnn_on_the_cpu()

@@ -4,6 +4,8 @@ a tree shard and the merge of its forest's shards, measured as in
 
 from __future__ import annotations
 
+import pytest
+
 from shared.memory import Sizes, unit_bytes
 from shared.plan import MERGE
 from tests.db.test_store import deliver
@@ -22,10 +24,12 @@ def test_a_tree_shard_of_deep_trees(tmp_path, sqlite_url):
     _check(tmp_path, sqlite_url, rf, _first("rf_shard"), images=2500, cache=32)
 
 
-def test_a_merge_of_tree_shards(tmp_path, sqlite_url):
+@pytest.mark.parametrize("shards", [2, 4])
+def test_a_merge_of_tree_shards(tmp_path, sqlite_url, shards):
     """The shards' trees, loaded from their files, with the scores they bring."""
+    rf = {**FOREST, "tree_shards": shards, "folds": 1}
     store, manifest, units, path = _campaign(
-        tmp_path, sqlite_url, {"rf": {**FOREST, "folds": 1}}, images=2500, cache=32
+        tmp_path, sqlite_url, {"rf": rf}, images=2500, cache=32
     )
     settings = local_settings(tmp_path, sqlite_url)
     campaign = store.get_campaign("m-1")

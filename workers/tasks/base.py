@@ -477,23 +477,52 @@ def _read_manifest(path: Path, sha256: str) -> Manifest:
 
 def _warn_if_larger_than_the_host(unit: Unit, spec: dict[str, Any], manifest: Manifest) -> None:
     """Log a warning where ``unit`` holds more, by ``shared.memory``'s estimate, than this
-    host (or its container) has available as it loads its images: the kernel may kill
-    it, and every delivery after it, which the store then tells only as "ended without
-    a result"."""
-    from shared.memory import Sizes, available_bytes, gigabytes, unit_bytes
+    process holds already (the variant kept from its last unit, say) and this host (or
+    its container) has available together, as it loads its images: the kernel may kill
+    it, and every delivery after it, which the store then tells only as deliveries that
+    ended without a result. Advisory: nothing it meets stops the unit."""
+    from shared.memory import (
+        Sizes,
+        about,
+        available_bytes,
+        cnn_device_images,
+        process_bytes,
+        unit_bytes,
+    )
 
-    if (available := available_bytes()) is None:
+    try:
+        if (available := available_bytes()) is None:
+            return
+        sizes = Sizes.of(manifest, spec, [unit.fold])
+        needs = unit_bytes(unit, sizes)
+        if unit.family == "cnn" and _cnn_on_the_cpu():
+            needs += cnn_device_images(unit.params, sizes, unit.fold)  # "the device": here
+        held = process_bytes()
+    except Exception:  # noqa: BLE001
+        log.debug("%s: no memory estimate", unit.key, exc_info=True)
         return
-    needs = unit_bytes(unit, Sizes.of(manifest, spec, [unit.fold]))
-    if needs > available:
+    if needs > available + held:
         log.warning(
-            "%s holds about %s in this process by orchard's estimate, more than the %s "
-            "this host has available: the kernel may kill it (README: How much memory a "
-            "worker needs)",
+            "%s holds %s in this process by orchard's estimate, more than the %s it holds "
+            "now and the %s this host has available together: the kernel may kill it "
+            "(README: How much memory a worker needs)",
             unit.key,
-            gigabytes(needs),
-            gigabytes(available),
+            about(needs),
+            f"{held / 1e9:.1f} GB",
+            f"{available / 1e9:.1f} GB",
         )
+
+
+def _cnn_on_the_cpu() -> bool:
+    """Whether this worker's CNN folds train on the CPU (``ORCHARD_DEVICE``, or no GPU
+    that torch sees), where their images on "the device" are in the host's memory too."""
+    import sys
+
+    wanted = os.environ.get("ORCHARD_DEVICE")
+    if wanted:
+        return wanted.startswith("cpu")
+    torch = sys.modules.get("torch")  # a GPU worker loaded it as it started
+    return torch is None or not torch.cuda.is_available()
 
 
 class UnitMemoryError(RuntimeError):
