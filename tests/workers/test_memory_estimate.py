@@ -124,11 +124,11 @@ def _first(family: str, stage: int | None = None):  # noqa: ANN202
     return pick
 
 
-@pytest.mark.parametrize("k", [40, 300])
-def test_an_svm_point_fitting_its_folds_pca(tmp_path, sqlite_url, k):
+@pytest.mark.parametrize(("k", "cache"), [(40, 128), (300, 96)])
+def test_an_svm_point_fitting_its_folds_pca(tmp_path, sqlite_url, k, cache):
     """K = 300 of 400 training images: the randomized SVD's working set is most of it."""
     svm = {"variant": "full", "n_components": k, "C": 1.0, "gamma": "scale", "folds": 1}
-    _check(tmp_path, sqlite_url, {"svm": svm}, _first("svm"), images=1000, cache=128)
+    _check(tmp_path, sqlite_url, {"svm": svm}, _first("svm"), images=1000, cache=cache)
 
 
 def test_a_forest_over_augmented_rows_with_a_pca(tmp_path, sqlite_url):
