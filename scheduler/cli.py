@@ -856,6 +856,7 @@ def _dry_run(path: Path) -> int:
     from rich.console import Console
 
     from scheduler.api import plan
+    from shared.memory import about
 
     planned = plan(path)
     campaign, manifest = planned.campaign, planned.manifest
@@ -880,7 +881,7 @@ def _dry_run(path: Path) -> int:
         "(submit without --dry-run to run it)"
     )
     print(
-        f"memory: the largest unit, {largest.key}, holds {_about(memory[largest.key])} in "
+        f"memory: the largest unit, {largest.key}, holds {about(memory[largest.key])} in "
         "its worker process, beside the process's own "
         "(0.2 GB; 1-2 GB with torch); a prefork worker holds that in each of its "
         "--concurrency processes"
@@ -1001,6 +1002,7 @@ def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.
     kill, most often), naming the one that holds the most memory by ``shared.memory``'s
     estimate, where the campaign's manifest is on this host."""
     from db.store import NO_RESULT
+    from shared.memory import about
 
     # and as earlier orchards recorded it
     said = (NO_RESULT, "the worker was lost each time")
@@ -1013,8 +1015,7 @@ def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.
     if memory.get(most.key):
         which = f"the largest of them, {most.key}," if len(killed) > 1 else most.key
         held = (
-            f"; {which} holds {_about(memory[most.key])} in its worker process by orchard's "
-            "estimate"
+            f"; {which} holds {about(memory[most.key])} in its worker process by orchard's estimate"
         )
     count = f"{len(killed)} unit{'s' if len(killed) > 1 else ''}"
     print(
@@ -1023,12 +1024,6 @@ def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.
         f'{held}: see the README, "How much memory a worker needs"',
         file=sys.stderr,
     )
-
-
-def _about(size: int) -> str:
-    from shared.memory import about
-
-    return about(size)
 
 
 def _finish(run, status) -> int:  # noqa: ANN001
