@@ -270,7 +270,9 @@ def test_a_campaign_sent_to_workers_of_another_database_is_named_on_both_sides(
     # the right worker comes (the wrong one leaves, or it could take a message again)
     cluster.pool.terminate("cpu")
     try:
-        with WorkerPool(other) as right:
+        # a lease of 2 s (the module's workers: 4 s): it counts the units dropped after
+        # five lease periods idle, 10 s instead of 20
+        with WorkerPool(other, env={"ORCHARD_LEASE_SECONDS": "2"}) as right:
             right.start("right-cpu", "cpu,preprocess,report")
             wait_for(
                 lambda: all(run.store.get_unit(k).state == "SUCCESS" for k in queued),

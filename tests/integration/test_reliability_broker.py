@@ -39,7 +39,10 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     """A GPU worker SIGKILLed mid-fold with an hour of visibility timeout: Redis would
     hand its message out again in an hour; the workers see the fold's lease run out and
     send it again, and it resumes from its checkpoint on another GPU worker."""
-    prefix = own_prefix_and_fast_recovery(monkeypatch, {"ORCHARD_VISIBILITY_TIMEOUT": "3600"})
+    # a lease of 2 s: the fold is sent again about two lease periods after its last heartbeat
+    prefix = own_prefix_and_fast_recovery(
+        monkeypatch, {"ORCHARD_VISIBILITY_TIMEOUT": "3600", "ORCHARD_LEASE_SECONDS": "2"}
+    )
     settings = settings_for(tmp_path, REDIS_URL, postgres_url)
     store = Store(settings.database_url)
     store.upgrade()

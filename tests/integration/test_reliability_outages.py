@@ -90,7 +90,9 @@ def test_a_database_outage_never_fails_a_running_unit(
             pool.start("cpu", "cpu,preprocess,report", concurrency=1)
 
             def outage(name: str, until: Callable[[str], object]):  # noqa: ANN202
-                run = submit(write_campaign(tmp_path, name, epochs=12), settings=submitter)
+                # 8 epochs: 5 still to run once the third is recorded, room for the
+                # test's polling before the outage, which must meet the fold mid-run
+                run = submit(write_campaign(tmp_path, name, epochs=8), settings=submitter)
                 fold = cnn_unit(run)
                 # an epoch's metrics are recorded before its checkpoint: the third
                 # epoch's mean the checkpoint after the second is recorded
