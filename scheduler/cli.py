@@ -26,7 +26,6 @@ cannot be written (a full disk, a closed descriptor) is one line too (exit 1).
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import errno
 import json
@@ -36,13 +35,23 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scheduler.stopsignals import Stopped, StopSignals, said_stop
+from scheduler.tables import print_table
+from scheduler.views import (
+    NARROW_DROPS,
+    campaign_json,
+    campaign_rows,
+    print_units,
+    rows_of,
+    unit_json,
+    unit_lines,
+    unit_rows,
+    units_table,
+)
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, load_settings, mask_url
 from shared.times import as_utc
@@ -874,7 +883,7 @@ def _dry_run(path: Path) -> int:
     )
     memory = planned.unit_memory()
     rows = _plan_rows(campaign, planned.units, memory, planned.gpu_memory())
-    _print_table(Console(), title, _PLAN_COLUMNS, rows)
+    print_table(Console(), title, _PLAN_COLUMNS, rows)
     largest = max(planned.units, key=lambda u: memory[u.key])
     print(
         f"{len(planned.units):,} units in all; nothing was recorded, sent or written "
@@ -1069,7 +1078,7 @@ def _status(args: argparse.Namespace) -> int:
             print(f"no campaigns in {mask_url(store.url)}")
             return 0
         older = 0 if args.all else max(0, store.count_campaigns() - len(shown))
-        _print_table(console, *_campaign_rows(store, shown), whole="id", drops=NARROW_DROPS)
+        print_table(console, *campaign_rows(store, shown), whole="id", drops=NARROW_DROPS)
         if older:
             print(
                 f"... {older} older campaign(s) not shown; --all lists every one",
@@ -1080,8 +1089,8 @@ def _status(args: argparse.Namespace) -> int:
 
     run = CampaignRun(args.campaign, store, load_settings())
     if not args.watch:
-        campaign, lines = _unit_lines(store, args.campaign)
-        _print_units(console, _rows_of(campaign, lines))
+        campaign, lines = unit_lines(store, args.campaign)
+        print_units(console, rows_of(campaign, lines))
         # the state read with the units (run.status() would read every unit again)
         if campaign.state == "RUNNING" and (line := run.stalled()):
             _warn_stall(line)
@@ -1094,13 +1103,13 @@ def _status(args: argparse.Namespace) -> int:
         # piped: no redrawing, the final table once; a terminal that cannot redraw
         # (TERM=dumb) is told the units' progress a line per change, on stderr
         run.wait(args.timeout, progress=console.is_dumb_terminal, on_stall=_warn_stall)
-        _print_units(console, _unit_rows(store, args.campaign))
+        print_units(console, unit_rows(store, args.campaign))
         _warn_killed(run, run.status().units)
         return 0
     from rich.live import Live
 
     with Live(
-        _units_table(store, args.campaign, console), console=console, refresh_per_second=2
+        units_table(store, args.campaign, console), console=console, refresh_per_second=2
     ) as live:
         built = {"at": time.monotonic(), "took": 0.0}
 
@@ -1110,7 +1119,7 @@ def _status(args: argparse.Namespace) -> int:
             if not now and time.monotonic() - built["at"] < 2 * built["took"]:
                 return
             started = time.monotonic()
-            live.update(_units_table(store, args.campaign, console))
+            live.update(units_table(store, args.campaign, console))
             built.update(at=time.monotonic(), took=time.monotonic() - started)
 
         # stderr too: rich prints it above the table, which stays at the bottom
@@ -1118,329 +1127,6 @@ def _status(args: argparse.Namespace) -> int:
         refresh(now=True)
     _warn_killed(run, run.status().units)
     return 0
-
-
-Rows = tuple[str, Sequence[str], list[list[str]]]  # title, column names, rows of cells
-
-#: Columns of ``orchard status`` that a narrow terminal leaves out, first to last: the
-#: campaign id already holds the name and the creation time, and a cancelled campaign
-#: says so in its state.
-NARROW_DROPS = ("created", "name", "cancelled")
-
-
-def _print_table(
-    console,  # noqa: ANN001 - a rich Console
-    title: str,
-    columns: Sequence[str],
-    rows: list[list[str]],
-    *,
-    whole: str | None = None,
-    drops: Sequence[str] = (),
-) -> None:
-    """A rich table on a terminal; plain columns when the output is not a terminal (a
-    pipe, a file: no box characters, no width limit, every column, one line per row).
-
-    The cells of the ``whole`` column are never cut or folded (a campaign id is copied
-    into the next command). The other columns wrap between words to fit the terminal;
-    where even that is too wide the ``drops`` columns are left out one by one, and a
-    terminal too narrow for the rest gets plain columns, without the ``drops``.
-    """
-    if whole is None:
-        if console.is_terminal:
-            console.print(_rich_table(title, columns, rows))
-        else:
-            print(_plain_table(title, columns, rows))
-        return
-    if not console.is_terminal:
-        print(_plain_table(title, columns, rows))
-        return
-    if (table := _first_fitting_table(console, title, columns, rows, whole, drops)) is not None:
-        console.print(table)
-        return
-    # No table fits, even without the drops columns: plain columns without them (a table
-    # is at most a few characters wider than plain columns of the same cells, since its
-    # cells wrap, so plain columns would not fit with any of the drops either).
-    index = [i for i, name in enumerate(columns) if name not in drops]
-    print(
-        _plain_table(title, [columns[i] for i in index], [[row[i] for i in index] for row in rows])
-    )
-    if drops:
-        hidden = [name for name in columns if name in drops]
-        print(f"not shown at this width: {', '.join(hidden)}")
-
-
-def _plain_table(title: str, columns: Sequence[str], rows: list[list[str]]) -> str:
-    """The title, then one line per row, columns aligned by spaces; an empty cell is ``-``
-    so that every line has as many words per column. A character the output's encoding
-    lacks is escaped here, before the widths are taken (``\\xe9`` is four columns), and
-    a wide one (CJK) counts as two."""
-    from rich.cells import cell_len
-
-    escape = _escaper(getattr(sys.stdout, "encoding", None))
-    cells = [list(columns)] + [
-        [escape(" ".join(cell.split())) or "-" for cell in row] for row in rows
-    ]
-    widths = [max(cell_len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = [
-        "  ".join(
-            cell + " " * (w - cell_len(cell)) for cell, w in zip(line, widths, strict=True)
-        ).rstrip()
-        for line in cells
-    ]
-    return "\n".join([title, *lines])
-
-
-def _escaper(encoding: str | None) -> Callable[[str], str]:
-    """What the output will show for a text: as it is, or with the characters
-    ``encoding`` lacks escaped (as the output's ``backslashreplace`` would)."""
-    try:
-        codecs.lookup(encoding or "utf-8")
-    except LookupError:
-        return lambda text: text
-    codec = encoding or "utf-8"
-    return lambda text: text.encode(codec, "backslashreplace").decode(codec)
-
-
-def _rich_table(  # noqa: ANN202
-    title: str,
-    columns: Sequence[str],
-    rows: list[list[str]],
-    widths: Sequence[int | None] | None = None,
-    caption: str | None = None,
-):
-    from rich.table import Table
-    from rich.text import Text
-
-    # every string as Text, which rich prints as it is: a str is read as console markup,
-    # and a file name or error holding "[/x]" (a dataset's folder names) stopped the
-    # command with a MarkupError, while "[link=…]" or "[conceal]" in one acted
-    table = Table(
-        title=Text(title, style="table.title"),
-        caption=Text(caption, style="table.caption") if caption is not None else None,
-    )
-    for column, width in zip(columns, widths or [None] * len(columns), strict=True):
-        # with a width given, every word fits it: cells wrap between words
-        table.add_column(Text(column), overflow="fold", width=width)
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))
-    return table
-
-
-def _first_fitting_table(console, title, columns, rows, whole, drops, folds=None):  # noqa: ANN001, ANN202
-    """:func:`_fitted_table` of every column, else without the first of ``drops``, then
-    the next too, ...: the first that fits the console; None if none does."""
-    shown = list(columns)
-    for drop in (None, *drops):
-        if drop is not None:
-            shown.remove(drop)
-        if (table := _fitted_table(console, title, columns, rows, shown, whole, folds)) is not None:
-            return table
-    return None
-
-
-def _fitted_table(console, title, columns, rows, shown, whole, folds=None):  # noqa: ANN001, ANN202
-    """The table of the ``shown`` columns at the console's width, the ``whole`` column
-    at its full width and no other word cut but in the ``folds`` column (long messages:
-    at least ``FOLDED_WIDTH`` wide); None if it cannot be that narrow."""
-    from rich.measure import Measurement
-
-    index = [columns.index(name) for name in shown]
-    cells = [[name] + [row[i] for row in rows] for name, i in zip(shown, index, strict=True)]
-    natural = [max(len(cell) for cell in column) for column in cells]
-    least = [
-        n
-        if name == whole
-        else min(n, FOLDED_WIDTH)
-        if name == folds
-        else max(len(word) for cell in column for word in cell.split() or [""])
-        for name, n, column in zip(shown, natural, cells, strict=True)
-    ]
-    hidden = [name for name in columns if name not in shown]
-    caption = f"not shown at this width: {', '.join(hidden)}" if hidden else None
-    sub = [[row[i] for i in index] for row in rows]
-    table = _rich_table(title, shown, sub, natural, caption)
-    wide = console.options.update_width(10**6)
-    excess = Measurement.get(console, wide, table).maximum - console.width
-    if excess > sum(natural) - sum(least):
-        return None
-    widths = list(natural)
-    while excess > 0:  # narrow the widest column that can still wrap, one step at a time
-        i = max((i for i in range(len(widths)) if widths[i] > least[i]), key=lambda i: widths[i])
-        widths[i] -= 1
-        excess -= 1
-    return _rich_table(title, shown, sub, widths, caption)
-
-
-def _print_units(console, rows: Rows) -> None:  # noqa: ANN001 - a rich Console
-    """A campaign's unit table: on a terminal the units it can show, fitted to its width;
-    piped, every unit in plain columns."""
-    if console.is_terminal:
-        console.print(_units_renderable(console, *_terminal_rows(rows)))
-    else:
-        print(_plain_table(*rows))
-
-
-#: The least width of a column of messages whose words may be cut (a path, an error).
-FOLDED_WIDTH = 12
-#: Columns of a campaign's unit table that a narrow terminal leaves out, first to last;
-#: the unit's key is never cut, its message may be.
-UNIT_DROPS = ("worker", "tries", "seconds", "val acc")
-UNIT_FOLDS = "progress / error"
-
-
-def _units_renderable(console, title: str, columns: Sequence[str], rows: list[list[str]]):  # noqa: ANN001, ANN202
-    """A campaign's unit table on a terminal: the keys whole, the messages folded, the
-    ``UNIT_DROPS`` columns left out while it is too wide; where even that does not fit,
-    the rest as rich lays them out (every column folded)."""
-    drops = [name for name in UNIT_DROPS if name in columns]
-    table = _first_fitting_table(console, title, columns, rows, "unit", drops, UNIT_FOLDS)
-    if table is not None:
-        return table
-    index = [i for i, name in enumerate(columns) if name not in drops]
-    shown = [columns[i] for i in index]
-    caption = f"not shown at this width: {', '.join(drops)}"
-    return _rich_table(title, shown, [[row[i] for i in index] for row in rows], caption=caption)
-
-
-def _campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
-    from collections import Counter
-
-    from shared.plan import CANCELLED, FAILED, RUNNING, SUCCESS
-
-    columns = (
-        "id", "name", "state", "units done/total", "failed", "cancelled", "running", "created"
-    )  # fmt: skip
-    rows = []
-    counts = store.unit_counts([c.id for c in campaigns])  # one query for the whole list
-    for campaign in campaigns:
-        states = Counter(counts.get(campaign.id, {}))
-        rows.append(
-            [
-                campaign.id,
-                campaign.name,
-                campaign.state,
-                f"{states[SUCCESS]}/{states.total()}",  # done: succeeded, not merely ended
-                str(states[FAILED]),
-                str(states[CANCELLED]),
-                str(states[RUNNING]),
-                f"{as_utc(campaign.created_at):%Y-%m-%d %H:%M:%S}",
-            ]
-        )
-    return f"campaigns in {mask_url(store.url)}", columns, rows
-
-
-@dataclass(frozen=True, slots=True)
-class _UnitLine:
-    """What ``orchard status ID`` shows of a unit, as a table row or as JSON."""
-
-    unit: Any  # db.store.Unit
-    result: Any  # db.store.Result | None
-    note: str  # progress or error, as the table's last column says it
-    epoch: dict[str, Any] | None  # a running CNN fold's last epoch: done, of, val_acc
-    earlier: list[Any]  # db.store.EarlierAttempt: the attempts that did not end it
-
-
-def _unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [_UnitLine])
-    campaign = store.get_campaign(campaign_id)
-    results = store.results(campaign_id)
-    units = store.units(campaign_id)
-    running_cnn = [u.key for u in units if u.state == "RUNNING" and u.family == "cnn"]
-    metrics = store.campaign_metrics(campaign_id, keys=running_cnn) if running_cnn else {}
-    earlier_attempts = store.earlier_attempts(campaign_id)
-    now = store.now()  # the clock the leases were written by, not this host's
-    lines = []
-    for unit in units:
-        result = results.get(unit.key)
-        earlier = earlier_attempts.get(unit.key, [])
-        note = visible_controls(unit.error or "")  # recorded by any worker, any version
-        epoch = None
-        if unit.state == "RUNNING" and unit.family == "cnn":
-            epochs = metrics.get(unit.key, {}).get("val_acc", [])
-            if epochs:
-                step, value = epochs[-1]
-                epoch = {"done": step + 1, "of": unit.params.get("epochs"), "val_acc": value}
-                note = f"epoch {step + 1}/{unit.params.get('epochs')} val_acc={value:.3f}"
-        if unit.state == "RUNNING" and (late := _lease_late(unit, now)) is not None:
-            # its worker renews the lease every third of it: one that stopped is gone
-            # (killed, its host down), stuck, or was cut off from the database (its
-            # delivery comes back once the lease ran out); the workers send it again
-            note = (
-                f"lease ran out {late:.0f} s ago: its worker is gone, stuck or cut off from "
-                "the database; sent again within two lease periods" + (f" ({note})" if note else "")
-            )
-        if unit.state == "QUEUED" and unit.worker and not note:
-            # handed back by a stopping worker, or sent again after its worker was lost
-            epochs = store.metrics(unit.key).get("val_acc", []) if unit.family == "cnn" else []
-            done = f" after epoch {epochs[-1][0] + 1}" if epochs else ""
-            note = f"queued again{done}: was on {visible_controls(unit.worker)}"
-        if result and (source := result.extra.get("reused_from")):
-            # copied by --reuse: the worker and seconds are the source unit's
-            note = f"reused from {source}"
-        elif earlier and not note:
-            note = _earlier_note(earlier[-1], len(earlier))
-        lines.append(_UnitLine(unit, result, note, epoch, earlier))
-    return campaign, lines
-
-
-#: How each state a unit was in when its next attempt took over ends that attempt.
-_ENDED_BY = {
-    "RUNNING": "its lease ran out",
-    "LOST": "its process died (killed, out of memory)",
-    "QUEUED": "sent again (its worker lost, or stopping)",
-    "FAILED": "failed, then resumed",
-    "CANCELLED": "cancelled, then resumed",
-}
-
-
-def _earlier_note(attempt, count: int) -> str:  # noqa: ANN001 - a db.store.EarlierAttempt
-    """``after an earlier run on gpu-7413@vm: sent again (its worker lost, ...)``. Runs,
-    not attempts: a run handed back by a stopping worker is not counted in `tries`."""
-    how = _ENDED_BY.get(attempt.state, attempt.state)
-    if attempt.state in ("FAILED", "CANCELLED") and attempt.error:
-        how += f": {visible_controls(attempt.error)}"
-    where = f" on {visible_controls(attempt.worker)}" if attempt.worker else ""
-    if count == 1:
-        return f"after an earlier run{where}: {how}"
-    return f"after {count} earlier runs, the last{where}: {how}"
-
-
-#: Seconds past a running unit's lease before `orchard status` calls its worker gone
-#: (a renewal in flight as the store is read).
-LEASE_SLACK = 5.0
-
-
-def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
-    """Seconds since a running unit's lease ran out, beyond :data:`LEASE_SLACK`; None
-    while its worker keeps renewing it."""
-    expires = as_utc(unit.lease_expires_at)
-    if expires is None:
-        return None
-    late = (now - expires).total_seconds()
-    return late if late > LEASE_SLACK else None
-
-
-def _unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
-    return _rows_of(*_unit_lines(store, campaign_id))
-
-
-def _rows_of(campaign, lines: list[_UnitLine]) -> Rows:  # noqa: ANN001 - a db.store.Campaign
-    """The table of :func:`_unit_lines`' campaign and units, titled with its state."""
-    columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
-    rows = [
-        [
-            line.unit.key.removeprefix(campaign.id + "/"),
-            line.unit.state,
-            str(line.unit.attempts),
-            # a worker started by `celery worker -n` (not `orchard worker`, which checks
-            # the name) may hold ESC sequences that would act on the terminal
-            visible_controls(line.unit.worker or ""),
-            f"{line.result.fit_seconds:.1f}" if line.result else "",
-            f"{line.result.val_acc:.3f}" if line.result and line.result.val_acc is not None else "",
-            line.note,
-        ]
-        for line in lines
-    ]
-    return f"{campaign.id}: {campaign.state}", columns, rows
 
 
 def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
@@ -1455,7 +1141,7 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
         older = 0 if args.all else max(0, store.count_campaigns() - len(shown))
         document = {
             "store": mask_url(store.url),
-            "campaigns": [_campaign_json(c, counts.get(c.id, {})) for c in shown],
+            "campaigns": [campaign_json(c, counts.get(c.id, {})) for c in shown],
             "not_shown": older,
         }
     else:
@@ -1463,164 +1149,23 @@ def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
         if args.watch:
             with _watching(args.campaign):
                 run.wait(args.timeout, on_stall=_warn_stall)
-        campaign, lines = _unit_lines(store, args.campaign)
+        campaign, lines = unit_lines(store, args.campaign)
         report = run.report_path()
         done = campaign.state == "DONE"
         document = {
             "store": mask_url(store.url),
             "campaign": {
-                **_campaign_json(campaign, Counter(line.unit.state for line in lines)),
+                **campaign_json(campaign, Counter(line.unit.state for line in lines)),
                 "report": str(report) if report else None,
                 # its files missing or changed here (`orchard resume` writes them again)
                 "report_damaged": [str(path) for path in (run.damaged_report() if done else [])],
                 "stalled": run.stalled() if campaign.state == "RUNNING" else None,
             },
-            "units": [_unit_json(line) for line in lines],
+            "units": [unit_json(line) for line in lines],
         }
     # ASCII: valid JSON on any stdout encoding; no NaN or Infinity, which JSON lacks
     print(json.dumps(finite_or_none(document), indent=2, allow_nan=False))
     return 0
-
-
-def _campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001
-    from shared.plan import UNIT_STATES
-
-    return {
-        "id": campaign.id,
-        "name": campaign.name,
-        "state": campaign.state,
-        "source": campaign.source,
-        "created_at": _iso(campaign.created_at),
-        "finished_at": _iso(campaign.finished_at),
-        # every state, 0 too: `.units.FAILED` is a number for a script, never absent
-        "units": {
-            "total": sum(states.values()),
-            **{state: states.get(state, 0) for state in UNIT_STATES},
-        },
-    }
-
-
-def _unit_json(line: _UnitLine) -> dict[str, Any]:
-    unit, result = line.unit, line.result
-    return {
-        "key": unit.key,
-        "family": unit.family,
-        "stage": unit.stage,
-        "fold": unit.fold,
-        "queue": unit.queue,
-        "state": unit.state,
-        "attempts": unit.attempts,
-        "worker": unit.worker,
-        "task_id": unit.task_id,  # Celery's, as Flower and the workers' logs show it
-        "started_at": _iso(unit.started_at),
-        "finished_at": _iso(unit.finished_at),
-        # a running unit's: its worker's last renewal, and when the lease runs out
-        "heartbeat_at": _iso(unit.heartbeat_at),
-        "lease_expires_at": _iso(unit.lease_expires_at),
-        "params": unit.params,
-        "train_acc": result.train_acc if result else None,
-        "val_acc": result.val_acc if result else None,
-        "test_acc": result.test_acc if result else None,
-        "fit_seconds": result.fit_seconds if result else None,
-        "reused_from": result.extra.get("reused_from") if result else None,
-        # what its numbers depend on besides the seed: its libraries' threads
-        "threads": result.extra.get("threads") if result else None,
-        "epoch": line.epoch,
-        "error": unit.error,
-        "note": line.note,
-        # the attempts that did not end it, oldest first: its worker lost, handed back,
-        # failed before a resume
-        "earlier_attempts": [
-            {
-                "worker": a.worker,
-                "started_at": _iso(a.started_at),
-                "last_heard_at": _iso(a.last_heard_at),
-                "state": a.state,
-                "error": a.error,
-            }
-            for a in line.earlier
-        ],
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC, with its zone."""
-    utc = as_utc(moment)
-    return None if utc is None else utc.isoformat()
-
-
-def _units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
-    """`status ID --watch`'s table: as many units as the terminal's height holds, those
-    not succeeded first (a running fold's epoch below thirty finished shards was never
-    seen: rich cuts a live display at the bottom of the screen)."""
-    rows = _unit_rows(store, campaign_id)
-    height = max(1, console.size.height - 2)  # the cursor's line, a stall warning's
-
-    def table(limit: int):  # noqa: ANN202 - a rich Table, and its height in lines
-        shown = _units_renderable(console, *_terminal_rows(rows, limit))
-        return shown, len(console.render_lines(shown, console.options, pad=False))
-
-    # the most rows that fit (a narrow terminal's rows wrap onto more lines), by bisection;
-    # a row takes a line at least, so no more than the height is ever laid out
-    low, high = 1, max(1, min(MAX_TERMINAL_UNITS, len(rows[2]), height))
-    best, lines = table(high)
-    if lines <= height:
-        return best
-    best, lines = table(low)
-    if lines > height:
-        # not even one row under the title and the header: a line per state, and the
-        # notes of the units not succeeded (a running fold's epoch)
-        return _units_summary(rows, height)
-    while high - low > 1:
-        middle = (low + high) // 2
-        shown, lines = table(middle)
-        if lines <= height:
-            low, best = middle, shown
-        else:
-            high = middle
-    return best
-
-
-def _units_summary(rows: Rows, height: int):  # noqa: ANN202 - a rich Text
-    """A campaign's units in ``height`` lines, for a terminal too short for their table:
-    the title with the units counted per state, then the units not succeeded, with
-    their notes."""
-    from collections import Counter
-
-    from rich.text import Text
-
-    title, columns, cells = rows
-    counts = Counter(row[1] for row in cells)
-    lines = [f"{title}: " + ", ".join(f"{n} {state}" for state, n in counts.items())]
-    note = columns.index(UNIT_FOLDS) if UNIT_FOLDS in columns else None
-    for row in cells:
-        if row[1] != "SUCCESS":
-            lines.append(f"{row[0]} {row[1]}" + (f" {row[note]}" if note and row[note] else ""))
-    return Text("\n".join(lines[:height]), no_wrap=True, overflow="ellipsis")
-
-
-#: The most units a terminal's table shows: rich took 12 s to lay out 25,000 rows (and
-#: no one reads them there). Piped output and --json have every unit.
-MAX_TERMINAL_UNITS = 200
-
-
-def _terminal_rows(rows: Rows, limit: int = MAX_TERMINAL_UNITS) -> Rows:
-    """At most ``limit`` of a campaign's unit rows, those not succeeded first (failed,
-    running, queued: what one looks for), in plan order; the title says how many are
-    left out and where they all are."""
-    title, columns, cells = rows
-    if len(cells) <= limit:
-        return rows
-    # the state is the second cell
-    first = [i for i, row in enumerate(cells) if row[1] != "SUCCESS"]
-    first += [i for i, row in enumerate(cells) if row[1] == "SUCCESS"]
-    shown = sorted(first[:limit])
-    return (
-        f"{title} ({limit:,} of {len(cells):,} units shown, those not "
-        "succeeded first; piped or with --json, every unit)",
-        columns,
-        [cells[i] for i in shown],
-    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

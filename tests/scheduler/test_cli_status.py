@@ -474,9 +474,9 @@ def test_a_running_unit_whose_lease_ran_out_says_its_worker_is_gone(
     deliver(store, dead, worker="gone@h", task_id="b", holder="b", lease_seconds=0.01)
     import time
 
-    import scheduler.cli
+    import scheduler.views
 
-    monkeypatch.setattr(scheduler.cli, "LEASE_SLACK", 0.0)  # no clocks apart here
+    monkeypatch.setattr(scheduler.views, "LEASE_SLACK", 0.0)  # no clocks apart here
     time.sleep(0.1)
     rows = {line.split()[0]: line for line in status(capsys, IDS[0]).splitlines()[2:]}
     short = {key: key.removeprefix(IDS[0] + "/") for key in (alive, dead)}
@@ -499,14 +499,14 @@ def test_a_live_lease_is_judged_by_the_store_s_clock_not_this_host_s(
 
     plans = seed_campaign(store, IDS[0])
     deliver(store, plans[0].key, worker="w@h", task_id="a", holder="a", lease_seconds=60)
-    import scheduler.cli
+    import scheduler.views
 
     class Ahead(datetime):
         @classmethod
         def now(cls, tz=None):  # noqa: ANN001, ANN206
             return datetime.now(tz) + timedelta(minutes=2)
 
-    monkeypatch.setattr(scheduler.cli, "datetime", Ahead)
+    monkeypatch.setattr(scheduler.views, "datetime", Ahead)
     rows = status(capsys, IDS[0]).splitlines()[2:]
     line = next(r for r in rows if r.split()[0] == plans[0].key.removeprefix(IDS[0] + "/"))
     assert "RUNNING" in line and "lease ran out" not in line, line
@@ -516,13 +516,13 @@ def test_a_terminal_shows_a_big_campaign_s_units_not_succeeded_first() -> None:
     """Rich took seconds to lay out a grid of thousands of rows: a terminal gets at most
     MAX_TERMINAL_UNITS, the failed, running and queued ones first, in plan order; the
     title says where every unit is."""
-    from scheduler.cli import MAX_TERMINAL_UNITS, _terminal_rows
+    from scheduler.views import MAX_TERMINAL_UNITS, terminal_rows
 
     states = ["SUCCESS"] * 500
     states[3] = "FAILED"
     states[450] = "RUNNING"
     cells = [[f"svm/p{i}/f0", state] for i, state in enumerate(states)]
-    title, columns, shown = _terminal_rows(("c-1: RUNNING", ("unit", "state"), cells))
+    title, columns, shown = terminal_rows(("c-1: RUNNING", ("unit", "state"), cells))
     assert len(shown) == MAX_TERMINAL_UNITS and columns == ("unit", "state")
     assert shown[:5] == [cells[0], cells[1], cells[2], cells[3], cells[4]]
     assert cells[450] in shown and shown[-1] == cells[450]  # kept, in plan order
@@ -531,7 +531,7 @@ def test_a_terminal_shows_a_big_campaign_s_units_not_succeeded_first() -> None:
         "piped or with --json, every unit)"
     )
     small = ("c-2: DONE", ("unit", "state"), cells[:10])
-    assert _terminal_rows(small) == small
+    assert terminal_rows(small) == small
 
 
 def test_a_watch_fits_the_terminal_with_the_units_not_succeeded_first(
@@ -541,16 +541,16 @@ def test_a_watch_fits_the_terminal_with_the_units_not_succeeded_first(
     running fold after thirty finished shards was never seen."""
     from rich.console import Console
 
-    import scheduler.cli
+    import scheduler.views
 
     cells = [[f"c-1/preprocess/s{i:05d}", "SUCCESS", "1", "w@h", "0.1", ""] for i in range(30)]
     cells.append(["c-1/cnn/f0", "RUNNING", "1", "gpu0@h", "", "epoch 2/100 val_acc=0.400"])
     cells += [[f"c-1/cnn/f{i}", "QUEUED", "0", "", "", ""] for i in range(1, 5)]
     columns = ["unit", "state", "tries", "worker", "seconds", "note"]
-    monkeypatch.setattr(scheduler.cli, "_unit_rows", lambda store, cid: ("c-1", columns, cells))
+    monkeypatch.setattr(scheduler.views, "unit_rows", lambda store, cid: ("c-1", columns, cells))
     for width, height in ((80, 24), (60, 24), (120, 12)):
         console = Console(width=width, height=height, record=True, force_terminal=True)
-        console.print(scheduler.cli._units_table(None, "c-1", console))
+        console.print(scheduler.views.units_table(None, "c-1", console))
         text = console.export_text()
         assert len(text.splitlines()) <= height - 2, (width, height)
         assert "RUNNING" in text and "QUEUED" in text, (width, height)
@@ -634,17 +634,17 @@ def test_a_watch_on_a_terminal_too_short_for_a_table_shows_the_counts_and_the_ru
     """At 80 x 5 the watch showed its title alone: no row fitted under the header."""
     from rich.console import Console
 
-    import scheduler.cli
+    import scheduler.views
 
     cells = [[f"preprocess/s{i:05d}", "SUCCESS", "1", "w@h", "0.1", "", ""] for i in range(3)]
     cells.append(["cnn/h/f0", "RUNNING", "1", "gpu0@h", "", "", "epoch 2/100 val_acc=0.400"])
     cells.append(["cnn/h/f1", "QUEUED", "0", "", "", "", ""])
     columns = ["unit", "state", "tries", "worker", "seconds", "val acc", "progress / error"]
     monkeypatch.setattr(
-        scheduler.cli, "_unit_rows", lambda store, cid: ("c-1: RUNNING", columns, cells)
+        scheduler.views, "unit_rows", lambda store, cid: ("c-1: RUNNING", columns, cells)
     )
     console = Console(width=80, height=5, record=True, force_terminal=True)
-    console.print(scheduler.cli._units_table(None, "c-1", console))
+    console.print(scheduler.views.units_table(None, "c-1", console))
     assert console.export_text().splitlines() == [
         "c-1: RUNNING: 3 SUCCESS, 1 RUNNING, 1 QUEUED",
         "cnn/h/f0 RUNNING epoch 2/100 val_acc=0.400",
