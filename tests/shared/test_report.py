@@ -804,7 +804,7 @@ def test_parallel_factor_only_when_it_means_something(data: ReportData) -> None:
 def test_timeline_family_colours_are_never_red() -> None:
     from matplotlib.colors import to_rgb
 
-    from shared.report import FAILED_EDGE, timeline_colors
+    from shared.report.figures import FAILED_EDGE, timeline_colors
 
     families = ["preprocess", "cnn", "svm", "rf", "rf_shard", "a", "b", "c", "d", "e", "f"]
     colors = timeline_colors(families)
@@ -961,7 +961,7 @@ def test_markdown_text_makes_no_link_or_image(data: ReportData) -> None:
 
 
 def _timeline_artists(bars: list[TimelineBar], monkeypatch: pytest.MonkeyPatch) -> int:
-    import shared.report as report
+    import shared.report.figures as report
 
     drawn = []
     with monkeypatch.context() as patched:
@@ -1092,7 +1092,7 @@ def test_a_large_sweep_shows_its_best_points_and_every_point_in_a_csv(data: Repo
 
 
 def test_report_csv_cells_are_text_not_formulas_or_terminal_commands() -> None:
-    from shared.report import _csv_text
+    from shared.report.document import _csv_text
 
     text = _csv_text(
         ["key", "error", "n", "x"],
@@ -1115,7 +1115,7 @@ def test_report_csv_cells_are_text_not_formulas_or_terminal_commands() -> None:
     [(0.0036, "3.6 ms"), (0.042, "42 ms"), (0.25, "0.2 s"), (12.34, "12.3 s"), (0, "0.0 s")],
 )
 def test_short_times_are_in_milliseconds(seconds: float, text: str) -> None:
-    from shared.report import _fmt_duration
+    from shared.report.model import _fmt_duration
 
     assert _fmt_duration(seconds) == text
 
@@ -1177,7 +1177,7 @@ def test_figures_show_dollars_carets_and_backslashes_as_typed(
     import matplotlib
     import matplotlib.text
 
-    import shared.report as report
+    import shared.report.figures as report
 
     drawn = []
     save = report._png
@@ -1196,7 +1196,7 @@ def _drawn_texts(draw: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The visible texts of the figure ``draw()`` makes, as drawn (tick labels too)."""
     import matplotlib.text
 
-    import shared.report as report
+    import shared.report.figures as report
 
     drawn = []
     save = report._png
@@ -1225,7 +1225,8 @@ def test_a_log_axis_labels_its_ticks_as_plain_numbers(monkeypatch: pytest.Monkey
 def test_no_augmentation_is_a_tick_of_its_own_and_not_in_the_method(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from shared.report import _method, param_label, param_value, sweep_png
+    from shared.report import param_label, param_value, sweep_png
+    from shared.report.model import _method
 
     assert param_value("augment", "none") == "none"
     assert _method({"variant": "resize128", "augment": "none"}) == "resize 128"
@@ -1335,7 +1336,8 @@ def test_a_description_that_reads_as_a_markdown_block_stays_text(
 def test_text_in_the_middle_of_a_line_keeps_its_marks_unescaped() -> None:
     """Only what starts a line can make it a heading or a list: a part further on is as
     it was written (a stray backslash showed in `orchard report --print`)."""
-    from shared.report import Strong, _md_inline
+    from shared.report.document import Strong
+    from shared.report.render import _md_inline
 
     assert _md_inline(["best ", Strong("svm"), " - 2 points"]) == "best **svm** - 2 points"
     assert _md_inline(["- 2 points"]) == "\\- 2 points"

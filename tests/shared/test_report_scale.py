@@ -102,7 +102,7 @@ def test_a_table_of_as_many_values_as_the_cap_is_whole() -> None:
 
 def _sweep_axis(plot: SweepPlot, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The x axis of the sweep figure of ``plot``, as drawn."""
-    import shared.report as report
+    import shared.report.figures as report
 
     figures = []
     save = report._png
