@@ -15,7 +15,10 @@ variant (``resize128``, ``polar192``, ...). Options, all from :class:`shared.spe
 
 Besides sklearn's out-of-bag score every fit reports ``oob_grouped``, an OOB score that
 does not count votes from trees trained on an augmented sibling of the row; see
-:data:`OOB_NOTE` for why the plain score is inflated on augmented sets.
+:data:`OOB_NOTE` for why the plain score is inflated on augmented sets. A forest after
+feature selection reports neither (None): the selection's forest was fitted on every
+training row with its label, the out-of-bag ones included, so the features kept fit
+those rows too (on random labels its OOB score read 0.46 where chance is 0.33).
 
 Memory: sklearn's tree builder works on float32 and converts any other input to a
 float32 copy, so the training matrix is built once as float32, with augmented copies
@@ -191,6 +194,12 @@ class ForestModel:
     @property
     def trees(self) -> int:
         return len(self.forest.estimators_)
+
+
+def selects_features(model: ForestModel) -> bool:
+    """Whether the forest was fitted on the features a selection kept: one fitted on
+    every training row with its label, so that no row is out of its sample."""
+    return model.transform is not None and "select" in model.transform.named_steps
 
 
 def _transform(params: dict[str, Any], train: TrainingRows, seed: int) -> Pipeline | None:
@@ -609,8 +618,11 @@ def _outcome(
     train_seconds: float,
     train_rows: int,
 ) -> FitOutcome:
-    """The one shape of a scored forest, however its figures were found."""
+    """The one shape of a scored forest, however its figures were found. Its OOB
+    figures are None after feature selection (:func:`selects_features`)."""
     classes = model.forest.classes_
+    if selects_features(model):
+        oob = dict.fromkeys(oob)
 
     def labels(probs: np.ndarray | None) -> np.ndarray:
         if probs is None:

@@ -325,6 +325,12 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
                 else ". "
             )
         )
+    if "oob_score" in extras and any(p.params.get("select_scaling") is not None for p in shown):
+        notes.append(
+            "No OOB scores (—) after feature selection: its forest was fitted on every "
+            "training row with its label, the out-of-bag rows included, so their OOB "
+            "score would be optimistic; judge these points by Valid acc. "
+        )
     if "oob_grouped_coverage" in extras:
         notes.append(
             "Grouped OOB coverage: the share of training rows that got a grouped OOB vote"

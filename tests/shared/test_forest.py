@@ -294,6 +294,28 @@ def test_feature_selection_keeps_fewer_features():
     assert kept[1] == pytest.approx(96, abs=2)  # "1.0*median" keeps about half
 
 
+def test_a_forest_after_feature_selection_reports_no_oob_score():
+    """The selection's forest saw every row's label, out-of-bag rows too: on random
+    labels the OOB score read 0.46 (chance 0.33). Whole, merged from scored shards or
+    from plain ones, such a forest reports no OOB figures; without selection it does."""
+    x, y = _noise(90, seed=4)
+    oob = ("oob_score", "oob_grouped", "oob_grouped_coverage")
+    selecting = _params(n_estimators=6, select_scaling=1.0, select_estimators=20)
+    whole = fit_rf_point(x, y, x[:3], y[:3], x[:0], selecting, seed=0).extra
+    sharded = {**selecting, "tree_shards": 2}
+    scored = [fit_scored_shard(x, y, x[:3], x[:0], sharded, seed=0, shard=k)[0] for k in (0, 1)]
+    plain = [fit_shard(x, y, sharded, seed=0, shard=k) for k in (0, 1)]
+    for extra in (
+        whole,
+        merge_rf_point(scored, x, y, x[:3], y[:3], x[:0], sharded).extra,
+        merge_rf_point(plain, x, y, x[:3], y[:3], x[:0], sharded).extra,
+    ):
+        assert {name: extra[name] for name in oob} == dict.fromkeys(oob)
+        assert 0 < extra["kept_features"] < 192
+    unselected = fit_rf_point(x, y, x[:3], y[:3], x[:0], _params(n_estimators=6), seed=0).extra
+    assert all(isinstance(unselected[name], float) for name in oob)
+
+
 def test_feature_selection_keeping_nothing_is_a_clear_error():
     x, y = _noise(60, seed=0)
     params = _params(n_estimators=5, select_scaling=1000.0, select_estimators=40)

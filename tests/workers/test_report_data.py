@@ -294,6 +294,35 @@ def test_probability_mean_and_cross_family_blend(sqlite_url: str) -> None:
     assert data.experiments[2].points[0].extras["oob_score"] == pytest.approx(0.81)
 
 
+def test_a_vote_of_two_families_says_it_is_the_better_family_s_predictions(
+    sqlite_url: str,
+) -> None:
+    """Two voters agree or tie, and every tie goes to the family of the best validation
+    accuracy: the vote is that family's predictions, image for image, and says so."""
+    spec = {
+        "name": "x",
+        "folds": 2,
+        "dataset": {"kind": "synthetic"},
+        "svm": {},
+        "rf": {},
+        "blend": {"families": ["svm", "rf"]},
+    }
+    store = make_store(sqlite_url, spec, "x-1")
+    labels = [0, 1, 2, 1]
+    (svm,) = [u for u in store.units("x-1") if u.family == "svm"]
+    finish(store, svm.key, 0.7, [2, 1, 2, 2], labels)
+    (rf,) = [u for u in store.units("x-1") if u.family == "rf"]
+    finish(store, rf.key, 0.9, [0, 1, 0, 1], labels)
+    blends = {b.name: b for b in build_report_data(store, "x-1").blends}
+    vote = blends["SVM + RF vote"]
+    assert vote.note == (
+        "two families: each disagreement is a tie, which goes to RF, so the vote is RF's "
+        "predictions"
+    )
+    # RF's own: t1 and t2 right, t3 wrong (0 for 2), t4 right
+    assert vote.test_acc == blends["RF best point"].test_acc == pytest.approx(3 / 4)
+
+
 def test_blend_members_tie_break_and_alignment() -> None:
     a = Predicted(["x", "y", "z"], np.array([0, 1, 2]), np.array([0, 1, 2]), None)
     b = Predicted(["z", "y"], np.array([2, 1]), np.array([1, 0]), None)
@@ -797,6 +826,35 @@ def test_sweep_plots_show_test_accuracy_where_the_units_have_it() -> None:
     }
     (unlabelled,) = sweep_plots("rf", [row(8, None), row(16, None)])
     assert "test acc" not in unlabelled.series
+
+
+def test_a_feature_selection_sweep_shows_no_oob_and_says_why() -> None:
+    """Forests after feature selection record no OOB score (their selection saw every
+    row's label): the sweep plot has no OOB series and the table says why its cells
+    are empty; a point without selection keeps its OOB figures."""
+    from shared.report import Experiment, PointRow
+    from workers.tasks.report import sweep_plots
+
+    def row(scaling: float | None, oob: float | None) -> PointRow:
+        extras = {"oob_score": oob, "oob_grouped": oob, "oob_grouped_coverage": oob}
+        return PointRow(
+            f"c/rf/{scaling}", {"select_scaling": scaling}, 1, 1, 1.0, 0.7, None, 0.6, 1.0,
+            extras,
+        )  # fmt: skip
+
+    selected = [row(0.5, None), row(2.0, None)]
+    (plot,) = sweep_plots("rf", selected)
+    assert plot.series == {"val acc": [0.7, 0.7], "test acc": [0.6, 0.6]}
+    (mixed,) = sweep_plots("rf", [row(None, 0.8), *selected])
+    assert mixed.series["oob_score"] == [0.8, None, None]
+    from shared.report.document import Para, Table, _experiment_blocks
+
+    blocks = _experiment_blocks(Experiment("rf", "Random forest", selected, selected[0].key))
+    (table,) = [b for b in blocks if isinstance(b, Table)]
+    assert table.header[-3:] == ("oob_score_", "Grouped OOB", "Grouped OOB coverage")
+    assert [row[-3:] for row in table.rows] == [["—", "—", "—"]] * 2
+    notes = " ".join(str(part) for b in blocks if isinstance(b, Para) for part in b.parts)
+    assert "No OOB scores (—) after feature selection: its forest was fitted on every" in notes
 
 
 def _svm_grid_store(url: str, campaign_id: str, cs: list[float]) -> Store:

@@ -551,8 +551,11 @@ def sweep_plots(family: str, points: list[PointRow]) -> list[SweepPlot]:
         if any(v is not None for v in test):
             series["test acc"] = test
         for name in extra_scores:
-            values = [p.extras.get(name) for p in scored]
-            series[name] = [v if isinstance(v, float) else None for v in values]
+            values = [
+                v if isinstance(v, float) else None for v in (p.extras.get(name) for p in scored)
+            ]
+            if any(v is not None for v in values):  # none after feature selection
+                series[name] = values
         if scored:
             plots.append(
                 SweepPlot(
@@ -1123,6 +1126,13 @@ def build_report_data(
             mean_ok = all(fb.test_mean is not None for fb in members)
             test_mean = blend_members(tests, n_classes)[1] if mean_ok else None
             tie = f"ties go to {_title(ran[referee])}"
+            if len(ran) == 2:
+                # two voters agree or tie: the vote is the referee's predictions
+                tie = (
+                    f"two families: each disagreement is a tie, which goes to "
+                    f"{_title(ran[referee])}, so the vote is {_title(ran[referee])}'s "
+                    "predictions"
+                )
             for m in methods:
                 name = f"{label} {m}"
                 if m == "vote":
