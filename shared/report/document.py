@@ -14,9 +14,6 @@ from statistics import mean
 from typing import Any
 
 from shared.errors import visible_controls
-from shared.report.figures import (
-    _is_number,
-)
 from shared.report.model import (
     _DASH,
     MAX_FAILED_LISTED,
@@ -42,6 +39,7 @@ from shared.report.model import (
     _fmt_pct_spread,
     _fmt_utc,
     _is_failed,
+    _is_number,
     _method,
     _param_columns,
     _truncate,

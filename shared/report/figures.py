@@ -26,6 +26,7 @@ from shared.report.model import (
     _even_sample,
     _family_title,
     _is_failed,
+    _is_number,
     _validate_matrix,
     figure_name,
     param_label,
@@ -154,10 +155,6 @@ def curve_png(curve: CurveFigure) -> bytes:
     styles = "  (solid: validation, dashed: training)" if {"train", "val"} <= drawn else ""
     fig.suptitle(f"{curve.title}{styles}", fontsize=10)
     return _png(fig)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @_drawn_literally

@@ -424,6 +424,10 @@ def _truncate(text: str | None, limit: int = ERROR_CELL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate_matrix(matrix: Sequence[Sequence[int]], n_classes: int) -> None:
     if len(matrix) != n_classes or any(len(row) != n_classes for row in matrix):
         raise ValueError(
