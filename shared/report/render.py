@@ -31,9 +31,7 @@ from shared.report.document import (
     document,
     table_csvs,
 )
-from shared.report.figures import (
-    _figure_renderers,
-)
+from shared.report.figures import _figure_renderers
 from shared.report.model import (
     _DASH,
     SUBMISSION_FILE,
