@@ -629,10 +629,19 @@ def _blend_blocks(data: ReportData) -> list[Block]:
         )
         parts.append(
             f". {held_out}; {_val_images_name(data)} counts the labelled images it is over. "
-            "The test set "
-            "chooses nothing, it only measures. A single model is one best point trained on "
-            "one fold: nothing is blended."
+            "The test set chooses nothing, it only measures."
         )
+        swept = sum(
+            len(exp.points) for exp in data.experiments if exp.family in best.family.split("+")
+        )
+        if data.best_by == "val" and swept > 1:
+            parts.append(
+                f" Its best point{'s were' if '+' in best.family else ' was'} picked among "
+                f"{swept} on these same held-out images, so its {val} is optimistic by that "
+                "choice; the test accuracy is not."
+            )
+        if any(b.method == "single" for b in data.blends):
+            parts.append(" A single model is a best point trained once: nothing is blended.")
         blocks.append(Para(tuple(parts)))
     return blocks
 

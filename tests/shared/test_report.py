@@ -502,6 +502,29 @@ def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
     assert "| CNN + SVM mean | mean | 2 | n/a | n/a | — | n/a: SVM predicts labels only |" in blend
 
 
+def test_the_blending_note_says_a_best_picked_on_its_own_images_is_optimistic(
+    data: ReportData,
+) -> None:
+    """The best CNN point was picked among two on the folds' held-out images, which its
+    OOF accuracy is over; a family of one point was picked among nothing. The single
+    model's sentence comes only with a single model's row."""
+    blend = _section(render_markdown(data), "Blending")
+    assert (
+        "Its best point was picked among 2 on these same held-out images, so its OOF val acc "
+        "is optimistic by that choice; the test accuracy is not." in blend
+    )
+    assert "A single model is a best point trained once: nothing is blended." in blend
+    (cnn,) = [e for e in data.experiments if e.family == "cnn"]
+    one = dataclasses.replace(cnn, points=cnn.points[:1])
+    no_single = [b for b in data.blends if b.method != "single"]
+    others = [e for e in data.experiments if e.family != "cnn"]
+    blend = _section(
+        render_markdown(dataclasses.replace(data, experiments=[one, *others], blends=no_single)),
+        "Blending",
+    )
+    assert "picked among" not in blend and "A single model" not in blend
+
+
 def test_blends_compared_on_the_images_all_of_them_cover_say_so(data: ReportData) -> None:
     compared = dataclasses.replace(
         data, best_compared_on=60, best_compared_acc=0.9, best_tied_with=["SVM best point"]

@@ -107,6 +107,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     )
     [fold] = [u for u in store.units("l-1") if u.family == "cnn" and u.fold == 0]
     blob = io.BytesIO()
+    torch.manual_seed(0)  # an untrained model of fixed weights (predicting one class)
     torch.save(
         {"params": fold.params, "state_dict": build_model(fold.params, 3).state_dict()}, blob
     )
@@ -133,6 +134,19 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     assert section.items and {item.image_id for item in section.items} <= {
         manifest.entries[r].image_id for r in rows
     }
+    assert section.note == ""  # every class explained
+    # unlabelled, each class is explained by the images predicted as it: an untrained
+    # model predicts one class for these few, and the section says which it never did
+    monkeypatch.setattr(type(manifest), "label_index", lambda self, rows: np.full(len(rows), -1))
+    section = report.explain_cnn(
+        store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
+    )
+    explained = {item.explained for item in section.items}
+    unseen = [c for c in manifest.classes if c not in explained]
+    assert unseen and section.note == (
+        f"No test image of {', '.join(unseen)}: the model predicted none of the 3 it scored "
+        "as such."
+    )
 
 
 def test_the_candidates_keep_a_rare_class_and_every_image_of_a_small_test_set() -> None:

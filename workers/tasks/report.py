@@ -871,7 +871,17 @@ def explain_cnn(
         )
         for (r, c), e in zip(picked, explanations, strict=True)
     ]
-    return LimeSection("cnn", fold.key, num_samples, items)
+    # an unlabelled test set is explained per predicted class: say which it never predicted
+    unseen = [classes[c] for c in range(len(classes)) if c not in {c for _, c in picked}]
+    note = ""
+    if unseen:
+        why = (
+            "none is labelled so"
+            if labelled
+            else f"the model predicted none of the {len(test):,} it scored as such"
+        )
+        note = f"No test image of {', '.join(unseen)}: {why}."
+    return LimeSection("cnn", fold.key, num_samples, items, note)
 
 
 # --------------------------------------------------------------------------- t-SNE
