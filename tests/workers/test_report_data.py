@@ -181,6 +181,8 @@ def test_without_test_labels_pools_validation_and_writes_a_submission(
     assert not data.test_labelled
     cnn = data.confusions["cnn"]
     assert cnn.split == "val" and cnn.matrix == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
+    # each fold's own model on its held-out images, added up: not a blend
+    assert cnn.title == "CNN best point, its 3 folds' models pooled (validation)"
     # out-of-fold: the three folds each predicted class 0 for their one val image
     vote = next(b for b in data.blends if b.name == "CNN 3-fold vote")
     assert vote.val_acc == pytest.approx(1 / 3)

@@ -1180,13 +1180,18 @@ def build_report_data(
             matrices = [results[u.key].val_confusion for u in best if results[u.key].val_confusion]
             if matrices:
                 matrix = np.sum(matrices, axis=0).tolist()
-                confusions[family] = Confusion(f"{title} best point (validation)", matrix, "val")
+                # each fold's model on the images it held out, added up: no blend
+                pooled = f", its {len(matrices)} folds' models pooled" if len(matrices) > 1 else ""
+                confusions[family] = Confusion(
+                    f"{title} best point{pooled} (validation)", matrix, "val"
+                )
     if best_blend and "+" in next(b.family for b in blends if b.name == best_blend):
         chosen = predicted.get(best_blend) if by_test else oof.get(best_blend)
         if chosen is not None and len(chosen.ids):
             split = "test" if by_test else "val"
             matrix = confusion_matrix(chosen.labels, chosen.preds, n_classes)
-            confusions["blend"] = Confusion(f"{best_blend} ({split})", matrix, split)
+            named = "test" if by_test else "validation"
+            confusions["blend"] = Confusion(f"{best_blend} ({named})", matrix, split)
 
     # -- submission: the best blend's predictions of every unlabelled image (the test
     # split's when it has no labels, and any unlabelled image of the other splits)
