@@ -415,7 +415,8 @@ def _best_per_value_blocks(exp: Experiment, columns: Sequence[str]) -> list[Bloc
         values = list(best.items())
         top = max(point.rank for point in best.values())
         first_top = next(i for i, (_, point) in enumerate(values) if point.rank == top)
-        shown = [values[i] for i in _even_sample(len(values), [first_top], MAX_POINT_ROWS)]
+        picked = _even_sample(len(values), [first_top], MAX_POINT_ROWS)
+        shown = [values[i] for i in picked]
         rows = [
             [value, *(_cell(c, point.params) for c in others), _fmt_pct(point.val_acc)]
             for value, point in shown
@@ -426,7 +427,8 @@ def _best_per_value_blocks(exp: Experiment, columns: Sequence[str]) -> list[Bloc
                 header,
                 rows,
                 frozenset({len(header) - 1}),
-                row_classes=["best" if p.rank == top else "" for _, p in shown],
+                # one row in bold, as tied points go to the first in sweep order
+                row_classes=["best" if i == first_top else "" for i in picked],
             ),
         ]
         if len(shown) < len(values):

@@ -913,6 +913,19 @@ def test_a_sweep_of_two_parameters_gets_its_best_point_per_value(data: ReportDat
     assert "Best point per" not in md
 
 
+def test_tied_values_of_a_best_point_table_bold_one_row(data: ReportData) -> None:
+    """Two values whose best points tie: the first in sweep order is the best, and only
+    its row is bold."""
+    grid = [(1.5, 10.0, 0.52), (1.5, 1.0, 0.5), (10.0, 10.0, 0.52), (10.0, 1.0, 0.4)]
+    points = [
+        _point(f"{CID}/svm/t{i}", {"C": c, "gamma": g}, val) for i, (c, g, val) in enumerate(grid)
+    ]
+    exp = Experiment("svm", "SVM grid", points, f"{CID}/svm/t0")
+    section = _section(render_markdown(dataclasses.replace(data, experiments=[exp])), "Experiments")
+    rows = _table_rows(section[section.index("Best point per C") :])
+    assert rows[1:3] == [["**1.5**", "**10**", "**52.000%**"], ["10", "10", "52.000%"]]
+
+
 def test_a_point_that_lost_a_fold_is_not_the_best_of_its_value(data: ReportData) -> None:
     """Per value, as for the family's best point: the most folds succeeded first, so a
     point's two better folds of three (0.9) do not outrank another's three (0.7)."""
