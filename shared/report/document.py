@@ -31,6 +31,7 @@ from shared.report.model import (
     TsneSection,
     UnitSummary,
     _even_sample,
+    _extra_label,
     _family_title,
     _fmt_duration,
     _fmt_opt,
@@ -175,34 +176,8 @@ _UNIT_HEADER = (
 )
 _REUSED_HEADER = "Reused from"  # a last column, only when a unit was reused
 
-#: Labels of known numeric result extras; any other numeric extra shows its own name.
-EXTRA_LABELS: dict[str, str] = {
-    "oob_score": "oob_score_",
-    "oob_grouped": "Grouped OOB",
-    "oob_grouped_coverage": "Grouped OOB coverage",
-    "train_seconds": "Tree fit time",
-    "train_wall_seconds": "Tree fit wall time",
-    "epochs": "Epochs",
-    "resumed_from_epoch": "Resumed",
-    "pca_fitted": "Fitted the PCA",
-    "gamma_scale": "γ scale ≈",  # the value gamma="scale" took, as the study's grid gives it
-    "stopped_at_max_iter": "Stopped at max_iter",  # the solver did not converge (2.5)
-    "iterations": "Solver iterations",
-    # what a point's [svm.search] chose, as the study's 2.4.1 tables give it
-    "best_n_components": "Best n_component",
-    "best_C": "Best C",
-    "best_gamma": "Best γ",
-    "search_cv_acc": "Search CV acc",
-    "search_combinations": "Searched",
-}
 #: Extras that are fractions in [0, 1]: four decimals, as the study prints oob_score_.
 _FRACTION_EXTRAS = frozenset({"explained_variance", "oob_grouped_coverage"})
-
-
-def _extra_label(name: str) -> str:
-    if name in EXTRA_LABELS:
-        return EXTRA_LABELS[name]
-    return name.replace("_", " ").capitalize()
 
 
 #: Under this coverage a grouped OOB score rests on too few rows to say much: marked.

@@ -24,6 +24,7 @@ from shared.report.model import (
     TimelineBar,
     TsneSection,
     _even_sample,
+    _extra_label,
     _family_title,
     _is_failed,
     _is_number,
@@ -157,6 +158,10 @@ def curve_png(curve: CurveFigure) -> bytes:
     return _png(fig)
 
 
+#: Legend labels of a sweep plot's own series (its others are result extras)
+SERIES_LABELS = {"val acc": "Valid acc", "test acc": "Test acc"}
+
+
 @_drawn_literally
 def sweep_png(plot: SweepPlot) -> bytes:
     """Each metric against the swept parameter: every point, and the mean per value."""
@@ -202,7 +207,7 @@ def sweep_png(plot: SweepPlot) -> bytes:
             [positions[x] for x, _ in means], [v for _, v in means], "-o", color=color, markersize=4
         )
         handles.append(line)
-        names.append(metric)
+        names.append(SERIES_LABELS.get(metric) or _extra_label(metric))
     if not numeric:
         # a tick mark at every value, labelled only where the labels fit side by side:
         # always the text values ("scale", "auto") and both ends, evenly between them
@@ -219,12 +224,18 @@ def sweep_png(plot: SweepPlot) -> bytes:
             ha="right",
             rotation_mode="anchor",
         )
+    from matplotlib.ticker import PercentFormatter
+
     ax.set_xlabel(param_label(plot.param))
-    ax.set_ylabel("score (dots: points, line: their mean)" if pooled else "score")
+    # every series is an accuracy (OOB scores too), in percent as the tables give them
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    ax.set_ylabel("accuracy (dots: points, line: their mean)" if pooled else "accuracy")
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles, names, fontsize=8)
-    ax.set_title(f"{_family_title(plot.family)}: score against {plot.param}", fontsize=10)
+    ax.set_title(
+        f"{_family_title(plot.family)}: accuracy against {param_label(plot.param)}", fontsize=10
+    )
     return _png(fig)
 
 
@@ -390,7 +401,10 @@ def _figure_renderers(data: ReportData) -> dict[str, tuple[str, Callable[[], byt
     for curve in data.curves:
         add(figure_name(curve.slug, "curve"), curve.title, lambda c=curve: curve_png(c))
     for plot in data.sweeps:
-        caption = f"{_family_title(plot.family)}: {', '.join(plot.series)} against {plot.param}"
+        shown = (SERIES_LABELS.get(name) or _extra_label(name) for name in plot.series)
+        caption = (
+            f"{_family_title(plot.family)}: {', '.join(shown)} against {param_label(plot.param)}"
+        )
         add(figure_name(plot.slug, "sweep"), caption, lambda p=plot: sweep_png(p))
     if data.lime is not None and data.lime.items:
         add(

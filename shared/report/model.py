@@ -472,6 +472,34 @@ _VARIANT_WORDS = {"polar": "polarized", "polarcrop": "polarized, cropped", "crop
 _METHOD_PARAMS = ("variant", "augment")  # shown together as one "method" column
 
 
+#: Labels of known numeric result extras; any other numeric extra shows its own name.
+EXTRA_LABELS: dict[str, str] = {
+    "oob_score": "oob_score_",
+    "oob_grouped": "Grouped OOB",
+    "oob_grouped_coverage": "Grouped OOB coverage",
+    "train_seconds": "Tree fit time",
+    "train_wall_seconds": "Tree fit wall time",
+    "epochs": "Epochs",
+    "resumed_from_epoch": "Resumed",
+    "pca_fitted": "Fitted the PCA",
+    "gamma_scale": "γ scale ≈",  # the value gamma="scale" took, as the study's grid gives it
+    "stopped_at_max_iter": "Stopped at max_iter",  # the solver did not converge (2.5)
+    "iterations": "Solver iterations",
+    # what a point's [svm.search] chose, as the study's 2.4.1 tables give it
+    "best_n_components": "Best n_component",
+    "best_C": "Best C",
+    "best_gamma": "Best γ",
+    "search_cv_acc": "Search CV acc",
+    "search_combinations": "Searched",
+}
+
+
+def _extra_label(name: str) -> str:
+    if name in EXTRA_LABELS:
+        return EXTRA_LABELS[name]
+    return name.replace("_", " ").capitalize()
+
+
 def param_label(name: str) -> str:
     """The column header of a parameter, as the study writes it."""
     return PARAM_LABELS.get(name, name)

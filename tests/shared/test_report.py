@@ -1251,11 +1251,15 @@ def test_a_log_axis_labels_its_ticks_as_plain_numbers(monkeypatch: pytest.Monkey
     texts = _drawn_texts(lambda: sweep_png(plot), monkeypatch)
     assert not [t for t in texts if "$" in t or "mathdefault" in t]
     assert {"0.001", "0.01", "0.1", "1", "10"} <= set(texts)
-    assert "score" in texts  # a point per value: no mean drawn
+    assert "accuracy" in texts  # a point per value: no mean drawn
+    # in percent, as the tables; the table's names for the parameter and the series
+    assert "60.0%" in texts and "SVM: accuracy against C" in texts
     # another parameter swept too: several points per value, and the line their mean
-    pooled = SweepPlot("s", "svm", "C", cs + cs, {"val_acc": [0.5, 0.6, 0.7, 0.6, 0.5] * 2})
+    series = {"val acc": [0.5, 0.6, 0.7, 0.6, 0.5] * 2, "oob_grouped": [0.4] * 10}
+    pooled = SweepPlot("s", "rf", "n_components", cs + cs, series)
     texts = _drawn_texts(lambda: sweep_png(pooled), monkeypatch)
-    assert "score (dots: points, line: their mean)" in texts
+    assert "accuracy (dots: points, line: their mean)" in texts
+    assert {"Valid acc", "Grouped OOB", "RF: accuracy against n_component"} <= set(texts)
 
 
 def test_no_augmentation_is_a_tick_of_its_own_and_not_in_the_method(
