@@ -265,10 +265,25 @@ TIMELINE_OUTLINED = 120
 TIMELINE_LANES = 40
 
 
+#: The families' own colours, the same in every report; another family takes the next
+#: colour of :data:`TIMELINE_COLORS` that none of these has.
+FAMILY_COLORS = {
+    "preprocess": "C7",
+    "cnn": "C0",
+    "svm": "C1",
+    "rf": "C2",
+    "rf_shard": "C8",
+    "report": "C4",
+}
+
+
 def timeline_colors(families: Sequence[str]) -> dict[str, str]:
-    """family -> its bar colour, in order of appearance (never red: red marks failures)."""
+    """family -> its bar colour: a known family's own, the others in order of appearance
+    (never red: red marks failures)."""
     families = list(dict.fromkeys(families))
-    return {f: TIMELINE_COLORS[i % len(TIMELINE_COLORS)] for i, f in enumerate(families)}
+    spare = [c for c in TIMELINE_COLORS if c not in FAMILY_COLORS.values()]
+    others = [f for f in families if f not in FAMILY_COLORS]
+    return {f: FAMILY_COLORS.get(f) or spare[others.index(f) % len(spare)] for f in families}
 
 
 @_drawn_literally
@@ -311,8 +326,8 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     ax.set_xlabel("seconds since the first unit started")
     ax.grid(axis="x", alpha=0.3)
     handles = [ax.bar(0, 0, color=color[f]) for f in families]  # zero-size legend proxies
-    if handles:
-        ax.legend(handles, families, fontsize=7, loc="upper right", ncols=min(len(families), 5))
+    if handles:  # below the chart, where it covers no bar
+        fig.legend(handles, families, fontsize=7, loc="outside lower center", ncols=6)
     ax.set_title("Units across workers (failed: red outline, hatched)", fontsize=10)
     return _png(fig)
 

@@ -832,6 +832,9 @@ def test_timeline_family_colours_are_never_red() -> None:
     families = ["preprocess", "cnn", "svm", "rf", "rf_shard", "a", "b", "c", "d", "e", "f"]
     colors = timeline_colors(families)
     assert list(colors) == families
+    # a family has the same colour whatever ran before it
+    assert timeline_colors(["svm", "rf"]) == {"svm": colors["svm"], "rf": colors["rf"]}
+    assert len(set(colors[f] for f in ("preprocess", "cnn", "svm", "rf", "rf_shard", "a"))) == 6
     red = to_rgb(FAILED_EDGE)
     for family, color in colors.items():
         r, g, b = to_rgb(color)
