@@ -977,7 +977,9 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
                 (
                     "Per family its best point (the highest mean validation accuracy over "
                     "its folds, among the points with the most folds that succeeded) with "
-                    "its mean accuracies; Best unit is that point's fold with "
+                    "its accuracies averaged over its folds (Val acc each fold's on the "
+                    "images it held out, Test acc each fold's model alone: the Blending "
+                    "table has the folds' vote); Best unit is that point's fold with "
                     "the highest validation accuracy (ties go to the lowest fold). Total fit "
                     "time is the family's units' fit time summed"
                     + (", reused units left out" if left_out else "")

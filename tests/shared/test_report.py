@@ -354,6 +354,8 @@ def test_family_fit_time_says_it_is_the_total(data: ReportData) -> None:
     assert header[1] == "Best unit" and header[-1] == "Total fit time"
     assert "Best unit is that point's fold with the highest validation accuracy" in fam
     assert "(ties go to the lowest fold)" in fam
+    # its accuracies are the folds' mean, not a blend's: said, as the Blending table differs
+    assert "Test acc each fold's model alone: the Blending table has the folds' vote" in fam
     assert '<th class="num">Total fit time</th>' in render_html(data, {})
 
 
