@@ -40,7 +40,6 @@ from shared.report.model import (
     _fmt_pct_spread,
     _fmt_utc,
     _is_failed,
-    _is_number,
     _method,
     _param_columns,
     _truncate,
@@ -244,7 +243,7 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
             _fmt_duration(point.seconds),
         ]
         cells += [_fmt_extra(n, point.extras.get(n)) for n in extras]
-        if _thinly_grouped(point.extras) and _is_number(point.extras.get("oob_grouped")):
+        if _thinly_grouped(point.extras) and "oob_grouped" in extras:
             cells[len(cells) - len(extras) + extras.index("oob_grouped")] += "†"
         rows.append(cells)
         if point.key == exp.best_key:
@@ -298,9 +297,9 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
                 else ". "
             )
         )
-    if "oob_score" in extras and any(p.params.get("select_scaling") is not None for p in shown):
+    if exp.family == "rf" and any(p.params.get("select_scaling") is not None for p in shown):
         notes.append(
-            "No OOB scores (—) after feature selection: its forest was fitted on every "
+            "No OOB scores after feature selection: its forest was fitted on every "
             "training row with its label, the out-of-bag rows included, so their OOB "
             "score would be optimistic; judge these points by Valid acc. "
         )
@@ -309,7 +308,7 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
             "Grouped OOB coverage: the share of training rows that got a grouped OOB vote"
             + (
                 f"; †: under {GROUPED_OOB_MIN_COVERAGE:.0%} of them, too few for the grouped "
-                "score to say much (more trees raise it). "
+                "score to say much (— †: none); more trees raise it. "
                 if any(_thinly_grouped(p.extras) for p in shown)
                 else ". "
             )

@@ -1333,6 +1333,15 @@ def test_a_grouped_oob_over_few_rows_is_marked(data: ReportData) -> None:
     rf = md.split("### RF", 1)[1].split("###", 1)[0]
     assert "0.6012†" in rf and "0.0083" in rf
     assert "†: under 10% of them, too few for the grouped score to say much" in rf
+    # no row covered at all: no score, but its column, marked, beside a coverage of 0
+    none = dataclasses.replace(
+        exp.points[0],
+        extras={**exp.points[0].extras, "oob_grouped": None, "oob_grouped_coverage": 0.0},
+    )
+    none_exp = dataclasses.replace(exp, points=[none, *exp.points[1:]])
+    md = render_markdown(dataclasses.replace(data, experiments=[*data.experiments[:-1], none_exp]))
+    rf = md.split("### RF", 1)[1].split("###", 1)[0]
+    assert "| **—†** | **0.0000** |" in rf and "(— †: none)" in rf
 
 
 def test_the_campaign_s_description_stands_under_the_title_escaped(data: ReportData) -> None:

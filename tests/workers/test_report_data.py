@@ -3,6 +3,7 @@ submission and the LIME glue, on a real SQLite store."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -856,7 +857,29 @@ def test_a_feature_selection_sweep_shows_no_oob_and_says_why() -> None:
     assert table.header[-3:] == ("oob_score_", "Grouped OOB", "Grouped OOB coverage")
     assert [row[-3:] for row in table.rows] == [["—", "—", "—"]] * 2
     notes = " ".join(str(part) for b in blocks if isinstance(b, Para) for part in b.parts)
-    assert "No OOB scores (—) after feature selection: its forest was fitted on every" in notes
+    assert "No OOB scores after feature selection: its forest was fitted on every" in notes
+    # from the store, a sweep of selection alone has no OOB figure at all: no OOB columns,
+    # and the same note
+    bare = [dataclasses.replace(p, extras={}) for p in selected]
+    blocks = _experiment_blocks(Experiment("rf", "Random forest", bare, bare[0].key))
+    (table,) = [b for b in blocks if isinstance(b, Table)]
+    assert not [name for name in table.header if "OOB" in name or "oob" in name]
+    notes = " ".join(str(part) for b in blocks if isinstance(b, Para) for part in b.parts)
+    assert "No OOB scores after feature selection" in notes
+
+
+def test_a_grouped_oob_no_row_got_keeps_its_column(sqlite_url: str) -> None:
+    """Few trees on an augmented set: no row got a grouped OOB vote, so every point's
+    score is None; its column stays beside the coverage (0), where a column empty for
+    every point is otherwise left out."""
+    spec = {"name": "x", "folds": 2, "dataset": {"kind": "synthetic"}, "rf": {}}
+    store = make_store(sqlite_url, spec, "x-1")
+    (rf,) = [u for u in store.units("x-1") if u.family == "rf"]
+    extra = {"oob_score": 0.8, "oob_grouped": None, "oob_grouped_coverage": 0.0}
+    finish(store, rf.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], extra=extra)
+    (point,) = build_report_data(store, "x-1").experiments[0].points
+    assert point.extras == {"oob_score": 0.8, "oob_grouped": None, "oob_grouped_coverage": 0.0}
+    assert list(point.extras)[:3] == ["oob_score", "oob_grouped", "oob_grouped_coverage"]
 
 
 def _svm_grid_store(url: str, campaign_id: str, cs: list[float]) -> Store:

@@ -491,6 +491,11 @@ def point_rows(
     # an event or flag that held for no fold of any point gets no column
     names = {n for extras in per_point for n in extras}
     empty = {n for n in names if all(extras.get(n) is None for extras in per_point)}
+    if "oob_grouped_coverage" in names - empty:
+        # a grouped OOB score that no row got (few trees, many copies) is recorded as
+        # null: its column stays beside the coverage, marked
+        empty.discard("oob_grouped")
+        per_point = [_with_grouped_oob(extras) for extras in per_point]
     mentioned = {name for unit in units for name in unit.params}
     rows = []
     for (phash, folds), extras in zip(points.items(), per_point, strict=True):
@@ -517,6 +522,17 @@ def point_rows(
             )
         )
     return rows
+
+
+def _with_grouped_oob(extras: dict[str, Any]) -> dict[str, Any]:
+    """``extras`` with ``oob_grouped`` (None where no row got a grouped vote) just
+    before its coverage, where the tables show it."""
+    out: dict[str, Any] = {}
+    for name, value in extras.items():
+        if name == "oob_grouped_coverage":
+            out.setdefault("oob_grouped", None)
+        out[name] = value
+    return out
 
 
 def sweep_orders(spec: dict[str, Any]) -> dict[str, dict[str, int]]:
