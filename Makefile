@@ -19,6 +19,9 @@ demo: $(BIN)/.installed
 # one test file per process, as many processes as cores (at most 4: each integration
 # test runs its own workers); `$(BIN)/pytest tests/...` runs a part in one process
 test: $(BIN)/.installed
+	@# bytecode written once: where PYTHONDONTWRITEBYTECODE is set, each of the many
+	@# worker processes the suite starts would compile orchard's modules again
+	$(BIN)/python -m compileall -q shared db workers scheduler > /dev/null
 	$(BIN)/pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 lint: $(BIN)/.installed
