@@ -888,7 +888,8 @@ def explain_cnn(
         for (r, c), e in zip(picked, explanations, strict=True)
     ]
     # an unlabelled test set is explained per predicted class: say which it never predicted
-    unseen = [classes[c] for c in range(len(classes)) if c not in {c for _, c in picked}]
+    explained = {c for _, c in picked}
+    unseen = [name for c, name in enumerate(classes) if c not in explained]
     note = ""
     if unseen:
         why = (
