@@ -499,6 +499,15 @@ def _efficiency_blocks(data: ReportData) -> list[Block]:
             frozenset(range(1, 6)),
         )
     )
+    blocks.append(
+        Para(
+            (
+                "Fit time: what each unit recorded of its own work; Wall time: each unit's "
+                "start to finish on its worker (loading its data, writing its results too); "
+                "Span: the family's first unit started to its last finished.",
+            )
+        )
+    )
     blocks.append(Heading(3, "Per worker"))
     rows = []
     for worker in sorted({b.worker for b in bars}):
@@ -519,6 +528,15 @@ def _efficiency_blocks(data: ReportData) -> list[Block]:
             rows,
             frozenset({1, 3, 4, 5}),
             code_cols=frozenset({0}),
+        )
+    )
+    blocks.append(
+        Para(
+            (
+                "Busy: the worker's units start to finish, added up; its idle time is what "
+                "is left of the span between its first start and last finish (times since "
+                "the campaign's first unit started).",
+            )
         )
     )
     blocks += [Heading(3, "Timeline"), Figures([TIMELINE_FILE])]

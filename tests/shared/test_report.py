@@ -573,6 +573,9 @@ def test_efficiency_section_and_timeline(data: ReportData) -> None:
     assert cnn[1] == "6" and cnn[2] == "1 min 14 s" and cnn[3] == "12.3 s"
     workers = eff[eff.index("### Per worker") :]
     assert [r[0] for r in _table_rows(workers)[1:]] == ["`cpu@h`", "`gpu@h`"]
+    # the columns' words are said under each table
+    assert "Span: the family's first unit started to its last finished." in fams
+    assert "Busy: the worker's units start to finish, added up;" in workers
     assert "(timeline.png)" in eff
     png = timeline_png(data.timeline)
     assert png.startswith(PNG_SIGNATURE)
