@@ -895,8 +895,9 @@ def validation_line(
     per_fold = f"{min(sizes)}–{max(sizes)}" if min(sizes) != max(sizes) else str(val)
     return (
         f"Validation: {folds}-fold stratified cross-validation (seed {seed}) over the "
-        f"{train + val} labelled train and dev images, {per_fold} per fold; a section "
-        "with folds = n runs the first n"
+        f"{train + val} labelled train and dev images, {per_fold} per fold; a family "
+        "whose section sets fewer folds (folds = n) trains on the first n only, as its "
+        "Folds column says"
     )
 
 

@@ -879,6 +879,7 @@ def test_the_header_says_what_the_models_validate_on(data: ReportData) -> None:
     )
     uneven = validation_line("folds", 5, 3, 45, 12, fold_sizes=[12, 11, 11, 11, 11])
     assert "over the 57 labelled train and dev images, 11–12 per fold;" in uneven
+    assert "a family whose section sets fewer folds (folds = n) trains on the first n" in uneven
     oob = validation_line("oob", 5, 0, 6400, 6400)
     assert oob == (
         "Validation: out of bag; every forest trains on all 6400 labelled train and dev "
