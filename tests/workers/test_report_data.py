@@ -682,6 +682,29 @@ def test_rf_oob_note_only_with_augmentation(sqlite_url: str) -> None:
             assert exp.note and "siblings" in exp.note
 
 
+def test_rf_columns_that_repeat_the_table_are_left_out(sqlite_url: str) -> None:
+    """Trees equal to n_estimators and kept features equal to the pixel features (no
+    selection, no PCA) say nothing the table does not: no column; a PCA's width stays."""
+    spec = {"name": "k", "folds": 2, "dataset": {"kind": "synthetic"}}
+    spec["rf"] = {"n_estimators": [10, 20]}
+    store = make_store(sqlite_url, spec, "k-1")
+    for u in (u for u in store.units("k-1") if u.family == "rf"):
+        trees = u.params["n_estimators"]
+        extra = {"trees": trees, "pixel_features": 768, "kept_features": 768, "oob_score": 0.5}
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+    header, _ = _rows(build_report_data(store, "k-1"), "rf")
+    assert "Pixel features" in header and "oob_score_" in header
+    assert "Trees" not in header and "Kept features" not in header
+    spec["rf"] = {"n_estimators": 10, "pca_components": [8, 16]}
+    store = make_store(sqlite_url, spec, "k-2")
+    for u in (u for u in store.units("k-2") if u.family == "rf"):
+        extra = {"trees": 10, "pixel_features": 768, "kept_features": u.params["pca_components"]}
+        finish(store, u.key, 0.6, [0, 1, 2, 0], [0, 1, 2, 1], fold=u.fold, extra=extra)
+    header, rows = _rows(build_report_data(store, "k-2"), "rf")
+    assert "Kept features" in header and "Trees" not in header
+    assert [r[header.index("Kept features")] for r in rows] == ["8", "16"]
+
+
 @pytest.mark.parametrize("winner", ["none", "rotate_flip"])
 def test_a_best_point_chosen_by_an_inflated_oob_says_so(sqlite_url: str, winner: str) -> None:
     """Under validation = "oob" an augmented point's OOB accuracy is inflated by its

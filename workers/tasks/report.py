@@ -491,6 +491,16 @@ def point_rows(
     # an event or flag that held for no fold of any point gets no column
     names = {n for extras in per_point for n in extras}
     empty = {n for n in names if all(extras.get(n) is None for extras in per_point)}
+    # what the table shows already: a forest's trees (its n_estimators) and, without a
+    # selection or a PCA, its kept features (its pixel features)
+    params = [folds[0].params for folds in points.values()]
+    if all(
+        e.get("trees") in (None, p.get("n_estimators"))
+        for e, p in zip(per_point, params, strict=True)
+    ):
+        empty.add("trees")
+    if all(e.get("kept_features") in (None, e.get("pixel_features")) for e in per_point):
+        empty.add("kept_features")
     if "oob_grouped_coverage" in names - empty:
         # a grouped OOB score that no row got (few trees, many copies) is recorded as
         # null: its column stays beside the coverage, marked
