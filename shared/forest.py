@@ -505,11 +505,15 @@ def _oob_sums(
     model: ForestModel, x: np.ndarray, source: np.ndarray, n_images: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the summed class probabilities and the number of the OOB votes, plain
-    and grouped; the sums of several forests add up to their merged forest's."""
+    and grouped; the sums of several forests add up to their merged forest's. After
+    feature selection they stay zero, the trees not walked: such a forest reports no
+    OOB figures (:func:`_outcome`), and ``validation = "oob"`` refuses it."""
     forest = model.forest
     n, n_classes = len(source), len(forest.classes_)
     plain, plain_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
     grouped, grouped_votes = np.zeros((n, n_classes)), np.zeros(n, np.int64)
+    if selects_features(model):
+        return plain, plain_votes, grouped, grouped_votes
     x = np.ascontiguousarray(x, dtype=np.float32)  # what sklearn gives its trees
     for tree, packed in zip(forest.estimators_, model.in_bag, strict=True):
         in_bag = np.unpackbits(packed, count=n).astype(bool)
