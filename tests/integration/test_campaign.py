@@ -23,6 +23,7 @@ from scheduler.api import CampaignRun, submit
 from scheduler.demo import Workers
 from shared.settings import Settings, load_settings
 from tests.conftest import REDIS_URL, REPO
+from tests.integration.workerpool import kill_groups
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def running_workers(settings: Settings, tag: str) -> Iterator[Workers]:
     try:
         yield workers
     finally:
-        workers.stop()
+        kill_groups(proc for _, proc in workers.procs)  # no warm shutdown: see kill_groups
 
 
 def assert_campaign_complete(run: CampaignRun, store: Store) -> None:

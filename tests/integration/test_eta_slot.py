@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, REPO
 from tests.integration.test_campaign import settings_for
-from tests.integration.workerpool import wait_for
+from tests.integration.workerpool import kill_groups, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,18 +125,6 @@ class Workers:
             if proc.poll() is not None:
                 raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
 
 @contextlib.contextmanager
 def etaslot_workers(tmp_path: Path, events_key: str) -> Iterator[Workers]:
@@ -156,7 +143,7 @@ def etaslot_workers(tmp_path: Path, events_key: str) -> Iterator[Workers]:
     try:
         yield workers
     finally:
-        workers.stop()
+        kill_groups(workers.procs.values())
 
 
 def test_a_countdown_retry_runs_when_due_though_its_worker_could_fetch_a_long_task(

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from shared.errors import OrchardError
@@ -123,11 +123,28 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def kill_all(self) -> None:
+        """SIGKILL every worker with its pool children: what a test does once it has
+        asserted (a warm shutdown waits about 2 s on billiard's pool threads; the tests
+        that mean to check one call :meth:`terminate` or :meth:`stop`)."""
+        kill_groups(self.procs.values())
+
     def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.kill_all()
+
+
+def kill_groups(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGKILL each process's group (a worker started in a session of its own takes
+    its prefork children with it) and reap the process."""
+    procs = list(procs)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
 
 
 def wait_for(
