@@ -16,8 +16,9 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/orchard demo
 
-# one test file per process, as many processes as cores (at most 4: each integration
-# test runs its own workers); `$(BIN)/pytest tests/...` runs a part in one process
+# one test file per process, a process per core and one more (at most 4: each
+# integration test runs its own workers; tests/conftest.py says why one more);
+# `$(BIN)/pytest tests/...` runs a part in one process
 test: $(BIN)/.installed
 	@# bytecode written once: where PYTHONDONTWRITEBYTECODE is set, each of the many
 	@# worker processes the suite starts would compile orchard's modules again
