@@ -29,6 +29,24 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float | None:
     return float((t[mask] == p[mask]).mean()) if mask.any() else None
 
 
+def accuracy_interval(
+    y_true: Sequence[int], y_pred: Sequence[int], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """The Wilson score interval of the accuracy over labelled samples (label >= 0):
+    where the accuracy on another set of as many images would likely fall. None when
+    there are none. Wilson's rather than the normal approximation: it stays inside
+    [0, 1] and holds at accuracies near 100 % and on small sets."""
+    from scipy.stats import binomtest  # imported by scikit-learn in every worker anyway
+
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    mask = t >= 0
+    n = int(mask.sum())
+    if not n:
+        return None
+    ci = binomtest(int((t[mask] == p[mask]).sum()), n).proportion_ci(confidence, "wilson")
+    return float(ci.low), float(ci.high)
+
+
 def confusion_matrix(
     y_true: Sequence[int], y_pred: Sequence[int], n_classes: int
 ) -> list[list[int]]:

@@ -37,6 +37,7 @@ from shared.report.model import (
     _fmt_opt,
     _fmt_params,
     _fmt_pct,
+    _fmt_pct_range,
     _fmt_pct_spread,
     _fmt_utc,
     _is_failed,
@@ -139,6 +140,10 @@ def _val_images_name(data: ReportData) -> str:
     return f"{_val_name(data).split()[0]} images"
 
 
+#: The Blending table's column of each test accuracy's interval.
+TEST_CI_HEADER = "Test 95% CI"
+
+
 def _blend_header(data: ReportData) -> tuple[str, ...]:
     common = ()
     if _compared_on_common(data):
@@ -149,6 +154,7 @@ def _blend_header(data: ReportData) -> tuple[str, ...]:
         "Method",
         "Members",
         "Test acc",
+        TEST_CI_HEADER,
         _val_name(data),
         _val_images_name(data),
         *common,
@@ -579,6 +585,7 @@ def _blend_blocks(data: ReportData) -> list[Block]:
             _fmt_pct(b.test_acc)
             if b.test_acc is not None
             else ("n/a" if _is_missing(b.note) else _DASH),
+            _fmt_pct_range(b.test_ci),
             _fmt_pct(b.val_acc)
             if b.val_acc is not None
             else ("n/a" if _is_missing(b.note) else _DASH),
@@ -590,7 +597,7 @@ def _blend_blocks(data: ReportData) -> list[Block]:
     ]
     classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
     header = _blend_header(data)
-    numbers = frozenset({2, 3, 4, 5} | ({6} if _compared_on_common(data) else set()))
+    numbers = frozenset({2, 3, 4, 5, 6} | ({7} if _compared_on_common(data) else set()))
     blocks: list[Block] = [Table(header, rows, numbers, row_classes=classes)]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
@@ -633,6 +640,19 @@ def _blend_blocks(data: ReportData) -> list[Block]:
                 f" Its best point{'s were' if '+' in best.family else ' was'} picked among "
                 f"{swept} on these same held-out images, so its {val} is optimistic by that "
                 "choice; the test accuracy is not."
+            )
+        tested = {b.test_images for b in data.blends if b.test_ci is not None}
+        if tested:
+            over = (
+                f"its {tested.pop()} labelled test images"
+                if len(tested) == 1
+                else "the labelled test images each blend predicted"
+            )
+            parts.append(
+                f" {TEST_CI_HEADER} is the Wilson interval of the test accuracy over {over}: "
+                "what the test set's size alone leaves uncertain. Blends are measured on the "
+                "same images, so two whose intervals overlap may still differ, but a "
+                "difference well inside one interval says little."
             )
         if any(b.method == "single" for b in data.blends):
             parts.append(" A single model is a best point trained once: nothing is blended.")

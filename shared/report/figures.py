@@ -286,6 +286,10 @@ def timeline_colors(families: Sequence[str]) -> dict[str, str]:
     return {f: FAMILY_COLORS.get(f) or spare[others.index(f) % len(spare)] for f in families}
 
 
+#: The narrowest bar of the timeline, as a fraction of the campaign's span.
+TIMELINE_MIN_WIDTH = 0.004
+
+
 @_drawn_literally
 def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     """A Gantt chart: a row per worker (and per concurrent slot), a bar per unit."""
@@ -302,9 +306,13 @@ def timeline_png(bars: Sequence[TimelineBar]) -> bytes:
     # one collection per lane, family and outcome, however many units: a bar per call
     # cost a container of artists per unit (a second for 650 units)
     groups: dict[tuple[tuple[str, int], str, bool], list[tuple[float, float]]] = {}
+    # a unit of milliseconds in a campaign of minutes is wide enough to be seen (about
+    # 3 px): drawn to scale, the preprocessing shards and reports were hairlines
+    span = max((b.end for b in bars), default=0.0) - min((b.start for b in bars), default=0.0)
+    narrowest = max(span * TIMELINE_MIN_WIDTH, 1e-3)
     for bar, lane in zip(bars, lanes, strict=True):
         group = groups.setdefault((lane, bar.family, _is_failed(bar.state)), [])
-        group.append((bar.start, max(bar.end - bar.start, 1e-3)))
+        group.append((bar.start, max(bar.end - bar.start, narrowest)))
     # thin black outlines part a few bars; hundreds of short ones they would paint black
     outline = "black" if len(bars) <= TIMELINE_OUTLINED else "none"
     for (lane, family, failed), spans in groups.items():

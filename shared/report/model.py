@@ -196,6 +196,8 @@ class BlendRow:
     # where the blends' validation covers different images: val_acc on those every blend
     # covers (ReportData.best_compared_on of them), on which the best blend is chosen
     common_acc: float | None = None
+    test_images: int | None = None  # the labelled test images test_acc is over
+    test_ci: tuple[float, float] | None = None  # test_acc's 95 % Wilson interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +364,14 @@ def _fmt_pct_spread(value: float | None, spread: float | None) -> str:
     if text != _DASH and spread is not None and math.isfinite(spread):
         text += f" ± {spread * 100:.1f} pp"
     return text
+
+
+def _fmt_pct_range(bounds: tuple[float, float] | None) -> str:
+    """``58.1–81.2%``: an interval, one decimal, as spreads are."""
+    if bounds is None or not all(math.isfinite(b) for b in bounds):
+        return _DASH
+    low, high = bounds
+    return f"{low * 100:.1f}–{high * 100:.1f}%"
 
 
 def _fmt_duration(seconds: float | None) -> str:

@@ -194,7 +194,27 @@ figure { margin: 0; border: 1px solid #d0d7de; padding: .5rem; }
 figure img { display: block; max-width: 100%; height: auto; }
 figcaption { font-size: .85rem; text-align: center; margin-top: .3rem; }
 .empty { color: #656d76; font-style: italic; }
+nav.contents ul { display: flex; flex-wrap: wrap; gap: .2rem 1.2rem; list-style: none;
+                  padding: 0; margin: .5rem 0 1rem; font-size: .9rem; }
 """.strip()
+
+
+def section_ids(blocks: Sequence[Any]) -> dict[int, str]:
+    """An ``id`` for each ``##`` heading (by its index in ``blocks``): ``section-`` and
+    its words, so that no figure's id (``timeline``, ``lime-cnn``) can equal one, and a
+    heading that comes twice gets ``-2``."""
+    ids: dict[int, str] = {}
+    taken: set[str] = set()
+    for i, block in enumerate(blocks):
+        if isinstance(block, Heading) and block.level == 2:
+            base = "section-" + ("-".join(re.findall(r"[a-z0-9]+", block.text.lower())) or "x")
+            anchor, n = base, 1
+            while anchor in taken:
+                n += 1
+                anchor = f"{base}-{n}"
+            taken.add(anchor)
+            ids[i] = anchor
+    return ids
 
 
 def _h(text: Any) -> str:
@@ -273,9 +293,15 @@ def render_html(
         "<body>",
         f"<h1>{_h(title)}</h1>",
     ]
-    for block in blocks:
+    anchors = section_ids(blocks)
+    if len(anchors) > 1:  # the sections' names, each a link: a long report's contents
+        out.append('<nav class="contents" aria-label="Contents"><ul>')
+        out += [f'<li><a href="#{a}">{_h(blocks[i].text)}</a></li>' for i, a in anchors.items()]
+        out.append("</ul></nav>")
+    for i, block in enumerate(blocks):
         if isinstance(block, Heading):
-            out.append(f"<h{block.level}>{_h(block.text)}</h{block.level}>")
+            anchor = f' id="{anchors[i]}"' if i in anchors else ""
+            out.append(f"<h{block.level}{anchor}>{_h(block.text)}</h{block.level}>")
         elif isinstance(block, Para):
             cls = ' class="empty"' if block.empty else ""
             out.append(f"<p{cls}>{_html_inline(block.parts)}</p>")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.classic import flatten
-from shared.metrics import accuracy, confusion_matrix, majority_vote
+from shared.metrics import accuracy, accuracy_interval, confusion_matrix, majority_vote
 from shared.spec import SvmParams
 from shared.svm import fit_svm_point
 from tests.shared.conftest import colour_images
@@ -22,6 +22,17 @@ def test_accuracy_ignores_unlabelled():
 def test_accuracy_none_without_labels():
     assert accuracy([-1, -1], [0, 1]) is None
     assert accuracy([], []) is None
+
+
+def test_accuracy_interval_is_wilson_s_over_the_labelled_samples():
+    # 80 of 100 right: the Wilson 95 % interval is 71.1-86.7 % (Newcombe 1998, method 3)
+    truth = [0] * 100 + [-1] * 7  # the unlabelled ones count for nothing
+    low, high = accuracy_interval(truth, [0] * 80 + [1] * 20 + [2] * 7)
+    assert (low, high) == (pytest.approx(0.7112, abs=1e-4), pytest.approx(0.8666, abs=1e-4))
+    # all right: the interval stays under 100 % and inside [0, 1], unlike the normal one's
+    low, high = accuracy_interval([1] * 10, [1] * 10)
+    assert low == pytest.approx(0.7225, abs=1e-4) and high == 1.0
+    assert accuracy_interval([-1, -1], [0, 1]) is None
 
 
 def test_confusion_matrix_rows_true_cols_pred():

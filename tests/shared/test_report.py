@@ -215,10 +215,54 @@ def data() -> ReportData:
         ),
     ]
     blends = [
-        BlendRow("CNN 3-fold vote", "cnn", "vote", 3, 0.86, 0.84, "ties by mean probability", 300),
-        BlendRow("CNN 3-fold mean", "cnn", "mean", 3, 0.87, 0.85, "", 300),
-        BlendRow("SVM best point", "svm", "single", 1, 0.9, 0.79, "", 300),
-        BlendRow("CNN + SVM vote", "cnn+svm", "vote", 2, 0.85, 0.8, "ties go to CNN", 300),
+        BlendRow(
+            "CNN 3-fold vote",
+            "cnn",
+            "vote",
+            3,
+            0.86,
+            0.84,
+            "ties by mean probability",
+            300,
+            test_images=100,
+            test_ci=(0.7786, 0.9147),
+        ),
+        BlendRow(
+            "CNN 3-fold mean",
+            "cnn",
+            "mean",
+            3,
+            0.87,
+            0.85,
+            "",
+            300,
+            test_images=100,
+            test_ci=(0.7902, 0.9224),
+        ),
+        BlendRow(
+            "SVM best point",
+            "svm",
+            "single",
+            1,
+            0.9,
+            0.79,
+            "",
+            300,
+            test_images=100,
+            test_ci=(0.8256, 0.9448),
+        ),
+        BlendRow(
+            "CNN + SVM vote",
+            "cnn+svm",
+            "vote",
+            2,
+            0.85,
+            0.8,
+            "ties go to CNN",
+            300,
+            test_images=100,
+            test_ci=(0.7672, 0.9069),
+        ),
         BlendRow(
             "CNN + SVM mean", "cnn+svm", "mean", 2, None, None, "n/a: SVM predicts labels only"
         ),
@@ -483,14 +527,22 @@ def test_param_labels_and_values() -> None:
 
 def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
     blend = _section(render_markdown(data), "Blending")
-    assert "| Blend | Method | Members | Test acc | OOF val acc | OOF images | Note |" in blend
     assert (
-        "| CNN 3-fold vote | vote | 3 | 86.000% | 84.000% | 300 | ties by mean probability |"
+        "| Blend | Method | Members | Test acc | Test 95% CI | OOF val acc | OOF images | Note |"
         in blend
     )
+    assert (
+        "| CNN 3-fold vote | vote | 3 | 86.000% | 77.9–91.5% | 84.000% | 300 | ties by mean "
+        "probability |" in blend
+    )
     assert "| **CNN 3-fold mean** | **mean** | **3** | **87.000%** |" in blend
-    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | — | n/a: SVM predicts labels only |" in blend
-    assert "| CNN + SVM vote | vote | 2 | 85.000% | 80.000% | 300 | ties go to CNN |" in blend
+    assert (
+        "| CNN + SVM mean | mean | 2 | n/a | — | n/a | — | n/a: SVM predicts labels only |" in blend
+    )
+    assert (
+        "| CNN + SVM vote | vote | 2 | 85.000% | 76.7–90.7% | 80.000% | 300 | ties go to CNN |"
+        in blend
+    )
     assert (
         "Bold: the best by out-of-fold validation accuracy, **CNN 3-fold mean**, "
         "whose test accuracy is 87.000%." in blend
@@ -498,10 +550,30 @@ def test_blending_section_bolds_the_best_and_says_na(data: ReportData) -> None:
     assert "Best blend by test accuracy" not in blend
     # a test set without labels: its accuracies are missing, not "n/a" as for a blend
     # that cannot be made, whatever its note says
-    unlabelled = [dataclasses.replace(b, test_acc=None) for b in data.blends]
+    unlabelled = [
+        dataclasses.replace(b, test_acc=None, test_images=None, test_ci=None) for b in data.blends
+    ]
     blend = _section(render_markdown(dataclasses.replace(data, blends=unlabelled)), "Blending")
-    assert "| CNN + SVM vote | vote | 2 | — | 80.000% | 300 | ties go to CNN |" in blend
-    assert "| CNN + SVM mean | mean | 2 | n/a | n/a | — | n/a: SVM predicts labels only |" in blend
+    assert "| CNN + SVM vote | vote | 2 | — | — | 80.000% | 300 | ties go to CNN |" in blend
+    assert (
+        "| CNN + SVM mean | mean | 2 | n/a | — | n/a | — | n/a: SVM predicts labels only |" in blend
+    )
+    assert "Wilson" not in blend  # no interval, no word of one
+
+
+def test_the_blending_note_says_what_the_test_interval_is(data: ReportData) -> None:
+    """Each test accuracy has its interval; the note names the images it is over, once
+    when every blend predicted as many, else in general."""
+    blend = _section(render_markdown(data), "Blending")
+    assert (
+        "Test 95% CI is the Wilson interval of the test accuracy over its 100 labelled test images"
+        in blend
+    )
+    fewer = [
+        dataclasses.replace(b, test_images=80) if b.method == "single" else b for b in data.blends
+    ]
+    blend = _section(render_markdown(dataclasses.replace(data, blends=fewer)), "Blending")
+    assert "over the labelled test images each blend predicted:" in blend
 
 
 def test_the_blending_note_says_a_best_picked_on_its_own_images_is_optimistic(
@@ -619,7 +691,8 @@ def test_html_self_contained_and_escaped(data: ReportData, tmp_path: Path) -> No
     html = files.html.path.read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
     assert "http://" not in html and "https://" not in html
-    assert not re.search(r"""(?:src|href)\s*=\s*(?!["']?data:)""", html, flags=re.I)
+    # nothing fetched: data: URIs, and links within the page (its contents)
+    assert not re.search(r"""(?:src|href)\s*=\s*(?!["']?(?:data:|#))""", html, flags=re.I)
     assert "url(" not in html and "@import" not in html
     assert "<script" not in html
     assert "&lt;script&gt;" in html
@@ -631,11 +704,33 @@ def test_html_self_contained_and_escaped(data: ReportData, tmp_path: Path) -> No
     assert {f.path.read_bytes() for f in files.figures.values()} == pngs
 
     for heading in SECTION_HEADINGS:
-        assert f"<h2>{heading}</h2>" in html
+        assert re.search(f'<h2 id="section-[a-z0-9-]+">{re.escape(heading)}</h2>', html), heading
     assert "84.125%" in html
     assert 'class="failed"' in html and 'class="best"' in html
     assert "Quick | test" in html
     assert "<blockquote><p><code>oob_score_</code> is inflated by augmented " in html
+
+
+def test_html_contents_link_every_section_once(data: ReportData) -> None:
+    """The page opens with its sections' names, each a link to its heading."""
+    html = render_html(data, {})
+    nav = html.split('<nav class="contents"', 1)[1].split("</nav>", 1)[0]
+    links = re.findall(r'<a href="#([a-z0-9-]+)">([^<]+)</a>', nav)
+    headings = re.findall(r'<h2 id="([a-z0-9-]+)">([^<]+)</h2>', html)
+    assert links == headings and len(headings) >= len(SECTION_HEADINGS)
+    assert len({anchor for anchor, _ in links}) == len(links)
+    assert ("section-blending", "Blending") in links
+    # no id of a figure's is a section's
+    figures = set(re.findall(r'<figure id="([^"]+)"', render_html(data, {"timeline.png": b""})))
+    assert figures and not figures & {anchor for anchor, _ in links}
+
+
+def test_section_ids_of_a_repeated_or_wordless_heading_differ() -> None:
+    from shared.report.document import Heading
+    from shared.report.render import section_ids
+
+    blocks = [Heading(2, "Units"), Heading(3, "Units"), Heading(2, "Units"), Heading(2, "…")]
+    assert section_ids(blocks) == {0: "section-units", 2: "section-units-2", 3: "section-x"}
 
 
 def test_html_without_figure_uses_placeholder(data: ReportData) -> None:
@@ -1038,6 +1133,30 @@ def test_timeline_artists_do_not_grow_with_the_units(monkeypatch: pytest.MonkeyP
     assert timeline_png(bars(3000)).startswith(PNG_SIGNATURE)
 
 
+def test_a_unit_of_milliseconds_is_no_hairline_on_the_timeline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 20 ms report after a 100 s fold is drawn 0.4 s wide (about 3 px), the fold to
+    scale."""
+    import shared.report.figures as report
+
+    drawn = []
+    monkeypatch.setattr(report, "_png", lambda fig: drawn.append(fig) or b"png")
+    timeline_png(
+        [
+            TimelineBar(f"{CID}/cnn/p0/f0", "cnn", "gpu@h", 0.0, 100.0, "SUCCESS", 99.0),
+            TimelineBar(f"{CID}/report", "report", "cpu@h", 100.0, 100.02, "SUCCESS", 0.02),
+        ]
+    )
+    (ax,) = drawn[0].axes
+    widths = sorted(
+        round(float(path.get_extents().width), 3)
+        for collection in ax.collections
+        for path in collection.get_paths()
+    )
+    assert widths == [100 * report.TIMELINE_MIN_WIDTH, 100.0]
+
+
 def _many_units(n: int, failed: int) -> list[UnitSummary]:
     return [
         _unit(
@@ -1173,14 +1292,14 @@ def test_out_of_bag_blends_say_what_their_validation_accuracy_is(data: ReportDat
     assert "held out" not in oob.split("## Blending", 1)[1].split("\n## ", 1)[0]
     assert "Bold: the best by out-of-bag accuracy" in oob
     assert "each image predicted by the trees that did not draw it" in oob
-    assert "| Test acc | OOB acc | OOB images | Note |" in oob and "OOF" not in oob
+    assert "| Test acc | Test 95% CI | OOB acc | OOB images | Note |" in oob and "OOF" not in oob
 
 
 def test_dev_split_blends_say_what_their_validation_accuracy_is(data: ReportData) -> None:
     """Under validation = "dev" there are no folds: nothing is out of fold."""
     dev = render_markdown(dataclasses.replace(data, held_out="dev"))
     assert "OOF" not in dev and "out-of-fold" not in dev
-    assert "| Test acc | Dev acc | Dev images | Note |" in dev
+    assert "| Test acc | Test 95% CI | Dev acc | Dev images | Note |" in dev
     assert "Bold: the best by accuracy on the dev split, **CNN 3-fold mean**" in dev
     assert "(a mean of 3, chosen by accuracy on the dev split; Dev acc 85.000%," in dev
     assert "Dev acc is each model's predictions on the labelled dev split" in dev
@@ -1445,7 +1564,7 @@ def test_a_t_sne_that_cannot_be_drawn_says_why_in_one_line(
     files = write_report(missing, tmp_path)
     assert "tsne-svm.png" not in files.figures and not (tmp_path / "tsne-svm.png").exists()
     html = files.html.path.read_text(encoding="utf-8")
-    assert "<h2>t-SNE</h2>" in html and f'<p class="empty">{why}</p>' in html
+    assert '<h2 id="section-t-sne">t-SNE</h2>' in html and f'<p class="empty">{why}</p>' in html
     assert json.loads(files.json.path.read_text(encoding="utf-8"))["tsne"]["note"] == why
 
 

@@ -137,8 +137,12 @@ def test_vote_of_the_best_point(store: Store) -> None:
     vote = blends["CNN 3-fold vote"]
     assert vote.members == 3 and vote.method == "vote"
     assert vote.test_acc == pytest.approx(3 / 4)  # [0, 1, 2, 0] against [0, 1, 2, 1]
+    # 3 of 4: Wilson's 95 % interval, wide on four images
+    assert vote.test_images == 4
+    assert vote.test_ci == (pytest.approx(0.3006, abs=1e-4), pytest.approx(0.9544, abs=1e-4))
     # these folds recorded labels only: no probabilities to average
     assert blends["CNN 3-fold mean"].test_acc is None
+    assert blends["CNN 3-fold mean"].test_ci is None
     assert "n/a" in blends["CNN 3-fold mean"].note
     assert data.best_blend == "CNN 3-fold vote" and data.test_labelled
     assert data.confusions["cnn"].matrix == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
@@ -178,7 +182,7 @@ def test_without_test_labels_pools_validation_and_writes_a_submission(
         if u.family in ("cnn", "svm"):
             finish(store, u.key, 0.6, [0, 1, 2, 0], [-1, -1, -1, -1], fold=u.fold)
     data = build_report_data(store, "r-1")
-    assert all(b.test_acc is None for b in data.blends)
+    assert all(b.test_acc is None and b.test_ci is None for b in data.blends)
     assert not data.test_labelled
     cnn = data.confusions["cnn"]
     assert cnn.split == "val" and cnn.matrix == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]

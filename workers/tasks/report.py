@@ -39,7 +39,13 @@ from shared.artifacts import ArtifactWriteError, WrittenFile
 from shared.embedding import lime_candidates
 from shared.errors import OrchardError
 from shared.manifest import Manifest, ManifestError
-from shared.metrics import accuracy, confusion_matrix, majority_vote, mean_probabilities
+from shared.metrics import (
+    accuracy,
+    accuracy_interval,
+    confusion_matrix,
+    majority_vote,
+    mean_probabilities,
+)
 from shared.report import (
     FAILED_STATES,
     BlendRow,
@@ -330,7 +336,19 @@ def _blend_row(
     note: str = "",
 ) -> BlendRow:
     labelled = len(_labelled(val)) if val is not None else None
-    return BlendRow(name, family, method, members, _acc(test), _acc(val), note, labelled or None)
+    tested = len(_labelled(test)) if test is not None else 0
+    return BlendRow(
+        name,
+        family,
+        method,
+        members,
+        _acc(test),
+        _acc(val),
+        note,
+        labelled or None,
+        test_images=tested or None,
+        test_ci=accuracy_interval(test.labels, test.preds) if tested else None,
+    )
 
 
 @dataclass(frozen=True)
