@@ -119,9 +119,7 @@ class WorkerPool:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         # prefork children of a killed worker exit with it (same group); make sure
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        kill_groups(self.procs.values())
 
     def kill_all(self) -> None:
         """SIGKILL every worker with its pool children: what a test does once it has
