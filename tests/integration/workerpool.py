@@ -108,23 +108,10 @@ class WorkerPool:
     def all_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
-    def stop(self, timeout: float = 30) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # warm shutdown
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        # prefork children of a killed worker exit with it (same group); make sure
-        kill_groups(self.procs.values())
-
     def kill_all(self) -> None:
         """SIGKILL every worker with its pool children: what a test does once it has
         asserted (a warm shutdown waits about 2 s on billiard's pool threads; the tests
-        that mean to check one call :meth:`terminate` or :meth:`stop`)."""
+        that mean to check one call :meth:`terminate`)."""
         kill_groups(self.procs.values())
 
     def __enter__(self) -> WorkerPool:
