@@ -139,7 +139,7 @@ def test_a_reader_that_left_stalls_no_worker(tmp_path: Path) -> None:
         assert proc.stdout is not None
         proc.stdout.readline()
         proc.stdout.close()  # the reader leaves
-        assert wait_until(lambda: len(list(tmp_path.glob("talked-*"))) == 2), "a child stalled"
+        assert wait_until(lambda: len(list(tmp_path.glob("talked-*"))) == 2, 60), "a child stalled"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert not any(alive(pid) for pid in pids(tmp_path))

@@ -481,12 +481,12 @@ def test_piped_progress_says_the_same_counts_again_after_a_long_silence(
 ) -> None:
     """A fold that reports no epoch for many minutes left a CI job's log silent, and
     CI services kill a job after some minutes without output."""
-    display = api._PlainProgress(every=0.05, again=0.3)
+    display = api._PlainProgress(every=0.05, again=1.0)
     display.update({"cnn": {"RUNNING": 1}}, {})
     display.refresh()
     time.sleep(0.1)
     display.update({"cnn": {"RUNNING": 1}}, {})  # unchanged, and not long: nothing
-    time.sleep(0.3)
+    time.sleep(1.0)
     display.update({"cnn": {"RUNNING": 1}}, {})  # unchanged for long: again
     display.close()
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]

@@ -181,7 +181,9 @@ def test_the_pass_after_an_outage_leaves_run_out_leases_a_lease_period(
 
     from db.store import StoreUnreachableError
 
-    store, key = _a_running_unit(tmp_path, monkeypatch, 0.05)
+    # a lease of 0.5 s: the clock skips a pass it finds half a lease late, so a shorter
+    # one made a test process preempted for 25 ms (a loaded machine) fail
+    store, key = _a_running_unit(tmp_path, monkeypatch, 0.5)
     sent = _sends_recorded(monkeypatch)
     clock = reaper.StoreClock()
 
@@ -191,7 +193,7 @@ def test_the_pass_after_an_outage_leaves_run_out_leases_a_lease_period(
     monkeypatch.setattr(base, "worker_store", away)
     assert reaper.requeue_lost_units(object(), (), clock) == []
     monkeypatch.setattr(base, "worker_store", lambda: store)
-    time.sleep(0.05 * 3)  # the lease ran out over a lease period ago
+    time.sleep(0.5 * 3)  # the lease ran out over a lease period ago
     caplog.set_level(logging.INFO, logger=reaper.log.name)
     assert reaper.requeue_lost_units(object(), (), clock) == []
     assert store.get_unit(key).state == "RUNNING" and sent == []
