@@ -114,6 +114,11 @@ def running_worker(
         assert not thread.is_alive(), "the worker did not stop within 30 s"
 
 
+#: An ETA message's countdown in these tests: it must still be held (not yet due) when
+#: the test looks, which a loaded machine may delay by a second or more
+HELD_FOR = 3.0
+
+
 def hold_an_eta_message(app: Celery, worker: Any, queue: str, countdown: float) -> str:  # noqa: ANN401
     """Send a task with ``countdown`` and wait until the worker holds it, not yet due."""
     tag = secrets.token_hex(4)
@@ -138,7 +143,7 @@ def test_celery_still_raises_the_prefetch_count_for_each_eta_message_it_holds() 
         c = worker.consumer
         assert isinstance(c.qos, QoS) and c.qos.value == c.initial_prefetch_count == 1
         assert c.controller is worker and hasattr(c.qos, "_mutex")
-        tag = hold_an_eta_message(app, worker, queue, countdown=1.5)
+        tag = hold_an_eta_message(app, worker, queue, countdown=HELD_FOR)
         assert c.qos.value == 2  # room for another message beside the held one
         wait_until(lambda: tag in RAN, "the ETA message to run")
         wait_until(lambda: c.qos.value == 1, "the prefetch count to come back to 1")
@@ -152,7 +157,7 @@ def test_a_held_eta_message_keeps_the_slot_it_was_fetched_into(
     with running_worker(app, queue, pool=pool, concurrency=concurrency) as worker:
         c = worker.consumer
         assert c.qos.value == concurrency  # concurrency x prefetch multiplier 1
-        tag = hold_an_eta_message(app, worker, queue, countdown=1.5)
+        tag = hold_an_eta_message(app, worker, queue, countdown=HELD_FOR)
         assert c.qos.value == concurrency  # nothing more is fetched beside it
         c.qos.update()  # what the event loop sends the broker
         assert c.task_consumer.channel.qos.prefetch_count == concurrency
@@ -183,7 +188,7 @@ def test_a_reconnection_keeps_it(tmp_path: Path) -> None:
             "the consumer to reconnect",
         )
         time.sleep(0.3)  # its event loop running again
-        tag = hold_an_eta_message(app, worker, queue, countdown=1.5)
+        tag = hold_an_eta_message(app, worker, queue, countdown=HELD_FOR)
         assert c.qos.value == 1
         wait_until(lambda: tag in RAN, "the ETA message to run")
         assert c.qos.value == 1
