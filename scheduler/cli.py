@@ -53,7 +53,7 @@ from scheduler.views import (
     units_table,
 )
 from shared.errors import OrchardError, printable, visible_controls
-from shared.settings import child_env, load_settings, mask_url
+from shared.settings import child_env, env_number, load_settings, mask_url
 from shared.times import as_utc
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
@@ -1355,8 +1355,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 #: How long `orchard worker` waits for a running worker of its own node name to answer
 #: (an idle or prefork worker answers within milliseconds; a solo worker busy with a
-#: unit does not answer until the unit ends, so it is not found this way)
+#: unit does not answer until the unit ends, so it is not found this way). Every start
+#: waits all of it when no worker has the name; ORCHARD_NAME_CHECK_SECONDS says
+#: otherwise (a broker far away, a heavily loaded host), at most NAME_CHECK_LIMIT.
 NAME_CHECK_SECONDS = 0.5
+NAME_CHECK_LIMIT = 60
 
 
 def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
@@ -1370,17 +1373,24 @@ def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
     from celery.utils.nodenames import default_nodename, host_format
 
     node = host_format(default_nodename(name))
+    window = env_number(
+        "ORCHARD_NAME_CHECK_SECONDS",
+        NAME_CHECK_SECONDS,
+        float,
+        "a number of seconds",
+        maximum=NAME_CHECK_LIMIT,
+    )
     # asked from a forked process: a broker connection pool that this one made here, and
     # Celery's pool then forked into its children, left every child that replaced a dead
     # one unable to start ("Timed out waiting for UP message")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child, which only asks
         try:
-            answered = app.control.ping(destination=[node], timeout=NAME_CHECK_SECONDS, limit=1)
+            answered = app.control.ping(destination=[node], timeout=window, limit=1)
         except BaseException:  # noqa: BLE001 - the broker answered just now: Celery will say
             os._exit(0)
         os._exit(1 if answered else 0)
-    deadline = time.monotonic() + NAME_CHECK_SECONDS + 5  # a broker that never answers
+    deadline = time.monotonic() + window + 5  # a broker that never answers
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     if done[0] == 0:  # Celery's start, next, says what is wrong with the broker

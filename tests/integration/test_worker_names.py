@@ -27,7 +27,10 @@ def test_a_worker_whose_name_a_running_worker_answers_to_is_refused(
         second = subprocess.run(
             [sys.executable, "-m", "scheduler.cli", "worker", "--queues", "preprocess"]
             + ["--name", "dup-0@%h"],
-            env=pool.env,
+            # the idle first worker answers in milliseconds, and the ping ends at its
+            # answer: the 0.5 s a start waits by default, on a loaded machine, may not be
+            # enough for the answer to come
+            env={**pool.env, "ORCHARD_NAME_CHECK_SECONDS": "20"},
             cwd=REPO,
             capture_output=True,
             text=True,

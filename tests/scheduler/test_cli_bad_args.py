@@ -83,6 +83,33 @@ def test_node_names_celery_expands_are_taken(name: str) -> None:
     assert _parser().parse_args(["worker", "--name", name]).name == name
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("soon", "ORCHARD_NAME_CHECK_SECONDS='soon': expected a number of seconds greater than 0"),
+        ("0", "ORCHARD_NAME_CHECK_SECONDS='0': expected a number of seconds greater than 0"),
+        (
+            "61",
+            "ORCHARD_NAME_CHECK_SECONDS='61': expected a number of seconds greater than 0 and "
+            "at most 60",
+        ),
+    ],
+)
+def test_a_name_check_window_that_is_not_a_number_of_seconds_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, value: str, said: str
+) -> None:
+    """Read before the worker asks the broker anything."""
+    from types import SimpleNamespace
+
+    from scheduler.cli import _refuse_a_taken_name
+    from shared.errors import OrchardError
+
+    monkeypatch.setenv("ORCHARD_NAME_CHECK_SECONDS", value)
+    with pytest.raises(OrchardError) as error:
+        _refuse_a_taken_name(None, "w@%h", SimpleNamespace(broker_is_filesystem=False))
+    assert str(error.value) == said
+
+
 # ---------------------------------------------------------------- demo --timeout
 
 
