@@ -76,7 +76,11 @@ def test_a_sigkilled_prefork_child_s_unit_runs_again_at_once(cluster: Cluster) -
     assert re.search(
         r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} UTC: WARNING/MainProcess\] child ", log, re.M
     )
-    assert f"{forest.key} is running elsewhere (live lease)" not in log
+    # released before the message went back (the worker waits a second for the store:
+    # a loaded machine's may take longer, and then it says so, and the next delivery
+    # waits for the release instead)
+    if "the store is slow to release its lease" not in log:
+        assert f"{forest.key} is running elsewhere (live lease)" not in log
     assert store.get_unit(forest.key).attempts == 2
     assert_exactly_once(run, store)
 

@@ -39,9 +39,10 @@ def test_a_lost_gpu_workers_fold_is_sent_again_long_before_the_visibility_timeou
     """A GPU worker SIGKILLed mid-fold with an hour of visibility timeout: Redis would
     hand its message out again in an hour; the workers see the fold's lease run out and
     send it again, and it resumes from its checkpoint on another GPU worker."""
-    # a lease of 2 s: the fold is sent again about two lease periods after its last heartbeat
+    # a lease of 3 s: the fold is sent again about two lease periods after its last
+    # heartbeat (2 s let a heartbeat delayed 3.3 s on a loaded machine take a running fold)
     prefix = own_prefix_and_fast_recovery(
-        monkeypatch, {"ORCHARD_VISIBILITY_TIMEOUT": "3600", "ORCHARD_LEASE_SECONDS": "2"}
+        monkeypatch, {"ORCHARD_VISIBILITY_TIMEOUT": "3600", "ORCHARD_LEASE_SECONDS": "3"}
     )
     settings = settings_for(tmp_path, REDIS_URL, postgres_url)
     store = Store(settings.database_url)
@@ -163,7 +164,7 @@ def test_units_whose_messages_the_broker_lost_run_on_an_idle_worker_beside_a_lon
     from scheduler.api import cancel
 
     prefix = f"orchard-test-{secrets.token_hex(4)}:"
-    lease = 2
+    lease = 3  # 2 s let a heartbeat delayed 3.3 s (a loaded machine) give up the long fold
     monkeypatch.setenv("ORCHARD_REDIS_PREFIX", prefix)
     monkeypatch.setenv("ORCHARD_LEASE_SECONDS", str(lease))
     monkeypatch.setenv("ORCHARD_VISIBILITY_TIMEOUT", "600")

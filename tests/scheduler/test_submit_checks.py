@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,15 +124,21 @@ def test_a_concurrent_submit_of_the_same_synthetic_dataset_waits_for_the_outcome
             entered.set()
 
     second = threading.Thread(target=second_submit)
+    err = ""
     with pytest.raises(RuntimeError), _synthetic_dataset_guard(campaign, artifacts, _Submitting()):
         root.mkdir(parents=True)  # the first submit generated it
         second.start()
-        assert not entered.wait(0.5)  # held off while the first submit is undecided
+        # until the second says it waits (however long a loaded machine takes it to come)
+        deadline = time.monotonic() + 30
+        while "waiting for" not in err and time.monotonic() < deadline:
+            time.sleep(0.02)
+            err += capsys.readouterr().err
+        assert not entered.is_set()  # held off while the first submit is undecided
         raise RuntimeError("the store refused the first campaign")
     second.join(30)
     assert seen == [False]  # it generates the dataset again for its own campaign
     assert not root.exists()
-    assert capsys.readouterr().err == (
+    assert err + capsys.readouterr().err == (
         f"orchard: waiting for {root}: another submit is generating it or recording a "
         "campaign on it\n"
     )
