@@ -83,7 +83,7 @@ from shared.plan import (
     next_actions,
 )
 from shared.settings import env_number, mask_url
-from shared.spec import CAMPAIGN_FORMAT
+from shared.spec import CAMPAIGN_FORMAT, formats_alike
 from shared.times import as_utc
 
 _T = TypeVar("_T")
@@ -2077,8 +2077,11 @@ class Store:
                         CampaignRow.state != DELETING,
                         same_data,
                         # computed as this campaign's would be: a format raised since
-                        # means a unit computes otherwise now
-                        CampaignRow.format_version == campaign.format_version,
+                        # means a unit computes otherwise now (unless it only added to
+                        # the report)
+                        CampaignRow.format_version.in_(
+                            sorted(formats_alike(campaign.format_version))
+                        ),
                     )
                     # FOR SHARE: a delete of a twin (FOR UPDATE) waits for this copy and
                     # then sees it, or this waits for the delete and skips the twin

@@ -66,8 +66,8 @@ from shared.plan import (
 )
 from shared.preprocess import shard_ranges
 from shared.settings import Settings, absolute_sqlite_url, load_settings, mask_url
-from shared.spec import CAMPAIGN_FORMAT, CampaignError, load_campaign
 from shared.spec import Campaign as CampaignSpec
+from shared.spec import CampaignError, campaign_format, load_campaign
 
 try:
     import fcntl
@@ -563,7 +563,7 @@ def _record(
             classes=manifest.classes,
             units=units,
             data_digest=manifest.data_digest(settings.artifacts),
-            format_version=CAMPAIGN_FORMAT,
+            format_version=campaign_format(campaign),
             artifacts=[
                 Artifact(
                     written.path.relative_to(settings.artifacts).as_posix(),

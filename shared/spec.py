@@ -82,8 +82,19 @@ MAX_CAMPAIGN_BYTES = 1 << 20
 #: know, or compute the units the old way, and record the results as any others).
 #: Raise it with every change to the campaign file's fields, the manifest's, or what a
 #: unit computes from them; ``tests/shared/test_spec.py`` holds the fields' fingerprint
-#: for each format, and fails until a change to them raises it.
-CAMPAIGN_FORMAT = 1
+#: for each format, and fails until a change to them raises it. 2: ``[report]
+#: published`` and ``published_in``.
+CAMPAIGN_FORMAT = 2
+
+#: Formats whose units compute alike: each later one of a group only added fields that
+#: the report reads, so the finished units of campaigns of one group are twins
+#: (``submit --reuse``). A format that changes what units compute starts a group.
+ALIKE_FORMATS: tuple[frozenset[int], ...] = (frozenset({1, 2}),)
+
+
+def formats_alike(version: int) -> frozenset[int]:
+    """The formats whose units compute as those of a campaign of format ``version``."""
+    return next((group for group in ALIKE_FORMATS if version in group), frozenset({version}))
 
 
 class CampaignError(OrchardError, ValueError):
@@ -478,6 +489,106 @@ def restore_omitted(family: str, params: dict[str, Any], names: set[str]) -> dic
     return {**full, **params}
 
 
+def campaign_format(campaign: Campaign) -> int:
+    """The format a campaign is stored with: the oldest that has every field it uses, so
+    that a worker not yet updated still runs a campaign that uses none of the newer
+    fields (a format that changes what every unit computes is every campaign's)."""
+    report = campaign.report
+    return 2 if report.published or report.published_in is not None else 1
+
+
+def published_figures(campaign: Campaign) -> dict[str, dict[str, dict[str, float]]]:
+    """family -> a point's params hash (as the plan keys its units) -> metric -> value: the
+    campaign's ``[[report.published]]`` figures, each matched to the one sweep point whose
+    parameters it names. The values are compared as the section's validation makes them
+    (1 is 1.0; a variant is named as the section writes it). A figure that names no point,
+    or several, or a parameter the section does not have, is one ``ValueError`` line
+    naming the entry."""
+    sections = dict(campaign.families())
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    given: dict[tuple[str, str, str], int] = {}  # (family, hash, metric) -> entry
+    points: dict[str, list[tuple[dict[str, Any], _Frozen]]] = {}
+    for i, entry in enumerate(campaign.report.published):
+        where = f"[report] published[{i}]"
+        family = entry.family
+        if family is None:
+            if len(sections) != 1:
+                runs = ", ".join(sections) if sections else "none: the campaign runs no model"
+                raise ValueError(f"{where}: give its family, one of {runs}")
+            family = next(iter(sections))
+        section = sections.get(family)
+        if section is None:
+            raise ValueError(f"{where} family: the campaign runs no [{family}] section")
+        model = type(section).params_model  # type: ignore[attr-defined]
+        for name in entry.params:
+            if name not in model.model_fields or name in getattr(model, "NOT_SWEPT", ()):
+                hint = difflib.get_close_matches(name, list(model.model_fields), n=1)
+                guess = f" (did you mean {hint[0]}?)" if hint else ""
+                raise ValueError(f"{where} params.{name}: [{family}] has no such parameter{guess}")
+        if family not in points:
+            # each point as JSON, which validates again (a python dump's tuples do not:
+            # [svm.search]), with its omitted parameters back
+            points[family] = [
+                (point, model(**json.loads(json.dumps(point)))) for point in sweep_points(section)
+            ]
+        phash, problem = _published_point(family, model, points[family], entry.params)
+        if problem:
+            raise ValueError(f"{where} {problem}")
+        for metric, value in entry.figures().items():
+            if (family, phash, metric) in given:
+                raise ValueError(
+                    f"{where}: gives {metric} for the point of published"
+                    f"[{given[family, phash, metric]}] again"
+                )
+            given[family, phash, metric] = i
+            out.setdefault(family, {}).setdefault(phash, {})[metric] = value
+    return out
+
+
+def _published_point(
+    family: str,
+    model: type[_Frozen],
+    points: list[tuple[dict[str, Any], _Frozen]],
+    params: dict[str, Any],
+) -> tuple[str, str | None]:
+    """(the params hash of the one point ``params`` names, None), or ("", why not: the
+    entry's ``params`` or one of them, then the reason)."""
+    named = ", ".join(f"{n} = {json.dumps(v)}" for n, v in params.items()) or "no parameters"
+    matches: list[dict[str, Any]] = []
+    invalid: ValidationError | None = None
+    took = False
+    for point, full in points:
+        if searched := sorted(set(params) & set(getattr(full, "searched", ()))):
+            return "", (
+                f"params.{searched[0]}: [{family}.search] chooses it in each point; name "
+                "the point by the parameters the section sweeps"
+            )
+        mine = full.model_dump(mode="json")
+        try:
+            merged = model(**{**mine, **params}).model_dump(mode="json")
+        except ValidationError as exc:
+            invalid = invalid or exc
+            continue
+        took = True  # a value some point takes: not a mistake in the value itself
+        if merged == mine:
+            matches.append(point)
+    if len(matches) == 1:
+        return params_hash({"family": family, **matches[0]}), None
+    if matches:
+        differ = [
+            n
+            for n in model.model_fields
+            if len({json.dumps(p.get(n), default=str) for p in matches}) > 1
+        ]
+        return "", (
+            f"params: {len(matches)} [{family}] points have {named}: name "
+            f"{', '.join(differ) or 'more of their parameters'} too"
+        )
+    if invalid is not None and not took:  # no point took them: say what is wrong
+        return "", f"params.{format_validation_error(invalid, params)}"
+    return "", f"params: no [{family}] point has {named}"
+
+
 # ---------------------------------------------------------------- dataset, preprocessing, blend
 
 
@@ -552,9 +663,52 @@ class BlendSpec(_Frozen):
     families: _items(Literal["cnn", "svm", "rf"]) = ("cnn",)  # type: ignore[valid-type]
 
 
+def _fraction(value: float) -> float:
+    if not 0 <= value <= 1:
+        hint = f" (write {value:g} % as {value / 100:g})" if 1 < value <= 100 else ""
+        raise ValueError(f"{value:g} is not a fraction from 0 to 1{hint}")
+    return value
+
+
+#: An accuracy or a score as the report's tables hold it: 0.84125 for 84.125 %.
+Fraction = Annotated[float, AfterValidator(_fraction)]
+
+#: The figures a ``[[report.published]]`` entry may give, as the report's columns name
+#: them: accuracies on the fold's training images, on its validation images and on the
+#: test split, and a forest's ``oob_score_``.
+PUBLISHED_METRICS: tuple[str, ...] = ("train_acc", "val_acc", "test_acc", "oob_score")
+
+
+class PublishedFigure(_Frozen):
+    """Figures published elsewhere (the study's tables) for one sweep point of the
+    campaign, which the report's Experiments table shows beside the campaign's own.
+
+    ``params`` names the point: enough of its parameters, as the section writes them, to
+    tell it from the section's other points; ``family`` is needed only where the
+    campaign has more than one model section."""
+
+    family: Literal["cnn", "svm", "rf"] | None = Field(None, exclude_if=_is_none)
+    params: dict[str, Any] = Field(default_factory=dict, strict=False)
+    train_acc: Fraction | None = Field(None, exclude_if=_is_none)
+    val_acc: Fraction | None = Field(None, exclude_if=_is_none)
+    test_acc: Fraction | None = Field(None, exclude_if=_is_none)
+    oob_score: Fraction | None = Field(None, exclude_if=_is_none)
+
+    @model_validator(mode="after")
+    def _some_figure(self) -> PublishedFigure:
+        if all(getattr(self, name) is None for name in PUBLISHED_METRICS):
+            raise ValueError(f"give at least one figure: {', '.join(PUBLISHED_METRICS)}")
+        return self
+
+    def figures(self) -> dict[str, float]:
+        """metric -> value, of the figures it gives."""
+        return {n: v for n in PUBLISHED_METRICS if (v := getattr(self, n)) is not None}
+
+
 class ReportSpec(_Frozen):
-    """The report's title, the LIME explanations of the best CNN (study 1.5) and the
-    t-SNE map of the SVM's features (study 2.4.2)."""
+    """The report's title, the LIME explanations of the best CNN (study 1.5), the
+    t-SNE map of the SVM's features (study 2.4.2) and the figures published for some of
+    the campaign's points (the study's tables), shown beside its own."""
 
     title: str | None = None
     lime: bool = True  # explain the best CNN fold on test images, when a CNN ran
@@ -564,6 +718,9 @@ class ReportSpec(_Frozen):
     # t-SNE; off by default: it takes a while, and needs an SVM section
     tsne: bool = False
     tsne_images: int = Field(2000, ge=10, le=20_000)  # training images embedded at most
+    # where the published figures come from, as the report names it ("the study, 1.3.1")
+    published_in: str | None = Field(None, exclude_if=_is_none, max_length=200)
+    published: _items(PublishedFigure) = Field((), exclude_if=lambda v: v == ())  # type: ignore[valid-type]
 
 
 class Campaign(_Frozen):
@@ -743,6 +900,10 @@ def parse_campaign(
             raise CampaignError(f"{source}: {problem}")
     if problem := _blend_problem(campaign, raw if as_written else None):
         raise CampaignError(f"{source}: {problem}")
+    try:
+        published_figures(campaign)
+    except ValueError as exc:
+        raise CampaignError(f"{source}: {exc}") from None
     root = getattr(campaign.dataset, "root", None)
     if root is None:
         return campaign

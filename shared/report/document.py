@@ -258,9 +258,26 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
             classes.append("failed" if point.succeeded == 0 else "partial")
         else:
             classes.append("")
+    published = _published_metrics(shown)
+    for metric in reversed(published):
+        # each published figure beside the column of the run's own (an OOB score the
+        # points did not report: at the end)
+        own = _PUBLISHED_BESIDE[metric]
+        at = header.index(own) + 1 if own in header else len(header)
+        header.insert(at, f"Published {own[0].lower()}{own[1:]}")
+        for cells, point in zip(rows, shown, strict=True):
+            cells.insert(at, _fmt_published(metric, point.published.get(metric)))
     right = frozenset(range(n_params, len(header)))
     blocks.append(Table(tuple(header), rows, right, row_classes=classes))
     notes: list[Inline] = []
+    if published:
+        where = f"from {exp.published_in}, " if exp.published_in else ""
+        notes += [
+            f"Published: figures for these points {where}as the campaign's ",
+            Code("[[report.published]]"),
+            " quotes them, beside this run's; they compare only where the data and the "
+            "splits are the same. ",
+        ]
     if len(shown) < len(exp.points):
         left = len(exp.points) - len(shown)
         notes += [
@@ -334,6 +351,25 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     if exp.note:
         blocks.append(Quote(exp.note))
     return blocks + _best_per_value_blocks(exp, columns)
+
+
+#: The column of the run's own figure that each published figure is shown beside.
+_PUBLISHED_BESIDE = {
+    "train_acc": "Train acc",
+    "val_acc": "Valid acc",
+    "test_acc": "Test acc",
+    "oob_score": _extra_label("oob_score"),
+}
+
+
+def _published_metrics(points: Sequence[PointRow]) -> list[str]:
+    """The published figures some of ``points`` have, in the table's column order."""
+    given = {metric for point in points for metric in point.published}
+    return [metric for metric in _PUBLISHED_BESIDE if metric in given]
+
+
+def _fmt_published(metric: str, value: float | None) -> str:
+    return _fmt_extra(metric, value) if metric == "oob_score" else _fmt_pct(value)
 
 
 def experiments_csv_name(family: str) -> str:
@@ -787,7 +823,8 @@ def table_csvs(data: ReportData) -> dict[str, str]:
         # an extra named as another column (a CNN's epochs run, beside its epochs asked
         # for) gets a name of its own: a CSV reader keeps one column per name
         named = [f"{n} (result)" if n in columns else n for n in extras]
-        header = [*columns[:-1], *named, columns[-1]]
+        published = _published_metrics(exp.points)
+        header = [*columns[:-1], *named, *(f"published_{m}" for m in published), columns[-1]]
         rows = [
             [
                 p.key,
@@ -800,6 +837,7 @@ def table_csvs(data: ReportData) -> dict[str, str]:
                 p.test_acc,
                 p.seconds,
                 *(p.extras.get(n) for n in extras),
+                *(p.published.get(m) for m in published),
                 int(p.key == exp.best_key),
             ]
             for p in exp.points

@@ -141,6 +141,9 @@ class PointRow:
     # agree on is that count, else its range as text ("17–20"); a per-fold flag or event
     # is text naming the folds ("f0 from 9")
     extras: dict[str, float | str | None] = field(default_factory=dict)
+    # figures published elsewhere for this point (the campaign's [[report.published]]):
+    # "train_acc", "val_acc", "test_acc" or "oob_score" -> value
+    published: dict[str, float] = field(default_factory=dict)
 
     @property
     def rank(self) -> tuple[bool, int, float]:
@@ -157,6 +160,8 @@ class Experiment:
     points: list[PointRow]
     best_key: str | None  # the bold row
     note: str | None = None  # Markdown quoted under the table (e.g. why OOB is inflated)
+    # where the points' published figures come from ([report] published_in)
+    published_in: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -502,6 +502,69 @@ def test_experiment_tables_show_swept_params_like_the_study(data: ReportData) ->
     assert "> `oob_score_` is inflated by augmented **siblings**." in rf
 
 
+def test_published_figures_stand_beside_the_run_s_own(data: ReportData) -> None:
+    cnn, svm, rf = data.experiments
+    experiments = [
+        dataclasses.replace(
+            cnn,
+            points=[
+                dataclasses.replace(cnn.points[0], published={"val_acc": 0.84125}),
+                cnn.points[1],  # no figure for this point: a dash
+            ],
+            published_in="the study, 1.3.1",
+        ),
+        svm,  # none at all: no column, no note
+        dataclasses.replace(
+            rf,
+            points=[
+                dataclasses.replace(
+                    rf.points[0], published={"train_acc": 1.0, "oob_score": 0.8235}
+                ),
+                *rf.points[1:],
+            ],
+        ),
+    ]
+    published = dataclasses.replace(data, experiments=experiments)
+    exp = _section(render_markdown(published), "Experiments")
+    header, best, other = _table_rows(exp[exp.index("### CNN") : exp.index("### SVM")])
+    at = header.index("Valid acc")
+    assert header[at + 1] == "Published valid acc"
+    assert best[at + 1] == "**84.125%**" and other[at + 1] == "—"
+    assert (
+        "Published: figures for these points from the study, 1.3.1, as the campaign's "
+        "`[[report.published]]` quotes them, beside this run's;" in exp
+    )
+    svm_table = exp[exp.index("### SVM") : exp.index("### RF")]
+    assert "Published" not in svm_table
+    header, best, failed = _table_rows(exp[exp.index("### RF") :])
+    train, oob = header.index("Train acc"), header.index("oob_score_")
+    assert header[train + 1] == "Published train acc" and best[train + 1] == "**100.000%**"
+    assert header[oob + 1] == "Published oob_score_" and best[oob + 1] == "**0.8235**"
+    assert failed[oob + 1] == "—"
+    assert "Published: figures for these points as the campaign's `[[" in exp.split("### RF")[1]
+    html = render_html(published, {})
+    assert ">Published valid acc</th>" in html and "84.125%" in html
+    assert json.loads(json.dumps(dataclasses.asdict(published.experiments[0].points[0])))[
+        "published"
+    ] == {"val_acc": 0.84125}
+    # a sweep past the table's rows: the figures are in its CSV too
+    n = MAX_POINT_ROWS + 1
+    points = [
+        _point(
+            f"{CID}/svm/p{i:04d}",
+            {"C": float(i)},
+            0.5,
+            published={"val_acc": i / n} if i % 2 else {},
+        )
+        for i in range(n)
+    ]
+    big = Experiment("svm", "SVM", points, points[0].key)
+    lines = table_csvs(dataclasses.replace(data, experiments=[big]))["experiments-svm.csv"]
+    header_line, first, second = lines.splitlines()[:3]
+    assert header_line.endswith(",seconds,published_val_acc,best")
+    assert first.endswith(",,1") and second.endswith(f",{1 / n!r},0")
+
+
 def test_single_point_family_gets_a_one_row_table(data: ReportData) -> None:
     single = Experiment("svm", "SVM (1 point)", [_point("c/svm/x", {"C": 1.5}, 0.7)], "c/svm/x")
     md = render_markdown(dataclasses.replace(data, experiments=[single]))

@@ -72,7 +72,13 @@ from shared.report import (
     write_report,
 )
 from shared.settings import Settings
-from shared.spec import params_hash, parse_campaign, restore_omitted, sweep_points
+from shared.spec import (
+    params_hash,
+    parse_campaign,
+    published_figures,
+    restore_omitted,
+    sweep_points,
+)
 from shared.times import as_utc
 from workers.config import reliability
 from workers.tasks.base import ManifestGoneError, UnitAborted, UnitContext, log, unit_task
@@ -563,20 +569,33 @@ def _with_grouped_oob(extras: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sweep_orders(spec: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """family -> params hash -> the point's place in the campaign file's sweep (its
-    cartesian product in file order); empty when the stored campaign no longer parses."""
+@dataclass(frozen=True)
+class FileFacts:
+    """What the report takes from the stored campaign file itself, beyond the units."""
+
+    # family -> params hash -> the point's place in the file's sweep (its cartesian
+    # product in file order)
+    orders: dict[str, dict[str, int]] = field(default_factory=dict)
+    # family -> params hash -> metric -> the figure [[report.published]] gives the point
+    published: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    published_in: str | None = None
+
+
+def file_facts(spec: dict[str, Any]) -> FileFacts:
+    """The sweeps' order and the published figures of the stored campaign; empty when it
+    no longer parses (an old campaign's spec: the plan's order, no published figures)."""
     try:
         campaign = parse_campaign(spec, source="the stored campaign")
-        return {
+        orders = {
             family: {
                 params_hash({"family": family, **params}): i
                 for i, params in enumerate(sweep_points(section))
             }
             for family, section in campaign.families()
         }
-    except Exception:  # an old campaign's spec: keep the plan's order
-        return {}
+        return FileFacts(orders, published_figures(campaign), campaign.report.published_in)
+    except Exception:
+        return FileFacts()
 
 
 def sweep_plots(family: str, points: list[PointRow]) -> list[SweepPlot]:
@@ -1066,10 +1085,11 @@ def build_report_data(
     curves: list[CurveFigure] = []
     fam_blends: dict[str, FamilyBlend] = {}
     best_units: dict[str, list[Unit]] = {}
-    orders = sweep_orders(spec)  # the campaign file's (the plan sends costly points first)
+    # the campaign file's order (the plan sends costly points first), published figures
+    from_file = file_facts(spec)
     shards = shard_seconds(units, results)
     for family in in_study_order(u.family for u in units if u.family not in NOT_MODELS):
-        order = orders.get(family, {})
+        order = from_file.orders.get(family, {})
         mine = sorted(
             (u for u in units if u.family == family),
             key=lambda u: order.get(u.params_hash, len(order)),
@@ -1077,6 +1097,13 @@ def build_report_data(
         best = best_point(mine, results)
         best_units[family] = best
         points = point_rows(campaign_id, family, mine, results, shards)
+        if published := from_file.published.get(family):
+            points = [
+                replace(p, published=published[h])
+                if (h := p.key.rsplit("/", 1)[-1]) in published
+                else p
+                for p in points
+            ]
         best_key = f"{campaign_id}/{family}/{best[0].params_hash}" if best else None
         best_row = next((p for p in points if p.key == best_key), None)
         done = [results[u.key] for u in mine if u.key in results]
@@ -1118,6 +1145,7 @@ def build_report_data(
                 points=points,
                 best_key=best_key,
                 note=table_note,
+                published_in=from_file.published_in,
             )
         )
         sweeps += sweep_plots(family, points)
