@@ -88,7 +88,22 @@ def tiny(raw: dict[str, Any], data_root: Path, *, test_labels: bool = True) -> d
     if "rf" in raw and "select_scaling" in raw["rf"]:
         raw["rf"]["select_estimators"] = 5
     raw.setdefault("report", {}).update(lime_samples=20)
+    # the study's published figures of the points the tiny sweeps still have
+    raw["report"]["published"] = [
+        entry for entry in raw["report"].get("published", []) if still_swept(raw, entry)
+    ]
     return raw
+
+
+def still_swept(raw: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether the point a ``[[report.published]]`` entry names is in the tiny sweeps."""
+    family = entry.get("family") or next(f for f in ("cnn", "svm", "rf") if f in raw)
+    body = raw[family]
+    for name, value in entry.get("params", {}).items():
+        kept = body.get(name, value)
+        if value not in (kept if isinstance(kept, list) else [kept]):
+            return False
+    return True
 
 
 def to_toml(raw: dict[str, Any]) -> str:
@@ -151,7 +166,11 @@ def test_every_study_campaign_runs_to_a_report(
         html = report.read_text(encoding="utf-8")
         assert "data:image/png;base64," in html, stem
         assert report.with_suffix(".md").exists() and report.with_suffix(".json").exists()
-        validation = run.store.get_campaign(run.id).spec["validation"]
+        stored = run.store.get_campaign(run.id)
+        # the format of the fields each uses: 2 where it quotes the study's figures
+        quotes = {"published", "published_in"} & set(stored.spec["report"])
+        assert stored.format_version == (2 if quotes else 1), stem
+        validation = stored.spec["validation"]
         expected = {
             "dev": "Validation: the dev split (9 images); every model trains on the train "
             "split (24 images)",
@@ -188,6 +207,18 @@ def test_every_study_campaign_runs_to_a_report(
     linear = sections(runs["svm-linear"].report_path().with_suffix(".md").read_text("utf-8"))
     assert "Solver iterations" in linear["Experiments"]
     assert_final_comparison_report(runs["final-comparison"])
+    # the study's own figures beside the run's, where the tiny sweeps kept the point
+    for stem, column, figures in (
+        ("cnn-order", "Published valid acc", ("83.125%", "84.125%")),
+        ("rf-preprocessing", "Published oob_score_", ("0.6279", "0.6252", "0.8065")),
+        ("rf-best", "Published train acc", ("100.000%", "0.8235", "61.000%")),
+    ):
+        markdown = runs[stem].report_path().with_suffix(".md").read_text(encoding="utf-8")
+        table = sections(markdown)["Experiments"]
+        assert column in table, stem
+        cells = {cell.strip(" *") for line in table.splitlines() for cell in line.split("|")}
+        assert set(figures) <= cells, (stem, table)
+        assert "Published: figures for these points from the study, " in table, stem
     # 2.4.2: only the campaign that asks for it maps the SVM's features by t-SNE
     for stem, run in runs.items():
         markdown = run.report_path().with_suffix(".md").read_text(encoding="utf-8")
