@@ -25,7 +25,7 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import (
     AfterValidator,
@@ -497,16 +497,29 @@ def campaign_format(campaign: Campaign) -> int:
     return 2 if report.published or report.published_in is not None else 1
 
 
-def published_figures(campaign: Campaign) -> dict[str, dict[str, dict[str, float]]]:
-    """family -> a point's params hash (as the plan keys its units) -> metric -> value: the
-    campaign's ``[[report.published]]`` figures, each matched to the one sweep point whose
-    parameters it names. The values are compared as the section's validation makes them
-    (1 is 1.0; a variant is named as the section writes it). A figure that names no point,
-    or several, or a parameter the section does not have, is one ``ValueError`` line
+class Published(NamedTuple):
+    """A campaign's ``[[report.published]]`` figures, by what they are of."""
+
+    # family -> a point's params hash (as the plan keys its units) -> figure -> value
+    points: dict[str, dict[str, dict[str, float]]]
+    # (family, "vote" or "mean") -> figure -> value, of the family's blend of its folds
+    blends: dict[tuple[str, str], dict[str, float]]
+
+
+#: The figures a blend's row has: its test and its validation accuracy.
+BLEND_FIGURES = frozenset({"test_acc", "val_acc"})
+
+
+def published_figures(campaign: Campaign) -> Published:
+    """The campaign's ``[[report.published]]`` figures, each matched to the one sweep
+    point whose parameters it names, or to its family's blend. The values are compared
+    as the section's validation makes them (1 is 1.0; a variant is named as the section
+    writes it). A figure that names no point, or several, or a parameter the section
+    does not have, or a blend the report does not make, is one ``ValueError`` line
     naming the entry."""
     sections = dict(campaign.families())
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    given: dict[tuple[str, str, str], int] = {}  # (family, hash, metric) -> entry
+    out = Published({}, {})
+    given: dict[tuple[str, str, str], int] = {}  # (family, point or blend, figure) -> entry
     points: dict[str, list[tuple[dict[str, Any], _Frozen]]] = {}
     for i, entry in enumerate(campaign.report.published):
         where = f"[report] published[{i}]"
@@ -519,6 +532,12 @@ def published_figures(campaign: Campaign) -> dict[str, dict[str, dict[str, float
         section = sections.get(family)
         if section is None:
             raise ValueError(f"{where} family: the campaign runs no [{family}] section")
+        if entry.blend is not None:
+            _check_blend(campaign, family, section, entry, where)
+            for metric, value in entry.figures().items():
+                _once(given, (family, entry.blend, metric), i, where)
+                out.blends.setdefault((family, entry.blend), {})[metric] = value
+            continue
         model = type(section).params_model  # type: ignore[attr-defined]
         for name in entry.params:
             if name not in model.model_fields or name in getattr(model, "NOT_SWEPT", ()):
@@ -535,14 +554,43 @@ def published_figures(campaign: Campaign) -> dict[str, dict[str, dict[str, float
         if problem:
             raise ValueError(f"{where} {problem}")
         for metric, value in entry.figures().items():
-            if (family, phash, metric) in given:
-                raise ValueError(
-                    f"{where}: gives {metric} for the point of published"
-                    f"[{given[family, phash, metric]}] again"
-                )
-            given[family, phash, metric] = i
-            out.setdefault(family, {}).setdefault(phash, {})[metric] = value
+            _once(given, (family, phash, metric), i, where)
+            out.points.setdefault(family, {}).setdefault(phash, {})[metric] = value
     return out
+
+
+def _once(
+    given: dict[tuple[str, str, str], int], key: tuple[str, str, str], i: int, where: str
+) -> None:
+    """Record that entry ``i`` gives a figure; a second entry giving it is refused."""
+    if key in given:
+        what = "the point" if key[1] not in ("vote", "mean") else f"the {key[1]} blend"
+        raise ValueError(f"{where}: gives {key[2]} for {what} of published[{given[key]}] again")
+    given[key] = i
+
+
+def _check_blend(
+    campaign: Campaign, family: str, section: _Frozen, entry: PublishedFigure, where: str
+) -> None:
+    """A blend's figures: of a family whose points have folds to blend, by a method the
+    report blends them by, and only those its row has."""
+    if entry.params:
+        raise ValueError(
+            f"{where} params: a blend is of the family's best point's folds: name no point"
+        )
+    if other := sorted(set(entry.figures()) - BLEND_FIGURES):
+        raise ValueError(f"{where} {other[0]}: a blend's row has test_acc and val_acc only")
+    folds = section.folds  # type: ignore[attr-defined]
+    if folds < 2:
+        raise ValueError(
+            f"{where} blend: [{family}] folds = {folds}: its best point is one model, "
+            "nothing is blended; quote it as a point, without blend"
+        )
+    if campaign.blend.method not in (entry.blend, "both"):
+        raise ValueError(
+            f'{where} blend: [blend] method = "{campaign.blend.method}" makes no '
+            f"{entry.blend} of the folds"
+        )
 
 
 def _published_point(
@@ -685,10 +733,13 @@ class PublishedFigure(_Frozen):
 
     ``params`` names the point: enough of its parameters, as the section writes them, to
     tell it from the section's other points; ``family`` is needed only where the
-    campaign has more than one model section."""
+    campaign has more than one model section. With ``blend`` the figures are the
+    family's blend of its best point's folds (the Blending table's row), not a point's."""
 
     family: Literal["cnn", "svm", "rf"] | None = Field(None, exclude_if=_is_none)
     params: dict[str, Any] = Field(default_factory=dict, strict=False)
+    # instead of a point: the family's blend of its best point's folds, by this method
+    blend: Literal["vote", "mean"] | None = Field(None, exclude_if=_is_none)
     train_acc: Fraction | None = Field(None, exclude_if=_is_none)
     val_acc: Fraction | None = Field(None, exclude_if=_is_none)
     test_acc: Fraction | None = Field(None, exclude_if=_is_none)

@@ -210,7 +210,7 @@ def _fmt_extra(name: str, value: float | str | None) -> str:
     return f"{value:.4g}"
 
 
-def _experiment_blocks(exp: Experiment) -> list[Block]:
+def _experiment_blocks(exp: Experiment, published_in: str | None = None) -> list[Block]:
     blocks: list[Block] = [Heading(3, exp.title)]
     if not exp.points:
         return [*blocks, _empty("No points.")]
@@ -271,13 +271,7 @@ def _experiment_blocks(exp: Experiment) -> list[Block]:
     blocks.append(Table(tuple(header), rows, right, row_classes=classes))
     notes: list[Inline] = []
     if published:
-        where = f"from {exp.published_in}, " if exp.published_in else ""
-        notes += [
-            f"Published: figures for these points {where}as the campaign's ",
-            Code("[[report.published]]"),
-            " quotes them, beside this run's; they compare only where the data and the "
-            "splits are the same. ",
-        ]
+        notes += _published_note("these points", published_in)
     if len(shown) < len(exp.points):
         left = len(exp.points) - len(shown)
         notes += [
@@ -370,6 +364,17 @@ def _published_metrics(points: Sequence[PointRow]) -> list[str]:
 
 def _fmt_published(metric: str, value: float | None) -> str:
     return _fmt_extra(metric, value) if metric == "oob_score" else _fmt_pct(value)
+
+
+def _published_note(what: str, published_in: str | None) -> list[Inline]:
+    """The sentence under a table with published figures: where they come from."""
+    where = f"from {published_in}, " if published_in else ""
+    return [
+        f"Published: figures for {what} {where}as the campaign's ",
+        Code("[[report.published]]"),
+        " quotes them, beside this run's; they compare only where the data and the "
+        "splits are the same. ",
+    ]
 
 
 def experiments_csv_name(family: str) -> str:
@@ -632,9 +637,19 @@ def _blend_blocks(data: ReportData) -> list[Block]:
         for b in data.blends
     ]
     classes = ["best" if b.name == data.best_blend else "" for b in data.blends]
-    header = _blend_header(data)
-    numbers = frozenset({2, 3, 4, 5, 6} | ({7} if _compared_on_common(data) else set()))
-    blocks: list[Block] = [Table(header, rows, numbers, row_classes=classes)]
+    header = list(_blend_header(data))
+    published = [m for m in ("test_acc", "val_acc") if any(m in b.published for b in data.blends)]
+    for metric in reversed(published):
+        # beside the blend's own: its test accuracy's interval, its validation accuracy
+        own = TEST_CI_HEADER if metric == "test_acc" else _val_name(data)
+        at = header.index(own) + 1
+        label = "test acc" if metric == "test_acc" else _val_name(data)
+        header.insert(at, f"Published {label}")
+        for cells, blend in zip(rows, data.blends, strict=True):
+            cells.insert(at, _fmt_pct(blend.published.get(metric)))
+    # every column but the blend's name, its method and the note is a number
+    numbers = frozenset(range(2, len(header) - 1))
+    blocks: list[Block] = [Table(tuple(header), rows, numbers, row_classes=classes)]
     if data.best_blend:
         best = next(b for b in data.blends if b.name == data.best_blend)
         parts: list[Inline] = [
@@ -693,6 +708,8 @@ def _blend_blocks(data: ReportData) -> list[Block]:
         if any(b.method == "single" for b in data.blends):
             parts.append(" A single model is a best point trained once: nothing is blended.")
         blocks.append(Para(tuple(parts)))
+    if published:
+        blocks.append(Para(tuple(_published_note("these blends", data.published_in))))
     return blocks
 
 
@@ -1092,7 +1109,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
     blocks.append(Heading(2, "Experiments"))
     if data.experiments:
         for exp in data.experiments:
-            blocks += _experiment_blocks(exp)
+            blocks += _experiment_blocks(exp, data.published_in)
     else:
         blocks.append(_empty("No experiments."))
 

@@ -160,8 +160,6 @@ class Experiment:
     points: list[PointRow]
     best_key: str | None  # the bold row
     note: str | None = None  # Markdown quoted under the table (e.g. why OOB is inflated)
-    # where the points' published figures come from ([report] published_in)
-    published_in: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +201,9 @@ class BlendRow:
     common_acc: float | None = None
     test_images: int | None = None  # the labelled test images test_acc is over
     test_ci: tuple[float, float] | None = None  # test_acc's 95 % Wilson interval
+    # figures published elsewhere for this blend ([[report.published]] with its blend):
+    # "test_acc" or "val_acc" -> value
+    published: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +326,8 @@ class ReportData:
     # split), "oob" (forests judged on their training images, out of bag)
     held_out: str = "folds"
     description: str = ""  # the campaign file's, under the title
+    # where the points' and blends' published figures come from ([report] published_in)
+    published_in: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,13 @@ def test_every_study_campaign_runs_to_a_report(
         cells = {cell.strip(" *") for line in table.splitlines() for cell in line.split("|")}
         assert set(figures) <= cells, (stem, table)
         assert "Published: figures for these points from the study, " in table, stem
+    # 1.4: the five folds' vote on the test set, beside the run's vote
+    markdown = runs["cnn-final"].report_path().with_suffix(".md").read_text(encoding="utf-8")
+    vote = next(
+        line for line in sections(markdown)["Blending"].splitlines() if "CNN 5-fold vote" in line
+    )
+    assert "Published test acc" in sections(markdown)["Blending"]
+    assert f"{0.800625 * 100:.3f}%" in vote, vote
     # 2.4.2: only the campaign that asks for it maps the SVM's features by t-SNE
     for stem, run in runs.items():
         markdown = run.report_path().with_suffix(".md").read_text(encoding="utf-8")

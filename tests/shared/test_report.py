@@ -511,7 +511,6 @@ def test_published_figures_stand_beside_the_run_s_own(data: ReportData) -> None:
                 dataclasses.replace(cnn.points[0], published={"val_acc": 0.84125}),
                 cnn.points[1],  # no figure for this point: a dash
             ],
-            published_in="the study, 1.3.1",
         ),
         svm,  # none at all: no column, no note
         dataclasses.replace(
@@ -524,7 +523,7 @@ def test_published_figures_stand_beside_the_run_s_own(data: ReportData) -> None:
             ],
         ),
     ]
-    published = dataclasses.replace(data, experiments=experiments)
+    published = dataclasses.replace(data, experiments=experiments, published_in="the study, 1.3.1")
     exp = _section(render_markdown(published), "Experiments")
     header, best, other = _table_rows(exp[exp.index("### CNN") : exp.index("### SVM")])
     at = header.index("Valid acc")
@@ -541,7 +540,7 @@ def test_published_figures_stand_beside_the_run_s_own(data: ReportData) -> None:
     assert header[train + 1] == "Published train acc" and best[train + 1] == "**100.000%**"
     assert header[oob + 1] == "Published oob_score_" and best[oob + 1] == "**0.8235**"
     assert failed[oob + 1] == "—"
-    assert "Published: figures for these points as the campaign's `[[" in exp.split("### RF")[1]
+    assert "Published: figures for these points from the study, 1.3.1," in exp.split("### RF")[1]
     html = render_html(published, {})
     assert ">Published valid acc</th>" in html and "84.125%" in html
     assert json.loads(json.dumps(dataclasses.asdict(published.experiments[0].points[0])))[
@@ -660,6 +659,37 @@ def test_the_blending_note_says_a_best_picked_on_its_own_images_is_optimistic(
         "Blending",
     )
     assert "picked among" not in blend and "A single model" not in blend
+
+
+def test_a_blend_s_published_figures_stand_beside_its_own(data: ReportData) -> None:
+    """The study's 1.4: its five folds' vote on the test set, beside the run's vote."""
+    blends = [dataclasses.replace(data.blends[0], published={"test_acc": 0.800625})]
+    blends += data.blends[1:]
+    blend = _section(
+        render_markdown(dataclasses.replace(data, blends=blends, published_in="the study, 1.4")),
+        "Blending",
+    )
+    assert (
+        "| Blend | Method | Members | Test acc | Test 95% CI | Published test acc | OOF val acc "
+        "| OOF images | Note |" in blend
+    )
+    assert (
+        f"| CNN 3-fold vote | vote | 3 | 86.000% | 77.9–91.5% | {0.800625 * 100:.3f}% | "
+        "84.000% | 300 | ties by mean probability |" in blend
+    )
+    assert "| **CNN 3-fold mean** | **mean** | **3** | **87.000%** | **79.0–92.2%** | — |" in blend
+    assert "Published: figures for these blends from the study, 1.4, as the campaign's" in blend
+    both = [dataclasses.replace(blends[0], published={"test_acc": 0.8, "val_acc": 0.81})]
+    blend = _section(
+        render_markdown(dataclasses.replace(data, blends=both + blends[1:])), "Blending"
+    )
+    assert (
+        "| Test acc | Test 95% CI | Published test acc | OOF val acc | Published OOF val acc "
+        "| OOF images |" in blend
+    )
+    assert "| 86.000% | 77.9–91.5% | 80.000% | 84.000% | 81.000% | 300 |" in blend
+    assert "Published: figures for these blends as the campaign's" in blend
+    assert "Published" not in _section(render_markdown(data), "Blending")
 
 
 def test_blends_compared_on_the_images_all_of_them_cover_say_so(data: ReportData) -> None:

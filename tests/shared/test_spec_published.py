@@ -10,6 +10,7 @@ import pytest
 from shared.spec import (
     CAMPAIGN_FORMAT,
     CampaignError,
+    Published,
     campaign_format,
     formats_alike,
     params_hash,
@@ -61,7 +62,7 @@ def test_each_figure_is_keyed_by_the_point_it_names_as_the_plan_keys_its_units()
         + " test_acc = 0.5 },\n"
         + "]\n"
     )
-    figures = published_figures(campaign)
+    figures = published_figures(campaign).points
     polar = _point_hash(campaign, variant="polarized", C=1.0, gamma=1e-5)
     original = _point_hash(campaign, variant="original", C=10.0, gamma="scale")
     assert figures == {
@@ -74,7 +75,7 @@ def test_without_published_figures_the_stored_campaign_and_its_digest_are_as_bef
     campaign = _parse(BASE.replace('published_in = "the study, 2.3"\n', ""))
     report = campaign.model_dump(mode="json")["report"]
     assert "published" not in report and "published_in" not in report
-    assert published_figures(campaign) == {}
+    assert published_figures(campaign) == ({}, {})
 
 
 def test_a_stored_campaign_reads_its_figures_back() -> None:
@@ -91,7 +92,7 @@ def test_the_only_point_needs_no_params_and_the_only_family_no_name() -> None:
     text = BASE.replace('["original", "polarized"]', '"original"').replace("[1.0, 10.0]", "1.0")
     text = text.replace('["scale", 1e-5]', '"scale"')
     campaign = _parse(text + "[[report.published]]\noob_score = 0.5\nval_acc = 0.25\n")
-    ((family, by_point),) = published_figures(campaign).items()
+    ((family, by_point),) = published_figures(campaign).points.items()
     assert family == "svm" and list(by_point.values()) == [{"val_acc": 0.25, "oob_score": 0.5}]
 
 
@@ -166,7 +167,7 @@ def test_a_campaign_of_several_families_needs_the_entry_s_family() -> None:
         _parse(text)
     assert str(info.value) == "c.toml: [report] published[0]: give its family, one of svm, rf"
     fixed = _parse(text.replace("{ val_acc = 0.5 }", '{ family = "rf", val_acc = 0.5 }'))
-    assert list(published_figures(fixed)) == ["rf"]
+    assert list(published_figures(fixed).points) == ["rf"]
 
 
 def test_a_searched_parameter_does_not_name_a_point() -> None:
@@ -190,3 +191,87 @@ def test_a_campaign_quoting_figures_is_of_format_2_and_one_without_of_format_1()
     # the report's fields change no unit: the finished units of either are twins
     assert formats_alike(1) == formats_alike(2) == {1, 2}
     assert formats_alike(3) == {3}
+
+
+FOLDS = """\
+name = "t"
+folds = 5
+
+[dataset]
+kind = "synthetic"
+
+[cnn]
+epochs = 1
+norm_order = ["bn_act", "act_bn"]
+
+[svm]
+n_components = 8
+folds = 1
+
+[blend]
+method = "both"
+families = ["cnn"]
+
+[report]
+"""
+
+
+def test_a_blend_s_figures_are_its_row_s_not_a_point_s() -> None:
+    """The study's 1.4: one model's figures, and its five folds' vote on the test set."""
+    campaign = _parse(
+        FOLDS + "published = [\n"
+        '  { family = "cnn", blend = "vote", test_acc = 0.800625 },\n'
+        '  { family = "cnn", blend = "mean", val_acc = 0.81, test_acc = 0.8 },\n'
+        '  { family = "cnn", params = { norm_order = "act_bn" }, test_acc = 0.796875 },\n'
+        "]\n"
+    )
+    published = published_figures(campaign)
+    assert isinstance(published, Published)
+    assert published.blends == {
+        ("cnn", "vote"): {"test_acc": 0.800625},
+        ("cnn", "mean"): {"val_acc": 0.81, "test_acc": 0.8},
+    }
+    assert [list(f.values()) for f in published.points["cnn"].values()] == [[0.796875]]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            '{ family = "cnn", blend = "vote", params = { norm_order = "act_bn" }, '
+            "test_acc = 0.5 }",
+            "published[0] params: a blend is of the family's best point's folds: name no point",
+        ),
+        (
+            '{ family = "cnn", blend = "vote", train_acc = 0.5 }',
+            "published[0] train_acc: a blend's row has test_acc and val_acc only",
+        ),
+        (
+            '{ family = "svm", blend = "vote", test_acc = 0.5 }',
+            "published[0] blend: [svm] folds = 1: its best point is one model, nothing is "
+            "blended; quote it as a point, without blend",
+        ),
+        (
+            '{ family = "cnn", blend = "tally", test_acc = 0.5 }',
+            "published[0].blend: Input should be 'vote' or 'mean' (got 'tally')",
+        ),
+        (
+            '{ family = "cnn", blend = "vote", test_acc = 0.5 }, '
+            '{ family = "cnn", blend = "vote", test_acc = 0.6 }',
+            "published[1]: gives test_acc for the vote blend of published[0] again",
+        ),
+    ],
+)
+def test_a_wrong_blend_entry_is_one_line_naming_it(entry: str, expected: str) -> None:
+    with pytest.raises(CampaignError) as info:
+        _parse(FOLDS + f"published = [{entry}]\n")
+    assert str(info.value) == f"c.toml: [report] {expected}"
+
+
+def test_a_blend_the_report_does_not_make_is_refused() -> None:
+    text = FOLDS.replace('method = "both"', 'method = "vote"')
+    with pytest.raises(CampaignError) as info:
+        _parse(text + 'published = [{ family = "cnn", blend = "mean", test_acc = 0.5 }]\n')
+    assert str(info.value) == (
+        'c.toml: [report] published[0] blend: [blend] method = "vote" makes no mean of the folds'
+    )

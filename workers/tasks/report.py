@@ -73,6 +73,7 @@ from shared.report import (
 )
 from shared.settings import Settings
 from shared.spec import (
+    Published,
     params_hash,
     parse_campaign,
     published_figures,
@@ -576,8 +577,8 @@ class FileFacts:
     # family -> params hash -> the point's place in the file's sweep (its cartesian
     # product in file order)
     orders: dict[str, dict[str, int]] = field(default_factory=dict)
-    # family -> params hash -> metric -> the figure [[report.published]] gives the point
-    published: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # the figures [[report.published]] gives points and blends
+    published: Published = field(default_factory=lambda: Published({}, {}))
     published_in: str | None = None
 
 
@@ -1097,7 +1098,7 @@ def build_report_data(
         best = best_point(mine, results)
         best_units[family] = best
         points = point_rows(campaign_id, family, mine, results, shards)
-        if published := from_file.published.get(family):
+        if published := from_file.published.points.get(family):
             points = [
                 replace(p, published=published[h])
                 if (h := p.key.rsplit("/", 1)[-1]) in published
@@ -1145,7 +1146,6 @@ def build_report_data(
                 points=points,
                 best_key=best_key,
                 note=table_note,
-                published_in=from_file.published_in,
             )
         )
         sweeps += sweep_plots(family, points)
@@ -1233,7 +1233,14 @@ def build_report_data(
     by_test = any(b.test_acc is not None for b in blends)
     headline = choose_best(blends, oof)
     best_blend = headline.name
-    blends = [replace(b, common_acc=headline.compared.get(b.name)) for b in blends]
+    blends = [
+        replace(
+            b,
+            common_acc=headline.compared.get(b.name),
+            published=from_file.published.blends.get((b.family, b.method), {}),
+        )
+        for b in blends
+    ]
 
     # -- confusion matrices
     confusions: dict[str, Confusion] = {}
@@ -1377,6 +1384,7 @@ def build_report_data(
         skipped=_skipped(manifest),
         validation=_validation(spec, manifest),
         held_out=spec.get("validation", "folds"),
+        published_in=from_file.published_in,
         submission=submission,
         test_labelled=by_test,
         other_units={
