@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from scheduler.stopsignals import Stopped, StopSignals, said_stop
+from scheduler.stopsignals import Stopped, StopSignals, exit_as_main, said_stop
 from scheduler.tables import print_table
 from scheduler.views import (
     NARROW_DROPS,
@@ -1605,4 +1605,4 @@ def _refuse_while_units_run(store) -> None:  # noqa: ANN001 - db.store is import
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_as_main(main())

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from scheduler.stopsignals import Stopped, StopSignals, said_stop
+from scheduler.stopsignals import Stopped, StopSignals, exit_as_main, said_stop
 
 #: The signals that, once the command has returned, end the process with its code.
 AFTER_THE_COMMAND = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -42,4 +42,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_as_main(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 
 class Stopped(SystemExit):  # noqa: N818 - a stop, not an error
@@ -33,6 +34,18 @@ def said_stop(stop: KeyboardInterrupt | Stopped) -> int:
         return 128 + stop.signum
     print("orchard: interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
+
+
+def exit_as_main(code: int) -> NoReturn:
+    """``sys.exit(code)`` for a module run by ``python -m``, which CPython would otherwise
+    end by SIGINT (a status of -2, not 130 or the command's own) when a Ctrl-C that the
+    command handled had been raised inside code evaluated from a string, such as a
+    dataclass or a named tuple being made as a module loads: that sets a flag
+    (``unhandled_keyboard_interrupt``) that ``python -m`` checks after the module
+    returns, and each string evaluated resets it. A script (the ``orchard`` command)
+    exits before that check."""
+    exec("pass")  # noqa: S102 - a constant string: resets the flag, as said above
+    sys.exit(code)
 
 
 class StopSignals:

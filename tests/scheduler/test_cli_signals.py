@@ -296,3 +296,53 @@ def test_a_signal_after_the_command_ended_ends_a_hung_shutdown_with_its_code(
     time.sleep(0.5)  # in its shutdown, waiting for the thread
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+CTRL_C_IN_EXEC = """\
+import sys
+
+from scheduler.stopsignals import exit_as_main, said_stop
+
+
+def main() -> int:
+    try:
+        # code evaluated from a string, as a dataclass or a named tuple is made while a
+        # module loads, where the Ctrl-C comes
+        exec("import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(30)")
+    except KeyboardInterrupt as exc:
+        return said_stop(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["plain"]:
+        sys.exit(main())
+    exit_as_main(main())
+"""
+
+
+def _run_as_main(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "ctrl_c_in_exec.py").write_text(CTRL_C_IN_EXEC)
+    return subprocess.run(
+        [sys.executable, "-m", "ctrl_c_in_exec", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_handled_ctrl_c_exits_130_under_python_m(tmp_path: Path) -> None:
+    """`python -m scheduler.cli status --watch`, Ctrl-C'd on a loaded machine, once ended
+    by SIGINT (-2) after saying its line: the Ctrl-C had come inside a string's exec."""
+    done = _run_as_main(tmp_path)
+    assert (done.returncode, done.stderr) == (130, "orchard: interrupted\n")
+
+
+def test_cpython_ends_python_m_by_sigint_after_such_a_ctrl_c_without_exit_as_main(
+    tmp_path: Path,
+) -> None:
+    """Why ``exit_as_main`` is there: should a CPython stop doing this, it can go."""
+    done = _run_as_main(tmp_path, "plain")
+    assert (done.returncode, done.stderr) == (-signal.SIGINT, "orchard: interrupted\n")
