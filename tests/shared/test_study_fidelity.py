@@ -342,13 +342,22 @@ def _stand_in(path: Path) -> str | None:
     return "\n".join(lines[:section] + block + [""] + lines[end:]) + "\n"
 
 
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact folder the campaigns' generated datasets are kept in between tests."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
 @pytest.mark.parametrize(
     "path", sorted(REPO.glob("campaigns/**/*.toml")), ids=lambda p: p.relative_to(REPO).as_posix()
 )
-def test_each_campaign_s_generated_photos_are_enough_for_it(path: Path, tmp_path: Path) -> None:
+def test_each_campaign_s_generated_photos_are_enough_for_it(
+    path: Path, tmp_path: Path, generated: Path
+) -> None:
     """A user who swaps in the synthetic dataset a campaign's comment gives gets a
     campaign that can run: enough images for its largest PCA and its search folds."""
     from scheduler.api import plan
+    from shared.manifest import open_campaign_dataset
 
     text = _stand_in(path)
     if text is None:
@@ -358,8 +367,11 @@ def test_each_campaign_s_generated_photos_are_enough_for_it(path: Path, tmp_path
     text = text.replace('kind = "synthetic"\n', 'kind = "synthetic"\nwidth = 32\nheight = 32\n', 1)
     swapped = tmp_path / path.name
     swapped.write_text(text, encoding="utf-8")
-    assert load_campaign(swapped).dataset.kind == "synthetic"
-    assert plan(swapped, artifacts=tmp_path / "artifacts").units
+    dataset = load_campaign(swapped).dataset
+    assert dataset.kind == "synthetic"
+    # the campaigns share five datasets: each is generated once, where a submit puts it
+    open_campaign_dataset(dataset, generated)
+    assert plan(swapped, artifacts=generated).units
 
 
 # ---------------------------------------------------------------- the study's figures
