@@ -263,10 +263,13 @@ def _experiment_blocks(exp: Experiment, published_in: str | None = None) -> list
         # each published figure beside the column of the run's own (an OOB score the
         # points did not report: at the end)
         own = _PUBLISHED_BESIDE[metric]
-        at = header.index(own) + 1 if own in header else len(header)
-        header.insert(at, f"Published {own[0].lower()}{own[1:]}")
-        for cells, point in zip(rows, shown, strict=True):
-            cells.insert(at, _fmt_published(metric, point.published.get(metric)))
+        _insert_beside(
+            header,
+            rows,
+            own,
+            f"Published {own[0].lower()}{own[1:]}",
+            [_fmt_published(metric, point.published.get(metric)) for point in shown],
+        )
     right = frozenset(range(n_params, len(header)))
     blocks.append(Table(tuple(header), rows, right, row_classes=classes))
     notes: list[Inline] = []
@@ -364,6 +367,17 @@ def _published_metrics(points: Sequence[PointRow]) -> list[str]:
 
 def _fmt_published(metric: str, value: float | None) -> str:
     return _fmt_extra(metric, value) if metric == "oob_score" else _fmt_pct(value)
+
+
+def _insert_beside(
+    header: list[str], rows: list[list[str]], own: str, label: str, cells: list[str]
+) -> None:
+    """A column ``label`` of ``cells`` (one per row) right after the column ``own``, or
+    at the end where the table has none."""
+    at = header.index(own) + 1 if own in header else len(header)
+    header.insert(at, label)
+    for row, cell in zip(rows, cells, strict=True):
+        row.insert(at, cell)
 
 
 def _published_note(what: str, published_in: str | None) -> list[Inline]:
@@ -642,11 +656,9 @@ def _blend_blocks(data: ReportData) -> list[Block]:
     for metric in reversed(published):
         # beside the blend's own: its test accuracy's interval, its validation accuracy
         own = TEST_CI_HEADER if metric == "test_acc" else _val_name(data)
-        at = header.index(own) + 1
         label = "test acc" if metric == "test_acc" else _val_name(data)
-        header.insert(at, f"Published {label}")
-        for cells, blend in zip(rows, data.blends, strict=True):
-            cells.insert(at, _fmt_pct(blend.published.get(metric)))
+        values = [_fmt_pct(blend.published.get(metric)) for blend in data.blends]
+        _insert_beside(header, rows, own, f"Published {label}", values)
     # every column but the blend's name, its method and the note is a number
     numbers = frozenset(range(2, len(header) - 1))
     blocks: list[Block] = [Table(tuple(header), rows, numbers, row_classes=classes)]
