@@ -11,23 +11,22 @@ it at once, and a dead holder's unit is taken over once its lease runs out.
 Connection-level errors (server restarting, connection cut, SQLite busy) are retried
 with exponential backoff for ``retry_seconds`` (ORCHARD_DB_RETRY_SECONDS) before a
 StoreError naming the masked URL; integrity and SQL errors are never retried.
+
+Beside it: :mod:`db.engine` (connecting, and which errors are worth a retry),
+:mod:`db.values` and :mod:`db.errors` (what its methods take, return and raise, all
+importable from here), :mod:`db.statements` (keys in chunks, the dialect's INSERT) and
+:mod:`db.reuse` (``submit --reuse``'s copies).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import re
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Engine,
@@ -37,22 +36,41 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    create_engine,
     delete,
-    event,
     false,
     func,
-    make_url,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from db import migrate
+from db.engine import (
+    DEFAULT_RETRY_SECONDS,
+    MAX_RETRY_SECONDS,
+    READ_ONLY,
+    TransientError,
+    describe_error,
+    is_transient,
+    make_engine,
+    refused,
+    retried,
+    unreachable,
+)
+from db.errors import (
+    BeingDeletedError,
+    CampaignDeletedError,
+    DeleteRefusedError,
+    LeaseLostError,
+    NotFoundError,
+    SchemaError,
+    StoreError,
+    StoreUnreachableError,
+    UnitCancelledError,
+)
 from db.models import (
     ArtifactRow,
     AttemptRow,
@@ -65,13 +83,36 @@ from db.models import (
     UnitRow,
     utcnow,
 )
-from shared.errors import OrchardError, UnreachableError
+from db.reuse import reuse_finished_without_commit
+from db.statements import KEYS_PER_STATEMENT, chunks, files_under, insert_of, table_of
+from db.values import (
+    DELETING,
+    LEASE_CANCELLED,
+    LEASE_GONE,
+    LEASE_HELD,
+    LEASE_LOST,
+    LOST,
+    NO_RESULT,
+    Artifact,
+    Campaign,
+    Cancelled,
+    Deletion,
+    EarlierAttempt,
+    LostUnit,
+    OpenedStage,
+    Outcome,
+    Prediction,
+    Result,
+    Start,
+    Unit,
+    UnitRoute,
+)
+from shared.errors import OrchardError
 from shared.metrics import finite_or_none
 from shared.plan import (
     CANCELLED,
     FAILED,
     PENDING,
-    PREPROCESS,
     QUEUED,
     REPORT,
     RUNNING,
@@ -79,73 +120,14 @@ from shared.plan import (
     TERMINAL,
     UnitPlan,
     UnitState,
-    largest_n_components,
     next_actions,
 )
 from shared.settings import env_number, mask_url
-from shared.spec import CAMPAIGN_FORMAT, formats_alike
+from shared.spec import CAMPAIGN_FORMAT
 from shared.times import as_utc
 
 _T = TypeVar("_T")
 
-
-class StoreError(OrchardError):
-    """The store is unreachable, not initialised, or asked for something absent."""
-
-
-class StoreUnreachableError(StoreError, UnreachableError):
-    """The database did not answer for the whole retry budget (connection refused or
-    lost, a server restarting or failing over, a lock held too long): nothing was wrong
-    with what was asked, and asking again later may succeed."""
-
-
-class SchemaError(StoreError):
-    """The store's schema is not this orchard's: older (``orchard db upgrade`` mends it),
-    newer (the orchard that upgraded it must run), or not there yet."""
-
-
-class NotFoundError(StoreError):
-    """No such campaign or unit: asking again cannot help."""
-
-
-class CampaignDeletedError(NotFoundError):
-    """The campaign was in this store, and ``orchard delete`` removed it."""
-
-    def __init__(self, campaign_id: str, deleted_at: datetime) -> None:
-        super().__init__(
-            f"campaign {campaign_id} was deleted (`orchard delete`) at "
-            f"{deleted_at:%Y-%m-%d %H:%M:%S} UTC"
-        )
-        self.deleted_at = deleted_at
-
-
-class UnitCancelledError(OrchardError):
-    """``finish_unit`` on a unit that ``orchard cancel`` stopped: nothing is written."""
-
-
-class LeaseLostError(OrchardError):
-    """``finish_unit`` by a delivery that no longer holds its unit (another delivery
-    took it over, or ``orchard resume`` reset it): nothing is written."""
-
-
-class DeleteRefusedError(OrchardError):
-    """``delete_campaign`` of a campaign that something still uses: it runs, a worker
-    may still be stopping one of its units, or another campaign reuses its results."""
-
-
-class BeingDeletedError(OrchardError):
-    """``resume_campaign`` of a campaign whose delete began and did not finish."""
-
-    def __init__(self, campaign_id: str) -> None:
-        super().__init__(
-            f"campaign {campaign_id} is being deleted: `orchard delete {campaign_id}` "
-            "finishes a delete that stopped midway"
-        )
-
-
-#: A campaign's state from the moment ``delete_campaign`` decides to delete it until
-#: its last row goes: nothing resumes it, reuses its results or runs its units.
-DELETING = "DELETING"
 
 #: Rows ``delete_campaign`` removes per transaction. On SQLite each transaction holds
 #: the store's write lock, so workers' calls wait for one batch (about 0.1 s), not for
@@ -158,12 +140,6 @@ DELETE_BATCH_ROWS = 50_000
 SQLITE_BATCH_PAUSE = 0.1
 
 
-#: Unit keys (or task ids) per statement where a call names many units: a stage of
-#: thousands of units stays far below the parameter limits (PostgreSQL 65,535, SQLite
-#: 32,766), and the claim's CASE over the task ids, which the database evaluates for
-#: each row it updates, stays short.
-KEYS_PER_STATEMENT = 500
-
 #: How the campaign row is held while units are reopened, claimed or closed under it:
 #: FOR NO KEY UPDATE on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises
 #: writers), which these writers take in turn, but which does not stop a worker
@@ -174,378 +150,7 @@ KEYS_PER_STATEMENT = 500
 _CAMPAIGN_LOCK = {"key_share": True}
 
 
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# ---------------------------------------------------------------- values handed to callers
-
-
-@dataclass(frozen=True, slots=True)
-class Campaign:
-    id: str
-    name: str
-    source: str
-    digest: str
-    spec: dict[str, Any]
-    classes: tuple[str, ...]
-    state: str
-    created_at: datetime
-    finished_at: datetime | None
-    #: shared.spec.CAMPAIGN_FORMAT of the orchard that submitted it
-    format_version: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Unit:
-    key: str
-    campaign_id: str
-    family: str
-    stage: int
-    fold: int | None
-    params: dict[str, Any]
-    params_hash: str
-    task: str
-    queue: str
-    state: str
-    attempts: int
-    worker: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    task_id: str | None = None
-    lease_holder: str | None = None
-    lease_expires_at: datetime | None = None
-    heartbeat_at: datetime | None = None
-
-
-#: Why a unit the store gave up on failed, where no delivery recorded an error
-NO_RESULT = (
-    "each delivery ended without a result (its worker killed or out of memory, or the "
-    "database away as it ended)"
-)
-
-#: :class:`EarlierAttempt`'s state for an attempt whose process died under a live
-#: worker (a prefork child killed), which ended its lease at once.
-LOST = "LOST"
-
-
-@dataclass(frozen=True, slots=True)
-class EarlierAttempt:
-    """An attempt that did not end its unit (:class:`db.models.AttemptRow`): its worker,
-    when it started and was last heard from (its heartbeat), and the unit's state when
-    the next attempt took over (RUNNING: its lease ran out; LOST: its process died, as
-    its worker saw; QUEUED: sent again, its worker lost or handed back; FAILED,
-    CANCELLED: reset by a resume), with its error."""
-
-    worker: str | None
-    started_at: datetime
-    last_heard_at: datetime | None
-    state: str
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class LostUnit:
-    """A unit to send again (see :meth:`Store.requeue_lost`): where to send it, under
-    which task id, and where it was lost: RUNNING (its delivery died with its worker),
-    QUEUED (claimed, but its message never reached the broker) or SENT (its message was
-    taken and dropped by a worker that is not of this store)."""
-
-    campaign_id: str
-    key: str
-    task: str
-    queue: str
-    task_id: str
-    lost_in: str = RUNNING
-    worker: str | None = None  # lost in RUNNING: the worker that ran it
-
-
-class OpenedStage(NamedTuple):
-    """What :meth:`Store.open_stage` decided: every unit's route (failures applied), the
-    keys claimed in plan order with their task ids, and the units it failed, each with
-    its error (their input failed: ``preprocessing failed: …``)."""
-
-    routes: list[UnitRoute]
-    claimed: list[str]
-    task_ids: dict[str, str]
-    failed: list[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class UnitRoute:
-    """What deciding and sending the next stage needs of a unit: no params, no times."""
-
-    key: str
-    stage: int
-    state: str
-    task: str
-    queue: str
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    unit_key: str
-    train_acc: float | None
-    val_acc: float | None
-    test_acc: float | None
-    val_confusion: list[list[int]] | None
-    test_confusion: list[list[int]] | None
-    fit_seconds: float
-    extra: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    image_id: str
-    label: int
-    pred: int
-    probs: list[float] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Artifact:
-    path: str
-    kind: str
-    sha256: str
-    size: int
-    campaign_id: str | None = None
-    unit_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a finished unit hands to :meth:`Store.finish_unit`, written atomically."""
-
-    fit_seconds: float
-    train_acc: float | None = None
-    val_acc: float | None = None
-    test_acc: float | None = None
-    val_confusion: list[list[int]] | None = None
-    test_confusion: list[list[int]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    predictions: dict[str, Sequence[Prediction]] = field(default_factory=dict)  # split -> rows
-    artifacts: Sequence[Artifact] = ()
-    # artifact paths needed only while the unit ran (a fold's checkpoints): their
-    # records go in the result's transaction, and the worker then removes the files
-    scratch: Sequence[str] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """Whether a task should run its unit.
-
-    ``run`` False and ``reason``: ``finished`` (already terminal: nothing to do),
-    ``leased`` (another delivery holds a live lease: come back in ``retry_in`` seconds,
-    never drop the message), ``grace`` (the last attempt's lease ran out less than a
-    lease period ago: its holder may still renew it; come back in ``retry_in``),
-    ``gave up`` (too many attempts: now FAILED) or ``cancelled`` (the campaign was
-    cancelled: now CANCELLED).
-    """
-
-    run: bool
-    attempts: int
-    state: str
-    reason: str = ""
-    retry_in: float = 0.0
-    #: with ``run``: the unit as this start left it (RUNNING, its params) and its
-    #: campaign, read in the start's transaction: the delivery needs no reads of its own
-    unit: Unit | None = None
-    campaign: Campaign | None = None
-    #: with ``reason="newer format"``: the campaign's format
-    format_version: int | None = None
-
-
-#: what :meth:`Store.renew_lease` finds
-LEASE_HELD, LEASE_LOST, LEASE_CANCELLED = "held", "lost", "cancelled"
-#: What a renewal finds when the unit is no longer in the store: `orchard delete`.
-LEASE_GONE = "gone"
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """What ``cancel_campaign`` did: the task ids to revoke and how many units it stopped."""
-
-    state: str  # the campaign's state afterwards
-    task_ids: list[str]
-    units: int
-    already_finished: bool = False  # it was not RUNNING: nothing was done
-
-
-@dataclass(frozen=True, slots=True)
-class Deletion:
-    """What ``delete_campaign`` removed (or, in a dry run, would remove) from the store."""
-
-    campaign_id: str
-    state: str  # the campaign's state when it was deleted
-    units: int
-    artifacts: list[Artifact]  # the records of files in the campaign's own folder
-
-
 # ---------------------------------------------------------------- the store
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # Several worker processes share one SQLite file: WAL lets readers run beside the
-    # writer, busy_timeout makes writers wait their turn instead of failing.
-    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-#: Execution option of a transaction that only reads (``Store._transaction(read_only=True)``).
-_READ_ONLY = "orchard_read_only"
-
-
-def _sqlite_begin(conn: Any) -> None:
-    # IMMEDIATE takes the write lock up front: a deferred transaction that later
-    # writes can fail with SQLITE_BUSY at once, with no wait, under contention.
-    # A transaction that only reads begins deferred: in WAL mode it reads a snapshot
-    # without the write lock, so it neither waits for another worker's write (SQLite's
-    # busy handler sleeps 1 ms and more per try) nor makes a writer wait for it.
-    conn.exec_driver_sql(
-        "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"
-    )
-
-
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        database = make_url(url).database
-        # a ``file:`` URI is SQLite's to read (``?mode=ro``, ``uri=true``), not a folder
-        # to make here: SQLite reports what it cannot open, as one line (check_schema)
-        if database and database != ":memory:" and not database.startswith("file:"):
-            folder = Path(database).expanduser().parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:  # a plain file in the way, no permission
-                reason = exc.strerror or type(exc).__name__
-                # os.path: Path.exists raises for a folder we may not look into
-                in_the_way = next(p for p in (folder, *folder.parents) if os.path.exists(p))
-                if not os.path.isdir(in_the_way):
-                    reason = f"{in_the_way} is not a directory"
-                problem = f"database {mask_url(url)}: cannot create {folder}: {reason}"
-                raise StoreError(problem) from None
-        engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-        return engine
-    return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url))
-
-
-def _connect_args(url: str) -> dict[str, Any]:
-    """psycopg's options beyond the URL's: a connect timeout and an application name
-    where the URL gives none, and no prepared statements, always."""
-    if not url.startswith("postgresql"):
-        return {}
-    given = make_url(url).query
-    args: dict[str, Any] = {
-        "connect_timeout": 5,  # fail within seconds when the server is away
-        "application_name": "orchard",  # what a DBA's pg_stat_activity tells apart
-    }
-    args = {name: value for name, value in args.items() if name not in given}
-    # psycopg prepares a statement it has run five times on a connection; behind
-    # PgBouncer in transaction mode the next transaction may get another server
-    # connection, which does not have it ("prepared statement _pg3_0 does not exist")
-    args["prepare_threshold"] = None
-    return args
-
-
-#: Free space under which a SQLite store's disk error names how little is left.
-LOW_DISK_BYTES = 64 * 1024 * 1024
-
-#: Seconds a store call keeps retrying a lost connection before it gives up with a
-#: StoreUnreachableError (ORCHARD_DB_RETRY_SECONDS): long enough to ride out a database
-#: restart; a worker whose unit meets a longer outage hands the unit back.
-DEFAULT_RETRY_SECONDS = 5.0
-#: The most ORCHARD_DB_RETRY_SECONDS may be: a worker holding a unit that long for a
-#: database that does not come back is already far past any sensible wait.
-MAX_RETRY_SECONDS = 24 * 3600
-
-_retrying_now = threading.local()
-
-
-class _TransientError(StoreUnreachableError):
-    """A connection-level failure worth retrying; carries the one-line message."""
-
-
-#: What libpq says when a connection is refused for what the URL asks, not for the
-#: server being away: asking again cannot help (a login, a database or role that is not
-#: there, an option it does not take, TLS the server does not offer).
-_REFUSED_AT_CONNECT = re.compile(
-    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry"
-    r"|(database|role) \"[^\"]*\" does not exist|invalid \w+ value|invalid connection option"
-    r"|does not support SSL|certificate",
-    re.IGNORECASE,
-)
-
-
-#: libpq's prefix naming the server it tried: ``connection to server at "db" (10.0.0.5),
-#: port 5432 failed: `` or ``… on socket "/run/postgresql/.s.PGSQL.5432" failed: ``.
-_CONNECTION_TO = re.compile(r'connection to server (?:at|on socket) "[^"]*".*? failed: ')
-
-
-def _is_transient(exc: DBAPIError) -> bool:
-    """Connection lost or refused, server restarting, lock busy: a retry may succeed.
-
-    Integrity errors, missing tables and bad SQL are not: retrying cannot help; nor is
-    a connection refused for what the URL asks (a password, sslmode).
-    """
-    if exc.connection_invalidated:
-        return True
-    orig = exc.orig
-    if isinstance(orig, sqlite3.OperationalError):
-        text = str(orig).lower()
-        return "locked" in text or "busy" in text
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return False
-    # psycopg's OperationalError: refused/closed connections, admin shutdown, deadlocks,
-    # serialization failures, statement and lock timeouts; never constraint violations
-    # (IntegrityError). A refusal at connect time carries no SQLSTATE: its words tell
-    if not isinstance(orig, psycopg.OperationalError):
-        return False
-    # the server's words, not the address they name (a host called "certificate-db")
-    said = _CONNECTION_TO.sub("", str(orig))
-    return bool(getattr(orig, "sqlstate", None)) or not _REFUSED_AT_CONNECT.search(said)
-
-
-def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
-    """Run a store method again, with exponential backoff, while the database is away.
-
-    Every public method is one transaction, so running it again is safe; the writes
-    are idempotent (upserts, conditional updates). Nested calls retry only once, at
-    the outermost level.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> _T:
-        if getattr(_retrying_now, "active", False):
-            return method(self, *args, **kwargs)
-        _retrying_now.active = True
-        try:
-            deadline = time.monotonic() + self.retry_seconds
-            delay = 0.1
-            while True:
-                try:
-                    return method(self, *args, **kwargs)
-                except _TransientError as exc:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise StoreUnreachableError(
-                            f"{exc} (gave up after {self.retry_seconds:g} s of retries)"
-                        ) from None
-                    time.sleep(min(delay, remaining))
-                    delay = min(delay * 2, 2.0)
-        finally:
-            _retrying_now.active = False
-
-    return wrapper
 
 
 class Store:
@@ -696,7 +301,7 @@ class Store:
             return as_utc(s.scalar(select(func.clock_timestamp())))
         return utcnow()
 
-    @_retried
+    @retried
     def live_leases(self, limit: int = 3) -> tuple[int, list[tuple[str, str | None]]]:
         """How many units a delivery runs now (RUNNING, the lease not run out), and the
         ``limit`` longest running, with their workers: what `orchard db upgrade` asks
@@ -712,95 +317,16 @@ class Store:
             ).all()
         return count, [(key, worker) for key, worker in first]
 
-    @_retried
+    @retried
     def now(self) -> datetime:
         """The store's clock (:meth:`_now`), aware UTC: what a lease read from the store
         is to be compared with, whatever this host's clock says."""
         with self._transaction(read_only=True) as s:
             return self._now(s)
 
-    def _unreachable(self, exc: Exception) -> StoreUnreachableError:
-        orig = getattr(exc, "orig", exc)
-        reason = str(orig).strip().splitlines()[0]
-        # (a refusal at connect time carries no SQLSTATE: its words tell)
-        if str(getattr(orig, "sqlstate", "") or "").startswith("53") or re.search(
-            r"too many (connections|clients)", reason
-        ):
-            # PostgreSQL's "insufficient resources" (its disk full, out of memory, too
-            # many connections): it answered; asking again may succeed once they are back
-            what = "is out of resources"
-        elif getattr(orig, "sqlstate", None) in ("57014", "55P03"):
-            # its statement_timeout or lock_timeout: a lock held long, a busy server
-            what = "timed out"
-        else:
-            what = "unreachable"
-        return StoreUnreachableError(f"database {mask_url(self.url)} {what}: {reason}")
-
-    def _refused(self, exc: DBAPIError) -> StoreError:
-        reason = str(exc.orig).strip().splitlines()[0] + self._sqlite_disk_note(exc)
-        return StoreError(f"database {mask_url(self.url)} refused: {reason}")
-
-    def _sqlite_disk_note(self, exc: DBAPIError) -> str:
-        """Where SQLite says its disk is full or failed (``disk I/O error``: its -shm
-        file could not grow), how much room the store's disk has left, if little."""
-        errorname = getattr(exc.orig, "sqlite_errorname", "")
-        if not errorname.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
-            return ""
-        database = make_url(self.url).database
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return ""
-        folder = Path(database).expanduser().absolute().parent
-        try:
-            stat = os.statvfs(folder)
-        except OSError:
-            return ""
-        free = stat.f_bavail * stat.f_frsize
-        if free >= LOW_DISK_BYTES:
-            return ""
-        return f" (the disk holding {folder} has {free:,} bytes free)"
-
     def describe_error(self, exc: DBAPIError) -> StoreError:
-        """One line for what opening the store met. "Unreachable" (a StoreUnreachableError:
-        a worker keeps its unit for later) only where asking again may succeed: a server
-        that refused or lost the connection, a lock held too long. Anything else is the
-        database's answer, which asking again cannot change."""
-        if _is_transient(exc):
-            return self._unreachable(exc)
-        if self.engine.dialect.name == "sqlite" and (problem := self._sqlite_file_problem(exc)):
-            return StoreError(f"database {mask_url(self.url)}: {problem}")
-        return self._refused(exc)
-
-    def _sqlite_file_problem(self, exc: DBAPIError) -> str | None:
-        """What is wrong with a SQLite store's path, where SQLite's own line does not say
-        (``unable to open database file``, ``file is not a database``); None: nothing
-        the path shows."""
-        database = make_url(self.url).database
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return None  # an SQLite URI: SQLite's line is all there is
-        path = Path(database).expanduser().absolute()
-        # os.path: Path.is_dir raises for a folder we may not look into
-        if os.path.isdir(path):
-            return f"{path} is a directory, not a SQLite file"
-        header = b""
-        if os.path.isfile(path):  # a regular file only: reading a FIFO would wait for a writer
-            try:
-                with path.open("rb") as file:
-                    header = file.read(16)
-            except OSError:
-                header = b""  # not ours to read: SQLite's line says so
-        if header and header != b"SQLite format 3\x00":  # an empty file is a new database
-            return f"{path} is not a SQLite database"
-        errorname = getattr(exc.orig, "sqlite_errorname", "")
-        cannot = errorname.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))
-        if cannot and not os.access(path.parent, os.W_OK):
-            folder = f"{path.parent} is not writable by this user (uid {os.geteuid()})"
-            if not os.path.exists(path):
-                return f"cannot create {path}: {folder}"
-            return (
-                f"{folder}: SQLite needs to create its -wal and -shm files beside the store, "
-                "so the folder must be writable"
-            )
-        return None
+        """One line for what opening the store met (:func:`db.engine.describe_error`)."""
+        return describe_error(self.url, exc)
 
     @contextmanager
     def _transaction(self, *, read_only: bool = False) -> Iterator[Session]:
@@ -808,24 +334,24 @@ class Store:
         try:
             with session.begin():
                 if read_only:  # before the first statement, which begins the transaction
-                    session.connection(execution_options={_READ_ONLY: True})
+                    session.connection(execution_options={READ_ONLY: True})
                 yield session
         except DBAPIError as exc:
-            if _is_transient(exc):
-                raise _TransientError(str(self._unreachable(exc))) from None
+            if is_transient(exc):
+                raise TransientError(str(unreachable(self.url, exc))) from None
             if not isinstance(exc, IntegrityError):
                 # reached, and it answered no: a read-only file, a full disk, a table
                 # gone, a read-only server (a hot standby, default_transaction_read_only),
                 # a role without the privilege; not "unreachable", which sends one
                 # looking for the server. A worker keeps its unit's message for later
-                raise self._refused(exc) from None
+                raise refused(self.url, exc) from None
             raise  # orchard's writes are idempotent: a constraint broken is its bug
         finally:
             session.close()
 
     # -- campaigns
 
-    @_retried
+    @retried
     def create_campaign(
         self,
         campaign_id: str,
@@ -856,7 +382,7 @@ class Store:
                 raise StoreError(f"campaign {campaign_id} already exists")
             now = self._now(s)
             s.execute(
-                _table(CampaignRow).insert(),
+                table_of(CampaignRow).insert(),
                 {
                     "id": campaign_id,
                     "name": name,
@@ -872,7 +398,7 @@ class Store:
             )
             if units:
                 s.execute(
-                    _table(UnitRow).insert(),
+                    table_of(UnitRow).insert(),
                     [
                         {
                             "key": plan.key,
@@ -901,11 +427,11 @@ class Store:
                     for k, v in plan.params.items()
                 ]
                 if params:
-                    s.execute(_table(UnitParamRow).insert(), params)
+                    s.execute(table_of(UnitParamRow).insert(), params)
             for artifact in artifacts:
                 self._record_artifact_without_commit(s, artifact, now)
 
-    @_retried
+    @retried
     def find_campaign(self, campaign_id: str) -> Campaign | None:
         with self._transaction(read_only=True) as s:
             row = s.get(CampaignRow, campaign_id)
@@ -917,13 +443,13 @@ class Store:
             raise self._no_campaign(campaign_id)
         return campaign
 
-    @_retried
+    @retried
     def deleted_at(self, campaign_id: str) -> datetime | None:
         """When ``orchard delete`` removed the campaign; None if it never did."""
         with self._transaction(read_only=True) as s:
             return self._deleted_at(s, campaign_id)
 
-    @_retried
+    @retried
     def deleted_campaign_created_at(self, campaign_id: str) -> datetime | None:
         """When a campaign ``orchard delete`` removed had been submitted; None if none."""
         with self._transaction(read_only=True) as s:
@@ -942,7 +468,7 @@ class Store:
             return CampaignDeletedError(campaign_id, when)
         return NotFoundError(f"no campaign {campaign_id!r} in {mask_url(self.url)}")
 
-    @_retried
+    @retried
     def list_campaigns(self, limit: int | None = 50) -> list[Campaign]:
         """The newest ``limit`` campaigns, newest first (``None``: every one)."""
         with self._transaction(read_only=True) as s:
@@ -951,14 +477,14 @@ class Store:
             )
             return [_campaign(r) for r in rows]
 
-    @_retried
+    @retried
     def unit_counts(self, campaign_ids: Sequence[str]) -> dict[str, dict[str, int]]:
         """Campaign id -> unit state -> how many, for each of ``campaign_ids`` that has
         units: what ``orchard status`` shows per campaign, in one aggregate over the
         (campaign, state) index instead of every unit of every campaign listed."""
         out: dict[str, dict[str, int]] = {}
         with self._transaction(read_only=True) as s:
-            for chunk in _chunks(list(dict.fromkeys(campaign_ids)), KEYS_PER_STATEMENT):
+            for chunk in chunks(list(dict.fromkeys(campaign_ids)), KEYS_PER_STATEMENT):
                 rows = s.execute(
                     select(UnitRow.campaign_id, UnitRow.state, func.count())
                     .where(UnitRow.campaign_id.in_(chunk))
@@ -968,7 +494,7 @@ class Store:
                     out.setdefault(campaign_id, {})[state] = count
         return out
 
-    @_retried
+    @retried
     def family_counts(self, campaign_id: str) -> dict[str, dict[str, int]]:
         """Family -> unit state -> how many, for one campaign: what a poll of its
         progress needs, one aggregate (10 ms at 25,000 units, where reading every unit
@@ -984,12 +510,12 @@ class Store:
                 out.setdefault(family, {})[state] = count
         return out
 
-    @_retried
+    @retried
     def count_campaigns(self) -> int:
         with self._transaction(read_only=True) as s:
             return s.scalar(select(func.count()).select_from(CampaignRow)) or 0
 
-    @_retried
+    @retried
     def complete_campaign(self, campaign_id: str) -> str | None:
         """Close a RUNNING campaign whose units are all terminal: DONE, or PARTIAL when
         some failed. Returns the new state, or None if it is not finished (or already
@@ -1011,7 +537,7 @@ class Store:
 
     # -- units
 
-    @_retried
+    @retried
     def units(
         self, campaign_id: str, *, state: str | None = None, family: str | None = None
     ) -> list[Unit]:
@@ -1041,7 +567,7 @@ class Store:
                 params.setdefault(unit_id, {})[name] = value
             return [_unit_of(row, params.get(row.id, {})) for row in rows]
 
-    @_retried
+    @retried
     def open_stage(self, campaign_id: str, new_task_id: Callable[[], str]) -> OpenedStage:
         """What ``advance`` does to the store, in one transaction: read every unit's
         route, fail the PENDING units that can no longer run and claim the ones that
@@ -1080,7 +606,7 @@ class Store:
             claimed = self._claim(s, actions.enqueue, task_ids, now)
             return OpenedStage(routes, claimed, {key: task_ids[key] for key in claimed}, failures)
 
-    @_retried
+    @retried
     def stage_may_open(self, campaign_id: str) -> bool:
         """Whether ``shared.plan.next_actions`` could enqueue or fail a unit of the
         RUNNING campaign now, or the campaign could be complete: what ``advance`` asks after
@@ -1115,7 +641,7 @@ class Store:
         with self._transaction(read_only=True) as s:
             return bool(s.scalar(select(and_(running.exists(), ~below.exists()))))
 
-    @_retried
+    @retried
     def untaken_queues(self, campaign_id: str, after: float) -> dict[str, float]:
         """Queue -> seconds its oldest waiting unit has waited, for each queue on which
         a unit of the campaign has been QUEUED for ``after`` seconds or more while that
@@ -1147,7 +673,7 @@ class Store:
                 if queue not in busy
             }
 
-    @_retried
+    @retried
     def find_unit(self, key: str) -> Unit | None:
         with self._transaction(read_only=True) as s:
             row = s.scalar(
@@ -1161,7 +687,7 @@ class Store:
             raise NotFoundError(f"no unit {key!r} in {mask_url(self.url)}")
         return unit
 
-    @_retried
+    @retried
     def claim_for_queue(
         self, keys: Sequence[str], task_ids: Mapping[str, str] | None = None
     ) -> list[str]:
@@ -1184,7 +710,7 @@ class Store:
         won: list[str] = []
         # a statement per KEYS_PER_STATEMENT keys: the CASE below is evaluated for
         # every row updated, so one over a whole stage cost O(units²)
-        for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
+        for chunk in chunks(list(keys), KEYS_PER_STATEMENT):
             values: dict[str, Any] = {"state": QUEUED, "sent_at": None, "queued_at": now}
             ids = {k: task_ids[k] for k in chunk if k in task_ids}
             if ids:
@@ -1198,7 +724,7 @@ class Store:
         order = {k: i for i, k in enumerate(keys)}
         return sorted(won, key=order.__getitem__)
 
-    @_retried
+    @retried
     def mark_sent(self, task_ids: Sequence[str]) -> None:
         """Record that the messages of these task ids reached the broker. A unit left
         QUEUED without this (its claimer died before sending) is sent again by the
@@ -1209,28 +735,28 @@ class Store:
             return
         with self._transaction() as s:
             now = self._now(s)
-            for chunk in _chunks(list(task_ids), KEYS_PER_STATEMENT):
+            for chunk in chunks(list(task_ids), KEYS_PER_STATEMENT):
                 s.execute(
                     update(UnitRow)
                     .where(UnitRow.task_id.in_(chunk), UnitRow.sent_at.is_(None))
                     .values(sent_at=now)
                 )
 
-    @_retried
+    @retried
     def unclaim(self, keys: Sequence[str]) -> None:
         """QUEUED -> PENDING for units whose message could not be sent (broker away):
         the next ``advance`` claims and sends them again."""
         if not keys:
             return
         with self._transaction() as s:
-            for chunk in _chunks(list(keys), KEYS_PER_STATEMENT):
+            for chunk in chunks(list(keys), KEYS_PER_STATEMENT):
                 s.execute(
                     update(UnitRow)
                     .where(UnitRow.key.in_(chunk), UnitRow.state == QUEUED)
                     .values(state=PENDING, queued_at=None, sent_at=None, task_id=None)
                 )
 
-    @_retried
+    @retried
     def requeue_lost(
         self,
         grace_seconds: float,
@@ -1310,7 +836,7 @@ class Store:
                 )
             return lost
 
-    @_retried
+    @retried
     def stalled_campaigns(self, quiet_seconds: float, limit: int = 100) -> list[str]:
         """Running campaigns that nothing moves: no unit QUEUED or RUNNING, none
         finished and the campaign not created in the last ``quiet_seconds``. Their next
@@ -1336,7 +862,7 @@ class Store:
                 )
             )
 
-    @_retried
+    @retried
     def release_leases_of(self, holder_prefix: str) -> int:
         """End now the leases of the running units whose holder starts with
         ``holder_prefix``: a process that died (a prefork child its parent saw killed),
@@ -1354,7 +880,7 @@ class Store:
             )
             return released.rowcount
 
-    @_retried
+    @retried
     def start_unit(
         self,
         key: str,
@@ -1473,7 +999,7 @@ class Store:
                 campaign=_campaign(campaign) if campaign is not None else None,
             )
 
-    @_retried
+    @retried
     def renew_lease(self, key: str, holder: str, lease_seconds: float) -> str:
         """Extend this delivery's lease (the heartbeat). Returns LEASE_HELD, or, when
         the run must stop, LEASE_CANCELLED (the campaign was cancelled), LEASE_GONE (it
@@ -1492,7 +1018,7 @@ class Store:
                 return LEASE_GONE
             return LEASE_CANCELLED if state == CANCELLED else LEASE_LOST
 
-    @_retried
+    @retried
     def hand_back(self, key: str, holder: str, *, count_attempt: bool = False) -> bool:
         """RUNNING -> QUEUED for a delivery that stops at a clean point (its worker is
         shutting down, the fold's checkpoint is recorded): the lease is released so the
@@ -1516,7 +1042,7 @@ class Store:
             )
             return handed.rowcount == 1
 
-    @_retried
+    @retried
     def fail_unit(self, key: str, error: str, *, holder: str | None = None) -> bool:
         """Mark a unit FAILED unless it already succeeded or was cancelled; True if this
         call did it. With ``holder``, only while that delivery still holds the lease (a
@@ -1539,7 +1065,7 @@ class Store:
             )
             return done.rowcount == 1
 
-    @_retried
+    @retried
     def fail_units(self, failures: Sequence[tuple[str, str]]) -> None:
         """Give up on PENDING units that can no longer run (their input failed)."""
         if not failures:
@@ -1549,7 +1075,7 @@ class Store:
 
     @staticmethod
     def _fail_pending(s: Session, failures: Sequence[tuple[str, str]], now: datetime) -> None:
-        units = _table(UnitRow)
+        units = table_of(UnitRow)
         # one executemany (pipelined by psycopg), not a statement (and on PostgreSQL a
         # clock read) per unit: a failed shard fails every model unit of a campaign
         s.connection().execute(
@@ -1559,7 +1085,7 @@ class Store:
             [{"b_key": key, "b_error": reason} for key, reason in failures],
         )
 
-    @_retried
+    @retried
     def record_metrics(self, key: str, step: int, values: dict[str, float]) -> None:
         """Upsert one step's numbers; a re-run of the same step overwrites them. A value
         that is not a finite number (the loss of an empty validation set) is left out,
@@ -1576,7 +1102,7 @@ class Store:
             ]
             if not rows:
                 return
-            insert = _insert(s)(MetricRow).values(rows)
+            insert = insert_of(s)(MetricRow).values(rows)
             s.execute(
                 insert.on_conflict_do_update(
                     index_elements=["unit_id", "name", "step"],
@@ -1584,7 +1110,7 @@ class Store:
                 )
             )
 
-    @_retried
+    @retried
     def metrics(self, key: str) -> dict[str, list[tuple[int, float]]]:
         with self._transaction(read_only=True) as s:
             rows = s.execute(
@@ -1598,7 +1124,7 @@ class Store:
                 out.setdefault(name, []).append((step, value))
             return out
 
-    @_retried
+    @retried
     def finish_unit(self, key: str, outcome: Outcome, *, holder: str | None = None) -> bool:
         """Record a unit's result, predictions and artifacts and mark it SUCCESS.
 
@@ -1625,7 +1151,7 @@ class Store:
                 )
             now = self._now(s)
             inserted = s.execute(
-                _insert(s)(ResultRow)
+                insert_of(s)(ResultRow)
                 .values(
                     unit_id=unit.id,
                     train_acc=finite_or_none(outcome.train_acc),
@@ -1664,7 +1190,7 @@ class Store:
                 # multi-row VALUES per split: SQLAlchemy compiled that anew for every
                 # unit, row by row through the ORM, ~5 ms of a grid point's 3 ms fit
                 s.connection().execute(
-                    _insert(s)(_table(PredictionRow)).on_conflict_do_nothing(), rows
+                    insert_of(s)(table_of(PredictionRow)).on_conflict_do_nothing(), rows
                 )
             for artifact in outcome.artifacts:
                 self._record_artifact_without_commit(s, artifact, now)
@@ -1684,7 +1210,7 @@ class Store:
 
     # -- cancel, resume, reuse
 
-    @_retried
+    @retried
     def cancel_campaign(self, campaign_id: str, *, revoke_again_within: float = 0.0) -> Cancelled:
         """Mark a RUNNING campaign and its unfinished units CANCELLED.
 
@@ -1740,7 +1266,7 @@ class Store:
             campaign.state, campaign.finished_at = CANCELLED, now
             return Cancelled(CANCELLED, [t for t in task_ids if t], len(task_ids))
 
-    @_retried
+    @retried
     def resume_campaign(self, campaign_id: str, redo: Collection[str] = ()) -> list[str]:
         """Put every unit that did not succeed back to PENDING, attempts reset, and the
         campaign back to RUNNING; returns the keys reset (the caller then advances).
@@ -1783,7 +1309,7 @@ class Store:
                 .where((UnitRow.state != SUCCESS) | (UnitRow.stage == REPORT))
                 .with_for_update()
             ).all()
-            for chunk in _chunks(list(redo), KEYS_PER_STATEMENT):  # succeeded, to run again
+            for chunk in chunks(list(redo), KEYS_PER_STATEMENT):  # succeeded, to run again
                 rows += s.execute(
                     select(*columns)
                     .where(UnitRow.campaign_id == campaign_id, UnitRow.state == SUCCESS)
@@ -1801,7 +1327,7 @@ class Store:
                 reset += [r for r in rows if r.stage == REPORT and r not in reset]
             # their old results go: a shard redone, a report that must blend anew
             dropped = [r.id for r in reset if r.state == SUCCESS]
-            for chunk in _chunks(dropped, KEYS_PER_STATEMENT):
+            for chunk in chunks(dropped, KEYS_PER_STATEMENT):
                 s.execute(delete(ResultRow).where(ResultRow.unit_id.in_(chunk)))
             earlier = [
                 _earlier_attempt(r, r.state)
@@ -1810,10 +1336,10 @@ class Store:
             ]
             if earlier:
                 s.execute(
-                    _table(AttemptRow).insert(),
+                    table_of(AttemptRow).insert(),
                     [{c: getattr(a, c) for c in _ATTEMPT_COLUMNS} for a in earlier],
                 )
-            for chunk in _chunks([r.id for r in reset], KEYS_PER_STATEMENT):
+            for chunk in chunks([r.id for r in reset], KEYS_PER_STATEMENT):
                 s.execute(
                     update(UnitRow)
                     .where(UnitRow.id.in_(chunk))
@@ -1876,7 +1402,7 @@ class Store:
             ) from None
         return deletion
 
-    @_retried
+    @retried
     def _decide_delete(
         self,
         campaign_id: str,
@@ -1895,7 +1421,7 @@ class Store:
             units = s.scalar(
                 select(func.count()).select_from(UnitRow).where(UnitRow.campaign_id == campaign_id)
             )
-            own = _files_under(f"campaigns/{campaign_id}/")
+            own = files_under(f"campaigns/{campaign_id}/")
             artifacts = [
                 Artifact(r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key)
                 for r in s.scalars(select(ArtifactRow).where(own).order_by(ArtifactRow.path))
@@ -1986,7 +1512,7 @@ class Store:
             time.sleep(SQLITE_BATCH_PAUSE)
         self._bury(campaign_id)
 
-    @_retried
+    @retried
     def _bury(self, campaign_id: str) -> None:
         """A DELETING campaign's last step: its row goes (on PostgreSQL, with all its
         rows by cascade) and a :class:`DeletedCampaignRow` stays in its place."""
@@ -2010,7 +1536,7 @@ class Store:
             # not the ORM's delete, which would first null the units' campaign ids
             s.execute(delete(CampaignRow).where(CampaignRow.id == campaign_id))
 
-    @_retried
+    @retried
     def _delete_batch(self, table: Any, where: Any, batch_rows: int) -> bool:
         """Delete up to ``batch_rows`` rows of ``table`` matching ``where`` in one
         transaction; True while there may be more."""
@@ -2019,7 +1545,7 @@ class Store:
             gone = s.execute(delete(table).where(table.id.in_(batch))).rowcount
         return gone >= batch_rows
 
-    @_retried
+    @retried
     def reuse_finished(
         self,
         campaign_id: str,
@@ -2027,228 +1553,24 @@ class Store:
         equivalent_manifests: Sequence[str] = (),
         present: Callable[[str, int], bool] | None = None,
     ) -> dict[str, str]:
-        """Fill a new campaign's model units from identical units that already succeeded.
-
-        Identical means same family, parameters (hash) and fold, in a campaign with the
-        same seed and a byte-identical manifest (same images, labels, splits and folds,
-        same preprocessing), or the same data digest (that manifest but for where the
-        dataset lies: the same images mounted elsewhere), or one whose manifest's sha256
-        is in ``equivalent_manifests`` (the same data as an earlier orchard wrote it), and
-        the same campaign format (``shared.spec.CAMPAIGN_FORMAT`` at its submit); for an
-        SVM point, a grid of the same largest ``n_components`` too (its PCA's). The
-        result, predictions and metrics are copied (the result's ``extra["reused_from"]``
-        names the unit that ran, whose artifacts stay where they are) and the unit is
-        marked SUCCESS without running. Returns new key -> that unit's key.
-
-        With ``present`` (a recorded path and size -> whether that file is there), a
-        unit is copied only from a twin whose files are: the model files of the unit
-        that ran and its campaign's manifest. The store restored from a backup newer
-        than the artifact folder, or from before an `orchard delete`, records campaigns
-        whose files are gone; the newest twin whose files are there is taken instead.
-        """
+        """Fill a new campaign's model units from identical units that already succeeded
+        (:func:`db.reuse.reuse_finished_without_commit` says which, and what is copied).
+        Returns new key -> the key of the unit that ran."""
         with self._transaction() as s:
             campaign = s.get(CampaignRow, campaign_id)
             if campaign is None:
                 raise self._no_campaign(campaign_id, s)
-            manifest_sha = s.scalar(
-                select(ArtifactRow.sha256).where(
-                    ArtifactRow.campaign_id == campaign_id, ArtifactRow.kind == "manifest"
-                )
+            return reuse_finished_without_commit(
+                s,
+                campaign,
+                equivalent_manifests=equivalent_manifests,
+                present=present,
+                now=self._now(s),
             )
-            if manifest_sha is None:
-                return {}
-            same_data = CampaignRow.id.in_(
-                select(ArtifactRow.campaign_id).where(
-                    ArtifactRow.kind == "manifest",
-                    ArtifactRow.sha256.in_([manifest_sha, *equivalent_manifests]),
-                )
-            )
-            if campaign.data_digest is not None:
-                same_data = or_(same_data, CampaignRow.data_digest == campaign.data_digest)
-            twins = [
-                c
-                for c in s.scalars(
-                    select(CampaignRow)
-                    .where(
-                        CampaignRow.id != campaign_id,
-                        # re-checked on the locked row: a delete that committed DELETING
-                        # while this waited for its lock is seen (its manifest's record,
-                        # read in this statement's snapshot, may still look there)
-                        CampaignRow.state != DELETING,
-                        same_data,
-                        # computed as this campaign's would be: a format raised since
-                        # means a unit computes otherwise now (unless it only added to
-                        # the report)
-                        CampaignRow.format_version.in_(
-                            sorted(formats_alike(campaign.format_version))
-                        ),
-                    )
-                    # FOR SHARE: a delete of a twin (FOR UPDATE) waits for this copy and
-                    # then sees it, or this waits for the delete and skips the twin
-                    .with_for_update(read=True)
-                )
-                if c.spec.get("seed") == campaign.spec.get("seed") and c.state != DELETING
-            ]
-            if not twins:
-                return {}
-            # an SVM point slices its fold's PCA, fitted with the grid's largest width: a
-            # point of a grid whose largest differs has (slightly) other components
-            pca_width = largest_n_components(campaign.spec)
-            svm_twins = {c.id for c in twins if largest_n_components(c.spec) == pca_width}
-            wanted = s.scalars(
-                select(UnitRow).where(
-                    UnitRow.campaign_id == campaign_id,
-                    UnitRow.stage > PREPROCESS,  # model units and forest merges
-                    UnitRow.stage < REPORT,
-                    UnitRow.state == PENDING,
-                )
-            ).all()
-            candidates: dict[tuple[str, str, int | None], list[UnitRow]] = {}
-            hashes = sorted({w.params_hash for w in wanted})
-            for chunk in _chunks(hashes, KEYS_PER_STATEMENT):  # a hash is in one chunk
-                for row in s.scalars(
-                    select(UnitRow)
-                    .where(
-                        UnitRow.campaign_id.in_([c.id for c in twins]),
-                        UnitRow.state == SUCCESS,
-                        UnitRow.params_hash.in_(chunk),
-                    )
-                    .order_by(UnitRow.finished_at)
-                ):
-                    if row.family != "svm" or row.campaign_id in svm_twins:
-                        candidates.setdefault((row.family, row.params_hash, row.fold), []).append(
-                            row
-                        )
-            usable = self._files_there(s, candidates, present) if present else None
-            sources = {  # the newest wins
-                twin: next((row for row in reversed(rows) if usable is None or usable(row)), None)
-                for twin, rows in candidates.items()
-            }
-            pairs = [
-                (source, unit)
-                for unit in wanted
-                if (source := sources.get((unit.family, unit.params_hash, unit.fold)))
-            ]
-            return self._copy_outcomes_without_commit(s, pairs)
-
-    @staticmethod
-    def _files_there(
-        s: Session,
-        candidates: Mapping[tuple[str, str, int | None], list[UnitRow]],
-        present: Callable[[str, int], bool],
-    ) -> Callable[[UnitRow], bool]:
-        """Whether a candidate's files are there: those of the unit that ran (a copy names
-        it in ``reused_from``) and its campaign's manifest, each looked at once."""
-        rows = [row for group in candidates.values() for row in group]
-        origin = {row.key: row.key for row in rows}
-        for chunk in _chunks([row.id for row in rows], KEYS_PER_STATEMENT):
-            for key, extra in s.execute(
-                select(UnitRow.key, ResultRow.extra)
-                .join(ResultRow, ResultRow.unit_id == UnitRow.id)
-                .where(UnitRow.id.in_(chunk))
-            ):
-                origin[key] = (extra or {}).get("reused_from", key)
-        files: dict[str, list[tuple[str, int]]] = {}
-        origins = sorted(set(origin.values()))
-        campaigns = sorted({key.split("/", 1)[0] for key in origins})
-        wanted = set(origins)
-        # by campaign (the artifacts' index), then by unit here: unit_key has no index
-        for chunk in _chunks(campaigns, KEYS_PER_STATEMENT):
-            for path, size, key in s.execute(
-                select(ArtifactRow.path, ArtifactRow.size, ArtifactRow.unit_key).where(
-                    ArtifactRow.campaign_id.in_(chunk), ArtifactRow.kind != "manifest"
-                )
-            ):
-                if key in wanted:
-                    files.setdefault(key, []).append((path, size))
-        manifests: dict[str, tuple[str, int]] = {}
-        for chunk in _chunks(campaigns, KEYS_PER_STATEMENT):
-            for path, size, campaign in s.execute(
-                select(ArtifactRow.path, ArtifactRow.size, ArtifactRow.campaign_id).where(
-                    ArtifactRow.kind == "manifest", ArtifactRow.campaign_id.in_(chunk)
-                )
-            ):
-                manifests[campaign] = (path, size)
-        seen: dict[tuple[str, int], bool] = {}
-
-        def there(path: str, size: int) -> bool:
-            if (path, size) not in seen:
-                seen[(path, size)] = present(path, size)
-            return seen[(path, size)]
-
-        def usable(row: UnitRow) -> bool:
-            key = origin[row.key]
-            manifest = manifests.get(key.split("/", 1)[0])
-            return (manifest is None or there(*manifest)) and all(
-                there(path, size) for path, size in files.get(key, [])
-            )
-
-        return usable
-
-    def _copy_outcomes_without_commit(
-        self, s: Session, pairs: Sequence[tuple[UnitRow, UnitRow]]
-    ) -> dict[str, str]:
-        """Copy each source unit's result, predictions and metrics to its target and mark
-        the target SUCCESS; returns target key -> the key of the unit that ran (the
-        source, or what the source itself copied) for those copied (a source without a
-        result is skipped). A few statements per KEYS_PER_STATEMENT pairs, not
-        several per unit: ``--reuse`` of a grid of thousands of points."""
-        now = self._now(s)
-        results = {}
-        for chunk in _chunks([source.id for source, _ in pairs], KEYS_PER_STATEMENT):
-            results.update(
-                (r.unit_id, r)
-                for r in s.scalars(select(ResultRow).where(ResultRow.unit_id.in_(chunk)))
-            )
-        pairs = [(source, target) for source, target in pairs if source.id in results]
-        if not pairs:
-            return {}
-        s.execute(
-            _table(ResultRow).insert(),
-            [
-                {
-                    "unit_id": target.id,
-                    "train_acc": (r := results[source.id]).train_acc,
-                    "val_acc": r.val_acc,
-                    "test_acc": r.test_acc,
-                    "val_confusion": r.val_confusion,
-                    "test_confusion": r.test_confusion,
-                    "fit_seconds": r.fit_seconds,
-                    # a copy of a copy names the unit that ran, whose files are kept
-                    "extra": {**r.extra, "reused_from": r.extra.get("reused_from", source.key)},
-                    "created_at": now,
-                }
-                for source, target in pairs
-            ],
-        )
-        ids = [{"b_source": source.id, "b_target": target.id} for source, target in pairs]
-        for table, columns in (
-            (_table(PredictionRow), ("split", "image_id", "label", "pred", "probs")),
-            (_table(MetricRow), ("name", "step", "value")),
-        ):
-            # INSERT ... SELECT per pair, as one executemany: the rows never leave the
-            # database
-            copied = select(
-                bindparam("b_target", type_=table.c.unit_id.type),
-                *(table.c[c] for c in columns),
-            ).where(table.c.unit_id == bindparam("b_source"))
-            s.connection().execute(table.insert().from_select(["unit_id", *columns], copied), ids)
-        units = _table(UnitRow)
-        s.connection().execute(
-            update(units)
-            .where(units.c.id == bindparam("b_target"))
-            .values(state=SUCCESS, finished_at=now, worker=bindparam("b_worker")),
-            [{"b_target": target.id, "b_worker": source.worker} for source, target in pairs],
-        )
-        # the unit that ran, as the copies' reused_from says
-        return {
-            target.key: results[source.id].extra.get("reused_from", source.key)
-            for source, target in pairs
-        }
 
     # -- results
 
-    @_retried
+    @retried
     def results(self, campaign_id: str) -> dict[str, Result]:
         """unit key -> result, for every unit of the campaign that has one."""
         with self._transaction(read_only=True) as s:
@@ -2269,7 +1591,7 @@ class Store:
             )
             return {row[0]: Result(*row) for row in rows}
 
-    @_retried
+    @retried
     def predictions(self, key: str, split: str) -> list[Prediction]:
         with self._transaction(read_only=True) as s:
             rows = s.scalars(
@@ -2280,7 +1602,7 @@ class Store:
             )
             return [Prediction(r.image_id, r.label, r.pred, r.probs) for r in rows]
 
-    @_retried
+    @retried
     def earlier_attempts(self, campaign_id: str) -> dict[str, list[EarlierAttempt]]:
         """Each unit's earlier attempts (those that did not end it), oldest first, by
         key; units with none are left out."""
@@ -2305,7 +1627,7 @@ class Store:
             )
         return attempts
 
-    @_retried
+    @retried
     def count_rows(self, campaign_id: str) -> dict[str, int]:
         """How many result, prediction and metric rows a campaign has (for checks)."""
         with self._transaction(read_only=True) as s:
@@ -2319,7 +1641,7 @@ class Store:
 
     # -- artifacts
 
-    @_retried
+    @retried
     def record_artifact(self, artifact: Artifact) -> None:
         with self._transaction() as s:
             self._record_artifact_without_commit(s, artifact, self._now(s))
@@ -2336,7 +1658,7 @@ class Store:
             "unit_key": artifact.unit_key,
             "created_at": now,
         }
-        insert = _insert(s)(ArtifactRow).values(values)
+        insert = insert_of(s)(ArtifactRow).values(values)
         # a rewritten file (same path) replaces its checksum: the newest bytes are truth
         s.execute(
             insert.on_conflict_do_update(
@@ -2345,20 +1667,20 @@ class Store:
             )
         )
 
-    @_retried
+    @retried
     def count_artifacts(self, prefix: str) -> int:
         """How many files under ``prefix`` (a folder, ending in ``/``) are recorded."""
         with self._transaction(read_only=True) as s:
-            return s.scalar(select(func.count()).where(_files_under(prefix)))
+            return s.scalar(select(func.count()).where(files_under(prefix)))
 
-    @_retried
+    @retried
     def forget_artifacts(self, prefix: str) -> int:
         """Drop the records of every file under ``prefix`` (a folder, ending in ``/``):
         files removed on purpose (``orchard prune``). Returns how many."""
         with self._transaction() as s:
-            return s.execute(delete(ArtifactRow).where(_files_under(prefix))).rowcount
+            return s.execute(delete(ArtifactRow).where(files_under(prefix))).rowcount
 
-    @_retried
+    @retried
     def find_artifact(self, path: str) -> Artifact | None:
         with self._transaction(read_only=True) as s:
             row = s.scalar(select(ArtifactRow).where(ArtifactRow.path == path))
@@ -2366,20 +1688,20 @@ class Store:
                 return None
             return Artifact(row.path, row.kind, row.sha256, row.size, row.campaign_id, row.unit_key)
 
-    @_retried
+    @retried
     def find_artifacts(self, paths: Sequence[str]) -> dict[str, Artifact]:
         """The records of those of ``paths`` the store has, by path: one query per
         KEYS_PER_STATEMENT paths, where :meth:`find_artifact` is one per path."""
         found: dict[str, Artifact] = {}
         with self._transaction(read_only=True) as s:
-            for chunk in _chunks(list(dict.fromkeys(paths)), KEYS_PER_STATEMENT):
+            for chunk in chunks(list(dict.fromkeys(paths)), KEYS_PER_STATEMENT):
                 for r in s.scalars(select(ArtifactRow).where(ArtifactRow.path.in_(chunk))):
                     found[r.path] = Artifact(
                         r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key
                     )
         return found
 
-    @_retried
+    @retried
     def artifacts(self, campaign_id: str, kind: str | None = None) -> list[Artifact]:
         with self._transaction(read_only=True) as s:
             query = select(ArtifactRow).where(ArtifactRow.campaign_id == campaign_id)
@@ -2390,7 +1712,7 @@ class Store:
                 Artifact(r.path, r.kind, r.sha256, r.size, r.campaign_id, r.unit_key) for r in rows
             ]
 
-    @_retried
+    @retried
     def campaign_metrics(
         self, campaign_id: str, keys: Sequence[str] | None = None
     ) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -2438,30 +1760,6 @@ def _busy_queues(s: Session, queues: Sequence[str], now: datetime, since: dateti
 
     row = s.execute(select(*(busy(queue) for queue in names))).one()
     return {queue for queue, is_busy in zip(names, row, strict=True) if is_busy}
-
-
-def _files_under(folder: str) -> Any:
-    """Artifact records of the files under ``folder`` (relative, ending in ``/``; ``_``
-    and ``%`` in it are not wildcards). The prefix is compared as well: SQLite's LIKE
-    ignores the case of ASCII letters (``cache/ABC/`` would match ``cache/abc/``)."""
-    return ArtifactRow.path.startswith(folder, autoescape=True) & (
-        func.substr(ArtifactRow.path, 1, len(folder)) == folder
-    )
-
-
-def _insert(s: Session) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT (SQLite >= 3.24 and PostgreSQL)."""
-    name = s.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise StoreError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
-
-
-def _table(entity: Any) -> Any:
-    """The mapped class's table, for plain Core statements (executemany, no ORM)."""
-    return entity.__table__
 
 
 def _campaign(row: CampaignRow) -> Campaign:
@@ -2548,19 +1846,39 @@ def _unit_of(row: Any, params: dict[str, Any]) -> Unit:
     )
 
 
+#: Store, and the values and errors of its methods (defined in db.values and db.errors),
+#: so that a caller imports what a store call takes, returns and raises from one place
 __all__ = [
+    "DELETE_BATCH_ROWS",
+    "DELETING",
+    "KEYS_PER_STATEMENT",
+    "LEASE_CANCELLED",
+    "LEASE_GONE",
+    "LEASE_HELD",
+    "LEASE_LOST",
+    "LOST",
+    "NO_RESULT",
     "Artifact",
+    "BeingDeletedError",
     "Campaign",
     "CampaignDeletedError",
+    "Cancelled",
+    "DeleteRefusedError",
+    "Deletion",
     "EarlierAttempt",
+    "LeaseLostError",
+    "LostUnit",
+    "NotFoundError",
+    "OpenedStage",
     "Outcome",
     "Prediction",
     "Result",
+    "SchemaError",
     "Start",
     "Store",
     "StoreError",
-    "NotFoundError",
-    "Cancelled",
+    "StoreUnreachableError",
     "Unit",
+    "UnitCancelledError",
     "UnitRoute",
 ]

@@ -15,6 +15,7 @@ from sqlalchemy import event, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 from db import migrate
+from db.engine import _connect_args
 from db.models import CampaignRow, UnitRow, utcnow
 from db.store import (
     LEASE_CANCELLED,
@@ -33,7 +34,6 @@ from db.store import (
     Store,
     StoreError,
     UnitCancelledError,
-    _connect_args,
 )
 from shared.plan import UnitPlan, plan_units
 from shared.settings import mask_url

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
+from db.engine import unreachable
 from db.store import SchemaError, Store, StoreError, StoreUnreachableError
 from db.urls import check_database_url
 from shared.errors import OrchardError
@@ -320,7 +321,7 @@ def test_a_full_sqlite_disk_says_how_little_room_is_left(
     """SQLite says "database or disk is full", or only "disk I/O error" where its -shm
     file could not grow: the line adds how much room the store's disk has, when little
     (a page limit stands in for the full disk here, a stubbed statvfs for its room)."""
-    import db.store as store_module
+    import db.engine as engine_module
 
     url = f"sqlite:///{tmp_path / 'orchard.db'}"
     store = Store(url)
@@ -334,7 +335,7 @@ def test_a_full_sqlite_disk_says_how_little_room_is_left(
     event.listen(store.engine, "connect", full)
     real = os.statvfs(tmp_path)
     room = type("Room", (), {"f_bavail": 3, "f_frsize": real.f_frsize})
-    monkeypatch.setattr(store_module.os, "statvfs", lambda folder: room)
+    monkeypatch.setattr(engine_module.os, "statvfs", lambda folder: room)
 
     def a_campaign_too_big() -> None:
         store.create_campaign(
@@ -348,7 +349,7 @@ def test_a_full_sqlite_disk_says_how_little_room_is_left(
         f"database {url} refused: database or disk is full (the disk holding {tmp_path} has "
         f"{3 * real.f_frsize:,} bytes free)"
     )
-    monkeypatch.setattr(store_module.os, "statvfs", lambda folder: real)  # room enough
+    monkeypatch.setattr(engine_module.os, "statvfs", lambda folder: real)  # room enough
     with pytest.raises(StoreError) as info:
         a_campaign_too_big()
     assert str(info.value) == f"database {url} refused: database or disk is full"
@@ -364,7 +365,7 @@ def test_a_postgresql_out_of_resources_is_not_called_unreachable() -> None:
 
     store = Store("postgresql+psycopg://orchard:s3cret@db:5432/orchard")
     full = psycopg.errors.DiskFull('could not extend file "base/16384/2619": No space left')
-    error = store._unreachable(OperationalError("INSERT …", {}, full))
+    error = unreachable(store.url, OperationalError("INSERT …", {}, full))
     assert str(error) == (
         "database postgresql+psycopg://orchard:***@db:5432/orchard is out of resources: "
         'could not extend file "base/16384/2619": No space left'
@@ -464,7 +465,7 @@ def test_a_server_named_like_a_refusal_is_still_unreachable() -> None:
     import psycopg
     from sqlalchemy.exc import OperationalError
 
-    from db.store import _is_transient
+    from db.engine import is_transient
 
     for said, transient in (
         (
@@ -484,7 +485,7 @@ def test_a_server_named_like_a_refusal_is_still_unreachable() -> None:
         ),
     ):
         error = OperationalError("connect", {}, psycopg.OperationalError(said))
-        assert _is_transient(error) is transient, said
+        assert is_transient(error) is transient, said
 
 
 def test_a_lock_timeout_is_told_as_one(postgres_url: str) -> None:
