@@ -10,16 +10,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scheduler.api import (
-        CampaignRun,
-        WaitTimeout,
-        attach,
-        cancel,
-        delete,
-        prune_cache,
-        resume,
-        submit,
-    )
+    from scheduler.api import CampaignRun, WaitTimeout, attach, cancel, resume, submit
+    from scheduler.cleanup import delete, prune_cache
 
 __all__ = [
     "CampaignRun",
@@ -44,7 +36,8 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever scheduler.api hold
     Ctrl-C while it loads is one line (scheduler.launch), not a traceback. The
     submodules too (``scheduler.api`` after ``import scheduler``)."""
     if name in __all__:
-        return getattr(importlib.import_module(f"{__name__}.api"), name)
+        home = "cleanup" if name in ("delete", "prune_cache") else "api"
+        return getattr(importlib.import_module(f"{__name__}.{home}"), name)
     try:
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as exc:

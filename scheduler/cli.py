@@ -758,7 +758,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     from db.store import DELETING, CampaignDeletedError, NotFoundError, StoreError
-    from scheduler.api import delete
+    from scheduler.cleanup import delete
     from workers.config import reliability
 
     campaign_ids = list(dict.fromkeys(args.campaigns))  # an id given twice is deleted once
@@ -796,7 +796,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from scheduler.api import prune_cache
+    from scheduler.cleanup import prune_cache
 
     url = load_settings().database_url
     _check_database_url(url)
@@ -1457,9 +1457,9 @@ def _check_worker_start():  # noqa: ANN202 - Settings
         require_sqlite_file(settings.database_url, for_worker=True)
     store = _store(existing=True)
     store.check_writable()
-    from scheduler.api import _check_creatable
+    from scheduler.api import check_creatable
 
-    _check_creatable(settings.artifacts)
+    check_creatable(settings.artifacts)
     # its app makes a filesystem broker's folders: only once the rest is known good
     from workers.app import app, check_broker_reachable, evicting_broker
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from db.store import Store
 from scheduler.api import (
     CampaignRun,
-    _check_creatable,
     cancel,
     check_campaign_path,
+    check_creatable,
     check_sqlite_store,
     submit,
 )
@@ -202,10 +202,10 @@ def _check_before_starting(campaign: Path, settings: Settings) -> None:
     broker."""
     check_campaign_path(campaign)
     load_campaign(campaign)
-    _check_creatable(settings.artifacts)
-    _check_creatable(settings.home / "logs", "log folder")
+    check_creatable(settings.artifacts)
+    check_creatable(settings.home / "logs", "log folder")
     if settings.broker_is_filesystem:
-        _check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
+        check_creatable(settings.broker_folder, "ORCHARD_BROKER_URL: broker folder")
     check_sqlite_store(settings.database_url)
     from workers.app import check_broker_reachable, make_app
 

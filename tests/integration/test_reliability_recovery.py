@@ -18,8 +18,9 @@ from sqlalchemy import delete, select, update
 
 from db.models import CampaignRow, ResultRow, UnitRow, utcnow
 from db.store import DeleteRefusedError
-from scheduler.api import cancel, prune_cache, resume
-from scheduler.api import delete as delete_campaign
+from scheduler.api import cancel, resume
+from scheduler.cleanup import delete as delete_campaign
+from scheduler.cleanup import prune_cache
 from shared.artifacts import sha256_file
 from tests.integration.reliability import (
     Cluster,

@@ -323,7 +323,7 @@ def test_the_folder_of_a_deleted_campaign_a_restore_put_back_is_named_and_left(
 ) -> None:
     """The artifacts restored from a backup older than a delete: the campaign's folder is
     back, its records are not. Not a submit's folder (under way: its mark)."""
-    from scheduler.api import SUBMITTING_MARK
+    from scheduler.folders import SUBMITTING_MARK
 
     store = stored(home, {"a-1": "used", "b-1": "orphan"})
     for cid in ("a-1", "b-1"):
@@ -426,7 +426,7 @@ def test_a_shard_write_left_unfinished_by_a_killed_worker_is_removed_from_a_cach
     import os
     import time
 
-    from scheduler.api import STALE_WRITE_SECONDS
+    from scheduler.folders import STALE_WRITE_SECONDS
 
     store = stored(home, {"a-1": "used"})
     store.cancel_campaign("a-1")
@@ -467,7 +467,7 @@ def test_an_unfinished_write_it_may_not_remove_is_left_and_the_summary_still_com
     import os
     import time
 
-    from scheduler.api import STALE_WRITE_SECONDS
+    from scheduler.folders import STALE_WRITE_SECONDS
 
     store = stored(home, {"a-1": "used"})
     store.cancel_campaign("a-1")
@@ -499,7 +499,7 @@ def test_a_generated_dataset_left_unfinished_by_a_killed_submit_is_removed(
     import os
     import time
 
-    from scheduler.api import STALE_WRITE_SECONDS
+    from scheduler.folders import STALE_WRITE_SECONDS
 
     stored(home, {})
     datasets = home / "artifacts" / "datasets"

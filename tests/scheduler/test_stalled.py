@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import scheduler.api as api
+import scheduler.run as campaign_run
 from db.store import Store
+from scheduler import progress
 from scheduler.api import CampaignRun
 from scheduler.cli import main
 from shared.errors import OrchardError
@@ -74,8 +76,8 @@ def test_stalled_on_redis_names_the_key_prefix_too(
 def test_wait_tells_once_for_the_same_queues(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
-    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_CHECK_SECONDS", 0.0)
     told: list[str] = []
     with pytest.raises(OrchardError, match="not finished after"):
         run.wait(timeout=0.5, poll=0.05, on_stall=told.append)
@@ -109,8 +111,8 @@ def test_wait_with_progress_prints_the_stall_line_above_the_bars(
 ) -> None:
     """As `--wait` does: a script's `run.wait(progress=True)` is not silent for ever
     when no worker takes the units."""
-    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
-    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_CHECK_SECONDS", 0.0)
     with pytest.raises(api.WaitTimeout):
         run.wait(timeout=0.3, poll=0.05, progress=True)
     err = capsys.readouterr().err
@@ -120,7 +122,7 @@ def test_wait_with_progress_prints_the_stall_line_above_the_bars(
 def test_status_of_a_stalled_campaign_says_so_on_stderr(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_SECONDS", 0.0)
     assert main(["status", CID]) == 0
     out, err = capsys.readouterr()
     assert "preprocess/s00000" in out and "QUEUED" in out
@@ -130,7 +132,7 @@ def test_status_of_a_stalled_campaign_says_so_on_stderr(
 def test_status_says_nothing_once_a_worker_took_a_unit(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(api, "STALL_SECONDS", 0.0)
+    monkeypatch.setattr(campaign_run, "STALL_SECONDS", 0.0)
     key = next(u.key for u in run.status().units if u.state == "QUEUED")
     run.store.start_unit(key, worker="w", task_id=None)
     assert main(["status", CID]) == 0
@@ -141,12 +143,10 @@ def test_each_family_s_progress_clock_runs_only_while_its_stage_does(run: Campai
     """`--wait`'s bars time each stage, not the time since submit."""
     import time
 
-    from scheduler.api import _Progress
-
-    def task(display: _Progress, family: str):  # noqa: ANN202
+    def task(display: progress.ProgressBars, family: str):  # noqa: ANN202
         return display._progress._tasks[display._tasks[family]]
 
-    display = _Progress()
+    display = progress.ProgressBars()
     try:
         display.update(run.status().by_family(), {})
         assert task(display, "cnn").start_time is None  # PENDING: not started
@@ -222,7 +222,7 @@ def test_wait_reads_less_often_after_a_slow_read_but_never_past_its_deadline(
     run: CampaignRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = _Clock()
-    monkeypatch.setattr(api, "time", clock)
+    monkeypatch.setattr(campaign_run, "time", clock)
     reads = iter([2.0, 0.1, 0.1, 30.0, 0.1])  # seconds each poll's read takes
     real_get = run.store.get_campaign
 
@@ -249,10 +249,8 @@ def test_the_bars_have_no_refresh_thread_to_leave_behind() -> None:
     returned), outlived the interpreter's shutdown and died noisily."""
     import threading
 
-    from scheduler.api import _Progress
-
     before = set(threading.enumerate())
-    display = _Progress()
+    display = progress.ProgressBars()
     try:
         display.update({"svm": {"QUEUED": 2, "SUCCESS": 1}}, {})
         assert not set(threading.enumerate()) - before  # none of its own
@@ -264,9 +262,8 @@ def test_the_bars_and_their_warnings_go_to_stderr(capsys: pytest.CaptureFixture[
     """`submit --wait` draws them when stderr is a terminal: on stdout they were mixed
     into what a script reads (`ID=$(orchard submit c.toml --wait)`), and a terminal
     whose stdout went to a file saw nothing for the whole wait."""
-    from scheduler.api import _Progress
 
-    display = _Progress()
+    display = progress.ProgressBars()
     try:
         display.update({"svm": {"QUEUED": 2, "SUCCESS": 1}}, {})
         display.warn("no worker has taken a unit")
@@ -289,16 +286,16 @@ def test_a_terminal_that_cannot_redraw_gets_a_line_per_change(
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     # stderr a file or a pipe (captured, here): a script's log gets lines too, but at
     # most one per PIPED_LINE_SECONDS
-    piped = api._progress_display()
-    assert isinstance(piped, api._PlainProgress) and piped._every == api.PIPED_LINE_SECONDS
+    piped = progress.progress_display()
+    assert isinstance(piped, progress.ProgressLines) and piped._every == progress.PIPED_LINE_SECONDS
     monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, for rich, though captured
     monkeypatch.setenv("TERM", "xterm")
-    bars = api._progress_display()
+    bars = progress.progress_display()
     bars.close()
-    assert isinstance(bars, api._Progress)
+    assert isinstance(bars, progress.ProgressBars)
     monkeypatch.setenv("TERM", "dumb")
-    display = api._progress_display()
-    assert isinstance(display, api._PlainProgress)
+    display = progress.progress_display()
+    assert isinstance(display, progress.ProgressLines)
     capsys.readouterr()
     counts = {"preprocess": {"SUCCESS": 2}, "cnn": {"RUNNING": 1, "PENDING": 1}}
     display.update(counts, {f"{CID}/cnn/h/f0": "f0 epoch 3/60"})
@@ -343,7 +340,7 @@ def test_a_narrow_terminal_cuts_the_running_folds_note_not_the_bars(
     from rich.console import Console
 
     monkeypatch.setenv("COLUMNS", str(width))
-    display = api._Progress()
+    display = progress.ProgressBars()
     try:
         display.update(
             {
@@ -353,9 +350,9 @@ def test_a_narrow_terminal_cuts_the_running_folds_note_not_the_bars(
             },
             {f"{CID}/cnn/h/f1": "f1 epoch 16/60"},
         )
-        progress = display._progress
+        bars = display._progress
         console = Console(width=width, record=True, force_terminal=True, color_system=None)
-        console.print(progress.make_tasks_table(progress.tasks))
+        console.print(bars.make_tasks_table(bars.tasks))
     finally:
         display.close()
     lines = console.export_text().splitlines()
@@ -401,7 +398,7 @@ def test_a_wait_outlasts_a_database_outage_and_says_so(
     from shared.settings import mask_url
     from tests.integration.workerpool import wait_for
 
-    monkeypatch.setattr(api, "STALL_CHECK_SECONDS", 3600.0)
+    monkeypatch.setattr(campaign_run, "STALL_CHECK_SECONDS", 3600.0)
     store = Store(postgres_url, retry_seconds=0.3)
     store.upgrade()
     seed_campaign(store, CID)
@@ -459,7 +456,7 @@ def test_piped_progress_lines_come_seldom_and_the_last_counts_always(
 ) -> None:
     """A grid of a thousand short units wrote a line per unit into a CI job's log; the
     counts the campaign ended with are written, however soon after the line before."""
-    display = api._PlainProgress(every=0.3)
+    display = progress.ProgressLines(every=0.3)
     for done in range(1, 4):  # three changes at once: the first is printed
         display.update({"svm": {"SUCCESS": done, "QUEUED": 9 - done}}, {})
     display.refresh()
@@ -481,7 +478,7 @@ def test_piped_progress_says_the_same_counts_again_after_a_long_silence(
 ) -> None:
     """A fold that reports no epoch for many minutes left a CI job's log silent, and
     CI services kill a job after some minutes without output."""
-    display = api._PlainProgress(every=0.05, again=1.0)
+    display = progress.ProgressLines(every=0.05, again=1.0)
     display.update({"cnn": {"RUNNING": 1}}, {})
     display.refresh()
     time.sleep(0.1)
@@ -491,5 +488,8 @@ def test_piped_progress_says_the_same_counts_again_after_a_long_silence(
     display.close()
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == ["cnn 0/1 (1 running)"] * 2
-    piped = api._progress_display()  # stderr captured: a pipe
-    assert (piped._every, piped._again) == (api.PIPED_LINE_SECONDS, api.PIPED_KEEPALIVE_SECONDS)
+    piped = progress.progress_display()  # stderr captured: a pipe
+    assert (piped._every, piped._again) == (
+        progress.PIPED_LINE_SECONDS,
+        progress.PIPED_KEEPALIVE_SECONDS,
+    )
