@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,21 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def mean_of_finite(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are numbers (not None, NaN or infinite); None if none
+    is: a point whose folds did not all report a figure."""
+    # float arithmetic (fmean): statistics.mean sums exact fractions, 0.7 s of a
+    # 25,000-unit report's point table
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    return fmean(present) if present else None
+
+
+def sample_stdev(values: Sequence[float]) -> float:
+    """The sample standard deviation of two or more floats, in float arithmetic."""
+    centre = fmean(values)
+    return math.sqrt(math.fsum((v - centre) ** 2 for v in values) / (len(values) - 1))
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float | None:

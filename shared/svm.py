@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from shared.classic import FitOutcome, accuracy_of, flatten
+from shared.metrics import mean_of_finite
 
 #: uint8 pixels become float32 features in [0, 1]
 PIXEL_SCALE = np.float32(1 / 255)
@@ -466,11 +467,6 @@ class GridPoint:
     folds: int
 
 
-def _mean(values: list[float]) -> float | None:
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(present) / len(present) if present else None
-
-
 def grid_table(rows: Iterable[Mapping[str, Any]]) -> list[GridPoint]:
     """Per-fold rows -> one :class:`GridPoint` per parameter point, in first-seen order.
 
@@ -486,7 +482,7 @@ def grid_table(rows: Iterable[Mapping[str, Any]]) -> list[GridPoint]:
         vals.append(row.get("val_acc"))
         trains.append(row.get("train_acc"))
     return [
-        GridPoint(params, _mean(vals), _mean(trains), len(vals))
+        GridPoint(params, mean_of_finite(vals), mean_of_finite(trains), len(vals))
         for params, vals, trains in points.values()
     ]
 

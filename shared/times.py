@@ -19,3 +19,9 @@ def as_utc(moment: datetime | None) -> datetime | None:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
+
+
+def utc_iso(moment: datetime) -> str:
+    """``moment`` in UTC as ISO 8601 with its offset; SQLite hands back naive UTC, PostgreSQL
+    aware, and a report must print the same for both."""
+    return as_utc(moment).isoformat(timespec="seconds")

@@ -29,15 +29,11 @@ from shared.report import (
 )
 from shared.settings import Settings
 from shared.spec import CnnParams, parse_campaign
+from shared.times import utc_iso
 from tests.db.test_store import deliver
-from workers.tasks.report import (
-    Predicted,
-    best_fold,
-    blend_members,
-    build_report_data,
-    in_study_order,
-    utc_iso,
-)
+from workers.reporting.blend import Predicted, blend_members
+from workers.reporting.data import build_report_data
+from workers.reporting.units import best_fold, in_study_order
 
 SPEC = {
     "name": "r",
@@ -840,7 +836,7 @@ def test_a_best_point_at_a_default_left_out_of_its_hash_still_names_it(
 def test_sweep_plots_show_test_accuracy_where_the_units_have_it() -> None:
     """The study plots test score against a sweep (Fig. 16, 17)."""
     from shared.report import PointRow
-    from workers.tasks.report import sweep_plots
+    from workers.reporting.figures import sweep_plots
 
     def row(depth: int, test: float | None) -> PointRow:
         return PointRow(
@@ -863,7 +859,7 @@ def test_a_feature_selection_sweep_shows_no_oob_and_says_why() -> None:
     row's label): the sweep plot has no OOB series and the table says why its cells
     are empty; a point without selection keeps its OOB figures."""
     from shared.report import Experiment, PointRow
-    from workers.tasks.report import sweep_plots
+    from workers.reporting.figures import sweep_plots
 
     def row(scaling: float | None, oob: float | None) -> PointRow:
         extras = {"oob_score": oob, "oob_grouped": oob, "oob_grouped_coverage": oob}

@@ -14,7 +14,7 @@ from db.store import Artifact, Result, Unit
 from shared.artifacts import atomic_write_bytes
 from shared.settings import Settings
 from tests.workers.conftest import N_TEST
-from workers.tasks.report import explain_cnn
+from workers.reporting.explain import explain_cnn
 
 KEY = "c-1/cnn/p/f1"
 
@@ -100,7 +100,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     import shared.embedding
     import workers.data
     from shared.cnn import build_model
-    from workers.tasks import report
+    from workers.reporting import explain
 
     store, settings, manifest = cached_campaign(
         "l-1", {"cnn": {"folds": 2, "epochs": 1, "image_size": 32, "width": 0.25, "dense": "8"}}
@@ -123,7 +123,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     monkeypatch.setattr(shared.embedding, "LIME_CANDIDATES", 3)
     monkeypatch.setattr(shared.embedding, "LIME_CLASS_FLOOR", 1)
     results = {fold.key: Result(fold.key, 1.0, 0.9, None, None, None, 0.1, {})}
-    section = report.explain_cnn(
+    section = explain.explain_cnn(
         store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
     )
     [rows] = asked
@@ -138,7 +138,7 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     # unlabelled, each class is explained by the images predicted as it: an untrained
     # model predicts one class for these few, and the section says which it never did
     monkeypatch.setattr(type(manifest), "label_index", lambda self, rows: np.full(len(rows), -1))
-    section = report.explain_cnn(
+    section = explain.explain_cnn(
         store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
     )
     explained = {item.explained for item in section.items}

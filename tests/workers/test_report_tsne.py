@@ -19,7 +19,7 @@ from shared.settings import Settings
 from shared.spec import parse_campaign
 from shared.svm import PcaProjection
 from tests.aicup import make_aicup
-from workers.tasks.report import embed_svm_features
+from workers.reporting.explain import embed_svm_features
 from workers.tasks.svm import pca_path
 
 
