@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import numpy as np
 import pytest
 
 from shared.classic import flatten
-from shared.metrics import accuracy, accuracy_interval, confusion_matrix, majority_vote
+from shared.metrics import (
+    accuracy,
+    accuracy_interval,
+    confusion_matrix,
+    majority_vote,
+    mean_of_finite,
+    sample_stdev,
+)
 from shared.spec import SvmParams
 from shared.svm import fit_svm_point
 from tests.shared.conftest import colour_images
@@ -146,3 +156,14 @@ def test_gamma_sweep_error_names_the_element(tmp_path):
     path.write_text('name = "c"\n[dataset]\nkind = "synthetic"\n[svm]\ngamma = ["scale", -1.0]\n')
     with pytest.raises(CampaignError, match=r"\[svm\] gamma\[1\]"):
         load_campaign(path)
+
+
+def test_the_mean_of_a_point_leaves_out_the_folds_without_a_figure() -> None:
+    assert mean_of_finite([0.5, None, 0.7, math.nan, math.inf]) == pytest.approx(0.6)
+    assert mean_of_finite([None, math.nan]) is None
+    assert mean_of_finite([]) is None
+
+
+def test_the_sample_deviation_is_the_statistics_modules() -> None:
+    values = [0.81, 0.79, 0.84, 0.8, 0.77]
+    assert sample_stdev(values) == pytest.approx(statistics.stdev(values), rel=1e-12)
