@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shared.cnn import KNOB_DEFAULTS, MangoCNN, pick_device, train_fold  # noqa: E402
+from shared.cnn import KNOB_DEFAULTS, EpochStats, MangoCNN, pick_device, train_fold  # noqa: E402
 from shared.datasets import AicupDataset  # noqa: E402
 from shared.manifest import assign_folds  # noqa: E402
 from shared.preprocess import preprocess_images  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> int:
         f"{n_params:,} parameters; {len(samples)} images decoded in {decode_s:.1f} s"
     )
 
-    def report(stats) -> None:  # noqa: ANN001
+    def report(stats: EpochStats) -> None:
         print(
             f"epoch {stats.epoch + 1}: {stats.seconds:.2f} s, "
             f"{len(train) / stats.seconds:,.0f} train img/s (incl. validation), "

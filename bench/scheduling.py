@@ -53,7 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine_info, makespan, run_campaign, write_results  # noqa: E402
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scheduler.api import CampaignRun
+    from shared.plan import UnitPlan
     from shared.settings import Settings
 
 CAMPAIGN = """
@@ -83,11 +86,11 @@ families = ["rf"]
 """
 
 
-def ordered(order: str, seed: int):  # noqa: ANN201
+def ordered(order: str, seed: int) -> Callable[..., list[UnitPlan]]:
     """plan_units, with the model stage re-ordered for the baselines."""
     from shared.plan import TRAIN, plan_units
 
-    def plan(*args: Any, **kwargs: Any) -> list:
+    def plan(*args: Any, **kwargs: Any) -> list[UnitPlan]:
         units = plan_units(*args, **kwargs)
         if order == "orchard":
             return units

@@ -118,7 +118,7 @@ def baseline_runner(
         persistent_workers=args.loader_workers > 0,
     )
 
-    def batches():
+    def batches() -> Iterator[list[torch.Tensor]]:  # (images, labels), for ever
         while True:
             yield from loader
 

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db.store import (
     DELETING,
@@ -69,6 +69,9 @@ from shared.preprocess import shard_ranges
 from shared.settings import Settings, mask_url
 from shared.spec import Campaign as CampaignSpec
 from shared.spec import CampaignError, campaign_format, load_campaign
+
+if TYPE_CHECKING:
+    from shared.memory import Sizes
 
 try:
     import fcntl
@@ -460,7 +463,7 @@ class Plan:
             if unit.family == "cnn"
         }
 
-    def _sizes(self):  # noqa: ANN202 - a shared.memory.Sizes
+    def _sizes(self) -> Sizes:
         from shared.memory import Sizes
 
         folds = [u.fold for u in self.units if u.fold is not None]

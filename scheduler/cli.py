@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from scheduler.stopsignals import Stopped, StopSignals, exit_as_main, said_stop
 from scheduler.tables import print_table
@@ -55,6 +55,16 @@ from scheduler.views import (
 from shared.errors import OrchardError, printable, visible_controls
 from shared.settings import child_env, env_number, load_settings, mask_url
 from shared.times import as_utc
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from celery import Celery
+
+    from db.store import Store, Unit
+    from scheduler.run import CampaignRun, CampaignStatus
+    from shared.datasets import Skipped
+    from shared.plan import UnitPlan
+    from shared.settings import Settings
+    from shared.spec import Campaign as CampaignSpec
 
 QUEUES = ("gpu", "cpu", "preprocess", "report")
 POOLS = ("prefork", "solo")
@@ -171,7 +181,7 @@ class _Output:
     """``sys.stdout`` for a command: a write that fails raises :class:`OutputError`
     (a closed pipe stays ``BrokenPipeError``), once; what follows is discarded."""
 
-    def __init__(self, stream) -> None:  # noqa: ANN001 - a text stream, or None (fd 1 closed)
+    def __init__(self, stream: TextIO | None) -> None:  # None: fd 1 closed
         self._stream = stream
         self._failed = False
 
@@ -181,7 +191,7 @@ class _Output:
     def flush(self) -> None:
         self._do("flush")
 
-    def _do(self, method: str, *args: str):  # noqa: ANN202
+    def _do(self, method: str, *args: str) -> Any:  # noqa: ANN401 - write's or flush's
         if self._failed:
             return len(args[0]) if args else None
         try:
@@ -199,13 +209,13 @@ class _Output:
     def isatty(self) -> bool:
         return self._stream is not None and self._stream.isatty()
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - encoding, fileno, ...
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - encoding, fileno, ...
         if self._stream is None:
             raise AttributeError(name)
         return getattr(self._stream, name)
 
 
-def _stdout_target(stream) -> str:  # noqa: ANN001
+def _stdout_target(stream: TextIO | None) -> str:
     """`` (/dev/full)``: the file standard output is, where the system says so."""
     try:
         target = os.readlink(f"/proc/self/fd/{stream.fileno()}")
@@ -214,7 +224,7 @@ def _stdout_target(stream) -> str:  # noqa: ANN001
     return f" ({target})" if target.startswith("/") else ""
 
 
-def _discard(stream) -> None:  # noqa: ANN001
+def _discard(stream: TextIO | None) -> None:
     """Point ``stream``'s descriptor at /dev/null, so that the interpreter's final flush
     of what is still buffered does not fail again."""
     if stream is None:
@@ -562,7 +572,7 @@ def _positive_int(text: str) -> int:
 # ---------------------------------------------------------------- commands
 
 
-def _store(*, check: bool = True, existing: bool = False):  # noqa: ANN202
+def _store(*, check: bool = True, existing: bool = False) -> Store:
     """The store of ORCHARD_DATABASE_URL; ``existing``: refuse to create a SQLite file
     (a command that only reads or changes what is there)."""
     from db.store import Store
@@ -902,7 +912,12 @@ def _dry_run(path: Path) -> int:
 _PLAN_COLUMNS = ("Stage", "Family", "Units", "Queue", "Memory", "What")
 
 
-def _plan_rows(campaign, units, memory: dict[str, int], gpu: dict[str, int]) -> list[list[str]]:  # noqa: ANN001, E501
+def _plan_rows(
+    campaign: CampaignSpec,
+    units: Sequence[UnitPlan],
+    memory: dict[str, int],
+    gpu: dict[str, int],
+) -> list[list[str]]:
     """One row per (stage, family) in stage order: its units, queue, the most memory one
     of them holds in its worker process (and a CNN fold's images on its GPU), and what
     they are."""
@@ -910,7 +925,7 @@ def _plan_rows(campaign, units, memory: dict[str, int], gpu: dict[str, int]) -> 
     from shared.plan import MERGE, PREPROCESS, REPORT, TRAIN
 
     stages = {PREPROCESS: "preprocess", TRAIN: "models", MERGE: "merge", REPORT: "report"}
-    groups: dict[tuple[int, str], list] = {}
+    groups: dict[tuple[int, str], list[UnitPlan]] = {}
     for unit in units:
         groups.setdefault((unit.stage, unit.family), []).append(unit)
     rows = []
@@ -924,7 +939,7 @@ def _plan_rows(campaign, units, memory: dict[str, int], gpu: dict[str, int]) -> 
     return rows
 
 
-def _plan_what(campaign, members) -> str:  # noqa: ANN001
+def _plan_what(campaign: CampaignSpec, members: Sequence[UnitPlan]) -> str:
     from shared.plan import MERGE
 
     family = members[0].family
@@ -953,7 +968,7 @@ def _plan_what(campaign, members) -> str:  # noqa: ANN001
     return what
 
 
-def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
+def _warn_skipped(run: CampaignRun, shown: int = 5) -> None:
     """One warning line for the unusable images skipped, each with its reason, and one for
     the images in a split's folder that no CSV lists, ignored (the report lists them all)."""
     from shared.manifest import Manifest, manifest_path
@@ -962,7 +977,7 @@ def _warn_skipped(run, shown: int = 5) -> None:  # noqa: ANN001
     _warn_about(Manifest.from_json(path.read_text(encoding="utf-8"), str(path)).skipped, shown)
 
 
-def _warn_about(skipped, shown: int = 5) -> None:  # noqa: ANN001
+def _warn_about(skipped: Sequence[Skipped], shown: int = 5) -> None:
     # a dataset's file names are anyone's: shown, not obeyed, by the terminal
     unusable = [
         f"{_shown(s.path)}: {visible_controls(s.reason)}" for s in skipped if not s.unlisted
@@ -1006,7 +1021,7 @@ def _warn_damaged_report(campaign_id: str, damaged: list[Path]) -> None:
     )
 
 
-def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.Units
+def _warn_killed(run: CampaignRun, units: Sequence[Unit]) -> None:
     """One line for the units that failed because no delivery ended in a result (an OOM
     kill, most often), naming the one that holds the most memory by ``shared.memory``'s
     estimate, where the campaign's manifest is on this host."""
@@ -1035,7 +1050,7 @@ def _warn_killed(run, units) -> None:  # noqa: ANN001 - a CampaignRun, db.store.
     )
 
 
-def _finish(run, status) -> int:  # noqa: ANN001
+def _finish(run: CampaignRun, status: CampaignStatus) -> int:
     print(f"campaign {run.id}: {status.campaign.state}")
     report = run.report_path()
     if report is not None:  # both, as the demo and `orchard report` print them
@@ -1129,7 +1144,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_json(store, args: argparse.Namespace) -> int:  # noqa: ANN001
+def _status_json(store: Store, args: argparse.Namespace) -> int:
     """``orchard status --json``: the list, or one campaign with its units, as one JSON
     document on stdout (times in ISO 8601 with their zone; absent values null)."""
     from scheduler.api import CampaignRun
@@ -1362,7 +1377,7 @@ NAME_CHECK_SECONDS = 0.5
 NAME_CHECK_LIMIT = 60
 
 
-def _refuse_a_taken_name(app, name: str, settings) -> None:  # noqa: ANN001
+def _refuse_a_taken_name(app: Celery, name: str, settings: Settings) -> None:
     """Stop a worker whose node name a running worker answers to. Celery would start it
     (no mingle, whose duplicate check warns and goes on), and the broker's orders to
     that name would then reach both: a worker that stops consuming a queue (wrong
@@ -1439,7 +1454,7 @@ def _gpu_workers(args: argparse.Namespace, queues: list[str]) -> int:
     return launcher.run()
 
 
-def _check_worker_start():  # noqa: ANN202 - Settings
+def _check_worker_start() -> Settings:
     """What a worker checks before it takes a unit, each failure one line naming the
     variable: the URLs, the store and its schema, the reliability settings,
     ORCHARD_TORCH_THREADS, the broker, and the artifact folder. Returns the settings."""
@@ -1470,7 +1485,7 @@ def _check_worker_start():  # noqa: ANN202 - Settings
     return settings
 
 
-def _check_artifacts_of_running(store, settings) -> None:  # noqa: ANN001
+def _check_artifacts_of_running(store: Store, settings: Settings) -> None:
     """Refuse a worker whose ``ORCHARD_ARTIFACTS`` lacks the manifest of a campaign
     running in its store (among the newest ``STATUS_SHOWN``): not the folder the
     campaigns are submitted with (another path, a share not mounted). It would take
@@ -1579,7 +1594,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_while_units_run(store) -> None:  # noqa: ANN001 - db.store is imported late
+def _refuse_while_units_run(store: Store) -> None:
     """A migration changes the schema under the workers that run now, whose code was
     written for the old one (a host not yet updated): refuse while any unit holds a live
     lease. Workers that sit idle hold none; they stop taking units within

@@ -7,10 +7,15 @@ from __future__ import annotations
 import codecs
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: a piped command needs none
+    from rich.console import Console
+    from rich.table import Table
 
 
 def print_table(
-    console,  # noqa: ANN001 - a rich Console
+    console: Console,
     title: str,
     columns: Sequence[str],
     rows: list[list[str]],
@@ -82,13 +87,13 @@ def _escaper(encoding: str | None) -> Callable[[str], str]:
     return lambda text: text.encode(codec, "backslashreplace").decode(codec)
 
 
-def rich_table(  # noqa: ANN202
+def rich_table(
     title: str,
     columns: Sequence[str],
     rows: list[list[str]],
     widths: Sequence[int | None] | None = None,
     caption: str | None = None,
-):
+) -> Table:
     from rich.table import Table
     from rich.text import Text
 
@@ -107,7 +112,15 @@ def rich_table(  # noqa: ANN202
     return table
 
 
-def first_fitting_table(console, title, columns, rows, whole, drops, folds=None):  # noqa: ANN001, ANN202
+def first_fitting_table(
+    console: Console,
+    title: str,
+    columns: Sequence[str],
+    rows: list[list[str]],
+    whole: str | None,
+    drops: Sequence[str],
+    folds: str | None = None,
+) -> Table | None:
     """:func:`fitted_table` of every column, else without the first of ``drops``, then
     the next too, ...: the first that fits the console; None if none does."""
     shown = list(columns)
@@ -119,7 +132,15 @@ def first_fitting_table(console, title, columns, rows, whole, drops, folds=None)
     return None
 
 
-def fitted_table(console, title, columns, rows, shown, whole, folds=None):  # noqa: ANN001, ANN202
+def fitted_table(
+    console: Console,
+    title: str,
+    columns: Sequence[str],
+    rows: list[list[str]],
+    shown: Sequence[str],
+    whole: str | None,
+    folds: str | None = None,
+) -> Table | None:
     """The table of the ``shown`` columns at the console's width, the ``whole`` column
     at its full width and no other word cut but in the ``folds`` column (long messages:
     at least ``FOLDED_WIDTH`` wide); None if it cannot be that narrow."""

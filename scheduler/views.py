@@ -8,7 +8,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `orchard status --json` needs no rich
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+    from db.store import Campaign, EarlierAttempt, Result, Store, Unit
 
 from scheduler.tables import first_fitting_table, plain_table, rich_table
 from shared.errors import visible_controls
@@ -23,7 +30,7 @@ Rows = tuple[str, Sequence[str], list[list[str]]]  # title, column names, rows o
 NARROW_DROPS = ("created", "name", "cancelled")
 
 
-def print_units(console, rows: Rows) -> None:  # noqa: ANN001 - a rich Console
+def print_units(console: Console, rows: Rows) -> None:
     """A campaign's unit table: on a terminal the units it can show, fitted to its width;
     piped, every unit in plain columns."""
     if console.is_terminal:
@@ -38,7 +45,9 @@ UNIT_DROPS = ("worker", "tries", "seconds", "val acc")
 UNIT_FOLDS = "progress / error"
 
 
-def units_renderable(console, title: str, columns: Sequence[str], rows: list[list[str]]):  # noqa: ANN001, ANN202
+def units_renderable(
+    console: Console, title: str, columns: Sequence[str], rows: list[list[str]]
+) -> Table:
     """A campaign's unit table on a terminal: the keys whole, the messages folded, the
     ``UNIT_DROPS`` columns left out while it is too wide; where even that does not fit,
     the rest as rich lays them out (every column folded)."""
@@ -52,7 +61,7 @@ def units_renderable(console, title: str, columns: Sequence[str], rows: list[lis
     return rich_table(title, shown, [[row[i] for i in index] for row in rows], caption=caption)
 
 
-def campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
+def campaign_rows(store: Store, campaigns: Sequence[Campaign]) -> Rows:
     from shared.plan import CANCELLED, FAILED, RUNNING, SUCCESS
 
     columns = (
@@ -81,14 +90,14 @@ def campaign_rows(store, campaigns) -> Rows:  # noqa: ANN001
 class UnitLine:
     """What ``orchard status ID`` shows of a unit, as a table row or as JSON."""
 
-    unit: Any  # db.store.Unit
-    result: Any  # db.store.Result | None
+    unit: Unit
+    result: Result | None
     note: str  # progress or error, as the table's last column says it
     epoch: dict[str, Any] | None  # a running CNN fold's last epoch: done, of, val_acc
-    earlier: list[Any]  # db.store.EarlierAttempt: the attempts that did not end it
+    earlier: list[EarlierAttempt]  # the attempts that did not end it
 
 
-def unit_lines(store, campaign_id: str):  # noqa: ANN001, ANN202 - (Campaign, [UnitLine])
+def unit_lines(store: Store, campaign_id: str) -> tuple[Campaign, list[UnitLine]]:
     campaign = store.get_campaign(campaign_id)
     results = store.results(campaign_id)
     units = store.units(campaign_id)
@@ -140,7 +149,7 @@ _ENDED_BY = {
 }
 
 
-def _earlier_note(attempt, count: int) -> str:  # noqa: ANN001 - a db.store.EarlierAttempt
+def _earlier_note(attempt: EarlierAttempt, count: int) -> str:
     """``after an earlier run on gpu-7413@vm: sent again (its worker lost, ...)``. Runs,
     not attempts: a run handed back by a stopping worker is not counted in `tries`."""
     how = _ENDED_BY.get(attempt.state, attempt.state)
@@ -157,7 +166,7 @@ def _earlier_note(attempt, count: int) -> str:  # noqa: ANN001 - a db.store.Earl
 LEASE_SLACK = 5.0
 
 
-def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
+def _lease_late(unit: Unit, now: datetime) -> float | None:
     """Seconds since a running unit's lease ran out, beyond :data:`LEASE_SLACK`; None
     while its worker keeps renewing it."""
     expires = as_utc(unit.lease_expires_at)
@@ -167,11 +176,11 @@ def _lease_late(unit, now) -> float | None:  # noqa: ANN001 - a Unit, a datetime
     return late if late > LEASE_SLACK else None
 
 
-def unit_rows(store, campaign_id: str) -> Rows:  # noqa: ANN001
+def unit_rows(store: Store, campaign_id: str) -> Rows:
     return rows_of(*unit_lines(store, campaign_id))
 
 
-def rows_of(campaign, lines: list[UnitLine]) -> Rows:  # noqa: ANN001 - a db.store.Campaign
+def rows_of(campaign: Campaign, lines: list[UnitLine]) -> Rows:
     """The table of :func:`unit_lines`' campaign and units, titled with its state."""
     columns = ("unit", "state", "tries", "worker", "seconds", "val acc", "progress / error")
     rows = [
@@ -191,7 +200,7 @@ def rows_of(campaign, lines: list[UnitLine]) -> Rows:  # noqa: ANN001 - a db.sto
     return f"{campaign.id}: {campaign.state}", columns, rows
 
 
-def campaign_json(campaign, states: dict[str, int]) -> dict[str, Any]:  # noqa: ANN001
+def campaign_json(campaign: Campaign, states: dict[str, int]) -> dict[str, Any]:
     from shared.plan import UNIT_STATES
 
     return {
@@ -258,14 +267,14 @@ def _iso(moment: datetime | None) -> str | None:
     return None if utc is None else utc.isoformat()
 
 
-def units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
+def units_table(store: Store, campaign_id: str, console: Console) -> RenderableType:
     """`status ID --watch`'s table: as many units as the terminal's height holds, those
     not succeeded first (a running fold's epoch below thirty finished shards was never
     seen: rich cuts a live display at the bottom of the screen)."""
     rows = unit_rows(store, campaign_id)
     height = max(1, console.size.height - 2)  # the cursor's line, a stall warning's
 
-    def table(limit: int):  # noqa: ANN202 - a rich Table, and its height in lines
+    def table(limit: int) -> tuple[Table, int]:  # and its height in lines
         shown = units_renderable(console, *terminal_rows(rows, limit))
         return shown, len(console.render_lines(shown, console.options, pad=False))
 
@@ -290,7 +299,7 @@ def units_table(store, campaign_id: str, console):  # noqa: ANN001, ANN202
     return best
 
 
-def _units_summary(rows: Rows, height: int):  # noqa: ANN202 - a rich Text
+def _units_summary(rows: Rows, height: int) -> Text:
     """A campaign's units in ``height`` lines, for a terminal too short for their table:
     the title with the units counted per state, then the units not succeeded, with
     their notes."""

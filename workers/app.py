@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from celery import Celery, signals
 from celery.app.amqp import AMQP
@@ -19,6 +20,9 @@ from workers import logs
 from workers.config import celery_config, check_broker_url, make_broker_folders
 from workers.etaslot import EtaKeepsItsSlot
 from workers.reaper import LostUnitReaper
+
+if TYPE_CHECKING:
+    from kombu.connection import ConnectionPool
 
 # Before any OpenMP runtime loads (torch's, on the first unit or at preload): its threads
 # that wait for work sleep rather than spin. A CNN fold on the CPU beside other busy
@@ -86,7 +90,7 @@ class _ProducerApp(Celery):
     amqp_cls = f"{__name__}:_OwnPoolsAMQP"
 
     @property
-    def pool(self):  # noqa: ANN201 - a kombu ConnectionPool
+    def pool(self) -> ConnectionPool:
         if self._pool is None:
             self._ensure_after_fork()
             self._pool = self.connection_for_write().Pool(limit=self.conf.broker_pool_limit)

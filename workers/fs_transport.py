@@ -16,12 +16,15 @@ import os
 import uuid
 from pathlib import Path
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
+
+if TYPE_CHECKING:
+    from amqp.protocol import queue_declare_ok_t
 
 
 class Channel(filesystem.Channel):
@@ -39,7 +42,9 @@ class Channel(filesystem.Channel):
         super().__init__(*args, **kwargs)
         self._holds: dict[str, int] = {}  # auto-delete queue -> its lock file, held shared
 
-    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any):  # noqa: ANN201
+    def queue_declare(
+        self, queue: str | None = None, passive: bool = False, **kwargs: Any
+    ) -> queue_declare_ok_t:
         declared = super().queue_declare(queue, passive, **kwargs)
         name = declared.queue
         if kwargs.get("auto_delete") and name not in self._holds:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import numpy as np
-from billiard.einfo import ExceptionWithTraceback
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Task, signals
 from celery.exceptions import Reject
@@ -702,7 +702,9 @@ class UnitRequest(Request):
             return None
         return min(eta, datetime.now(UTC) + timedelta(seconds=latest_eta_seconds()))
 
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):  # noqa: ANN001, ANN201, D102
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):  # as Celery's own handler unwraps it
             exc = exc.exc
