@@ -45,6 +45,7 @@ from shared.report.figures import (
 )
 from shared.report.model import (
     FAILED_STATES,
+    FAMILY_TITLES,
     MAX_FAILED_LISTED,
     MAX_POINT_ROWS,
     MAX_SWEEP_TICKS,
@@ -67,6 +68,7 @@ from shared.report.model import (
     TimelineBar,
     TsneSection,
     UnitSummary,
+    family_title,
     figure_name,
     param_label,
     param_value,
@@ -88,6 +90,7 @@ __all__ = [
     "CurveFigure",
     "Experiment",
     "FAILED_STATES",
+    "FAMILY_TITLES",
     "FamilyRow",
     "LimeItem",
     "LimeSection",
@@ -110,6 +113,7 @@ __all__ = [
     "curve_png",
     "document",
     "experiments_csv_name",
+    "family_title",
     "figure_name",
     "lime_png",
     "param_label",

@@ -32,7 +32,6 @@ from shared.report.model import (
     UnitSummary,
     _even_sample,
     _extra_label,
-    _family_title,
     _fmt_duration,
     _fmt_opt,
     _fmt_params,
@@ -44,6 +43,7 @@ from shared.report.model import (
     _method,
     _param_columns,
     _truncate,
+    family_title,
     figure_name,
     param_label,
     param_value,
@@ -1098,7 +1098,7 @@ def document(data: ReportData) -> tuple[str, list[Block]]:
             )
         )
         short = [
-            f"{_family_title(r.family)}'s best point has {r.best_folds[0]} of its "
+            f"{family_title(r.family)}'s best point has {r.best_folds[0]} of its "
             f"{r.best_folds[1]} folds"
             for r in data.families
             if r.best_folds is not None and r.best_folds[0] < r.best_folds[1]

@@ -25,10 +25,10 @@ from shared.report.model import (
     TsneSection,
     _even_sample,
     _extra_label,
-    _family_title,
     _is_failed,
     _is_number,
     _validate_matrix,
+    family_title,
     figure_name,
     param_label,
     param_value,
@@ -234,7 +234,7 @@ def sweep_png(plot: SweepPlot) -> bytes:
     if handles:
         ax.legend(handles, names, fontsize=8)
     ax.set_title(
-        f"{_family_title(plot.family)}: accuracy against {param_label(plot.param)}", fontsize=10
+        f"{family_title(plot.family)}: accuracy against {param_label(plot.param)}", fontsize=10
     )
     return _png(fig)
 
@@ -426,7 +426,7 @@ def _figure_renderers(data: ReportData) -> dict[str, tuple[str, Callable[[], byt
     for plot in data.sweeps:
         shown = (SERIES_LABELS.get(name) or _extra_label(name) for name in plot.series)
         caption = (
-            f"{_family_title(plot.family)}: {', '.join(shown)} against {param_label(plot.param)}"
+            f"{family_title(plot.family)}: {', '.join(shown)} against {param_label(plot.param)}"
         )
         add(figure_name(plot.slug, "sweep"), caption, lambda p=plot: sweep_png(p))
     if data.lime is not None and data.lime.items:

@@ -453,8 +453,13 @@ def _validate_matrix(matrix: Sequence[Sequence[int]], n_classes: int) -> None:
         )
 
 
-def _family_title(family: str) -> str:
-    return {"cnn": "CNN", "svm": "SVM", "rf": "RF"}.get(family, family.upper())
+#: How the report names the study's model families, in the study's order (CNN, SVM,
+#: RF); another family is named in capitals.
+FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
+
+
+def family_title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family.upper())
 
 
 # --------------------------------------------------------------------------- parameters

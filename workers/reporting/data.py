@@ -23,6 +23,7 @@ from shared.report import (
     SweepPlot,
     TsneSection,
     UnitSummary,
+    family_title,
 )
 from shared.settings import Settings
 from shared.spec import restore_omitted
@@ -53,7 +54,6 @@ from workers.reporting.units import (
     NOT_MODELS,
     best_fold,
     best_point,
-    family_title,
     in_study_order,
     reused_from,
 )

@@ -18,10 +18,11 @@ from shared.report import (
     PointRow,
     SweepPlot,
     TimelineBar,
+    family_title,
     param_value,
     swept_params,
 )
-from workers.reporting.units import family_title, reused_from
+from workers.reporting.units import reused_from
 
 #: Learning-curve figures per family: the best point, then one per swept value.
 MAX_CURVES = 8

@@ -10,10 +10,7 @@ import numpy as np
 
 from db.store import Result, Unit
 from shared.metrics import mean_of_finite
-from shared.report import point_rank
-
-FAMILY_TITLES = {"cnn": "CNN", "svm": "SVM", "rf": "RF"}
-
+from shared.report import FAMILY_TITLES, point_rank
 
 #: Families that are parts of another unit's model (tree shards merged into their
 #: forest): listed with the units and on the timeline, never as a model of their own.
@@ -21,10 +18,6 @@ PART_FAMILIES = frozenset({"rf_shard"})
 
 
 NOT_MODELS = frozenset({"preprocess", "report"}) | PART_FAMILIES
-
-
-def family_title(family: str) -> str:
-    return FAMILY_TITLES.get(family, family.upper())
 
 
 def in_study_order(families: Iterable[str]) -> list[str]:
