@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from db.store import Store
 from shared.settings import Settings, absolute_sqlite_url, load_settings
+
+if TYPE_CHECKING:  # SQLAlchemy only once a call opens the store: `orchard` starts without it
+    from db.store import Store
 
 
 def resolve_settings(
@@ -39,6 +42,7 @@ def resolve_settings(
 def existing_store(settings: Settings) -> Store:
     """The store of a call that reads or changes what is there: a SQLite file that does
     not exist is not created (one line: `no store at … yet`)."""
+    from db.store import Store
     from db.urls import require_sqlite_file
 
     require_sqlite_file(settings.database_url)

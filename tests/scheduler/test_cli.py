@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.cli import worker_argv
+from scheduler.worker_command import worker_argv
 from tests.conftest import REPO
 
 

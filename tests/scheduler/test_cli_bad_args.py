@@ -101,7 +101,7 @@ def test_a_name_check_window_that_is_not_a_number_of_seconds_is_one_line(
     """Read before the worker asks the broker anything."""
     from types import SimpleNamespace
 
-    from scheduler.cli import _refuse_a_taken_name
+    from scheduler.worker_command import _refuse_a_taken_name
     from shared.errors import OrchardError
 
     monkeypatch.setenv("ORCHARD_NAME_CHECK_SECONDS", value)
