@@ -243,7 +243,7 @@ def describe_error(url: str, exc: DBAPIError) -> StoreError:
     database's answer, which asking again cannot change."""
     if is_transient(exc):
         return unreachable(url, exc)
-    if make_url(url).get_backend_name() == "sqlite" and (problem := _sqlite_file_problem(url, exc)):
+    if url.startswith("sqlite") and (problem := _sqlite_file_problem(url, exc)):
         return StoreError(f"database {mask_url(url)}: {problem}")
     return refused(url, exc)
 
