@@ -1,13 +1,13 @@
 """The Python API: submit a campaign file, follow it, wait for it.
 
-Following a campaign is :mod:`scheduler.run`'s (``CampaignRun``), removing one
-:mod:`scheduler.cleanup`'s (``delete``, ``prune_cache``); ``from scheduler import ...``
-finds each where it lives.
-
 from scheduler import submit
 run = submit("campaigns/quick.toml", broker="redis://:pw@head:6379/0",
              database="postgresql+psycopg://orchard@head/orchard")
 status = run.wait(progress=True)
+
+Following a campaign is :mod:`scheduler.run`'s (``CampaignRun``), removing one
+:mod:`scheduler.cleanup`'s (``delete``, ``prune_cache``); ``from scheduler import ...``
+finds each where it lives.
 """
 
 from __future__ import annotations
