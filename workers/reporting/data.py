@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
-from db.store import Store, StoreUnreachableError, Unit
+from db.store import Result, Store, StoreUnreachableError, Unit
 from shared.manifest import Manifest
 from shared.metrics import confusion_matrix
 from shared.report import (
@@ -206,53 +208,10 @@ def build_report_data(
                 oof[name] = val
 
     if len(cross_families) > 1:
-        ran = [f for f in cross_families if f in fam_blends]
-        joined = "+".join(cross_families)
-        label = " + ".join(family_title(f) for f in cross_families)
-        if len(ran) < 2:
-            missing = ", ".join(family_title(f) for f in cross_families if f not in fam_blends)
-            for m in methods:
-                blends.append(
-                    BlendRow(
-                        f"{label} {m}",
-                        joined,
-                        m,
-                        len(ran),
-                        None,
-                        None,
-                        f"n/a: {missing} did not succeed",
-                    )
-                )
-        else:
-            members = [fam_blends[f] for f in ran]
-            referee = max(range(len(members)), key=lambda i: members[i].val_acc or -1.0)
-            tests = [fb.test_mean if fb.test_mean is not None else fb.test_vote for fb in members]
-            vote_members = [fb.test_vote for fb in members]
-            test_vote, _ = blend_members(vote_members, n_classes, referee)
-            oof_vote, oof_mean = blend_members([fb.oof for fb in members], n_classes, referee)
-            mean_ok = all(fb.test_mean is not None for fb in members)
-            test_mean = blend_members(tests, n_classes)[1] if mean_ok else None
-            tie = f"ties go to {family_title(ran[referee])}"
-            if len(ran) == 2:
-                # two voters agree or tie: the vote is the referee's predictions
-                tie = (
-                    f"two families: each disagreement is a tie, which goes to "
-                    f"{family_title(ran[referee])}, so the vote is {family_title(ran[referee])}'s "
-                    "predictions"
-                )
-            for m in methods:
-                name = f"{label} {m}"
-                if m == "vote":
-                    test, val, note = test_vote, oof_vote, tie
-                else:
-                    test, val = test_mean, oof_mean
-                    no_probs = [family_title(fb.family) for fb in members if fb.test_mean is None]
-                    note = f"n/a: {', '.join(no_probs)} predicts labels only" if no_probs else ""
-                blends.append(blend_row(name, joined, m, len(ran), test, val, note))
-                if test is not None:
-                    predicted[name] = test
-                if val is not None:
-                    oof[name] = val
+        rows, tests, vals = _cross_family_blends(cross_families, fam_blends, methods, n_classes)
+        blends += rows
+        predicted.update(tests)
+        oof.update(vals)
 
     by_test = any(b.test_acc is not None for b in blends)
     headline = choose_best(blends, oof)
@@ -266,121 +225,19 @@ def build_report_data(
         for b in blends
     ]
 
-    # -- confusion matrices
-    confusions: dict[str, Confusion] = {}
-    for family, fb in fam_blends.items():
-        title = family_title(family)
-        # the blend the table shows: the vote, or the mean where only it is asked for
-        shown, what = fb.test_vote, f"{fb.members}-fold vote"
-        if "vote" not in methods and fb.test_mean is not None:
-            shown, what = fb.test_mean, f"{fb.members}-fold mean"
-        if fb.members == 1:
-            what = "best point"
-        if by_test and len(shown.ids):
-            matrix = confusion_matrix(shown.labels, shown.preds, n_classes)
-            confusions[family] = Confusion(f"{title} {what} (test)", matrix, "test")
-        else:
-            best = best_units[family]
-            matrices = [results[u.key].val_confusion for u in best if results[u.key].val_confusion]
-            if matrices:
-                matrix = np.sum(matrices, axis=0).tolist()
-                # each fold's model on the images it held out, added up: no blend
-                pooled = f", its {len(matrices)} folds' models pooled" if len(matrices) > 1 else ""
-                confusions[family] = Confusion(
-                    f"{title} best point{pooled} (validation)", matrix, "val"
-                )
+    cross_best = None  # the best blend, where it is one across families: its matrix too
     if best_blend and "+" in next(b.family for b in blends if b.name == best_blend):
-        chosen = predicted.get(best_blend) if by_test else oof.get(best_blend)
-        if chosen is not None and len(chosen.ids):
-            split = "test" if by_test else "val"
-            matrix = confusion_matrix(chosen.labels, chosen.preds, n_classes)
-            named = "test" if by_test else "validation"
-            confusions["blend"] = Confusion(f"{best_blend} ({named})", matrix, split)
-
-    # -- submission: the best blend's predictions of every unlabelled image (the test
-    # split's when it has no labels, and any unlabelled image of the other splits)
-    submission = None
-    if best_blend and best_blend in predicted and predicted[best_blend].ids:
-        chosen = predicted[best_blend]
-        pred_of = dict(zip(chosen.ids, chosen.preds.tolist(), strict=True))
-        if manifest is not None:
-            unlabelled = (manifest.entries[i] for i in manifest.test_indices())
-            order = [e.image_id for e in unlabelled if e.label is None]
-        else:
-            order = [i for i, label in zip(chosen.ids, chosen.labels, strict=True) if label < 0]
-        if order:
-            rows = [(i, classes[pred_of[i]]) for i in order if i in pred_of]
-            submission = Submission(best_blend, rows, missing=len(order) - len(rows))
-
-    # -- LIME
-    lime, lime_note = None, ""
-    cnn_best = best_units.get("cnn") or []
-    if not report_spec.get("lime", True):
-        lime_note = "LIME is off ([report] lime = false)."
-    elif "cnn" not in best_units:
-        lime_note = "No CNN in this campaign."
-    elif not cnn_best:
-        lime_note = "No CNN fold succeeded."
-    elif int(report_spec.get("lime_per_class", 1)) < 1:
-        lime_note = "LIME is off ([report] lime_per_class = 0)."
-    elif manifest is None or settings is None:
-        lime_note = "LIME needs the model files and the image cache (run by the report task)."
-    else:
-        try:
-            lime = explain_cnn(
-                store,
-                settings,
-                manifest,
-                cnn_best,
-                results,
-                per_class=int(report_spec.get("lime_per_class", 1)),
-                num_samples=int(report_spec.get("lime_samples", 1000)),
-                seed=int(spec.get("seed", 0)),
-            )
-        except (StoreUnreachableError, UnitAborted):
-            # the database away (the unit is handed back), or the unit no longer this
-            # delivery's (cancelled, deleted, taken over): not written without LIME
-            raise
-        except Exception as exc:
-            # an explanation is a figure, not a result: the report goes on without it
-            log.warning("%s: LIME failed: %s", campaign_id, exc)
-            lime = LimeSection(
-                "cnn",
-                best_fold(cnn_best, results).key,
-                0,
-                [],
-                f"LIME failed: {type(exc).__name__}: {exc}",
-            )
-
-    # -- t-SNE (study 2.4.2): only when asked; a figure, so it never costs the report
-    tsne = None
-    if report_spec.get("tsne", False):
-        svm_best = best_units.get("svm") or []
-        if "svm" not in best_units:
-            tsne = TsneSection(note="Not drawn: no SVM in this campaign, whose features it maps.")
-        elif not svm_best:
-            tsne = TsneSection(note="Not drawn: no SVM unit succeeded.")
-        elif manifest is None or settings is None:
-            tsne = TsneSection(
-                note="Not drawn: t-SNE needs the manifest and the PCA projection (run by the "
-                "report task)."
-            )
-        else:
-            try:
-                tsne = embed_svm_features(
-                    store,
-                    settings,
-                    manifest,
-                    svm_best,
-                    results,
-                    max_images=int(report_spec.get("tsne_images", 2000)),
-                    seed=int(spec.get("seed", 0)),
-                )
-            except (StoreUnreachableError, UnitAborted):
-                raise  # as for LIME above: the unit stops, or is handed back
-            except Exception as exc:
-                log.warning("%s: t-SNE failed: %s", campaign_id, exc)
-                tsne = TsneSection(note=f"t-SNE failed: {type(exc).__name__}: {exc}")
+        cross_best = (best_blend, predicted.get(best_blend) if by_test else oof.get(best_blend))
+    confusions = _confusions(
+        fam_blends, methods, best_units, results, n_classes, by_test, cross_best
+    )
+    submission = _submission(best_blend, predicted, classes, manifest)
+    lime, lime_note = _lime_section(
+        store, campaign_id, spec, best_units, results, manifest=manifest, settings=settings
+    )
+    tsne = _tsne_section(
+        store, campaign_id, spec, best_units, results, manifest=manifest, settings=settings
+    )
 
     return ReportData(
         campaign_id=campaign.id,
@@ -439,3 +296,218 @@ def build_report_data(
             if u.family == "preprocess" and u.state in FAILED_STATES
         ],
     )
+
+
+def _confusions(
+    fam_blends: dict[str, FamilyBlend],
+    methods: Sequence[str],
+    best_units: dict[str, list[Unit]],
+    results: dict[str, Result],
+    n_classes: int,
+    by_test: bool,
+    cross_best: tuple[str, Predicted | None] | None,
+) -> dict[str, Confusion]:
+    """Each family's confusion matrix: its blend's on the test set where the test set is
+    labelled, else its best point's folds' on what each held out; and the best blend's,
+    where it is one across families (``cross_best``: its name and predictions)."""
+    confusions: dict[str, Confusion] = {}
+    for family, fb in fam_blends.items():
+        title = family_title(family)
+        # the blend the table shows: the vote, or the mean where only it is asked for
+        shown, what = fb.test_vote, f"{fb.members}-fold vote"
+        if "vote" not in methods and fb.test_mean is not None:
+            shown, what = fb.test_mean, f"{fb.members}-fold mean"
+        if fb.members == 1:
+            what = "best point"
+        if by_test and len(shown.ids):
+            matrix = confusion_matrix(shown.labels, shown.preds, n_classes)
+            confusions[family] = Confusion(f"{title} {what} (test)", matrix, "test")
+        else:
+            best = best_units[family]
+            matrices = [results[u.key].val_confusion for u in best if results[u.key].val_confusion]
+            if matrices:
+                matrix = np.sum(matrices, axis=0).tolist()
+                # each fold's model on the images it held out, added up: no blend
+                pooled = f", its {len(matrices)} folds' models pooled" if len(matrices) > 1 else ""
+                confusions[family] = Confusion(
+                    f"{title} best point{pooled} (validation)", matrix, "val"
+                )
+    if cross_best is not None:
+        name, chosen = cross_best
+        if chosen is not None and len(chosen.ids):
+            split = "test" if by_test else "val"
+            matrix = confusion_matrix(chosen.labels, chosen.preds, n_classes)
+            named = "test" if by_test else "validation"
+            confusions["blend"] = Confusion(f"{name} ({named})", matrix, split)
+    return confusions
+
+
+def _submission(
+    best_blend: str | None,
+    predicted: dict[str, Predicted],
+    classes: Sequence[str],
+    manifest: Manifest | None,
+) -> Submission | None:
+    """The best blend's predictions of every unlabelled image (the test split's when it
+    has no labels, and any unlabelled image of the other splits); None if there is none."""
+    if best_blend and best_blend in predicted and predicted[best_blend].ids:
+        chosen = predicted[best_blend]
+        pred_of = dict(zip(chosen.ids, chosen.preds.tolist(), strict=True))
+        if manifest is not None:
+            unlabelled = (manifest.entries[i] for i in manifest.test_indices())
+            order = [e.image_id for e in unlabelled if e.label is None]
+        else:
+            order = [i for i, label in zip(chosen.ids, chosen.labels, strict=True) if label < 0]
+        if order:
+            rows = [(i, classes[pred_of[i]]) for i in order if i in pred_of]
+            return Submission(best_blend, rows, missing=len(order) - len(rows))
+    return None
+
+
+def _lime_section(
+    store: Store,
+    campaign_id: str,
+    spec: dict[str, Any],
+    best_units: dict[str, list[Unit]],
+    results: dict[str, Result],
+    *,
+    manifest: Manifest | None,
+    settings: Settings | None,
+) -> tuple[LimeSection | None, str]:
+    """LIME over the best CNN point's images, or None and why not. A failure is the
+    section's note: an explanation is a figure, not a result."""
+    report_spec = spec.get("report") or {}
+    cnn_best = best_units.get("cnn") or []
+    if not report_spec.get("lime", True):
+        return None, "LIME is off ([report] lime = false)."
+    if "cnn" not in best_units:
+        return None, "No CNN in this campaign."
+    if not cnn_best:
+        return None, "No CNN fold succeeded."
+    if int(report_spec.get("lime_per_class", 1)) < 1:
+        return None, "LIME is off ([report] lime_per_class = 0)."
+    if manifest is None or settings is None:
+        return None, "LIME needs the model files and the image cache (run by the report task)."
+    try:
+        return explain_cnn(
+            store,
+            settings,
+            manifest,
+            cnn_best,
+            results,
+            per_class=int(report_spec.get("lime_per_class", 1)),
+            num_samples=int(report_spec.get("lime_samples", 1000)),
+            seed=int(spec.get("seed", 0)),
+        ), ""
+    except (StoreUnreachableError, UnitAborted):
+        # the database away (the unit is handed back), or the unit no longer this
+        # delivery's (cancelled, deleted, taken over): not written without LIME
+        raise
+    except Exception as exc:
+        log.warning("%s: LIME failed: %s", campaign_id, exc)
+        failed = f"LIME failed: {type(exc).__name__}: {exc}"
+        return LimeSection("cnn", best_fold(cnn_best, results).key, 0, [], failed), ""
+
+
+def _tsne_section(
+    store: Store,
+    campaign_id: str,
+    spec: dict[str, Any],
+    best_units: dict[str, list[Unit]],
+    results: dict[str, Result],
+    *,
+    manifest: Manifest | None,
+    settings: Settings | None,
+) -> TsneSection | None:
+    """The t-SNE of the best SVM point's features (study 2.4.2), only when asked; a
+    figure, so a failure is its note and never costs the report."""
+    report_spec = spec.get("report") or {}
+    if not report_spec.get("tsne", False):
+        return None
+    svm_best = best_units.get("svm") or []
+    if "svm" not in best_units:
+        return TsneSection(note="Not drawn: no SVM in this campaign, whose features it maps.")
+    if not svm_best:
+        return TsneSection(note="Not drawn: no SVM unit succeeded.")
+    if manifest is None or settings is None:
+        return TsneSection(
+            note="Not drawn: t-SNE needs the manifest and the PCA projection (run by the "
+            "report task)."
+        )
+    try:
+        return embed_svm_features(
+            store,
+            settings,
+            manifest,
+            svm_best,
+            results,
+            max_images=int(report_spec.get("tsne_images", 2000)),
+            seed=int(spec.get("seed", 0)),
+        )
+    except (StoreUnreachableError, UnitAborted):
+        raise  # as for LIME: the unit stops, or is handed back
+    except Exception as exc:
+        log.warning("%s: t-SNE failed: %s", campaign_id, exc)
+        return TsneSection(note=f"t-SNE failed: {type(exc).__name__}: {exc}")
+
+
+def _cross_family_blends(
+    cross_families: Sequence[str],
+    fam_blends: dict[str, FamilyBlend],
+    methods: Sequence[str],
+    n_classes: int,
+) -> tuple[list[BlendRow], dict[str, Predicted], dict[str, Predicted]]:
+    """The rows of ``[blend] families`` voted (or averaged) together, each family by its
+    best point's folds' blend, with their test and out-of-fold predictions by name; a
+    row saying why where fewer than two of them succeeded."""
+    rows: list[BlendRow] = []
+    test_of: dict[str, Predicted] = {}  # a row's test predictions, by its name
+    val_of: dict[str, Predicted] = {}  # and its out-of-fold ones
+    ran = [f for f in cross_families if f in fam_blends]
+    joined = "+".join(cross_families)
+    label = " + ".join(family_title(f) for f in cross_families)
+    if len(ran) < 2:
+        missing = ", ".join(family_title(f) for f in cross_families if f not in fam_blends)
+        for m in methods:
+            rows.append(
+                BlendRow(
+                    f"{label} {m}",
+                    joined,
+                    m,
+                    len(ran),
+                    None,
+                    None,
+                    f"n/a: {missing} did not succeed",
+                )
+            )
+    else:
+        members = [fam_blends[f] for f in ran]
+        referee = max(range(len(members)), key=lambda i: members[i].val_acc or -1.0)
+        tests = [fb.test_mean if fb.test_mean is not None else fb.test_vote for fb in members]
+        vote_members = [fb.test_vote for fb in members]
+        test_vote, _ = blend_members(vote_members, n_classes, referee)
+        oof_vote, oof_mean = blend_members([fb.oof for fb in members], n_classes, referee)
+        mean_ok = all(fb.test_mean is not None for fb in members)
+        test_mean = blend_members(tests, n_classes)[1] if mean_ok else None
+        tie = f"ties go to {family_title(ran[referee])}"
+        if len(ran) == 2:
+            # two voters agree or tie: the vote is the referee's predictions
+            tie = (
+                f"two families: each disagreement is a tie, which goes to "
+                f"{family_title(ran[referee])}, so the vote is {family_title(ran[referee])}'s "
+                "predictions"
+            )
+        for m in methods:
+            name = f"{label} {m}"
+            if m == "vote":
+                test, val, note = test_vote, oof_vote, tie
+            else:
+                test, val = test_mean, oof_mean
+                no_probs = [family_title(fb.family) for fb in members if fb.test_mean is None]
+                note = f"n/a: {', '.join(no_probs)} predicts labels only" if no_probs else ""
+            rows.append(blend_row(name, joined, m, len(ran), test, val, note))
+            if test is not None:
+                test_of[name] = test
+            if val is not None:
+                val_of[name] = val
+    return rows, test_of, val_of
