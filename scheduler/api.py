@@ -169,7 +169,7 @@ def submit(
                 running = earlier is None or earlier.state == RUNNING
                 if reuse and running:
                     if earlier is not None:  # what the submit stopped before may not have
-                        from workers.tasks.base import load_manifest
+                        from workers.data import load_manifest
 
                         manifest = load_manifest(store, settings, campaign_id)
                     # the same data: at another root (data_digest), or as an earlier

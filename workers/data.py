@@ -1,8 +1,10 @@
-"""Loading a campaign's cached images in a worker, checked against the store."""
+"""Loading a campaign's manifest and cached images in a worker, checked against the store,
+and what a unit says when its host lacks them (:class:`NotOnThisHostError`)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from db.store import Artifact, Store
-from shared.artifacts import sha256_file
+from shared.artifacts import read_if_intact, sha256_file
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError, load_shard, shard_name, shard_ranges
 from shared.settings import Settings
@@ -191,3 +193,92 @@ def load_rows(
             out = np.empty((len(rows), *part.shape[1:]), np.uint8)
         out[first:last] = part
     return out if out is not None else np.empty((0, 1, 1, 3), np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_manifest(path: Path, sha256: str) -> Manifest:
+    data = read_if_intact(path, sha256)
+    if data is None:
+        raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
+    return Manifest.from_json(data.decode("utf-8"), str(path))
+
+
+class NotOnThisHostError(PreprocessError):
+    """What a unit needs is not where this worker's host should have it: this worker's
+    setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
+    hands them back and takes no more from their queue (but for ``keeps_queue`` and
+    ``gpu_keeps_queue``)."""
+
+    #: what to do about it, said after "restart it"
+    remedy = ""
+    #: whether the hand-back counts as an attempt: when what is missing may be missing
+    #: on every host, the unit still ends (FAILED) after ORCHARD_MAX_ATTEMPTS of them
+    counts_attempt = False
+    #: whether a worker of queue ``gpu`` keeps taking from it: where only some of its
+    #: units need what is missing
+    gpu_keeps_queue = False
+    #: whether every worker keeps taking from its queue: where what is missing is most
+    #: likely missing on every host, not this one's alone
+    keeps_queue = False
+
+
+class ArtifactsElsewhereError(NotOnThisHostError):
+    """The store records a campaign's manifest that this worker's artifact folder lacks:
+    the worker's ``ORCHARD_ARTIFACTS`` is not the submitter's (another path, a share not
+    mounted)."""
+
+    remedy = "with the right ORCHARD_ARTIFACTS"
+
+
+class DatasetElsewhereError(NotOnThisHostError):
+    """A campaign's dataset root is not a folder on this worker's host: the share it is
+    on is not mounted here, or the data was moved away since the submit (then it is
+    missing everywhere: each hand-back counts as an attempt)."""
+
+    remedy = "once the dataset is there"
+    counts_attempt = True
+    # a GPU worker's folds need no dataset (its nvJPEG shards do), and a GPU left idle
+    # costs more than a shard handed back
+    gpu_keeps_queue = True
+
+
+class ManifestGoneError(NotOnThisHostError):
+    """The store records a campaign's manifest that this worker's artifact folder lacks,
+    though it holds the other campaigns' (``holds_other_manifests``): the folder is the
+    shared one, and the manifest is missing on every host (its campaign's folder removed
+    by hand, or written by a submitter whose ``ORCHARD_ARTIFACTS`` was another folder).
+    The worker keeps its queues, for the other campaigns; the hand-backs count, so the
+    unit ends FAILED, in case another worker sees the manifest after all."""
+
+    counts_attempt = True
+    keeps_queue = True
+
+
+def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
+    rel = manifest_rel(campaign_id)
+    path = settings.artifacts / rel
+    record = store.find_artifact(rel)
+    if record is None:
+        raise PreprocessError(f"{path}: manifest not recorded in the store")
+    if not path.is_file():
+        raise manifest_missing(store, settings, campaign_id, path)
+    return _read_manifest(path, record.sha256)
+
+
+def manifest_missing(
+    store: Store, settings: Settings, campaign_id: str, path: Path
+) -> NotOnThisHostError:
+    # recorded, so written on the submitter's host: most often this worker's artifact
+    # folder is another folder, or the share is not mounted here; unless the folder
+    # holds the other campaigns' manifests
+    if holds_other_manifests(store, settings.artifacts, {campaign_id}):
+        return ManifestGoneError(
+            f"{path}: the campaign's manifest is not there, though this folder "
+            "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, "
+            "or it was submitted with another ORCHARD_ARTIFACTS"
+        )
+    return ArtifactsElsewhereError(
+        f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
+        f"({settings.artifacts}) must be the folder the campaign was submitted with "
+        "(on a cluster, the same share, mounted)"
+    )

@@ -17,8 +17,7 @@ from scheduler.api import submit
 from shared.preprocess import load_shard, preprocess_images, shard_ranges
 from tests.conftest import REDIS_URL
 from tests.integration.test_campaign import running_workers, settings_for
-from workers.data import shard_rel
-from workers.tasks.base import load_manifest
+from workers.data import load_manifest, shard_rel
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,8 @@ from shared.settings import Settings
 from shared.spec import load_campaign
 from tests.conftest import REDIS_URL, REPO
 from tests.integration.test_campaign import running_workers, settings_for
+from workers.data import load_manifest
 from workers.reporting.data import build_report_data
-from workers.tasks.base import load_manifest
 
 pytestmark = pytest.mark.integration
 

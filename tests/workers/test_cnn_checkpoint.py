@@ -23,15 +23,11 @@ from shared.manifest import Manifest
 from shared.plan import TRAIN
 from shared.settings import Settings
 from tests.db.test_store import deliver
+from workers.config import Reliability
+from workers.lease import GuardedStore, Heartbeat, UnitAborted
 from workers.tasks import base
 from workers.tasks import cnn as cnn_task
-from workers.tasks.base import (
-    LEASE_CANCELLED,
-    WORKER_STOPPING,
-    UnitAborted,
-    UnitContext,
-    _GuardedStore,
-)
+from workers.tasks.base import LEASE_CANCELLED, WORKER_STOPPING, UnitContext
 
 CAMPAIGN_ID = "k-1"
 EPOCHS = 3
@@ -285,7 +281,7 @@ def test_a_checkpoint_written_as_the_campaign_is_cancelled_keeps_its_record(env,
     def cancelled() -> None:
         raise UnitAborted(LEASE_CANCELLED)
 
-    guarded = _GuardedStore(store, cancelled)
+    guarded = GuardedStore(store, cancelled)
     path, rel = _slot(env, 2)
     ctx = _context(env)
     checkpoint["epochs_done"] = 2  # as if the second epoch were done
@@ -317,9 +313,9 @@ def test_a_cancel_stops_the_fold_at_its_next_epoch_not_the_heartbeats_next_turn(
     ctx = _context(env)
     key = ctx.unit.key
     assert deliver(store, key, worker="w", task_id="t", holder="d1", lease_seconds=600).run
-    rules = base.Reliability(lease_seconds=600, max_attempts=3, visibility_timeout=3600)
-    ctx.heartbeat = base.Heartbeat(store, key, "d1", rules).start()
-    ctx.store = base._GuardedStore(store, ctx.heartbeat.check)
+    rules = Reliability(lease_seconds=600, max_attempts=3, visibility_timeout=3600)
+    ctx.heartbeat = Heartbeat(store, key, "d1", rules).start()
+    ctx.store = GuardedStore(store, ctx.heartbeat.check)
     real = cnn_task.write_checkpoint
 
     def write_then_cancel(store_, path, relative, checkpoint, **kwargs):

@@ -14,7 +14,7 @@ import pytest
 
 from db.store import LEASE_HELD, LEASE_LOST
 from workers.config import Reliability
-from workers.tasks.base import Heartbeat, UnitAborted
+from workers.lease import Heartbeat, UnitAborted
 
 RULES = Reliability(lease_seconds=0.03, max_attempts=3, visibility_timeout=3600)
 

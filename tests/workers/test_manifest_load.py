@@ -12,7 +12,7 @@ from shared.artifacts import atomic_write_text
 from shared.manifest import Manifest, manifest_path
 from shared.preprocess import PreprocessError
 from shared.settings import Settings
-from workers.tasks.base import load_manifest
+from workers.data import load_manifest
 
 
 def _manifest(cls: str) -> Manifest:
@@ -57,22 +57,22 @@ def test_a_worker_with_another_artifact_folder_is_told_which_variable(
 def test_the_manifest_used_is_the_one_whose_checksum_was_checked(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.tasks import base
+    from workers import data
 
     artifacts = tmp_path / "shared"
     store = _store(sqlite_url, artifacts)
     settings = Settings(tmp_path, "filesystem://x", sqlite_url, artifacts)
-    real = base.read_if_intact
+    real = data.read_if_intact
 
     def check_then_swap(path: Path, sha256: str) -> bytes | None:
         checked = real(path, sha256)
         path.write_text(_manifest("Z").to_json())  # replaced right after the check
         return checked
 
-    monkeypatch.setattr(base, "read_if_intact", check_then_swap)
-    base._read_manifest.cache_clear()
+    monkeypatch.setattr(data, "read_if_intact", check_then_swap)
+    data._read_manifest.cache_clear()
     assert load_manifest(store, settings, "c-1") == _manifest("A")  # what was checked
-    base._read_manifest.cache_clear()
-    monkeypatch.setattr(base, "read_if_intact", real)
+    data._read_manifest.cache_clear()
+    monkeypatch.setattr(data, "read_if_intact", real)
     with pytest.raises(PreprocessError, match="manifest checksum mismatch"):
         load_manifest(store, settings, "c-1")

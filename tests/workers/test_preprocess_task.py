@@ -40,7 +40,7 @@ def test_a_worker_without_the_dataset_s_folder_says_it_is_not_on_its_host(
     """A host that does not mount the data: the shard is not failed as if its images had
     been removed (every shard the worker took would be); the worker's own error, which
     run_unit turns into a hand-back and no more units from the queue."""
-    from workers.tasks.base import DatasetElsewhereError, NotOnThisHostError
+    from workers.data import DatasetElsewhereError, NotOnThisHostError
 
     store, settings, manifest = cached_campaign("p-1", {"rf": {"n_estimators": 5}})
     for shard in (settings.artifacts / "cache").rglob("*.npy"):

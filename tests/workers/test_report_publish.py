@@ -15,8 +15,8 @@ import pytest
 from db.store import StoreUnreachableError
 from shared.artifacts import ArtifactWriteError, atomic_write_text, sha256_file
 from shared.report import ReportFiles
+from workers.lease import UnitAborted
 from workers.tasks import report as report_task
-from workers.tasks.base import UnitAborted
 
 PAGES = ("report.md", "report.html", "report.json")
 

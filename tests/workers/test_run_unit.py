@@ -16,6 +16,7 @@ from db.store import Outcome, Prediction, Store
 from shared.plan import UnitPlan
 from shared.settings import Settings
 from tests.conftest import record_begins
+from workers.lease import Heartbeat, UnitAborted
 from workers.tasks import base
 from workers.tasks.base import UnitContext, UnitMessage, run_unit
 from workers.tasks.base import worker_store as checked_worker_store
@@ -236,7 +237,7 @@ def test_a_worker_without_the_campaign_s_files_hands_the_unit_back_and_stops_tak
     from celery.exceptions import Reject
 
     from db.store import Artifact
-    from workers.tasks.base import DatasetElsewhereError
+    from workers.data import DatasetElsewhereError
 
     store.record_artifact(
         Artifact("campaigns/g-1/manifest.json", "manifest", "0" * 64, 2, "g-1")
@@ -297,7 +298,7 @@ def test_a_dataset_missing_at_every_attempt_fails_the_unit_and_a_gpu_worker_paus
     handing back once more: a dataset moved away is missing on every host."""
     from celery.exceptions import Reject
 
-    from workers.tasks.base import DatasetElsewhereError
+    from workers.data import DatasetElsewhereError
 
     monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "2")
     told: list[tuple] = []
@@ -367,7 +368,7 @@ def test_a_manifest_missing_from_the_folder_of_the_other_campaigns_fails_its_uni
     from celery.exceptions import Reject
 
     from db.store import Artifact
-    from workers.tasks.base import ManifestGoneError
+    from workers.data import ManifestGoneError
 
     monkeypatch.setenv("ORCHARD_MAX_ATTEMPTS", "2")
     artifacts = tmp_path / "artifacts"
@@ -786,7 +787,7 @@ def test_confirming_the_lease_renews_it_and_stops_a_run_that_lost_it(store: Stor
 
     store.start_unit(KEY, worker="w1", task_id="t", holder="d1", lease_seconds=0.05)
     rules = Reliability(lease_seconds=30, max_attempts=3, visibility_timeout=60)
-    heartbeat = base.Heartbeat(store, KEY, "d1", rules)
+    heartbeat = Heartbeat(store, KEY, "d1", rules)
     ctx = UnitContext(
         store.get_campaign("g-1"), store.get_unit(KEY), store, None, heartbeat=heartbeat
     )  # type: ignore[arg-type]
@@ -796,7 +797,7 @@ def test_confirming_the_lease_renews_it_and_stops_a_run_that_lost_it(store: Stor
         expires is not None and (expires - store.get_unit(KEY).heartbeat_at).total_seconds() == 30
     )
     store.hand_back(KEY, "d1")  # a `resume` reset it, or another delivery took it
-    with pytest.raises(base.UnitAborted):
+    with pytest.raises(UnitAborted):
         ctx.confirm_lease()
     assert heartbeat.lost == "lost"
 

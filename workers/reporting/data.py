@@ -30,6 +30,7 @@ from shared.report import (
 from shared.settings import Settings
 from shared.spec import restore_omitted
 from shared.times import utc_iso
+from workers.lease import UnitAborted
 from workers.reporting.blend import (
     FamilyBlend,
     Predicted,
@@ -59,7 +60,7 @@ from workers.reporting.units import (
     in_study_order,
     reused_from,
 )
-from workers.tasks.base import UnitAborted, log
+from workers.tasks.base import log
 
 
 def build_report_data(

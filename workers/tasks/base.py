@@ -66,7 +66,6 @@ from db.store import (
     DELETING,
     LEASE_CANCELLED,
     LEASE_GONE,
-    LEASE_HELD,
     LEASE_LOST,
     Campaign,
     LeaseLostError,
@@ -81,22 +80,23 @@ from db.store import (
 )
 from scheduler.canvas import advance
 from scheduler.gpus import SAY_READY
-from shared.artifacts import read_if_intact
 from shared.errors import OrchardError, visible_controls
 from shared.manifest import Manifest, manifest_path
-from shared.preprocess import PreprocessError
 from shared.settings import Settings, load_settings, mask_url
 from shared.spec import CAMPAIGN_FORMAT
 from workers.app import app
-from workers.config import Reliability, reliability
-from workers.data import holds_other_manifests, load_variant, manifest_rel
+from workers.config import reliability
+from workers.data import (
+    NotOnThisHostError,
+    load_manifest,
+    load_variant,
+    manifest_missing,
+)
+from workers.lease import GuardedStore, Heartbeat, UnitAborted
 
 log = get_task_logger("orchard")
 #: for the worker's main process, where no task runs (a task logger would say ???[???])
 main_log = logging.getLogger(__name__)
-# the heartbeat's thread is outside the task, where the task logger's formatter prints
-# "???[???]" for its name and id: its lines go through the worker's own format
-lease_log = logging.getLogger(__name__)
 
 
 class UnitMessage(BaseModel):
@@ -287,111 +287,6 @@ def worker_heartbeats() -> Iterator[None]:
         thread.join(timeout=5)
 
 
-class UnitAborted(Exception):
-    """This delivery must stop without writing a result: ``reason`` is LEASE_LOST
-    (another delivery took the unit over), LEASE_CANCELLED (`orchard cancel`), LEASE_GONE
-    (`orchard delete`) or WORKER_STOPPING (the body saved its progress and its worker is
-    shutting down)."""
-
-    def __init__(self, reason: str = "lost") -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Heartbeat:
-    """Renews a delivery's lease every third of its length, in a daemon thread.
-
-    When the store answers that the lease is gone (taken over, unit cancelled) it
-    remembers why; :meth:`check` then raises :class:`UnitAborted` in the task's own
-    thread, at the body's next store call (every epoch for a CNN fold).
-    """
-
-    def __init__(self, store: Store, key: str, holder: str, rules: Reliability) -> None:
-        self.store, self.key, self.holder, self.rules = store, key, holder, rules
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease {key}", daemon=True)
-
-    def start(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.rules.heartbeat_seconds):
-            try:
-                state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
-            except StoreError as exc:
-                # keep running: if the store stays away the lease expires, another
-                # delivery takes over, and the next renewal finds that out
-                lease_log.warning("%s: lease not renewed: %s", self.key, exc)
-                continue
-            if state != LEASE_HELD:
-                if self._stop.is_set():
-                    # the body finished while this renewal ran: the lease ended with
-                    # the result it recorded, not with a takeover
-                    return
-                self.lost = state
-                lease_log.warning("%s: lease %s; stopping at the next checkpoint", self.key, state)
-                return
-
-    def renew_now(self) -> None:
-        """Renew the lease in the caller's thread, so that a cancel or a takeover is
-        known now rather than at the thread's next turn (up to a third of the lease)."""
-        if self.lost is not None:
-            return
-        try:
-            self._renew()
-        except StoreError as exc:  # the thread keeps trying; the body goes on meanwhile
-            log.warning("%s: lease not renewed: %s", self.key, exc)
-
-    def confirm(self) -> None:
-        """Renew the lease now and raise unless this delivery holds it: a
-        :class:`UnitAborted`, or the ``StoreError`` of a store that does not answer."""
-        self.check()
-        self._renew()
-        self.check()
-
-    def _renew(self) -> None:
-        state = self.store.renew_lease(self.key, self.holder, self.rules.lease_seconds)
-        if state != LEASE_HELD:
-            self.lost = state
-
-    def check(self) -> None:
-        if self.lost is not None:
-            raise UnitAborted(self.lost)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-class _GuardedStore:
-    """The store as a task body sees it: every call first checks the heartbeat, so a
-    run that lost its unit stops at its next store call (a CNN fold: every epoch).
-
-    ``record_artifact`` is the exception: it describes a file the body has already
-    written, and refusing it would leave that file without its checksum, so that the
-    next delivery distrusts it and starts over (a fold cancelled while it wrote its
-    checkpoint would resume from epoch 0). The body stops at its next guarded call.
-    """
-
-    UNGUARDED = frozenset({"record_artifact"})
-
-    def __init__(self, store: Store, check: Callable[[], None]) -> None:
-        self._store, self._check = store, check
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if not callable(attr) or name in self.UNGUARDED:
-            return attr
-
-        @functools.wraps(attr)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            self._check()
-            return attr(*args, **kwargs)
-
-        return guarded
-
-
 @dataclass
 class UnitContext:
     campaign: Campaign
@@ -451,7 +346,7 @@ class UnitContext:
         if self._manifest is not None:
             path = manifest_path(self.campaign_dir)
             if not path.is_file():
-                raise _manifest_missing(self.store, self.settings, self.campaign.id, path)
+                raise manifest_missing(self.store, self.settings, self.campaign.id, path)
 
     def fold_data(self, variant: str) -> FoldData:
         """This unit's fold of the cached images, as ``variant``, with labels."""
@@ -465,14 +360,6 @@ class UnitContext:
         """Artifact paths are stored relative to the artifact root, so hosts may mount it
         at different places."""
         return path.relative_to(self.settings.artifacts).as_posix()
-
-
-@functools.lru_cache(maxsize=4)
-def _read_manifest(path: Path, sha256: str) -> Manifest:
-    data = read_if_intact(path, sha256)
-    if data is None:
-        raise PreprocessError(f"{path}: manifest checksum mismatch (truncated or altered)")
-    return Manifest.from_json(data.decode("utf-8"), str(path))
 
 
 def _warn_if_larger_than_the_host(unit: Unit, spec: dict[str, Any], manifest: Manifest) -> None:
@@ -528,87 +415,6 @@ def _cnn_on_the_cpu() -> bool:
 class UnitMemoryError(RuntimeError):
     """A unit's body ran out of memory (a MemoryError), which the unit's failure records:
     raised in its stead for Celery, which would end the worker for a MemoryError."""
-
-
-class NotOnThisHostError(PreprocessError):
-    """What a unit needs is not where this worker's host should have it: this worker's
-    setting or mounts, not the unit, are wrong. Every unit it takes would fail, so it
-    hands them back and takes no more from their queue (but for ``keeps_queue`` and
-    ``gpu_keeps_queue``)."""
-
-    #: what to do about it, said after "restart it"
-    remedy = ""
-    #: whether the hand-back counts as an attempt: when what is missing may be missing
-    #: on every host, the unit still ends (FAILED) after ORCHARD_MAX_ATTEMPTS of them
-    counts_attempt = False
-    #: whether a worker of queue ``gpu`` keeps taking from it: where only some of its
-    #: units need what is missing
-    gpu_keeps_queue = False
-    #: whether every worker keeps taking from its queue: where what is missing is most
-    #: likely missing on every host, not this one's alone
-    keeps_queue = False
-
-
-class ArtifactsElsewhereError(NotOnThisHostError):
-    """The store records a campaign's manifest that this worker's artifact folder lacks:
-    the worker's ``ORCHARD_ARTIFACTS`` is not the submitter's (another path, a share not
-    mounted)."""
-
-    remedy = "with the right ORCHARD_ARTIFACTS"
-
-
-class DatasetElsewhereError(NotOnThisHostError):
-    """A campaign's dataset root is not a folder on this worker's host: the share it is
-    on is not mounted here, or the data was moved away since the submit (then it is
-    missing everywhere: each hand-back counts as an attempt)."""
-
-    remedy = "once the dataset is there"
-    counts_attempt = True
-    # a GPU worker's folds need no dataset (its nvJPEG shards do), and a GPU left idle
-    # costs more than a shard handed back
-    gpu_keeps_queue = True
-
-
-class ManifestGoneError(NotOnThisHostError):
-    """The store records a campaign's manifest that this worker's artifact folder lacks,
-    though it holds the other campaigns' (``holds_other_manifests``): the folder is the
-    shared one, and the manifest is missing on every host (its campaign's folder removed
-    by hand, or written by a submitter whose ``ORCHARD_ARTIFACTS`` was another folder).
-    The worker keeps its queues, for the other campaigns; the hand-backs count, so the
-    unit ends FAILED, in case another worker sees the manifest after all."""
-
-    counts_attempt = True
-    keeps_queue = True
-
-
-def load_manifest(store: Store, settings: Settings, campaign_id: str) -> Manifest:
-    rel = manifest_rel(campaign_id)
-    path = settings.artifacts / rel
-    record = store.find_artifact(rel)
-    if record is None:
-        raise PreprocessError(f"{path}: manifest not recorded in the store")
-    if not path.is_file():
-        raise _manifest_missing(store, settings, campaign_id, path)
-    return _read_manifest(path, record.sha256)
-
-
-def _manifest_missing(
-    store: Store, settings: Settings, campaign_id: str, path: Path
-) -> NotOnThisHostError:
-    # recorded, so written on the submitter's host: most often this worker's artifact
-    # folder is another folder, or the share is not mounted here; unless the folder
-    # holds the other campaigns' manifests
-    if holds_other_manifests(store, settings.artifacts, {campaign_id}):
-        return ManifestGoneError(
-            f"{path}: the campaign's manifest is not there, though this folder "
-            "(ORCHARD_ARTIFACTS) holds the other campaigns': its folder was removed, "
-            "or it was submitted with another ORCHARD_ARTIFACTS"
-        )
-    return ArtifactsElsewhereError(
-        f"{path}: the campaign's manifest is not there; ORCHARD_ARTIFACTS on this worker "
-        f"({settings.artifacts}) must be the folder the campaign was submitted with "
-        "(on a cluster, the same share, mounted)"
-    )
 
 
 #: The longest worker node name the store keeps whole (its units' ``worker`` and lease
@@ -1110,7 +916,7 @@ def run_unit(task: Task, message: UnitMessage, body: Callable[[UnitContext], Out
         # read by start_unit with the lease: no more round trips before the body runs
         campaign = start.campaign or store.get_campaign(message.campaign_id)
         unit = start.unit or store.get_unit(key)
-        guarded = cast(Store, _GuardedStore(store, heartbeat.check))
+        guarded = cast(Store, GuardedStore(store, heartbeat.check))
         context = UnitContext(campaign, unit, guarded, settings, heartbeat=heartbeat)
         log.info("%s started (attempt %d)", key, start.attempts)
         send_worker_events()  # task-started, now rather than when the body ends

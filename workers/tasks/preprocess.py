@@ -15,8 +15,8 @@ import numpy as np
 from db.store import Artifact, Outcome
 from shared.manifest import Manifest
 from shared.preprocess import PreprocessError, preprocess_images, write_shard
-from workers.data import exclusive, shard_intact, shard_rel
-from workers.tasks.base import DatasetElsewhereError, UnitContext, log, unit_task
+from workers.data import DatasetElsewhereError, exclusive, shard_intact, shard_rel
+from workers.tasks.base import UnitContext, log, unit_task
 
 _warned: set[str] = set()  # this worker said it has no CUDA device for nvjpeg
 

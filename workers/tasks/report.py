@@ -37,8 +37,9 @@ from shared.report import (
     write_report,
 )
 from workers.config import reliability
+from workers.data import ManifestGoneError
 from workers.reporting.data import build_report_data
-from workers.tasks.base import ManifestGoneError, UnitContext, log, unit_task
+from workers.tasks.base import UnitContext, log, unit_task
 
 
 def _manifest_or_none(ctx: UnitContext) -> Manifest | None:
