@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 #: The newest campaigns a starting worker looks at for one that runs without its
-#: manifest in the worker's artifact folder (as many as `orchard status` lists).
+#: manifest in the worker's artifact folder: a store keeps every campaign ever run, and
+#: a start need not look past those that can still be running.
 RUNNING_CHECKED = 50
 
 
