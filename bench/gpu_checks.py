@@ -15,6 +15,8 @@ checks them on a GPU and exits non-zero when one disagrees:
 - the first block with its conv biases added apart (``StudyConv2d.bias_apart``, an
   alternative ``bench/train_throughput.py --bias-apart`` times) against the plain
   block, both compiled, under bf16 autocast: output, every gradient;
+- a CNN fold's peak memory on the GPU (``train_fold`` at the study's size, batch 256)
+  against ``shared.memory.cnn_device_bytes``, which ``orchard submit --dry-run`` shows;
 - one short ``train_fold`` through the production path with ``compile = true``,
   including a checkpoint and a resume;
 - the study's CNN with each BatchNorm folded into the next layer (``MangoCNN.fold_norm``,
@@ -274,6 +276,105 @@ def compiled_train_fold(device: torch.device) -> dict[str, Any]:
     }
 
 
+class _PeakMemory:
+    """The most memory a run has held on ``device`` since :meth:`reset`, above what it
+    held when this was made: CUDA's allocator's peak, or on the CPU the process's
+    resident high-water mark (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+        self.start = self._held()
+
+    def _held(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self._status_bytes("VmRSS")
+
+    @staticmethod
+    def _status_bytes(name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {name}")
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to VmRSS
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        return self._status_bytes("VmHWM") - self.start
+
+
+def cnn_memory_estimate(
+    device: torch.device,
+    *,
+    splits: tuple[int, int, int] = (1200, 400, 400),
+    image_size: int = 224,
+    width: float = 1.0,
+    batch_size: int = 256,
+    optimizer: str = "sgd",
+) -> dict[str, Any]:
+    """A CNN fold's memory on its device against ``shared.memory.cnn_device_bytes``
+    (what ``orchard submit --dry-run`` shows as GPU): ``train_fold`` as a GPU worker
+    runs it, for two epochs over random images, the peak measured from the first
+    epoch's end (cuDNN has tried its algorithms by then, with workspaces of their own;
+    that first peak is given beside it). It holds if the measured peak is 0.8-1.25
+    times the estimate, the band ``tests/workers/test_memory_estimate.py`` holds the
+    CPU's to. (The suite runs it small on the CPU.)"""
+    from shared.cnn import KNOB_DEFAULTS
+    from shared.memory import Sizes, cnn_device_bytes
+
+    rng = np.random.default_rng(0)
+    params = {
+        **KNOB_DEFAULTS,
+        "image_size": image_size,
+        "width": width,
+        "dropout": 0.5,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "epochs": 2,
+        "batch_size": batch_size,
+        "augment": True,
+        "optimizer": optimizer,
+    }
+    train, val, test = (
+        rng.integers(0, 256, (n, image_size, image_size, 3), np.uint8) for n in splits
+    )
+    peaks: list[int] = []
+
+    def on_epoch(stats: Any) -> None:
+        peaks.append(memory.peak())
+        memory.reset()
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    memory = _PeakMemory(device)
+    train_fold(
+        train, rng.integers(0, 3, splits[0]), val, rng.integers(0, 3, splits[1]), test, params,
+        num_classes=3, seed=0, device=device, on_epoch=on_epoch,
+    )  # fmt: skip
+    peaks.append(memory.peak())  # the second epoch and the last predictions
+    sizes = Sizes(sum(splits), image_size, 256, 3, {0: splits}, splits[2], {})
+    estimate = cnn_device_bytes(params, sizes, 0, cuda=device.type == "cuda")
+    steady = max(peaks[1:])
+    return {
+        "estimate_gb": round(estimate / 1e9, 3),
+        "measured_gb": round(steady / 1e9, 3),
+        "first_epoch_gb": round(peaks[0] / 1e9, 3),
+        "ratio": round(steady / estimate, 3),
+        "band": [0.8, 1.25],
+        "ok": 0.8 <= steady / estimate <= 1.25,
+    }
+
+
 def nvjpeg_decode(device: torch.device) -> dict[str, Any]:
     import io
     import tempfile
@@ -350,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
         "padded_first_conv": padded_first_conv,
         "nvjpeg_decode": nvjpeg_decode,
+        "cnn_memory_estimate": cnn_memory_estimate,
         "compiled_bias_apart": compiled_bias_apart,
         "compiled_train_fold": compiled_train_fold,
         # last: two whole-network compiles, for an option orchard does not use yet

@@ -452,13 +452,14 @@ class Plan:
         return {unit.key: unit_bytes(unit, sizes) for unit in self.units}
 
     def gpu_memory(self) -> dict[str, int]:
-        """The bytes of images each CNN fold holds on its GPU, by unit key (its network
-        and activations come on top; on a worker without a GPU, in its memory)."""
-        from shared.memory import cnn_device_images
+        """About the most each CNN fold holds on its GPU, by unit key: its images, the
+        network and its optimiser's state, and a training step's activations or a
+        prediction's (``shared.memory.cnn_device_bytes``)."""
+        from shared.memory import cnn_device_bytes
 
         sizes = self._sizes()
         return {
-            unit.key: cnn_device_images(unit.params, sizes, unit.fold)
+            unit.key: cnn_device_bytes(unit.params, sizes, unit.fold)
             for unit in self.units
             if unit.family == "cnn"
         }

@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.augment import AugmentParams, augment_batch, constant, sample_params
-from shared.cnn_shape import BLOCK_CHANNELS, DENSE_FEATURES, feature_side
+from shared.cnn_shape import (
+    BLOCK_CHANNELS,
+    CUDA_INPUT_CHANNELS,
+    DENSE_FEATURES,
+    PREDICT_BATCH_CPU,
+    PREDICT_BATCH_CUDA,
+    feature_side,
+    image_bytes,
+    predict_batch,
+)
 from shared.cnn_shape import scaled as _scaled
 from shared.errors import OrchardError
 
@@ -382,10 +391,6 @@ def make_optimizer(
     )
 
 
-#: input channels the first conv is padded to on CUDA (see :class:`RgbConv2d`)
-CUDA_INPUT_CHANNELS = 8
-
-
 def compile_options(*, tune: bool = True, cudagraphs: bool = False) -> dict[str, Any]:
     """Inductor's options for orchard's compiled paths.
 
@@ -620,7 +625,7 @@ def predict_proba(
     """Softmax over ``images`` (uint8 NCHW) in eval mode, no augmentation, on their device."""
     model.eval()
     device = images.device
-    batch_size = batch_size or (1024 if _fast(device) else 256)
+    batch_size = batch_size or (PREDICT_BATCH_CUDA if _fast(device) else PREDICT_BATCH_CPU)
     chunks = []
     for s in range(0, len(images), batch_size):
         with _autocast(device):
@@ -632,11 +637,29 @@ def predict_proba(
     return torch.cat(chunks)
 
 
+def fold_predict_batch(params: dict[str, Any], num_classes: int, device: torch.device) -> int:
+    """Images a fold scores at a time on ``device``: as many as fit in a training
+    batch's memory (``shared.cnn_shape.predict_batch``)."""
+    cuda = _fast(device)
+    per_image = image_bytes(
+        image_size=params["image_size"],
+        width=params["width"],
+        stride=knob(params, "stride"),
+        dense=parse_dense(knob(params, "dense")),
+        activation=knob(params, "activation"),
+        pool=knob(params, "pool"),
+        norm_order=knob(params, "norm_order"),
+        num_classes=num_classes,
+        cuda=cuda,
+    )
+    return predict_batch(per_image, params["batch_size"], cuda=cuda)
+
+
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None
 ) -> tuple[float, float, torch.Tensor]:
     """(loss, accuracy, probabilities) with no augmentation and no dropout."""
-    probs = predict_proba(model, images)
+    probs = predict_proba(model, images, batch_size)
     if len(labels) == 0:
         return float("nan"), float("nan"), probs
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels)
@@ -798,6 +821,7 @@ def train_fold(
     model = build_model(params, num_classes).to(device)
     compile_ = bool(knob(params, "compile"))
     trained = prepare_model(model, device, compile=compile_)
+    scored = fold_predict_batch(params, num_classes, device)
     transform = prepare_inputs(device, compile=compile_)
     optimizer = make_optimizer(model, params, device)
     history: list[EpochStats] = []
@@ -829,7 +853,7 @@ def train_fold(
                 f"the training diverged in epoch {epoch + 1}: its loss is {train_loss} "
                 f"(lr = {params['lr']}: a smaller one may train)"
             )
-        val_loss, val_acc, _ = evaluate(model, x_val, y_val)
+        val_loss, val_acc, _ = evaluate(model, x_val, y_val, scored)
         stats = EpochStats(
             epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - epoch_start
         )
@@ -855,9 +879,9 @@ def train_fold(
                 }
             )
 
-    _, final_train_acc, _ = evaluate(model, x_train, y_train)
-    _, final_val_acc, val_probs = evaluate(model, x_val, y_val)
-    test_probs = predict_proba(model, x_test)
+    _, final_train_acc, _ = evaluate(model, x_train, y_train, scored)
+    _, final_val_acc, val_probs = evaluate(model, x_val, y_val, scored)
+    test_probs = predict_proba(model, x_test, scored)
     return FoldOutcome(
         history=history,
         train_acc=final_train_acc,

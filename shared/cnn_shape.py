@@ -4,7 +4,9 @@ worker builds it."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 BLOCK_CHANNELS = (32, 64, 128, 256, 512)
 DENSE_FEATURES = (512, 256, 64)
@@ -50,3 +52,166 @@ def parameter_count(
     for fin, fout in zip([channels[-1] * side * side, *hidden[:-1]], hidden, strict=True):
         total += fin * fout + fout + (1 if prelu else 0) + 2 * fout
     return total + hidden[-1] * num_classes + num_classes
+
+
+# ------------------------------------------------- what a training step holds
+
+#: input channels the first conv is padded to on CUDA (``shared.cnn.RgbConv2d``)
+CUDA_INPUT_CHANNELS = 8
+#: the most images a fold's predictions score at a time, on a GPU and on the CPU
+#: (:func:`predict_batch`)
+PREDICT_BATCH_CUDA, PREDICT_BATCH_CPU = 1024, 256
+#: bytes a max pool keeps per output value for its backward pass: the argmax, int64
+INDEX_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class StepBytes:
+    """Per image, in bytes: what a training step's forward pass keeps for its backward
+    pass (``saved``: each tensor once, however many layers keep it) and the largest
+    tensor a layer outputs (``largest``)."""
+
+    saved: int
+    largest: int
+
+
+def step_bytes(
+    *,
+    image_size: int,
+    width: float,
+    stride: int,
+    dense: Sequence[int],
+    activation: str,
+    pool: str,
+    norm_order: str,
+    num_classes: int,
+    value_bytes: int = 4,
+    input_channels: int = 3,
+    mask_bytes: int | None = None,
+) -> StepBytes:
+    """What autograd keeps of one image in a training step of the network these knobs
+    build, layer by layer as ``shared.cnn.MangoCNN`` runs it eagerly: a convolution
+    and a linear layer keep their input, BatchNorm its input, PReLU and LeakyReLU their
+    input, ReLU its output, a max pool its input and the argmax of each output value,
+    dropout its mask, and the loss the log-softmax of the logits (float32) and the
+    targets (int64). ``value_bytes``: 4 in float32 (the CPU), 2 under bf16 autocast
+    (CUDA); ``input_channels``: the first conv's input as it keeps it (padded to
+    :data:`CUDA_INPUT_CHANNELS` on CUDA); ``mask_bytes``: a dropout mask's bytes a value
+    (None: ``value_bytes``, as the CPU's dropout multiplies by a mask of the input's
+    type; CUDA's keeps a byte). ``torch.compile`` keeps at most as much: it
+    may recompute an activation in the backward pass instead of keeping it.
+    ``tests/shared/test_cnn_memory.py`` counts what torch keeps against it."""
+    kept: dict[int, int] = {}  # tensor -> its bytes
+    largest = 0
+    ids = itertools.count()
+
+    def new(values: int, size: int = value_bytes) -> tuple[int, int]:
+        """A tensor a layer outputs (``values`` of ``size`` bytes): (its id, its bytes)."""
+        nonlocal largest
+        if size == value_bytes:
+            largest = max(largest, values * size)
+        return next(ids), values * size
+
+    def keep(tensor: tuple[int, int]) -> None:
+        kept[tensor[0]] = tensor[1]
+
+    def act(x: tuple[int, int]) -> tuple[int, int]:
+        out = new(x[1] // value_bytes)
+        keep(out if activation == "relu" else x)
+        return out
+
+    def norm(x: tuple[int, int]) -> tuple[int, int]:
+        keep(x)
+        return new(x[1] // value_bytes)
+
+    def act_norm(x: tuple[int, int]) -> tuple[int, int]:
+        if norm_order == "act_bn":
+            return norm(act(x))
+        return act(norm(x))
+
+    side = image_size
+    x = new(input_channels * side * side)
+    for channels in BLOCK_CHANNELS:
+        cout = scaled(channels, width)
+        for conv_stride in (stride, 1):
+            keep(x)  # the conv's input
+            side = (side - 1) // conv_stride + 1
+            x = act_norm(new(cout * side * side))
+        keep(x)  # the pool's input
+        side = (side + 1) // 2
+        if pool == "max":
+            keep(new(cout * side * side, INDEX_BYTES))
+        x = new(cout * side * side)
+    for fout in (scaled(n, width) for n in dense):
+        keep(x)  # the linear layer's input
+        x = act_norm(new(fout))
+        keep(new(fout, mask_bytes or value_bytes))  # dropout's mask
+        x = new(fout)
+    keep(x)  # the last linear layer's input
+    keep(new(num_classes, 4))  # the loss's log-softmax, in float32
+    keep(new(1, 8))  # the loss's target
+    return StepBytes(saved=sum(kept.values()), largest=largest)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageBytes:
+    """About the most memory one image of a batch takes on the device: in a training
+    step (``training``) and in a prediction, with no gradients (``predicting``)."""
+
+    training: int
+    predicting: int
+
+
+def image_bytes(
+    *,
+    image_size: int,
+    width: float,
+    stride: int,
+    dense: Sequence[int],
+    activation: str,
+    pool: str,
+    norm_order: str,
+    num_classes: int,
+    cuda: bool,
+) -> ImageBytes:
+    """An image's share of a training step and of a prediction, on a GPU (``cuda``:
+    bf16 autocast) or the CPU (float32).
+
+    A training step holds what autograd keeps for the backward pass
+    (:func:`step_bytes`) and, as the backward pass starts, the gradient it passes on; it
+    frees what it kept of each layer as it passes the layer, so the larger gradients of
+    the first layers come when the last layers' have gone: one largest layer output is
+    counted for them. The image's uint8 pixels and its float32 input come beside it
+    (on the CPU the first conv keeps that input itself). A prediction holds its float32
+    input and three of the largest layer output (a layer's input, its output and one
+    more as it computes them: three on the CPU, to within a tenth of a percent, at each
+    width and image size measured)."""
+    step = step_bytes(
+        image_size=image_size,
+        width=width,
+        stride=stride,
+        dense=dense,
+        activation=activation,
+        pool=pool,
+        norm_order=norm_order,
+        num_classes=num_classes,
+        value_bytes=2 if cuda else 4,
+        input_channels=CUDA_INPUT_CHANNELS if cuda else 3,
+        mask_bytes=1 if cuda else None,
+    )
+    pixels = 3 * image_size * image_size
+    return ImageBytes(
+        training=step.saved + step.largest + pixels * (5 if cuda else 1),
+        predicting=4 * pixels + 3 * step.largest,
+    )
+
+
+def predict_batch(per_image: ImageBytes, batch_size: int, *, cuda: bool) -> int:
+    """Images a fold's predictions score at a time: as many as fit in what a training
+    batch of ``batch_size`` takes (a prediction keeps nothing for a backward pass: the
+    study's CNN scores about five images in a training image's memory), at most
+    :data:`PREDICT_BATCH_CUDA` (the CPU: :data:`PREDICT_BATCH_CPU`). So a fold that
+    trains in a GPU's memory predicts in it too, and a smaller ``batch_size`` is the
+    one knob for both."""
+    most = PREDICT_BATCH_CUDA if cuda else PREDICT_BATCH_CPU
+    return max(1, min(most, batch_size * per_image.training // per_image.predicting))

@@ -5,10 +5,10 @@ An estimate, in bytes, of the arrays a unit holds at once at its peak, from the 
 of each split and the unit's parameters. Each term below is an array the unit's code
 allocates (``workers.data``, ``shared.svm``, ``shared.forest``, ``shared.cnn``), and
 ``tests/workers/test_memory_estimate.py`` holds the sums against what real units
-measure. Not
-counted: the interpreter and its libraries (a CPU worker process starts at about
-0.2 GB, one that has loaded torch and CUDA at about 1-2 GB), a CNN fold's GPU memory
-beyond its images there, and the report's Python objects.
+measure. A CNN fold's GPU memory is estimated apart (:func:`cnn_device_bytes`,
+``orchard submit --dry-run``'s GPU figure). Not counted: the interpreter and its
+libraries (a CPU worker process starts at about 0.2 GB, one that has loaded torch and
+CUDA at about 1-2 GB), and the report's Python objects.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.cnn_shape import parameter_count
+from shared.cnn_shape import image_bytes, parameter_count, predict_batch
 from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR
 from shared.forest import AUGMENT_COPIES, CHUNK_BYTES
 from shared.manifest import Manifest
@@ -189,27 +189,46 @@ def _forest(unit: Unit, sizes: Sizes) -> int:
     return sizes.loading(variant) + splits + peak
 
 
+def _network(params: Mapping[str, Any], sizes: Sizes) -> dict[str, Any]:
+    """The knobs that shape a fold's network, as ``shared.cnn_shape`` takes them."""
+    return {
+        "image_size": int(params["image_size"]),
+        "width": float(params.get("width", 1.0)),
+        "stride": int(params.get("stride", 1)),
+        "dense": [int(w) for w in str(params.get("dense", "512,256,64")).split(",")],
+        "activation": params.get("activation", "prelu"),
+        "pool": params.get("pool", "max"),
+        "num_classes": sizes.classes,
+    }
+
+
+def _optimizer_states(params: Mapping[str, Any]) -> int:
+    """Copies of the weights the optimiser keeps: SGD's momentum, or Adam's two moments."""
+    return 2 if params.get("optimizer") == "adam" else 1
+
+
 def _cnn(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
     """A CNN fold on a GPU worker, on the host: its variant's images, each split
     gathered (and resized to ``image_size``) as it goes to the device, a chunk at a time
     (``shared.cnn.to_device``), and the checkpoint taken after each epoch: the model and
-    its optimiser's state (SGD's momentum, or Adam's two moments) copied off the device,
-    serialised, and those bytes copied out to be written."""
+    its optimiser's state copied off the device, serialised, and those bytes copied out
+    to be written."""
+    variant = cnn_variant(sizes.cache_size, params.get("input", "crop"))
+    return sizes.loading(variant) + max(_to_device(params, sizes, fold), _checkpoint(params, sizes))
+
+
+def _to_device(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
+    """A chunk of a split's images gathered, and resized to ``image_size``, on the host."""
     variant = cnn_variant(sizes.cache_size, params.get("input", "crop"))
     size = int(params["image_size"])
-    chunk = TO_DEVICE_CHUNK * (sizes.variant_bytes(variant) + size * size * 3)
-    weights = 4 * parameter_count(
-        image_size=size,
-        width=float(params.get("width", 1.0)),
-        stride=int(params.get("stride", 1)),
-        dense=[int(w) for w in str(params.get("dense", "512,256,64")).split(",")],
-        activation=params.get("activation", "prelu"),
-        pool=params.get("pool", "max"),
-        num_classes=sizes.classes,
-    )
-    states = 1 + (2 if params.get("optimizer") == "adam" else 1)
-    checkpoint = states * weights * 3  # copied off the device, serialised, its bytes
-    return sizes.loading(variant) + max(chunk, checkpoint)
+    chunk = min(TO_DEVICE_CHUNK, max(sizes.folds[fold]))
+    return chunk * (sizes.variant_bytes(variant) + size * size * 3)
+
+
+def _checkpoint(params: Mapping[str, Any], sizes: Sizes) -> int:
+    """The weights and the optimiser's state, copied off the device, serialised, and
+    those bytes copied out to be written."""
+    return (1 + _optimizer_states(params)) * 4 * parameter_count(**_network(params, sizes)) * 3
 
 
 def cnn_device_images(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
@@ -217,6 +236,57 @@ def cnn_device_images(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int
     ``image_size``. On a worker without a GPU these are in the host's memory too."""
     size = int(params["image_size"])
     return sum(sizes.folds[fold]) * size * size * 3
+
+
+def cnn_device_bytes(
+    params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool = True
+) -> int:
+    """About the most a CNN fold holds on its device (``cuda``: a GPU; otherwise the
+    CPU): what it keeps there for the whole fold (:func:`_resident`) and the larger of
+    a training step and a prediction (:func:`_step`). Not counted: cuDNN's workspace
+    and the CUDA context (a few hundred MB, outside PyTorch's allocator)."""
+    return _resident(params, sizes, fold, cuda=cuda) + _step(params, sizes, fold, cuda=cuda)
+
+
+def cnn_on_the_cpu(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
+    """A CNN fold that trains on the CPU (a GPU worker without CUDA, or
+    ``ORCHARD_DEVICE=cpu``), whose device is the host: the variant's images and what
+    the device keeps, and the most of a chunk going to the device, a checkpoint, a
+    training step and a prediction, which come one after another."""
+    variant = cnn_variant(sizes.cache_size, params.get("input", "crop"))
+    return (
+        sizes.loading(variant)
+        + _resident(params, sizes, fold, cuda=False)
+        + max(
+            _to_device(params, sizes, fold),
+            _checkpoint(params, sizes),
+            _step(params, sizes, fold, cuda=False),
+        )
+    )
+
+
+def _resident(params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool) -> int:
+    """What a fold keeps on its device throughout: its images and the network (float32
+    weights, their gradients and the optimiser's state; under a GPU's autocast, the
+    weights' bf16 copies too)."""
+    weights = parameter_count(**_network(params, sizes))
+    network = weights * 4 * (2 + _optimizer_states(params)) + (weights * 2 if cuda else 0)
+    return cnn_device_images(params, sizes, fold) + network
+
+
+def _step(params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool) -> int:
+    """The larger of a training step (``batch_size`` images) and a prediction (as many
+    as ``shared.cnn_shape.predict_batch`` scores at a time), on a GPU (``cuda``) or the
+    CPU: ``shared.cnn_shape.image_bytes`` an image.
+    ``tests/workers/test_memory_estimate.py`` holds the CPU's sums against what folds
+    measure there; ``bench/gpu_checks.py --only cnn_memory_estimate`` measures a GPU's."""
+    per_image = image_bytes(
+        **_network(params, sizes), norm_order=params.get("norm_order", "act_bn"), cuda=cuda
+    )
+    train, val, test = sizes.folds[fold]
+    batch = int(params["batch_size"])
+    predicted = min(predict_batch(per_image, batch, cuda=cuda), max(val, test, train))
+    return max(min(batch, train) * per_image.training, predicted * per_image.predicting)
 
 
 def _report(sizes: Sizes) -> int:

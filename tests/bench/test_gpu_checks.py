@@ -3,10 +3,15 @@ bench/device_run.sh on a GPU machine)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tests.conftest import load_bench
+from tests.conftest import REPO, load_bench
 
 
 def _module():
@@ -66,3 +71,29 @@ def test_the_fold_norm_check_runs_tiny_on_the_cpu_and_can_fail(monkeypatch):
     # traced by dynamo alone this time: the sign shows in the output, no backward needed
     result = module.compiled_fold_norm(torch.device("cpu"), **{**tiny, "backend": "eager"})
     assert not result["ok"] and result["relative_l2_to_fp32"]["folded"]["output"] > 0.5
+
+
+def test_the_cnn_memory_check_runs_small_on_the_cpu_within_its_band():
+    """The CNN memory check on the CPU, in a fresh process whose large arrays come and
+    go as mappings of their own (as tests/workers/test_memory_estimate.py measures),
+    after a smaller run has loaded what the libraries keep: the fold's measured peak
+    is within the band of ``shared.memory.cnn_device_bytes``'s CPU estimate."""
+    code = (
+        "import json, torch\n"
+        "from tests.conftest import load_bench\n"
+        "torch.set_num_threads(1)\n"
+        "check = load_bench('gpu_checks').cnn_memory_estimate\n"
+        "cpu = torch.device('cpu')\n"
+        "check(cpu, splits=(16, 8, 8), image_size=32, width=0.25, batch_size=8)\n"
+        "small = dict(splits=(128, 32, 32), image_size=64, width=0.25, batch_size=128)\n"
+        "print(json.dumps(check(cpu, **small)))\n"
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] and 0.8 <= result["ratio"] <= 1.25, result
+    assert result["estimate_gb"] > 0.1 and result["first_epoch_gb"] > 0, result

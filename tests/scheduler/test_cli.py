@@ -496,6 +496,29 @@ def test_a_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
     assert not home.exists() and not (tmp_path / "no").exists()  # no dataset, store, folder
 
 
+def test_a_dry_run_gives_a_cnn_fold_s_gpu_memory_which_its_batch_size_sets(
+    tmp_path: Path,
+) -> None:
+    """The CNN row's Memory: the host's share, then what a fold holds on its GPU, which
+    its batch's activations make most of (``shared.memory.cnn_device_bytes``)."""
+    figures = {}
+    for batch in (32, 128):
+        campaign = tmp_path / f"cnn{batch}.toml"
+        campaign.write_text(
+            f'name = "cnn{batch}"\n[dataset]\nkind = "synthetic"\ntrain_per_class = 60\n'
+            "test_per_class = 15\n[preprocessing]\nsize = 256\n"
+            f"[cnn]\nfolds = 5\nbatch_size = {batch}\n"
+        )
+        done = orchard("submit", str(campaign), "--dry-run", env={"ORCHARD_HOME": str(tmp_path)})
+        assert done.returncode == 0, done.stderr
+        row = next(line for line in done.stdout.splitlines() if re.match(r"models\s+cnn\s", line))
+        cells = re.split(r"\s{2,}", row)
+        assert cells[:4] == ["models", "cnn", "5", "gpu"], row
+        figures[batch] = float(re.fullmatch(r".* GB, GPU ([\d.]+) GB", cells[4])[1])
+    # 225 images at 224 px are 34 MB; 32 images' activations 1.6 GB, 128's 6.4 GB
+    assert 1.5 < figures[32] < 2.5 and 6 < figures[128] < 8, figures
+
+
 def test_a_dry_run_refuses_what_a_submit_refuses_in_one_line(tmp_path: Path) -> None:
     campaign = tmp_path / "big.toml"
     campaign.write_text(

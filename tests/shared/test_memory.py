@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 
 import shared.memory
-from shared.memory import Sizes, about, cnn_device_images, gigabytes, unit_bytes
+from shared.cnn_shape import image_bytes, predict_batch
+from shared.memory import (
+    Sizes,
+    about,
+    cnn_device_bytes,
+    cnn_device_images,
+    cnn_on_the_cpu,
+    gigabytes,
+    unit_bytes,
+)
 from shared.plan import MERGE, REPORT, TRAIN, UnitPlan
 from shared.spec import parse_campaign, sweep_points
 
@@ -94,6 +103,35 @@ def test_a_cnn_fold_holds_its_checkpoint_and_its_device_its_images():
     assert cnn_device_images(small, sizes, 0) == 1_000 * 128 * 128 * 3
 
 
+def test_a_cnn_fold_on_its_gpu_holds_its_images_network_and_a_batch_s_activations():
+    sizes = _sizes(1_000)
+    study = {"image_size": 224, "width": 1.0, "dense": "512,256,64", "batch_size": 256}
+    images = cnn_device_images(study, sizes, 0)
+    gpu = cnn_device_bytes(study, sizes, 0)
+    # the study's CNN keeps tens of MB an image for its backward pass (bf16)
+    assert images + 256 * 30e6 < gpu < images + 256 * 60e6
+    half = cnn_device_bytes({**study, "batch_size": 128}, sizes, 0)
+    assert gpu - half == pytest.approx((gpu - images) / 2, rel=0.05)  # the network is small
+    assert cnn_device_bytes({**study, "optimizer": "adam"}, sizes, 0) > gpu  # two moments
+    assert cnn_device_bytes({**study, "norm_order": "bn_act", "activation": "relu"}, sizes, 0) < gpu
+    # float32 on the CPU: about twice the activations, beside the host's own arrays
+    cpu = cnn_on_the_cpu(_unit("cnn", study).params, sizes, 0)
+    assert cpu > images + 1.8 * (gpu - images) and cpu > unit_bytes(_unit("cnn", study), sizes)
+    # predictions score as many images at a time as fit in a training batch's memory:
+    # about five an image for the study's CNN, and never more than 1,024
+    knobs = {"image_size": 224, "width": 1.0, "stride": 1, "dense": (512, 256, 64),
+             "activation": "prelu", "pool": "max", "norm_order": "act_bn",
+             "num_classes": 3}  # fmt: skip
+    per_image = image_bytes(**knobs, cuda=True)
+    assert 4 * 32 < predict_batch(per_image, 32, cuda=True) < 6 * 32
+    assert predict_batch(per_image, 256, cuda=True) == 1024
+    assert predict_batch(image_bytes(**knobs, cuda=False), 256, cuda=False) == 256
+    for batch in (2, 8, 32):
+        assert predict_batch(per_image, batch, cuda=True) * per_image.predicting <= (
+            batch * per_image.training
+        )
+
+
 def test_the_report_and_a_preprocessing_shard():
     sizes = _sizes(50_000, {"svm": {"n_components": [200]}})
     report = unit_bytes(_unit("report", {}, REPORT), sizes)
@@ -141,7 +179,7 @@ def _study_examples(images: int) -> list[str]:
             params = {**params, "shard": 0}
         out.append(gigabytes(unit_bytes(_unit(family, params, stage), sizes)))
         if family == "cnn":
-            out.append(gigabytes(cnn_device_images(params, sizes, 0)))
+            out.append(gigabytes(cnn_device_bytes(params, sizes, 0)))
     return out
 
 

@@ -62,6 +62,7 @@ def main(url: str, tmp: str, campaign_id: str, unit_key: str, manifest_file: str
         "cnn": cnn.train_cnn_fold,
     }[unit.family]
     # what a worker has loaded by its second unit is not this unit's
+    import cv2  # noqa: F401 - a CNN fold resizing its images to image_size
     import scipy.linalg  # noqa: F401
     import sklearn.decomposition  # noqa: F401
     import sklearn.ensemble  # noqa: F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -415,6 +416,9 @@ def test_a_fold_out_of_gpu_memory_fails_saying_what_to_change(env, monkeypatch):
         "orchard: cpu"  # the device it trained on
     )
     assert ", [cnn] batch_size 8, image_size 32, " in message and "\n" not in message
+    # what shared.memory says the fold holds on its device (the CPU here)
+    estimate = r"held on the device \(by orchard's estimate, \S+ [\d.]+ GB in all\):"
+    assert re.search(estimate, message), message
     assert "submit the campaign again with a smaller [cnn] batch_size" in message
     assert raised.value.__context__ is None and emptied == [1]
     assert len(_slots(env)) == 2 and _slot(env, 1)[0].exists()  # the first epoch's checkpoint

@@ -372,7 +372,7 @@ def _warn_if_larger_than_the_host(unit: Unit, spec: dict[str, Any], manifest: Ma
         Sizes,
         about,
         available_bytes,
-        cnn_device_images,
+        cnn_on_the_cpu,
         process_bytes,
         unit_bytes,
     )
@@ -381,9 +381,10 @@ def _warn_if_larger_than_the_host(unit: Unit, spec: dict[str, Any], manifest: Ma
         if (available := available_bytes()) is None:
             return
         sizes = Sizes.of(manifest, spec, [unit.fold])
-        needs = unit_bytes(unit, sizes)
-        if unit.family == "cnn" and _cnn_on_the_cpu():
-            needs += cnn_device_images(unit.params, sizes, unit.fold)  # "the device": here
+        if unit.family == "cnn" and _cnn_on_the_cpu():  # "the device" is this host
+            needs = cnn_on_the_cpu(unit.params, sizes, unit.fold)
+        else:
+            needs = unit_bytes(unit, sizes)
         held = process_bytes()
     except Exception:  # noqa: BLE001
         log.debug("%s: no memory estimate", unit.key, exc_info=True)

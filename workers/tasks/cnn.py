@@ -35,6 +35,8 @@ from workers.outcomes import model_outcome
 from workers.tasks.base import UnitContext, log, unit_task
 
 if TYPE_CHECKING:
+    import torch
+
     from shared.cnn import EpochStats
 
 
@@ -174,18 +176,37 @@ def _verified_checkpoint(
     return checkpoint
 
 
-def out_of_memory_message(error: str, params: dict[str, Any], images: int, device: str) -> str:
+def out_of_memory_message(
+    error: str, params: dict[str, Any], images: int, device: str, estimate: int | None = None
+) -> str:
     """The one line a fold that ran out of GPU memory records: torch's first sentence
-    or two (what it tried to allocate, what the GPU holds), then what to do about it."""
+    or two (what it tried to allocate, what the GPU holds), then what to do about it,
+    with orchard's estimate of what the fold holds on its device where there is one."""
+    from shared.memory import about
+
     first = " ".join(error.split())
     if len(first) > 600:
         first = first[:600] + "…"
+    needs = f" (by orchard's estimate, {about(estimate)} in all)" if estimate else ""
     return (
         f"{first} — orchard: {device}, [cnn] batch_size {params['batch_size']}, "
-        f"image_size {params['image_size']}, {images} images held on the device: "
+        f"image_size {params['image_size']}, {images} images held on the device{needs}: "
         "submit the campaign again with a smaller [cnn] batch_size (--reuse copies the "
-        "units that succeeded), or check that no other process uses this GPU (nvidia-smi)"
+        "units that succeeded; orchard submit --dry-run gives a fold's GPU memory), or "
+        "check that no other process uses this GPU (nvidia-smi)"
     )
+
+
+def _device_estimate(ctx: UnitContext, device: torch.device) -> int | None:
+    """What ``shared.memory`` estimates the fold holds on ``device`` (None: no estimate)."""
+    from shared.memory import Sizes, cnn_device_bytes
+
+    try:
+        sizes = Sizes.of(ctx.manifest(), ctx.campaign.spec, [ctx.unit.fold])
+        return cnn_device_bytes(ctx.unit.params, sizes, ctx.unit.fold, cuda=device.type == "cuda")
+    except Exception:  # noqa: BLE001 - the message goes without it
+        log.debug("%s: no memory estimate", ctx.unit.key, exc_info=True)
+        return None
 
 
 @unit_task("orchard.train_cnn_fold")
@@ -283,6 +304,7 @@ def train_cnn_fold(ctx: UnitContext) -> Outcome:
                 params,
                 len(data.train) + len(data.val) + len(data.test),
                 describe_device(device),
+                _device_estimate(ctx, device),
             )
         )
     # the model file describes itself: enough to rebuild and evaluate the model alone
