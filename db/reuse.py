@@ -34,7 +34,7 @@ def reuse_finished_without_commit(
     *,
     equivalent_manifests: Sequence[str],
     present: Callable[[str, int], bool] | None,
-    now: datetime,
+    now: Callable[[], datetime],
 ) -> dict[str, str]:
     """Fill ``campaign``'s model units from identical units that already succeeded.
 
@@ -54,6 +54,9 @@ def reuse_finished_without_commit(
     that ran and its campaign's manifest. The store restored from a backup newer
     than the artifact folder, or from before an `orchard delete`, records campaigns
     whose files are gone; the newest twin whose files are there is taken instead.
+
+    ``now`` gives the time the copies are stamped with, asked only where there are
+    some (on PostgreSQL it asks the server).
     """
     manifest_sha = s.scalar(
         select(ArtifactRow.sha256).where(
@@ -130,7 +133,9 @@ def reuse_finished_without_commit(
         for unit in wanted
         if (source := sources.get((unit.family, unit.params_hash, unit.fold)))
     ]
-    return _copy_outcomes_without_commit(s, pairs, now)
+    if not pairs:
+        return {}
+    return _copy_outcomes_without_commit(s, pairs, now())
 
 
 def _files_there(

@@ -1565,7 +1565,7 @@ class Store:
                 campaign,
                 equivalent_manifests=equivalent_manifests,
                 present=present,
-                now=self._now(s),
+                now=lambda: self._now(s),
             )
 
     # -- results

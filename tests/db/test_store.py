@@ -889,8 +889,19 @@ def test_reuse_copies_identical_finished_units(store_url: str) -> None:
     seed_campaign(store, "t-3")
     store.record_artifact(Artifact("campaigns/t-3/manifest.json", "manifest", "b" * 64, 1, "t-3"))
     new_key = svm[0].key.replace("t-1/", "t-2/", 1)
+    statements: list[str] = []
+    event.listen(
+        store.engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: statements.append(statement),
+    )
     assert store.reuse_finished("t-2") == {new_key: svm[0].key}
+    # the copies are stamped with the store's time: on PostgreSQL, the server's
+    server_clock = store.engine.dialect.name == "postgresql"
+    assert any("clock_timestamp" in statement for statement in statements) == server_clock
+    statements.clear()
     assert store.reuse_finished("t-3") == {}
+    assert statements and not any("clock_timestamp" in statement for statement in statements)
     unit = store.get_unit(new_key)
     assert unit.state == "SUCCESS" and unit.attempts == 0
     result = store.results("t-2")[new_key]
