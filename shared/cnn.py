@@ -46,6 +46,7 @@ from shared.cnn_shape import (
     DENSE_FEATURES,
     PREDICT_BATCH_CPU,
     PREDICT_BATCH_CUDA,
+    Network,
     feature_side,
     image_bytes,
     predict_batch,
@@ -641,17 +642,7 @@ def fold_predict_batch(params: dict[str, Any], num_classes: int, device: torch.d
     """Images a fold scores at a time on ``device``: as many as fit in a training
     batch's memory (``shared.cnn_shape.predict_batch``)."""
     cuda = _fast(device)
-    per_image = image_bytes(
-        image_size=params["image_size"],
-        width=params["width"],
-        stride=knob(params, "stride"),
-        dense=parse_dense(knob(params, "dense")),
-        activation=knob(params, "activation"),
-        pool=knob(params, "pool"),
-        norm_order=knob(params, "norm_order"),
-        num_classes=num_classes,
-        cuda=cuda,
-    )
+    per_image = image_bytes(Network.of(params, num_classes), cuda=cuda)
     return predict_batch(per_image, params["batch_size"], cuda=cuda)
 
 

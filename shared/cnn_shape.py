@@ -1,12 +1,13 @@
 """The study CNN's shape as arithmetic: what :class:`shared.cnn.MangoCNN` builds, without
 torch, so that a campaign file's checks (``shared.spec``) can size a network before any
-worker builds it."""
+worker builds it, and ``shared.memory`` can say what a fold holds on its device."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 BLOCK_CHANNELS = (32, 64, 128, 256, 512)
 DENSE_FEATURES = (512, 256, 64)
@@ -26,32 +27,54 @@ def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)
     return side
 
 
-def parameter_count(
-    *,
-    image_size: int,
-    width: float,
-    stride: int,
-    dense: Sequence[int],
-    activation: str,
-    pool: str,
-    num_classes: int,
-) -> int:
-    """The trainable parameters of the network these knobs build (``dense`` unscaled,
-    as in the campaign file): weights and biases, PReLU slopes, BatchNorm scales and
-    shifts."""
-    prelu = activation == "prelu"
-    channels = [scaled(c, width) for c in BLOCK_CHANNELS]
-    total = 0
-    for cin, cout in zip([3, *channels[:-1]], channels, strict=True):
-        for conv_in in (cin, cout):  # two 3x3 convs, each with its activation and norm
-            total += conv_in * cout * 9 + cout + (cout if prelu else 0) + 2 * cout
-        if pool == "conv":
-            total += cout * cout * 9 + cout
-    hidden = [scaled(n, width) for n in dense]
-    side = feature_side(image_size, stride)
-    for fin, fout in zip([channels[-1] * side * side, *hidden[:-1]], hidden, strict=True):
-        total += fin * fout + fout + (1 if prelu else 0) + 2 * fout
-    return total + hidden[-1] * num_classes + num_classes
+@dataclass(frozen=True, slots=True)
+class Network:
+    """The knobs that shape a fold's network (``dense`` unscaled, as in the campaign
+    file), each defaulting to the study's."""
+
+    image_size: int
+    width: float = 1.0
+    stride: int = 1
+    dense: tuple[int, ...] = DENSE_FEATURES
+    activation: str = "prelu"
+    pool: str = "max"
+    norm_order: str = "act_bn"
+    num_classes: int = 3
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any], num_classes: int) -> Network:
+        """A unit's network: its ``params`` as stored (``dense`` a string), missing
+        knobs at the study's values."""
+        dense = params.get("dense", DENSE_FEATURES)
+        if isinstance(dense, str):
+            dense = dense.split(",")
+        return cls(
+            image_size=int(params["image_size"]),
+            width=float(params.get("width", 1.0)),
+            stride=int(params.get("stride", 1)),
+            dense=tuple(int(w) for w in dense),
+            activation=params.get("activation", "prelu"),
+            pool=params.get("pool", "max"),
+            norm_order=params.get("norm_order", "act_bn"),
+            num_classes=num_classes,
+        )
+
+    def parameters(self) -> int:
+        """Its trainable parameters: weights and biases, PReLU slopes, BatchNorm scales
+        and shifts."""
+        prelu = self.activation == "prelu"
+        channels = [scaled(c, self.width) for c in BLOCK_CHANNELS]
+        total = 0
+        for cin, cout in zip([3, *channels[:-1]], channels, strict=True):
+            for conv_in in (cin, cout):  # two 3x3 convs, each with its activation and norm
+                total += conv_in * cout * 9 + cout + (cout if prelu else 0) + 2 * cout
+            if self.pool == "conv":
+                total += cout * cout * 9 + cout
+        hidden = [scaled(n, self.width) for n in self.dense]
+        side = feature_side(self.image_size, self.stride)
+        for fin, fout in zip([channels[-1] * side * side, *hidden[:-1]], hidden, strict=True):
+            total += fin * fout + fout + (1 if prelu else 0) + 2 * fout
+        return total + hidden[-1] * self.num_classes + self.num_classes
 
 
 # ------------------------------------------------- what a training step holds
@@ -76,21 +99,14 @@ class StepBytes:
 
 
 def step_bytes(
+    network: Network,
     *,
-    image_size: int,
-    width: float,
-    stride: int,
-    dense: Sequence[int],
-    activation: str,
-    pool: str,
-    norm_order: str,
-    num_classes: int,
     value_bytes: int = 4,
     input_channels: int = 3,
     mask_bytes: int | None = None,
 ) -> StepBytes:
-    """What autograd keeps of one image in a training step of the network these knobs
-    build, layer by layer as ``shared.cnn.MangoCNN`` runs it eagerly: a convolution
+    """What autograd keeps of one image in a training step of ``network``, layer by
+    layer as ``shared.cnn.MangoCNN`` runs it eagerly: a convolution
     and a linear layer keep their input, BatchNorm its input, PReLU and LeakyReLU their
     input, ReLU its output, a max pool its input and the argmax of each output value,
     dropout its mask, and the loss the log-softmax of the logits (float32) and the
@@ -117,7 +133,7 @@ def step_bytes(
 
     def act(x: tuple[int, int]) -> tuple[int, int]:
         out = new(x[1] // value_bytes)
-        keep(out if activation == "relu" else x)
+        keep(out if network.activation == "relu" else x)
         return out
 
     def norm(x: tuple[int, int]) -> tuple[int, int]:
@@ -125,30 +141,30 @@ def step_bytes(
         return new(x[1] // value_bytes)
 
     def act_norm(x: tuple[int, int]) -> tuple[int, int]:
-        if norm_order == "act_bn":
+        if network.norm_order == "act_bn":
             return norm(act(x))
         return act(norm(x))
 
-    side = image_size
+    side = network.image_size
     x = new(input_channels * side * side)
     for channels in BLOCK_CHANNELS:
-        cout = scaled(channels, width)
-        for conv_stride in (stride, 1):
+        cout = scaled(channels, network.width)
+        for conv_stride in (network.stride, 1):
             keep(x)  # the conv's input
             side = (side - 1) // conv_stride + 1
             x = act_norm(new(cout * side * side))
         keep(x)  # the pool's input
         side = (side + 1) // 2
-        if pool == "max":
+        if network.pool == "max":
             keep(new(cout * side * side, INDEX_BYTES))
         x = new(cout * side * side)
-    for fout in (scaled(n, width) for n in dense):
+    for fout in (scaled(n, network.width) for n in network.dense):
         keep(x)  # the linear layer's input
         x = act_norm(new(fout))
         keep(new(fout, mask_bytes or value_bytes))  # dropout's mask
         x = new(fout)
     keep(x)  # the last linear layer's input
-    keep(new(num_classes, 4))  # the loss's log-softmax, in float32
+    keep(new(network.num_classes, 4))  # the loss's log-softmax, in float32
     keep(new(1, 8))  # the loss's target
     return StepBytes(saved=sum(kept.values()), largest=largest)
 
@@ -162,18 +178,7 @@ class ImageBytes:
     predicting: int
 
 
-def image_bytes(
-    *,
-    image_size: int,
-    width: float,
-    stride: int,
-    dense: Sequence[int],
-    activation: str,
-    pool: str,
-    norm_order: str,
-    num_classes: int,
-    cuda: bool,
-) -> ImageBytes:
+def image_bytes(network: Network, *, cuda: bool) -> ImageBytes:
     """An image's share of a training step and of a prediction, on a GPU (``cuda``:
     bf16 autocast) or the CPU (float32).
 
@@ -187,19 +192,12 @@ def image_bytes(
     more as it computes them: three on the CPU, to within a tenth of a percent, at each
     width and image size measured)."""
     step = step_bytes(
-        image_size=image_size,
-        width=width,
-        stride=stride,
-        dense=dense,
-        activation=activation,
-        pool=pool,
-        norm_order=norm_order,
-        num_classes=num_classes,
+        network,
         value_bytes=2 if cuda else 4,
         input_channels=CUDA_INPUT_CHANNELS if cuda else 3,
         mask_bytes=1 if cuda else None,
     )
-    pixels = 3 * image_size * image_size
+    pixels = 3 * network.image_size**2
     return ImageBytes(
         training=step.saved + step.largest + pixels * (5 if cuda else 1),
         predicting=4 * pixels + 3 * step.largest,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.cnn_shape import image_bytes, parameter_count, predict_batch
+from shared.cnn_shape import Network, image_bytes, predict_batch
 from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR
 from shared.forest import AUGMENT_COPIES, CHUNK_BYTES
 from shared.manifest import Manifest
@@ -189,19 +189,6 @@ def _forest(unit: Unit, sizes: Sizes) -> int:
     return sizes.loading(variant) + splits + peak
 
 
-def _network(params: Mapping[str, Any], sizes: Sizes) -> dict[str, Any]:
-    """The knobs that shape a fold's network, as ``shared.cnn_shape`` takes them."""
-    return {
-        "image_size": int(params["image_size"]),
-        "width": float(params.get("width", 1.0)),
-        "stride": int(params.get("stride", 1)),
-        "dense": [int(w) for w in str(params.get("dense", "512,256,64")).split(",")],
-        "activation": params.get("activation", "prelu"),
-        "pool": params.get("pool", "max"),
-        "num_classes": sizes.classes,
-    }
-
-
 def _optimizer_states(params: Mapping[str, Any]) -> int:
     """Copies of the weights the optimiser keeps: SGD's momentum, or Adam's two moments."""
     return 2 if params.get("optimizer") == "adam" else 1
@@ -228,7 +215,7 @@ def _to_device(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
 def _checkpoint(params: Mapping[str, Any], sizes: Sizes) -> int:
     """The weights and the optimiser's state, copied off the device, serialised, and
     those bytes copied out to be written."""
-    return (1 + _optimizer_states(params)) * 4 * parameter_count(**_network(params, sizes)) * 3
+    return (1 + _optimizer_states(params)) * 4 * Network.of(params, sizes.classes).parameters() * 3
 
 
 def cnn_device_images(params: Mapping[str, Any], sizes: Sizes, fold: int) -> int:
@@ -269,7 +256,7 @@ def _resident(params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool)
     """What a fold keeps on its device throughout: its images and the network (float32
     weights, their gradients and the optimiser's state; under a GPU's autocast, the
     weights' bf16 copies too)."""
-    weights = parameter_count(**_network(params, sizes))
+    weights = Network.of(params, sizes.classes).parameters()
     network = weights * 4 * (2 + _optimizer_states(params)) + (weights * 2 if cuda else 0)
     return cnn_device_images(params, sizes, fold) + network
 
@@ -280,9 +267,7 @@ def _step(params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool) -> 
     CPU: ``shared.cnn_shape.image_bytes`` an image.
     ``tests/workers/test_memory_estimate.py`` holds the CPU's sums against what folds
     measure there; ``bench/gpu_checks.py --only cnn_memory_estimate`` measures a GPU's."""
-    per_image = image_bytes(
-        **_network(params, sizes), norm_order=params.get("norm_order", "act_bn"), cuda=cuda
-    )
+    per_image = image_bytes(Network.of(params, sizes.classes), cuda=cuda)
     train, val, test = sizes.folds[fold]
     batch = int(params["batch_size"])
     predicted = min(predict_batch(per_image, batch, cuda=cuda), max(val, test, train))

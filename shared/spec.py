@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.cnn_shape import parameter_count
+from shared.cnn_shape import Network
 from shared.errors import OrchardError, printable
 from shared.settings import expand_home
 from shared.smallfiles import FileTooLargeError, NotRegularFileError, read_small_file
@@ -220,15 +220,7 @@ class CnnParams(_Frozen):
 
     def parameter_count(self, num_classes: int = 3) -> int:
         """The trainable parameters of the network these parameters build."""
-        return parameter_count(
-            image_size=self.image_size,
-            width=self.width,
-            stride=self.stride,
-            dense=[int(w) for w in self.dense.split(",")],
-            activation=self.activation,
-            pool=self.pool,
-            num_classes=num_classes,
-        )
+        return Network.of(self.model_dump(), num_classes).parameters()
 
 
 def _as_list(value: Any) -> Any:

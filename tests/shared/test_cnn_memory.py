@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.cnn import MangoCNN
-from shared.cnn_shape import step_bytes
+from shared.cnn_shape import Network, step_bytes
 
 DENSE = (64, 32, 16)
 
@@ -55,20 +55,30 @@ def test_what_a_training_step_keeps_per_image(norm_order, activation, pool, stri
     # kept once per step, cancel)
     six, four = (_kept_bytes(model, n, size, bf16=bf16) for n in (6, 4))
     per_image = (six - four) / 2
-    estimate = step_bytes(
+    network = Network(
         image_size=size, width=width, stride=stride, dense=DENSE, activation=activation,
-        pool=pool, norm_order=norm_order, num_classes=3, value_bytes=2 if bf16 else 4,
+        pool=pool, norm_order=norm_order, num_classes=3,
     )  # fmt: skip
+    estimate = step_bytes(network, value_bytes=2 if bf16 else 4)
     assert estimate.saved == per_image
 
 
 def test_the_study_network_keeps_tens_of_megabytes_an_image_in_bf16():
     """The study's CNN at 224 px on a GPU: its first block's maps are the largest (32
     channels at full size, a few of them kept per conv) and bf16 halves float32's."""
-    study = dict(image_size=224, width=1.0, stride=1, dense=(512, 256, 64), activation="prelu",
-                 pool="max", norm_order="act_bn", num_classes=3)  # fmt: skip
-    bf16 = step_bytes(**study, value_bytes=2, input_channels=8)
-    fp32 = step_bytes(**study)
+    study = Network(image_size=224)  # the study's knobs are the defaults
+    bf16 = step_bytes(study, value_bytes=2, input_channels=8)
+    fp32 = step_bytes(study)
     assert bf16.largest == 32 * 224 * 224 * 2 and fp32.largest == 2 * bf16.largest
     # the max pools' argmax stays int64 under autocast
     assert 30e6 < bf16.saved < 60e6 and 1.8 * bf16.saved < fp32.saved < 2 * bf16.saved
+
+
+def test_a_unit_s_network_takes_the_study_s_knobs_where_its_params_omit_them():
+    from shared.cnn import KNOB_DEFAULTS
+
+    stored = {**KNOB_DEFAULTS, "image_size": 128, "width": 0.5}
+    assert Network.of({"image_size": 128, "width": 0.5}, 3) == Network.of(stored, 3)
+    network = Network.of({**stored, "dense": "64,32", "activation": "relu"}, 2)
+    assert network.dense == (64, 32) and network.activation == "relu"
+    assert network.num_classes == 2 and network.parameters() > 0

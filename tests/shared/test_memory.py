@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import shared.memory
-from shared.cnn_shape import image_bytes, predict_batch
+from shared.cnn_shape import Network, image_bytes, predict_batch
 from shared.memory import (
     Sizes,
     about,
@@ -119,13 +119,11 @@ def test_a_cnn_fold_on_its_gpu_holds_its_images_network_and_a_batch_s_activation
     assert cpu > images + 1.8 * (gpu - images) and cpu > unit_bytes(_unit("cnn", study), sizes)
     # predictions score as many images at a time as fit in a training batch's memory:
     # about five an image for the study's CNN, and never more than 1,024
-    knobs = {"image_size": 224, "width": 1.0, "stride": 1, "dense": (512, 256, 64),
-             "activation": "prelu", "pool": "max", "norm_order": "act_bn",
-             "num_classes": 3}  # fmt: skip
-    per_image = image_bytes(**knobs, cuda=True)
+    study_network = Network.of(study, num_classes=3)
+    per_image = image_bytes(study_network, cuda=True)
     assert 4 * 32 < predict_batch(per_image, 32, cuda=True) < 6 * 32
     assert predict_batch(per_image, 256, cuda=True) == 1024
-    assert predict_batch(image_bytes(**knobs, cuda=False), 256, cuda=False) == 256
+    assert predict_batch(image_bytes(study_network, cuda=False), 256, cuda=False) == 256
     for batch in (2, 8, 32):
         assert predict_batch(per_image, batch, cuda=True) * per_image.predicting <= (
             batch * per_image.training
