@@ -887,8 +887,8 @@ def _dry_run(path: Path) -> int:
         f"{_shown(path)}: campaign {campaign.name}, {len(manifest.entries):,} images "
         f"({where}), {scheme}"
     )
-    memory = planned.unit_memory()
-    rows = _plan_rows(campaign, planned.units, memory, planned.gpu_memory())
+    memory, gpu = planned.unit_memory(), planned.gpu_memory()
+    rows = _plan_rows(campaign, planned.units, memory, gpu)
     print_table(Console(), title, _PLAN_COLUMNS, rows)
     largest = max(planned.units, key=lambda u: memory[u.key])
     print(
@@ -901,6 +901,14 @@ def _dry_run(path: Path) -> int:
         "(0.2 GB; 1-2 GB with torch); a prefork worker holds that in each of its "
         "--concurrency processes"
     )
+    if gpu:
+        fold = max(gpu, key=lambda key: gpu[key])
+        batch = next(u.params["batch_size"] for u in planned.units if u.key == fold)
+        print(
+            f"GPU: the largest CNN fold, {fold}, holds {about(gpu[fold])} on its GPU: its "
+            f"images, the network, and a training batch of {batch} images' activations "
+            "(a smaller [cnn] batch_size needs less)"
+        )
     _warn_about(manifest.skipped)
     return 0
 

@@ -515,6 +515,12 @@ def test_a_dry_run_gives_a_cnn_fold_s_gpu_memory_which_its_batch_size_sets(
         cells = re.split(r"\s{2,}", row)
         assert cells[:4] == ["models", "cnn", "5", "gpu"], row
         figures[batch] = float(re.fullmatch(r".* GB, GPU ([\d.]+) GB", cells[4])[1])
+        assert re.fullmatch(
+            rf"GPU: the largest CNN fold, cnn{batch}/cnn/\w+/f\d, holds about "
+            rf"{figures[batch]} GB on its GPU: its images, the network, and a training batch "
+            rf"of {batch} images' activations \(a smaller \[cnn\] batch_size needs less\)",
+            done.stdout.splitlines()[-1],
+        ), done.stdout
     # 225 images at 224 px are 34 MB; 32 images' activations 1.6 GB, 128's 6.4 GB
     assert 1.5 < figures[32] < 2.5 and 6 < figures[128] < 8, figures
 
