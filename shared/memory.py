@@ -14,6 +14,7 @@ CUDA at about 1-2 GB), and the report's Python objects.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.cnn_shape import Network, image_bytes, predict_batch
-from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR
+from shared.embedding import LIME_CANDIDATES, LIME_CLASS_FLOOR, LIME_SCORE_BATCH
 from shared.forest import AUGMENT_COPIES, CHUNK_BYTES
 from shared.manifest import Manifest
 from shared.plan import MERGE, largest_n_components, pca_width
@@ -277,12 +278,38 @@ def _step(params: Mapping[str, Any], sizes: Sizes, fold: int, *, cuda: bool) -> 
 def _report(sizes: Sizes) -> int:
     """The report: the test images its LIME section scores (at most
     ``shared.embedding.LIME_CANDIDATES`` and a floor per class, read from the shards
-    that hold them) and the SVM's projection that its t-SNE reads. Its Python objects
-    (every model's predictions, read from the store) are not counted."""
+    that hold them) and the CNN scoring them (:func:`_report_scoring`), and the SVM's
+    projection that its t-SNE reads. Its Python objects (every model's predictions,
+    read from the store) are not counted."""
     d = sizes.variant_bytes(cnn_variant(sizes.cache_size))
     lime = min(LIME_CANDIDATES + LIME_CLASS_FLOOR * sizes.classes, sizes.test_images) * d
     k = largest_n_components(sizes.spec)
-    return lime + sizes.images * k * 4 * 2
+    return lime + _report_scoring(sizes) + sizes.images * k * 4 * 2
+
+
+def _report_scoring(sizes: Sizes) -> int:
+    """The CNN the report explains, on the CPU: its weights and a prediction over
+    ``shared.embedding.LIME_SCORE_BATCH`` images, for the largest network the campaign's
+    CNN sweep builds (0 without a CNN or with ``[report] lime = false``)."""
+    cnn = sizes.spec.get("cnn")
+    if (
+        not cnn
+        or not cnn.get("enabled", True)
+        or not sizes.spec.get("report", {}).get("lime", True)
+    ):
+        return 0
+    knobs = ("image_size", "width", "stride", "dense", "activation", "pool", "norm_order")
+    sweeps = [
+        [(name, value) for value in (cnn[name] if isinstance(cnn[name], list) else [cnn[name]])]
+        for name in knobs
+        if name in cnn
+    ]
+    most = 0
+    for point in itertools.product(*sweeps):
+        network = Network.of(dict(point), sizes.classes)
+        scoring = LIME_SCORE_BATCH * image_bytes(network, cuda=False).predicting
+        most = max(most, 4 * network.parameters() + scoring)
+    return most
 
 
 def gigabytes(size: int) -> str:

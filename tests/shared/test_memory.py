@@ -135,6 +135,13 @@ def test_the_report_and_a_preprocessing_shard():
     report = unit_bytes(_unit("report", {}, REPORT), sizes)
     lime = (2_000 + 3 * 100) * 224 * 224 * 3  # its candidates, however many tests
     assert lime < report <= lime + 50_000 * 200 * 8
+    # with a CNN to explain, the network scoring 32 images at a time (float32, on the
+    # CPU): about 19 MB an image for the study's at 224 px, and its weights
+    explained = _sizes(50_000, {"svm": {"n_components": [200]}, "cnn": {"image_size": 224}})
+    scoring = unit_bytes(_unit("report", {}, REPORT), explained) - report
+    assert 32 * 19e6 < scoring < 32 * 21e6 + 100e6
+    quiet = {"svm": {"n_components": [200]}, "cnn": {"image_size": 224}, "report": {"lime": False}}
+    assert unit_bytes(_unit("report", {}, REPORT), _sizes(50_000, quiet)) == report
     shard = _unit("preprocess", {"shard": 0, "start": 0, "stop": 256})
     assert unit_bytes(shard, sizes) == 256 * 256 * 256 * 3
     assert unit_bytes(_unit("nothing", {}), sizes) == 0

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from db.store import Artifact, Result, Unit
+from db.store import Artifact, Result, Store, Unit
 from shared.artifacts import atomic_write_bytes
 from shared.settings import Settings
 from tests.workers.conftest import N_TEST
@@ -86,28 +86,18 @@ def test_a_model_file_that_is_not_the_recorded_one_is_not_explained(
         assert section.note.startswith(str(path))
 
 
-def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_explained(
-    cached_campaign,  # noqa: ANN001
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The model runs on the CPU over the images it may explain: over 40,000 test images
-    that took an hour, and held the whole variant in the report's process. It scores a
-    sample of LIME_CANDIDATES, every class kept, read from their shards alone."""
+def _untrained_fold(store: Store, settings: Settings) -> Unit:
+    """Campaign l-1's first CNN fold, with a model file of an untrained network of fixed
+    weights (predicting one class) recorded for it."""
     import io
 
     import torch
 
-    import shared.embedding
-    import workers.data
     from shared.cnn import build_model
-    from workers.reporting import explain
 
-    store, settings, manifest = cached_campaign(
-        "l-1", {"cnn": {"folds": 2, "epochs": 1, "image_size": 32, "width": 0.25, "dense": "8"}}
-    )
     [fold] = [u for u in store.units("l-1") if u.family == "cnn" and u.fold == 0]
     blob = io.BytesIO()
-    torch.manual_seed(0)  # an untrained model of fixed weights (predicting one class)
+    torch.manual_seed(0)
     torch.save(
         {"params": fold.params, "state_dict": build_model(fold.params, 3).state_dict()}, blob
     )
@@ -115,6 +105,24 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
     store.record_artifact(
         Artifact("campaigns/l-1/f0.pt", "model", written.sha256, written.size, "l-1", fold.key)
     )
+    return fold
+
+
+def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_explained(
+    cached_campaign,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model runs on the CPU over the images it may explain: over 40,000 test images
+    that took an hour, and held the whole variant in the report's process. It scores a
+    sample of LIME_CANDIDATES, every class kept, read from their shards alone."""
+    import shared.embedding
+    import workers.data
+    from workers.reporting import explain
+
+    store, settings, manifest = cached_campaign(
+        "l-1", {"cnn": {"folds": 2, "epochs": 1, "image_size": 32, "width": 0.25, "dense": "8"}}
+    )
+    fold = _untrained_fold(store, settings)
     asked: list[np.ndarray] = []
     load_rows = workers.data.load_rows
     monkeypatch.setattr(
@@ -147,6 +155,32 @@ def test_of_a_large_test_set_a_stratified_sample_is_scored_to_pick_what_is_expla
         f"No test image of {', '.join(unseen)}: the model predicted none of the 3 it scored "
         "as such."
     )
+
+
+def test_the_model_scores_candidates_and_perturbed_copies_a_few_images_at_a_time(
+    cached_campaign,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU a prediction holds three of the network's largest layer output an
+    image (19 MB for the study's CNN at 224 px): 256 at a time held 5 GB in the report's
+    process. Every batch the model sees is at most LIME_SCORE_BATCH images."""
+    import shared.cnn
+    from workers.reporting import explain
+
+    store, settings, manifest = cached_campaign(
+        "l-1", {"cnn": {"folds": 2, "epochs": 1, "image_size": 32, "width": 0.25, "dense": "8"}}
+    )
+    fold = _untrained_fold(store, settings)
+    batches: list[int] = []
+    normalise = shared.cnn.normalise
+    monkeypatch.setattr(shared.cnn, "normalise", lambda x: batches.append(len(x)) or normalise(x))
+    monkeypatch.setattr(explain, "LIME_SCORE_BATCH", 4)
+    results = {fold.key: Result(fold.key, 1.0, 0.9, None, None, None, 0.1, {})}
+    section = explain.explain_cnn(
+        store, settings, manifest, [fold], results, per_class=1, num_samples=10, seed=0
+    )
+    assert section.items and batches and max(batches) == 4, batches
+    assert sum(batches) >= N_TEST  # every candidate scored, then the perturbed copies
 
 
 def test_the_candidates_keep_a_rare_class_and_every_image_of_a_small_test_set() -> None:

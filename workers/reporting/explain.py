@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from db.store import Result, Store, Unit
-from shared.embedding import lime_candidates
+from shared.embedding import LIME_SCORE_BATCH, lime_candidates
 from shared.manifest import Manifest
 from shared.report import (
     LimeItem,
@@ -84,7 +84,8 @@ def explain_cnn(
         x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
         return torch.softmax(model(normalise(x)).float(), dim=1).numpy()
 
-    probs = np.concatenate([predict(images[s : s + 256]) for s in range(0, len(images), 256)])
+    step = LIME_SCORE_BATCH
+    probs = np.concatenate([predict(images[s : s + step]) for s in range(0, len(images), step)])
     labels = manifest.label_index(test)
     labelled = bool((labels >= 0).any())
     picked: list[tuple[int, int]] = []  # (row in test, class explained)
@@ -104,6 +105,7 @@ def explain_cnn(
         predict,
         labels=[c for _, c in picked],
         num_samples=num_samples,
+        batch_size=LIME_SCORE_BATCH,
         seed=seed,
     )
     items = [
