@@ -451,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_inputs_vs_eager": compiled_inputs_vs_eager,
         "padded_first_conv": padded_first_conv,
         "nvjpeg_decode": nvjpeg_decode,
-        "cnn_memory_estimate": cnn_memory_estimate,
         "compiled_bias_apart": compiled_bias_apart,
+        "cnn_memory_estimate": cnn_memory_estimate,
         "compiled_train_fold": compiled_train_fold,
         # last: two whole-network compiles, for an option orchard does not use yet
         "compiled_fold_norm": compiled_fold_norm,

@@ -106,16 +106,17 @@ def step_bytes(
     mask_bytes: int | None = None,
 ) -> StepBytes:
     """What autograd keeps of one image in a training step of ``network``, layer by
-    layer as ``shared.cnn.MangoCNN`` runs it eagerly: a convolution
-    and a linear layer keep their input, BatchNorm its input, PReLU and LeakyReLU their
-    input, ReLU its output, a max pool its input and the argmax of each output value,
-    dropout its mask, and the loss the log-softmax of the logits (float32) and the
-    targets (int64). ``value_bytes``: 4 in float32 (the CPU), 2 under bf16 autocast
-    (CUDA); ``input_channels``: the first conv's input as it keeps it (padded to
+    layer as ``shared.cnn.MangoCNN`` runs it eagerly: a convolution and a linear layer
+    keep their input, BatchNorm its input, PReLU and LeakyReLU their input, ReLU its
+    output, a max pool its input and the argmax of each output value, dropout its mask,
+    and the loss the log-softmax of the logits (float32) and the targets (int64).
+
+    ``value_bytes``: 4 in float32 (the CPU), 2 under bf16 autocast (CUDA);
+    ``input_channels``: the first conv's input as it keeps it (padded to
     :data:`CUDA_INPUT_CHANNELS` on CUDA); ``mask_bytes``: a dropout mask's bytes a value
     (None: ``value_bytes``, as the CPU's dropout multiplies by a mask of the input's
-    type; CUDA's keeps a byte). ``torch.compile`` keeps at most as much: it
-    may recompute an activation in the backward pass instead of keeping it.
+    type; CUDA's keeps a byte). ``torch.compile`` keeps at most as much: it may
+    recompute an activation in the backward pass instead of keeping it.
     ``tests/shared/test_cnn_memory.py`` counts what torch keeps against it."""
     kept: dict[int, int] = {}  # tensor -> its bytes
     largest = 0
