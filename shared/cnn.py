@@ -44,6 +44,7 @@ from shared.cnn_shape import (
     BLOCK_CHANNELS,
     CUDA_INPUT_CHANNELS,
     DENSE_FEATURES,
+    KNOB_DEFAULTS,
     PREDICT_BATCH_CPU,
     PREDICT_BATCH_CUDA,
     Network,
@@ -57,17 +58,6 @@ from shared.errors import OrchardError
 STUDY_MEAN = (0.485, 0.456, 0.406)
 STUDY_STD = (0.229, 0.256, 0.225)  # sic: the study's value for green
 
-#: The knobs of section 1.3.1 and their study defaults; ``shared.spec.CnnParams``
-#: declares the same (a test checks they agree). Params dicts may omit any of them.
-KNOB_DEFAULTS: dict[str, Any] = {
-    "norm_order": "act_bn",  # the study's R -> B: activation, then BatchNorm
-    "activation": "prelu",
-    "pool": "max",
-    "optimizer": "sgd",
-    "stride": 1,
-    "dense": "512,256,64",
-    "compile": False,
-}
 NORM_ORDERS = ("act_bn", "bn_act")
 ACTIVATIONS = ("prelu", "relu", "leakyrelu")
 POOLS = ("max", "conv")

@@ -12,6 +12,18 @@ from typing import Any
 BLOCK_CHANNELS = (32, 64, 128, 256, 512)
 DENSE_FEATURES = (512, 256, 64)
 
+#: The knobs of section 1.3.1 and their study defaults; ``shared.spec.CnnParams``
+#: declares the same (a test checks they agree). Params dicts may omit any of them.
+KNOB_DEFAULTS: dict[str, Any] = {
+    "norm_order": "act_bn",  # the study's R -> B: activation, then BatchNorm
+    "activation": "prelu",
+    "pool": "max",
+    "optimizer": "sgd",
+    "stride": 1,
+    "dense": ",".join(map(str, DENSE_FEATURES)),
+    "compile": False,
+}
+
 
 def scaled(n: int, width: float) -> int:
     """A channel count or hidden width of the study's design, scaled by ``width``."""
@@ -30,32 +42,33 @@ def feature_side(image_size: int, stride: int, blocks: int = len(BLOCK_CHANNELS)
 @dataclass(frozen=True, slots=True)
 class Network:
     """The knobs that shape a fold's network (``dense`` unscaled, as in the campaign
-    file), each defaulting to the study's."""
+    file), each defaulting to the study's (:data:`KNOB_DEFAULTS`)."""
 
     image_size: int
     width: float = 1.0
-    stride: int = 1
+    stride: int = KNOB_DEFAULTS["stride"]
     dense: tuple[int, ...] = DENSE_FEATURES
-    activation: str = "prelu"
-    pool: str = "max"
-    norm_order: str = "act_bn"
+    activation: str = KNOB_DEFAULTS["activation"]
+    pool: str = KNOB_DEFAULTS["pool"]
+    norm_order: str = KNOB_DEFAULTS["norm_order"]
     num_classes: int = 3
 
     @classmethod
     def of(cls, params: Mapping[str, Any], num_classes: int) -> Network:
         """A unit's network: its ``params`` as stored (``dense`` a string), missing
         knobs at the study's values."""
-        dense = params.get("dense", DENSE_FEATURES)
+        knobs = {**KNOB_DEFAULTS, **params}
+        dense = knobs["dense"]
         if isinstance(dense, str):
             dense = dense.split(",")
         return cls(
-            image_size=int(params["image_size"]),
-            width=float(params.get("width", 1.0)),
-            stride=int(params.get("stride", 1)),
+            image_size=int(knobs["image_size"]),
+            width=float(knobs.get("width", 1.0)),
+            stride=int(knobs["stride"]),
             dense=tuple(int(w) for w in dense),
-            activation=params.get("activation", "prelu"),
-            pool=params.get("pool", "max"),
-            norm_order=params.get("norm_order", "act_bn"),
+            activation=knobs["activation"],
+            pool=knobs["pool"],
+            norm_order=knobs["norm_order"],
             num_classes=num_classes,
         )
 

@@ -164,7 +164,7 @@ class CnnParams(_Frozen):
     """One CNN training run; the architecture is the study's table, scaled by ``width``.
 
     The variants the study compared (section 1.3.1) are knobs whose defaults are the
-    study's choice; ``shared.cnn.KNOB_DEFAULTS`` repeats them for torch-only callers.
+    study's choice; ``shared.cnn_shape.KNOB_DEFAULTS`` repeats them for the network's own code.
     """
 
     #: added after campaigns were stored: at its default it is left out of a run's
