@@ -222,7 +222,7 @@ def main() -> int:
     print(f"chaos: {root} (Redis prefix {prefix})", flush=True)
     log: list[dict[str, Any]] = []
     try:
-        with WorkerPool(settings) as pool:
+        with WorkerPool(settings, warm=False) as pool:
             for name, (queues, concurrency) in WORKERS.items():
                 pool.start(name, queues, concurrency=concurrency)
             # start-up is not campaign time

@@ -1,8 +1,9 @@
 """A tiny campaign through real `celery worker` processes, on the real Redis and on
 kombu's filesystem broker, into real SQLite and PostgreSQL stores.
 
-No eager mode and no mocks: the workers are subprocesses started exactly as
-`orchard worker` starts them.
+No eager mode and no mocks: the workers are `orchard worker` processes, started warm by
+tests/integration/forkserver.py (``ORCHARD_TEST_FORK_SERVER=0``: each by its own
+``python -m scheduler.cli worker``).
 """
 
 from __future__ import annotations
@@ -20,39 +21,23 @@ import pytest
 
 from db.store import Store
 from scheduler.api import CampaignRun, submit
-from scheduler.demo import Workers
 from shared.settings import Settings, load_settings
 from tests.conftest import REDIS_URL, REPO
-from tests.integration.workerpool import kill_groups
+from tests.integration.workerpool import WorkerPool
 
 pytestmark = pytest.mark.integration
 
 
 @contextmanager
-def running_workers(settings: Settings, tag: str) -> Iterator[Workers]:
+def running_workers(settings: Settings, tag: str) -> Iterator[WorkerPool]:
+    """A GPU worker and a CPU worker (two prefork children) for ``settings``, SIGKILLed
+    on exit (no warm shutdown: see kill_groups)."""
     # workers refuse to start on a store without the schema, as `orchard worker` does
     Store(settings.database_url).upgrade()
-    workers = Workers(
-        settings,
-        [
-            (f"gpu-{tag}", ["--queues", "gpu", "--name", f"gpu-{tag}@%h"]),
-            (
-                f"cpu-{tag}",
-                [
-                    "--queues",
-                    "cpu,preprocess,report",
-                    "--concurrency",
-                    "2",
-                    "--name",
-                    f"cpu-{tag}@%h",
-                ],
-            ),
-        ],
-    )
-    try:
-        yield workers
-    finally:
-        kill_groups(proc for _, proc in workers.procs)  # no warm shutdown: see kill_groups
+    with WorkerPool(settings) as pool:
+        pool.start(f"gpu-{tag}", "gpu")
+        pool.start(f"cpu-{tag}", "cpu,preprocess,report", concurrency=2)
+        yield pool
 
 
 def assert_campaign_complete(run: CampaignRun, store: Store) -> None:
@@ -119,7 +104,7 @@ def drop_redis_keys(prefix: str) -> None:
     client.close()
 
 
-def redeliver_finished_units(run: CampaignRun, settings: Settings, workers: Workers) -> None:
+def redeliver_finished_units(run: CampaignRun, settings: Settings, workers: WorkerPool) -> None:
     """Send finished units' tasks again, as a broker may: nothing runs, nothing is added."""
     from workers.app import make_app
 

@@ -178,12 +178,12 @@ def test_flower_shows_every_unit_task_and_the_workers(
             status, listed = get(f"{flower}/api/workers?refresh=1")
             assert status == 200
             answered = {n.split("@")[0] for n, info in listed.items() if info.get("active_queues")}
-            if {"gpu-flower", "cpu-flower"} <= answered or time.monotonic() > deadline:
+            if {"gpu-flower-0", "cpu-flower-0"} <= answered or time.monotonic() > deadline:
                 break
             time.sleep(1)
         online = {name.split("@")[0] for name in listed}
-        assert {"gpu-flower", "cpu-flower"} <= online, listed.keys()
-        cpu = next(info for name, info in listed.items() if name.startswith("cpu-flower@"))
+        assert {"gpu-flower-0", "cpu-flower-0"} <= online, listed.keys()
+        cpu = next(info for name, info in listed.items() if name.startswith("cpu-flower-0@"))
         assert {q["name"] for q in cpu["active_queues"]} == {"cpu", "preprocess", "report"}
     Store(settings.database_url).dispose()
     # Flower's own log: no Alembic plugin lines from importing the store (db.migrate)

@@ -62,7 +62,7 @@ def test_nvjpeg_shards_run_on_the_gpu_worker(tmp_path: Path, sqlite_url: str, re
     shards = [u for u in nvjpeg.units if u.family == "preprocess"]
     assert len(shards) == 2  # 24 images, 12 a shard
     assert {(u.queue, u.worker.split("@")[0], u.state) for u in shards} == {
-        ("gpu", "gpu-nvjpeg", "SUCCESS")
+        ("gpu", "gpu-nvjpeg-0", "SUCCESS")
     }
     results = store.results(runs["nvjpeg"].id)
     cuda = torch.cuda.is_available()

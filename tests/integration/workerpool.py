@@ -1,7 +1,10 @@
 """Real `orchard worker` processes that a test (or bench/chaos.py) can SIGKILL one by one.
 
 Unlike ``scheduler.demo.Workers`` each worker gets its own process group, so killing it
-takes its prefork children too, as a machine crash or the OOM killer would.
+takes its prefork children too, as a machine crash or the OOM killer would. The tests'
+workers start warm, forked from ``tests.integration.forkserver`` (which says why and how);
+``warm=False`` (bench/chaos.py, whose figures include the workers' starts) or
+``ORCHARD_TEST_FORK_SERVER=0`` starts each with its own ``python -m scheduler.cli worker``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from pathlib import Path
 
 from shared.errors import OrchardError
 from shared.settings import Settings
+from tests.integration import forkserver
+from tests.integration.forkserver import ForkedWorker
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, env: Mapping[str, str] | None = None, *, warm: bool = True
+    ) -> None:
+        self.warm = warm  # forked from tests.integration.forkserver where it can be
         self.settings = settings
         self.logs = settings.home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -36,21 +44,20 @@ class WorkerPool:
             **(env or {}),
         }
         self.specs: dict[str, list[str]] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | ForkedWorker] = {}
         self.generation: dict[str, int] = {}
         self.terminated: set[str] = set()  # stopped on purpose: check() lets them be
 
-    def start(self, name: str, queues: str, *, concurrency: int = 1) -> subprocess.Popen:
+    def start(
+        self, name: str, queues: str, *, concurrency: int = 1
+    ) -> subprocess.Popen | ForkedWorker:
         self.specs[name] = ["--queues", queues, "--concurrency", str(concurrency)]
         return self._spawn(name)
 
-    def _spawn(self, name: str) -> subprocess.Popen:
+    def _spawn(self, name: str) -> subprocess.Popen | ForkedWorker:
         generation = self.generation[name] = self.generation.get(name, -1) + 1
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        cmd = [
-            sys.executable,
-            "-m",
-            "scheduler.cli",
+        path = self.logs / f"{name}.log"
+        args = [
             "worker",
             "--loglevel",
             "INFO",
@@ -58,15 +65,19 @@ class WorkerPool:
             "--name",
             f"{name}-{generation}@%h",
         ]
-        proc = subprocess.Popen(
-            cmd,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,  # its own process group: kill() takes the children too
-        )
-        log.close()
+        queues = self.specs[name][self.specs[name].index("--queues") + 1]
+        proc = forkserver.start_worker(args, queues, self.env, REPO, path) if self.warm else None
+        if proc is None:
+            log = open(path, "ab")  # noqa: SIM115 - closed with the process
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler.cli", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,  # its own process group: kill() takes the children too
+            )
+            log.close()
         self.procs[name] = proc
         return proc
 
@@ -90,7 +101,7 @@ class WorkerPool:
                 f"worker {name} still running {timeout:.0f} s after SIGTERM"
             ) from None
 
-    def restart(self, name: str) -> subprocess.Popen:
+    def restart(self, name: str) -> subprocess.Popen | ForkedWorker:
         self.terminated.discard(name)
         return self._spawn(name)
 
@@ -121,7 +132,7 @@ class WorkerPool:
         self.kill_all()
 
 
-def kill_groups(procs: Iterable[subprocess.Popen]) -> None:
+def kill_groups(procs: Iterable[subprocess.Popen | ForkedWorker]) -> None:
     """SIGKILL each process's group (a worker started in a session of its own takes
     its prefork children with it) and reap the process."""
     procs = list(procs)
