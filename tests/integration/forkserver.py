@@ -3,9 +3,9 @@ already imported the libraries such a worker loads.
 
 A worker spends about 2.5 s of CPU starting, most of it importing torch (a ``gpu``
 worker) or scikit-learn and matplotlib (``cpu`` and ``report``), which ``orchard worker``
-imports before its pool starts (``workers.app.preload``). The reliability tests start
-and restart workers by the dozen on two cores, so that import was a fifth of the suite's
-CPU time. A fork server imports them once per test process and kind of worker; each
+imports before its pool starts (``workers.app.preload``). The integration tests start
+and restart about a hundred workers on two cores: their starts were about a third of the
+suite's CPU time (sampled on 2026-12-08). A fork server imports them once per test process and kind of worker; each
 worker is then a child forked from it that takes the test's environment, working
 directory, log, arguments and a session of its own, and runs ``python -m scheduler.cli``
 from there, as the command would: a real Celery worker process on the real broker and
@@ -54,19 +54,19 @@ BASE = (
     "celery.concurrency.prefork",
 )
 
-#: The third-party share of ``workers.app.QUEUE_LIBRARIES`` (orchard's ``shared.cnn``
-#: is torch's); tests/integration/test_forkserver.py keeps them equal.
-LIBRARIES = {
-    "gpu": ("torch",),
-    "cpu": (
-        "sklearn.decomposition",
-        "sklearn.ensemble",
-        "sklearn.feature_selection",
-        "sklearn.pipeline",
-        "sklearn.svm",
-    ),
-    "report": ("matplotlib.backends.backend_agg", "matplotlib.figure"),
-}
+#: What orchard's own modules among ``workers.app.QUEUE_LIBRARIES`` load, which the
+#: server imports in their stead (it imports no module of orchard's: they read the
+#: environment as they load, and a worker's is the test's, not the server's).
+ORCHARD_MODULES = {"shared.cnn": "torch"}
+
+
+def libraries(kinds: Sequence[str]) -> list[str]:
+    """What the server imports for workers of queues ``kinds``: what ``orchard worker``
+    preloads for them (``workers.app.preload``), or the libraries behind it."""
+    from workers.app import QUEUE_LIBRARIES
+
+    return [ORCHARD_MODULES.get(m, m) for kind in kinds for m in QUEUE_LIBRARIES[kind]]
+
 
 #: Environment variables read as an interpreter or a library loads: a worker that asks
 #: for other values than its server started with is started the plain way.
@@ -83,10 +83,10 @@ def enabled() -> bool:
 # --- the server -------------------------------------------------------------------
 
 
-def serve(path: str, kinds: Sequence[str]) -> None:
-    """Import what workers of ``kinds`` load, then fork a worker for each request on
-    the Unix socket at ``path`` until stdin closes (the test process is gone)."""
-    for module in (*BASE, *(m for kind in kinds for m in LIBRARIES[kind])):
+def serve(path: str, modules: Sequence[str]) -> None:
+    """Import ``modules`` (see :func:`libraries`), then fork a worker for each request
+    on the Unix socket at ``path`` until stdin closes (the test process is gone)."""
+    for module in (*BASE, *modules):
         importlib.import_module(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -244,7 +244,7 @@ class _Server:
         self.path = os.path.join(self.dir, "socket")
         self.env = {**STARTUP_DEFAULTS, **os.environ}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.forkserver", self.path, *kinds],
+            [sys.executable, "-m", "tests.integration.forkserver", self.path, *libraries(kinds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
@@ -283,8 +283,11 @@ _lock = threading.Lock()
 
 
 def kinds_of(queues: str) -> tuple[str, ...]:
+    """The queues among ``queues`` whose workers load libraries, in a fixed order."""
+    from workers.app import QUEUE_LIBRARIES
+
     names = {q.strip() for q in queues.split(",")}
-    return tuple(kind for kind in LIBRARIES if kind in names)
+    return tuple(kind for kind in QUEUE_LIBRARIES if kind in names)
 
 
 def start_worker(

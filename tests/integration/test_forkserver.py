@@ -4,6 +4,7 @@ status, a session of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,20 +18,22 @@ from workers.app import QUEUE_LIBRARIES
 
 
 def test_the_server_imports_what_a_worker_preloads() -> None:
-    """Its lists are QUEUE_LIBRARIES' third-party share: a queue added there and not
-    here would start warm without its libraries, and the other way round."""
-    assert set(forkserver.LIBRARIES) == set(QUEUE_LIBRARIES)
-    assert forkserver.LIBRARIES["cpu"] == QUEUE_LIBRARIES["cpu"]
-    assert forkserver.LIBRARIES["report"] == QUEUE_LIBRARIES["report"]
-    assert QUEUE_LIBRARIES["gpu"] == ("shared.cnn",)
-    code = (
-        "import sys, shared.cnn; heavy = {'torch', 'torchvision', 'sklearn', 'matplotlib'}; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == str(sorted(forkserver.LIBRARIES["gpu"]))
+    """No module of orchard's (each worker imports those itself) and, for each of
+    orchard's that a worker preloads, the libraries it loads."""
+    modules = forkserver.libraries(list(QUEUE_LIBRARIES))
+    ours = {"shared", "db", "workers", "scheduler"}
+    assert not [m for m in modules if m.split(".")[0] in ours]
+    assert forkserver.kinds_of("preprocess,report, gpu") == ("gpu", "report")
+    heavy = {"torch", "torchvision", "sklearn", "matplotlib", "cv2", "skimage", "lime"}
+    for module, library in forkserver.ORCHARD_MODULES.items():
+        code = (
+            f"import json, sys, {module}; heavy = {sorted(heavy)!r}; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        # cv2 comes with every worker (BASE)
+        assert set(json.loads(out.stdout)) - {"cv2"} == {library}
 
 
 @pytest.mark.skipif(not forkserver.enabled(), reason="ORCHARD_TEST_FORK_SERVER=0")
