@@ -4,12 +4,13 @@ already imported the libraries such a worker loads.
 A worker spends about 2.5 s of CPU starting, most of it importing torch (a ``gpu``
 worker) or scikit-learn and matplotlib (``cpu`` and ``report``), which ``orchard worker``
 imports before its pool starts (``workers.app.preload``). The integration tests start
-and restart about a hundred workers on two cores: their starts were about a third of the
-suite's CPU time (sampled on 2026-12-08). A fork server imports them once per test process and kind of worker; each
-worker is then a child forked from it that takes the test's environment, working
-directory, log, arguments and a session of its own, and runs ``python -m scheduler.cli``
-from there, as the command would: a real Celery worker process on the real broker and
-store, which Celery's pool children, SIGKILL and warm shutdowns treat as any other.
+and restart about a hundred workers on two cores: their starts were about a third of
+the suite's CPU time (sampled on 2026-12-08). A fork server imports them once per test
+process and kind of worker; each worker is then a child forked from it that takes the
+test's environment, working directory, log, arguments and a session of its own, and
+runs ``python -m scheduler.cli`` from there, as the command would: a real Celery
+worker process on the real broker and store, which Celery's pool children, SIGKILL and
+warm shutdowns treat as any other.
 
 What it cannot inherit it does not import: orchard's own modules (they read the
 environment, which is the test's, as they load) are imported by each worker itself. A
@@ -188,7 +189,7 @@ def _run_worker(request: dict, conn: socket.socket) -> None:  # pragma: no cover
 
 class ForkedWorker:
     """What a test uses of a :class:`subprocess.Popen`, for a worker the server forked:
-    ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``terminate``.
+    ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``kill``.
     Its exit status comes from the server, which reaps it."""
 
     def __init__(self, conn: socket.socket, args: Sequence[str]) -> None:
@@ -234,15 +235,13 @@ class ForkedWorker:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
 
 class _Server:
     def __init__(self, kinds: tuple[str, ...]) -> None:
         self.dir = tempfile.mkdtemp(prefix="orchard-forkserver-")
         self.path = os.path.join(self.dir, "socket")
         self.env = {**STARTUP_DEFAULTS, **os.environ}
+        self.startup = self.startup_env(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.forkserver", self.path, *libraries(kinds)],
             stdin=subprocess.PIPE,
@@ -302,7 +301,7 @@ def start_worker(
         server = _servers.get(kinds)
         if server is None:
             server = _servers[kinds] = _Server(kinds)
-    if server.startup_env(env) != server.startup_env(server.env):
+    if server.startup_env(env) != server.startup:
         return None
     return server.fork(args, env, cwd, log)
 

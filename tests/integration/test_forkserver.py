@@ -36,8 +36,10 @@ def test_the_server_imports_what_a_worker_preloads() -> None:
         assert set(json.loads(out.stdout)) - {"cv2"} == {library}
 
 
-@pytest.mark.skipif(not forkserver.enabled(), reason="ORCHARD_TEST_FORK_SERVER=0")
-def test_a_forked_command_gets_the_test_s_environment_log_and_status(tmp_path: Path) -> None:
+def test_a_forked_command_gets_the_test_s_environment_log_and_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHARD_TEST_FORK_SERVER", "1")  # whatever the suite's setting
     log = tmp_path / "out.log"
     env = {
         **os.environ,
@@ -71,7 +73,10 @@ def test_a_forked_command_gets_the_test_s_environment_log_and_status(tmp_path: P
     proc.kill()  # after it ended: nothing is signalled
 
 
-def test_a_worker_asking_for_another_interpreter_starts_plainly(tmp_path: Path) -> None:
+def test_a_worker_asking_for_another_interpreter_starts_plainly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHARD_TEST_FORK_SERVER", "1")  # None for this reason alone
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     if os.environ.get("PYTHONHASHSEED") == "12345":
         env["PYTHONHASHSEED"] = "54321"
